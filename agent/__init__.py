@@ -1,0 +1,1 @@
+# The pulsebridge hub agent (CPython, asyncio).

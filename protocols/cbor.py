@@ -1,0 +1,265 @@
+# A small, strict CBOR (RFC 8949) codec for the wire format, shared by the
+# board (MicroPython) and the hub (CPython).
+#
+# Encoding writes into a caller-owned bytearray (no allocation beyond what the
+# caller gives), always in the preferred, shortest form: the deterministic
+# encoding of RFC 8949 section 4.2.1 as long as the caller writes map keys in
+# ascending order, which every encoder in this package does.
+#
+# Decoding accepts only that same subset: definite lengths, shortest heads,
+# integer or text map keys without duplicates, no floats, and only the tags
+# the caller allows. Every length is checked against the bytes actually left
+# before anything is allocated, nesting and item counts are bounded, and any
+# input whatsoever either decodes or raises RemoteProtocolError.
+
+from protocols._compat import const
+from protocols.errors import LocalProtocolError, RemoteProtocolError
+
+_MAJOR_UINT = const(0)
+_MAJOR_NINT = const(1)
+_MAJOR_BYTES = const(2)
+_MAJOR_TEXT = const(3)
+_MAJOR_ARRAY = const(4)
+_MAJOR_MAP = const(5)
+_MAJOR_TAG = const(6)
+_MAJOR_SIMPLE = const(7)
+
+# Nesting deeper than any message of ours needs is refused: bounds recursion.
+MAX_DEPTH = const(8)
+# No array or map of ours has more entries than this: bounds the work a
+# peer can ask for with a tiny header claiming a huge container.
+MAX_ITEMS = const(256)
+
+
+class Tag:
+    # A tagged item (major type 6), e.g. Tag(17, [...]) for COSE_Mac0.
+    def __init__(self, tag: int, value: object) -> None:
+        self.tag = tag
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tag) and other.tag == self.tag and other.value == self.value
+
+    def __repr__(self) -> str:
+        return "Tag(%d, %r)" % (self.tag, self.value)
+
+
+class Writer:
+    # Appends CBOR items to buf from pos; raises LocalProtocolError if the
+    # buffer is too small (the caller sized it wrong: our bug, not the peer's).
+    def __init__(self, buf: bytearray, pos: int = 0) -> None:
+        self.buf = buf
+        self.pos = pos
+
+    def _room(self, n: int) -> int:
+        p = self.pos
+        if p + n > len(self.buf):
+            raise LocalProtocolError("CBOR output buffer full (%d bytes)" % len(self.buf), "buffer_full")
+        self.pos = p + n
+        return p
+
+    def head(self, major: int, value: int) -> None:
+        buf = self.buf
+        mt = major << 5
+        if value < 24:
+            buf[self._room(1)] = mt | value
+        elif value < 0x100:
+            p = self._room(2)
+            buf[p] = mt | 24
+            buf[p + 1] = value
+        elif value < 0x10000:
+            p = self._room(3)
+            buf[p] = mt | 25
+            buf[p + 1] = value >> 8
+            buf[p + 2] = value & 0xFF
+        elif value < 0x100000000:
+            p = self._room(5)
+            buf[p] = mt | 26
+            buf[p + 1] = (value >> 24) & 0xFF
+            buf[p + 2] = (value >> 16) & 0xFF
+            buf[p + 3] = (value >> 8) & 0xFF
+            buf[p + 4] = value & 0xFF
+        elif value < 0x10000000000000000:
+            p = self._room(9)
+            buf[p] = mt | 27
+            for i in range(8):
+                buf[p + 1 + i] = (value >> (56 - 8 * i)) & 0xFF
+        else:
+            raise LocalProtocolError("integer does not fit in 64 bits", "range")
+
+    def uint(self, value: int) -> None:
+        if value < 0:
+            raise LocalProtocolError("uint field given a negative value", "range")
+        self.head(_MAJOR_UINT, value)
+
+    def int(self, value: int) -> None:
+        if value < 0:
+            self.head(_MAJOR_NINT, -1 - value)
+        else:
+            self.head(_MAJOR_UINT, value)
+
+    def bytes(self, data: "bytes | bytearray | memoryview") -> None:
+        n = len(data)
+        self.head(_MAJOR_BYTES, n)
+        p = self._room(n)
+        self.buf[p:p + n] = data
+
+    def text(self, s: str) -> None:
+        data = s.encode()
+        n = len(data)
+        self.head(_MAJOR_TEXT, n)
+        p = self._room(n)
+        self.buf[p:p + n] = data
+
+    def array(self, n: int) -> None:
+        self.head(_MAJOR_ARRAY, n)
+
+    def map(self, n: int) -> None:
+        self.head(_MAJOR_MAP, n)
+
+    def tag(self, t: int) -> None:
+        self.head(_MAJOR_TAG, t)
+
+    def bool(self, v: bool) -> None:
+        self.buf[self._room(1)] = 0xF5 if v else 0xF4
+
+    def null(self) -> None:
+        self.buf[self._room(1)] = 0xF6
+
+
+def encoded(obj: object, size: int = 4096) -> bytes:
+    # Encodes a tree of int/bytes/str/list/dict/bool/None/Tag: for tests,
+    # tools and rarely used hub paths (the board encodes field by field).
+    w = Writer(bytearray(size))
+    _encode_obj(w, obj, 0)
+    return bytes(w.buf[:w.pos])
+
+
+def _encode_obj(w: Writer, obj: object, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise LocalProtocolError("structure nested too deep to encode", "depth")
+    if obj is True or obj is False:
+        w.bool(obj)  # type: ignore[arg-type]
+    elif obj is None:
+        w.null()
+    elif isinstance(obj, int):
+        w.int(obj)
+    elif isinstance(obj, (bytes, bytearray, memoryview)):
+        w.bytes(obj)
+    elif isinstance(obj, str):
+        w.text(obj)
+    elif isinstance(obj, (list, tuple)):
+        w.array(len(obj))
+        for item in obj:
+            _encode_obj(w, item, depth + 1)
+    elif isinstance(obj, dict):
+        w.map(len(obj))
+        for k in sorted(obj, key=_key_order):
+            _encode_obj(w, k, depth + 1)
+            _encode_obj(w, obj[k], depth + 1)
+    elif isinstance(obj, Tag):
+        w.tag(obj.tag)
+        _encode_obj(w, obj.value, depth + 1)
+    else:
+        raise LocalProtocolError("cannot encode %s as CBOR" % type(obj).__name__, "type")
+
+
+def _key_order(k: object) -> bytes:
+    # Deterministic key order (RFC 8949 4.2.1): bytewise order of the encoded keys.
+    return encoded(k, 64)
+
+
+def decode(data: "bytes | bytearray | memoryview", tags: tuple = ()) -> object:
+    # Decodes exactly one item that must span all of data.
+    obj, pos = decode_prefix(data, 0, tags)
+    if pos != len(data):
+        raise RemoteProtocolError("%d trailing bytes after the CBOR item" % (len(data) - pos), "trailing")
+    return obj
+
+
+def decode_prefix(data: "bytes | bytearray | memoryview", pos: int = 0, tags: tuple = ()) -> tuple:
+    # Decodes one item starting at pos; returns (item, position after it).
+    return _item(data, pos, len(data), tags, 0)
+
+
+def read_head(data: "bytes | bytearray | memoryview", pos: int, end: int) -> tuple:
+    # Returns (major, value, position after the head). Refuses indefinite
+    # lengths, reserved encodings and heads not in their shortest form.
+    if pos >= end:
+        raise RemoteProtocolError("CBOR item truncated at byte %d" % pos, "truncated")
+    ib = data[pos]
+    major = ib >> 5
+    ai = ib & 0x1F
+    pos += 1
+    if ai < 24:
+        return major, ai, pos
+    if ai > 27:
+        if ai == 31:
+            raise RemoteProtocolError("indefinite-length CBOR item at byte %d" % (pos - 1), "indefinite")
+        raise RemoteProtocolError("reserved CBOR head 0x%02x at byte %d" % (ib, pos - 1), "reserved")
+    n = 1 << (ai - 24)
+    if pos + n > end:
+        raise RemoteProtocolError("CBOR head truncated at byte %d" % pos, "truncated")
+    value = 0
+    for i in range(n):
+        value = (value << 8) | data[pos + i]
+    if major != _MAJOR_SIMPLE and value < (24 if n == 1 else 1 << (4 * n)):
+        raise RemoteProtocolError("CBOR head at byte %d not in shortest form" % (pos - 1), "non_canonical")
+    return major, value, pos + n
+
+
+def _item(data: "bytes | bytearray | memoryview", pos: int, end: int, tags: tuple, depth: int) -> tuple:
+    if depth > MAX_DEPTH:
+        raise RemoteProtocolError("CBOR nested deeper than %d" % MAX_DEPTH, "depth")
+    start = pos
+    major, value, pos = read_head(data, pos, end)
+    if major == _MAJOR_UINT:
+        return value, pos
+    if major == _MAJOR_NINT:
+        return -1 - value, pos
+    if major == _MAJOR_BYTES or major == _MAJOR_TEXT:
+        if value > end - pos:
+            raise RemoteProtocolError("CBOR string of %d bytes at byte %d overruns the input" % (value, start),
+                                      "truncated")
+        raw = bytes(data[pos:pos + value])
+        pos += value
+        if major == _MAJOR_BYTES:
+            return raw, pos
+        try:
+            return str(raw, "utf-8"), pos
+        except Exception:
+            raise RemoteProtocolError("CBOR text at byte %d is not UTF-8" % start, "utf8")
+    if major == _MAJOR_ARRAY:
+        if value > MAX_ITEMS or value > end - pos:
+            raise RemoteProtocolError("CBOR array of %d items at byte %d is too long" % (value, start), "too_long")
+        items = []
+        for _ in range(value):
+            item, pos = _item(data, pos, end, tags, depth + 1)
+            items.append(item)
+        return items, pos
+    if major == _MAJOR_MAP:
+        if value > MAX_ITEMS or 2 * value > end - pos:
+            raise RemoteProtocolError("CBOR map of %d entries at byte %d is too long" % (value, start), "too_long")
+        out = {}
+        for _ in range(value):
+            key, pos = _item(data, pos, end, tags, depth + 1)
+            if not isinstance(key, (int, str)) or key is True or key is False:
+                raise RemoteProtocolError("CBOR map key at byte %d is not an integer or text" % start, "map_key")
+            if key in out:
+                raise RemoteProtocolError("duplicate CBOR map key %r" % (key,), "duplicate_key")
+            out[key], pos = _item(data, pos, end, tags, depth + 1)
+        return out, pos
+    if major == _MAJOR_TAG:
+        if value not in tags:
+            raise RemoteProtocolError("CBOR tag %d not allowed here" % value, "tag")
+        inner, pos = _item(data, pos, end, tags, depth + 1)
+        return Tag(value, inner), pos
+    # major 7
+    if pos - start == 1:
+        if value == 20:
+            return False, pos
+        if value == 21:
+            return True, pos
+        if value == 22:
+            return None, pos
+    raise RemoteProtocolError("unsupported CBOR simple value or float at byte %d" % start, "simple")

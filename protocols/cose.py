@@ -1,0 +1,156 @@
+# COSE_Mac0 (RFC 9052 section 6.2) with HMAC 256/256 (alg 5), the only
+# algorithm this protocol accepts.
+#
+#   COSE_Mac0 = #6.17([ protected: bstr .cbor {1: 5, 4: kid}, unprotected: {},
+#                       payload: bstr, tag: bstr .size 32 ])
+#   MAC input = ["MAC0", protected, external_aad, payload]
+#
+# alg and kid are both protected; the unprotected map must be empty, so no
+# header can be changed without breaking the tag. The external_aad names the
+# direction (board to hub, hub to board): a frame can never pass for an ack,
+# nor an ack for a frame, even under the same key.
+
+import hashlib
+
+from protocols import cbor
+from protocols._compat import const, equal_ct
+from protocols.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
+
+COSE_MAC0_TAG = const(17)
+ALG_HMAC_256_256 = const(5)
+TAG_SIZE = const(32)
+# Keys are 32 random bytes: HMAC-SHA256's block is 64, its output 32.
+KEY_SIZE = const(32)
+# A device id (the kid) is short printable ASCII; the bound keeps the
+# protected header small and lets a parser reject junk before any lookup.
+MAX_KID = const(16)
+# The largest payload a peer may send: a 1 s window of the fastest stream
+# with worst-case sample encoding fits well inside it (see SPEC.md).
+MAX_PAYLOAD = const(4096)
+
+AAD_UPLINK = b"pulsebridge/1 board-to-hub"
+AAD_DOWNLINK = b"pulsebridge/1 hub-to-board"
+
+_BLOCK = const(64)
+
+
+def protected_header(kid: bytes) -> bytes:
+    if not 1 <= len(kid) <= MAX_KID:
+        raise LocalProtocolError("kid must be 1 to %d bytes" % MAX_KID, "kid")
+    return cbor.encoded({1: ALG_HMAC_256_256, 4: bytes(kid)}, 32)
+
+
+class MacKey:
+    # An HMAC-SHA256 key with its pads precomputed; computes COSE_Mac0 tags
+    # for one kid and one direction (external_aad).
+    def __init__(self, key: bytes, kid: bytes, aad: bytes) -> None:
+        if len(key) != KEY_SIZE:
+            raise LocalProtocolError("a device key is %d bytes, got %d" % (KEY_SIZE, len(key)), "key_size")
+        ipad = bytearray(_BLOCK)
+        opad = bytearray(_BLOCK)
+        for i in range(_BLOCK):
+            k = key[i] if i < len(key) else 0
+            ipad[i] = k ^ 0x36
+            opad[i] = k ^ 0x5C
+        self._ipad = bytes(ipad)
+        self._opad = bytes(opad)
+        self.kid = bytes(kid)
+        self.protected = protected_header(kid)
+        # ["MAC0", protected, external_aad, ... : everything but the payload.
+        w = cbor.Writer(bytearray(96))
+        w.array(4)
+        w.text("MAC0")
+        w.bytes(self.protected)
+        w.bytes(aad)
+        self._prefix = bytes(w.buf[:w.pos])
+        self._head = bytearray(9)
+
+    def tag(self, payload: "bytes | bytearray | memoryview") -> bytes:
+        h = hashlib.sha256(self._ipad)
+        h.update(self._prefix)
+        w = cbor.Writer(self._head)
+        w.head(2, len(payload))
+        h.update(memoryview(self._head)[:w.pos])
+        h.update(payload)
+        o = hashlib.sha256(self._opad)
+        o.update(h.digest())
+        return o.digest()
+
+    def seal_into(self, w: "cbor.Writer", payload: "bytes | bytearray | memoryview") -> None:
+        # Writes the tagged COSE_Mac0 carrying payload at w.
+        if len(payload) > MAX_PAYLOAD:
+            raise LocalProtocolError("payload of %d bytes exceeds %d" % (len(payload), MAX_PAYLOAD), "too_long")
+        w.tag(COSE_MAC0_TAG)
+        w.array(4)
+        w.bytes(self.protected)
+        w.map(0)
+        w.bytes(payload)
+        w.bytes(self.tag(payload))
+
+    def seal(self, payload: "bytes | bytearray | memoryview") -> bytes:
+        w = cbor.Writer(bytearray(len(payload) + 96))
+        self.seal_into(w, payload)
+        return bytes(w.buf[:w.pos])
+
+    def verify(self, msg: "Mac0") -> None:
+        if msg.kid != self.kid:
+            raise AuthenticationError("message kid does not match the key's", "kid_mismatch",
+                                      device_id=_kid_text(msg.kid))
+        if not equal_ct(self.tag(msg.payload), msg.tag):
+            raise AuthenticationError("COSE_Mac0 tag does not verify", "bad_mac", device_id=_kid_text(msg.kid))
+
+
+class Mac0:
+    # A structurally valid, not yet verified COSE_Mac0.
+    def __init__(self, kid: bytes, payload: bytes, tag: bytes) -> None:
+        self.kid = kid
+        self.payload = payload
+        self.tag = tag
+
+
+def _kid_text(kid: bytes) -> str:
+    try:
+        return str(kid, "ascii")
+    except Exception:
+        return repr(kid)
+
+
+def parse(data: "bytes | bytearray | memoryview") -> Mac0:
+    # Checks the shape of a tagged COSE_Mac0 without trusting anything in it.
+    end = len(data)
+    major, value, pos = cbor.read_head(data, 0, end)
+    if major != 6 or value != COSE_MAC0_TAG:
+        raise RemoteProtocolError("not a tagged COSE_Mac0 (tag 17)", "not_cose")
+    major, value, pos = cbor.read_head(data, pos, end)
+    if major != 4 or value != 4:
+        raise RemoteProtocolError("COSE_Mac0 must be an array of 4", "not_cose")
+    protected, pos = _bstr(data, pos, end, 64, "protected header")
+    hdr = cbor.decode(protected)
+    if not isinstance(hdr, dict) or len(hdr) != 2 or hdr.get(1) != ALG_HMAC_256_256:
+        raise RemoteProtocolError("protected header must be exactly {1: 5, 4: kid}", "alg")
+    kid = hdr.get(4)
+    if not isinstance(kid, bytes) or not 1 <= len(kid) <= MAX_KID:
+        raise RemoteProtocolError("kid must be a byte string of 1 to %d bytes" % MAX_KID, "kid")
+    if protected != protected_header(kid):
+        raise RemoteProtocolError("protected header not in deterministic form", "non_canonical")
+    major, value, pos = cbor.read_head(data, pos, end)
+    if major != 5 or value != 0:
+        raise RemoteProtocolError("unprotected header must be empty", "unprotected")
+    payload, pos = _bstr(data, pos, end, MAX_PAYLOAD, "payload")
+    tag, pos = _bstr(data, pos, end, TAG_SIZE, "tag")
+    if len(tag) != TAG_SIZE:
+        raise RemoteProtocolError("tag must be %d bytes" % TAG_SIZE, "tag_size")
+    if pos != end:
+        raise RemoteProtocolError("%d trailing bytes after COSE_Mac0" % (end - pos), "trailing")
+    return Mac0(kid, payload, tag)
+
+
+def _bstr(data: "bytes | bytearray | memoryview", pos: int, end: int, limit: int, what: str) -> tuple:
+    major, n, pos = cbor.read_head(data, pos, end)
+    if major != 2:
+        raise RemoteProtocolError("COSE_Mac0 %s must be a byte string" % what, "not_cose")
+    if n > limit:
+        raise RemoteProtocolError("COSE_Mac0 %s of %d bytes exceeds %d" % (what, n, limit), "too_long")
+    if n > end - pos:
+        raise RemoteProtocolError("COSE_Mac0 %s truncated" % what, "truncated")
+    return bytes(data[pos:pos + n]), pos + n

@@ -1,0 +1,382 @@
+# Link layers: how COSE messages cross a byte stream or a BLE characteristic.
+#
+# Uplink over a byte stream (USB serial, board to hub):
+#     0x00 | COBS(message | CRC-32 little-endian) | 0x00
+# COBS removes every 0x00 from the body, so 0x00 only ever delimits frames: a
+# receiver that starts mid-stream, or meets console text, line noise or a
+# cut, resynchronises at the next 0x00. The leading delimiter keeps stray
+# console output from merging into the next frame.
+#
+# Downlink over a byte stream (hub to board):
+#     "~" base64(message | CRC-32 little-endian) "\n"
+# Printable text on purpose: a board's console turns byte 0x03 into Ctrl-C
+# (KeyboardInterrupt), so binary data towards a board could stop it at random.
+# Lines that do not start with "~" are ignored.
+#
+# BLE (notifications board to hub, writes hub to board): a message is cut
+# into fragments of at most MTU-3 bytes. Byte 0 of a fragment is
+#     bit 7: first fragment of a message; bits 0-6: fragment counter mod 128
+# and a first fragment then carries the message length (2 bytes, big-endian).
+# The counter runs on across messages, so a lost fragment is always seen.
+#
+# Receivers here are sans-I/O: feed() bytes in, next_event() events out.
+
+import binascii
+
+from protocols._compat import const
+from protocols.errors import LocalProtocolError
+
+# The longest message a link carries: the largest COSE_Mac0 (payload bound
+# plus headers) with room to spare. It bounds every receive buffer.
+MAX_MESSAGE = const(4224)
+_CRC_SIZE = const(4)
+# COBS adds one byte per 254 plus one.
+MAX_COBS_BODY = const(MAX_MESSAGE + _CRC_SIZE + (MAX_MESSAGE + _CRC_SIZE) // 254 + 2)
+# A downlink line: "~", base64 of the body, "\n". Downlink messages are small.
+MAX_DOWNLINK_MESSAGE = const(256)
+MAX_LINE = const(2 + ((MAX_DOWNLINK_MESSAGE + _CRC_SIZE + 2) // 3) * 4 + 1)
+# How much of a discarded chunk an event keeps, for the console log.
+_KEEP_NOISE = const(120)
+
+MIN_MTU = const(23)
+MAX_MTU = const(517)
+_ATT_HEADER = const(3)
+_START = const(0x80)
+
+
+class Frame:
+    # A message delivered whole and with a good CRC (not yet authenticated).
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __repr__(self) -> str:
+        return "Frame(%d bytes)" % len(self.data)
+
+
+class Discarded:
+    # Bytes the receiver threw away, and why: "noise" (console text or line
+    # noise between frames), "crc", "cobs", "too_long", "gap" (BLE fragment
+    # lost), "length". sample holds the first bytes, for a console log.
+    def __init__(self, reason: str, nbytes: int, sample: bytes = b"") -> None:
+        self.reason = reason
+        self.nbytes = nbytes
+        self.sample = sample
+
+    def __repr__(self) -> str:
+        return "Discarded(%s, %d bytes)" % (self.reason, self.nbytes)
+
+
+NEED_DATA = None
+
+
+def crc32(data: "bytes | bytearray | memoryview", crc: int = 0) -> int:
+    return binascii.crc32(data, crc) & 0xFFFFFFFF
+
+
+# ---- uplink byte stream: COBS + CRC-32 --------------------------------------
+
+class StreamFramer:
+    # Board side: frames a message into a caller-owned buffer, no allocation
+    # beyond a 4-byte CRC buffer made once.
+    def __init__(self) -> None:
+        self._crc = bytearray(_CRC_SIZE)
+
+    def frame_into(self, msg: "bytes | bytearray | memoryview", n: int, out: bytearray, pos: int = 0) -> int:
+        if n > MAX_MESSAGE:
+            raise LocalProtocolError("message of %d bytes exceeds the link bound %d" % (n, MAX_MESSAGE), "too_long")
+        if pos + n + n // 254 + 8 > len(out):
+            raise LocalProtocolError("link output buffer too small", "buffer_full")
+        c = crc32(memoryview(msg)[:n])
+        crc = self._crc
+        crc[0] = c & 0xFF
+        crc[1] = (c >> 8) & 0xFF
+        crc[2] = (c >> 16) & 0xFF
+        crc[3] = c >> 24
+        out[pos] = 0
+        code_at = pos + 1
+        w = pos + 2
+        code = 1
+        total = n + _CRC_SIZE
+        for i in range(total):
+            b = msg[i] if i < n else crc[i - n]
+            if b == 0:
+                out[code_at] = code
+                code_at = w
+                w += 1
+                code = 1
+            else:
+                out[w] = b
+                w += 1
+                code += 1
+                if code == 0xFF:
+                    out[code_at] = code
+                    code_at = w
+                    w += 1
+                    code = 1
+        out[code_at] = code
+        out[w] = 0
+        return w + 1
+
+    def frame(self, msg: "bytes | bytearray | memoryview") -> bytes:
+        out = bytearray(len(msg) + len(msg) // 254 + 8)
+        return bytes(out[:self.frame_into(msg, len(msg), out)])
+
+
+def _cobs_decode(chunk: "bytes | bytearray") -> "bytes | None":
+    out = bytearray()
+    i = 0
+    n = len(chunk)
+    while i < n:
+        code = chunk[i]
+        end = i + code
+        if code == 0 or end > n:
+            return None
+        out.extend(chunk[i + 1:end])
+        i = end
+        if code != 0xFF and i < n:
+            out.append(0)
+    return bytes(out)
+
+
+class StreamDeframer:
+    # Hub side: feed() serial bytes, next_event() gives Frame, Discarded or
+    # NEED_DATA. Memory is bounded by MAX_COBS_BODY whatever arrives.
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._skipping = False  # inside an over-long chunk, until the next 0x00
+        self._skipped = 0
+
+    def feed(self, data: "bytes | bytearray | memoryview") -> None:
+        self._buf.extend(data)
+
+    def next_event(self) -> "Frame | Discarded | None":
+        buf = self._buf
+        while True:
+            idx = buf.find(b"\x00")
+            if idx < 0:
+                if len(buf) > MAX_COBS_BODY:
+                    self._skipped += len(buf)
+                    self._skipping = True
+                    del buf[:]
+                return NEED_DATA
+            chunk = bytes(buf[:idx])
+            del buf[:idx + 1]
+            if self._skipping:
+                n = self._skipped + len(chunk)
+                self._skipping = False
+                self._skipped = 0
+                return Discarded("too_long", n)
+            if not chunk:
+                continue
+            if len(chunk) > MAX_COBS_BODY:
+                return Discarded("too_long", len(chunk))
+            body = _cobs_decode(chunk)
+            if body is None or len(body) <= _CRC_SIZE:
+                return Discarded(_noise_or(chunk, "cobs"), len(chunk), chunk[:_KEEP_NOISE])
+            n = len(body) - _CRC_SIZE
+            got = body[n] | (body[n + 1] << 8) | (body[n + 2] << 16) | (body[n + 3] << 24)
+            if crc32(memoryview(body)[:n]) != got:
+                return Discarded(_noise_or(chunk, "crc"), len(chunk), chunk[:_KEEP_NOISE])
+            return Frame(body[:n])
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+
+def _noise_or(chunk: bytes, reason: str) -> str:
+    # Console text (a board's print, a REPL banner) is noise, not corruption.
+    for b in chunk:
+        if b != 9 and b != 10 and b != 13 and not 32 <= b < 127:
+            return reason
+    return "noise"
+
+
+# ---- downlink byte stream: base64 lines ------------------------------------
+
+def downlink_line(msg: "bytes | bytearray") -> bytes:
+    if len(msg) > MAX_DOWNLINK_MESSAGE:
+        raise LocalProtocolError("downlink message of %d bytes exceeds %d" % (len(msg), MAX_DOWNLINK_MESSAGE),
+                                 "too_long")
+    c = crc32(msg)
+    body = bytes(msg) + bytes((c & 0xFF, (c >> 8) & 0xFF, (c >> 16) & 0xFF, c >> 24))
+    return b"~" + binascii.b2a_base64(body).strip() + b"\n"
+
+
+class LineDeframer:
+    # Board side: bytes in, Frame / Discarded / NEED_DATA out, in a fixed
+    # buffer of MAX_LINE bytes.
+    def __init__(self) -> None:
+        self._buf = bytearray(MAX_LINE)
+        self._n = 0
+        self._overlong = False
+        self._pending = bytearray()
+
+    def feed(self, data: "bytes | bytearray | memoryview") -> None:
+        self._pending.extend(data)
+
+    def next_event(self) -> "Frame | Discarded | None":
+        pending = self._pending
+        buf = self._buf
+        i = 0
+        n = len(pending)
+        while i < n:
+            b = pending[i]
+            i += 1
+            if b == 10 or b == 13:
+                line_n = self._n
+                overlong = self._overlong
+                self._n = 0
+                self._overlong = False
+                if overlong:
+                    del pending[:i]
+                    return Discarded("too_long", line_n)
+                if line_n == 0:
+                    continue
+                del pending[:i]
+                return self._line(memoryview(buf)[:line_n])
+            if self._n < MAX_LINE:
+                buf[self._n] = b
+                self._n += 1
+            else:
+                self._overlong = True
+        del pending[:]
+        return NEED_DATA
+
+    def _line(self, line: memoryview) -> "Frame | Discarded":
+        n = len(line)
+        if line[0] != 0x7E:  # "~"
+            return Discarded("noise", n, bytes(line[:_KEEP_NOISE]))
+        try:
+            body = binascii.a2b_base64(line[1:])
+        except Exception:
+            return Discarded("base64", n)
+        if len(body) <= _CRC_SIZE:
+            return Discarded("length", n)
+        m = len(body) - _CRC_SIZE
+        got = body[m] | (body[m + 1] << 8) | (body[m + 2] << 16) | (body[m + 3] << 24)
+        if crc32(memoryview(body)[:m]) != got:
+            return Discarded("crc", n)
+        return Frame(body[:m])
+
+
+# ---- BLE fragments ---------------------------------------------------------
+
+class Fragmenter:
+    # Board side: cuts messages into fragments for one connection's MTU.
+    # next_into() fills a caller-owned buffer with the next fragment.
+    def __init__(self, mtu: int = MIN_MTU) -> None:
+        self.counter = 0
+        self.set_mtu(mtu)
+        self._msg: "bytes | bytearray | memoryview" = b""
+        self._len = 0
+        self._off = -1  # -1: no message in progress
+
+    def set_mtu(self, mtu: int) -> None:
+        if not MIN_MTU <= mtu <= MAX_MTU:
+            raise LocalProtocolError("MTU %d outside %d..%d" % (mtu, MIN_MTU, MAX_MTU), "mtu")
+        self.fragment_size = mtu - _ATT_HEADER
+
+    def start(self, msg: "bytes | bytearray | memoryview", n: int) -> None:
+        if not 0 < n <= MAX_MESSAGE:
+            raise LocalProtocolError("message of %d bytes outside 1..%d" % (n, MAX_MESSAGE), "too_long")
+        self._msg = msg
+        self._len = n
+        self._off = 0
+
+    @property
+    def busy(self) -> bool:
+        return 0 <= self._off < self._len
+
+    def next_into(self, out: bytearray) -> int:
+        # Returns the fragment length written to out (0: message done).
+        off = self._off
+        if not 0 <= off < self._len:
+            return 0
+        room = self.fragment_size
+        if off == 0:
+            out[0] = _START | self.counter
+            out[1] = self._len >> 8
+            out[2] = self._len & 0xFF
+            hdr = 3
+        else:
+            out[0] = self.counter
+            hdr = 1
+        take = min(room - hdr, self._len - off)
+        out[hdr:hdr + take] = memoryview(self._msg)[off:off + take]
+        self._off = off + take
+        self.counter = (self.counter + 1) & 0x7F
+        return hdr + take
+
+    def fragments(self, msg: "bytes | bytearray") -> "list[bytes]":
+        self.start(msg, len(msg))
+        out = bytearray(self.fragment_size)
+        frags = []
+        while True:
+            n = self.next_into(out)
+            if not n:
+                return frags
+            frags.append(bytes(out[:n]))
+
+
+class Reassembler:
+    # Hub side: one per BLE connection. feed() one notification at a time;
+    # next_event() as for the stream deframer.
+    def __init__(self) -> None:
+        self._expect = -1  # counter of the next fragment, -1 before the first
+        self._buf = bytearray()
+        self._want = 0
+        self._events: list = []
+
+    def reset(self) -> None:
+        # A new connection: counters start again.
+        self._expect = -1
+        self._abandon(None)
+
+    def _abandon(self, reason: "str | None") -> None:
+        if self._buf or self._want:
+            if reason:
+                self._events.append(Discarded(reason, len(self._buf)))
+        self._buf = bytearray()
+        self._want = 0
+
+    def feed(self, fragment: "bytes | bytearray | memoryview") -> None:
+        n = len(fragment)
+        if n == 0 or n > MAX_MTU - _ATT_HEADER:
+            self._events.append(Discarded("length", n))
+            return
+        hdr = fragment[0]
+        counter = hdr & 0x7F
+        if self._expect >= 0 and counter != self._expect:
+            self._abandon("gap")
+        self._expect = (counter + 1) & 0x7F
+        if hdr & _START:
+            self._abandon("gap")
+            if n < 3:
+                self._events.append(Discarded("length", n))
+                return
+            want = (fragment[1] << 8) | fragment[2]
+            if not 0 < want <= MAX_MESSAGE:
+                self._events.append(Discarded("too_long", n))
+                return
+            self._want = want
+            data = fragment[3:]
+        else:
+            if not self._want:
+                self._events.append(Discarded("gap", n))
+                return
+            data = fragment[1:]
+        if len(self._buf) + len(data) > self._want:
+            self._abandon("length")
+            self._events.append(Discarded("length", n))
+            return
+        self._buf.extend(data)
+        if len(self._buf) == self._want:
+            self._events.append(Frame(bytes(self._buf)))
+            self._buf = bytearray()
+            self._want = 0
+
+    def next_event(self) -> "Frame | Discarded | None":
+        if self._events:
+            return self._events.pop(0)
+        return NEED_DATA

@@ -1,0 +1,398 @@
+# The messages carried as COSE_Mac0 payloads, and their CBOR maps.
+# SPEC.md describes each one; frame.cddl is their schema. Every payload is a
+# map with small integer keys written in ascending order (deterministic
+# CBOR), key 0 the message type and key 1 the protocol version.
+#
+# Encoders write field by field into a caller-owned buffer (the board calls
+# them once per frame). decode_payload() turns any bytes into one typed
+# message or raises RemoteProtocolError naming the field that was wrong.
+
+from protocols import cbor, samples
+from protocols._compat import const
+from protocols.errors import LocalProtocolError, RemoteProtocolError
+
+VERSION = const(1)
+
+T_SAMPLES = const(1)
+T_ACK = const(2)
+T_TIME_REQUEST = const(3)
+T_TIME_RESPONSE = const(4)
+T_HELLO = const(5)
+T_STATUS = const(6)
+T_ERROR = const(7)
+T_COMMAND = const(8)
+
+UPLINK_TYPES = (T_SAMPLES, T_TIME_RESPONSE, T_HELLO, T_STATUS, T_ERROR)
+DOWNLINK_TYPES = (T_ACK, T_TIME_REQUEST, T_COMMAND)
+
+STREAM_ECG_MAX30003 = const(1)
+STREAM_ECG_AD8232 = const(2)
+STREAM_PPG_MAX30102 = const(3)
+STREAM_NAMES = {STREAM_ECG_MAX30003: "ecg", STREAM_ECG_AD8232: "ecg-ad8232", STREAM_PPG_MAX30102: "ppg"}
+STREAM_CHANNELS = {STREAM_ECG_MAX30003: 1, STREAM_ECG_AD8232: 1, STREAM_PPG_MAX30102: 2}
+
+# Sensor status flags (bit numbers in status[0]).
+FLAG_LEAD_OFF = const(1)
+FLAG_SATURATED = const(2)
+FLAG_FIFO_OVERFLOW = const(4)
+FLAG_SENSOR_FAULT = const(8)
+
+# Keys at or above this are extensions: a decoder ignores those it does not
+# know. Any other unknown key is an error (see "Evolving the format" in SPEC.md).
+EXTENSION_KEYS = const(64)
+# One frame holds at most this many samples per channel: a 1 s window of the
+# fastest stream (512 Hz) with room for 4 s windows at 100 Hz or 2 s at 512 Hz.
+MAX_SAMPLES = const(1024)
+MAX_ACK_RANGES = const(16)
+MAX_TEXT = const(96)
+MAX_STREAMS = const(4)
+_UINT64_MAX = const(0xFFFFFFFFFFFFFFFF)
+
+
+class Message:
+    kind = 0
+    _fields: "tuple[str, ...]" = ()
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(getattr(self, f) == getattr(other, f) for f in self._fields)
+
+    def __repr__(self) -> str:
+        return "%s(%s)" % (type(self).__name__, ", ".join("%s=%r" % (f, getattr(self, f)) for f in self._fields))
+
+
+class SampleFrame(Message):
+    kind = T_SAMPLES
+    _fields = ("epoch", "seq", "stream", "t0_ms", "first_index", "rate_hz", "count", "scale", "ppg_drive",
+               "status", "channels")
+
+    def __init__(self, epoch: int, seq: int, stream: int, t0_ms: int, first_index: int, rate_hz: int, count: int,
+                 scale: "tuple[int, int]", ppg_drive: "tuple[int, int, int, int] | None",
+                 status: "tuple[int, int, int, int]", channels: "list[list[int]]") -> None:
+        self.epoch = epoch
+        self.seq = seq
+        self.stream = stream
+        self.t0_ms = t0_ms
+        self.first_index = first_index
+        self.rate_hz = rate_hz
+        self.count = count
+        self.scale = scale
+        self.ppg_drive = ppg_drive
+        self.status = status
+        self.channels = channels
+
+
+class Ack(Message):
+    kind = T_ACK
+    _fields = ("epoch", "ranges")
+
+    def __init__(self, epoch: int, ranges: "list[tuple[int, int]]") -> None:
+        self.epoch = epoch
+        self.ranges = ranges
+
+    def covers(self, epoch: int, seq: int) -> bool:
+        if epoch != self.epoch:
+            return False
+        for first, last in self.ranges:
+            if first <= seq <= last:
+                return True
+        return False
+
+
+class TimeRequest(Message):
+    kind = T_TIME_REQUEST
+    _fields = ("nonce", "utc_ms")
+
+    def __init__(self, nonce: int, utc_ms: int) -> None:
+        self.nonce = nonce
+        self.utc_ms = utc_ms
+
+
+class TimeResponse(Message):
+    kind = T_TIME_RESPONSE
+    _fields = ("epoch", "seq", "nonce", "tick_ms")
+
+    def __init__(self, epoch: int, seq: int, nonce: int, tick_ms: int) -> None:
+        self.epoch = epoch
+        self.seq = seq
+        self.nonce = nonce
+        self.tick_ms = tick_ms
+
+
+class Hello(Message):
+    kind = T_HELLO
+    _fields = ("epoch", "seq", "firmware", "tick_ms", "streams")
+
+    def __init__(self, epoch: int, seq: int, firmware: str, tick_ms: int, streams: "list[tuple[int, int]]") -> None:
+        self.epoch = epoch
+        self.seq = seq
+        self.firmware = firmware
+        self.tick_ms = tick_ms
+        self.streams = streams
+
+
+class Status(Message):
+    kind = T_STATUS
+    _fields = ("epoch", "seq", "tick_ms", "outbox_depth", "frames_dropped", "free_heap")
+
+    def __init__(self, epoch: int, seq: int, tick_ms: int, outbox_depth: int, frames_dropped: int,
+                 free_heap: int) -> None:
+        self.epoch = epoch
+        self.seq = seq
+        self.tick_ms = tick_ms
+        self.outbox_depth = outbox_depth
+        self.frames_dropped = frames_dropped
+        self.free_heap = free_heap
+
+
+class ErrorReport(Message):
+    kind = T_ERROR
+    _fields = ("epoch", "seq", "code", "text")
+
+    def __init__(self, epoch: int, seq: int, code: int, text: str) -> None:
+        self.epoch = epoch
+        self.seq = seq
+        self.code = code
+        self.text = text
+
+
+class Command(Message):
+    kind = T_COMMAND
+    _fields = ("epoch", "nonce", "name")
+
+    def __init__(self, epoch: int, nonce: int, name: str) -> None:
+        self.epoch = epoch
+        self.nonce = nonce
+        self.name = name
+
+
+# ---- encoding ---------------------------------------------------------------
+
+def _start(w: "cbor.Writer", kind: int, nfields: int) -> None:
+    w.map(nfields)
+    w.uint(0)
+    w.uint(kind)
+    w.uint(1)
+    w.uint(VERSION)
+
+
+def encode_sample_frame(w: "cbor.Writer", scratch: bytearray, epoch: int, seq: int, stream: int, t0_ms: int,
+                        first_index: int, rate_hz: int, count: int, scale_num: int, scale_den: int,
+                        ppg_drive: "tuple[int, int, int, int] | None", flags: int, fifo_overflows: int,
+                        frames_dropped: int, jitter_us: int, channels: tuple) -> None:
+    # channels: one sample sequence per channel (array('i') on the board);
+    # scratch: a buffer of at least count * 5 bytes for one channel's samples.
+    if not 0 < count <= MAX_SAMPLES:
+        raise LocalProtocolError("a frame holds 1 to %d samples, not %d" % (MAX_SAMPLES, count), "sample_count")
+    if len(channels) != STREAM_CHANNELS.get(stream, 0):
+        raise LocalProtocolError("stream %d takes %d channels" % (stream, STREAM_CHANNELS.get(stream, 0)), "channels")
+    _start(w, T_SAMPLES, 14 if ppg_drive is not None else 13)
+    w.uint(2)
+    w.uint(epoch)
+    w.uint(3)
+    w.uint(seq)
+    w.uint(4)
+    w.uint(stream)
+    w.uint(5)
+    w.uint(t0_ms)
+    w.uint(6)
+    w.uint(first_index)
+    w.uint(7)
+    w.uint(rate_hz)
+    w.uint(8)
+    w.uint(count)
+    w.uint(9)
+    w.array(2)
+    w.uint(scale_num)
+    w.uint(scale_den)
+    if ppg_drive is not None:
+        w.uint(10)
+        w.array(4)
+        for v in ppg_drive:
+            w.uint(v)
+    w.uint(11)
+    w.array(4)
+    w.uint(flags)
+    w.uint(fifo_overflows)
+    w.uint(frames_dropped)
+    w.uint(jitter_us)
+    w.uint(12)
+    w.uint(samples.ENCODING_DELTA_ZIGZAG_VARINT)
+    w.uint(13)
+    w.array(len(channels))
+    mv = memoryview(scratch)
+    for ch in channels:
+        n = samples.encode_into(ch, count, scratch, 0)
+        w.bytes(mv[:n])
+
+
+def encode(w: "cbor.Writer", msg: Message) -> None:
+    # Encodes any message object (the board uses the field-wise encoder for
+    # sample frames; this is for the rarer messages and for the hub).
+    k = msg.kind
+    if k == T_SAMPLES:
+        m = msg  # type: SampleFrame  # noqa
+        scratch = bytearray(m.count * samples.WORST_BYTES_PER_SAMPLE + 8)  # type: ignore[attr-defined]
+        encode_sample_frame(w, scratch, m.epoch, m.seq, m.stream, m.t0_ms, m.first_index,  # type: ignore
+                            m.rate_hz, m.count, m.scale[0], m.scale[1], m.ppg_drive,  # type: ignore
+                            m.status[0], m.status[1], m.status[2], m.status[3], m.channels)  # type: ignore
+        return
+    values = [getattr(msg, f) for f in msg._fields]
+    _start(w, k, 2 + len(values))
+    key = 2
+    for v in values:
+        w.uint(key)
+        key += 1
+        if isinstance(v, str):
+            if len(v) > MAX_TEXT:
+                raise LocalProtocolError("text field longer than %d" % MAX_TEXT, "too_long")
+            w.text(v)
+        elif isinstance(v, int):
+            w.uint(v)
+        else:  # list of pairs: ack ranges, hello streams
+            w.array(len(v))
+            for a, b in v:
+                w.array(2)
+                w.uint(a)
+                w.uint(b)
+
+
+def encoded(msg: Message, size: int = 4096) -> bytes:
+    w = cbor.Writer(bytearray(size))
+    encode(w, msg)
+    return bytes(w.buf[:w.pos])
+
+
+# ---- decoding ---------------------------------------------------------------
+
+def _fail(what: str, reason: str = "schema") -> None:
+    raise RemoteProtocolError(what, reason)
+
+
+def _uint(m: dict, key: int, name: str, limit: int = _UINT64_MAX) -> int:
+    v = m.get(key)
+    if not isinstance(v, int) or v is True or v is False or v < 0:
+        _fail("field %s (key %d) must be an unsigned integer" % (name, key))
+    if v > limit:  # type: ignore[operator]
+        _fail("field %s (key %d) is %d, above %d" % (name, key, v, limit), "range")  # type: ignore[str-format]
+    return v  # type: ignore[return-value]
+
+
+def _pairs(m: dict, key: int, name: str, limit: int) -> "list[tuple[int, int]]":
+    v = m.get(key)
+    if not isinstance(v, list) or not 0 < len(v) <= limit:
+        _fail("field %s (key %d) must be an array of 1 to %d pairs" % (name, key, limit))
+    out = []
+    for p in v:  # type: ignore[union-attr]
+        if (not isinstance(p, list) or len(p) != 2 or not isinstance(p[0], int) or not isinstance(p[1], int)
+                or p[0] < 0 or p[1] < 0 or p[0] is True or p[1] is True or p[0] is False or p[1] is False):
+            _fail("field %s (key %d) holds something other than a pair of unsigned integers" % (name, key))
+        out.append((p[0], p[1]))
+    return out
+
+
+def _uints(m: dict, key: int, name: str, n: int) -> tuple:
+    v = m.get(key)
+    if not isinstance(v, list) or len(v) != n:
+        _fail("field %s (key %d) must be an array of %d unsigned integers" % (name, key, n))
+    for x in v:  # type: ignore[union-attr]
+        if not isinstance(x, int) or x is True or x is False or x < 0:
+            _fail("field %s (key %d) must hold unsigned integers" % (name, key))
+    return tuple(v)  # type: ignore[arg-type]
+
+
+def _text(m: dict, key: int, name: str) -> str:
+    v = m.get(key)
+    if not isinstance(v, str) or len(v) > MAX_TEXT:
+        _fail("field %s (key %d) must be text of at most %d characters" % (name, key, MAX_TEXT))
+    return v  # type: ignore[return-value]
+
+
+def _check_keys(m: dict, allowed: int, optional: tuple = ()) -> None:
+    # Keys 0..allowed-1 are required, optional ones may be absent, keys at or
+    # above EXTENSION_KEYS are ignored, anything else is an error.
+    for k in m:
+        if isinstance(k, int) and k >= EXTENSION_KEYS:
+            continue
+        if not isinstance(k, int) or not (0 <= k < allowed or k in optional):
+            _fail("unknown field key %r" % (k,), "unknown_key")
+    for k in range(allowed):
+        if k not in m and k not in optional:
+            _fail("missing field key %d" % k, "missing")
+
+
+def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: tuple = ()) -> Message:
+    m = cbor.decode(payload)
+    if not isinstance(m, dict):
+        _fail("payload must be a CBOR map")
+    kind = _uint(m, 0, "type", 255)  # type: ignore[arg-type]
+    version = _uint(m, 1, "version", 255)  # type: ignore[arg-type]
+    if version != VERSION:
+        _fail("protocol version %d is not supported (this side speaks %d)" % (version, VERSION), "version")
+    if allowed_kinds and kind not in allowed_kinds:
+        _fail("message type %d not allowed in this direction" % kind, "direction")
+    d = m  # type: dict  # noqa
+    if kind == T_SAMPLES:
+        return _decode_samples(d)
+    if kind == T_ACK:
+        _check_keys(d, 4)
+        ranges = _pairs(d, 3, "ranges", MAX_ACK_RANGES)
+        for a, b in ranges:
+            if a > b:
+                _fail("ack range %d..%d is reversed" % (a, b))
+        return Ack(_uint(d, 2, "epoch"), ranges)
+    if kind == T_TIME_REQUEST:
+        _check_keys(d, 4)
+        return TimeRequest(_uint(d, 2, "nonce"), _uint(d, 3, "utc_ms"))
+    if kind == T_TIME_RESPONSE:
+        _check_keys(d, 6)
+        return TimeResponse(_uint(d, 2, "epoch"), _uint(d, 3, "seq"), _uint(d, 4, "nonce"), _uint(d, 5, "tick_ms"))
+    if kind == T_HELLO:
+        _check_keys(d, 7)
+        return Hello(_uint(d, 2, "epoch"), _uint(d, 3, "seq"), _text(d, 4, "firmware"), _uint(d, 5, "tick_ms"),
+                     _pairs(d, 6, "streams", MAX_STREAMS))
+    if kind == T_STATUS:
+        _check_keys(d, 8)
+        return Status(_uint(d, 2, "epoch"), _uint(d, 3, "seq"), _uint(d, 4, "tick_ms"), _uint(d, 5, "outbox_depth"),
+                      _uint(d, 6, "frames_dropped"), _uint(d, 7, "free_heap"))
+    if kind == T_ERROR:
+        _check_keys(d, 6)
+        return ErrorReport(_uint(d, 2, "epoch"), _uint(d, 3, "seq"), _uint(d, 4, "code"), _text(d, 5, "text"))
+    if kind == T_COMMAND:
+        _check_keys(d, 5)
+        return Command(_uint(d, 2, "epoch"), _uint(d, 3, "nonce"), _text(d, 4, "name"))
+    _fail("unknown message type %d" % kind, "unknown_type")
+    raise AssertionError  # unreachable: _fail raises
+
+
+def _decode_samples(d: dict) -> SampleFrame:
+    _check_keys(d, 14, (10,))
+    stream = _uint(d, 4, "stream")
+    nch = STREAM_CHANNELS.get(stream)
+    if nch is None:
+        _fail("unknown stream %d" % stream, "stream")
+    count = _uint(d, 8, "count", MAX_SAMPLES)
+    if count == 0:
+        _fail("field count (key 8) must be at least 1", "range")
+    rate = _uint(d, 7, "rate_hz", 100000)
+    if rate == 0:
+        _fail("field rate_hz (key 7) must be at least 1", "range")
+    scale = _uints(d, 9, "scale", 2)
+    if scale[1] == 0:
+        _fail("field scale (key 9) has a zero denominator", "range")
+    drive = _uints(d, 10, "ppg_drive", 4) if 10 in d else None
+    if (drive is None) == (stream == STREAM_PPG_MAX30102):
+        _fail("field ppg_drive (key 10) is required for PPG streams and only for them")
+    status = _uints(d, 11, "status", 4)
+    if _uint(d, 12, "encoding") != samples.ENCODING_DELTA_ZIGZAG_VARINT:
+        _fail("unknown sample encoding %r" % d.get(12), "encoding")
+    data = d.get(13)
+    if not isinstance(data, list) or len(data) != nch:
+        _fail("field samples (key 13) must hold %d byte strings for stream %d" % (nch, stream))  # type: ignore
+    channels = []
+    for ch in data:  # type: ignore[union-attr]
+        if not isinstance(ch, bytes):
+            _fail("field samples (key 13) must hold byte strings")
+        channels.append(samples.decode(ch, count))
+    return SampleFrame(_uint(d, 2, "epoch"), _uint(d, 3, "seq"), stream, _uint(d, 5, "t0_ms"),
+                       _uint(d, 6, "first_index"), rate, count, (scale[0], scale[1]),
+                       drive, status, channels)  # type: ignore[arg-type]

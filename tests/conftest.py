@@ -1,0 +1,31 @@
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(name: str) -> str:
+    # A real component the test needs. On a developer machine its absence
+    # skips the test with the reason; in CI it fails: CI must run them all.
+    path = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if path is None:
+        msg = "%s is not installed (./run tests installs it)" % name
+        if IN_CI:
+            pytest.fail(msg + "; required in CI")
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def micropython() -> str:
+    return require_tool("micropython")
+
+
+@pytest.fixture(scope="session")
+def mpy_cross() -> str:
+    return require_tool("mpy-cross")

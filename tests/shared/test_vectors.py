@@ -1,0 +1,103 @@
+# Golden vectors: literal bytes, computed once with cbor2 and the standard
+# library's hmac (not with this package), so the wire format is pinned
+# independently of the code under test.
+from protocols import cbor, cose, link, messages, samples
+from protocols.errors import AuthenticationError, RemoteProtocolError
+from tests.shared.check import raises, unhex
+
+KEY = bytes(range(32))
+KID = b"pb-0a1b2c3d"
+
+# Samples [100, 103, 98, -5, 131071] -> deltas [100, 3, -5, -103, 131076]
+# -> zigzag [200, 6, 9, 205, 262152] -> LEB128 varints:
+SAMPLES = [100, 103, 98, -5, 131071]
+SAMPLES_WIRE = unhex("c801 06 09 cd01 888010")
+
+# An ECG frame: epoch 7, seq 42, stream 1 (MAX30003), t0 123456 ms, first
+# sample 61440, 512 Hz, 5 samples, 1e6/2621440 uV per LSB (gain 20), lead off.
+FRAME_PAYLOAD = unhex(
+    "ad 0001 0101 0207 03182a 0401 051a0001e240 0619f000 07190200 0805"
+    "09821a000f42401a00280000 0b8401000000 0c01 0d8149c8010609cd01888010")
+FRAME = unhex(
+    "d184 50a20105044b70622d3061316232633364 a0"
+    "583c" + "ad00010101020703182a0401051a0001e2400619f00007190200080509821a000f42401a00280000"
+    "0b84010000000c010d8149c8010609cd01888010"
+    "5820fc8a3a7b8d8ba510d11f94032b373ed070dbb9d389497e2e32aea4f3aa72911d")
+
+# An ack: epoch 7, ranges 40..42 and 44..44, hub to board.
+ACK_PAYLOAD = unhex("a4 0002 0101 0207 0382 82 1828 182a 82 182c 182c")
+ACK = unhex(
+    "d18450a20105044b70622d3061316232633364a053a40002010102070382821828182a82182c182c"
+    "58207803f385b2f282c2d0fbd7ac1889e89cadc0d4ed35b05479b1d0b72ca9b88e82")
+
+
+def test_sample_encoding_matches_vector() -> None:
+    out = bytearray(64)
+    n = samples.encode_into(SAMPLES, len(SAMPLES), out, 0)
+    assert bytes(out[:n]) == SAMPLES_WIRE
+    assert samples.decode(SAMPLES_WIRE, 5) == SAMPLES
+
+
+def test_frame_encoder_matches_vector() -> None:
+    w = cbor.Writer(bytearray(512))
+    scratch = bytearray(64)
+    messages.encode_sample_frame(w, scratch, 7, 42, messages.STREAM_ECG_MAX30003, 123456, 61440, 512, 5,
+                                 1000000, 2621440, None, messages.FLAG_LEAD_OFF, 0, 0, 0, (SAMPLES,))
+    assert bytes(w.buf[:w.pos]) == FRAME_PAYLOAD
+    key = cose.MacKey(KEY, KID, cose.AAD_UPLINK)
+    assert key.seal(FRAME_PAYLOAD) == FRAME
+
+
+def test_frame_vector_verifies_and_decodes() -> None:
+    key = cose.MacKey(KEY, KID, cose.AAD_UPLINK)
+    msg = cose.parse(FRAME)
+    assert msg.kid == KID
+    key.verify(msg)
+    f = messages.decode_payload(msg.payload, messages.UPLINK_TYPES)
+    assert isinstance(f, messages.SampleFrame)
+    assert (f.epoch, f.seq, f.stream, f.t0_ms, f.first_index, f.rate_hz, f.count) == (7, 42, 1, 123456, 61440, 512, 5)
+    assert f.scale == (1000000, 2621440)
+    assert f.status == (1, 0, 0, 0)
+    assert f.channels == [SAMPLES]
+
+
+def test_ack_vector() -> None:
+    ack = messages.Ack(7, [(40, 42), (44, 44)])
+    assert messages.encoded(ack) == ACK_PAYLOAD
+    down = cose.MacKey(KEY, KID, cose.AAD_DOWNLINK)
+    assert down.seal(ACK_PAYLOAD) == ACK
+    got = messages.decode_payload(cose.parse(ACK).payload, messages.DOWNLINK_TYPES)
+    assert got == ack
+    assert got.covers(7, 41) and got.covers(7, 44)  # type: ignore[attr-defined]
+    assert not got.covers(7, 43) and not got.covers(8, 41)  # type: ignore[attr-defined]
+
+
+def test_frame_never_passes_for_ack_nor_ack_for_frame() -> None:
+    up = cose.MacKey(KEY, KID, cose.AAD_UPLINK)
+    down = cose.MacKey(KEY, KID, cose.AAD_DOWNLINK)
+    raises(AuthenticationError, down.verify, cose.parse(FRAME))
+    raises(AuthenticationError, up.verify, cose.parse(ACK))
+    # and the type check refuses a frame offered where only downlink types go
+    e = raises(RemoteProtocolError, messages.decode_payload, FRAME_PAYLOAD, messages.DOWNLINK_TYPES)
+    assert e.reason == "direction"
+
+
+def test_wrong_key_is_refused() -> None:
+    other = cose.MacKey(bytes(32), KID, cose.AAD_UPLINK)
+    e = raises(AuthenticationError, other.verify, cose.parse(FRAME))
+    assert e.reason == "bad_mac" and e.device_id == "pb-0a1b2c3d"
+
+
+def test_serial_framing_vector() -> None:
+    # COBS of "ab\x00c" + CRC-32 LE, between two delimiters.
+    body = b"ab\x00c"
+    assert link.crc32(body) == 0x3D3660D6
+    wire = link.StreamFramer().frame(body)
+    assert wire == unhex("00 03 6162 06 63 d660363d 00")
+
+
+def test_downlink_line_vector() -> None:
+    line = link.downlink_line(b"\x03\x00ack")
+    assert line == b"~AwBhY2turCdc\n"
+    for b in line:
+        assert b == 10 or 32 <= b < 127  # never a control byte such as Ctrl-C
