@@ -1,0 +1,91 @@
+"""A simulated board's flash: its directory, as provisioning leaves it.
+
+A board directory holds what an ESP32's flash would after provisioning
+(pulsebridge/config.json, pulsebridge/device.key) plus sim.json, which
+tells the simulated board which recordings its chip models play.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.sim import waveforms
+
+FIRMWARE_DIR = Path(__file__).resolve().parents[2] / "firmware_mpy"
+REPO_DIR = FIRMWARE_DIR.parent
+
+
+@dataclass
+class BoardSpec:
+    device_id: str
+    key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    ecg: str | None = "max30003"  # "max30003", "ad8232" or None
+    ppg: bool = True
+    link: str = "serial"
+    spo2_pct: float = 97.0
+    ppm: dict[str, int] = field(default_factory=dict)
+    lead_off: list[tuple[float, float]] = field(default_factory=list)
+    finger_off: list[tuple[float, float]] = field(default_factory=list)
+    virtual_clock: bool = False
+    window_ms: int = 1000
+    outbox_slots: int = 16
+    seed: int = 1
+    provisioned: bool = True
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def board_config(self) -> dict[str, object]:
+        cfg: dict[str, object] = {"device_id": self.device_id, "link": self.link, "window_ms": self.window_ms,
+                                  "outbox_slots": self.outbox_slots}
+        if self.ecg == "max30003":
+            cfg["ecg"] = {"chip": "max30003", "rate_hz": 512, "gain": 20}
+        elif self.ecg == "ad8232":
+            cfg["ecg"] = {"chip": "ad8232", "rate_hz": 250}
+        else:
+            cfg["ecg"] = None
+        if not self.ppg:
+            cfg["ppg"] = None
+        cfg.update(self.extra)
+        return cfg
+
+
+def write_private(path: Path, data: bytes) -> None:
+    # Secrets are readable by their owner only, from the moment they exist.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.chmod(path, 0o600)
+
+
+def prepare(spec: BoardSpec, directory: Path, cache: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    flash = directory / "pulsebridge"
+    flash.mkdir(exist_ok=True)
+    if spec.provisioned:
+        (flash / "config.json").write_text(json.dumps(spec.board_config(), indent=1))
+        write_private(flash / "device.key", spec.key)
+    sim: dict[str, object] = {
+        "ppm": spec.ppm, "lead_off": spec.lead_off, "finger_off": spec.finger_off,
+        "virtual_clock": spec.virtual_clock, "seed": spec.seed,
+        "truth": {"spo2_pct": spec.spo2_pct, "ratio": waveforms.ratio_for_spo2(spec.spo2_pct)},
+    }
+    if spec.ecg:
+        ecg = waveforms.ecg_signal(cache)
+        # Each board starts at its own place in the recording.
+        sim["ecg"] = {"file": str(ecg.path), "rate_hz": ecg.rate_hz, "offset": spec.seed * 7919 * ecg.rate_hz}
+    if spec.ppg:
+        ppg = waveforms.ppg_signal(cache, spec.spo2_pct)
+        sim["ppg"] = {"file": str(ppg.path), "rate_hz": ppg.rate_hz, "offset": spec.seed * 13 * ppg.rate_hz}
+    (directory / "sim.json").write_text(json.dumps(sim, indent=1))
+    return directory
+
+
+def micropython_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["MICROPYPATH"] = os.pathsep.join([str(FIRMWARE_DIR), str(REPO_DIR)])
+    return env

@@ -1,0 +1,187 @@
+# The board's application: sensors -> frames -> outbox -> link, one
+# cooperative loop. Per loop: drain each sensor FIFO (no allocation per
+# sample), frame every full window, send what the link can take, read acks
+# and commands. A board with no key or no configuration refuses to stream
+# and says why on its console.
+import gc
+
+from micropython import const
+
+from app import config
+from app.outbox import Outbox
+from app.sampler import Stream
+from protocols import cbor, cose, messages
+from protocols.errors import ProtocolError
+
+FIRMWARE = "pulsebridge-fw 0.1.0"
+_SMALL = const(160)  # buffer for hello/status/time messages
+_MAX_SENDS_PER_LOOP = const(4)
+
+
+class App:
+    def __init__(self, board, cfg, key, epoch):
+        self.board = board
+        self.cfg = cfg
+        self.epoch = epoch
+        kid = cfg["device_id"].encode()
+        self.up = cose.MacKey(key, kid, cose.AAD_UPLINK)
+        self.down = cose.MacKey(key, kid, cose.AAD_DOWNLINK)
+        self.seq = 0
+        self.last_command = -1
+        self.running = True
+        self.streams = []
+        now = board.ticks_ms()
+        for stream_id, sensor, lead_off in board.sensors(cfg):
+            window = sensor.rate_hz * cfg["window_ms"] // 1000
+            if not 0 < window <= messages.MAX_SAMPLES:
+                raise config.ConfigError("window_ms gives %d samples per frame, outside 1..%d"
+                                         % (window, messages.MAX_SAMPLES))
+            self.streams.append(Stream(sensor, stream_id, window, now, lead_off))
+        biggest = max(s.window for s in self.streams)
+        # Worst case per frame: 5 bytes a sample per channel plus headers.
+        self.payload = bytearray(biggest * 5 * 2 + 128)
+        self.payload_mv = memoryview(self.payload)
+        self.scratch = bytearray(biggest * 5 + 8)
+        slot_size = len(self.payload) + 96
+        self.outbox = Outbox(cfg["outbox_slots"], slot_size)
+        self.small = bytearray(_SMALL)
+        self.small_sealed = bytearray(_SMALL + 96)
+        self.link = board.link(cfg, slot_size)
+        self.frames_built = 0
+        self.downlink_rejected = 0
+        self.next_status_ms = now + cfg["status_every_ms"]
+
+    def _seq(self):
+        s = self.seq
+        self.seq = s + 1
+        return s
+
+    def _send_small(self, msg):
+        w = cbor.Writer(self.small)
+        messages.encode(w, msg)
+        sw = cbor.Writer(self.small_sealed)
+        self.up.seal_into(sw, memoryview(self.small)[:w.pos])
+        self.link.send(self.small_sealed, sw.pos)
+
+    def hello(self):
+        self._send_small(messages.Hello(self.epoch, self._seq(), FIRMWARE, self.board.ticks_ms(),
+                                        [(s.stream_id, s.rate_hz) for s in self.streams]))
+
+    def status(self):
+        self._send_small(messages.Status(self.epoch, self._seq(), self.board.ticks_ms(), self.outbox.depth(),
+                                         self.outbox.dropped, gc.mem_free()))
+
+    def build_frame(self, st, count):
+        sensor = st.sensor
+        flags = 0
+        if st.lead_off():
+            flags |= messages.FLAG_LEAD_OFF
+        if st.saturated:
+            flags |= messages.FLAG_SATURATED
+        if st.pending_lost:
+            flags |= messages.FLAG_FIFO_OVERFLOW
+        num, den = sensor.scale()
+        drive = sensor.drive() if st.stream_id == messages.STREAM_PPG_MAX30102 else None
+        jitter = sensor.take_jitter_us() if st.stream_id == messages.STREAM_ECG_AD8232 else 0
+        seq = self._seq()
+        slot = self.outbox.reserve()  # may drop the oldest frame: this one then says so
+        w = cbor.Writer(self.payload)
+        messages.encode_sample_frame(w, self.scratch, self.epoch, seq, st.stream_id, st.t0_ms(), st.first_index,
+                                     st.rate_hz, count, num, den, drive, flags, st.pending_lost,
+                                     self.outbox.dropped, jitter, st.chans)
+        sw = cbor.Writer(self.outbox.bufs[slot])
+        self.up.seal_into(sw, self.payload_mv[:w.pos])
+        self.outbox.commit(slot, seq, sw.pos)
+        st.advance(count)
+        self.frames_built += 1
+
+    def on_downlink(self, data):
+        try:
+            msg = cose.parse(data)
+            self.down.verify(msg)
+            m = messages.decode_payload(msg.payload, messages.DOWNLINK_TYPES)
+        except ProtocolError:
+            self.downlink_rejected += 1  # never acted upon: a forged ack frees nothing
+            return
+        if m.kind == messages.T_ACK:
+            self.outbox.ack(m, self.epoch)
+        elif m.kind == messages.T_TIME_REQUEST:
+            self._send_small(messages.TimeResponse(self.epoch, self._seq(), m.nonce, self.board.ticks_ms()))
+        elif m.kind == messages.T_COMMAND:
+            if m.epoch != self.epoch or m.nonce <= self.last_command:
+                self.downlink_rejected += 1  # replayed or meant for another boot
+                return
+            self.last_command = m.nonce
+            if m.name == "stop":
+                self.running = False
+            elif m.name == "status":
+                self.status()
+
+    def step(self):
+        board = self.board
+        board.service()
+        now = board.ticks_ms()
+        for st in self.streams:
+            count = st.poll(now)
+            if count:
+                self.build_frame(st, count)
+        if self.link.service():
+            self.outbox.resend_all()  # reconnected: resend what was in flight
+            self.hello()
+        if self.link.connected:
+            ob = self.outbox
+            for _ in range(_MAX_SENDS_PER_LOOP):
+                slot = ob.next_to_send(now, self.cfg["retransmit_ms"])
+                if slot < 0 or not self.link.send(ob.bufs[slot], ob.lens[slot]):
+                    break
+                ob.mark_sent(slot, now)
+        while True:
+            data = self.link.receive()
+            if data is None:
+                break
+            self.on_downlink(data)
+        if now >= self.next_status_ms:
+            self.next_status_ms = now + self.cfg["status_every_ms"]
+            if self.link.connected:
+                self.status()
+
+    def start(self):
+        for st in self.streams:
+            st.sensor.start()
+            st.start_ms = self.board.ticks_ms()
+        self.hello()
+
+    def stop(self):
+        for st in self.streams:
+            st.sensor.stop()
+
+    def run(self, until_ms=None):
+        poll_ms = self.cfg["poll_ms"]
+        self.start()
+        try:
+            while self.running and (until_ms is None or self.board.ticks_ms() < until_ms):
+                self.step()
+                self.board.sleep_ms(poll_ms)
+        finally:
+            self.stop()
+
+
+def run(board, until_ms=None):
+    # Entry point: returns when streaming stops (Ctrl-C, a stop command, or
+    # until_ms on the board clock); the caller then drops to the REPL.
+    try:
+        cfg = config.load()
+        key = config.load_key()
+        epoch = config.next_epoch()
+    except config.ConfigError as e:
+        print("pulsebridge: not streaming:", e)
+        return None
+    try:
+        app = App(board, cfg, key, epoch)
+    except Exception as e:  # a sensor missing or misconfigured: say which
+        print("pulsebridge: not streaming: sensor set-up failed:", e)
+        return None
+    board.console("pulsebridge: %s streaming over %s, boot epoch %d; Ctrl-C for the REPL"
+                  % (cfg["device_id"], app.link.name, epoch))
+    app.run(until_ms)
+    return app

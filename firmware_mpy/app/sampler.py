@@ -1,0 +1,84 @@
+# One sensor stream: drains a sensor's FIFO into preallocated per-channel
+# arrays and cuts them into windows (frames). Sample indices count samples
+# on the sensor's own clock since the stream started; they, not a timer,
+# give every sample its time: t = start + index / rate.
+#
+# A FIFO overflow loses samples: the window is cut before the gap, the gap
+# is skipped in the indices, and the next frame reports it.
+import array
+
+from micropython import const
+
+from protocols import messages
+
+_SPARE = const(32)  # a full sensor FIFO: one drain always fits
+
+
+class Stream:
+    def __init__(self, sensor, stream_id, window, start_ms, lead_off_fn=None):
+        self.sensor = sensor
+        self.stream_id = stream_id
+        self.rate_hz = sensor.rate_hz
+        self.window = window
+        self.capacity = window + _SPARE
+        nch = messages.STREAM_CHANNELS[stream_id]
+        self.chans = tuple(array.array("i", bytes(4 * self.capacity)) for _ in range(nch))
+        self.n = 0  # samples held in chans
+        self.first_index = 0  # sensor index of chans[*][0]
+        self.start_ms = start_ms
+        self.split = 0  # if set: a gap follows the first `split` samples
+        self.gap = 0
+        self.pending_lost = 0  # reported by the next frame after a gap
+        self.lost_total = 0
+        self.saturated = False
+        self._lead_off_fn = lead_off_fn
+
+    def t0_ms(self):
+        return self.start_ms + self.first_index * 1000 // self.rate_hz
+
+    def poll(self, now_ms):
+        # Drains the sensor; returns how many samples to put in a frame now.
+        if not self.split and self.n < self.window:
+            got_before = self.n
+            got = self.sensor.read_into(self.chans, self.n, self.capacity - self.n)
+            lost = self.sensor.lost
+            if self.sensor.saturated:
+                self.saturated = True
+            if lost:
+                if lost < 0:  # the chip does not count: estimate from the board clock
+                    expected = (now_ms - self.start_ms) * self.rate_hz // 1000 - got
+                    lost = expected - (self.first_index + got_before)
+                    if lost < 1:
+                        lost = 1
+                self.lost_total += lost
+                if got_before:
+                    self.split = got_before
+                    self.gap = lost
+                else:
+                    self.first_index += lost
+                    self.pending_lost += lost
+            self.n += got
+        if self.split:
+            return self.split
+        if self.n >= self.window:
+            return self.window
+        return 0
+
+    def lead_off(self):
+        return self._lead_off_fn() if self._lead_off_fn else False
+
+    def advance(self, count):
+        # The first count samples are framed: move the rest to the front.
+        rest = self.n - count
+        for ch in self.chans:
+            for i in range(rest):
+                ch[i] = ch[count + i]
+        self.n = rest
+        self.first_index += count
+        self.saturated = False
+        self.pending_lost = 0
+        if self.split:
+            self.first_index += self.gap
+            self.pending_lost = self.gap
+            self.split = 0
+            self.gap = 0

@@ -1,0 +1,83 @@
+# The real board: an ESP32 with the sensors on its buses, built from
+# machine.* (and bluetooth for the BLE link). Pins come from config.json
+# ("pins"), defaulting to the reference wiring below.
+import gc
+import sys
+import time
+
+from machine import ADC, I2C, SPI, Pin, Timer
+
+from drivers.ad8232 import AD8232
+from drivers.max30003 import MAX30003
+from drivers.max30102 import MAX30102
+from protocols import messages
+
+PINS = {
+    "i2c_scl": 22, "i2c_sda": 21, "i2c_hz": 400000,
+    "spi_sck": 18, "spi_mosi": 23, "spi_miso": 19, "spi_hz": 4000000, "ecg_cs": 5,
+    "ad8232_out": 36, "ad8232_lo_plus": 34, "ad8232_lo_minus": 35,
+}
+
+
+class Esp32Board:
+    name = "esp32"
+
+    def __init__(self):
+        self.radio = None
+        self._last_ms = time.ticks_ms()
+        self._ms = 0
+
+    def ticks_ms(self):
+        # time.ticks_ms() wraps after about 12 days; frames need a monotonic
+        # count, so the wrapping ticks are accumulated (read every loop).
+        raw = time.ticks_ms()
+        self._ms += time.ticks_diff(raw, self._last_ms)
+        self._last_ms = raw
+        return self._ms
+
+    def sleep_ms(self, ms):
+        time.sleep_ms(ms)
+
+    def service(self):
+        pass  # timers and the radio run on interrupts here
+
+    def console(self, text):
+        print(text)
+
+    def sensors(self, cfg):
+        pins = dict(PINS)
+        pins.update(cfg.get("pins", {}))
+        out = []
+        ecg = cfg.get("ecg")
+        if ecg and ecg["chip"] == "max30003":
+            cs = Pin(pins["ecg_cs"], Pin.OUT, value=1)
+            spi = SPI(2, baudrate=pins["spi_hz"], polarity=0, phase=0, sck=Pin(pins["spi_sck"]),
+                      mosi=Pin(pins["spi_mosi"]), miso=Pin(pins["spi_miso"]))
+            chip = MAX30003(spi, cs)
+            chip.configure(ecg["rate_hz"], ecg["gain"])
+            out.append((messages.STREAM_ECG_MAX30003, chip, chip.lead_off))
+        elif ecg and ecg["chip"] == "ad8232":
+            adc = ADC(Pin(pins["ad8232_out"]), atten=ADC.ATTN_11DB)
+            chip = AD8232(adc, Pin(pins["ad8232_lo_plus"], Pin.IN), Pin(pins["ad8232_lo_minus"], Pin.IN),
+                          Timer(0), ecg["rate_hz"])
+            out.append((messages.STREAM_ECG_AD8232, chip, chip.lead_off))
+        ppg = cfg.get("ppg")
+        if ppg:
+            i2c = I2C(0, scl=Pin(pins["i2c_scl"]), sda=Pin(pins["i2c_sda"]), freq=pins["i2c_hz"])
+            chip = MAX30102(i2c, time.sleep_ms)
+            chip.configure(ppg["rate_hz"], ppg["pulse_width_us"], ppg["adc_range_na"], ppg["led_red_ua"],
+                           ppg["led_ir_ua"])
+            out.append((messages.STREAM_PPG_MAX30102, chip, None))
+        return out
+
+    def link(self, cfg, max_message):
+        if cfg["link"] == "ble":
+            import bluetooth
+
+            from app.link_ble import BleLink
+            return BleLink(bluetooth, cfg["device_id"], max_message)
+        from app.link_serial import SerialLink
+        return SerialLink(sys.stdin.buffer, sys.stdout.buffer, max_message)
+
+    def free_heap(self):
+        return gc.mem_free()

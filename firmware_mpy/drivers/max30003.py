@@ -1,0 +1,177 @@
+# MAX30003 ECG analog front end (SPI, mode 0, up to 12 MHz). Its ECG channel
+# writes 18-bit samples, each tagged, into a 32-word FIFO at a rate set by
+# its own 32.768 kHz clock; we drain the FIFO with burst reads.
+#
+# SPI transaction: one command byte (register << 1 | 1 to read), then 24 bits
+# of data per register, or per FIFO word in a burst. An ECG FIFO word is
+#   bits 23..6: sample (two's complement), bits 5..3: ETAG, bits 2..0: PTAG.
+# Nothing in read_into allocates.
+from micropython import const
+
+_REG_STATUS = const(0x01)
+_REG_EN_INT = const(0x02)
+_REG_MNGR_INT = const(0x04)
+_REG_SW_RST = const(0x08)
+_REG_SYNCH = const(0x09)
+_REG_FIFO_RST = const(0x0A)
+_REG_INFO = const(0x0F)
+_REG_CNFG_GEN = const(0x10)
+_REG_CNFG_EMUX = const(0x14)
+_REG_CNFG_ECG = const(0x15)
+_REG_ECG_FIFO_BURST = const(0x20)
+
+_ETAG_VALID = const(0)
+_ETAG_FAST = const(1)
+_ETAG_VALID_EOF = const(2)
+_ETAG_FAST_EOF = const(3)
+_ETAG_EMPTY = const(6)
+_ETAG_OVERFLOW = const(7)
+
+_INFO_REV_MASK = const(0xF00000)
+_INFO_REV = const(0x500000)  # INFO[23:20] reads 0101 on the MAX30003
+_STATUS_EOVF = const(1 << 22)
+_STATUS_DCLOFF = const(1 << 20)
+_STATUS_LDOFF = const(0xF)  # LDOFF_PH, LDOFF_PL, LDOFF_NH, LDOFF_NL
+
+_CNFG_GEN_EN_ECG = const(1 << 19)
+_CNFG_GEN_DCLOFF = const(1 << 12)  # DC lead-off detection on the ECG inputs
+_CNFG_GEN_IMAG_10NA = const(2 << 8)  # lead-off current 10 nA
+_CNFG_GEN_VTH_300MV = const(1 << 6)  # lead-off threshold VMID +/- 300 mV
+_CNFG_ECG_DLPF_40HZ = const(1 << 12)
+_MNGR_INT_EFIT_16 = const(15 << 19)  # FIFO interrupt at 16 unread samples
+
+_BURST_WORDS = const(8)  # words per SPI burst; the FIFO is 32 words deep
+_FIFO_DEPTH = const(32)
+_FULL_SCALE_CODE = const(0x1FFFF)
+
+RATES_HZ = (512, 256, 128)  # with FMSTR = 32768 Hz; CNFG_ECG RATE field value = index
+GAINS = (20, 40, 80, 160)  # V/V; CNFG_ECG GAIN field value = index
+_VREF_UV = const(1000000)  # V_ECG = ADC * VREF / (2**17 * gain)
+
+
+class SensorError(Exception):
+    pass
+
+
+class MAX30003:
+    def __init__(self, spi, cs):
+        self._spi = spi
+        self._cs = cs
+        self._tx = bytearray(4)
+        self._rx = bytearray(4)
+        self._btx = bytearray(1 + 3 * _BURST_WORDS)
+        self._brx = bytearray(1 + 3 * _BURST_WORDS)
+        self._btx[0] = (_REG_ECG_FIFO_BURST << 1) | 1
+        self.rate_hz = 512
+        self.gain = 20
+        self.lost = 0
+        self.saturated = False
+        cs.value(1)
+
+    def _xfer(self, reg, value, read):
+        tx = self._tx
+        tx[0] = (reg << 1) | (1 if read else 0)
+        tx[1] = (value >> 16) & 0xFF
+        tx[2] = (value >> 8) & 0xFF
+        tx[3] = value & 0xFF
+        self._cs.value(0)
+        try:
+            self._spi.write_readinto(tx, self._rx)
+        finally:
+            self._cs.value(1)
+        rx = self._rx
+        return (rx[1] << 16) | (rx[2] << 8) | rx[3]
+
+    def read_reg(self, reg):
+        return self._xfer(reg, 0, True)
+
+    def write_reg(self, reg, value):
+        self._xfer(reg, value, False)
+
+    def info(self):
+        return self.read_reg(_REG_INFO)
+
+    def status(self):
+        return self.read_reg(_REG_STATUS)
+
+    def configure(self, rate_hz=512, gain=20):
+        if rate_hz not in RATES_HZ:
+            raise SensorError("MAX30003 rate %d Hz not one of %s" % (rate_hz, RATES_HZ))
+        if gain not in GAINS:
+            raise SensorError("MAX30003 gain %d not one of %s" % (gain, GAINS))
+        info = self.info()
+        if info & _INFO_REV_MASK != _INFO_REV:
+            raise SensorError("MAX30003 not found: INFO is 0x%06x" % info)
+        self.write_reg(_REG_SW_RST, 0)
+        self.write_reg(_REG_CNFG_GEN, _CNFG_GEN_EN_ECG | _CNFG_GEN_DCLOFF | _CNFG_GEN_IMAG_10NA
+                       | _CNFG_GEN_VTH_300MV)
+        self.write_reg(_REG_CNFG_EMUX, 0)  # inputs connected, no calibration
+        self.write_reg(_REG_CNFG_ECG, (RATES_HZ.index(rate_hz) << 22) | (GAINS.index(gain) << 16)
+                       | _CNFG_ECG_DLPF_40HZ)
+        self.write_reg(_REG_MNGR_INT, _MNGR_INT_EFIT_16)
+        self.write_reg(_REG_EN_INT, 0)  # polled
+        self.rate_hz = rate_hz
+        self.gain = gain
+
+    def start(self):
+        self.write_reg(_REG_FIFO_RST, 0)
+        self.write_reg(_REG_SYNCH, 0)  # restart the sampling clock: sample 0 is now
+
+    def stop(self):
+        self.write_reg(_REG_CNFG_GEN, 0)
+
+    def scale(self):
+        # uV per ADC count.
+        return _VREF_UV, (1 << 17) * self.gain
+
+    def lead_off(self):
+        return bool(self.status() & (_STATUS_DCLOFF | _STATUS_LDOFF))
+
+    def read_into(self, chans, pos, room):
+        # Burst-reads valid samples into chans[0] from pos. A burst pops
+        # _BURST_WORDS words from the chip whatever we do with them, so one
+        # starts only while room holds a whole burst (callers give 32 spare).
+        # Returns the samples read; self.lost is then -1 if the FIFO overflowed
+        # before them (this chip counts no lost samples: the caller estimates
+        # them), else 0. Nothing here allocates, not even a result tuple.
+        out = chans[0]
+        rx = self._brx
+        n = 0
+        overflow = 0
+        sat = False
+        while room - n >= _BURST_WORDS and n < _FIFO_DEPTH:
+            self._cs.value(0)
+            try:
+                self._spi.write_readinto(self._btx, rx)
+            finally:
+                self._cs.value(1)
+            done = False
+            b = 1
+            for _ in range(_BURST_WORDS):
+                word = (rx[b] << 16) | (rx[b + 1] << 8) | rx[b + 2]
+                b += 3
+                etag = (word >> 3) & 7
+                if etag == _ETAG_EMPTY:
+                    done = True
+                    break
+                if etag == _ETAG_OVERFLOW:
+                    # Samples were lost: reset the FIFO and start clean.
+                    self.write_reg(_REG_FIFO_RST, 0)
+                    overflow = -1
+                    done = True
+                    break
+                v = word >> 6
+                if v & 0x20000:
+                    v -= 0x40000
+                if v >= _FULL_SCALE_CODE or v <= -_FULL_SCALE_CODE:
+                    sat = True
+                out[pos + n] = v
+                n += 1
+                if etag == _ETAG_VALID_EOF or etag == _ETAG_FAST_EOF:
+                    done = True
+                    break
+            if done:
+                break
+        self.saturated = sat
+        self.lost = overflow
+        return n

@@ -1,0 +1,162 @@
+# MAX30102 pulse oximeter (I2C address 0x57), run in SpO2 mode: red and IR
+# LEDs alternate, each sample is two 18-bit ADC values in the 32-sample FIFO.
+# The chip paces the samples on its own oscillator; we only drain its FIFO.
+#
+# Per-sample work (read_into) allocates nothing: the burst buffer and its
+# memoryview slices are made once, in __init__.
+from micropython import const
+
+ADDRESS = const(0x57)
+_REG_INT_STATUS_1 = const(0x00)
+_REG_INT_ENABLE_1 = const(0x02)
+_REG_FIFO_WR_PTR = const(0x04)  # then OVF_COUNTER (0x05), FIFO_RD_PTR (0x06)
+_REG_FIFO_DATA = const(0x07)
+_REG_FIFO_CONFIG = const(0x08)
+_REG_MODE_CONFIG = const(0x09)
+_REG_SPO2_CONFIG = const(0x0A)
+_REG_LED1_PA = const(0x0C)  # red
+_REG_LED2_PA = const(0x0D)  # IR
+_REG_PART_ID = const(0xFF)
+
+PART_ID = const(0x15)
+_MODE_RESET = const(0x40)
+_MODE_SPO2 = const(0x03)
+_FIFO_ROLLOVER = const(0x10)
+_FIFO_DEPTH = const(32)
+_BYTES_PER_SAMPLE = const(6)  # 3 bytes red, 3 bytes IR
+_SAMPLE_MASK = const(0x3FFFF)  # 18 bits, left-justified for every pulse width
+_FULL_SCALE = const(0x3FFFF)
+_LED_UA_PER_LSB = const(200)  # 0.2 mA per step, 0 to 51 mA
+_RESET_POLLS = const(50)
+_OVF_SATURATED = const(0x1F)
+
+RATES_HZ = (50, 100, 200, 400, 800, 1000, 1600, 3200)
+PULSE_WIDTHS_US = (69, 118, 215, 411)
+ADC_RANGES_NA = (2048, 4096, 8192, 16384)
+# Highest SpO2-mode sample rate for each pulse width (datasheet, SpO2 mode
+# settings table): a longer LED pulse leaves less time per sample.
+_MAX_RATE_FOR_PW = (1600, 1000, 800, 400)
+
+
+class SensorError(Exception):
+    pass
+
+
+class MAX30102:
+    def __init__(self, i2c, sleep_ms, address=ADDRESS):
+        self._i2c = i2c
+        self._sleep_ms = sleep_ms
+        self._addr = address
+        self._one = bytearray(1)
+        self._ptrs = bytearray(3)
+        self._burst = bytearray(_FIFO_DEPTH * _BYTES_PER_SAMPLE)
+        mv = memoryview(self._burst)
+        self._views = [mv[:n * _BYTES_PER_SAMPLE] for n in range(_FIFO_DEPTH + 1)]
+        self.rate_hz = 100
+        self.pulse_width_us = 411
+        self.adc_range_na = 16384
+        self.led_red_ua = 0
+        self.led_ir_ua = 0
+        self.saturated = False
+        self.lost = 0
+
+    def _write(self, reg, value):
+        self._one[0] = value
+        self._i2c.writeto_mem(self._addr, reg, self._one)
+
+    def _read(self, reg):
+        self._i2c.readfrom_mem_into(self._addr, reg, self._one)
+        return self._one[0]
+
+    def part_id(self):
+        return self._read(_REG_PART_ID)
+
+    def reset(self):
+        pid = self.part_id()
+        if pid != PART_ID:
+            raise SensorError("MAX30102 not found: PART_ID is 0x%02x, expected 0x%02x" % (pid, PART_ID))
+        self._write(_REG_MODE_CONFIG, _MODE_RESET)
+        for _ in range(_RESET_POLLS):
+            if not self._read(_REG_MODE_CONFIG) & _MODE_RESET:
+                return
+            self._sleep_ms(1)
+        raise SensorError("MAX30102 did not come out of reset")
+
+    def configure(self, rate_hz=100, pulse_width_us=411, adc_range_na=16384, led_red_ua=7000, led_ir_ua=7000):
+        if rate_hz not in RATES_HZ:
+            raise SensorError("MAX30102 rate %d Hz not one of %s" % (rate_hz, RATES_HZ))
+        if pulse_width_us not in PULSE_WIDTHS_US:
+            raise SensorError("MAX30102 pulse width %d us not one of %s" % (pulse_width_us, PULSE_WIDTHS_US))
+        if adc_range_na not in ADC_RANGES_NA:
+            raise SensorError("MAX30102 ADC range %d nA not one of %s" % (adc_range_na, ADC_RANGES_NA))
+        pw = PULSE_WIDTHS_US.index(pulse_width_us)
+        if rate_hz > _MAX_RATE_FOR_PW[pw]:
+            raise SensorError("MAX30102 cannot sample at %d Hz with %d us pulses (at most %d Hz)"
+                              % (rate_hz, pulse_width_us, _MAX_RATE_FOR_PW[pw]))
+        for ua in (led_red_ua, led_ir_ua):
+            if not 0 <= ua <= 255 * _LED_UA_PER_LSB:
+                raise SensorError("MAX30102 LED current %d uA outside 0..51000" % ua)
+        self.reset()
+        self._write(_REG_INT_ENABLE_1, 0)  # polled, no interrupt pin needed
+        self._write(_REG_FIFO_CONFIG, _FIFO_ROLLOVER)  # no averaging; overflow counted
+        self._write(_REG_SPO2_CONFIG,
+                    (ADC_RANGES_NA.index(adc_range_na) << 5) | (RATES_HZ.index(rate_hz) << 2) | pw)
+        self._write(_REG_LED1_PA, led_red_ua // _LED_UA_PER_LSB)
+        self._write(_REG_LED2_PA, led_ir_ua // _LED_UA_PER_LSB)
+        self.rate_hz = rate_hz
+        self.pulse_width_us = pulse_width_us
+        self.adc_range_na = adc_range_na
+        self.led_red_ua = (led_red_ua // _LED_UA_PER_LSB) * _LED_UA_PER_LSB
+        self.led_ir_ua = (led_ir_ua // _LED_UA_PER_LSB) * _LED_UA_PER_LSB
+
+    def start(self):
+        # Clear the FIFO pointers and overflow counter, then start sampling.
+        self._write(_REG_FIFO_WR_PTR, 0)
+        self._write(_REG_FIFO_WR_PTR + 1, 0)
+        self._write(_REG_FIFO_WR_PTR + 2, 0)
+        self._read(_REG_INT_STATUS_1)
+        self._write(_REG_MODE_CONFIG, _MODE_SPO2)
+
+    def stop(self):
+        self._write(_REG_MODE_CONFIG, 0x80 | _MODE_SPO2)  # SHDN: LEDs off
+
+    def scale(self):
+        # nA of photodiode current per ADC count.
+        return self.adc_range_na, 1 << 18
+
+    def drive(self):
+        return (self.led_red_ua, self.led_ir_ua, self.adc_range_na, self.pulse_width_us)
+
+    def read_into(self, chans, pos, room):
+        # Drains up to room samples into chans[0] (red) and chans[1] (IR) from
+        # pos; returns how many. self.lost is then the number the FIFO lost
+        # before them, or -1 when more were lost than the chip can count.
+        ptrs = self._ptrs
+        self._i2c.readfrom_mem_into(self._addr, _REG_FIFO_WR_PTR, ptrs)
+        lost = ptrs[1]
+        if lost == _OVF_SATURATED:
+            lost = -1  # 31 or more: the count saturated, the caller estimates
+        n = (ptrs[0] - ptrs[2]) & (_FIFO_DEPTH - 1)
+        if n == 0 and lost:
+            n = _FIFO_DEPTH  # full: write pointer has caught up with read pointer
+        if n > room:
+            n = room
+        self.lost = lost
+        if n == 0:
+            return 0
+        self._i2c.readfrom_mem_into(self._addr, _REG_FIFO_DATA, self._views[n])
+        buf = self._burst
+        red = chans[0]
+        ir = chans[1]
+        sat = False
+        b = 0
+        for i in range(pos, pos + n):
+            r = ((buf[b] << 16) | (buf[b + 1] << 8) | buf[b + 2]) & _SAMPLE_MASK
+            x = ((buf[b + 3] << 16) | (buf[b + 4] << 8) | buf[b + 5]) & _SAMPLE_MASK
+            if r == _FULL_SCALE or x == _FULL_SCALE:
+                sat = True
+            red[i] = r
+            ir[i] = x
+            b += _BYTES_PER_SAMPLE
+        self.saturated = sat
+        return n

@@ -1,0 +1,8 @@
+# ESP32 entry point: stream until Ctrl-C (or a stop command), then the REPL.
+from app import main
+from board_esp32 import Esp32Board
+
+try:
+    main.run(Esp32Board())
+except KeyboardInterrupt:
+    print("\r\npulsebridge: streaming stopped (Ctrl-C)")

@@ -1,0 +1,108 @@
+# The simulated board: what board_esp32 builds from machine.*, built here
+# from the chip models. It reads sim.json in its working directory (its
+# flash), written by `pulsebridge sim`:
+#   {"ecg": {"file": "ecg.i32", "rate_hz": 360}, "ppg": {"file": "ppg.i32", "rate_hz": 250},
+#    "ppm": {"max30003": 20, "max30102": -30}, "lead_off": [[start_s, end_s]],
+#    "finger_off": [...], "virtual_clock": false, "seed": 1}
+import gc
+import json
+import sys
+
+from drivers.ad8232 import AD8232
+from drivers.max30003 import MAX30003
+from drivers.max30102 import MAX30102
+from protocols import messages
+from sim import models
+from sim.clock import RealClock, VirtualClock
+from sim.waveform import Waveform
+
+
+class SimBoard:
+    name = "sim"
+
+    def __init__(self, sim, clock=None):
+        self.sim = sim
+        self.clock = clock or (VirtualClock() if sim.get("virtual_clock") else RealClock())
+        self._timers = []
+        self.models = {}
+        self.radio = None
+        self.link_override = None  # a fake link object for in-process runs
+
+    @classmethod
+    def from_file(cls, path="sim.json"):
+        with open(path) as f:
+            return cls(json.load(f))
+
+    def ticks_ms(self):
+        return self.clock.now_us() // 1000
+
+    def ticks_us(self):
+        return self.clock.now_us()
+
+    def ticks_diff(self, a, b):
+        return a - b
+
+    def sleep_ms(self, ms):
+        self.clock.sleep_ms(ms)
+
+    def service(self):
+        for t in self._timers:
+            t.fire_due()
+        if self.radio is not None:
+            self.radio.service()
+
+    def console(self, text):
+        print(text)
+
+    def _wave(self, name, channels):
+        w = self.sim[name]
+        return Waveform(w["file"], w["rate_hz"], channels, w.get("offset", 0))
+
+    def sensors(self, cfg):
+        out = []
+        ppm = self.sim.get("ppm", {})
+        seed = self.sim.get("seed", 1)
+        lead_off = [tuple(x) for x in self.sim.get("lead_off", ())]
+        ecg = cfg.get("ecg")
+        if ecg and ecg["chip"] == "max30003":
+            model = models.MAX30003Model(self.clock, self._wave("ecg", 1), ppm.get("max30003", 0), seed, lead_off)
+            cs = models.SimPin(1)
+            self.models["max30003"] = model
+            chip = MAX30003(models.SimSPI([(cs, model)]), cs)
+            chip.configure(ecg["rate_hz"], ecg["gain"])
+            out.append((messages.STREAM_ECG_MAX30003, chip, chip.lead_off))
+        elif ecg and ecg["chip"] == "ad8232":
+            model = models.AD8232Model(self.clock, self._wave("ecg", 1), seed, lead_off)
+            self.models["ad8232"] = model
+            timer = models.SimTimer(self.clock)
+            self._timers.append(timer)
+            chip = AD8232(model, models.LeadPin(model), models.LeadPin(model), timer, ecg["rate_hz"],
+                          self.ticks_us, self.ticks_diff)
+            out.append((messages.STREAM_ECG_AD8232, chip, chip.lead_off))
+        elif ecg:
+            raise ValueError("unknown ECG chip %r" % ecg["chip"])
+        ppg = cfg.get("ppg")
+        if ppg:
+            finger_off = [tuple(x) for x in self.sim.get("finger_off", ())]
+            model = models.MAX30102Model(self.clock, self._wave("ppg", 2), ppm.get("max30102", 0), seed,
+                                         finger_off)
+            self.models["max30102"] = model
+            chip = MAX30102(models.SimI2C([model]), self.sleep_ms)
+            chip.configure(ppg["rate_hz"], ppg["pulse_width_us"], ppg["adc_range_na"], ppg["led_red_ua"],
+                           ppg["led_ir_ua"])
+            out.append((messages.STREAM_PPG_MAX30102, chip, None))
+        return out
+
+    def link(self, cfg, max_message):
+        if self.link_override is not None:
+            return self.link_override
+        if cfg["link"] == "ble":
+            from app.link_ble import BleLink
+            from sim import fake_bluetooth
+            self.radio = fake_bluetooth.radio_from(self.sim.get("ble", {}), self.clock)
+            return BleLink(fake_bluetooth, cfg["device_id"], max_message)
+        from app.link_serial import SerialLink
+        return SerialLink(sys.stdin.buffer, sys.stdout.buffer, max_message)
+
+    def free_heap(self):
+        return gc.mem_free()

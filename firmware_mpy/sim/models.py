@@ -1,0 +1,420 @@
+# Register-level models of the three sensor chips, each behind the bus a
+# real one sits on, so the unmodified drivers run against them. Each chip
+# converts on its own clock (the host clock scaled by a ppm error), fills
+# its FIFO as the real one does and plays a real recording.
+from micropython import const
+
+_NOISE_A = const(1103515245)
+_NOISE_C = const(12345)
+
+
+class _Noise:
+    # A small deterministic noise source (LCG), in integers.
+    def __init__(self, seed, amplitude):
+        self.state = seed & 0x7FFFFFFF
+        self.amplitude = amplitude
+
+    def next(self):
+        self.state = (self.state * _NOISE_A + _NOISE_C) & 0x7FFFFFFF
+        a = self.amplitude
+        if not a:
+            return 0
+        return (self.state >> 8) % (2 * a + 1) - a
+
+
+class _ChipClock:
+    # Samples a chip has converted since start: its oscillator runs ppm fast
+    # or slow against the host, as crystals do.
+    def __init__(self, clock, ppm):
+        self.clock = clock
+        self.ppm = ppm
+        self.t0_us = 0
+        self.done = 0
+
+    def restart(self):
+        self.t0_us = self.clock.now_us()
+        self.done = 0
+
+    def due(self, rate_hz):
+        elapsed = self.clock.now_us() - self.t0_us
+        return elapsed * rate_hz * (1000000 + self.ppm) // 1000000000000
+
+
+def _lead_off(schedule, t_s):
+    for start, end in schedule:
+        if start <= t_s < end:
+            return True
+    return False
+
+
+# ---- MAX30102 (I2C) --------------------------------------------------------
+
+_P_FIFO_WR = const(0x04)
+_P_OVF = const(0x05)
+_P_FIFO_RD = const(0x06)
+_P_FIFO_DATA = const(0x07)
+_P_FIFO_CONFIG = const(0x08)
+_P_MODE = const(0x09)
+_P_SPO2 = const(0x0A)
+_P_LED1 = const(0x0C)
+_P_LED2 = const(0x0D)
+_P_RATES = (50, 100, 200, 400, 800, 1000, 1600, 3200)
+_P_RANGES = (2048, 4096, 8192, 16384)
+
+
+class MAX30102Model:
+    # ppg: Waveform of 2 channels, red and IR photodiode transfer in
+    # pA of photocurrent per mA of LED drive.
+    ADDRESS = 0x57
+
+    def __init__(self, clock, ppg, ppm=0, seed=1, finger_off=()):
+        self.regs = bytearray(256)
+        self.fifo_red = [0] * 32
+        self.fifo_ir = [0] * 32
+        self._clock = _ChipClock(clock, ppm)
+        self._ppg = ppg
+        self._noise = _Noise(seed, 2)
+        self._finger_off = finger_off
+        self.index = 0  # samples converted since start (for tests)
+        self.lost = 0
+        self._unread_full = False  # WR == RD means full, not empty
+        self._reset()
+
+    def _reset(self):
+        for i in range(256):
+            self.regs[i] = 0
+        self.regs[0xFE] = 0x03
+        self.regs[0xFF] = 0x15
+        self.regs[_P_SPO2] = 0
+
+    def _sampling(self):
+        return self.regs[_P_MODE] & 0x87 == 0x03
+
+    def _advance(self):
+        if not self._sampling():
+            return
+        spo2 = self.regs[_P_SPO2]
+        rate = _P_RATES[(spo2 >> 2) & 7]
+        due = self._clock.due(rate)
+        while self._clock.done < due:
+            self._convert(rate, spo2)
+            self._clock.done += 1
+
+    def _code(self, transfer_pa_per_ma, led_reg, range_na, pw_bits):
+        # Photocurrent (pA) = transfer * LED current (mA); code = I / range * 2^18.
+        current_pa = transfer_pa_per_ma * led_reg // 5  # LED: 0.2 mA per step
+        code = current_pa * 262144 // (range_na * 1000) + self._noise.next()
+        if code < 0:
+            code = 0
+        if code > 0x3FFFF:
+            code = 0x3FFFF
+        shift = 3 - pw_bits  # 69 us pulses give 15 bits, left-justified
+        return (code >> shift) << shift
+
+    def _convert(self, rate, spo2):
+        k = self.index
+        self.index += 1
+        rng = _P_RANGES[(spo2 >> 5) & 3]
+        pw = spo2 & 3
+        if _lead_off(self._finger_off, k // rate):
+            red = ir = 0
+        else:
+            red = self._code(self._ppg.at(k, rate, 0), self.regs[_P_LED1], rng, pw)
+            ir = self._code(self._ppg.at(k, rate, 1), self.regs[_P_LED2], rng, pw)
+        wr = self.regs[_P_FIFO_WR]
+        rd = self.regs[_P_FIFO_RD]
+        full = ((wr - rd) & 31) == 0 and self._unread_full
+        if full:
+            self.lost += 1
+            if self.regs[_P_OVF] < 0x1F:
+                self.regs[_P_OVF] += 1
+            if not self.regs[_P_FIFO_CONFIG] & 0x10:
+                return  # no rollover: FIFO keeps old data, new sample lost
+            self.regs[_P_FIFO_RD] = (rd + 1) & 31  # rollover: oldest overwritten
+        self.fifo_red[wr] = red
+        self.fifo_ir[wr] = ir
+        self.regs[_P_FIFO_WR] = (wr + 1) & 31
+        self._unread_full = ((self.regs[_P_FIFO_WR] - self.regs[_P_FIFO_RD]) & 31) == 0
+
+    def write(self, reg, data):
+        for b in data:
+            if reg == _P_MODE and b & 0x40:
+                self._reset()
+                self._unread_full = False
+            else:
+                self.regs[reg] = b
+                if reg == _P_MODE and self._sampling():
+                    self._clock.restart()
+                    self.index = 0
+                if reg in (_P_FIFO_WR, _P_FIFO_RD):
+                    self._unread_full = False
+            if reg != _P_FIFO_DATA:
+                reg = (reg + 1) & 0xFF
+
+    def read_into(self, reg, buf):
+        self._advance()
+        if reg == _P_FIFO_DATA:
+            i = 0
+            while i + 6 <= len(buf):
+                rd = self.regs[_P_FIFO_RD]
+                red = self.fifo_red[rd]
+                ir = self.fifo_ir[rd]
+                buf[i] = red >> 16
+                buf[i + 1] = (red >> 8) & 0xFF
+                buf[i + 2] = red & 0xFF
+                buf[i + 3] = ir >> 16
+                buf[i + 4] = (ir >> 8) & 0xFF
+                buf[i + 5] = ir & 0xFF
+                if ((self.regs[_P_FIFO_WR] - rd) & 31) or self._unread_full:
+                    self.regs[_P_FIFO_RD] = (rd + 1) & 31  # a sample popped
+                    self.regs[_P_OVF] = 0
+                    self._unread_full = False
+                i += 6
+            return
+        for i in range(len(buf)):
+            buf[i] = self.regs[(reg + i) & 0xFF]
+
+
+class SimI2C:
+    # machine.I2C's memory-access methods, routed to device models.
+    def __init__(self, devices):
+        self._devices = devices
+
+    def _dev(self, addr):
+        for d in self._devices:
+            if d.ADDRESS == addr:
+                return d
+        raise OSError(19)  # ENODEV: nothing acknowledged the address
+
+    def readfrom_mem_into(self, addr, memaddr, buf):
+        self._dev(addr).read_into(memaddr, buf)
+
+    def writeto_mem(self, addr, memaddr, buf):
+        self._dev(addr).write(memaddr, buf)
+
+    def scan(self):
+        return [d.ADDRESS for d in self._devices]
+
+
+# ---- MAX30003 (SPI) --------------------------------------------------------
+
+_E_STATUS = const(0x01)
+_E_SW_RST = const(0x08)
+_E_SYNCH = const(0x09)
+_E_FIFO_RST = const(0x0A)
+_E_INFO = const(0x0F)
+_E_CNFG_GEN = const(0x10)
+_E_CNFG_ECG = const(0x15)
+_E_FIFO_BURST = const(0x20)
+_E_FIFO = const(0x21)
+_E_RATES = (512, 256, 128, 512)
+_E_GAINS = (20, 40, 80, 160)
+_ETAG_EMPTY_WORD = const(6 << 3)
+_ETAG_OVF_WORD = const(7 << 3)
+
+
+class MAX30003Model:
+    # ecg: Waveform of 1 channel in nV at the electrodes.
+    def __init__(self, clock, ecg, ppm=0, seed=2, lead_off=()):
+        self.regs = [0] * 128
+        self.fifo = [0] * 32
+        self.count = 0
+        self.head = 0
+        self.overflow = False
+        self._clock = _ChipClock(clock, ppm)
+        self._ecg = ecg
+        self._noise = _Noise(seed, 1)
+        self._lead_off = lead_off
+        self.index = 0
+        self.lost = 0
+        self._reset()
+
+    def _reset(self):
+        for i in range(128):
+            self.regs[i] = 0
+        self.regs[_E_INFO] = 0x51D000
+        self.count = 0
+        self.head = 0
+        self.overflow = False
+
+    def _rate(self):
+        return _E_RATES[(self.regs[_E_CNFG_ECG] >> 22) & 3]
+
+    def _advance(self):
+        if not self.regs[_E_CNFG_GEN] & (1 << 19):
+            return
+        rate = self._rate()
+        due = self._clock.due(rate)
+        gain = _E_GAINS[(self.regs[_E_CNFG_ECG] >> 16) & 3]
+        while self._clock.done < due:
+            self._clock.done += 1
+            k = self.index
+            self.index += 1
+            if _lead_off(self._lead_off, k // rate):
+                code = 0x1FFFF  # inputs float to a rail
+            else:
+                nv = self._ecg.at(k, rate)
+                code = nv * 131072 * gain // 1000000000 + self._noise.next()
+                if code > 0x1FFFF:
+                    code = 0x1FFFF
+                if code < -0x1FFFF:
+                    code = -0x1FFFF
+            if self.count == 32:
+                self.overflow = True
+                self.lost += 1
+                continue
+            self.fifo[(self.head + self.count) & 31] = code
+            self.count += 1
+
+    def _status(self):
+        s = 0
+        if self.count >= 16:
+            s |= 1 << 23
+        if self.overflow:
+            s |= 1 << 22
+        rate = self._rate()
+        if self.regs[_E_CNFG_GEN] & (3 << 12) and _lead_off(self._lead_off, self.index // rate):
+            s |= (1 << 20) | 0x3
+        return s
+
+    def _pop_word(self):
+        if self.overflow:
+            return _ETAG_OVF_WORD
+        if not self.count:
+            return _ETAG_EMPTY_WORD
+        code = self.fifo[self.head]
+        self.head = (self.head + 1) & 31
+        self.count -= 1
+        etag = 2 if self.count == 0 else 0  # valid, or valid end of FIFO
+        return ((code & 0x3FFFF) << 6) | (etag << 3)
+
+    def transfer(self, tx, rx):
+        self._advance()
+        reg = tx[0] >> 1
+        read = tx[0] & 1
+        n = len(tx)
+        if not read:
+            value = (tx[1] << 16) | (tx[2] << 8) | tx[3]
+            if reg == _E_SW_RST:
+                self._reset()
+            elif reg == _E_SYNCH:
+                self._clock.restart()
+                self.index = 0
+                self.count = 0
+                self.overflow = False
+            elif reg == _E_FIFO_RST:
+                self.count = 0
+                self.overflow = False
+            elif reg != _E_INFO and reg < 128:
+                self.regs[reg] = value
+            for i in range(n):
+                rx[i] = 0
+            return
+        rx[0] = 0
+        if reg == _E_FIFO_BURST or reg == _E_FIFO:
+            i = 1
+            while i + 3 <= n:
+                w = self._pop_word()
+                rx[i] = w >> 16
+                rx[i + 1] = (w >> 8) & 0xFF
+                rx[i + 2] = w & 0xFF
+                i += 3
+                if reg == _E_FIFO:
+                    break
+            return
+        value = self._status() if reg == _E_STATUS else self.regs[reg & 0x7F]
+        rx[1] = value >> 16
+        rx[2] = (value >> 8) & 0xFF
+        rx[3] = value & 0xFF
+
+
+class SimPin:
+    def __init__(self, value=0):
+        self._value = value
+
+    def value(self, v=None):
+        if v is None:
+            return self._value
+        self._value = 1 if v else 0
+        return None
+
+    def __call__(self, v=None):
+        return self.value(v)
+
+
+class SimSPI:
+    # machine.SPI's write_readinto, routed to the device whose CS is low.
+    def __init__(self, devices):
+        self._devices = devices  # list of (cs SimPin, model)
+
+    def write_readinto(self, tx, rx):
+        for cs, dev in self._devices:
+            if not cs.value():
+                dev.transfer(tx, rx)
+                return
+        for i in range(len(rx)):
+            rx[i] = 0xFF  # nobody selected: MISO pulled up
+
+
+# ---- AD8232 (analog) -------------------------------------------------------
+
+class AD8232Model:
+    # The AD8232 output seen through a 12-bit ESP32 ADC as read_u16(), and
+    # its LO+/LO- pins. ecg: Waveform in nV at the electrodes.
+    def __init__(self, clock, ecg, seed=3, lead_off=()):
+        self._clock = clock
+        self._ecg = ecg
+        self._noise = _Noise(seed, 16)
+        self._lead_off = lead_off
+
+    def _t_us(self):
+        return self._clock.now_us()
+
+    def read_u16(self):
+        t = self._t_us()
+        if self.leads_off():
+            return 65535
+        # 100 V/V around mid-rail; 12-bit converter, so steps of 16 in read_u16.
+        nv = self._ecg.at(t, 1000000)
+        code = 32768 + nv * 100 * 65536 // 3300000000 + self._noise.next()
+        code &= ~15
+        return 0 if code < 0 else (65535 if code > 65535 else code)
+
+    def leads_off(self):
+        return _lead_off(self._lead_off, self._t_us() // 1000000)
+
+
+class LeadPin:
+    def __init__(self, model):
+        self._model = model
+
+    def value(self):
+        return 1 if self._model.leads_off() else 0
+
+
+class SimTimer:
+    # machine.Timer(freq=, callback=). The unix port has no timer interrupt:
+    # the board loop calls fire_due(), which runs the callback once for every
+    # period that has elapsed, late by up to one loop (the measured jitter).
+    def __init__(self, clock):
+        self._clock = clock
+        self._cb = None
+        self._period_us = 0
+        self._next_us = 0
+
+    def init(self, freq, callback, mode=None):
+        self._period_us = 1000000 // freq
+        self._cb = callback
+        self._next_us = self._clock.now_us() + self._period_us
+
+    def deinit(self):
+        self._cb = None
+
+    def fire_due(self):
+        cb = self._cb
+        if cb is None:
+            return
+        now = self._clock.now_us()
+        while self._next_us <= now:
+            self._next_us += self._period_us
+            cb(self)

@@ -1,0 +1,11 @@
+# Entry point of a simulated board under the MicroPython unix port: the same
+# app as main.py on an ESP32, on the simulated board. `pulsebridge sim` runs
+# it as `micropython -i sim/run_board.py` in the board's directory (its flash), so
+# Ctrl-C or a stop command leaves a live REPL, as on a real board.
+from app import main
+from sim.board_sim import SimBoard
+
+try:
+    main.run(SimBoard.from_file("sim.json"))
+except KeyboardInterrupt:
+    print("\r\npulsebridge: streaming stopped (Ctrl-C)")

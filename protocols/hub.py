@@ -1,0 +1,118 @@
+# The hub's side of the protocol, sans I/O: opens what boards send (parse,
+# key lookup, MAC, payload, replay window) and seals what the hub sends back
+# (acks, time requests, commands). The caller owns every byte of I/O and
+# decides when a message is durably stored; only then does it commit() the
+# message to the replay window and ack() it.
+
+from protocols import cose, messages, replay
+from protocols.errors import AuthenticationError, ProtocolError, RemoteProtocolError
+
+# Verdicts of receive().
+ACCEPTED = "accepted"  # authentic and new: store it, then commit and ack
+DUPLICATE = "duplicate"  # authentic, seen before: ack again, store nothing
+REJECTED = "rejected"  # not to be stored nor forwarded; reason says why
+
+
+class Received:
+    def __init__(self, verdict: str, device_id: "str | None", message: "messages.Message | None", raw: bytes,
+                 reason: str = "") -> None:
+        self.verdict = verdict
+        self.device_id = device_id
+        self.message = message
+        self.raw = raw
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return "Received(%s, %s, %r%s)" % (self.verdict, self.device_id, self.message,
+                                           ", " + self.reason if self.reason else "")
+
+
+class _Device:
+    def __init__(self, device_id: str, key: bytes) -> None:
+        kid = device_id.encode()
+        self.up = cose.MacKey(key, kid, cose.AAD_UPLINK)
+        self.down = cose.MacKey(key, kid, cose.AAD_DOWNLINK)
+        self.window = replay.ReplayWindow()
+
+
+class Hub:
+    def __init__(self) -> None:
+        self._devices: "dict[bytes, _Device]" = {}
+        self.rejects: "dict[str, int]" = {}
+        self._nonce = 0
+
+    def add_device(self, device_id: str, key: bytes) -> None:
+        self._devices[device_id.encode()] = _Device(device_id, key)
+
+    def remove_device(self, device_id: str) -> None:
+        self._devices.pop(device_id.encode(), None)
+
+    def window(self, device_id: str) -> replay.ReplayWindow:
+        return self._devices[device_id.encode()].window
+
+    def _reject(self, raw: bytes, reason: str, device_id: "str | None" = None) -> Received:
+        self.rejects[reason] = self.rejects.get(reason, 0) + 1
+        return Received(REJECTED, device_id, None, raw, reason)
+
+    def receive(self, raw: bytes, commit: bool = True) -> Received:
+        # commit=False leaves the replay window alone: the caller commits
+        # after storing (see commit()).
+        try:
+            msg = cose.parse(raw)
+        except RemoteProtocolError as e:
+            return self._reject(raw, "malformed:" + e.reason)
+        dev = self._devices.get(msg.kid)
+        device_id = str(msg.kid, "ascii", "replace")
+        if dev is None:
+            return self._reject(raw, "unknown_device", device_id)
+        try:
+            dev.up.verify(msg)
+        except AuthenticationError:
+            return self._reject(raw, "bad_mac", device_id)
+        try:
+            m = messages.decode_payload(msg.payload, messages.UPLINK_TYPES)
+        except RemoteProtocolError as e:
+            return self._reject(raw, "malformed:" + e.reason, device_id)
+        epoch, seq = m.epoch, m.seq  # type: ignore[attr-defined]
+        verdict = dev.window.check(epoch, seq)
+        if verdict == replay.DUPLICATE:
+            return Received(DUPLICATE, device_id, m, raw)
+        if verdict != replay.FRESH:
+            return self._reject(raw, "replay:" + verdict, device_id)
+        if commit:
+            dev.window.commit(epoch, seq)
+        return Received(ACCEPTED, device_id, m, raw)
+
+    def commit(self, device_id: str, epoch: int, seq: int) -> None:
+        self._devices[device_id.encode()].window.commit(epoch, seq)
+
+    def _seal(self, device_id: str, msg: messages.Message) -> bytes:
+        dev = self._devices.get(device_id.encode())
+        if dev is None:
+            raise ProtocolError("unknown device %s" % device_id, "unknown_device", device_id=device_id)
+        return dev.down.seal(messages.encoded(msg, 512))
+
+    def ack(self, device_id: str, epoch: int, seqs: "list[int]") -> "list[bytes]":
+        # Sealed acks covering seqs, as few as the range limit allows.
+        out = []
+        ranges = seq_ranges(seqs)
+        for i in range(0, len(ranges), messages.MAX_ACK_RANGES):
+            out.append(self._seal(device_id, messages.Ack(epoch, ranges[i:i + messages.MAX_ACK_RANGES])))
+        return out
+
+    def time_request(self, device_id: str, utc_ms: int) -> "tuple[int, bytes]":
+        self._nonce += 1
+        return self._nonce, self._seal(device_id, messages.TimeRequest(self._nonce, utc_ms))
+
+    def command(self, device_id: str, epoch: int, nonce: int, name: str) -> bytes:
+        return self._seal(device_id, messages.Command(epoch, nonce, name))
+
+
+def seq_ranges(seqs: "list[int]") -> "list[tuple[int, int]]":
+    out: "list[tuple[int, int]]" = []
+    for s in sorted(set(seqs)):
+        if out and out[-1][1] + 1 == s:
+            out[-1] = (out[-1][0], s)
+        else:
+            out.append((s, s))
+    return out

@@ -1,0 +1,218 @@
+# Firmware tests run under the MicroPython unix port (tests/firmware/
+# test_firmware_on_micropython.py prepares the board directory they run in).
+# The unmodified drivers and app run against the register-level chip models
+# on a virtual clock; the hub end is protocols.hub over a loopback link.
+import gc
+import json
+
+import micropython
+
+from app import config, main
+from app.sampler import Stream
+from drivers.max30003 import MAX30003
+from drivers.max30102 import MAX30102, SensorError
+from protocols import cose, hub, messages
+from sim import models
+from sim.board_sim import SimBoard
+from sim.clock import VirtualClock
+from sim.loopback import LoopbackLink
+from sim.waveform import Waveform
+
+
+def _sim():
+    with open("sim.json") as f:
+        return json.load(f)
+
+
+def _cfg():
+    with open(config.CONFIG) as f:
+        return json.load(f)
+
+
+def _key():
+    with open(config.KEY, "rb") as f:
+        return f.read()
+
+
+def _board():
+    sim = _sim()
+    sim["virtual_clock"] = True
+    b = SimBoard(sim, VirtualClock())
+    cfg = _cfg()
+    link = LoopbackLink(cfg["device_id"], _key())
+    b.link_override = link
+    return b, link
+
+
+def _ppg_chip(clock, ppm=0):
+    sim = _sim()
+    w = Waveform(sim["ppg"]["file"], sim["ppg"]["rate_hz"], 2)
+    model = models.MAX30102Model(clock, w, ppm)
+    return MAX30102(models.SimI2C([model]), clock.sleep_ms), model
+
+
+def _ecg_chip(clock, ppm=0):
+    sim = _sim()
+    w = Waveform(sim["ecg"]["file"], sim["ecg"]["rate_hz"], 1)
+    model = models.MAX30003Model(clock, w, ppm)
+    cs = models.SimPin(1)
+    return MAX30003(models.SimSPI([(cs, model)]), cs), model
+
+
+def test_max30102_identity_and_limits():
+    clock = VirtualClock()
+    chip, model = _ppg_chip(clock)
+    assert chip.part_id() == 0x15
+    for bad in ((800, 411), (1000, 215), (3200, 69), (123, 69)):
+        try:
+            chip.configure(rate_hz=bad[0], pulse_width_us=bad[1])
+        except SensorError as e:
+            assert "MAX30102" in str(e)
+        else:
+            raise AssertionError("accepted %r" % (bad,))
+    chip.configure(rate_hz=400, pulse_width_us=411)
+    assert model.regs[0x0A] & 0x1F == (3 << 2) | 3  # 400 Hz, 411 us
+
+
+def test_max30102_fifo_burst_and_overflow_count():
+    clock = VirtualClock()
+    chip, model = _ppg_chip(clock)
+    chip.configure(rate_hz=100)
+    chip.start()
+    red = [0] * 64
+    ir = [0] * 64
+    clock.sleep_ms(200)  # 20 samples at 100 Hz
+    n = chip.read_into((red, ir), 0, 64)
+    assert (n, chip.lost) == (20, 0), (n, chip.lost)
+    assert 50000 < ir[0] < 262143 and 20000 < red[0] < ir[0]  # IR brighter than red, not saturated
+    clock.sleep_ms(450)  # 45 samples into a 32-deep FIFO: 13 lost
+    n = chip.read_into((red, ir), 0, 64)
+    assert (n, chip.lost) == (32, 13), (n, chip.lost)
+    assert model.lost == 13
+
+
+def test_max30003_identity_burst_and_overflow():
+    clock = VirtualClock()
+    chip, model = _ecg_chip(clock)
+    assert chip.info() & 0xF00000 == 0x500000
+    chip.configure(rate_hz=512, gain=20)
+    chip.start()
+    out = [0] * 64
+    clock.sleep_ms(25)  # 12.8 samples -> 12
+    n = chip.read_into((out,), 0, 64)
+    assert (n, chip.lost) == (12, 0), (n, chip.lost)
+    n = chip.read_into((out,), 0, 64)
+    assert (n, chip.lost) == (0, 0)  # empty FIFO: ETAG empty stops the burst
+    clock.sleep_ms(100)  # 51 samples into 32 words: overflow
+    chip.read_into((out,), 0, 64)
+    assert chip.lost == -1 and model.lost > 0 and not model.overflow  # FIFO reset after overflow
+    assert chip.scale() == (1000000, 131072 * 20)
+
+
+def test_stream_reports_fifo_loss_and_keeps_sample_clock():
+    clock = VirtualClock()
+    chip, model = _ppg_chip(clock)
+    chip.configure(rate_hz=100)
+    chip.start()
+    st = Stream(chip, messages.STREAM_PPG_MAX30102, 100, 0)
+    clock.sleep_ms(300)
+    assert st.poll(clock.now_us() // 1000) == 0 and st.n == 30
+    clock.sleep_ms(500)  # 50 more into a 32-deep FIFO: 18 lost after the first 30
+    assert st.poll(clock.now_us() // 1000) == 30  # frame cut before the gap
+    st.advance(30)
+    assert st.first_index == 48 and st.pending_lost == 18 and st.n == 32
+    assert st.t0_ms() == 480  # the first sample after the gap, on the sensor clock
+
+
+def test_per_sample_path_does_not_allocate():
+    clock = VirtualClock()
+    ecg, _ = _ecg_chip(clock)
+    ecg.configure()
+    ecg.start()
+    ppg, _ = _ppg_chip(clock)
+    ppg.configure()
+    ppg.start()
+    streams = (Stream(ecg, messages.STREAM_ECG_MAX30003, 512, 0), Stream(ppg, messages.STREAM_PPG_MAX30102, 100, 0))
+    gc.collect()
+    polls = 0
+    micropython.heap_lock()
+    try:
+        for _ in range(150):  # 1.5 s in 10 ms steps, stopping at each full window
+            clock.sleep_ms(10)
+            for st in streams:
+                if st.poll(clock.now_us() // 1000):
+                    raise StopIteration
+                polls += 1
+    except StopIteration:
+        pass
+    finally:
+        micropython.heap_unlock()
+    assert polls > 100 and streams[0].n > 400, (polls, streams[0].n)
+
+
+def test_app_streams_everything_and_the_hub_acks_it():
+    board, link = _board()
+    app = main.run(board, until_ms=20000)
+    accepted = [r for r in link.received if r.verdict == hub.ACCEPTED]
+    assert not [r for r in link.received if r.verdict != hub.ACCEPTED]
+    frames = [r.message for r in accepted if r.message.kind == messages.T_SAMPLES]
+    by_stream = {}
+    for f in frames:
+        by_stream.setdefault(f.stream, []).append(f)
+    ecg = by_stream[messages.STREAM_ECG_MAX30003]
+    ppg = by_stream[messages.STREAM_PPG_MAX30102]
+    for fs, rate in ((ecg, 512), (ppg, 100)):
+        nxt = 0
+        for f in fs:
+            assert f.first_index == nxt, (f.stream, f.first_index, nxt)  # no gap, no overlap
+            assert f.status[1] == 0 and f.status[2] == 0
+            assert f.t0_ms - fs[0].t0_ms == f.first_index * 1000 // rate
+            nxt += f.count
+        assert nxt >= rate * 19, (nxt, rate)
+    assert app.outbox.depth() <= 2  # everything acked but what is in flight
+    assert [r.message.kind for r in accepted][0] == messages.T_HELLO
+    # The sample values are the recording, through the chip's gain: R waves of
+    # MIT-BIH 100 (MLII) reach about 1 mV, some 2600 codes at 0.38 uV/LSB.
+    peak = max(max(f.channels[0]) for f in ecg)
+    assert 2000 < peak < 4000, peak
+
+
+def test_forged_and_replayed_downlink_frees_nothing():
+    board, link = _board()
+    link.ack_enabled = False
+    app = main.run(board, until_ms=3000)
+    depth = app.outbox.depth()
+    assert depth >= 4
+    epoch = app.epoch
+    seqs = [app.outbox.seqs[i] for i in range(len(app.outbox.state)) if app.outbox.state[i]]
+    forged = cose.MacKey(bytes(32), _cfg()["device_id"].encode(), cose.AAD_DOWNLINK)
+    app.on_downlink(forged.seal(messages.encoded(messages.Ack(epoch, [(0, 10000)]))))
+    # a board-to-hub message under the right key, offered as a downlink message
+    up = cose.MacKey(_key(), _cfg()["device_id"].encode(), cose.AAD_UPLINK)
+    app.on_downlink(up.seal(messages.encoded(messages.Ack(epoch, [(0, 10000)]))))
+    # a genuine ack for another boot
+    app.on_downlink(link.hub.ack(link.device_id, epoch - 1, seqs)[0])
+    assert app.outbox.depth() == depth and app.downlink_rejected == 2
+    app.on_downlink(link.hub.ack(link.device_id, epoch, seqs)[0])
+    assert app.outbox.depth() == 0
+    cmd = link.hub.command(link.device_id, epoch, 5, "status")
+    app.on_downlink(cmd)
+    app.on_downlink(cmd)  # replayed command
+    assert app.downlink_rejected == 3
+
+
+def test_full_outbox_drops_oldest_and_says_so():
+    board, link = _board()
+    link.ack_enabled = False
+    app = main.run(board, until_ms=12000)  # 2 frames/s, 16 slots, no acks: drops
+    frames = [r.message for r in link.received if r.message and r.message.kind == messages.T_SAMPLES]
+    assert app.outbox.dropped > 0, app.outbox.dropped
+    newest = max(frames, key=lambda f: f.seq)
+    assert newest.status[2] == app.outbox.dropped, newest.status  # the loss is in the newest frame's status
+    assert app.outbox.depth() == len(app.outbox.state), app.outbox.depth()
+
+
+def test_epoch_increments_every_boot():
+    e1 = config.next_epoch()
+    e2 = config.next_epoch()
+    assert e2 == e1 + 1
