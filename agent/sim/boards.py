@@ -32,14 +32,14 @@ class BoardSpec:
     finger_off: list[tuple[float, float]] = field(default_factory=list)
     virtual_clock: bool = False
     window_ms: int = 1000
-    outbox_slots: int = 16
+    outbox_bytes: int = 24576
     seed: int = 1
     provisioned: bool = True
     extra: dict[str, object] = field(default_factory=dict)
 
     def board_config(self) -> dict[str, object]:
         cfg: dict[str, object] = {"device_id": self.device_id, "link": self.link, "window_ms": self.window_ms,
-                                  "outbox_slots": self.outbox_slots}
+                                  "outbox_bytes": self.outbox_bytes}
         if self.ecg == "max30003":
             cfg["ecg"] = {"chip": "max30003", "rate_hz": 512, "gain": 20}
         elif self.ecg == "ad8232":

@@ -18,7 +18,8 @@ _MAX_CONFIG_BYTES = const(4096)
 DEFAULTS = {
     "link": "serial",
     "window_ms": 1000,
-    "outbox_slots": 16,
+    "outbox_bytes": 24576,  # about 20 s of ECG + PPG when the hub is out of reach
+    "outbox_frames": 48,
     "retransmit_ms": 3000,
     "status_every_ms": 10000,
     "poll_ms": 10,

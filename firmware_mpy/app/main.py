@@ -16,6 +16,10 @@ from protocols.errors import ProtocolError
 FIRMWARE = "pulsebridge-fw 0.1.0"
 _SMALL = const(160)  # buffer for hello/status/time messages
 _MAX_SENDS_PER_LOOP = const(4)
+# Our sensors give at most 18-bit samples: a delta-zigzag varint of one
+# takes at most 3 bytes. Headers and the COSE envelope take under 200.
+_WORST_BYTES_PER_SAMPLE = const(3)
+_FRAME_OVERHEAD = const(200)
 
 
 class App:
@@ -37,16 +41,15 @@ class App:
                 raise config.ConfigError("window_ms gives %d samples per frame, outside 1..%d"
                                          % (window, messages.MAX_SAMPLES))
             self.streams.append(Stream(sensor, stream_id, window, now, lead_off))
-        biggest = max(s.window for s in self.streams)
-        # Worst case per frame: 5 bytes a sample per channel plus headers.
-        self.payload = bytearray(biggest * 5 * 2 + 128)
+        self.worst = [s.window * len(s.chans) * _WORST_BYTES_PER_SAMPLE + _FRAME_OVERHEAD for s in self.streams]
+        biggest = max(self.worst)
+        self.payload = bytearray(biggest)
         self.payload_mv = memoryview(self.payload)
-        self.scratch = bytearray(biggest * 5 + 8)
-        slot_size = len(self.payload) + 96
-        self.outbox = Outbox(cfg["outbox_slots"], slot_size)
+        self.scratch = bytearray(max(s.window for s in self.streams) * _WORST_BYTES_PER_SAMPLE + 8)
+        self.outbox = Outbox(max(cfg["outbox_bytes"], 2 * biggest), cfg["outbox_frames"])
         self.small = bytearray(_SMALL)
         self.small_sealed = bytearray(_SMALL + 96)
-        self.link = board.link(cfg, slot_size)
+        self.link = board.link(cfg, biggest)
         self.frames_built = 0
         self.downlink_rejected = 0
         self.next_status_ms = now + cfg["status_every_ms"]
@@ -71,7 +74,7 @@ class App:
         self._send_small(messages.Status(self.epoch, self._seq(), self.board.ticks_ms(), self.outbox.depth(),
                                          self.outbox.dropped, gc.mem_free()))
 
-    def build_frame(self, st, count):
+    def build_frame(self, k, st, count):
         sensor = st.sensor
         flags = 0
         if st.lead_off():
@@ -84,14 +87,14 @@ class App:
         drive = sensor.drive() if st.stream_id == messages.STREAM_PPG_MAX30102 else None
         jitter = sensor.take_jitter_us() if st.stream_id == messages.STREAM_ECG_AD8232 else 0
         seq = self._seq()
-        slot = self.outbox.reserve()  # may drop the oldest frame: this one then says so
+        region = self.outbox.reserve(self.worst[k])  # may drop the oldest frames: this one then says so
         w = cbor.Writer(self.payload)
         messages.encode_sample_frame(w, self.scratch, self.epoch, seq, st.stream_id, st.t0_ms(), st.first_index,
                                      st.rate_hz, count, num, den, drive, flags, st.pending_lost,
                                      self.outbox.dropped, jitter, st.chans)
-        sw = cbor.Writer(self.outbox.bufs[slot])
+        sw = cbor.Writer(region)
         self.up.seal_into(sw, self.payload_mv[:w.pos])
-        self.outbox.commit(slot, seq, sw.pos)
+        self.outbox.commit(seq, sw.pos)
         st.advance(count)
         self.frames_built += 1
 
@@ -121,20 +124,21 @@ class App:
         board = self.board
         board.service()
         now = board.ticks_ms()
-        for st in self.streams:
+        for k in range(len(self.streams)):
+            st = self.streams[k]
             count = st.poll(now)
             if count:
-                self.build_frame(st, count)
+                self.build_frame(k, st, count)
         if self.link.service():
             self.outbox.resend_all()  # reconnected: resend what was in flight
             self.hello()
         if self.link.connected:
             ob = self.outbox
             for _ in range(_MAX_SENDS_PER_LOOP):
-                slot = ob.next_to_send(now, self.cfg["retransmit_ms"])
-                if slot < 0 or not self.link.send(ob.bufs[slot], ob.lens[slot]):
+                i = ob.next_to_send(now, self.cfg["retransmit_ms"])
+                if i < 0 or not self.link.send(ob.frame(i), ob.lens[i]):
                     break
-                ob.mark_sent(slot, now)
+                ob.mark_sent(i, now)
         while True:
             data = self.link.receive()
             if data is None:

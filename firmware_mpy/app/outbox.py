@@ -1,23 +1,31 @@
-# Frames sent but not yet acknowledged by the hub, in a fixed set of
-# preallocated slots. A frame leaves only when an authenticated ack covers
-# it; unacknowledged frames are sent again after retransmit_ms. When every
-# slot is taken the oldest frame is dropped, and `dropped` (carried in every
-# frame's status) tells the hub: loss is never silent.
+# Frames sent but not yet acknowledged by the hub: a byte ring (one
+# preallocated bytearray) holding sealed frames back to back, indexed by a
+# fixed table of records in seq order. A frame leaves only when an
+# authenticated ack covers it; unacknowledged frames are sent again after
+# retransmit_ms. When the ring is full the oldest frames are dropped, and
+# `dropped` (carried in every frame's status) tells the hub: loss is never
+# silent. Acked frames in the middle free their bytes once the older ones go.
 from micropython import const
 
-_FREE = const(0)
+_FREE = const(0)  # record unused, or acknowledged
 _UNSENT = const(1)
 _SENT = const(2)
 
 
 class Outbox:
-    def __init__(self, slots, slot_size):
-        self.bufs = [bytearray(slot_size) for _ in range(slots)]
-        self.lens = [0] * slots
-        self.seqs = [0] * slots
-        self.state = [_FREE] * slots
-        self.sent_ms = [0] * slots
+    def __init__(self, capacity_bytes, max_frames):
+        self.buf = bytearray(capacity_bytes)
+        self.mv = memoryview(self.buf)
+        self.off = [0] * max_frames
+        self.lens = [0] * max_frames
+        self.seqs = [0] * max_frames
+        self.state = [_FREE] * max_frames
+        self.sent_ms = [0] * max_frames
+        self.head = 0  # oldest record
+        self.count = 0  # records from head, acked ones included
         self.dropped = 0
+        self._reserved = -1
+        self._reserved_off = 0
 
     def depth(self):
         n = 0
@@ -26,40 +34,89 @@ class Outbox:
                 n += 1
         return n
 
-    def reserve(self):
-        # A free slot, or the oldest one, whose frame is then lost.
-        oldest = -1
-        for i in range(len(self.state)):
-            if self.state[i] == _FREE:
-                return i
-            if oldest < 0 or self.seqs[i] < self.seqs[oldest]:
-                oldest = i
-        self.state[oldest] = _FREE
-        self.dropped += 1
-        return oldest
+    def _tail(self):
+        if not self.count:
+            return 0
+        last = (self.head + self.count - 1) % len(self.off)
+        return self.off[last] + self.lens[last]
 
-    def commit(self, slot, seq, length):
-        self.seqs[slot] = seq
-        self.lens[slot] = length
-        self.state[slot] = _UNSENT
+    def _fits(self, start, need):
+        # Whether [start, start+need) misses the live bytes.
+        end = start + need
+        if end > len(self.buf):
+            return False
+        if not self.count:
+            return True
+        h = self.off[self.head]
+        t = self._tail()
+        if t > h:  # live: [h, t)
+            return start >= t or end <= h
+        return start >= t and end <= h  # wrapped, live: [h, end of ring) and [0, t)
+
+    def _drop_head(self):
+        i = self.head
+        if self.state[i] != _FREE:
+            self.dropped += 1
+            self.state[i] = _FREE
+        self.head = (i + 1) % len(self.off)
+        self.count -= 1
+
+    def _trim(self):
+        while self.count and self.state[self.head] == _FREE:
+            self.head = (self.head + 1) % len(self.off)
+            self.count -= 1
+
+    def reserve(self, need):
+        # Room for a frame of at most need bytes at the tail, dropping the
+        # oldest frames if there is none. Returns a memoryview to write in.
+        if need > len(self.buf):
+            raise ValueError("frame of %d bytes larger than the outbox" % need)
+        self._trim()
+        while True:
+            if self.count == len(self.off):
+                self._drop_head()
+                continue
+            t = self._tail()
+            if self._fits(t, need):
+                start = t
+                break
+            if self._fits(0, need):
+                start = 0
+                break
+            self._drop_head()
+        self._reserved = (self.head + self.count) % len(self.off)
+        self._reserved_off = start
+        return self.mv[start:start + need]
+
+    def commit(self, seq, length):
+        i = self._reserved
+        self.off[i] = self._reserved_off
+        self.lens[i] = length
+        self.seqs[i] = seq
+        self.state[i] = _UNSENT
+        self.count += 1
+        self._reserved = -1
+
+    def frame(self, i):
+        o = self.off[i]
+        return self.mv[o:o + self.lens[i]]
 
     def next_to_send(self, now_ms, retransmit_ms):
         # The oldest frame never sent, else the oldest whose ack is overdue.
-        best = -1
-        best_due = -1
-        for i in range(len(self.state)):
+        due = -1
+        n = len(self.off)
+        for k in range(self.count):
+            i = (self.head + k) % n
             st = self.state[i]
             if st == _UNSENT:
-                if best < 0 or self.seqs[i] < self.seqs[best]:
-                    best = i
-            elif st == _SENT and now_ms - self.sent_ms[i] >= retransmit_ms:
-                if best_due < 0 or self.seqs[i] < self.seqs[best_due]:
-                    best_due = i
-        return best if best >= 0 else best_due
+                return i
+            if st == _SENT and due < 0 and now_ms - self.sent_ms[i] >= retransmit_ms:
+                due = i
+        return due
 
-    def mark_sent(self, slot, now_ms):
-        self.state[slot] = _SENT
-        self.sent_ms[slot] = now_ms
+    def mark_sent(self, i, now_ms):
+        self.state[i] = _SENT
+        self.sent_ms[i] = now_ms
 
     def resend_all(self):
         # After a reconnect: whatever was in flight may be lost.
@@ -68,12 +125,13 @@ class Outbox:
                 self.state[i] = _UNSENT
 
     def ack(self, ack, epoch):
-        # Frees every slot an authenticated ack for this boot covers.
-        freed = 0
+        # Frees every frame an authenticated ack for this boot covers.
         if ack.epoch != epoch:
             return 0
+        freed = 0
         for i in range(len(self.state)):
             if self.state[i] != _FREE and ack.covers(epoch, self.seqs[i]):
                 self.state[i] = _FREE
                 freed += 1
+        self._trim()
         return freed
