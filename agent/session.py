@@ -1,0 +1,133 @@
+"""One board's conversation with the hub: verify each message, ack it, count.
+
+The session reads whole messages from a transport, has protocols.hub judge
+them (key, MAC, payload, replay window), acknowledges accepted and
+duplicate sample frames, and keeps per-board statistics: what arrived,
+what was refused and why, and whether each stream's samples are complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.transports.base import Transport, TransportClosed
+from protocols import hub, messages
+
+log = logging.getLogger(__name__)
+
+
+class IntervalSet:
+    """Sample indices received, as merged [start, end) intervals."""
+
+    def __init__(self) -> None:
+        self.spans: list[list[int]] = []
+
+    def add(self, start: int, end: int) -> None:
+        spans = self.spans
+        spans.append([start, end])
+        spans.sort()
+        merged: list[list[int]] = []
+        for s, e in spans:
+            if merged and s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        self.spans = merged
+
+    @property
+    def covered(self) -> int:
+        return sum(e - s for s, e in self.spans)
+
+    @property
+    def missing(self) -> int:
+        """Samples absent between the first and the last received."""
+        if not self.spans:
+            return 0
+        return self.spans[-1][1] - self.spans[0][0] - self.covered
+
+
+@dataclass
+class BoardStats:
+    device_id: str
+    link: str
+    connected: bool = False
+    messages: int = 0
+    frames: int = 0
+    duplicates: int = 0
+    acks_sent: int = 0
+    epoch: int | None = None
+    last_frame_at: float | None = None
+    rejects: Counter[str] = field(default_factory=Counter)
+    samples: dict[str, IntervalSet] = field(default_factory=dict)
+    fifo_lost: int = 0  # samples the board's sensors reported lost
+    board_dropped: int = 0  # frames the board reported dropping unacknowledged
+    firmware: str = ""
+
+    def samples_received(self) -> dict[str, int]:
+        return {name: s.covered for name, s in self.samples.items()}
+
+    def samples_missing(self) -> dict[str, int]:
+        return {name: s.missing for name, s in self.samples.items()}
+
+
+class BoardSession:
+    def __init__(self, transport: Transport, hub_: hub.Hub, stats: BoardStats,
+                 recorder: Callable[[bytes], None] | None = None) -> None:
+        self.transport = transport
+        self.hub = hub_
+        self.stats = stats
+        self.recorder = recorder
+
+    async def run(self) -> None:
+        await self.transport.open()
+        self.stats.connected = True
+        try:
+            while True:
+                raw = await self.transport.receive()
+                await self.handle(raw)
+        except TransportClosed:
+            log.info("%s: link closed", self.transport.name)
+        finally:
+            self.stats.connected = False
+            await self.transport.close()
+
+    async def handle(self, raw: bytes) -> None:
+        st = self.stats
+        st.messages += 1
+        if self.recorder is not None:
+            self.recorder(raw)
+        r = self.hub.receive(raw)
+        if r.verdict == hub.REJECTED:
+            st.rejects[r.reason] += 1
+            return
+        m = r.message
+        assert m is not None
+        if isinstance(m, messages.Hello):
+            st.firmware = m.firmware
+        if not isinstance(m, messages.SampleFrame):
+            return
+        if r.verdict == hub.DUPLICATE:
+            st.duplicates += 1
+        else:
+            self._count(m)
+        for ack in self.hub.ack(st.device_id, m.epoch, [m.seq]):
+            await self.transport.send(ack)
+            st.acks_sent += 1
+
+    def _count(self, f: messages.SampleFrame) -> None:
+        st = self.stats
+        if st.epoch != f.epoch:
+            if st.epoch is not None:
+                log.info("%s rebooted: epoch %s -> %d", st.device_id, st.epoch, f.epoch)
+            st.epoch = f.epoch
+            st.samples = {}
+        st.frames += 1
+        st.last_frame_at = time.time()
+        name = messages.STREAM_NAMES.get(f.stream, str(f.stream))
+        st.samples.setdefault(name, IntervalSet()).add(f.first_index, f.first_index + f.count)
+        st.fifo_lost += f.status[1]
+        st.board_dropped = max(st.board_dropped, f.status[2])

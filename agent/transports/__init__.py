@@ -1,0 +1,1 @@
+"""Links between the hub and its boards, all behind one interface (base.Transport)."""

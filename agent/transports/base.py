@@ -1,0 +1,44 @@
+"""The transport interface: what the rest of the agent knows of a link.
+
+A transport carries whole messages (COSE_Mac0 bytes): the link layer
+(serial framing, BLE fragments) is its own business. The rest of the agent
+never knows whether it holds a serial port, a BLE connection or an
+in-memory pair.
+"""
+
+from __future__ import annotations
+
+import abc
+
+
+class TransportError(Exception):
+    """Base of transport failures; `link` names the link (port, address)."""
+
+    def __init__(self, message: str, link: str) -> None:
+        super().__init__(message)
+        self.link = link
+
+
+class TransportClosed(TransportError):
+    """The link went away (unplugged, board reset, connection lost)."""
+
+
+class Transport(abc.ABC):
+    name: str  # e.g. "serial:/dev/ttyACM0"
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def receive(self) -> bytes:
+        """The next uplink message; raises TransportClosed when the link is gone."""
+
+    @abc.abstractmethod
+    async def send(self, message: bytes) -> None:
+        """Sends one downlink message (ack, time request, command)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # Counters of what the link layer threw away, by reason ("crc", "noise"...).
+    discarded: dict[str, int]

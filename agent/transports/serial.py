@@ -1,0 +1,133 @@
+"""Boards on USB serial, through pyserial, driven by the asyncio loop.
+
+The port is opened by pyserial (which sets the line up: raw, 8N1) and then
+read without blocking from the event loop. Uplink bytes go through the
+COBS deframer; what is not a frame (console text, line noise) is counted
+and the console text kept for the log. Downlink messages go out as text
+lines (protocols.link.downlink_line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import serial
+
+from agent.transports.base import Transport, TransportClosed, TransportError
+from protocols import link
+
+log = logging.getLogger(__name__)
+
+# Uplink messages waiting for the agent before we stop reading the port:
+# about 30 s of one board's frames; the board's outbox holds the rest.
+QUEUE_DEPTH = 64
+_READ_CHUNK = 4096
+# Console lines kept from a board, for the log and the status page.
+CONSOLE_LINES = 50
+
+
+class SerialTransport(Transport):
+    def __init__(self, port: str, baudrate: int = 115200) -> None:
+        self.port = port
+        self.baudrate = baudrate
+        self.name = "serial:" + port
+        self.discarded: dict[str, int] = {}
+        self.console: list[str] = []
+        self._ser: serial.Serial | None = None
+        self._deframer = link.StreamDeframer()
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_DEPTH)
+        self._paused = False
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def open(self) -> None:
+        try:
+            self._ser = serial.Serial(self.port, self.baudrate, timeout=0, write_timeout=2, exclusive=True)
+        except (serial.SerialException, OSError) as e:
+            raise TransportError("cannot open %s: %s" % (self.port, e), self.name) from e
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._ser.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        assert self._ser is not None
+        try:
+            data = os.read(self._ser.fileno(), _READ_CHUNK)
+        except OSError as e:
+            log.info("%s: read failed (%s): link closed", self.name, e)
+            data = b""
+        if not data:
+            self._stop_reading()
+            self._closed = True
+            if not self._queue.full():
+                self._queue.put_nowait(None)
+            return
+        self._deframer.feed(data)
+        self._drain()
+
+    def _drain(self) -> None:
+        # Deframed messages to the queue until it is full: then the port is
+        # left unread (the board's outbox holds what follows) until receive()
+        # has made room.
+        while True:
+            if self._queue.full():
+                if not self._paused:
+                    self._stop_reading()
+                    self._paused = True
+                return
+            ev = self._deframer.next_event()
+            if ev is None:
+                return
+            if isinstance(ev, link.Frame):
+                self._queue.put_nowait(ev.data)
+            else:
+                self.discarded[ev.reason] = self.discarded.get(ev.reason, 0) + 1
+                if ev.reason == "noise":
+                    self._keep_console(ev.sample)
+
+    def _keep_console(self, sample: bytes) -> None:
+        for line in sample.decode("ascii", "replace").splitlines():
+            if line.strip():
+                self.console.append(line.strip())
+        del self.console[:-CONSOLE_LINES]
+
+    def _stop_reading(self) -> None:
+        if self._loop is not None and self._ser is not None:
+            self._loop.remove_reader(self._ser.fileno())
+
+    async def receive(self) -> bytes:
+        if self._ser is None:
+            raise TransportClosed("not open", self.name)
+        if self._closed and self._queue.empty():
+            raise TransportClosed("%s closed" % self.port, self.name)
+        msg = await self._queue.get()
+        if self._paused and self._queue.qsize() < QUEUE_DEPTH // 2:
+            self._paused = False
+            assert self._loop is not None and self._ser is not None
+            self._loop.add_reader(self._ser.fileno(), self._on_readable)
+            self._drain()
+        if msg is None:
+            raise TransportClosed("%s closed" % self.port, self.name)
+        return msg
+
+    async def send(self, message: bytes) -> None:
+        if self._ser is None:
+            raise TransportClosed("not open", self.name)
+        line = link.downlink_line(message)
+        try:
+            await asyncio.to_thread(self._ser.write, line)
+        except (serial.SerialException, OSError) as e:
+            raise TransportClosed("write to %s failed: %s" % (self.port, e), self.name) from e
+
+    async def write_raw(self, data: bytes) -> None:
+        """Bytes as they are (Ctrl-C, REPL input): for tools, not for messages."""
+        if self._ser is None:
+            raise TransportClosed("not open", self.name)
+        await asyncio.to_thread(self._ser.write, data)
+
+    async def close(self) -> None:
+        if self._ser is not None:
+            self._stop_reading()
+            self._ser.close()
+            self._ser = None
