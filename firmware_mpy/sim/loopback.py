@@ -19,6 +19,7 @@ class LoopbackLink:
         self.bytes_up = 0  # COSE bytes
         self.bytes_wire = 0  # as the serial link would send them: COBS, CRC, delimiters
         self.messages_up = 0
+        self.last_wire = 0
         self._framer = link.StreamFramer()
         self._tx = bytearray(link.MAX_MESSAGE + link.MAX_MESSAGE // 254 + 8)
         self.keep = True  # keep events (tests); off for long benchmarks
@@ -30,7 +31,8 @@ class LoopbackLink:
     def send(self, buf, n):
         if not self.connected:
             return False
-        self.bytes_wire += self._framer.frame_into(buf, n, self._tx)
+        self.last_wire = self._framer.frame_into(buf, n, self._tx)
+        self.bytes_wire += self.last_wire
         data = bytes(memoryview(buf)[:n])
         self.bytes_up += n
         self.messages_up += 1
