@@ -66,6 +66,7 @@ class Recorder:
 
 
 def write_keys(directory: Path, specs: list[boards.BoardSpec]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
     path = directory / "keys.json"
     data = json.dumps({s.device_id: s.key.hex() for s in specs}, indent=1).encode()
     boards.write_private(path, data)

@@ -34,7 +34,8 @@ class BoardSpec:
     window_ms: int = 1000
     outbox_bytes: int = 24576
     seed: int = 1
-    provisioned: bool = True
+    provisioned: bool = True  # config.json and device.key written
+    key_on_board: bool = True  # False: configured, but the key is missing
     extra: dict[str, object] = field(default_factory=dict)
 
     def board_config(self) -> dict[str, object]:
@@ -68,7 +69,8 @@ def prepare(spec: BoardSpec, directory: Path, cache: Path) -> Path:
     flash.mkdir(exist_ok=True)
     if spec.provisioned:
         (flash / "config.json").write_text(json.dumps(spec.board_config(), indent=1))
-        write_private(flash / "device.key", spec.key)
+        if spec.key_on_board:
+            write_private(flash / "device.key", spec.key)
     sim: dict[str, object] = {
         "ppm": spec.ppm, "lead_off": spec.lead_off, "finger_off": spec.finger_off,
         "virtual_clock": spec.virtual_clock, "seed": spec.seed,

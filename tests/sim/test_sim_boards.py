@@ -1,0 +1,118 @@
+# Simulated boards end to end: the firmware under micropython on a pty, the
+# hub end over pyserial, and what a technician sees on the console.
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cbor2
+import pytest
+import serial
+
+from agent.sim import boards
+from agent.sim.runner import SimulatedBoard
+from protocols import cose, hub, link, messages
+from tests.conftest import ROOT
+from tests.protocols import cddl
+
+
+def _messages(data: bytes) -> list[bytes]:
+    out = []
+    s = io.BytesIO(data)
+    while s.tell() < len(data):
+        start = s.tell()
+        cbor2.load(s)
+        out.append(data[start:s.tell()])
+    return out
+
+
+@pytest.mark.micropython
+def test_sim_capture_verifies_with_pycose_and_cddl(micropython: str, pycose_python: str, tmp_path: Path) -> None:
+    cap = tmp_path / "capture"
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "sim", "--boards", "2", "--seconds", "10",
+                           "--capture", str(cap), "--dir", str(tmp_path / "boards")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    keys = json.loads((cap / "keys.json").read_text())
+    assert sorted(keys) == ["pb-sim01", "pb-sim02"]
+    assert (cap / "keys.json").stat().st_mode & 0o077 == 0  # secrets: owner only
+    # 1. an independent COSE implementation verifies every message
+    check = subprocess.run([pycose_python, str(ROOT / "tests" / "tools" / "pycose_verify.py"), str(cap)],
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
+    report = json.loads(check.stdout)
+    assert report["failed"] == 0
+    for dev in keys:
+        # 10 s at 2 frames/s, less start-up: well over 10 sample frames each
+        assert report[dev]["types"].get("1", 0) >= 10, report
+    # 2. an independent CDDL validator accepts every message
+    for dev, key_hex in keys.items():
+        raws = _messages((cap / (dev + ".cbor")).read_bytes())
+        for raw in raws:
+            cddl.validate_message(raw, "up")
+        # 3. and the samples of each stream are complete: no gap, no overlap
+        key = cose.MacKey(bytes.fromhex(key_hex), dev.encode(), cose.AAD_UPLINK)
+        nxt: dict[int, int] = {}
+        for raw in raws:
+            msg = cose.parse(raw)
+            key.verify(msg)
+            m = messages.decode_payload(msg.payload, messages.UPLINK_TYPES)
+            if isinstance(m, messages.SampleFrame):
+                assert nxt.get(m.stream, m.first_index) == m.first_index
+                nxt[m.stream] = m.first_index + m.count
+        assert set(nxt) == {messages.STREAM_ECG_MAX30003, messages.STREAM_PPG_MAX30102}
+
+
+def _read_until(port: serial.Serial, marker: bytes, timeout_s: float) -> bytes:
+    buf = b""
+    end = time.monotonic() + timeout_s
+    while marker not in buf and time.monotonic() < end:
+        buf += port.read(4096)
+    return buf
+
+
+@pytest.mark.micropython
+def test_ctrl_c_stops_streaming_and_leaves_a_repl(micropython: str, tmp_path: Path) -> None:
+    spec = boards.BoardSpec("pb-repl01")
+    b = SimulatedBoard(spec, tmp_path / "b", tmp_path / "cache", micropython)
+    b.start()
+    try:
+        port = serial.Serial(b.port, timeout=0.2)
+        h = hub.Hub()
+        h.add_device(spec.device_id, spec.key)
+        d = link.StreamDeframer()
+        frames = 0
+        end = time.monotonic() + 15
+        while frames < 3 and time.monotonic() < end:
+            d.feed(port.read(4096))
+            while (ev := d.next_event()) is not None:
+                if isinstance(ev, link.Frame) and h.receive(ev.data).verdict == hub.ACCEPTED:
+                    frames += 1
+        assert frames >= 3, b.console_tail()
+        port.write(b"\x03")  # Ctrl-C, as a technician types it
+        out = _read_until(port, b">>> ", 10)
+        assert b"streaming stopped" in out and b">>> " in out, b.console_tail()
+        port.write(b"print(6 * 7)\r")
+        assert b"42" in _read_until(port, b"42", 5), b.console_tail()
+        port.close()
+    finally:
+        b.stop()
+
+
+@pytest.mark.micropython
+def test_board_without_key_refuses_to_stream_and_says_why(micropython: str, tmp_path: Path) -> None:
+    cases = [(boards.BoardSpec("pb-nokey01", key_on_board=False), b"no device key"),
+             (boards.BoardSpec("pb-nokey02", provisioned=False), b"provision it first")]
+    for spec, why in cases:
+        b = SimulatedBoard(spec, tmp_path / spec.device_id, tmp_path / "cache", micropython)
+        b.start()
+        try:
+            port = serial.Serial(b.port, timeout=0.2)
+            out = _read_until(port, b">>> ", 10)
+            assert b"not streaming" in out and why in out, out
+            assert b"\x00" not in out  # not a single frame
+            port.close()
+        finally:
+            b.stop()
