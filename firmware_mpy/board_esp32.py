@@ -47,27 +47,27 @@ class Esp32Board:
     def sensors(self, cfg):
         pins = dict(PINS)
         pins.update(cfg.get("pins", {}))
-        out = []
+        out: list = []
         ecg = cfg.get("ecg")
         if ecg and ecg["chip"] == "max30003":
             cs = Pin(pins["ecg_cs"], Pin.OUT, value=1)
             spi = SPI(2, baudrate=pins["spi_hz"], polarity=0, phase=0, sck=Pin(pins["spi_sck"]),
                       mosi=Pin(pins["spi_mosi"]), miso=Pin(pins["spi_miso"]))
-            chip = MAX30003(spi, cs)
-            chip.configure(ecg["rate_hz"], ecg["gain"])
-            out.append((messages.STREAM_ECG_MAX30003, chip, chip.lead_off))
+            ecg_chip = MAX30003(spi, cs)
+            ecg_chip.configure(ecg["rate_hz"], ecg["gain"])
+            out.append((messages.STREAM_ECG_MAX30003, ecg_chip, ecg_chip.lead_off))
         elif ecg and ecg["chip"] == "ad8232":
             adc = ADC(Pin(pins["ad8232_out"]), atten=ADC.ATTN_11DB)
-            chip = AD8232(adc, Pin(pins["ad8232_lo_plus"], Pin.IN), Pin(pins["ad8232_lo_minus"], Pin.IN),
-                          Timer(0), ecg["rate_hz"])
-            out.append((messages.STREAM_ECG_AD8232, chip, chip.lead_off))
+            front = AD8232(adc, Pin(pins["ad8232_lo_plus"], Pin.IN), Pin(pins["ad8232_lo_minus"], Pin.IN),
+                           Timer(0), ecg["rate_hz"])
+            out.append((messages.STREAM_ECG_AD8232, front, front.lead_off))
         ppg = cfg.get("ppg")
         if ppg:
             i2c = I2C(0, scl=Pin(pins["i2c_scl"]), sda=Pin(pins["i2c_sda"]), freq=pins["i2c_hz"])
-            chip = MAX30102(i2c, time.sleep_ms)
-            chip.configure(ppg["rate_hz"], ppg["pulse_width_us"], ppg["adc_range_na"], ppg["led_red_ua"],
-                           ppg["led_ir_ua"])
-            out.append((messages.STREAM_PPG_MAX30102, chip, None))
+            oxi = MAX30102(i2c, time.sleep_ms)
+            oxi.configure(ppg["rate_hz"], ppg["pulse_width_us"], ppg["adc_range_na"], ppg["led_red_ua"],
+                          ppg["led_ir_ua"])
+            out.append((messages.STREAM_PPG_MAX30102, oxi, None))
         return out
 
     def link(self, cfg, max_message):

@@ -1,6 +1,7 @@
 # ESP32 entry point: stream until Ctrl-C (or a stop command), then the REPL.
-from app import main
 from board_esp32 import Esp32Board
+
+from app import main
 
 try:
     main.run(Esp32Board())

@@ -1,18 +1,26 @@
 # Shims so this package runs unmodified on MicroPython and CPython.
 # Nothing here does I/O or reads a clock.
 
+__all__ = ["const", "equal_ct"]
+
+TYPE_CHECKING = False  # type checkers take this as true; MicroPython has no typing module
+if TYPE_CHECKING:
+
+    def const(value: int) -> int: ...
+
+else:
+    try:
+        from micropython import const
+    except ImportError:  # CPython
+
+        def const(value):
+            return value
+
+
 try:
-    from micropython import const  # type: ignore[import-not-found]
-except ImportError:  # CPython
-
-    def const(value: int) -> int:
-        return value
-
-
-try:
-    from hmac import compare_digest as _compare_digest
+    from hmac import compare_digest as _compare_digest  # type: ignore[import-not-found, unused-ignore]
 except ImportError:  # MicroPython has no hmac module
-    _compare_digest = None
+    _compare_digest = None  # type: ignore[assignment, unused-ignore]
 
 
 def equal_ct(a: bytes, b: bytes) -> bool:

@@ -92,13 +92,13 @@ class Writer:
             raise LocalProtocolError("uint field given a negative value", "range")
         self.head(_MAJOR_UINT, value)
 
-    def int(self, value: int) -> None:
+    def sint(self, value: int) -> None:
         if value < 0:
             self.head(_MAJOR_NINT, -1 - value)
         else:
             self.head(_MAJOR_UINT, value)
 
-    def bytes(self, data: "bytes | bytearray | memoryview") -> None:
+    def bstr(self, data: "bytes | bytearray | memoryview") -> None:
         n = len(data)
         self.head(_MAJOR_BYTES, n)
         p = self._room(n)
@@ -120,7 +120,7 @@ class Writer:
     def tag(self, t: int) -> None:
         self.head(_MAJOR_TAG, t)
 
-    def bool(self, v: bool) -> None:
+    def boolean(self, v: bool) -> None:
         self.buf[self._room(1)] = 0xF5 if v else 0xF4
 
     def null(self) -> None:
@@ -139,13 +139,13 @@ def _encode_obj(w: Writer, obj: object, depth: int) -> None:
     if depth > MAX_DEPTH:
         raise LocalProtocolError("structure nested too deep to encode", "depth")
     if obj is True or obj is False:
-        w.bool(obj)  # type: ignore[arg-type]
+        w.boolean(obj)
     elif obj is None:
         w.null()
     elif isinstance(obj, int):
-        w.int(obj)
+        w.sint(obj)
     elif isinstance(obj, (bytes, bytearray, memoryview)):
-        w.bytes(obj)
+        w.bstr(obj)
     elif isinstance(obj, str):
         w.text(obj)
     elif isinstance(obj, (list, tuple)):
@@ -169,7 +169,7 @@ def _key_order(k: object) -> bytes:
     return encoded(k, 64)
 
 
-def decode(data: "bytes | bytearray | memoryview", tags: tuple = ()) -> object:
+def decode(data: "bytes | bytearray | memoryview", tags: "tuple[int, ...]" = ()) -> object:
     # Decodes exactly one item that must span all of data.
     obj, pos = decode_prefix(data, 0, tags)
     if pos != len(data):
@@ -177,12 +177,13 @@ def decode(data: "bytes | bytearray | memoryview", tags: tuple = ()) -> object:
     return obj
 
 
-def decode_prefix(data: "bytes | bytearray | memoryview", pos: int = 0, tags: tuple = ()) -> tuple:
+def decode_prefix(data: "bytes | bytearray | memoryview", pos: int = 0,
+                  tags: "tuple[int, ...]" = ()) -> "tuple[object, int]":
     # Decodes one item starting at pos; returns (item, position after it).
     return _item(data, pos, len(data), tags, 0)
 
 
-def read_head(data: "bytes | bytearray | memoryview", pos: int, end: int) -> tuple:
+def read_head(data: "bytes | bytearray | memoryview", pos: int, end: int) -> "tuple[int, int, int]":
     # Returns (major, value, position after the head). Refuses indefinite
     # lengths, reserved encodings and heads not in their shortest form.
     if pos >= end:
@@ -208,7 +209,8 @@ def read_head(data: "bytes | bytearray | memoryview", pos: int, end: int) -> tup
     return major, value, pos + n
 
 
-def _item(data: "bytes | bytearray | memoryview", pos: int, end: int, tags: tuple, depth: int) -> tuple:
+def _item(data: "bytes | bytearray | memoryview", pos: int, end: int, tags: "tuple[int, ...]",
+          depth: int) -> "tuple[object, int]":
     if depth > MAX_DEPTH:
         raise RemoteProtocolError("CBOR nested deeper than %d" % MAX_DEPTH, "depth")
     start = pos
@@ -228,11 +230,11 @@ def _item(data: "bytes | bytearray | memoryview", pos: int, end: int, tags: tupl
         try:
             return str(raw, "utf-8"), pos
         except Exception:
-            raise RemoteProtocolError("CBOR text at byte %d is not UTF-8" % start, "utf8")
+            raise RemoteProtocolError("CBOR text at byte %d is not UTF-8" % start, "utf8") from None
     if major == _MAJOR_ARRAY:
         if value > MAX_ITEMS or value > end - pos:
             raise RemoteProtocolError("CBOR array of %d items at byte %d is too long" % (value, start), "too_long")
-        items = []
+        items: "list[object]" = []
         for _ in range(value):
             item, pos = _item(data, pos, end, tags, depth + 1)
             items.append(item)
@@ -240,7 +242,7 @@ def _item(data: "bytes | bytearray | memoryview", pos: int, end: int, tags: tupl
     if major == _MAJOR_MAP:
         if value > MAX_ITEMS or 2 * value > end - pos:
             raise RemoteProtocolError("CBOR map of %d entries at byte %d is too long" % (value, start), "too_long")
-        out = {}
+        out: "dict[object, object]" = {}
         for _ in range(value):
             key, pos = _item(data, pos, end, tags, depth + 1)
             if not isinstance(key, (int, str)) or key is True or key is False:

@@ -60,8 +60,8 @@ class MacKey:
         w = cbor.Writer(bytearray(96))
         w.array(4)
         w.text("MAC0")
-        w.bytes(self.protected)
-        w.bytes(aad)
+        w.bstr(self.protected)
+        w.bstr(aad)
         self._prefix = bytes(w.buf[:w.pos])
         self._head = bytearray(9)
 
@@ -82,10 +82,10 @@ class MacKey:
             raise LocalProtocolError("payload of %d bytes exceeds %d" % (len(payload), MAX_PAYLOAD), "too_long")
         w.tag(COSE_MAC0_TAG)
         w.array(4)
-        w.bytes(self.protected)
+        w.bstr(self.protected)
         w.map(0)
-        w.bytes(payload)
-        w.bytes(self.tag(payload))
+        w.bstr(payload)
+        w.bstr(self.tag(payload))
 
     def seal(self, payload: "bytes | bytearray | memoryview") -> bytes:
         w = cbor.Writer(bytearray(len(payload) + 96))
@@ -145,7 +145,7 @@ def parse(data: "bytes | bytearray | memoryview") -> Mac0:
     return Mac0(kid, payload, tag)
 
 
-def _bstr(data: "bytes | bytearray | memoryview", pos: int, end: int, limit: int, what: str) -> tuple:
+def _bstr(data: "bytes | bytearray | memoryview", pos: int, end: int, limit: int, what: str) -> "tuple[bytes, int]":
     major, n, pos = cbor.read_head(data, pos, end)
     if major != 2:
         raise RemoteProtocolError("COSE_Mac0 %s must be a byte string" % what, "not_cose")

@@ -213,7 +213,7 @@ class LineDeframer:
         self._buf = bytearray(MAX_LINE)
         self._n = 0
         self._overlong = False
-        self._events: list = []
+        self._events: "list[Frame | Discarded]" = []
         self.flooded = 0
 
     def feed(self, data: "bytes | bytearray | memoryview") -> None:
@@ -249,7 +249,7 @@ class LineDeframer:
         if line[0] != 0x7E:  # "~"
             return Discarded("noise", n, bytes(line[:_KEEP_NOISE]))
         try:
-            body = binascii.a2b_base64(line[1:])
+            body = binascii.a2b_base64(bytes(line[1:]))
         except Exception:
             return Discarded("base64", n)
         if len(body) <= _CRC_SIZE:
@@ -289,6 +289,10 @@ class Fragmenter:
     def busy(self) -> bool:
         return 0 <= self._off < self._len
 
+    def abort(self) -> None:
+        # The connection dropped: the rest of the message will not be sent.
+        self._off = -1
+
     def next_into(self, out: bytearray) -> int:
         # Returns the fragment length written to out (0: message done).
         off = self._off
@@ -312,7 +316,7 @@ class Fragmenter:
     def fragments(self, msg: "bytes | bytearray") -> "list[bytes]":
         self.start(msg, len(msg))
         out = bytearray(self.fragment_size)
-        frags = []
+        frags: "list[bytes]" = []
         while True:
             n = self.next_into(out)
             if not n:
@@ -329,7 +333,7 @@ class Reassembler:
         self._buf = bytearray()
         self._want = 0
         self._lost = False  # skipping the rest of a message already reported
-        self._events: list = []
+        self._events: "list[Frame | Discarded]" = []
 
     def reset(self) -> None:
         # A new connection: counters start again.

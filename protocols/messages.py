@@ -11,6 +11,10 @@ from protocols import cbor, samples
 from protocols._compat import const
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 
+TYPE_CHECKING = False  # type checkers take this as true; MicroPython has no typing module
+if TYPE_CHECKING:
+    from typing import NoReturn
+
 VERSION = const(1)
 
 T_SAMPLES = const(1)
@@ -178,7 +182,7 @@ def _start(w: "cbor.Writer", kind: int, nfields: int) -> None:
 def encode_sample_frame(w: "cbor.Writer", scratch: bytearray, epoch: int, seq: int, stream: int, t0_ms: int,
                         first_index: int, rate_hz: int, count: int, scale_num: int, scale_den: int,
                         ppg_drive: "tuple[int, int, int, int] | None", flags: int, fifo_overflows: int,
-                        frames_dropped: int, jitter_us: int, channels: tuple) -> None:
+                        frames_dropped: int, jitter_us: int, channels: "tuple[list[int], ...]") -> None:
     # channels: one sample sequence per channel (array('i') on the board);
     # scratch: a buffer of at least count * 5 bytes for one channel's samples.
     if not 0 < count <= MAX_SAMPLES:
@@ -222,19 +226,18 @@ def encode_sample_frame(w: "cbor.Writer", scratch: bytearray, epoch: int, seq: i
     mv = memoryview(scratch)
     for ch in channels:
         n = samples.encode_into(ch, count, scratch, 0)
-        w.bytes(mv[:n])
+        w.bstr(mv[:n])
 
 
 def encode(w: "cbor.Writer", msg: Message) -> None:
     # Encodes any message object (the board uses the field-wise encoder for
     # sample frames; this is for the rarer messages and for the hub).
     k = msg.kind
-    if k == T_SAMPLES:
-        m = msg  # type: SampleFrame  # noqa
-        scratch = bytearray(m.count * samples.WORST_BYTES_PER_SAMPLE + 8)  # type: ignore[attr-defined]
-        encode_sample_frame(w, scratch, m.epoch, m.seq, m.stream, m.t0_ms, m.first_index,  # type: ignore
-                            m.rate_hz, m.count, m.scale[0], m.scale[1], m.ppg_drive,  # type: ignore
-                            m.status[0], m.status[1], m.status[2], m.status[3], m.channels)  # type: ignore
+    if isinstance(msg, SampleFrame):
+        scratch = bytearray(msg.count * samples.WORST_BYTES_PER_SAMPLE + 8)
+        encode_sample_frame(w, scratch, msg.epoch, msg.seq, msg.stream, msg.t0_ms, msg.first_index,
+                            msg.rate_hz, msg.count, msg.scale[0], msg.scale[1], msg.ppg_drive,
+                            msg.status[0], msg.status[1], msg.status[2], msg.status[3], tuple(msg.channels))
         return
     values = [getattr(msg, f) for f in msg._fields]
     _start(w, k, 2 + len(values))
@@ -264,25 +267,25 @@ def encoded(msg: Message, size: int = 4096) -> bytes:
 
 # ---- decoding ---------------------------------------------------------------
 
-def _fail(what: str, reason: str = "schema") -> None:
+def _fail(what: str, reason: str = "schema") -> "NoReturn":
     raise RemoteProtocolError(what, reason)
 
 
-def _uint(m: dict, key: int, name: str, limit: int = _UINT64_MAX) -> int:
+def _uint(m: "dict[object, object]", key: int, name: str, limit: int = _UINT64_MAX) -> int:
     v = m.get(key)
     if not isinstance(v, int) or v is True or v is False or v < 0:
         _fail("field %s (key %d) must be an unsigned integer" % (name, key))
-    if v > limit:  # type: ignore[operator]
-        _fail("field %s (key %d) is %d, above %d" % (name, key, v, limit), "range")  # type: ignore[str-format]
-    return v  # type: ignore[return-value]
+    if v > limit:
+        _fail("field %s (key %d) is %d, above %d" % (name, key, v, limit), "range")
+    return v
 
 
-def _pairs(m: dict, key: int, name: str, limit: int) -> "list[tuple[int, int]]":
+def _pairs(m: "dict[object, object]", key: int, name: str, limit: int) -> "list[tuple[int, int]]":
     v = m.get(key)
     if not isinstance(v, list) or not 0 < len(v) <= limit:
         _fail("field %s (key %d) must be an array of 1 to %d pairs" % (name, key, limit))
     out = []
-    for p in v:  # type: ignore[union-attr]
+    for p in v:
         if (not isinstance(p, list) or len(p) != 2 or not isinstance(p[0], int) or not isinstance(p[1], int)
                 or p[0] < 0 or p[1] < 0 or p[0] is True or p[1] is True or p[0] is False or p[1] is False):
             _fail("field %s (key %d) holds something other than a pair of unsigned integers" % (name, key))
@@ -290,24 +293,24 @@ def _pairs(m: dict, key: int, name: str, limit: int) -> "list[tuple[int, int]]":
     return out
 
 
-def _uints(m: dict, key: int, name: str, n: int) -> tuple:
+def _uints(m: "dict[object, object]", key: int, name: str, n: int) -> "tuple[int, ...]":
     v = m.get(key)
     if not isinstance(v, list) or len(v) != n:
         _fail("field %s (key %d) must be an array of %d unsigned integers" % (name, key, n))
-    for x in v:  # type: ignore[union-attr]
+    for x in v:
         if not isinstance(x, int) or x is True or x is False or x < 0:
             _fail("field %s (key %d) must hold unsigned integers" % (name, key))
-    return tuple(v)  # type: ignore[arg-type]
+    return tuple(v)
 
 
-def _text(m: dict, key: int, name: str) -> str:
+def _text(m: "dict[object, object]", key: int, name: str) -> str:
     v = m.get(key)
     if not isinstance(v, str) or len(v) > MAX_TEXT:
         _fail("field %s (key %d) must be text of at most %d characters" % (name, key, MAX_TEXT))
-    return v  # type: ignore[return-value]
+    return v
 
 
-def _check_keys(m: dict, allowed: int, optional: tuple = ()) -> None:
+def _check_keys(m: "dict[object, object]", allowed: int, optional: "tuple[int, ...]" = ()) -> None:
     # Keys 0..allowed-1 are required, optional ones may be absent, keys at or
     # above EXTENSION_KEYS are ignored, anything else is an error.
     for k in m:
@@ -320,17 +323,16 @@ def _check_keys(m: dict, allowed: int, optional: tuple = ()) -> None:
             _fail("missing field key %d" % k, "missing")
 
 
-def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: tuple = ()) -> Message:
-    m = cbor.decode(payload)
-    if not isinstance(m, dict):
-        _fail("payload must be a CBOR map")
-    kind = _uint(m, 0, "type", 255)  # type: ignore[arg-type]
-    version = _uint(m, 1, "version", 255)  # type: ignore[arg-type]
+def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tuple[int, ...]" = ()) -> Message:
+    d = cbor.decode(payload)
+    if not isinstance(d, dict):
+        raise RemoteProtocolError("payload must be a CBOR map", "schema")
+    kind = _uint(d, 0, "type", 255)
+    version = _uint(d, 1, "version", 255)
     if version != VERSION:
         _fail("protocol version %d is not supported (this side speaks %d)" % (version, VERSION), "version")
     if allowed_kinds and kind not in allowed_kinds:
         _fail("message type %d not allowed in this direction" % kind, "direction")
-    d = m  # type: dict  # noqa
     if kind == T_SAMPLES:
         return _decode_samples(d)
     if kind == T_ACK:
@@ -361,10 +363,9 @@ def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: tup
         _check_keys(d, 5)
         return Command(_uint(d, 2, "epoch"), _uint(d, 3, "nonce"), _text(d, 4, "name"))
     _fail("unknown message type %d" % kind, "unknown_type")
-    raise AssertionError  # unreachable: _fail raises
 
 
-def _decode_samples(d: dict) -> SampleFrame:
+def _decode_samples(d: "dict[object, object]") -> SampleFrame:
     _check_keys(d, 14, (10,))
     stream = _uint(d, 4, "stream")
     nch = STREAM_CHANNELS.get(stream)
@@ -387,12 +388,13 @@ def _decode_samples(d: dict) -> SampleFrame:
         _fail("unknown sample encoding %r" % d.get(12), "encoding")
     data = d.get(13)
     if not isinstance(data, list) or len(data) != nch:
-        _fail("field samples (key 13) must hold %d byte strings for stream %d" % (nch, stream))  # type: ignore
+        _fail("field samples (key 13) must hold %d byte strings for stream %d" % (nch, stream))
     channels = []
-    for ch in data:  # type: ignore[union-attr]
+    for ch in data:
         if not isinstance(ch, bytes):
             _fail("field samples (key 13) must hold byte strings")
         channels.append(samples.decode(ch, count))
     return SampleFrame(_uint(d, 2, "epoch"), _uint(d, 3, "seq"), stream, _uint(d, 5, "t0_ms"),
                        _uint(d, 6, "first_index"), rate, count, (scale[0], scale[1]),
-                       drive, status, channels)  # type: ignore[arg-type]
+                       None if drive is None else (drive[0], drive[1], drive[2], drive[3]),
+                       (status[0], status[1], status[2], status[3]), channels)

@@ -51,7 +51,7 @@ def load():
     try:
         cfg = json.loads(text)
     except ValueError:
-        raise ConfigError("%s is not valid JSON" % CONFIG)
+        raise ConfigError("%s is not valid JSON" % CONFIG) from None
     if not isinstance(cfg, dict):
         raise ConfigError("%s must hold a JSON object" % CONFIG)
     out = dict(DEFAULTS)
@@ -90,7 +90,7 @@ def next_epoch():
         try:
             epoch = int(text)
         except ValueError:
-            raise ConfigError("%s is corrupt (%r): refusing to reuse an epoch" % (EPOCH, text))
+            raise ConfigError("%s is corrupt (%r): refusing to reuse an epoch" % (EPOCH, text)) from None
     epoch += 1
     tmp = EPOCH + ".tmp"
     with open(tmp, "w") as f:

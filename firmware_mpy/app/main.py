@@ -106,11 +106,11 @@ class App:
         except ProtocolError:
             self.downlink_rejected += 1  # never acted upon: a forged ack frees nothing
             return
-        if m.kind == messages.T_ACK:
+        if isinstance(m, messages.Ack):
             self.outbox.ack(m, self.epoch)
-        elif m.kind == messages.T_TIME_REQUEST:
+        elif isinstance(m, messages.TimeRequest):
             self._send_small(messages.TimeResponse(self.epoch, self._seq(), m.nonce, self.board.ticks_ms()))
-        elif m.kind == messages.T_COMMAND:
+        elif isinstance(m, messages.Command):
             if m.epoch != self.epoch or m.nonce <= self.last_command:
                 self.downlink_rejected += 1  # replayed or meant for another boot
                 return

@@ -3,8 +3,9 @@
 # The AD8232 has no clock: a hardware timer paces the ADC reads. The timer
 # callback only reads the ADC into a preallocated ring and records how late
 # it ran; the worst lateness in a window is reported as sampling jitter.
-from micropython import const
 import time
+
+from micropython import const
 
 _MID = const(32768)  # read_u16() midscale: the AD8232 output rests at REFOUT = Vs/2
 _ADC_FULL_SCALE_UV = const(3300000)  # 11 dB attenuation: about 0..3.3 V

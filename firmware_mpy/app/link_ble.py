@@ -1,0 +1,177 @@
+# Frames over BLE: a GATT peripheral on MicroPython's `bluetooth` module.
+#
+# Service (UUIDs in protocols/SPEC.md):
+#   data characteristic (notify): uplink messages cut into fragments of at
+#     most MTU-3 bytes (protocols.link.Fragmenter);
+#   control characteristic (write): downlink messages as "~" base64 lines,
+#     which stay whole however the central splits its writes.
+# The IRQ handler only records what happened; service(), called from the
+# app's loop, does the work. Notifications are paced: when the stack is out
+# of buffers (ENOMEM) the link backs off and retries the same fragment.
+import binascii
+import errno
+
+from micropython import const
+
+from protocols import link
+
+_IRQ_CENTRAL_CONNECT = const(1)
+_IRQ_CENTRAL_DISCONNECT = const(2)
+_IRQ_GATTS_WRITE = const(3)
+_IRQ_MTU_EXCHANGED = const(21)
+
+_FLAG_READ = const(0x0002)
+_FLAG_WRITE_NO_RESPONSE = const(0x0004)
+_FLAG_WRITE = const(0x0008)
+_FLAG_NOTIFY = const(0x0010)
+
+SERVICE_UUID = "7b3e0001-6c1a-4f5e-9d35-2f0e5a1c9b10"
+DATA_UUID = "7b3e0002-6c1a-4f5e-9d35-2f0e5a1c9b10"
+CONTROL_UUID = "7b3e0003-6c1a-4f5e-9d35-2f0e5a1c9b10"
+
+_ADV_INTERVAL_US = const(250000)
+# Bytes the stack keeps for control writes between two reads: acks are
+# about 130 characters as lines, a few per second.
+_CONTROL_BUFFER = const(512)
+_FRAGMENTS_PER_SERVICE = const(8)  # notifications tried per loop
+_BACKOFF_MAX = const(32)  # loops skipped at most after repeated ENOMEM
+_PREFERRED_MTU = const(517)
+
+
+def _uuid128_le(text):
+    # A 128-bit UUID as advertised: its 16 bytes, least significant first.
+    raw = binascii.unhexlify(text.replace("-", ""))
+    out = bytearray(16)
+    for i in range(16):
+        out[i] = raw[15 - i]
+    return bytes(out)
+
+
+def _adv_payload(uuid_bytes, name):
+    # Flags (LE general discoverable, BR/EDR not supported) + 128-bit service
+    # UUID; the name goes in the scan response (the advert holds 31 bytes).
+    adv = bytearray(b"\x02\x01\x06")
+    adv += bytes((len(uuid_bytes) + 1, 0x07)) + uuid_bytes
+    resp = bytes((len(name) + 1, 0x09)) + name
+    return bytes(adv), resp
+
+
+class BleLink:
+    name = "ble"
+
+    def __init__(self, bluetooth, device_id, max_message):
+        self._bt = bluetooth
+        ble = bluetooth.BLE()
+        self._ble = ble
+        ble.active(True)
+        ble.config(gap_name=device_id, mtu=_PREFERRED_MTU)
+        ble.irq(self._irq)
+        service = (bluetooth.UUID(SERVICE_UUID), (
+            (bluetooth.UUID(DATA_UUID), _FLAG_READ | _FLAG_NOTIFY),
+            (bluetooth.UUID(CONTROL_UUID), _FLAG_WRITE | _FLAG_WRITE_NO_RESPONSE),
+        ))
+        ((self._h_data, self._h_ctrl),) = ble.gatts_register_services((service,))
+        ble.gatts_set_buffer(self._h_ctrl, _CONTROL_BUFFER, True)
+        self._adv = _adv_payload(_uuid128_le(SERVICE_UUID), device_id.encode())
+        self._tx = bytearray(max_message)
+        self._frag = link.Fragmenter(link.MIN_MTU)
+        self._fragbuf = bytearray(link.MAX_MTU)
+        self._frag_len = 0  # a fragment built and not yet accepted by the stack
+        self._rx = link.LineDeframer()
+        self._conn = -1
+        self.connected = False
+        self.mtu = link.MIN_MTU
+        self._backoff = 0
+        self._skip = 0
+        self.enomem = 0
+        self.reconnects = 0
+        # Set by the IRQ handler, consumed by service().
+        self._irq_conn = -1
+        self._irq_gone = False
+        self._irq_mtu = 0
+        self._irq_write = False
+        self._advertise()
+
+    def _irq(self, event, data):
+        if event == _IRQ_CENTRAL_CONNECT:
+            self._irq_conn = data[0]
+        elif event == _IRQ_CENTRAL_DISCONNECT:
+            self._irq_gone = True
+        elif event == _IRQ_MTU_EXCHANGED:
+            self._irq_mtu = data[1]
+        elif event == _IRQ_GATTS_WRITE:
+            self._irq_write = True
+
+    def _advertise(self):
+        self._ble.gap_advertise(_ADV_INTERVAL_US, adv_data=self._adv[0], resp_data=self._adv[1])
+
+    def service(self):
+        # Returns True when a central has just connected (the app then
+        # resends what was in flight).
+        fresh = False
+        if self._irq_gone:
+            self._irq_gone = False
+            self._conn = -1
+            self.connected = False
+            self._frag_len = 0
+            self._frag.abort()  # the app resends whole messages after a reconnect
+            self._advertise()
+        if self._irq_conn >= 0:
+            self._conn = self._irq_conn
+            self._irq_conn = -1
+            self.connected = True
+            self.mtu = link.MIN_MTU
+            self._frag.set_mtu(link.MIN_MTU)
+            self._frag_len = 0
+            self.reconnects += 1
+            fresh = True
+        if self._irq_mtu:
+            self.mtu = min(self._irq_mtu, link.MAX_MTU)
+            self._irq_mtu = 0
+            self._frag.set_mtu(self.mtu)
+        if self.connected:
+            self._pump()
+        return fresh
+
+    def _pump(self):
+        if self._skip:
+            self._skip -= 1
+            return
+        for _ in range(_FRAGMENTS_PER_SERVICE):
+            if not self._frag_len:
+                self._frag_len = self._frag.next_into(self._fragbuf)
+                if not self._frag_len:
+                    return
+            try:
+                self._ble.gatts_notify(self._conn, self._h_data, memoryview(self._fragbuf)[:self._frag_len])
+            except OSError as e:
+                if e.args and e.args[0] == errno.ENOMEM:
+                    # The stack is out of buffers: keep the fragment, back off.
+                    self.enomem += 1
+                    self._backoff = min(_BACKOFF_MAX, self._backoff * 2 or 1)
+                    self._skip = self._backoff
+                    return
+                raise
+            self._frag_len = 0
+            self._backoff = 0
+
+    def send(self, buf, n):
+        # Takes a whole message if no other is being fragmented; the message
+        # is copied, so the outbox may reuse its bytes meanwhile.
+        if not self.connected or self._frag.busy or self._frag_len:
+            return False
+        self._tx[:n] = buf[:n]
+        self._frag.start(self._tx, n)
+        self._pump()
+        return True
+
+    def receive(self):
+        if self._irq_write:
+            self._irq_write = False
+            self._rx.feed(self._ble.gatts_read(self._h_ctrl))
+        while True:
+            ev = self._rx.next_event()
+            if ev is None:
+                return None
+            if isinstance(ev, link.Frame):
+                return ev.data

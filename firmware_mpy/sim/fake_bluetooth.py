@@ -1,0 +1,199 @@
+# A fake of MicroPython's `bluetooth` module for the unix port, which has
+# none. It is a test double for the radio, named as such, and it keeps the
+# real module's constraints, because the firmware must cope with them:
+#   - one BLE() object; irq events in the real order (connect, then MTU
+#     exchange, then writes; disconnect);
+#   - a notification longer than MTU-3 is refused;
+#   - the stack holds a few notifications at a time: more raise
+#     OSError(ENOMEM) until the air has carried them (one connection
+#     interval carries a few packets);
+#   - control-characteristic writes go to a buffer of gatts_set_buffer()'s
+#     size, appended when asked, cleared by gatts_read();
+#   - advertising data is at most 31 bytes.
+# The far side (a "central") is driven through Radio: in-process tests call
+# it directly; the BLE issue wires it to the hub over a socket.
+import errno
+
+from micropython import const
+
+FLAG_READ = const(0x0002)
+FLAG_WRITE_NO_RESPONSE = const(0x0004)
+FLAG_WRITE = const(0x0008)
+FLAG_NOTIFY = const(0x0010)
+
+_IRQ_CENTRAL_CONNECT = const(1)
+_IRQ_CENTRAL_DISCONNECT = const(2)
+_IRQ_GATTS_WRITE = const(3)
+_IRQ_MTU_EXCHANGED = const(21)
+_MAX_ADV = const(31)
+
+
+class UUID:
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other):
+        return isinstance(other, UUID) and other.value == self.value
+
+
+class Radio:
+    # The air and the central. buffers: notifications the stack holds;
+    # packets_per_interval every interval_ms leave it.
+    def __init__(self, clock, buffers=4, interval_ms=15, packets_per_interval=4):
+        self.clock = clock
+        self.buffers = buffers
+        self.interval_ms = interval_ms
+        self.packets_per_interval = packets_per_interval
+        self.ble = None
+        self.connected = False
+        self.conn_handle = 0
+        self.mtu = 23
+        self.queue = []  # notifications accepted by the stack, not yet on air
+        self.delivered = []  # what the central received, in order
+        self.on_notify = None  # callback(bytes) for a live central
+        self.advertising = None
+        self._last_ms = 0
+        self.enomem = 0
+
+    def service(self):
+        now = self.clock.now_us() // 1000
+        slots = (now - self._last_ms) // self.interval_ms * self.packets_per_interval
+        if slots <= 0:
+            return
+        self._last_ms = now
+        while slots and self.queue:
+            data = self.queue.pop(0)
+            slots -= 1
+            if self.on_notify is not None:
+                self.on_notify(data)
+            else:
+                self.delivered.append(data)
+
+    # --- what the central does -------------------------------------------
+    def connect(self, mtu=23):
+        if self.ble is None or self.advertising is None:
+            raise OSError(errno.ENOTCONN)
+        self.conn_handle += 1
+        self.connected = True
+        self.mtu = 23
+        self.advertising = None
+        self.ble._event(_IRQ_CENTRAL_CONNECT, (self.conn_handle, 0, b"\x00\x11\x22\x33\x44\x55"))
+        if mtu != 23:
+            self.mtu = mtu
+            self.ble._event(_IRQ_MTU_EXCHANGED, (self.conn_handle, mtu))
+
+    def disconnect(self):
+        if not self.connected:
+            return
+        self.connected = False
+        self.queue = []  # what had not left is lost with the link
+        self.ble._event(_IRQ_CENTRAL_DISCONNECT, (self.conn_handle, 0, b"\x00\x11\x22\x33\x44\x55"))
+
+    def write(self, data, handle=None):
+        # The central writes the control characteristic, MTU-3 bytes at a time.
+        ble = self.ble
+        h = handle if handle is not None else ble.control_handle
+        step = self.mtu - 3
+        for i in range(0, len(data), step):
+            ble._remote_write(h, data[i:i + step])
+            ble._event(_IRQ_GATTS_WRITE, (self.conn_handle, h))
+
+
+_radio = None
+
+
+def use_radio(radio):
+    global _radio
+    _radio = radio
+
+
+def radio_from(cfg, clock):
+    r = Radio(clock, cfg.get("buffers", 4), cfg.get("interval_ms", 15), cfg.get("packets_per_interval", 4))
+    use_radio(r)
+    return r
+
+
+class BLE:
+    def __init__(self):
+        if _radio is None:
+            raise OSError(errno.ENODEV)
+        self._radio = _radio
+        _radio.ble = self
+        self._active = False
+        self._handler = None
+        self._values = {}
+        self._limits = {}
+        self._append = {}
+        self.control_handle = None
+        self.config_values = {"mtu": 23, "gap_name": "MPY"}
+
+    def _event(self, event, data):
+        if self._handler is not None:
+            self._handler(event, data)
+
+    def _remote_write(self, handle, data):
+        limit = self._limits.get(handle, 20)
+        if self._append.get(handle):
+            v = self._values.get(handle, b"") + bytes(data)
+        else:
+            v = bytes(data)
+        self._values[handle] = v[:limit]
+
+    def active(self, value=None):
+        if value is not None:
+            self._active = bool(value)
+        return self._active
+
+    def config(self, *args, **kw):
+        if args:
+            return self.config_values[args[0]]
+        self.config_values.update(kw)
+        return None
+
+    def irq(self, handler):
+        self._handler = handler
+
+    def gatts_register_services(self, services):
+        if not self._active:
+            raise OSError(errno.EPERM)
+        handles = []
+        h = 1
+        for _uuid, chars in services:
+            hs = []
+            for _cuuid, flags in chars:
+                h += 1
+                hs.append(h)
+                if flags & (FLAG_WRITE | FLAG_WRITE_NO_RESPONSE):
+                    self.control_handle = h
+                h += 1
+            handles.append(tuple(hs))
+        return tuple(handles)
+
+    def gatts_set_buffer(self, handle, length, append=False):
+        self._limits[handle] = length
+        self._append[handle] = append
+
+    def gatts_read(self, handle):
+        v = self._values.get(handle, b"")
+        if self._append.get(handle):
+            self._values[handle] = b""
+        return v
+
+    def gatts_write(self, handle, data):
+        self._values[handle] = bytes(data)
+
+    def gatts_notify(self, conn_handle, value_handle, data=None):
+        r = self._radio
+        if not r.connected or conn_handle != r.conn_handle:
+            raise OSError(errno.ENOTCONN)
+        if data is not None and len(data) > r.mtu - 3:
+            raise ValueError("notification of %d bytes exceeds MTU %d - 3" % (len(data), r.mtu))
+        if len(r.queue) >= r.buffers:
+            r.enomem += 1
+            raise OSError(errno.ENOMEM)
+        r.queue.append(bytes(data if data is not None else self._values.get(value_handle, b"")))
+
+    def gap_advertise(self, interval_us, adv_data=None, resp_data=None, connectable=True):
+        if adv_data is not None and len(adv_data) > _MAX_ADV or resp_data is not None and len(resp_data) > _MAX_ADV:
+            raise ValueError("advertising data over 31 bytes")
+        self._radio.advertising = None if interval_us is None else (bytes(adv_data or b""), bytes(resp_data or b""))
