@@ -215,6 +215,7 @@ class LineDeframer:
         self._overlong = False
         self._events: "list[Frame | Discarded]" = []
         self.flooded = 0
+        self.discarded = 0
 
     def feed(self, data: "bytes | bytearray | memoryview") -> None:
         buf = self._buf
@@ -243,6 +244,15 @@ class LineDeframer:
         if self._events:
             return self._events.pop(0)
         return NEED_DATA
+
+    def next_message(self) -> "bytes | None":
+        # The next whole message, counting (in discarded) what was not one.
+        while self._events:
+            ev = self._events.pop(0)
+            if isinstance(ev, Frame):
+                return ev.data
+            self.discarded += 1
+        return None
 
     def _line(self, line: memoryview) -> "Frame | Discarded":
         n = len(line)

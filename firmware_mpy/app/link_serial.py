@@ -24,7 +24,6 @@ class SerialLink:
         self._rx = link.LineDeframer()
         self._byte = bytearray(1)
         self.connected = True
-        self.rx_discarded = 0
 
     def service(self):
         return False  # a serial console never reconnects by itself
@@ -43,10 +42,4 @@ class SerialLink:
             if not ready or self._in.readinto(self._byte) != 1:
                 break
             self._rx.feed(self._byte)
-        while True:
-            ev = self._rx.next_event()
-            if ev is None:
-                return None
-            if isinstance(ev, link.Frame):
-                return ev.data
-            self.rx_discarded += 1
+        return self._rx.next_message()
