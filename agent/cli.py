@@ -43,20 +43,21 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent import simrun
+    from agent import demo
 
     opts = _options(args, live=True)
     try:
-        result = simrun.run(opts)
+        result = demo.main(opts)
     except KeyboardInterrupt:
         return 130
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print("verified %d frames from %d boards in %.0f s; %d rejected, %d samples missing" % (
-            result["frames_verified"], len(result["boards"]), result["seconds"], result["rejects"],
-            result["samples_missing"]))
-    return 0 if result["rejects"] == 0 and result["samples_missing"] == 0 else 1
+        print("generated %d frames, acknowledged %d, forwarded %d, lost %d; %d rejected" % (
+            result["frames_generated"], result["frames_acknowledged"], result["frames_forwarded"],
+            result["frames_lost"], sum(result["rejects"].values())))
+    ok = result["frames_lost"] == 0 and result["store_integrity"] == "ok" and not result["backend_invalid"]
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:

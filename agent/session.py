@@ -1,9 +1,11 @@
-"""One board's conversation with the hub: verify each message, ack it, count.
+"""One link's conversation with its board: process each message, ack, count.
 
-The session reads whole messages from a transport, has protocols.hub judge
-them (key, MAC, payload, replay window), acknowledges accepted and
-duplicate sample frames, and keeps per-board statistics: what arrived,
-what was refused and why, and whether each stream's samples are complete.
+The session reads whole messages from a transport and hands each to a
+Processor (agent.ingest): it verifies them (key, MAC, payload, replay
+window) and, for the agent, stores them. The session sends the acks the
+processor returns, only once it returns them, and keeps per-board
+statistics: what arrived, what was refused and why, and whether each
+stream's samples are complete.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from agent.ingest import Processor
 from agent.transports.base import Transport, TransportClosed
 from protocols import hub, messages
 
@@ -75,10 +78,10 @@ class BoardStats:
 
 
 class BoardSession:
-    def __init__(self, transport: Transport, hub_: hub.Hub, stats: BoardStats,
+    def __init__(self, transport: Transport, processor: Processor, stats: BoardStats,
                  recorder: Callable[[bytes], None] | None = None) -> None:
         self.transport = transport
-        self.hub = hub_
+        self.processor = processor
         self.stats = stats
         self.recorder = recorder
 
@@ -100,21 +103,22 @@ class BoardSession:
         st.messages += 1
         if self.recorder is not None:
             self.recorder(raw)
-        r = self.hub.receive(raw)
+        out = await self.processor.process(raw, self.transport.name)
+        r = out.received
         if r.verdict == hub.REJECTED:
             st.rejects[r.reason] += 1
             return
         m = r.message
-        assert m is not None
+        if r.device_id and st.device_id != r.device_id:
+            st.device_id = r.device_id
         if isinstance(m, messages.Hello):
             st.firmware = m.firmware
-        if not isinstance(m, messages.SampleFrame):
-            return
-        if r.verdict == hub.DUPLICATE:
-            st.duplicates += 1
-        else:
-            self._count(m)
-        for ack in self.hub.ack(st.device_id, m.epoch, [m.seq]):
+        if isinstance(m, messages.SampleFrame):
+            if r.verdict == hub.DUPLICATE:
+                st.duplicates += 1
+            else:
+                self._count(m)
+        for ack in out.acks:
             await self.transport.send(ack)
             st.acks_sent += 1
 

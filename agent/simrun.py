@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from agent.ingest import Volatile
 from agent.session import BoardSession, BoardStats
 from agent.sim import boards
 from agent.sim.runner import SimulatedBoard
@@ -113,7 +114,7 @@ async def _run(opts: SimOptions, sims: list[SimulatedBoard], out: IO[str]) -> li
         rec = Recorder(opts.capture, sim.device_id) if opts.capture else None
         if rec:
             recorders.append(rec)
-        sessions.append(BoardSession(SerialTransport(sim.port), h, st, rec))
+        sessions.append(BoardSession(SerialTransport(sim.port), Volatile(h), st, rec))
     t0 = time.monotonic()
     try:
         async with asyncio.TaskGroup() as tg:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.ingest import Volatile
 from agent.session import BoardSession, BoardStats
 from agent.sim import boards
 from agent.sim.runner import SimulatedBoard
@@ -65,7 +66,7 @@ def stream(b: BoardUnderTest, seconds: float) -> BoardStats:
     h = hub.Hub()
     h.add_device(b.device_id, b.key)
     stats = BoardStats(b.device_id, "serial:" + b.port)
-    session = BoardSession(SerialTransport(b.port), h, stats)
+    session = BoardSession(SerialTransport(b.port), Volatile(h), stats)
 
     async def go() -> None:
         task = asyncio.create_task(session.run())

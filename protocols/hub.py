@@ -47,6 +47,13 @@ class Hub:
     def remove_device(self, device_id: str) -> None:
         self._devices.pop(device_id.encode(), None)
 
+    def has_device(self, device_id: str) -> bool:
+        return device_id.encode() in self._devices
+
+    def set_window(self, device_id: str, epoch: int, top: int, bitmap: int) -> None:
+        w = self._devices[device_id.encode()].window
+        w.epoch, w.top, w.bitmap = epoch, top, bitmap
+
     def window(self, device_id: str) -> replay.ReplayWindow:
         return self._devices[device_id.encode()].window
 

@@ -187,5 +187,10 @@ def run(board, until_ms=None):
         return None
     board.console("pulsebridge: %s streaming over %s, boot epoch %d; Ctrl-C for the REPL"
                   % (cfg["device_id"], app.link.name, epoch))
-    app.run(until_ms)
+    try:
+        app.run(until_ms)
+    finally:
+        # For the technician (and the simulator's accounting), whatever stopped us.
+        board.console("\r\npulsebridge: stopped after %d frames built, %d awaiting an ack, %d dropped"
+                      % (app.frames_built, app.outbox.depth(), app.outbox.dropped))
     return app

@@ -1,0 +1,173 @@
+"""What every forwarder shares: the outbox loop, retry, TLS, documents."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import base64
+import enum
+import logging
+import random
+import ssl
+import time
+from typing import Any
+from urllib.parse import urlparse
+
+from agent.config import BackendConfig
+from agent.store import KIND_GAP, Row, Store, check_private
+from protocols import cose, messages
+
+log = logging.getLogger(__name__)
+
+UNITS = {messages.STREAM_ECG_MAX30003: "uV", messages.STREAM_ECG_AD8232: "uV", messages.STREAM_PPG_MAX30102: "nA"}
+CHANNELS = {messages.STREAM_ECG_MAX30003: ("ecg",), messages.STREAM_ECG_AD8232: ("ecg",),
+            messages.STREAM_PPG_MAX30102: ("red", "ir")}
+
+
+class DeliveryError(Exception):
+    """The backend did not take the batch; it will be retried."""
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    SENDING = "sending"
+    BACKOFF = "backoff"
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter (a random delay up to the cap
+    of the current step), so hubs that lost the same backend do not retry in step."""
+
+    def __init__(self, base_s: float = 0.5, cap_s: float = 60.0) -> None:
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        return random.uniform(self.base_s / 2, min(self.cap_s, self.base_s * 2 ** (self.failures - 1)))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def idempotency_key(row: Row) -> str:
+    if row.kind == KIND_GAP:
+        return "gap:%s:%d" % (row.device_id, row.seq)
+    return "%s:%d:%d" % (row.device_id, row.epoch, row.seq)
+
+
+def document(row: Row, hub_id: str) -> dict[str, Any]:
+    """The decoded form of a stored frame, with the original COSE bytes."""
+    received = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row.received_at))
+    if row.kind == KIND_GAP:
+        doc = {"type": "gap", "idempotency_key": idempotency_key(row), "hub_id": hub_id, "received_at": received}
+        doc.update(row.info or {})
+        return doc
+    assert row.raw is not None
+    m = messages.decode_payload(cose.parse(row.raw).payload, messages.UPLINK_TYPES)
+    assert isinstance(m, messages.SampleFrame)
+    flags = m.status[0]
+    return {
+        "type": "samples",
+        "idempotency_key": idempotency_key(row),
+        "hub_id": hub_id,
+        "device_id": row.device_id,
+        "epoch": m.epoch,
+        "seq": m.seq,
+        "stream": messages.STREAM_NAMES.get(m.stream, str(m.stream)),
+        "rate_hz": m.rate_hz,
+        "t0_ms": m.t0_ms,
+        "first_index": m.first_index,
+        "count": m.count,
+        "scale": {"num": m.scale[0], "den": m.scale[1], "unit": UNITS.get(m.stream, "")},
+        "ppg_drive": None if m.ppg_drive is None else dict(zip(
+            ("led_red_ua", "led_ir_ua", "adc_range_na", "pulse_width_us"), m.ppg_drive)),
+        "status": {"lead_off": bool(flags & messages.FLAG_LEAD_OFF),
+                   "saturated": bool(flags & messages.FLAG_SATURATED),
+                   "fifo_overflow": bool(flags & messages.FLAG_FIFO_OVERFLOW),
+                   "sensor_fault": bool(flags & messages.FLAG_SENSOR_FAULT),
+                   "fifo_lost_samples": m.status[1], "frames_dropped_by_board": m.status[2],
+                   "jitter_us": m.status[3]},
+        "channels": dict(zip(CHANNELS.get(m.stream, ("ch0", "ch1")), m.channels)),
+        "received_at": received,
+        "cose": base64.b64encode(row.raw).decode(),
+    }
+
+
+def read_secret(path: Any, what: str) -> str:
+    check_private(path, what)
+    return str(path.read_text().strip())
+
+
+def tls_context(cfg: BackendConfig) -> ssl.SSLContext | None:
+    """None for an explicitly insecure plaintext URL; otherwise a verifying context."""
+    scheme = urlparse(cfg.url).scheme
+    if scheme in ("http", "mqtt"):
+        log.warning("backend %s uses plaintext %s:// (insecure = true): health data crosses the network "
+                    "unencrypted", cfg.name, scheme)
+        return None
+    ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+    if cfg.insecure:
+        log.warning("backend %s: TLS certificate verification is OFF (insecure = true)", cfg.name)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if cfg.client_cert:
+        if cfg.client_key:
+            check_private(cfg.client_key, "client key")
+        ctx.load_cert_chain(str(cfg.client_cert), str(cfg.client_key) if cfg.client_key else None)
+    return ctx
+
+
+class Forwarder(abc.ABC):
+    def __init__(self, cfg: BackendConfig, store: Store, hub_id: str, wake: asyncio.Event) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.store = store
+        self.hub_id = hub_id
+        self.wake = wake
+        self.state = State.IDLE
+        self.backoff = Backoff()
+        self.forwarded = 0
+        self.failures = 0
+        self.last_error = ""
+
+    @abc.abstractmethod
+    async def deliver(self, rows: list[Row]) -> None:
+        """Delivers rows; returns only once the backend has acknowledged all of them."""
+
+    async def close(self) -> None:
+        return None
+
+    async def run(self) -> None:
+        reader = self.store.reader()
+        try:
+            while True:
+                rows = await asyncio.to_thread(Store.fetch_outbox, reader, self.name, self.cfg.batch)
+                if not rows:
+                    self.state = State.IDLE
+                    self.wake.clear()
+                    try:
+                        async with asyncio.timeout(1.0):
+                            await self.wake.wait()
+                    except TimeoutError:
+                        pass
+                    continue
+                self.state = State.SENDING
+                try:
+                    async with asyncio.timeout(self.cfg.timeout_s * 3):
+                        await self.deliver(rows)
+                except (DeliveryError, OSError, TimeoutError, ssl.SSLError) as e:
+                    self.failures += 1
+                    self.last_error = "%s: %s" % (type(e).__name__, e)
+                    delay = self.backoff.next_delay()
+                    log.warning("backend %s: %s; retry in %.1f s", self.name, self.last_error, delay)
+                    self.state = State.BACKOFF
+                    await asyncio.sleep(delay)
+                    continue
+                await self.store.delivered(self.name, [r.id for r in rows])
+                self.forwarded += len(rows)
+                self.backoff.reset()
+        finally:
+            reader.close()
+            await self.close()

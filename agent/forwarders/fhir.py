@@ -1,0 +1,141 @@
+"""HTTPS FHIR R4: each batch as a transaction Bundle.
+
+- An Observation per sample frame, its waveform in valueSampledData (ECG),
+  or in two components, red and infrared (PPG), coded with ISO/IEEE 11073
+  MDC codes as the HL7 Personal Health Device IG does.
+- A Device for the board and one for the hub, created once (conditional
+  create on their identifiers) and referenced by every Observation.
+- Observation.identifier is the idempotency key (urn:pulsebridge:frame |
+  <device>:<epoch>:<seq>) and the create is conditional on it
+  (If-None-Exist), so a resent batch never duplicates an Observation.
+- Gap records become Observations with a data-absent reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+
+from agent.forwarders.base import DeliveryError, Forwarder, document, read_secret, tls_context
+from agent.store import Row
+
+MDC = "urn:iso:std:iso:11073:10101"
+UCUM = "http://unitsofmeasure.org"
+FRAME_SYSTEM = "urn:pulsebridge:frame"
+DEVICE_SYSTEM = "urn:pulsebridge:device"
+HUB_SYSTEM = "urn:pulsebridge:hub"
+# MDC codes (ISO/IEEE 11073-10101) for the waveforms.
+CODES = {
+    "ecg": ("131330", "MDC_ECG_ELEC_POTL_II", "ECG lead II"),
+    "ecg-ad8232": ("131328", "MDC_ECG_ELEC_POTL", "ECG"),
+    "ppg": ("150452", "MDC_PULS_OXIM_PLETH", "Plethysmogram"),
+}
+_NS = uuid.UUID("6f1e4c52-6b5e-4f57-9a0d-3f8f1b7a2c11")
+
+
+def _urn(kind: str, value: str) -> str:
+    return "urn:uuid:%s" % uuid.uuid5(_NS, kind + ":" + value)
+
+
+def _device_entry(system: str, value: str, name: str, kind: str) -> dict[str, Any]:
+    return {
+        "fullUrl": _urn(kind, value),
+        "resource": {"resourceType": "Device", "identifier": [{"system": system, "value": value}],
+                     "deviceName": [{"name": name, "type": "user-friendly-name"}], "status": "active"},
+        "request": {"method": "POST", "url": "Device", "ifNoneExist": "identifier=%s|%s" % (system, value)},
+    }
+
+
+def _sampled(values: list[int], doc: dict[str, Any]) -> dict[str, Any]:
+    scale = doc["scale"]
+    return {
+        "origin": {"value": 0, "unit": scale["unit"], "system": UCUM, "code": scale["unit"]},
+        "period": round(1000.0 / doc["rate_hz"], 6),
+        "factor": round(scale["num"] / scale["den"], 9),
+        "dimensions": 1,
+        "data": " ".join(str(v) for v in values),
+    }
+
+
+def observation(doc: dict[str, Any], hub_id: str) -> dict[str, Any]:
+    key = doc["idempotency_key"]
+    device = doc["device_id"]
+    obs: dict[str, Any] = {
+        "resourceType": "Observation",
+        "identifier": [{"system": FRAME_SYSTEM, "value": key}],
+        "status": "final",
+        "device": {"reference": _urn("device", device)},
+        "issued": doc["received_at"],
+    }
+    if doc["type"] == "gap":
+        obs["code"] = {"text": "pulsebridge data gap"}
+        obs["dataAbsentReason"] = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",
+                                               "code": "error"}]}
+        obs["note"] = [{"text": "%d frames dropped at the hub (%s)" % (doc["frames_dropped"], doc["reason"])}]
+        return obs
+    code, mdc_name, text = CODES.get(doc["stream"], ("0", "unknown", doc["stream"]))
+    obs["code"] = {"coding": [{"system": MDC, "code": code, "display": mdc_name}], "text": text}
+    # Until the hub maps board ticks to UTC, the window is placed by its
+    # arrival: it ended when it was received.
+    end = time.mktime(time.strptime(doc["received_at"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    start = end - doc["count"] / doc["rate_hz"]
+    obs["effectivePeriod"] = {"start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
+                              "end": doc["received_at"]}
+    chans = doc["channels"]
+    if doc["stream"] == "ppg":
+        obs["component"] = [
+            {"code": {"text": "red (660 nm) photocurrent"}, "valueSampledData": _sampled(chans["red"], doc)},
+            {"code": {"text": "infrared (880 nm) photocurrent"}, "valueSampledData": _sampled(chans["ir"], doc)},
+        ]
+    else:
+        obs["valueSampledData"] = _sampled(chans["ecg"], doc)
+    return obs
+
+
+def bundle(docs: list[dict[str, Any]], hub_id: str) -> dict[str, Any]:
+    entries = [_device_entry(HUB_SYSTEM, hub_id, "pulsebridge hub %s" % hub_id, "hub")]
+    for dev in sorted({d["device_id"] for d in docs}):
+        entries.append(_device_entry(DEVICE_SYSTEM, dev, "pulsebridge board %s" % dev, "device"))
+    for d in docs:
+        obs = observation(d, hub_id)
+        entries.append({"fullUrl": _urn("frame", d["idempotency_key"]), "resource": obs,
+                        "request": {"method": "POST", "url": "Observation",
+                                    "ifNoneExist": "identifier=%s|%s" % (FRAME_SYSTEM, d["idempotency_key"])}})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+class FhirForwarder(Forwarder):
+    _session: aiohttp.ClientSession | None = None
+
+    async def deliver(self, rows: list[Row]) -> None:
+        if self._session is None:
+            ctx = tls_context(self.cfg)
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=ctx if ctx is not None else False),
+                timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s))
+        body = bundle([document(r, self.hub_id) for r in rows], self.hub_id)
+        headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+        if self.cfg.bearer_token_file:
+            headers["Authorization"] = "Bearer " + read_secret(self.cfg.bearer_token_file, "bearer token")
+        try:
+            async with self._session.post(self.cfg.url.rstrip("/"), data=json.dumps(body),
+                                          headers=headers) as resp:
+                text = await resp.text()
+                if not 200 <= resp.status < 300:
+                    raise DeliveryError("FHIR server answered HTTP %d" % resp.status)
+        except aiohttp.ClientError as e:
+            raise DeliveryError(str(e) or type(e).__name__) from e
+        reply = json.loads(text)
+        for entry in reply.get("entry", []):
+            status = str(entry.get("response", {}).get("status", ""))
+            if not status.startswith("2"):
+                raise DeliveryError("FHIR transaction entry answered %r" % status)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,61 @@
+"""MQTT 3.1.1 / 5 over TLS, QoS 1: a row leaves the outbox on PUBACK.
+
+Topics: <topic_prefix>/<hub_id>/<device_id>/<stream> for sample frames
+(stream: ecg, ecg-ad8232, ppg) and <topic_prefix>/<hub_id>/<device_id>/gap
+for gap records. The payload is the JSON document of agent.forwarders.base:
+the original COSE frame (base64), its decoded form, and the idempotency key
+"<device>:<epoch>:<seq>" a subscriber uses to drop the duplicates that
+QoS 1 allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from urllib.parse import urlparse
+
+import aiomqtt
+
+from agent.forwarders.base import DeliveryError, Forwarder, document, read_secret, tls_context
+from agent.store import Row
+
+
+def topic(prefix: str, hub_id: str, doc: dict[str, object]) -> str:
+    leaf = "gap" if doc["type"] == "gap" else str(doc["stream"])
+    return "%s/%s/%s/%s" % (prefix, hub_id, doc["device_id"], leaf)
+
+
+class MqttForwarder(Forwarder):
+    _client: aiomqtt.Client | None = None
+
+    async def _connect(self) -> aiomqtt.Client:
+        u = urlparse(self.cfg.url)
+        ctx = tls_context(self.cfg)
+        password = read_secret(self.cfg.password_file, "MQTT password") if self.cfg.password_file else None
+        client = aiomqtt.Client(
+            hostname=u.hostname or "localhost", port=u.port or (8883 if ctx is not None else 1883),
+            username=self.cfg.username, password=password, identifier="pulsebridge-%s-%s" % (self.hub_id, self.name),
+            tls_context=ctx, protocol=aiomqtt.ProtocolVersion.V311, keepalive=30, timeout=self.cfg.timeout_s,
+            clean_session=False)
+        await client.__aenter__()
+        return client
+
+    async def deliver(self, rows: list[Row]) -> None:
+        try:
+            if self._client is None:
+                self._client = await self._connect()
+            client = self._client
+            docs = [document(r, self.hub_id) for r in rows]
+            await asyncio.gather(*(client.publish(topic(self.cfg.topic_prefix, self.hub_id, d),
+                                                  payload=json.dumps(d).encode(), qos=1) for d in docs))
+        except aiomqtt.MqttError as e:
+            await self.close()
+            raise DeliveryError("MQTT: %s" % e) from e
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            try:
+                await client.__aexit__(None, None, None)
+            except Exception:  # the connection is gone already
+                pass

@@ -1,0 +1,155 @@
+"""From a board's bytes to a stored frame and an ack.
+
+Processor is what a board session hands each uplink message to. Two exist:
+Ingestor (the agent's: nothing is acknowledged before it is committed to the
+store, replay window included) and Volatile (for the bare simulator: verify
+and acknowledge, store nothing).
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from agent.registry import Registry
+from agent.store import Ingest, Store, StoreError
+from protocols import hub, messages, replay
+
+log = logging.getLogger(__name__)
+
+# Rejects logged per minute at most (all are counted): a flood of forged
+# frames must not flood the log, nor the disk.
+REJECT_LOG_PER_MIN = 10
+
+
+@dataclass
+class Outcome:
+    received: hub.Received
+    acks: list[bytes]
+
+
+class Processor(abc.ABC):
+    hub: hub.Hub
+
+    @abc.abstractmethod
+    async def process(self, raw: bytes, link: str) -> Outcome: ...
+
+
+class _RateLimitedLog:
+    def __init__(self, per_min: int) -> None:
+        self.per_min = per_min
+        self.window_start = 0.0
+        self.count = 0
+        self.suppressed = 0
+
+    def __call__(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.window_start >= 60:
+            if self.suppressed:
+                log.warning("%d more rejected messages not logged", self.suppressed)
+            self.window_start, self.count, self.suppressed = now, 0, 0
+        if self.count < self.per_min:
+            self.count += 1
+            log.warning(msg, *args)
+        else:
+            self.suppressed += 1
+
+
+class Volatile(Processor):
+    def __init__(self, hub_: hub.Hub) -> None:
+        self.hub = hub_
+
+    async def process(self, raw: bytes, link: str) -> Outcome:
+        r = self.hub.receive(raw)
+        acks: list[bytes] = []
+        if r.verdict != hub.REJECTED and isinstance(r.message, messages.SampleFrame):
+            acks = self.hub.ack(r.device_id or "", r.message.epoch, [r.message.seq])
+        return Outcome(r, acks)
+
+
+class Ingestor(Processor):
+    def __init__(self, store: Store, registry: Registry) -> None:
+        self.store = store
+        self.registry = registry
+        self.hub = hub.Hub()
+        self.revoked: set[str] = set()
+        self.rejects: Counter[str] = Counter()
+        self._log = _RateLimitedLog(REJECT_LOG_PER_MIN)
+        self._reader = store.reader()
+        self.reload_devices()
+
+    def reload_devices(self) -> None:
+        """Registry changes (a new board, a revocation) take effect at once."""
+        windows = self.store.load_windows()
+        seen = set()
+        for dev in self.registry.all():
+            seen.add(dev.device_id)
+            if dev.state == "active":
+                if not self.hub.has_device(dev.device_id):
+                    self.hub.add_device(dev.device_id, dev.key)
+                    if dev.device_id in windows:
+                        self.hub.set_window(dev.device_id, *windows[dev.device_id])
+                self.revoked.discard(dev.device_id)
+            else:
+                self.hub.remove_device(dev.device_id)
+                self.revoked.add(dev.device_id)
+        for dev_id in list(self.revoked):
+            if dev_id not in seen:
+                self.revoked.discard(dev_id)
+
+    def _restore_windows(self) -> None:
+        # A commit failed: the in-memory windows ran ahead of the store.
+        for dev, state in self.store.load_windows().items():
+            if self.hub.has_device(dev):
+                self.hub.set_window(dev, *state)
+
+    async def _reject(self, r: hub.Received, link: str) -> Outcome:
+        reason = r.reason
+        if r.device_id in self.revoked and reason == "unknown_device":
+            reason = "revoked"
+            r.reason = reason
+        self.rejects[reason] += 1
+        self._log("rejected message from %s on %s: %s", r.device_id or "?", link, reason)
+        await self.store.reject(reason, link, r.device_id, r.raw)
+        return Outcome(r, [])
+
+    async def process(self, raw: bytes, link: str) -> Outcome:
+        r = self.hub.receive(raw)
+        if r.verdict == hub.REJECTED and r.reason == "replay:" + replay.TOO_OLD and r.device_id:
+            # Below the window: a retransmission of a frame we hold is a duplicate.
+            if self._stored(raw, r.device_id):
+                r = hub.Received(hub.DUPLICATE, r.device_id, self._decode(raw), raw)
+        if r.verdict == hub.REJECTED:
+            return await self._reject(r, link)
+        m = r.message
+        dev = r.device_id or ""
+        if not isinstance(m, messages.SampleFrame):
+            return Outcome(r, [])  # hello, status, time: session state, not stored
+        w = self.hub.window(dev)
+        item = Ingest(dev, m.epoch, m.seq, messages.T_SAMPLES, raw, w.state(), m.stream, m.t0_ms, m.first_index,
+                      m.count, duplicate=r.verdict == hub.DUPLICATE)
+        try:
+            await self.store.ingest(item)
+        except StoreError:
+            self._restore_windows()
+            raise
+        return Outcome(r, self.hub.ack(dev, m.epoch, [m.seq]))
+
+    def _decode(self, raw: bytes) -> messages.Message | None:
+        from protocols import cose
+
+        try:
+            return messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES)
+        except Exception:
+            return None
+
+    def _stored(self, raw: bytes, device_id: str) -> bool:
+        m = self._decode(raw)
+        if not isinstance(m, messages.SampleFrame):
+            return False
+        row = self._reader.execute("SELECT 1 FROM frames WHERE device_id=? AND epoch=? AND seq=?",
+                                   (device_id, m.epoch, m.seq)).fetchone()
+        return row is not None

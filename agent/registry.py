@@ -1,0 +1,116 @@
+"""The device registry: known boards, their keys, their state.
+
+SQLite, mode 0600, owned by the service user. A key is 32 random bytes made
+here (secrets.token_bytes), never derived from anything about the board.
+Every change is written to the audit log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.audit import AuditLog
+from agent.store import StoreError, check_private
+
+KEY_BYTES = 32
+DEVICE_ID = re.compile(r"^[a-z0-9-]{1,16}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices(
+    device_id TEXT PRIMARY KEY, key BLOB NOT NULL, state TEXT NOT NULL CHECK(state IN ('active', 'revoked')),
+    label TEXT NOT NULL DEFAULT '', patient_ref TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL, key_changed_at REAL NOT NULL, revoked_at REAL, revoke_reason TEXT);
+"""
+
+
+class RegistryError(Exception):
+    def __init__(self, message: str, device_id: str = "") -> None:
+        super().__init__(message)
+        self.device_id = device_id
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: str
+    key: bytes
+    state: str
+    label: str
+    patient_ref: str
+    created_at: float
+    revoked_at: float | None
+    revoke_reason: str | None
+
+    def __repr__(self) -> str:  # never print a key
+        return "Device(%s, %s, %r)" % (self.device_id, self.state, self.label)
+
+
+class Registry:
+    def __init__(self, path: Path, audit: AuditLog) -> None:
+        self.path = path
+        self.audit = audit
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            check_private(self.path, "device registry")
+        except StoreError as e:
+            raise RegistryError(str(e)) from None
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _row(self, r: tuple[object, ...]) -> Device:
+        return Device(str(r[0]), bytes(r[1]), str(r[2]), str(r[3]), str(r[4]), float(r[5]),  # type: ignore
+                      None if r[6] is None else float(r[6]), None if r[7] is None else str(r[7]))  # type: ignore
+
+    def get(self, device_id: str) -> Device | None:
+        r = self._db.execute("SELECT device_id, key, state, label, patient_ref, created_at, revoked_at, "
+                             "revoke_reason FROM devices WHERE device_id=?", (device_id,)).fetchone()
+        return self._row(r) if r else None
+
+    def all(self) -> list[Device]:
+        return [self._row(r) for r in self._db.execute(
+            "SELECT device_id, key, state, label, patient_ref, created_at, revoked_at, revoke_reason "
+            "FROM devices ORDER BY device_id")]
+
+    def add(self, device_id: str, label: str = "", patient_ref: str = "", key: bytes | None = None,
+            actor: str | None = None) -> Device:
+        if not DEVICE_ID.match(device_id):
+            raise RegistryError("device id must be 1 to 16 of a-z, 0-9, '-': %r" % device_id, device_id)
+        if self.get(device_id) is not None:
+            raise RegistryError("device %s is already registered" % device_id, device_id)
+        if key is None:
+            key = secrets.token_bytes(KEY_BYTES)
+        if len(key) != KEY_BYTES:
+            raise RegistryError("a device key is %d bytes" % KEY_BYTES, device_id)
+        now = time.time()
+        self._db.execute("INSERT INTO devices(device_id, key, state, label, patient_ref, created_at, key_changed_at) "
+                         "VALUES(?,?,?,?,?,?,?)", (device_id, key, "active", label, patient_ref, now, now))
+        self.audit.record("device.add", device_id, actor, label=label)
+        dev = self.get(device_id)
+        assert dev is not None
+        return dev
+
+    def revoke(self, device_id: str, reason: str, actor: str | None = None) -> None:
+        dev = self.get(device_id)
+        if dev is None:
+            raise RegistryError("no device %s" % device_id, device_id)
+        if dev.state == "revoked":
+            raise RegistryError("device %s is already revoked" % device_id, device_id)
+        self._db.execute("UPDATE devices SET state='revoked', revoked_at=?, revoke_reason=? WHERE device_id=?",
+                         (time.time(), reason, device_id))
+        self.audit.record("device.revoke", device_id, actor, reason=reason)
+
+    def remove(self, device_id: str, actor: str | None = None) -> None:
+        self._db.execute("DELETE FROM devices WHERE device_id=?", (device_id,))
+        self.audit.record("device.remove", device_id, actor)

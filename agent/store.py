@@ -1,0 +1,425 @@
+"""The hub's durable store: SQLite in WAL mode, one writer thread.
+
+A frame is acknowledged to its board only once it is committed here, with
+the device's replay window updated in the same transaction. Many frames
+share a commit (group commit): the writer takes everything queued, writes it
+in one transaction, then wakes every waiter. Each backend has its own
+outbox; a row leaves it only when that backend has acknowledged the frame.
+
+Disk quota policy (explicit, per priority): when the database passes its
+quota, the oldest raw waveform frames (priority RAW) are deleted first,
+even if not yet forwarded; derived vitals and alerts (priority VITALS and
+ALERT) are deleted only if raw waveforms alone cannot bring it back under
+the quota. Every deletion is counted, and each backend that had not yet
+received the deleted frames gets a gap record (forwarded like a frame,
+ahead of waveforms) saying which device lost how many frames and when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+# Priorities: higher is forwarded first and deleted last.
+PRIORITY_RAW = 0
+PRIORITY_GAP = 5
+PRIORITY_VITALS = 8
+PRIORITY_ALERT = 10
+
+KIND_GAP = 100  # a gap record, stored as a frame row with no COSE bytes
+
+# Transactions hold at most this many ingests: bounds the time a commit
+# takes and so the latency of the acks waiting for it.
+MAX_BATCH = 512
+# Rejected messages kept for forensics (oldest go first).
+QUARANTINE_ROWS = 1000
+# How often the writer checks the quota, in batches.
+_QUOTA_EVERY = 32
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS replay(
+    device_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, top INTEGER NOT NULL, bitmap INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS frames(
+    id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
+    kind INTEGER NOT NULL, stream INTEGER, priority INTEGER NOT NULL,
+    received_at REAL NOT NULL, t0_ms INTEGER, first_index INTEGER, count INTEGER,
+    raw BLOB, info TEXT,
+    UNIQUE(device_id, epoch, seq));
+CREATE INDEX IF NOT EXISTS frames_age ON frames(priority, id);
+CREATE TABLE IF NOT EXISTS outbox(
+    backend TEXT NOT NULL, frame_id INTEGER NOT NULL, priority INTEGER NOT NULL,
+    PRIMARY KEY(backend, frame_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS outbox_order ON outbox(backend, priority DESC, frame_id);
+CREATE TABLE IF NOT EXISTS quarantine(
+    id INTEGER PRIMARY KEY, at REAL NOT NULL, link TEXT, device_id TEXT, reason TEXT NOT NULL, raw BLOB);
+CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+class StoreError(Exception):
+    """The store cannot be used: wrong permissions, wrong schema, disk failure."""
+
+
+@dataclass
+class Ingest:
+    """One authenticated uplink message to store (or, if duplicate, to re-ack)."""
+
+    device_id: str
+    epoch: int
+    seq: int
+    kind: int
+    raw: bytes
+    window: tuple[int, int, int]  # the device's replay window after this message
+    stream: int | None = None
+    t0_ms: int | None = None
+    first_index: int | None = None
+    count: int | None = None
+    priority: int = PRIORITY_RAW
+    duplicate: bool = False
+
+
+@dataclass
+class Row:
+    id: int
+    device_id: str
+    epoch: int
+    seq: int
+    kind: int
+    stream: int | None
+    priority: int
+    received_at: float
+    raw: bytes | None
+    info: dict[str, Any] | None
+
+
+@dataclass
+class _Job:
+    kind: str
+    args: Any
+    done: Callable[[BaseException | None, Any], None]
+
+
+@dataclass
+class StoreStats:
+    commits: int = 0
+    ingested: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+def check_private(path: Path, what: str) -> None:
+    """Refuses a secret or health-data file that others can read."""
+    st = path.stat()
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise StoreError("%s %s is readable by others (mode %o): run chmod 600 %s" % (
+            what, path, stat.S_IMODE(st.st_mode), path))
+    if st.st_uid != os.geteuid():
+        raise StoreError("%s %s belongs to uid %d, not to this service (uid %d)" % (
+            what, path, st.st_uid, os.geteuid()))
+
+
+class Store:
+    def __init__(self, path: Path, backends: list[str], quota_bytes: int = 0) -> None:
+        self.path = path
+        self.backends = list(backends)
+        self.quota_bytes = quota_bytes
+        self.stats = StoreStats()
+        self._q: queue.Queue[_Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._db: sqlite3.Connection | None = None
+        self._batches = 0
+        self.on_commit: Callable[[], None] | None = None
+
+    # ---- opening -------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk (WAL fsynced) before anyone is told.
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        return db
+
+    def open(self) -> None:
+        new = not self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if new:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+        check_private(self.path, "store")
+        db = self._connect()
+        db.executescript(_SCHEMA)
+        row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            db.execute("INSERT INTO meta VALUES('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise StoreError("store %s has schema %s, this agent speaks %d" % (self.path, row[0], SCHEMA_VERSION))
+        self._db = db
+        for suffix in ("-wal", "-shm"):
+            p = Path(str(self.path) + suffix)
+            if p.exists():
+                os.chmod(p, 0o600)
+
+    def reader(self) -> sqlite3.Connection:
+        """A read connection for another thread (WAL: readers never block the writer)."""
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        db.execute("PRAGMA query_only=ON")
+        return db
+
+    def integrity_check(self) -> str:
+        db = self.reader()
+        try:
+            return str(db.execute("PRAGMA integrity_check").fetchone()[0])
+        finally:
+            db.close()
+
+    def load_windows(self) -> dict[str, tuple[int, int, int]]:
+        assert self._db is not None
+        return {r[0]: (r[1], r[2], r[3]) for r in self._db.execute("SELECT device_id, epoch, top, bitmap FROM replay")}
+
+    # ---- the writer thread -------------------------------------------------------
+
+    def start(self) -> None:
+        if self._db is None:
+            self.open()
+        self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _submit(self, kind: str, args: Any) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def done(exc: BaseException | None, result: Any) -> None:
+            def settle() -> None:
+                if fut.done():
+                    return
+                if exc is not None:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(result)
+            loop.call_soon_threadsafe(settle)
+
+        self._q.put(_Job(kind, args, done))
+        return fut
+
+    async def ingest(self, item: Ingest) -> None:
+        """Returns once the message is durably stored (or, duplicate, once the batch is)."""
+        await self._submit("ingest", item)
+
+    async def delivered(self, backend: str, frame_ids: list[int]) -> None:
+        await self._submit("delivered", (backend, frame_ids))
+
+    async def reject(self, reason: str, link: str, device_id: str | None, raw: bytes) -> None:
+        await self._submit("reject", (reason, link, device_id, raw))
+
+    async def run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Runs fn(db) in the writer thread, in its own transaction."""
+        return await self._submit("call", fn)
+
+    def _writer(self) -> None:
+        db = self._db
+        assert db is not None
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            batch = [job]
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._q.put(None)
+                    break
+                batch.append(nxt)
+            try:
+                results = self._apply(db, batch)
+            except Exception as e:  # the whole batch failed: nobody is acked
+                log.error("store commit failed: %s", e)
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                for j in batch:
+                    j.done(StoreError("commit failed: %s" % e), None)
+                continue
+            for j, r in zip(batch, results):
+                j.done(None, r)
+            if self.on_commit is not None:
+                self.on_commit()
+
+    def _apply(self, db: sqlite3.Connection, batch: list[_Job]) -> list[Any]:
+        now = time.time()
+        results: list[Any] = []
+        db.execute("BEGIN IMMEDIATE")
+        windows: dict[str, tuple[int, int, int]] = {}
+        ingested = 0
+        for job in batch:
+            if job.kind == "ingest":
+                it: Ingest = job.args
+                windows[it.device_id] = it.window
+                if not it.duplicate:
+                    self._insert(db, it, now)
+                    ingested += 1
+                results.append(None)
+            elif job.kind == "delivered":
+                backend, ids = job.args
+                db.executemany("DELETE FROM outbox WHERE backend=? AND frame_id=?", [(backend, i) for i in ids])
+                results.append(None)
+            elif job.kind == "reject":
+                reason, link, device_id, raw = job.args
+                db.execute("INSERT INTO quarantine(at, link, device_id, reason, raw) VALUES(?,?,?,?,?)",
+                           (now, link, device_id, reason, raw[:4096]))
+                _count(db, "reject:" + reason)
+                results.append(None)
+            elif job.kind == "call":
+                results.append(job.args(db))
+            else:
+                raise AssertionError(job.kind)
+        for dev, (epoch, top, bitmap) in windows.items():
+            db.execute("INSERT INTO replay VALUES(?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET "
+                       "epoch=excluded.epoch, top=excluded.top, bitmap=excluded.bitmap",
+                       (dev, epoch, top, _signed64(bitmap)))
+        db.execute("DELETE FROM quarantine WHERE id <= (SELECT MAX(id) FROM quarantine) - ?", (QUARANTINE_ROWS,))
+        db.execute("COMMIT")
+        self.stats.commits += 1
+        self.stats.ingested += ingested
+        self._batches += 1
+        if self.quota_bytes and self._batches % _QUOTA_EVERY == 0:
+            self.enforce_quota(db)
+        return results
+
+    def _insert(self, db: sqlite3.Connection, it: Ingest, now: float) -> None:
+        cur = db.execute(
+            "INSERT OR IGNORE INTO frames(device_id, epoch, seq, kind, stream, priority, received_at, t0_ms, "
+            "first_index, count, raw) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
+            (it.device_id, it.epoch, it.seq, it.kind, it.stream, it.priority, now, it.t0_ms, it.first_index,
+             it.count, it.raw))
+        if cur.rowcount:
+            fid = cur.lastrowid
+            db.executemany("INSERT INTO outbox(backend, frame_id, priority) VALUES(?,?,?)",
+                           [(b, fid, it.priority) for b in self.backends])
+
+    # ---- quota, retention, erasure ----------------------------------------------
+
+    def db_bytes(self, db: sqlite3.Connection) -> int:
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * size)
+
+    def enforce_quota(self, db: sqlite3.Connection) -> int:
+        """Deletes the lowest-priority, oldest frames until under quota; returns how many."""
+        dropped = 0
+        while self.db_bytes(db) > self.quota_bytes:
+            rows = db.execute("SELECT id, device_id, priority, received_at FROM frames WHERE kind != ? "
+                              "ORDER BY priority, id LIMIT 256", (KIND_GAP,)).fetchall()
+            if not rows:
+                break
+            db.execute("BEGIN IMMEDIATE")
+            lost: dict[tuple[str, str], list[float]] = {}
+            for fid, dev, _prio, at in rows:
+                for (backend,) in db.execute("SELECT backend FROM outbox WHERE frame_id=?", (fid,)).fetchall():
+                    lost.setdefault((backend, dev), []).append(at)
+                db.execute("DELETE FROM outbox WHERE frame_id=?", (fid,))
+                db.execute("DELETE FROM frames WHERE id=?", (fid,))
+            for (backend, dev), ats in lost.items():
+                self._gap(db, backend, dev, len(ats), min(ats), max(ats))
+            _count(db, "quota_dropped", len(rows))
+            db.execute("COMMIT")
+            dropped += len(rows)
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        if dropped:
+            log.warning("disk quota: dropped %d oldest frames; gap records queued", dropped)
+        return dropped
+
+    def _gap(self, db: sqlite3.Connection, backend: str, device_id: str, frames: int, first_at: float,
+             last_at: float) -> None:
+        info = json.dumps({"type": "gap", "device_id": device_id, "frames_dropped": frames,
+                           "first_received_at": first_at, "last_received_at": last_at, "reason": "disk_quota"})
+        seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM frames WHERE kind=?", (KIND_GAP,)).fetchone()[0]
+        cur = db.execute("INSERT INTO frames(device_id, epoch, seq, kind, priority, received_at, info) "
+                         "VALUES(?,?,?,?,?,?,?)", (device_id, -1, seq, KIND_GAP, PRIORITY_GAP, time.time(), info))
+        db.execute("INSERT INTO outbox(backend, frame_id, priority) VALUES(?,?,?)",
+                   (backend, cur.lastrowid, PRIORITY_GAP))
+
+    def purge(self, db: sqlite3.Connection, retention_s: float) -> int:
+        """Deletes frames every backend has acknowledged, once retention_s has passed."""
+        cutoff = time.time() - retention_s
+        db.execute("BEGIN IMMEDIATE")
+        n = db.execute("DELETE FROM frames WHERE received_at < ? AND NOT EXISTS "
+                       "(SELECT 1 FROM outbox o WHERE o.frame_id = frames.id)", (cutoff,)).rowcount
+        db.execute("DELETE FROM quarantine WHERE at < ?", (cutoff,))
+        db.execute("COMMIT")
+        return int(n)
+
+    def erase_device(self, db: sqlite3.Connection, device_id: str) -> int:
+        """Removes everything held for a device: frames, outbox rows, quarantine, replay state."""
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("DELETE FROM outbox WHERE frame_id IN (SELECT id FROM frames WHERE device_id=?)", (device_id,))
+        n = db.execute("DELETE FROM frames WHERE device_id=?", (device_id,)).rowcount
+        db.execute("DELETE FROM quarantine WHERE device_id=?", (device_id,))
+        db.execute("DELETE FROM replay WHERE device_id=?", (device_id,))
+        db.execute("COMMIT")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.execute("VACUUM")  # the freed pages held health data: do not leave them in the file
+        return int(n)
+
+    # ---- reads (any thread, own connection) ----------------------------------------
+
+    @staticmethod
+    def fetch_outbox(db: sqlite3.Connection, backend: str, limit: int) -> list[Row]:
+        rows = db.execute(
+            "SELECT f.id, f.device_id, f.epoch, f.seq, f.kind, f.stream, f.priority, f.received_at, f.raw, f.info "
+            "FROM outbox o JOIN frames f ON f.id = o.frame_id WHERE o.backend=? "
+            "ORDER BY o.priority DESC, o.frame_id LIMIT ?", (backend, limit)).fetchall()
+        return [Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], json.loads(r[9]) if r[9] else None)
+                for r in rows]
+
+    @staticmethod
+    def backlog(db: sqlite3.Connection) -> dict[str, int]:
+        return {b: n for b, n in db.execute("SELECT backend, COUNT(*) FROM outbox GROUP BY backend")}
+
+    @staticmethod
+    def counters(db: sqlite3.Connection) -> dict[str, int]:
+        return {k: v for k, v in db.execute("SELECT name, value FROM counters")}
+
+
+def _count(db: sqlite3.Connection, name: str, n: int = 1) -> None:
+    db.execute("INSERT INTO counters VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+               (name, n))
+
+
+def _signed64(v: int) -> int:
+    # SQLite integers are signed 64-bit; the replay bitmap is unsigned.
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+def unsigned64(v: int) -> int:
+    return v + (1 << 64) if v < 0 else v

@@ -1,0 +1,205 @@
+"""The agent: one TaskGroup of named tasks under a supervisor.
+
+Tasks: one per serial link (found by path or USB VID/PID, reconnecting with
+capped, jittered backoff), one per backend forwarder, housekeeping
+(retention purge), and the status socket. Every wait on the outside world
+is bounded by a timeout. Link state is an explicit enum.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import serial.tools.list_ports
+
+from agent import forwarders
+from agent.audit import AuditLog
+from agent.config import AgentConfig, SerialConfig
+from agent.forwarders.base import Backoff, Forwarder
+from agent.ingest import Ingestor
+from agent.registry import Registry
+from agent.session import BoardSession, BoardStats
+from agent.store import Store
+from agent.transports.base import TransportError
+from agent.transports.serial import SerialTransport
+
+log = logging.getLogger(__name__)
+
+HOUSEKEEPING_EVERY_S = 60.0
+# A link that stayed up this long has its backoff reset.
+STABLE_LINK_S = 10.0
+
+
+class LinkState(enum.Enum):
+    SEARCHING = "searching"
+    CONNECTED = "connected"
+    BACKOFF = "backoff"
+
+
+@dataclass
+class SerialLink:
+    config: SerialConfig
+    state: LinkState = LinkState.SEARCHING
+    port: str = ""
+    stats: BoardStats | None = None
+    connects: int = 0
+    last_error: str = ""
+    history: list[BoardStats] = field(default_factory=list)
+
+    def resolve(self) -> str | None:
+        c = self.config
+        if c.port:
+            return c.port if os.path.exists(c.port) else None
+        for p in serial.tools.list_ports.comports():
+            if p.vid == c.usb_vid and (c.usb_pid is None or p.pid == c.usb_pid):
+                return str(p.device)
+        return None
+
+    def describe(self) -> str:
+        c = self.config
+        return c.port or "usb %04x:%04x" % (c.usb_vid or 0, c.usb_pid or 0)
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.audit = AuditLog(cfg.audit_path)
+        self.registry = Registry(cfg.registry_path, self.audit)
+        self.store = Store(cfg.store_path, [b.name for b in cfg.backends], int(cfg.disk_quota_mb * 1024 * 1024))
+        self.store.open()
+        self.ingestor = Ingestor(self.store, self.registry)
+        self.wake = asyncio.Event()
+        self.forwarders: list[Forwarder] = [forwarders.make(b, self.store, cfg.hub_id, self.wake)
+                                            for b in cfg.backends]
+        self.links = [SerialLink(sc) for sc in cfg.serial]
+        self.started_at = time.time()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _on_commit(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.wake.set)
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.store.on_commit = self._on_commit
+        self.store.start()
+        self.audit.record("agent.start", self.cfg.hub_id, config=str(self.cfg.source or ""),
+                          backends=[b.name for b in self.cfg.backends])
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = []
+                for link in self.links:
+                    tasks.append(tg.create_task(self._serial(link), name="serial:" + link.describe()))
+                for fw in self.forwarders:
+                    tasks.append(tg.create_task(fw.run(), name="forward:" + fw.name))
+                tasks.append(tg.create_task(self._housekeeping(), name="housekeeping"))
+                tasks.append(tg.create_task(self._status_server(), name="status"))
+                if stop is not None:
+                    await stop.wait()
+                    for t in tasks:
+                        t.cancel()
+        finally:
+            self.store.close()
+            self.registry.close()
+
+    async def _serial(self, link: SerialLink) -> None:
+        backoff = Backoff(0.5, 30.0)
+        while True:
+            port = link.resolve()
+            if port is None:
+                link.state = LinkState.SEARCHING
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            link.port = port
+            stats = BoardStats("", "serial:" + port)
+            link.stats = stats
+            session = BoardSession(SerialTransport(port, link.config.baudrate), self.ingestor, stats)
+            started = time.monotonic()
+            link.state = LinkState.CONNECTED
+            link.connects += 1
+            try:
+                await session.run()
+                link.last_error = "link closed"
+            except TransportError as e:
+                link.last_error = str(e)
+                log.info("%s: %s", link.describe(), e)
+            link.history.append(stats)
+            del link.history[:-5]
+            if time.monotonic() - started > STABLE_LINK_S:
+                backoff.reset()
+            link.state = LinkState.BACKOFF
+            await asyncio.sleep(backoff.next_delay())
+
+    async def _housekeeping(self) -> None:
+        retention_s = self.cfg.retention_days * 86400
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_EVERY_S)
+            n = await self.store.run(lambda db: self.store.purge(db, retention_s))
+            if n:
+                log.info("retention: purged %d frames delivered to every backend", n)
+
+    # ---- status ---------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        reader = self.store.reader()
+        try:
+            backlog = Store.backlog(reader)
+            counters = Store.counters(reader)
+        finally:
+            reader.close()
+        boards = []
+        for link in self.links:
+            st = link.stats
+            boards.append({
+                "link": link.describe(), "port": link.port, "state": link.state.value, "connects": link.connects,
+                "device_id": st.device_id if st else "", "frames": st.frames if st else 0,
+                "last_frame_at": st.last_frame_at if st else None, "last_error": link.last_error,
+                "rejects": dict(st.rejects) if st else {},
+            })
+        return {
+            "hub_id": self.cfg.hub_id, "uptime_s": round(time.time() - self.started_at, 1), "boards": boards,
+            "backends": [{"name": f.name, "type": f.cfg.type, "state": f.state.value, "backlog": backlog.get(f.name, 0),
+                          "forwarded": f.forwarded, "failures": f.failures, "last_error": f.last_error}
+                         for f in self.forwarders],
+            "rejects": dict(self.ingestor.rejects), "store": {"commits": self.store.stats.commits,
+                                                              "ingested": self.store.stats.ingested},
+            "counters": counters,
+        }
+
+    async def _status_server(self) -> None:
+        path = self.cfg.status_socket
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            path.unlink()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                writer.write(json.dumps(self.snapshot()).encode() + b"\n")
+                await writer.drain()
+            finally:
+                writer.close()
+
+        old = os.umask(0o077)
+        try:
+            server = await asyncio.start_unix_server(serve, path=str(path))
+        finally:
+            os.umask(old)
+        async with server:
+            await server.serve_forever()
+
+
+async def read_status(socket_path: Path, timeout_s: float = 5.0) -> dict[str, Any]:
+    async with asyncio.timeout(timeout_s):
+        reader, writer = await asyncio.open_unix_connection(str(socket_path))
+        data = await reader.read()
+        writer.close()
+    result: dict[str, Any] = json.loads(data)
+    return result
