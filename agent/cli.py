@@ -7,6 +7,11 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
+    from agent.registry import Registry
 
 
 def _sim_args(p: argparse.ArgumentParser) -> None:
@@ -60,6 +65,132 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"at": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+                           "logger": record.name, "message": record.getMessage()})
+
+
+def _load_config(path: Path) -> AgentConfig:
+    from agent.config import ConfigError, load
+
+    try:
+        return load(path)
+    except ConfigError as e:
+        raise SystemExit("pulsebridge: configuration error: %s" % e) from None
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from agent.registry import RegistryError
+    from agent.store import StoreError
+    from agent.supervisor import Agent
+
+    cfg = _load_config(args.config)
+    if cfg.log_format == "json":
+        for h in logging.getLogger().handlers:
+            h.setFormatter(JsonFormatter())
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Agent(cfg).run(stop)
+
+    try:
+        asyncio.run(run())
+    except (StoreError, RegistryError) as e:
+        print("pulsebridge: the agent will not start: %s" % e, file=sys.stderr)
+        return 2
+    return 0
+
+
+def _registry(cfg: AgentConfig) -> Registry:
+    from agent.audit import AuditLog
+    from agent.registry import Registry
+
+    return Registry(cfg.registry_path, AuditLog(cfg.audit_path))
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from agent.registry import RegistryError
+    from agent.sim.boards import write_private
+
+    cfg = _load_config(args.config)
+    reg = _registry(cfg)
+    try:
+        if args.action == "list":
+            for d in reg.all():
+                print("%-16s %-8s %s" % (d.device_id, d.state, d.label))
+        elif args.action == "add":
+            dev = reg.add(args.device_id, label=args.label or "", patient_ref=args.patient or "")
+            if args.key_out:
+                write_private(Path(args.key_out), dev.key.hex().encode() + b"\n")
+                print("%s registered; key written to %s (mode 0600)" % (dev.device_id, args.key_out))
+            else:
+                print("%s registered (its key goes to the board at provisioning)" % dev.device_id)
+        elif args.action == "revoke":
+            reg.revoke(args.device_id, args.reason or "revoked by operator")
+            print("%s revoked: its frames are refused from now on" % args.device_id)
+    except RegistryError as e:
+        print("pulsebridge: %s" % e, file=sys.stderr)
+        return 1
+    finally:
+        reg.close()
+    return 0
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    from agent.store import Store
+
+    cfg = _load_config(args.config)
+    store = Store(cfg.store_path, [b.name for b in cfg.backends])
+    store.open()
+    assert store._db is not None
+    n = store.erase_device(store._db, args.device)
+    store.close()
+    reg = _registry(cfg)
+    existed = reg.get(args.device) is not None
+    if existed:
+        reg.remove(args.device)
+    reg.close()
+    from agent.audit import AuditLog
+
+    AuditLog(cfg.audit_path).record("device.erase", args.device, frames_erased=n, registry_entry_removed=existed)
+    print("erased %d frames and every record of %s held by this hub" % (n, args.device))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agent.supervisor import read_status
+
+    cfg = _load_config(args.config)
+    try:
+        snap = asyncio.run(read_status(cfg.status_socket))
+    except (OSError, TimeoutError) as e:
+        print("pulsebridge: the agent is not answering on %s (%s)" % (cfg.status_socket, e), file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(snap, indent=1))
+        return 0
+    print("hub %s, up %.0f s" % (snap["hub_id"], snap["uptime_s"]))
+    for b in snap["boards"]:
+        last = "never" if not b["last_frame_at"] else "%.0f s ago" % (__import__("time").time() - b["last_frame_at"])
+        print("  board %-12s %-10s on %s, last frame %s" % (b["device_id"] or "?", b["state"], b["link"], last))
+    for f in snap["backends"]:
+        print("  backend %-12s %-8s backlog %d, forwarded %d%s" % (
+            f["name"], f["state"], f["backlog"], f["forwarded"], (", " + f["last_error"]) if f["last_error"] else ""))
+    if snap["rejects"]:
+        print("  rejected: " + ", ".join("%s %d" % kv for kv in sorted(snap["rejects"].items())))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pulsebridge", description="Home telemonitoring gateway.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -74,6 +205,31 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="simulated boards streaming to the hub, verified and summarised live")
     _sim_args(p)
     p.set_defaults(func=cmd_demo)
+
+    default_cfg = Path("/etc/pulsebridge/agent.toml")
+    p = sub.add_parser("agent", help="run the hub agent")
+    p.add_argument("--config", type=Path, default=default_cfg)
+    p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser("devices", help="list, add or revoke boards")
+    p.add_argument("--config", type=Path, default=default_cfg)
+    p.add_argument("action", choices=["list", "add", "revoke"])
+    p.add_argument("device_id", nargs="?")
+    p.add_argument("--label")
+    p.add_argument("--patient", help="a reference to the patient in the care team's records (no name)")
+    p.add_argument("--key-out", help="add: write the new key (hex) to this file, mode 0600")
+    p.add_argument("--reason", help="revoke: why")
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("erase", help="erase everything the hub holds for a device (GDPR erasure)")
+    p.add_argument("--config", type=Path, default=default_cfg)
+    p.add_argument("--device", required=True)
+    p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("status", help="boards, backends and rejects, from the running agent")
+    p.add_argument("--config", type=Path, default=default_cfg)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("bench", help="benchmarks that print figures")
     p.add_argument("what", choices=["firmware", "encoding"], help="which benchmark")

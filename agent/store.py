@@ -299,7 +299,7 @@ class Store:
                 _count(db, "reject:" + reason)
                 results.append(None)
             elif job.kind == "call":
-                results.append(job.args(db))
+                results.append(job)  # run after this commit, in its own transactions
             else:
                 raise AssertionError(job.kind)
         for dev, (epoch, top, bitmap) in windows.items():
@@ -308,6 +308,9 @@ class Store:
                        (dev, epoch, top, _signed64(bitmap)))
         db.execute("DELETE FROM quarantine WHERE id <= (SELECT MAX(id) FROM quarantine) - ?", (QUARANTINE_ROWS,))
         db.execute("COMMIT")
+        for i, r in enumerate(results):
+            if isinstance(r, _Job):
+                results[i] = r.args(db)
         self.stats.commits += 1
         self.stats.ingested += ingested
         self._batches += 1
@@ -336,27 +339,29 @@ class Store:
 
     def enforce_quota(self, db: sqlite3.Connection) -> int:
         """Deletes the lowest-priority, oldest frames until under quota; returns how many."""
+        if self.db_bytes(db) <= self.quota_bytes:
+            return 0
         dropped = 0
+        lost: dict[tuple[str, str], list[float]] = {}
+        db.execute("BEGIN IMMEDIATE")
         while self.db_bytes(db) > self.quota_bytes:
-            rows = db.execute("SELECT id, device_id, priority, received_at FROM frames WHERE kind != ? "
-                              "ORDER BY priority, id LIMIT 256", (KIND_GAP,)).fetchall()
+            rows = db.execute("SELECT id, device_id, received_at FROM frames WHERE kind != ? "
+                              "ORDER BY priority, id LIMIT 16", (KIND_GAP,)).fetchall()
             if not rows:
                 break
-            db.execute("BEGIN IMMEDIATE")
-            lost: dict[tuple[str, str], list[float]] = {}
-            for fid, dev, _prio, at in rows:
+            for fid, dev, at in rows:
                 for (backend,) in db.execute("SELECT backend FROM outbox WHERE frame_id=?", (fid,)).fetchall():
                     lost.setdefault((backend, dev), []).append(at)
                 db.execute("DELETE FROM outbox WHERE frame_id=?", (fid,))
                 db.execute("DELETE FROM frames WHERE id=?", (fid,))
-            for (backend, dev), ats in lost.items():
-                self._gap(db, backend, dev, len(ats), min(ats), max(ats))
-            _count(db, "quota_dropped", len(rows))
-            db.execute("COMMIT")
             dropped += len(rows)
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        if dropped:
-            log.warning("disk quota: dropped %d oldest frames; gap records queued", dropped)
+        for (backend, dev), ats in lost.items():
+            self._gap(db, backend, dev, len(ats), min(ats), max(ats))
+        _count(db, "quota_dropped", dropped)
+        db.execute("COMMIT")
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        log.warning("disk quota: dropped %d oldest frames; gap records queued for %d backend(s)", dropped,
+                    len({b for b, _ in lost}))
         return dropped
 
     def _gap(self, db: sqlite3.Connection, backend: str, device_id: str, frames: int, first_at: float,

@@ -34,6 +34,9 @@ from agent.transports.serial import SerialTransport
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_EVERY_S = 60.0
+# The registry is re-read this often when its file changed: a revocation
+# takes effect within this delay.
+REGISTRY_POLL_S = 1.0
 # A link that stayed up this long has its backoff reset.
 STABLE_LINK_S = 10.0
 
@@ -101,6 +104,7 @@ class Agent:
                 for fw in self.forwarders:
                     tasks.append(tg.create_task(fw.run(), name="forward:" + fw.name))
                 tasks.append(tg.create_task(self._housekeeping(), name="housekeeping"))
+                tasks.append(tg.create_task(self._watch_registry(), name="registry"))
                 tasks.append(tg.create_task(self._status_server(), name="status"))
                 if stop is not None:
                     await stop.wait()
@@ -137,6 +141,17 @@ class Agent:
                 backoff.reset()
             link.state = LinkState.BACKOFF
             await asyncio.sleep(backoff.next_delay())
+
+    async def _watch_registry(self) -> None:
+        path = self.cfg.registry_path
+        seen = _mtime(path)
+        while True:
+            await asyncio.sleep(REGISTRY_POLL_S)
+            now = _mtime(path)
+            if now != seen:
+                seen = now
+                self.ingestor.reload_devices()
+                log.info("registry changed: devices reloaded")
 
     async def _housekeeping(self) -> None:
         retention_s = self.cfg.retention_days * 86400
@@ -194,6 +209,16 @@ class Agent:
             os.umask(old)
         async with server:
             await server.serve_forever()
+
+
+def _mtime(path: Path) -> tuple[float, float]:
+    # The WAL file changes when the registry is written, the main file when checkpointed.
+    def one(p: Path) -> float:
+        try:
+            return p.stat().st_mtime_ns / 1e9
+        except FileNotFoundError:
+            return 0.0
+    return one(path), one(Path(str(path) + "-wal"))
 
 
 async def read_status(socket_path: Path, timeout_s: float = 5.0) -> dict[str, Any]:

@@ -1,0 +1,146 @@
+import asyncio
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import store as store_mod
+from agent.audit import AuditLog
+from agent.registry import Registry, RegistryError
+from agent.store import Ingest, Store, StoreError
+
+
+def _item(seq: int, dev: str = "pb-a", raw_size: int = 200, duplicate: bool = False) -> Ingest:
+    return Ingest(dev, 1, seq, 1, os.urandom(raw_size), (1, seq, 1), stream=1, t0_ms=seq * 1000,
+                  first_index=seq * 512, count=512, duplicate=duplicate)
+
+
+async def _ingest_all(s: Store, items: list[Ingest]) -> None:
+    await asyncio.gather(*(s.ingest(i) for i in items))
+
+
+def test_group_commit_outbox_per_backend_and_delivery(tmp_path: Path) -> None:
+    s = Store(tmp_path / "store.db", ["mqtt", "fhir"])
+    s.start()
+    try:
+        asyncio.run(_ingest_all(s, [_item(i) for i in range(300)]))
+        assert s.stats.ingested == 300 and s.stats.commits < 300  # many frames per commit
+        db = s.reader()
+        assert Store.backlog(db) == {"mqtt": 300, "fhir": 300}
+        rows = Store.fetch_outbox(db, "mqtt", 50)
+        assert [r.seq for r in rows] == list(range(50))
+        asyncio.run(s.delivered("mqtt", [r.id for r in rows]))
+        assert Store.backlog(db) == {"mqtt": 250, "fhir": 300}
+        # a duplicate stores nothing new
+        asyncio.run(s.ingest(_item(5, duplicate=True)))
+        asyncio.run(s.ingest(_item(5)))  # and even if asked, the unique key holds
+        assert db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 300
+        assert s.load_windows()["pb-a"] == (1, 5, 1)  # the window of the last message committed
+        assert s.integrity_check() == "ok"
+    finally:
+        s.close()
+    assert (tmp_path / "store.db").stat().st_mode & 0o077 == 0
+
+
+def test_replay_window_is_stored_with_the_frame(tmp_path: Path) -> None:
+    s = Store(tmp_path / "store.db", ["b"])
+    s.start()
+    try:
+        asyncio.run(s.ingest(Ingest("pb-a", 3, 17, 1, b"x", (3, 17, (1 << 64) - 1))))
+    finally:
+        s.close()
+    s2 = Store(tmp_path / "store.db", ["b"])
+    s2.open()
+    w = s2.load_windows()["pb-a"]
+    assert (w[0], w[1], store_mod.unsigned64(w[2])) == (3, 17, (1 << 64) - 1)
+    s2.close()
+
+
+def test_quota_drops_oldest_raw_first_and_queues_gap_records(tmp_path: Path) -> None:
+    s = Store(tmp_path / "store.db", ["b1"], quota_bytes=300_000)
+    s.start()
+    try:
+        vitals = Ingest("pb-a", 1, 100000, 1, b"v" * 100, (1, 0, 0), priority=store_mod.PRIORITY_VITALS)
+        asyncio.run(s.ingest(vitals))
+        asyncio.run(_ingest_all(s, [_item(i, raw_size=2000) for i in range(400)]))
+        dropped = asyncio.run(s.run(lambda db: s.enforce_quota(db)))
+        db = s.reader()
+        assert s.db_bytes(db) <= 300_000
+        counters = Store.counters(db)
+        assert counters["quota_dropped"] >= dropped > 0
+        kept = [r[0] for r in db.execute("SELECT seq FROM frames WHERE kind=1 ORDER BY seq")]
+        assert 100000 in kept  # vitals survive
+        assert min(kept) > 0  # the oldest raw frames went
+        gaps = [r for r in Store.fetch_outbox(db, "b1", 10) if r.kind == store_mod.KIND_GAP]
+        assert gaps and gaps[0].info and gaps[0].info["frames_dropped"] > 0
+        order = [r.priority for r in Store.fetch_outbox(db, "b1", 3)]
+        assert order == [store_mod.PRIORITY_VITALS, store_mod.PRIORITY_GAP, store_mod.PRIORITY_RAW]
+    finally:
+        s.close()
+
+
+def test_purge_only_delivered_and_old(tmp_path: Path) -> None:
+    s = Store(tmp_path / "store.db", ["b"])
+    s.start()
+    try:
+        asyncio.run(_ingest_all(s, [_item(i) for i in range(10)]))
+        db = s.reader()
+        rows = Store.fetch_outbox(db, "b", 4)
+        asyncio.run(s.delivered("b", [r.id for r in rows]))
+        assert asyncio.run(s.run(lambda d: s.purge(d, 3600))) == 0  # too recent
+        time.sleep(0.05)
+        assert asyncio.run(s.run(lambda d: s.purge(d, 0.01))) == 4  # delivered ones only
+        assert db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 6
+    finally:
+        s.close()
+
+
+def test_erase_removes_every_trace(tmp_path: Path) -> None:
+    s = Store(tmp_path / "store.db", ["b"])
+    s.start()
+    try:
+        asyncio.run(_ingest_all(s, [_item(i, "pb-a") for i in range(5)] + [_item(i, "pb-b") for i in range(3)]))
+        asyncio.run(s.reject("bad_mac", "serial:x", "pb-a", b"forged"))
+        n = asyncio.run(s.run(lambda d: s.erase_device(d, "pb-a")))
+        assert n == 5
+        db = s.reader()
+        for q in ("SELECT COUNT(*) FROM frames WHERE device_id='pb-a'", "SELECT COUNT(*) FROM quarantine",
+                  "SELECT COUNT(*) FROM replay WHERE device_id='pb-a'"):
+            assert db.execute(q).fetchone()[0] == 0
+        assert db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 3
+    finally:
+        s.close()
+
+
+def test_store_and_registry_refuse_files_others_can_read(tmp_path: Path) -> None:
+    p = tmp_path / "store.db"
+    sqlite3.connect(p).close()
+    os.chmod(p, 0o644)
+    with pytest.raises(StoreError, match="readable by others"):
+        Store(p, []).open()
+    r = tmp_path / "registry.db"
+    sqlite3.connect(r).close()
+    os.chmod(r, 0o640)
+    with pytest.raises(RegistryError, match="chmod 600"):
+        Registry(r, AuditLog(tmp_path / "audit.log"))
+
+
+def test_registry_audit_and_no_secrets(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path / "audit.log")
+    reg = Registry(tmp_path / "registry.db", audit)
+    a = reg.add("pb-0001", label="chambre 2")
+    b = reg.add("pb-0002")
+    assert a.key != b.key and len(a.key) == 32
+    assert a.key.hex() not in repr(a)
+    reg.revoke("pb-0001", "board lost")
+    with pytest.raises(RegistryError):
+        reg.add("PB 1")
+    actions = [e["action"] for e in audit.entries()]
+    assert actions == ["device.add", "device.add", "device.revoke"]
+    text = (tmp_path / "audit.log").read_text()
+    assert a.key.hex() not in text and b.key.hex() not in text
+    assert (tmp_path / "audit.log").stat().st_mode & 0o077 == 0
+    with pytest.raises(ValueError):
+        audit.record("x", key=b"secret")
