@@ -76,9 +76,13 @@ class SimulatedBoard:
         self.micropython = micropython or find_micropython()
         self.heap_kb = heap_kb
         self.port = ""
+        self.link_path = directory / "port"
         self.proc: subprocess.Popen[bytes] | None = None
         self.dropped_bytes = 0  # board output lost while no one read the port
-        self.cable_connected = True
+        self.cable_connected = True  # False: the USB cable is cut, bytes go nowhere
+        self.tap_uplink = bytearray()  # what the board sent, when record=True (tests)
+        self.tap_downlink = bytearray()  # what the hub sent the board
+        self.record = False
         self._ma = self._mb = self._sb = -1
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -98,6 +102,14 @@ class SimulatedBoard:
         self._mb, self._sb = pty.openpty()
         tty.setraw(self._sb)
         self.port = os.ttyname(self._sb)
+        # A stable name for the port, as udev gives real boards: it follows
+        # the board across restarts of its process.
+        self.link_path = self.directory / "port"
+        tmp_link = self.directory / "port.tmp"
+        if tmp_link.is_symlink() or tmp_link.exists():
+            tmp_link.unlink()
+        tmp_link.symlink_to(self.port)
+        tmp_link.replace(self.link_path)
         self.proc = subprocess.Popen(
             [self.micropython, "-X", "heapsize=%dK" % self.heap_kb, "-i", str(compiled / RUN_BOARD)],
             stdin=sa, stdout=sa, stderr=sa, cwd=self.directory, env=env,
@@ -124,10 +136,12 @@ class SimulatedBoard:
                 with self._tail_lock:
                     self._tail.extend(data)
                     del self._tail[:-_CONSOLE_TAIL]
-                if self.cable_connected:
-                    self._to_port(data)
-                else:
-                    self.dropped_bytes += len(data)
+                    if self.record:
+                        self.tap_uplink.extend(data)
+                    if self.cable_connected:
+                        self._to_port(data)
+                    else:
+                        self.dropped_bytes += len(data)
             if mb in readable:
                 try:
                     data = os.read(mb, 65536)
@@ -136,6 +150,9 @@ class SimulatedBoard:
                         raise
                     data = b""
                 if data and self.cable_connected:
+                    if self.record:
+                        with self._tail_lock:
+                            self.tap_downlink.extend(data)
                     os.write(ma, data)
 
     def _to_port(self, data: bytes) -> None:
@@ -150,6 +167,15 @@ class SimulatedBoard:
     def console_tail(self) -> str:
         with self._tail_lock:
             return bytes(self._tail).decode("ascii", "replace")
+
+    def inject(self, data: bytes) -> None:
+        """Bytes on the line towards the hub, as noise or an attacker would put them."""
+        with self._tail_lock:
+            self._to_port(data)
+
+    def taps(self) -> tuple[bytes, bytes]:
+        with self._tail_lock:
+            return bytes(self.tap_uplink), bytes(self.tap_downlink)
 
     def type(self, data: bytes) -> None:
         """Keystrokes on the board's console, as a USB host would send them."""
