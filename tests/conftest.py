@@ -12,7 +12,8 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 def require_tool(name: str) -> str:
     # A real component the test needs. On a developer machine its absence
     # skips the test with the reason; in CI it fails: CI must run them all.
-    path = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    search = [str(Path(sys.executable).parent), os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"]
+    path = shutil.which(name, path=os.pathsep.join(search))
     if path is None:
         msg = "%s is not installed (./run tests installs it)" % name
         if IN_CI:
@@ -52,3 +53,8 @@ def pycose_python() -> str:
             pytest.fail(msg + "; required in CI")
         pytest.skip(msg)
     return str(exe)
+
+
+@pytest.fixture(scope="session")
+def mosquitto() -> str:
+    return require_tool("mosquitto")
