@@ -48,8 +48,6 @@ KIND_GAP = 100  # a gap record, stored as a frame row with no COSE bytes
 MAX_BATCH = 512
 # Rejected messages kept for forensics (oldest go first).
 QUARANTINE_ROWS = 1000
-# How often the writer checks the quota, in batches.
-_QUOTA_EVERY = 32
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -314,7 +312,7 @@ class Store:
         self.stats.commits += 1
         self.stats.ingested += ingested
         self._batches += 1
-        if self.quota_bytes and self._batches % _QUOTA_EVERY == 0:
+        if self.quota_bytes:
             self.enforce_quota(db)
         return results
 

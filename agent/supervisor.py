@@ -13,6 +13,7 @@ import enum
 import json
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,9 @@ HOUSEKEEPING_EVERY_S = 60.0
 REGISTRY_POLL_S = 1.0
 # A link that stayed up this long has its backoff reset.
 STABLE_LINK_S = 10.0
+# Looking for a port that is not there (unplugged, rebooting) costs a stat
+# or a USB listing: done often, so a replugged board is back within a second.
+SEARCH_EVERY_S = 0.5
 
 
 class LinkState(enum.Enum):
@@ -120,7 +124,7 @@ class Agent:
             port = link.resolve()
             if port is None:
                 link.state = LinkState.SEARCHING
-                await asyncio.sleep(backoff.next_delay())
+                await asyncio.sleep(SEARCH_EVERY_S * random.uniform(0.8, 1.2))
                 continue
             link.port = port
             stats = BoardStats("", "serial:" + port)

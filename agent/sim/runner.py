@@ -94,6 +94,8 @@ class SimulatedBoard:
         return self.spec.device_id
 
     def start(self) -> None:
+        # Also a restart after stop(): a reboot, from the board's flash as it was.
+        self._stop = threading.Event()
         boards.prepare(self.spec, self.directory, self.cache)
         compiled = build.compile_firmware(self.cache)
         env = dict(os.environ, MICROPYPATH=str(compiled))

@@ -40,7 +40,7 @@ def test_kill_9_at_random_moments_loses_nothing_acknowledged(micropython: str, t
     try:
         harness.register(tmp_path / "data", tmp_path / "log", sims)
         cfg = harness.write_config(tmp_path, sims, harness.webhook(pki, backend.port))
-        for cycle in range(20):
+        for _cycle in range(20):
             agent = harness.agent_process(cfg)
             time.sleep(rng.uniform(0.8, 2.5))  # ingest under way: frames arrive twice a second per board
             harness.kill9(agent)
