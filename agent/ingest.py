@@ -9,10 +9,12 @@ and acknowledge, store nothing).
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from agent.registry import Registry
 from agent.store import Ingest, Store, StoreError
@@ -27,15 +29,26 @@ REJECT_LOG_PER_MIN = 10
 
 @dataclass
 class Outcome:
+    """A message judged; its acks may go out once `stored` is done (None: at once)."""
+
     received: hub.Received
     acks: list[bytes]
+    stored: asyncio.Future[Any] | None = None
 
 
 class Processor(abc.ABC):
     hub: hub.Hub
 
     @abc.abstractmethod
-    async def process(self, raw: bytes, link: str) -> Outcome: ...
+    def submit(self, raw: bytes, link: str) -> Outcome:
+        """Judges a message now, in arrival order (the replay window needs it);
+        storing it may finish later."""
+
+    async def process(self, raw: bytes, link: str) -> Outcome:
+        out = self.submit(raw, link)
+        if out.stored is not None:
+            await out.stored
+        return out
 
 
 class _RateLimitedLog:
@@ -62,7 +75,7 @@ class Volatile(Processor):
     def __init__(self, hub_: hub.Hub) -> None:
         self.hub = hub_
 
-    async def process(self, raw: bytes, link: str) -> Outcome:
+    def submit(self, raw: bytes, link: str) -> Outcome:
         r = self.hub.receive(raw)
         acks: list[bytes] = []
         if r.verdict != hub.REJECTED and isinstance(r.message, messages.SampleFrame):
@@ -106,24 +119,24 @@ class Ingestor(Processor):
             if self.hub.has_device(dev):
                 self.hub.set_window(dev, *state)
 
-    async def _reject(self, r: hub.Received, link: str) -> Outcome:
+    def _reject(self, r: hub.Received, link: str) -> Outcome:
         reason = r.reason
         if r.device_id in self.revoked and reason == "unknown_device":
             reason = "revoked"
             r.reason = reason
         self.rejects[reason] += 1
         self._log("rejected message from %s on %s: %s", r.device_id or "?", link, reason)
-        await self.store.reject(reason, link, r.device_id, r.raw)
+        self.store.submit_reject(reason, link, r.device_id, r.raw)  # counted and quarantined; nobody waits
         return Outcome(r, [])
 
-    async def process(self, raw: bytes, link: str) -> Outcome:
+    def submit(self, raw: bytes, link: str) -> Outcome:
         r = self.hub.receive(raw)
         if r.verdict == hub.REJECTED and r.reason == "replay:" + replay.TOO_OLD and r.device_id:
             # Below the window: a retransmission of a frame we hold is a duplicate.
             if self._stored(raw, r.device_id):
                 r = hub.Received(hub.DUPLICATE, r.device_id, self._decode(raw), raw)
         if r.verdict == hub.REJECTED:
-            return await self._reject(r, link)
+            return self._reject(r, link)
         m = r.message
         dev = r.device_id or ""
         if not isinstance(m, messages.SampleFrame):
@@ -131,12 +144,13 @@ class Ingestor(Processor):
         w = self.hub.window(dev)
         item = Ingest(dev, m.epoch, m.seq, messages.T_SAMPLES, raw, w.state(), m.stream, m.t0_ms, m.first_index,
                       m.count, duplicate=r.verdict == hub.DUPLICATE)
-        try:
-            await self.store.ingest(item)
-        except StoreError:
+        stored = self.store.submit_ingest(item)
+        stored.add_done_callback(self._on_stored)
+        return Outcome(r, self.hub.ack(dev, m.epoch, [m.seq]), stored)
+
+    def _on_stored(self, fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and isinstance(fut.exception(), StoreError):
             self._restore_windows()
-            raise
-        return Outcome(r, self.hub.ack(dev, m.epoch, [m.seq]))
 
     def _decode(self, raw: bytes) -> messages.Message | None:
         from protocols import cose

@@ -10,17 +10,24 @@ stream's samples are complete.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.ingest import Processor
+from agent.ingest import Outcome, Processor
 from agent.transports.base import Transport, TransportClosed
 from protocols import hub, messages
 
 log = logging.getLogger(__name__)
+
+# Messages of one board judged but not yet acked: bounds memory when the
+# store is slow; the board's outbox holds what waits behind.
+PIPELINE_DEPTH = 64
+# On a closed link, how long the acks still due may take to go out.
+ACK_DRAIN_S = 2.0
 
 
 class IntervalSet:
@@ -86,28 +93,54 @@ class BoardSession:
         self.recorder = recorder
 
     async def run(self) -> None:
+        # Two tasks: one reads and judges messages in arrival order and
+        # queues them; the other waits for each to be stored, in the same
+        # order, and sends its acks. Many frames from one board can so share
+        # a commit, and a board is never acked for what is not yet stored.
         await self.transport.open()
         self.stats.connected = True
+        pending: asyncio.Queue[Outcome | None] = asyncio.Queue(PIPELINE_DEPTH)
+        acker = asyncio.create_task(self._ack_in_order(pending), name="acks:" + self.transport.name)
         try:
             while True:
                 raw = await self.transport.receive()
-                await self.handle(raw)
+                out = self._judge(raw)
+                if out is not None:
+                    await pending.put(out)
         except TransportClosed:
             log.info("%s: link closed", self.transport.name)
         finally:
             self.stats.connected = False
+            if not acker.done():
+                try:
+                    pending.put_nowait(None)
+                    async with asyncio.timeout(ACK_DRAIN_S):
+                        await acker
+                except (asyncio.QueueFull, TimeoutError, TransportClosed):
+                    acker.cancel()
             await self.transport.close()
 
-    async def handle(self, raw: bytes) -> None:
+    async def _ack_in_order(self, pending: asyncio.Queue[Outcome | None]) -> None:
+        while True:
+            out = await pending.get()
+            if out is None:
+                return
+            if out.stored is not None:
+                await out.stored
+            for ack in out.acks:
+                await self.transport.send(ack)
+                self.stats.acks_sent += 1
+
+    def _judge(self, raw: bytes) -> Outcome | None:
         st = self.stats
         st.messages += 1
         if self.recorder is not None:
             self.recorder(raw)
-        out = await self.processor.process(raw, self.transport.name)
+        out = self.processor.submit(raw, self.transport.name)
         r = out.received
         if r.verdict == hub.REJECTED:
             st.rejects[r.reason] += 1
-            return
+            return None
         m = r.message
         if r.device_id and st.device_id != r.device_id:
             st.device_id = r.device_id
@@ -118,9 +151,7 @@ class BoardSession:
                 st.duplicates += 1
             else:
                 self._count(m)
-        for ack in out.acks:
-            await self.transport.send(ack)
-            st.acks_sent += 1
+        return out
 
     def _count(self, f: messages.SampleFrame) -> None:
         st = self.stats

@@ -229,6 +229,14 @@ class Store:
         """Returns once the message is durably stored (or, duplicate, once the batch is)."""
         await self._submit("ingest", item)
 
+    def submit_ingest(self, item: Ingest) -> asyncio.Future[Any]:
+        """Queues the message; the future is done once it is committed."""
+        return self._submit("ingest", item)
+
+    def submit_reject(self, reason: str, link: str, device_id: str | None, raw: bytes) -> None:
+        fut = self._submit("reject", (reason, link, device_id, raw))
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
+
     async def delivered(self, backend: str, frame_ids: list[int]) -> None:
         await self._submit("delivered", (backend, frame_ids))
 
