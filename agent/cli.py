@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("bench", help="benchmarks that print figures")
-    p.add_argument("what", choices=["firmware", "encoding"], help="which benchmark")
+    p.add_argument("what", choices=["firmware", "encoding", "agent"], help="which benchmark")
     p.add_argument("--minutes", type=float, default=10.0, help="simulated minutes (firmware benchmark)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
@@ -244,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "agent":
+        from agent import bench_agent
+
+        r = bench_agent.run()
+        print(json.dumps(r, indent=1) if args.json else "\n".join(bench_agent.report(r)))
+        return 0
     from agent import bench
 
     return bench.main(args.what, args.minutes, args.json)

@@ -16,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import cbor2
+
 from agent.registry import Registry
 from agent.store import Ingest, Store, StoreError
 from protocols import hub, messages, replay
@@ -87,7 +89,11 @@ class Ingestor(Processor):
     def __init__(self, store: Store, registry: Registry) -> None:
         self.store = store
         self.registry = registry
-        self.hub = hub.Hub()
+        # Forwarders decode samples; ingest need not. Payloads whose MAC has
+        # verified are parsed by cbor2's C decoder, then held to the same
+        # schema checks: the strict pure-Python decoder keeps everything
+        # unauthenticated (the COSE envelope) and stays the reference.
+        self.hub = hub.Hub(decode_samples=False, cbor_decode=cbor2.loads)
         self.revoked: set[str] = set()
         self.rejects: Counter[str] = Counter()
         self._log = _RateLimitedLog(REJECT_LOG_PER_MIN)

@@ -111,7 +111,8 @@ class Row:
 class _Job:
     kind: str
     args: Any
-    done: Callable[[BaseException | None, Any], None]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
 
 
 @dataclass
@@ -211,19 +212,18 @@ class Store:
     def _submit(self, kind: str, args: Any) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-
-        def done(exc: BaseException | None, result: Any) -> None:
-            def settle() -> None:
-                if fut.done():
-                    return
-                if exc is not None:
-                    fut.set_exception(exc)
-                else:
-                    fut.set_result(result)
-            loop.call_soon_threadsafe(settle)
-
-        self._q.put(_Job(kind, args, done))
+        self._q.put(_Job(kind, args, loop, fut))
         return fut
+
+    @staticmethod
+    def _settle(settled: list[tuple[asyncio.Future[Any], BaseException | None, Any]]) -> None:
+        for fut, exc, result in settled:
+            if fut.done():
+                continue
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
 
     async def ingest(self, item: Ingest) -> None:
         """Returns once the message is durably stored (or, duplicate, once the batch is)."""
@@ -264,19 +264,27 @@ class Store:
                     self._q.put(None)
                     break
                 batch.append(nxt)
+            settled: list[tuple[asyncio.Future[Any], BaseException | None, Any]]
             try:
                 results = self._apply(db, batch)
+                settled = [(j.future, None, r) for j, r in zip(batch, results)]
             except Exception as e:  # the whole batch failed: nobody is acked
                 log.error("store commit failed: %s", e)
                 try:
                     db.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-                for j in batch:
-                    j.done(StoreError("commit failed: %s" % e), None)
-                continue
-            for j, r in zip(batch, results):
-                j.done(None, r)
+                err = StoreError("commit failed: %s" % e)
+                settled = [(j.future, err, None) for j in batch]
+            # One wake-up of each event loop per batch, not one per frame.
+            by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+            for j, item in zip(batch, settled):
+                by_loop.setdefault(j.loop, []).append(item)
+            for loop, items in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(self._settle, items)
+                except RuntimeError:  # that loop is closed: nobody waits any more
+                    pass
             if self.on_commit is not None:
                 self.on_commit()
 
@@ -285,14 +293,14 @@ class Store:
         results: list[Any] = []
         db.execute("BEGIN IMMEDIATE")
         windows: dict[str, tuple[int, int, int]] = {}
-        ingested = 0
+        rows = []
         for job in batch:
             if job.kind == "ingest":
                 it: Ingest = job.args
                 windows[it.device_id] = it.window
                 if not it.duplicate:
-                    self._insert(db, it, now)
-                    ingested += 1
+                    rows.append((it.device_id, it.epoch, it.seq, it.kind, it.stream, it.priority, now, it.t0_ms,
+                                 it.first_index, it.count, it.raw))
                 results.append(None)
             elif job.kind == "delivered":
                 backend, ids = job.args
@@ -308,6 +316,7 @@ class Store:
                 results.append(job)  # run after this commit, in its own transactions
             else:
                 raise AssertionError(job.kind)
+        ingested = self._insert_many(db, rows)
         for dev, (epoch, top, bitmap) in windows.items():
             db.execute("INSERT INTO replay VALUES(?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET "
                        "epoch=excluded.epoch, top=excluded.top, bitmap=excluded.bitmap",
@@ -324,16 +333,21 @@ class Store:
             self.enforce_quota(db)
         return results
 
-    def _insert(self, db: sqlite3.Connection, it: Ingest, now: float) -> None:
-        cur = db.execute(
+    def _insert_many(self, db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
+        # Frames in one statement, then their outbox rows in one more: the
+        # frames of this transaction are those with an id above the old max.
+        if not rows:
+            return 0
+        before = db.execute("SELECT COALESCE(MAX(id), 0) FROM frames").fetchone()[0]
+        changes = db.total_changes
+        db.executemany(
             "INSERT OR IGNORE INTO frames(device_id, epoch, seq, kind, stream, priority, received_at, t0_ms, "
-            "first_index, count, raw) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
-            (it.device_id, it.epoch, it.seq, it.kind, it.stream, it.priority, now, it.t0_ms, it.first_index,
-             it.count, it.raw))
-        if cur.rowcount:
-            fid = cur.lastrowid
-            db.executemany("INSERT INTO outbox(backend, frame_id, priority) VALUES(?,?,?)",
-                           [(b, fid, it.priority) for b in self.backends])
+            "first_index, count, raw) VALUES(?,?,?,?,?,?,?,?,?,?,?)", rows)
+        inserted = db.total_changes - changes
+        for backend in self.backends:
+            db.execute("INSERT INTO outbox(backend, frame_id, priority) SELECT ?, id, priority FROM frames "
+                       "WHERE id > ?", (backend, before))
+        return int(inserted)
 
     # ---- quota, retention, erasure ----------------------------------------------
 

@@ -211,6 +211,10 @@ def read_head(data: "bytes | bytearray | memoryview", pos: int, end: int) -> "tu
 
 def _item(data: "bytes | bytearray | memoryview", pos: int, end: int, tags: "tuple[int, ...]",
           depth: int) -> "tuple[object, int]":
+    if pos < end:
+        ib = data[pos]
+        if ib < 24:  # the commonest item in our messages: a small unsigned integer
+            return ib, pos + 1
     if depth > MAX_DEPTH:
         raise RemoteProtocolError("CBOR nested deeper than %d" % MAX_DEPTH, "depth")
     start = pos

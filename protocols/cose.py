@@ -40,6 +40,19 @@ def protected_header(kid: bytes) -> bytes:
     return cbor.encoded({1: ALG_HMAC_256_256, 4: bytes(kid)}, 32)
 
 
+_PROTECTED_CACHE: "dict[bytes, bytes]" = {}
+_PROTECTED_CACHE_MAX = const(64)  # known kids; a flood of new ones only misses the cache
+
+
+def _protected_for(kid: bytes) -> bytes:
+    p = _PROTECTED_CACHE.get(kid)
+    if p is None:
+        p = protected_header(kid)
+        if len(_PROTECTED_CACHE) < _PROTECTED_CACHE_MAX:
+            _PROTECTED_CACHE[kid] = p
+    return p
+
+
 class MacKey:
     # An HMAC-SHA256 key with its pads precomputed; computes COSE_Mac0 tags
     # for one kid and one direction (external_aad).
@@ -131,7 +144,7 @@ def parse(data: "bytes | bytearray | memoryview") -> Mac0:
     kid = hdr.get(4)
     if not isinstance(kid, bytes) or not 1 <= len(kid) <= MAX_KID:
         raise RemoteProtocolError("kid must be a byte string of 1 to %d bytes" % MAX_KID, "kid")
-    if protected != protected_header(kid):
+    if protected != _protected_for(kid):
         raise RemoteProtocolError("protected header not in deterministic form", "non_canonical")
     major, value, pos = cbor.read_head(data, pos, end)
     if major != 5 or value != 0:

@@ -4,7 +4,7 @@
 # decides when a message is durably stored; only then does it commit() the
 # message to the replay window and ack() it.
 
-from protocols import cose, messages, replay
+from protocols import cbor, cose, messages, replay
 from protocols.errors import AuthenticationError, ProtocolError, RemoteProtocolError
 
 # Verdicts of receive().
@@ -36,7 +36,14 @@ class _Device:
 
 
 class Hub:
-    def __init__(self) -> None:
+    # decode_samples=False: sample frames keep their channels as undecoded
+    # bytes (checked for size): the store needs the header, not the samples.
+    # cbor_decode: a faster CBOR decoder for payloads, used only once their
+    # MAC has verified (see messages.decode_payload).
+    def __init__(self, decode_samples: bool = True, cbor_decode: "object" = None) -> None:
+        self.decode_samples = decode_samples
+        self.cbor_decode = cbor_decode
+        self._ackbuf = bytearray(512)
         self._devices: "dict[bytes, _Device]" = {}
         self.rejects: "dict[str, int]" = {}
         self._nonce = 0
@@ -77,7 +84,7 @@ class Hub:
         except AuthenticationError:
             return self._reject(raw, "bad_mac", device_id)
         try:
-            m = messages.decode_payload(msg.payload, messages.UPLINK_TYPES)
+            m = messages.decode_payload(msg.payload, messages.UPLINK_TYPES, self.decode_samples, self.cbor_decode)
         except RemoteProtocolError as e:
             return self._reject(raw, "malformed:" + e.reason, device_id)
         epoch, seq = m.epoch, m.seq  # type: ignore[attr-defined]
@@ -101,10 +108,15 @@ class Hub:
 
     def ack(self, device_id: str, epoch: int, seqs: "list[int]") -> "list[bytes]":
         # Sealed acks covering seqs, as few as the range limit allows.
+        dev = self._devices.get(device_id.encode())
+        if dev is None:
+            raise ProtocolError("unknown device %s" % device_id, "unknown_device", device_id=device_id)
         out = []
         ranges = seq_ranges(seqs)
         for i in range(0, len(ranges), messages.MAX_ACK_RANGES):
-            out.append(self._seal(device_id, messages.Ack(epoch, ranges[i:i + messages.MAX_ACK_RANGES])))
+            w = cbor.Writer(self._ackbuf)
+            messages.encode_ack(w, epoch, ranges[i:i + messages.MAX_ACK_RANGES])
+            out.append(dev.down.seal(memoryview(self._ackbuf)[:w.pos]))
         return out
 
     def time_request(self, device_id: str, utc_ms: int) -> "tuple[int, bytes]":

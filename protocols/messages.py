@@ -259,6 +259,19 @@ def encode(w: "cbor.Writer", msg: Message) -> None:
                 w.uint(b)
 
 
+def encode_ack(w: "cbor.Writer", epoch: int, ranges: "list[tuple[int, int]]") -> None:
+    # The same bytes as encode(w, Ack(epoch, ranges)), without the generic walk.
+    _start(w, T_ACK, 4)
+    w.uint(2)
+    w.uint(epoch)
+    w.uint(3)
+    w.array(len(ranges))
+    for a, b in ranges:
+        w.array(2)
+        w.uint(a)
+        w.uint(b)
+
+
 def encoded(msg: Message, size: int = 4096) -> bytes:
     w = cbor.Writer(bytearray(size))
     encode(w, msg)
@@ -323,8 +336,20 @@ def _check_keys(m: "dict[object, object]", allowed: int, optional: "tuple[int, .
             _fail("missing field key %d" % k, "missing")
 
 
-def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tuple[int, ...]" = ()) -> Message:
-    d = cbor.decode(payload)
+def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tuple[int, ...]" = (),
+                   decode_samples: bool = True, cbor_decode: "object" = None) -> Message:
+    # decode_samples=False checks everything but leaves each channel's sample
+    # bytes undecoded (SampleFrame.channels then holds bytes): for a hub that
+    # stores frames fast and decodes them when it forwards them.
+    # cbor_decode: another CBOR decoder for payloads already authenticated
+    # (the hub passes a C one); the schema checks below apply all the same.
+    if cbor_decode is None:
+        d = cbor.decode(payload)
+    else:
+        try:
+            d = cbor_decode(bytes(payload))  # type: ignore[operator]
+        except Exception as e:
+            raise RemoteProtocolError("payload is not valid CBOR: %s" % type(e).__name__, "malformed") from None
     if not isinstance(d, dict):
         raise RemoteProtocolError("payload must be a CBOR map", "schema")
     kind = _uint(d, 0, "type", 255)
@@ -334,7 +359,7 @@ def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tu
     if allowed_kinds and kind not in allowed_kinds:
         _fail("message type %d not allowed in this direction" % kind, "direction")
     if kind == T_SAMPLES:
-        return _decode_samples(d)
+        return _decode_samples(d, decode_samples)
     if kind == T_ACK:
         _check_keys(d, 4)
         ranges = _pairs(d, 3, "ranges", MAX_ACK_RANGES)
@@ -365,7 +390,7 @@ def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tu
     _fail("unknown message type %d" % kind, "unknown_type")
 
 
-def _decode_samples(d: "dict[object, object]") -> SampleFrame:
+def _decode_samples(d: "dict[object, object]", decode: bool = True) -> SampleFrame:
     _check_keys(d, 14, (10,))
     stream = _uint(d, 4, "stream")
     nch = STREAM_CHANNELS.get(stream)
@@ -389,11 +414,16 @@ def _decode_samples(d: "dict[object, object]") -> SampleFrame:
     data = d.get(13)
     if not isinstance(data, list) or len(data) != nch:
         _fail("field samples (key 13) must hold %d byte strings for stream %d" % (nch, stream))
-    channels = []
+    channels: "list[list[int]]" = []
     for ch in data:
         if not isinstance(ch, bytes):
             _fail("field samples (key 13) must hold byte strings")
-        channels.append(samples.decode(ch, count))
+        if decode:
+            channels.append(samples.decode(ch, count))
+        elif not count <= len(ch) <= count * samples.WORST_BYTES_PER_SAMPLE:
+            _fail("field samples (key 13): %d bytes cannot hold %d samples" % (len(ch), count), "sample_count")
+        else:
+            channels.append(ch)  # type: ignore[arg-type]
     return SampleFrame(_uint(d, 2, "epoch"), _uint(d, 3, "seq"), stream, _uint(d, 5, "t0_ms"),
                        _uint(d, 6, "first_index"), rate, count, (scale[0], scale[1]),
                        None if drive is None else (drive[0], drive[1], drive[2], drive[3]),

@@ -13,6 +13,7 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
+from agent import fastdecode
 from agent.config import BackendConfig
 from agent.store import KIND_GAP, Row, Store, check_private
 from protocols import cose, messages
@@ -65,8 +66,9 @@ def document(row: Row, hub_id: str) -> dict[str, Any]:
         doc.update(row.info or {})
         return doc
     assert row.raw is not None
-    m = messages.decode_payload(cose.parse(row.raw).payload, messages.UPLINK_TYPES)
+    m = messages.decode_payload(cose.parse(row.raw).payload, messages.UPLINK_TYPES, decode_samples=False)
     assert isinstance(m, messages.SampleFrame)
+    channels = [fastdecode.decode(bytes(ch), m.count) for ch in m.channels]
     flags = m.status[0]
     return {
         "type": "samples",
@@ -89,7 +91,7 @@ def document(row: Row, hub_id: str) -> dict[str, Any]:
                    "sensor_fault": bool(flags & messages.FLAG_SENSOR_FAULT),
                    "fifo_lost_samples": m.status[1], "frames_dropped_by_board": m.status[2],
                    "jitter_us": m.status[3]},
-        "channels": dict(zip(CHANNELS.get(m.stream, ("ch0", "ch1")), m.channels)),
+        "channels": dict(zip(CHANNELS.get(m.stream, ("ch0", "ch1")), channels)),
         "received_at": received,
         "cose": base64.b64encode(row.raw).decode(),
     }

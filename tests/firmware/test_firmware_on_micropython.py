@@ -22,7 +22,7 @@ def test_firmware_module(micropython: str, module: str, tmp_path: Path, wave_cac
     boards.prepare(boards.BoardSpec("pb-test01"), tmp_path, wave_cache)
     env = boards.micropython_env()
     env["MICROPYPATH"] += ":" + str(ROOT)
-    proc = subprocess.run([micropython, "-X", "heapsize=4M", str(ROOT / "tests" / "shared" / "mpy_runner.py"),
+    proc = subprocess.run([micropython, "-X", "heapsize=16M", str(ROOT / "tests" / "shared" / "mpy_runner.py"),
                            "tests.firmware." + module], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     print(proc.stdout, proc.stderr)

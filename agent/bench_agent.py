@@ -1,0 +1,328 @@
+"""`pulsebridge bench agent`: the hub's throughput, latency and footprint.
+
+From one run on one machine:
+- verify+commit: frames/s, and frames per CPU-second (per core), through the
+  agent's Ingestor and store (SQLite WAL, synchronous=FULL, group commit);
+- the same plus forwarding to a local Mosquitto over TLS (QoS 1);
+- a baseline in the same run: pycose verification and one commit per frame
+  (pycose runs in its own environment, it needs cbor2 < 6);
+- a realistic load (20 boards x 2 streams x 1 frame/s): the latency the agent
+  adds (frame in, ack ready), p50/p99, its RSS and its CPU share.
+Figures only; nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import resource
+import secrets
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.audit import AuditLog
+from agent.config import BackendConfig
+from agent.forwarders.mqtt import MqttForwarder
+from agent.ingest import Ingestor
+from agent.registry import Registry
+from agent.store import Store
+from agent.tlsgen import make_pki
+from protocols import cose, messages
+
+BOARDS = 20
+PYCOSE_VENV = Path(__file__).resolve().parent.parent / ".venv-pycose"
+BASELINE_SCRIPT = r'''
+import json, sqlite3, sys, time, cbor2
+from pycose.keys import SymmetricKey
+from pycose.messages import Mac0Message
+from pycose.headers import KID
+frames = cbor2.load(open(sys.argv[1], "rb"))
+keys = {k: SymmetricKey(k=bytes.fromhex(v)) for k, v in json.load(open(sys.argv[2])).items()}
+db = sqlite3.connect(sys.argv[3], isolation_level=None)
+db.execute("PRAGMA journal_mode=WAL"); db.execute("PRAGMA synchronous=FULL")
+db.execute("CREATE TABLE frames(device_id TEXT, epoch INT, seq INT, raw BLOB, UNIQUE(device_id, epoch, seq))")
+t, c = time.perf_counter(), time.process_time()
+for raw in frames:
+    m = Mac0Message.decode(raw)
+    dev = m.phdr[KID].decode()
+    m.key = keys[dev]
+    m.external_aad = b"pulsebridge/1 board-to-hub"
+    assert m.verify_tag()
+    p = cbor2.loads(m.payload)
+    db.execute("INSERT INTO frames VALUES(?,?,?,?)", (dev, p[2], p[3], raw))  # autocommit: one commit a frame
+print(json.dumps({"frames": len(frames), "wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c}))
+'''
+
+
+def _wake(loop: asyncio.AbstractEventLoop, ev: asyncio.Event) -> None:
+    loop.call_soon_threadsafe(ev.set)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Fleet:
+    """Boards' frames, made as the firmware makes them (real ECG/PPG deltas)."""
+
+    def __init__(self, n: int = BOARDS) -> None:
+        self.keys = {"pb-bench%02d" % i: secrets.token_bytes(32) for i in range(n)}
+        self.sealers = {d: cose.MacKey(k, d.encode(), cose.AAD_UPLINK) for d, k in self.keys.items()}
+        self.seq = dict.fromkeys(self.keys, 0)
+        rng = np.random.default_rng(7)
+        self.ecg = [int(x) for x in np.cumsum(rng.integers(-40, 41, 512))]
+        self.red = [int(x) for x in 90000 + np.cumsum(rng.integers(-20, 21, 100))]
+        self.ir = [int(x) for x in 140000 + np.cumsum(rng.integers(-25, 26, 100))]
+
+    def frame(self, dev: str, stream: int) -> bytes:
+        seq = self.seq[dev]
+        self.seq[dev] = seq + 1
+        if stream == messages.STREAM_ECG_MAX30003:
+            f = messages.SampleFrame(1, seq, stream, seq * 500, seq * 256, 512, 512, (1000000, 2621440), None,
+                                     (0, 0, 0, 0), [self.ecg])
+        else:
+            f = messages.SampleFrame(1, seq, stream, seq * 500, seq * 50, 100, 100, (16384, 262144),
+                                     (7000, 7000, 16384, 411), (0, 0, 0, 0), [self.red, self.ir])
+        return self.sealers[dev].seal(messages.encoded(f))
+
+    def batch(self, n: int) -> list[bytes]:
+        devs = list(self.keys)
+        out = []
+        for i in range(n):
+            dev = devs[i % len(devs)]
+            out.append(self.frame(dev, messages.STREAM_ECG_MAX30003 if (i // len(devs)) % 2 == 0
+                                  else messages.STREAM_PPG_MAX30102))
+        return out
+
+
+def _setup(tmp: Path, fleet: Fleet, backends: list[str]) -> tuple[Store, Ingestor]:
+    reg = Registry(tmp / "registry.db", AuditLog(tmp / "audit.log"))
+    for dev, key in fleet.keys.items():
+        reg.add(dev, key=key, actor="bench")
+    store = Store(tmp / "store.db", backends)
+    store.start()
+    return store, Ingestor(store, reg)
+
+
+async def _ingest_all(ing: Ingestor, raws: list[bytes]) -> None:
+    futs = []
+    for raw in raws:
+        out = ing.submit(raw, "bench")
+        if out.stored is None:
+            raise RuntimeError("frame not accepted: %s" % out.received.reason)
+        futs.append(out.stored)
+    await asyncio.gather(*futs)
+
+
+def verify_commit(n: int) -> dict[str, float]:
+    fleet = Fleet()
+    raws = fleet.batch(n)
+    with tempfile.TemporaryDirectory() as tmp:
+        store, ing = _setup(Path(tmp), fleet, ["none"])
+        t, c = time.perf_counter(), time.process_time()
+        asyncio.run(_ingest_all(ing, raws))
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        commits = store.stats.commits
+        store.close()
+    return {"frames": n, "wall_s": wall, "cpu_s": cpu, "frames_per_s": n / wall, "frames_per_cpu_s": n / cpu,
+            "commits": commits}
+
+
+def baseline(n: int) -> dict[str, float]:
+    import cbor2
+
+    py = PYCOSE_VENV / "bin" / "python"
+    if not py.exists():
+        raise FileNotFoundError("%s is missing: ./run tests creates it" % PYCOSE_VENV)
+    fleet = Fleet()
+    raws = fleet.batch(n)
+    with tempfile.TemporaryDirectory() as tmp:
+        frames = Path(tmp) / "frames.cbor"
+        frames.write_bytes(cbor2.dumps(raws))
+        keys = Path(tmp) / "keys.json"
+        keys.write_text(json.dumps({d: k.hex() for d, k in fleet.keys.items()}))
+        script = Path(tmp) / "baseline.py"
+        script.write_text(BASELINE_SCRIPT)
+        out = subprocess.run([str(py), str(script), str(frames), str(keys), str(Path(tmp) / "b.db")],
+                             capture_output=True, text=True, timeout=3600)
+        if out.returncode != 0:
+            raise RuntimeError("baseline failed: " + out.stderr[-2000:])
+    r: dict[str, float] = json.loads(out.stdout)
+    r["frames_per_s"] = r["frames"] / r["wall_s"]
+    r["frames_per_cpu_s"] = r["frames"] / r["cpu_s"]
+    return r
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Broker:
+    def __init__(self, tmp: Path) -> None:
+        import shutil
+
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.pki = make_pki(tmp / "pki")
+        self.port = _free_port()
+        conf = tmp / "mosquitto.conf"
+        conf.write_text("listener %d 127.0.0.1\ncafile %s\ncertfile %s\nkeyfile %s\nallow_anonymous true\n"
+                        "persistence false\nmax_inflight_messages 0\nmax_queued_messages 0\nuser %s\n" % (
+                            self.port, self.pki.ca_cert, self.pki.server_cert, self.pki.server_key, getpass.getuser()))
+        self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError("mosquitto did not start")
+
+    def backend(self) -> BackendConfig:
+        return BackendConfig(name="mqtt", type="mqtt", url="mqtts://localhost:%d" % self.port,
+                             ca_file=self.pki.ca_cert, batch=500)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def verify_commit_forward(n: int) -> dict[str, float]:
+    fleet = Fleet()
+    raws = fleet.batch(n)
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        broker = Broker(tmp)
+        try:
+            store, ing = _setup(tmp, fleet, ["mqtt"])
+
+            async def go() -> tuple[float, float]:
+                wake = asyncio.Event()
+                fw = MqttForwarder(broker.backend(), store, "bench-hub", wake)
+                loop = asyncio.get_running_loop()
+                store.on_commit = lambda: _wake(loop, wake)
+                task = asyncio.create_task(fw.run())
+                t, c = time.perf_counter(), time.process_time()
+                await _ingest_all(ing, raws)
+                while fw.forwarded < n:
+                    await asyncio.sleep(0.01)
+                wall, cpu = time.perf_counter() - t, time.process_time() - c
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+                return wall, cpu
+
+            wall, cpu = asyncio.run(go())
+            store.close()
+        finally:
+            broker.close()
+    return {"frames": n, "wall_s": wall, "cpu_s": cpu, "frames_per_s": n / wall, "frames_per_cpu_s": n / cpu}
+
+
+def realistic(seconds: float) -> dict[str, float]:
+    fleet = Fleet()
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        broker = Broker(tmp)
+        try:
+            store, ing = _setup(tmp, fleet, ["mqtt"])
+            latencies: list[float] = []
+
+            async def go() -> tuple[float, float, float]:
+                wake = asyncio.Event()
+                fw = MqttForwarder(broker.backend(), store, "bench-hub", wake)
+                loop = asyncio.get_running_loop()
+                store.on_commit = lambda: _wake(loop, wake)
+                task = asyncio.create_task(fw.run())
+                devs = list(fleet.keys)
+                # Each board sends its ECG and its PPG frame once a second, boards spread over the second.
+                slot = 1.0 / (2 * len(devs))
+                total = int(seconds / slot)
+                # Made beforehand: sealing frames is the boards' work, not the agent's.
+                frames = [fleet.frame(devs[(i // 2) % len(devs)], messages.STREAM_ECG_MAX30003 if i % 2 == 0
+                                      else messages.STREAM_PPG_MAX30102) for i in range(total)]
+                t0 = time.perf_counter()
+                c0 = time.process_time()
+                k = 0
+                pending: list[asyncio.Future[Any]] = []
+
+                def done_at(start: float) -> Any:
+                    return lambda f: latencies.append(time.perf_counter() - start)
+
+                t0 = time.perf_counter()
+                c0 = time.process_time()
+                for raw in frames:
+                    due = t0 + k * slot
+                    await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                    start = time.perf_counter()
+                    out = ing.submit(raw, "bench")
+                    assert out.stored is not None
+                    out.stored.add_done_callback(done_at(start))
+                    pending.append(out.stored)
+                    k += 1
+                await asyncio.gather(*pending)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                rss = _rss_mb()
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+                return wall, cpu, rss
+
+            wall, cpu, rss = asyncio.run(go())
+            store.close()
+        finally:
+            broker.close()
+    lat = np.array(latencies) * 1000
+    return {"frames": len(latencies), "seconds": wall, "latency_p50_ms": float(np.percentile(lat, 50)),
+            "latency_p99_ms": float(np.percentile(lat, 99)), "cpu_percent_of_one_core": 100 * cpu / wall,
+            "rss_mb": rss, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run(frames: int = 20000, baseline_frames: int = 3000, seconds: float = 20.0) -> dict[str, Any]:
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    r: dict[str, Any] = {}
+    r["realistic_load"] = realistic(seconds)  # first: RSS before the bulk runs grow the heap
+    r["verify_commit"] = verify_commit(frames)
+    r["baseline_pycose_commit_per_frame"] = baseline(baseline_frames)
+    r["verify_commit_forward_mqtt"] = verify_commit_forward(frames)
+    r["speedup_vs_baseline_per_core"] = (r["verify_commit"]["frames_per_cpu_s"]
+                                         / r["baseline_pycose_commit_per_frame"]["frames_per_cpu_s"])
+    r["speedup_vs_baseline_wall"] = (r["verify_commit"]["frames_per_s"]
+                                     / r["baseline_pycose_commit_per_frame"]["frames_per_s"])
+    return r
+
+
+def report(r: dict[str, Any]) -> list[str]:
+    vc, b, vf, rl = (r["verify_commit"], r["baseline_pycose_commit_per_frame"], r["verify_commit_forward_mqtt"],
+                     r["realistic_load"])
+    return [
+        "agent benchmark (one run, this machine; ECG 512-sample and PPG 100-sample frames, 20 boards)",
+        "  verify+commit:           %7.0f frames/s, %7.0f frames per CPU-second (%d frames, %d commits)" % (
+            vc["frames_per_s"], vc["frames_per_cpu_s"], vc["frames"], vc["commits"]),
+        "  baseline (pycose, one commit per frame): %7.0f frames/s, %7.0f per CPU-second (%d frames)" % (
+            b["frames_per_s"], b["frames_per_cpu_s"], b["frames"]),
+        "  ratio to baseline:       %.1fx per CPU-second, %.1fx wall" % (
+            r["speedup_vs_baseline_per_core"], r["speedup_vs_baseline_wall"]),
+        "  verify+commit+forward (Mosquitto, TLS, QoS 1): %7.0f frames/s, %7.0f per CPU-second" % (
+            vf["frames_per_s"], vf["frames_per_cpu_s"]),
+        "  realistic load (20 boards x 2 streams x 1 frame/s, %.0f s, forwarding to Mosquitto):" % rl["seconds"],
+        "    added latency (frame in -> ack ready) p50 %.2f ms, p99 %.2f ms" % (
+            rl["latency_p50_ms"], rl["latency_p99_ms"]),
+        "    CPU %.2f %% of one core; RSS %.1f MB" % (rl["cpu_percent_of_one_core"], rl["rss_mb"]),
+    ]
