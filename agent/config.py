@@ -65,6 +65,9 @@ class BackendConfig:
     format: str = "json"  # webhook: json | cbor
     batch: int = 50
     timeout_s: float = 10.0
+    # After new frames, wait this long for more before sending: fewer, fuller
+    # batches at low load (forwarding latency, not the boards' acks).
+    linger_s: float = 0.2
 
 
 @dataclass
@@ -169,6 +172,7 @@ def parse(data: dict[str, Any], source: Path | None = None) -> AgentConfig:
         bc.format = _take(b, "format", str, where, bc.format)
         bc.batch = _take(b, "batch", int, where, bc.batch)
         bc.timeout_s = float(_take(b, "timeout_s", (int, float), where, bc.timeout_s))
+        bc.linger_s = float(_take(b, "linger_s", (int, float), where, bc.linger_s))
         if "token" in b or "password" in b:
             raise ConfigError("%s: put secrets in files (bearer_token_file, password_file), not in the config"
                               % where, where)

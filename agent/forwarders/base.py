@@ -152,6 +152,8 @@ class Forwarder(abc.ABC):
                     try:
                         async with asyncio.timeout(1.0):
                             await self.wake.wait()
+                        # Let a few more frames gather: one request, one commit for them all.
+                        await asyncio.sleep(self.cfg.linger_s)
                     except TimeoutError:
                         pass
                     continue
