@@ -1,0 +1,95 @@
+# The operator's commands, run as an operator runs them.
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from agent import config as agent_config
+from agent.audit import AuditLog
+from agent.store import Ingest, Store
+from agent.supervisor import Agent, read_status
+from tests.conftest import ROOT
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+
+
+def _config(tmp: Path) -> Path:
+    p = tmp / "agent.toml"
+    p.write_text('[agent]\nhub_id = "hub-t"\ndata_dir = "%s"\nlog_dir = "%s"\nrun_dir = "%s"\n' % (
+        tmp / "data", tmp / "log", tmp / "run"))
+    return p
+
+
+def test_devices_add_list_revoke_and_erase(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    key_file = tmp_path / "pb-cli01.key"
+    r = _cli("devices", "--config", str(cfg), "add", "pb-cli01", "--label", "chambre 1", "--key-out", str(key_file))
+    assert r.returncode == 0, r.stderr
+    assert len(bytes.fromhex(key_file.read_text().strip())) == 32
+    assert key_file.stat().st_mode & 0o077 == 0
+    assert "pb-cli01" in _cli("devices", "--config", str(cfg), "list").stdout
+    bad = _cli("devices", "--config", str(cfg), "add", "Not Valid")
+    assert bad.returncode == 1 and "device id" in bad.stderr
+    assert _cli("devices", "--config", str(cfg), "revoke", "pb-cli01", "--reason", "lost").returncode == 0
+    assert "revoked" in _cli("devices", "--config", str(cfg), "list").stdout
+    # some stored data for the device, then erasure
+    c = agent_config.load(cfg)
+    s = Store(c.store_path, [])
+    s.start()
+    asyncio.run(s.ingest(Ingest("pb-cli01", 1, 0, 1, b"frame", (1, 0, 1))))
+    s.close()
+    r = _cli("erase", "--config", str(cfg), "--device", "pb-cli01")
+    assert r.returncode == 0 and "erased 1 frames" in r.stdout, r.stdout + r.stderr
+    assert "pb-cli01" not in _cli("devices", "--config", str(cfg), "list").stdout
+    actions = [e["action"] for e in AuditLog(c.audit_path).entries()]
+    assert actions == ["device.add", "device.revoke", "device.remove", "device.erase"]
+
+
+def test_agent_refuses_to_start_with_a_readable_registry(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    assert _cli("devices", "--config", str(cfg), "add", "pb-cli02").returncode == 0
+    os.chmod(tmp_path / "data" / "registry.db", 0o644)
+    r = _cli("agent", "--config", str(cfg))
+    assert r.returncode == 2 and "readable by others" in r.stderr and "chmod 600" in r.stderr
+
+
+def test_status_reads_the_running_agent(tmp_path: Path) -> None:
+    cfg = agent_config.load(_config(tmp_path))
+
+    async def scenario() -> dict[str, object]:
+        agent = Agent(cfg)
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        for _ in range(50):
+            if cfg.status_socket.exists():
+                break
+            await asyncio.sleep(0.1)
+        snap = await read_status(cfg.status_socket)
+        assert cfg.status_socket.stat().st_mode & 0o077 == 0  # only the service user may ask
+        stop.set()
+        await task
+        return snap
+
+    snap = asyncio.run(scenario())
+    assert snap["hub_id"] == "hub-t" and snap["boards"] == [] and snap["rejects"] == {}
+    json.dumps(snap)
+
+
+def test_a_new_backend_does_not_recreate_the_store(tmp_path: Path) -> None:
+    p = tmp_path / "store.db"
+    s = Store(p, ["a"])
+    s.start()
+    asyncio.run(s.ingest(Ingest("pb-x", 1, 0, 1, b"f0", (1, 0, 1))))
+    s.close()
+    s = Store(p, ["a", "b"])
+    s.start()
+    asyncio.run(s.ingest(Ingest("pb-x", 1, 1, 1, b"f1", (1, 1, 3))))
+    db = s.reader()
+    assert db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 2
+    assert Store.backlog(db) == {"a": 2, "b": 1}  # the new backend starts from new frames
+    s.close()
