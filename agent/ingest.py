@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ from agent.store import Ingest, Store, StoreError
 from protocols import hub, messages, replay
 
 log = logging.getLogger(__name__)
+
+ToUtc = Callable[[int], "float | None"]
 
 # Rejects logged per minute at most (all are counted): a flood of forged
 # frames must not flood the log, nor the disk.
@@ -42,9 +45,9 @@ class Processor(abc.ABC):
     hub: hub.Hub
 
     @abc.abstractmethod
-    def submit(self, raw: bytes, link: str) -> Outcome:
+    def submit(self, raw: bytes, link: str, to_utc: ToUtc | None = None) -> Outcome:
         """Judges a message now, in arrival order (the replay window needs it);
-        storing it may finish later."""
+        storing it may finish later. to_utc maps the board's ticks to UTC ms."""
 
     async def process(self, raw: bytes, link: str) -> Outcome:
         out = self.submit(raw, link)
@@ -77,7 +80,7 @@ class Volatile(Processor):
     def __init__(self, hub_: hub.Hub) -> None:
         self.hub = hub_
 
-    def submit(self, raw: bytes, link: str) -> Outcome:
+    def submit(self, raw: bytes, link: str, to_utc: ToUtc | None = None) -> Outcome:
         r = self.hub.receive(raw)
         acks: list[bytes] = []
         if r.verdict != hub.REJECTED and isinstance(r.message, messages.SampleFrame):
@@ -135,7 +138,7 @@ class Ingestor(Processor):
         self.store.submit_reject(reason, link, r.device_id, r.raw)  # counted and quarantined; nobody waits
         return Outcome(r, [])
 
-    def submit(self, raw: bytes, link: str) -> Outcome:
+    def submit(self, raw: bytes, link: str, to_utc: ToUtc | None = None) -> Outcome:
         r = self.hub.receive(raw)
         if r.verdict == hub.REJECTED and r.reason == "replay:" + replay.TOO_OLD and r.device_id:
             # Below the window: a retransmission of a frame we hold is a duplicate.
@@ -148,8 +151,10 @@ class Ingestor(Processor):
         if not isinstance(m, messages.SampleFrame):
             return Outcome(r, [])  # hello, status, time: session state, not stored
         w = self.hub.window(dev)
+        t0_utc = to_utc(m.t0_ms) if to_utc is not None else None
         item = Ingest(dev, m.epoch, m.seq, messages.T_SAMPLES, raw, w.state(), m.stream, m.t0_ms, m.first_index,
-                      m.count, duplicate=r.verdict == hub.DUPLICATE)
+                      m.count, duplicate=r.verdict == hub.DUPLICATE,
+                      t0_utc_ms=None if t0_utc is None else int(t0_utc))
         stored = self.store.submit_ingest(item)
         stored.add_done_callback(self._on_stored)
         return Outcome(r, self.hub.ack(dev, m.epoch, [m.seq]), stored)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.ingest import Outcome, Processor
+from agent.timemap import TimeMap
 from agent.transports.base import Transport, TransportClosed
 from protocols import hub, messages
 
@@ -76,6 +77,9 @@ class BoardStats:
     fifo_lost: int = 0  # samples the board's sensors reported lost
     board_dropped: int = 0  # frames the board reported dropping unacknowledged
     firmware: str = ""
+    clock_drift_ppm: float | None = None
+    clock_jumps: int = 0
+    rtt_ms: float | None = None
 
     def samples_received(self) -> dict[str, int]:
         return {name: s.covered for name, s in self.samples.items()}
@@ -86,11 +90,15 @@ class BoardStats:
 
 class BoardSession:
     def __init__(self, transport: Transport, processor: Processor, stats: BoardStats,
-                 recorder: Callable[[bytes], None] | None = None) -> None:
+                 recorder: Callable[[bytes], None] | None = None, time_sync_s: float | None = None) -> None:
         self.transport = transport
         self.processor = processor
         self.stats = stats
         self.recorder = recorder
+        self.time_sync_s = time_sync_s
+        self.timemap = TimeMap()
+        self._time_requests: dict[int, float] = {}  # nonce -> UTC ms sent
+        self._epoch: int | None = None
 
     async def run(self) -> None:
         # Two tasks: one reads and judges messages in arrival order and
@@ -101,6 +109,8 @@ class BoardSession:
         self.stats.connected = True
         pending: asyncio.Queue[Outcome | None] = asyncio.Queue(PIPELINE_DEPTH)
         acker = asyncio.create_task(self._ack_in_order(pending), name="acks:" + self.transport.name)
+        syncer = (asyncio.create_task(self._time_sync(), name="time:" + self.transport.name)
+                  if self.time_sync_s else None)
         try:
             while True:
                 raw = await self.transport.receive()
@@ -111,6 +121,8 @@ class BoardSession:
             log.info("%s: link closed", self.transport.name)
         finally:
             self.stats.connected = False
+            if syncer is not None:
+                syncer.cancel()
             if not acker.done():
                 try:
                     pending.put_nowait(None)
@@ -119,6 +131,31 @@ class BoardSession:
                 except (asyncio.QueueFull, TimeoutError, TransportClosed):
                     acker.cancel()
             await self.transport.close()
+
+    async def _time_sync(self) -> None:
+        # A time request as soon as the board is known, then every time_sync_s.
+        assert self.time_sync_s
+        while True:
+            dev = self.stats.device_id
+            if not dev or not self.processor.hub.has_device(dev):
+                await asyncio.sleep(0.5)
+                continue
+            nonce, raw = self.processor.hub.time_request(dev, int(time.time() * 1000))
+            self._time_requests[nonce] = time.time() * 1000
+            while len(self._time_requests) > 8:  # unanswered ones are forgotten
+                self._time_requests.pop(next(iter(self._time_requests)))
+            await self.transport.send(raw)
+            await asyncio.sleep(self.time_sync_s)
+
+    def _on_time(self, m: messages.TimeResponse) -> None:
+        sent = self._time_requests.pop(m.nonce, None)
+        if sent is None:
+            return
+        self.timemap.add(m.tick_ms, sent, time.time() * 1000)
+        st = self.stats
+        st.clock_drift_ppm = self.timemap.drift_ppm
+        st.clock_jumps = self.timemap.jumps
+        st.rtt_ms = self.timemap.last_rtt_ms
 
     async def _ack_in_order(self, pending: asyncio.Queue[Outcome | None]) -> None:
         while True:
@@ -136,7 +173,7 @@ class BoardSession:
         st.messages += 1
         if self.recorder is not None:
             self.recorder(raw)
-        out = self.processor.submit(raw, self.transport.name)
+        out = self.processor.submit(raw, self.transport.name, self.timemap.to_utc_ms)
         r = out.received
         if r.verdict == hub.REJECTED:
             st.rejects[r.reason] += 1
@@ -144,8 +181,15 @@ class BoardSession:
         m = r.message
         if r.device_id and st.device_id != r.device_id:
             st.device_id = r.device_id
+        epoch = getattr(m, "epoch", None)
+        if epoch is not None and epoch != self._epoch:
+            if self._epoch is not None:
+                self.timemap.reset()  # a reboot: the board's ticks start again
+            self._epoch = epoch
         if isinstance(m, messages.Hello):
             st.firmware = m.firmware
+        elif isinstance(m, messages.TimeResponse):
+            self._on_time(m)
         if isinstance(m, messages.SampleFrame):
             if r.verdict == hub.DUPLICATE:
                 st.duplicates += 1

@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS frames(
     id INTEGER PRIMARY KEY,
     device_id TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
     kind INTEGER NOT NULL, stream INTEGER, priority INTEGER NOT NULL,
-    received_at REAL NOT NULL, t0_ms INTEGER, first_index INTEGER, count INTEGER,
+    received_at REAL NOT NULL, t0_ms INTEGER, t0_utc_ms INTEGER, first_index INTEGER, count INTEGER,
     raw BLOB, info TEXT,
     UNIQUE(device_id, epoch, seq));
 CREATE INDEX IF NOT EXISTS frames_age ON frames(priority, id);
@@ -91,6 +91,7 @@ class Ingest:
     count: int | None = None
     priority: int = PRIORITY_RAW
     duplicate: bool = False
+    t0_utc_ms: int | None = None  # the first sample's time, from the board clock's mapping to UTC
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Row:
     received_at: float
     raw: bytes | None
     info: dict[str, Any] | None
+    t0_utc_ms: int | None = None
 
 
 @dataclass
@@ -300,7 +302,7 @@ class Store:
                 windows[it.device_id] = it.window
                 if not it.duplicate:
                     rows.append((it.device_id, it.epoch, it.seq, it.kind, it.stream, it.priority, now, it.t0_ms,
-                                 it.first_index, it.count, it.raw))
+                                 it.t0_utc_ms, it.first_index, it.count, it.raw))
                 results.append(None)
             elif job.kind == "delivered":
                 backend, ids = job.args
@@ -342,7 +344,7 @@ class Store:
         changes = db.total_changes
         db.executemany(
             "INSERT OR IGNORE INTO frames(device_id, epoch, seq, kind, stream, priority, received_at, t0_ms, "
-            "first_index, count, raw) VALUES(?,?,?,?,?,?,?,?,?,?,?)", rows)
+            "t0_utc_ms, first_index, count, raw) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)", rows)
         inserted = db.total_changes - changes
         for backend in self.backends:
             db.execute("INSERT INTO outbox(backend, frame_id, priority) SELECT ?, id, priority FROM frames "
@@ -421,10 +423,11 @@ class Store:
     @staticmethod
     def fetch_outbox(db: sqlite3.Connection, backend: str, limit: int) -> list[Row]:
         rows = db.execute(
-            "SELECT f.id, f.device_id, f.epoch, f.seq, f.kind, f.stream, f.priority, f.received_at, f.raw, f.info "
+            "SELECT f.id, f.device_id, f.epoch, f.seq, f.kind, f.stream, f.priority, f.received_at, f.raw, f.info, "
+            "f.t0_utc_ms "
             "FROM outbox o JOIN frames f ON f.id = o.frame_id WHERE o.backend=? "
             "ORDER BY o.priority DESC, o.frame_id LIMIT ?", (backend, limit)).fetchall()
-        return [Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], json.loads(r[9]) if r[9] else None)
+        return [Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], json.loads(r[9]) if r[9] else None, r[10])
                 for r in rows]
 
     @staticmethod

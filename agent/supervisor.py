@@ -129,7 +129,8 @@ class Agent:
             link.port = port
             stats = BoardStats("", "serial:" + port)
             link.stats = stats
-            session = BoardSession(SerialTransport(port, link.config.baudrate), self.ingestor, stats)
+            session = BoardSession(SerialTransport(port, link.config.baudrate), self.ingestor, stats,
+                                   time_sync_s=self.cfg.time_sync_every_s)
             started = time.monotonic()
             link.state = LinkState.CONNECTED
             link.connects += 1
@@ -182,6 +183,7 @@ class Agent:
                 "device_id": st.device_id if st else "", "frames": st.frames if st else 0,
                 "last_frame_at": st.last_frame_at if st else None, "last_error": link.last_error,
                 "rejects": dict(st.rejects) if st else {},
+                "clock_drift_ppm": st.clock_drift_ppm if st else None, "clock_jumps": st.clock_jumps if st else 0,
             })
         return {
             "hub_id": self.cfg.hub_id, "uptime_s": round(time.time() - self.started_at, 1), "boards": boards,

@@ -70,6 +70,10 @@ def document(row: Row, hub_id: str) -> dict[str, Any]:
     assert isinstance(m, messages.SampleFrame)
     channels = [fastdecode.decode(bytes(ch), m.count) for ch in m.channels]
     flags = m.status[0]
+    if row.t0_utc_ms is not None:
+        t0_utc, source = row.t0_utc_ms / 1000.0, "board-clock"
+    else:  # no time sync yet: placed by arrival (the window ended when it came)
+        t0_utc, source = row.received_at - m.count / m.rate_hz, "arrival"
     return {
         "type": "samples",
         "idempotency_key": idempotency_key(row),
@@ -80,6 +84,8 @@ def document(row: Row, hub_id: str) -> dict[str, Any]:
         "stream": messages.STREAM_NAMES.get(m.stream, str(m.stream)),
         "rate_hz": m.rate_hz,
         "t0_ms": m.t0_ms,
+        "t0_utc": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t0_utc)) + ".%03dZ" % int(t0_utc * 1000 % 1000),
+        "time_source": source,
         "first_index": m.first_index,
         "count": m.count,
         "scale": {"num": m.scale[0], "den": m.scale[1], "unit": UNITS.get(m.stream, "")},

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import calendar
 import json
 import time
 import uuid
@@ -35,6 +36,10 @@ CODES = {
     "ppg": ("150452", "MDC_PULS_OXIM_PLETH", "Plethysmogram"),
 }
 _NS = uuid.UUID("6f1e4c52-6b5e-4f57-9a0d-3f8f1b7a2c11")
+
+
+def _iso_ms(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % int(t * 1000 % 1000)
 
 
 def _urn(kind: str, value: str) -> str:
@@ -79,12 +84,11 @@ def observation(doc: dict[str, Any], hub_id: str) -> dict[str, Any]:
         return obs
     code, mdc_name, text = CODES.get(doc["stream"], ("0", "unknown", doc["stream"]))
     obs["code"] = {"coding": [{"system": MDC, "code": code, "display": mdc_name}], "text": text}
-    # Until the hub maps board ticks to UTC, the window is placed by its
-    # arrival: it ended when it was received.
-    end = time.mktime(time.strptime(doc["received_at"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
-    start = end - doc["count"] / doc["rate_hz"]
-    obs["effectivePeriod"] = {"start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
-                              "end": doc["received_at"]}
+    # The first sample's time (board clock mapped to UTC, or by arrival
+    # before the first time sync: doc["time_source"]), and the window's end.
+    start = calendar.timegm(time.strptime(doc["t0_utc"][:19], "%Y-%m-%dT%H:%M:%S")) + int(doc["t0_utc"][20:23]) / 1000
+    end = start + doc["count"] / doc["rate_hz"]
+    obs["effectivePeriod"] = {"start": doc["t0_utc"], "end": _iso_ms(end)}
     chans = doc["channels"]
     if doc["stream"] == "ppg":
         obs["component"] = [

@@ -3,7 +3,10 @@
 # garbage, forged and replayed frames on the line, the disk quota reached.
 # Afterwards every acknowledged frame is at the backend, once per key.
 import asyncio
+import calendar
+import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +82,15 @@ def test_outage_cut_reboot_and_injected_frames(micropython: str, tmp_path: Path)
         assert rejects["bad_mac"] == 1 and rejects["replay:old_epoch"] == 1, (rejects, agent.snapshot()["boards"])
         summary = backend.summary()
         assert summary["invalid"] == 0
+        docs = backend.call(harness._async(lambda: [json.loads(r[0]) for r in backend.backend.db.execute(
+            "SELECT body FROM received WHERE type='samples'")]))
+        synced = [d for d in docs if d["time_source"] == "board-clock"]
+        assert len(synced) > len(docs) / 2  # the boards' clocks were mapped to UTC soon after they connected
+        for d in synced:
+            t0 = calendar.timegm(time.strptime(d["t0_utc"][:19], "%Y-%m-%dT%H:%M:%S"))
+            received = calendar.timegm(
+                time.strptime(d["received_at"], "%Y-%m-%dT%H:%M:%SZ"))
+            assert -2 <= received - t0 <= 30, (d["t0_utc"], d["received_at"])  # sampled before it arrived
         epochs = {e for (_d, e, _s) in harness.acked(b2)}
         assert len(epochs) == 2  # frames from both boots of board 2 were acknowledged
         assert agent.forwarders[0].failures >= 1
@@ -122,7 +134,7 @@ def test_disk_quota_drops_oldest_waveforms_and_forwards_gap_records(micropython:
         summary = backend.summary()
         assert summary["gap_records"] >= 1 and summary["invalid"] == 0
         gaps = [doc for doc in backend.call(harness._async(lambda: [
-            __import__("json").loads(r[0]) for r in backend.backend.db.execute(
+            json.loads(r[0]) for r in backend.backend.db.execute(
                 "SELECT body FROM received WHERE type='gap'")]))]
         assert sum(g["frames_dropped"] for g in gaps) == dropped  # every dropped frame is accounted for
         acked = harness.acked(sims[0]) | harness.acked(sims[1])

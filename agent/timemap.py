@@ -1,0 +1,71 @@
+"""Board ticks to UTC, from time request/response pairs (coincident timestamps).
+
+The hub asks a board for its tick (TimeRequest); the board answers with its
+tick (TimeResponse). The pair (board tick, hub UTC at the midpoint of the
+round trip) is accurate to half the round trip. A least-squares line through
+the last pairs gives the board clock's offset and drift; a pair far off the
+line is a jump (the board's clock or the hub's moved): counted, and the
+history restarts from it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+# Pairs kept for the fit: at one a minute, a quarter of an hour.
+MAX_PAIRS = 16
+# Off the line by more than this (plus half the round trip): a jump.
+JUMP_MS = 50.0
+
+
+class TimeMap:
+    def __init__(self) -> None:
+        self.pairs: deque[tuple[float, float]] = deque(maxlen=MAX_PAIRS)
+        self.jumps = 0
+        self._a = 0.0  # utc = a + b * tick
+        self._b = 1.0
+        self.last_rtt_ms = 0.0
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.pairs)
+
+    @property
+    def drift_ppm(self) -> float:
+        return (self._b - 1.0) * 1e6
+
+    def to_utc_ms(self, tick_ms: float) -> float | None:
+        if not self.pairs:
+            return None
+        return self._a + self._b * tick_ms
+
+    def add(self, tick_ms: int, sent_utc_ms: float, received_utc_ms: float) -> None:
+        rtt = max(0.0, received_utc_ms - sent_utc_ms)
+        utc = sent_utc_ms + rtt / 2
+        self.last_rtt_ms = rtt
+        predicted = self.to_utc_ms(tick_ms)
+        if predicted is not None and abs(predicted - utc) > JUMP_MS + rtt / 2:
+            self.jumps += 1
+            self.pairs.clear()
+        self.pairs.append((float(tick_ms), utc))
+        self._fit()
+
+    def reset(self) -> None:
+        """The board rebooted: its ticks start again."""
+        self.pairs.clear()
+
+    def _fit(self) -> None:
+        n = len(self.pairs)
+        ticks = [p[0] for p in self.pairs]
+        utcs = [p[1] for p in self.pairs]
+        span = max(ticks) - min(ticks)
+        if n < 2 or span < 10_000:  # under 10 s of history a drift estimate is noise
+            self._b = 1.0
+            self._a = sum(u - t for t, u in self.pairs) / n
+            return
+        mt = sum(ticks) / n
+        mu = sum(utcs) / n
+        cov = sum((t - mt) * (u - mu) for t, u in self.pairs)
+        var = sum((t - mt) ** 2 for t in ticks)
+        self._b = cov / var
+        self._a = mu - self._b * mt
