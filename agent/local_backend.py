@@ -29,6 +29,17 @@ CREATE TABLE IF NOT EXISTS stats(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
+async def serve_https(app: web.Application, host: str, port: int, cert: Path, key: Path) -> tuple[web.AppRunner, int]:
+    """Serves app over TLS; returns its runner and the port it got (port 0: any free one)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(cert), str(key))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ctx)
+    await site.start()
+    return runner, int(runner.addresses[0][1])
+
+
 class LocalBackend:
     def __init__(self, db_path: Path, keys: dict[str, bytes]) -> None:
         self.keys = {dev: cose.MacKey(k, dev.encode(), cose.AAD_UPLINK) for dev, k in keys.items()}
@@ -108,13 +119,7 @@ class LocalBackend:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/ingest", self.ingest)
         app.router.add_get("/summary", self.handle_summary)
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(str(cert), str(key))
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, ssl_context=ctx)
-        await site.start()
-        self.port = int(self.runner.addresses[0][1])
+        self.runner, self.port = await serve_https(app, host, port, cert, key)
         return self.port
 
     async def stop(self) -> None:

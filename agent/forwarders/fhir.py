@@ -19,9 +19,8 @@ import time
 import uuid
 from typing import Any
 
-import aiohttp
-
-from agent.forwarders.base import DeliveryError, Forwarder, document, read_secret, tls_context
+from agent.forwarders.base import DeliveryError, document
+from agent.forwarders.http import HttpForwarder
 from agent.store import Row
 
 MDC = "urn:iso:std:iso:11073:10101"
@@ -112,34 +111,13 @@ def bundle(docs: list[dict[str, Any]], hub_id: str) -> dict[str, Any]:
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
-class FhirForwarder(Forwarder):
-    _session: aiohttp.ClientSession | None = None
-
+class FhirForwarder(HttpForwarder):
     async def deliver(self, rows: list[Row]) -> None:
-        if self._session is None:
-            ctx = tls_context(self.cfg)
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=ctx if ctx is not None else False),
-                timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s))
         body = bundle([document(r, self.hub_id) for r in rows], self.hub_id)
-        headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
-        if self.cfg.bearer_token_file:
-            headers["Authorization"] = "Bearer " + read_secret(self.cfg.bearer_token_file, "bearer token")
-        try:
-            async with self._session.post(self.cfg.url.rstrip("/"), data=json.dumps(body),
-                                          headers=headers) as resp:
-                text = await resp.text()
-                if not 200 <= resp.status < 300:
-                    raise DeliveryError("FHIR server answered HTTP %d" % resp.status)
-        except aiohttp.ClientError as e:
-            raise DeliveryError(str(e) or type(e).__name__) from e
+        text = await self.post(self.cfg.url.rstrip("/"), json.dumps(body).encode(),
+                               {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})
         reply = json.loads(text)
         for entry in reply.get("entry", []):
             status = str(entry.get("response", {}).get("status", ""))
             if not status.startswith("2"):
                 raise DeliveryError("FHIR transaction entry answered %r" % status)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None

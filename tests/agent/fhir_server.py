@@ -9,13 +9,13 @@ are honoured; `fail_after_commit` makes it store a batch and then answer
 
 from __future__ import annotations
 
-import json
-import ssl
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from fhir.resources.R4B.bundle import Bundle
+
+from agent.local_backend import serve_https
 
 
 class FhirTestServer:
@@ -59,13 +59,7 @@ class FhirTestServer:
     async def start(self, cert: Path, key: Path) -> int:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/fhir", self.transaction)
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(str(cert), str(key))
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=ctx)
-        await site.start()
-        self.port = int(self.runner.addresses[0][1])
+        self.runner, self.port = await serve_https(app, "127.0.0.1", 0, cert, key)
         return self.port
 
     async def stop(self) -> None:
@@ -73,5 +67,3 @@ class FhirTestServer:
             await self.runner.cleanup()
 
 
-def dumps(x: Any) -> str:
-    return json.dumps(x)
