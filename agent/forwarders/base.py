@@ -17,6 +17,7 @@ from agent import fastdecode
 from agent.config import BackendConfig
 from agent.store import KIND_GAP, Row, Store, check_private
 from protocols import cose, messages
+from protocols.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,17 @@ class Forwarder(abc.ABC):
         self.backoff = Backoff()
         self.forwarded = 0
         self.failures = 0
+        self.undeliverable = 0
         self.last_error = ""
+
+    def _undecodable(self, rows: list[Row]) -> list[Row]:
+        bad = []
+        for r in rows:
+            try:
+                document(r, self.hub_id)
+            except ProtocolError:
+                bad.append(r)
+        return bad
 
     @abc.abstractmethod
     async def deliver(self, rows: list[Row]) -> None:
@@ -167,7 +178,18 @@ class Forwarder(abc.ABC):
                 try:
                     async with asyncio.timeout(self.cfg.timeout_s * 3):
                         await self.deliver(rows)
-                except (DeliveryError, OSError, TimeoutError, ssl.SSLError) as e:
+                except ProtocolError:
+                    bad = self._undecodable(rows)
+                    # Authentic but unreadable (a board bug): never deliverable, so it
+                    # must not block the outbox. Counted, logged, left in the store.
+                    await self.store.delivered(self.name, [r.id for r in bad])
+                    self.undeliverable += len(bad)
+                    log.error("backend %s: %d stored frames cannot be decoded (%s); skipped",
+                              self.name, len(bad), ", ".join(idempotency_key(r) for r in bad[:3]))
+                    continue
+                except Exception as e:
+                    if not isinstance(e, (DeliveryError, OSError, TimeoutError, ssl.SSLError)):
+                        log.exception("backend %s: unexpected failure", self.name)
                     self.failures += 1
                     self.last_error = "%s: %s" % (type(e).__name__, e)
                     delay = self.backoff.next_delay()
