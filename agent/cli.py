@@ -38,7 +38,9 @@ def _options(args: argparse.Namespace, **kw: object):  # type: ignore[no-untyped
 def cmd_sim(args: argparse.Namespace) -> int:
     from agent import simrun
 
-    opts = _options(args, capture=args.capture, attach_hub=args.capture is not None, live=False)
+    if args.blank and args.capture:
+        raise SystemExit("pulsebridge: a blank board has nothing to capture (provision it first)")
+    opts = _options(args, capture=args.capture, attach_hub=args.capture is not None, live=False, blank=args.blank)
     if opts.capture is None and opts.seconds is None and not opts.json:
         print("Open the ports above with the agent (pulsebridge agent), or any serial tool. Ctrl-C stops.")
     result = simrun.run(opts)
@@ -200,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     _sim_args(p)
     p.add_argument("--capture", type=Path, default=None,
                    help="verify and acknowledge the boards' frames, writing DIR/<device-id>.cbor and DIR/keys.json")
+    p.add_argument("--blank", action="store_true",
+                   help="bare MicroPython boards with no firmware and no key, to provision; prints their ports")
     p.set_defaults(func=cmd_sim)
 
     p = sub.add_parser("demo", help="simulated boards streaming to the hub, verified and summarised live")

@@ -39,6 +39,7 @@ class SimOptions:
     attach_hub: bool = True
     live: bool = True
     json: bool = False
+    blank: bool = False
 
 
 def default_cache() -> Path:
@@ -142,12 +143,15 @@ def run(opts: SimOptions, out: IO[str] = sys.stdout) -> dict[str, Any]:
     cache = default_cache()
     with contextlib.ExitStack() as stack:
         base = opts.directory or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pulsebridge-sim-")))
-        sims = [SimulatedBoard(spec, base / spec.device_id, cache) for spec in specs]
+        sims = [SimulatedBoard(spec, base / spec.device_id, cache, blank=opts.blank) for spec in specs]
         try:
             for sim in sims:
                 sim.start()
-                if not opts.json:
+                if opts.blank:
+                    print("blank board (bare MicroPython, no firmware, no key): port %s" % sim.port, file=out)
+                elif not opts.json:
                     print("%s: firmware running under micropython, port %s" % (sim.device_id, sim.port), file=out)
+                out.flush()
             if opts.capture:
                 write_keys(opts.capture, specs)
             t0 = time.monotonic()

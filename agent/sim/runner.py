@@ -69,7 +69,10 @@ def _take_controlling_tty() -> None:
 
 class SimulatedBoard:
     def __init__(self, spec: boards.BoardSpec, directory: Path, cache: Path, micropython: str | None = None,
-                 heap_kb: int = DEFAULT_HEAP_KB) -> None:
+                 heap_kb: int = DEFAULT_HEAP_KB, blank: bool = False) -> None:
+        # blank: bare MicroPython, no firmware, no key: its console is the
+        # REPL, raw REPL included, waiting to be provisioned.
+        self.blank = blank
         self.spec = spec
         self.directory = directory
         self.cache = cache
@@ -96,9 +99,16 @@ class SimulatedBoard:
     def start(self) -> None:
         # Also a restart after stop(): a reboot, from the board's flash as it was.
         self._stop = threading.Event()
-        boards.prepare(self.spec, self.directory, self.cache)
-        compiled = build.compile_firmware(self.cache)
-        env = dict(os.environ, MICROPYPATH=str(compiled))
+        if self.blank:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            # Its flash is its directory; nothing else is importable.
+            env = dict(os.environ, MICROPYPATH=str(self.directory))
+            argv = [self.micropython, "-X", "heapsize=%dK" % self.heap_kb]
+        else:
+            boards.prepare(self.spec, self.directory, self.cache)
+            compiled = build.compile_firmware(self.cache)
+            env = dict(os.environ, MICROPYPATH=str(compiled))
+            argv = [self.micropython, "-X", "heapsize=%dK" % self.heap_kb, "-i", str(compiled / RUN_BOARD)]
         self._ma, sa = pty.openpty()
         _board_tty(sa)
         self._mb, self._sb = pty.openpty()
@@ -113,8 +123,7 @@ class SimulatedBoard:
         tmp_link.symlink_to(self.port)
         tmp_link.replace(self.link_path)
         self.proc = subprocess.Popen(
-            [self.micropython, "-X", "heapsize=%dK" % self.heap_kb, "-i", str(compiled / RUN_BOARD)],
-            stdin=sa, stdout=sa, stderr=sa, cwd=self.directory, env=env,
+            argv, stdin=sa, stdout=sa, stderr=sa, cwd=self.directory, env=env,
             start_new_session=True, preexec_fn=_take_controlling_tty)
         os.close(sa)
         os.set_blocking(self._mb, False)

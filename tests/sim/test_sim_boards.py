@@ -116,3 +116,28 @@ def test_board_without_key_refuses_to_stream_and_says_why(micropython: str, tmp_
             port.close()
         finally:
             b.stop()
+
+
+@pytest.mark.micropython
+def test_blank_board_speaks_the_raw_repl(micropython: str, tmp_path: Path) -> None:
+    # What provisioning (and mpremote) relies on: Ctrl-A enters the raw REPL,
+    # code ends with Ctrl-D, the board answers OK, the output, 0x04, errors, 0x04.
+    b = SimulatedBoard(boards.BoardSpec("pb-blank01"), tmp_path / "blank", tmp_path / "cache", micropython,
+                       blank=True)
+    b.start()
+    try:
+        port = serial.Serial(b.port, timeout=0.2)
+        assert b">>> " in _read_until(port, b">>> ", 10)
+        assert not (tmp_path / "blank" / "pulsebridge").exists()  # no firmware, no key
+        port.write(b"\r\x01")
+        assert b"raw REPL; CTRL-B to exit" in _read_until(port, b"exit\r\n>", 5)
+        port.write(b"import sys\nprint(sys.implementation.name, 6 * 7)\x04")
+        out = _read_until(port, b"\x04>", 5)
+        assert out.startswith(b"OK") and b"micropython 42\n\x04\x04>" in out, out
+        port.write(b"open('probe.txt', 'w').write('flash')\x04")  # the board's flash is its directory
+        _read_until(port, b"\x04>", 5)
+        assert (tmp_path / "blank" / "probe.txt").read_text() == "flash"
+        port.write(b"\x02")
+        port.close()
+    finally:
+        b.stop()
