@@ -167,6 +167,23 @@ def cmd_erase(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_provision(args: argparse.Namespace) -> int:
+    from agent.provision.provision import Provisioner
+
+    cfg = _load_config(args.config)
+
+    def confirm(question: str) -> bool:
+        if args.yes:
+            return True
+        if not sys.stdin.isatty():
+            return False
+        return input(question + " [y/N] ").strip().lower() in ("y", "yes", "o", "oui")
+
+    res = Provisioner(cfg, args.port, lambda s: print(s, flush=True), confirm).run(
+        args.device_id, args.label, args.patient, args.dry_run, args.flash, args.self_test_seconds, args.link)
+    return 0 if res.ok else 1
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -234,6 +251,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=default_cfg)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("provision", help="provision a board over USB serial: firmware, key, registry, self-test")
+    p.add_argument("--config", type=Path, default=default_cfg)
+    p.add_argument("--port", required=True, help="the board's serial port")
+    p.add_argument("--device-id", help="default: pb- and 8 random hex digits")
+    p.add_argument("--label", default="")
+    p.add_argument("--patient", default="", help="a reference to the patient in the care team's records (no name)")
+    p.add_argument("--link", choices=["serial", "ble"], default="serial")
+    p.add_argument("--flash", type=Path, help="write this MicroPython image with esptool first")
+    p.add_argument("--dry-run", action="store_true", help="show the steps, change nothing")
+    p.add_argument("--yes", action="store_true", help="re-key an already provisioned board without asking")
+    p.add_argument("--self-test-seconds", type=float, default=6.0)
+    p.set_defaults(func=cmd_provision)
 
     p = sub.add_parser("bench", help="benchmarks that print figures")
     p.add_argument("what", choices=["firmware", "encoding", "agent"], help="which benchmark")

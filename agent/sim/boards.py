@@ -66,8 +66,8 @@ def write_private(path: Path, data: bytes) -> None:
 def prepare(spec: BoardSpec, directory: Path, cache: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     flash = directory / "pulsebridge"
-    flash.mkdir(exist_ok=True)
     if spec.provisioned:
+        flash.mkdir(exist_ok=True)
         (flash / "config.json").write_text(json.dumps(spec.board_config(), indent=1))
         if spec.key_on_board:
             write_private(flash / "device.key", spec.key)

@@ -49,6 +49,27 @@ def _files() -> list[tuple[Path, Path]]:
     return out
 
 
+def board_files(compiled: Path) -> dict[str, Path]:
+    """What provisioning writes to a board's flash: path on the board -> file here."""
+    files = {"main.py": FIRMWARE_DIR / "main.py", "boot.py": FIRMWARE_DIR / "boot.py",
+             "board_esp32.mpy": compiled / "board_esp32.mpy"}
+    for pkg in ("app", "drivers", "protocols"):
+        for f in sorted((compiled / pkg).glob("*.mpy")):
+            files["%s/%s" % (pkg, f.name)] = f
+    return files
+
+
+def sim_rom(cache: Path) -> Path:
+    """The simulated board's hardware (chip models, clock, fake radio) alone:
+    what a blank simulated board can import before it holds any firmware."""
+    compiled = compile_firmware(cache)
+    rom = cache / ("rom-" + compiled.name)
+    if not (rom / "sim").exists():
+        shutil.copytree(compiled / "sim", rom / "sim.tmp")
+        (rom / "sim.tmp").rename(rom / "sim")
+    return rom
+
+
 def compile_firmware(cache: Path, mpy_cross: str | None = None) -> Path:
     files = _files()
     h = hashlib.sha256()

@@ -11,6 +11,7 @@ the board's output is dropped, as an ESP32 USB console drops it.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -100,9 +101,10 @@ class SimulatedBoard:
         # Also a restart after stop(): a reboot, from the board's flash as it was.
         self._stop = threading.Event()
         if self.blank:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            # Its flash is its directory; nothing else is importable.
-            env = dict(os.environ, MICROPYPATH=str(self.directory))
+            # Its flash is its directory, empty of firmware; the chip models
+            # (its hardware) and sim.json are all it has.
+            boards.prepare(dataclasses.replace(self.spec, provisioned=False), self.directory, self.cache)
+            env = dict(os.environ, MICROPYPATH=os.pathsep.join([str(self.directory), str(build.sim_rom(self.cache))]))
             argv = [self.micropython, "-X", "heapsize=%dK" % self.heap_kb]
         else:
             boards.prepare(self.spec, self.directory, self.cache)
@@ -129,6 +131,10 @@ class SimulatedBoard:
         os.set_blocking(self._mb, False)
         self._thread = threading.Thread(target=self._relay, name="relay-" + self.device_id, daemon=True)
         self._thread.start()
+        if self.blank:  # ready when its REPL is: a board is, by the time a technician plugs it
+            end = time.monotonic() + 10
+            while ">>> " not in self.console_tail() and time.monotonic() < end:
+                time.sleep(0.02)
 
     def _relay(self) -> None:
         ma, mb = self._ma, self._mb

@@ -59,7 +59,7 @@ class SimBoard:
         return Waveform(w["file"], w["rate_hz"], channels, w.get("offset", 0))
 
     def sensors(self, cfg):
-        out = []
+        out: list = []
         ppm = self.sim.get("ppm", {})
         seed = self.sim.get("seed", 1)
         lead_off = [tuple(x) for x in self.sim.get("lead_off", ())]
@@ -72,25 +72,25 @@ class SimBoard:
             chip.configure(ecg["rate_hz"], ecg["gain"])
             out.append((messages.STREAM_ECG_MAX30003, chip, chip.lead_off))
         elif ecg and ecg["chip"] == "ad8232":
-            model = models.AD8232Model(self.clock, self._wave("ecg", 1), seed, lead_off)
-            self.models["ad8232"] = model
+            front_model = models.AD8232Model(self.clock, self._wave("ecg", 1), seed, lead_off)
+            self.models["ad8232"] = front_model
             timer = models.SimTimer(self.clock)
             self._timers.append(timer)
-            chip = AD8232(model, models.LeadPin(model), models.LeadPin(model), timer, ecg["rate_hz"],
-                          self.ticks_us, self.ticks_diff)
-            out.append((messages.STREAM_ECG_AD8232, chip, chip.lead_off))
+            front = AD8232(front_model, models.LeadPin(front_model), models.LeadPin(front_model), timer,
+                           ecg["rate_hz"], self.ticks_us, self.ticks_diff)
+            out.append((messages.STREAM_ECG_AD8232, front, front.lead_off))
         elif ecg:
             raise ValueError("unknown ECG chip %r" % ecg["chip"])
         ppg = cfg.get("ppg")
         if ppg:
             finger_off = [tuple(x) for x in self.sim.get("finger_off", ())]
-            model = models.MAX30102Model(self.clock, self._wave("ppg", 2), ppm.get("max30102", 0), seed,
-                                         finger_off)
-            self.models["max30102"] = model
-            chip = MAX30102(models.SimI2C([model]), self.sleep_ms)
-            chip.configure(ppg["rate_hz"], ppg["pulse_width_us"], ppg["adc_range_na"], ppg["led_red_ua"],
-                           ppg["led_ir_ua"])
-            out.append((messages.STREAM_PPG_MAX30102, chip, None))
+            oxi_model = models.MAX30102Model(self.clock, self._wave("ppg", 2), ppm.get("max30102", 0), seed,
+                                             finger_off)
+            self.models["max30102"] = oxi_model
+            oxi = MAX30102(models.SimI2C([oxi_model]), self.sleep_ms)
+            oxi.configure(ppg["rate_hz"], ppg["pulse_width_us"], ppg["adc_range_na"], ppg["led_red_ua"],
+                          ppg["led_ir_ua"])
+            out.append((messages.STREAM_PPG_MAX30102, oxi, None))
         return out
 
     def link(self, cfg, max_message):

@@ -70,28 +70,35 @@ class Radio:
                 self.delivered.append(data)
 
     # --- what the central does -------------------------------------------
+    def _ble(self):
+        ble = self.ble
+        if ble is None:
+            raise OSError(errno.ENODEV)
+        return ble
+
     def connect(self, mtu=23):
-        if self.ble is None or self.advertising is None:
+        ble = self._ble()
+        if self.advertising is None:
             raise OSError(errno.ENOTCONN)
         self.conn_handle += 1
         self.connected = True
         self.mtu = 23
         self.advertising = None
-        self.ble._event(_IRQ_CENTRAL_CONNECT, (self.conn_handle, 0, b"\x00\x11\x22\x33\x44\x55"))
+        ble._event(_IRQ_CENTRAL_CONNECT, (self.conn_handle, 0, b"\x00\x11\x22\x33\x44\x55"))
         if mtu != 23:
             self.mtu = mtu
-            self.ble._event(_IRQ_MTU_EXCHANGED, (self.conn_handle, mtu))
+            ble._event(_IRQ_MTU_EXCHANGED, (self.conn_handle, mtu))
 
     def disconnect(self):
         if not self.connected:
             return
         self.connected = False
         self.queue = []  # what had not left is lost with the link
-        self.ble._event(_IRQ_CENTRAL_DISCONNECT, (self.conn_handle, 0, b"\x00\x11\x22\x33\x44\x55"))
+        self._ble()._event(_IRQ_CENTRAL_DISCONNECT, (self.conn_handle, 0, b"\x00\x11\x22\x33\x44\x55"))
 
     def write(self, data, handle=None):
         # The central writes the control characteristic, MTU-3 bytes at a time.
-        ble = self.ble
+        ble = self._ble()
         h = handle if handle is not None else ble.control_handle
         step = self.mtu - 3
         for i in range(0, len(data), step):

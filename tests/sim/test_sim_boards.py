@@ -127,6 +127,7 @@ def test_blank_board_speaks_the_raw_repl(micropython: str, tmp_path: Path) -> No
     b.start()
     try:
         port = serial.Serial(b.port, timeout=0.2)
+        port.write(b"\r")
         assert b">>> " in _read_until(port, b">>> ", 10)
         assert not (tmp_path / "blank" / "pulsebridge").exists()  # no firmware, no key
         port.write(b"\r\x01")

@@ -1,0 +1,1 @@
+"""Technician provisioning of boards over USB serial (pulsebridge provision)."""

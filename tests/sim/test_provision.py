@@ -1,0 +1,66 @@
+# Provisioning for real against a blank simulated board: bare MicroPython
+# on a pty, driven through its raw REPL as a technician's tool drives a board.
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.audit import AuditLog
+from agent.registry import Registry
+from agent.sim import boards
+from agent.sim.runner import SimulatedBoard
+from tests.conftest import ROOT
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=240, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.micropython
+def test_provision_a_blank_board_then_refuse_to_rekey_silently(micropython: str, tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[agent]\nhub_id = "hub-p"\ndata_dir = "%s"\nlog_dir = "%s"\nrun_dir = "%s"\n' % (
+        tmp_path / "data", tmp_path / "log", tmp_path / "run"))
+    board = SimulatedBoard(boards.BoardSpec("unused"), tmp_path / "board", tmp_path / "cache", micropython,
+                           blank=True)
+    board.start()
+    try:
+        dry = _cli("provision", "--config", str(cfg), "--port", board.port, "--dry-run")
+        assert dry.returncode == 0 and "nothing is written" in dry.stdout
+        assert not (tmp_path / "board" / "pulsebridge").exists()
+
+        r = _cli("provision", "--config", str(cfg), "--port", board.port, "--device-id", "pb-prov01",
+                 "--label", "chambre 3", "--self-test-seconds", "5")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "PASS pb-prov01" in r.stdout and "label: PB1:pb-prov01:" in r.stdout
+        assert "MAX30003 INFO 0x5" in r.stdout and "MAX30102 PART_ID 0x15" in r.stdout
+        flash = tmp_path / "board" / "pulsebridge"
+        reg = Registry(tmp_path / "data" / "registry.db", AuditLog(tmp_path / "log" / "audit.log"))
+        dev = reg.get("pb-prov01")
+        assert dev is not None and dev.label == "chambre 3"
+        assert (flash / "device.key").read_bytes() == dev.key  # the same fresh key on both sides
+        assert not (flash / "device.key.new").exists()
+        assert (tmp_path / "board" / "app" / "main.mpy").exists()
+        key_before = dev.key
+        reg.close()
+
+        again = _cli("provision", "--config", str(cfg), "--port", board.port)
+        assert again.returncode == 1 and "already provisioned as pb-prov01" in again.stdout
+        reg = Registry(tmp_path / "data" / "registry.db", AuditLog(tmp_path / "log" / "audit.log"))
+        dev = reg.get("pb-prov01")
+        assert dev is not None and dev.key == key_before == (flash / "device.key").read_bytes()
+        actions = [e["action"] for e in reg.audit.entries()]
+        reg.close()
+        assert actions.count("device.provision") == 1
+        assert "key" not in (tmp_path / "log" / "audit.log").read_text().lower().replace("device.rekey", "")
+    finally:
+        board.stop()
+
+
+def test_wrong_port_is_named(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[agent]\ndata_dir = "%s"\nlog_dir = "%s"\n' % (tmp_path / "d", tmp_path / "l"))
+    r = _cli("provision", "--config", str(cfg), "--port", "/dev/does-not-exist")
+    assert r.returncode == 1 and "cannot open /dev/does-not-exist" in r.stdout
