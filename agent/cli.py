@@ -138,6 +138,16 @@ def cmd_devices(args: argparse.Namespace) -> int:
         elif args.action == "revoke":
             reg.revoke(args.device_id, args.reason or "revoked by operator")
             print("%s revoked: its frames are refused from now on" % args.device_id)
+        elif args.action == "export":
+            # What a backend needs to verify frames end to end (COSE_Mac0, external AAD
+            # "pulsebridge/1 board-to-hub"): the keys of the active devices.
+            if not args.out:
+                raise RegistryError("export needs --out FILE (keys are never printed)")
+            keys = {d.device_id: d.key.hex() for d in reg.all() if d.state == "active"
+                    and (not args.device_id or d.device_id == args.device_id)}
+            write_private(Path(args.out), json.dumps(keys, indent=1).encode())
+            reg.audit.record("device.export_keys", args.device_id or "*", count=len(keys))
+            print("%d device keys written to %s (mode 0600)" % (len(keys), args.out))
     except RegistryError as e:
         print("pulsebridge: %s" % e, file=sys.stderr)
         return 1
@@ -234,12 +244,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("devices", help="list, add or revoke boards")
     p.add_argument("--config", type=Path, default=default_cfg)
-    p.add_argument("action", choices=["list", "add", "revoke"])
+    p.add_argument("action", choices=["list", "add", "revoke", "export"])
     p.add_argument("device_id", nargs="?")
     p.add_argument("--label")
     p.add_argument("--patient", help="a reference to the patient in the care team's records (no name)")
     p.add_argument("--key-out", help="add: write the new key (hex) to this file, mode 0600")
     p.add_argument("--reason", help="revoke: why")
+    p.add_argument("--out", help="export: write {device id: key hex} of active devices to this file, mode 0600")
     p.set_defaults(func=cmd_devices)
 
     p = sub.add_parser("erase", help="erase everything the hub holds for a device (GDPR erasure)")

@@ -33,6 +33,10 @@ def test_devices_add_list_revoke_and_erase(tmp_path: Path) -> None:
     assert len(bytes.fromhex(key_file.read_text().strip())) == 32
     assert key_file.stat().st_mode & 0o077 == 0
     assert "pb-cli01" in _cli("devices", "--config", str(cfg), "list").stdout
+    exported = tmp_path / "keys.json"
+    assert _cli("devices", "--config", str(cfg), "export", "--out", str(exported)).returncode == 0
+    assert json.loads(exported.read_text()) == {"pb-cli01": key_file.read_text().strip()}
+    assert exported.stat().st_mode & 0o077 == 0
     bad = _cli("devices", "--config", str(cfg), "add", "Not Valid")
     assert bad.returncode == 1 and "device id" in bad.stderr
     assert _cli("devices", "--config", str(cfg), "revoke", "pb-cli01", "--reason", "lost").returncode == 0
@@ -47,7 +51,7 @@ def test_devices_add_list_revoke_and_erase(tmp_path: Path) -> None:
     assert r.returncode == 0 and "erased 1 frames" in r.stdout, r.stdout + r.stderr
     assert "pb-cli01" not in _cli("devices", "--config", str(cfg), "list").stdout
     actions = [e["action"] for e in AuditLog(c.audit_path).entries()]
-    assert actions == ["device.add", "device.revoke", "device.remove", "device.erase"]
+    assert actions == ["device.add", "device.export_keys", "device.revoke", "device.remove", "device.erase"]
 
 
 def test_agent_refuses_to_start_with_a_readable_registry(tmp_path: Path) -> None:
