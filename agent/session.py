@@ -78,6 +78,7 @@ class BoardStats:
     board_dropped: int = 0  # frames the board reported dropping unacknowledged
     firmware: str = ""
     clock_drift_ppm: float | None = None
+    clock_drift_uncertainty_ppm: float | None = None
     clock_jumps: int = 0
     rtt_ms: float | None = None
 
@@ -154,6 +155,7 @@ class BoardSession:
         self.timemap.add(m.tick_ms, sent, time.time() * 1000)
         st = self.stats
         st.clock_drift_ppm = self.timemap.drift_ppm
+        st.clock_drift_uncertainty_ppm = self.timemap.drift_uncertainty_ppm
         st.clock_jumps = self.timemap.jumps
         st.rtt_ms = self.timemap.last_rtt_ms
 

@@ -21,6 +21,7 @@ JUMP_MS = 50.0
 class TimeMap:
     def __init__(self) -> None:
         self.pairs: deque[tuple[float, float]] = deque(maxlen=MAX_PAIRS)
+        self.rtts: deque[float] = deque(maxlen=MAX_PAIRS)
         self.jumps = 0
         self._a = 0.0  # utc = a + b * tick
         self._b = 1.0
@@ -33,6 +34,15 @@ class TimeMap:
     @property
     def drift_ppm(self) -> float:
         return (self._b - 1.0) * 1e6
+
+    @property
+    def drift_uncertainty_ppm(self) -> float:
+        """How far the drift estimate may be off: each pair is good to half its
+        round trip, over the span of ticks the pairs cover."""
+        if len(self.pairs) < 2:
+            return float("inf")
+        span = self.pairs[-1][0] - self.pairs[0][0]
+        return float("inf") if span <= 0 else max(self.rtts) / span * 1e6
 
     def to_utc_ms(self, tick_ms: float) -> float | None:
         if not self.pairs:
@@ -47,12 +57,15 @@ class TimeMap:
         if predicted is not None and abs(predicted - utc) > JUMP_MS + rtt / 2:
             self.jumps += 1
             self.pairs.clear()
+            self.rtts.clear()
         self.pairs.append((float(tick_ms), utc))
+        self.rtts.append(rtt)
         self._fit()
 
     def reset(self) -> None:
         """The board rebooted: its ticks start again."""
         self.pairs.clear()
+        self.rtts.clear()
 
     def _fit(self) -> None:
         n = len(self.pairs)

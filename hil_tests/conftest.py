@@ -1,18 +1,24 @@
-"""Hardware-in-the-loop fixtures.
+"""Hardware-in-the-loop fixtures, figures and the bench report.
 
 With --port a real board on USB serial is tested (its --device-id and
---key-file, as provisioning exported them); without it, a simulated board
-(the same firmware under micropython on a pty) stands in, so the suite runs
-anywhere. Cases that need hardware this run does not have are skipped,
-and the skip says what to pass to run them.
+--key-file, as `pulsebridge devices export` wrote them); without it, a
+simulated board (the same firmware under micropython on a pty) stands in,
+so the suite runs anywhere. Cases that need hardware this run does not
+have are skipped, and the skip says what to pass to run them.
+
+Each run writes, in --hil-report DIR (default hil-results/): junit.xml,
+and report.md, one page: what ran, on which board and firmware, the figures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import platform
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,13 +29,29 @@ from agent.sim.runner import SimulatedBoard
 from agent.transports.serial import SerialTransport
 from protocols import hub
 
+_FIGURES: dict[str, dict[str, Any]] = {}
+_BOARDS: dict[str, str] = {}
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("pulsebridge hardware")
     g.addoption("--port", default=None, help="serial port of a provisioned board (e.g. /dev/ttyACM0)")
     g.addoption("--device-id", default=None, help="the board's device id")
-    g.addoption("--key-file", default=None, help="file holding the board's key, 64 hex digits")
+    g.addoption("--key-file", default=None, help="JSON from `pulsebridge devices export`, or 64 hex digits")
+    g.addoption("--blank-port", default=None, help="serial port of a board the suite may (re)provision")
     g.addoption("--stream-seconds", type=float, default=20.0, help="length of the streaming case")
+    g.addoption("--hil-report", default="hil-results", help="directory for junit.xml and report.md")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not getattr(config.option, "xmlpath", None) and _hil_only(config):
+        out = Path(config.getoption("--hil-report"))
+        out.mkdir(parents=True, exist_ok=True)
+        config.option.xmlpath = str(out / "junit.xml")
+
+
+def _hil_only(config: pytest.Config) -> bool:
+    return all("hil_tests" in str(a) for a in config.args) if config.args else False
 
 
 @dataclass
@@ -39,6 +61,16 @@ class BoardUnderTest:
     device_id: str
     key: bytes
     sim: SimulatedBoard | None = None
+    stats: list[BoardStats] = field(default_factory=list)
+
+
+def _key(path: str, device_id: str) -> bytes:
+    text = Path(path).read_text().strip()
+    if text.startswith("{"):
+        import json
+
+        return bytes.fromhex(json.loads(text)[device_id])
+    return bytes.fromhex(text)
 
 
 @pytest.fixture
@@ -49,28 +81,55 @@ def board(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BoardUnder
         key_file = request.config.getoption("--key-file")
         if not dev or not key_file:
             pytest.fail("--port needs --device-id and --key-file")
-        key = bytes.fromhex(Path(key_file).read_text().strip())
-        yield BoardUnderTest("hardware", port, dev, key)
+        _BOARDS[dev] = "hardware on %s" % port
+        yield BoardUnderTest("hardware", port, dev, _key(key_file, dev))
         return
-    spec = boards.BoardSpec("pb-hil01")
+    spec = boards.BoardSpec("pb-hil01", ppm={"max30003": 40, "max30102": -25})
     sim = SimulatedBoard(spec, tmp_path / "board", tmp_path / "cache")
     sim.start()
+    _BOARDS[spec.device_id] = "simulated (firmware under micropython %s)" % platform.machine()
     try:
         yield BoardUnderTest("simulated", sim.port, spec.device_id, spec.key, sim)
     finally:
         sim.stop()
 
 
-def stream(b: BoardUnderTest, seconds: float) -> BoardStats:
+@pytest.fixture
+def blank_board(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, SimulatedBoard | None]]:
+    port = request.config.getoption("--blank-port")
+    if port:
+        yield port, None
+        return
+    if request.config.getoption("--port"):
+        pytest.skip("provisioning a real board needs --blank-port PORT (it re-keys the board)")
+    sim = SimulatedBoard(boards.BoardSpec("blank"), tmp_path / "blank", tmp_path / "cache", blank=True)
+    sim.start()
+    try:
+        yield sim.port, sim
+    finally:
+        sim.stop()
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Figures a case measured, for the bench report."""
+    return _FIGURES.setdefault(request.node.name, {})
+
+
+def stream(b: BoardUnderTest, seconds: float, time_sync_s: float | None = None,
+           during: Any = None) -> BoardStats:
     """Verifies and acknowledges the board's frames for a while, as the hub does."""
     h = hub.Hub()
     h.add_device(b.device_id, b.key)
     stats = BoardStats(b.device_id, "serial:" + b.port)
-    session = BoardSession(SerialTransport(b.port), Volatile(h), stats)
+    session = BoardSession(SerialTransport(b.port), Volatile(h), stats, time_sync_s=time_sync_s)
 
     async def go() -> None:
         task = asyncio.create_task(session.run())
-        await asyncio.sleep(seconds)
+        t0 = time.monotonic()
+        if during is not None:
+            await during(stats)
+        await asyncio.sleep(max(0.0, seconds - (time.monotonic() - t0)))
         task.cancel()
         try:
             await task
@@ -78,4 +137,42 @@ def stream(b: BoardUnderTest, seconds: float) -> BoardStats:
             pass
 
     asyncio.run(go())
+    b.stats.append(stats)
     return stats
+
+
+_OUTCOMES: list[tuple[str, str, str]] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call" or (rep.when == "setup" and rep.skipped):
+        why = ""
+        if rep.skipped and isinstance(rep.longrepr, tuple):
+            why = str(rep.longrepr[2])
+        elif rep.failed:
+            why = str(rep.longreprtext).strip().splitlines()[-1][:200] if rep.longreprtext else ""
+        _OUTCOMES.append((item.name, rep.outcome, why))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not _OUTCOMES or not any("hil_tests" in str(getattr(i, "fspath", "")) for i in session.items):
+        return
+    out = Path(session.config.getoption("--hil-report"))
+    out.mkdir(parents=True, exist_ok=True)
+    from agent.session import BoardStats as _BS  # noqa: F401  (report layout below)
+
+    lines = ["# pulsebridge bench report", "", "Run: %s, host %s" % (
+        time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), platform.node()), ""]
+    lines += ["Boards: " + "; ".join("%s: %s" % kv for kv in sorted(_BOARDS.items())) or "Boards: none", ""]
+    fw = {f.get("firmware") for f in _FIGURES.values() if f.get("firmware")}
+    lines += ["Firmware: " + (", ".join(sorted(fw)) or "unknown"), "", "| case | result | note |", "|---|---|---|"]
+    for name, outcome, why in _OUTCOMES:
+        lines.append("| %s | %s | %s |" % (name, outcome, why.replace("|", "/")))
+    lines += ["", "## Figures", ""]
+    for name, figs in sorted(_FIGURES.items()):
+        for k, v in sorted(figs.items()):
+            lines.append("- %s: %s = %s" % (name, k, v))
+    (out / "report.md").write_text("\n".join(lines) + "\n")
