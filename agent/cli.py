@@ -194,6 +194,14 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return 0 if res.ok else 1
 
 
+def cmd_rotate(args: argparse.Namespace) -> int:
+    from agent.provision.provision import Provisioner
+
+    res = Provisioner(_load_config(args.config), args.port, lambda s: print(s, flush=True)).rotate(
+        args.self_test_seconds)
+    return 0 if res.ok else 1
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -275,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--yes", action="store_true", help="re-key an already provisioned board without asking")
     p.add_argument("--self-test-seconds", type=float, default=6.0)
     p.set_defaults(func=cmd_provision)
+
+    p = sub.add_parser("rotate-key", help="give the board on PORT a new key, with no gap in accepted frames")
+    p.add_argument("--config", type=Path, default=default_cfg)
+    p.add_argument("--port", required=True)
+    p.add_argument("--self-test-seconds", type=float, default=6.0)
+    p.set_defaults(func=cmd_rotate)
 
     p = sub.add_parser("bench", help="benchmarks that print figures")
     p.add_argument("what", choices=["firmware", "encoding", "agent"], help="which benchmark")

@@ -111,9 +111,11 @@ class Ingestor(Processor):
             seen.add(dev.device_id)
             if dev.state == "active":
                 if not self.hub.has_device(dev.device_id):
-                    self.hub.add_device(dev.device_id, dev.key)
+                    self.hub.add_device(dev.device_id, dev.key, dev.next_key)
                     if dev.device_id in windows:
                         self.hub.set_window(dev.device_id, *windows[dev.device_id])
+                else:  # a key rotation began or ended
+                    self.hub.set_keys(dev.device_id, dev.key, dev.next_key)
                 self.revoked.discard(dev.device_id)
             else:
                 self.hub.remove_device(dev.device_id)

@@ -25,7 +25,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices(
     device_id TEXT PRIMARY KEY, key BLOB NOT NULL, state TEXT NOT NULL CHECK(state IN ('active', 'revoked')),
     label TEXT NOT NULL DEFAULT '', patient_ref TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL, key_changed_at REAL NOT NULL, revoked_at REAL, revoke_reason TEXT);
+    created_at REAL NOT NULL, key_changed_at REAL NOT NULL, revoked_at REAL, revoke_reason TEXT,
+    next_key BLOB);
 """
 
 
@@ -45,6 +46,7 @@ class Device:
     created_at: float
     revoked_at: float | None
     revoke_reason: str | None
+    next_key: bytes | None = None  # during a key rotation: accepted alongside key
 
     def __repr__(self) -> str:  # never print a key
         return "Device(%s, %s, %r)" % (self.device_id, self.state, self.label)
@@ -65,22 +67,26 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}
+        if "next_key" not in cols:  # a registry from before key rotation existed
+            self._db.execute("ALTER TABLE devices ADD COLUMN next_key BLOB")
 
     def close(self) -> None:
         self._db.close()
 
     def _row(self, r: tuple[object, ...]) -> Device:
         return Device(str(r[0]), bytes(r[1]), str(r[2]), str(r[3]), str(r[4]), float(r[5]),  # type: ignore
-                      None if r[6] is None else float(r[6]), None if r[7] is None else str(r[7]))  # type: ignore
+                      None if r[6] is None else float(r[6]), None if r[7] is None else str(r[7]),  # type: ignore
+                      None if r[8] is None else bytes(r[8]))  # type: ignore
 
     def get(self, device_id: str) -> Device | None:
         r = self._db.execute("SELECT device_id, key, state, label, patient_ref, created_at, revoked_at, "
-                             "revoke_reason FROM devices WHERE device_id=?", (device_id,)).fetchone()
+                             "revoke_reason, next_key FROM devices WHERE device_id=?", (device_id,)).fetchone()
         return self._row(r) if r else None
 
     def all(self) -> list[Device]:
         return [self._row(r) for r in self._db.execute(
-            "SELECT device_id, key, state, label, patient_ref, created_at, revoked_at, revoke_reason "
+            "SELECT device_id, key, state, label, patient_ref, created_at, revoked_at, revoke_reason, next_key "
             "FROM devices ORDER BY device_id")]
 
     def add(self, device_id: str, label: str = "", patient_ref: str = "", key: bytes | None = None,
@@ -110,6 +116,29 @@ class Registry:
         self._db.execute("UPDATE devices SET state='revoked', revoked_at=?, revoke_reason=? WHERE device_id=?",
                          (time.time(), reason, device_id))
         self.audit.record("device.revoke", device_id, actor, reason=reason)
+
+    def begin_rotation(self, device_id: str, actor: str | None = None) -> bytes:
+        """A new key, accepted alongside the current one until complete_rotation():
+        no window in which the board's frames are refused, whichever key it uses."""
+        dev = self.get(device_id)
+        if dev is None or dev.state != "active":
+            raise RegistryError("no active device %s" % device_id, device_id)
+        key = secrets.token_bytes(KEY_BYTES)
+        self._db.execute("UPDATE devices SET next_key=? WHERE device_id=?", (key, device_id))
+        self.audit.record("key.rotate.begin", device_id, actor)
+        return key
+
+    def complete_rotation(self, device_id: str, actor: str | None = None) -> None:
+        dev = self.get(device_id)
+        if dev is None or dev.next_key is None:
+            raise RegistryError("no key rotation under way for %s" % device_id, device_id)
+        self._db.execute("UPDATE devices SET key=next_key, next_key=NULL, key_changed_at=? WHERE device_id=?",
+                         (time.time(), device_id))
+        self.audit.record("key.rotate.complete", device_id, actor)
+
+    def abort_rotation(self, device_id: str, actor: str | None = None) -> None:
+        self._db.execute("UPDATE devices SET next_key=NULL WHERE device_id=?", (device_id,))
+        self.audit.record("key.rotate.abort", device_id, actor)
 
     def remove(self, device_id: str, actor: str | None = None) -> None:
         self._db.execute("DELETE FROM devices WHERE device_id=?", (device_id,))

@@ -166,7 +166,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
     lines = ["# pulsebridge bench report", "", "Run: %s, host %s" % (
         time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), platform.node()), ""]
-    lines += ["Boards: " + "; ".join("%s: %s" % kv for kv in sorted(_BOARDS.items())) or "Boards: none", ""]
+    boards_line = "; ".join("%s: %s" % kv for kv in sorted(_BOARDS.items()))
+    lines += ["Boards: " + (boards_line or "none (no case needed one)"), ""]
     fw = {f.get("firmware") for f in _FIGURES.values() if f.get("firmware")}
     lines += ["Firmware: " + (", ".join(sorted(fw)) or "unknown"), "", "| case | result | note |", "|---|---|---|"]
     for name, outcome, why in _OUTCOMES:

@@ -28,11 +28,18 @@ class Received:
 
 
 class _Device:
-    def __init__(self, device_id: str, key: bytes) -> None:
+    # keys: the device's key, and during a key rotation the next one too. The
+    # hub answers with the key the board last used, so acks always verify.
+    def __init__(self, device_id: str, keys: "list[bytes]") -> None:
         kid = device_id.encode()
-        self.up = cose.MacKey(key, kid, cose.AAD_UPLINK)
-        self.down = cose.MacKey(key, kid, cose.AAD_DOWNLINK)
+        self.ups = [cose.MacKey(k, kid, cose.AAD_UPLINK) for k in keys]
+        self.downs = [cose.MacKey(k, kid, cose.AAD_DOWNLINK) for k in keys]
+        self.active = 0
         self.window = replay.ReplayWindow()
+
+    @property
+    def down(self) -> cose.MacKey:
+        return self.downs[self.active]
 
 
 class Hub:
@@ -48,8 +55,19 @@ class Hub:
         self.rejects: "dict[str, int]" = {}
         self._nonce = 0
 
-    def add_device(self, device_id: str, key: bytes) -> None:
-        self._devices[device_id.encode()] = _Device(device_id, key)
+    def add_device(self, device_id: str, key: bytes, next_key: "bytes | None" = None) -> None:
+        self._devices[device_id.encode()] = _Device(device_id, [key] if next_key is None else [key, next_key])
+
+    def set_keys(self, device_id: str, key: bytes, next_key: "bytes | None" = None) -> None:
+        # A rotation begins (next_key) or ends: the replay window is kept.
+        dev = self._devices[device_id.encode()]
+        fresh = _Device(device_id, [key] if next_key is None else [key, next_key])
+        fresh.window = dev.window
+        self._devices[device_id.encode()] = fresh
+
+    def key_in_use(self, device_id: str) -> int:
+        """0: the board's frames verify under its key; 1: under the next one."""
+        return self._devices[device_id.encode()].active
 
     def remove_device(self, device_id: str) -> None:
         self._devices.pop(device_id.encode(), None)
@@ -79,9 +97,14 @@ class Hub:
         device_id = str(msg.kid, "ascii", "replace")
         if dev is None:
             return self._reject(raw, "unknown_device", device_id)
-        try:
-            dev.up.verify(msg)
-        except AuthenticationError:
+        for i, up in enumerate(dev.ups):
+            try:
+                up.verify(msg)
+            except AuthenticationError:
+                continue
+            dev.active = i
+            break
+        else:
             return self._reject(raw, "bad_mac", device_id)
         try:
             m = messages.decode_payload(msg.payload, messages.UPLINK_TYPES, self.decode_samples, self.cbor_decode)

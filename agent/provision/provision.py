@@ -217,11 +217,44 @@ class Provisioner:
         self.out("PASS %s  label: %s" % (device_id, res.label))
         return res
 
+    def rotate(self, self_test_s: float = 6.0) -> Result:
+        """A new key for the board on the port, with no window in which its frames
+        are refused: the registry accepts both keys until frames verify under the new one."""
+        res = Result(ok=False)
+        repl: RawRepl | None = None
+        registry = Registry(self.cfg.registry_path, AuditLog(self.cfg.audit_path))
+        try:
+            repl = RawRepl(self.port)
+            _platform, _v, _chip, _uid, device_id = _literal(repl.exec(_IDENTIFY))
+            if not device_id or registry.get(device_id) is None:
+                raise ProvisionError("rotate", "this board is not provisioned for this hub")
+            res.device_id = device_id
+            self.out("[1/3] %s: new key made; the hub accepts both keys meanwhile" % device_id)
+            key = registry.begin_rotation(device_id)
+            self.out("[2/3] writing it to the board")
+            repl.put("pulsebridge/device.key.new", key)
+            repl.exec("import os\nos.rename('pulsebridge/device.key.new', 'pulsebridge/device.key')")
+            self.out("[3/3] restarting the firmware and verifying its frames under the new key")
+            res.frames_verified = self._stream_test(repl, device_id, key, self_test_s)
+            if res.frames_verified < 2:
+                raise ProvisionError("rotate", "frames do not verify under the new key; both keys stay accepted")
+            registry.complete_rotation(device_id)
+            res.ok = True
+            res.label = label_line(device_id, key)
+            self.out("PASS %s re-keyed (%d frames verified)  label: %s" % (device_id, res.frames_verified, res.label))
+        except (ReplError, ProvisionError, RegistryError) as e:
+            self.out("FAILED: %s" % e)
+        finally:
+            registry.close()
+            if repl is not None:
+                repl.close()
+        return res
+
     def _stream_test(self, repl: RawRepl, device_id: str, key: bytes, seconds: float) -> int:
         # Start the firmware from the friendly REPL (as a reset would), verify
         # its frames with the new key, then stop it: Ctrl-C leaves the REPL.
         repl.leave()
-        repl.port.write(b"import main\r")
+        repl.port.write(b"exec(open('main.py').read())\r")  # again after a rotation: not a cached import
         repl.port.close()
         h = hub.Hub()
         h.add_device(device_id, key)

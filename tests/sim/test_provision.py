@@ -64,3 +64,45 @@ def test_wrong_port_is_named(tmp_path: Path) -> None:
     cfg.write_text('[agent]\ndata_dir = "%s"\nlog_dir = "%s"\n' % (tmp_path / "d", tmp_path / "l"))
     r = _cli("provision", "--config", str(cfg), "--port", "/dev/does-not-exist")
     assert r.returncode == 1 and "cannot open /dev/does-not-exist" in r.stdout
+
+
+@pytest.mark.micropython
+def test_key_rotation_leaves_no_window(micropython: str, tmp_path: Path) -> None:
+    from protocols import cose, hub, messages
+
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[agent]\nhub_id = "hub-r"\ndata_dir = "%s"\nlog_dir = "%s"\nrun_dir = "%s"\n' % (
+        tmp_path / "data", tmp_path / "log", tmp_path / "run"))
+    board = SimulatedBoard(boards.BoardSpec("unused"), tmp_path / "board", tmp_path / "cache", micropython,
+                           blank=True)
+    board.start()
+    try:
+        assert _cli("provision", "--config", str(cfg), "--port", board.port, "--device-id", "pb-rot01",
+                    "--self-test-seconds", "4").returncode == 0
+        reg = Registry(tmp_path / "data" / "registry.db", AuditLog(tmp_path / "log" / "audit.log"))
+        old = reg.get("pb-rot01")
+        assert old is not None
+        # During a rotation the hub accepts frames under either key.
+        new = reg.begin_rotation("pb-rot01")
+        dev = reg.get("pb-rot01")
+        assert dev is not None and dev.next_key == new
+        h = hub.Hub()
+        h.add_device("pb-rot01", dev.key, dev.next_key)
+        for i, k in enumerate((old.key, new)):
+            f = messages.SampleFrame(1, i, 1, 0, 0, 512, 1, (1, 1), None, (0, 0, 0, 0), [[i]])
+            r = h.receive(cose.MacKey(k, b"pb-rot01", cose.AAD_UPLINK).seal(messages.encoded(f)))
+            assert r.verdict == hub.ACCEPTED and h.key_in_use("pb-rot01") == i
+        reg.abort_rotation("pb-rot01")
+        reg.close()
+
+        r = _cli("rotate-key", "--config", str(cfg), "--port", board.port, "--self-test-seconds", "4")
+        assert r.returncode == 0 and "re-keyed" in r.stdout, r.stdout + r.stderr
+        reg = Registry(tmp_path / "data" / "registry.db", AuditLog(tmp_path / "log" / "audit.log"))
+        dev = reg.get("pb-rot01")
+        assert dev is not None and dev.next_key is None and dev.key != old.key
+        assert dev.key == (tmp_path / "board" / "pulsebridge" / "device.key").read_bytes()
+        actions = [e["action"] for e in reg.audit.entries()]
+        reg.close()
+        assert actions[-2:] == ["key.rotate.begin", "key.rotate.complete"]
+    finally:
+        board.stop()
