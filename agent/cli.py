@@ -189,7 +189,9 @@ def cmd_provision(args: argparse.Namespace) -> int:
             return False
         return input(question + " [y/N] ").strip().lower() in ("y", "yes", "o", "oui")
 
-    res = Provisioner(cfg, args.port, lambda s: print(s, flush=True), confirm).run(
+    prov = Provisioner(cfg, args.port, lambda s: print(s, flush=True), confirm)
+    prov.flash_offset = args.flash_offset
+    res = prov.run(
         args.device_id, args.label, args.patient, args.dry_run, args.flash, args.self_test_seconds, args.link)
     return 0 if res.ok else 1
 
@@ -279,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patient", default="", help="a reference to the patient in the care team's records (no name)")
     p.add_argument("--link", choices=["serial", "ble"], default="serial")
     p.add_argument("--flash", type=Path, help="write this MicroPython image with esptool first")
+    p.add_argument("--flash-offset", type=lambda v: int(v, 0), default=0x1000,
+                   help="where the image goes: 0x1000 on an ESP32 (default), 0x0 on an ESP32-S3 or C3")
     p.add_argument("--dry-run", action="store_true", help="show the steps, change nothing")
     p.add_argument("--yes", action="store_true", help="re-key an already provisioned board without asking")
     p.add_argument("--self-test-seconds", type=float, default=6.0)

@@ -118,6 +118,7 @@ class Provisioner:
         self.port = port
         self.out = out
         self.confirm = confirm or (lambda q: False)
+        self.flash_offset = 0x1000
 
     def run(self, device_id: str | None = None, label: str = "", patient: str = "", dry_run: bool = False,
             flash: Path | None = None, self_test_s: float = 6.0, link: str = "serial") -> Result:
@@ -277,8 +278,11 @@ class Provisioner:
         return stats.frames
 
     def _flash(self, image: Path) -> None:
-        self.out("[0] writing MicroPython %s with esptool" % image)
-        cmd = [sys.executable, "-m", "esptool", "--port", self.port, "write_flash", "0x1000", str(image)]
+        # The image's offset is the chip's: 0x1000 on the ESP32, 0x0 on the S3 and C3.
+        self.out("[0] writing MicroPython %s at 0x%x with esptool" % (image, self.flash_offset))
+        if not image.is_file():
+            raise ProvisionError("flash", "no MicroPython image at %s" % image)
+        cmd = [sys.executable, "-m", "esptool", "--port", self.port, "write_flash", hex(self.flash_offset), str(image)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise ProvisionError("flash", "esptool failed: %s" % (proc.stderr.strip() or proc.stdout.strip())[-300:])

@@ -64,6 +64,9 @@ def test_wrong_port_is_named(tmp_path: Path) -> None:
     cfg.write_text('[agent]\ndata_dir = "%s"\nlog_dir = "%s"\n' % (tmp_path / "d", tmp_path / "l"))
     r = _cli("provision", "--config", str(cfg), "--port", "/dev/does-not-exist")
     assert r.returncode == 1 and "cannot open /dev/does-not-exist" in r.stdout
+    r = _cli("provision", "--config", str(cfg), "--port", "/dev/does-not-exist", "--flash", str(tmp_path / "no.bin"))
+    assert r.returncode == 1 and "no MicroPython image at" in r.stdout
+    assert not (tmp_path / "d" / "registry.db").exists()  # nothing registered
 
 
 @pytest.mark.micropython
