@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from agent.ingest import Outcome, Processor
@@ -212,3 +212,31 @@ class BoardSession:
         st.samples.setdefault(name, IntervalSet()).add(f.first_index, f.first_index + f.count)
         st.fifo_lost += f.status[1]
         st.board_dropped = max(st.board_dropped, f.status[2])
+
+
+def verify_for(port: str, device_id: str, key: bytes, seconds: float, time_sync_s: float | None = None,
+               during: Callable[[BoardStats], Awaitable[None]] | None = None) -> BoardStats:
+    """Listens to one board for a while as the hub does (verify, ack, count),
+    storing nothing: for self-tests and the bench. `during` runs alongside."""
+    from agent.ingest import Volatile
+    from agent.transports.serial import SerialTransport
+
+    h = hub.Hub()
+    h.add_device(device_id, key)
+    stats = BoardStats(device_id, "serial:" + port)
+    session = BoardSession(SerialTransport(port), Volatile(h), stats, time_sync_s=time_sync_s)
+
+    async def go() -> None:
+        task = asyncio.create_task(session.run())
+        t0 = time.monotonic()
+        if during is not None:
+            await during(stats)
+        await asyncio.sleep(max(0.0, seconds - (time.monotonic() - t0)))
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(go())
+    return stats

@@ -12,7 +12,6 @@ and report.md, one page: what ran, on which board and firmware, the figures.
 
 from __future__ import annotations
 
-import asyncio
 import platform
 import time
 from collections.abc import Iterator
@@ -22,12 +21,9 @@ from typing import Any
 
 import pytest
 
-from agent.ingest import Volatile
-from agent.session import BoardSession, BoardStats
+from agent.session import BoardStats, verify_for
 from agent.sim import boards
 from agent.sim.runner import SimulatedBoard
-from agent.transports.serial import SerialTransport
-from protocols import hub
 
 _FIGURES: dict[str, dict[str, Any]] = {}
 _BOARDS: dict[str, str] = {}
@@ -119,24 +115,7 @@ def figures(request: pytest.FixtureRequest) -> dict[str, Any]:
 def stream(b: BoardUnderTest, seconds: float, time_sync_s: float | None = None,
            during: Any = None) -> BoardStats:
     """Verifies and acknowledges the board's frames for a while, as the hub does."""
-    h = hub.Hub()
-    h.add_device(b.device_id, b.key)
-    stats = BoardStats(b.device_id, "serial:" + b.port)
-    session = BoardSession(SerialTransport(b.port), Volatile(h), stats, time_sync_s=time_sync_s)
-
-    async def go() -> None:
-        task = asyncio.create_task(session.run())
-        t0 = time.monotonic()
-        if during is not None:
-            await during(stats)
-        await asyncio.sleep(max(0.0, seconds - (time.monotonic() - t0)))
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-
-    asyncio.run(go())
+    stats = verify_for(b.port, b.device_id, b.key, seconds, time_sync_s, during)
     b.stats.append(stats)
     return stats
 

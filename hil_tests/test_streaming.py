@@ -13,7 +13,6 @@ from agent.config import AgentConfig
 from agent.provision.provision import Provisioner
 from agent.sim.runner import SimulatedBoard
 from hil_tests.conftest import BoardUnderTest, stream
-from protocols import link
 
 
 def test_provisioning_round_trip(blank_board: tuple[str, SimulatedBoard | None], tmp_path: Path,
@@ -67,7 +66,7 @@ def test_reboot_mid_stream(board: BoardUnderTest, figures: dict[str, Any]) -> No
     sim = board.sim
     first = stream(board, 6)
     sim.record = True
-    old = [m for m in _uplink(sim)]
+    old = [m for m in sim.uplink_messages()]
     sim.stop()
     sim.start()  # a reboot: the board's epoch file increments
     second = stream(board, 8)
@@ -80,21 +79,10 @@ def test_reboot_mid_stream(board: BoardUnderTest, figures: dict[str, Any]) -> No
 
     h = hub_mod.Hub()
     h.add_device(board.device_id, board.key)
-    for raw in _uplink(sim):
+    for raw in sim.uplink_messages():
         h.receive(raw)
     if old:
         assert h.receive(old[-1]).reason == "replay:old_epoch"
-
-
-def _uplink(sim: SimulatedBoard) -> list[bytes]:
-    up, _ = sim.taps()
-    d = link.StreamDeframer()
-    d.feed(up)
-    out = []
-    while (ev := d.next_event()) is not None:
-        if isinstance(ev, link.Frame):
-            out.append(ev.data)
-    return out
 
 
 def test_clock_drift_measured(board: BoardUnderTest, request: pytest.FixtureRequest,

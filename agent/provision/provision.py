@@ -17,7 +17,6 @@ registry holds it; if registering fails, it is removed from the board.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import secrets
@@ -31,14 +30,11 @@ from typing import Any
 
 from agent.audit import AuditLog
 from agent.config import AgentConfig
-from agent.ingest import Volatile
 from agent.provision.rawrepl import RawRepl, ReplError
 from agent.registry import Registry, RegistryError
-from agent.session import BoardSession, BoardStats
+from agent.session import verify_for
 from agent.sim import build
 from agent.simrun import default_cache
-from agent.transports.serial import SerialTransport
-from protocols import hub
 
 STEPS = ["identify", "install firmware", "make key", "write key and configuration", "register", "self-test"]
 
@@ -257,22 +253,7 @@ class Provisioner:
         repl.leave()
         repl.port.write(b"exec(open('main.py').read())\r")  # again after a rotation: not a cached import
         repl.port.close()
-        h = hub.Hub()
-        h.add_device(device_id, key)
-        stats = BoardStats(device_id, "serial:" + self.port)
-
-        async def go() -> None:
-            transport = SerialTransport(self.port)
-            session = BoardSession(transport, Volatile(h), stats)
-            task = asyncio.create_task(session.run())
-            await asyncio.sleep(seconds)
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-
-        asyncio.run(go())
+        stats = verify_for(self.port, device_id, key, seconds)
         repl.port.open()
         repl.interrupt()
         return stats.frames

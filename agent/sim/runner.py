@@ -190,6 +190,19 @@ class SimulatedBoard:
         with self._tail_lock:
             self._to_port(data)
 
+    def uplink_messages(self) -> list[bytes]:
+        """The whole messages the board sent while recording (record=True)."""
+        from protocols import link
+
+        up, _ = self.taps()
+        d = link.StreamDeframer()
+        d.feed(up)
+        out = []
+        while (ev := d.next_event()) is not None:
+            if isinstance(ev, link.Frame):
+                out.append(ev.data)
+        return out
+
     def taps(self) -> tuple[bytes, bytes]:
         with self._tail_lock:
             return bytes(self.tap_uplink), bytes(self.tap_downlink)

@@ -136,14 +136,7 @@ def acked(sim: SimulatedBoard) -> set[tuple[str, int, int]]:
 
 
 def uplink_messages(sim: SimulatedBoard) -> list[bytes]:
-    up, _ = sim.taps()
-    d = link.StreamDeframer()
-    d.feed(up)
-    out = []
-    while (ev := d.next_event()) is not None:
-        if isinstance(ev, link.Frame):
-            out.append(ev.data)
-    return out
+    return sim.uplink_messages()
 
 
 def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
