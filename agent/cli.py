@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_rotate)
 
     p = sub.add_parser("bench", help="benchmarks that print figures")
-    p.add_argument("what", choices=["firmware", "encoding", "agent"], help="which benchmark")
+    p.add_argument("what", choices=["firmware", "encoding", "agent", "vitals"], help="which benchmark")
     p.add_argument("--minutes", type=float, default=10.0, help="simulated minutes (firmware benchmark)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
@@ -307,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "vitals":
+        from agent import bench_vitals
+
+        rv = bench_vitals.run()
+        print(json.dumps(rv, indent=1) if args.json else "\n".join(bench_vitals.report(rv)))
+        return 0
     if args.what == "agent":
         from agent import bench_agent
 

@@ -1,0 +1,1 @@
+"""Derived vital signs, computed on the hub as frames stream in."""
