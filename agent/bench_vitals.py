@@ -58,6 +58,7 @@ def run() -> dict[str, Any]:
     out["pulsebridge_512hz"] = _score(ref2, ours2, fs2, sig2)
     xq2 = wp.xqrs_detect(sig2, fs=fs2, verbose=False)
     out["wfdb_xqrs_512hz"] = _score(ref2, np.array(xq2), fs2, sig2)
+    out["spo2"] = spo2_error()
     return out
 
 
@@ -68,4 +69,55 @@ def report(r: dict[str, Any]) -> list[str]:
         s = r[k]
         lines.append("  %-18s sensitivity %.2f %%  positive predictivity %.2f %%  (TP %d, FP %d, FN %d)" % (
             k, 100 * s["sensitivity"], 100 * s["positive_predictivity"], s["tp"], s["fp"], s["fn"]))
+    sp = r.get("spo2")
+    if sp:
+        lines.append("SpO2 on synthesised PPG (a103l PLETH, SpO2 70-100 %%, %d s windows, one estimate a second)"
+                     % sp["window_s"])
+        for c in sp["cases"]:
+            if c["withheld"] == c["estimates"]:
+                lines.append("  noise %.2f %% of DC: every estimate withheld (quality too low), %d of %d" % (
+                    c["noise_pct_of_dc"], c["withheld"], c["estimates"]))
+                continue
+            lines.append("  noise %.2f %% of DC: mean |error| %.2f %%, RMS %.2f %%, max %.2f %%; withheld %d of %d" % (
+                c["noise_pct_of_dc"], c["mean_abs_error_pct"], c["rms_error_pct"], c["max_abs_error_pct"],
+                c["withheld"], c["estimates"]))
     return lines
+
+
+def spo2_error() -> dict[str, Any]:
+    """SpO2 error on PPG synthesised from a103l's PLETH (as the simulated MAX30102
+    sees it: 100 Hz, 7 mA LEDs, 18-bit codes) for SpO2 70-100 % and noise levels."""
+    import wfdb
+
+    from agent.vitals.spo2 import OximetryEstimator
+
+    rec = wfdb.rdrecord(str(waveforms.data_dir() / waveforms.PPG_RECORD), channel_names=["PLETH"])
+    fs_src = float(rec.fs)
+    pleth = rec.p_signal[:, 0]
+    rng = np.random.default_rng(11)
+    out: dict[str, Any] = {"window_s": 8, "noise_levels_pct_of_dc": [0.0, 0.05, 0.2, 1.0], "cases": []}
+    for noise in out["noise_levels_pct_of_dc"]:
+        errs, withheld, total = [], 0, 0
+        for spo2 in range(70, 101, 5):
+            both = waveforms.synthesise_ppg(pleth, float(spo2))
+            t = np.arange(len(both)) / fs_src
+            t100 = np.arange(0, t[-1], 1 / 100)
+            codes = [np.interp(t100, t, both[:, c]) * 7 * 262144 / (16384 * 1000) for c in (0, 1)]
+            codes = [c + rng.normal(0, noise / 100 * c.mean(), len(c)) for c in codes]
+            est = OximetryEstimator(100)
+            for i in range(0, len(t100) - 100, 100):  # one estimate a second, once the window is full
+                est.push(codes[0][i:i + 100], codes[1][i:i + 100])
+                if i < 800:
+                    continue
+                r = est.estimate()
+                total += 1
+                if r.spo2_pct is None:
+                    withheld += 1
+                else:
+                    errs.append(r.spo2_pct - spo2)
+        e = np.array(errs)
+        out["cases"].append({"noise_pct_of_dc": noise, "estimates": total, "withheld": withheld,
+                             "mean_abs_error_pct": float(np.mean(np.abs(e))) if errs else None,
+                             "rms_error_pct": float(np.sqrt(np.mean(e ** 2))) if errs else None,
+                             "max_abs_error_pct": float(np.max(np.abs(e))) if errs else None})
+    return out

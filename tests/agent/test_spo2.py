@@ -1,0 +1,46 @@
+# SpO2 by ratio of ratios on PPG synthesised for a known SpO2; noise makes
+# the estimator withhold rather than guess.
+import numpy as np
+import wfdb
+
+from agent.sim import waveforms
+from agent.vitals.spo2 import OximetryEstimator
+
+
+def _codes(spo2: float, noise_pct: float, seconds: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    rec = wfdb.rdrecord(str(waveforms.data_dir() / waveforms.PPG_RECORD), channel_names=["PLETH"],
+                        sampto=250 * (seconds + 2))
+    both = waveforms.synthesise_ppg(rec.p_signal[:, 0], spo2)
+    t = np.arange(len(both)) / 250
+    t100 = np.arange(0, seconds, 1 / 100)
+    rng = np.random.default_rng(3)
+    red, ir = (np.interp(t100, t, both[:, c]) * 7 * 262144 / 16384000 for c in (0, 1))
+    return red + rng.normal(0, noise_pct / 100 * red.mean(), len(red)), ir + rng.normal(0, noise_pct / 100 * ir.mean(),
+                                                                                        len(ir))
+
+
+def test_estimates_the_synthesised_spo2() -> None:
+    for spo2 in (75.0, 88.0, 97.0):
+        red, ir = _codes(spo2, 0.0)
+        est = OximetryEstimator(100)
+        est.push(red[:1000], ir[:1000])
+        r = est.estimate()
+        assert r.spo2_pct is not None and abs(r.spo2_pct - spo2) < 1.0, (spo2, r)
+        assert r.perfusion_index_pct is not None and 1.0 < r.perfusion_index_pct < 10.0
+        assert r.quality > 0.9
+
+
+def test_too_noisy_is_withheld_not_guessed() -> None:
+    red, ir = _codes(92.0, 2.0)
+    est = OximetryEstimator(100)
+    est.push(red[:1000], ir[:1000])
+    r = est.estimate()
+    assert r.spo2_pct is None and r.quality < 0.9
+
+
+def test_no_estimate_before_a_full_window_nor_without_light() -> None:
+    est = OximetryEstimator(100)
+    est.push([100000] * 50, [150000] * 50)
+    assert est.estimate().spo2_pct is None
+    est.push([0] * 800, [0] * 800)
+    assert est.estimate().spo2_pct is None
