@@ -126,6 +126,8 @@ def _result(specs: list[Any], consoles: list[str], snap: dict[str, Any], backend
         "backlog": {b["name"]: b["backlog"] for b in snap["backends"]},
         "rejects": snap["rejects"],
         "backend_invalid": backend["invalid"],
+        "vitals_at_backend": backend.get("vitals", {}),
+        "alerts_at_backend": backend.get("alerts", 0),
         "store_integrity": integrity,
     }
 

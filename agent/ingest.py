@@ -101,6 +101,8 @@ class Ingestor(Processor):
         self.rejects: Counter[str] = Counter()
         self._log = _RateLimitedLog(REJECT_LOG_PER_MIN)
         self._reader = store.reader()
+        # Called with (device id, frame, raw, t0 UTC ms or None) once a new frame is stored.
+        self.on_stored: Callable[[str, messages.SampleFrame, bytes, int | None], None] | None = None
         self.reload_devices()
 
     def reload_devices(self) -> None:
@@ -158,12 +160,16 @@ class Ingestor(Processor):
                       m.count, duplicate=r.verdict == hub.DUPLICATE,
                       t0_utc_ms=None if t0_utc is None else int(t0_utc))
         stored = self.store.submit_ingest(item)
-        stored.add_done_callback(self._on_stored)
+        stored.add_done_callback(lambda fut: self._on_stored(fut, item, m))
         return Outcome(r, self.hub.ack(dev, m.epoch, [m.seq]), stored)
 
-    def _on_stored(self, fut: asyncio.Future[Any]) -> None:
-        if not fut.cancelled() and isinstance(fut.exception(), StoreError):
+    def _on_stored(self, fut: asyncio.Future[Any], item: Ingest, m: messages.SampleFrame) -> None:
+        if fut.cancelled():
+            return
+        if isinstance(fut.exception(), StoreError):
             self._restore_windows()
+        elif not item.duplicate and self.on_stored is not None:
+            self.on_stored(item.device_id, m, item.raw, item.t0_utc_ms)
 
     def _decode(self, raw: bytes) -> messages.Message | None:
         from protocols import cose

@@ -55,8 +55,8 @@ class LocalBackend:
                         (name, n))
 
     def _check(self, doc: dict[str, Any]) -> str | None:
-        if doc.get("type") == "gap":
-            return None
+        if doc.get("type") in ("gap", "vital", "alert"):
+            return None  # made by the hub, not signed by a board
         dev = doc.get("device_id")
         key = self.keys.get(str(dev))
         if key is None:
@@ -106,8 +106,16 @@ class LocalBackend:
                 "GROUP BY device_id, stream"):
             per.setdefault(dev, {})[stream] = {"frames": n, "samples": samples}
         gaps = self.db.execute("SELECT COUNT(*) FROM received WHERE type='gap'").fetchone()[0]
-        return {"frames": sum(v["frames"] for d in per.values() for v in d.values()), "by_device": per,
-                "gap_records": gaps, "duplicates": stats.get("duplicates", 0), "invalid": stats.get("invalid", 0)}
+        vitals: dict[str, list[float]] = {}
+        for (body,) in self.db.execute("SELECT body FROM received WHERE type='vital'"):
+            d = json.loads(body)
+            vitals.setdefault(d["kind"], []).append(d["value"])
+        alerts = self.db.execute("SELECT COUNT(*) FROM received WHERE type='alert'").fetchone()[0]
+        return {"frames": sum(v["frames"] for d in per.values() for v in d.values() if "frames" in v),
+                "by_device": per,
+                "gap_records": gaps, "duplicates": stats.get("duplicates", 0), "invalid": stats.get("invalid", 0),
+                "vitals": {k: {"n": len(v), "median": sorted(v)[len(v) // 2]} for k, v in vitals.items()},
+                "alerts": alerts}
 
     def keys_received(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT key FROM received")}

@@ -42,6 +42,8 @@ PRIORITY_VITALS = 8
 PRIORITY_ALERT = 10
 
 KIND_GAP = 100  # a gap record, stored as a frame row with no COSE bytes
+KIND_VITAL = 101  # a vital derived on the hub (info holds it)
+KIND_ALERT = 102  # an alert raised or cleared on the hub
 
 # Transactions hold at most this many ingests: bounds the time a commit
 # takes and so the latency of the acks waiting for it.
@@ -84,7 +86,7 @@ class Ingest:
     seq: int
     kind: int
     raw: bytes
-    window: tuple[int, int, int]  # the device's replay window after this message
+    window: tuple[int, int, int] | None  # the device's replay window after this message (None: hub-made)
     stream: int | None = None
     t0_ms: int | None = None
     first_index: int | None = None
@@ -92,6 +94,7 @@ class Ingest:
     priority: int = PRIORITY_RAW
     duplicate: bool = False
     t0_utc_ms: int | None = None  # the first sample's time, from the board clock's mapping to UTC
+    info: dict[str, Any] | None = None  # hub-made records (vitals, alerts): their content
 
 
 @dataclass
@@ -299,10 +302,12 @@ class Store:
         for job in batch:
             if job.kind == "ingest":
                 it: Ingest = job.args
-                windows[it.device_id] = it.window
+                if it.window is not None:
+                    windows[it.device_id] = it.window
                 if not it.duplicate:
                     rows.append((it.device_id, it.epoch, it.seq, it.kind, it.stream, it.priority, now, it.t0_ms,
-                                 it.t0_utc_ms, it.first_index, it.count, it.raw))
+                                 it.t0_utc_ms, it.first_index, it.count, it.raw,
+                                 json.dumps(it.info) if it.info is not None else None))
                 results.append(None)
             elif job.kind == "delivered":
                 backend, ids = job.args
@@ -318,7 +323,8 @@ class Store:
                 results.append(job)  # run after this commit, in its own transactions
             else:
                 raise AssertionError(job.kind)
-        ingested = self._insert_many(db, rows)
+        self._insert_many(db, rows)
+        ingested = sum(1 for r in rows if r[3] == 1)  # board frames (type 1), not hub-made records
         for dev, (epoch, top, bitmap) in windows.items():
             db.execute("INSERT INTO replay VALUES(?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET "
                        "epoch=excluded.epoch, top=excluded.top, bitmap=excluded.bitmap",
@@ -344,7 +350,7 @@ class Store:
         changes = db.total_changes
         db.executemany(
             "INSERT OR IGNORE INTO frames(device_id, epoch, seq, kind, stream, priority, received_at, t0_ms, "
-            "t0_utc_ms, first_index, count, raw) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            "t0_utc_ms, first_index, count, raw, info) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
         inserted = db.total_changes - changes
         for backend in self.backends:
             db.execute("INSERT INTO outbox(backend, frame_id, priority) SELECT ?, id, priority FROM frames "

@@ -28,13 +28,19 @@ from agent.forwarders.base import Backoff, Forwarder
 from agent.ingest import Ingestor
 from agent.registry import Registry
 from agent.session import BoardSession, BoardStats
-from agent.store import Store
+from agent.store import KIND_ALERT, KIND_VITAL, PRIORITY_ALERT, PRIORITY_VITALS, Ingest, Store
 from agent.transports.base import TransportError
 from agent.transports.serial import SerialTransport
+from agent.vitals.engine import VitalsEngine
+from protocols import messages
 
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_EVERY_S = 60.0
+# Stored frames waiting for the vitals engine: about 30 s of 20 boards. When
+# full, frames skip the vitals (counted), never the store or the forwarders.
+VITALS_QUEUE = 1280
+SILENCE_CHECK_S = 10.0
 # The registry is re-read this often when its file changed: a revocation
 # takes effect within this delay.
 REGISTRY_POLL_S = 1.0
@@ -87,6 +93,12 @@ class Agent:
         self.forwarders: list[Forwarder] = [forwarders.make(b, self.store, cfg.hub_id, self.wake)
                                             for b in cfg.backends]
         self.links = [SerialLink(sc) for sc in cfg.serial]
+        self.vitals = VitalsEngine()
+        self.vitals_queue: asyncio.Queue[tuple[str, Any, bytes, int | None, float]] = asyncio.Queue(VITALS_QUEUE)
+        self.vitals_skipped = 0
+        self.vitals_made = 0
+        self._derived_seq = int(time.time() * 1000) * 16
+        self.ingestor.on_stored = self._to_vitals
         self.started_at = time.time()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -108,6 +120,7 @@ class Agent:
                 for fw in self.forwarders:
                     tasks.append(tg.create_task(fw.run(), name="forward:" + fw.name))
                 tasks.append(tg.create_task(self._housekeeping(), name="housekeeping"))
+                tasks.append(tg.create_task(self._vitals(), name="vitals"))
                 tasks.append(tg.create_task(self._watch_registry(), name="registry"))
                 tasks.append(tg.create_task(self._status_server(), name="status"))
                 if stop is not None:
@@ -146,6 +159,45 @@ class Agent:
                 backoff.reset()
             link.state = LinkState.BACKOFF
             await asyncio.sleep(backoff.next_delay())
+
+    def _to_vitals(self, device_id: str, frame: Any, raw: bytes, t0_utc_ms: int | None) -> None:
+        try:
+            self.vitals_queue.put_nowait((device_id, frame, raw, t0_utc_ms, time.time()))
+        except asyncio.QueueFull:
+            self.vitals_skipped += 1
+
+    async def _vitals(self) -> None:
+        from agent import fastdecode
+
+        next_silence = time.monotonic() + SILENCE_CHECK_S
+        while True:
+            try:
+                async with asyncio.timeout(SILENCE_CHECK_S):
+                    dev, f, raw, t0_utc_ms, received = await self.vitals_queue.get()
+            except TimeoutError:
+                dev = ""
+            docs: list[dict[str, Any]] = []
+            if dev:
+                channels = [fastdecode.decode(bytes(ch), f.count) for ch in f.channels]
+                frame = messages.SampleFrame(f.epoch, f.seq, f.stream, f.t0_ms, f.first_index, f.rate_hz, f.count,
+                                             f.scale, f.ppg_drive, f.status, channels)
+                t0 = t0_utc_ms / 1000 if t0_utc_ms is not None else received - f.count / f.rate_hz
+                docs = self.vitals.frame(frame, dev, t0, "%s:%d:%d" % (dev, f.epoch, f.seq))
+            if time.monotonic() >= next_silence:
+                next_silence = time.monotonic() + SILENCE_CHECK_S
+                docs += self.vitals.silence(time.time())
+            for doc in docs:
+                await self._store_derived(doc)
+
+    async def _store_derived(self, doc: dict[str, Any]) -> None:
+        alert = doc["type"] == "alert"
+        self._derived_seq += 1
+        self.vitals_made += 1
+        await self.store.ingest(Ingest(doc["device_id"], -3 if alert else -2, self._derived_seq,
+                                       KIND_ALERT if alert else KIND_VITAL, b"", None,
+                                       priority=PRIORITY_ALERT if alert else PRIORITY_VITALS, info=doc))
+        if alert:
+            log.warning("alert %s %s for %s", doc["alert"], doc["state"], doc["device_id"])
 
     async def _watch_registry(self) -> None:
         path = self.cfg.registry_path
@@ -192,6 +244,8 @@ class Agent:
                          for f in self.forwarders],
             "rejects": dict(self.ingestor.rejects), "store": {"commits": self.store.stats.commits,
                                                               "ingested": self.store.stats.ingested},
+            "vitals": {"made": self.vitals_made, "skipped_frames": self.vitals_skipped,
+                       "active_alerts": [list(a) for a in self.vitals.alerts.active()]},
             "counters": counters,
         }
 

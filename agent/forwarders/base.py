@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 from agent import fastdecode
 from agent.config import BackendConfig
-from agent.store import KIND_GAP, Row, Store, check_private
+from agent.store import KIND_ALERT, KIND_GAP, KIND_VITAL, Row, Store, check_private
 from protocols import cose, messages
 from protocols.errors import ProtocolError
 
@@ -56,6 +56,8 @@ class Backoff:
 def idempotency_key(row: Row) -> str:
     if row.kind == KIND_GAP:
         return "gap:%s:%d" % (row.device_id, row.seq)
+    if row.kind in (KIND_VITAL, KIND_ALERT):
+        return "%s:%s:%d" % ("vital" if row.kind == KIND_VITAL else "alert", row.device_id, row.seq)
     return "%s:%d:%d" % (row.device_id, row.epoch, row.seq)
 
 
@@ -65,6 +67,10 @@ def document(row: Row, hub_id: str) -> dict[str, Any]:
     if row.kind == KIND_GAP:
         doc = {"type": "gap", "idempotency_key": idempotency_key(row), "hub_id": hub_id, "received_at": received}
         doc.update(row.info or {})
+        return doc
+    if row.kind in (KIND_VITAL, KIND_ALERT):
+        doc = dict(row.info or {})
+        doc.update(idempotency_key=idempotency_key(row), hub_id=hub_id, received_at=received)
         return doc
     assert row.raw is not None
     m = messages.decode_payload(cose.parse(row.raw).payload, messages.UPLINK_TYPES, decode_samples=False)

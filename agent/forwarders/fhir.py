@@ -34,6 +34,15 @@ CODES = {
     "ecg-ad8232": ("131328", "MDC_ECG_ELEC_POTL", "ECG"),
     "ppg": ("150452", "MDC_PULS_OXIM_PLETH", "Plethysmogram"),
 }
+LOINC = "http://loinc.org"
+# Derived vitals: LOINC and MDC codes (HL7 Personal Health Device IG).
+VITAL_CODES = {
+    "heart_rate": [(LOINC, "8867-4", "Heart rate"), (MDC, "147842", "MDC_ECG_HEART_RATE")],
+    "spo2": [(LOINC, "59408-5", "Oxygen saturation in Arterial blood by Pulse oximetry"),
+             (MDC, "150456", "MDC_PULS_OXIM_SAT_O2")],
+    "pulse_rate": [(LOINC, "8889-8", "Heart rate by Pulse oximetry"), (MDC, "149530", "MDC_PULS_OXIM_PULS_RATE")],
+    "perfusion_index": [(MDC, "150488", "MDC_PULS_OXIM_PERF_REL")],
+}
 _NS = uuid.UUID("6f1e4c52-6b5e-4f57-9a0d-3f8f1b7a2c11")
 
 
@@ -75,6 +84,21 @@ def observation(doc: dict[str, Any], hub_id: str) -> dict[str, Any]:
         "device": {"reference": _urn("device", device)},
         "issued": doc["received_at"],
     }
+    if doc["type"] == "vital":
+        obs["category"] = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                        "code": "vital-signs"}]}]
+        obs["code"] = {"coding": [{"system": sys_, "code": c, "display": d} for sys_, c, d in VITAL_CODES[doc["kind"]]]}
+        obs["effectiveDateTime"] = doc["at"]
+        obs["valueQuantity"] = {"value": doc["value"], "unit": doc["unit"], "system": UCUM, "code": doc["unit"]}
+        obs["derivedFrom"] = [{"reference": "Observation?identifier=%s|%s" % (FRAME_SYSTEM, k)}
+                              for k in doc["source_frames"]]
+        obs["note"] = [{"text": "signal quality %.2f" % doc["quality"]}]
+        return obs
+    if doc["type"] == "alert":
+        obs["code"] = {"text": "pulsebridge alert: %s" % doc["alert"]}
+        obs["effectiveDateTime"] = doc["at"]
+        obs["valueString"] = doc["state"]
+        return obs
     if doc["type"] == "gap":
         obs["code"] = {"text": "pulsebridge data gap"}
         obs["dataAbsentReason"] = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",

@@ -1,8 +1,9 @@
 """MQTT 3.1.1 / 5 over TLS, QoS 1: a row leaves the outbox on PUBACK.
 
 Topics: <topic_prefix>/<hub_id>/<device_id>/<stream> for sample frames
-(stream: ecg, ecg-ad8232, ppg) and <topic_prefix>/<hub_id>/<device_id>/gap
-for gap records. The payload is the JSON document of agent.forwarders.base:
+(stream: ecg, ecg-ad8232, ppg), and .../<device_id>/vitals, .../alerts
+and .../gap for the hub's derived vitals, alert events and gap records.
+The payload is the JSON document of agent.forwarders.base:
 the original COSE frame (base64), its decoded form, and the idempotency key
 "<device>:<epoch>:<seq>" a subscriber uses to drop the duplicates that
 QoS 1 allows.
@@ -21,7 +22,7 @@ from agent.store import Row
 
 
 def topic(prefix: str, hub_id: str, doc: dict[str, object]) -> str:
-    leaf = "gap" if doc["type"] == "gap" else str(doc["stream"])
+    leaf = {"gap": "gap", "vital": "vitals", "alert": "alerts"}.get(str(doc["type"])) or str(doc["stream"])
     return "%s/%s/%s/%s" % (prefix, hub_id, doc["device_id"], leaf)
 
 

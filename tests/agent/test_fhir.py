@@ -30,7 +30,7 @@ def test_bundles_validate_and_a_resend_never_duplicates(micropython: str, tmp_pa
             agent = Agent(cfg)
             stop = asyncio.Event()
             task = asyncio.create_task(agent.run(stop))
-            await asyncio.sleep(7)
+            await asyncio.sleep(12)
             await asyncio.to_thread(sims[0].stop)
             for _ in range(300):
                 if agent.snapshot()["backends"][0]["backlog"] == 0:
@@ -44,9 +44,17 @@ def test_bundles_validate_and_a_resend_never_duplicates(micropython: str, tmp_pa
         agent = asyncio.run(scenario())
         assert server.invalid == []
         db = Store(agent.cfg.store_path, ["ehr"]).reader()
-        stored = {"%s:%d:%d" % r for r in db.execute("SELECT device_id, epoch, seq FROM frames")}
-        observations = server.resources["Observation"]
+        stored = {"%s:%d:%d" % r for r in db.execute("SELECT device_id, epoch, seq FROM frames WHERE kind=1")}
+        all_obs = server.resources["Observation"]
+        observations = {k: o for k, o in all_obs.items() if "valueSampledData" in o or "component" in o}
         keys = {k.split("|", 1)[1] for k in observations}
+        vitals = [o for o in all_obs.values() if "valueQuantity" in o]
+        codes = {c["code"] for o in vitals for c in o["code"]["coding"]}
+        assert {"8867-4", "147842", "59408-5", "150456"} <= codes, codes  # heart rate and SpO2, LOINC and MDC
+        hr = [o["valueQuantity"]["value"] for o in vitals if o["code"]["coding"][0]["code"] == "8867-4"]
+        assert all(50 < v < 110 for v in hr), hr  # MIT-BIH 100 beats at about 75/min
+        assert all(o["derivedFrom"][0]["reference"].startswith("Observation?identifier=urn:pulsebridge:frame|")
+                   for o in vitals)
         assert len(stored) >= 8 and keys == stored  # each frame once, despite the resends
         assert set(server.resources["Device"]) == {fhir.HUB_SYSTEM + "|test-hub", fhir.DEVICE_SYSTEM + "|pb-t01"}
         assert agent.forwarders[0].failures >= 2

@@ -1,0 +1,134 @@
+"""Vitals from the frames a board streams: heart rate and RR intervals (ECG),
+SpO2, pulse rate and perfusion index (PPG), and alert events.
+
+One engine per hub; state per device and stream, bounded (a detector, an
+estimator, a few frame keys). A stream restarts its state when the board
+reboots (new epoch) or samples were lost (a gap in first_index). Each
+vital names the frames it came from (their idempotency keys).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.vitals.alerts import AlertEngine, AlertEvent
+from agent.vitals.rpeak import RPeakDetector
+from agent.vitals.spo2 import OximetryEstimator
+from protocols import messages
+
+RR_BEATS = 8  # heart rate over the last 8 beats
+EMIT_EVERY_S = 5.0  # a vital of each kind per device at most this often (alerts: at once)
+PLAUSIBLE_RR_S = (0.25, 2.5)  # 24-240 bpm
+
+
+@dataclass
+class _Ecg:
+    det: RPeakDetector
+    next_index: int
+    epoch: int
+    beats: deque[int] = field(default_factory=lambda: deque(maxlen=RR_BEATS + 1))
+    sources: deque[str] = field(default_factory=lambda: deque(maxlen=10))
+
+
+@dataclass
+class _Ppg:
+    est: OximetryEstimator
+    next_index: int
+    epoch: int
+    sources: deque[str] = field(default_factory=lambda: deque(maxlen=10))
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % int(t * 1000 % 1000)
+
+
+class VitalsEngine:
+    def __init__(self, alerts: AlertEngine | None = None) -> None:
+        self.alerts = alerts or AlertEngine()
+        self._ecg: dict[str, _Ecg] = {}
+        self._ppg: dict[str, _Ppg] = {}
+        self.last_seen: dict[str, float] = {}
+        self._emitted: dict[tuple[str, str], float] = {}
+
+    def _due(self, dev: str, kind: str, at: float) -> bool:
+        last = self._emitted.get((dev, kind))
+        if last is not None and at - last < EMIT_EVERY_S:
+            return False
+        self._emitted[(dev, kind)] = at
+        return True
+
+    def frame(self, f: messages.SampleFrame, device_id: str, t0_utc_s: float, key: str) -> list[dict[str, Any]]:
+        """A decoded sample frame in; vital and alert documents out."""
+        self.last_seen[device_id] = time.time()
+        out: list[dict[str, Any]] = []
+        end_s = t0_utc_s + f.count / f.rate_hz
+        if f.stream in (messages.STREAM_ECG_MAX30003, messages.STREAM_ECG_AD8232):
+            out += self._ecg_frame(f, device_id, t0_utc_s, key)
+            lead_off = 1.0 if f.status[0] & messages.FLAG_LEAD_OFF else 0.0
+            out += self._alerts(self.alerts.observe(device_id, "lead_off", lead_off, end_s))
+        elif f.stream == messages.STREAM_PPG_MAX30102:
+            out += self._ppg_frame(f, device_id, end_s, key)
+        return out
+
+    def silence(self, now: float) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for dev, last in self.last_seen.items():
+            out += self._alerts(self.alerts.observe(dev, "silence_s", now - last, now))
+        return out
+
+    def _alerts(self, events: list[AlertEvent]) -> list[dict[str, Any]]:
+        return [{"type": "alert", "device_id": e.device_id, "alert": e.rule, "state": e.state, "at": _iso(e.at),
+                 "value": e.value} for e in events]
+
+    def _ecg_frame(self, f: messages.SampleFrame, dev: str, t0: float, key: str) -> list[dict[str, Any]]:
+        st = self._ecg.get(dev)
+        if st is None or st.epoch != f.epoch or st.next_index != f.first_index:
+            st = _Ecg(RPeakDetector(f.rate_hz), f.first_index, f.epoch)
+            self._ecg[dev] = st
+        st.sources.append(key)
+        for x in f.channels[0]:
+            for r in st.det.push(float(x)):
+                st.beats.append(r)
+        st.next_index = f.first_index + f.count
+        beats = list(st.beats)
+        rr = [(b - a) / f.rate_hz for a, b in zip(beats, beats[1:])]
+        ok = [x for x in rr if PLAUSIBLE_RR_S[0] <= x <= PLAUSIBLE_RR_S[1]]
+        if len(ok) < 3:
+            return []
+        quality = len(ok) / len(rr)
+        hr = 60.0 / (sum(ok) / len(ok))
+        at = t0 + (beats[-1] - (st.next_index - f.count)) / f.rate_hz  # the last beat, on the UTC axis
+        doc = {"type": "vital", "device_id": dev, "kind": "heart_rate", "value": round(hr, 1), "unit": "/min",
+               "rr_ms": [round(x * 1000) for x in ok], "quality": round(quality, 2), "at": _iso(at),
+               "source_frames": list(st.sources)}
+        if quality < 0.75:
+            return []  # withheld: too many implausible intervals
+        alerts = self._alerts(self.alerts.observe(dev, "heart_rate", hr, at))
+        return ([doc] if self._due(dev, "heart_rate", at) else []) + alerts
+
+    def _ppg_frame(self, f: messages.SampleFrame, dev: str, end: float, key: str) -> list[dict[str, Any]]:
+        st = self._ppg.get(dev)
+        if st is None or st.epoch != f.epoch or st.next_index != f.first_index:
+            st = _Ppg(OximetryEstimator(f.rate_hz), f.first_index, f.epoch)
+            self._ppg[dev] = st
+        st.sources.append(key)
+        st.est.push(f.channels[0], f.channels[1])
+        st.next_index = f.first_index + f.count
+        r = st.est.estimate()
+        out: list[dict[str, Any]] = []
+        base = {"type": "vital", "device_id": dev, "quality": round(r.quality, 2), "at": _iso(end),
+                "source_frames": list(st.sources)}
+        if r.spo2_pct is None:
+            return out
+        out += self._alerts(self.alerts.observe(dev, "spo2", r.spo2_pct, end))
+        if not self._due(dev, "ppg", end):
+            return out
+        out.append(dict(base, kind="spo2", value=r.spo2_pct, unit="%"))
+        if r.pulse_rate_bpm is not None:
+            out.append(dict(base, kind="pulse_rate", value=r.pulse_rate_bpm, unit="/min"))
+        if r.perfusion_index_pct is not None:
+            out.append(dict(base, kind="perfusion_index", value=r.perfusion_index_pct, unit="%"))
+        return out
