@@ -80,6 +80,9 @@ class AgentConfig:
     disk_quota_mb: float = 512.0
     log_format: str = "text"
     time_sync_every_s: float = 60.0
+    # The status page: served only with a password file (no default credentials).
+    status_page_listen: str = "0.0.0.0:8080"
+    status_page_password_file: Path | None = None
     serial: list[SerialConfig] = field(default_factory=list)
     backends: list[BackendConfig] = field(default_factory=list)
     source: Path | None = None
@@ -138,6 +141,9 @@ def parse(data: dict[str, Any], source: Path | None = None) -> AgentConfig:
     cfg.disk_quota_mb = float(_take(agent, "disk_quota_mb", (int, float), "agent", cfg.disk_quota_mb))
     cfg.time_sync_every_s = float(_take(agent, "time_sync_every_s", (int, float), "agent", cfg.time_sync_every_s))
     cfg.log_format = _take(agent, "log_format", str, "agent", cfg.log_format)
+    cfg.status_page_listen = _take(agent, "status_page_listen", str, "agent", cfg.status_page_listen)
+    spf = _take(agent, "status_page_password_file", str, "agent")
+    cfg.status_page_password_file = Path(spf) if spf else None
     if cfg.log_format not in ("text", "json"):
         raise ConfigError("agent.log_format must be text or json", "agent.log_format")
     if cfg.retention_days < 0 or cfg.disk_quota_mb <= 0:

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,11 @@ class Agent:
         self.vitals_made = 0
         self._derived_seq = int(time.time() * 1000) * 16
         self.ingestor.on_stored = self._to_vitals
+        self.last_vitals: dict[str, dict[str, dict[str, Any]]] = {}
+        # The last 4 s of each device's ECG and pleth (IR), for the status page.
+        self.waves: dict[tuple[str, str], deque[int]] = {}
         self.started_at = time.time()
+        self.status_page_port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _on_commit(self) -> None:
@@ -121,6 +126,8 @@ class Agent:
                     tasks.append(tg.create_task(fw.run(), name="forward:" + fw.name))
                 tasks.append(tg.create_task(self._housekeeping(), name="housekeeping"))
                 tasks.append(tg.create_task(self._vitals(), name="vitals"))
+                if self.cfg.status_page_password_file:
+                    tasks.append(tg.create_task(self._status_page(), name="status-page"))
                 tasks.append(tg.create_task(self._watch_registry(), name="registry"))
                 tasks.append(tg.create_task(self._status_server(), name="status"))
                 if stop is not None:
@@ -183,6 +190,9 @@ class Agent:
                                              f.scale, f.ppg_drive, f.status, channels)
                 t0 = t0_utc_ms / 1000 if t0_utc_ms is not None else received - f.count / f.rate_hz
                 docs = self.vitals.frame(frame, dev, t0, "%s:%d:%d" % (dev, f.epoch, f.seq))
+                name = "ppg" if f.stream == messages.STREAM_PPG_MAX30102 else "ecg"
+                wave = self.waves.setdefault((dev, name), deque(maxlen=4 * f.rate_hz))
+                wave.extend(channels[-1])  # ECG, or the IR pleth
             if time.monotonic() >= next_silence:
                 next_silence = time.monotonic() + SILENCE_CHECK_S
                 docs += self.vitals.silence(time.time())
@@ -191,6 +201,9 @@ class Agent:
 
     async def _store_derived(self, doc: dict[str, Any]) -> None:
         alert = doc["type"] == "alert"
+        if not alert:
+            self.last_vitals.setdefault(doc["device_id"], {})[doc["kind"]] = {
+                "value": doc["value"], "quality": doc["quality"], "at": doc["at"]}
         self._derived_seq += 1
         self.vitals_made += 1
         await self.store.ingest(Ingest(doc["device_id"], -3 if alert else -2, self._derived_seq,
@@ -198,6 +211,23 @@ class Agent:
                                        priority=PRIORITY_ALERT if alert else PRIORITY_VITALS, info=doc))
         if alert:
             log.warning("alert %s %s for %s", doc["alert"], doc["state"], doc["device_id"])
+
+    def waveform(self, device_id: str, stream: str) -> dict[str, Any]:
+        values = list(self.waves.get((device_id, stream), ()))
+        step = max(1, len(values) // 600)  # at most 600 points: enough for a phone's width
+        return {"device_id": device_id, "stream": stream, "values": values[::step]}
+
+    async def _status_page(self) -> None:
+        from agent.status_page import StatusPage
+
+        assert self.cfg.status_page_password_file is not None
+        host, _, port = self.cfg.status_page_listen.rpartition(":")
+        page = StatusPage(self.snapshot, self.waveform, self.cfg.status_page_password_file)
+        self.status_page_port = await page.start(host or "0.0.0.0", int(port))
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await page.stop()
 
     async def _watch_registry(self) -> None:
         path = self.cfg.registry_path
@@ -244,6 +274,7 @@ class Agent:
                          for f in self.forwarders],
             "rejects": dict(self.ingestor.rejects), "store": {"commits": self.store.stats.commits,
                                                               "ingested": self.store.stats.ingested},
+            "last_vitals": self.last_vitals,
             "vitals": {"made": self.vitals_made, "skipped_frames": self.vitals_skipped,
                        "active_alerts": [list(a) for a in self.vitals.alerts.active()]},
             "counters": counters,

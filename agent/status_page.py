@@ -1,0 +1,207 @@
+"""The hub's status page: boards, signal quality, last values, live ECG and
+pleth, backlog per backend, rejects and alerts; French and English.
+
+Served by the agent on the local network only (clients outside loopback,
+private and link-local addresses are refused) and behind authentication
+(HTTP Basic, the password read from a file readable by the service only;
+no password file, no page: there are no default credentials). The page
+polls two small JSON endpoints once a second and draws on canvases, so it
+reads well on a phone.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import ipaddress
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from agent.store import check_private
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _local(addr: str | None) -> bool:
+    if not addr:
+        return False
+    try:
+        ip = ipaddress.ip_address(addr.split("%")[0])
+    except ValueError:
+        return False
+    return bool(ip.is_loopback or ip.is_private or ip.is_link_local)
+
+
+class StatusPage:
+    def __init__(self, snapshot: Callable[[], dict[str, Any]], waveform: Callable[[str, str], dict[str, Any]],
+                 password_file: Path, user: str = "hub") -> None:
+        check_private(password_file, "status page password file")
+        self.password = password_file.read_text().strip()
+        if len(self.password) < 8:
+            raise ValueError("the status page password must have at least 8 characters")
+        self.user = user
+        self.snapshot = snapshot
+        self.waveform = waveform
+        self.runner: web.AppRunner | None = None
+
+    @web.middleware
+    async def guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not _local(request.remote):
+            return web.Response(status=403, text="local network only")
+        auth = request.headers.get("Authorization", "")
+        ok = False
+        if auth.startswith("Basic "):
+            try:
+                user, _, pw = base64.b64decode(auth[6:]).decode().partition(":")
+                ok = hmac.compare_digest(user.encode(), self.user.encode()) and hmac.compare_digest(
+                    pw.encode(), self.password.encode())
+            except (ValueError, UnicodeDecodeError):
+                ok = False
+        if not ok:
+            return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="pulsebridge hub"'},
+                                text="authentication required")
+        resp = await handler(request)
+        resp.headers["Cache-Control"] = "no-store"
+        resp.headers["X-Frame-Options"] = "DENY"
+        resp.headers["Content-Security-Policy"] = "default-src 'self'; script-src 'unsafe-inline' 'self'; " \
+                                                  "style-src 'unsafe-inline' 'self'"
+        return resp
+
+    async def index(self, request: web.Request) -> web.Response:
+        return web.Response(text=PAGE, content_type="text/html", charset="utf-8")
+
+    async def api_status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.snapshot())
+
+    async def api_wave(self, request: web.Request) -> web.Response:
+        return web.json_response(self.waveform(request.query.get("device", ""), request.query.get("stream", "ecg")))
+
+    async def start(self, host: str, port: int) -> int:
+        app = web.Application(middlewares=[self.guard])
+        app.router.add_get("/", self.index)
+        app.router.add_get("/api/status", self.api_status)
+        app.router.add_get("/api/wave", self.api_wave)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port)
+        await site.start()
+        return int(self.runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+TEXT = {
+    "fr": {"title": "Passerelle de télésurveillance", "ok": "Tout fonctionne.", "warn": "À vérifier :",
+           "boards": "Capteur", "connected": "connecté", "searching": "non branché", "backoff": "reconnexion",
+           "last": "dernière mesure il y a", "never": "aucune mesure pour l'instant", "s": "s",
+           "hr": "Fréquence cardiaque", "spo2": "Saturation en oxygène", "pr": "Pouls", "quality": "qualité du signal",
+           "backends": "Envoi à l'équipe soignante", "backlog": "en attente d'envoi", "sent": "envoyées",
+           "alerts": "Alertes", "none": "aucune", "rejects": "Trames refusées", "ecg": "ECG", "pleth": "Pouls (pléth)",
+           "lang": "English", "spo2_low": "oxygène bas", "heart_rate_out_of_range": "rythme cardiaque inhabituel",
+           "lead_off": "électrode décollée", "board_silent": "capteur silencieux"},
+    "en": {"title": "Home monitoring hub", "ok": "Everything is working.", "warn": "Needs a look:",
+           "boards": "Sensor", "connected": "connected", "searching": "not plugged in", "backoff": "reconnecting",
+           "last": "last reading", "never": "no reading yet", "s": "s ago",
+           "hr": "Heart rate", "spo2": "Oxygen saturation", "pr": "Pulse", "quality": "signal quality",
+           "backends": "Sending to the care team", "backlog": "waiting to be sent", "sent": "sent",
+           "alerts": "Alerts", "none": "none", "rejects": "Refused frames", "ecg": "ECG", "pleth": "Pulse (pleth)",
+           "lang": "Français", "spo2_low": "low oxygen", "heart_rate_out_of_range": "unusual heart rate",
+           "lead_off": "electrode off", "board_silent": "sensor silent"},
+}
+
+PAGE = """<!doctype html>
+<html lang="fr"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>pulsebridge</title>
+<style>
+body{font-family:system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2733;font-size:18px}
+header{background:#2f6f8f;color:#fff;padding:14px 18px;display:flex;justify-content:space-between;align-items:center}
+h1{font-size:20px;margin:0}button{font-size:16px;border:0;border-radius:6px;padding:6px 10px}
+main{padding:12px;max-width:900px;margin:auto}
+.card{background:#fff;border-radius:10px;padding:14px;margin:10px 0;box-shadow:0 1px 3px #0002}
+#summary{font-size:22px;font-weight:600}.ok{color:#1c7c3c}.warn{color:#a15c00}
+.values{display:flex;gap:18px;flex-wrap:wrap;margin:8px 0}.v b{font-size:26px}
+canvas{width:100%;height:90px;background:#fbfcfd;border:1px solid #dde3e8;border-radius:6px}
+small{color:#5a6876}
+</style></head><body>
+<header><h1 id="title"></h1><button id="lang"></button></header>
+<main><div class="card"><div id="summary"></div></div>
+<div id="boards"></div>
+<div class="card"><h2 id="backends-title"></h2><div id="backends"></div></div>
+<div class="card"><h2 id="alerts-title"></h2><div id="alerts"></div>
+<p><small id="rejects"></small></p></div></main>
+<script>
+const TEXT = __TEXT__;
+let lang = (navigator.language || "fr").startsWith("fr") ? "fr" : "en";
+const t = k => TEXT[lang][k] || k;
+document.getElementById("lang").onclick = () => { lang = lang === "fr" ? "en" : "fr"; render(last); };
+let last = null;
+function draw(canvas, values, color) {
+  const c = canvas.getContext("2d"), w = canvas.width = canvas.clientWidth, h = canvas.height = canvas.clientHeight;
+  c.clearRect(0, 0, w, h);
+  if (!values || values.length < 2) return;
+  let lo = Math.min(...values), hi = Math.max(...values); if (hi === lo) hi = lo + 1;
+  c.strokeStyle = color; c.lineWidth = 1.5; c.beginPath();
+  values.forEach((v, i) => { const x = i * w / (values.length - 1), y = h - 4 - (v - lo) * (h - 8) / (hi - lo);
+    i ? c.lineTo(x, y) : c.moveTo(x, y); });
+  c.stroke();
+}
+function render(s) {
+  if (!s) return;
+  document.documentElement.lang = lang;
+  document.getElementById("title").textContent = t("title");
+  document.getElementById("lang").textContent = t("lang");
+  const problems = s.boards.filter(b => b.state !== "connected").length + s.vitals.active_alerts.length;
+  const sum = document.getElementById("summary");
+  sum.textContent = problems ? t("warn") + " " + problems : t("ok");
+  sum.className = problems ? "warn" : "ok";
+  const boards = document.getElementById("boards");
+  s.boards.forEach((b, i) => {
+    let card = document.getElementById("board" + i);
+    if (!card) { card = document.createElement("div"); card.className = "card"; card.id = "board" + i;
+      card.innerHTML = '<h2 class="name"></h2><div class="state"></div><div class="values"></div>' +
+        '<small class="ecg-t"></small><canvas class="ecg"></canvas><small class="pleth-t"></small>' +
+        '<canvas class="pleth"></canvas>'; boards.appendChild(card); }
+    card.querySelector(".name").textContent = t("boards") + " " + (b.device_id || "?");
+    const age = b.last_frame_at ? Math.round(Date.now() / 1000 - b.last_frame_at) : null;
+    card.querySelector(".state").textContent = t(b.state) + " — " +
+      (age === null ? t("never") : t("last") + " " + age + " " + t("s"));
+    const v = (s.last_vitals || {})[b.device_id] || {};
+    const show = (k, label, unit) => v[k] ? '<div class="v">' + t(label) + '<br><b>' + v[k].value + '</b> ' + unit +
+      '<br><small>' + t("quality") + ' ' + Math.round(100 * v[k].quality) + ' %</small></div>' : "";
+    card.querySelector(".values").innerHTML = show("heart_rate", "hr", "/min") + show("spo2", "spo2", "%") +
+      show("pulse_rate", "pr", "/min");
+    card.querySelector(".ecg-t").textContent = t("ecg"); card.querySelector(".pleth-t").textContent = t("pleth");
+  });
+  document.getElementById("backends-title").textContent = t("backends");
+  document.getElementById("backends").innerHTML = s.backends.map(f => "<p>" + f.name + " — " + f.backlog + " " +
+    t("backlog") + ", " + f.forwarded + " " + t("sent") + "</p>").join("");
+  document.getElementById("alerts-title").textContent = t("alerts");
+  const al = s.vitals.active_alerts;
+  document.getElementById("alerts").textContent =
+    al.length ? al.map(a => a[0] + ": " + t(a[1])).join(", ") : t("none");
+  const nrej = Object.values(s.rejects).reduce((a, b) => a + b, 0);
+  document.getElementById("rejects").textContent = t("rejects") + " : " + nrej;
+}
+async function tick() {
+  try {
+    const r = await fetch("api/status"); last = await r.json(); render(last);
+    for (let i = 0; i < last.boards.length; i++) {
+      const b = last.boards[i], card = document.getElementById("board" + i); if (!b.device_id || !card) continue;
+      for (const [stream, cls, color] of [["ecg", "ecg", "#b3261e"], ["ppg", "pleth", "#2f6f8f"]]) {
+        const q = "api/wave?device=" + encodeURIComponent(b.device_id) + "&stream=" + stream;
+        const w = await (await fetch(q)).json();
+        draw(card.querySelector("canvas." + cls), w.values, color);
+      }
+    }
+  } catch (e) { document.getElementById("summary").textContent = "…"; }
+}
+tick(); setInterval(tick, 1000);
+</script></body></html>
+""".replace("__TEXT__", json.dumps(TEXT))

@@ -1,0 +1,94 @@
+# The hub's status page in a real headless browser (Debian's Chromium driven
+# by Playwright) against a running agent with a simulated board.
+import asyncio
+import base64
+import os
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from agent import config as agent_config
+from agent.sim.boards import write_private
+from agent.supervisor import Agent
+from tests.agent import harness
+from tests.conftest import IN_CI
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _chromium() -> str:
+    if not os.path.exists(CHROMIUM):
+        msg = "Debian's chromium is not installed (./run tests installs it)"
+        if IN_CI:
+            pytest.fail(msg + "; required in CI")
+        pytest.skip(msg)
+    return CHROMIUM
+
+
+@pytest.mark.micropython
+def test_status_page_live_in_chromium(micropython: str, tmp_path: Path) -> None:
+    chromium = _chromium()
+    from playwright.async_api import async_playwright
+
+    sims = harness.start_boards(tmp_path, 1, micropython)
+    pw_file = tmp_path / "status.password"
+    write_private(pw_file, b"correct horse battery\n")
+    try:
+        harness.register(tmp_path / "data", tmp_path / "log", sims)
+        port = harness.free_port()
+        cfg = agent_config.load(harness.write_config(tmp_path, sims, "", extra=(
+            'status_page_listen = "127.0.0.1:%d"\nstatus_page_password_file = "%s"\n' % (port, pw_file))))
+
+        async def scenario() -> dict[str, object]:
+            agent = Agent(cfg)
+            stop = asyncio.Event()
+            task = asyncio.create_task(agent.run(stop))
+            await asyncio.sleep(12)  # frames, then the first vitals
+            url = "http://127.0.0.1:%d/" % port
+            async with aiohttp.ClientSession() as s:  # no password, no page
+                async with s.get(url) as r:
+                    assert r.status == 401
+                bad = {"Authorization": "Basic " + base64.b64encode(b"hub:wrong").decode()}
+                async with s.get(url, headers=bad) as r:
+                    assert r.status == 401
+            found: dict[str, object] = {}
+            async with async_playwright() as p:
+                browser = await p.chromium.launch(executable_path=chromium, args=[
+                    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", "--no-first-run"])
+                for locale, ok_text in (("fr-FR", "Tout fonctionne."), ("en-GB", "Everything is working.")):
+                    ctx = await browser.new_context(locale=locale, viewport={"width": 390, "height": 844},
+                                                    http_credentials={"username": "hub",
+                                                                      "password": "correct horse battery"})
+                    page = await ctx.new_page()
+                    await page.goto(url)
+                    await page.wait_for_function("document.querySelector('#summary').textContent.length > 2")
+                    await page.wait_for_timeout(2500)  # a few live updates
+                    found[locale] = await page.text_content("#summary")
+                    found[locale + ":ok"] = ok_text
+                    found[locale + ":body"] = await page.text_content("body")
+                    # The waveform is drawn: count inked pixels on the ECG canvas.
+                    found[locale + ":ink"] = await page.evaluate("""() => {
+                        const c = document.querySelector('canvas.ecg'); const d = c.getContext('2d')
+                          .getImageData(0, 0, c.width, c.height).data; let n = 0;
+                        for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }""")
+                    shot = Path(os.environ.get("PULSEBRIDGE_SCREENSHOTS", str(tmp_path))) / ("status-%s.png" % locale)
+                    await page.screenshot(path=str(shot), full_page=True)
+                    found[locale + ":shot"] = shot.stat().st_size
+                    await ctx.close()
+                await browser.close()
+            stop.set()
+            await task
+            return found
+
+        found = asyncio.run(scenario())
+        for locale in ("fr-FR", "en-GB"):
+            assert found[locale] == found[locale + ":ok"], found[locale]
+            assert int(found[locale + ":ink"]) > 200, found  # type: ignore[call-overload]
+            assert int(found[locale + ":shot"]) > 10_000  # type: ignore[call-overload]
+        assert "pb-t01" in str(found["fr-FR:body"]) and "Fréquence cardiaque" in str(found["fr-FR:body"])
+        assert "Heart rate" in str(found["en-GB:body"])
+    finally:
+        for s in sims:
+            s.stop()
