@@ -85,6 +85,7 @@ class AgentConfig:
     status_page_password_file: Path | None = None
     serial: list[SerialConfig] = field(default_factory=list)
     backends: list[BackendConfig] = field(default_factory=list)
+    alert_rules: list[dict[str, Any]] = field(default_factory=list)  # [[alert]] tables; none: the defaults
     source: Path | None = None
 
     @property
@@ -185,6 +186,21 @@ def parse(data: dict[str, Any], source: Path | None = None) -> AgentConfig:
         _leftovers(b, where)
         _check_url(bc, where)
         cfg.backends.append(bc)
+    for i, a in enumerate(_take(data, "alert", list, "", [])):
+        where = "alert[%d]" % i
+        a = dict(a)
+        rule = {"name": _take(a, "name", str, where, ""), "signal": _take(a, "signal", str, where, "")}
+        if not rule["name"] or rule["signal"] not in ("spo2", "heart_rate", "lead_off", "silence_s"):
+            raise ConfigError("%s needs a name and a signal among spo2, heart_rate, lead_off, silence_s" % where,
+                              where)
+        for k in ("low", "high", "hysteresis", "min_duration_s"):
+            v = _take(a, k, (int, float), where)
+            if v is not None:
+                rule[k] = float(v)
+        if "low" not in rule and "high" not in rule:
+            raise ConfigError("%s needs low, high or both" % where, where)
+        _leftovers(a, where)
+        cfg.alert_rules.append(rule)
     _leftovers(data, "")
     return cfg
 

@@ -32,6 +32,7 @@ from agent.session import BoardSession, BoardStats
 from agent.store import KIND_ALERT, KIND_VITAL, PRIORITY_ALERT, PRIORITY_VITALS, Ingest, Store
 from agent.transports.base import TransportError
 from agent.transports.serial import SerialTransport
+from agent.vitals.alerts import DEFAULT_RULES, AlertEngine, Rule
 from agent.vitals.engine import VitalsEngine
 from protocols import messages
 
@@ -94,7 +95,8 @@ class Agent:
         self.forwarders: list[Forwarder] = [forwarders.make(b, self.store, cfg.hub_id, self.wake)
                                             for b in cfg.backends]
         self.links = [SerialLink(sc) for sc in cfg.serial]
-        self.vitals = VitalsEngine()
+        rules = tuple(Rule(**r) for r in cfg.alert_rules) or DEFAULT_RULES
+        self.vitals = VitalsEngine(AlertEngine(rules))
         self.vitals_queue: asyncio.Queue[tuple[str, Any, bytes, int | None, float]] = asyncio.Queue(VITALS_QUEUE)
         self.vitals_skipped = 0
         self.vitals_made = 0

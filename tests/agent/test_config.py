@@ -11,6 +11,8 @@ def test_example_config_parses() -> None:
     cfg = config.load(ROOT / "agent" / "deploy" / "agent.toml")
     assert cfg.hub_id == "hub-0001" and [b.type for b in cfg.backends] == ["mqtt", "fhir"]
     assert cfg.serial[0].usb_vid == 0x303A and cfg.store_path == Path("/var/lib/pulsebridge/store.db")
+    assert cfg.alert_rules == [{"name": "spo2_low", "signal": "spo2", "low": 90.0, "hysteresis": 2.0,
+                                "min_duration_s": 30.0}]
 
 
 @pytest.mark.parametrize("toml, field", [
@@ -18,6 +20,7 @@ def test_example_config_parses() -> None:
     ('[agent]\nhub = "x"', "agent.hub"),
     ('[[serial]]\nbaudrate = 9600', "serial[0]"),
     ('[[backend]]\nname = "a"\ntype = "smtp"\nurl = "x"', "backend[0].type"),
+    ('[[alert]]\nname = "x"\nsignal = "temperature"\nlow = 1', "alert[0]"),
     ('[[backend]]\nname = "a"\ntype = "webhook"\nurl = "http://host/x"', "backend[0].url"),
     ('[[backend]]\nname = "a"\ntype = "fhir"\nurl = "https://h/f"\ntoken = "s3cret"', "backend[0]"),
     ('[[backend]]\nname = "a"\ntype = "mqtt"\nurl = "mqtts://h"\n[[backend]]\nname = "a"\ntype = "mqtt"\n'
