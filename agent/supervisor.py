@@ -35,6 +35,7 @@ from agent.transports.serial import SerialTransport
 from agent.vitals.alerts import DEFAULT_RULES, AlertEngine, Rule
 from agent.vitals.engine import VitalsEngine
 from protocols import messages
+from protocols.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,12 @@ class Agent:
                 dev = ""
             docs: list[dict[str, Any]] = []
             if dev:
-                channels = [fastdecode.decode(bytes(ch), f.count) for ch in f.channels]
+                try:
+                    channels = [fastdecode.decode(bytes(ch), f.count) for ch in f.channels]
+                except ProtocolError as e:  # authentic but unreadable: no vitals from it, nothing else stops
+                    self.vitals_skipped += 1
+                    log.error("vitals: frame %s:%d:%d cannot be decoded: %s", dev, f.epoch, f.seq, e)
+                    continue
                 frame = messages.SampleFrame(f.epoch, f.seq, f.stream, f.t0_ms, f.first_index, f.rate_hz, f.count,
                                              f.scale, f.ppg_drive, f.status, channels)
                 t0 = t0_utc_ms / 1000 if t0_utc_ms is not None else received - f.count / f.rate_hz
