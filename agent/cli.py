@@ -225,6 +225,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for f in snap["backends"]:
         print("  backend %-12s %-8s backlog %d, forwarded %d%s" % (
             f["name"], f["state"], f["backlog"], f["forwarded"], (", " + f["last_error"]) if f["last_error"] else ""))
+    for dev, vitals in sorted(snap.get("last_vitals", {}).items()):
+        print("  vitals %-12s " % dev + ", ".join("%s %s" % (k, v["value"]) for k, v in sorted(vitals.items())))
+    alerts = snap.get("vitals", {}).get("active_alerts", [])
+    print("  alerts: " + (", ".join("%s %s" % (d, a) for d, a in alerts) if alerts else "none"))
     if snap["rejects"]:
         print("  rejected: " + ", ".join("%s %d" % kv for kv in sorted(snap["rejects"].items())))
     return 0
