@@ -75,6 +75,8 @@ def test_status_reads_the_running_agent(tmp_path: Path) -> None:
             await asyncio.sleep(0.1)
         snap = await read_status(cfg.status_socket)
         assert cfg.status_socket.stat().st_mode & 0o077 == 0  # only the service user may ask
+        shown = await asyncio.to_thread(_cli, "status", "--config", str(cfg.source))
+        assert shown.returncode == 0 and "hub hub-t" in shown.stdout and "alerts: none" in shown.stdout, shown
         stop.set()
         await task
         return snap
