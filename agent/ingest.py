@@ -49,12 +49,6 @@ class Processor(abc.ABC):
         """Judges a message now, in arrival order (the replay window needs it);
         storing it may finish later. to_utc maps the board's ticks to UTC ms."""
 
-    async def process(self, raw: bytes, link: str) -> Outcome:
-        out = self.submit(raw, link)
-        if out.stored is not None:
-            await out.stored
-        return out
-
 
 class _RateLimitedLog:
     def __init__(self, per_min: int) -> None:

@@ -27,7 +27,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +124,6 @@ class _Job:
 class StoreStats:
     commits: int = 0
     ingested: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
 
 
 def check_private(path: Path, what: str) -> None:

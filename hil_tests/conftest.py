@@ -141,8 +141,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     out = Path(session.config.getoption("--hil-report"))
     out.mkdir(parents=True, exist_ok=True)
-    from agent.session import BoardStats as _BS  # noqa: F401  (report layout below)
-
     lines = ["# pulsebridge bench report", "", "Run: %s, host %s" % (
         time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), platform.node()), ""]
     boards_line = "; ".join("%s: %s" % kv for kv in sorted(_BOARDS.items()))

@@ -41,6 +41,11 @@ class _Ppg:
     sources: deque[str] = field(default_factory=lambda: deque(maxlen=10))
 
 
+def _continues(st: _Ecg | _Ppg, f: messages.SampleFrame) -> bool:
+    # Same boot and no sample lost since the last frame: the stream's state holds.
+    return st.epoch == f.epoch and st.next_index == f.first_index
+
+
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % int(t * 1000 % 1000)
 
@@ -85,7 +90,7 @@ class VitalsEngine:
 
     def _ecg_frame(self, f: messages.SampleFrame, dev: str, t0: float, key: str) -> list[dict[str, Any]]:
         st = self._ecg.get(dev)
-        if st is None or st.epoch != f.epoch or st.next_index != f.first_index:
+        if st is None or not _continues(st, f):
             st = _Ecg(RPeakDetector(f.rate_hz), f.first_index, f.epoch)
             self._ecg[dev] = st
         st.sources.append(key)
@@ -111,7 +116,7 @@ class VitalsEngine:
 
     def _ppg_frame(self, f: messages.SampleFrame, dev: str, end: float, key: str) -> list[dict[str, Any]]:
         st = self._ppg.get(dev)
-        if st is None or st.epoch != f.epoch or st.next_index != f.first_index:
+        if st is None or not _continues(st, f):
             st = _Ppg(OximetryEstimator(f.rate_hz), f.first_index, f.epoch)
             self._ppg[dev] = st
         st.sources.append(key)
