@@ -7,6 +7,7 @@ tells the simulated board which recordings its chip models play.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -26,6 +27,7 @@ class BoardSpec:
     ecg: str | None = "max30003"  # "max30003", "ad8232" or None
     ppg: bool = True
     link: str = "serial"
+    air: str = ""  # the software radio's board socket, for link="ble"
     spo2_pct: float = 97.0
     ppm: dict[str, int] = field(default_factory=dict)
     lead_off: list[tuple[float, float]] = field(default_factory=list)
@@ -53,6 +55,13 @@ class BoardSpec:
         return cfg
 
 
+def ble_address(device_id: str) -> str:
+    """A random static address (two top bits set), stable for one device id."""
+    raw = bytearray(hashlib.sha256(device_id.encode()).digest()[:6])
+    raw[0] |= 0xC0
+    return ":".join("%02X" % b for b in raw)
+
+
 def write_private(path: Path, data: bytes) -> None:
     # Secrets are readable by their owner only, from the moment they exist.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -76,6 +85,8 @@ def prepare(spec: BoardSpec, directory: Path, cache: Path) -> Path:
         "virtual_clock": spec.virtual_clock, "seed": spec.seed,
         "truth": {"spo2_pct": spec.spo2_pct, "ratio": waveforms.ratio_for_spo2(spec.spo2_pct)},
     }
+    if spec.link == "ble":
+        sim["ble"] = {"air": spec.air, "address": ble_address(spec.device_id)}
     if spec.ecg:
         ecg = waveforms.ecg_signal(cache)
         # Each board starts at its own place in the recording.

@@ -11,8 +11,15 @@
 #     size, appended when asked, cleared by gatts_read();
 #   - advertising data is at most 31 bytes.
 # The far side (a "central") is driven through Radio: in-process tests call
-# it directly; the BLE issue wires it to the hub over a socket.
+# it directly. AirRadio instead puts the board on the software radio (the
+# "air", agent/sim/air.py) through a Unix socket, where the hub's bleak
+# backend finds it, connects and subscribes; the wire between the two is
+# described in agent/sim/air.py.
 import errno
+import json
+import select
+import socket
+import struct
 
 from micropython import const
 
@@ -50,10 +57,18 @@ class Radio:
         self.mtu = 23
         self.queue = []  # notifications accepted by the stack, not yet on air
         self.delivered = []  # what the central received, in order
+        self.other = []  # (handle, data) notified on other characteristics
         self.on_notify = None  # callback(bytes) for a live central
         self.advertising = None
         self._last_ms = 0
         self.enomem = 0
+        self.services = []  # [[service uuid, [[char uuid, flags, handle], ...]], ...]
+
+    def advertise_changed(self):
+        pass
+
+    def services_changed(self):
+        pass
 
     def service(self):
         now = self.clock.now_us() // 1000
@@ -62,12 +77,17 @@ class Radio:
             return
         self._last_ms = now
         while slots and self.queue:
-            data = self.queue.pop(0)
+            handle, data = self.queue.pop(0)
             slots -= 1
-            if self.on_notify is not None:
-                self.on_notify(data)
-            else:
-                self.delivered.append(data)
+            self._deliver(handle, data)
+
+    def _deliver(self, handle, data):
+        if handle != self.ble.data_handle:
+            self.other.append((handle, data))
+        elif self.on_notify is not None:
+            self.on_notify(data)
+        else:
+            self.delivered.append(data)
 
     # --- what the central does -------------------------------------------
     def _ble(self):
@@ -96,6 +116,13 @@ class Radio:
         self.queue = []  # what had not left is lost with the link
         self._ble()._event(_IRQ_CENTRAL_DISCONNECT, (self.conn_handle, 0, b"\x00\x11\x22\x33\x44\x55"))
 
+    def peripheral_disconnect(self):
+        self.disconnect()
+
+    def read(self, handle):
+        # A central's read: the stack answers from the attribute's value.
+        return self._ble()._values.get(handle, b"")
+
     def write(self, data, handle=None):
         # The central writes the control characteristic, MTU-3 bytes at a time.
         ble = self._ble()
@@ -104,6 +131,132 @@ class Radio:
         for i in range(0, len(data), step):
             ble._remote_write(h, data[i:i + step])
             ble._event(_IRQ_GATTS_WRITE, (self.conn_handle, h))
+
+
+# Messages on the air socket: type (1 byte), length (2 bytes, big-endian),
+# payload. Board to air: H hello (address), A advertising (adv length,
+# adv, scan response; empty: stopped), S services (JSON), N notification
+# (handle, data), R read response (handle, data), D disconnect by the
+# board. Air to board: C central connected (conn handle), M MTU exchanged,
+# W write (handle, data), Q read (handle), X central gone.
+_AIR_MAX = const(1024)
+_RETRY_MS = const(1000)
+
+
+class AirRadio(Radio):
+    def __init__(self, clock, path, address, buffers=4, interval_ms=15, packets_per_interval=4):
+        super().__init__(clock, buffers, interval_ms, packets_per_interval)
+        self.path = path
+        self.address = address
+        self.sock = None
+        self._poll = select.poll()
+        self._rx = bytearray()
+        self._tx = bytearray()
+        self._retry_at = 0
+        self.air_connects = 0
+
+    def _open(self):
+        now = self.clock.now_us() // 1000
+        if now < self._retry_at:
+            return False
+        self._retry_at = now + _RETRY_MS
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(struct.pack("H", socket.AF_UNIX) + self.path.encode() + b"\0")
+        except OSError:
+            s.close()
+            return False
+        s.setblocking(False)
+        self.sock = s
+        self._poll.register(s, select.POLLIN)
+        self._rx = bytearray()
+        self._tx = bytearray()
+        self.air_connects += 1
+        self._put(b"H", self.address.encode())
+        self.services_changed()
+        self.advertise_changed()
+        return True
+
+    def _close(self):
+        if self.sock is not None:
+            self._poll.unregister(self.sock)
+            self.sock.close()
+            self.sock = None
+        self.disconnect()  # the air is gone: so is any central
+
+    def _put(self, kind, payload):
+        if self.sock is not None:
+            self._tx += kind + struct.pack(">H", len(payload)) + payload
+
+    def advertise_changed(self):
+        adv = self.advertising
+        self._put(b"A", b"" if adv is None else bytes((len(adv[0]),)) + adv[0] + adv[1])
+
+    def services_changed(self):
+        if self.services:
+            self._put(b"S", json.dumps(self.services).encode())
+
+    def _deliver(self, handle, data):
+        self._put(b"N", struct.pack(">H", handle) + data)
+
+    def peripheral_disconnect(self):
+        if self.connected:
+            self._put(b"D", b"")
+        self.disconnect()
+
+    def service(self):
+        if self.sock is None and not self._open():
+            return
+        try:
+            while self._poll.poll(0):
+                chunk = self.sock.recv(_AIR_MAX)
+                if not chunk:
+                    raise OSError(errno.ECONNRESET)
+                self._rx += chunk
+            self._handle_rx()
+            super().service()  # notifications leave the stack at the air's pace
+            while self._tx:
+                n = self.sock.send(self._tx)
+                self._tx = self._tx[n:]
+        except OSError as e:
+            if e.args and e.args[0] == errno.EAGAIN:
+                return
+            self._close()
+
+    def _handle_rx(self):
+        rx = self._rx
+        while len(rx) >= 3:
+            n = (rx[1] << 8) | rx[2]
+            if len(rx) < 3 + n:
+                break
+            kind = rx[0]
+            body = bytes(rx[3:3 + n])
+            rx = rx[3 + n:]
+            if kind == 0x43:  # C
+                if self.advertising is None or self.connected:
+                    self._put(b"D", b"")  # not connectable now: the central's attempt fails
+                else:
+                    self.connect()
+            elif kind == 0x4D:  # M
+                mtu = (body[0] << 8) | body[1]
+                self.mtu = mtu
+                self._ble()._event(_IRQ_MTU_EXCHANGED, (self.conn_handle, mtu))
+            elif kind == 0x57 and self.connected:  # W
+                self.write(body[2:], (body[0] << 8) | body[1])
+            elif kind == 0x51:  # Q
+                self._put(b"R", body[:2] + self.read((body[0] << 8) | body[1]))
+            elif kind == 0x58:  # X
+                self.disconnect()
+        self._rx = rx
+
+    def write(self, data, handle=None):
+        # From the air, one write is one ATT write: already at most MTU-3.
+        if handle is None:
+            super().write(data)
+            return
+        ble = self._ble()
+        ble._remote_write(handle, data)
+        ble._event(_IRQ_GATTS_WRITE, (self.conn_handle, handle))
 
 
 _radio = None
@@ -115,7 +268,11 @@ def use_radio(radio):
 
 
 def radio_from(cfg, clock):
-    r = Radio(clock, cfg.get("buffers", 4), cfg.get("interval_ms", 15), cfg.get("packets_per_interval", 4))
+    args = (cfg.get("buffers", 4), cfg.get("interval_ms", 15), cfg.get("packets_per_interval", 4))
+    if cfg.get("air"):
+        r = AirRadio(clock, cfg["air"], cfg["address"], *args)
+    else:
+        r = Radio(clock, *args)
     use_radio(r)
     return r
 
@@ -132,6 +289,7 @@ class BLE:
         self._limits = {}
         self._append = {}
         self.control_handle = None
+        self.data_handle = None
         self.config_values = {"mtu": 23, "gap_name": "MPY"}
 
     def _event(self, event, data):
@@ -164,16 +322,25 @@ class BLE:
         if not self._active:
             raise OSError(errno.EPERM)
         handles = []
+        table = []
         h = 1
-        for _uuid, chars in services:
+        for uuid, chars in services:
             hs = []
-            for _cuuid, flags in chars:
+            rows = []
+            for cuuid, flags in chars:
                 h += 1
                 hs.append(h)
-                if flags & (FLAG_WRITE | FLAG_WRITE_NO_RESPONSE):
+                rows.append([cuuid.value, flags, h])
+                if flags & (FLAG_WRITE | FLAG_WRITE_NO_RESPONSE) and self.control_handle is None:
                     self.control_handle = h
+                if flags & FLAG_NOTIFY and self.data_handle is None:
+                    self.data_handle = h
                 h += 1
             handles.append(tuple(hs))
+            table.append([uuid.value, rows])
+            h += 1
+        self._radio.services = table
+        self._radio.services_changed()
         return tuple(handles)
 
     def gatts_set_buffer(self, handle, length, append=False):
@@ -198,9 +365,17 @@ class BLE:
         if len(r.queue) >= r.buffers:
             r.enomem += 1
             raise OSError(errno.ENOMEM)
-        r.queue.append(bytes(data if data is not None else self._values.get(value_handle, b"")))
+        r.queue.append((value_handle, bytes(data if data is not None else self._values.get(value_handle, b""))))
 
     def gap_advertise(self, interval_us, adv_data=None, resp_data=None, connectable=True):
         if adv_data is not None and len(adv_data) > _MAX_ADV or resp_data is not None and len(resp_data) > _MAX_ADV:
             raise ValueError("advertising data over 31 bytes")
         self._radio.advertising = None if interval_us is None else (bytes(adv_data or b""), bytes(resp_data or b""))
+        self._radio.advertise_changed()
+
+    def gap_disconnect(self, conn_handle):
+        r = self._radio
+        if not r.connected or conn_handle != r.conn_handle:
+            return False
+        r.peripheral_disconnect()
+        return True
