@@ -23,6 +23,14 @@ def _sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     p.add_argument("--dir", type=Path, default=None, help="keep the boards' flash directories here")
     p.add_argument("--json", action="store_true", help="print a final machine-readable summary only")
+    p.add_argument("--link", choices=["serial", "ble"], default="serial",
+                   help="serial (ptys, as USB) or ble (the software radio, through bleak); default serial")
+    p.add_argument("--fragment-loss", type=float, default=0.0,
+                   help="ble: probability that a notification is lost on air (default 0)")
+    p.add_argument("--disconnect-every", type=float, default=0.0,
+                   help="ble: mean seconds between forced disconnects (default 0: none)")
+    p.add_argument("--air-capture", type=Path, default=None,
+                   help="ble: write every PDU on the software radio here, as a sniffer would see them (JSON lines)")
 
 
 def _options(args: argparse.Namespace, **kw: object):  # type: ignore[no-untyped-def]
@@ -30,9 +38,14 @@ def _options(args: argparse.Namespace, **kw: object):  # type: ignore[no-untyped
 
     if args.boards < 1 or args.boards > 32:
         raise SystemExit("pulsebridge: --boards must be 1 to 32")
+    if not 0 <= args.fragment_loss < 1 or args.disconnect_every < 0:
+        raise SystemExit("pulsebridge: --fragment-loss must be in [0, 1) and --disconnect-every >= 0")
+    if args.link != "ble" and (args.fragment_loss or args.disconnect_every or args.air_capture):
+        raise SystemExit("pulsebridge: --fragment-loss, --disconnect-every and --air-capture need --link ble")
     return SimOptions(boards=args.boards, ecg=None if args.ecg == "none" else args.ecg, ppg=not args.no_ppg,
                       seconds=args.seconds, directory=args.dir, spo2_pct=args.spo2, json=args.json,
-                      **kw)  # type: ignore[arg-type]
+                      link=args.link, fragment_loss=args.fragment_loss, disconnect_every_s=args.disconnect_every,
+                      air_capture=args.air_capture, **kw)  # type: ignore[arg-type]
 
 
 def cmd_sim(args: argparse.Namespace) -> int:

@@ -16,6 +16,9 @@ Example:
     [[serial]]
     port = "/dev/ttyACM0"          # or: usb_vid = 0x303a, usb_pid = 0x1001
 
+    [ble]                          # boards over Bluetooth LE: every registered board found advertising
+    adapter = "hci0"
+
     [[backend]]
     name = "care-team"
     type = "mqtt"                  # mqtt | webhook | fhir
@@ -47,6 +50,16 @@ class SerialConfig:
     usb_vid: int | None = None
     usb_pid: int | None = None
     baudrate: int = 115200
+
+
+@dataclass
+class BleConfig:
+    adapter: str = "hci0"
+    # The software radio's central socket (simulated boards): used instead
+    # of the adapter when set.
+    air: str = ""
+    max_connections: int = 7
+    connect_timeout_s: float = 15.0
 
 
 @dataclass
@@ -84,6 +97,7 @@ class AgentConfig:
     status_page_listen: str = "0.0.0.0:8080"
     status_page_password_file: Path | None = None
     serial: list[SerialConfig] = field(default_factory=list)
+    ble: BleConfig | None = None
     backends: list[BackendConfig] = field(default_factory=list)
     alert_rules: list[dict[str, Any]] = field(default_factory=list)  # [[alert]] tables; none: the defaults
     source: Path | None = None
@@ -160,6 +174,15 @@ def parse(data: dict[str, Any], source: Path | None = None) -> AgentConfig:
             raise ConfigError("%s needs port, or usb_vid (and usb_pid)" % where, where)
         _leftovers(s, where)
         cfg.serial.append(sc)
+    ble = _take(data, "ble", dict, "")
+    if ble is not None:
+        ble = dict(ble)
+        cfg.ble = BleConfig(adapter=_take(ble, "adapter", str, "ble", "hci0"), air=_take(ble, "air", str, "ble", ""),
+                            max_connections=_take(ble, "max_connections", int, "ble", 7),
+                            connect_timeout_s=float(_take(ble, "connect_timeout_s", (int, float), "ble", 15.0)))
+        if not 1 <= cfg.ble.max_connections <= 20:
+            raise ConfigError("ble.max_connections must be 1..20", "ble.max_connections")
+        _leftovers(ble, "ble")
     names = set()
     for i, b in enumerate(_take(data, "backend", list, "", [])):
         where = "backend[%d]" % i

@@ -19,9 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from agent.ble_links import BleManager
+from agent.config import BleConfig
 from agent.ingest import Volatile
 from agent.session import BoardSession, BoardStats
 from agent.sim import boards
+from agent.sim.air import Air, Faults
 from agent.sim.runner import SimulatedBoard
 from agent.transports.serial import SerialTransport
 from protocols import hub
@@ -40,6 +43,10 @@ class SimOptions:
     live: bool = True
     json: bool = False
     blank: bool = False
+    link: str = "serial"  # serial | ble (through the software radio)
+    fragment_loss: float = 0.0  # ble: probability that a notification is lost on air
+    disconnect_every_s: float = 0.0  # ble: mean time between forced disconnects
+    air_capture: Path | None = None  # ble: what a sniffer would record, as JSON lines
 
 
 def default_cache() -> Path:
@@ -47,10 +54,20 @@ def default_cache() -> Path:
     return Path(base) / "pulsebridge"
 
 
-def board_specs(opts: SimOptions) -> list[boards.BoardSpec]:
+def board_specs(opts: SimOptions, air: Air | None = None) -> list[boards.BoardSpec]:
     return [boards.BoardSpec("pb-sim%02d" % (i + 1), ecg=opts.ecg, ppg=opts.ppg, spo2_pct=opts.spo2_pct,
-                             seed=i + 1, ppm={"max30003": 15 * (i + 1), "max30102": -20 * (i + 1)})
+                             seed=i + 1, ppm={"max30003": 15 * (i + 1), "max30102": -20 * (i + 1)},
+                             link=opts.link, air=str(air.board_path) if air else "")
             for i in range(opts.boards)]
+
+
+def start_air(opts: SimOptions, directory: Path) -> Air | None:
+    """The software radio for --link ble, with the faults asked for."""
+    if opts.link != "ble":
+        return None
+    air = Air(directory, Faults(opts.fragment_loss, opts.disconnect_every_s, seed=1), capture=opts.air_capture)
+    air.start()
+    return air
 
 
 class Recorder:
@@ -103,25 +120,33 @@ def _live_line(st: BoardStats, t: float) -> str:
         t, st.device_id, state, st.frames, parts or "-", sum(st.samples_missing().values()), rej)
 
 
-async def _run(opts: SimOptions, sims: list[SimulatedBoard], out: IO[str]) -> list[BoardStats]:
+async def _run(opts: SimOptions, sims: list[SimulatedBoard], out: IO[str], air: Air | None) -> list[BoardStats]:
     h = hub.Hub()
     stats = []
     sessions = []
-    recorders = []
+    recorders = {}
     for sim in sims:
         h.add_device(sim.device_id, sim.spec.key)
-        st = BoardStats(sim.device_id, "serial:" + sim.port)
-        stats.append(st)
-        rec = Recorder(opts.capture, sim.device_id) if opts.capture else None
-        if rec:
-            recorders.append(rec)
-        sessions.append(BoardSession(SerialTransport(sim.port), Volatile(h), st, rec))
+        if opts.capture:
+            recorders[sim.device_id] = Recorder(opts.capture, sim.device_id)
+    ble = None
+    if air is not None:
+        ble = BleManager(BleConfig(air=str(air.central_path)), Volatile(h), h.has_device, recorders.get)
+    else:
+        for sim in sims:
+            st = BoardStats(sim.device_id, "serial:" + sim.port)
+            stats.append(st)
+            sessions.append(BoardSession(SerialTransport(sim.port), Volatile(h), st, recorders.get(sim.device_id)))
     t0 = time.monotonic()
     try:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(s.run(), name="session-" + s.stats.device_id) for s in sessions]
+            if ble is not None:
+                tasks.append(tg.create_task(ble.run(), name="ble"))
             while opts.seconds is None or time.monotonic() - t0 < opts.seconds:
                 await asyncio.sleep(1.0)
+                if ble is not None:
+                    stats = [lk.stats for lk in ble.links.values() if lk.stats is not None]
                 if opts.live and not opts.json:
                     for st in stats:
                         print(_live_line(st, time.monotonic() - t0), file=out)
@@ -133,16 +158,24 @@ async def _run(opts: SimOptions, sims: list[SimulatedBoard], out: IO[str]) -> li
             for t in tasks:
                 t.cancel()
     finally:
-        for rec in recorders:
+        for rec in recorders.values():
             rec.close()
+    if ble is not None:  # every connection's stats, not only the last
+        stats = [st for lk in ble.links.values() for st in lk.history]
     return stats
 
 
 def run(opts: SimOptions, out: IO[str] = sys.stdout) -> dict[str, Any]:
-    specs = board_specs(opts)
     cache = default_cache()
     with contextlib.ExitStack() as stack:
         base = opts.directory or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pulsebridge-sim-")))
+        air = start_air(opts, base / "air")
+        if air is not None:
+            stack.callback(air.stop)
+            if not opts.json:
+                print("software radio: boards advertise on %s; point an agent's [ble] air at it" % air.central_path,
+                      file=out)
+        specs = board_specs(opts, air)
         sims = [SimulatedBoard(spec, base / spec.device_id, cache, blank=opts.blank) for spec in specs]
         try:
             for sim in sims:
@@ -156,7 +189,7 @@ def run(opts: SimOptions, out: IO[str] = sys.stdout) -> dict[str, Any]:
                 write_keys(opts.capture, specs)
             t0 = time.monotonic()
             if opts.attach_hub:
-                stats = asyncio.run(_run(opts, sims, out))
+                stats = asyncio.run(_run(opts, sims, out, air))
             else:
                 stats = []
                 _wait_plain(opts, sims)
@@ -165,6 +198,8 @@ def run(opts: SimOptions, out: IO[str] = sys.stdout) -> dict[str, Any]:
             for sim in sims:
                 sim.stop()
     result = summary(stats, elapsed)
+    if air is not None:
+        result["air"] = air.snapshot()
     if opts.capture:
         result["capture"] = str(opts.capture)
     return result

@@ -1,7 +1,8 @@
 """The agent: one TaskGroup of named tasks under a supervisor.
 
 Tasks: one per serial link (found by path or USB VID/PID, reconnecting with
-capped, jittered backoff), one per backend forwarder, housekeeping
+capped, jittered backoff), the BLE manager (agent/ble_links.py: a scanner
+and one task per connected board), one per backend forwarder, housekeeping
 (retention purge), and the status socket. Every wait on the outside world
 is bounded by a timeout. Link state is an explicit enum.
 """
@@ -24,6 +25,7 @@ import serial.tools.list_ports
 
 from agent import forwarders
 from agent.audit import AuditLog
+from agent.ble_links import BleManager
 from agent.config import AgentConfig, SerialConfig
 from agent.forwarders.base import Backoff, Forwarder
 from agent.ingest import Ingestor
@@ -96,6 +98,10 @@ class Agent:
         self.forwarders: list[Forwarder] = [forwarders.make(b, self.store, cfg.hub_id, self.wake)
                                             for b in cfg.backends]
         self.links = [SerialLink(sc) for sc in cfg.serial]
+        self.ble: BleManager | None = None
+        if cfg.ble is not None:
+            self.ble = BleManager(cfg.ble, self.ingestor, self.ingestor.hub.has_device,
+                                  time_sync_s=cfg.time_sync_every_s)
         rules = tuple(Rule(**r) for r in cfg.alert_rules) or DEFAULT_RULES
         self.vitals = VitalsEngine(AlertEngine(rules))
         self.vitals_queue: asyncio.Queue[tuple[str, Any, bytes, int | None, float]] = asyncio.Queue(VITALS_QUEUE)
@@ -125,6 +131,8 @@ class Agent:
                 tasks = []
                 for link in self.links:
                     tasks.append(tg.create_task(self._serial(link), name="serial:" + link.describe()))
+                if self.ble is not None:
+                    tasks.append(tg.create_task(self.ble.run(), name="ble"))
                 for fw in self.forwarders:
                     tasks.append(tg.create_task(fw.run(), name="forward:" + fw.name))
                 tasks.append(tg.create_task(self._housekeeping(), name="housekeeping"))
@@ -275,8 +283,12 @@ class Agent:
                 "rejects": dict(st.rejects) if st else {},
                 "clock_drift_ppm": st.clock_drift_ppm if st else None, "clock_jumps": st.clock_jumps if st else 0,
             })
+        if self.ble is not None:
+            boards += self.ble.snapshot()
         return {
             "hub_id": self.cfg.hub_id, "uptime_s": round(time.time() - self.started_at, 1), "boards": boards,
+            "ble_adapter": ({"state": self.ble.adapter, "error": self.ble.adapter_error,
+                             "losses": self.ble.adapter_losses} if self.ble is not None else None),
             "backends": [{"name": f.name, "type": f.cfg.type, "state": f.state.value, "backlog": backlog.get(f.name, 0),
                           "forwarded": f.forwarded, "failures": f.failures, "last_error": f.last_error}
                          for f in self.forwarders],

@@ -54,6 +54,8 @@ class BleTransport(Transport):
         self._closed = False
 
     async def open(self) -> None:
+        if self._client is not None:
+            return  # already open (a manager may open it before the session runs)
         client = BleakClient(self.device, disconnected_callback=self._on_disconnect, timeout=self.timeout_s,
                              backend=self.backend)
         try:
