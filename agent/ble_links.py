@@ -40,7 +40,7 @@ from agent.transports.ble import SERVICE_UUID, BleTransport
 
 log = logging.getLogger(__name__)
 
-SCAN_WINDOW_S = 4.0
+SCAN_WINDOW_S = 2.0
 IDLE_CHECK_S = 1.0
 STABLE_LINK_S = 10.0
 
@@ -54,7 +54,7 @@ class BleLink:
     connects: int = 0
     last_error: str = ""
     next_try: float = 0.0
-    backoff: Backoff = field(default_factory=lambda: Backoff(1.0, 30.0))
+    backoff: Backoff = field(default_factory=lambda: Backoff(0.25, 30.0))
     history: list[BoardStats] = field(default_factory=list)
     transport: BleTransport | None = None
     lost_at: float | None = None

@@ -91,9 +91,11 @@ class SoftRadioScanner(BaseBleakScanner):
         super().__init__(detection_callback, service_uuids)
         self._task: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._lost = ""
 
     async def start(self) -> None:
         self.seen_devices = {}
+        self._lost = ""
         reader, writer = await _open(self.air_path, 5.0)
         self._writer = writer
         self._task = asyncio.create_task(self._scan(reader, writer), name="softradio-scan")
@@ -112,6 +114,7 @@ class SoftRadioScanner(BaseBleakScanner):
                 await asyncio.sleep(SCAN_EVERY_S)
         except (asyncio.IncompleteReadError, ConnectionError) as e:
             log.info("software radio: scanning stopped, adapter gone (%s)", e)
+            self._lost = str(e) or "connection closed"
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -122,6 +125,8 @@ class SoftRadioScanner(BaseBleakScanner):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._lost:  # as BlueZ reports an adapter removed under a scan
+            raise BleakError("software radio adapter lost while scanning: " + self._lost)
 
 
 class SoftRadioClient(BaseBleakClient):

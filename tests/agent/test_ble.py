@@ -1,0 +1,292 @@
+"""Boards over BLE, end to end through the software radio.
+
+Simulated boards run the unmodified firmware under micropython; their
+`bluetooth` module is the fake one, on the software radio (agent/sim/air.py);
+the agent reaches them through bleak with the software radio's backend. The
+radio loses notifications, drops connections and loses its adapter; one
+registered board misbehaves. Every ack that crossed the air (read back from
+the radio's capture, as a sniffer would record it) must be at the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import pytest
+
+from agent.audit import AuditLog
+from agent.config import AgentConfig, BackendConfig, BleConfig
+from agent.registry import Registry
+from agent.sim import boards
+from agent.sim.air import Air, Faults
+from agent.sim.runner import SimulatedBoard
+from agent.supervisor import Agent
+from agent.transports import softradio
+from agent.transports.ble import SERVICE_UUID
+from protocols import cose, link, messages
+from tests.agent.harness import ThreadedBackend, pki_for
+
+
+def capture_records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def acked_over_air(records: list[dict[str, Any]], keys: dict[str, bytes],
+                   addresses: dict[str, str]) -> set[tuple[str, int, int]]:
+    """Every (device, epoch, seq) that an authentic ack written over the air covered."""
+    out: set[tuple[str, int, int]] = set()
+    deframers = {addr: link.LineDeframer() for addr in addresses}
+    for r in records:
+        if r["pdu"] != "write" or r["address"] not in deframers:
+            continue
+        dev = addresses[r["address"]]
+        d = deframers[r["address"]]
+        d.feed(bytes.fromhex(r["data"]))
+        while (raw := d.next_message()) is not None:
+            msg = cose.parse(raw)
+            cose.MacKey(keys[dev], dev.encode(), cose.AAD_DOWNLINK).verify(msg)
+            m = messages.decode_payload(msg.payload, messages.DOWNLINK_TYPES)
+            if isinstance(m, messages.Ack):
+                for a, b in m.ranges:
+                    out.update((dev, m.epoch, s) for s in range(a, b + 1))
+    return out
+
+
+def uplink_over_air(records: list[dict[str, Any]], address: str) -> list[bytes]:
+    """The whole messages a sniffer reassembles from one board's notifications."""
+    r = link.Reassembler()
+    out = []
+    for rec in records:
+        if rec["pdu"] == "notify" and rec["address"] == address:
+            r.feed(bytes.fromhex(rec["data"]))
+            while (ev := r.next_event()) is not None:
+                if isinstance(ev, link.Frame):
+                    out.append(ev.data)
+    return out
+
+
+class GarbageBoard:
+    """A fake peripheral (named as such) with a registered board's name that
+    floods its hub with random fragments: the misbehaving board."""
+
+    def __init__(self, air: Air, device_id: str, table: list[Any]) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(str(air.board_path))
+        self.device_id = device_id
+        self.stop = threading.Event()
+        self.connected = threading.Event()
+        name = device_id.encode()
+        adv = b"\x02\x01\x06" + bytes((17, 0x07)) + bytes.fromhex(SERVICE_UUID.replace("-", ""))[::-1]
+        resp = bytes((len(name) + 1, 0x09)) + name
+        self._send(b"H", boards.ble_address(device_id).encode())
+        self._send(b"S", json.dumps(table).encode())
+        self.advert = bytes((len(adv),)) + adv + resp
+        self._send(b"A", self.advert)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _send(self, kind: bytes, payload: bytes) -> None:
+        self.sock.sendall(struct.pack(">cH", kind, len(payload)) + payload)
+
+    def _run(self) -> None:
+        rng = random.Random(7)
+        self.sock.settimeout(0.005)
+        while not self.stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+                if b"X\x00\x00" in data:  # the hub left: advertise again
+                    self.connected.clear()
+                    self._send(b"A", self.advert)
+                if data.startswith(b"C\x00\x00"):
+                    self.connected.set()
+            except TimeoutError:
+                pass
+            except OSError:
+                return
+            if self.connected.is_set():
+                for _ in range(5):
+                    junk = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 200)))
+                    try:
+                        self._send(b"N", struct.pack(">H", 2) + junk)
+                    except OSError:
+                        return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(2)
+        self.sock.close()
+
+
+def _registry(cfg: AgentConfig, keys: dict[str, bytes]) -> None:
+    reg = Registry(cfg.registry_path, AuditLog(cfg.audit_path))
+    for dev, key in keys.items():
+        reg.add(dev, label="test board", key=key, actor="test")
+    reg.close()
+
+
+async def _wait(pred: Any, timeout_s: float, what: str) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if pred():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError("timed out waiting for " + what)
+
+
+def _frames(agent: Agent, device_id: str) -> int:
+    """Frames verified from one board over all its connections so far."""
+    assert agent.ble is not None
+    lk = agent.ble.links.get(device_id)
+    if lk is None:
+        return 0
+    live = lk.stats.frames if lk.stats is not None and lk.transport is not None else 0
+    return sum(st.frames for st in lk.history) + live
+
+
+def test_three_boards_over_a_lossy_radio_lose_nothing_acknowledged(micropython: str, tmp_path: Path) -> None:
+    capture = tmp_path / "air.jsonl"
+    air = Air(tmp_path / "air", Faults(fragment_loss=0.04, disconnect_every_s=3.0, seed=3), capture=capture)
+    air.start()
+    pki = pki_for(tmp_path)
+    specs = [boards.BoardSpec("pb-ble%02d" % (i + 1), seed=i + 1, link="ble", air=str(air.board_path))
+             for i in range(3)]
+    keys = {s.device_id: s.key for s in specs}
+    keys["pb-bad"] = bytes(range(32))
+    backend = ThreadedBackend(tmp_path, keys, pki)
+    sims = [SimulatedBoard(s, tmp_path / "boards" / s.device_id, tmp_path / "cache", micropython) for s in specs]
+    cfg = AgentConfig(hub_id="test-hub", data_dir=tmp_path / "data", log_dir=tmp_path / "log",
+                      run_dir=tmp_path / "run", time_sync_every_s=5.0,
+                      ble=BleConfig(air=str(air.central_path), connect_timeout_s=5.0),
+                      backends=[BackendConfig(name="local", type="webhook",
+                                              url="https://127.0.0.1:%d/ingest" % backend.port,
+                                              ca_file=pki.ca_cert)])
+    _registry(cfg, keys)
+    garbage = None
+    try:
+        for sim in sims:
+            sim.start()
+        table = None
+
+        async def scenario() -> dict[str, Any]:
+            nonlocal garbage, table
+            agent = Agent(cfg)
+            stop = asyncio.Event()
+            task = asyncio.create_task(agent.run(stop))
+            assert agent.ble is not None
+            ble = agent.ble
+            await _wait(lambda: all(_frames(agent, s.device_id) >= 3 for s in specs), 40, "all boards streaming")
+            # The misbehaving board joins, with the real service table.
+            client_cls, _ = softradio.backends(str(air.central_path))
+            table = [[SERVICE_UUID, [["7b3e0002-6c1a-4f5e-9d35-2f0e5a1c9b10", 0x12, 2],
+                                     ["7b3e0003-6c1a-4f5e-9d35-2f0e5a1c9b10", 0x0C, 4]]]]
+            garbage = GarbageBoard(air, "pb-bad", table)
+            await _wait(lambda: "pb-bad" in ble.links and ble.links["pb-bad"].connects >= 1, 20, "pb-bad connected")
+            before = {s.device_id: _frames(agent, s.device_id) for s in specs}
+            await asyncio.sleep(6)
+            during = {s.device_id: _frames(agent, s.device_id) for s in specs}
+            assert all(during[d] >= before[d] + 4 for d in before), (before, during)  # the others kept streaming
+            # The adapter goes away (BlueZ restart) and comes back.
+            air.adapter_down(5.0)
+            await _wait(lambda: ble.adapter == "down", 10, "the adapter seen down")
+            await _wait(lambda: ble.adapter == "up", 20, "the adapter back")
+            after_loss = {s.device_id: _frames(agent, s.device_id) for s in specs}
+            await _wait(lambda: all(_frames(agent, d) >= after_loss[d] + 4 for d in after_loss), 40,
+                        "boards streaming again after the adapter came back")
+            snap = agent.snapshot()
+            garbage.close()
+            for sim in sims:
+                await asyncio.to_thread(sim.stop)
+            await _wait(lambda: all(b["backlog"] == 0 for b in agent.snapshot()["backends"]), 30, "backlog drained")
+            stop.set()
+            await task
+            snap["integrity"] = agent.store.integrity_check()
+            snap["reconnects"] = sorted(t for lk in ble.links.values() for t in lk.reconnect_s)
+            return snap
+
+        snap = asyncio.run(scenario())
+    finally:
+        if garbage is not None:
+            garbage.close()
+        for sim in sims:
+            sim.stop()
+        air.stop()
+    stats = air.snapshot()
+    records = capture_records(capture)
+    addresses = {boards.ble_address(s.device_id): s.device_id for s in specs}
+    acked = acked_over_air(records, keys, addresses)
+    at_backend = backend.keys()
+    summary = backend.summary()
+    backend.close()
+    assert acked, "no ack crossed the air"
+    missing = {a for a in acked if "%s:%d:%d" % a not in at_backend}
+    assert not missing, "acknowledged over the air, absent at the backend: %s" % sorted(missing)[:10]
+    assert summary["invalid"] == 0 and snap["integrity"] == "ok"
+    # The faults really happened.
+    assert stats["lost"] > 0 and stats["forced_disconnects"] > 0 and stats["adapter_losses"] == 1
+    assert snap["ble_adapter"]["losses"] >= 1
+    bad = [b for b in snap["boards"] if b["device_id"] == "pb-bad"]
+    assert bad and bad[0]["frames"] == 0
+    assert len(snap["reconnects"]) >= 3
+    print("\nBLE: %d notifications (%d lost on air), %d forced disconnects, reconnect median %.2f s, "
+          "%d acked frames all at the backend" % (stats["notifications"], stats["lost"],
+                                                    stats["forced_disconnects"],
+                                                    snap["reconnects"][len(snap["reconnects"]) // 2], len(acked)))
+
+
+def test_advertisement_parsing_matches_the_firmware_advert() -> None:
+    # The advert as link_ble builds it: flags, the 128-bit service UUID, the name in the scan response.
+    adv = b"\x02\x01\x06" + bytes((17, 0x07)) + bytes.fromhex(SERVICE_UUID.replace("-", ""))[::-1]
+    resp = b"\x0a\x09pb-3fa2c1"
+    data = softradio.parse_advertisement(adv, resp, -50)
+    assert data.service_uuids == [SERVICE_UUID]
+    assert data.local_name == "pb-3fa2c1"
+    # Truncated or zero-length structures end the parse, they do not raise.
+    assert softradio.parse_advertisement(b"\x05\x09ab", b"\x00", -50).local_name is None
+
+
+@pytest.mark.parametrize("mtu", [23, 185, 517])
+def test_mtu_is_negotiated_down_to_what_the_air_allows(micropython: str, tmp_path: Path, mtu: int) -> None:
+    capture = tmp_path / "air.jsonl"
+    air = Air(tmp_path / "air", mtu=mtu, capture=capture)
+    air.start()
+    spec = boards.BoardSpec("pb-mtu", link="ble", air=str(air.board_path), ppg=False)
+    sim = SimulatedBoard(spec, tmp_path / "b", tmp_path / "cache", micropython)
+    sim.start()
+    try:
+        async def run() -> tuple[int, int]:
+            from bleak import BleakScanner
+
+            from agent.transports.ble import BleTransport
+
+            client_cls, scanner_cls = softradio.backends(str(air.central_path))
+            dev = await BleakScanner.find_device_by_name("pb-mtu", timeout=10, backend=scanner_cls)
+            assert dev is not None
+            t = BleTransport(dev, backend=client_cls)
+            await t.open()
+            frames = 0
+            try:
+                while frames < 2:  # a hello, then two 512-sample ECG frames
+                    msg = await asyncio.wait_for(t.receive(), 10)
+                    frames += cbor2.loads(cose.parse(msg).payload)[0] == 1  # type 1: a sample frame
+            finally:
+                await t.close()
+            return t.mtu, t.fragments
+
+        got_mtu, fragments = asyncio.run(run())
+    finally:
+        sim.stop()
+        air.stop()
+    assert got_mtu == mtu
+    sizes = [len(r["data"]) // 2 for r in capture_records(capture) if r["pdu"] == "notify"]
+    assert sizes and max(sizes) <= mtu - 3
+    # A frame of about 650 bytes takes 1 + 650 // (MTU - 4) fragments or so: the MTU is used, not just 23.
+    assert max(sizes) == mtu - 3 if mtu < 517 else max(sizes) > 185
