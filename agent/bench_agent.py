@@ -36,7 +36,7 @@ from agent.ingest import Ingestor
 from agent.registry import Registry
 from agent.store import Store
 from agent.tlsgen import make_pki
-from protocols import cose, messages
+from protocols import cipher, cose, messages
 
 BOARDS = 20
 PYCOSE_VENV = Path(__file__).resolve().parent.parent / ".venv-pycose"
@@ -81,6 +81,7 @@ class Fleet:
     def __init__(self, n: int = BOARDS) -> None:
         self.keys = {"pb-bench%02d" % i: secrets.token_bytes(32) for i in range(n)}
         self.sealers = {d: cose.MacKey(k, d.encode(), cose.AAD_UPLINK) for d, k in self.keys.items()}
+        self.ciphers = {d: cipher.SampleCipher(k) for d, k in self.keys.items()}
         self.seq = dict.fromkeys(self.keys, 0)
         rng = np.random.default_rng(7)
         self.ecg = [int(x) for x in np.cumsum(rng.integers(-40, 41, 512))]
@@ -96,7 +97,7 @@ class Fleet:
         else:
             f = messages.SampleFrame(1, seq, stream, seq * 500, seq * 50, 100, 100, (16384, 262144),
                                      (7000, 7000, 16384, 411), (0, 0, 0, 0), [self.red, self.ir])
-        return self.sealers[dev].seal(messages.encoded(f))
+        return self.sealers[dev].seal(messages.encoded(f, sealer=self.ciphers[dev]))
 
     def batch(self, n: int) -> list[bytes]:
         devs = list(self.keys)

@@ -152,7 +152,8 @@ class Ingestor(Processor):
         t0_utc = to_utc(m.t0_ms) if to_utc is not None else None
         item = Ingest(dev, m.epoch, m.seq, messages.T_SAMPLES, raw, w.state(), m.stream, m.t0_ms, m.first_index,
                       m.count, duplicate=r.verdict == hub.DUPLICATE,
-                      t0_utc_ms=None if t0_utc is None else int(t0_utc))
+                      t0_utc_ms=None if t0_utc is None else int(t0_utc),
+                      plain=cbor2.dumps([bytes(ch) for ch in m.channels]))
         stored = self.store.submit_ingest(item)
         stored.add_done_callback(lambda fut: self._on_stored(fut, item, m))
         return Outcome(r, self.hub.ack(dev, m.epoch, [m.seq]), stored)
@@ -169,7 +170,7 @@ class Ingestor(Processor):
         from protocols import cose
 
         try:
-            return messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES)
+            return messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES, decode_samples=False)
         except Exception:
             return None
 

@@ -19,7 +19,7 @@ from typing import Any
 import cbor2
 from aiohttp import web
 
-from protocols import cose, messages
+from protocols import cipher, cose, messages
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS received(
@@ -43,6 +43,7 @@ async def serve_https(app: web.Application, host: str, port: int, cert: Path, ke
 class LocalBackend:
     def __init__(self, db_path: Path, keys: dict[str, bytes]) -> None:
         self.keys = {dev: cose.MacKey(k, dev.encode(), cose.AAD_UPLINK) for dev, k in keys.items()}
+        self.openers = {dev: cipher.SampleCipher(k) for dev, k in keys.items()}
         self.db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(_SCHEMA)
@@ -65,7 +66,7 @@ class LocalBackend:
         try:
             msg = cose.parse(raw)
             key.verify(msg)
-            m = messages.decode_payload(msg.payload, messages.UPLINK_TYPES)
+            m = messages.decode_payload(msg.payload, messages.UPLINK_TYPES, opener=self.openers[str(dev)])
         except Exception as e:
             return "does not verify: %s" % e
         assert isinstance(m, messages.SampleFrame)

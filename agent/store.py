@@ -33,7 +33,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Priorities: higher is forwarded first and deleted last.
 PRIORITY_RAW = 0
@@ -60,7 +60,7 @@ CREATE TABLE IF NOT EXISTS frames(
     device_id TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
     kind INTEGER NOT NULL, stream INTEGER, priority INTEGER NOT NULL,
     received_at REAL NOT NULL, t0_ms INTEGER, t0_utc_ms INTEGER, first_index INTEGER, count INTEGER,
-    raw BLOB, info TEXT,
+    raw BLOB, info TEXT, plain BLOB,
     UNIQUE(device_id, epoch, seq));
 CREATE INDEX IF NOT EXISTS frames_age ON frames(priority, id);
 CREATE TABLE IF NOT EXISTS outbox(
@@ -95,6 +95,10 @@ class Ingest:
     duplicate: bool = False
     t0_utc_ms: int | None = None  # the first sample's time, from the board clock's mapping to UTC
     info: dict[str, Any] | None = None  # hub-made records (vitals, alerts): their content
+    # Sample frames: the channels' sample bytes decrypted (a CBOR array of
+    # byte strings), kept beside the frame as it came (encrypted, MACed), so
+    # forwarding never needs a key that a rotation may since have retired.
+    plain: bytes | None = None
 
 
 @dataclass
@@ -110,6 +114,7 @@ class Row:
     raw: bytes | None
     info: dict[str, Any] | None
     t0_utc_ms: int | None = None
+    plain: bytes | None = None
 
 
 @dataclass
@@ -306,7 +311,7 @@ class Store:
                 if not it.duplicate:
                     rows.append((it.device_id, it.epoch, it.seq, it.kind, it.stream, it.priority, now, it.t0_ms,
                                  it.t0_utc_ms, it.first_index, it.count, it.raw,
-                                 json.dumps(it.info) if it.info is not None else None))
+                                 json.dumps(it.info) if it.info is not None else None, it.plain))
                 results.append(None)
             elif job.kind == "delivered":
                 backend, ids = job.args
@@ -349,7 +354,7 @@ class Store:
         changes = db.total_changes
         db.executemany(
             "INSERT OR IGNORE INTO frames(device_id, epoch, seq, kind, stream, priority, received_at, t0_ms, "
-            "t0_utc_ms, first_index, count, raw, info) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            "t0_utc_ms, first_index, count, raw, info, plain) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
         inserted = db.total_changes - changes
         for backend in self.backends:
             db.execute("INSERT INTO outbox(backend, frame_id, priority) SELECT ?, id, priority FROM frames "
@@ -429,11 +434,11 @@ class Store:
     def fetch_outbox(db: sqlite3.Connection, backend: str, limit: int) -> list[Row]:
         rows = db.execute(
             "SELECT f.id, f.device_id, f.epoch, f.seq, f.kind, f.stream, f.priority, f.received_at, f.raw, f.info, "
-            "f.t0_utc_ms "
+            "f.t0_utc_ms, f.plain "
             "FROM outbox o JOIN frames f ON f.id = o.frame_id WHERE o.backend=? "
             "ORDER BY o.priority DESC, o.frame_id LIMIT ?", (backend, limit)).fetchall()
-        return [Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], json.loads(r[9]) if r[9] else None, r[10])
-                for r in rows]
+        return [Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], json.loads(r[9]) if r[9] else None, r[10],
+                    r[11]) for r in rows]
 
     @staticmethod
     def backlog(db: sqlite3.Connection) -> dict[str, int]:

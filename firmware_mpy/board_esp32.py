@@ -24,6 +24,7 @@ class Esp32Board:
 
     def __init__(self):
         self.radio = None
+        self._battery_adc = None
         self._last_ms = time.ticks_ms()
         self._ms = 0
 
@@ -75,9 +76,22 @@ class Esp32Board:
             import bluetooth
 
             from app.link_ble import BleLink
-            return BleLink(bluetooth, cfg["device_id"], max_message)
+            from app.main import FIRMWARE
+            return BleLink(bluetooth, cfg["device_id"], max_message, FIRMWARE, "pulsebridge ESP32 " + sys.platform)
         from app.link_serial import SerialLink
         return SerialLink(sys.stdin.buffer, sys.stdout.buffer, max_message)
 
     def free_heap(self):
         return gc.mem_free()
+
+    def battery_pct(self, cfg):
+        # A LiPo cell on an ADC pin through a divider ("pins": {"battery_adc":
+        # 33, "battery_divider": 2}); without one the board is on USB power.
+        pins = cfg.get("pins", {})
+        pin = pins.get("battery_adc")
+        if pin is None:
+            return 100
+        if self._battery_adc is None:
+            self._battery_adc = ADC(Pin(pin), atten=ADC.ATTN_11DB)
+        mv = self._battery_adc.read_uv() // 1000 * pins.get("battery_divider", 2)
+        return max(0, min(100, (mv - 3300) // 9))  # 3.3 V empty .. 4.2 V full

@@ -1,7 +1,7 @@
 # Shims so this package runs unmodified on MicroPython and CPython.
 # Nothing here does I/O or reads a clock.
 
-__all__ = ["const", "equal_ct"]
+__all__ = ["TYPE_CHECKING", "const", "equal_ct"]
 
 TYPE_CHECKING = False  # type checkers take this as true; MicroPython has no typing module
 if TYPE_CHECKING:

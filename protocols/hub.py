@@ -4,7 +4,7 @@
 # decides when a message is durably stored; only then does it commit() the
 # message to the replay window and ack() it.
 
-from protocols import cbor, cose, messages, replay
+from protocols import cbor, cipher, cose, messages, replay
 from protocols.errors import AuthenticationError, ProtocolError, RemoteProtocolError
 
 # Verdicts of receive().
@@ -34,6 +34,7 @@ class _Device:
         kid = device_id.encode()
         self.ups = [cose.MacKey(k, kid, cose.AAD_UPLINK) for k in keys]
         self.downs = [cose.MacKey(k, kid, cose.AAD_DOWNLINK) for k in keys]
+        self.ciphers = [cipher.SampleCipher(k) for k in keys]
         self.active = 0
         self.window = replay.ReplayWindow()
 
@@ -43,7 +44,8 @@ class _Device:
 
 
 class Hub:
-    # decode_samples=False: sample frames keep their channels as undecoded
+    # Sample frames come out decrypted (protocols/cipher.py), once their MAC
+    # has verified. decode_samples=False: their channels stay undecoded
     # bytes (checked for size): the store needs the header, not the samples.
     # cbor_decode: a faster CBOR decoder for payloads, used only once their
     # MAC has verified (see messages.decode_payload).
@@ -107,7 +109,8 @@ class Hub:
         else:
             return self._reject(raw, "bad_mac", device_id)
         try:
-            m = messages.decode_payload(msg.payload, messages.UPLINK_TYPES, self.decode_samples, self.cbor_decode)
+            m = messages.decode_payload(msg.payload, messages.UPLINK_TYPES, self.decode_samples, self.cbor_decode,
+                                        dev.ciphers[dev.active])
         except RemoteProtocolError as e:
             return self._reject(raw, "malformed:" + e.reason, device_id)
         epoch, seq = m.epoch, m.seq  # type: ignore[attr-defined]

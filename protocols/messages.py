@@ -7,7 +7,7 @@
 # them once per frame). decode_payload() turns any bytes into one typed
 # message or raises RemoteProtocolError naming the field that was wrong.
 
-from protocols import cbor, samples
+from protocols import cbor, cipher, samples
 from protocols._compat import const
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 
@@ -182,14 +182,16 @@ def _start(w: "cbor.Writer", kind: int, nfields: int) -> None:
 def encode_sample_frame(w: "cbor.Writer", scratch: bytearray, epoch: int, seq: int, stream: int, t0_ms: int,
                         first_index: int, rate_hz: int, count: int, scale_num: int, scale_den: int,
                         ppg_drive: "tuple[int, int, int, int] | None", flags: int, fifo_overflows: int,
-                        frames_dropped: int, jitter_us: int, channels: "tuple[list[int], ...]") -> None:
+                        frames_dropped: int, jitter_us: int, channels: "tuple[list[int], ...]",
+                        sealer: "cipher.SampleCipher") -> None:
     # channels: one sample sequence per channel (array('i') on the board);
-    # scratch: a buffer of at least count * 5 bytes for one channel's samples.
+    # scratch: a buffer of at least count * 5 bytes for one channel's samples;
+    # sealer: the device's sample cipher (samples are always encrypted).
     if not 0 < count <= MAX_SAMPLES:
         raise LocalProtocolError("a frame holds 1 to %d samples, not %d" % (MAX_SAMPLES, count), "sample_count")
     if len(channels) != STREAM_CHANNELS.get(stream, 0):
         raise LocalProtocolError("stream %d takes %d channels" % (stream, STREAM_CHANNELS.get(stream, 0)), "channels")
-    _start(w, T_SAMPLES, 14 if ppg_drive is not None else 13)
+    _start(w, T_SAMPLES, 15 if ppg_drive is not None else 14)
     w.uint(2)
     w.uint(epoch)
     w.uint(3)
@@ -224,20 +226,29 @@ def encode_sample_frame(w: "cbor.Writer", scratch: bytearray, epoch: int, seq: i
     w.uint(13)
     w.array(len(channels))
     mv = memoryview(scratch)
+    offset = 0
     for ch in channels:
         n = samples.encode_into(ch, count, scratch, 0)
+        sealer.apply(scratch, 0, n, epoch, seq, offset)
+        offset += n
         w.bstr(mv[:n])
+    w.uint(14)
+    w.sint(cipher.ALG_A256CTR)
 
 
-def encode(w: "cbor.Writer", msg: Message) -> None:
+def encode(w: "cbor.Writer", msg: Message, sealer: "cipher.SampleCipher | None" = None) -> None:
     # Encodes any message object (the board uses the field-wise encoder for
-    # sample frames; this is for the rarer messages and for the hub).
+    # sample frames; this is for the rarer messages and for the hub). A
+    # sample frame needs the device's sample cipher.
     k = msg.kind
     if isinstance(msg, SampleFrame):
+        if sealer is None:
+            raise LocalProtocolError("a sample frame is encrypted: its device's SampleCipher is needed", "cipher")
         scratch = bytearray(msg.count * samples.WORST_BYTES_PER_SAMPLE + 8)
         encode_sample_frame(w, scratch, msg.epoch, msg.seq, msg.stream, msg.t0_ms, msg.first_index,
                             msg.rate_hz, msg.count, msg.scale[0], msg.scale[1], msg.ppg_drive,
-                            msg.status[0], msg.status[1], msg.status[2], msg.status[3], tuple(msg.channels))
+                            msg.status[0], msg.status[1], msg.status[2], msg.status[3], tuple(msg.channels),
+                            sealer)
         return
     values = [getattr(msg, f) for f in msg._fields]
     _start(w, k, 2 + len(values))
@@ -272,9 +283,9 @@ def encode_ack(w: "cbor.Writer", epoch: int, ranges: "list[tuple[int, int]]") ->
         w.uint(b)
 
 
-def encoded(msg: Message, size: int = 4096) -> bytes:
+def encoded(msg: Message, size: int = 4096, sealer: "cipher.SampleCipher | None" = None) -> bytes:
     w = cbor.Writer(bytearray(size))
-    encode(w, msg)
+    encode(w, msg, sealer)
     return bytes(w.buf[:w.pos])
 
 
@@ -337,10 +348,14 @@ def _check_keys(m: "dict[object, object]", allowed: int, optional: "tuple[int, .
 
 
 def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tuple[int, ...]" = (),
-                   decode_samples: bool = True, cbor_decode: "object" = None) -> Message:
+                   decode_samples: bool = True, cbor_decode: "object" = None,
+                   opener: "cipher.SampleCipher | None" = None) -> Message:
     # decode_samples=False checks everything but leaves each channel's sample
     # bytes undecoded (SampleFrame.channels then holds bytes): for a hub that
     # stores frames fast and decodes them when it forwards them.
+    # opener: the device's sample cipher, to decrypt sample bytes (call only
+    # once the MAC has verified: encrypt-then-MAC). Without it, channels
+    # stay encrypted bytes, and decode_samples must be False.
     # cbor_decode: another CBOR decoder for payloads already authenticated
     # (the hub passes a C one); the schema checks below apply all the same.
     if cbor_decode is None:
@@ -359,7 +374,7 @@ def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tu
     if allowed_kinds and kind not in allowed_kinds:
         _fail("message type %d not allowed in this direction" % kind, "direction")
     if kind == T_SAMPLES:
-        return _decode_samples(d, decode_samples)
+        return _decode_samples(d, decode_samples, opener)
     if kind == T_ACK:
         _check_keys(d, 4)
         ranges = _pairs(d, 3, "ranges", MAX_ACK_RANGES)
@@ -390,8 +405,13 @@ def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tu
     _fail("unknown message type %d" % kind, "unknown_type")
 
 
-def _decode_samples(d: "dict[object, object]", decode: bool = True) -> SampleFrame:
-    _check_keys(d, 14, (10,))
+def _decode_samples(d: "dict[object, object]", decode: bool = True,
+                    opener: "cipher.SampleCipher | None" = None) -> SampleFrame:
+    _check_keys(d, 15, (10,))
+    if d.get(14) != cipher.ALG_A256CTR:
+        _fail("field cipher (key 14) must be %d (A256CTR)" % cipher.ALG_A256CTR, "cipher")
+    if decode and opener is None:
+        raise LocalProtocolError("sample frames are encrypted: decoding samples needs the device's cipher", "cipher")
     stream = _uint(d, 4, "stream")
     nch = STREAM_CHANNELS.get(stream)
     if nch is None:
@@ -415,16 +435,24 @@ def _decode_samples(d: "dict[object, object]", decode: bool = True) -> SampleFra
     if not isinstance(data, list) or len(data) != nch:
         _fail("field samples (key 13) must hold %d byte strings for stream %d" % (nch, stream))
     channels: "list[list[int]]" = []
+    # 32 bits each: the counter block of the sample cipher holds them.
+    epoch, seq = _uint(d, 2, "epoch", 0xFFFFFFFF), _uint(d, 3, "seq", 0xFFFFFFFF)
+    offset = 0
     for ch in data:
         if not isinstance(ch, bytes):
             _fail("field samples (key 13) must hold byte strings")
+        if not count <= len(ch) <= count * samples.WORST_BYTES_PER_SAMPLE:
+            _fail("field samples (key 13): %d bytes cannot hold %d samples" % (len(ch), count), "sample_count")
+        if opener is not None:
+            clear = bytearray(ch)
+            opener.apply(clear, 0, len(clear), epoch, seq, offset)
+            offset += len(clear)
+            ch = bytes(clear)
         if decode:
             channels.append(samples.decode(ch, count))
-        elif not count <= len(ch) <= count * samples.WORST_BYTES_PER_SAMPLE:
-            _fail("field samples (key 13): %d bytes cannot hold %d samples" % (len(ch), count), "sample_count")
         else:
             channels.append(ch)  # type: ignore[arg-type]
-    return SampleFrame(_uint(d, 2, "epoch"), _uint(d, 3, "seq"), stream, _uint(d, 5, "t0_ms"),
+    return SampleFrame(epoch, seq, stream, _uint(d, 5, "t0_ms"),
                        _uint(d, 6, "first_index"), rate, count, (scale[0], scale[1]),
                        None if drive is None else (drive[0], drive[1], drive[2], drive[3]),
                        (status[0], status[1], status[2], status[3]), channels)

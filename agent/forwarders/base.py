@@ -13,11 +13,13 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
+import cbor2
+
 from agent import fastdecode
 from agent.config import BackendConfig
 from agent.store import KIND_ALERT, KIND_GAP, KIND_VITAL, Row, Store, check_private
 from protocols import cose, messages
-from protocols.errors import ProtocolError
+from protocols.errors import ProtocolError, RemoteProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +74,11 @@ def document(row: Row, hub_id: str) -> dict[str, Any]:
         doc = dict(row.info or {})
         doc.update(idempotency_key=idempotency_key(row), hub_id=hub_id, received_at=received)
         return doc
-    assert row.raw is not None
+    if row.raw is None or row.plain is None:
+        raise RemoteProtocolError("stored frame %s has no samples to forward" % idempotency_key(row), "missing")
     m = messages.decode_payload(cose.parse(row.raw).payload, messages.UPLINK_TYPES, decode_samples=False)
     assert isinstance(m, messages.SampleFrame)
-    channels = [fastdecode.decode(bytes(ch), m.count) for ch in m.channels]
+    channels = [fastdecode.decode(bytes(ch), m.count) for ch in cbor2.loads(row.plain)]
     flags = m.status[0]
     if row.t0_utc_ms is not None:
         t0_utc, source = row.t0_utc_ms / 1000.0, "board-clock"

@@ -5,11 +5,18 @@
 #     most MTU-3 bytes (protocols.link.Fragmenter);
 #   control characteristic (write): downlink messages as "~" base64 lines,
 #     which stay whole however the central splits its writes.
+# Standard services beside it, so off-the-shelf apps can read a board:
+# Device Information (0x180A), Battery (0x180F), Pulse Oximeter (0x1822,
+# PLX Continuous Measurement) and Heart Rate (0x180D). Their measurements
+# are health data: they are notified only on an encrypted link (an app
+# paired with LE Secure Connections), never in clear, and are not readable.
+# The hub's own link needs no pairing: the protocol encrypts its samples.
 # The IRQ handler only records what happened; service(), called from the
 # app's loop, does the work. Notifications are paced: when the stack is out
 # of buffers (ENOMEM) the link backs off and retries the same fragment.
 import binascii
 import errno
+import struct
 
 from micropython import const
 
@@ -19,6 +26,8 @@ _IRQ_CENTRAL_CONNECT = const(1)
 _IRQ_CENTRAL_DISCONNECT = const(2)
 _IRQ_GATTS_WRITE = const(3)
 _IRQ_MTU_EXCHANGED = const(21)
+_IRQ_ENCRYPTION_UPDATE = const(28)
+_IO_NO_INPUT_OUTPUT = const(3)
 
 _FLAG_READ = const(0x0002)
 _FLAG_WRITE_NO_RESPONSE = const(0x0004)
@@ -36,6 +45,24 @@ _CONTROL_BUFFER = const(512)
 _FRAGMENTS_PER_SERVICE = const(8)  # notifications tried per loop
 _BACKOFF_MAX = const(32)  # loops skipped at most after repeated ENOMEM
 _PREFERRED_MTU = const(517)
+_STD_EVERY_MS = const(1000)  # standard measurements notified once a second
+_SFLOAT_NAN = const(0x07FF)
+_SFLOAT_TENTHS = const(0xF000)  # exponent -1
+
+_UUID_DIS = const(0x180A)
+_UUID_BATTERY = const(0x180F)
+_UUID_PLX = const(0x1822)
+_UUID_HRS = const(0x180D)
+
+
+def _sfloat(x10):
+    # IEEE 11073 16-bit SFLOAT of a value in tenths: 12-bit mantissa, 4-bit
+    # exponent; 0 means "no value" (NaN).
+    if not x10:
+        return _SFLOAT_NAN
+    if x10 <= 2047:
+        return _SFLOAT_TENTHS | x10
+    return (x10 + 5) // 10  # exponent 0: whole units
 
 
 def _uuid128_le(text):
@@ -48,10 +75,12 @@ def _uuid128_le(text):
 
 
 def _adv_payload(uuid_bytes, name):
-    # Flags (LE general discoverable, BR/EDR not supported) + 128-bit service
-    # UUID; the name goes in the scan response (the advert holds 31 bytes).
+    # Flags (LE general discoverable, BR/EDR not supported), the 128-bit
+    # service UUID and the 16-bit PLX and HRS ones (27 of the 31 bytes); the
+    # name goes in the scan response.
     adv = bytearray(b"\x02\x01\x06")
     adv += bytes((len(uuid_bytes) + 1, 0x07)) + uuid_bytes
+    adv += b"\x05\x03" + struct.pack("<HH", _UUID_PLX, _UUID_HRS)
     resp = bytes((len(name) + 1, 0x09)) + name
     return bytes(adv), resp
 
@@ -59,19 +88,41 @@ def _adv_payload(uuid_bytes, name):
 class BleLink:
     name = "ble"
 
-    def __init__(self, bluetooth, device_id, max_message):
+    def __init__(self, bluetooth, device_id, max_message, firmware="", model=""):
         self._bt = bluetooth
         ble = bluetooth.BLE()
         self._ble = ble
         ble.active(True)
         ble.config(gap_name=device_id, mtu=_PREFERRED_MTU)
+        # Pairing for apps: LE Secure Connections, bonded, "just works" (a
+        # board has no display nor keys).
+        ble.config(bond=True, le_secure=True, mitm=False, io=_IO_NO_INPUT_OUTPUT)
         ble.irq(self._irq)
-        service = (bluetooth.UUID(SERVICE_UUID), (
-            (bluetooth.UUID(DATA_UUID), _FLAG_READ | _FLAG_NOTIFY),
-            (bluetooth.UUID(CONTROL_UUID), _FLAG_WRITE | _FLAG_WRITE_NO_RESPONSE),
+        u = bluetooth.UUID
+        service = (u(SERVICE_UUID), (
+            (u(DATA_UUID), _FLAG_READ | _FLAG_NOTIFY),
+            (u(CONTROL_UUID), _FLAG_WRITE | _FLAG_WRITE_NO_RESPONSE),
         ))
-        ((self._h_data, self._h_ctrl),) = ble.gatts_register_services((service,))
+        dis = (u(_UUID_DIS), ((u(0x2A29), _FLAG_READ), (u(0x2A24), _FLAG_READ), (u(0x2A25), _FLAG_READ),
+                              (u(0x2A26), _FLAG_READ)))
+        battery = (u(_UUID_BATTERY), ((u(0x2A19), _FLAG_READ | _FLAG_NOTIFY),))
+        plx = (u(_UUID_PLX), ((u(0x2A5F), _FLAG_NOTIFY), (u(0x2A60), _FLAG_READ)))
+        hrs = (u(_UUID_HRS), ((u(0x2A37), _FLAG_NOTIFY), (u(0x2A38), _FLAG_READ)))
+        ((self._h_data, self._h_ctrl), h_dis, (self._h_battery,), (self._h_plx, h_plx_features),
+         (self._h_hr, h_hr_location)) = ble.gatts_register_services((service, dis, battery, plx, hrs))
         ble.gatts_set_buffer(self._h_ctrl, _CONTROL_BUFFER, True)
+        for h, value in zip(h_dis, (b"pulsebridge", model.encode(), device_id.encode(), firmware.encode())):
+            ble.gatts_write(h, value)
+        ble.gatts_write(h_plx_features, b"\x00\x00")  # no optional PLX features
+        ble.gatts_write(h_hr_location, b"\x01")  # chest
+        self._std = bytearray(5)
+        self._std_due = 0
+        self.encrypted = False
+        self.hr_x10 = 0
+        self.spo2_x10 = 0
+        self.pr_x10 = 0
+        self.battery_pct = -1
+        self.std_sent = 0
         self._adv = _adv_payload(_uuid128_le(SERVICE_UUID), device_id.encode())
         self._tx = bytearray(max_message)
         self._frag = link.Fragmenter(link.MIN_MTU)
@@ -101,6 +152,8 @@ class BleLink:
             self._irq_mtu = data[1]
         elif event == _IRQ_GATTS_WRITE:
             self._irq_write = True
+        elif event == _IRQ_ENCRYPTION_UPDATE:
+            self.encrypted = bool(data[1])
 
     def _advertise(self):
         self._ble.gap_advertise(_ADV_INTERVAL_US, adv_data=self._adv[0], resp_data=self._adv[1])
@@ -113,6 +166,7 @@ class BleLink:
             self._irq_gone = False
             self._conn = -1
             self.connected = False
+            self.encrypted = False
             self._frag_len = 0
             self._frag.abort()  # the app resends whole messages after a reconnect
             self._advertise()
@@ -132,6 +186,31 @@ class BleLink:
         if self.connected:
             self._pump()
         return fresh
+
+    def set_vitals(self, now_ms, hr_x10, spo2_x10, pr_x10, battery_pct):
+        # The board's latest figures (0: none), for the standard services.
+        self.hr_x10 = hr_x10
+        self.spo2_x10 = spo2_x10
+        self.pr_x10 = pr_x10
+        if battery_pct != self.battery_pct:
+            self.battery_pct = battery_pct
+            self._ble.gatts_write(self._h_battery, bytes((battery_pct,)))
+        if not (self.connected and self.encrypted) or now_ms < self._std_due or self._frag_len:
+            return
+        self._std_due = now_ms + _STD_EVERY_MS
+        s = self._std
+        try:
+            if hr_x10:
+                s[0] = 0  # flags: heart rate as uint8
+                s[1] = min(255, (hr_x10 + 5) // 10)
+                self._ble.gatts_notify(self._conn, self._h_hr, memoryview(s)[:2])
+                self.std_sent += 1
+            if spo2_x10:
+                struct.pack_into("<BHH", s, 0, 0, _sfloat(spo2_x10), _sfloat(pr_x10))
+                self._ble.gatts_notify(self._conn, self._h_plx, s)
+                self.std_sent += 1
+        except OSError:
+            pass  # out of buffers: the next second's values will do
 
     def _pump(self):
         if self._skip:

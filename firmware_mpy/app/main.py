@@ -10,7 +10,7 @@ from micropython import const
 from app import config
 from app.outbox import Outbox
 from app.sampler import Stream
-from protocols import cbor, cose, messages
+from protocols import cbor, cipher, cose, messages
 from protocols.errors import ProtocolError
 
 FIRMWARE = "pulsebridge-fw 0.1.0"
@@ -30,6 +30,7 @@ class App:
         kid = cfg["device_id"].encode()
         self.up = cose.MacKey(key, kid, cose.AAD_UPLINK)
         self.down = cose.MacKey(key, kid, cose.AAD_DOWNLINK)
+        self.sealer = cipher.SampleCipher(key)  # samples are encrypted, then MACed
         self.seq = 0
         self.last_command = -1
         self.running = True
@@ -46,10 +47,22 @@ class App:
         self.payload = bytearray(biggest)
         self.payload_mv = memoryview(self.payload)
         self.scratch = bytearray(max(s.window for s in self.streams) * _WORST_BYTES_PER_SAMPLE + 8)
+        gc.collect()  # the outbox is the one big block: make room for it in one piece
         self.outbox = Outbox(max(cfg["outbox_bytes"], 2 * biggest), cfg["outbox_frames"])
         self.small = bytearray(_SMALL)
         self.small_sealed = bytearray(_SMALL + 96)
         self.link = board.link(cfg, biggest)
+        # The board's own rough vitals, for the standard BLE services only.
+        self.hr = None
+        self.ox = None
+        if hasattr(self.link, "set_vitals"):  # BLE only: a serial board never loads them
+            from app.vitals_lite import HeartRate, PulseOx
+
+            for st in self.streams:
+                if st.stream_id == messages.STREAM_PPG_MAX30102:
+                    self.ox = PulseOx(st.rate_hz)
+                else:
+                    self.hr = HeartRate(st.rate_hz)
         self.frames_built = 0
         self.downlink_rejected = 0
         self.next_status_ms = now + cfg["status_every_ms"]
@@ -91,10 +104,21 @@ class App:
         w = cbor.Writer(self.payload)
         messages.encode_sample_frame(w, self.scratch, self.epoch, seq, st.stream_id, st.t0_ms(), st.first_index,
                                      st.rate_hz, count, num, den, drive, flags, st.pending_lost,
-                                     self.outbox.dropped, jitter, st.chans)
+                                     self.outbox.dropped, jitter, st.chans, self.sealer)
         sw = cbor.Writer(region)
         self.up.seal_into(sw, self.payload_mv[:w.pos])
         self.outbox.commit(seq, sw.pos)
+        if st.stream_id == messages.STREAM_PPG_MAX30102:
+            if self.ox is not None:
+                if flags & messages.FLAG_LEAD_OFF or st.pending_lost:
+                    self.ox.reset()
+                else:
+                    self.ox.feed(st.chans[0], st.chans[1], count)
+        elif self.hr is not None:
+            if flags & messages.FLAG_LEAD_OFF or st.pending_lost:
+                self.hr.reset()
+            else:
+                self.hr.feed(st.chans[0], count)
         st.advance(count)
         self.frames_built += 1
 
@@ -144,6 +168,10 @@ class App:
             if data is None:
                 break
             self.on_downlink(data)
+        if self.hr is not None or self.ox is not None:
+            hr, ox = self.hr, self.ox
+            self.link.set_vitals(now, hr.bpm_x10 if hr else 0, ox.spo2_x10 if ox else 0, ox.pr_x10 if ox else 0,
+                                 self.board.battery_pct(self.cfg))
         if now >= self.next_status_ms:
             self.next_status_ms = now + self.cfg["status_every_ms"]
             if self.link.connected:

@@ -98,11 +98,15 @@ class SimBoard:
             return self.link_override
         if cfg["link"] == "ble":
             from app.link_ble import BleLink
+            from app.main import FIRMWARE
             from sim import fake_bluetooth
             self.radio = fake_bluetooth.radio_from(self.sim.get("ble", {}), self.clock)
-            return BleLink(fake_bluetooth, cfg["device_id"], max_message)
+            return BleLink(fake_bluetooth, cfg["device_id"], max_message, FIRMWARE, "pulsebridge simulated board")
         from app.link_serial import SerialLink
         return SerialLink(sys.stdin.buffer, sys.stdout.buffer, max_message)
 
     def free_heap(self):
         return gc.mem_free()
+
+    def battery_pct(self, cfg):
+        return self.sim.get("battery_pct", 100)

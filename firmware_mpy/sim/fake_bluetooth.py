@@ -32,6 +32,7 @@ _IRQ_CENTRAL_CONNECT = const(1)
 _IRQ_CENTRAL_DISCONNECT = const(2)
 _IRQ_GATTS_WRITE = const(3)
 _IRQ_MTU_EXCHANGED = const(21)
+_IRQ_ENCRYPTION_UPDATE = const(28)
 _MAX_ADV = const(31)
 
 
@@ -82,7 +83,7 @@ class Radio:
             self._deliver(handle, data)
 
     def _deliver(self, handle, data):
-        if handle != self.ble.data_handle:
+        if handle != self._ble().data_handle:
             self.other.append((handle, data))
         elif self.on_notify is not None:
             self.on_notify(data)
@@ -96,7 +97,7 @@ class Radio:
             raise OSError(errno.ENODEV)
         return ble
 
-    def connect(self, mtu=23):
+    def connect(self, mtu=23, encrypted=False):
         ble = self._ble()
         if self.advertising is None:
             raise OSError(errno.ENOTCONN)
@@ -108,6 +109,8 @@ class Radio:
         if mtu != 23:
             self.mtu = mtu
             ble._event(_IRQ_MTU_EXCHANGED, (self.conn_handle, mtu))
+        if encrypted:  # an app that paired (LE Secure Connections): the link is encrypted
+            ble._event(_IRQ_ENCRYPTION_UPDATE, (self.conn_handle, True, False, True, 16))
 
     def disconnect(self):
         if not self.connected:
@@ -140,6 +143,7 @@ class Radio:
 # board. Air to board: C central connected (conn handle), M MTU exchanged,
 # W write (handle, data), Q read (handle), X central gone.
 _AIR_MAX = const(1024)
+_AF_UNIX = const(1)  # the unix port's socket.AF_UNIX (Linux); the ESP32 stubs do not know it
 _RETRY_MS = const(1000)
 
 
@@ -160,9 +164,9 @@ class AirRadio(Radio):
         if now < self._retry_at:
             return False
         self._retry_at = now + _RETRY_MS
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s = socket.socket(_AF_UNIX, socket.SOCK_STREAM)
         try:
-            s.connect(struct.pack("H", socket.AF_UNIX) + self.path.encode() + b"\0")
+            s.connect(struct.pack("H", _AF_UNIX) + self.path.encode() + b"\0")
         except OSError:
             s.close()
             return False
@@ -207,16 +211,19 @@ class AirRadio(Radio):
     def service(self):
         if self.sock is None and not self._open():
             return
+        sock = self.sock
+        if sock is None:
+            return
         try:
             while self._poll.poll(0):
-                chunk = self.sock.recv(_AIR_MAX)
+                chunk = sock.recv(_AIR_MAX)
                 if not chunk:
                     raise OSError(errno.ECONNRESET)
                 self._rx += chunk
             self._handle_rx()
             super().service()  # notifications leave the stack at the air's pace
             while self._tx:
-                n = self.sock.send(self._tx)
+                n = sock.send(self._tx)
                 self._tx = self._tx[n:]
         except OSError as e:
             if e.args and e.args[0] == errno.EAGAIN:
@@ -269,10 +276,7 @@ def use_radio(radio):
 
 def radio_from(cfg, clock):
     args = (cfg.get("buffers", 4), cfg.get("interval_ms", 15), cfg.get("packets_per_interval", 4))
-    if cfg.get("air"):
-        r = AirRadio(clock, cfg["air"], cfg["address"], *args)
-    else:
-        r = Radio(clock, *args)
+    r = AirRadio(clock, cfg["air"], cfg["address"], *args) if cfg.get("air") else Radio(clock, *args)
     use_radio(r)
     return r
 

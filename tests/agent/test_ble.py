@@ -32,7 +32,8 @@ from agent.sim.runner import SimulatedBoard
 from agent.supervisor import Agent
 from agent.transports import softradio
 from agent.transports.ble import SERVICE_UUID
-from protocols import cose, link, messages
+from protocols import cipher, cose, link, messages
+from protocols.errors import RemoteProtocolError
 from tests.agent.harness import ThreadedBackend, pki_for
 
 
@@ -290,3 +291,79 @@ def test_mtu_is_negotiated_down_to_what_the_air_allows(micropython: str, tmp_pat
     assert sizes and max(sizes) <= mtu - 3
     # A frame of about 650 bytes takes 1 + 650 // (MTU - 4) fragments or so: the MTU is used, not just 23.
     assert max(sizes) == mtu - 3 if mtu < 517 else max(sizes) > 185
+
+
+def _entropy_bits(data: bytes) -> float:
+    import math
+    from collections import Counter
+
+    n = len(data)
+    return -sum(c / n * math.log2(c / n) for c in Counter(data).values())
+
+
+def test_a_sniffer_capture_holds_no_readable_sample(micropython: str, tmp_path: Path) -> None:
+    capture = tmp_path / "air.jsonl"
+    air = Air(tmp_path / "air", capture=capture)
+    air.start()
+    spec = boards.BoardSpec("pb-sniff", link="ble", air=str(air.board_path))
+    sim = SimulatedBoard(spec, tmp_path / "b", tmp_path / "cache", micropython)
+    sim.start()
+    try:
+        async def listen() -> None:
+            from bleak import BleakScanner
+
+            from agent.transports.ble import BleTransport
+            from protocols import hub
+
+            client_cls, scanner_cls = softradio.backends(str(air.central_path))
+            dev = await BleakScanner.find_device_by_name("pb-sniff", timeout=10, backend=scanner_cls)
+            assert dev is not None
+            t = BleTransport(dev, backend=client_cls)
+            await t.open()
+            h = hub.Hub()
+            h.add_device(spec.device_id, spec.key)
+            frames = 0
+            try:
+                while frames < 8:
+                    r = h.receive(await asyncio.wait_for(t.receive(), 10))
+                    if isinstance(r.message, messages.SampleFrame):
+                        frames += 1
+                        for a in h.ack(spec.device_id, r.message.epoch, [r.message.seq]):
+                            await t.send(a)
+            finally:
+                await t.close()
+
+        asyncio.run(listen())
+    finally:
+        sim.stop()
+        air.stop()
+    records = capture_records(capture)
+    on_air = b"".join(bytes.fromhex(r["data"]) for r in records)
+    opener = cipher.SampleCipher(spec.key)
+    sealed_bytes = bytearray()
+    clear_bytes = bytearray()
+    frames = 0
+    for raw in uplink_over_air(records, boards.ble_address(spec.device_id)):
+        payload = cose.parse(raw).payload
+        try:
+            sealed = messages.decode_payload(payload, messages.UPLINK_TYPES, decode_samples=False)
+        except RemoteProtocolError:
+            continue
+        if not isinstance(sealed, messages.SampleFrame):
+            continue
+        frames += 1
+        clear = messages.decode_payload(payload, messages.UPLINK_TYPES, decode_samples=False, opener=opener)
+        assert isinstance(clear, messages.SampleFrame)
+        for enc, dec in zip(sealed.channels, clear.channels):
+            enc_b, dec_b = bytes(enc), bytes(dec)  # type: ignore[call-overload]
+            assert enc_b != dec_b
+            sealed_bytes += enc_b
+            clear_bytes += dec_b
+            # No run of 8 plaintext sample bytes is anywhere in what the sniffer heard.
+            for i in range(0, len(dec_b) - 8, 8):
+                assert dec_b[i:i + 8] not in on_air
+        # With the key, the samples are the board's real signal (not noise passing for one).
+        assert len(messages.decode_payload(payload, messages.UPLINK_TYPES, opener=opener).channels[0]) == clear.count
+    assert frames >= 8
+    # Ciphertext looks like noise; the delta-varint plaintext does not.
+    assert _entropy_bits(bytes(sealed_bytes)) > 7.8 > 7.0 > _entropy_bits(bytes(clear_bytes))

@@ -14,7 +14,7 @@ import pytest
 from agent import config as agent_config
 from agent.store import Store
 from agent.supervisor import Agent
-from protocols import cose, link, messages
+from protocols import cipher, cose, link, messages
 from tests.agent import harness
 
 
@@ -50,7 +50,8 @@ def test_outage_cut_reboot_and_injected_frames(micropython: str, tmp_path: Path)
             b2.inject(os.urandom(300) + b"\x00" + os.urandom(50))  # line noise
             forged = cose.MacKey(bytes(32), b2.device_id.encode(), cose.AAD_UPLINK)
             fake = messages.SampleFrame(1, 10**6, 1, 0, 0, 512, 1, (1, 1), None, (0, 0, 0, 0), [[0]])
-            b2.inject(link.StreamFramer().frame(forged.seal(messages.encoded(fake))))
+            sealed = forged.seal(messages.encoded(fake, sealer=cipher.SampleCipher(bytes(32))))
+            b2.inject(link.StreamFramer().frame(sealed))
             b2.inject(link.StreamFramer().frame(old_epoch_frames[-1]))  # replayed, same boot: a duplicate
             await asyncio.to_thread(b2.stop)  # the board reboots: new boot epoch
             await asyncio.to_thread(b2.start)

@@ -3,10 +3,12 @@
 import asyncio
 from pathlib import Path
 
+import cbor2
+
 from agent.config import BackendConfig
 from agent.forwarders.base import DeliveryError, Forwarder, document
 from agent.store import Ingest, Row, Store
-from protocols import cose, messages
+from protocols import cipher, cose, messages
 
 
 class RecordingBackend(Forwarder):
@@ -28,14 +30,18 @@ def test_retries_then_skips_an_undecodable_frame(tmp_path: Path) -> None:
     key = bytes(range(32))
     up = cose.MacKey(key, b"pb-f1", cose.AAD_UPLINK)
     good = [up.seal(messages.encoded(messages.SampleFrame(1, s, 1, s, s * 4, 512, 4, (1, 1), None, (0, 0, 0, 0),
-                                                          [[1, 2, 3, 4]]))) for s in range(3)]
+                                                          [[1, 2, 3, 4]]), sealer=cipher.SampleCipher(key)))
+            for s in range(3)]
+    opener = cipher.SampleCipher(key)
+    plain = [cbor2.dumps(messages.decode_payload(cose.parse(g).payload, messages.UPLINK_TYPES, decode_samples=False,
+                                                 opener=opener).channels) for g in good]
     store = Store(tmp_path / "store.db", ["rec"])
     store.start()
 
     async def scenario() -> RecordingBackend:
-        await store.ingest(Ingest("pb-f1", 1, 0, 1, good[0], (1, 0, 1)))
-        await store.ingest(Ingest("pb-f1", 1, 1, 1, b"\xd1\x84not a frame", (1, 1, 3)))
-        await store.ingest(Ingest("pb-f1", 1, 2, 1, good[2], (1, 2, 7)))
+        await store.ingest(Ingest("pb-f1", 1, 0, 1, good[0], (1, 0, 1), plain=plain[0]))
+        await store.ingest(Ingest("pb-f1", 1, 1, 1, b"\xd1\x84not a frame", (1, 1, 3), plain=plain[1]))
+        await store.ingest(Ingest("pb-f1", 1, 2, 1, good[2], (1, 2, 7), plain=plain[2]))
         fw = RecordingBackend(BackendConfig(name="rec", type="webhook", url="https://x", batch=10, linger_s=0),
                               store, "hub", asyncio.Event())
         fw.backoff.base_s = 0.01

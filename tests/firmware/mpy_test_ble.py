@@ -146,3 +146,67 @@ def test_forged_control_write_is_ignored():
     app.step()
     assert app.downlink_rejected == 1
     assert app.outbox.depth() >= depth  # nothing freed
+
+
+def _handle(radio, uuid):
+    for _svc, chars in radio.services:
+        for cuuid, _flags, h in chars:
+            if cuuid == uuid:
+                return h
+    raise AssertionError("no characteristic %r" % (uuid,))
+
+
+def _sfloat(raw):
+    m = raw & 0x0FFF
+    e = raw >> 12
+    if e >= 8:
+        e -= 16
+    return m * 10 ** e
+
+
+def test_standard_services_are_registered_and_filled():
+    board, app, central = _setup()
+    app.start()
+    r = board.radio
+    uuids = [svc for svc, _ in r.services]
+    assert uuids[1:] == [0x180A, 0x180F, 0x1822, 0x180D], uuids
+    assert r.read(_handle(r, 0x2A29)) == b"pulsebridge"
+    assert r.read(_handle(r, 0x2A25)) == b"pb-test01"
+    assert r.read(_handle(r, 0x2A26)) == main.FIRMWARE.encode()
+    assert r.read(_handle(r, 0x2A38)) == b"\x01"  # chest
+    adv, _ = r.advertising
+    assert b"\x05\x03\x22\x18\x0d\x18" in adv  # 16-bit PLX and HRS UUIDs
+    central.connect(247)
+    _run(board, app, 2000)
+    assert 0 < r.read(_handle(r, 0x2A19))[0] <= 100  # battery level
+    # The measurements have no read property: only notifications carry them.
+    for uuid in (0x2A37, 0x2A5F):
+        flags = [f for _s, chars in r.services for c, f, _h in chars if c == uuid][0]
+        assert not flags & 0x02, uuid
+
+
+def test_vitals_are_notified_only_on_an_encrypted_link():
+    board, app, central = _setup()
+    app.start()
+    r = board.radio
+    h_hr, h_plx = _handle(r, 0x2A37), _handle(r, 0x2A5F)
+    central.connect(247)  # the hub: no pairing, samples encrypted by the protocol
+    _run(board, app, 12000)
+    assert app.link.hr_x10 > 0 and app.link.spo2_x10 > 0  # estimated all the same
+    assert not [h for h, _ in r.other if h in (h_hr, h_plx)]
+    r.disconnect()
+    _run(board, app, 12500)
+    central.reasm.reset()
+    r.connect(247, encrypted=True)  # an app that paired
+    _run(board, app, 24000)
+    hrs = [d[1] for h, d in r.other if h == h_hr]
+    plx = [d for h, d in r.other if h == h_plx]
+    assert len(hrs) >= 8 and len(plx) >= 8, (len(hrs), len(plx))
+    # MIT-BIH record 100 beats 70 to 85 times a minute; the simulated finger reads 97 %.
+    hrs.sort()
+    assert 70 <= hrs[len(hrs) // 2] <= 85 and 60 <= hrs[0] and hrs[-1] <= 100, hrs
+    spo2 = _sfloat(plx[-1][1] | plx[-1][2] << 8)
+    pr = _sfloat(plx[-1][3] | plx[-1][4] << 8)
+    print("board vitals: HR", hrs[-3:], "SpO2 %.1f PR %.1f" % (spo2, pr))
+    assert 94 <= spo2 <= 100, spo2
+    assert 110 <= pr <= 145, pr  # record a103l's patient: 127 a minute (FFT of the record)

@@ -22,7 +22,7 @@ def frames(draw: st.DrawFn) -> messages.SampleFrame:
     u32 = st.integers(0, 2**32 - 1)
     drive = draw(st.tuples(u32, u32, u32, u32)) if stream == messages.STREAM_PPG_MAX30102 else None
     return messages.SampleFrame(
-        epoch=draw(st.integers(0, 2**64 - 1)), seq=draw(st.integers(0, 2**64 - 1)), stream=stream,
+        epoch=draw(st.integers(0, 2**32 - 1)), seq=draw(st.integers(0, 2**32 - 1)), stream=stream,
         t0_ms=draw(st.integers(0, 2**64 - 1)), first_index=draw(st.integers(0, 2**64 - 1)),
         rate_hz=draw(st.integers(1, 100000)), count=count,
         scale=(draw(u32), draw(st.integers(1, 2**32 - 1))), ppg_drive=drive,

@@ -4,9 +4,9 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocols import cbor, cose, link, messages
+from protocols import cbor, cipher, cose, link, messages
 from protocols.errors import RemoteProtocolError
-from tests.shared.test_vectors import ACK, FRAME, FRAME_PAYLOAD
+from tests.shared.test_vectors import ACK, FRAME, FRAME_PAYLOAD, KEY
 
 
 def mutated(seed: bytes) -> st.SearchStrategy[bytes]:
@@ -33,7 +33,9 @@ inputs = st.one_of(st.binary(max_size=600), mutated(FRAME), mutated(ACK), mutate
 @settings(max_examples=800)
 @given(inputs)
 def test_payload_and_cose_decoders_raise_only_protocol_errors(data: bytes) -> None:
-    for fn in (cose.parse, messages.decode_payload, cbor.decode):
+    opener = cipher.SampleCipher(KEY)
+    for fn in (cose.parse, lambda d: messages.decode_payload(d, opener=opener),
+               lambda d: messages.decode_payload(d, decode_samples=False), cbor.decode):
         try:
             fn(data)
         except RemoteProtocolError:

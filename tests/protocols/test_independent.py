@@ -6,10 +6,13 @@ import hmac
 import cbor2
 import pycddl
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocols import cose, messages
+from protocols import cipher, cose, messages, samples
 from tests.protocols import cddl
 from tests.protocols.strategies import frames, keys, kids
 from tests.shared.test_vectors import ACK, FRAME
@@ -42,11 +45,19 @@ def test_cddl_check_can_fail() -> None:
 
 @given(frames(), keys(), kids())
 def test_frames_verify_with_hmac_and_decode_with_cbor2(frame: messages.SampleFrame, key: bytes, kid: bytes) -> None:
-    sealed = cose.MacKey(key, kid, cose.AAD_UPLINK).seal(messages.encoded(frame))
+    sealed = cose.MacKey(key, kid, cose.AAD_UPLINK).seal(messages.encoded(frame, sealer=cipher.SampleCipher(key)))
     payload = independent_verify(sealed, key, cose.AAD_UPLINK)
     m = cbor2.loads(payload)
-    assert (m[0], m[2], m[3], m[4], m[8]) == (1, frame.epoch, frame.seq, frame.stream, frame.count)
+    assert (m[0], m[2], m[3], m[4], m[8], m[14]) == (1, frame.epoch, frame.seq, frame.stream, frame.count, -65532)
     cddl.validate_message(sealed, "up")
+    # The samples decrypt with cryptography's own HKDF-Expand and AES-CTR.
+    enc_key = HKDFExpand(hashes.SHA256(), 32, b"pulsebridge/1 A256CTR samples").derive(key)
+    iv = frame.epoch.to_bytes(4, "big") + frame.seq.to_bytes(4, "big") + bytes(8)
+    clear = Cipher(algorithms.AES(enc_key), modes.CTR(iv)).decryptor().update(b"".join(m[13]))
+    pos = 0
+    for ch, sealed_ch in zip(frame.channels, m[13]):
+        assert samples.decode(clear[pos:pos + len(sealed_ch)], frame.count) == list(ch)
+        pos += len(sealed_ch)
 
 
 @given(st.integers(0, 2**64 - 1), st.lists(st.tuples(st.integers(0, 2**32), st.integers(0, 2**32)), min_size=1,

@@ -3,32 +3,32 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocols import cose, link, messages, replay
+from protocols import cipher, cose, link, messages, replay
 from protocols.errors import RemoteProtocolError
 from tests.protocols.strategies import frames, keys, kids
 
 
-def open_uplink(data: bytes, key: cose.MacKey) -> messages.Message:
+def open_uplink(data: bytes, key: cose.MacKey, raw_key: bytes) -> messages.Message:
     msg = cose.parse(data)
     key.verify(msg)
-    return messages.decode_payload(msg.payload, messages.UPLINK_TYPES)
+    return messages.decode_payload(msg.payload, messages.UPLINK_TYPES, opener=cipher.SampleCipher(raw_key))
 
 
 @given(frames(), keys(), kids())
 def test_round_trip(frame: messages.SampleFrame, key: bytes, kid: bytes) -> None:
     k = cose.MacKey(key, kid, cose.AAD_UPLINK)
-    assert open_uplink(k.seal(messages.encoded(frame)), k) == frame
+    assert open_uplink(k.seal(messages.encoded(frame, sealer=cipher.SampleCipher(key))), k, key) == frame
 
 
 @given(frames(), keys(), kids(), st.data())
 def test_single_bit_flip_anywhere_is_rejected(frame: messages.SampleFrame, key: bytes, kid: bytes,
                                               data: st.DataObject) -> None:
     k = cose.MacKey(key, kid, cose.AAD_UPLINK)
-    wire = bytearray(k.seal(messages.encoded(frame)))
+    wire = bytearray(k.seal(messages.encoded(frame, sealer=cipher.SampleCipher(key))))
     bit = data.draw(st.integers(0, 8 * len(wire) - 1))
     wire[bit // 8] ^= 1 << (bit % 8)
     try:
-        open_uplink(bytes(wire), k)
+        open_uplink(bytes(wire), k, key)
     except RemoteProtocolError:
         return
     raise AssertionError("flipped bit %d accepted" % bit)
@@ -38,10 +38,10 @@ def test_single_bit_flip_anywhere_is_rejected(frame: messages.SampleFrame, key: 
 def test_truncation_is_rejected_cleanly(frame: messages.SampleFrame, key: bytes, kid: bytes,
                                         data: st.DataObject) -> None:
     k = cose.MacKey(key, kid, cose.AAD_UPLINK)
-    wire = k.seal(messages.encoded(frame))
+    wire = k.seal(messages.encoded(frame, sealer=cipher.SampleCipher(key)))
     cut = data.draw(st.integers(0, len(wire) - 1))
     try:
-        open_uplink(wire[:cut], k)
+        open_uplink(wire[:cut], k, key)
     except RemoteProtocolError:
         return
     raise AssertionError("truncated at %d accepted" % cut)
@@ -50,13 +50,13 @@ def test_truncation_is_rejected_cleanly(frame: messages.SampleFrame, key: bytes,
 @given(frames(), keys(), kids())
 def test_replayed_frame_with_good_mac_is_flagged(frame: messages.SampleFrame, key: bytes, kid: bytes) -> None:
     k = cose.MacKey(key, kid, cose.AAD_UPLINK)
-    wire = k.seal(messages.encoded(frame))
+    wire = k.seal(messages.encoded(frame, sealer=cipher.SampleCipher(key)))
     window = replay.ReplayWindow()
-    f = open_uplink(wire, k)
+    f = open_uplink(wire, k, key)
     assert isinstance(f, messages.SampleFrame)
     assert window.check(f.epoch, f.seq) == replay.FRESH
     window.commit(f.epoch, f.seq)
-    again = open_uplink(wire, k)  # the MAC is still good: only the window can tell
+    again = open_uplink(wire, k, key)  # the MAC is still good: only the window can tell
     assert isinstance(again, messages.SampleFrame)
     assert window.check(again.epoch, again.seq) == replay.DUPLICATE
     if f.epoch:

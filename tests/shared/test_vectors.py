@@ -1,8 +1,8 @@
-# Golden vectors: literal bytes, computed once with cbor2 and the standard
-# library's hmac (not with this package), so the wire format is pinned
-# independently of the code under test.
-from protocols import cbor, cose, link, messages, samples
-from protocols.errors import AuthenticationError, RemoteProtocolError
+# Golden vectors: literal bytes, computed once with cbor2, the standard
+# library's hmac and `cryptography`'s HKDF-Expand and AES-CTR (not with this
+# package), so the wire format is pinned independently of the code under test.
+from protocols import cbor, cipher, cose, link, messages, samples
+from protocols.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
 from tests.shared.check import raises, unhex
 
 KEY = bytes(range(32))
@@ -15,14 +15,18 @@ SAMPLES_WIRE = unhex("c801 06 09 cd01 888010")
 
 # An ECG frame: epoch 7, seq 42, stream 1 (MAX30003), t0 123456 ms, first
 # sample 61440, 512 Hz, 5 samples, 1e6/2621440 uV per LSB (gain 20), lead off.
+# Its samples are encrypted: AES-256-CTR under HKDF-Expand(KEY, "pulsebridge/1
+# A256CTR samples"), counter block 00000007 0000002a 00000000 00000000.
+SAMPLE_KEY = unhex("674909dc70cc8378c631e249da14bf08cb198eb3dec6a08076848b494850e59b")
+SAMPLES_SEALED = unhex("10f07344da6e4a9298")
 FRAME_PAYLOAD = unhex(
-    "ad 0001 0101 0207 03182a 0401 051a0001e240 0619f000 07190200 0805"
-    "09821a000f42401a00280000 0b8401000000 0c01 0d8149c8010609cd01888010")
+    "ae 0001 0101 0207 03182a 0401 051a0001e240 0619f000 07190200 0805"
+    "09821a000f42401a00280000 0b8401000000 0c01 0d8149 10f07344da6e4a9298 0e39fffb")
 FRAME = unhex(
     "d184 50a20105044b70622d3061316232633364 a0"
-    "583c" + "ad00010101020703182a0401051a0001e2400619f00007190200080509821a000f42401a00280000"
-    "0b84010000000c010d8149c8010609cd01888010"
-    "5820fc8a3a7b8d8ba510d11f94032b373ed070dbb9d389497e2e32aea4f3aa72911d")
+    "5840" + "ae00010101020703182a0401051a0001e2400619f00007190200080509821a000f42401a00280000"
+    "0b84010000000c010d814910f07344da6e4a92980e39fffb"
+    "5820e6f4b972338e92d73baf9f27ea3e72b77e518ea37b1e4447753796b7c8f855c2")
 
 # An ack: epoch 7, ranges 40..42 and 44..44, hub to board.
 ACK_PAYLOAD = unhex("a4 0002 0101 0207 0382 82 1828 182a 82 182c 182c")
@@ -42,7 +46,8 @@ def test_frame_encoder_matches_vector() -> None:
     w = cbor.Writer(bytearray(512))
     scratch = bytearray(64)
     messages.encode_sample_frame(w, scratch, 7, 42, messages.STREAM_ECG_MAX30003, 123456, 61440, 512, 5,
-                                 1000000, 2621440, None, messages.FLAG_LEAD_OFF, 0, 0, 0, (SAMPLES,))
+                                 1000000, 2621440, None, messages.FLAG_LEAD_OFF, 0, 0, 0, (SAMPLES,),
+                                 cipher.SampleCipher(KEY))
     assert bytes(w.buf[:w.pos]) == FRAME_PAYLOAD
     key = cose.MacKey(KEY, KID, cose.AAD_UPLINK)
     assert key.seal(FRAME_PAYLOAD) == FRAME
@@ -53,12 +58,33 @@ def test_frame_vector_verifies_and_decodes() -> None:
     msg = cose.parse(FRAME)
     assert msg.kid == KID
     key.verify(msg)
-    f = messages.decode_payload(msg.payload, messages.UPLINK_TYPES)
+    f = messages.decode_payload(msg.payload, messages.UPLINK_TYPES, opener=cipher.SampleCipher(KEY))
     assert isinstance(f, messages.SampleFrame)
     assert (f.epoch, f.seq, f.stream, f.t0_ms, f.first_index, f.rate_hz, f.count) == (7, 42, 1, 123456, 61440, 512, 5)
     assert f.scale == (1000000, 2621440)
     assert f.status == (1, 0, 0, 0)
     assert f.channels == [SAMPLES]
+
+
+def test_sample_key_and_keystream_match_vector() -> None:
+    assert cipher.derive_key(KEY) == SAMPLE_KEY
+    buf = bytearray(b"xx" + SAMPLES_WIRE)
+    cipher.SampleCipher(KEY).apply(buf, 2, len(buf), 7, 42)
+    assert bytes(buf[2:]) == SAMPLES_SEALED
+    # A keystream offset picks up where the previous channel left it, across block boundaries.
+    whole = bytearray(40)
+    cipher.SampleCipher(KEY).apply(whole, 0, 40, 7, 42)
+    parts = bytearray(40)
+    c = cipher.SampleCipher(KEY)
+    c.apply(parts, 0, 13, 7, 42)
+    c.apply(parts, 13, 40, 7, 42, 13)
+    assert parts == whole
+
+
+def test_frame_without_the_key_keeps_its_samples_sealed() -> None:
+    f = messages.decode_payload(cose.parse(FRAME).payload, messages.UPLINK_TYPES, decode_samples=False)
+    assert f.channels == [SAMPLES_SEALED]
+    raises(LocalProtocolError, messages.decode_payload, cose.parse(FRAME).payload, messages.UPLINK_TYPES)
 
 
 def test_ack_vector() -> None:

@@ -76,7 +76,7 @@ def test_wrong_port_is_named(tmp_path: Path) -> None:
 
 @pytest.mark.micropython
 def test_key_rotation_leaves_no_window(micropython: str, tmp_path: Path) -> None:
-    from protocols import cose, hub, messages
+    from protocols import cipher, cose, hub, messages
 
     cfg, board = _hub_and_blank_board(tmp_path, micropython)
     try:
@@ -93,7 +93,8 @@ def test_key_rotation_leaves_no_window(micropython: str, tmp_path: Path) -> None
         h.add_device("pb-rot01", dev.key, dev.next_key)
         for i, k in enumerate((old.key, new)):
             f = messages.SampleFrame(1, i, 1, 0, 0, 512, 1, (1, 1), None, (0, 0, 0, 0), [[i]])
-            r = h.receive(cose.MacKey(k, b"pb-rot01", cose.AAD_UPLINK).seal(messages.encoded(f)))
+            payload = messages.encoded(f, sealer=cipher.SampleCipher(k))
+            r = h.receive(cose.MacKey(k, b"pb-rot01", cose.AAD_UPLINK).seal(payload))
             assert r.verdict == hub.ACCEPTED and h.key_in_use("pb-rot01") == i
         reg.abort_rotation("pb-rot01")
         reg.close()

@@ -13,7 +13,7 @@ import serial
 
 from agent.sim import boards
 from agent.sim.runner import SimulatedBoard
-from protocols import cose, hub, link, messages
+from protocols import cipher, cose, hub, link, messages
 from tests.conftest import ROOT
 from tests.protocols import cddl
 
@@ -58,7 +58,8 @@ def test_sim_capture_verifies_with_pycose_and_cddl(micropython: str, pycose_pyth
         for raw in raws:
             msg = cose.parse(raw)
             key.verify(msg)
-            m = messages.decode_payload(msg.payload, messages.UPLINK_TYPES)
+            m = messages.decode_payload(msg.payload, messages.UPLINK_TYPES,
+                                        opener=cipher.SampleCipher(bytes.fromhex(key_hex)))
             if isinstance(m, messages.SampleFrame):
                 assert nxt.get(m.stream, m.first_index) == m.first_index
                 nxt[m.stream] = m.first_index + m.count

@@ -1,0 +1,136 @@
+# Rough vitals on the board, for the standard BLE services (Heart Rate,
+# Pulse Oximeter) that off-the-shelf apps read. The hub's vitals engine
+# (agent/vitals) is the reference: it sees the whole signal, checks its
+# quality and raises the alerts; these are the board's own quick figures.
+# Integer arithmetic on each framed window, no allocation after start.
+import array
+
+from micropython import const
+
+_RR_KEPT = const(4)
+_OX_SECONDS = const(4)
+# SpO2 = A - B * R, the calibration the hub uses for the MAX30102 (x1000).
+_CAL_A_X1000 = const(110000)
+_CAL_B = const(25)
+
+
+class HeartRate:
+    # R waves from the ECG's slope: a beat when the slope passes half the
+    # largest slope of the last seconds, at least 250 ms after the last one.
+    def __init__(self, rate_hz):
+        self.rate = rate_hz
+        self.refractory = rate_hz // 4
+        self.prev = 0
+        self.peak = 0
+        self.since = -1  # samples since the last beat; -1 before the first
+        self.rr = array.array("i", [0] * _RR_KEPT)
+        self.nrr = 0
+        self.bpm_x10 = 0  # 0: no estimate yet
+        self.decay_shift = 8 if rate_hz < 400 else 9  # about 1 s time constant
+
+    def reset(self):
+        self.since = -1
+        self.nrr = 0
+        self.bpm_x10 = 0
+
+    def feed(self, buf, n):
+        rate = self.rate
+        for i in range(n):
+            x = buf[i]
+            d = x - self.prev
+            self.prev = x
+            if d < 0:
+                d = -d
+            self.peak -= self.peak >> self.decay_shift
+            if d > self.peak:
+                self.peak = d
+            if self.since >= 0:
+                self.since += 1
+            if d * 2 > self.peak and self.peak > 0 and (self.since < 0 or self.since > self.refractory):
+                if self.since > 0 and rate * 3 // 10 <= self.since <= rate * 2:
+                    self.rr[self.nrr % _RR_KEPT] = self.since
+                    self.nrr += 1
+                self.since = 0
+        k = self.nrr if self.nrr < _RR_KEPT else _RR_KEPT
+        if k >= 2:
+            total = 0
+            for j in range(k):
+                total += self.rr[j]
+            self.bpm_x10 = 600 * rate * k // total
+
+
+class PulseOx:
+    # Ratio of ratios over 4 s windows of red and IR; pulse rate from the
+    # IR's upward crossings of its mean (the previous window's), with a
+    # hysteresis of a sixteenth of its swing, so a dicrotic notch is no beat.
+    def __init__(self, rate_hz):
+        self.rate = rate_hz
+        self.want = rate_hz * _OX_SECONDS
+        self.spo2_x10 = 0  # 0: no estimate yet
+        self.pr_x10 = 0
+        self._clear()
+        self.ref = 0  # the previous window's IR mean
+        self.hyst = 0
+        self.above = False
+
+    def _clear(self):
+        self.n = 0
+        self.sum_r = 0
+        self.sum_ir = 0
+        self.min_r = self.min_ir = 1 << 30
+        self.max_r = self.max_ir = -(1 << 30)
+        self.crossings = 0
+        self.first_cross = -1
+        self.last_cross = -1
+
+    def reset(self):
+        self._clear()
+        self.ref = 0
+        self.spo2_x10 = 0
+        self.pr_x10 = 0
+
+    def feed(self, red, ir, n):
+        for i in range(n):
+            r = red[i]
+            x = ir[i]
+            self.sum_r += r
+            self.sum_ir += x
+            if r < self.min_r:
+                self.min_r = r
+            if r > self.max_r:
+                self.max_r = r
+            if x < self.min_ir:
+                self.min_ir = x
+            if x > self.max_ir:
+                self.max_ir = x
+            if self.ref:
+                if not self.above and x > self.ref + self.hyst:
+                    self.above = True
+                    if self.first_cross < 0:
+                        self.first_cross = self.n
+                    else:
+                        self.crossings += 1
+                    self.last_cross = self.n
+                elif self.above and x < self.ref - self.hyst:
+                    self.above = False
+            self.n += 1
+            if self.n >= self.want:
+                self._estimate()
+
+    def _estimate(self):
+        n = self.n
+        dc_r = self.sum_r // n
+        dc_ir = self.sum_ir // n
+        ac_r = self.max_r - self.min_r
+        ac_ir = self.max_ir - self.min_ir
+        if dc_r > 0 and dc_ir > 0 and ac_r > 0 and ac_ir > 0:
+            ratio_x1000 = ac_r * dc_ir * 1000 // (dc_r * ac_ir)
+            spo2_x1000 = _CAL_A_X1000 - _CAL_B * ratio_x1000
+            self.spo2_x10 = max(0, min(1000, spo2_x1000 // 100))
+        else:
+            self.spo2_x10 = 0
+        if self.crossings >= 2 and self.last_cross > self.first_cross:
+            self.pr_x10 = 600 * self.rate * self.crossings // (self.last_cross - self.first_cross)
+        self.ref = dc_ir
+        self.hyst = ac_ir >> 4
+        self._clear()
