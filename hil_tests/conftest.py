@@ -3,7 +3,9 @@
 With --port a real board on USB serial is tested (its --device-id and
 --key-file, as `pulsebridge devices export` wrote them); without it, a
 simulated board (the same firmware under micropython on a pty) stands in,
-so the suite runs anywhere. Cases that need hardware this run does not
+so the suite runs anywhere. Likewise --ble ADDRESS (repeatable) tests real
+boards over BLE through BlueZ; without it, simulated boards on the software
+radio (agent/sim/air.py) stand in. Cases that need hardware this run does not
 have are skipped, and the skip says what to pass to run them.
 
 Each run writes, in --hil-report DIR (default hil-results/): junit.xml,
@@ -37,6 +39,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--blank-port", default=None, help="serial port of a board the suite may (re)provision")
     g.addoption("--stream-seconds", type=float, default=20.0, help="length of the streaming case")
     g.addoption("--hil-report", default="hil-results", help="directory for junit.xml and report.md")
+    g.addoption("--ble", action="append", default=[], metavar="ADDRESS",
+                help="a provisioned board over BLE (repeat for several); keys from --key-file (JSON)")
+    g.addoption("--ble-adapter", default="hci0", help="BlueZ adapter for --ble (default hci0)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -104,6 +109,54 @@ def blank_board(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tupl
         yield sim.port, sim
     finally:
         sim.stop()
+
+
+@dataclass
+class BleBench:
+    kind: str  # "hardware" or "simulated"
+    addresses: list[str]
+    keys: dict[str, bytes]  # device id -> key
+    client_cls: Any = None  # bleak backends: None for BlueZ
+    scanner_cls: Any = None
+    scanner_args: dict[str, Any] = field(default_factory=dict)
+    air: Any = None
+    sims: list[SimulatedBoard] = field(default_factory=list)
+
+
+@pytest.fixture
+def ble_bench(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BleBench]:
+    addresses = request.config.getoption("--ble")
+    if addresses:
+        key_file = request.config.getoption("--key-file")
+        if not key_file:
+            pytest.fail("--ble needs --key-file (JSON from `pulsebridge devices export`)")
+        import json
+
+        keys = {d: bytes.fromhex(k) for d, k in json.loads(Path(key_file).read_text()).items()}
+        for a in addresses:
+            _BOARDS[a] = "hardware over BLE (%s)" % request.config.getoption("--ble-adapter")
+        yield BleBench("hardware", addresses, keys,
+                       scanner_args={"bluez": {"adapter": request.config.getoption("--ble-adapter")}})
+        return
+    from agent.sim.air import Air
+    from agent.transports import softradio
+
+    air = Air(tmp_path / "air")
+    air.start()
+    specs = [boards.BoardSpec("pb-hilble%d" % (i + 1), seed=i + 1, link="ble", air=str(air.board_path))
+             for i in range(3)]
+    sims = [SimulatedBoard(s, tmp_path / s.device_id, tmp_path / "cache") for s in specs]
+    client_cls, scanner_cls = softradio.backends(str(air.central_path))
+    try:
+        for sim in sims:
+            sim.start()
+            _BOARDS[sim.device_id] = "simulated over the software radio (firmware under micropython)"
+        yield BleBench("simulated", [boards.ble_address(s.device_id) for s in specs],
+                       {s.device_id: s.key for s in specs}, client_cls, scanner_cls, air=air, sims=sims)
+    finally:
+        for sim in sims:
+            sim.stop()
+        air.stop()
 
 
 @pytest.fixture
