@@ -4,7 +4,8 @@ From one run on one machine:
 - verify+commit: frames/s, and frames per CPU-second (per core), through the
   agent's Ingestor and store (SQLite WAL, synchronous=FULL, group commit);
 - the same plus forwarding to a local Mosquitto over TLS (QoS 1);
-- a baseline in the same run: pycose verification and one commit per frame
+- a baseline in the same run: pycose verification, decryption of the samples
+  (cryptography) and one commit per frame
   (pycose runs in its own environment, it needs cbor2 < 6);
 - a realistic load (20 boards x 2 streams x 1 frame/s): the latency the agent
   adds (frame in, ack ready), p50/p99, its RSS and its CPU share.
@@ -45,11 +46,18 @@ import json, sqlite3, sys, time, cbor2
 from pycose.keys import SymmetricKey
 from pycose.messages import Mac0Message
 from pycose.headers import KID
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 frames = cbor2.load(open(sys.argv[1], "rb"))
-keys = {k: SymmetricKey(k=bytes.fromhex(v)) for k, v in json.load(open(sys.argv[2])).items()}
+raw_keys = {k: bytes.fromhex(v) for k, v in json.load(open(sys.argv[2])).items()}
+keys = {k: SymmetricKey(k=v) for k, v in raw_keys.items()}
+sample_keys = {k: HKDFExpand(hashes.SHA256(), 32, b"pulsebridge/1 A256CTR samples").derive(v)
+               for k, v in raw_keys.items()}
 db = sqlite3.connect(sys.argv[3], isolation_level=None)
 db.execute("PRAGMA journal_mode=WAL"); db.execute("PRAGMA synchronous=FULL")
-db.execute("CREATE TABLE frames(device_id TEXT, epoch INT, seq INT, raw BLOB, UNIQUE(device_id, epoch, seq))")
+db.execute("CREATE TABLE frames(device_id TEXT, epoch INT, seq INT, raw BLOB, plain BLOB, "
+           "UNIQUE(device_id, epoch, seq))")
 t, c = time.perf_counter(), time.process_time()
 for raw in frames:
     m = Mac0Message.decode(raw)
@@ -58,7 +66,9 @@ for raw in frames:
     m.external_aad = b"pulsebridge/1 board-to-hub"
     assert m.verify_tag()
     p = cbor2.loads(m.payload)
-    db.execute("INSERT INTO frames VALUES(?,?,?,?)", (dev, p[2], p[3], raw))  # autocommit: one commit a frame
+    iv = p[2].to_bytes(4, "big") + p[3].to_bytes(4, "big") + bytes(8)
+    plain = Cipher(algorithms.AES(sample_keys[dev]), modes.CTR(iv)).decryptor().update(b"".join(p[13]))
+    db.execute("INSERT INTO frames VALUES(?,?,?,?,?)", (dev, p[2], p[3], raw, plain))  # one commit a frame
 print(json.dumps({"frames": len(frames), "wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c}))
 '''
 

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 SCAN_WINDOW_S = 2.0
 IDLE_CHECK_S = 1.0
 STABLE_LINK_S = 10.0
+OUT_OF_RANGE_S = 15.0
 
 
 @dataclass
@@ -58,6 +59,7 @@ class BleLink:
     history: list[BoardStats] = field(default_factory=list)
     transport: BleTransport | None = None
     lost_at: float | None = None
+    last_seen: float = 0.0  # when its advertisement was last heard
     reconnect_s: list[float] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -115,7 +117,10 @@ class BleManager:
                     await asyncio.sleep(SCAN_WINDOW_S)
                 finally:
                     await scanner.stop()
-            except (BleakError, OSError) as e:  # no adapter, BlueZ gone or restarting
+            except Exception as e:  # no adapter, BlueZ gone or restarting, D-Bus errors:
+                # whatever the stack raises, the hub keeps its other links and retries
+                if not isinstance(e, (BleakError, OSError)):
+                    log.warning("BLE scanner: unexpected %s", type(e).__name__)
                 if self.adapter != "down":
                     self.adapter_losses += 1
                     log.warning("BLE adapter unavailable: %s", e)
@@ -135,6 +140,7 @@ class BleManager:
         link = self.links.get(device_id)
         if link is None:
             link = self.links[device_id] = BleLink(device_id)
+        link.last_seen = time.monotonic()
         if link.state in ("connecting", "connected") or time.monotonic() < link.next_try:
             return
         if self._connected() >= self.cfg.max_connections or self._tg is None:
@@ -185,7 +191,10 @@ class BleManager:
         for link in self.links.values():
             st = link.stats
             out.append({
-                "link": link.describe(), "port": link.address, "state": link.state, "connects": link.connects,
+                "link": link.describe(), "port": link.address, "connects": link.connects,
+                # A BLE board not heard for a while is out of range (or off), not unplugged.
+                "state": ("out_of_range" if link.state in ("searching", "backoff")
+                          and time.monotonic() - link.last_seen > OUT_OF_RANGE_S else link.state),
                 "device_id": (st.device_id if st and st.device_id else link.device_id),
                 "frames": st.frames if st else 0, "last_frame_at": st.last_frame_at if st else None,
                 "last_error": link.last_error, "rejects": dict(st.rejects) if st else {},

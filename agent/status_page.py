@@ -99,6 +99,8 @@ class StatusPage:
 TEXT = {
     "fr": {"title": "Passerelle de télésurveillance", "ok": "Tout fonctionne.", "warn": "À vérifier :",
            "boards": "Capteur", "connected": "connecté", "searching": "non branché", "backoff": "reconnexion",
+           "connecting": "connexion en cours", "out_of_range": "hors de portée",
+           "bt_down": "Le Bluetooth de la passerelle ne répond pas : débranchez-la puis rebranchez-la.",
            "last": "dernière mesure il y a", "never": "aucune mesure pour l'instant", "s": "s",
            "hr": "Fréquence cardiaque", "spo2": "Saturation en oxygène", "pr": "Pouls", "quality": "qualité du signal",
            "backends": "Envoi à l'équipe soignante", "backlog": "en attente d'envoi", "sent": "envoyées",
@@ -107,6 +109,8 @@ TEXT = {
            "lead_off": "électrode décollée", "board_silent": "capteur silencieux"},
     "en": {"title": "Home monitoring hub", "ok": "Everything is working.", "warn": "Needs a look:",
            "boards": "Sensor", "connected": "connected", "searching": "not plugged in", "backoff": "reconnecting",
+           "connecting": "connecting", "out_of_range": "out of range",
+           "bt_down": "The hub's Bluetooth is not answering: unplug the hub, then plug it back in.",
            "last": "last reading", "never": "no reading yet", "s": "s ago",
            "hr": "Heart rate", "spo2": "Oxygen saturation", "pr": "Pulse", "quality": "signal quality",
            "backends": "Sending to the care team", "backlog": "waiting to be sent", "sent": "sent",
@@ -157,9 +161,11 @@ function render(s) {
   document.documentElement.lang = lang;
   document.getElementById("title").textContent = t("title");
   document.getElementById("lang").textContent = t("lang");
-  const problems = s.boards.filter(b => b.state !== "connected").length + s.vitals.active_alerts.length;
+  const btDown = s.ble_adapter && s.ble_adapter.state === "down";
+  const problems = s.boards.filter(b => b.state !== "connected").length + s.vitals.active_alerts.length +
+    (btDown ? 1 : 0);
   const sum = document.getElementById("summary");
-  sum.textContent = problems ? t("warn") + " " + problems : t("ok");
+  sum.textContent = problems ? t("warn") + " " + problems + (btDown ? " — " + t("bt_down") : "") : t("ok");
   sum.className = problems ? "warn" : "ok";
   const boards = document.getElementById("boards");
   s.boards.forEach((b, i) => {

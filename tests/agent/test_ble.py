@@ -11,6 +11,7 @@ the radio's capture, as a sniffer would record it) must be at the backend.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import socket
@@ -367,3 +368,39 @@ def test_a_sniffer_capture_holds_no_readable_sample(micropython: str, tmp_path: 
     assert frames >= 8
     # Ciphertext looks like noise; the delta-varint plaintext does not.
     assert _entropy_bits(bytes(sealed_bytes)) > 7.8 > 7.0 > _entropy_bits(bytes(clear_bytes))
+
+
+def test_only_active_registered_boards_are_connected(tmp_path: Path) -> None:
+    from agent.ble_links import BleManager
+    from agent.ingest import Volatile
+    from protocols import hub
+
+    air = Air(tmp_path / "air")
+    air.start()
+    table = [[SERVICE_UUID, [["7b3e0002-6c1a-4f5e-9d35-2f0e5a1c9b10", 0x12, 2],
+                             ["7b3e0003-6c1a-4f5e-9d35-2f0e5a1c9b10", 0x0C, 4]]]]
+    fakes = [GarbageBoard(air, name, table) for name in ("pb-known", "pb-stranger", "pb-revoked")]
+    h = hub.Hub()
+    h.add_device("pb-known", bytes(32))
+    h.add_device("pb-revoked", bytes(32))
+    h.remove_device("pb-revoked")  # what the ingestor does when the registry revokes it
+    manager = BleManager(BleConfig(air=str(air.central_path), connect_timeout_s=3), Volatile(h), h.has_device)
+
+    async def run() -> None:
+        task = asyncio.create_task(manager.run())
+        await _wait(lambda: "pb-known" in manager.links and manager.links["pb-known"].connects >= 1, 10,
+                    "the registered board connected")
+        await asyncio.sleep(1.5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(run())
+    finally:
+        for f in fakes:
+            f.close()
+        air.stop()
+    assert set(manager.links) == {"pb-known"}
+    # Nobody ever connected to the stranger or the revoked board: every connection was to pb-known.
+    assert air.stats.connects == manager.links["pb-known"].connects >= 1

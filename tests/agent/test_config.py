@@ -13,12 +13,15 @@ def test_example_config_parses() -> None:
     assert cfg.serial[0].usb_vid == 0x303A and cfg.store_path == Path("/var/lib/pulsebridge/store.db")
     assert cfg.alert_rules == [{"name": "spo2_low", "signal": "spo2", "low": 90.0, "hysteresis": 2.0,
                                 "min_duration_s": 30.0}]
+    assert cfg.ble is not None and cfg.ble.adapter == "hci0" and cfg.ble.air == ""
 
 
 @pytest.mark.parametrize("toml, field", [
     ('[agent]\nretention_days = "seven"', "agent.retention_days"),
     ('[agent]\nhub = "x"', "agent.hub"),
     ('[[serial]]\nbaudrate = 9600', "serial[0]"),
+    ('[ble]\nmax_connections = 0', "ble.max_connections"),
+    ('[ble]\nadaptor = "hci0"', "ble.adaptor"),
     ('[[backend]]\nname = "a"\ntype = "smtp"\nurl = "x"', "backend[0].type"),
     ('[[alert]]\nname = "x"\nsignal = "temperature"\nlow = 1', "alert[0]"),
     ('[[backend]]\nname = "a"\ntype = "webhook"\nurl = "http://host/x"', "backend[0].url"),
