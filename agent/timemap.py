@@ -14,7 +14,7 @@ from collections import deque
 
 # Pairs kept for the fit: at one a minute, a quarter of an hour.
 MAX_PAIRS = 16
-# Off the line by more than this (plus half the round trip): a jump.
+# Off the line by more than this (plus the round trips' uncertainty): a jump.
 JUMP_MS = 50.0
 
 
@@ -54,7 +54,10 @@ class TimeMap:
         utc = sent_utc_ms + rtt / 2
         self.last_rtt_ms = rtt
         predicted = self.to_utc_ms(tick_ms)
-        if predicted is not None and abs(predicted - utc) > JUMP_MS + rtt / 2:
+        # The new pair is good to half its round trip, the line to half the
+        # worst round trip among its pairs: only what both cannot explain is a jump.
+        slack = JUMP_MS + rtt / 2 + (max(self.rtts) / 2 if self.rtts else 0.0)
+        if predicted is not None and abs(predicted - utc) > slack:
             self.jumps += 1
             self.pairs.clear()
             self.rtts.clear()
