@@ -91,15 +91,18 @@ class SampleCipher:
             return
         aes = self._aes
         ks = self._ks
+        ctr = self._ctr
         block = offset >> 4
         k = offset & 15
         self._block(epoch, seq, block)
-        aes.encrypt(self._ctr, ks)
+        aes.encrypt(ctr, ks)
         for i in range(start, end):
             if k == _BLOCK:
-                block += 1
-                self._block(epoch, seq, block)
-                aes.encrypt(self._ctr, ks)
+                block += 1  # only the block counter (bytes 12-15) changes
+                ctr[15] = block & 0xFF
+                ctr[14] = (block >> 8) & 0xFF
+                ctr[13] = (block >> 16) & 0xFF
+                aes.encrypt(ctr, ks)
                 k = 0
             buf[i] ^= ks[k]
             k += 1
