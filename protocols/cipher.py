@@ -61,6 +61,10 @@ def derive_key(device_key: bytes) -> bytes:
     return o.digest()
 
 
+# CPython: the block counters of any frame (4096 bytes at most: 256 blocks), made at first use.
+_COUNTERS: "list[bytes]" = []
+
+
 class SampleCipher:
     # apply() encrypts or decrypts (the same in CTR) bytes in place.
     def __init__(self, device_key: bytes) -> None:
@@ -69,6 +73,7 @@ class SampleCipher:
         self._ctr = bytearray(_BLOCK)
         self._ks = bytearray(_BLOCK)
         self._aes: "Any" = _ecb(key)
+        self._ecb_cpython: "Any" = None
 
     def _block(self, epoch: int, seq: int, counter: int) -> None:
         c = self._ctr
@@ -109,16 +114,23 @@ class SampleCipher:
 
     def _apply_cpython(self, buf: "bytearray | memoryview", start: int, end: int, epoch: int, seq: int,
                        offset: int) -> None:
-        from cryptography.hazmat.primitives.ciphers import (  # type: ignore[import-not-found, unused-ignore]
-            Cipher,
-            algorithms,
-            modes,
-        )
+        # The keystream of all the blocks in one call of a cached ECB encryptor.
+        if self._ecb_cpython is None:
+            from cryptography.hazmat.primitives.ciphers import (  # type: ignore[import-not-found, unused-ignore]
+                Cipher,
+                algorithms,
+                modes,
+            )
 
-        block, skip = offset >> 4, offset & 15
-        self._block(epoch, seq, block)
-        enc = Cipher(algorithms.AES(self._key), modes.CTR(bytes(self._ctr))).encryptor()
+            self._ecb_cpython = Cipher(algorithms.AES(self._key), modes.ECB()).encryptor()
+            if not _COUNTERS:
+                _COUNTERS.extend(b.to_bytes(4, "big") for b in range(256))
+        first, skip = offset >> 4, offset & 15
         n = end - start
-        stream = enc.update(bytes(skip + n))[skip:]
+        last = (offset + n - 1) >> 4
+        prefix = epoch.to_bytes(4, "big") + seq.to_bytes(4, "big") + bytes(4)
+        blocks = b"".join([prefix + _COUNTERS[b] for b in range(first, last + 1)]) if last < 256 else \
+            b"".join([prefix + b.to_bytes(4, "big") for b in range(first, last + 1)])
+        stream = self._ecb_cpython.update(blocks)[skip:skip + n]
         data = int.from_bytes(bytes(buf[start:end]), "big") ^ int.from_bytes(stream, "big")
         buf[start:end] = data.to_bytes(n, "big")
