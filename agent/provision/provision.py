@@ -98,6 +98,21 @@ for sid, chip, lead in b.sensors(cfg):
     out.append((sid, ident, bool(lead()) if lead else False))
 print(repr(out))
 """
+# What the steps before left on the board's heap (the sensor probe's board
+# object, its chip models, imported modules) goes before the firmware
+# starts, as a reset would leave it: the firmware needs its outbox in one
+# piece.
+_CLEAN_SLATE = """
+def _clean():
+    import sys, gc
+    g = globals()
+    for k in [k for k in g if not k.startswith('__')]:
+        del g[k]
+    for m in [m for m in sys.modules if m.split('.')[0] in ('sim', 'app', 'drivers', 'protocols', 'board_esp32')]:
+        del sys.modules[m]
+    gc.collect()
+_clean()
+"""
 _SENSORS_ESP32 = _SENSORS.replace("from sim.board_sim import SimBoard\nb = SimBoard.from_file('sim.json')",
                                   "from board_esp32 import Esp32Board\nb = Esp32Board()")
 
@@ -250,6 +265,7 @@ class Provisioner:
     def _stream_test(self, repl: RawRepl, device_id: str, key: bytes, seconds: float) -> int:
         # Start the firmware from the friendly REPL (as a reset would), verify
         # its frames with the new key, then stop it: Ctrl-C leaves the REPL.
+        repl.exec(_CLEAN_SLATE)
         repl.leave()
         repl.port.write(b"exec(open('main.py').read())\r")  # again after a rotation: not a cached import
         repl.port.close()
