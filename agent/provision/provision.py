@@ -197,6 +197,7 @@ class Provisioner:
             config = {"device_id": device_id, "link": link}
             repl.put("pulsebridge/config.json", json.dumps(config).encode())
             repl.put("pulsebridge/device.key.new", key)
+            repl.remove("pulsebridge/bonds.bin")  # phones paired for the board's former use are forgotten
             res.steps.append((STEPS[3], "ok"))
             # 5. register, then put the key in place
             self._step(res, 4, device_id)

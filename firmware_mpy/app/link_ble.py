@@ -11,6 +11,8 @@
 # are health data: they are notified only on an encrypted link (an app
 # paired with LE Secure Connections), never in clear, and are not readable.
 # The hub's own link needs no pairing: the protocol encrypts its samples.
+# Bonds with paired phones are kept in flash (app.bonds), so a phone paired
+# once reads the board again after it restarts.
 # The IRQ handler only records what happened; service(), called from the
 # app's loop, does the work. Notifications are paced: when the stack is out
 # of buffers (ENOMEM) the link backs off and retries the same fragment.
@@ -20,13 +22,18 @@ import struct
 
 from micropython import const
 
+from app.bonds import BondStore
 from protocols import link
+
+BONDS = "pulsebridge/bonds.bin"
 
 _IRQ_CENTRAL_CONNECT = const(1)
 _IRQ_CENTRAL_DISCONNECT = const(2)
 _IRQ_GATTS_WRITE = const(3)
 _IRQ_MTU_EXCHANGED = const(21)
 _IRQ_ENCRYPTION_UPDATE = const(28)
+_IRQ_GET_SECRET = const(29)
+_IRQ_SET_SECRET = const(30)
 _IO_NO_INPUT_OUTPUT = const(3)
 
 _FLAG_READ = const(0x0002)
@@ -88,8 +95,11 @@ def _adv_payload(uuid_bytes, name):
 class BleLink:
     name = "ble"
 
-    def __init__(self, bluetooth, device_id, max_message, firmware="", model=""):
+    def __init__(self, bluetooth, device_id, max_message, firmware="", model="", bonds_path=BONDS):
         self._bt = bluetooth
+        self.bonds = BondStore(bonds_path)
+        if self.bonds.error:
+            print("BLE: %s; paired phones must pair again" % self.bonds.error)
         ble = bluetooth.BLE()
         self._ble = ble
         ble.active(True)
@@ -154,6 +164,10 @@ class BleLink:
             self._irq_write = True
         elif event == _IRQ_ENCRYPTION_UPDATE:
             self.encrypted = bool(data[1])
+        elif event == _IRQ_GET_SECRET:
+            return self.bonds.get(data[0], data[1], data[2])
+        elif event == _IRQ_SET_SECRET:
+            return self.bonds.set(data[0], data[1], data[2])
 
     def _advertise(self):
         self._ble.gap_advertise(_ADV_INTERVAL_US, adv_data=self._adv[0], resp_data=self._adv[1])
@@ -185,6 +199,7 @@ class BleLink:
             self._frag.set_mtu(self.mtu)
         if self.connected:
             self._pump()
+        self.bonds.flush()  # a bond made or removed since the last loop
         return fresh
 
     def set_vitals(self, now_ms, hr_x10, spo2_x10, pr_x10, battery_pct):

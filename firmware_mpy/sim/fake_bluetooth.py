@@ -9,7 +9,10 @@
 #     interval carries a few packets);
 #   - control-characteristic writes go to a buffer of gatts_set_buffer()'s
 #     size, appended when asked, cleared by gatts_read();
-#   - advertising data is at most 31 bytes.
+#   - advertising data is at most 31 bytes;
+#   - bonds are the application's to keep: pairing hands the secrets over
+#     through _IRQ_SET_SECRET, and a bonded phone's reconnection is
+#     encrypted only if _IRQ_GET_SECRET gives back the key it holds.
 # The far side (a "central") is driven through Radio: in-process tests call
 # it directly. AirRadio instead puts the board on the software radio (the
 # "air", agent/sim/air.py) through a Unix socket, where the hub's bleak
@@ -33,6 +36,11 @@ _IRQ_CENTRAL_DISCONNECT = const(2)
 _IRQ_GATTS_WRITE = const(3)
 _IRQ_MTU_EXCHANGED = const(21)
 _IRQ_ENCRYPTION_UPDATE = const(28)
+_IRQ_GET_SECRET = const(29)
+_IRQ_SET_SECRET = const(30)
+_SEC_OURS = const(1)  # the stack's secret types (NimBLE's store object types)
+_SEC_PEER = const(2)
+_PHONE = b"\x00\x11\x22\x33\x44\x55"
 _MAX_ADV = const(31)
 
 
@@ -64,6 +72,8 @@ class Radio:
         self._last_ms = 0
         self.enomem = 0
         self.services = []  # [[service uuid, [[char uuid, flags, handle], ...]], ...]
+        self.phone_ltk = None  # the long-term key the paired phone keeps
+        self._pairings = 0
 
     def advertise_changed(self):
         pass
@@ -98,6 +108,7 @@ class Radio:
         return ble
 
     def connect(self, mtu=23, encrypted=False):
+        # encrypted: a phone bonded earlier starts encryption with its key.
         ble = self._ble()
         if self.advertising is None:
             raise OSError(errno.ENOTCONN)
@@ -105,19 +116,35 @@ class Radio:
         self.connected = True
         self.mtu = 23
         self.advertising = None
-        ble._event(_IRQ_CENTRAL_CONNECT, (self.conn_handle, 0, b"\x00\x11\x22\x33\x44\x55"))
+        ble._event(_IRQ_CENTRAL_CONNECT, (self.conn_handle, 0, _PHONE))
         if mtu != 23:
             self.mtu = mtu
             ble._event(_IRQ_MTU_EXCHANGED, (self.conn_handle, mtu))
-        if encrypted:  # an app that paired (LE Secure Connections): the link is encrypted
-            ble._event(_IRQ_ENCRYPTION_UPDATE, (self.conn_handle, True, False, True, 16))
+        if encrypted:
+            ours = ble._event(_IRQ_GET_SECRET, (_SEC_OURS, 0, memoryview(b"\x00" + _PHONE)))
+            ok = ours is not None and self.phone_ltk is not None and bytes(ours) == self.phone_ltk
+            ble._event(_IRQ_ENCRYPTION_UPDATE, (self.conn_handle, ok, False, ok, 16 if ok else 0))
+
+    def pair(self, mtu=23):
+        # A phone connects and pairs (LE Secure Connections, "just works",
+        # bonding): both sides derive a long-term key, the stack asks the
+        # application to store it, and the link is encrypted.
+        self.connect(mtu)
+        ble = self._ble()
+        self._pairings += 1
+        ltk = bytes((self._pairings * 37 + i) & 0xFF for i in range(16))
+        key = memoryview(b"\x00" + _PHONE)
+        ble._event(_IRQ_SET_SECRET, (_SEC_OURS, key, memoryview(ltk)))
+        ble._event(_IRQ_SET_SECRET, (_SEC_PEER, key, memoryview(ltk)))
+        self.phone_ltk = ltk
+        ble._event(_IRQ_ENCRYPTION_UPDATE, (self.conn_handle, True, False, True, 16))
 
     def disconnect(self):
         if not self.connected:
             return
         self.connected = False
         self.queue = []  # what had not left is lost with the link
-        self._ble()._event(_IRQ_CENTRAL_DISCONNECT, (self.conn_handle, 0, b"\x00\x11\x22\x33\x44\x55"))
+        self._ble()._event(_IRQ_CENTRAL_DISCONNECT, (self.conn_handle, 0, _PHONE))
 
     def peripheral_disconnect(self):
         self.disconnect()
@@ -298,7 +325,8 @@ class BLE:
 
     def _event(self, event, data):
         if self._handler is not None:
-            self._handler(event, data)
+            return self._handler(event, data)
+        return None
 
     def _remote_write(self, handle, data):
         limit = self._limits.get(handle, 20)

@@ -2,8 +2,9 @@
 # radio is the one boundary this machine cannot reach). The central here
 # reassembles notifications and acks through protocols.hub, as the hub does.
 import json
+import os
 
-from app import config, main
+from app import config, link_ble, main
 from protocols import cose, hub, link, messages
 from sim.board_sim import SimBoard
 from sim.clock import VirtualClock
@@ -46,7 +47,13 @@ class Central:
                 and r.message.kind == messages.T_SAMPLES]
 
 
-def _setup(ble_cfg=None):
+def _setup(ble_cfg=None, keep_bonds=False):
+    if not keep_bonds:  # each test starts with a board no phone ever paired with
+        for p in (link_ble.BONDS, link_ble.BONDS + ".new"):
+            try:
+                os.remove(p)
+            except OSError:
+                pass
     with open("sim.json") as f:
         sim = json.load(f)
     sim["virtual_clock"] = True
@@ -197,7 +204,7 @@ def test_vitals_are_notified_only_on_an_encrypted_link():
     r.disconnect()
     _run(board, app, 12500)
     central.reasm.reset()
-    r.connect(247, encrypted=True)  # an app that paired
+    r.pair(247)  # an app that pairs (LE Secure Connections)
     _run(board, app, 24000)
     hrs = [d[1] for h, d in r.other if h == h_hr]
     plx = [d for h, d in r.other if h == h_plx]
@@ -210,3 +217,58 @@ def test_vitals_are_notified_only_on_an_encrypted_link():
     print("board vitals: HR", hrs[-3:], "SpO2 %.1f PR %.1f" % (spo2, pr))
     assert 94 <= spo2 <= 100, spo2
     assert 110 <= pr <= 145, pr  # record a103l's patient: 127 a minute (FFT of the record)
+
+
+def _vitals_notified(radio):
+    h_hr, h_plx = _handle(radio, 0x2A37), _handle(radio, 0x2A5F)
+    return len([h for h, _ in radio.other if h in (h_hr, h_plx)])
+
+
+def test_a_bonded_phone_reads_the_board_again_after_a_restart():
+    board, app, central = _setup()
+    app.start()
+    board.radio.pair(247)
+    _run(board, app, 6000)
+    assert app.link.encrypted and _vitals_notified(board.radio) >= 2
+    phone_ltk = board.radio.phone_ltk
+    assert len(app.link.bonds.entries) == 2 and os.stat(link_ble.BONDS)[6] > 0  # saved by the loop
+    # Power cut: a new board process, the same flash; the phone keeps its key.
+    board, app, central = _setup(keep_bonds=True)
+    app.start()
+    assert app.link.bonds.error == "" and len(app.link.bonds.entries) == 2
+    board.radio.phone_ltk = phone_ltk
+    board.radio.connect(247, encrypted=True)
+    _run(board, app, 6000)
+    assert app.link.encrypted and _vitals_notified(board.radio) >= 2
+    # A phone holding another key (or none the board knows) gets no
+    # encryption, so no measurement.
+    board.radio.disconnect()
+    _run(board, app, 6500)  # advertising again
+    board.radio.phone_ltk = bytes(16)
+    board.radio.connect(247, encrypted=True)
+    board.radio.other = []
+    _run(board, app, 12000)
+    assert not app.link.encrypted and _vitals_notified(board.radio) == 0
+
+
+def test_a_corrupt_bonds_file_costs_the_pairing_not_the_stream():
+    board, app, central = _setup()
+    app.start()
+    board.radio.pair(247)
+    _run(board, app, 2000)
+    phone_ltk = board.radio.phone_ltk
+    with open(link_ble.BONDS, "r+b") as f:
+        f.seek(7)
+        f.write(b"\xff")
+    board, app, central = _setup(keep_bonds=True)
+    app.start()
+    assert "CRC" in app.link.bonds.error and app.link.bonds.entries == []
+    board.radio.phone_ltk = phone_ltk
+    central.connect(247)  # the hub streams as ever
+    _run(board, app, 5000)
+    assert len(central.frames()) >= 6
+    board.radio.disconnect()
+    _run(board, app, 5500)  # advertising again
+    board.radio.connect(247, encrypted=True)  # the phone must pair again
+    _run(board, app, 8000)
+    assert not app.link.encrypted

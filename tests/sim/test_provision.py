@@ -35,13 +35,16 @@ def test_provision_a_blank_board_then_refuse_to_rekey_silently(micropython: str,
         dry = _cli("provision", "--config", str(cfg), "--port", board.port, "--dry-run")
         assert dry.returncode == 0 and "nothing is written" in dry.stdout
         assert not (tmp_path / "board" / "pulsebridge").exists()
+        flash = tmp_path / "board" / "pulsebridge"
+        flash.mkdir()  # phones paired while the board served someone else
+        (flash / "bonds.bin").write_bytes(b"PBB1" + bytes(9))
 
         r = _cli("provision", "--config", str(cfg), "--port", board.port, "--device-id", "pb-prov01",
                  "--label", "chambre 3", "--self-test-seconds", "5")
         assert r.returncode == 0, r.stdout + r.stderr
         assert "PASS pb-prov01" in r.stdout and "label: PB1:pb-prov01:" in r.stdout
         assert "MAX30003 INFO 0x5" in r.stdout and "MAX30102 PART_ID 0x15" in r.stdout
-        flash = tmp_path / "board" / "pulsebridge"
+        assert not (flash / "bonds.bin").exists()  # a new patient's board pairs afresh
         reg = Registry(tmp_path / "data" / "registry.db", AuditLog(tmp_path / "log" / "audit.log"))
         dev = reg.get("pb-prov01")
         assert dev is not None and dev.label == "chambre 3"
