@@ -198,6 +198,7 @@ def run(opts: SimOptions, out: IO[str] = sys.stdout) -> dict[str, Any]:
             for sim in sims:
                 sim.stop()
     result = summary(stats, elapsed)
+    result["hub_attached"] = opts.attach_hub  # False: the boards only waited for an agent of your own
     if air is not None:
         result["air"] = air.snapshot()
     if opts.capture:
