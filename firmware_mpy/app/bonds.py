@@ -12,6 +12,7 @@
 # malformed is ignored as a whole: the phones pair again, nothing worse.
 # Provisioning a board for a new patient removes the file.
 import os
+import struct
 
 from micropython import const
 
@@ -23,7 +24,7 @@ MAX_KEY = const(64)
 MAX_VALUE = const(160)
 _HEAD = const(5)  # magic and count
 _CRC = const(4)
-MAX_FILE = const(5 + 24 * (3 + 64 + 160) + 4)
+MAX_FILE = const(_HEAD + MAX_ENTRIES * (3 + MAX_KEY + MAX_VALUE) + _CRC)
 
 
 def parse(buf):
@@ -34,8 +35,7 @@ def parse(buf):
     if n < _HEAD + _CRC or bytes(buf[:4]) != _MAGIC:
         raise ValueError("bonds file: not a bonds file")
     body = memoryview(buf)[:n - _CRC]
-    want = buf[n - 4] | buf[n - 3] << 8 | buf[n - 2] << 16 | buf[n - 1] << 24
-    if crc32(body) != want:
+    if crc32(body) != struct.unpack_from("<I", buf, n - _CRC)[0]:
         raise ValueError("bonds file: CRC mismatch (torn or altered)")
     count = buf[4]
     if count > MAX_ENTRIES:
@@ -68,8 +68,7 @@ def serialise(entries):
         out.append(len(value))
         out += key
         out += value
-    c = crc32(out)
-    out += bytes((c & 0xFF, (c >> 8) & 0xFF, (c >> 16) & 0xFF, c >> 24))
+    out += struct.pack("<I", crc32(out))
     return out
 
 
@@ -107,8 +106,11 @@ class BondStore:
         return None
 
     def set(self, sec_type, key, value):
-        # Stores (value None: deletes) a secret; False when it is too large.
+        # Stores (value None: deletes) a secret; False when it is too large
+        # (and whatever was stored under that key stays).
         key = bytes(key)
+        if value is not None and (len(key) > MAX_KEY or len(value) > MAX_VALUE):
+            return False
         for i in range(len(self.entries)):
             e = self.entries[i]
             if e[0] == sec_type and e[1] == key:
@@ -117,17 +119,11 @@ class BondStore:
                 break
         if value is None:
             return True
-        if len(key) > MAX_KEY or len(value) > MAX_VALUE:
-            return False
         if len(self.entries) >= MAX_ENTRIES:
             self.entries.pop(0)  # the least recently stored
         self.entries.append([sec_type, key, bytes(value)])
         self.dirty = True
         return True
-
-    def clear(self):
-        self.entries = []
-        self.dirty = True
 
     def flush(self):
         # Writes the store if it changed: from the app's loop, never from

@@ -54,6 +54,9 @@ def test_bounded_oldest_goes_and_oversized_refused():
     assert s.get(1, 0, b"phone00") is None and s.get(1, 0, b"phone%02d" % (bonds.MAX_ENTRIES + 5)) is not None
     assert not s.set(1, b"k", bytes(bonds.MAX_VALUE + 1))
     assert not s.set(1, bytes(bonds.MAX_KEY + 1), b"v")
+    last = b"phone%02d" % (bonds.MAX_ENTRIES + 5)
+    assert not s.set(1, last, bytes(bonds.MAX_VALUE + 1))  # refused: the stored one stays
+    assert s.get(1, 0, last) == bytes(bonds.MAX_VALUE)
     s.flush()
     assert os.stat(PATH)[6] <= bonds.MAX_FILE
 
