@@ -23,6 +23,8 @@ import numpy as np
 DATA_ENV = "PULSEBRIDGE_DATA"
 ECG_RECORD = "ecg/100"
 PPG_RECORD = "ppg/a103l"
+# Shipped with the project, so a fresh clone runs the demo and the tests.
+SHIPPED = Path(__file__).resolve().parent / "recordings"
 
 # The empirical linear calibration SpO2 = A - B * R (R: ratio of ratios),
 # the textbook first-order curve for red 660 nm / IR 880-940 nm sensors.
@@ -37,16 +39,16 @@ RED_DC_PA_PER_MA = 820_000
 
 
 def data_dir() -> Path:
+    """The folder holding ``ecg/100.*`` and ``ppg/a103l.*``: ``$PULSEBRIDGE_DATA`` if set, else the recordings
+    shipped beside this module (``agent/sim/recordings``, see its README).
+
+    Raises FileNotFoundError naming the folder if the records are not there."""
     env = os.environ.get(DATA_ENV)
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        cand = parent.parent / "shared" / "data"
-        if (cand / ECG_RECORD).with_suffix(".hea").exists():
-            return cand
-    raise FileNotFoundError("PhysioNet recordings not found: set %s to the folder holding ecg/100.hea and "
-                            "ppg/a103l.hea" % DATA_ENV)
+    folder = Path(env) if env else SHIPPED
+    if not (folder / ECG_RECORD).with_suffix(".hea").exists() or not (folder / PPG_RECORD).with_suffix(".hea").exists():
+        raise FileNotFoundError("PhysioNet recordings not found in %s: it must hold %s.hea and %s.hea (%s)"
+                                % (folder, ECG_RECORD, PPG_RECORD, "from $%s" % DATA_ENV if env else "shipped"))
+    return folder
 
 
 @dataclass(frozen=True)
