@@ -28,6 +28,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +41,16 @@ BACKEND_TYPES = ("mqtt", "webhook", "fhir")
 
 
 class ConfigError(Exception):
-    def __init__(self, message: str, field_name: str = "") -> None:
+    """A setting the agent refuses: .field names it ("backend[0].batch"), .path the file."""
+
+    def __init__(self, message: str, field_name: str = "", path: Path | None = None) -> None:
         super().__init__(message)
+        self.message = message
         self.field = field_name
+        self.path = path
+
+    def __str__(self) -> str:
+        return "%s: %s" % (self.path, self.message) if self.path else self.message
 
 
 @dataclass
@@ -119,13 +128,65 @@ class AgentConfig:
         return self.run_dir / "status.sock"
 
 
+# Ranges of the numeric settings: (low, high), both included. Each keeps a
+# value from idling or flooding something (batch = 0 never sends; a zero
+# timeout never connects) while leaving every sensible deployment room.
+RANGES: dict[str, tuple[float, float]] = {
+    "agent.retention_days": (0, 3650),  # 0: purge as soon as every backend has a frame
+    "agent.disk_quota_mb": (1, 1_000_000),
+    "agent.time_sync_every_s": (1, 86400),
+    "serial.baudrate": (300, 4_000_000),
+    "serial.usb_vid": (0, 0xFFFF),
+    "serial.usb_pid": (0, 0xFFFF),
+    "ble.max_connections": (1, 20),  # what BlueZ controllers hold; a Pi's comfortably 7
+    "ble.connect_timeout_s": (1, 300),
+    "backend.batch": (1, 1000),  # frames per request: bounds a request's size and its retry cost
+    "backend.timeout_s": (0.1, 600),
+    "backend.linger_s": (0, 60),
+    "alert.low": (-100_000, 100_000),  # bpm, %, or seconds (silence_s)
+    "alert.high": (-100_000, 100_000),
+    "alert.hysteresis": (0, 100_000),
+    "alert.min_duration_s": (0, 86400),
+}
+# The values of each enumerated setting.
+LOG_FORMATS = ("text", "json")
+WEBHOOK_FORMATS = ("json", "cbor")
+ALERT_SIGNALS = ("spo2", "heart_rate", "lead_off", "silence_s")
+# Identifiers that end up in MQTT topics and FHIR identifiers: no wildcards, separators or spaces.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
 def _take(table: dict[str, Any], name: str, kind: type | tuple[type, ...], where: str, default: Any = None) -> Any:
     if name not in table:
         return default
     v = table.pop(name)
-    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+    if not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)):
         raise ConfigError("%s.%s must be %s, not %r" % (where, name, _kind_name(kind), v), "%s.%s" % (where, name))
     return v
+
+
+def _number(table: dict[str, Any], name: str, where: str, default: Any, integer: bool = False) -> Any:
+    """A numeric setting, checked against RANGES (keyed by the table's kind, without its index)."""
+    v = _take(table, name, int if integer else (int, float), where)
+    if v is None:
+        return default
+    low, high = RANGES["%s.%s" % (where.split("[")[0], name)]
+    if not (math.isfinite(v) and low <= v <= high):
+        raise ConfigError("%s.%s must be between %s and %s, not %r" % (where, name, _fmt(low), _fmt(high), v),
+                          "%s.%s" % (where, name))
+    return v if integer else float(v)
+
+
+def _fmt(v: float) -> str:
+    return "%d" % v if v == int(v) else "%g" % v
+
+
+def _enum(table: dict[str, Any], name: str, where: str, values: tuple[str, ...], default: str) -> str:
+    v = _take(table, name, str, where, default)
+    if v not in values:
+        raise ConfigError("%s.%s must be one of %s, not %r" % (where, name, ", ".join(values), v),
+                          "%s.%s" % (where, name))
+    return str(v)
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -140,36 +201,58 @@ def _path(v: str | None) -> Path | None:
 
 def _leftovers(table: dict[str, Any], where: str) -> None:
     if table:
-        raise ConfigError("unknown setting %s.%s" % (where, sorted(table)[0]), "%s.%s" % (where, sorted(table)[0]))
+        first = sorted(table)[0]
+        name = "%s.%s" % (where, first) if where else first
+        raise ConfigError("unknown setting %s" % name, name)
+
+
+def _table(v: Any, where: str) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ConfigError("%s must be a table, not %r" % (where, v), where)
+    return dict(v)
 
 
 def parse(data: dict[str, Any], source: Path | None = None) -> AgentConfig:
+    """The configuration in data (parsed TOML); ConfigError names the first bad field (and source)."""
+    try:
+        return _parse(data, source)
+    except ConfigError as e:
+        e.path = source
+        raise
+
+
+def _parse(data: dict[str, Any], source: Path | None) -> AgentConfig:
     data = dict(data)
     cfg = AgentConfig(source=source)
     agent = dict(_take(data, "agent", dict, "", {}))
     cfg.hub_id = _take(agent, "hub_id", str, "agent", cfg.hub_id)
+    if not _NAME.match(cfg.hub_id):
+        raise ConfigError("agent.hub_id must be 1 to 64 of A-Z a-z 0-9 . _ - (it names MQTT topics and FHIR "
+                          "identifiers), not %r" % cfg.hub_id, "agent.hub_id")
     for name in ("data_dir", "log_dir", "run_dir"):
         v = _take(agent, name, str, "agent")
-        if v:
+        if v is not None:
+            if not v or not Path(v).is_absolute():
+                raise ConfigError("agent.%s must be an absolute path, not %r" % (name, v), "agent." + name)
             setattr(cfg, name, Path(v))
-    cfg.retention_days = float(_take(agent, "retention_days", (int, float), "agent", cfg.retention_days))
-    cfg.disk_quota_mb = float(_take(agent, "disk_quota_mb", (int, float), "agent", cfg.disk_quota_mb))
-    cfg.time_sync_every_s = float(_take(agent, "time_sync_every_s", (int, float), "agent", cfg.time_sync_every_s))
-    cfg.log_format = _take(agent, "log_format", str, "agent", cfg.log_format)
+    cfg.retention_days = _number(agent, "retention_days", "agent", cfg.retention_days)
+    cfg.disk_quota_mb = _number(agent, "disk_quota_mb", "agent", cfg.disk_quota_mb)
+    cfg.time_sync_every_s = _number(agent, "time_sync_every_s", "agent", cfg.time_sync_every_s)
+    cfg.log_format = _enum(agent, "log_format", "agent", LOG_FORMATS, cfg.log_format)
     cfg.status_page_listen = _take(agent, "status_page_listen", str, "agent", cfg.status_page_listen)
+    host, sep, port = cfg.status_page_listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError("agent.status_page_listen must be HOST:PORT (port 0 to 65535), not %r"
+                          % cfg.status_page_listen, "agent.status_page_listen")
     spf = _take(agent, "status_page_password_file", str, "agent")
     cfg.status_page_password_file = Path(spf) if spf else None
-    if cfg.log_format not in ("text", "json"):
-        raise ConfigError("agent.log_format must be text or json", "agent.log_format")
-    if cfg.retention_days < 0 or cfg.disk_quota_mb <= 0:
-        raise ConfigError("agent.retention_days must be >= 0 and agent.disk_quota_mb > 0", "agent")
     _leftovers(agent, "agent")
     for i, s in enumerate(_take(data, "serial", list, "", [])):
         where = "serial[%d]" % i
-        s = dict(s)
-        sc = SerialConfig(port=_take(s, "port", str, where), usb_vid=_take(s, "usb_vid", int, where),
-                          usb_pid=_take(s, "usb_pid", int, where),
-                          baudrate=_take(s, "baudrate", int, where, 115200))
+        s = _table(s, where)
+        sc = SerialConfig(port=_take(s, "port", str, where), usb_vid=_number(s, "usb_vid", where, None, True),
+                          usb_pid=_number(s, "usb_pid", where, None, True),
+                          baudrate=_number(s, "baudrate", where, 115200, True))
         if not sc.port and sc.usb_vid is None:
             raise ConfigError("%s needs port, or usb_vid (and usb_pid)" % where, where)
         _leftovers(s, where)
@@ -178,31 +261,36 @@ def parse(data: dict[str, Any], source: Path | None = None) -> AgentConfig:
     if ble is not None:
         ble = dict(ble)
         cfg.ble = BleConfig(adapter=_take(ble, "adapter", str, "ble", "hci0"), air=_take(ble, "air", str, "ble", ""),
-                            max_connections=_take(ble, "max_connections", int, "ble", 7),
-                            connect_timeout_s=float(_take(ble, "connect_timeout_s", (int, float), "ble", 15.0)))
-        if not 1 <= cfg.ble.max_connections <= 20:
-            raise ConfigError("ble.max_connections must be 1..20", "ble.max_connections")
+                            max_connections=_number(ble, "max_connections", "ble", 7, True),
+                            connect_timeout_s=_number(ble, "connect_timeout_s", "ble", 15.0))
         _leftovers(ble, "ble")
     names = set()
     for i, b in enumerate(_take(data, "backend", list, "", [])):
         where = "backend[%d]" % i
-        b = dict(b)
-        bc = BackendConfig(name=_take(b, "name", str, where, ""), type=_take(b, "type", str, where, ""),
+        b = _table(b, where)
+        bc = BackendConfig(name=_take(b, "name", str, where, ""),
+                           type=_enum(b, "type", where, BACKEND_TYPES, ""),
                            url=_take(b, "url", str, where, ""))
-        if bc.type not in BACKEND_TYPES:
-            raise ConfigError("%s.type must be one of %s" % (where, ", ".join(BACKEND_TYPES)), where + ".type")
-        if not bc.name or bc.name in names:
-            raise ConfigError("%s.name must be set and unique" % where, where + ".name")
+        if not _NAME.match(bc.name) or bc.name in names:
+            raise ConfigError("%s.name must be set (1 to 64 of A-Z a-z 0-9 . _ -) and unique, not %r"
+                              % (where, bc.name), where + ".name")
         names.add(bc.name)
         bc.insecure = _take(b, "insecure", bool, where, False)
         for p in ("ca_file", "client_cert", "client_key", "bearer_token_file", "password_file"):
             setattr(bc, p, _path(_take(b, p, str, where)))
         bc.username = _take(b, "username", str, where)
         bc.topic_prefix = _take(b, "topic_prefix", str, where, bc.topic_prefix)
-        bc.format = _take(b, "format", str, where, bc.format)
-        bc.batch = _take(b, "batch", int, where, bc.batch)
-        bc.timeout_s = float(_take(b, "timeout_s", (int, float), where, bc.timeout_s))
-        bc.linger_s = float(_take(b, "linger_s", (int, float), where, bc.linger_s))
+        if not bc.topic_prefix or any(c in bc.topic_prefix for c in "+#\0") or bc.topic_prefix.startswith("/"):
+            raise ConfigError("%s.topic_prefix must be a non-empty MQTT topic without + # or a leading /, not %r"
+                              % (where, bc.topic_prefix), where + ".topic_prefix")
+        if bc.type == "webhook":
+            bc.format = _enum(b, "format", where, WEBHOOK_FORMATS, bc.format)
+        elif "format" in b:
+            raise ConfigError("%s.format applies to webhook backends only (%s sends JSON)" % (where, bc.type),
+                              where + ".format")
+        bc.batch = _number(b, "batch", where, bc.batch, True)
+        bc.timeout_s = _number(b, "timeout_s", where, bc.timeout_s)
+        bc.linger_s = _number(b, "linger_s", where, bc.linger_s)
         if "token" in b or "password" in b:
             raise ConfigError("%s: put secrets in files (bearer_token_file, password_file), not in the config"
                               % where, where)
@@ -211,17 +299,19 @@ def parse(data: dict[str, Any], source: Path | None = None) -> AgentConfig:
         cfg.backends.append(bc)
     for i, a in enumerate(_take(data, "alert", list, "", [])):
         where = "alert[%d]" % i
-        a = dict(a)
-        rule = {"name": _take(a, "name", str, where, ""), "signal": _take(a, "signal", str, where, "")}
-        if not rule["name"] or rule["signal"] not in ("spo2", "heart_rate", "lead_off", "silence_s"):
-            raise ConfigError("%s needs a name and a signal among spo2, heart_rate, lead_off, silence_s" % where,
-                              where)
+        a = _table(a, where)
+        rule: dict[str, Any] = {"name": _take(a, "name", str, where, "")}
+        if not rule["name"]:
+            raise ConfigError("%s.name must be set" % where, where + ".name")
+        rule["signal"] = _enum(a, "signal", where, ALERT_SIGNALS, "")
         for k in ("low", "high", "hysteresis", "min_duration_s"):
-            v = _take(a, k, (int, float), where)
+            v = _number(a, k, where, None)
             if v is not None:
-                rule[k] = float(v)
+                rule[k] = v
         if "low" not in rule and "high" not in rule:
             raise ConfigError("%s needs low, high or both" % where, where)
+        if "low" in rule and "high" in rule and rule["low"] >= rule["high"]:
+            raise ConfigError("%s.low must be below %s.high" % (where, where), where + ".low")
         _leftovers(a, where)
         cfg.alert_rules.append(rule)
     _leftovers(data, "")
@@ -230,6 +320,10 @@ def parse(data: dict[str, Any], source: Path | None = None) -> AgentConfig:
 
 def _check_url(bc: BackendConfig, where: str) -> None:
     u = urlparse(bc.url)
+    try:
+        _ = u.port  # raises ValueError on a port out of 0..65535
+    except ValueError:
+        raise ConfigError("%s.url has a bad port: %r" % (where, bc.url), where + ".url") from None
     secure = {"mqtt": "mqtts", "webhook": "https", "fhir": "https"}[bc.type]
     plain = {"mqtt": "mqtt", "webhook": "http", "fhir": "http"}[bc.type]
     if u.scheme not in (secure, plain) or not u.hostname:
@@ -244,6 +338,8 @@ def load(path: Path) -> AgentConfig:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError("no configuration file at %s" % path) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("cannot read the configuration: %s" % e, path=path) from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError("%s is not valid TOML: %s" % (path, e)) from None
+        raise ConfigError("not valid TOML: %s" % e, path=path) from None
     return parse(data, path)

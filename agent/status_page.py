@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.store import check_private
+from agent.store import StoreError, check_private
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -36,13 +36,45 @@ def _local(addr: str | None) -> bool:
     return bool(ip.is_loopback or ip.is_private or ip.is_link_local)
 
 
+# Shorter passwords fall to a guessing run on the local network within hours.
+MIN_PASSWORD_CHARS = 12
+# A password file is one line; anything larger is not one.
+MAX_PASSWORD_FILE_BYTES = 4096
+
+
+class PasswordFileError(Exception):
+    """The status page's password file cannot be used; .missing tells absent from unsafe."""
+
+    def __init__(self, message: str, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+def read_password(path: Path) -> str:
+    """The status page's password from path (one line, mode 0600, the service's own, at least
+    MIN_PASSWORD_CHARS characters); PasswordFileError says why not."""
+    try:
+        check_private(path, "status page password file")
+        if path.stat().st_size > MAX_PASSWORD_FILE_BYTES:
+            raise PasswordFileError("status page password file %s is larger than %d bytes: not a password file"
+                                    % (path, MAX_PASSWORD_FILE_BYTES))
+        password = path.read_text().strip()
+    except FileNotFoundError:
+        raise PasswordFileError("no status page password file at %s" % path, missing=True) from None
+    except StoreError as e:
+        raise PasswordFileError(str(e)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PasswordFileError("status page password file %s cannot be read: %s" % (path, e)) from None
+    if len(password) < MIN_PASSWORD_CHARS or "\n" in password:
+        raise PasswordFileError("status page password in %s must be one line of at least %d characters (it has %d)"
+                                % (path, MIN_PASSWORD_CHARS, len(password)))
+    return password
+
+
 class StatusPage:
     def __init__(self, snapshot: Callable[[], dict[str, Any]], waveform: Callable[[str, str], dict[str, Any]],
-                 password_file: Path, user: str = "hub") -> None:
-        check_private(password_file, "status page password file")
-        self.password = password_file.read_text().strip()
-        if len(self.password) < 8:
-            raise ValueError("the status page password must have at least 8 characters")
+                 password: str, user: str = "hub") -> None:
+        self.password = password
         self.user = user
         self.snapshot = snapshot
         self.waveform = waveform

@@ -114,6 +114,7 @@ class Agent:
         self.waves: dict[tuple[str, str], deque[int]] = {}
         self.started_at = time.time()
         self.status_page_port = 0
+        self.status_page_state = "on" if cfg.status_page_password_file else "off: no status_page_password_file"
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _on_commit(self) -> None:
@@ -234,12 +235,27 @@ class Agent:
         return {"device_id": device_id, "stream": stream, "values": values[::step]}
 
     async def _status_page(self) -> None:
-        from agent.status_page import StatusPage
+        from agent.status_page import PasswordFileError, StatusPage, read_password
 
         assert self.cfg.status_page_password_file is not None
+        try:
+            password = read_password(self.cfg.status_page_password_file)
+        except PasswordFileError as e:  # no page, the boards are served all the same
+            self.status_page_state = "off: %s" % e
+            if e.missing:
+                log.warning("status page off: %s (create it, mode 0600, to have the page)", e)
+            else:
+                log.error("status page off: %s", e)
+            return
         host, _, port = self.cfg.status_page_listen.rpartition(":")
-        page = StatusPage(self.snapshot, self.waveform, self.cfg.status_page_password_file)
-        self.status_page_port = await page.start(host or "0.0.0.0", int(port))
+        page = StatusPage(self.snapshot, self.waveform, password)
+        try:
+            self.status_page_port = await page.start(host or "0.0.0.0", int(port))
+        except OSError as e:  # the address is taken or not ours: no page, boards served all the same
+            self.status_page_state = "off: cannot listen on %s: %s" % (self.cfg.status_page_listen, e)
+            log.error("status page %s", self.status_page_state)
+            await page.stop()
+            return
         try:
             await asyncio.Event().wait()
         finally:
@@ -294,7 +310,7 @@ class Agent:
                          for f in self.forwarders],
             "rejects": dict(self.ingestor.rejects), "store": {"commits": self.store.stats.commits,
                                                               "ingested": self.store.stats.ingested},
-            "last_vitals": self.last_vitals,
+            "last_vitals": self.last_vitals, "status_page": self.status_page_state,
             "vitals": {"made": self.vitals_made, "skipped_frames": self.vitals_skipped,
                        "active_alerts": [list(a) for a in self.vitals.alerts.active()]},
             "counters": counters,

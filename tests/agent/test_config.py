@@ -23,7 +23,7 @@ def test_example_config_parses() -> None:
     ('[ble]\nmax_connections = 0', "ble.max_connections"),
     ('[ble]\nadaptor = "hci0"', "ble.adaptor"),
     ('[[backend]]\nname = "a"\ntype = "smtp"\nurl = "x"', "backend[0].type"),
-    ('[[alert]]\nname = "x"\nsignal = "temperature"\nlow = 1', "alert[0]"),
+    ('[[alert]]\nname = "x"\nsignal = "temperature"\nlow = 1', "alert[0].signal"),
     ('[[backend]]\nname = "a"\ntype = "webhook"\nurl = "http://host/x"', "backend[0].url"),
     ('[[backend]]\nname = "a"\ntype = "fhir"\nurl = "https://h/f"\ntoken = "s3cret"', "backend[0]"),
     ('[[backend]]\nname = "a"\ntype = "mqtt"\nurl = "mqtts://h"\n[[backend]]\nname = "a"\ntype = "mqtt"\n'
@@ -39,3 +39,133 @@ def test_plaintext_only_when_asked() -> None:
     cfg = config.parse(tomllib.loads('[[backend]]\nname = "a"\ntype = "webhook"\nurl = "http://h/x"\n'
                                      'insecure = true'))
     assert cfg.backends[0].insecure
+
+
+FHIR = '[[backend]]\nname = "a"\ntype = "fhir"\nurl = "https://h/f"\n'
+WEBHOOK = '[[backend]]\nname = "a"\ntype = "webhook"\nurl = "https://h/f"\n'
+
+
+# Each setting out of its range or enum, with the field the error must name.
+@pytest.mark.parametrize("toml, field", [
+    (FHIR + "batch = 0", "backend[0].batch"),
+    (FHIR + "batch = -5", "backend[0].batch"),
+    (FHIR + "batch = 100000", "backend[0].batch"),
+    (FHIR + "batch = 5.5", "backend[0].batch"),
+    (FHIR + "batch = true", "backend[0].batch"),
+    (FHIR + "timeout_s = -1", "backend[0].timeout_s"),
+    (FHIR + "timeout_s = 0", "backend[0].timeout_s"),
+    (FHIR + "timeout_s = nan", "backend[0].timeout_s"),
+    (FHIR + "linger_s = -0.1", "backend[0].linger_s"),
+    (FHIR + "linger_s = inf", "backend[0].linger_s"),
+    (WEBHOOK + 'format = "xml"', "backend[0].format"),
+    (WEBHOOK + 'format = "JSON"', "backend[0].format"),
+    (FHIR + 'format = "cbor"', "backend[0].format"),
+    ('[[backend]]\nname = "a"\ntype = "mqtt"\nurl = "mqtts://h"\ntopic_prefix = "a/#"', "backend[0].topic_prefix"),
+    ('[[backend]]\nname = "a b"\ntype = "mqtt"\nurl = "mqtts://h"', "backend[0].name"),
+    ('[[backend]]\nname = "a"\ntype = "fhir"\nurl = "https://h:99999/f"', "backend[0].url"),
+    ('[agent]\nretention_days = -1', "agent.retention_days"),
+    ('[agent]\ndisk_quota_mb = 0', "agent.disk_quota_mb"),
+    ('[agent]\ntime_sync_every_s = -60', "agent.time_sync_every_s"),
+    ('[agent]\nlog_format = "xml"', "agent.log_format"),
+    ('[agent]\nhub_id = "hub/1"', "agent.hub_id"),
+    ('[agent]\ndata_dir = "relative/dir"', "agent.data_dir"),
+    ('[agent]\nstatus_page_listen = "0.0.0.0"', "agent.status_page_listen"),
+    ('[agent]\nstatus_page_listen = "0.0.0.0:70000"', "agent.status_page_listen"),
+    ('[[serial]]\nport = "/dev/ttyACM0"\nbaudrate = 0', "serial[0].baudrate"),
+    ('[[serial]]\nusb_vid = 0x10000', "serial[0].usb_vid"),
+    ('[[serial]]\nusb_vid = 0x303a\nusb_pid = -1', "serial[0].usb_pid"),
+    ('serial = [1]', "serial[0]"),
+    ('[ble]\nconnect_timeout_s = -1', "ble.connect_timeout_s"),
+    ('[ble]\nmax_connections = 21', "ble.max_connections"),
+    ('[[alert]]\nname = "x"\nsignal = "spo2"\nlow = 90\nmin_duration_s = -1', "alert[0].min_duration_s"),
+    ('[[alert]]\nname = "x"\nsignal = "heart_rate"\nlow = 130\nhigh = 40', "alert[0].low"),
+    ('[[alert]]\nname = "x"\nsignal = "spo2"\nlow = 90\nhysteresis = -2', "alert[0].hysteresis"),
+])
+def test_out_of_range_and_unknown_values_are_refused_by_name(toml: str, field: str, tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(toml)
+    with pytest.raises(config.ConfigError) as e:
+        config.load(path)
+    assert e.value.field == field, str(e.value)
+    assert e.value.path == path and str(e.value).startswith(str(path) + ": ")
+    assert field.split(".")[-1].split("[")[0] in str(e.value)
+
+
+def test_bounds_themselves_are_accepted() -> None:
+    cfg = config.parse(tomllib.loads(FHIR + "batch = 1\ntimeout_s = 0.1\nlinger_s = 0\n[agent]\nretention_days = 0"))
+    assert cfg.backends[0].batch == 1 and cfg.backends[0].timeout_s == 0.1 and cfg.retention_days == 0
+    cfg = config.parse(tomllib.loads(WEBHOOK + 'format = "cbor"\nbatch = 1000'))
+    assert cfg.backends[0].format == "cbor" and cfg.backends[0].batch == 1000
+
+
+def test_unreadable_and_invalid_files_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text("[agent\n")
+    with pytest.raises(config.ConfigError, match="^%s: not valid TOML" % path):
+        config.load(path)
+    path.write_bytes(b"\xff\xfe[agent]")
+    with pytest.raises(config.ConfigError, match="^%s: cannot read" % path):
+        config.load(path)
+
+
+def test_cli_refuses_a_bad_config_without_a_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "agent.toml"
+    path.write_text(FHIR + "batch = 0\n")
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "agent", "--config", str(path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert "%s: backend[0].batch must be between 1 and 1000, not 0" % path in r.stderr, r.stderr
+
+
+@pytest.mark.micropython
+def test_status_page_password_file_never_stops_the_boards(micropython: str, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Missing: no page and a warning; world-readable or short: no page and an error. The board
+    is served in each case (frames stored), and the status tells why there is no page."""
+    import asyncio
+    import logging
+
+    from agent.sim.boards import write_private
+    from agent.supervisor import Agent
+    from tests.agent import harness
+
+    pw = tmp_path / "status.password"
+    cases = {
+        "missing": (lambda: None, logging.WARNING, "no status page password file at %s" % pw),
+        "readable by others": (lambda: (write_private(pw, b"correct horse battery staple\n"), pw.chmod(0o644)),
+                               logging.ERROR, "readable by others"),
+        "short": (lambda: (pw.chmod(0o600), write_private(pw, b"hunter2\n")), logging.ERROR, "at least 12"),
+    }
+    sims = harness.start_boards(tmp_path, 1, micropython)
+    try:
+        harness.register(tmp_path / "data", tmp_path / "log", sims)
+        cfg = config.load(harness.write_config(tmp_path, sims, "", extra=(
+            'status_page_listen = "127.0.0.1:%d"\nstatus_page_password_file = "%s"\n' % (harness.free_port(), pw))))
+        for case, (prepare, level, says) in cases.items():
+            prepare()
+            caplog.clear()
+
+            async def scenario() -> tuple[int, dict[str, object]]:
+                agent = Agent(cfg)
+                stop = asyncio.Event()
+                task = asyncio.create_task(agent.run(stop))
+                before = agent.store.stats.ingested
+                for _ in range(600):  # up to 60 s on a busy machine
+                    if agent.store.stats.ingested >= before + 3 or task.done():
+                        break
+                    await asyncio.sleep(0.1)
+                snap = agent.snapshot()
+                stop.set()
+                await task
+                return agent.store.stats.ingested - before, snap
+
+            stored, snap = asyncio.run(scenario())
+            assert stored >= 3, case
+            assert str(snap["status_page"]).startswith("off: ") and says in str(snap["status_page"]), (case, snap)
+            assert any(r.levelno == level and says in r.getMessage() for r in caplog.records), case
+    finally:
+        sims[0].stop()
