@@ -2,6 +2,13 @@
 # writes 18-bit samples, each tagged, into a 32-word FIFO at a rate set by
 # its own 32.768 kHz clock; we drain the FIFO with burst reads.
 #
+# The chip has no FIFO count register: what it says about its fill level is
+# STATUS.EINT, set while at least EFIT samples are unread (MNGR_INT.EFIT),
+# and STATUS.EOVF after an overflow. A burst therefore reads exactly EFIT
+# words, all of them known to hold samples, and only while EINT is set:
+# nothing is clocked out past the last sample (a word clocked out is popped,
+# and one that arrives during a burst would be lost if discarded).
+#
 # SPI transaction: one command byte (register << 1 | 1 to read), then 24 bits
 # of data per register, or per FIFO word in a burst. An ECG FIFO word is
 #   bits 23..6: sample (two's complement), bits 5..3: ETAG, bits 2..0: PTAG.
@@ -20,10 +27,7 @@ _REG_CNFG_EMUX = const(0x14)
 _REG_CNFG_ECG = const(0x15)
 _REG_ECG_FIFO_BURST = const(0x20)
 
-_ETAG_VALID = const(0)
-_ETAG_FAST = const(1)
-_ETAG_VALID_EOF = const(2)
-_ETAG_FAST_EOF = const(3)
+# ETAG 0/1: valid (normal/fast mode), 2/3: valid and last in the FIFO.
 _ETAG_EMPTY = const(6)
 _ETAG_OVERFLOW = const(7)
 
@@ -33,15 +37,22 @@ _STATUS_EOVF = const(1 << 22)
 _STATUS_DCLOFF = const(1 << 20)
 _STATUS_LDOFF = const(0xF)  # LDOFF_PH, LDOFF_PL, LDOFF_NH, LDOFF_NL
 
-_CNFG_GEN_EN_ECG = const(1 << 19)
-_CNFG_GEN_DCLOFF = const(1 << 12)  # DC lead-off detection on the ECG inputs
-_CNFG_GEN_IMAG_10NA = const(2 << 8)  # lead-off current 10 nA
-_CNFG_GEN_VTH_300MV = const(1 << 6)  # lead-off threshold VMID +/- 300 mV
-_CNFG_ECG_DLPF_40HZ = const(1 << 12)
-_MNGR_INT_EFIT_16 = const(15 << 19)  # FIFO interrupt at 16 unread samples
+_STATUS_EINT = const(1 << 23)  # at least EFIT samples unread
 
-_BURST_WORDS = const(8)  # words per SPI burst; the FIFO is 32 words deep
-_FIFO_DEPTH = const(32)
+# CNFG_GEN fields (datasheet register map): EN_ECG bit 19, EN_DCLOFF 13:12,
+# IPOL 11, IMAG 10:8, VTH 7:6, EN_RBIAS 5:4, RBIASV 3:2, RBIASP 1, RBIASN 0.
+_CNFG_GEN_EN_ECG = const(1 << 19)
+_CNFG_GEN_DCLOFF = const(1 << 12)  # EN_DCLOFF = 01: DC lead-off detection on ECGP/ECGN
+_CNFG_GEN_IMAG_10NA = const(2 << 8)  # IMAG = 010: lead-off current 10 nA
+_CNFG_GEN_VTH_300MV = const(0 << 6)  # VTH = 00: lead-off threshold VMID +/- 300 mV (01 would be 400)
+# Lead bias as Maxim's reference configuration sets it: resistive bias on
+# (EN_RBIAS = 01), 100 Mohm (RBIASV = 01), on both inputs (RBIASP, RBIASN).
+# Without it (and no third electrode) the inputs float out of their
+# common-mode range and the channel rails.
+_CNFG_GEN_RBIAS = const((1 << 4) | (1 << 2) | (1 << 1) | 1)
+_CNFG_ECG_DLPF_40HZ = const(1 << 12)
+_EFIT = const(16)  # samples per burst: EINT is set while at least this many are unread
+_MNGR_INT_EFIT = const((_EFIT - 1) << 19)  # EFIT field holds the threshold minus one
 _FULL_SCALE_CODE = const(0x1FFFF)
 
 RATES_HZ = (512, 256, 128)  # with FMSTR = 32768 Hz; CNFG_ECG RATE field value = index
@@ -59,8 +70,8 @@ class MAX30003:
         self._cs = cs
         self._tx = bytearray(4)
         self._rx = bytearray(4)
-        self._btx = bytearray(1 + 3 * _BURST_WORDS)
-        self._brx = bytearray(1 + 3 * _BURST_WORDS)
+        self._btx = bytearray(1 + 3 * _EFIT)
+        self._brx = bytearray(1 + 3 * _EFIT)
         self._btx[0] = (_REG_ECG_FIFO_BURST << 1) | 1
         self.rate_hz = 512
         self.gain = 20
@@ -104,11 +115,11 @@ class MAX30003:
             raise SensorError("MAX30003 not found: INFO is 0x%06x" % info)
         self.write_reg(_REG_SW_RST, 0)
         self.write_reg(_REG_CNFG_GEN, _CNFG_GEN_EN_ECG | _CNFG_GEN_DCLOFF | _CNFG_GEN_IMAG_10NA
-                       | _CNFG_GEN_VTH_300MV)
+                       | _CNFG_GEN_VTH_300MV | _CNFG_GEN_RBIAS)
         self.write_reg(_REG_CNFG_EMUX, 0)  # inputs connected, no calibration
         self.write_reg(_REG_CNFG_ECG, (RATES_HZ.index(rate_hz) << 22) | (GAINS.index(gain) << 16)
                        | _CNFG_ECG_DLPF_40HZ)
-        self.write_reg(_REG_MNGR_INT, _MNGR_INT_EFIT_16)
+        self.write_reg(_REG_MNGR_INT, _MNGR_INT_EFIT)
         self.write_reg(_REG_EN_INT, 0)  # polled
         self.rate_hz = rate_hz
         self.gain = gain
@@ -128,38 +139,43 @@ class MAX30003:
         return bool(self.status() & (_STATUS_DCLOFF | _STATUS_LDOFF))
 
     def read_into(self, chans, pos, room):
-        # Burst-reads valid samples into chans[0] from pos. A burst pops
-        # _BURST_WORDS words from the chip whatever we do with them, so one
-        # starts only while room holds a whole burst (callers give 32 spare).
-        # Returns the samples read; self.lost is then -1 if the FIFO overflowed
-        # before them (this chip counts no lost samples: the caller estimates
-        # them), else 0. Nothing here allocates, not even a result tuple.
+        # Reads whole bursts of _EFIT valid samples into chans[0] from pos
+        # while STATUS says that many are unread and room holds them (callers
+        # give 32 spare); fewer wait for the next call, at most _EFIT / rate
+        # (31 ms at 512 Hz, half the FIFO's fill time). Returns the samples
+        # read; self.lost is then -1 if the FIFO overflowed before them (this
+        # chip counts no lost samples: the caller estimates them), else 0.
+        # Nothing here allocates, not even a result tuple.
         out = chans[0]
         rx = self._brx
         n = 0
         overflow = 0
         sat = False
-        while room - n >= _BURST_WORDS and n < _FIFO_DEPTH:
+        while room - n >= _EFIT:
+            status = self.status()
+            if status & _STATUS_EOVF:
+                # Samples were lost: reset the FIFO and start clean.
+                self.write_reg(_REG_FIFO_RST, 0)
+                overflow = -1
+                break
+            if not status & _STATUS_EINT:
+                break
             self._cs.value(0)
             try:
                 self._spi.write_readinto(self._btx, rx)
             finally:
                 self._cs.value(1)
-            done = False
             b = 1
-            for _ in range(_BURST_WORDS):
+            for _ in range(_EFIT):
                 word = (rx[b] << 16) | (rx[b + 1] << 8) | rx[b + 2]
                 b += 3
                 etag = (word >> 3) & 7
-                if etag == _ETAG_EMPTY:
-                    done = True
-                    break
                 if etag == _ETAG_OVERFLOW:
-                    # Samples were lost: reset the FIFO and start clean.
                     self.write_reg(_REG_FIFO_RST, 0)
                     overflow = -1
-                    done = True
                     break
+                if etag == _ETAG_EMPTY:
+                    break  # EINT said otherwise: a glitch; the next call reads on
                 v = word >> 6
                 if v & 0x20000:
                     v -= 0x40000
@@ -167,10 +183,7 @@ class MAX30003:
                     sat = True
                 out[pos + n] = v
                 n += 1
-                if etag == _ETAG_VALID_EOF or etag == _ETAG_FAST_EOF:
-                    done = True
-                    break
-            if done:
+            if overflow:
                 break
         self.saturated = sat
         self.lost = overflow

@@ -7,7 +7,8 @@
 from micropython import const
 
 ADDRESS = const(0x57)
-_REG_INT_STATUS_1 = const(0x00)
+_REG_INT_STATUS_1 = const(0x00)  # then INT_STATUS_2, INT_ENABLE_1/2, FIFO_WR_PTR...
+_INT_A_FULL = const(0x80)  # INT_STATUS_1: a write left FIFO_A_FULL or fewer free slots
 _REG_INT_ENABLE_1 = const(0x02)
 _REG_FIFO_WR_PTR = const(0x04)  # then OVF_COUNTER (0x05), FIFO_RD_PTR (0x06)
 _REG_FIFO_DATA = const(0x07)
@@ -21,7 +22,7 @@ _REG_PART_ID = const(0xFF)
 PART_ID = const(0x15)
 _MODE_RESET = const(0x40)
 _MODE_SPO2 = const(0x03)
-_FIFO_ROLLOVER = const(0x10)
+_FIFO_ROLLOVER = const(0x10)  # FIFO_A_FULL (bits 3:0) stays 0: A_FULL means 32 unread
 _FIFO_DEPTH = const(32)
 _BYTES_PER_SAMPLE = const(6)  # 3 bytes red, 3 bytes IR
 _SAMPLE_MASK = const(0x3FFFF)  # 18 bits, left-justified for every pulse width
@@ -48,7 +49,7 @@ class MAX30102:
         self._sleep_ms = sleep_ms
         self._addr = address
         self._one = bytearray(1)
-        self._ptrs = bytearray(3)
+        self._ptrs = bytearray(7)  # INT_STATUS_1 .. FIFO_RD_PTR, one transaction
         self._burst = bytearray(_FIFO_DEPTH * _BYTES_PER_SAMPLE)
         mv = memoryview(self._burst)
         self._views = [mv[:n * _BYTES_PER_SAMPLE] for n in range(_FIFO_DEPTH + 1)]
@@ -131,14 +132,21 @@ class MAX30102:
         # Drains up to room samples into chans[0] (red) and chans[1] (IR) from
         # pos; returns how many. self.lost is then the number the FIFO lost
         # before them, or -1 when more were lost than the chip can count.
-        ptrs = self._ptrs
-        self._i2c.readfrom_mem_into(self._addr, _REG_FIFO_WR_PTR, ptrs)
-        lost = ptrs[1]
+        #
+        # WR_PTR == RD_PTR means empty or full (32 unread). It is full if
+        # samples overflowed (OVF_COUNTER > 0) or if A_FULL was set since we
+        # last read INT_STATUS_1: A_FULL needs a write that leaves FIFO_A_FULL
+        # slots free, and since the previous read of this status only writes
+        # happened after our drain, so the FIFO cannot be empty again. Status
+        # and pointers come in one transaction (registers 0x00..0x06).
+        regs = self._ptrs
+        self._i2c.readfrom_mem_into(self._addr, _REG_INT_STATUS_1, regs)
+        lost = regs[5]
         if lost == _OVF_SATURATED:
             lost = -1  # 31 or more: the count saturated, the caller estimates
-        n = (ptrs[0] - ptrs[2]) & (_FIFO_DEPTH - 1)
-        if n == 0 and lost:
-            n = _FIFO_DEPTH  # full: write pointer has caught up with read pointer
+        n = (regs[4] - regs[6]) & (_FIFO_DEPTH - 1)
+        if n == 0 and (lost or regs[0] & _INT_A_FULL):
+            n = _FIFO_DEPTH
         if n > room:
             n = room
         self.lost = lost

@@ -49,6 +49,8 @@ def _lead_off(schedule, t_s):
 
 # ---- MAX30102 (I2C) --------------------------------------------------------
 
+_P_INT_STATUS_1 = const(0x00)
+_P_A_FULL = const(0x80)  # INT_STATUS_1 bit 7, cleared by reading the register
 _P_FIFO_WR = const(0x04)
 _P_OVF = const(0x05)
 _P_FIFO_RD = const(0x06)
@@ -135,6 +137,15 @@ class MAX30102Model:
         self.fifo_ir[wr] = ir
         self.regs[_P_FIFO_WR] = (wr + 1) & 31
         self._unread_full = ((self.regs[_P_FIFO_WR] - self.regs[_P_FIFO_RD]) & 31) == 0
+        # A_FULL: set by a write that leaves FIFO_A_FULL or fewer free slots
+        # (FIFO_CONFIG bits 3:0; 0 means the FIFO is now full).
+        if 32 - self.unread() <= self.regs[_P_FIFO_CONFIG] & 0x0F:
+            self.regs[_P_INT_STATUS_1] |= _P_A_FULL
+
+    def unread(self):
+        if self._unread_full:
+            return 32
+        return (self.regs[_P_FIFO_WR] - self.regs[_P_FIFO_RD]) & 31
 
     def write(self, reg, data):
         for b in data:
@@ -173,6 +184,8 @@ class MAX30102Model:
             return
         for i in range(len(buf)):
             buf[i] = self.regs[(reg + i) & 0xFF]
+        if reg == _P_INT_STATUS_1 and len(buf):
+            self.regs[_P_INT_STATUS_1] = 0  # interrupt flags clear when read
 
 
 class SimI2C:
@@ -199,6 +212,7 @@ class SimI2C:
 # ---- MAX30003 (SPI) --------------------------------------------------------
 
 _E_STATUS = const(0x01)
+_E_MNGR_INT = const(0x04)
 _E_SW_RST = const(0x08)
 _E_SYNCH = const(0x09)
 _E_FIFO_RST = const(0x0A)
@@ -227,6 +241,8 @@ class MAX30003Model:
         self._lead_off = lead_off
         self.index = 0
         self.lost = 0
+        self.words_clocked = 0  # FIFO words clocked out in bursts or single reads
+        self.empty_words_clocked = 0  # of which past the last sample (a reader that ignores the count)
         self._reset()
 
     def _reset(self):
@@ -240,6 +256,22 @@ class MAX30003Model:
     def _rate(self):
         return _E_RATES[(self.regs[_E_CNFG_ECG] >> 22) & 3]
 
+    def efit(self):
+        # MNGR_INT bits 23:19: EINT while this many samples or more are unread.
+        return ((self.regs[_E_MNGR_INT] >> 19) & 0x1F) + 1
+
+    def lead_bias_mohm(self):
+        # The resistive lead bias on both inputs (CNFG_GEN EN_RBIAS = 01,
+        # RBIASP, RBIASN), by RBIASV: 50, 100 or 200 Mohm; 0 if any is off.
+        g = self.regs[_E_CNFG_GEN]
+        if (g >> 4) & 3 != 1 or g & 3 != 3:
+            return 0
+        return (50, 100, 200, 0)[(g >> 2) & 3]
+
+    def dcloff_vth_mv(self):
+        # CNFG_GEN VTH (bits 7:6): the DC lead-off threshold around VMID.
+        return (300, 400, 450, 500)[(self.regs[_E_CNFG_GEN] >> 6) & 3]
+
     def _advance(self):
         if not self.regs[_E_CNFG_GEN] & (1 << 19):
             return
@@ -250,8 +282,11 @@ class MAX30003Model:
             self._clock.done += 1
             k = self.index
             self.index += 1
-            if _lead_off(self._lead_off, k // rate):
-                code = 0x1FFFF  # inputs float to a rail
+            if _lead_off(self._lead_off, k // rate) or not self.lead_bias_mohm():
+                # Inputs float to a rail: electrode off, or no lead bias to
+                # hold them in the common-mode range (the simulated board has
+                # no third electrode).
+                code = 0x1FFFF
             else:
                 nv = self._ecg.at(k, rate)
                 code = nv * 131072 * gain // 1000000000 + self._noise.next()
@@ -268,7 +303,7 @@ class MAX30003Model:
 
     def _status(self):
         s = 0
-        if self.count >= 16:
+        if self.count >= self.efit():
             s |= 1 << 23
         if self.overflow:
             s |= 1 << 22
@@ -278,9 +313,11 @@ class MAX30003Model:
         return s
 
     def _pop_word(self):
+        self.words_clocked += 1
         if self.overflow:
             return _ETAG_OVF_WORD
         if not self.count:
+            self.empty_words_clocked += 1
             return _ETAG_EMPTY_WORD
         code = self.fifo[self.head]
         self.head = (self.head + 1) & 31

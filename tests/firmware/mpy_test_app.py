@@ -98,11 +98,12 @@ def test_max30003_identity_burst_and_overflow():
     chip.configure(rate_hz=512, gain=20)
     chip.start()
     out = [0] * 64
-    clock.sleep_ms(25)  # 12.8 samples -> 12
+    clock.sleep_ms(25)  # 12.8 samples -> 12, fewer than a burst (EFIT 16): they wait
     n = chip.read_into((out,), 0, 64)
-    assert (n, chip.lost) == (12, 0), (n, chip.lost)
+    assert (n, chip.lost, model.words_clocked) == (0, 0, 0), (n, chip.lost, model.words_clocked)
+    clock.sleep_ms(15)  # 20 unread: one burst of 16
     n = chip.read_into((out,), 0, 64)
-    assert (n, chip.lost) == (0, 0)  # empty FIFO: ETAG empty stops the burst
+    assert (n, chip.lost, model.count) == (16, 0, 4), (n, chip.lost, model.count)
     clock.sleep_ms(100)  # 51 samples into 32 words: overflow
     chip.read_into((out,), 0, 64)
     assert chip.lost == -1 and model.lost > 0 and not model.overflow  # FIFO reset after overflow
