@@ -14,6 +14,8 @@ import time
 
 import serial
 
+from agent.transports.serial import open_port
+
 CTRL_A, CTRL_B, CTRL_C, CTRL_D = b"\x01", b"\x02", b"\x03", b"\x04"
 # Bytes of a file sent per raw-REPL command: small enough for a board's
 # input buffer and heap (base64 makes 1.33x that).
@@ -34,7 +36,7 @@ class RawRepl:
         self.port_name = port
         self.timeout_s = timeout_s
         try:
-            self.port = serial.Serial(port, baudrate, timeout=0.05, exclusive=True)
+            self.port = open_port(port, baudrate, timeout_s=0.05)
         except (serial.SerialException, OSError) as e:
             raise ReplError("cannot open %s: %s" % (port, e), port) from e
         self.in_raw = False

@@ -10,6 +10,7 @@ lines (protocols.link.downlink_line).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 
@@ -28,6 +29,36 @@ _READ_CHUNK = 4096
 CONSOLE_LINES = 50
 
 
+def open_port(port: str, baudrate: int, timeout_s: float | None, write_timeout_s: float | None = None) -> serial.Serial:
+    """Opens a board's serial port without resetting the board.
+
+    On an ESP32 board a USB bridge (CP2102, CH340) drives EN and GPIO0
+    through two transistors from DTR and RTS: EN is pulled low (reset) while
+    RTS is asserted and DTR is not; GPIO0 low (download mode, at the next
+    reset) while DTR is asserted and RTS is not. Linux asserts both lines
+    itself when a port opens, and pyserial then applies its DTR setting before
+    its RTS setting: asking it for both deasserted would pass through
+    "RTS only" and reset the board. So RTS is deasserted at open (DTR, already
+    asserted, is left so) and DTR right after: the lines go from (DTR, RTS) =
+    (1, 1) to (1, 0) to (0, 0), never through (0, 1). Both end deasserted,
+    so a board that resets meanwhile (watchdog) boots normally, and closing
+    the port changes nothing. Raises serial.SerialException or OSError.
+    """
+    ser = serial.Serial(None, baudrate, timeout=timeout_s, write_timeout=write_timeout_s, exclusive=True)
+    ser.port = port
+    ser.dtr = True  # as the kernel left it: unchanged by open()
+    ser.rts = False
+    ser.open()
+    try:
+        ser.dtr = False
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTTY):  # what pyserial's open() ignores too
+            ser.close()
+            raise
+        # no modem lines on this port (a pty, a simulated board): nothing to reset
+    return ser
+
+
 class SerialTransport(Transport):
     def __init__(self, port: str, baudrate: int = 115200) -> None:
         self.port = port
@@ -44,7 +75,7 @@ class SerialTransport(Transport):
 
     async def open(self) -> None:
         try:
-            self._ser = serial.Serial(self.port, self.baudrate, timeout=0, write_timeout=2, exclusive=True)
+            self._ser = open_port(self.port, self.baudrate, timeout_s=0, write_timeout_s=2)
         except (serial.SerialException, OSError) as e:
             raise TransportError("cannot open %s: %s" % (self.port, e), self.name) from e
         self._loop = asyncio.get_running_loop()
