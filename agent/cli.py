@@ -236,8 +236,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         last = "never" if not b["last_frame_at"] else "%.0f s ago" % (__import__("time").time() - b["last_frame_at"])
         print("  board %-12s %-10s on %s, last frame %s" % (b["device_id"] or "?", b["state"], b["link"], last))
     for f in snap["backends"]:
-        print("  backend %-12s %-8s backlog %d, forwarded %d%s" % (
-            f["name"], f["state"], f["backlog"], f["forwarded"], (", " + f["last_error"]) if f["last_error"] else ""))
+        print("  backend %-12s %-8s backlog %d, forwarded %d%s%s" % (
+            f["name"], f["state"], f["backlog"], f["forwarded"],
+            (", refused %d (quarantined)" % f["refused"]) if f.get("refused") else "",
+            (", " + f["last_error"]) if f["last_error"] else ""))
     for dev, vitals in sorted(snap.get("last_vitals", {}).items()):
         print("  vitals %-12s " % dev + ", ".join("%s %s" % (k, v["value"]) for k, v in sorted(vitals.items())))
     alerts = snap.get("vitals", {}).get("active_alerts", [])

@@ -428,6 +428,17 @@ class Store:
         db.execute("VACUUM")  # the freed pages held health data: do not leave them in the file
         return int(n)
 
+    @staticmethod
+    def refuse_delivery(db: sqlite3.Connection, backend: str, frame_id: int, device_id: str, reason: str) -> None:
+        """A backend refused this frame for good: it leaves that backend's outbox (the frame
+        stays under the retention policy), a quarantine row says why, counter refused:<backend>."""
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("DELETE FROM outbox WHERE backend=? AND frame_id=?", (backend, frame_id))
+        db.execute("INSERT INTO quarantine(at, link, device_id, reason, raw) VALUES(?,?,?,?,NULL)",
+                   (time.time(), "backend:" + backend, device_id, reason))
+        _count(db, "refused:" + backend)
+        db.execute("COMMIT")
+
     # ---- reads (any thread, own connection) ----------------------------------------
 
     @staticmethod

@@ -27,7 +27,7 @@ from agent import forwarders
 from agent.audit import AuditLog
 from agent.ble_links import BleManager
 from agent.config import AgentConfig, SerialConfig
-from agent.forwarders.base import Backoff, Forwarder
+from agent.forwarders.base import Backoff, Forwarder, Subjects
 from agent.ingest import Ingestor
 from agent.registry import Registry
 from agent.session import BoardSession, BoardStats
@@ -95,7 +95,8 @@ class Agent:
         self.store.open()
         self.ingestor = Ingestor(self.store, self.registry)
         self.wake = asyncio.Event()
-        self.forwarders: list[Forwarder] = [forwarders.make(b, self.store, cfg.hub_id, self.wake)
+        subjects = Subjects(self.registry)
+        self.forwarders: list[Forwarder] = [forwarders.make(b, self.store, cfg.hub_id, self.wake, subjects)
                                             for b in cfg.backends]
         self.links = [SerialLink(sc) for sc in cfg.serial]
         self.ble: BleManager | None = None
@@ -306,7 +307,8 @@ class Agent:
             "ble_adapter": ({"state": self.ble.adapter, "error": self.ble.adapter_error,
                              "losses": self.ble.adapter_losses} if self.ble is not None else None),
             "backends": [{"name": f.name, "type": f.cfg.type, "state": f.state.value, "backlog": backlog.get(f.name, 0),
-                          "forwarded": f.forwarded, "failures": f.failures, "last_error": f.last_error}
+                          "forwarded": f.forwarded, "failures": f.failures, "refused": f.refused,
+                          "last_error": f.last_error}
                          for f in self.forwarders],
             "rejects": dict(self.ingestor.rejects), "store": {"commits": self.store.stats.commits,
                                                               "ingested": self.store.stats.ingested},

@@ -32,6 +32,21 @@ class DeliveryError(Exception):
     """The backend did not take the batch; it will be retried."""
 
 
+class RefusedError(DeliveryError):
+    """The backend refused the batch for what it holds (a permanent 4xx: invalid, a reference it
+    cannot resolve, too large): sent again as it is, it would be refused again. .status is the
+    HTTP status, .reason the backend's own words (bounded, for the log and the quarantine)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__("HTTP %d: %s" % (status, reason))
+        self.status = status
+        self.reason = reason
+
+
+# What a backend may say about one frame in a refusal, as kept and logged.
+REASON_CHARS = 300
+
+
 class State(enum.Enum):
     IDLE = "idle"
     SENDING = "sending"
@@ -63,16 +78,41 @@ def idempotency_key(row: Row) -> str:
     return "%s:%d:%d" % (row.device_id, row.epoch, row.seq)
 
 
-def document(row: Row, hub_id: str) -> dict[str, Any]:
-    """The decoded form of a stored frame, with the original COSE bytes."""
+class Subjects:
+    """The patient each board was provisioned for (registry.patient_ref), as the documents'
+    "subject". A frame stored before its board's current registration (re-provisioned since,
+    perhaps for another patient) gets None: unknown is never a wrong patient. Registry reads
+    are cached for REFRESH_S, so a forwarder reads the registry a few times a minute."""
+
+    REFRESH_S = 5.0
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry  # agent.registry.Registry (duck-typed: .all() -> devices)
+        self._by_device: dict[str, tuple[str, float]] = {}
+        self._read_at = -1e9
+
+    def of(self, device_id: str, received_at: float) -> str | None:
+        if time.monotonic() - self._read_at > self.REFRESH_S:
+            self._by_device = {d.device_id: (d.patient_ref, d.created_at) for d in self.registry.all()}
+            self._read_at = time.monotonic()
+        ref, since = self._by_device.get(device_id, ("", 0.0))
+        return ref if ref and received_at >= since else None
+
+
+def document(row: Row, hub_id: str, subject: str | None = None) -> dict[str, Any]:
+    """The decoded form of a stored frame, with the original COSE bytes; subject is the
+    patient reference given at provisioning (None: none known for this frame)."""
     received = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row.received_at))
     if row.kind == KIND_GAP:
-        doc = {"type": "gap", "idempotency_key": idempotency_key(row), "hub_id": hub_id, "received_at": received}
+        doc: dict[str, Any] = {"type": "gap", "idempotency_key": idempotency_key(row), "hub_id": hub_id,
+                               "received_at": received}
         doc.update(row.info or {})
+        doc["subject"] = subject
         return doc
     if row.kind in (KIND_VITAL, KIND_ALERT):
         doc = dict(row.info or {})
         doc.update(idempotency_key=idempotency_key(row), hub_id=hub_id, received_at=received)
+        doc["subject"] = subject
         return doc
     if row.raw is None or row.plain is None:
         raise RemoteProtocolError("stored frame %s has no samples to forward" % idempotency_key(row), "missing")
@@ -89,6 +129,7 @@ def document(row: Row, hub_id: str) -> dict[str, Any]:
         "idempotency_key": idempotency_key(row),
         "hub_id": hub_id,
         "device_id": row.device_id,
+        "subject": subject,
         "epoch": m.epoch,
         "seq": m.seq,
         "stream": messages.STREAM_NAMES.get(m.stream, str(m.stream)),
@@ -138,18 +179,28 @@ def tls_context(cfg: BackendConfig) -> ssl.SSLContext | None:
 
 
 class Forwarder(abc.ABC):
-    def __init__(self, cfg: BackendConfig, store: Store, hub_id: str, wake: asyncio.Event) -> None:
+    def __init__(self, cfg: BackendConfig, store: Store, hub_id: str, wake: asyncio.Event,
+                 subjects: Subjects | None = None) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.store = store
         self.hub_id = hub_id
         self.wake = wake
+        self.subjects = subjects
         self.state = State.IDLE
         self.backoff = Backoff()
         self.forwarded = 0
         self.failures = 0
         self.undeliverable = 0
+        self.refused = 0  # frames this backend refused for good (quarantined)
+        # Rows per request: cfg.batch, halved while the backend refuses whole batches, until
+        # a batch passes (a server's size limit) or one row alone is refused (quarantined).
+        self.batch_limit = cfg.batch
         self.last_error = ""
+
+    def document(self, row: Row) -> dict[str, Any]:
+        subject = self.subjects.of(row.device_id, row.received_at) if self.subjects is not None else None
+        return document(row, self.hub_id, subject)
 
     def _undecodable(self, rows: list[Row]) -> list[Row]:
         bad = []
@@ -159,6 +210,22 @@ class Forwarder(abc.ABC):
             except ProtocolError:
                 bad.append(r)
         return bad
+
+    async def _refused(self, rows: list[Row], e: RefusedError) -> None:
+        """A permanent refusal: halve the batch to find the row it is about; a row refused on
+        its own leaves this backend's outbox for the quarantine, with the reason, counted."""
+        self.last_error = "refused: %s" % e
+        if len(rows) > 1:
+            self.batch_limit = max(1, len(rows) // 2)
+            log.warning("backend %s refused a batch of %d (%s); sending %d at a time to find what it refuses",
+                        self.name, len(rows), e, self.batch_limit)
+            return
+        row = rows[0]
+        reason = "refused by backend %s: %s" % (self.name, e)
+        await self.store.run(lambda db: Store.refuse_delivery(db, self.name, row.id, row.device_id, reason[:500]))
+        self.refused += 1
+        self.batch_limit = self.cfg.batch
+        log.error("backend %s refused %s for good: %s; quarantined, not retried", self.name, idempotency_key(row), e)
 
     @abc.abstractmethod
     async def deliver(self, rows: list[Row]) -> None:
@@ -171,7 +238,7 @@ class Forwarder(abc.ABC):
         reader = self.store.reader()
         try:
             while True:
-                rows = await asyncio.to_thread(Store.fetch_outbox, reader, self.name, self.cfg.batch)
+                rows = await asyncio.to_thread(Store.fetch_outbox, reader, self.name, self.batch_limit)
                 if not rows:
                     self.state = State.IDLE
                     self.wake.clear()
@@ -195,6 +262,9 @@ class Forwarder(abc.ABC):
                     self.undeliverable += len(bad)
                     log.error("backend %s: %d stored frames cannot be decoded (%s); skipped",
                               self.name, len(bad), ", ".join(idempotency_key(r) for r in bad[:3]))
+                    continue
+                except RefusedError as e:
+                    await self._refused(rows, e)
                     continue
                 except Exception as e:
                     if not isinstance(e, (DeliveryError, OSError, TimeoutError, ssl.SSLError)):

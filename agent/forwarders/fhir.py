@@ -8,18 +8,39 @@
 - Observation.identifier is the idempotency key (urn:pulsebridge:frame |
   <device>:<epoch>:<seq>) and the create is conditional on it
   (If-None-Exist), so a resent batch never duplicates an Observation.
+- Observation.subject is the patient given at provisioning (see subject()).
 - Gap records become Observations with a data-absent reason.
+
+References that cannot dangle. A vital names the frames it was derived
+from (derivedFrom). Those frames travel in their own rows of the outbox:
+vitals go first (higher priority), so a frame can be in a later bundle; it
+can also never arrive at all (dropped by the disk quota, refused by the
+server). FHIR R4's transaction rules (http.html#trules) say a conditional
+reference ("Observation?identifier=...") that matches no resource, or
+several, fails the whole transaction: a vital sent before its frames was
+refused (412) at every retry, and the outbox never drained. Ordering the
+outbox would not cure it (a quota drop or a refusal leaves the frame out
+for good), nor would putting the frames in the vital's bundle (they may be
+gone). So derivedFrom is a logical reference (references.html#logical:
+Reference.identifier, with type): the frame's identifier, which a server
+records but never resolves, so it cannot fail a transaction; a reader finds
+the frame by that identifier (Observation?identifier=urn:pulsebridge:frame|
+<key>) once it is there, and a gap record says when it never will be. The
+only references the server resolves are to entries of the same Bundle
+(the Devices, by fullUrl, created or matched there) and the patient's
+literal reference given at provisioning, which must exist on the server.
 """
 
 from __future__ import annotations
 
 import calendar
 import json
+import re
 import time
 import uuid
 from typing import Any
 
-from agent.forwarders.base import DeliveryError, document
+from agent.forwarders.base import REASON_CHARS, RefusedError
 from agent.forwarders.http import HttpForwarder
 from agent.store import Row
 
@@ -28,6 +49,9 @@ UCUM = "http://unitsofmeasure.org"
 FRAME_SYSTEM = "urn:pulsebridge:frame"
 DEVICE_SYSTEM = "urn:pulsebridge:device"
 HUB_SYSTEM = "urn:pulsebridge:hub"
+# The patient's identifier system when provisioning gave a bare identifier.
+PATIENT_SYSTEM = "urn:pulsebridge:patient"
+_LITERAL = re.compile(r"^(Patient|Group)/[A-Za-z0-9\-.]{1,64}$")
 # MDC codes (ISO/IEEE 11073-10101) for the waveforms.
 CODES = {
     "ecg": ("131330", "MDC_ECG_ELEC_POTL_II", "ECG lead II"),
@@ -74,6 +98,18 @@ def _sampled(values: list[int], doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def subject(patient_ref: str) -> dict[str, Any]:
+    """Observation.subject from the patient reference given at provisioning: a literal
+    reference ("Patient/123", which the server must hold) as it is; "system|value" or a bare
+    value (under PATIENT_SYSTEM) as a logical reference to a Patient by identifier."""
+    if _LITERAL.match(patient_ref):
+        return {"reference": patient_ref}
+    system, sep, value = patient_ref.partition("|")
+    if not sep:
+        system, value = PATIENT_SYSTEM, patient_ref
+    return {"type": "Patient", "identifier": {"system": system, "value": value}}
+
+
 def observation(doc: dict[str, Any], hub_id: str) -> dict[str, Any]:
     key = doc["idempotency_key"]
     device = doc["device_id"]
@@ -84,13 +120,16 @@ def observation(doc: dict[str, Any], hub_id: str) -> dict[str, Any]:
         "device": {"reference": _urn("device", device)},
         "issued": doc["received_at"],
     }
+    if doc.get("subject"):
+        obs["subject"] = subject(doc["subject"])
     if doc["type"] == "vital":
         obs["category"] = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
                                         "code": "vital-signs"}]}]
         obs["code"] = {"coding": [{"system": sys_, "code": c, "display": d} for sys_, c, d in VITAL_CODES[doc["kind"]]]}
         obs["effectiveDateTime"] = doc["at"]
         obs["valueQuantity"] = {"value": doc["value"], "unit": doc["unit"], "system": UCUM, "code": doc["unit"]}
-        obs["derivedFrom"] = [{"reference": "Observation?identifier=%s|%s" % (FRAME_SYSTEM, k)}
+        # Logical references: never resolved by the server, so never dangling (module docstring).
+        obs["derivedFrom"] = [{"type": "Observation", "identifier": {"system": FRAME_SYSTEM, "value": k}}
                               for k in doc["source_frames"]]
         obs["note"] = [{"text": "signal quality %.2f" % doc["quality"]}]
         return obs
@@ -103,7 +142,9 @@ def observation(doc: dict[str, Any], hub_id: str) -> dict[str, Any]:
         obs["code"] = {"text": "pulsebridge data gap"}
         obs["dataAbsentReason"] = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",
                                                "code": "error"}]}
-        obs["note"] = [{"text": "%d frames dropped at the hub (%s)" % (doc["frames_dropped"], doc["reason"])}]
+        dropped = doc.get("frames_dropped")
+        obs["note"] = [{"text": "%s frames lost at the hub (%s)" % (
+            dropped if isinstance(dropped, int) else "some", doc.get("reason", "unknown"))}]
         return obs
     code, mdc_name, text = CODES.get(doc["stream"], ("0", "unknown", doc["stream"]))
     obs["code"] = {"coding": [{"system": MDC, "code": code, "display": mdc_name}], "text": text}
@@ -137,11 +178,25 @@ def bundle(docs: list[dict[str, Any]], hub_id: str) -> dict[str, Any]:
 
 class FhirForwarder(HttpForwarder):
     async def deliver(self, rows: list[Row]) -> None:
-        body = bundle([document(r, self.hub_id) for r in rows], self.hub_id)
+        body = bundle([self.document(r) for r in rows], self.hub_id)
         text = await self.post(self.cfg.url.rstrip("/"), json.dumps(body).encode(),
                                {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})
         reply = json.loads(text)
+        # A transaction is all or nothing (R4 http.html#transaction): a 2xx answer with an entry
+        # that failed is a server at odds with the rules; that batch is not taken as delivered.
         for entry in reply.get("entry", []):
             status = str(entry.get("response", {}).get("status", ""))
             if not status.startswith("2"):
-                raise DeliveryError("FHIR transaction entry answered %r" % status)
+                code = int(status[:3]) if status[:3].isdigit() else 400
+                raise RefusedError(code, "transaction entry answered %r" % status[:40])
+
+    def refusal_reason(self, text: str) -> str:
+        """The OperationOutcome's diagnostics (or details), else the answer's text."""
+        try:
+            issues = json.loads(text).get("issue", [])
+            said = "; ".join(str(i.get("diagnostics") or i.get("details", {}).get("text") or i.get("code"))
+                             + (" at %s" % ",".join(i["expression"]) if i.get("expression") else "")
+                             for i in issues if isinstance(i, dict))
+        except (ValueError, AttributeError):
+            said = ""
+        return said[:REASON_CHARS] or super().refusal_reason(text)

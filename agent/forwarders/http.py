@@ -1,12 +1,26 @@
 """What the HTTPS forwarders (webhook, FHIR) share: one client session with
 the backend's TLS settings, bearer authentication, and a POST that counts
-only a 2xx answer as delivered."""
+only a 2xx answer as delivered.
+
+An answer that is not 2xx is one of two kinds. "Later" (RETRY_STATUSES,
+5xx, no answer at all): the batch is retried with backoff, for as long as
+it takes. "Never" (any other 4xx: the backend read the batch and refuses
+what it holds): RefusedError, and the outbox loop narrows the batch down
+to the frame refused and quarantines it, so one bad frame cannot hold
+back the others forever.
+"""
 
 from __future__ import annotations
 
 import aiohttp
 
-from agent.forwarders.base import DeliveryError, Forwarder, read_secret, tls_context
+from agent.forwarders.base import REASON_CHARS, DeliveryError, Forwarder, RefusedError, read_secret, tls_context
+
+# 4xx answers retried like a 5xx. 408, 425, 429 (RFC 9110, 8470, 6585) say "not now". 401, 403,
+# 404, 405, 407, 421 say the hub's own settings are wrong (credentials, URL, proxy): every frame
+# would be refused alike, so none is quarantined for it; the backend shows the error and retries
+# until someone fixes the configuration.
+RETRY_STATUSES = frozenset({401, 403, 404, 405, 407, 408, 421, 425, 429})
 
 
 class HttpForwarder(Forwarder):
@@ -29,11 +43,17 @@ class HttpForwarder(Forwarder):
         try:
             async with self._session.post(url, data=body, headers=headers) as resp:
                 text = await resp.text()
-                if not 200 <= resp.status < 300:
-                    raise DeliveryError("HTTP %d from %s" % (resp.status, url))
-                return text
+                if 200 <= resp.status < 300:
+                    return text
+                if 400 <= resp.status < 500 and resp.status not in RETRY_STATUSES:
+                    raise RefusedError(resp.status, self.refusal_reason(text))
+                raise DeliveryError("HTTP %d from %s" % (resp.status, url))
         except aiohttp.ClientError as e:
             raise DeliveryError(str(e) or type(e).__name__) from e
+
+    def refusal_reason(self, text: str) -> str:
+        """The backend's reason for a refusal, from its answer's body (bounded)."""
+        return " ".join(text.split())[:REASON_CHARS] or "no reason given"
 
     async def close(self) -> None:
         if self._session is not None:

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 import aiomqtt
 
-from agent.forwarders.base import DeliveryError, Forwarder, document, read_secret, tls_context
+from agent.forwarders.base import DeliveryError, Forwarder, read_secret, tls_context
 from agent.store import Row
 
 
@@ -46,7 +46,7 @@ class MqttForwarder(Forwarder):
             if self._client is None:
                 self._client = await self._connect()
             client = self._client
-            docs = [document(r, self.hub_id) for r in rows]
+            docs = [self.document(r) for r in rows]
             await asyncio.gather(*(client.publish(topic(self.cfg.topic_prefix, self.hub_id, d),
                                                   payload=json.dumps(d).encode(), qos=1) for d in docs))
         except aiomqtt.MqttError as e:

@@ -10,14 +10,13 @@ import json
 
 import cbor2
 
-from agent.forwarders.base import document
 from agent.forwarders.http import HttpForwarder
 from agent.store import Row
 
 
 class WebhookForwarder(HttpForwarder):
     async def deliver(self, rows: list[Row]) -> None:
-        docs = [document(r, self.hub_id) for r in rows]
+        docs = [self.document(r) for r in rows]
         if self.cfg.format == "cbor":
             body, ctype = cbor2.dumps(docs), "application/cbor"
         else:

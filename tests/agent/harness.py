@@ -83,10 +83,10 @@ def start_boards(tmp: Path, n: int, micropython: str, **spec_kw: Any) -> list[Si
     return sims
 
 
-def register(data_dir: Path, log_dir: Path, sims: list[SimulatedBoard]) -> None:
+def register(data_dir: Path, log_dir: Path, sims: list[SimulatedBoard], patient_ref: str = "") -> None:
     reg = Registry(data_dir / "registry.db", AuditLog(log_dir / "audit.log"))
     for sim in sims:
-        reg.add(sim.device_id, label="test board", key=sim.spec.key, actor="test")
+        reg.add(sim.device_id, label="test board", patient_ref=patient_ref, key=sim.spec.key, actor="test")
     reg.close()
 
 

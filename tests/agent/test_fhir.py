@@ -1,5 +1,8 @@
 # FHIR forwarding: transaction Bundles that validate with a FHIR model
-# library, and conditional creates that make a resend harmless.
+# library, and conditional creates that make a resend harmless (the
+# project's own server, for its fault injection); against an independent
+# server (Medplum's FHIR router), an outage then recovery with nothing
+# dangling, and a frame refused for good quarantined, not retried forever.
 import asyncio
 from pathlib import Path
 
@@ -11,6 +14,7 @@ from agent.store import Store
 from agent.supervisor import Agent
 from tests.agent import harness
 from tests.agent.fhir_server import FhirTestServer
+from tests.agent.medplum import MedplumServer
 
 
 @pytest.mark.micropython
@@ -53,8 +57,7 @@ def test_bundles_validate_and_a_resend_never_duplicates(micropython: str, tmp_pa
         assert {"8867-4", "147842", "59408-5", "150456"} <= codes, codes  # heart rate and SpO2, LOINC and MDC
         hr = [o["valueQuantity"]["value"] for o in vitals if o["code"]["coding"][0]["code"] == "8867-4"]
         assert all(50 < v < 110 for v in hr), hr  # MIT-BIH 100 beats at about 75/min
-        assert all(o["derivedFrom"][0]["reference"].startswith("Observation?identifier=urn:pulsebridge:frame|")
-                   for o in vitals)
+        assert all(o["derivedFrom"][0]["identifier"]["system"] == fhir.FRAME_SYSTEM for o in vitals)
         assert len(stored) >= 8 and keys == stored  # each frame once, despite the resends
         assert set(server.resources["Device"]) == {fhir.HUB_SYSTEM + "|test-hub", fhir.DEVICE_SYSTEM + "|pb-t01"}
         assert agent.forwarders[0].failures >= 2
@@ -66,3 +69,180 @@ def test_bundles_validate_and_a_resend_never_duplicates(micropython: str, tmp_pa
         assert [c["code"]["text"].split()[0] for c in ppg[0]["component"]] == ["red", "infrared"]
     finally:
         sims[0].stop()
+
+
+def _frame_keys(agent: Agent) -> set[str]:
+    db = Store(agent.cfg.store_path, [b.name for b in agent.cfg.backends]).reader()
+    try:
+        return {"%s:%d:%d" % r for r in db.execute("SELECT device_id, epoch, seq FROM frames WHERE kind=1")}
+    finally:
+        db.close()
+
+
+def _identifier(o: dict[str, object]) -> str:
+    return o["identifier"][0]["value"]  # type: ignore[index,no-any-return]
+
+
+def _create_patient(server: MedplumServer, pki: harness.Pki) -> str:
+    import json
+    import ssl
+    import urllib.request
+
+    req = urllib.request.Request("https://127.0.0.1:%d/fhir/Patient" % server.port, method="POST",
+                                 data=json.dumps({"resourceType": "Patient", "active": True}).encode(),
+                                 headers={"Content-Type": "application/fhir+json"})
+    with urllib.request.urlopen(req, context=ssl.create_default_context(cafile=str(pki.ca_cert)), timeout=30) as r:
+        return "Patient/%s" % json.loads(r.read())["id"]
+
+
+async def _until(predicate: object, timeout_s: float, what: str) -> None:
+    for _ in range(int(timeout_s * 10)):
+        if predicate():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("timed out waiting for " + what)
+
+
+@pytest.mark.slow
+@pytest.mark.micropython
+def test_outage_then_recovery_against_an_independent_server(micropython: str, tmp_path: Path) -> None:
+    """The FHIR server goes away while a board streams, then comes back. Vitals made meanwhile
+    are sent ahead of the frames they were derived from (they have the outbox's priority); the
+    backlog must drain completely, every frame once, every vital's derivedFrom naming a frame
+    that is there, every Observation with the patient as subject, nothing refused or lost."""
+    pki = harness.pki_for(tmp_path)
+    server = MedplumServer(pki.server_cert, pki.server_key, tmp_path / "medplum.log")
+    sims = harness.start_boards(tmp_path, 1, micropython)
+    try:
+        patient = _create_patient(server, pki)
+        harness.register(tmp_path / "data", tmp_path / "log", sims, patient_ref=patient)
+        # Small batches, so the backlog at recovery spans several bundles: the vitals in the first
+        # ones, the frames they cite in later ones.
+        backend = ('[[backend]]\nname = "ehr"\ntype = "fhir"\nurl = "https://127.0.0.1:%d/fhir"\nca_file = "%s"\n'
+                   'batch = 4\n' % (server.port, pki.ca_cert))
+        cfg = agent_config.load(harness.write_config(tmp_path, sims, backend))
+        figures: dict[str, int] = {}
+
+        async def scenario() -> Agent:
+            agent = Agent(cfg)
+            stop = asyncio.Event()
+            task = asyncio.create_task(agent.run(stop))
+            fw = agent.forwarders[0]
+            await _until(lambda: fw.forwarded >= 5, 90, "a first delivery")
+            await asyncio.to_thread(server.down)
+            vitals_before = agent.vitals_made
+            await _until(lambda: fw.failures >= 2 and agent.vitals_made >= vitals_before + 2, 120,
+                         "vitals made during the outage")
+            await _until(lambda: agent.snapshot()["backends"][0]["backlog"] > 3 * fw.cfg.batch, 60, "a backlog")
+            figures["backlog_at_recovery"] = agent.snapshot()["backends"][0]["backlog"]
+            await asyncio.to_thread(server.up)
+            await asyncio.to_thread(sims[0].stop)
+            await _until(lambda: agent.snapshot()["backends"][0]["backlog"] == 0, 180, "the backlog to drain")
+            stop.set()
+            await task
+            return agent
+
+        agent = asyncio.run(scenario())
+        acked = {"%s:%d:%d" % k for k in harness.acked(sims[0])}
+        stored = _frame_keys(agent)
+        observations = server.resources("Observation")
+        keys = [_identifier(o) for o in observations]
+        frames = {k for k in keys if k.count(":") == 2 and not k.startswith(("vital:", "alert:", "gap:"))}
+        vitals = [o for o in observations if "derivedFrom" in o]
+        print("FHIR outage: acked %d, stored %d, delivered %d frames + %d vitals, backlog at recovery %d, "
+              "lost %d" % (len(acked), len(stored), len(frames), len(vitals), figures["backlog_at_recovery"],
+                           len(acked - frames)))
+        assert len(keys) == len(set(keys))  # each once
+        assert acked and acked <= stored and frames == stored  # every acknowledged frame delivered, nothing lost
+        assert figures["backlog_at_recovery"] > 0 and agent.forwarders[0].refused == 0
+        assert vitals and agent.forwarders[0].failures >= 2
+        for v in vitals:  # nothing dangling: each source frame is on the server
+            sources = {d["identifier"]["value"] for d in v["derivedFrom"]}
+            assert sources <= frames, sources - frames
+        assert all(o.get("subject") == {"reference": patient} for o in observations)
+        devices = server.resources("Device")
+        assert len(devices) == 2  # the hub and the board, created once, matched ever after
+        board = next(d["id"] for d in devices if d["identifier"][0]["system"] == fhir.DEVICE_SYSTEM)
+        assert all(o["device"]["reference"] == "Device/" + board for o in observations)
+    finally:
+        for sim in sims:
+            sim.stop()
+        server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.micropython
+def test_a_permanent_refusal_is_quarantined_not_retried_forever(micropython: str, tmp_path: Path) -> None:
+    """Board 2 was provisioned with a patient the FHIR server does not hold: each of its
+    Observations is refused (400). They are found one by one, quarantined with the server's
+    reason and counted; board 1's frames, in the same batches, are all delivered."""
+    pki = harness.pki_for(tmp_path)
+    server = MedplumServer(pki.server_cert, pki.server_key, tmp_path / "medplum.log")
+    sims = harness.start_boards(tmp_path, 2, micropython)
+    try:
+        patient = _create_patient(server, pki)
+        harness.register(tmp_path / "data", tmp_path / "log", sims[:1], patient_ref=patient)
+        harness.register(tmp_path / "data", tmp_path / "log", sims[1:], patient_ref="Patient/not-on-this-server")
+        backend = ('[[backend]]\nname = "ehr"\ntype = "fhir"\nurl = "https://127.0.0.1:%d/fhir"\nca_file = "%s"\n'
+                   'batch = 16\n' % (server.port, pki.ca_cert))
+        cfg = agent_config.load(harness.write_config(tmp_path, sims, backend))
+
+        async def scenario() -> Agent:
+            agent = Agent(cfg)
+            stop = asyncio.Event()
+            task = asyncio.create_task(agent.run(stop))
+            fw = agent.forwarders[0]
+            await _until(lambda: fw.forwarded >= 5 and fw.refused >= 5, 120, "deliveries and refusals")
+            await asyncio.gather(*(asyncio.to_thread(s.stop) for s in sims))
+            await _until(lambda: agent.snapshot()["backends"][0]["backlog"] == 0, 180, "the backlog to drain")
+            stop.set()
+            await task
+            return agent
+
+        agent = asyncio.run(scenario())
+        stored = _frame_keys(agent)
+        on_server = {_identifier(o) for o in server.resources("Observation")}
+        good = {k for k in stored if k.startswith(sims[0].device_id + ":")}
+        bad = {k for k in stored if k.startswith(sims[1].device_id + ":")}
+        assert good and bad and good <= on_server and not any(sims[1].device_id in k for k in on_server)
+        db = Store(agent.cfg.store_path, ["ehr"]).reader()
+        quarantined = db.execute("SELECT device_id, reason FROM quarantine WHERE link='backend:ehr'").fetchall()
+        refused = Store.counters(db).get("refused:ehr", 0)
+        left = db.execute("SELECT COUNT(*) FROM frames WHERE device_id=?", (sims[1].device_id,)).fetchone()[0]
+        db.close()
+        fw = agent.forwarders[0]
+        print("FHIR refusal: board 1 %d frames delivered, board 2 %d frames + vitals refused and quarantined"
+              % (len(good), fw.refused))
+        assert fw.refused == refused == len(quarantined) >= len(bad)  # its vitals and alerts too
+        assert {d for d, _ in quarantined} == {sims[1].device_id}
+        assert all("Patient/not-on-this-server" in r and "HTTP 400" in r for _, r in quarantined), quarantined[:2]
+        assert left >= len(bad)  # refused frames stay in the store (retention), only the outbox let go
+        snap = agent.snapshot()["backends"][0]
+        assert snap["refused"] == fw.refused
+    finally:
+        for sim in sims:
+            sim.stop()
+        server.stop()
+
+
+def test_subject_forms_and_documents_carry_it(tmp_path: Path) -> None:
+    from agent.audit import AuditLog
+    from agent.forwarders.base import Subjects, document
+    from agent.registry import Registry
+    from agent.store import KIND_VITAL, Row
+
+    assert fhir.subject("Patient/123") == {"reference": "Patient/123"}
+    assert fhir.subject("urn:oid:1.2.250|4455") == {"type": "Patient", "identifier": {
+        "system": "urn:oid:1.2.250", "value": "4455"}}
+    assert fhir.subject("chambre-2") == {"type": "Patient", "identifier": {
+        "system": fhir.PATIENT_SYSTEM, "value": "chambre-2"}}
+    reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
+    dev = reg.add("pb-1", patient_ref="Patient/7")
+    reg.add("pb-2")
+    subjects = Subjects(reg)
+    assert subjects.of("pb-1", dev.created_at + 1) == "Patient/7"
+    assert subjects.of("pb-1", dev.created_at - 1) is None  # stored before this provisioning: not claimed
+    assert subjects.of("pb-2", dev.created_at + 1) is None and subjects.of("pb-9", 0) is None
+    row = Row(1, "pb-1", -2, 1, KIND_VITAL, None, 8, dev.created_at + 1, b"", {"type": "vital", "device_id": "pb-1"})
+    assert document(row, "hub", subjects.of(row.device_id, row.received_at))["subject"] == "Patient/7"
+    reg.close()
