@@ -30,25 +30,25 @@ from agent.simrun import default_cache
 ESP32_DATA_HEAP_KB = 100
 
 
-def _run_board(directory: Path, compiled: Path, heap_kb: int, minutes: float) -> dict[str, Any]:
+def _run_board(directory: Path, compiled: Path, heap_kb: int, minutes: float, speed: str = "host") -> dict[str, Any]:
     proc = subprocess.run([find_micropython(), "-X", "heapsize=%dK" % heap_kb, "-m", "sim.bench_board",
-                           str(minutes)], cwd=directory, env={"MICROPYPATH": str(compiled)},
+                           str(minutes), speed], cwd=directory, env={"MICROPYPATH": str(compiled)},
                           capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError("firmware benchmark failed: %s" % (proc.stderr.strip() or proc.stdout.strip())[-2000:])
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def firmware(minutes: float) -> dict[str, Any]:
+def firmware(minutes: float, speed: str = "host") -> dict[str, Any]:
     cache = default_cache()
     compiled = build.compile_firmware(cache)
     with tempfile.TemporaryDirectory(prefix="pulsebridge-bench-") as tmp:
         d = Path(tmp)
         boards.prepare(boards.BoardSpec("pb-bench01", virtual_clock=True), d, cache)
-        probe = _run_board(d, compiled, 512, 0.05)  # measures the modules' heap
+        probe = _run_board(d, compiled, 512, 0.05, speed)  # measures the modules' heap
         code_kb = -(-probe["code_heap"] // 1024)
         heap_kb = code_kb + ESP32_DATA_HEAP_KB
-        r = _run_board(d, compiled, heap_kb, minutes)
+        r = _run_board(d, compiled, heap_kb, minutes, speed)
     r["heapsize_kb"] = heap_kb
     r["code_heap_kb"] = code_kb
     return r
@@ -81,6 +81,29 @@ def firmware_report(r: dict[str, Any]) -> list[str]:
                  "hub side excluded: %.2f s)" % (cpu, r["data_seconds"], cpu / r["data_seconds"], r["hub_us"] / 1e6))
     lines.append("  gaps %d, rejected %d, FIFO overflows %d, frames dropped %d" % (
         r["gaps"], r["rejected"], r["fifo_lost"], r["frames_dropped"]))
+    lines.append("  allocations in the steady state: %.0f bytes/s; heap low-water mark %d bytes free; "
+                 "largest block %d bytes" % (r["alloc_bytes_per_s"], r["heap_low_free"], r["largest_block"]))
+    c = r.get("chip")
+    if c:
+        lines += chip_report(r)
+    return lines
+
+
+def chip_report(r: dict[str, Any]) -> list[str]:
+    c = r["chip"]
+    lost = sum(s["lost"] for s in r["streams"].values()) + c["timer_dropped"]
+    shortest = min(f["fill_ms"] for f in c["fifos"].values()) if c["fifos"] else 0.0
+    lines = ["  at %s speed: factor %.0f chip us per host CPU us (calibration programs: %s)" % (
+        c["speed"], c["factor"], ", ".join("%.0f" % f for f in c["factors"]))]
+    lines.append("  CPU %.1f %% (computing %.1f %%, waiting on buses and console %.1f %%)" % (
+        c["cpu_pct"], 100 * c["compute_us"] / max(1, c["chip_us"]), 100 * c["io_us"] / max(1, c["chip_us"])))
+    lines.append("  worst loop latency %.1f ms vs shortest FIFO fill time %.1f ms (half: %.1f ms)" % (
+        c["worst_step_us"] / 1000, shortest, shortest / 2))
+    for name, f in sorted(c["fifos"].items()):
+        lines.append("    %s FIFO: %d deep, fills in %.1f ms; fullest seen by the firmware: %d" % (
+            name, f["depth"], f["fill_ms"], f["worst_level"]))
+    lines.append("  samples lost %d (timer ticks dropped %d, soft IRQs dropped %d); console blocked %.1f s" % (
+        lost, c["timer_dropped"], c["sched_dropped"], c["console_blocked_us"] / 1e6))
     return lines
 
 
@@ -195,9 +218,9 @@ for name, fn in (("varint", lambda: samples.encode_into(x, 512, buf, 0)), ("rice
     return out
 
 
-def main(what: str, minutes: float, as_json: bool) -> int:
+def main(what: str, minutes: float, as_json: bool, speed: str = "host", link: str = "serial") -> int:
     if what == "firmware":
-        r = firmware(minutes)
+        r = firmware(minutes, speed)
         print(json.dumps(r, indent=1) if as_json else "\n".join(firmware_report(r)))
         ok = (r["memory_errors"] == 0 and all(s["lost"] == 0 for s in r["streams"].values())
               and r["gaps"] == 0)

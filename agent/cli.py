@@ -31,6 +31,16 @@ def _sim_args(p: argparse.ArgumentParser) -> None:
                    help="ble: mean seconds between forced disconnects (default 0: none)")
     p.add_argument("--air-capture", type=Path, default=None,
                    help="ble: write every PDU on the software radio here, as a sniffer would see them (JSON lines)")
+    _speed_arg(p)
+
+
+BOARD_SPEEDS = ["host", "esp32", "esp32-240", "esp32s3"]
+
+
+def _speed_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--board-speed", choices=BOARD_SPEEDS, default="host",
+                   help="run the firmware at this machine's speed (host, the default) or at a chip's: esp32 "
+                        "(160 MHz), esp32-240, esp32s3 (README: Board speed)")
 
 
 def _options(args: argparse.Namespace, **kw: object):  # type: ignore[no-untyped-def]
@@ -45,7 +55,7 @@ def _options(args: argparse.Namespace, **kw: object):  # type: ignore[no-untyped
     return SimOptions(boards=args.boards, ecg=None if args.ecg == "none" else args.ecg, ppg=not args.no_ppg,
                       seconds=args.seconds, directory=args.dir, spo2_pct=args.spo2, json=args.json,
                       link=args.link, fragment_loss=args.fragment_loss, disconnect_every_s=args.disconnect_every,
-                      air_capture=args.air_capture, **kw)  # type: ignore[arg-type]
+                      air_capture=args.air_capture, board_speed=args.board_speed, **kw)  # type: ignore[arg-type]
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -316,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="benchmarks that print figures")
     p.add_argument("what", choices=["firmware", "encoding", "agent", "vitals"], help="which benchmark")
     p.add_argument("--minutes", type=float, default=10.0, help="simulated minutes (firmware benchmark)")
+    p.add_argument("--link", choices=["serial", "ble"], default="serial", help="firmware benchmark: the board's link")
+    _speed_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
@@ -340,7 +352,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from agent import bench
 
-    return bench.main(args.what, args.minutes, args.json)
+    return bench.main(args.what, args.minutes, args.json, args.board_speed, args.link)
 
 
 if __name__ == "__main__":

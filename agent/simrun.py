@@ -47,6 +47,7 @@ class SimOptions:
     fragment_loss: float = 0.0  # ble: probability that a notification is lost on air
     disconnect_every_s: float = 0.0  # ble: mean time between forced disconnects
     air_capture: Path | None = None  # ble: what a sniffer would record, as JSON lines
+    board_speed: str = "host"  # host, or a chip the firmware runs at the speed of (esp32, esp32-240, esp32s3)
 
 
 def default_cache() -> Path:
@@ -57,7 +58,7 @@ def default_cache() -> Path:
 def board_specs(opts: SimOptions, air: Air | None = None) -> list[boards.BoardSpec]:
     return [boards.BoardSpec("pb-sim%02d" % (i + 1), ecg=opts.ecg, ppg=opts.ppg, spo2_pct=opts.spo2_pct,
                              seed=i + 1, ppm={"max30003": 15 * (i + 1), "max30102": -20 * (i + 1)},
-                             link=opts.link, air=str(air.board_path) if air else "")
+                             link=opts.link, air=str(air.board_path) if air else "", board_speed=opts.board_speed)
             for i in range(opts.boards)]
 
 

@@ -33,6 +33,7 @@ class BoardSpec:
     lead_off: list[tuple[float, float]] = field(default_factory=list)
     finger_off: list[tuple[float, float]] = field(default_factory=list)
     virtual_clock: bool = False
+    board_speed: str = "host"  # or a chip: the firmware then runs at its speed (firmware_mpy/sim/clock.py)
     window_ms: int = 1000
     outbox_bytes: int = 24576
     seed: int = 1
@@ -82,7 +83,7 @@ def prepare(spec: BoardSpec, directory: Path, cache: Path) -> Path:
             write_private(flash / "device.key", spec.key)
     sim: dict[str, object] = {
         "ppm": spec.ppm, "lead_off": spec.lead_off, "finger_off": spec.finger_off,
-        "virtual_clock": spec.virtual_clock, "seed": spec.seed,
+        "virtual_clock": spec.virtual_clock, "seed": spec.seed, "board_speed": spec.board_speed,
         "truth": {"spo2_pct": spec.spo2_pct, "ratio": waveforms.ratio_for_spo2(spec.spo2_pct)},
     }
     if spec.link == "ble":

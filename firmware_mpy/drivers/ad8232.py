@@ -3,6 +3,11 @@
 # The AD8232 has no clock: a hardware timer paces the ADC reads. The timer
 # callback only reads the ADC into a preallocated ring and records how late
 # it ran; the worst lateness in a window is reported as sampling jitter.
+# The timer's callbacks are soft IRQs: while the VM is inside a long C call
+# (a blocking write, a GC) they wait in the scheduler's queue (8 deep), and
+# those beyond it are lost without a trace. So read_into() counts the ticks
+# the timer should have given by now and reports the missing ones as lost
+# samples: the sample clock (index / rate) stays true across the gap.
 import time
 
 from micropython import const
@@ -11,6 +16,10 @@ _MID = const(32768)  # read_u16() midscale: the AD8232 output rests at REFOUT = 
 _ADC_FULL_SCALE_UV = const(3300000)  # 11 dB attenuation: about 0..3.3 V
 _AD8232_GAIN = const(100)  # instrumentation gain of the reference circuit, V/V
 _RING = const(128)  # samples buffered between two polls: 0.5 s at 250 Hz
+# Tick counts wrap at 2**20 (small ints on a 32-bit port, for ever); the
+# difference between two of them is meaningful within half that.
+_TICK_MASK = const(0xFFFFF)
+_TICK_HALF = const(0x80000)
 
 
 class AD8232:
@@ -30,13 +39,23 @@ class AD8232:
         self._last_us = 0
         self._jitter_us = 0
         self._lost = 0
+        self._check_us = 0
+        self._phase_us = 0  # time since the last tick due, as of _check_us
+        # Three wrapping counts: ticks delivered (written by the callback
+        # only, so no update is ever lost to it), ticks due and ticks counted
+        # lost (written by read_into only).
+        self._ticks = 0
+        self._due = 0
+        self._counted = 0
         self._cb = self._on_tick  # bound once: no allocation when the timer fires
         self.saturated = False
         self.lost = 0
 
     def start(self):
         self._wr = self._rd = 0
-        self._last_us = self._ticks_us()
+        self._ticks = self._due = self._counted = 0
+        self._phase_us = 0
+        self._last_us = self._check_us = self._ticks_us()
         self._timer.init(freq=self.rate_hz, callback=self._cb)
 
     def stop(self):
@@ -50,6 +69,7 @@ class AD8232:
         if late > self._jitter_us:
             self._jitter_us = late
         self._last_us = now
+        self._ticks = (self._ticks + 1) & _TICK_MASK
         if self._wr - self._rd < _RING:
             self._ring[self._wr % _RING] = self._adc.read_u16()
             self._wr += 1
@@ -68,9 +88,27 @@ class AD8232:
         self._jitter_us = 0
         return j
 
+    def _missed(self):
+        # Ticks due by now that no callback delivered; one may still be on
+        # its way (due, not yet run), so it is not counted.
+        now = self._ticks_us()
+        acc = self._phase_us + self._ticks_diff(now, self._check_us)
+        self._check_us = now
+        due = acc // self._period_us
+        self._phase_us = acc - due * self._period_us
+        self._due = (self._due + due) & _TICK_MASK
+        behind = (self._due - self._ticks - self._counted) & _TICK_MASK
+        if behind >= _TICK_HALF:
+            behind -= _TICK_MASK + 1
+        missed = behind - 1
+        if missed <= 0:
+            return 0
+        self._counted = (self._counted + missed) & _TICK_MASK
+        return missed
+
     def read_into(self, chans, pos, room):
         out = chans[0]
-        self.lost = self._lost
+        self.lost = self._lost + self._missed()
         self._lost = 0
         n = 0
         sat = False

@@ -3,7 +3,11 @@
 # flash), written by `pulsebridge sim`:
 #   {"ecg": {"file": "ecg.i32", "rate_hz": 360}, "ppg": {"file": "ppg.i32", "rate_hz": 250},
 #    "ppm": {"max30003": 20, "max30102": -30}, "lead_off": [[start_s, end_s]],
-#    "finger_off": [...], "virtual_clock": false, "seed": 1}
+#    "finger_off": [...], "virtual_clock": false, "seed": 1,
+#    "board_speed": "host"}
+# board_speed "host" runs the firmware at this machine's speed; a chip name
+# (sim.speedbench.TARGETS) runs it at that chip's (sim.clock.ChipClock),
+# calibrated when the board starts: speed_factor is then chip us per host us.
 import gc
 import json
 import sys
@@ -13,8 +17,24 @@ from drivers.max30003 import MAX30003
 from drivers.max30102 import MAX30102
 from protocols import messages
 from sim import models
-from sim.clock import RealClock, VirtualClock
+from sim.clock import ChipClock, RealClock, VirtualClock
 from sim.waveform import Waveform
+
+SPI_HZ = 4000000  # board_esp32.PINS
+I2C_HZ = 400000
+CONSOLE_BAUD = 115200
+
+
+def chip_clock(speed, real_time):
+    # A ChipClock for the target named speed, calibrated now; and the
+    # per-program factors (x 1000) behind its factor.
+    from sim import speedbench
+    from sim.cpu import ThreadCpu
+
+    meter = ThreadCpu()
+    factor, each = speedbench.calibrate(speed, meter)
+    gc.collect()  # what the calibration programs left is not the firmware's
+    return ChipClock(factor, meter, real_time), each
 
 
 class SimBoard:
@@ -22,7 +42,12 @@ class SimBoard:
 
     def __init__(self, sim, clock=None):
         self.sim = sim
+        self.speed = sim.get("board_speed", "host")
+        self.speed_each = []
+        if clock is None and self.speed != "host":
+            clock, self.speed_each = chip_clock(self.speed, not sim.get("virtual_clock"))
         self.clock = clock or (VirtualClock() if sim.get("virtual_clock") else RealClock())
+        self.console_port = None
         self._timers = []
         self.models = {}
         self.radio = None
@@ -49,10 +74,20 @@ class SimBoard:
         for t in self._timers:
             t.fire_due()
         if self.radio is not None:
-            self.radio.service()
+            c = self.clock
+            c.enter()
+            try:
+                self.radio.service()
+            finally:
+                c.leave()
 
     def console(self, text):
-        print(text)
+        c = self.clock
+        c.enter()
+        try:
+            print(text)
+        finally:
+            c.leave()
 
     def _wave(self, name, channels):
         w = self.sim[name]
@@ -68,7 +103,7 @@ class SimBoard:
             model = models.MAX30003Model(self.clock, self._wave("ecg", 1), ppm.get("max30003", 0), seed, lead_off)
             cs = models.SimPin(1)
             self.models["max30003"] = model
-            chip = MAX30003(models.SimSPI([(cs, model)]), cs)
+            chip = MAX30003(models.SimSPI([(cs, model)], self.clock, SPI_HZ), cs)
             chip.configure(ecg["rate_hz"], ecg["gain"])
             out.append((messages.STREAM_ECG_MAX30003, chip, chip.lead_off))
         elif ecg and ecg["chip"] == "ad8232":
@@ -87,7 +122,7 @@ class SimBoard:
             oxi_model = models.MAX30102Model(self.clock, self._wave("ppg", 2), ppm.get("max30102", 0), seed,
                                              finger_off)
             self.models["max30102"] = oxi_model
-            oxi = MAX30102(models.SimI2C([oxi_model]), self.sleep_ms)
+            oxi = MAX30102(models.SimI2C([oxi_model], self.clock, I2C_HZ), self.sleep_ms)
             oxi.configure(ppg["rate_hz"], ppg["pulse_width_us"], ppg["adc_range_na"], ppg["led_red_ua"],
                           ppg["led_ir_ua"])
             out.append((messages.STREAM_PPG_MAX30102, oxi, None))
@@ -103,7 +138,11 @@ class SimBoard:
             self.radio = fake_bluetooth.radio_from(self.sim.get("ble", {}), self.clock)
             return BleLink(fake_bluetooth, cfg["device_id"], max_message, FIRMWARE, "pulsebridge simulated board")
         from app.link_serial import SerialLink
-        return SerialLink(sys.stdin.buffer, sys.stdout.buffer, max_message)
+        if not self.clock.chip:
+            return SerialLink(sys.stdin.buffer, sys.stdout.buffer, max_message)
+        from sim.console import SimConsole
+        self.console_port = SimConsole(self.clock, sys.stdin.buffer, sys.stdout.buffer, CONSOLE_BAUD)
+        return SerialLink(self.console_port, self.console_port, max_message)
 
     def free_heap(self):
         return gc.mem_free()

@@ -1,10 +1,51 @@
 # The simulated board's time. RealClock follows the host's monotonic clock;
 # VirtualClock only moves when the board sleeps, so a long run takes only
 # the CPU time it needs (benchmarks, soak tests) and is reproducible.
+# ChipClock runs the board at a chip's speed: it moves by the CPU time the
+# firmware really takes here times the chip's speed factor, plus the time
+# the chip would spend in I/O, so the firmware meets its sensors as it
+# would on the chip.
+#
+# Every piece of the simulation the firmware calls (chip models, buses,
+# console, radio) brackets itself with enter() and leave(): the host time
+# spent between them is the simulation's, never charged to the firmware,
+# and so are the bytes it allocates.
 import time
 
+import micropython
+from micropython import const
 
-class RealClock:
+# MicroPython's scheduler queue (MICROPY_SCHEDULER_DEPTH on the esp32 port):
+# soft IRQ callbacks (machine.Timer, Pin.irq) wait there while the VM cannot
+# run them (inside a C call: a bus transfer, a blocking write, a GC);
+# beyond it, mp_sched_schedule() fails and the interrupt is lost.
+SCHED_DEPTH = const(8)
+# Bytes allocated since start: the unix port counts them (MICROPY_MEM_STATS);
+# an ESP32 build does not, hence no stub for it.
+mem_total = micropython.mem_total  # type: ignore[attr-defined]
+_TARE_SAMPLES = const(200)
+
+
+class _Plain:
+    # What VirtualClock and RealClock share: the simulation's bracketing is a
+    # no-op, bus time is not modelled, timers fire from the board loop.
+    chip = False
+    sim_alloc = 0
+
+    def enter(self):
+        pass
+
+    def leave(self):
+        pass
+
+    def charge_io_us(self, us):
+        pass
+
+    def add_source(self, src):
+        pass
+
+
+class RealClock(_Plain):
     def __init__(self):
         self._t0 = time.ticks_us()
 
@@ -15,7 +56,7 @@ class RealClock:
         time.sleep_ms(ms)
 
 
-class VirtualClock:
+class VirtualClock(_Plain):
     def __init__(self):
         self.t_us = 0
 
@@ -24,3 +65,166 @@ class VirtualClock:
 
     def sleep_ms(self, ms):
         self.t_us += ms * 1000
+
+
+class ChipClock:
+    # factor_milli: chip microseconds per 1000 host CPU microseconds (from
+    # sim.speedbench.calibrate). meter: a CPU time source (sim.cpu.ThreadCpu).
+    # real_time: sleep on the host too, so the board keeps pace with the
+    # wall clock (a live simulated board); else time only moves (benchmarks).
+    chip = True
+
+    def __init__(self, factor_milli, meter, real_time=False):
+        self.t_us = 0
+        self.factor_milli = factor_milli
+        self._meter = meter
+        self._depth = 0
+        self._frac = 0
+        self._irq = False
+        self._sources = []
+        self._queue = []  # (source) waiting in the scheduler queue
+        self.compute_us = 0  # chip time the firmware ran code (main loop and callbacks)
+        self.io_us = 0  # chip time it waited in blocking I/O (buses, console)
+        self.idle_us = 0  # chip time it slept
+        self.sched_dropped = 0  # soft IRQs lost: the scheduler queue was full
+        self.sim_alloc = 0  # bytes the simulation allocated (not the firmware's)
+        self._alloc_mark = 0
+        self.tare_us = 0
+        self.real_time = real_time
+        self._wall0 = time.ticks_ms()
+        self._wall = 0
+        self._measure_tare()
+        self._mark = meter.start_us()
+
+    def _measure_tare(self):
+        # The CPU a back-to-back pair of readings shows: the meter's own cost
+        # inside each charged interval, taken off every one.
+        m = self._meter
+        d = [0] * _TARE_SAMPLES
+        for i in range(_TARE_SAMPLES):
+            a = m.start_us()
+            d[i] = m.stop_us() - a
+        d.sort()
+        self.tare_us = d[_TARE_SAMPLES // 2]
+
+    # ---- the firmware enters and leaves the simulation ---------------------
+    def enter(self):
+        if self._depth == 0:
+            self._charge_cpu()
+            self._alloc_mark = mem_total()
+        self._depth += 1
+
+    def leave(self):
+        self._depth -= 1
+        if self._depth == 0:
+            self.sim_alloc += mem_total() - self._alloc_mark
+            self._mark = self._meter.start_us()
+
+    def _chip_us(self, host_us):
+        host_us -= self.tare_us
+        if host_us <= 0:
+            return 0
+        x = host_us * self.factor_milli + self._frac
+        self._frac = x % 1000
+        return x // 1000
+
+    def _charge_cpu(self):
+        d = self._chip_us(self._meter.stop_us() - self._mark)
+        self.compute_us += d
+        if self._irq:
+            self.t_us += d  # a callback's own time: no callback interrupts it
+        else:
+            self._advance(d, False, True)
+
+    # ---- what the simulation asks of time ----------------------------------
+    def now_us(self):
+        self.enter()
+        t = self.t_us
+        self.leave()
+        return t
+
+    def charge_io_us(self, us):
+        # The firmware waits us in a C call (a bus transfer, a blocking
+        # write): soft IRQs due meanwhile queue, up to the scheduler's depth.
+        # Called between enter() and leave().
+        if us > 0:
+            self.io_us += us
+            self._advance(us, True, False)
+
+    def sleep_ms(self, ms):
+        self.enter()
+        self.idle_us += ms * 1000
+        self._advance(ms * 1000, False, False)
+        if self.real_time:
+            self._pace()
+        self.leave()
+
+    def _pace(self):
+        # The board's time may run ahead of the wall clock (it is faster than
+        # real time when it has little to do): wait for the wall clock.
+        t = time.ticks_ms()
+        self._wall += time.ticks_diff(t, self._wall0)
+        self._wall0 = t
+        ahead = self.t_us // 1000 - self._wall
+        if ahead > 0:
+            time.sleep_ms(ahead)
+
+    def add_source(self, src):
+        # A soft-IRQ source (SimTimer, an interrupt pin): next_us() is when it
+        # fires next (-1: never), fired() moves it on and says whether its
+        # callback is to be scheduled.
+        self._sources.append(src)
+
+    def _next_source(self, end):
+        best = None
+        t = end + 1
+        for s in self._sources:
+            n = s.next_us()
+            if 0 <= n < t:
+                t = n
+                best = s
+        return best, t
+
+    def _advance(self, d, blocking, extend):
+        # Moves time on by d: computing (extend: callbacks interrupt the
+        # code, which then ends later), sleeping, or blocked in a C call.
+        end = self.t_us + d
+        while True:
+            src, t = self._next_source(end)
+            if src is None:
+                break
+            if t > self.t_us:
+                self.t_us = t
+            if not src.fired():
+                continue
+            if blocking or self._queue:
+                if len(self._queue) < SCHED_DEPTH:
+                    self._queue.append(src)
+                else:
+                    self.sched_dropped += 1
+                    src.dropped += 1
+                continue
+            cost = self._run_callback(src)
+            if extend:
+                end += cost
+        if end > self.t_us:
+            self.t_us = end
+        while self._queue and not self._irq:
+            self._run_callback(self._queue.pop(0))
+
+    def _run_callback(self, src):
+        # Runs a soft IRQ callback now, as firmware: its CPU is charged.
+        depth = self._depth
+        self._depth = 0
+        self._irq = True
+        t0 = self.t_us
+        self.sim_alloc += mem_total() - self._alloc_mark
+        self._mark = self._meter.start_us()
+        try:
+            src.run()
+        finally:
+            self._charge_cpu()
+            self._alloc_mark = mem_total()
+            self._irq = False
+            self._depth = depth
+        return self.t_us - t0

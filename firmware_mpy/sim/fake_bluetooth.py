@@ -379,16 +379,35 @@ class BLE:
         self._limits[handle] = length
         self._append[handle] = append
 
+    # The stack's calls are the simulation's time, not the firmware's.
     def gatts_read(self, handle):
-        v = self._values.get(handle, b"")
-        if self._append.get(handle):
-            self._values[handle] = b""
-        return v
+        c = self._radio.clock
+        c.enter()
+        try:
+            v = self._values.get(handle, b"")
+            if self._append.get(handle):
+                self._values[handle] = b""
+            return v
+        finally:
+            c.leave()
 
     def gatts_write(self, handle, data):
-        self._values[handle] = bytes(data)
+        c = self._radio.clock
+        c.enter()
+        try:
+            self._values[handle] = bytes(data)
+        finally:
+            c.leave()
 
     def gatts_notify(self, conn_handle, value_handle, data=None):
+        c = self._radio.clock
+        c.enter()
+        try:
+            self._notify(conn_handle, value_handle, data)
+        finally:
+            c.leave()
+
+    def _notify(self, conn_handle, value_handle, data):
         r = self._radio
         if not r.connected or conn_handle != r.conn_handle:
             raise OSError(errno.ENOTCONN)

@@ -4,6 +4,8 @@
 # its FIFO as the real one does and plays a real recording.
 from micropython import const
 
+from sim.clock import SCHED_DEPTH
+
 _NOISE_A = const(1103515245)
 _NOISE_C = const(12345)
 
@@ -79,6 +81,7 @@ class MAX30102Model:
         self._finger_off = finger_off
         self.index = 0  # samples converted since start (for tests)
         self.lost = 0
+        self.max_level = 0  # the fullest the FIFO was when the firmware looked
         self._unread_full = False  # WR == RD means full, not empty
         self._reset()
 
@@ -91,6 +94,13 @@ class MAX30102Model:
 
     def _sampling(self):
         return self.regs[_P_MODE] & 0x87 == 0x03
+
+    def rate_hz(self):
+        return _P_RATES[(self.regs[_P_SPO2] >> 2) & 7]
+
+    def level(self):
+        n = (self.regs[_P_FIFO_WR] - self.regs[_P_FIFO_RD]) & 31
+        return 32 if not n and self._unread_full else n
 
     def _advance(self):
         if not self._sampling():
@@ -164,6 +174,10 @@ class MAX30102Model:
 
     def read_into(self, reg, buf):
         self._advance()
+        if reg <= _P_FIFO_WR < reg + len(buf):  # the firmware looks at the write pointer
+            lv = self.level()
+            if lv > self.max_level:
+                self.max_level = lv
         if reg == _P_FIFO_DATA:
             i = 0
             while i + 6 <= len(buf):
@@ -188,10 +202,38 @@ class MAX30102Model:
             self.regs[_P_INT_STATUS_1] = 0  # interrupt flags clear when read
 
 
+# What a bus transfer costs the chip's CPU beyond its bits on the wire: the
+# ESP-IDF driver's set-up and completion of one transaction (our estimate
+# for the esp32 port's machine.I2C and machine.SPI; the HIL bench measures
+# the real figure).
+I2C_TRANSACTION_US = const(40)
+SPI_TRANSACTION_US = const(15)
+
+
+class _Plain:
+    # Stand-in clock for buses built without one (unit tests of a model).
+    def enter(self):
+        pass
+
+    def leave(self):
+        pass
+
+    def charge_io_us(self, us):
+        pass
+
+
+_PLAIN = _Plain()
+
+
 class SimI2C:
-    # machine.I2C's memory-access methods, routed to device models.
-    def __init__(self, devices):
+    # machine.I2C's memory-access methods, routed to device models. With a
+    # chip-speed clock a transfer takes its bits at freq_hz (9 per byte:
+    # address, register, repeated start and address, then the data) plus
+    # the driver's overhead; the model's own host time is not the firmware's.
+    def __init__(self, devices, clock=None, freq_hz=400000):
         self._devices = devices
+        self._clock = clock or _PLAIN
+        self._freq_hz = freq_hz
 
     def _dev(self, addr):
         for d in self._devices:
@@ -199,11 +241,26 @@ class SimI2C:
                 return d
         raise OSError(19)  # ENODEV: nothing acknowledged the address
 
+    def _cost_us(self, nbytes):
+        return I2C_TRANSACTION_US + (nbytes + 3) * 9 * 1000000 // self._freq_hz
+
     def readfrom_mem_into(self, addr, memaddr, buf):
-        self._dev(addr).read_into(memaddr, buf)
+        c = self._clock
+        c.enter()
+        try:
+            c.charge_io_us(self._cost_us(len(buf)))
+            self._dev(addr).read_into(memaddr, buf)
+        finally:
+            c.leave()
 
     def writeto_mem(self, addr, memaddr, buf):
-        self._dev(addr).write(memaddr, buf)
+        c = self._clock
+        c.enter()
+        try:
+            c.charge_io_us(self._cost_us(len(buf)))
+            self._dev(addr).write(memaddr, buf)
+        finally:
+            c.leave()
 
     def scan(self):
         return [d.ADDRESS for d in self._devices]
@@ -243,7 +300,11 @@ class MAX30003Model:
         self.lost = 0
         self.words_clocked = 0  # FIFO words clocked out in bursts or single reads
         self.empty_words_clocked = 0  # of which past the last sample (a reader that ignores the count)
+        self.max_level = 0  # the fullest the FIFO was when the firmware read it
         self._reset()
+
+    def rate_hz(self):
+        return self._rate()
 
     def _reset(self):
         for i in range(128):
@@ -349,6 +410,8 @@ class MAX30003Model:
             return
         rx[0] = 0
         if reg == _E_FIFO_BURST or reg == _E_FIFO:
+            if self.count > self.max_level:
+                self.max_level = self.count
             i = 1
             while i + 3 <= n:
                 w = self._pop_word()
@@ -380,17 +443,26 @@ class SimPin:
 
 
 class SimSPI:
-    # machine.SPI's write_readinto, routed to the device whose CS is low.
-    def __init__(self, devices):
+    # machine.SPI's write_readinto, routed to the device whose CS is low; a
+    # transfer takes its bits at baud_hz plus the driver's overhead.
+    def __init__(self, devices, clock=None, baud_hz=4000000):
         self._devices = devices  # list of (cs SimPin, model)
+        self._clock = clock or _PLAIN
+        self._baud_hz = baud_hz
 
     def write_readinto(self, tx, rx):
-        for cs, dev in self._devices:
-            if not cs.value():
-                dev.transfer(tx, rx)
-                return
-        for i in range(len(rx)):
-            rx[i] = 0xFF  # nobody selected: MISO pulled up
+        c = self._clock
+        c.enter()
+        try:
+            c.charge_io_us(SPI_TRANSACTION_US + len(tx) * 8 * 1000000 // self._baud_hz)
+            for cs, dev in self._devices:
+                if not cs.value():
+                    dev.transfer(tx, rx)
+                    return
+            for i in range(len(rx)):
+                rx[i] = 0xFF  # nobody selected: MISO pulled up
+        finally:
+            c.leave()
 
 
 # ---- AD8232 (analog) -------------------------------------------------------
@@ -408,8 +480,16 @@ class AD8232Model:
         return self._clock.now_us()
 
     def read_u16(self):
+        c = self._clock
+        c.enter()
+        try:
+            return self._read_u16()
+        finally:
+            c.leave()
+
+    def _read_u16(self):
         t = self._t_us()
-        if self.leads_off():
+        if self._leads_off():
             return 65535
         # 100 V/V around mid-rail; 12-bit converter, so steps of 16 in read_u16.
         nv = self._ecg.at(t, 1000000)
@@ -418,6 +498,14 @@ class AD8232Model:
         return 0 if code < 0 else (65535 if code > 65535 else code)
 
     def leads_off(self):
+        c = self._clock
+        c.enter()
+        try:
+            return self._leads_off()
+        finally:
+            c.leave()
+
+    def _leads_off(self):
         return _lead_off(self._lead_off, self._t_us() // 1000000)
 
 
@@ -430,14 +518,20 @@ class LeadPin:
 
 
 class SimTimer:
-    # machine.Timer(freq=, callback=). The unix port has no timer interrupt:
-    # the board loop calls fire_due(), which runs the callback once for every
-    # period that has elapsed, late by up to one loop (the measured jitter).
+    # machine.Timer(freq=, callback=). Its callback is a soft IRQ, as on the
+    # esp32 port: scheduled, run by the VM between bytecodes, and lost when
+    # the scheduler queue (clock.SCHED_DEPTH) is full. On a chip-speed clock
+    # the clock fires it at its times. Otherwise the unix port has no timer
+    # interrupt: the board loop calls fire_due(), which runs the callback for
+    # each period that has elapsed, late by up to one loop, and at most
+    # SCHED_DEPTH of them: more would not have fitted in the queue.
     def __init__(self, clock):
         self._clock = clock
         self._cb = None
         self._period_us = 0
-        self._next_us = 0
+        self._next_us = -1
+        self.dropped = 0  # ticks lost (the firmware cannot see this count)
+        clock.add_source(self)
 
     def init(self, freq, callback, mode=None):
         self._period_us = 1000000 // freq
@@ -446,12 +540,31 @@ class SimTimer:
 
     def deinit(self):
         self._cb = None
+        self._next_us = -1
+
+    # ---- the chip-speed clock's interface ----------------------------------
+    def next_us(self):
+        return self._next_us
+
+    def fired(self):
+        self._next_us += self._period_us
+        return self._cb is not None
+
+    def run(self):
+        cb = self._cb
+        if cb is not None:
+            cb(self)
 
     def fire_due(self):
-        cb = self._cb
-        if cb is None:
+        if self._cb is None or self._clock.chip:
             return
         now = self._clock.now_us()
+        due = 0
         while self._next_us <= now:
             self._next_us += self._period_us
-            cb(self)
+            due += 1
+        if due > SCHED_DEPTH:
+            self.dropped += due - SCHED_DEPTH
+            due = SCHED_DEPTH
+        for _ in range(due):
+            self.run()

@@ -1,0 +1,185 @@
+# The chip-speed board simulation held honest (sim.clock.ChipClock), under
+# the MicroPython unix port: CPU time becomes chip time by the factor, the
+# simulation's own time is never charged, FIFOs overflow by the right count
+# and soft IRQs beyond the scheduler's queue are lost and counted.
+# Tolerances are wide: CPU time on a busy machine with shared cores varies
+# (caches, a sibling hyperthread), but not by the factor of ten the
+# exclusion checks look for.
+import json
+
+from drivers.ad8232 import AD8232
+from drivers.max30003 import MAX30003
+from drivers.max30102 import MAX30102
+from sim import models, speedbench
+from sim.clock import SCHED_DEPTH, ChipClock
+from sim.cpu import ThreadCpu
+from sim.waveform import Waveform
+
+_FACTOR_MILLI = 100000  # 100 chip us per host us
+
+
+def _busy(n):
+    x = 0
+    for i in range(n):
+        x += i & 7
+    return x
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def _host_us(meter, fn):
+    t0 = meter.now_us()
+    fn()
+    return meter.now_us() - t0
+
+
+def _chip_us(clock, fn):
+    t0 = clock.now_us()
+    fn()
+    return clock.now_us() - t0
+
+
+def test_meter_counts_cpu_not_waiting():
+    meter = ThreadCpu()
+    import time
+
+    t0 = meter.now_us()
+    time.sleep_ms(50)  # voluntary sleep is not CPU... but shows in wall time: never inside a charged span
+    slept = meter.now_us() - t0
+    busy = _median([_host_us(meter, lambda: _busy(20000)) for _ in range(5)])
+    assert busy > 0
+    assert slept >= 40000  # the meter is wall time less run-queue waits: sleeps are the caller's to avoid
+
+
+def test_busy_loop_takes_factor_times_its_cpu():
+    meter = ThreadCpu()
+    clock = ChipClock(_FACTOR_MILLI, meter)
+    host = _median([_host_us(meter, lambda: _busy(20000)) for _ in range(5)])
+    chip = _median([_chip_us(clock, lambda: _busy(20000)) for _ in range(5)])
+    expected = host * _FACTOR_MILLI // 1000
+    assert expected * 6 // 10 < chip < expected * 16 // 10, (host, chip)
+
+
+def test_simulation_time_is_not_charged_but_io_is():
+    # The loop in 50 pieces, a slow chip model between them that burns ten
+    # times the loop's CPU and charges 100 us of bus time each.
+    meter = ThreadCpu()
+    clock = ChipClock(_FACTOR_MILLI, meter)
+
+    def split():
+        for _ in range(50):
+            _busy(400)
+            clock.enter()
+            _busy(4000)
+            clock.charge_io_us(100)
+            clock.leave()
+
+    host = _median([_host_us(meter, lambda: _busy(20000)) for _ in range(5)])
+    chip = _median([_chip_us(clock, split) for _ in range(5)])
+    expected = host * _FACTOR_MILLI // 1000 + 50 * 100
+    assert expected * 6 // 10 < chip < expected * 16 // 10, (host, chip, expected)
+    assert clock.io_us == 5 * 50 * 100
+
+
+def test_sleep_is_idle_time():
+    clock = ChipClock(_FACTOR_MILLI, ThreadCpu())
+    t0 = clock.now_us()
+    clock.sleep_ms(250)
+    assert 250000 <= clock.now_us() - t0 < 260000
+    assert clock.idle_us == 250000
+
+
+def test_calibration_names_a_factor_per_program():
+    factor, each = speedbench.calibrate("esp32", ThreadCpu())
+    assert len(each) == 3 and all(f > 1000 for f in each)  # a chip is slower than this machine
+    assert min(each) <= factor <= max(each)
+    # A faster chip gets a smaller factor, from the same published table.
+    assert speedbench.published_us("esp32-240")[0] < speedbench.published_us("esp32")[0]
+    assert speedbench.published_us("esp32s3")[0] < speedbench.published_us("esp32-240")[0]
+
+
+def _wave(name, channels):
+    with open("sim.json") as f:
+        w = json.load(f)[name]
+    return Waveform(w["file"], w["rate_hz"], channels)
+
+
+def test_max30003_fifo_unread_for_one_second_overflows_by_the_right_count():
+    clock = ChipClock(_FACTOR_MILLI, ThreadCpu())
+    model = models.MAX30003Model(clock, _wave("ecg", 1))
+    cs = models.SimPin(1)
+    chip = MAX30003(models.SimSPI([(cs, model)], clock), cs)
+    chip.configure(512, 20)
+    chip.start()
+    clock.sleep_ms(1000)  # 512 samples converted, 32 fit
+    out = [[0] * 64]
+    n = chip.read_into(out, 0, 64)
+    assert model.lost == 512 - 32, model.lost
+    assert chip.lost == -1  # this chip only says that it overflowed
+    assert n == 0  # the FIFO is reset on overflow: what it held is not in sequence
+
+
+def test_max30102_fifo_unread_overflows_by_the_right_count():
+    clock = ChipClock(_FACTOR_MILLI, ThreadCpu())
+    model = models.MAX30102Model(clock, _wave("ppg", 2))
+    chip = MAX30102(models.SimI2C([model], clock), clock.sleep_ms)
+    chip.configure(100, 411, 16384, 7000, 7000)
+    chip.start()
+    clock.sleep_ms(500)  # 50 samples converted, 32 kept (FIFO rollover)
+    out = [[0] * 64, [0] * 64]
+    n = chip.read_into(out, 0, 64)
+    assert n == 32
+    assert chip.lost == 50 - 32, chip.lost
+    assert model.lost == 50 - 32
+
+
+def test_bus_transfers_take_their_bits():
+    clock = ChipClock(_FACTOR_MILLI, ThreadCpu())
+    model = models.MAX30102Model(clock, _wave("ppg", 2))
+    bus = models.SimI2C([model], clock, 400000)
+    buf = bytearray(192)
+    io0 = clock.io_us
+    bus.readfrom_mem_into(0x57, 0x07, buf)  # a whole FIFO: 195 bytes of 9 bits at 400 kHz
+    assert clock.io_us - io0 == models.I2C_TRANSACTION_US + 195 * 9 * 1000000 // 400000
+
+
+class _Adc:
+    def __init__(self):
+        self.reads = 0
+
+    def read_u16(self):
+        self.reads += 1
+        return 32768
+
+
+class _Pin:
+    def value(self):
+        return 0
+
+
+def test_timer_ticks_beyond_the_scheduler_queue_are_dropped_counted_and_reported():
+    clock = ChipClock(_FACTOR_MILLI, ThreadCpu())
+    timer = models.SimTimer(clock)
+    adc = _Adc()
+    front = AD8232(adc, _Pin(), _Pin(), timer, 250, clock.now_us, lambda a, b: a - b)
+    front.start()
+    clock.sleep_ms(100)  # idle: every tick is served on time
+    assert adc.reads == 25 and timer.dropped == 0
+    out = [[0] * 256]
+    assert front.read_into(out, 0, 256) == 25 and front.lost == 0
+    clock.enter()  # (this test's own code is firmware time too: ticks due meanwhile are served)
+    reads = adc.reads
+    clock.charge_io_us(100000)  # 100 ms in a C call: 25 ticks due, 8 queue, 17 are lost
+    clock.leave()
+    assert adc.reads - reads == SCHED_DEPTH, adc.reads - reads
+    assert timer.dropped == 25 - SCHED_DEPTH and clock.sched_dropped == 25 - SCHED_DEPTH
+    got = front.read_into(out, 0, 256)
+    assert got >= SCHED_DEPTH
+    assert front.lost in (25 - SCHED_DEPTH - 1, 25 - SCHED_DEPTH), front.lost  # one may be in flight
+    clock.sleep_ms(40)
+    front.read_into(out, 0, 256)
+    total = front.lost
+    assert total in (0, 1)  # the tick in flight, counted once it is late
