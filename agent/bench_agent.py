@@ -48,12 +48,11 @@ from pycose.messages import Mac0Message
 from pycose.headers import KID
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 frames = cbor2.load(open(sys.argv[1], "rb"))
 raw_keys = {k: bytes.fromhex(v) for k, v in json.load(open(sys.argv[2])).items()}
 keys = {k: SymmetricKey(k=v) for k, v in raw_keys.items()}
-sample_keys = {k: HKDFExpand(hashes.SHA256(), 32, b"pulsebridge/1 A256CTR samples").derive(v)
-               for k, v in raw_keys.items()}
+sample_keys = {}  # (device, boot salt) -> that boot's sample key
 db = sqlite3.connect(sys.argv[3], isolation_level=None)
 db.execute("PRAGMA journal_mode=WAL"); db.execute("PRAGMA synchronous=FULL")
 db.execute("CREATE TABLE frames(device_id TEXT, epoch INT, seq INT, raw BLOB, plain BLOB, "
@@ -67,7 +66,10 @@ for raw in frames:
     assert m.verify_tag()
     p = cbor2.loads(m.payload)
     iv = p[2].to_bytes(4, "big") + p[3].to_bytes(4, "big") + bytes(8)
-    plain = Cipher(algorithms.AES(sample_keys[dev]), modes.CTR(iv)).decryptor().update(b"".join(p[13]))
+    if (dev, p[15]) not in sample_keys:
+        sample_keys[dev, p[15]] = HKDF(hashes.SHA256(), 32, p[15], b"pulsebridge/1 A256CTR samples").derive(
+            raw_keys[dev])
+    plain = Cipher(algorithms.AES(sample_keys[dev, p[15]]), modes.CTR(iv)).decryptor().update(b"".join(p[13]))
     db.execute("INSERT INTO frames VALUES(?,?,?,?,?)", (dev, p[2], p[3], raw, plain))  # one commit a frame
 print(json.dumps({"frames": len(frames), "wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c}))
 '''
@@ -91,7 +93,8 @@ class Fleet:
     def __init__(self, n: int = BOARDS) -> None:
         self.keys = {"pb-bench%02d" % i: secrets.token_bytes(32) for i in range(n)}
         self.sealers = {d: cose.MacKey(k, d.encode(), cose.AAD_UPLINK) for d, k in self.keys.items()}
-        self.ciphers = {d: cipher.SampleCipher(k) for d, k in self.keys.items()}
+        self.ciphers = {d: cipher.SampleCipher(k, secrets.token_bytes(cipher.BOOT_SALT_SIZE))  # one boot each
+                        for d, k in self.keys.items()}
         self.seq = dict.fromkeys(self.keys, 0)
         rng = np.random.default_rng(7)
         self.ecg = [int(x) for x in np.cumsum(rng.integers(-40, 41, 512))]

@@ -2,6 +2,7 @@
 # machine.* (and bluetooth for the BLE link). Pins come from config.json
 # ("pins"), defaulting to the reference wiring below.
 import gc
+import os
 import sys
 import time
 
@@ -80,6 +81,13 @@ class Esp32Board:
             return BleLink(bluetooth, cfg["device_id"], max_message, FIRMWARE, "pulsebridge ESP32 " + sys.platform)
         from app.link_serial import SerialLink
         return SerialLink(sys.stdin.buffer, sys.stdout.buffer, max_message)
+
+    def random_bytes(self, n):
+        # The hardware RNG (esp_fill_random). Before the radio is on it is
+        # pseudo-random, from a state ESP-IDF's bootloader seeded with SAR ADC
+        # noise at this boot: different at every boot, which is what a boot
+        # salt needs (it is public: unique, not secret).
+        return os.urandom(n)
 
     def free_heap(self):
         return gc.mem_free()

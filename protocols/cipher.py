@@ -2,18 +2,21 @@
 # A256CTR, -65532, RFC 9459), encrypt-then-MAC with the COSE_Mac0 around
 # the payload.
 #
-# - Key: HKDF-Expand (RFC 5869) of the device key, info
-#   "pulsebridge/1 A256CTR samples", 32 bytes: one HMAC-SHA256 block. The
-#   device key is 32 uniformly random bytes, so it serves as the PRK as is;
-#   the MAC uses the device key itself, over inputs that start with the
-#   CBOR array head 0x84, never with this info string.
+# - Key, one per boot: HKDF (RFC 5869, SHA-256) with the board's boot salt
+#   as salt, the device key as input keying material and info
+#   "pulsebridge/1 A256CTR samples", 32 bytes. The boot salt is 16 random
+#   bytes the board draws at every boot and sends in every sample frame
+#   (key 15). The MAC uses the device key itself, as an HMAC key over inputs
+#   that start with the CBOR array head 0x84; here the device key is only
+#   ever HMAC *input* (HKDF-Extract), so the two uses never meet.
 # - Counter block (16 bytes): boot epoch (4, big-endian), sequence number
 #   (4, big-endian), 4 zero bytes, block counter (4, big-endian, from 0).
-#   A board never uses an (epoch, seq) twice under one key: the epoch goes
-#   up at every boot (flash), seq at every message; a new key comes with
-#   provisioning or rotation. So no counter block is ever reused, and none
-#   is sent: like OSCORE's nonce, it is rebuilt from the authenticated
-#   header fields.
+#   Under one boot's key, (epoch, seq) never repeats: seq goes up at every
+#   message. Across boots the key differs even if the epoch file is lost,
+#   rolled back or the flash restored from an image (the epoch then
+#   repeats): two boots share a key only if they drew the same 128-bit salt.
+#   So no counter block is ever reused under one key. None is sent: like
+#   OSCORE's nonce, it is rebuilt from the authenticated header fields.
 # - What is encrypted: the sample bytes of every channel, as one keystream
 #   over the channels in order. The frame's header (stream, times, counts,
 #   status) stays in clear, covered by the MAC.
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
 
 ALG_A256CTR = const(-65532)
 KEY_INFO = b"pulsebridge/1 A256CTR samples"
+BOOT_SALT_SIZE = const(16)  # 128 random bits: a repeat between two boots is negligible
 _BLOCK = const(16)
 
 
@@ -44,21 +48,30 @@ def _ecb(key: bytes) -> "Any":
     return cryptolib.aes(key, 1)  # mode 1: ECB
 
 
-def derive_key(device_key: bytes) -> bytes:
-    # HKDF-Expand(PRK=device_key, info=KEY_INFO, L=32) = HMAC(PRK, info | 0x01)
-    if len(device_key) != 32:
-        raise LocalProtocolError("a device key is 32 bytes, got %d" % len(device_key), "key_size")
+def _hmac_sha256(key: bytes, data: bytes) -> bytes:
+    # RFC 2104 with a key of at most 64 bytes (MicroPython has no hmac).
     ipad = bytearray(64)
     opad = bytearray(64)
     for i in range(64):
-        k = device_key[i] if i < 32 else 0
+        k = key[i] if i < len(key) else 0
         ipad[i] = k ^ 0x36
         opad[i] = k ^ 0x5C
     h = hashlib.sha256(ipad)
-    h.update(KEY_INFO + b"\x01")
+    h.update(data)
     o = hashlib.sha256(opad)
     o.update(h.digest())
     return o.digest()
+
+
+def derive_key(device_key: bytes, boot_salt: bytes) -> bytes:
+    # HKDF(salt=boot_salt, IKM=device_key, info=KEY_INFO, L=32):
+    # PRK = HMAC(boot_salt, device_key); OKM = HMAC(PRK, info | 0x01).
+    if len(device_key) != 32:
+        raise LocalProtocolError("a device key is 32 bytes, got %d" % len(device_key), "key_size")
+    if len(boot_salt) != BOOT_SALT_SIZE:
+        raise LocalProtocolError("a boot salt is %d bytes, got %d" % (BOOT_SALT_SIZE, len(boot_salt)), "salt_size")
+    prk = _hmac_sha256(bytes(boot_salt), bytes(device_key))
+    return _hmac_sha256(prk, KEY_INFO + b"\x01")
 
 
 # CPython: the block counters of any frame (4096 bytes at most: 256 blocks), made at first use.
@@ -67,13 +80,32 @@ _COUNTERS: "list[bytes]" = []
 
 class SampleCipher:
     # apply() encrypts or decrypts (the same in CTR) bytes in place.
-    def __init__(self, device_key: bytes) -> None:
-        key = derive_key(device_key)
-        self._key = key
+    # boot_salt: the salt this side seals with (a board: BOOT_SALT_SIZE random
+    # bytes drawn at boot, never stored); None for a cipher that only opens
+    # frames, each under the salt it carries (the hub). The key of the last
+    # salt used is kept: a board sends one salt per boot.
+    def __init__(self, device_key: bytes, boot_salt: "bytes | None" = None) -> None:
+        if len(device_key) != 32:
+            raise LocalProtocolError("a device key is 32 bytes, got %d" % len(device_key), "key_size")
+        self._device_key = bytes(device_key)
+        self.boot_salt = None if boot_salt is None else bytes(boot_salt)
+        self._salt: "bytes | None" = None
+        self._key = b""
         self._ctr = bytearray(_BLOCK)
         self._ks = bytearray(_BLOCK)
-        self._aes: "Any" = _ecb(key)
+        self._aes: "Any" = None
         self._ecb_cpython: "Any" = None
+        if self.boot_salt is not None:
+            self._use(self.boot_salt)
+
+    def _use(self, salt: bytes) -> None:
+        if salt == self._salt:
+            return
+        key = derive_key(self._device_key, salt)
+        self._key = key
+        self._aes = _ecb(key)
+        self._ecb_cpython = None
+        self._salt = bytes(salt)
 
     def _block(self, epoch: int, seq: int, counter: int) -> None:
         c = self._ctr
@@ -84,11 +116,16 @@ class SampleCipher:
             c[15 - i] = (counter >> (8 * i)) & 0xFF
 
     def apply(self, buf: "bytearray | memoryview", start: int, end: int, epoch: int, seq: int,
-              offset: int = 0) -> None:
+              offset: int = 0, boot_salt: "bytes | None" = None) -> None:
         # XORs buf[start:end] with the keystream of (epoch, seq) from byte
-        # `offset` on (the channels of a frame follow one another).
+        # `offset` on (the channels of a frame follow one another), under
+        # the key of boot_salt (default: this cipher's own).
         if not (0 <= epoch <= 0xFFFFFFFF and 0 <= seq <= 0xFFFFFFFF):
             raise LocalProtocolError("epoch and seq must fit 32 bits for the counter block", "range")
+        salt = self.boot_salt if boot_salt is None else boot_salt
+        if salt is None:
+            raise LocalProtocolError("this cipher only opens frames: a boot salt is needed", "salt")
+        self._use(salt)
         if end <= start:
             return
         if self._aes is None:

@@ -15,7 +15,7 @@ TYPE_CHECKING = False  # type checkers take this as true; MicroPython has no typ
 if TYPE_CHECKING:
     from typing import NoReturn
 
-VERSION = const(1)
+VERSION = const(2)  # 2: sample frames carry the boot salt of their key (key 15)
 
 T_SAMPLES = const(1)
 T_ACK = const(2)
@@ -186,12 +186,16 @@ def encode_sample_frame(w: "cbor.Writer", scratch: bytearray, epoch: int, seq: i
                         sealer: "cipher.SampleCipher") -> None:
     # channels: one sample sequence per channel (array('i') on the board);
     # scratch: a buffer of at least count * 5 bytes for one channel's samples;
-    # sealer: the device's sample cipher (samples are always encrypted).
+    # sealer: the device's sample cipher for this boot (samples are always
+    # encrypted); its boot salt goes in the frame (key 15).
     if not 0 < count <= MAX_SAMPLES:
         raise LocalProtocolError("a frame holds 1 to %d samples, not %d" % (MAX_SAMPLES, count), "sample_count")
     if len(channels) != STREAM_CHANNELS.get(stream, 0):
         raise LocalProtocolError("stream %d takes %d channels" % (stream, STREAM_CHANNELS.get(stream, 0)), "channels")
-    _start(w, T_SAMPLES, 15 if ppg_drive is not None else 14)
+    salt = sealer.boot_salt
+    if salt is None:
+        raise LocalProtocolError("sealing sample frames needs a cipher with this boot's salt", "salt")
+    _start(w, T_SAMPLES, 16 if ppg_drive is not None else 15)
     w.uint(2)
     w.uint(epoch)
     w.uint(3)
@@ -234,6 +238,8 @@ def encode_sample_frame(w: "cbor.Writer", scratch: bytearray, epoch: int, seq: i
         w.bstr(mv[:n])
     w.uint(14)
     w.sint(cipher.ALG_A256CTR)
+    w.uint(15)
+    w.bstr(salt)
 
 
 def encode(w: "cbor.Writer", msg: Message, sealer: "cipher.SampleCipher | None" = None) -> None:
@@ -407,9 +413,12 @@ def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tu
 
 def _decode_samples(d: "dict[object, object]", decode: bool = True,
                     opener: "cipher.SampleCipher | None" = None) -> SampleFrame:
-    _check_keys(d, 15, (10,))
+    _check_keys(d, 16, (10,))
     if d.get(14) != cipher.ALG_A256CTR:
         _fail("field cipher (key 14) must be %d (A256CTR)" % cipher.ALG_A256CTR, "cipher")
+    salt = d.get(15)
+    if not isinstance(salt, bytes) or len(salt) != cipher.BOOT_SALT_SIZE:
+        _fail("field boot_salt (key 15) must be %d bytes" % cipher.BOOT_SALT_SIZE, "salt")
     if decode and opener is None:
         raise LocalProtocolError("sample frames are encrypted: decoding samples needs the device's cipher", "cipher")
     stream = _uint(d, 4, "stream")
@@ -445,7 +454,7 @@ def _decode_samples(d: "dict[object, object]", decode: bool = True,
             _fail("field samples (key 13): %d bytes cannot hold %d samples" % (len(ch), count), "sample_count")
         if opener is not None:
             clear = bytearray(ch)
-            opener.apply(clear, 0, len(clear), epoch, seq, offset)
+            opener.apply(clear, 0, len(clear), epoch, seq, offset, salt)
             offset += len(clear)
             ch = bytes(clear)
         if decode:

@@ -30,7 +30,6 @@ class App:
         kid = cfg["device_id"].encode()
         self.up = cose.MacKey(key, kid, cose.AAD_UPLINK)
         self.down = cose.MacKey(key, kid, cose.AAD_DOWNLINK)
-        self.sealer = cipher.SampleCipher(key)  # samples are encrypted, then MACed
         self.seq = 0
         self.last_command = -1
         self.running = True
@@ -52,6 +51,11 @@ class App:
         self.small = bytearray(_SMALL)
         self.small_sealed = bytearray(_SMALL + 96)
         self.link = board.link(cfg, biggest)
+        # Samples are encrypted, then MACed, under a key of this boot: its
+        # salt is drawn now (a BLE board's radio is on by now) and never
+        # stored, so a lost or restored epoch file cannot bring a counter
+        # block back (protocols/cipher.py).
+        self.sealer = cipher.SampleCipher(key, board.random_bytes(cipher.BOOT_SALT_SIZE))
         # The board's own rough vitals, for the standard BLE services only.
         self.hr = None
         self.ox = None

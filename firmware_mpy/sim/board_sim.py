@@ -10,6 +10,7 @@
 # calibrated when the board starts: speed_factor is then chip us per host us.
 import gc
 import json
+import os
 import sys
 
 from drivers.ad8232 import AD8232
@@ -143,6 +144,9 @@ class SimBoard:
         from sim.console import SimConsole
         self.console_port = SimConsole(self.clock, sys.stdin.buffer, sys.stdout.buffer, CONSOLE_BAUD)
         return SerialLink(self.console_port, self.console_port, max_message)
+
+    def random_bytes(self, n):
+        return os.urandom(n)  # the host's getrandom()
 
     def free_heap(self):
         return gc.mem_free()

@@ -50,7 +50,7 @@ def test_outage_cut_reboot_and_injected_frames(micropython: str, tmp_path: Path)
             b2.inject(os.urandom(300) + b"\x00" + os.urandom(50))  # line noise
             forged = cose.MacKey(bytes(32), b2.device_id.encode(), cose.AAD_UPLINK)
             fake = messages.SampleFrame(1, 10**6, 1, 0, 0, 512, 1, (1, 1), None, (0, 0, 0, 0), [[0]])
-            sealed = forged.seal(messages.encoded(fake, sealer=cipher.SampleCipher(bytes(32))))
+            sealed = forged.seal(messages.encoded(fake, sealer=cipher.SampleCipher(bytes(32), bytes(16))))
             b2.inject(link.StreamFramer().frame(sealed))
             b2.inject(link.StreamFramer().frame(old_epoch_frames[-1]))  # replayed, same boot: a duplicate
             await asyncio.to_thread(b2.stop)  # the board reboots: new boot epoch

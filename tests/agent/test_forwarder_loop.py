@@ -30,7 +30,7 @@ def test_retries_then_skips_an_undecodable_frame(tmp_path: Path) -> None:
     key = bytes(range(32))
     up = cose.MacKey(key, b"pb-f1", cose.AAD_UPLINK)
     good = [up.seal(messages.encoded(messages.SampleFrame(1, s, 1, s, s * 4, 512, 4, (1, 1), None, (0, 0, 0, 0),
-                                                          [[1, 2, 3, 4]]), sealer=cipher.SampleCipher(key)))
+                                                          [[1, 2, 3, 4]]), sealer=cipher.SampleCipher(key, bytes(16))))
             for s in range(3)]
     opener = cipher.SampleCipher(key)
     plain = [cbor2.dumps(messages.decode_payload(cose.parse(g).payload, messages.UPLINK_TYPES, decode_samples=False,

@@ -8,7 +8,7 @@ import pycddl
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -45,13 +45,15 @@ def test_cddl_check_can_fail() -> None:
 
 @given(frames(), keys(), kids())
 def test_frames_verify_with_hmac_and_decode_with_cbor2(frame: messages.SampleFrame, key: bytes, kid: bytes) -> None:
-    sealed = cose.MacKey(key, kid, cose.AAD_UPLINK).seal(messages.encoded(frame, sealer=cipher.SampleCipher(key)))
+    salt = bytes(range(16))
+    sealed = cose.MacKey(key, kid, cose.AAD_UPLINK).seal(messages.encoded(frame, sealer=cipher.SampleCipher(key, salt)))
     payload = independent_verify(sealed, key, cose.AAD_UPLINK)
     m = cbor2.loads(payload)
-    assert (m[0], m[2], m[3], m[4], m[8], m[14]) == (1, frame.epoch, frame.seq, frame.stream, frame.count, -65532)
+    assert (m[0], m[2], m[3], m[4], m[8], m[14], m[15]) == (1, frame.epoch, frame.seq, frame.stream, frame.count,
+                                                            -65532, salt)
     cddl.validate_message(sealed, "up")
-    # The samples decrypt with cryptography's own HKDF-Expand and AES-CTR.
-    enc_key = HKDFExpand(hashes.SHA256(), 32, b"pulsebridge/1 A256CTR samples").derive(key)
+    # The samples decrypt with cryptography's own HKDF (the frame's boot salt as salt) and AES-CTR.
+    enc_key = HKDF(hashes.SHA256(), 32, m[15], b"pulsebridge/1 A256CTR samples").derive(key)
     iv = frame.epoch.to_bytes(4, "big") + frame.seq.to_bytes(4, "big") + bytes(8)
     clear = Cipher(algorithms.AES(enc_key), modes.CTR(iv)).decryptor().update(b"".join(m[13]))
     pos = 0
@@ -66,7 +68,7 @@ def test_acks_verify_independently(epoch: int, pairs: list[tuple[int, int]], key
     ranges = [(min(a, b), max(a, b)) for a, b in pairs]
     sealed = cose.MacKey(key, kid, cose.AAD_DOWNLINK).seal(messages.encoded(messages.Ack(epoch, ranges)))
     payload = independent_verify(sealed, key, cose.AAD_DOWNLINK)
-    assert cbor2.loads(payload) == {0: 2, 1: 1, 2: epoch, 3: [list(r) for r in ranges]}
+    assert cbor2.loads(payload) == {0: 2, 1: 2, 2: epoch, 3: [list(r) for r in ranges]}
     cddl.validate_message(sealed, "down")
 
 

@@ -14,25 +14,28 @@ SAMPLES = [100, 103, 98, -5, 131071]
 SAMPLES_WIRE = unhex("c801 06 09 cd01 888010")
 
 # An ECG frame: epoch 7, seq 42, stream 1 (MAX30003), t0 123456 ms, first
-# sample 61440, 512 Hz, 5 samples, 1e6/2621440 uV per LSB (gain 20), lead off.
-# Its samples are encrypted: AES-256-CTR under HKDF-Expand(KEY, "pulsebridge/1
-# A256CTR samples"), counter block 00000007 0000002a 00000000 00000000.
-SAMPLE_KEY = unhex("674909dc70cc8378c631e249da14bf08cb198eb3dec6a08076848b494850e59b")
-SAMPLES_SEALED = unhex("10f07344da6e4a9298")
+# sample 61440, 512 Hz, 5 samples, 1e6/2621440 uV per LSB (gain 20), lead off,
+# boot salt a0 a1 .. af. Its samples are encrypted: AES-256-CTR under
+# HKDF-SHA256(salt=boot salt, IKM=KEY, info="pulsebridge/1 A256CTR samples"),
+# counter block 00000007 0000002a 00000000 00000000.
+BOOT_SALT = bytes(range(0xA0, 0xB0))
+SAMPLE_KEY = unhex("9a05214a2daad771af302b4a698ebe62a665db64b6b05a24225efbed150c166c")
+SAMPLES_SEALED = unhex("a62a2368c3491e1a5f")
 FRAME_PAYLOAD = unhex(
-    "ae 0001 0101 0207 03182a 0401 051a0001e240 0619f000 07190200 0805"
-    "09821a000f42401a00280000 0b8401000000 0c01 0d8149 10f07344da6e4a9298 0e39fffb")
+    "af 0001 0102 0207 03182a 0401 051a0001e240 0619f000 07190200 0805"
+    "09821a000f42401a00280000 0b8401000000 0c01 0d8149 a62a2368c3491e1a5f 0e39fffb"
+    "0f50 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf")
 FRAME = unhex(
     "d184 50a20105044b70622d3061316232633364 a0"
-    "5840" + "ae00010101020703182a0401051a0001e2400619f00007190200080509821a000f42401a00280000"
-    "0b84010000000c010d814910f07344da6e4a92980e39fffb"
-    "5820e6f4b972338e92d73baf9f27ea3e72b77e518ea37b1e4447753796b7c8f855c2")
+    "5852" + "af00010102020703182a0401051a0001e2400619f00007190200080509821a000f42401a00280000"
+    "0b84010000000c010d8149a62a2368c3491e1a5f0e39fffb0f50a0a1a2a3a4a5a6a7a8a9aaabacadaeaf"
+    "5820c87faa98cd97c42962090569bb7dcaddedde6afd4f9f1d031a5494ac2a6fa5b8")
 
 # An ack: epoch 7, ranges 40..42 and 44..44, hub to board.
-ACK_PAYLOAD = unhex("a4 0002 0101 0207 0382 82 1828 182a 82 182c 182c")
+ACK_PAYLOAD = unhex("a4 0002 0102 0207 0382 82 1828 182a 82 182c 182c")
 ACK = unhex(
-    "d18450a20105044b70622d3061316232633364a053a40002010102070382821828182a82182c182c"
-    "58207803f385b2f282c2d0fbd7ac1889e89cadc0d4ed35b05479b1d0b72ca9b88e82")
+    "d18450a20105044b70622d3061316232633364a053a40002010202070382821828182a82182c182c"
+    "58208988274a6b47d8bc464527fb4c68a9d0b36430707bb57cc9c34cbb8fe3a3d753")
 
 
 def test_sample_encoding_matches_vector() -> None:
@@ -47,7 +50,7 @@ def test_frame_encoder_matches_vector() -> None:
     scratch = bytearray(64)
     messages.encode_sample_frame(w, scratch, 7, 42, messages.STREAM_ECG_MAX30003, 123456, 61440, 512, 5,
                                  1000000, 2621440, None, messages.FLAG_LEAD_OFF, 0, 0, 0, (SAMPLES,),
-                                 cipher.SampleCipher(KEY))
+                                 cipher.SampleCipher(KEY, BOOT_SALT))
     assert bytes(w.buf[:w.pos]) == FRAME_PAYLOAD
     key = cose.MacKey(KEY, KID, cose.AAD_UPLINK)
     assert key.seal(FRAME_PAYLOAD) == FRAME
@@ -67,18 +70,39 @@ def test_frame_vector_verifies_and_decodes() -> None:
 
 
 def test_sample_key_and_keystream_match_vector() -> None:
-    assert cipher.derive_key(KEY) == SAMPLE_KEY
+    assert cipher.derive_key(KEY, BOOT_SALT) == SAMPLE_KEY
     buf = bytearray(b"xx" + SAMPLES_WIRE)
-    cipher.SampleCipher(KEY).apply(buf, 2, len(buf), 7, 42)
+    cipher.SampleCipher(KEY, BOOT_SALT).apply(buf, 2, len(buf), 7, 42)
     assert bytes(buf[2:]) == SAMPLES_SEALED
+    # The hub's cipher opens with the salt the frame carries.
+    cipher.SampleCipher(KEY).apply(buf, 2, len(buf), 7, 42, 0, BOOT_SALT)
+    assert bytes(buf[2:]) == SAMPLES_WIRE
     # A keystream offset picks up where the previous channel left it, across block boundaries.
     whole = bytearray(40)
-    cipher.SampleCipher(KEY).apply(whole, 0, 40, 7, 42)
+    cipher.SampleCipher(KEY, BOOT_SALT).apply(whole, 0, 40, 7, 42)
     parts = bytearray(40)
-    c = cipher.SampleCipher(KEY)
+    c = cipher.SampleCipher(KEY, BOOT_SALT)
     c.apply(parts, 0, 13, 7, 42)
     c.apply(parts, 13, 40, 7, 42, 13)
     assert parts == whole
+
+
+def test_another_boot_salt_gives_another_keystream_for_the_same_epoch_and_seq() -> None:
+    # The epoch file lost or restored: same (epoch, seq), other boot, other key.
+    a = bytearray(32)
+    b = bytearray(32)
+    cipher.SampleCipher(KEY, BOOT_SALT).apply(a, 0, 32, 7, 42)
+    cipher.SampleCipher(KEY, bytes(16)).apply(b, 0, 32, 7, 42)
+    assert a != b
+    assert cipher.derive_key(KEY, bytes(16)) != SAMPLE_KEY
+
+
+def test_sealing_needs_a_salt_of_the_right_size() -> None:
+    raises(LocalProtocolError, cipher.SampleCipher(KEY).apply, bytearray(4), 0, 4, 7, 42)
+    raises(LocalProtocolError, cipher.SampleCipher, KEY, bytes(8))
+    w = cbor.Writer(bytearray(512))
+    raises(LocalProtocolError, messages.encode_sample_frame, w, bytearray(64), 7, 42,
+           messages.STREAM_ECG_MAX30003, 0, 0, 512, 5, 1, 1, None, 0, 0, 0, 0, (SAMPLES,), cipher.SampleCipher(KEY))
 
 
 def test_frame_without_the_key_keeps_its_samples_sealed() -> None:

@@ -96,7 +96,7 @@ def test_key_rotation_leaves_no_window(micropython: str, tmp_path: Path) -> None
         h.add_device("pb-rot01", dev.key, dev.next_key)
         for i, k in enumerate((old.key, new)):
             f = messages.SampleFrame(1, i, 1, 0, 0, 512, 1, (1, 1), None, (0, 0, 0, 0), [[i]])
-            payload = messages.encoded(f, sealer=cipher.SampleCipher(k))
+            payload = messages.encoded(f, sealer=cipher.SampleCipher(k, bytes(16)))
             r = h.receive(cose.MacKey(k, b"pb-rot01", cose.AAD_UPLINK).seal(payload))
             assert r.verdict == hub.ACCEPTED and h.key_in_use("pb-rot01") == i
         reg.abort_rotation("pb-rot01")

@@ -47,6 +47,9 @@ def test_sim_capture_verifies_with_pycose_and_cddl(micropython: str, pycose_pyth
     for dev in keys:
         # 10 s at 2 frames/s, less start-up: well over 10 sample frames each
         assert report[dev]["types"].get("1", 0) >= 10, report
+        # and decrypts every sample frame under its boot's key, no counter block reused
+        assert report[dev]["decrypted"] == report[dev]["types"]["1"], report
+        assert report[dev]["boot_salts"] == 1 and report[dev]["counter_blocks_reused"] == 0, report
     # 2. an independent CDDL validator accepts every message
     for dev, key_hex in keys.items():
         raws = _messages((cap / (dev + ".cbor")).read_bytes())
@@ -59,7 +62,7 @@ def test_sim_capture_verifies_with_pycose_and_cddl(micropython: str, pycose_pyth
             msg = cose.parse(raw)
             key.verify(msg)
             m = messages.decode_payload(msg.payload, messages.UPLINK_TYPES,
-                                        opener=cipher.SampleCipher(bytes.fromhex(key_hex)))
+                                        opener=cipher.SampleCipher(bytes.fromhex(key_hex)))  # salt: the frame's
             if isinstance(m, messages.SampleFrame):
                 assert nxt.get(m.stream, m.first_index) == m.first_index
                 nxt[m.stream] = m.first_index + m.count
