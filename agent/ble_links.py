@@ -1,6 +1,8 @@
-"""Boards over BLE: find the registered ones, keep each connected.
+"""Boards over BLE: find the registered ones, hand them to the link manager.
 
-One scanner, one task per connected board, under the agent's TaskGroup:
+Finding boards is this module's; what happens once one is found (sessions,
+watchdog, backoff, states) is the link manager's, as for serial ports
+(agent/links.py). One scanner, one task per connected board:
 
 - the scanner runs in windows while some registered board is not
   connected; a board is recognised by the pulsebridge service UUID and its
@@ -9,8 +11,9 @@ One scanner, one task per connected board, under the agent's TaskGroup:
 - connection attempts go one at a time (controllers handle one pending
   connection), each bounded by a timeout, so a board that hangs in the
   middle of connecting delays the others by that timeout at most;
-- each board has its own capped, jittered backoff: a board that keeps
-  failing retries less and less often, and never in step with the others;
+- each board has its own capped, jittered backoff (the link manager's): a
+  board that keeps failing retries less and less often, and never in step
+  with the others;
 - the adapter may vanish (unplugged, BlueZ restarted): scanning fails, the
   links drop, and the manager retries the adapter with backoff until it is
   back, then finds and reconnects the boards.
@@ -22,7 +25,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from bleak import BleakScanner
@@ -34,7 +36,8 @@ from bleak.exc import BleakError
 from agent.config import BleConfig
 from agent.forwarders.base import Backoff
 from agent.ingest import Processor
-from agent.session import BoardSession, BoardStats
+from agent.links import Link, LinkManager, LinkState
+from agent.session import END_OPEN_FAILED, SessionEnd
 from agent.transports.base import TransportError
 from agent.transports.ble import SERVICE_UUID, BleTransport
 
@@ -42,40 +45,17 @@ log = logging.getLogger(__name__)
 
 SCAN_WINDOW_S = 2.0
 IDLE_CHECK_S = 1.0
-STABLE_LINK_S = 10.0
 OUT_OF_RANGE_S = 15.0
-
-
-@dataclass
-class BleLink:
-    device_id: str
-    address: str = ""
-    state: str = "searching"  # searching | connecting | connected | backoff
-    stats: BoardStats | None = None
-    connects: int = 0
-    last_error: str = ""
-    next_try: float = 0.0
-    backoff: Backoff = field(default_factory=lambda: Backoff(0.25, 30.0))
-    history: list[BoardStats] = field(default_factory=list)
-    transport: BleTransport | None = None
-    lost_at: float | None = None
-    last_seen: float = 0.0  # when its advertisement was last heard
-    reconnect_s: list[float] = field(default_factory=list)
-
-    def describe(self) -> str:
-        return "ble:" + self.device_id
 
 
 class BleManager:
     def __init__(self, cfg: BleConfig, processor: Processor, wanted: Callable[[str], bool],
                  recorder_for: Callable[[str], Callable[[bytes], None] | None] | None = None,
-                 time_sync_s: float | None = None) -> None:
+                 time_sync_s: float | None = None, manager: LinkManager | None = None) -> None:
         self.cfg = cfg
-        self.recorder_for = recorder_for
-        self.processor = processor
         self.wanted = wanted  # is this device id an active registered board?
-        self.time_sync_s = time_sync_s
-        self.links: dict[str, BleLink] = {}
+        self.manager = manager or LinkManager(processor, wanted, time_sync_s, recorder_for)
+        self.scans = 0  # scan windows run: the loop's heartbeat
         self.adapter = "unknown"  # up | down
         self.adapter_error = ""
         self.adapter_losses = 0
@@ -91,8 +71,13 @@ class BleManager:
         self._connect_lock = asyncio.Lock()
         self._tg: asyncio.TaskGroup | None = None
 
+    @property
+    def links(self) -> dict[str, Link]:
+        """The BLE links, by device id."""
+        return {lk.device_id: lk for lk in self.manager.links.values() if lk.kind == "ble"}
+
     def _connected(self) -> int:
-        return sum(1 for lk in self.links.values() if lk.state in ("connecting", "connected"))
+        return sum(1 for lk in self.manager.links.values() if lk.kind == "ble" and lk.active)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -102,6 +87,7 @@ class BleManager:
     async def _scan_forever(self) -> None:
         backoff = Backoff(1.0, 15.0)
         while True:
+            self.scans += 1
             if not self._need_scan():
                 await asyncio.sleep(IDLE_CHECK_S)
                 continue
@@ -137,69 +123,28 @@ class BleManager:
         device_id = adv.local_name or ""
         if not device_id or not self.wanted(device_id):
             return
-        link = self.links.get(device_id)
-        if link is None:
-            link = self.links[device_id] = BleLink(device_id)
+        link = self.manager.link("ble", "ble:" + device_id)
+        link.device_id = device_id
         link.last_seen = time.monotonic()
-        if link.state in ("connecting", "connected") or time.monotonic() < link.next_try:
+        if link.active or time.monotonic() < link.next_try:
             return
         if self._connected() >= self.cfg.max_connections or self._tg is None:
             return
         link.address = device.address
-        link.state = "connecting"
-        self._tg.create_task(self._link(link, device), name="ble:" + device_id)
+        link.task = self._tg.create_task(self._link(link, device), name="ble:" + device_id)
 
-    async def _link(self, link: BleLink, device: BLEDevice) -> None:
+    async def _link(self, link: Link, device: BLEDevice) -> None:
         transport = BleTransport(device, backend=self._client_cls, timeout_s=self.cfg.connect_timeout_s)
-        stats = BoardStats("", transport.name)
-        link.stats = stats
-        recorder = self.recorder_for(link.device_id) if self.recorder_for else None
-        session = BoardSession(transport, self.processor, stats, recorder, time_sync_s=self.time_sync_s)
-        started = time.monotonic()
+        if link.state is not LinkState.STALLED:
+            link.state = LinkState.CONNECTING
         try:
             async with self._connect_lock:  # one connection attempt at a time
                 await transport.open()
-            link.state = "connected"
-            link.connects += 1
-            link.transport = transport
-            if link.lost_at is not None:
-                link.reconnect_s.append(time.monotonic() - link.lost_at)
-                del link.reconnect_s[:-50]
-            log.info("%s: connected (%s, MTU %d)", link.describe(), device.address, transport.mtu)
-            await session.run()  # opens nothing more: the transport is already open
-            link.last_error = "link lost"
         except TransportError as e:
-            link.last_error = str(e)
-            log.info("%s: %s", link.describe(), e)
-        except Exception as e:  # one board's failure never takes the others down
-            link.last_error = "%s: %s" % (type(e).__name__, e)
-            log.exception("%s: session failed", link.describe())
-            await transport.close()
-        finally:
-            link.transport = None
-            link.history.append(stats)
-            del link.history[:-5]
-        if link.state == "connected":
-            link.lost_at = time.monotonic()
-        if time.monotonic() - started > STABLE_LINK_S:
-            link.backoff.reset()
-        link.state = "backoff"
-        link.next_try = time.monotonic() + link.backoff.next_delay()
+            self.manager.ended(link, SessionEnd(END_OPEN_FAILED, str(e)))
+            return
+        log.info("%s: connected (%s, MTU %d)", link.describe(), device.address, transport.mtu)
+        await self.manager.attempt(link, transport, identify=False)  # the transport is open already
 
     def snapshot(self) -> list[dict[str, Any]]:
-        out = []
-        for link in self.links.values():
-            st = link.stats
-            out.append({
-                "link": link.describe(), "port": link.address, "connects": link.connects,
-                # A BLE board not heard for a while is out of range (or off), not unplugged.
-                "state": ("out_of_range" if link.state in ("searching", "backoff")
-                          and time.monotonic() - link.last_seen > OUT_OF_RANGE_S else link.state),
-                "device_id": (st.device_id if st and st.device_id else link.device_id),
-                "frames": st.frames if st else 0, "last_frame_at": st.last_frame_at if st else None,
-                "last_error": link.last_error, "rejects": dict(st.rejects) if st else {},
-                "clock_drift_ppm": st.clock_drift_ppm if st else None, "clock_jumps": st.clock_jumps if st else 0,
-                "mtu": link.transport.mtu if link.transport else None,
-                "discarded": dict(link.transport.discarded) if link.transport else {},
-            })
-        return out
+        return [b for b in self.manager.snapshot(OUT_OF_RANGE_S) if b["kind"] == "ble"]

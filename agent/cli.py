@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
@@ -243,8 +243,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print("hub %s, up %.0f s" % (snap["hub_id"], snap["uptime_s"]))
     for b in snap["boards"]:
-        last = "never" if not b["last_frame_at"] else "%.0f s ago" % (__import__("time").time() - b["last_frame_at"])
-        print("  board %-12s %-10s on %s, last frame %s" % (b["device_id"] or "?", b["state"], b["link"], last))
+        print("  " + _board_line(b))
+    for name, t in sorted(snap.get("tasks", {}).items()):
+        if t["restarts"]:
+            print("  task %s restarted %d times%s (last: %s)" % (
+                name, t["restarts"], ", restarting now" if t["restarting"] else "", t["last_error"]))
+    sd = snap.get("systemd", {})
+    if sd and not sd.get("alive", True):
+        print("  the agent's loops are stuck (%s): systemd will restart it" % sd.get("reason", ""))
     for f in snap["backends"]:
         print("  backend %-12s %-8s backlog %d, forwarded %d%s%s" % (
             f["name"], f["state"], f["backlog"], f["forwarded"],
@@ -257,6 +263,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     if snap["rejects"]:
         print("  rejected: " + ", ".join("%s %d" % kv for kv in sorted(snap["rejects"].items())))
     return 0
+
+
+# What each link state means, in the words `pulsebridge status` prints.
+_STATE_WORDS = {
+    "searching": "not plugged in", "connecting": "connecting", "connected": "connected",
+    "stalled": "stalled: nothing received", "backoff": "reconnecting", "out_of_range": "out of range",
+    "released": "not a registered board: port left alone",
+}
+
+
+def _board_line(b: dict[str, Any]) -> str:
+    import time
+
+    last = "never" if not b["last_frame_at"] else "%.0f s ago" % (time.time() - b["last_frame_at"])
+    state = _STATE_WORDS.get(b["state"], b["state"])
+    if b.get("retry_in_s") is not None and b["state"] != "searching":
+        state += " (next try in %.0f s)" % b["retry_in_s"]
+    line = "board %-12s %s, on %s, last frame %s" % (b["device_id"] or "?", state, b.get("port") or b["link"], last)
+    ends = b.get("ends") or {}
+    if ends:
+        line += "; sessions ended: " + ", ".join("%s %d" % kv for kv in sorted(ends.items()))
+    if b["state"] != "connected" and b.get("last_error"):
+        line += "; last: " + b["last_error"]
+    dropped = (b.get("discarded") or {}).get("overflow", 0)
+    if dropped:
+        line += "; %d messages dropped (hub busy, the board resends them)" % dropped
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,9 @@ Processor (agent.ingest): it verifies them (key, MAC, payload, replay
 window) and, for the agent, stores them. The session sends the acks the
 processor returns, only once it returns them, and keeps per-board
 statistics: what arrived, what was refused and why, and whether each
-stream's samples are complete.
+stream's samples are complete. Any failure inside (the link, a write, the
+store, a bug, a watchdog) ends the session with its transport closed, and
+says why (SessionEnd): reopening it is the link manager's (agent/links.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 from agent.ingest import Outcome, Processor
 from agent.timemap import TimeMap
-from agent.transports.base import Transport, TransportClosed
+from agent.transports.base import Transport, TransportError
 from protocols import hub, messages
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ class BoardStats:
     clock_drift_uncertainty_ppm: float | None = None
     clock_jumps: int = 0
     rtt_ms: float | None = None
+    rejected_ids: set[str] = field(default_factory=set)  # devices heard but not served (a few, for the status)
 
     def samples_received(self) -> dict[str, int]:
         return {name: s.covered for name, s in self.samples.items()}
@@ -89,49 +92,173 @@ class BoardStats:
         return {name: s.missing for name, s in self.samples.items()}
 
 
+# Why a session ended: counted per link and per reason, shown in the status.
+END_OPEN_FAILED = "open_failed"  # the port or the connection could not be opened
+END_CLOSED = "link_closed"  # unplugged, board reset, connection lost
+END_WRITE_FAILED = "write_failed"  # an ack or request did not go out in time: the board is not reading
+END_STORE_ERROR = "store_error"  # a frame could not be stored: nothing of it was acked
+END_STALLED = "stalled"  # open, but nothing delivered for stall_s
+END_SILENT = "silent"  # nothing authentic within identify_s of opening: no board of ours answering
+END_NOT_REGISTERED = "not_registered"  # only messages from a board that is not active in the registry
+END_CRASHED = "crashed"  # an unexpected exception (a bug), logged with its traceback
+END_REASONS = (END_OPEN_FAILED, END_CLOSED, END_WRITE_FAILED, END_STORE_ERROR, END_STALLED, END_SILENT,
+               END_NOT_REGISTERED, END_CRASHED)
+# Rejections that say "a board, but not one we serve" (as opposed to noise).
+_NOT_OURS = ("unknown_device", "revoked")
+# Closing a transport is bounded: a stuck driver must not hold the link manager.
+CLOSE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class SessionEnd:
+    """Why a session ended (one of END_REASONS) and what was seen."""
+
+    reason: str
+    detail: str
+
+
+class _Ended(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.end = SessionEnd(reason, detail)
+
+
 class BoardSession:
+    """One link's session, from open to close.
+
+    run() returns a SessionEnd whatever happens inside (the transport
+    closing, an ack that cannot be written, a store error, a watchdog, a
+    bug); the transport is closed by then. Only cancellation propagates.
+
+    Watchdogs (None: off): identify_s, the longest wait after opening for a
+    first authentic message; stall_s, the longest the session may deliver
+    nothing: no authentic message heard, or the oldest frame waiting for its
+    ack (in the store, or on the wire) for that long.
+
+    on_open and on_progress (called at each delivery: an ack written, or an
+    authentic message other than a frame) let a link manager show the truth.
+    """
+
     def __init__(self, transport: Transport, processor: Processor, stats: BoardStats,
-                 recorder: Callable[[bytes], None] | None = None, time_sync_s: float | None = None) -> None:
+                 recorder: Callable[[bytes], None] | None = None, time_sync_s: float | None = None,
+                 stall_s: float | None = None, identify_s: float | None = None,
+                 on_open: Callable[[], None] | None = None, on_progress: Callable[[], None] | None = None) -> None:
         self.transport = transport
         self.processor = processor
         self.stats = stats
         self.recorder = recorder
         self.time_sync_s = time_sync_s
+        self.stall_s = stall_s
+        self.identify_s = identify_s
+        self.on_open = on_open
+        self.on_progress = on_progress
         self.timemap = TimeMap()
         self._time_requests: dict[int, float] = {}  # nonce -> UTC ms sent
         self._epoch: int | None = None
+        self.opened_at = 0.0
+        self.heard_at: float | None = None  # monotonic: the last authentic message
+        self._acks_waiting_since: float | None = None  # monotonic: the oldest outcome not yet acked
+        self._pending: asyncio.Queue[Outcome | None] = asyncio.Queue(PIPELINE_DEPTH)
 
-    async def run(self) -> None:
-        # Two tasks: one reads and judges messages in arrival order and
-        # queues them; the other waits for each to be stored, in the same
-        # order, and sends its acks. Many frames from one board can so share
-        # a commit, and a board is never acked for what is not yet stored.
-        await self.transport.open()
+    async def run(self) -> SessionEnd:
+        # Tasks: one reads and judges messages in arrival order and queues
+        # them; one waits for each to be stored, in the same order, and sends
+        # its acks (many frames from one board so share a commit, and a board
+        # is never acked for what is not yet stored); the time sync; the
+        # watchdog. The first of them to end, ends the session.
+        try:
+            await self.transport.open()
+        except TransportError as e:
+            return SessionEnd(END_OPEN_FAILED, str(e))
+        self.opened_at = time.monotonic()
         self.stats.connected = True
-        pending: asyncio.Queue[Outcome | None] = asyncio.Queue(PIPELINE_DEPTH)
-        acker = asyncio.create_task(self._ack_in_order(pending), name="acks:" + self.transport.name)
-        syncer = (asyncio.create_task(self._time_sync(), name="time:" + self.transport.name)
-                  if self.time_sync_s else None)
+        if self.on_open is not None:
+            self.on_open()
+        name = self.transport.name
+        reader = asyncio.create_task(self._read(), name="read:" + name)
+        acker = asyncio.create_task(self._ack_in_order(), name="acks:" + name)
+        tasks = [reader, acker]
+        if self.time_sync_s:
+            tasks.append(asyncio.create_task(self._time_sync(), name="time:" + name))
+        if self.stall_s or self.identify_s:
+            tasks.append(asyncio.create_task(self._watch(), name="watch:" + name))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            end = self._end_of(next(t for t in tasks if t in done))
+            if end.reason == END_CLOSED and not acker.done():
+                # The acks still due may go out if the link still takes writes.
+                try:
+                    self._pending.put_nowait(None)
+                    async with asyncio.timeout(ACK_DRAIN_S):
+                        await asyncio.wait([acker])
+                except (asyncio.QueueFull, TimeoutError):
+                    pass
+        finally:
+            self.stats.connected = False
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await self.transport.close()
+            except Exception as e:  # closing what failed may fail too: the link is gone either way
+                log.warning("%s: close failed: %s", name, e)
+        return end
+
+    def _end_of(self, task: asyncio.Task[None]) -> SessionEnd:
+        exc = task.exception() if not task.cancelled() else None
+        if isinstance(exc, _Ended):
+            return exc.end
+        if exc is None:
+            return SessionEnd(END_CLOSED, "link closed")
+        log.error("%s: session failed", self.transport.name, exc_info=exc)
+        return SessionEnd(END_CRASHED, "%s: %s" % (type(exc).__name__, exc))
+
+    async def _read(self) -> None:
         try:
             while True:
                 raw = await self.transport.receive()
                 out = self._judge(raw)
                 if out is not None:
-                    await pending.put(out)
-        except TransportClosed:
-            log.info("%s: link closed", self.transport.name)
-        finally:
-            self.stats.connected = False
-            if syncer is not None:
-                syncer.cancel()
-            if not acker.done():
-                try:
-                    pending.put_nowait(None)
-                    async with asyncio.timeout(ACK_DRAIN_S):
-                        await acker
-                except (asyncio.QueueFull, TimeoutError, TransportClosed):
-                    acker.cancel()
-            await self.transport.close()
+                    if self._acks_waiting_since is None:
+                        self._acks_waiting_since = time.monotonic()
+                    await self._pending.put(out)
+        except TransportError as e:
+            log.info("%s: %s", self.transport.name, e)
+            raise _Ended(END_CLOSED, str(e)) from e
+
+    async def _send(self, raw: bytes) -> None:
+        try:
+            await self.transport.send(raw)
+        except TransportError as e:
+            raise _Ended(END_WRITE_FAILED, str(e)) from e
+
+    async def _watch(self) -> None:
+        bounds = [b for b in (self.stall_s, self.identify_s) if b]
+        step = min(bounds) / 4
+        while True:
+            await asyncio.sleep(step)
+            now = time.monotonic()
+            if self.heard_at is None:
+                if self.identify_s and now - self.opened_at > self.identify_s:
+                    st = self.stats
+                    not_ours = sum(st.rejects[r] for r in _NOT_OURS)
+                    if not_ours:
+                        raise _Ended(END_NOT_REGISTERED, "%d messages from a board that is not registered and "
+                                     "active (%s)" % (not_ours, ", ".join(sorted(st.rejected_ids)) or "?"))
+                    raise _Ended(END_SILENT, "no message from a registered board within %.0f s (%d refused, "
+                                 "%d other pieces of data)" % (self.identify_s, sum(st.rejects.values()),
+                                                                sum(self.transport.discarded.values())))
+                if self.stall_s and not self.identify_s and now - self.opened_at > self.stall_s:
+                    raise _Ended(END_STALLED, "nothing received for %.0f s" % self.stall_s)
+                continue
+            if not self.stall_s:
+                continue
+            if now - self.heard_at > self.stall_s:
+                raise _Ended(END_STALLED, "nothing received for %.0f s" % (now - self.heard_at))
+            waiting = self._acks_waiting_since
+            if waiting is not None and now - waiting > self.stall_s:
+                raise _Ended(END_STALLED, "a frame waited %.0f s to be stored and acknowledged" % (now - waiting))
 
     async def _time_sync(self) -> None:
         # A time request as soon as the board is known, then every time_sync_s.
@@ -145,7 +272,7 @@ class BoardSession:
             self._time_requests[nonce] = time.time() * 1000
             while len(self._time_requests) > 8:  # unanswered ones are forgotten
                 self._time_requests.pop(next(iter(self._time_requests)))
-            await self.transport.send(raw)
+            await self._send(raw)
             await asyncio.sleep(self.time_sync_s)
 
     def _on_time(self, m: messages.TimeResponse) -> None:
@@ -159,16 +286,28 @@ class BoardSession:
         st.clock_jumps = self.timemap.jumps
         st.rtt_ms = self.timemap.last_rtt_ms
 
-    async def _ack_in_order(self, pending: asyncio.Queue[Outcome | None]) -> None:
+    async def _ack_in_order(self) -> None:
+        pending = self._pending
         while True:
             out = await pending.get()
             if out is None:
                 return
             if out.stored is not None:
-                await out.stored
+                try:
+                    await out.stored
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # nothing of this frame is acked; the board keeps it and resends
+                    raise _Ended(END_STORE_ERROR, str(e)) from e
             for ack in out.acks:
-                await self.transport.send(ack)
+                await self._send(ack)
                 self.stats.acks_sent += 1
+            self._acks_waiting_since = time.monotonic() if not pending.empty() else None
+            self._progress()
+
+    def _progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress()
 
     def _judge(self, raw: bytes) -> Outcome | None:
         st = self.stats
@@ -179,7 +318,10 @@ class BoardSession:
         r = out.received
         if r.verdict == hub.REJECTED:
             st.rejects[r.reason] += 1
+            if r.reason in _NOT_OURS and r.device_id and len(st.rejected_ids) < 8:
+                st.rejected_ids.add(r.device_id)
             return None
+        self.heard_at = time.monotonic()
         m = r.message
         if r.device_id and st.device_id != r.device_id:
             st.device_id = r.device_id

@@ -141,7 +141,8 @@ async def _run(opts: SimOptions, sims: list[SimulatedBoard], out: IO[str], air: 
     t0 = time.monotonic()
     try:
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(s.run(), name="session-" + s.stats.device_id) for s in sessions]
+            tasks: list[asyncio.Task[Any]] = [tg.create_task(s.run(), name="session-" + s.stats.device_id)
+                                              for s in sessions]
             if ble is not None:
                 tasks.append(tg.create_task(ble.run(), name="ble"))
             while opts.seconds is None or time.monotonic() - t0 < opts.seconds:

@@ -132,6 +132,11 @@ TEXT = {
     "fr": {"title": "Passerelle de télésurveillance", "ok": "Tout fonctionne.", "warn": "À vérifier :",
            "boards": "Capteur", "connected": "connecté", "searching": "non branché", "backoff": "reconnexion",
            "connecting": "connexion en cours", "out_of_range": "hors de portée",
+           "stalled": "branché, mais plus rien ne nous parvient : la passerelle réessaie",
+           "released": "appareil branché qui n'est pas un capteur enregistré : laissé libre",
+           "retry": "nouvel essai dans", "restarted": "redémarrée", "times": "fois",
+           "task": "Tâche interne", "stuck": "La passerelle ne répond plus bien : elle va redémarrer d'elle-même.",
+           "dropped": "messages mis de côté (le capteur les renverra)",
            "bt_down": "Le Bluetooth de la passerelle ne répond pas : débranchez-la puis rebranchez-la.",
            "last": "dernière mesure il y a", "never": "aucune mesure pour l'instant", "s": "s",
            "hr": "Fréquence cardiaque", "spo2": "Saturation en oxygène", "pr": "Pouls", "quality": "qualité du signal",
@@ -142,6 +147,11 @@ TEXT = {
     "en": {"title": "Home monitoring hub", "ok": "Everything is working.", "warn": "Needs a look:",
            "boards": "Sensor", "connected": "connected", "searching": "not plugged in", "backoff": "reconnecting",
            "connecting": "connecting", "out_of_range": "out of range",
+           "stalled": "plugged in, but nothing is coming through: the hub keeps trying",
+           "released": "a device that is not a registered sensor: left alone",
+           "retry": "next try in", "restarted": "restarted", "times": "times",
+           "task": "Internal task", "stuck": "The hub is not responding well: it will restart by itself.",
+           "dropped": "messages set aside (the sensor will send them again)",
            "bt_down": "The hub's Bluetooth is not answering: unplug the hub, then plug it back in.",
            "last": "last reading", "never": "no reading yet", "s": "s ago",
            "hr": "Heart rate", "spo2": "Oxygen saturation", "pr": "Pulse", "quality": "signal quality",
@@ -171,7 +181,7 @@ small{color:#5a6876}
 <div id="boards"></div>
 <div class="card"><h2 id="backends-title"></h2><div id="backends"></div></div>
 <div class="card"><h2 id="alerts-title"></h2><div id="alerts"></div>
-<p><small id="rejects"></small></p></div></main>
+<p><small id="rejects"></small></p><p><small id="tasks"></small></p></div></main>
 <script>
 const TEXT = __TEXT__;
 let lang = (navigator.language || "fr").startsWith("fr") ? "fr" : "en";
@@ -194,10 +204,13 @@ function render(s) {
   document.getElementById("title").textContent = t("title");
   document.getElementById("lang").textContent = t("lang");
   const btDown = s.ble_adapter && s.ble_adapter.state === "down";
-  const problems = s.boards.filter(b => b.state !== "connected").length + s.vitals.active_alerts.length +
-    (btDown ? 1 : 0);
+  const stuck = s.systemd && !s.systemd.alive;
+  // A device that is not ours (a modem, a board being set up) is shown, not counted as a problem.
+  const problems = s.boards.filter(b => b.state !== "connected" && b.state !== "released").length +
+    s.vitals.active_alerts.length + (btDown ? 1 : 0) + (stuck ? 1 : 0);
   const sum = document.getElementById("summary");
-  sum.textContent = problems ? t("warn") + " " + problems + (btDown ? " — " + t("bt_down") : "") : t("ok");
+  sum.textContent = problems ? t("warn") + " " + problems + (btDown ? " — " + t("bt_down") : "") +
+    (stuck ? " — " + t("stuck") : "") : t("ok");
   sum.className = problems ? "warn" : "ok";
   const boards = document.getElementById("boards");
   s.boards.forEach((b, i) => {
@@ -206,10 +219,14 @@ function render(s) {
       card.innerHTML = '<h2 class="name"></h2><div class="state"></div><div class="values"></div>' +
         '<small class="ecg-t"></small><canvas class="ecg"></canvas><small class="pleth-t"></small>' +
         '<canvas class="pleth"></canvas>'; boards.appendChild(card); }
-    card.querySelector(".name").textContent = t("boards") + " " + (b.device_id || "?");
+    card.querySelector(".name").textContent = t("boards") + " " + (b.device_id || b.port || "?");
     const age = b.last_frame_at ? Math.round(Date.now() / 1000 - b.last_frame_at) : null;
-    card.querySelector(".state").textContent = t(b.state) + " — " +
-      (age === null ? t("never") : t("last") + " " + age + " " + t("s"));
+    const retry = b.retry_in_s !== null && b.retry_in_s !== undefined && b.state !== "searching" ?
+      " (" + t("retry") + " " + Math.round(b.retry_in_s) + " s)" : "";
+    const dropped = (b.discarded || {}).overflow || 0;
+    card.querySelector(".state").textContent = t(b.state) + retry + " — " +
+      (age === null ? t("never") : t("last") + " " + age + " " + t("s")) +
+      (dropped ? " — " + dropped + " " + t("dropped") : "");
     const v = (s.last_vitals || {})[b.device_id] || {};
     const show = (k, label, unit) => v[k] ? '<div class="v">' + t(label) + '<br><b>' + v[k].value + '</b> ' + unit +
       '<br><small>' + t("quality") + ' ' + Math.round(100 * v[k].quality) + ' %</small></div>' : "";
@@ -226,6 +243,8 @@ function render(s) {
     al.length ? al.map(a => a[0] + ": " + t(a[1])).join(", ") : t("none");
   const nrej = Object.values(s.rejects).reduce((a, b) => a + b, 0);
   document.getElementById("rejects").textContent = t("rejects") + " : " + nrej;
+  document.getElementById("tasks").textContent = Object.entries(s.tasks || {}).filter(([, v]) => v.restarts)
+    .map(([k, v]) => t("task") + " " + k + " " + t("restarted") + " " + v.restarts + " " + t("times")).join(" · ");
 }
 async function tick() {
   try {

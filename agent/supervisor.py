@@ -1,39 +1,42 @@
-"""The agent: one TaskGroup of named tasks under a supervisor.
+"""The agent: named tasks under a supervisor that restarts them.
 
-Tasks: one per serial link (found by path or USB VID/PID, reconnecting with
-capped, jittered backoff), the BLE manager (agent/ble_links.py: a scanner
-and one task per connected board), one per backend forwarder, housekeeping
-(retention purge), and the status socket. Every wait on the outside world
-is bounded by a timeout. Link state is an explicit enum.
+Tasks: serial discovery (USB ports found by identity, agent/links.py), the
+BLE manager (agent/ble_links.py), both handing the boards they find to one
+link manager (sessions, watchdog, reconnect policy, agent/links.py); one
+forwarder per backend; vitals; housekeeping (retention purge); the registry
+watch; the status socket and page; and the systemd notifier.
+
+A task that raises is logged with its traceback, counted and restarted
+after a capped, jittered backoff: one bug never takes the boards down. The
+agent tells systemd it is alive (sd_notify WATCHDOG=1) only while its loops
+turn and the store answers; otherwise systemd restarts it (WatchdogSec=).
+Every wait on the outside world is bounded by a timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import logging
 import os
-import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import serial.tools.list_ports
-
 from agent import forwarders
 from agent.audit import AuditLog
-from agent.ble_links import BleManager
-from agent.config import AgentConfig, SerialConfig
+from agent.ble_links import OUT_OF_RANGE_S, BleManager
+from agent.config import AgentConfig
 from agent.forwarders.base import Backoff, Forwarder, Subjects
 from agent.ingest import Ingestor
+from agent.links import LinkManager, SerialDiscovery, SerialWant
 from agent.registry import Registry
-from agent.session import BoardSession, BoardStats
-from agent.store import KIND_ALERT, KIND_VITAL, PRIORITY_ALERT, PRIORITY_VITALS, Ingest, Store
-from agent.transports.base import TransportError
-from agent.transports.serial import SerialTransport
+from agent.sdnotify import Notifier
+from agent.store import KIND_ALERT, KIND_VITAL, PRIORITY_ALERT, PRIORITY_VITALS, Ingest, Store, StoreError
 from agent.vitals.alerts import DEFAULT_RULES, AlertEngine, Rule
 from agent.vitals.engine import VitalsEngine
 from protocols import messages
@@ -49,41 +52,33 @@ SILENCE_CHECK_S = 10.0
 # The registry is re-read this often when its file changed: a revocation
 # takes effect within this delay.
 REGISTRY_POLL_S = 1.0
-# A link that stayed up this long has its backoff reset.
-STABLE_LINK_S = 10.0
-# Looking for a port that is not there (unplugged, rebooting) costs a stat
-# or a USB listing: done often, so a replugged board is back within a second.
-SEARCH_EVERY_S = 0.5
+# A crashed task is restarted after a capped, jittered backoff; one that ran
+# this long before crashing starts again from the shortest delay.
+RESTART_BASE_S = 1.0
+RESTART_CAP_S = 60.0
+STABLE_TASK_S = 60.0
+# The agent's loops (serial discovery, BLE scanner, registry watch, vitals)
+# each turn at least every 10 s: one that has not turned for this long is
+# stuck, and systemd is no longer told the agent is alive.
+LOOP_STUCK_S = 30.0
+# Without WatchdogSec=, how often the liveness is still checked (and logged).
+LIVENESS_EVERY_S = 10.0
 
 
-class LinkState(enum.Enum):
-    SEARCHING = "searching"
-    CONNECTED = "connected"
-    BACKOFF = "backoff"
+def version() -> str:
+    try:
+        return metadata.version("pulsebridge")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass
-class SerialLink:
-    config: SerialConfig
-    state: LinkState = LinkState.SEARCHING
-    port: str = ""
-    stats: BoardStats | None = None
-    connects: int = 0
+class TaskHealth:
+    """A supervised task: how often it crashed, and why last."""
+
+    restarts: int = 0
     last_error: str = ""
-    history: list[BoardStats] = field(default_factory=list)
-
-    def resolve(self) -> str | None:
-        c = self.config
-        if c.port:
-            return c.port if os.path.exists(c.port) else None
-        for p in serial.tools.list_ports.comports():
-            if p.vid == c.usb_vid and (c.usb_pid is None or p.pid == c.usb_pid):
-                return str(p.device)
-        return None
-
-    def describe(self) -> str:
-        c = self.config
-        return c.port or "usb %04x:%04x" % (c.usb_vid or 0, c.usb_pid or 0)
+    restarting: bool = False
 
 
 class Agent:
@@ -98,11 +93,17 @@ class Agent:
         subjects = Subjects(self.registry)
         self.forwarders: list[Forwarder] = [forwarders.make(b, self.store, cfg.hub_id, self.wake, subjects)
                                             for b in cfg.backends]
-        self.links = [SerialLink(sc) for sc in cfg.serial]
+        self.links = LinkManager(self.ingestor, self.ingestor.hub.has_device, time_sync_s=cfg.time_sync_every_s)
+        self.serial = SerialDiscovery(self.links, [SerialWant(sc.port, sc.usb_vid, sc.usb_pid, sc.baudrate)
+                                                   for sc in cfg.serial])
         self.ble: BleManager | None = None
         if cfg.ble is not None:
-            self.ble = BleManager(cfg.ble, self.ingestor, self.ingestor.hub.has_device,
-                                  time_sync_s=cfg.time_sync_every_s)
+            self.ble = BleManager(cfg.ble, self.ingestor, self.ingestor.hub.has_device, manager=self.links)
+        self.tasks: dict[str, TaskHealth] = {}
+        self.notifier = Notifier.from_env()
+        self.alive = True  # what systemd was last told
+        self.not_alive_reason = ""
+        self._turns = {"registry": 0, "vitals": 0}
         rules = tuple(Rule(**r) for r in cfg.alert_rules) or DEFAULT_RULES
         self.vitals = VitalsEngine(AlertEngine(rules))
         self.vitals_queue: asyncio.Queue[tuple[str, Any, bytes, int | None, float]] = asyncio.Queue(VITALS_QUEUE)
@@ -124,61 +125,102 @@ class Agent:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        log.info("pulsebridge agent %s starting (config %s, hub %s)", version(), self.cfg.source or "-",
+                 self.cfg.hub_id)
         self.store.on_commit = self._on_commit
         self.store.start()
         self.audit.record("agent.start", self.cfg.hub_id, config=str(self.cfg.source or ""),
-                          backends=[b.name for b in self.cfg.backends])
+                          backends=[b.name for b in self.cfg.backends], version=version())
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = []
-                for link in self.links:
-                    tasks.append(tg.create_task(self._serial(link), name="serial:" + link.describe()))
-                if self.ble is not None:
-                    tasks.append(tg.create_task(self.ble.run(), name="ble"))
-                for fw in self.forwarders:
-                    tasks.append(tg.create_task(fw.run(), name="forward:" + fw.name))
-                tasks.append(tg.create_task(self._housekeeping(), name="housekeeping"))
-                tasks.append(tg.create_task(self._vitals(), name="vitals"))
-                if self.cfg.status_page_password_file:
-                    tasks.append(tg.create_task(self._status_page(), name="status-page"))
-                tasks.append(tg.create_task(self._watch_registry(), name="registry"))
-                tasks.append(tg.create_task(self._status_server(), name="status"))
+                tasks = [tg.create_task(self._supervised(name, factory), name=name)
+                         for name, factory in self._loops()]
+                tasks.append(tg.create_task(self._systemd(), name="systemd"))
                 if stop is not None:
                     await stop.wait()
+                    log.info("pulsebridge agent stopping")
+                    self.notifier.notify(STOPPING=1)
                     for t in tasks:
                         t.cancel()
         finally:
+            self.notifier.close()
             self.store.close()
             self.registry.close()
+            log.info("pulsebridge agent %s stopped (config %s)", version(), self.cfg.source or "-")
 
-    async def _serial(self, link: SerialLink) -> None:
-        backoff = Backoff(0.5, 30.0)
+    def _loops(self) -> list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]]:
+        loops: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = [("serial", self.serial.run)]
+        if self.ble is not None:
+            loops.append(("ble", self.ble.run))
+        loops += [("forward:" + fw.name, fw.run) for fw in self.forwarders]
+        loops += [("housekeeping", self._housekeeping), ("vitals", self._vitals)]
+        if self.cfg.status_page_password_file:
+            loops.append(("status-page", self._status_page))
+        loops += [("registry", self._watch_registry), ("status", self._status_server)]
+        return loops
+
+    async def _supervised(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        health = self.tasks.setdefault(name, TaskHealth())
+        backoff = Backoff(RESTART_BASE_S, RESTART_CAP_S)
         while True:
-            port = link.resolve()
-            if port is None:
-                link.state = LinkState.SEARCHING
-                await asyncio.sleep(SEARCH_EVERY_S * random.uniform(0.8, 1.2))
-                continue
-            link.port = port
-            stats = BoardStats("", "serial:" + port)
-            link.stats = stats
-            session = BoardSession(SerialTransport(port, link.config.baudrate), self.ingestor, stats,
-                                   time_sync_s=self.cfg.time_sync_every_s)
             started = time.monotonic()
-            link.state = LinkState.CONNECTED
-            link.connects += 1
+            health.restarting = False
             try:
-                await session.run()
-                link.last_error = "link closed"
-            except TransportError as e:
-                link.last_error = str(e)
-                log.info("%s: %s", link.describe(), e)
-            link.history.append(stats)
-            del link.history[:-5]
-            if time.monotonic() - started > STABLE_LINK_S:
+                await factory()
+                return  # done by its own choice (the status page without its password file)
+            except Exception as e:  # any bug in one task: logged, counted, restarted; the others go on
+                health.restarts += 1
+                health.last_error = "%s: %s" % (type(e).__name__, e)
+                log.error("task %s crashed (restart %d): %s", name, health.restarts, health.last_error,
+                          exc_info=e)
+            if time.monotonic() - started > STABLE_TASK_S:
                 backoff.reset()
-            link.state = LinkState.BACKOFF
+            health.restarting = True
             await asyncio.sleep(backoff.next_delay())
+
+    def _heartbeats(self) -> dict[str, int]:
+        beats = {"serial": self.serial.polls, **self._turns}
+        if self.ble is not None:
+            beats["ble"] = self.ble.scans
+        return beats
+
+    async def _systemd(self) -> None:
+        # READY once the tasks run; then WATCHDOG=1 at half WatchdogSec=, only
+        # while every loop turns and the store's writer answers.
+        n = self.notifier
+        n.notify(READY=1, STATUS="serving boards", MAINPID=os.getpid())
+        every_s = n.watchdog_s / 2 if n.watchdog_s else LIVENESS_EVERY_S
+        last = self._heartbeats()
+        moved = dict.fromkeys(last, time.monotonic())
+        while True:
+            await asyncio.sleep(every_s)
+            now = time.monotonic()
+            beats = self._heartbeats()
+            for k, v in beats.items():
+                if last.get(k) != v:
+                    moved[k] = now
+            last = beats
+            stuck = sorted(k for k, at in moved.items() if now - at > LOOP_STUCK_S)
+            why = ("loop %s not turning" % ", ".join(stuck)) if stuck else ""
+            if not why:
+                try:
+                    async with asyncio.timeout(min(every_s, LOOP_STUCK_S)):
+                        await self.store.run(lambda db: None)
+                except StoreError:
+                    pass  # the store answers, with an error: its own retry and status say the rest
+                except TimeoutError:
+                    why = "the store is not answering"
+            if why:
+                if self.alive or why != self.not_alive_reason:
+                    log.error("not telling systemd the agent is alive: %s", why)
+                self.alive, self.not_alive_reason = False, why
+                n.notify(STATUS="stuck: " + why)
+                continue
+            if not self.alive:
+                log.warning("the agent's loops turn again")
+            self.alive, self.not_alive_reason = True, ""
+            if n.watchdog_s:
+                n.notify(WATCHDOG=1)
 
     def _to_vitals(self, device_id: str, frame: Any, raw: bytes, t0_utc_ms: int | None) -> None:
         try:
@@ -191,6 +233,7 @@ class Agent:
 
         next_silence = time.monotonic() + SILENCE_CHECK_S
         while True:
+            self._turns["vitals"] += 1
             try:
                 async with asyncio.timeout(SILENCE_CHECK_S):
                     dev, f, raw, t0_utc_ms, received = await self.vitals_queue.get()
@@ -267,10 +310,12 @@ class Agent:
         seen = _mtime(path)
         while True:
             await asyncio.sleep(REGISTRY_POLL_S)
+            self._turns["registry"] += 1
             now = _mtime(path)
             if now != seen:
                 seen = now
                 self.ingestor.reload_devices()
+                self.links.registry_changed()
                 log.info("registry changed: devices reloaded")
 
     async def _housekeeping(self) -> None:
@@ -290,18 +335,7 @@ class Agent:
             counters = Store.counters(reader)
         finally:
             reader.close()
-        boards = []
-        for link in self.links:
-            st = link.stats
-            boards.append({
-                "link": link.describe(), "port": link.port, "state": link.state.value, "connects": link.connects,
-                "device_id": st.device_id if st else "", "frames": st.frames if st else 0,
-                "last_frame_at": st.last_frame_at if st else None, "last_error": link.last_error,
-                "rejects": dict(st.rejects) if st else {},
-                "clock_drift_ppm": st.clock_drift_ppm if st else None, "clock_jumps": st.clock_jumps if st else 0,
-            })
-        if self.ble is not None:
-            boards += self.ble.snapshot()
+        boards = self.links.snapshot(OUT_OF_RANGE_S)
         return {
             "hub_id": self.cfg.hub_id, "uptime_s": round(time.time() - self.started_at, 1), "boards": boards,
             "ble_adapter": ({"state": self.ble.adapter, "error": self.ble.adapter_error,
@@ -316,6 +350,12 @@ class Agent:
             "vitals": {"made": self.vitals_made, "skipped_frames": self.vitals_skipped,
                        "active_alerts": [list(a) for a in self.vitals.alerts.active()]},
             "counters": counters,
+            "link_ends": dict(self.links.ends),
+            "tasks": {name: {"restarts": h.restarts, "last_error": h.last_error, "restarting": h.restarting}
+                      for name, h in self.tasks.items()},
+            "systemd": {"notify": self.notifier.enabled, "watchdog_s": self.notifier.watchdog_s,
+                        "alive": self.alive, "reason": self.not_alive_reason},
+            "version": version(),
         }
 
     async def _status_server(self) -> None:

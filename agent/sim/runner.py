@@ -86,6 +86,10 @@ class SimulatedBoard:
         self.proc: subprocess.Popen[bytes] | None = None
         self.dropped_bytes = 0  # board output lost while no one read the port
         self.cable_connected = True  # False: the USB cable is cut, bytes go nowhere
+        # False: the board stops reading its USB input (a firmware stuck with
+        # USB still up): what the hub writes fills the OS buffers, then its
+        # writes block, as on a real USB CDC link.
+        self.reading = True
         self.tap_uplink = bytearray()  # what the board sent, when record=True (tests)
         self.tap_downlink = bytearray()  # what the hub sent the board
         self.record = False
@@ -142,7 +146,7 @@ class SimulatedBoard:
         ma, mb = self._ma, self._mb
         while not self._stop.is_set():
             try:
-                readable, _, _ = select.select([ma, mb], [], [], 0.2)
+                readable, _, _ = select.select([ma, mb] if self.reading else [ma], [], [], 0.2)
             except (OSError, ValueError):
                 return
             if ma in readable:

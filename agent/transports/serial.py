@@ -21,8 +21,11 @@ from protocols import link
 
 log = logging.getLogger(__name__)
 
-# Uplink messages waiting for the agent before we stop reading the port:
-# about 30 s of one board's frames; the board's outbox holds the rest.
+# Uplink messages waiting for the agent: about 30 s of one board's frames.
+# Beyond it messages are dropped and counted ("overflow"), never left
+# unread in the port: an ESP32-S3's native USB CDC blocks the board's
+# writes when the host stops reading. Nothing is lost by the drop: the
+# board keeps every frame until an ack covers it, and resends.
 QUEUE_DEPTH = 64
 _READ_CHUNK = 4096
 # Console lines kept from a board, for the log and the status page.
@@ -68,8 +71,8 @@ class SerialTransport(Transport):
         self.console: list[str] = []
         self._ser: serial.Serial | None = None
         self._deframer = link.StreamDeframer()
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_DEPTH)
-        self._paused = False
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_DEPTH + 1)  # + the end-of-link marker
+        self._write_lock = asyncio.Lock()  # one line at a time: two writers' lines never interleave
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -91,27 +94,15 @@ class SerialTransport(Transport):
         if not data:
             self._stop_reading()
             self._closed = True
-            if not self._queue.full():
-                self._queue.put_nowait(None)
+            self._queue.put_nowait(None)  # its place is kept
             return
         self._deframer.feed(data)
-        self._drain()
-
-    def _drain(self) -> None:
-        # Deframed messages to the queue until it is full: then the port is
-        # left unread (the board's outbox holds what follows) until receive()
-        # has made room.
-        while True:
-            if self._queue.full():
-                if not self._paused:
-                    self._stop_reading()
-                    self._paused = True
-                return
-            ev = self._deframer.next_event()
-            if ev is None:
-                return
+        while (ev := self._deframer.next_event()) is not None:
             if isinstance(ev, link.Frame):
-                self._queue.put_nowait(ev.data)
+                if self._queue.qsize() >= QUEUE_DEPTH:
+                    self.discarded["overflow"] = self.discarded.get("overflow", 0) + 1
+                else:
+                    self._queue.put_nowait(ev.data)
             else:
                 self.discarded[ev.reason] = self.discarded.get(ev.reason, 0) + 1
                 if ev.reason == "noise":
@@ -133,11 +124,6 @@ class SerialTransport(Transport):
         if self._closed and self._queue.empty():
             raise TransportClosed("%s closed" % self.port, self.name)
         msg = await self._queue.get()
-        if self._paused and self._queue.qsize() < QUEUE_DEPTH // 2:
-            self._paused = False
-            assert self._loop is not None and self._ser is not None
-            self._loop.add_reader(self._ser.fileno(), self._on_readable)
-            self._drain()
         if msg is None:
             raise TransportClosed("%s closed" % self.port, self.name)
         return msg
@@ -147,8 +133,10 @@ class SerialTransport(Transport):
             raise TransportClosed("not open", self.name)
         line = link.downlink_line(message)
         try:
-            await asyncio.to_thread(self._ser.write, line)
-        except (serial.SerialException, OSError) as e:
+            async with self._write_lock:
+                # pyserial's write_timeout bounds a write the board does not read.
+                await asyncio.to_thread(self._ser.write, line)
+        except (serial.SerialException, OSError, ValueError) as e:  # ValueError: closed meanwhile
             raise TransportClosed("write to %s failed: %s" % (self.port, e), self.name) from e
 
     async def write_raw(self, data: bytes) -> None:
