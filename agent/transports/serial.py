@@ -10,7 +10,6 @@ lines (protocols.link.downlink_line).
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 
@@ -33,32 +32,27 @@ CONSOLE_LINES = 50
 
 
 def open_port(port: str, baudrate: int, timeout_s: float | None, write_timeout_s: float | None = None) -> serial.Serial:
-    """Opens a board's serial port without resetting the board.
+    """Opens a board's serial port without resetting the board or silencing it.
 
     On an ESP32 board a USB bridge (CP2102, CH340) drives EN and GPIO0
     through two transistors from DTR and RTS: EN is pulled low (reset) while
     RTS is asserted and DTR is not; GPIO0 low (download mode, at the next
-    reset) while DTR is asserted and RTS is not. Linux asserts both lines
-    itself when a port opens, and pyserial then applies its DTR setting before
-    its RTS setting: asking it for both deasserted would pass through
-    "RTS only" and reset the board. So RTS is deasserted at open (DTR, already
-    asserted, is left so) and DTR right after: the lines go from (DTR, RTS) =
-    (1, 1) to (1, 0) to (0, 0), never through (0, 1). Both end deasserted,
-    so a board that resets meanwhile (watchdog) boots normally, and closing
-    the port changes nothing. Raises serial.SerialException or OSError.
+    reset) while DTR is asserted and RTS is not; with both asserted or both
+    deasserted neither moves. Linux asserts both lines, in one request, when
+    a port opens (and deasserts both when it closes). So the lines are set
+    to what Linux has just done, both asserted, before open(): pyserial's
+    own requests then change nothing. Asking for both deasserted instead
+    would reset the board: pyserial applies DTR before RTS, passing through
+    "RTS only". Asserted DTR also matters to boards on native USB (ESP32-S3
+    with TinyUSB CDC): MicroPython writes to the host only while TinyUSB
+    reports it connected, which is DTR asserted. Raises
+    serial.SerialException or OSError.
     """
     ser = serial.Serial(None, baudrate, timeout=timeout_s, write_timeout=write_timeout_s, exclusive=True)
     ser.port = port
-    ser.dtr = True  # as the kernel left it: unchanged by open()
-    ser.rts = False
+    ser.dtr = True  # as the kernel sets it at open: no request changes a line
+    ser.rts = True
     ser.open()
-    try:
-        ser.dtr = False
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTTY):  # what pyserial's open() ignores too
-            ser.close()
-            raise
-        # no modem lines on this port (a pty, a simulated board): nothing to reset
     return ser
 
 
