@@ -229,6 +229,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     import asyncio
+    import time
 
     from agent.supervisor import read_status
 
@@ -260,6 +261,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("  vitals %-12s " % dev + ", ".join("%s %s" % (k, v["value"]) for k, v in sorted(vitals.items())))
     alerts = snap.get("vitals", {}).get("active_alerts", [])
     print("  alerts: " + (", ".join("%s %s" % (d, a) for d, a in alerts) if alerts else "none"))
+    st = snap.get("store", {})
+    if st.get("state") == "fault":
+        print("  store FAULT for %.0f s: %s; nothing new is acknowledged until it is stored (retrying)" % (
+            time.time() - st["fault_since"], st["fault"]))
+    else:
+        print("  store ok: %d frames stored, %d refused and quarantined, %d storage faults recovered" % (
+            st.get("ingested", 0), st.get("refused", 0), st.get("faults_recovered", 0)))
     if snap["rejects"]:
         print("  rejected: " + ", ".join("%s %d" % kv for kv in sorted(snap["rejects"].items())))
     return 0

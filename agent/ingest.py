@@ -17,16 +17,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import cbor2
-
+from agent import fastdecode
 from agent.registry import Registry
-from agent.store import Ingest, Store, StoreError
-from protocols import hub, messages, replay
+from agent.store import QUARANTINED, Ingest, Store, StoreError
+from protocols import cbor, hub, messages, replay
+from protocols.errors import RemoteProtocolError
 
 log = logging.getLogger(__name__)
 
 ToUtc = Callable[[int], "float | None"]
 
+# A frame's decrypted samples as stored (a CBOR array of byte strings): the
+# payload bound of SPEC.md plus a few bytes of array and string heads.
+PLAIN_BYTES = 4224
 # Rejects logged per minute at most (all are counted): a flood of forged
 # frames must not flood the log, nor the disk.
 REJECT_LOG_PER_MIN = 10
@@ -86,11 +89,11 @@ class Ingestor(Processor):
     def __init__(self, store: Store, registry: Registry) -> None:
         self.store = store
         self.registry = registry
-        # Forwarders decode samples; ingest need not. Payloads whose MAC has
-        # verified are parsed by cbor2's C decoder, then held to the same
-        # schema checks: the strict pure-Python decoder keeps everything
-        # unauthenticated (the COSE envelope) and stays the reference.
-        self.hub = hub.Hub(decode_samples=False, cbor_decode=cbor2.loads)
+        # One decoder: the strict one of protocols/ (SPEC.md's deterministic
+        # encoding, bounded fields). Samples are decrypted there and checked
+        # here by the numpy decoder, which refuses exactly what the reference
+        # refuses: what is acknowledged, every forwarder can forward.
+        self.hub = hub.Hub(decode_samples=False)
         self.revoked: set[str] = set()
         self.rejects: Counter[str] = Counter()
         self._log = _RateLimitedLog(REJECT_LOG_PER_MIN)
@@ -137,7 +140,7 @@ class Ingestor(Processor):
         return Outcome(r, [])
 
     def submit(self, raw: bytes, link: str, to_utc: ToUtc | None = None) -> Outcome:
-        r = self.hub.receive(raw)
+        r = self.hub.receive(raw, commit=False)  # the window moves once the samples are checked too
         if r.verdict == hub.REJECTED and r.reason == "replay:" + replay.TOO_OLD and r.device_id:
             # Below the window: a retransmission of a frame we hold is a duplicate.
             if self._stored(raw, r.device_id):
@@ -146,14 +149,27 @@ class Ingestor(Processor):
             return self._reject(r, link)
         m = r.message
         dev = r.device_id or ""
+        clear: list[bytes] = []
+        if isinstance(m, messages.SampleFrame):
+            clear = [bytes(ch) for ch in m.channels]  # decrypted, not decoded
+            if r.verdict == hub.ACCEPTED:
+                try:
+                    for ch in clear:
+                        fastdecode.decode(ch, m.count)
+                except RemoteProtocolError as e:
+                    return self._reject(hub.Received(hub.REJECTED, dev, None, raw, "malformed:" + e.reason), link)
+        if r.verdict == hub.ACCEPTED and m is not None:
+            self.hub.commit(dev, m.epoch, m.seq)  # type: ignore[attr-defined]
         if not isinstance(m, messages.SampleFrame):
             return Outcome(r, [])  # hello, status, time: session state, not stored
         w = self.hub.window(dev)
         t0_utc = to_utc(m.t0_ms) if to_utc is not None else None
+        if t0_utc is not None and not 0 <= t0_utc <= messages.MAX_UPLINK_INT:
+            t0_utc = None  # a clock map gone wild is not a time: placed by arrival instead
         item = Ingest(dev, m.epoch, m.seq, messages.T_SAMPLES, raw, w.state(), m.stream, m.t0_ms, m.first_index,
                       m.count, duplicate=r.verdict == hub.DUPLICATE,
                       t0_utc_ms=None if t0_utc is None else int(t0_utc),
-                      plain=cbor2.dumps([bytes(ch) for ch in m.channels]))
+                      plain=cbor.encoded(clear, PLAIN_BYTES))
         stored = self.store.submit_ingest(item)
         stored.add_done_callback(lambda fut: self._on_stored(fut, item, m))
         return Outcome(r, self.hub.ack(dev, m.epoch, [m.seq]), stored)
@@ -163,6 +179,8 @@ class Ingestor(Processor):
             return
         if isinstance(fut.exception(), StoreError):
             self._restore_windows()
+        elif fut.result() == QUARANTINED:
+            self.rejects["store_refused"] += 1
         elif not item.duplicate and self.on_stored is not None:
             self.on_stored(item.device_id, m, item.raw, item.t0_utc_ms)
 

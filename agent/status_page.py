@@ -143,7 +143,10 @@ TEXT = {
            "backends": "Envoi à l'équipe soignante", "backlog": "en attente d'envoi", "sent": "envoyées",
            "alerts": "Alertes", "none": "aucune", "rejects": "Trames refusées", "ecg": "ECG", "pleth": "Pouls (pléth)",
            "lang": "English", "spo2_low": "oxygène bas", "heart_rate_out_of_range": "rythme cardiaque inhabituel",
-           "lead_off": "électrode décollée", "board_silent": "capteur silencieux"},
+           "lead_off": "électrode décollée", "board_silent": "capteur silencieux",
+           "store_fault": "La passerelle ne peut plus enregistrer (carte pleine ?) : les mesures attendent sur les "
+                          "capteurs ; libérez de la place.",
+           "store_recovered": "Le stockage de la passerelle était endommagé ; il a été reconstruit."},
     "en": {"title": "Home monitoring hub", "ok": "Everything is working.", "warn": "Needs a look:",
            "boards": "Sensor", "connected": "connected", "searching": "not plugged in", "backoff": "reconnecting",
            "connecting": "connecting", "out_of_range": "out of range",
@@ -158,7 +161,9 @@ TEXT = {
            "backends": "Sending to the care team", "backlog": "waiting to be sent", "sent": "sent",
            "alerts": "Alerts", "none": "none", "rejects": "Refused frames", "ecg": "ECG", "pleth": "Pulse (pleth)",
            "lang": "Français", "spo2_low": "low oxygen", "heart_rate_out_of_range": "unusual heart rate",
-           "lead_off": "electrode off", "board_silent": "sensor silent"},
+           "lead_off": "electrode off", "board_silent": "sensor silent",
+           "store_fault": "The hub cannot store readings (card full?): they wait on the sensors; free some space.",
+           "store_recovered": "The hub's storage was damaged; it has been rebuilt."},
 }
 
 PAGE = """<!doctype html>
@@ -205,12 +210,14 @@ function render(s) {
   document.getElementById("lang").textContent = t("lang");
   const btDown = s.ble_adapter && s.ble_adapter.state === "down";
   const stuck = s.systemd && !s.systemd.alive;
+  const store = s.store || {}, storeFault = store.state === "fault", recovered = !!store.recovery;
   // A device that is not ours (a modem, a board being set up) is shown, not counted as a problem.
   const problems = s.boards.filter(b => b.state !== "connected" && b.state !== "released").length +
-    s.vitals.active_alerts.length + (btDown ? 1 : 0) + (stuck ? 1 : 0);
+    s.vitals.active_alerts.length + (btDown ? 1 : 0) + (stuck ? 1 : 0) + (storeFault ? 1 : 0) + (recovered ? 1 : 0);
   const sum = document.getElementById("summary");
   sum.textContent = problems ? t("warn") + " " + problems + (btDown ? " — " + t("bt_down") : "") +
-    (stuck ? " — " + t("stuck") : "") : t("ok");
+    (stuck ? " — " + t("stuck") : "") + (storeFault ? " — " + t("store_fault") : "") +
+    (recovered ? " — " + t("store_recovered") : "") : t("ok");
   sum.className = problems ? "warn" : "ok";
   const boards = document.getElementById("boards");
   s.boards.forEach((b, i) => {

@@ -50,6 +50,32 @@ KIND_ALERT = 102  # an alert raised or cleared on the hub
 MAX_BATCH = 512
 # Rejected messages kept for forensics (oldest go first).
 QUARANTINE_ROWS = 1000
+# A quarantined message is kept whole: SPEC.md bounds a link message at 4224 B.
+QUARANTINE_RAW_BYTES = 4224
+# A commit that failed for want of storage is retried after this, doubling
+# up to the cap: quick to resume once space returns, a few log lines an hour
+# at worst while it does not.
+COMMIT_RETRY_FIRST_S = 0.05
+COMMIT_RETRY_CAP_S = 5.0
+# The WAL is truncated back to this after each checkpoint (journal_size_limit;
+# SQLite checkpoints at 1000 pages, 4 MB): the quota counts the WAL at this
+# size, or at its real size when a long reader made it grow further.
+WAL_LIMIT_BYTES = 4 * 1024 * 1024
+# How long the writer waits for readers to let the WAL be truncated.
+WAL_TRUNCATE_WAIT_MS = 50
+# How long a connection waits for a lock before failing (sqlite3's timeout).
+BUSY_TIMEOUT_MS = 30_000
+# The store leaves at least this much of its file system free (statvfs),
+# counting what its WAL and checkpoints will still take: room for the logs,
+# the registry and the rest of the system.
+MIN_FREE_BYTES = 8 * 1024 * 1024
+# When the file system runs short, the live pages are held this far below
+# the file's size, so that the next batches fit in pages freed for them.
+FREE_SPACE_ROOM_BYTES = 1024 * 1024
+# What a stored job's future holds when the store refused the frame and kept
+# it in quarantine instead: it is acknowledged (durably kept, counted,
+# reported) so that it cannot stall its board; it is not forwarded.
+QUARANTINED = "quarantined"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -129,6 +155,9 @@ class _Job:
 class StoreStats:
     commits: int = 0
     ingested: int = 0
+    commit_failures: int = 0  # attempts that failed for want of storage (each retried)
+    faults_recovered: int = 0
+    refused: int = 0  # frames the store refused, kept in quarantine
 
 
 def check_private(path: Path, what: str) -> None:
@@ -143,25 +172,37 @@ def check_private(path: Path, what: str) -> None:
 
 
 class Store:
-    def __init__(self, path: Path, backends: list[str], quota_bytes: int = 0) -> None:
+    def __init__(self, path: Path, backends: list[str], quota_bytes: int = 0,
+                 min_free_bytes: int = MIN_FREE_BYTES, wal_limit_bytes: int = WAL_LIMIT_BYTES) -> None:
         self.path = path
         self.backends = list(backends)
-        self.quota_bytes = quota_bytes
+        self.quota_bytes = quota_bytes  # 0: no quota
+        self.min_free_bytes = min_free_bytes  # 0: the file system's free space is not watched
+        # A small quota gets a WAL to match (an eighth of it), checkpointed as often.
+        self.wal_limit_bytes = min(wal_limit_bytes, quota_bytes // 8) if quota_bytes else wal_limit_bytes
         self.stats = StoreStats()
         self._q: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
-        self._batches = 0
+        self._closing = threading.Event()
+        # The storage fault commits are waiting on (None: none), and since when (UTC seconds).
+        self.fault: str | None = None
+        self.fault_since: float | None = None
         self.on_commit: Callable[[], None] | None = None
 
     # ---- opening -------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
         db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk (WAL fsynced) before anyone is told.
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=ON")
+        # The WAL is checkpointed once it holds wal_limit_bytes, and truncated
+        # back to that size: the quota can count it.
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        db.execute("PRAGMA wal_autocheckpoint=%d" % max(1, self.wal_limit_bytes // page_size))
+        db.execute("PRAGMA journal_size_limit=%d" % self.wal_limit_bytes)
         return db
 
     def open(self) -> None:
@@ -184,9 +225,19 @@ class Store:
             if p.exists():
                 os.chmod(p, 0o600)
 
+    def status(self) -> dict[str, Any]:
+        """The store's state for `pulsebridge status` and the status page (JSON-ready).
+
+        state: "ok", or "fault" while commits wait for storage (fault says
+        why, fault_since when it began, UTC s; nothing is acknowledged meanwhile)."""
+        return {"state": "fault" if self.fault is not None else "ok", "fault": self.fault,
+                "fault_since": self.fault_since, "commits": self.stats.commits, "ingested": self.stats.ingested,
+                "commit_failures": self.stats.commit_failures, "faults_recovered": self.stats.faults_recovered,
+                "refused": self.stats.refused}
+
     def reader(self) -> sqlite3.Connection:
         """A read connection for another thread (WAL: readers never block the writer)."""
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
         db.execute("PRAGMA query_only=ON")
         return db
 
@@ -206,11 +257,13 @@ class Store:
     def start(self) -> None:
         if self._db is None:
             self.open()
+        self._closing.clear()
         self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
         if self._thread is not None:
+            self._closing.set()
             self._q.put(None)
             self._thread.join()
             self._thread = None
@@ -273,22 +326,26 @@ class Store:
                     self._q.put(None)
                     break
                 batch.append(nxt)
-            settled: list[tuple[asyncio.Future[Any], BaseException | None, Any]]
-            try:
-                results = self._apply(db, batch)
-                settled = [(j.future, None, r) for j, r in zip(batch, results)]
-            except Exception as e:  # the whole batch failed: nobody is acked
-                log.error("store commit failed: %s", e)
+            writes = [j for j in batch if j.kind != "call"]
+            settled = self._commit(db, writes) if writes else []
+            if writes:
                 try:
-                    db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                err = StoreError("commit failed: %s" % e)
-                settled = [(j.future, err, None) for j in batch]
+                    self.enforce_quota(db)
+                    self._bound_wal(db)
+                except Exception as e:  # the frames are committed; the quota is tried again next commit
+                    _rollback(db)
+                    log.error("store: disk quota not enforced: %s", e)
+            for j in batch:
+                if j.kind == "call":
+                    try:
+                        settled.append((j, None, j.args(db)))
+                    except Exception as e:
+                        _rollback(db)
+                        settled.append((j, e, None))
             # One wake-up of each event loop per batch, not one per frame.
             by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
-            for j, item in zip(batch, settled):
-                by_loop.setdefault(j.loop, []).append(item)
+            for j, exc, result in settled:
+                by_loop.setdefault(j.loop, []).append((j.future, exc, result))
             for loop, items in by_loop.items():
                 try:
                     loop.call_soon_threadsafe(self._settle, items)
@@ -296,6 +353,63 @@ class Store:
                     pass
             if self.on_commit is not None:
                 self.on_commit()
+
+    def _commit(self, db: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[_Job, BaseException | None, Any]]:
+        """Commits jobs in one transaction, whatever it takes.
+
+        A storage fault (disk full, I/O error, locked) holds the batch and
+        retries it with capped backoff until it is stored or the store
+        closes: nobody is acknowledged meanwhile, and ingest resumes by itself
+        once space returns. Anything else is the data's fault: the batch is
+        split until the one job the store refuses stands alone, and that job
+        alone is quarantined; every other job is committed."""
+        delay_s = COMMIT_RETRY_FIRST_S
+        while True:
+            try:
+                results = self._apply(db, jobs)
+            except Exception as e:
+                _rollback(db)
+                if not _storage_fault(e):
+                    if len(jobs) > 1:
+                        half = len(jobs) // 2
+                        return self._commit(db, jobs[:half]) + self._commit(db, jobs[half:])
+                    return self._refuse(db, jobs[0], e)
+                if self._closing.is_set():
+                    err = StoreError("store closed while a commit was failing: %s" % e)
+                    return [(j, err, None) for j in jobs]
+                self._storage_failed(e, len(jobs))
+                self._closing.wait(delay_s)
+                delay_s = min(COMMIT_RETRY_CAP_S, delay_s * 2)
+                continue
+            self._storage_recovered()
+            return [(j, None, r) for j, r in zip(jobs, results)]
+
+    def _refuse(self, db: sqlite3.Connection, job: _Job, e: Exception) -> list[tuple[_Job, BaseException | None, Any]]:
+        if job.kind != "ingest":
+            log.error("store: %s refused: %s", job.kind, e)
+            return [(job, StoreError("%s refused by the store: %s" % (job.kind, e)), None)]
+        it: Ingest = job.args
+        log.error("store: frame %s:%d:%d refused (%s: %s); quarantined on its own, the rest of its batch stored",
+                  it.device_id, it.epoch, it.seq, type(e).__name__, e)
+        self.stats.refused += 1
+        return self._commit(db, [_Job("quarantine", (it, "store_refused:%s" % type(e).__name__), job.loop,
+                                      job.future)])
+
+    def _storage_failed(self, e: Exception, held: int) -> None:
+        self.stats.commit_failures += 1
+        if self.fault is None:
+            self.fault_since = time.time()
+            log.error("store: commit failed (%s); %d messages held, none acknowledged; retrying with backoff", e, held)
+        elif self.stats.commit_failures & (self.stats.commit_failures - 1) == 0:  # 1, 2, 4, 8...: a bounded log
+            log.error("store: still failing after %d attempts (%s); %d messages held", self.stats.commit_failures,
+                      e, held)
+        self.fault = "%s: %s" % (type(e).__name__, e)
+
+    def _storage_recovered(self) -> None:
+        if self.fault is not None:
+            log.warning("store: commits resumed after %.1f s (%s)", time.time() - (self.fault_since or 0), self.fault)
+            self.stats.faults_recovered += 1
+            self.fault, self.fault_since = None, None
 
     def _apply(self, db: sqlite3.Connection, batch: list[_Job]) -> list[Any]:
         now = time.time()
@@ -313,6 +427,14 @@ class Store:
                                  it.t0_utc_ms, it.first_index, it.count, it.raw,
                                  json.dumps(it.info) if it.info is not None else None, it.plain))
                 results.append(None)
+            elif job.kind == "quarantine":  # a frame the store refused, kept whole and acknowledged
+                it, reason = job.args
+                if it.window is not None:
+                    windows[it.device_id] = it.window
+                db.execute("INSERT INTO quarantine(at, link, device_id, reason, raw) VALUES(?,?,?,?,?)",
+                           (now, "store", it.device_id, reason, it.raw[:QUARANTINE_RAW_BYTES]))
+                _count(db, reason)
+                results.append(QUARANTINED)
             elif job.kind == "delivered":
                 backend, ids = job.args
                 db.executemany("DELETE FROM outbox WHERE backend=? AND frame_id=?", [(backend, i) for i in ids])
@@ -320,11 +442,9 @@ class Store:
             elif job.kind == "reject":
                 reason, link, device_id, raw = job.args
                 db.execute("INSERT INTO quarantine(at, link, device_id, reason, raw) VALUES(?,?,?,?,?)",
-                           (now, link, device_id, reason, raw[:4096]))
+                           (now, link, device_id, reason, raw[:QUARANTINE_RAW_BYTES]))
                 _count(db, "reject:" + reason)
                 results.append(None)
-            elif job.kind == "call":
-                results.append(job)  # run after this commit, in its own transactions
             else:
                 raise AssertionError(job.kind)
         self._insert_many(db, rows)
@@ -335,14 +455,8 @@ class Store:
                        (dev, epoch, top, _signed64(bitmap)))
         db.execute("DELETE FROM quarantine WHERE id <= (SELECT MAX(id) FROM quarantine) - ?", (QUARANTINE_ROWS,))
         db.execute("COMMIT")
-        for i, r in enumerate(results):
-            if isinstance(r, _Job):
-                results[i] = r.args(db)
         self.stats.commits += 1
         self.stats.ingested += ingested
-        self._batches += 1
-        if self.quota_bytes:
-            self.enforce_quota(db)
         return results
 
     def _insert_many(self, db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
@@ -364,47 +478,102 @@ class Store:
     # ---- quota, retention, erasure ----------------------------------------------
 
     def db_bytes(self, db: sqlite3.Connection) -> int:
+        """Bytes the store holds: its live pages, and its WAL at the size it may reach."""
+        return self._live_bytes(db) + max(self._wal_bytes(), self.wal_limit_bytes)
+
+    @staticmethod
+    def _live_bytes(db: sqlite3.Connection) -> int:
         pages = db.execute("PRAGMA page_count").fetchone()[0]
         free = db.execute("PRAGMA freelist_count").fetchone()[0]
         size = db.execute("PRAGMA page_size").fetchone()[0]
         return int((pages - free) * size)
 
-    def enforce_quota(self, db: sqlite3.Connection) -> int:
-        """Deletes the lowest-priority, oldest frames until under quota; returns how many."""
-        if self.db_bytes(db) <= self.quota_bytes:
+    def _wal_bytes(self) -> int:
+        try:
+            return os.stat(str(self.path) + "-wal").st_size
+        except FileNotFoundError:
             return 0
+
+    def _bound_wal(self, db: sqlite3.Connection) -> None:
+        # A large transaction grows the WAL past its limit; SQLite truncates it
+        # only when it starts over. Checkpoint and truncate it now if no reader
+        # holds it (a brief wait: never stall the writer behind a reader).
+        if self._wal_bytes() <= 2 * self.wal_limit_bytes:
+            return
+        db.execute("PRAGMA busy_timeout=%d" % WAL_TRUNCATE_WAIT_MS)
+        try:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            db.execute("PRAGMA busy_timeout=%d" % BUSY_TIMEOUT_MS)
+
+    def free_bytes(self) -> int:
+        """What the file system holding the store still offers this service, bytes."""
+        st = os.statvfs(self.path.parent)
+        return int(st.f_bavail * st.f_frsize)
+
+    def _live_budget(self, db: sqlite3.Connection) -> tuple[int, str] | None:
+        # The bytes live pages may take, and why; None: no limit applies.
+        budgets = []
+        if self.quota_bytes:
+            budgets.append((self.quota_bytes - max(self._wal_bytes(), self.wal_limit_bytes), "disk_quota"))
+        if self.min_free_bytes:
+            # What the store will still take from the file system without
+            # growing: its pages not yet checkpointed into the file, and the
+            # WAL up to its limit. If that leaves less than min_free_bytes
+            # (whoever filled the disk), the file stops growing: old frames
+            # make way, and new ones reuse their pages.
+            pages, size = (db.execute("PRAGMA %s" % p).fetchone()[0] for p in ("page_count", "page_size"))
+            logical = pages * size
+            growth = max(0, logical - self.path.stat().st_size) + max(0, self.wal_limit_bytes - self._wal_bytes())
+            if self.free_bytes() - growth < self.min_free_bytes:
+                budgets.append((logical - min(FREE_SPACE_ROOM_BYTES, logical // 4), "disk_free"))
+        return min(budgets) if budgets else None
+
+    def enforce_quota(self, db: sqlite3.Connection) -> int:
+        """Deletes the lowest-priority, oldest frames until the store fits the
+        quota (WAL counted) and leaves the file system min_free_bytes; returns how many."""
+        budget = self._live_budget(db)
+        if budget is None or self._live_bytes(db) <= budget[0]:
+            return 0
+        limit, reason = budget
         dropped = 0
-        lost: dict[tuple[str, str], list[float]] = {}
+        lost: dict[tuple[str, str, int], list[int]] = {}
         db.execute("BEGIN IMMEDIATE")
-        while self.db_bytes(db) > self.quota_bytes:
-            rows = db.execute("SELECT id, device_id, received_at FROM frames WHERE kind != ? "
+        while self._live_bytes(db) > limit:
+            rows = db.execute("SELECT id, device_id, epoch, seq FROM frames WHERE kind != ? "
                               "ORDER BY priority, id LIMIT 16", (KIND_GAP,)).fetchall()
             if not rows:
                 break
-            for fid, dev, at in rows:
+            for fid, dev, epoch, seq in rows:
                 for (backend,) in db.execute("SELECT backend FROM outbox WHERE frame_id=?", (fid,)).fetchall():
-                    lost.setdefault((backend, dev), []).append(at)
+                    lost.setdefault((backend, dev, epoch), []).append(seq)
                 db.execute("DELETE FROM outbox WHERE frame_id=?", (fid,))
                 db.execute("DELETE FROM frames WHERE id=?", (fid,))
             dropped += len(rows)
-        for (backend, dev), ats in lost.items():
-            self._gap(db, backend, dev, len(ats), min(ats), max(ats))
-        _count(db, "quota_dropped", dropped)
+        for (backend, dev, epoch), seqs in lost.items():
+            self._gap(db, [backend], dev, epoch, seqs, reason)
+        _count(db, "quota_dropped" if reason == "disk_quota" else "free_space_dropped", dropped)
         db.execute("COMMIT")
-        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        log.warning("disk quota: dropped %d oldest frames; gap records queued for %d backend(s)", dropped,
-                    len({b for b, _ in lost}))
+        log.warning("store: %s: dropped %d oldest frames; gap records queued for %d backend(s)", reason, dropped,
+                    len({b for b, _, _ in lost}))
         return dropped
 
-    def _gap(self, db: sqlite3.Connection, backend: str, device_id: str, frames: int, first_at: float,
-             last_at: float) -> None:
-        info = json.dumps({"type": "gap", "device_id": device_id, "frames_dropped": frames,
-                           "first_received_at": first_at, "last_received_at": last_at, "reason": "disk_quota"})
-        seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM frames WHERE kind=?", (KIND_GAP,)).fetchone()[0]
+    def _gap(self, db: sqlite3.Connection, backends: list[str], device_id: str, epoch: int, seqs: list[int],
+             reason: str) -> None:
+        """Queues, for each of backends, a gap record: which of a device's
+        frames (epoch, seq ranges) it will never receive, and why."""
+        from protocols.hub import seq_ranges
+
+        ranges = seq_ranges(seqs)
+        info = json.dumps({"type": "gap", "device_id": device_id, "epoch": epoch,
+                           "seq_ranges": [list(r) for r in ranges],
+                           "frames_dropped": sum(b - a + 1 for a, b in ranges), "reason": reason})
+        _count(db, "gap_seq")  # gap records are numbered once: a purge never reuses an idempotency key
+        seq = db.execute("SELECT value FROM counters WHERE name='gap_seq'").fetchone()[0]
         cur = db.execute("INSERT INTO frames(device_id, epoch, seq, kind, priority, received_at, info) "
                          "VALUES(?,?,?,?,?,?,?)", (device_id, -1, seq, KIND_GAP, PRIORITY_GAP, time.time(), info))
-        db.execute("INSERT INTO outbox(backend, frame_id, priority) VALUES(?,?,?)",
-                   (backend, cur.lastrowid, PRIORITY_GAP))
+        db.executemany("INSERT INTO outbox(backend, frame_id, priority) VALUES(?,?,?)",
+                       [(b, cur.lastrowid, PRIORITY_GAP) for b in backends])
 
     def purge(self, db: sqlite3.Connection, retention_s: float) -> int:
         """Deletes frames every backend has acknowledged, once retention_s has passed."""
@@ -458,6 +627,22 @@ class Store:
     @staticmethod
     def counters(db: sqlite3.Connection) -> dict[str, int]:
         return {k: v for k, v in db.execute("SELECT name, value FROM counters")}
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    if db.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
+def _storage_fault(e: BaseException) -> bool:
+    """True for a failure of the storage (retry it), False for one of the data (isolate it)."""
+    if isinstance(e, (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError,
+                      sqlite3.DataError)):
+        return False
+    return isinstance(e, (sqlite3.DatabaseError, OSError, MemoryError))
 
 
 def _count(db: sqlite3.Connection, name: str, n: int = 1) -> None:

@@ -344,8 +344,7 @@ class Agent:
                           "forwarded": f.forwarded, "failures": f.failures, "refused": f.refused,
                           "last_error": f.last_error}
                          for f in self.forwarders],
-            "rejects": dict(self.ingestor.rejects), "store": {"commits": self.store.stats.commits,
-                                                              "ingested": self.store.stats.ingested},
+            "rejects": dict(self.ingestor.rejects), "store": self.store.status(),
             "last_vitals": self.last_vitals, "status_page": self.status_page_state,
             "vitals": {"made": self.vitals_made, "skipped_frames": self.vitals_skipped,
                        "active_alerts": [list(a) for a in self.vitals.alerts.active()]},

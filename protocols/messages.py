@@ -51,6 +51,14 @@ MAX_ACK_RANGES = const(16)
 MAX_TEXT = const(96)
 MAX_STREAMS = const(4)
 _UINT64_MAX = const(0xFFFFFFFFFFFFFFFF)
+# Every integer a board sends is bounded as the hub stores and forwards it:
+# at most 2^53 - 1, exact in the IEEE doubles that JSON consumers read
+# numbers as, and well inside SQLite's signed 64-bit integers. Epoch and seq
+# go into the sample cipher's counter block: 32 bits (and so every uplink
+# message's, since one seq counts them all).
+MAX_UPLINK_INT = const(0x1FFFFFFFFFFFFF)
+MAX_EPOCH = const(0xFFFFFFFF)
+MAX_SEQ = const(0xFFFFFFFF)
 
 
 class Message:
@@ -310,7 +318,8 @@ def _uint(m: "dict[object, object]", key: int, name: str, limit: int = _UINT64_M
     return v
 
 
-def _pairs(m: "dict[object, object]", key: int, name: str, limit: int) -> "list[tuple[int, int]]":
+def _pairs(m: "dict[object, object]", key: int, name: str, limit: int,
+           value_limit: int = _UINT64_MAX) -> "list[tuple[int, int]]":
     v = m.get(key)
     if not isinstance(v, list) or not 0 < len(v) <= limit:
         _fail("field %s (key %d) must be an array of 1 to %d pairs" % (name, key, limit))
@@ -319,17 +328,22 @@ def _pairs(m: "dict[object, object]", key: int, name: str, limit: int) -> "list[
         if (not isinstance(p, list) or len(p) != 2 or not isinstance(p[0], int) or not isinstance(p[1], int)
                 or p[0] < 0 or p[1] < 0 or p[0] is True or p[1] is True or p[0] is False or p[1] is False):
             _fail("field %s (key %d) holds something other than a pair of unsigned integers" % (name, key))
+        if p[0] > value_limit or p[1] > value_limit:
+            _fail("field %s (key %d) holds an integer above %d" % (name, key, value_limit), "range")
         out.append((p[0], p[1]))
     return out
 
 
-def _uints(m: "dict[object, object]", key: int, name: str, n: int) -> "tuple[int, ...]":
+def _uints(m: "dict[object, object]", key: int, name: str, n: int,
+           limit: int = MAX_UPLINK_INT) -> "tuple[int, ...]":
     v = m.get(key)
     if not isinstance(v, list) or len(v) != n:
         _fail("field %s (key %d) must be an array of %d unsigned integers" % (name, key, n))
     for x in v:
         if not isinstance(x, int) or x is True or x is False or x < 0:
             _fail("field %s (key %d) must hold unsigned integers" % (name, key))
+        if x > limit:
+            _fail("field %s (key %d) holds %d, above %d" % (name, key, x, limit), "range")
     return tuple(v)
 
 
@@ -393,18 +407,21 @@ def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tu
         return TimeRequest(_uint(d, 2, "nonce"), _uint(d, 3, "utc_ms"))
     if kind == T_TIME_RESPONSE:
         _check_keys(d, 6)
-        return TimeResponse(_uint(d, 2, "epoch"), _uint(d, 3, "seq"), _uint(d, 4, "nonce"), _uint(d, 5, "tick_ms"))
+        return TimeResponse(_uint(d, 2, "epoch", MAX_EPOCH), _uint(d, 3, "seq", MAX_SEQ),
+                            _uint(d, 4, "nonce", MAX_UPLINK_INT), _uint(d, 5, "tick_ms", MAX_UPLINK_INT))
     if kind == T_HELLO:
         _check_keys(d, 7)
-        return Hello(_uint(d, 2, "epoch"), _uint(d, 3, "seq"), _text(d, 4, "firmware"), _uint(d, 5, "tick_ms"),
-                     _pairs(d, 6, "streams", MAX_STREAMS))
+        return Hello(_uint(d, 2, "epoch", MAX_EPOCH), _uint(d, 3, "seq", MAX_SEQ), _text(d, 4, "firmware"),
+                     _uint(d, 5, "tick_ms", MAX_UPLINK_INT), _pairs(d, 6, "streams", MAX_STREAMS, MAX_UPLINK_INT))
     if kind == T_STATUS:
         _check_keys(d, 8)
-        return Status(_uint(d, 2, "epoch"), _uint(d, 3, "seq"), _uint(d, 4, "tick_ms"), _uint(d, 5, "outbox_depth"),
-                      _uint(d, 6, "frames_dropped"), _uint(d, 7, "free_heap"))
+        return Status(_uint(d, 2, "epoch", MAX_EPOCH), _uint(d, 3, "seq", MAX_SEQ),
+                      _uint(d, 4, "tick_ms", MAX_UPLINK_INT), _uint(d, 5, "outbox_depth", MAX_UPLINK_INT),
+                      _uint(d, 6, "frames_dropped", MAX_UPLINK_INT), _uint(d, 7, "free_heap", MAX_UPLINK_INT))
     if kind == T_ERROR:
         _check_keys(d, 6)
-        return ErrorReport(_uint(d, 2, "epoch"), _uint(d, 3, "seq"), _uint(d, 4, "code"), _text(d, 5, "text"))
+        return ErrorReport(_uint(d, 2, "epoch", MAX_EPOCH), _uint(d, 3, "seq", MAX_SEQ),
+                           _uint(d, 4, "code", MAX_UPLINK_INT), _text(d, 5, "text"))
     if kind == T_COMMAND:
         _check_keys(d, 5)
         return Command(_uint(d, 2, "epoch"), _uint(d, 3, "nonce"), _text(d, 4, "name"))
@@ -421,7 +438,7 @@ def _decode_samples(d: "dict[object, object]", decode: bool = True,
         _fail("field boot_salt (key 15) must be %d bytes" % cipher.BOOT_SALT_SIZE, "salt")
     if decode and opener is None:
         raise LocalProtocolError("sample frames are encrypted: decoding samples needs the device's cipher", "cipher")
-    stream = _uint(d, 4, "stream")
+    stream = _uint(d, 4, "stream", MAX_UPLINK_INT)
     nch = STREAM_CHANNELS.get(stream)
     if nch is None:
         _fail("unknown stream %d" % stream, "stream")
@@ -431,21 +448,21 @@ def _decode_samples(d: "dict[object, object]", decode: bool = True,
     rate = _uint(d, 7, "rate_hz", 100000)
     if rate == 0:
         _fail("field rate_hz (key 7) must be at least 1", "range")
-    scale = _uints(d, 9, "scale", 2)
+    scale = _uints(d, 9, "scale", 2, 0xFFFFFFFF)
     if scale[1] == 0:
         _fail("field scale (key 9) has a zero denominator", "range")
     drive = _uints(d, 10, "ppg_drive", 4) if 10 in d else None
     if (drive is None) == (stream == STREAM_PPG_MAX30102):
         _fail("field ppg_drive (key 10) is required for PPG streams and only for them")
     status = _uints(d, 11, "status", 4)
-    if _uint(d, 12, "encoding") != samples.ENCODING_DELTA_ZIGZAG_VARINT:
+    if _uint(d, 12, "encoding", MAX_UPLINK_INT) != samples.ENCODING_DELTA_ZIGZAG_VARINT:
         _fail("unknown sample encoding %r" % d.get(12), "encoding")
     data = d.get(13)
     if not isinstance(data, list) or len(data) != nch:
         _fail("field samples (key 13) must hold %d byte strings for stream %d" % (nch, stream))
     channels: "list[list[int]]" = []
     # 32 bits each: the counter block of the sample cipher holds them.
-    epoch, seq = _uint(d, 2, "epoch", 0xFFFFFFFF), _uint(d, 3, "seq", 0xFFFFFFFF)
+    epoch, seq = _uint(d, 2, "epoch", MAX_EPOCH), _uint(d, 3, "seq", MAX_SEQ)
     offset = 0
     for ch in data:
         if not isinstance(ch, bytes):
@@ -461,7 +478,7 @@ def _decode_samples(d: "dict[object, object]", decode: bool = True,
             channels.append(samples.decode(ch, count))
         else:
             channels.append(ch)  # type: ignore[arg-type]
-    return SampleFrame(epoch, seq, stream, _uint(d, 5, "t0_ms"),
-                       _uint(d, 6, "first_index"), rate, count, (scale[0], scale[1]),
+    return SampleFrame(epoch, seq, stream, _uint(d, 5, "t0_ms", MAX_UPLINK_INT),
+                       _uint(d, 6, "first_index", MAX_UPLINK_INT), rate, count, (scale[0], scale[1]),
                        None if drive is None else (drive[0], drive[1], drive[2], drive[3]),
                        (status[0], status[1], status[2], status[3]), channels)

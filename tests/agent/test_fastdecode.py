@@ -21,3 +21,29 @@ def test_same_values_as_the_reference(xs: list[int]) -> None:
 def test_refuses_wrong_counts_and_long_varints(data: bytes, count: int) -> None:
     with pytest.raises(RemoteProtocolError):
         fastdecode.decode(data, count)
+
+
+@given(st.binary(max_size=40), st.integers(0, 12))
+def test_refuses_exactly_what_the_reference_refuses(data: bytes, count: int) -> None:
+    # Ingest checks frames with this decoder and forwarders read what it let
+    # through: any bytes at all, both agree on refusing or on the values.
+    try:
+        expected = samples.decode(data, count)
+    except RemoteProtocolError:
+        with pytest.raises(RemoteProtocolError):
+            fastdecode.decode(data, count)
+        return
+    assert fastdecode.decode(data, count) == expected
+
+
+@pytest.mark.parametrize("data, count", [
+    (b"\x80\x00", 1),  # 0 written in two bytes
+    (b"\x80\x80\x80\x80\x10", 1),  # zigzag 2^32: sample 2^31
+    (b"\x80\x80\x80\x80\x08\x80\x80\x80\x80\x08", 2),  # each delta 2^30 fits, their sum does not
+    (b"\x80", 0),
+])
+def test_refuses_what_the_reference_refuses(data: bytes, count: int) -> None:
+    with pytest.raises(RemoteProtocolError):
+        samples.decode(data, count)
+    with pytest.raises(RemoteProtocolError):
+        fastdecode.decode(data, count)

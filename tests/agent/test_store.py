@@ -64,17 +64,24 @@ def test_quota_drops_oldest_raw_first_and_queues_gap_records(tmp_path: Path) -> 
     try:
         vitals = Ingest("pb-a", 1, 100000, 1, b"v" * 100, (1, 0, 0), priority=store_mod.PRIORITY_VITALS)
         asyncio.run(s.ingest(vitals))
-        asyncio.run(_ingest_all(s, [_item(i, raw_size=2000) for i in range(400)]))
+        for first in range(0, 400, 20):  # commits far smaller than the quota, as in service
+            asyncio.run(_ingest_all(s, [_item(i, raw_size=2000) for i in range(first, first + 20)]))
         db = s.reader()
-        assert s.db_bytes(db) <= 300_000  # enforced after every commit
+        assert s.db_bytes(db) <= 300_000  # enforced after every commit, the WAL counted
         assert Store.counters(db)["quota_dropped"] > 0
         kept = [r[0] for r in db.execute("SELECT seq FROM frames WHERE kind=1 ORDER BY seq")]
         assert 100000 in kept  # vitals survive
         assert min(kept) > 0  # the oldest raw frames went
-        gaps = [r for r in Store.fetch_outbox(db, "b1", 10) if r.kind == store_mod.KIND_GAP]
+        gaps = [r for r in Store.fetch_outbox(db, "b1", 1000) if r.kind == store_mod.KIND_GAP]
         assert gaps and gaps[0].info and gaps[0].info["frames_dropped"] > 0
-        order = [r.priority for r in Store.fetch_outbox(db, "b1", 3)]
-        assert order == [store_mod.PRIORITY_VITALS, store_mod.PRIORITY_GAP, store_mod.PRIORITY_RAW]
+        order = [r.priority for r in Store.fetch_outbox(db, "b1", 1000)]
+        assert order == sorted(order, reverse=True)  # vitals first, then gap records, then waveforms
+        assert order[0] == store_mod.PRIORITY_VITALS and order[1] == store_mod.PRIORITY_GAP
+        assert order[-1] == store_mod.PRIORITY_RAW
+        # each gap record says which frames: device, epoch and seq ranges, all of them once
+        lost = [seq for g in gaps for a, b in g.info["seq_ranges"] for seq in range(a, b + 1)]
+        assert sorted(lost) == [seq for seq in range(400) if seq not in kept]
+        assert {(g.info["device_id"], g.info["epoch"]) for g in gaps} == {("pb-a", 1)}
     finally:
         s.close()
 

@@ -23,7 +23,7 @@ def frames(draw: st.DrawFn) -> messages.SampleFrame:
     drive = draw(st.tuples(u32, u32, u32, u32)) if stream == messages.STREAM_PPG_MAX30102 else None
     return messages.SampleFrame(
         epoch=draw(st.integers(0, 2**32 - 1)), seq=draw(st.integers(0, 2**32 - 1)), stream=stream,
-        t0_ms=draw(st.integers(0, 2**64 - 1)), first_index=draw(st.integers(0, 2**64 - 1)),
+        t0_ms=draw(st.integers(0, 2**53 - 1)), first_index=draw(st.integers(0, 2**53 - 1)),
         rate_hz=draw(st.integers(1, 100000)), count=count,
         scale=(draw(u32), draw(st.integers(1, 2**32 - 1))), ppg_drive=drive,
         status=(draw(u32), draw(u32), draw(u32), draw(u32)), channels=channels)

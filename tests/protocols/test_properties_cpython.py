@@ -92,3 +92,36 @@ def test_ble_fragments_any_mtu(msgs: list[bytes], mtu: int) -> None:
         assert isinstance(ev, link.Frame)
         got.append(ev.data)
     assert got == msgs
+
+
+def _frame(**kw: object) -> messages.SampleFrame:
+    f = messages.SampleFrame(1, 2, messages.STREAM_ECG_MAX30003, 1000, 0, 512, 2, (1, 1), None, (0, 0, 0, 0),
+                             [[1, -1]])
+    for name, value in kw.items():
+        setattr(f, name, value)
+    return f
+
+
+def test_uplink_integers_are_bounded_as_the_hub_stores_them() -> None:
+    # SPEC.md "Bounds": 2^53 - 1 (JSON doubles, SQLite int64); epoch and seq 2^32 - 1.
+    key = bytes(32)
+    sealer = cipher.SampleCipher(key, bytes(16))
+    edge = messages.MAX_UPLINK_INT
+    for field in ("t0_ms", "first_index"):
+        ok = messages.decode_payload(messages.encoded(_frame(**{field: edge}), sealer=sealer), opener=sealer)
+        assert getattr(ok, field) == edge
+        for bad in (edge + 1, 2**63, 2**64 - 1):
+            try:
+                messages.decode_payload(messages.encoded(_frame(**{field: bad}), sealer=sealer), opener=sealer)
+            except RemoteProtocolError as e:
+                assert e.reason == "range", e
+            else:
+                raise AssertionError("%s = %d accepted" % (field, bad))
+    for msg in (messages.Hello(2**32, 0, "fw", 1, [(1, 512)]), messages.Status(1, 2**32, 0, 0, 0, 0),
+                messages.Status(1, 2, 2**64 - 1, 0, 0, 0), messages.TimeResponse(1, 2, 3, 2**53)):
+        try:
+            messages.decode_payload(messages.encoded(msg), messages.UPLINK_TYPES)
+        except RemoteProtocolError as e:
+            assert e.reason == "range", e
+        else:
+            raise AssertionError("%r accepted" % (msg,))

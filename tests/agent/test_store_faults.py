@@ -1,0 +1,188 @@
+# Storage faults (issue 12): a full disk on a real small file system, a frame
+# the store refuses among other boards' frames, a frame at the uint64 edge.
+import asyncio
+import contextlib
+import errno
+import os
+import secrets
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import store as store_mod
+from agent.audit import AuditLog
+from agent.ingest import Ingestor
+from agent.registry import Registry
+from agent.store import Ingest, Store
+from protocols import cipher, cose, messages
+from tests.conftest import IN_CI
+
+
+def _item(seq: int, dev: str = "pb-a", raw_size: int = 2000, t0_ms: int | None = None) -> Ingest:
+    return Ingest(dev, 1, seq, 1, os.urandom(raw_size), (1, seq, 1), stream=1,
+                  t0_ms=seq * 1000 if t0_ms is None else t0_ms, first_index=seq * 512, count=512)
+
+
+@contextlib.contextmanager
+def small_filesystem(where: Path, size_kb: int) -> Iterator[Path]:
+    """A tmpfs of size_kb mounted at where: a disk that really fills up."""
+    if os.geteuid() != 0:
+        msg = "mounting a small tmpfs needs root"
+        if IN_CI:
+            pytest.fail(msg + "; CI runs as root")
+        pytest.skip(msg)
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%dk,mode=0700" % size_kb, "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def fill(path: Path) -> None:
+    """Writes path until its file system has no byte left."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for chunk in (65536, 4096, 512, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * chunk)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC
+                    break
+    finally:
+        os.close(fd)
+
+
+def test_disk_full_holds_acks_then_ingest_resumes_by_itself(tmp_path: Path) -> None:
+    with small_filesystem(tmp_path / "card", 4096) as card:
+        s = Store(card / "store.db", ["b"], min_free_bytes=0)  # only the fault here, not the free-space policy
+        s.start()
+
+        async def go() -> None:
+            await asyncio.gather(*(s.ingest(_item(i)) for i in range(20)))
+            fill(card / "filler")
+            futs = [s.submit_ingest(_item(i)) for i in range(20, 420)]
+            # The disk is full: the store holds the batch and says so; nobody is acked.
+            async with asyncio.timeout(30):
+                while s.fault is None:
+                    await asyncio.sleep(0.02)
+            assert "full" in s.fault, s.fault
+            assert s.status()["state"] == "fault"
+            assert not all(f.done() for f in futs)
+            assert not any(f.done() and f.exception() is not None for f in futs)
+            (card / "filler").unlink()  # space is back: ingest resumes with no one's help
+            async with asyncio.timeout(60):
+                await asyncio.gather(*futs)
+
+        try:
+            asyncio.run(go())
+            assert s.fault is None and s.status()["state"] == "ok"
+            assert s.stats.commit_failures > 0 and s.stats.faults_recovered >= 1
+            db = s.reader()
+            assert db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 420  # every acked frame stored
+            db.close()
+            assert s.integrity_check() == "ok"
+        finally:
+            s.close()
+
+
+def test_store_makes_room_before_the_file_system_is_full(tmp_path: Path) -> None:
+    # No quota to speak of: only the file system's free space (statvfs) limits the store.
+    with small_filesystem(tmp_path / "card", 6144) as card:
+        s = Store(card / "store.db", ["b"], quota_bytes=1 << 30, min_free_bytes=1 << 20, wal_limit_bytes=512 << 10)
+        s.start()
+        try:
+            async def go() -> None:
+                for first in range(0, 3000, 20):  # ~6 MB of frames through a 6 MB file system
+                    await asyncio.gather(*(s.ingest(_item(i)) for i in range(first, first + 20)))
+
+            asyncio.run(go())
+            assert s.stats.commit_failures == 0  # never full
+            db = s.reader()
+            counters = Store.counters(db)
+            assert counters.get("free_space_dropped", 0) > 0
+            kept = {r[0] for r in db.execute("SELECT seq FROM frames WHERE kind=1")}
+            gaps = [r.info for r in Store.fetch_outbox(db, "b", 10000) if r.kind == store_mod.KIND_GAP]
+            lost = {seq for g in gaps if g for a, b in g["seq_ranges"] for seq in range(a, b + 1)}
+            assert lost and lost == set(range(3000)) - kept  # each frame dropped is in a gap record
+            assert {g["reason"] for g in gaps if g} == {"disk_free"}
+            db.close()
+        finally:
+            s.close()
+
+
+def test_a_frame_the_store_refuses_is_quarantined_alone(tmp_path: Path) -> None:
+    s = Store(tmp_path / "store.db", ["b"])
+    s.start()
+    gate = threading.Event()
+    try:
+        async def go() -> list[Any]:
+            # Hold the writer so that every frame below lands in one group commit.
+            held = asyncio.ensure_future(s.run(lambda db: gate.wait(10)))
+            await asyncio.sleep(0)
+            items = [_item(i, dev) for i in range(10) for dev in ("pb-a", "pb-b", "pb-c")]
+            items.insert(13, _item(10, "pb-x", t0_ms=2**64 - 1))  # SQLite stores signed 64 bits
+            futs = [s.submit_ingest(i) for i in items]
+            gate.set()
+            await held
+            return list(await asyncio.gather(*futs, return_exceptions=True))
+
+        results = asyncio.run(go())
+        assert results.count(store_mod.QUARANTINED) == 1
+        assert results[13] == store_mod.QUARANTINED
+        assert all(r is None for i, r in enumerate(results) if i != 13)  # every other board's frame stored
+        db = s.reader()
+        assert db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 30
+        (reason, dev, raw), = db.execute("SELECT reason, device_id, raw FROM quarantine").fetchall()
+        assert (reason, dev, len(raw)) == ("store_refused:OverflowError", "pb-x", 2000)
+        assert s.load_windows()["pb-x"] == (1, 10, 1)  # held as seen: its resend is a duplicate
+        assert s.stats.refused == 1 and s.status()["refused"] == 1
+    finally:
+        s.close()
+
+
+def test_uint64_edge_frame_among_other_boards_frames(tmp_path: Path) -> None:
+    # An authentic frame whose t0_ms SQLite cannot hold, sent among two other
+    # boards' frames: refused alone (reason range), the others acked and stored.
+    reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
+    keys = {d: secrets.token_bytes(32) for d in ("pb-a", "pb-b", "pb-x")}
+    for d, k in keys.items():
+        reg.add(d, key=k, actor="test")
+    s = Store(tmp_path / "store.db", ["b"])
+    s.start()
+    try:
+        def frame(dev: str, seq: int, t0_ms: int) -> bytes:
+            f = messages.SampleFrame(1, seq, messages.STREAM_ECG_MAX30003, t0_ms, seq * 4, 512, 4, (1, 1), None,
+                                     (0, 0, 0, 0), [[1, 2, 3, 4]])
+            k = keys[dev]
+            return cose.MacKey(k, dev.encode(), cose.AAD_UPLINK).seal(
+                messages.encoded(f, sealer=cipher.SampleCipher(k, bytes(16))))
+
+        async def go() -> list[Any]:
+            ing = Ingestor(s, reg)
+            outs = []
+            for seq in range(5):
+                outs.append(ing.submit(frame("pb-a", seq, 1000 + seq), "a"))
+                if seq == 2:
+                    outs.append(ing.submit(frame("pb-x", 0, 2**64 - 1), "x"))
+                    outs.append(ing.submit(frame("pb-x", 1, 2**63), "x"))
+                outs.append(ing.submit(frame("pb-b", seq, 1000 + seq), "b"))
+            await asyncio.gather(*(o.stored for o in outs if o.stored is not None))
+            return outs
+
+        outs = asyncio.run(go())
+        verdicts = [(o.received.device_id, o.received.reason, bool(o.acks)) for o in outs]
+        assert verdicts.count(("pb-x", "malformed:range", False)) == 2
+        assert sum(1 for d, _, acked in verdicts if d != "pb-x" and acked) == 10
+        db = s.reader()
+        assert db.execute("SELECT COUNT(*) FROM frames WHERE device_id != 'pb-x'").fetchone()[0] == 10
+        assert db.execute("SELECT COUNT(*) FROM quarantine WHERE device_id='pb-x'").fetchone()[0] == 2
+        db.close()
+    finally:
+        s.close()
+        reg.close()
