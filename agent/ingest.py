@@ -98,7 +98,7 @@ class Ingestor(Processor):
         self.rejects: Counter[str] = Counter()
         self._log = _RateLimitedLog(REJECT_LOG_PER_MIN)
         self._reader = store.reader()
-        # Called with (device id, frame, raw, t0 UTC ms or None) once a new frame is stored.
+        # Called with (device id, frame with its samples decoded, raw, t0 UTC ms or None) once a new frame is stored.
         self.on_stored: Callable[[str, messages.SampleFrame, bytes, int | None], None] | None = None
         self.reload_devices()
 
@@ -153,9 +153,8 @@ class Ingestor(Processor):
         if isinstance(m, messages.SampleFrame):
             clear = [bytes(ch) for ch in m.channels]  # decrypted, not decoded
             if r.verdict == hub.ACCEPTED:
-                try:
-                    for ch in clear:
-                        fastdecode.decode(ch, m.count)
+                try:  # decoded once, here: the vitals read these values, never the bytes again
+                    m.channels = [fastdecode.decode(ch, m.count) for ch in clear]
                 except RemoteProtocolError as e:
                     return self._reject(hub.Received(hub.REJECTED, dev, None, raw, "malformed:" + e.reason), link)
         if r.verdict == hub.ACCEPTED and m is not None:

@@ -40,7 +40,6 @@ from agent.store import KIND_ALERT, KIND_VITAL, PRIORITY_ALERT, PRIORITY_VITALS,
 from agent.vitals.alerts import DEFAULT_RULES, AlertEngine, Rule
 from agent.vitals.engine import VitalsEngine
 from protocols import messages
-from protocols.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +228,6 @@ class Agent:
             self.vitals_skipped += 1
 
     async def _vitals(self) -> None:
-        from agent import fastdecode
-
         next_silence = time.monotonic() + SILENCE_CHECK_S
         while True:
             self._turns["vitals"] += 1
@@ -241,14 +238,8 @@ class Agent:
                 dev = ""
             docs: list[dict[str, Any]] = []
             if dev:
-                try:
-                    channels = [fastdecode.decode(bytes(ch), f.count) for ch in f.channels]
-                except ProtocolError as e:  # authentic but unreadable: no vitals from it, nothing else stops
-                    self.vitals_skipped += 1
-                    log.error("vitals: frame %s:%d:%d cannot be decoded: %s", dev, f.epoch, f.seq, e)
-                    continue
-                frame = messages.SampleFrame(f.epoch, f.seq, f.stream, f.t0_ms, f.first_index, f.rate_hz, f.count,
-                                             f.scale, f.ppg_drive, f.status, channels)
+                frame = f  # its samples decoded once, at ingest
+                channels = f.channels
                 t0 = t0_utc_ms / 1000 if t0_utc_ms is not None else received - f.count / f.rate_hz
                 docs = self.vitals.frame(frame, dev, t0, "%s:%d:%d" % (dev, f.epoch, f.seq))
                 name = "ppg" if f.stream == messages.STREAM_PPG_MAX30102 else "ecg"
