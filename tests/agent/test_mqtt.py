@@ -45,7 +45,8 @@ def test_frames_arrive_on_documented_topics_with_idempotency_keys(micropython: s
     broker, port = _start_broker(mosquitto, tmp_path, pki)
     sims = harness.start_boards(tmp_path, 2, micropython)
     try:
-        harness.register(tmp_path / "data", tmp_path / "log", sims)
+        harness.register(tmp_path / "data", tmp_path / "log", sims[:1], patient_ref="Patient/p-1")
+        harness.register(tmp_path / "data", tmp_path / "log", sims[1:])  # provisioned without a patient
         backend = ('[[backend]]\nname = "broker"\ntype = "mqtt"\nurl = "mqtts://localhost:%d"\nca_file = "%s"\n'
                    'client_cert = "%s"\nclient_key = "%s"\n' % (port, pki.ca_cert, pki.client_cert, pki.client_key))
         cfg = agent_config.load(harness.write_config(tmp_path, sims, backend))
@@ -86,6 +87,8 @@ def test_frames_arrive_on_documented_topics_with_idempotency_keys(micropython: s
             dev, leaf = topic.split("/")[2:]
             leaves.add(leaf)
             assert topic.startswith("pulsebridge/test-hub/") and dev == doc["device_id"]
+            # the patient given at provisioning, on every document, vitals and alerts included
+            assert doc["subject"] == ("Patient/p-1" if dev == sims[0].device_id else None), doc
             if doc["type"] != "samples":  # the hub's own vitals and alerts
                 assert leaf == {"vital": "vitals", "alert": "alerts"}[str(doc["type"])]
                 continue
