@@ -108,6 +108,7 @@ class Link:
     last_seen: float = 0.0
     task: asyncio.Task[None] | None = None
     usb: str = ""  # "vid:pid serial" as listed, for the status
+    device: str = ""  # the device node the port resolves to: a change is a re-enumeration
 
     def describe(self) -> str:
         return "%s:%s" % (self.kind, self.device_id or self.address or self.key)
@@ -150,7 +151,7 @@ class LinkManager:
         speaks within identify_s."""
         link.transport = transport
         link.address = link.address or transport.name.partition(":")[2]
-        stats = BoardStats(link.device_id, transport.name)
+        stats = BoardStats("", transport.name)  # whose it is, the board says (nothing is written to it before)
         link.stats = stats
         if link.state is not LinkState.STALLED:
             link.state = LinkState.CONNECTING
@@ -369,10 +370,11 @@ class SerialDiscovery:
             link.last_seen = now
             if link.active:
                 continue
-            if link.state is LinkState.SEARCHING or path != link.address:
-                link.next_try = 0.0  # plugged in again, or under a new name: worth a look at once
+            device = os.path.realpath(path)
+            if link.state is LinkState.SEARCHING or device != link.device:
+                link.next_try = 0.0  # plugged in again, or another device under this name: worth a look at once
                 link.release_backoff.reset()
-            link.address, link.usb = path, desc
+            link.address, link.usb, link.device = path, desc, device
             if now >= link.next_try:
                 link.task = tg.create_task(self._attempt(link, path, baudrate), name="serial:" + path)
         configured = {"port:" + w.port for w in self.wants if w.port}

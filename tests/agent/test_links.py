@@ -3,14 +3,19 @@
 # board was acknowledged for reaches the backend. Real simulated boards
 # (firmware under micropython on ptys), the real agent, the HTTPS backend.
 import asyncio
+import logging
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import serial
+from serial.tools.list_ports_common import ListPortInfo
 
 from agent import config as agent_config
+from agent.sim import boards
 from agent.sim.runner import SimulatedBoard
 from agent.supervisor import Agent
 from tests.agent import harness
@@ -150,3 +155,168 @@ def test_a_store_commit_that_raises_does_not_kill_the_session(micropython: str, 
         backend.close()
         for s in sims:
             s.stop()
+
+
+def _usb_port(device: str, serial_number: str, vid: int = 0x303A, pid: int = 0x1001) -> ListPortInfo:
+    # What serial.tools.list_ports reports for a USB serial port (an ESP32-S3's native USB here);
+    # the device node itself is a real pty with a simulated board behind it.
+    p = ListPortInfo(device, skip_link_detection=True)
+    p.vid, p.pid, p.serial_number = vid, pid, serial_number
+    return p
+
+
+def _blank(tmp: Path, micropython: str) -> SimulatedBoard:
+    # A board fresh from the factory, waiting at its REPL to be provisioned: not ours (yet).
+    sim = SimulatedBoard(boards.BoardSpec("blank", seed=99), tmp / "boards" / "blank", tmp / "cache", micropython,
+                         blank=True)
+    sim.record = True
+    sim.start()
+    return sim
+
+
+def _free(port: str) -> bool:
+    try:
+        serial.Serial(port, exclusive=True).close()  # as provisioning opens it
+    except serial.SerialException:
+        return False
+    return True
+
+
+@pytest.mark.micropython
+@pytest.mark.slow
+def test_boards_found_by_identity_without_any_serial_section(micropython: str, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    # No [[serial]] section: every USB serial port is looked at. Two boards
+    # and a blank board share one VID:PID; the boards are both served, the
+    # blank board is let go untouched; a board unplugged and plugged back
+    # (a new device node) is found again by its USB serial number. The
+    # listing raises twice first: the discovery task crashes, is logged,
+    # counted and restarted.
+    sims = harness.start_boards(tmp_path, 2, micropython)
+    b1, b2 = sims
+    blank = _blank(tmp_path, micropython)
+    pki = harness.pki_for(tmp_path)
+    backend = harness.ThreadedBackend(tmp_path, {s.device_id: s.spec.key for s in sims}, pki)
+    try:
+        harness.register(tmp_path / "data", tmp_path / "log", sims)
+        cfg = agent_config.load(harness.write_config(tmp_path, [], harness.webhook(pki, backend.port)))
+        listing: list[ListPortInfo] = []
+        calls = [0]
+
+        def list_ports() -> list[ListPortInfo]:  # the list_ports boundary; two injected crashes first
+            calls[0] += 1
+            if calls[0] <= 2:
+                raise RuntimeError("injected fault in the USB listing")
+            return list(listing)
+
+        async def scenario() -> Agent:
+            agent = Agent(cfg)
+            agent.serial.list_ports = list_ports
+            agent.links.identify_s = 3.0
+            stop = asyncio.Event()
+            task = asyncio.create_task(agent.run(stop))
+            await _until(lambda: "serial" in agent.tasks and agent.tasks["serial"].restarts == 2 and calls[0] > 2, 30,
+                         lambda: agent.tasks)
+            listing[:] = [_usb_port(b1.port, "SN-1"), _usb_port(blank.port, "SN-BLANK"), _usb_port(b2.port, "SN-2")]
+            await _until(lambda: all(_board(agent, s.device_id).get("state") == "connected" for s in sims)
+                         and any(b["state"] == "released" for b in agent.snapshot()["boards"]), 40,
+                         lambda: agent.snapshot()["boards"])
+            released = [b for b in agent.snapshot()["boards"] if b["state"] == "released"]
+            assert [b["port"] for b in released] == [blank.port] and released[0]["usb"] == "303a:1001 SN-BLANK"
+            assert released[0]["ends"] == {"silent": 1} and released[0]["retry_in_s"] > 10
+            assert await asyncio.to_thread(_free, blank.port)  # let go: provisioning can open it
+            assert blank.taps()[1] == b""  # and the hub wrote nothing to its REPL
+            # Unplugged, then plugged back: a new device node, the same USB serial number.
+            listing[:] = [p for p in listing if p.serial_number != "SN-1"]
+            await asyncio.to_thread(b1.stop)
+            await _until(lambda: _board(agent, b1.device_id).get("state") == "searching", 20,
+                         lambda: agent.snapshot()["boards"])
+            await asyncio.to_thread(b1.start)
+            listing.append(_usb_port(b1.port, "SN-1"))
+            await _until(lambda: _board(agent, b1.device_id).get("state") == "connected"
+                         and _board(agent, b1.device_id)["connects"] == 2
+                         and _board(agent, b1.device_id)["port"] == b1.port, 40, lambda: agent.snapshot()["boards"])
+            assert len([b for b in agent.snapshot()["boards"] if b["device_id"] == b1.device_id]) == 1
+            await asyncio.to_thread(lambda: [s.stop() for s in sims])
+            await _drain(agent, 30)
+            stop.set()
+            await task
+            return agent
+
+        with caplog.at_level(logging.ERROR, logger="agent.supervisor"):
+            asyncio.run(scenario())
+        crashes = [r for r in caplog.records if "task serial crashed" in r.getMessage()]
+        assert len(crashes) == 2 and crashes[0].exc_info is not None  # logged with the traceback
+        acked, delivered, lost = _figures(sims, backend)
+        print("found by identity: acknowledged %d, delivered %d, lost %d" % (acked, delivered, lost))
+        assert lost == 0 and all(harness.acked(s) for s in sims)
+    finally:
+        backend.close()
+        blank.stop()
+        for s in sims:
+            s.stop()
+
+
+@pytest.mark.micropython
+@pytest.mark.slow
+def test_a_port_name_taken_by_another_device_is_let_go(micropython: str, tmp_path: Path) -> None:
+    # [[serial]] port = a name; the board is unplugged and the name given to
+    # a blank board being provisioned. The hub looks, hears no registered
+    # board, and lets the port go; when the board is back under that name,
+    # it is served again at once.
+    sims = harness.start_boards(tmp_path, 1, micropython)
+    board = sims[0]
+    blank = _blank(tmp_path, micropython)
+    name = tmp_path / "ttyUSB0"  # a device name, as udev gives it to whatever is plugged in
+
+    def plug(port: str) -> None:
+        tmp = tmp_path / "ttyUSB0.tmp"
+        if tmp.is_symlink():
+            tmp.unlink()
+        tmp.symlink_to(port)
+        tmp.replace(name)
+
+    plug(board.port)
+    pki = harness.pki_for(tmp_path)
+    backend = harness.ThreadedBackend(tmp_path, {board.device_id: board.spec.key}, pki)
+    try:
+        harness.register(tmp_path / "data", tmp_path / "log", sims)
+        cfg_path = harness.write_config(tmp_path, [], harness.webhook(pki, backend.port),
+                                        extra='\n[[serial]]\nport = "%s"\n' % name)
+        cfg = agent_config.load(cfg_path)
+
+        async def scenario() -> Agent:
+            agent = Agent(cfg)
+            agent.links.identify_s = 3.0
+            stop = asyncio.Event()
+            task = asyncio.create_task(agent.run(stop))
+            key = "serial:" + board.device_id
+            await _until(lambda: _board(agent, board.device_id).get("state") == "connected", 30,
+                         lambda: agent.snapshot()["boards"])
+            await asyncio.to_thread(board.stop)
+            plug(blank.port)
+            await _until(lambda: _board(agent, board.device_id).get("state") == "released", 30,
+                         lambda: agent.snapshot()["boards"])
+            assert await asyncio.to_thread(_free, blank.port)
+            assert blank.taps()[1] == b""
+            await asyncio.to_thread(board.start)
+            plug(board.port)
+            await _until(lambda: _board(agent, board.device_id).get("state") == "connected"
+                         and _board(agent, board.device_id)["connects"] == 3, 30, lambda: agent.snapshot()["boards"])
+            assert _board(agent, board.device_id)["link"] == key
+            await asyncio.to_thread(board.stop)
+            await _drain(agent, 30)
+            stop.set()
+            await task
+            return agent
+
+        agent = asyncio.run(scenario())
+        acked, delivered, lost = _figures(sims, backend)
+        print("name taken: acknowledged %d, delivered %d, lost %d; ends %s" % (
+            acked, delivered, lost, _board(agent, board.device_id)["ends"]))
+        assert lost == 0 and acked > 0
+        assert os.path.realpath(name) == os.path.realpath(board.port)
+    finally:
+        backend.close()
+        blank.stop()
+        board.stop()

@@ -1,0 +1,125 @@
+# The agent and systemd: READY, then WATCHDOG only while the agent's loops
+# and its store make progress, STOPPING at the end; over a real Unix
+# datagram socket, as systemd's $NOTIFY_SOCKET is.
+import asyncio
+import logging
+import socket
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import config as agent_config
+from agent.sdnotify import Notifier
+from agent.supervisor import Agent
+
+
+def _config(tmp: Path) -> agent_config.AgentConfig:
+    path = tmp / "agent.toml"
+    path.write_text('[agent]\nhub_id = "test-hub"\ndata_dir = "%s"\nlog_dir = "%s"\nrun_dir = "%s"\n' % (
+        tmp / "data", tmp / "log", tmp / "run"))
+    return agent_config.load(path)
+
+
+class SystemdSocket:
+    """The listening end of $NOTIFY_SOCKET, as systemd holds it."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.received: list[dict[str, str]] = []
+
+    def poll(self) -> list[dict[str, str]]:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except BlockingIOError:
+                return self.received
+            self.received.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def _until(pred: Any, timeout_s: float, what: Any) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while loop.time() < end:
+        if pred():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("timed out: %s" % (what(),))
+
+
+def test_watchdog_only_while_the_loops_make_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    systemd = SystemdSocket(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")  # WatchdogSec=0.4: a ping every 0.2 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    cfg = _config(tmp_path)
+    try:
+        async def scenario() -> dict[str, Any]:
+            agent = Agent(cfg)
+            hang = threading.Event()
+            go_on = threading.Event()
+            apply = agent.store._apply
+
+            def stuck(db: sqlite3.Connection, batch: Any) -> Any:  # fault injection: the store's writer hangs
+                if hang.is_set():
+                    go_on.wait(30)
+                return apply(db, batch)
+
+            agent.store._apply = stuck  # type: ignore[method-assign]
+            stop = asyncio.Event()
+            task = asyncio.create_task(agent.run(stop))
+            msgs = systemd.poll
+            await _until(lambda: sum("WATCHDOG" in m for m in msgs()) >= 3, 20, msgs)
+            assert msgs()[0]["READY"] == "1" and msgs()[0]["MAINPID"]
+            hang.set()
+            await _until(lambda: any(m.get("STATUS", "").startswith("stuck") for m in msgs()), 20, msgs)
+            stuck_at = next(i for i, m in enumerate(msgs()) if m.get("STATUS", "").startswith("stuck"))
+            await _until(lambda: len(msgs()) >= stuck_at + 4, 20, msgs)  # three more checks, still stuck
+            assert not any("WATCHDOG" in m for m in msgs()[stuck_at:]), msgs()[stuck_at:]
+            snap = agent.snapshot()
+            assert snap["systemd"]["alive"] is False and "store" in snap["systemd"]["reason"]
+            go_on.set()
+            hang.clear()
+            n = len(msgs())
+            await _until(lambda: any("WATCHDOG" in m for m in msgs()[n:]), 20, msgs)
+            assert agent.snapshot()["systemd"]["alive"] is True
+            stop.set()
+            await task
+            assert msgs()[-1] == {"STOPPING": "1"}
+            return snap
+
+        with caplog.at_level(logging.INFO, logger="agent.supervisor"):
+            asyncio.run(scenario())
+        text = caplog.text
+        assert "starting (config %s" % cfg.source in text and "stopped (config %s)" % cfg.source in text
+        assert "not telling systemd the agent is alive: the store is not answering" in text
+    finally:
+        systemd.close()
+
+
+def test_notifier_speaks_to_an_abstract_socket_and_is_silent_outside_systemd(tmp_path: Path) -> None:
+    name = "pulsebridge-test-%d" % id(tmp_path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    try:
+        n = Notifier.from_env({"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "30000000"})
+        assert n.watchdog_s == 30.0
+        assert n.notify(READY=1, STATUS="serving boards")
+        assert sock.recv(100) == b"READY=1\nSTATUS=serving boards"
+        n.close()
+    finally:
+        sock.close()
+    quiet = Notifier.from_env({})
+    assert not quiet.enabled and not quiet.notify(READY=1) and quiet.watchdog_s is None
+    other = Notifier.from_env({"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})
+    assert other.watchdog_s is None  # the watchdog was meant for another process
+    assert not other.notify(READY=1)  # no systemd there: said once in the log, never raised
+    other.close()
