@@ -201,7 +201,7 @@ class Agent:
             last = beats
             stuck = sorted(k for k, at in moved.items() if now - at > LOOP_STUCK_S)
             why = ("loop %s not turning" % ", ".join(stuck)) if stuck else ""
-            if not why:
+            if not why and self.store.fault is None:  # a store retrying a failed commit is busy, not hung
                 try:
                     async with asyncio.timeout(min(every_s, LOOP_STUCK_S)):
                         await self.store.run(lambda db: None)

@@ -80,6 +80,7 @@ def test_watchdog_only_while_the_loops_make_progress(tmp_path: Path, monkeypatch
             await _until(lambda: sum("WATCHDOG" in m for m in msgs()) >= 3, 20, msgs)
             assert msgs()[0]["READY"] == "1" and msgs()[0]["MAINPID"]
             hang.set()
+            agent.store.submit_reject("test", "test", None, b"x")  # a write: the writer takes it, and hangs
             await _until(lambda: any(m.get("STATUS", "").startswith("stuck") for m in msgs()), 20, msgs)
             stuck_at = next(i for i, m in enumerate(msgs()) if m.get("STATUS", "").startswith("stuck"))
             await _until(lambda: len(msgs()) >= stuck_at + 4, 20, msgs)  # three more checks, still stuck
