@@ -4,7 +4,10 @@ would do to a real one, checked with a real FHIR model library.
 Each transaction Bundle is validated with fhir.resources (R4B, the R4
 technical correction); conditional creates (If-None-Exist on an identifier)
 are honoured; `fail_after_commit` makes it store a batch and then answer
-500, as a server that crashed before replying would.
+500, as a server that crashed before replying would; `answers` are statuses
+answered (one per request, nothing stored) before it serves again, and a
+Bundle holding `refuse_identifier` is refused with 422, as a server refuses
+what it will never take.
 """
 
 from __future__ import annotations
@@ -24,11 +27,20 @@ class FhirTestServer:
         self.invalid: list[str] = []
         self.bundles = 0
         self.fail_after_commit = 0
+        self.answers: list[int] = []
+        self.refuse_identifier = ""
         self.runner: web.AppRunner | None = None
         self.port = 0
 
     async def transaction(self, request: web.Request) -> web.Response:
+        if self.answers:
+            return web.Response(status=self.answers.pop(0), text="injected")
         body = await request.json()
+        idents = {e["resource"].get("identifier", [{}])[0].get("value") for e in body.get("entry", [])}
+        if self.refuse_identifier and self.refuse_identifier in idents:
+            return web.json_response({"resourceType": "OperationOutcome", "issue": [
+                {"severity": "error", "code": "business-rule", "diagnostics": "will never take "
+                 + self.refuse_identifier}]}, status=422)
         try:
             Bundle.model_validate(body)
         except Exception as e:

@@ -246,3 +246,54 @@ def test_subject_forms_and_documents_carry_it(tmp_path: Path) -> None:
     row = Row(1, "pb-1", -2, 1, KIND_VITAL, None, 8, dev.created_at + 1, b"", {"type": "vital", "device_id": "pb-1"})
     assert document(row, "hub", subjects.of(row.device_id, row.received_at))["subject"] == "Patient/7"
     reg.close()
+
+
+def test_later_is_retried_never_is_quarantined(tmp_path: Path) -> None:
+    """Fault injection on the project's server: 401, 404, 429, 503 are "later" (the hub's settings
+    or the server's state): retried, nothing quarantined. A 422 about one vital, in a batch of
+    eight, is narrowed down to that vital, which alone is quarantined with the server's words."""
+    from agent.config import BackendConfig
+    from agent.store import KIND_VITAL, PRIORITY_VITALS, Ingest
+
+    pki = harness.pki_for(tmp_path)
+    server = FhirTestServer()
+    store = Store(tmp_path / "store.db", ["ehr"])
+    store.open()
+    store.start()
+
+    async def scenario() -> fhir.FhirForwarder:
+        port = await server.start(pki.server_cert, pki.server_key)
+        for seq in range(1, 9):
+            await store.ingest(Ingest("pb-v1", -2, seq, KIND_VITAL, b"", None, priority=PRIORITY_VITALS, info={
+                "type": "vital", "kind": "heart_rate", "device_id": "pb-v1", "value": 70.0 + seq, "unit": "/min",
+                "at": "2026-11-30T10:00:%02d.000Z" % seq, "quality": 0.9, "source_frames": ["pb-v1:1:%d" % seq]}))
+        server.answers = [401, 404, 429, 503]
+        server.refuse_identifier = "vital:pb-v1:5"
+        cfg = BackendConfig(name="ehr", type="fhir", url="https://127.0.0.1:%d/fhir" % port, ca_file=pki.ca_cert,
+                            batch=8, linger_s=0)
+        fw = fhir.FhirForwarder(cfg, store, "hub", asyncio.Event())
+        fw.backoff.base_s = fw.backoff.cap_s = 0.05
+        task = asyncio.create_task(fw.run())
+        await _until(lambda: fw.forwarded + fw.refused == 8, 60, "every vital delivered or refused")
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        await server.stop()
+        return fw
+
+    try:
+        fw = asyncio.run(scenario())
+        assert fw.failures == 4 and fw.refused == 1 and fw.forwarded == 7
+        assert fw.batch_limit == 8  # back to full batches once the refused vital was found
+        delivered = {k.split("|", 1)[1] for k in server.resources["Observation"]}
+        assert delivered == {"vital:pb-v1:%d" % s for s in range(1, 9)} - {"vital:pb-v1:5"}
+        db = store.reader()
+        rows = db.execute("SELECT link, device_id, reason FROM quarantine").fetchall()
+        assert Store.backlog(db) == {} and Store.counters(db)["refused:ehr"] == 1
+        db.close()
+        assert rows == [("backend:ehr", "pb-v1", rows[0][2])] and "will never take vital:pb-v1:5" in rows[0][2]
+        assert "HTTP 422" in rows[0][2]
+    finally:
+        store.close()
