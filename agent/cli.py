@@ -368,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=["firmware", "encoding", "agent", "vitals"], help="which benchmark")
     p.add_argument("--minutes", type=float, default=10.0, help="simulated minutes (firmware benchmark)")
     p.add_argument("--link", choices=["serial", "ble"], default="serial", help="firmware benchmark: the board's link")
+    p.add_argument("--heap", type=int, default=None,
+                   help="firmware benchmark: bytes of heap for the firmware (default: an ESP32's, BLE on)")
     _speed_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
@@ -393,6 +395,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from agent import bench
 
+    if args.heap is not None:
+        return bench.main(args.what, args.minutes, args.json, args.board_speed, args.link, args.heap)
     return bench.main(args.what, args.minutes, args.json, args.board_speed, args.link)
 
 

@@ -17,6 +17,9 @@ PINS = {
     "i2c_scl": 22, "i2c_sda": 21, "i2c_hz": 400000,
     "spi_sck": 18, "spi_mosi": 23, "spi_miso": 19, "spi_hz": 4000000, "ecg_cs": 5,
     "ad8232_out": 36, "ad8232_lo_plus": 34, "ad8232_lo_minus": 35,
+    # The chips' FIFO interrupt outputs (open drain, active low): the firmware
+    # then drains each FIFO when it asks. None: not wired, polled every poll_ms.
+    "ecg_intb": 4, "ppg_int": 27,
 }
 
 
@@ -28,6 +31,7 @@ class Esp32Board:
         self._battery_adc = None
         self._last_ms = time.ticks_ms()
         self._ms = 0
+        self._irq_pins = {}
 
     def ticks_ms(self):
         # time.ticks_ms() wraps after about 12 days; frames need a monotonic
@@ -39,6 +43,16 @@ class Esp32Board:
 
     def sleep_ms(self, ms):
         time.sleep_ms(ms)
+
+    def idle_ms(self, ms, woken):
+        # Sleeps ms, or less once a pin interrupt's handler makes woken()
+        # true; soft IRQ handlers run during time.sleep_ms.
+        end = time.ticks_add(time.ticks_ms(), ms)
+        while not woken() and time.ticks_diff(end, time.ticks_ms()) > 0:
+            time.sleep_ms(1)
+
+    def irq_pin(self, stream_id):
+        return self._irq_pins.get(stream_id)
 
     def service(self):
         pass  # timers and the radio run on interrupts here
@@ -57,6 +71,9 @@ class Esp32Board:
                       mosi=Pin(pins["spi_mosi"]), miso=Pin(pins["spi_miso"]))
             ecg_chip = MAX30003(spi, cs)
             ecg_chip.configure(ecg["rate_hz"], ecg["gain"])
+            if pins.get("ecg_intb") is not None:
+                ecg_chip.enable_fifo_irq()
+                self._irq_pins[messages.STREAM_ECG_MAX30003] = Pin(pins["ecg_intb"], Pin.IN, Pin.PULL_UP)
             out.append((messages.STREAM_ECG_MAX30003, ecg_chip, ecg_chip.lead_off))
         elif ecg and ecg["chip"] == "ad8232":
             adc = ADC(Pin(pins["ad8232_out"]), atten=ADC.ATTN_11DB)
@@ -69,6 +86,9 @@ class Esp32Board:
             oxi = MAX30102(i2c, time.sleep_ms)
             oxi.configure(ppg["rate_hz"], ppg["pulse_width_us"], ppg["adc_range_na"], ppg["led_red_ua"],
                           ppg["led_ir_ua"])
+            if pins.get("ppg_int") is not None:
+                oxi.enable_fifo_irq()
+                self._irq_pins[messages.STREAM_PPG_MAX30102] = Pin(pins["ppg_int"], Pin.IN, Pin.PULL_UP)
             out.append((messages.STREAM_PPG_MAX30102, oxi, None))
         return out
 
@@ -80,7 +100,7 @@ class Esp32Board:
             from app.main import FIRMWARE
             return BleLink(bluetooth, cfg["device_id"], max_message, FIRMWARE, "pulsebridge ESP32 " + sys.platform)
         from app.link_serial import SerialLink
-        return SerialLink(sys.stdin.buffer, sys.stdout.buffer, max_message)
+        return SerialLink(sys.stdin.buffer, sys.stdout.buffer, max_message, time.ticks_us, time.ticks_diff)
 
     def random_bytes(self, n):
         # The hardware RNG (esp_fill_random). Before the radio is on it is

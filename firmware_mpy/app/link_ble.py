@@ -52,6 +52,7 @@ _CONTROL_BUFFER = const(512)
 _FRAGMENTS_PER_SERVICE = const(8)  # notifications tried per loop
 _BACKOFF_MAX = const(32)  # loops skipped at most after repeated ENOMEM
 _PREFERRED_MTU = const(517)
+_PUMP_MS = const(15)  # a typical connection interval: notifications leave the stack at that pace
 _STD_EVERY_MS = const(1000)  # standard measurements notified once a second
 _SFLOAT_NAN = const(0x07FF)
 _SFLOAT_TENTHS = const(0xF000)  # exponent -1
@@ -141,6 +142,7 @@ class BleLink:
         self._rx = link.LineDeframer()
         self._conn = -1
         self.connected = False
+        self.pump_ms = _PUMP_MS
         self.mtu = link.MIN_MTU
         self._backoff = 0
         self._skip = 0
@@ -248,6 +250,10 @@ class BleLink:
                 raise
             self._frag_len = 0
             self._backoff = 0
+
+    def busy(self):
+        # A message is still being notified, fragment by fragment.
+        return self.connected and (self._frag.busy or self._frag_len > 0)
 
     def send(self, buf, n):
         # Takes a whole message if no other is being fragmented; the message

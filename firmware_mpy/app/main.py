@@ -1,8 +1,11 @@
 # The board's application: sensors -> frames -> outbox -> link, one
-# cooperative loop. Per loop: drain each sensor FIFO (no allocation per
-# sample), frame every full window, send what the link can take, read acks
-# and commands. A board with no key or no configuration refuses to stream
-# and says why on its console.
+# cooperative loop. Per loop: drain each sensor FIFO that asks for it (no
+# allocation per sample), frame every full window, send what the link can
+# take, read acks and commands; then sleep until a sensor's FIFO interrupt
+# (its handler only sets a flag), the link's next piece, or the next thing
+# due. Sensors without an interrupt line are polled every poll_ms. A board
+# with no key or no configuration refuses to stream and says why on its
+# console.
 import gc
 
 from micropython import const
@@ -16,6 +19,7 @@ from protocols.errors import ProtocolError
 FIRMWARE = "pulsebridge-fw 0.1.0"
 _SMALL = const(160)  # buffer for hello/status/time messages
 _MAX_SENDS_PER_LOOP = const(4)
+_IDLE_MAX_MS = const(100)  # the longest sleep: downlink (acks, commands) is read at least this often
 # Our sensors give at most 18-bit samples: a delta-zigzag varint of one
 # takes at most 3 bytes. Headers and the COSE envelope take under 200.
 _WORST_BYTES_PER_SAMPLE = const(3)
@@ -40,7 +44,11 @@ class App:
             if not 0 < window <= messages.MAX_SAMPLES:
                 raise config.ConfigError("window_ms gives %d samples per frame, outside 1..%d"
                                          % (window, messages.MAX_SAMPLES))
-            self.streams.append(Stream(sensor, stream_id, window, now, lead_off))
+            st = Stream(sensor, stream_id, window, now, lead_off)
+            pin = board.irq_pin(stream_id)
+            if pin is not None:
+                st.use_irq(pin)
+            self.streams.append(st)
         self.worst = [s.window * len(s.chans) * _WORST_BYTES_PER_SAMPLE + _FRAME_OVERHEAD for s in self.streams]
         biggest = max(self.worst)
         self.payload = bytearray(biggest)
@@ -70,6 +78,7 @@ class App:
         self.frames_built = 0
         self.downlink_rejected = 0
         self.next_status_ms = now + cfg["status_every_ms"]
+        self._woken = self._any_ready  # bound once: the idle loop calls it often
 
     def _seq(self):
         s = self.seq
@@ -148,15 +157,23 @@ class App:
             elif m.name == "status":
                 self.status()
 
+    def _any_ready(self):
+        for st in self.streams:
+            if st.ready:
+                return True
+        return False
+
     def step(self):
         board = self.board
         board.service()
         now = board.ticks_ms()
+        poll_ms = self.cfg["poll_ms"]
         for k in range(len(self.streams)):
             st = self.streams[k]
-            count = st.poll(now)
-            if count:
-                self.build_frame(k, st, count)
+            if st.due(now, poll_ms):
+                count = st.poll(now)
+                if count:
+                    self.build_frame(k, st, count)
         if self.link.service():
             self.outbox.resend_all()  # reconnected: resend what was in flight
             self.hello()
@@ -191,13 +208,30 @@ class App:
         for st in self.streams:
             st.sensor.stop()
 
+    def wait(self):
+        # Sleeps until a sensor's interrupt, or the next thing due: a polled
+        # sensor, the link's next piece of a frame, the status message.
+        now = self.board.ticks_ms()
+        t = _IDLE_MAX_MS
+        for st in self.streams:
+            if st.irq_pin is None:
+                d = st.next_poll_ms - now
+                if d < t:
+                    t = d
+        if self.link.busy() and self.link.pump_ms < t:
+            t = self.link.pump_ms
+        d = self.next_status_ms - now
+        if d < t:
+            t = d
+        if t > 0 and not self._any_ready():
+            self.board.idle_ms(t, self._woken)
+
     def run(self, until_ms=None):
-        poll_ms = self.cfg["poll_ms"]
         self.start()
         try:
             while self.running and (until_ms is None or self.board.ticks_ms() < until_ms):
                 self.step()
-                self.board.sleep_ms(poll_ms)
+                self.wait()
         finally:
             self.stop()
 

@@ -5,6 +5,10 @@
 #
 # A FIFO overflow loses samples: the window is cut before the gap, the gap
 # is skipped in the indices, and the next frame reports it.
+#
+# When the chip's FIFO interrupt output is wired (irq_pin), the stream is
+# drained when it asks: the pin's handler, a soft IRQ, only sets `ready`;
+# otherwise the app polls it every poll_ms.
 import array
 
 from micropython import const
@@ -32,6 +36,31 @@ class Stream:
         self.lost_total = 0
         self.saturated = False
         self._lead_off_fn = lead_off_fn
+        self.irq_pin = None
+        self.ready = False  # set by the interrupt handler, cleared by the app
+        self.next_poll_ms = start_ms
+
+    def use_irq(self, pin):
+        self.irq_pin = pin
+        self.ready = True  # drain once at start: the line may already be low
+        pin.irq(handler=self.on_irq, trigger=pin.IRQ_FALLING)
+
+    def on_irq(self, _pin):
+        self.ready = True
+
+    def due(self, now_ms, poll_ms):
+        # Whether to drain now: the chip asked (or its line is still low,
+        # an edge we may not see again), or, unwired, the poll is due.
+        pin = self.irq_pin
+        if pin is not None:
+            if self.ready or not pin.value():
+                self.ready = False
+                return True
+            return False
+        if now_ms - self.next_poll_ms >= 0:
+            self.next_poll_ms = now_ms + poll_ms
+            return True
+        return False
 
     def t0_ms(self):
         return self.start_ms + self.first_index * 1000 // self.rate_hz

@@ -38,6 +38,9 @@ _STATUS_DCLOFF = const(1 << 20)
 _STATUS_LDOFF = const(0xF)  # LDOFF_PH, LDOFF_PL, LDOFF_NH, LDOFF_NL
 
 _STATUS_EINT = const(1 << 23)  # at least EFIT samples unread
+# EN_INT: INTB (open drain, active low) follows EINT and EOVF; INTB_TYPE 11:
+# open drain with the chip's own 125 kohm pull-up.
+_EN_INT_FIFO = const((1 << 23) | (1 << 22) | 3)
 
 # CNFG_GEN fields (datasheet register map): EN_ECG bit 19, EN_DCLOFF 13:12,
 # IPOL 11, IMAG 10:8, VTH 7:6, EN_RBIAS 5:4, RBIASV 3:2, RBIASP 1, RBIASN 0.
@@ -123,6 +126,12 @@ class MAX30003:
         self.write_reg(_REG_EN_INT, 0)  # polled
         self.rate_hz = rate_hz
         self.gain = gain
+
+    def enable_fifo_irq(self):
+        # INTB goes low when EFIT samples are unread (or the FIFO overflowed)
+        # and high again once a burst read takes it below: one falling edge
+        # per burst's worth, for a Pin.irq that only sets a flag.
+        self.write_reg(_REG_EN_INT, _EN_INT_FIFO)
 
     def start(self):
         self.write_reg(_REG_FIFO_RST, 0)

@@ -22,7 +22,10 @@ _REG_PART_ID = const(0xFF)
 PART_ID = const(0x15)
 _MODE_RESET = const(0x40)
 _MODE_SPO2 = const(0x03)
-_FIFO_ROLLOVER = const(0x10)  # FIFO_A_FULL (bits 3:0) stays 0: A_FULL means 32 unread
+_FIFO_ROLLOVER = const(0x10)  # FIFO_A_FULL (bits 3:0) 0 unless an interrupt pin is wired: A_FULL means 32 unread
+# With an interrupt pin: A_FULL (and the INT pin, active low) once 17 samples
+# are unread, 170 ms at 100 Hz, leaving 15 (150 ms) before the FIFO rolls over.
+_FIFO_A_FULL_IRQ = const(15)
 _FIFO_DEPTH = const(32)
 _BYTES_PER_SAMPLE = const(6)  # 3 bytes red, 3 bytes IR
 _SAMPLE_MASK = const(0x3FFFF)  # 18 bits, left-justified for every pulse width
@@ -109,6 +112,12 @@ class MAX30102:
         self.adc_range_na = adc_range_na
         self.led_red_ua = (led_red_ua // _LED_UA_PER_LSB) * _LED_UA_PER_LSB
         self.led_ir_ua = (led_ir_ua // _LED_UA_PER_LSB) * _LED_UA_PER_LSB
+
+    def enable_fifo_irq(self):
+        # INT falls when FIFO_A_FULL slots are left; reading INT_STATUS_1
+        # (read_into does, with the pointers) releases it.
+        self._write(_REG_FIFO_CONFIG, _FIFO_ROLLOVER | _FIFO_A_FULL_IRQ)
+        self._write(_REG_INT_ENABLE_1, _INT_A_FULL)
 
     def start(self):
         # Clear the FIFO pointers and overflow counter, then start sampling.

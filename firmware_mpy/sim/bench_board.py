@@ -1,123 +1,124 @@
 # Firmware benchmark, run under the MicroPython unix port by `pulsebridge
-# bench firmware`: the unmodified app on a simulated board with a virtual
-# clock, for N simulated minutes of ECG 512 Hz + PPG 100 Hz, its frames
-# going to an in-process hub over the loopback link. Prints one JSON line
-# of figures. Usage: micropython -X heapsize=... sim/bench_board.py MINUTES [SPEED]
-# SPEED "host" (the default) runs the board at this machine's speed; a chip
-# (esp32, esp32-240, esp32s3) at that chip's, on a sim.clock.ChipClock: the
-# hub's time and allocations are then the simulation's, not the firmware's.
+# bench firmware`: the unmodified app on a simulated board (ECG 512 Hz + PPG
+# 100 Hz) for N simulated minutes, alone in its interpreter: its link goes
+# to the hub in the benchmark's other process (agent/bench.py) through two
+# pipes. Prints one JSON line of figures.
+# Usage: micropython -m sim.bench_board MINUTES SPEED LINK UP_FD DOWN_FD
+#   SPEED: host (this machine's speed, on a virtual clock) or a chip (esp32,
+#   esp32-240, esp32s3: sim.clock.ChipClock, calibrated at start);
+#   LINK: serial (the console UART) or ble (the fake radio, one central).
+# Pipe records, a kind byte then a 4-byte big-endian length then data:
+#   board to hub: U serial bytes, N a notification, S sync (the board is
+#   about to sleep); hub to board, once per S: K the downlink bytes the hub
+#   answered with (ack lines) for the radio, or nothing when it wrote them
+#   to the board's console (stdin) already. The hub thus answers before the
+#   board's next loop, whatever the machine's load, and its time is not the
+#   board's.
 import gc
-import json
 import sys
-import time
 
-from app import config, main
-from protocols import messages
-from sim.board_sim import SimBoard
-from sim.clock import VirtualClock, mem_total
-from sim.loopback import LoopbackLink
+# The heap as the firmware finds it: what this script and the interpreter
+# hold (m0), then the firmware's modules, loaded as a board loads them
+# (code_heap), then the simulation's (sim_heap: not on a board).
+gc.collect()
+_M0 = gc.mem_alloc()
+_LINK = sys.argv[3] if len(sys.argv) > 3 else "serial"
+from app import config, main  # noqa: E402
+from protocols import messages  # noqa: E402
 
+if _LINK == "ble":
+    from app import bonds, link_ble, vitals_lite  # noqa: E402,F401
+else:
+    from app import link_serial  # noqa: E402,F401
+gc.collect()
+_M1 = gc.mem_alloc()
+import json  # noqa: E402
 
-class Tally:
-    # Hub-side accounting, kept small: per stream the next expected sample
-    # index and the byte counts; hub time is measured to be left out of the
-    # firmware's CPU figure.
-    def __init__(self, link):
-        self.link = link
-        self.next_index = {}
-        self.samples = {}
-        self.wire = {}
-        self.data = {}
-        self.frames = {}
-        self.gaps = 0
-        self.rejected = 0
-        self.other_wire = 0
-        self.hub_us = 0
-        self.fifo_lost = 0
-        self.dropped = 0
+from sim.board_sim import SimBoard  # noqa: E402
+from sim.clock import VirtualClock, mem_current, mem_total  # noqa: E402
 
-    def __call__(self, r):
-        m = r.message
-        if m is None:
-            self.rejected += 1
-            return
-        wire = self.link.last_wire
-        if m.kind != messages.T_SAMPLES:
-            self.other_wire += wire
-            return
-        s = m.stream
-        if self.next_index.get(s, m.first_index) != m.first_index:
-            self.gaps += 1
-        self.next_index[s] = m.first_index + m.count
-        self.samples[s] = self.samples.get(s, 0) + m.count * len(m.channels)
-        self.wire[s] = self.wire.get(s, 0) + wire
-        self.frames[s] = self.frames.get(s, 0) + 1
-        self.fifo_lost += m.status[1]
-        self.dropped = m.status[2]
-        d = 0
-        for ch in m.channels:
-            d += _varint_bytes(ch)
-        self.data[s] = self.data.get(s, 0) + d
+gc.collect()
+_M2 = gc.mem_alloc()
+
+_BLE_MTU = 247  # what the hub's BlueZ and most phones negotiate
+_DRAIN_MS = 20000  # after the run: sensors stopped, what was built goes out
 
 
-def _varint_bytes(samples):
-    n = 0
-    prev = 0
-    for v in samples:
-        d = v - prev
-        prev = v
-        z = (d << 1) if d >= 0 else ((-d << 1) - 1)
-        n += 1
-        while z >= 0x80:
-            z >>= 7
-            n += 1
-    return n
-
-
-class TimedLoopback(LoopbackLink):
-    # The hub end of the link: its time and allocations are not the board's.
-    def __init__(self, device_id, key, clock):
-        super().__init__(device_id, key)
-        self.keep = False
-        self.hub_us = 0
+class HubPipe:
+    def __init__(self, clock, up_fd, down_fd):
         self.clock = clock
+        self.up = open("/dev/fd/%d" % up_fd, "wb")
+        self.down = open("/dev/fd/%d" % down_fd, "rb")
+        self._hdr = bytearray(5)
+        self.pending = False
 
-    def send(self, buf, n):
-        # Framing (COBS, CRC) is board work; what follows is the hub's.
+    def _put(self, kind, data):
+        h = self._hdr
+        n = len(data)
+        h[0] = kind
+        h[1] = n >> 24
+        h[2] = (n >> 16) & 0xFF
+        h[3] = (n >> 8) & 0xFF
+        h[4] = n & 0xFF
+        self.up.write(h)
+        if n:
+            self.up.write(data)
+
+    def write(self, buf, off, n):  # the console UART's far end (inside SimConsole.write)
+        self._put(0x55, memoryview(buf)[off:off + n])
+        self.pending = True
+        return n
+
+    def notify(self, data):  # the central's end of the radio (inside the radio's service)
+        self._put(0x4E, data)
+        self.pending = True
+
+    def sync(self):
+        # Lets the hub catch up with what was sent; returns its answer.
+        if not self.pending:
+            return b""
         c = self.clock
         c.enter()
-        t = time.ticks_us()
         try:
-            return LoopbackLink.send(self, buf, n)
-        finally:
-            self.hub_us += time.ticks_diff(time.ticks_us(), t)
-            c.leave()
-
-    def receive(self):
-        c = self.clock
-        c.enter()
-        try:
-            return LoopbackLink.receive(self)
+            self.pending = False
+            self._put(0x53, b"")
+            h = self.down.read(5)
+            n = (h[1] << 24) | (h[2] << 16) | (h[3] << 8) | h[4]
+            return self.down.read(n) if n else b""
         finally:
             c.leave()
 
 
-def run(minutes, speed):
-    sim = json.load(open("sim.json"))
+def _fifo_level(name, model):
+    return model.count if name == "max30003" else model.level()
+
+
+def run(minutes, speed, link_kind, up_fd, down_fd):
+    with open("sim.json") as f:
+        sim = json.load(f)
     sim["board_speed"] = speed
     sim["virtual_clock"] = True
+    if link_kind == "ble":
+        sim["ble"] = {}  # the in-process radio: this benchmark's pipe is its central
+    gc.collect()
+    b0 = gc.mem_alloc()
     board = SimBoard(sim, None if speed != "host" else VirtualClock())
     clock = board.clock
+    pipe = HubPipe(clock, up_fd, down_fd)
+    board.console_out = pipe  # the console's input stays stdin: the hub writes there
     cfg = config.load()
+    cfg["link"] = link_kind
     key = config.load_key()
-    link = TimedLoopback(cfg["device_id"], key, clock)
-    tally = Tally(link)
-    link.on_receive = tally
-    board.link_override = link
     gc.collect()
-    code_heap = gc.mem_alloc()
+    sim_heap = _M0 + (_M2 - _M1) + (gc.mem_alloc() - b0)
+    code_heap = _M1 - _M0
     app = main.App(board, cfg, key, config.next_epoch())
+    radio = board.radio
+    if radio is not None:
+        radio.on_notify = pipe.notify
     app.start()
+    if radio is not None:
+        radio.connect(_BLE_MTU)
     gc.collect()
     heap_after_start = gc.mem_alloc()
     # Preallocated: a list grown while measuring would show as heap growth.
@@ -125,94 +126,111 @@ def run(minutes, speed):
     minute = 0
     memory_errors = 0
     end_ms = int(minutes * 60000)
-    poll_ms = cfg["poll_ms"]
     next_minute = 60000
-    t0 = time.ticks_us()
-    peak = 0
     low_free = gc.mem_free()
     worst_step_us = 0
-    # Allocations are counted from the steady state on: after the first
-    # frames (start-up fills the first windows and tables).
+    # Allocations are counted from the steady state on, after start-up.
     steady_ms = min(10000, end_ms // 2)
     steady_alloc0 = -1
-    while board.ticks_ms() < end_ms:
+    steady_garbage0 = 0
+    steady_sim0 = 0
+    steady_t0 = 0
+    steady_alloc = 0
+    steady_garbage = 0
+    steady_sim = 0
+    t_end = 0
+    busy_end = 0
+    draining = False
+    drain_end_ms = end_ms + _DRAIN_MS
+    while True:
         s0 = clock.now_us()
         try:
             app.step()
         except MemoryError:
             memory_errors += 1
         s1 = clock.now_us()
-        if s1 - s0 > worst_step_us:
+        if not draining and s1 - s0 > worst_step_us:
             worst_step_us = s1 - s0
-        used = gc.mem_alloc()
-        if used > peak:
-            peak = used
         free = gc.mem_free()
         if free < low_free:
             low_free = free
-        board.sleep_ms(poll_ms)
+        down = pipe.sync()
+        if down:
+            clock.enter()
+            if radio is not None:
+                radio.write(down)
+            clock.leave()
+        app.wait()
         now_ms = board.ticks_ms()
+        if draining:
+            if now_ms >= drain_end_ms or app.outbox.depth() == 0:
+                break
+            continue
         if steady_alloc0 < 0 and now_ms >= steady_ms:
             steady_alloc0 = mem_total() - clock.sim_alloc
+            steady_garbage0 = mem_current() - clock.sim_garbage
+            steady_sim0 = clock.sim_garbage
             steady_t0 = now_ms
         if now_ms >= next_minute:
             next_minute += 60000
-            clock.enter()  # the bench's own collection is no firmware time
+            clock.enter()  # the benchmark's own collection is not the firmware's time
             gc.collect()
             if minute < len(heap_by_minute):
                 heap_by_minute[minute] = gc.mem_alloc()
             minute += 1
             clock.leave()
-    steady_alloc = mem_total() - clock.sim_alloc - steady_alloc0
-    steady_s = (board.ticks_ms() - steady_t0) / 1000
-    wall_us = time.ticks_diff(time.ticks_us(), t0)
-    app.stop()
-    fw_us = wall_us - link.hub_us
+        if now_ms >= end_ms:
+            steady_alloc = mem_total() - clock.sim_alloc - steady_alloc0
+            steady_garbage = mem_current() - clock.sim_garbage - steady_garbage0
+            steady_sim = clock.sim_garbage - steady_sim0
+            steady_s = (now_ms - steady_t0) / 1000
+            t_end = now_ms
+            if clock.chip:
+                busy_end = (clock.t_us, clock.compute_us, clock.io_us)
+            app.stop()
+            draining = True
     streams = {}
     chips = {messages.STREAM_ECG_MAX30003: "max30003", messages.STREAM_PPG_MAX30102: "max30102"}
     for st in app.streams:
-        s = st.stream_id
+        name = chips[st.stream_id]
         nch = len(st.chans)
-        model = board.models[chips[s]]
-        fifo = model.count if s == messages.STREAM_ECG_MAX30003 else (
-            (model.regs[4] - model.regs[6]) & 31 or (32 if model._unread_full else 0))
-        streams[messages.STREAM_NAMES[s]] = {
-            "samples": tally.samples.get(s, 0), "frames": tally.frames.get(s, 0),
-            "wire_bytes": tally.wire.get(s, 0), "sample_data_bytes": tally.data.get(s, 0),
-            # What the chip converted, against what reached the hub, what the
-            # board holds in its current window and what waits in the FIFO.
-            "converted": model.index * nch, "on_board": st.n * nch, "in_fifo": fifo * nch,
-            "lost": (model.index - st.n - fifo) * nch - tally.samples.get(s, 0),
+        model = board.models[name]
+        # What the chip converted, what the board still holds in its current
+        # window and what waits in the FIFO: the hub adds what it received.
+        streams[messages.STREAM_NAMES[st.stream_id]] = {
+            "converted": model.index * nch, "on_board": st.n * nch, "in_fifo": _fifo_level(name, model) * nch,
         }
     chip = {}
     if clock.chip:
-        fifo_fill_ms = {}
+        fifos = {}
         for name, m in board.models.items():
             if hasattr(m, "max_level"):
-                fifo_fill_ms[name] = {"depth": 32, "fill_ms": 32000 / m.rate_hz(), "worst_level": m.max_level}
+                fifos[name] = {"depth": 32, "fill_ms": 32000 / m.rate_hz(), "worst_level": m.max_level}
         timer_dropped = 0
         for t in board._timers:
             timer_dropped += t.dropped
+        chip_us, compute_us, io_us = busy_end
         chip = {
             "speed": speed, "factor": clock.factor_milli / 1000, "factors": [f / 1000 for f in board.speed_each],
-            "chip_us": clock.t_us, "compute_us": clock.compute_us, "io_us": clock.io_us,
-            "cpu_pct": 100 * (clock.compute_us + clock.io_us) / max(1, clock.t_us),
-            "worst_step_us": worst_step_us, "fifos": fifo_fill_ms, "sched_dropped": clock.sched_dropped,
+            "chip_us": chip_us, "compute_us": compute_us, "io_us": io_us,
+            "cpu_pct": 100 * (compute_us + io_us) / max(1, chip_us),
+            "worst_step_us": worst_step_us, "fifos": fifos, "sched_dropped": clock.sched_dropped,
             "timer_dropped": timer_dropped, "tare_us": clock.tare_us,
             "console_blocked_us": board.console_port.blocked_us if board.console_port else 0,
         }
     print(json.dumps({
-        "minutes": minutes, "board_speed": speed, "chip": chip,
-        "alloc_bytes_per_s": steady_alloc / max(1e-9, steady_s), "heap_low_free": low_free,
+        "minutes": minutes, "board_speed": speed, "link": link_kind, "chip": chip,
+        # Garbage: bytes allocated and left to the GC; frames: call frames
+        # allocated on the heap and freed on return (no GC, but allocator time).
+        "garbage_bytes_per_s": steady_garbage / max(1e-9, steady_s),
+        "frame_bytes_per_s": (steady_alloc - steady_garbage) / max(1e-9, steady_s),
+        "sim_garbage_bytes_per_s": steady_sim / max(1e-9, steady_s), "heap_low_free": low_free,
         "largest_block": max(len(app.outbox.buf), len(app.payload)),
-        "heap_total": gc.mem_alloc() + gc.mem_free(), "code_heap": code_heap,
-        "heap_after_start": heap_after_start, "heap_by_minute": heap_by_minute,
-        "peak_heap": peak,
-        "memory_errors": memory_errors, "gaps": tally.gaps, "rejected": tally.rejected,
-        "fifo_lost": tally.fifo_lost, "frames_dropped": tally.dropped, "outbox_depth_end": app.outbox.depth(),
-        "firmware_us": fw_us, "hub_us": link.hub_us, "data_seconds": end_ms / 1000,
-        "other_wire_bytes": tally.other_wire, "streams": streams,
+        "heap_total": gc.mem_alloc() + gc.mem_free(), "code_heap": code_heap, "sim_heap": sim_heap,
+        "heap_after_start": heap_after_start - sim_heap, "heap_by_minute": heap_by_minute,
+        "memory_errors": memory_errors, "outbox_depth_end": app.outbox.depth(),
+        "frames_dropped": app.outbox.dropped, "data_seconds": t_end / 1000, "streams": streams,
     }))
 
 
-run(float(sys.argv[1]) if len(sys.argv) > 1 else 10.0, sys.argv[2] if len(sys.argv) > 2 else "host")
+run(float(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))

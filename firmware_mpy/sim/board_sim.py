@@ -4,7 +4,9 @@
 #   {"ecg": {"file": "ecg.i32", "rate_hz": 360}, "ppg": {"file": "ppg.i32", "rate_hz": 250},
 #    "ppm": {"max30003": 20, "max30102": -30}, "lead_off": [[start_s, end_s]],
 #    "finger_off": [...], "virtual_clock": false, "seed": 1,
-#    "board_speed": "host"}
+#    "board_speed": "host", "irq_pins": true}
+# irq_pins: the chips' FIFO interrupt outputs (MAX30003 INTB, MAX30102 INT)
+# are wired to input pins, as in board_esp32.PINS; false: not wired.
 # board_speed "host" runs the firmware at this machine's speed; a chip name
 # (sim.speedbench.TARGETS) runs it at that chip's (sim.clock.ChipClock),
 # calibrated when the board starts: speed_factor is then chip us per host us.
@@ -49,6 +51,9 @@ class SimBoard:
             clock, self.speed_each = chip_clock(self.speed, not sim.get("virtual_clock"))
         self.clock = clock or (VirtualClock() if sim.get("virtual_clock") else RealClock())
         self.console_port = None
+        self._irq_pins = {}
+        self.console_in = sys.stdin.buffer  # what the serial link reads and writes (the bench: its hub)
+        self.console_out = sys.stdout.buffer
         self._timers = []
         self.models = {}
         self.radio = None
@@ -71,9 +76,27 @@ class SimBoard:
     def sleep_ms(self, ms):
         self.clock.sleep_ms(ms)
 
+    def irq_pin(self, stream_id):
+        # The input pin the stream's chip signals a FIFO to drain on, or None.
+        return self._irq_pins.get(stream_id)
+
+    def idle_ms(self, ms, woken):
+        # Sleeps ms, or less if a soft IRQ makes woken() true.
+        clock = self.clock
+        if isinstance(clock, ChipClock):
+            clock.idle_ms(ms, woken)
+            return
+        for _ in range(ms):
+            self.clock.sleep_ms(1)
+            self.service()
+            if woken():
+                return
+
     def service(self):
         for t in self._timers:
             t.fire_due()
+        for p in self._irq_pins.values():
+            p.poll()
         if self.radio is not None:
             c = self.clock
             c.enter()
@@ -106,6 +129,9 @@ class SimBoard:
             self.models["max30003"] = model
             chip = MAX30003(models.SimSPI([(cs, model)], self.clock, SPI_HZ), cs)
             chip.configure(ecg["rate_hz"], ecg["gain"])
+            if self.sim.get("irq_pins", True):
+                chip.enable_fifo_irq()
+                self._irq_pins[messages.STREAM_ECG_MAX30003] = models.SimIrqPin(self.clock, model)
             out.append((messages.STREAM_ECG_MAX30003, chip, chip.lead_off))
         elif ecg and ecg["chip"] == "ad8232":
             front_model = models.AD8232Model(self.clock, self._wave("ecg", 1), seed, lead_off)
@@ -126,6 +152,9 @@ class SimBoard:
             oxi = MAX30102(models.SimI2C([oxi_model], self.clock, I2C_HZ), self.sleep_ms)
             oxi.configure(ppg["rate_hz"], ppg["pulse_width_us"], ppg["adc_range_na"], ppg["led_red_ua"],
                           ppg["led_ir_ua"])
+            if self.sim.get("irq_pins", True):
+                oxi.enable_fifo_irq()
+                self._irq_pins[messages.STREAM_PPG_MAX30102] = models.SimIrqPin(self.clock, oxi_model)
             out.append((messages.STREAM_PPG_MAX30102, oxi, None))
         return out
 
@@ -139,11 +168,14 @@ class SimBoard:
             self.radio = fake_bluetooth.radio_from(self.sim.get("ble", {}), self.clock)
             return BleLink(fake_bluetooth, cfg["device_id"], max_message, FIRMWARE, "pulsebridge simulated board")
         from app.link_serial import SerialLink
-        if not self.clock.chip:
-            return SerialLink(sys.stdin.buffer, sys.stdout.buffer, max_message)
+        if not self.clock.chip and self.console_in is sys.stdin.buffer:
+            return SerialLink(sys.stdin.buffer, sys.stdout.buffer, max_message, self.ticks_us, self.ticks_diff,
+                              CONSOLE_BAUD)
         from sim.console import SimConsole
-        self.console_port = SimConsole(self.clock, sys.stdin.buffer, sys.stdout.buffer, CONSOLE_BAUD)
-        return SerialLink(self.console_port, self.console_port, max_message)
+        fd = 0 if self.console_in is sys.stdin.buffer else -1
+        self.console_port = SimConsole(self.clock, self.console_in, self.console_out, CONSOLE_BAUD, fd_in=fd)
+        return SerialLink(self.console_port, self.console_port, max_message, self.ticks_us, self.ticks_diff,
+                          CONSOLE_BAUD)
 
     def random_bytes(self, n):
         return os.urandom(n)  # the host's getrandom()

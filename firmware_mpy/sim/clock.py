@@ -20,9 +20,13 @@ from micropython import const
 # run them (inside a C call: a bus transfer, a blocking write, a GC);
 # beyond it, mp_sched_schedule() fails and the interrupt is lost.
 SCHED_DEPTH = const(8)
-# Bytes allocated since start: the unix port counts them (MICROPY_MEM_STATS);
-# an ESP32 build does not, hence no stub for it.
+# Bytes allocated since start, and of those the ones not freed explicitly:
+# the unix port counts them (MICROPY_MEM_STATS); an ESP32 build does not,
+# hence no stub. A call whose frame needs more than 11 words (locals and
+# stack) allocates it on the heap and frees it on return: that shows in
+# mem_total only; garbage, which the GC must collect, shows in mem_current.
 mem_total = micropython.mem_total  # type: ignore[attr-defined]
+mem_current = micropython.mem_current  # type: ignore[attr-defined]
 _TARE_SAMPLES = const(200)
 
 
@@ -31,6 +35,7 @@ class _Plain:
     # no-op, bus time is not modelled, timers fire from the board loop.
     chip = False
     sim_alloc = 0
+    sim_garbage = 0
 
     def enter(self):
         pass
@@ -88,7 +93,9 @@ class ChipClock:
         self.idle_us = 0  # chip time it slept
         self.sched_dropped = 0  # soft IRQs lost: the scheduler queue was full
         self.sim_alloc = 0  # bytes the simulation allocated (not the firmware's)
+        self.sim_garbage = 0  # of those, the ones left to the GC
         self._alloc_mark = 0
+        self._garbage_mark = 0
         self.tare_us = 0
         self.real_time = real_time
         self._wall0 = time.ticks_ms()
@@ -109,15 +116,17 @@ class ChipClock:
 
     # ---- the firmware enters and leaves the simulation ---------------------
     def enter(self):
-        if self._depth == 0:
+        self._depth += 1
+        if self._depth == 1:  # (the simulation's own calls to the clock nest)
             self._charge_cpu()
             self._alloc_mark = mem_total()
-        self._depth += 1
+            self._garbage_mark = mem_current()
 
     def leave(self):
         self._depth -= 1
         if self._depth == 0:
             self.sim_alloc += mem_total() - self._alloc_mark
+            self.sim_garbage += mem_current() - self._garbage_mark
             self._mark = self._meter.start_us()
 
     def _chip_us(self, host_us):
@@ -155,6 +164,28 @@ class ChipClock:
         self.enter()
         self.idle_us += ms * 1000
         self._advance(ms * 1000, False, False)
+        if self.real_time:
+            self._pace()
+        self.leave()
+
+    def idle_ms(self, ms, woken):
+        # Sleeps like sleep_ms, but returns as soon as a soft IRQ callback
+        # has made woken() true (the board waiting for its sensors).
+        self.enter()
+        start = self.t_us
+        end = start + ms * 1000
+        while True:
+            src, t = self._next_source(end)
+            if src is None:
+                self.t_us = end
+                break
+            if t > self.t_us:
+                self.t_us = t
+            if src.fired():
+                self._run_callback(src)
+                if woken():
+                    break
+        self.idle_us += self.t_us - start
         if self.real_time:
             self._pace()
         self.leave()
@@ -219,12 +250,14 @@ class ChipClock:
         self._irq = True
         t0 = self.t_us
         self.sim_alloc += mem_total() - self._alloc_mark
+        self.sim_garbage += mem_current() - self._garbage_mark
         self._mark = self._meter.start_us()
         try:
             src.run()
         finally:
             self._charge_cpu()
             self._alloc_mark = mem_total()
+            self._garbage_mark = mem_current()
             self._irq = False
             self._depth = depth
         return self.t_us - t0

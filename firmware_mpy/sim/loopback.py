@@ -23,9 +23,13 @@ class LoopbackLink:
         self._framer = link.StreamFramer()
         self._tx = bytearray(link.MAX_MESSAGE + link.MAX_MESSAGE // 254 + 8)
         self.keep = True  # keep events (tests); off for long benchmarks
+        self.pump_ms = 10
         self.on_receive = None
 
     def service(self):
+        return False
+
+    def busy(self):
         return False
 
     def send(self, buf, n):

@@ -41,6 +41,11 @@ class _ChipClock:
         elapsed = self.clock.now_us() - self.t0_us
         return elapsed * rate_hz * (1000000 + self.ppm) // 1000000000000
 
+    def time_of(self, k, rate_hz):
+        # When conversion number k (from 1) completes, on the host clock.
+        per = rate_hz * (1000000 + self.ppm)
+        return self.t0_us + (k * 1000000000000 + per - 1) // per
+
 
 def _lead_off(schedule, t_s):
     for start, end in schedule:
@@ -52,6 +57,7 @@ def _lead_off(schedule, t_s):
 # ---- MAX30102 (I2C) --------------------------------------------------------
 
 _P_INT_STATUS_1 = const(0x00)
+_P_INT_ENABLE_1 = const(0x02)
 _P_A_FULL = const(0x80)  # INT_STATUS_1 bit 7, cleared by reading the register
 _P_FIFO_WR = const(0x04)
 _P_OVF = const(0x05)
@@ -156,6 +162,21 @@ class MAX30102Model:
         if self._unread_full:
             return 32
         return (self.regs[_P_FIFO_WR] - self.regs[_P_FIFO_RD]) & 31
+
+    # The INT pin (active low): A_FULL while enabled (INT_ENABLE_1 bit 7)
+    # and not yet cleared by a read of INT_STATUS_1.
+    def irq_asserted(self):
+        self._advance()
+        return bool(self.regs[_P_INT_ENABLE_1] & self.regs[_P_INT_STATUS_1] & _P_A_FULL)
+
+    def next_irq_us(self):
+        # When the line will next assert if nothing reads the chip meanwhile.
+        if not self._sampling() or not self.regs[_P_INT_ENABLE_1] & _P_A_FULL:
+            return -1
+        need = 32 - (self.regs[_P_FIFO_CONFIG] & 0x0F) - self.unread()
+        if need < 1:
+            need = 1  # the next write sets A_FULL again
+        return self._clock.time_of(self._clock.done + need, self.rate_hz())
 
     def write(self, reg, data):
         for b in data:
@@ -269,6 +290,7 @@ class SimI2C:
 # ---- MAX30003 (SPI) --------------------------------------------------------
 
 _E_STATUS = const(0x01)
+_E_EN_INT = const(0x02)
 _E_MNGR_INT = const(0x04)
 _E_SW_RST = const(0x08)
 _E_SYNCH = const(0x09)
@@ -362,6 +384,24 @@ class MAX30003Model:
             self.fifo[(self.head + self.count) & 31] = code
             self.count += 1
 
+    # INTB (active low, EN_INT bits 1:0 not 0): EINT while at least EFIT
+    # samples are unread and EN_EINT (bit 23) is set; EOVF with EN_EOVF (22).
+    def irq_asserted(self):
+        self._advance()
+        en = self.regs[_E_EN_INT]
+        if not en & 3:
+            return False
+        return bool(en & self._status() & (3 << 22))
+
+    def next_irq_us(self):
+        en = self.regs[_E_EN_INT]
+        if not en & 3 or not en & (1 << 23) or not self.regs[_E_CNFG_GEN] & (1 << 19):
+            return -1
+        need = self.efit() - self.count
+        if need < 1:
+            need = 1
+        return self._clock.time_of(self._clock.done + need, self._rate())
+
     def _status(self):
         s = 0
         if self.count >= self.efit():
@@ -440,6 +480,68 @@ class SimPin:
 
     def __call__(self, v=None):
         return self.value(v)
+
+
+class SimIrqPin:
+    # An input pin wired to a chip's interrupt output (active low), with
+    # machine.Pin's irq(handler, trigger): the handler is a soft IRQ on a
+    # falling edge. On a chip-speed clock the clock fires it when the chip
+    # asserts its line (the chip says when: next_irq_us); otherwise the
+    # board loop calls poll() (service()).
+    IRQ_FALLING = 2
+
+    def __init__(self, clock, chip):
+        self._clock = clock
+        self._chip = chip
+        self._handler = None
+        self._low = False
+        self.dropped = 0
+        clock.add_source(self)
+
+    def value(self):
+        c = self._clock
+        c.enter()
+        try:
+            self._low = self._chip.irq_asserted()
+            return 0 if self._low else 1
+        finally:
+            c.leave()
+
+    def irq(self, handler=None, trigger=IRQ_FALLING):
+        self._handler = handler
+        self._low = self._chip.irq_asserted()
+
+    # ---- the chip-speed clock's interface ----------------------------------
+    def next_us(self):
+        if self._handler is None:
+            return -1
+        low = self._chip.irq_asserted()
+        if low and self._low:
+            return -1  # no edge until something reads the chip
+        if low:
+            return self._clock.t_us  # fell while nobody looked: now
+        self._low = False
+        t = self._chip.next_irq_us()
+        if 0 <= t <= self._clock.t_us:
+            t = self._clock.t_us + 1  # not asserted yet after all: a little later
+        return t
+
+    def fired(self):
+        low = self._chip.irq_asserted()
+        edge = low and not self._low
+        self._low = low
+        return edge and self._handler is not None
+
+    def run(self):
+        h = self._handler
+        if h is not None:
+            h(self)
+
+    def poll(self):
+        # Without a chip-speed clock: a falling edge since the last look
+        # runs the handler now.
+        if self._handler is not None and not self._clock.chip and self.fired():
+            self.run()
 
 
 class SimSPI:

@@ -60,7 +60,7 @@ def test_busy_loop_takes_factor_times_its_cpu():
     host = _median([_host_us(meter, lambda: _busy(20000)) for _ in range(5)])
     chip = _median([_chip_us(clock, lambda: _busy(20000)) for _ in range(5)])
     expected = host * _FACTOR_MILLI // 1000
-    assert expected * 6 // 10 < chip < expected * 16 // 10, (host, chip)
+    assert expected // 2 < chip < expected * 2, (host, chip)
 
 
 def test_simulation_time_is_not_charged_but_io_is():
@@ -80,7 +80,7 @@ def test_simulation_time_is_not_charged_but_io_is():
     host = _median([_host_us(meter, lambda: _busy(20000)) for _ in range(5)])
     chip = _median([_chip_us(clock, split) for _ in range(5)])
     expected = host * _FACTOR_MILLI // 1000 + 50 * 100
-    assert expected * 6 // 10 < chip < expected * 16 // 10, (host, chip, expected)
+    assert expected // 2 < chip < expected * 2, (host, chip, expected)  # charged, the model would make it 11x
     assert clock.io_us == 5 * 50 * 100
 
 
@@ -183,3 +183,73 @@ def test_timer_ticks_beyond_the_scheduler_queue_are_dropped_counted_and_reported
     front.read_into(out, 0, 256)
     total = front.lost
     assert total in (0, 1)  # the tick in flight, counted once it is late
+
+
+class _Wire:
+    # The console's far end: what was written, and when (board clock, us).
+    def __init__(self, clock):
+        self.clock = clock
+        self.writes = []
+
+    def write(self, buf, off=0, n=-1):
+        if n < 0:
+            n = len(buf) - off
+        self.writes.append((self.clock.t_us, n))
+        return n
+
+
+def test_serial_link_writes_no_more_than_the_uart_fifo_drains():
+    from app.link_serial import UART_FIFO_BYTES, SerialLink
+    from sim.clock import VirtualClock
+    from sim.console import SimConsole
+
+    clock = VirtualClock()
+    wire = _Wire(clock)
+    console = SimConsole(clock, None, wire)
+    link = SerialLink(console, console, 1200, clock.now_us, lambda a, b: a - b, 115200)
+    msg = bytes(range(256)) * 4
+    assert link.send(msg, len(msg))
+    assert not link.send(msg, len(msg))  # one frame at a time
+    while link.busy():
+        clock.sleep_ms(1)
+        link.service()
+    assert sum(n for _, n in wire.writes) >= len(msg) + 2
+    byte_us = 87  # 10 bits at 115200 baud
+    sent = 0
+    for t, n in wire.writes:
+        assert n <= UART_FIFO_BYTES
+        sent += n
+        # Never more queued than the FIFO holds: the write never blocks.
+        assert sent - t // byte_us <= UART_FIFO_BYTES, (t, sent)
+
+
+def test_streams_with_interrupt_lines_are_drained_when_the_chip_asks():
+    from app import config, main
+    from sim.board_sim import SimBoard
+    from sim.clock import VirtualClock
+    from sim.loopback import LoopbackLink
+
+    with open("sim.json") as f:
+        sim = json.load(f)
+    board = SimBoard(sim, VirtualClock())
+    with open(config.CONFIG) as f:
+        cfg = json.load(f)
+    with open(config.KEY, "rb") as f:
+        key = f.read()
+    board.link_override = LoopbackLink(cfg["device_id"], key)
+    cfg = config.load()
+    app = main.App(board, cfg, key, 1)
+    assert all(st.irq_pin is not None for st in app.streams)
+    app.start()
+    steps = 0
+    while board.ticks_ms() < 3000:
+        app.step()
+        app.wait()
+        steps += 1
+    ecg = board.models["max30003"]
+    # EFIT 16 at 512 Hz: 32 interrupts a second, PPG's A_FULL at 17 of 100 Hz
+    # about 6, the link and the status a few more; polling every 10 ms
+    # would be 300 loops.
+    assert steps < 150, steps
+    assert ecg.lost == 0 and board.models["max30102"].lost == 0
+    assert ecg.max_level <= 17, ecg.max_level  # drained as soon as it asked
