@@ -28,6 +28,8 @@ class Esp32Board:
 
     def __init__(self):
         self.radio = None
+        self._wdt = None
+        self._wdt_ms = 0
         self._battery_adc = None
         self._last_ms = time.ticks_ms()
         self._ms = 0
@@ -101,6 +103,31 @@ class Esp32Board:
             return BleLink(bluetooth, cfg["device_id"], max_message, FIRMWARE, "pulsebridge ESP32 " + sys.platform)
         from app.link_serial import SerialLink
         return SerialLink(sys.stdin.buffer, sys.stdout.buffer, max_message, time.ticks_us, time.ticks_diff)
+
+    def watchdog(self, timeout_ms):
+        # The task watchdog: resets the chip if the loop stops feeding it.
+        # Once started it cannot be stopped (MicroPython's esp32 WDT has no
+        # deinit), hence watchdog_idle().
+        from machine import WDT
+
+        self._wdt = WDT(timeout=timeout_ms)
+        self._wdt_ms = timeout_ms
+        return self._wdt
+
+    def watchdog_idle(self):
+        # Streaming stopped on purpose (Ctrl-C, a stop command): a timer
+        # feeds the watchdog from now on, so the REPL (a technician,
+        # provisioning) is not reset. A stalled *loop* still is: this runs
+        # only once the loop has returned.
+        if self._wdt is None:
+            return
+        wdt = self._wdt
+        Timer(1).init(period=self._wdt_ms // 2, callback=lambda _t: wdt.feed())
+
+    def reset_cause_watchdog(self):
+        import machine
+
+        return machine.reset_cause() == machine.WDT_RESET
 
     def random_bytes(self, n):
         # The hardware RNG (esp_fill_random). Before the radio is on it is

@@ -5,15 +5,14 @@ import sys
 
 from app import main
 
-if sys.platform == "linux":
-    from sim.board_sim import SimBoard
-
-    board = SimBoard.from_file("sim.json")
-else:
-    from board_esp32 import Esp32Board
-
-    board = Esp32Board()
 try:
-    main.run(board)
+    if sys.platform == "linux":
+        from sim.board_sim import SimBoard, run_forever
+
+        run_forever(SimBoard.from_file("sim.json"), main.run)  # a watchdog reset boots it again
+    else:
+        from board_esp32 import Esp32Board
+
+        main.run(Esp32Board())  # a watchdog reset reboots the chip
 except KeyboardInterrupt:
     print("\r\npulsebridge: streaming stopped (Ctrl-C)")

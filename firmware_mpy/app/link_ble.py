@@ -16,6 +16,11 @@
 # The IRQ handler only records what happened; service(), called from the
 # app's loop, does the work. Notifications are paced: when the stack is out
 # of buffers (ENOMEM) the link backs off and retries the same fragment.
+# Never stuck: a central that connects and leaves before the loop sees it
+# leaves no link behind; any other radio error (ENOTCONN when the central
+# vanished mid-notify, an error of the stack) ends the connection on our
+# side, the app resends what was unacknowledged on the next one, and
+# take_fault() says what happened.
 import binascii
 import errno
 import struct
@@ -148,6 +153,9 @@ class BleLink:
         self._skip = 0
         self.enomem = 0
         self.reconnects = 0
+        self.radio_errors = 0
+        self._fault = None  # what went wrong, for take_fault()
+        self._adv_due = False  # advertising to (re)start at the next service()
         # Set by the IRQ handler, consumed by service().
         self._irq_conn = -1
         self._irq_gone = False
@@ -159,6 +167,8 @@ class BleLink:
         if event == _IRQ_CENTRAL_CONNECT:
             self._irq_conn = data[0]
         elif event == _IRQ_CENTRAL_DISCONNECT:
+            if data[0] == self._irq_conn:
+                self._irq_conn = -1  # came and went before the loop saw it
             self._irq_gone = True
         elif event == _IRQ_MTU_EXCHANGED:
             self._irq_mtu = data[1]
@@ -172,7 +182,32 @@ class BleLink:
             return self.bonds.set(data[0], data[1], data[2])
 
     def _advertise(self):
-        self._ble.gap_advertise(_ADV_INTERVAL_US, adv_data=self._adv[0], resp_data=self._adv[1])
+        try:
+            self._ble.gap_advertise(_ADV_INTERVAL_US, adv_data=self._adv[0], resp_data=self._adv[1])
+            self._adv_due = False
+        except OSError as e:
+            self._adv_due = True  # the stack is busy: again at the next service()
+            self._radio_error("advertising", e)
+
+    def _radio_error(self, what, e):
+        self.radio_errors += 1
+        if self._fault is None:
+            self._fault = "BLE %s failed (OSError %s)" % (what, e)
+
+    def take_fault(self):
+        # What went wrong on the radio since the last call (text), or None.
+        f = self._fault
+        self._fault = None
+        return f
+
+    def _drop(self):
+        # The connection is over for us (the central left, or the radio
+        # failed on it): the app resends whole messages on the next one.
+        self._conn = -1
+        self.connected = False
+        self.encrypted = False
+        self._frag_len = 0
+        self._frag.abort()
 
     def service(self):
         # Returns True when a central has just connected (the app then
@@ -180,11 +215,9 @@ class BleLink:
         fresh = False
         if self._irq_gone:
             self._irq_gone = False
-            self._conn = -1
-            self.connected = False
-            self.encrypted = False
-            self._frag_len = 0
-            self._frag.abort()  # the app resends whole messages after a reconnect
+            self._drop()
+            self._adv_due = True
+        if self._adv_due and not self.connected and self._irq_conn < 0:
             self._advertise()
         if self._irq_conn >= 0:
             self._conn = self._irq_conn
@@ -204,6 +237,15 @@ class BleLink:
         self.bonds.flush()  # a bond made or removed since the last loop
         return fresh
 
+    def _close_failed(self):
+        conn = self._conn
+        self._drop()
+        try:
+            self._ble.gap_disconnect(conn)  # if the stack still thinks it is up
+        except OSError:
+            pass
+        self._adv_due = True
+
     def set_vitals(self, now_ms, hr_x10, spo2_x10, pr_x10, battery_pct):
         # The board's latest figures (0: none), for the standard services.
         self.hr_x10 = hr_x10
@@ -211,7 +253,10 @@ class BleLink:
         self.pr_x10 = pr_x10
         if battery_pct != self.battery_pct:
             self.battery_pct = battery_pct
-            self._ble.gatts_write(self._h_battery, bytes((battery_pct,)))
+            try:
+                self._ble.gatts_write(self._h_battery, bytes((battery_pct,)))
+            except OSError as e:
+                self._radio_error("battery write", e)
         if not (self.connected and self.encrypted) or now_ms < self._std_due or self._frag_len:
             return
         self._std_due = now_ms + _STD_EVERY_MS
@@ -247,7 +292,11 @@ class BleLink:
                     self._backoff = min(_BACKOFF_MAX, self._backoff * 2 or 1)
                     self._skip = self._backoff
                     return
-                raise
+                # ENOTCONN (the central vanished before its disconnect event)
+                # or any other error of the stack: this connection is over.
+                self._radio_error("notify", e)
+                self._close_failed()
+                return
             self._frag_len = 0
             self._backoff = 0
 
@@ -268,5 +317,8 @@ class BleLink:
     def receive(self):
         if self._irq_write:
             self._irq_write = False
-            self._rx.feed(self._ble.gatts_read(self._h_ctrl))
+            try:
+                self._rx.feed(self._ble.gatts_read(self._h_ctrl))
+            except OSError as e:
+                self._radio_error("control read", e)  # the hub writes it again if it matters
         return self._rx.next_message()

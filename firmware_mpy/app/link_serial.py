@@ -9,6 +9,17 @@
 # goes out in pieces that fit what the FIFO has drained since the last one
 # (the line's pace computed from the clock), one piece per loop: service()
 # writes the next; busy() says a frame is still going out.
+#
+# A host that stops reading: on native USB (ESP32-S3 TinyUSB CDC) a console
+# write then blocks until MicroPython's driver gives up (500 ms without
+# progress) and drops the rest; USB-Serial-JTAG gives up after 200 ms. A
+# write that comes back short, fails, or takes far longer than its bytes
+# need at the line rate marks the line stalled: the frame being written is
+# abandoned (unacknowledged, it stays in the outbox and is sent again; the
+# hub's deframer skips the cut one) and nothing is written for a backoff
+# doubling from _BACKOFF_MIN_MS to _BACKOFF_MAX_MS, so a host that never
+# reads again costs the loop one driver timeout per _BACKOFF_MAX_MS.
+# take_fault() says what happened.
 import select
 
 from micropython import const
@@ -17,6 +28,9 @@ from protocols import link
 
 _RX_BUDGET = const(256)  # bytes read per loop at most: acks are ~100 bytes
 UART_FIFO_BYTES = const(128)  # the ESP32 UART's hardware transmit FIFO
+_SLACK_US = const(50000)  # beyond a piece's time on the line, before its write counts as stalled
+_BACKOFF_MIN_MS = const(250)
+_BACKOFF_MAX_MS = const(8000)
 
 
 class SerialLink:
@@ -35,6 +49,11 @@ class SerialLink:
         self._off = 0
         self._pending = 0  # bytes of the current frame not yet written
         self.pump_ms = tx_fifo * self._byte_us // 1000 + 1  # the FIFO's drain time
+        self.stalls = 0
+        self._stalled = False
+        self._resume_at = 0
+        self._backoff_ms = _BACKOFF_MIN_MS
+        self._fault = None
         self._poll = select.poll()
         self._poll.register(stream_in, select.POLLIN)
         self._tx = bytearray(max_message + max_message // 254 + 8)
@@ -64,8 +83,11 @@ class SerialLink:
         n = self._pending
         if not n:
             return
+        now = 0
         if self._ticks_us is not None:
             now = self._ticks_us()
+            if self._stalled and self._ticks_diff(self._resume_at, now) > 0:
+                return  # the host was not reading: wait the backoff out
             queued_us = self._ticks_diff(self._empty_at, now)
             if queued_us < 0:
                 queued_us = 0
@@ -76,9 +98,42 @@ class SerialLink:
             if n > room:
                 n = room
             self._empty_at += n * self._byte_us
-        self._out.write(self._tx, self._off, n)  # (buf, offset, length): no slice to allocate
+        try:
+            w = self._out.write(self._tx, self._off, n)  # (buf, offset, length): no slice to allocate
+        except OSError as e:
+            self._stall("console write failed (OSError %s)" % e)
+            return
+        if w is not None and w < n:
+            self._stall("host not reading: %d of %d bytes written" % (w, n))
+            return
         self._off += n
         self._pending -= n
+        if self._ticks_us is not None:
+            took_us = self._ticks_diff(self._ticks_us(), now)
+            if took_us > n * self._byte_us + _SLACK_US:
+                self._stall("host slow to read: %d bytes took %d ms" % (n, took_us // 1000))
+                return
+        if self._stalled:
+            self._stalled = False
+            self._backoff_ms = _BACKOFF_MIN_MS
+
+    def _stall(self, why):
+        # The frame being written is abandoned (the outbox sends it again)
+        # and the line left alone for a backoff.
+        self.stalls += 1
+        self._pending = 0
+        self._stalled = True
+        if self._ticks_us is not None:
+            self._resume_at = self._ticks_us() + self._backoff_ms * 1000
+        self._backoff_ms = min(_BACKOFF_MAX_MS, 2 * self._backoff_ms)
+        if self._fault is None:
+            self._fault = why
+
+    def take_fault(self):
+        # What went wrong on the line since the last call (text), or None.
+        f = self._fault
+        self._fault = None
+        return f
 
     def receive(self):
         # The next downlink message (bytes, not yet authenticated) or None.

@@ -10,7 +10,7 @@ import gc
 
 from micropython import const
 
-from app import config
+from app import config, faults
 from app.outbox import Outbox
 from app.sampler import Stream
 from protocols import cbor, cipher, cose, messages
@@ -24,6 +24,11 @@ _IDLE_MAX_MS = const(100)  # the longest sleep: downlink (acks, commands) is rea
 # takes at most 3 bytes. Headers and the COSE envelope take under 200.
 _WORST_BYTES_PER_SAMPLE = const(3)
 _FRAME_OVERHEAD = const(200)
+# A loop iteration that has not ended after this long is stalled: the
+# watchdog restarts the board (a healthy one takes milliseconds).
+WATCHDOG_MS = const(5000)
+_CHIPS = {messages.STREAM_ECG_MAX30003: "MAX30003", messages.STREAM_ECG_AD8232: "AD8232",
+          messages.STREAM_PPG_MAX30102: "MAX30102"}
 
 
 class App:
@@ -77,6 +82,11 @@ class App:
                     self.hr = HeartRate(st.rate_hz)
         self.frames_built = 0
         self.downlink_rejected = 0
+        self.guard = faults.SensorGuard([_CHIPS[st.stream_id] for st in self.streams])
+        self.reports = faults.Reports()
+        self.loop_restarts = 0
+        self._link_fault = getattr(self.link, "take_fault", None)  # a fake link may have none
+        self.wdt = None
         self.next_status_ms = now + cfg["status_every_ms"]
         self._woken = self._any_ready  # bound once: the idle loop calls it often
 
@@ -90,7 +100,7 @@ class App:
         messages.encode(w, msg)
         sw = cbor.Writer(self.small_sealed)
         self.up.seal_into(sw, memoryview(self.small)[:w.pos])
-        self.link.send(self.small_sealed, sw.pos)
+        return self.link.send(self.small_sealed, sw.pos)
 
     def hello(self):
         self._send_small(messages.Hello(self.epoch, self._seq(), FIRMWARE, self.board.ticks_ms(),
@@ -103,8 +113,10 @@ class App:
     def build_frame(self, k, st, count):
         sensor = st.sensor
         flags = 0
-        if st.lead_off():
+        if self._lead_off(st):
             flags |= messages.FLAG_LEAD_OFF
+        if st.fault:
+            flags |= messages.FLAG_SENSOR_FAULT
         if st.saturated:
             flags |= messages.FLAG_SATURATED
         if st.pending_lost:
@@ -169,11 +181,7 @@ class App:
         now = board.ticks_ms()
         poll_ms = self.cfg["poll_ms"]
         for k in range(len(self.streams)):
-            st = self.streams[k]
-            if st.due(now, poll_ms):
-                count = st.poll(now)
-                if count:
-                    self.build_frame(k, st, count)
+            self._poll_stream(k, now, poll_ms)
         if self.link.service():
             self.outbox.resend_all()  # reconnected: resend what was in flight
             self.hello()
@@ -197,16 +205,116 @@ class App:
             self.next_status_ms = now + self.cfg["status_every_ms"]
             if self.link.connected:
                 self.status()
+        self._report_faults()
+
+    # ---- faults (app/faults.py): each handled here, reported, never fatal ----
+    def _poll_stream(self, k, now, poll_ms):
+        st = self.streams[k]
+        g = self.guard
+        if not g.ready(k, now):
+            if g.restart_due(k, now):
+                self._restart_sensor(k, now)
+            return
+        try:
+            count = st.poll(now) if st.due(now, poll_ms) else 0
+            # Checked whether or not the chip asked: a dead one raises no interrupt.
+            if g.check_due(k, now) and not st.sensor.alive():
+                self._sensor_down(k, now, "no longer identifies")
+                return
+        except OSError as e:
+            self._sensor_error(k, now, e)
+            return
+        if g.read_ok(k):
+            self.reports.add(faults.ERR_SENSOR_FAULT, "%s answers again" % g.names[k])
+        if count:
+            self.build_frame(k, st, count)
+
+    def _lead_off(self, st):
+        try:
+            return st.lead_off()
+        except OSError:
+            st.fault = True  # unknown: the frame says the sensor failed
+            return False
+
+    def _sensor_error(self, k, now, e):
+        st = self.streams[k]
+        st.fault = True
+        g = self.guard
+        first = g.state[k] == faults.OK
+        if g.read_failed(k, now):
+            self._sensor_down(k, now, "%d bus errors in a row (OSError %s)" % (g.errors[k], e))
+        elif first:
+            self.reports.add(faults.ERR_SENSOR_FAULT, "%s: bus error (OSError %s), reading again" % (g.names[k], e))
+
+    def _sensor_down(self, k, now, why):
+        # Frames what the stream holds, then restarts the chip (now and
+        # after each backoff until it answers).
+        st = self.streams[k]
+        st.fault = True
+        if st.split:
+            self.build_frame(k, st, st.split)
+        if st.n:
+            self.build_frame(k, st, st.n)
+        self.guard.go_down(k, now)
+        self.reports.add(faults.ERR_SENSOR_FAULT, "%s %s: restarting it" % (self.guard.names[k], why))
+
+    def _restart_sensor(self, k, now):
+        g = self.guard
+        st = self.streams[k]
+        try:
+            st.sensor.restart()
+            alive = st.sensor.alive()
+        except Exception:  # not answering yet (OSError, or the driver's "not found")
+            alive = False
+        if not alive:
+            g.restart_failed(k, now)
+            return
+        now = self.board.ticks_ms()  # the chip samples from now on
+        g.restarted(k, now)
+        st.fault = True
+        lost = st.resync(now)
+        self.reports.add(faults.ERR_SENSOR_FAULT, "%s restarted after %d ms; %d samples lost"
+                         % (g.names[k], now - g.down_since_ms[k], lost))
+
+    def _report_faults(self):
+        if self._link_fault is not None:
+            why = self._link_fault()
+            if why:
+                self.reports.add(faults.ERR_LINK_FAULT, why)
+        while self.link.connected and self.reports.pending:
+            code, text = self.reports.first()
+            if not self._send_small(messages.ErrorReport(self.epoch, self._seq(), code, text)):
+                return  # the link is busy or stalled: the report waits
+            self.reports.done()
+
+    def _loop_failed(self, e):
+        # An exception nothing else caught ended this iteration: the loop
+        # goes on with the next one; the hub hears of it.
+        self.loop_restarts += 1
+        if isinstance(e, MemoryError):
+            gc.collect()
+        text = "loop restarted (%d): %s: %s" % (self.loop_restarts, type(e).__name__, e)
+        self.reports.add(faults.ERR_LOOP_RESTARTED, text)
+        self.board.console("pulsebridge: " + text)
 
     def start(self):
-        for st in self.streams:
-            st.sensor.start()
+        if self.board.reset_cause_watchdog():
+            self.reports.add(faults.ERR_WATCHDOG_RESET, "restarted by the watchdog: the loop had stalled")
+        for k in range(len(self.streams)):
+            st = self.streams[k]
+            try:
+                st.sensor.start()
+            except OSError as e:
+                self._sensor_error(k, self.board.ticks_ms(), e)
             st.start_ms = self.board.ticks_ms()
         self.hello()
 
     def stop(self):
         for st in self.streams:
-            st.sensor.stop()
+            try:
+                st.sensor.stop()
+            except OSError:
+                pass  # a chip that does not answer cannot be stopped either
 
     def wait(self):
         # Sleeps until a sensor's interrupt, or the next thing due: a polled
@@ -228,10 +336,17 @@ class App:
 
     def run(self, until_ms=None):
         self.start()
+        self.wdt = self.board.watchdog(WATCHDOG_MS)
         try:
             while self.running and (until_ms is None or self.board.ticks_ms() < until_ms):
-                self.step()
-                self.wait()
+                try:
+                    self.step()
+                    self.wait()
+                except Exception as e:
+                    self._loop_failed(e)
+                    self.board.sleep_ms(self.cfg["poll_ms"])  # not a busy loop if it fails every time
+                else:
+                    self.wdt.feed()  # only a loop that works keeps the board up
         finally:
             self.stop()
 
@@ -256,6 +371,9 @@ def run(board, until_ms=None):
     try:
         app.run(until_ms)
     finally:
+        # Streaming stopped on purpose (Ctrl-C, a stop command): the REPL
+        # that follows must not be reset by the watchdog.
+        board.watchdog_idle()
         # For the technician (and the simulator's accounting), whatever stopped us.
         board.console("\r\npulsebridge: stopped after %d frames built, %d awaiting an ack, %d dropped"
                       % (app.frames_built, app.outbox.depth(), app.outbox.dropped))

@@ -35,6 +35,7 @@ class Stream:
         self.pending_lost = 0  # reported by the next frame after a gap
         self.lost_total = 0
         self.saturated = False
+        self.fault = False  # a sensor fault since the last frame: reported by the next one
         self._lead_off_fn = lead_off_fn
         self.irq_pin = None
         self.ready = False  # set by the interrupt handler, cleared by the app
@@ -68,29 +69,55 @@ class Stream:
     def poll(self, now_ms):
         # Drains the sensor; returns how many samples to put in a frame now.
         if not self.split and self.n < self.window:
-            got_before = self.n
             got = self.sensor.read_into(self.chans, self.n, self.capacity - self.n)
             lost = self.sensor.lost
             if self.sensor.saturated:
                 self.saturated = True
             if lost:
                 if lost < 0:  # the chip does not count: estimate from the board clock
-                    expected = (now_ms - self.start_ms) * self.rate_hz // 1000 - got
-                    lost = expected - (self.first_index + got_before)
+                    lost = self._behind(now_ms, got)
                     if lost < 1:
                         lost = 1
-                self.lost_total += lost
-                if got_before:
-                    self.split = got_before
-                    self.gap = lost
-                else:
-                    self.first_index += lost
-                    self.pending_lost += lost
+                self._lose(lost)
             self.n += got
+        return self.to_frame()
+
+    def to_frame(self):
+        # How many samples to put in a frame now.
         if self.split:
             return self.split
         if self.n >= self.window:
             return self.window
+        return 0
+
+    def _behind(self, now_ms, extra=0):
+        # Samples the sensor's clock should have given by now_ms (less
+        # `extra` just read) that the stream does not hold.
+        expected = (now_ms - self.start_ms) * self.rate_hz // 1000 - extra
+        return expected - (self.first_index + self.n)
+
+    def _lose(self, lost):
+        # `lost` samples went missing after the n held: cut the window before
+        # the gap (if any is held), skip the gap in the indices, and let the
+        # next frame report it.
+        self.lost_total += lost
+        if self.n:
+            self.split = self.n
+            self.gap = lost
+        else:
+            self.first_index += lost
+            self.pending_lost += lost
+
+    def resync(self, now_ms):
+        # The sensor was restarted at now_ms (after a fault): its samples
+        # from now on follow the ones the stream holds after a gap as long
+        # as the time they did not come. Returns the gap in samples.
+        if self.split:
+            return 0  # a gap is already waiting to be framed: the next poll finds the rest
+        lost = self._behind(now_ms)
+        if lost > 0:
+            self._lose(lost)
+            return lost
         return 0
 
     def lead_off(self):
@@ -105,6 +132,7 @@ class Stream:
         self.n = rest
         self.first_index += count
         self.saturated = False
+        self.fault = False
         self.pending_lost = 0
         if self.split:
             self.first_index += self.gap

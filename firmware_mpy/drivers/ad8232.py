@@ -61,6 +61,13 @@ class AD8232:
     def stop(self):
         self._timer.deinit()
 
+    def alive(self):
+        return True  # an analog front end: nothing to ask
+
+    def restart(self):
+        self.stop()
+        self.start()
+
     def _on_tick(self, _timer):
         now = self._ticks_us()
         late = self._ticks_diff(now, self._last_us) - self._period_us

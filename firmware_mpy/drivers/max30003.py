@@ -80,6 +80,7 @@ class MAX30003:
         self.gain = 20
         self.lost = 0
         self.saturated = False
+        self._irq = False  # FIFO interrupt enabled (kept across a restart)
         cs.value(1)
 
     def _xfer(self, reg, value, read):
@@ -132,6 +133,19 @@ class MAX30003:
         # and high again once a burst read takes it below: one falling edge
         # per burst's worth, for a Pin.irq that only sets a flag.
         self.write_reg(_REG_EN_INT, _EN_INT_FIFO)
+        self._irq = True
+
+    def alive(self):
+        # Whether the chip still answers as a MAX30003 (a dead one or an open
+        # bus reads all ones or zeros: SPI itself reports nothing).
+        return self.info() & _INFO_REV_MASK == _INFO_REV
+
+    def restart(self):
+        # Configured again as it was, sampling from now (after a fault).
+        self.configure(self.rate_hz, self.gain)
+        if self._irq:
+            self.enable_fifo_irq()
+        self.start()
 
     def start(self):
         self.write_reg(_REG_FIFO_RST, 0)

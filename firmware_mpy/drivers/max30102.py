@@ -62,6 +62,7 @@ class MAX30102:
         self.led_red_ua = 0
         self.led_ir_ua = 0
         self.saturated = False
+        self._irq = False  # FIFO interrupt enabled (kept across a restart)
         self.lost = 0
 
     def _write(self, reg, value):
@@ -118,6 +119,17 @@ class MAX30102:
         # (read_into does, with the pointers) releases it.
         self._write(_REG_FIFO_CONFIG, _FIFO_ROLLOVER | _FIFO_A_FULL_IRQ)
         self._write(_REG_INT_ENABLE_1, _INT_A_FULL)
+        self._irq = True
+
+    def alive(self):
+        return self.part_id() == PART_ID
+
+    def restart(self):
+        # Reset and configured again as it was, sampling from now (after a fault).
+        self.configure(self.rate_hz, self.pulse_width_us, self.adc_range_na, self.led_red_ua, self.led_ir_ua)
+        if self._irq:
+            self.enable_fifo_irq()
+        self.start()
 
     def start(self):
         # Clear the FIFO pointers and overflow counter, then start sampling.

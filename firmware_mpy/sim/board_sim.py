@@ -40,6 +40,47 @@ def chip_clock(speed, real_time):
     return ChipClock(factor, meter, real_time), each
 
 
+class WatchdogReset(BaseException):
+    # What a watchdog reset does to the firmware: nothing it can catch
+    # (BaseException: the loop's `except Exception` does not stop it).
+    pass
+
+
+class SimWatchdog:
+    # machine.WDT's stand-in, on the board's clock: if the loop does not
+    # feed it for timeout_ms, the next time the firmware calls its board
+    # (ticks, sleep, service) raises WatchdogReset; the simulated board then
+    # restarts the firmware as the chip would (run_forever). `fired` counts
+    # resets, for tests.
+    def __init__(self, clock, timeout_ms):
+        self._clock = clock
+        self.timeout_ms = timeout_ms
+        self.fired = 0
+        self.armed = True
+        self._fed_ms = clock.now_us() // 1000
+
+    def feed(self):
+        self.check()  # fed too late: the real one would have fired meanwhile
+        self._fed_ms = self._clock.now_us() // 1000
+
+    def check(self):
+        if self.armed and self._clock.now_us() // 1000 - self._fed_ms > self.timeout_ms:
+            self.armed = False  # until the firmware starts it again
+            self.fired += 1
+            raise WatchdogReset()
+
+
+def run_forever(board, run, until_ms=None):
+    # The firmware as the chip runs it: `run(board, until_ms)` (app.main.run)
+    # started over after each watchdog reset, as a reset chip boots again.
+    while True:
+        try:
+            return run(board, until_ms)
+        except WatchdogReset:
+            board.reboot_after_watchdog()
+            board.console("\r\npulsebridge: watchdog reset (simulated board)")
+
+
 class SimBoard:
     name = "sim"
 
@@ -58,6 +99,10 @@ class SimBoard:
         self.models = {}
         self.radio = None
         self.link_override = None  # a fake link object for in-process runs
+        self.buses = {}  # "spi", "i2c": the simulated buses, where faults are injected
+        self.wdt = None
+        self.watchdog_resets = 0  # resets the SimWatchdog caused, across firmware restarts
+        self._reset_by_wdt = False
 
     @classmethod
     def from_file(cls, path="sim.json"):
@@ -65,6 +110,8 @@ class SimBoard:
             return cls(json.load(f))
 
     def ticks_ms(self):
+        if self.wdt is not None:
+            self.wdt.check()
         return self.clock.now_us() // 1000
 
     def ticks_us(self):
@@ -74,6 +121,8 @@ class SimBoard:
         return a - b
 
     def sleep_ms(self, ms):
+        if self.wdt is not None:
+            self.wdt.check()
         self.clock.sleep_ms(ms)
 
     def irq_pin(self, stream_id):
@@ -91,6 +140,31 @@ class SimBoard:
             self.service()
             if woken():
                 return
+
+    def watchdog(self, timeout_ms):
+        w = self.wdt
+        if w is None or not w.armed:
+            w = self.wdt = SimWatchdog(self.clock, timeout_ms)
+        w.timeout_ms = timeout_ms
+        w._fed_ms = self.clock.now_us() // 1000
+        return w
+
+    def watchdog_idle(self):
+        if self.wdt is not None:
+            self.wdt.armed = False  # the ESP32 board feeds it from a timer at the REPL
+
+    def reset_cause_watchdog(self):
+        return self._reset_by_wdt
+
+    def reboot_after_watchdog(self):
+        # What a reset leaves: the chips and the radio as they were, the
+        # firmware starting over. Timers die with the firmware.
+        self.watchdog_resets += 1
+        self._reset_by_wdt = True
+        self.wdt = None
+        for t in self._timers:
+            t.deinit()
+        self._timers = []
 
     def service(self):
         for t in self._timers:
@@ -127,7 +201,8 @@ class SimBoard:
             model = models.MAX30003Model(self.clock, self._wave("ecg", 1), ppm.get("max30003", 0), seed, lead_off)
             cs = models.SimPin(1)
             self.models["max30003"] = model
-            chip = MAX30003(models.SimSPI([(cs, model)], self.clock, SPI_HZ), cs)
+            spi = self.buses["spi"] = models.SimSPI([(cs, model)], self.clock, SPI_HZ)
+            chip = MAX30003(spi, cs)
             chip.configure(ecg["rate_hz"], ecg["gain"])
             if self.sim.get("irq_pins", True):
                 chip.enable_fifo_irq()
@@ -149,7 +224,8 @@ class SimBoard:
             oxi_model = models.MAX30102Model(self.clock, self._wave("ppg", 2), ppm.get("max30102", 0), seed,
                                              finger_off)
             self.models["max30102"] = oxi_model
-            oxi = MAX30102(models.SimI2C([oxi_model], self.clock, I2C_HZ), self.sleep_ms)
+            i2c = self.buses["i2c"] = models.SimI2C([oxi_model], self.clock, I2C_HZ)
+            oxi = MAX30102(i2c, self.sleep_ms)
             oxi.configure(ppg["rate_hz"], ppg["pulse_width_us"], ppg["adc_range_na"], ppg["led_red_ua"],
                           ppg["led_ir_ua"])
             if self.sim.get("irq_pins", True):

@@ -74,6 +74,11 @@ class Radio:
         self.services = []  # [[service uuid, [[char uuid, flags, handle], ...]], ...]
         self.phone_ltk = None  # the long-term key the paired phone keeps
         self._pairings = 0
+        # Faults (tests): notifications that fail with notify_errno, and a
+        # central gone whose disconnect event has not come yet.
+        self.notify_errors = 0
+        self.notify_errno = errno.EIO
+        self.vanished = False
 
     def advertise_changed(self):
         pass
@@ -147,7 +152,28 @@ class Radio:
         self._ble()._event(_IRQ_CENTRAL_DISCONNECT, (self.conn_handle, 0, _PHONE))
 
     def peripheral_disconnect(self):
+        if self.vanished:
+            self.vanished = False
+            self.connected = True  # so that the event is delivered now
         self.disconnect()
+
+    def vanish(self):
+        # The central is gone (out of range, powered off) and the stack has
+        # not noticed yet: notifications fail with ENOTCONN; the disconnect
+        # event follows with deliver_disconnect() (the supervision timeout).
+        self.connected = False
+        self.vanished = True
+        self.queue = []
+
+    def deliver_disconnect(self):
+        if self.vanished:
+            self.vanished = False
+            self.connected = True
+            self.disconnect()
+
+    def fail_notify(self, count=1, err=errno.EIO):
+        self.notify_errors = count
+        self.notify_errno = err
 
     def read(self, handle):
         # A central's read: the stack answers from the attribute's value.
@@ -411,6 +437,9 @@ class BLE:
         r = self._radio
         if not r.connected or conn_handle != r.conn_handle:
             raise OSError(errno.ENOTCONN)
+        if r.notify_errors:
+            r.notify_errors -= 1
+            raise OSError(r.notify_errno)
         if data is not None and len(data) > r.mtu - 3:
             raise ValueError("notification of %d bytes exceeds MTU %d - 3" % (len(data), r.mtu))
         if len(r.queue) >= r.buffers:
@@ -426,7 +455,7 @@ class BLE:
 
     def gap_disconnect(self, conn_handle):
         r = self._radio
-        if not r.connected or conn_handle != r.conn_handle:
+        if not (r.connected or r.vanished) or conn_handle != r.conn_handle:
             return False
         r.peripheral_disconnect()
         return True

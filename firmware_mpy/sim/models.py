@@ -246,6 +246,36 @@ class _Plain:
 _PLAIN = _Plain()
 
 
+class BusFaults:
+    # Faults injected on a simulated bus (tests, `pulsebridge sim`): the next
+    # `errors` transfers raise OSError(errno) as machine.I2C/SPI do when the
+    # ESP-IDF driver reports a timeout or a NACK. A device unplugged from a
+    # bus is the bus's own business (SimI2C: ENODEV; SimSPI: MISO reads 1s).
+    def __init__(self):
+        self.errors = 0
+        self.errno = 116  # ETIMEDOUT
+        self.raised = 0
+        self.stall_ms = 0
+
+    def inject(self, count=1, err=116):
+        self.errors = count
+        self.errno = err
+
+    def stall(self, ms):
+        # The next transfer hangs for ms of board time (a bus held low).
+        self.stall_ms = ms
+
+    def check(self, clock):
+        if self.stall_ms:
+            ms = self.stall_ms
+            self.stall_ms = 0
+            clock.sleep_ms(ms)
+        if self.errors:
+            self.errors -= 1
+            self.raised += 1
+            raise OSError(self.errno)
+
+
 class SimI2C:
     # machine.I2C's memory-access methods, routed to device models. With a
     # chip-speed clock a transfer takes its bits at freq_hz (9 per byte:
@@ -255,6 +285,20 @@ class SimI2C:
         self._devices = devices
         self._clock = clock or _PLAIN
         self._freq_hz = freq_hz
+        self.faults = BusFaults()
+        self.unplugged = []
+
+    def unplug(self, addr):
+        # The device stops answering: its address is no longer acknowledged.
+        for d in self._devices:
+            if d.ADDRESS == addr:
+                self._devices.remove(d)
+                self.unplugged.append(d)
+                return
+
+    def replug(self):
+        self._devices.extend(self.unplugged)
+        self.unplugged = []
 
     def _dev(self, addr):
         for d in self._devices:
@@ -270,6 +314,7 @@ class SimI2C:
         c.enter()
         try:
             c.charge_io_us(self._cost_us(len(buf)))
+            self.faults.check(c)
             self._dev(addr).read_into(memaddr, buf)
         finally:
             c.leave()
@@ -279,6 +324,7 @@ class SimI2C:
         c.enter()
         try:
             c.charge_io_us(self._cost_us(len(buf)))
+            self.faults.check(c)
             self._dev(addr).write(memaddr, buf)
         finally:
             c.leave()
@@ -551,12 +597,24 @@ class SimSPI:
         self._devices = devices  # list of (cs SimPin, model)
         self._clock = clock or _PLAIN
         self._baud_hz = baud_hz
+        self.faults = BusFaults()
+        self.unplugged = []
+
+    def unplug(self):
+        # The devices stop answering: nothing drives MISO.
+        self.unplugged = self._devices
+        self._devices = []
+
+    def replug(self):
+        self._devices = self.unplugged
+        self.unplugged = []
 
     def write_readinto(self, tx, rx):
         c = self._clock
         c.enter()
         try:
             c.charge_io_us(SPI_TRANSACTION_US + len(tx) * 8 * 1000000 // self._baud_hz)
+            self.faults.check(c)
             for cs, dev in self._devices:
                 if not cs.value():
                     dev.transfer(tx, rx)
