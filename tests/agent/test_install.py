@@ -46,7 +46,7 @@ def localise(block: str, prefix: Path) -> str:
             continue
         line = line.replace("sudo ", "").replace("<this repository>", str(ROOT))
         line = line.replace("-o pulsebridge", "-o " + user).replace("-g pulsebridge", "-g " + group)
-        line = re.sub(r"(?<![\w.])/(opt|etc)/", lambda m: "%s/%s/" % (prefix, m.group(1)), line)
+        line = re.sub(r"(?<![\w.])/(opt|etc|usr/local)/", lambda m: "%s/%s/" % (prefix, m.group(1)), line)
         lines.append(line)
     return "\n".join(lines)
 
@@ -70,12 +70,13 @@ def test_readme_install_steps_give_a_running_agent(micropython: str, tmp_path: P
     prefix = tmp_path / "root"
     script = localise(install_block((ROOT / "README.md").read_text()), prefix)
     assert "pip install ." in script and "status.password" in script
-    (prefix / "etc" / "systemd" / "system").mkdir(parents=True)  # there on any Debian
+    for d in ("etc/systemd/system", "usr/local/bin"):  # there on any Debian
+        (prefix / d).mkdir(parents=True)
     r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
                        timeout=INSTALL_TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-3000:]
     etc = prefix / "etc" / "pulsebridge"
-    pulsebridge = prefix / "opt" / "pulsebridge" / ".venv" / "bin" / "pulsebridge"
+    pulsebridge = prefix / "usr" / "local" / "bin" / "pulsebridge"  # the README's link to the venv's command
     assert (etc / "agent.toml").stat().st_mode & 0o777 == 0o640
     password = (etc / "status.password").read_text().strip()
     assert (etc / "status.password").stat().st_mode & 0o777 == 0o600 and len(password) >= 12
@@ -105,7 +106,7 @@ def test_readme_install_steps_give_a_running_agent(micropython: str, tmp_path: P
         exec_start = next(line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("ExecStart="))
         argv = [localise(a, prefix) for a in shlex.split(exec_start)]
         umask = int(next(line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("UMask=")), 8)
-        assert argv[0] == str(pulsebridge) and argv[-1] == str(config)
+        assert Path(argv[0]).resolve() == pulsebridge.resolve() and argv[-1] == str(config)
         log = open(tmp_path / "agent.log", "wb")
         agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: os.umask(umask))
         log.close()
