@@ -54,6 +54,7 @@ class SerialLink:
         self._resume_at = 0
         self._backoff_ms = _BACKOFF_MIN_MS
         self._fault = None
+        self._recovered = False
         self._poll = select.poll()
         self._poll.register(stream_in, select.POLLIN)
         self._tx = bytearray(max_message + max_message // 254 + 8)
@@ -64,8 +65,13 @@ class SerialLink:
         self.connected = True
 
     def service(self):
+        # True once the line works again after a stall: like a reconnection,
+        # the app then resends whatever was in flight.
         self._pump()
-        return False  # a serial console never reconnects by itself
+        if self._recovered:
+            self._recovered = False
+            return True
+        return False
 
     def busy(self):
         return self._pending > 0
@@ -115,6 +121,7 @@ class SerialLink:
                 return
         if self._stalled:
             self._stalled = False
+            self._recovered = True
             self._backoff_ms = _BACKOFF_MIN_MS
 
     def _stall(self, why):

@@ -283,8 +283,9 @@ class App:
                 self.reports.add(faults.ERR_LINK_FAULT, why)
         while self.link.connected and self.reports.pending:
             code, text = self.reports.first()
-            if not self._send_small(messages.ErrorReport(self.epoch, self._seq(), code, text)):
-                return  # the link is busy or stalled: the report waits
+            if not self._send_small(messages.ErrorReport(self.epoch, self.seq, code, text)):
+                return  # the link is busy or stalled: the report waits (its seq unused)
+            self.seq += 1
             self.reports.done()
 
     def _loop_failed(self, e):

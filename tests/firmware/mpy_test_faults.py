@@ -3,10 +3,11 @@
 # nothing acknowledged is lost, and the fault is reported. Runs under the
 # MicroPython unix port (see test_firmware_on_micropython.py).
 import errno
+import io
 import os
 
 from app import config, faults, main
-from protocols import cbor, cose, hub, messages
+from protocols import cbor, cose, hub, link, messages
 from sim.board_sim import SimBoard
 from sim.clock import VirtualClock
 from sim.loopback import LoopbackLink
@@ -85,6 +86,7 @@ def _check_stream(frames, rate_hz, until_s):
     # and then exactly the reported loss later; the stream reaches until_s.
     # Returns the samples reported lost.
     assert frames
+    frames = sorted(frames, key=lambda f: f.first_index)  # resent frames arrive late
     lost = 0
     nxt = frames[0].first_index
     for f in frames:
@@ -314,3 +316,85 @@ def test_ble_other_radio_error_closes_the_link_and_the_board_goes_on():
     texts = _ble_errors(central, faults.ERR_LINK_FAULT)
     assert texts and str(errno.EIO) in texts[0], texts
     assert app.loop_restarts == 0
+
+
+# ---- serial: a host that stops reading -----------------------------------
+
+class _HostIn(io.IOBase):
+    # The board's console input: the downlink lines the fake host writes.
+    def __init__(self):
+        self.buf = bytearray()
+
+    def ioctl(self, req, arg):
+        return arg & 1 if req == 3 and self.buf else 0  # MP_STREAM_POLL: readable when bytes wait
+
+    def readinto(self, b):
+        n = min(len(b), len(self.buf))
+        b[:n] = self.buf[:n]
+        self.buf = self.buf[n:]
+        return n
+
+
+class _StalledUsbCdc:
+    # A fake of MicroPython's native-USB console (TinyUSB CDC) on the
+    # board side, with the hub at the other end. While the host does not
+    # read (stalled(t_ms)), a write waits 500 ms (the driver's timeout) and
+    # writes nothing; otherwise the bytes go to the hub, whose acks come
+    # back as downlink lines.
+    def __init__(self, board, device_id, key, host_in, stalled):
+        self.board = board
+        self.hub = hub.Hub()
+        self.hub.add_device(device_id, key)
+        self.device_id = device_id
+        self.host_in = host_in
+        self.stalled = stalled
+        self.deframer = link.StreamDeframer()
+        self.received = []
+        self.blocked_writes = 0
+
+    def write(self, buf, off=0, n=None):
+        if n is None:
+            n = len(buf) - off
+        if self.stalled(self.board.clock.now_us() // 1000):
+            self.blocked_writes += 1
+            self.board.clock.sleep_ms(500)
+            return 0
+        self.deframer.feed(bytes(buf[off:off + n]))
+        while True:
+            ev = self.deframer.next_event()
+            if ev is None:
+                return n
+            if isinstance(ev, link.Frame):
+                r = self.hub.receive(ev.data)
+                self.received.append(r)
+                if r.verdict != hub.REJECTED and r.message.kind == messages.T_SAMPLES:
+                    for a in self.hub.ack(self.device_id, r.message.epoch, [r.message.seq]):
+                        self.host_in.buf += link.downlink_line(a)
+
+
+def test_serial_writes_to_a_host_that_stopped_reading_are_bounded():
+    from app.link_serial import SerialLink
+
+    b, app0, _ = _boot({"ppg": None})
+    cfg = config.load()
+    cfg["ppg"] = None
+    host_in = _HostIn()
+    cdc = _StalledUsbCdc(b, cfg["device_id"], _key(), host_in, lambda t: 3000 <= t < 20000)
+    b.link_override = SerialLink(host_in, cdc, link.MAX_MESSAGE, b.ticks_us, b.ticks_diff, 115200)
+    app = main.App(b, cfg, _key(), config.next_epoch())
+    b.watchdog(main.WATCHDOG_MS)
+    app.run(until_ms=45000)
+    # 17 s of a host not reading (what the outbox holds): the board tried
+    # (and waited 500 ms) 6 times, backing off towards one try every 8 s,
+    # instead of blocking on every loop.
+    assert 3 <= cdc.blocked_writes <= 7, cdc.blocked_writes
+    assert b.wdt.fired == 0 and app.loop_restarts == 0
+    msgs = [r.message for r in cdc.received if r.verdict == hub.ACCEPTED]
+    frames = _samples(msgs, messages.STREAM_ECG_MAX30003)
+    # Once the host reads again, every frame comes: the only gaps are the
+    # samples the ECG FIFO lost while a write blocked, and they are reported.
+    lost = _check_stream(frames, 512, 43)
+    assert lost <= cdc.blocked_writes * 512 // 2 + 64, (lost, cdc.blocked_writes)
+    texts = [m.text for m in _errors(msgs, faults.ERR_LINK_FAULT)]
+    assert texts and "not reading" in texts[0], texts
+    _all_acked(app)
