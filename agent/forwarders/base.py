@@ -17,7 +17,7 @@ import cbor2
 
 from agent import fastdecode
 from agent.config import BackendConfig
-from agent.store import KIND_ALERT, KIND_GAP, KIND_VITAL, Row, Store, check_private
+from agent.store import KIND_ALERT, KIND_GAP, KIND_VITAL, Row, Store, StoreError, check_private
 from protocols import cose, messages
 from protocols.errors import ProtocolError, RemoteProtocolError
 
@@ -267,7 +267,9 @@ class Forwarder(abc.ABC):
                     await self._refused(rows, e)
                     continue
                 except Exception as e:
-                    if not isinstance(e, (DeliveryError, OSError, TimeoutError, ssl.SSLError)):
+                    # Expected: the backend away or refusing, the network, TLS, a secret file that is
+                    # missing or unsafe (StoreError says which and how to fix it): one line, no traceback.
+                    if not isinstance(e, (DeliveryError, OSError, TimeoutError, ssl.SSLError, StoreError)):
                         log.exception("backend %s: unexpected failure", self.name)
                     self.failures += 1
                     self.last_error = "%s: %s" % (type(e).__name__, e)

@@ -297,3 +297,50 @@ def test_later_is_retried_never_is_quarantined(tmp_path: Path) -> None:
         assert "HTTP 422" in rows[0][2]
     finally:
         store.close()
+
+
+def test_an_unsafe_secret_file_is_one_clear_line_and_retried(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A client key readable by others: the backend says so (file, mode, the fix) and retries;
+    no traceback, no crash; once the mode is fixed, it delivers."""
+    import shutil
+
+    from agent.config import BackendConfig
+    from agent.store import KIND_VITAL, PRIORITY_VITALS, Ingest
+
+    pki = harness.pki_for(tmp_path)
+    key = tmp_path / "hub.key"
+    shutil.copy(pki.client_key, key)
+    key.chmod(0o644)
+    server = FhirTestServer()
+    store = Store(tmp_path / "store.db", ["ehr"])
+    store.open()
+    store.start()
+
+    async def scenario() -> fhir.FhirForwarder:
+        port = await server.start(pki.server_cert, pki.server_key)
+        await store.ingest(Ingest("pb-v1", -2, 1, KIND_VITAL, b"", None, priority=PRIORITY_VITALS, info={
+            "type": "vital", "kind": "spo2", "device_id": "pb-v1", "value": 97.0, "unit": "%",
+            "at": "2026-11-30T10:00:01.000Z", "quality": 0.9, "source_frames": ["pb-v1:1:1"]}))
+        cfg = BackendConfig(name="ehr", type="fhir", url="https://127.0.0.1:%d/fhir" % port, ca_file=pki.ca_cert,
+                            client_cert=pki.client_cert, client_key=key, linger_s=0)
+        fw = fhir.FhirForwarder(cfg, store, "hub", asyncio.Event())
+        fw.backoff.base_s = fw.backoff.cap_s = 0.05
+        task = asyncio.create_task(fw.run())
+        await _until(lambda: fw.failures >= 2, 30, "the refusal to use the key")
+        assert "readable by others" in fw.last_error and "chmod 600 %s" % key in fw.last_error
+        key.chmod(0o600)
+        await _until(lambda: fw.forwarded == 1, 30, "delivery once the mode is fixed")
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        await server.stop()
+        return fw
+
+    try:
+        asyncio.run(scenario())
+        assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    finally:
+        store.close()
