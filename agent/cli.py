@@ -270,6 +270,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             st.get("ingested", 0), st.get("refused", 0), st.get("faults_recovered", 0)))
     if snap["rejects"]:
         print("  rejected: " + ", ".join("%s %d" % kv for kv in sorted(snap["rejects"].items())))
+    if snap.get("status_page", "on") != "on":
+        print("  status page " + snap["status_page"])
     return 0
 
 
