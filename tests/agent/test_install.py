@@ -31,9 +31,9 @@ from tests.conftest import ROOT
 INSTALL_TIMEOUT_S = 900
 
 
-def install_block(readme: str) -> str:
-    """The shell block under the README's "Installing the agent on a hub" heading."""
-    section = readme.split("### Installing the agent on a hub", 1)[1]
+def first_block(readme: str, heading: str) -> str:
+    """The first shell block under a heading of the README."""
+    section = readme.split(heading, 1)[1]
     return section.split("```", 2)[1].strip("\n")
 
 
@@ -44,7 +44,7 @@ def localise(block: str, prefix: Path) -> str:
     for line in block.replace("\\\n", " ").splitlines():
         if "useradd" in line or "systemctl" in line:
             continue
-        line = line.replace("sudo ", "").replace("<this repository>", str(ROOT))
+        line = line.replace("sudo -u pulsebridge ", "").replace("sudo ", "").replace("<this repository>", str(ROOT))
         line = line.replace("-o pulsebridge", "-o " + user).replace("-g pulsebridge", "-g " + group)
         line = re.sub(r"(?<![\w.])/(opt|etc|usr/local)/", lambda m: "%s/%s/" % (prefix, m.group(1)), line)
         lines.append(line)
@@ -68,8 +68,9 @@ def edit_config(text: str, prefix: Path, port: str, backend: str, page_port: int
 @pytest.mark.micropython
 def test_readme_install_steps_give_a_running_agent(micropython: str, tmp_path: Path) -> None:
     prefix = tmp_path / "root"
-    script = localise(install_block((ROOT / "README.md").read_text()), prefix)
-    assert "pip install ." in script and "status.password" in script
+    readme = (ROOT / "README.md").read_text()
+    script = localise(first_block(readme, "### Installing the agent on a hub"), prefix)
+    assert "pip install -e ." in script and "status.password" in script
     for d in ("etc/systemd/system", "usr/local/bin"):  # there on any Debian
         (prefix / d).mkdir(parents=True)
     r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
@@ -85,6 +86,7 @@ def test_readme_install_steps_give_a_running_agent(micropython: str, tmp_path: P
     pki = harness.pki_for(tmp_path)
     backend: harness.ThreadedBackend | None = None
     sim: SimulatedBoard | None = None
+    boards_started: list[SimulatedBoard] = []
     agent: subprocess.Popen[bytes] | None = None
     try:
         page_port = harness.free_port()
@@ -135,6 +137,22 @@ def test_readme_install_steps_give_a_running_agent(micropython: str, tmp_path: P
                                     timeout=30) as page:
             assert page.status == 200
 
+        # A technician provisions a blank board as the README says, with the command the install put
+        # on the PATH: firmware compiled and installed, key, registry, self-test with frames verified.
+        blank = SimulatedBoard(boards.BoardSpec("unused"), tmp_path / "blank", tmp_path / "cache", micropython,
+                               blank=True)
+        boards_started.append(blank)
+        blank.start()
+        provision = localise(first_block(readme, "## Provisioning a board"), prefix)
+        provision = provision.replace("/dev/ttyACM0", blank.port).replace("REF", "Patient/8")
+        r = subprocess.run(["bash", "-euo", "pipefail", "-c", provision], capture_output=True, text=True, timeout=300,
+                           stdin=subprocess.DEVNULL,
+                           env=dict(os.environ, PATH="%s:%s" % (pulsebridge.parent, os.environ["PATH"])))
+        assert r.returncode == 0 and "PASS pb-" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+        listed = subprocess.run([str(pulsebridge), "devices", "list", "--config", str(config)], capture_output=True,
+                                text=True, timeout=60).stdout
+        assert "chambre 2" in listed and spec.device_id in listed
+
         for name in ("store.db", "registry.db"):  # health data and keys: the service user's alone
             assert (prefix / "var" / "lib" / "pulsebridge" / name).stat().st_mode & 0o077 == 0, name
         agent.send_signal(signal.SIGTERM)
@@ -147,5 +165,7 @@ def test_readme_install_steps_give_a_running_agent(micropython: str, tmp_path: P
             agent.wait()
         if sim is not None:
             sim.stop()
+        for b in boards_started:
+            b.stop()
         if backend is not None:
             backend.close()
