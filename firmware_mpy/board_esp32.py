@@ -36,8 +36,21 @@ class Esp32Board:
         self._irq_pins = {}
 
     def ticks_ms(self):
-        # time.ticks_ms() wraps after about 12 days; frames need a monotonic
-        # count, so the wrapping ticks are accumulated (read every loop).
+        # Wraps after 12.4 days (2^30 ms): the app combines ticks only with
+        # app.ticks (time.ticks_diff/ticks_add), so they stay small ints.
+        return time.ticks_ms()
+
+    def ticks_us(self):
+        return time.ticks_us()
+
+    def ticks_diff(self, a, b):
+        return time.ticks_diff(a, b)
+
+    def uptime_ms(self):
+        # ms since boot, never wrapping: the time base on the wire (t0_ms,
+        # tick_ms). Accumulated from the wrapping ticks, so it must be read
+        # more often than every 6 days (the app does, every status period);
+        # past 2^30 ms it is a big int, read a few times a minute.
         raw = time.ticks_ms()
         self._ms += time.ticks_diff(raw, self._last_ms)
         self._last_ms = raw

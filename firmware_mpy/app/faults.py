@@ -16,6 +16,8 @@
 # sensor-fault flag; every change of state is an error report.
 from micropython import const
 
+from app import ticks
+
 ERR_SENSOR_SETUP = const(1)  # a sensor failed at start-up
 ERR_SENSOR_FAULT = const(2)  # a sensor failed while streaming (bus error, not answering, back)
 ERR_LINK_FAULT = const(3)  # the link failed (radio error, host not reading)
@@ -63,14 +65,15 @@ class Reports:
 
 
 class SensorGuard:
-    def __init__(self, names):
+    def __init__(self, names, now_ms):
+        # now_ms: the board's tick (app.ticks): every time here is one.
         n = len(names)
         self.names = names  # a chip name per stream, for the reports
         self.state = [OK] * n
         self.errors = [0] * n  # in a row
         self.faults = [0] * n  # since boot
         self.restarts = [0] * n
-        self.next_ms = [0] * n  # DOWN: next restart attempt; OK: next identity check
+        self.next_ms = [now_ms] * n  # DOWN: next restart attempt; OK: next identity check
         self.backoff_ms = [_BACKOFF_MIN_MS] * n
         self.down_since_ms = [0] * n
 
@@ -79,8 +82,8 @@ class SensorGuard:
         return self.state[k] != DOWN
 
     def check_due(self, k, now_ms):
-        if now_ms - self.next_ms[k] >= 0:
-            self.next_ms[k] = now_ms + _CHECK_EVERY_MS
+        if ticks.diff(now_ms, self.next_ms[k]) >= 0:
+            self.next_ms[k] = ticks.add(now_ms, _CHECK_EVERY_MS)
             return True
         return False
 
@@ -110,16 +113,16 @@ class SensorGuard:
         self.next_ms[k] = now_ms
 
     def restart_due(self, k, now_ms):
-        return self.state[k] == DOWN and now_ms - self.next_ms[k] >= 0
+        return self.state[k] == DOWN and ticks.diff(now_ms, self.next_ms[k]) >= 0
 
     def restarted(self, k, now_ms):
         self.restarts[k] += 1
         self.state[k] = OK
         self.errors[k] = 0
-        self.next_ms[k] = now_ms + _CHECK_EVERY_MS
+        self.next_ms[k] = ticks.add(now_ms, _CHECK_EVERY_MS)
 
     def restart_failed(self, k, now_ms):
         b = self.backoff_ms[k]
-        self.next_ms[k] = now_ms + b
+        self.next_ms[k] = ticks.add(now_ms, b)
         self.backoff_ms[k] = min(_BACKOFF_MAX_MS, 2 * b)
         return b

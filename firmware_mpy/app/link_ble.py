@@ -27,6 +27,7 @@ import struct
 
 from micropython import const
 
+from app import ticks
 from app.bonds import BondStore
 from protocols import link
 
@@ -132,7 +133,7 @@ class BleLink:
         ble.gatts_write(h_plx_features, b"\x00\x00")  # no optional PLX features
         ble.gatts_write(h_hr_location, b"\x01")  # chest
         self._std = bytearray(5)
-        self._std_due = 0
+        self._std_due = -1  # a tick (app.ticks) once the first measurement went out
         self.encrypted = False
         self.hr_x10 = 0
         self.spo2_x10 = 0
@@ -257,9 +258,10 @@ class BleLink:
                 self._ble.gatts_write(self._h_battery, bytes((battery_pct,)))
             except OSError as e:
                 self._radio_error("battery write", e)
-        if not (self.connected and self.encrypted) or now_ms < self._std_due or self._frag_len:
+        if not (self.connected and self.encrypted) or self._frag_len or (
+                self._std_due >= 0 and ticks.diff(now_ms, self._std_due) < 0):
             return
-        self._std_due = now_ms + _STD_EVERY_MS
+        self._std_due = ticks.add(now_ms, _STD_EVERY_MS)
         s = self._std
         try:
             if hr_x10:

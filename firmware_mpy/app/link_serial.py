@@ -24,6 +24,7 @@ import select
 
 from micropython import const
 
+from app import ticks
 from protocols import link
 
 _RX_BUDGET = const(256)  # bytes read per loop at most: acks are ~100 bytes
@@ -103,7 +104,7 @@ class SerialLink:
                 return
             if n > room:
                 n = room
-            self._empty_at += n * self._byte_us
+            self._empty_at = ticks.add(self._empty_at, n * self._byte_us)
         try:
             w = self._out.write(self._tx, self._off, n)  # (buf, offset, length): no slice to allocate
         except OSError as e:
@@ -131,7 +132,7 @@ class SerialLink:
         self._pending = 0
         self._stalled = True
         if self._ticks_us is not None:
-            self._resume_at = self._ticks_us() + self._backoff_ms * 1000
+            self._resume_at = ticks.add(self._ticks_us(), self._backoff_ms * 1000)
         self._backoff_ms = min(_BACKOFF_MAX_MS, 2 * self._backoff_ms)
         if self._fault is None:
             self._fault = why

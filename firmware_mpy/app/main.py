@@ -10,7 +10,7 @@ import gc
 
 from micropython import const
 
-from app import config, faults
+from app import config, faults, ticks
 from app.outbox import Outbox
 from app.sampler import Stream
 from protocols import cbor, cipher, cose, messages
@@ -43,13 +43,15 @@ class App:
         self.last_command = -1
         self.running = True
         self.streams = []
-        now = board.ticks_ms()
+        now = board.ticks_ms()  # a tick (app.ticks): wraps; only ticks.diff/add on it
         for stream_id, sensor, lead_off in board.sensors(cfg):
             window = sensor.rate_hz * cfg["window_ms"] // 1000
             if not 0 < window <= messages.MAX_SAMPLES:
                 raise config.ConfigError("window_ms gives %d samples per frame, outside 1..%d"
                                          % (window, messages.MAX_SAMPLES))
-            st = Stream(sensor, stream_id, window, now, lead_off)
+            st = Stream(sensor, stream_id, window, board.uptime_ms(), lead_off)
+            st.uptime_ms = board.uptime_ms
+            st.next_poll_ms = now
             pin = board.irq_pin(stream_id)
             if pin is not None:
                 st.use_irq(pin)
@@ -82,12 +84,12 @@ class App:
                     self.hr = HeartRate(st.rate_hz)
         self.frames_built = 0
         self.downlink_rejected = 0
-        self.guard = faults.SensorGuard([_CHIPS[st.stream_id] for st in self.streams])
+        self.guard = faults.SensorGuard([_CHIPS[st.stream_id] for st in self.streams], now)
         self.reports = faults.Reports()
         self.loop_restarts = 0
         self._link_fault = getattr(self.link, "take_fault", None)  # a fake link may have none
         self.wdt = None
-        self.next_status_ms = now + cfg["status_every_ms"]
+        self.next_status_ms = ticks.add(now, cfg["status_every_ms"])
         self._woken = self._any_ready  # bound once: the idle loop calls it often
 
     def _seq(self):
@@ -103,11 +105,14 @@ class App:
         return self.link.send(self.small_sealed, sw.pos)
 
     def hello(self):
-        self._send_small(messages.Hello(self.epoch, self._seq(), FIRMWARE, self.board.ticks_ms(),
+        self._send_small(messages.Hello(self.epoch, self._seq(), FIRMWARE, self.board.uptime_ms(),
                                         [(s.stream_id, s.rate_hz) for s in self.streams]))
 
-    def status(self):
-        self._send_small(messages.Status(self.epoch, self._seq(), self.board.ticks_ms(), self.outbox.depth(),
+    def status(self, up=None):
+        # Times on the wire (tick_ms, t0_ms) are ms since boot, never wrapping.
+        if up is None:
+            up = self.board.uptime_ms()
+        self._send_small(messages.Status(self.epoch, self._seq(), up, self.outbox.depth(),
                                          self.outbox.dropped, gc.mem_free()))
 
     def build_frame(self, k, st, count):
@@ -158,7 +163,7 @@ class App:
         if isinstance(m, messages.Ack):
             self.outbox.ack(m, self.epoch)
         elif isinstance(m, messages.TimeRequest):
-            self._send_small(messages.TimeResponse(self.epoch, self._seq(), m.nonce, self.board.ticks_ms()))
+            self._send_small(messages.TimeResponse(self.epoch, self._seq(), m.nonce, self.board.uptime_ms()))
         elif isinstance(m, messages.Command):
             if m.epoch != self.epoch or m.nonce <= self.last_command:
                 self.downlink_rejected += 1  # replayed or meant for another boot
@@ -201,10 +206,11 @@ class App:
             hr, ox = self.hr, self.ox
             self.link.set_vitals(now, hr.bpm_x10 if hr else 0, ox.spo2_x10 if ox else 0, ox.pr_x10 if ox else 0,
                                  self.board.battery_pct(self.cfg))
-        if now >= self.next_status_ms:
-            self.next_status_ms = now + self.cfg["status_every_ms"]
+        if ticks.diff(now, self.next_status_ms) >= 0:
+            self.next_status_ms = ticks.add(now, self.cfg["status_every_ms"])
+            up = self.board.uptime_ms()  # also keeps an uptime built from wrapping ticks counting
             if self.link.connected:
-                self.status()
+                self.status(up)
         self._report_faults()
 
     # ---- faults (app/faults.py): each handled here, reported, never fatal ----
@@ -274,7 +280,7 @@ class App:
         st.fault = True
         lost = st.resync(now)
         self.reports.add(faults.ERR_SENSOR_FAULT, "%s restarted after %d ms; %d samples lost"
-                         % (g.names[k], now - g.down_since_ms[k], lost))
+                         % (g.names[k], ticks.diff(now, g.down_since_ms[k]), lost))
 
     def _report_faults(self):
         if self._link_fault is not None:
@@ -307,7 +313,8 @@ class App:
                 st.sensor.start()
             except OSError as e:
                 self._sensor_error(k, self.board.ticks_ms(), e)
-            st.start_ms = self.board.ticks_ms()
+            st.start_ms = self.board.uptime_ms()
+            st.next_poll_ms = self.board.ticks_ms()
         self.hello()
 
     def stop(self):
@@ -324,12 +331,12 @@ class App:
         t = _IDLE_MAX_MS
         for st in self.streams:
             if st.irq_pin is None:
-                d = st.next_poll_ms - now
+                d = ticks.diff(st.next_poll_ms, now)
                 if d < t:
                     t = d
         if self.link.busy() and self.link.pump_ms < t:
             t = self.link.pump_ms
-        d = self.next_status_ms - now
+        d = ticks.diff(self.next_status_ms, now)
         if d < t:
             t = d
         if t > 0 and not self._any_ready():
@@ -339,7 +346,7 @@ class App:
         self.start()
         self.wdt = self.board.watchdog(WATCHDOG_MS)
         try:
-            while self.running and (until_ms is None or self.board.ticks_ms() < until_ms):
+            while self.running and (until_ms is None or self.board.uptime_ms() < until_ms):
                 try:
                     self.step()
                     self.wait()

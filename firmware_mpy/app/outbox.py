@@ -7,6 +7,8 @@
 # silent. Acked frames in the middle free their bytes once the older ones go.
 from micropython import const
 
+from app import ticks
+
 _FREE = const(0)  # record unused, or acknowledged
 _UNSENT = const(1)
 _SENT = const(2)
@@ -110,7 +112,7 @@ class Outbox:
             st = self.state[i]
             if st == _UNSENT:
                 return i
-            if st == _SENT and due < 0 and now_ms - self.sent_ms[i] >= retransmit_ms:
+            if st == _SENT and due < 0 and ticks.diff(now_ms, self.sent_ms[i]) >= retransmit_ms:
                 due = i
         return due
 

@@ -13,6 +13,7 @@ import array
 
 from micropython import const
 
+from app import ticks
 from protocols import messages
 
 _SPARE = const(32)  # a full sensor FIFO: one drain always fits
@@ -29,7 +30,10 @@ class Stream:
         self.chans = tuple(array.array("i", bytes(4 * self.capacity)) for _ in range(nch))
         self.n = 0  # samples held in chans
         self.first_index = 0  # sensor index of chans[*][0]
-        self.start_ms = start_ms
+        self.start_ms = start_ms  # ms since boot (monotonic), the time base of t0_ms
+        # The board's uptime_ms(), for how many samples are due by now (a
+        # loss estimate, rare); None: the now_ms given to poll() is uptime.
+        self.uptime_ms = None
         self.split = 0  # if set: a gap follows the first `split` samples
         self.gap = 0
         self.pending_lost = 0  # reported by the next frame after a gap
@@ -39,7 +43,7 @@ class Stream:
         self._lead_off_fn = lead_off_fn
         self.irq_pin = None
         self.ready = False  # set by the interrupt handler, cleared by the app
-        self.next_poll_ms = start_ms
+        self.next_poll_ms = start_ms  # a tick (app.ticks); the app sets it from its clock
 
     def use_irq(self, pin):
         self.irq_pin = pin
@@ -58,8 +62,8 @@ class Stream:
                 self.ready = False
                 return True
             return False
-        if now_ms - self.next_poll_ms >= 0:
-            self.next_poll_ms = now_ms + poll_ms
+        if ticks.diff(now_ms, self.next_poll_ms) >= 0:
+            self.next_poll_ms = ticks.add(now_ms, poll_ms)
             return True
         return False
 
@@ -93,6 +97,8 @@ class Stream:
     def _behind(self, now_ms, extra=0):
         # Samples the sensor's clock should have given by now_ms (less
         # `extra` just read) that the stream does not hold.
+        if self.uptime_ms is not None:
+            now_ms = self.uptime_ms()
         expected = (now_ms - self.start_ms) * self.rate_hz // 1000 - extra
         return expected - (self.first_index + self.n)
 

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from app import ticks
 from drivers.ad8232 import AD8232
 from drivers.max30003 import MAX30003
 from drivers.max30102 import MAX30102
@@ -100,6 +101,7 @@ class SimBoard:
         self.radio = None
         self.link_override = None  # a fake link object for in-process runs
         self.buses = {}  # "spi", "i2c": the simulated buses, where faults are injected
+        self._tick0_ms = sim.get("ticks_start_ms", 0)
         self.wdt = None
         self.watchdog_resets = 0  # resets the SimWatchdog caused, across firmware restarts
         self._reset_by_wdt = False
@@ -109,16 +111,22 @@ class SimBoard:
         with open(path) as f:
             return cls(json.load(f))
 
+    # The ESP32's wrapping ticks (period 2^30, app.ticks), from the board's
+    # clock plus sim.json's "ticks_start_ms" (default 0): a test starts them
+    # just before the wrap. uptime_ms() is the clock itself.
     def ticks_ms(self):
         if self.wdt is not None:
             self.wdt.check()
-        return self.clock.now_us() // 1000
+        return (self.clock.now_us() // 1000 + self._tick0_ms) % ticks.PERIOD
 
     def ticks_us(self):
-        return self.clock.now_us()
+        return (self.clock.now_us() + self._tick0_ms * 1000) % ticks.PERIOD
 
     def ticks_diff(self, a, b):
-        return a - b
+        return ticks.diff(a, b)
+
+    def uptime_ms(self):
+        return self.clock.now_us() // 1000
 
     def sleep_ms(self, ms):
         if self.wdt is not None:

@@ -398,3 +398,46 @@ def test_serial_writes_to_a_host_that_stopped_reading_are_bounded():
     texts = [m.text for m in _errors(msgs, faults.ERR_LINK_FAULT)]
     assert texts and "not reading" in texts[0], texts
     _all_acked(app)
+
+
+# ---- ticks: years of uptime on a 32-bit port ------------------------------
+
+_TICKS_PERIOD = 1 << 30  # time.ticks_ms()/ticks_us() on an ESP32 wrap here (31-bit small ints)
+
+
+def _ticks_in_range(app):
+    values = [app.next_status_ms] + [st.next_poll_ms for st in app.streams] + list(app.guard.next_ms)
+    values += [app.outbox.sent_ms[i] for i in range(len(app.outbox.state)) if app.outbox.state[i]]
+    for v in values:
+        assert 0 <= v < _TICKS_PERIOD, v
+
+
+def test_ticks_wrapping_mid_run_change_nothing():
+    # The board's ticks_ms and ticks_us both wrap 3 s into the run, as an
+    # ESP32's do after 12.4 days (ms) and every 17.9 minutes (us).
+    for ecg in ({"chip": "max30003", "rate_hz": 512, "gain": 20}, {"chip": "ad8232", "rate_hz": 250}):
+        b, app, link = _boot({"ecg": ecg}, {"ticks_start_ms": _TICKS_PERIOD - 3000})
+        assert b.ticks_ms() > _TICKS_PERIOD - 3100
+        app.start()
+        wrapped = False
+        last = b.ticks_ms()
+        while b.uptime_ms() < 15000:
+            link.ack_enabled = not 2000 <= b.uptime_ms() < 4500  # retransmissions due across the wrap
+            app.step()
+            b.sleep_ms(app.cfg["poll_ms"])
+            t = b.ticks_ms()
+            wrapped = wrapped or t < last
+            last = t
+            _ticks_in_range(app)
+        assert wrapped
+        msgs = _accepted(link)
+        rate = ecg["rate_hz"]
+        ecg_id = messages.STREAM_ECG_MAX30003 if ecg["chip"] == "max30003" else messages.STREAM_ECG_AD8232
+        assert _check_stream(_samples(msgs, ecg_id), rate, 14) == 0  # polled on time throughout
+        assert _check_stream(_samples(msgs, messages.STREAM_PPG_MAX30102), 100, 14) == 0
+        # Times on the wire are ms since boot: monotonic across the wrap.
+        t0s = [f.t0_ms for f in _samples(msgs, ecg_id)]
+        assert t0s == sorted(t0s) and t0s[-1] < 15000, t0s
+        status = [m.tick_ms for m in msgs if m.kind == messages.T_STATUS]
+        assert len(status) >= 1 and all(s < 15000 for s in status), status  # every 10 s, after the wrap too
+        _all_acked(app)
