@@ -30,6 +30,11 @@ import hashlib
 from protocols._compat import TYPE_CHECKING, const
 from protocols.errors import LocalProtocolError
 
+try:
+    from protocols import _viper  # MicroPython: the XOR loop as native code
+except ImportError:  # CPython, or a port without the viper emitter
+    _viper = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from typing import Any
 
@@ -138,6 +143,9 @@ class SampleCipher:
         k = offset & 15
         self._block(epoch, seq, block)
         aes.encrypt(ctr, ks)
+        if _viper is not None:
+            _viper.ctr_xor(buf, start, end, aes, ctr, ks, block, k)
+            return
         for i in range(start, end):
             if k == _BLOCK:
                 block += 1  # only the block counter (bytes 12-15) changes

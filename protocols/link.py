@@ -26,6 +26,11 @@ import binascii
 from protocols._compat import const
 from protocols.errors import LocalProtocolError
 
+try:
+    from protocols import _viper  # MicroPython: the COBS loop as native code
+except ImportError:  # CPython, or a port without the viper emitter
+    _viper = None  # type: ignore[assignment]
+
 # The longest message a link carries: the largest COSE_Mac0 (payload bound
 # plus headers) with room to spare. It bounds every receive buffer.
 MAX_MESSAGE = const(4224)
@@ -94,6 +99,8 @@ class StreamFramer:
         crc[1] = (c >> 8) & 0xFF
         crc[2] = (c >> 16) & 0xFF
         crc[3] = c >> 24
+        if _viper is not None:
+            return int(_viper.cobs_into(msg, n, crc, out, pos))
         out[pos] = 0
         code_at = pos + 1
         w = pos + 2
@@ -218,21 +225,25 @@ class LineDeframer:
         self.discarded = 0
 
     def feed(self, data: "bytes | bytearray | memoryview") -> None:
-        buf = self._buf
         for b in data:
-            if b == 10 or b == 13:
-                n = self._n
-                self._n = 0
-                if self._overlong:
-                    self._overlong = False
-                    self._push(Discarded("too_long", n))
-                elif n:
-                    self._push(self._line(memoryview(buf)[:n]))
-            elif self._n < MAX_LINE:
-                buf[self._n] = b
-                self._n += 1
-            else:
-                self._overlong = True
+            self.feed_byte(b)
+
+    def feed_byte(self, b: int) -> None:
+        # One byte (a board reads its console a byte at a time): no iterator
+        # to allocate; only a whole line allocates, to decode it.
+        if b == 10 or b == 13:
+            n = self._n
+            self._n = 0
+            if self._overlong:
+                self._overlong = False
+                self._push(Discarded("too_long", n))
+            elif n:
+                self._push(self._line(memoryview(self._buf)[:n]))
+        elif self._n < MAX_LINE:
+            self._buf[self._n] = b
+            self._n += 1
+        else:
+            self._overlong = True
 
     def _push(self, ev: "Frame | Discarded") -> None:
         if len(self._events) < _MAX_EVENTS:

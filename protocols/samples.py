@@ -12,6 +12,11 @@
 from protocols._compat import const
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 
+try:
+    from protocols import _viper  # MicroPython: the loop as native code
+except ImportError:  # CPython, or a port without the viper emitter
+    _viper = None  # type: ignore[assignment]
+
 ENCODING_DELTA_ZIGZAG_VARINT = const(1)
 # Samples are signed 32-bit at most (the sensors give 18 bits): a varint of
 # more than 5 bytes cannot be one of ours.
@@ -25,6 +30,12 @@ WORST_BYTES_PER_SAMPLE = const(5)
 def encode_into(src: "list[int]", count: int, out: bytearray, pos: int) -> int:
     # Writes src[0:count] at out[pos:]; returns the position after it.
     end = len(out) - _MAX_VARINT_BYTES
+    if _viper is not None and not isinstance(src, list):  # an array("i"), as the board holds samples
+        r = _viper.varint_into(src, count, out, pos, end)
+        if r >= 0:
+            return r
+        if r >= -count:
+            raise LocalProtocolError("sample buffer full after %d samples" % (-1 - r), "buffer_full")
     prev = 0
     for i in range(count):
         v = src[i]

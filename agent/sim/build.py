@@ -18,9 +18,11 @@ from pathlib import Path
 from agent.sim.boards import FIRMWARE_DIR, REPO_DIR
 
 # What a board holds: the firmware and the shared protocol package.
-# main.py and boot.py stay source: MicroPython runs them as .py by design.
+# main.py and boot.py stay source: MicroPython runs them as .py by design;
+# protocols/_viper.py too, so the board compiles its native code for its own
+# CPU (an .mpy with native code is for one architecture only).
 SOURCES = [(FIRMWARE_DIR, ["app", "drivers", "sim", "board_esp32.py"]), (REPO_DIR, ["protocols"])]
-KEEP_AS_SOURCE = {"main.py", "boot.py", "sim/run_board.py"}
+KEEP_AS_SOURCE = {"main.py", "boot.py", "sim/run_board.py", "protocols/_viper.py"}
 
 
 class BuildError(Exception):
@@ -54,7 +56,7 @@ def board_files(compiled: Path) -> dict[str, Path]:
     files = {"main.py": FIRMWARE_DIR / "main.py", "boot.py": FIRMWARE_DIR / "boot.py",
              "board_esp32.mpy": compiled / "board_esp32.mpy"}
     for pkg in ("app", "drivers", "protocols"):
-        for f in sorted((compiled / pkg).glob("*.mpy")):
+        for f in sorted((compiled / pkg).glob("*.mpy")) + sorted((compiled / pkg).glob("*.py")):
             files["%s/%s" % (pkg, f.name)] = f
     return files
 

@@ -56,8 +56,10 @@ class SerialLink:
         self._backoff_ms = _BACKOFF_MIN_MS
         self._fault = None
         self._recovered = False
+        self._any = getattr(stream_in, "any", None)  # machine.UART (and the simulated console) have it
         self._poll = select.poll()
-        self._poll.register(stream_in, select.POLLIN)
+        if self._any is None:
+            self._poll.register(stream_in, select.POLLIN)
         self._tx = bytearray(max_message + max_message // 254 + 8)
         self._txv = memoryview(self._tx)
         self._framer = link.StreamFramer()
@@ -143,13 +145,19 @@ class SerialLink:
         self._fault = None
         return f
 
+    def _ready(self):
+        # A byte waits: a UART says so itself (any()); the console is polled.
+        if self._any is not None:
+            return self._any() > 0
+        for _obj, ev in self._poll.ipoll(0):
+            return bool(ev & select.POLLIN)
+        return False
+
     def receive(self):
         # The next downlink message (bytes, not yet authenticated) or None.
+        # Byte by byte: the console's read blocks until its buffer is full.
         for _ in range(_RX_BUDGET):
-            ready = False
-            for _obj, ev in self._poll.ipoll(0):
-                ready = ev & select.POLLIN
-            if not ready or self._in.readinto(self._byte) != 1:
+            if not self._ready() or self._in.readinto(self._byte) != 1:
                 break
-            self._rx.feed(self._byte)
+            self._rx.feed_byte(self._byte[0])
         return self._rx.next_message()

@@ -180,16 +180,24 @@ class App:
                 return True
         return False
 
-    def step(self):
-        board = self.board
-        board.service()
-        now = board.ticks_ms()
+    def _drain(self):
+        # Drains every stream whose chip asked (or, unwired, whose poll is
+        # due) and frames each full window. Called between the loop's other
+        # pieces of work too: each takes milliseconds on a chip, and a FIFO
+        # that asked meanwhile goes first (latency: the longest one piece).
+        now = self.board.ticks_ms()
         poll_ms = self.cfg["poll_ms"]
         for k in range(len(self.streams)):
             self._poll_stream(k, now, poll_ms)
+        return self.board.ticks_ms()
+
+    def step(self):
+        self.board.service()
+        now = self._drain()
         if self.link.service():
             self.outbox.resend_all()  # reconnected: resend what was in flight
             self.hello()
+            now = self._drain()
         if self.link.connected:
             ob = self.outbox
             for _ in range(_MAX_SENDS_PER_LOOP):
@@ -197,11 +205,13 @@ class App:
                 if i < 0 or not self.link.send(ob.frame(i), ob.lens[i]):
                     break
                 ob.mark_sent(i, now)
+                now = self._drain()
         while True:
             data = self.link.receive()
             if data is None:
                 break
             self.on_downlink(data)
+            now = self._drain()
         if self.hr is not None or self.ox is not None:
             hr, ox = self.hr, self.ox
             self.link.set_vitals(now, hr.bpm_x10 if hr else 0, ox.spo2_x10 if ox else 0, ox.pr_x10 if ox else 0,

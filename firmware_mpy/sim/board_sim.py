@@ -256,8 +256,7 @@ class SimBoard:
             return SerialLink(sys.stdin.buffer, sys.stdout.buffer, max_message, self.ticks_us, self.ticks_diff,
                               CONSOLE_BAUD)
         from sim.console import SimConsole
-        fd = 0 if self.console_in is sys.stdin.buffer else -1
-        self.console_port = SimConsole(self.clock, self.console_in, self.console_out, CONSOLE_BAUD, fd_in=fd)
+        self.console_port = SimConsole(self.clock, self.console_in, self.console_out, CONSOLE_BAUD)
         return SerialLink(self.console_port, self.console_port, max_message, self.ticks_us, self.ticks_diff,
                           CONSOLE_BAUD)
 

@@ -27,7 +27,7 @@ SCHED_DEPTH = const(8)
 # mem_total only; garbage, which the GC must collect, shows in mem_current.
 mem_total = micropython.mem_total  # type: ignore[attr-defined]
 mem_current = micropython.mem_current  # type: ignore[attr-defined]
-_TARE_SAMPLES = const(200)
+_TARE_SAMPLES = const(1000)
 
 
 class _Plain:
@@ -88,6 +88,7 @@ class ChipClock:
         self._irq = False
         self._sources = []
         self._queue = []  # (source) waiting in the scheduler queue
+        self._next_t = 0
         self.compute_us = 0  # chip time the firmware ran code (main loop and callbacks)
         self.io_us = 0  # chip time it waited in blocking I/O (buses, console)
         self.idle_us = 0  # chip time it slept
@@ -97,30 +98,50 @@ class ChipClock:
         self._alloc_mark = 0
         self._garbage_mark = 0
         self.tare_us = 0
+        self.tare_milli = 0
         self.real_time = real_time
         self._wall0 = time.ticks_ms()
         self._wall = 0
         self._measure_tare()
         self._mark = meter.start_us()
+        self.sim_alloc = 0
+        self.sim_garbage = 0
 
     def _measure_tare(self):
-        # The CPU a back-to-back pair of readings shows: the meter's own cost
-        # inside each charged interval, taken off every one.
+        # What an empty span between leave() and the next enter() shows: the
+        # meter's and the bracketing's own work, taken off every span. The
+        # mean of many (the middle 80 %: a preemption or a tick is not the
+        # meter's), in thousandths of a host us: a span is read in whole us,
+        # and its fraction, times the chip's factor, would add up otherwise.
         m = self._meter
+        factor = self.factor_milli
+        self.factor_milli = 1000  # chip us = host us while measuring
         d = [0] * _TARE_SAMPLES
+        self._mark = m.start_us()
         for i in range(_TARE_SAMPLES):
-            a = m.start_us()
-            d[i] = m.stop_us() - a
+            c0 = self.compute_us
+            self.enter()
+            self.leave()
+            d[i] = self.compute_us - c0
         d.sort()
-        self.tare_us = d[_TARE_SAMPLES // 2]
+        lo = _TARE_SAMPLES // 10
+        mid = d[lo:_TARE_SAMPLES - lo]
+        self.tare_milli = sum(mid) * 1000 // len(mid)
+        self.tare_us = self.tare_milli // 1000
+        self.factor_milli = factor
+        self.compute_us = 0
+        self.t_us = 0
+        self._frac = 0
 
     # ---- the firmware enters and leaves the simulation ---------------------
     def enter(self):
         self._depth += 1
         if self._depth == 1:  # (the simulation's own calls to the clock nest)
-            self._charge_cpu()
+            # From here on what is allocated is the simulation's, the clock's
+            # own work included (callbacks it runs are the firmware's again).
             self._alloc_mark = mem_total()
             self._garbage_mark = mem_current()
+            self._charge_cpu()
 
     def leave(self):
         self._depth -= 1
@@ -130,12 +151,13 @@ class ChipClock:
             self._mark = self._meter.start_us()
 
     def _chip_us(self, host_us):
-        host_us -= self.tare_us
-        if host_us <= 0:
+        # Chip us for a span of host_us, its tare off; the remainder carries.
+        x = host_us * 1000 - self.tare_milli
+        if x <= 0:
             return 0
-        x = host_us * self.factor_milli + self._frac
-        self._frac = x % 1000
-        return x // 1000
+        x = x * self.factor_milli + self._frac
+        self._frac = x % 1000000
+        return x // 1000000
 
     def _charge_cpu(self):
         d = self._chip_us(self._meter.stop_us() - self._mark)
@@ -175,10 +197,11 @@ class ChipClock:
         start = self.t_us
         end = start + ms * 1000
         while True:
-            src, t = self._next_source(end)
+            src = self._next_source(end)
             if src is None:
                 self.t_us = end
                 break
+            t = self._next_t
             if t > self.t_us:
                 self.t_us = t
             if src.fired():
@@ -207,6 +230,8 @@ class ChipClock:
         self._sources.append(src)
 
     def _next_source(self, end):
+        # The source to fire first, by end at the latest; its time in _next_t
+        # (no tuple: the simulation makes no garbage to collect either).
         best = None
         t = end + 1
         for s in self._sources:
@@ -214,16 +239,18 @@ class ChipClock:
             if 0 <= n < t:
                 t = n
                 best = s
-        return best, t
+        self._next_t = t
+        return best
 
     def _advance(self, d, blocking, extend):
         # Moves time on by d: computing (extend: callbacks interrupt the
         # code, which then ends later), sleeping, or blocked in a C call.
         end = self.t_us + d
         while True:
-            src, t = self._next_source(end)
+            src = self._next_source(end)
             if src is None:
                 break
+            t = self._next_t
             if t > self.t_us:
                 self.t_us = t
             if not src.fired():

@@ -6,10 +6,10 @@
 # themselves go to the host's stream at once. Received bytes come from a
 # host stream, or (stream_in None) from feed().
 #
-# Polled with select.poll, the console gives the host's file descriptor
-# (fd_in) when it has one: the unix port polls objects without one by
-# sleeping a millisecond in poll(), which an ESP32 does not do and which
-# would count as the firmware's time.
+# The firmware asks it for waiting bytes with any(), as it would a
+# machine.UART: polled by select.poll instead, the unix port would sleep a
+# millisecond in poll() (objects without a file descriptor), which an ESP32
+# does not do and which the CPU meter would charge.
 import io
 import select
 
@@ -19,16 +19,19 @@ _POLL = const(3)  # MP_STREAM_POLL
 _POLLIN = const(1)
 _NO_FILENO = const(-1)
 _GET_FILENO = const(10)  # MP_STREAM_GET_FILENO
+_RX_RING = const(512)  # received bytes held for the firmware
 UART_FIFO_BYTES = const(128)
 
 
 class SimConsole(io.IOBase):
-    def __init__(self, clock, stream_in, stream_out, baud=115200, tx_buffer=UART_FIFO_BYTES, fd_in=-1):
+    def __init__(self, clock, stream_in, stream_out, baud=115200, tx_buffer=UART_FIFO_BYTES):
         self._clock = clock
         self._in = stream_in
         self._out = stream_out
-        self._rx = bytearray()
-        self._fd_in = fd_in
+        self._rx = bytearray(_RX_RING)
+        self._rx_n = 0  # bytes put in the ring, ever
+        self._rx_pos = 0  # bytes taken from it
+        self._byte = bytearray(1)
         self._poll = select.poll()
         if stream_in is not None:
             self._poll.register(stream_in, select.POLLIN)
@@ -62,34 +65,51 @@ class SimConsole(io.IOBase):
             c.leave()
 
     def feed(self, data):
-        self._rx += data
+        for b in data:
+            self._put(b)
 
-    def readinto(self, buf):
+    def _put(self, b):
+        if self._rx_n - self._rx_pos < _RX_RING:
+            self._rx[self._rx_n % _RX_RING] = b
+            self._rx_n += 1
+
+    def _fill(self):
+        # What the host has for us, moved into the RX ring: the UART's
+        # hardware FIFO, whose filling is not the chip's CPU.
         c = self._clock
         c.enter()
         try:
-            if self._in is not None:
-                return self._in.readinto(buf)
-            n = min(len(buf), len(self._rx))
-            buf[:n] = self._rx[:n]
-            self._rx = self._rx[n:]
-            return n
+            while self._rx_n - self._rx_pos < _RX_RING:
+                ready = False
+                for _obj, ev in self._poll.ipoll(0):
+                    ready = ev & _POLLIN
+                if not ready or self._in.readinto(self._byte) != 1:
+                    break
+                self._put(self._byte[0])
         finally:
             c.leave()
+
+    def any(self):
+        # As machine.UART.any(): how many bytes wait. Served from the ring as
+        # a C call would be (no simulation time); the host is asked only
+        # when the ring is empty.
+        n = self._rx_n - self._rx_pos
+        if not n and self._in is not None:
+            self._fill()
+            n = self._rx_n - self._rx_pos
+        return n
+
+    def readinto(self, buf):
+        n = 0
+        while n < len(buf) and self.any():
+            buf[n] = self._rx[self._rx_pos % _RX_RING]
+            self._rx_pos += 1
+            n += 1
+        return n
 
     def ioctl(self, req, arg):
         if req == _GET_FILENO:
-            return self._fd_in
+            return _NO_FILENO
         if req != _POLL:
             return _NO_FILENO
-        c = self._clock
-        c.enter()
-        try:
-            if self._in is None:
-                return arg & _POLLIN if self._rx else 0
-            for _obj, ev in self._poll.ipoll(0):
-                if ev & _POLLIN:
-                    return arg & _POLLIN
-            return 0
-        finally:
-            c.leave()
+        return arg & _POLLIN if self.any() else 0

@@ -69,19 +69,39 @@ class ThreadCpu:
         return w - _field(b, 1) // 1000
 
     # A measured span opens with start_us() and closes with stop_us(): the
-    # wall clock is read last in one and first in the other, so almost none
-    # of the meter's own work falls inside the span. A preemption in the
-    # microsecond between the two readings can only shorten the span.
+    # wall clock is read last in one and first in the other, so little of
+    # the meter's own work falls inside the span (what does is the same every
+    # time: the clock takes it off as its tare). A preemption between the
+    # wall clock and the file shows as run_delay moving across the second
+    # reading of the file: the reading is taken again.
     def start_us(self):
         f = self._f
-        f.seek(0)
-        f.readinto(self._a)
-        d = _field(self._a, 1) // 1000
-        return self._wall_us() - d
+        a = self._a
+        b = self._b
+        for _ in range(_RETRIES):
+            f.seek(0)
+            f.readinto(a)
+            d = _field(a, 1)
+            w = self._wall_us()
+            f.seek(0)
+            f.readinto(b)
+            if _field(b, 1) == d:
+                return w - d // 1000
+            self.retries += 1
+        return w - d // 1000
 
     def stop_us(self):
-        w = self._wall_us()
         f = self._f
-        f.seek(0)
-        f.readinto(self._b)
-        return w - _field(self._b, 1) // 1000
+        a = self._a
+        b = self._b
+        for _ in range(_RETRIES):
+            f.seek(0)
+            f.readinto(a)
+            w = self._wall_us()
+            f.seek(0)
+            f.readinto(b)
+            d = _field(b, 1)
+            if _field(a, 1) == d:
+                return w - d // 1000
+            self.retries += 1
+        return w - d // 1000

@@ -88,6 +88,7 @@ class MAX30102Model:
         self.index = 0  # samples converted since start (for tests)
         self.lost = 0
         self.max_level = 0  # the fullest the FIFO was when the firmware looked
+        self.irq_pins = []  # SimIrqPins wired to INT
         self._unread_full = False  # WR == RD means full, not empty
         self._reset()
 
@@ -315,7 +316,10 @@ class SimI2C:
         try:
             c.charge_io_us(self._cost_us(len(buf)))
             self.faults.check(c)
-            self._dev(addr).read_into(memaddr, buf)
+            dev = self._dev(addr)
+            dev.read_into(memaddr, buf)
+            for p in dev.irq_pins:
+                p.refresh()
         finally:
             c.leave()
 
@@ -325,7 +329,10 @@ class SimI2C:
         try:
             c.charge_io_us(self._cost_us(len(buf)))
             self.faults.check(c)
-            self._dev(addr).write(memaddr, buf)
+            dev = self._dev(addr)
+            dev.write(memaddr, buf)
+            for p in dev.irq_pins:
+                p.refresh()
         finally:
             c.leave()
 
@@ -369,6 +376,7 @@ class MAX30003Model:
         self.words_clocked = 0  # FIFO words clocked out in bursts or single reads
         self.empty_words_clocked = 0  # of which past the last sample (a reader that ignores the count)
         self.max_level = 0  # the fullest the FIFO was when the firmware read it
+        self.irq_pins = []  # SimIrqPins wired to INTB
         self._reset()
 
     def rate_hz(self):
@@ -543,15 +551,16 @@ class SimIrqPin:
         self._low = False
         self.dropped = 0
         clock.add_source(self)
+        chip.irq_pins.append(self)
 
     def value(self):
-        c = self._clock
-        c.enter()
-        try:
-            self._low = self._chip.irq_asserted()
-            return 0 if self._low else 1
-        finally:
-            c.leave()
+        # The line as last seen: the clock looks when it fires, the bus after
+        # every transfer to the chip (refresh), so reading it costs the
+        # firmware what reading a GPIO does, and the model no host time.
+        return 0 if self._low else 1
+
+    def refresh(self):
+        self._low = self._chip.irq_asserted()
 
     def irq(self, handler=None, trigger=IRQ_FALLING):
         self._handler = handler
@@ -618,6 +627,8 @@ class SimSPI:
             for cs, dev in self._devices:
                 if not cs.value():
                     dev.transfer(tx, rx)
+                    for p in dev.irq_pins:
+                        p.refresh()
                     return
             for i in range(len(rx)):
                 rx[i] = 0xFF  # nobody selected: MISO pulled up
