@@ -54,7 +54,7 @@ class BleManager:
                  time_sync_s: float | None = None, manager: LinkManager | None = None) -> None:
         self.cfg = cfg
         self.wanted = wanted  # is this device id an active registered board?
-        self.manager = manager or LinkManager(processor, wanted, time_sync_s, recorder_for)
+        self.manager = manager or LinkManager(processor, time_sync_s, recorder_for)
         self.scans = 0  # scan windows run: the loop's heartbeat
         self.adapter = "unknown"  # up | down
         self.adapter_error = ""

@@ -17,11 +17,13 @@ What happens to a link once found is the same for both, and lives here:
     it delivers again)
 
     A port whose first identify_s bring no authentic message from an active
-    registered board is released (RELEASED: not a registered board, or no
-    board answering) and tried again only after RELEASE_RETRY_S (doubling to
-    RELEASE_RETRY_MAX_S), at once when the registry changes or the port is
-    plugged in again: the hub never keeps a port that is not one of its
-    boards (a blank board being provisioned, a modem).
+    registered board is let go and tried again only after RELEASE_RETRY_S
+    (doubling to RELEASE_RETRY_MAX_S; BOUND_RETRY_MAX_S where our board
+    was), at once when the registry changes or the port is plugged in again:
+    the hub never keeps a port that is not one of its boards (a blank board
+    being provisioned, a modem). Such a port reads RELEASED (not a
+    registered board); one where our board was reads STALLED (nothing
+    received: a hung board, or another device under its name).
 
 Every session end is counted per reason (session.END_REASONS).
 """
@@ -65,6 +67,9 @@ IDENTIFY_S = 10.0
 # A released port is tried again after this (doubling up to the max).
 RELEASE_RETRY_S = 30.0
 RELEASE_RETRY_MAX_S = 300.0
+# ... at most this when the port was one of our boards' (a hung board that
+# comes back without re-enumerating is served again within a minute).
+BOUND_RETRY_MAX_S = 60.0
 # A link that stayed up this long has its backoff reset.
 STABLE_LINK_S = 10.0
 # Reconnect backoff: first retry within BACKOFF_BASE_S, at most BACKOFF_CAP_S.
@@ -121,19 +126,21 @@ class Link:
 class LinkManager:
     """The links and the one policy that opens, watches and reopens them.
 
-    processor judges and stores messages; wanted(device_id) says whether a
-    device is an active registered board. stall_s and identify_s are the
-    watchdog bounds (see agent/session.py).
+    processor judges and stores messages (an active registered board is one
+    whose messages it accepts). stall_s and identify_s are the watchdog
+    bounds (see agent/session.py).
     """
 
-    def __init__(self, processor: Processor, wanted: Callable[[str], bool], time_sync_s: float | None = None,
+    def __init__(self, processor: Processor, time_sync_s: float | None = None,
                  recorder_for: Callable[[str], Callable[[bytes], None] | None] | None = None) -> None:
         self.processor = processor
-        self.wanted = wanted
         self.time_sync_s = time_sync_s
         self.recorder_for = recorder_for
         self.stall_s = STALL_S
         self.identify_s = IDENTIFY_S
+        self.release_retry_s = RELEASE_RETRY_S
+        self.release_retry_max_s = RELEASE_RETRY_MAX_S
+        self.bound_retry_max_s = BOUND_RETRY_MAX_S
         self.links: dict[str, Link] = {}
         self.ends: Counter[str] = Counter()  # every link's, by reason
         self.progress_at = time.monotonic()  # the last delivery on any link
@@ -142,6 +149,7 @@ class LinkManager:
         lk = self.links.get(key)
         if lk is None:
             lk = self.links[key] = Link(kind, key)
+            lk.release_backoff = Backoff(self.release_retry_s, self.release_retry_max_s)
         return lk
 
     async def attempt(self, link: Link, transport: Transport, identify: bool) -> SessionEnd:
@@ -201,11 +209,18 @@ class LinkManager:
             link.lost_at = now
         if opened is not None and now - opened > STABLE_LINK_S and end.reason != END_STALLED:
             link.backoff.reset()
-        if end.reason in (END_NOT_REGISTERED, END_SILENT):
-            # No active registered board speaks on it (any more): let it go, for a good while.
+        if end.reason == END_NOT_REGISTERED or (end.reason == END_SILENT and not link.device_id):
+            # Not one of our boards: let the port go, for a good while.
             link.state = LinkState.RELEASED
             link.next_try = now + link.release_backoff.next_delay()
             log.warning("%s: released: %s", link.describe(), end.detail)
+            return
+        if end.reason == END_SILENT:
+            # Where our board was, nothing speaks (hung, or another device under its name): the port
+            # is let go all the same, and looked at again sooner.
+            link.state = LinkState.STALLED
+            link.next_try = now + min(link.release_backoff.next_delay(), self.bound_retry_max_s)
+            log.warning("%s: port let go: %s", link.describe(), end.detail)
             return
         link.release_backoff.reset()
         if end.reason == END_STALLED or (link.state is LinkState.STALLED and not was_up):

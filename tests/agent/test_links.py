@@ -5,6 +5,7 @@
 import asyncio
 import logging
 import os
+import signal
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -295,8 +296,10 @@ def test_a_port_name_taken_by_another_device_is_let_go(micropython: str, tmp_pat
                          lambda: agent.snapshot()["boards"])
             await asyncio.to_thread(board.stop)
             plug(blank.port)
-            await _until(lambda: _board(agent, board.device_id).get("state") == "released", 30,
+            # Where the board was, nothing of ours speaks: "stalled", and the port let go.
+            await _until(lambda: _board(agent, board.device_id).get("ends", {}).get("silent") == 1, 30,
                          lambda: agent.snapshot()["boards"])
+            assert _board(agent, board.device_id)["state"] == "stalled"
             assert await asyncio.to_thread(_free, blank.port)
             assert blank.taps()[1] == b""
             await asyncio.to_thread(board.start)
@@ -319,4 +322,69 @@ def test_a_port_name_taken_by_another_device_is_let_go(micropython: str, tmp_pat
     finally:
         backend.close()
         blank.stop()
+        board.stop()
+
+
+@pytest.mark.micropython
+@pytest.mark.slow
+def test_a_hung_board_is_stalled_then_served_again(micropython: str, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # The firmware hangs with USB up (the process stopped): nothing arrives.
+    # The link reads "stalled" (never "connected"), its port is let go and
+    # looked at again; the board comes back and is served. Then one
+    # unexpected exception inside the session (a bug): logged with its
+    # traceback, counted, the link reopened.
+    sims = harness.start_boards(tmp_path, 1, micropython)
+    board = sims[0]
+    pki = harness.pki_for(tmp_path)
+    backend = harness.ThreadedBackend(tmp_path, {board.device_id: board.spec.key}, pki)
+    try:
+        harness.register(tmp_path / "data", tmp_path / "log", sims)
+        cfg = agent_config.load(harness.write_config(tmp_path, sims, harness.webhook(pki, backend.port)))
+
+        async def scenario() -> Agent:
+            agent = Agent(cfg)
+            agent.links.stall_s, agent.links.identify_s, agent.links.release_retry_s = 3.0, 2.0, 1.0
+            stop = asyncio.Event()
+            task = asyncio.create_task(agent.run(stop))
+            dev = board.device_id
+            b = lambda: _board(agent, dev)  # noqa: E731
+            await _until(lambda: b().get("state") == "connected", 30, lambda: agent.snapshot()["boards"])
+            assert board.proc is not None
+            os.killpg(board.proc.pid, signal.SIGSTOP)
+            await _until(lambda: b().get("ends", {}).get("stalled", 0) >= 1, 20, b)
+            await _until(lambda: b().get("ends", {}).get("silent", 0) >= 2, 20, b)  # reopened, still silent
+            assert b()["state"] != "connected"
+            os.killpg(board.proc.pid, signal.SIGCONT)
+            acked = len(harness.acked(board))
+            await _until(lambda: b().get("state") == "connected" and len(harness.acked(board)) > acked + 3, 30, b)
+            ingestor = agent.ingestor
+            submit = ingestor.submit
+            faults = [1]
+
+            def buggy(*args: Any, **kw: Any) -> Any:  # fault injection: a bug, once
+                if faults:
+                    faults.pop()
+                    raise RuntimeError("injected bug")
+                return submit(*args, **kw)
+
+            ingestor.submit = buggy  # type: ignore[method-assign]
+            await _until(lambda: b().get("ends", {}).get("crashed") == 1 and b()["state"] == "connected", 30, b)
+            acked = len(harness.acked(board))
+            await _until(lambda: len(harness.acked(board)) > acked + 3, 30, b)
+            await asyncio.to_thread(board.stop)
+            await _drain(agent, 30)
+            stop.set()
+            await task
+            return agent
+
+        with caplog.at_level(logging.ERROR, logger="agent.session"):
+            agent = asyncio.run(scenario())
+        assert any(r.exc_info and "injected bug" in str(r.exc_info[1]) for r in caplog.records)
+        acked, delivered, lost = _figures(sims, backend)
+        print("hung board, then a bug: acknowledged %d, delivered %d, lost %d; ends %s" % (
+            acked, delivered, lost, _board(agent, board.device_id)["ends"]))
+        assert lost == 0 and acked > 0
+    finally:
+        backend.close()
         board.stop()
