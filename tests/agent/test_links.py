@@ -331,7 +331,8 @@ def test_a_hung_board_is_stalled_then_served_again(micropython: str, tmp_path: P
                                                    caplog: pytest.LogCaptureFixture) -> None:
     # The firmware hangs with USB up (the process stopped): nothing arrives.
     # The link reads "stalled" (never "connected"), its port is let go and
-    # looked at again; the board comes back and is served. Then one
+    # looked at again; the board's watchdog resets it, and it is served
+    # again. Then one
     # unexpected exception inside the session (a bug): logged with its
     # traceback, counted, the link reopened.
     sims = harness.start_boards(tmp_path, 1, micropython)
@@ -356,6 +357,9 @@ def test_a_hung_board_is_stalled_then_served_again(micropython: str, tmp_path: P
             await _until(lambda: b().get("ends", {}).get("silent", 0) >= 2, 20, b)  # reopened, still silent
             assert b()["state"] != "connected"
             os.killpg(board.proc.pid, signal.SIGCONT)
+            # The board's watchdog resets it (the simulated one leaves it at its REPL): it boots again.
+            await asyncio.to_thread(board.stop)
+            await asyncio.to_thread(board.start)
             acked = len(harness.acked(board))
             await _until(lambda: b().get("state") == "connected" and len(harness.acked(board)) > acked + 3, 30, b)
             ingestor = agent.ingestor
