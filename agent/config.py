@@ -133,7 +133,8 @@ class AgentConfig:
 # timeout never connects) while leaving every sensible deployment room.
 RANGES: dict[str, tuple[float, float]] = {
     "agent.retention_days": (0, 3650),  # 0: purge as soon as every backend has a frame
-    "agent.disk_quota_mb": (1, 1_000_000),
+    # Down to 10 kB: the quota tests fill a tiny store in seconds; 0 would drop every frame.
+    "agent.disk_quota_mb": (0.01, 1_000_000),
     "agent.time_sync_every_s": (1, 86400),
     "serial.baudrate": (300, 4_000_000),
     "serial.usb_vid": (0, 0xFFFF),
