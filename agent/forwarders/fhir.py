@@ -110,6 +110,25 @@ def subject(patient_ref: str) -> dict[str, Any]:
     return {"type": "Patient", "identifier": {"system": system, "value": value}}
 
 
+# Sequence ranges spelt out in a gap's note; the rest are counted (the MQTT and webhook
+# documents carry them all).
+GAP_RANGES_SHOWN = 20
+
+
+def gap_text(doc: dict[str, Any]) -> str:
+    """A gap record in words: how many frames, of which boot (epoch), which sequence numbers, why."""
+    dropped = doc.get("frames_dropped")
+    text = "%s frames lost at the hub" % (dropped if isinstance(dropped, int) else "some")
+    if isinstance(doc.get("epoch"), int):
+        text += ", boot epoch %d" % doc["epoch"]
+    ranges = [r for r in doc.get("seq_ranges") or [] if isinstance(r, list) and len(r) == 2]
+    if ranges:
+        shown = ", ".join(str(a) if a == b else "%s-%s" % (a, b) for a, b in ranges[:GAP_RANGES_SHOWN])
+        more = len(ranges) - GAP_RANGES_SHOWN
+        text += ", seq %s%s" % (shown, " and %d more ranges" % more if more > 0 else "")
+    return text + " (%s)" % doc.get("reason", "unknown")
+
+
 def observation(doc: dict[str, Any], hub_id: str) -> dict[str, Any]:
     key = doc["idempotency_key"]
     device = doc["device_id"]
@@ -142,9 +161,7 @@ def observation(doc: dict[str, Any], hub_id: str) -> dict[str, Any]:
         obs["code"] = {"text": "pulsebridge data gap"}
         obs["dataAbsentReason"] = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",
                                                "code": "error"}]}
-        dropped = doc.get("frames_dropped")
-        obs["note"] = [{"text": "%s frames lost at the hub (%s)" % (
-            dropped if isinstance(dropped, int) else "some", doc.get("reason", "unknown"))}]
+        obs["note"] = [{"text": gap_text(doc)}]
         return obs
     code, mdc_name, text = CODES.get(doc["stream"], ("0", "unknown", doc["stream"]))
     obs["code"] = {"coding": [{"system": MDC, "code": code, "display": mdc_name}], "text": text}

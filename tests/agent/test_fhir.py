@@ -344,3 +344,14 @@ def test_an_unsafe_secret_file_is_one_clear_line_and_retried(tmp_path: Path,
         assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
     finally:
         store.close()
+
+
+def test_a_gap_record_says_which_frames() -> None:
+    doc = {"type": "gap", "idempotency_key": "gap:pb-1:4", "hub_id": "h", "received_at": "2026-11-30T10:00:01Z",
+           "device_id": "pb-1", "epoch": 3, "seq_ranges": [[10, 20], [25, 25]], "frames_dropped": 12,
+           "reason": "disk_quota", "subject": "Patient/9"}
+    obs = fhir.observation(doc, "h")
+    assert obs["note"][0]["text"] == "12 frames lost at the hub, boot epoch 3, seq 10-20, 25 (disk_quota)"
+    assert obs["dataAbsentReason"]["coding"][0]["code"] == "error" and obs["subject"] == {"reference": "Patient/9"}
+    many = dict(doc, seq_ranges=[[i * 3, i * 3 + 1] for i in range(25)])
+    assert fhir.observation(many, "h")["note"][0]["text"].endswith("and 5 more ranges (disk_quota)")
