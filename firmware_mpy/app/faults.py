@@ -77,7 +77,7 @@ class SensorGuard:
         self.backoff_ms = [_BACKOFF_MIN_MS] * n
         self.down_since_ms = [0] * n
 
-    def ready(self, k, now_ms):
+    def ready(self, k):
         # Whether stream k's sensor is to be read this loop.
         return self.state[k] != DOWN
 

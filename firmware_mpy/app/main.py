@@ -227,7 +227,7 @@ class App:
     def _poll_stream(self, k, now, poll_ms):
         st = self.streams[k]
         g = self.guard
-        if not g.ready(k, now):
+        if not g.ready(k):
             if g.restart_due(k, now):
                 self._restart_sensor(k, now)
             return
