@@ -2,7 +2,10 @@
 # by Playwright) against a running agent with a simulated board.
 import asyncio
 import base64
+import contextlib
+import io
 import os
+import signal
 from pathlib import Path
 
 import aiohttp
@@ -94,6 +97,100 @@ def test_status_page_live_in_chromium(micropython: str, tmp_path: Path) -> None:
             assert int(found[locale + ":shot"]) > 10_000  # type: ignore[call-overload]
         assert "pb-t01" in str(found["fr-FR:body"]) and "Fréquence cardiaque" in str(found["fr-FR:body"])
         assert "Heart rate" in str(found["en-GB:body"])
+    finally:
+        for s in sims:
+            s.stop()
+
+
+@pytest.mark.micropython
+@pytest.mark.slow
+def test_status_page_and_cli_tell_stalled_unplugged_and_restarted(micropython: str, tmp_path: Path) -> None:
+    # A board whose firmware hangs (stalled), a configured port with nothing
+    # plugged in, and a task that crashed once: the page (French and
+    # English) and `pulsebridge status` say so, in plain words.
+    chromium = _chromium()
+    from playwright.async_api import async_playwright
+
+    from agent import cli
+
+    sims = harness.start_boards(tmp_path, 1, micropython)
+    board = sims[0]
+    pw_file = tmp_path / "status.password"
+    write_private(pw_file, b"correct horse battery\n")
+    absent = tmp_path / "ttyACM9"
+    try:
+        harness.register(tmp_path / "data", tmp_path / "log", sims)
+        port = harness.free_port()
+        config = harness.write_config(tmp_path, sims, "", extra=(
+            'status_page_listen = "127.0.0.1:%d"\nstatus_page_password_file = "%s"\n\n[[serial]]\nport = "%s"\n'
+            % (port, pw_file, absent)))
+        cfg = agent_config.load(config)
+
+        async def scenario() -> dict[str, str]:
+            agent = Agent(cfg)
+            agent.links.stall_s, agent.links.identify_s = 2.0, 2.0
+            housekeeping = agent._housekeeping
+            crashes = [1]
+
+            async def flaky() -> None:  # fault injection: one crash
+                if crashes:
+                    crashes.pop()
+                    raise RuntimeError("injected fault")
+                await housekeeping()
+
+            agent._housekeeping = flaky  # type: ignore[method-assign]
+            stop = asyncio.Event()
+            task = asyncio.create_task(agent.run(stop))
+
+            def state(dev: str) -> str:
+                return next((b["state"] for b in agent.snapshot()["boards"] if b["device_id"] == dev), "")
+
+            for _ in range(300):
+                if state(board.device_id) == "connected":
+                    break
+                await asyncio.sleep(0.1)
+            assert board.proc is not None
+            os.killpg(board.proc.pid, signal.SIGSTOP)  # the firmware hangs, USB up
+            for _ in range(300):
+                if state(board.device_id) == "stalled" and agent.tasks["housekeeping"].restarts == 1:
+                    break
+                await asyncio.sleep(0.1)
+            found: dict[str, str] = {}
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                assert await asyncio.to_thread(cli.main, ["status", "--config", str(config)]) == 0
+            found["cli"] = out.getvalue()
+            async with async_playwright() as p:
+                browser = await p.chromium.launch(executable_path=chromium, args=[
+                    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", "--no-first-run"])
+                for locale in ("fr-FR", "en-GB"):
+                    ctx = await browser.new_context(locale=locale, http_credentials={
+                        "username": "hub", "password": "correct horse battery"})
+                    page = await ctx.new_page()
+                    await page.goto("http://127.0.0.1:%d/" % port)
+                    for _ in range(100):
+                        if "board1" in await page.content() and len((await page.text_content("#tasks")) or "") > 2:
+                            break
+                        await page.wait_for_timeout(100)
+                    found[locale] = (await page.text_content("body")) or ""
+                    await ctx.close()
+                await browser.close()
+            os.killpg(board.proc.pid, signal.SIGCONT)
+            stop.set()
+            await task
+            return found
+
+        found = asyncio.run(scenario())
+        fr, en, text = found["fr-FR"], found["en-GB"], found["cli"]
+        assert "À vérifier : 2" in fr and "Needs a look: 2" in en, (fr, en)
+        assert "branché, mais plus rien ne nous parvient" in fr and "non branché" in fr, fr
+        assert "plugged in, but nothing is coming through" in en and "not plugged in" in en, en
+        assert "Tâche interne housekeeping redémarrée 1 fois" in fr, fr
+        assert "Internal task housekeeping restarted 1 times" in en, en
+        assert "board pb-t01       stalled: nothing received" in text, text
+        assert "not plugged in, on %s" % absent in text, text
+        assert "task housekeeping restarted 1 times (last: RuntimeError: injected fault)" in text, text
     finally:
         for s in sims:
             s.stop()

@@ -1,0 +1,89 @@
+# Serial ports without a board process: the transport keeps the port read
+# when the hub is behind, and which ports the discovery picks. The ports are
+# real ptys; the listing is injected at the list_ports boundary.
+import asyncio
+import os
+import pty
+import threading
+import time
+import tty
+from pathlib import Path
+
+from serial.tools.list_ports_common import ListPortInfo
+
+from agent.links import LinkManager, SerialDiscovery, SerialWant
+from agent.transports import serial as serial_transport
+from agent.transports.serial import SerialTransport
+from protocols import link
+
+
+def test_the_port_is_read_even_when_nobody_takes_the_messages() -> None:
+    # An ESP32-S3's native USB blocks the board's writes when the host stops
+    # reading: the hub must drain the port whatever its own queues hold. The
+    # board side writes 2 MB of frames (100x a pty's buffer) with blocking
+    # writes; nobody calls receive(). Every write must complete, the excess
+    # be dropped and counted, and the queue keep its bound.
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    frame = link.StreamFramer().frame(bytes(range(256)) * 3)
+    total = 2_000_000 // len(frame)
+    done = threading.Event()
+
+    def board() -> None:
+        for _ in range(total):
+            os.write(master, frame)  # blocks while the port is not read
+        done.set()
+
+    async def run() -> SerialTransport:
+        t = SerialTransport(os.ttyname(slave))
+        await t.open()
+        threading.Thread(target=board, daemon=True).start()
+        end = time.monotonic() + 60
+        while not done.is_set() and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # what the last writes put in the buffer
+        assert done.is_set(), "the board's writes blocked: the port was not read"
+        await t.close()
+        return t
+
+    try:
+        t = asyncio.run(run())
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert t._queue.qsize() == serial_transport.QUEUE_DEPTH
+    assert t.discarded["overflow"] >= total - serial_transport.QUEUE_DEPTH - 100
+
+
+def _port(device: str, vid: int | None, pid: int | None, serial_number: str | None) -> ListPortInfo:
+    p = ListPortInfo(device, skip_link_detection=True)
+    p.vid, p.pid, p.serial_number = vid, pid, serial_number
+    return p
+
+
+def test_discovery_picks_ports_by_identity(tmp_path: Path) -> None:
+    a = tmp_path / "ttyACM0"
+    b = tmp_path / "ttyACM1"
+    c = tmp_path / "ttyUSB0"
+    for p in (a, b, c):
+        p.write_text("")
+    by_id = tmp_path / "usb-Silicon_Labs_CP2102-0001-if00"
+    by_id.symlink_to(c)
+    listed = [_port(str(a), 0x303A, 0x1001, "S3-A"), _port(str(b), 0x303A, 0x1001, "S3-B"),
+              _port(str(c), 0x10C4, 0xEA60, "0001"), _port("/dev/ttyS0", None, None, None)]
+    manager = LinkManager(processor=None)  # type: ignore[arg-type]
+    # No [[serial]] section: every USB serial port, none of the others.
+    found = SerialDiscovery(manager, [], lambda: listed).candidates()
+    assert set(found) == {"usb:303a:1001:S3-A", "usb:303a:1001:S3-B", "usb:10c4:ea60:0001"}
+    # One VID:PID: both boards of it.
+    found = SerialDiscovery(manager, [SerialWant(usb_vid=0x303A, usb_pid=0x1001)], lambda: listed).candidates()
+    assert {k: v[0] for k, v in found.items()} == {"usb:303a:1001:S3-A": str(a), "usb:303a:1001:S3-B": str(b)}
+    # A /dev/serial/by-id name: that port, described by what the listing says of its device.
+    found = SerialDiscovery(manager, [SerialWant(port=str(by_id))], lambda: listed).candidates()
+    assert found == {"port:" + str(by_id): (str(by_id), 115200, "10c4:ea60 0001")}
+    # Re-enumerated under another name: the same identity.
+    moved = [_port(str(b), 0x303A, 0x1001, "S3-A")]
+    assert set(SerialDiscovery(manager, [], lambda: moved).candidates()) == {"usb:303a:1001:S3-A"}
+    # A bridge without a serial number (CH340): its name is all there is.
+    ch340 = [_port(str(c), 0x1A86, 0x7523, None)]
+    assert set(SerialDiscovery(manager, [], lambda: ch340).candidates()) == {"port:" + str(c)}
