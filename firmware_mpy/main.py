@@ -3,7 +3,11 @@
 # port (a simulated board) its hardware is the sim package's chip models.
 import sys
 
-from app import main
+# The outbox's ring first, while the heap is in one piece (app/outbox.py).
+from app import config, outbox
+
+outbox.preallocate(config.ring_bytes())
+from app import main  # noqa: E402
 
 try:
     if sys.platform == "linux":

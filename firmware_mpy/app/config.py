@@ -97,3 +97,13 @@ def next_epoch():
         f.write("%d\n" % epoch)
     os.rename(tmp, EPOCH)
     return epoch
+
+
+def ring_bytes():
+    # The outbox ring's size this board will ask for (at boot, before the
+    # app's modules load: app.outbox.preallocate); the default if unsure.
+    try:
+        cfg = load()
+    except ConfigError:
+        return DEFAULTS["outbox_bytes"]
+    return cfg["outbox_bytes"]

@@ -19,7 +19,12 @@ from protocols.errors import ProtocolError
 FIRMWARE = "pulsebridge-fw 0.1.0"
 _SMALL = const(160)  # buffer for hello/status/time messages
 _MAX_SENDS_PER_LOOP = const(4)
-_IDLE_MAX_MS = const(100)  # the longest sleep: downlink (acks, commands) is read at least this often
+_IDLE_MAX_MS = const(100)
+# Garbage is collected when the loop chooses: right after the sensors were
+# drained, once less than this is free, rather than wherever an allocation
+# finds the heap full (in the middle of a frame, with a FIFO filling). The
+# loop makes a few kB of garbage a second (hashlib objects, decoded acks).
+_GC_HEADROOM = const(16384)  # the longest sleep: downlink (acks, commands) is read at least this often
 # Our sensors give at most 18-bit samples: a delta-zigzag varint of one
 # takes at most 3 bytes. Headers and the COSE envelope take under 200.
 _WORST_BYTES_PER_SAMPLE = const(3)
@@ -176,7 +181,7 @@ class App:
 
     def _any_ready(self):
         for st in self.streams:
-            if st.ready:
+            if st.wants():
                 return True
         return False
 
@@ -194,6 +199,9 @@ class App:
     def step(self):
         self.board.service()
         now = self._drain()
+        if gc.mem_free() < _GC_HEADROOM:
+            gc.collect()
+            now = self._drain()
         if self.link.service():
             self.outbox.resend_all()  # reconnected: resend what was in flight
             self.hello()
@@ -317,6 +325,7 @@ class App:
     def start(self):
         if self.board.reset_cause_watchdog():
             self.reports.add(faults.ERR_WATCHDOG_RESET, "restarted by the watchdog: the loop had stalled")
+        self.hello()  # before the sensors start: from then on their FIFOs fill
         for k in range(len(self.streams)):
             st = self.streams[k]
             try:
@@ -325,7 +334,6 @@ class App:
                 self._sensor_error(k, self.board.ticks_ms(), e)
             st.start_ms = self.board.uptime_ms()
             st.next_poll_ms = self.board.ticks_ms()
-        self.hello()
 
     def stop(self):
         for st in self.streams:

@@ -5,9 +5,23 @@
 # retransmit_ms. When the ring is full the oldest frames are dropped, and
 # `dropped` (carried in every frame's status) tells the hub: loss is never
 # silent. Acked frames in the middle free their bytes once the older ones go.
+import gc
+
 from micropython import const
 
 from app import ticks
+
+# The ring is the firmware's one big block (24 kB by default). Allocated once
+# the modules are loaded, it may find no hole that large: their code (in RAM
+# when installed as .mpy files) splits the heap. So the entry point asks for
+# it first, at boot (preallocate), and the Outbox takes that one.
+_ring = None
+
+
+def preallocate(nbytes):
+    global _ring
+    gc.collect()
+    _ring = bytearray(nbytes)
 
 _FREE = const(0)  # record unused, or acknowledged
 _UNSENT = const(1)
@@ -16,7 +30,14 @@ _SENT = const(2)
 
 class Outbox:
     def __init__(self, capacity_bytes, max_frames):
-        self.buf = bytearray(capacity_bytes)
+        global _ring
+        ring = _ring
+        _ring = None
+        if ring is not None and len(ring) == capacity_bytes:
+            self.buf = ring
+        else:
+            ring = None
+            self.buf = bytearray(capacity_bytes)
         self.mv = memoryview(self.buf)
         self.off = [0] * max_frames
         self.lens = [0] * max_frames

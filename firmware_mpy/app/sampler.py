@@ -53,6 +53,13 @@ class Stream:
     def on_irq(self, _pin):
         self.ready = True
 
+    def wants(self):
+        # The chip asked, or its line is still low: a drain that could not
+        # take enough (a full window waiting to be framed) left it asking,
+        # and a line that stays low makes no new edge.
+        pin = self.irq_pin
+        return self.ready or (pin is not None and not pin.value())
+
     def due(self, now_ms, poll_ms):
         # Whether to drain now: the chip asked (or its line is still low,
         # an edge we may not see again), or, unwired, the poll is due.

@@ -15,6 +15,8 @@
 # Nothing in read_into allocates.
 from micropython import const
 
+from drivers import _native
+
 _REG_STATUS = const(0x01)
 _REG_EN_INT = const(0x02)
 _REG_MNGR_INT = const(0x04)
@@ -188,24 +190,15 @@ class MAX30003:
                 self._spi.write_readinto(self._btx, rx)
             finally:
                 self._cs.value(1)
-            b = 1
-            for _ in range(_EFIT):
-                word = (rx[b] << 16) | (rx[b + 1] << 8) | rx[b + 2]
-                b += 3
-                etag = (word >> 3) & 7
-                if etag == _ETAG_OVERFLOW:
-                    self.write_reg(_REG_FIFO_RST, 0)
-                    overflow = -1
-                    break
-                if etag == _ETAG_EMPTY:
-                    break  # EINT said otherwise: a glitch; the next call reads on
-                v = word >> 6
-                if v & 0x20000:
-                    v -= 0x40000
-                if v >= _FULL_SCALE_CODE or v <= -_FULL_SCALE_CODE:
-                    sat = True
-                out[pos + n] = v
-                n += 1
+            got = _native.max30003_words(rx, _EFIT, out, pos + n)
+            n += got & 0xFFFF
+            if got & 0x10000:
+                sat = True
+            if got & 0x20000:
+                self.write_reg(_REG_FIFO_RST, 0)
+                overflow = -1
+            elif got & 0x40000:
+                break  # EINT said otherwise: a glitch; the next call reads on
             if overflow:
                 break
         self.saturated = sat

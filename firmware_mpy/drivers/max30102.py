@@ -6,6 +6,8 @@
 # memoryview slices are made once, in __init__.
 from micropython import const
 
+from drivers import _native
+
 ADDRESS = const(0x57)
 _REG_INT_STATUS_1 = const(0x00)  # then INT_STATUS_2, INT_ENABLE_1/2, FIFO_WR_PTR...
 _INT_A_FULL = const(0x80)  # INT_STATUS_1: a write left FIFO_A_FULL or fewer free slots
@@ -174,18 +176,6 @@ class MAX30102:
         if n == 0:
             return 0
         self._i2c.readfrom_mem_into(self._addr, _REG_FIFO_DATA, self._views[n])
-        buf = self._burst
-        red = chans[0]
-        ir = chans[1]
-        sat = False
-        b = 0
-        for i in range(pos, pos + n):
-            r = ((buf[b] << 16) | (buf[b + 1] << 8) | buf[b + 2]) & _SAMPLE_MASK
-            x = ((buf[b + 3] << 16) | (buf[b + 4] << 8) | buf[b + 5]) & _SAMPLE_MASK
-            if r == _FULL_SCALE or x == _FULL_SCALE:
-                sat = True
-            red[i] = r
-            ir[i] = x
-            b += _BYTES_PER_SAMPLE
-        self.saturated = sat
+        sat = _native.max30102_samples(self._burst, n, chans[0], chans[1], pos)
+        self.saturated = bool(sat)
         return n

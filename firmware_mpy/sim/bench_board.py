@@ -23,7 +23,12 @@ import sys
 gc.collect()
 _M0 = gc.mem_alloc()
 _LINK = sys.argv[3] if len(sys.argv) > 3 else "serial"
-from app import config, main  # noqa: E402
+from app import config, outbox  # noqa: E402  (as the board's main.py: the ring first)
+
+outbox.preallocate(config.ring_bytes())
+gc.collect()
+_MR = gc.mem_alloc()  # the ring is the firmware's data, not code
+from app import main  # noqa: E402
 from protocols import messages  # noqa: E402
 
 if _LINK == "ble":
@@ -111,7 +116,7 @@ def run(minutes, speed, link_kind, up_fd, down_fd):
     key = config.load_key()
     gc.collect()
     sim_heap = _M0 + (_M2 - _M1) + (gc.mem_alloc() - b0)
-    code_heap = _M1 - _M0
+    code_heap = _M1 - _MR
     # The chip models (and their recordings' buffers) are made when the app
     # asks the board for its sensors: the simulation's too (the drivers'
     # few hundred bytes with them).
@@ -229,7 +234,10 @@ def run(minutes, speed, link_kind, up_fd, down_fd):
         fifos = {}
         for name, m in board.models.items():
             if hasattr(m, "max_level"):
-                fifos[name] = {"depth": 32, "fill_ms": 32000 / m.rate_hz(), "worst_level": m.max_level}
+                lat = max([p.worst_latency_us for p in m.irq_pins] or [-1])
+                edges = sum(p.edges for p in m.irq_pins)
+                fifos[name] = {"depth": 32, "fill_ms": 32000 / m.rate_hz(), "worst_level": m.max_level,
+                               "overflowed": m.lost, "irq_latency_us": lat, "irqs": edges}
         timer_dropped = 0
         for t in board._timers:
             timer_dropped += t.dropped

@@ -193,10 +193,10 @@ class ChipClock:
     def idle_ms(self, ms, woken):
         # Sleeps like sleep_ms, but returns as soon as a soft IRQ callback
         # has made woken() true (the board waiting for its sensors).
-        self.enter()
+        self.enter()  # (the firmware's time up to here may have run a callback already)
         start = self.t_us
         end = start + ms * 1000
-        while True:
+        while not woken():
             src = self._next_source(end)
             if src is None:
                 self.t_us = end

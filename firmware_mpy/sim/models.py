@@ -189,6 +189,8 @@ class MAX30102Model:
                 if reg == _P_MODE and self._sampling():
                     self._clock.restart()
                     self.index = 0
+                    self.lost = 0  # (counts from the start of sampling)
+                    self.max_level = 0
                 if reg in (_P_FIFO_WR, _P_FIFO_RD):
                     self._unread_full = False
             if reg != _P_FIFO_DATA:
@@ -494,9 +496,15 @@ class MAX30003Model:
                 self.index = 0
                 self.count = 0
                 self.overflow = False
+                self.lost = 0  # (counts from the start of sampling)
+                self.max_level = 0
+                for p in self.irq_pins:
+                    p.restart()
             elif reg == _E_FIFO_RST:
                 self.count = 0
                 self.overflow = False
+                for p in self.irq_pins:
+                    p.restart()
             elif reg != _E_INFO and reg < 128:
                 self.regs[reg] = value
             for i in range(n):
@@ -550,6 +558,11 @@ class SimIrqPin:
         self._handler = None
         self._low = False
         self.dropped = 0
+        # Service latency: from the line falling to the firmware's next
+        # transfer to the chip (chip-speed clock only).
+        self._fell_at = -1
+        self.worst_latency_us = 0
+        self.edges = 0
         clock.add_source(self)
         chip.irq_pins.append(self)
 
@@ -559,8 +572,23 @@ class SimIrqPin:
         # firmware what reading a GPIO does, and the model no host time.
         return 0 if self._low else 1
 
+    def restart(self):
+        # Sampling (re)starts: what the line did before is no service latency.
+        self._fell_at = -1
+
     def refresh(self):
-        self._low = self._chip.irq_asserted()
+        # After each transfer to the chip. A line the firmware's reads have
+        # released goes high (and the FIFO counts as served); one that fell
+        # meanwhile stays "high" here until the clock fires its edge, as a
+        # GPIO interrupt would, whatever register the firmware was reading.
+        if self._chip.irq_asserted():
+            return
+        if self._fell_at >= 0:
+            d = self._clock.t_us - self._fell_at
+            if d > self.worst_latency_us:
+                self.worst_latency_us = d
+            self._fell_at = -1
+        self._low = False
 
     def irq(self, handler=None, trigger=IRQ_FALLING):
         self._handler = handler
@@ -585,6 +613,10 @@ class SimIrqPin:
         low = self._chip.irq_asserted()
         edge = low and not self._low
         self._low = low
+        if edge and self._clock.chip:
+            self.edges += 1
+            if self._fell_at < 0:
+                self._fell_at = self._clock.t_us
         return edge and self._handler is not None
 
     def run(self):

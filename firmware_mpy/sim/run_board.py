@@ -2,8 +2,12 @@
 # app as main.py on an ESP32, on the simulated board. `pulsebridge sim` runs
 # it as `micropython -i sim/run_board.py` in the board's directory (its flash), so
 # Ctrl-C or a stop command leaves a live REPL, as on a real board.
-from app import main
-from sim.board_sim import SimBoard
+# The outbox's ring first, while the heap is in one piece (app/outbox.py).
+from app import config, outbox
+
+outbox.preallocate(config.ring_bytes())
+from app import main  # noqa: E402
+from sim.board_sim import SimBoard  # noqa: E402
 
 try:
     main.run(SimBoard.from_file("sim.json"))

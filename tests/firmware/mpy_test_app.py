@@ -2,6 +2,7 @@
 # test_firmware_on_micropython.py prepares the board directory they run in).
 # The unmodified drivers and app run against the register-level chip models
 # on a virtual clock; the hub end is protocols.hub over a loopback link.
+import array
 import gc
 import json
 
@@ -79,8 +80,8 @@ def test_max30102_fifo_burst_and_overflow_count():
     chip, model = _ppg_chip(clock)
     chip.configure(rate_hz=100)
     chip.start()
-    red = [0] * 64
-    ir = [0] * 64
+    red = array.array("i", bytes(4 * 64))
+    ir = array.array("i", bytes(4 * 64))
     clock.sleep_ms(200)  # 20 samples at 100 Hz
     n = chip.read_into((red, ir), 0, 64)
     assert (n, chip.lost) == (20, 0), (n, chip.lost)
@@ -97,7 +98,7 @@ def test_max30003_identity_burst_and_overflow():
     assert chip.info() & 0xF00000 == 0x500000
     chip.configure(rate_hz=512, gain=20)
     chip.start()
-    out = [0] * 64
+    out = array.array("i", bytes(4 * 64))
     clock.sleep_ms(25)  # 12.8 samples -> 12, fewer than a burst (EFIT 16): they wait
     n = chip.read_into((out,), 0, 64)
     assert (n, chip.lost, model.words_clocked) == (0, 0, 0), (n, chip.lost, model.words_clocked)

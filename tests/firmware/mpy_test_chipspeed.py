@@ -5,6 +5,7 @@
 # Tolerances are wide: CPU time on a busy machine with shared cores varies
 # (caches, a sibling hyperthread), but not by the factor of ten the
 # exclusion checks look for.
+import array
 import json
 
 from drivers.ad8232 import AD8232
@@ -115,7 +116,7 @@ def test_max30003_fifo_unread_for_one_second_overflows_by_the_right_count():
     chip.configure(512, 20)
     chip.start()
     clock.sleep_ms(1000)  # 512 samples converted, 32 fit
-    out = [[0] * 64]
+    out = [array.array("i", bytes(4 * 64))]
     n = chip.read_into(out, 0, 64)
     assert model.lost == 512 - 32, model.lost
     assert chip.lost == -1  # this chip only says that it overflowed
@@ -129,7 +130,7 @@ def test_max30102_fifo_unread_overflows_by_the_right_count():
     chip.configure(100, 411, 16384, 7000, 7000)
     chip.start()
     clock.sleep_ms(500)  # 50 samples converted, 32 kept (FIFO rollover)
-    out = [[0] * 64, [0] * 64]
+    out = [array.array("i", bytes(4 * 64)), array.array("i", bytes(4 * 64))]
     n = chip.read_into(out, 0, 64)
     assert n == 32
     assert chip.lost == 50 - 32, chip.lost
@@ -168,7 +169,7 @@ def test_timer_ticks_beyond_the_scheduler_queue_are_dropped_counted_and_reported
     front.start()
     clock.sleep_ms(100)  # idle: every tick is served on time
     assert adc.reads == 25 and timer.dropped == 0
-    out = [[0] * 256]
+    out = [array.array("i", bytes(4 * 256))]
     assert front.read_into(out, 0, 256) == 25 and front.lost == 0
     clock.enter()  # (this test's own code is firmware time too: ticks due meanwhile are served)
     reads = adc.reads
@@ -253,3 +254,21 @@ def test_streams_with_interrupt_lines_are_drained_when_the_chip_asks():
     assert steps < 150, steps
     assert ecg.lost == 0 and board.models["max30102"].lost == 0
     assert ecg.max_level <= 17, ecg.max_level  # drained as soon as it asked
+
+
+def test_idle_returns_at_once_when_an_interrupt_came_while_the_firmware_ran():
+    clock = ChipClock(_FACTOR_MILLI, ThreadCpu())
+    timer = models.SimTimer(clock)
+    flag = [0]
+
+    def tick(_t):
+        flag[0] += 1
+
+    timer.init(freq=20, callback=tick)  # every 50 ms
+    t0 = clock.now_us()
+    while clock.now_us() - t0 < 60000:  # the firmware computes past the first tick
+        _busy(200)
+    assert flag[0] == 1
+    t1 = clock.now_us()
+    clock.idle_ms(100, lambda: flag[0] > 0)
+    assert clock.now_us() - t1 < 5000  # it had been woken already: no sleep till the next tick

@@ -1,6 +1,8 @@
 # The drivers against the datasheets (through the chip models in
 # firmware_mpy/sim/models.py, which decode the registers as the datasheets
 # define them). Runs under the MicroPython unix port.
+import array
+
 from drivers.max30003 import MAX30003
 from drivers.max30102 import MAX30102
 from sim import models
@@ -34,7 +36,7 @@ def test_max30003_lead_bias_and_lead_off_threshold_as_the_reference_sets_them():
     assert model.lead_bias_mohm() == 100  # EN_RBIAS 01, RBIASV 01, RBIASP and RBIASN on
     assert model.dcloff_vth_mv() == 300  # VTH 00: what the driver's comment says
     chip.start()
-    out = [0] * 600
+    out = array.array("i", bytes(4 * 600))
     n = 0
     for _ in range(200):
         clock.sleep_ms(10)
@@ -53,7 +55,7 @@ def test_max30003_without_lead_bias_rails():
     chip.configure(512, 20)
     chip.write_reg(0x10, 0x080000 | (1 << 12))  # EN_ECG, DC lead-off, no bias
     chip.start()
-    out = [0] * 64
+    out = array.array("i", bytes(4 * 64))
     clock.sleep_ms(40)
     n = chip.read_into((out,), 0, 64)
     assert n == 16 and chip.saturated
@@ -67,7 +69,7 @@ def test_max30003_bursts_take_what_the_fifo_holds_never_past_it():
     chip, model = _ecg(clock)
     chip.configure(512, 20)
     chip.start()
-    out = [0] * 64
+    out = array.array("i", bytes(4 * 64))
     got = 0
     steps = (3, 7, 30, 1, 12, 28, 5, 20, 2, 9)  # ms; 15 left + 30 ms of samples still fit 32
     for k in range(200):
@@ -84,8 +86,8 @@ def test_max30102_exactly_full_fifo_is_read_as_full():
     chip, model = _ppg(clock)
     chip.configure(rate_hz=100)
     chip.start()
-    red = [0] * 64
-    ir = [0] * 64
+    red = array.array("i", bytes(4 * 64))
+    ir = array.array("i", bytes(4 * 64))
     clock.sleep_ms(320)  # exactly 32 samples at 100 Hz: WR_PTR == RD_PTR, nothing lost yet
     _sync(model)
     assert model.unread() == 32 and model.regs[0x05] == 0
@@ -105,8 +107,8 @@ def test_max30102_full_then_partly_drained_stays_counted():
     chip, model = _ppg(clock)
     chip.configure(rate_hz=100)
     chip.start()
-    red = [0] * 64
-    ir = [0] * 64
+    red = array.array("i", bytes(4 * 64))
+    ir = array.array("i", bytes(4 * 64))
     clock.sleep_ms(320)
     assert chip.read_into((red, ir), 0, 20) == 20
     clock.sleep_ms(200)  # 12 left + 20 new: full again, by A_FULL
