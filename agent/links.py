@@ -78,6 +78,11 @@ BACKOFF_CAP_S = 30.0
 # Looking for ports costs a USB listing: done often, so a replugged board is
 # back within a second.
 SEARCH_EVERY_S = 0.5
+# With no [[serial]] section, the USB vendors whose serial ports are looked
+# at: the ones ESP32 boards carry (Espressif's native USB, Silicon Labs
+# CP210x, WCH CH340/CH9102, FTDI). Other USB serial devices (a modem, a
+# GPS, an Arduino that resets when its port opens) are never touched.
+AUTO_USB_VIDS = frozenset({0x303A, 0x10C4, 0x1A86, 0x0403})
 # Sessions kept per link, for the simulator's summaries.
 HISTORY = 5
 
@@ -326,8 +331,9 @@ def usb_identity(p: PortInfo) -> str:
 
 class SerialDiscovery:
     """Polls the USB listing and opens each candidate port once its link is
-    due. With no [[serial]] section every USB serial port is a candidate;
-    otherwise those the sections name (path, or VID and PID: several boards
+    due. With no [[serial]] section every USB serial port of a vendor that
+    ESP32 boards carry (AUTO_USB_VIDS) is a candidate; otherwise those the
+    sections name (path, or VID and PID: several boards
     of one VID:PID are all served). Every port is held only once an active
     registered board speaks on it (LinkManager's identify_s)."""
 
@@ -351,7 +357,7 @@ class SerialDiscovery:
 
         if not self.wants:
             for p in listed:
-                if p.vid is not None:
+                if p.vid in AUTO_USB_VIDS:
                     found[usb_identity(p)] = (p.device, 115200, usb(p))
             return found
         for w in self.wants:

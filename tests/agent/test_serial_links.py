@@ -70,9 +70,10 @@ def test_discovery_picks_ports_by_identity(tmp_path: Path) -> None:
     by_id = tmp_path / "usb-Silicon_Labs_CP2102-0001-if00"
     by_id.symlink_to(c)
     listed = [_port(str(a), 0x303A, 0x1001, "S3-A"), _port(str(b), 0x303A, 0x1001, "S3-B"),
-              _port(str(c), 0x10C4, 0xEA60, "0001"), _port("/dev/ttyS0", None, None, None)]
+              _port(str(c), 0x10C4, 0xEA60, "0001"), _port("/dev/ttyS0", None, None, None),
+              _port("/dev/ttyUSB3", 0x12D1, 0x1506, "MODEM")]
     manager = LinkManager(processor=None)  # type: ignore[arg-type]
-    # No [[serial]] section: every USB serial port, none of the others.
+    # No [[serial]] section: every USB serial port of the vendors ESP32 boards carry; not the modem.
     found = SerialDiscovery(manager, [], lambda: listed).candidates()
     assert set(found) == {"usb:303a:1001:S3-A", "usb:303a:1001:S3-B", "usb:10c4:ea60:0001"}
     # One VID:PID: both boards of it.
