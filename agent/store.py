@@ -72,6 +72,18 @@ MIN_FREE_BYTES = 8 * 1024 * 1024
 # When the file system runs short, the live pages are held this far below
 # the file's size, so that the next batches fit in pages freed for them.
 FREE_SPACE_ROOM_BYTES = 1024 * 1024
+# ... made this much at a time (after each commit): what is deleted is
+# written to the WAL first, and the WAL's room is what is short.
+FREE_SPACE_STEP_BYTES = 128 * 1024
+# The integrity check at start (PRAGMA quick_check) is given this long; a
+# store too large to check in time is opened unchecked, and the log says so.
+INTEGRITY_CHECK_S = 20.0
+# A stream is checked for holes once its frames are this old: a board
+# resends what was not acknowledged well within it, filling a hole that was
+# only a frame in flight.
+GAP_SETTLE_S = 120.0
+# How often the writer looks for holes in the boards' streams.
+GAP_SCAN_EVERY_S = 30.0
 # What a stored job's future holds when the store refused the frame and kept
 # it in quarantine instead: it is acknowledged (durably kept, counted,
 # reported) so that it cannot stall its board; it is not forwarded.
@@ -96,6 +108,10 @@ CREATE INDEX IF NOT EXISTS outbox_order ON outbox(backend, priority DESC, frame_
 CREATE TABLE IF NOT EXISTS quarantine(
     id INTEGER PRIMARY KEY, at REAL NOT NULL, link TEXT, device_id TEXT, reason TEXT NOT NULL, raw BLOB);
 CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS stream_marks(
+    device_id TEXT NOT NULL, epoch INTEGER NOT NULL, stream INTEGER NOT NULL,
+    next_index INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+    PRIMARY KEY(device_id, epoch, stream));
 """
 
 
@@ -158,6 +174,7 @@ class StoreStats:
     commit_failures: int = 0  # attempts that failed for want of storage (each retried)
     faults_recovered: int = 0
     refused: int = 0  # frames the store refused, kept in quarantine
+    gaps_found: int = 0  # holes found in the boards' streams (each a gap record to every backend)
 
 
 def check_private(path: Path, what: str) -> None:
@@ -185,6 +202,11 @@ class Store:
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
         self._closing = threading.Event()
+        self.integrity_check_s = INTEGRITY_CHECK_S
+        self.gap_settle_s = GAP_SETTLE_S
+        self._gap_scan_at = 0.0
+        # What the last start found and recovered, if the store was damaged (status, JSON-ready).
+        self.recovery: dict[str, Any] | None = None
         # The storage fault commits are waiting on (None: none), and since when (UTC seconds).
         self.fault: str | None = None
         self.fault_since: float | None = None
@@ -206,24 +228,127 @@ class Store:
         return db
 
     def open(self) -> None:
+        """Opens the store, creating it (mode 0600) if need be. An existing
+        store is checked first (PRAGMA quick_check, within INTEGRITY_CHECK_S);
+        a damaged one is set aside and what can be read of it recovered into a
+        fresh one (see _recover). Raises StoreError for a store that is not
+        this service's to open (permissions, schema)."""
         new = not self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if new:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.close(fd)
         check_private(self.path, "store")
-        db = self._connect()
-        db.executescript(_SCHEMA)
-        row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        if row is None:
-            db.execute("INSERT INTO meta VALUES('schema', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) != SCHEMA_VERSION:
-            raise StoreError("store %s has schema %s, this agent speaks %d" % (self.path, row[0], SCHEMA_VERSION))
-        self._db = db
+        problem = None if new else self._check()
+        if problem is not None:
+            self._db = self._recover(problem)
+        else:
+            self._db = self._init(self._connect())
         for suffix in ("-wal", "-shm"):
             p = Path(str(self.path) + suffix)
             if p.exists():
                 os.chmod(p, 0o600)
+
+    def _init(self, db: sqlite3.Connection) -> sqlite3.Connection:
+        db.executescript(_SCHEMA)
+        row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            db.execute("INSERT INTO meta VALUES('schema', ?), ('gap_scan_id', '0')", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            db.close()
+            raise StoreError("store %s has schema %s, this agent speaks %d" % (self.path, row[0], SCHEMA_VERSION))
+        # A store made before the stream check: its streams are checked from here on
+        # (retention and the quota took their oldest frames long ago: not a loss to report).
+        db.execute("INSERT OR IGNORE INTO meta SELECT 'gap_scan_id', COALESCE(MAX(id), 0) FROM frames")
+        return db
+
+    def _check(self) -> str | None:
+        """What is wrong with the store, or None if it reads as sound (or could not be checked in time)."""
+        deadline = time.monotonic() + self.integrity_check_s
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+            try:
+                db.set_progress_handler(lambda: int(time.monotonic() > deadline), 1000)
+                found = [str(r[0]) for r in db.execute("PRAGMA quick_check(20)").fetchall()]
+                db.execute("SELECT value FROM meta WHERE key='schema'").fetchall()
+            finally:
+                db.close()
+        except sqlite3.OperationalError as e:
+            if "interrupted" in str(e):
+                log.warning("store: integrity check of %s not finished within %.0f s: opened unchecked",
+                            self.path, self.integrity_check_s)
+                return None
+            if "no such table" in str(e):
+                return None  # a store never used yet: the schema is made next
+            raise StoreError("store %s cannot be opened: %s" % (self.path, e)) from e
+        except sqlite3.DatabaseError as e:  # "file is not a database", "database disk image is malformed"
+            return str(e)
+        return None if found == ["ok"] else "; ".join(found)
+
+    def _recover(self, problem: str) -> sqlite3.Connection:
+        """Sets the damaged store aside (kept, with its WAL, until the
+        retention period has passed) and copies what can be read of it into a
+        fresh one, table by table, one rowid range at a time, skipping the
+        ranges that cannot be read (_copy_table). SQLite's own `.recover`
+        would also find rows no longer reachable from a damaged tree, but it
+        needs the sqlite_dbpage table, which Debian's sqlite3 (3.40) is built
+        without (.recover fails with "SQL logic error"), and Python's sqlite3
+        module has no recovery API; `iterdump` stops at the first error.
+        Every recovered frame is queued
+        again for every backend (they deduplicate by idempotency key; a lost
+        outbox row would lose the frame). Replay windows are restored or, if
+        lost, rebuilt from the frames. The holes left in the boards' streams
+        become gap records (scan_gaps)."""
+        t0 = time.monotonic()
+        kept = self.path.with_name("%s.damaged-%s" % (self.path.name, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())))
+        log.critical("STORE DAMAGED: %s (%s); it is kept as %s and what can be read of it is recovered into a "
+                     "fresh store", self.path, problem, kept)
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(kept) + suffix))
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        db = self._init(self._connect())
+        counts, unreadable = self._salvage(kept, db)
+        db.execute("BEGIN IMMEDIATE")
+        # Every frame again to every backend; windows no older than the frames held;
+        # every recovered frame scanned for holes again.
+        db.execute("UPDATE meta SET value='0' WHERE key='gap_scan_id'")
+        for backend in self.backends:
+            db.execute("INSERT OR IGNORE INTO outbox(backend, frame_id, priority) SELECT ?, id, priority FROM frames",
+                       (backend,))
+        db.execute("INSERT INTO replay(device_id, epoch, top, bitmap) "
+                   "SELECT device_id, epoch, MAX(seq), 1 FROM frames f WHERE kind=1 AND epoch = "
+                   "(SELECT MAX(epoch) FROM frames g WHERE g.device_id = f.device_id AND g.kind=1) GROUP BY device_id "
+                   "ON CONFLICT(device_id) DO UPDATE SET epoch=excluded.epoch, top=excluded.top, bitmap=1 WHERE "
+                   "excluded.epoch > replay.epoch OR (excluded.epoch = replay.epoch AND excluded.top > replay.top)")
+        _count(db, "store_recoveries")
+        db.execute("COMMIT")
+        self.recovery = {"at": time.time(), "problem": problem[:300], "kept": str(kept), "method": "row-by-row copy",
+                         "rows_recovered": counts, "unreadable_ranges": unreadable,
+                         "duration_s": round(time.monotonic() - t0, 2)}
+        log.critical("STORE RECOVERED in %.1f s: %s rows recovered (%s); %d ranges could not be read; the "
+                     "damaged store is kept as %s; holes in the boards' streams will be sent as gap records",
+                     time.monotonic() - t0, sum(counts.values()),
+                     ", ".join("%s %d" % kv for kv in counts.items()), unreadable, kept)
+        return db
+
+    @staticmethod
+    def _salvage(source: Path, db: sqlite3.Connection) -> tuple[dict[str, int], int]:
+        # Copies what can be read of each table of source into db; returns
+        # rows copied per table and how many ranges could not be read.
+        src = sqlite3.connect("file:%s?mode=ro" % source, uri=True, isolation_level=None)
+        counts: dict[str, int] = {}
+        unreadable = 0
+        try:
+            for table, cols in _SALVAGED.items():
+                n, bad = _copy_table(src, db, table, cols)
+                counts[table] = n
+                unreadable += bad
+        finally:
+            src.close()
+        return counts, unreadable
 
     def status(self) -> dict[str, Any]:
         """The store's state for `pulsebridge status` and the status page (JSON-ready).
@@ -233,7 +358,7 @@ class Store:
         return {"state": "fault" if self.fault is not None else "ok", "fault": self.fault,
                 "fault_since": self.fault_since, "commits": self.stats.commits, "ingested": self.stats.ingested,
                 "commit_failures": self.stats.commit_failures, "faults_recovered": self.stats.faults_recovered,
-                "refused": self.stats.refused}
+                "refused": self.stats.refused, "gaps_found": self.stats.gaps_found, "recovery": self.recovery}
 
     def reader(self) -> sqlite3.Connection:
         """A read connection for another thread (WAL: readers never block the writer)."""
@@ -313,7 +438,11 @@ class Store:
         db = self._db
         assert db is not None
         while True:
-            job = self._q.get()
+            try:
+                job = self._q.get(timeout=GAP_SCAN_EVERY_S)
+            except queue.Empty:  # idle: the streams are checked all the same
+                self._housekeep(db)
+                continue
             if job is None:
                 return
             batch = [job]
@@ -329,12 +458,7 @@ class Store:
             writes = [j for j in batch if j.kind != "call"]
             settled = self._commit(db, writes) if writes else []
             if writes:
-                try:
-                    self.enforce_quota(db)
-                    self._bound_wal(db)
-                except Exception as e:  # the frames are committed; the quota is tried again next commit
-                    _rollback(db)
-                    log.error("store: disk quota not enforced: %s", e)
+                self._housekeep(db)
             for j in batch:
                 if j.kind == "call":
                     try:
@@ -353,6 +477,18 @@ class Store:
                     pass
             if self.on_commit is not None:
                 self.on_commit()
+
+    def _housekeep(self, db: sqlite3.Connection) -> None:
+        # After commits (and when idle): the quota, the WAL's size, holes in the streams.
+        try:
+            self.enforce_quota(db)
+            self._bound_wal(db)
+            if time.monotonic() >= self._gap_scan_at:
+                self._gap_scan_at = time.monotonic() + GAP_SCAN_EVERY_S
+                self.scan_gaps(db)
+        except Exception as e:  # what is committed stays so; this is tried again after the next commit
+            _rollback(db)
+            log.error("store: quota or stream check failed: %s", e)
 
     def _commit(self, db: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[_Job, BaseException | None, Any]]:
         """Commits jobs in one transaction, whatever it takes.
@@ -526,7 +662,9 @@ class Store:
             logical = pages * size
             growth = max(0, logical - self.path.stat().st_size) + max(0, self.wal_limit_bytes - self._wal_bytes())
             if self.free_bytes() - growth < self.min_free_bytes:
-                budgets.append((logical - min(FREE_SPACE_ROOM_BYTES, logical // 4), "disk_free"))
+                # A step at a time: deleting takes WAL space too, the very thing short.
+                target = logical - min(FREE_SPACE_ROOM_BYTES, logical // 4)
+                budgets.append((max(target, self._live_bytes(db) - FREE_SPACE_STEP_BYTES), "disk_free"))
         return min(budgets) if budgets else None
 
     def enforce_quota(self, db: sqlite3.Connection) -> int:
@@ -565,15 +703,88 @@ class Store:
         from protocols.hub import seq_ranges
 
         ranges = seq_ranges(seqs)
-        info = json.dumps({"type": "gap", "device_id": device_id, "epoch": epoch,
-                           "seq_ranges": [list(r) for r in ranges],
-                           "frames_dropped": sum(b - a + 1 for a, b in ranges), "reason": reason})
+        self._gap_record(db, backends, {"type": "gap", "device_id": device_id, "epoch": epoch,
+                                        "seq_ranges": [list(r) for r in ranges],
+                                        "frames_dropped": sum(b - a + 1 for a, b in ranges), "reason": reason})
+
+    @staticmethod
+    def _gap_record(db: sqlite3.Connection, backends: list[str], info: dict[str, Any]) -> None:
         _count(db, "gap_seq")  # gap records are numbered once: a purge never reuses an idempotency key
         seq = db.execute("SELECT value FROM counters WHERE name='gap_seq'").fetchone()[0]
         cur = db.execute("INSERT INTO frames(device_id, epoch, seq, kind, priority, received_at, info) "
-                         "VALUES(?,?,?,?,?,?,?)", (device_id, -1, seq, KIND_GAP, PRIORITY_GAP, time.time(), info))
+                         "VALUES(?,?,?,?,?,?,?)", (info["device_id"], -1, seq, KIND_GAP, PRIORITY_GAP, time.time(),
+                                                   json.dumps(info)))
         db.executemany("INSERT INTO outbox(backend, frame_id, priority) VALUES(?,?,?)",
                        [(b, cur.lastrowid, PRIORITY_GAP) for b in backends])
+
+    def scan_gaps(self, db: sqlite3.Connection) -> int:
+        """Looks for holes in the boards' streams among the frames stored at
+        least gap_settle_s ago and not yet scanned; each becomes a gap record
+        to every backend. Returns how many were found.
+
+        Samples of a stream are contiguous (SPEC.md): a frame's first_index is
+        the previous frame's first_index + count, plus the samples the
+        sensor's FIFO lost (fifo_overflows, which the board reports). Anything
+        beyond that is frames the hub acknowledged and no longer holds (a
+        damaged WAL, a store recovered from damage) or never received. The
+        record gives the device, epoch, stream, the sample index range lost
+        and the range of seq numbers the lost frames had (between the frames
+        on either side). A frame arriving after gap_settle_s into a hole
+        already reported is stored and forwarded all the same."""
+        from protocols import cose, messages
+
+        row = db.execute("SELECT value FROM meta WHERE key='gap_scan_id'").fetchone()
+        after = int(row[0]) if row else 0
+        frames = db.execute(
+            "SELECT id, device_id, epoch, stream, first_index, count, seq, raw FROM frames "
+            "WHERE id > ? AND received_at < ? AND kind = 1 ORDER BY id",
+            (after, time.time() - self.gap_settle_s)).fetchall()
+        if not frames:
+            return 0
+        by_stream: dict[tuple[str, int, int], list[tuple[int, int, int, bytes]]] = {}
+        for _, dev, epoch, stream, first, count, seq, raw in frames:
+            if stream is not None and first is not None and count:
+                by_stream.setdefault((dev, epoch, stream), []).append((first, count, seq, raw))
+        found = 0
+        db.execute("BEGIN IMMEDIATE")
+        for (dev, epoch, stream), items in by_stream.items():
+            mark = db.execute("SELECT next_index, last_seq FROM stream_marks WHERE device_id=? AND epoch=? AND "
+                              "stream=?", (dev, epoch, stream)).fetchone()
+            items.sort()
+            # A stream starts at index 0 with its board's boot (SPEC.md): its first frames count too.
+            expected, last_seq = mark if mark else (0, -1)
+            for first, count, seq, raw in items:
+                if first > expected:
+                    try:
+                        m = messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES,
+                                                    decode_samples=False)
+                        fifo_lost = m.status[1] if isinstance(m, messages.SampleFrame) else 0
+                    except Exception:
+                        fifo_lost = 0
+                    lost = first - fifo_lost - expected
+                    if lost > 0:
+                        found += 1
+                        self._gap_record(db, self.backends, {
+                            "type": "gap", "device_id": dev, "epoch": epoch,
+                            "stream": messages.STREAM_NAMES.get(stream, str(stream)),
+                            "seq_ranges": [[last_seq + 1, seq - 1]] if seq - 1 >= last_seq + 1 else [],
+                            "sample_index_range": [expected, first - fifo_lost], "samples_lost": lost,
+                            "frames_dropped": max(1, round(lost / count)), "reason": "stream_gap"})
+                        log.error("store: %d samples of %s epoch %d stream %d (index %d to %d, seq %d to %d) were "
+                                  "acknowledged or sent but are not held: gap record queued", lost, dev, epoch,
+                                  stream, expected, first - fifo_lost, last_seq + 1, seq - 1)
+                if first + count > expected:
+                    expected, last_seq = first + count, seq
+            db.execute("INSERT INTO stream_marks VALUES(?,?,?,?,?) ON CONFLICT(device_id, epoch, stream) DO UPDATE "
+                       "SET next_index=excluded.next_index, last_seq=excluded.last_seq",
+                       (dev, epoch, stream, expected, last_seq))
+        db.execute("INSERT INTO meta VALUES('gap_scan_id', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                   (str(frames[-1][0]),))
+        if found:
+            _count(db, "stream_gaps", found)
+        db.execute("COMMIT")
+        self.stats.gaps_found += found
+        return found
 
     def purge(self, db: sqlite3.Connection, retention_s: float) -> int:
         """Deletes frames every backend has acknowledged, once retention_s has passed."""
@@ -583,6 +794,13 @@ class Store:
                        "(SELECT 1 FROM outbox o WHERE o.frame_id = frames.id)", (cutoff,)).rowcount
         db.execute("DELETE FROM quarantine WHERE at < ?", (cutoff,))
         db.execute("COMMIT")
+        for old in self.path.parent.glob(self.path.name + ".damaged-*"):  # kept after a recovery, until now
+            try:
+                if old.stat().st_ctime < cutoff:
+                    old.unlink()
+                    log.info("store: damaged store %s removed (retention)", old)
+            except FileNotFoundError:
+                pass
         return int(n)
 
     def erase_device(self, db: sqlite3.Connection, device_id: str) -> int:
@@ -627,6 +845,55 @@ class Store:
     @staticmethod
     def counters(db: sqlite3.Connection) -> dict[str, int]:
         return {k: v for k, v in db.execute("SELECT name, value FROM counters")}
+
+
+# What recovery copies, table by table (outbox rows are rebuilt; the stream
+# marks say how far each stream was found whole before the damage).
+_SALVAGED = {
+    "meta": "key, value",
+    "replay": "device_id, epoch, top, bitmap",
+    "counters": "name, value",
+    "frames": "id, device_id, epoch, seq, kind, stream, priority, received_at, t0_ms, t0_utc_ms, first_index, "
+              "count, raw, info, plain",
+    "quarantine": "id, at, link, device_id, reason, raw",
+    "stream_marks": "device_id, epoch, stream, next_index, last_seq",
+}
+# Rows read at a time when salvaging; and how far past the last readable row
+# id recovery probes for more (ids are dense: far beyond, nothing is left).
+_SALVAGE_CHUNK = 256
+_SALVAGE_PROBES = 48
+
+
+def _copy_table(src: sqlite3.Connection, db: sqlite3.Connection, table: str, cols: str) -> tuple[int, int]:
+    # Copies the rows of table that can be read, in rowid ranges; a range
+    # that cannot be read is skipped (probing further ahead, doubling).
+    marks = ",".join("?" * (cols.count(",") + 1))
+    insert = "INSERT OR IGNORE INTO %s(%s) VALUES(%s)" % (table, cols, marks)
+    try:
+        src.execute("SELECT 1 FROM %s LIMIT 1" % table).fetchall()
+    except sqlite3.DatabaseError:
+        return 0, 1  # the table itself is gone (its schema or root page unreadable)
+    copied, bad, after, step, probes = 0, 0, 0, 1, 0  # our rowids start at 1
+    while probes < _SALVAGE_PROBES:
+        try:
+            rows = src.execute("SELECT rowid, %s FROM %s WHERE rowid > ? ORDER BY rowid LIMIT ?" % (cols, table),
+                               (after, _SALVAGE_CHUNK)).fetchall()
+        except sqlite3.DatabaseError:
+            if step == 1:
+                bad += 1
+            after += step
+            step *= 2
+            probes += 1
+            continue
+        if not rows:
+            break
+        step, probes = 1, 0
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(insert, [r[1:] for r in rows])
+        db.execute("COMMIT")
+        copied += len(rows)
+        after = rows[-1][0]
+    return copied, bad
 
 
 def _rollback(db: sqlite3.Connection) -> None:
