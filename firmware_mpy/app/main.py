@@ -21,10 +21,12 @@ _SMALL = const(160)  # buffer for hello/status/time messages
 _MAX_SENDS_PER_LOOP = const(4)
 _IDLE_MAX_MS = const(100)
 # Garbage is collected when the loop chooses: right after the sensors were
-# drained, once less than this is free, rather than wherever an allocation
-# finds the heap full (in the middle of a frame, with a FIFO filling). The
-# loop makes a few kB of garbage a second (hashlib objects, decoded acks).
-_GC_HEADROOM = const(16384)  # the longest sleep: downlink (acks, commands) is read at least this often
+# drained, once less than this is free (or half what the last collection
+# freed, if that was less), rather than wherever an allocation finds the
+# heap full (in the middle of a frame, with a FIFO filling). The loop makes
+# about 10 kB of garbage a second (hashlib objects, decoded acks).
+_GC_HEADROOM = const(16384)
+_GC_AFTER_DRAIN_MS = const(2)  # the longest sleep: downlink (acks, commands) is read at least this often
 # Our sensors give at most 18-bit samples: a delta-zigzag varint of one
 # takes at most 3 bytes. Headers and the COSE envelope take under 200.
 _WORST_BYTES_PER_SAMPLE = const(3)
@@ -96,6 +98,11 @@ class App:
         self.wdt = None
         self.next_status_ms = ticks.add(now, cfg["status_every_ms"])
         self._woken = self._any_ready  # bound once: the idle loop calls it often
+        self._gc_below = _GC_HEADROOM
+        self._fastest = self.streams[0]
+        for st in self.streams:
+            if st.rate_hz > self._fastest.rate_hz:
+                self._fastest = st
 
     def _seq(self):
         s = self.seq
@@ -185,22 +192,25 @@ class App:
                 return True
         return False
 
-    def _drain(self):
-        # Drains every stream whose chip asked (or, unwired, whose poll is
-        # due) and frames each full window. Called between the loop's other
-        # pieces of work too: each takes milliseconds on a chip, and a FIFO
-        # that asked meanwhile goes first (latency: the longest one piece).
+    def _drain(self, every=False):
+        # Drains each stream whose chip asks (every: each stream, for its
+        # poll, health check or restart, once a loop) and frames each full
+        # window. Called between the loop's other pieces of work too: each
+        # takes milliseconds on a chip, and a FIFO that asked meanwhile goes
+        # first (latency: the longest one piece).
         now = self.board.ticks_ms()
         poll_ms = self.cfg["poll_ms"]
         for k in range(len(self.streams)):
-            self._poll_stream(k, now, poll_ms)
+            if every or self.streams[k].wants():
+                self._poll_stream(k, now, poll_ms)
         return self.board.ticks_ms()
 
     def step(self):
         self.board.service()
-        now = self._drain()
-        if gc.mem_free() < _GC_HEADROOM:
-            gc.collect()
+        now = self._drain(True)
+        if gc.mem_free() < self._gc_below and now - self._fastest.drained_ms <= _GC_AFTER_DRAIN_MS:
+            gc.collect()  # the fastest FIFO was just emptied: its whole depth is the collection's time
+            self._gc_below = min(_GC_HEADROOM, gc.mem_free() // 2)
             now = self._drain()
         if self.link.service():
             self.outbox.resend_all()  # reconnected: resend what was in flight

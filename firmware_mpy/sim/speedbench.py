@@ -25,7 +25,7 @@ TARGETS = {
     "esp32s3": (240, 890, 1540),
 }
 NAMES = ("fannkuch(6)", "nqueens(6)", "aes256-ofb(32 B)")
-_REPEATS = const(7)
+_REPEATS = const(15)
 
 
 def published_us(target):
