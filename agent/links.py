@@ -148,7 +148,6 @@ class LinkManager:
         self.bound_retry_max_s = BOUND_RETRY_MAX_S
         self.links: dict[str, Link] = {}
         self.ends: Counter[str] = Counter()  # every link's, by reason
-        self.progress_at = time.monotonic()  # the last delivery on any link
 
     def link(self, kind: str, key: str) -> Link:
         lk = self.links.get(key)
@@ -177,7 +176,6 @@ class LinkManager:
             link.connects += 1
 
         def on_progress() -> None:
-            self.progress_at = time.monotonic()
             if stats.device_id and stats.device_id != link.device_id:
                 self._bind(link, stats.device_id)
             if link.state is not LinkState.CONNECTED:

@@ -170,6 +170,9 @@ class BoardSession:
             await self.transport.open()
         except TransportError as e:
             return SessionEnd(END_OPEN_FAILED, str(e))
+        except Exception as e:  # a driver's surprise: this link's failure, not the manager's
+            log.error("%s: open failed", self.transport.name, exc_info=e)
+            return SessionEnd(END_OPEN_FAILED, "%s: %s" % (type(e).__name__, e))
         self.opened_at = time.monotonic()
         self.stats.connected = True
         if self.on_open is not None:
