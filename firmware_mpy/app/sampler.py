@@ -43,7 +43,7 @@ class Stream:
         self._lead_off_fn = lead_off_fn
         self.irq_pin = None
         self.ready = False  # set by the interrupt handler, cleared by the app
-        self.drained_ms = start_ms  # when its FIFO was last read
+        self.drained_ms = start_ms  # when a read last took samples from its FIFO
         self.next_poll_ms = start_ms  # a tick (app.ticks); the app sets it from its clock
 
     def use_irq(self, pin):
@@ -82,7 +82,8 @@ class Stream:
         # Drains the sensor; returns how many samples to put in a frame now.
         if not self.split and self.n < self.window:
             got = self.sensor.read_into(self.chans, self.n, self.capacity - self.n)
-            self.drained_ms = now_ms
+            if got:
+                self.drained_ms = now_ms  # its FIFO just went below the chip's threshold
             lost = self.sensor.lost
             if self.sensor.saturated:
                 self.saturated = True
