@@ -404,3 +404,44 @@ def test_only_active_registered_boards_are_connected(tmp_path: Path) -> None:
     assert set(manager.links) == {"pb-known"}
     # Nobody ever connected to the stranger or the revoked board: every connection was to pb-known.
     assert air.stats.connects == manager.links["pb-known"].connects >= 1
+
+
+def test_a_ble_board_that_delivers_nothing_is_stalled_never_connected(tmp_path: Path) -> None:
+    # A registered board's name, a connection that holds, and nothing
+    # authentic on it (the fake peripheral floods random fragments): the
+    # link manager's watchdog ends each session as stalled and reconnects;
+    # the board never reads "connected".
+    air = Air(tmp_path / "air", Faults(seed=1))
+    air.start()
+    cfg = AgentConfig(hub_id="test-hub", data_dir=tmp_path / "data", log_dir=tmp_path / "log",
+                      run_dir=tmp_path / "run", ble=BleConfig(air=str(air.central_path), connect_timeout_s=5.0))
+    _registry(cfg, {"pb-bad": bytes(range(32))})
+    table = [[SERVICE_UUID, [["7b3e0002-6c1a-4f5e-9d35-2f0e5a1c9b10", 0x12, 2],
+                             ["7b3e0003-6c1a-4f5e-9d35-2f0e5a1c9b10", 0x0C, 4]]]]
+    garbage = GarbageBoard(air, "pb-bad", table)
+    states: set[str] = set()
+    try:
+        async def scenario() -> dict[str, Any]:
+            agent = Agent(cfg)
+            agent.links.stall_s = 2.0
+            stop = asyncio.Event()
+            task = asyncio.create_task(agent.run(stop))
+            end = time.monotonic() + 40
+            link: dict[str, Any] = {}
+            while time.monotonic() < end:
+                link = next((b for b in agent.snapshot()["boards"] if b["device_id"] == "pb-bad"), {})
+                states.add(link.get("state", ""))
+                if link.get("ends", {}).get("stalled", 0) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            stop.set()
+            await task
+            return link
+
+        link = asyncio.run(scenario())
+    finally:
+        garbage.close()
+        air.stop()
+    assert link["ends"].get("stalled", 0) >= 2 and link["connects"] >= 2, link
+    assert "stalled" in states and "connected" not in states, states
+    assert link["frames"] == 0
