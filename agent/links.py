@@ -52,6 +52,7 @@ from agent.session import (
     BoardStats,
     SessionEnd,
 )
+from agent.timemap import BoardClocks
 from agent.transports.base import Transport
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class LinkManager:
         self.bound_retry_max_s = BOUND_RETRY_MAX_S
         self.links: dict[str, Link] = {}
         self.ends: Counter[str] = Counter()  # every link's, by reason
+        self.clocks = BoardClocks()  # board ticks to UTC, kept across a board's sessions
 
     def link(self, kind: str, key: str) -> Link:
         lk = self.links.get(key)
@@ -188,7 +190,7 @@ class LinkManager:
 
         session = BoardSession(transport, self.processor, stats, recorder, time_sync_s=self.time_sync_s,
                                stall_s=self.stall_s, identify_s=self.identify_s if identify else None,
-                               on_open=on_open, on_progress=on_progress)
+                               on_open=on_open, on_progress=on_progress, clocks=self.clocks)
         try:
             end = await session.run()
         except asyncio.CancelledError:  # the agent stops, or its discovery task restarts

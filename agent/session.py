@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from agent.ingest import Outcome, Processor
-from agent.timemap import TimeMap
+from agent.timemap import BoardClocks, TimeMap
 from agent.transports.base import Transport, TransportError
 from protocols import hub, messages
 
@@ -142,7 +142,8 @@ class BoardSession:
     def __init__(self, transport: Transport, processor: Processor, stats: BoardStats,
                  recorder: Callable[[bytes], None] | None = None, time_sync_s: float | None = None,
                  stall_s: float | None = None, identify_s: float | None = None,
-                 on_open: Callable[[], None] | None = None, on_progress: Callable[[], None] | None = None) -> None:
+                 on_open: Callable[[], None] | None = None, on_progress: Callable[[], None] | None = None,
+                 clocks: BoardClocks | None = None) -> None:
         self.transport = transport
         self.processor = processor
         self.stats = stats
@@ -152,7 +153,8 @@ class BoardSession:
         self.identify_s = identify_s
         self.on_open = on_open
         self.on_progress = on_progress
-        self.timemap = TimeMap()
+        self.clocks = clocks if clocks is not None else BoardClocks()  # a link manager's outlive the session
+        self.timemap = TimeMap()  # until the board says who it is and which boot
         self._time_requests: dict[int, float] = {}  # nonce -> UTC ms sent
         self._epoch: int | None = None
         self.opened_at = 0.0
@@ -329,9 +331,8 @@ class BoardSession:
         if r.device_id and st.device_id != r.device_id:
             st.device_id = r.device_id
         epoch = getattr(m, "epoch", None)
-        if epoch is not None and epoch != self._epoch:
-            if self._epoch is not None:
-                self.timemap.reset()  # a reboot: the board's ticks start again
+        if epoch is not None and epoch != self._epoch and r.device_id:
+            self.timemap = self.clocks.for_boot(r.device_id, epoch)  # another boot: its ticks start again
             self._epoch = epoch
         if isinstance(m, messages.Hello):
             st.firmware = m.firmware

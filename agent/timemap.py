@@ -65,11 +65,6 @@ class TimeMap:
         self.rtts.append(rtt)
         self._fit()
 
-    def reset(self) -> None:
-        """The board rebooted: its ticks start again."""
-        self.pairs.clear()
-        self.rtts.clear()
-
     def _fit(self) -> None:
         n = len(self.pairs)
         ticks = [p[0] for p in self.pairs]
@@ -85,3 +80,28 @@ class TimeMap:
         var = sum((t - mt) ** 2 for t in ticks)
         self._b = cov / var
         self._a = mu - self._b * mt
+
+
+# Boards whose clock maps are kept between sessions: bounded like the registry's
+# active boards; the least recently used goes first.
+MAX_BOARDS = 256
+
+
+class BoardClocks:
+    """One TimeMap per board boot, (device id, boot epoch), kept across the
+    board's sessions: a reconnect (a cable cut, a BLE link lost) keeps the
+    board's ticks, so the frames it resends at once are placed in UTC as before
+    instead of by their arrival, and the drift estimate goes on. A new epoch
+    (the board rebooted, its ticks start again) gets a new map."""
+
+    def __init__(self, max_boards: int = MAX_BOARDS) -> None:
+        self.max_boards = max_boards
+        self._maps: dict[str, tuple[int, TimeMap]] = {}
+
+    def for_boot(self, device_id: str, epoch: int) -> TimeMap:
+        known = self._maps.pop(device_id, None)
+        tm = known[1] if known is not None and known[0] == epoch else TimeMap()
+        self._maps[device_id] = (epoch, tm)  # the most recent last
+        while len(self._maps) > self.max_boards:
+            self._maps.pop(next(iter(self._maps)))
+        return tm

@@ -1,6 +1,6 @@
 import random
 
-from agent.timemap import TimeMap
+from agent.timemap import BoardClocks, TimeMap
 
 
 def test_offset_and_drift_of_a_board_clock() -> None:
@@ -31,3 +31,16 @@ def test_a_jump_is_counted_and_restarts_the_history() -> None:
 
 def test_no_pair_no_time() -> None:
     assert TimeMap().to_utc_ms(1000) is None
+
+
+def test_a_boards_clock_map_outlives_its_session_but_not_its_boot() -> None:
+    clocks = BoardClocks(max_boards=2)
+    first = clocks.for_boot("pb-a", 7)
+    first.add(1000, 1e12, 1e12 + 4)
+    again = clocks.for_boot("pb-a", 7)  # a reconnect, same boot: the map goes on
+    assert again is first and again.to_utc_ms(2000) is not None
+    rebooted = clocks.for_boot("pb-a", 8)  # a new epoch: ticks start again
+    assert rebooted is not first and rebooted.to_utc_ms(2000) is None
+    clocks.for_boot("pb-b", 1)
+    clocks.for_boot("pb-c", 1)  # bounded: the least recently used board goes
+    assert clocks.for_boot("pb-a", 8) is not rebooted
