@@ -63,6 +63,7 @@ class _HubEnd:
         self.data: dict[int, int] = {}
         self.frames: dict[int, int] = {}
         self.gaps = 0
+        self.duplicates = 0
         self.rejected = 0
         self.discarded = 0
         self.other_wire = 0
@@ -95,7 +96,11 @@ class _HubEnd:
             if m is None:
                 self.rejected += 1
                 continue
-            self._count(m, wire)
+            if r.verdict == hub.DUPLICATE:  # sent again (its ack was late or lost): acked, not counted twice
+                self.duplicates += 1
+                self.other_wire += wire
+            else:
+                self._count(m, wire)
             if r.verdict in (hub.ACCEPTED, hub.DUPLICATE) and isinstance(m, messages.SampleFrame):
                 for msg in self.hub.ack(self.device_id, m.epoch, [m.seq]):
                     out += link.downlink_line(msg)
@@ -188,6 +193,7 @@ def _run_board(directory: Path, compiled: Path, heap_kb: int, minutes: float, sp
     r = dict(json.loads(text.strip().splitlines()[-1]))
     r["gaps"] = end.gaps
     r["rejected"] = end.rejected
+    r["duplicates"] = end.duplicates
     r["discarded"] = end.discarded
     r["fifo_lost"] = end.fifo_lost
     r["other_wire_bytes"] = end.other_wire
@@ -246,8 +252,8 @@ def firmware_report(r: dict[str, Any]) -> list[str]:
                          overhead, s["lost"]))
     lines.append("  all streams, hello/status included: %.3f B per sample value" % (
         total_wire / max(1, total_samples)))
-    lines.append("  gaps %d, rejected %d, FIFO overflows reported %d, frames dropped %d" % (
-        r["gaps"], r["rejected"], r["fifo_lost"], r["frames_dropped"]))
+    lines.append("  gaps %d, rejected %d, duplicates %d, FIFO overflows reported %d, frames dropped %d" % (
+        r["gaps"], r["rejected"], r["duplicates"], r["fifo_lost"], r["frames_dropped"]))
     lines.append("  allocations in the steady state: %.0f bytes/s left to the GC, %.0f bytes/s of call frames "
                  "(freed on return); the simulation's own garbage %.0f bytes/s" % (
                      r["garbage_bytes_per_s"], r["frame_bytes_per_s"], r["sim_garbage_bytes_per_s"]))

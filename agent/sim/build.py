@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from agent.sim.boards import FIRMWARE_DIR, REPO_DIR
@@ -82,8 +83,10 @@ def compile_firmware(cache: Path, mpy_cross: str | None = None) -> Path:
     if (out / ".complete").exists():
         return out
     exe = mpy_cross or find_mpy_cross()
-    tmp = out.with_suffix(".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Our own temporary directory: two processes may compile the same tree
+    # at once (benchmarks side by side); the first to finish wins.
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=cache))
     for src, rel in files:
         dest = tmp / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +98,14 @@ def compile_firmware(cache: Path, mpy_cross: str | None = None) -> Path:
         if proc.returncode != 0:
             raise BuildError("mpy-cross failed on %s: %s" % (rel, proc.stderr.strip()))
     (tmp / ".complete").write_text("ok\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)  # atomic; fails if out is there (not empty)
+    except OSError:
+        if not (out / ".complete").exists():  # a stale, unfinished one: set it aside first
+            stale = Path(tempfile.mkdtemp(prefix=out.name + ".stale-", dir=cache))
+            out.rename(stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+            tmp.rename(out)
+            return out
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: same sources, same files
     return out

@@ -75,3 +75,26 @@ def test_type_check_can_fail(tmp_path: Path) -> None:
          str(stubs), "--cache-dir", str(tmp_path / "cache"), str(bad)],
         cwd=FIRMWARE, env=env, capture_output=True, text=True, timeout=600)
     assert "bad.py:2: error" in proc.stdout, proc.stdout
+
+
+def test_two_compilations_at_once_both_succeed(tmp_path: Path) -> None:
+    # Benchmarks run side by side compile the same tree into the same cache.
+    import threading
+
+    from agent.sim import build
+
+    results: list[object] = []
+
+    def compile_one() -> None:
+        try:
+            results.append(build.compile_firmware(tmp_path))
+        except Exception as e:  # noqa: BLE001 - reported below
+            results.append(e)
+
+    threads = [threading.Thread(target=compile_one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and all(isinstance(r, Path) for r in results), results
+    assert results[0] == results[1] and (results[0] / ".complete").exists()  # type: ignore[operator]
