@@ -309,12 +309,66 @@ def realistic(seconds: float) -> dict[str, float]:
             "rss_mb": rss, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def _write_bytes() -> int:
+    # Bytes this process caused to be written to storage (Linux /proc/self/io):
+    # what an SD card would have to take, checkpoints included.
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    raise RuntimeError("no write_bytes in /proc/self/io")
+
+
+def card_writes(seconds: float) -> dict[str, float]:
+    """Bytes written to the card per frame stored, under the realistic load
+    (20 boards x 2 streams x 1 frame/s), with a backend taking every frame
+    within a second (outbox deletes are writes too) and the store closed at
+    the end (its last checkpoint counted)."""
+    fleet = Fleet()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("PULSEBRIDGE_BENCH_DIR")) as tmp_s:
+        tmp = Path(tmp_s)
+        store, ing = _setup(tmp, fleet, ["backend"])
+        devs = list(fleet.keys)
+        slot = 1.0 / (2 * len(devs))
+        frames = [fleet.frame(devs[(i // 2) % len(devs)], messages.STREAM_ECG_MAX30003 if i % 2 == 0
+                              else messages.STREAM_PPG_MAX30102) for i in range(int(seconds / slot))]
+        reader = store.reader()
+
+        async def go() -> None:
+            pending: list[asyncio.Future[Any]] = []
+            t0 = time.perf_counter()
+            next_delivery = t0 + 1.0
+            for k, raw in enumerate(frames):
+                await asyncio.sleep(max(0.0, t0 + k * slot - time.perf_counter()))
+                out = ing.submit(raw, "bench")
+                assert out.stored is not None
+                pending.append(out.stored)
+                if time.perf_counter() >= next_delivery:  # the backend acknowledges what it was sent
+                    next_delivery += 1.0
+                    rows = await asyncio.to_thread(Store.fetch_outbox, reader, "backend", 1000)
+                    await store.delivered("backend", [r.id for r in rows])
+            await asyncio.gather(*pending)
+            rows = await asyncio.to_thread(Store.fetch_outbox, reader, "backend", 100000)
+            await store.delivered("backend", [r.id for r in rows])
+
+        before = _write_bytes()
+        asyncio.run(go())
+        reader.close()
+        commits = store.stats.commits
+        store.close()
+        written = _write_bytes() - before
+    frame_bytes = sum(len(f) for f in frames)
+    return {"frames": len(frames), "commits": commits, "frame_bytes": frame_bytes, "written_bytes": written,
+            "written_per_frame": written / len(frames), "written_per_frame_byte": written / frame_bytes}
+
+
 def run(frames: int = 20000, baseline_frames: int = 3000, seconds: float = 20.0) -> dict[str, Any]:
     # aiomqtt warns for every publish queued behind the first 500: noise in a benchmark.
     logging.getLogger("mqtt").setLevel(logging.ERROR)
     os.environ.setdefault("PYTHONHASHSEED", "0")
     r: dict[str, Any] = {}
     r["realistic_load"] = realistic(seconds)  # first: RSS before the bulk runs grow the heap
+    r["card_writes"] = card_writes(seconds)
     r["verify_commit"] = verify_commit(frames)
     r["baseline_pycose_commit_per_frame"] = baseline(baseline_frames)
     r["verify_commit_forward_mqtt"] = verify_commit_forward(frames)
@@ -342,4 +396,9 @@ def report(r: dict[str, Any]) -> list[str]:
         "    added latency (frame in -> ack ready) p50 %.2f ms, p99 %.2f ms" % (
             rl["latency_p50_ms"], rl["latency_p99_ms"]),
         "    CPU %.2f %% of one core; RSS %.1f MB" % (rl["cpu_percent_of_one_core"], rl["rss_mb"]),
+        "  written to the card, same load, every frame forwarded (/proc/self/io write_bytes):",
+        "    %.0f bytes per frame stored, %.1fx the frame's size (%d frames of %.0f B on average, %d commits)" % (
+            r["card_writes"]["written_per_frame"], r["card_writes"]["written_per_frame_byte"],
+            r["card_writes"]["frames"], r["card_writes"]["frame_bytes"] / r["card_writes"]["frames"],
+            r["card_writes"]["commits"]),
     ]

@@ -266,8 +266,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("  store FAULT for %.0f s: %s; nothing new is acknowledged until it is stored (retrying)" % (
             time.time() - st["fault_since"], st["fault"]))
     else:
-        print("  store ok: %d frames stored, %d refused and quarantined, %d storage faults recovered" % (
-            st.get("ingested", 0), st.get("refused", 0), st.get("faults_recovered", 0)))
+        print("  store ok: %d frames stored, %d refused and quarantined, %d storage faults recovered, %d holes in "
+              "the boards' streams sent as gap records" % (st.get("ingested", 0), st.get("refused", 0),
+                                                            st.get("faults_recovered", 0), st.get("gaps_found", 0)))
+    rec = st.get("recovery")
+    if rec:
+        print("  store recovered at %s from a damaged store (%s; kept as %s): %s rows recovered, %d ranges "
+              "unreadable" % (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec["at"])), rec["problem"],
+                              rec["kept"], sum(rec["rows_recovered"].values()), rec["unreadable_ranges"]))
     if snap["rejects"]:
         print("  rejected: " + ", ".join("%s %d" % kv for kv in sorted(snap["rejects"].items())))
     if snap.get("status_page", "on") != "on":

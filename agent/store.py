@@ -48,6 +48,15 @@ KIND_ALERT = 102  # an alert raised or cleared on the hub
 # Transactions hold at most this many ingests: bounds the time a commit
 # takes and so the latency of the acks waiting for it.
 MAX_BATCH = 512
+# A commit waits this long after its first board frame for others to share it:
+# each commit rewrites the pages it touches (indexes, outbox, replay window)
+# whole, so frames arriving one by one would cost the SD card some 30 kB
+# each (`pulsebridge bench agent` prints the figure). Boards resend after
+# 3 s without an ack: far longer.
+COMMIT_LINGER_S = 0.5
+# Pages of a new store: a commit writes every page it touches whole, and
+# most of ours touch a few bytes of an index or outbox page.
+PAGE_SIZE = 1024
 # Rejected messages kept for forensics (oldest go first).
 QUARANTINE_ROWS = 1000
 # A quarantined message is kept whole: SPEC.md bounds a link message at 4224 B.
@@ -190,11 +199,13 @@ def check_private(path: Path, what: str) -> None:
 
 class Store:
     def __init__(self, path: Path, backends: list[str], quota_bytes: int = 0,
-                 min_free_bytes: int = MIN_FREE_BYTES, wal_limit_bytes: int = WAL_LIMIT_BYTES) -> None:
+                 min_free_bytes: int = MIN_FREE_BYTES, wal_limit_bytes: int = WAL_LIMIT_BYTES,
+                 commit_linger_s: float = COMMIT_LINGER_S) -> None:
         self.path = path
         self.backends = list(backends)
         self.quota_bytes = quota_bytes  # 0: no quota
         self.min_free_bytes = min_free_bytes  # 0: the file system's free space is not watched
+        self.commit_linger_s = commit_linger_s
         # A small quota gets a WAL to match (an eighth of it), checkpointed as often.
         self.wal_limit_bytes = min(wal_limit_bytes, quota_bytes // 8) if quota_bytes else wal_limit_bytes
         self.stats = StoreStats()
@@ -216,6 +227,7 @@ class Store:
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+        db.execute("PRAGMA page_size=%d" % PAGE_SIZE)  # takes effect only on a new, empty store
         db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk (WAL fsynced) before anyone is told.
         db.execute("PRAGMA synchronous=FULL")
@@ -446,9 +458,12 @@ class Store:
             if job is None:
                 return
             batch = [job]
+            # Only a board's frame waits for company: hub-made records and the rest commit at once.
+            board_frame = job.kind == "ingest" and job.args.window is not None
+            linger_until = time.monotonic() + (self.commit_linger_s if board_frame else 0.0)
             while len(batch) < MAX_BATCH:
                 try:
-                    nxt = self._q.get_nowait()
+                    nxt = self._q.get(timeout=max(0.0, linger_until - time.monotonic()))
                 except queue.Empty:
                     break
                 if nxt is None:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from agent import config as agent_config
 from agent.audit import AuditLog
@@ -99,3 +100,33 @@ def test_a_new_backend_does_not_recreate_the_store(tmp_path: Path) -> None:
     assert db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 2
     assert Store.backlog(db) == {"a": 2, "b": 1}  # the new backend starts from new frames
     s.close()
+
+
+def test_an_agent_on_a_damaged_store_starts_serves_and_says_so(tmp_path: Path) -> None:
+    cfg = agent_config.load(_config(tmp_path))
+    s = Store(cfg.store_path, ["a"], commit_linger_s=0)
+    s.start()
+    asyncio.run(s.ingest(Ingest("pb-x", 1, 0, 1, b"f0", (1, 0, 1))))
+    s.close()
+    with open(cfg.store_path, "r+b") as f:
+        f.write(os.urandom(100))  # a damaged header: before, every start exited 1
+
+    async def scenario() -> tuple[dict[str, Any], str]:
+        agent = Agent(cfg)
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        for _ in range(50):
+            if cfg.status_socket.exists():
+                break
+            await asyncio.sleep(0.1)
+        snap = await read_status(cfg.status_socket)
+        shown = await asyncio.to_thread(_cli, "status", "--config", str(cfg.source))
+        stop.set()
+        await task
+        return snap, shown.stdout
+
+    snap, shown = asyncio.run(scenario())
+    rec = snap["store"]["recovery"]
+    assert rec and Path(rec["kept"]).exists()
+    assert "store recovered at" in shown and rec["kept"] in shown, shown
+    assert "store ok:" in shown

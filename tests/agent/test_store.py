@@ -22,7 +22,7 @@ async def _ingest_all(s: Store, items: list[Ingest]) -> None:
 
 
 def test_group_commit_outbox_per_backend_and_delivery(tmp_path: Path) -> None:
-    s = Store(tmp_path / "store.db", ["mqtt", "fhir"])
+    s = Store(tmp_path / "store.db", ["mqtt", "fhir"], commit_linger_s=0)
     s.start()
     try:
         asyncio.run(_ingest_all(s, [_item(i) for i in range(300)]))
@@ -45,13 +45,13 @@ def test_group_commit_outbox_per_backend_and_delivery(tmp_path: Path) -> None:
 
 
 def test_replay_window_is_stored_with_the_frame(tmp_path: Path) -> None:
-    s = Store(tmp_path / "store.db", ["b"])
+    s = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
     s.start()
     try:
         asyncio.run(s.ingest(Ingest("pb-a", 3, 17, 1, b"x", (3, 17, (1 << 64) - 1))))
     finally:
         s.close()
-    s2 = Store(tmp_path / "store.db", ["b"])
+    s2 = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
     s2.open()
     w = s2.load_windows()["pb-a"]
     assert (w[0], w[1], store_mod.unsigned64(w[2])) == (3, 17, (1 << 64) - 1)
@@ -59,7 +59,7 @@ def test_replay_window_is_stored_with_the_frame(tmp_path: Path) -> None:
 
 
 def test_quota_drops_oldest_raw_first_and_queues_gap_records(tmp_path: Path) -> None:
-    s = Store(tmp_path / "store.db", ["b1"], quota_bytes=300_000)
+    s = Store(tmp_path / "store.db", ["b1"], quota_bytes=300_000, commit_linger_s=0)
     s.start()
     try:
         vitals = Ingest("pb-a", 1, 100000, 1, b"v" * 100, (1, 0, 0), priority=store_mod.PRIORITY_VITALS)
@@ -87,7 +87,7 @@ def test_quota_drops_oldest_raw_first_and_queues_gap_records(tmp_path: Path) -> 
 
 
 def test_purge_only_delivered_and_old(tmp_path: Path) -> None:
-    s = Store(tmp_path / "store.db", ["b"])
+    s = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
     s.start()
     try:
         asyncio.run(_ingest_all(s, [_item(i) for i in range(10)]))
@@ -103,7 +103,7 @@ def test_purge_only_delivered_and_old(tmp_path: Path) -> None:
 
 
 def test_erase_removes_every_trace(tmp_path: Path) -> None:
-    s = Store(tmp_path / "store.db", ["b"])
+    s = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
     s.start()
     try:
         asyncio.run(_ingest_all(s, [_item(i, "pb-a") for i in range(5)] + [_item(i, "pb-b") for i in range(3)]))
@@ -124,7 +124,7 @@ def test_store_and_registry_refuse_files_others_can_read(tmp_path: Path) -> None
     sqlite3.connect(p).close()
     os.chmod(p, 0o644)
     with pytest.raises(StoreError, match="readable by others"):
-        Store(p, []).open()
+        Store(p, [], commit_linger_s=0).open()
     r = tmp_path / "registry.db"
     sqlite3.connect(r).close()
     os.chmod(r, 0o640)
