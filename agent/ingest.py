@@ -137,7 +137,9 @@ class Ingestor(Processor):
         self.rejects[reason] += 1
         self._log("rejected message from %s on %s: %s", r.device_id or "?", link, reason)
         self.store.submit_reject(reason, link, r.device_id, r.raw)  # counted and quarantined; nobody waits
-        return Outcome(r, [])
+        # A stale boot epoch (old_epoch, epoch_rollback): the epoch resync
+        # goes back at once, so the board moves its epoch on (SPEC.md).
+        return Outcome(r, [r.reply] if r.reply is not None else [])
 
     def submit(self, raw: bytes, link: str, to_utc: ToUtc | None = None) -> Outcome:
         r = self.hub.receive(raw, commit=False)  # the window moves once the samples are checked too
@@ -158,7 +160,8 @@ class Ingestor(Processor):
                 except RemoteProtocolError as e:
                     return self._reject(hub.Received(hub.REJECTED, dev, None, raw, "malformed:" + e.reason), link)
         if r.verdict == hub.ACCEPTED and m is not None:
-            self.hub.commit(dev, m.epoch, m.seq)  # type: ignore[attr-defined]
+            salt = m.boot_salt if isinstance(m, messages.SampleFrame) else None
+            self.hub.commit(dev, m.epoch, m.seq, salt)  # type: ignore[attr-defined]
         if not isinstance(m, messages.SampleFrame):
             return Outcome(r, [])  # hello, status, time: session state, not stored
         w = self.hub.window(dev)
@@ -195,6 +198,8 @@ class Ingestor(Processor):
         m = self._decode(raw)
         if not isinstance(m, messages.SampleFrame):
             return False
-        row = self._reader.execute("SELECT 1 FROM frames WHERE device_id=? AND epoch=? AND seq=?",
+        # The very frame: a resend is the same bytes; other bytes under that
+        # (epoch, seq) come from another boot (SPEC.md, Replay protection).
+        row = self._reader.execute("SELECT raw FROM frames WHERE device_id=? AND epoch=? AND seq=?",
                                    (device_id, m.epoch, m.seq)).fetchone()
-        return row is not None
+        return row is not None and (row[0] is None or bytes(row[0]) == raw)

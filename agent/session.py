@@ -325,7 +325,7 @@ class BoardSession:
             st.rejects[r.reason] += 1
             if r.reason in _NOT_OURS and r.device_id and len(st.rejected_ids) < 8:
                 st.rejected_ids.add(r.device_id)
-            return None
+            return out if out.acks else None  # an epoch resync to send back (ingest.py)
         self.heard_at = time.monotonic()
         m = r.message
         if r.device_id and st.device_id != r.device_id:

@@ -101,7 +101,7 @@ QUARANTINED = "quarantined"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS replay(
-    device_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, top INTEGER NOT NULL, bitmap INTEGER NOT NULL);
+    device_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, top INTEGER NOT NULL, bitmap INTEGER NOT NULL, salt BLOB);
 CREATE TABLE IF NOT EXISTS frames(
     id INTEGER PRIMARY KEY,
     device_id TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
@@ -124,6 +124,11 @@ CREATE TABLE IF NOT EXISTS stream_marks(
 """
 
 
+# A device's replay window as stored: epoch, top, bitmap, and the boot salt
+# of that epoch's sample frames (None: none seen yet). See protocols/replay.py.
+Window = tuple[int, int, int, "bytes | None"]
+
+
 class StoreError(Exception):
     """The store cannot be used: wrong permissions, wrong schema, disk failure."""
 
@@ -137,7 +142,9 @@ class Ingest:
     seq: int
     kind: int
     raw: bytes
-    window: tuple[int, int, int] | None  # the device's replay window after this message (None: hub-made)
+    # The device's replay window after this message (None: hub-made); a
+    # 3-tuple (epoch, top, bitmap) stands for a window with no salt.
+    window: Window | tuple[int, int, int] | None
     stream: int | None = None
     t0_ms: int | None = None
     first_index: int | None = None
@@ -272,6 +279,10 @@ class Store:
         # A store made before the stream check: its streams are checked from here on
         # (retention and the quota took their oldest frames long ago: not a loss to report).
         db.execute("INSERT OR IGNORE INTO meta SELECT 'gap_scan_id', COALESCE(MAX(id), 0) FROM frames")
+        if "salt" not in [r[1] for r in db.execute("PRAGMA table_info(replay)")]:
+            # A store made before boot salts: its windows learn their salt
+            # from the next sample frame (protocols/replay.py).
+            db.execute("ALTER TABLE replay ADD COLUMN salt BLOB")
         return db
 
     def _check(self) -> str | None:
@@ -385,9 +396,10 @@ class Store:
         finally:
             db.close()
 
-    def load_windows(self) -> dict[str, tuple[int, int, int]]:
+    def load_windows(self) -> dict[str, Window]:
         assert self._db is not None
-        return {r[0]: (r[1], r[2], r[3]) for r in self._db.execute("SELECT device_id, epoch, top, bitmap FROM replay")}
+        return {r[0]: (r[1], r[2], r[3], r[4])
+                for r in self._db.execute("SELECT device_id, epoch, top, bitmap, salt FROM replay")}
 
     # ---- the writer thread -------------------------------------------------------
 
@@ -566,7 +578,7 @@ class Store:
         now = time.time()
         results: list[Any] = []
         db.execute("BEGIN IMMEDIATE")
-        windows: dict[str, tuple[int, int, int]] = {}
+        windows: dict[str, Window | tuple[int, int, int]] = {}
         rows = []
         for job in batch:
             if job.kind == "ingest":
@@ -600,10 +612,12 @@ class Store:
                 raise AssertionError(job.kind)
         self._insert_many(db, rows)
         ingested = sum(1 for r in rows if r[3] == 1)  # board frames (type 1), not hub-made records
-        for dev, (epoch, top, bitmap) in windows.items():
-            db.execute("INSERT INTO replay VALUES(?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET "
-                       "epoch=excluded.epoch, top=excluded.top, bitmap=excluded.bitmap",
-                       (dev, epoch, top, _signed64(bitmap)))
+        for dev, w in windows.items():
+            salt = w[3] if len(w) == 4 else None
+            db.execute("INSERT INTO replay(device_id, epoch, top, bitmap, salt) VALUES(?,?,?,?,?) "
+                       "ON CONFLICT(device_id) DO UPDATE SET "
+                       "epoch=excluded.epoch, top=excluded.top, bitmap=excluded.bitmap, salt=excluded.salt",
+                       (dev, w[0], w[1], _signed64(w[2]), salt))
         db.execute("DELETE FROM quarantine WHERE id <= (SELECT MAX(id) FROM quarantine) - ?", (QUARANTINE_ROWS,))
         db.execute("COMMIT")
         self.stats.commits += 1

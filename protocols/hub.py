@@ -2,7 +2,10 @@
 # key lookup, MAC, payload, replay window) and seals what the hub sends back
 # (acks, time requests, commands). The caller owns every byte of I/O and
 # decides when a message is durably stored; only then does it commit() the
-# message to the replay window and ack() it.
+# message to the replay window and ack() it. A message refused because its
+# boot epoch is stale (old_epoch, epoch_rollback) comes with a sealed epoch
+# resync in Received.reply, for the caller to send back at once: the board
+# then moves its epoch past the newest one seen (SPEC.md, "Epoch resync").
 
 from protocols import cbor, cipher, cose, messages, replay
 from protocols.errors import AuthenticationError, ProtocolError, RemoteProtocolError
@@ -14,13 +17,17 @@ REJECTED = "rejected"  # not to be stored nor forwarded; reason says why
 
 
 class Received:
+    # message: the decoded message (None when it was refused before its
+    # payload was read); reply: a sealed downlink message to send back now
+    # (an epoch resync), else None.
     def __init__(self, verdict: str, device_id: "str | None", message: "messages.Message | None", raw: bytes,
-                 reason: str = "") -> None:
+                 reason: str = "", reply: "bytes | None" = None) -> None:
         self.verdict = verdict
         self.device_id = device_id
         self.message = message
         self.raw = raw
         self.reason = reason
+        self.reply = reply
 
     def __repr__(self) -> str:
         return "Received(%s, %s, %r%s)" % (self.verdict, self.device_id, self.message,
@@ -77,9 +84,9 @@ class Hub:
     def has_device(self, device_id: str) -> bool:
         return device_id.encode() in self._devices
 
-    def set_window(self, device_id: str, epoch: int, top: int, bitmap: int) -> None:
+    def set_window(self, device_id: str, epoch: int, top: int, bitmap: int, salt: "bytes | None" = None) -> None:
         w = self._devices[device_id.encode()].window
-        w.epoch, w.top, w.bitmap = epoch, top, bitmap
+        w.epoch, w.top, w.bitmap, w.salt = epoch, top, bitmap, salt
 
     def window(self, device_id: str) -> replay.ReplayWindow:
         return self._devices[device_id.encode()].window
@@ -114,17 +121,29 @@ class Hub:
         except RemoteProtocolError as e:
             return self._reject(raw, "malformed:" + e.reason, device_id)
         epoch, seq = m.epoch, m.seq  # type: ignore[attr-defined]
-        verdict = dev.window.check(epoch, seq)
+        salt = m.boot_salt if isinstance(m, messages.SampleFrame) else None
+        verdict = dev.window.check(epoch, seq, salt)
         if verdict == replay.DUPLICATE:
             return Received(DUPLICATE, device_id, m, raw)
         if verdict != replay.FRESH:
-            return self._reject(raw, "replay:" + verdict, device_id)
+            r = self._reject(raw, "replay:" + verdict, device_id)
+            r.message = m
+            if verdict == replay.OLD_EPOCH or verdict == replay.EPOCH_ROLLBACK:
+                r.reply = self.resync(device_id, epoch)
+            return r
         if commit:
-            dev.window.commit(epoch, seq)
+            dev.window.commit(epoch, seq, salt)
         return Received(ACCEPTED, device_id, m, raw)
 
-    def commit(self, device_id: str, epoch: int, seq: int) -> None:
-        self._devices[device_id.encode()].window.commit(epoch, seq)
+    def commit(self, device_id: str, epoch: int, seq: int, salt: "bytes | None" = None) -> None:
+        # salt: the boot salt of a sample frame (SampleFrame.boot_salt), else None.
+        self._devices[device_id.encode()].window.commit(epoch, seq, salt)
+
+    def resync(self, device_id: str, refused_epoch: int) -> bytes:
+        # The sealed epoch resync for a message of refused_epoch the replay
+        # window refused: it names the newest epoch seen from the board.
+        newest = self._devices[device_id.encode()].window.epoch
+        return self._seal(device_id, messages.EpochResync(refused_epoch, newest))
 
     def _seal(self, device_id: str, msg: messages.Message) -> bytes:
         dev = self._devices.get(device_id.encode())

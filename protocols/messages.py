@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
 VERSION = const(2)  # 2: sample frames carry the boot salt of their key (key 15)
+# What a hub re-reads from its store: frames stored before an upgrade keep
+# their version. Version 1: sample frames without key 15 (one sample key per
+# device). Boards must speak VERSION (SPEC.md, "Evolving the format").
+STORED_VERSIONS = (1, 2)
 
 T_SAMPLES = const(1)
 T_ACK = const(2)
@@ -25,9 +29,10 @@ T_HELLO = const(5)
 T_STATUS = const(6)
 T_ERROR = const(7)
 T_COMMAND = const(8)
+T_EPOCH_RESYNC = const(9)
 
 UPLINK_TYPES = (T_SAMPLES, T_TIME_RESPONSE, T_HELLO, T_STATUS, T_ERROR)
-DOWNLINK_TYPES = (T_ACK, T_TIME_REQUEST, T_COMMAND)
+DOWNLINK_TYPES = (T_ACK, T_TIME_REQUEST, T_COMMAND, T_EPOCH_RESYNC)
 
 STREAM_ECG_MAX30003 = const(1)
 STREAM_ECG_AD8232 = const(2)
@@ -74,6 +79,10 @@ class Message:
 
 class SampleFrame(Message):
     kind = T_SAMPLES
+    # The boot salt the frame came with (key 15; None in a version 1 frame
+    # or one not decoded from the wire). Not a field: encoding takes it from
+    # the sealing cipher.
+    boot_salt: "bytes | None" = None
     _fields = ("epoch", "seq", "stream", "t0_ms", "first_index", "rate_hz", "count", "scale", "ppg_drive",
                "status", "channels")
 
@@ -175,6 +184,18 @@ class Command(Message):
         self.epoch = epoch
         self.nonce = nonce
         self.name = name
+
+
+class EpochResync(Message):
+    # Hub to board: "your frames of refused_epoch were refused: I have seen
+    # newest_epoch from you". A board whose epoch is refused_epoch moves it
+    # past newest_epoch (SPEC.md, "Epoch resync").
+    kind = T_EPOCH_RESYNC
+    _fields = ("refused_epoch", "newest_epoch")
+
+    def __init__(self, refused_epoch: int, newest_epoch: int) -> None:
+        self.refused_epoch = refused_epoch
+        self.newest_epoch = newest_epoch
 
 
 # ---- encoding ---------------------------------------------------------------
@@ -369,7 +390,7 @@ def _check_keys(m: "dict[object, object]", allowed: int, optional: "tuple[int, .
 
 def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tuple[int, ...]" = (),
                    decode_samples: bool = True, cbor_decode: "object" = None,
-                   opener: "cipher.SampleCipher | None" = None) -> Message:
+                   opener: "cipher.SampleCipher | None" = None, versions: "tuple[int, ...]" = (VERSION,)) -> Message:
     # decode_samples=False checks everything but leaves each channel's sample
     # bytes undecoded (SampleFrame.channels then holds bytes): for a hub that
     # stores frames fast and decodes them when it forwards them.
@@ -378,6 +399,10 @@ def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tu
     # stay encrypted bytes, and decode_samples must be False.
     # cbor_decode: another CBOR decoder for payloads already authenticated
     # (the hub passes a C one); the schema checks below apply all the same.
+    # versions: the protocol versions accepted; a board's messages must be
+    # VERSION; a hub re-reading its store takes STORED_VERSIONS (a version 1
+    # sample frame has no key 15 and is never decrypted here: its samples
+    # were stored decrypted, so opener must then be None).
     if cbor_decode is None:
         d = cbor.decode(payload)
     else:
@@ -389,12 +414,12 @@ def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tu
         raise RemoteProtocolError("payload must be a CBOR map", "schema")
     kind = _uint(d, 0, "type", 255)
     version = _uint(d, 1, "version", 255)
-    if version != VERSION:
+    if version not in versions:
         _fail("protocol version %d is not supported (this side speaks %d)" % (version, VERSION), "version")
     if allowed_kinds and kind not in allowed_kinds:
         _fail("message type %d not allowed in this direction" % kind, "direction")
     if kind == T_SAMPLES:
-        return _decode_samples(d, decode_samples, opener)
+        return _decode_samples(d, decode_samples, opener, version)
     if kind == T_ACK:
         _check_keys(d, 4)
         ranges = _pairs(d, 3, "ranges", MAX_ACK_RANGES)
@@ -425,17 +450,28 @@ def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tu
     if kind == T_COMMAND:
         _check_keys(d, 5)
         return Command(_uint(d, 2, "epoch"), _uint(d, 3, "nonce"), _text(d, 4, "name"))
+    if kind == T_EPOCH_RESYNC:
+        _check_keys(d, 4)
+        return EpochResync(_uint(d, 2, "refused_epoch", MAX_EPOCH), _uint(d, 3, "newest_epoch", MAX_EPOCH))
     _fail("unknown message type %d" % kind, "unknown_type")
 
 
 def _decode_samples(d: "dict[object, object]", decode: bool = True,
-                    opener: "cipher.SampleCipher | None" = None) -> SampleFrame:
-    _check_keys(d, 16, (10,))
+                    opener: "cipher.SampleCipher | None" = None, version: int = VERSION) -> SampleFrame:
+    salt: "bytes | None" = None
+    if version == 1:  # stored before the upgrade: no boot salt, never decrypted here
+        _check_keys(d, 15, (10,))
+        if opener is not None:
+            raise LocalProtocolError("version 1 frames are not decrypted: their samples were stored decrypted",
+                                     "cipher")
+    else:
+        _check_keys(d, 16, (10,))
+        v = d.get(15)
+        if not isinstance(v, bytes) or len(v) != cipher.BOOT_SALT_SIZE:
+            _fail("field boot_salt (key 15) must be %d bytes" % cipher.BOOT_SALT_SIZE, "salt")
+        salt = v
     if d.get(14) != cipher.ALG_A256CTR:
         _fail("field cipher (key 14) must be %d (A256CTR)" % cipher.ALG_A256CTR, "cipher")
-    salt = d.get(15)
-    if not isinstance(salt, bytes) or len(salt) != cipher.BOOT_SALT_SIZE:
-        _fail("field boot_salt (key 15) must be %d bytes" % cipher.BOOT_SALT_SIZE, "salt")
     if decode and opener is None:
         raise LocalProtocolError("sample frames are encrypted: decoding samples needs the device's cipher", "cipher")
     stream = _uint(d, 4, "stream", MAX_UPLINK_INT)
@@ -478,7 +514,9 @@ def _decode_samples(d: "dict[object, object]", decode: bool = True,
             channels.append(samples.decode(ch, count))
         else:
             channels.append(ch)  # type: ignore[arg-type]
-    return SampleFrame(epoch, seq, stream, _uint(d, 5, "t0_ms", MAX_UPLINK_INT),
-                       _uint(d, 6, "first_index", MAX_UPLINK_INT), rate, count, (scale[0], scale[1]),
-                       None if drive is None else (drive[0], drive[1], drive[2], drive[3]),
-                       (status[0], status[1], status[2], status[3]), channels)
+    frame = SampleFrame(epoch, seq, stream, _uint(d, 5, "t0_ms", MAX_UPLINK_INT),
+                        _uint(d, 6, "first_index", MAX_UPLINK_INT), rate, count, (scale[0], scale[1]),
+                        None if drive is None else (drive[0], drive[1], drive[2], drive[3]),
+                        (status[0], status[1], status[2], status[3]), channels)
+    frame.boot_salt = salt
+    return frame

@@ -37,7 +37,7 @@ def test_group_commit_outbox_per_backend_and_delivery(tmp_path: Path) -> None:
         asyncio.run(s.ingest(_item(5, duplicate=True)))
         asyncio.run(s.ingest(_item(5)))  # and even if asked, the unique key holds
         assert db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 300
-        assert s.load_windows()["pb-a"] == (1, 5, 1)  # the window of the last message committed
+        assert s.load_windows()["pb-a"] == (1, 5, 1, None)  # the window of the last message committed
         assert s.integrity_check() == "ok"
     finally:
         s.close()

@@ -142,7 +142,7 @@ def test_a_frame_the_store_refuses_is_quarantined_alone(tmp_path: Path) -> None:
         assert db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 30
         (reason, dev, raw), = db.execute("SELECT reason, device_id, raw FROM quarantine").fetchall()
         assert (reason, dev, len(raw)) == ("store_refused:OverflowError", "pb-x", 2000)
-        assert s.load_windows()["pb-x"] == (1, 10, 1)  # held as seen: its resend is a duplicate
+        assert s.load_windows()["pb-x"] == (1, 10, 1, None)  # held as seen: its resend is a duplicate
         assert s.stats.refused == 1 and s.status()["refused"] == 1
     finally:
         s.close()
