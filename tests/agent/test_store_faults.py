@@ -188,3 +188,58 @@ def test_uint64_edge_frame_among_other_boards_frames(tmp_path: Path) -> None:
     finally:
         s.close()
         reg.close()
+
+
+@pytest.mark.micropython
+@pytest.mark.slow
+def test_disk_full_with_the_real_agent_and_boards(micropython: str, tmp_path: Path) -> None:
+    # The agent's data directory on a 24 MB tmpfs, two simulated boards, an
+    # HTTPS backend. The card fills up (another writer), then space returns.
+    from agent import config as agent_config
+    from agent.supervisor import Agent
+    from tests.agent import harness
+    from tests.agent.test_links import _drain, _figures, _until
+
+    with small_filesystem(tmp_path / "card", 24 * 1024) as card:
+        sims = harness.start_boards(tmp_path, 2, micropython)
+        pki = harness.pki_for(tmp_path)
+        backend = harness.ThreadedBackend(tmp_path, {s.device_id: s.spec.key for s in sims}, pki)
+        try:
+            harness.register(card, tmp_path / "log", sims)
+            path = harness.write_config(tmp_path, sims, harness.webhook(pki, backend.port))
+            path.write_text(path.read_text().replace('data_dir = "%s"' % (tmp_path / "data"), 'data_dir = "%s"' % card))
+            cfg = agent_config.load(path)
+
+            async def scenario() -> dict[str, Any]:
+                agent = Agent(cfg)
+                stop = asyncio.Event()
+                task = asyncio.create_task(agent.run(stop))
+                await _until(lambda: all(len(harness.acked(s)) >= 3 for s in sims), 60,
+                             lambda: agent.snapshot()["boards"])
+                await asyncio.to_thread(fill, card / "filler")
+                await _until(lambda: agent.snapshot()["store"]["state"] == "fault", 60,
+                             lambda: agent.snapshot()["store"])
+                during = agent.snapshot()["store"]
+                held_acks = [len(harness.acked(s)) for s in sims]
+                await _until(lambda: agent.store.stats.commit_failures >= 5, 60, lambda: agent.snapshot()["store"])
+                stuck = [len(harness.acked(s)) for s in sims]
+                (card / "filler").unlink()  # space is back
+                await _until(lambda: agent.snapshot()["store"]["state"] == "ok"
+                             and all(len(harness.acked(s)) > n + 3 for s, n in zip(sims, stuck)), 60,
+                             lambda: (agent.snapshot()["store"], agent.snapshot()["boards"]))
+                await asyncio.to_thread(lambda: [s.stop() for s in sims])
+                await _drain(agent, 60)
+                stop.set()
+                await task
+                return {"during": during, "held": held_acks, "stuck": stuck}
+
+            seen = asyncio.run(scenario())
+            acked, delivered, lost = _figures(sims, backend)
+            print("disk full then space back: acknowledged %d, delivered %d, lost %d; acks while full %s -> %s" % (
+                acked, delivered, lost, seen["held"], seen["stuck"]))
+            assert "full" in seen["during"]["fault"]
+            assert lost == 0 and acked > 0
+        finally:
+            backend.close()
+            for s in sims:
+                s.stop()
