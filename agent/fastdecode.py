@@ -5,7 +5,7 @@ whose pure-Python decoder is the reference (the board's, and the golden
 vectors'). This one refuses exactly what the reference refuses (a wrong
 count, a varint longer than 5 bytes or not in shortest form, a sample
 outside the signed 32-bit range) and decodes the rest to the same values,
-some 20 times faster: ingest checks every frame with it before it is
+faster (36 us against 93 us for 512 ECG samples here): ingest checks every frame with it before it is
 acknowledged, so every forwarder can decode what the store holds.
 """
 
@@ -38,10 +38,9 @@ def decode(data: bytes, count: int) -> list[int]:
         raise RemoteProtocolError("varint longer than %d bytes" % _MAX_VARINT_BYTES, "varint")
     if np.any((a[ends] == 0) & (lens > 1)):
         raise RemoteProtocolError("varint not in shortest form", "non_canonical")
-    z = np.zeros(count, dtype=np.int64)
-    for k in range(int(lens.max())):
-        m = lens > k
-        z[m] |= (a[starts[m] + k].astype(np.int64) & 0x7F) << (7 * k)
+    # Each byte's 7 bits shifted to their place in its varint, summed per varint.
+    place = np.arange(len(a)) - np.repeat(starts, lens)
+    z = np.add.reduceat((a & 0x7F).astype(np.int64) << (7 * place), starts)
     d = (z >> 1) ^ -(z & 1)
     values = np.cumsum(d)  # at most 1024 terms below 2^35: no int64 overflow
     if values.min() < _INT32_MIN or values.max() > _INT32_MAX:
