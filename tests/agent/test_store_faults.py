@@ -243,3 +243,78 @@ def test_disk_full_with_the_real_agent_and_boards(micropython: str, tmp_path: Pa
             backend.close()
             for s in sims:
                 s.stop()
+
+
+@pytest.mark.micropython
+@pytest.mark.slow
+def test_status_page_and_cli_tell_a_full_disk(micropython: str, tmp_path: Path) -> None:
+    # The truth in both places while the card is full: the page (French and English) and `pulsebridge status`.
+    import contextlib
+    import io
+
+    from playwright.async_api import async_playwright
+
+    from agent import cli
+    from agent import config as agent_config
+    from agent.sim.boards import write_private
+    from agent.supervisor import Agent
+    from tests.agent import harness
+    from tests.agent.test_links import _until
+    from tests.agent.test_status_page import _chromium
+
+    chromium = _chromium()
+    with small_filesystem(tmp_path / "card", 24 * 1024) as card:
+        sims = harness.start_boards(tmp_path, 1, micropython)
+        pw_file = tmp_path / "status.password"
+        write_private(pw_file, b"correct horse battery\n")
+        try:
+            harness.register(card, tmp_path / "log", sims)
+            port = harness.free_port()
+            config = harness.write_config(tmp_path, sims, "", extra=(
+                'status_page_listen = "127.0.0.1:%d"\nstatus_page_password_file = "%s"\n' % (port, pw_file)))
+            config.write_text(config.read_text().replace('data_dir = "%s"' % (tmp_path / "data"),
+                                                         'data_dir = "%s"' % card))
+            cfg = agent_config.load(config)
+
+            async def scenario() -> dict[str, str]:
+                agent = Agent(cfg)
+                stop = asyncio.Event()
+                task = asyncio.create_task(agent.run(stop))
+                await _until(lambda: len(harness.acked(sims[0])) >= 2, 60, lambda: agent.snapshot()["boards"])
+                await asyncio.to_thread(fill, card / "filler")
+                await _until(lambda: agent.snapshot()["store"]["state"] == "fault", 60,
+                             lambda: agent.snapshot()["store"])
+                found: dict[str, str] = {}
+                out = io.StringIO()
+                with contextlib.redirect_stdout(out):
+                    assert await asyncio.to_thread(cli.main, ["status", "--config", str(config)]) == 0
+                found["cli"] = out.getvalue()
+                async with async_playwright() as p:
+                    browser = await p.chromium.launch(executable_path=chromium, args=[
+                        "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                        "--disable-component-update", "--disable-sync", "--no-first-run"])
+                    for locale in ("fr-FR", "en-GB"):
+                        ctx = await browser.new_context(locale=locale, http_credentials={
+                            "username": "hub", "password": "correct horse battery"})
+                        page = await ctx.new_page()
+                        await page.goto("http://127.0.0.1:%d/" % port)
+                        for _ in range(100):
+                            if "board" in await page.content() and len((await page.text_content("#summary")) or "") > 2:
+                                break
+                            await page.wait_for_timeout(100)
+                        found[locale] = (await page.text_content("#summary")) or ""
+                        await ctx.close()
+                    await browser.close()
+                (card / "filler").unlink()
+                await _until(lambda: agent.snapshot()["store"]["state"] == "ok", 60, lambda: agent.snapshot()["store"])
+                stop.set()
+                await task
+                return found
+
+            found = asyncio.run(scenario())
+            assert "carte pleine" in found["fr-FR"], found["fr-FR"]
+            assert "card full" in found["en-GB"], found["en-GB"]
+            assert "store FAULT for" in found["cli"] and "disk is full" in found["cli"], found["cli"]
+        finally:
+            for s in sims:
+                s.stop()
