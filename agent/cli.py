@@ -302,6 +302,10 @@ def _board_line(b: dict[str, Any]) -> str:
         line += "; sessions ended: " + ", ".join("%s %d" % kv for kv in sorted(ends.items()))
     if b["state"] != "connected" and b.get("last_error"):
         line += "; last: " + b["last_error"]
+    reported = b.get("board_errors") or {}
+    if reported:
+        line += "; the board reported: %s (last: %s)" % (", ".join("%s %d" % kv for kv in sorted(reported.items())),
+                                                          b.get("last_board_error", ""))
     dropped = (b.get("discarded") or {}).get("overflow", 0)
     if dropped:
         line += "; %d messages dropped (hub busy, the board resends them)" % dropped

@@ -276,6 +276,8 @@ class LinkManager:
                     LinkState.BACKOFF, LinkState.STALLED, LinkState.RELEASED) and not link.active else None,
                 "rejects": dict(st.rejects) if st else {},
                 "not_registered": sorted(st.rejected_ids) if st else [],
+                "board_errors": dict(st.board_errors) if st else {},
+                "last_board_error": st.last_board_error if st else "",
                 "clock_drift_ppm": st.clock_drift_ppm if st else None, "clock_jumps": st.clock_jumps if st else 0,
                 "mtu": getattr(tr, "mtu", None) if tr is not None else None,
                 "discarded": dict(tr.discarded) if tr is not None else {},

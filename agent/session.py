@@ -84,6 +84,8 @@ class BoardStats:
     clock_jumps: int = 0
     rtt_ms: float | None = None
     rejected_ids: set[str] = field(default_factory=set)  # devices heard but not served (a few, for the status)
+    board_errors: Counter[str] = field(default_factory=Counter)  # error reports (type 7) by code name
+    last_board_error: str = ""
 
     def samples_received(self) -> dict[str, int]:
         return {name: s.covered for name, s in self.samples.items()}
@@ -338,6 +340,11 @@ class BoardSession:
             st.firmware = m.firmware
         elif isinstance(m, messages.TimeResponse):
             self._on_time(m)
+        elif isinstance(m, messages.ErrorReport) and r.verdict == hub.ACCEPTED:
+            name = messages.ERROR_CODES.get(m.code, "code_%d" % m.code)
+            st.board_errors[name] += 1
+            st.last_board_error = "%s: %s" % (name, m.text)
+            log.warning("%s reports %s", st.device_id, st.last_board_error)
         if isinstance(m, messages.SampleFrame):
             if r.verdict == hub.DUPLICATE:
                 st.duplicates += 1

@@ -80,9 +80,7 @@ def load_key():
 
 
 def next_epoch():
-    # Reads, increments and durably rewrites the boot counter (write a
-    # temporary file, then rename over the old one: a power cut leaves either
-    # the old or the new value, never a torn one).
+    # Reads, increments and durably rewrites the boot counter.
     epoch = 0
     if _exists(EPOCH):
         with open(EPOCH) as f:
@@ -92,11 +90,18 @@ def next_epoch():
         except ValueError:
             raise ConfigError("%s is corrupt (%r): refusing to reuse an epoch" % (EPOCH, text)) from None
     epoch += 1
+    save_epoch(epoch)
+    return epoch
+
+
+def save_epoch(epoch):
+    # Durably writes the boot counter (a temporary file, then renamed over
+    # the old one: a power cut leaves either the old or the new value, never
+    # a torn one). Also for an epoch resync (SPEC.md), before the epoch is used.
     tmp = EPOCH + ".tmp"
     with open(tmp, "w") as f:
         f.write("%d\n" % epoch)
     os.rename(tmp, EPOCH)
-    return epoch
 
 
 def ring_bytes():

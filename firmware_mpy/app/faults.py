@@ -23,6 +23,7 @@ ERR_SENSOR_FAULT = const(2)  # a sensor failed while streaming (bus error, not a
 ERR_LINK_FAULT = const(3)  # the link failed (radio error, host not reading)
 ERR_LOOP_RESTARTED = const(4)  # an unexpected exception ended a loop iteration
 ERR_WATCHDOG_RESET = const(5)  # the board restarted because its loop stalled
+ERR_EPOCH_RESYNC = const(6)  # the hub refused this boot's epoch: moved past the hub's newest (SPEC.md)
 
 OK = const(0)
 RETRY = const(1)

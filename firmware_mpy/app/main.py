@@ -174,6 +174,8 @@ class App:
             return
         if isinstance(m, messages.Ack):
             self.outbox.ack(m, self.epoch)
+        elif isinstance(m, messages.EpochResync):
+            self._resync(m)
         elif isinstance(m, messages.TimeRequest):
             self._send_small(messages.TimeResponse(self.epoch, self._seq(), m.nonce, self.board.uptime_ms()))
         elif isinstance(m, messages.Command):
@@ -185,6 +187,48 @@ class App:
                 self.running = False
             elif m.name == "status":
                 self.status()
+
+    def _resync(self, m):
+        # The hub refused this boot's epoch (our epoch file was lost or rolled
+        # back): move past the newest epoch it has seen, durably first, and
+        # send what it never acknowledged again as new frames (SPEC.md, Epoch
+        # resync). Only for our current epoch, and only ever forward: a
+        # replayed resync does nothing more.
+        old = self.epoch
+        if m.refused_epoch != old or m.newest_epoch < old:
+            return
+        if m.newest_epoch >= messages.MAX_EPOCH:
+            self.reports.add(faults.ERR_EPOCH_RESYNC, "epoch %d refused, none left above %d: provision again"
+                             % (old, m.newest_epoch))
+            return
+        epoch = m.newest_epoch + 1
+        try:
+            config.save_epoch(epoch)
+        except OSError as e:  # not durable, not used: the next refusal tries again
+            self.reports.add(faults.ERR_EPOCH_RESYNC, "epoch %d refused; saving %d failed: %s" % (old, epoch, e))
+            return
+        self.epoch = epoch
+        self.seq = 0
+        n = self.outbox.reseal(self._reseal)
+        gc.collect()
+        self.board.console("pulsebridge: boot epoch %d refused by the hub (newest %d): now %d" % (old, m.newest_epoch,
+                                                                                              epoch))
+        self.reports.add(faults.ERR_EPOCH_RESYNC, "epoch %d refused (hub has %d; epoch file lost?): now %d, %d frames "
+                         "resent" % (old, m.newest_epoch, epoch, n))
+        self.hello()
+
+    def _reseal(self, sealed):
+        # A sample frame of the outbox under this epoch and a new seq: its
+        # samples decrypted and encrypted again under this boot's key, with
+        # the new counter blocks (allocates: a rare path).
+        f = messages.decode_payload(cose.parse(sealed).payload, (messages.T_SAMPLES,), True, None, self.sealer)
+        if not isinstance(f, messages.SampleFrame):  # the outbox holds only sample frames
+            raise ValueError("outbox frame of type %d" % f.kind)
+        f.epoch = self.epoch
+        f.seq = self._seq()
+        w = cbor.Writer(self.payload)
+        messages.encode(w, f, self.sealer)
+        return f.seq, self.up.seal(self.payload_mv[:w.pos])
 
     def _any_ready(self):
         for st in self.streams:

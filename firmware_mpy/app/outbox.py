@@ -147,6 +147,32 @@ class Outbox:
             if self.state[i] == _SENT:
                 self.state[i] = _UNSENT
 
+    def reseal(self, seal):
+        # An epoch resync (SPEC.md): every frame not acknowledged, oldest
+        # first, leaves its slot for the tail, re-sealed by seal(frame) ->
+        # (seq, sealed bytes) as a new frame, unsent. Acknowledged frames
+        # are gone already. If the ring must drop a frame meanwhile, it is
+        # counted as ever. Allocates (a rare path). Returns how many.
+        todo = 0
+        for s in self.state:
+            if s != _FREE:
+                todo += 1
+        done = 0
+        while todo > 0:
+            self._trim()
+            i = self.head
+            old = bytes(self.frame(i))
+            self.state[i] = _FREE
+            self._trim()
+            seq, sealed = seal(old)
+            dropped = self.dropped
+            region = self.reserve(len(sealed))
+            region[:len(sealed)] = sealed
+            self.commit(seq, len(sealed))
+            todo -= 1 + self.dropped - dropped  # dropped frames were older ones still to re-seal
+            done += 1
+        return done
+
     def ack(self, ack, epoch):
         # Frees every frame an authenticated ack for this boot covers.
         if ack.epoch != epoch:
