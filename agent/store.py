@@ -786,7 +786,7 @@ class Store:
                 if first > expected:
                     try:
                         m = messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES,
-                                                    decode_samples=False)
+                                                    decode_samples=False, versions=messages.STORED_VERSIONS)
                         fifo_lost = m.status[1] if isinstance(m, messages.SampleFrame) else 0
                     except Exception:
                         fifo_lost = 0

@@ -54,11 +54,8 @@ class Hub:
     # Sample frames come out decrypted (protocols/cipher.py), once their MAC
     # has verified. decode_samples=False: their channels stay undecoded
     # bytes (checked for size): the store needs the header, not the samples.
-    # cbor_decode: a faster CBOR decoder for payloads, used only once their
-    # MAC has verified (see messages.decode_payload).
-    def __init__(self, decode_samples: bool = True, cbor_decode: "object" = None) -> None:
+    def __init__(self, decode_samples: bool = True) -> None:
         self.decode_samples = decode_samples
-        self.cbor_decode = cbor_decode
         self._ackbuf = bytearray(512)
         self._devices: "dict[bytes, _Device]" = {}
         self.rejects: "dict[str, int]" = {}
@@ -116,7 +113,7 @@ class Hub:
         else:
             return self._reject(raw, "bad_mac", device_id)
         try:
-            m = messages.decode_payload(msg.payload, messages.UPLINK_TYPES, self.decode_samples, self.cbor_decode,
+            m = messages.decode_payload(msg.payload, messages.UPLINK_TYPES, self.decode_samples,
                                         dev.ciphers[dev.active])
         except RemoteProtocolError as e:
             return self._reject(raw, "malformed:" + e.reason, device_id)

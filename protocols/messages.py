@@ -393,27 +393,20 @@ def _check_keys(m: "dict[object, object]", allowed: int, optional: "tuple[int, .
 
 
 def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tuple[int, ...]" = (),
-                   decode_samples: bool = True, cbor_decode: "object" = None,
-                   opener: "cipher.SampleCipher | None" = None, versions: "tuple[int, ...]" = (VERSION,)) -> Message:
+                   decode_samples: bool = True, opener: "cipher.SampleCipher | None" = None,
+                   versions: "tuple[int, ...]" = (VERSION,)) -> Message:
     # decode_samples=False checks everything but leaves each channel's sample
     # bytes undecoded (SampleFrame.channels then holds bytes): for a hub that
     # stores frames fast and decodes them when it forwards them.
     # opener: the device's sample cipher, to decrypt sample bytes (call only
     # once the MAC has verified: encrypt-then-MAC). Without it, channels
     # stay encrypted bytes, and decode_samples must be False.
-    # cbor_decode: another CBOR decoder for payloads already authenticated
-    # (the hub passes a C one); the schema checks below apply all the same.
     # versions: the protocol versions accepted; a board's messages must be
     # VERSION; a hub re-reading its store takes STORED_VERSIONS (a version 1
     # sample frame has no key 15 and is never decrypted here: its samples
     # were stored decrypted, so opener must then be None).
-    if cbor_decode is None:
-        d = cbor.decode(payload)
-    else:
-        try:
-            d = cbor_decode(bytes(payload))  # type: ignore[operator]
-        except Exception as e:
-            raise RemoteProtocolError("payload is not valid CBOR: %s" % type(e).__name__, "malformed") from None
+    # One decoder for every path, board and hub alike: the strict one (SPEC.md's deterministic encoding).
+    d = cbor.decode(payload)
     if not isinstance(d, dict):
         raise RemoteProtocolError("payload must be a CBOR map", "schema")
     kind = _uint(d, 0, "type", 255)
