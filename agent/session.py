@@ -253,6 +253,11 @@ class BoardSession:
                     if not_ours:
                         raise _Ended(END_NOT_REGISTERED, "%d messages from a board that is not registered and "
                                      "active (%s)" % (not_ours, ", ".join(sorted(st.rejected_ids)) or "?"))
+                    other_version = st.rejects["malformed:version"]
+                    if other_version:  # authentic (the MAC verified), in a wire format this hub does not speak
+                        raise _Ended(END_SILENT, "%d authentic messages in a wire format version other than this "
+                                     "hub's (%d): update the board's firmware (pulsebridge provision)"
+                                     % (other_version, messages.VERSION))
                     raise _Ended(END_SILENT, "no message from a registered board within %.0f s (%d refused, "
                                  "%d other pieces of data)" % (self.identify_s, sum(st.rejects.values()),
                                                                 sum(self.transport.discarded.values())))

@@ -116,7 +116,9 @@ def document(row: Row, hub_id: str, subject: str | None = None) -> dict[str, Any
         return doc
     if row.raw is None or row.plain is None:
         raise RemoteProtocolError("stored frame %s has no samples to forward" % idempotency_key(row), "missing")
-    m = messages.decode_payload(cose.parse(row.raw).payload, messages.UPLINK_TYPES, decode_samples=False)
+    # Stored frames keep the wire format they came in (SPEC.md: version 1 before the boot salt).
+    m = messages.decode_payload(cose.parse(row.raw).payload, messages.UPLINK_TYPES, decode_samples=False,
+                                versions=messages.STORED_VERSIONS)
     assert isinstance(m, messages.SampleFrame)
     channels = [fastdecode.decode(bytes(ch), m.count) for ch in cbor2.loads(row.plain)]
     flags = m.status[0]

@@ -10,8 +10,10 @@ from pathlib import Path
 from agent.audit import AuditLog
 from agent.ingest import Ingestor, Outcome
 from agent.registry import Registry
+from agent.session import BoardSession, BoardStats
 from agent.store import Store
 from protocols import cipher, cose, hub, messages
+from tests.agent.test_wire_v1 import FakeTransport
 
 DEV = "pb-roll01"
 
@@ -134,6 +136,33 @@ def test_store_from_before_salts_learns_the_salt_and_too_old_other_bytes_are_no_
         assert store.load_windows()[DEV][3] == salt_a
         o, = _submit_all(ing, [_frame(key, 5, 81, salt_b)])
         assert o.received.reason == "replay:epoch_rollback" and o.acks
+    finally:
+        store.close()
+        reg.close()
+
+
+def test_the_session_sends_the_resync_back_on_the_link(tmp_path: Path) -> None:
+    key = secrets.token_bytes(32)
+    reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
+    reg.add(DEV, key=key, actor="test")
+    store = Store(tmp_path / "store.db", ["b"])
+    store.start()
+    salt = secrets.token_bytes(16)
+    try:
+        async def go() -> FakeTransport:
+            tr = FakeTransport([_frame(key, 3, 0, salt), _frame(key, 1, 0, salt), _frame(key, 3, 1, salt)])
+            session = BoardSession(tr, Ingestor(store, reg), BoardStats("", tr.name))
+            task = asyncio.create_task(session.run())
+            async with asyncio.timeout(30):
+                while len(tr.sent) < 3:
+                    await asyncio.sleep(0.02)
+            task.cancel()
+            return tr
+
+        tr = asyncio.run(go())
+        ack, resync, ack2 = (_down(key, raw) for raw in tr.sent)
+        assert ack == messages.Ack(3, [(0, 0)]) and ack2 == messages.Ack(3, [(1, 1)])
+        assert resync == messages.EpochResync(1, 3)
     finally:
         store.close()
         reg.close()
