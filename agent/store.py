@@ -706,19 +706,27 @@ class Store:
         dropped = 0
         lost: dict[tuple[str, str, int], list[int]] = {}
         db.execute("BEGIN IMMEDIATE")
+        ends: dict[tuple[str, int, int], tuple[int, int]] = {}
         while self._live_bytes(db) > limit:
-            rows = db.execute("SELECT id, device_id, epoch, seq FROM frames WHERE kind != ? "
-                              "ORDER BY priority, id LIMIT 16", (KIND_GAP,)).fetchall()
+            rows = db.execute("SELECT id, device_id, epoch, seq, stream, first_index, count FROM frames "
+                              "WHERE kind != ? ORDER BY priority, id LIMIT 16", (KIND_GAP,)).fetchall()
             if not rows:
                 break
-            for fid, dev, epoch, seq in rows:
+            for fid, dev, epoch, seq, stream, first, count in rows:
                 for (backend,) in db.execute("SELECT backend FROM outbox WHERE frame_id=?", (fid,)).fetchall():
                     lost.setdefault((backend, dev, epoch), []).append(seq)
+                if stream is not None and first is not None and count:
+                    ends[(dev, epoch, stream)] = max(ends.get((dev, epoch, stream), (0, 0)), (first + count, seq))
                 db.execute("DELETE FROM outbox WHERE frame_id=?", (fid,))
                 db.execute("DELETE FROM frames WHERE id=?", (fid,))
             dropped += len(rows)
         for (backend, dev, epoch), seqs in lost.items():
             self._gap(db, [backend], dev, epoch, seqs, reason)
+        # What the quota dropped has its gap records: the stream check starts after it.
+        db.executemany("INSERT INTO stream_marks VALUES(?,?,?,?,?) ON CONFLICT(device_id, epoch, stream) DO UPDATE "
+                       "SET next_index=excluded.next_index, last_seq=excluded.last_seq "
+                       "WHERE excluded.next_index > stream_marks.next_index",
+                       [(d, e, st, end, seq) for (d, e, st), (end, seq) in ends.items()])
         _count(db, "quota_dropped" if reason == "disk_quota" else "free_space_dropped", dropped)
         db.execute("COMMIT")
         log.warning("store: %s: dropped %d oldest frames; gap records queued for %d backend(s)", reason, dropped,
@@ -755,7 +763,8 @@ class Store:
         the previous frame's first_index + count, plus the samples the
         sensor's FIFO lost (fifo_overflows, which the board reports). Anything
         beyond that is frames the hub acknowledged and no longer holds (a
-        damaged WAL, a store recovered from damage) or never received. The
+        damaged WAL, a store recovered from damage) or never received (the
+        board dropped them, its outbox full). The
         record gives the device, epoch, stream, the sample index range lost
         and the range of seq numbers the lost frames had (between the frames
         on either side). A frame arriving after gap_settle_s into a hole
@@ -799,9 +808,9 @@ class Store:
                             "seq_ranges": [[last_seq + 1, seq - 1]] if seq - 1 >= last_seq + 1 else [],
                             "sample_index_range": [expected, first - fifo_lost], "samples_lost": lost,
                             "frames_dropped": max(1, round(lost / count)), "reason": "stream_gap"})
-                        log.error("store: %d samples of %s epoch %d stream %d (index %d to %d, seq %d to %d) were "
-                                  "acknowledged or sent but are not held: gap record queued", lost, dev, epoch,
-                                  stream, expected, first - fifo_lost, last_seq + 1, seq - 1)
+                        log.error("store: %d samples of %s epoch %d stream %d (index %d to %d, seq %d to %d) are not "
+                                  "held (lost at the hub, or dropped by the board): gap record queued", lost, dev,
+                                  epoch, stream, expected, first - fifo_lost, last_seq + 1, seq - 1)
                 if first + count > expected:
                     expected, last_seq = first + count, seq
             db.execute("INSERT INTO stream_marks VALUES(?,?,?,?,?) ON CONFLICT(device_id, epoch, stream) DO UPDATE "
