@@ -91,6 +91,7 @@ class App:
                     self.hr = HeartRate(st.rate_hz)
         self.frames_built = 0
         self.downlink_rejected = 0
+        self.reseal_due = False  # an epoch resync left frames of the old epoch in the outbox
         self.guard = faults.SensorGuard([_CHIPS[st.stream_id] for st in self.streams], now)
         self.reports = faults.Reports()
         self.loop_restarts = 0
@@ -209,21 +210,36 @@ class App:
             return
         self.epoch = epoch
         self.seq = 0
-        n = self.outbox.reseal(self._reseal)
-        gc.collect()
         self.board.console("pulsebridge: boot epoch %d refused by the hub (newest %d): now %d" % (old, m.newest_epoch,
                                                                                               epoch))
+        n = self._reseal_outbox()
         self.reports.add(faults.ERR_EPOCH_RESYNC, "epoch %d refused (hub has %d; epoch file lost?): now %d, %d frames "
                          "resent" % (old, m.newest_epoch, epoch, n))
         self.hello()
+
+    def _reseal_outbox(self):
+        # Every outbox frame of an earlier epoch, under this one; on
+        # MemoryError, the rest are re-sealed at the next loop (step()).
+        try:
+            n = self.outbox.reseal(self._reseal)
+            self.reseal_due = False
+        except MemoryError:
+            n = 0
+            if not self.reseal_due:
+                self.reports.add(faults.ERR_EPOCH_RESYNC, "no memory to re-seal the outbox: again next loop")
+            self.reseal_due = True
+        gc.collect()
+        return n
 
     def _reseal(self, sealed):
         # A sample frame of the outbox under this epoch and a new seq: its
         # samples decrypted and encrypted again under this boot's key, with
         # the new counter blocks (allocates: a rare path).
-        f = messages.decode_payload(cose.parse(sealed).payload, (messages.T_SAMPLES,), True, None, self.sealer)
+        f = messages.decode_payload(cose.parse(sealed).payload, (messages.T_SAMPLES,), opener=self.sealer)
         if not isinstance(f, messages.SampleFrame):  # the outbox holds only sample frames
             raise ValueError("outbox frame of type %d" % f.kind)
+        if f.epoch == self.epoch:
+            return None  # re-sealed already
         f.epoch = self.epoch
         f.seq = self._seq()
         w = cbor.Writer(self.payload)
@@ -256,6 +272,8 @@ class App:
             gc.collect()  # the fastest FIFO was just emptied: its whole depth is the collection's time
             self._gc_below = min(_GC_HEADROOM, gc.mem_free() // 2)
             now = self._drain()
+        if self.reseal_due:
+            self._reseal_outbox()
         if self.link.service():
             self.outbox.resend_all()  # reconnected: resend what was in flight
             self.hello()

@@ -149,27 +149,28 @@ class Outbox:
 
     def reseal(self, seal):
         # An epoch resync (SPEC.md): every frame not acknowledged, oldest
-        # first, leaves its slot for the tail, re-sealed by seal(frame) ->
-        # (seq, sealed bytes) as a new frame, unsent. Acknowledged frames
-        # are gone already. If the ring must drop a frame meanwhile, it is
-        # counted as ever. Allocates (a rare path). Returns how many.
-        todo = 0
-        for s in self.state:
-            if s != _FREE:
-                todo += 1
+        # first, re-sealed by seal(frame) -> (seq, sealed bytes), or None for
+        # a frame that needs none (sealed under the new epoch already), moves
+        # to the tail as a new frame, unsent. A frame leaves its slot only
+        # once its new form exists: if seal() raises (MemoryError), what is
+        # not re-sealed yet is still here for another call. Acknowledged
+        # frames are gone already; a frame the ring drops to make room is
+        # counted as ever. Allocates (a rare path). Returns how many moved.
+        n = len(self.off)
+        todo = [(self.head + k) % n for k in range(self.count)]
         done = 0
-        while todo > 0:
-            self._trim()
-            i = self.head
-            old = bytes(self.frame(i))
+        for i in todo:
+            if self.state[i] == _FREE:  # acknowledged, or dropped to make room
+                continue
+            r = seal(self.frame(i))
+            if r is None:
+                continue
+            seq, sealed = r
             self.state[i] = _FREE
             self._trim()
-            seq, sealed = seal(old)
-            dropped = self.dropped
             region = self.reserve(len(sealed))
             region[:len(sealed)] = sealed
             self.commit(seq, len(sealed))
-            todo -= 1 + self.dropped - dropped  # dropped frames were older ones still to re-seal
             done += 1
         return done
 

@@ -142,3 +142,38 @@ def test_a_replayed_or_stale_resync_never_moves_the_epoch_back_nor_twice():
     assert app.epoch == 5 and _epoch_on_flash() == 5
     app.on_downlink(first)  # replayed: our epoch is no longer the refused one
     assert app.epoch == 5 and _epoch_on_flash() == 5
+
+
+def test_out_of_memory_while_re_sealing_loses_nothing():
+    # The heap runs out while the outbox is re-sealed (a fault injected in
+    # the re-sealing of the second frame, once): what was not re-sealed yet
+    # stays in the outbox and is re-sealed at the next loop.
+    _clear_epoch()
+    the_hub = _new_hub()
+    _run(*_boot(the_hub)[:2], 2500)
+    _clear_epoch()
+    b, app, link = _boot(the_hub)  # epoch 1 again
+    link.connected = False
+    _run(b, app, 3500)
+    waiting = app.outbox.depth()
+    assert waiting >= 3, waiting
+    real = app._reseal
+    calls = [0]
+
+    def reseal_out_of_memory_once(sealed):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise MemoryError("injected")
+        return real(sealed)
+    app._reseal = reseal_out_of_memory_once
+    link.connected = True
+    _run(b, app, 7000, started=True)
+    assert calls[0] > waiting  # a second pass came
+    assert app.epoch == 2 and not app.reseal_due
+    accepted = [r.message for r in link.received if r.verdict == hub.ACCEPTED]
+    frames = [m for m in accepted if m.kind == messages.T_SAMPLES]
+    assert frames[0].first_index == 0 and _check_stream(frames, _RATE_HZ, 6) == 0
+    assert len(frames) == len({f.first_index for f in frames})
+    assert app.outbox.dropped == 0
+    texts = [m.text for m in accepted if m.kind == messages.T_ERROR and m.code == faults.ERR_EPOCH_RESYNC]
+    assert any("no memory to re-seal" in t for t in texts), texts
