@@ -34,6 +34,13 @@ def test_golden_vectors_valid_against_cddl() -> None:
     cddl.validate_message(ACK, "down")
 
 
+def test_epoch_resync_verifies_with_hmac_decodes_with_cbor2_and_fits_the_cddl() -> None:
+    key, kid = bytes(range(32)), b"pb-3fa2c1d0"
+    sealed = cose.MacKey(key, kid, cose.AAD_DOWNLINK).seal(messages.encoded(messages.EpochResync(1, 5)))
+    assert cbor2.loads(independent_verify(sealed, key, cose.AAD_DOWNLINK)) == {0: 9, 1: 2, 2: 1, 3: 5}
+    cddl.validate_message(sealed, "down")
+
+
 def test_cddl_check_can_fail() -> None:
     protected, unprotected, payload, tag = cbor2.loads(FRAME).value
     fields = cbor2.loads(payload)

@@ -149,3 +149,25 @@ def test_replay_window_flags_every_replay() -> None:
                 assert verdict == replay.TOO_OLD and seq <= top - replay.WINDOW
         top = 0
     assert w.check(1, 5) == replay.OLD_EPOCH
+
+
+def test_replay_window_tells_two_boots_of_one_epoch_apart_by_their_salt() -> None:
+    # A sample frame of the window's epoch with another boot salt is from a
+    # boot that reused the epoch: refused whatever its seq, never a duplicate.
+    salt_a, salt_b = bytes(16), bytes(range(16))
+    w = replay.ReplayWindow()
+    w.commit(4, 0)  # a hello opens the epoch: no salt yet
+    assert w.salt is None
+    for seq in range(1, 100):
+        assert w.check(4, seq, salt_a) == replay.FRESH
+        w.commit(4, seq, salt_a)
+    assert w.salt == salt_a  # learned from the first sample frame
+    for seq in (0, 50, 98, 99, 100, 1000):  # seen, within, at the top, above, far above
+        assert w.check(4, seq, salt_b) == replay.EPOCH_ROLLBACK, seq
+    assert w.check(4, 99, salt_a) == replay.DUPLICATE
+    assert w.check(4, 100, salt_a) == replay.FRESH
+    assert w.check(4, 100) == replay.FRESH  # a message without a salt (hello, status) goes by seq
+    assert w.check(3, 100, salt_a) == replay.OLD_EPOCH
+    w.commit(5, 0, salt_b)  # the next boot: its own salt
+    assert w.state() == (5, 0, 1, salt_b)
+    assert w.check(5, 0, salt_a) == replay.EPOCH_ROLLBACK and w.check(5, 0, salt_b) == replay.DUPLICATE
