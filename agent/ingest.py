@@ -82,6 +82,8 @@ class Volatile(Processor):
         acks: list[bytes] = []
         if r.verdict != hub.REJECTED and isinstance(r.message, messages.SampleFrame):
             acks = self.hub.ack(r.device_id or "", r.message.epoch, [r.message.seq])
+        elif r.reply is not None:  # a stale boot epoch: the epoch resync (SPEC.md)
+            acks = [r.reply]
         return Outcome(r, acks)
 
 

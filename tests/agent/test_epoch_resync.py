@@ -8,7 +8,7 @@ import sqlite3
 from pathlib import Path
 
 from agent.audit import AuditLog
-from agent.ingest import Ingestor, Outcome
+from agent.ingest import Ingestor, Outcome, Volatile
 from agent.registry import Registry
 from agent.session import BoardSession, BoardStats
 from agent.store import Store
@@ -166,3 +166,16 @@ def test_the_session_sends_the_resync_back_on_the_link(tmp_path: Path) -> None:
     finally:
         store.close()
         reg.close()
+
+
+def test_the_bare_simulator_hub_sends_the_resync_too() -> None:
+    # pulsebridge sim (Volatile: verify and ack, store nothing) serves a stale board the same way.
+    key = secrets.token_bytes(32)
+    h = hub.Hub()
+    h.add_device(DEV, key)
+    v = Volatile(h)
+    salt = secrets.token_bytes(16)
+    assert v.submit(_frame(key, 5, 0, salt), "sim").received.verdict == hub.ACCEPTED
+    out = v.submit(_frame(key, 2, 0, salt), "sim")
+    assert out.received.reason == "replay:old_epoch"
+    assert [_down(key, a) for a in out.acks] == [messages.EpochResync(2, 5)]
