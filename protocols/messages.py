@@ -215,9 +215,11 @@ def _start(w: "cbor.Writer", kind: int, nfields: int) -> None:
 def encode_sample_frame(w: "cbor.Writer", scratch: bytearray, epoch: int, seq: int, stream: int, t0_ms: int,
                         first_index: int, rate_hz: int, count: int, scale_num: int, scale_den: int,
                         ppg_drive: "tuple[int, int, int, int] | None", flags: int, fifo_overflows: int,
-                        frames_dropped: int, jitter_us: int, channels: "tuple[list[int], ...]",
+                        frames_dropped: int, jitter_us: int, channels: "tuple[list[int] | bytes, ...]",
                         sealer: "cipher.SampleCipher") -> None:
-    # channels: one sample sequence per channel (array('i') on the board);
+    # channels: one sample sequence per channel (array('i') on the board),
+    # or each channel's samples already encoded (bytes, as decode_payload
+    # gives them with decode_samples=False: re-sealing a frame);
     # scratch: a buffer of at least count * 5 bytes for one channel's samples;
     # sealer: the device's sample cipher for this boot (samples are always
     # encrypted); its boot salt goes in the frame (key 15).
@@ -265,7 +267,11 @@ def encode_sample_frame(w: "cbor.Writer", scratch: bytearray, epoch: int, seq: i
     mv = memoryview(scratch)
     offset = 0
     for ch in channels:
-        n = samples.encode_into(ch, count, scratch, 0)
+        if isinstance(ch, bytes):  # one type, no tuple built per frame: the board's path allocates nothing
+            n = len(ch)
+            mv[:n] = ch
+        else:
+            n = samples.encode_into(ch, count, scratch, 0)
         sealer.apply(scratch, 0, n, epoch, seq, offset)
         offset += n
         w.bstr(mv[:n])

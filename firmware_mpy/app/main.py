@@ -92,6 +92,7 @@ class App:
         self.frames_built = 0
         self.downlink_rejected = 0
         self.reseal_due = False  # an epoch resync left frames of the old epoch in the outbox
+        self._reseal_oom = False
         self.guard = faults.SensorGuard([_CHIPS[st.stream_id] for st in self.streams], now)
         self.reports = faults.Reports()
         self.loop_restarts = 0
@@ -210,32 +211,34 @@ class App:
             return
         self.epoch = epoch
         self.seq = 0
+        self.reseal_due = True  # the outbox's frames, one a loop (step())
+        self._reseal_oom = False
         self.board.console("pulsebridge: boot epoch %d refused by the hub (newest %d): now %d" % (old, m.newest_epoch,
                                                                                               epoch))
-        n = self._reseal_outbox()
-        self.reports.add(faults.ERR_EPOCH_RESYNC, "epoch %d refused (hub has %d; epoch file lost?): now %d, %d frames "
-                         "resent" % (old, m.newest_epoch, epoch, n))
+        self.reports.add(faults.ERR_EPOCH_RESYNC, "epoch %d refused (hub has %d; epoch file lost?): now %d, "
+                         "resending %d frames" % (old, m.newest_epoch, epoch, self.outbox.depth()))
         self.hello()
 
-    def _reseal_outbox(self):
-        # Every outbox frame of an earlier epoch, under this one; on
-        # MemoryError, the rest are re-sealed at the next loop (step()).
+    def _reseal_step(self):
+        # One outbox frame of the old epoch under the new one (a few ms on a
+        # chip: the sensors are drained between two); the outbox sends again
+        # once none is left.
         try:
-            n = self.outbox.reseal(self._reseal)
-            self.reseal_due = False
-        except MemoryError:
-            n = 0
-            if not self.reseal_due:
+            if not self.outbox.reseal_oldest(self._reseal):
+                self.reseal_due = False
+        except MemoryError:  # the frame stays; tried again next loop
+            gc.collect()
+            if not self._reseal_oom:
+                self._reseal_oom = True
                 self.reports.add(faults.ERR_EPOCH_RESYNC, "no memory to re-seal the outbox: again next loop")
-            self.reseal_due = True
-        gc.collect()
-        return n
 
     def _reseal(self, sealed):
         # A sample frame of the outbox under this epoch and a new seq: its
-        # samples decrypted and encrypted again under this boot's key, with
-        # the new counter blocks (allocates: a rare path).
-        f = messages.decode_payload(cose.parse(sealed).payload, (messages.T_SAMPLES,), opener=self.sealer)
+        # sample bytes (encoded, not decoded) decrypted and encrypted again
+        # under this boot's key with the new counter blocks, the MAC made
+        # again. Allocates (a rare path).
+        f = messages.decode_payload(cose.parse(sealed).payload, (messages.T_SAMPLES,), decode_samples=False,
+                                    opener=self.sealer)
         if not isinstance(f, messages.SampleFrame):  # the outbox holds only sample frames
             raise ValueError("outbox frame of type %d" % f.kind)
         if f.epoch == self.epoch:
@@ -273,12 +276,13 @@ class App:
             self._gc_below = min(_GC_HEADROOM, gc.mem_free() // 2)
             now = self._drain()
         if self.reseal_due:
-            self._reseal_outbox()
+            self._reseal_step()
+            now = self._drain()
         if self.link.service():
             self.outbox.resend_all()  # reconnected: resend what was in flight
             self.hello()
             now = self._drain()
-        if self.link.connected:
+        if self.link.connected and not self.reseal_due:  # the old epoch's frames would only be refused
             ob = self.outbox
             for _ in range(_MAX_SENDS_PER_LOOP):
                 i = ob.next_to_send(now, self.cfg["retransmit_ms"])
@@ -417,6 +421,8 @@ class App:
     def wait(self):
         # Sleeps until a sensor's interrupt, or the next thing due: a polled
         # sensor, the link's next piece of a frame, the status message.
+        if self.reseal_due:
+            return  # more of the outbox to re-seal: no sleep
         now = self.board.ticks_ms()
         t = _IDLE_MAX_MS
         for st in self.streams:

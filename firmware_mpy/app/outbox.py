@@ -147,32 +147,28 @@ class Outbox:
             if self.state[i] == _SENT:
                 self.state[i] = _UNSENT
 
-    def reseal(self, seal):
-        # An epoch resync (SPEC.md): every frame not acknowledged, oldest
-        # first, re-sealed by seal(frame) -> (seq, sealed bytes), or None for
-        # a frame that needs none (sealed under the new epoch already), moves
-        # to the tail as a new frame, unsent. A frame leaves its slot only
-        # once its new form exists: if seal() raises (MemoryError), what is
-        # not re-sealed yet is still here for another call. Acknowledged
-        # frames are gone already; a frame the ring drops to make room is
-        # counted as ever. Allocates (a rare path). Returns how many moved.
-        n = len(self.off)
-        todo = [(self.head + k) % n for k in range(self.count)]
-        done = 0
-        for i in todo:
-            if self.state[i] == _FREE:  # acknowledged, or dropped to make room
-                continue
-            r = seal(self.frame(i))
-            if r is None:
-                continue
-            seq, sealed = r
-            self.state[i] = _FREE
-            self._trim()
-            region = self.reserve(len(sealed))
-            region[:len(sealed)] = sealed
-            self.commit(seq, len(sealed))
-            done += 1
-        return done
+    def reseal_oldest(self, seal):
+        # An epoch resync (SPEC.md), one frame at a time: the oldest frame not
+        # acknowledged is re-sealed by seal(frame) -> (seq, sealed bytes) and
+        # moves to the tail as a new frame, unsent. seal() returns None for a
+        # frame sealed under the new epoch already: the frames of the old one
+        # come first, so then none is left, and False is returned. A frame
+        # leaves its slot only once its new form exists (if seal() raises,
+        # it stays). A frame the ring drops to make room is counted as ever.
+        self._trim()
+        if not self.count:
+            return False
+        i = self.head
+        r = seal(self.frame(i))
+        if r is None:
+            return False
+        seq, sealed = r
+        self.state[i] = _FREE
+        self._trim()
+        region = self.reserve(len(sealed))
+        region[:len(sealed)] = sealed
+        self.commit(seq, len(sealed))
+        return True
 
     def ack(self, ack, epoch):
         # Frees every frame an authenticated ack for this boot covers.

@@ -88,7 +88,8 @@ def _resynced(the_hub, b, app, link, stale_epoch, newest, waiting, until_s, reas
     # Reported: error report code 6, and said hello again under the new epoch.
     reports = [m for m in accepted if m.kind == messages.T_ERROR and m.code == faults.ERR_EPOCH_RESYNC]
     assert len(reports) == 1, reports
-    assert ("epoch %d refused" % stale_epoch) in reports[0].text and ("%d frames resent" % waiting) in reports[0].text
+    text = reports[0].text
+    assert ("epoch %d refused" % stale_epoch) in text and ("resending %d frames" % waiting) in text, text
     assert any(m.kind == messages.T_HELLO for m in accepted)
 
 
