@@ -243,6 +243,7 @@ class App:
             raise ValueError("outbox frame of type %d" % f.kind)
         if f.epoch == self.epoch:
             return None  # re-sealed already
+        self._drain()  # half of the work done: the sensors' FIFOs go first
         f.epoch = self.epoch
         f.seq = self._seq()
         w = cbor.Writer(self.payload)

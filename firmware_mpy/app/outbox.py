@@ -155,13 +155,19 @@ class Outbox:
         # come first, so then none is left, and False is returned. A frame
         # leaves its slot only once its new form exists (if seal() raises,
         # it stays). A frame the ring drops to make room is counted as ever.
+        # seal() may add frames (the sensors are drained meanwhile): if that
+        # dropped any, this one may be gone, so its new form is not kept and
+        # the oldest left is taken at the next call.
         self._trim()
         if not self.count:
             return False
         i = self.head
+        dropped = self.dropped
         r = seal(self.frame(i))
         if r is None:
             return False
+        if self.dropped != dropped:
+            return True
         seq, sealed = r
         self.state[i] = _FREE
         self._trim()

@@ -67,3 +67,60 @@ def test_ack_for_another_epoch_frees_nothing():
     ob.commit(0, 10)
     assert ob.ack(Ack(2, [(0, 5)]), 1) == 0 and ob.depth() == 1
     assert ob.ack(Ack(1, [(0, 5)]), 1) == 1 and ob.depth() == 0
+
+
+def _held(ob):
+    # (seq, bytes) of every frame held, oldest first.
+    n = len(ob.off)
+    out = []
+    for k in range(ob.count):
+        i = (ob.head + k) % n
+        if ob.state[i]:
+            out.append((ob.seqs[i], bytes(ob.frame(i))))
+    return out
+
+
+def test_reseal_moves_each_frame_once_even_when_frames_are_added_and_dropped_meanwhile():
+    # An epoch resync re-seals the outbox one frame at a time (app/main.py);
+    # re-sealing drains the sensors, which may add frames, and a full ring
+    # then drops the oldest. Every frame left is re-sealed exactly once, in
+    # order, and each drop is counted.
+    ob = Outbox(1200, 6)
+    for s in range(5):
+        r = ob.reserve(200)
+        r[:200] = _pattern(s, 200)
+        ob.commit(s, 200)
+    ob.ack(Ack(0, [(1, 1)]), 0)  # acknowledged: gone, never re-sealed
+    state = {"next": 100, "new_seq": 500, "calls": 0}
+
+    def add_frame():
+        s = state["next"]
+        state["next"] += 1
+        r = ob.reserve(200)
+        r[:200] = b"N" * 200
+        ob.commit(s, 200)
+
+    def seal(frame):
+        state["calls"] += 1
+        if bytes(frame[:1]) in (b"N", b"R"):
+            return None  # sealed under the new epoch already
+        if state["calls"] <= 3:
+            add_frame()  # the third fills the records: the oldest (this very frame) is dropped
+        s = state["new_seq"]
+        state["new_seq"] += 1
+        return s, b"R" + bytes(frame[1:])
+
+    moved = 0
+    while ob.reseal_oldest(seal):
+        moved += 1
+        assert moved < 20
+    held = _held(ob)
+    olds = [h for h in held if h[1][:1] not in (b"N", b"R")]
+    assert olds == [], olds  # nothing of the old epoch left
+    resealed = [h[1] for h in held if h[1][:1] == b"R"]
+    # Frames 0, 2, 3, 4 were waiting; those not dropped came back once each, in order.
+    originals = [_pattern(s, 200) for s in (0, 2, 3, 4)]
+    kept = [o for o in originals if (b"R" + o[1:]) in resealed]
+    assert [b"R" + o[1:] for o in kept] == resealed
+    assert len(kept) + ob.dropped == 4, (len(kept), ob.dropped)
+    assert ob.dropped == 1 and len(kept) == 3
