@@ -10,7 +10,7 @@ import gc
 
 from micropython import const
 
-from app import config, faults, ticks
+from app import acks, config, faults, ticks
 from app.outbox import Outbox
 from app.sampler import Stream
 from protocols import cbor, cipher, cose, messages
@@ -46,6 +46,7 @@ class App:
         kid = cfg["device_id"].encode()
         self.up = cose.MacKey(key, kid, cose.AAD_UPLINK)
         self.down = cose.MacKey(key, kid, cose.AAD_DOWNLINK)
+        self.acks = acks.AckReader(self.down)
         self.seq = 0
         self.last_command = -1
         self.running = True
@@ -167,6 +168,16 @@ class App:
         self.frames_built += 1
 
     def on_downlink(self, data):
+        r = self.acks.read(data)  # the common case, read in place (app/acks.py)
+        if r == acks.ACKED:
+            a = self.acks
+            if a.epoch == self.epoch:
+                for i in range(a.count):
+                    self.outbox.ack_range(a.first[i], a.last[i])
+            return
+        if r == acks.FORGED:
+            self.downlink_rejected += 1
+            return
         try:
             msg = cose.parse(data)
             self.down.verify(msg)

@@ -177,13 +177,23 @@ class Outbox:
         return True
 
     def ack(self, ack, epoch):
-        # Frees every frame an authenticated ack for this boot covers.
+        # Frees every frame an authenticated ack (messages.Ack) for this boot covers.
         if ack.epoch != epoch:
             return 0
         freed = 0
-        for i in range(len(self.state)):
-            if self.state[i] != _FREE and ack.covers(epoch, self.seqs[i]):
-                self.state[i] = _FREE
+        for first, last in ack.ranges:
+            freed += self.ack_range(first, last)
+        return freed
+
+    def ack_range(self, first, last):
+        # Frees the frames with first <= seq <= last (an authenticated ack
+        # for this boot said so). Allocates nothing.
+        freed = 0
+        state = self.state
+        seqs = self.seqs
+        for i in range(len(state)):
+            if state[i] != _FREE and first <= seqs[i] <= last:
+                state[i] = _FREE
                 freed += 1
         self._trim()
         return freed

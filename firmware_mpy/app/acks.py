@@ -1,0 +1,136 @@
+# The downlink message a hub sends most, an ack (one per frame, two a
+# second), read in place: no dict, list, tuple or bytes copy is built. The
+# shared decoder (protocols.cose.parse, messages.decode_payload) builds
+# about 3 kB of objects per ack, which the board's GC then spends tens of
+# milliseconds collecting while a sensor FIFO fills.
+#
+# Only the one deterministic form the hub writes is read here:
+#   17([h'A2 01 05 04 <kid>' (our own protected header), {}, payload, tag])
+#   payload = {0: 2, 1: VERSION, 2: epoch, 3: [[first, last], ...]}
+# with every head in its shortest form, 1 to MAX_ACK_RANGES ranges, first <=
+# last, integers below 2^30 (small ints on a 32-bit port). Anything else
+# (another message type, extension keys, other key orders, larger
+# integers) is declined and goes to the shared decoder, which accepts a
+# superset and refuses what is wrong: this reader never accepts what that
+# one would refuse (tests/firmware/mpy_test_acks.py fuzzes the two against
+# each other). Nothing is acted upon before the MAC verifies.
+from micropython import const
+
+from protocols import messages
+
+DECLINED = const(0)  # not an ack in the form above: the shared decoder decides
+ACKED = const(1)  # an authentic ack: ranges in first/last[:count]
+FORGED = const(2)  # an ack in the form above whose MAC does not verify
+
+
+
+class AckReader:
+    def __init__(self, mac_key):
+        # mac_key: the downlink cose.MacKey of this device.
+        self._key = mac_key
+        p = mac_key.protected
+        self._protected = p
+        self.epoch = 0
+        self.count = 0
+        self.first = [0] * messages.MAX_ACK_RANGES
+        self.last = [0] * messages.MAX_ACK_RANGES
+        self._buf = b""
+        self._pos = 0
+        self._end = 0
+
+    def _head(self, major):
+        # The value of a head of this major type at _pos in shortest form
+        # and below 2^30, moving past it; -1 (and _pos unspecified) if not.
+        buf = self._buf
+        p = self._pos
+        if p >= self._end:
+            return -1
+        ib = buf[p]
+        if ib >> 5 != major:
+            return -1
+        ai = ib & 0x1F
+        if ai < 24:
+            self._pos = p + 1
+            return ai
+        if ai == 24:
+            if p + 2 > self._end:
+                return -1
+            v = buf[p + 1]
+            if v < 24:
+                return -1
+            self._pos = p + 2
+            return v
+        if ai == 25:
+            if p + 3 > self._end:
+                return -1
+            v = (buf[p + 1] << 8) | buf[p + 2]
+            if v < 0x100:
+                return -1
+            self._pos = p + 3
+            return v
+        if ai == 26:
+            if p + 5 > self._end or buf[p + 1] > 0x3F:
+                return -1
+            v = (buf[p + 1] << 24) | (buf[p + 2] << 16) | (buf[p + 3] << 8) | buf[p + 4]
+            if v < 0x10000:
+                return -1
+            self._pos = p + 5
+            return v
+        return -1
+
+    def read(self, data):
+        # data: one downlink message (bytes, not yet authenticated). Returns
+        # DECLINED, ACKED (epoch, count, first, last hold the ack) or FORGED.
+        self._buf = data
+        self._pos = 0
+        self._end = len(data)
+        if self._head(6) != 17 or self._head(4) != 4:
+            return DECLINED
+        prot = self._protected
+        n = len(prot)
+        if self._head(2) != n:
+            return DECLINED
+        p = self._pos
+        if p + n > self._end:
+            return DECLINED
+        for i in range(n):
+            if data[p + i] != prot[i]:
+                return DECLINED
+        self._pos = p + n
+        if self._head(5) != 0:
+            return DECLINED
+        plen = self._head(2)
+        if plen < 0:
+            return DECLINED
+        pstart = self._pos
+        pend = pstart + plen
+        if pend + 34 != self._end or data[pend] != 0x58 or data[pend + 1] != 32:
+            return DECLINED
+        self._end = pend
+        if (self._head(5) != 4 or self._head(0) != 0 or self._head(0) != messages.T_ACK or self._head(0) != 1
+                or self._head(0) != messages.VERSION or self._head(0) != 2):
+            return DECLINED
+        epoch = self._head(0)
+        if epoch < 0 or self._head(0) != 3:
+            return DECLINED
+        count = self._head(4)
+        if not 0 < count <= messages.MAX_ACK_RANGES:
+            return DECLINED
+        first = self.first
+        last = self.last
+        for i in range(count):
+            if self._head(4) != 2:
+                return DECLINED
+            a = self._head(0)
+            b = self._head(0)
+            if a < 0 or b < a:
+                return DECLINED
+            first[i] = a
+            last[i] = b
+        if self._pos != pend:
+            return DECLINED
+        if not self._key.verify_at(data, pstart, plen, pend + 2):
+            return FORGED
+        self.epoch = epoch
+        self.count = count
+        return ACKED
