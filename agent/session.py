@@ -372,6 +372,10 @@ class BoardSession:
         st.board_dropped = max(st.board_dropped, f.status[2])
 
 
+# verify_for: a pause before a session that ended is opened again.
+REOPEN_S = 0.2
+
+
 def verify_for(port: str, device_id: str, key: bytes, seconds: float, time_sync_s: float | None = None,
                during: Callable[[BoardStats], Awaitable[None]] | None = None) -> BoardStats:
     """Listens to one board for a while as the hub does (verify, ack, count),
@@ -381,11 +385,18 @@ def verify_for(port: str, device_id: str, key: bytes, seconds: float, time_sync_
 
     h = hub.Hub()
     h.add_device(device_id, key)
+    processor = Volatile(h)
     stats = BoardStats(device_id, "serial:" + port)
-    session = BoardSession(SerialTransport(port), Volatile(h), stats, time_sync_s=time_sync_s)
+
+    async def listen() -> None:
+        # As a link manager would: a session that ends (a port not there yet
+        # after a reboot, a cut) is opened again until the time is up.
+        while True:
+            await BoardSession(SerialTransport(port), processor, stats, time_sync_s=time_sync_s).run()
+            await asyncio.sleep(REOPEN_S)
 
     async def go() -> None:
-        task = asyncio.create_task(session.run())
+        task = asyncio.create_task(listen())
         t0 = time.monotonic()
         if during is not None:
             await during(stats)
