@@ -79,8 +79,18 @@ def load_key():
     return key
 
 
+# What the boot counter held when next_epoch() could not read a number in
+# it, else None: the app reports it at start.
+epoch_unreadable = None
+
+
 def next_epoch():
-    # Reads, increments and durably rewrites the boot counter.
+    # Reads, increments and durably rewrites the boot counter. A file that
+    # holds no number is taken as lost and the count starts over: no
+    # keystream comes back (each boot's key has its own salt) and the hub
+    # moves a stale epoch on (epoch resync, SPEC.md), so a board never stays
+    # down for it.
+    global epoch_unreadable
     epoch = 0
     if _exists(EPOCH):
         with open(EPOCH) as f:
@@ -88,7 +98,10 @@ def next_epoch():
         try:
             epoch = int(text)
         except ValueError:
-            raise ConfigError("%s is corrupt (%r): refusing to reuse an epoch" % (EPOCH, text)) from None
+            epoch = -1
+        if epoch < 0:
+            epoch_unreadable = text
+            epoch = 0
     epoch += 1
     save_epoch(epoch)
     return epoch

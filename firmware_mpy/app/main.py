@@ -413,6 +413,10 @@ class App:
     def start(self):
         if self.board.reset_cause_watchdog():
             self.reports.add(faults.ERR_WATCHDOG_RESET, "restarted by the watchdog: the loop had stalled")
+        if config.epoch_unreadable is not None:
+            self.reports.add(faults.ERR_EPOCH_RESYNC, "epoch file held %r: started over at %d"
+                             % (config.epoch_unreadable, self.epoch))
+            config.epoch_unreadable = None
         self.hello()  # before the sensors start: from then on their FIFOs fill
         for k in range(len(self.streams)):
             st = self.streams[k]

@@ -178,3 +178,22 @@ def test_out_of_memory_while_re_sealing_loses_nothing():
     assert app.outbox.dropped == 0
     texts = [m.text for m in accepted if m.kind == messages.T_ERROR and m.code == faults.ERR_EPOCH_RESYNC]
     assert any("no memory to re-seal" in t for t in texts), texts
+
+
+def test_an_unreadable_epoch_file_starts_over_and_is_resynced_not_a_dead_board():
+    # It once stopped the board for good ("corrupt: refusing to reuse an
+    # epoch") until a technician came.
+    _clear_epoch()
+    the_hub = _new_hub()
+    for _ in range(2):
+        _run(*_boot(the_hub)[:2], 2000)
+    with open(config.EPOCH, "w") as f:
+        f.write("\xff\x00garbage")
+    b, app, link, waiting = _boot_offline_then_connect(the_hub, 2500, 6000)
+    assert app.epoch == 3 and _epoch_on_flash() == 3
+    accepted = [r.message for r in link.received if r.verdict == hub.ACCEPTED]
+    texts = [m.text for m in accepted if m.kind == messages.T_ERROR and m.code == faults.ERR_EPOCH_RESYNC]
+    assert any("epoch file held" in t and "started over at 1" in t for t in texts), texts
+    assert any("epoch 1 refused" in t for t in texts), texts
+    frames = [m for m in accepted if m.kind == messages.T_SAMPLES]
+    assert frames[0].first_index == 0 and _check_stream(frames, _RATE_HZ, 5) == 0
