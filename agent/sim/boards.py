@@ -90,8 +90,9 @@ def prepare(spec: BoardSpec, directory: Path, cache: Path) -> Path:
         sim["ble"] = {"air": spec.air, "address": ble_address(spec.device_id)}
     if spec.ecg:
         ecg = waveforms.ecg_signal(cache)
-        # Each board starts at its own place in the recording.
-        sim["ecg"] = {"file": str(ecg.path), "rate_hz": ecg.rate_hz, "offset": spec.seed * 7919 * ecg.rate_hz}
+        # Each board starts at its own place in the recording; its ECG and
+        # PPG at the same place, as one patient's.
+        sim["ecg"] = {"file": str(ecg.path), "rate_hz": ecg.rate_hz, "offset": spec.seed * 13 * ecg.rate_hz}
     if spec.ppg:
         ppg = waveforms.ppg_signal(cache, spec.spo2_pct)
         sim["ppg"] = {"file": str(ppg.path), "rate_hz": ppg.rate_hz, "offset": spec.seed * 13 * ppg.rate_hz}

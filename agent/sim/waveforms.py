@@ -5,10 +5,14 @@ codes: each model converts them as its chip would, with the gain, range and
 LED currents the firmware configured. This module writes those signals as
 int32 little-endian files, at the recordings' own rates:
 
-- ECG: MIT-BIH record 100, lead MLII, in nV at the electrodes (360 Hz).
-- PPG: PhysioNet/CinC 2015 record a103l, PLETH (250 Hz). The record has no
+- ECG: PhysioNet/CinC 2015 record a103l, lead II, in nV at the electrodes (250 Hz).
+- PPG: the same record's PLETH (250 Hz), recorded at the same time on the
+  same patient, so heart rate and pulse rate agree. The record has no
   red/IR pair, so both are synthesised from it for a chosen SpO2: see
   synthesise_ppg() for the model and the calibration curve it inverts.
+
+MIT-BIH record 100 (ECG_RECORD), with its reference beat annotations, is
+what the R-peak detector is scored on.
 """
 
 from __future__ import annotations
@@ -65,9 +69,9 @@ def ratio_for_spo2(spo2_pct: float) -> float:
 def ecg_signal(cache: Path) -> Signal:
     import wfdb
 
-    out = cache / "ecg-mitbih100-mlii-nv.i32"
+    out = cache / "ecg-a103l-ii-nv.i32"
     if not out.exists():
-        rec = wfdb.rdrecord(str(data_dir() / ECG_RECORD), channel_names=["MLII"])
+        rec = wfdb.rdrecord(str(data_dir() / PPG_RECORD), channel_names=["II"])
         nv = np.round(rec.p_signal[:, 0] * 1e6)  # mV -> nV
         _write(out, nv.astype("<i4"), int(rec.fs))
     return _signal(out, 1)

@@ -56,7 +56,7 @@ def test_bundles_validate_and_a_resend_never_duplicates(micropython: str, tmp_pa
         codes = {c["code"] for o in vitals for c in o["code"]["coding"]}
         assert {"8867-4", "147842", "59408-5", "150456"} <= codes, codes  # heart rate and SpO2, LOINC and MDC
         hr = [o["valueQuantity"]["value"] for o in vitals if o["code"]["coding"][0]["code"] == "8867-4"]
-        assert all(50 < v < 110 for v in hr), hr  # MIT-BIH 100 beats at about 75/min
+        assert all(110 < v < 145 for v in hr), hr  # record a103l's patient: about 127 beats a minute
         assert all(o["derivedFrom"][0]["identifier"]["system"] == fhir.FRAME_SYSTEM for o in vitals)
         assert len(stored) >= 8 and keys == stored  # each frame once, despite the resends
         assert set(server.resources["Device"]) == {fhir.HUB_SYSTEM + "|test-hub", fhir.DEVICE_SYSTEM + "|pb-t01"}

@@ -209,9 +209,10 @@ def test_vitals_are_notified_only_on_an_encrypted_link():
     hrs = [d[1] for h, d in r.other if h == h_hr]
     plx = [d for h, d in r.other if h == h_plx]
     assert len(hrs) >= 8 and len(plx) >= 8, (len(hrs), len(plx))
-    # MIT-BIH record 100 beats 70 to 85 times a minute; the simulated finger reads 97 %.
+    # Record a103l's patient: about 127 beats a minute (XQRS on lead II, every
+    # 30 s of the record); the simulated finger reads 97 %.
     hrs.sort()
-    assert 70 <= hrs[len(hrs) // 2] <= 85 and 60 <= hrs[0] and hrs[-1] <= 100, hrs
+    assert 115 <= hrs[len(hrs) // 2] <= 140 and 100 <= hrs[0] and hrs[-1] <= 155, hrs
     spo2 = _sfloat(plx[-1][1] | plx[-1][2] << 8)
     pr = _sfloat(plx[-1][3] | plx[-1][4] << 8)
     print("board vitals: HR", hrs[-3:], "SpO2 %.1f PR %.1f" % (spo2, pr))
