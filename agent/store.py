@@ -366,6 +366,8 @@ class Store:
         unreadable = 0
         try:
             for table, cols in _SALVAGED.items():
+                if table == "replay" and _has_column(src, "replay", "salt"):
+                    cols += ", salt"  # a store made before boot salts has none (its windows learn it again)
                 n, bad = _copy_table(src, db, table, cols)
                 counts[table] = n
                 unreadable += bad
@@ -900,6 +902,13 @@ _SALVAGED = {
 # id recovery probes for more (ids are dense: far beyond, nothing is left).
 _SALVAGE_CHUNK = 256
 _SALVAGE_PROBES = 48
+
+
+def _has_column(db: sqlite3.Connection, table: str, column: str) -> bool:
+    try:
+        return column in [r[1] for r in db.execute("PRAGMA table_info(%s)" % table)]
+    except sqlite3.DatabaseError:
+        return False
 
 
 def _copy_table(src: sqlite3.Connection, db: sqlite3.Connection, table: str, cols: str) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from agent.audit import AuditLog
 from agent.ingest import Ingestor, Outcome, Volatile
 from agent.registry import Registry
 from agent.session import BoardSession, BoardStats
-from agent.store import Store
+from agent.store import Ingest, Store
 from protocols import cipher, cose, hub, messages
 from tests.agent.test_wire_v1 import FakeTransport
 
@@ -179,3 +179,31 @@ def test_the_bare_simulator_hub_sends_the_resync_too() -> None:
     out = v.submit(_frame(key, 2, 0, salt), "sim")
     assert out.received.reason == "replay:old_epoch"
     assert [_down(key, a) for a in out.acks] == [messages.EpochResync(2, 5)]
+
+
+def test_a_recovered_store_keeps_the_windows_salt(tmp_path: Path) -> None:
+    # A damaged store is recovered row by row (store.py): the replay windows'
+    # boot salts come with them, so a rolled-back boot is still told apart.
+    path = tmp_path / "store.db"
+    salt = secrets.token_bytes(16)
+    s = Store(path, ["b"], commit_linger_s=0)
+    s.start()
+
+    async def go() -> None:
+        for seq in range(300):
+            await s.ingest(Ingest(DEV, 1, seq, 1, secrets.token_bytes(1500), (1, seq, 1, salt), stream=1,
+                                  t0_ms=seq * 1000, first_index=seq * 512, count=512,
+                                  plain=secrets.token_bytes(700)))
+    asyncio.run(go())
+    s.close()
+    page = 4096
+    with open(path, "r+b") as f:
+        f.seek((path.stat().st_size // page) * 2 // 5 * page)  # a page among the frames
+        f.write(secrets.token_bytes(page))
+    s = Store(path, ["b"], commit_linger_s=0)
+    s.start()
+    try:
+        assert s.recovery is not None
+        assert s.load_windows()[DEV] == (1, 299, 1, salt)
+    finally:
+        s.close()
