@@ -147,7 +147,7 @@ class Provisioner:
         try:
             if flash:
                 self._flash(flash)
-            repl = RawRepl(self.port)
+            repl = RawRepl(self.port, on_busy=self.out)
             return self._run(repl, res, device_id, label, patient, self_test_s, link)
         except (ReplError, ProvisionError, RegistryError) as e:
             step = e.step if isinstance(e, ProvisionError) else STEPS[min(len(res.steps), len(STEPS) - 1)]
@@ -237,7 +237,7 @@ class Provisioner:
         repl: RawRepl | None = None
         registry = Registry(self.cfg.registry_path, AuditLog(self.cfg.audit_path))
         try:
-            repl = RawRepl(self.port)
+            repl = RawRepl(self.port, on_busy=self.out)
             _platform, _v, _chip, _uid, device_id = _literal(repl.exec(_IDENTIFY))
             if not device_id or registry.get(device_id) is None:
                 raise ProvisionError("rotate", "this board is not provisioned for this hub")

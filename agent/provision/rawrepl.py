@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
+from collections.abc import Callable
 
 import serial
 
@@ -31,14 +32,39 @@ class ReplError(Exception):
         self.output = output
 
 
+# A port another process holds (pyserial's exclusive lock) is tried again for
+# this long: the hub agent looks at a newly plugged USB port for up to 10 s
+# (agent.links.IDENTIFY_S) and lets it go when no registered board speaks.
+BUSY_WAIT_S = 15.0
+BUSY_RETRY_S = 0.5
+
+
+def _busy(e: Exception) -> bool:
+    return isinstance(e, serial.SerialException) and "exclusively lock" in str(e)
+
+
 class RawRepl:
-    def __init__(self, port: str, baudrate: int = 115200, timeout_s: float = 10.0) -> None:
+    """Raises ReplError naming the port if it cannot be opened: it does not
+    exist, or another process still holds it after busy_wait_s
+    (on_busy(message) is called once, when that wait starts)."""
+
+    def __init__(self, port: str, baudrate: int = 115200, timeout_s: float = 10.0, busy_wait_s: float = BUSY_WAIT_S,
+                 on_busy: Callable[[str], None] | None = None) -> None:
         self.port_name = port
         self.timeout_s = timeout_s
-        try:
-            self.port = open_port(port, baudrate, timeout_s=0.05)
-        except (serial.SerialException, OSError) as e:
-            raise ReplError("cannot open %s: %s" % (port, e), port) from e
+        deadline = time.monotonic() + busy_wait_s
+        while True:
+            try:
+                self.port = open_port(port, baudrate, timeout_s=0.05)
+                break
+            except (serial.SerialException, OSError) as e:
+                if not _busy(e) or time.monotonic() >= deadline:
+                    why = " (another program holds it: is the hub agent using this board?)" if _busy(e) else ""
+                    raise ReplError("cannot open %s: %s%s" % (port, e, why), port) from e
+                if on_busy is not None:
+                    on_busy("%s is in use by another program; waiting up to %.0f s for it" % (port, busy_wait_s))
+                    on_busy = None
+                time.sleep(BUSY_RETRY_S)
         self.in_raw = False
 
     def close(self) -> None:
