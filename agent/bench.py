@@ -30,7 +30,7 @@ import numpy as np
 from agent.sim import boards, build
 from agent.sim.runner import find_micropython
 from agent.simrun import default_cache
-from protocols import hub, link, messages
+from protocols import hub, hub_link, link, messages
 
 # The heap a classic ESP32 leaves the firmware, its .mpy code included (as
 # provisioning installs it, the bytecode lives in RAM): MicroPython 1.27's
@@ -55,8 +55,8 @@ class _HubEnd:
         self.hub.add_device(device_id, key)
         self.device_id = device_id
         self.kind = kind
-        self.deframer = link.StreamDeframer()
-        self.reassembler = link.Reassembler()
+        self.deframer = hub_link.StreamDeframer()
+        self.reassembler = hub_link.Reassembler()
         self.next_index: dict[int, int] = {}
         self.samples: dict[int, int] = {}
         self.wire: dict[int, int] = {}
@@ -103,7 +103,7 @@ class _HubEnd:
                 self._count(m, wire)
             if r.verdict in (hub.ACCEPTED, hub.DUPLICATE) and isinstance(m, messages.SampleFrame):
                 for msg in self.hub.ack(self.device_id, m.epoch, [m.seq]):
-                    out += link.downlink_line(msg)
+                    out += hub_link.downlink_line(msg)
 
     def _count(self, m: Any, wire: int) -> None:
         if m.kind != messages.T_SAMPLES:

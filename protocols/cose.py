@@ -10,6 +10,7 @@
 # direction (board to hub, hub to board): a frame can never pass for an ack,
 # nor an ack for a frame, even under the same key.
 
+import array
 import hashlib
 
 from protocols import cbor
@@ -32,6 +33,12 @@ AAD_UPLINK = b"pulsebridge/1 board-to-hub"
 AAD_DOWNLINK = b"pulsebridge/1 hub-to-board"
 
 _BLOCK = const(64)
+
+try:
+    from protocols import _sha256 as _viper  # MicroPython: SHA-256 into preallocated state, no garbage
+except ImportError:  # CPython, or a port without the viper emitter: hashlib
+    _viper = None  # type: ignore[assignment]
+
 
 
 def protected_header(kid: bytes) -> bytes:
@@ -79,8 +86,47 @@ class MacKey:
         # The payload's bstr head, written for each tag (a board tags 4 messages a second).
         self._head = cbor.Writer(bytearray(9))
         self._head_view = memoryview(self._head.buf)
+        if _viper is not None:
+            # HMAC's inner and outer states after the padded key's block,
+            # computed once; each tag then hashes into _st and _blk.
+            self._st = array.array("I", bytes(32))
+            self._blk = bytearray(_BLOCK)
+            self._out = bytearray(TAG_SIZE)
+            self._ist = array.array("I", bytes(32))
+            self._ost = array.array("I", bytes(32))
+            for st, pad in ((self._ist, self._ipad), (self._ost, self._opad)):
+                _viper.sha256_start(st)
+                _viper.sha256_update(st, self._blk, 0, pad, 0, _BLOCK)
+
+    def _tag_into(self, payload: "bytes | bytearray | memoryview", start: int = 0,
+                  n: int = -1) -> "bytes | bytearray":
+        # The tag of payload[start:start+n] (n < 0: to its end), in a buffer
+        # the next call overwrites (MicroPython: nothing allocated), or a new
+        # bytes object (hashlib).
+        if n < 0:
+            n = len(payload) - start
+        if _viper is None:
+            return self.tag(memoryview(payload)[start:start + n])
+        st = self._st
+        blk = self._blk
+        out = self._out
+        w = self._head
+        w.pos = 0
+        w.head(2, n)
+        p = self._prefix
+        _viper.sha256_copy(st, self._ist)
+        used = _viper.sha256_update(st, blk, 0, p, 0, len(p))
+        used = _viper.sha256_update(st, blk, used, w.buf, 0, w.pos)
+        used = _viper.sha256_update(st, blk, used, payload, start, start + n)
+        _viper.sha256_final(st, blk, used, _BLOCK + len(p) + w.pos + n, out)
+        _viper.sha256_copy(st, self._ost)
+        used = _viper.sha256_update(st, blk, 0, out, 0, TAG_SIZE)
+        _viper.sha256_final(st, blk, used, _BLOCK + TAG_SIZE, out)
+        return out
 
     def tag(self, payload: "bytes | bytearray | memoryview") -> bytes:
+        if _viper is not None:
+            return bytes(self._tag_into(payload))
         h = hashlib.sha256(self._ipad)
         h.update(self._prefix)
         w = self._head
@@ -95,7 +141,7 @@ class MacKey:
     def verify_at(self, data: "bytes | bytearray | memoryview", start: int, n: int, tag_at: int) -> bool:
         # Whether data[tag_at:tag_at+32] is the tag of the payload data[start:start+n]
         # (a board reading an ack in place; compared in constant time).
-        t = self.tag(memoryview(data)[start:start + n])
+        t = self._tag_into(data, start, n)
         diff = 0
         for i in range(TAG_SIZE):
             diff |= t[i] ^ data[tag_at + i]
@@ -110,7 +156,7 @@ class MacKey:
         w.bstr(self.protected)
         w.map(0)
         w.bstr(payload)
-        w.bstr(self.tag(payload))
+        w.bstr(self._tag_into(payload))
 
     def seal(self, payload: "bytes | bytearray | memoryview") -> bytes:
         w = cbor.Writer(bytearray(len(payload) + 96))
@@ -121,7 +167,7 @@ class MacKey:
         if msg.kid != self.kid:
             raise AuthenticationError("message kid does not match the key's", "kid_mismatch",
                                       device_id=_kid_text(msg.kid))
-        if not equal_ct(self.tag(msg.payload), msg.tag):
+        if not equal_ct(bytes(self._tag_into(msg.payload)), msg.tag):
             raise AuthenticationError("COSE_Mac0 tag does not verify", "bad_mac", device_id=_kid_text(msg.kid))
 
 

@@ -20,6 +20,9 @@
 # The counter runs on across messages, so a lost fragment is always seen.
 #
 # Receivers here are sans-I/O: feed() bytes in, next_event() events out.
+# This module is what a board needs; the hub's receivers (serial deframer,
+# BLE reassembler) and its downlink encoder are in protocols/hub_link.py,
+# which a board never loads (its code would take ~5 kB of the board's heap).
 
 import binascii
 
@@ -34,21 +37,21 @@ except ImportError:  # CPython, or a port without the viper emitter
 # The longest message a link carries: the largest COSE_Mac0 (payload bound
 # plus headers) with room to spare. It bounds every receive buffer.
 MAX_MESSAGE = const(4224)
-_CRC_SIZE = const(4)
+CRC_SIZE = const(4)
 # COBS adds one byte per 254 plus one.
-MAX_COBS_BODY = const(MAX_MESSAGE + _CRC_SIZE + (MAX_MESSAGE + _CRC_SIZE) // 254 + 2)
+MAX_COBS_BODY = const(MAX_MESSAGE + CRC_SIZE + (MAX_MESSAGE + CRC_SIZE) // 254 + 2)
 # A downlink line: "~", base64 of the body, "\n". Downlink messages are small.
 MAX_DOWNLINK_MESSAGE = const(256)
-MAX_LINE = const(2 + ((MAX_DOWNLINK_MESSAGE + _CRC_SIZE + 2) // 3) * 4 + 1)
+MAX_LINE = const(2 + ((MAX_DOWNLINK_MESSAGE + CRC_SIZE + 2) // 3) * 4 + 1)
 # How much of a discarded chunk an event keeps, for the console log.
-_KEEP_NOISE = const(120)
+KEEP_NOISE = const(120)
 # Downlink messages a board holds unread: acks and commands come a few a second.
 _MAX_EVENTS = const(8)
 
 MIN_MTU = const(23)
 MAX_MTU = const(517)
-_ATT_HEADER = const(3)
-_START = const(0x80)
+ATT_HEADER = const(3)
+FIRST_FRAGMENT = const(0x80)
 
 
 class Frame:
@@ -86,7 +89,7 @@ class StreamFramer:
     # Board side: frames a message into a caller-owned buffer, no allocation
     # beyond a 4-byte CRC buffer made once.
     def __init__(self) -> None:
-        self._crc = bytearray(_CRC_SIZE)
+        self._crc = bytearray(CRC_SIZE)
 
     def frame_into(self, msg: "bytes | bytearray | memoryview", n: int, out: bytearray, pos: int = 0) -> int:
         if n > MAX_MESSAGE:
@@ -105,7 +108,7 @@ class StreamFramer:
         code_at = pos + 1
         w = pos + 2
         code = 1
-        total = n + _CRC_SIZE
+        total = n + CRC_SIZE
         for i in range(total):
             b = msg[i] if i < n else crc[i - n]
             if b == 0:
@@ -131,86 +134,7 @@ class StreamFramer:
         return bytes(out[:self.frame_into(msg, len(msg), out)])
 
 
-def _cobs_decode(chunk: "bytes | bytearray") -> "bytes | None":
-    out = bytearray()
-    i = 0
-    n = len(chunk)
-    while i < n:
-        code = chunk[i]
-        end = i + code
-        if code == 0 or end > n:
-            return None
-        out.extend(chunk[i + 1:end])
-        i = end
-        if code != 0xFF and i < n:
-            out.append(0)
-    return bytes(out)
-
-
-class StreamDeframer:
-    # Hub side: feed() serial bytes, next_event() gives Frame, Discarded or
-    # NEED_DATA. Memory is bounded by MAX_COBS_BODY whatever arrives.
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._skipping = False  # inside an over-long chunk, until the next 0x00
-        self._skipped = 0
-
-    def feed(self, data: "bytes | bytearray | memoryview") -> None:
-        self._buf.extend(data)
-
-    def next_event(self) -> "Frame | Discarded | None":
-        while True:
-            buf = self._buf
-            idx = buf.find(b"\x00")
-            if idx < 0:
-                if len(buf) > MAX_COBS_BODY:
-                    self._skipped += len(buf)
-                    self._skipping = True
-                    self._buf = bytearray()
-                return NEED_DATA
-            chunk = bytes(buf[:idx])
-            self._buf = buf[idx + 1:]
-            if self._skipping:
-                n = self._skipped + len(chunk)
-                self._skipping = False
-                self._skipped = 0
-                return Discarded("too_long", n)
-            if not chunk:
-                continue
-            if len(chunk) > MAX_COBS_BODY:
-                return Discarded("too_long", len(chunk))
-            body = _cobs_decode(chunk)
-            if body is None or len(body) <= _CRC_SIZE:
-                return Discarded(_noise_or(chunk, "cobs"), len(chunk), chunk[:_KEEP_NOISE])
-            n = len(body) - _CRC_SIZE
-            got = body[n] | (body[n + 1] << 8) | (body[n + 2] << 16) | (body[n + 3] << 24)
-            if crc32(memoryview(body)[:n]) != got:
-                return Discarded(_noise_or(chunk, "crc"), len(chunk), chunk[:_KEEP_NOISE])
-            return Frame(body[:n])
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-
-def _noise_or(chunk: bytes, reason: str) -> str:
-    # Console text (a board's print, a REPL banner) is noise, not corruption.
-    for b in chunk:
-        if b != 9 and b != 10 and b != 13 and not 32 <= b < 127:
-            return reason
-    return "noise"
-
-
 # ---- downlink byte stream: base64 lines ------------------------------------
-
-def downlink_line(msg: "bytes | bytearray") -> bytes:
-    if len(msg) > MAX_DOWNLINK_MESSAGE:
-        raise LocalProtocolError("downlink message of %d bytes exceeds %d" % (len(msg), MAX_DOWNLINK_MESSAGE),
-                                 "too_long")
-    c = crc32(msg)
-    body = bytes(msg) + bytes((c & 0xFF, (c >> 8) & 0xFF, (c >> 16) & 0xFF, c >> 24))
-    return b"~" + binascii.b2a_base64(body).strip() + b"\n"
-
 
 class LineDeframer:
     # Board side: bytes in, Frame / Discarded / NEED_DATA out. Lines collect
@@ -268,14 +192,14 @@ class LineDeframer:
     def _line(self, line: memoryview) -> "Frame | Discarded":
         n = len(line)
         if line[0] != 0x7E:  # "~"
-            return Discarded("noise", n, bytes(line[:_KEEP_NOISE]))
+            return Discarded("noise", n, bytes(line[:KEEP_NOISE]))
         try:
             body = binascii.a2b_base64(bytes(line[1:]))
         except Exception:
             return Discarded("base64", n)
-        if len(body) <= _CRC_SIZE:
+        if len(body) <= CRC_SIZE:
             return Discarded("length", n)
-        m = len(body) - _CRC_SIZE
+        m = len(body) - CRC_SIZE
         got = body[m] | (body[m + 1] << 8) | (body[m + 2] << 16) | (body[m + 3] << 24)
         if crc32(memoryview(body)[:m]) != got:
             return Discarded("crc", n)
@@ -297,7 +221,7 @@ class Fragmenter:
     def set_mtu(self, mtu: int) -> None:
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise LocalProtocolError("MTU %d outside %d..%d" % (mtu, MIN_MTU, MAX_MTU), "mtu")
-        self.fragment_size = mtu - _ATT_HEADER
+        self.fragment_size = mtu - ATT_HEADER
 
     def start(self, msg: "bytes | bytearray | memoryview", n: int) -> None:
         if not 0 < n <= MAX_MESSAGE:
@@ -321,7 +245,7 @@ class Fragmenter:
             return 0
         room = self.fragment_size
         if off == 0:
-            out[0] = _START | self.counter
+            out[0] = FIRST_FRAGMENT | self.counter
             out[1] = self._len >> 8
             out[2] = self._len & 0xFF
             hdr = 3
@@ -343,73 +267,3 @@ class Fragmenter:
             if not n:
                 return frags
             frags.append(bytes(out[:n]))
-
-
-class Reassembler:
-    # Hub side: one per BLE connection. feed() one notification at a time;
-    # next_event() as for the stream deframer. A message with a lost
-    # fragment is reported once ("gap") and its remaining fragments skipped.
-    def __init__(self) -> None:
-        self._expect = -1  # counter of the next fragment, -1 before the first
-        self._buf = bytearray()
-        self._want = 0
-        self._lost = False  # skipping the rest of a message already reported
-        self._events: "list[Frame | Discarded]" = []
-
-    def reset(self) -> None:
-        # A new connection: counters start again.
-        self._expect = -1
-        self._buf = bytearray()
-        self._want = 0
-        self._lost = False
-
-    def _abandon(self, reason: str, extra: int = 0) -> None:
-        if self._want:
-            self._events.append(Discarded(reason, len(self._buf) + extra))
-            self._lost = True
-        self._buf = bytearray()
-        self._want = 0
-
-    def feed(self, fragment: "bytes | bytearray | memoryview") -> None:
-        n = len(fragment)
-        if n == 0 or n > MAX_MTU - _ATT_HEADER:
-            self._events.append(Discarded("length", n))
-            return
-        hdr = fragment[0]
-        counter = hdr & 0x7F
-        if self._expect >= 0 and counter != self._expect:
-            self._abandon("gap")
-        self._expect = (counter + 1) & 0x7F
-        if hdr & _START:
-            self._abandon("gap")
-            self._lost = False
-            if n < 3:
-                self._events.append(Discarded("length", n))
-                return
-            want = (fragment[1] << 8) | fragment[2]
-            if not 0 < want <= MAX_MESSAGE:
-                self._events.append(Discarded("too_long", n))
-                self._lost = True
-                return
-            self._want = want
-            data = fragment[3:]
-        else:
-            if not self._want:
-                if not self._lost:
-                    self._events.append(Discarded("gap", n))
-                    self._lost = True
-                return
-            data = fragment[1:]
-        if len(self._buf) + len(data) > self._want:
-            self._abandon("length", len(data))
-            return
-        self._buf.extend(data)
-        if len(self._buf) == self._want:
-            self._events.append(Frame(bytes(self._buf)))
-            self._buf = bytearray()
-            self._want = 0
-
-    def next_event(self) -> "Frame | Discarded | None":
-        if self._events:
-            return self._events.pop(0)
-        return NEED_DATA

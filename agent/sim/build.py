@@ -20,11 +20,12 @@ from agent.sim.boards import FIRMWARE_DIR, REPO_DIR
 
 # What a board holds: the firmware and the shared protocol package.
 # main.py and boot.py stay source: MicroPython runs them as .py by design;
-# protocols/_viper.py and drivers/_native.py too, so the board compiles
+# protocols/_viper.py, _sha256.py and drivers/_native.py too, so the board compiles
 # their native code for its own CPU (an .mpy with native code is for one
 # architecture only).
 SOURCES = [(FIRMWARE_DIR, ["app", "drivers", "sim", "board_esp32.py"]), (REPO_DIR, ["protocols"])]
-KEEP_AS_SOURCE = {"main.py", "boot.py", "sim/run_board.py", "protocols/_viper.py", "drivers/_native.py"}
+KEEP_AS_SOURCE = {"main.py", "boot.py", "sim/run_board.py", "protocols/_viper.py", "protocols/_sha256.py",
+                  "drivers/_native.py"}
 
 
 class BuildError(Exception):

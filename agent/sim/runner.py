@@ -198,10 +198,10 @@ class SimulatedBoard:
 
     def uplink_messages(self) -> list[bytes]:
         """The whole messages the board sent while recording (record=True)."""
-        from protocols import link
+        from protocols import hub_link, link
 
         up, _ = self.taps()
-        d = link.StreamDeframer()
+        d = hub_link.StreamDeframer()
         d.feed(up)
         out = []
         while (ev := d.next_event()) is not None:

@@ -2,7 +2,7 @@
 
 One BleTransport is one connection to one board: connect (bounded by a
 timeout), subscribe to the data characteristic, reassemble its fragments
-into messages (protocols.link.Reassembler), and write downlink messages as
+into messages (protocols.hub_link.Reassembler), and write downlink messages as
 text lines to the control characteristic, cut to what one write without
 response may carry (MTU-3). The backend is BlueZ on the hub; off hardware,
 the software radio's (agent/transports/softradio.py).
@@ -24,7 +24,7 @@ from bleak.backends.device import BLEDevice
 from bleak.exc import BleakError
 
 from agent.transports.base import Transport, TransportClosed, TransportError
-from protocols import link
+from protocols import hub_link, link
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class BleTransport(Transport):
         self.fragments = 0
         self.fragment_bytes = 0
         self._client: BleakClient | None = None
-        self._rx = link.Reassembler()
+        self._rx = hub_link.Reassembler()
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_DEPTH + 1)
         self._closed = False
 
@@ -113,7 +113,7 @@ class BleTransport(Transport):
         client = self._client
         if client is None or self._closed:
             raise TransportClosed("not connected", self.name)
-        line = link.downlink_line(message)
+        line = hub_link.downlink_line(message)
         char = client.services.get_characteristic(CONTROL_UUID)
         if char is None:
             raise TransportError("%s has no control characteristic" % self.address, self.name)

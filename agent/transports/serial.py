@@ -4,7 +4,7 @@ The port is opened by pyserial (which sets the line up: raw, 8N1) and then
 read without blocking from the event loop. Uplink bytes go through the
 COBS deframer; what is not a frame (console text, line noise) is counted
 and the console text kept for the log. Downlink messages go out as text
-lines (protocols.link.downlink_line).
+lines (protocols.hub_link.downlink_line).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import serial
 
 from agent.transports.base import Transport, TransportClosed, TransportError
-from protocols import link
+from protocols import hub_link, link
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class SerialTransport(Transport):
         self.discarded: dict[str, int] = {}
         self.console: list[str] = []
         self._ser: serial.Serial | None = None
-        self._deframer = link.StreamDeframer()
+        self._deframer = hub_link.StreamDeframer()
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_DEPTH + 1)  # + the end-of-link marker
         self._write_lock = asyncio.Lock()  # one line at a time: two writers' lines never interleave
         self._closed = False
@@ -125,7 +125,7 @@ class SerialTransport(Transport):
     async def send(self, message: bytes) -> None:
         if self._ser is None:
             raise TransportClosed("not open", self.name)
-        line = link.downlink_line(message)
+        line = hub_link.downlink_line(message)
         try:
             async with self._write_lock:
                 # pyserial's write_timeout bounds a write the board does not read.

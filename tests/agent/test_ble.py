@@ -33,7 +33,7 @@ from agent.sim.runner import SimulatedBoard
 from agent.supervisor import Agent
 from agent.transports import softradio
 from agent.transports.ble import SERVICE_UUID
-from protocols import cipher, cose, link, messages
+from protocols import cipher, cose, hub_link, link, messages
 from protocols.errors import RemoteProtocolError
 from tests.agent.harness import ThreadedBackend, pki_for
 
@@ -65,7 +65,7 @@ def acked_over_air(records: list[dict[str, Any]], keys: dict[str, bytes],
 
 def uplink_over_air(records: list[dict[str, Any]], address: str) -> list[bytes]:
     """The whole messages a sniffer reassembles from one board's notifications."""
-    r = link.Reassembler()
+    r = hub_link.Reassembler()
     out = []
     for rec in records:
         if rec["pdu"] == "notify" and rec["address"] == address:

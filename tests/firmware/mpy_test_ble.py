@@ -5,7 +5,7 @@ import json
 import os
 
 from app import config, link_ble, main
-from protocols import cose, hub, link, messages
+from protocols import cose, hub, hub_link, link, messages
 from sim.board_sim import SimBoard
 from sim.clock import VirtualClock
 
@@ -16,7 +16,7 @@ class Central:
         self.hub = hub.Hub()
         self.hub.add_device(device_id, key)
         self.device_id = device_id
-        self.reasm = link.Reassembler()
+        self.reasm = hub_link.Reassembler()
         self.results = []
         self.discards = []
         self.acking = True
@@ -36,7 +36,7 @@ class Central:
             self.results.append(r)
             if self.acking and r.verdict != hub.REJECTED and r.message.kind == messages.T_SAMPLES:
                 for a in self.hub.ack(self.device_id, r.message.epoch, [r.message.seq]):
-                    self.radio.write(link.downlink_line(a))
+                    self.radio.write(hub_link.downlink_line(a))
 
     def connect(self, mtu):
         self.reasm.reset()
@@ -149,7 +149,7 @@ def test_forged_control_write_is_ignored():
     board.radio.write(b"~" + b"A" * 40 + b"\n")  # garbage line
     board.radio.write(b"hello\n")
     forged = cose.MacKey(bytes(32), b"pb-test01", cose.AAD_DOWNLINK)
-    board.radio.write(link.downlink_line(forged.seal(messages.encoded(messages.Ack(app.epoch, [(0, 9999)])))))
+    board.radio.write(hub_link.downlink_line(forged.seal(messages.encoded(messages.Ack(app.epoch, [(0, 9999)])))))
     app.step()
     assert app.downlink_rejected == 1
     assert app.outbox.depth() >= depth  # nothing freed

@@ -7,7 +7,7 @@ import io
 import os
 
 from app import config, faults, main
-from protocols import cbor, cose, hub, link, messages
+from protocols import cbor, cose, hub, hub_link, link, messages
 from sim.board_sim import SimBoard
 from sim.clock import VirtualClock
 from sim.loopback import LoopbackLink
@@ -348,7 +348,7 @@ class _StalledUsbCdc:
         self.device_id = device_id
         self.host_in = host_in
         self.stalled = stalled
-        self.deframer = link.StreamDeframer()
+        self.deframer = hub_link.StreamDeframer()
         self.received = []
         self.blocked_writes = 0
 
@@ -369,7 +369,7 @@ class _StalledUsbCdc:
                 self.received.append(r)
                 if r.verdict != hub.REJECTED and r.message.kind == messages.T_SAMPLES:
                     for a in self.hub.ack(self.device_id, r.message.epoch, [r.message.seq]):
-                        self.host_in.buf += link.downlink_line(a)
+                        self.host_in.buf += hub_link.downlink_line(a)
 
 
 def test_serial_writes_to_a_host_that_stopped_reading_are_bounded():

@@ -4,7 +4,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocols import cbor, cipher, cose, link, messages
+from protocols import cbor, cipher, cose, hub_link, link, messages
 from protocols.errors import RemoteProtocolError
 from tests.shared.test_vectors import ACK, FRAME, FRAME_PAYLOAD, KEY
 
@@ -45,7 +45,7 @@ def test_payload_and_cose_decoders_raise_only_protocol_errors(data: bytes) -> No
 @settings(max_examples=300)
 @given(st.lists(inputs, max_size=6))
 def test_link_receivers_raise_nothing_and_stay_bounded(chunks: list[bytes]) -> None:
-    s, line, ble = link.StreamDeframer(), link.LineDeframer(), link.Reassembler()
+    s, line, ble = hub_link.StreamDeframer(), link.LineDeframer(), hub_link.Reassembler()
     for c in chunks:
         for rx in (s, line):
             rx.feed(c)

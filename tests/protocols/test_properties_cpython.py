@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocols import cipher, cose, link, messages, replay
+from protocols import cipher, cose, hub_link, link, messages, replay
 from protocols.errors import RemoteProtocolError
 from tests.protocols.strategies import frames, keys, kids
 
@@ -69,7 +69,7 @@ def test_replayed_frame_with_good_mac_is_flagged(frame: messages.SampleFrame, ke
 def test_stream_link_any_chunking(msgs: list[bytes], chunk: int) -> None:
     framer = link.StreamFramer()
     wire = b"".join(framer.frame(m) for m in msgs)
-    d = link.StreamDeframer()
+    d = hub_link.StreamDeframer()
     got = []
     for i in range(0, len(wire), chunk):
         d.feed(wire[i:i + chunk])
@@ -82,7 +82,7 @@ def test_stream_link_any_chunking(msgs: list[bytes], chunk: int) -> None:
 @given(st.lists(st.binary(min_size=1, max_size=1500), min_size=1, max_size=5), st.integers(23, 517))
 def test_ble_fragments_any_mtu(msgs: list[bytes], mtu: int) -> None:
     frag = link.Fragmenter(mtu)
-    r = link.Reassembler()
+    r = hub_link.Reassembler()
     for m in msgs:
         for f in frag.fragments(m):
             assert len(f) <= mtu - 3

@@ -2,7 +2,7 @@
 # flip and every truncation of an authenticated message is refused with a
 # protocol error, never accepted and never another exception; the link
 # layers deliver the same messages fed a byte at a time or all at once.
-from protocols import cipher, cose, link, messages, replay
+from protocols import cipher, cose, hub_link, link, messages, replay
 from protocols.errors import RemoteProtocolError
 from tests.shared.check import Rng
 from tests.shared.test_vectors import ACK, FRAME, KEY, KID
@@ -47,7 +47,7 @@ def test_serial_link_byte_at_a_time_equals_all_at_once() -> None:
     noise = b"MicroPython v1.29 on unix\r\n>>> "
     wire = noise + b"".join(framer.frame(m) + (noise if i % 3 == 0 else b"") for i, m in enumerate(msgs))
     for chunking in (1, 7, len(wire)):
-        d = link.StreamDeframer()
+        d = hub_link.StreamDeframer()
         got = []
         for i in range(0, len(wire), chunking):
             d.feed(wire[i:i + chunking])
@@ -78,7 +78,7 @@ def test_serial_link_resynchronises_after_corruption() -> None:
         else:
             wires[i] = w[:3] + rng.bytes(40) + w[3:]
         damaged.add(i)
-    d = link.StreamDeframer()
+    d = hub_link.StreamDeframer()
     d.feed(b"".join(bytes(w) for w in wires))
     got = []
     while True:
@@ -95,7 +95,7 @@ def test_ble_fragments_round_trip_for_every_mtu_class() -> None:
     msgs = [FRAME, ACK] + [rng.bytes(rng.below(2000) + 1) for _ in range(4)]
     for mtu in (23, 24, 27, 64, 185, 247, 251, 512, 517):
         frag = link.Fragmenter(mtu)
-        r = link.Reassembler()
+        r = hub_link.Reassembler()
         for m in msgs:
             for f in frag.fragments(m):
                 assert len(f) <= mtu - 3
@@ -112,7 +112,7 @@ def test_ble_fragments_round_trip_for_every_mtu_class() -> None:
 
 def test_ble_lost_fragment_drops_only_that_message() -> None:
     frag = link.Fragmenter(23)
-    r = link.Reassembler()
+    r = hub_link.Reassembler()
     msgs = [bytes([i]) * 100 for i in range(1, 6)]
     for i, m in enumerate(msgs):
         fr = frag.fragments(m)
@@ -171,3 +171,25 @@ def test_replay_window_tells_two_boots_of_one_epoch_apart_by_their_salt() -> Non
     w.commit(5, 0, salt_b)  # the next boot: its own salt
     assert w.state() == (5, 0, 1, salt_b)
     assert w.check(5, 0, salt_a) == replay.EPOCH_ROLLBACK and w.check(5, 0, salt_b) == replay.DUPLICATE
+
+
+def _hmac_sha256_reference(key: bytes, data: bytes) -> bytes:
+    # HMAC (RFC 2104) over hashlib, written out: the board's MacKey hashes
+    # with its own SHA-256 (protocols/_sha256.py) on MicroPython.
+    import hashlib
+
+    k = key + bytes(64 - len(key))
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in k) + data).digest()
+    return hashlib.sha256(bytes(b ^ 0x5C for b in k) + inner).digest()
+
+
+def test_mac_tags_equal_hmac_sha256_for_every_block_boundary() -> None:
+    rng = Rng(77)
+    print("seed", 77)
+    key = cose.MacKey(KEY, KID, cose.AAD_UPLINK)
+    for n in list(range(0, 200)) + [255, 256, 1000, 1023, 1024, 4096]:
+        payload = rng.bytes(n)
+        head = bytes([0x40 + n]) if n < 24 else (bytes([0x58, n]) if n < 256 else bytes([0x59, n >> 8, n & 0xFF]))
+        want = _hmac_sha256_reference(KEY, key._prefix + head + payload)
+        assert key.tag(payload) == want, n
+        assert key.tag(memoryview(bytearray(payload))) == want, n

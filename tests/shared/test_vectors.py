@@ -1,7 +1,7 @@
 # Golden vectors: literal bytes, computed once with cbor2, the standard
 # library's hmac and `cryptography`'s HKDF-Expand and AES-CTR (not with this
 # package), so the wire format is pinned independently of the code under test.
-from protocols import cbor, cipher, cose, link, messages, samples
+from protocols import cbor, cipher, cose, hub_link, link, messages, samples
 from protocols.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
 from tests.shared.check import raises, unhex
 
@@ -147,7 +147,7 @@ def test_serial_framing_vector() -> None:
 
 
 def test_downlink_line_vector() -> None:
-    line = link.downlink_line(b"\x03\x00ack")
+    line = hub_link.downlink_line(b"\x03\x00ack")
     assert line == b"~AwBhY2turCdc\n"
     for b in line:
         assert b == 10 or 32 <= b < 127  # never a control byte such as Ctrl-C

@@ -13,7 +13,7 @@ import serial
 
 from agent.sim import boards
 from agent.sim.runner import SimulatedBoard
-from protocols import cipher, cose, hub, link, messages
+from protocols import cipher, cose, hub, hub_link, link, messages
 from tests.conftest import ROOT
 from tests.protocols import cddl
 
@@ -86,7 +86,7 @@ def test_ctrl_c_stops_streaming_and_leaves_a_repl(micropython: str, tmp_path: Pa
         port = serial.Serial(b.port, timeout=0.2)
         h = hub.Hub()
         h.add_device(spec.device_id, spec.key)
-        d = link.StreamDeframer()
+        d = hub_link.StreamDeframer()
         frames = 0
         end = time.monotonic() + 15
         while frames < 3 and time.monotonic() < end:
