@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 PIPELINE_DEPTH = 64
 # On a closed link, how long the acks still due may take to go out.
 ACK_DRAIN_S = 2.0
+# An unanswered time request goes again after this, doubling up to the sync
+# period: a board busy sending when it comes drops it (it answers only when
+# its line is free), and a lost one must not leave a session unsynced for a
+# whole period.
+TIME_RETRY_S = 2.0
 
 
 class IntervalSet:
@@ -158,6 +163,7 @@ class BoardSession:
         self.clocks = clocks if clocks is not None else BoardClocks()  # a link manager's outlive the session
         self.timemap = TimeMap()  # until the board says who it is and which boot
         self._time_requests: dict[int, float] = {}  # nonce -> UTC ms sent
+        self._time_answered = asyncio.Event()
         self._epoch: int | None = None
         self.opened_at = 0.0
         self.heard_at: float | None = None  # monotonic: the last authentic message
@@ -273,8 +279,10 @@ class BoardSession:
                 raise _Ended(END_STALLED, "a frame waited %.0f s to be stored and acknowledged" % (now - waiting))
 
     async def _time_sync(self) -> None:
-        # A time request as soon as the board is known, then every time_sync_s.
+        # A time request as soon as the board is known, then every time_sync_s;
+        # one unanswered goes again after TIME_RETRY_S, doubling (at most time_sync_s).
         assert self.time_sync_s
+        retry_s = TIME_RETRY_S
         while True:
             dev = self.stats.device_id
             if not dev or not self.processor.hub.has_device(dev):
@@ -284,13 +292,23 @@ class BoardSession:
             self._time_requests[nonce] = time.time() * 1000
             while len(self._time_requests) > 8:  # unanswered ones are forgotten
                 self._time_requests.pop(next(iter(self._time_requests)))
+            self._time_answered.clear()
+            asked_at = time.monotonic()
             await self._send(raw)
-            await asyncio.sleep(self.time_sync_s)
+            try:
+                async with asyncio.timeout(min(retry_s, self.time_sync_s)):
+                    await self._time_answered.wait()
+            except TimeoutError:
+                retry_s = min(2 * retry_s, self.time_sync_s)
+                continue
+            retry_s = TIME_RETRY_S
+            await asyncio.sleep(max(0.0, self.time_sync_s - (time.monotonic() - asked_at)))
 
     def _on_time(self, m: messages.TimeResponse) -> None:
         sent = self._time_requests.pop(m.nonce, None)
         if sent is None:
             return
+        self._time_answered.set()
         self.timemap.add(m.tick_ms, sent, time.time() * 1000)
         st = self.stats
         st.clock_drift_ppm = self.timemap.drift_ppm

@@ -17,14 +17,35 @@ from agent.store import Store
 from agent.supervisor import Agent
 from protocols import cipher, cose, link, messages
 from tests.agent import harness
+from tests.waiting import async_wait_for
 
 
 async def _drain(agent: Agent, timeout_s: float) -> None:
-    for _ in range(int(timeout_s * 10)):
-        if all(b["backlog"] == 0 for b in agent.snapshot()["backends"]):
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("backlog not drained: %s" % agent.snapshot()["backends"])
+    await async_wait_for(lambda: all(b["backlog"] == 0 for b in agent.snapshot()["backends"]), timeout_s,
+                         "every backend's backlog drained", lambda: agent.snapshot()["backends"])
+
+
+def _duplicates(agent: Agent, device_id: str) -> int:
+    """Duplicates the board's current session has seen."""
+    return sum(lk.stats.duplicates for lk in agent.links.links.values()
+               if lk.stats is not None and lk.stats.device_id == device_id)
+
+
+def _synced(agent: Agent) -> set[str]:
+    """The boards with a stored frame placed on the board's clock."""
+    db = agent.store.reader()
+    try:
+        return {r[0] for r in db.execute(
+            "SELECT DISTINCT device_id FROM frames WHERE kind=1 AND t0_utc_ms IS NOT NULL")}
+    finally:
+        db.close()
+
+
+def _sample_frames(sim: Any) -> list[bytes]:
+    """The sample frames the board sent so far, when there are two or more (else none)."""
+    frames = [raw for raw in harness.uplink_messages(sim) if isinstance(messages.decode_payload(
+        cose.parse(raw).payload, messages.UPLINK_TYPES, decode_samples=False), messages.SampleFrame)]
+    return frames if len(frames) >= 2 else []
 
 
 @pytest.mark.micropython
@@ -41,36 +62,58 @@ def test_outage_cut_reboot_and_injected_frames(micropython: str, tmp_path: Path)
             agent = Agent(cfg)
             stop = asyncio.Event()
             task = asyncio.create_task(agent.run(stop))
-            await asyncio.sleep(3)
-            old_epoch_frames = harness.uplink_messages(b2)
+
+            def boards() -> list[dict[str, Any]]:
+                return agent.snapshot()["boards"]  # type: ignore[no-any-return]
+
+            # Two frames of board 2's first boot verified (to replay later), both boards streaming.
+            await async_wait_for(lambda: all(b["frames"] >= 2 for b in boards()), 60,
+                                 "both boards streaming", boards)
+            await async_wait_for(lambda: _synced(agent) == {b1.device_id, b2.device_id}, 60,
+                                 "frames on each board's clock (its time synced)",
+                                 lambda: (_synced(agent), boards()))
+            old_epoch_frames = await async_wait_for(lambda: _sample_frames(b2), 10,
+                                                    "two sample frames recorded on board 2's line")
             await asyncio.to_thread(backend.down)  # the care team's server goes away
-            await asyncio.sleep(1)
             b1.cable_connected = False  # a cut, most likely in the middle of a frame
+            # The cut's length is the scenario's shape: about two frame periods
+            # of bytes lost on the wire, whatever the machine's speed.
             await asyncio.sleep(2.5)
             b1.cable_connected = True
+            b1_frames_at_cut_end = boards()[0]["frames"]
             b2.inject(os.urandom(300) + b"\x00" + os.urandom(50))  # line noise
             forged = cose.MacKey(bytes(32), b2.device_id.encode(), cose.AAD_UPLINK)
             fake = messages.SampleFrame(1, 10**6, 1, 0, 0, 512, 1, (1, 1), None, (0, 0, 0, 0), [[0]])
             sealed = forged.seal(messages.encoded(fake, sealer=cipher.SampleCipher(bytes(32), bytes(16))))
             b2.inject(link.StreamFramer().frame(sealed))
+            duplicates = _duplicates(agent, b2.device_id)
             b2.inject(link.StreamFramer().frame(old_epoch_frames[-1]))  # replayed, same boot: a duplicate
+            rejects = agent.ingestor.rejects
+            await async_wait_for(lambda: rejects["bad_mac"] >= 1, 30, "the forged frame refused",
+                                 lambda: dict(rejects))
+            await async_wait_for(lambda: _duplicates(agent, b2.device_id) > duplicates, 30,
+                                 "the replayed frame taken as a duplicate")
             await asyncio.to_thread(b2.stop)  # the board reboots: new boot epoch
             await asyncio.to_thread(b2.start)
 
             def b2_back() -> bool:
-                b = agent.snapshot()["boards"][1]
+                b = boards()[1]
                 return bool(b["state"] == "connected" and b["connects"] == 2 and b["frames"])
 
-            for _ in range(100):
-                if b2_back():
-                    break
-                await asyncio.sleep(0.1)
-            assert b2_back(), agent.snapshot()["boards"]
+            await async_wait_for(b2_back, 60, "board 2 streaming again after its reboot", boards)
             b2.inject(link.StreamFramer().frame(old_epoch_frames[-2]))  # replayed from the previous boot
+            await async_wait_for(lambda: rejects["replay:old_epoch"] >= 1, 30,
+                                 "the previous boot's frame refused", lambda: dict(rejects))
+            # Board 1 got through the cut: frames verified again after the cable came back.
+            await async_wait_for(lambda: boards()[0]["frames"] >= b1_frames_at_cut_end + 2, 60,
+                                 "board 1 streaming again after the cut", boards)
+            await async_wait_for(lambda: agent.forwarders[0].failures >= 1, 60,
+                                 "the forwarder to fail while the backend is down", agent.snapshot)
             await asyncio.to_thread(backend.up)
-            await asyncio.sleep(3)
+            await async_wait_for(lambda: len({e for (_d, e, _s) in harness.acked(b2)}) == 2, 60,
+                                 "frames of both of board 2's boots acknowledged")
             await asyncio.to_thread(lambda: [s.stop() for s in sims])
-            await _drain(agent, 30)
+            await _drain(agent, 60)
             stop.set()
             await task
             return agent
@@ -132,7 +175,9 @@ def test_disk_quota_drops_oldest_waveforms_and_forwards_gap_records(micropython:
             agent = Agent(cfg)
             stop = asyncio.Event()
             task = asyncio.create_task(agent.run(stop))
-            await asyncio.sleep(14)
+            await async_wait_for(lambda: agent.snapshot()["counters"].get("quota_dropped", 0) > 0, 90,
+                                 "the disk quota reached and the oldest waveforms dropped",
+                                 lambda: (agent.snapshot()["counters"], agent.store.status()))
             await asyncio.to_thread(lambda: [s.stop() for s in sims])
             await asyncio.to_thread(backend.up)
             await _drain(agent, 30)
