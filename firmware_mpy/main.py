@@ -13,7 +13,8 @@ try:
     if sys.platform == "linux":
         from sim.board_sim import SimBoard, run_forever
 
-        run_forever(SimBoard.from_file("sim.json"), main.run)  # a watchdog reset boots it again
+        # A watchdog reset boots it again (its heap as a reset chip's: the ring first).
+        run_forever(SimBoard.from_file("sim.json"), main.run, boot=lambda: outbox.preallocate(config.ring_bytes()))
     else:
         from board_esp32 import Esp32Board
 

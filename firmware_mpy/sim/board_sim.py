@@ -71,14 +71,24 @@ class SimWatchdog:
             raise WatchdogReset()
 
 
-def run_forever(board, run, until_ms=None):
+def run_forever(board, run, until_ms=None, boot=None):
     # The firmware as the chip runs it: `run(board, until_ms)` (app.main.run)
     # started over after each watchdog reset, as a reset chip boots again.
+    # A chip's reset also empties its RAM; here the last run's objects are
+    # collected instead, then `boot()` does again what the entry point did
+    # before the first run (the outbox's 24 kB ring: allocated in a heap the
+    # last run left fragmented, it fails and the board never streams again).
     while True:
+        reset = False
         try:
             return run(board, until_ms)
         except WatchdogReset:
+            reset = True
+        if reset:  # outside the handler: nothing of the last run is still referenced
             board.reboot_after_watchdog()
+            gc.collect()
+            if boot is not None:
+                boot()
             board.console("\r\npulsebridge: watchdog reset (simulated board)")
 
 

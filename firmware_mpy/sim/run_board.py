@@ -7,9 +7,10 @@ from app import config, outbox
 
 outbox.preallocate(config.ring_bytes())
 from app import main  # noqa: E402
-from sim.board_sim import SimBoard  # noqa: E402
+from sim.board_sim import SimBoard, run_forever  # noqa: E402
 
 try:
-    main.run(SimBoard.from_file("sim.json"))
+    # A watchdog reset boots the firmware again, as it does the chip.
+    run_forever(SimBoard.from_file("sim.json"), main.run, boot=lambda: outbox.preallocate(config.ring_bytes()))
 except KeyboardInterrupt:
     print("\r\npulsebridge: streaming stopped (Ctrl-C)")
