@@ -38,6 +38,10 @@ class MqttForwarder(Forwarder):
             username=self.cfg.username, password=password, identifier="pulsebridge-%s-%s" % (self.hub_id, self.name),
             tls_context=ctx, protocol=aiomqtt.ProtocolVersion.V311, keepalive=30, timeout=self.cfg.timeout_s,
             clean_session=False)
+        # A batch's publishes are in flight together by design (deliver()):
+        # aiomqtt's warning is for more pending than that, not for every
+        # publish beyond its default of 10 (0.8 lines a frame in a backlog).
+        client.pending_calls_threshold = max(self.cfg.batch, client.pending_calls_threshold)
         await client.__aenter__()
         return client
 
