@@ -269,6 +269,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("  store ok: %d frames stored, %d refused and quarantined, %d storage faults recovered, %d holes in "
               "the boards' streams sent as gap records" % (st.get("ingested", 0), st.get("refused", 0),
                                                             st.get("faults_recovered", 0), st.get("gaps_found", 0)))
+    if st.get("short_of_space"):
+        print("  store SHORT OF SPACE (%s): %d frames deleted before every backend had them, the last %.0f s ago "
+              "(gap records sent); free some space or raise disk_quota_mb" % (
+                  st["short_of_space"], st["dropped_undelivered"], time.time() - st["last_drop_at"]))
     rec = st.get("recovery")
     if rec:
         print("  store recovered at %s from a damaged store (%s; kept as %s): %s rows recovered, %d ranges "

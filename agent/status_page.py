@@ -146,7 +146,9 @@ TEXT = {
            "lead_off": "électrode décollée", "board_silent": "capteur silencieux",
            "store_fault": "La passerelle ne peut plus enregistrer (carte pleine ?) : les mesures attendent sur les "
                           "capteurs ; libérez de la place.",
-           "store_recovered": "Le stockage de la passerelle était endommagé ; il a été reconstruit."},
+           "store_recovered": "Le stockage de la passerelle était endommagé ; il a été reconstruit.",
+           "store_short": "La passerelle manque de place : elle efface des mesures pas encore envoyées ; libérez de "
+                          "la place."},
     "en": {"title": "Home monitoring hub", "ok": "Everything is working.", "warn": "Needs a look:",
            "boards": "Sensor", "connected": "connected", "searching": "not plugged in", "backoff": "reconnecting",
            "connecting": "connecting", "out_of_range": "out of range",
@@ -163,7 +165,8 @@ TEXT = {
            "lang": "Français", "spo2_low": "low oxygen", "heart_rate_out_of_range": "unusual heart rate",
            "lead_off": "electrode off", "board_silent": "sensor silent",
            "store_fault": "The hub cannot store readings (card full?): they wait on the sensors; free some space.",
-           "store_recovered": "The hub's storage was damaged; it has been rebuilt."},
+           "store_recovered": "The hub's storage was damaged; it has been rebuilt.",
+           "store_short": "The hub is short of space: it deletes readings not yet sent; free some space."},
 }
 
 PAGE = """<!doctype html>
@@ -211,13 +214,15 @@ function render(s) {
   const btDown = s.ble_adapter && s.ble_adapter.state === "down";
   const stuck = s.systemd && !s.systemd.alive;
   const store = s.store || {}, storeFault = store.state === "fault", recovered = !!store.recovery;
+  const storeShort = !storeFault && !!store.short_of_space;
   // A device that is not ours (a modem, a board being set up) is shown, not counted as a problem.
   const problems = s.boards.filter(b => b.state !== "connected" && b.state !== "released").length +
-    s.vitals.active_alerts.length + (btDown ? 1 : 0) + (stuck ? 1 : 0) + (storeFault ? 1 : 0) + (recovered ? 1 : 0);
+    s.vitals.active_alerts.length + (btDown ? 1 : 0) + (stuck ? 1 : 0) + (storeFault ? 1 : 0) + (recovered ? 1 : 0) +
+    (storeShort ? 1 : 0);
   const sum = document.getElementById("summary");
   sum.textContent = problems ? t("warn") + " " + problems + (btDown ? " — " + t("bt_down") : "") +
     (stuck ? " — " + t("stuck") : "") + (storeFault ? " — " + t("store_fault") : "") +
-    (recovered ? " — " + t("store_recovered") : "") : t("ok");
+    (recovered ? " — " + t("store_recovered") : "") + (storeShort ? " — " + t("store_short") : "") : t("ok");
   sum.className = problems ? "warn" : "ok";
   const boards = document.getElementById("boards");
   s.boards.forEach((b, i) => {

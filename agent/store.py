@@ -84,6 +84,16 @@ FREE_SPACE_ROOM_BYTES = 1024 * 1024
 # ... made this much at a time (after each commit): what is deleted is
 # written to the WAL first, and the WAL's room is what is short.
 FREE_SPACE_STEP_BYTES = 128 * 1024
+# The status says the store is short of space for this long after it last
+# deleted a frame not yet delivered (the loss stays counted in the log and the gap records).
+SHORT_OF_SPACE_SHOWN_S = 600.0
+# Frames not yet delivered make way for free space only while the store's
+# live pages exceed this: below it, deleting them gives the file system
+# nothing it would notice, and on a card with less than MIN_FREE_BYTES +
+# WAL_LIMIT_BYTES free a backend one batch behind lost every frame (1000 of
+# 1000 on a 12 MB card). What the store may then take from MIN_FREE_BYTES
+# is bounded: this plus its WAL, 5 MB of the 8. Delivered frames still go.
+FREE_SPACE_KEEP_UNDELIVERED_BYTES = 1024 * 1024
 # The integrity check at start (PRAGMA quick_check) is given this long; a
 # store too large to check in time is opened unchecked, and the log says so.
 INTEGRITY_CHECK_S = 20.0
@@ -191,6 +201,10 @@ class StoreStats:
     faults_recovered: int = 0
     refused: int = 0  # frames the store refused, kept in quarantine
     gaps_found: int = 0  # holes found in the boards' streams (each a gap record to every backend)
+    # Frames the quota or the free-space policy deleted before every backend had them (each in a gap record).
+    dropped_undelivered: int = 0
+    last_drop_at: float | None = None  # when the last of them went, UTC s
+    last_drop_reason: str = ""  # disk_quota | disk_free
 
 
 def check_private(path: Path, what: str) -> None:
@@ -379,8 +393,15 @@ class Store:
         """The store's state for `pulsebridge status` and the status page (JSON-ready).
 
         state: "ok", or "fault" while commits wait for storage (fault says
-        why, fault_since when it began, UTC s; nothing is acknowledged meanwhile)."""
+        why, fault_since when it began, UTC s; nothing is acknowledged meanwhile).
+        short_of_space: the quota or the free space (reason: disk_quota,
+        disk_free) made the store delete frames not yet delivered within the
+        last SHORT_OF_SPACE_SHOWN_S; dropped_undelivered counts them since start."""
+        st = self.stats
+        short = st.last_drop_at is not None and time.time() - st.last_drop_at < SHORT_OF_SPACE_SHOWN_S
         return {"state": "fault" if self.fault is not None else "ok", "fault": self.fault,
+                "short_of_space": st.last_drop_reason if short else None,
+                "dropped_undelivered": st.dropped_undelivered, "last_drop_at": st.last_drop_at,
                 "fault_since": self.fault_since, "commits": self.stats.commits, "ingested": self.stats.ingested,
                 "commit_failures": self.stats.commit_failures, "faults_recovered": self.stats.faults_recovered,
                 "refused": self.stats.refused, "gaps_found": self.stats.gaps_found, "recovery": self.recovery}
@@ -709,9 +730,22 @@ class Store:
         lost: dict[tuple[str, str, int], list[int]] = {}
         db.execute("BEGIN IMMEDIATE")
         ends: dict[tuple[str, int, int], tuple[int, int]] = {}
+        # Frames every backend already has go first (kept only for retention),
+        # then the lowest priority, oldest: a frame still on its way is lost
+        # only when nothing delivered is left to make room.
+        delivered = ("SELECT id, device_id, epoch, seq, stream, first_index, count FROM frames f WHERE kind != ? "
+                     "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.backend IN (%s) AND o.frame_id = f.id) "
+                     "ORDER BY priority, id LIMIT 16" % ",".join("?" * len(self.backends)))
+        any_frame = ("SELECT id, device_id, epoch, seq, stream, first_index, count FROM frames "
+                     "WHERE kind != ? ORDER BY priority, id LIMIT 16")
+        query, args = delivered, (KIND_GAP, *self.backends)
         while self._live_bytes(db) > limit:
-            rows = db.execute("SELECT id, device_id, epoch, seq, stream, first_index, count FROM frames "
-                              "WHERE kind != ? ORDER BY priority, id LIMIT 16", (KIND_GAP,)).fetchall()
+            rows = db.execute(query, args).fetchall()
+            if not rows and query is delivered:
+                query, args = any_frame, (KIND_GAP,)
+                if reason == "disk_free":
+                    limit = max(limit, FREE_SPACE_KEEP_UNDELIVERED_BYTES)
+                continue
             if not rows:
                 break
             for fid, dev, epoch, seq, stream, first, count in rows:
@@ -724,6 +758,7 @@ class Store:
             dropped += len(rows)
         for (backend, dev, epoch), seqs in lost.items():
             self._gap(db, [backend], dev, epoch, seqs, reason)
+        undelivered = len({(dev, epoch, seq) for (_, dev, epoch), seqs in lost.items() for seq in seqs})
         # What the quota dropped has its gap records: the stream check starts after it.
         db.executemany("INSERT INTO stream_marks VALUES(?,?,?,?,?) ON CONFLICT(device_id, epoch, stream) DO UPDATE "
                        "SET next_index=excluded.next_index, last_seq=excluded.last_seq "
@@ -731,8 +766,13 @@ class Store:
                        [(d, e, st, end, seq) for (d, e, st), (end, seq) in ends.items()])
         _count(db, "quota_dropped" if reason == "disk_quota" else "free_space_dropped", dropped)
         db.execute("COMMIT")
-        log.warning("store: %s: dropped %d oldest frames; gap records queued for %d backend(s)", reason, dropped,
-                    len({b for b, _, _ in lost}))
+        if undelivered:
+            self.stats.dropped_undelivered += undelivered
+            self.stats.last_drop_at, self.stats.last_drop_reason = time.time(), reason
+            log.warning("store: %s: dropped %d oldest frames, %d of them not yet delivered: gap records queued for "
+                        "%d backend(s)", reason, dropped, undelivered, len({b for b, _, _ in lost}))
+        elif dropped:
+            log.info("store: %s: dropped %d oldest frames, every backend had them", reason, dropped)
         return dropped
 
     def _gap(self, db: sqlite3.Connection, backends: list[str], device_id: str, epoch: int, seqs: list[int],

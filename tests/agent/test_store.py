@@ -86,6 +86,34 @@ def test_quota_drops_oldest_raw_first_and_queues_gap_records(tmp_path: Path) -> 
         s.close()
 
 
+def test_quota_drops_what_every_backend_has_before_what_is_still_on_its_way(tmp_path: Path) -> None:
+    # Vitals travel ahead of a waveform backlog: delivered, they are kept
+    # only for retention. Over the quota they make way before any waveform
+    # still waiting for its backend is lost.
+    s = Store(tmp_path / "store.db", ["b1"], quota_bytes=300_000, commit_linger_s=0)
+    s.start()
+    try:
+        vitals = [Ingest("pb-a", 1, 100000 + i, 1, os.urandom(2000), (1, 0, 0), priority=store_mod.PRIORITY_VITALS)
+                  for i in range(40)]
+        asyncio.run(_ingest_all(s, vitals))
+        db = s.reader()
+        asyncio.run(s.delivered("b1", [r.id for r in Store.fetch_outbox(db, "b1", 1000)]))
+        for first in range(0, 200, 20):  # the backend is behind: none of these delivered yet
+            asyncio.run(_ingest_all(s, [_item(i, raw_size=2000) for i in range(first, first + 20)]))
+        assert s.db_bytes(db) <= 300_000
+        kept_vitals = db.execute("SELECT COUNT(*) FROM frames WHERE seq >= 100000").fetchone()[0]
+        kept_raw = {r[0] for r in db.execute("SELECT seq FROM frames WHERE kind=1 AND seq < 100000")}
+        gaps = [r.info for r in Store.fetch_outbox(db, "b1", 1000) if r.kind == store_mod.KIND_GAP]
+        lost = {seq for g in gaps if g for a, b in g["seq_ranges"] for seq in range(a, b + 1)}
+        assert lost == set(range(200)) - kept_raw  # each undelivered frame dropped has its gap record
+        assert kept_vitals == 0, (kept_vitals, len(lost))  # every delivered one went before any was lost
+        assert 0 < len(lost) < 200 - 40 + 10
+        st = s.status()  # what pulsebridge status and the page read: not "ok" and nothing more
+        assert st["short_of_space"] == "disk_quota" and st["dropped_undelivered"] == len(lost), st
+    finally:
+        s.close()
+
+
 def test_purge_only_delivered_and_old(tmp_path: Path) -> None:
     s = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
     s.start()

@@ -120,6 +120,35 @@ def test_store_makes_room_before_the_file_system_is_full(tmp_path: Path) -> None
             s.close()
 
 
+def test_a_card_short_of_space_loses_nothing_a_live_backend_takes(tmp_path: Path) -> None:
+    # 12 MB free: less than the free-space policy's reserve (8 MB) and the WAL
+    # (4 MB). A backend one batch behind, as a live one is. Before: every frame
+    # was deleted before delivery (1000 of 1000), with "store ok" in the status.
+    with small_filesystem(tmp_path / "card", 12288) as card:
+        s = Store(card / "store.db", ["b"], commit_linger_s=0)
+        s.start()
+        db = s.reader()
+        try:
+            pending: set[int] = set()
+            for first in range(0, 1000, 10):
+                asyncio.run(_ingest_all(s, [_item(i) for i in range(first, first + 10)]))
+                rows = Store.fetch_outbox(db, "b", 1000)
+                asyncio.run(s.delivered("b", [r.id for r in rows if r.id in pending]))
+                pending = {r.id for r in rows}
+            counters = Store.counters(db)
+            assert counters.get("free_space_dropped", 0) > 0  # short of space: delivered frames made way
+            assert s.stats.dropped_undelivered == 0 and s.status()["short_of_space"] is None
+            assert not [r for r in Store.fetch_outbox(db, "b", 1000) if r.kind == store_mod.KIND_GAP]
+            assert len(Store.fetch_outbox(db, "b", 1000)) == 10  # only the last batch still waits
+        finally:
+            db.close()
+            s.close()
+
+
+async def _ingest_all(s: Store, items: list[Ingest]) -> None:
+    await asyncio.gather(*(s.ingest(i) for i in items))
+
+
 def test_a_frame_the_store_refuses_is_quarantined_alone(tmp_path: Path) -> None:
     s = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
     s.start()
