@@ -36,6 +36,7 @@ from agent.transports.ble import SERVICE_UUID
 from protocols import cipher, cose, hub_link, link, messages
 from protocols.errors import RemoteProtocolError
 from tests.agent.harness import ThreadedBackend, pki_for
+from tests.waiting import async_wait_for
 
 
 def capture_records(path: Path) -> list[dict[str, Any]]:
@@ -135,15 +136,6 @@ def _registry(cfg: AgentConfig, keys: dict[str, bytes]) -> None:
     reg.close()
 
 
-async def _wait(pred: Any, timeout_s: float, what: str) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if pred():
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError("timed out waiting for " + what)
-
-
 def _frames(agent: Agent, device_id: str) -> int:
     """Frames verified from one board over all its connections so far."""
     assert agent.ble is not None
@@ -185,29 +177,35 @@ def test_three_boards_over_a_lossy_radio_lose_nothing_acknowledged(micropython: 
             task = asyncio.create_task(agent.run(stop))
             assert agent.ble is not None
             ble = agent.ble
-            await _wait(lambda: all(_frames(agent, s.device_id) >= 3 for s in specs), 40, "all boards streaming")
+            await async_wait_for(lambda: all(_frames(agent, s.device_id) >= 3 for s in specs), 60,
+                                 "all boards streaming", lambda: {d: _frames(agent, d) for d in keys})
             # The misbehaving board joins, with the real service table.
             client_cls, _ = softradio.backends(str(air.central_path))
             table = [[SERVICE_UUID, [["7b3e0002-6c1a-4f5e-9d35-2f0e5a1c9b10", 0x12, 2],
                                      ["7b3e0003-6c1a-4f5e-9d35-2f0e5a1c9b10", 0x0C, 4]]]]
             garbage = GarbageBoard(air, "pb-bad", table)
-            await _wait(lambda: "pb-bad" in ble.links and ble.links["pb-bad"].connects >= 1, 20, "pb-bad connected")
+            await async_wait_for(lambda: "pb-bad" in ble.links and ble.links["pb-bad"].connects >= 1, 30,
+                                 "pb-bad connected")
             before = {s.device_id: _frames(agent, s.device_id) for s in specs}
-            await asyncio.sleep(6)
-            during = {s.device_id: _frames(agent, s.device_id) for s in specs}
-            assert all(during[d] >= before[d] + 4 for d in before), (before, during)  # the others kept streaming
+            await async_wait_for(lambda: all(_frames(agent, d) >= before[d] + 4 for d in before), 60,
+                                 "the others streaming on (4 more frames each) with pb-bad connected",
+                                 lambda: (before, {d: _frames(agent, d) for d in before}))
             # The adapter goes away (BlueZ restart) and comes back.
+            losses = ble.adapter_losses
             air.adapter_down(5.0)
-            await _wait(lambda: ble.adapter == "down", 10, "the adapter seen down")
-            await _wait(lambda: ble.adapter == "up", 20, "the adapter back")
+            await async_wait_for(lambda: ble.adapter_losses > losses, 30, "the adapter seen down",
+                                 lambda: (ble.adapter, ble.adapter_error))
+            await async_wait_for(lambda: ble.adapter == "up", 30, "the adapter back",
+                                 lambda: (ble.adapter, ble.adapter_error))
             after_loss = {s.device_id: _frames(agent, s.device_id) for s in specs}
-            await _wait(lambda: all(_frames(agent, d) >= after_loss[d] + 4 for d in after_loss), 40,
+            await async_wait_for(lambda: all(_frames(agent, d) >= after_loss[d] + 4 for d in after_loss), 40,
                         "boards streaming again after the adapter came back")
             snap = agent.snapshot()
             garbage.close()
             for sim in sims:
                 await asyncio.to_thread(sim.stop)
-            await _wait(lambda: all(b["backlog"] == 0 for b in agent.snapshot()["backends"]), 30, "backlog drained")
+            await async_wait_for(lambda: all(b["backlog"] == 0 for b in agent.snapshot()["backends"]), 60,
+                                 "backlog drained", lambda: agent.snapshot()["backends"])
             stop.set()
             await task
             snap["integrity"] = agent.store.integrity_check()
@@ -388,9 +386,12 @@ def test_only_active_registered_boards_are_connected(tmp_path: Path) -> None:
 
     async def run() -> None:
         task = asyncio.create_task(manager.run())
-        await _wait(lambda: "pb-known" in manager.links and manager.links["pb-known"].connects >= 1, 10,
+        await async_wait_for(lambda: "pb-known" in manager.links and manager.links["pb-known"].connects >= 1, 10,
                     "the registered board connected")
-        await asyncio.sleep(1.5)
+        # Two whole scan windows more with all three advertising: time for a wrong connection.
+        scans = manager.scans
+        await async_wait_for(lambda: manager.scans >= scans + 3, 30, "two more scan windows",
+                             lambda: manager.scans - scans)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
