@@ -180,8 +180,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
+    from agent.registry import DEVICE_ID
     from agent.store import Store
 
+    if not DEVICE_ID.match(args.device):  # a typo, or a newline that would forge a line of the printout
+        raise SystemExit("pulsebridge: device id must be 1 to 16 of a-z, 0-9, '-': %r" % args.device)
     cfg = _load_config(args.config)
     store = Store(cfg.store_path, [b.name for b in cfg.backends])
     store.open()
@@ -196,6 +199,10 @@ def cmd_erase(args: argparse.Namespace) -> int:
     from agent.audit import AuditLog
 
     AuditLog(cfg.audit_path).record("device.erase", args.device, frames_erased=n, registry_entry_removed=existed)
+    if not n and not existed:  # the request is audited, but a mistyped id must not read as done
+        print("pulsebridge: this hub holds nothing of %s (not registered, no frames): nothing erased; check the id"
+              % args.device, file=sys.stderr)
+        return 1
     print("erased %d frames and every record of %s held by this hub" % (n, args.device))
     return 0
 

@@ -53,6 +53,13 @@ def test_devices_add_list_revoke_and_erase(tmp_path: Path) -> None:
     assert "pb-cli01" not in _cli("devices", "--config", str(cfg), "list").stdout
     actions = [e["action"] for e in AuditLog(c.audit_path).entries()]
     assert actions == ["device.add", "device.export_keys", "device.revoke", "device.remove", "device.erase"]
+    # a mistyped id is not "erased": nothing held of it, said so, exit 1
+    r = _cli("erase", "--config", str(cfg), "--device", "pb-cli0l")
+    assert r.returncode == 1 and "nothing erased" in r.stderr and "erased 0" not in r.stdout, r.stdout + r.stderr
+    # an id with a newline is refused before anything is touched (it forged a second line of the printout)
+    r = _cli("erase", "--config", str(cfg), "--device", "pb-cli01\nerased 99 frames")
+    assert r.returncode == 1 and "device id must be" in r.stderr and not r.stdout, r.stdout + r.stderr
+    assert len(AuditLog(c.audit_path).entries()) == 6
 
 
 def test_agent_refuses_to_start_with_a_readable_registry(tmp_path: Path) -> None:
