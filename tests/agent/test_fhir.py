@@ -15,6 +15,7 @@ from agent.supervisor import Agent
 from tests.agent import harness
 from tests.agent.fhir_server import FhirTestServer
 from tests.agent.medplum import MedplumServer
+from tests.waiting import async_wait_for
 
 
 @pytest.mark.micropython
@@ -34,12 +35,14 @@ def test_bundles_validate_and_a_resend_never_duplicates(micropython: str, tmp_pa
             agent = Agent(cfg)
             stop = asyncio.Event()
             task = asyncio.create_task(agent.run(stop))
-            await asyncio.sleep(12)
+            # Heart rate and SpO2 at the server, after the two batches it took and then "lost".
+            await async_wait_for(lambda: ({"8867-4", "59408-5"} <= _vital_codes(server)
+                                          and agent.forwarders[0].failures >= 2), 120,
+                                 "heart rate and SpO2 at the server after two failed batches",
+                                 lambda: (_vital_codes(server), agent.snapshot()["backends"]))
             await asyncio.to_thread(sims[0].stop)
-            for _ in range(300):
-                if agent.snapshot()["backends"][0]["backlog"] == 0:
-                    break
-                await asyncio.sleep(0.1)
+            await async_wait_for(lambda: agent.snapshot()["backends"][0]["backlog"] == 0, 60,
+                                 "the backlog drained", lambda: agent.snapshot()["backends"])
             stop.set()
             await task
             await server.stop()
@@ -95,12 +98,10 @@ def _create_patient(server: MedplumServer, pki: harness.Pki) -> str:
         return "Patient/%s" % json.loads(r.read())["id"]
 
 
-async def _until(predicate: object, timeout_s: float, what: str) -> None:
-    for _ in range(int(timeout_s * 10)):
-        if predicate():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("timed out waiting for " + what)
+def _vital_codes(server: FhirTestServer) -> set[str]:
+    """The codes of the vitals Observations the server holds."""
+    return {c["code"] for o in server.resources["Observation"].values() if "valueQuantity" in o
+            for c in o["code"]["coding"]}
 
 
 @pytest.mark.slow
@@ -128,16 +129,16 @@ def test_outage_then_recovery_against_an_independent_server(micropython: str, tm
             stop = asyncio.Event()
             task = asyncio.create_task(agent.run(stop))
             fw = agent.forwarders[0]
-            await _until(lambda: fw.forwarded >= 5, 90, "a first delivery")
+            await async_wait_for(lambda: fw.forwarded >= 5, 90, "a first delivery")
             await asyncio.to_thread(server.down)
             vitals_before = agent.vitals_made
-            await _until(lambda: fw.failures >= 2 and agent.vitals_made >= vitals_before + 2, 120,
+            await async_wait_for(lambda: fw.failures >= 2 and agent.vitals_made >= vitals_before + 2, 120,
                          "vitals made during the outage")
-            await _until(lambda: agent.snapshot()["backends"][0]["backlog"] > 3 * fw.cfg.batch, 60, "a backlog")
+            await async_wait_for(lambda: agent.snapshot()["backends"][0]["backlog"] > 3 * fw.cfg.batch, 60, "a backlog")
             figures["backlog_at_recovery"] = agent.snapshot()["backends"][0]["backlog"]
             await asyncio.to_thread(server.up)
             await asyncio.to_thread(sims[0].stop)
-            await _until(lambda: agent.snapshot()["backends"][0]["backlog"] == 0, 180, "the backlog to drain")
+            await async_wait_for(lambda: agent.snapshot()["backends"][0]["backlog"] == 0, 180, "the backlog to drain")
             stop.set()
             await task
             return agent
@@ -192,9 +193,9 @@ def test_a_permanent_refusal_is_quarantined_not_retried_forever(micropython: str
             stop = asyncio.Event()
             task = asyncio.create_task(agent.run(stop))
             fw = agent.forwarders[0]
-            await _until(lambda: fw.forwarded >= 5 and fw.refused >= 5, 120, "deliveries and refusals")
+            await async_wait_for(lambda: fw.forwarded >= 5 and fw.refused >= 5, 120, "deliveries and refusals")
             await asyncio.gather(*(asyncio.to_thread(s.stop) for s in sims))
-            await _until(lambda: agent.snapshot()["backends"][0]["backlog"] == 0, 180, "the backlog to drain")
+            await async_wait_for(lambda: agent.snapshot()["backends"][0]["backlog"] == 0, 180, "the backlog to drain")
             stop.set()
             await task
             return agent
@@ -274,7 +275,7 @@ def test_later_is_retried_never_is_quarantined(tmp_path: Path) -> None:
         fw = fhir.FhirForwarder(cfg, store, "hub", asyncio.Event())
         fw.backoff.base_s = fw.backoff.cap_s = 0.05
         task = asyncio.create_task(fw.run())
-        await _until(lambda: fw.forwarded + fw.refused == 8, 60, "every vital delivered or refused")
+        await async_wait_for(lambda: fw.forwarded + fw.refused == 8, 60, "every vital delivered or refused")
         task.cancel()
         try:
             await task
@@ -327,10 +328,10 @@ def test_an_unsafe_secret_file_is_one_clear_line_and_retried(tmp_path: Path,
         fw = fhir.FhirForwarder(cfg, store, "hub", asyncio.Event())
         fw.backoff.base_s = fw.backoff.cap_s = 0.05
         task = asyncio.create_task(fw.run())
-        await _until(lambda: fw.failures >= 2, 30, "the refusal to use the key")
+        await async_wait_for(lambda: fw.failures >= 2, 30, "the refusal to use the key")
         assert "readable by others" in fw.last_error and "chmod 600 %s" % key in fw.last_error
         key.chmod(0o600)
-        await _until(lambda: fw.forwarded == 1, 30, "delivery once the mode is fixed")
+        await async_wait_for(lambda: fw.forwarded == 1, 30, "delivery once the mode is fixed")
         task.cancel()
         try:
             await task

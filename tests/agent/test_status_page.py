@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import signal
+import time
 from pathlib import Path
 
 import aiohttp
@@ -16,6 +17,7 @@ from agent.sim.boards import write_private
 from agent.supervisor import Agent
 from tests.agent import harness
 from tests.conftest import IN_CI
+from tests.waiting import async_wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -27,6 +29,12 @@ def _chromium() -> str:
             pytest.fail(msg + "; required in CI")
         pytest.skip(msg)
     return CHROMIUM
+
+# Inked pixels on the status page's ECG canvas: the waveform is drawn.
+_ECG_INK = """() => {
+    const c = document.querySelector('canvas.ecg'); const d = c.getContext('2d')
+      .getImageData(0, 0, c.width, c.height).data; let n = 0;
+    for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }"""
 
 
 @pytest.mark.micropython
@@ -47,7 +55,8 @@ def test_status_page_live_in_chromium(micropython: str, tmp_path: Path) -> None:
             agent = Agent(cfg)
             stop = asyncio.Event()
             task = asyncio.create_task(agent.run(stop))
-            await asyncio.sleep(12)  # frames, then the first vitals
+            await async_wait_for(lambda: "heart_rate" in agent.last_vitals.get("pb-t01", {}), 90,
+                                 "the board's first heart rate", lambda: agent.snapshot()["boards"])
             url = "http://127.0.0.1:%d/" % port
             async with aiohttp.ClientSession() as s:  # no password, no page
                 async with s.get(url) as r:
@@ -72,15 +81,15 @@ def test_status_page_live_in_chromium(micropython: str, tmp_path: Path) -> None:
                         if len((await page.text_content("#summary")) or "") > 2:
                             break
                         await page.wait_for_timeout(100)
-                    await page.wait_for_timeout(2500)  # a few live updates
+                    # Live updates until the waveform is drawn: inked pixels on the ECG canvas.
+                    end = time.monotonic() + 30
+                    while await page.evaluate(_ECG_INK) <= 200 and time.monotonic() < end:
+                        await page.wait_for_timeout(100)
                     found[locale] = await page.text_content("#summary")
                     found[locale + ":ok"] = ok_text
                     found[locale + ":body"] = await page.text_content("body")
                     # The waveform is drawn: count inked pixels on the ECG canvas.
-                    found[locale + ":ink"] = await page.evaluate("""() => {
-                        const c = document.querySelector('canvas.ecg'); const d = c.getContext('2d')
-                          .getImageData(0, 0, c.width, c.height).data; let n = 0;
-                        for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }""")
+                    found[locale + ":ink"] = await page.evaluate(_ECG_INK)
                     shot = Path(os.environ.get("PULSEBRIDGE_SCREENSHOTS", str(tmp_path))) / ("status-%s.png" % locale)
                     await page.screenshot(path=str(shot), full_page=True)
                     found[locale + ":shot"] = shot.stat().st_size
@@ -145,16 +154,14 @@ def test_status_page_and_cli_tell_stalled_unplugged_and_restarted(micropython: s
             def state(dev: str) -> str:
                 return next((b["state"] for b in agent.snapshot()["boards"] if b["device_id"] == dev), "")
 
-            for _ in range(300):
-                if state(board.device_id) == "connected":
-                    break
-                await asyncio.sleep(0.1)
+            await async_wait_for(lambda: state(board.device_id) == "connected", 60, "the board connected",
+                                 lambda: agent.snapshot()["boards"])
             assert board.proc is not None
             os.killpg(board.proc.pid, signal.SIGSTOP)  # the firmware hangs, USB up
-            for _ in range(300):
-                if state(board.device_id) == "stalled" and agent.tasks["housekeeping"].restarts == 1:
-                    break
-                await asyncio.sleep(0.1)
+            await async_wait_for(
+                lambda: state(board.device_id) == "stalled" and agent.tasks["housekeeping"].restarts == 1, 60,
+                "the board stalled and housekeeping restarted once",
+                lambda: (agent.snapshot()["boards"], agent.snapshot()["tasks"]))
             found: dict[str, str] = {}
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
