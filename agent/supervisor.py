@@ -51,6 +51,9 @@ SILENCE_CHECK_S = 10.0
 # The registry is re-read this often when its file changed: a revocation
 # takes effect within this delay.
 REGISTRY_POLL_S = 1.0
+# A status page password file missing or unsafe is looked at again this often:
+# made or fixed, the page starts with no restart.
+PASSWORD_RECHECK_S = 10.0
 # A crashed task is restarted after a capped, jittered backoff; one that ran
 # this long before crashing starts again from the shortest delay.
 RESTART_BASE_S = 1.0
@@ -115,6 +118,7 @@ class Agent:
         self.waves: dict[tuple[str, str], deque[int]] = {}
         self.started_at = time.time()
         self.status_page_port = 0
+        self.password_recheck_s = PASSWORD_RECHECK_S
         self.status_page_state = "on" if cfg.status_page_password_file else "off: no status_page_password_file"
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -273,19 +277,28 @@ class Agent:
         from agent.status_page import PasswordFileError, StatusPage, read_password
 
         assert self.cfg.status_page_password_file is not None
-        try:
-            password = read_password(self.cfg.status_page_password_file)
-        except PasswordFileError as e:  # no page, the boards are served all the same
-            self.status_page_state = "off: %s" % e
-            if e.missing:
-                log.warning("status page off: %s (create it, mode 0600, to have the page)", e)
-            else:
-                log.error("status page off: %s", e)
-            return
+        said = ""
+        while True:
+            try:
+                password = read_password(self.cfg.status_page_password_file)
+                break
+            except PasswordFileError as e:  # no page, the boards are served all the same
+                self.status_page_state = "off: %s" % e
+                if str(e) != said:  # said once, and again when it changes
+                    said = str(e)
+                    if e.missing:
+                        log.warning("status page off: %s (create it, mode 0600, to have the page)", e)
+                    else:
+                        log.error("status page off: %s", e)
+            # Looked at again: a file made or fixed (as the message says) brings the page up, no restart.
+            await asyncio.sleep(self.password_recheck_s)
+        if said:
+            log.info("status page password file %s is fine now: the page starts", self.cfg.status_page_password_file)
         host, _, port = self.cfg.status_page_listen.rpartition(":")
         page = StatusPage(self.snapshot, self.waveform, password)
         try:
             self.status_page_port = await page.start(host or "0.0.0.0", int(port))
+            self.status_page_state = "on"
         except OSError as e:  # the address is taken or not ours: no page, boards served all the same
             self.status_page_state = "off: cannot listen on %s: %s" % (self.cfg.status_page_listen, e)
             log.error("status page %s", self.status_page_state)

@@ -1,5 +1,6 @@
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -169,3 +170,53 @@ def test_status_page_password_file_never_stops_the_boards(micropython: str, tmp_
             assert any(r.levelno == level and says in r.getMessage() for r in caplog.records), case
     finally:
         sims[0].stop()
+
+
+def test_a_status_page_password_file_fixed_while_the_agent_runs_brings_the_page_up(tmp_path: Path) -> None:
+    """The status says 'run chmod 600 ...': done, the page starts with no restart (it stayed off, the status
+    still naming the mode already fixed)."""
+    import asyncio
+    import base64
+
+    import aiohttp
+
+    from agent.sim.boards import write_private
+    from agent.supervisor import Agent
+    from tests.agent import harness
+
+    pw = tmp_path / "status.password"
+    write_private(pw, b"hunter2\n")
+    pw.chmod(0o644)
+    port = harness.free_port()
+    cfg = config.load(harness.write_config(tmp_path, [], "", extra=(
+        'status_page_listen = "127.0.0.1:%d"\nstatus_page_password_file = "%s"\n' % (port, pw))))
+
+    async def until(pred: Any, what: str) -> None:
+        for _ in range(300):  # up to 30 s on a busy machine
+            if pred():
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError("timed out: " + what)
+
+    async def scenario() -> None:
+        agent = Agent(cfg)
+        agent.password_recheck_s = 0.2
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        try:
+            await until(lambda: "readable by others" in agent.snapshot()["status_page"], "readable by others")
+            pw.chmod(0o600)  # as the status says; still too short
+            await until(lambda: "at least 12" in agent.snapshot()["status_page"], "the short password named")
+            write_private(pw, b"correct horse battery staple\n")
+            await until(lambda: agent.snapshot()["status_page"] == "on", "the page on")
+            async with aiohttp.ClientSession() as s:
+                auth = {"Authorization": "Basic " + base64.b64encode(b"hub:correct horse battery staple").decode()}
+                async with s.get("http://127.0.0.1:%d/" % port, headers=auth) as r:
+                    assert r.status == 200
+                async with s.get("http://127.0.0.1:%d/" % port) as r:
+                    assert r.status == 401
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(scenario())
