@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -137,15 +136,6 @@ def acked(sim: SimulatedBoard) -> set[tuple[str, int, int]]:
 
 def uplink_messages(sim: SimulatedBoard) -> list[bytes]:
     return sim.uplink_messages()
-
-
-def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting for " + what)
 
 
 def pki_for(tmp: Path) -> Pki:

@@ -26,6 +26,7 @@ from agent.sim import boards
 from agent.sim.runner import SimulatedBoard
 from tests.agent import harness
 from tests.conftest import ROOT
+from tests.waiting import wait_for
 
 # pip installs the project and its dependencies into a fresh venv: bounded, not timed.
 INSTALL_TIMEOUT_S = 900
@@ -114,8 +115,8 @@ def test_readme_install_steps_give_a_running_agent(micropython: str, tmp_path: P
         log.close()
 
         received = backend.keys
-        harness.wait_for(lambda: len(received()) >= 5 or agent.poll() is not None, 120,
-                         "frames at the backend")
+        wait_for(lambda: len(received()) >= 5 or agent.poll() is not None, 120, "frames at the backend",
+                 lambda: len(received()))
         assert agent.poll() is None, (tmp_path / "agent.log").read_text()[-3000:]
 
         def status() -> dict[str, Any]:
