@@ -815,16 +815,22 @@ class Store:
 
         row = db.execute("SELECT value FROM meta WHERE key='gap_scan_id'").fetchone()
         after = int(row[0]) if row else 0
+        # Every frame stored since, settled or not: a board resends its backlog
+        # out of order, so a frame that fills a hole may have arrived (a later
+        # id) after the frame past the hole had settled.
+        cutoff = time.time() - self.gap_settle_s
         frames = db.execute(
-            "SELECT id, device_id, epoch, stream, first_index, count, seq, raw FROM frames "
-            "WHERE id > ? AND received_at < ? AND kind = 1 ORDER BY id",
-            (after, time.time() - self.gap_settle_s)).fetchall()
+            "SELECT id, device_id, epoch, stream, first_index, count, seq, raw, received_at FROM frames "
+            "WHERE id > ? AND kind = 1 ORDER BY id", (after,)).fetchall()
         if not frames:
             return 0
-        by_stream: dict[tuple[str, int, int], list[tuple[int, int, int, bytes]]] = {}
-        for _, dev, epoch, stream, first, count, seq, raw in frames:
+        by_stream: dict[tuple[str, int, int], list[tuple[int, int, int, bytes, float, int]]] = {}
+        for fid, dev, epoch, stream, first, count, seq, raw, received_at in frames:
             if stream is not None and first is not None and count:
-                by_stream.setdefault((dev, epoch, stream), []).append((first, count, seq, raw))
+                by_stream.setdefault((dev, epoch, stream), []).append((first, count, seq, raw, received_at, fid))
+        # The next scan starts before the first frame not walked (walking a frame again is harmless: the stream's
+        # mark is past it).
+        resume = frames[-1][0]
         found = 0
         db.execute("BEGIN IMMEDIATE")
         for (dev, epoch, stream), items in by_stream.items():
@@ -833,7 +839,10 @@ class Store:
             items.sort()
             # A stream starts at index 0 with its board's boot (SPEC.md): its first frames count too.
             expected, last_seq = mark if mark else (0, -1)
-            for first, count, seq, raw in items:
+            for i, (first, count, seq, raw, received_at, _) in enumerate(items):
+                if received_at >= cutoff:  # not settled: the stream is walked on from here next time
+                    resume = min(resume, min(it[5] for it in items[i:]) - 1)
+                    break
                 if first > expected:
                     try:
                         m = messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES,
@@ -859,7 +868,7 @@ class Store:
                        "SET next_index=excluded.next_index, last_seq=excluded.last_seq",
                        (dev, epoch, stream, expected, last_seq))
         db.execute("INSERT INTO meta VALUES('gap_scan_id', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                   (str(frames[-1][0]),))
+                   (str(resume),))
         if found:
             _count(db, "stream_gaps", found)
         db.execute("COMMIT")

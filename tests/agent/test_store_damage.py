@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,35 @@ def test_a_truncated_or_damaged_wal_becomes_a_gap_record(tmp_path: Path, damage:
         assert s.integrity_check() == "ok"
         asyncio.run(s.run(s.scan_gaps))
         assert len(_gaps(s, "b1")) == 1  # reported once
+    finally:
+        s.close()
+
+
+def test_a_backlog_resent_out_of_order_is_not_a_gap(tmp_path: Path) -> None:
+    # A board that reconnects sends its backlog out of seq order over a few
+    # seconds: seq 5 arrives (a later id) 3 s after seq 6 and 7. Scanned when
+    # seq 6 had settled and seq 5 not yet, the stream showed a hole (512
+    # samples "not held", a gap record to every backend) for a frame the hub held.
+    s = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    s.start()
+    try:
+        for seq in (0, 1, 2, 3, 4, 6, 7, 5):
+            asyncio.run(s.ingest(_frame(seq)))
+        t = time.time()
+
+        def arrived(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE frames SET received_at = ? WHERE seq != 5", (t - 200,))
+            db.execute("UPDATE frames SET received_at = ? WHERE seq = 5", (t - 197,))
+
+        asyncio.run(s.run(arrived))
+        s.gap_settle_s = 198.5  # seq 6 and 7 settled, seq 5 not yet
+        assert asyncio.run(s.run(s.scan_gaps)) == 0 and _gaps(s, "b") == []
+        s.gap_settle_s = 0  # seq 5 settled too: still no hole
+        assert asyncio.run(s.run(s.scan_gaps)) == 0 and _gaps(s, "b") == []
+        asyncio.run(s.ingest(_frame(9)))  # a real hole: seq 8 never comes
+        assert asyncio.run(s.run(s.scan_gaps)) == 1
+        assert [(g["sample_index_range"], g["seq_ranges"]) for g in _gaps(s, "b")] == [([8 * COUNT, 9 * COUNT],
+                                                                                        [[8, 8]])]
     finally:
         s.close()
 
