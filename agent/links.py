@@ -117,6 +117,7 @@ class Link:
     lost_at: float | None = None
     reconnect_s: list[float] = field(default_factory=list)
     last_seen: float = 0.0
+    last_frame_at: float | None = None  # the last frame of an earlier session (UTC s): kept for the status
     task: asyncio.Task[None] | None = None
     usb: str = ""  # "vid:pid serial" as listed, for the status
     device: str = ""  # the device node the port resolves to: a change is a re-enumeration
@@ -165,6 +166,8 @@ class LinkManager:
         speaks within identify_s."""
         link.transport = transport
         link.address = link.address or transport.name.partition(":")[2]
+        if link.stats is not None and link.stats.last_frame_at is not None:
+            link.last_frame_at = link.stats.last_frame_at  # a board silent since reads "last frame N s ago", not never
         stats = BoardStats("", transport.name)  # whose it is, the board says (nothing is written to it before)
         link.stats = stats
         if link.state is not LinkState.STALLED:
@@ -270,7 +273,8 @@ class LinkManager:
                 "link": link.describe(), "kind": link.kind, "port": link.address, "usb": link.usb,
                 "state": state.value, "connects": link.connects,
                 "device_id": link.device_id or (st.device_id if st else ""),
-                "frames": st.frames if st else 0, "last_frame_at": st.last_frame_at if st else None,
+                "frames": st.frames if st else 0,
+                "last_frame_at": st.last_frame_at if st and st.last_frame_at else link.last_frame_at,
                 "last_error": link.last_error, "ends": dict(link.ends),
                 "retry_in_s": round(max(0.0, link.next_try - now), 1) if state in (
                     LinkState.BACKOFF, LinkState.STALLED, LinkState.RELEASED) and not link.active else None,

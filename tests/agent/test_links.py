@@ -356,6 +356,7 @@ def test_a_hung_board_is_stalled_then_served_again(micropython: str, tmp_path: P
             await _until(lambda: b().get("ends", {}).get("stalled", 0) >= 1, 20, b)
             await _until(lambda: b().get("ends", {}).get("silent", 0) >= 2, 20, b)  # reopened, still silent
             assert b()["state"] != "connected"
+            assert b()["last_frame_at"] is not None  # its last frame is still told ("never" before)
             os.killpg(board.proc.pid, signal.SIGCONT)  # its watchdog resets it; it boots again by itself
             acked = len(harness.acked(board))
             await _until(lambda: b().get("state") == "connected" and len(harness.acked(board)) > acked + 3, 30, b)
