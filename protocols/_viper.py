@@ -111,3 +111,90 @@ def varint_into(src, count: int, out, pos: int, end: int) -> int:
         pos += 1
         i += 1
     return pos
+
+
+@micropython.viper
+def b64_decode_in_place(buf, start: int, end: int) -> int:
+    # Standard padded base64 in buf[start:end] decoded to buf[0:] (the
+    # output never overtakes the input); returns the decoded length, or -1
+    # if it is not exactly that: length a multiple of 4, the alphabet only,
+    # "=" only as the last one or two characters. (link.py has the same in
+    # Python for CPython.)
+    b = ptr8(buf)
+    n = end - start
+    if n <= 0 or n & 3:
+        return -1
+    w = 0
+    i = start
+    while i < end:
+        acc = 0
+        pad = 0
+        k = 0
+        while k < 4:
+            c = b[i + k]
+            k += 1
+            if c == 61 and i + 4 == end and k >= 3:  # "=" in the last two places
+                pad += 1
+                acc = acc << 6
+                continue
+            if pad:
+                return -1
+            if c >= 65 and c <= 90:
+                v = c - 65
+            elif c >= 97 and c <= 122:
+                v = c - 71
+            elif c >= 48 and c <= 57:
+                v = c + 4
+            elif c == 43:
+                v = 62
+            elif c == 47:
+                v = 63
+            else:
+                return -1
+            acc = (acc << 6) | v
+        b[w] = (acc >> 16) & 0xFF
+        if pad < 2:
+            b[w + 1] = (acc >> 8) & 0xFF
+        if pad < 1:
+            b[w + 2] = acc & 0xFF
+        w += 3 - pad
+        i += 4
+    return w
+
+
+@micropython.viper
+def crc32_ok(buf, m: int) -> int:
+    # Whether buf[m:m+4] is the CRC-32 (ISO-HDLC, as binascii.crc32),
+    # little-endian, of buf[:m]; computed bit by bit (a downlink message is
+    # ~100 bytes) in 32-bit words (masked on a 64-bit port).
+    b = ptr8(buf)
+    one = uint(1)
+    mask = ((one << 16) << 16) - one
+    poly = (uint(0xEDB8) << 16) | uint(0x8320)
+    crc = mask
+    i = 0
+    while i < m:
+        crc = (crc ^ uint(b[i])) & mask
+        j = 0
+        while j < 8:
+            if crc & 1:
+                crc = ((crc >> 1) ^ poly) & mask
+            else:
+                crc = crc >> 1
+            j += 1
+        i += 1
+    crc = (crc ^ mask) & mask
+    got = uint(b[m]) | (uint(b[m + 1]) << 8) | (uint(b[m + 2]) << 16) | (uint(b[m + 3]) << 24)
+    if (got & mask) == crc:
+        return 1
+    return 0
+
+
+@micropython.viper
+def move_down(buf, dst: int, src: int, n: int):
+    # buf[src:src+n] to buf[dst:dst+n], dst < src (the regions may overlap).
+    b = ptr8(buf)
+    i = 0
+    while i < n:
+        b[dst + i] = b[src + i]
+        i += 1

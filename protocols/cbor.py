@@ -15,6 +15,11 @@
 from protocols._compat import const
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 
+try:
+    from protocols import _viper  # MicroPython: bytes moved without a copy to allocate
+except ImportError:  # CPython, or a port without the viper emitter
+    _viper = None  # type: ignore[assignment]
+
 _MAJOR_UINT = const(0)
 _MAJOR_NINT = const(1)
 _MAJOR_BYTES = const(2)
@@ -29,6 +34,8 @@ MAX_DEPTH = const(8)
 # No array or map of ours has more entries than this: bounds the work a
 # peer can ask for with a tiny header claiming a huge container.
 MAX_ITEMS = const(256)
+# The longest head of a byte string below 64 KiB (Writer.bstr_written).
+BSTR_HEAD_MAX = const(3)
 
 
 class Tag:
@@ -103,6 +110,22 @@ class Writer:
         self.head(_MAJOR_BYTES, n)
         p = self._room(n)
         self.buf[p:p + n] = data
+
+    def bstr_written(self, start: int, n: int) -> None:
+        # The n bytes the caller wrote at buf[start:], start being pos +
+        # BSTR_HEAD_MAX (room for the head, unknown until n was), become a
+        # byte string item at pos: moved down if their head is shorter. For
+        # data made in place (a frame's samples), with no buffer between.
+        if start != self.pos + BSTR_HEAD_MAX or not 0 <= n < 0x10000:
+            raise LocalProtocolError("bstr_written: data must start %d bytes after pos and be under 64 KiB"
+                                     % BSTR_HEAD_MAX, "misuse")
+        self.head(_MAJOR_BYTES, n)
+        p = self._room(n)
+        if p != start:
+            if _viper is not None:
+                _viper.move_down(self.buf, p, start, n)
+            else:
+                self.buf[p:p + n] = self.buf[start:start + n]
 
     def text(self, s: str) -> None:
         data = s.encode()

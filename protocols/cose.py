@@ -83,6 +83,14 @@ class MacKey:
         w.bstr(self.protected)
         w.bstr(aad)
         self._prefix = bytes(w.buf[:w.pos])
+        # Where seal_written() wants the payload: after the COSE_Mac0's
+        # head, protected and unprotected headers, and the payload's longest head.
+        w.pos = 0
+        w.tag(COSE_MAC0_TAG)
+        w.array(4)
+        w.bstr(self.protected)
+        w.map(0)
+        self.payload_offset = w.pos + cbor.BSTR_HEAD_MAX
         # The payload's bstr head, written for each tag (a board tags 4 messages a second).
         self._head = cbor.Writer(bytearray(9))
         self._head_view = memoryview(self._head.buf)
@@ -157,6 +165,23 @@ class MacKey:
         w.map(0)
         w.bstr(payload)
         w.bstr(self._tag_into(payload))
+
+    def seal_written(self, w: "cbor.Writer", start: int) -> None:
+        # Seals in place the payload the caller wrote at w.buf[start:w.pos],
+        # start being payload_offset: the COSE_Mac0 then spans w.buf[0:w.pos]
+        # (a board builds each frame where its outbox keeps it, with no
+        # payload buffer between).
+        n = w.pos - start
+        if start != self.payload_offset or n > MAX_PAYLOAD:
+            raise LocalProtocolError("seal_written: a payload of at most %d bytes from payload_offset" % MAX_PAYLOAD,
+                                     "misuse")
+        w.pos = 0
+        w.tag(COSE_MAC0_TAG)
+        w.array(4)
+        w.bstr(self.protected)
+        w.map(0)
+        w.bstr_written(start, n)
+        w.bstr(self._tag_into(w.buf, w.pos - n, n))
 
     def seal(self, payload: "bytes | bytearray | memoryview") -> bytes:
         w = cbor.Writer(bytearray(len(payload) + 96))

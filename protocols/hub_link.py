@@ -1,10 +1,12 @@
 # The hub's side of the link layers (protocols/link.py describes the
 # formats): the serial uplink's COBS deframer, the BLE uplink's reassembler,
-# and the downlink's line encoder. Sans-I/O, as link.py; kept apart from it
-# because a board never needs them and their code would take its heap.
+# the downlink's line encoder, and a queue over the board's line deframer.
+# Sans-I/O, as link.py; kept apart from it because a board never needs them
+# and their code would take its heap.
 
 import binascii
 
+from protocols._compat import const
 from protocols.errors import LocalProtocolError
 from protocols.link import (
     ATT_HEADER,
@@ -18,6 +20,7 @@ from protocols.link import (
     NEED_DATA,
     Discarded,
     Frame,
+    LineDeframer,
     crc32,
 )
 
@@ -169,3 +172,57 @@ class Reassembler:
         if self._events:
             return self._events.pop(0)
         return NEED_DATA
+
+
+# ---- downlink lines as a board reads them, queued ---------------------------
+
+# Downlink messages held unread: a board reads them every loop, so more is a flood.
+_MAX_EVENTS = const(8)
+
+
+class LineQueue:
+    # A board's downlink deframer (link.LineDeframer) with its messages and
+    # discarded lines queued as events (Frame / Discarded / NEED_DATA), for
+    # tools and tests that read what a hub writes. At most _MAX_EVENTS wait
+    # unread: more is a flood (dropped, counted in flooded).
+    def __init__(self) -> None:
+        self.deframer = LineDeframer()
+        self._events: "list[Frame | Discarded]" = []
+        self.flooded = 0
+        self.discarded = 0  # discarded events read by next_message
+
+    def feed(self, data: "bytes | bytearray | memoryview") -> None:
+        for b in data:
+            self.feed_byte(b)
+
+    def feed_byte(self, b: int) -> None:
+        before = self.deframer.discarded
+        n = self.deframer.pending
+        noise = b""
+        if (b == 10 or b == 13) and n and self.deframer.message[0] != 0x7E:
+            noise = bytes(self.deframer.message[:min(n, KEEP_NOISE)])
+        m = self.deframer.take_byte(b)
+        if m:
+            self._push(Frame(bytes(self.deframer.message[:m])))
+        elif self.deframer.discarded != before:
+            self._push(Discarded(self.deframer.last_discarded, n, noise))
+
+    def _push(self, ev: "Frame | Discarded") -> None:
+        if len(self._events) < _MAX_EVENTS:
+            self._events.append(ev)
+        else:
+            self.flooded += 1
+
+    def next_event(self) -> "Frame | Discarded | None":
+        if self._events:
+            return self._events.pop(0)
+        return NEED_DATA
+
+    def next_message(self) -> "bytes | None":
+        # The next whole message, counting (in discarded) what was not one.
+        while self._events:
+            ev = self._events.pop(0)
+            if isinstance(ev, Frame):
+                return ev.data
+            self.discarded += 1
+        return None

@@ -45,8 +45,6 @@ MAX_DOWNLINK_MESSAGE = const(256)
 MAX_LINE = const(2 + ((MAX_DOWNLINK_MESSAGE + CRC_SIZE + 2) // 3) * 4 + 1)
 # How much of a discarded chunk an event keeps, for the console log.
 KEEP_NOISE = const(120)
-# Downlink messages a board holds unread: acks and commands come a few a second.
-_MAX_EVENTS = const(8)
 
 MIN_MTU = const(23)
 MAX_MTU = const(517)
@@ -137,73 +135,64 @@ class StreamFramer:
 # ---- downlink byte stream: base64 lines ------------------------------------
 
 class LineDeframer:
-    # Board side: bytes in, Frame / Discarded / NEED_DATA out. Lines collect
-    # in a fixed buffer of MAX_LINE bytes; at most _MAX_EVENTS wait unread
-    # (a board reads them every loop, so more means a flood: dropped, counted).
+    # Board side. Lines collect in a fixed buffer of MAX_LINE bytes and are
+    # decoded (base64, CRC) in place there, so a board's downlink allocates
+    # nothing per message:
+    #   take_byte(b) -> n: n > 0 once a line held a whole message: its bytes
+    #   are message[:n] until the next call; lines that were not one are
+    #   counted in discarded (their reason in last_discarded).
+    # hub_link.LineQueue queues what it delivers, for tools and tests.
     def __init__(self) -> None:
         self._buf = bytearray(MAX_LINE)
-        self._n = 0
+        self.message = memoryview(self._buf)
+        self.pending = 0  # bytes of the line so far
         self._overlong = False
-        self._events: "list[Frame | Discarded]" = []
-        self.flooded = 0
         self.discarded = 0
+        self.last_discarded = ""
 
-    def feed(self, data: "bytes | bytearray | memoryview") -> None:
-        for b in data:
-            self.feed_byte(b)
-
-    def feed_byte(self, b: int) -> None:
-        # One byte (a board reads its console a byte at a time): no iterator
-        # to allocate; only a whole line allocates, to decode it.
+    def take_byte(self, b: int) -> int:
         if b == 10 or b == 13:
-            n = self._n
-            self._n = 0
+            n = self.pending
+            self.pending = 0
             if self._overlong:
                 self._overlong = False
-                self._push(Discarded("too_long", n))
-            elif n:
-                self._push(self._line(memoryview(self._buf)[:n]))
-        elif self._n < MAX_LINE:
-            self._buf[self._n] = b
-            self._n += 1
+                return self._discard("too_long")
+            if n:
+                return self._line(n)
+            return 0
+        if self.pending < MAX_LINE:
+            self._buf[self.pending] = b
+            self.pending += 1
         else:
             self._overlong = True
+        return 0
 
-    def _push(self, ev: "Frame | Discarded") -> None:
-        if len(self._events) < _MAX_EVENTS:
-            self._events.append(ev)
-        else:
-            self.flooded += 1
+    def _discard(self, reason: str) -> int:
+        self.discarded += 1
+        self.last_discarded = reason
+        return 0
 
-    def next_event(self) -> "Frame | Discarded | None":
-        if self._events:
-            return self._events.pop(0)
-        return NEED_DATA
+    def _line(self, n: int) -> int:
+        buf = self._buf
+        if buf[0] != 0x7E:  # "~"
+            return self._discard("noise")
+        m = int(_b64_decode_in_place(buf, 1, n))
+        if m < 0:
+            return self._discard("base64")
+        if m <= CRC_SIZE:
+            return self._discard("length")
+        m -= CRC_SIZE
+        if not _crc_ok(buf, m):
+            return self._discard("crc")
+        return m
 
-    def next_message(self) -> "bytes | None":
-        # The next whole message, counting (in discarded) what was not one.
-        while self._events:
-            ev = self._events.pop(0)
-            if isinstance(ev, Frame):
-                return ev.data
-            self.discarded += 1
-        return None
 
-    def _line(self, line: memoryview) -> "Frame | Discarded":
-        n = len(line)
-        if line[0] != 0x7E:  # "~"
-            return Discarded("noise", n, bytes(line[:KEEP_NOISE]))
-        try:
-            body = binascii.a2b_base64(bytes(line[1:]))
-        except Exception:
-            return Discarded("base64", n)
-        if len(body) <= CRC_SIZE:
-            return Discarded("length", n)
-        m = len(body) - CRC_SIZE
-        got = body[m] | (body[m + 1] << 8) | (body[m + 2] << 16) | (body[m + 3] << 24)
-        if crc32(memoryview(body)[:m]) != got:
-            return Discarded("crc", n)
-        return Frame(body[:m])
+if _viper is not None:
+    _b64_decode_in_place = _viper.b64_decode_in_place
+    _crc_ok = _viper.crc32_ok
+else:  # CPython: the same loops in plain Python
+    from protocols._plain import b64_decode_in_place as _b64_decode_in_place
+    from protocols._plain import crc_ok as _crc_ok
 
 
 # ---- BLE fragments ---------------------------------------------------------

@@ -212,7 +212,7 @@ def _start(w: "cbor.Writer", kind: int, nfields: int) -> None:
     w.uint(VERSION)
 
 
-def encode_sample_frame(w: "cbor.Writer", scratch: bytearray, epoch: int, seq: int, stream: int, t0_ms: int,
+def encode_sample_frame(w: "cbor.Writer", epoch: int, seq: int, stream: int, t0_ms: int,
                         first_index: int, rate_hz: int, count: int, scale_num: int, scale_den: int,
                         ppg_drive: "tuple[int, int, int, int] | None", flags: int, fifo_overflows: int,
                         frames_dropped: int, jitter_us: int, channels: "tuple[list[int] | bytes, ...]",
@@ -220,7 +220,8 @@ def encode_sample_frame(w: "cbor.Writer", scratch: bytearray, epoch: int, seq: i
     # channels: one sample sequence per channel (array('i') on the board),
     # or each channel's samples already encoded (bytes, as decode_payload
     # gives them with decode_samples=False: re-sealing a frame);
-    # scratch: a buffer of at least count * 5 bytes for one channel's samples;
+    # Each channel's samples are encoded and encrypted in place in w's
+    # buffer (no scratch buffer: on the board that would be 1.5 kB of heap).
     # sealer: the device's sample cipher for this boot (samples are always
     # encrypted); its boot salt goes in the frame (key 15).
     if not 0 < count <= MAX_SAMPLES:
@@ -264,17 +265,20 @@ def encode_sample_frame(w: "cbor.Writer", scratch: bytearray, epoch: int, seq: i
     w.uint(samples.ENCODING_DELTA_ZIGZAG_VARINT)
     w.uint(13)
     w.array(len(channels))
-    mv = memoryview(scratch)
     offset = 0
+    buf = w.buf
     for ch in channels:
+        start = w.pos + cbor.BSTR_HEAD_MAX  # room for the head, written once the length is known
         if isinstance(ch, bytes):  # one type, no tuple built per frame: the board's path allocates nothing
             n = len(ch)
-            mv[:n] = ch
+            if start + n > len(buf):
+                raise LocalProtocolError("CBOR output buffer full (%d bytes)" % len(buf), "buffer_full")
+            buf[start:start + n] = ch
         else:
-            n = samples.encode_into(ch, count, scratch, 0)
-        sealer.apply(scratch, 0, n, epoch, seq, offset)
+            n = samples.encode_into(ch, count, buf, start) - start
+        sealer.apply(buf, start, start + n, epoch, seq, offset)
         offset += n
-        w.bstr(mv[:n])
+        w.bstr_written(start, n)
     w.uint(14)
     w.sint(cipher.ALG_A256CTR)
     w.uint(15)
@@ -289,8 +293,7 @@ def encode(w: "cbor.Writer", msg: Message, sealer: "cipher.SampleCipher | None" 
     if isinstance(msg, SampleFrame):
         if sealer is None:
             raise LocalProtocolError("a sample frame is encrypted: its device's SampleCipher is needed", "cipher")
-        scratch = bytearray(msg.count * samples.WORST_BYTES_PER_SAMPLE + 8)
-        encode_sample_frame(w, scratch, msg.epoch, msg.seq, msg.stream, msg.t0_ms, msg.first_index,
+        encode_sample_frame(w, msg.epoch, msg.seq, msg.stream, msg.t0_ms, msg.first_index,
                             msg.rate_hz, msg.count, msg.scale[0], msg.scale[1], msg.ppg_drive,
                             msg.status[0], msg.status[1], msg.status[2], msg.status[3], tuple(msg.channels),
                             sealer)

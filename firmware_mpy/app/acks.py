@@ -78,25 +78,26 @@ class AckReader:
             return v
         return -1
 
-    def read(self, data):
-        # data: one downlink message (bytes, not yet authenticated). Returns
-        # DECLINED, ACKED (epoch, count, first, last hold the ack) or FORGED.
+    def read(self, data, n=-1):
+        # data[:n] (n < 0: all of it): one downlink message, not yet
+        # authenticated. Returns DECLINED, ACKED (epoch, count, first, last
+        # hold the ack) or FORGED.
         self._buf = data
         self._pos = 0
-        self._end = len(data)
+        self._end = len(data) if n < 0 else n
         if self._head(6) != 17 or self._head(4) != 4:
             return DECLINED
         prot = self._protected
-        n = len(prot)
-        if self._head(2) != n:
+        k = len(prot)
+        if self._head(2) != k:
             return DECLINED
         p = self._pos
-        if p + n > self._end:
+        if p + k > self._end:
             return DECLINED
-        for i in range(n):
+        for i in range(k):
             if data[p + i] != prot[i]:
                 return DECLINED
-        self._pos = p + n
+        self._pos = p + k
         if self._head(5) != 0:
             return DECLINED
         plen = self._head(2)
@@ -104,7 +105,8 @@ class AckReader:
             return DECLINED
         pstart = self._pos
         pend = pstart + plen
-        if pend + 34 != self._end or data[pend] != 0x58 or data[pend + 1] != 32:
+        end = self._end
+        if pend + 34 != end or data[pend] != 0x58 or data[pend + 1] != 32:
             return DECLINED
         self._end = pend
         if (self._head(5) != 4 or self._head(0) != 0 or self._head(0) != messages.T_ACK or self._head(0) != 1

@@ -146,6 +146,9 @@ class BleLink:
         self._fragbuf = bytearray(link.MAX_MTU)
         self._frag_len = 0  # a fragment built and not yet accepted by the stack
         self._rx = link.LineDeframer()
+        self.message = self._rx.message  # receive()'s message: decoded in place there
+        self._written = b""  # the hub's last write to the control characteristic
+        self._written_pos = 0  # how much of it was deframed
         self._conn = -1
         self.connected = False
         self.pump_ms = _PUMP_MS
@@ -317,10 +320,26 @@ class BleLink:
         return True
 
     def receive(self):
-        if self._irq_write:
+        # The length of the next downlink message, then in message[:n] until
+        # the next call (not yet authenticated), or 0. The hub's writes are
+        # read whole and deframed a message at a time.
+        data = self._written
+        if self._written_pos >= len(data) and self._irq_write:
             self._irq_write = False
             try:
-                self._rx.feed(self._ble.gatts_read(self._h_ctrl))
+                data = self._ble.gatts_read(self._h_ctrl)
             except OSError as e:
+                data = b""
                 self._radio_error("control read", e)  # the hub writes it again if it matters
-        return self._rx.next_message()
+            self._written = data
+            self._written_pos = 0
+        rx = self._rx
+        i = self._written_pos
+        while i < len(data):
+            n = rx.take_byte(data[i])
+            i += 1
+            if n:
+                self._written_pos = i
+                return n
+        self._written_pos = i
+        return 0

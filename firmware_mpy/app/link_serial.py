@@ -64,6 +64,7 @@ class SerialLink:
         self._txv = memoryview(self._tx)
         self._framer = link.StreamFramer()
         self._rx = link.LineDeframer()
+        self.message = self._rx.message  # receive()'s message: decoded in place there
         self._byte = bytearray(1)
         self.connected = True
 
@@ -154,10 +155,14 @@ class SerialLink:
         return False
 
     def receive(self):
-        # The next downlink message (bytes, not yet authenticated) or None.
-        # Byte by byte: the console's read blocks until its buffer is full.
+        # The length of the next downlink message, then in message[:n] until
+        # the next call (not yet authenticated), or 0. Byte by byte: the
+        # console's read blocks until its buffer is full.
+        rx = self._rx
         for _ in range(_RX_BUDGET):
             if not self._ready() or self._in.readinto(self._byte) != 1:
                 break
-            self._rx.feed_byte(self._byte[0])
-        return self._rx.next_message()
+            n = rx.take_byte(self._byte[0])
+            if n:
+                return n
+        return 0

@@ -66,9 +66,7 @@ class App:
             self.streams.append(st)
         self.worst = [s.window * len(s.chans) * _WORST_BYTES_PER_SAMPLE + _FRAME_OVERHEAD for s in self.streams]
         biggest = max(self.worst)
-        self.payload = bytearray(biggest)
-        self.payload_mv = memoryview(self.payload)
-        self.scratch = bytearray(max(s.window for s in self.streams) * _WORST_BYTES_PER_SAMPLE + 8)
+        self._frame_writer = cbor.Writer(bytearray(0))  # build_frame points it at an outbox region
         gc.collect()  # the outbox is the one big block: make room for it in one piece
         self.outbox = Outbox(max(cfg["outbox_bytes"], 2 * biggest), cfg["outbox_frames"])
         self.small = bytearray(_SMALL)
@@ -145,14 +143,16 @@ class App:
         drive = sensor.drive() if st.stream_id == messages.STREAM_PPG_MAX30102 else None
         jitter = sensor.take_jitter_us() if st.stream_id == messages.STREAM_ECG_AD8232 else 0
         seq = self._seq()
-        region = self.outbox.reserve(self.worst[k])  # may drop the oldest frames: this one then says so
-        w = cbor.Writer(self.payload)
-        messages.encode_sample_frame(w, self.scratch, self.epoch, seq, st.stream_id, st.t0_ms(), st.first_index,
+        # The frame is made where it will stay: the payload encoded (and its
+        # samples encrypted) in its outbox region, then sealed around it.
+        w = self._frame_writer
+        w.buf = self.outbox.reserve(self.worst[k])  # may drop the oldest frames: this one then says so
+        w.pos = start = self.up.payload_offset
+        messages.encode_sample_frame(w, self.epoch, seq, st.stream_id, st.t0_ms(), st.first_index,
                                      st.rate_hz, count, num, den, drive, flags, st.pending_lost,
                                      self.outbox.dropped, jitter, st.chans, self.sealer)
-        sw = cbor.Writer(region)
-        self.up.seal_into(sw, self.payload_mv[:w.pos])
-        self.outbox.commit(seq, sw.pos)
+        self.up.seal_written(w, start)
+        self.outbox.commit(seq, w.pos)
         if st.stream_id == messages.STREAM_PPG_MAX30102:
             if self.ox is not None:
                 if flags & messages.FLAG_LEAD_OFF or st.pending_lost:
@@ -167,8 +167,11 @@ class App:
         st.advance(count)
         self.frames_built += 1
 
-    def on_downlink(self, data):
-        r = self.acks.read(data)  # the common case, read in place (app/acks.py)
+    def on_downlink(self, data, n=-1):
+        # data[:n] (n < 0: all of it): one downlink message, not yet authenticated.
+        if n < 0:
+            n = len(data)
+        r = self.acks.read(data, n)  # the common case, read in place (app/acks.py)
         if r == acks.ACKED:
             a = self.acks
             if a.epoch == self.epoch:
@@ -178,6 +181,8 @@ class App:
         if r == acks.FORGED:
             self.downlink_rejected += 1
             return
+        if n != len(data):
+            data = memoryview(data)[:n]  # (allocates: a rarer message)
         try:
             msg = cose.parse(data)
             self.down.verify(msg)
@@ -257,9 +262,9 @@ class App:
         self._drain()  # half of the work done: the sensors' FIFOs go first
         f.epoch = self.epoch
         f.seq = self._seq()
-        w = cbor.Writer(self.payload)
+        w = cbor.Writer(bytearray(len(sealed) + 16))  # the same samples: its header's integers may grow
         messages.encode(w, f, self.sealer)
-        return f.seq, self.up.seal(self.payload_mv[:w.pos])
+        return f.seq, self.up.seal(memoryview(w.buf)[:w.pos])
 
     def _any_ready(self):
         for st in self.streams:
@@ -303,10 +308,10 @@ class App:
                 ob.mark_sent(i, now)
                 now = self._drain()
         while True:
-            data = self.link.receive()
-            if data is None:
+            n = self.link.receive()
+            if not n:
                 break
-            self.on_downlink(data)
+            self.on_downlink(self.link.message, n)
             now = self._drain()
         if self.hr is not None or self.ox is not None:
             hr, ox = self.hr, self.ox

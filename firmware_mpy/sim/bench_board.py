@@ -212,11 +212,11 @@ def run(minutes, speed, link_kind, up_fd, down_fd):
             draining = True
     # The firmware's figures first; then its big buffers go, so the report
     # itself finds room in the heap the firmware was given.
-    largest_block = max(len(app.outbox.buf), len(app.payload))
+    largest_block = len(app.outbox.buf)
     outbox_depth = app.outbox.depth()
     frames_dropped = app.outbox.dropped
     heap_total = gc.mem_alloc() + gc.mem_free()
-    app.outbox = app.payload = app.payload_mv = None
+    app.outbox = None
     gc.collect()
     streams = {}
     chips = {messages.STREAM_ECG_MAX30003: "max30003", messages.STREAM_PPG_MAX30102: "max30102"}

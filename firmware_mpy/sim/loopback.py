@@ -19,6 +19,7 @@ class LoopbackLink:
         self.connected = True
         self.ack_enabled = True
         self.inbox = []  # downlink messages waiting for the board
+        self.message = b""  # the one receive() gave
         self.received = []  # hub.Received events, in order
         self.bytes_up = 0  # COSE bytes
         self.bytes_wire = 0  # as the serial link would send them: COBS, CRC, delimiters
@@ -56,6 +57,8 @@ class LoopbackLink:
         return True
 
     def receive(self):
+        # As the board's links: the length of the next message, then in self.message.
         if self.inbox:
-            return self.inbox.pop(0)
-        return None
+            self.message = self.inbox.pop(0)
+            return len(self.message)
+        return 0

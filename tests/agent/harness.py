@@ -22,7 +22,7 @@ from agent.registry import Registry
 from agent.sim import boards
 from agent.sim.runner import SimulatedBoard
 from agent.tlsgen import Pki, make_pki
-from protocols import cose, link, messages
+from protocols import cose, hub_link, messages
 from tests.conftest import ROOT
 
 
@@ -116,7 +116,7 @@ def acked(sim: SimulatedBoard) -> set[tuple[str, int, int]]:
     """Every (device, epoch, seq) an authentic ack on the wire covered."""
     _, down = sim.taps()
     key = cose.MacKey(sim.spec.key, sim.device_id.encode(), cose.AAD_DOWNLINK)
-    d = link.LineDeframer()
+    d = hub_link.LineQueue()
     out = set()
     raws = []
     for i in range(0, len(down), 64):  # as a board reads: a little at a time

@@ -47,7 +47,7 @@ def acked_over_air(records: list[dict[str, Any]], keys: dict[str, bytes],
                    addresses: dict[str, str]) -> set[tuple[str, int, int]]:
     """Every (device, epoch, seq) that an authentic ack written over the air covered."""
     out: set[tuple[str, int, int]] = set()
-    deframers = {addr: link.LineDeframer() for addr in addresses}
+    deframers = {addr: hub_link.LineQueue() for addr in addresses}
     for r in records:
         if r["pdu"] != "write" or r["address"] not in deframers:
             continue

@@ -63,6 +63,10 @@ def test_hub_acks_are_read_as_the_shared_decoder_reads_them():
     for epoch, seqs in cases:
         for data in h.ack(_KID.decode(), epoch, seqs):
             assert _check_against_shared(r, data) == acks.ACKED, (epoch, seqs)
+            ranges = _ranges(r)
+            # a message in the first n bytes of a longer buffer (a link's)
+            assert r.read(data + b"\x00\xff", len(data)) == acks.ACKED and _ranges(r) == ranges
+            assert r.read(data + b"\x00", len(data) + 1) == acks.DECLINED
 
 
 def test_other_messages_and_other_forms_are_declined():
@@ -169,3 +173,43 @@ def test_sealing_a_frame_and_reading_an_ack_allocate_nothing():
     assert got == acks.ACKED and _ranges(r) == [(1, 3), (7, 7), (300, 300)]
     sealed = bytes(out.buf[:out.pos])
     up.verify(cose.parse(sealed))  # the tag is the one the shared (hashlib) path checks
+
+
+def test_serial_downlink_line_to_freed_outbox_allocates_nothing():
+    # From the console's bytes to the outbox freed: the line is decoded in
+    # place (before: a2b_base64, byte copies, a Frame; ~600 bytes per ack).
+    from app.link_serial import SerialLink
+    from protocols import hub_link
+    from tests.firmware.mpy_test_app import _board
+
+    class Console:  # a fake console: what the hub wrote, as machine.UART gives it
+        def __init__(self, data):
+            self.data = data
+            self.pos = 0
+
+        def any(self):
+            return len(self.data) - self.pos
+
+        def readinto(self, buf):
+            buf[0] = self.data[self.pos]
+            self.pos += 1
+            return 1
+
+    board, link = _board()
+    link.ack_enabled = False
+    app = main.run(board, until_ms=3000)
+    seqs = [app.outbox.seqs[i] for i in range(len(app.outbox.state)) if app.outbox.state[i]]
+    depth = app.outbox.depth()
+    lines = b"".join(hub_link.downlink_line(m) for m in link.hub.ack(link.device_id, app.epoch, seqs[:3]))
+    console = Console(b"noise\r\n" + lines)
+    serial = SerialLink(console, None, 64)
+    micropython.heap_lock()
+    try:
+        while True:
+            n = serial.receive()
+            if not n:
+                break
+            app.on_downlink(serial.message, n)
+    finally:
+        micropython.heap_unlock()
+    assert app.outbox.depth() == depth - 3 and serial._rx.discarded == 1

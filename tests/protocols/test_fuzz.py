@@ -45,7 +45,7 @@ def test_payload_and_cose_decoders_raise_only_protocol_errors(data: bytes) -> No
 @settings(max_examples=300)
 @given(st.lists(inputs, max_size=6))
 def test_link_receivers_raise_nothing_and_stay_bounded(chunks: list[bytes]) -> None:
-    s, line, ble = hub_link.StreamDeframer(), link.LineDeframer(), hub_link.Reassembler()
+    s, line, ble = hub_link.StreamDeframer(), hub_link.LineQueue(), hub_link.Reassembler()
     for c in chunks:
         for rx in (s, line):
             rx.feed(c)

@@ -2,7 +2,7 @@
 # flip and every truncation of an authenticated message is refused with a
 # protocol error, never accepted and never another exception; the link
 # layers deliver the same messages fed a byte at a time or all at once.
-from protocols import cipher, cose, hub_link, link, messages, replay
+from protocols import cbor, cipher, cose, hub_link, link, messages, replay
 from protocols.errors import RemoteProtocolError
 from tests.shared.check import Rng
 from tests.shared.test_vectors import ACK, FRAME, KEY, KID
@@ -193,3 +193,46 @@ def test_mac_tags_equal_hmac_sha256_for_every_block_boundary() -> None:
         want = _hmac_sha256_reference(KEY, key._prefix + head + payload)
         assert key.tag(payload) == want, n
         assert key.tag(memoryview(bytearray(payload))) == want, n
+
+
+def test_downlink_lines_decoded_in_place_as_queued_and_strictly() -> None:
+    # The board's take_byte() path and the queueing path give the same
+    # messages; malformed base64 (bad padding, characters outside the
+    # alphabet, a length not a multiple of 4) is refused, not guessed at.
+    rng = Rng(91)
+    print("seed", 91)
+    d = link.LineDeframer()
+    q = hub_link.LineQueue()
+    for n in list(range(1, 40)) + [200, 255, 256]:
+        msg = rng.bytes(n)
+        line = hub_link.downlink_line(msg)
+        got = [d.take_byte(b) for b in line]
+        assert got[:-1] == [0] * (len(line) - 1) and bytes(d.message[:got[-1]]) == msg, n
+        q.feed(line)
+        assert q.next_message() == msg
+    good = hub_link.downlink_line(b"ack!")
+    body = good[1:-1]
+    for bad, reason in ((b"~" + body[:-1] + b"\n", "base64"), (b"~" + body[:-2] + b"=A\n", "base64"),
+                        (b"~" + body[:2] + b"!" + body[3:] + b"\n", "base64"), (b"~AAAAAAAA\n", "crc"),
+                        (b"~AAAA\n", "length"), (b"console text\n", "noise")):
+        before = d.discarded
+        assert [d.take_byte(b) for b in bad][-1] == 0
+        assert d.discarded == before + 1 and d.last_discarded == reason, (bad, d.last_discarded)
+
+
+def test_sealing_in_place_equals_sealing_a_copy() -> None:
+    # The board writes each frame's payload where its outbox keeps it and
+    # seals around it (seal_written); the bytes are those of seal_into.
+    rng = Rng(5)
+    key = cose.MacKey(KEY, KID, cose.AAD_UPLINK)
+    for n in (0, 1, 23, 24, 255, 256, 1000):
+        payload = rng.bytes(n)
+        want = cbor.Writer(bytearray(1200))
+        key.seal_into(want, payload)
+        region = memoryview(bytearray(1300))[50:1250]  # a region of a larger ring
+        w = cbor.Writer(region)  # type: ignore[arg-type]
+        w.pos = key.payload_offset
+        region[w.pos:w.pos + n] = payload
+        w.pos += n
+        key.seal_written(w, key.payload_offset)
+        assert bytes(region[:w.pos]) == bytes(want.buf[:want.pos]), n

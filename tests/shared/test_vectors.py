@@ -47,8 +47,7 @@ def test_sample_encoding_matches_vector() -> None:
 
 def test_frame_encoder_matches_vector() -> None:
     w = cbor.Writer(bytearray(512))
-    scratch = bytearray(64)
-    messages.encode_sample_frame(w, scratch, 7, 42, messages.STREAM_ECG_MAX30003, 123456, 61440, 512, 5,
+    messages.encode_sample_frame(w, 7, 42, messages.STREAM_ECG_MAX30003, 123456, 61440, 512, 5,
                                  1000000, 2621440, None, messages.FLAG_LEAD_OFF, 0, 0, 0, (SAMPLES,),
                                  cipher.SampleCipher(KEY, BOOT_SALT))
     assert bytes(w.buf[:w.pos]) == FRAME_PAYLOAD
@@ -101,7 +100,7 @@ def test_sealing_needs_a_salt_of_the_right_size() -> None:
     raises(LocalProtocolError, cipher.SampleCipher(KEY).apply, bytearray(4), 0, 4, 7, 42)
     raises(LocalProtocolError, cipher.SampleCipher, KEY, bytes(8))
     w = cbor.Writer(bytearray(512))
-    raises(LocalProtocolError, messages.encode_sample_frame, w, bytearray(64), 7, 42,
+    raises(LocalProtocolError, messages.encode_sample_frame, w, 7, 42,
            messages.STREAM_ECG_MAX30003, 0, 0, 512, 5, 1, 1, None, 0, 0, 0, 0, (SAMPLES,), cipher.SampleCipher(KEY))
 
 
