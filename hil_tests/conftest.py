@@ -183,7 +183,7 @@ def frames_at_least(n: int, timeout_s: float = 120.0) -> Callable[[BoardStats], 
     return wait
 
 
-def unaccounted_loss(b: BoardUnderTest, st: BoardStats) -> int:
+def unaccounted_loss(sim: SimulatedBoard | None, st: BoardStats) -> int:
     """Samples missing between the first and the last received, less what the
     board may say it lost.
 
@@ -196,20 +196,21 @@ def unaccounted_loss(b: BoardUnderTest, st: BoardStats) -> int:
     hardware, or at a chip's speed, none may be missing at all.
     """
     missing = sum(st.samples_missing().values())
-    if b.sim is not None and b.sim.spec.board_speed == "host":
+    if sim is not None and sim.spec.board_speed == "host":
         return max(0, missing - st.fifo_lost)
     return missing + st.fifo_lost
 
 
-def assert_nothing_lost(b: BoardUnderTest, st: BoardStats) -> None:
+def assert_nothing_lost(sim: SimulatedBoard | None, st: BoardStats) -> None:
+    """sim: the simulated board, None for hardware."""
     assert st.samples_missing(), "no samples received"
-    assert unaccounted_loss(b, st) == 0, (st.samples_missing(), st.fifo_lost)
+    assert unaccounted_loss(sim, st) == 0, (st.device_id, st.samples_missing(), st.fifo_lost)
 
 
-def until_nothing_lost(b: BoardUnderTest, timeout_s: float = 60.0) -> Callable[[BoardStats], Awaitable[None]]:
+def until_nothing_lost(sim: SimulatedBoard | None, timeout_s: float = 60.0) -> Callable[[BoardStats], Awaitable[None]]:
     """A `during` for stream(): until every hole in the samples is filled (frames resent)."""
     async def wait(stats: BoardStats) -> None:
-        await async_wait_for(lambda: stats.samples_missing() and unaccounted_loss(b, stats) == 0, timeout_s,
+        await async_wait_for(lambda: stats.samples_missing() and unaccounted_loss(sim, stats) == 0, timeout_s,
                              "every sample received", lambda: (stats.samples_missing(), stats.fifo_lost))
     return wait
 

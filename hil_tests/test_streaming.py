@@ -42,7 +42,7 @@ def test_sensor_self_test_and_stream_with_zero_loss(board: BoardUnderTest, reque
     figures["frames verified"] = st.frames
     figures["samples"] = st.samples_received()
     assert not st.rejects, st.rejects
-    assert_nothing_lost(board, st)
+    assert_nothing_lost(board.sim, st)
     assert st.board_dropped == 0
     figures["fifo samples lost (host scheduler)"] = st.fifo_lost
     figures["throughput frames/s"] = round(st.frames / took_s, 2)
@@ -59,12 +59,12 @@ def test_link_cut_and_recovery(board: BoardUnderTest, figures: dict[str, Any]) -
         await asyncio.sleep(3)  # the cut's length: the scenario's shape (frames pile up in the outbox)
         sim.cable_connected = True
         await frames_at_least(stats.frames + 4)(stats)  # streaming again
-        await until_nothing_lost(board)(stats)  # and what piled up in the outbox resent
+        await until_nothing_lost(board.sim)(stats)  # and what piled up in the outbox resent
 
     st = stream(board, 0, during=cut)
     figures["frames verified"] = st.frames
     assert not st.rejects, st.rejects
-    assert_nothing_lost(board, st)
+    assert_nothing_lost(board.sim, st)
     assert st.board_dropped == 0
 
 
@@ -79,13 +79,13 @@ def test_reboot_mid_stream(board: BoardUnderTest, figures: dict[str, Any]) -> No
     sim.start()  # a reboot: the board's epoch file increments
     async def streaming_again(stats: Any) -> None:
         await frames_at_least(6)(stats)
-        await until_nothing_lost(board)(stats)
+        await until_nothing_lost(board.sim)(stats)
 
     second = stream(board, 0, during=streaming_again)
     figures["epochs"] = [first.epoch, second.epoch]
     assert second.epoch == (first.epoch or 0) + 1
     assert not first.rejects and not second.rejects
-    assert_nothing_lost(board, second)
+    assert_nothing_lost(board.sim, second)
     # a frame of the earlier boot, replayed on the line, is refused by the replay window
     from protocols import hub as hub_mod
 
