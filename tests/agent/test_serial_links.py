@@ -5,7 +5,6 @@ import asyncio
 import os
 import pty
 import threading
-import time
 import tty
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from agent.links import LinkManager, SerialDiscovery, SerialWant
 from agent.transports import serial as serial_transport
 from agent.transports.serial import SerialTransport
 from protocols import link
+from tests.waiting import async_wait_for
 
 
 def test_the_port_is_read_even_when_nobody_takes_the_messages() -> None:
@@ -38,11 +38,10 @@ def test_the_port_is_read_even_when_nobody_takes_the_messages() -> None:
         t = SerialTransport(os.ttyname(slave))
         await t.open()
         threading.Thread(target=board, daemon=True).start()
-        end = time.monotonic() + 60
-        while not done.is_set() and time.monotonic() < end:
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)  # what the last writes put in the buffer
-        assert done.is_set(), "the board's writes blocked: the port was not read"
+        await async_wait_for(done.is_set, 60, "the board's writes to complete (the port read)")
+        # What the last writes put in the buffer, read too: the excess counted.
+        await async_wait_for(lambda: t.discarded["overflow"] >= total - serial_transport.QUEUE_DEPTH - 100, 30,
+                             "the excess dropped and counted", lambda: dict(t.discarded))
         await t.close()
         return t
 

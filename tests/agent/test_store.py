@@ -123,7 +123,7 @@ def test_purge_only_delivered_and_old(tmp_path: Path) -> None:
         rows = Store.fetch_outbox(db, "b", 4)
         asyncio.run(s.delivered("b", [r.id for r in rows]))
         assert asyncio.run(s.run(lambda d: s.purge(d, 3600))) == 0  # too recent
-        time.sleep(0.05)
+        time.sleep(0.05)  # the rows' age: older than the 0.01 s asked below, however busy the machine
         assert asyncio.run(s.run(lambda d: s.purge(d, 0.01))) == 4  # delivered ones only
         assert db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 6
     finally:
