@@ -4,7 +4,6 @@
 # board moves past the hub's newest epoch and streams again; nothing
 # acknowledged is lost, and the status says what happened.
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +12,7 @@ import pytest
 from agent import config as agent_config
 from agent.supervisor import Agent
 from tests.agent import harness
-
-
-async def _until(pred: Callable[[], bool], timeout_s: float, what: Callable[[], Any]) -> None:
-    end = asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < end:
-        if pred():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("timed out: %s" % (what(),))
+from tests.waiting import async_wait_for
 
 
 def _board(agent: Agent, device_id: str) -> dict[str, Any]:
@@ -52,18 +43,21 @@ def test_epoch_file_deleted_between_two_boots_frames_flow_again(micropython: str
             agent = Agent(cfg)
             stop = asyncio.Event()
             task = asyncio.create_task(agent.run(stop))
-            await _until(lambda: acked_in(1) >= 3, 60, lambda: agent.snapshot()["boards"])
+            await async_wait_for(lambda: acked_in(1) >= 3, 60, "3 frames of epoch 1 acknowledged",
+                                 lambda: agent.snapshot()["boards"])
             await asyncio.to_thread(board.stop)
             await asyncio.to_thread(board.start)  # a reboot: epoch 2
-            await _until(lambda: acked_in(2) >= 3, 60, lambda: agent.snapshot()["boards"])
+            await async_wait_for(lambda: acked_in(2) >= 3, 60, "3 frames of epoch 2 acknowledged",
+                                 lambda: agent.snapshot()["boards"])
             await asyncio.to_thread(board.stop)
             epoch_file.unlink()  # lost (flash restored, file gone): the next boot is epoch 1 again
             await asyncio.to_thread(board.start)
-            await _until(lambda: acked_in(3) >= 3 and _board(agent, dev).get("board_errors"), 60,
-                         lambda: (agent.snapshot()["boards"], board.console_tail()[-500:]))
+            await async_wait_for(lambda: acked_in(3) >= 3 and _board(agent, dev).get("board_errors"), 60,
+                                 "the board resynced to epoch 3 and said so",
+                                 lambda: (agent.snapshot()["boards"], board.console_tail()[-500:]))
             await asyncio.to_thread(board.stop)
-            await _until(lambda: all(b["backlog"] == 0 for b in agent.snapshot()["backends"]), 60,
-                         lambda: agent.snapshot()["backends"])
+            await async_wait_for(lambda: all(b["backlog"] == 0 for b in agent.snapshot()["backends"]), 60,
+                                 "the backlog drained", lambda: agent.snapshot()["backends"])
             stop.set()
             await task
             return agent

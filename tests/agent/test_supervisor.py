@@ -14,6 +14,7 @@ import pytest
 from agent import config as agent_config
 from agent.sdnotify import Notifier
 from agent.supervisor import Agent
+from tests.waiting import async_wait_for
 
 
 def _config(tmp: Path) -> agent_config.AgentConfig:
@@ -44,16 +45,6 @@ class SystemdSocket:
         self.sock.close()
 
 
-async def _until(pred: Any, timeout_s: float, what: Any) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout_s
-    while loop.time() < end:
-        if pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("timed out: %s" % (what(),))
-
-
 def test_watchdog_only_while_the_loops_make_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     systemd = SystemdSocket(tmp_path / "notify.sock")
@@ -77,20 +68,21 @@ def test_watchdog_only_while_the_loops_make_progress(tmp_path: Path, monkeypatch
             stop = asyncio.Event()
             task = asyncio.create_task(agent.run(stop))
             msgs = systemd.poll
-            await _until(lambda: sum("WATCHDOG" in m for m in msgs()) >= 3, 20, msgs)
+            await async_wait_for(lambda: sum("WATCHDOG" in m for m in msgs()) >= 3, 20, "three watchdog pings", msgs)
             assert msgs()[0]["READY"] == "1" and msgs()[0]["MAINPID"]
             hang.set()
             agent.store.submit_reject("test", "test", None, b"x")  # a write: the writer takes it, and hangs
-            await _until(lambda: any(m.get("STATUS", "").startswith("stuck") for m in msgs()), 20, msgs)
+            await async_wait_for(lambda: any(m.get("STATUS", "").startswith("stuck") for m in msgs()), 20,
+                                 "a 'stuck' status", msgs)
             stuck_at = next(i for i, m in enumerate(msgs()) if m.get("STATUS", "").startswith("stuck"))
-            await _until(lambda: len(msgs()) >= stuck_at + 4, 20, msgs)  # three more checks, still stuck
+            await async_wait_for(lambda: len(msgs()) >= stuck_at + 4, 20, "three more checks, still stuck", msgs)
             assert not any("WATCHDOG" in m for m in msgs()[stuck_at:]), msgs()[stuck_at:]
             snap = agent.snapshot()
             assert snap["systemd"]["alive"] is False and "store" in snap["systemd"]["reason"]
             go_on.set()
             hang.clear()
             n = len(msgs())
-            await _until(lambda: any("WATCHDOG" in m for m in msgs()[n:]), 20, msgs)
+            await async_wait_for(lambda: any("WATCHDOG" in m for m in msgs()[n:]), 20, "a watchdog ping again", msgs)
             assert agent.snapshot()["systemd"]["alive"] is True
             stop.set()
             await task
