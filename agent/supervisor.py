@@ -16,6 +16,7 @@ Every wait on the outside world is bounded by a timeout.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -83,13 +84,40 @@ class TaskHealth:
     restarting: bool = False
 
 
+def instance_lock(data_dir: Path) -> int:
+    """Holds data_dir/agent.lock (flock) for this process: one agent per data
+    directory. A second one (started by hand beside the service) took over the
+    status socket (pulsebridge status then described it, not the agent serving
+    the boards), fought the first for the ports and for its MQTT client id,
+    and ran the store's policies twice. Returns the lock's fd; StoreError
+    names the agent that holds it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "agent.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise StoreError("another pulsebridge agent (pid %s) is running on %s: stop it first (systemctl stop "
+                         "pulsebridge-agent)" % (holder, data_dir)) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, b"%d\n" % os.getpid())
+    return fd
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.audit = AuditLog(cfg.audit_path)
-        self.registry = Registry(cfg.registry_path, self.audit)
-        self.store = Store(cfg.store_path, [b.name for b in cfg.backends], int(cfg.disk_quota_mb * 1024 * 1024))
-        self.store.open()
+        self._lock_fd = instance_lock(cfg.data_dir)  # before the store is opened (and maybe recovered)
+        try:
+            self.registry = Registry(cfg.registry_path, self.audit)
+            self.store = Store(cfg.store_path, [b.name for b in cfg.backends], int(cfg.disk_quota_mb * 1024 * 1024))
+            self.store.open()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self.ingestor = Ingestor(self.store, self.registry)
         self.wake = asyncio.Event()
         subjects = Subjects(self.registry)
@@ -149,6 +177,7 @@ class Agent:
             self.notifier.close()
             self.store.close()
             self.registry.close()
+            os.close(self._lock_fd)
             log.info("pulsebridge agent %s stopped (config %s)", version(), self.cfg.source or "-")
 
     def _loops(self) -> list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]]:

@@ -94,6 +94,36 @@ def test_status_reads_the_running_agent(tmp_path: Path) -> None:
     json.dumps(snap)
 
 
+def test_a_second_agent_on_the_same_data_refuses_to_start(tmp_path: Path) -> None:
+    # Before, a second agent (started by hand beside the service) ran: it took
+    # the status socket over (pulsebridge status then told of it, a board
+    # "reconnecting: cannot lock the port" while the first agent served it),
+    # and both fought over the ports and one MQTT client id.
+    cfg = agent_config.load(_config(tmp_path))
+
+    async def scenario() -> None:
+        agent = Agent(cfg)
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        for _ in range(50):
+            if cfg.status_socket.exists():
+                break
+            await asyncio.sleep(0.1)
+        before = await read_status(cfg.status_socket)
+        second = await asyncio.to_thread(_cli, "agent", "--config", str(cfg.source))  # 60 s bound: it must end
+        assert second.returncode == 2, second
+        assert "another pulsebridge agent (pid %d) is running on %s" % (os.getpid(), cfg.data_dir) in second.stderr
+        after = await read_status(cfg.status_socket)  # still the first one answering
+        assert after["uptime_s"] >= before["uptime_s"] and not task.done()
+        stop.set()
+        await task
+        done = asyncio.Event()
+        done.set()
+        await Agent(cfg).run(done)  # stopped, the first lets the next one start
+
+    asyncio.run(scenario())
+
+
 def test_a_new_backend_does_not_recreate_the_store(tmp_path: Path) -> None:
     p = tmp_path / "store.db"
     s = Store(p, ["a"])
