@@ -104,8 +104,9 @@ class Ingestor(Processor):
         self.on_stored: Callable[[str, messages.SampleFrame, bytes, int | None], None] | None = None
         self.reload_devices()
 
-    def reload_devices(self) -> None:
-        """Registry changes (a new board, a revocation) take effect at once."""
+    def reload_devices(self) -> list[str]:
+        """Registry changes (a new board, a revocation, an erasure) take effect at once.
+        Returns the devices no longer in the registry at all (erased), now refused."""
         windows = self.store.load_windows()
         seen = set()
         for dev in self.registry.all():
@@ -124,6 +125,12 @@ class Ingestor(Processor):
         for dev_id in list(self.revoked):
             if dev_id not in seen:
                 self.revoked.discard(dev_id)
+        # Erased (pulsebridge erase removes its entry): its frames were still
+        # verified, stored and forwarded, the erasure undone within a second.
+        erased = [d for d in self.hub.device_ids() if d not in seen]
+        for dev_id in erased:
+            self.hub.remove_device(dev_id)
+        return erased
 
     def _restore_windows(self) -> None:
         # A commit failed: the in-memory windows ran ahead of the store.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -347,7 +348,16 @@ class Agent:
             now = _mtime(path)
             if now != seen:
                 seen = now
-                self.ingestor.reload_devices()
+                for dev in self.ingestor.reload_devices():  # erased: nothing of it stays in memory either
+                    self.vitals.forget(dev)
+                    self.last_vitals.pop(dev, None)
+                    for key in [k for k in self.waves if k[0] == dev]:
+                        del self.waves[key]
+                    # What was verified before it was refused is committed first (the writer's queue
+                    # is in order), then erased with it.
+                    late = await self.store.run(functools.partial(self.store.erase_device, device_id=dev))
+                    log.info("device %s erased: its frames are refused from now on (%d stored meanwhile, erased)",
+                             dev, late)
                 self.links.registry_changed()
                 log.info("registry changed: devices reloaded")
 

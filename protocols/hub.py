@@ -81,6 +81,9 @@ class Hub:
     def has_device(self, device_id: str) -> bool:
         return device_id.encode() in self._devices
 
+    def device_ids(self) -> "list[str]":
+        return [k.decode() for k in self._devices]
+
     def set_window(self, device_id: str, epoch: int, top: int, bitmap: int, salt: "bytes | None" = None) -> None:
         w = self._devices[device_id.encode()].window
         w.epoch, w.top, w.bitmap, w.salt = epoch, top, bitmap, salt

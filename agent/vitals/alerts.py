@@ -76,5 +76,9 @@ class AlertEngine:
                 out.append(AlertEvent(device_id, rule.name, "raised" if st.active else "cleared", at, value))
         return out
 
+    def forget(self, device_id: str) -> None:
+        for k in [k for k in self._states if k[0] == device_id]:
+            del self._states[k]
+
     def active(self) -> list[tuple[str, str]]:
         return sorted(k for k, s in self._states.items() if s.active)

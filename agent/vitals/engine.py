@@ -78,6 +78,15 @@ class VitalsEngine:
             out += self._ppg_frame(f, device_id, end_s, key)
         return out
 
+    def forget(self, device_id: str) -> None:
+        """Drops everything held for a device (erased): no vital, no alert, no silence alert from it."""
+        self._ecg.pop(device_id, None)
+        self._ppg.pop(device_id, None)
+        self.last_seen.pop(device_id, None)
+        for k in [k for k in self._emitted if k[0] == device_id]:
+            del self._emitted[k]
+        self.alerts.forget(device_id)
+
     def silence(self, now: float) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for dev, last in self.last_seen.items():

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent import config as agent_config
 from agent.audit import AuditLog
 from agent.store import Ingest, Store
@@ -167,3 +169,52 @@ def test_an_agent_on_a_damaged_store_starts_serves_and_says_so(tmp_path: Path) -
     assert rec and Path(rec["kept"]).exists()
     assert "store recovered at" in shown and rec["kept"] in shown, shown
     assert "store ok:" in shown
+
+
+@pytest.mark.micropython
+@pytest.mark.slow
+def test_erase_while_the_agent_serves_the_board(micropython: str, tmp_path: Path) -> None:
+    # Before, the running agent kept the erased device's key: its next frames
+    # were verified, stored (41 within 20 s) and forwarded, its replay window
+    # written again, and its vitals and waveform still on the status page.
+    from tests.agent import harness
+
+    sims = harness.start_boards(tmp_path, 1, micropython)
+    dev = sims[0].device_id
+    try:
+        harness.register(tmp_path / "data", tmp_path / "log", sims)
+        cfg = agent_config.load(harness.write_config(tmp_path, sims, ""))
+
+        async def until(pred: Any, what: str) -> None:
+            for _ in range(600):  # up to 60 s on a busy machine
+                if pred():
+                    return
+                await asyncio.sleep(0.1)
+            raise AssertionError("timed out: " + what)
+
+        async def scenario() -> None:
+            agent = Agent(cfg)
+            stop = asyncio.Event()
+            task = asyncio.create_task(agent.run(stop))
+            try:
+                await until(lambda: dev in agent.snapshot()["last_vitals"], "the board's vitals")
+                r = await asyncio.to_thread(_cli, "erase", "--config", str(cfg.source), "--device", dev)
+                assert r.returncode == 0 and "erased" in r.stdout, r.stdout + r.stderr
+                await until(lambda: agent.ingestor.rejects["unknown_device"] >= 3, "its next frames refused")
+                db = agent.store.reader()
+                try:
+                    held = db.execute("SELECT COUNT(*) FROM frames WHERE device_id=?", (dev,)).fetchone()[0]
+                    windows = db.execute("SELECT COUNT(*) FROM replay WHERE device_id=?", (dev,)).fetchone()[0]
+                finally:
+                    db.close()
+                assert (held, windows) == (0, 0)
+                snap = agent.snapshot()
+                assert dev not in snap["last_vitals"] and dev not in agent.vitals.last_seen
+                assert not [k for k in agent.waves if k[0] == dev]
+            finally:
+                stop.set()
+                await task
+
+        asyncio.run(scenario())
+    finally:
+        sims[0].stop()
