@@ -87,6 +87,11 @@ def test_status_reads_the_running_agent(tmp_path: Path) -> None:
         assert cfg.status_socket.stat().st_mode & 0o077 == 0  # only the service user may ask
         shown = await asyncio.to_thread(_cli, "status", "--config", str(cfg.source))
         assert shown.returncode == 0 and "hub hub-t" in shown.stdout and "alerts: none" in shown.stdout, shown
+        # read by a pipe that leaves at once (| head -0): no traceback (there was one)
+        cut = await asyncio.to_thread(lambda: subprocess.run(
+            "%s -m agent.cli status --config %s | head -c 0" % (sys.executable, cfg.source), shell=True, cwd=ROOT,
+            capture_output=True, text=True, timeout=60))
+        assert "Traceback" not in cut.stderr and "BrokenPipe" not in cut.stderr, cut.stderr
         stop.set()
         await task
         return snap
