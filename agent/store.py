@@ -820,14 +820,14 @@ class Store:
         # id) after the frame past the hole had settled.
         cutoff = time.time() - self.gap_settle_s
         frames = db.execute(
-            "SELECT id, device_id, epoch, stream, first_index, count, seq, raw, received_at FROM frames "
+            "SELECT id, device_id, epoch, stream, first_index, count, seq, received_at FROM frames "
             "WHERE id > ? AND kind = 1 ORDER BY id", (after,)).fetchall()
         if not frames:
             return 0
-        by_stream: dict[tuple[str, int, int], list[tuple[int, int, int, bytes, float, int]]] = {}
-        for fid, dev, epoch, stream, first, count, seq, raw, received_at in frames:
+        by_stream: dict[tuple[str, int, int], list[tuple[int, int, int, float, int]]] = {}
+        for fid, dev, epoch, stream, first, count, seq, received_at in frames:
             if stream is not None and first is not None and count:
-                by_stream.setdefault((dev, epoch, stream), []).append((first, count, seq, raw, received_at, fid))
+                by_stream.setdefault((dev, epoch, stream), []).append((first, count, seq, received_at, fid))
         # The next scan starts before the first frame not walked (walking a frame again is harmless: the stream's
         # mark is past it).
         resume = frames[-1][0]
@@ -839,12 +839,13 @@ class Store:
             items.sort()
             # A stream starts at index 0 with its board's boot (SPEC.md): its first frames count too.
             expected, last_seq = mark if mark else (0, -1)
-            for i, (first, count, seq, raw, received_at, _) in enumerate(items):
+            for i, (first, count, seq, received_at, fid) in enumerate(items):
                 if received_at >= cutoff:  # not settled: the stream is walked on from here next time
-                    resume = min(resume, min(it[5] for it in items[i:]) - 1)
+                    resume = min(resume, min(it[4] for it in items[i:]) - 1)
                     break
                 if first > expected:
                     try:
+                        raw = db.execute("SELECT raw FROM frames WHERE id=?", (fid,)).fetchone()[0]  # holes only
                         m = messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES,
                                                     decode_samples=False, versions=messages.STORED_VERSIONS)
                         fifo_lost = m.status[1] if isinstance(m, messages.SampleFrame) else 0
