@@ -205,6 +205,9 @@ def assert_nothing_lost(sim: SimulatedBoard | None, st: BoardStats) -> None:
     """sim: the simulated board, None for hardware."""
     assert st.samples_missing(), "no samples received"
     assert unaccounted_loss(sim, st) == 0, (st.device_id, st.samples_missing(), st.fifo_lost)
+    # A loop the firmware had to restart (an exception, MemoryError among them)
+    # is a defect on the bench even when nothing was lost.
+    assert not st.board_errors.get("loop_restarted"), (st.device_id, st.last_board_error)
 
 
 def until_nothing_lost(sim: SimulatedBoard | None, timeout_s: float = 60.0) -> Callable[[BoardStats], Awaitable[None]]:
