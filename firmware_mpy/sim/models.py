@@ -501,10 +501,11 @@ class MAX30003Model:
                 for p in self.irq_pins:
                     p.restart()
             elif reg == _E_FIFO_RST:
+                # The firmware's answer to an overflow (EOVF): the line it
+                # releases counts as served, however late (refresh), so an
+                # overflow's latency shows in the figures.
                 self.count = 0
                 self.overflow = False
-                for p in self.irq_pins:
-                    p.restart()
             elif reg != _E_INFO and reg < 128:
                 self.regs[reg] = value
             for i in range(n):

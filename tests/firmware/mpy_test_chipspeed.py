@@ -272,3 +272,46 @@ def test_idle_returns_at_once_when_an_interrupt_came_while_the_firmware_ran():
     t1 = clock.now_us()
     clock.idle_ms(100, lambda: flag[0] > 0)
     assert clock.now_us() - t1 < 5000  # it had been woken already: no sleep till the next tick
+
+
+def test_fifos_are_read_between_two_frames_built_in_one_drain():
+    # Building a frame takes tens of ms on the chip: two built back to back
+    # (the ECG and the PPG window full in the same drain) overflowed the ECG
+    # FIFO (62.5 ms deep) unless the FIFOs that asked meanwhile are read
+    # between the two. Fake: each frame's build takes 34 ms of board time,
+    # during which the chips' interrupts fire (service()).
+    from app import config, main
+    from sim.board_sim import SimBoard
+    from sim.clock import VirtualClock
+    from sim.loopback import LoopbackLink
+
+    with open("sim.json") as f:
+        sim = json.load(f)
+    clock = VirtualClock()
+    board = SimBoard(sim, clock)
+    with open(config.KEY, "rb") as f:
+        key = f.read()
+    cfg = config.load()
+    board.link_override = LoopbackLink(cfg["device_id"], key)
+    app = main.App(board, cfg, key, 1)
+    build = app.build_frame
+    both = [0]  # drains that built two frames
+    built_at = [-1]
+
+    def slow_build(k, st, count):
+        build(k, st, count)
+        if built_at[0] == clock.t_us:
+            both[0] += 1
+        for _ in range(34):
+            clock.t_us += 1000
+            board.service()
+        built_at[0] = clock.t_us
+
+    app.build_frame = slow_build
+    app.start()
+    while board.ticks_ms() < 12000:
+        app.step()
+        app.wait()
+    ecg = board.models["max30003"]
+    assert both[0] > 0  # the case this is about happened
+    assert ecg.lost == 0 and board.models["max30102"].lost == 0, (ecg.lost, both[0])
