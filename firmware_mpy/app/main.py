@@ -277,33 +277,13 @@ class App:
         # poll, health check or restart, once a loop) and frames each full
         # window. Called between the loop's other pieces of work too: each
         # takes milliseconds on a chip, and a FIFO that asked meanwhile goes
-        # first (latency: the longest one piece). Building a frame is such a
-        # piece (tens of ms at 160 MHz): the FIFOs that asked meanwhile are
-        # read between two frames, not after both (an ECG FIFO fills in
-        # 62.5 ms; two frames back to back overflowed it about once a second).
+        # first (latency: the longest one piece).
         now = self.board.ticks_ms()
         poll_ms = self.cfg["poll_ms"]
-        full = self._read_streams(every, now, poll_ms)
-        while full:
-            k = 0
-            while not full & (1 << k):
-                k += 1
-            full &= ~(1 << k)
-            st = self.streams[k]
-            count = st.to_frame()
-            if count:
-                self.build_frame(k, st, count)
-            full |= self._read_streams(False, self.board.ticks_ms(), poll_ms)
-        return self.board.ticks_ms()
-
-    def _read_streams(self, every, now, poll_ms):
-        # Reads each stream whose chip asks (every: each); returns a bit mask
-        # of the streams holding a window (or a cut one) to frame.
-        full = 0
         for k in range(len(self.streams)):
-            if (every or self.streams[k].wants()) and self._poll_stream(k, now, poll_ms):
-                full |= 1 << k
-        return full
+            if every or self.streams[k].wants():
+                self._poll_stream(k, now, poll_ms)
+        return self.board.ticks_ms()
 
     def step(self):
         self.board.service()
@@ -346,25 +326,25 @@ class App:
 
     # ---- faults (app/faults.py): each handled here, reported, never fatal ----
     def _poll_stream(self, k, now, poll_ms):
-        # Reads stream k if due; returns how many samples to frame now.
         st = self.streams[k]
         g = self.guard
         if not g.ready(k):
             if g.restart_due(k, now):
                 self._restart_sensor(k, now)
-            return 0
+            return
         try:
             count = st.poll(now) if st.due(now, poll_ms) else 0
             # Checked whether or not the chip asked: a dead one raises no interrupt.
             if g.check_due(k, now) and not st.sensor.alive():
                 self._sensor_down(k, now, "no longer identifies")
-                return 0
+                return
         except OSError as e:
             self._sensor_error(k, now, e)
-            return 0
+            return
         if g.read_ok(k):
             self.reports.add(faults.ERR_SENSOR_FAULT, "%s answers again" % g.names[k])
-        return count
+        if count:
+            self.build_frame(k, st, count)
 
     def _lead_off(self, st):
         try:
