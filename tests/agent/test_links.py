@@ -350,7 +350,9 @@ def test_a_hung_board_is_stalled_then_served_again(micropython: str, tmp_path: P
             task = asyncio.create_task(agent.run(stop))
             dev = board.device_id
             b = lambda: _board(agent, dev)  # noqa: E731
-            await _until(lambda: b().get("state") == "connected", 30, lambda: agent.snapshot()["boards"])
+            # Connected by its hello, and a frame stored (so there is a last frame to tell).
+            await _until(lambda: b().get("state") == "connected" and b().get("last_frame_at") is not None, 30,
+                         lambda: agent.snapshot()["boards"])
             assert board.proc is not None
             os.killpg(board.proc.pid, signal.SIGSTOP)
             await _until(lambda: b().get("ends", {}).get("stalled", 0) >= 1, 20, b)
