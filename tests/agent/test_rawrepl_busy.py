@@ -10,6 +10,7 @@ import pytest
 
 from agent.provision.rawrepl import RawRepl, ReplError
 from agent.transports.serial import open_port
+from tests.waiting import wait_for
 
 
 @pytest.fixture
@@ -28,10 +29,8 @@ def test_a_held_port_is_waited_for_then_opened(pty_port: str) -> None:
     opened: list[RawRepl] = []
     t = threading.Thread(target=lambda: opened.append(RawRepl(pty_port, busy_wait_s=60, on_busy=said.append)))
     t.start()
-    deadline = time.monotonic() + 30
-    while not said and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert said and pty_port in said[0] and "in use" in said[0]
+    wait_for(lambda: said, 30, "provisioning to say the port is in use")
+    assert pty_port in said[0] and "in use" in said[0]
     assert not opened  # still waiting while it is held
     holder.close()
     t.join(timeout=30)
