@@ -20,15 +20,12 @@ from agent.sim import boards
 from agent.sim.runner import SimulatedBoard
 from agent.supervisor import Agent
 from tests.agent import harness
+from tests.waiting import async_wait_for
 
 
 async def _until(pred: Callable[[], bool], timeout_s: float, what: Callable[[], Any]) -> None:
-    end = asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < end:
-        if pred():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("timed out: %s" % (what(),))
+    # The shared bounded wait; `what` is the state its failure shows.
+    await async_wait_for(pred, timeout_s, "the link's awaited state", what)
 
 
 def _board(agent: Agent, device_id: str) -> dict[str, Any]:
