@@ -158,11 +158,11 @@ def _serve(end: _HubEnd, up: IO[bytes], down: IO[bytes], console: IO[bytes]) -> 
 
 
 def _run_board(directory: Path, compiled: Path, heap_kb: int, minutes: float, speed: str, kind: str,
-               spec: boards.BoardSpec) -> dict[str, Any]:
+               spec: boards.BoardSpec, stretches: bool = False) -> dict[str, Any]:
     up_r, up_w = os.pipe()
     down_r, down_w = os.pipe()
     argv = [find_micropython(), "-X", "heapsize=%dK" % heap_kb, "-m", "sim.bench_board", str(minutes), speed, kind,
-            str(up_w), str(down_r)]
+            str(up_w), str(down_r)] + (["stretches"] if stretches else [])
     proc = subprocess.Popen(argv, cwd=directory, env={"MICROPYPATH": str(compiled)}, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(up_w, down_r))
     os.close(up_w)
@@ -208,8 +208,13 @@ def _run_board(directory: Path, compiled: Path, heap_kb: int, minutes: float, sp
     return r
 
 
+_STRETCHES_HEAP_KB = 64  # the tracer's records and wrappers (sim/stretches.py): the simulation's, not the firmware's
+
+
 def firmware(minutes: float, speed: str = "host", kind: str = "serial",
-             heap: int = ESP32_HEAP_BLE_ON) -> dict[str, Any]:
+             heap: int = ESP32_HEAP_BLE_ON, stretches: bool = False) -> dict[str, Any]:
+    # stretches: at a chip's speed, also the longest stretches between two
+    # ECG FIFO reads and the firmware's work in each (sim/stretches.py).
     cache = default_cache()
     compiled = build.compile_firmware(cache)
     with tempfile.TemporaryDirectory(prefix="pulsebridge-bench-") as tmp:
@@ -221,7 +226,9 @@ def firmware(minutes: float, speed: str = "host", kind: str = "serial",
         probe = _run_board(d, compiled, 1024, 0.05, speed, kind, spec)
         sim_kb = -(-probe["sim_heap"] // 1024)
         heap_kb = heap // 1024 + sim_kb
-        r = _run_board(d, compiled, heap_kb, minutes, speed, kind, spec)
+        if stretches:
+            heap_kb += _STRETCHES_HEAP_KB
+        r = _run_board(d, compiled, heap_kb, minutes, speed, kind, spec, stretches)
     r["heapsize_kb"] = heap_kb
     r["sim_heap_kb"] = sim_kb
     r["firmware_heap"] = heap
@@ -287,6 +294,17 @@ def chip_report(r: dict[str, Any]) -> list[str]:
                          f["irq_latency_us"] / 1000))
     lines.append("  samples lost %d (timer ticks dropped %d, soft IRQs dropped %d); console blocked %.1f s" % (
         lost, c["timer_dropped"], c["sched_dropped"], c["console_blocked_us"] / 1e6))
+    s = c.get("stretches")
+    if s:
+        lines.append("  stretches between two ECG FIFO reads: %d over half its fill time, %d over all of it; "
+                     "the longest, with the work in them (name, nesting, ms from the stretch's start, ms):" % (
+                         s["over_half_fill"], s["over_fill"]))
+        lines.append("    each traced piece (calls, ms in all, longest ms; the tracer's %d us a call taken off): %s" % (
+            s["tare_us"], "; ".join("%s %d %.0f %.1f" % (k, v[0], v[1] / 1000, v[2] / 1000)
+                                    for k, v in sorted(s["by_label"].items()))))
+        for st in s["longest"]:
+            lines.append("    %.1f ms at %.3f s: %s" % (st["us"] / 1000, st["at_us"] / 1e6, "; ".join(
+                "%s%s +%.1f %.1f" % ("  " * p[1], p[0], p[2] / 1000, p[3] / 1000) for p in st["pieces"])))
     return lines
 
 
@@ -402,9 +420,9 @@ for name, fn in (("varint", lambda: samples.encode_into(x, 512, buf, 0)), ("rice
 
 
 def main(what: str, minutes: float, as_json: bool, speed: str = "host", kind: str = "serial",
-         heap: int = ESP32_HEAP_BLE_ON) -> int:
+         heap: int = ESP32_HEAP_BLE_ON, stretches: bool = False) -> int:
     if what == "firmware":
-        r = firmware(minutes, speed, kind, heap)
+        r = firmware(minutes, speed, kind, heap, stretches)
         print(json.dumps(r, indent=1) if as_json else "\n".join(firmware_report(r)))
         ok = (r["memory_errors"] == 0 and all(s["lost"] == 0 for s in r["streams"].values())
               and r["gaps"] == 0)

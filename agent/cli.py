@@ -395,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heap", type=int, default=None,
                    help="firmware benchmark: bytes of heap for the firmware (default: an ESP32's, BLE on)")
     _speed_arg(p)
+    p.add_argument("--stretches", action="store_true",
+                   help="firmware benchmark at a chip's speed: also the longest stretches between two ECG FIFO "
+                        "reads and the firmware's work in each")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
@@ -425,9 +428,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from agent import bench
 
-    if args.heap is not None:
-        return bench.main(args.what, args.minutes, args.json, args.board_speed, args.link, args.heap)
-    return bench.main(args.what, args.minutes, args.json, args.board_speed, args.link)
+    heap = bench.ESP32_HEAP_BLE_ON if args.heap is None else args.heap
+    return bench.main(args.what, args.minutes, args.json, args.board_speed, args.link, heap, args.stretches)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
 # 100 Hz) for N simulated minutes, alone in its interpreter: its link goes
 # to the hub in the benchmark's other process (agent/bench.py) through two
 # pipes. Prints one JSON line of figures.
-# Usage: micropython -m sim.bench_board MINUTES SPEED LINK UP_FD DOWN_FD
+# Usage: micropython -m sim.bench_board MINUTES SPEED LINK UP_FD DOWN_FD [stretches]
 #   SPEED: host (this machine's speed, on a virtual clock) or a chip (esp32,
 #   esp32-240, esp32s3: sim.clock.ChipClock, calibrated at start);
-#   LINK: serial (the console UART) or ble (the fake radio, one central).
+#   LINK: serial (the console UART) or ble (the fake radio, one central);
+#   stretches: also report the longest stretches between two ECG FIFO reads
+#   and what the firmware did in them (sim.stretches; a chip speed only).
 # Pipe records, a kind byte then a 4-byte big-endian length then data:
 #   board to hub: U serial bytes, N a notification, S sync (the board is
 #   about to sleep); hub to board, once per S: K the downlink bytes the hub
@@ -98,7 +100,7 @@ def _fifo_level(name, model):
     return model.count if name == "max30003" else model.level()
 
 
-def run(minutes, speed, link_kind, up_fd, down_fd):
+def run(minutes, speed, link_kind, up_fd, down_fd, stretches=False):
     with open("sim.json") as f:
         sim = json.load(f)
     sim["board_speed"] = speed
@@ -137,6 +139,11 @@ def run(minutes, speed, link_kind, up_fd, down_fd):
     radio = board.radio
     if radio is not None:
         radio.on_notify = pipe.notify
+    tracer = None
+    if stretches and clock.chip:
+        from sim import stretches as stretches_mod
+
+        tracer = stretches_mod.install(app, board, clock)
     app.start()
     if radio is not None:
         radio.connect(_BLE_MTU)
@@ -250,6 +257,8 @@ def run(minutes, speed, link_kind, up_fd, down_fd):
             "timer_dropped": timer_dropped, "tare_us": clock.tare_us,
             "console_blocked_us": board.console_port.blocked_us if board.console_port else 0,
         }
+        if tracer is not None:
+            chip["stretches"] = tracer.report()
     print(json.dumps({
         "minutes": minutes, "board_speed": speed, "link": link_kind, "chip": chip,
         # Garbage: bytes allocated and left to the GC; frames: call frames
@@ -265,4 +274,5 @@ def run(minutes, speed, link_kind, up_fd, down_fd):
     }))
 
 
-run(float(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+run(float(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]),
+    len(sys.argv) > 6 and sys.argv[6] == "stretches")

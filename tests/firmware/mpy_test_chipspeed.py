@@ -272,3 +272,40 @@ def test_idle_returns_at_once_when_an_interrupt_came_while_the_firmware_ran():
     t1 = clock.now_us()
     clock.idle_ms(100, lambda: flag[0] > 0)
     assert clock.now_us() - t1 < 5000  # it had been woken already: no sleep till the next tick
+
+
+def test_stretch_tracer_names_the_work_between_two_fifo_reads():
+    # sim.stretches (bench firmware --stretches): a stretch between two FIFO
+    # services is reported with the traced pieces of work inside it, the
+    # longest first, and a piece's time excludes the tracer's own.
+    from sim.stretches import Stretches
+
+    clock = ChipClock(_FACTOR_MILLI, ThreadCpu())
+
+    class _Work:
+        def short(self):
+            _busy(200)
+
+        def long(self):
+            _busy(20000)
+
+    work = _Work()
+    tracer = Stretches(clock)
+    tracer.wrap(work, "short")
+    tracer.wrap(work, "long", "the long one")
+    tracer.measure_tare()
+    tracer.serviced(clock.now_us())
+    work.short()
+    tracer.serviced(clock.now_us())
+    work.short()
+    work.long()
+    work.short()
+    end = clock.now_us()
+    tracer.serviced(end)
+    r = tracer.report()
+    longest = r["longest"][0]
+    assert [p[0] for p in longest["pieces"]] == ["short", "the long one", "short"], longest
+    assert r["longest"][1]["us"] < longest["us"] and longest["at_us"] + longest["us"] == end
+    long_us = longest["pieces"][1][3]
+    assert long_us > 10 * longest["pieces"][0][3], longest
+    assert r["by_label"]["short"][0] == 3 and r["by_label"]["the long one"][0] == 1

@@ -1,0 +1,168 @@
+# Where the firmware's time goes between two services of a FIFO, at a
+# chip's speed (bench firmware --stretches): the longest stretches between
+# two reads of the MAX30003's FIFO (the shortest: 62.5 ms at 512 Hz) and
+# the firmware's named pieces of work that ran in each. Simulation only: it
+# wraps the app's methods from outside (the wrappers' bookkeeping is the
+# simulation's time, between clock.enter() and leave(); their call costs a
+# few host us, charged like firmware), so figures of a run with it are a
+# little pessimistic and its allocation figures are not the firmware's.
+from micropython import const
+
+_RING = const(256)  # pieces of work remembered (the ones of the last stretch or so)
+_TOP = const(8)  # stretches reported
+_PIECES = const(24)  # pieces reported per stretch
+
+
+class Stretches:
+    def __init__(self, clock):
+        self._clock = clock
+        self._label = [None] * _RING
+        self._t0 = [0] * _RING
+        self._t1 = [0] * _RING
+        self._depth = [0] * _RING
+        self._n = 0
+        self.depth = 0
+        self.last_service_us = -1
+        self.top = []  # (length us, start us, [(label, depth, start offset us, us)])
+        self.over_half = 0  # stretches longer than half the FIFO's fill time
+        self.over_fill = 0
+        self.fill_us = 62500
+        self.by_label = {}  # label: [calls, chip us, longest chip us]
+        self.tare_us = 0
+
+    def wrap(self, obj, name, label=None):
+        # Replaces obj.name (a method or a module's function) with one that
+        # records each call as a piece of work named label.
+        f = getattr(obj, name)
+        label = label or name
+        clock = self._clock
+        me = self
+
+        def traced(*args):
+            clock.enter()
+            me.depth += 1
+            t0 = clock.t_us
+            clock.leave()
+            try:
+                return f(*args)
+            finally:
+                clock.enter()
+                me.depth -= 1
+                me._piece(label, me.depth, t0, clock.t_us)
+                clock.leave()
+
+        setattr(obj, name, traced)
+
+    def measure_tare(self):
+        # What a traced call of nothing costs the firmware's clock (the
+        # wrapper's call and bookkeeping outside the simulation's brackets):
+        # taken off every piece (the median of many).
+        class _Nothing:
+            def f(self, *args):
+                pass
+
+        o = _Nothing()
+        self.wrap(o, "f")
+        d = []
+        clock = self._clock
+        for _ in range(101):
+            t0 = clock.now_us()
+            o.f()
+            d.append(clock.now_us() - t0)
+        d.sort()
+        self.tare_us = d[50]
+        self.by_label.clear()
+        self._n = 0
+
+    def _piece(self, label, depth, t0, t1):
+        d = t1 - t0 - self.tare_us
+        if d < 0:
+            d = 0
+        t1 = t0 + d
+        p = self.by_label.get(label)
+        if p is None:
+            p = self.by_label[label] = [0, 0, 0]
+        p[0] += 1
+        p[1] += d
+        if d > p[2]:
+            p[2] = d
+        i = self._n % _RING
+        self._label[i] = label
+        self._t0[i] = t0
+        self._t1[i] = t1
+        self._depth[i] = depth
+        self._n += 1
+
+    def serviced(self, t_us):
+        # The FIFO was read at t_us (called by the chip model, inside the simulation).
+        last = self.last_service_us
+        self.last_service_us = t_us
+        if last < 0:
+            return
+        d = t_us - last
+        if d > self.fill_us // 2:
+            self.over_half += 1
+        if d > self.fill_us:
+            self.over_fill += 1
+        if len(self.top) == _TOP and d <= self.top[-1][0]:
+            return
+        pieces = []
+        for k in range(min(self._n, _RING)):
+            i = (self._n - 1 - k) % _RING
+            if self._t1[i] < last:
+                break
+            if self._t1[i] - self._t0[i] >= 500 or self._depth[i] == 0:
+                pieces.append((self._label[i], self._depth[i], self._t0[i] - last, self._t1[i] - self._t0[i]))
+        pieces.reverse()
+        self.top.append((d, last, pieces[-_PIECES:]))
+        self.top.sort(key=lambda s: -s[0])
+        del self.top[_TOP:]
+
+    def report(self):
+        return {"over_half_fill": self.over_half, "over_fill": self.over_fill, "tare_us": self.tare_us,
+                "by_label": self.by_label,
+                "longest": [{"us": d, "at_us": t, "pieces": [list(p) for p in ps]} for d, t, ps in self.top]}
+
+
+def install(app, board, clock):
+    # Names the app's pieces of work and hooks the MAX30003 model's FIFO reads.
+    from app import main
+    from protocols import messages, samples
+
+    s = Stretches(clock)
+    model = board.models["max30003"]
+    s.fill_us = 32 * 1000000 // model.rate_hz()
+    transfer = model.transfer
+
+    def transfer_traced(tx, rx):
+        if tx[0] & 1 and (tx[0] >> 1) in (0x20, 0x21):
+            s.serviced(clock.t_us)
+        return transfer(tx, rx)
+
+    model.transfer = transfer_traced
+    # Only pieces called a few times a second, or once a loop at most: a
+    # wrapper costs the firmware's clock its tare every call.
+    for name in ("build_frame", "on_downlink", "_send_small", "_reseal_step"):
+        s.wrap(app, name)
+    s.wrap(messages, "encode_sample_frame")
+    s.wrap(samples, "encode_into")
+    s.wrap(app.sealer, "apply", "aes_ctr")
+    s.wrap(app.up, "seal_written", "mac")
+    link = app.link
+    for name in ("send", "receive", "set_vitals"):
+        if hasattr(link, name):
+            s.wrap(link, name, "link." + name)
+    if hasattr(link, "_framer"):
+        s.wrap(link._framer, "frame_into", "cobs")
+
+    class _Gc:
+        # main's gc, its collect() named
+        def __init__(self, gc):
+            self.mem_free = gc.mem_free
+            self.collect = gc.collect
+
+    g = _Gc(main.gc)
+    s.wrap(g, "collect", "gc.collect")
+    main.gc = g
+    s.measure_tare()
+    return s
