@@ -45,7 +45,7 @@ def _speed_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace, **kw: object):  # type: ignore[no-untyped-def]
-    from agent.simrun import SimOptions
+    from agent.dev.simrun import SimOptions
 
     if args.boards < 1 or args.boards > 32:
         raise SystemExit("pulsebridge: --boards must be 1 to 32")
@@ -60,7 +60,7 @@ def _options(args: argparse.Namespace, **kw: object):  # type: ignore[no-untyped
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from agent import simrun
+    from agent.dev import simrun
 
     if args.blank and args.capture:
         raise SystemExit("pulsebridge: a blank board has nothing to capture (provision it first)")
@@ -74,7 +74,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent import demo
+    from agent.dev import demo
 
     opts = _options(args, live=True)
     try:
@@ -143,8 +143,7 @@ def _registry(cfg: AgentConfig) -> Registry:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from agent.registry import RegistryError
-    from agent.sim.boards import write_private
+    from agent.registry import RegistryError, write_private
 
     cfg = _load_config(args.config)
     reg = _registry(cfg)
@@ -415,18 +414,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "vitals":
-        from agent import bench_vitals
+        from agent.dev import bench_vitals
 
         rv = bench_vitals.run()
         print(json.dumps(rv, indent=1) if args.json else "\n".join(bench_vitals.report(rv)))
         return 0
     if args.what == "agent":
-        from agent import bench_agent
+        from agent.dev import bench_agent
 
         r = bench_agent.run()
         print(json.dumps(r, indent=1) if args.json else "\n".join(bench_agent.report(r)))
         return 0
-    from agent import bench
+    from agent.dev import bench
 
     heap = bench.ESP32_HEAP_BLE_ON if args.heap is None else args.heap
     return bench.main(args.what, args.minutes, args.json, args.board_speed, args.link, heap, args.stretches)

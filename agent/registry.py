@@ -36,6 +36,16 @@ class RegistryError(Exception):
         self.device_id = device_id
 
 
+def write_private(path: Path, data: bytes) -> None:
+    # Secrets are readable by their owner only, from the moment they exist.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.chmod(path, 0o600)
+
+
 @dataclass(frozen=True)
 class Device:
     device_id: str

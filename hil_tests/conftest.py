@@ -5,7 +5,7 @@ With --port a real board on USB serial is tested (its --device-id and
 simulated board (the same firmware under micropython on a pty) stands in,
 so the suite runs anywhere. Likewise --ble ADDRESS (repeatable) tests real
 boards over BLE through BlueZ; without it, simulated boards on the software
-radio (agent/sim/air.py) stand in. Cases that need hardware this run does not
+radio (agent/dev/sim/air.py) stand in. Cases that need hardware this run does not
 have are skipped, and the skip says what to pass to run them.
 
 Each run writes, in --hil-report DIR (default hil-results/): junit.xml,
@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
+from agent.dev.sim import boards
+from agent.dev.sim.runner import SimulatedBoard
 from agent.session import BoardStats, verify_for
-from agent.sim import boards
-from agent.sim.runner import SimulatedBoard
 from tests.waiting import async_wait_for
 
 _FIGURES: dict[str, dict[str, Any]] = {}
@@ -139,7 +139,7 @@ def ble_bench(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BleBen
         yield BleBench("hardware", addresses, keys,
                        scanner_args={"bluez": {"adapter": request.config.getoption("--ble-adapter")}})
         return
-    from agent.sim.air import Air
+    from agent.dev.sim.air import Air
     from agent.transports import softradio
 
     air = Air(tmp_path / "air")

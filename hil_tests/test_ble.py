@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from bleak import BleakClient, BleakScanner
 
+from agent.dev.sim.runner import SimulatedBoard
 from agent.ingest import Volatile
 from agent.session import BoardSession, BoardStats
-from agent.sim.runner import SimulatedBoard
 from agent.transports.ble import BleTransport
 from hil_tests.conftest import BleBench, assert_nothing_lost, unaccounted_loss
 from protocols import hub

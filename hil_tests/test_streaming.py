@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from agent.config import AgentConfig
+from agent.dev.sim.runner import SimulatedBoard
 from agent.provision.provision import Provisioner
-from agent.sim.runner import SimulatedBoard
 from hil_tests.conftest import BoardUnderTest, assert_nothing_lost, frames_at_least, stream, until_nothing_lost
 
 

@@ -6,7 +6,7 @@
 # collects in tens of milliseconds while a sensor FIFO fills). MicroPython
 # only: on CPython `import micropython` fails and cose.py uses hashlib (the
 # same tags: tests/shared/test_properties.py holds both to RFC 2104 over
-# hashlib). Installed as source (agent/sim/build.py), so the board compiles
+# hashlib). Installed as source (agent/provision/build.py), so the board compiles
 # it for its own CPU; a module of its own, so the board's compiler never
 # holds this and protocols/_viper.py in RAM at once.
 #

@@ -4,7 +4,7 @@
 # microsecond, and a frame has a thousand bytes to encode, encrypt and
 # frame. MicroPython only: on CPython `import micropython` fails and the
 # callers keep their plain loops (the same results, the golden vectors and
-# tests hold both to it). This module is installed as source (agent/sim/
+# tests hold both to it). This module is installed as source (agent/provision/
 # build.py), so the board compiles it for its own CPU.
 #
 # Viper ints are machine words (32 bits on an ESP32, 64 on the unix port):

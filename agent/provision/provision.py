@@ -30,11 +30,11 @@ from typing import Any
 
 from agent.audit import AuditLog
 from agent.config import AgentConfig
+from agent.provision import build
+from agent.provision.build import default_cache
 from agent.provision.rawrepl import RawRepl, ReplError
 from agent.registry import Registry, RegistryError
 from agent.session import verify_for
-from agent.sim import build
-from agent.simrun import default_cache
 
 STEPS = ["identify", "install firmware", "make key", "write key and configuration", "register", "self-test"]
 

@@ -1,4 +1,4 @@
-"""A bleak backend for the software radio (agent/sim/air.py).
+"""A bleak backend for the software radio (agent/dev/sim/air.py).
 
 bleak lets a program choose its backend: `BleakClient(device,
 backend=...)`, `BleakScanner(..., backend=...)`. On a Raspberry Pi the
@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import struct
 from typing import Any, ClassVar
 
 from bleak.backends.characteristic import BleakGATTCharacteristic
@@ -28,14 +29,25 @@ from bleak.backends.service import BleakGATTService, BleakGATTServiceCollection
 from bleak.exc import BleakError
 from bleak.uuids import normalize_uuid_16, normalize_uuid_str
 
-from agent.sim.air import pack, read_message
-
 log = logging.getLogger(__name__)
+
+# The air's messages, both sockets (agent/dev/sim/air.py): type (1 byte), length (2 bytes, big-endian), payload.
+_HEADER = struct.Struct(">cH")
 
 SCAN_EVERY_S = 0.25
 _WANTED_MTU = 517
 _PROPERTIES = ((0x02, "read"), (0x04, "write-without-response"), (0x08, "write"), (0x10, "notify"),
                (0x20, "indicate"))
+
+
+async def read_message(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readexactly(_HEADER.size)
+    kind, n = _HEADER.unpack(head)
+    return kind, await reader.readexactly(n)
+
+
+def pack(kind: bytes, payload: bytes = b"") -> bytes:
+    return _HEADER.pack(kind, len(payload)) + payload
 
 
 def _uuid(value: int | str) -> str:

@@ -2,7 +2,7 @@
 # The drivers' per-sample loops as native code (MicroPython's viper
 # emitter): unpacking a FIFO burst costs a dozen Python operations per
 # sample, a millisecond per burst on an ESP32. Installed as source
-# (agent/sim/build.py), so the board compiles it for its own CPU; viper
+# (agent/provision/build.py), so the board compiles it for its own CPU; viper
 # ints are machine words, and every value here fits 24 bits.
 import micropython
 

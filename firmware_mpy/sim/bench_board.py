@@ -1,7 +1,7 @@
 # Firmware benchmark, run under the MicroPython unix port by `pulsebridge
 # bench firmware`: the unmodified app on a simulated board (ECG 512 Hz + PPG
 # 100 Hz) for N simulated minutes, alone in its interpreter: its link goes
-# to the hub in the benchmark's other process (agent/bench.py) through two
+# to the hub in the benchmark's other process (agent/dev/bench.py) through two
 # pipes. Prints one JSON line of figures.
 # Usage: micropython -m sim.bench_board MINUTES SPEED LINK UP_FD DOWN_FD [stretches]
 #   SPEED: host (this machine's speed, on a virtual clock) or a chip (esp32,

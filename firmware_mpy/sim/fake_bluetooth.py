@@ -15,9 +15,9 @@
 #     encrypted only if _IRQ_GET_SECRET gives back the key it holds.
 # The far side (a "central") is driven through Radio: in-process tests call
 # it directly. AirRadio instead puts the board on the software radio (the
-# "air", agent/sim/air.py) through a Unix socket, where the hub's bleak
+# "air", agent/dev/sim/air.py) through a Unix socket, where the hub's bleak
 # backend finds it, connects and subscribes; the wire between the two is
-# described in agent/sim/air.py.
+# described in agent/dev/sim/air.py.
 import errno
 import json
 import select

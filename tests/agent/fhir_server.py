@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 from fhir.resources.R4B.bundle import Bundle
 
-from agent.local_backend import serve_https
+from agent.dev.local_backend import serve_https
 
 
 class FhirTestServer:

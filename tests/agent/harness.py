@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.audit import AuditLog
-from agent.local_backend import LocalBackend
+from agent.dev.local_backend import LocalBackend
+from agent.dev.sim import boards
+from agent.dev.sim.runner import SimulatedBoard
+from agent.dev.tlsgen import Pki, make_pki
 from agent.registry import Registry
-from agent.sim import boards
-from agent.sim.runner import SimulatedBoard
-from agent.tlsgen import Pki, make_pki
 from protocols import cose, hub_link, messages
 from tests.conftest import ROOT
 

@@ -1,7 +1,7 @@
 """Boards over BLE, end to end through the software radio.
 
 Simulated boards run the unmodified firmware under micropython; their
-`bluetooth` module is the fake one, on the software radio (agent/sim/air.py);
+`bluetooth` module is the fake one, on the software radio (agent/dev/sim/air.py);
 the agent reaches them through bleak with the software radio's backend. The
 radio loses notifications, drops connections and loses its adapter; one
 registered board misbehaves. Every ack that crossed the air (read back from
@@ -26,10 +26,10 @@ import pytest
 
 from agent.audit import AuditLog
 from agent.config import AgentConfig, BackendConfig, BleConfig
+from agent.dev.sim import boards
+from agent.dev.sim.air import Air, Faults
+from agent.dev.sim.runner import SimulatedBoard
 from agent.registry import Registry
-from agent.sim import boards
-from agent.sim.air import Air, Faults
-from agent.sim.runner import SimulatedBoard
 from agent.supervisor import Agent
 from agent.transports import softradio
 from agent.transports.ble import SERVICE_UUID

@@ -130,7 +130,7 @@ def test_status_page_password_file_never_stops_the_boards(micropython: str, tmp_
     import asyncio
     import logging
 
-    from agent.sim.boards import write_private
+    from agent.registry import write_private
     from agent.supervisor import Agent
     from tests.agent import harness
 
@@ -180,7 +180,7 @@ def test_a_status_page_password_file_fixed_while_the_agent_runs_brings_the_page_
 
     import aiohttp
 
-    from agent.sim.boards import write_private
+    from agent.registry import write_private
     from agent.supervisor import Agent
     from tests.agent import harness
 

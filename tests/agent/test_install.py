@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from agent.sim import boards
-from agent.sim.runner import SimulatedBoard
+from agent.dev.sim import boards
+from agent.dev.sim.runner import SimulatedBoard
 from tests.agent import harness
 from tests.conftest import ROOT
 from tests.waiting import wait_for

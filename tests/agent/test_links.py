@@ -16,8 +16,8 @@ import serial
 from serial.tools.list_ports_common import ListPortInfo
 
 from agent import config as agent_config
-from agent.sim import boards
-from agent.sim.runner import SimulatedBoard
+from agent.dev.sim import boards
+from agent.dev.sim.runner import SimulatedBoard
 from agent.supervisor import Agent
 from tests.agent import harness
 from tests.waiting import async_wait_for

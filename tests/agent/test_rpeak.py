@@ -4,7 +4,7 @@ import numpy as np
 import wfdb
 import wfdb.processing as wp
 
-from agent.sim import waveforms
+from agent.dev.sim import waveforms
 from agent.vitals.rpeak import RPeakDetector, detect
 
 

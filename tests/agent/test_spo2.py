@@ -3,7 +3,7 @@
 import numpy as np
 import wfdb
 
-from agent.sim import waveforms
+from agent.dev.sim import waveforms
 from agent.vitals.spo2 import OximetryEstimator
 
 

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from agent import config as agent_config
-from agent.sim.boards import write_private
+from agent.registry import write_private
 from agent.supervisor import Agent
 from tests.agent import harness
 from tests.conftest import IN_CI

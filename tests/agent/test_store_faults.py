@@ -287,7 +287,7 @@ def test_status_page_and_cli_tell_a_full_disk(micropython: str, tmp_path: Path) 
 
     from agent import cli
     from agent import config as agent_config
-    from agent.sim.boards import write_private
+    from agent.registry import write_private
     from agent.supervisor import Agent
     from tests.agent import harness
     from tests.agent.test_links import _until

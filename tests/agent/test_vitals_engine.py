@@ -2,7 +2,7 @@
 import numpy as np
 import wfdb
 
-from agent.sim import waveforms
+from agent.dev.sim import waveforms
 from agent.vitals.engine import VitalsEngine
 from protocols import messages
 

@@ -81,7 +81,7 @@ def test_two_compilations_at_once_both_succeed(tmp_path: Path) -> None:
     # Benchmarks run side by side compile the same tree into the same cache.
     import threading
 
-    from agent.sim import build
+    from agent.provision import build
 
     results: list[object] = []
 

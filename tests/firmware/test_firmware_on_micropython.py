@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sim import boards
+from agent.dev.sim import boards
 from tests.conftest import ROOT
 
 MODULES = sorted(p.stem for p in (ROOT / "tests" / "firmware").glob("mpy_test_*.py"))

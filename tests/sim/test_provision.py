@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from agent.audit import AuditLog
+from agent.dev.sim import boards
+from agent.dev.sim.runner import SimulatedBoard
 from agent.registry import Registry
-from agent.sim import boards
-from agent.sim.runner import SimulatedBoard
 from tests.conftest import ROOT
 
 

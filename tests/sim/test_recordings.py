@@ -8,21 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from agent.sim import waveforms
+from agent.dev.sim import waveforms
 from tests.conftest import ROOT
 
 
 def test_a_fresh_clone_plays_its_own_recordings(tmp_path: Path) -> None:
     # A clone of the committed tree, alone in an empty folder: no shared/
     # beside it, no PULSEBRIDGE_DATA. It reads both records with wfdb.
-    proc = subprocess.run(["git", "ls-files", "agent/sim/recordings"], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run(["git", "ls-files", "agent/dev/sim/recordings"], cwd=ROOT, capture_output=True, text=True,
                           check=True)
     if not proc.stdout.strip():
-        pytest.fail("agent/sim/recordings is not committed")
+        pytest.fail("agent/dev/sim/recordings is not committed")
     clone = tmp_path / "alone" / "pulsebridge"
     clone.parent.mkdir()
     subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(clone)], check=True)
-    probe = ("import wfdb\nfrom agent.sim import waveforms as w\nd = w.data_dir()\n"
+    probe = ("import wfdb\nfrom agent.dev.sim import waveforms as w\nd = w.data_dir()\n"
              "e = wfdb.rdrecord(str(d / w.ECG_RECORD), channel_names=['MLII'], sampto=3600)\n"
              "p = wfdb.rdrecord(str(d / w.PPG_RECORD), channel_names=['PLETH'], sampto=2500)\n"
              "print(d, e.fs, p.fs, len(e.p_signal), len(p.p_signal))\n")

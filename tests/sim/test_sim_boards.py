@@ -11,8 +11,8 @@ import cbor2
 import pytest
 import serial
 
-from agent.sim import boards
-from agent.sim.runner import SimulatedBoard
+from agent.dev.sim import boards
+from agent.dev.sim.runner import SimulatedBoard
 from protocols import cipher, cose, hub, hub_link, link, messages
 from tests.conftest import ROOT
 from tests.protocols import cddl

@@ -44,7 +44,7 @@ RED_DC_PA_PER_MA = 820_000
 
 def data_dir() -> Path:
     """The folder holding ``ecg/100.*`` and ``ppg/a103l.*``: ``$PULSEBRIDGE_DATA`` if set, else the recordings
-    shipped beside this module (``agent/sim/recordings``, see its README).
+    shipped beside this module (``agent/dev/sim/recordings``, see its README).
 
     Raises FileNotFoundError naming the folder if the records are not there."""
     env = os.environ.get(DATA_ENV)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.sim import waveforms
+from agent.dev.sim import waveforms
 from agent.vitals.rpeak import detect
 
 BEAT_SYMBOLS = set("NLRBAaJSVrFejnE/fQ?")

@@ -32,11 +32,11 @@ import numpy as np
 
 from agent.audit import AuditLog
 from agent.config import BackendConfig
+from agent.dev.tlsgen import make_pki
 from agent.forwarders.mqtt import MqttForwarder
 from agent.ingest import Ingestor
 from agent.registry import Registry
 from agent.store import Store
-from agent.tlsgen import make_pki
 from protocols import cipher, cose, messages
 
 BOARDS = 20

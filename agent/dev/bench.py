@@ -27,9 +27,10 @@ from typing import IO, Any
 
 import numpy as np
 
-from agent.sim import boards, build
-from agent.sim.runner import find_micropython
-from agent.simrun import default_cache
+from agent.dev.sim import boards
+from agent.dev.sim.runner import find_micropython
+from agent.provision import build
+from agent.provision.build import default_cache
 from protocols import hub, hub_link, link, messages
 
 # The heap a classic ESP32 leaves the firmware, its .mpy code included (as
@@ -360,7 +361,7 @@ def _varint_bytes(z: np.ndarray) -> bytes:
 
 
 def encoding() -> dict[str, Any]:
-    from agent.sim import waveforms
+    from agent.dev.sim import waveforms
 
     cache = default_cache()
     ecg = waveforms.ecg_signal(cache)

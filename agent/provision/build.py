@@ -16,7 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from agent.sim.boards import FIRMWARE_DIR, REPO_DIR
+FIRMWARE_DIR = Path(__file__).resolve().parents[2] / "firmware_mpy"
+REPO_DIR = FIRMWARE_DIR.parent
 
 # What a board holds: the firmware and the shared protocol package.
 # main.py and boot.py stay source: MicroPython runs them as .py by design;
@@ -26,6 +27,11 @@ from agent.sim.boards import FIRMWARE_DIR, REPO_DIR
 SOURCES = [(FIRMWARE_DIR, ["app", "drivers", "sim", "board_esp32.py"]), (REPO_DIR, ["protocols"])]
 KEEP_AS_SOURCE = {"main.py", "boot.py", "sim/run_board.py", "protocols/_viper.py", "protocols/_sha256.py",
                   "drivers/_native.py"}
+
+
+def default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pulsebridge"
 
 
 class BuildError(Exception):

@@ -26,7 +26,8 @@ import time
 import tty
 from pathlib import Path
 
-from agent.sim import boards, build
+from agent.dev.sim import boards
+from agent.provision import build
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import json
 import random
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -40,20 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-_HEADER = struct.Struct(">cH")
+from agent.transports.softradio import pack, read_message
+
 # A controller of a Raspberry Pi 4 or 5 negotiates up to 517.
 DEFAULT_MTU = 517
 _READ_TIMEOUT_S = 2.0
-
-
-async def read_message(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    head = await reader.readexactly(_HEADER.size)
-    kind, n = _HEADER.unpack(head)
-    return kind, await reader.readexactly(n)
-
-
-def pack(kind: bytes, payload: bytes = b"") -> bytes:
-    return _HEADER.pack(kind, len(payload)) + payload
 
 
 @dataclass

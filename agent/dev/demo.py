@@ -21,13 +21,14 @@ from typing import IO, Any
 
 from agent.audit import AuditLog
 from agent.config import AgentConfig, BackendConfig, BleConfig, SerialConfig
-from agent.local_backend import LocalBackend
+from agent.dev.local_backend import LocalBackend
+from agent.dev.sim.air import Air
+from agent.dev.sim.runner import SimulatedBoard
+from agent.dev.simrun import SimOptions, board_specs, start_air
+from agent.dev.tlsgen import make_pki
+from agent.provision.build import default_cache
 from agent.registry import Registry
-from agent.sim.air import Air
-from agent.sim.runner import SimulatedBoard
-from agent.simrun import SimOptions, board_specs, default_cache, start_air
 from agent.supervisor import Agent
-from agent.tlsgen import make_pki
 
 _BUILT = re.compile(r"stopped after (\d+) frames built, (\d+) awaiting an ack, (\d+) dropped")
 DRAIN_TIMEOUT_S = 30.0

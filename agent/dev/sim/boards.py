@@ -14,10 +14,9 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.sim import waveforms
-
-FIRMWARE_DIR = Path(__file__).resolve().parents[2] / "firmware_mpy"
-REPO_DIR = FIRMWARE_DIR.parent
+from agent.dev.sim import waveforms
+from agent.provision.build import FIRMWARE_DIR, REPO_DIR
+from agent.registry import write_private
 
 
 @dataclass
@@ -61,16 +60,6 @@ def ble_address(device_id: str) -> str:
     raw = bytearray(hashlib.sha256(device_id.encode()).digest()[:6])
     raw[0] |= 0xC0
     return ":".join("%02X" % b for b in raw)
-
-
-def write_private(path: Path, data: bytes) -> None:
-    # Secrets are readable by their owner only, from the moment they exist.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.chmod(path, 0o600)
 
 
 def prepare(spec: BoardSpec, directory: Path, cache: Path) -> Path:

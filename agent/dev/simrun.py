@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -21,11 +20,13 @@ from typing import IO, Any
 
 from agent.ble_links import BleManager
 from agent.config import BleConfig
+from agent.dev.sim import boards
+from agent.dev.sim.air import Air, Faults
+from agent.dev.sim.runner import SimulatedBoard
 from agent.ingest import Volatile
+from agent.provision.build import default_cache
+from agent.registry import write_private
 from agent.session import BoardSession, BoardStats
-from agent.sim import boards
-from agent.sim.air import Air, Faults
-from agent.sim.runner import SimulatedBoard
 from agent.transports.serial import SerialTransport
 from protocols import hub
 
@@ -48,11 +49,6 @@ class SimOptions:
     disconnect_every_s: float = 0.0  # ble: mean time between forced disconnects
     air_capture: Path | None = None  # ble: what a sniffer would record, as JSON lines
     board_speed: str = "host"  # host, or a chip the firmware runs at the speed of (esp32, esp32-240, esp32s3)
-
-
-def default_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "pulsebridge"
 
 
 def board_specs(opts: SimOptions, air: Air | None = None) -> list[boards.BoardSpec]:
@@ -89,7 +85,7 @@ def write_keys(directory: Path, specs: list[boards.BoardSpec]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "keys.json"
     data = json.dumps({s.device_id: s.key.hex() for s in specs}, indent=1).encode()
-    boards.write_private(path, data)
+    write_private(path, data)
     return path
 
 
