@@ -14,8 +14,9 @@ import micropython
 
 
 @micropython.viper
-def cobs_into(msg, n: int, crc, out, pos: int) -> int:
-    # 0x00 | COBS(msg[0:n] | crc[0:4]) | 0x00 at out[pos:]; returns the end.
+def cobs_into(msg, start: int, n: int, crc, out, pos: int) -> int:
+    # 0x00 | COBS(msg[start:start+n] | crc[0:4]) | 0x00 at out[pos:];
+    # returns the end.
     m = ptr8(msg)
     c = ptr8(crc)
     o = ptr8(out)
@@ -27,7 +28,7 @@ def cobs_into(msg, n: int, crc, out, pos: int) -> int:
     i = 0
     while i < total:
         if i < n:
-            b = m[i]
+            b = m[start + i]
         else:
             b = c[i - n]
         if b == 0:
@@ -197,4 +198,42 @@ def move_down(buf, dst: int, src: int, n: int):
     i = 0
     while i < n:
         b[dst + i] = b[src + i]
+        i += 1
+
+
+@micropython.viper
+def crc32_into(buf, start: int, n: int, table, out):
+    # The CRC-32 (ISO-HDLC, as binascii.crc32) of buf[start:start+n] into
+    # out[0:4], little-endian: written as bytes, it never becomes an int
+    # above 2**30 (a heap object on a 32-bit port, which binascii.crc32's
+    # result is three times in four). A nibble at a time; table: its 16
+    # entries (link.CRC_NIBBLES, array("I")).
+    b = ptr8(buf)
+    t = ptr32(table)
+    o = ptr8(out)
+    one = uint(1)
+    mask = ((one << 16) << 16) - one
+    crc = mask
+    i = start
+    end = start + n
+    while i < end:
+        crc = crc ^ uint(b[i])
+        crc = (crc >> 4) ^ (uint(t[crc & 15]) & mask)
+        crc = (crc >> 4) ^ (uint(t[crc & 15]) & mask)
+        i += 1
+    crc = crc ^ mask
+    o[0] = crc & 0xFF
+    o[1] = (crc >> 8) & 0xFF
+    o[2] = (crc >> 16) & 0xFF
+    o[3] = (crc >> 24) & 0xFF
+
+
+@micropython.viper
+def copy_into(dst, dpos: int, src, spos: int, n: int):
+    # dst[dpos:dpos+n] = src[spos:spos+n] with no slice made (distinct buffers).
+    d = ptr8(dst)
+    s = ptr8(src)
+    i = 0
+    while i < n:
+        d[dpos + i] = s[spos + i]
         i += 1

@@ -54,14 +54,17 @@ class Tag:
 class Writer:
     # Appends CBOR items to buf from pos; raises LocalProtocolError if the
     # buffer is too small (the caller sized it wrong: our bug, not the peer's).
-    def __init__(self, buf: bytearray, pos: int = 0) -> None:
+    # end: where the writer must stop (a region of a larger buffer: a
+    # board's outbox ring, written in place with no view of it made).
+    def __init__(self, buf: "bytearray | memoryview", pos: int = 0, end: int = -1) -> None:
         self.buf = buf
         self.pos = pos
+        self.end = len(buf) if end < 0 else end
 
     def _room(self, n: int) -> int:
         p = self.pos
-        if p + n > len(self.buf):
-            raise LocalProtocolError("CBOR output buffer full (%d bytes)" % len(self.buf), "buffer_full")
+        if p + n > self.end:
+            raise LocalProtocolError("CBOR output buffer full (%d bytes)" % self.end, "buffer_full")
         self.pos = p + n
         return p
 

@@ -166,16 +166,16 @@ class MacKey:
         w.bstr(payload)
         w.bstr(self._tag_into(payload))
 
-    def seal_written(self, w: "cbor.Writer", start: int) -> None:
+    def seal_written(self, w: "cbor.Writer", start: int, base: int = 0) -> None:
         # Seals in place the payload the caller wrote at w.buf[start:w.pos],
-        # start being payload_offset: the COSE_Mac0 then spans w.buf[0:w.pos]
-        # (a board builds each frame where its outbox keeps it, with no
-        # payload buffer between).
+        # start being base + payload_offset: the COSE_Mac0 then spans
+        # w.buf[base:w.pos] (a board builds each frame where its outbox
+        # keeps it, with no payload buffer between, nor a view of it).
         n = w.pos - start
-        if start != self.payload_offset or n > MAX_PAYLOAD:
+        if start != base + self.payload_offset or n > MAX_PAYLOAD:
             raise LocalProtocolError("seal_written: a payload of at most %d bytes from payload_offset" % MAX_PAYLOAD,
                                      "misuse")
-        w.pos = 0
+        w.pos = base
         w.tag(COSE_MAC0_TAG)
         w.array(4)
         w.bstr(self.protected)

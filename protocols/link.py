@@ -24,6 +24,7 @@
 # BLE reassembler) and its downlink encoder are in protocols/hub_link.py,
 # which a board never loads (its code would take ~5 kB of the board's heap).
 
+import array
 import binascii
 
 from protocols._compat import const
@@ -81,6 +82,26 @@ def crc32(data: "bytes | bytearray | memoryview", crc: int = 0) -> int:
     return binascii.crc32(data, crc) & 0xFFFFFFFF
 
 
+def _crc_nibbles() -> "array.array[int]":
+    # The CRC-32's table for 4 bits at a time (the board's crc32_into).
+    t = array.array("I", bytes(64))
+    for i in range(16):
+        c = i
+        for _ in range(4):
+            c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
+        t[i] = c
+    return t
+
+
+def copy_into(dst: "bytearray | memoryview", dpos: int, src: "bytes | bytearray | memoryview", spos: int,
+              n: int) -> None:
+    # dst[dpos:dpos+n] = src[spos:spos+n]; on a board with no slice made.
+    if _viper is not None:
+        _viper.copy_into(dst, dpos, src, spos, n)
+    else:
+        dst[dpos:dpos + n] = memoryview(src)[spos:spos + n]
+
+
 # ---- uplink byte stream: COBS + CRC-32 --------------------------------------
 
 class StreamFramer:
@@ -88,27 +109,31 @@ class StreamFramer:
     # beyond a 4-byte CRC buffer made once.
     def __init__(self) -> None:
         self._crc = bytearray(CRC_SIZE)
+        self._nibbles = _crc_nibbles() if _viper is not None else None
 
-    def frame_into(self, msg: "bytes | bytearray | memoryview", n: int, out: bytearray, pos: int = 0) -> int:
+    def frame_into(self, msg: "bytes | bytearray | memoryview", n: int, out: bytearray, pos: int = 0,
+                   start: int = 0) -> int:
+        # Frames msg[start:start+n] at out[pos:]; returns the end.
         if n > MAX_MESSAGE:
             raise LocalProtocolError("message of %d bytes exceeds the link bound %d" % (n, MAX_MESSAGE), "too_long")
         if pos + n + n // 254 + 8 > len(out):
             raise LocalProtocolError("link output buffer too small", "buffer_full")
-        c = crc32(memoryview(msg)[:n])
         crc = self._crc
+        if _viper is not None:  # no int above 2**30, no view: nothing allocated on a board
+            _viper.crc32_into(msg, start, n, self._nibbles, crc)
+            return int(_viper.cobs_into(msg, start, n, crc, out, pos))
+        c = crc32(memoryview(msg)[start:start + n])
         crc[0] = c & 0xFF
         crc[1] = (c >> 8) & 0xFF
         crc[2] = (c >> 16) & 0xFF
         crc[3] = c >> 24
-        if _viper is not None:
-            return int(_viper.cobs_into(msg, n, crc, out, pos))
         out[pos] = 0
         code_at = pos + 1
         w = pos + 2
         code = 1
         total = n + CRC_SIZE
         for i in range(total):
-            b = msg[i] if i < n else crc[i - n]
+            b = msg[start + i] if i < n else crc[i - n]
             if b == 0:
                 out[code_at] = code
                 code_at = w
@@ -242,7 +267,7 @@ class Fragmenter:
             out[0] = self.counter
             hdr = 1
         take = min(room - hdr, self._len - off)
-        out[hdr:hdr + take] = memoryview(self._msg)[off:off + take]
+        copy_into(out, hdr, self._msg, off, take)
         self._off = off + take
         self.counter = (self.counter + 1) & 0x7F
         return hdr + take

@@ -271,11 +271,11 @@ def encode_sample_frame(w: "cbor.Writer", epoch: int, seq: int, stream: int, t0_
         start = w.pos + cbor.BSTR_HEAD_MAX  # room for the head, written once the length is known
         if isinstance(ch, bytes):  # one type, no tuple built per frame: the board's path allocates nothing
             n = len(ch)
-            if start + n > len(buf):
-                raise LocalProtocolError("CBOR output buffer full (%d bytes)" % len(buf), "buffer_full")
+            if start + n > w.end:
+                raise LocalProtocolError("CBOR output buffer full (%d bytes)" % w.end, "buffer_full")
             buf[start:start + n] = ch
         else:
-            n = samples.encode_into(ch, count, buf, start) - start
+            n = samples.encode_into(ch, count, buf, start, w.end) - start
         sealer.apply(buf, start, start + n, epoch, seq, offset)
         offset += n
         w.bstr_written(start, n)

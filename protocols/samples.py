@@ -27,9 +27,10 @@ _INT32_MAX = const(0x7FFFFFFF)
 WORST_BYTES_PER_SAMPLE = const(5)
 
 
-def encode_into(src: "list[int]", count: int, out: bytearray, pos: int) -> int:
-    # Writes src[0:count] at out[pos:]; returns the position after it.
-    end = len(out) - _MAX_VARINT_BYTES
+def encode_into(src: "list[int]", count: int, out: "bytearray | memoryview", pos: int, limit: int = -1) -> int:
+    # Writes src[0:count] at out[pos:limit] (limit < 0: to its end); returns
+    # the position after it.
+    end = (len(out) if limit < 0 else limit) - _MAX_VARINT_BYTES
     if _viper is not None and not isinstance(src, list):  # an array("i"), as the board holds samples
         r = _viper.varint_into(src, count, out, pos, end)
         if r >= 0:

@@ -133,6 +133,7 @@ class BleLink:
         ble.gatts_write(h_plx_features, b"\x00\x00")  # no optional PLX features
         ble.gatts_write(h_hr_location, b"\x01")  # chest
         self._std = bytearray(5)
+        self._std_hr = memoryview(self._std)[:2]  # the heart rate's 2 bytes, a view made once
         self._std_due = -1  # a tick (app.ticks) once the first measurement went out
         self.encrypted = False
         self.hr_x10 = 0
@@ -141,9 +142,15 @@ class BleLink:
         self.battery_pct = -1
         self.std_sent = 0
         self._adv = _adv_payload(_uuid128_le(SERVICE_UUID), device_id.encode())
-        self._tx = bytearray(max_message)
+        self._tx = bytearray(max(max_message, link.MAX_MTU))
         self._frag = link.Fragmenter(link.MIN_MTU)
+        # A fragment is notified as a whole buffer of its length: this one,
+        # made MAX_MTU long, is cut to each fragment's length in place and
+        # grown back (from _tx_head) before the next is built. A bytearray
+        # keeps its capacity when cut, so neither allocates, where a view of
+        # each fragment would (a new object per notification).
         self._fragbuf = bytearray(link.MAX_MTU)
+        self._tx_head = memoryview(self._tx)[:link.MAX_MTU]
         self._frag_len = 0  # a fragment built and not yet accepted by the stack
         self._rx = link.LineDeframer()
         self.message = self._rx.message  # receive()'s message: decoded in place there
@@ -270,7 +277,7 @@ class BleLink:
             if hr_x10:
                 s[0] = 0  # flags: heart rate as uint8
                 s[1] = min(255, (hr_x10 + 5) // 10)
-                self._ble.gatts_notify(self._conn, self._h_hr, memoryview(s)[:2])
+                self._ble.gatts_notify(self._conn, self._h_hr, self._std_hr)
                 self.std_sent += 1
             if spo2_x10:
                 struct.pack_into("<BHH", s, 0, 0, _sfloat(spo2_x10), _sfloat(pr_x10))
@@ -283,13 +290,19 @@ class BleLink:
         if self._skip:
             self._skip -= 1
             return
+        fb = self._fragbuf
         for _ in range(_FRAGMENTS_PER_SERVICE):
             if not self._frag_len:
-                self._frag_len = self._frag.next_into(self._fragbuf)
-                if not self._frag_len:
+                if len(fb) < self._frag.fragment_size:
+                    fb[:] = self._tx_head  # back to MAX_MTU bytes, in its own capacity
+                n = self._frag.next_into(fb)
+                if not n:
                     return
+                if n < len(fb):
+                    fb[n:] = b""  # cut to the fragment, in place
+                self._frag_len = n
             try:
-                self._ble.gatts_notify(self._conn, self._h_data, memoryview(self._fragbuf)[:self._frag_len])
+                self._ble.gatts_notify(self._conn, self._h_data, fb)
             except OSError as e:
                 if e.args and e.args[0] == errno.ENOMEM:
                     # The stack is out of buffers: keep the fragment, back off.
@@ -309,12 +322,13 @@ class BleLink:
         # A message is still being notified, fragment by fragment.
         return self.connected and (self._frag.busy or self._frag_len > 0)
 
-    def send(self, buf, n):
-        # Takes a whole message if no other is being fragmented; the message
-        # is copied, so the outbox may reuse its bytes meanwhile.
+    def send(self, buf, n, off=0):
+        # Takes a whole message, buf[off:off+n], if no other is being
+        # fragmented; the message is copied, so the outbox may reuse its
+        # bytes meanwhile.
         if not self.connected or self._frag.busy or self._frag_len:
             return False
-        self._tx[:n] = buf[:n]
+        link.copy_into(self._tx, 0, buf, off, n)
         self._frag.start(self._tx, n)
         self._pump()
         return True

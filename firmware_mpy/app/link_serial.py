@@ -80,11 +80,11 @@ class SerialLink:
     def busy(self):
         return self._pending > 0
 
-    def send(self, buf, n):
-        # Takes a whole message if the previous one has gone out.
+    def send(self, buf, n, off=0):
+        # Takes a whole message, buf[off:off+n], if the previous one has gone out.
         if self._pending:
             return False
-        self._pending = self._framer.frame_into(buf, n, self._tx)
+        self._pending = self._framer.frame_into(buf, n, self._tx, 0, off)
         self._off = 0
         self._pump()
         return True

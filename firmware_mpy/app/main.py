@@ -66,9 +66,9 @@ class App:
             self.streams.append(st)
         self.worst = [s.window * len(s.chans) * _WORST_BYTES_PER_SAMPLE + _FRAME_OVERHEAD for s in self.streams]
         biggest = max(self.worst)
-        self._frame_writer = cbor.Writer(bytearray(0))  # build_frame points it at an outbox region
         gc.collect()  # the outbox is the one big block: make room for it in one piece
         self.outbox = Outbox(max(cfg["outbox_bytes"], 2 * biggest), cfg["outbox_frames"])
+        self._frame_writer = cbor.Writer(self.outbox.buf)  # build_frame bounds it to a region
         self.small = bytearray(_SMALL)
         self.small_sealed = bytearray(_SMALL + 96)
         self.link = board.link(cfg, biggest)
@@ -146,13 +146,15 @@ class App:
         # The frame is made where it will stay: the payload encoded (and its
         # samples encrypted) in its outbox region, then sealed around it.
         w = self._frame_writer
-        w.buf = self.outbox.reserve(self.worst[k])  # may drop the oldest frames: this one then says so
-        w.pos = start = self.up.payload_offset
+        need = self.worst[k]
+        base = self.outbox.reserve(need)  # may drop the oldest frames: this one then says so
+        w.end = base + need
+        w.pos = start = base + self.up.payload_offset
         messages.encode_sample_frame(w, self.epoch, seq, st.stream_id, st.t0_ms(), st.first_index,
                                      st.rate_hz, count, num, den, drive, flags, st.pending_lost,
                                      self.outbox.dropped, jitter, st.chans, self.sealer)
-        self.up.seal_written(w, start)
-        self.outbox.commit(seq, w.pos)
+        self.up.seal_written(w, start, base)
+        self.outbox.commit(seq, w.pos - base)
         if st.stream_id == messages.STREAM_PPG_MAX30102:
             if self.ox is not None:
                 if flags & messages.FLAG_LEAD_OFF or st.pending_lost:
@@ -303,7 +305,7 @@ class App:
             ob = self.outbox
             for _ in range(_MAX_SENDS_PER_LOOP):
                 i = ob.next_to_send(now, self.cfg["retransmit_ms"])
-                if i < 0 or not self.link.send(ob.frame(i), ob.lens[i]):
+                if i < 0 or not self.link.send(ob.buf, ob.lens[i], ob.off[i]):
                     break
                 ob.mark_sent(i, now)
                 now = self._drain()

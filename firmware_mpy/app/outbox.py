@@ -91,7 +91,9 @@ class Outbox:
 
     def reserve(self, need):
         # Room for a frame of at most need bytes at the tail, dropping the
-        # oldest frames if there is none. Returns a memoryview to write in.
+        # oldest frames if there is none. Returns where it starts in buf
+        # (buf[start:start+need] is the caller's until commit(); no view of
+        # it is made: that would allocate for each frame).
         if need > len(self.buf):
             raise ValueError("frame of %d bytes larger than the outbox" % need)
         self._trim()
@@ -109,7 +111,7 @@ class Outbox:
             self._drop_head()
         self._reserved = (self.head + self.count) % len(self.off)
         self._reserved_off = start
-        return self.mv[start:start + need]
+        return start
 
     def commit(self, seq, length):
         i = self._reserved
@@ -171,8 +173,8 @@ class Outbox:
         seq, sealed = r
         self.state[i] = _FREE
         self._trim()
-        region = self.reserve(len(sealed))
-        region[:len(sealed)] = sealed
+        start = self.reserve(len(sealed))
+        self.buf[start:start + len(sealed)] = sealed
         self.commit(seq, len(sealed))
         return True
 

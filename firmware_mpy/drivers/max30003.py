@@ -80,6 +80,7 @@ class MAX30003:
         self._btx[0] = (_REG_ECG_FIFO_BURST << 1) | 1
         self.rate_hz = 512
         self.gain = 20
+        self._scale = (_VREF_UV, (1 << 17) * 20)  # scale(), made when configured: a frame allocates no tuple
         self.lost = 0
         self.saturated = False
         self._irq = False  # FIFO interrupt enabled (kept across a restart)
@@ -129,6 +130,7 @@ class MAX30003:
         self.write_reg(_REG_EN_INT, 0)  # polled
         self.rate_hz = rate_hz
         self.gain = gain
+        self._scale = (_VREF_UV, (1 << 17) * gain)
 
     def enable_fifo_irq(self):
         # INTB goes low when EFIT samples are unread (or the FIFO overflowed)
@@ -157,8 +159,8 @@ class MAX30003:
         self.write_reg(_REG_CNFG_GEN, 0)
 
     def scale(self):
-        # uV per ADC count.
-        return _VREF_UV, (1 << 17) * self.gain
+        # uV per ADC count: (numerator, denominator).
+        return self._scale
 
     def lead_off(self):
         return bool(self.status() & (_STATUS_DCLOFF | _STATUS_LDOFF))

@@ -63,6 +63,8 @@ class MAX30102:
         self.adc_range_na = 16384
         self.led_red_ua = 0
         self.led_ir_ua = 0
+        self._scale = (16384, 1 << 18)  # scale() and drive(), made when configured: a frame allocates no tuple
+        self._drive = (0, 0, 16384, 411)
         self.saturated = False
         self._irq = False  # FIFO interrupt enabled (kept across a restart)
         self.lost = 0
@@ -115,6 +117,8 @@ class MAX30102:
         self.adc_range_na = adc_range_na
         self.led_red_ua = (led_red_ua // _LED_UA_PER_LSB) * _LED_UA_PER_LSB
         self.led_ir_ua = (led_ir_ua // _LED_UA_PER_LSB) * _LED_UA_PER_LSB
+        self._scale = (adc_range_na, 1 << 18)
+        self._drive = (self.led_red_ua, self.led_ir_ua, adc_range_na, pulse_width_us)
 
     def enable_fifo_irq(self):
         # INT falls when FIFO_A_FULL slots are left; reading INT_STATUS_1
@@ -145,11 +149,12 @@ class MAX30102:
         self._write(_REG_MODE_CONFIG, 0x80 | _MODE_SPO2)  # SHDN: LEDs off
 
     def scale(self):
-        # nA of photodiode current per ADC count.
-        return self.adc_range_na, 1 << 18
+        # nA of photodiode current per ADC count: (numerator, denominator).
+        return self._scale
 
     def drive(self):
-        return (self.led_red_ua, self.led_ir_ua, self.adc_range_na, self.pulse_width_us)
+        # (red LED uA, IR LED uA, ADC range nA, pulse width us)
+        return self._drive
 
     def read_into(self, chans, pos, room):
         # Drains up to room samples into chans[0] (red) and chans[1] (IR) from

@@ -104,6 +104,7 @@ class SimBoard:
         self.clock = clock or (VirtualClock() if sim.get("virtual_clock") else RealClock())
         self.console_port = None
         self._irq_pins = {}
+        self._irq_list = []
         self.console_in = sys.stdin.buffer  # what the serial link reads and writes (the bench: its hub)
         self.console_out = sys.stdout.buffer
         self._timers = []
@@ -187,7 +188,7 @@ class SimBoard:
     def service(self):
         for t in self._timers:
             t.fire_due()
-        for p in self._irq_pins.values():
+        for p in self._irq_list:  # (a list: dict.values() would allocate a view each loop)
             p.poll()
         if self.radio is not None:
             c = self.clock
@@ -225,6 +226,7 @@ class SimBoard:
             if self.sim.get("irq_pins", True):
                 chip.enable_fifo_irq()
                 self._irq_pins[messages.STREAM_ECG_MAX30003] = models.SimIrqPin(self.clock, model)
+                self._irq_list.append(self._irq_pins[messages.STREAM_ECG_MAX30003])
             out.append((messages.STREAM_ECG_MAX30003, chip, chip.lead_off))
         elif ecg and ecg["chip"] == "ad8232":
             front_model = models.AD8232Model(self.clock, self._wave("ecg", 1), seed, lead_off)
@@ -249,6 +251,7 @@ class SimBoard:
             if self.sim.get("irq_pins", True):
                 oxi.enable_fifo_irq()
                 self._irq_pins[messages.STREAM_PPG_MAX30102] = models.SimIrqPin(self.clock, oxi_model)
+                self._irq_list.append(self._irq_pins[messages.STREAM_PPG_MAX30102])
             out.append((messages.STREAM_PPG_MAX30102, oxi, None))
         return out
 

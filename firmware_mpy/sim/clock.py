@@ -31,17 +31,39 @@ _TARE_SAMPLES = const(1000)
 
 
 class _Plain:
-    # What VirtualClock and RealClock share: the simulation's bracketing is a
-    # no-op, bus time is not modelled, timers fire from the board loop.
+    # What VirtualClock and RealClock share: the simulation's bracketing
+    # only unlocks the heap (lock_heap), bus time is not modelled, timers
+    # fire from the board loop.
     chip = False
     sim_alloc = 0
     sim_garbage = 0
+    heap_locked = False
+    _depth = 0
+
+    def lock_heap(self):
+        # (Tests) From here on the firmware runs under micropython.heap_lock():
+        # whatever it allocates raises MemoryError where it does; the
+        # simulation (between enter() and leave()) may allocate.
+        self.heap_locked = True
+        self._depth = 0  # (an instance attribute now: made under the lock, it would allocate)
+        micropython.heap_lock()
+
+    def unlock_heap(self):
+        if self.heap_locked:
+            self.heap_locked = False
+            micropython.heap_unlock()
 
     def enter(self):
-        pass
+        if self.heap_locked:
+            self._depth += 1
+            if self._depth == 1:
+                micropython.heap_unlock()
 
     def leave(self):
-        pass
+        if self.heap_locked:
+            self._depth -= 1
+            if self._depth == 0:
+                micropython.heap_lock()
 
     def charge_io_us(self, us):
         pass

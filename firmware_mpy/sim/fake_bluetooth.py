@@ -410,12 +410,15 @@ class BLE:
         c = self._radio.clock
         c.enter()
         try:
-            v = self._values.get(handle, b"")
+            v = bytearray(self._values.get(handle, b""))
             if self._append.get(handle):
                 self._values[handle] = b""
-            return v
         finally:
             c.leave()
+        # MicroPython's gatts_read returns a new bytes object, made in the
+        # firmware's heap (its bluetooth module has no readinto): that
+        # allocation is the firmware's, not the simulation's.
+        return bytes(v)
 
     def gatts_write(self, handle, data):
         c = self._radio.clock

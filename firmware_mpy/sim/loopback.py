@@ -37,12 +37,12 @@ class LoopbackLink:
     def busy(self):
         return False
 
-    def send(self, buf, n):
+    def send(self, buf, n, off=0):
         if not self.connected:
             return False
-        self.last_wire = self._framer.frame_into(buf, n, self._tx)
+        self.last_wire = self._framer.frame_into(buf, n, self._tx, 0, off)
         self.bytes_wire += self.last_wire
-        data = bytes(memoryview(buf)[:n])
+        data = bytes(memoryview(buf)[off:off + n])
         self.bytes_up += n
         self.messages_up += 1
         r = self.hub.receive(data)

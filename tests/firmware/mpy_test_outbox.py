@@ -24,9 +24,9 @@ def test_ring_against_model():
         if op < 6:
             need = 50 + rng.below(700)
             before = set(held)
-            region = ob.reserve(need)
+            start = ob.reserve(need)
             n = need - rng.below(40)
-            region[:n] = _pattern(seq, n)
+            ob.buf[start:start + n] = _pattern(seq, n)
             ob.commit(seq, n)
             gone = before - set(i for i in (ob.seqs[j] for j in range(12) if ob.state[j]))
             # only the oldest frames may go
@@ -88,7 +88,7 @@ def test_reseal_moves_each_frame_once_even_when_frames_are_added_and_dropped_mea
     ob = Outbox(1200, 6)
     for s in range(5):
         r = ob.reserve(200)
-        r[:200] = _pattern(s, 200)
+        ob.buf[r:r + 200] = _pattern(s, 200)
         ob.commit(s, 200)
     ob.ack(Ack(0, [(1, 1)]), 0)  # acknowledged: gone, never re-sealed
     state = {"next": 100, "new_seq": 500, "calls": 0}
@@ -97,7 +97,7 @@ def test_reseal_moves_each_frame_once_even_when_frames_are_added_and_dropped_mea
         s = state["next"]
         state["next"] += 1
         r = ob.reserve(200)
-        r[:200] = b"N" * 200
+        ob.buf[r:r + 200] = b"N" * 200
         ob.commit(s, 200)
 
     def seal(frame):

@@ -1,0 +1,171 @@
+# The firmware's steady state allocates nothing (issue 11, §2): after
+# start-up the unmodified app streams ECG 512 Hz + PPG 100 Hz over its real
+# serial or BLE link on a simulated board, with the hub at the link's far
+# end in this interpreter, and runs every loop under
+# micropython.heap_lock(): any allocation of the firmware raises
+# MemoryError where it happens (its traceback printed). The simulation
+# (chip models, console, radio: between the clock's enter() and leave())
+# and the hub may allocate; the firmware's call frames that do not fit the
+# C stack fall back to it under the lock (they are freed on return, never
+# garbage). A second run starts the board's ticks just before they wrap
+# and its frame counters near their limits, as after weeks of uptime.
+import gc
+import json
+import sys
+
+from app import config, main, outbox
+from protocols import hub, hub_link, link, messages
+from sim.board_sim import SimBoard
+from sim.clock import VirtualClock
+
+_BLE_MTU = 247
+_START_MS = 4000  # start-up (hello, first windows, first acks): allocations allowed
+_STEADY_MS = 6000  # then this long under the heap lock
+
+
+def _load(path, mode="r"):
+    with open(path, mode) as f:
+        return json.load(f) if mode == "r" else f.read()
+
+
+class _Hub:
+    # The hub's end of the link: verifies what the board sends and answers
+    # each sample frame with an ack, as the agent does (allocates freely).
+    def __init__(self, device_id, key, kind):
+        self.hub = hub.Hub()
+        self.hub.add_device(device_id, key)
+        self.device_id = device_id
+        self.kind = kind
+        self.source = hub_link.StreamDeframer() if kind == "serial" else hub_link.Reassembler()
+        self.accepted = 0
+        self.rejected = 0
+        self.next_index = {}
+        self.gaps = 0
+
+    def write(self, buf, off, n):  # the serial console's far end (inside SimConsole.write)
+        self.source.feed(bytes(memoryview(buf)[off:off + n]))
+        return n
+
+    def notify(self, data):  # the central (inside the radio's service)
+        self.source.feed(bytes(data))
+
+    def answer(self):
+        out = bytearray()
+        while True:
+            ev = self.source.next_event()
+            if ev is None:
+                return bytes(out)
+            if not isinstance(ev, link.Frame):
+                continue
+            r = self.hub.receive(ev.data)
+            m = r.message
+            if r.verdict != hub.ACCEPTED:
+                self.rejected += 1
+                continue
+            self.accepted += 1
+            if isinstance(m, messages.SampleFrame):
+                if self.next_index.get(m.stream, m.first_index) != m.first_index:
+                    self.gaps += 1
+                self.next_index[m.stream] = m.first_index + m.count
+                for msg in self.hub.ack(self.device_id, m.epoch, [m.seq]):
+                    out += hub_link.downlink_line(msg)
+
+
+def _run(kind, ticks_start_ms=0):
+    sim = _load("sim.json")
+    sim["virtual_clock"] = True
+    sim["ticks_start_ms"] = ticks_start_ms
+    if kind == "ble":
+        sim["ble"] = {}
+    cfg = config.load()
+    cfg["link"] = kind
+    key = config.load_key()
+    clock = VirtualClock()
+    board = SimBoard(sim, clock)
+    far = _Hub(cfg["device_id"], key, kind)
+    board.console_in = None  # the serial link's input: SimConsole.feed()
+    board.console_out = far
+    outbox.preallocate(config.ring_bytes())
+    app = main.App(board, cfg, key, config.next_epoch())
+    radio = board.radio
+    if radio is not None:
+        radio.on_notify = far.notify
+    reads = [0]
+    if radio is not None:
+        ble = app.link._ble
+        read = ble.gatts_read
+
+        def gatts_read(handle):
+            # The one allocation a BLE board cannot avoid: MicroPython's
+            # gatts_read returns a new bytes object (its bluetooth module
+            # has no readinto); allowed here, counted.
+            was = clock.heap_locked
+            clock.unlock_heap()
+            try:
+                reads[0] += was
+                return read(handle)
+            finally:
+                if was:
+                    clock.lock_heap()
+
+        ble.gatts_read = gatts_read
+    app.start()
+    if radio is not None:
+        radio.connect(_BLE_MTU)
+    built = 0
+    locked = False
+    end_ms = _START_MS + _STEADY_MS
+    try:
+        while True:
+            now_ms = board.uptime_ms()
+            if not locked and now_ms >= _START_MS:
+                built = app.frames_built
+                gc.collect()
+                clock.lock_heap()
+                locked = True
+            if now_ms >= end_ms:
+                break
+            app.step()
+            clock.unlock_heap()  # the hub's turn
+            down = far.answer()
+            if down:
+                if radio is not None:
+                    radio.write(down)
+                else:
+                    board.console_port.feed(down)
+            if locked:
+                clock.lock_heap()
+            app.wait()
+    except MemoryError as e:
+        clock.unlock_heap()
+        sys.print_exception(e)  # type: ignore[attr-defined]
+        raise AssertionError("%s link: the firmware allocated in the steady state, %d ms after start-up (traceback "
+                             "above)" % (kind, board.uptime_ms())) from None
+    finally:
+        clock.unlock_heap()
+    built = app.frames_built - built
+    # The loop did its work meanwhile: each second two frames built, sent and
+    # acknowledged, nothing lost, nothing forged.
+    assert built >= 2 * (_STEADY_MS // 1000) - 2, (kind, built)
+    assert far.accepted >= built and far.rejected == 0 and far.gaps == 0, (kind, far.accepted, far.rejected,
+                                                                          far.gaps)
+    assert app.outbox.depth() <= 4, (kind, app.outbox.depth())
+    assert app.loop_restarts == 0 and app.downlink_rejected == 0, (kind, app.loop_restarts, app.downlink_rejected)
+    if radio is not None:  # at most one control read per ack written (two frames a second)
+        assert 0 < reads[0] <= 2 * (_STEADY_MS // 1000) + 2, reads[0]
+    return app
+
+
+def test_serial_steady_state_allocates_nothing():
+    _run("serial")
+
+
+def test_ble_steady_state_allocates_nothing():
+    _run("ble")
+
+
+def test_steady_state_allocates_nothing_across_the_ticks_wrap():
+    # The board's ticks_ms() wraps at 2**30 (12.4 days up): here 3 s into
+    # the locked run.
+    app = _run("serial", (1 << 30) - _START_MS - 3000)
+    assert app.board.ticks_ms() < 10000
