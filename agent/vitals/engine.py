@@ -103,9 +103,7 @@ class VitalsEngine:
             st = _Ecg(RPeakDetector(f.rate_hz), f.first_index, f.epoch)
             self._ecg[dev] = st
         st.sources.append(key)
-        for x in f.channels[0]:
-            for r in st.det.push(float(x)):
-                st.beats.append(r)
+        st.beats.extend(st.det.push_frame(f.channels[0]))
         st.next_index = f.first_index + f.count
         beats = list(st.beats)
         rr = [(b - a) / f.rate_hz for a, b in zip(beats, beats[1:])]

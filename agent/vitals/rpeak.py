@@ -1,117 +1,119 @@
-"""Streaming R-peak detection (after Pan and Tompkins, 1985), bounded memory.
+"""Streaming R-peak detection (after Pan and Tompkins, 1985), frame by frame, bounded memory.
 
-Per sample: band-pass 5-15 Hz (two RBJ biquads), five-point derivative,
-squaring, 150 ms moving-window integration; then adaptive signal and noise
-levels with a 200 ms refractory period, a T-wave check (a candidate within
-360 ms of the last beat whose slope is under half the last beat's is a T
-wave), and a search back with half the threshold when no beat came for
-1.66 times the running RR average. The R peak itself is located as the
-largest band-passed deflection within 120 ms before the integrator's peak.
+Per frame, on arrays (scipy.signal, filter state carried from one frame to
+the next): band-pass 5-15 Hz (second-order Butterworth high-pass and
+low-pass), five-point derivative, squaring, 150 ms moving-window
+integration. Python only runs per candidate (a local maximum of the
+integrator, a few a second): adaptive signal and noise levels with a 200 ms
+refractory period, a T-wave check (a candidate within 360 ms of the last
+beat whose slope is under half the last beat's is a T wave), and a search
+back with half the threshold when no beat came for 1.66 times the running RR
+average. The R peak itself is the largest band-passed deflection within
+120 ms before the integrator's peak.
 
-Memory: a ring of ~0.5 s of filtered samples and eight RR intervals, whatever
-the length of the recording. Each detected beat comes out once, about 0.4 s
-after it happened, as a sample index on the sensor's clock.
+Settling, as Pan and Tompkins' learning phase: the filters start in their
+steady state for the stream's first sample (an offset is no step), no
+candidate counts before the integrator's window has filled, and the first
+2 s only set the signal and noise levels; their candidates are judged
+against those levels once learnt. So a stream (and each restart of one)
+reports no beat from its filters' settling, and the levels are not learnt
+from a start-up transient.
+
+Memory: ~0.6 s of filtered samples, the filters' states and eight RR
+intervals, whatever the length of the recording. Each beat comes out once,
+about 0.4 s after it happened, as a sample index on the sensor's clock.
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+import numpy as np
+from scipy import signal
 
-class _Biquad:
-    def __init__(self, b: tuple[float, float, float], a: tuple[float, float, float]) -> None:
-        self.b0, self.b1, self.b2 = (x / a[0] for x in b)
-        self.a1, self.a2 = a[1] / a[0], a[2] / a[0]
-        self.x1 = self.x2 = self.y1 = self.y2 = 0.0
-
-    @classmethod
-    def highpass(cls, f0: float, fs: float, q: float = 0.7071) -> _Biquad:
-        w = 2 * math.pi * f0 / fs
-        alpha = math.sin(w) / (2 * q)
-        c = math.cos(w)
-        return cls(((1 + c) / 2, -(1 + c), (1 + c) / 2), (1 + alpha, -2 * c, 1 - alpha))
-
-    @classmethod
-    def lowpass(cls, f0: float, fs: float, q: float = 0.7071) -> _Biquad:
-        w = 2 * math.pi * f0 / fs
-        alpha = math.sin(w) / (2 * q)
-        c = math.cos(w)
-        return cls(((1 - c) / 2, 1 - c, (1 - c) / 2), (1 + alpha, -2 * c, 1 - alpha))
-
-    def step(self, x: float) -> float:
-        y = self.b0 * x + self.b1 * self.x1 + self.b2 * self.x2 - self.a1 * self.y1 - self.a2 * self.y2
-        self.x2, self.x1, self.y2, self.y1 = self.x1, x, self.y1, y
-        return y
+LEARN_S = 2.0  # Pan-Tompkins learning phase 1: levels from the first 2 s
+HISTORY_S = 0.6  # filtered samples kept across frames (R location, slopes)
+RR_KEPT = 8  # the running RR average's length
 
 
 class RPeakDetector:
+    """Feed frames of one ECG lead (any length, any units) with push_frame();
+    get back the sample indices of the beats decided, counted from the stream's
+    first sample."""
+
     def __init__(self, rate_hz: float) -> None:
         fs = float(rate_hz)
         self.fs = fs
-        self._hp = _Biquad.highpass(5.0, fs)
-        self._lp = _Biquad.lowpass(15.0, fs)
-        self._bp: deque[float] = deque(maxlen=int(0.6 * fs))  # band-passed, for locating R
-        self._d: deque[float] = deque([0.0] * 4, maxlen=4)
+        self._sos = np.vstack([signal.butter(2, 5.0, "highpass", fs=fs, output="sos"),
+                               signal.butter(2, 15.0, "lowpass", fs=fs, output="sos")])
+        self._sos_zi: np.ndarray | None = None  # set from the first sample (steady state)
+        self._der_b = np.array([2.0, 1.0, 0.0, -1.0, -2.0]) * fs / 8.0
+        self._der_zi = np.zeros(4)
         self._win = max(1, int(0.15 * fs))
-        self._sq: deque[float] = deque([0.0] * self._win, maxlen=self._win)
-        self._mwi_sum = 0.0
-        self._mwi: deque[float] = deque([0.0] * 3, maxlen=3)
-        self._slopes: deque[float] = deque(maxlen=int(0.1 * fs))
+        self._mwi_b = np.full(self._win, 1.0 / self._win)
+        self._mwi_zi = np.zeros(self._win - 1)
+        keep = int(HISTORY_S * fs)
+        self._bp_hist = np.zeros(0)  # the last `keep` band-passed samples
+        self._slope_hist = np.zeros(0)  # |derivative|, same span
+        self._keep = keep
+        self._mwi_tail = np.zeros(2)  # the integrator's last two values (local maxima across frames)
+        self._slope_span = max(1, int(0.1 * fs))
+        self._r_span = int(0.12 * fs) + self._win
         self.n = 0  # samples seen
         self.spki = 0.0
         self.npki = 0.0
-        self._learn_until = int(2 * fs)
+        self._settle = self._win  # no candidate before the integrator's window has filled
+        self._cut = int(0.06 * fs)  # an R this close to the start is a QRS (~0.1 s) the start cut
+        self._learn_until = int(LEARN_S * fs)
         self._learn_peak = 0.0
         self.last_beat = -10 ** 9
         self.last_slope = 0.0
-        self.rr: deque[int] = deque(maxlen=8)
+        self.rr: deque[int] = deque(maxlen=RR_KEPT)
         self._refractory = int(0.2 * fs)
         self._t_wave = int(0.36 * fs)
         self._cands: deque[tuple[int, float, int, float]] = deque(maxlen=64)  # since last beat: (n, mwi, r, slope)
-        self._learning: list[tuple[int, float, int, float]] = []  # candidates of the first 2 s
-        self.delay = self._win // 2 + 2  # integrator lag, in samples
+        self._learning: list[tuple[int, float, int, float]] = []  # candidates of the learning phase
 
     @property
     def threshold(self) -> float:
         return self.npki + 0.25 * (self.spki - self.npki)
 
-    def _r_index(self) -> int:
-        # The largest band-passed deflection in the 120 ms before the integrator peak's start.
-        span = min(len(self._bp), int(0.12 * self.fs) + self._win)
-        best, best_k = -1.0, 0
-        for k in range(1, span + 1):
-            v = abs(self._bp[-k])
-            if v > best:
-                best, best_k = v, k
-        return self.n - best_k
-
-    def push(self, x: float) -> list[int]:
-        """Feeds one sample; returns the sample indices of the R peaks now decided."""
-        y = self._lp.step(self._hp.step(x))
-        self._bp.append(y)
-        d = self._d
-        der = (2 * y + d[-1] - d[-3] - 2 * d[-4]) * self.fs / 8.0
-        d.append(y)
-        sq = der * der
-        self._mwi_sum += sq - self._sq[0]
-        self._sq.append(sq)
-        m = self._mwi_sum / self._win
-        self._slopes.append(abs(der))
+    def push_frame(self, x: Sequence[float] | np.ndarray) -> list[int]:
+        """Feeds a frame of samples; returns the sample indices of the R peaks now decided."""
+        a = np.asarray(x, dtype=float)
+        if not a.size:
+            return []
+        if self._sos_zi is None:
+            self._sos_zi = signal.sosfilt_zi(self._sos) * a[0]
+        bp, self._sos_zi = signal.sosfilt(self._sos, a, zi=self._sos_zi)
+        der, self._der_zi = signal.lfilter(self._der_b, 1.0, bp, zi=self._der_zi)
+        mwi, self._mwi_zi = signal.lfilter(self._mwi_b, 1.0, der * der, zi=self._mwi_zi)
+        base = self.n - len(self._bp_hist)  # sample index of bp_all[0]
+        bp_all = np.concatenate([self._bp_hist, bp])
+        slope_all = np.concatenate([self._slope_hist, np.abs(der)])
+        m = np.concatenate([self._mwi_tail, mwi])  # m[j] is sample self.n - 2 + j
+        peaks = np.flatnonzero((m[:-2] < m[1:-1]) & (m[1:-1] >= m[2:]))  # local maxima at m[j + 1]
         out: list[int] = []
-        mw = self._mwi
-        if mw[-2] < mw[-1] >= m:  # a local maximum of the integrator, one sample ago
-            self._candidate(mw[-1], out)
-        mw.append(m)
-        self.n += 1
-        self._search_back(out)
+        for j in peaks:
+            k = self.n - 1 + int(j)  # the integrator's maximum; decided at sample k + 1
+            now = k + 1 - base  # position of sample k + 1 in the *_all arrays
+            slope = float(slope_all[max(0, now + 1 - self._slope_span):now + 1].max())
+            lo = max(0, now + 1 - self._r_span)
+            r = base + lo + int(np.argmax(np.abs(bp_all[lo:now + 1])))
+            self._search_back(k + 1, out)
+            self._candidate(k, float(m[j + 1]), r, slope, out)
+            self._search_back(k + 2, out)
+        self.n += len(a)
+        self._search_back(self.n, out)
+        self._bp_hist = bp_all[-self._keep:]
+        self._slope_hist = slope_all[-self._keep:]
+        self._mwi_tail = m[-2:]
         return out
 
-    def _candidate(self, peak: float, out: list[int]) -> None:
-        n = self.n - 1
-        slope = max(self._slopes) if self._slopes else 0.0
-        r = self._r_index()
+    def _candidate(self, n: int, peak: float, r: int, slope: float, out: list[int]) -> None:
+        if n < self._settle or r < self._cut:
+            return  # the integrator's window is not full yet, or a QRS cut by the stream's start
         if n < self._learn_until:
             # Learning the levels: candidates wait, then are judged against them.
             self._learn_peak = max(self._learn_peak, peak)
@@ -146,11 +148,13 @@ class RPeakDetector:
         self._cands.clear()
         out.append(r)
 
-    def _search_back(self, out: list[int]) -> None:
-        if len(self.rr) < 2 or self.last_beat < 0:
+    def _search_back(self, now: int, out: list[int]) -> None:
+        # As of sample `now`: no beat for 1.66 RR averages, so the best candidate under the
+        # threshold (over half of it) was a beat.
+        if len(self.rr) < 2 or self.last_beat < 0 or not self._cands:
             return
         avg = sum(self.rr) / len(self.rr)
-        if self.n - self.last_beat > 1.66 * avg and self._cands:
+        if now - self.last_beat > 1.66 * avg:
             half = 0.5 * self.threshold
             best = max((c for c in self._cands if c[1] > half and c[0] - self.last_beat >= self._refractory),
                        key=lambda c: c[1], default=None)
@@ -160,17 +164,26 @@ class RPeakDetector:
                 self._cands.clear()
 
 
-def detect(signal: Iterable[float], rate_hz: float) -> list[int]:
-    """R peaks of a whole recording. Its last value is held for 0.5 s after
-    its end, as a stream would go on, so that a beat at the very end is decided."""
+def detect(samples: Iterable[float], rate_hz: float) -> list[int]:
+    """R peaks of a whole recording, in order. Its last value is held for 0.5 s after its
+    end, as a stream would go on, so that a beat near the end is decided; a beat whose
+    largest deflection is not inside the data (it lies in the held tail, or on the very
+    last sample, cut by the end) is none: the recording holds no such beat."""
+    a = np.asarray(list(samples) if not isinstance(samples, np.ndarray) else samples, dtype=float)
+    if not a.size:
+        return []
     det = RPeakDetector(rate_hz)
-    peaks: list[int] = []
-    x = 0.0
-    for x in signal:
-        peaks.extend(det.push(float(x)))
+    peaks = det.push_frame(a)
     end = det.n
-    tail: list[int] = []
-    for _ in range(int(0.5 * rate_hz)):
-        tail.extend(det.push(float(x)))
-    # A beat cut by the end of the data is placed on its last real sample at most.
-    return peaks + sorted({min(p, end - 1) for p in tail} - set(peaks))
+    out = list(peaks)
+    span = int(0.12 * rate_hz) + det._win
+    for p in det.push_frame(np.full(int(0.5 * rate_hz), a[-1])):
+        # A beat decided in the held tail: the filters' delay may put its band-passed peak
+        # past the end; it is a beat of the recording if the signal's own largest deflection
+        # nearby is inside it, not on its last sample (where a cut slope would put it).
+        lo = max(0, min(p, end - 1) - span)
+        w = a[lo:end]
+        i = int(np.argmax(np.abs(w - np.median(w))))
+        if lo + i < end - 1:
+            out.append(lo + i)
+    return out
