@@ -188,8 +188,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config)
     store = Store(cfg.store_path, [b.name for b in cfg.backends])
     store.open()
-    assert store._db is not None
-    n = store.erase_device(store._db, args.device)
+    n = store.erase_now(args.device)
     store.close()
     reg = _registry(cfg)
     existed = reg.get(args.device) is not None

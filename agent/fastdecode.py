@@ -12,6 +12,7 @@ acknowledged, so every forwarder can decode what the store holds.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from protocols.errors import RemoteProtocolError
 
@@ -20,13 +21,14 @@ _INT32_MIN = -(2**31)
 _INT32_MAX = 2**31 - 1
 
 
-def decode(data: bytes, count: int) -> list[int]:
-    """Decodes exactly `count` samples spanning all of `data`; raises RemoteProtocolError otherwise."""
+def decode(data: bytes | bytearray | memoryview, count: int) -> npt.NDArray[np.int32]:
+    """Decodes exactly `count` samples spanning all of `data` into an int32 array of shape (count,);
+    raises RemoteProtocolError otherwise."""
     a = np.frombuffer(data, dtype=np.uint8)
     if count == 0:
         if len(a):
             raise RemoteProtocolError("%d bytes left after 0 samples" % len(a), "trailing")
-        return []
+        return np.zeros(0, dtype=np.int32)
     ends = np.flatnonzero(a < 0x80)
     if len(ends) != count or ends[-1] != len(a) - 1:
         raise RemoteProtocolError("sample data does not hold exactly %d varints" % count, "sample_count")
@@ -45,5 +47,4 @@ def decode(data: bytes, count: int) -> list[int]:
     values = np.cumsum(d)  # at most 1024 terms below 2^35: no int64 overflow
     if values.min() < _INT32_MIN or values.max() > _INT32_MAX:
         raise RemoteProtocolError("a sample outside the signed 32-bit range", "range")
-    out: list[int] = values.tolist()
-    return out
+    return values.astype(np.int32)

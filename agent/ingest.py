@@ -15,21 +15,19 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from agent import fastdecode
+from agent.record import FrameRecord
 from agent.registry import Registry
-from agent.store import QUARANTINED, Ingest, Store, StoreError
-from protocols import cbor, hub, messages, replay
+from agent.store import KIND_FRAME, QUARANTINED, Ingest, Store, StoreError
+from protocols import hub, messages, replay
 from protocols.errors import RemoteProtocolError
 
 log = logging.getLogger(__name__)
 
 ToUtc = Callable[[int], "float | None"]
 
-# A frame's decrypted samples as stored (a CBOR array of byte strings): the
-# payload bound of SPEC.md plus a few bytes of array and string heads.
-PLAIN_BYTES = 4224
 # Rejects logged per minute at most (all are counted): a flood of forged
 # frames must not flood the log, nor the disk.
 REJECT_LOG_PER_MIN = 10
@@ -88,21 +86,25 @@ class Volatile(Processor):
 
 
 class Ingestor(Processor):
+    """The agent's processor: each verified sample frame is decoded once into a
+    FrameRecord, stored, and only then committed to its device's replay window
+    and acknowledged (protocols/hub.py); on_stored hands the record on."""
+
     def __init__(self, store: Store, registry: Registry) -> None:
         self.store = store
         self.registry = registry
         # One decoder: the strict one of protocols/ (SPEC.md's deterministic
-        # encoding, bounded fields). Samples are decrypted there and checked
+        # encoding, bounded fields). Samples are decrypted there and decoded
         # here by the numpy decoder, which refuses exactly what the reference
         # refuses: what is acknowledged, every forwarder can forward.
         self.hub = hub.Hub(decode_samples=False)
         self.revoked: set[str] = set()
         self.rejects: Counter[str] = Counter()
         self._log = _RateLimitedLog(REJECT_LOG_PER_MIN)
-        self._reader = store.reader()
-        # Called with (device id, frame with its samples decoded, raw, t0 UTC ms or None) once a new frame is stored.
-        self.on_stored: Callable[[str, messages.SampleFrame, bytes, int | None], None] | None = None
+        # Called with each new frame's record once it is stored.
+        self.on_stored: Callable[[FrameRecord], None] | None = None
         self.reload_devices()
+        self.upgraded = upgrade_legacy(store)
 
     def reload_devices(self) -> list[str]:
         """Registry changes (a new board, a revocation, an erasure) take effect at once.
@@ -132,12 +134,6 @@ class Ingestor(Processor):
             self.hub.remove_device(dev_id)
         return erased
 
-    def _restore_windows(self) -> None:
-        # A commit failed: the in-memory windows ran ahead of the store.
-        for dev, state in self.store.load_windows().items():
-            if self.hub.has_device(dev):
-                self.hub.set_window(dev, *state)
-
     def _reject(self, r: hub.Received, link: str) -> Outcome:
         reason = r.reason
         if r.device_id in self.revoked and reason == "unknown_device":
@@ -151,64 +147,98 @@ class Ingestor(Processor):
         return Outcome(r, [r.reply] if r.reply is not None else [])
 
     def submit(self, raw: bytes, link: str, to_utc: ToUtc | None = None) -> Outcome:
-        r = self.hub.receive(raw, commit=False)  # the window moves once the samples are checked too
-        if r.verdict == hub.REJECTED and r.reason == "replay:" + replay.TOO_OLD and r.device_id:
-            # Below the window: a retransmission of a frame we hold is a duplicate.
-            if self._stored(raw, r.device_id):
-                r = hub.Received(hub.DUPLICATE, r.device_id, self._decode(raw), raw)
+        r = self.hub.receive(raw, commit=False)  # the window moves once the frame is stored
+        m = r.message
+        if r.verdict == hub.REJECTED and r.reason == "replay:" + replay.TOO_OLD and r.device_id \
+                and isinstance(m, messages.SampleFrame):
+            # Below the window: a retransmission of a frame we hold is a duplicate. The very
+            # frame: a resend is the same bytes; other bytes under that (epoch, seq) come from
+            # another boot (SPEC.md, Replay protection).
+            held = self.store.held_raw(r.device_id, m.epoch, m.seq)
+            if held is not None and (held == b"" or held == raw):
+                r = hub.Received(hub.DUPLICATE, r.device_id, m, raw)
         if r.verdict == hub.REJECTED:
             return self._reject(r, link)
-        m = r.message
         dev = r.device_id or ""
-        clear: list[bytes] = []
-        if isinstance(m, messages.SampleFrame):
-            clear = [bytes(ch) for ch in m.channels]  # decrypted, not decoded
-            if r.verdict == hub.ACCEPTED:
-                try:  # decoded once, here: the vitals read these values, never the bytes again
-                    m.channels = [fastdecode.decode(ch, m.count) for ch in clear]
-                except RemoteProtocolError as e:
-                    return self._reject(hub.Received(hub.REJECTED, dev, None, raw, "malformed:" + e.reason), link)
-        if r.verdict == hub.ACCEPTED and m is not None:
-            salt = m.boot_salt if isinstance(m, messages.SampleFrame) else None
-            self.hub.commit(dev, m.epoch, m.seq, salt)  # type: ignore[attr-defined]
         if not isinstance(m, messages.SampleFrame):
-            return Outcome(r, [])  # hello, status, time: session state, not stored
-        w = self.hub.window(dev)
-        t0_utc = to_utc(m.t0_ms) if to_utc is not None else None
-        if t0_utc is not None and not 0 <= t0_utc <= messages.MAX_UPLINK_INT:
-            t0_utc = None  # a clock map gone wild is not a time: placed by arrival instead
-        item = Ingest(dev, m.epoch, m.seq, messages.T_SAMPLES, raw, w.state(), m.stream, m.t0_ms, m.first_index,
-                      m.count, duplicate=r.verdict == hub.DUPLICATE,
-                      t0_utc_ms=None if t0_utc is None else int(t0_utc),
-                      plain=cbor.encoded(clear, PLAIN_BYTES))
+            if r.verdict == hub.ACCEPTED and m is not None:  # hello, status, time: session state, not stored
+                self.hub.accept(dev, m.epoch, m.seq)  # type: ignore[attr-defined]
+                self.hub.commit(dev, m.epoch, m.seq)  # type: ignore[attr-defined]
+            return Outcome(r, [])
+        if r.verdict == hub.DUPLICATE:  # stored (or on its way): acknowledged again once its batch is
+            item = Ingest(dev, m.epoch, m.seq, KIND_FRAME, raw, None, duplicate=True)
+            return Outcome(r, self.hub.ack(dev, m.epoch, [m.seq]), self.store.submit_ingest(item))
+        try:
+            f = record_of(dev, m, cast("list[bytes]", m.channels), raw, to_utc)  # decrypted, not decoded
+        except RemoteProtocolError as e:
+            return self._reject(hub.Received(hub.REJECTED, dev, None, raw, "malformed:" + e.reason), link)
+        item = Ingest.frame(f, self.hub.accept(dev, m.epoch, m.seq, m.boot_salt))
         stored = self.store.submit_ingest(item)
-        stored.add_done_callback(lambda fut: self._on_stored(fut, item, m))
+        stored.add_done_callback(lambda fut: self._on_stored(fut, f, m.boot_salt))
         return Outcome(r, self.hub.ack(dev, m.epoch, [m.seq]), stored)
 
-    def _on_stored(self, fut: asyncio.Future[Any], item: Ingest, m: messages.SampleFrame) -> None:
-        if fut.cancelled():
+    def _on_stored(self, fut: asyncio.Future[Any], f: FrameRecord, salt: bytes | None) -> None:
+        if fut.cancelled() or isinstance(fut.exception(), StoreError):
+            self.hub.abandon(f.device_id)  # not stored: only what is committed counts
             return
-        if isinstance(fut.exception(), StoreError):
-            self._restore_windows()
-        elif fut.result() == QUARANTINED:
+        if not self.hub.has_device(f.device_id):
+            return  # revoked or erased meanwhile
+        self.hub.commit(f.device_id, f.epoch, f.seq, salt)  # stored (or quarantined whole): the window moves
+        if fut.result() == QUARANTINED:
             self.rejects["store_refused"] += 1
-        elif not item.duplicate and self.on_stored is not None:
-            self.on_stored(item.device_id, m, item.raw, item.t0_utc_ms)
+        elif self.on_stored is not None:
+            self.on_stored(f)
 
-    def _decode(self, raw: bytes) -> messages.Message | None:
-        from protocols import cose
 
-        try:
-            return messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES, decode_samples=False)
-        except Exception:
-            return None
+def record_of(device_id: str, m: messages.SampleFrame, sample_bytes: list[bytes], raw: bytes,
+              to_utc: ToUtc | None) -> FrameRecord:
+    """The record of a verified sample frame (its header read, its samples
+    still encoded: sample_bytes, one string per channel, decrypted); raises
+    RemoteProtocolError for samples that do not decode (as the reference
+    decoder would)."""
+    t0_utc = to_utc(m.t0_ms) if to_utc is not None else None
+    if t0_utc is not None and not 0 <= t0_utc <= messages.MAX_UPLINK_INT:
+        t0_utc = None  # a clock map gone wild is not a time: placed by arrival instead
+    channels = tuple(fastdecode.decode(ch, m.count) for ch in sample_bytes)
+    flags, fifo_lost, dropped, jitter_us = m.status
+    return FrameRecord(device_id, m.epoch, m.seq, m.stream, m.rate_hz, m.t0_ms, m.first_index, m.count,
+                       m.scale[0], m.scale[1], m.ppg_drive, flags, fifo_lost, dropped, jitter_us, channels,
+                       None if t0_utc is None else int(t0_utc), time.time(), raw)
 
-    def _stored(self, raw: bytes, device_id: str) -> bool:
-        m = self._decode(raw)
-        if not isinstance(m, messages.SampleFrame):
-            return False
-        # The very frame: a resend is the same bytes; other bytes under that
-        # (epoch, seq) come from another boot (SPEC.md, Replay protection).
-        row = self._reader.execute("SELECT raw FROM frames WHERE device_id=? AND epoch=? AND seq=?",
-                                   (device_id, m.epoch, m.seq)).fetchone()
-        return row is not None and (row[0] is None or bytes(row[0]) == raw)
+
+# Legacy frames decoded at a time when a store of schema 2 is upgraded.
+_UPGRADE_CHUNK = 500
+
+
+def upgrade_legacy(store: Store) -> int:
+    """Decodes the sample frames a store of schema 2 kept undecoded (the COSE
+    bytes and the decrypted, still encoded samples), once, at start, so that
+    every consumer reads records. Returns how many; a frame that does not
+    decode is left as it is (its forwarders count it undeliverable)."""
+    from protocols import cbor, cose
+
+    done, after = 0, 0
+    while True:
+        legacy = store.legacy_frames(after, _UPGRADE_CHUNK)
+        if not legacy:
+            break
+        decoded: list[tuple[int, FrameRecord]] = []
+        for fid, raw, plain in legacy:
+            after = fid
+            try:
+                msg = cose.parse(raw)
+                m = messages.decode_payload(msg.payload, messages.UPLINK_TYPES, decode_samples=False,
+                                            versions=messages.STORED_VERSIONS)
+                chans = cbor.decode(plain) if plain is not None else None
+                if not isinstance(m, messages.SampleFrame) or not isinstance(chans, list):
+                    continue
+                f = record_of(str(msg.kid, "ascii", "replace"), m, [bytes(ch) for ch in chans], raw, None)
+            except Exception as e:  # anything at all: this frame stays as it was
+                log.warning("store upgrade: frame %d cannot be decoded (%s); left as it was", fid, e)
+                continue
+            decoded.append((fid, f))
+        store.set_decoded(decoded)
+        done += len(decoded)
+    if done:
+        log.info("store upgrade: %d frames stored before schema 3 decoded once", done)
+    return done

@@ -31,9 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.record import FrameRecord
+
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: sample frames stored decoded (header in info, samples as int32)
 
 # Priorities: higher is forwarded first and deleted last.
 PRIORITY_RAW = 0
@@ -41,6 +43,7 @@ PRIORITY_GAP = 5
 PRIORITY_VITALS = 8
 PRIORITY_ALERT = 10
 
+KIND_FRAME = 1  # a board's sample frame (messages.T_SAMPLES): info holds its header, samples its samples
 KIND_GAP = 100  # a gap record, stored as a frame row with no COSE bytes
 KIND_VITAL = 101  # a vital derived on the hub (info holds it)
 KIND_ALERT = 102  # an alert raised or cleared on the hub
@@ -117,7 +120,7 @@ CREATE TABLE IF NOT EXISTS frames(
     device_id TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
     kind INTEGER NOT NULL, stream INTEGER, priority INTEGER NOT NULL,
     received_at REAL NOT NULL, t0_ms INTEGER, t0_utc_ms INTEGER, first_index INTEGER, count INTEGER,
-    raw BLOB, info TEXT, plain BLOB,
+    raw BLOB, info TEXT, plain BLOB, samples BLOB,
     UNIQUE(device_id, epoch, seq));
 CREATE INDEX IF NOT EXISTS frames_age ON frames(priority, id);
 CREATE TABLE IF NOT EXISTS outbox(
@@ -162,11 +165,20 @@ class Ingest:
     priority: int = PRIORITY_RAW
     duplicate: bool = False
     t0_utc_ms: int | None = None  # the first sample's time, from the board clock's mapping to UTC
-    info: dict[str, Any] | None = None  # hub-made records (vitals, alerts): their content
-    # Sample frames: the channels' sample bytes decrypted (a CBOR array of
-    # byte strings), kept beside the frame as it came (encrypted, MACed), so
-    # forwarding never needs a key that a rotation may since have retired.
-    plain: bytes | None = None
+    # Hub-made records (vitals, alerts): their content; sample frames: their header
+    # (FrameRecord.header_json(), already JSON when a str).
+    info: dict[str, Any] | str | None = None
+    # Sample frames: their samples decoded (FrameRecord.samples_blob()), kept beside
+    # the frame as it came (encrypted, MACed): forwarding needs neither a key nor the codec.
+    samples: bytes | None = None
+    received_at: float | None = None  # UTC s when it arrived (None: when committed)
+
+    @classmethod
+    def frame(cls, f: FrameRecord, window: Window | None, duplicate: bool = False) -> Ingest:
+        """A board's sample frame, decoded, with its device's replay window once it is stored."""
+        return cls(f.device_id, f.epoch, f.seq, KIND_FRAME, f.raw, window, f.stream, f.t0_ms, f.first_index,
+                   f.count, duplicate=duplicate, t0_utc_ms=f.t0_utc_ms, info=None if duplicate else f.header_json(),
+                   samples=None if duplicate else f.samples_blob(), received_at=f.received_at)
 
 
 @dataclass
@@ -182,7 +194,23 @@ class Row:
     raw: bytes | None
     info: dict[str, Any] | None
     t0_utc_ms: int | None = None
-    plain: bytes | None = None
+    samples: bytes | None = None
+    t0_ms: int | None = None
+    first_index: int | None = None
+    count: int | None = None
+
+    @property
+    def frame(self) -> FrameRecord | None:
+        """The sample frame this row holds, decoded at ingest (None: not a sample
+        frame, or one stored without its samples, which cannot be forwarded)."""
+        if self.kind != KIND_FRAME or self.raw is None or self.samples is None or self.info is None:
+            return None
+        try:
+            return FrameRecord.from_stored(self.device_id, self.epoch, self.seq, self.stream or 0, self.t0_ms or 0,
+                                           self.t0_utc_ms, self.first_index or 0, self.count or 0, self.received_at,
+                                           self.raw, self.info, self.samples)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return None
 
 
 @dataclass
@@ -243,6 +271,7 @@ class Store:
         self.fault: str | None = None
         self.fault_since: float | None = None
         self.on_commit: Callable[[], None] | None = None
+        self._held_reader: sqlite3.Connection | None = None  # held_raw()'s, on the caller's thread
 
     # ---- opening -------------------------------------------------------------
 
@@ -287,6 +316,12 @@ class Store:
         row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             db.execute("INSERT INTO meta VALUES('schema', ?), ('gap_scan_id', '0')", (str(SCHEMA_VERSION),))
+        elif int(row[0]) == 2:
+            # Schema 2 kept sample frames as they came (their samples decrypted, still
+            # encoded): the agent decodes them once more at start (agent/ingest.py, upgrade_legacy).
+            if not _has_column(db, "frames", "samples"):
+                db.execute("ALTER TABLE frames ADD COLUMN samples BLOB")
+            db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
         elif int(row[0]) != SCHEMA_VERSION:
             db.close()
             raise StoreError("store %s has schema %s, this agent speaks %d" % (self.path, row[0], SCHEMA_VERSION))
@@ -382,6 +417,8 @@ class Store:
             for table, cols in _SALVAGED.items():
                 if table == "replay" and _has_column(src, "replay", "salt"):
                     cols += ", salt"  # a store made before boot salts has none (its windows learn it again)
+                if table == "frames" and _has_column(src, "frames", "samples"):
+                    cols += ", samples"  # a store of schema 2 has none: its frames are decoded again (legacy_frames)
                 n, bad = _copy_table(src, db, table, cols)
                 counts[table] = n
                 unreadable += bad
@@ -411,6 +448,43 @@ class Store:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
         db.execute("PRAGMA query_only=ON")
         return db
+
+    def held_raw(self, device_id: str, epoch: int, seq: int) -> bytes | None:
+        """The COSE bytes of the frame held under (device_id, epoch, seq); None: none held.
+        A frame held without its bytes (none such is stored today) answers b""."""
+        if self._held_reader is None:
+            self._held_reader = self.reader()
+        row = self._held_reader.execute("SELECT raw FROM frames WHERE device_id=? AND epoch=? AND seq=? AND kind=?",
+                                        (device_id, epoch, seq, KIND_FRAME)).fetchone()
+        return None if row is None else bytes(row[0] or b"")
+
+    def legacy_frames(self, after_id: int, limit: int) -> list[tuple[int, bytes, bytes | None]]:
+        """Sample frames a schema 2 store kept undecoded: (id, raw, plain), ids above after_id."""
+        db = self.reader()
+        try:
+            return [(r[0], bytes(r[1]), None if r[2] is None else bytes(r[2])) for r in db.execute(
+                "SELECT id, raw, plain FROM frames WHERE kind=? AND samples IS NULL AND raw IS NOT NULL AND id > ? "
+                "ORDER BY id LIMIT ?", (KIND_FRAME, after_id, limit))]
+        finally:
+            db.close()
+
+    def set_decoded(self, decoded: list[tuple[int, FrameRecord]]) -> None:
+        """Stores the decoded form of legacy frames (by id), in one transaction; their old
+        encoded samples go. For a store not yet started (the agent's start)."""
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany("UPDATE frames SET info=?, samples=?, plain=NULL WHERE id=?",
+                           [(f.header_json(), f.samples_blob(), fid) for fid, f in decoded])
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    def erase_now(self, device_id: str) -> int:
+        """erase_device() on a store opened but not started (pulsebridge erase). Returns frames erased."""
+        if self._db is None or self._thread is not None:
+            raise StoreError("erase_now needs the store opened and its writer not running (use run())")
+        return self.erase_device(self._db, device_id)
 
     def integrity_check(self) -> str:
         db = self.reader()
@@ -442,6 +516,9 @@ class Store:
         if self._db is not None:
             self._db.close()
             self._db = None
+        if self._held_reader is not None:
+            self._held_reader.close()
+            self._held_reader = None
 
     def _submit(self, kind: str, args: Any) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -609,9 +686,10 @@ class Store:
                 if it.window is not None:
                     windows[it.device_id] = it.window
                 if not it.duplicate:
-                    rows.append((it.device_id, it.epoch, it.seq, it.kind, it.stream, it.priority, now, it.t0_ms,
-                                 it.t0_utc_ms, it.first_index, it.count, it.raw,
-                                 json.dumps(it.info) if it.info is not None else None, it.plain))
+                    info = it.info if isinstance(it.info, str) or it.info is None else json.dumps(it.info)
+                    rows.append((it.device_id, it.epoch, it.seq, it.kind, it.stream, it.priority,
+                                 now if it.received_at is None else it.received_at, it.t0_ms, it.t0_utc_ms,
+                                 it.first_index, it.count, it.raw, info, it.samples))
                 results.append(None)
             elif job.kind == "quarantine":  # a frame the store refused, kept whole and acknowledged
                 it, reason = job.args
@@ -634,7 +712,7 @@ class Store:
             else:
                 raise AssertionError(job.kind)
         self._insert_many(db, rows)
-        ingested = sum(1 for r in rows if r[3] == 1)  # board frames (type 1), not hub-made records
+        ingested = sum(1 for r in rows if r[3] == KIND_FRAME)  # board frames (type 1), not hub-made records
         for dev, w in windows.items():
             salt = w[3] if len(w) == 4 else None
             db.execute("INSERT INTO replay(device_id, epoch, top, bitmap, salt) VALUES(?,?,?,?,?) "
@@ -656,7 +734,7 @@ class Store:
         changes = db.total_changes
         db.executemany(
             "INSERT OR IGNORE INTO frames(device_id, epoch, seq, kind, stream, priority, received_at, t0_ms, "
-            "t0_utc_ms, first_index, count, raw, info, plain) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            "t0_utc_ms, first_index, count, raw, info, samples) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
         inserted = db.total_changes - changes
         for backend in self.backends:
             db.execute("INSERT INTO outbox(backend, frame_id, priority) SELECT ?, id, priority FROM frames "
@@ -811,7 +889,7 @@ class Store:
         and the range of seq numbers the lost frames had (between the frames
         on either side). A frame arriving after gap_settle_s into a hole
         already reported is stored and forwarded all the same."""
-        from protocols import cose, messages
+        from protocols import messages
 
         row = db.execute("SELECT value FROM meta WHERE key='gap_scan_id'").fetchone()
         after = int(row[0]) if row else 0
@@ -845,11 +923,9 @@ class Store:
                     break
                 if first > expected:
                     try:
-                        raw = db.execute("SELECT raw FROM frames WHERE id=?", (fid,)).fetchone()[0]  # holes only
-                        m = messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES,
-                                                    decode_samples=False, versions=messages.STORED_VERSIONS)
-                        fifo_lost = m.status[1] if isinstance(m, messages.SampleFrame) else 0
-                    except Exception:
+                        info = db.execute("SELECT info FROM frames WHERE id=?", (fid,)).fetchone()[0]  # holes only
+                        fifo_lost = int(json.loads(info)["fifo_lost_samples"]) if info else 0
+                    except (ValueError, KeyError, TypeError):
                         fifo_lost = 0
                     lost = first - fifo_lost - expected
                     if lost > 0:
@@ -922,11 +998,11 @@ class Store:
     def fetch_outbox(db: sqlite3.Connection, backend: str, limit: int) -> list[Row]:
         rows = db.execute(
             "SELECT f.id, f.device_id, f.epoch, f.seq, f.kind, f.stream, f.priority, f.received_at, f.raw, f.info, "
-            "f.t0_utc_ms, f.plain "
+            "f.t0_utc_ms, f.samples, f.t0_ms, f.first_index, f.count "
             "FROM outbox o JOIN frames f ON f.id = o.frame_id WHERE o.backend=? "
             "ORDER BY o.priority DESC, o.frame_id LIMIT ?", (backend, limit)).fetchall()
         return [Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], json.loads(r[9]) if r[9] else None, r[10],
-                    r[11]) for r in rows]
+                    r[11], r[12], r[13], r[14]) for r in rows]
 
     @staticmethod
     def backlog(db: sqlite3.Connection) -> dict[str, int]:
@@ -944,7 +1020,7 @@ _SALVAGED = {
     "replay": "device_id, epoch, top, bitmap",
     "counters": "name, value",
     "frames": "id, device_id, epoch, seq, kind, stream, priority, received_at, t0_ms, t0_utc_ms, first_index, "
-              "count, raw, info, plain",
+              "count, raw, info, plain",  # + samples when the damaged store has them (schema 3)
     "quarantine": "id, at, link, device_id, reason, raw",
     "stream_marks": "device_id, epoch, stream, next_index, last_seq",
 }

@@ -36,6 +36,7 @@ from agent.config import AgentConfig
 from agent.forwarders.base import Backoff, Forwarder, Subjects
 from agent.ingest import Ingestor
 from agent.links import LinkManager, SerialDiscovery, SerialWant
+from agent.record import FrameRecord
 from agent.registry import Registry
 from agent.sdnotify import Notifier
 from agent.store import KIND_ALERT, KIND_VITAL, PRIORITY_ALERT, PRIORITY_VITALS, Ingest, Store, StoreError
@@ -137,7 +138,7 @@ class Agent:
         self._turns = {"registry": 0, "vitals": 0}
         rules = tuple(Rule(**r) for r in cfg.alert_rules) or DEFAULT_RULES
         self.vitals = VitalsEngine(AlertEngine(rules))
-        self.vitals_queue: asyncio.Queue[tuple[str, Any, bytes, int | None, float]] = asyncio.Queue(VITALS_QUEUE)
+        self.vitals_queue: asyncio.Queue[FrameRecord] = asyncio.Queue(VITALS_QUEUE)
         self.vitals_skipped = 0
         self.vitals_made = 0
         self._derived_seq = int(time.time() * 1000) * 16
@@ -255,9 +256,9 @@ class Agent:
             if n.watchdog_s:
                 n.notify(WATCHDOG=1)
 
-    def _to_vitals(self, device_id: str, frame: Any, raw: bytes, t0_utc_ms: int | None) -> None:
+    def _to_vitals(self, frame: FrameRecord) -> None:
         try:
-            self.vitals_queue.put_nowait((device_id, frame, raw, t0_utc_ms, time.time()))
+            self.vitals_queue.put_nowait(frame)
         except asyncio.QueueFull:
             self.vitals_skipped += 1
 
@@ -265,20 +266,18 @@ class Agent:
         next_silence = time.monotonic() + SILENCE_CHECK_S
         while True:
             self._turns["vitals"] += 1
+            f: FrameRecord | None
             try:
                 async with asyncio.timeout(SILENCE_CHECK_S):
-                    dev, f, raw, t0_utc_ms, received = await self.vitals_queue.get()
+                    f = await self.vitals_queue.get()
             except TimeoutError:
-                dev = ""
+                f = None
             docs: list[dict[str, Any]] = []
-            if dev:
-                frame = f  # its samples decoded once, at ingest
-                channels = f.channels
-                t0 = t0_utc_ms / 1000 if t0_utc_ms is not None else received - f.count / f.rate_hz
-                docs = self.vitals.frame(frame, dev, t0, "%s:%d:%d" % (dev, f.epoch, f.seq))
+            if f is not None:  # its samples decoded once, at ingest
+                docs = self.vitals.frame(f, f.device_id, f.start_utc_s()[0], f.key)
                 name = "ppg" if f.stream == messages.STREAM_PPG_MAX30102 else "ecg"
-                wave = self.waves.setdefault((dev, name), deque(maxlen=4 * f.rate_hz))
-                wave.extend(channels[-1])  # ECG, or the IR pleth
+                wave = self.waves.setdefault((f.device_id, name), deque(maxlen=4 * f.rate_hz))
+                wave.extend(f.channels[-1].tolist())  # ECG, or the IR pleth
             if time.monotonic() >= next_silence:
                 next_silence = time.monotonic() + SILENCE_CHECK_S
                 docs += self.vitals.silence(time.time())

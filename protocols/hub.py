@@ -2,7 +2,11 @@
 # key lookup, MAC, payload, replay window) and seals what the hub sends back
 # (acks, time requests, commands). The caller owns every byte of I/O and
 # decides when a message is durably stored; only then does it commit() the
-# message to the replay window and ack() it. A message refused because its
+# message to the replay window and ack() it. Between receive(commit=False)
+# and commit(), accept() holds the message's (epoch, seq) as in flight: a
+# copy arriving meanwhile is a duplicate, and accept() returns the window
+# to store with the message (the window once it is committed); abandon()
+# forgets what is in flight when storing failed. A message refused because its
 # boot epoch is stale (old_epoch, epoch_rollback) comes with a sealed epoch
 # resync in Received.reply, for the caller to send back at once: the board
 # then moves its epoch past the newest one seen (SPEC.md, "Epoch resync").
@@ -43,7 +47,9 @@ class _Device:
         self.downs = [cose.MacKey(k, kid, cose.AAD_DOWNLINK) for k in keys]
         self.ciphers = [cipher.SampleCipher(k) for k in keys]
         self.active = 0
-        self.window = replay.ReplayWindow()
+        self.window = replay.ReplayWindow()  # what is committed (stored)
+        # The window with the messages accepted and not yet committed (None: none in flight).
+        self.ahead: "replay.ReplayWindow | None" = None
 
     @property
     def down(self) -> cose.MacKey:
@@ -69,6 +75,7 @@ class Hub:
         dev = self._devices[device_id.encode()]
         fresh = _Device(device_id, [key] if next_key is None else [key, next_key])
         fresh.window = dev.window
+        fresh.ahead = dev.ahead
         self._devices[device_id.encode()] = fresh
 
     def key_in_use(self, device_id: str) -> int:
@@ -85,8 +92,10 @@ class Hub:
         return [k.decode() for k in self._devices]
 
     def set_window(self, device_id: str, epoch: int, top: int, bitmap: int, salt: "bytes | None" = None) -> None:
-        w = self._devices[device_id.encode()].window
+        dev = self._devices[device_id.encode()]
+        w = dev.window
         w.epoch, w.top, w.bitmap, w.salt = epoch, top, bitmap, salt
+        dev.ahead = None
 
     def window(self, device_id: str) -> replay.ReplayWindow:
         return self._devices[device_id.encode()].window
@@ -122,7 +131,7 @@ class Hub:
             return self._reject(raw, "malformed:" + e.reason, device_id)
         epoch, seq = m.epoch, m.seq  # type: ignore[attr-defined]
         salt = m.boot_salt if isinstance(m, messages.SampleFrame) else None
-        verdict = dev.window.check(epoch, seq, salt)
+        verdict = (dev.ahead or dev.window).check(epoch, seq, salt)
         if verdict == replay.DUPLICATE:
             return Received(DUPLICATE, device_id, m, raw)
         if verdict != replay.FRESH:
@@ -135,14 +144,38 @@ class Hub:
             dev.window.commit(epoch, seq, salt)
         return Received(ACCEPTED, device_id, m, raw)
 
+    def accept(self, device_id: str, epoch: int, seq: int,
+               salt: "bytes | None" = None) -> "tuple[int, int, int, bytes | None]":
+        # A message receive(commit=False) found fresh is on its way to the
+        # store: held as in flight until commit() (or abandon()). Returns the
+        # replay window to store with it: the committed one with every
+        # message in flight, this one included.
+        dev = self._devices[device_id.encode()]
+        if dev.ahead is None:
+            dev.ahead = replay.ReplayWindow(*dev.window.state())
+        dev.ahead.commit(epoch, seq, salt)
+        return dev.ahead.state()
+
+    def abandon(self, device_id: str) -> None:
+        # Storing what was in flight failed: only the committed window counts.
+        dev = self._devices.get(device_id.encode())
+        if dev is not None:
+            dev.ahead = None
+
     def commit(self, device_id: str, epoch: int, seq: int, salt: "bytes | None" = None) -> None:
-        # salt: the boot salt of a sample frame (SampleFrame.boot_salt), else None.
-        self._devices[device_id.encode()].window.commit(epoch, seq, salt)
+        # The message is stored: the replay window moves. salt: the boot salt
+        # of a sample frame (SampleFrame.boot_salt), else None.
+        dev = self._devices[device_id.encode()]
+        if epoch >= dev.window.epoch:  # else: an earlier boot's message, stored after the board rebooted
+            dev.window.commit(epoch, seq, salt)
+        if dev.ahead is not None and dev.ahead.state() == dev.window.state():
+            dev.ahead = None  # nothing in flight any more
 
     def resync(self, device_id: str, refused_epoch: int) -> bytes:
         # The sealed epoch resync for a message of refused_epoch the replay
         # window refused: it names the newest epoch seen from the board.
-        newest = self._devices[device_id.encode()].window.epoch
+        dev = self._devices[device_id.encode()]
+        newest = (dev.ahead or dev.window).epoch  # what is in flight counts: it is on its way to the store
         return self._seal(device_id, messages.EpochResync(refused_epoch, newest))
 
     def _seal(self, device_id: str, msg: messages.Message) -> bytes:

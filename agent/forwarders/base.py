@@ -13,19 +13,13 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
-import cbor2
-
-from agent import fastdecode
 from agent.config import BackendConfig
+from agent.record import FrameRecord, iso_ms
 from agent.store import KIND_ALERT, KIND_GAP, KIND_VITAL, Row, Store, StoreError, check_private
-from protocols import cose, messages
+from protocols import messages  # flags: constants, not the codec
 from protocols.errors import ProtocolError, RemoteProtocolError
 
 log = logging.getLogger(__name__)
-
-UNITS = {messages.STREAM_ECG_MAX30003: "uV", messages.STREAM_ECG_AD8232: "uV", messages.STREAM_PPG_MAX30102: "nA"}
-CHANNELS = {messages.STREAM_ECG_MAX30003: ("ecg",), messages.STREAM_ECG_AD8232: ("ecg",),
-            messages.STREAM_PPG_MAX30102: ("red", "ir")}
 
 
 class DeliveryError(Exception):
@@ -114,45 +108,45 @@ def document(row: Row, hub_id: str, subject: str | None = None) -> dict[str, Any
         doc.update(idempotency_key=idempotency_key(row), hub_id=hub_id, received_at=received)
         doc["subject"] = subject
         return doc
-    if row.raw is None or row.plain is None:
+    f = row.frame
+    if f is None:
         raise RemoteProtocolError("stored frame %s has no samples to forward" % idempotency_key(row), "missing")
-    # Stored frames keep the wire format they came in (SPEC.md: version 1 before the boot salt).
-    m = messages.decode_payload(cose.parse(row.raw).payload, messages.UPLINK_TYPES, decode_samples=False,
-                                versions=messages.STORED_VERSIONS)
-    assert isinstance(m, messages.SampleFrame)
-    channels = [fastdecode.decode(bytes(ch), m.count) for ch in cbor2.loads(row.plain)]
-    flags = m.status[0]
-    if row.t0_utc_ms is not None:
-        t0_utc, source = row.t0_utc_ms / 1000.0, "board-clock"
-    else:  # no time sync yet: placed by arrival (the window ended when it came)
-        t0_utc, source = row.received_at - m.count / m.rate_hz, "arrival"
+    return frame_document(f, hub_id, subject, received)
+
+
+def frame_document(f: FrameRecord, hub_id: str, subject: str | None, received_at: str | None = None,
+                   binary: bool = False) -> dict[str, Any]:
+    """A sample frame's document. binary=False: JSON-ready (channels as lists of
+    ints, the COSE bytes in base64); binary=True: for CBOR (channels as int32
+    arrays, tagged typed arrays once encoded; the COSE bytes as bytes)."""
+    t0_utc, source = f.start_utc_s()
     return {
         "type": "samples",
-        "idempotency_key": idempotency_key(row),
+        "idempotency_key": f.key,
         "hub_id": hub_id,
-        "device_id": row.device_id,
+        "device_id": f.device_id,
         "subject": subject,
-        "epoch": m.epoch,
-        "seq": m.seq,
-        "stream": messages.STREAM_NAMES.get(m.stream, str(m.stream)),
-        "rate_hz": m.rate_hz,
-        "t0_ms": m.t0_ms,
-        "t0_utc": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t0_utc)) + ".%03dZ" % int(t0_utc * 1000 % 1000),
+        "epoch": f.epoch,
+        "seq": f.seq,
+        "stream": f.stream_name,
+        "rate_hz": f.rate_hz,
+        "t0_ms": f.t0_ms,
+        "t0_utc": iso_ms(t0_utc),
         "time_source": source,
-        "first_index": m.first_index,
-        "count": m.count,
-        "scale": {"num": m.scale[0], "den": m.scale[1], "unit": UNITS.get(m.stream, "")},
-        "ppg_drive": None if m.ppg_drive is None else dict(zip(
-            ("led_red_ua", "led_ir_ua", "adc_range_na", "pulse_width_us"), m.ppg_drive)),
-        "status": {"lead_off": bool(flags & messages.FLAG_LEAD_OFF),
-                   "saturated": bool(flags & messages.FLAG_SATURATED),
-                   "fifo_overflow": bool(flags & messages.FLAG_FIFO_OVERFLOW),
-                   "sensor_fault": bool(flags & messages.FLAG_SENSOR_FAULT),
-                   "fifo_lost_samples": m.status[1], "frames_dropped_by_board": m.status[2],
-                   "jitter_us": m.status[3]},
-        "channels": dict(zip(CHANNELS.get(m.stream, ("ch0", "ch1")), channels)),
-        "received_at": received,
-        "cose": base64.b64encode(row.raw).decode(),
+        "first_index": f.first_index,
+        "count": f.count,
+        "scale": {"num": f.scale_num, "den": f.scale_den, "unit": f.unit},
+        "ppg_drive": None if f.ppg_drive is None else dict(zip(
+            ("led_red_ua", "led_ir_ua", "adc_range_na", "pulse_width_us"), f.ppg_drive)),
+        "status": {"lead_off": bool(f.flags & messages.FLAG_LEAD_OFF),
+                   "saturated": bool(f.flags & messages.FLAG_SATURATED),
+                   "fifo_overflow": bool(f.flags & messages.FLAG_FIFO_OVERFLOW),
+                   "sensor_fault": bool(f.flags & messages.FLAG_SENSOR_FAULT),
+                   "fifo_lost_samples": f.fifo_lost_samples, "frames_dropped_by_board": f.frames_dropped_by_board,
+                   "jitter_us": f.jitter_us},
+        "channels": dict(zip(f.channel_names, f.channels if binary else (ch.tolist() for ch in f.channels))),
+        "received_at": received_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(f.received_at)),
+        "cose": f.raw if binary else base64.b64encode(f.raw).decode(),
     }
 
 

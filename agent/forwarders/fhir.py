@@ -33,15 +33,17 @@ literal reference given at provisioning, which must exist on the server.
 
 from __future__ import annotations
 
-import calendar
 import json
 import re
-import time
 import uuid
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from agent.forwarders.base import REASON_CHARS, RefusedError
 from agent.forwarders.http import HttpForwarder
+from agent.record import FrameRecord, iso_ms
 from agent.store import Row
 
 MDC = "urn:iso:std:iso:11073:10101"
@@ -70,10 +72,6 @@ VITAL_CODES = {
 _NS = uuid.UUID("6f1e4c52-6b5e-4f57-9a0d-3f8f1b7a2c11")
 
 
-def _iso_ms(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % int(t * 1000 % 1000)
-
-
 def _urn(kind: str, value: str) -> str:
     return "urn:uuid:%s" % uuid.uuid5(_NS, kind + ":" + value)
 
@@ -87,14 +85,13 @@ def _device_entry(system: str, value: str, name: str, kind: str) -> dict[str, An
     }
 
 
-def _sampled(values: list[int], doc: dict[str, Any]) -> dict[str, Any]:
-    scale = doc["scale"]
+def _sampled(values: npt.NDArray[np.int32], f: FrameRecord) -> dict[str, Any]:
     return {
-        "origin": {"value": 0, "unit": scale["unit"], "system": UCUM, "code": scale["unit"]},
-        "period": round(1000.0 / doc["rate_hz"], 6),
-        "factor": round(scale["num"] / scale["den"], 9),
+        "origin": {"value": 0, "unit": f.unit, "system": UCUM, "code": f.unit},
+        "period": round(1000.0 / f.rate_hz, 6),
+        "factor": round(f.scale_num / f.scale_den, 9),
         "dimensions": 1,
-        "data": " ".join(str(v) for v in values),
+        "data": " ".join(map(str, values.tolist())),
     }
 
 
@@ -129,7 +126,9 @@ def gap_text(doc: dict[str, Any]) -> str:
     return text + " (%s)" % doc.get("reason", "unknown")
 
 
-def observation(doc: dict[str, Any], hub_id: str) -> dict[str, Any]:
+def observation(doc: dict[str, Any], hub_id: str, frame: FrameRecord | None = None) -> dict[str, Any]:
+    """The Observation of a document; a sample frame's needs its record (frame), whose
+    samples and times it reads as they are."""
     key = doc["idempotency_key"]
     device = doc["device_id"]
     obs: dict[str, Any] = {
@@ -163,30 +162,32 @@ def observation(doc: dict[str, Any], hub_id: str) -> dict[str, Any]:
                                                "code": "error"}]}
         obs["note"] = [{"text": gap_text(doc)}]
         return obs
-    code, mdc_name, text = CODES.get(doc["stream"], ("0", "unknown", doc["stream"]))
+    if frame is None:
+        raise ValueError("the Observation of sample frame %s needs its record" % key)
+    code, mdc_name, text = CODES.get(frame.stream_name, ("0", "unknown", frame.stream_name))
     obs["code"] = {"coding": [{"system": MDC, "code": code, "display": mdc_name}], "text": text}
     # The first sample's time (board clock mapped to UTC, or by arrival
     # before the first time sync: doc["time_source"]), and the window's end.
-    start = calendar.timegm(time.strptime(doc["t0_utc"][:19], "%Y-%m-%dT%H:%M:%S")) + int(doc["t0_utc"][20:23]) / 1000
-    end = start + doc["count"] / doc["rate_hz"]
-    obs["effectivePeriod"] = {"start": doc["t0_utc"], "end": _iso_ms(end)}
-    chans = doc["channels"]
-    if doc["stream"] == "ppg":
+    start, _ = frame.start_utc_s()
+    obs["effectivePeriod"] = {"start": iso_ms(start), "end": iso_ms(start + frame.duration_s)}
+    chans = dict(zip(frame.channel_names, frame.channels))
+    if frame.stream_name == "ppg":
         obs["component"] = [
-            {"code": {"text": "red (660 nm) photocurrent"}, "valueSampledData": _sampled(chans["red"], doc)},
-            {"code": {"text": "infrared (880 nm) photocurrent"}, "valueSampledData": _sampled(chans["ir"], doc)},
+            {"code": {"text": "red (660 nm) photocurrent"}, "valueSampledData": _sampled(chans["red"], frame)},
+            {"code": {"text": "infrared (880 nm) photocurrent"}, "valueSampledData": _sampled(chans["ir"], frame)},
         ]
     else:
-        obs["valueSampledData"] = _sampled(chans["ecg"], doc)
+        obs["valueSampledData"] = _sampled(frame.channels[0], frame)
     return obs
 
 
-def bundle(docs: list[dict[str, Any]], hub_id: str) -> dict[str, Any]:
+def bundle(items: list[tuple[dict[str, Any], FrameRecord | None]], hub_id: str) -> dict[str, Any]:
+    """The transaction Bundle of documents, each with its frame's record (None: not a sample frame)."""
     entries = [_device_entry(HUB_SYSTEM, hub_id, "pulsebridge hub %s" % hub_id, "hub")]
-    for dev in sorted({d["device_id"] for d in docs}):
+    for dev in sorted({d["device_id"] for d, _ in items}):
         entries.append(_device_entry(DEVICE_SYSTEM, dev, "pulsebridge board %s" % dev, "device"))
-    for d in docs:
-        obs = observation(d, hub_id)
+    for d, frame in items:
+        obs = observation(d, hub_id, frame)
         entries.append({"fullUrl": _urn("frame", d["idempotency_key"]), "resource": obs,
                         "request": {"method": "POST", "url": "Observation",
                                     "ifNoneExist": "identifier=%s|%s" % (FRAME_SYSTEM, d["idempotency_key"])}})
@@ -195,7 +196,7 @@ def bundle(docs: list[dict[str, Any]], hub_id: str) -> dict[str, Any]:
 
 class FhirForwarder(HttpForwarder):
     async def deliver(self, rows: list[Row]) -> None:
-        body = bundle([self.document(r) for r in rows], self.hub_id)
+        body = bundle([(self.document(r), r.frame) for r in rows], self.hub_id)
         text = await self.post(self.cfg.url.rstrip("/"), json.dumps(body).encode(),
                                {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})
         reply = json.loads(text)

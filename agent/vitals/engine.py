@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.record import FrameRecord
 from agent.vitals.alerts import AlertEngine, AlertEvent
 from agent.vitals.rpeak import RPeakDetector
 from agent.vitals.spo2 import OximetryEstimator
@@ -41,7 +42,7 @@ class _Ppg:
     sources: deque[str] = field(default_factory=lambda: deque(maxlen=10))
 
 
-def _continues(st: _Ecg | _Ppg, f: messages.SampleFrame) -> bool:
+def _continues(st: _Ecg | _Ppg, f: FrameRecord) -> bool:
     # Same boot and no sample lost since the last frame: the stream's state holds.
     return st.epoch == f.epoch and st.next_index == f.first_index
 
@@ -65,14 +66,14 @@ class VitalsEngine:
         self._emitted[(dev, kind)] = at
         return True
 
-    def frame(self, f: messages.SampleFrame, device_id: str, t0_utc_s: float, key: str) -> list[dict[str, Any]]:
+    def frame(self, f: FrameRecord, device_id: str, t0_utc_s: float, key: str) -> list[dict[str, Any]]:
         """A decoded sample frame in; vital and alert documents out."""
         self.last_seen[device_id] = time.time()
         out: list[dict[str, Any]] = []
         end_s = t0_utc_s + f.count / f.rate_hz
         if f.stream in (messages.STREAM_ECG_MAX30003, messages.STREAM_ECG_AD8232):
             out += self._ecg_frame(f, device_id, t0_utc_s, key)
-            lead_off = 1.0 if f.status[0] & messages.FLAG_LEAD_OFF else 0.0
+            lead_off = 1.0 if f.flags & messages.FLAG_LEAD_OFF else 0.0
             out += self._alerts(self.alerts.observe(device_id, "lead_off", lead_off, end_s))
         elif f.stream == messages.STREAM_PPG_MAX30102:
             out += self._ppg_frame(f, device_id, end_s, key)
@@ -97,7 +98,7 @@ class VitalsEngine:
         return [{"type": "alert", "device_id": e.device_id, "alert": e.rule, "state": e.state, "at": _iso(e.at),
                  "value": e.value} for e in events]
 
-    def _ecg_frame(self, f: messages.SampleFrame, dev: str, t0: float, key: str) -> list[dict[str, Any]]:
+    def _ecg_frame(self, f: FrameRecord, dev: str, t0: float, key: str) -> list[dict[str, Any]]:
         st = self._ecg.get(dev)
         if st is None or not _continues(st, f):
             st = _Ecg(RPeakDetector(f.rate_hz), f.first_index, f.epoch)
@@ -121,7 +122,7 @@ class VitalsEngine:
         alerts = self._alerts(self.alerts.observe(dev, "heart_rate", hr, at))
         return ([doc] if self._due(dev, "heart_rate", at) else []) + alerts
 
-    def _ppg_frame(self, f: messages.SampleFrame, dev: str, end: float, key: str) -> list[dict[str, Any]]:
+    def _ppg_frame(self, f: FrameRecord, dev: str, end: float, key: str) -> list[dict[str, Any]]:
         st = self._ppg.get(dev)
         if st is None or not _continues(st, f):
             st = _Ppg(OximetryEstimator(f.rate_hz), f.first_index, f.epoch)

@@ -193,7 +193,7 @@ def test_a_recovered_store_keeps_the_windows_salt(tmp_path: Path) -> None:
         for seq in range(300):
             await s.ingest(Ingest(DEV, 1, seq, 1, secrets.token_bytes(1500), (1, seq, 1, salt), stream=1,
                                   t0_ms=seq * 1000, first_index=seq * 512, count=512,
-                                  plain=secrets.token_bytes(700)))
+                                  samples=secrets.token_bytes(2048)))
     asyncio.run(go())
     s.close()
     page = 4096

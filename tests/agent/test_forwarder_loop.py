@@ -3,10 +3,9 @@
 import asyncio
 from pathlib import Path
 
-import cbor2
-
 from agent.config import BackendConfig
 from agent.forwarders.base import DeliveryError, Forwarder, document
+from agent.ingest import record_of
 from agent.store import Ingest, Row, Store
 from protocols import cipher, cose, messages
 
@@ -33,15 +32,17 @@ def test_retries_then_skips_an_undecodable_frame(tmp_path: Path) -> None:
                                                           [[1, 2, 3, 4]]), sealer=cipher.SampleCipher(key, bytes(16))))
             for s in range(3)]
     opener = cipher.SampleCipher(key)
-    plain = [cbor2.dumps(messages.decode_payload(cose.parse(g).payload, messages.UPLINK_TYPES, decode_samples=False,
-                                                 opener=opener).channels) for g in good]
+    decoded = [messages.decode_payload(cose.parse(g).payload, messages.UPLINK_TYPES, decode_samples=False,
+                                       opener=opener) for g in good]
+    records = [record_of("pb-f1", m, m.channels, g, None) for m, g in zip(decoded, good)]  # type: ignore[arg-type]
     store = Store(tmp_path / "store.db", ["rec"])
     store.start()
 
     async def scenario() -> RecordingBackend:
-        await store.ingest(Ingest("pb-f1", 1, 0, 1, good[0], (1, 0, 1), plain=plain[0]))
-        await store.ingest(Ingest("pb-f1", 1, 1, 1, b"\xd1\x84not a frame", (1, 1, 3), plain=plain[1]))
-        await store.ingest(Ingest("pb-f1", 1, 2, 1, good[2], (1, 2, 7), plain=plain[2]))
+        await store.ingest(Ingest.frame(records[0], (1, 0, 1, None)))
+        # A frame held without its samples (a store of schema 2 whose frame did not decode): never deliverable.
+        await store.ingest(Ingest("pb-f1", 1, 1, 1, b"\xd1\x84not a frame", (1, 1, 3)))
+        await store.ingest(Ingest.frame(records[2], (1, 2, 7, None)))
         fw = RecordingBackend(BackendConfig(name="rec", type="webhook", url="https://x", batch=10, linger_s=0),
                               store, "hub", asyncio.Event())
         fw.backoff.base_s = 0.01

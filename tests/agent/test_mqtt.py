@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import aiomqtt
-import cbor2
 import pytest
 
 from agent import config as agent_config
 from agent.config import BackendConfig
 from agent.forwarders.base import tls_context
 from agent.forwarders.mqtt import MqttForwarder
+from agent.ingest import record_of
 from agent.store import Ingest, Store
 from agent.supervisor import Agent
 from protocols import cipher, cose, messages
@@ -158,9 +158,11 @@ def test_draining_a_backlog_logs_no_warning_per_frame(mosquitto: str, tmp_path: 
             for s in range(n):
                 raw = up.seal(messages.encoded(messages.SampleFrame(
                     1, s, 1, s, s * 4, 512, 4, (1, 1), None, (0, 0, 0, 0), [[1, 2, 3, 4]]), sealer=sealer))
-                plain = cbor2.dumps(messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES,
-                                                            decode_samples=False, opener=opener).channels)
-                stored.append(store.submit_ingest(Ingest("pb-m1", 1, s, 1, raw, (1, s, 1), plain=plain)))
+                m = messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES, decode_samples=False,
+                                            opener=opener)
+                assert isinstance(m, messages.SampleFrame)
+                f = record_of("pb-m1", m, m.channels, raw, None)  # type: ignore[arg-type]
+                stored.append(store.submit_ingest(Ingest.frame(f, (1, s, 1, None))))
             await asyncio.gather(*stored)  # the backlog: committed together
             fw = MqttForwarder(cfg, store, "test-hub", asyncio.Event())
             task = asyncio.create_task(fw.run())

@@ -23,7 +23,7 @@ COUNT = 512
 def _frame(seq: int, epoch: int = 1) -> Ingest:
     # A board's ECG stream: contiguous sample indices, one seq per frame.
     return Ingest(DEV, epoch, seq, 1, os.urandom(1500), (epoch, seq, 1), stream=1, t0_ms=seq * 1000,
-                  first_index=seq * COUNT, count=COUNT, plain=os.urandom(700))
+                  first_index=seq * COUNT, count=COUNT, samples=os.urandom(4 * COUNT))
 
 
 def _ingest(s: Store, seqs: range, per_commit: int = 10) -> None:
@@ -200,19 +200,18 @@ def test_a_backlog_resent_out_of_order_is_not_a_gap(tmp_path: Path) -> None:
 
 def test_fifo_overflow_is_not_a_hub_gap(tmp_path: Path) -> None:
     # Samples the sensor lost are the board's to report (fifo_overflows), not a gap at the hub.
-    from protocols import cipher, cose, messages
+    import numpy as np
 
-    key = bytes(32)
+    from agent.record import FrameRecord
+
     s = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
     s.gap_settle_s = 0
     s.start()
     try:
         def frame(seq: int, first: int, fifo_lost: int) -> Ingest:
-            f = messages.SampleFrame(1, seq, 1, seq * 10, first, 512, 4, (1, 1), None, (4, fifo_lost, 0, 0),
-                                     [[1, 2, 3, 4]])
-            raw = cose.MacKey(key, DEV.encode(), cose.AAD_UPLINK).seal(
-                messages.encoded(f, sealer=cipher.SampleCipher(key, bytes(16))))
-            return Ingest(DEV, 1, seq, 1, raw, (1, seq, 1), stream=1, first_index=first, count=4)
+            f = FrameRecord(DEV, 1, seq, 1, 512, seq * 10, first, 4, 1, 1, None, 4, fifo_lost, 0, 0,
+                            (np.arange(4, dtype=np.int32),), None, time.time(), b"frame %d" % seq)
+            return Ingest.frame(f, (1, seq, 1, None))
 
         async def go() -> None:
             for it in (frame(0, 0, 0), frame(1, 4, 0), frame(2, 10, 2), frame(4, 20, 0)):

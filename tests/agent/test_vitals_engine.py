@@ -1,20 +1,27 @@
 # The vitals engine on frames as boards send them: real ECG and PPG, in windows.
+import dataclasses
+
 import numpy as np
 import wfdb
 
 from agent.dev.sim import waveforms
+from agent.record import FrameRecord
 from agent.vitals.engine import VitalsEngine
 from protocols import messages
 
 
-def _ecg_frames(seconds: int, rate: int = 512) -> list[messages.SampleFrame]:
+def _ecg(seq: int, first: int, rate: int, samples: list[int], flags: int = 0) -> FrameRecord:
+    return FrameRecord("pb-v", 1, seq, messages.STREAM_ECG_MAX30003, rate, seq * 1000, first, len(samples), 1000000,
+                       2621440, None, flags, 0, 0, 0, (np.array(samples, dtype=np.int32),), None, 0.0, b"")
+
+
+def _ecg_frames(seconds: int, rate: int = 512) -> list[FrameRecord]:
     rec = wfdb.rdrecord(str(waveforms.data_dir() / waveforms.ECG_RECORD), channel_names=["MLII"],
                         sampto=360 * (seconds + 1))
     x = rec.p_signal[:, 0]
     t = np.arange(len(x)) / 360
     codes = np.round(np.interp(np.arange(0, seconds, 1 / rate), t, x) * 1000 * 2621.44).astype(int)
-    return [messages.SampleFrame(1, i, 1, i * 1000, i * rate, rate, rate, (1000000, 2621440), None, (0, 0, 0, 0),
-                                 [codes[i * rate:(i + 1) * rate].tolist()]) for i in range(seconds)]
+    return [_ecg(i, i * rate, rate, codes[i * rate:(i + 1) * rate].tolist()) for i in range(seconds)]
 
 
 def test_heart_rate_from_streamed_ecg_frames() -> None:
@@ -35,9 +42,9 @@ def test_a_gap_restarts_the_detector_and_lead_off_alarms_after_60_s() -> None:
     state = eng._ecg["pb-v2"]
     eng.frame(frames[3], "pb-v2", 3.0, "k3")  # frames 1-2 lost
     assert eng._ecg["pb-v2"] is not state
-    off = messages.SampleFrame(1, 99, 1, 0, 0, 512, 512, (1, 1), None, (messages.FLAG_LEAD_OFF, 0, 0, 0), [[0] * 512])
+    off = _ecg(99, 0, 512, [0] * 512, messages.FLAG_LEAD_OFF)
     raised = []
     for k in range(70):
-        off.first_index = k * 512
+        off = dataclasses.replace(off, first_index=k * 512)
         raised += [d for d in eng.frame(off, "pb-v3", float(k), "x") if d["type"] == "alert"]
     assert [(d["alert"], d["state"]) for d in raised] == [("lead_off", "raised")]

@@ -3,6 +3,8 @@
 # a board still speaking version 1 is refused, visibly (SPEC.md, README:
 # upgrade the hub first, then the boards).
 import asyncio
+import os
+import sqlite3
 from pathlib import Path
 
 import cbor2
@@ -12,10 +14,11 @@ from agent.config import BackendConfig
 from agent.ingest import Ingestor, Outcome
 from agent.registry import Registry
 from agent.session import END_SILENT, BoardSession, BoardStats, SessionEnd
-from agent.store import Ingest, Store
+from agent.store import Store
 from agent.transports.base import Transport
 from protocols import hub
 from tests.agent.test_forwarder_loop import RecordingBackend
+from tests.waiting import async_wait_for
 
 # A version 1 sample frame, as the firmware before the boot salt sealed it
 # (protocols/ at ae63487^): device pb-v1old, key bytes(range(32)), epoch 7,
@@ -31,22 +34,46 @@ V1_FRAME = bytes.fromhex(
 V1_PLAIN = cbor2.dumps([bytes.fromhex("c8010a0dd101")])
 
 
+# A store of schema 2, as the hub before records kept it: sample frames as they
+# came, their samples decrypted but still encoded (plain), no samples column.
+SCHEMA_2 = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE replay(device_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, top INTEGER NOT NULL,
+    bitmap INTEGER NOT NULL, salt BLOB);
+CREATE TABLE frames(id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
+    kind INTEGER NOT NULL, stream INTEGER, priority INTEGER NOT NULL, received_at REAL NOT NULL, t0_ms INTEGER,
+    t0_utc_ms INTEGER, first_index INTEGER, count INTEGER, raw BLOB, info TEXT, plain BLOB,
+    UNIQUE(device_id, epoch, seq));
+CREATE TABLE outbox(backend TEXT NOT NULL, frame_id INTEGER NOT NULL, priority INTEGER NOT NULL,
+    PRIMARY KEY(backend, frame_id)) WITHOUT ROWID;
+INSERT INTO meta VALUES('schema', '2'), ('gap_scan_id', '1');
+"""
+
+
 def test_v1_frames_stored_before_the_upgrade_are_still_forwarded(tmp_path: Path) -> None:
-    store = Store(tmp_path / "store.db", ["rec"])
+    path = tmp_path / "store.db"
+    old = sqlite3.connect(path)
+    old.executescript(SCHEMA_2)
+    old.execute("INSERT INTO frames(device_id, epoch, seq, kind, stream, priority, received_at, t0_ms, first_index, "
+                "count, raw, plain) VALUES('pb-v1old', 7, 3, 1, 1, 0, 1700000000.0, 12000, 2048, 4, ?, ?)",
+                (V1_FRAME, V1_PLAIN))
+    old.execute("INSERT INTO outbox VALUES('rec', 1, 0)")
+    old.commit()
+    old.close()
+    os.chmod(path, 0o600)
+    store = Store(path, ["rec"])
     store.start()
+    reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
 
     async def scenario() -> RecordingBackend:
-        await store.ingest(Ingest("pb-v1old", 7, 3, 1, V1_FRAME, (7, 3, 1), stream=1, t0_ms=12000, first_index=2048,
-                                  count=4, plain=V1_PLAIN))
+        ing = Ingestor(store, reg)  # the agent's start: what schema 2 kept undecoded is decoded once
+        assert ing.upgraded == 1
         fw = RecordingBackend(BackendConfig(name="rec", type="webhook", url="https://x", batch=10, linger_s=0),
                               store, "hub", asyncio.Event())
         fw.fail = 0
         fw.docs = []
         task = asyncio.create_task(fw.run())
-        for _ in range(250):
-            if fw.docs or fw.undeliverable:
-                break
-            await asyncio.sleep(0.02)
+        await async_wait_for(lambda: bool(fw.docs or fw.undeliverable), 10, "the old frame forwarded")
         task.cancel()
         try:
             await task
@@ -58,12 +85,14 @@ def test_v1_frames_stored_before_the_upgrade_are_still_forwarded(tmp_path: Path)
         fw = asyncio.run(scenario())
     finally:
         store.close()
+        reg.close()
     assert fw.undeliverable == 0
     (doc,) = fw.docs
     assert (doc["device_id"], doc["epoch"], doc["seq"], doc["first_index"], doc["count"]) == ("pb-v1old", 7, 3, 2048, 4)
     assert doc["channels"] == {"ecg": [100, 105, 98, -7]}
     assert doc["scale"]["num"] == 1 and doc["scale"]["den"] == 20
     assert doc["idempotency_key"] == "pb-v1old:7:3"
+    assert doc["received_at"] == "2023-11-14T22:13:20Z"  # as it was stored
 
 
 def test_a_board_still_on_v1_is_refused_visibly_and_nothing_acked(tmp_path: Path) -> None:

@@ -1,0 +1,101 @@
+# Store first, then the replay window (protocols/hub.py): a frame's (epoch,
+# seq) is marked seen only once the store has committed it; while its commit
+# waits (a storage fault), a copy of it is a duplicate in flight, stored
+# once and acknowledged only after the original is stored.
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+from agent.audit import AuditLog
+from agent.ingest import Ingestor
+from agent.registry import Registry
+from agent.store import Store
+from protocols import cipher, cose, hub, messages
+from tests.waiting import async_wait_for
+
+DEV = "pb-order"
+KEY = bytes(range(32))
+
+
+def _frame(seq: int, epoch: int = 1) -> bytes:
+    f = messages.SampleFrame(epoch, seq, 1, seq * 10, seq * 4, 512, 4, (1, 1), None, (0, 0, 0, 0), [[1, 2, 3, 4]])
+    sealer = cipher.SampleCipher(KEY, bytes(16))
+    return cose.MacKey(KEY, DEV.encode(), cose.AAD_UPLINK).seal(messages.encoded(f, sealer=sealer))
+
+
+def test_the_window_moves_only_once_the_store_commits(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
+    reg.add(DEV, key=KEY, actor="test")
+    store = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    store.start()
+    released = threading.Event()
+    apply = Store._apply
+
+    def failing_until_released(self: Store, db: sqlite3.Connection, batch: list[Any]) -> list[Any]:
+        if not released.is_set():  # an injected storage fault: the commit is retried until it passes
+            raise sqlite3.OperationalError("disk I/O error")
+        return apply(self, db, batch)
+
+    async def scenario() -> None:
+        ing = Ingestor(store, reg)
+        stored_records: list[int] = []
+        ing.on_stored = lambda f: stored_records.append(f.seq)
+        with mock.patch.object(Store, "_apply", failing_until_released):
+            first = ing.submit(_frame(0), "test")
+            assert first.received.verdict == hub.ACCEPTED and first.stored is not None
+            await async_wait_for(lambda: store.fault is not None, 30, "the commit failing")
+            # Not stored: the replay window has not moved, in memory or on disk.
+            assert ing.hub.window(DEV).state() == (-1, -1, 0, None)
+            again = ing.submit(_frame(0), "test")  # the board resends it meanwhile
+            assert again.received.verdict == hub.DUPLICATE and again.stored is not None
+            assert not first.stored.done() and not again.stored.done()
+            released.set()
+            async with asyncio.timeout(30):
+                await first.stored
+                await again.stored
+        assert ing.hub.window(DEV).state()[:3] == (1, 0, 1)
+        assert store.load_windows()[DEV][:3] == (1, 0, 1)
+        assert stored_records == [0]  # handed on once
+        # Committed: a later copy is a duplicate of what is held.
+        assert ing.submit(_frame(0), "test").received.verdict == hub.DUPLICATE
+
+    try:
+        asyncio.run(scenario())
+        db = store.reader()
+        try:
+            assert db.execute("SELECT COUNT(*) FROM frames WHERE device_id=?", (DEV,)).fetchone()[0] == 1
+        finally:
+            db.close()
+    finally:
+        store.close()
+        reg.close()
+
+
+def test_a_reboot_while_a_frame_is_in_flight_keeps_the_newer_epoch(tmp_path: Path) -> None:
+    # The board reboots (epoch 2) while its last frame of epoch 1 still waits
+    # for its commit: the window ends at epoch 2 whatever order they settle in.
+    reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
+    reg.add(DEV, key=KEY, actor="test")
+    store = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    store.start()
+
+    async def scenario() -> Ingestor:
+        ing = Ingestor(store, reg)
+        outs = [ing.submit(_frame(5, epoch=1), "test"), ing.submit(_frame(0, epoch=2), "test")]
+        assert [o.received.verdict for o in outs] == [hub.ACCEPTED, hub.ACCEPTED]
+        # An epoch 1 frame is now from an earlier boot than one in flight.
+        assert ing.submit(_frame(6, epoch=1), "test").received.reason == "replay:old_epoch"
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(o.stored for o in outs if o.stored is not None))
+        return ing
+
+    try:
+        ing = asyncio.run(scenario())
+        assert ing.hub.window(DEV).state()[:3] == (2, 0, 1)
+        assert store.load_windows()[DEV][:3] == (2, 0, 1)
+    finally:
+        store.close()
+        reg.close()
