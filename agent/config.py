@@ -21,9 +21,12 @@ Example:
 
     [[backend]]
     name = "care-team"
-    type = "mqtt"                  # mqtt | webhook | fhir
+    type = "mqtt"                  # a module of agent/forwarders/: mqtt | webhook | fhir
     url = "mqtts://broker.example:8883"
     ca_file = "/etc/pulsebridge/ca.pem"
+
+Each backend type is one module of agent/forwarders/ with its own settings
+(its BackendConfig subclass); the settings every backend has are here.
 """
 
 from __future__ import annotations
@@ -33,11 +36,10 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 DEFAULT_CONFIG = Path("/etc/pulsebridge/agent.toml")
-BACKEND_TYPES = ("mqtt", "webhook", "fhir")
 
 
 class ConfigError(Exception):
@@ -73,6 +75,12 @@ class BleConfig:
 
 @dataclass
 class BackendConfig:
+    """The settings every backend has. A backend module subclasses it with its
+    own settings (read by take_own) and URL schemes (SCHEMES)."""
+
+    # URL schemes: (secure, plaintext); plaintext only with insecure = true.
+    SCHEMES: ClassVar[tuple[str, str]] = ("https", "http")
+
     name: str
     type: str
     url: str
@@ -80,16 +88,36 @@ class BackendConfig:
     ca_file: Path | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
-    bearer_token_file: Path | None = None
-    username: str | None = None
-    password_file: Path | None = None
-    topic_prefix: str = "pulsebridge"
-    format: str = "json"  # webhook: json | cbor
     batch: int = 50
     timeout_s: float = 10.0
     # After new frames, wait this long for more before sending: fewer, fuller
     # batches at low load (forwarding latency, not the boards' acks).
     linger_s: float = 0.2
+
+    def take_own(self, table: Table) -> None:
+        """Reads this backend's own settings from its table (what take_own leaves is refused as unknown)."""
+
+
+class Table:
+    """A table of the configuration being read, named by where ("backend[0]"): its
+    settings are taken one by one, each checked; ConfigError names a bad one."""
+
+    def __init__(self, data: dict[str, Any], where: str) -> None:
+        self.data = data
+        self.where = where
+
+    def text(self, name: str, default: str | None = None) -> str | None:
+        return _take(self.data, name, str, self.where, default)  # type: ignore[no-any-return]
+
+    def path(self, name: str) -> Path | None:
+        return _path(_take(self.data, name, str, self.where))
+
+    def choice(self, name: str, values: tuple[str, ...], default: str) -> str:
+        return _enum(self.data, name, self.where, values, default)
+
+    def error(self, name: str, message: str) -> ConfigError:
+        """A ConfigError for setting name: "<where>.<name> <message>"."""
+        return ConfigError("%s.%s %s" % (self.where, name, message), "%s.%s" % (self.where, name))
 
 
 @dataclass
@@ -151,7 +179,6 @@ RANGES: dict[str, tuple[float, float]] = {
 }
 # The values of each enumerated setting.
 LOG_FORMATS = ("text", "json")
-WEBHOOK_FORMATS = ("json", "cbor")
 ALERT_SIGNALS = ("spo2", "heart_rate", "lead_off", "silence_s")
 # Identifiers that end up in MQTT topics and FHIR identifiers: no wildcards, separators or spaces.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -266,35 +293,28 @@ def _parse(data: dict[str, Any], source: Path | None) -> AgentConfig:
                             connect_timeout_s=_number(ble, "connect_timeout_s", "ble", 15.0))
         _leftovers(ble, "ble")
     names = set()
+    from agent import forwarders  # the backends' registry (it imports this module)
+
     for i, b in enumerate(_take(data, "backend", list, "", [])):
         where = "backend[%d]" % i
         b = _table(b, where)
-        bc = BackendConfig(name=_take(b, "name", str, where, ""),
-                           type=_enum(b, "type", where, BACKEND_TYPES, ""),
-                           url=_take(b, "url", str, where, ""))
+        name = _take(b, "name", str, where, "")
+        kind = _enum(b, "type", where, tuple(forwarders.types()), "")
+        bc = forwarders.config_class(kind)(name=name, type=kind, url=_take(b, "url", str, where, ""))
         if not _NAME.match(bc.name) or bc.name in names:
             raise ConfigError("%s.name must be set (1 to 64 of A-Z a-z 0-9 . _ -) and unique, not %r"
                               % (where, bc.name), where + ".name")
         names.add(bc.name)
-        bc.insecure = _take(b, "insecure", bool, where, False)
-        for p in ("ca_file", "client_cert", "client_key", "bearer_token_file", "password_file"):
-            setattr(bc, p, _path(_take(b, p, str, where)))
-        bc.username = _take(b, "username", str, where)
-        bc.topic_prefix = _take(b, "topic_prefix", str, where, bc.topic_prefix)
-        if not bc.topic_prefix or any(c in bc.topic_prefix for c in "+#\0") or bc.topic_prefix.startswith("/"):
-            raise ConfigError("%s.topic_prefix must be a non-empty MQTT topic without + # or a leading /, not %r"
-                              % (where, bc.topic_prefix), where + ".topic_prefix")
-        if bc.type == "webhook":
-            bc.format = _enum(b, "format", where, WEBHOOK_FORMATS, bc.format)
-        elif "format" in b:
-            raise ConfigError("%s.format applies to webhook backends only (%s sends JSON)" % (where, bc.type),
-                              where + ".format")
-        bc.batch = _number(b, "batch", where, bc.batch, True)
-        bc.timeout_s = _number(b, "timeout_s", where, bc.timeout_s)
-        bc.linger_s = _number(b, "linger_s", where, bc.linger_s)
         if "token" in b or "password" in b:
             raise ConfigError("%s: put secrets in files (bearer_token_file, password_file), not in the config"
                               % where, where)
+        bc.insecure = _take(b, "insecure", bool, where, False)
+        for p in ("ca_file", "client_cert", "client_key"):
+            setattr(bc, p, _path(_take(b, p, str, where)))
+        bc.batch = _number(b, "batch", where, bc.batch, True)
+        bc.timeout_s = _number(b, "timeout_s", where, bc.timeout_s)
+        bc.linger_s = _number(b, "linger_s", where, bc.linger_s)
+        bc.take_own(Table(b, where))
         _leftovers(b, where)
         _check_url(bc, where)
         cfg.backends.append(bc)
@@ -325,8 +345,7 @@ def _check_url(bc: BackendConfig, where: str) -> None:
         _ = u.port  # raises ValueError on a port out of 0..65535
     except ValueError:
         raise ConfigError("%s.url has a bad port: %r" % (where, bc.url), where + ".url") from None
-    secure = {"mqtt": "mqtts", "webhook": "https", "fhir": "https"}[bc.type]
-    plain = {"mqtt": "mqtt", "webhook": "http", "fhir": "http"}[bc.type]
+    secure, plain = bc.SCHEMES
     if u.scheme not in (secure, plain) or not u.hostname:
         raise ConfigError("%s.url must be %s://host... (got %r)" % (where, secure, bc.url), where + ".url")
     if u.scheme == plain and not bc.insecure:

@@ -31,9 +31,8 @@ from typing import Any
 import numpy as np
 
 from agent.audit import AuditLog
-from agent.config import BackendConfig
 from agent.dev.tlsgen import make_pki
-from agent.forwarders.mqtt import MqttForwarder
+from agent.forwarders.mqtt import MqttConfig, MqttForwarder
 from agent.ingest import Ingestor
 from agent.registry import Registry
 from agent.store import Store
@@ -205,8 +204,8 @@ class Broker:
             time.sleep(0.1)
         raise RuntimeError("mosquitto did not start")
 
-    def backend(self) -> BackendConfig:
-        return BackendConfig(name="mqtt", type="mqtt", url="mqtts://localhost:%d" % self.port,
+    def backend(self) -> MqttConfig:
+        return MqttConfig(name="mqtt", type="mqtt", url="mqtts://localhost:%d" % self.port,
                              ca_file=self.pki.ca_cert, batch=500)
 
     def close(self) -> None:

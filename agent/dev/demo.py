@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent.audit import AuditLog
-from agent.config import AgentConfig, BackendConfig, BleConfig, SerialConfig
+from agent.config import AgentConfig, BleConfig, SerialConfig
 from agent.dev.local_backend import LocalBackend
 from agent.dev.sim.air import Air
 from agent.dev.sim.runner import SimulatedBoard
 from agent.dev.simrun import SimOptions, board_specs, start_air
 from agent.dev.tlsgen import make_pki
+from agent.forwarders.webhook import WebhookConfig
 from agent.provision.build import default_cache
 from agent.registry import Registry
 from agent.supervisor import Agent
@@ -62,7 +63,7 @@ async def _run_demo(opts: SimOptions, out: IO[str], tmp: Path, air: Air | None) 
                       run_dir=tmp / "hub" / "run",
                       serial=[] if air else [SerialConfig(port=s.port) for s in sims],
                       ble=BleConfig(air=str(air.central_path)) if air else None,
-                      backends=[BackendConfig(name="local", type="webhook",
+                      backends=[WebhookConfig(name="local", type="webhook",
                                               url="https://127.0.0.1:%d/ingest" % port, ca_file=pki.ca_cert)])
     registry = Registry(cfg.registry_path, AuditLog(cfg.audit_path))
     for spec in specs:

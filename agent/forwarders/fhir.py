@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.forwarders.base import REASON_CHARS, RefusedError
-from agent.forwarders.http import HttpForwarder
+from agent.forwarders.http import HttpConfig, HttpForwarder
 from agent.record import FrameRecord, iso_ms
 from agent.store import Row
 
@@ -194,6 +194,10 @@ def bundle(items: list[tuple[dict[str, Any], FrameRecord | None]], hub_id: str) 
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
+class FhirConfig(HttpConfig):
+    """A FHIR R4 server's settings: those of every HTTPS backend."""
+
+
 class FhirForwarder(HttpForwarder):
     async def deliver(self, rows: list[Row]) -> None:
         body = bundle([(self.document(r), r.frame) for r in rows], self.hub_id)
@@ -218,3 +222,7 @@ class FhirForwarder(HttpForwarder):
         except (ValueError, AttributeError):
             said = ""
         return said[:REASON_CHARS] or super().refusal_reason(text)
+
+
+CONFIG = FhirConfig
+FORWARDER = FhirForwarder

@@ -12,8 +12,12 @@ back the others forever.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import aiohttp
 
+from agent.config import BackendConfig, Table
 from agent.forwarders.base import REASON_CHARS, DeliveryError, Forwarder, RefusedError, read_secret, tls_context
 
 # 4xx answers retried like a 5xx. 408, 425, 429 (RFC 9110, 8470, 6585) say "not now". 401, 403,
@@ -23,7 +27,18 @@ from agent.forwarders.base import REASON_CHARS, DeliveryError, Forwarder, Refuse
 RETRY_STATUSES = frozenset({401, 403, 404, 405, 407, 408, 421, 425, 429})
 
 
+@dataclass
+class HttpConfig(BackendConfig):
+    """An HTTPS backend's settings: bearer_token_file holds its token (mode 0600), if it wants one."""
+
+    bearer_token_file: Path | None = None
+
+    def take_own(self, table: Table) -> None:
+        self.bearer_token_file = table.path("bearer_token_file")
+
+
 class HttpForwarder(Forwarder):
+    cfg: HttpConfig
     _session: aiohttp.ClientSession | None = None
 
     def auth_headers(self) -> dict[str, str]:

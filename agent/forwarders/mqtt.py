@@ -13,12 +13,36 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 from urllib.parse import urlparse
 
 import aiomqtt
 
+from agent.config import BackendConfig, Table
 from agent.forwarders.base import DeliveryError, Forwarder, read_secret, tls_context
 from agent.store import Row
+
+
+@dataclass
+class MqttConfig(BackendConfig):
+    """username and password_file (mode 0600) if the broker wants them; topic_prefix
+    begins every topic."""
+
+    SCHEMES: ClassVar[tuple[str, str]] = ("mqtts", "mqtt")
+
+    username: str | None = None
+    password_file: Path | None = None
+    topic_prefix: str = "pulsebridge"
+
+    def take_own(self, table: Table) -> None:
+        self.username = table.text("username")
+        self.password_file = table.path("password_file")
+        self.topic_prefix = table.text("topic_prefix", self.topic_prefix) or ""
+        if not self.topic_prefix or any(c in self.topic_prefix for c in "+#\0") or self.topic_prefix.startswith("/"):
+            raise table.error("topic_prefix", "must be a non-empty MQTT topic without + # or a leading /, not %r"
+                              % self.topic_prefix)
 
 
 def topic(prefix: str, hub_id: str, doc: dict[str, object]) -> str:
@@ -27,6 +51,7 @@ def topic(prefix: str, hub_id: str, doc: dict[str, object]) -> str:
 
 
 class MqttForwarder(Forwarder):
+    cfg: MqttConfig
     _client: aiomqtt.Client | None = None
 
     async def _connect(self) -> aiomqtt.Client:
@@ -64,3 +89,7 @@ class MqttForwarder(Forwarder):
                 await client.__aexit__(None, None, None)
             except Exception:  # the connection is gone already
                 pass
+
+
+CONFIG = MqttConfig
+FORWARDER = MqttForwarder

@@ -7,14 +7,31 @@ as delivered on any 2xx answer.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import cbor2
 
-from agent.forwarders.http import HttpForwarder
+from agent.config import Table
+from agent.forwarders.http import HttpConfig, HttpForwarder
 from agent.store import Row
+
+FORMATS = ("json", "cbor")
+
+
+@dataclass
+class WebhookConfig(HttpConfig):
+    """format: the body's encoding, json or cbor."""
+
+    format: str = "json"
+
+    def take_own(self, table: Table) -> None:
+        super().take_own(table)
+        self.format = table.choice("format", FORMATS, self.format)
 
 
 class WebhookForwarder(HttpForwarder):
+    cfg: WebhookConfig
+
     async def deliver(self, rows: list[Row]) -> None:
         docs = [self.document(r) for r in rows]
         if self.cfg.format == "cbor":
@@ -22,3 +39,7 @@ class WebhookForwarder(HttpForwarder):
         else:
             body, ctype = json.dumps(docs).encode(), "application/json"
         await self.post(self.cfg.url, body, {"Content-Type": ctype})
+
+
+CONFIG = WebhookConfig
+FORWARDER = WebhookForwarder

@@ -25,10 +25,11 @@ import cbor2
 import pytest
 
 from agent.audit import AuditLog
-from agent.config import AgentConfig, BackendConfig, BleConfig
+from agent.config import AgentConfig, BleConfig
 from agent.dev.sim import boards
 from agent.dev.sim.air import Air, Faults
 from agent.dev.sim.runner import SimulatedBoard
+from agent.forwarders.webhook import WebhookConfig
 from agent.registry import Registry
 from agent.supervisor import Agent
 from agent.transports import softradio
@@ -160,7 +161,7 @@ def test_three_boards_over_a_lossy_radio_lose_nothing_acknowledged(micropython: 
     cfg = AgentConfig(hub_id="test-hub", data_dir=tmp_path / "data", log_dir=tmp_path / "log",
                       run_dir=tmp_path / "run", time_sync_every_s=5.0,
                       ble=BleConfig(air=str(air.central_path), connect_timeout_s=5.0),
-                      backends=[BackendConfig(name="local", type="webhook",
+                      backends=[WebhookConfig(name="local", type="webhook",
                                               url="https://127.0.0.1:%d/ingest" % backend.port,
                                               ca_file=pki.ca_cert)])
     _registry(cfg, keys)

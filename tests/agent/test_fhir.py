@@ -253,7 +253,7 @@ def test_later_is_retried_never_is_quarantined(tmp_path: Path) -> None:
     """Fault injection on the project's server: 401, 404, 429, 503 are "later" (the hub's settings
     or the server's state): retried, nothing quarantined. A 422 about one vital, in a batch of
     eight, is narrowed down to that vital, which alone is quarantined with the server's words."""
-    from agent.config import BackendConfig
+    from agent.forwarders.fhir import FhirConfig
     from agent.store import KIND_VITAL, PRIORITY_VITALS, Ingest
 
     pki = harness.pki_for(tmp_path)
@@ -270,7 +270,7 @@ def test_later_is_retried_never_is_quarantined(tmp_path: Path) -> None:
                 "at": "2026-11-30T10:00:%02d.000Z" % seq, "quality": 0.9, "source_frames": ["pb-v1:1:%d" % seq]}))
         server.answers = [401, 404, 429, 503]
         server.refuse_identifier = "vital:pb-v1:5"
-        cfg = BackendConfig(name="ehr", type="fhir", url="https://127.0.0.1:%d/fhir" % port, ca_file=pki.ca_cert,
+        cfg = FhirConfig(name="ehr", type="fhir", url="https://127.0.0.1:%d/fhir" % port, ca_file=pki.ca_cert,
                             batch=8, linger_s=0)
         fw = fhir.FhirForwarder(cfg, store, "hub", asyncio.Event())
         fw.backoff.base_s = fw.backoff.cap_s = 0.05
@@ -306,7 +306,7 @@ def test_an_unsafe_secret_file_is_one_clear_line_and_retried(tmp_path: Path,
     no traceback, no crash; once the mode is fixed, it delivers."""
     import shutil
 
-    from agent.config import BackendConfig
+    from agent.forwarders.fhir import FhirConfig
     from agent.store import KIND_VITAL, PRIORITY_VITALS, Ingest
 
     pki = harness.pki_for(tmp_path)
@@ -323,7 +323,7 @@ def test_an_unsafe_secret_file_is_one_clear_line_and_retried(tmp_path: Path,
         await store.ingest(Ingest("pb-v1", -2, 1, KIND_VITAL, b"", None, priority=PRIORITY_VITALS, info={
             "type": "vital", "kind": "spo2", "device_id": "pb-v1", "value": 97.0, "unit": "%",
             "at": "2026-11-30T10:00:01.000Z", "quality": 0.9, "source_frames": ["pb-v1:1:1"]}))
-        cfg = BackendConfig(name="ehr", type="fhir", url="https://127.0.0.1:%d/fhir" % port, ca_file=pki.ca_cert,
+        cfg = FhirConfig(name="ehr", type="fhir", url="https://127.0.0.1:%d/fhir" % port, ca_file=pki.ca_cert,
                             client_cert=pki.client_cert, client_key=key, linger_s=0)
         fw = fhir.FhirForwarder(cfg, store, "hub", asyncio.Event())
         fw.backoff.base_s = fw.backoff.cap_s = 0.05

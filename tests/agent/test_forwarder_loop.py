@@ -3,8 +3,8 @@
 import asyncio
 from pathlib import Path
 
-from agent.config import BackendConfig
 from agent.forwarders.base import DeliveryError, Forwarder, document
+from agent.forwarders.webhook import WebhookConfig
 from agent.ingest import record_of
 from agent.store import Ingest, Row, Store
 from protocols import cipher, cose, messages
@@ -43,7 +43,7 @@ def test_retries_then_skips_an_undecodable_frame(tmp_path: Path) -> None:
         # A frame held without its samples (a store of schema 2 whose frame did not decode): never deliverable.
         await store.ingest(Ingest("pb-f1", 1, 1, 1, b"\xd1\x84not a frame", (1, 1, 3)))
         await store.ingest(Ingest.frame(records[2], (1, 2, 7, None)))
-        fw = RecordingBackend(BackendConfig(name="rec", type="webhook", url="https://x", batch=10, linger_s=0),
+        fw = RecordingBackend(WebhookConfig(name="rec", type="webhook", url="https://x", batch=10, linger_s=0),
                               store, "hub", asyncio.Event())
         fw.backoff.base_s = 0.01
         fw.docs = []

@@ -13,9 +13,8 @@ import aiomqtt
 import pytest
 
 from agent import config as agent_config
-from agent.config import BackendConfig
 from agent.forwarders.base import tls_context
-from agent.forwarders.mqtt import MqttForwarder
+from agent.forwarders.mqtt import MqttConfig, MqttForwarder
 from agent.ingest import record_of
 from agent.store import Ingest, Store
 from agent.supervisor import Agent
@@ -149,7 +148,7 @@ def test_draining_a_backlog_logs_no_warning_per_frame(mosquitto: str, tmp_path: 
     sealer, opener = cipher.SampleCipher(key, bytes(16)), cipher.SampleCipher(key)
     store = Store(tmp_path / "store.db", ["broker"])
     store.start()
-    cfg = BackendConfig(name="broker", type="mqtt", url="mqtts://localhost:%d" % port, ca_file=pki.ca_cert,
+    cfg = MqttConfig(name="broker", type="mqtt", url="mqtts://localhost:%d" % port, ca_file=pki.ca_cert,
                         client_cert=pki.client_cert, client_key=pki.client_key, batch=50, linger_s=0)
     n = 200
     try:

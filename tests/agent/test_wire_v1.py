@@ -10,7 +10,7 @@ from pathlib import Path
 import cbor2
 
 from agent.audit import AuditLog
-from agent.config import BackendConfig
+from agent.forwarders.webhook import WebhookConfig
 from agent.ingest import Ingestor, Outcome
 from agent.registry import Registry
 from agent.session import END_SILENT, BoardSession, BoardStats, SessionEnd
@@ -68,7 +68,7 @@ def test_v1_frames_stored_before_the_upgrade_are_still_forwarded(tmp_path: Path)
     async def scenario() -> RecordingBackend:
         ing = Ingestor(store, reg)  # the agent's start: what schema 2 kept undecoded is decoded once
         assert ing.upgraded == 1
-        fw = RecordingBackend(BackendConfig(name="rec", type="webhook", url="https://x", batch=10, linger_s=0),
+        fw = RecordingBackend(WebhookConfig(name="rec", type="webhook", url="https://x", batch=10, linger_s=0),
                               store, "hub", asyncio.Event())
         fw.fail = 0
         fw.docs = []
