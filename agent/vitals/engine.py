@@ -23,6 +23,23 @@ from protocols import messages
 RR_BEATS = 8  # heart rate over the last 8 beats
 EMIT_EVERY_S = 5.0  # a vital of each kind per device at most this often (alerts: at once)
 PLAUSIBLE_RR_S = (0.25, 2.5)  # 24-240 bpm
+# Cross-check of one board's ECG heart rate and PPG pulse rate (one heart): they may differ by
+# this much (the larger of the two bounds) before both lose quality; a figure only this recent
+# from the other sensor is compared (both are averages over ~8 s).
+AGREE_BPM = 10.0
+AGREE_FRACTION = 0.10
+CROSS_CHECK_AGE_S = 10.0
+DISAGREE_QUALITY_FACTOR = 0.5  # both qualities are halved while the two disagree
+# What each vital is computed by (every forwarded vital names its method).
+METHODS = {
+    "heart_rate": "ECG R-R intervals, streaming Pan-Tompkins detector, mean of the last %d beats" % RR_BEATS,
+    "spo2": "PPG ratio of ratios, detrended band-passed AC over window-mean DC, 8 s window, "
+            "calibration curve of the sensor type",
+    "pulse_rate": "PPG autocorrelation period, checked against its multiples and sub-multiples, 8 s window",
+    "pulse_rate_ecg": "PPG autocorrelation period, checked against its multiples and sub-multiples and "
+                      "chosen nearest the same board's ECG R-R interval, 8 s window",
+    "perfusion_index": "PPG infrared AC/DC, 8 s window",
+}
 
 
 @dataclass
@@ -32,6 +49,7 @@ class _Ecg:
     epoch: int
     beats: deque[int] = field(default_factory=lambda: deque(maxlen=RR_BEATS + 1))
     sources: deque[str] = field(default_factory=lambda: deque(maxlen=10))
+    heart_rate: tuple[float, float] | None = None  # (bpm, at UTC s): the last one computed
 
 
 @dataclass
@@ -40,11 +58,23 @@ class _Ppg:
     next_index: int
     epoch: int
     sources: deque[str] = field(default_factory=lambda: deque(maxlen=10))
+    pulse_rate: tuple[float, float] | None = None  # (bpm, at UTC s): the last one estimated
 
 
 def _continues(st: _Ecg | _Ppg, f: FrameRecord) -> bool:
     # Same boot and no sample lost since the last frame: the stream's state holds.
     return st.epoch == f.epoch and st.next_index == f.first_index
+
+
+def _cross_check(rate_bpm: float, other: tuple[float, float] | None, at: float, other_kind: str
+                 ) -> dict[str, Any] | None:
+    """The other sensor's recent rate beside this one: None when there is none to compare."""
+    if other is None or abs(at - other[1]) > CROSS_CHECK_AGE_S:
+        return None
+    diff = rate_bpm - other[0]
+    agrees = abs(diff) <= max(AGREE_BPM, AGREE_FRACTION * other[0])
+    return {"with": other_kind, "other_value": round(other[0], 1), "difference_per_min": round(diff, 1),
+            "agrees": agrees}
 
 
 def _iso(t: float) -> str:
@@ -114,11 +144,18 @@ class VitalsEngine:
         quality = len(ok) / len(rr)
         hr = 60.0 / (sum(ok) / len(ok))
         at = t0 + (beats[-1] - (st.next_index - f.count)) / f.rate_hz  # the last beat, on the UTC axis
-        doc = {"type": "vital", "device_id": dev, "kind": "heart_rate", "value": round(hr, 1), "unit": "/min",
-               "rr_ms": [round(x * 1000) for x in ok], "quality": round(quality, 2), "at": _iso(at),
-               "source_frames": list(st.sources)}
         if quality < 0.75:
             return []  # withheld: too many implausible intervals
+        st.heart_rate = (hr, at)
+        ppg = self._ppg.get(dev)
+        check = _cross_check(hr, ppg.pulse_rate if ppg else None, at, "pulse_rate")
+        if check and not check["agrees"]:
+            quality *= DISAGREE_QUALITY_FACTOR
+        doc = {"type": "vital", "device_id": dev, "kind": "heart_rate", "value": round(hr, 1), "unit": "/min",
+               "rr_ms": [round(x * 1000) for x in ok], "quality": round(quality, 2), "at": _iso(at),
+               "method": METHODS["heart_rate"], "source_frames": list(st.sources)}
+        if check:
+            doc["cross_check"] = check
         alerts = self._alerts(self.alerts.observe(dev, "heart_rate", hr, at))
         return ([doc] if self._due(dev, "heart_rate", at) else []) + alerts
 
@@ -130,18 +167,32 @@ class VitalsEngine:
         st.sources.append(key)
         st.est.push(f.channels[0], f.channels[1])
         st.next_index = f.first_index + f.count
-        r = st.est.estimate()
+        ecg = self._ecg.get(dev)
+        heart = ecg.heart_rate if ecg else None
+        if heart is not None and abs(end - heart[1]) > CROSS_CHECK_AGE_S:
+            heart = None
+        r = st.est.estimate(expected_period_s=60.0 / heart[0] if heart else None)
         out: list[dict[str, Any]] = []
-        base = {"type": "vital", "device_id": dev, "quality": round(r.quality, 2), "at": _iso(end),
-                "source_frames": list(st.sources)}
+        base: dict[str, Any] = {"type": "vital", "device_id": dev, "at": _iso(end), "source_frames": list(st.sources),
+                                "quality": round(r.quality, 2)}
+        rate_doc: dict[str, Any] | None = None
+        if r.pulse_rate_bpm is not None:
+            st.pulse_rate = (r.pulse_rate_bpm, end)
+            check = _cross_check(r.pulse_rate_bpm, heart, end, "heart_rate")
+            q = r.pulse_quality * (DISAGREE_QUALITY_FACTOR if check and not check["agrees"] else 1.0)
+            rate_doc = dict(base, kind="pulse_rate", value=r.pulse_rate_bpm, unit="/min", quality=round(q, 2),
+                            method=METHODS["pulse_rate_ecg" if heart else "pulse_rate"])
+            if check:
+                rate_doc["cross_check"] = check
         if r.spo2_pct is None:
             return out
         out += self._alerts(self.alerts.observe(dev, "spo2", r.spo2_pct, end))
         if not self._due(dev, "ppg", end):
             return out
-        out.append(dict(base, kind="spo2", value=r.spo2_pct, unit="%"))
-        if r.pulse_rate_bpm is not None:
-            out.append(dict(base, kind="pulse_rate", value=r.pulse_rate_bpm, unit="/min"))
+        out.append(dict(base, kind="spo2", value=r.spo2_pct, unit="%", method=METHODS["spo2"]))
+        if rate_doc is not None:
+            out.append(rate_doc)
         if r.perfusion_index_pct is not None:
-            out.append(dict(base, kind="perfusion_index", value=r.perfusion_index_pct, unit="%"))
+            out.append(dict(base, kind="perfusion_index", value=r.perfusion_index_pct, unit="%",
+                            method=METHODS["perfusion_index"]))
         return out

@@ -1,33 +1,63 @@
-"""SpO2, pulse rate, perfusion index and signal quality from red/IR PPG.
+"""SpO2, pulse rate, perfusion index and their quality from two-wavelength PPG.
 
 Ratio of ratios over a sliding window: for each wavelength the pulsatile
-part (AC: the RMS of the 0.5-5 Hz band, times 2*sqrt(2) for a peak-to-peak
-equivalent) over the steady part (DC: the window mean); R = (AC/DC)red /
+part (AC: the RMS of the 0.5-5 Hz band) over the steady part (DC: the window mean); R = (AC/DC)red /
 (AC/DC)IR, mapped to SpO2 by the sensor type's calibration curve
-SpO2 = A - B*R. Pulse rate from the IR pulse's autocorrelation. Perfusion
-index = AC/DC of IR, in %. Signal quality: the correlation of the red and
-IR pulses (one heart, one pulse: near 1 on a good signal, falling with
-noise and motion). SpO2 is withheld (None) when that quality is under
-MIN_QUALITY, and the pulse rate when the pulse does not repeat clearly
-(autocorrelation under MIN_PERIODICITY): never guessed.
+SpO2 = A - B*R. The band is taken from the window with its linear trend
+removed first (scipy.signal.detrend, then a zero-phase Butterworth
+band-pass), so a baseline drifting across the window (it does as
+saturation falls) does not leak into the AC. Perfusion index: the IR
+pulse's peak-to-peak (5th to 95th percentile of the band) over its DC, in %
+(a pulse is no sine: 2*sqrt(2)*RMS read 0.84 % for a 2 % swing).
+
+Pulse rate: the period at which the pulse best repeats itself (the
+autocorrelation of both pulses, normalised and summed, over 40-220 /min),
+checked against its sub-multiples and multiples: a period that is two or
+three pulses long repeats as well as one pulse (the 42 /min read for a true
+128 /min), so the shortest period that repeats nearly as well as the best
+one is taken, and that period must repeat again at twice its length. When
+the caller knows the heart's period (the R-R intervals of an ECG on the
+same board) the candidate nearest it among the repeating ones is taken.
+The pulse's quality is the autocorrelation at the period taken, lowered by
+how well a rival period (one that is no multiple of it) repeats:
+ambiguity costs quality.
+
+Signal quality (of SpO2 and the perfusion index): the red/IR pulse
+correlation (one heart, one pulse: near 1 on a good signal, falling with
+noise and motion). The pulse rate has its own (above). SpO2 is withheld
+(None) when the correlation is under MIN_QUALITY, the pulse rate when its
+quality is under MIN_PERIODICITY: never guessed.
+
+Calibration of a sensor type (how a deployed one gets its A and B): a
+desaturation study on healthy adults breathing controlled O2/N2 mixtures
+down to ~70 % (ISO 80601-2-61 annex EE.2), reference SpO2 from arterial
+blood gases (or, as in the evaluation set, from clinical oximeters), the
+line fitted on windows that pass the quality gate, its error measured on
+subjects left out of the fit (leave one subject out), and the gate's
+threshold set so that the shown Arms meets the claim; the curve is stored
+per sensor type in CALIBRATION, never fitted per patient.
 
 Memory: one window of samples per channel, whatever the stream's length.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import signal
 
 # Calibration curves per sensor type (A, B in SpO2 = A - B * R). The
 # MAX30102 entry is the textbook linear fit for 660/880 nm emitters; a
-# deployed sensor type gets its own from a desaturation study.
+# deployed sensor type gets its own from a desaturation study (above).
 CALIBRATION = {"max30102": (110.0, 25.0)}
 WINDOW_S = 8.0
 MIN_QUALITY = 0.9
 MIN_PERIODICITY = 0.5
+PULSE_BPM = (40.0, 220.0)  # the pulse rates looked for
+NEAR_BEST = 0.8  # a shorter period that repeats this well (of the best) is the pulse's
+EXPECTED_TOLERANCE = 0.15  # a repeating period this close to the ECG's is the heart's
+AMBIGUITY_FREE = 0.3  # a rival period repeating at most this well (of the best) costs nothing
 
 
 @dataclass
@@ -35,63 +65,93 @@ class Oximetry:
     spo2_pct: float | None
     pulse_rate_bpm: float | None
     perfusion_index_pct: float | None
-    quality: float  # 0..1
+    quality: float  # 0..1: the red/IR pulse correlation (SpO2's and the perfusion index's quality)
     ratio: float | None
+    pulse_quality: float = 0.0  # 0..1: how clearly the pulse repeats at the period taken (the rate's quality)
 
 
-def _band(x: np.ndarray, fs: float, lo: float = 0.5, hi: float = 5.0) -> np.ndarray:
-    spec = np.fft.rfft(x - x.mean())
-    f = np.fft.rfftfreq(len(x), 1 / fs)
-    spec[(f < lo) | (f > hi)] = 0
-    return np.fft.irfft(spec, len(x))
+def _local_maxima(x: np.ndarray) -> np.ndarray:
+    return np.flatnonzero((x[1:-1] > x[:-2]) & (x[1:-1] >= x[2:])) + 1
+
+
+def pulse_period(ac: np.ndarray, fs: float, expected_period_s: float | None = None) -> tuple[float | None, float]:
+    """The pulse's period in seconds and its quality (0..1) from a band-passed pulse
+    (or the sum of several, normalised), checked against sub-multiples and multiples
+    (module docstring). expected_period_s: the heart's period from an ECG, if known.
+    (None, quality) when nothing repeats."""
+    x = ac - ac.mean()
+    n = len(x)
+    full = signal.correlate(x, x, mode="full", method="fft")[n - 1:]
+    if full[0] <= 0:
+        return None, 0.0
+    full = full / full[0]  # biased: a long lag has fewer terms and counts less, as it should
+    lo, hi = max(1, int(fs * 60 / PULSE_BPM[1])), min(n - 2, int(fs * 60 / PULSE_BPM[0]) + 1)
+    peaks = [int(k) for k in _local_maxima(full[:min(n - 1, 2 * hi + 2)]) if lo <= k <= hi and full[k] > 0]
+    if not peaks:
+        return None, 0.0
+    best = max(peaks, key=lambda k: full[k])
+    top = float(full[best])
+    repeating = [k for k in peaks if full[k] >= NEAR_BEST * top]
+    k = min(repeating)  # the shortest period that repeats nearly as well as the best
+    if expected_period_s is not None:
+        # The heart's period settles it, if one of the repeating periods is that period;
+        # if none is, the pulse stays the shortest (and the cross-check will disagree).
+        near = min(repeating, key=lambda j: abs(j / fs - expected_period_s))
+        if abs(near / fs - expected_period_s) <= EXPECTED_TOLERANCE * expected_period_s:
+            k = near
+    if 2 * k < len(full) and 2 * k <= 2 * hi + 1:  # a period repeats at twice its length too
+        near2 = full[max(0, 2 * k - 2):2 * k + 3]
+        if near2.size and float(near2.max()) < 0.5 * float(full[k]):
+            return None, max(0.0, float(near2.max()))
+    # A rival: a peak whose lag is no multiple of k (nor k a multiple of it), within 10 %.
+    rival = 0.0
+    for j in peaks:
+        ratio = j / k if j >= k else k / j
+        if abs(ratio - round(ratio)) > 0.1 * round(ratio):
+            rival = max(rival, float(full[j]) / float(full[k]))
+    penalty = max(0.0, (rival - AMBIGUITY_FREE) / (1.0 - AMBIGUITY_FREE))
+    quality = max(0.0, float(full[k]) * (1.0 - min(1.0, penalty)))
+    # Refined to a fraction of a sample by the parabola through the peak.
+    y0, y1, y2 = full[k - 1], full[k], full[k + 1]
+    den = y0 - 2 * y1 + y2
+    shift = 0.5 * (y0 - y2) / den if den < 0 else 0.0
+    return (k + shift) / fs, quality
 
 
 class OximetryEstimator:
     def __init__(self, rate_hz: float, sensor: str = "max30102", window_s: float = WINDOW_S) -> None:
         self.fs = float(rate_hz)
         self.cal = CALIBRATION[sensor]
-        n = int(window_s * self.fs)
-        self.red: deque[float] = deque(maxlen=n)
-        self.ir: deque[float] = deque(maxlen=n)
+        self._n = int(window_s * self.fs)
+        self.red = np.zeros(0)
+        self.ir = np.zeros(0)
+        self._sos = signal.butter(2, [0.5, min(5.0, 0.45 * self.fs)], "bandpass", fs=self.fs, output="sos")
 
     def push(self, red: list[int] | np.ndarray, ir: list[int] | np.ndarray) -> None:
-        self.red.extend(float(v) for v in red)
-        self.ir.extend(float(v) for v in ir)
+        """A frame of both channels (equal lengths, any units proportional to light)."""
+        self.red = np.concatenate([self.red, np.asarray(red, dtype=float)])[-self._n:]
+        self.ir = np.concatenate([self.ir, np.asarray(ir, dtype=float)])[-self._n:]
 
-    def estimate(self) -> Oximetry:
-        if len(self.ir) < self.ir.maxlen:  # type: ignore[operator]
+    def estimate(self, expected_period_s: float | None = None) -> Oximetry:
+        """The window's estimate; expected_period_s: the heart's period from an ECG on the
+        same board, if any (it settles which repeating period is the pulse's)."""
+        if len(self.ir) < self._n or len(self.red) < self._n:
             return Oximetry(None, None, None, 0.0, None)
-        red = np.array(self.red)
-        ir = np.array(self.ir)
-        dc_r, dc_i = red.mean(), ir.mean()
+        dc_r, dc_i = float(self.red.mean()), float(self.ir.mean())
         if dc_r <= 0 or dc_i <= 0:  # no light: probe off
             return Oximetry(None, None, None, 0.0, None)
-        ac_r, ac_i = _band(red, self.fs), _band(ir, self.fs)
+        ac_r = signal.sosfiltfilt(self._sos, signal.detrend(self.red))
+        ac_i = signal.sosfiltfilt(self._sos, signal.detrend(self.ir))
         rms_r, rms_i = float(np.sqrt(np.mean(ac_r ** 2))), float(np.sqrt(np.mean(ac_i ** 2)))
         if rms_i == 0 or rms_r == 0:
             return Oximetry(None, None, None, 0.0, None)
-        corr = float(np.dot(ac_r, ac_i) / (np.linalg.norm(ac_r) * np.linalg.norm(ac_i)))
-        rate, periodicity = self._pulse_rate(ac_i)
-        if periodicity < MIN_PERIODICITY:
-            rate = None
-        quality = max(0.0, corr)
+        corr = max(0.0, float(np.dot(ac_r, ac_i) / (np.linalg.norm(ac_r) * np.linalg.norm(ac_i))))
+        period_s, pulse_q = pulse_period(ac_r / rms_r + ac_i / rms_i, self.fs, expected_period_s)
+        rate = round(60.0 / period_s, 1) if period_s is not None and pulse_q >= MIN_PERIODICITY else None
         ratio = (rms_r / dc_r) / (rms_i / dc_i)
-        pi = 100.0 * 2 * np.sqrt(2) * rms_i / dc_i
-        if quality < MIN_QUALITY:
-            return Oximetry(None, None, round(pi, 2), quality, ratio)
+        p5, p95 = np.percentile(ac_i, [5.0, 95.0])
+        pi = round(100.0 * float(p95 - p5) / dc_i, 2)
+        if corr < MIN_QUALITY:
+            return Oximetry(None, rate, pi, corr, ratio, pulse_q)
         spo2 = max(0.0, min(100.0, self.cal[0] - self.cal[1] * ratio))
-        return Oximetry(round(spo2, 1), rate, round(pi, 2), quality, ratio)
-
-    def _pulse_rate(self, ac: np.ndarray) -> tuple[float | None, float]:
-        # The lag (40-220 bpm) at which the pulse best repeats itself.
-        x = ac - ac.mean()
-        full = np.correlate(x, x, mode="full")[len(x) - 1:]
-        if full[0] <= 0:
-            return None, 0.0
-        full = full / full[0] * len(x) / (len(x) - np.arange(len(x)))  # unbiased: fewer terms at long lags
-        lo, hi = int(self.fs * 60 / 220), int(self.fs * 60 / 40)
-        seg = full[lo:hi]
-        if not len(seg):
-            return None, 0.0
-        k = int(np.argmax(seg)) + lo
-        return round(60.0 * self.fs / k, 1), float(full[k])
+        return Oximetry(round(spo2, 1), rate, pi, corr, ratio, pulse_q)

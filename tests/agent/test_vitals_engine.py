@@ -1,5 +1,6 @@
 # The vitals engine on frames as boards send them: real ECG and PPG, in windows.
 import dataclasses
+from typing import Any
 
 import numpy as np
 import wfdb
@@ -48,3 +49,60 @@ def test_a_gap_restarts_the_detector_and_lead_off_alarms_after_60_s() -> None:
         off = dataclasses.replace(off, first_index=k * 512)
         raised += [d for d in eng.frame(off, "pb-v3", float(k), "x") if d["type"] == "alert"]
     assert [(d["alert"], d["state"]) for d in raised] == [("lead_off", "raised")]
+
+
+def _a103l_frames(seconds: int) -> tuple[list[FrameRecord], list[FrameRecord]]:
+    """One patient's ECG (lead II, 512 Hz) and PPG (red/IR codes, 100 Hz), recorded together
+    (a103l: ~128 /min), as one board sends them."""
+    rec = wfdb.rdrecord(str(waveforms.data_dir() / waveforms.PPG_RECORD), sampto=250 * (seconds + 1))
+    t = np.arange(rec.sig_len) / 250
+    ecg = np.round(np.interp(np.arange(0, seconds, 1 / 512), t, rec.p_signal[:, rec.sig_name.index("II")])
+                   * 1000 * 2621.44).astype(int)
+    both = waveforms.synthesise_ppg(rec.p_signal[:, rec.sig_name.index("PLETH")], 97.0)
+    t100 = np.arange(0, seconds, 1 / 100)
+    red, ir = (np.round(np.interp(t100, t, both[:, c]) * 7 * 262144 / 16384000).astype(np.int32) for c in (0, 1))
+    ecg_frames = [_ecg(i, i * 512, 512, ecg[i * 512:(i + 1) * 512].tolist()) for i in range(seconds)]
+    ppg_frames = [FrameRecord("pb-v", 1, 1000 + i, messages.STREAM_PPG_MAX30102, 100, i * 1000, i * 100, 100, 1, 1,
+                              (7, 7, 0, 0), 0, 0, 0, 0, (red[i * 100:(i + 1) * 100], ir[i * 100:(i + 1) * 100]),
+                              None, 0.0, b"")
+                  for i in range(seconds)]
+    return ecg_frames, ppg_frames
+
+
+def _stream(eng: VitalsEngine, dev: str, ecg: list[FrameRecord], ppg: list[FrameRecord]) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for i in range(max(len(ecg), len(ppg))):
+        for frames in (ecg, ppg):
+            if i < len(frames):
+                f = frames[i]
+                docs += eng.frame(f, dev, 1_800_000_000.0 + f.first_index / f.rate_hz, "%s:1:%d" % (dev, f.seq))
+    return docs
+
+
+def test_one_heart_two_sensors_agree_and_every_vital_names_its_method() -> None:
+    ecg, ppg = _a103l_frames(40)
+    docs = _stream(VitalsEngine(), "pb-x1", ecg, ppg)
+    vitals = [d for d in docs if d["type"] == "vital"]
+    assert {d["kind"] for d in vitals} == {"heart_rate", "spo2", "pulse_rate", "perfusion_index"}
+    assert all(d["method"] and 0 <= d["quality"] <= 1 for d in vitals)
+    checked = [d for d in vitals if "cross_check" in d]
+    assert {d["kind"] for d in checked} == {"heart_rate", "pulse_rate"}
+    assert all(d["cross_check"]["agrees"] for d in checked), [d["cross_check"] for d in checked]
+    rates = [d["value"] for d in vitals if d["kind"] == "pulse_rate"]
+    assert rates and all(115 < v < 140 for v in rates), rates
+
+
+def test_sensors_that_disagree_lower_both_qualities_without_an_alert() -> None:
+    # One board whose ECG plays MIT-BIH 100 (~75 /min) and whose PPG plays a103l (~128 /min):
+    # one of the two is wrong, and neither may be shown as sure.
+    _, ppg = _a103l_frames(40)
+    alone = [d for d in _stream(VitalsEngine(), "pb-x2", [], ppg) if d["type"] == "vital"]
+    docs = _stream(VitalsEngine(), "pb-x3", _ecg_frames(40), ppg)
+    vitals = [d for d in docs if d["type"] == "vital"]
+    hr = [d for d in vitals if d["kind"] == "heart_rate" and "cross_check" in d]
+    pr = [d for d in vitals if d["kind"] == "pulse_rate" and "cross_check" in d]
+    assert hr and pr
+    assert all(not d["cross_check"]["agrees"] and d["quality"] <= 0.5 for d in hr + pr), [d["quality"] for d in hr + pr]
+    q_alone = max(d["quality"] for d in alone if d["kind"] == "pulse_rate")
+    assert max(d["quality"] for d in pr) <= 0.5 * q_alone + 0.01
+    assert not [d for d in docs if d["type"] == "alert"]
