@@ -34,8 +34,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from agent.registry import RegistryError
-    from agent.store import StoreError
+    from agent.errors import PulsebridgeError
     from agent.supervisor import Agent
 
     cfg = _load_config(args.config)
@@ -53,7 +52,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(run())
-    except (StoreError, RegistryError) as e:
+    except PulsebridgeError as e:  # the store, the registry or the instance lock refused to start
         print("pulsebridge: the agent will not start: %s" % e, file=sys.stderr)
         return 2
     return 0

@@ -39,15 +39,16 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
+from agent.errors import PulsebridgeError
+
 DEFAULT_CONFIG = Path("/etc/pulsebridge/agent.toml")
 
 
-class ConfigError(Exception):
+class ConfigError(PulsebridgeError):
     """A setting the agent refuses: .field names it ("backend[0].batch"), .path the file."""
 
     def __init__(self, message: str, field_name: str = "", path: Path | None = None) -> None:
         super().__init__(message)
-        self.message = message
         self.field = field_name
         self.path = path
 

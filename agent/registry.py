@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.audit import AuditLog
+from agent.errors import PulsebridgeError
 from agent.store import StoreError, check_private
 
 KEY_BYTES = 32
@@ -30,10 +31,11 @@ CREATE TABLE IF NOT EXISTS devices(
 """
 
 
-class RegistryError(Exception):
+class RegistryError(PulsebridgeError):
+    """The registry refused a change or cannot be used; .device_id the board concerned, if one."""
+
     def __init__(self, message: str, device_id: str = "") -> None:
-        super().__init__(message)
-        self.device_id = device_id
+        super().__init__(message, device_id=device_id)
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from agent.errors import PulsebridgeError
 from agent.store import StoreError, check_private
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -42,7 +43,7 @@ MIN_PASSWORD_CHARS = 12
 MAX_PASSWORD_FILE_BYTES = 4096
 
 
-class PasswordFileError(Exception):
+class PasswordFileError(PulsebridgeError):
     """The status page's password file cannot be used; .missing tells absent from unsafe."""
 
     def __init__(self, message: str, missing: bool = False) -> None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.errors import PulsebridgeError
 from agent.record import FrameRecord
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ CREATE TABLE IF NOT EXISTS stream_marks(
 Window = tuple[int, int, int, "bytes | None"]
 
 
-class StoreError(Exception):
+class StoreError(PulsebridgeError):
     """The store cannot be used: wrong permissions, wrong schema, disk failure."""
 
 

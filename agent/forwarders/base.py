@@ -10,10 +10,12 @@ import logging
 import random
 import ssl
 import time
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlparse
 
 from agent.config import BackendConfig
+from agent.errors import PulsebridgeError
 from agent.record import FrameRecord, iso_ms
 from agent.store import KIND_ALERT, KIND_GAP, KIND_VITAL, Row, Store, StoreError, check_private
 from protocols import messages  # flags: constants, not the codec
@@ -22,18 +24,19 @@ from protocols.errors import ProtocolError, RemoteProtocolError
 log = logging.getLogger(__name__)
 
 
-class DeliveryError(Exception):
-    """The backend did not take the batch; it will be retried."""
+class DeliveryError(PulsebridgeError):
+    """The backend did not take the batch; it will be retried. .backend names it, .row_ids the
+    batch's rows, .http_status what it answered, when the raiser knows them."""
 
 
 class RefusedError(DeliveryError):
     """The backend refused the batch for what it holds (a permanent 4xx: invalid, a reference it
-    cannot resolve, too large): sent again as it is, it would be refused again. .status is the
+    cannot resolve, too large): sent again as it is, it would be refused again. .http_status is the
     HTTP status, .reason the backend's own words (bounded, for the log and the quarantine)."""
 
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__("HTTP %d: %s" % (status, reason))
-        self.status = status
+    def __init__(self, http_status: int, reason: str, *, backend: str = "", row_ids: Iterable[int] = ()) -> None:
+        super().__init__("HTTP %d: %s" % (http_status, reason), backend=backend, row_ids=row_ids,
+                         http_status=http_status)
         self.reason = reason
 
 

@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from agent.errors import PulsebridgeError
+
 FIRMWARE_DIR = Path(__file__).resolve().parents[2] / "firmware_mpy"
 REPO_DIR = FIRMWARE_DIR.parent
 
@@ -34,8 +36,8 @@ def default_cache() -> Path:
     return Path(base) / "pulsebridge"
 
 
-class BuildError(Exception):
-    pass
+class BuildError(PulsebridgeError):
+    """mpy-cross refused a firmware source file (named in the message)."""
 
 
 def find_tool(name: str, package: str) -> str:

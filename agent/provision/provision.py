@@ -31,6 +31,7 @@ from typing import Any
 
 from agent.audit import AuditLog
 from agent.config import AgentConfig
+from agent.errors import PulsebridgeError
 from agent.provision import build
 from agent.provision.build import default_cache
 from agent.provision.rawrepl import RawRepl, ReplError
@@ -40,9 +41,11 @@ from agent.session import verify_for
 STEPS = ["identify", "install firmware", "make key", "write key and configuration", "register", "self-test"]
 
 
-class ProvisionError(Exception):
-    def __init__(self, step: str, message: str) -> None:
-        super().__init__("%s: %s" % (step, message))
+class ProvisionError(PulsebridgeError):
+    """Provisioning stopped at .step (one of STEPS, or "tools", "flash"); .device_id the board's, if known."""
+
+    def __init__(self, step: str, message: str, device_id: str = "") -> None:
+        super().__init__("%s: %s" % (step, message), device_id=device_id)
         self.step = step
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import serial
 
+from agent.errors import PulsebridgeError
 from agent.transports.serial import open_port
 
 CTRL_A, CTRL_B, CTRL_C, CTRL_D = b"\x01", b"\x02", b"\x03", b"\x04"
@@ -23,7 +24,7 @@ CTRL_A, CTRL_B, CTRL_C, CTRL_D = b"\x01", b"\x02", b"\x03", b"\x04"
 CHUNK = 1024
 
 
-class ReplError(Exception):
+class ReplError(PulsebridgeError):
     """The board did not answer as a MicroPython REPL does, or code failed on it."""
 
     def __init__(self, message: str, port: str, output: str = "") -> None:

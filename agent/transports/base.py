@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import abc
 
+from agent.errors import PulsebridgeError
 
-class TransportError(Exception):
-    """Base of transport failures; `link` names the link (port, address)."""
 
-    def __init__(self, message: str, link: str) -> None:
-        super().__init__(message)
+class TransportError(PulsebridgeError):
+    """Base of transport failures; `link` names the link (port, address), device_id the board if known."""
+
+    def __init__(self, message: str, link: str, device_id: str = "") -> None:
+        super().__init__(message, device_id=device_id)
         self.link = link
 
 
