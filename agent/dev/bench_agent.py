@@ -39,7 +39,7 @@ from agent.store import Store
 from protocols import cipher, cose, messages
 
 BOARDS = 20
-PYCOSE_VENV = Path(__file__).resolve().parent.parent / ".venv-pycose"
+PYCOSE_VENV = Path(__file__).resolve().parents[2] / ".venv-pycose"
 BASELINE_SCRIPT = r'''
 import json, sqlite3, sys, time, cbor2
 from pycose.keys import SymmetricKey

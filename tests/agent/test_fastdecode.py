@@ -47,3 +47,27 @@ def test_refuses_what_the_reference_refuses(data: bytes, count: int) -> None:
         samples.decode(data, count)
     with pytest.raises(RemoteProtocolError):
         fastdecode.decode(data, count)
+
+
+@given(st.integers(-(2**31), 2**31 - 1), st.lists(st.integers(-64, 63), max_size=600), st.integers(0, 3))
+def test_one_byte_deltas_after_any_first_sample_decode_as_the_reference(first: int, deltas: list[int],
+                                                                        cut: int) -> None:
+    # The fast path (a first sample of any size, then deltas of one byte each), at the int32
+    # edges too, and with the data cut short or the count wrong: as the reference says.
+    xs = [first]
+    for d in deltas:
+        xs.append(xs[-1] + d)
+    buf = bytearray(8 * len(xs) + 8)
+    try:
+        n = samples.encode_into(xs, len(xs), buf, 0)
+    except Exception:
+        return  # a sample the wire cannot carry (out of int32): nothing to decode
+    data = bytes(buf[:max(0, n - cut)])
+    for count in (len(xs), len(xs) - 1, len(xs) + 1):
+        try:
+            expected = samples.decode(data, count)
+        except RemoteProtocolError:
+            with pytest.raises(RemoteProtocolError):
+                fastdecode.decode(data, count)
+            continue
+        assert fastdecode.decode(data, count).tolist() == expected
