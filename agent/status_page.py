@@ -1,21 +1,37 @@
-"""The hub's status page: boards, signal quality, last values, live ECG and
-pleth, backlog per backend, rejects and alerts; French and English.
+"""The hub's status page: one card per sensor (named by its room label),
+its last values against the alert thresholds, live ECG and pulse wave,
+delivery to the care team, alerts at the top; French and English.
 
 Served by the agent on the local network only (clients outside loopback,
 private and link-local addresses are refused) and behind authentication
 (HTTP Basic, the password read from a file readable by the service only;
 no password file, no page: there are no default credentials). The page
 polls two small JSON endpoints once a second and draws on canvases, so it
-reads well on a phone.
+reads well on a phone; its script and style are served files (the CSP
+allows no inline script or style).
+
+What the page says is derived here, in `view`, from facts with their
+times (a sensor's last frame, a backend's failing since, the oldest frame
+waiting for it); the page's script adds what only it can know: that the
+hub stopped answering its polls.
+
+A client on the local network is held to bounds: wrong passwords make it
+wait, then lock it out (logged, counted); a request's headers must arrive
+within HEADER_TIMEOUT_S; each client, and all together, hold at most so
+many connections (`ConnectionLimits`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import ipaddress
-import json
+import logging
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +40,50 @@ from aiohttp import web
 from agent.errors import PulsebridgeError
 from agent.store import StoreError, check_private
 
+log = logging.getLogger(__name__)
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Clock = Callable[[], float]
+
+# A sensor heard less than this long ago is live (a board sends a frame about every second).
+FRESH_S = 30.0
+# A backend failing this long, or whose oldest waiting frame is this old, is not delivering
+# (shorter blips are retried unseen: a backoff of a few seconds is normal).
+DELIVERY_FAILING_S = 60.0
+DELIVERY_LATE_S = 180.0
+
+# ---- bounds for the clients of the page -------------------------------------------------
+
+# All clients together: far below the process's open-file limit (1024 on many systems).
+MAX_CONNECTIONS = 128
+# A browser opens at most 6 connections to one host; more from one address is not a page.
+MAX_CONNECTIONS_PER_CLIENT = 16
+# A request's headers (a few hundred bytes) must arrive within this, from its first byte or from the
+# connection's opening; a half-sent request is cut.
+HEADER_TIMEOUT_S = 10.0
+# A kept-alive connection with no request for this long is closed (the page polls every second).
+IDLE_TIMEOUT_S = 15.0
+# Wrong passwords a client may send freely; after that each one makes it wait twice as long, up to
+# LOCKOUT_CAP_S: a guessing run gets a few dozen tries an hour instead of thousands a second.
+FREE_FAILURES = 5
+LOCKOUT_BASE_S = 2.0
+LOCKOUT_CAP_S = 900.0
+# Clients remembered for their failures; the oldest unlocked ones are forgotten beyond this.
+MAX_CLIENTS_TRACKED = 4096
+
+STATIC_FILES = {"page.js": "application/javascript", "page.css": "text/css"}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                               "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+    "Cache-Control": "no-store",
+    "Server": "pulsebridge",  # no version banner
+}
 
 
 def _local(addr: str | None) -> bool:
@@ -72,206 +131,495 @@ def read_password(path: Path) -> str:
     return password
 
 
+@dataclass
+class _Client:
+    failures: int = 0
+    locked_until: float = 0.0
+
+
+@dataclass
+class PasswordGuard:
+    """Wrong passwords per client address: FREE_FAILURES free, then a lockout doubling from
+    LOCKOUT_BASE_S up to LOCKOUT_CAP_S (the right password too is refused while it lasts).
+    A success forgets the client's failures. Counted for the status: failures, lockouts."""
+
+    clock: Clock = time.monotonic
+    failures: int = 0
+    lockouts: int = 0
+    refused_locked: int = 0
+    _clients: dict[str, _Client] = field(default_factory=dict)
+
+    def wait_s(self, client: str) -> float:
+        """Seconds the client must still wait before its password is looked at (0: none)."""
+        c = self._clients.get(client)
+        return max(0.0, c.locked_until - self.clock()) if c is not None else 0.0
+
+    def failed(self, client: str) -> float:
+        """A wrong password from client; returns the lockout it starts (s, 0 for none)."""
+        self.failures += 1
+        c = self._clients.pop(client, None) or _Client()
+        self._clients[client] = c  # most recent last: the oldest are forgotten first
+        c.failures += 1
+        lock_s = 0.0
+        if c.failures > FREE_FAILURES:
+            lock_s = min(LOCKOUT_CAP_S, LOCKOUT_BASE_S * 2 ** (c.failures - FREE_FAILURES - 1))
+            c.locked_until = self.clock() + lock_s
+            self.lockouts += 1
+            log.warning("status page: %d wrong passwords from %s; its next try waits %.0f s", c.failures,
+                        client, lock_s)
+        elif c.failures == FREE_FAILURES:
+            log.warning("status page: %d wrong passwords from %s", c.failures, client)
+        self._forget_oldest()
+        return lock_s
+
+    def succeeded(self, client: str) -> None:
+        self._clients.pop(client, None)
+
+    def _forget_oldest(self) -> None:
+        now = self.clock()
+        for k in list(self._clients):
+            if len(self._clients) <= MAX_CLIENTS_TRACKED:
+                break
+            if self._clients[k].locked_until <= now:
+                del self._clients[k]
+
+    def locked_now(self) -> int:
+        now = self.clock()
+        return sum(1 for c in self._clients.values() if c.locked_until > now)
+
+
+@dataclass
+class ConnectionLimits:
+    """Open connections per client address and in all, and how many were refused or cut."""
+
+    max_total: int = MAX_CONNECTIONS
+    max_per_client: int = MAX_CONNECTIONS_PER_CLIENT
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    open: dict[str, int] = field(default_factory=dict)
+    total: int = 0
+    refused: int = 0
+    timed_out: int = 0
+
+    def admit(self, client: str) -> bool:
+        if self.total >= self.max_total or self.open.get(client, 0) >= self.max_per_client:
+            self.refused += 1
+            return False
+        self.open[client] = self.open.get(client, 0) + 1
+        self.total += 1
+        return True
+
+    def release(self, client: str) -> None:
+        self.total -= 1
+        n = self.open.pop(client, 1) - 1
+        if n:
+            self.open[client] = n
+
+
+class _Guarded(asyncio.Protocol):
+    """Stands before aiohttp's protocol for one connection: refuses it beyond the limits, and cuts
+    it when a request's headers (up to the blank line) take longer than header_timeout_s from the
+    connection's opening or from the request's first byte. Requests with a body are not served here."""
+
+    def __init__(self, limits: ConnectionLimits, inner: asyncio.Protocol) -> None:
+        self.limits = limits
+        self.inner = inner
+        self.client = ""
+        self.admitted = False
+        self.transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._tail = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        peer = transport.get_extra_info("peername")
+        self.client = str(peer[0]) if peer else ""
+        if not self.limits.admit(self.client):
+            transport.abort()
+            return
+        self.admitted = True
+        self.transport = transport
+        self._arm()
+        self.inner.connection_made(transport)
+
+    def _arm(self) -> None:
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.limits.header_timeout_s, self._expire)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        self.limits.timed_out += 1
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.admitted:
+            return
+        self._arm()  # a request begins, or goes on
+        buf = self._tail + data
+        end = buf.rfind(b"\r\n\r\n")
+        if end >= 0:
+            self._disarm()
+            if end + 4 < len(buf):  # the next request began already
+                self._arm()
+        self._tail = buf[-3:]
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.admitted else None
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.admitted:
+            return
+        self.admitted = False
+        self._disarm()
+        self.limits.release(self.client)
+        self.inner.connection_lost(exc)
+
+
+# ---- what the page says ----------------------------------------------------------------------
+
+
+def _rules(snapshot: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The alert thresholds by vital kind (pulse rate held to the heart rate's)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in snapshot.get("alert_rules", []):
+        if r["signal"] in ("spo2", "heart_rate"):
+            out[r["signal"]] = {"low": r.get("low"), "high": r.get("high")}
+    if "heart_rate" in out:
+        out["pulse_rate"] = out["heart_rate"]
+    return out
+
+
+def view(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """What the status page shows, from the agent's snapshot (Agent.snapshot()).
+
+    Returns {"now": hub time (UTC s), "level": "ok" | "attention" | "alert",
+    "delivery": "ok" | "none" (no backend configured) | "failing",
+    "notices": [{"level": "alert" | "attention" | "info", "key": text key, "args": {...}}], alerts first,
+    "sensors": [{"device_id", "label", "state": "live" | "silent" | "waiting", "heard_at", "link",
+                 "vitals": {kind: {"value", "unit", "at", "quality", "low", "high", "out": "low"|"high"|None}}}],
+    "details": lines for a technician}. Times are UTC seconds on the hub's clock; the page turns
+    them into ages against "now" and its own time since the poll.
+    Green ("ok") only when every registered sensor was heard within FRESH_S, there is at least one,
+    no alert is active, and each backend delivers (or none is configured, said as an info notice)."""
+    now = float(snapshot["now"])
+    rules = _rules(snapshot)
+    links = {b["device_id"]: b for b in snapshot.get("boards", []) if b.get("device_id")}
+    last_vitals = snapshot.get("last_vitals", {})
+    active = {(a[0], a[1]) for a in snapshot.get("vitals", {}).get("active_alerts", [])}
+    notices: list[dict[str, Any]] = []
+    sensors = []
+    labels: dict[str, str] = {}
+    for s in snapshot.get("sensors", []):
+        dev, heard = s["device_id"], s.get("heard_at")
+        label = s.get("label") or dev
+        labels[dev] = label
+        link = links.get(dev, {})
+        link_state = link.get("state")
+        # Not live either when its link says nothing comes through (stalled, unplugged, reconnecting,
+        # out of range), however recent its last frame.
+        receiving = link_state in (None, "connected", "connecting")
+        state = "waiting" if heard is None else "live" if now - heard <= FRESH_S and receiving else "silent"
+        vitals = {}
+        for kind, v in last_vitals.get(dev, {}).items():
+            r = rules.get(kind, {})
+            value = round(v["value"])  # as shown: 130.4 is not "130, above 130"
+            out = ("low" if r.get("low") is not None and value < r["low"] else
+                   "high" if r.get("high") is not None and value > r["high"] else None)
+            vitals[kind] = {"value": value, "unit": "%" if kind == "spo2" else "/min", "at": v.get("at"),
+                            "quality": v.get("quality"), "low": r.get("low"), "high": r.get("high"), "out": out}
+        sensors.append({"device_id": dev, "label": label, "state": state, "heard_at": heard, "link": link_state,
+                        "vitals": vitals})
+        if (dev, "board_silent") in active:
+            notices.append({"level": "alert", "key": "alert_board_silent",
+                            "args": {"label": label, "since_at": heard}})
+        elif state == "silent":
+            notices.append({"level": "attention", "key": "sensor_silent",
+                            "args": {"label": label, "since_at": heard, "link": link_state}})
+        elif state == "waiting":
+            notices.append({"level": "attention", "key": "sensor_waiting", "args": {"label": label,
+                                                                                   "link": link_state}})
+    for dev, rule in sorted(active):
+        if rule == "board_silent":
+            continue
+        label = labels.get(dev, dev)
+        kind = {"spo2_low": "spo2", "heart_rate_out_of_range": "heart_rate"}.get(rule)
+        args: dict[str, Any] = {"label": label, "rule": rule}
+        if kind is not None:
+            r = rules.get(kind, {})
+            args.update(low=r.get("low"), high=r.get("high"),
+                        value=last_vitals.get(dev, {}).get(kind, {}).get("value"))
+        notices.append({"level": "alert", "key": "alert_" + rule, "args": args})
+    if not snapshot.get("sensors"):
+        notices.append({"level": "attention", "key": "no_sensor", "args": {}})
+    delivery = "none" if not snapshot.get("backends") else "ok"
+    for b in snapshot.get("backends", []):
+        failing_since, oldest = b.get("failing_since"), b.get("oldest_waiting_at")
+        since = None
+        if failing_since is not None and now - failing_since > DELIVERY_FAILING_S:
+            since = failing_since
+        if oldest is not None and now - oldest > DELIVERY_LATE_S:
+            since = oldest if since is None else min(since, oldest)
+        if since is not None:
+            delivery = "failing"
+            notices.append({"level": "attention", "key": "delivery_failing",
+                            "args": {"name": b["name"], "since_at": since, "waiting": b.get("backlog", 0),
+                                     "delivered_at": b.get("last_delivered_at")}})
+    if delivery == "none":
+        notices.append({"level": "info", "key": "no_backend", "args": {}})
+    if snapshot.get("ble_adapter") and snapshot["ble_adapter"].get("state") == "down":
+        notices.append({"level": "attention", "key": "bt_down", "args": {}})
+    if snapshot.get("systemd") and not snapshot["systemd"].get("alive", True):
+        notices.append({"level": "attention", "key": "stuck", "args": {}})
+    store = snapshot.get("store") or {}
+    if store.get("state") == "fault":
+        notices.append({"level": "attention", "key": "store_fault", "args": {"since_at": store.get("fault_since")}})
+    elif store.get("short_of_space"):
+        notices.append({"level": "attention", "key": "store_short", "args": {}})
+    if store.get("recovery"):
+        notices.append({"level": "info", "key": "store_recovered", "args": {}})
+    order = {"alert": 0, "attention": 1, "info": 2}
+    notices.sort(key=lambda n: order[n["level"]])
+    levels = {n["level"] for n in notices}
+    level = "alert" if "alert" in levels else "attention" if "attention" in levels else "ok"
+    return {"now": now, "level": level, "delivery": delivery, "notices": notices, "sensors": sensors,
+            "details": _details(snapshot)}
+
+
+def _details(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
+    """Facts for a technician, as text keys with arguments: each link, each backend, refused
+    messages, restarted tasks."""
+    out: list[dict[str, Any]] = []
+    for b in snapshot.get("boards", []):
+        out.append({"key": "d_link", "args": {"where": b.get("port") or b.get("link") or "", "state": b["state"],
+                                              "device_id": b.get("device_id") or "",
+                                              "retry_in_s": b.get("retry_in_s"),
+                                              "set_aside": (b.get("discarded") or {}).get("overflow", 0)}})
+    for f in snapshot.get("backends", []):
+        out.append({"key": "d_backend", "args": {"name": f["name"], "waiting": f.get("backlog", 0),
+                                                 "sent": f.get("forwarded", 0), "error": f.get("last_error", "")}})
+    refused = sum(snapshot.get("rejects", {}).values())
+    if refused:
+        out.append({"key": "d_refused", "args": {"n": refused}})
+    for name, t in sorted((snapshot.get("tasks") or {}).items()):
+        if t.get("restarts"):
+            out.append({"key": "d_task", "args": {"name": name, "n": t["restarts"]}})
+    return out
+
+
 class StatusPage:
+    """The page's HTTP server. snapshot: Agent.snapshot; waveform(device_id, stream) -> {"values": [...]};
+    clock: monotonic seconds (lockouts)."""
+
     def __init__(self, snapshot: Callable[[], dict[str, Any]], waveform: Callable[[str, str], dict[str, Any]],
-                 password: str, user: str = "hub") -> None:
+                 password: str, user: str = "hub", clock: Clock = time.monotonic,
+                 limits: ConnectionLimits | None = None) -> None:
         self.password = password
         self.user = user
         self.snapshot = snapshot
         self.waveform = waveform
+        self.passwords = PasswordGuard(clock)
+        self.limits = limits or ConnectionLimits()
         self.runner: web.AppRunner | None = None
+        self.server: asyncio.Server | None = None
+        files = resources.files("agent") / "status_static"
+        self.files = {name: (files / name).read_bytes() for name in (*STATIC_FILES, "index.html")}
+
+    def stats(self) -> dict[str, int]:
+        """Counters for the status: wrong passwords, lockouts, connections open, refused, cut."""
+        return {"wrong_passwords": self.passwords.failures, "lockouts": self.passwords.lockouts,
+                "locked_clients": self.passwords.locked_now(), "refused_while_locked": self.passwords.refused_locked,
+                "connections": self.limits.total, "connections_refused": self.limits.refused,
+                "connections_timed_out": self.limits.timed_out}
 
     @web.middleware
     async def guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not _local(request.remote):
+        client = request.remote or ""
+        if not _local(client):
             return web.Response(status=403, text="local network only")
+        wait_s = self.passwords.wait_s(client)
+        if wait_s > 0:
+            self.passwords.refused_locked += 1
+            return web.Response(status=429, headers={"Retry-After": str(int(wait_s) + 1)},
+                                text="too many wrong passwords: try again in %d s" % (int(wait_s) + 1))
         auth = request.headers.get("Authorization", "")
         ok = False
         if auth.startswith("Basic "):
             try:
-                user, _, pw = base64.b64decode(auth[6:]).decode().partition(":")
+                user, _, pw = base64.b64decode(auth[6:], validate=True).decode().partition(":")
                 ok = hmac.compare_digest(user.encode(), self.user.encode()) and hmac.compare_digest(
                     pw.encode(), self.password.encode())
             except (ValueError, UnicodeDecodeError):
                 ok = False
         if not ok:
+            if auth:  # a browser's first request carries none: not a wrong password
+                self.passwords.failed(client)
             return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="pulsebridge hub"'},
                                 text="authentication required")
-        resp = await handler(request)
-        resp.headers["Cache-Control"] = "no-store"
-        resp.headers["X-Frame-Options"] = "DENY"
-        resp.headers["Content-Security-Policy"] = "default-src 'self'; script-src 'unsafe-inline' 'self'; " \
-                                                  "style-src 'unsafe-inline' 'self'"
-        return resp
+        self.passwords.succeeded(client)
+        return await handler(request)
+
+    @staticmethod
+    async def _headers(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.update(SECURITY_HEADERS)
 
     async def index(self, request: web.Request) -> web.Response:
-        return web.Response(text=PAGE, content_type="text/html", charset="utf-8")
+        return web.Response(body=self.files["index.html"], content_type="text/html", charset="utf-8")
+
+    async def static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in STATIC_FILES:
+            raise web.HTTPNotFound()
+        return web.Response(body=self.files[name], content_type=STATIC_FILES[name], charset="utf-8")
+
+    async def api_text(self, request: web.Request) -> web.Response:
+        return web.json_response(TEXT)
 
     async def api_status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.snapshot())
+        return web.json_response(view(self.snapshot()))
 
     async def api_wave(self, request: web.Request) -> web.Response:
         return web.json_response(self.waveform(request.query.get("device", ""), request.query.get("stream", "ecg")))
 
     async def start(self, host: str, port: int) -> int:
+        """Listens on host:port (0: any free port); returns the port."""
         app = web.Application(middlewares=[self.guard])
+        app.on_response_prepare.append(self._headers)
         app.router.add_get("/", self.index)
+        app.router.add_get("/static/{name}", self.static)
+        app.router.add_get("/api/text", self.api_text)
         app.router.add_get("/api/status", self.api_status)
         app.router.add_get("/api/wave", self.api_wave)
-        self.runner = web.AppRunner(app, access_log=None)
+        self.runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_TIMEOUT_S)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port)
-        await site.start()
-        return int(self.runner.addresses[0][1])
+        inner = self.runner.server
+        assert inner is not None
+        self.server = await asyncio.get_running_loop().create_server(
+            lambda: _Guarded(self.limits, inner()), host, port)
+        return int(self.server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
         if self.runner is not None:
             await self.runner.cleanup()
 
 
+# The page's words, French and English: plain, calm, read as a patient or a family would.
+# {label} is a sensor's room label; {age} a duration, {time} a time of day (the page fills them).
 TEXT = {
-    "fr": {"title": "Passerelle de télésurveillance", "ok": "Tout fonctionne.", "warn": "À vérifier :",
-           "boards": "Capteur", "connected": "connecté", "searching": "non branché", "backoff": "reconnexion",
-           "connecting": "connexion en cours", "out_of_range": "hors de portée",
-           "stalled": "branché, mais plus rien ne nous parvient : la passerelle réessaie",
-           "released": "appareil branché qui n'est pas un capteur enregistré : laissé libre",
-           "retry": "nouvel essai dans", "restarted": "redémarrée", "times": "fois",
-           "task": "Tâche interne", "stuck": "La passerelle ne répond plus bien : elle va redémarrer d'elle-même.",
-           "dropped": "messages mis de côté (le capteur les renverra)",
-           "bt_down": "Le Bluetooth de la passerelle ne répond pas : débranchez-la puis rebranchez-la.",
-           "last": "dernière mesure il y a", "never": "aucune mesure pour l'instant", "s": "s",
-           "hr": "Fréquence cardiaque", "spo2": "Saturation en oxygène", "pr": "Pouls", "quality": "qualité du signal",
-           "backends": "Envoi à l'équipe soignante", "backlog": "en attente d'envoi", "sent": "envoyées",
-           "alerts": "Alertes", "none": "aucune", "rejects": "Trames refusées", "ecg": "ECG", "pleth": "Pouls (pléth)",
-           "lang": "English", "spo2_low": "oxygène bas", "heart_rate_out_of_range": "rythme cardiaque inhabituel",
-           "lead_off": "électrode décollée", "board_silent": "capteur silencieux",
-           "store_fault": "La passerelle ne peut plus enregistrer (carte pleine ?) : les mesures attendent sur les "
-                          "capteurs ; libérez de la place.",
-           "store_recovered": "Le stockage de la passerelle était endommagé ; il a été reconstruit.",
-           "store_short": "La passerelle manque de place : elle efface des mesures pas encore envoyées ; libérez de "
-                          "la place."},
-    "en": {"title": "Home monitoring hub", "ok": "Everything is working.", "warn": "Needs a look:",
-           "boards": "Sensor", "connected": "connected", "searching": "not plugged in", "backoff": "reconnecting",
-           "connecting": "connecting", "out_of_range": "out of range",
-           "stalled": "plugged in, but nothing is coming through: the hub keeps trying",
-           "released": "a device that is not a registered sensor: left alone",
-           "retry": "next try in", "restarted": "restarted", "times": "times",
-           "task": "Internal task", "stuck": "The hub is not responding well: it will restart by itself.",
-           "dropped": "messages set aside (the sensor will send them again)",
-           "bt_down": "The hub's Bluetooth is not answering: unplug the hub, then plug it back in.",
-           "last": "last reading", "never": "no reading yet", "s": "s ago",
-           "hr": "Heart rate", "spo2": "Oxygen saturation", "pr": "Pulse", "quality": "signal quality",
-           "backends": "Sending to the care team", "backlog": "waiting to be sent", "sent": "sent",
-           "alerts": "Alerts", "none": "none", "rejects": "Refused frames", "ecg": "ECG", "pleth": "Pulse (pleth)",
-           "lang": "Français", "spo2_low": "low oxygen", "heart_rate_out_of_range": "unusual heart rate",
-           "lead_off": "electrode off", "board_silent": "sensor silent",
-           "store_fault": "The hub cannot store readings (card full?): they wait on the sensors; free some space.",
-           "store_recovered": "The hub's storage was damaged; it has been rebuilt.",
-           "store_short": "The hub is short of space: it deletes readings not yet sent; free some space."},
+    "fr": {
+        "title": "Passerelle de télésurveillance", "lang": "English",
+        "head_ok_sent": "Tout fonctionne : les mesures arrivent et partent vers l'équipe soignante.",
+        "head_ok_kept": "Tout fonctionne : les mesures arrivent et sont gardées sur la passerelle.",
+        "head_attention": "Quelque chose est à vérifier", "head_alert": "Une alerte demande votre attention",
+        "head_hub_lost": "La passerelle ne répond pas",
+        "hub_lost": "Pas de réponse de la passerelle depuis {time} (il y a {age}). Les valeurs affichées ne sont "
+                    "plus à jour. Vérifiez que la passerelle est branchée et allumée.",
+        "hub_never": "La passerelle n'a pas encore répondu. Vérifiez qu'elle est branchée et allumée.",
+        "alert_spo2_low": "{label} : oxygène bas, {value}\u00a0% (alerte en dessous de {low}\u00a0%).",
+        "alert_heart_rate_out_of_range": "{label} : rythme cardiaque inhabituel, {value} par minute (attendu entre "
+                                         "{low} et {high}).",
+        "alert_lead_off": "{label} : une électrode s'est décollée de la peau. Remettez-la en place.",
+        "alert_board_silent": "{label} : aucune mesure depuis {time} (il y a {age}). Vérifiez que le capteur est "
+                              "allumé et près de la passerelle.",
+        "alert_other": "{label} : alerte ({rule}).",
+        "sensor_silent": "{label} : aucune mesure depuis {age}.", "sensor_waiting": "{label} : en attente de sa "
+                                                                                     "première mesure.",
+        "hint_stalled": "Il est branché, mais rien ne passe : la passerelle réessaie.",
+        "hint_searching": "Il ne semble pas branché.", "hint_backoff": "La passerelle s'y reconnecte.",
+        "hint_connecting": "La passerelle s'y connecte.",
+        "hint_out_of_range": "Il est trop loin : rapprochez-le de la passerelle.",
+        "no_sensor": "Aucun capteur n'est encore installé sur cette passerelle.",
+        "delivery_failing": "Les mesures ne parviennent plus au service « {name} » depuis {time} (il y a {age}). "
+                            "{waiting} attendent sur la passerelle, gardées en sécurité jusqu'à ce qu'il réponde.",
+        "no_backend": "Les mesures restent sur la passerelle : aucun envoi vers une équipe soignante n'est prévu.",
+        "bt_down": "Le Bluetooth de la passerelle ne répond pas : débranchez-la puis rebranchez-la.",
+        "stuck": "La passerelle ne répond plus bien : elle va redémarrer d'elle-même.",
+        "store_fault": "La passerelle ne peut plus enregistrer (carte pleine ?) : les mesures attendent sur les "
+                       "capteurs ; libérez de la place.",
+        "store_recovered": "Le stockage de la passerelle était endommagé ; il a été reconstruit.",
+        "store_short": "La passerelle manque de place : elle efface des mesures pas encore envoyées ; libérez de "
+                       "la place.",
+        "live": "En direct — dernière mesure il y a {age}", "silent": "Aucune mesure depuis {time} (il y a {age})",
+        "waiting": "En attente de sa première mesure", "not_live": "Valeurs de {time}, pas en direct",
+        "hr": "Rythme cardiaque", "spo2": "Oxygène dans le sang", "pr": "Pouls", "per_min": "par min",
+        "out_low": "⚠ bas : alerte en dessous de {limit}", "out_high": "⚠ haut : alerte au-dessus de {limit}",
+        "q_good": "signal bon", "q_fair": "signal moyen", "q_poor": "signal faible",
+        "ecg": "Tracé du cœur (ECG)", "ppg": "Onde de pouls (capteur au doigt)",
+        "ecg_alt": "Tracé du cœur des 4 dernières secondes", "ppg_alt": "Onde de pouls des 4 dernières secondes",
+        "wave_none": "pas de tracé en direct", "wave_rate": "{value} battements par minute",
+        "details": "Détails pour un technicien",
+        "d_link": "{where} : {state}", "d_device": "capteur {device}", "d_retry": "nouvel essai dans {n} s",
+        "d_set_aside": "{n} messages mis de côté (le capteur les renverra)",
+        "d_backend": "Envoi vers « {name} » : {waiting} en attente, {sent} envoyées",
+        "d_refused": "{n} messages refusés (pas d'un capteur enregistré, ou abîmés)",
+        "d_task": "Tâche interne {name} redémarrée {n} fois",
+        "st_connected": "connecté", "st_searching": "rien de branché", "st_stalled": "branché, rien ne passe",
+        "st_backoff": "reconnexion", "st_connecting": "connexion en cours", "st_out_of_range": "hors de portée",
+        "st_released": "appareil qui n'est pas un capteur enregistré : laissé libre",
+        "u_s": "{n}\u00a0s", "u_min": "{n}\u00a0min", "u_h": "{n}\u00a0h {m}\u00a0min", "u_d": "{n}\u00a0jours",
+    },
+    "en": {
+        "title": "Home monitoring hub", "lang": "Français",
+        "head_ok_sent": "Everything is working: readings arrive and reach the care team.",
+        "head_ok_kept": "Everything is working: readings arrive and are kept on this hub.",
+        "head_attention": "Something needs a look", "head_alert": "An alert needs your attention",
+        "head_hub_lost": "The hub is not answering",
+        "hub_lost": "No answer from the hub since {time} ({age} ago). The values shown are not live. Check that "
+                    "the hub is plugged in and switched on.",
+        "hub_never": "The hub has not answered yet. Check that it is plugged in and switched on.",
+        "alert_spo2_low": "{label}: low oxygen, {value}\u00a0% (alert below {low}\u00a0%).",
+        "alert_heart_rate_out_of_range": "{label}: unusual heart rate, {value} per minute (expected between {low} "
+                                         "and {high}).",
+        "alert_lead_off": "{label}: an electrode has come off the skin. Put it back in place.",
+        "alert_board_silent": "{label}: no reading since {time} ({age} ago). Check that the sensor is switched on "
+                              "and close to the hub.",
+        "alert_other": "{label}: alert ({rule}).",
+        "sensor_silent": "{label}: no reading for {age}.", "sensor_waiting": "{label}: waiting for its first "
+                                                                            "reading.",
+        "hint_stalled": "It is plugged in, but nothing comes through: the hub keeps trying.",
+        "hint_searching": "It does not seem to be plugged in.", "hint_backoff": "The hub is reconnecting to it.",
+        "hint_connecting": "The hub is connecting to it.",
+        "hint_out_of_range": "It is out of range: bring it closer to the hub.",
+        "no_sensor": "No sensor is set up on this hub yet.",
+        "delivery_failing": "Readings have not reached “{name}” since {time} ({age} ago). {waiting} are waiting "
+                            "on the hub, kept safely until it answers.",
+        "no_backend": "Readings stay on this hub: sending them to a care team is not set up.",
+        "bt_down": "The hub's Bluetooth is not answering: unplug the hub, then plug it back in.",
+        "stuck": "The hub is not responding well: it will restart by itself.",
+        "store_fault": "The hub cannot store readings (card full?): they wait on the sensors; free some space.",
+        "store_recovered": "The hub's storage was damaged; it has been rebuilt.",
+        "store_short": "The hub is short of space: it deletes readings not yet sent; free some space.",
+        "live": "Live — last reading {age} ago", "silent": "No reading since {time} ({age} ago)",
+        "waiting": "Waiting for its first reading", "not_live": "Values from {time}, not live",
+        "hr": "Heart rate", "spo2": "Oxygen in the blood", "pr": "Pulse", "per_min": "per min",
+        "out_low": "⚠ low: alert below {limit}", "out_high": "⚠ high: alert above {limit}",
+        "q_good": "good signal", "q_fair": "fair signal", "q_poor": "weak signal",
+        "ecg": "Heart trace (ECG)", "ppg": "Pulse wave (finger sensor)",
+        "ecg_alt": "Heart trace of the last 4 seconds", "ppg_alt": "Pulse wave of the last 4 seconds",
+        "wave_none": "no live trace", "wave_rate": "{value} beats per minute",
+        "details": "Details for a technician",
+        "d_link": "{where}: {state}", "d_device": "sensor {device}", "d_retry": "next try in {n} s",
+        "d_set_aside": "{n} messages set aside (the sensor sends them again)",
+        "d_backend": "Sending to “{name}”: {waiting} waiting, {sent} sent",
+        "d_refused": "{n} messages refused (not from a registered sensor, or damaged)",
+        "d_task": "Internal task {name} restarted {n} times",
+        "st_connected": "connected", "st_searching": "nothing plugged in", "st_stalled": "plugged in, nothing comes "
+                                                                                        "through",
+        "st_backoff": "reconnecting", "st_connecting": "connecting", "st_out_of_range": "out of range",
+        "st_released": "a device that is not a registered sensor: left alone",
+        "u_s": "{n}\u00a0s", "u_min": "{n}\u00a0min", "u_h": "{n}\u00a0h {m}\u00a0min", "u_d": "{n}\u00a0days",
+    },
 }
-
-PAGE = """<!doctype html>
-<html lang="fr"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>pulsebridge</title>
-<style>
-body{font-family:system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2733;font-size:18px}
-header{background:#2f6f8f;color:#fff;padding:14px 18px;display:flex;justify-content:space-between;align-items:center}
-h1{font-size:20px;margin:0}button{font-size:16px;border:0;border-radius:6px;padding:6px 10px}
-main{padding:12px;max-width:900px;margin:auto}
-.card{background:#fff;border-radius:10px;padding:14px;margin:10px 0;box-shadow:0 1px 3px #0002}
-#summary{font-size:22px;font-weight:600}.ok{color:#1c7c3c}.warn{color:#a15c00}
-.values{display:flex;gap:18px;flex-wrap:wrap;margin:8px 0}.v b{font-size:26px}
-canvas{width:100%;height:90px;background:#fbfcfd;border:1px solid #dde3e8;border-radius:6px}
-small{color:#5a6876}
-</style></head><body>
-<header><h1 id="title"></h1><button id="lang"></button></header>
-<main><div class="card"><div id="summary"></div></div>
-<div id="boards"></div>
-<div class="card"><h2 id="backends-title"></h2><div id="backends"></div></div>
-<div class="card"><h2 id="alerts-title"></h2><div id="alerts"></div>
-<p><small id="rejects"></small></p><p><small id="tasks"></small></p></div></main>
-<script>
-const TEXT = __TEXT__;
-let lang = (navigator.language || "fr").startsWith("fr") ? "fr" : "en";
-const t = k => TEXT[lang][k] || k;
-document.getElementById("lang").onclick = () => { lang = lang === "fr" ? "en" : "fr"; render(last); };
-let last = null;
-function draw(canvas, values, color) {
-  const c = canvas.getContext("2d"), w = canvas.width = canvas.clientWidth, h = canvas.height = canvas.clientHeight;
-  c.clearRect(0, 0, w, h);
-  if (!values || values.length < 2) return;
-  let lo = Math.min(...values), hi = Math.max(...values); if (hi === lo) hi = lo + 1;
-  c.strokeStyle = color; c.lineWidth = 1.5; c.beginPath();
-  values.forEach((v, i) => { const x = i * w / (values.length - 1), y = h - 4 - (v - lo) * (h - 8) / (hi - lo);
-    i ? c.lineTo(x, y) : c.moveTo(x, y); });
-  c.stroke();
-}
-function render(s) {
-  if (!s) return;
-  document.documentElement.lang = lang;
-  document.getElementById("title").textContent = t("title");
-  document.getElementById("lang").textContent = t("lang");
-  const btDown = s.ble_adapter && s.ble_adapter.state === "down";
-  const stuck = s.systemd && !s.systemd.alive;
-  const store = s.store || {}, storeFault = store.state === "fault", recovered = !!store.recovery;
-  const storeShort = !storeFault && !!store.short_of_space;
-  // A device that is not ours (a modem, a board being set up) is shown, not counted as a problem.
-  const problems = s.boards.filter(b => b.state !== "connected" && b.state !== "released").length +
-    s.vitals.active_alerts.length + (btDown ? 1 : 0) + (stuck ? 1 : 0) + (storeFault ? 1 : 0) + (recovered ? 1 : 0) +
-    (storeShort ? 1 : 0);
-  const sum = document.getElementById("summary");
-  sum.textContent = problems ? t("warn") + " " + problems + (btDown ? " — " + t("bt_down") : "") +
-    (stuck ? " — " + t("stuck") : "") + (storeFault ? " — " + t("store_fault") : "") +
-    (recovered ? " — " + t("store_recovered") : "") + (storeShort ? " — " + t("store_short") : "") : t("ok");
-  sum.className = problems ? "warn" : "ok";
-  const boards = document.getElementById("boards");
-  s.boards.forEach((b, i) => {
-    let card = document.getElementById("board" + i);
-    if (!card) { card = document.createElement("div"); card.className = "card"; card.id = "board" + i;
-      card.innerHTML = '<h2 class="name"></h2><div class="state"></div><div class="values"></div>' +
-        '<small class="ecg-t"></small><canvas class="ecg"></canvas><small class="pleth-t"></small>' +
-        '<canvas class="pleth"></canvas>'; boards.appendChild(card); }
-    card.querySelector(".name").textContent = t("boards") + " " + (b.device_id || b.port || "?");
-    const age = b.last_frame_at ? Math.round(Date.now() / 1000 - b.last_frame_at) : null;
-    const retry = b.retry_in_s !== null && b.retry_in_s !== undefined && b.state !== "searching" ?
-      " (" + t("retry") + " " + Math.round(b.retry_in_s) + " s)" : "";
-    const dropped = (b.discarded || {}).overflow || 0;
-    card.querySelector(".state").textContent = t(b.state) + retry + " — " +
-      (age === null ? t("never") : t("last") + " " + age + " " + t("s")) +
-      (dropped ? " — " + dropped + " " + t("dropped") : "");
-    const v = (s.last_vitals || {})[b.device_id] || {};
-    const show = (k, label, unit) => v[k] ? '<div class="v">' + t(label) + '<br><b>' + v[k].value + '</b> ' + unit +
-      '<br><small>' + t("quality") + ' ' + Math.round(100 * v[k].quality) + ' %</small></div>' : "";
-    card.querySelector(".values").innerHTML = show("heart_rate", "hr", "/min") + show("spo2", "spo2", "%") +
-      show("pulse_rate", "pr", "/min");
-    card.querySelector(".ecg-t").textContent = t("ecg"); card.querySelector(".pleth-t").textContent = t("pleth");
-  });
-  document.getElementById("backends-title").textContent = t("backends");
-  document.getElementById("backends").innerHTML = s.backends.map(f => "<p>" + f.name + " — " + f.backlog + " " +
-    t("backlog") + ", " + f.forwarded + " " + t("sent") + "</p>").join("");
-  document.getElementById("alerts-title").textContent = t("alerts");
-  const al = s.vitals.active_alerts;
-  document.getElementById("alerts").textContent =
-    al.length ? al.map(a => a[0] + ": " + t(a[1])).join(", ") : t("none");
-  const nrej = Object.values(s.rejects).reduce((a, b) => a + b, 0);
-  document.getElementById("rejects").textContent = t("rejects") + " : " + nrej;
-  document.getElementById("tasks").textContent = Object.entries(s.tasks || {}).filter(([, v]) => v.restarts)
-    .map(([k, v]) => t("task") + " " + k + " " + t("restarted") + " " + v.restarts + " " + t("times")).join(" · ");
-}
-async function tick() {
-  try {
-    const r = await fetch("api/status"); last = await r.json(); render(last);
-    for (let i = 0; i < last.boards.length; i++) {
-      const b = last.boards[i], card = document.getElementById("board" + i); if (!b.device_id || !card) continue;
-      for (const [stream, cls, color] of [["ecg", "ecg", "#b3261e"], ["ppg", "pleth", "#2f6f8f"]]) {
-        const q = "api/wave?device=" + encodeURIComponent(b.device_id) + "&stream=" + stream;
-        const w = await (await fetch(q)).json();
-        draw(card.querySelector("canvas." + cls), w.values, color);
-      }
-    }
-  } catch (e) { document.getElementById("summary").textContent = "…"; }
-}
-tick(); setInterval(tick, 1000);
-</script></body></html>
-""".replace("__TEXT__", json.dumps(TEXT))

@@ -1010,6 +1010,41 @@ class Store:
         return {b: n for b, n in db.execute("SELECT backend, COUNT(*) FROM outbox GROUP BY backend")}
 
     @staticmethod
+    def oldest_waiting(db: sqlite3.Connection) -> dict[str, float]:
+        """Per backend, when its oldest waiting frame was received (UTC s); backends with none left out."""
+        out = {}
+        for (backend,) in db.execute("SELECT DISTINCT backend FROM outbox").fetchall():
+            r = db.execute("SELECT received_at FROM frames WHERE id=(SELECT MIN(frame_id) FROM outbox "
+                           "WHERE backend=?)", (backend,)).fetchone()
+            if r is not None:
+                out[backend] = float(r[0])
+        return out
+
+    @staticmethod
+    def last_received(db: sqlite3.Connection, device_id: str) -> float | None:
+        """When the device's latest stored frame was received (UTC s), None if none is stored. Its
+        frames' epochs are >= 0 (the hub's own vitals and alerts use negative ones): the index's
+        last entry for the device is its latest frame."""
+        r = db.execute("SELECT received_at FROM frames WHERE device_id=? AND epoch>=0 "
+                       "ORDER BY epoch DESC, seq DESC LIMIT 1", (device_id,)).fetchone()
+        return float(r[0]) if r is not None else None
+
+    @staticmethod
+    def recent_alerts(db: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
+        """The last `limit` alert documents stored (raised and cleared), oldest first."""
+        rows = db.execute("SELECT info FROM frames WHERE priority=? AND kind=? ORDER BY id DESC LIMIT ?",
+                          (PRIORITY_ALERT, KIND_ALERT, limit)).fetchall()
+        out = []
+        for (info,) in reversed(rows):
+            try:
+                doc = json.loads(info)
+            except (TypeError, ValueError):
+                continue
+            if isinstance(doc, dict):
+                out.append(doc)
+        return out
+
+    @staticmethod
     def counters(db: sqlite3.Connection) -> dict[str, int]:
         return {k: v for k, v in db.execute("SELECT name, value FROM counters")}
 

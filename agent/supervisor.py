@@ -39,6 +39,7 @@ from agent.links import LinkManager, SerialDiscovery, SerialWant
 from agent.record import FrameRecord
 from agent.registry import Registry
 from agent.sdnotify import Notifier
+from agent.status_page import StatusPage
 from agent.store import KIND_ALERT, KIND_VITAL, PRIORITY_ALERT, PRIORITY_VITALS, Ingest, Store, StoreError
 from agent.vitals.alerts import DEFAULT_RULES, AlertEngine, Rule
 from agent.vitals.engine import VitalsEngine
@@ -51,6 +52,9 @@ HOUSEKEEPING_EVERY_S = 60.0
 # full, frames skip the vitals (counted), never the store or the forwarders.
 VITALS_QUEUE = 1280
 SILENCE_CHECK_S = 10.0
+# Alert documents read back from the store at start (raised and cleared, latest last): enough to
+# know which alerts are still raised, with many cleared ones between.
+RECALLED_ALERTS = 2000
 # The registry is re-read this often when its file changed: a revocation
 # takes effect within this delay.
 REGISTRY_POLL_S = 1.0
@@ -150,6 +154,7 @@ class Agent:
         self.status_page_port = 0
         self.password_recheck_s = PASSWORD_RECHECK_S
         self.status_page_state = "on" if cfg.status_page_password_file else "off: no status_page_password_file"
+        self.page: StatusPage | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _on_commit(self) -> None:
@@ -162,6 +167,7 @@ class Agent:
                  self.cfg.hub_id)
         self.store.on_commit = self._on_commit
         self.store.start()
+        self._recall()
         self.audit.record("agent.start", self.cfg.hub_id, config=str(self.cfg.source or ""),
                           backends=[b.name for b in self.cfg.backends], version=version())
         try:
@@ -181,6 +187,23 @@ class Agent:
             self.registry.close()
             os.close(self._lock_fd)
             log.info("pulsebridge agent %s stopped (config %s)", version(), self.cfg.source or "-")
+
+    def _recall(self) -> None:
+        # After a restart: each registered sensor's last frame and the alerts still raised, read back
+        # from the store: a sensor silent across the restart is still told (and named), an alert still
+        # raised is not raised twice.
+        reader = self.store.reader()
+        try:
+            for d in self.registry.all():
+                if d.state != "revoked":
+                    at = Store.last_received(reader, d.device_id)
+                    if at is not None:
+                        self.vitals.last_seen.setdefault(d.device_id, at)
+            for doc in Store.recent_alerts(reader, RECALLED_ALERTS):
+                if isinstance(doc.get("device_id"), str) and isinstance(doc.get("alert"), str):
+                    self.vitals.alerts.restore(doc["device_id"], doc["alert"], doc.get("state") == "raised")
+        finally:
+            reader.close()
 
     def _loops(self) -> list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]]:
         loops: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = [("serial", self.serial.run)]
@@ -257,6 +280,7 @@ class Agent:
                 n.notify(WATCHDOG=1)
 
     def _to_vitals(self, frame: FrameRecord) -> None:
+        self.vitals.last_seen[frame.device_id] = time.time()  # heard, even when the vitals queue is full
         try:
             self.vitals_queue.put_nowait(frame)
         except asyncio.QueueFull:
@@ -303,7 +327,7 @@ class Agent:
         return {"device_id": device_id, "stream": stream, "values": values[::step]}
 
     async def _status_page(self) -> None:
-        from agent.status_page import PasswordFileError, StatusPage, read_password
+        from agent.status_page import PasswordFileError, read_password
 
         assert self.cfg.status_page_password_file is not None
         said = ""
@@ -324,7 +348,7 @@ class Agent:
         if said:
             log.info("status page password file %s is fine now: the page starts", self.cfg.status_page_password_file)
         host, _, port = self.cfg.status_page_listen.rpartition(":")
-        page = StatusPage(self.snapshot, self.waveform, password)
+        page = self.page = StatusPage(self.snapshot, self.waveform, password)
         try:
             self.status_page_port = await page.start(host or "0.0.0.0", int(port))
             self.status_page_state = "on"
@@ -374,20 +398,28 @@ class Agent:
         reader = self.store.reader()
         try:
             backlog = Store.backlog(reader)
+            oldest = Store.oldest_waiting(reader)
             counters = Store.counters(reader)
         finally:
             reader.close()
         boards = self.links.snapshot(OUT_OF_RANGE_S)
+        now = time.time()
         return {
-            "hub_id": self.cfg.hub_id, "uptime_s": round(time.time() - self.started_at, 1), "boards": boards,
+            "now": now, "hub_id": self.cfg.hub_id, "uptime_s": round(now - self.started_at, 1), "boards": boards,
             "ble_adapter": ({"state": self.ble.adapter, "error": self.ble.adapter_error,
                              "losses": self.ble.adapter_losses} if self.ble is not None else None),
             "backends": [{"name": f.name, "type": f.cfg.type, "state": f.state.value, "backlog": backlog.get(f.name, 0),
                           "forwarded": f.forwarded, "failures": f.failures, "refused": f.refused,
-                          "last_error": f.last_error}
+                          "last_error": f.last_error, "last_delivered_at": f.last_delivered_at,
+                          "failing_since": f.failing_since, "oldest_waiting_at": oldest.get(f.name)}
                          for f in self.forwarders],
             "rejects": dict(self.ingestor.rejects), "store": self.store.status(),
+            "sensors": [{"device_id": d.device_id, "label": d.label, "heard_at": self.vitals.last_seen.get(d.device_id)}
+                        for d in self.registry.all() if d.state == "active"],
+            "alert_rules": [{"name": r.name, "signal": r.signal, "low": r.low, "high": r.high}
+                            for r in self.vitals.alerts.rules],
             "last_vitals": self.last_vitals, "status_page": self.status_page_state,
+            "status_page_clients": self.page.stats() if self.page is not None else None,
             "vitals": {"made": self.vitals_made, "skipped_frames": self.vitals_skipped,
                        "active_alerts": [list(a) for a in self.vitals.alerts.active()]},
             "counters": counters,

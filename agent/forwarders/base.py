@@ -196,6 +196,10 @@ class Forwarder(abc.ABC):
         # a batch passes (a server's size limit) or one row alone is refused (quarantined).
         self.batch_limit = cfg.batch
         self.last_error = ""
+        # For the status page: when this backend last acknowledged rows, and since when it has
+        # been failing (UTC s; None: it is not failing).
+        self.last_delivered_at: float | None = None
+        self.failing_since: float | None = None
 
     def document(self, row: Row) -> dict[str, Any]:
         subject = self.subjects.of(row.device_id, row.received_at) if self.subjects is not None else None
@@ -271,6 +275,8 @@ class Forwarder(abc.ABC):
                     if not isinstance(e, (DeliveryError, OSError, TimeoutError, ssl.SSLError, StoreError)):
                         log.exception("backend %s: unexpected failure", self.name)
                     self.failures += 1
+                    if self.failing_since is None:
+                        self.failing_since = time.time()
                     self.last_error = "%s: %s" % (type(e).__name__, e)
                     delay = self.backoff.next_delay()
                     log.warning("backend %s: %s; retry in %.1f s", self.name, self.last_error, delay)
@@ -279,6 +285,7 @@ class Forwarder(abc.ABC):
                     continue
                 await self.store.delivered(self.name, [r.id for r in rows])
                 self.forwarded += len(rows)
+                self.last_delivered_at, self.failing_since = time.time(), None
                 self.backoff.reset()
         finally:
             reader.close()

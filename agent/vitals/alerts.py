@@ -76,6 +76,12 @@ class AlertEngine:
                 out.append(AlertEvent(device_id, rule.name, "raised" if st.active else "cleared", at, value))
         return out
 
+    def restore(self, device_id: str, rule: str, active: bool) -> None:
+        """Sets an alert's state as last stored (after a restart): an alert still raised is not raised
+        a second time, and clears as any other. Rules no longer configured are ignored."""
+        if any(r.name == rule for r in self.rules):
+            self._states[(device_id, rule)] = _State(active=active)
+
     def forget(self, device_id: str) -> None:
         for k in [k for k in self._states if k[0] == device_id]:
             del self._states[k]
