@@ -330,7 +330,8 @@ def view(snapshot: dict[str, Any]) -> dict[str, Any]:
         # Not live either when its link says nothing comes through (stalled, unplugged, reconnecting,
         # out of range), however recent its last frame.
         receiving = link_state in (None, "connected", "connecting")
-        state = "waiting" if heard is None else "live" if now - heard <= FRESH_S and receiving else "silent"
+        live = now - heard <= FRESH_S and receiving and (dev, "board_silent") not in active if heard else False
+        state = "waiting" if heard is None else "live" if live else "silent"
         vitals = {}
         for kind, v in last_vitals.get(dev, {}).items():
             r = rules.get(kind, {})

@@ -378,3 +378,69 @@ def test_status_page_and_cli_tell_stalled_unplugged_and_restarted(micropython: s
     finally:
         for s in sims:
             s.stop()
+
+
+@pytest.mark.micropython
+@pytest.mark.slow
+def test_a_silent_sensor_is_still_told_after_a_hub_restart(micropython: str, tmp_path: Path) -> None:
+    # Before: after a restart the hub knew nothing of a sensor that stayed silent: no alert, and
+    # the page never said it again. Now its last frame and the alert still raised are read back
+    # from the store: the page tells it at once, by its label, and the alert is not raised twice.
+    from agent.store import Store
+
+    sims = harness.start_boards(tmp_path, 1, micropython)
+    dev = sims[0].device_id
+    try:
+        _register(tmp_path / "data", tmp_path / "log", sims, "Salon")
+        cfg = agent_config.load(harness.write_config(tmp_path, sims, "", extra=(
+            '\n[[alert]]\nname = "board_silent"\nsignal = "silence_s"\nhigh = 3\nmin_duration_s = 0\n')))
+
+        def alerts(agent: Agent) -> list[tuple[str, str]]:
+            reader = agent.store.reader()
+            try:
+                return [(d["alert"], d["state"]) for d in Store.recent_alerts(reader, 100)]
+            finally:
+                reader.close()
+
+        async def first_run() -> list[tuple[str, str]]:
+            agent = Agent(cfg)
+            stop = asyncio.Event()
+            task = asyncio.create_task(agent.run(stop))
+            await async_wait_for(lambda: agent.vitals.last_seen.get(dev), 90, "a frame of the board stored",
+                                 lambda: agent.snapshot()["boards"])
+            await asyncio.to_thread(sims[0].stop)  # the sensor falls silent, and stays so
+            await async_wait_for(lambda: (dev, "board_silent") in agent.vitals.alerts.active(), 60,
+                                 "the silence alert raised", lambda: agent.vitals.alerts.active())
+            await async_wait_for(lambda: ("board_silent", "raised") in alerts(agent), 30, "the alert stored",
+                                 lambda: alerts(agent))
+            stop.set()
+            await task
+            return alerts(agent)
+
+        async def after_restart() -> dict[str, Any]:
+            agent = Agent(cfg)
+            stop = asyncio.Event()
+            task = asyncio.create_task(agent.run(stop))
+            await async_wait_for(lambda: agent.tasks, 30, "the agent's tasks started")
+            seen: dict[str, Any] = {"view": view(agent.snapshot())}
+            turns = agent._turns["vitals"]
+            # One silence check at least (every SILENCE_CHECK_S) with the sensor still silent.
+            await async_wait_for(lambda: agent._turns["vitals"] >= turns + 2, 60, "a silence check")
+            seen["alerts"] = alerts(agent)
+            seen["active"] = agent.vitals.alerts.active()
+            stop.set()
+            await task
+            return seen
+
+        before = asyncio.run(first_run())
+        assert before.count(("board_silent", "raised")) == 1, before
+        seen = asyncio.run(after_restart())
+        v = seen["view"]
+        assert v["level"] == "alert", v
+        assert v["notices"][0]["key"] == "alert_board_silent" and v["notices"][0]["args"]["label"] == "Salon", v
+        assert v["sensors"][0]["state"] == "silent" and v["sensors"][0]["heard_at"] is not None, v
+        assert seen["active"] == [(dev, "board_silent")], seen
+        assert seen["alerts"] == before, seen  # not raised a second time
+    finally:
+        for s in sims:
+            s.stop()
