@@ -40,6 +40,30 @@ def _chromium() -> str:
     return CHROMIUM
 
 
+AXE = Path(__file__).resolve().parents[2] / ".node-axe" / "node_modules" / "axe-core" / "axe.min.js"
+
+
+def _axe_source() -> str:
+    if not AXE.exists():
+        msg = "axe-core is not installed (./run tests installs it into .node-axe with npm)"
+        if IN_CI:
+            pytest.fail(msg + "; required in CI")
+        pytest.skip(msg)
+    return AXE.read_text()
+
+
+# axe-core's WCAG 2.x A and AA rules on the page as it is; its violations as "rule: targets".
+_AXE_RUN = """async () => {
+    const r = await axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa']}});
+    return r.violations.map(v => v.id + ': ' + v.nodes.map(n => n.target.join(' ')).join(', ')); }"""
+
+
+async def _axe(page: Any, source: str) -> list[str]:
+    # Evaluated through the browser's debugging protocol, which the page's CSP does not govern.
+    await page.evaluate(source)
+    return list(await page.evaluate(_AXE_RUN))
+
+
 # Inked pixels on the status page's ECG canvas: the waveform is drawn.
 _ECG_INK = """() => {
     const c = document.querySelector('canvas.ecg'); const d = c.getContext('2d')
@@ -179,6 +203,7 @@ def test_status_page_states_in_chromium(micropython: str, tmp_path: Path) -> Non
     # then from that agent's own snapshot, with the facts changed: a low SpO2 alert, a silent
     # sensor with a backend not delivering; and the hub no longer answering the open page.
     chromium = _chromium()
+    axe = _axe_source()
     from playwright.async_api import async_playwright
 
     shots = Path(os.environ.get("PULSEBRIDGE_SCREENSHOTS", str(tmp_path / "shots")))
@@ -193,6 +218,7 @@ def test_status_page_states_in_chromium(micropython: str, tmp_path: Path) -> Non
         cfg = agent_config.load(harness.write_config(tmp_path, sims, "", extra=(
             'status_page_listen = "127.0.0.1:%d"\nstatus_page_password_file = "%s"\n' % (port, pw_file))))
         found: dict[str, str] = {}
+        violations: dict[str, list[str]] = {}
 
         async def shoot(page: Any, name: str) -> None:
             path = shots / ("status-%s.png" % name)
@@ -200,6 +226,7 @@ def test_status_page_states_in_chromium(micropython: str, tmp_path: Path) -> Non
             assert path.stat().st_size > 10_000
             # No-break spaces (before units, in numbers) read as spaces here.
             found[name] = ((await page.text_content("body")) or "").replace("\xa0", " ").replace("\u202f", " ")
+            violations[name] = await _axe(page, axe)
 
         async def scenario() -> None:
             agent = Agent(cfg)
@@ -269,6 +296,7 @@ def test_status_page_states_in_chromium(micropython: str, tmp_path: Path) -> Non
     finally:
         for s in sims:
             s.stop()
+    assert len(violations) == 16 and not any(violations.values()), violations  # WCAG A/AA, every state
     fr, en = found["live-fr-phone"], found["live-en-phone"]
     assert "Tout fonctionne : les mesures arrivent et sont gardées sur la passerelle." in fr, fr
     assert "Everything is working: readings arrive and are kept on this hub." in en, en
