@@ -96,9 +96,10 @@ class Subjects:
         return ref if ref and received_at >= since else None
 
 
-def document(row: Row, hub_id: str, subject: str | None = None) -> dict[str, Any]:
+def document(row: Row, hub_id: str, subject: str | None = None, binary: bool = False) -> dict[str, Any]:
     """The decoded form of a stored frame, with the original COSE bytes; subject is the
-    patient reference given at provisioning (None: none known for this frame)."""
+    patient reference given at provisioning (None: none known for this frame); binary:
+    as frame_document() says."""
     received = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row.received_at))
     if row.kind == KIND_GAP:
         doc: dict[str, Any] = {"type": "gap", "idempotency_key": idempotency_key(row), "hub_id": hub_id,
@@ -114,7 +115,7 @@ def document(row: Row, hub_id: str, subject: str | None = None) -> dict[str, Any
     f = row.frame
     if f is None:
         raise RemoteProtocolError("stored frame %s has no samples to forward" % idempotency_key(row), "missing")
-    return frame_document(f, hub_id, subject, received)
+    return frame_document(f, hub_id, subject, received, binary)
 
 
 def frame_document(f: FrameRecord, hub_id: str, subject: str | None, received_at: str | None = None,

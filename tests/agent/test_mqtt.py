@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import aiomqtt
+import cbor2
 import pytest
 
 from agent import config as agent_config
@@ -186,3 +187,75 @@ def test_draining_a_backlog_logs_no_warning_per_frame(mosquitto: str, tmp_path: 
     assert fw.forwarded == n and fw.failures == 0, (fw.forwarded, fw.failures, fw.last_error)
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert not warnings, "%d warnings for %d frames, the first: %s" % (len(warnings), n, warnings[0].getMessage())
+
+
+def test_the_cbor_payload_carries_the_json_document_with_typed_arrays(mosquitto: str, tmp_path: Path) -> None:
+    # payload = "cbor": the same document, each channel an RFC 8746 typed array (tag 78,
+    # int32 little-endian), the COSE frame as bytes; read here by cbor2 and numpy only.
+    import base64
+
+    import numpy as np
+
+    pki = harness.pki_for(tmp_path)
+    broker, port = _start_broker(mosquitto, tmp_path, pki)
+    key = bytes(range(32))
+    up = cose.MacKey(key, b"pb-m2", cose.AAD_UPLINK)
+    sealer, opener = cipher.SampleCipher(key, bytes(16)), cipher.SampleCipher(key)
+    store = Store(tmp_path / "store.db", ["j", "c"])
+    store.start()
+    common = dict(url="mqtts://localhost:%d" % port, ca_file=pki.ca_cert, client_cert=pki.client_cert,
+                  client_key=pki.client_key, batch=50, linger_s=0)
+    cfgs = [MqttConfig(name="j", type="mqtt", topic_prefix="j", **common),  # type: ignore[arg-type]
+            MqttConfig(name="c", type="mqtt", topic_prefix="c", payload="cbor", **common)]  # type: ignore[arg-type]
+    ppg = [[90000, 90007, -5, 2**31 - 1], [140000, 139990, 0, -(2**31)]]  # red, ir: the int32 edges too
+    received: dict[str, dict[str, dict[str, object]]] = {"j": {}, "c": {}}
+    try:
+        async def scenario() -> None:
+            async with aiomqtt.Client("localhost", port, tls_context=tls_context(cfgs[0]), identifier="sub") as c:
+                await c.subscribe("#", qos=1)
+                for s in range(3):
+                    raw = up.seal(messages.encoded(messages.SampleFrame(
+                        1, s, messages.STREAM_PPG_MAX30102, s, s * 4, 100, 4, (1, 1), (1, 2, 3, 4), (0, 0, 0, 0),
+                        ppg), sealer=sealer))
+                    m = messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES, decode_samples=False,
+                                                opener=opener)
+                    assert isinstance(m, messages.SampleFrame)
+                    await store.ingest(Ingest.frame(record_of("pb-m2", m, m.channels, raw, None),  # type: ignore[arg-type]
+                                                    (1, s, 1, None)))
+                fws = [MqttForwarder(cfg, store, "test-hub", asyncio.Event()) for cfg in cfgs]
+                tasks = [asyncio.create_task(fw.run()) for fw in fws]
+
+                async def collect() -> None:
+                    async for msg in c.messages:
+                        payload = bytes(msg.payload)  # type: ignore[arg-type]
+                        prefix = str(msg.topic).split("/")[0]
+                        doc = json.loads(payload) if prefix == "j" else cbor2.loads(payload)
+                        received[prefix][doc["idempotency_key"]] = doc
+
+                collector = asyncio.create_task(collect())
+                try:
+                    await async_wait_for(lambda: all(len(v) == 3 for v in received.values()), 60,
+                                         "3 frames in each payload", lambda: {k: len(v) for k, v in received.items()})
+                finally:
+                    for t in [*tasks, collector]:
+                        t.cancel()
+                    for fw in fws:
+                        await fw.close()
+
+        asyncio.run(scenario())
+    finally:
+        store.close()
+        broker.terminate()
+        broker.wait(10)
+        if broker.stderr:
+            broker.stderr.close()
+    for k, as_json in received["j"].items():
+        as_cbor = dict(received["c"][k])
+        channels = as_cbor.pop("channels")
+        assert isinstance(channels, dict)
+        for name, tagged in channels.items():
+            assert isinstance(tagged, cbor2.CBORTag) and tagged.tag == 78
+            channels[name] = np.frombuffer(tagged.value, dtype="<i4").tolist()
+        assert channels == as_json["channels"] == {"red": ppg[0], "ir": ppg[1]}
+        assert as_cbor.pop("cose") == base64.b64decode(str(as_json["cose"]))
+        assert as_cbor == {f: v for f, v in as_json.items() if f not in ("channels", "cose")}
