@@ -143,6 +143,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
     prov = Provisioner(cfg, args.port, lambda s: print(s, flush=True), confirm)
     prov.flash_offset = args.flash_offset
+    prov.origin_key_dir = args.origin_key_out
     res = prov.run(
         args.device_id, args.label, args.patient, args.dry_run, args.flash, args.self_test_seconds, args.link)
     return 0 if res.ok else 1
@@ -154,6 +155,18 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     res = Provisioner(_load_config(args.config), args.port, lambda s: print(s, flush=True)).rotate(
         args.self_test_seconds)
     return 0 if res.ok else 1
+
+
+def cmd_verify_origin(args: argparse.Namespace) -> int:
+    from agent import verify_origin
+
+    try:
+        rep = verify_origin.verify(args.inputs, args.key)
+    except verify_origin.InputError as e:
+        print("pulsebridge verify-origin: %s" % e, file=sys.stderr)
+        return 2
+    print(json.dumps(rep.as_dict(), indent=1) if args.json else verify_origin.text(rep))
+    return 0 if rep.ok else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -289,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="show the steps, change nothing")
     p.add_argument("--yes", action="store_true", help="re-key an already provisioned board without asking")
     p.add_argument("--self-test-seconds", type=float, default=6.0)
+    p.add_argument("--origin-key-out", type=Path, default=Path("."),
+                   help="directory for DEVICE.origin.json, the board's origin key for the backend (default: here); "
+                        "move it off the hub")
     p.set_defaults(func=cmd_provision)
 
     p = sub.add_parser("rotate-key", help="give the board on PORT a new key, with no gap in accepted frames")
@@ -296,6 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", required=True)
     p.add_argument("--self-test-seconds", type=float, default=6.0)
     p.set_defaults(func=cmd_rotate)
+
+    p = sub.add_parser("verify-origin", help="prove, without trusting the hub, that frames a backend received "
+                                             "came from the boards unaltered, and list what is missing")
+    p.add_argument("inputs", type=Path, nargs="+",
+                   help="raw COSE captures, or JSON / JSON Lines documents (MQTT, webhook) or FHIR Bundles")
+    p.add_argument("--key", type=Path, action="append", required=True,
+                   help="an origin key file (from provisioning, or a simulator's origin_keys.json); repeatable")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(func=cmd_verify_origin)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

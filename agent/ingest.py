@@ -20,7 +20,7 @@ from typing import Any, cast
 from agent import fastdecode
 from agent.record import FrameRecord
 from agent.registry import Registry
-from agent.store import KIND_FRAME, QUARANTINED, Ingest, Store, StoreError
+from agent.store import KIND_FRAME, KIND_ORIGIN, PRIORITY_GAP, QUARANTINED, Ingest, Store, StoreError
 from protocols import hub, messages, replay
 from protocols.errors import RemoteProtocolError
 
@@ -78,7 +78,7 @@ class Volatile(Processor):
     def submit(self, raw: bytes, link: str, to_utc: ToUtc | None = None) -> Outcome:
         r = self.hub.receive(raw)
         acks: list[bytes] = []
-        if r.verdict != hub.REJECTED and isinstance(r.message, messages.SampleFrame):
+        if r.verdict != hub.REJECTED and isinstance(r.message, (messages.SampleFrame, messages.OriginCheckpoint)):
             acks = self.hub.ack(r.device_id or "", r.message.epoch, [r.message.seq])
         elif r.reply is not None:  # a stale boot epoch: the epoch resync (SPEC.md)
             acks = [r.reply]
@@ -160,6 +160,8 @@ class Ingestor(Processor):
         if r.verdict == hub.REJECTED:
             return self._reject(r, link)
         dev = r.device_id or ""
+        if isinstance(m, messages.OriginCheckpoint):
+            return self._checkpoint(r, m, dev, raw)
         if not isinstance(m, messages.SampleFrame):
             if r.verdict == hub.ACCEPTED and m is not None:  # hello, status, time: session state, not stored
                 self.hub.accept(dev, m.epoch, m.seq)  # type: ignore[attr-defined]
@@ -176,6 +178,28 @@ class Ingestor(Processor):
         stored = self.store.submit_ingest(item)
         stored.add_done_callback(lambda fut: self._on_stored(fut, f, m.boot_salt))
         return Outcome(r, self.hub.ack(dev, m.epoch, [m.seq]), stored)
+
+    def _checkpoint(self, r: hub.Received, m: messages.OriginCheckpoint, dev: str, raw: bytes) -> Outcome:
+        # A board's origin checkpoint: stored as it came and forwarded
+        # untouched (its content is MACed under a key the hub does not hold:
+        # protocols/origin.py), acknowledged like a frame once stored; above
+        # raw frames under the disk quota.
+        ack = self.hub.ack(dev, m.epoch, [m.seq])
+        if r.verdict == hub.DUPLICATE:
+            item = Ingest(dev, m.epoch, m.seq, KIND_ORIGIN, raw, None, duplicate=True)
+            return Outcome(r, ack, self.store.submit_ingest(item))
+        item = Ingest(dev, m.epoch, m.seq, KIND_ORIGIN, raw, self.hub.accept(dev, m.epoch, m.seq),
+                      priority=PRIORITY_GAP)
+        stored = self.store.submit_ingest(item)
+
+        def done(fut: asyncio.Future[Any]) -> None:
+            if fut.cancelled() or isinstance(fut.exception(), StoreError):
+                self.hub.abandon(dev)
+            elif self.hub.has_device(dev):
+                self.hub.commit(dev, m.epoch, m.seq)
+
+        stored.add_done_callback(done)
+        return Outcome(r, ack, stored)
 
     def _on_stored(self, fut: asyncio.Future[Any], f: FrameRecord, salt: bytes | None) -> None:
         if fut.cancelled() or isinstance(fut.exception(), StoreError):

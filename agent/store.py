@@ -45,6 +45,7 @@ PRIORITY_VITALS = 8
 PRIORITY_ALERT = 10
 
 KIND_FRAME = 1  # a board's sample frame (messages.T_SAMPLES): info holds its header, samples its samples
+KIND_ORIGIN = 10  # a board's origin checkpoint (messages.T_ORIGIN), stored and forwarded as it came
 KIND_GAP = 100  # a gap record, stored as a frame row with no COSE bytes
 KIND_VITAL = 101  # a vital derived on the hub (info holds it)
 KIND_ALERT = 102  # an alert raised or cleared on the hub

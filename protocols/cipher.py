@@ -103,9 +103,26 @@ class SampleCipher:
         if self.boot_salt is not None:
             self._use(self.boot_salt)
 
+    @classmethod
+    def for_boot_key(cls, boot_key: bytes, boot_salt: bytes) -> "SampleCipher":
+        # A cipher that opens (or seals) one boot's frames with that boot's
+        # sample key alone, without the device key: a backend given the key
+        # by an origin checkpoint (protocols/origin.py). Any other salt is refused.
+        if len(boot_key) != 32:
+            raise LocalProtocolError("a boot sample key is 32 bytes, got %d" % len(boot_key), "key_size")
+        c = cls(bytes(32), None)
+        c._device_key = b""
+        c.boot_salt = bytes(boot_salt)
+        c._salt = bytes(boot_salt)
+        c._key = bytes(boot_key)
+        c._aes = _ecb(c._key)
+        return c
+
     def _use(self, salt: bytes) -> None:
         if salt == self._salt:
             return
+        if not self._device_key:
+            raise LocalProtocolError("this cipher holds one boot's key only, not that of this salt", "salt")
         key = derive_key(self._device_key, salt)
         self._key = key
         self._aes = _ecb(key)

@@ -30,8 +30,9 @@ T_STATUS = const(6)
 T_ERROR = const(7)
 T_COMMAND = const(8)
 T_EPOCH_RESYNC = const(9)
+T_ORIGIN = const(10)
 
-UPLINK_TYPES = (T_SAMPLES, T_TIME_RESPONSE, T_HELLO, T_STATUS, T_ERROR)
+UPLINK_TYPES = (T_SAMPLES, T_TIME_RESPONSE, T_HELLO, T_STATUS, T_ERROR, T_ORIGIN)
 DOWNLINK_TYPES = (T_ACK, T_TIME_REQUEST, T_COMMAND, T_EPOCH_RESYNC)
 
 STREAM_ECG_MAX30003 = const(1)
@@ -68,6 +69,9 @@ _UINT64_MAX = const(0xFFFFFFFFFFFFFFFF)
 MAX_UPLINK_INT = const(0x1FFFFFFFFFFFFF)
 MAX_EPOCH = const(0xFFFFFFFF)
 MAX_SEQ = const(0xFFFFFFFF)
+# An origin checkpoint (type 10) lists at most 32 frames: 16-byte digests and
+# their seqs, with its header and MAC, stay well under this.
+MAX_ORIGIN_CHECKPOINT = const(1024)
 
 
 class Message:
@@ -202,6 +206,19 @@ class EpochResync(Message):
         self.newest_epoch = newest_epoch
 
 
+class OriginCheckpoint(Message):
+    # An origin checkpoint (SPEC.md, Origin proof): `checkpoint` is a COSE_Mac0
+    # under the board's origin key, which the hub does not hold; the hub
+    # stores and forwards it untouched (protocols/origin.py reads it).
+    kind = T_ORIGIN
+    _fields = ("epoch", "seq", "checkpoint")
+
+    def __init__(self, epoch: int, seq: int, checkpoint: bytes) -> None:
+        self.epoch = epoch
+        self.seq = seq
+        self.checkpoint = checkpoint
+
+
 # ---- encoding ---------------------------------------------------------------
 
 def _start(w: "cbor.Writer", kind: int, nfields: int) -> None:
@@ -308,6 +325,8 @@ def encode(w: "cbor.Writer", msg: Message, sealer: "cipher.SampleCipher | None" 
             if len(v) > MAX_TEXT:
                 raise LocalProtocolError("text field longer than %d" % MAX_TEXT, "too_long")
             w.text(v)
+        elif isinstance(v, (bytes, bytearray)):
+            w.bstr(v)
         elif isinstance(v, int):
             w.uint(v)
         else:  # list of pairs: ack ranges, hello streams
@@ -459,6 +478,12 @@ def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tu
     if kind == T_EPOCH_RESYNC:
         _check_keys(d, 4)
         return EpochResync(_uint(d, 2, "refused_epoch", MAX_EPOCH), _uint(d, 3, "newest_epoch", MAX_EPOCH))
+    if kind == T_ORIGIN:
+        _check_keys(d, 5)
+        ck = d.get(4)
+        if not isinstance(ck, bytes) or len(ck) > MAX_ORIGIN_CHECKPOINT:
+            _fail("origin checkpoint must be a byte string of at most %d bytes" % MAX_ORIGIN_CHECKPOINT)
+        return OriginCheckpoint(_uint(d, 2, "epoch", MAX_EPOCH), _uint(d, 3, "seq", MAX_SEQ), ck)
     _fail("unknown message type %d" % kind, "unknown_type")
 
 

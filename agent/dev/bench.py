@@ -102,7 +102,8 @@ class _HubEnd:
                 self.other_wire += wire
             else:
                 self._count(m, wire)
-            if r.verdict in (hub.ACCEPTED, hub.DUPLICATE) and isinstance(m, messages.SampleFrame):
+            if r.verdict in (hub.ACCEPTED, hub.DUPLICATE) and isinstance(m, (messages.SampleFrame,
+                                                                           messages.OriginCheckpoint)):
                 for msg in self.hub.ack(self.device_id, m.epoch, [m.seq]):
                     out += hub_link.downlink_line(msg)
 

@@ -86,6 +86,9 @@ def write_keys(directory: Path, specs: list[boards.BoardSpec]) -> Path:
     path = directory / "keys.json"
     data = json.dumps({s.device_id: s.key.hex() for s in specs}, indent=1).encode()
     write_private(path, data)
+    # What a backend holds to check origin (pulsebridge verify-origin --key): never the hub.
+    origin = {s.device_id: s.origin_key.hex() for s in specs if s.origin_key is not None}
+    write_private(directory / "origin_keys.json", json.dumps(origin, indent=1).encode())
     return path
 
 

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 from agent.config import BackendConfig
 from agent.errors import PulsebridgeError
 from agent.record import FrameRecord, iso_ms
-from agent.store import KIND_ALERT, KIND_GAP, KIND_VITAL, Row, Store, StoreError, check_private
+from agent.store import KIND_ALERT, KIND_GAP, KIND_ORIGIN, KIND_VITAL, Row, Store, StoreError, check_private
 from protocols import messages  # flags: constants, not the codec
 from protocols.errors import ProtocolError, RemoteProtocolError
 
@@ -112,6 +112,12 @@ def document(row: Row, hub_id: str, subject: str | None = None, binary: bool = F
         doc.update(idempotency_key=idempotency_key(row), hub_id=hub_id, received_at=received)
         doc["subject"] = subject
         return doc
+    if row.kind == KIND_ORIGIN and row.raw is not None:
+        # The board's origin checkpoint, as it came: only the backend holds
+        # the key its content is MACed under (pulsebridge verify-origin).
+        return {"type": "origin_checkpoint", "idempotency_key": idempotency_key(row), "hub_id": hub_id,
+                "device_id": row.device_id, "subject": subject, "epoch": row.epoch, "seq": row.seq,
+                "received_at": received, "cose": base64.b64encode(row.raw).decode()}
     f = row.frame
     if f is None:
         raise RemoteProtocolError("stored frame %s has no samples to forward" % idempotency_key(row), "missing")

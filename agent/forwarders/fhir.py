@@ -33,6 +33,7 @@ literal reference given at provisioning, which must exist on the server.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import uuid
@@ -53,6 +54,9 @@ DEVICE_SYSTEM = "urn:pulsebridge:device"
 HUB_SYSTEM = "urn:pulsebridge:hub"
 # The patient's identifier system when provisioning gave a bare identifier.
 PATIENT_SYSTEM = "urn:pulsebridge:patient"
+# The board's message as it came (base64 COSE_Mac0), on every frame's and
+# origin checkpoint's Observation: what `pulsebridge verify-origin` checks.
+COSE_EXTENSION = "urn:pulsebridge:extension:cose"
 _LITERAL = re.compile(r"^(Patient|Group)/[A-Za-z0-9\-.]{1,64}$")
 # MDC codes (ISO/IEEE 11073-10101) for the waveforms.
 CODES = {
@@ -156,6 +160,10 @@ def observation(doc: dict[str, Any], hub_id: str, frame: FrameRecord | None = No
         obs["effectiveDateTime"] = doc["at"]
         obs["valueString"] = doc["state"]
         return obs
+    if doc["type"] == "origin_checkpoint":
+        obs["code"] = {"text": "pulsebridge origin checkpoint"}
+        obs["extension"] = [{"url": COSE_EXTENSION, "valueBase64Binary": doc["cose"]}]
+        return obs
     if doc["type"] == "gap":
         obs["code"] = {"text": "pulsebridge data gap"}
         obs["dataAbsentReason"] = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",
@@ -170,6 +178,7 @@ def observation(doc: dict[str, Any], hub_id: str, frame: FrameRecord | None = No
     # before the first time sync: doc["time_source"]), and the window's end.
     start, _ = frame.start_utc_s()
     obs["effectivePeriod"] = {"start": iso_ms(start), "end": iso_ms(start + frame.duration_s)}
+    obs["extension"] = [{"url": COSE_EXTENSION, "valueBase64Binary": base64.b64encode(frame.raw).decode()}]
     chans = dict(zip(frame.channel_names, frame.channels))
     if frame.stream_name == "ppg":
         obs["component"] = [

@@ -62,7 +62,8 @@ class MqttConfig(BackendConfig):
 
 
 def topic(prefix: str, hub_id: str, doc: dict[str, object]) -> str:
-    leaf = {"gap": "gap", "vital": "vitals", "alert": "alerts"}.get(str(doc["type"])) or str(doc["stream"])
+    leaves = {"gap": "gap", "vital": "vitals", "alert": "alerts", "origin_checkpoint": "origin"}
+    leaf = leaves.get(str(doc["type"])) or str(doc["stream"])
     return "%s/%s/%s/%s" % (prefix, hub_id, doc["device_id"], leaf)
 
 

@@ -35,7 +35,7 @@ from agent.errors import PulsebridgeError
 from agent.provision import build
 from agent.provision.build import default_cache
 from agent.provision.rawrepl import RawRepl, ReplError
-from agent.registry import Registry, RegistryError
+from agent.registry import Registry, RegistryError, write_private
 from agent.session import verify_for
 
 STEPS = ["identify", "install firmware", "make key", "write key and configuration", "register", "self-test"]
@@ -134,6 +134,8 @@ class Provisioner:
         self.out = out
         self.confirm = confirm or (lambda q: False)
         self.flash_offset = 0x1000
+        # Where the board's origin key goes for the backend (never the hub's data): a file per board.
+        self.origin_key_dir = Path.cwd()
 
     def run(self, device_id: str | None = None, label: str = "", patient: str = "", dry_run: bool = False,
             flash: Path | None = None, self_test_s: float = 6.0, link: str = "serial") -> Result:
@@ -196,12 +198,25 @@ class Provisioner:
             # 3. key
             self._step(res, 2)
             key = secrets.token_bytes(32)
+            # The origin key (SPEC.md, Origin proof): for the board and the
+            # backend only. Handed over first: a board whose backend cannot
+            # have its key would stream unprovable frames.
+            origin_key = secrets.token_bytes(32)
+            origin_file = self.origin_key_dir / ("%s.origin.json" % device_id)
+            try:
+                write_private(origin_file, json.dumps({"device_id": device_id,
+                                                       "origin_key": origin_key.hex()}).encode())
+            except OSError as e:
+                raise ProvisionError(STEPS[2], "cannot write the origin key to %s: %s" % (origin_file, e)) from None
+            self.out("      origin key for the backend in %s (mode 0600): move it to the backend "
+                     "(pulsebridge verify-origin --key); the hub keeps no copy" % origin_file)
             res.steps.append((STEPS[2], "ok"))
             # 4. write key (under a temporary name) and configuration
             self._step(res, 3)
             config = {"device_id": device_id, "link": link}
             repl.put("pulsebridge/config.json", json.dumps(config).encode())
             repl.put("pulsebridge/device.key.new", key)
+            repl.put("pulsebridge/origin.key", origin_key)
             repl.remove("pulsebridge/bonds.bin")  # phones paired for the board's former use are forgotten
             res.steps.append((STEPS[3], "ok"))
             # 5. register, then put the key in place

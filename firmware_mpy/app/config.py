@@ -22,6 +22,7 @@ DEFAULTS = {
     "outbox_frames": 48,
     "retransmit_ms": 3000,
     "status_every_ms": 10000,
+    "origin_every_ms": 10000,  # an origin checkpoint at least this often (app/origin.py)
     "poll_ms": 10,
     "ecg": {"chip": "max30003", "rate_hz": 512, "gain": 20},
     "ppg": {"chip": "max30102", "rate_hz": 100, "pulse_width_us": 411, "adc_range_na": 16384,

@@ -10,7 +10,7 @@ import gc
 
 from micropython import const
 
-from app import acks, config, faults, ticks
+from app import acks, config, faults, origin, ticks
 from app.outbox import Outbox
 from app.sampler import Stream
 from protocols import cbor, cipher, cose, messages
@@ -77,6 +77,10 @@ class App:
         # stored, so a lost or restored epoch file cannot bring a counter
         # block back (protocols/cipher.py).
         self.sealer = cipher.SampleCipher(key, board.random_bytes(cipher.BOOT_SALT_SIZE))
+        # Origin proof (app/origin.py): only with an origin key from provisioning.
+        okey = origin.load_key()
+        self.origin = None if okey is None else origin.OriginLog(okey, kid, key, self.sealer.boot_salt,
+                                                                 cfg["origin_every_ms"], now)
         # The board's own rough vitals, for the standard BLE services only.
         self.hr = None
         self.ox = None
@@ -153,7 +157,10 @@ class App:
         messages.encode_sample_frame(w, self.epoch, seq, st.stream_id, st.t0_ms(), st.first_index,
                                      st.rate_hz, count, num, den, drive, flags, st.pending_lost,
                                      self.outbox.dropped, jitter, st.chans, self.sealer)
+        n = w.pos - start
         self.up.seal_written(w, start, base)
+        if self.origin is not None:  # the payload ends where the tag's bstr (2 + 32 bytes) begins
+            self.origin.add(seq, w.buf, w.pos - cose.TAG_SIZE - 2 - n, n)
         self.outbox.commit(seq, w.pos - base)
         if st.stream_id == messages.STREAM_PPG_MAX30102:
             if self.ox is not None:
@@ -230,6 +237,8 @@ class App:
         self.epoch = epoch
         self.seq = 0
         self.reseal_due = True  # the outbox's frames, one a loop (step())
+        if self.origin is not None:
+            self.origin.forget()  # each is listed again as it is re-sealed
         self._reseal_oom = False
         self.board.console("pulsebridge: boot epoch %d refused by the hub (newest %d): now %d" % (old, m.newest_epoch,
                                                                                               epoch))
@@ -255,9 +264,15 @@ class App:
         # sample bytes (encoded, not decoded) decrypted and encrypted again
         # under this boot's key with the new counter blocks, the MAC made
         # again. Allocates (a rare path).
-        f = messages.decode_payload(cose.parse(sealed).payload, (messages.T_SAMPLES,), decode_samples=False,
-                                    opener=self.sealer)
-        if not isinstance(f, messages.SampleFrame):  # the outbox holds only sample frames
+        f = messages.decode_payload(cose.parse(sealed).payload, (messages.T_SAMPLES, messages.T_ORIGIN),
+                                    decode_samples=False, opener=self.sealer)
+        if isinstance(f, messages.OriginCheckpoint):  # the same checkpoint in a message of this epoch
+            if f.epoch == self.epoch:
+                return None  # re-sealed already
+            f.epoch = self.epoch
+            f.seq = self._seq()
+            return f.seq, self.up.seal(messages.encoded(f, len(f.checkpoint) + 32))
+        if not isinstance(f, messages.SampleFrame):  # the outbox holds sample frames and checkpoints only
             raise ValueError("outbox frame of type %d" % f.kind)
         if f.epoch == self.epoch:
             return None  # re-sealed already
@@ -266,6 +281,8 @@ class App:
         f.seq = self._seq()
         w = cbor.Writer(bytearray(len(sealed) + 16))  # the same samples: its header's integers may grow
         messages.encode(w, f, self.sealer)
+        if self.origin is not None:
+            self.origin.add(f.seq, w.buf, 0, w.pos)
         return f.seq, self.up.seal(memoryview(w.buf)[:w.pos])
 
     def _any_ready(self):
@@ -325,6 +342,18 @@ class App:
             if self.link.connected:
                 self.status(up)
         self._report_faults()
+        if self.origin is not None and self.origin.due(now):
+            self._checkpoint(self.origin, now)
+
+    def _checkpoint(self, log, now):
+        # The frames listed since the last one, MACed under the origin key,
+        # into the outbox like a frame: resent until the hub acknowledges it.
+        seq = self._seq()
+        w = self._frame_writer
+        base = self.outbox.reserve(origin.WORST_BYTES)
+        w.end = base + origin.WORST_BYTES
+        log.checkpoint_into(w, base, self.up, self.epoch, seq, now)
+        self.outbox.commit(seq, w.pos - base)
 
     # ---- faults (app/faults.py): each handled here, reported, never fatal ----
     def _poll_stream(self, k, now, poll_ms):

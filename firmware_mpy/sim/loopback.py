@@ -50,7 +50,7 @@ class LoopbackLink:
             self.received.append(r)
         if self.on_receive is not None:
             self.on_receive(r)
-        if self.ack_enabled and r.verdict in (hub.ACCEPTED, hub.DUPLICATE) and r.message.kind == 1:
+        if self.ack_enabled and r.verdict in (hub.ACCEPTED, hub.DUPLICATE) and r.message.kind in (1, 10):
             self.inbox.extend(self.hub.ack(self.device_id, r.message.epoch, [r.message.seq]))
         if r.reply is not None:  # an epoch resync
             self.inbox.append(r.reply)

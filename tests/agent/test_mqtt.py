@@ -117,15 +117,15 @@ def test_frames_arrive_on_documented_topics_with_idempotency_keys(micropython: s
             assert topic.startswith("pulsebridge/test-hub/") and dev == doc["device_id"]
             # the patient given at provisioning, on every document, vitals and alerts included
             assert doc["subject"] == ("Patient/p-1" if dev == sims[0].device_id else None), doc
-            if doc["type"] != "samples":  # the hub's own vitals and alerts
-                assert leaf == {"vital": "vitals", "alert": "alerts"}[str(doc["type"])]
+            if doc["type"] != "samples":  # the hub's own vitals and alerts; the boards' origin checkpoints
+                assert leaf == {"vital": "vitals", "alert": "alerts", "origin_checkpoint": "origin"}[str(doc["type"])]
                 continue
             assert leaf == doc["stream"]
             assert doc["idempotency_key"] == "%s:%d:%d" % (doc["device_id"], doc["epoch"], doc["seq"])
             assert doc["cose"] and doc["channels"]
             keys.add(doc["idempotency_key"])
         assert stored <= keys, sorted(stored - keys)[:5]  # every stored frame was published and PUBACKed
-        assert {"ecg", "ppg"} <= leaves and leaves <= {"ecg", "ppg", "vitals", "alerts"}
+        assert {"ecg", "ppg"} <= leaves and leaves <= {"ecg", "ppg", "vitals", "alerts", "origin"}
     finally:
         for s in sims:
             s.stop()

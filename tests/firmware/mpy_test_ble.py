@@ -34,7 +34,7 @@ class Central:
                 continue
             r = self.hub.receive(ev.data)
             self.results.append(r)
-            if self.acking and r.verdict != hub.REJECTED and r.message.kind == messages.T_SAMPLES:
+            if self.acking and r.verdict != hub.REJECTED and r.message.kind in (messages.T_SAMPLES, messages.T_ORIGIN):
                 for a in self.hub.ack(self.device_id, r.message.epoch, [r.message.seq]):
                     self.radio.write(hub_link.downlink_line(a))
 

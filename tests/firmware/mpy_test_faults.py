@@ -367,7 +367,7 @@ class _StalledUsbCdc:
             if isinstance(ev, link.Frame):
                 r = self.hub.receive(ev.data)
                 self.received.append(r)
-                if r.verdict != hub.REJECTED and r.message.kind == messages.T_SAMPLES:
+                if r.verdict != hub.REJECTED and r.message.kind in (messages.T_SAMPLES, messages.T_ORIGIN):
                     for a in self.hub.ack(self.device_id, r.message.epoch, [r.message.seq]):
                         self.host_in.buf += hub_link.downlink_line(a)
 

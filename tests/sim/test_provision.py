@@ -1,5 +1,6 @@
 # Provisioning for real against a blank simulated board: bare MicroPython
 # on a pty, driven through its raw REPL as a technician's tool drives a board.
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -39,8 +40,10 @@ def test_provision_a_blank_board_then_refuse_to_rekey_silently(micropython: str,
         flash.mkdir()  # phones paired while the board served someone else
         (flash / "bonds.bin").write_bytes(b"PBB1" + bytes(9))
 
+        handed = tmp_path / "for-backend"
+        handed.mkdir()
         r = _cli("provision", "--config", str(cfg), "--port", board.port, "--device-id", "pb-prov01",
-                 "--label", "chambre 3", "--self-test-seconds", "5")
+                 "--label", "chambre 3", "--self-test-seconds", "5", "--origin-key-out", str(handed))
         assert r.returncode == 0, r.stdout + r.stderr
         assert "PASS pb-prov01" in r.stdout and "label: PB1:pb-prov01:" in r.stdout
         assert "MAX30003 INFO 0x5" in r.stdout and "MAX30102 PART_ID 0x15" in r.stdout
@@ -50,6 +53,14 @@ def test_provision_a_blank_board_then_refuse_to_rekey_silently(micropython: str,
         assert dev is not None and dev.label == "chambre 3"
         assert (flash / "device.key").read_bytes() == dev.key  # the same fresh key on both sides
         assert not (flash / "device.key.new").exists()
+        # The origin key: on the board and in the operator's file (0600), nowhere in the hub's data.
+        origin_file = handed / "pb-prov01.origin.json"
+        assert origin_file.stat().st_mode & 0o777 == 0o600
+        origin_key = bytes.fromhex(json.loads(origin_file.read_text())["origin_key"])
+        assert (flash / "origin.key").read_bytes() == origin_key != dev.key
+        for f in (tmp_path / "data").rglob("*"):
+            if f.is_file():
+                assert origin_key not in f.read_bytes() and origin_key.hex().encode() not in f.read_bytes(), f
         assert (tmp_path / "board" / "app" / "main.mpy").exists()
         key_before = dev.key
         reg.close()

@@ -23,6 +23,8 @@ from agent.registry import write_private
 class BoardSpec:
     device_id: str
     key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    # The origin key (protocols/origin.py): board and backend only; None: a board provisioned without one.
+    origin_key: bytes | None = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     ecg: str | None = "max30003"  # "max30003", "ad8232" or None
     ppg: bool = True
     link: str = "serial"
@@ -70,6 +72,8 @@ def prepare(spec: BoardSpec, directory: Path, cache: Path) -> Path:
         (flash / "config.json").write_text(json.dumps(spec.board_config(), indent=1))
         if spec.key_on_board:
             write_private(flash / "device.key", spec.key)
+        if spec.origin_key is not None:
+            write_private(flash / "origin.key", spec.origin_key)
     sim: dict[str, object] = {
         "ppm": spec.ppm, "lead_off": spec.lead_off, "finger_off": spec.finger_off,
         "virtual_clock": spec.virtual_clock, "seed": spec.seed, "board_speed": spec.board_speed,

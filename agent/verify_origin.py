@@ -1,0 +1,163 @@
+"""`pulsebridge verify-origin`: what a backend received, checked against the
+boards' origin checkpoints (protocols/origin.py) with the origin keys only.
+
+Inputs, each a file: a capture of raw COSE messages as the boards sent them,
+concatenated (`pulsebridge sim --capture`, or a backend keeping the raw
+COSE); or JSON from the forwarders: one document, a list of them, JSON
+Lines (MQTT, webhook), or FHIR Bundles / Observations (the COSE in their
+`urn:pulsebridge:extension:cose` extension). The decoded samples of a
+document are compared with the board's own, decrypted with the boot key its
+checkpoint carries.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from agent.forwarders.fhir import COSE_EXTENSION
+from protocols import cbor, origin
+from protocols.errors import ProtocolError
+
+# A capture or document file larger than this is refused (read whole into memory).
+MAX_INPUT_BYTES = 1 << 30
+KEY_BYTES = 32
+
+
+class InputError(Exception):
+    """An input or key file that cannot be read; says which and why."""
+
+
+def load_keys(paths: list[Path]) -> dict[str, bytes]:
+    """Origin keys from files: {"<device id>": "<hex>", ...} (a simulator's origin_keys.json) or
+    {"device_id": ..., "origin_key": "<hex>"} (what provisioning hands the operator)."""
+    keys: dict[str, bytes] = {}
+    for p in paths:
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise InputError("%s: not a readable JSON key file (%s)" % (p, e)) from None
+        if not isinstance(data, dict):
+            raise InputError("%s: a key file holds a JSON object" % p)
+        pairs = [(data.get("device_id"), data.get("origin_key"))] if "origin_key" in data else list(data.items())
+        for dev, hexkey in pairs:
+            try:
+                key = bytes.fromhex(str(hexkey))
+            except ValueError:
+                key = b""
+            if not isinstance(dev, str) or len(key) != KEY_BYTES:
+                raise InputError("%s: the origin key of %r is not %d bytes of hex" % (p, dev, KEY_BYTES))
+            keys[dev] = key
+    return keys
+
+
+def _raw_messages(data: bytes, where: str) -> Iterator[tuple[bytes, list[list[int]] | None, str]]:
+    pos = 0
+    n = 0
+    while pos < len(data):
+        try:
+            _item, end = cbor.decode_prefix(data, pos, (17,))
+        except ProtocolError as e:
+            raise InputError("%s: not CBOR at byte %d (%s)" % (where, pos, e)) from None
+        n += 1
+        yield data[pos:end], None, "%s#%d" % (where, n)
+        pos = end
+
+
+def _b64(text: Any, where: str) -> bytes:
+    try:
+        return base64.b64decode(str(text), validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("%s: 'cose' is not base64" % where) from None
+
+
+def _ints(text: Any) -> list[int]:
+    return [int(v) for v in str(text).split()]
+
+
+def _from_json(obj: Any, where: str) -> Iterator[tuple[bytes, list[list[int]] | None, str]]:
+    if isinstance(obj, list):
+        for i, o in enumerate(obj):
+            yield from _from_json(o, "%s[%d]" % (where, i))
+        return
+    if not isinstance(obj, dict):
+        return
+    if obj.get("resourceType") == "Bundle":
+        for i, e in enumerate(obj.get("entry") or []):
+            if isinstance(e, dict):
+                yield from _from_json(e.get("resource"), "%s entry %d" % (where, i))
+        return
+    if obj.get("resourceType") == "Observation":
+        raw = next((x.get("valueBase64Binary") for x in obj.get("extension") or []
+                    if isinstance(x, dict) and x.get("url") == COSE_EXTENSION), None)
+        if raw is None:
+            return  # a vital, an alert, a gap: made by the hub, outside the proof
+        chans: list[list[int]] | None = None
+        try:
+            if "valueSampledData" in obj:
+                chans = [_ints(obj["valueSampledData"]["data"])]
+            elif obj.get("component"):
+                chans = [_ints(c["valueSampledData"]["data"]) for c in obj["component"]]
+        except (KeyError, TypeError, ValueError):
+            raise InputError("%s: an Observation's sampled data is not a list of integers" % where) from None
+        yield _b64(raw, where), chans, where
+        return
+    kind = obj.get("type")
+    if kind == "samples" and "cose" in obj:
+        ch = obj.get("channels")
+        yield _b64(obj["cose"], where), list(ch.values()) if isinstance(ch, dict) else None, where
+    elif kind == "origin_checkpoint" and "cose" in obj:
+        yield _b64(obj["cose"], where), None, where
+
+
+def read_inputs(paths: list[Path]) -> Iterator[tuple[bytes, list[list[int]] | None, str]]:
+    """(raw COSE, decoded samples a document claims or None, where it came from) for each message."""
+    for p in paths:
+        try:
+            if p.stat().st_size > MAX_INPUT_BYTES:
+                raise InputError("%s: larger than %d bytes" % (p, MAX_INPUT_BYTES))
+            data = p.read_bytes()
+        except OSError as e:
+            raise InputError("%s: %s" % (p, e.strerror or e)) from None
+        head = data.lstrip()[:1]
+        if head in (b"{", b"["):
+            try:
+                docs = [json.loads(data)]
+            except ValueError:
+                try:  # JSON Lines
+                    docs = [json.loads(line) for line in data.splitlines() if line.strip()]
+                except ValueError as e:
+                    raise InputError("%s: neither JSON nor JSON Lines (%s)" % (p, e)) from None
+            for d in docs:
+                yield from _from_json(d, p.name)
+        else:
+            yield from _raw_messages(data, p.name)
+
+
+def verify(inputs: list[Path], key_files: list[Path]) -> origin.Report:
+    v = origin.Verifier(load_keys(key_files))
+    for raw, claimed, where in read_inputs(inputs):
+        v.add(raw, claimed, where)
+    return v.report()
+
+
+def text(rep: origin.Report) -> str:
+    lines = ["%s: %d frames, %d proven, %d waiting for a checkpoint, %d altered, %d unproven"
+             % ("OK" if rep.ok else "NOT PROVEN", len(rep.frames), rep.count(origin.PROVEN), rep.count(origin.PENDING),
+                rep.count(origin.ALTERED), rep.count(origin.UNPROVEN))]
+    for f in rep.frames:
+        if f.verdict in (origin.ALTERED, origin.UNPROVEN):
+            lines.append("  %s %s epoch %d seq %d: %s" % (f.verdict.upper(), f.device_id, f.epoch, f.seq, f.why))
+    for g in rep.gaps():
+        ranges = ", ".join(str(a) if a == b else "%d-%d" % (a, b) for a, b in g["seq_ranges"])  # type: ignore[attr-defined]
+        lines.append("  MISSING %s epoch %s seq %s (listed by the board, not received)" % (g["device_id"], g["epoch"],
+                                                                                          ranges))
+    for dev, epoch, index in rep.missing_checkpoints:
+        lines.append("  MISSING CHECKPOINT %s epoch %d index %d" % (dev, epoch, index))
+    for p in rep.problems:
+        lines.append("  PROBLEM " + p)
+    return "\n".join(lines)
