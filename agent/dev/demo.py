@@ -3,24 +3,35 @@
 Simulated boards (the firmware under micropython, on ptys) stream to the
 agent over its serial transport; the agent verifies, stores and forwards to
 the embedded local backend over HTTPS (its own CA, verification on), which
-checks every frame end to end. Live progress each second; at the end, the
-boards are stopped (Ctrl-C, as a technician would), the agent drains its
-backlog, and the summary counts frames generated, acknowledged, forwarded
-and lost.
+checks every frame end to end. The status page is served on loopback with
+a one-time password (printed with its address). Live progress each second
+(agent/dev/demo_view.py: a live view in a terminal, plain lines otherwise);
+at the end, or at Ctrl-C, the boards are stopped (Ctrl-C on their consoles,
+as a technician would), the agent drains its backlog, and the summary
+counts frames generated, acknowledged, forwarded and lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import re
+import secrets
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any
 
+from rich.console import Console
+from rich.live import Live
+from rich.logging import RichHandler
+
 from agent.audit import AuditLog
 from agent.config import AgentConfig, BleConfig, SerialConfig
+from agent.dev import demo_view
 from agent.dev.local_backend import LocalBackend
 from agent.dev.sim.air import Air
 from agent.dev.sim.runner import SimulatedBoard
@@ -28,11 +39,13 @@ from agent.dev.simrun import SimOptions, board_specs, start_air
 from agent.dev.tlsgen import make_pki
 from agent.forwarders.webhook import WebhookConfig
 from agent.provision.build import default_cache
-from agent.registry import Registry
+from agent.registry import Registry, write_private
 from agent.supervisor import Agent
 
 _BUILT = re.compile(r"stopped after (\d+) frames built, (\d+) awaiting an ack, (\d+) dropped")
 DRAIN_TIMEOUT_S = 30.0
+# The status page's port, once the agent has it open, is awaited this long.
+PAGE_UP_S = 10.0
 
 
 def _frames_built(console: str) -> tuple[int, int, int] | None:
@@ -59,28 +72,53 @@ async def _run_demo(opts: SimOptions, out: IO[str], tmp: Path, air: Air | None) 
     sims = [SimulatedBoard(spec, tmp / "boards" / spec.device_id, default_cache()) for spec in specs]
     for sim in sims:
         await asyncio.to_thread(sim.start)
+    password = secrets.token_urlsafe(12)  # 16 characters, for this run only
+    write_private(tmp / "status.password", (password + "\n").encode())
     cfg = AgentConfig(hub_id="demo-hub", data_dir=tmp / "hub" / "data", log_dir=tmp / "hub" / "log",
                       run_dir=tmp / "hub" / "run",
                       serial=[] if air else [SerialConfig(port=s.port) for s in sims],
                       ble=BleConfig(air=str(air.central_path)) if air else None,
                       backends=[WebhookConfig(name="local", type="webhook",
-                                              url="https://127.0.0.1:%d/ingest" % port, ca_file=pki.ca_cert)])
+                                              url="https://127.0.0.1:%d/ingest" % port, ca_file=pki.ca_cert)],
+                      status_page_listen="127.0.0.1:0",
+                      status_page_password_file=None if opts.json else tmp / "status.password")
     registry = Registry(cfg.registry_path, AuditLog(cfg.audit_path))
     for spec in specs:
-        registry.add(spec.device_id, label="simulated board", key=spec.key, actor="demo")
+        registry.add(spec.device_id, label="simulated board %s" % spec.device_id[-2:], key=spec.key, actor="demo")
     registry.close()
     agent = Agent(cfg)
     stop = asyncio.Event()
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread: no Ctrl-C handling
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)  # Ctrl-C: stop, drain, then the summary
     task = asyncio.create_task(agent.run(stop), name="agent")
     t0 = time.monotonic()
+    footer = "Ctrl-C stops the boards, lets the hub forward what it holds, and prints the summary."
+    if not opts.json:
+        end = time.monotonic() + PAGE_UP_S
+        while not agent.status_page_port and time.monotonic() < end and not task.done():
+            await asyncio.sleep(0.05)
+        if agent.status_page_port:
+            footer = ("Status page: http://127.0.0.1:%d/ (user hub, password %s, for this run only). "
+                      % (agent.status_page_port, password)) + footer
+        print(footer, file=out)
+        out.flush()
+    tty = not opts.json and out.isatty()
     try:
-        while opts.seconds is None or time.monotonic() - t0 < opts.seconds:
-            await asyncio.sleep(1.0)
-            if task.done():
-                break
-            if not opts.json:
-                _progress(agent.snapshot(), backend.summary(), time.monotonic() - t0, out)
+        with _live(out, tty) as show:
+            while opts.seconds is None or time.monotonic() - t0 < opts.seconds:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await interrupted.wait()
+                if task.done() or interrupted.is_set():
+                    break
+                if not opts.json:
+                    show(agent, backend.summary(), time.monotonic() - t0, footer)
     finally:
+        if interrupted.is_set() and not opts.json:
+            print("Stopping: the boards, then what the hub still holds is forwarded (up to %.0f s)..."
+                  % DRAIN_TIMEOUT_S, file=out)
         consoles = []
         for sim in sims:
             await asyncio.to_thread(sim.stop)
@@ -96,6 +134,8 @@ async def _run_demo(opts: SimOptions, out: IO[str], tmp: Path, air: Air | None) 
         await task
         summary = backend.summary()
         await backend.stop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGINT)
     integrity = agent.store.integrity_check()
     result = _result(specs, consoles, snap, summary, integrity, time.monotonic() - t0)
     result["link"] = opts.link
@@ -129,25 +169,43 @@ def _air_figures(air: Air, agent: Agent, backend: dict[str, Any], elapsed: float
     return snap
 
 
-def _progress(snap: dict[str, Any], backend: dict[str, Any], t: float, out: IO[str]) -> None:
-    connected = sum(1 for b in snap["boards"] if b["state"] == "connected" and b["frames"])
-    stored = snap["store"]["ingested"]
-    fw = snap["backends"][0]
-    rejects = sum(snap["rejects"].values())
-    print("[%4.0fs] boards streaming %d/%d | frames verified+stored %5d | forwarded %5d | backlog %4d | "
-          "backend holds %5d | rejected %d" % (t, connected, len(snap["boards"]), stored, fw["forwarded"],
-                                               fw["backlog"], backend["frames"], rejects), file=out)
-    out.flush()
+@contextlib.contextmanager
+def _live(out: IO[str], tty: bool) -> Any:
+    """Yields show(agent, backend summary, elapsed s, footer): in a terminal a live view redrawn in
+    place (the agent's log lines printed above it), otherwise one plain line a second."""
+    if not tty:
+        def line(agent: Agent, backend: dict[str, Any], t: float, footer: str) -> None:
+            print(demo_view.plain_line(agent.snapshot(), backend, t), file=out)
+            out.flush()
+        yield line
+        return
+    console = Console(file=out)
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [RichHandler(console=console, show_path=False)]
+    try:
+        with Live(console=console, auto_refresh=False, redirect_stderr=False) as live:
+            def show(agent: Agent, backend: dict[str, Any], t: float, footer: str) -> None:
+                snap = agent.snapshot()
+                waves = {b["device_id"]: [float(x) for x in agent.waveform(b["device_id"], "ecg")["values"]]
+                         for b in snap["boards"] if b["device_id"]}
+                live.update(demo_view.live_view(snap, backend, waves, t, footer), refresh=True)
+            yield show
+    finally:
+        root.handlers = saved
 
 
 def _result(specs: list[Any], consoles: list[str], snap: dict[str, Any], backend: dict[str, Any], integrity: str,
             elapsed: float) -> dict[str, Any]:
     generated = unacked = dropped = 0
     boards = []
+    missing: list[str] = []
     for spec, console in zip(specs, consoles):
         built = _frames_built(console)
         if built is None:
-            print("board %s gave no stop summary; console: %s" % (spec.device_id, console[-400:]), file=sys.stderr)
+            missing.append(spec.device_id)
+            print("board %s gave no stop summary; its console ended: %s"
+                  % (spec.device_id, demo_view.printable(console[-400:])), file=sys.stderr)
             built = (0, 0, 0)
         generated += built[0]
         unacked += built[1]
@@ -172,7 +230,28 @@ def _result(specs: list[Any], consoles: list[str], snap: dict[str, Any], backend
         "vitals_at_backend": backend.get("vitals", {}),
         "alerts_at_backend": backend.get("alerts", 0),
         "store_integrity": integrity,
+        # Boards whose console gave no stop summary: frames_generated does not count theirs.
+        "boards_without_stop_summary": missing,
     }
+
+
+def summary_lines(r: dict[str, Any]) -> list[str]:
+    """The demo's result for a person: each count with what it means."""
+    vitals = sum(v["n"] for v in r["vitals_at_backend"].values())
+    lines = ["Summary after %.0f s with %d boards:" % (r["seconds"], len(r["boards"])),
+             "  %6d frames built by the boards" % r["frames_generated"],
+             "  %6d stored and acknowledged by the hub (verified, written to its disk, acknowledged to the board)"
+             % r["frames_acknowledged"],
+             "  %6d at the backend, checked end to end (the hub's %d vitals and %d alerts went too)"
+             % (r["frames_forwarded"], vitals, r["alerts_at_backend"]),
+             "  %6d still with the boards at the stop, unacknowledged (a board keeps them and sends them again)"
+             % r["frames_unacked_at_stop"],
+             "  %6d lost, %d refused; the hub's store: %s" % (r["frames_lost"], sum(r["rejects"].values()),
+                                                             r["store_integrity"])]
+    if r["boards_without_stop_summary"]:
+        lines.append("  frames built unknown for %s: no stop summary on its console"
+                     % ", ".join(r["boards_without_stop_summary"]))
+    return lines
 
 
 def main(opts: SimOptions, out: IO[str] = sys.stdout) -> dict[str, Any]:

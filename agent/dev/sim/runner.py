@@ -248,6 +248,10 @@ class SimulatedBoard:
                 except subprocess.TimeoutExpired:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                     self.proc.wait()
+        if self._thread is not None:
+            # The relay ends by itself once it has read the board's last output (its stop summary
+            # included): stopped before, under load (in tmux, 4 runs in 5), the summary was lost.
+            self._thread.join(2)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(2)

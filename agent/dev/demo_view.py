@@ -1,0 +1,104 @@
+"""What `pulsebridge-dev demo` shows while it runs.
+
+In a terminal: a live view drawn with rich (a well-kept library that
+redraws in place and measures the terminal, tmux included): each board's
+state, heart rate, SpO2 and pulse, its ECG trace as text, and the frame
+counts with what each means. Without a terminal (a pipe, a log file,
+CI): one short plain line a second. Only printable text reaches the screen.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+# Eight heights of a block: an ECG trace in one line of text.
+_BLOCKS = "▁▂▃▄▅▆▇█"
+TRACE_WIDTH = 72
+
+
+def trace(values: list[float], width: int = TRACE_WIDTH) -> str:
+    """values as one line of at most `width` block characters (the min-max of each slice, so R
+    peaks survive the downsampling); "" for fewer than 2 values."""
+    if len(values) < 2:
+        return ""
+    n = min(width, len(values))
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    out = []
+    for i in range(n):
+        part = values[i * len(values) // n:(i + 1) * len(values) // n] or values[-1:]
+        # The slice's value farthest from the trace's middle: peaks and troughs stay visible.
+        mid = (lo + hi) / 2
+        v = max(part, key=lambda x: abs(x - mid))
+        out.append(_BLOCKS[min(len(_BLOCKS) - 1, int((v - lo) / span * len(_BLOCKS)))])
+    return "".join(out)
+
+
+def _vital(snap: dict[str, Any], dev: str, kind: str, unit: str) -> str:
+    v = snap.get("last_vitals", {}).get(dev, {}).get(kind)
+    return "%.0f %s" % (v["value"], unit) if v else "-"
+
+
+def _age(at: float | None, now: float) -> str:
+    return "never" if not at else "%.0f s ago" % max(0.0, now - at)
+
+
+def counts(snap: dict[str, Any], backend: dict[str, Any]) -> list[tuple[str, int, str]]:
+    """The frame counts, each with what it means: (name, value, meaning)."""
+    fw = snap["backends"][0] if snap["backends"] else {"forwarded": 0, "backlog": 0}
+    vitals = sum(v["n"] for v in backend.get("vitals", {}).values())
+    return [
+        ("stored and acknowledged", snap["store"]["ingested"],
+         "verified, on the hub's disk, acknowledged: the board may forget them"),
+        ("forwarded", fw["forwarded"], "confirmed by the backend: frames plus the hub's vitals and alerts"),
+        ("at the backend", backend.get("frames", 0),
+         "frames checked end to end there; with %d vitals, %d alerts" % (vitals, backend.get("alerts", 0))),
+        ("backlog", fw["backlog"], "stored, waiting to be forwarded"),
+        ("refused", sum(snap["rejects"].values()), "not authentic or damaged: not stored"),
+    ]
+
+
+def live_view(snap: dict[str, Any], backend: dict[str, Any], waves: dict[str, list[float]], elapsed_s: float,
+              footer: str) -> RenderableType:
+    """The live view: a table of boards, their ECG traces, the counts; footer under them."""
+    now = time.time()
+    boards = Table(title="pulsebridge demo: %d simulated boards, %.0f s" % (len(snap["boards"]), elapsed_s),
+                   title_justify="left", expand=False)
+    for col in ("board", "state", "heart rate", "SpO2", "pulse", "frames stored", "last frame"):
+        boards.add_column(col, justify="right" if col in ("heart rate", "SpO2", "pulse", "frames stored") else "left")
+    for b in snap["boards"]:
+        dev = b["device_id"] or b["port"]
+        state = Text(b["state"], style="green" if b["state"] == "connected" else "yellow")
+        boards.add_row(dev, state, _vital(snap, dev, "heart_rate", "/min"), _vital(snap, dev, "spo2", "%"),
+                       _vital(snap, dev, "pulse_rate", "/min"), str(b["frames"]), _age(b["last_frame_at"], now))
+    traces = Table.grid(padding=(0, 1))
+    for dev, values in waves.items():
+        line = trace(values)
+        traces.add_row(Text(dev, style="bold"), Text(line or "(no ECG yet)", style="red" if line else "dim"))
+    numbers = Table.grid(padding=(0, 2))
+    for name, value, meaning in counts(snap, backend):
+        numbers.add_row(Text(name, style="bold"), Text(str(value), justify="right"), Text(meaning, style="dim"))
+    return Group(boards, Panel(traces, title="ECG, last 4 s", title_align="left"),
+                 Panel(numbers, title="frames", title_align="left"), Text(footer))
+
+
+def plain_line(snap: dict[str, Any], backend: dict[str, Any], elapsed_s: float) -> str:
+    """One short line (under 100 characters with up to a few boards) for a pipe or a log."""
+    streaming = sum(1 for b in snap["boards"] if b["state"] == "connected" and b["frames"])
+    c = {name: value for name, value, _ in counts(snap, backend)}
+    hr = " ".join(_vital(snap, b["device_id"], "heart_rate", "/min").replace(" ", "")
+                  for b in snap["boards"] if b["device_id"])
+    return "[%4.0fs] boards %d/%d streaming | stored+acked %d | forwarded %d | backlog %d | HR %s" % (
+        elapsed_s, streaming, len(snap["boards"]), c["stored and acknowledged"], c["forwarded"], c["backlog"], hr)
+
+
+def printable(text: str) -> str:
+    """text with anything but printable ASCII, newline and tab shown as '.' (a board's console
+    carries binary frames: never raw on a terminal)."""
+    return "".join(ch if (" " <= ch <= "~") or ch in "\n\t" else "." for ch in text)
