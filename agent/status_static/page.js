@@ -76,7 +76,11 @@ function renderStatus(lost) {
   const what = level + "|" + items.map(i => i.key || i.text).join("|");
   if (what !== announced) {
     announced = what;
-    $("announce").textContent = head + ". " + items.filter(i => i.level !== "info").map(i => i.text).join(" ");
+    // Alerts (and a hub that stopped answering) interrupt a screen reader; the rest waits its turn.
+    const urgent = items.filter(i => i.level === "alert").map(i => i.text).join(" ");
+    $("announce-alert").textContent = urgent;
+    $("announce").textContent = urgent ? "" : head + ". " + items.filter(i => i.level !== "info")
+      .map(i => i.text).join(" ");
   }
 }
 

@@ -281,7 +281,12 @@ def test_status_page_states_in_chromium(micropython: str, tmp_path: Path) -> Non
                         await page.goto(furl)
                         want = "level-alert" if name == "alert" else "level-attention"
                         await _until_page(page, lambda pg, w=want: _has_class(pg, w), 30, want)
+                        if name == "silent":  # the technician's details open too
+                            await page.click("summary")
                         await shoot(page, "%s-%s-%s" % (name, loc[:2], vp))
+                        found[name + "-announced-" + loc[:2] + vp] = " / ".join([
+                            (await page.text_content("#announce-alert")) or "",
+                            (await page.text_content("#announce")) or ""])
                     if name == "alert":
                         await page_server.stop()  # the hub stops answering the open pages
                         for (loc, vp), page in pages.items():
@@ -307,7 +312,11 @@ def test_status_page_states_in_chromium(micropython: str, tmp_path: Path) -> Non
     assert "Chambre de Marie : oxygène bas, 85 % (alerte en dessous de 90 %)." in fr, fr
     assert "Chambre de Marie: low oxygen, 85 % (alert below 90 %)." in en, en
     assert "alerte en dessous de 90 %" in fr and "alert below 90 %" in en
+    assert "oxygène bas, 85" in found["alert-announced-frphone"].split(" / ")[0], found  # role=alert
+    assert "aucune mesure depuis" in found["silent-announced-frphone"].split(" / ")[1], found  # polite
     fr, en = found["silent-fr-phone"], found["silent-en-phone"]
+    assert "Envoi vers « hopital » : 3 400 en attente, 51 234 envoyées" in fr, fr  # the details
+    assert "Sending to “hopital”: 3,400 waiting, 51,234 sent — ConnectionRefusedError" in en, en
     assert "Chambre de Marie : aucune mesure depuis 1 min." in fr, fr
     assert "Il est branché, mais rien ne passe" in fr, fr
     assert "Readings have not reached “hopital” since" in en and "(15 min ago). 3,400 are waiting" in en, en
