@@ -1,4 +1,12 @@
-"""`pulsebridge bench vitals`: R-peak detection accuracy on MIT-BIH record 100.
+"""`pulsebridge-dev bench vitals`: the vitals against references, and their CPU cost.
+
+- R-peak detection accuracy on MIT-BIH record 100 (below).
+- SpO2 on PPG synthesised through the calibration curve (spo2_error), and on real
+  desaturations (desaturation: the spo2-camera set beside the repository, leave one subject
+  out: a sensor type's calibration made on five subjects, scored on the sixth).
+- Pulse rate on real PPG (the camera set against its oximeters; a103l against its ECG) with
+  the share of harmonic errors (a third, half, twice or three times the true rate).
+- The vitals engine's CPU time per board-second.
 
 Our streaming detector (agent/vitals/rpeak.py) and an established one,
 wfdb's XQRS, run side by side in the same run on the same signal, scored
@@ -10,7 +18,10 @@ sends it.
 
 from __future__ import annotations
 
+import csv
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +70,9 @@ def run() -> dict[str, Any]:
     xq2 = wp.xqrs_detect(sig2, fs=fs2, verbose=False)
     out["wfdb_xqrs_512hz"] = _score(ref2, np.array(xq2), fs2, sig2)
     out["spo2"] = spo2_error()
+    out["desaturation"] = desaturation()
+    out["pulse_rate_a103l"] = pulse_rate_a103l()
+    out["vitals_cpu"] = vitals_cpu()
     return out
 
 
@@ -81,6 +95,44 @@ def report(r: dict[str, Any]) -> list[str]:
             lines.append("  noise %.2f %% of DC: mean |error| %.2f %%, RMS %.2f %%, max %.2f %%; withheld %d of %d" % (
                 c["noise_pct_of_dc"], c["mean_abs_error_pct"], c["rms_error_pct"], c["max_abs_error_pct"],
                 c["withheld"], c["estimates"]))
+    lines += _report_real(r)
+    return lines
+
+
+def _report_real(r: dict[str, Any]) -> list[str]:
+    lines = []
+    d = r.get("desaturation") or {}
+    if "missing" in d:
+        lines.append("SpO2 on real desaturations: the set is not at %s (set $%s)" % (d["missing"], CAMERA_ENV))
+    elif d:
+        lines.append("SpO2 on real desaturations (spo2-camera: %d subjects x 2 hands, camera PPG, reference oximeters; "
+                     "%d estimates, 8 s windows, one a second), leave one subject out, gate withholding %d %% of the "
+                     "training windows" % (d["subjects"], d["estimates"], 100 * WITHHELD_GOAL))
+        for label, c in d["by_choice"].items():
+            dec = ", ".join("%s %s" % (k, v) for k, v in c["arms_by_decade_pct"].items())
+            lines.append("  %-20s (%s): Arms %s %% shown, %.1f %% withheld; per decade: %s" % (
+                label, ", ".join(c["pairs_chosen"]), c["arms_shown_pct"], 100 * c["withheld_fraction"], dec))
+            lines.append("  %-20s  Arms by quality: best half %s %%, worst half %s %%, withheld %s %%; "
+                         "SpO2 < 90 %%: sensitivity %.1f %%, specificity %.1f %%" % (
+                             "", c["arms_best_quality_half_pct"], c["arms_worst_quality_half_pct"],
+                             c["arms_withheld_pct"], 100 * (c["below_90_sensitivity"] or 0),
+                             100 * (c["below_90_specificity"] or 0)))
+        p = d["pulse_rate"]
+        lines.append("Pulse rate on real PPG, spo2-camera vs the oximeters: %.1f %% shown, MAE %s /min, RMS %s /min, "
+                     "harmonic errors %d (share %.2f %%)" % (100 * p["shown_fraction"], p["mean_abs_error_bpm"],
+                                                             p["rms_error_bpm"], p["harmonic_errors"],
+                                                             100 * (p["harmonic_share"] or 0)))
+    a = r.get("pulse_rate_a103l")
+    if a:
+        lines.append("Pulse rate on real PPG, a103l PLETH vs its ECG (~128 /min): %.1f %% shown, MAE %s /min, RMS %s "
+                     "/min, harmonic errors %d (share %.2f %%)" % (100 * a["shown_fraction"], a["mean_abs_error_bpm"],
+                                                                 a["rms_error_bpm"], a["harmonic_errors"],
+                                                                 100 * (a["harmonic_share"] or 0)))
+    c = r.get("vitals_cpu")
+    if c:
+        lines.append("Vitals CPU (one board: ECG 512 Hz + PPG 100 Hz, 1 s frames, %d s): %.3f ms per board-second; "
+                     "20 boards: %.2f %% of one core" % (c["board_seconds"], c["cpu_ms_per_board_second"],
+                                                          c["core_pct_for_20_boards"]))
     return lines
 
 
@@ -121,3 +173,228 @@ def spo2_error() -> dict[str, Any]:
                              "rms_error_pct": float(np.sqrt(np.mean(e ** 2))) if errs else None,
                              "max_abs_error_pct": float(np.max(np.abs(e))) if errs else None})
     return out
+
+
+# --- SpO2 and pulse rate on real desaturations (../shared/data/spo2-camera, see its README) ---
+
+CAMERA_ENV = "PULSEBRIDGE_SPO2_CAMERA"
+CAMERA_FS = 30  # frames/s
+CAMERA_PAIRS = {"red/blue": (0, 2), "red/green": (0, 1), "green/blue": (1, 2)}  # (first, second) of R,G,B
+REFERENCE_OXIMETERS = ("2", "4", "5")  # Nellcor N-600X x2, Masimo Radical-7 (column 3 is unfilled, 1 an older one)
+WITHHELD_GOAL = 0.20  # the share of estimates a sensor type's gate may withhold
+DECADES = ((70.0, 80.0), (80.0, 90.0), (90.0, 100.01))
+HARMONICS = (1 / 3, 1 / 2, 2.0, 3.0)  # an estimate at one of these times the truth is a harmonic error
+
+
+def camera_dir() -> Path:
+    """``$PULSEBRIDGE_SPO2_CAMERA``, else ``shared/data/spo2-camera`` beside the repository."""
+    env = os.environ.get(CAMERA_ENV)
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data" / "spo2-camera"
+
+
+def _camera_recordings(folder: Path) -> list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(subject, hand, RGB frames (n, 3), reference SpO2 per second, reference pulse per second)."""
+    out = []
+    for gt in sorted((folder / "gt").glob("1*.csv")):
+        with open(gt, encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+        head = [h.strip() for h in rows[0]]
+        cols = [(head.index("SpO2 " + k), head.index("Pulse " + k)) for k in REFERENCE_OXIMETERS]
+        spo2, pulse = [], []
+        for row in rows[1:]:
+            s = [float(row[a]) for a, _ in cols if row[a].strip() and float(row[a]) > 0]
+            p = [float(row[b]) for _, b in cols if row[b].strip() and float(row[b]) > 0]
+            spo2.append(float(np.mean(s)) if s else np.nan)
+            pulse.append(float(np.median(p)) if p else np.nan)
+        for hand in ("Left", "Right"):
+            rgb = np.loadtxt(folder / "ppg-csv" / hand / gt.name, delimiter=",", skiprows=1)
+            out.append((gt.stem, hand, rgb, np.array(spo2), np.array(pulse)))
+    return out
+
+
+def _camera_windows(folder: Path) -> dict[str, Any]:
+    """The product's estimator on each recording, one 1 s frame at a time, for each channel
+    pair: per estimate (once the 8 s window is full, one a second) its ratio, quality, pulse
+    rate and the references over the same window."""
+    from agent.vitals.spo2 import WINDOW_S, OximetryEstimator
+
+    win = int(WINDOW_S)
+    cols: dict[str, list[Any]] = {"subject": [], "ref_spo2": [], "ref_pulse": []}
+    per_pair: dict[str, dict[str, list[float]]] = {p: {"ratio": [], "quality": []} for p in CAMERA_PAIRS}
+    pulse: dict[str, list[float]] = {"rate": [], "quality": []}
+    for subject, _hand, rgb, spo2, ref_pulse in _camera_recordings(folder):
+        seconds = min(len(spo2), len(rgb) // CAMERA_FS)
+        ests = {p: OximetryEstimator(CAMERA_FS) for p in CAMERA_PAIRS}
+        for k in range(seconds):
+            frame = rgb[k * CAMERA_FS:(k + 1) * CAMERA_FS]
+            for p, (a, b) in CAMERA_PAIRS.items():
+                ests[p].push(frame[:, a], frame[:, b])
+            if k + 1 < win or np.all(np.isnan(spo2[k + 1 - win:k + 1])):
+                continue
+            cols["subject"].append(subject)
+            cols["ref_spo2"].append(float(np.nanmean(spo2[k + 1 - win:k + 1])))
+            cols["ref_pulse"].append(float(np.nanmedian(ref_pulse[k + 1 - win:k + 1]))
+                                     if not np.all(np.isnan(ref_pulse[k + 1 - win:k + 1])) else np.nan)
+            for p in CAMERA_PAIRS:
+                r = ests[p].estimate()
+                per_pair[p]["ratio"].append(r.ratio if r.ratio is not None else np.nan)
+                per_pair[p]["quality"].append(r.quality)
+                if p == "red/blue":
+                    pulse["rate"].append(r.pulse_rate_bpm if r.pulse_rate_bpm is not None else np.nan)
+                    pulse["quality"].append(r.pulse_quality)
+    return {"subject": np.array(cols["subject"]), "ref_spo2": np.array(cols["ref_spo2"]),
+            "ref_pulse": np.array(cols["ref_pulse"]),
+            "pairs": {p: {k: np.array(v) for k, v in d.items()} for p, d in per_pair.items()},
+            "pulse": {k: np.array(v) for k, v in pulse.items()}}
+
+
+def _fit(ratio: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    # SpO2 = A - B * R, least squares.
+    slope, icept = np.polyfit(ratio, ref, 1)
+    return float(icept), float(-slope)
+
+
+def _calibrate(w: dict[str, Any], pair: str, train: np.ndarray) -> tuple[float, float, float, float]:
+    """A sensor type's calibration from the training subjects: the quality gate that
+    withholds WITHHELD_GOAL of their windows, and the line fitted on the rest.
+    Returns (A, B, gate, training Arms)."""
+    d = w["pairs"][pair]
+    ok = train & np.isfinite(d["ratio"])
+    gate = float(np.quantile(d["quality"][ok], WITHHELD_GOAL))
+    shown = ok & (d["quality"] >= gate)
+    a, b = _fit(d["ratio"][shown], w["ref_spo2"][shown])
+    arms = float(np.sqrt(np.mean((a - b * d["ratio"][shown] - w["ref_spo2"][shown]) ** 2)))
+    return a, b, gate, arms
+
+
+def _arms(e: np.ndarray) -> float | None:
+    return round(float(np.sqrt(np.mean(e ** 2))), 2) if len(e) else None
+
+
+def desaturation(pairs: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Leave one subject out: for each subject, the other five calibrate the sensor type
+    (channel pair, quality gate, line: _calibrate); the subject's own windows are then
+    estimated and scored against the reference oximeters. pairs: the channel pairs a
+    calibration may choose from (the one with the lowest training Arms is taken)."""
+    folder = camera_dir()
+    if not (folder / "gt").is_dir():
+        return {"missing": str(folder)}
+    w = _camera_windows(folder)
+    ref = w["ref_spo2"]
+    subjects = sorted(set(w["subject"].tolist()))
+    out: dict[str, Any] = {"subjects": len(subjects), "estimates": int(len(ref)), "by_choice": {}}
+    for label, choice in (("red/blue", ("red/blue",)), ("pair chosen per fold", pairs or tuple(CAMERA_PAIRS))):
+        est = np.full(len(ref), np.nan)
+        quality = np.zeros(len(ref))
+        shown = np.zeros(len(ref), dtype=bool)
+        chosen = []
+        for s in subjects:
+            test = w["subject"] == s
+            cals = {p: _calibrate(w, p, ~test) for p in choice}
+            pair = min(cals, key=lambda p: cals[p][3])
+            a, b, gate, _ = cals[pair]
+            chosen.append(pair)
+            d = w["pairs"][pair]
+            est[test] = np.clip(a - b * d["ratio"][test], 0.0, 100.0)
+            quality[test] = d["quality"][test]
+            shown[test] = np.isfinite(d["ratio"][test]) & (d["quality"][test] >= gate)
+        err = est - ref
+        e = err[shown]
+        q = quality[shown]
+        best = q >= np.median(q)
+        low_ref, low_est = ref < 90.0, est < 90.0
+        tp, fn = int(np.sum(shown & low_ref & low_est)), int(np.sum(shown & low_ref & ~low_est))
+        tn, fp = int(np.sum(shown & ~low_ref & ~low_est)), int(np.sum(shown & ~low_ref & low_est))
+        out["by_choice"][label] = {
+            "pairs_chosen": sorted(set(chosen)),
+            "arms_shown_pct": _arms(e),
+            "withheld_fraction": round(1.0 - float(shown.mean()), 3),
+            "arms_by_decade_pct": {"%d-%d" % (lo, min(hi, 100)): _arms(err[shown & (ref >= lo) & (ref < hi)])
+                                   for lo, hi in DECADES},
+            "arms_best_quality_half_pct": _arms(e[best]),
+            "arms_worst_quality_half_pct": _arms(e[~best]),
+            "arms_withheld_pct": _arms(err[~shown & np.isfinite(err)]),
+            "below_90_sensitivity": round(tp / (tp + fn), 3) if tp + fn else None,
+            "below_90_specificity": round(tn / (tn + fp), 3) if tn + fp else None,
+        }
+    # Pulse rate on the same real PPG (red/blue), against the oximeters' pulse rate.
+    pr, pref = w["pulse"]["rate"], w["ref_pulse"]
+    out["pulse_rate"] = _pulse_scores(pr, pref)
+    return out
+
+
+def _pulse_scores(rate: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    valid = np.isfinite(truth)
+    shown = valid & np.isfinite(rate)
+    e = rate[shown] - truth[shown]
+    ratio = rate[shown] / truth[shown]
+    harmonic = np.zeros(len(ratio), dtype=bool)
+    for m in HARMONICS:
+        harmonic |= np.abs(ratio - m) < 0.1 * m
+    return {"estimates": int(valid.sum()), "shown_fraction": round(float(shown.sum() / max(1, valid.sum())), 3),
+            "mean_abs_error_bpm": round(float(np.mean(np.abs(e))), 2) if len(e) else None,
+            "rms_error_bpm": _arms(e), "harmonic_errors": int(harmonic.sum()),
+            "harmonic_share": round(float(harmonic.mean()), 4) if len(e) else None}
+
+
+def pulse_rate_a103l() -> dict[str, Any]:
+    """Pulse rate on a103l's real PLETH (as the simulated MAX30102 sends it, 100 Hz) against
+    the rate of its ECG (lead II, recorded with it) over the same 8 s windows: ~128 /min."""
+    import wfdb
+
+    from agent.vitals.spo2 import OximetryEstimator
+
+    rec = wfdb.rdrecord(str(waveforms.data_dir() / waveforms.PPG_RECORD))
+    fs = float(rec.fs)
+    both = waveforms.synthesise_ppg(rec.p_signal[:, rec.sig_name.index("PLETH")], 97.0)
+    beats = np.array(detect(rec.p_signal[:, rec.sig_name.index("II")], fs)) / fs
+    t = np.arange(len(both)) / fs
+    t100 = np.arange(0, t[-1], 1 / 100)
+    red, ir = (np.interp(t100, t, both[:, c]) * 7 * 262144 / 16384000 for c in (0, 1))
+    est = OximetryEstimator(100)
+    rates, truth = [], []
+    for i in range(0, len(t100) - 100, 100):
+        est.push(red[i:i + 100], ir[i:i + 100])
+        if i < 700:
+            continue
+        end = (i + 100) / 100
+        b = beats[(beats > end - 8) & (beats <= end)]
+        r = est.estimate()
+        rates.append(r.pulse_rate_bpm if r.pulse_rate_bpm is not None else np.nan)
+        truth.append(60.0 / float(np.median(np.diff(b))) if len(b) > 2 else np.nan)
+    return _pulse_scores(np.array(rates), np.array(truth))
+
+
+def vitals_cpu(seconds: int = 120) -> dict[str, Any]:
+    """CPU time of the vitals engine per board-second: one board's ECG (512 Hz) and PPG
+    (100 Hz) in 1 s frames, as the hub gets them (process time, this machine)."""
+    import wfdb
+
+    from agent.record import FrameRecord
+    from agent.vitals.engine import VitalsEngine
+    from protocols import messages
+
+    rec = wfdb.rdrecord(str(waveforms.data_dir() / waveforms.PPG_RECORD))
+    fs = float(rec.fs)
+    t = np.arange(rec.sig_len) / fs
+    n = min(seconds, int(t[-1]) - 1)
+    ecg = np.round(np.interp(np.arange(0, n, 1 / 512), t, rec.p_signal[:, rec.sig_name.index("II")])
+                   * 2621440).astype(np.int32)
+    both = waveforms.synthesise_ppg(rec.p_signal[:, rec.sig_name.index("PLETH")], 97.0)
+    red, ir = (np.round(np.interp(np.arange(0, n, 1 / 100), t, both[:, c]) * 112).astype(np.int32) for c in (0, 1))
+    frames = []
+    for i in range(n):
+        frames.append(FrameRecord("pb-bench", 1, 2 * i, messages.STREAM_ECG_MAX30003, 512, i * 1000, i * 512, 512,
+                                  1000000, 2621440, None, 0, 0, 0, 0, (ecg[i * 512:(i + 1) * 512],), None, 0.0, b""))
+        frames.append(FrameRecord("pb-bench", 1, 2 * i + 1, messages.STREAM_PPG_MAX30102, 100, i * 1000, i * 100,
+                                  100, 1, 1, (7, 7, 0, 0), 0, 0, 0, 0,
+                                  (red[i * 100:(i + 1) * 100], ir[i * 100:(i + 1) * 100]), None, 0.0, b""))
+    for f in frames[:20]:  # warm up (the libraries' first calls import and compile)
+        VitalsEngine().frame(f, "pb-warm", 1_800_000_000.0 + f.first_index / f.rate_hz, f.key)
+    eng = VitalsEngine()
+    c0 = time.process_time()
+    for f in frames:
+        eng.frame(f, "pb-bench", 1_800_000_000.0 + f.first_index / f.rate_hz, f.key)
+    per_board_s = (time.process_time() - c0) / n
+    return {"board_seconds": n, "cpu_ms_per_board_second": round(per_board_s * 1000, 3),
+            "core_pct_for_20_boards": round(per_board_s * 20 * 100, 2)}

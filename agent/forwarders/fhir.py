@@ -73,7 +73,55 @@ VITAL_CODES = {
     "pulse_rate": [(LOINC, "8889-8", "Heart rate by Pulse oximetry"), (MDC, "149530", "MDC_PULS_OXIM_PULS_RATE")],
     "perfusion_index": [(MDC, "150488", "MDC_PULS_OXIM_PERF_REL")],
 }
+# What a vital's Observation says of its doubt (issue 15 §5), as the HL7 Point-of-Care and
+# Personal Health Device IGs do:
+# - the method (Observation.method, text: how the hub computed it);
+# - the signal quality, 0-1, as a component (its own code and value, so a reader can filter on
+#   it; a note, as before, is free text no query reaches);
+# - a value in doubt (quality under QUESTIONABLE_BELOW, or the board's ECG heart rate and PPG
+#   pulse rate disagreeing) is flagged in Observation.interpretation with the measurement-status
+#   code "questionable" (ISO/IEEE 11073-10201's measurement status, which those IGs carry in
+#   interpretation), and the other sensor's rate rides along as a component: shown as doubt,
+#   not as an alert;
+# - dataAbsentReason is for a value that is absent: the hub does not send an Observation for an
+#   estimate it withheld (that would be one empty Observation every few seconds per board);
+#   frames lost are told by gap records, which carry dataAbsentReason (below).
+MEASUREMENT_STATUS = "http://terminology.hl7.org/CodeSystem/measurement-status"
+QUESTIONABLE_BELOW = 0.6
+QUALITY_CODE = {"text": "signal quality (0-1)"}
+# PPG-derived values: the pulsatile quality of ISO/IEEE 11073-10101 (MDC_SAT_O2_QUAL).
+PPG_QUALITY_CODE = {"coding": [{"system": MDC, "code": "150320", "display": "MDC_SAT_O2_QUAL"}],
+                    "text": "signal quality (0-1)"}
 _NS = uuid.UUID("6f1e4c52-6b5e-4f57-9a0d-3f8f1b7a2c11")
+
+
+def _doubt(doc: dict[str, Any]) -> dict[str, Any]:
+    """Method, quality component, and (for a value in doubt) interpretation and the other
+    sensor's rate, of a vital document (engine.py's quality, method, cross_check)."""
+    out: dict[str, Any] = {}
+    if doc.get("method"):
+        out["method"] = {"text": doc["method"]}
+    quality = float(doc["quality"])
+    code = QUALITY_CODE if doc["kind"] == "heart_rate" else PPG_QUALITY_CODE
+    components = [{"code": code, "valueQuantity": {"value": quality, "unit": "1", "system": UCUM, "code": "1"}}]
+    why = []
+    check = doc.get("cross_check")
+    if isinstance(check, dict):
+        other = str(check.get("with", ""))
+        components.append({"code": {"coding": [{"system": s, "code": c, "display": d}
+                                               for s, c, d in VITAL_CODES.get(other, [])],
+                                    "text": "%s from the board's other sensor" % other.replace("_", " ")},
+                           "valueQuantity": {"value": check["other_value"], "unit": "/min", "system": UCUM,
+                                             "code": "/min"}})
+        if not check.get("agrees", True):
+            why.append("disagrees with the %s by %s /min" % (other.replace("_", " "), check["difference_per_min"]))
+    if quality < QUESTIONABLE_BELOW:
+        why.append("signal quality %.2f" % quality)
+    out["component"] = components
+    if why:
+        out["interpretation"] = [{"coding": [{"system": MEASUREMENT_STATUS, "code": "questionable",
+                                              "display": "Questionable"}], "text": "; ".join(why)}]
+    return out
 
 
 def _urn(kind: str, value: str) -> str:
@@ -153,7 +201,7 @@ def observation(doc: dict[str, Any], hub_id: str, frame: FrameRecord | None = No
         # Logical references: never resolved by the server, so never dangling (module docstring).
         obs["derivedFrom"] = [{"type": "Observation", "identifier": {"system": FRAME_SYSTEM, "value": k}}
                               for k in doc["source_frames"]]
-        obs["note"] = [{"text": "signal quality %.2f" % doc["quality"]}]
+        obs.update(_doubt(doc))
         return obs
     if doc["type"] == "alert":
         obs["code"] = {"text": "pulsebridge alert: %s" % doc["alert"]}

@@ -71,9 +71,9 @@ def _cross_check(rate_bpm: float, other: tuple[float, float] | None, at: float, 
     """The other sensor's recent rate beside this one: None when there is none to compare."""
     if other is None or abs(at - other[1]) > CROSS_CHECK_AGE_S:
         return None
-    diff = rate_bpm - other[0]
-    agrees = abs(diff) <= max(AGREE_BPM, AGREE_FRACTION * other[0])
-    return {"with": other_kind, "other_value": round(other[0], 1), "difference_per_min": round(diff, 1),
+    diff = float(rate_bpm) - float(other[0])
+    agrees = bool(abs(diff) <= max(AGREE_BPM, AGREE_FRACTION * float(other[0])))
+    return {"with": other_kind, "other_value": round(float(other[0]), 1), "difference_per_min": round(diff, 1),
             "agrees": agrees}
 
 

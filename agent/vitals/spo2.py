@@ -4,9 +4,10 @@ Ratio of ratios over a sliding window: for each wavelength the pulsatile
 part (AC: the RMS of the 0.5-5 Hz band) over the steady part (DC: the window mean); R = (AC/DC)red /
 (AC/DC)IR, mapped to SpO2 by the sensor type's calibration curve
 SpO2 = A - B*R. The band is taken from the window with its linear trend
-removed first (scipy.signal.detrend, then a zero-phase Butterworth
-band-pass), so a baseline drifting across the window (it does as
-saturation falls) does not leak into the AC. Perfusion index: the IR
+removed first, by a zero-phase Butterworth band-pass (scipy.signal, run
+forward and backward): a baseline drifting across the window (it does as
+saturation falls) made the window's ends differ, and the FFT band mask
+used before turned that step, wrapped around, into AC. Perfusion index: the IR
 pulse's peak-to-peak (5th to 95th percentile of the band) over its DC, in %
 (a pulse is no sine: 2*sqrt(2)*RMS read 0.84 % for a 2 % swing).
 
@@ -54,6 +55,7 @@ CALIBRATION = {"max30102": (110.0, 25.0)}
 WINDOW_S = 8.0
 MIN_QUALITY = 0.9
 MIN_PERIODICITY = 0.5
+BAND_HZ = (0.5, 5.0)  # the pulse's band (30-300 /min and its first harmonics)
 PULSE_BPM = (40.0, 220.0)  # the pulse rates looked for
 NEAR_BEST = 0.8  # a shorter period that repeats this well (of the best) is the pulse's
 EXPECTED_TOLERANCE = 0.15  # a repeating period this close to the ECG's is the heart's
@@ -81,7 +83,8 @@ def pulse_period(ac: np.ndarray, fs: float, expected_period_s: float | None = No
     (None, quality) when nothing repeats."""
     x = ac - ac.mean()
     n = len(x)
-    full = signal.correlate(x, x, mode="full", method="fft")[n - 1:]
+    spec = np.fft.rfft(x, 2 * n)
+    full = np.fft.irfft(spec.real ** 2 + spec.imag ** 2, 2 * n)[:n]  # the autocorrelation, lags 0..n-1
     if full[0] <= 0:
         return None, 0.0
     full = full / full[0]  # biased: a long lag has fewer terms and counts less, as it should
@@ -115,7 +118,7 @@ def pulse_period(ac: np.ndarray, fs: float, expected_period_s: float | None = No
     y0, y1, y2 = full[k - 1], full[k], full[k + 1]
     den = y0 - 2 * y1 + y2
     shift = 0.5 * (y0 - y2) / den if den < 0 else 0.0
-    return (k + shift) / fs, quality
+    return float((k + shift) / fs), quality
 
 
 class OximetryEstimator:
@@ -125,7 +128,25 @@ class OximetryEstimator:
         self._n = int(window_s * self.fs)
         self.red = np.zeros(0)
         self.ir = np.zeros(0)
-        self._sos = signal.butter(2, [0.5, min(5.0, 0.45 * self.fs)], "bandpass", fs=self.fs, output="sos")
+        self._sos = signal.butter(4, [BAND_HZ[0], min(BAND_HZ[1], 0.45 * self.fs)], "bandpass", fs=self.fs,
+                                  output="sos")
+        self._sos_zi = signal.sosfilt_zi(self._sos)  # steady state for a unit step, computed once
+        self._pad = min(self._n - 1, 3 * 2 * len(self._sos))  # odd extension at each end, as filtfilt's
+        t = np.arange(self._n) - (self._n - 1) / 2.0
+        self._t = t / float(np.dot(t, t))  # the linear trend's slope is dot(x, _t)
+        self._t_centred = t
+
+    def _band(self, x: np.ndarray) -> np.ndarray:
+        # Each row (channel): linear trend off, then the band-pass forward and backward (zero
+        # phase): scipy's detrend and sosfiltfilt, with what does not change between windows
+        # computed once and both channels in one call.
+        y = x - x.mean(axis=1, keepdims=True) - np.outer(x @ self._t, self._t_centred)
+        p = self._pad
+        ext = np.concatenate([2 * y[:, :1] - y[:, p:0:-1], y, 2 * y[:, -1:] - y[:, -2:-p - 2:-1]], axis=1)
+        zi = self._sos_zi[:, None, :]
+        fwd, _ = signal.sosfilt(self._sos, ext, axis=1, zi=zi * ext[None, :, :1])
+        back, _ = signal.sosfilt(self._sos, fwd[:, ::-1], axis=1, zi=zi * fwd[None, :, -1:])
+        return np.asarray(back[:, ::-1][:, p:p + x.shape[1]])
 
     def push(self, red: list[int] | np.ndarray, ir: list[int] | np.ndarray) -> None:
         """A frame of both channels (equal lengths, any units proportional to light)."""
@@ -140,16 +161,16 @@ class OximetryEstimator:
         dc_r, dc_i = float(self.red.mean()), float(self.ir.mean())
         if dc_r <= 0 or dc_i <= 0:  # no light: probe off
             return Oximetry(None, None, None, 0.0, None)
-        ac_r = signal.sosfiltfilt(self._sos, signal.detrend(self.red))
-        ac_i = signal.sosfiltfilt(self._sos, signal.detrend(self.ir))
+        ac_r, ac_i = self._band(np.vstack([self.red, self.ir]))
         rms_r, rms_i = float(np.sqrt(np.mean(ac_r ** 2))), float(np.sqrt(np.mean(ac_i ** 2)))
         if rms_i == 0 or rms_r == 0:
             return Oximetry(None, None, None, 0.0, None)
         corr = max(0.0, float(np.dot(ac_r, ac_i) / (np.linalg.norm(ac_r) * np.linalg.norm(ac_i))))
         period_s, pulse_q = pulse_period(ac_r / rms_r + ac_i / rms_i, self.fs, expected_period_s)
-        rate = round(60.0 / period_s, 1) if period_s is not None and pulse_q >= MIN_PERIODICITY else None
+        rate = round(60.0 / float(period_s), 1) if period_s is not None and pulse_q >= MIN_PERIODICITY else None
         ratio = (rms_r / dc_r) / (rms_i / dc_i)
-        p5, p95 = np.percentile(ac_i, [5.0, 95.0])
+        k = len(ac_i) // 20
+        p5, p95 = np.partition(ac_i, [k, len(ac_i) - 1 - k])[[k, len(ac_i) - 1 - k]]
         pi = round(100.0 * float(p95 - p5) / dc_i, 2)
         if corr < MIN_QUALITY:
             return Oximetry(None, rate, pi, corr, ratio, pulse_q)

@@ -53,7 +53,8 @@ def test_bundles_validate_and_a_resend_never_duplicates(micropython: str, tmp_pa
         db = Store(agent.cfg.store_path, ["ehr"]).reader()
         stored = {"%s:%d:%d" % r for r in db.execute("SELECT device_id, epoch, seq FROM frames WHERE kind=1")}
         all_obs = server.resources["Observation"]
-        observations = {k: o for k, o in all_obs.items() if "valueSampledData" in o or "component" in o}
+        observations = {k: o for k, o in all_obs.items()  # the frames: waveforms, not vitals
+                        if "valueSampledData" in o or ("component" in o and "valueQuantity" not in o)}
         keys = {k.split("|", 1)[1] for k in observations}
         vitals = [o for o in all_obs.values() if "valueQuantity" in o]
         codes = {c["code"] for o in vitals for c in o["code"]["coding"]}

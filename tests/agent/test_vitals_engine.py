@@ -1,5 +1,6 @@
 # The vitals engine on frames as boards send them: real ECG and PPG, in windows.
 import dataclasses
+import json
 from typing import Any
 
 import numpy as np
@@ -98,6 +99,7 @@ def test_sensors_that_disagree_lower_both_qualities_without_an_alert() -> None:
     _, ppg = _a103l_frames(40)
     alone = [d for d in _stream(VitalsEngine(), "pb-x2", [], ppg) if d["type"] == "vital"]
     docs = _stream(VitalsEngine(), "pb-x3", _ecg_frames(40), ppg)
+    json.loads(json.dumps(docs))  # stored as JSON: plain values only (a numpy bool was refused by the store)
     vitals = [d for d in docs if d["type"] == "vital"]
     hr = [d for d in vitals if d["kind"] == "heart_rate" and "cross_check" in d]
     pr = [d for d in vitals if d["kind"] == "pulse_rate" and "cross_check" in d]
