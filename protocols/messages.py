@@ -350,6 +350,25 @@ def encode_ack(w: "cbor.Writer", epoch: int, ranges: "list[tuple[int, int]]") ->
         w.uint(b)
 
 
+def encode_status(w: "cbor.Writer", epoch: int, seq: int, tick_ms: int, outbox_depth: int, frames_dropped: int,
+                  free_heap: int) -> None:
+    # The same bytes as encode(w, Status(...)), without the generic walk: a
+    # board sends one every status period and allocates nothing for it.
+    _start(w, T_STATUS, 8)
+    w.uint(2)
+    w.uint(epoch)
+    w.uint(3)
+    w.uint(seq)
+    w.uint(4)
+    w.uint(tick_ms)
+    w.uint(5)
+    w.uint(outbox_depth)
+    w.uint(6)
+    w.uint(frames_dropped)
+    w.uint(7)
+    w.uint(free_heap)
+
+
 def encoded(msg: Message, size: int = 4096, sealer: "cipher.SampleCipher | None" = None) -> bytes:
     w = cbor.Writer(bytearray(size))
     encode(w, msg, sealer)

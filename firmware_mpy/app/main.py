@@ -69,8 +69,8 @@ class App:
         gc.collect()  # the outbox is the one big block: make room for it in one piece
         self.outbox = Outbox(max(cfg["outbox_bytes"], 2 * biggest), cfg["outbox_frames"])
         self._frame_writer = cbor.Writer(self.outbox.buf)  # build_frame bounds it to a region
-        self.small = bytearray(_SMALL)
-        self.small_sealed = bytearray(_SMALL + 96)
+        # hello/status/time/error messages, sealed in place (as frames are).
+        self._small_w = cbor.Writer(bytearray(_SMALL + 96))
         self.link = board.link(cfg, biggest)
         # Samples are encrypted, then MACed, under a key of this boot: its
         # salt is drawn now (a BLE board's radio is on by now) and never
@@ -114,12 +114,20 @@ class App:
         self.seq = s + 1
         return s
 
+    def _small(self):
+        # The small messages' writer, at where their payload goes.
+        w = self._small_w
+        w.pos = self.up.payload_offset
+        return w
+
+    def _seal_small(self):
+        w = self._small_w
+        self.up.seal_written(w, self.up.payload_offset)
+        return self.link.send(w.buf, w.pos)
+
     def _send_small(self, msg):
-        w = cbor.Writer(self.small)
-        messages.encode(w, msg)
-        sw = cbor.Writer(self.small_sealed)
-        self.up.seal_into(sw, memoryview(self.small)[:w.pos])
-        return self.link.send(self.small_sealed, sw.pos)
+        messages.encode(self._small(), msg)
+        return self._seal_small()
 
     def hello(self):
         self._send_small(messages.Hello(self.epoch, self._seq(), FIRMWARE, self.board.uptime_ms(),
@@ -129,8 +137,10 @@ class App:
         # Times on the wire (tick_ms, t0_ms) are ms since boot, never wrapping.
         if up is None:
             up = self.board.uptime_ms()
-        self._send_small(messages.Status(self.epoch, self._seq(), up, self.outbox.depth(),
-                                         self.outbox.dropped, gc.mem_free()))
+        # Field-wise, every status period: nothing allocated.
+        messages.encode_status(self._small(), self.epoch, self._seq(), up, self.outbox.depth(),
+                               self.outbox.dropped, gc.mem_free())
+        self._seal_small()
 
     def build_frame(self, k, st, count):
         sensor = st.sensor

@@ -76,7 +76,13 @@ class Stream:
         return False
 
     def t0_ms(self):
-        return self.start_ms + self.first_index * 1000 // self.rate_hz
+        # start_ms + first_index * 1000 // rate_hz, with no product above
+        # 2**30 (a heap int on a 32-bit port: first_index * 1000 passes it
+        # after 35 minutes at 512 Hz): whole seconds, then the rest. Small
+        # ints until the result itself passes 2**30 ms (12.4 days up).
+        rate = self.rate_hz
+        s = self.first_index // rate
+        return self.start_ms + s * 1000 + (self.first_index - s * rate) * 1000 // rate
 
     def poll(self, now_ms):
         # Drains the sensor; returns how many samples to put in a frame now.
@@ -109,7 +115,9 @@ class Stream:
         # `extra` just read) that the stream does not hold.
         if self.uptime_ms is not None:
             now_ms = self.uptime_ms()
-        expected = (now_ms - self.start_ms) * self.rate_hz // 1000 - extra
+        ms = now_ms - self.start_ms
+        s = ms // 1000  # (as t0_ms: ms * rate_hz would pass 2**30 after 35 minutes at 512 Hz)
+        expected = s * self.rate_hz + (ms - s * 1000) * self.rate_hz // 1000 - extra
         return expected - (self.first_index + self.n)
 
     def _lose(self, lost):

@@ -124,7 +124,9 @@ class PulseOx:
         ac_r = self.max_r - self.min_r
         ac_ir = self.max_ir - self.min_ir
         if dc_r > 0 and dc_ir > 0 and ac_r > 0 and ac_ir > 0:
-            ratio_x1000 = ac_r * dc_ir * 1000 // (dc_r * ac_ir)
+            # ac_r * dc_ir * 1000 // (dc_r * ac_ir) in steps whose values stay
+            # under 2**30 (18-bit samples: a heap int on a 32-bit port).
+            ratio_x1000 = ac_r * 1000 // ac_ir * dc_ir // dc_r
             spo2_x1000 = _CAL_A_X1000 - _CAL_B * ratio_x1000
             self.spo2_x10 = max(0, min(1000, spo2_x1000 // 100))
         else:

@@ -224,6 +224,7 @@ def run(minutes, speed, link_kind, up_fd, down_fd, stretches=False):
     frames_dropped = app.outbox.dropped
     heap_total = gc.mem_alloc() + gc.mem_free()
     app.outbox = None
+    app._frame_writer = None  # (it writes into the ring: holds it too)
     gc.collect()
     streams = {}
     chips = {messages.STREAM_ECG_MAX30003: "max30003", messages.STREAM_PPG_MAX30102: "max30102"}

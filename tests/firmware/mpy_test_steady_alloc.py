@@ -7,8 +7,9 @@
 # (chip models, console, radio: between the clock's enter() and leave())
 # and the hub may allocate; the firmware's call frames that do not fit the
 # C stack fall back to it under the lock (they are freed on return, never
-# garbage). A second run starts the board's ticks just before they wrap
-# and its frame counters near their limits, as after weeks of uptime.
+# garbage). A third run starts the board's ticks just before they wrap
+# and its sample indices 12 days along. What the unix port cannot show (its
+# small ints have 63 bits, an ESP32's 31): README, Memory on the board.
 import gc
 import json
 import sys
@@ -20,7 +21,7 @@ from sim.clock import VirtualClock
 
 _BLE_MTU = 247
 _START_MS = 4000  # start-up (hello, first windows, first acks): allocations allowed
-_STEADY_MS = 6000  # then this long under the heap lock
+_STEADY_MS = 12000  # then this long under the heap lock: a status message (every 10 s) included
 
 
 def _load(path, mode="r"):
@@ -72,7 +73,7 @@ class _Hub:
                     out += hub_link.downlink_line(msg)
 
 
-def _run(kind, ticks_start_ms=0):
+def _run(kind, ticks_start_ms=0, days_streamed=0):
     sim = _load("sim.json")
     sim["virtual_clock"] = True
     sim["ticks_start_ms"] = ticks_start_ms
@@ -89,6 +90,8 @@ def _run(kind, ticks_start_ms=0):
     board.console_out = far
     outbox.preallocate(config.ring_bytes())
     app = main.App(board, cfg, key, config.next_epoch())
+    for st in app.streams:  # as if streaming for days: the sample indices far along
+        st.first_index = days_streamed * 86400 * st.rate_hz
     radio = board.radio
     if radio is not None:
         radio.on_notify = far.notify
@@ -171,6 +174,26 @@ def test_ble_steady_state_allocates_nothing():
 
 def test_steady_state_allocates_nothing_across_the_ticks_wrap():
     # The board's ticks_ms() wraps at 2**30 (12.4 days up): here 3 s into
-    # the locked run.
-    app = _run("serial", (1 << 30) - _START_MS - 3000)
+    # the locked run, the ECG's sample index 12 days along (6.3e8 of the
+    # 2**30 a 32-bit port's small ints hold).
+    app = _run("serial", (1 << 30) - _START_MS - 3000, 12)
     assert app.board.ticks_ms() < 10000
+    assert app.streams[0].first_index > 12 * 86400 * 512
+
+
+def test_frame_times_stay_exact_with_no_product_past_small_ints():
+    # t0_ms() = start_ms + first_index * 1000 // rate_hz, computed in steps
+    # that stay under 2**30 (first_index * 1000 would pass it after 35 min
+    # at 512 Hz: a heap int per frame on an ESP32), exact at any index.
+    from app.sampler import Stream
+
+    class _Chip:
+        def __init__(self, rate_hz):
+            self.rate_hz = rate_hz
+
+    for rate in (100, 128, 250, 360, 512):
+        st = Stream(_Chip(rate), messages.STREAM_PPG_MAX30102 if rate == 100 else messages.STREAM_ECG_MAX30003,
+                    rate, 1234)
+        for fi in (0, 1, rate - 1, rate, 1073741 * rate // 512, 12 * 86400 * rate + 77, (1 << 30) - 1):
+            st.first_index = fi
+            assert st.t0_ms() == 1234 + fi * 1000 // rate, (rate, fi)

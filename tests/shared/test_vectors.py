@@ -145,6 +145,33 @@ def test_serial_framing_vector() -> None:
     assert wire == unhex("00 03 6162 06 63 d660363d 00")
 
 
+def test_serial_framing_from_an_offset_and_long_messages() -> None:
+    # The board frames a message where the outbox holds it (start): the
+    # bytes are those of the message alone; a CRC with its top bits set
+    # (a heap int on a 32-bit port, not made there) comes out the same.
+    body = bytes(range(256)) * 3
+    f = link.StreamFramer()
+    ring = bytearray(b"\xff" * 7) + body + b"\x01"
+    out = bytearray(len(body) + 16)
+    n = f.frame_into(ring, len(body), out, 0, 7)
+    assert bytes(out[:n]) == f.frame(body)
+    msgs = (body, b"ab\x00c", b"\x00" * 300)
+    assert any(link.crc32(m) >= 1 << 30 for m in msgs)
+    for msg in msgs:
+        wire = f.frame(msg)
+        ev = hub_link.StreamDeframer()
+        ev.feed(wire)
+        got = ev.next_event()
+        assert isinstance(got, link.Frame) and got.data == msg
+
+
+def test_status_encoder_matches_the_generic_one() -> None:
+    for args in ((1, 2, 3, 4, 5, 6), (7, 0xFFFFFFFF, 2**40, 0, 300, 70000)):
+        w = cbor.Writer(bytearray(128))
+        messages.encode_status(w, *args)
+        assert bytes(w.buf[:w.pos]) == messages.encoded(messages.Status(*args))
+
+
 def test_downlink_line_vector() -> None:
     line = hub_link.downlink_line(b"\x03\x00ack")
     assert line == b"~AwBhY2turCdc\n"
