@@ -116,6 +116,8 @@ def run(minutes, speed, link_kind, up_fd, down_fd, stretches=False):
     cfg = config.load()
     cfg["link"] = link_kind
     key = config.load_key()
+    if link_kind == "ble":
+        board.prepare_radio()  # its notification buffers are the simulation's (NimBLE's are not in the GC heap)
     gc.collect()
     sim_heap = _M0 + (_M2 - _M1) + (gc.mem_alloc() - b0)
     code_heap = _M1 - _MR

@@ -262,7 +262,8 @@ class SimBoard:
             from app.link_ble import BleLink
             from app.main import FIRMWARE
             from sim import fake_bluetooth
-            self.radio = fake_bluetooth.radio_from(self.sim.get("ble", {}), self.clock)
+            if self.radio is None or self.radio.ble is not None:  # (a radio made ahead: prepare_radio)
+                self.radio = fake_bluetooth.radio_from(self.sim.get("ble", {}), self.clock)
             return BleLink(fake_bluetooth, cfg["device_id"], max_message, FIRMWARE, "pulsebridge simulated board")
         from app.link_serial import SerialLink
         if not self.clock.chip and self.console_in is sys.stdin.buffer:
@@ -272,6 +273,12 @@ class SimBoard:
         self.console_port = SimConsole(self.clock, self.console_in, self.console_out, CONSOLE_BAUD)
         return SerialLink(self.console_port, self.console_port, max_message, self.ticks_us, self.ticks_diff,
                           CONSOLE_BAUD)
+
+    def prepare_radio(self):
+        # The fake radio made before the firmware asks for its link, so that
+        # a benchmark counts its buffers as the simulation's heap.
+        from sim import fake_bluetooth
+        self.radio = fake_bluetooth.radio_from(self.sim.get("ble", {}), self.clock)
 
     def random_bytes(self, n):
         return os.urandom(n)  # the host's getrandom()

@@ -42,6 +42,7 @@ _SEC_OURS = const(1)  # the stack's secret types (NimBLE's store object types)
 _SEC_PEER = const(2)
 _PHONE = b"\x00\x11\x22\x33\x44\x55"
 _MAX_ADV = const(31)
+_MAX_NOTIFY = const(514)  # MTU 517 - 3
 
 
 class UUID:
@@ -64,7 +65,16 @@ class Radio:
         self.connected = False
         self.conn_handle = 0
         self.mtu = 23
-        self.queue = []  # notifications accepted by the stack, not yet on air
+        # Notifications accepted by the stack, not yet on air: a ring of
+        # `buffers` preallocated slots (NimBLE's own buffers are not in the
+        # firmware's heap: copies here would be garbage the firmware's GC
+        # collects, at a pace no board has).
+        self._slots = [bytearray(_MAX_NOTIFY) for _ in range(buffers)]
+        self._slot_len = [0] * buffers
+        self._slot_handle = [0] * buffers
+        self._slot_view = [memoryview(b) for b in self._slots]
+        self._q_head = 0
+        self.queued = 0
         self.delivered = []  # what the central received, in order
         self.other = []  # (handle, data) notified on other characteristics
         self.on_notify = None  # callback(bytes) for a live central
@@ -92,18 +102,29 @@ class Radio:
         if slots <= 0:
             return
         self._last_ms = now
-        while slots and self.queue:
-            handle, data = self.queue.pop(0)
+        while slots and self.queued:
+            i = self._q_head
+            self._q_head = (i + 1) % len(self._slots)
+            self.queued -= 1
             slots -= 1
-            self._deliver(handle, data)
+            self._deliver(self._slot_handle[i], self._slot_view[i][:self._slot_len[i]])
+
+    def _enqueue(self, handle, data):
+        i = (self._q_head + self.queued) % len(self._slots)
+        n = len(data)
+        self._slots[i][:n] = data
+        self._slot_len[i] = n
+        self._slot_handle[i] = handle
+        self.queued += 1
 
     def _deliver(self, handle, data):
+        # data: a view of the slot, valid during the call
         if handle != self._ble().data_handle:
-            self.other.append((handle, data))
+            self.other.append((handle, bytes(data)))
         elif self.on_notify is not None:
             self.on_notify(data)
         else:
-            self.delivered.append(data)
+            self.delivered.append(bytes(data))
 
     # --- what the central does -------------------------------------------
     def _ble(self):
@@ -148,7 +169,7 @@ class Radio:
         if not self.connected:
             return
         self.connected = False
-        self.queue = []  # what had not left is lost with the link
+        self.queued = 0  # what had not left is lost with the link
         self._ble()._event(_IRQ_CENTRAL_DISCONNECT, (self.conn_handle, 0, _PHONE))
 
     def peripheral_disconnect(self):
@@ -163,7 +184,7 @@ class Radio:
         # event follows with deliver_disconnect() (the supervision timeout).
         self.connected = False
         self.vanished = True
-        self.queue = []
+        self.queued = 0
 
     def deliver_disconnect(self):
         if self.vanished:
@@ -254,7 +275,7 @@ class AirRadio(Radio):
             self._put(b"S", json.dumps(self.services).encode())
 
     def _deliver(self, handle, data):
-        self._put(b"N", struct.pack(">H", handle) + data)
+        self._put(b"N", struct.pack(">H", handle) + bytes(data))
 
     def peripheral_disconnect(self):
         if self.connected:
@@ -445,10 +466,10 @@ class BLE:
             raise OSError(r.notify_errno)
         if data is not None and len(data) > r.mtu - 3:
             raise ValueError("notification of %d bytes exceeds MTU %d - 3" % (len(data), r.mtu))
-        if len(r.queue) >= r.buffers:
+        if r.queued >= r.buffers:
             r.enomem += 1
             raise OSError(errno.ENOMEM)
-        r.queue.append((value_handle, bytes(data if data is not None else self._values.get(value_handle, b""))))
+        r._enqueue(value_handle, data if data is not None else self._values.get(value_handle, b""))
 
     def gap_advertise(self, interval_us, adv_data=None, resp_data=None, connectable=True):
         if adv_data is not None and len(adv_data) > _MAX_ADV or resp_data is not None and len(resp_data) > _MAX_ADV:
