@@ -224,6 +224,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("  rejected: " + ", ".join("%s %d" % kv for kv in sorted(snap["rejects"].items())))
     if snap.get("status_page", "on") != "on":
         print("  status page " + snap["status_page"])
+    page = snap.get("status_page_clients") or {}
+    if page.get("wrong_passwords") or page.get("connections_refused") or page.get("connections_timed_out"):
+        print("  status page: %d wrong passwords, %d lockouts (%d clients locked now), %d connections refused "
+              "over the limits, %d cut for half-sent requests" % (
+                  page["wrong_passwords"], page["lockouts"], page["locked_clients"], page["connections_refused"],
+                  page["connections_timed_out"]))
     return 0
 
 

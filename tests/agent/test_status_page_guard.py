@@ -196,6 +196,8 @@ def test_many_connections_from_one_client_leave_the_owner_and_pulsebridge_status
     assert seen["open_at_most"] <= MAX_CONNECTIONS_PER_CLIENT, seen
     assert seen["owner"] == 200 and seen["cli"] == 0, seen
     assert "test-hub" in seen["cli_text"], seen["cli_text"]
+    assert re.search(r"status page: 0 wrong passwords, 0 lockouts \(0 clients locked now\), \d+ connections "
+                     r"refused over the limits", seen["cli_text"]), seen["cli_text"]
     assert seen["stats"]["connections_refused"] >= 300 - MAX_CONNECTIONS_PER_CLIENT, seen
 
 
