@@ -1011,10 +1011,11 @@ class Store:
         return {b: n for b, n in db.execute("SELECT backend, COUNT(*) FROM outbox GROUP BY backend")}
 
     @staticmethod
-    def oldest_waiting(db: sqlite3.Connection) -> dict[str, float]:
-        """Per backend, when its oldest waiting frame was received (UTC s); backends with none left out."""
+    def oldest_waiting(db: sqlite3.Connection, backends: list[str]) -> dict[str, float]:
+        """Per backend named, when its oldest waiting frame was received (UTC s); backends with none
+        left out. One index lookup each (the outbox's key is backend, frame id), whatever the backlog."""
         out = {}
-        for (backend,) in db.execute("SELECT DISTINCT backend FROM outbox").fetchall():
+        for backend in backends:
             r = db.execute("SELECT received_at FROM frames WHERE id=(SELECT MIN(frame_id) FROM outbox "
                            "WHERE backend=?)", (backend,)).fetchone()
             if r is not None:

@@ -398,7 +398,7 @@ class Agent:
         reader = self.store.reader()
         try:
             backlog = Store.backlog(reader)
-            oldest = Store.oldest_waiting(reader)
+            oldest = Store.oldest_waiting(reader, [f.name for f in self.forwarders])
             counters = Store.counters(reader)
         finally:
             reader.close()

@@ -177,3 +177,29 @@ def test_registry_audit_and_no_secrets(tmp_path: Path) -> None:
     assert (tmp_path / "audit.log").stat().st_mode & 0o077 == 0
     with pytest.raises(ValueError):
         audit.record("x", key=b"secret")
+
+
+def test_what_the_status_page_reads_back(tmp_path: Path) -> None:
+    # Each backend's oldest waiting frame, each device's last frame, and the alerts raised and cleared:
+    # what the status page tells and what a restarted agent recalls.
+    s = Store(tmp_path / "store.db", ["mqtt", "fhir"], commit_linger_s=0)
+    s.start()
+    try:
+        asyncio.run(_ingest_all(s, [_item(i) for i in range(10)] + [_item(i, dev="pb-b") for i in range(3)]))
+        db = s.reader()
+        asyncio.run(s.delivered("mqtt", [r.id for r in Store.fetch_outbox(db, "mqtt", 1000)]))
+        oldest = Store.oldest_waiting(db, ["mqtt", "fhir"])
+        assert list(oldest) == ["fhir"]  # mqtt has nothing waiting
+        assert oldest["fhir"] == db.execute("SELECT MIN(received_at) FROM frames").fetchone()[0]
+        last_a = db.execute("SELECT received_at FROM frames WHERE device_id='pb-a' AND seq=9").fetchone()[0]
+        assert Store.last_received(db, "pb-a") == last_a
+        assert Store.last_received(db, "pb-none") is None
+        for seq, state in ((1, "raised"), (2, "cleared"), (3, "raised")):
+            doc = {"type": "alert", "device_id": "pb-a", "alert": "board_silent", "state": state, "value": 130.0}
+            asyncio.run(s.ingest(Ingest("pb-a", -3, seq, store_mod.KIND_ALERT, b"", None,
+                                        priority=store_mod.PRIORITY_ALERT, info=doc)))
+        assert [d["state"] for d in Store.recent_alerts(db, 10)] == ["raised", "cleared", "raised"]
+        assert [d["state"] for d in Store.recent_alerts(db, 2)] == ["cleared", "raised"]  # the latest, in order
+        assert Store.last_received(db, "pb-a") == last_a  # the hub's own records are not the board's frames
+    finally:
+        s.close()
