@@ -54,17 +54,28 @@ def _frames_built(console: str) -> tuple[int, int, int] | None:
 
 
 async def run_demo(opts: SimOptions, out: IO[str]) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="pulsebridge-demo-") as tmp_s:
-        tmp = Path(tmp_s)
-        air = start_air(opts, tmp / "air")
-        try:
-            return await _run_demo(opts, out, tmp, air)
-        finally:
-            if air is not None:
-                air.stop()
+    # Ctrl-C from here on: the run stops, the boards are stopped and the summary follows (a
+    # KeyboardInterrupt while boards start would leave their processes running: each has its own session).
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread: no Ctrl-C handling
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    try:
+        with tempfile.TemporaryDirectory(prefix="pulsebridge-demo-") as tmp_s:
+            tmp = Path(tmp_s)
+            air = start_air(opts, tmp / "air")
+            try:
+                return await _run_demo(opts, out, tmp, air, interrupted)
+            finally:
+                if air is not None:
+                    air.stop()
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGINT)
 
 
-async def _run_demo(opts: SimOptions, out: IO[str], tmp: Path, air: Air | None) -> dict[str, Any]:
+async def _run_demo(opts: SimOptions, out: IO[str], tmp: Path, air: Air | None,
+                    interrupted: asyncio.Event) -> dict[str, Any]:
     specs = board_specs(opts, air)
     pki = make_pki(tmp / "pki")
     backend = LocalBackend(tmp / "backend.db", {s.device_id: s.key for s in specs})
@@ -88,10 +99,6 @@ async def _run_demo(opts: SimOptions, out: IO[str], tmp: Path, air: Air | None) 
     registry.close()
     agent = Agent(cfg)
     stop = asyncio.Event()
-    interrupted = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread: no Ctrl-C handling
-        loop.add_signal_handler(signal.SIGINT, interrupted.set)  # Ctrl-C: stop, drain, then the summary
     task = asyncio.create_task(agent.run(stop), name="agent")
     t0 = time.monotonic()
     footer = "Ctrl-C stops the boards, lets the hub forward what it holds, and prints the summary."
@@ -134,8 +141,6 @@ async def _run_demo(opts: SimOptions, out: IO[str], tmp: Path, air: Air | None) 
         await task
         summary = backend.summary()
         await backend.stop()
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.remove_signal_handler(signal.SIGINT)
     integrity = agent.store.integrity_check()
     result = _result(specs, consoles, snap, summary, integrity, time.monotonic() - t0)
     result["link"] = opts.link
