@@ -103,10 +103,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
-    from agent.registry import DEVICE_ID
+    from agent.registry import valid_device_id
     from agent.store import Store
 
-    if not DEVICE_ID.match(args.device):  # a typo, or a newline that would forge a line of the printout
+    if not valid_device_id(args.device):  # a typo, or a newline that would forge a line of the printout
         raise SystemExit("pulsebridge: device id must be 1 to 16 of a-z, 0-9, '-': %r" % args.device)
     cfg = _load_config(args.config)
     store = Store(cfg.store_path, [b.name for b in cfg.backends])
@@ -146,7 +146,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
     prov.origin_key_dir = args.origin_key_out
     res = prov.run(
         args.device_id, args.label, args.patient, args.dry_run, args.flash, args.self_test_seconds, args.link)
-    return 0 if res.ok else 1
+    return 0 if res.ok else 130 if res.interrupted else 1
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:

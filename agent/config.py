@@ -182,7 +182,7 @@ RANGES: dict[str, tuple[float, float]] = {
 LOG_FORMATS = ("text", "json")
 ALERT_SIGNALS = ("spo2", "heart_rate", "lead_off", "silence_s")
 # Identifiers that end up in MQTT topics and FHIR identifiers: no wildcards, separators or spaces.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # matched whole (fullmatch)
 
 
 def _take(table: dict[str, Any], name: str, kind: type | tuple[type, ...], where: str, default: Any = None) -> Any:
@@ -255,7 +255,7 @@ def _parse(data: dict[str, Any], source: Path | None) -> AgentConfig:
     cfg = AgentConfig(source=source)
     agent = dict(_take(data, "agent", dict, "", {}))
     cfg.hub_id = _take(agent, "hub_id", str, "agent", cfg.hub_id)
-    if not _NAME.match(cfg.hub_id):
+    if not _NAME.fullmatch(cfg.hub_id):
         raise ConfigError("agent.hub_id must be 1 to 64 of A-Z a-z 0-9 . _ - (it names MQTT topics and FHIR "
                           "identifiers), not %r" % cfg.hub_id, "agent.hub_id")
     for name in ("data_dir", "log_dir", "run_dir"):
@@ -302,7 +302,7 @@ def _parse(data: dict[str, Any], source: Path | None) -> AgentConfig:
         name = _take(b, "name", str, where, "")
         kind = _enum(b, "type", where, tuple(forwarders.types()), "")
         bc = forwarders.config_class(kind)(name=name, type=kind, url=_take(b, "url", str, where, ""))
-        if not _NAME.match(bc.name) or bc.name in names:
+        if not _NAME.fullmatch(bc.name) or bc.name in names:
             raise ConfigError("%s.name must be set (1 to 64 of A-Z a-z 0-9 . _ -) and unique, not %r"
                               % (where, bc.name), where + ".name")
         names.add(bc.name)

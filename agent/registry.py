@@ -20,7 +20,12 @@ from agent.errors import PulsebridgeError
 from agent.store import StoreError, check_private
 
 KEY_BYTES = 32
-DEVICE_ID = re.compile(r"^[a-z0-9-]{1,16}$")
+DEVICE_ID = re.compile(r"[a-z0-9-]{1,16}")
+
+
+def valid_device_id(device_id: str) -> bool:
+    """1 to 16 of a-z, 0-9, '-', matched whole (a trailing newline is not allowed)."""
+    return DEVICE_ID.fullmatch(device_id) is not None
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices(
@@ -103,7 +108,7 @@ class Registry:
 
     def add(self, device_id: str, label: str = "", patient_ref: str = "", key: bytes | None = None,
             actor: str | None = None) -> Device:
-        if not DEVICE_ID.match(device_id):
+        if not valid_device_id(device_id):
             raise RegistryError("device id must be 1 to 16 of a-z, 0-9, '-': %r" % device_id, device_id)
         if self.get(device_id) is not None:
             raise RegistryError("device %s is already registered" % device_id, device_id)
@@ -151,6 +156,23 @@ class Registry:
     def abort_rotation(self, device_id: str, actor: str | None = None) -> None:
         self._db.execute("UPDATE devices SET next_key=NULL WHERE device_id=?", (device_id,))
         self.audit.record("key.rotate.abort", device_id, actor)
+
+    def row(self, device_id: str) -> tuple[object, ...] | None:
+        """The device's whole row as stored (key included), for restore_row()."""
+        r = self._db.execute("SELECT * FROM devices WHERE device_id=?", (device_id,)).fetchone()
+        return tuple(r) if r else None
+
+    def restore_row(self, device_id: str, row: tuple[object, ...] | None) -> None:
+        """Puts the device back as row() gave it (None: not registered), in one transaction."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("DELETE FROM devices WHERE device_id=?", (device_id,))
+            if row is not None:
+                self._db.execute("INSERT INTO devices VALUES(%s)" % ",".join("?" * len(row)), row)
+        except sqlite3.Error as e:
+            self._db.execute("ROLLBACK")
+            raise RegistryError("could not restore %s: %s" % (device_id, e), device_id) from None
+        self._db.execute("COMMIT")
 
     def remove(self, device_id: str, actor: str | None = None) -> None:
         self._db.execute("DELETE FROM devices WHERE device_id=?", (device_id,))

@@ -4,30 +4,41 @@
    version); with --flash, write MicroPython first with esptool;
 2. install the firmware, compiled by mpy-cross, each file checked by SHA-256;
 3. make a fresh device key on the hub (random, never derived from the board);
-4. write the key and the device's configuration to the board;
-5. register the device in the hub's registry (label, patient reference);
-6. self-test: sensor identity, then a few seconds of frames verified end to end;
-7. print a pass/fail summary and a label line.
+4. write the key and the device's configuration to the board (temporary names);
+5. register the device in the hub's registry (label, patient reference), then
+   put the board's new key and configuration in place (the former ones kept
+   aside until the end);
+6. self-test after a soft reset: sensor identity, then a few seconds of frames
+   verified end to end;
+7. print a pass/fail summary and a label line (also as a QR code); the board
+   is left streaming.
 
 A board already provisioned is re-keyed only when asked (--yes, or a yes at
-the prompt). A failure leaves board and registry consistent: the key is
-written to the board under a temporary name and only put in place once the
-registry holds it; if registering fails, it is removed from the board.
+the prompt); a board claiming an id this hub has registered is refused unless
+that id is named (--device-id): re-keying it would lock out whichever board
+holds that id. Whatever ends a run early (a failed step, a malformed answer,
+a failed self-test, Ctrl-C) puts the registry and the board's key and
+configuration back as they were: the next run starts from the same board.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import secrets
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import serial
 
 from agent.audit import AuditLog
 from agent.config import AgentConfig
@@ -35,7 +46,7 @@ from agent.errors import PulsebridgeError
 from agent.provision import build
 from agent.provision.build import default_cache
 from agent.provision.rawrepl import RawRepl, ReplError
-from agent.registry import Registry, RegistryError, write_private
+from agent.registry import Registry, RegistryError, valid_device_id, write_private
 from agent.session import verify_for
 
 STEPS = ["identify", "install firmware", "make key", "write key and configuration", "register", "self-test"]
@@ -47,6 +58,7 @@ class ProvisionError(PulsebridgeError):
     def __init__(self, step: str, message: str, device_id: str = "") -> None:
         super().__init__("%s: %s" % (step, message), device_id=device_id)
         self.step = step
+        self.reason = message
 
 
 @dataclass
@@ -66,6 +78,20 @@ class Result:
     steps: list[tuple[str, str]] = field(default_factory=list)  # (step, "ok" / "skipped" / error)
     frames_verified: int = 0
     label: str = ""
+    interrupted: bool = False  # Ctrl-C: everything put back as it was
+
+
+@dataclass
+class _Undo:
+    # What a run changed, for putting it back: state-based, so that an
+    # interruption half-way through a change is put back too.
+    device_id: str = ""
+    board_written: bool = False  # *.new files may be on the board
+    board_committed: bool = False  # *.new may have been put in place (former ones as *.old)
+    registry_touched: bool = False
+    registry_row: tuple[object, ...] | None = None  # the device's row before, if any
+    origin_file: Path | None = None  # the origin key file written for the backend, if any
+    origin_before: bytes | None = None  # what that file held before
 
 
 _IDENTIFY = """
@@ -102,23 +128,88 @@ for sid, chip, lead in b.sensors(cfg):
     out.append((sid, ident, bool(lead()) if lead else False))
 print(repr(out))
 """
-# What the steps before left on the board's heap (the sensor probe's board
-# object, its chip models, imported modules) goes before the firmware
-# starts, as a reset would leave it: the firmware needs its outbox in one
-# piece.
-_CLEAN_SLATE = """
-def _clean():
-    import sys, gc
-    g = globals()
-    for k in [k for k in g if not k.startswith('__')]:
-        del g[k]
-    for m in [m for m in sys.modules if m.split('.')[0] in ('sim', 'app', 'drivers', 'protocols', 'board_esp32')]:
-        del sys.modules[m]
-    gc.collect()
-_clean()
-"""
 _SENSORS_ESP32 = _SENSORS.replace("from sim.board_sim import SimBoard\nb = SimBoard.from_file('sim.json')",
                                   "from board_esp32 import Esp32Board\nb = Esp32Board()")
+
+
+# Leftovers of a run that ended before it could tidy up (temporary names).
+_BOARD_START = """
+import os
+for n in ('pulsebridge/config.json.new', 'pulsebridge/device.key.new', 'pulsebridge/origin.key.new'):
+    try:
+        os.remove(n)
+    except OSError:
+        pass
+"""
+_BOARD_FILES = ("pulsebridge/config.json", "pulsebridge/device.key", "pulsebridge/origin.key",
+                "pulsebridge/bonds.bin")
+# The new key and configuration in place, the former ones (and the phones
+# paired for the board's former use) kept aside until the self-test passes.
+_BOARD_COMMIT = """
+import os
+def _ex(p):
+    try:
+        os.stat(p)
+        return True
+    except OSError:
+        return False
+for n in %r:
+    if _ex(n):
+        os.rename(n, n + '.old')
+    if _ex(n + '.new'):
+        os.rename(n + '.new', n)
+""" % (_BOARD_FILES,)
+_BOARD_UNDO = """
+import os
+def _ex(p):
+    try:
+        os.stat(p)
+        return True
+    except OSError:
+        return False
+for n in %r:
+    if _ex(n + '.new'):
+        os.remove(n + '.new')
+    elif COMMITTED:
+        if _ex(n + '.old'):
+            os.rename(n + '.old', n)
+        elif _ex(n):
+            os.remove(n)
+"""
+_BOARD_DONE = """
+import os
+for n in %r:
+    try:
+        os.remove(n + '.old')
+    except OSError:
+        pass
+""" % (_BOARD_FILES,)
+
+
+@contextmanager
+def _no_interrupts() -> Iterator[None]:
+    # Putting things back takes a few bounded seconds; a second Ctrl-C
+    # meanwhile would leave them half put back.
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals go elsewhere anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def qr_text(text: str) -> str:
+    """text as a QR code drawn with block characters, for a terminal (qrcode)."""
+    import qrcode  # type: ignore[import-untyped]
+
+    qr = qrcode.QRCode(border=2, error_correction=qrcode.constants.ERROR_CORRECT_M)
+    qr.add_data(text)
+    out = io.StringIO()
+    qr.print_ascii(out=out, invert=True)
+    return out.getvalue().rstrip("\n")
 
 
 def label_line(device_id: str, key: bytes) -> str:
@@ -136,10 +227,17 @@ class Provisioner:
         self.flash_offset = 0x1000
         # Where the board's origin key goes for the backend (never the hub's data): a file per board.
         self.origin_key_dir = Path.cwd()
+        self._at = STEPS[0]  # the step under way, for errors and interruptions
 
     def run(self, device_id: str | None = None, label: str = "", patient: str = "", dry_run: bool = False,
             flash: Path | None = None, self_test_s: float = 6.0, link: str = "serial") -> Result:
+        """Provisions the board on the port. Never raises for what a board, the
+        registry or Ctrl-C can do: the Result says how it ended, and whatever
+        ended it early has been put back."""
         res = Result(ok=False)
+        if device_id is not None and not valid_device_id(device_id):
+            self.out("FAILED: --device-id must be 1 to 16 of a-z, 0-9, '-': %r" % device_id)
+            return res
         if dry_run:
             self.out("dry run: nothing is written to the board or the registry")
             for i, step in enumerate(STEPS, 1):
@@ -150,59 +248,112 @@ class Provisioner:
             res.ok = True
             return res
         repl: RawRepl | None = None
+        undo = _Undo()
+        self._at = "flash" if flash else STEPS[0]
         try:
             _check_tools(flash is not None)
             if flash:
                 self._flash(flash)
+                self._at = STEPS[0]
             repl = RawRepl(self.port, on_busy=self.out)
-            return self._run(repl, res, device_id, label, patient, self_test_s, link)
+            return self._run(repl, res, undo, device_id, label, patient, self_test_s, link)
+        except KeyboardInterrupt:
+            res.interrupted = True
+            res.steps.append((self._at, "interrupted"))
+            self.out("\ninterrupted at %s (Ctrl-C): putting the board and the registry back as they were" % self._at)
+            if self._undo(repl, undo):
+                self.out("the board and the registry are as before: run provision again to provision it")
+            return res
         except (ReplError, ProvisionError, RegistryError) as e:
-            step = e.step if isinstance(e, ProvisionError) else STEPS[min(len(res.steps), len(STEPS) - 1)]
-            self.out("FAILED at %s: %s" % (step, e))
-            res.steps.append((step, str(e)))
+            step, why = (e.step, e.reason) if isinstance(e, ProvisionError) else (self._at, str(e))
+            self.out("FAILED at %s: %s" % (step, why))
+            res.steps.append((step, why))
+            if self._undo(repl, undo) and (undo.registry_touched or undo.board_written):
+                self.out("the board's key and configuration and the registry are as before")
             return res
         finally:
             if repl is not None:
                 repl.close()
 
-    def _step(self, res: Result, i: int, msg: str = "") -> None:
+    def _undo(self, repl: RawRepl | None, undo: _Undo) -> bool:
+        """Puts back what the run changed; says so and returns False if it cannot."""
+        with _no_interrupts():
+            ok = True
+            if undo.registry_touched:
+                registry = Registry(self.cfg.registry_path, AuditLog(self.cfg.audit_path))
+                try:
+                    registry.restore_row(undo.device_id, undo.registry_row)
+                    registry.audit.record("device.provision.undone", undo.device_id)
+                except RegistryError as e:
+                    self.out("could not put the registry back: %s" % e)
+                    ok = False
+                finally:
+                    registry.close()
+            if undo.origin_file is not None:
+                try:
+                    if undo.origin_before is None:
+                        undo.origin_file.unlink(missing_ok=True)
+                    else:
+                        write_private(undo.origin_file, undo.origin_before)
+                except OSError as e:
+                    self.out("could not put %s back: %s" % (undo.origin_file, e))
+                    ok = False
+            if undo.board_written and repl is not None:
+                try:
+                    repl.reopen()
+                    repl.interrupt()  # the firmware stopped if the self-test had started it
+                    repl.exec(("COMMITTED = %r\n" % undo.board_committed) + _BOARD_UNDO % (_BOARD_FILES,))
+                except (ReplError, OSError, serial.SerialException) as e:
+                    self.out("could not put the board's key and configuration back (%s): provision it again "
+                             "with --device-id %s --yes" % (e, undo.device_id))
+                    ok = False
+            return ok
+
+    def _step(self, i: int, msg: str = "") -> None:
+        self._at = STEPS[i]
         self.out("[%d/%d] %s%s" % (i + 1, len(STEPS), STEPS[i], (": " + msg) if msg else ""))
 
-    def _run(self, repl: RawRepl, res: Result, device_id: str | None, label: str, patient: str,
+    def _identify(self, repl: RawRepl) -> BoardInfo:
+        reply = repl.exec(_IDENTIFY)
+        value = _reply(self._at, reply, "(platform, version, chip, unique id, device id)")
+        if not (isinstance(value, tuple) and len(value) == 5 and all(isinstance(v, str) for v in value)):
+            raise ProvisionError(self._at, "the board's answer is not (platform, version, chip, unique id, device "
+                                 "id): %s" % _shown(reply))
+        platform, version, chip, uid, existing = value
+        return BoardInfo(platform, version, chip, uid, existing or None)
+
+    def _run(self, repl: RawRepl, res: Result, undo: _Undo, device_id: str | None, label: str, patient: str,
              self_test_s: float, link: str) -> Result:
         # 1. identify
-        self._step(res, 0)
-        platform, version, chip, uid, existing = _literal(repl.exec(_IDENTIFY))
-        res.board = BoardInfo(platform, version, chip, uid, existing or None)
-        self.out("      MicroPython %s on %s (%s)%s" % (version, platform, chip, ", id " + uid if uid else ""))
+        self._step(0)
+        board = res.board = self._identify(repl)
+        self.out("      MicroPython %s on %s (%s)%s" % (board.micropython, board.platform, board.chip,
+                                                        ", id " + board.unique_id if board.unique_id else ""))
+        repl.exec(_BOARD_START)
         res.steps.append((STEPS[0], "ok"))
         registry = Registry(self.cfg.registry_path, AuditLog(self.cfg.audit_path))
         try:
-            if existing:
-                known = registry.get(existing)
-                if not self.confirm("board is provisioned already as %s%s: make it a new key?" % (
-                        existing, " (registered)" if known else "")):
-                    raise ProvisionError(STEPS[0], "board already provisioned as %s; not re-keyed (use --yes)"
-                                         % existing)
-                device_id = device_id or existing
-            device_id = device_id or "pb-" + secrets.token_hex(4)
-            res.device_id = device_id
+            device_id = self._choose_id(registry, board.device_id, device_id)
+            res.device_id = undo.device_id = device_id
             # 2. install
             files = build.board_files(build.compile_firmware(default_cache()))
-            self._step(res, 1, "%d files" % len(files))
+            self._step(1, "%d files" % len(files))
+            repl.soft_reset()  # the heap as a reset leaves it, whatever ran before
             for n, (path, src) in enumerate(files.items(), 1):
                 repl.put(path, src.read_bytes())
                 if n % 10 == 0 or n == len(files):
                     self.out("      %d/%d written and checked" % (n, len(files)))
             res.steps.append((STEPS[1], "ok"))
             # 3. key
-            self._step(res, 2)
+            self._step(2)
             key = secrets.token_bytes(32)
             # The origin key (SPEC.md, Origin proof): for the board and the
             # backend only. Handed over first: a board whose backend cannot
             # have its key would stream unprovable frames.
             origin_key = secrets.token_bytes(32)
             origin_file = self.origin_key_dir / ("%s.origin.json" % device_id)
+            undo.origin_file = origin_file
+            undo.origin_before = origin_file.read_bytes() if origin_file.is_file() else None
             try:
                 write_private(origin_file, json.dumps({"device_id": device_id,
                                                        "origin_key": origin_key.hex()}).encode())
@@ -211,44 +362,74 @@ class Provisioner:
             self.out("      origin key for the backend in %s (mode 0600): move it to the backend "
                      "(pulsebridge verify-origin --key); the hub keeps no copy" % origin_file)
             res.steps.append((STEPS[2], "ok"))
-            # 4. write key (under a temporary name) and configuration
-            self._step(res, 3)
-            config = {"device_id": device_id, "link": link}
-            repl.put("pulsebridge/config.json", json.dumps(config).encode())
+            # 4. write key and configuration, under temporary names
+            self._step(3)
+            undo.board_written = True
+            repl.put("pulsebridge/config.json.new", json.dumps({"device_id": device_id, "link": link}).encode())
             repl.put("pulsebridge/device.key.new", key)
-            repl.put("pulsebridge/origin.key", origin_key)
-            repl.remove("pulsebridge/bonds.bin")  # phones paired for the board's former use are forgotten
+            repl.put("pulsebridge/origin.key.new", origin_key)
             res.steps.append((STEPS[3], "ok"))
-            # 5. register, then put the key in place
-            self._step(res, 4, device_id)
-            try:
-                if registry.get(device_id) is not None:
-                    registry.remove(device_id)
-                    registry.audit.record("device.rekey", device_id)
-                registry.add(device_id, label=label, patient_ref=patient, key=key)
-            except RegistryError:
-                repl.remove("pulsebridge/device.key.new")
-                raise
-            repl.exec("import os\nos.rename('pulsebridge/device.key.new', 'pulsebridge/device.key')")
-            registry.audit.record("device.provision", device_id, platform=platform, chip=chip)
+            # 5. register, then put the key and configuration in place
+            self._step(4, device_id)
+            undo.registry_row = registry.row(device_id)
+            undo.registry_touched = True
+            if undo.registry_row is not None:
+                registry.remove(device_id)
+                registry.audit.record("device.rekey", device_id)
+            registry.add(device_id, label=label, patient_ref=patient, key=key)
+            undo.board_committed = True
+            repl.exec(_BOARD_COMMIT)
+            registry.audit.record("device.provision", device_id, platform=board.platform, chip=board.chip)
             res.steps.append((STEPS[4], "ok"))
         finally:
             registry.close()
         # 6. self-test
-        self._step(res, 5)
-        sensors = _literal(repl.exec(_SENSORS if platform == "linux" else _SENSORS_ESP32))
-        names = {1: "MAX30003 INFO 0x%06x", 2: "AD8232 %s", 3: "MAX30102 PART_ID 0x%02x"}
-        for sid, ident, lead_off in sensors:
-            self.out("      " + names.get(sid, "stream %d: %s") % ident + (", lead off" if lead_off else ""))
+        self._step(5)
+        repl.soft_reset()
+        reply = repl.exec(_SENSORS if board.platform == "linux" else _SENSORS_ESP32)
+        for line in _sensor_lines(self._at, reply):
+            self.out("      " + line)
         res.frames_verified = self._stream_test(repl, device_id, key, self_test_s)
         self.out("      %d frames verified end to end in %.0f s" % (res.frames_verified, self_test_s))
         if res.frames_verified < 2:
             raise ProvisionError(STEPS[5], "only %d frames verified in %.0f s" % (res.frames_verified, self_test_s))
+        self._finish(repl)
         res.steps.append((STEPS[5], "ok"))
         res.ok = True
         res.label = label_line(device_id, key)
         self.out("PASS %s  label: %s" % (device_id, res.label))
+        self.out(qr_text(res.label))
+        self.out("the board is streaming now (its firmware starts at every power-up); the hub agent takes it "
+                 "from %s once this tool has let the port go" % self.port)
         return res
+
+    def _choose_id(self, registry: Registry, existing: str | None, named: str | None) -> str:
+        """The id the board gets: named, or the one it has, or a new one; refuses
+        to take a registered id from whichever board holds it unless it is named."""
+        if existing:
+            if not valid_device_id(existing):
+                self.out("      its configuration names no valid device id (%s)" % _shown(existing))
+                existing_known = None
+            else:
+                existing_known = registry.row(existing)
+            if existing_known is not None and named is None:
+                raise ProvisionError(STEPS[0], "this board says it is %s, which this hub has registered: re-keying "
+                                     "it would lock out whichever board holds that id. If this board is %s, name it "
+                                     "(--device-id %s); if not, give it a new id (--device-id NEW-ID)"
+                                     % (existing, existing, existing))
+            shown = existing if valid_device_id(existing) else _shown(existing)
+            if not self.confirm("board is provisioned already as %s: make it a new key%s?" % (
+                    shown, (" as " + named) if named and named != existing else "")):
+                raise ProvisionError(STEPS[0], "board already provisioned as %s; not re-keyed (use --yes)" % shown)
+            if named is None and valid_device_id(existing):
+                return existing
+        if named is not None:
+            if named != existing and registry.row(named) is not None and not self.confirm(
+                    "%s is registered to a board already: give it to this board, with a new key? (the other "
+                    "board's frames will be refused)" % named):
+                raise ProvisionError(STEPS[0], "%s is registered to another board; not taken (use --yes)" % named)
+            return named
+        return "pb-" + secrets.token_hex(4)
 
     def rotate(self, self_test_s: float = 6.0) -> Result:
         """A new key for the board on the port, with no window in which its frames
@@ -256,10 +437,11 @@ class Provisioner:
         res = Result(ok=False)
         repl: RawRepl | None = None
         registry = Registry(self.cfg.registry_path, AuditLog(self.cfg.audit_path))
+        self._at = "rotate"
         try:
             repl = RawRepl(self.port, on_busy=self.out)
-            _platform, _v, _chip, _uid, device_id = _literal(repl.exec(_IDENTIFY))
-            if not device_id or registry.get(device_id) is None:
+            device_id = self._identify(repl).device_id
+            if not device_id or not valid_device_id(device_id) or registry.get(device_id) is None:
                 raise ProvisionError("rotate", "this board is not provisioned for this hub")
             res.device_id = device_id
             self.out("[1/3] %s: new key made; the hub accepts both keys meanwhile" % device_id)
@@ -268,6 +450,7 @@ class Provisioner:
             repl.put("pulsebridge/device.key.new", key)
             repl.exec("import os\nos.rename('pulsebridge/device.key.new', 'pulsebridge/device.key')")
             self.out("[3/3] restarting the firmware and verifying its frames under the new key")
+            repl.soft_reset()
             res.frames_verified = self._stream_test(repl, device_id, key, self_test_s)
             if res.frames_verified < 2:
                 raise ProvisionError("rotate", "frames do not verify under the new key; both keys stay accepted")
@@ -275,6 +458,10 @@ class Provisioner:
             res.ok = True
             res.label = label_line(device_id, key)
             self.out("PASS %s re-keyed (%d frames verified)  label: %s" % (device_id, res.frames_verified, res.label))
+            self.out(qr_text(res.label))
+        except KeyboardInterrupt:
+            res.interrupted = True
+            self.out("\ninterrupted (Ctrl-C): the hub accepts the board's old and new keys until a rotation ends")
         except (ReplError, ProvisionError, RegistryError) as e:
             self.out("FAILED: %s" % e)
         finally:
@@ -284,16 +471,27 @@ class Provisioner:
         return res
 
     def _stream_test(self, repl: RawRepl, device_id: str, key: bytes, seconds: float) -> int:
-        # Start the firmware from the friendly REPL (as a reset would), verify
-        # its frames with the new key, then stop it: Ctrl-C leaves the REPL.
-        repl.exec(_CLEAN_SLATE)
-        repl.leave()
-        repl.port.write(b"exec(open('main.py').read())\r")  # again after a rotation: not a cached import
-        repl.port.close()
+        # Start the firmware from the friendly REPL (as a reset would) and
+        # verify its frames with the new key; it is left streaming.
+        self._start_firmware(repl)
         stats = verify_for(self.port, device_id, key, seconds)
-        repl.port.open()
-        repl.interrupt()
         return stats.frames
+
+    def _start_firmware(self, repl: RawRepl) -> None:
+        if repl.in_raw:
+            repl.leave()
+        repl.port.write(b"exec(open('main.py').read())\r")  # again after a rotation: not a cached import
+        repl.port.flush()
+        repl.port.close()
+
+    def _finish(self, repl: RawRepl) -> None:
+        # The former key, configuration and bonds kept aside go; the firmware,
+        # stopped for that, starts again from a fresh heap.
+        repl.reopen()
+        repl.interrupt()
+        repl.exec(_BOARD_DONE)
+        repl.soft_reset()
+        self._start_firmware(repl)
 
     def _flash(self, image: Path) -> None:
         # The image's offset is the chip's: 0x1000 on the ESP32, 0x0 on the S3 and C3.
@@ -322,7 +520,41 @@ def _check_tools(flashing: bool) -> None:
                                       "pip install -e '.[provision]' in the hub's checkout" % ", ".join(missing))
 
 
-def _literal(text: str) -> Any:
+# The longest answer of the board's shown in an error: enough to recognise it.
+_SHOWN_CHARS = 80
+
+
+def _shown(text: str) -> str:
+    return repr(text[:_SHOWN_CHARS]) + ("..." if len(text) > _SHOWN_CHARS else "")
+
+
+def _reply(step: str, text: str, shape: str) -> Any:
+    """The Python literal a board printed; ProvisionError naming the step if it is not one."""
     import ast
 
-    return ast.literal_eval(text.strip())
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise ProvisionError(step, "the board's answer is not %s: %s" % (shape, _shown(text))) from None
+
+
+_SENSOR_NAMES = {1: "MAX30003 INFO 0x%06x", 2: "AD8232 %s", 3: "MAX30102 PART_ID 0x%02x"}
+
+
+def _sensor_lines(step: str, text: str) -> list[str]:
+    """The self-test's sensor lines from the board's [(stream id, identity, lead off)]."""
+    shape = "[(stream id, identity, lead off), ...]"
+    value = _reply(step, text, shape)
+    if not isinstance(value, list) or not all(
+            isinstance(v, tuple) and len(v) == 3 and isinstance(v[0], int) and isinstance(v[1], int | str)
+            and isinstance(v[2], bool) for v in value):
+        raise ProvisionError(step, "the board's answer is not %s: %s" % (shape, _shown(text)))
+    lines = []
+    for sid, ident, lead_off in value:
+        fmt = _SENSOR_NAMES.get(sid)
+        try:
+            line = fmt % ident if fmt else "stream %d: %s" % (sid, ident)
+        except TypeError:
+            line = "stream %d: %r" % (sid, ident)
+        lines.append(line + (", lead off" if lead_off else ""))
+    return lines

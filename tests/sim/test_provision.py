@@ -46,6 +46,7 @@ def test_provision_a_blank_board_then_refuse_to_rekey_silently(micropython: str,
                  "--label", "chambre 3", "--self-test-seconds", "5", "--origin-key-out", str(handed))
         assert r.returncode == 0, r.stdout + r.stderr
         assert "PASS pb-prov01" in r.stdout and "label: PB1:pb-prov01:" in r.stdout
+        assert "█" in r.stdout and "the board is streaming now" in r.stdout  # the label as a QR code; what runs
         assert "MAX30003 INFO 0x5" in r.stdout and "MAX30102 PART_ID 0x15" in r.stdout
         assert not (flash / "bonds.bin").exists()  # a new patient's board pairs afresh
         reg = Registry(tmp_path / "data" / "registry.db", AuditLog(tmp_path / "log" / "audit.log"))
@@ -65,8 +66,12 @@ def test_provision_a_blank_board_then_refuse_to_rekey_silently(micropython: str,
         key_before = dev.key
         reg.close()
 
-        again = _cli("provision", "--config", str(cfg), "--port", board.port)
-        assert again.returncode == 1 and "already provisioned as pb-prov01" in again.stdout
+        again = _cli("provision", "--config", str(cfg), "--port", board.port, "--device-id", "pb-prov01")
+        assert again.returncode == 1 and "already provisioned as pb-prov01" in again.stdout, again.stdout
+        # --yes alone does not re-key an id this hub has registered: it might be another board's.
+        again = _cli("provision", "--config", str(cfg), "--port", board.port, "--yes")
+        assert again.returncode == 1 and "says it is pb-prov01, which this hub has registered" in again.stdout
+        assert "--device-id pb-prov01" in again.stdout and "Traceback" not in again.stdout + again.stderr
         reg = Registry(tmp_path / "data" / "registry.db", AuditLog(tmp_path / "log" / "audit.log"))
         dev = reg.get("pb-prov01")
         assert dev is not None and dev.key == key_before == (flash / "device.key").read_bytes()

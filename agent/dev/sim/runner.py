@@ -89,6 +89,9 @@ class SimulatedBoard:
         self.port = ""
         self.link_path = directory / "port"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._argv: list[str] = []
+        self._env: dict[str, str] = {}
+        self._stopping = False
         self.dropped_bytes = 0  # board output lost while no one read the port
         self.cable_connected = True  # False: the USB cable is cut, bytes go nowhere
         # False: the board stops reading its USB input (a firmware stuck with
@@ -122,8 +125,6 @@ class SimulatedBoard:
             compiled = build.compile_firmware(self.cache)
             env = dict(os.environ, MICROPYPATH=str(compiled))
             argv = [self.micropython, "-X", "heapsize=%dK" % self.heap_kb, "-i", str(compiled / RUN_BOARD)]
-        self._ma, sa = pty.openpty()
-        _board_tty(sa)
         self._mb, self._sb = pty.openpty()
         tty.setraw(self._sb)
         self.port = os.ttyname(self._sb)
@@ -135,10 +136,9 @@ class SimulatedBoard:
             tmp_link.unlink()
         tmp_link.symlink_to(self.port)
         tmp_link.replace(self.link_path)
-        self.proc = subprocess.Popen(
-            argv, stdin=sa, stdout=sa, stderr=sa, cwd=self.directory, env=env,
-            start_new_session=True, preexec_fn=_take_controlling_tty)
-        os.close(sa)
+        self._argv, self._env = argv, env
+        self._stopping = False
+        self._spawn()
         os.set_blocking(self._mb, False)
         self._thread = threading.Thread(target=self._relay, name="relay-" + self.device_id, daemon=True)
         self._thread.start()
@@ -147,9 +147,37 @@ class SimulatedBoard:
             while ">>> " not in self.console_tail() and time.monotonic() < end:
                 time.sleep(0.02)
 
+    def _spawn(self) -> None:
+        self._ma, sa = pty.openpty()
+        _board_tty(sa)
+        self.proc = subprocess.Popen(
+            self._argv, stdin=sa, stdout=sa, stderr=sa, cwd=self.directory, env=self._env,
+            start_new_session=True, preexec_fn=_take_controlling_tty)
+        os.close(sa)
+
+    def _rebooted(self) -> bool:
+        # A blank board's interpreter ends on a soft reset (Ctrl-D on an empty
+        # raw REPL): the unix port exits where a chip reboots. It is started
+        # again on the same port, with a fresh heap, as a chip comes back.
+        if not self.blank or self._stopping or self._stop.is_set() or self.proc is None:
+            return False
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            return False
+        if self.proc.returncode != 0:  # a crash or a kill stays dead, as a power cut does
+            return False
+        try:
+            os.close(self._ma)
+        except OSError:
+            pass
+        self._spawn()
+        return True
+
     def _relay(self) -> None:
-        ma, mb = self._ma, self._mb
+        mb = self._mb
         while not self._stop.is_set():
+            ma = self._ma
             try:
                 readable, _, _ = select.select([ma, mb] if self.reading else [ma], [], [], 0.2)
             except (OSError, ValueError):
@@ -160,6 +188,8 @@ class SimulatedBoard:
                 except OSError:
                     data = b""
                 if not data:  # the board process is gone
+                    if self._rebooted():
+                        continue
                     return
                 with self._tail_lock:
                     self._tail.extend(data)
@@ -232,6 +262,7 @@ class SimulatedBoard:
         """Ctrl-C (as a technician would), then leave the REPL; kill if stuck."""
         if self.proc is None:
             return None
+        self._stopping = True
         if self.alive():
             try:
                 self.interrupt()
