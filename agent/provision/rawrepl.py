@@ -148,13 +148,13 @@ class RawRepl:
         self.port.write(CTRL_C + CTRL_B)
         self.in_raw = False
         try:
-            return self._read_until(b">>> ", 5)
+            return self._read_until(b">>> ", self.timeout_s)
         except ReplError:
             pass
         # A raw-paste transfer cut half-way is ended by Ctrl-D; then leave.
         self.port.write(CTRL_D + CTRL_C + CTRL_B)
         try:
-            return self._read_until(b">>> ", 5)
+            return self._read_until(b">>> ", self.timeout_s)
         except ReplError as e:
             raise ReplError("no MicroPython REPL on %s (no prompt after Ctrl-C): is MicroPython installed? "
                             "(--flash FIRMWARE.bin writes it)" % self.port_name, self.port_name, e.output) from None
@@ -162,12 +162,12 @@ class RawRepl:
     def enter(self) -> None:
         self.interrupt()
         self.port.write(b"\r" + CTRL_A)
-        self._read_until(RAW_BANNER, 5, "raw REPL")
+        self._read_until(RAW_BANNER, self.timeout_s, "raw REPL")
         self.in_raw = True
 
     def leave(self) -> None:
         self.port.write(CTRL_B)
-        self._read_until(b">>> ", 5)
+        self._read_until(b">>> ", self.timeout_s)
         self.in_raw = False
 
     def soft_reset(self, timeout_s: float = 15.0) -> None:
@@ -197,7 +197,7 @@ class RawRepl:
                 return
             self.raw_paste = False
             if head != b"R\x00":  # a board from before raw-paste: it took Ctrl-A as a new raw REPL
-                self._read_until(RAW_BANNER, 5, "raw REPL")
+                self._read_until(RAW_BANNER, self.timeout_s, "raw REPL")
         self.port.write(code + CTRL_D)
         self._read_until(b"OK", timeout_s, "OK")
 
@@ -231,7 +231,7 @@ class RawRepl:
         self._send(code.encode(), timeout_s)
         out = self._read_until(CTRL_D, timeout_s, "end of output")[:-1]
         err = self._read_until(CTRL_D, timeout_s, "end of error output")[:-1]
-        self._read_until(b">", 2, "raw REPL prompt")
+        self._read_until(b">", timeout_s, "raw REPL prompt")
         if err:
             text = err.decode("utf-8", "replace").strip()
             raise ReplError("the board raised: %s" % (text.splitlines() or [text])[-1], self.port_name, text)
