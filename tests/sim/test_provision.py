@@ -100,7 +100,7 @@ def test_key_rotation_leaves_no_window(micropython: str, tmp_path: Path) -> None
     cfg, board = _hub_and_blank_board(tmp_path, micropython)
     try:
         assert _cli("provision", "--config", str(cfg), "--port", board.port, "--device-id", "pb-rot01",
-                    "--self-test-seconds", "4").returncode == 0
+                    "--self-test-seconds", "4", "--origin-key-out", str(tmp_path)).returncode == 0
         reg = Registry(tmp_path / "data" / "registry.db", AuditLog(tmp_path / "log" / "audit.log"))
         old = reg.get("pb-rot01")
         assert old is not None

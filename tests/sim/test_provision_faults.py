@@ -96,6 +96,7 @@ def _state(tmp_path: Path, device_id: str) -> tuple[object, ...]:
 @pytest.mark.slow
 def test_ctrl_c_at_any_step_puts_everything_back(micropython: str, tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
+    (tmp_path / "handed").mkdir()
     board = _blank_board(tmp_path, micropython)
     try:
         base = ["provision", "--config", str(cfg), "--port", board.port, "--self-test-seconds", "4",
