@@ -195,6 +195,7 @@ class ConnectionLimits:
     max_total: int = MAX_CONNECTIONS
     max_per_client: int = MAX_CONNECTIONS_PER_CLIENT
     header_timeout_s: float = HEADER_TIMEOUT_S
+    idle_timeout_s: float = IDLE_TIMEOUT_S
     open: dict[str, int] = field(default_factory=dict)
     total: int = 0
     refused: int = 0
@@ -502,7 +503,7 @@ class StatusPage:
         app.router.add_get("/api/text", self.api_text)
         app.router.add_get("/api/status", self.api_status)
         app.router.add_get("/api/wave", self.api_wave)
-        self.runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_TIMEOUT_S)
+        self.runner = web.AppRunner(app, access_log=None, keepalive_timeout=self.limits.idle_timeout_s)
         await self.runner.setup()
         inner = self.runner.server
         assert inner is not None

@@ -154,6 +154,29 @@ def test_half_sent_requests_and_silent_connections_are_cut() -> None:
     assert seen["ends"] == [b"", b""] and seen["timed_out"] == 2, seen
 
 
+def test_an_idle_kept_alive_connection_is_closed() -> None:
+    async def scenario() -> tuple[bytes, bytes]:
+        limits = ConnectionLimits(idle_timeout_s=0.5)
+        page = StatusPage(_facts, lambda d, s: {"values": []}, PASSWORD, limits=limits)
+        port = await page.start("127.0.0.1", 0)
+        try:
+            auth = _auth(PASSWORD)["Authorization"].encode()
+            reader, writer = await _half_sent(port, "127.0.0.1", b"GET /api/status HTTP/1.1\r\nHost: hub\r\n"
+                                              b"Authorization: " + auth + b"\r\n\r\n")
+            async with asyncio.timeout(30):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+                await reader.readexactly(length)
+                end = await reader.read()  # then nothing more is asked: closed by the server
+            writer.close()
+            return head.split(b"\r\n")[0], end
+        finally:
+            await page.stop()
+
+    status, end = asyncio.run(scenario())
+    assert status == b"HTTP/1.1 200 OK" and end == b""
+
+
 def test_many_connections_from_one_client_leave_the_owner_and_pulsebridge_status_answering(tmp_path: Path) -> None:
     # Before: at 1,024 open files the owner's page and `pulsebridge status` stopped answering.
     # A real agent; one client opens 300 connections and sends half a request on each.
