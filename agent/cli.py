@@ -173,7 +173,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     import asyncio
     import time
 
-    from agent.supervisor import read_status
+    from agent.status_server import read_status
 
     cfg = _load_config(args.config)
     try:

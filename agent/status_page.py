@@ -421,12 +421,13 @@ def _details(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 class StatusPage:
-    """The page's HTTP server. snapshot: Agent.snapshot; waveform(device_id, stream) -> {"values": [...]};
+    """The page's HTTP server. snapshot: a coroutine function giving Agent.snapshot() (the agent's
+    status_snapshot, which reads the store off the loop); waveform(device_id, stream) -> {"values": [...]};
     clock: monotonic seconds (lockouts)."""
 
-    def __init__(self, snapshot: Callable[[], dict[str, Any]], waveform: Callable[[str, str], dict[str, Any]],
-                 password: str, user: str = "hub", clock: Clock = time.monotonic,
-                 limits: ConnectionLimits | None = None) -> None:
+    def __init__(self, snapshot: Callable[[], Awaitable[dict[str, Any]]],
+                 waveform: Callable[[str, str], dict[str, Any]], password: str, user: str = "hub",
+                 clock: Clock = time.monotonic, limits: ConnectionLimits | None = None) -> None:
         self.password = password
         self.user = user
         self.snapshot = snapshot
@@ -489,7 +490,7 @@ class StatusPage:
         return web.json_response(TEXT)
 
     async def api_status(self, request: web.Request) -> web.Response:
-        return web.json_response(view(self.snapshot()))
+        return web.json_response(view(await self.snapshot()))
 
     async def api_wave(self, request: web.Request) -> web.Response:
         return web.json_response(self.waveform(request.query.get("device", ""), request.query.get("stream", "ecg")))

@@ -1,28 +1,30 @@
 """The agent: named tasks under a supervisor that restarts them.
 
-Tasks: serial discovery (USB ports found by identity, agent/links.py), the
-BLE manager (agent/ble_links.py), both handing the boards they find to one
-link manager (sessions, watchdog, reconnect policy, agent/links.py); one
-forwarder per backend; vitals; housekeeping (retention purge); the registry
-watch; the status socket and page; and the systemd notifier.
+The supervisor builds the agent's parts and runs each as a named task:
+serial discovery (USB ports found by identity, agent/links.py) and the BLE
+manager (agent/ble_links.py), both handing the boards they find to one link
+manager (sessions, watchdog, reconnect policy, agent/links.py); one
+forwarder per backend (agent/forwarders/); the vitals runner
+(agent/vitals/runner.py); store maintenance (agent/maintenance.py); the
+registry watcher (agent/registry_watch.py); the status socket and page
+(agent/status_server.py); and the systemd notifier, here.
 
 A task that raises is logged with its traceback, counted and restarted
 after a capped, jittered backoff: one bug never takes the boards down. The
 agent tells systemd it is alive (sd_notify WATCHDOG=1) only while its loops
 turn and the store answers; otherwise systemd restarts it (WatchdogSec=).
-Every wait on the outside world is bounded by a timeout.
+Every wait on the outside world is bounded by a timeout. SQLite work runs
+on the store's writer thread, or (the status's figures) on a thread of its
+own: nothing synchronous and slow runs on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
-import functools
-import json
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from importlib import metadata
@@ -36,31 +38,18 @@ from agent.config import AgentConfig
 from agent.forwarders.base import Backoff, Forwarder, Subjects
 from agent.ingest import Ingestor
 from agent.links import LinkManager, SerialDiscovery, SerialWant
-from agent.record import FrameRecord
+from agent.maintenance import StoreMaintenance
 from agent.registry import Registry
+from agent.registry_watch import RegistryWatcher
 from agent.sdnotify import Notifier
-from agent.status_page import StatusPage
-from agent.store import KIND_ALERT, KIND_VITAL, PRIORITY_ALERT, PRIORITY_VITALS, Ingest, Store, StoreError
+from agent.status_server import StatusServer
+from agent.store import Store, StoreError
 from agent.vitals.alerts import DEFAULT_RULES, AlertEngine, Rule
 from agent.vitals.engine import VitalsEngine
-from protocols import messages
+from agent.vitals.runner import VitalsRunner
 
 log = logging.getLogger(__name__)
 
-HOUSEKEEPING_EVERY_S = 60.0
-# Stored frames waiting for the vitals engine: about 30 s of 20 boards. When
-# full, frames skip the vitals (counted), never the store or the forwarders.
-VITALS_QUEUE = 1280
-SILENCE_CHECK_S = 10.0
-# Alert documents read back from the store at start (raised and cleared, latest last): enough to
-# know which alerts are still raised, with many cleared ones between.
-RECALLED_ALERTS = 2000
-# The registry is re-read this often when its file changed: a revocation
-# takes effect within this delay.
-REGISTRY_POLL_S = 1.0
-# A status page password file missing or unsafe is looked at again this often:
-# made or fixed, the page starts with no restart.
-PASSWORD_RECHECK_S = 10.0
 # A crashed task is restarted after a capped, jittered backoff; one that ran
 # this long before crashing starts again from the shortest delay.
 RESTART_BASE_S = 1.0
@@ -139,22 +128,15 @@ class Agent:
         self.notifier = Notifier.from_env()
         self.alive = True  # what systemd was last told
         self.not_alive_reason = ""
-        self._turns = {"registry": 0, "vitals": 0}
         rules = tuple(Rule(**r) for r in cfg.alert_rules) or DEFAULT_RULES
         self.vitals = VitalsEngine(AlertEngine(rules))
-        self.vitals_queue: asyncio.Queue[FrameRecord] = asyncio.Queue(VITALS_QUEUE)
-        self.vitals_skipped = 0
-        self.vitals_made = 0
-        self._derived_seq = int(time.time() * 1000) * 16
-        self.ingestor.on_stored = self._to_vitals
-        self.last_vitals: dict[str, dict[str, dict[str, Any]]] = {}
-        # The last 4 s of each device's ECG and pleth (IR), for the status page.
-        self.waves: dict[tuple[str, str], deque[int]] = {}
+        self.vitals_runner = VitalsRunner(self.store, self.vitals, self.ingestor.hub.has_device)
+        self.ingestor.on_stored = self.vitals_runner.offer
+        self.maintenance = StoreMaintenance(self.store, cfg.retention_days)
+        self.registry_watch = RegistryWatcher(cfg.registry_path, self.ingestor, self.store, self.links,
+                                              on_erased=self.vitals_runner.forget)
+        self.status = StatusServer(cfg, self.status_snapshot, self.vitals_runner.waveform)
         self.started_at = time.time()
-        self.status_page_port = 0
-        self.password_recheck_s = PASSWORD_RECHECK_S
-        self.status_page_state = "on" if cfg.status_page_password_file else "off: no status_page_password_file"
-        self.page: StatusPage | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _on_commit(self) -> None:
@@ -167,7 +149,7 @@ class Agent:
                  self.cfg.hub_id)
         self.store.on_commit = self._on_commit
         self.store.start()
-        self._recall()
+        self.vitals_runner.recall(self.registry)
         self.audit.record("agent.start", self.cfg.hub_id, config=str(self.cfg.source or ""),
                           backends=[b.name for b in self.cfg.backends], version=version())
         try:
@@ -188,32 +170,15 @@ class Agent:
             os.close(self._lock_fd)
             log.info("pulsebridge agent %s stopped (config %s)", version(), self.cfg.source or "-")
 
-    def _recall(self) -> None:
-        # After a restart: each registered sensor's last frame and the alerts still raised, read back
-        # from the store: a sensor silent across the restart is still told (and named), an alert still
-        # raised is not raised twice.
-        reader = self.store.reader()
-        try:
-            for d in self.registry.all():
-                if d.state != "revoked":
-                    at = Store.last_received(reader, d.device_id)
-                    if at is not None:
-                        self.vitals.last_seen.setdefault(d.device_id, at)
-            for doc in Store.recent_alerts(reader, RECALLED_ALERTS):
-                if isinstance(doc.get("device_id"), str) and isinstance(doc.get("alert"), str):
-                    self.vitals.alerts.restore(doc["device_id"], doc["alert"], doc.get("state") == "raised")
-        finally:
-            reader.close()
-
     def _loops(self) -> list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]]:
         loops: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = [("serial", self.serial.run)]
         if self.ble is not None:
             loops.append(("ble", self.ble.run))
         loops += [("forward:" + fw.name, fw.run) for fw in self.forwarders]
-        loops += [("housekeeping", self._housekeeping), ("vitals", self._vitals)]
+        loops += [("housekeeping", self.maintenance.run), ("vitals", self.vitals_runner.run)]
         if self.cfg.status_page_password_file:
-            loops.append(("status-page", self._status_page))
-        loops += [("registry", self._watch_registry), ("status", self._status_server)]
+            loops.append(("status-page", self.status.serve_page))
+        loops += [("registry", self.registry_watch.run), ("status", self.status.serve_socket)]
         return loops
 
     async def _supervised(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -236,7 +201,7 @@ class Agent:
             await asyncio.sleep(backoff.next_delay())
 
     def _heartbeats(self) -> dict[str, int]:
-        beats = {"serial": self.serial.polls, **self._turns}
+        beats = {"serial": self.serial.polls, "registry": self.registry_watch.turns, "vitals": self.vitals_runner.turns}
         if self.ble is not None:
             beats["ble"] = self.ble.scans
         return beats
@@ -279,130 +244,33 @@ class Agent:
             if n.watchdog_s:
                 n.notify(WATCHDOG=1)
 
-    def _to_vitals(self, frame: FrameRecord) -> None:
-        self.vitals.last_seen[frame.device_id] = time.time()  # heard, even when the vitals queue is full
-        try:
-            self.vitals_queue.put_nowait(frame)
-        except asyncio.QueueFull:
-            self.vitals_skipped += 1
-
-    async def _vitals(self) -> None:
-        next_silence = time.monotonic() + SILENCE_CHECK_S
-        while True:
-            self._turns["vitals"] += 1
-            f: FrameRecord | None
-            try:
-                async with asyncio.timeout(SILENCE_CHECK_S):
-                    f = await self.vitals_queue.get()
-            except TimeoutError:
-                f = None
-            docs: list[dict[str, Any]] = []
-            if f is not None:  # its samples decoded once, at ingest
-                docs = self.vitals.frame(f, f.device_id, f.start_utc_s()[0], f.key)
-                name = "ppg" if f.stream == messages.STREAM_PPG_MAX30102 else "ecg"
-                wave = self.waves.setdefault((f.device_id, name), deque(maxlen=4 * f.rate_hz))
-                wave.extend(f.channels[-1].tolist())  # ECG, or the IR pleth
-            if time.monotonic() >= next_silence:
-                next_silence = time.monotonic() + SILENCE_CHECK_S
-                docs += self.vitals.silence(time.time())
-            for doc in docs:
-                await self._store_derived(doc)
-
-    async def _store_derived(self, doc: dict[str, Any]) -> None:
-        alert = doc["type"] == "alert"
-        if not alert:
-            self.last_vitals.setdefault(doc["device_id"], {})[doc["kind"]] = {
-                "value": doc["value"], "quality": doc["quality"], "at": doc["at"]}
-        self._derived_seq += 1
-        self.vitals_made += 1
-        await self.store.ingest(Ingest(doc["device_id"], -3 if alert else -2, self._derived_seq,
-                                       KIND_ALERT if alert else KIND_VITAL, b"", None,
-                                       priority=PRIORITY_ALERT if alert else PRIORITY_VITALS, info=doc))
-        if alert:
-            log.warning("alert %s %s for %s", doc["alert"], doc["state"], doc["device_id"])
-
-    def waveform(self, device_id: str, stream: str) -> dict[str, Any]:
-        values = list(self.waves.get((device_id, stream), ()))
-        step = max(1, len(values) // 600)  # at most 600 points: enough for a phone's width
-        return {"device_id": device_id, "stream": stream, "values": values[::step]}
-
-    async def _status_page(self) -> None:
-        from agent.status_page import PasswordFileError, read_password
-
-        assert self.cfg.status_page_password_file is not None
-        said = ""
-        while True:
-            try:
-                password = read_password(self.cfg.status_page_password_file)
-                break
-            except PasswordFileError as e:  # no page, the boards are served all the same
-                self.status_page_state = "off: %s" % e
-                if str(e) != said:  # said once, and again when it changes
-                    said = str(e)
-                    if e.missing:
-                        log.warning("status page off: %s (create it, mode 0600, to have the page)", e)
-                    else:
-                        log.error("status page off: %s", e)
-            # Looked at again: a file made or fixed (as the message says) brings the page up, no restart.
-            await asyncio.sleep(self.password_recheck_s)
-        if said:
-            log.info("status page password file %s is fine now: the page starts", self.cfg.status_page_password_file)
-        host, _, port = self.cfg.status_page_listen.rpartition(":")
-        page = self.page = StatusPage(self.snapshot, self.waveform, password)
-        try:
-            self.status_page_port = await page.start(host or "0.0.0.0", int(port))
-            self.status_page_state = "on"
-        except OSError as e:  # the address is taken or not ours: no page, boards served all the same
-            self.status_page_state = "off: cannot listen on %s: %s" % (self.cfg.status_page_listen, e)
-            log.error("status page %s", self.status_page_state)
-            await page.stop()
-            return
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await page.stop()
-
-    async def _watch_registry(self) -> None:
-        path = self.cfg.registry_path
-        seen = _mtime(path)
-        while True:
-            await asyncio.sleep(REGISTRY_POLL_S)
-            self._turns["registry"] += 1
-            now = _mtime(path)
-            if now != seen:
-                seen = now
-                for dev in self.ingestor.reload_devices():  # erased: nothing of it stays in memory either
-                    self.vitals.forget(dev)
-                    self.last_vitals.pop(dev, None)
-                    for key in [k for k in self.waves if k[0] == dev]:
-                        del self.waves[key]
-                    # What was verified before it was refused is committed first (the writer's queue
-                    # is in order), then erased with it.
-                    late = await self.store.run(functools.partial(self.store.erase_device, device_id=dev))
-                    log.info("device %s erased: its frames are refused from now on (%d stored meanwhile, erased)",
-                             dev, late)
-                self.links.registry_changed()
-                log.info("registry changed: devices reloaded")
-
-    async def _housekeeping(self) -> None:
-        retention_s = self.cfg.retention_days * 86400
-        while True:
-            await asyncio.sleep(HOUSEKEEPING_EVERY_S)
-            n = await self.store.run(lambda db: self.store.purge(db, retention_s))
-            if n:
-                log.info("retention: purged %d frames delivered to every backend", n)
-
     # ---- status ---------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
+    def store_figures(self) -> dict[str, Any]:
+        """What the status reads from SQLite: per backend its backlog and when its oldest waiting frame
+        was received, the store's counters, the active devices. Read connections of their own, so
+        callable from any thread (the status servers call it on one, off the event loop)."""
         reader = self.store.reader()
         try:
-            backlog = Store.backlog(reader)
-            oldest = Store.oldest_waiting(reader, [f.name for f in self.forwarders])
-            counters = Store.counters(reader)
+            figures = {"backlog": Store.backlog(reader),
+                       "oldest": Store.oldest_waiting(reader, [f.name for f in self.forwarders]),
+                       "counters": Store.counters(reader)}
         finally:
             reader.close()
+        figures["devices"] = [d for d in self.registry.all() if d.state == "active"]
+        return figures
+
+    async def status_snapshot(self) -> dict[str, Any]:
+        """snapshot(), its store figures read on a thread: what the status socket and page serve."""
+        return self.snapshot(await asyncio.to_thread(self.store_figures))
+
+    def snapshot(self, figures: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The agent's state for `pulsebridge status` and the status page (JSON-ready). Without
+        figures (store_figures()), they are read here, on the caller's thread."""
+        figures = figures if figures is not None else self.store_figures()
+        backlog, oldest, counters = figures["backlog"], figures["oldest"], figures["counters"]
         boards = self.links.snapshot(OUT_OF_RANGE_S)
+        last_seen = self.vitals.last_seen
         now = time.time()
         return {
             "now": now, "hub_id": self.cfg.hub_id, "uptime_s": round(now - self.started_at, 1), "boards": boards,
@@ -414,13 +282,13 @@ class Agent:
                           "failing_since": f.failing_since, "oldest_waiting_at": oldest.get(f.name)}
                          for f in self.forwarders],
             "rejects": dict(self.ingestor.rejects), "store": self.store.status(),
-            "sensors": [{"device_id": d.device_id, "label": d.label, "heard_at": self.vitals.last_seen.get(d.device_id)}
-                        for d in self.registry.all() if d.state == "active"],
+            "sensors": [{"device_id": d.device_id, "label": d.label, "heard_at": last_seen.get(d.device_id)}
+                        for d in figures["devices"]],
             "alert_rules": [{"name": r.name, "signal": r.signal, "low": r.low, "high": r.high}
                             for r in self.vitals.alerts.rules],
-            "last_vitals": self.last_vitals, "status_page": self.status_page_state,
-            "status_page_clients": self.page.stats() if self.page is not None else None,
-            "vitals": {"made": self.vitals_made, "skipped_frames": self.vitals_skipped,
+            "last_vitals": self.vitals_runner.last_vitals, "status_page": self.status.page_state,
+            "status_page_clients": self.status.page.stats() if self.status.page is not None else None,
+            "vitals": {"made": self.vitals_runner.made, "skipped_frames": self.vitals_runner.skipped,
                        "active_alerts": [list(a) for a in self.vitals.alerts.active()]},
             "counters": counters,
             "link_ends": dict(self.links.ends),
@@ -430,43 +298,3 @@ class Agent:
                         "alive": self.alive, "reason": self.not_alive_reason},
             "version": version(),
         }
-
-    async def _status_server(self) -> None:
-        path = self.cfg.status_socket
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            path.unlink()
-
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                writer.write(json.dumps(self.snapshot()).encode() + b"\n")
-                await writer.drain()
-            finally:
-                writer.close()
-
-        old = os.umask(0o077)
-        try:
-            server = await asyncio.start_unix_server(serve, path=str(path))
-        finally:
-            os.umask(old)
-        async with server:
-            await server.serve_forever()
-
-
-def _mtime(path: Path) -> tuple[float, float]:
-    # The WAL file changes when the registry is written, the main file when checkpointed.
-    def one(p: Path) -> float:
-        try:
-            return p.stat().st_mtime_ns / 1e9
-        except FileNotFoundError:
-            return 0.0
-    return one(path), one(Path(str(path) + "-wal"))
-
-
-async def read_status(socket_path: Path, timeout_s: float = 5.0) -> dict[str, Any]:
-    async with asyncio.timeout(timeout_s):
-        reader, writer = await asyncio.open_unix_connection(str(socket_path))
-        data = await reader.read()
-        writer.close()
-    result: dict[str, Any] = json.loads(data)
-    return result

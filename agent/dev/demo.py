@@ -104,11 +104,11 @@ async def _run_demo(opts: SimOptions, out: IO[str], tmp: Path, air: Air | None,
     footer = "Ctrl-C stops the boards, lets the hub forward what it holds, and prints the summary."
     if not opts.json:
         end = time.monotonic() + PAGE_UP_S
-        while not agent.status_page_port and time.monotonic() < end and not task.done():
+        while not agent.status.page_port and time.monotonic() < end and not task.done():
             await asyncio.sleep(0.05)
-        if agent.status_page_port:
+        if agent.status.page_port:
             footer = ("Status page: http://127.0.0.1:%d/ (user hub, password %s, for this run only). "
-                      % (agent.status_page_port, password)) + footer
+                      % (agent.status.page_port, password)) + footer
         print(footer, file=out)
         out.flush()
     tty = not opts.json and out.isatty()
@@ -192,7 +192,8 @@ def _live(out: IO[str], tty: bool) -> Any:
         with Live(console=console, auto_refresh=False, redirect_stderr=False) as live:
             def show(agent: Agent, backend: dict[str, Any], t: float, footer: str) -> None:
                 snap = agent.snapshot()
-                waves = {b["device_id"]: [float(x) for x in agent.waveform(b["device_id"], "ecg")["values"]]
+                wave = agent.vitals_runner.waveform
+                waves = {b["device_id"]: [float(x) for x in wave(b["device_id"], "ecg")["values"]]
                          for b in snap["boards"] if b["device_id"]}
                 live.update(demo_view.live_view(snap, backend, waves, t, footer), refresh=True)
             yield show

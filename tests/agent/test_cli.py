@@ -11,8 +11,9 @@ import pytest
 
 from agent import config as agent_config
 from agent.audit import AuditLog
+from agent.status_server import read_status
 from agent.store import Ingest, Store
-from agent.supervisor import Agent, read_status
+from agent.supervisor import Agent
 from tests.conftest import ROOT
 
 
@@ -215,7 +216,7 @@ def test_erase_while_the_agent_serves_the_board(micropython: str, tmp_path: Path
                 assert (held, windows) == (0, 0)
                 snap = agent.snapshot()
                 assert dev not in snap["last_vitals"] and dev not in agent.vitals.last_seen
-                assert not [k for k in agent.waves if k[0] == dev]
+                assert not [k for k in agent.vitals_runner.waves if k[0] == dev]
             finally:
                 stop.set()
                 await task

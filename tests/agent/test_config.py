@@ -200,7 +200,7 @@ def test_a_status_page_password_file_fixed_while_the_agent_runs_brings_the_page_
 
     async def scenario() -> None:
         agent = Agent(cfg)
-        agent.password_recheck_s = 0.2
+        agent.status.password_recheck_s = 0.2
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         try:

@@ -132,8 +132,8 @@ def test_outage_then_recovery_against_an_independent_server(micropython: str, tm
             fw = agent.forwarders[0]
             await async_wait_for(lambda: fw.forwarded >= 5, 90, "a first delivery")
             await asyncio.to_thread(server.down)
-            vitals_before = agent.vitals_made
-            await async_wait_for(lambda: fw.failures >= 2 and agent.vitals_made >= vitals_before + 2, 120,
+            vitals_before = agent.vitals_runner.made
+            await async_wait_for(lambda: fw.failures >= 2 and agent.vitals_runner.made >= vitals_before + 2, 120,
                          "vitals made during the outage")
             await async_wait_for(lambda: agent.snapshot()["backends"][0]["backlog"] > 3 * fw.cfg.batch, 60, "a backlog")
             figures["backlog_at_recovery"] = agent.snapshot()["backends"][0]["backlog"]

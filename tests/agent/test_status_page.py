@@ -232,7 +232,8 @@ def test_status_page_states_in_chromium(micropython: str, tmp_path: Path) -> Non
             agent = Agent(cfg)
             stop = asyncio.Event()
             task = asyncio.create_task(agent.run(stop))
-            await async_wait_for(lambda: {"heart_rate", "spo2"} <= set(agent.last_vitals.get(dev, {})), 120,
+            last_vitals = agent.vitals_runner.last_vitals
+            await async_wait_for(lambda: {"heart_rate", "spo2"} <= set(last_vitals.get(dev, {})), 120,
                                  "the board's first heart rate and SpO2", lambda: agent.snapshot()["boards"])
             url = "http://127.0.0.1:%d/" % port
             async with aiohttp.ClientSession() as s:  # no password, no page
@@ -247,12 +248,12 @@ def test_status_page_states_in_chromium(micropython: str, tmp_path: Path) -> Non
                                       "live and green, the ECG drawn")
                     await shoot(page, "live-%s-%s" % (loc[:2], vp))
                 snap = agent.snapshot()
-                waves = {s: agent.waveform(dev, s) for s in ("ecg", "ppg")}
+                waves = {s: agent.vitals_runner.waveform(dev, s) for s in ("ecg", "ppg")}
                 stop.set()
                 await task
 
                 # The same facts, changed: each state served by the page's own server and script.
-                def alert() -> dict[str, Any]:
+                async def alert() -> dict[str, Any]:
                     now = time.time()
                     out = copy.deepcopy(snap)
                     out["now"] = now
@@ -261,7 +262,7 @@ def test_status_page_states_in_chromium(micropython: str, tmp_path: Path) -> Non
                     out["vitals"]["active_alerts"] = [[dev, "spo2_low"]]
                     return out
 
-                def silent() -> dict[str, Any]:
+                async def silent() -> dict[str, Any]:
                     now = time.time()
                     out = copy.deepcopy(snap)
                     out["now"] = now
@@ -354,7 +355,7 @@ def test_status_page_and_cli_tell_stalled_unplugged_and_restarted(micropython: s
         async def scenario() -> dict[str, str]:
             agent = Agent(cfg)
             agent.links.stall_s, agent.links.identify_s = 2.0, 2.0
-            housekeeping = agent._housekeeping
+            housekeeping = agent.maintenance.run
             crashes = [1]
 
             async def flaky() -> None:  # fault injection: one crash
@@ -363,7 +364,7 @@ def test_status_page_and_cli_tell_stalled_unplugged_and_restarted(micropython: s
                     raise RuntimeError("injected fault")
                 await housekeeping()
 
-            agent._housekeeping = flaky  # type: ignore[method-assign]
+            agent.maintenance.run = flaky  # type: ignore[method-assign]
             stop = asyncio.Event()
             task = asyncio.create_task(agent.run(stop))
 
@@ -460,9 +461,9 @@ def test_a_silent_sensor_is_still_told_after_a_hub_restart(micropython: str, tmp
             task = asyncio.create_task(agent.run(stop))
             await async_wait_for(lambda: agent.tasks, 30, "the agent's tasks started")
             seen: dict[str, Any] = {"view": view(agent.snapshot())}
-            turns = agent._turns["vitals"]
+            turns = agent.vitals_runner.turns
             # One silence check at least (every SILENCE_CHECK_S) with the sensor still silent.
-            await async_wait_for(lambda: agent._turns["vitals"] >= turns + 2, 60, "a silence check")
+            await async_wait_for(lambda: agent.vitals_runner.turns >= turns + 2, 60, "a silence check")
             seen["alerts"] = alerts(agent)
             seen["active"] = agent.vitals.alerts.active()
             stop.set()

@@ -37,7 +37,7 @@ def _auth(password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(b"hub:" + password.encode()).decode()}
 
 
-def _facts() -> dict[str, Any]:
+async def _facts() -> dict[str, Any]:
     return {"now": time.time(), "boards": [], "sensors": [], "backends": [], "rejects": {}, "store": {"state": "ok"},
             "vitals": {"active_alerts": []}, "last_vitals": {}, "alert_rules": []}
 
@@ -191,15 +191,15 @@ def test_many_connections_from_one_client_leave_the_owner_and_pulsebridge_status
         agent = Agent(cfg)
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
-        await async_wait_for(lambda: agent.status_page_port and agent.page is not None, 30, "the page up")
-        assert agent.page is not None
+        await async_wait_for(lambda: agent.status.page_port and agent.status.page is not None, 30, "the page up")
+        assert agent.status.page is not None
         held = []
         for _ in range(300):
             with contextlib.suppress(OSError):
                 held.append(await _half_sent(port, "127.0.0.1", b"GET / HTTP/1.1\r\nHo"))
-        limits = agent.page.limits
+        limits = agent.status.page.limits
         await async_wait_for(lambda: limits.refused >= 300 - MAX_CONNECTIONS_PER_CLIENT, 30,
-                             "the excess refused", lambda: agent.page.stats() if agent.page else None)
+                             "the excess refused", lambda: agent.status.page.stats() if agent.status.page else None)
         seen: dict[str, Any] = {"open_at_most": limits.total}
         async with _session("127.0.0.2") as owner:
             async with owner.get("http://127.0.0.1:%d/api/status" % port, headers=_auth(PASSWORD)) as r:
@@ -208,7 +208,7 @@ def test_many_connections_from_one_client_leave_the_owner_and_pulsebridge_status
         with contextlib.redirect_stdout(out):
             seen["cli"] = await asyncio.to_thread(cli.main, ["status", "--config", str(config)])
         seen["cli_text"] = out.getvalue()
-        seen["stats"] = agent.page.stats()
+        seen["stats"] = agent.status.page.stats()
         for _, w in held:
             w.close()
         stop.set()

@@ -116,3 +116,50 @@ def test_notifier_speaks_to_an_abstract_socket_and_is_silent_outside_systemd(tmp
     assert other.watchdog_s is None  # the watchdog was meant for another process
     assert not other.notify(READY=1)  # no systemd there: said once in the log, never raised
     other.close()
+
+
+def test_the_status_socket_reads_the_store_off_the_event_loop(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A slow disk (fault injected: the backlog's COUNT blocks until released) must not stop the loop
+    # that serves the boards: `pulsebridge status` is answered with the store read on another thread.
+    from agent.status_server import read_status
+    from agent.store import Store
+
+    entered, release = threading.Event(), threading.Event()
+    on_loop: list[bool] = []
+    backlog = Store.backlog
+
+    def slow_backlog(db: sqlite3.Connection) -> dict[str, int]:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        entered.set()
+        release.wait(10)
+        return backlog(db)
+
+    cfg = _config(tmp_path)
+
+    async def scenario() -> dict[str, Any]:
+        agent = Agent(cfg)
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        try:
+            await async_wait_for(lambda: cfg.status_socket.exists(), 30, "the status socket")
+            monkeypatch.setattr(Store, "backlog", staticmethod(slow_backlog))
+            asked = asyncio.create_task(read_status(cfg.status_socket, timeout_s=60))
+            await async_wait_for(entered.is_set, 30, "the status request reading the store")
+            beats = agent.vitals_runner.turns + agent.registry_watch.turns
+            await async_wait_for(lambda: agent.registry_watch.turns + agent.vitals_runner.turns > beats, 30,
+                                 "the agent's loops turning while the store is slow")
+            release.set()
+            return await asyncio.wait_for(asked, 60)
+        finally:
+            release.set()
+            stop.set()
+            await task
+
+    snap = asyncio.run(scenario())
+    assert snap["hub_id"] == "test-hub"
+    assert on_loop == [False]

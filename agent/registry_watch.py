@@ -1,0 +1,70 @@
+"""The registry watcher: changes made to the registry beside the running agent
+(pulsebridge devices add|revoke, erase, provision) take effect within
+REGISTRY_POLL_S, with no restart.
+
+The registry is SQLite in WAL mode: a write touches the -wal file, a
+checkpoint the main file, so their modification times together say when to
+read it again. An erased device is forgotten everywhere: ingest refuses it,
+what it stored meanwhile is erased, and `on_erased` drops what other tasks
+keep in memory of it (vitals, waveforms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.ingest import Ingestor
+from agent.links import LinkManager
+from agent.store import Store
+
+log = logging.getLogger(__name__)
+
+# The registry is re-read this often when its file changed: a revocation
+# takes effect within this delay.
+REGISTRY_POLL_S = 1.0
+
+
+def registry_mtime(path: Path) -> tuple[float, float]:
+    """(main file, -wal file) modification times in s; 0.0 for a file not there."""
+    def one(p: Path) -> float:
+        try:
+            return p.stat().st_mtime_ns / 1e9
+        except FileNotFoundError:
+            return 0.0
+    return one(path), one(Path(str(path) + "-wal"))
+
+
+class RegistryWatcher:
+    def __init__(self, path: Path, ingestor: Ingestor, store: Store, links: LinkManager,
+                 on_erased: Callable[[str], None]) -> None:
+        self.path = path
+        self.ingestor = ingestor
+        self.store = store
+        self.links = links
+        self.on_erased = on_erased
+        self.turns = 0  # the loop's heartbeat, for the liveness check
+
+    async def run(self) -> None:
+        seen = registry_mtime(self.path)
+        while True:
+            await asyncio.sleep(REGISTRY_POLL_S)
+            self.turns += 1
+            now = registry_mtime(self.path)
+            if now != seen:
+                seen = now
+                await self._reload()
+
+    async def _reload(self) -> None:
+        for dev in self.ingestor.reload_devices():  # erased: nothing of it stays in memory either
+            self.on_erased(dev)
+            # What was verified before it was refused is committed first (the writer's queue
+            # is in order), then erased with it.
+            late = await self.store.run(functools.partial(self.store.erase_device, device_id=dev))
+            log.info("device %s erased: its frames are refused from now on (%d stored meanwhile, erased)",
+                     dev, late)
+        self.links.registry_changed()
+        log.info("registry changed: devices reloaded")

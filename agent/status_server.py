@@ -1,0 +1,111 @@
+"""What the running agent tells: the status socket (`pulsebridge status`) and the status page.
+
+Both serve the agent's snapshot, which reads the store's figures (backlog,
+counters) on a thread of their own: a large backlog costs its COUNT on that
+thread, never on the event loop that serves the boards.
+
+The status socket is a Unix socket, mode 0600 (the service user's alone):
+a client connects and reads one JSON line. The status page runs only with a
+password file (agent/status_page.py); one missing or unsafe is looked at
+again every PASSWORD_RECHECK_S, so making or fixing it brings the page up
+with no restart, and the boards are served all the same meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from agent.config import AgentConfig
+from agent.status_page import PasswordFileError, StatusPage, read_password
+
+log = logging.getLogger(__name__)
+
+# A status page password file missing or unsafe is looked at again this often:
+# made or fixed, the page starts with no restart.
+PASSWORD_RECHECK_S = 10.0
+
+Snapshot = Callable[[], Awaitable[dict[str, Any]]]
+Waveform = Callable[[str, str], dict[str, Any]]
+
+
+class StatusServer:
+    def __init__(self, cfg: AgentConfig, snapshot: Snapshot, waveform: Waveform) -> None:
+        self.cfg = cfg
+        self.snapshot = snapshot
+        self.waveform = waveform
+        self.page_port = 0  # where the page listens, once it does
+        self.page_state = "on" if cfg.status_page_password_file else "off: no status_page_password_file"
+        self.password_recheck_s = PASSWORD_RECHECK_S
+        self.page: StatusPage | None = None  # once it serves
+
+    async def serve_socket(self) -> None:
+        path = self.cfg.status_socket
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            path.unlink()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                writer.write(json.dumps(await self.snapshot()).encode() + b"\n")
+                await writer.drain()
+            finally:
+                writer.close()
+
+        old = os.umask(0o077)
+        try:
+            server = await asyncio.start_unix_server(serve, path=str(path))
+        finally:
+            os.umask(old)
+        async with server:
+            await server.serve_forever()
+
+    async def serve_page(self) -> None:
+        """Serves the page until cancelled; returns (task done) when it cannot listen."""
+        assert self.cfg.status_page_password_file is not None
+        said = ""
+        while True:
+            try:
+                password = read_password(self.cfg.status_page_password_file)
+                break
+            except PasswordFileError as e:  # no page, the boards are served all the same
+                self.page_state = "off: %s" % e
+                if str(e) != said:  # said once, and again when it changes
+                    said = str(e)
+                    if e.missing:
+                        log.warning("status page off: %s (create it, mode 0600, to have the page)", e)
+                    else:
+                        log.error("status page off: %s", e)
+            # Looked at again: a file made or fixed (as the message says) brings the page up, no restart.
+            await asyncio.sleep(self.password_recheck_s)
+        if said:
+            log.info("status page password file %s is fine now: the page starts", self.cfg.status_page_password_file)
+        host, _, port = self.cfg.status_page_listen.rpartition(":")
+        page = self.page = StatusPage(self.snapshot, self.waveform, password)
+        try:
+            self.page_port = await page.start(host or "0.0.0.0", int(port))
+            self.page_state = "on"
+        except OSError as e:  # the address is taken or not ours: no page, boards served all the same
+            self.page_state = "off: cannot listen on %s: %s" % (self.cfg.status_page_listen, e)
+            log.error("status page %s", self.page_state)
+            await page.stop()
+            return
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await page.stop()
+
+
+async def read_status(socket_path: Path, timeout_s: float = 5.0) -> dict[str, Any]:
+    """The running agent's snapshot, through its status socket; OSError or TimeoutError when it does not answer."""
+    async with asyncio.timeout(timeout_s):
+        reader, writer = await asyncio.open_unix_connection(str(socket_path))
+        data = await reader.read()
+        writer.close()
+    result: dict[str, Any] = json.loads(data)
+    return result
