@@ -8,11 +8,13 @@ be killed, and helpers that read what crossed the wire.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,13 @@ from agent.dev.sim import boards
 from agent.dev.sim.runner import SimulatedBoard
 from agent.dev.tlsgen import Pki, make_pki
 from agent.registry import Registry
+from agent.supervisor import Agent
 from protocols import cose, hub_link, messages
 from tests.conftest import ROOT
+from tests.waiting import async_wait_for
+
+# How long an agent may take to start serving (store opened, perhaps recovered) on a loaded machine.
+AGENT_START_S = 60
 
 
 def free_port() -> int:
@@ -65,6 +72,23 @@ class ThreadedBackend:
         self.thread.join(5)
         self.loop.close()
         self.backend.db.close()
+
+
+@contextlib.asynccontextmanager
+async def running(agent: Agent) -> AsyncIterator[Agent]:
+    """Runs the agent as the service runs it (on this loop), from when its status socket is there
+    until the block ends; then stops it and waits for it to end. Set the agent up before."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        await async_wait_for(lambda: agent.cfg.status_socket.exists() or task.done(), AGENT_START_S,
+                             "the agent serving its status socket")
+        if task.done():
+            await task  # it ended on its own: its error, here
+        yield agent
+    finally:
+        stop.set()
+        await task
 
 
 async def _async(fn: Any) -> Any:

@@ -11,10 +11,13 @@ import pytest
 
 from agent import config as agent_config
 from agent.audit import AuditLog
+from agent.config import AgentConfig
 from agent.status_server import read_status
 from agent.store import Ingest, Store
 from agent.supervisor import Agent
+from tests.agent import harness
 from tests.conftest import ROOT
+from tests.waiting import async_wait_for
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -22,15 +25,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=60)
 
 
-def _config(tmp: Path) -> Path:
-    p = tmp / "agent.toml"
-    p.write_text('[agent]\nhub_id = "hub-t"\ndata_dir = "%s"\nlog_dir = "%s"\nrun_dir = "%s"\n' % (
-        tmp / "data", tmp / "log", tmp / "run"))
-    return p
-
-
-def test_devices_add_list_revoke_and_erase(tmp_path: Path) -> None:
-    cfg = _config(tmp_path)
+def test_devices_add_list_revoke_and_erase(tmp_path: Path, hub_config: AgentConfig) -> None:
+    c = hub_config
+    cfg = c.source
     key_file = tmp_path / "pb-cli01.key"
     r = _cli("devices", "--config", str(cfg), "add", "pb-cli01", "--label", "chambre 1", "--key-out", str(key_file))
     assert r.returncode == 0, r.stderr
@@ -46,7 +43,6 @@ def test_devices_add_list_revoke_and_erase(tmp_path: Path) -> None:
     assert _cli("devices", "--config", str(cfg), "revoke", "pb-cli01", "--reason", "lost").returncode == 0
     assert "revoked" in _cli("devices", "--config", str(cfg), "list").stdout
     # some stored data for the device, then erasure
-    c = agent_config.load(cfg)
     s = Store(c.store_path, [])
     s.start()
     asyncio.run(s.ingest(Ingest("pb-cli01", 1, 0, 1, b"frame", (1, 0, 1))))
@@ -65,66 +61,50 @@ def test_devices_add_list_revoke_and_erase(tmp_path: Path) -> None:
     assert len(AuditLog(c.audit_path).entries()) == 6
 
 
-def test_agent_refuses_to_start_with_a_readable_registry(tmp_path: Path) -> None:
-    cfg = _config(tmp_path)
+def test_agent_refuses_to_start_with_a_readable_registry(tmp_path: Path, hub_config: AgentConfig) -> None:
+    cfg = hub_config.source
     assert _cli("devices", "--config", str(cfg), "add", "pb-cli02").returncode == 0
     os.chmod(tmp_path / "data" / "registry.db", 0o644)
     r = _cli("agent", "--config", str(cfg))
     assert r.returncode == 2 and "readable by others" in r.stderr and "chmod 600" in r.stderr
 
 
-def test_status_reads_the_running_agent(tmp_path: Path) -> None:
-    cfg = agent_config.load(_config(tmp_path))
+def test_status_reads_the_running_agent(hub_config: AgentConfig) -> None:
+    cfg = hub_config
 
     async def scenario() -> dict[str, object]:
-        agent = Agent(cfg)
-        stop = asyncio.Event()
-        task = asyncio.create_task(agent.run(stop))
-        for _ in range(50):
-            if cfg.status_socket.exists():
-                break
-            await asyncio.sleep(0.1)
-        snap = await read_status(cfg.status_socket)
-        assert cfg.status_socket.stat().st_mode & 0o077 == 0  # only the service user may ask
-        shown = await asyncio.to_thread(_cli, "status", "--config", str(cfg.source))
-        assert shown.returncode == 0 and "hub hub-t" in shown.stdout and "alerts: none" in shown.stdout, shown
-        # read by a pipe that leaves at once (| head -0): no traceback (there was one)
-        cut = await asyncio.to_thread(lambda: subprocess.run(
-            "%s -m agent.cli status --config %s | head -c 0" % (sys.executable, cfg.source), shell=True, cwd=ROOT,
-            capture_output=True, text=True, timeout=60))
-        assert "Traceback" not in cut.stderr and "BrokenPipe" not in cut.stderr, cut.stderr
-        stop.set()
-        await task
+        async with harness.running(Agent(cfg)):
+            snap = await read_status(cfg.status_socket)
+            assert cfg.status_socket.stat().st_mode & 0o077 == 0  # only the service user may ask
+            shown = await asyncio.to_thread(_cli, "status", "--config", str(cfg.source))
+            assert shown.returncode == 0 and "hub test-hub" in shown.stdout and "alerts: none" in shown.stdout, shown
+            # read by a pipe that leaves at once (| head -0): no traceback (there was one)
+            cut = await asyncio.to_thread(lambda: subprocess.run(
+                "%s -m agent.cli status --config %s | head -c 0" % (sys.executable, cfg.source), shell=True,
+                cwd=ROOT, capture_output=True, text=True, timeout=60))
+            assert "Traceback" not in cut.stderr and "BrokenPipe" not in cut.stderr, cut.stderr
         return snap
 
     snap = asyncio.run(scenario())
-    assert snap["hub_id"] == "hub-t" and snap["boards"] == [] and snap["rejects"] == {}
+    assert snap["hub_id"] == "test-hub" and snap["boards"] == [] and snap["rejects"] == {}
     json.dumps(snap)
 
 
-def test_a_second_agent_on_the_same_data_refuses_to_start(tmp_path: Path) -> None:
+def test_a_second_agent_on_the_same_data_refuses_to_start(hub_config: AgentConfig) -> None:
     # Before, a second agent (started by hand beside the service) ran: it took
     # the status socket over (pulsebridge status then told of it, a board
     # "reconnecting: cannot lock the port" while the first agent served it),
     # and both fought over the ports and one MQTT client id.
-    cfg = agent_config.load(_config(tmp_path))
+    cfg = hub_config
 
     async def scenario() -> None:
-        agent = Agent(cfg)
-        stop = asyncio.Event()
-        task = asyncio.create_task(agent.run(stop))
-        for _ in range(50):
-            if cfg.status_socket.exists():
-                break
-            await asyncio.sleep(0.1)
-        before = await read_status(cfg.status_socket)
-        second = await asyncio.to_thread(_cli, "agent", "--config", str(cfg.source))  # 60 s bound: it must end
-        assert second.returncode == 2, second
-        assert "another pulsebridge agent (pid %d) is running on %s" % (os.getpid(), cfg.data_dir) in second.stderr
-        after = await read_status(cfg.status_socket)  # still the first one answering
-        assert after["uptime_s"] >= before["uptime_s"] and not task.done()
-        stop.set()
-        await task
+        async with harness.running(Agent(cfg)):
+            before = await read_status(cfg.status_socket)
+            second = await asyncio.to_thread(_cli, "agent", "--config", str(cfg.source))  # 60 s bound: it must end
+            assert second.returncode == 2, second
+            assert "another pulsebridge agent (pid %d) is running on %s" % (os.getpid(), cfg.data_dir) in second.stderr
+            after = await read_status(cfg.status_socket)  # still the first one answering
+            assert after["uptime_s"] >= before["uptime_s"]
         done = asyncio.Event()
         done.set()
         await Agent(cfg).run(done)  # stopped, the first lets the next one start
@@ -147,8 +127,8 @@ def test_a_new_backend_does_not_recreate_the_store(tmp_path: Path) -> None:
     s.close()
 
 
-def test_an_agent_on_a_damaged_store_starts_serves_and_says_so(tmp_path: Path) -> None:
-    cfg = agent_config.load(_config(tmp_path))
+def test_an_agent_on_a_damaged_store_starts_serves_and_says_so(hub_config: AgentConfig) -> None:
+    cfg = hub_config
     s = Store(cfg.store_path, ["a"], commit_linger_s=0)
     s.start()
     asyncio.run(s.ingest(Ingest("pb-x", 1, 0, 1, b"f0", (1, 0, 1))))
@@ -157,17 +137,9 @@ def test_an_agent_on_a_damaged_store_starts_serves_and_says_so(tmp_path: Path) -
         f.write(os.urandom(100))  # a damaged header: before, every start exited 1
 
     async def scenario() -> tuple[dict[str, Any], str]:
-        agent = Agent(cfg)
-        stop = asyncio.Event()
-        task = asyncio.create_task(agent.run(stop))
-        for _ in range(50):
-            if cfg.status_socket.exists():
-                break
-            await asyncio.sleep(0.1)
-        snap = await read_status(cfg.status_socket)
-        shown = await asyncio.to_thread(_cli, "status", "--config", str(cfg.source))
-        stop.set()
-        await task
+        async with harness.running(Agent(cfg)):
+            snap = await read_status(cfg.status_socket)
+            shown = await asyncio.to_thread(_cli, "status", "--config", str(cfg.source))
         return snap, shown.stdout
 
     snap, shown = asyncio.run(scenario())
@@ -183,30 +155,20 @@ def test_erase_while_the_agent_serves_the_board(micropython: str, tmp_path: Path
     # Before, the running agent kept the erased device's key: its next frames
     # were verified, stored (41 within 20 s) and forwarded, its replay window
     # written again, and its vitals and waveform still on the status page.
-    from tests.agent import harness
-
     sims = harness.start_boards(tmp_path, 1, micropython)
     dev = sims[0].device_id
     try:
         harness.register(tmp_path / "data", tmp_path / "log", sims)
         cfg = agent_config.load(harness.write_config(tmp_path, sims, ""))
 
-        async def until(pred: Any, what: str) -> None:
-            for _ in range(600):  # up to 60 s on a busy machine
-                if pred():
-                    return
-                await asyncio.sleep(0.1)
-            raise AssertionError("timed out: " + what)
-
         async def scenario() -> None:
-            agent = Agent(cfg)
-            stop = asyncio.Event()
-            task = asyncio.create_task(agent.run(stop))
-            try:
-                await until(lambda: dev in agent.snapshot()["last_vitals"], "the board's vitals")
+            async with harness.running(Agent(cfg)) as agent:
+                await async_wait_for(lambda: dev in agent.snapshot()["last_vitals"], 60, "the board's vitals",
+                                     lambda: agent.snapshot()["boards"])
                 r = await asyncio.to_thread(_cli, "erase", "--config", str(cfg.source), "--device", dev)
                 assert r.returncode == 0 and "erased" in r.stdout, r.stdout + r.stderr
-                await until(lambda: agent.ingestor.rejects["unknown_device"] >= 3, "its next frames refused")
+                await async_wait_for(lambda: agent.ingestor.rejects["unknown_device"] >= 3, 60,
+                                     "its next frames refused", lambda: dict(agent.ingestor.rejects))
                 db = agent.store.reader()
                 try:
                     held = db.execute("SELECT COUNT(*) FROM frames WHERE device_id=?", (dev,)).fetchone()[0]
@@ -217,9 +179,6 @@ def test_erase_while_the_agent_serves_the_board(micropython: str, tmp_path: Path
                 snap = agent.snapshot()
                 assert dev not in snap["last_vitals"] and dev not in agent.vitals.last_seen
                 assert not [k for k in agent.vitals_runner.waves if k[0] == dev]
-            finally:
-                stop.set()
-                await task
 
         asyncio.run(scenario())
     finally:

@@ -1,11 +1,11 @@
 import tomllib
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from agent import config
 from tests.conftest import ROOT
+from tests.waiting import async_wait_for
 
 
 def test_example_config_parses() -> None:
@@ -151,18 +151,11 @@ def test_status_page_password_file_never_stops_the_boards(micropython: str, tmp_
             caplog.clear()
 
             async def scenario() -> tuple[int, dict[str, object]]:
-                agent = Agent(cfg)
-                stop = asyncio.Event()
-                task = asyncio.create_task(agent.run(stop))
-                before = agent.store.stats.ingested
-                for _ in range(600):  # up to 60 s on a busy machine
-                    if agent.store.stats.ingested >= before + 3 or task.done():
-                        break
-                    await asyncio.sleep(0.1)
-                snap = agent.snapshot()
-                stop.set()
-                await task
-                return agent.store.stats.ingested - before, snap
+                async with harness.running(Agent(cfg)) as agent:
+                    before = agent.store.stats.ingested
+                    await async_wait_for(lambda: agent.store.stats.ingested >= before + 3, 60,
+                                         "the board's frames stored", lambda: agent.snapshot()["boards"])
+                    return agent.store.stats.ingested - before, agent.snapshot()
 
             stored, snap = asyncio.run(scenario())
             assert stored >= 3, case
@@ -191,32 +184,24 @@ def test_a_status_page_password_file_fixed_while_the_agent_runs_brings_the_page_
     cfg = config.load(harness.write_config(tmp_path, [], "", extra=(
         'status_page_listen = "127.0.0.1:%d"\nstatus_page_password_file = "%s"\n' % (port, pw))))
 
-    async def until(pred: Any, what: str) -> None:
-        for _ in range(300):  # up to 30 s on a busy machine
-            if pred():
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError("timed out: " + what)
-
     async def scenario() -> None:
         agent = Agent(cfg)
         agent.status.password_recheck_s = 0.2
-        stop = asyncio.Event()
-        task = asyncio.create_task(agent.run(stop))
-        try:
-            await until(lambda: "readable by others" in agent.snapshot()["status_page"], "readable by others")
+
+        def page() -> str:
+            return str(agent.snapshot()["status_page"])
+
+        async with harness.running(agent):
+            await async_wait_for(lambda: "readable by others" in page(), 30, "readable by others", page)
             pw.chmod(0o600)  # as the status says; still too short
-            await until(lambda: "at least 12" in agent.snapshot()["status_page"], "the short password named")
+            await async_wait_for(lambda: "at least 12" in page(), 30, "the short password named", page)
             write_private(pw, b"correct horse battery staple\n")
-            await until(lambda: agent.snapshot()["status_page"] == "on", "the page on")
+            await async_wait_for(lambda: page() == "on", 30, "the page on", page)
             async with aiohttp.ClientSession() as s:
                 auth = {"Authorization": "Basic " + base64.b64encode(b"hub:correct horse battery staple").decode()}
                 async with s.get("http://127.0.0.1:%d/" % port, headers=auth) as r:
                     assert r.status == 200
                 async with s.get("http://127.0.0.1:%d/" % port) as r:
                     assert r.status == 401
-        finally:
-            stop.set()
-            await task
 
     asyncio.run(scenario())

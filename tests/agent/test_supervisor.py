@@ -14,14 +14,8 @@ import pytest
 from agent import config as agent_config
 from agent.sdnotify import Notifier
 from agent.supervisor import Agent
+from tests.agent import harness
 from tests.waiting import async_wait_for
-
-
-def _config(tmp: Path) -> agent_config.AgentConfig:
-    path = tmp / "agent.toml"
-    path.write_text('[agent]\nhub_id = "test-hub"\ndata_dir = "%s"\nlog_dir = "%s"\nrun_dir = "%s"\n' % (
-        tmp / "data", tmp / "log", tmp / "run"))
-    return agent_config.load(path)
 
 
 class SystemdSocket:
@@ -46,12 +40,13 @@ class SystemdSocket:
 
 
 def test_watchdog_only_while_the_loops_make_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+                                                     caplog: pytest.LogCaptureFixture,
+                                                     hub_config: agent_config.AgentConfig) -> None:
     systemd = SystemdSocket(tmp_path / "notify.sock")
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
     monkeypatch.setenv("WATCHDOG_USEC", "400000")  # WatchdogSec=0.4: a ping every 0.2 s
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
-    cfg = _config(tmp_path)
+    cfg = hub_config
     try:
         async def scenario() -> dict[str, Any]:
             agent = Agent(cfg)
@@ -118,8 +113,8 @@ def test_notifier_speaks_to_an_abstract_socket_and_is_silent_outside_systemd(tmp
     other.close()
 
 
-def test_the_status_socket_reads_the_store_off_the_event_loop(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_status_socket_reads_the_store_off_the_event_loop(monkeypatch: pytest.MonkeyPatch,
+                                                              hub_config: agent_config.AgentConfig) -> None:
     # A slow disk (fault injected: the backlog's COUNT blocks until released) must not stop the loop
     # that serves the boards: `pulsebridge status` is answered with the store read on another thread.
     from agent.status_server import read_status
@@ -139,14 +134,10 @@ def test_the_status_socket_reads_the_store_off_the_event_loop(tmp_path: Path,
         release.wait(10)
         return backlog(db)
 
-    cfg = _config(tmp_path)
+    cfg = hub_config
 
     async def scenario() -> dict[str, Any]:
-        agent = Agent(cfg)
-        stop = asyncio.Event()
-        task = asyncio.create_task(agent.run(stop))
-        try:
-            await async_wait_for(lambda: cfg.status_socket.exists(), 30, "the status socket")
+        async with harness.running(Agent(cfg)) as agent:
             monkeypatch.setattr(Store, "backlog", staticmethod(slow_backlog))
             asked = asyncio.create_task(read_status(cfg.status_socket, timeout_s=60))
             await async_wait_for(entered.is_set, 30, "the status request reading the store")
@@ -155,10 +146,6 @@ def test_the_status_socket_reads_the_store_off_the_event_loop(tmp_path: Path,
                                  "the agent's loops turning while the store is slow")
             release.set()
             return await asyncio.wait_for(asked, 60)
-        finally:
-            release.set()
-            stop.set()
-            await task
 
     snap = asyncio.run(scenario())
     assert snap["hub_id"] == "test-hub"
