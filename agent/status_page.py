@@ -309,7 +309,8 @@ def view(snapshot: dict[str, Any]) -> dict[str, Any]:
     "delivery": "ok" | "none" (no backend configured) | "failing",
     "notices": [{"level": "alert" | "attention" | "info", "key": text key, "args": {...}}], alerts first,
     "sensors": [{"device_id", "label", "state": "live" | "silent" | "waiting", "heard_at", "link",
-                 "vitals": {kind: {"value", "unit", "at", "quality", "low", "high", "out": "low"|"high"|None}}}],
+                 "vitals": {kind: {"value", "unit", "at", "quality", "disagrees" (the board's heart rate and
+                                   pulse rate disagree), "low", "high", "out": "low"|"high"|None}}}],
     "details": lines for a technician}. Times are UTC seconds on the hub's clock; the page turns
     them into ages against "now" and its own time since the poll.
     Green ("ok") only when every registered sensor was heard within FRESH_S, there is at least one,
@@ -340,7 +341,8 @@ def view(snapshot: dict[str, Any]) -> dict[str, Any]:
             out = ("low" if r.get("low") is not None and value < r["low"] else
                    "high" if r.get("high") is not None and value > r["high"] else None)
             vitals[kind] = {"value": value, "unit": "%" if kind == "spo2" else "/min", "at": v.get("at"),
-                            "quality": v.get("quality"), "low": r.get("low"), "high": r.get("high"), "out": out}
+                            "quality": v.get("quality"), "disagrees": bool(v.get("disagrees")),
+                            "low": r.get("low"), "high": r.get("high"), "out": out}
         sensors.append({"device_id": dev, "label": label, "state": state, "heard_at": heard, "link": link_state,
                         "vitals": vitals})
         if (dev, "board_silent") in active:
@@ -560,6 +562,7 @@ TEXT = {
         "hr": "Rythme cardiaque", "spo2": "Oxygène dans le sang", "pr": "Pouls", "per_min": "par min",
         "out_low": "⚠ bas : alerte en dessous de {limit}", "out_high": "⚠ haut : alerte au-dessus de {limit}",
         "q_good": "signal bon", "q_fair": "signal moyen", "q_poor": "signal faible",
+        "q_disagree": "pouls et fréquence cardiaque en désaccord : valeur incertaine",
         "ecg": "Tracé du cœur (ECG)", "ppg": "Onde de pouls (capteur au doigt)",
         "ecg_alt": "Tracé du cœur des 4 dernières secondes", "ppg_alt": "Onde de pouls des 4 dernières secondes",
         "wave_none": "pas de tracé en direct", "wave_rate": "{value} battements par minute",
@@ -610,6 +613,7 @@ TEXT = {
         "hr": "Heart rate", "spo2": "Oxygen in the blood", "pr": "Pulse", "per_min": "per min",
         "out_low": "⚠ low: alert below {limit}", "out_high": "⚠ high: alert above {limit}",
         "q_good": "good signal", "q_fair": "fair signal", "q_poor": "weak signal",
+        "q_disagree": "pulse and heart rate disagree: value uncertain",
         "ecg": "Heart trace (ECG)", "ppg": "Pulse wave (finger sensor)",
         "ecg_alt": "Heart trace of the last 4 seconds", "ppg_alt": "Pulse wave of the last 4 seconds",
         "wave_none": "no live trace", "wave_rate": "{value} beats per minute",

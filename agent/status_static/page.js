@@ -124,7 +124,7 @@ function renderSensors(lost) {
         const limit = v.out === "low" ? v.low : v.high;
         box.append(el("span", "limit", t("out_" + v.out, {limit: num(limit) + (kind === "spo2" ? "\u00a0%" : "")})));
       }
-      const q = v.quality >= 0.8 ? "q_good" : v.quality >= 0.5 ? "q_fair" : "q_poor";
+      const q = v.disagrees ? "q_disagree" : v.quality >= 0.8 ? "q_good" : v.quality >= 0.5 ? "q_fair" : "q_poor";
       if (live) box.append(el("br"), el("small", "", t(q)));  // not live: the line above the values says so
       values.push(box);
     }

@@ -121,8 +121,10 @@ class VitalsRunner:
     async def _store(self, doc: dict[str, Any]) -> None:
         alert = doc["type"] == "alert"
         if not alert:
+            check = doc.get("cross_check")
             self.last_vitals.setdefault(doc["device_id"], {})[doc["kind"]] = {
-                "value": doc["value"], "quality": doc["quality"], "at": doc["at"]}
+                "value": doc["value"], "quality": doc["quality"], "at": doc["at"],
+                "disagrees": bool(check and not check.get("agrees", True))}
         self._derived_seq += 1
         self.made += 1
         await self.store.ingest(Ingest(doc["device_id"], _EPOCH_ALERT if alert else _EPOCH_VITAL, self._derived_seq,

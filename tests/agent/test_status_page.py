@@ -147,6 +147,18 @@ def test_alerts_come_first_with_the_value_and_its_threshold() -> None:
     assert fine["sensors"][0]["vitals"]["spo2"]["out"] is None
 
 
+def test_sensors_that_disagree_are_shown_as_doubt_not_as_an_alert() -> None:
+    now = 1_800_000_000.0
+    snap = _snapshot(now, heard_at=now - 2, backends=[_delivering(now)])
+    snap["last_vitals"]["pb-t01"]["heart_rate"].update(quality=0.45, disagrees=True)
+    snap["last_vitals"]["pb-t01"]["pulse_rate"] = {"value": 42.0, "quality": 0.4, "at": "x", "disagrees": True}
+    v = view(snap)
+    shown = v["sensors"][0]["vitals"]
+    assert shown["heart_rate"]["disagrees"] and shown["pulse_rate"]["disagrees"] and not shown["spo2"]["disagrees"]
+    assert (v["level"], v["notices"]) == ("ok", [])  # doubt, not an alert
+    assert "q_disagree" in TEXT["fr"] and "q_disagree" in TEXT["en"]
+
+
 def test_every_text_exists_in_both_languages_without_jargon() -> None:
     assert set(TEXT["fr"]) == set(TEXT["en"])
     words = " ".join(list(TEXT["fr"].values()) + list(TEXT["en"].values())).lower()
