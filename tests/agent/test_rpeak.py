@@ -55,6 +55,17 @@ def test_streams_start_and_end_anywhere_without_a_beat_of_their_own(codes_per_mv
     assert spurious == [] and missed == []
 
 
+@pytest.mark.parametrize(("start", "n"), [(139089, 3388), (553912, 2853), (641640, 2365)])
+def test_no_beat_invented_on_the_last_sample(start: int, n: int) -> None:
+    # Excerpts of record 100 that end between two beats, on a slope: the detector used to place
+    # a beat on their last sample (none in the reference within 150 ms).
+    sig, ref = _record_100()
+    found = detect(sig[start:start + n] * 2621440.0, 360)
+    truth = ref[(ref >= start) & (ref < start + n)] - start
+    assert found and all(np.min(np.abs(truth - p)) <= 54 for p in found), (found[-3:], truth[-3:])
+    assert found[-1] < n - 1
+
+
 def test_no_beat_on_a_flat_or_offset_start() -> None:
     # Four seconds of a flat line at an offset, then the ECG: nothing before the ECG starts.
     sig, ref = _record_100(360 * 20)
