@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.forwarders.fhir import COSE_EXTENSION
-from protocols import cbor, origin
+from protocols import cbor
+from protocols import origin_verify as origin
 from protocols.errors import ProtocolError
 
 # A capture or document file larger than this is refused (read whole into memory).

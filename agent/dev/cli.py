@@ -107,6 +107,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rv = bench_vitals.run()
         print(json.dumps(rv, indent=1) if args.json else "\n".join(bench_vitals.report(rv)))
         return 0
+    if args.what == "origin":
+        from agent.dev import bench_origin
+
+        ro = bench_origin.run("esp32" if args.board_speed == "host" else args.board_speed)
+        print(json.dumps(ro, indent=1) if args.json else "\n".join(bench_origin.report(ro)))
+        return 0
+    if args.what == "ota":
+        from agent.dev import bench_ota
+
+        rt = bench_ota.run("esp32" if args.board_speed == "host" else args.board_speed)
+        print(json.dumps(rt, indent=1) if args.json else "\n".join(bench_ota.report(rt)))
+        return 0
     if args.what == "agent":
         from agent.dev import bench_agent
 
@@ -117,6 +129,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     heap = bench.ESP32_HEAP_BLE_ON if args.heap is None else args.heap
     return bench.main(args.what, args.minutes, args.json, args.board_speed, args.link, heap, args.stretches)
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from agent.dev import release
+
+    if args.action == "keygen":
+        pub = release.keygen(args.out)
+        print("vendor key written to %s (mode 0600): keep it off every hub; public key %s" % (args.out, pub.hex()))
+        return 0
+    if args.key is None or args.version is None:
+        print("pulsebridge-dev release sign: --key and --version are needed", file=sys.stderr)
+        return 2
+    from agent.provision import build
+
+    files = {path: src.read_bytes() for path, src in build.board_files(
+        build.compile_firmware(build.default_cache())).items()}
+    data = release.make_bundle(files, args.version, args.name or "pulsebridge-fw %d" % args.version,
+                               args.min_version, args.target, release.load_key(args.key))
+    args.out.write_bytes(data)
+    print("%s: %d files, %d bytes, version %d (minimum %d), target %s" % (args.out, len(files), len(data),
+                                                                        args.version, args.min_version, args.target))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks that print figures")
-    p.add_argument("what", choices=["firmware", "encoding", "agent", "vitals"], help="which benchmark")
+    p.add_argument("what", choices=["firmware", "encoding", "agent", "vitals", "origin", "ota"], help="which benchmark")
     p.add_argument("--minutes", type=float, default=10.0, help="simulated minutes (firmware benchmark)")
     p.add_argument("--link", choices=["serial", "ble"], default="serial", help="firmware benchmark: the board's link")
     p.add_argument("--heap", type=int, default=None,
@@ -149,6 +183,17 @@ def main(argv: list[str] | None = None) -> int:
                         "reads and the firmware's work in each")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("release", help="the vendor's release tool: a vendor key, signed firmware bundles")
+    p.add_argument("action", choices=["keygen", "sign"])
+    p.add_argument("--out", type=Path, required=True, help="keygen: the private key file; sign: the bundle")
+    p.add_argument("--key", type=Path, help="sign: the vendor's private key (PEM)")
+    p.add_argument("--version", type=int, help="sign: the release number, strictly rising")
+    p.add_argument("--name", default="", help="sign: the version's name (default pulsebridge-fw VERSION)")
+    p.add_argument("--min-version", type=int, default=0,
+                   help="sign: once installed, the board refuses any version below this")
+    p.add_argument("--target", default="esp32", help="sign: the board type (default esp32)")
+    p.set_defaults(func=cmd_release)
 
     args = parser.parse_args(argv)
     missing = missing_dev_packages()

@@ -1,12 +1,12 @@
 # Origin proof on the board (app/origin.py): nothing allocated per frame or
 # per checkpoint, and what the app streams is proven by the backend's
-# verifier (protocols/origin.py, run here under MicroPython too).
+# verifier (protocols/origin_verify.py, run here under MicroPython too).
 import gc
 
 import micropython
 
 from app import config, main, origin
-from protocols import cbor, cose, hub, messages
+from protocols import cbor, cose, hub, messages, origin_verify
 from protocols import origin as wire
 from sim.board_sim import SimBoard
 from sim.clock import VirtualClock
@@ -67,13 +67,13 @@ def test_app_checkpoints_prove_every_frame():
     ckpts = [r for r in accepted if r.message.kind == messages.T_ORIGIN]
     assert len(ckpts) >= 2, len(ckpts)  # one every 10 s of the board's clock
     assert app.outbox.depth() <= 3  # the checkpoints were acknowledged like frames
-    v = wire.Verifier({dev: _read(origin.PATH)})
+    v = origin_verify.Verifier({dev: _read(origin.PATH)})
     for r in accepted:
         v.add(r.raw)
     rep = v.report()
     assert rep.ok, rep.as_dict()
     frames = [r for r in accepted if r.message.kind == messages.T_SAMPLES]
-    assert rep.count(wire.PROVEN) + rep.count(wire.PENDING) == len(frames)
+    assert rep.count(origin_verify.PROVEN) + rep.count(origin_verify.PENDING) == len(frames)
     last = ckpts[-1].message.seq
     for f in rep.frames:  # only the frames made after the last checkpoint wait for the next one
-        assert f.verdict == (wire.PROVEN if f.seq < last else wire.PENDING), (f.as_dict(), last)
+        assert f.verdict == (origin_verify.PROVEN if f.seq < last else origin_verify.PENDING), (f.as_dict(), last)

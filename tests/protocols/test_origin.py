@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from protocols import cbor, cipher, cose, messages, origin, samples
+from protocols import cbor, cipher, cose, messages, origin, origin_verify, samples
 from protocols.errors import AuthenticationError, ProtocolError, RemoteProtocolError
 
 KID = b"pb-0a1b2c3d"
@@ -118,8 +118,8 @@ def stream(n_frames: int = 12, every: int = 4) -> "tuple[list[bytes], list[bytes
 
 
 def verify(frames: "list[bytes]", ckpts: "list[bytes]", claims: "dict[int, list[list[int]]] | None" = None,
-           keys: "dict[str, bytes] | None" = None) -> origin.Report:
-    v = origin.Verifier(keys if keys is not None else {KID.decode(): ORIGIN_KEY})
+           keys: "dict[str, bytes] | None" = None) -> origin_verify.Report:
+    v = origin_verify.Verifier(keys if keys is not None else {KID.decode(): ORIGIN_KEY})
     for c in ckpts:
         v.add(c)
     for i, f in enumerate(frames):
@@ -205,13 +205,13 @@ def test_open_checkpoint_raises_only_protocol_errors_on_mutations() -> None:
 def test_every_frame_proven_with_its_samples() -> None:
     frames, ckpts = stream(12, 4)
     rep = verify(frames, ckpts, {i: channels(f) for i, f in enumerate(frames)})
-    assert rep.ok and rep.count(origin.PROVEN) == 12, rep.as_dict()
+    assert rep.ok and rep.count(origin_verify.PROVEN) == 12, rep.as_dict()
 
 
 def test_frames_after_the_last_checkpoint_wait_and_are_not_counted_proven() -> None:
     frames, ckpts = stream(10, 4)  # frames 9 and 10 (seqs 11, 12) after the second checkpoint
     rep = verify(frames, ckpts)
-    assert rep.ok and rep.count(origin.PROVEN) == 8 and rep.count(origin.PENDING) == 2, rep.as_dict()
+    assert rep.ok and rep.count(origin_verify.PROVEN) == 8 and rep.count(origin_verify.PENDING) == 2, rep.as_dict()
 
 
 def test_hub_altering_a_sample_and_remacing_is_caught() -> None:
@@ -225,7 +225,7 @@ def test_hub_altering_a_sample_and_remacing_is_caught() -> None:
         messages.encoded(m, sealer=cipher.SampleCipher(DEVICE_KEY, SALT)))
     rep = verify(frames[:2] + [forged] + frames[3:], ckpts)
     assert not rep.ok
-    assert [(f.seq, f.verdict) for f in rep.frames if f.verdict != origin.PROVEN] == [(3, origin.ALTERED)]
+    assert [(f.seq, f.verdict) for f in rep.frames if f.verdict != origin_verify.PROVEN] == [(3, origin_verify.ALTERED)]
 
 
 def test_hub_altering_the_decoded_samples_of_a_document_is_caught() -> None:
@@ -233,8 +233,8 @@ def test_hub_altering_the_decoded_samples_of_a_document_is_caught() -> None:
     claims = {i: channels(f) for i, f in enumerate(frames)}
     claims[5][0][0] -= 1  # the COSE bytes forwarded intact, the decoded values in the document not
     rep = verify(frames, ckpts, claims)
-    bad = [f for f in rep.frames if f.verdict != origin.PROVEN]
-    assert [(f.seq, f.verdict) for f in bad] == [(7, origin.ALTERED)] and "sample 0" in bad[0].why
+    bad = [f for f in rep.frames if f.verdict != origin_verify.PROVEN]
+    assert [(f.seq, f.verdict) for f in bad] == [(7, origin_verify.ALTERED)] and "sample 0" in bad[0].why
 
 
 def test_hub_dropping_a_frame_is_listed_as_a_gap() -> None:
@@ -242,7 +242,7 @@ def test_hub_dropping_a_frame_is_listed_as_a_gap() -> None:
     rep = verify(frames[:1] + frames[3:], ckpts)  # seqs 2 and 3 never forwarded
     assert not rep.ok
     assert rep.gaps() == [{"device_id": KID.decode(), "epoch": EPOCH, "seq_ranges": [[2, 3]]}]
-    assert rep.count(origin.PROVEN) == 6
+    assert rep.count(origin_verify.PROVEN) == 6
 
 
 def test_hub_inserting_a_frame_is_caught() -> None:
@@ -252,10 +252,11 @@ def test_hub_inserting_a_frame_is_caught() -> None:
     # content: neither is listed with its digest.
     inserted = frame(5, base=3)  # seq 5 is the first checkpoint's own seq
     rep = verify(frames + [inserted], ckpts)
-    assert [(f.seq, f.verdict) for f in rep.frames if f.verdict != origin.PROVEN] == [(5, origin.UNPROVEN)]
+    bad = [(f.seq, f.verdict) for f in rep.frames if f.verdict != origin_verify.PROVEN]
+    assert bad == [(5, origin_verify.UNPROVEN)]
     swapped = frame(2, base=1)
     rep = verify([frames[0], swapped] + frames[2:], ckpts)
-    assert [(f.seq, f.verdict) for f in rep.frames if f.verdict != origin.PROVEN] == [(2, origin.ALTERED)]
+    assert [(f.seq, f.verdict) for f in rep.frames if f.verdict != origin_verify.PROVEN] == [(2, origin_verify.ALTERED)]
 
 
 def test_hub_dropping_a_checkpoint_is_caught_and_its_frames_unproven() -> None:
@@ -263,7 +264,7 @@ def test_hub_dropping_a_checkpoint_is_caught_and_its_frames_unproven() -> None:
     rep = verify(frames, [ckpts[0], ckpts[2]])
     assert not rep.ok
     assert rep.missing_checkpoints == [(KID.decode(), EPOCH, 1)]
-    assert [f.seq for f in rep.frames if f.verdict == origin.UNPROVEN] == [6, 7, 8, 9]
+    assert [f.seq for f in rep.frames if f.verdict == origin_verify.UNPROVEN] == [6, 7, 8, 9]
 
 
 def test_checkpoint_forged_by_the_hub_is_refused() -> None:
@@ -273,10 +274,10 @@ def test_checkpoint_forged_by_the_hub_is_refused() -> None:
     forged = ind_message(5, ind_checkpoint(0, [(1, ind_digest(frames[0]))], key=bytes(32)))
     rep = verify(frames, [forged])
     assert not rep.ok and "forged" in rep.problems[0]
-    assert rep.count(origin.PROVEN) == 0
+    assert rep.count(origin_verify.PROVEN) == 0
 
 
 def test_frame_of_a_device_without_origin_key_is_unproven() -> None:
     frames, ckpts = stream(4, 4)
     rep = verify(frames, [], keys={})
-    assert not rep.ok and rep.count(origin.UNPROVEN) == 4
+    assert not rep.ok and rep.count(origin_verify.UNPROVEN) == 4

@@ -1,0 +1,46 @@
+"""`pulsebridge-dev bench ota`: a firmware bundle's signature check on the
+board at a chip's speed (firmware_mpy/sim/bench_ota.py under MicroPython),
+on a bundle of the current firmware signed by a throwaway vendor key."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.dev import release
+from agent.dev.sim import boards
+from agent.dev.sim.runner import find_micropython
+from agent.provision import build
+from agent.provision.build import FIRMWARE_DIR
+
+
+def run(target: str = "esp32") -> dict[str, Any]:
+    key = Ed25519PrivateKey.generate()
+    files = {p: s.read_bytes() for p, s in build.board_files(build.compile_firmware(build.default_cache())).items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fw.pbb"
+        path.write_bytes(release.make_bundle(files, 2, "bench", 0, target, key))
+        p = subprocess.run([find_micropython(), "-X", "heapsize=2M", str(FIRMWARE_DIR / "sim" / "bench_ota.py"), target,
+                            str(path), release.public_key(key).hex()], env=boards.micropython_env(),
+                           capture_output=True, text=True, timeout=600)
+    if p.returncode:
+        raise RuntimeError("bench_ota under micropython failed: " + p.stderr[-2000:])
+    return dict(json.loads(p.stdout.strip().splitlines()[-1]))
+
+
+def report(r: dict[str, Any]) -> list[str]:
+    return [
+        "firmware bundle check at %s speed (factor %.0f, calibrated now):" % (r["target"], r["factor_x1000"] / 1000),
+        "  Ed25519 signature (pure MicroPython, %d slices): %.0f ms here, %.1f s on the chip"
+        % (r["slices"], r["signature_host_us"] / 1000, r["signature_chip_us"] / 1e6),
+        "  a slice (what one loop iteration spends on it) on the chip: median %.1f ms, 99th percentile %.1f ms, "
+        "longest %.1f ms (a garbage collection in it)"
+        % (r["median_slice_chip_us"] / 1000, r["p99_slice_chip_us"] / 1000, r["worst_slice_chip_us"] / 1000),
+        "  whole check of a %d-byte bundle of %d files (signature + SHA-256 of each), in one go: %.1f s on the chip"
+        % (r["bundle_bytes"], r["files"], r["whole_check_chip_us"] / 1e6),
+    ]

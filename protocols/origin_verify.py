@@ -1,0 +1,203 @@
+# Origin proof, the backend's side (SPEC.md, "Origin proof"): what a
+# backend received (frames' raw COSE, the decoded samples a document claims,
+# origin checkpoints) checked with the origin keys alone. Apart from
+# protocols/origin.py so that a board never loads it.
+
+from protocols import cose, messages
+from protocols._compat import equal_ct
+from protocols.errors import AuthenticationError, ProtocolError
+from protocols.origin import Checkpoint, boot_cipher, frame_digest, open_checkpoint
+
+# What the verifier says about each sample frame it was given.
+PROVEN = "proven"  # a checkpoint lists it with this very digest (and its samples match, if given)
+ALTERED = "altered"  # a checkpoint lists its (boot, seq) with another digest, or the samples differ
+UNPROVEN = "unproven"  # no checkpoint lists it, though later frames of its boot are: inserted (or its checkpoint lost)
+PENDING = "pending"  # after the last checkpoint received for its boot: not provable yet
+MALFORMED = "malformed"  # not a sample frame or checkpoint we can read
+
+
+class FrameResult:
+    def __init__(self, device_id: str, epoch: int, seq: int, verdict: str, why: str = "") -> None:
+        self.device_id = device_id
+        self.epoch = epoch
+        self.seq = seq
+        self.verdict = verdict
+        self.why = why
+
+    def as_dict(self) -> "dict[str, object]":
+        return {"device_id": self.device_id, "epoch": self.epoch, "seq": self.seq, "verdict": self.verdict,
+                "why": self.why}
+
+
+class _Frame:
+    def __init__(self, device_id: str, epoch: int, seq: int, salt: bytes, digest: bytes, payload: bytes,
+                 claimed: "list[list[int]] | None", where: str) -> None:
+        self.device_id = device_id
+        self.epoch = epoch
+        self.seq = seq
+        self.salt = salt
+        self.digest = digest
+        self.payload = payload
+        self.claimed = claimed
+        self.where = where
+
+
+class Verifier:
+    # Feed it what a backend received, in any order (add): the raw COSE of
+    # sample frames (with, optionally, the decoded samples a document gave
+    # for them) and of origin checkpoints; then report(). keys: device id ->
+    # origin key. Frames of a device with no key are reported unproven.
+    def __init__(self, keys: "dict[str, bytes]") -> None:
+        self.keys = dict(keys)
+        self._frames: "dict[tuple[str, bytes, int], _Frame]" = {}
+        self._ckpts: "dict[tuple[str, bytes], dict[int, Checkpoint]]" = {}
+        self.problems: "list[str]" = []  # inputs that could not be read or did not verify
+
+    def add(self, raw: "bytes | bytearray", claimed: "list[list[int]] | None" = None, where: str = "") -> None:
+        # raw: one uplink COSE_Mac0 as the board sent it. claimed: the
+        # decoded samples per channel that a document says the frame holds.
+        try:
+            msg = cose.parse(raw)
+            m = messages.decode_payload(msg.payload, messages.UPLINK_TYPES, decode_samples=False)
+        except ProtocolError as e:
+            self.problems.append("%s: not a pulsebridge message (%s)" % (where or "input", e))
+            return
+        device_id = str(msg.kid, "ascii", "replace")
+        if isinstance(m, messages.OriginCheckpoint):
+            key = self.keys.get(device_id)
+            if key is None:
+                self.problems.append("%s: checkpoint of %s, whose origin key was not given" % (where, device_id))
+                return
+            try:
+                c = open_checkpoint(m.checkpoint, key)
+            except AuthenticationError:
+                self.problems.append("%s: checkpoint seq %d of %s does not verify under its origin key (forged)"
+                                     % (where, m.seq, device_id))
+                return
+            except ProtocolError as e:
+                self.problems.append("%s: checkpoint seq %d of %s malformed (%s)" % (where, m.seq, device_id, e))
+                return
+            if c.device_id != device_id:
+                self.problems.append("%s: checkpoint of %s inside a message of %s" % (where, c.device_id, device_id))
+                return
+            self._ckpts.setdefault((device_id, c.boot_salt), {})[c.index] = c
+            return
+        if not isinstance(m, messages.SampleFrame) or m.boot_salt is None:
+            return  # hello, status...: not covered by the proof
+        self._frames[(device_id, m.boot_salt, m.seq)] = _Frame(
+            device_id, m.epoch, m.seq, m.boot_salt, frame_digest(msg.payload), bytes(msg.payload), claimed, where)
+
+    def report(self) -> "Report":
+        rep = Report()
+        rep.problems = list(self.problems)
+        covered: "dict[tuple[str, bytes], tuple[dict[int, tuple[bytes, Checkpoint]], int]]" = {}
+        for (dev, salt), by_index in self._ckpts.items():
+            entries: "dict[int, tuple[bytes, Checkpoint]]" = {}
+            for c in by_index.values():
+                for s, dg in c.entries.items():
+                    entries[s] = (dg, c)
+            top = max(by_index)
+            for i in range(top):
+                if i not in by_index:
+                    any_c = by_index[top]
+                    rep.missing_checkpoints.append((dev, any_c.epoch, i))
+            covered[(dev, salt)] = (entries, max(entries))
+        for f in sorted(self._frames.values(), key=lambda f: (f.device_id, f.epoch, f.seq)):
+            got = covered.get((f.device_id, f.salt))
+            if f.device_id not in self.keys:
+                rep.frames.append(FrameResult(f.device_id, f.epoch, f.seq, UNPROVEN, "no origin key for this device"))
+                continue
+            if got is None or f.seq > got[1]:
+                rep.frames.append(FrameResult(f.device_id, f.epoch, f.seq, PENDING,
+                                              "after the last checkpoint received for its boot"))
+                continue
+            entry = got[0].get(f.seq)
+            if entry is None:
+                why = "listed by no checkpoint of its boot: inserted"
+                if any(d == f.device_id for d, _e, _i in rep.missing_checkpoints):
+                    why += ", or listed by a checkpoint that is missing"
+                rep.frames.append(FrameResult(f.device_id, f.epoch, f.seq, UNPROVEN, why))
+                continue
+            digest, c = entry
+            if not equal_ct(digest, f.digest) or c.epoch != f.epoch:
+                rep.frames.append(FrameResult(f.device_id, f.epoch, f.seq, ALTERED,
+                                              "its bytes are not those the board's checkpoint lists"))
+                continue
+            if f.claimed is not None:
+                why = _samples_differ(f, c)
+                if why:
+                    rep.frames.append(FrameResult(f.device_id, f.epoch, f.seq, ALTERED, why))
+                    continue
+            rep.frames.append(FrameResult(f.device_id, f.epoch, f.seq, PROVEN))
+        for (dev, salt), (entries, _top) in covered.items():
+            for s, (_dg, c) in sorted(entries.items()):
+                if (dev, salt, s) not in self._frames:
+                    rep.missing.append((dev, c.epoch, s))
+        return rep
+
+
+def _samples_differ(f: _Frame, c: Checkpoint) -> str:
+    # Decrypts the frame's samples with the boot key the checkpoint carries
+    # and compares them with what the document claimed; "" if they agree.
+    m = messages.decode_payload(f.payload, (messages.T_SAMPLES,), decode_samples=True,
+                                opener=boot_cipher(c.boot_key, c.boot_salt))
+    assert isinstance(m, messages.SampleFrame)
+    claimed = f.claimed or []
+    if len(claimed) != len(m.channels):
+        return "the document has %d channels, the board's frame %d" % (len(claimed), len(m.channels))
+    for k, (a, b) in enumerate(zip(claimed, m.channels)):
+        if list(a) != list(b):
+            first = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
+            return "channel %d differs from the board's samples from sample %d on" % (k, first)
+    return ""
+
+
+def _ranges(seqs: "list[int]") -> "list[tuple[int, int]]":
+    out: "list[tuple[int, int]]" = []
+    for s in sorted(seqs):
+        if out and out[-1][1] + 1 == s:
+            out[-1] = (out[-1][0], s)
+        else:
+            out.append((s, s))
+    return out
+
+
+class Report:
+    # frames: one FrameResult per sample frame given; missing: (device,
+    # epoch, seq) a checkpoint lists but no frame was given for; missing
+    # checkpoints: (device, epoch, index) below the newest one received.
+    def __init__(self) -> None:
+        self.frames: "list[FrameResult]" = []
+        self.missing: "list[tuple[str, int, int]]" = []
+        self.missing_checkpoints: "list[tuple[str, int, int]]" = []
+        self.problems: "list[str]" = []
+
+    def count(self, verdict: str) -> int:
+        return sum(1 for f in self.frames if f.verdict == verdict)
+
+    @property
+    def ok(self) -> bool:
+        # Every frame proven or pending, none missing, no checkpoint missing or forged.
+        return (not self.missing and not self.missing_checkpoints and not self.problems
+                and all(f.verdict in (PROVEN, PENDING) for f in self.frames))
+
+    def gaps(self) -> "list[dict[str, object]]":
+        # The missing frames as ranges of seq per device and epoch.
+        by: "dict[tuple[str, int], list[int]]" = {}
+        for dev, epoch, seq in self.missing:
+            by.setdefault((dev, epoch), []).append(seq)
+        return [{"device_id": dev, "epoch": epoch, "seq_ranges": [list(r) for r in _ranges(seqs)]}
+                for (dev, epoch), seqs in sorted(by.items())]
+
+    def as_dict(self) -> "dict[str, object]":
+        return {
+            "ok": self.ok,
+            "frames": len(self.frames),
+            "proven": self.count(PROVEN),
+            "pending": self.count(PENDING),
+            "altered": [f.as_dict() for f in self.frames if f.verdict == ALTERED],
+            "unproven": [f.as_dict() for f in self.frames if f.verdict == UNPROVEN],
+            "missing": self.gaps(),
+            "missing_checkpoints": [{"device_id": d, "epoch": e, "index": i} for d, e, i in self.missing_checkpoints],
+            "problems": self.problems,
+        }
