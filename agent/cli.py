@@ -15,10 +15,13 @@ if TYPE_CHECKING:
     from agent.registry import Registry
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"at": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
-                           "logger": record.name, "message": record.getMessage()})
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("pulsebridge")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _load_config(path: Path) -> AgentConfig:
@@ -34,14 +37,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
+    from agent import logs
     from agent.errors import PulsebridgeError
     from agent.supervisor import Agent
 
     cfg = _load_config(args.config)
-    if cfg.log_format == "json":
-        for h in logging.getLogger().handlers:
-            h.setFormatter(JsonFormatter())
-    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logs.setup(cfg.log_format, logging.DEBUG if args.verbose else logging.INFO)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -267,6 +268,7 @@ def _board_line(b: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pulsebridge", description="Home telemonitoring gateway.")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version="pulsebridge %s" % _version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     default_cfg = Path("/etc/pulsebridge/agent.toml")
@@ -329,8 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_verify_origin)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from agent import logs
+
+    logs.setup("text", logging.DEBUG if args.verbose else logging.WARNING)
     if args.command == "agent":
         return int(args.func(args))
     try:

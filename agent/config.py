@@ -134,6 +134,8 @@ class AgentConfig:
     # The status page: served only with a password file (no default credentials).
     status_page_listen: str = "0.0.0.0:8080"
     status_page_password_file: Path | None = None
+    # The Prometheus endpoint ([metrics] listen = "HOST:PORT"): off unless configured; loopback by default.
+    metrics_listen: str | None = None
     serial: list[SerialConfig] = field(default_factory=list)
     ble: BleConfig | None = None
     backends: list[BackendConfig] = field(default_factory=list)
@@ -286,6 +288,15 @@ def _parse(data: dict[str, Any], source: Path | None) -> AgentConfig:
             raise ConfigError("%s needs port, or usb_vid (and usb_pid)" % where, where)
         _leftovers(s, where)
         cfg.serial.append(sc)
+    metrics = _take(data, "metrics", dict, "")
+    if metrics is not None:
+        metrics = dict(metrics)
+        cfg.metrics_listen = _take(metrics, "listen", str, "metrics", "127.0.0.1:9464")
+        host, sep, port = cfg.metrics_listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError("metrics.listen must be HOST:PORT (port 0 to 65535), not %r" % cfg.metrics_listen,
+                              "metrics.listen")
+        _leftovers(metrics, "metrics")
     ble = _take(data, "ble", dict, "")
     if ble is not None:
         ble = dict(ble)

@@ -25,6 +25,7 @@ import fcntl
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from importlib import metadata
@@ -39,6 +40,7 @@ from agent.forwarders.base import Backoff, Forwarder, Subjects
 from agent.ingest import Ingestor
 from agent.links import LinkManager, SerialDiscovery, SerialWant
 from agent.maintenance import StoreMaintenance
+from agent.record import FrameRecord
 from agent.registry import Registry
 from agent.registry_watch import RegistryWatcher
 from agent.sdnotify import Notifier
@@ -131,7 +133,9 @@ class Agent:
         rules = tuple(Rule(**r) for r in cfg.alert_rules) or DEFAULT_RULES
         self.vitals = VitalsEngine(AlertEngine(rules))
         self.vitals_runner = VitalsRunner(self.store, self.vitals, self.ingestor.hub.has_device)
-        self.ingestor.on_stored = self.vitals_runner.offer
+        self.ingestor.on_stored = self._stored
+        self.frames_stored: Counter[str] = Counter()  # since start, per registered board (metrics)
+        self.metrics_port = 0
         self.maintenance = StoreMaintenance(self.store, cfg.retention_days)
         self.registry_watch = RegistryWatcher(cfg.registry_path, self.ingestor, self.store, self.links,
                                               on_erased=self.vitals_runner.forget)
@@ -145,8 +149,8 @@ class Agent:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         self._loop = asyncio.get_running_loop()
-        log.info("pulsebridge agent %s starting (config %s, hub %s)", version(), self.cfg.source or "-",
-                 self.cfg.hub_id)
+        log.info("pulsebridge agent %s starting (config %s, hub %s): %s", version(), self.cfg.source or "-",
+                 self.cfg.hub_id, self.found())
         self.store.on_commit = self._on_commit
         self.store.start()
         self.vitals_runner.recall(self.registry)
@@ -170,6 +174,45 @@ class Agent:
             os.close(self._lock_fd)
             log.info("pulsebridge agent %s stopped (config %s)", version(), self.cfg.source or "-")
 
+    def found(self) -> str:
+        """What the agent found at start, in one line for its log."""
+        devices = self.registry.all()
+        active = sum(1 for d in devices if d.state == "active")
+        serial = ", ".join(sc.port or "USB %04x:%04x" % (sc.usb_vid or 0, sc.usb_pid or 0) for sc in self.cfg.serial)
+        reader = self.store.reader()
+        try:
+            backlog = Store.backlog(reader)
+        finally:
+            reader.close()
+        return "%d boards registered (%d active); backends: %s; serial: %s; BLE: %s; store %s (backlog %s); " \
+               "status page %s; metrics %s" % (
+                   len(devices), active,
+                   ", ".join("%s (%s)" % (b.name, b.type) for b in self.cfg.backends) or "none",
+                   serial or "any pulsebridge board", self.cfg.ble.adapter if self.cfg.ble else "off",
+                   self.cfg.store_path, backlog or "none", self.status.page_state,
+                   ("on " + self.cfg.metrics_listen) if self.cfg.metrics_listen else "off")
+
+    def _stored(self, frame: FrameRecord) -> None:
+        self.frames_stored[frame.device_id] += 1
+        self.vitals_runner.offer(frame)
+
+    async def _metrics(self) -> None:
+        from agent.metrics import MetricsServer
+
+        assert self.cfg.metrics_listen is not None
+        host, _, port = self.cfg.metrics_listen.rpartition(":")
+
+        async def snapshot() -> dict[str, Any]:
+            return dict(await self.status_snapshot(), frames_stored=dict(self.frames_stored))
+
+        server = MetricsServer(snapshot)
+        try:
+            self.metrics_port = await server.start(host, int(port))
+            log.info("metrics for Prometheus on http://%s:%d/metrics", host, self.metrics_port)
+            await asyncio.Event().wait()  # serves until cancelled
+        finally:
+            await server.stop()
+
     def _loops(self) -> list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]]:
         loops: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = [("serial", self.serial.run)]
         if self.ble is not None:
@@ -178,6 +221,8 @@ class Agent:
         loops += [("housekeeping", self.maintenance.run), ("vitals", self.vitals_runner.run)]
         if self.cfg.status_page_password_file:
             loops.append(("status-page", self.status.serve_page))
+        if self.cfg.metrics_listen:
+            loops.append(("metrics", self._metrics))
         loops += [("registry", self.registry_watch.run), ("status", self.status.serve_socket)]
         return loops
 
