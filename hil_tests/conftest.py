@@ -91,7 +91,10 @@ def board(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BoardUnder
     sim.start()
     _BOARDS[spec.device_id] = "simulated (firmware under micropython %s)" % platform.machine()
     try:
-        yield BoardUnderTest("simulated", sim.port, spec.device_id, spec.key, sim)
+        # The port by its stable name (as udev gives a real board): a reboot
+        # gives the board a new pty, and the old one's number may go to
+        # another pty at once (the rebooted board's own console, for one).
+        yield BoardUnderTest("simulated", str(sim.link_path), spec.device_id, spec.key, sim)
     finally:
         sim.stop()
 
