@@ -163,10 +163,24 @@ def ble_bench(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BleBen
         air.stop()
 
 
+class Figures(dict[str, Any]):
+    """A case's figures: in the bench report, and each a JUnit property of the case
+    (pytest's user_properties, what record_property writes), so CI keeps them."""
+
+    def __init__(self, item: pytest.Item) -> None:
+        super().__init__()
+        self.item = item
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        props = [(k, v) for k, v in self.item.user_properties if k != key]
+        self.item.user_properties[:] = props + [(key, value)]
+
+
 @pytest.fixture
 def figures(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """Figures a case measured, for the bench report."""
-    return _FIGURES.setdefault(request.node.name, {})
+    """Figures a case measured, for the bench report and as JUnit properties."""
+    return _FIGURES.setdefault(request.node.name, Figures(request.node))
 
 
 def stream(b: BoardUnderTest, seconds: float, time_sync_s: float | None = None,

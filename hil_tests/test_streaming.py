@@ -13,6 +13,11 @@ from agent.config import AgentConfig
 from agent.dev.sim.runner import SimulatedBoard
 from agent.provision.provision import Provisioner
 from hil_tests.conftest import BoardUnderTest, assert_nothing_lost, frames_at_least, stream, until_nothing_lost
+from hil_tests.judging import judge_within
+
+# A board's crystal (and the MAX30003's) is specified to tens of ppm; beyond
+# this, its clock is judged faulty.
+DRIFT_LIMIT_PPM = 100.0
 
 
 def test_provisioning_round_trip(blank_board: tuple[str, SimulatedBoard | None], tmp_path: Path,
@@ -20,7 +25,9 @@ def test_provisioning_round_trip(blank_board: tuple[str, SimulatedBoard | None],
     port, _sim = blank_board
     cfg = AgentConfig(data_dir=tmp_path / "data", log_dir=tmp_path / "log", run_dir=tmp_path / "run")
     t0 = time.monotonic()
-    res = Provisioner(cfg, port, confirm=lambda q: True).run(label="bench", self_test_s=5)
+    prov = Provisioner(cfg, port, confirm=lambda q: True)
+    prov.origin_key_dir = tmp_path  # the origin key handed over: not into the checkout
+    res = prov.run(label="bench", self_test_s=5)
     figures["seconds"] = round(time.monotonic() - t0, 1)
     assert res.ok, res.steps
     assert res.board is not None
@@ -106,6 +113,8 @@ def test_clock_drift_measured(board: BoardUnderTest, request: pytest.FixtureRequ
     assert st.clock_drift_ppm is not None and st.clock_drift_uncertainty_ppm is not None, "no time response"
     figures["board clock drift ppm"] = "%.0f +/- %.0f" % (st.clock_drift_ppm, st.clock_drift_uncertainty_ppm)
     figures["round trip ms"] = round(st.rtt_ms or 0, 2)
-    # A board's crystal is good to tens of ppm: what is measured must agree within its uncertainty.
-    assert abs(st.clock_drift_ppm) <= 100 + st.clock_drift_uncertainty_ppm
     assert st.clock_jumps == 0
+    # A board's crystal is good to tens of ppm: what is measured must agree within its uncertainty,
+    # and a measurement wider than that cannot say (skipped, with its figure).
+    judge_within("board clock drift", st.clock_drift_ppm, st.clock_drift_uncertainty_ppm, DRIFT_LIMIT_PPM, "ppm",
+                 "a longer run narrows it (--stream-seconds 600)")
