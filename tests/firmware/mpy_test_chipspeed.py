@@ -118,7 +118,10 @@ def test_max30003_fifo_unread_for_one_second_overflows_by_the_right_count():
     clock.sleep_ms(1000)  # 512 samples converted, 32 fit
     out = [array.array("i", bytes(4 * 64))]
     n = chip.read_into(out, 0, 64)
-    assert model.lost == 512 - 32, model.lost
+    # A few more are converted while the firmware's own start and read run
+    # (their CPU time, on a busy machine, is charged at the chip's speed).
+    assert 512 <= model.index <= 512 + 16, model.index
+    assert model.lost == model.index - 32, (model.index, model.lost)
     assert chip.lost == -1  # this chip only says that it overflowed
     assert n == 0  # the FIFO is reset on overflow: what it held is not in sequence
 
@@ -133,8 +136,9 @@ def test_max30102_fifo_unread_overflows_by_the_right_count():
     out = [array.array("i", bytes(4 * 64)), array.array("i", bytes(4 * 64))]
     n = chip.read_into(out, 0, 64)
     assert n == 32
-    assert chip.lost == 50 - 32, chip.lost
-    assert model.lost == 50 - 32
+    assert 50 <= model.index <= 50 + 3, model.index  # (as above: a few more while start and read run)
+    assert model.lost == model.index - 32, (model.index, model.lost)
+    assert chip.lost == model.lost, chip.lost
 
 
 def test_bus_transfers_take_their_bits():
