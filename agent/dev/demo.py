@@ -250,7 +250,7 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
              % r["frames_acknowledged"],
              "  %6d at the backend, checked end to end (the hub's %d vitals and %d alerts went too)"
              % (r["frames_forwarded"], vitals, r["alerts_at_backend"]),
-             "  %6d still with the boards at the stop, unacknowledged (a board keeps them and sends them again)"
+             "  %6d awaiting their ack on the boards at the stop (kept and sent again; the hub may have them)"
              % r["frames_unacked_at_stop"],
              "  %6d lost, %d refused; the hub's store: %s" % (r["frames_lost"], sum(r["rejects"].values()),
                                                              r["store_integrity"])]

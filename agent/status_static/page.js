@@ -167,13 +167,19 @@ function renderDetails() {
 }
 
 function render() {
-  if (!TEXT) return;
+  const lost = Date.now() - (lastAt === null ? loadedAt : lastAt) > HUB_LOST_S * 1000;
+  if (!TEXT) { // the words never came: the hub stopped answering before its first answer
+    if (lost) {
+      $("status").className = "card level-lost";
+      $("headline").textContent = "La passerelle ne répond pas. — The hub is not answering.";
+    }
+    return;
+  }
   document.documentElement.lang = lang;
   document.title = t("title");
   $("title").textContent = t("title");
   $("lang").textContent = t("lang");
   $("lang").lang = lang === "fr" ? "en" : "fr";
-  const lost = Date.now() - (lastAt === null ? loadedAt : lastAt) > HUB_LOST_S * 1000;
   renderStatus(lost);
   renderSensors(lost);
   renderDetails();

@@ -405,7 +405,14 @@ def test_status_page_and_cli_tell_stalled_unplugged_and_restarted(micropython: s
                         "username": "hub", "password": "correct horse battery"})
                     page = await ctx.new_page()
                     await page.goto("http://127.0.0.1:%d/" % port)
-                    await _until_page(page, lambda pg: _has_class(pg, "level-attention"), 30, "something to look at")
+                    # The hung board's link goes round stalled, reopened (connecting), stalled again: the
+                    # page is read when it tells the stall.
+                    hint = "rien ne passe" if locale == "fr-FR" else "nothing comes through"
+
+                    async def told(pg: Any, hint: str = hint) -> bool:
+                        return await _has_class(pg, "level-attention") and hint in (
+                            (await pg.text_content("#notices")) or "")
+                    await _until_page(page, told, 60, "the stalled board told")
                     found[locale] = ((await page.text_content("body")) or "").replace("\xa0", " ")
                     await ctx.close()
                 await browser.close()

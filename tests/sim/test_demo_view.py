@@ -85,7 +85,7 @@ def _summary(text: str) -> dict[str, int]:
     for key, pattern in (("built", r"(\d+) frames built by the boards"),
                          ("acked", r"(\d+) stored and acknowledged by the hub"),
                          ("backend", r"(\d+) at the backend, checked end to end"),
-                         ("unacked", r"(\d+) still with the boards at the stop"),
+                         ("unacked", r"(\d+) awaiting their ack on the boards at the stop"),
                          ("lost", r"(\d+) lost, \d+ refused; the hub's store: ok")):
         m = re.search(pattern, text)
         assert m, (key, text[-3000:])
