@@ -70,6 +70,8 @@ LOCKOUT_BASE_S = 2.0
 LOCKOUT_CAP_S = 900.0
 # Clients remembered for their failures; the oldest unlocked ones are forgotten beyond this.
 MAX_CLIENTS_TRACKED = 4096
+# Connections refused or cut are logged at most this often, as a count (a flood must not flood the log).
+LIMITS_LOG_EVERY_S = 60.0
 
 STATIC_FILES = {"page.js": "application/javascript", "page.css": "text/css"}
 SECURITY_HEADERS = {
@@ -200,14 +202,28 @@ class ConnectionLimits:
     total: int = 0
     refused: int = 0
     timed_out: int = 0
+    clock: Clock = time.monotonic
+    _logged: tuple[float, int, int] | None = None  # when, refused, timed_out at the last log line
 
     def admit(self, client: str) -> bool:
         if self.total >= self.max_total or self.open.get(client, 0) >= self.max_per_client:
             self.refused += 1
+            self.tell(client)
             return False
         self.open[client] = self.open.get(client, 0) + 1
         self.total += 1
         return True
+
+    def tell(self, client: str) -> None:
+        """Logs the connections refused and cut since the last line, at most every LIMITS_LOG_EVERY_S."""
+        now = self.clock()
+        at, refused, timed_out = self._logged or (now - LIMITS_LOG_EVERY_S, 0, 0)
+        if now - at < LIMITS_LOG_EVERY_S:
+            return
+        self._logged = (now, self.refused, self.timed_out)
+        log.warning("status page: %d connections refused over the limits (%d per address, %d in all) and %d cut "
+                    "for half-sent requests since the last report; the latest from %s", self.refused - refused,
+                    self.max_per_client, self.max_total, self.timed_out - timed_out, client)
 
     def release(self, client: str) -> None:
         self.total -= 1
@@ -254,6 +270,7 @@ class _Guarded(asyncio.Protocol):
     def _expire(self) -> None:
         self._timer = None
         self.limits.timed_out += 1
+        self.limits.tell(self.client)
         if self.transport is not None:
             self.transport.abort()
 
