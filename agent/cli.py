@@ -250,6 +250,8 @@ def _board_line(b: dict[str, Any]) -> str:
     if b.get("retry_in_s") is not None and b["state"] != "searching":
         state += " (next try in %.0f s)" % b["retry_in_s"]
     line = "board %-12s %s, on %s, last frame %s" % (b["device_id"] or "?", state, b.get("port") or b["link"], last)
+    if b.get("firmware"):
+        line += ", firmware %s" % b["firmware"]
     ends = b.get("ends") or {}
     if ends:
         line += "; sessions ended: " + ", ".join("%s %d" % kv for kv in sorted(ends.items()))

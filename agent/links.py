@@ -118,6 +118,7 @@ class Link:
     reconnect_s: list[float] = field(default_factory=list)
     last_seen: float = 0.0
     last_frame_at: float | None = None  # the last frame of an earlier session (UTC s): kept for the status
+    firmware: str = ""  # as the board's last hello in an earlier session said: kept for the status
     task: asyncio.Task[None] | None = None
     usb: str = ""  # "vid:pid serial" as listed, for the status
     device: str = ""  # the device node the port resolves to: a change is a re-enumeration
@@ -168,6 +169,8 @@ class LinkManager:
         link.address = link.address or transport.name.partition(":")[2]
         if link.stats is not None and link.stats.last_frame_at is not None:
             link.last_frame_at = link.stats.last_frame_at  # a board silent since reads "last frame N s ago", not never
+        if link.stats is not None and link.stats.firmware:
+            link.firmware = link.stats.firmware
         stats = BoardStats("", transport.name)  # whose it is, the board says (nothing is written to it before)
         link.stats = stats
         if link.state is not LinkState.STALLED:
@@ -273,6 +276,7 @@ class LinkManager:
                 "link": link.describe(), "kind": link.kind, "port": link.address, "usb": link.usb,
                 "state": state.value, "connects": link.connects,
                 "device_id": link.device_id or (st.device_id if st else ""),
+                "firmware": st.firmware if st and st.firmware else link.firmware,  # as its last hello said
                 "frames": st.frames if st else 0,
                 "last_frame_at": st.last_frame_at if st and st.last_frame_at else link.last_frame_at,
                 "last_error": link.last_error, "ends": dict(link.ends),

@@ -425,6 +425,7 @@ def _details(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
     for b in snapshot.get("boards", []):
         out.append({"key": "d_link", "args": {"where": b.get("port") or b.get("link") or "", "state": b["state"],
                                               "device_id": b.get("device_id") or "",
+                                              "firmware": b.get("firmware") or "",
                                               "retry_in_s": b.get("retry_in_s"),
                                               "set_aside": (b.get("discarded") or {}).get("overflow", 0)}})
     for f in snapshot.get("backends", []):
@@ -585,6 +586,7 @@ TEXT = {
         "wave_none": "pas de tracé en direct", "wave_rate": "{value} battements par minute",
         "details": "Détails pour un technicien",
         "d_link": "{where} : {state}", "d_device": "capteur {device}", "d_retry": "nouvel essai dans {n} s",
+        "d_firmware": "micrologiciel {firmware}",
         "d_set_aside": "{n} messages mis de côté (le capteur les renverra)",
         "d_backend": "Envoi vers « {name} » : {waiting} en attente, {sent} envoyées",
         "d_refused": "{n} messages refusés (pas d'un capteur enregistré, ou abîmés)",
@@ -636,6 +638,7 @@ TEXT = {
         "wave_none": "no live trace", "wave_rate": "{value} beats per minute",
         "details": "Details for a technician",
         "d_link": "{where}: {state}", "d_device": "sensor {device}", "d_retry": "next try in {n} s",
+        "d_firmware": "firmware {firmware}",
         "d_set_aside": "{n} messages set aside (the sensor sends them again)",
         "d_backend": "Sending to “{name}”: {waiting} waiting, {sent} sent",
         "d_refused": "{n} messages refused (not from a registered sensor, or damaged)",

@@ -152,6 +152,7 @@ function renderDetails() {
     if (d.key === "d_link") {
       let s = t("d_link", {where: a.where, state: t("st_" + a.state)});
       if (a.device_id) s += " — " + t("d_device", {device: a.device_id});
+      if (a.firmware) s += " — " + t("d_firmware", {firmware: a.firmware});
       if (a.retry_in_s !== null && a.retry_in_s !== undefined && a.state !== "searching") {
         s += " — " + t("d_retry", {n: Math.round(a.retry_in_s)});
       }

@@ -17,7 +17,7 @@ import pytest
 from agent import config as agent_config
 from agent.audit import AuditLog
 from agent.registry import Registry, write_private
-from agent.status_page import DELIVERY_FAILING_S, FRESH_S, TEXT, StatusPage, view
+from agent.status_page import DELIVERY_FAILING_S, FRESH_S, TEXT, StatusPage, _details, view
 from agent.supervisor import Agent
 from tests.agent import harness
 from tests.conftest import IN_CI
@@ -157,6 +157,20 @@ def test_sensors_that_disagree_are_shown_as_doubt_not_as_an_alert() -> None:
     assert shown["heart_rate"]["disagrees"] and shown["pulse_rate"]["disagrees"] and not shown["spo2"]["disagrees"]
     assert (v["level"], v["notices"]) == ("ok", [])  # doubt, not an alert
     assert "q_disagree" in TEXT["fr"] and "q_disagree" in TEXT["en"]
+
+
+def test_each_boards_firmware_version_is_told_to_the_technician() -> None:
+    # As the board's last hello said it (kept across its link's sessions): an operator
+    # checks an update by it, on the page's details and in pulsebridge status.
+    from agent.cli import _board_line
+
+    board = {"link": "serial:/dev/ttyACM0", "port": "/dev/ttyACM0", "state": "connected", "device_id": "pb-t01",
+             "firmware": "pulsebridge-fw 0.1.0", "last_frame_at": None, "retry_in_s": None}
+    details = _details({"boards": [board]})
+    assert details[0]["key"] == "d_link" and details[0]["args"]["firmware"] == "pulsebridge-fw 0.1.0"
+    assert "{firmware}" in TEXT["fr"]["d_firmware"] and "{firmware}" in TEXT["en"]["d_firmware"]
+    assert _board_line(board).endswith(", firmware pulsebridge-fw 0.1.0")
+    assert "firmware" not in _board_line(dict(board, firmware=""))  # not known yet: nothing said
 
 
 def test_every_text_exists_in_both_languages_without_jargon() -> None:
