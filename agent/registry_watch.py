@@ -4,7 +4,9 @@ REGISTRY_POLL_S, with no restart.
 
 The registry is SQLite in WAL mode: a write touches the -wal file, a
 checkpoint the main file, so their modification times together say when to
-read it again. An erased device is forgotten everywhere: ingest refuses it,
+read it again. `active` holds the active devices as the registry last said
+(what the status names), so nothing else reads the registry to show it. An
+erased device is forgotten everywhere: ingest refuses it,
 what it stored meanwhile is erased, and `on_erased` drops what other tasks
 keep in memory of it (vitals, waveforms).
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from agent.ingest import Ingestor
 from agent.links import LinkManager
+from agent.registry import Device, Registry
 from agent.store import Store
 
 log = logging.getLogger(__name__)
@@ -39,9 +42,11 @@ def registry_mtime(path: Path) -> tuple[float, float]:
 
 
 class RegistryWatcher:
-    def __init__(self, path: Path, ingestor: Ingestor, store: Store, links: LinkManager,
+    def __init__(self, registry: Registry, ingestor: Ingestor, store: Store, links: LinkManager,
                  on_erased: Callable[[str], None]) -> None:
-        self.path = path
+        self.registry = registry
+        self.path = registry.path
+        self.active: list[Device] = self._active()
         self.ingestor = ingestor
         self.store = store
         self.links = links
@@ -66,5 +71,9 @@ class RegistryWatcher:
             late = await self.store.run(functools.partial(self.store.erase_device, device_id=dev))
             log.info("device %s erased: its frames are refused from now on (%d stored meanwhile, erased)",
                      dev, late)
+        self.active = self._active()
         self.links.registry_changed()
         log.info("registry changed: devices reloaded")
+
+    def _active(self) -> list[Device]:
+        return [d for d in self.registry.all() if d.state == "active"]

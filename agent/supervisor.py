@@ -137,7 +137,7 @@ class Agent:
         self.frames_stored: Counter[str] = Counter()  # since start, per registered board (metrics)
         self.metrics_port = 0
         self.maintenance = StoreMaintenance(self.store, cfg.retention_days)
-        self.registry_watch = RegistryWatcher(cfg.registry_path, self.ingestor, self.store, self.links,
+        self.registry_watch = RegistryWatcher(self.registry, self.ingestor, self.store, self.links,
                                               on_erased=self.vitals_runner.forget)
         self.status = StatusServer(cfg, self.status_snapshot, self.vitals_runner.waveform)
         self.started_at = time.time()
@@ -292,18 +292,16 @@ class Agent:
     # ---- status ---------------------------------------------------------------
 
     def store_figures(self) -> dict[str, Any]:
-        """What the status reads from SQLite: per backend its backlog and when its oldest waiting frame
-        was received, the store's counters, the active devices. Read connections of their own, so
-        callable from any thread (the status servers call it on one, off the event loop)."""
+        """What the status reads from the store: per backend its backlog and when its oldest waiting
+        frame was received, and the store's counters. A read connection of its own, so callable from
+        any thread (the status servers call it on one, off the event loop)."""
         reader = self.store.reader()
         try:
-            figures = {"backlog": Store.backlog(reader),
-                       "oldest": Store.oldest_waiting(reader, [f.name for f in self.forwarders]),
-                       "counters": Store.counters(reader)}
+            return {"backlog": Store.backlog(reader),
+                    "oldest": Store.oldest_waiting(reader, [f.name for f in self.forwarders]),
+                    "counters": Store.counters(reader)}
         finally:
             reader.close()
-        figures["devices"] = [d for d in self.registry.all() if d.state == "active"]
-        return figures
 
     async def status_snapshot(self) -> dict[str, Any]:
         """snapshot(), its store figures read on a thread: what the status socket and page serve."""
@@ -328,7 +326,7 @@ class Agent:
                          for f in self.forwarders],
             "rejects": dict(self.ingestor.rejects), "store": self.store.status(),
             "sensors": [{"device_id": d.device_id, "label": d.label, "heard_at": last_seen.get(d.device_id)}
-                        for d in figures["devices"]],
+                        for d in self.registry_watch.active],
             "alert_rules": [{"name": r.name, "signal": r.signal, "low": r.low, "high": r.high}
                             for r in self.vitals.alerts.rules],
             "last_vitals": self.vitals_runner.last_vitals, "status_page": self.status.page_state,

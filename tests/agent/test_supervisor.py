@@ -150,3 +150,30 @@ def test_the_status_socket_reads_the_store_off_the_event_loop(monkeypatch: pytes
     snap = asyncio.run(scenario())
     assert snap["hub_id"] == "test-hub"
     assert on_loop == [False]
+
+
+def test_the_status_names_a_device_added_beside_the_running_agent_and_outlives_it(
+        hub_config: agent_config.AgentConfig) -> None:
+    # `pulsebridge devices add` while the agent runs: the status names the new sensor within the
+    # registry's poll, and the agent's last snapshot can still be read once it stopped (the registry
+    # closed with it: reading it there raised "Cannot operate on a closed database").
+    from agent.audit import AuditLog
+    from agent.registry import Registry
+
+    cfg = hub_config
+
+    async def scenario() -> Agent:
+        async with harness.running(Agent(cfg)) as agent:
+            assert agent.snapshot()["sensors"] == []
+            reg = Registry(cfg.registry_path, AuditLog(cfg.audit_path))
+            try:
+                reg.add("pb-new01", label="chambre 3")
+            finally:
+                reg.close()
+            await async_wait_for(lambda: agent.snapshot()["sensors"], 30, "the new sensor named",
+                                 lambda: agent.snapshot()["sensors"])
+        return agent
+
+    agent = asyncio.run(scenario())
+    sensors = agent.snapshot()["sensors"]
+    assert [(s["device_id"], s["label"]) for s in sensors] == [("pb-new01", "chambre 3")]
