@@ -23,10 +23,14 @@ _IDLE_MAX_MS = const(100)
 # Garbage is collected when the loop chooses: right after the sensors were
 # drained, once less than this is free (or half what the last collection
 # freed, if that was less), rather than wherever an allocation finds the
-# heap full (in the middle of a frame, with a FIFO filling). The loop makes
-# about 10 kB of garbage a second (hashlib objects, decoded acks).
+# heap full (in the middle of a frame, with a FIFO filling). After start-up
+# the loop makes next to no garbage (README, Memory on the board), so the
+# free heap is looked at only every _GC_CHECK_MS: gc.mem_free() walks the
+# whole allocation table, 18 us on a PC for a 230 kB heap, about 100 times
+# that at an ESP32's speed; once a loop it cost more than a frame did.
 _GC_HEADROOM = const(16384)
 _GC_AFTER_DRAIN_MS = const(2)  # the longest sleep: downlink (acks, commands) is read at least this often
+_GC_CHECK_MS = const(100)
 # Our sensors give at most 18-bit samples: a delta-zigzag varint of one
 # takes at most 3 bytes. Headers and the COSE envelope take under 200.
 _WORST_BYTES_PER_SAMPLE = const(3)
@@ -104,6 +108,7 @@ class App:
         self.next_status_ms = ticks.add(now, cfg["status_every_ms"])
         self._woken = self._any_ready  # bound once: the idle loop calls it often
         self._gc_below = _GC_HEADROOM
+        self._gc_checked_ms = now
         self._fastest = self.streams[0]
         for st in self.streams:
             if st.rate_hz > self._fastest.rate_hz:
@@ -317,10 +322,13 @@ class App:
     def step(self):
         self.board.service()
         now = self._drain(True)
-        if gc.mem_free() < self._gc_below and now - self._fastest.drained_ms <= _GC_AFTER_DRAIN_MS:
-            gc.collect()  # the fastest FIFO was just emptied: its whole depth is the collection's time
-            self._gc_below = min(_GC_HEADROOM, gc.mem_free() // 2)
-            now = self._drain()
+        if (ticks.diff(now, self._fastest.drained_ms) <= _GC_AFTER_DRAIN_MS
+                and ticks.diff(now, self._gc_checked_ms) >= _GC_CHECK_MS):
+            self._gc_checked_ms = now
+            if gc.mem_free() < self._gc_below:
+                gc.collect()  # the fastest FIFO was just emptied: its whole depth is the collection's time
+                self._gc_below = min(_GC_HEADROOM, gc.mem_free() // 2)
+                now = self._drain()
         if self.reseal_due:
             self._reseal_step()
             now = self._drain()

@@ -73,6 +73,20 @@ class _Hub:
                     out += hub_link.downlink_line(msg)
 
 
+class _HeapLooks:
+    # The app's gc module, counting how often it looks at the free heap
+    # (gc.mem_free() walks the whole allocation table: ~2 ms of an ESP32's
+    # time for its heap).
+    looks = 0
+
+    def mem_free(self):
+        _HeapLooks.looks += 1
+        return gc.mem_free()
+
+    def collect(self):
+        gc.collect()
+
+
 def _run(kind, ticks_start_ms=0, days_streamed=0):
     sim = _load("sim.json")
     sim["virtual_clock"] = True
@@ -89,6 +103,7 @@ def _run(kind, ticks_start_ms=0, days_streamed=0):
     board.console_in = None  # the serial link's input: SimConsole.feed()
     board.console_out = far
     outbox.preallocate(config.ring_bytes())
+    main.gc = _HeapLooks()
     app = main.App(board, cfg, key, config.next_epoch())
     for st in app.streams:  # as if streaming for days: the sample indices far along
         st.first_index = days_streamed * 86400 * st.rate_hz
@@ -118,6 +133,7 @@ def _run(kind, ticks_start_ms=0, days_streamed=0):
     if radio is not None:
         radio.connect(_BLE_MTU)
     built = 0
+    looks = 0
     checkpoints = 0
     locked = False
     end_ms = _START_MS + _STEADY_MS
@@ -130,6 +146,7 @@ def _run(kind, ticks_start_ms=0, days_streamed=0):
                 gc.collect()
                 clock.lock_heap()
                 locked = True
+                looks = _HeapLooks.looks
             if now_ms >= end_ms:
                 break
             app.step()
@@ -150,7 +167,12 @@ def _run(kind, ticks_start_ms=0, days_streamed=0):
                              "above)" % (kind, board.uptime_ms())) from None
     finally:
         clock.unlock_heap()
+    main.gc = gc
     built = app.frames_built - built
+    # The free heap looked at a few times a second (status messages
+    # included), not on every loop (hundreds a second).
+    looks = _HeapLooks.looks - looks
+    assert looks <= 11 * (_STEADY_MS // 1000), (kind, looks)
     assert app.origin.index - checkpoints >= 2, (kind, app.origin.index, checkpoints)
     # The loop did its work meanwhile: each second two frames built, sent and
     # acknowledged, nothing lost, nothing forged.
