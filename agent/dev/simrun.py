@@ -182,7 +182,8 @@ def run(opts: SimOptions, out: IO[str] = sys.stdout) -> dict[str, Any]:
             for sim in sims:
                 sim.start()
                 if opts.blank:
-                    print("blank board (bare MicroPython, no firmware, no key): port %s" % sim.port, file=out)
+                    print("blank board (bare MicroPython, no firmware, no key): port %s; provision it "
+                          "(pulsebridge provision --port %s): it streams from PASS on" % (sim.port, sim.port), file=out)
                 elif not opts.json:
                     print("%s: firmware running under micropython, port %s" % (sim.device_id, sim.port), file=out)
                 out.flush()

@@ -59,6 +59,8 @@ class ReplError(PulsebridgeError):
 # this long: the hub agent looks at a newly plugged USB port for up to 10 s
 # (agent.links.IDENTIFY_S) and lets it go when no registered board speaks.
 BUSY_WAIT_S = 15.0
+# How often a board that has not answered a Ctrl-C or a Ctrl-A is asked again.
+ASK_AGAIN_S = 2.0
 BUSY_RETRY_S = 0.5
 
 
@@ -140,29 +142,37 @@ class RawRepl:
     def interrupt(self) -> bytes:
         """Reaches the friendly REPL prompt from wherever the board is: a running
         program (streaming firmware) is stopped, a raw REPL or a half-sent command
-        left; returns what the board printed meanwhile."""
+        (raw-paste included) left; returns what the board printed meanwhile. Asks
+        again every ASK_AGAIN_S until timeout_s: a program busy when the first
+        Ctrl-C came, or a loaded host, answers late, not never."""
         self.port.reset_input_buffer()
         self._pending = b""
-        self.port.write(CTRL_C)
-        time.sleep(0.1)
-        self.port.write(CTRL_C + CTRL_B)
         self.in_raw = False
-        try:
-            return self._read_until(b">>> ", self.timeout_s)
-        except ReplError:
-            pass
-        # A raw-paste transfer cut half-way is ended by Ctrl-D; then leave.
-        self.port.write(CTRL_D + CTRL_C + CTRL_B)
-        try:
-            return self._read_until(b">>> ", self.timeout_s)
-        except ReplError as e:
-            raise ReplError("no MicroPython REPL on %s (no prompt after Ctrl-C): is MicroPython installed? "
-                            "(--flash FIRMWARE.bin writes it)" % self.port_name, self.port_name, e.output) from None
+        end = time.monotonic() + self.timeout_s
+        output = ""
+        while time.monotonic() < end:
+            self.port.write(CTRL_C)
+            time.sleep(0.1)
+            self.port.write(CTRL_C + CTRL_B)
+            try:
+                return self._read_until(b">>> ", min(ASK_AGAIN_S, max(0.1, end - time.monotonic())))
+            except ReplError as e:
+                output = (output + e.output)[-400:]
+        raise ReplError("no MicroPython REPL on %s (no prompt after Ctrl-C within %.0f s): is MicroPython "
+                        "installed? (--flash FIRMWARE.bin writes it)" % (self.port_name, self.timeout_s),
+                        self.port_name, output)
 
     def enter(self) -> None:
         self.interrupt()
-        self.port.write(b"\r" + CTRL_A)
-        self._read_until(RAW_BANNER, self.timeout_s, "raw REPL")
+        end = time.monotonic() + self.timeout_s
+        while True:
+            self.port.write(b"\r" + CTRL_A)
+            try:
+                self._read_until(RAW_BANNER, min(ASK_AGAIN_S, max(0.1, end - time.monotonic())), "raw REPL")
+                break
+            except ReplError:
+                if time.monotonic() >= end:
+                    raise
         self.in_raw = True
 
     def leave(self) -> None:

@@ -205,6 +205,10 @@ def test_a_malformed_sensor_answer_or_a_failed_self_test_rolls_back(
         # After PASS the board streams: its frames reach whoever opens the port.
         wait_for(lambda: provision.verify_for(board.port, "pb-mal03", _key(tmp_path, "pb-mal03"), 2).frames >= 1,
                  60, "frames from the board after PASS")
+        board.stop()  # unplugged, plugged again: its firmware starts at power-up
+        board.start()
+        wait_for(lambda: provision.verify_for(board.port, "pb-mal03", _key(tmp_path, "pb-mal03"), 2).frames >= 1,
+                 60, "frames from the board after a power cycle")
     finally:
         board.stop()
 

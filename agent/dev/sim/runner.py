@@ -114,12 +114,17 @@ class SimulatedBoard:
     def start(self) -> None:
         # Also a restart after stop(): a reboot, from the board's flash as it was.
         self._stop = threading.Event()
+        boot_argv: list[str] | None = None
         if self.blank:
             # Its flash is its directory, empty of firmware; the chip models
             # (its hardware) and sim.json are all it has.
             boards.prepare(dataclasses.replace(self.spec, provisioned=False), self.directory, self.cache)
             env = dict(os.environ, MICROPYPATH=os.pathsep.join([str(self.directory), str(build.sim_rom(self.cache))]))
             argv = [self.micropython, "-X", "heapsize=%dK" % self.heap_kb]
+            # Provisioned since (firmware and key on its flash): at power-up it
+            # runs main.py, as a chip does, and streams; Ctrl-C gives the REPL.
+            if (self.directory / "main.py").exists() and (self.directory / "pulsebridge" / "device.key").exists():
+                boot_argv = argv + ["-i", "main.py"]
         else:
             boards.prepare(self.spec, self.directory, self.cache)
             compiled = build.compile_firmware(self.cache)
@@ -138,20 +143,21 @@ class SimulatedBoard:
         tmp_link.replace(self.link_path)
         self._argv, self._env = argv, env
         self._stopping = False
-        self._spawn()
+        self._spawn(boot_argv)
         os.set_blocking(self._mb, False)
         self._thread = threading.Thread(target=self._relay, name="relay-" + self.device_id, daemon=True)
         self._thread.start()
-        if self.blank:  # ready when its REPL is: a board is, by the time a technician plugs it
+        if self.blank and boot_argv is None:  # ready when its REPL is, as a board is by the time it is plugged
             end = time.monotonic() + 10
             while ">>> " not in self.console_tail() and time.monotonic() < end:
                 time.sleep(0.02)
 
-    def _spawn(self) -> None:
+    def _spawn(self, argv: list[str] | None = None) -> None:
+        # argv: a power-up's, if not the soft reset's (self._argv).
         self._ma, sa = pty.openpty()
         _board_tty(sa)
         self.proc = subprocess.Popen(
-            self._argv, stdin=sa, stdout=sa, stderr=sa, cwd=self.directory, env=self._env,
+            argv or self._argv, stdin=sa, stdout=sa, stderr=sa, cwd=self.directory, env=self._env,
             start_new_session=True, preexec_fn=_take_controlling_tty)
         os.close(sa)
 
