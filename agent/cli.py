@@ -145,6 +145,14 @@ def cmd_provision(args: argparse.Namespace) -> int:
     prov = Provisioner(cfg, args.port, lambda s: print(s, flush=True), confirm)
     prov.flash_offset = args.flash_offset
     prov.origin_key_dir = args.origin_key_out
+    try:
+        prov.vendor_keys = [bytes.fromhex(k) for k in args.vendor_key or []]
+    except ValueError:
+        prov.vendor_keys = [b""]
+    if len(prov.vendor_keys) > 2 or any(len(k) != 32 for k in prov.vendor_keys):
+        print("pulsebridge provision: --vendor-key takes a 32-byte Ed25519 public key in hex, at most twice",
+              file=sys.stderr)
+        return 2
     res = prov.run(
         args.device_id, args.label, args.patient, args.dry_run, args.flash, args.self_test_seconds, args.link)
     return 0 if res.ok else 130 if res.interrupted else 1
@@ -312,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="show the steps, change nothing")
     p.add_argument("--yes", action="store_true", help="re-key an already provisioned board without asking")
     p.add_argument("--self-test-seconds", type=float, default=6.0)
+    p.add_argument("--vendor-key", action="append",
+                   help="the firmware vendor's Ed25519 public key (hex), whose signed updates the board will "
+                        "install; up to twice (the current key and the next)")
     p.add_argument("--origin-key-out", type=Path, default=Path("."),
                    help="directory for DEVICE.origin.json, the board's origin key for the backend (default: here); "
                         "move it off the hub")

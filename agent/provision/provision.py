@@ -227,6 +227,9 @@ class Provisioner:
         self.flash_offset = 0x1000
         # Where the board's origin key goes for the backend (never the hub's data): a file per board.
         self.origin_key_dir = Path.cwd()
+        # The vendor's public keys (Ed25519, 32 bytes each, at most 2: SPEC.md "Firmware
+        # updates"): the only keys whose signed bundles the board will install.
+        self.vendor_keys: list[bytes] = []
         self._at = STEPS[0]  # the step under way, for errors and interruptions
 
     def run(self, device_id: str | None = None, label: str = "", patient: str = "", dry_run: bool = False,
@@ -368,6 +371,8 @@ class Provisioner:
             repl.put("pulsebridge/config.json.new", json.dumps({"device_id": device_id, "link": link}).encode())
             repl.put("pulsebridge/device.key.new", key)
             repl.put("pulsebridge/origin.key.new", origin_key)
+            if self.vendor_keys:  # public: written in place (a board holding none installs no update)
+                repl.put("pulsebridge/vendor.keys", b"".join(self.vendor_keys))
             res.steps.append((STEPS[3], "ok"))
             # 5. register, then put the key and configuration in place
             self._step(4, device_id)

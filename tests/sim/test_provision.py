@@ -43,7 +43,8 @@ def test_provision_a_blank_board_then_refuse_to_rekey_silently(micropython: str,
         handed = tmp_path / "for-backend"
         handed.mkdir()
         r = _cli("provision", "--config", str(cfg), "--port", board.port, "--device-id", "pb-prov01",
-                 "--label", "chambre 3", "--self-test-seconds", "5", "--origin-key-out", str(handed))
+                 "--label", "chambre 3", "--self-test-seconds", "5", "--origin-key-out", str(handed),
+                 "--vendor-key", "11" * 32, "--vendor-key", "22" * 32)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "PASS pb-prov01" in r.stdout and "label: PB1:pb-prov01:" in r.stdout
         assert "█" in r.stdout and "the board is streaming now" in r.stdout  # the label as a QR code; what runs
@@ -55,6 +56,8 @@ def test_provision_a_blank_board_then_refuse_to_rekey_silently(micropython: str,
         assert (flash / "device.key").read_bytes() == dev.key  # the same fresh key on both sides
         assert not (flash / "device.key.new").exists()
         # The origin key: on the board and in the operator's file (0600), nowhere in the hub's data.
+        # the vendor's public keys, whose signed bundles alone the board will install
+        assert (flash / "vendor.keys").read_bytes() == b"\x11" * 32 + b"\x22" * 32
         origin_file = handed / "pb-prov01.origin.json"
         assert origin_file.stat().st_mode & 0o777 == 0o600
         origin_key = bytes.fromhex(json.loads(origin_file.read_text())["origin_key"])
@@ -91,6 +94,8 @@ def test_wrong_port_is_named(tmp_path: Path) -> None:
     r = _cli("provision", "--config", str(cfg), "--port", "/dev/does-not-exist", "--flash", str(tmp_path / "no.bin"))
     assert r.returncode == 1 and "no MicroPython image at" in r.stdout
     assert not (tmp_path / "d" / "registry.db").exists()  # nothing registered
+    r = _cli("provision", "--config", str(cfg), "--port", "/dev/does-not-exist", "--vendor-key", "ab" * 31)
+    assert r.returncode == 2 and "32-byte Ed25519 public key" in r.stderr  # a vendor key cut short
 
 
 @pytest.mark.micropython
