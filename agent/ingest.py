@@ -35,11 +35,23 @@ REJECT_LOG_PER_MIN = 10
 
 @dataclass
 class Outcome:
-    """A message judged; its acks may go out once `stored` is done (None: at once)."""
+    """A message judged. replies go back at once (an epoch resync); once `stored` is
+    done (None: at once), the frame ack_for names (device, epoch, seq) is acknowledged:
+    a session seals one ack for a run of such frames (Hub.ack), `acks` one for this one."""
 
     received: hub.Received
-    acks: list[bytes]
+    replies: list[bytes]
     stored: asyncio.Future[Any] | None = None
+    ack_for: tuple[str, int, int] | None = None
+    acker: hub.Hub | None = None
+
+    @property
+    def acks(self) -> list[bytes]:
+        """What this outcome alone sends back: its replies, and the sealed ack of its frame."""
+        if self.ack_for is None or self.acker is None:
+            return self.replies
+        dev, epoch, seq = self.ack_for
+        return self.replies + self.acker.ack(dev, epoch, [seq])
 
 
 class Processor(abc.ABC):
@@ -77,12 +89,10 @@ class Volatile(Processor):
 
     def submit(self, raw: bytes, link: str, to_utc: ToUtc | None = None) -> Outcome:
         r = self.hub.receive(raw)
-        acks: list[bytes] = []
         if r.verdict != hub.REJECTED and isinstance(r.message, (messages.SampleFrame, messages.OriginCheckpoint)):
-            acks = self.hub.ack(r.device_id or "", r.message.epoch, [r.message.seq])
-        elif r.reply is not None:  # a stale boot epoch: the epoch resync (SPEC.md)
-            acks = [r.reply]
-        return Outcome(r, acks)
+            return Outcome(r, [], None, (r.device_id or "", r.message.epoch, r.message.seq), self.hub)
+        # A stale boot epoch: the epoch resync (SPEC.md).
+        return Outcome(r, [r.reply] if r.reply is not None else [])
 
 
 class Ingestor(Processor):
@@ -169,7 +179,7 @@ class Ingestor(Processor):
             return Outcome(r, [])
         if r.verdict == hub.DUPLICATE:  # stored (or on its way): acknowledged again once its batch is
             item = Ingest(dev, m.epoch, m.seq, KIND_FRAME, raw, None, duplicate=True)
-            return Outcome(r, self.hub.ack(dev, m.epoch, [m.seq]), self.store.submit_ingest(item))
+            return Outcome(r, [], self.store.submit_ingest(item), (dev, m.epoch, m.seq), self.hub)
         try:
             f = record_of(dev, m, cast("list[bytes]", m.channels), raw, to_utc)  # decrypted, not decoded
         except RemoteProtocolError as e:
@@ -177,17 +187,17 @@ class Ingestor(Processor):
         item = Ingest.frame(f, self.hub.accept(dev, m.epoch, m.seq, m.boot_salt))
         stored = self.store.submit_ingest(item)
         stored.add_done_callback(lambda fut: self._on_stored(fut, f, m.boot_salt))
-        return Outcome(r, self.hub.ack(dev, m.epoch, [m.seq]), stored)
+        return Outcome(r, [], stored, (dev, m.epoch, m.seq), self.hub)
 
     def _checkpoint(self, r: hub.Received, m: messages.OriginCheckpoint, dev: str, raw: bytes) -> Outcome:
         # A board's origin checkpoint: stored as it came and forwarded
         # untouched (its content is MACed under a key the hub does not hold:
         # protocols/origin.py), acknowledged like a frame once stored; above
         # raw frames under the disk quota.
-        ack = self.hub.ack(dev, m.epoch, [m.seq])
+        ack_for = (dev, m.epoch, m.seq)
         if r.verdict == hub.DUPLICATE:
             item = Ingest(dev, m.epoch, m.seq, KIND_ORIGIN, raw, None, duplicate=True)
-            return Outcome(r, ack, self.store.submit_ingest(item))
+            return Outcome(r, [], self.store.submit_ingest(item), ack_for, self.hub)
         item = Ingest(dev, m.epoch, m.seq, KIND_ORIGIN, raw, self.hub.accept(dev, m.epoch, m.seq),
                       priority=PRIORITY_GAP)
         stored = self.store.submit_ingest(item)
@@ -199,7 +209,7 @@ class Ingestor(Processor):
                 self.hub.commit(dev, m.epoch, m.seq)
 
         stored.add_done_callback(done)
-        return Outcome(r, ack, stored)
+        return Outcome(r, [], stored, ack_for, self.hub)
 
     def _on_stored(self, fut: asyncio.Future[Any], f: FrameRecord, salt: bytes | None) -> None:
         if fut.cancelled() or isinstance(fut.exception(), StoreError):

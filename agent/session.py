@@ -130,6 +130,37 @@ class _Ended(Exception):
         self.end = SessionEnd(reason, detail)
 
 
+def coalesced_acks(out: Outcome, pending: asyncio.Queue[Outcome | None], carried: list[Outcome | None],
+                   hub_: hub.Hub) -> list[bytes]:
+    """What to send for out, once stored: its replies and one sealed ack for its
+    frame and every outcome queued right behind it that is a frame of the same
+    boot already stored (taken from pending; the first that is not goes to
+    carried, to be handled next). A device no longer served (revoked, erased
+    meanwhile) gets no ack: its frames are refused from now on."""
+    acks = list(out.replies)
+    if out.ack_for is None:
+        return acks
+    dev, epoch, seq = out.ack_for
+    seqs = [seq]
+    while not pending.empty():
+        nxt = pending.get_nowait()
+        if not _joins(nxt, dev, epoch):
+            carried.append(nxt)
+            break
+        assert nxt is not None and nxt.ack_for is not None
+        seqs.append(nxt.ack_for[2])
+    if hub_.has_device(dev):
+        acks += hub_.ack(dev, epoch, seqs)
+    return acks
+
+
+def _joins(out: Outcome | None, device_id: str, epoch: int) -> bool:
+    # Can out's ack join one being sent now: a frame of that boot, stored, nothing else to send?
+    return (out is not None and out.ack_for is not None and out.ack_for[:2] == (device_id, epoch)
+            and not out.replies and out.stored is not None and out.stored.done() and not out.stored.cancelled()
+            and out.stored.exception() is None)
+
+
 class BoardSession:
     """One link's session, from open to close.
 
@@ -317,9 +348,13 @@ class BoardSession:
         st.rtt_ms = self.timemap.last_rtt_ms
 
     async def _ack_in_order(self) -> None:
+        # One sealed ack covers a run of frames of one boot already stored
+        # (a commit stores many): the next outcomes queued join it while they
+        # are stored frames of the same device and epoch.
         pending = self._pending
+        carried: list[Outcome | None] = []
         while True:
-            out = await pending.get()
+            out = carried.pop() if carried else await pending.get()
             if out is None:
                 return
             if out.stored is not None:
@@ -329,10 +364,10 @@ class BoardSession:
                     raise
                 except Exception as e:  # nothing of this frame is acked; the board keeps it and resends
                     raise _Ended(END_STORE_ERROR, str(e)) from e
-            for ack in out.acks:
+            for ack in coalesced_acks(out, pending, carried, self.processor.hub):
                 await self._send(ack)
                 self.stats.acks_sent += 1
-            self._acks_waiting_since = time.monotonic() if not pending.empty() else None
+            self._acks_waiting_since = time.monotonic() if carried or not pending.empty() else None
             self._progress()
 
     def _progress(self) -> None:

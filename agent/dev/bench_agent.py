@@ -40,9 +40,10 @@ import numpy as np
 from agent.audit import AuditLog
 from agent.dev.tlsgen import make_pki
 from agent.forwarders.mqtt import MqttConfig, MqttForwarder
-from agent.ingest import Ingestor, record_of
+from agent.ingest import Ingestor, Outcome, record_of
 from agent.record import FrameRecord
 from agent.registry import Registry
+from agent.session import coalesced_acks
 from agent.store import Ingest, Store
 from protocols import cipher, cose, hub, messages
 
@@ -138,14 +139,38 @@ def _setup(tmp: Path, fleet: Fleet, backends: list[str]) -> tuple[Store, Ingesto
     return store, Ingestor(store, reg)
 
 
-async def _ingest_all(ing: Ingestor, raws: list[bytes]) -> None:
-    futs = []
+async def _ingest_all(ing: Ingestor, raws: list[bytes]) -> int:
+    """Submits raws in order and acknowledges each once stored, as each board's
+    session does (its outcomes in a queue of its own, one sealed ack for a run of
+    stored frames: agent.session.coalesced_acks). Returns the acks sealed."""
+    queues: dict[str, asyncio.Queue[Outcome | None]] = {}
+    tasks = []
+    sealed = 0
+
+    async def acker(q: asyncio.Queue[Outcome | None]) -> None:
+        nonlocal sealed
+        carried: list[Outcome | None] = []
+        while True:
+            out = carried.pop() if carried else await q.get()
+            if out is None:
+                return
+            if out.stored is not None:
+                await out.stored
+            sealed += len(coalesced_acks(out, q, carried, ing.hub))
+
     for raw in raws:
         out = ing.submit(raw, "bench")
         if out.stored is None:
             raise RuntimeError("frame not accepted: %s" % out.received.reason)
-        futs.append(out.stored)
-    await asyncio.gather(*futs)
+        dev = out.received.device_id or ""
+        if dev not in queues:
+            queues[dev] = asyncio.Queue()
+            tasks.append(asyncio.create_task(acker(queues[dev])))
+        queues[dev].put_nowait(out)
+    for q in queues.values():
+        q.put_nowait(None)
+    await asyncio.gather(*tasks)
+    return sealed
 
 
 def verify_commit(n: int) -> dict[str, float]:

@@ -99,3 +99,56 @@ def test_a_reboot_while_a_frame_is_in_flight_keeps_the_newer_epoch(tmp_path: Pat
     finally:
         store.close()
         reg.close()
+
+
+def test_a_session_acks_a_run_of_stored_frames_in_one_message_never_before_they_are_stored(tmp_path: Path) -> None:
+    from agent.session import BoardSession, BoardStats
+    from tests.agent.test_wire_v1 import FakeTransport
+
+    reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
+    reg.add(DEV, key=KEY, actor="test")
+    store = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    store.start()
+    released = threading.Event()
+    n = 20
+    down = cose.MacKey(KEY, DEV.encode(), cose.AAD_DOWNLINK)
+
+    def _acked(sent: list[bytes]) -> set[int]:
+        return {s for a in sent for first, last in _open(down, a).ranges  # type: ignore[attr-defined]
+                for s in range(first, last + 1)}
+
+    async def scenario() -> list[messages.Message]:
+        # The store's writer busy (a job that waits) while every frame is judged and queued.
+        busy = asyncio.ensure_future(store.run(lambda db: released.wait(30)))
+        tr = FakeTransport([_frame(s) for s in range(n)])
+        session = BoardSession(tr, Ingestor(store, reg), BoardStats("", tr.name))
+        task = asyncio.create_task(session.run())
+        try:
+            await async_wait_for(lambda: session.stats.messages == n, 30, "every frame judged")
+            await asyncio.sleep(0)
+            assert tr.sent == [] and store.stats.commits == 0  # nothing acknowledged before it is stored
+            released.set()
+            await busy
+            await async_wait_for(lambda: _acked(tr.sent) == set(range(n)), 30, "every frame acknowledged",
+                                 lambda: sorted(_acked(tr.sent)))
+        finally:
+            released.set()
+            task.cancel()
+        return [_open(down, a) for a in tr.sent]
+
+    try:
+        acks = asyncio.run(scenario())
+        commits = store.stats.commits
+    finally:
+        store.close()
+        reg.close()
+    # Stored in one commit, acknowledged in one message: seq 0 to 19 of epoch 1.
+    assert commits == 1
+    assert len(acks) == 1 and isinstance(acks[0], messages.Ack)
+    assert (acks[0].epoch, acks[0].ranges) == (1, [(0, n - 1)])
+
+
+def _open(key: cose.MacKey, raw: bytes) -> messages.Message:
+    msg = cose.parse(raw)
+    key.verify(msg)
+    return messages.decode_payload(msg.payload, messages.DOWNLINK_TYPES)
