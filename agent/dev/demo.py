@@ -210,8 +210,8 @@ def _result(specs: list[Any], consoles: list[str], snap: dict[str, Any], backend
         built = _frames_built(console)
         if built is None:
             missing.append(spec.device_id)
-            print("board %s gave no stop summary; its console ended: %s"
-                  % (spec.device_id, demo_view.printable(console[-400:])), file=sys.stderr)
+            print("board %s gave no stop summary; the last text on its console: %s"
+                  % (spec.device_id, demo_view.console_text(console)), file=sys.stderr)
             built = (0, 0, 0)
         generated += built[0]
         unacked += built[1]

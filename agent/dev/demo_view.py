@@ -9,6 +9,7 @@ CI): one short plain line a second. Only printable text reaches the screen.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -98,7 +99,8 @@ def plain_line(snap: dict[str, Any], backend: dict[str, Any], elapsed_s: float) 
         elapsed_s, streaming, len(snap["boards"]), c["stored and acknowledged"], c["forwarded"], c["backlog"], hr)
 
 
-def printable(text: str) -> str:
-    """text with anything but printable ASCII, newline and tab shown as '.' (a board's console
-    carries binary frames: never raw on a terminal)."""
-    return "".join(ch if (" " <= ch <= "~") or ch in "\n\t" else "." for ch in text)
+def console_text(tail: str, runs: int = 6) -> str:
+    """The last `runs` stretches of text (8 printable characters or more) in a board's console tail,
+    as `strings` would show them: its last messages without the binary frames around them."""
+    found = re.findall(r"[ -~]{8,}", tail)
+    return " | ".join(found[-runs:]) or "(no text)"

@@ -125,7 +125,8 @@ function renderSensors(lost) {
         box.append(el("span", "limit", t("out_" + v.out, {limit: num(limit) + (kind === "spo2" ? "\u00a0%" : "")})));
       }
       const q = v.disagrees ? "q_disagree" : v.quality >= 0.8 ? "q_good" : v.quality >= 0.5 ? "q_fair" : "q_poor";
-      if (live) box.append(el("br"), el("small", "", t(q)));  // not live: the line above the values says so
+      // Not live: the line above the values says so. After the limit (a block), no line break.
+      if (live) box.append(...(v.out ? [] : [el("br")]), el("small", "", t(q)));
       values.push(box);
     }
     card.querySelector(".values").replaceChildren(...values);

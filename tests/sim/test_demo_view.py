@@ -71,8 +71,10 @@ def test_trace_is_bounded_and_keeps_its_peaks() -> None:
     assert len(t) == demo_view.TRACE_WIDTH and t.count("█") == 1 and set(t) == {"▁", "█"}
 
 
-def test_printable_keeps_no_control_bytes() -> None:
-    assert demo_view.printable("ok\n\x00\x1b[2J\ufffdend\t") == "ok\n..[2J.end\t"
+def test_console_text_shows_a_boards_last_messages_without_its_frames() -> None:
+    tail = "\x00\x81pulsebridge: pb-sim01 streaming over serial\r\n\x12\x34ab\x00\xffMemoryError: alloc\x03\x04"
+    assert demo_view.console_text(tail) == "pulsebridge: pb-sim01 streaming over serial | MemoryError: alloc"
+    assert demo_view.console_text("\x00\x01") == "(no text)"
 
 
 def _demo(stdout: Any) -> subprocess.Popen[bytes]:
