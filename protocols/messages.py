@@ -13,6 +13,7 @@ from protocols.errors import LocalProtocolError, RemoteProtocolError
 
 TYPE_CHECKING = False  # type checkers take this as true; MicroPython has no typing module
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import NoReturn
 
 VERSION = const(2)  # 2: sample frames carry the boot salt of their key (key 15)
@@ -233,7 +234,7 @@ def encode_sample_frame(w: "cbor.Writer", epoch: int, seq: int, stream: int, t0_
                         first_index: int, rate_hz: int, count: int, scale_num: int, scale_den: int,
                         ppg_drive: "tuple[int, int, int, int] | None", flags: int, fifo_overflows: int,
                         frames_dropped: int, jitter_us: int, channels: "tuple[list[int] | bytes, ...]",
-                        sealer: "cipher.SampleCipher") -> None:
+                        sealer: "cipher.SampleCipher", between: "Callable[[], object] | None" = None) -> None:
     # channels: one sample sequence per channel (array('i') on the board),
     # or each channel's samples already encoded (bytes, as decode_payload
     # gives them with decode_samples=False: re-sealing a frame);
@@ -241,6 +242,9 @@ def encode_sample_frame(w: "cbor.Writer", epoch: int, seq: int, stream: int, t0_
     # buffer (no scratch buffer: on the board that would be 1.5 kB of heap).
     # sealer: the device's sample cipher for this boot (samples are always
     # encrypted); its boot salt goes in the frame (key 15).
+    # between: called after the header and after each channel (a board
+    # reads its sensors' FIFOs there: a frame takes tens of ms on a chip);
+    # it must leave w alone.
     if not 0 < count <= MAX_SAMPLES:
         raise LocalProtocolError("a frame holds 1 to %d samples, not %d" % (MAX_SAMPLES, count), "sample_count")
     if len(channels) != STREAM_CHANNELS.get(stream, 0):
@@ -285,6 +289,8 @@ def encode_sample_frame(w: "cbor.Writer", epoch: int, seq: int, stream: int, t0_
     offset = 0
     buf = w.buf
     for ch in channels:
+        if between is not None:
+            between()
         start = w.pos + cbor.BSTR_HEAD_MAX  # room for the head, written once the length is known
         if isinstance(ch, bytes):  # one type, no tuple built per frame: the board's path allocates nothing
             n = len(ch)
@@ -296,6 +302,8 @@ def encode_sample_frame(w: "cbor.Writer", epoch: int, seq: int, stream: int, t0_
         sealer.apply(buf, start, start + n, epoch, seq, offset)
         offset += n
         w.bstr_written(start, n)
+    if between is not None:
+        between()
     w.uint(14)
     w.sint(cipher.ALG_A256CTR)
     w.uint(15)

@@ -56,6 +56,7 @@ _ADV_INTERVAL_US = const(250000)
 # about 130 characters as lines, a few per second.
 _CONTROL_BUFFER = const(512)
 _FRAGMENTS_PER_SERVICE = const(8)  # notifications tried per loop
+_RX_CHUNK = const(32)  # bytes deframed per receive() at most: the app reads the sensors between two
 _BACKOFF_MAX = const(32)  # loops skipped at most after repeated ENOMEM
 _PREFERRED_MTU = const(517)
 _PUMP_MS = const(15)  # a typical connection interval: notifications leave the stack at that pace
@@ -156,6 +157,7 @@ class BleLink:
         self.message = self._rx.message  # receive()'s message: decoded in place there
         self._written = b""  # the hub's last write to the control characteristic
         self._written_pos = 0  # how much of it was deframed
+        self.rx_more = False  # receive() stopped at its chunk: more waits
         self._conn = -1
         self.connected = False
         self.pump_ms = _PUMP_MS
@@ -349,11 +351,16 @@ class BleLink:
             self._written_pos = 0
         rx = self._rx
         i = self._written_pos
-        while i < len(data):
+        end = len(data)
+        self.rx_more = end - i > _RX_CHUNK
+        if self.rx_more:
+            end = i + _RX_CHUNK
+        while i < end:
             n = rx.take_byte(data[i])
             i += 1
             if n:
                 self._written_pos = i
+                self.rx_more = False
                 return n
         self._written_pos = i
         return 0

@@ -27,7 +27,10 @@ from micropython import const
 from app import ticks
 from protocols import link
 
-_RX_BUDGET = const(256)  # bytes read per loop at most: acks are ~100 bytes
+# Bytes read per receive() at most: byte by byte they take ~0.2 ms each on
+# a chip, so an ack line (~100 bytes) is read in pieces, the sensors' FIFOs
+# read between them (the app calls again while rx_more says so).
+_RX_CHUNK = const(32)
 UART_FIFO_BYTES = const(128)  # the ESP32 UART's hardware transmit FIFO
 _SLACK_US = const(50000)  # beyond a piece's time on the line, before its write counts as stalled
 _BACKOFF_MIN_MS = const(250)
@@ -66,6 +69,7 @@ class SerialLink:
         self._rx = link.LineDeframer()
         self.message = self._rx.message  # receive()'s message: decoded in place there
         self._byte = bytearray(1)
+        self.rx_more = False  # receive() stopped at its chunk: more may wait
         self.connected = True
 
     def service(self):
@@ -156,13 +160,16 @@ class SerialLink:
 
     def receive(self):
         # The length of the next downlink message, then in message[:n] until
-        # the next call (not yet authenticated), or 0. Byte by byte: the
-        # console's read blocks until its buffer is full.
+        # the next call (not yet authenticated), or 0; rx_more then says
+        # whether it stopped after _RX_CHUNK bytes with more maybe waiting.
+        # Byte by byte: the console's read blocks until its buffer is full.
         rx = self._rx
-        for _ in range(_RX_BUDGET):
+        self.rx_more = False
+        for _ in range(_RX_CHUNK):
             if not self._ready() or self._in.readinto(self._byte) != 1:
-                break
+                return 0
             n = rx.take_byte(self._byte[0])
             if n:
                 return n
+        self.rx_more = True
         return 0

@@ -19,6 +19,8 @@ from protocols.errors import ProtocolError
 FIRMWARE = "pulsebridge-fw 0.1.0"
 _SMALL = const(160)  # buffer for hello/status/time messages
 _MAX_SENDS_PER_LOOP = const(4)
+_VITALS_CHUNK = const(128)  # samples fed to the board's vitals between two FIFO reads
+_RX_CHUNKS_PER_LOOP = const(16)  # downlink read per loop at most: messages, or the links' chunks (32 bytes)
 _IDLE_MAX_MS = const(100)
 # Garbage is collected when the loop chooses: right after the sensors were
 # drained, once less than this is free (or half what the last collection
@@ -109,6 +111,7 @@ class App:
         self._woken = self._any_ready  # bound once: the idle loop calls it often
         self._gc_below = _GC_HEADROOM
         self._gc_checked_ms = now
+        self._read_fifos_cb = self._read_fifos  # bound once: build_frame passes it on every frame
         self._fastest = self.streams[0]
         for st in self.streams:
             if st.rate_hz > self._fastest.rate_hz:
@@ -156,40 +159,67 @@ class App:
             flags |= messages.FLAG_SENSOR_FAULT
         if st.saturated:
             flags |= messages.FLAG_SATURATED
-        if st.pending_lost:
+        pending_lost = st.pending_lost
+        if pending_lost:
             flags |= messages.FLAG_FIFO_OVERFLOW
+        st.framing()  # what this frame says of the stream is taken: what its FIFO says meanwhile is the next's
         num, den = sensor.scale()
         drive = sensor.drive() if st.stream_id == messages.STREAM_PPG_MAX30102 else None
         jitter = sensor.take_jitter_us() if st.stream_id == messages.STREAM_ECG_AD8232 else 0
         seq = self._seq()
         # The frame is made where it will stay: the payload encoded (and its
         # samples encrypted) in its outbox region, then sealed around it.
+        # A frame takes tens of ms on a chip: the other streams' FIFOs that
+        # ask meanwhile are read between its pieces (_read_fifos).
         w = self._frame_writer
         need = self.worst[k]
         base = self.outbox.reserve(need)  # may drop the oldest frames: this one then says so
         w.end = base + need
         w.pos = start = base + self.up.payload_offset
         messages.encode_sample_frame(w, self.epoch, seq, st.stream_id, st.t0_ms(), st.first_index,
-                                     st.rate_hz, count, num, den, drive, flags, st.pending_lost,
-                                     self.outbox.dropped, jitter, st.chans, self.sealer)
+                                     st.rate_hz, count, num, den, drive, flags, pending_lost,
+                                     self.outbox.dropped, jitter, st.chans, self.sealer, self._read_fifos_cb)
         n = w.pos - start
         self.up.seal_written(w, start, base)
         if self.origin is not None:  # the payload ends where the tag's bstr (2 + 32 bytes) begins
             self.origin.add(seq, w.buf, w.pos - cose.TAG_SIZE - 2 - n, n)
         self.outbox.commit(seq, w.pos - base)
+        self._read_fifos()
+        # The board's own vitals (BLE): a few ms per 100 samples on a chip,
+        # fed in chunks with the FIFOs read between.
         if st.stream_id == messages.STREAM_PPG_MAX30102:
             if self.ox is not None:
-                if flags & messages.FLAG_LEAD_OFF or st.pending_lost:
+                if flags & messages.FLAG_LEAD_OFF or pending_lost:
                     self.ox.reset()
                 else:
-                    self.ox.feed(st.chans[0], st.chans[1], count)
+                    for i in range(0, count, _VITALS_CHUNK):
+                        self.ox.feed(st.chans[0], st.chans[1], min(count, i + _VITALS_CHUNK), i)
+                        self._read_fifos()
         elif self.hr is not None:
-            if flags & messages.FLAG_LEAD_OFF or st.pending_lost:
+            if flags & messages.FLAG_LEAD_OFF or pending_lost:
                 self.hr.reset()
             else:
-                self.hr.feed(st.chans[0], count)
+                for i in range(0, count, _VITALS_CHUNK):
+                    self.hr.feed(st.chans[0], min(count, i + _VITALS_CHUNK), i)
+                    self._read_fifos()
         st.advance(count)
         self.frames_built += 1
+
+    def _read_fifos(self):
+        # Reads the FIFOs of the streams whose chip asks into the streams'
+        # spare room (the one being framed too: after the samples it frames),
+        # framing nothing: a full window waits for the next _drain. A stream
+        # that fails is left asking: _drain reads it again and handles the
+        # fault.
+        now = self.board.ticks_ms()
+        streams = self.streams
+        for k in range(len(streams)):
+            st = streams[k]
+            if st.irq_pin is not None and self.guard.ready(k) and st.due(now, 0):
+                try:
+                    st.poll(now)
+                except OSError:
+                    st.ready = True
 
     def on_downlink(self, data, n=-1):
         # data[:n] (n < 0: all of it): one downlink message, not yet authenticated.
@@ -315,7 +345,8 @@ class App:
         now = self.board.ticks_ms()
         poll_ms = self.cfg["poll_ms"]
         for k in range(len(self.streams)):
-            if every or self.streams[k].wants():
+            st = self.streams[k]
+            if every or st.wants() or st.n >= st.window:  # (a window filled by _read_fifos: framed now)
                 self._poll_stream(k, now, poll_ms)
         return self.board.ticks_ms()
 
@@ -344,11 +375,12 @@ class App:
                     break
                 ob.mark_sent(i, now)
                 now = self._drain()
-        while True:
+        for _ in range(_RX_CHUNKS_PER_LOOP):  # (a chunk takes a few ms on a chip: the sensors go between)
             n = self.link.receive()
-            if not n:
+            if n:
+                self.on_downlink(self.link.message, n)
+            elif not self.link.rx_more:
                 break
-            self.on_downlink(self.link.message, n)
             now = self._drain()
         if self.hr is not None or self.ox is not None:
             hr, ox = self.hr, self.ox
@@ -382,7 +414,7 @@ class App:
                 self._restart_sensor(k, now)
             return
         try:
-            count = st.poll(now) if st.due(now, poll_ms) else 0
+            count = st.poll(now) if st.due(now, poll_ms) else st.to_frame()
             # Checked whether or not the chip asked: a dead one raises no interrupt.
             if g.check_due(k, now) and not st.sensor.alive():
                 self._sensor_down(k, now, "no longer identifies")
@@ -491,8 +523,8 @@ class App:
     def wait(self):
         # Sleeps until a sensor's interrupt, or the next thing due: a polled
         # sensor, the link's next piece of a frame, the status message.
-        if self.reseal_due:
-            return  # more of the outbox to re-seal: no sleep
+        if self.reseal_due or self.link.rx_more:
+            return  # more of the outbox to re-seal, or of the downlink to read: no sleep
         now = self.board.ticks_ms()
         t = _IDLE_MAX_MS
         for st in self.streams:

@@ -86,7 +86,9 @@ class Stream:
 
     def poll(self, now_ms):
         # Drains the sensor; returns how many samples to put in a frame now.
-        if not self.split and self.n < self.window:
+        # A window already full is drained on into the spare room: the app
+        # reads the FIFOs while it builds another stream's frame.
+        if not self.split and self.n < self.capacity:
             got = self.sensor.read_into(self.chans, self.n, self.capacity - self.n)
             if got:
                 self.drained_ms = now_ms  # its FIFO just went below the chip's threshold
@@ -147,18 +149,27 @@ class Stream:
     def lead_off(self):
         return self._lead_off_fn() if self._lead_off_fn else False
 
+    def framing(self):
+        # A frame of the first samples is being made, its flags taken: what
+        # the sensor says from now on (its FIFO is read meanwhile) goes in
+        # the next frame.
+        self.saturated = False
+        self.fault = False
+
     def advance(self, count):
-        # The first count samples are framed: move the rest to the front.
+        # The first count samples are framed: move the rest to the front. A
+        # gap found after them (split, while the frame was being made) stays
+        # ahead, after the samples before it.
         rest = self.n - count
         for ch in self.chans:
             for i in range(rest):
                 ch[i] = ch[count + i]
         self.n = rest
         self.first_index += count
-        self.saturated = False
-        self.fault = False
         self.pending_lost = 0
-        if self.split:
+        if self.split > count:
+            self.split -= count
+        elif self.split:
             self.first_index += self.gap
             self.pending_lost = self.gap
             self.split = 0

@@ -33,9 +33,10 @@ class HeartRate:
         self.nrr = 0
         self.bpm_x10 = 0
 
-    def feed(self, buf, n):
+    def feed(self, buf, n, start=0):
+        # Samples buf[start:n], following the ones fed before.
         rate = self.rate
-        for i in range(n):
+        for i in range(start, n):
             x = buf[i]
             d = x - self.prev
             self.prev = x
@@ -89,8 +90,9 @@ class PulseOx:
         self.spo2_x10 = 0
         self.pr_x10 = 0
 
-    def feed(self, red, ir, n):
-        for i in range(n):
+    def feed(self, red, ir, n, start=0):
+        # Samples [start:n] of red and IR, following the ones fed before.
+        for i in range(start, n):
             r = red[i]
             x = ir[i]
             self.sum_r += r

@@ -56,6 +56,8 @@ class LoopbackLink:
             self.inbox.append(r.reply)
         return True
 
+    rx_more = False  # (messages are taken whole)
+
     def receive(self):
         # As the board's links: the length of the next message, then in self.message.
         if self.inbox:

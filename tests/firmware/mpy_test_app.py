@@ -126,6 +126,30 @@ def test_stream_reports_fifo_loss_and_keeps_sample_clock():
     assert st.t0_ms() == 480  # the first sample after the gap, on the sensor clock
 
 
+def test_a_gap_found_while_a_window_is_framed_stays_after_the_samples_before_it():
+    # The app reads a stream's FIFO while that stream's frame is being made
+    # (build_frame: into the spare room after the window). An overflow found
+    # then cuts after the samples read before it, not after the window.
+    clock = VirtualClock()
+    chip, model = _ppg_chip(clock)
+    chip.configure(rate_hz=100)
+    chip.start()
+    st = Stream(chip, messages.STREAM_PPG_MAX30102, 20, 0)
+    clock.sleep_ms(200)
+    assert st.poll(clock.now_us() // 1000) == 20  # a window: its frame is being made...
+    st.framing()
+    clock.sleep_ms(100)
+    assert st.poll(clock.now_us() // 1000) == 20 and st.n == 30  # ...10 more read meanwhile
+    clock.sleep_ms(500)  # 50 into a 32-deep FIFO: 18 lost after those 10
+    st.poll(clock.now_us() // 1000)
+    assert st.n == 52 and st.lost_total == 18  # 22 of the FIFO's 32 fit the spare room (window + 32)
+    st.advance(20)  # the window is framed
+    assert st.first_index == 20 and st.pending_lost == 0 and st.to_frame() == 10  # then the 10 before the gap
+    st.advance(10)
+    assert st.first_index == 48 and st.pending_lost == 18 and st.n == 22
+    assert st.t0_ms() == 480  # the first sample after the gap, on the sensor clock
+
+
 def test_per_sample_path_does_not_allocate():
     clock = VirtualClock()
     ecg, _ = _ecg_chip(clock)
@@ -284,3 +308,62 @@ def test_ppg_frames_carry_drive_and_scale_and_red_below_ir():
     red, ir = f.channels
     assert sum(red) < sum(ir)
     assert max(ir) - min(ir) > 100  # the pulse is there
+
+
+def _stream(app, stream_id):
+    for k in range(len(app.streams)):
+        if app.streams[k].stream_id == stream_id:
+            return k, app.streams[k]
+    raise AssertionError("no stream %d" % stream_id)
+
+
+def test_the_ecg_fifo_is_read_while_a_ppg_frame_is_built():
+    # On a chip a frame takes tens of ms. Here each of the PPG frame's two
+    # channels takes 32 ms of the board's clock to encrypt (16.4 ECG
+    # samples), and the ECG FIFO's interrupt comes meanwhile
+    # (board.service() stands in for the soft IRQ): the ECG FIFO (32
+    # samples, 62.5 ms at 512 Hz), under its threshold (16) when the frame
+    # starts, must be read between the frame's pieces, not after it, or it
+    # overflows.
+    b, app, link = _board_with({}, {})
+    _run_until(b, app, 500)
+    k_ppg, ppg = _stream(app, messages.STREAM_PPG_MAX30102)
+    _, ecg = _stream(app, messages.STREAM_ECG_MAX30003)
+    model = b.models["max30003"]
+    ecg.ready = True
+    app._read_fifos()
+    assert ppg.n > 0 and model.lost == 0 and model.count < 16
+    apply = app.sealer.apply
+    held = []
+
+    def slow_apply(*args):
+        held.append(ecg.n)
+        b.clock.t_us += 32000
+        b.service()
+        return apply(*args)
+
+    app.sealer.apply = slow_apply
+    before = ecg.n
+    app.build_frame(k_ppg, ppg, ppg.n)
+    app.sealer.apply = apply
+    assert len(held) == 2 and held[1] > held[0] >= before, (before, held)  # read between the two channels
+    assert ecg.n > held[1]  # and after the last
+    assert model.lost == 0, model.lost
+    # The ECG's own frame: its FIFO is read while the frame is made too,
+    # into the room after the samples framed.
+    k_ecg = _stream(app, messages.STREAM_ECG_MAX30003)[0]
+    ecg.ready = True
+    app._read_fifos()
+    count = ecg.n
+    app.sealer.apply = slow_apply
+    app.build_frame(k_ecg, ecg, count)
+    app.sealer.apply = apply
+    assert ecg.n >= 16 and ecg.first_index == count and model.lost == 0, (ecg.n, ecg.first_index, count)
+    _run_until(b, app, 4000)
+    ecg_frames = _frames(link, messages.STREAM_ECG_MAX30003)
+    nxt = 0
+    for f in ecg_frames:
+        assert f.first_index == nxt and f.status[1] == 0, (f.first_index, nxt, f.status)
+        nxt += f.count
+    assert model.lost == 0 and len(ecg_frames) >= 3
+    assert len(_frames(link, messages.STREAM_PPG_MAX30102)) >= 3

@@ -55,6 +55,25 @@ def test_frame_encoder_matches_vector() -> None:
     assert key.seal(FRAME_PAYLOAD) == FRAME
 
 
+def test_frame_built_with_work_between_its_pieces_matches_vector() -> None:
+    # A board reads its sensors' FIFOs between a frame's pieces (after the
+    # header, after each channel): the frame is the same, byte for byte,
+    # whatever the work between does to other buffers.
+    w = cbor.Writer(bytearray(512))
+    other = bytearray(64)
+    calls = []
+
+    def between() -> None:
+        calls.append(w.pos)
+        samples.encode_into([1, 2, 3], 3, other, 0)  # another stream's work, meanwhile
+
+    messages.encode_sample_frame(w, 7, 42, messages.STREAM_ECG_MAX30003, 123456, 61440, 512, 5,
+                                 1000000, 2621440, None, messages.FLAG_LEAD_OFF, 0, 0, 0, (SAMPLES,),
+                                 cipher.SampleCipher(KEY, BOOT_SALT), between)
+    assert bytes(w.buf[:w.pos]) == FRAME_PAYLOAD
+    assert len(calls) == 2 and calls[0] < calls[1] < w.pos  # after the header, after the one channel
+
+
 def test_frame_vector_verifies_and_decodes() -> None:
     key = cose.MacKey(KEY, KID, cose.AAD_UPLINK)
     msg = cose.parse(FRAME)
