@@ -247,9 +247,11 @@ def run(minutes, speed, link_kind, up_fd, down_fd, stretches=False):
         for name, m in board.models.items():
             if hasattr(m, "max_level"):
                 lat = max([p.worst_latency_us for p in m.irq_pins] or [-1])
+                lat_at = max([p.worst_at_us for p in m.irq_pins] or [-1])
                 edges = sum(p.edges for p in m.irq_pins)
                 fifos[name] = {"depth": 32, "fill_ms": 32000 / m.rate_hz(), "worst_level": m.max_level,
-                               "overflowed": m.lost, "irq_latency_us": lat, "irqs": edges}
+                               "overflowed": m.lost, "irq_latency_us": lat, "worst_latency_at_us": lat_at,
+                               "irqs": edges}
         timer_dropped = 0
         for t in board._timers:
             timer_dropped += t.dropped
@@ -260,6 +262,7 @@ def run(minutes, speed, link_kind, up_fd, down_fd, stretches=False):
             "cpu_pct": 100 * (compute_us + io_us) / max(1, chip_us),
             "worst_step_us": worst_step_us, "fifos": fifos, "sched_dropped": clock.sched_dropped,
             "timer_dropped": timer_dropped, "tare_us": clock.tare_us,
+            "longest_span_us": clock.longest_span_us, "longest_span_at_us": clock.longest_span_at_us,
             "console_blocked_us": board.console_port.blocked_us if board.console_port else 0,
         }
         if tracer is not None:

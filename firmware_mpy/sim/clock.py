@@ -115,6 +115,12 @@ class ChipClock:
         self.io_us = 0  # chip time it waited in blocking I/O (buses, console)
         self.idle_us = 0  # chip time it slept
         self.sched_dropped = 0  # soft IRQs lost: the scheduler queue was full
+        # The longest span of firmware code charged at once (chip us), and
+        # when it ended: one stall of this machine (measured: 1.1-1.4 ms
+        # a few times a minute, a 20 us loop's reading) is 100-200 ms of a
+        # chip's time, and shows here.
+        self.longest_span_us = 0
+        self.longest_span_at_us = 0
         self.sim_alloc = 0  # bytes the simulation allocated (not the firmware's)
         self.sim_garbage = 0  # of those, the ones left to the GC
         self._alloc_mark = 0
@@ -154,6 +160,7 @@ class ChipClock:
         self.compute_us = 0
         self.t_us = 0
         self._frac = 0
+        self.longest_span_us = 0
 
     # ---- the firmware enters and leaves the simulation ---------------------
     def enter(self):
@@ -183,6 +190,9 @@ class ChipClock:
 
     def _charge_cpu(self):
         d = self._chip_us(self._meter.stop_us() - self._mark)
+        if d > self.longest_span_us:
+            self.longest_span_us = d
+            self.longest_span_at_us = self.t_us + d
         self.compute_us += d
         if self._irq:
             self.t_us += d  # a callback's own time: no callback interrupts it

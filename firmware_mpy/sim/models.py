@@ -563,6 +563,7 @@ class SimIrqPin:
         # transfer to the chip (chip-speed clock only).
         self._fell_at = -1
         self.worst_latency_us = 0
+        self.worst_at_us = 0  # when the line fell, for the worst latency
         self.edges = 0
         clock.add_source(self)
         chip.irq_pins.append(self)
@@ -588,6 +589,7 @@ class SimIrqPin:
             d = self._clock.t_us - self._fell_at
             if d > self.worst_latency_us:
                 self.worst_latency_us = d
+                self.worst_at_us = self._fell_at
             self._fell_at = -1
         self._low = False
 

@@ -148,6 +148,9 @@ def install(app, board, clock):
     s.wrap(samples, "encode_into")
     s.wrap(app.sealer, "apply", "aes_ctr")
     s.wrap(app.up, "seal_written", "mac")
+    for vit, label in ((app.hr, "heart_rate.feed"), (app.ox, "pulse_ox.feed")):
+        if vit is not None:
+            s.wrap(vit, "feed", label)
     link = app.link
     for name in ("send", "receive", "set_vitals"):
         if hasattr(link, name):
