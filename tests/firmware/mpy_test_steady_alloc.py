@@ -87,7 +87,7 @@ class _HeapLooks:
         gc.collect()
 
 
-def _run(kind, ticks_start_ms=0, days_streamed=0):
+def _run(kind, ticks_start_ms=0, days_streamed=0, ecg=None):
     sim = _load("sim.json")
     sim["virtual_clock"] = True
     sim["ticks_start_ms"] = ticks_start_ms
@@ -95,6 +95,8 @@ def _run(kind, ticks_start_ms=0, days_streamed=0):
         sim["ble"] = {}
     cfg = config.load()
     cfg["link"] = kind
+    if ecg is not None:
+        cfg["ecg"] = ecg
     cfg["origin_every_ms"] = 2000  # origin checkpoints (app/origin.py) made under the heap lock too
     key = config.load_key()
     clock = VirtualClock()
@@ -219,3 +221,8 @@ def test_frame_times_stay_exact_with_no_product_past_small_ints():
         for fi in (0, 1, rate - 1, rate, 1073741 * rate // 512, 12 * 86400 * rate + 77, (1 << 30) - 1):
             st.first_index = fi
             assert st.t0_ms() == 1234 + fi * 1000 // rate, (rate, fi)
+
+
+def test_timer_paced_ad8232_steady_state_allocates_nothing():
+    # The AD8232 front end sampled by a timer callback (a soft IRQ), 250 Hz.
+    _run("serial", ecg={"chip": "ad8232", "rate_hz": 250})
