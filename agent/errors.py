@@ -24,7 +24,8 @@ format's own errors stay `protocols.errors.ProtocolError` (Local/Remote):
     ├── PasswordFileError    agent/status_page.py  .missing
     ├── ProvisionError       agent/provision/provision.py  .step
     ├── ReplError            agent/provision/rawrepl.py  .port, .output
-    └── BuildError           agent/provision/build.py
+    ├── BuildError           agent/provision/build.py
+    └── InputError           agent/verify_origin.py
 """
 
 from __future__ import annotations

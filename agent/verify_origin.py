@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from agent.errors import PulsebridgeError
 from agent.forwarders.fhir import COSE_EXTENSION
 from protocols import cbor
 from protocols import origin_verify as origin
@@ -29,7 +30,7 @@ MAX_INPUT_BYTES = 1 << 30
 KEY_BYTES = 32
 
 
-class InputError(Exception):
+class InputError(PulsebridgeError):
     """An input or key file that cannot be read; says which and why."""
 
 

@@ -267,7 +267,7 @@ class FhirForwarder(HttpForwarder):
             status = str(entry.get("response", {}).get("status", ""))
             if not status.startswith("2"):
                 code = int(status[:3]) if status[:3].isdigit() else 400
-                raise RefusedError(code, "transaction entry answered %r" % status[:40])
+                raise RefusedError(code, "transaction entry answered %r" % status[:40], backend=self.name)
 
     def refusal_reason(self, text: str) -> str:
         """The OperationOutcome's diagnostics (or details), else the answer's text."""

@@ -61,10 +61,11 @@ class HttpForwarder(Forwarder):
                 if 200 <= resp.status < 300:
                     return text
                 if 400 <= resp.status < 500 and resp.status not in RETRY_STATUSES:
-                    raise RefusedError(resp.status, self.refusal_reason(text))
-                raise DeliveryError("HTTP %d from %s" % (resp.status, url))
+                    raise RefusedError(resp.status, self.refusal_reason(text), backend=self.name)
+                raise DeliveryError("HTTP %d from %s" % (resp.status, url), backend=self.name,
+                                    http_status=resp.status)
         except aiohttp.ClientError as e:
-            raise DeliveryError(str(e) or type(e).__name__) from e
+            raise DeliveryError(str(e) or type(e).__name__, backend=self.name) from e
 
     def refusal_reason(self, text: str) -> str:
         """The backend's reason for a refusal, from its answer's body (bounded)."""

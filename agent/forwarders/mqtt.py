@@ -102,7 +102,7 @@ class MqttForwarder(Forwarder):
             await asyncio.gather(*(publish(name, payload) for name, payload in messages))
         except aiomqtt.MqttError as e:
             await self.close()
-            raise DeliveryError("MQTT: %s" % e) from e
+            raise DeliveryError("MQTT: %s" % e, backend=self.name) from e
 
     def message(self, row: Row) -> tuple[str, bytes]:
         """A row's topic and payload (JSON, or CBOR with typed arrays: cfg.payload)."""

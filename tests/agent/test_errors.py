@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import importlib
 from pathlib import Path
 
@@ -64,3 +65,45 @@ def test_a_configuration_error_is_caught_at_the_root(tmp_path: Path) -> None:
     with pytest.raises(PulsebridgeError) as e:
         load(path)
     assert isinstance(e.value, ConfigError) and e.value.field and e.value.path == path
+
+
+def test_an_http_backend_says_which_backend_failed_and_what_it_answered() -> None:
+    # A real HTTP server answering 503 (busy: retried) then 422 (refused: quarantined).
+    import tomllib
+
+    from aiohttp import web
+
+    from agent import config, forwarders
+    from agent.forwarders.base import DeliveryError, RefusedError
+
+    async def scenario() -> list[DeliveryError]:
+        answers = [503, 422]
+
+        async def answer(request: web.Request) -> web.Response:
+            return web.Response(status=answers.pop(0), text="Bundle.entry[0]: not a valid Observation")
+
+        app = web.Application()
+        app.router.add_post("/", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        cfg = config.parse(tomllib.loads('[[backend]]\nname = "care-team"\ntype = "webhook"\n'
+                                          'url = "http://127.0.0.1:%d/"\ninsecure = true\n' % port))
+        fw = forwarders.make(cfg.backends[0], None, "hub", asyncio.Event())  # type: ignore[arg-type]
+        errors = []
+        try:
+            for _ in range(2):
+                with pytest.raises(DeliveryError) as e:
+                    await fw.post(fw.cfg.url, b"[]", {})  # type: ignore[attr-defined]
+                errors.append(e.value)
+        finally:
+            await fw.close()
+            await runner.cleanup()
+        return errors
+
+    busy, refused = asyncio.run(scenario())
+    assert type(busy) is DeliveryError and (busy.backend, busy.http_status) == ("care-team", 503), busy.fields()
+    assert isinstance(refused, RefusedError) and refused.fields() == {"backend": "care-team", "http_status": 422}
+    assert refused.reason == "Bundle.entry[0]: not a valid Observation"
