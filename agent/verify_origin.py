@@ -3,24 +3,32 @@ boards' origin checkpoints (protocols/origin.py) with the origin keys only.
 
 Inputs, each a file: a capture of raw COSE messages as the boards sent them,
 concatenated (`pulsebridge sim --capture`, or a backend keeping the raw
-COSE); or JSON from the forwarders: one document, a list of them, JSON
-Lines (MQTT, webhook), or FHIR Bundles / Observations (the COSE in their
-`urn:pulsebridge:extension:cose` extension). The decoded samples of a
+COSE); JSON from the forwarders: one document, a list of them, JSON Lines
+(MQTT, webhook), or FHIR Bundles / Observations (the COSE in their
+`urn:pulsebridge:extension:cose` extension); or the CBOR documents of the
+`cbor` payloads (MQTT messages or webhook batches, concatenated; samples
+as RFC 8746 int32 typed arrays). The decoded samples of a
 document are compared with the board's own, decrypted with the boot key its
 checkpoint carries.
 """
 
 from __future__ import annotations
 
+import array
 import base64
 import binascii
+import io
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cbor2
+
 from agent.errors import PulsebridgeError
 from agent.forwarders.fhir import COSE_EXTENSION
+from agent.forwarders.mqtt import TAG_INT32_LE
 from protocols import cbor
 from protocols import origin_verify as origin
 from protocols.errors import ProtocolError
@@ -71,6 +79,8 @@ def _raw_messages(data: bytes, where: str) -> Iterator[tuple[bytes, list[list[in
 
 
 def _b64(text: Any, where: str) -> bytes:
+    if isinstance(text, bytes):  # a CBOR document holds the COSE as bytes
+        return text
     try:
         return base64.b64decode(str(text), validate=True)
     except (binascii.Error, ValueError):
@@ -111,9 +121,45 @@ def _from_json(obj: Any, where: str) -> Iterator[tuple[bytes, list[list[int]] | 
     kind = obj.get("type")
     if kind == "samples" and "cose" in obj:
         ch = obj.get("channels")
-        yield _b64(obj["cose"], where), list(ch.values()) if isinstance(ch, dict) else None, where
+        chans = [_channel(v, where) for v in ch.values()] if isinstance(ch, dict) else None
+        yield _b64(obj["cose"], where), chans, where
     elif kind == "origin_checkpoint" and "cose" in obj:
         yield _b64(obj["cose"], where), None, where
+
+
+def _channel(v: Any, where: str) -> list[int]:
+    # A document's channel: a JSON list, or an RFC 8746 typed array (tag 78: int32, little-endian).
+    if isinstance(v, cbor2.CBORTag):
+        if v.tag != TAG_INT32_LE or not isinstance(v.value, bytes) or len(v.value) % 4:
+            raise InputError("%s: a channel is a typed array of tag %d" % (where, TAG_INT32_LE))
+        a = array.array("i", v.value)
+        if sys.byteorder == "big":
+            a.byteswap()
+        return a.tolist()
+    return list(v)
+
+
+def _cbor_documents(data: bytes, where: str) -> list[Any] | None:
+    # The CBOR documents in data (each a map with a "type", or an array of them), or
+    # None if it is not such a file (a raw COSE capture: tagged COSE_Mac0 items).
+    dec = cbor2.CBORDecoder(io.BytesIO(data))
+    out: list[Any] = []
+    n = 0
+    try:
+        while dec.fp.tell() < len(data):
+            item = dec.decode()
+            n += 1
+            docs = item if isinstance(item, list) else [item]
+            if not all(isinstance(d, dict) and "type" in d for d in docs):
+                return None if n == 1 else _fail(where, n)
+            out.extend(docs)
+    except cbor2.CBORDecodeError:
+        return None if n == 0 else _fail(where, n + 1)
+    return out
+
+
+def _fail(where: str, n: int) -> list[Any]:
+    raise InputError("%s: CBOR item %d is not a pulsebridge document" % (where, n))
 
 
 def read_inputs(paths: list[Path]) -> Iterator[tuple[bytes, list[list[int]] | None, str]]:
@@ -137,7 +183,12 @@ def read_inputs(paths: list[Path]) -> Iterator[tuple[bytes, list[list[int]] | No
             for d in docs:
                 yield from _from_json(d, p.name)
         else:
-            yield from _raw_messages(data, p.name)
+            cbor_docs = _cbor_documents(data, p.name)
+            if cbor_docs is None:
+                yield from _raw_messages(data, p.name)
+            else:
+                for i, d in enumerate(cbor_docs):
+                    yield from _from_json(d, "%s[%d]" % (p.name, i))
 
 
 def verify(inputs: list[Path], key_files: list[Path]) -> origin.Report:

@@ -117,7 +117,7 @@ def document(row: Row, hub_id: str, subject: str | None = None, binary: bool = F
         # the key its content is MACed under (pulsebridge verify-origin).
         return {"type": "origin_checkpoint", "idempotency_key": idempotency_key(row), "hub_id": hub_id,
                 "device_id": row.device_id, "subject": subject, "epoch": row.epoch, "seq": row.seq,
-                "received_at": received, "cose": base64.b64encode(row.raw).decode()}
+                "received_at": received, "cose": row.raw if binary else base64.b64encode(row.raw).decode()}
     f = row.frame
     if f is None:
         raise RemoteProtocolError("stored frame %s has no samples to forward" % idempotency_key(row), "missing")

@@ -45,10 +45,15 @@ def test_mqtt_documents_are_proven_and_a_hubs_tampering_is_caught(micropython: s
     broker, port = _start_broker(mosquitto, tmp_path, pki)
     sims = harness.start_boards(tmp_path, 1, micropython)
     docs: list[dict[str, object]] = []
+    cbor_payloads: list[bytes] = []
     try:
         harness.register(tmp_path / "data", tmp_path / "log", sims)
         backend = ('[[backend]]\nname = "broker"\ntype = "mqtt"\nurl = "mqtts://localhost:%d"\nca_file = "%s"\n'
                    'client_cert = "%s"\nclient_key = "%s"\n' % (port, pki.ca_cert, pki.client_cert, pki.client_key))
+        # The same documents in CBOR (typed arrays, the COSE as bytes) under another topic prefix.
+        backend += ('[[backend]]\nname = "broker-cbor"\ntype = "mqtt"\nurl = "mqtts://localhost:%d"\nca_file = "%s"\n'
+                    'client_cert = "%s"\nclient_key = "%s"\ntopic_prefix = "pbcbor"\npayload = "cbor"\n'
+                    % (port, pki.ca_cert, pki.client_cert, pki.client_key))
         # A FHIR server that never answers: its outbox keeps every row, from which the
         # Bundles the FHIR forwarder sends are made below.
         backend += ('[[backend]]\nname = "fhir"\ntype = "fhir"\nurl = "https://127.0.0.1:%d/fhir"\nca_file = "%s"\n'
@@ -59,13 +64,17 @@ def test_mqtt_documents_are_proven_and_a_hubs_tampering_is_caught(micropython: s
             async with aiomqtt.Client("localhost", port, tls_context=tls_context(cfg.backends[0]),
                                       identifier="test-origin") as c:
                 await c.subscribe("pulsebridge/#", qos=1)
+                await c.subscribe("pbcbor/#", qos=1)
                 agent = Agent(cfg)
                 stop = asyncio.Event()
                 task = asyncio.create_task(agent.run(stop))
 
                 async def collect() -> None:
                     async for msg in c.messages:
-                        docs.append(json.loads(bytes(msg.payload)))  # type: ignore[arg-type]
+                        if str(msg.topic).startswith("pbcbor/"):
+                            cbor_payloads.append(bytes(msg.payload))  # type: ignore[arg-type]
+                        else:
+                            docs.append(json.loads(bytes(msg.payload)))  # type: ignore[arg-type]
 
                 collector = asyncio.create_task(collect())
                 # A checkpoint every 10 s of the board's clock: two of them.
@@ -97,6 +106,13 @@ def test_mqtt_documents_are_proven_and_a_hubs_tampering_is_caught(micropython: s
     rc, rep = _verify(tmp_path, received, key, "docs.jsonl")
     assert rc == 0 and rep["ok"], rep
     assert isinstance(rep["proven"], int) and rep["proven"] >= 10, rep
+    # The CBOR payloads, as a backend would keep them (concatenated).
+    cbor_file = tmp_path / "docs.cbor"
+    cbor_file.write_bytes(b"".join(cbor_payloads))
+    p = subprocess.run([sys.executable, "-m", "agent.cli", "verify-origin", "--json", "--key", str(key),
+                        str(cbor_file)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    rep_cbor = json.loads(p.stdout)
+    assert p.returncode == 0 and isinstance(rep_cbor["proven"], int) and rep_cbor["proven"] >= 10, (p.stderr, rep_cbor)
     # What the hub stored, as the FHIR forwarder's Bundles (samples compared from valueSampledData).
     db = Store(cfg.store_path, ["broker", "fhir"]).reader()
     try:
