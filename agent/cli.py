@@ -354,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `pulsebridge status | head`: the reader left, as a SIGPIPE'd command would end
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 141
+    except KeyboardInterrupt:  # Ctrl-C before a command could handle it (provision handles its own)
+        print("\npulsebridge: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

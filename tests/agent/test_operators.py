@@ -199,3 +199,23 @@ def test_a_running_agent_logs_start_stop_escapes_forged_ids_and_serves_metrics(m
         for s in sims:
             s.stop()
         backend.close()
+
+
+def test_ctrl_c_in_a_command_is_no_traceback(tmp_path: Path) -> None:
+    import socket
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[agent]\nhub_id = "h"\ndata_dir = "%s"\nlog_dir = "%s"\nrun_dir = "%s"\n' % (
+        tmp_path / "data", tmp_path / "log", run))
+    with socket.socket(socket.AF_UNIX) as hung:  # an agent that accepts and never answers
+        hung.bind(str(run / "status.sock"))
+        hung.listen()
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "status", "--config", str(cfg)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        conn, _ = hung.accept()  # the command is waiting for its answer now
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        conn.close()
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err + out, err
