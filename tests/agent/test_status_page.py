@@ -397,7 +397,9 @@ def test_status_page_and_cli_tell_stalled_unplugged_and_restarted(micropython: s
             def state(dev: str) -> str:
                 return next((b["state"] for b in agent.snapshot()["boards"] if b["device_id"] == dev), "")
 
-            await async_wait_for(lambda: state(board.device_id) == "connected", 60, "the board connected",
+            # Stopped once a frame of it is stored: then the page has a last reading to tell the age of.
+            await async_wait_for(lambda: state(board.device_id) == "connected" and board.device_id in
+                                 agent.vitals.last_seen, 60, "the board connected and a frame of it stored",
                                  lambda: agent.snapshot()["boards"])
             assert board.proc is not None
             os.killpg(board.proc.pid, signal.SIGSTOP)  # the firmware hangs, USB up
