@@ -163,7 +163,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
     res = Provisioner(_load_config(args.config), args.port, lambda s: print(s, flush=True)).rotate(
         args.self_test_seconds)
-    return 0 if res.ok else 1
+    return 0 if res.ok else 130 if res.interrupted else 1
 
 
 def cmd_verify_origin(args: argparse.Namespace) -> int:

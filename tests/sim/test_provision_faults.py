@@ -223,3 +223,31 @@ def test_the_label_is_also_a_qr_code() -> None:
     assert len(rows) >= 10 and len(set(len(r) for r in rows)) == 1  # a square block of characters
     assert set("".join(rows)) <= set(" \xa0█▀▄")  # half blocks: two modules a character, any terminal
     assert provision.qr_text("PB1:pb-abd:0123ABCD") != qr  # the code carries the text
+
+
+@pytest.mark.micropython
+@pytest.mark.slow
+def test_ctrl_c_during_a_key_rotation_then_the_next_one_passes(micropython: str, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    (tmp_path / "handed").mkdir()
+    board = _blank_board(tmp_path, micropython)
+    try:
+        r = _cli("provision", "--config", str(cfg), "--port", board.port, "--device-id", "pb-rot02",
+                 "--self-test-seconds", "4", "--origin-key-out", str(tmp_path / "handed"))
+        assert r.returncode == 0, r.stdout + r.stderr
+        rotate = ["rotate-key", "--config", str(cfg), "--port", board.port, "--self-test-seconds", "4"]
+        rc, out = _interrupted(rotate, "[3/3]")
+        assert rc == 130 and "interrupted" in out and "Traceback" not in out, out
+        reg = Registry(tmp_path / "data" / "registry.db", AuditLog(tmp_path / "log" / "audit.log"))
+        dev = reg.get("pb-rot02")
+        reg.close()
+        assert dev is not None and dev.state == "active"  # both keys accepted meanwhile: the board is never refused
+        assert _key(tmp_path, "pb-rot02") in (dev.key, dev.next_key)
+        r = _cli(*rotate)
+        assert r.returncode == 0 and "re-keyed" in r.stdout, r.stdout + r.stderr
+        reg = Registry(tmp_path / "data" / "registry.db", AuditLog(tmp_path / "log" / "audit.log"))
+        dev = reg.get("pb-rot02")
+        reg.close()
+        assert dev is not None and dev.next_key is None and dev.key == _key(tmp_path, "pb-rot02")
+    finally:
+        board.stop()
