@@ -391,9 +391,11 @@ class App:
             up = self.board.uptime_ms()  # also keeps an uptime built from wrapping ticks counting
             if self.link.connected:
                 self.status(up)
+                now = self._drain()  # (a status and a checkpoint, both due every 10 s, take ~30 ms on a chip)
         self._report_faults()
         if self.origin is not None and self.origin.due(now):
             self._checkpoint(self.origin, now)
+            self._drain()
 
     def _checkpoint(self, log, now):
         # The frames listed since the last one, MACed under the origin key,

@@ -367,3 +367,32 @@ def test_the_ecg_fifo_is_read_while_a_ppg_frame_is_built():
         nxt += f.count
     assert model.lost == 0 and len(ecg_frames) >= 3
     assert len(_frames(link, messages.STREAM_PPG_MAX30102)) >= 3
+
+
+def test_the_fifos_are_read_after_a_status_message():
+    # A status message (and an origin checkpoint, due as often) takes ~15 ms
+    # each on a chip; here the status takes 40 ms of the board's clock and
+    # the fault reports after it 40 ms more: the ECG FIFO is read between.
+    b, app, link = _board_with({}, {})
+    _run_until(b, app, 500)
+    _, ecg = _stream(app, messages.STREAM_ECG_MAX30003)
+    model = b.models["max30003"]
+    ecg.ready = True
+    app._read_fifos()
+    status, report = app.status, app._report_faults
+    held = []
+
+    def slow(fn):
+        def run(*args):
+            held.append(ecg.n)
+            b.clock.t_us += 40000
+            b.service()
+            return fn(*args)
+        return run
+
+    app.status = slow(status)
+    app._report_faults = slow(report)
+    app.next_status_ms = b.ticks_ms()
+    app.step()
+    assert len(held) == 2 and held[1] > held[0], held
+    assert model.lost == 0, model.lost
