@@ -28,9 +28,12 @@ UNITS = {messages.STREAM_ECG_MAX30003: "uV", messages.STREAM_ECG_AD8232: "uV", m
 SAMPLE_DTYPE = np.dtype("<i4")
 
 Samples = npt.NDArray[np.int32]
+# Stored steps between samples, when every one fits: little-endian int16.
+_STEP_DTYPE = np.dtype("<i2")
+_STEP_MIN, _STEP_MAX = -(2**15), 2**15 - 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # arrays in it: == would be ambiguous
 class FrameRecord:
     """One verified sample frame. channels: one int32 array of `count` samples
     per channel (ECG: ecg; PPG: red, ir), in units of scale_num/scale_den
@@ -90,35 +93,54 @@ class FrameRecord:
 
     # ---- the stored form (agent/store.py keeps these two columns) --------------------
 
-    def header_json(self) -> str:
-        """The header fields the store has no column for, as JSON."""
-        return json.dumps({"rate_hz": self.rate_hz, "scale": [self.scale_num, self.scale_den],
-                           "ppg_drive": self.ppg_drive, "flags": self.flags,
-                           "fifo_lost_samples": self.fifo_lost_samples,
-                           "frames_dropped_by_board": self.frames_dropped_by_board, "jitter_us": self.jitter_us},
-                          separators=(",", ":"))
-
-    def samples_blob(self) -> bytes:
-        """Every channel's samples, one after the other, little-endian int32."""
-        if len(self.channels) == 1:
-            return self.channels[0].astype(SAMPLE_DTYPE, copy=False).tobytes()
-        return np.concatenate(self.channels).astype(SAMPLE_DTYPE, copy=False).tobytes()
+    def stored(self) -> tuple[str, bytes]:
+        """The header fields the store has no column for (JSON) and the samples
+        (bytes). Samples whose steps all fit 16 bits (most ECG and pleth) are
+        kept as each channel's first sample (in the header) and its steps,
+        int16 little-endian: half the bytes of int32 values, which the card
+        would otherwise take at every frame; others as int32 values."""
+        header: dict[str, Any] = {
+            "rate_hz": self.rate_hz, "scale": [self.scale_num, self.scale_den], "ppg_drive": self.ppg_drive,
+            "flags": self.flags, "fifo_lost_samples": self.fifo_lost_samples,
+            "frames_dropped_by_board": self.frames_dropped_by_board, "jitter_us": self.jitter_us,
+            "channels": len(self.channels)}
+        values = np.stack(self.channels) if self.channels else np.zeros((0, self.count), dtype=np.int32)
+        steps = np.diff(values.astype(np.int64), axis=1)
+        if self.count and (not steps.size or (steps.min() >= _STEP_MIN and steps.max() <= _STEP_MAX)):
+            header["samples"] = "steps16"
+            header["first"] = values[:, 0].tolist()
+            blob = steps.astype(_STEP_DTYPE).tobytes()
+        else:
+            blob = values.astype(SAMPLE_DTYPE, copy=False).tobytes()
+        return json.dumps(header, separators=(",", ":")), blob
 
     @classmethod
     def from_stored(cls, device_id: str, epoch: int, seq: int, stream: int, t0_ms: int, t0_utc_ms: int | None,
                     first_index: int, count: int, received_at: float, raw: bytes, header: dict[str, Any],
                     samples: bytes) -> FrameRecord:
-        """The record a store row holds (header: header_json() parsed; samples: samples_blob()).
-        Raises ValueError when the samples do not fill whole channels of count samples."""
-        values = np.frombuffer(samples, dtype=SAMPLE_DTYPE)
-        if count <= 0 or len(values) % count:
-            raise ValueError("%d stored samples are not whole channels of %d" % (len(values), count))
+        """The record a store row holds (header and samples: stored(), the header parsed).
+        Raises ValueError when the samples do not fill the header's channels of count samples."""
+        if header.get("samples") == "steps16":
+            first = [int(v) for v in header["first"]]
+            steps = np.frombuffer(samples, dtype=_STEP_DTYPE)
+            if count < 1 or len(steps) != len(first) * (count - 1):
+                raise ValueError("%d stored steps are not %d channels of %d samples" % (len(steps), len(first), count))
+            values = np.empty((len(first), count), dtype=np.int64)
+            values[:, 0] = first
+            values[:, 1:] = steps.reshape(len(first), count - 1)
+            channels = tuple(np.cumsum(values, axis=1).astype(np.int32))
+        else:
+            flat = np.frombuffer(samples, dtype=SAMPLE_DTYPE)
+            n = int(header.get("channels", len(flat) // count if count > 0 else 0))
+            if len(flat) != n * count:
+                raise ValueError("%d stored samples are not %d channels of %d" % (len(flat), n, count))
+            channels = tuple(flat.reshape(n, count))
         drive = header.get("ppg_drive")
         return cls(device_id, epoch, seq, stream, int(header["rate_hz"]), t0_ms, first_index, count,
                    int(header["scale"][0]), int(header["scale"][1]),
                    None if drive is None else (int(drive[0]), int(drive[1]), int(drive[2]), int(drive[3])),
                    int(header["flags"]), int(header["fifo_lost_samples"]), int(header["frames_dropped_by_board"]),
-                   int(header["jitter_us"]), tuple(values.reshape(-1, count)), t0_utc_ms, received_at, raw)
+                   int(header["jitter_us"]), channels, t0_utc_ms, received_at, raw)
 
 
 def iso_ms(t: float) -> str:

@@ -168,9 +168,9 @@ class Ingest:
     duplicate: bool = False
     t0_utc_ms: int | None = None  # the first sample's time, from the board clock's mapping to UTC
     # Hub-made records (vitals, alerts): their content; sample frames: their header
-    # (FrameRecord.header_json(), already JSON when a str).
+    # (FrameRecord.stored(), already JSON when a str).
     info: dict[str, Any] | str | None = None
-    # Sample frames: their samples decoded (FrameRecord.samples_blob()), kept beside
+    # Sample frames: their samples decoded (FrameRecord.stored()), kept beside
     # the frame as it came (encrypted, MACed): forwarding needs neither a key nor the codec.
     samples: bytes | None = None
     received_at: float | None = None  # UTC s when it arrived (None: when committed)
@@ -178,9 +178,10 @@ class Ingest:
     @classmethod
     def frame(cls, f: FrameRecord, window: Window | None, duplicate: bool = False) -> Ingest:
         """A board's sample frame, decoded, with its device's replay window once it is stored."""
+        header, samples = (None, None) if duplicate else f.stored()
         return cls(f.device_id, f.epoch, f.seq, KIND_FRAME, f.raw, window, f.stream, f.t0_ms, f.first_index,
-                   f.count, duplicate=duplicate, t0_utc_ms=f.t0_utc_ms, info=None if duplicate else f.header_json(),
-                   samples=None if duplicate else f.samples_blob(), received_at=f.received_at)
+                   f.count, duplicate=duplicate, t0_utc_ms=f.t0_utc_ms, info=header, samples=samples,
+                   received_at=f.received_at)
 
 
 @dataclass
@@ -477,7 +478,7 @@ class Store:
         try:
             db.execute("BEGIN IMMEDIATE")
             db.executemany("UPDATE frames SET info=?, samples=?, plain=NULL WHERE id=?",
-                           [(f.header_json(), f.samples_blob(), fid) for fid, f in decoded])
+                           [(*f.stored(), fid) for fid, f in decoded])
             db.execute("COMMIT")
         finally:
             db.close()
