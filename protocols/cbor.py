@@ -102,6 +102,33 @@ class Writer:
             raise LocalProtocolError("uint field given a negative value", "range")
         self.head(_MAJOR_UINT, value)
 
+    def uint_halves(self, hi: int, lo: int) -> None:
+        # The unsigned integer hi * 2**30 + lo (0 <= lo < 2**30, 0 <= hi <
+        # 2**34), encoded exactly as uint() encodes it, from its two halves:
+        # a board's counters past 2**30 (a heap int on a 32-bit port, whose
+        # small ints hold 31 bits) written with no int above 2**30 made.
+        if hi == 0:
+            self.head(_MAJOR_UINT, lo)
+            return
+        if hi < 0 or lo < 0 or lo >> 30 or hi >> 34:
+            raise LocalProtocolError("uint_halves given halves out of range", "range")
+        buf = self.buf
+        if hi < 4:  # under 2**32: a 4-byte head
+            p = self._room(5)
+            buf[p] = 26
+        else:
+            p = self._room(9)
+            buf[p] = 27
+            buf[p + 1] = hi >> 26
+            buf[p + 2] = (hi >> 18) & 0xFF
+            buf[p + 3] = (hi >> 10) & 0xFF
+            buf[p + 4] = (hi >> 2) & 0xFF
+            p += 4
+        buf[p + 1] = ((hi & 3) << 6) | (lo >> 24)
+        buf[p + 2] = (lo >> 16) & 0xFF
+        buf[p + 3] = (lo >> 8) & 0xFF
+        buf[p + 4] = lo & 0xFF
+
     def sint(self, value: int) -> None:
         if value < 0:
             self.head(_MAJOR_NINT, -1 - value)

@@ -234,7 +234,8 @@ def encode_sample_frame(w: "cbor.Writer", epoch: int, seq: int, stream: int, t0_
                         first_index: int, rate_hz: int, count: int, scale_num: int, scale_den: int,
                         ppg_drive: "tuple[int, int, int, int] | None", flags: int, fifo_overflows: int,
                         frames_dropped: int, jitter_us: int, channels: "tuple[list[int] | bytes, ...]",
-                        sealer: "cipher.SampleCipher", between: "Callable[[], object] | None" = None) -> None:
+                        sealer: "cipher.SampleCipher", between: "Callable[[], object] | None" = None,
+                        t0_ms_hi: int = 0, first_index_hi: int = 0) -> None:
     # channels: one sample sequence per channel (array('i') on the board),
     # or each channel's samples already encoded (bytes, as decode_payload
     # gives them with decode_samples=False: re-sealing a frame);
@@ -245,6 +246,9 @@ def encode_sample_frame(w: "cbor.Writer", epoch: int, seq: int, stream: int, t0_
     # between: called after the header and after each channel (a board
     # reads its sensors' FIFOs there: a frame takes tens of ms on a chip);
     # it must leave w alone.
+    # t0_ms_hi, first_index_hi: a board's high halves (the values are then
+    # t0_ms_hi * 2**30 + t0_ms, and likewise first_index; each low half under
+    # 2**30): on a 32-bit port larger ints are heap ints (cbor.uint_halves).
     if not 0 < count <= MAX_SAMPLES:
         raise LocalProtocolError("a frame holds 1 to %d samples, not %d" % (MAX_SAMPLES, count), "sample_count")
     if len(channels) != STREAM_CHANNELS.get(stream, 0):
@@ -260,9 +264,9 @@ def encode_sample_frame(w: "cbor.Writer", epoch: int, seq: int, stream: int, t0_
     w.uint(4)
     w.uint(stream)
     w.uint(5)
-    w.uint(t0_ms)
+    w.uint_halves(t0_ms_hi, t0_ms)
     w.uint(6)
-    w.uint(first_index)
+    w.uint_halves(first_index_hi, first_index)
     w.uint(7)
     w.uint(rate_hz)
     w.uint(8)

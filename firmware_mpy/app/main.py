@@ -176,9 +176,11 @@ class App:
         base = self.outbox.reserve(need)  # may drop the oldest frames: this one then says so
         w.end = base + need
         w.pos = start = base + self.up.payload_offset
-        messages.encode_sample_frame(w, self.epoch, seq, st.stream_id, st.t0_ms(), st.first_index,
+        st.frame_time()
+        messages.encode_sample_frame(w, self.epoch, seq, st.stream_id, st.t0_ms_lo, st.first_index,
                                      st.rate_hz, count, num, den, drive, flags, pending_lost,
-                                     self.outbox.dropped, jitter, st.chans, self.sealer, self._read_fifos_cb)
+                                     self.outbox.dropped, jitter, st.chans, self.sealer, self._read_fifos_cb,
+                                     st.t0_ms_hi, st.first_index_hi)
         n = w.pos - start
         self.up.seal_written(w, start, base)
         if self.origin is not None:  # the payload ends where the tag's bstr (2 + 32 bytes) begins

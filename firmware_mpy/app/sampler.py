@@ -3,6 +3,12 @@
 # on the sensor's own clock since the stream started; they, not a timer,
 # give every sample its time: t = start + index / rate.
 #
+# Indices and times are carried as two halves, value = hi * 2**30 + lo
+# (first_index_hi/first_index, t0_ms_hi/t0_ms_lo), down to the CBOR writer
+# (cbor.Writer.uint_halves): an ESP32's small ints hold 31 bits, and the
+# ECG's index passes 2**30 after 24.3 days at 512 Hz, a frame's time in ms
+# after 12.4 days; as one int each would then be a heap int per frame.
+#
 # A FIFO overflow loses samples: the window is cut before the gap, the gap
 # is skipped in the indices, and the next frame reports it.
 #
@@ -17,19 +23,34 @@ from app import ticks
 from protocols import messages
 
 _SPARE = const(32)  # a full sensor FIFO: one drain always fits
+_LO_MAX = const((1 << 30) - 1)  # the low half's largest value (2**30 itself is a heap int on an ESP32)
+_RATE_MAX_HZ = const(1023)  # the halves' arithmetic needs rate_hz * 2**20 under 2**30
 
 
 class Stream:
     def __init__(self, sensor, stream_id, window, start_ms, lead_off_fn=None):
         self.sensor = sensor
         self.stream_id = stream_id
-        self.rate_hz = sensor.rate_hz
+        self.rate_hz = rate = sensor.rate_hz
+        if not 0 < rate <= _RATE_MAX_HZ:
+            raise ValueError("stream %d: rate_hz %r not in 1..%d" % (stream_id, rate, _RATE_MAX_HZ))
+        # 2**30 = _wrap_s * rate + _wrap_rem: one low-half wrap of the index, in seconds and samples
+        q = _LO_MAX // rate
+        r = _LO_MAX - q * rate + 1
+        if r == rate:
+            q += 1
+            r = 0
+        self._wrap_s = q
+        self._wrap_rem = r
         self.window = window
         self.capacity = window + _SPARE
         nch = messages.STREAM_CHANNELS[stream_id]
         self.chans = tuple(array.array("i", bytes(4 * self.capacity)) for _ in range(nch))
         self.n = 0  # samples held in chans
-        self.first_index = 0  # sensor index of chans[*][0]
+        self.first_index = 0  # sensor index of chans[*][0]: its low half, under 2**30
+        self.first_index_hi = 0  # ... and its high half (2**30 samples each)
+        self.t0_ms_hi = 0  # the time of chans[*][0] (ms since boot), set by frame_time()
+        self.t0_ms_lo = 0
         self.start_ms = start_ms  # ms since boot (monotonic), the time base of t0_ms
         # The board's uptime_ms(), for how many samples are due by now (a
         # loss estimate, rare); None: the now_ms given to poll() is uptime.
@@ -75,14 +96,41 @@ class Stream:
             return True
         return False
 
-    def t0_ms(self):
-        # start_ms + first_index * 1000 // rate_hz, with no product above
-        # 2**30 (a heap int on a 32-bit port: first_index * 1000 passes it
-        # after 35 minutes at 512 Hz): whole seconds, then the rest. Small
-        # ints until the result itself passes 2**30 ms (12.4 days up).
+    def frame_time(self):
+        # Sets t0_ms_hi/t0_ms_lo to start_ms + index * 1000 // rate_hz
+        # (index: first_index_hi * 2**30 + first_index) with every
+        # intermediate value under 2**30 (a small int on a 32-bit port) for
+        # 34 years of streaming: the index in whole seconds and the rest,
+        # the seconds' ms in two halves.
         rate = self.rate_hz
-        s = self.first_index // rate
-        return self.start_ms + s * 1000 + (self.first_index - s * rate) * 1000 // rate
+        hi = self.first_index_hi
+        lo = self.first_index
+        x = hi * self._wrap_rem + lo % rate
+        s = hi * self._wrap_s + lo // rate + x // rate
+        a = (s >> 20) * 1000  # s * 1000 = a * 2**20 + (s & 0xFFFFF) * 1000
+        self.t0_ms_hi = a >> 10
+        self.t0_ms_lo = (a & 1023) << 20
+        self._t0_add((s & 0xFFFFF) * 1000)
+        self._t0_add(self.start_ms)
+        self._t0_add((x % rate) * 1000 // rate)
+
+    def _t0_add(self, x):
+        # t0 += x (0 <= x < 2**30), carried into the high half.
+        lo = self.t0_ms_lo
+        if x > _LO_MAX - lo:
+            self.t0_ms_lo = x - (_LO_MAX - lo) - 1
+            self.t0_ms_hi += 1
+        else:
+            self.t0_ms_lo = lo + x
+
+    def _skip(self, n):
+        # first_index += n (0 <= n < 2**30), carried into the high half.
+        lo = self.first_index
+        if n > _LO_MAX - lo:
+            self.first_index = n - (_LO_MAX - lo) - 1
+            self.first_index_hi += 1
+        else:
+            self.first_index = lo + n
 
     def poll(self, now_ms):
         # Drains the sensor; returns how many samples to put in a frame now.
@@ -120,7 +168,8 @@ class Stream:
         ms = now_ms - self.start_ms
         s = ms // 1000  # (as t0_ms: ms * rate_hz would pass 2**30 after 35 minutes at 512 Hz)
         expected = s * self.rate_hz + (ms - s * 1000) * self.rate_hz // 1000 - extra
-        return expected - (self.first_index + self.n)
+        # (rare: a heap int here past 2**30 samples is allowed)
+        return expected - ((self.first_index_hi << 30) + self.first_index + self.n)
 
     def _lose(self, lost):
         # `lost` samples went missing after the n held: cut the window before
@@ -131,7 +180,7 @@ class Stream:
             self.split = self.n
             self.gap = lost
         else:
-            self.first_index += lost
+            self._skip(lost)
             self.pending_lost += lost
 
     def resync(self, now_ms):
@@ -165,12 +214,12 @@ class Stream:
             for i in range(rest):
                 ch[i] = ch[count + i]
         self.n = rest
-        self.first_index += count
+        self._skip(count)
         self.pending_lost = 0
         if self.split > count:
             self.split -= count
         elif self.split:
-            self.first_index += self.gap
+            self._skip(self.gap)
             self.pending_lost = self.gap
             self.split = 0
             self.gap = 0

@@ -8,20 +8,41 @@
 # and the hub may allocate; the firmware's call frames that do not fit the
 # C stack fall back to it under the lock (they are freed on return, never
 # garbage). A third run starts the board's ticks just before they wrap
-# and its sample indices 12 days along. What the unix port cannot show (its
-# small ints have 63 bits, an ESP32's 31): README, Memory on the board.
+# and its sample indices 25 days along (past 2**30 at 512 Hz). The unix
+# port's small ints have 63 bits, an ESP32's 31: every integer the frame
+# writer is given is checked to be under 2**30 (_SmallIntWriter), so what
+# would be a heap int on the chip fails here too.
 import gc
 import json
 import sys
 
 from app import config, main, outbox
-from protocols import hub, hub_link, link, messages
+from protocols import cbor, hub, hub_link, link, messages
 from sim.board_sim import SimBoard
 from sim.clock import VirtualClock
 
 _BLE_MTU = 247
 _START_MS = 4000  # start-up (hello, first windows, first acks): allocations allowed
 _STEADY_MS = 12000  # then this long under the heap lock: a status message (every 10 s) included
+_SMALL_INT_MAX = (1 << 30) - 1  # an ESP32's (32-bit port's) largest small int
+
+
+class _SmallIntWriter(cbor.Writer):
+    # The app's frame writer, counting the integers it is given that a
+    # 32-bit port would hold as heap ints (the unix port's small ints have
+    # 63 bits: this makes them visible). Counts, not asserts: under the heap
+    # lock an assertion's message could not be made.
+    big = 0
+
+    def head(self, major, value):
+        if value > _SMALL_INT_MAX:
+            _SmallIntWriter.big += 1
+        cbor.Writer.head(self, major, value)
+
+    def uint_halves(self, hi, lo):
+        if hi > _SMALL_INT_MAX or lo > _SMALL_INT_MAX:
+            _SmallIntWriter.big += 1
+        cbor.Writer.uint_halves(self, hi, lo)
 
 
 def _load(path, mode="r"):
@@ -42,6 +63,7 @@ class _Hub:
         self.rejected = 0
         self.next_index = {}
         self.gaps = 0
+        self.frames = []  # (stream, t0_ms, first_index) of each sample frame accepted
 
     def write(self, buf, off, n):  # the serial console's far end (inside SimConsole.write)
         self.source.feed(bytes(memoryview(buf)[off:off + n]))
@@ -68,6 +90,7 @@ class _Hub:
                 if self.next_index.get(m.stream, m.first_index) != m.first_index:
                     self.gaps += 1
                 self.next_index[m.stream] = m.first_index + m.count
+                self.frames.append((m.stream, m.t0_ms, m.first_index))
             if isinstance(m, (messages.SampleFrame, messages.OriginCheckpoint)):  # as the hub acks them
                 for msg in self.hub.ack(self.device_id, m.epoch, [m.seq]):
                     out += hub_link.downlink_line(msg)
@@ -108,7 +131,11 @@ def _run(kind, ticks_start_ms=0, days_streamed=0, ecg=None):
     main.gc = _HeapLooks()
     app = main.App(board, cfg, key, config.next_epoch())
     for st in app.streams:  # as if streaming for days: the sample indices far along
-        st.first_index = days_streamed * 86400 * st.rate_hz
+        index = days_streamed * 86400 * st.rate_hz
+        st.first_index_hi, st.first_index = index >> 30, index & _SMALL_INT_MAX
+    w = app._frame_writer
+    app._frame_writer = _SmallIntWriter(w.buf, w.pos, w.end)
+    _SmallIntWriter.big = 0
     radio = board.radio
     if radio is not None:
         radio.on_notify = far.notify
@@ -182,6 +209,13 @@ def _run(kind, ticks_start_ms=0, days_streamed=0, ecg=None):
     assert far.accepted >= built and far.rejected == 0 and far.gaps == 0, (kind, far.accepted, far.rejected,
                                                                           far.gaps)
     assert app.outbox.depth() <= 4, (kind, app.outbox.depth())
+    # Every integer written into a frame would be a small int on an ESP32,
+    # and the hub decodes each frame's time from its index exactly.
+    assert _SmallIntWriter.big == 0, (kind, _SmallIntWriter.big)
+    rates = {st.stream_id: (st.rate_hz, st.start_ms) for st in app.streams}
+    for stream, t0_ms, first_index in far.frames:
+        rate_hz, start_ms = rates[stream]
+        assert t0_ms == start_ms + first_index * 1000 // rate_hz, (kind, stream, t0_ms, first_index)
     assert app.loop_restarts == 0 and app.downlink_rejected == 0, (kind, app.loop_restarts, app.downlink_rejected)
     if radio is not None:  # at most one control read per ack written (two frames a second, each checkpoint)
         assert 0 < reads[0] <= 2 * (_STEADY_MS // 1000) + 2 + app.origin.index - checkpoints, reads[0]
@@ -198,29 +232,40 @@ def test_ble_steady_state_allocates_nothing():
 
 def test_steady_state_allocates_nothing_across_the_ticks_wrap():
     # The board's ticks_ms() wraps at 2**30 (12.4 days up): here 3 s into
-    # the locked run, the ECG's sample index 12 days along (6.3e8 of the
-    # 2**30 a 32-bit port's small ints hold).
-    app = _run("serial", (1 << 30) - _START_MS - 3000, 12)
+    # the locked run; the sample indices 25 days along: the ECG's (512 Hz)
+    # past 2**30, the frames' times in ms past 2**31, both carried in two
+    # halves down to the frame writer.
+    app = _run("serial", (1 << 30) - _START_MS - 3000, 25)
     assert app.board.ticks_ms() < 10000
-    assert app.streams[0].first_index > 12 * 86400 * 512
+    ecg = app.streams[0]
+    assert ecg.rate_hz == 512 and ecg.first_index_hi == 1, (ecg.rate_hz, ecg.first_index_hi)
 
 
-def test_frame_times_stay_exact_with_no_product_past_small_ints():
-    # t0_ms() = start_ms + first_index * 1000 // rate_hz, computed in steps
-    # that stay under 2**30 (first_index * 1000 would pass it after 35 min
-    # at 512 Hz: a heap int per frame on an ESP32), exact at any index.
+def test_frame_times_stay_exact_with_no_int_past_small_ints():
+    # frame_time() = start_ms + index * 1000 // rate_hz (index = hi * 2**30
+    # + lo), in halves computed with no value past 2**30 (a heap int on an
+    # ESP32), exact at any index up to decades; _skip carries the index.
     from app.sampler import Stream
 
     class _Chip:
         def __init__(self, rate_hz):
             self.rate_hz = rate_hz
 
-    for rate in (100, 128, 250, 360, 512):
+    for rate in (100, 128, 250, 360, 512, 1000):
         st = Stream(_Chip(rate), messages.STREAM_PPG_MAX30102 if rate == 100 else messages.STREAM_ECG_MAX30003,
                     rate, 1234)
-        for fi in (0, 1, rate - 1, rate, 1073741 * rate // 512, 12 * 86400 * rate + 77, (1 << 30) - 1):
-            st.first_index = fi
-            assert st.t0_ms() == 1234 + fi * 1000 // rate, (rate, fi)
+        for index in (0, 1, rate - 1, rate, 1073741 * rate // 512, 12 * 86400 * rate + 77, (1 << 30) - 1,
+                      1 << 30, (1 << 30) + rate - 1, 25 * 86400 * rate + 3, 5 * 365 * 86400 * rate + 511,
+                      30 * 365 * 86400 * rate + rate - 1):
+            st.first_index_hi, st.first_index = index >> 30, index & _SMALL_INT_MAX
+            st.frame_time()
+            assert st.t0_ms_lo <= _SMALL_INT_MAX, (rate, index)
+            assert (st.t0_ms_hi << 30) + st.t0_ms_lo == 1234 + index * 1000 // rate, (rate, index)
+        st.first_index_hi, st.first_index = 0, (1 << 30) - 5
+        st._skip(7)  # across the low half's wrap
+        assert (st.first_index_hi, st.first_index) == (1, 2)
+        st._skip(_SMALL_INT_MAX)
+        assert (st.first_index_hi, st.first_index) == (2, 1)
 
 
 def test_timer_paced_ad8232_steady_state_allocates_nothing():

@@ -3,8 +3,8 @@
 # protocol error, never accepted and never another exception; the link
 # layers deliver the same messages fed a byte at a time or all at once.
 from protocols import cbor, cipher, cose, hub_link, link, messages, replay
-from protocols.errors import RemoteProtocolError
-from tests.shared.check import Rng
+from protocols.errors import LocalProtocolError, RemoteProtocolError
+from tests.shared.check import Rng, raises
 from tests.shared.test_vectors import ACK, FRAME, KEY, KID
 
 SEED = 20261122
@@ -236,3 +236,23 @@ def test_sealing_in_place_equals_sealing_a_copy() -> None:
         w.pos += n
         key.seal_written(w, key.payload_offset)
         assert bytes(region[:w.pos]) == bytes(want.buf[:want.pos]), n
+
+
+def test_uint_from_halves_encodes_as_the_whole_value() -> None:
+    # A board carries counters past 2**30 as hi * 2**30 + lo (on a 32-bit
+    # port a larger int is a heap int): the bytes are those of uint(value),
+    # at every head size's edges and at random, and decode to the value.
+    rng = Rng(11)
+    edges = [0, 1, 23, 24, 255, 256, 0xFFFF, 0x10000, (1 << 30) - 1, 1 << 30, (1 << 32) - 1, 1 << 32,
+             (1 << 33) + 5, (1 << 40) - 1, (1 << 64) - 1]
+    randoms = [(rng.next() << 32 | rng.next()) >> rng.below(64) for _ in range(200)]
+    for value in edges + randoms:
+        hi, lo = value >> 30, value & ((1 << 30) - 1)
+        want = cbor.Writer(bytearray(16))
+        want.uint(value)
+        got = cbor.Writer(bytearray(16))
+        got.uint_halves(hi, lo)
+        assert bytes(got.buf[:got.pos]) == bytes(want.buf[:want.pos]), (value, hi, lo)
+        assert cbor.decode(got.buf[:got.pos]) == value, value
+    raises(LocalProtocolError, cbor.Writer(bytearray(16)).uint_halves, 1, 1 << 30)
+    raises(LocalProtocolError, cbor.Writer(bytearray(16)).uint_halves, 1 << 34, 0)
