@@ -201,6 +201,12 @@ class Hub:
         self._nonce += 1
         return self._nonce, self._seal(device_id, messages.TimeRequest(self._nonce, utc_ms))
 
+    def update_chunk(self, device_id: str, epoch: int, offset: int, bundle: bytes,
+                     size: int = messages.MAX_UPDATE_CHUNK) -> bytes:
+        # The sealed chunk of a firmware bundle at offset (SPEC.md, Firmware updates).
+        return self._seal(device_id, messages.UpdateChunk(epoch, offset, len(bundle),
+                                                          bytes(bundle[offset:offset + size])))
+
     def command(self, device_id: str, epoch: int, nonce: int, name: str) -> bytes:
         return self._seal(device_id, messages.Command(epoch, nonce, name))
 

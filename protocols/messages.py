@@ -32,9 +32,11 @@ T_ERROR = const(7)
 T_COMMAND = const(8)
 T_EPOCH_RESYNC = const(9)
 T_ORIGIN = const(10)
+T_UPDATE_CHUNK = const(11)
+T_UPDATE_STATE = const(12)
 
-UPLINK_TYPES = (T_SAMPLES, T_TIME_RESPONSE, T_HELLO, T_STATUS, T_ERROR, T_ORIGIN)
-DOWNLINK_TYPES = (T_ACK, T_TIME_REQUEST, T_COMMAND, T_EPOCH_RESYNC)
+UPLINK_TYPES = (T_SAMPLES, T_TIME_RESPONSE, T_HELLO, T_STATUS, T_ERROR, T_ORIGIN, T_UPDATE_STATE)
+DOWNLINK_TYPES = (T_ACK, T_TIME_REQUEST, T_COMMAND, T_EPOCH_RESYNC, T_UPDATE_CHUNK)
 
 STREAM_ECG_MAX30003 = const(1)
 STREAM_ECG_AD8232 = const(2)
@@ -73,6 +75,10 @@ MAX_SEQ = const(0xFFFFFFFF)
 # An origin checkpoint (type 10) lists at most 32 frames: 16-byte digests and
 # their seqs, with its header and MAC, stay well under this.
 MAX_ORIGIN_CHECKPOINT = const(1024)
+# Bytes of a bundle in one update chunk: with its envelope it stays under
+# the 256-byte downlink bound (SPEC.md, Firmware updates).
+MAX_UPDATE_CHUNK = const(160)
+MAX_BUNDLE = const(2097152)  # 2 MB: a MicroPython image, or a slot of .mpy files with room to spare
 
 
 class Message:
@@ -218,6 +224,34 @@ class OriginCheckpoint(Message):
         self.epoch = epoch
         self.seq = seq
         self.checkpoint = checkpoint
+
+
+class UpdateChunk(Message):
+    # Hub to board: bytes [offset, offset + len(data)) of a signed bundle of
+    # `total` bytes (SPEC.md, Firmware updates: install).
+    kind = T_UPDATE_CHUNK
+    _fields = ("epoch", "offset", "total", "data")
+
+    def __init__(self, epoch: int, offset: int, total: int, data: bytes) -> None:
+        self.epoch = epoch
+        self.offset = offset
+        self.total = total
+        self.data = data
+
+
+class UpdateState(Message):
+    # Board to hub: where its update stands. offset: the first bundle byte
+    # it still needs (a resumed push starts there); state: "receiving",
+    # "verifying", "installed" (reboots into it on trial), "confirmed",
+    # "rolled_back", or "refused:<reason>" (protocols/bundle.py's reasons).
+    kind = T_UPDATE_STATE
+    _fields = ("epoch", "seq", "offset", "state")
+
+    def __init__(self, epoch: int, seq: int, offset: int, state: str) -> None:
+        self.epoch = epoch
+        self.seq = seq
+        self.offset = offset
+        self.state = state
 
 
 # ---- encoding ---------------------------------------------------------------
@@ -515,6 +549,20 @@ def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tu
         if not isinstance(ck, bytes) or len(ck) > MAX_ORIGIN_CHECKPOINT:
             _fail("origin checkpoint must be a byte string of at most %d bytes" % MAX_ORIGIN_CHECKPOINT)
         return OriginCheckpoint(_uint(d, 2, "epoch", MAX_EPOCH), _uint(d, 3, "seq", MAX_SEQ), ck)
+    if kind == T_UPDATE_CHUNK:
+        _check_keys(d, 6)
+        data = d.get(5)
+        if not isinstance(data, bytes) or not 0 < len(data) <= MAX_UPDATE_CHUNK:
+            _fail("update chunk data must be 1 to %d bytes" % MAX_UPDATE_CHUNK)
+        total = _uint(d, 4, "total", MAX_BUNDLE)
+        offset = _uint(d, 3, "offset", MAX_BUNDLE)
+        if offset + len(data) > total:
+            _fail("update chunk ends past the bundle's %d bytes" % total)
+        return UpdateChunk(_uint(d, 2, "epoch", MAX_EPOCH), offset, total, data)
+    if kind == T_UPDATE_STATE:
+        _check_keys(d, 6)
+        return UpdateState(_uint(d, 2, "epoch", MAX_EPOCH), _uint(d, 3, "seq", MAX_SEQ),
+                           _uint(d, 4, "offset", MAX_BUNDLE), _text(d, 5, "state"))
     _fail("unknown message type %d" % kind, "unknown_type")
 
 

@@ -42,6 +42,11 @@ def _exists(path):
         return False
 
 
+def on_trial():
+    # This boot runs a new firmware version on trial (boot.py; app/ota.py confirms it).
+    return _exists(DIR + "/boot.trial")
+
+
 def load():
     if not _exists(CONFIG):
         raise ConfigError("no %s on this board: provision it first" % CONFIG)

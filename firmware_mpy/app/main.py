@@ -100,6 +100,14 @@ class App:
                     self.hr = HeartRate(st.rate_hz)
         self.frames_built = 0
         self.downlink_rejected = 0
+        # A firmware update (app/ota.py, imported only then): installing one,
+        # or this boot's version on trial. acked_ms: when an ack last came.
+        self.acked_ms = None
+        self.update = None
+        if config.on_trial():
+            from app import ota
+
+            self.update = ota.Updater(self, now)
         self.reseal_due = False  # an epoch resync left frames of the old epoch in the outbox
         self._reseal_oom = False
         self.guard = faults.SensorGuard([_CHIPS[st.stream_id] for st in self.streams], now)
@@ -233,6 +241,7 @@ class App:
             if a.epoch == self.epoch:
                 for i in range(a.count):
                     self.outbox.ack_range(a.first[i], a.last[i])
+                self.acked_ms = self.board.ticks_ms()
             return
         if r == acks.FORGED:
             self.downlink_rejected += 1
@@ -261,6 +270,16 @@ class App:
                 self.running = False
             elif m.name == "status":
                 self.status()
+        elif isinstance(m, messages.UpdateChunk):
+            if m.epoch != self.epoch:
+                self.downlink_rejected += 1  # meant for another boot
+                return
+            now = self.board.ticks_ms()
+            if self.update is None:
+                from app import ota
+
+                self.update = ota.Updater(self, now)
+            self.update.chunk(m, now)
 
     def _resync(self, m):
         # The hub refused this boot's epoch (our epoch file was lost or rolled
@@ -398,6 +417,8 @@ class App:
         if self.origin is not None and self.origin.due(now):
             self._checkpoint(self.origin, now)
             self._drain()
+        if self.update is not None and not self.update.step(now):  # one piece of an update per loop
+            self.update = None
 
     def _checkpoint(self, log, now):
         # The frames listed since the last one, MACed under the origin key,

@@ -47,6 +47,16 @@ class WatchdogReset(BaseException):
     pass
 
 
+class Reboot(BaseException):
+    # machine.reset() on the simulated board: the process ends with
+    # REBOOT_EXIT and the simulator starts it again, so boot.py chooses the
+    # firmware slot afresh (app/ota.py, an update's switch and rollback).
+    pass
+
+
+REBOOT_EXIT = 75
+
+
 class SimWatchdog:
     # machine.WDT's stand-in, on the board's clock: if the loop does not
     # feed it for timeout_ms, the next time the firmware calls its board
@@ -171,6 +181,9 @@ class SimBoard:
     def watchdog_idle(self):
         if self.wdt is not None:
             self.wdt.armed = False  # the ESP32 board feeds it from a timer at the REPL
+
+    def reboot(self):
+        raise Reboot()
 
     def reset_cause_watchdog(self):
         return self._reset_by_wdt

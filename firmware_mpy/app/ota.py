@@ -1,0 +1,324 @@
+# Firmware update on the board (SPEC.md, Firmware updates: install).
+# Imported only when an update starts (the first chunk) or on a trial boot:
+# a board that streams keeps none of this in RAM.
+#
+# Slots: the firmware runs from directory "a" or "b" of the flash root
+# (boot.py chooses); pulsebridge/ holds the state, each file written whole
+# (temporary file, then renamed):
+#   boot.ok     the confirmed slot          boot.next  the slot to try once
+#   boot.trial  the slot on trial now (boot.py writes it as it consumes boot.next)
+#   floor       the anti-rollback floor     vendor.keys  the vendor keys (32 B each)
+# In the spare slot: .part (the bundle as received: its size is where a cut
+# resumes), .total, then the bundle's files, .release ("version floor name")
+# and .next_keys.
+#
+# Install, one piece per loop iteration (step()): receive chunks in order
+# -> read and check the header -> signature in slices (protocols/ed25519.py)
+# -> copy each file out of .part, hashing it -> boot.next -> once the
+# outbox is acknowledged (bounded), reboot. Trial: confirmed (boot.ok) after
+# _CONFIRM_MS of acknowledged streaming; not confirmed within _TRIAL_MAX_MS
+# -> reboot, and boot.py goes back to boot.ok.
+import hashlib
+import os
+
+from micropython import const
+
+from app import ticks
+from protocols import bundle, messages
+
+DIR = "pulsebridge/"
+OK = DIR + "boot.ok"
+NEXT = DIR + "boot.next"
+TRIAL = DIR + "boot.trial"
+FLOOR = DIR + "floor"
+KEYS = DIR + "vendor.keys"
+PART = ".part"
+TOTAL = ".total"
+RELEASE = ".release"
+NEXT_KEYS = ".next_keys"
+TARGET = "esp32"
+_COPY = const(512)  # bytes of a file copied (and hashed) per loop iteration
+_CONFIRM_MS = const(60000)  # acknowledged streaming before a new version is kept
+_ACK_FRESH_MS = const(10000)  # ...with an ack at most this old
+_TRIAL_MAX_MS = const(180000)  # a trial not confirmed by then is rolled back (a reboot)
+_DRAIN_MAX_MS = const(10000)  # waiting for the outbox's acks before the reboot, at most
+_STATE_EVERY = const(8)  # chunks between two progress reports
+
+RECEIVING = const(0)
+HEADER = const(1)
+SIGNATURE = const(2)
+FILES = const(3)
+REBOOT = const(4)
+TRIAL_RUN = const(5)
+IDLE = const(6)
+
+
+def read(path, default=None):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return default
+
+
+def write(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.rename(tmp, path)
+
+
+def remove(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def size(path):
+    try:
+        return os.stat(path)[6]
+    except OSError:
+        return -1
+
+
+def rmtree(path):
+    try:
+        entries = list(os.ilistdir(path))
+    except OSError:
+        return
+    for e in entries:
+        p = path + "/" + e[0]
+        if e[1] == 0x4000:
+            rmtree(p)
+            os.rmdir(p)
+        else:
+            os.remove(p)
+
+
+def makedirs(path):
+    at = 0
+    while True:
+        at = path.find("/", at + 1)
+        if at < 0:
+            return
+        try:
+            os.mkdir(path[:at])
+        except OSError:
+            pass
+
+
+def slot_text(path):
+    s = read(path)
+    return s.decode().strip() if s else None
+
+
+def running_slot():
+    return slot_text(TRIAL) or slot_text(OK) or "a"
+
+
+def release(slot):
+    # (version, floor, name) of a slot's release; the factory slot has none: (0, 0, "").
+    s = read(slot + "/" + RELEASE)
+    if not s:
+        return 0, 0, ""
+    v, f, name = s.decode().split(" ", 2)
+    return int(v), int(f), name
+
+
+def vendor_keys():
+    raw = read(KEYS, b"")
+    return [raw[i:i + 32] for i in range(0, len(raw) - 31, 32)]
+
+
+class Updater:
+    def __init__(self, app, now):
+        self.app = app
+        self.slot = running_slot()
+        self.spare = "b" if self.slot == "a" else "a"
+        self.state = IDLE
+        self.since_ms = now
+        self.chunks = 0
+        self.total = 0
+        self.files = None
+        self.gen = None
+        self.buf = bytearray(0)
+        if slot_text(TRIAL) == self.slot:
+            self.state = TRIAL_RUN
+            self.first_ack_ms = None
+
+    def report(self, offset, text):
+        a = self.app
+        a._send_small(messages.UpdateState(a.epoch, a._seq(), offset, text))
+
+    # ---- receiving (a chunk from the hub, authenticated by the downlink key) ----
+    def chunk(self, m, now):
+        if self.state == TRIAL_RUN:
+            self.report(0, "refused:on_trial")  # one update at a time: this one is confirmed first
+            return
+        if self.state not in (IDLE, RECEIVING):
+            self.report(m.total, self._state_text())  # still checking or installing what it has
+            return
+        part = self.spare + "/" + PART
+        have = size(part)
+        if have < 0 or read(self.spare + "/" + TOTAL) != b"%d" % m.total:
+            # A new bundle: the spare slot is cleared of whatever it held.
+            rmtree(self.spare)
+            try:
+                os.mkdir(self.spare)
+            except OSError:
+                pass
+            write(self.spare + "/" + TOTAL, b"%d" % m.total)
+            with open(part, "wb"):
+                pass
+            have = 0
+        self.state = RECEIVING
+        self.total = m.total
+        if m.offset == have and have < m.total:
+            with open(part, "ab") as f:
+                f.write(m.data)
+            have += len(m.data)
+            self.chunks += 1
+        elif m.offset != have:
+            self.report(have, "receiving")  # the hub resumes from what this board holds
+            return
+        if have >= m.total:
+            self.state = HEADER
+            self.report(have, "verifying")
+        elif self.chunks % _STATE_EVERY == 0:
+            self.report(have, "receiving")
+
+    def _state_text(self):
+        return "verifying" if self.state < REBOOT else "installed"
+
+    def _refuse(self, reason):
+        rmtree(self.spare)  # nothing of the refused bundle stays; the running version streams on
+        self.state = IDLE
+        self.app.board.console("pulsebridge: update refused (%s)" % reason)
+        self.report(0, "refused:" + reason)
+
+    # ---- one piece per loop iteration; False once nothing is left to do ----
+    def step(self, now):
+        s = self.state
+        try:
+            if s == HEADER:
+                self._header()
+            elif s == SIGNATURE and self.gen is not None:
+                gen = self.gen
+                try:
+                    next(gen)
+                except StopIteration:
+                    self.gen = None
+                    self.state = FILES
+                    self.files_at = 0
+                    self.src = open(self.spare + "/" + PART, "rb")
+                    self.src.seek(self.data_at)
+                    self.buf = bytearray(_COPY)
+                    self._open_file()
+            elif s == FILES:
+                self._copy()
+            elif s == REBOOT:
+                if self.app.outbox.depth() == 0 or ticks.diff(now, self.since_ms) >= _DRAIN_MAX_MS:
+                    self.app.board.console("pulsebridge: update installed in slot %s: rebooting on trial"
+                                           % self.spare)
+                    reboot(self.app.board)
+            elif s == TRIAL_RUN:
+                return self._trial(now)
+        except bundle.BundleError as e:
+            self._refuse(e.reason)
+        return self.state != IDLE
+
+    def _header(self):
+        with open(self.spare + "/" + PART, "rb") as f:
+            head = f.read(bundle.MAX_HEADER)
+        manifest, signature, self.data_at = bundle.read_header(head)
+        head = None
+        m = bundle.parse_manifest(manifest)
+        version, _, _ = release(self.slot)
+        floor = read(FLOOR)
+        key = bundle.check_manifest(m, vendor_keys(), version, int(floor) if floor else 0,
+                                    self.app.cfg.get("target", TARGET))
+        if self.data_at + m.size() != self.total:
+            raise bundle.BundleError("the bundle's size is not its header's and files'", "truncated")
+        self.manifest = m
+        self.gen = bundle.signature_steps(manifest, signature, key)
+        self.state = SIGNATURE
+
+    def _open_file(self):
+        path, n, digest = self.manifest.files[self.files_at]
+        full = self.spare + "/" + path
+        makedirs(full)
+        self.dst = open(full, "wb")
+        self.left = n
+        self.hash = hashlib.sha256()
+
+    def _copy(self):
+        n = min(self.left, _COPY)
+        mv = memoryview(self.buf)[:n]
+        if self.src.readinto(mv) != n:
+            raise bundle.BundleError("the bundle ends inside a file", "truncated")
+        self.dst.write(mv)
+        self.hash.update(mv)
+        self.left -= n
+        if self.left:
+            return
+        self.dst.close()
+        path, _, digest = self.manifest.files[self.files_at]
+        if self.hash.digest() != digest:
+            self.src.close()
+            raise bundle.BundleError("%s does not match the manifest" % path, "hash_mismatch")
+        self.files_at += 1
+        if self.files_at < len(self.manifest.files):
+            self._open_file()
+            return
+        self.src.close()
+        m = self.manifest
+        remove(self.spare + "/" + PART)
+        remove(self.spare + "/" + TOTAL)
+        write(self.spare + "/" + RELEASE, ("%d %d %s" % (m.version, m.min_version, m.name)).encode())
+        if m.next_keys:
+            write(self.spare + "/" + NEXT_KEYS, b"".join(m.next_keys))
+        write(NEXT, self.spare.encode())
+        self.state = REBOOT
+        self.since_ms = self.app.board.ticks_ms()
+        self.report(self.total, "installed")
+
+    # ---- a trial boot ----
+    def _trial(self, now):
+        acked = self.app.acked_ms
+        if acked is not None and self.first_ack_ms is None and ticks.diff(acked, self.since_ms) >= 0:
+            self.first_ack_ms = acked
+        if (self.first_ack_ms is not None and ticks.diff(now, self.first_ack_ms) >= _CONFIRM_MS
+                and ticks.diff(now, acked) <= _ACK_FRESH_MS):
+            confirm(self.slot)
+            self.app.board.console("pulsebridge: update in slot %s confirmed" % self.slot)
+            self.report(0, "confirmed")
+            self.state = IDLE
+            return False
+        if ticks.diff(now, self.since_ms) >= _TRIAL_MAX_MS:
+            self.app.board.console("pulsebridge: slot %s streamed without acks: rolling back" % self.slot)
+            reboot(self.app.board)  # boot.trial is not boot.ok: boot.py goes back
+        return True
+
+
+def confirm(slot):
+    # The trial slot becomes the one that boots; its floor and key set are
+    # taken now (a release that rolls back leaves them as they were).
+    _, floor, _ = release(slot)
+    old = read(FLOOR)
+    if floor > (int(old) if old else 0):
+        write(FLOOR, b"%d" % floor)
+    keys = read(slot + "/" + NEXT_KEYS)
+    if keys:
+        write(KEYS, keys)
+    write(OK, slot.encode())
+    remove(TRIAL)
+
+
+def reboot(board):
+    r = getattr(board, "reboot", None)
+    if r is not None:
+        r()
+    import machine
+
+    machine.reset()

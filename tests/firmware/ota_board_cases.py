@@ -1,0 +1,198 @@
+# Firmware updates on the board (app/ota.py, boot.py), under the MicroPython
+# unix port: tests/firmware/test_ota_board.py signs the bundles (the vendor's
+# side, with cryptography) into bundles/ of the board directory, then runs
+# these. The app streams over a loopback link to protocols.hub on a virtual
+# clock while the hub sends it a bundle in chunks.
+import os
+
+import boot
+
+from app import config, main, ota
+from protocols import hub, messages
+from sim.board_sim import Reboot, SimBoard
+from sim.clock import VirtualClock
+from sim.loopback import LoopbackLink
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _clean():
+    for p in (ota.OK, ota.NEXT, ota.TRIAL, ota.FLOOR):
+        ota.remove(p)
+    for slot in ("a", "b"):
+        ota.rmtree(slot)
+        try:
+            os.rmdir(slot)
+        except OSError:
+            pass
+
+
+def _app(hub_=None):
+    import json
+
+    with open("sim.json") as f:
+        sim = json.load(f)
+    sim["virtual_clock"] = True
+    b = SimBoard(sim, VirtualClock())
+    cfg = config.load()
+    key = config.load_key()
+    link = LoopbackLink(cfg["device_id"], key, hub_)
+    b.link_override = link
+    app = main.App(b, cfg, key, config.next_epoch())
+    app.start()
+    return b, app, link
+
+
+def _states(link):
+    return [r.message for r in link.received if r.verdict == hub.ACCEPTED
+            and r.message.kind == messages.T_UPDATE_STATE]
+
+
+def _acked_frames(link):
+    return sum(1 for r in link.received if r.verdict == hub.ACCEPTED and r.message.kind == messages.T_SAMPLES)
+
+
+def _push(b, app, link, data, until, start=0, cut_at=None, max_ms=120000):
+    # The hub's side in brief: a window of chunks from where the board said
+    # it stands, until `until(state)` holds (or a Reboot ends the run).
+    dev = app.cfg["device_id"]
+    offset = start
+    end_ms = b.ticks_ms() + max_ms
+    seen = 0
+    while b.ticks_ms() < end_ms:
+        states = _states(link)
+        for s in states[seen:]:
+            offset = s.offset
+            if until(s):
+                return s
+        seen = len(states)
+        if offset < len(data) and (cut_at is None or offset < cut_at):
+            for _ in range(8):
+                if offset >= len(data) or (cut_at is not None and offset >= cut_at):
+                    break
+                link.inbox.append(link.hub.update_chunk(dev, app.epoch, offset, data))
+                offset += messages.MAX_UPDATE_CHUNK
+        elif cut_at is not None:
+            return None
+        app.step()
+        b.sleep_ms(app.cfg["poll_ms"])
+    raise AssertionError("no end state within %d ms: %r" % (max_ms, _states(link)[-3:]))
+
+
+def test_a_signed_bundle_installs_beside_the_running_one_while_streaming():
+    _clean()
+    data = _read("bundles/good.bin")
+    b, app, link = _app()
+    before = _acked_frames(link)
+    try:
+        _push(b, app, link, data, lambda s: s.state.startswith("refused"))
+        raise AssertionError("not installed: %r" % _states(link)[-2:])
+    except Reboot:
+        pass
+    assert _read(ota.NEXT) == b"b"
+    assert _read("b/app/main.py") == _read("bundles/main.py")  # the bundle's files in the spare slot
+    assert ota.release("b")[:2] == (200, 100)
+    assert ota.size("b/" + ota.PART) < 0  # the received bundle is gone
+    assert "installed" in [s.state for s in _states(link)]
+    # frames streamed and were acknowledged throughout (about 20 s of chunks and checks on this clock)
+    assert _acked_frames(link) - before >= 2 * b.ticks_ms() // 1000 - 4, (_acked_frames(link), b.ticks_ms())
+    assert app.outbox.depth() == 0  # rebooted once what was sent was acknowledged
+
+
+def test_a_cut_resumes_where_the_board_stands_even_across_a_reboot():
+    _clean()
+    data = _read("bundles/good.bin")
+    b, app, link = _app()
+    _push(b, app, link, data, lambda s: False, cut_at=len(data) // 2)
+    have = ota.size("b/" + ota.PART)
+    assert 0 < have <= len(data) // 2 + messages.MAX_UPDATE_CHUNK
+    b2, app2, link2 = _app(link.hub)  # rebooted (a power cut): the update code is not loaded
+    assert app2.update is None
+    link2.inbox.append(link2.hub.update_chunk(app2.cfg["device_id"], app2.epoch, 0, data))
+    app2.step()
+    assert _states(link2)[-1].offset == have and _states(link2)[-1].state == "receiving"
+    try:
+        _push(b2, app2, link2, data, lambda s: s.state.startswith("refused"), start=have)
+    except Reboot:
+        pass
+    assert _read(ota.NEXT) == b"b" and _read("b/app/main.py") == _read("bundles/main.py")
+
+
+def _refused(name):
+    _clean()
+    b, app, link = _app()
+    s = _push(b, app, link, _read("bundles/" + name), lambda s: s.state.startswith("refused"))
+    frames = _acked_frames(link)
+    for _ in range(300):  # it streams on
+        app.step()
+        b.sleep_ms(app.cfg["poll_ms"])
+    assert _acked_frames(link) > frames
+    assert app.update is None  # the update code is let go
+    assert ota.size(ota.NEXT) < 0 and ota.size("b/app/main.py") < 0 and ota.size("b/" + ota.PART) < 0
+    return s.state
+
+
+def test_tampered_unsigned_foreign_and_downgraded_bundles_are_refused():
+    assert _refused("tampered.bin") == "refused:hash_mismatch"
+    assert _refused("unsigned.bin") == "refused:bad_signature"
+    assert _refused("forged.bin") == "refused:bad_signature"
+    assert _refused("other_key.bin") == "refused:unknown_key"
+    assert _refused("wrong_target.bin") == "refused:wrong_target"
+
+
+def test_boot_runs_a_new_slot_once_then_returns_unless_confirmed():
+    _clean()
+    os.mkdir("b")
+    os.mkdir("b/app")
+    ota.write(ota.NEXT, b"b")
+    assert boot.choose() == ("b", True) and _read(ota.TRIAL) == b"b"
+    assert ota.size(ota.NEXT) < 0
+    assert boot.choose() == ("a", False)  # not confirmed: back to the previous version
+    assert ota.size(ota.TRIAL) < 0
+    ota.write(ota.NEXT, b"b")
+    boot.choose()
+    ota.confirm("b")
+    assert boot.choose() == ("b", False) and boot.choose() == ("b", False)
+    ota.write(ota.NEXT, b"a")  # a slot with no firmware in it is never run
+    ota.rmtree("a")
+    assert boot.choose() == ("b", False)
+
+
+def _trial_board(floor=120):
+    _clean()
+    os.mkdir("b")
+    os.mkdir("b/app")
+    ota.write("b/" + ota.RELEASE, b"200 %d pulsebridge-fw 200" % floor)
+    ota.write(ota.NEXT, b"b")
+    assert boot.choose() == ("b", True)
+    return _app()
+
+
+def test_a_trial_is_confirmed_after_a_minute_of_acknowledged_streaming():
+    b, app, link = _trial_board()
+    assert isinstance(app.update, ota.Updater)
+    while app.update is not None and b.ticks_ms() < 90000:
+        app.step()
+        b.sleep_ms(app.cfg["poll_ms"])
+    assert app.update is None and 60000 <= b.ticks_ms() < 75000, b.ticks_ms()
+    assert _read(ota.OK) == b"b" and ota.size(ota.TRIAL) < 0 and _read(ota.FLOOR) == b"120"
+    assert _states(link)[-1].state == "confirmed"
+
+
+def test_a_trial_never_acknowledged_is_rolled_back_within_its_bound():
+    b, app, link = _trial_board()
+    link.ack_enabled = False
+    link.keep = False  # (the resent frames of 3 minutes)
+    try:
+        while b.ticks_ms() < 240000:
+            app.step()
+            b.sleep_ms(app.cfg["poll_ms"])
+        raise AssertionError("still on trial after 240 s")
+    except Reboot:
+        pass
+    assert 180000 <= b.ticks_ms() < 190000
+    assert boot.choose() == ("a", False)  # the reboot's boot.py: the previous version
+    assert ota.size(ota.FLOOR) < 0  # its floor never taken
