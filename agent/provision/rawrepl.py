@@ -165,8 +165,12 @@ class RawRepl:
     def enter(self) -> None:
         self.interrupt()
         end = time.monotonic() + self.timeout_s
+        ask = b"\r" + CTRL_A
         while True:
-            self.port.write(b"\r" + CTRL_A)
+            self.port.write(ask)
+            # Asked again with a Ctrl-C first: it clears a line the REPL was still
+            # holding (where Ctrl-A only moves the cursor), or a continuation.
+            ask = CTRL_C + b"\r" + CTRL_A
             try:
                 self._read_until(RAW_BANNER, min(ASK_AGAIN_S, max(0.1, end - time.monotonic())), "raw REPL")
                 break

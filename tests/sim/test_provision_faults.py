@@ -108,7 +108,7 @@ def test_ctrl_c_at_any_step_puts_everything_back(micropython: str, tmp_path: Pat
         assert _state(tmp_path, "pb-new01") == (None, {})  # not registered; no key, no configuration
 
         r = _cli(*base, "--device-id", "pb-ctl01", "--label", "chambre 1")
-        assert r.returncode == 0 and "PASS pb-ctl01" in r.stdout, r.stdout + r.stderr
+        assert r.returncode == 0 and "PASS pb-ctl01" in r.stdout, (r.stdout + r.stderr, board.console_tail()[-800:])
         before = _state(tmp_path, "pb-ctl01")
         assert before[0] is not None and set(before[1]) == {"config.json", "device.key", "origin.key", "handed"}
         # A provisioned board re-keyed (named, --yes), interrupted at each step in turn.
