@@ -153,7 +153,7 @@ def test_readme_install_steps_give_a_running_agent(micropython: str, tmp_path: P
         provision = localise(first_block(readme, "## Provisioning a board"), prefix)
         provision = provision.replace("/dev/ttyACM0", blank.port).replace("REF", "Patient/8")
         r = subprocess.run(["bash", "-euo", "pipefail", "-c", provision], capture_output=True, text=True, timeout=300,
-                           stdin=subprocess.DEVNULL,
+                           stdin=subprocess.DEVNULL, cwd=tmp_path,  # the origin key goes here, not into the checkout
                            env=dict(os.environ, PATH="%s:%s" % (pulsebridge.parent, os.environ["PATH"])))
         assert r.returncode == 0 and "PASS pb-" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
         listed = subprocess.run([str(pulsebridge), "devices", "list", "--config", str(config)], capture_output=True,
