@@ -229,6 +229,7 @@ class Fragmenter:
         self.counter = 0
         self.set_mtu(mtu)
         self._msg: "bytes | bytearray | memoryview" = b""
+        self._base = 0
         self._len = 0
         self._off = -1  # -1: no message in progress
 
@@ -237,12 +238,24 @@ class Fragmenter:
             raise LocalProtocolError("MTU %d outside %d..%d" % (mtu, MIN_MTU, MAX_MTU), "mtu")
         self.fragment_size = mtu - ATT_HEADER
 
-    def start(self, msg: "bytes | bytearray | memoryview", n: int) -> None:
+    def start(self, msg: "bytes | bytearray | memoryview", n: int, base: int = 0) -> None:
+        # The message is msg[base:base+n], read as each fragment is made (not
+        # copied: a board fragments it where its outbox keeps it), so those
+        # bytes must not change until busy is False or abort() was called.
         if not 0 < n <= MAX_MESSAGE:
             raise LocalProtocolError("message of %d bytes outside 1..%d" % (n, MAX_MESSAGE), "too_long")
+        if not 0 <= base <= len(msg) - n:
+            raise LocalProtocolError("message of %d bytes at %d outside its buffer of %d" % (n, base, len(msg)),
+                                     "misuse")
         self._msg = msg
+        self._base = base
         self._len = n
         self._off = 0
+
+    def holds(self, msg: "bytes | bytearray | memoryview", start: int, end: int) -> bool:
+        # Whether a message in progress is read from msg[start:end] (in part).
+        b = self._base
+        return self.busy and msg is self._msg and start < b + self._len and b < end
 
     @property
     def busy(self) -> bool:
@@ -267,7 +280,7 @@ class Fragmenter:
             out[0] = self.counter
             hdr = 1
         take = min(room - hdr, self._len - off)
-        copy_into(out, hdr, self._msg, off, take)
+        copy_into(out, hdr, self._msg, self._base + off, take)
         self._off = off + take
         self.counter = (self.counter + 1) & 0x7F
         return hdr + take

@@ -143,15 +143,23 @@ class BleLink:
         self.battery_pct = -1
         self.std_sent = 0
         self._adv = _adv_payload(_uuid128_le(SERVICE_UUID), device_id.encode())
-        self._tx = bytearray(max(max_message, link.MAX_MTU))
+        # Messages up to MAX_MTU bytes (hello, status, the other small ones,
+        # built in a buffer the app reuses at once) are copied here; longer
+        # ones (frames, in the app's outbox ring) are fragmented where they
+        # are, not copied (~1.7 kB of heap saved for a 1 s ECG window): the
+        # outbox calls release() before it overwrites any of their bytes.
+        # max_message: the longest message the app sends (not needed here).
+        self._tx = bytearray(link.MAX_MTU)
         self._frag = link.Fragmenter(link.MIN_MTU)
         # A fragment is notified as a whole buffer of its length: this one,
         # made MAX_MTU long, is cut to each fragment's length in place and
-        # grown back (from _tx_head) before the next is built. A bytearray
-        # keeps its capacity when cut, so neither allocates, where a view of
-        # each fragment would (a new object per notification).
+        # grown back (from _tx_head: any MAX_MTU bytes) before the next is
+        # built. A bytearray keeps its capacity when cut, so neither
+        # allocates, where a view of each fragment would (a new object per
+        # notification).
         self._fragbuf = bytearray(link.MAX_MTU)
-        self._tx_head = memoryview(self._tx)[:link.MAX_MTU]
+        self._tx_head = memoryview(self._tx)
+        self.released = 0  # messages stopped mid-way because their bytes were about to change
         self._frag_len = 0  # a fragment built and not yet accepted by the stack
         self._rx = link.LineDeframer()
         self.message = self._rx.message  # receive()'s message: decoded in place there
@@ -326,14 +334,27 @@ class BleLink:
 
     def send(self, buf, n, off=0):
         # Takes a whole message, buf[off:off+n], if no other is being
-        # fragmented; the message is copied, so the outbox may reuse its
-        # bytes meanwhile.
+        # fragmented. One of up to MAX_MTU bytes is copied; a longer one is
+        # read where it is until sent, its bytes unchanged meanwhile unless
+        # release() is called first.
         if not self.connected or self._frag.busy or self._frag_len:
             return False
-        link.copy_into(self._tx, 0, buf, off, n)
-        self._frag.start(self._tx, n)
+        if n <= len(self._tx):
+            link.copy_into(self._tx, 0, buf, off, n)
+            self._frag.start(self._tx, n)
+        else:
+            self._frag.start(buf, n, off)
         self._pump()
         return True
+
+    def release(self, buf, start, end):
+        # buf[start:end] is about to change (the outbox reuses it): a
+        # message being sent from there is stopped (the hub's reassembler
+        # drops its part; the outbox sends the frame again if it keeps it).
+        if self._frag.holds(buf, start, end):
+            self._frag.abort()
+            self._frag_len = 0
+            self.released += 1
 
     def receive(self):
         # The length of the next downlink message, then in message[:n] until

@@ -78,6 +78,7 @@ class App:
         # hello/status/time/error messages, sealed in place (as frames are).
         self._small_w = cbor.Writer(bytearray(_SMALL + 96))
         self.link = board.link(cfg, biggest)
+        self.outbox.release = getattr(self.link, "release", None)  # BLE: its frames are sent from the ring
         # Samples are encrypted, then MACed, under a key of this boot: its
         # salt is drawn now (a BLE board's radio is on by now) and never
         # stored, so a lost or restored epoch file cannot bring a counter

@@ -49,6 +49,10 @@ class Outbox:
         self.dropped = 0
         self._reserved = -1
         self._reserved_off = 0
+        # release(buf, start, end): called before reserve() hands out bytes
+        # that a link may be reading a frame from (BLE fragments frames in
+        # place); None: the link copies what it sends.
+        self.release = None
 
     def depth(self):
         n = 0
@@ -111,6 +115,8 @@ class Outbox:
             self._drop_head()
         self._reserved = (self.head + self.count) % len(self.off)
         self._reserved_off = start
+        if self.release is not None:  # a link reading a frame from there stops first
+            self.release(self.buf, start, start + need)
         return start
 
     def commit(self, seq, length):

@@ -138,6 +138,34 @@ def test_disconnect_mid_frame_then_reconnect_resends_unacked():
     assert "gap" not in central.discards or central.discards.count("gap") <= 1
 
 
+def test_a_frame_sent_from_the_ring_stops_when_the_outbox_reuses_its_bytes():
+    # Frames longer than an MTU are fragmented where the outbox ring keeps
+    # them (no 1.7 kB copy). When the ring reuses bytes of the one in flight
+    # (full, it dropped it; or an ack freed it), the link stops sending it:
+    # the hub drops the part it got, never a message half old, half new.
+    board, app, central = _setup()
+    app.start()
+    central.connect(23)  # 20-byte fragments: a frame takes several loops
+    ring = app.outbox.buf
+    for _ in range(2000):
+        app.step()
+        board.sleep_ms(2)
+        frag = app.link._frag
+        if frag.busy and frag._msg is ring and frag._off > 0:
+            break
+    else:
+        raise AssertionError("no frame fragmented from the ring")
+    assert frag._len > link.MAX_MTU  # a long frame, read in place
+    start = app.outbox.reserve(len(ring))  # the ring reuses all its bytes (dropping what it held)
+    for i in range(start, len(ring)):
+        ring[i] = 0xA5
+    assert not app.link.busy() and app.link.released == 1
+    _run(board, app, board.ticks_ms() + 4000)
+    assert central.discards, central.discards  # the part sent was dropped by the hub's reassembler
+    assert not [r for r in central.results if r.verdict == hub.REJECTED]
+    assert central.frames()  # and the link went on with the next frames
+
+
 def test_forged_control_write_is_ignored():
     board, app, central = _setup()
     app.start()

@@ -256,3 +256,29 @@ def test_uint_from_halves_encodes_as_the_whole_value() -> None:
         assert cbor.decode(got.buf[:got.pos]) == value, value
     raises(LocalProtocolError, cbor.Writer(bytearray(16)).uint_halves, 1, 1 << 30)
     raises(LocalProtocolError, cbor.Writer(bytearray(16)).uint_halves, 1 << 34, 0)
+
+
+def test_ble_fragments_read_in_place_equal_those_of_a_copy() -> None:
+    # A board fragments a long message where its outbox ring keeps it
+    # (start with base): the fragments are those of the message alone, and
+    # holds() says which bytes are still being read.
+    rng = Rng(SEED + 9)
+    ring = rng.bytes(3000)
+    for mtu in (23, 185, 517):
+        for base, n in ((0, 1), (0, 3000), (17, 1200), (2999, 1), (1500, 1500)):
+            want = link.Fragmenter(mtu).fragments(ring[base:base + n])
+            frag = link.Fragmenter(mtu)
+            frag.start(ring, n, base)
+            assert frag.holds(ring, base, base + 1) and frag.holds(ring, base + n - 1, base + n)
+            assert not frag.holds(ring, base + n, 3000) and not frag.holds(ring, 0, base)
+            assert not frag.holds(bytearray(ring), base, base + n)  # another buffer
+            out = bytearray(mtu)
+            got = []
+            while True:
+                k = frag.next_into(out)
+                if not k:
+                    break
+                got.append(bytes(out[:k]))
+            assert got == want, (mtu, base, n)
+            assert not frag.holds(ring, 0, 3000)  # sent: nothing held
+    raises(LocalProtocolError, link.Fragmenter(23).start, ring, 10, 2995)
