@@ -27,7 +27,7 @@ REPO_DIR = FIRMWARE_DIR.parent
 # their native code for its own CPU (an .mpy with native code is for one
 # architecture only).
 SOURCES = [(FIRMWARE_DIR, ["app", "drivers", "sim", "board_esp32.py"]), (REPO_DIR, ["protocols"])]
-KEEP_AS_SOURCE = {"main.py", "boot.py", "sim/run_board.py", "protocols/_viper.py", "protocols/_sha256.py",
+KEEP_AS_SOURCE = {"main.py", "boot.py", "sim/power_on.py", "protocols/_viper.py", "protocols/_sha256.py",
                   "drivers/_native.py"}
 
 

@@ -22,6 +22,7 @@ from drivers.max30102 import MAX30102
 from protocols import messages
 from sim import models
 from sim.clock import ChipClock, RealClock, VirtualClock
+from sim.reset import reset_process
 from sim.waveform import Waveform
 
 SPI_HZ = 4000000  # board_esp32.PINS
@@ -48,13 +49,11 @@ class WatchdogReset(BaseException):
 
 
 class Reboot(BaseException):
-    # machine.reset() on the simulated board: the process ends with
-    # REBOOT_EXIT and the simulator starts it again, so boot.py chooses the
-    # firmware slot afresh (app/ota.py, an update's switch and rollback).
+    # machine.reset() on the simulated board: run_forever ends the process
+    # (reset_process) and the simulator powers it up again, so boot.py
+    # chooses the firmware slot afresh (app/ota.py: an update's switch and
+    # rollback). In-process tests catch it.
     pass
-
-
-REBOOT_EXIT = 75
 
 
 class SimWatchdog:
@@ -94,6 +93,9 @@ def run_forever(board, run, until_ms=None, boot=None):
             return run(board, until_ms)
         except WatchdogReset:
             reset = True
+        except Reboot:  # machine.reset(): the firmware starts again from boot.py
+            board.console("\r\npulsebridge: rebooting (simulated board)")
+            reset_process()
         if reset:  # outside the handler: nothing of the last run is still referenced
             board.reboot_after_watchdog()
             gc.collect()

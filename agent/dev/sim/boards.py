@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,34 @@ def prepare(spec: BoardSpec, directory: Path, cache: Path) -> Path:
         sim["ppg"] = {"file": str(ppg.path), "rate_hz": ppg.rate_hz, "offset": spec.seed * 13 * ppg.rate_hz}
     (directory / "sim.json").write_text(json.dumps(sim, indent=1))
     return directory
+
+
+def install_firmware(directory: Path, compiled: Path) -> None:
+    """The board's flash as it left the factory: boot.py and main.py at its
+    root, the firmware in slot a (SPEC.md, Firmware updates). A board that
+    has taken an update (boot.ok, boot.next or boot.trial) keeps its slots;
+    one that never has runs this tree's build (slot a marked with it)."""
+    from agent.provision import build
+
+    for name in ("boot.py", "main.py"):
+        shutil.copy(build.FIRMWARE_DIR / name, directory / name)
+    flash = directory / "pulsebridge"
+    if any((flash / n).exists() for n in ("boot.ok", "boot.next", "boot.trial")):
+        return
+    slot = directory / "a"
+    stamp = slot / ".factory"
+    if stamp.exists() and stamp.read_text() == compiled.name:
+        return
+    tmp = directory / "a.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for path, src in build.board_files(compiled).items():
+        if "/" in path or path.endswith(".mpy"):  # the slot's; boot.py and main.py stay at the root
+            dest = tmp / path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dest)
+    (tmp / ".factory").write_text(compiled.name)
+    shutil.rmtree(slot, ignore_errors=True)
+    tmp.rename(slot)
 
 
 def micropython_env() -> dict[str, str]:

@@ -31,7 +31,7 @@ from agent.provision import build
 
 log = logging.getLogger(__name__)
 
-RUN_BOARD = "sim/run_board.py"
+POWER_ON = "sim/power_on.py"
 # An ESP32 without PSRAM leaves MicroPython about 100-110 kB of heap, and
 # holds the firmware's modules frozen in flash. The unix port loads them
 # into the heap instead (about 75 kB once loaded, from 44 kB of .mpy files,
@@ -93,6 +93,7 @@ class SimulatedBoard:
         self._env: dict[str, str] = {}
         self._stopping = False
         self.dropped_bytes = 0  # board output lost while no one read the port
+        self.resets = 0  # times its firmware reset the chip (an update's switch or rollback)
         self.cable_connected = True  # False: the USB cable is cut, bytes go nowhere
         # False: the board stops reading its USB input (a firmware stuck with
         # USB still up): what the hub writes fills the OS buffers, then its
@@ -126,10 +127,13 @@ class SimulatedBoard:
             if (self.directory / "main.py").exists() and (self.directory / "pulsebridge" / "device.key").exists():
                 boot_argv = argv + ["-i", "main.py"]
         else:
+            # Its flash: the firmware in slot a or b, which boot.py chooses
+            # (SPEC.md, Firmware updates); the chip models are its ROM.
             boards.prepare(self.spec, self.directory, self.cache)
-            compiled = build.compile_firmware(self.cache)
-            env = dict(os.environ, MICROPYPATH=str(compiled))
-            argv = [self.micropython, "-X", "heapsize=%dK" % self.heap_kb, "-i", str(compiled / RUN_BOARD)]
+            boards.install_firmware(self.directory, build.compile_firmware(self.cache))
+            rom = build.sim_rom(self.cache)
+            env = dict(os.environ, MICROPYPATH=os.pathsep.join([str(self.directory), str(rom)]))
+            argv = [self.micropython, "-X", "heapsize=%dK" % self.heap_kb, "-i", str(rom / POWER_ON)]
         self._mb, self._sb = pty.openpty()
         tty.setraw(self._sb)
         self.port = os.ttyname(self._sb)
@@ -163,16 +167,20 @@ class SimulatedBoard:
 
     def _rebooted(self) -> bool:
         # A blank board's interpreter ends on a soft reset (Ctrl-D on an empty
-        # raw REPL): the unix port exits where a chip reboots. It is started
-        # again on the same port, with a fresh heap, as a chip comes back.
-        if not self.blank or self._stopping or self._stop.is_set() or self.proc is None:
+        # raw REPL): the unix port exits where a chip reboots; any board's
+        # firmware resets the chip (machine.reset(): sim/board_sim.py's
+        # reset_process, SIGUSR1). It is started again on the same port,
+        # with a fresh heap, as a chip comes back.
+        if self._stopping or self._stop.is_set() or self.proc is None:
             return False
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             return False
-        if self.proc.returncode != 0:  # a crash or a kill stays dead, as a power cut does
-            return False
+        reset = self.proc.returncode == -signal.SIGUSR1
+        if not reset and not (self.blank and self.proc.returncode == 0):
+            return False  # a crash or a kill stays dead, as a power cut does
+        self.resets += int(reset)
         try:
             os.close(self._ma)
         except OSError:
