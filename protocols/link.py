@@ -264,6 +264,7 @@ class Fragmenter:
     def abort(self) -> None:
         # The connection dropped: the rest of the message will not be sent.
         self._off = -1
+        self._msg = b""
 
     def next_into(self, out: bytearray) -> int:
         # Returns the fragment length written to out (0: message done).
@@ -282,6 +283,8 @@ class Fragmenter:
         take = min(room - hdr, self._len - off)
         copy_into(out, hdr, self._msg, self._base + off, take)
         self._off = off + take
+        if off + take >= self._len:
+            self._msg = b""  # sent: the buffer is not held (a board's outbox ring may be let go)
         self.counter = (self.counter + 1) & 0x7F
         return hdr + take
 

@@ -5,6 +5,7 @@
 # retransmit_ms. When the ring is full the oldest frames are dropped, and
 # `dropped` (carried in every frame's status) tells the hub: loss is never
 # silent. Acked frames in the middle free their bytes once the older ones go.
+import array
 import gc
 
 from micropython import const
@@ -39,11 +40,14 @@ class Outbox:
             ring = None
             self.buf = bytearray(capacity_bytes)
         self.mv = memoryview(self.buf)
-        self.off = [0] * max_frames
-        self.lens = [0] * max_frames
-        self.seqs = [0] * max_frames
-        self.state = [_FREE] * max_frames
-        self.sent_ms = [0] * max_frames
+        # The records' table as typed arrays (a list takes a word per entry):
+        # off in the ring, length (a message is at most 4224 bytes: 16 bits),
+        # seq (32 bits, SPEC.md), state, when sent (a tick, 30 bits).
+        self.off = array.array("i", bytes(4 * max_frames))
+        self.lens = array.array("H", bytes(2 * max_frames))
+        self.seqs = array.array("I", bytes(4 * max_frames))
+        self.state = bytearray(max_frames)  # _FREE
+        self.sent_ms = array.array("i", bytes(4 * max_frames))
         self.head = 0  # oldest record
         self.count = 0  # records from head, acked ones included
         self.dropped = 0
