@@ -19,8 +19,8 @@ from typing import Any, cast
 
 from agent import fastdecode
 from agent.record import FrameRecord
-from agent.registry import Registry
-from agent.store import KIND_FRAME, KIND_ORIGIN, PRIORITY_GAP, QUARANTINED, Ingest, Store, StoreError
+from agent.registry import Device, Registry
+from agent.store import KIND_FRAME, KIND_ORIGIN, PRIORITY_GAP, QUARANTINED, Ingest, Store, StoreError, Window
 from protocols import hub, messages, replay
 from protocols.errors import RemoteProtocolError
 
@@ -52,6 +52,14 @@ class Outcome:
             return self.replies
         dev, epoch, seq = self.ack_for
         return self.replies + self.acker.ack(dev, epoch, [seq])
+
+
+@dataclass(frozen=True)
+class DevicesRead:
+    """The registry's devices and the store's committed replay windows (by device), as read."""
+
+    devices: list[Device]
+    windows: dict[str, Window]
 
 
 class Processor(abc.ABC):
@@ -117,11 +125,23 @@ class Ingestor(Processor):
         self.upgraded = upgrade_legacy(store)
 
     def reload_devices(self) -> list[str]:
-        """Registry changes (a new board, a revocation, an erasure) take effect at once.
-        Returns the devices no longer in the registry at all (erased), now refused."""
-        windows = self.store.load_windows()
+        """read_devices() then apply_devices(), blocking: for the start, before the event loop
+        runs (on it, the registry watcher reads off the loop and applies on it)."""
+        return self.apply_devices(self.read_devices())
+
+    def read_devices(self) -> DevicesRead:
+        """What apply_devices() needs, read from the registry and the store (SQLite, blocking;
+        connections of their own: callable from any thread, e.g. via asyncio.to_thread)."""
+        return DevicesRead(self.registry.read_all(), self.store.load_windows())
+
+    def apply_devices(self, read: DevicesRead) -> list[str]:
+        """Registry changes (a new board, a revocation, an erasure) take effect at once (no I/O:
+        on the event loop). A window read is applied only to a board new to the hub, which has
+        nothing in flight, so no commit made after the read is lost. Returns the devices no
+        longer in the registry at all (erased), now refused."""
+        windows = read.windows
         seen = set()
-        for dev in self.registry.all():
+        for dev in read.devices:
             seen.add(dev.device_id)
             if dev.state == "active":
                 if not self.hub.has_device(dev.device_id):

@@ -102,7 +102,21 @@ class Registry:
         return self._row(r) if r else None
 
     def all(self) -> list[Device]:
-        return [self._row(r) for r in self._db.execute(
+        return self._all(self._db)
+
+    def read_all(self) -> list[Device]:
+        """all(), over a read connection of its own: callable from any thread (the agent
+        reads the registry this way off its event loop; this object's own connection
+        stays with the thread that uses it)."""
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA query_only=ON")
+            return self._all(db)
+        finally:
+            db.close()
+
+    def _all(self, db: sqlite3.Connection) -> list[Device]:
+        return [self._row(r) for r in db.execute(
             "SELECT device_id, key, state, label, patient_ref, created_at, revoked_at, revoke_reason, next_key "
             "FROM devices ORDER BY device_id")]
 

@@ -64,14 +64,16 @@ class RegistryWatcher:
                 await self._reload()
 
     async def _reload(self) -> None:
-        for dev in self.ingestor.reload_devices():  # erased: nothing of it stays in memory either
+        # Read off the event loop (SQLite), applied on it (the hub's state is the loop's).
+        read = await asyncio.to_thread(self.ingestor.read_devices)
+        for dev in self.ingestor.apply_devices(read):  # erased: nothing of it stays in memory either
             self.on_erased(dev)
             # What was verified before it was refused is committed first (the writer's queue
             # is in order), then erased with it.
             late = await self.store.run(functools.partial(self.store.erase_device, device_id=dev))
             log.info("device %s erased: its frames are refused from now on (%d stored meanwhile, erased)",
                      dev, late)
-        self.active = self._active()
+        self.active = [d for d in read.devices if d.state == "active"]
         self.links.registry_changed()
         log.info("registry changed: devices reloaded")
 

@@ -497,9 +497,14 @@ class Store:
             db.close()
 
     def load_windows(self) -> dict[str, Window]:
-        assert self._db is not None
-        return {r[0]: (r[1], r[2], r[3], r[4])
-                for r in self._db.execute("SELECT device_id, epoch, top, bitmap, salt FROM replay")}
+        """The replay windows committed, by device: (epoch, top, bitmap, salt). Over a read
+        connection of its own (never the writer's): callable from any thread, blocking."""
+        db = self.reader()
+        try:
+            return {r[0]: (r[1], r[2], r[3], r[4])
+                    for r in db.execute("SELECT device_id, epoch, top, bitmap, salt FROM replay")}
+        finally:
+            db.close()
 
     # ---- the writer thread -------------------------------------------------------
 

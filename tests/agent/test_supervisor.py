@@ -152,6 +152,52 @@ def test_the_status_socket_reads_the_store_off_the_event_loop(monkeypatch: pytes
     assert on_loop == [False]
 
 
+def test_a_registry_change_is_read_off_the_event_loop(monkeypatch: pytest.MonkeyPatch,
+                                                     hub_config: agent_config.AgentConfig) -> None:
+    # `pulsebridge devices add` beside the running agent, on a slow disk (fault injected: reading the
+    # store's replay windows blocks until released): the registry watcher reads the registry and the
+    # windows on another thread (never the store writer's connection), so the loop that serves the
+    # boards keeps turning; the new board is known once the read is done. (Before: read on the loop.)
+    from agent.audit import AuditLog
+    from agent.registry import Registry
+    from agent.store import Store, Window
+
+    entered, release = threading.Event(), threading.Event()
+    on_loop: list[bool] = []
+    load_windows = Store.load_windows
+
+    def slow_load_windows(self: Store) -> dict[str, Window]:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        entered.set()
+        release.wait(10)
+        return load_windows(self)
+
+    cfg = hub_config
+
+    async def scenario() -> None:
+        async with harness.running(Agent(cfg)) as agent:
+            monkeypatch.setattr(Store, "load_windows", slow_load_windows)
+            reg = Registry(cfg.registry_path, AuditLog(cfg.audit_path))
+            try:
+                reg.add("pb-slow01", label="chambre 4")
+            finally:
+                reg.close()
+            await async_wait_for(entered.is_set, 30, "the registry watcher reading the store")
+            beats = agent.vitals_runner.turns
+            await async_wait_for(lambda: agent.vitals_runner.turns > beats, 30,
+                                 "the agent's loops turning while the store is slow")
+            assert not agent.ingestor.hub.has_device("pb-slow01")  # not before its read is done
+            release.set()
+            await async_wait_for(lambda: agent.ingestor.hub.has_device("pb-slow01"), 30, "the new board known")
+
+    asyncio.run(scenario())
+    assert on_loop and not any(on_loop)
+
+
 def test_the_status_names_a_device_added_beside_the_running_agent_and_outlives_it(
         hub_config: agent_config.AgentConfig) -> None:
     # `pulsebridge devices add` while the agent runs: the status names the new sensor within the
