@@ -78,20 +78,30 @@ def idempotency_key(row: Row) -> str:
 class Subjects:
     """The patient each board was provisioned for (registry.patient_ref), as the documents'
     "subject". A frame stored before its board's current registration (re-provisioned since,
-    perhaps for another patient) gets None: unknown is never a wrong patient. Registry reads
-    are cached for REFRESH_S, so a forwarder reads the registry a few times a minute."""
+    perhaps for another patient) gets None: unknown is never a wrong patient. The registry is
+    read by refresh(), off the event loop, at most once per REFRESH_S (a forwarder awaits it
+    before each delivery); of() answers from what was read (reading at once only if nothing
+    was read yet: a caller outside the agent's loop)."""
 
     REFRESH_S = 5.0
 
     def __init__(self, registry: Any) -> None:
-        self.registry = registry  # agent.registry.Registry (duck-typed: .all() -> devices)
+        self.registry = registry  # agent.registry.Registry (duck-typed: .read_all() -> devices)
         self._by_device: dict[str, tuple[str, float]] = {}
-        self._read_at = -1e9
+        self._read_at: float | None = None  # monotonic s; None: never read
+
+    def _fill(self, devices: list[Any]) -> None:
+        self._by_device = {d.device_id: (d.patient_ref, d.created_at) for d in devices}
+        self._read_at = time.monotonic()
+
+    async def refresh(self) -> None:
+        """Re-reads the registry on a thread once what was read is REFRESH_S old."""
+        if self._read_at is None or time.monotonic() - self._read_at > self.REFRESH_S:
+            self._fill(await asyncio.to_thread(self.registry.read_all))
 
     def of(self, device_id: str, received_at: float) -> str | None:
-        if time.monotonic() - self._read_at > self.REFRESH_S:
-            self._by_device = {d.device_id: (d.patient_ref, d.created_at) for d in self.registry.all()}
-            self._read_at = time.monotonic()
+        if self._read_at is None:
+            self._fill(self.registry.read_all())
         ref, since = self._by_device.get(device_id, ("", 0.0))
         return ref if ref and received_at >= since else None
 
@@ -262,6 +272,8 @@ class Forwarder(abc.ABC):
                     continue
                 self.state = State.SENDING
                 try:
+                    if self.subjects is not None:  # the documents' subjects, read off the loop
+                        await self.subjects.refresh()
                     async with asyncio.timeout(self.cfg.timeout_s * 3):
                         await self.deliver(rows)
                 except ProtocolError:

@@ -2,12 +2,14 @@
 # frame that cannot be decoded does not block the ones behind it.
 import asyncio
 from pathlib import Path
+from unittest import mock
 
 from agent.forwarders.base import DeliveryError, Forwarder, document
 from agent.forwarders.webhook import WebhookConfig
 from agent.ingest import record_of
 from agent.store import Ingest, Row, Store
 from protocols import cipher, cose, messages
+from tests.waiting import async_wait_for
 
 
 class RecordingBackend(Forwarder):
@@ -64,3 +66,62 @@ def test_retries_then_skips_an_undecodable_frame(tmp_path: Path) -> None:
     assert fw.failures == 2 and fw.undeliverable == 1
     assert [d["seq"] for d in fw.docs] == [0, 2]
     assert Store.backlog(Store(tmp_path / "store.db", ["rec"]).reader()) == {}
+
+
+def test_the_documents_subjects_are_read_off_the_event_loop(tmp_path: Path) -> None:
+    # The patient each board serves comes from the registry (SQLite, blocking): a forwarder reads it
+    # on a thread before it delivers, never on the loop that serves the boards. (Before: in document().)
+    from agent.audit import AuditLog
+    from agent.forwarders.base import Subjects
+    from agent.registry import Registry
+
+    key = bytes(range(32))
+    reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
+    reg.add("pb-s1", patient_ref="Patient/7", key=key, actor="test")
+    frame = messages.SampleFrame(1, 0, 1, 0, 0, 512, 4, (1, 1), None, (0, 0, 0, 0), [[1, 2, 3, 4]])
+    raw = cose.MacKey(key, b"pb-s1", cose.AAD_UPLINK).seal(
+        messages.encoded(frame, sealer=cipher.SampleCipher(key, bytes(16))))
+    m = messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES, decode_samples=False,
+                                opener=cipher.SampleCipher(key))
+    record = record_of("pb-s1", m, m.channels, raw, None)  # type: ignore[arg-type]
+    store = Store(tmp_path / "store.db", ["rec"])
+    store.start()
+    read_on_loop: list[bool] = []
+    read_all = Registry._all
+
+    def spied(self: Registry, db: object) -> object:
+        try:
+            asyncio.get_running_loop()
+            read_on_loop.append(True)
+        except RuntimeError:
+            read_on_loop.append(False)
+        return read_all(self, db)  # type: ignore[arg-type]
+
+    class WithSubjects(RecordingBackend):
+        async def deliver(self, rows: list[Row]) -> None:
+            self.docs.extend(self.document(r) for r in rows)
+
+    async def scenario() -> WithSubjects:
+        await store.ingest(Ingest.frame(record, (1, 0, 1, None)))
+        fw = WithSubjects(WebhookConfig(name="rec", type="webhook", url="https://x", batch=10, linger_s=0),
+                          store, "hub", asyncio.Event(), Subjects(reg))
+        fw.docs = []
+        task = asyncio.create_task(fw.run())
+        try:
+            await async_wait_for(lambda: fw.forwarded >= 1, 30, "the frame forwarded")
+        finally:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        return fw
+
+    try:
+        with mock.patch.object(Registry, "_all", spied):
+            fw = asyncio.run(scenario())
+    finally:
+        store.close()
+        reg.close()
+    assert [d["subject"] for d in fw.docs] == ["Patient/7"]
+    assert read_on_loop and not any(read_on_loop), read_on_loop
