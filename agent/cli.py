@@ -178,6 +178,51 @@ def cmd_verify_origin(args: argparse.Namespace) -> int:
     return 0 if rep.ok else 1
 
 
+def cmd_ota_push(args: argparse.Namespace) -> int:
+    import hashlib
+    import time
+
+    from agent import ota
+    from agent.audit import AuditLog
+
+    cfg = _load_config(args.config)
+    reg = _registry(cfg)
+    dev = reg.get(args.device)
+    if dev is None or dev.state != "active":
+        print("pulsebridge: %s is not an active board in the registry" % args.device, file=sys.stderr)
+        return 2
+    try:
+        data = args.bundle.read_bytes()
+        m = ota.spool(cfg.run_dir, args.device, data)
+    except (OSError, ota.PushError) as e:
+        print("pulsebridge: %s: %s" % (args.bundle, e), file=sys.stderr)
+        return 2
+    AuditLog(cfg.audit_path).record("firmware.push", args.device, version=m.version, name=m.name,
+                                    sha256=hashlib.sha256(data).hexdigest())
+    print("%s: %s (version %d, %d bytes) spooled; the agent sends it over the board's link"
+          % (args.device, m.name, m.version, len(data)))
+    if args.wait_s <= 0:
+        return 0
+    end = time.monotonic() + args.wait_s
+    said = ""
+    while time.monotonic() < end:
+        st = ota.read_state(cfg.run_dir, args.device) or {}
+        state = str(st.get("state", ""))
+        if state and state != said:
+            said = state
+            print("  %s (byte %s of %d)" % (state, st.get("offset"), len(data)), flush=True)
+        if state == "confirmed":
+            return 0
+        if state.startswith("refused"):
+            print("pulsebridge: the board refused the bundle: %s" % state, file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    print("pulsebridge: not confirmed within %.0f s (last: %s); the agent goes on sending it, a board that does "
+          "not confirm a new version returns to its previous one" % (args.wait_s, said or "no answer"),
+          file=sys.stderr)
+    return 1
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import asyncio
     import time
@@ -333,6 +378,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", required=True)
     p.add_argument("--self-test-seconds", type=float, default=6.0)
     p.set_defaults(func=cmd_rotate)
+
+    p = sub.add_parser("ota", help="firmware updates (signed bundles, pulsebridge-dev release)")
+    ota_sub = p.add_subparsers(dest="ota_command", required=True)
+    p = ota_sub.add_parser("push", help="send a signed bundle to a board over its current link, through the "
+                                        "running agent; resumes after a cut")
+    p.add_argument("--config", type=Path, default=default_cfg)
+    p.add_argument("--device", required=True)
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--wait-s", type=float, default=600.0,
+                   help="how long to follow the update until the board confirms it (default 600 s; 0: "
+                        "spool it and return)")
+    p.set_defaults(func=cmd_ota_push)
 
     p = sub.add_parser("verify-origin", help="prove, without trusting the hub, that frames a backend received "
                                              "came from the boards unaltered, and list what is missing")

@@ -39,6 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from agent.forwarders.base import Backoff
@@ -152,6 +153,7 @@ class LinkManager:
         self.links: dict[str, Link] = {}
         self.ends: Counter[str] = Counter()  # every link's, by reason
         self.clocks = BoardClocks()  # board ticks to UTC, kept across a board's sessions
+        self.ota_run_dir: Path | None = None  # where `pulsebridge ota push` spools bundles (agent/ota.py)
 
     def link(self, kind: str, key: str) -> Link:
         lk = self.links.get(key)
@@ -196,7 +198,8 @@ class LinkManager:
 
         session = BoardSession(transport, self.processor, stats, recorder, time_sync_s=self.time_sync_s,
                                stall_s=self.stall_s, identify_s=self.identify_s if identify else None,
-                               on_open=on_open, on_progress=on_progress, clocks=self.clocks)
+                               on_open=on_open, on_progress=on_progress, clocks=self.clocks,
+                               ota_run_dir=self.ota_run_dir)
         try:
             end = await session.run()
         except asyncio.CancelledError:  # the agent stops, or its discovery task restarts

@@ -18,7 +18,9 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from agent import ota
 from agent.ingest import Outcome, Processor
 from agent.timemap import BoardClocks, TimeMap
 from agent.transports.base import Transport, TransportError
@@ -91,6 +93,7 @@ class BoardStats:
     rejected_ids: set[str] = field(default_factory=set)  # devices heard but not served (a few, for the status)
     board_errors: Counter[str] = field(default_factory=Counter)  # error reports (type 7) by code name
     last_board_error: str = ""
+    update: str = ""  # the board's last firmware update state (agent/ota.py), "" if none
 
     def samples_received(self) -> dict[str, int]:
         return {name: s.covered for name, s in self.samples.items()}
@@ -181,7 +184,7 @@ class BoardSession:
                  recorder: Callable[[bytes], None] | None = None, time_sync_s: float | None = None,
                  stall_s: float | None = None, identify_s: float | None = None,
                  on_open: Callable[[], None] | None = None, on_progress: Callable[[], None] | None = None,
-                 clocks: BoardClocks | None = None) -> None:
+                 clocks: BoardClocks | None = None, ota_run_dir: Path | None = None) -> None:
         self.transport = transport
         self.processor = processor
         self.stats = stats
@@ -200,6 +203,9 @@ class BoardSession:
         self.heard_at: float | None = None  # monotonic: the last authentic message
         self._acks_waiting_since: float | None = None  # monotonic: the oldest outcome not yet acked
         self._pending: asyncio.Queue[Outcome | None] = asyncio.Queue(PIPELINE_DEPTH)
+        # Firmware updates spooled for this board (agent/ota.py), if the agent has a run directory.
+        self.pusher = None if ota_run_dir is None else ota.Pusher(
+            ota_run_dir, self._send, lambda: (self.stats.device_id, self._epoch), processor.hub)
 
     async def run(self) -> SessionEnd:
         # Tasks: one reads and judges messages in arrival order and queues
@@ -226,6 +232,8 @@ class BoardSession:
             tasks.append(asyncio.create_task(self._time_sync(), name="time:" + name))
         if self.stall_s or self.identify_s:
             tasks.append(asyncio.create_task(self._watch(), name="watch:" + name))
+        if self.pusher is not None:
+            tasks.append(asyncio.create_task(self.pusher.run(), name="ota:" + name))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             end = self._end_of(next(t for t in tasks if t in done))
@@ -403,6 +411,11 @@ class BoardSession:
             st.board_errors[name] += 1
             st.last_board_error = "%s: %s" % (name, m.text)
             log.warning("%s reports %s", st.device_id, st.last_board_error)
+        elif isinstance(m, messages.UpdateState) and r.verdict == hub.ACCEPTED:
+            st.update = m.state
+            log.info("%s firmware update: %s (byte %d)", st.device_id, m.state, m.offset)
+            if self.pusher is not None and r.device_id:
+                self.pusher.on_state(r.device_id, m)
         if isinstance(m, messages.SampleFrame):
             if r.verdict == hub.DUPLICATE:
                 st.duplicates += 1

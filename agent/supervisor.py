@@ -121,6 +121,7 @@ class Agent:
         self.forwarders: list[Forwarder] = [forwarders.make(b, self.store, cfg.hub_id, self.wake, subjects)
                                             for b in cfg.backends]
         self.links = LinkManager(self.ingestor, time_sync_s=cfg.time_sync_every_s)
+        self.links.ota_run_dir = cfg.run_dir
         self.serial = SerialDiscovery(self.links, [SerialWant(sc.port, sc.usb_vid, sc.usb_pid, sc.baudrate)
                                                    for sc in cfg.serial])
         self.ble: BleManager | None = None

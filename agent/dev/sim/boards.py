@@ -94,6 +94,14 @@ def prepare(spec: BoardSpec, directory: Path, cache: Path) -> Path:
     return directory
 
 
+def slot_files(compiled: Path) -> dict[str, Path]:
+    """The firmware's files in a slot (path in the slot -> file here): all
+    a board holds but boot.py and main.py, which stay at its flash root."""
+    from agent.provision import build
+
+    return {p: f for p, f in build.board_files(compiled).items() if p not in ("boot.py", "main.py")}
+
+
 def install_firmware(directory: Path, compiled: Path) -> None:
     """The board's flash as it left the factory: boot.py and main.py at its
     root, the firmware in slot a (SPEC.md, Firmware updates). A board that
@@ -112,11 +120,10 @@ def install_firmware(directory: Path, compiled: Path) -> None:
         return
     tmp = directory / "a.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    for path, src in build.board_files(compiled).items():
-        if "/" in path or path.endswith(".mpy"):  # the slot's; boot.py and main.py stay at the root
-            dest = tmp / path
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dest)
+    for path, src in slot_files(compiled).items():
+        dest = tmp / path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dest)
     (tmp / ".factory").write_text(compiled.name)
     shutil.rmtree(slot, ignore_errors=True)
     tmp.rename(slot)

@@ -1,0 +1,98 @@
+# `pulsebridge ota push` end to end: a simulated board (the real firmware,
+# booting from its flash's slots) takes a signed bundle of the firmware over
+# its serial link through the running agent, installs it beside the running
+# version while it streams, reboots into it on trial and streams on, with no
+# acknowledged frame lost; a tampered bundle is refused and the board
+# streams on.
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent import config as agent_config
+from agent import ota
+from agent.audit import AuditLog
+from agent.dev import release
+from agent.dev.sim import boards
+from agent.provision import build
+from agent.store import KIND_FRAME, KIND_ORIGIN, Store
+from agent.supervisor import Agent
+from tests.agent import harness
+from tests.conftest import ROOT
+from tests.waiting import async_wait_for
+
+VENDOR = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+
+
+def _push(cfg_path: Path, device: str, bundle_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent.cli", "ota", "push", "--config", str(cfg_path), "--device",
+                           device, "--wait-s", "0", str(bundle_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.micropython
+def test_a_signed_update_over_serial_through_the_agent(micropython: str, tmp_path: Path) -> None:
+    sims = harness.start_boards(tmp_path, 1, micropython)
+    board = sims[0]
+    dev = board.device_id
+    (board.directory / "pulsebridge" / "vendor.keys").write_bytes(release.public_key(VENDOR))
+    files = {p: f.read_bytes() for p, f in boards.slot_files(build.compile_firmware(tmp_path / "cache")).items()}
+    good = release.make_bundle(files, 200, "pulsebridge-fw 200", 100, "esp32", VENDOR)
+    (tmp_path / "good.bin").write_bytes(good)
+    tampered = bytearray(good)
+    tampered[-100] ^= 1
+    (tmp_path / "tampered.bin").write_bytes(bytes(tampered))
+    try:
+        harness.register(tmp_path / "data", tmp_path / "log", sims)
+        cfg_path = harness.write_config(tmp_path, sims, "")
+        cfg = agent_config.load(cfg_path)
+
+        def state() -> str:
+            return str((ota.read_state(cfg.run_dir, dev) or {}).get("state", ""))
+
+        async def scenario() -> None:
+            agent = Agent(cfg)
+            stop = asyncio.Event()
+            task = asyncio.create_task(agent.run(stop))
+            await async_wait_for(lambda: len(harness.acked(board)) >= 3, 60, "the board streaming",
+                                 board.console_tail)
+            p = await asyncio.to_thread(_push, cfg_path, dev, tmp_path / "tampered.bin")
+            assert p.returncode == 0, p.stderr
+            await async_wait_for(lambda: state().startswith("refused"), 120, "the tampered bundle refused",
+                                 lambda: (state(), board.console_tail()[-300:]))
+            assert state() == "refused:hash_mismatch"
+            n = len(harness.acked(board))
+            await async_wait_for(lambda: len(harness.acked(board)) >= n + 3, 30, "streaming on")
+            p = await asyncio.to_thread(_push, cfg_path, dev, tmp_path / "good.bin")
+            assert p.returncode == 0 and "version 200" in p.stdout, p.stderr
+            await async_wait_for(lambda: board.resets == 1, 600, "the board installed it and rebooted",
+                                 lambda: (state(), board.console_tail()[-300:]))
+            epochs = {e for _, e, _ in harness.acked(board)}
+            await async_wait_for(lambda: len({e for _, e, _ in harness.acked(board)} - epochs) == 1, 60,
+                                 "the new version streaming and acknowledged", lambda: board.console_tail()[-300:])
+            stop.set()
+            await task
+
+        asyncio.run(scenario())
+        flash = board.directory / "pulsebridge"
+        assert (flash / "boot.trial").read_text() == "b"  # on trial (confirmed after 60 s: ota_board_cases)
+        assert (board.directory / "b" / ".release").read_text().startswith("200 100 ")
+        # Every frame the board had acknowledged is in the hub's store.
+        db = Store(cfg.store_path, []).reader()
+        try:
+            stored = {r for r in db.execute("SELECT device_id, epoch, seq FROM frames WHERE kind IN (?, ?)",
+                                            (KIND_FRAME, KIND_ORIGIN))}  # the acks cover checkpoints too
+        finally:
+            db.close()
+        acked = harness.acked(board)
+        lost = acked - stored
+        assert acked and not lost, sorted(lost)[:5]
+        pushes = [e for e in AuditLog(cfg.audit_path).entries() if e["action"] == "firmware.push"]
+        assert [e["target"] for e in pushes] == [dev, dev]
+    finally:
+        for s in sims:
+            s.stop()
