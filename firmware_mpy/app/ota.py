@@ -179,12 +179,11 @@ class Updater:
                 f.write(m.data)
             have += len(m.data)
             self.chunks += 1
-        elif m.offset != have:
-            self.report(have, "receiving")  # the hub resumes from what this board holds
-            return
-        if have >= m.total:
+        if have >= m.total:  # (also a whole bundle received before a reset: checked again from its header)
             self.state = HEADER
             self.report(have, "verifying")
+        elif m.offset != have:
+            self.report(have, "receiving")  # the hub resumes from what this board holds
         elif self.chunks % _STATE_EVERY == 0:
             self.report(have, "receiving")
 

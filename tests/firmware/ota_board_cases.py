@@ -121,6 +121,27 @@ def test_a_cut_resumes_where_the_board_stands_even_across_a_reboot():
     assert _read(ota.NEXT) == b"b" and _read("b/app/main.py") == _read("bundles/main.py")
 
 
+def test_a_reset_during_the_checks_leaves_a_bootable_board_that_finishes_the_update():
+    _clean()
+    data = _read("bundles/good.bin")
+    b, app, link = _app()
+    for stop_in in (ota.SIGNATURE, ota.FILES):
+        _push(b, app, link, data, lambda s: s.state == "verifying")
+        while app.update is not None and app.update.state < stop_in:
+            app.step()
+        assert app.update is not None and app.update.state == stop_in
+        # Power cut: the board boots its running slot, streams, and has the whole bundle still.
+        assert boot.choose() == ("a", False) and ota.size("b/" + ota.PART) == len(data)
+        b, app, link = _app(link.hub)
+        assert app.update is None
+    try:
+        _push(b, app, link, data, lambda s: s.state.startswith("refused"))
+    except Reboot:
+        pass
+    assert _states(link)[0].state == "verifying"  # nothing sent again: the board checked what it held
+    assert _read(ota.NEXT) == b"b" and _read("b/app/main.py") == _read("bundles/main.py")
+
+
 def _refused(name):
     _clean()
     b, app, link = _app()
