@@ -69,6 +69,9 @@ def _registry(cfg: AgentConfig) -> Registry:
 def cmd_devices(args: argparse.Namespace) -> int:
     from agent.registry import RegistryError, write_private
 
+    if args.action in ("add", "revoke") and not args.device_id:
+        raise SystemExit("pulsebridge: devices %s needs a device id (pulsebridge devices %s ID)"
+                         % (args.action, args.action))
     cfg = _load_config(args.config)
     reg = _registry(cfg)
     try:

@@ -61,6 +61,16 @@ def test_devices_add_list_revoke_and_erase(tmp_path: Path, hub_config: AgentConf
     assert len(AuditLog(c.audit_path).entries()) == 6
 
 
+def test_devices_add_and_revoke_without_an_id_say_so(hub_config: AgentConfig) -> None:
+    # `devices add` with no id gave a TypeError traceback; `revoke` said "no device None"
+    cfg = str(hub_config.source)
+    for action in ("add", "revoke"):
+        r = _cli("devices", "--config", cfg, action)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "devices %s needs a device id" % action in r.stderr and "None" not in r.stderr, r.stderr
+    assert _cli("devices", "--config", cfg, "list").stdout == ""
+
+
 def test_agent_refuses_to_start_with_a_readable_registry(tmp_path: Path, hub_config: AgentConfig) -> None:
     cfg = hub_config.source
     assert _cli("devices", "--config", str(cfg), "add", "pb-cli02").returncode == 0
