@@ -163,32 +163,43 @@ def _fail(where: str, n: int) -> list[Any]:
 
 
 def read_inputs(paths: list[Path]) -> Iterator[tuple[bytes, list[list[int]] | None, str]]:
-    """(raw COSE, decoded samples a document claims or None, where it came from) for each message."""
+    """(raw COSE, decoded samples a document claims or None, where it came from) for each message.
+    Raises InputError for a file that cannot be read or parsed, or that holds no message at all (an
+    empty capture must not read as "OK: 0 frames")."""
     for p in paths:
+        n = 0
+        for message in _read_input(p):
+            n += 1
+            yield message
+        if not n:
+            raise InputError("%s: no frame or document in it: nothing to verify (an empty or wrong file?)" % p)
+
+
+def _read_input(p: Path) -> Iterator[tuple[bytes, list[list[int]] | None, str]]:
+    try:
+        if p.stat().st_size > MAX_INPUT_BYTES:
+            raise InputError("%s: larger than %d bytes" % (p, MAX_INPUT_BYTES))
+        data = p.read_bytes()
+    except OSError as e:
+        raise InputError("%s: %s" % (p, e.strerror or e)) from None
+    head = data.lstrip()[:1]
+    if head in (b"{", b"["):
         try:
-            if p.stat().st_size > MAX_INPUT_BYTES:
-                raise InputError("%s: larger than %d bytes" % (p, MAX_INPUT_BYTES))
-            data = p.read_bytes()
-        except OSError as e:
-            raise InputError("%s: %s" % (p, e.strerror or e)) from None
-        head = data.lstrip()[:1]
-        if head in (b"{", b"["):
-            try:
-                docs = [json.loads(data)]
-            except ValueError:
-                try:  # JSON Lines
-                    docs = [json.loads(line) for line in data.splitlines() if line.strip()]
-                except ValueError as e:
-                    raise InputError("%s: neither JSON nor JSON Lines (%s)" % (p, e)) from None
-            for d in docs:
-                yield from _from_json(d, p.name)
+            docs = [json.loads(data)]
+        except ValueError:
+            try:  # JSON Lines
+                docs = [json.loads(line) for line in data.splitlines() if line.strip()]
+            except ValueError as e:
+                raise InputError("%s: neither JSON nor JSON Lines (%s)" % (p, e)) from None
+        for d in docs:
+            yield from _from_json(d, p.name)
+    else:
+        cbor_docs = _cbor_documents(data, p.name)
+        if cbor_docs is None:
+            yield from _raw_messages(data, p.name)
         else:
-            cbor_docs = _cbor_documents(data, p.name)
-            if cbor_docs is None:
-                yield from _raw_messages(data, p.name)
-            else:
-                for i, d in enumerate(cbor_docs):
-                    yield from _from_json(d, "%s[%d]" % (p.name, i))
+            for i, d in enumerate(cbor_docs):
+                yield from _from_json(d, "%s[%d]" % (p.name, i))
 
 
 def verify(inputs: list[Path], key_files: list[Path]) -> origin.Report:
