@@ -22,7 +22,10 @@ from pathlib import Path
 
 from protocols import bundle, hub, messages
 
-WINDOW_CHUNKS = 16  # chunks sent before the board's answer is awaited (it answers every 8: two a window)
+# Chunks sent before the board's answer is awaited (it answers every 8): 2.6 kB
+# on a serial line, under the 4 kB a pty or USB CDC buffers; at 16, a board at
+# ESP32 speed read them too slowly and the hub's writes timed out.
+WINDOW_CHUNKS = 8
 STATE_WAIT_S = 1.0  # an answer not heard by then: the window goes again from where the board stood
 IDLE_POLL_S = 1.0  # how often a session looks for a spooled bundle for its board
 FINAL = ("confirmed",)
