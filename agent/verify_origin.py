@@ -224,4 +224,6 @@ def text(rep: origin.Report) -> str:
         lines.append("  MISSING CHECKPOINT %s epoch %d index %d" % (dev, epoch, index))
     for p in rep.problems:
         lines.append("  PROBLEM " + p)
+    if rep.problems_not_listed:
+        lines.append("  ... and %d more problems, not listed" % rep.problems_not_listed)
     return "\n".join(lines)

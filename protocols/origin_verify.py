@@ -42,6 +42,9 @@ class _Frame:
         self.where = where
 
 
+MAX_PROBLEMS = 1000  # problems listed in a report; more are counted (problems_not_listed)
+
+
 class Verifier:
     # Feed it what a backend received, in any order (add): the raw COSE of
     # sample frames (with, optionally, the decoded samples a document gave
@@ -52,6 +55,13 @@ class Verifier:
         self._frames: "dict[tuple[str, bytes, int], _Frame]" = {}
         self._ckpts: "dict[tuple[str, bytes], dict[int, Checkpoint]]" = {}
         self.problems: "list[str]" = []  # inputs that could not be read or did not verify
+        self.problems_not_listed = 0  # past MAX_PROBLEMS: counted, not kept (a file of junk stays bounded)
+
+    def _problem(self, text: str) -> None:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(text)
+        else:
+            self.problems_not_listed += 1
 
     def add(self, raw: "bytes | bytearray", claimed: "list[list[int]] | None" = None, where: str = "") -> None:
         # raw: one uplink COSE_Mac0 as the board sent it. claimed: the
@@ -60,25 +70,25 @@ class Verifier:
             msg = cose.parse(raw)
             m = messages.decode_payload(msg.payload, messages.UPLINK_TYPES, decode_samples=False)
         except ProtocolError as e:
-            self.problems.append("%s: not a pulsebridge message (%s)" % (where or "input", e))
+            self._problem("%s: not a pulsebridge message (%s)" % (where or "input", e))
             return
         device_id = str(msg.kid, "ascii", "replace")
         if isinstance(m, messages.OriginCheckpoint):
             key = self.keys.get(device_id)
             if key is None:
-                self.problems.append("%s: checkpoint of %s, whose origin key was not given" % (where, device_id))
+                self._problem("%s: checkpoint of %s, whose origin key was not given" % (where, device_id))
                 return
             try:
                 c = open_checkpoint(m.checkpoint, key)
             except AuthenticationError:
-                self.problems.append("%s: checkpoint seq %d of %s does not verify under its origin key (forged)"
+                self._problem("%s: checkpoint seq %d of %s does not verify under its origin key (forged)"
                                      % (where, m.seq, device_id))
                 return
             except ProtocolError as e:
-                self.problems.append("%s: checkpoint seq %d of %s malformed (%s)" % (where, m.seq, device_id, e))
+                self._problem("%s: checkpoint seq %d of %s malformed (%s)" % (where, m.seq, device_id, e))
                 return
             if c.device_id != device_id:
-                self.problems.append("%s: checkpoint of %s inside a message of %s" % (where, c.device_id, device_id))
+                self._problem("%s: checkpoint of %s inside a message of %s" % (where, c.device_id, device_id))
                 return
             self._ckpts.setdefault((device_id, c.boot_salt), {})[c.index] = c
             return
@@ -90,6 +100,7 @@ class Verifier:
     def report(self) -> "Report":
         rep = Report()
         rep.problems = list(self.problems)
+        rep.problems_not_listed = self.problems_not_listed
         covered: "dict[tuple[str, bytes], tuple[dict[int, tuple[bytes, Checkpoint]], int]]" = {}
         for (dev, salt), by_index in self._ckpts.items():
             entries: "dict[int, tuple[bytes, Checkpoint]]" = {}
@@ -171,6 +182,7 @@ class Report:
         self.missing: "list[tuple[str, int, int]]" = []
         self.missing_checkpoints: "list[tuple[str, int, int]]" = []
         self.problems: "list[str]" = []
+        self.problems_not_listed = 0  # problems past the first MAX_PROBLEMS, counted only
 
     def count(self, verdict: str) -> int:
         return sum(1 for f in self.frames if f.verdict == verdict)
@@ -179,6 +191,7 @@ class Report:
     def ok(self) -> bool:
         # Every frame proven or pending, none missing, no checkpoint missing or forged.
         return (not self.missing and not self.missing_checkpoints and not self.problems
+                and not self.problems_not_listed
                 and all(f.verdict in (PROVEN, PENDING) for f in self.frames))
 
     def gaps(self) -> "list[dict[str, object]]":
@@ -200,4 +213,5 @@ class Report:
             "missing": self.gaps(),
             "missing_checkpoints": [{"device_id": d, "epoch": e, "index": i} for d, e, i in self.missing_checkpoints],
             "problems": self.problems,
+            "problems_not_listed": self.problems_not_listed,
         }
