@@ -62,8 +62,11 @@ class StatusServer:
             server = await asyncio.start_unix_server(serve, path=str(path))
         finally:
             os.umask(old)
-        async with server:
-            await server.serve_forever()
+        try:
+            async with server:
+                await server.serve_forever()
+        finally:  # a stopped agent leaves no socket: `pulsebridge status` then says there is none
+            path.unlink(missing_ok=True)
 
     async def serve_page(self) -> None:
         """Serves the page until cancelled; returns (task done) when it cannot listen."""

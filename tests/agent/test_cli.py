@@ -97,6 +97,10 @@ def test_status_reads_the_running_agent(hub_config: AgentConfig) -> None:
 
     snap = asyncio.run(scenario())
     assert snap["hub_id"] == "test-hub" and snap["boards"] == [] and snap["rejects"] == {}
+    # a stopped agent leaves no socket behind ("Connection refused" read as a hung agent)
+    assert not cfg.status_socket.exists()
+    gone = _cli("status", "--config", str(cfg.source))
+    assert gone.returncode == 1 and "No such file" in gone.stderr, gone.stderr
     json.dumps(snap)
 
 
