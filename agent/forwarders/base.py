@@ -11,6 +11,7 @@ import random
 import ssl
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -218,6 +219,21 @@ class Forwarder(abc.ABC):
         self.last_delivered_at: float | None = None
         self.failing_since: float | None = None
 
+    def secret_files(self) -> list[tuple[Path, str]]:
+        """The secret files this backend reads when it delivers, as (path, what it holds)."""
+        return []
+
+    def check_secrets(self) -> None:
+        """Reads each secret file once at start, so a missing or unsafe one is told at once (logged,
+        and in the status as the backend's last error), not only when a first reading is sent."""
+        for path, what in self.secret_files():
+            try:
+                read_secret(path, what)
+            except (OSError, StoreError) as e:
+                self.last_error = "%s: %s" % (what, e)
+                log.warning("backend %s: its %s cannot be used (%s): nothing will be delivered to it until this "
+                            "is fixed", self.name, what, e)
+
     def document(self, row: Row) -> dict[str, Any]:
         subject = self.subjects.of(row.device_id, row.received_at) if self.subjects is not None else None
         return document(row, self.hub_id, subject)
@@ -255,6 +271,7 @@ class Forwarder(abc.ABC):
         return None
 
     async def run(self) -> None:
+        await asyncio.to_thread(self.check_secrets)
         reader = self.store.reader()
         try:
             while True:

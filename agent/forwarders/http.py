@@ -41,6 +41,9 @@ class HttpForwarder(Forwarder):
     cfg: HttpConfig
     _session: aiohttp.ClientSession | None = None
 
+    def secret_files(self) -> list[tuple[Path, str]]:
+        return [(self.cfg.bearer_token_file, "bearer token")] if self.cfg.bearer_token_file else []
+
     def auth_headers(self) -> dict[str, str]:
         if self.cfg.bearer_token_file:
             return {"Authorization": "Bearer " + read_secret(self.cfg.bearer_token_file, "bearer token")}

@@ -71,6 +71,9 @@ class MqttForwarder(Forwarder):
     cfg: MqttConfig
     _client: aiomqtt.Client | None = None
 
+    def secret_files(self) -> list[tuple[Path, str]]:
+        return [(self.cfg.password_file, "MQTT password")] if self.cfg.password_file else []
+
     async def _connect(self) -> aiomqtt.Client:
         u = urlparse(self.cfg.url)
         ctx = tls_context(self.cfg)

@@ -4,6 +4,8 @@ import asyncio
 from pathlib import Path
 from unittest import mock
 
+import pytest
+
 from agent.forwarders.base import DeliveryError, Forwarder, document
 from agent.forwarders.webhook import WebhookConfig
 from agent.ingest import record_of
@@ -125,3 +127,40 @@ def test_the_documents_subjects_are_read_off_the_event_loop(tmp_path: Path) -> N
         reg.close()
     assert [d["subject"] for d in fw.docs] == ["Patient/7"]
     assert read_on_loop and not any(read_on_loop), read_on_loop
+
+
+def test_a_missing_or_unsafe_secret_file_is_told_at_start(tmp_path: Path, caplog: "pytest.LogCaptureFixture") -> None:
+    # Nothing is waiting to be sent: before, a missing token file was only found at the first
+    # delivery, and a hub with no board streaming yet said nothing at all.
+    from agent.forwarders.mqtt import MqttConfig, MqttForwarder
+    from agent.forwarders.webhook import WebhookForwarder
+
+    unsafe = tmp_path / "mqtt.password"
+    unsafe.write_text("not-a-secret-anymore\n")
+    unsafe.chmod(0o644)
+    store = Store(tmp_path / "store.db", ["hook", "broker"])
+    store.start()
+
+    async def scenario() -> list[Forwarder]:
+        fws: list[Forwarder] = [
+            WebhookForwarder(WebhookConfig(name="hook", type="webhook", url="https://x",
+                                           bearer_token_file=tmp_path / "nope.token"), store, "hub", asyncio.Event()),
+            MqttForwarder(MqttConfig(name="broker", type="mqtt", url="mqtts://x", username="hub",
+                                     password_file=unsafe), store, "hub", asyncio.Event())]
+        tasks = [asyncio.create_task(fw.run()) for fw in fws]
+        await async_wait_for(lambda: all(fw.last_error for fw in fws), 30, "both backends telling their secret file",
+                             lambda: [fw.last_error for fw in fws])
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return fws
+
+    with caplog.at_level("WARNING", logger="agent.forwarders.base"):
+        hook, broker = asyncio.run(scenario())
+    store.close()
+    assert "bearer token" in hook.last_error and "nope.token" in hook.last_error
+    assert "MQTT password" in broker.last_error and "chmod 600" in broker.last_error
+    assert hook.forwarded == broker.forwarded == 0
+    told = [r.getMessage() for r in caplog.records if "cannot be used" in r.getMessage()]
+    assert any("backend hook" in m for m in told) and any("backend broker" in m for m in told), told
+    assert not any("not-a-secret-anymore" in r.getMessage() for r in caplog.records)  # never the secret itself
