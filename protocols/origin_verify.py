@@ -81,8 +81,9 @@ class Verifier:
             try:
                 c = open_checkpoint(m.checkpoint, key)
             except AuthenticationError:
-                self._problem("%s: checkpoint seq %d of %s does not verify under its origin key (forged)"
-                                     % (where, m.seq, device_id))
+                self._problem("%s: checkpoint seq %d of %s does not verify under the origin key given: forged, or "
+                              "that key is not this board's origin key (the hub's keys are not)"
+                              % (where, m.seq, device_id))
                 return
             except ProtocolError as e:
                 self._problem("%s: checkpoint seq %d of %s malformed (%s)" % (where, m.seq, device_id, e))
