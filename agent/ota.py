@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from agent.errors import PulsebridgeError
 from protocols import bundle, hub, messages
 
 # Chunks sent before the board's answer is awaited (it answers every 8): 2.6 kB
@@ -35,7 +36,7 @@ def spool_dir(run_dir: Path) -> Path:
     return run_dir / "ota"
 
 
-class PushError(Exception):
+class PushError(PulsebridgeError):
     """The bundle cannot be pushed (named reason)."""
 
 

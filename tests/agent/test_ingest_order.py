@@ -110,6 +110,7 @@ def test_a_session_acks_a_run_of_stored_frames_in_one_message_never_before_they_
     store = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
     store.start()
     released = threading.Event()
+    holding = threading.Event()
     n = 20
     down = cose.MacKey(KEY, DEV.encode(), cose.AAD_DOWNLINK)
 
@@ -119,7 +120,10 @@ def test_a_session_acks_a_run_of_stored_frames_in_one_message_never_before_they_
 
     async def scenario() -> list[messages.Message]:
         # The store's writer busy (a job that waits) while every frame is judged and queued.
-        busy = asyncio.ensure_future(store.run(lambda db: released.wait(30)))
+        busy = asyncio.ensure_future(store.run(lambda db: (holding.set(), released.wait(30))))
+        # (the writer must hold that job before the first frame comes: on a loaded machine the
+        # future may not have queued it yet, and a first frame was then committed on its own)
+        await async_wait_for(holding.is_set, 30, "the store's writer held busy")
         tr = FakeTransport([_frame(s) for s in range(n)])
         session = BoardSession(tr, Ingestor(store, reg), BoardStats("", tr.name))
         task = asyncio.create_task(session.run())
