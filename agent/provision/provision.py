@@ -143,9 +143,8 @@ for n in ('pulsebridge/config.json.new', 'pulsebridge/device.key.new', 'pulsebri
 """
 _BOARD_FILES = ("pulsebridge/config.json", "pulsebridge/device.key", "pulsebridge/origin.key",
                 "pulsebridge/bonds.bin")
-# The new key and configuration in place, the former ones (and the phones
-# paired for the board's former use) kept aside until the self-test passes.
-_BOARD_COMMIT = """
+# On the board: whether a file exists (MicroPython has no os.path).
+_BOARD_EXISTS = """
 import os
 def _ex(p):
     try:
@@ -153,20 +152,17 @@ def _ex(p):
         return True
     except OSError:
         return False
+"""
+# The new key and configuration in place, the former ones (and the phones
+# paired for the board's former use) kept aside until the self-test passes.
+_BOARD_COMMIT = _BOARD_EXISTS + """
 for n in %r:
     if _ex(n):
         os.rename(n, n + '.old')
     if _ex(n + '.new'):
         os.rename(n + '.new', n)
 """ % (_BOARD_FILES,)
-_BOARD_UNDO = """
-import os
-def _ex(p):
-    try:
-        os.stat(p)
-        return True
-    except OSError:
-        return False
+_BOARD_UNDO = _BOARD_EXISTS + """
 for n in %r:
     if _ex(n + '.new'):
         os.remove(n + '.new')

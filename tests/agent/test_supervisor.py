@@ -6,6 +6,7 @@ import logging
 import socket
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,22 @@ def test_notifier_speaks_to_an_abstract_socket_and_is_silent_outside_systemd(tmp
     other.close()
 
 
+def _held_until_released(fn: Callable[..., Any], entered: threading.Event, release: threading.Event,
+                         on_loop: list[bool]) -> Callable[..., Any]:
+    """fn on a slow disk (fault injected): each call notes whether it runs on an event loop's
+    thread, says it has begun, and blocks until released (at most 10 s)."""
+    def held(*args: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        entered.set()
+        release.wait(10)
+        return fn(*args)
+    return held
+
+
 def test_the_status_socket_reads_the_store_off_the_event_loop(monkeypatch: pytest.MonkeyPatch,
                                                               hub_config: agent_config.AgentConfig) -> None:
     # A slow disk (fault injected: the backlog's COUNT blocks until released) must not stop the loop
@@ -122,17 +139,7 @@ def test_the_status_socket_reads_the_store_off_the_event_loop(monkeypatch: pytes
 
     entered, release = threading.Event(), threading.Event()
     on_loop: list[bool] = []
-    backlog = Store.backlog
-
-    def slow_backlog(db: sqlite3.Connection) -> dict[str, int]:
-        try:
-            asyncio.get_running_loop()
-            on_loop.append(True)
-        except RuntimeError:
-            on_loop.append(False)
-        entered.set()
-        release.wait(10)
-        return backlog(db)
+    slow_backlog = _held_until_released(Store.backlog, entered, release, on_loop)
 
     cfg = hub_config
 
@@ -160,21 +167,11 @@ def test_a_registry_change_is_read_off_the_event_loop(monkeypatch: pytest.Monkey
     # boards keeps turning; the new board is known once the read is done. (Before: read on the loop.)
     from agent.audit import AuditLog
     from agent.registry import Registry
-    from agent.store import Store, Window
+    from agent.store import Store
 
     entered, release = threading.Event(), threading.Event()
     on_loop: list[bool] = []
-    load_windows = Store.load_windows
-
-    def slow_load_windows(self: Store) -> dict[str, Window]:
-        try:
-            asyncio.get_running_loop()
-            on_loop.append(True)
-        except RuntimeError:
-            on_loop.append(False)
-        entered.set()
-        release.wait(10)
-        return load_windows(self)
+    slow_load_windows = _held_until_released(Store.load_windows, entered, release, on_loop)
 
     cfg = hub_config
 
