@@ -33,8 +33,8 @@ DISAGREE_QUALITY_FACTOR = 0.5  # both qualities are halved while the two disagre
 # What each vital is computed by (every forwarded vital names its method).
 METHODS = {
     "heart_rate": "ECG R-R intervals, streaming Pan-Tompkins detector, mean of the last %d beats" % RR_BEATS,
-    "spo2": "PPG ratio of ratios, detrended band-passed AC over window-mean DC, 8 s window, "
-            "calibration curve of the sensor type",
+    "spo2": "PPG ratio of ratios, AC/DC sample by sample (band-passed log of the light), 8 s window, "
+            "calibration curve of the sensor type; quality: red/IR pulse correlation and R's beat-to-beat consistency",
     "pulse_rate": "PPG autocorrelation period, checked against its multiples and sub-multiples, 8 s window",
     "pulse_rate_ecg": "PPG autocorrelation period, checked against its multiples and sub-multiples and "
                       "chosen nearest the same board's ECG R-R interval, 8 s window",

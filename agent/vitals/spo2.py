@@ -1,15 +1,21 @@
 """SpO2, pulse rate, perfusion index and their quality from two-wavelength PPG.
 
 Ratio of ratios over a sliding window: for each wavelength the pulsatile
-part (AC: the RMS of the 0.5-5 Hz band) over the steady part (DC: the window mean); R = (AC/DC)red /
-(AC/DC)IR, mapped to SpO2 by the sensor type's calibration curve
-SpO2 = A - B*R. The band is taken from the window with its linear trend
-removed first, by a zero-phase Butterworth band-pass (scipy.signal, run
-forward and backward): a baseline drifting across the window (it does as
-saturation falls) made the window's ends differ, and the FFT band mask
-used before turned that step, wrapped around, into AC. Perfusion index: the IR
-pulse's peak-to-peak (5th to 95th percentile of the band) over its DC, in %
-(a pulse is no sine: 2*sqrt(2)*RMS read 0.84 % for a 2 % swing).
+part over the steady part, AC/DC, sample by sample: the band (0.5-5 Hz) of
+the logarithm of the light, since log(DC*(1 + a)) = log(DC) + a for a
+small pulse a, so the steady part, drifting or not, drops out with the
+band's low end and what is left is AC/DC against the DC of that very
+moment. The DC of a window mean used before followed the drift as
+saturation fell and weighted every beat by the window's average light
+instead of its own: on the camera set the light moves by 7-38 % within
+8 s in one window in a hundred (by recording, up to 40 % at times), and
+red light falling by 30 % within the window read 1.6 % low that way
+(tests/agent/test_spo2.py). The band is
+taken from the window with its linear trend removed first, by a zero-phase
+Butterworth band-pass (scipy.signal, run forward and backward).
+R = RMS(AC/DC)red / RMS(AC/DC)IR, mapped to SpO2 by the sensor type's
+calibration curve SpO2 = A - B*R. Perfusion index: the IR pulse's
+peak-to-peak (5th to 95th percentile of its AC/DC), in %.
 
 Pulse rate: the period at which the pulse best repeats itself (the
 autocorrelation of both pulses, normalised and summed, over 40-220 /min),
@@ -23,22 +29,30 @@ The pulse's quality is the autocorrelation at the period taken, lowered by
 how well a rival period (one that is no multiple of it) repeats:
 ambiguity costs quality.
 
-Signal quality (of SpO2 and the perfusion index): the red/IR pulse
-correlation (one heart, one pulse: near 1 on a good signal, falling with
-noise and motion). The pulse rate has its own (above). SpO2 is withheld
-(None) when the correlation is under MIN_QUALITY, the pulse rate when its
-quality is under MIN_PERIODICITY: never guessed.
+Signal quality (of SpO2 and the perfusion index): the lower of two
+figures, each near 1 on a good signal. The red/IR pulse correlation (one
+heart, one pulse: it falls with noise and motion), and the ratio's
+consistency from beat to beat: R is computed on each SEGMENT_S stretch of
+the window (two to four beats) and 1 - the standard deviation of log R
+across them is taken (R wandering by 5 % between stretches gives 0.95):
+one R for the whole window is only meaningful if each stretch agrees with
+it. The pulse rate has its own (above). SpO2 is withheld (None) when the
+quality is under MIN_QUALITY, the pulse rate when its quality is under
+MIN_PERIODICITY: never guessed.
 
-Calibration of a sensor type (how a deployed one gets its A and B): a
+Calibration of a sensor type (how a deployed one gets its A and B; the
+README's "SpO2 calibration of a sensor type" gives the steps): a
 desaturation study on healthy adults breathing controlled O2/N2 mixtures
 down to ~70 % (ISO 80601-2-61 annex EE.2), reference SpO2 from arterial
 blood gases (or, as in the evaluation set, from clinical oximeters), the
 line fitted on windows that pass the quality gate, its error measured on
-subjects left out of the fit (leave one subject out), and the gate's
-threshold set so that the shown Arms meets the claim; the curve is stored
-per sensor type in CALIBRATION, never fitted per patient.
+subjects left out of the fit (leave one subject out, every fitted choice
+made inside the fold), and the gate's threshold set so that the shown Arms
+meets the claim; the curve is stored per sensor type in CALIBRATION, never
+fitted per patient.
 
-Memory: one window of samples per channel, whatever the stream's length.
+Memory: one window of samples per channel, whatever the stream's length;
+no state carried between windows but the samples.
 """
 
 from __future__ import annotations
@@ -60,6 +74,7 @@ PULSE_BPM = (40.0, 220.0)  # the pulse rates looked for
 NEAR_BEST = 0.8  # a shorter period that repeats this well (of the best) is the pulse's
 EXPECTED_TOLERANCE = 0.15  # a repeating period this close to the ECG's is the heart's
 AMBIGUITY_FREE = 0.3  # a rival period repeating at most this well (of the best) costs nothing
+SEGMENT_S = 2.0  # R's consistency is judged across stretches this long (two to four beats at 60-120 /min)
 
 
 @dataclass
@@ -67,7 +82,7 @@ class Oximetry:
     spo2_pct: float | None
     pulse_rate_bpm: float | None
     perfusion_index_pct: float | None
-    quality: float  # 0..1: the red/IR pulse correlation (SpO2's and the perfusion index's quality)
+    quality: float  # 0..1: the lower of the red/IR pulse correlation and R's consistency (module docstring)
     ratio: float | None
     pulse_quality: float = 0.0  # 0..1: how clearly the pulse repeats at the period taken (the rate's quality)
 
@@ -135,6 +150,7 @@ class OximetryEstimator:
         t = np.arange(self._n) - (self._n - 1) / 2.0
         self._t = t / float(np.dot(t, t))  # the linear trend's slope is dot(x, _t)
         self._t_centred = t
+        self._seg = max(1, int(SEGMENT_S * self.fs))
 
     def _band(self, x: np.ndarray) -> np.ndarray:
         # Each row (channel): linear trend off, then the band-pass forward and backward (zero
@@ -158,21 +174,36 @@ class OximetryEstimator:
         same board, if any (it settles which repeating period is the pulse's)."""
         if len(self.ir) < self._n or len(self.red) < self._n:
             return Oximetry(None, None, None, 0.0, None)
-        dc_r, dc_i = float(self.red.mean()), float(self.ir.mean())
-        if dc_r <= 0 or dc_i <= 0:  # no light: probe off
+        if float(self.red.min()) <= 0 or float(self.ir.min()) <= 0:  # no light: probe off
             return Oximetry(None, None, None, 0.0, None)
-        ac_r, ac_i = self._band(np.vstack([self.red, self.ir]))
-        rms_r, rms_i = float(np.sqrt(np.mean(ac_r ** 2))), float(np.sqrt(np.mean(ac_i ** 2)))
-        if rms_i == 0 or rms_r == 0:
+        # AC/DC sample by sample: the band of the log of the light (module docstring).
+        ac_r, ac_i = self._band(np.log(np.vstack([self.red, self.ir])))
+        sq_r, sq_i = float(np.dot(ac_r, ac_r)), float(np.dot(ac_i, ac_i))
+        if sq_r == 0 or sq_i == 0:
             return Oximetry(None, None, None, 0.0, None)
-        corr = max(0.0, float(np.dot(ac_r, ac_i) / (np.linalg.norm(ac_r) * np.linalg.norm(ac_i))))
+        rms_r, rms_i = np.sqrt(sq_r / len(ac_r)), np.sqrt(sq_i / len(ac_i))
+        corr = max(0.0, float(np.dot(ac_r, ac_i) / np.sqrt(sq_r * sq_i)))
         period_s, pulse_q = pulse_period(ac_r / rms_r + ac_i / rms_i, self.fs, expected_period_s)
         rate = round(60.0 / float(period_s), 1) if period_s is not None and pulse_q >= MIN_PERIODICITY else None
-        ratio = (rms_r / dc_r) / (rms_i / dc_i)
+        ratio = float(rms_r / rms_i)
+        quality = min(corr, self._consistency(ac_r, ac_i))
         k = len(ac_i) // 20
         p5, p95 = np.partition(ac_i, [k, len(ac_i) - 1 - k])[[k, len(ac_i) - 1 - k]]
-        pi = round(100.0 * float(p95 - p5) / dc_i, 2)
-        if corr < MIN_QUALITY:
-            return Oximetry(None, rate, pi, corr, ratio, pulse_q)
+        pi = round(100.0 * float(p95 - p5), 2)
+        if quality < MIN_QUALITY:
+            return Oximetry(None, rate, pi, quality, ratio, pulse_q)
         spo2 = max(0.0, min(100.0, self.cal[0] - self.cal[1] * ratio))
-        return Oximetry(round(spo2, 1), rate, pi, corr, ratio, pulse_q)
+        return Oximetry(round(spo2, 1), rate, pi, quality, ratio, pulse_q)
+
+    def _consistency(self, ac_r: np.ndarray, ac_i: np.ndarray) -> float:
+        # 1 - the standard deviation of log R over the window's SEGMENT_S stretches (0 when a
+        # stretch has no pulse in one channel: nothing to compare).
+        m = self._seg
+        k = len(ac_r) // m
+        if k < 2:
+            return 1.0
+        seg_r, seg_i = ac_r[:k * m].reshape(k, m), ac_i[:k * m].reshape(k, m)
+        e_r, e_i = np.einsum("ij,ij->i", seg_r, seg_r), np.einsum("ij,ij->i", seg_i, seg_i)
+        if float(e_r.min()) <= 0 or float(e_i.min()) <= 0:
+            return 0.0
+        return max(0.0, 1.0 - float(np.std(0.5 * np.log(e_r / e_i))))
