@@ -326,32 +326,52 @@ def _sens_spec(decided_low: np.ndarray, truly_low: np.ndarray, among: np.ndarray
 
 
 def desaturation(pairs: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Leave one subject out: for each subject, the other five calibrate the sensor type
-    (channel pair, quality gate, line: _calibrate); the subject's own windows are then
-    estimated and scored against the reference oximeters. pairs: the channel pairs a
-    calibration may choose from; the choice is made inside the fold, by a leave-one-subject-out
-    among the five (_held_out_arms), so the left-out subject takes no part in any choice."""
+    """The desaturation set's figures (leave_one_subject_out on the product's estimator, run
+    on each recording) and the pulse rate against the oximeters'. pairs: the channel pairs a
+    calibration may choose from (default: all)."""
     folder = camera_dir()
     if not (folder / "gt").is_dir():
         return {"missing": str(folder)}
     w = _camera_windows(folder)
+    out = score_desaturation(w, pairs or tuple(CAMERA_PAIRS))
+    # Pulse rate on the same real PPG (red/blue), against the oximeters' pulse rate.
+    out["pulse_rate"] = _pulse_scores(w["pulse"]["rate"], w["ref_pulse"])
+    return out
+
+
+def leave_one_subject_out(w: dict[str, Any], choice: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """For each subject, the others calibrate the sensor type (channel pair among choice,
+    quality gate, line: _calibrate) and the subject's own windows are estimated with it. The
+    pair is chosen inside the fold by a leave-one-subject-out among the others
+    (_held_out_arms): the subject scored takes no part in any choice or fit.
+    w: per window "subject", "ref_spo2" and, per pair, "ratio" and "quality" (arrays).
+    Returns per window the estimate (%), its quality, whether it is shown, the pair used."""
+    n = len(w["ref_spo2"])
+    est, quality = np.full(n, np.nan), np.zeros(n)
+    shown, used = np.zeros(n, dtype=bool), np.full(n, "", dtype=object)
+    for s in sorted(set(w["subject"].tolist())):
+        test = w["subject"] == s
+        pair = choice[0] if len(choice) == 1 else min(choice, key=lambda p: _held_out_arms(w, p, ~test))
+        a, b, gate = _calibrate(w, pair, ~test)
+        d = w["pairs"][pair]
+        est[test] = np.clip(a - b * d["ratio"][test], 0.0, 100.0)
+        quality[test] = d["quality"][test]
+        shown[test] = np.isfinite(d["ratio"][test]) & (d["quality"][test] >= gate)
+        used[test] = pair
+    return {"estimate": est, "quality": quality, "shown": shown, "pair": used}
+
+
+def score_desaturation(w: dict[str, Any], pairs: tuple[str, ...]) -> dict[str, Any]:
+    """Arms on what is shown (all, per decade, by quality half), withheld fraction, the < 90 %
+    decision, each subject's mean error: red/blue alone, and the pair chosen per fold among
+    pairs (leave_one_subject_out)."""
     ref = w["ref_spo2"]
     subjects = sorted(set(w["subject"].tolist()))
     out: dict[str, Any] = {"subjects": len(subjects), "estimates": int(len(ref)), "by_choice": {}}
-    for label, choice in (("red/blue", ("red/blue",)), ("pair chosen per fold", pairs or tuple(CAMERA_PAIRS))):
-        est = np.full(len(ref), np.nan)
-        quality = np.zeros(len(ref))
-        shown = np.zeros(len(ref), dtype=bool)
-        chosen = []
-        for s in subjects:
-            test = w["subject"] == s
-            pair = choice[0] if len(choice) == 1 else min(choice, key=lambda p: _held_out_arms(w, p, ~test))
-            a, b, gate = _calibrate(w, pair, ~test)
-            chosen.append(pair)
-            d = w["pairs"][pair]
-            est[test] = np.clip(a - b * d["ratio"][test], 0.0, 100.0)
-            quality[test] = d["quality"][test]
-            shown[test] = np.isfinite(d["ratio"][test]) & (d["quality"][test] >= gate)
+    for label, choice in (("red/blue", ("red/blue",)), ("pair chosen per fold", pairs)):
+        fold = leave_one_subject_out(w, choice)
+        est, quality, shown = fold["estimate"], fold["quality"], fold["shown"]
+        chosen = fold["pair"].tolist()
         err = est - ref
         e = err[shown]
         q = quality[shown]
@@ -378,9 +398,6 @@ def desaturation(pairs: tuple[str, ...] | None = None) -> dict[str, Any]:
             "bias_by_subject_pct": {s: (round(float(np.mean(err[shown & (w["subject"] == s)])), 1)
                                         if np.any(shown & (w["subject"] == s)) else None) for s in subjects},
         }
-    # Pulse rate on the same real PPG (red/blue), against the oximeters' pulse rate.
-    pr, pref = w["pulse"]["rate"], w["ref_pulse"]
-    out["pulse_rate"] = _pulse_scores(pr, pref)
     return out
 
 
