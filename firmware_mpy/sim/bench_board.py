@@ -48,6 +48,7 @@ gc.collect()
 _M2 = gc.mem_alloc()
 
 _BLE_MTU = 247  # what the hub's BlueZ and most phones negotiate
+_ANSWER_BYTES = 1024  # the hub's answer to one sync (ack lines), before it has to grow
 _DRAIN_MS = 20000  # after the run: sensors stopped, what was built goes out
 
 
@@ -57,6 +58,8 @@ class HubPipe:
         self.up = open("/dev/fd/%d" % up_fd, "wb")
         self.down = open("/dev/fd/%d" % down_fd, "rb")
         self._hdr = bytearray(5)
+        self._answer = bytearray(_ANSWER_BYTES)  # read into, cut to each answer in place (no object per sync)
+        self._full = memoryview(bytearray(_ANSWER_BYTES))
         self.pending = False
 
     def _put(self, kind, data):
@@ -81,7 +84,10 @@ class HubPipe:
         self.pending = True
 
     def sync(self):
-        # Lets the hub catch up with what was sent; returns its answer.
+        # Lets the hub catch up with what was sent; returns its answer, a
+        # buffer valid until the next sync (empty: none). Reads into buffers
+        # made once: what the simulation allocates here would be garbage in
+        # the firmware's heap, which a board never sees.
         if not self.pending:
             return b""
         c = self.clock
@@ -89,9 +95,18 @@ class HubPipe:
         try:
             self.pending = False
             self._put(0x53, b"")
-            h = self.down.read(5)
+            h = self._hdr
+            self.down.readinto(h)
             n = (h[1] << 24) | (h[2] << 16) | (h[3] << 8) | h[4]
-            return self.down.read(n) if n else b""
+            a = self._answer
+            if n > len(self._full):  # (a long answer, rare: the buffers grow once)
+                self._full = memoryview(bytearray(n))
+                a = self._answer = bytearray(n)
+            a[:] = self._full  # its whole capacity back, then cut to n: in place
+            a[n:] = b""
+            if n:
+                self.down.readinto(a)
+            return a
         finally:
             c.leave()
 

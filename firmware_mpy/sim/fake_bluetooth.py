@@ -10,6 +10,13 @@
 #   - control-characteristic writes go to a buffer of gatts_set_buffer()'s
 #     size, appended when asked, cleared by gatts_read();
 #   - advertising data is at most 31 bytes;
+#   - the stack's own work allocates nothing in the firmware's heap (its
+#     buffers and event data are NimBLE's, or on the C stack): here the
+#     notification slots and the control buffer are preallocated and the
+#     event data of a write reused, so the simulation leaves no garbage for
+#     the firmware's collector (a board has none of it); what the firmware
+#     itself allocates (gatts_read's bytes) is made outside the clock's
+#     enter()/leave() and counts as the firmware's;
 #   - bonds are the application's to keep: pairing hands the secrets over
 #     through _IRQ_SET_SECRET, and a bonded phone's reconnection is
 #     encrypted only if _IRQ_GET_SECRET gives back the key it holds.
@@ -69,10 +76,12 @@ class Radio:
         # `buffers` preallocated slots (NimBLE's own buffers are not in the
         # firmware's heap: copies here would be garbage the firmware's GC
         # collects, at a pace no board has).
+        # Each slot is cut to its notification's length in place (a
+        # bytearray keeps its capacity), so neither queuing nor delivering
+        # one makes an object.
         self._slots = [bytearray(_MAX_NOTIFY) for _ in range(buffers)]
-        self._slot_len = [0] * buffers
         self._slot_handle = [0] * buffers
-        self._slot_view = [memoryview(b) for b in self._slots]
+        self._write_event = [0, 0]  # (conn handle, attr handle) of a write: reused, as the stack's
         self._q_head = 0
         self.queued = 0
         self.delivered = []  # what the central received, in order
@@ -107,18 +116,16 @@ class Radio:
             self._q_head = (i + 1) % len(self._slots)
             self.queued -= 1
             slots -= 1
-            self._deliver(self._slot_handle[i], self._slot_view[i][:self._slot_len[i]])
+            self._deliver(self._slot_handle[i], self._slots[i])
 
     def _enqueue(self, handle, data):
         i = (self._q_head + self.queued) % len(self._slots)
-        n = len(data)
-        self._slots[i][:n] = data
-        self._slot_len[i] = n
+        self._slots[i][:] = data  # within its capacity (data is at most MTU-3 bytes)
         self._slot_handle[i] = handle
         self.queued += 1
 
     def _deliver(self, handle, data):
-        # data: a view of the slot, valid during the call
+        # data: the slot itself, valid during the call
         if handle != self._ble().data_handle:
             self.other.append((handle, bytes(data)))
         elif self.on_notify is not None:
@@ -198,16 +205,26 @@ class Radio:
 
     def read(self, handle):
         # A central's read: the stack answers from the attribute's value.
-        return self._ble()._values.get(handle, b"")
+        ble = self._ble()
+        buf = ble._written.get(handle)
+        return bytes(buf) if buf is not None else ble._values.get(handle, b"")
 
-    def write(self, data, handle=None):
-        # The central writes the control characteristic, MTU-3 bytes at a time.
+    def write(self, data, handle=None, n=-1):
+        # The central writes data[:n] (n < 0: all of it) to the control
+        # characteristic, MTU-3 bytes at a time.
         ble = self._ble()
         h = handle if handle is not None else ble.control_handle
+        if n < 0:
+            n = len(data)
         step = self.mtu - 3
-        for i in range(0, len(data), step):
-            ble._remote_write(h, data[i:i + step])
-            ble._event(_IRQ_GATTS_WRITE, (self.conn_handle, h))
+        ev = self._write_event
+        i = 0
+        while i < n:  # (range() with a variable step would make an object)
+            ble._remote_write(h, data, i, min(n, i + step))
+            ev[0] = self.conn_handle
+            ev[1] = h
+            ble._event(_IRQ_GATTS_WRITE, ev)
+            i += step
 
 
 # Messages on the air socket: type (1 byte), length (2 bytes, big-endian),
@@ -330,13 +347,13 @@ class AirRadio(Radio):
                 self.disconnect()
         self._rx = rx
 
-    def write(self, data, handle=None):
+    def write(self, data, handle=None, n=-1):
         # From the air, one write is one ATT write: already at most MTU-3.
         if handle is None:
-            super().write(data)
+            super().write(data, None, n)
             return
         ble = self._ble()
-        ble._remote_write(handle, data)
+        ble._remote_write(handle, data, 0, len(data) if n < 0 else n)
         ble._event(_IRQ_GATTS_WRITE, (self.conn_handle, handle))
 
 
@@ -363,9 +380,10 @@ class BLE:
         _radio.ble = self
         self._active = False
         self._handler = None
-        self._values = {}
+        self._values = {}  # handle: its value (gatts_write), for the central's reads
         self._limits = {}
         self._append = {}
+        self._written = {}  # handle: a buffer of gatts_set_buffer's size, what centrals wrote
         self.control_handle = None
         self.data_handle = None
         self.config_values = {"mtu": 23, "gap_name": "MPY"}
@@ -375,13 +393,20 @@ class BLE:
             return self._handler(event, data)
         return None
 
-    def _remote_write(self, handle, data):
-        limit = self._limits.get(handle, 20)
-        if self._append.get(handle):
-            v = self._values.get(handle, b"") + bytes(data)
-        else:
-            v = bytes(data)
-        self._values[handle] = v[:limit]
+    def _remote_write(self, handle, data, start, end):
+        # A central's write of data[start:end], kept (appended, with
+        # gatts_set_buffer's append) up to the buffer's size.
+        buf = self._written.get(handle)
+        if buf is None:
+            buf = self._written[handle] = bytearray(self._limits.get(handle, 20))
+            buf[:] = b""
+        if not self._append.get(handle):
+            buf[:] = b""
+        room = self._limits.get(handle, 20) - len(buf)
+        if end - start > room:
+            end = start + max(0, room)
+        for i in range(start, end):  # in the buffer's own capacity: no object made
+            buf.append(data[i])
 
     def active(self, value=None):
         if value is not None:
@@ -425,27 +450,36 @@ class BLE:
     def gatts_set_buffer(self, handle, length, append=False):
         self._limits[handle] = length
         self._append[handle] = append
+        buf = self._written[handle] = bytearray(length)
+        buf[:] = b""
 
     # The stack's calls are the simulation's time, not the firmware's.
     def gatts_read(self, handle):
         c = self._radio.clock
         c.enter()
-        try:
-            v = bytearray(self._values.get(handle, b""))
-            if self._append.get(handle):
-                self._values[handle] = b""
-        finally:
-            c.leave()
+        buf = self._written.get(handle)
+        c.leave()
         # MicroPython's gatts_read returns a new bytes object, made in the
         # firmware's heap (its bluetooth module has no readinto): that
         # allocation is the firmware's, not the simulation's.
-        return bytes(v)
+        v = bytes(buf) if buf is not None else self._values.get(handle, b"")
+        c.enter()
+        try:
+            if buf is not None and self._append.get(handle):
+                buf[:] = b""
+        finally:
+            c.leave()
+        return v
 
     def gatts_write(self, handle, data):
         c = self._radio.clock
         c.enter()
         try:
-            self._values[handle] = bytes(data)
+            buf = self._written.get(handle)
+            if buf is not None:  # a characteristic centrals write: one value
+                buf[:] = data
+            else:
+                self._values[handle] = bytes(data)
         finally:
             c.leave()
 
