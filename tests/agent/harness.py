@@ -3,6 +3,11 @@
 Simulated boards (firmware under micropython on ptys), the embedded HTTPS
 backend in its own thread, the agent in-process or as a subprocess that can
 be killed, and helpers that read what crossed the wire.
+
+Most tests start from a `Hub` (the `make_hub` fixture in conftest.py):
+boards streaming, registered, a configuration naming them, perhaps the
+backend; they run the agent with `running(Agent(hub.cfg))`, say what their
+scenario is about, and end with `finish` (boards stopped, backlog drained).
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from agent import config as agent_config
 from agent.audit import AuditLog
 from agent.dev.local_backend import LocalBackend
 from agent.dev.sim import boards
@@ -95,6 +101,115 @@ async def _async(fn: Any) -> Any:
     return fn()
 
 
+def board_state(agent: Agent, device_id: str) -> dict[str, Any]:
+    """The agent's snapshot of one board's link ({} while it has none)."""
+    for b in agent.snapshot()["boards"]:
+        if b["device_id"] == device_id:
+            return b  # type: ignore[no-any-return]
+    return {}
+
+
+async def drained(agent: Agent, timeout_s: float) -> None:
+    """Waits until every backend's backlog is empty."""
+    await async_wait_for(lambda: all(b["backlog"] == 0 for b in agent.snapshot()["backends"]), timeout_s,
+                         "every backend's backlog drained", lambda: agent.snapshot()["backends"])
+
+
+async def stop_boards(sims: Sequence[SimulatedBoard]) -> None:
+    """Stops the boards (off the loop: the agent serving them keeps running)."""
+    await asyncio.to_thread(lambda: [s.stop() for s in sims])
+
+
+async def finish(agent: Agent, sims: Sequence[SimulatedBoard], drain_s: float = 30) -> None:
+    """A scenario's usual end: the boards stop (nothing more can come), then every backlog drains."""
+    await stop_boards(sims)
+    await drained(agent, drain_s)
+
+
+class Hub:
+    """What an integration test of the agent starts from, under one test directory: simulated boards
+    streaming on their ptys (ids pb-t01, pb-t02...), registered in the hub's registry, the agent's
+    configuration (hub id "test-hub") naming their ports, and, when asked, the local HTTPS backend
+    ("local", a webhook) that checks every frame it gets. `close` stops everything it started, and
+    whatever the test handed to `defer`. Made through the `make_hub` fixture, which closes it."""
+
+    def __init__(self, tmp: Path, micropython: str, pki: Pki) -> None:
+        self.tmp = tmp
+        self.micropython = micropython
+        self.pki = pki  # the test's CA, server and client certificates
+        self.sims: list[SimulatedBoard] = []
+        self._backend: ThreadedBackend | None = None
+        self.config_path = tmp / "agent.toml"
+        self._cfg: agent_config.AgentConfig | None = None
+        self._closers: list[Callable[[], Any]] = []
+
+    def start(self, boards: int, *, webhook: bool = False, backends: str = "", settings: str = "", listed: bool = True,
+              label: str = "test board", patients: Sequence[str] = (), data_dir: Path | None = None,
+              **spec_kw: Any) -> Hub:
+        """Starts `boards` boards (spec_kw: BoardSpec fields), the backend if `webhook`, registers the boards
+        (with `label`; board i with patients[i] where given) and writes the configuration: the boards' ports
+        as [[serial]] sections unless not `listed`, the webhook then `backends` (TOML text), `settings`
+        (TOML text) in [agent]; `data_dir` replaces tmp/data."""
+        self.sims = start_boards(self.tmp, boards, self.micropython, **spec_kw)
+        self.defer(lambda: [s.stop() for s in self.sims])
+        if webhook:
+            self._backend = ThreadedBackend(self.tmp, {s.device_id: s.spec.key for s in self.sims}, self.pki)
+            self.defer(self._backend.close)
+        reg = Registry((data_dir or self.tmp / "data") / "registry.db", AuditLog(self.tmp / "log" / "audit.log"))
+        try:
+            for i, sim in enumerate(self.sims):
+                reg.add(sim.device_id, label=label, patient_ref=patients[i] if i < len(patients) else "",
+                        key=sim.spec.key, actor="test")
+        finally:
+            reg.close()
+        self.configure((webhook_section(self.pki, self._backend.port) if self._backend else "") + backends,
+                       settings=settings, listed=listed, data_dir=data_dir)
+        return self
+
+    def configure(self, backends: str = "", settings: str = "", listed: bool = True,
+                  data_dir: Path | None = None) -> agent_config.AgentConfig:
+        """(Re)writes the agent's configuration file (as `start` says) and loads it as `cfg`."""
+        write_config(self.tmp, self.sims if listed else [], backends, settings, data_dir)
+        self._cfg = agent_config.load(self.config_path)
+        return self._cfg
+
+    @property
+    def cfg(self) -> agent_config.AgentConfig:
+        assert self._cfg is not None, "configure() first"
+        return self._cfg
+
+    @property
+    def backend(self) -> ThreadedBackend:
+        """The local HTTPS backend (started with webhook=True)."""
+        assert self._backend is not None, "start(webhook=True) first"
+        return self._backend
+
+    @property
+    def board(self) -> SimulatedBoard:
+        """The first (often the only) board."""
+        return self.sims[0]
+
+    def defer(self, close: Callable[[], Any]) -> None:
+        """Has `close` called when the hub closes (last deferred, first called)."""
+        self._closers.append(close)
+
+    def acked(self) -> set[tuple[str, int, int]]:
+        """Every (device, epoch, seq) an authentic ack to any board covered."""
+        out: set[tuple[str, int, int]] = set()
+        for sim in self.sims:
+            out |= acked(sim)
+        return out
+
+    def undelivered(self) -> set[tuple[str, int, int]]:
+        """The acknowledged frames the backend does not hold."""
+        keys = self.backend.keys()
+        return {a for a in self.acked() if "%s:%d:%d" % a not in keys}
+
+    def close(self) -> None:
+        while self._closers:
+            self._closers.pop()()
+
+
 def start_boards(tmp: Path, n: int, micropython: str, **spec_kw: Any) -> list[SimulatedBoard]:
     sims = []
     for i in range(n):
@@ -106,23 +221,19 @@ def start_boards(tmp: Path, n: int, micropython: str, **spec_kw: Any) -> list[Si
     return sims
 
 
-def register(data_dir: Path, log_dir: Path, sims: list[SimulatedBoard], patient_ref: str = "") -> None:
-    reg = Registry(data_dir / "registry.db", AuditLog(log_dir / "audit.log"))
-    for sim in sims:
-        reg.add(sim.device_id, label="test board", patient_ref=patient_ref, key=sim.spec.key, actor="test")
-    reg.close()
-
-
-def write_config(tmp: Path, sims: list[SimulatedBoard], backends: str, extra: str = "") -> Path:
+def write_config(tmp: Path, sims: Sequence[SimulatedBoard], backends: str, extra: str = "",
+                 data_dir: Path | None = None) -> Path:
+    """Writes tmp/agent.toml: hub "test-hub", data, logs and run files under tmp (data in `data_dir` if given),
+    `extra` in [agent], a [[serial]] section per board, then `backends` (TOML text)."""
     serial = "".join('[[serial]]\nport = "%s"\n\n' % sim.link_path for sim in sims)
     text = ('[agent]\nhub_id = "test-hub"\ndata_dir = "%s"\nlog_dir = "%s"\nrun_dir = "%s"\n%s\n%s%s' % (
-        tmp / "data", tmp / "log", tmp / "run", extra, serial, backends))
+        data_dir or tmp / "data", tmp / "log", tmp / "run", extra, serial, backends))
     path = tmp / "agent.toml"
     path.write_text(text)
     return path
 
 
-def webhook(pki: Pki, port: int, name: str = "local") -> str:
+def webhook_section(pki: Pki, port: int, name: str = "local") -> str:
     return '[[backend]]\nname = "%s"\ntype = "webhook"\nurl = "https://127.0.0.1:%d/ingest"\nca_file = "%s"\n' % (
         name, port, pki.ca_cert)
 

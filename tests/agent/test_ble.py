@@ -36,7 +36,7 @@ from agent.transports import softradio
 from agent.transports.ble import SERVICE_UUID
 from protocols import cipher, cose, hub_link, link, messages
 from protocols.errors import RemoteProtocolError
-from tests.agent.harness import ThreadedBackend, pki_for
+from tests.agent.harness import ThreadedBackend, pki_for, running
 from tests.waiting import async_wait_for
 
 
@@ -173,42 +173,38 @@ def test_three_boards_over_a_lossy_radio_lose_nothing_acknowledged(micropython: 
 
         async def scenario() -> dict[str, Any]:
             nonlocal garbage, table
-            agent = Agent(cfg)
-            stop = asyncio.Event()
-            task = asyncio.create_task(agent.run(stop))
-            assert agent.ble is not None
-            ble = agent.ble
-            await async_wait_for(lambda: all(_frames(agent, s.device_id) >= 3 for s in specs), 60,
-                                 "all boards streaming", lambda: {d: _frames(agent, d) for d in keys})
-            # The misbehaving board joins, with the real service table.
-            client_cls, _ = softradio.backends(str(air.central_path))
-            table = [[SERVICE_UUID, [["7b3e0002-6c1a-4f5e-9d35-2f0e5a1c9b10", 0x12, 2],
-                                     ["7b3e0003-6c1a-4f5e-9d35-2f0e5a1c9b10", 0x0C, 4]]]]
-            garbage = GarbageBoard(air, "pb-bad", table)
-            await async_wait_for(lambda: "pb-bad" in ble.links and ble.links["pb-bad"].connects >= 1, 30,
-                                 "pb-bad connected")
-            before = {s.device_id: _frames(agent, s.device_id) for s in specs}
-            await async_wait_for(lambda: all(_frames(agent, d) >= before[d] + 4 for d in before), 60,
-                                 "the others streaming on (4 more frames each) with pb-bad connected",
-                                 lambda: (before, {d: _frames(agent, d) for d in before}))
-            # The adapter goes away (BlueZ restart) and comes back.
-            losses = ble.adapter_losses
-            air.adapter_down(5.0)
-            await async_wait_for(lambda: ble.adapter_losses > losses, 30, "the adapter seen down",
-                                 lambda: (ble.adapter, ble.adapter_error))
-            await async_wait_for(lambda: ble.adapter == "up", 30, "the adapter back",
-                                 lambda: (ble.adapter, ble.adapter_error))
-            after_loss = {s.device_id: _frames(agent, s.device_id) for s in specs}
-            await async_wait_for(lambda: all(_frames(agent, d) >= after_loss[d] + 4 for d in after_loss), 40,
-                        "boards streaming again after the adapter came back")
-            snap = agent.snapshot()
-            garbage.close()
-            for sim in sims:
-                await asyncio.to_thread(sim.stop)
-            await async_wait_for(lambda: all(b["backlog"] == 0 for b in agent.snapshot()["backends"]), 60,
-                                 "backlog drained", lambda: agent.snapshot()["backends"])
-            stop.set()
-            await task
+            async with running(Agent(cfg)) as agent:
+                assert agent.ble is not None
+                ble = agent.ble
+                await async_wait_for(lambda: all(_frames(agent, s.device_id) >= 3 for s in specs), 60,
+                                     "all boards streaming", lambda: {d: _frames(agent, d) for d in keys})
+                # The misbehaving board joins, with the real service table.
+                client_cls, _ = softradio.backends(str(air.central_path))
+                table = [[SERVICE_UUID, [["7b3e0002-6c1a-4f5e-9d35-2f0e5a1c9b10", 0x12, 2],
+                                         ["7b3e0003-6c1a-4f5e-9d35-2f0e5a1c9b10", 0x0C, 4]]]]
+                garbage = GarbageBoard(air, "pb-bad", table)
+                await async_wait_for(lambda: "pb-bad" in ble.links and ble.links["pb-bad"].connects >= 1, 30,
+                                     "pb-bad connected")
+                before = {s.device_id: _frames(agent, s.device_id) for s in specs}
+                await async_wait_for(lambda: all(_frames(agent, d) >= before[d] + 4 for d in before), 60,
+                                     "the others streaming on (4 more frames each) with pb-bad connected",
+                                     lambda: (before, {d: _frames(agent, d) for d in before}))
+                # The adapter goes away (BlueZ restart) and comes back.
+                losses = ble.adapter_losses
+                air.adapter_down(5.0)
+                await async_wait_for(lambda: ble.adapter_losses > losses, 30, "the adapter seen down",
+                                     lambda: (ble.adapter, ble.adapter_error))
+                await async_wait_for(lambda: ble.adapter == "up", 30, "the adapter back",
+                                     lambda: (ble.adapter, ble.adapter_error))
+                after_loss = {s.device_id: _frames(agent, s.device_id) for s in specs}
+                await async_wait_for(lambda: all(_frames(agent, d) >= after_loss[d] + 4 for d in after_loss), 40,
+                            "boards streaming again after the adapter came back")
+                snap = agent.snapshot()
+                garbage.close()
+                for sim in sims:
+                    await asyncio.to_thread(sim.stop)
+                await async_wait_for(lambda: all(b["backlog"] == 0 for b in agent.snapshot()["backends"]), 60,
+                                     "backlog drained", lambda: agent.snapshot()["backends"])
             snap["integrity"] = agent.store.integrity_check()
             snap["reconnects"] = sorted(t for lk in ble.links.values() for t in lk.reconnect_s)
             return snap

@@ -4,12 +4,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent import config as agent_config
 from agent.audit import AuditLog
 from agent.config import AgentConfig
 from agent.status_server import read_status
@@ -165,35 +165,30 @@ def test_an_agent_on_a_damaged_store_starts_serves_and_says_so(hub_config: Agent
 
 @pytest.mark.micropython
 @pytest.mark.slow
-def test_erase_while_the_agent_serves_the_board(micropython: str, tmp_path: Path) -> None:
+def test_erase_while_the_agent_serves_the_board(make_hub: Callable[..., harness.Hub]) -> None:
     # Before, the running agent kept the erased device's key: its next frames
     # were verified, stored (41 within 20 s) and forwarded, its replay window
     # written again, and its vitals and waveform still on the status page.
-    sims = harness.start_boards(tmp_path, 1, micropython)
-    dev = sims[0].device_id
-    try:
-        harness.register(tmp_path / "data", tmp_path / "log", sims)
-        cfg = agent_config.load(harness.write_config(tmp_path, sims, ""))
+    hub = make_hub(1)
+    cfg, dev = hub.cfg, hub.board.device_id
 
-        async def scenario() -> None:
-            async with harness.running(Agent(cfg)) as agent:
-                await async_wait_for(lambda: dev in agent.snapshot()["last_vitals"], 60, "the board's vitals",
-                                     lambda: agent.snapshot()["boards"])
-                r = await asyncio.to_thread(_cli, "erase", "--config", str(cfg.source), "--device", dev)
-                assert r.returncode == 0 and "erased" in r.stdout, r.stdout + r.stderr
-                await async_wait_for(lambda: agent.ingestor.rejects["unknown_device"] >= 3, 60,
-                                     "its next frames refused", lambda: dict(agent.ingestor.rejects))
-                db = agent.store.reader()
-                try:
-                    held = db.execute("SELECT COUNT(*) FROM frames WHERE device_id=?", (dev,)).fetchone()[0]
-                    windows = db.execute("SELECT COUNT(*) FROM replay WHERE device_id=?", (dev,)).fetchone()[0]
-                finally:
-                    db.close()
-                assert (held, windows) == (0, 0)
-                snap = agent.snapshot()
-                assert dev not in snap["last_vitals"] and dev not in agent.vitals.last_seen
-                assert not [k for k in agent.vitals_runner.waves if k[0] == dev]
+    async def scenario() -> None:
+        async with harness.running(Agent(cfg)) as agent:
+            await async_wait_for(lambda: dev in agent.snapshot()["last_vitals"], 60, "the board's vitals",
+                                 lambda: agent.snapshot()["boards"])
+            r = await asyncio.to_thread(_cli, "erase", "--config", str(cfg.source), "--device", dev)
+            assert r.returncode == 0 and "erased" in r.stdout, r.stdout + r.stderr
+            await async_wait_for(lambda: agent.ingestor.rejects["unknown_device"] >= 3, 60,
+                                 "its next frames refused", lambda: dict(agent.ingestor.rejects))
+            db = agent.store.reader()
+            try:
+                held = db.execute("SELECT COUNT(*) FROM frames WHERE device_id=?", (dev,)).fetchone()[0]
+                windows = db.execute("SELECT COUNT(*) FROM replay WHERE device_id=?", (dev,)).fetchone()[0]
+            finally:
+                db.close()
+            assert (held, windows) == (0, 0)
+            snap = agent.snapshot()
+            assert dev not in snap["last_vitals"] and dev not in agent.vitals.last_seen
+            assert not [k for k in agent.vitals_runner.waves if k[0] == dev]
 
-        asyncio.run(scenario())
-    finally:
-        sims[0].stop()
+    asyncio.run(scenario())

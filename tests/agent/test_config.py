@@ -1,5 +1,7 @@
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +32,8 @@ def test_example_config_parses() -> None:
     ('[[backend]]\nname = "a"\ntype = "mqtt"\nurl = "mqtts://h"\n[[backend]]\nname = "a"\ntype = "mqtt"\n'
      'url = "mqtts://h"', "backend[1].name"),
 ])
+
+
 def test_bad_settings_are_named(toml: str, field: str) -> None:
     with pytest.raises(config.ConfigError) as e:
         config.parse(tomllib.loads(toml))
@@ -82,6 +86,8 @@ WEBHOOK = '[[backend]]\nname = "a"\ntype = "webhook"\nurl = "https://h/f"\n'
     ('[[alert]]\nname = "x"\nsignal = "heart_rate"\nlow = 130\nhigh = 40', "alert[0].low"),
     ('[[alert]]\nname = "x"\nsignal = "spo2"\nlow = 90\nhysteresis = -2', "alert[0].hysteresis"),
 ])
+
+
 def test_out_of_range_and_unknown_values_are_refused_by_name(toml: str, field: str, tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
     path.write_text(toml)
@@ -123,7 +129,7 @@ def test_cli_refuses_a_bad_config_without_a_traceback(tmp_path: Path) -> None:
 
 
 @pytest.mark.micropython
-def test_status_page_password_file_never_stops_the_boards(micropython: str, tmp_path: Path,
+def test_status_page_password_file_never_stops_the_boards(make_hub: Callable[..., Any], tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     """Missing: no page and a warning; world-readable or short: no page and an error. The board
     is served in each case (frames stored), and the status tells why there is no page."""
@@ -141,28 +147,23 @@ def test_status_page_password_file_never_stops_the_boards(micropython: str, tmp_
                                logging.ERROR, "readable by others"),
         "short": (lambda: (pw.chmod(0o600), write_private(pw, b"hunter2\n")), logging.ERROR, "at least 12"),
     }
-    sims = harness.start_boards(tmp_path, 1, micropython)
-    try:
-        harness.register(tmp_path / "data", tmp_path / "log", sims)
-        cfg = config.load(harness.write_config(tmp_path, sims, "", extra=(
-            'status_page_listen = "127.0.0.1:%d"\nstatus_page_password_file = "%s"\n' % (harness.free_port(), pw))))
-        for case, (prepare, level, says) in cases.items():
-            prepare()
-            caplog.clear()
+    cfg = make_hub(1, settings=(
+        'status_page_listen = "127.0.0.1:%d"\nstatus_page_password_file = "%s"\n' % (harness.free_port(), pw))).cfg
+    for case, (prepare, level, says) in cases.items():
+        prepare()
+        caplog.clear()
 
-            async def scenario() -> tuple[int, dict[str, object]]:
-                async with harness.running(Agent(cfg)) as agent:
-                    before = agent.store.stats.ingested
-                    await async_wait_for(lambda: agent.store.stats.ingested >= before + 3, 60,
-                                         "the board's frames stored", lambda: agent.snapshot()["boards"])
-                    return agent.store.stats.ingested - before, agent.snapshot()
+        async def scenario() -> tuple[int, dict[str, object]]:
+            async with harness.running(Agent(cfg)) as agent:
+                before = agent.store.stats.ingested
+                await async_wait_for(lambda: agent.store.stats.ingested >= before + 3, 60,
+                                     "the board's frames stored", lambda: agent.snapshot()["boards"])
+                return agent.store.stats.ingested - before, agent.snapshot()
 
-            stored, snap = asyncio.run(scenario())
-            assert stored >= 3, case
-            assert str(snap["status_page"]).startswith("off: ") and says in str(snap["status_page"]), (case, snap)
-            assert any(r.levelno == level and says in r.getMessage() for r in caplog.records), case
-    finally:
-        sims[0].stop()
+        stored, snap = asyncio.run(scenario())
+        assert stored >= 3, case
+        assert str(snap["status_page"]).startswith("off: ") and says in str(snap["status_page"]), (case, snap)
+        assert any(r.levelno == level and says in r.getMessage() for r in caplog.records), case
 
 
 def test_a_status_page_password_file_fixed_while_the_agent_runs_brings_the_page_up(tmp_path: Path) -> None:

@@ -7,22 +7,16 @@ import calendar
 import json
 import os
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from agent import config as agent_config
 from agent.store import Store
 from agent.supervisor import Agent
 from protocols import cipher, cose, link, messages
 from tests.agent import harness
 from tests.waiting import async_wait_for
-
-
-async def _drain(agent: Agent, timeout_s: float) -> None:
-    await async_wait_for(lambda: all(b["backlog"] == 0 for b in agent.snapshot()["backends"]), timeout_s,
-                         "every backend's backlog drained", lambda: agent.snapshot()["backends"])
 
 
 def _duplicates(agent: Agent, device_id: str) -> int:
@@ -49,19 +43,13 @@ def _sample_frames(sim: Any) -> list[bytes]:
 
 
 @pytest.mark.micropython
-def test_outage_cut_reboot_and_injected_frames(micropython: str, tmp_path: Path) -> None:
-    sims = harness.start_boards(tmp_path, 2, micropython)
-    pki = harness.pki_for(tmp_path)
-    backend = harness.ThreadedBackend(tmp_path, {s.device_id: s.spec.key for s in sims}, pki)
+def test_outage_cut_reboot_and_injected_frames(make_hub: Callable[..., harness.Hub]) -> None:
+    hub = make_hub(2, webhook=True)
+    sims, backend, cfg = hub.sims, hub.backend, hub.cfg
     b1, b2 = sims
-    try:
-        harness.register(tmp_path / "data", tmp_path / "log", sims)
-        cfg = agent_config.load(harness.write_config(tmp_path, sims, harness.webhook(pki, backend.port)))
 
-        async def scenario() -> Agent:
-            agent = Agent(cfg)
-            stop = asyncio.Event()
-            task = asyncio.create_task(agent.run(stop))
+    async def scenario() -> Agent:
+        async with harness.running(Agent(cfg)) as agent:
 
             def boards() -> list[dict[str, Any]]:
                 return agent.snapshot()["boards"]  # type: ignore[no-any-return]
@@ -112,92 +100,68 @@ def test_outage_cut_reboot_and_injected_frames(micropython: str, tmp_path: Path)
             await asyncio.to_thread(backend.up)
             await async_wait_for(lambda: len({e for (_d, e, _s) in harness.acked(b2)}) == 2, 60,
                                  "frames of both of board 2's boots acknowledged")
-            await asyncio.to_thread(lambda: [s.stop() for s in sims])
-            await _drain(agent, 60)
-            stop.set()
-            await task
-            return agent
+            await harness.finish(agent, sims, 60)
+        return agent
 
-        agent = asyncio.run(scenario())
-        acked = harness.acked(b1) | harness.acked(b2)
-        keys = backend.keys()
-        missing = {"%s:%d:%d" % a for a in acked} - keys
-        assert not missing, sorted(missing)[:5]
-        rejects = agent.ingestor.rejects
-        assert rejects["bad_mac"] == 1 and rejects["replay:old_epoch"] == 1, (rejects, agent.snapshot()["boards"])
-        summary = backend.summary()
-        assert summary["invalid"] == 0
-        docs = backend.call(harness._async(lambda: [json.loads(r[0]) for r in backend.backend.db.execute(
-            "SELECT body FROM received WHERE type='samples'")]))
-        synced = [d for d in docs if d["time_source"] == "board-clock"]
-        # Frames sent before a boot's first time sync are placed by arrival; from
-        # the sync on, every frame of that boot is on the board's clock, across
-        # the cut (the clock map outlives the session). How many came before
-        # the sync depends on how busy the machine is, so not counted here.
-        boots: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        for d in docs:
-            boots.setdefault((d["device_id"], d["epoch"]), []).append(d)
-        for boot, frames in boots.items():
-            sources = [d["time_source"] for d in sorted(frames, key=lambda d: d["seq"])]
-            first = sources.index("board-clock") if "board-clock" in sources else len(sources)
-            assert all(s == "board-clock" for s in sources[first:]), (boot, sources)
-        assert {dev for (dev, _e) in boots} == {d["device_id"] for d in synced}  # every board was synced
-        for d in synced:
-            t0 = calendar.timegm(time.strptime(d["t0_utc"][:19], "%Y-%m-%dT%H:%M:%S"))
-            received = calendar.timegm(
-                time.strptime(d["received_at"], "%Y-%m-%dT%H:%M:%SZ"))
-            assert -2 <= received - t0 <= 30, (d["t0_utc"], d["received_at"])  # sampled before it arrived
-        epochs = {e for (_d, e, _s) in harness.acked(b2)}
-        assert len(epochs) == 2  # frames from both boots of board 2 were acknowledged
-        assert agent.forwarders[0].failures >= 1
-        assert Store(cfg.store_path, ["local"]).integrity_check() == "ok"
-        db = Store(cfg.store_path, ["local"]).reader()
-        reasons = {r[0] for r in db.execute("SELECT reason FROM quarantine")}
-        assert {"bad_mac", "replay:old_epoch"} <= reasons  # kept for forensics
-    finally:
-        backend.close()
-        for s in sims:
-            s.stop()
+    agent = asyncio.run(scenario())
+    missing = hub.undelivered()
+    assert not missing, sorted(missing)[:5]
+    rejects = agent.ingestor.rejects
+    assert rejects["bad_mac"] == 1 and rejects["replay:old_epoch"] == 1, (rejects, agent.snapshot()["boards"])
+    summary = backend.summary()
+    assert summary["invalid"] == 0
+    docs = backend.call(harness._async(lambda: [json.loads(r[0]) for r in backend.backend.db.execute(
+        "SELECT body FROM received WHERE type='samples'")]))
+    synced = [d for d in docs if d["time_source"] == "board-clock"]
+    # Frames sent before a boot's first time sync are placed by arrival; from
+    # the sync on, every frame of that boot is on the board's clock, across
+    # the cut (the clock map outlives the session). How many came before
+    # the sync depends on how busy the machine is, so not counted here.
+    boots: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for d in docs:
+        boots.setdefault((d["device_id"], d["epoch"]), []).append(d)
+    for boot, frames in boots.items():
+        sources = [d["time_source"] for d in sorted(frames, key=lambda d: d["seq"])]
+        first = sources.index("board-clock") if "board-clock" in sources else len(sources)
+        assert all(s == "board-clock" for s in sources[first:]), (boot, sources)
+    assert {dev for (dev, _e) in boots} == {d["device_id"] for d in synced}  # every board was synced
+    for d in synced:
+        t0 = calendar.timegm(time.strptime(d["t0_utc"][:19], "%Y-%m-%dT%H:%M:%S"))
+        received = calendar.timegm(
+            time.strptime(d["received_at"], "%Y-%m-%dT%H:%M:%SZ"))
+        assert -2 <= received - t0 <= 30, (d["t0_utc"], d["received_at"])  # sampled before it arrived
+    epochs = {e for (_d, e, _s) in harness.acked(b2)}
+    assert len(epochs) == 2  # frames from both boots of board 2 were acknowledged
+    assert agent.forwarders[0].failures >= 1
+    assert Store(cfg.store_path, ["local"]).integrity_check() == "ok"
+    db = Store(cfg.store_path, ["local"]).reader()
+    reasons = {r[0] for r in db.execute("SELECT reason FROM quarantine")}
+    assert {"bad_mac", "replay:old_epoch"} <= reasons  # kept for forensics
 
 
 @pytest.mark.micropython
-def test_disk_quota_drops_oldest_waveforms_and_forwards_gap_records(micropython: str, tmp_path: Path) -> None:
-    sims = harness.start_boards(tmp_path, 2, micropython)
-    pki = harness.pki_for(tmp_path)
-    backend = harness.ThreadedBackend(tmp_path, {s.device_id: s.spec.key for s in sims}, pki)
-    try:
-        backend.down()
-        harness.register(tmp_path / "data", tmp_path / "log", sims)
-        cfg = agent_config.load(harness.write_config(tmp_path, sims, harness.webhook(pki, backend.port),
-                                                     extra="disk_quota_mb = 0.04"))
+def test_disk_quota_drops_oldest_waveforms_and_forwards_gap_records(make_hub: Callable[..., harness.Hub]) -> None:
+    hub = make_hub(2, webhook=True, settings="disk_quota_mb = 0.04")
+    sims, backend, cfg = hub.sims, hub.backend, hub.cfg
+    backend.down()
 
-        async def scenario() -> Agent:
-            agent = Agent(cfg)
-            stop = asyncio.Event()
-            task = asyncio.create_task(agent.run(stop))
+    async def scenario() -> None:
+        async with harness.running(Agent(cfg)) as agent:
             await async_wait_for(lambda: agent.snapshot()["counters"].get("quota_dropped", 0) > 0, 90,
                                  "the disk quota reached and the oldest waveforms dropped",
                                  lambda: (agent.snapshot()["counters"], agent.store.status()))
-            await asyncio.to_thread(lambda: [s.stop() for s in sims])
+            await harness.stop_boards(sims)
             await asyncio.to_thread(backend.up)
-            await _drain(agent, 30)
-            stop.set()
-            await task
-            return agent
+            await harness.drained(agent, 30)
 
-        asyncio.run(scenario())
-        db = Store(cfg.store_path, ["local"]).reader()
-        dropped = Store.counters(db).get("quota_dropped", 0)
-        assert dropped > 0
-        summary = backend.summary()
-        assert summary["gap_records"] >= 1 and summary["invalid"] == 0
-        gaps = [doc for doc in backend.call(harness._async(lambda: [
-            json.loads(r[0]) for r in backend.backend.db.execute(
-                "SELECT body FROM received WHERE type='gap'")]))]
-        assert sum(g["frames_dropped"] for g in gaps) == dropped  # every dropped frame is accounted for
-        acked = harness.acked(sims[0]) | harness.acked(sims[1])
-        assert summary["frames"] + dropped >= len(acked)
-    finally:
-        backend.close()
-        for s in sims:
-            s.stop()
+    asyncio.run(scenario())
+    db = Store(cfg.store_path, ["local"]).reader()
+    dropped = Store.counters(db).get("quota_dropped", 0)
+    assert dropped > 0
+    summary = backend.summary()
+    assert summary["gap_records"] >= 1 and summary["invalid"] == 0
+    gaps = [doc for doc in backend.call(harness._async(lambda: [
+        json.loads(r[0]) for r in backend.backend.db.execute(
+            "SELECT body FROM received WHERE type='gap'")]))]
+    assert sum(g["frames_dropped"] for g in gaps) == dropped  # every dropped frame is accounted for
+    assert summary["frames"] + dropped >= len(hub.acked())

@@ -4,12 +4,12 @@
 # server (Medplum's FHIR router), an outage then recovery with nothing
 # dangling, and a frame refused for good quarantined, not retried forever.
 import asyncio
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent import config as agent_config
 from agent.forwarders import fhir
 from agent.store import Store
 from agent.supervisor import Agent
@@ -19,23 +19,26 @@ from tests.agent.medplum import MedplumServer
 from tests.waiting import async_wait_for
 
 
-@pytest.mark.micropython
-def test_bundles_validate_and_a_resend_never_duplicates(micropython: str, tmp_path: Path) -> None:
-    pki = harness.pki_for(tmp_path)
-    sims = harness.start_boards(tmp_path, 1, micropython)
-    server = FhirTestServer()
-    try:
-        harness.register(tmp_path / "data", tmp_path / "log", sims)
+@pytest.fixture
+def medplum(pki: harness.Pki, tmp_path: Path) -> Iterator[MedplumServer]:
+    """An independent FHIR server (Medplum's router) with the test's certificate, stopped after the test."""
+    server = MedplumServer(pki.server_cert, pki.server_key, tmp_path / "medplum.log")
+    yield server
+    server.stop()
 
-        async def scenario() -> Agent:
-            port = await server.start(pki.server_cert, pki.server_key)
-            server.fail_after_commit = 2  # two batches stored, then "crashed": they will come again
-            backend = ('[[backend]]\nname = "ehr"\ntype = "fhir"\nurl = "https://127.0.0.1:%d/fhir"\n'
-                       'ca_file = "%s"\nbatch = 5\n' % (port, pki.ca_cert))
-            cfg = agent_config.load(harness.write_config(tmp_path, sims, backend))
-            agent = Agent(cfg)
-            stop = asyncio.Event()
-            task = asyncio.create_task(agent.run(stop))
+
+@pytest.mark.micropython
+def test_bundles_validate_and_a_resend_never_duplicates(make_hub: Callable[..., harness.Hub]) -> None:
+    hub = make_hub(1)
+    pki, sims = hub.pki, hub.sims
+    server = FhirTestServer()
+
+    async def scenario() -> Agent:
+        port = await server.start(pki.server_cert, pki.server_key)
+        server.fail_after_commit = 2  # two batches stored, then "crashed": they will come again
+        backend = ('[[backend]]\nname = "ehr"\ntype = "fhir"\nurl = "https://127.0.0.1:%d/fhir"\n'
+                   'ca_file = "%s"\nbatch = 5\n' % (port, pki.ca_cert))
+        async with harness.running(Agent(hub.configure(backend))) as agent:
             # Heart rate and SpO2 at the server, after the two batches it took and then "lost".
             await async_wait_for(lambda: ({"8867-4", "59408-5"} <= _vital_codes(server)
                                           and agent.forwarders[0].failures >= 2), 120,
@@ -44,40 +47,36 @@ def test_bundles_validate_and_a_resend_never_duplicates(micropython: str, tmp_pa
             await asyncio.to_thread(sims[0].stop)
             await async_wait_for(lambda: agent.snapshot()["backends"][0]["backlog"] == 0, 60,
                                  "the backlog drained", lambda: agent.snapshot()["backends"])
-            stop.set()
-            await task
-            await server.stop()
-            return agent
+        await server.stop()
+        return agent
 
-        agent = asyncio.run(scenario())
-        assert server.invalid == []
-        db = Store(agent.cfg.store_path, ["ehr"]).reader()
-        counts = {"%s:%d:%d" % r[:3]: r[3] for r in db.execute(
-            "SELECT device_id, epoch, seq, count FROM frames WHERE kind=1")}
-        stored = set(counts)
-        all_obs = server.resources["Observation"]
-        observations = {k: o for k, o in all_obs.items()  # the frames: waveforms, not vitals
-                        if "valueSampledData" in o or ("component" in o and "valueQuantity" not in o)}
-        keys = {k.split("|", 1)[1] for k in observations}
-        vitals = [o for o in all_obs.values() if "valueQuantity" in o]
-        codes = {c["code"] for o in vitals for c in o["code"]["coding"]}
-        assert {"8867-4", "147842", "59408-5", "150456"} <= codes, codes  # heart rate and SpO2, LOINC and MDC
-        hr = [o["valueQuantity"]["value"] for o in vitals if o["code"]["coding"][0]["code"] == "8867-4"]
-        assert all(110 < v < 145 for v in hr), hr  # record a103l's patient: about 127 beats a minute
-        assert all(o["derivedFrom"][0]["identifier"]["system"] == fhir.FRAME_SYSTEM for o in vitals)
-        assert len(stored) >= 8 and keys == stored  # each frame once, despite the resends
-        assert set(server.resources["Device"]) == {fhir.HUB_SYSTEM + "|test-hub", fhir.DEVICE_SYSTEM + "|pb-t01"}
-        assert agent.forwarders[0].failures >= 2
-        ecg = [o for o in observations.values() if o["code"]["coding"][0]["code"] == "131330"]
-        ppg = [o for o in observations.values() if o["code"]["coding"][0]["code"] == "150452"]
-        assert ecg and ppg
-        for key, o in observations.items():  # every sample of each frame, at its period (a frame after a
-            if o in ecg:                      # FIFO overflow on a loaded machine holds fewer than 512)
-                sd = o["valueSampledData"]
-                assert sd["period"] == round(1000 / 512, 6) and len(sd["data"].split()) == counts[key.split("|", 1)[1]]
-        assert [c["code"]["text"].split()[0] for c in ppg[0]["component"]] == ["red", "infrared"]
-    finally:
-        sims[0].stop()
+    agent = asyncio.run(scenario())
+    assert server.invalid == []
+    db = Store(agent.cfg.store_path, ["ehr"]).reader()
+    counts = {"%s:%d:%d" % r[:3]: r[3] for r in db.execute(
+        "SELECT device_id, epoch, seq, count FROM frames WHERE kind=1")}
+    stored = set(counts)
+    all_obs = server.resources["Observation"]
+    observations = {k: o for k, o in all_obs.items()  # the frames: waveforms, not vitals
+                    if "valueSampledData" in o or ("component" in o and "valueQuantity" not in o)}
+    keys = {k.split("|", 1)[1] for k in observations}
+    vitals = [o for o in all_obs.values() if "valueQuantity" in o]
+    codes = {c["code"] for o in vitals for c in o["code"]["coding"]}
+    assert {"8867-4", "147842", "59408-5", "150456"} <= codes, codes  # heart rate and SpO2, LOINC and MDC
+    hr = [o["valueQuantity"]["value"] for o in vitals if o["code"]["coding"][0]["code"] == "8867-4"]
+    assert all(110 < v < 145 for v in hr), hr  # record a103l's patient: about 127 beats a minute
+    assert all(o["derivedFrom"][0]["identifier"]["system"] == fhir.FRAME_SYSTEM for o in vitals)
+    assert len(stored) >= 8 and keys == stored  # each frame once, despite the resends
+    assert set(server.resources["Device"]) == {fhir.HUB_SYSTEM + "|test-hub", fhir.DEVICE_SYSTEM + "|pb-t01"}
+    assert agent.forwarders[0].failures >= 2
+    ecg = [o for o in observations.values() if o["code"]["coding"][0]["code"] == "131330"]
+    ppg = [o for o in observations.values() if o["code"]["coding"][0]["code"] == "150452"]
+    assert ecg and ppg
+    for key, o in observations.items():  # every sample of each frame, at its period (a frame after a
+        if o in ecg:                      # FIFO overflow on a loaded machine holds fewer than 512)
+            sd = o["valueSampledData"]
+            assert sd["period"] == round(1000 / 512, 6) and len(sd["data"].split()) == counts[key.split("|", 1)[1]]
+    assert [c["code"]["text"].split()[0] for c in ppg[0]["component"]] == ["red", "infrared"]
 
 
 def _frame_keys(agent: Agent) -> set[str]:
@@ -112,124 +111,104 @@ def _vital_codes(server: FhirTestServer) -> set[str]:
 
 @pytest.mark.slow
 @pytest.mark.micropython
-def test_outage_then_recovery_against_an_independent_server(micropython: str, tmp_path: Path) -> None:
+def test_outage_then_recovery_against_an_independent_server(make_hub: Callable[..., harness.Hub],
+                                                            medplum: MedplumServer, pki: harness.Pki) -> None:
     """The FHIR server goes away while a board streams, then comes back. Vitals made meanwhile
     are sent ahead of the frames they were derived from (they have the outbox's priority); the
     backlog must drain completely, every frame once, every vital's derivedFrom naming a frame
     that is there, every Observation with the patient as subject, nothing refused or lost."""
-    pki = harness.pki_for(tmp_path)
-    server = MedplumServer(pki.server_cert, pki.server_key, tmp_path / "medplum.log")
-    sims = harness.start_boards(tmp_path, 1, micropython)
-    try:
-        patient = _create_patient(server, pki)
-        harness.register(tmp_path / "data", tmp_path / "log", sims, patient_ref=patient)
-        # Small batches, so the backlog at recovery spans several bundles: the vitals in the first
-        # ones, the frames they cite in later ones.
-        backend = ('[[backend]]\nname = "ehr"\ntype = "fhir"\nurl = "https://127.0.0.1:%d/fhir"\nca_file = "%s"\n'
-                   'batch = 4\n' % (server.port, pki.ca_cert))
-        cfg = agent_config.load(harness.write_config(tmp_path, sims, backend))
-        figures: dict[str, int] = {}
+    server = medplum
+    patient = _create_patient(server, pki)
+    # Small batches, so the backlog at recovery spans several bundles: the vitals in the first
+    # ones, the frames they cite in later ones.
+    hub = make_hub(1, patients=[patient], backends=(
+        '[[backend]]\nname = "ehr"\ntype = "fhir"\nurl = "https://127.0.0.1:%d/fhir"\nca_file = "%s"\n'
+        'batch = 4\n' % (server.port, pki.ca_cert)))
+    sims, cfg = hub.sims, hub.cfg
+    figures: dict[str, int] = {}
 
-        async def scenario() -> Agent:
-            agent = Agent(cfg)
-            stop = asyncio.Event()
-            task = asyncio.create_task(agent.run(stop))
+    async def scenario() -> Agent:
+        async with harness.running(Agent(cfg)) as agent:
             fw = agent.forwarders[0]
             await async_wait_for(lambda: fw.forwarded >= 5, 90, "a first delivery")
             await asyncio.to_thread(server.down)
             vitals_before = agent.vitals_runner.made
             await async_wait_for(lambda: fw.failures >= 2 and agent.vitals_runner.made >= vitals_before + 2, 120,
-                         "vitals made during the outage")
-            await async_wait_for(lambda: agent.snapshot()["backends"][0]["backlog"] > 3 * fw.cfg.batch, 60, "a backlog")
+                                 "vitals made during the outage")
+            await async_wait_for(lambda: agent.snapshot()["backends"][0]["backlog"] > 3 * fw.cfg.batch, 60,
+                                 "a backlog")
             figures["backlog_at_recovery"] = agent.snapshot()["backends"][0]["backlog"]
             await asyncio.to_thread(server.up)
             await asyncio.to_thread(sims[0].stop)
-            await async_wait_for(lambda: agent.snapshot()["backends"][0]["backlog"] == 0, 180, "the backlog to drain")
-            stop.set()
-            await task
-            return agent
+            await harness.drained(agent, 180)
+        return agent
 
-        agent = asyncio.run(scenario())
-        acked = {"%s:%d:%d" % k for k in harness.acked(sims[0])}
-        stored = _frame_keys(agent)
-        observations = server.resources("Observation")
-        keys = [_identifier(o) for o in observations]
-        frames = {k for k in keys if k.count(":") == 2 and not k.startswith(("vital:", "alert:", "gap:"))}
-        vitals = [o for o in observations if "derivedFrom" in o]
-        print("FHIR outage: acked %d, stored %d, delivered %d frames + %d vitals, backlog at recovery %d, "
-              "lost %d" % (len(acked), len(stored), len(frames), len(vitals), figures["backlog_at_recovery"],
-                           len(acked - frames)))
-        assert len(keys) == len(set(keys))  # each once
-        assert acked and acked <= stored and frames == stored  # every acknowledged frame delivered, nothing lost
-        assert figures["backlog_at_recovery"] > 0 and agent.forwarders[0].refused == 0
-        assert vitals and agent.forwarders[0].failures >= 2
-        for v in vitals:  # nothing dangling: each source frame is on the server
-            sources = {d["identifier"]["value"] for d in v["derivedFrom"]}
-            assert sources <= frames, sources - frames
-        assert all(o.get("subject") == {"reference": patient} for o in observations)
-        devices = server.resources("Device")
-        assert len(devices) == 2  # the hub and the board, created once, matched ever after
-        board = next(d["id"] for d in devices if d["identifier"][0]["system"] == fhir.DEVICE_SYSTEM)
-        assert all(o["device"]["reference"] == "Device/" + board for o in observations)
-    finally:
-        for sim in sims:
-            sim.stop()
-        server.stop()
+    agent = asyncio.run(scenario())
+    acked = {"%s:%d:%d" % k for k in harness.acked(sims[0])}
+    stored = _frame_keys(agent)
+    observations = server.resources("Observation")
+    keys = [_identifier(o) for o in observations]
+    frames = {k for k in keys if k.count(":") == 2 and not k.startswith(("vital:", "alert:", "gap:"))}
+    vitals = [o for o in observations if "derivedFrom" in o]
+    print("FHIR outage: acked %d, stored %d, delivered %d frames + %d vitals, backlog at recovery %d, "
+          "lost %d" % (len(acked), len(stored), len(frames), len(vitals), figures["backlog_at_recovery"],
+                       len(acked - frames)))
+    assert len(keys) == len(set(keys))  # each once
+    assert acked and acked <= stored and frames == stored  # every acknowledged frame delivered, nothing lost
+    assert figures["backlog_at_recovery"] > 0 and agent.forwarders[0].refused == 0
+    assert vitals and agent.forwarders[0].failures >= 2
+    for v in vitals:  # nothing dangling: each source frame is on the server
+        sources = {d["identifier"]["value"] for d in v["derivedFrom"]}
+        assert sources <= frames, sources - frames
+    assert all(o.get("subject") == {"reference": patient} for o in observations)
+    devices = server.resources("Device")
+    assert len(devices) == 2  # the hub and the board, created once, matched ever after
+    board = next(d["id"] for d in devices if d["identifier"][0]["system"] == fhir.DEVICE_SYSTEM)
+    assert all(o["device"]["reference"] == "Device/" + board for o in observations)
 
 
 @pytest.mark.slow
 @pytest.mark.micropython
-def test_a_permanent_refusal_is_quarantined_not_retried_forever(micropython: str, tmp_path: Path) -> None:
+def test_a_permanent_refusal_is_quarantined_not_retried_forever(make_hub: Callable[..., harness.Hub],
+                                                                 medplum: MedplumServer, pki: harness.Pki) -> None:
     """Board 2 was provisioned with a patient the FHIR server does not hold: each of its
     Observations is refused (400). They are found one by one, quarantined with the server's
     reason and counted; board 1's frames, in the same batches, are all delivered."""
-    pki = harness.pki_for(tmp_path)
-    server = MedplumServer(pki.server_cert, pki.server_key, tmp_path / "medplum.log")
-    sims = harness.start_boards(tmp_path, 2, micropython)
-    try:
-        patient = _create_patient(server, pki)
-        harness.register(tmp_path / "data", tmp_path / "log", sims[:1], patient_ref=patient)
-        harness.register(tmp_path / "data", tmp_path / "log", sims[1:], patient_ref="Patient/not-on-this-server")
-        backend = ('[[backend]]\nname = "ehr"\ntype = "fhir"\nurl = "https://127.0.0.1:%d/fhir"\nca_file = "%s"\n'
-                   'batch = 16\n' % (server.port, pki.ca_cert))
-        cfg = agent_config.load(harness.write_config(tmp_path, sims, backend))
+    server = medplum
+    patient = _create_patient(server, pki)
+    hub = make_hub(2, patients=[patient, "Patient/not-on-this-server"], backends=(
+        '[[backend]]\nname = "ehr"\ntype = "fhir"\nurl = "https://127.0.0.1:%d/fhir"\nca_file = "%s"\n'
+        'batch = 16\n' % (server.port, pki.ca_cert)))
+    sims, cfg = hub.sims, hub.cfg
 
-        async def scenario() -> tuple[Agent, dict[str, Any]]:
-            agent = Agent(cfg)
-            stop = asyncio.Event()
-            task = asyncio.create_task(agent.run(stop))
+    async def scenario() -> tuple[Agent, dict[str, Any]]:
+        async with harness.running(Agent(cfg)) as agent:
             fw = agent.forwarders[0]
             await async_wait_for(lambda: fw.forwarded >= 5 and fw.refused >= 5, 120, "deliveries and refusals")
             await asyncio.gather(*(asyncio.to_thread(s.stop) for s in sims))
-            await async_wait_for(lambda: agent.snapshot()["backends"][0]["backlog"] == 0, 180, "the backlog to drain")
+            await harness.drained(agent, 180)
             snap = agent.snapshot()["backends"][0]  # what status tells, while the agent runs
-            stop.set()
-            await task
-            return agent, snap
+        return agent, snap
 
-        agent, snap = asyncio.run(scenario())
-        stored = _frame_keys(agent)
-        on_server = {_identifier(o) for o in server.resources("Observation")}
-        good = {k for k in stored if k.startswith(sims[0].device_id + ":")}
-        bad = {k for k in stored if k.startswith(sims[1].device_id + ":")}
-        assert good and bad and good <= on_server and not any(sims[1].device_id in k for k in on_server)
-        db = Store(agent.cfg.store_path, ["ehr"]).reader()
-        quarantined = db.execute("SELECT device_id, reason FROM quarantine WHERE link='backend:ehr'").fetchall()
-        refused = Store.counters(db).get("refused:ehr", 0)
-        left = db.execute("SELECT COUNT(*) FROM frames WHERE device_id=?", (sims[1].device_id,)).fetchone()[0]
-        db.close()
-        fw = agent.forwarders[0]
-        print("FHIR refusal: board 1 %d frames delivered, board 2 %d frames + vitals refused and quarantined"
-              % (len(good), fw.refused))
-        assert fw.refused == refused == len(quarantined) >= len(bad)  # its vitals and alerts too
-        assert {d for d, _ in quarantined} == {sims[1].device_id}
-        assert all("Patient/not-on-this-server" in r and "HTTP 400" in r for _, r in quarantined), quarantined[:2]
-        assert left >= len(bad)  # refused frames stay in the store (retention), only the outbox let go
-        assert snap["refused"] == fw.refused
-    finally:
-        for sim in sims:
-            sim.stop()
-        server.stop()
+    agent, snap = asyncio.run(scenario())
+    stored = _frame_keys(agent)
+    on_server = {_identifier(o) for o in server.resources("Observation")}
+    good = {k for k in stored if k.startswith(sims[0].device_id + ":")}
+    bad = {k for k in stored if k.startswith(sims[1].device_id + ":")}
+    assert good and bad and good <= on_server and not any(sims[1].device_id in k for k in on_server)
+    db = Store(agent.cfg.store_path, ["ehr"]).reader()
+    quarantined = db.execute("SELECT device_id, reason FROM quarantine WHERE link='backend:ehr'").fetchall()
+    refused = Store.counters(db).get("refused:ehr", 0)
+    left = db.execute("SELECT COUNT(*) FROM frames WHERE device_id=?", (sims[1].device_id,)).fetchone()[0]
+    db.close()
+    fw = agent.forwarders[0]
+    print("FHIR refusal: board 1 %d frames delivered, board 2 %d frames + vitals refused and quarantined"
+          % (len(good), fw.refused))
+    assert fw.refused == refused == len(quarantined) >= len(bad)  # its vitals and alerts too
+    assert {d for d, _ in quarantined} == {sims[1].device_id}
+    assert all("Patient/not-on-this-server" in r and "HTTP 400" in r for _, r in quarantined), quarantined[:2]
+    assert left >= len(bad)  # refused frames stay in the store (retention), only the outbox let go
+    assert snap["refused"] == fw.refused
 
 
 def test_subject_forms_and_documents_carry_it(tmp_path: Path) -> None:

@@ -99,7 +99,8 @@ def test_readme_install_steps_give_a_running_agent(micropython: str, tmp_path: P
         page_port = harness.free_port()
         config = etc / "agent.toml"
         # Port 1 and BOARD-PORT stand for the backend's and the board's, known once they run.
-        config.write_text(edit_config(config.read_text(), prefix, "BOARD-PORT", harness.webhook(pki, 1), page_port))
+        config.write_text(edit_config(config.read_text(), prefix, "BOARD-PORT", harness.webhook_section(pki, 1),
+                                      page_port))
         # The board is registered with the installed CLI; the key it makes goes to the (simulated) board.
         key_file = tmp_path / "pb-i01.key"
         subprocess.run([str(pulsebridge), "devices", "add", "pb-i01", "--patient", "Patient/7",

@@ -8,14 +8,12 @@ import os
 import signal
 import sqlite3
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 import serial
 from serial.tools.list_ports_common import ListPortInfo
 
-from agent import config as agent_config
 from agent.dev.sim import boards
 from agent.dev.sim.runner import SimulatedBoard
 from agent.supervisor import Agent
@@ -28,47 +26,29 @@ async def _until(pred: Callable[[], bool], timeout_s: float, what: Callable[[], 
     await async_wait_for(pred, timeout_s, "the link's awaited state", what)
 
 
-def _board(agent: Agent, device_id: str) -> dict[str, Any]:
-    for b in agent.snapshot()["boards"]:
-        if b["device_id"] == device_id:
-            return b
-    return {}
+_board = harness.board_state
 
 
-def _figures(sims: list[SimulatedBoard], backend: harness.ThreadedBackend) -> tuple[int, int, int]:
-    acked: set[tuple[str, int, int]] = set()
-    for s in sims:
-        acked |= harness.acked(s)
-    keys = backend.keys()
-    delivered = {a for a in acked if "%s:%d:%d" % a in keys}
-    return len(acked), len(delivered), len(acked - delivered)
-
-
-async def _drain(agent: Agent, timeout_s: float) -> None:
-    await _until(lambda: all(b["backlog"] == 0 for b in agent.snapshot()["backends"]), timeout_s,
-                 lambda: agent.snapshot()["backends"])
+def _figures(hub: harness.Hub) -> tuple[int, int, int]:
+    """Frames acknowledged to the boards, delivered to the backend, and lost (acknowledged, not delivered)."""
+    acked, lost = len(hub.acked()), len(hub.undelivered())
+    return acked, acked - lost, lost
 
 
 @pytest.mark.micropython
 @pytest.mark.slow
-def test_a_board_that_stops_reading_its_acks_is_reconnected(micropython: str, tmp_path: Path) -> None:
+def test_a_board_that_stops_reading_its_acks_is_reconnected(make_hub: Callable[..., harness.Hub]) -> None:
     # The board goes on sending (resending often) but stops reading what the
     # hub writes: the hub's ack writes fill the OS buffer (about 20 kB on a
     # pty) and then block. The hub must end that session (never "connected"
     # while nothing reaches the board), keep the port read, and reconnect.
-    sims = harness.start_boards(tmp_path, 1, micropython, extra={"retransmit_ms": 250})
-    board = sims[0]
-    pki = harness.pki_for(tmp_path)
-    backend = harness.ThreadedBackend(tmp_path, {s.device_id: s.spec.key for s in sims}, pki)
-    try:
-        harness.register(tmp_path / "data", tmp_path / "log", sims)
-        cfg = agent_config.load(harness.write_config(tmp_path, sims, harness.webhook(pki, backend.port)))
+    hub = make_hub(1, webhook=True, extra={"retransmit_ms": 250})
+    board = hub.board
 
-        async def scenario() -> Agent:
-            agent = Agent(cfg)
-            agent.links.time_sync_s = 0.05  # a busy downlink: the OS buffer fills within seconds
-            stop = asyncio.Event()
-            task = asyncio.create_task(agent.run(stop))
+    async def scenario() -> Agent:
+        agent = Agent(hub.cfg)
+        agent.links.time_sync_s = 0.05  # a busy downlink: the OS buffer fills within seconds
+        async with harness.running(agent):
             dev = board.device_id
             await _until(lambda: _board(agent, dev).get("state") == "connected"
                          and len(harness.acked(board)) >= 3, 30, lambda: agent.snapshot()["boards"])
@@ -84,47 +64,35 @@ def test_a_board_that_stops_reading_its_acks_is_reconnected(micropython: str, tm
             board.reading = True
             await _until(lambda: _board(agent, dev).get("state") == "connected"
                          and len(harness.acked(board)) > before + 3, 30, lambda: agent.snapshot()["boards"])
-            await asyncio.to_thread(board.stop)
-            await _drain(agent, 30)
-            stop.set()
-            await task
-            return agent
+            await harness.finish(agent, hub.sims)
+        return agent
 
-        agent = asyncio.run(scenario())
-        acked, delivered, lost = _figures(sims, backend)
-        print("stopped reading: acknowledged %d, delivered %d, lost %d; board %s" % (
-            acked, delivered, lost, _board(agent, board.device_id)))
-        assert lost == 0 and acked > 0
-    finally:
-        backend.close()
-        for s in sims:
-            s.stop()
+    agent = asyncio.run(scenario())
+    acked, delivered, lost = _figures(hub)
+    print("stopped reading: acknowledged %d, delivered %d, lost %d; board %s" % (
+        acked, delivered, lost, _board(agent, board.device_id)))
+    assert lost == 0 and acked > 0
 
 
 @pytest.mark.micropython
 @pytest.mark.slow
-def test_a_store_commit_that_raises_does_not_kill_the_session(micropython: str, tmp_path: Path) -> None:
-    sims = harness.start_boards(tmp_path, 2, micropython)
-    pki = harness.pki_for(tmp_path)
-    backend = harness.ThreadedBackend(tmp_path, {s.device_id: s.spec.key for s in sims}, pki)
-    try:
-        harness.register(tmp_path / "data", tmp_path / "log", sims)
-        cfg = agent_config.load(harness.write_config(tmp_path, sims, harness.webhook(pki, backend.port)))
+def test_a_store_commit_that_raises_does_not_kill_the_session(make_hub: Callable[..., harness.Hub]) -> None:
+    hub = make_hub(2, webhook=True)
+    sims = hub.sims
 
-        async def scenario() -> Agent:
-            agent = Agent(cfg)
-            agent.links.stall_s = 3.0
-            failing = {"on": False}
-            apply = agent.store._apply
+    async def scenario() -> None:
+        agent = Agent(hub.cfg)
+        agent.links.stall_s = 3.0
+        failing = {"on": False}
+        apply = agent.store._apply
 
-            def faulty(db: sqlite3.Connection, batch: Any) -> Any:  # fault injection: the disk is full
-                if failing["on"]:
-                    raise sqlite3.OperationalError("database or disk is full")
-                return apply(db, batch)
+        def faulty(db: sqlite3.Connection, batch: Any) -> Any:  # fault injection: the disk is full
+            if failing["on"]:
+                raise sqlite3.OperationalError("database or disk is full")
+            return apply(db, batch)
 
-            agent.store._apply = faulty  # type: ignore[method-assign]
-            stop = asyncio.Event()
-            task = asyncio.create_task(agent.run(stop))
+        agent.store._apply = faulty  # type: ignore[method-assign]
+        async with harness.running(agent):
             devs = [s.device_id for s in sims]
             await _until(lambda: all(_board(agent, d).get("state") == "connected" for d in devs), 30,
                          lambda: agent.snapshot()["boards"])
@@ -139,20 +107,12 @@ def test_a_store_commit_that_raises_does_not_kill_the_session(micropython: str, 
             await _until(lambda: all(_board(agent, d).get("state") == "connected" for d in devs)
                          and all(len(harness.acked(s)) > n + 3 for s, n in zip(sims, before)), 40,
                          lambda: agent.snapshot()["boards"])
-            await asyncio.to_thread(lambda: [s.stop() for s in sims])
-            await _drain(agent, 30)
-            stop.set()
-            await task
-            return agent
+            await harness.finish(agent, sims)
 
-        asyncio.run(scenario())
-        acked, delivered, lost = _figures(sims, backend)
-        print("store commit raising: acknowledged %d, delivered %d, lost %d" % (acked, delivered, lost))
-        assert lost == 0 and acked > 0
-    finally:
-        backend.close()
-        for s in sims:
-            s.stop()
+    asyncio.run(scenario())
+    acked, delivered, lost = _figures(hub)
+    print("store commit raising: acknowledged %d, delivered %d, lost %d" % (acked, delivered, lost))
+    assert lost == 0 and acked > 0
 
 
 def _usb_port(device: str, serial_number: str, vid: int = 0x303A, pid: int = 0x1001) -> ListPortInfo:
@@ -163,10 +123,11 @@ def _usb_port(device: str, serial_number: str, vid: int = 0x303A, pid: int = 0x1
     return p
 
 
-def _blank(tmp: Path, micropython: str) -> SimulatedBoard:
+def _blank(hub: harness.Hub) -> SimulatedBoard:
     # A board fresh from the factory, waiting at its REPL to be provisioned: not ours (yet).
-    sim = SimulatedBoard(boards.BoardSpec("blank", seed=99), tmp / "boards" / "blank", tmp / "cache", micropython,
-                         blank=True)
+    sim = SimulatedBoard(boards.BoardSpec("blank", seed=99), hub.tmp / "boards" / "blank", hub.tmp / "cache",
+                         hub.micropython, blank=True)
+    hub.defer(sim.stop)
     sim.record = True
     sim.start()
     return sim
@@ -182,7 +143,7 @@ def _free(port: str) -> bool:
 
 @pytest.mark.micropython
 @pytest.mark.slow
-def test_boards_found_by_identity_without_any_serial_section(micropython: str, tmp_path: Path,
+def test_boards_found_by_identity_without_any_serial_section(make_hub: Callable[..., harness.Hub],
                                                               caplog: pytest.LogCaptureFixture) -> None:
     # No [[serial]] section: every USB serial port is looked at. Two boards
     # and a blank board share one VID:PID; the boards are both served, the
@@ -190,29 +151,24 @@ def test_boards_found_by_identity_without_any_serial_section(micropython: str, t
     # (a new device node) is found again by its USB serial number. The
     # listing raises twice first: the discovery task crashes, is logged,
     # counted and restarted.
-    sims = harness.start_boards(tmp_path, 2, micropython)
+    hub = make_hub(2, webhook=True, listed=False)
+    sims = hub.sims
     b1, b2 = sims
-    blank = _blank(tmp_path, micropython)
-    pki = harness.pki_for(tmp_path)
-    backend = harness.ThreadedBackend(tmp_path, {s.device_id: s.spec.key for s in sims}, pki)
-    try:
-        harness.register(tmp_path / "data", tmp_path / "log", sims)
-        cfg = agent_config.load(harness.write_config(tmp_path, [], harness.webhook(pki, backend.port)))
-        listing: list[ListPortInfo] = []
-        calls = [0]
+    blank = _blank(hub)
+    listing: list[ListPortInfo] = []
+    calls = [0]
 
-        def list_ports() -> list[ListPortInfo]:  # the list_ports boundary; two injected crashes first
-            calls[0] += 1
-            if calls[0] <= 2:
-                raise RuntimeError("injected fault in the USB listing")
-            return list(listing)
+    def list_ports() -> list[ListPortInfo]:  # the list_ports boundary; two injected crashes first
+        calls[0] += 1
+        if calls[0] <= 2:
+            raise RuntimeError("injected fault in the USB listing")
+        return list(listing)
 
-        async def scenario() -> Agent:
-            agent = Agent(cfg)
-            agent.serial.list_ports = list_ports
-            agent.links.identify_s = 3.0
-            stop = asyncio.Event()
-            task = asyncio.create_task(agent.run(stop))
+    async def scenario() -> None:
+        agent = Agent(hub.cfg)
+        agent.serial.list_ports = list_ports
+        agent.links.identify_s = 3.0
+        async with harness.running(agent):
             await _until(lambda: "serial" in agent.tasks and agent.tasks["serial"].restarts == 2 and calls[0] > 2, 30,
                          lambda: agent.tasks)
             listing[:] = [_usb_port(b1.port, "SN-1"), _usb_port(blank.port, "SN-BLANK"), _usb_port(b2.port, "SN-2")]
@@ -235,59 +191,44 @@ def test_boards_found_by_identity_without_any_serial_section(micropython: str, t
                          and _board(agent, b1.device_id)["connects"] == 2
                          and _board(agent, b1.device_id)["port"] == b1.port, 40, lambda: agent.snapshot()["boards"])
             assert len([b for b in agent.snapshot()["boards"] if b["device_id"] == b1.device_id]) == 1
-            await asyncio.to_thread(lambda: [s.stop() for s in sims])
-            await _drain(agent, 30)
-            stop.set()
-            await task
-            return agent
+            await harness.finish(agent, sims)
 
-        with caplog.at_level(logging.ERROR, logger="agent.supervisor"):
-            asyncio.run(scenario())
-        crashes = [r for r in caplog.records if "task serial crashed" in r.getMessage()]
-        assert len(crashes) == 2 and crashes[0].exc_info is not None  # logged with the traceback
-        acked, delivered, lost = _figures(sims, backend)
-        print("found by identity: acknowledged %d, delivered %d, lost %d" % (acked, delivered, lost))
-        assert lost == 0 and all(harness.acked(s) for s in sims)
-    finally:
-        backend.close()
-        blank.stop()
-        for s in sims:
-            s.stop()
+    with caplog.at_level(logging.ERROR, logger="agent.supervisor"):
+        asyncio.run(scenario())
+    crashes = [r for r in caplog.records if "task serial crashed" in r.getMessage()]
+    assert len(crashes) == 2 and crashes[0].exc_info is not None  # logged with the traceback
+    acked, delivered, lost = _figures(hub)
+    print("found by identity: acknowledged %d, delivered %d, lost %d" % (acked, delivered, lost))
+    assert lost == 0 and all(harness.acked(s) for s in sims)
 
 
 @pytest.mark.micropython
 @pytest.mark.slow
-def test_a_port_name_taken_by_another_device_is_let_go(micropython: str, tmp_path: Path) -> None:
+def test_a_port_name_taken_by_another_device_is_let_go(make_hub: Callable[..., harness.Hub]) -> None:
     # [[serial]] port = a name; the board is unplugged and the name given to
     # a blank board being provisioned. The hub looks, hears no registered
     # board, and lets the port go; when the board is back under that name,
     # it is served again at once.
-    sims = harness.start_boards(tmp_path, 1, micropython)
-    board = sims[0]
-    blank = _blank(tmp_path, micropython)
-    name = tmp_path / "ttyUSB0"  # a device name, as udev gives it to whatever is plugged in
+    hub = make_hub(1, webhook=True, listed=False)
+    board = hub.board
+    blank = _blank(hub)
+    name = hub.tmp / "ttyUSB0"  # a device name, as udev gives it to whatever is plugged in
 
     def plug(port: str) -> None:
-        tmp = tmp_path / "ttyUSB0.tmp"
+        tmp = hub.tmp / "ttyUSB0.tmp"
         if tmp.is_symlink():
             tmp.unlink()
         tmp.symlink_to(port)
         tmp.replace(name)
 
     plug(board.port)
-    pki = harness.pki_for(tmp_path)
-    backend = harness.ThreadedBackend(tmp_path, {board.device_id: board.spec.key}, pki)
-    try:
-        harness.register(tmp_path / "data", tmp_path / "log", sims)
-        cfg_path = harness.write_config(tmp_path, [], harness.webhook(pki, backend.port),
-                                        extra='\n[[serial]]\nport = "%s"\n' % name)
-        cfg = agent_config.load(cfg_path)
+    cfg = hub.configure(harness.webhook_section(hub.pki, hub.backend.port), listed=False,
+                        settings='\n[[serial]]\nport = "%s"\n' % name)
 
-        async def scenario() -> Agent:
-            agent = Agent(cfg)
-            agent.links.identify_s = 3.0
-            stop = asyncio.Event()
-            task = asyncio.create_task(agent.run(stop))
+    async def scenario() -> Agent:
+        agent = Agent(cfg)
+        agent.links.identify_s = 3.0
+        async with harness.running(agent):
             key = "serial:" + board.device_id
             await _until(lambda: _board(agent, board.device_id).get("state") == "connected", 30,
                          lambda: agent.snapshot()["boards"])
@@ -304,27 +245,20 @@ def test_a_port_name_taken_by_another_device_is_let_go(micropython: str, tmp_pat
             await _until(lambda: _board(agent, board.device_id).get("state") == "connected"
                          and _board(agent, board.device_id)["connects"] == 3, 30, lambda: agent.snapshot()["boards"])
             assert _board(agent, board.device_id)["link"] == key
-            await asyncio.to_thread(board.stop)
-            await _drain(agent, 30)
-            stop.set()
-            await task
-            return agent
+            await harness.finish(agent, [board])
+        return agent
 
-        agent = asyncio.run(scenario())
-        acked, delivered, lost = _figures(sims, backend)
-        print("name taken: acknowledged %d, delivered %d, lost %d; ends %s" % (
-            acked, delivered, lost, _board(agent, board.device_id)["ends"]))
-        assert lost == 0 and acked > 0
-        assert os.path.realpath(name) == os.path.realpath(board.port)
-    finally:
-        backend.close()
-        blank.stop()
-        board.stop()
+    agent = asyncio.run(scenario())
+    acked, delivered, lost = _figures(hub)
+    print("name taken: acknowledged %d, delivered %d, lost %d; ends %s" % (
+        acked, delivered, lost, _board(agent, board.device_id)["ends"]))
+    assert lost == 0 and acked > 0
+    assert os.path.realpath(name) == os.path.realpath(board.port)
 
 
 @pytest.mark.micropython
 @pytest.mark.slow
-def test_a_hung_board_is_stalled_then_served_again(micropython: str, tmp_path: Path,
+def test_a_hung_board_is_stalled_then_served_again(make_hub: Callable[..., harness.Hub],
                                                    caplog: pytest.LogCaptureFixture) -> None:
     # The firmware hangs with USB up (the process stopped): nothing arrives.
     # The link reads "stalled" (never "connected"), its port is let go and
@@ -332,19 +266,13 @@ def test_a_hung_board_is_stalled_then_served_again(micropython: str, tmp_path: P
     # again. Then one
     # unexpected exception inside the session (a bug): logged with its
     # traceback, counted, the link reopened.
-    sims = harness.start_boards(tmp_path, 1, micropython)
-    board = sims[0]
-    pki = harness.pki_for(tmp_path)
-    backend = harness.ThreadedBackend(tmp_path, {board.device_id: board.spec.key}, pki)
-    try:
-        harness.register(tmp_path / "data", tmp_path / "log", sims)
-        cfg = agent_config.load(harness.write_config(tmp_path, sims, harness.webhook(pki, backend.port)))
+    hub = make_hub(1, webhook=True)
+    board = hub.board
 
-        async def scenario() -> Agent:
-            agent = Agent(cfg)
-            agent.links.stall_s, agent.links.identify_s, agent.links.release_retry_s = 3.0, 2.0, 1.0
-            stop = asyncio.Event()
-            task = asyncio.create_task(agent.run(stop))
+    async def scenario() -> Agent:
+        agent = Agent(hub.cfg)
+        agent.links.stall_s, agent.links.identify_s, agent.links.release_retry_s = 3.0, 2.0, 1.0
+        async with harness.running(agent):
             dev = board.device_id
             b = lambda: _board(agent, dev)  # noqa: E731
             # Connected by its hello, and a frame stored (so there is a last frame to tell).
@@ -374,19 +302,13 @@ def test_a_hung_board_is_stalled_then_served_again(micropython: str, tmp_path: P
             await _until(lambda: b().get("ends", {}).get("crashed") == 1 and b()["state"] == "connected", 30, b)
             acked = len(harness.acked(board))
             await _until(lambda: len(harness.acked(board)) > acked + 3, 30, b)
-            await asyncio.to_thread(board.stop)
-            await _drain(agent, 30)
-            stop.set()
-            await task
-            return agent
+            await harness.finish(agent, [board])
+        return agent
 
-        with caplog.at_level(logging.ERROR, logger="agent.session"):
-            agent = asyncio.run(scenario())
-        assert any(r.exc_info and "injected bug" in str(r.exc_info[1]) for r in caplog.records)
-        acked, delivered, lost = _figures(sims, backend)
-        print("hung board, then a bug: acknowledged %d, delivered %d, lost %d; ends %s" % (
-            acked, delivered, lost, _board(agent, board.device_id)["ends"]))
-        assert lost == 0 and acked > 0
-    finally:
-        backend.close()
-        board.stop()
+    with caplog.at_level(logging.ERROR, logger="agent.session"):
+        agent = asyncio.run(scenario())
+    assert any(r.exc_info and "injected bug" in str(r.exc_info[1]) for r in caplog.records)
+    acked, delivered, lost = _figures(hub)
+    print("hung board, then a bug: acknowledged %d, delivered %d, lost %d; ends %s" % (
+        acked, delivered, lost, _board(agent, board.device_id)["ends"]))
+    assert lost == 0 and acked > 0

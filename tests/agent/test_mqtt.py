@@ -6,7 +6,7 @@ import getpass
 import json
 import logging
 import subprocess
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiomqtt
@@ -38,6 +38,13 @@ def _start_broker(exe: str, tmp: Path, pki: harness.Pki) -> tuple[subprocess.Pop
     return proc, port
 
 
+def _stop_broker(broker: subprocess.Popen[bytes]) -> None:
+    broker.terminate()
+    broker.wait(10)
+    if broker.stderr:
+        broker.stderr.close()
+
+
 def _stored(cfg: agent_config.AgentConfig) -> set[str]:
     """The idempotency keys of the sample frames in the agent's store."""
     db = Store(cfg.store_path, ["broker"]).reader()
@@ -45,6 +52,11 @@ def _stored(cfg: agent_config.AgentConfig) -> set[str]:
         return {"%s:%d:%d" % r for r in db.execute("SELECT device_id, epoch, seq FROM frames WHERE kind=1")}
     finally:
         db.close()
+
+
+def _keys(received: list[tuple[str, dict[str, object]]]) -> set[object]:
+    """The idempotency keys of the documents received."""
+    return {d["idempotency_key"] for _t, d in received}
 
 
 def _listening(port: int) -> bool:
@@ -55,26 +67,22 @@ def _listening(port: int) -> bool:
 
 
 @pytest.mark.micropython
-def test_frames_arrive_on_documented_topics_with_idempotency_keys(micropython: str, mosquitto: str,
+def test_frames_arrive_on_documented_topics_with_idempotency_keys(make_hub: Callable[..., harness.Hub],
+                                                                  mosquitto: str, pki: harness.Pki,
                                                                   tmp_path: Path) -> None:
-    pki = harness.pki_for(tmp_path)
     broker, port = _start_broker(mosquitto, tmp_path, pki)
-    sims = harness.start_boards(tmp_path, 2, micropython)
-    try:
-        harness.register(tmp_path / "data", tmp_path / "log", sims[:1], patient_ref="Patient/p-1")
-        harness.register(tmp_path / "data", tmp_path / "log", sims[1:])  # provisioned without a patient
-        backend = ('[[backend]]\nname = "broker"\ntype = "mqtt"\nurl = "mqtts://localhost:%d"\nca_file = "%s"\n'
-                   'client_cert = "%s"\nclient_key = "%s"\n' % (port, pki.ca_cert, pki.client_cert, pki.client_key))
-        cfg = agent_config.load(harness.write_config(tmp_path, sims, backend))
-        received: list[tuple[str, dict[str, object]]] = []
+    hub = make_hub(2, patients=["Patient/p-1"], backends=(  # board 2 provisioned without a patient
+        '[[backend]]\nname = "broker"\ntype = "mqtt"\nurl = "mqtts://localhost:%d"\nca_file = "%s"\n'
+        'client_cert = "%s"\nclient_key = "%s"\n' % (port, pki.ca_cert, pki.client_cert, pki.client_key)))
+    hub.defer(lambda: _stop_broker(broker))
+    sims, cfg = hub.sims, hub.cfg
+    received: list[tuple[str, dict[str, object]]] = []
 
-        async def scenario() -> None:
-            sub_cfg = cfg.backends[0]
-            async with aiomqtt.Client("localhost", port, tls_context=tls_context(sub_cfg), identifier="test-sub") as c:
-                await c.subscribe("pulsebridge/#", qos=1)
-                agent = Agent(cfg)
-                stop = asyncio.Event()
-                task = asyncio.create_task(agent.run(stop))
+    async def scenario() -> None:
+        sub_cfg = cfg.backends[0]
+        async with aiomqtt.Client("localhost", port, tls_context=tls_context(sub_cfg), identifier="test-sub") as c:
+            await c.subscribe("pulsebridge/#", qos=1)
+            async with harness.running(Agent(cfg)) as agent:
 
                 async def collect() -> None:
                     async for msg in c.messages:
@@ -99,41 +107,31 @@ def test_frames_arrive_on_documented_topics_with_idempotency_keys(micropython: s
                                      "both boards' links closed", lambda: agent.snapshot()["boards"])
                 await async_wait_for(lambda: agent.snapshot()["backends"][0]["backlog"] == 0, 60,
                                      "the broker's backlog drained", lambda: agent.snapshot()["backends"])
-                await async_wait_for(lambda: _stored(cfg) <= {d["idempotency_key"] for _t, d in received}, 30,
+                await async_wait_for(lambda: _stored(cfg) <= _keys(received), 30,
                                      "every stored frame received by the subscriber",
-                                     lambda: sorted(_stored(cfg) - {d["idempotency_key"] for _t, d in received})[:5])
-                stop.set()
-                await task
-                collector.cancel()
+                                     lambda: sorted(_stored(cfg) - _keys(received))[:5])
+            collector.cancel()
 
-        asyncio.run(scenario())
-        stored = _stored(cfg)
-        assert len(stored) >= 20
-        keys = set()
-        leaves = set()
-        for topic, doc in received:
-            dev, leaf = topic.split("/")[2:]
-            leaves.add(leaf)
-            assert topic.startswith("pulsebridge/test-hub/") and dev == doc["device_id"]
-            # the patient given at provisioning, on every document, vitals and alerts included
-            assert doc["subject"] == ("Patient/p-1" if dev == sims[0].device_id else None), doc
-            if doc["type"] != "samples":  # the hub's own vitals and alerts; the boards' origin checkpoints
-                assert leaf == {"vital": "vitals", "alert": "alerts", "origin_checkpoint": "origin"}[str(doc["type"])]
-                continue
-            assert leaf == doc["stream"]
-            assert doc["idempotency_key"] == "%s:%d:%d" % (doc["device_id"], doc["epoch"], doc["seq"])
-            assert doc["cose"] and doc["channels"]
-            keys.add(doc["idempotency_key"])
-        assert stored <= keys, sorted(stored - keys)[:5]  # every stored frame was published and PUBACKed
-        assert {"ecg", "ppg"} <= leaves and leaves <= {"ecg", "ppg", "vitals", "alerts", "origin"}
-    finally:
-        for s in sims:
-            s.stop()
-        broker.terminate()
-        broker.wait(10)
-        if broker.stderr:
-            broker.stderr.close()
-        time.sleep(0)
+    asyncio.run(scenario())
+    stored = _stored(cfg)
+    assert len(stored) >= 20
+    keys = set()
+    leaves = set()
+    for topic, doc in received:
+        dev, leaf = topic.split("/")[2:]
+        leaves.add(leaf)
+        assert topic.startswith("pulsebridge/test-hub/") and dev == doc["device_id"]
+        # the patient given at provisioning, on every document, vitals and alerts included
+        assert doc["subject"] == ("Patient/p-1" if dev == sims[0].device_id else None), doc
+        if doc["type"] != "samples":  # the hub's own vitals and alerts; the boards' origin checkpoints
+            assert leaf == {"vital": "vitals", "alert": "alerts", "origin_checkpoint": "origin"}[str(doc["type"])]
+            continue
+        assert leaf == doc["stream"]
+        assert doc["idempotency_key"] == "%s:%d:%d" % (doc["device_id"], doc["epoch"], doc["seq"])
+        assert doc["cose"] and doc["channels"]
+        keys.add(doc["idempotency_key"])
+    assert stored <= keys, sorted(stored - keys)[:5]  # every stored frame was published and PUBACKed
+    assert {"ecg", "ppg"} <= leaves and leaves <= {"ecg", "ppg", "vitals", "alerts", "origin"}
 
 
 def test_draining_a_backlog_logs_no_warning_per_frame(mosquitto: str, tmp_path: Path,
@@ -180,10 +178,7 @@ def test_draining_a_backlog_logs_no_warning_per_frame(mosquitto: str, tmp_path: 
             fw = asyncio.run(scenario())
     finally:
         store.close()
-        broker.terminate()
-        broker.wait(10)
-        if broker.stderr:
-            broker.stderr.close()
+        _stop_broker(broker)
     assert fw.forwarded == n and fw.failures == 0, (fw.forwarded, fw.failures, fw.last_error)
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert not warnings, "%d warnings for %d frames, the first: %s" % (len(warnings), n, warnings[0].getMessage())
@@ -245,10 +240,7 @@ def test_the_cbor_payload_carries_the_json_document_with_typed_arrays(mosquitto:
         asyncio.run(scenario())
     finally:
         store.close()
-        broker.terminate()
-        broker.wait(10)
-        if broker.stderr:
-            broker.stderr.close()
+        _stop_broker(broker)
     for k, as_json in received["j"].items():
         as_cbor = dict(received["c"][k])
         channels = as_cbor.pop("channels")

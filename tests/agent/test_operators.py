@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -152,53 +152,44 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 @pytest.mark.micropython
 @pytest.mark.slow
-def test_a_running_agent_logs_start_stop_escapes_forged_ids_and_serves_metrics(micropython: str,
-                                                                               tmp_path: Path) -> None:
-    sims = harness.start_boards(tmp_path, 1, micropython)
-    pki = harness.pki_for(tmp_path)
-    backend = harness.ThreadedBackend(tmp_path, {s.device_id: s.spec.key for s in sims}, pki)
+def test_a_running_agent_logs_start_stop_escapes_forged_ids_and_serves_metrics(
+        make_hub: Callable[..., harness.Hub], tmp_path: Path) -> None:
     port = harness.free_port()
-    try:
-        harness.register(tmp_path / "data", tmp_path / "log", sims)
-        cfg = harness.write_config(tmp_path, sims, harness.webhook(pki, backend.port),
-                                   extra='\n[metrics]\nlisten = "127.0.0.1:%d"\n' % port)
-        agent = harness.agent_process(cfg)
-        url = "http://127.0.0.1:%d/metrics" % port
-        board = ("pulsebridge_frames_stored_total", (("device_id", sims[0].device_id),))
-        forwarded = ("pulsebridge_backend_forwarded_total", (("backend", "local"),))
+    hub = make_hub(1, webhook=True, settings='\n[metrics]\nlisten = "127.0.0.1:%d"\n' % port)
+    sims, cfg = hub.sims, hub.config_path
+    agent = harness.agent_process(cfg)
+    url = "http://127.0.0.1:%d/metrics" % port
+    board = ("pulsebridge_frames_stored_total", (("device_id", sims[0].device_id),))
+    forwarded = ("pulsebridge_backend_forwarded_total", (("backend", "local"),))
 
-        def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-            try:
-                return _samples(_get(url))
-            except OSError:
-                return {}
-
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         try:
-            wait_for(lambda: scrape().get(board, 0) >= 2 and scrape().get(forwarded, 0) >= 1, 90,
-                     "frames stored and forwarded, counted", scrape)
-            forged = cose.MacKey(bytes(32), FORGED_ID.encode(), cose.AAD_UPLINK)
-            fake = messages.SampleFrame(1, 10**6, 1, 0, 0, 512, 1, (1, 1), None, (0, 0, 0, 0), [[0]])
-            sealed = forged.seal(messages.encoded(fake, sealer=cipher.SampleCipher(bytes(32), bytes(16))))
-            sims[0].inject(link.StreamFramer().frame(sealed))
-            rejected = wait_for(lambda: {k: v for k, v in scrape().items()
-                                         if k[0] == "pulsebridge_frames_rejected_total"}, 60,
-                                "the forged frame counted by its reason", scrape)
-            assert sum(rejected.values()) >= 1
-            assert not any(FORGED_ID in str(k) for k in scrape())  # a forged id never becomes a label
-        finally:
-            agent.send_signal(signal.SIGTERM)
-            agent.wait(30)
-        text = (tmp_path / "agent.log").read_text()
-        start = next(ln for ln in text.splitlines() if "starting" in ln)
-        assert str(cfg) in start and "1 boards registered (1 active)" in start and "local (webhook)" in start
-        assert "metrics on 127.0.0.1:%d" % port in start
-        assert any("stopped (config %s)" % cfg in ln for ln in text.splitlines())
-        assert "pb\\n2026 INFO x" in text  # the forged id, escaped
-        assert not any(ln.startswith("2026 INFO x") for ln in text.splitlines())  # no forged line
+            return _samples(_get(url))
+        except OSError:
+            return {}
+
+    try:
+        wait_for(lambda: scrape().get(board, 0) >= 2 and scrape().get(forwarded, 0) >= 1, 90,
+                 "frames stored and forwarded, counted", scrape)
+        forged = cose.MacKey(bytes(32), FORGED_ID.encode(), cose.AAD_UPLINK)
+        fake = messages.SampleFrame(1, 10**6, 1, 0, 0, 512, 1, (1, 1), None, (0, 0, 0, 0), [[0]])
+        sealed = forged.seal(messages.encoded(fake, sealer=cipher.SampleCipher(bytes(32), bytes(16))))
+        sims[0].inject(link.StreamFramer().frame(sealed))
+        rejected = wait_for(lambda: {k: v for k, v in scrape().items()
+                                     if k[0] == "pulsebridge_frames_rejected_total"}, 60,
+                            "the forged frame counted by its reason", scrape)
+        assert sum(rejected.values()) >= 1
+        assert not any(FORGED_ID in str(k) for k in scrape())  # a forged id never becomes a label
     finally:
-        for s in sims:
-            s.stop()
-        backend.close()
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(30)
+    text = (tmp_path / "agent.log").read_text()
+    start = next(ln for ln in text.splitlines() if "starting" in ln)
+    assert str(cfg) in start and "1 boards registered (1 active)" in start and "local (webhook)" in start
+    assert "metrics on 127.0.0.1:%d" % port in start
+    assert any("stopped (config %s)" % cfg in ln for ln in text.splitlines())
+    assert "pb\\n2026 INFO x" in text  # the forged id, escaped
+    assert not any(ln.startswith("2026 INFO x") for ln in text.splitlines())  # no forged line
 
 
 def test_ctrl_c_in_a_command_is_no_traceback(tmp_path: Path) -> None:

@@ -8,19 +8,19 @@ import copy
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import aiomqtt
 import pytest
 
-from agent import config as agent_config
 from agent.forwarders import fhir
 from agent.forwarders.base import document, tls_context
 from agent.registry import write_private
 from agent.store import KIND_FRAME, KIND_ORIGIN, Store
 from agent.supervisor import Agent
 from tests.agent import harness
-from tests.agent.test_mqtt import _start_broker
+from tests.agent.test_mqtt import _start_broker, _stop_broker
 from tests.conftest import ROOT
 from tests.waiting import async_wait_for
 
@@ -39,35 +39,32 @@ def _verify(tmp: Path, docs: object, key: Path, name: str) -> tuple[int, dict[st
 
 @pytest.mark.slow
 @pytest.mark.micropython
-def test_mqtt_documents_are_proven_and_a_hubs_tampering_is_caught(micropython: str, mosquitto: str,
+def test_mqtt_documents_are_proven_and_a_hubs_tampering_is_caught(make_hub: Callable[..., harness.Hub],
+                                                                   mosquitto: str, pki: harness.Pki,
                                                                    tmp_path: Path) -> None:
-    pki = harness.pki_for(tmp_path)
     broker, port = _start_broker(mosquitto, tmp_path, pki)
-    sims = harness.start_boards(tmp_path, 1, micropython)
+    backend = ('[[backend]]\nname = "broker"\ntype = "mqtt"\nurl = "mqtts://localhost:%d"\nca_file = "%s"\n'
+               'client_cert = "%s"\nclient_key = "%s"\n' % (port, pki.ca_cert, pki.client_cert, pki.client_key))
+    # The same documents in CBOR (typed arrays, the COSE as bytes) under another topic prefix.
+    backend += ('[[backend]]\nname = "broker-cbor"\ntype = "mqtt"\nurl = "mqtts://localhost:%d"\nca_file = "%s"\n'
+                'client_cert = "%s"\nclient_key = "%s"\ntopic_prefix = "pbcbor"\npayload = "cbor"\n'
+                % (port, pki.ca_cert, pki.client_cert, pki.client_key))
+    # A FHIR server that never answers: its outbox keeps every row, from which the
+    # Bundles the FHIR forwarder sends are made below.
+    backend += ('[[backend]]\nname = "fhir"\ntype = "fhir"\nurl = "https://127.0.0.1:%d/fhir"\nca_file = "%s"\n'
+                % (harness.free_port(), pki.ca_cert))
+    hub = make_hub(1, backends=backend)
+    hub.defer(lambda: _stop_broker(broker))
+    sims, cfg = hub.sims, hub.cfg
     docs: list[dict[str, object]] = []
     cbor_payloads: list[bytes] = []
-    try:
-        harness.register(tmp_path / "data", tmp_path / "log", sims)
-        backend = ('[[backend]]\nname = "broker"\ntype = "mqtt"\nurl = "mqtts://localhost:%d"\nca_file = "%s"\n'
-                   'client_cert = "%s"\nclient_key = "%s"\n' % (port, pki.ca_cert, pki.client_cert, pki.client_key))
-        # The same documents in CBOR (typed arrays, the COSE as bytes) under another topic prefix.
-        backend += ('[[backend]]\nname = "broker-cbor"\ntype = "mqtt"\nurl = "mqtts://localhost:%d"\nca_file = "%s"\n'
-                    'client_cert = "%s"\nclient_key = "%s"\ntopic_prefix = "pbcbor"\npayload = "cbor"\n'
-                    % (port, pki.ca_cert, pki.client_cert, pki.client_key))
-        # A FHIR server that never answers: its outbox keeps every row, from which the
-        # Bundles the FHIR forwarder sends are made below.
-        backend += ('[[backend]]\nname = "fhir"\ntype = "fhir"\nurl = "https://127.0.0.1:%d/fhir"\nca_file = "%s"\n'
-                    % (harness.free_port(), pki.ca_cert))
-        cfg = agent_config.load(harness.write_config(tmp_path, sims, backend))
 
-        async def scenario() -> None:
-            async with aiomqtt.Client("localhost", port, tls_context=tls_context(cfg.backends[0]),
-                                      identifier="test-origin") as c:
-                await c.subscribe("pulsebridge/#", qos=1)
-                await c.subscribe("pbcbor/#", qos=1)
-                agent = Agent(cfg)
-                stop = asyncio.Event()
-                task = asyncio.create_task(agent.run(stop))
+    async def scenario() -> None:
+        async with aiomqtt.Client("localhost", port, tls_context=tls_context(cfg.backends[0]),
+                                  identifier="test-origin") as c:
+            await c.subscribe("pulsebridge/#", qos=1)
+            await c.subscribe("pbcbor/#", qos=1)
+            async with harness.running(Agent(cfg)):
 
                 async def collect() -> None:
                     async for msg in c.messages:
@@ -81,18 +78,9 @@ def test_mqtt_documents_are_proven_and_a_hubs_tampering_is_caught(micropython: s
                 await async_wait_for(lambda: sum(d["type"] == "origin_checkpoint" for d in docs) >= 2, 120,
                                      "two origin checkpoints on the broker",
                                      lambda: [d["type"] for d in docs][-10:])
-                stop.set()
-                await task
-                collector.cancel()
+            collector.cancel()
 
-        asyncio.run(scenario())
-    finally:
-        for s in sims:
-            s.stop()
-        broker.terminate()
-        broker.wait(10)
-        if broker.stderr:
-            broker.stderr.close()
+    asyncio.run(scenario())
     key = tmp_path / "origin.key.json"
     origin_key = sims[0].spec.origin_key
     assert origin_key is not None

@@ -7,12 +7,12 @@
 import asyncio
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import config as agent_config
 from agent import ota
 from agent.audit import AuditLog
 from agent.dev import release
@@ -35,9 +35,9 @@ def _push(cfg_path: Path, device: str, bundle_path: Path) -> subprocess.Complete
 
 @pytest.mark.slow
 @pytest.mark.micropython
-def test_a_signed_update_over_serial_through_the_agent(micropython: str, tmp_path: Path) -> None:
-    sims = harness.start_boards(tmp_path, 1, micropython)
-    board = sims[0]
+def test_a_signed_update_over_serial_through_the_agent(make_hub: Callable[..., harness.Hub], tmp_path: Path) -> None:
+    hub = make_hub(1)
+    board, cfg_path, cfg = hub.board, hub.config_path, hub.cfg
     dev = board.device_id
     (board.directory / "pulsebridge" / "vendor.keys").write_bytes(release.public_key(VENDOR))
     files = {p: f.read_bytes() for p, f in boards.slot_files(build.compile_firmware(tmp_path / "cache")).items()}
@@ -46,18 +46,12 @@ def test_a_signed_update_over_serial_through_the_agent(micropython: str, tmp_pat
     tampered = bytearray(good)
     tampered[-100] ^= 1
     (tmp_path / "tampered.bin").write_bytes(bytes(tampered))
-    try:
-        harness.register(tmp_path / "data", tmp_path / "log", sims)
-        cfg_path = harness.write_config(tmp_path, sims, "")
-        cfg = agent_config.load(cfg_path)
 
-        def state() -> str:
-            return str((ota.read_state(cfg.run_dir, dev) or {}).get("state", ""))
+    def state() -> str:
+        return str((ota.read_state(cfg.run_dir, dev) or {}).get("state", ""))
 
-        async def scenario() -> None:
-            agent = Agent(cfg)
-            stop = asyncio.Event()
-            task = asyncio.create_task(agent.run(stop))
+    async def scenario() -> None:
+        async with harness.running(Agent(cfg)):
             await async_wait_for(lambda: len(harness.acked(board)) >= 3, 60, "the board streaming",
                                  board.console_tail)
             p = await asyncio.to_thread(_push, cfg_path, dev, tmp_path / "tampered.bin")
@@ -74,25 +68,20 @@ def test_a_signed_update_over_serial_through_the_agent(micropython: str, tmp_pat
             epochs = {e for _, e, _ in harness.acked(board)}
             await async_wait_for(lambda: len({e for _, e, _ in harness.acked(board)} - epochs) == 1, 60,
                                  "the new version streaming and acknowledged", lambda: board.console_tail()[-300:])
-            stop.set()
-            await task
 
-        asyncio.run(scenario())
-        flash = board.directory / "pulsebridge"
-        assert (flash / "boot.trial").read_text() == "b"  # on trial (confirmed after 60 s: ota_board_cases)
-        assert (board.directory / "b" / ".release").read_text().startswith("200 100 ")
-        # Every frame the board had acknowledged is in the hub's store.
-        db = Store(cfg.store_path, []).reader()
-        try:
-            stored = {r for r in db.execute("SELECT device_id, epoch, seq FROM frames WHERE kind IN (?, ?)",
-                                            (KIND_FRAME, KIND_ORIGIN))}  # the acks cover checkpoints too
-        finally:
-            db.close()
-        acked = harness.acked(board)
-        lost = acked - stored
-        assert acked and not lost, sorted(lost)[:5]
-        pushes = [e for e in AuditLog(cfg.audit_path).entries() if e["action"] == "firmware.push"]
-        assert [e["target"] for e in pushes] == [dev, dev]
+    asyncio.run(scenario())
+    flash = board.directory / "pulsebridge"
+    assert (flash / "boot.trial").read_text() == "b"  # on trial (confirmed after 60 s: ota_board_cases)
+    assert (board.directory / "b" / ".release").read_text().startswith("200 100 ")
+    # Every frame the board had acknowledged is in the hub's store.
+    db = Store(cfg.store_path, []).reader()
+    try:
+        stored = {r for r in db.execute("SELECT device_id, epoch, seq FROM frames WHERE kind IN (?, ?)",
+                                        (KIND_FRAME, KIND_ORIGIN))}  # the acks cover checkpoints too
     finally:
-        for s in sims:
-            s.stop()
+        db.close()
+    acked = harness.acked(board)
+    lost = acked - stored
+    assert acked and not lost, sorted(lost)[:5]
+    pushes = [e for e in AuditLog(cfg.audit_path).entries() if e["action"] == "firmware.push"]
+    assert [e["target"] for e in pushes] == [dev, dev]

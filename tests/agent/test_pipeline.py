@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,50 +35,42 @@ def test_demo_30s_loses_nothing(micropython: str) -> None:
 
 @pytest.mark.micropython
 @pytest.mark.slow
-def test_kill_9_at_random_moments_loses_nothing_acknowledged(micropython: str, tmp_path: Path) -> None:
+def test_kill_9_at_random_moments_loses_nothing_acknowledged(make_hub: Callable[..., harness.Hub],
+                                                             tmp_path: Path) -> None:
     rng = random.Random(20261122)
     print("seed 20261122")
-    sims = harness.start_boards(tmp_path, 2, micropython)
-    pki = harness.pki_for(tmp_path)
-    backend = harness.ThreadedBackend(tmp_path, {s.device_id: s.spec.key for s in sims}, pki)
-    try:
-        harness.register(tmp_path / "data", tmp_path / "log", sims)
-        cfg = harness.write_config(tmp_path, sims, harness.webhook(pki, backend.port))
+    hub = make_hub(2, webhook=True)
+    sims, backend, cfg = hub.sims, hub.backend, hub.config_path
 
-        def acks() -> int:
-            return sum(len(harness.acked(sim)) for sim in sims)
+    def acks() -> int:
+        return sum(len(harness.acked(sim)) for sim in sims)
 
-        for _cycle in range(20):
-            before = acks()
-            agent = harness.agent_process(cfg)
-            # Killed at a random moment once ingest is under way (its first ack
-            # on the wire), however long the agent took to start.
-            wait_for(lambda b=before: acks() > b, 60, "the agent acknowledging frames", acks, poll_s=0.05)
-            time.sleep(rng.uniform(0, 1.5))  # the random moment: the scenario's shape
-            harness.kill9(agent)
-        agent = harness.agent_process(cfg)
+    for _cycle in range(20):
         before = acks()
-        wait_for(lambda: acks() >= before + 4, 60, "the last agent acknowledging frames", acks)
-        for sim in sims:
-            sim.stop()
-        acked: set[tuple[str, int, int]] = set()
-        for sim in sims:
-            acked |= harness.acked(sim)
+        agent = harness.agent_process(cfg)
+        # Killed at a random moment once ingest is under way (its first ack
+        # on the wire), however long the agent took to start.
+        wait_for(lambda b=before: acks() > b, 60, "the agent acknowledging frames", acks, poll_s=0.05)
+        time.sleep(rng.uniform(0, 1.5))  # the random moment: the scenario's shape
+        harness.kill9(agent)
+    agent = harness.agent_process(cfg)
+    hub.defer(lambda: agent.poll() is not None or harness.kill9(agent))  # whatever happens below
+    before = acks()
+    wait_for(lambda: acks() >= before + 4, 60, "the last agent acknowledging frames", acks)
+    for sim in sims:
+        sim.stop()
+    acked = hub.acked()
 
-        def all_delivered() -> bool:
-            return {"%s:%d:%d" % a for a in acked} <= backend.keys()
+    def all_delivered() -> bool:
+        return {"%s:%d:%d" % a for a in acked} <= backend.keys()
 
-        wait_for(all_delivered, 90, "every acknowledged frame at the backend",
-                 lambda: sorted({"%s:%d:%d" % a for a in acked} - backend.keys())[:5])
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(20)
-        store = Store(tmp_path / "data" / "store.db", ["local"])
-        assert store.integrity_check() == "ok"
-        summary = backend.summary()
-        assert summary["invalid"] == 0
-        print("acknowledged %d, at the backend %d (duplicates dropped by key: %d)" % (
-            len(acked), summary["frames"], summary["duplicates"]))
-    finally:
-        backend.close()
-        for sim in sims:
-            sim.stop()
+    wait_for(all_delivered, 90, "every acknowledged frame at the backend",
+             lambda: sorted({"%s:%d:%d" % a for a in acked} - backend.keys())[:5])
+    agent.send_signal(signal.SIGTERM)
+    agent.wait(20)
+    store = Store(tmp_path / "data" / "store.db", ["local"])
+    assert store.integrity_check() == "ok"
+    summary = backend.summary()
+    assert summary["invalid"] == 0
+    print("acknowledged %d, at the backend %d (duplicates dropped by key: %d)" % (
+        len(acked), summary["frames"], summary["duplicates"]))

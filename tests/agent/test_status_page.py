@@ -8,13 +8,13 @@ import io
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from agent import config as agent_config
 from agent.audit import AuditLog
 from agent.registry import Registry, write_private
 from agent.status_page import DELIVERY_FAILING_S, FRESH_S, TEXT, StatusPage, _details, view
@@ -223,7 +223,7 @@ async def _ink_ok(page: Any) -> bool:
 
 @pytest.mark.micropython
 @pytest.mark.slow
-def test_status_page_states_in_chromium(micropython: str, tmp_path: Path) -> None:
+def test_status_page_states_in_chromium(make_hub: Callable[..., harness.Hub], tmp_path: Path) -> None:
     # Each state, phone and desktop, French and English, screenshot for a person to look at
     # (PULSEBRIDGE_SCREENSHOTS=dir keeps them): live (a real agent and board, no backend);
     # then from that agent's own snapshot, with the facts changed: a low SpO2 alert, a silent
@@ -234,100 +234,94 @@ def test_status_page_states_in_chromium(micropython: str, tmp_path: Path) -> Non
 
     shots = Path(os.environ.get("PULSEBRIDGE_SCREENSHOTS", str(tmp_path / "shots")))
     shots.mkdir(parents=True, exist_ok=True)
-    sims = harness.start_boards(tmp_path, 1, micropython)
     pw_file = tmp_path / "status.password"
     write_private(pw_file, (PASSWORD + "\n").encode())
-    dev = sims[0].device_id
-    try:
-        _register(tmp_path / "data", tmp_path / "log", sims, "Chambre de Marie")
-        port = harness.free_port()
-        cfg = agent_config.load(harness.write_config(tmp_path, sims, "", extra=(
-            'status_page_listen = "127.0.0.1:%d"\nstatus_page_password_file = "%s"\n' % (port, pw_file))))
-        found: dict[str, str] = {}
-        violations: dict[str, list[str]] = {}
+    port = harness.free_port()
+    hub = make_hub(1, label="Chambre de Marie", settings=(
+        'status_page_listen = "127.0.0.1:%d"\nstatus_page_password_file = "%s"\n' % (port, pw_file)))
+    cfg, dev = hub.cfg, hub.board.device_id
+    found: dict[str, str] = {}
+    violations: dict[str, list[str]] = {}
 
-        async def shoot(page: Any, name: str) -> None:
-            path = shots / ("status-%s.png" % name)
-            await page.screenshot(path=str(path), full_page=True)
-            assert path.stat().st_size > 10_000
-            # No-break spaces (before units, in numbers) read as spaces here.
-            found[name] = ((await page.text_content("body")) or "").replace("\xa0", " ").replace("\u202f", " ")
-            violations[name] = await _axe(page, axe)
+    async def shoot(page: Any, name: str) -> None:
+        path = shots / ("status-%s.png" % name)
+        await page.screenshot(path=str(path), full_page=True)
+        assert path.stat().st_size > 10_000
+        # No-break spaces (before units, in numbers) read as spaces here.
+        found[name] = ((await page.text_content("body")) or "").replace("\xa0", " ").replace("\u202f", " ")
+        violations[name] = await _axe(page, axe)
 
-        async def scenario() -> None:
-            agent = Agent(cfg)
-            stop = asyncio.Event()
-            task = asyncio.create_task(agent.run(stop))
-            last_vitals = agent.vitals_runner.last_vitals
-            await async_wait_for(lambda: {"heart_rate", "spo2"} <= set(last_vitals.get(dev, {})), 120,
-                                 "the board's first heart rate and SpO2", lambda: agent.snapshot()["boards"])
-            url = "http://127.0.0.1:%d/" % port
-            async with aiohttp.ClientSession() as s:  # no password, no page
-                async with s.get(url) as r:
-                    assert r.status == 401
-            async with async_playwright() as p:
-                browser = await p.chromium.launch(executable_path=chromium, args=LAUNCH_ARGS)
-                pages = {(loc, vp): await _open(browser, url, loc, vp)
-                         for loc in ("fr-FR", "en-GB") for vp in VIEWPORTS}
+    async def scenario() -> None:
+        agent = Agent(cfg)
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        last_vitals = agent.vitals_runner.last_vitals
+        await async_wait_for(lambda: {"heart_rate", "spo2"} <= set(last_vitals.get(dev, {})), 120,
+                             "the board's first heart rate and SpO2", lambda: agent.snapshot()["boards"])
+        url = "http://127.0.0.1:%d/" % port
+        async with aiohttp.ClientSession() as s:  # no password, no page
+            async with s.get(url) as r:
+                assert r.status == 401
+        async with async_playwright() as p:
+            browser = await p.chromium.launch(executable_path=chromium, args=LAUNCH_ARGS)
+            pages = {(loc, vp): await _open(browser, url, loc, vp)
+                     for loc in ("fr-FR", "en-GB") for vp in VIEWPORTS}
+            for (loc, vp), page in pages.items():
+                await _until_page(page, _ink_ok, 60,
+                                  "live and green, the ECG drawn")
+                await shoot(page, "live-%s-%s" % (loc[:2], vp))
+            snap = agent.snapshot()
+            waves = {s: agent.vitals_runner.waveform(dev, s) for s in ("ecg", "ppg")}
+            stop.set()
+            await task
+
+            # The same facts, changed: each state served by the page's own server and script.
+            async def alert() -> dict[str, Any]:
+                now = time.time()
+                out = copy.deepcopy(snap)
+                out["now"] = now
+                out["sensors"][0]["heard_at"] = now - 1
+                out["last_vitals"][dev]["spo2"]["value"] = 85.0
+                out["vitals"]["active_alerts"] = [[dev, "spo2_low"]]
+                return out
+
+            async def silent() -> dict[str, Any]:
+                now = time.time()
+                out = copy.deepcopy(snap)
+                out["now"] = now
+                out["sensors"][0]["heard_at"] = now - 75
+                out["boards"][0]["state"] = "stalled"
+                out["backends"] = [{"name": "hopital", "type": "webhook", "state": "backoff", "backlog": 3400,
+                                    "forwarded": 51234, "failures": 40, "refused": 0,
+                                    "last_error": "ConnectionRefusedError", "last_delivered_at": now - 905,
+                                    "failing_since": now - 900, "oldest_waiting_at": now - 900}]
+                return out
+
+            for name, facts in (("alert", alert), ("silent", silent)):
+                page_server = StatusPage(facts, lambda d, s: waves.get(s, {"values": []}), PASSWORD)
+                fake_port = await page_server.start("127.0.0.1", 0)
+                furl = "http://127.0.0.1:%d/" % fake_port
                 for (loc, vp), page in pages.items():
-                    await _until_page(page, _ink_ok, 60,
-                                      "live and green, the ECG drawn")
-                    await shoot(page, "live-%s-%s" % (loc[:2], vp))
-                snap = agent.snapshot()
-                waves = {s: agent.vitals_runner.waveform(dev, s) for s in ("ecg", "ppg")}
-                stop.set()
-                await task
-
-                # The same facts, changed: each state served by the page's own server and script.
-                async def alert() -> dict[str, Any]:
-                    now = time.time()
-                    out = copy.deepcopy(snap)
-                    out["now"] = now
-                    out["sensors"][0]["heard_at"] = now - 1
-                    out["last_vitals"][dev]["spo2"]["value"] = 85.0
-                    out["vitals"]["active_alerts"] = [[dev, "spo2_low"]]
-                    return out
-
-                async def silent() -> dict[str, Any]:
-                    now = time.time()
-                    out = copy.deepcopy(snap)
-                    out["now"] = now
-                    out["sensors"][0]["heard_at"] = now - 75
-                    out["boards"][0]["state"] = "stalled"
-                    out["backends"] = [{"name": "hopital", "type": "webhook", "state": "backoff", "backlog": 3400,
-                                        "forwarded": 51234, "failures": 40, "refused": 0,
-                                        "last_error": "ConnectionRefusedError", "last_delivered_at": now - 905,
-                                        "failing_since": now - 900, "oldest_waiting_at": now - 900}]
-                    return out
-
-                for name, facts in (("alert", alert), ("silent", silent)):
-                    page_server = StatusPage(facts, lambda d, s: waves.get(s, {"values": []}), PASSWORD)
-                    fake_port = await page_server.start("127.0.0.1", 0)
-                    furl = "http://127.0.0.1:%d/" % fake_port
+                    await page.goto(furl)
+                    want = "level-alert" if name == "alert" else "level-attention"
+                    await _until_page(page, lambda pg, w=want: _has_class(pg, w), 30, want)
+                    if name == "silent":  # the technician's details open too
+                        await page.click("summary")
+                    await shoot(page, "%s-%s-%s" % (name, loc[:2], vp))
+                    found[name + "-announced-" + loc[:2] + vp] = " / ".join([
+                        (await page.text_content("#announce-alert")) or "",
+                        (await page.text_content("#announce")) or ""])
+                if name == "alert":
+                    await page_server.stop()  # the hub stops answering the open pages
                     for (loc, vp), page in pages.items():
-                        await page.goto(furl)
-                        want = "level-alert" if name == "alert" else "level-attention"
-                        await _until_page(page, lambda pg, w=want: _has_class(pg, w), 30, want)
-                        if name == "silent":  # the technician's details open too
-                            await page.click("summary")
-                        await shoot(page, "%s-%s-%s" % (name, loc[:2], vp))
-                        found[name + "-announced-" + loc[:2] + vp] = " / ".join([
-                            (await page.text_content("#announce-alert")) or "",
-                            (await page.text_content("#announce")) or ""])
-                    if name == "alert":
-                        await page_server.stop()  # the hub stops answering the open pages
-                        for (loc, vp), page in pages.items():
-                            await _until_page(page, lambda pg: _has_class(pg, "level-lost"), 40, "hub not answering")
-                            await shoot(page, "lost-%s-%s" % (loc[:2], vp))
-                            await page.goto("about:blank")
-                    else:
-                        await page_server.stop()
-                await browser.close()
+                        await _until_page(page, lambda pg: _has_class(pg, "level-lost"), 40, "hub not answering")
+                        await shoot(page, "lost-%s-%s" % (loc[:2], vp))
+                        await page.goto("about:blank")
+                else:
+                    await page_server.stop()
+            await browser.close()
 
-        asyncio.run(scenario())
-    finally:
-        for s in sims:
-            s.stop()
+    asyncio.run(scenario())
     assert len(violations) == 16 and not any(violations.values()), violations  # WCAG A/AA, every state
     fr, en = found["live-fr-phone"], found["live-en-phone"]
     assert "Tout fonctionne : les mesures arrivent et sont gardées sur la passerelle." in fr, fr
@@ -356,7 +350,8 @@ def test_status_page_states_in_chromium(micropython: str, tmp_path: Path) -> Non
 
 @pytest.mark.micropython
 @pytest.mark.slow
-def test_status_page_and_cli_tell_stalled_unplugged_and_restarted(micropython: str, tmp_path: Path) -> None:
+def test_status_page_and_cli_tell_stalled_unplugged_and_restarted(make_hub: Callable[..., harness.Hub],
+                                                                   tmp_path: Path) -> None:
     # A board whose firmware hangs (stalled), a configured port with nothing
     # plugged in, and a task that crashed once: the page (French and
     # English) and `pulsebridge status` say so, in plain words.
@@ -365,34 +360,29 @@ def test_status_page_and_cli_tell_stalled_unplugged_and_restarted(micropython: s
 
     from agent import cli
 
-    sims = harness.start_boards(tmp_path, 1, micropython)
-    board = sims[0]
     pw_file = tmp_path / "status.password"
     write_private(pw_file, b"correct horse battery\n")
     absent = tmp_path / "ttyACM9"
-    try:
-        harness.register(tmp_path / "data", tmp_path / "log", sims)
-        port = harness.free_port()
-        config = harness.write_config(tmp_path, sims, "", extra=(
-            'status_page_listen = "127.0.0.1:%d"\nstatus_page_password_file = "%s"\n\n[[serial]]\nport = "%s"\n'
-            % (port, pw_file, absent)))
-        cfg = agent_config.load(config)
+    port = harness.free_port()
+    hub = make_hub(1, settings=(
+        'status_page_listen = "127.0.0.1:%d"\nstatus_page_password_file = "%s"\n\n[[serial]]\nport = "%s"\n'
+        % (port, pw_file, absent)))
+    board, config, cfg = hub.board, hub.config_path, hub.cfg
 
-        async def scenario() -> dict[str, str]:
-            agent = Agent(cfg)
-            agent.links.stall_s, agent.links.identify_s = 2.0, 2.0
-            housekeeping = agent.maintenance.run
-            crashes = [1]
+    async def scenario() -> dict[str, str]:
+        agent = Agent(cfg)
+        agent.links.stall_s, agent.links.identify_s = 2.0, 2.0
+        housekeeping = agent.maintenance.run
+        crashes = [1]
 
-            async def flaky() -> None:  # fault injection: one crash
-                if crashes:
-                    crashes.pop()
-                    raise RuntimeError("injected fault")
-                await housekeeping()
+        async def flaky() -> None:  # fault injection: one crash
+            if crashes:
+                crashes.pop()
+                raise RuntimeError("injected fault")
+            await housekeeping()
 
-            agent.maintenance.run = flaky  # type: ignore[method-assign]
-            stop = asyncio.Event()
-            task = asyncio.create_task(agent.run(stop))
+        agent.maintenance.run = flaky  # type: ignore[method-assign]
+        async with harness.running(agent):
 
             def state(dev: str) -> str:
                 return next((b["state"] for b in agent.snapshot()["boards"] if b["device_id"] == dev), "")
@@ -413,9 +403,7 @@ def test_status_page_and_cli_tell_stalled_unplugged_and_restarted(micropython: s
                 assert await asyncio.to_thread(cli.main, ["status", "--config", str(config)]) == 0
             found["cli"] = out.getvalue()
             async with async_playwright() as p:
-                browser = await p.chromium.launch(executable_path=chromium, args=[
-                    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                    "--disable-sync", "--no-first-run"])
+                browser = await p.chromium.launch(executable_path=chromium, args=LAUNCH_ARGS)
                 for locale in ("fr-FR", "en-GB"):
                     ctx = await browser.new_context(locale=locale, http_credentials={
                         "username": "hub", "password": "correct horse battery"})
@@ -433,52 +421,42 @@ def test_status_page_and_cli_tell_stalled_unplugged_and_restarted(micropython: s
                     await ctx.close()
                 await browser.close()
             os.killpg(board.proc.pid, signal.SIGCONT)
-            stop.set()
-            await task
-            return found
+        return found
 
-        found = asyncio.run(scenario())
-        fr, en, text = found["fr-FR"], found["en-GB"], found["cli"]
-        assert "Quelque chose est à vérifier" in fr and "Something needs a look" in en, (fr, en)
-        assert "test board : aucune mesure depuis" in fr and "Il est branché, mais rien ne passe" in fr, fr
-        assert "test board: no reading for" in en and "It is plugged in, but nothing comes through" in en, en
-        assert "%s : rien de branché" % absent in fr and "%s: nothing plugged in" % absent in en, (fr, en)
-        assert "Tâche interne housekeeping redémarrée 1 fois" in fr, fr
-        assert "Internal task housekeeping restarted 1 times" in en, en
-        assert "board pb-t01       stalled: nothing received" in text, text
-        assert "not plugged in, on %s" % absent in text, text
-        assert "task housekeeping restarted 1 times (last: RuntimeError: injected fault)" in text, text
-    finally:
-        for s in sims:
-            s.stop()
+    found = asyncio.run(scenario())
+    fr, en, text = found["fr-FR"], found["en-GB"], found["cli"]
+    assert "Quelque chose est à vérifier" in fr and "Something needs a look" in en, (fr, en)
+    assert "test board : aucune mesure depuis" in fr and "Il est branché, mais rien ne passe" in fr, fr
+    assert "test board: no reading for" in en and "It is plugged in, but nothing comes through" in en, en
+    assert "%s : rien de branché" % absent in fr and "%s: nothing plugged in" % absent in en, (fr, en)
+    assert "Tâche interne housekeeping redémarrée 1 fois" in fr, fr
+    assert "Internal task housekeeping restarted 1 times" in en, en
+    assert "board pb-t01       stalled: nothing received" in text, text
+    assert "not plugged in, on %s" % absent in text, text
+    assert "task housekeeping restarted 1 times (last: RuntimeError: injected fault)" in text, text
 
 
 @pytest.mark.micropython
 @pytest.mark.slow
-def test_a_silent_sensor_is_still_told_after_a_hub_restart(micropython: str, tmp_path: Path) -> None:
+def test_a_silent_sensor_is_still_told_after_a_hub_restart(make_hub: Callable[..., harness.Hub]) -> None:
     # Before: after a restart the hub knew nothing of a sensor that stayed silent: no alert, and
     # the page never said it again. Now its last frame and the alert still raised are read back
     # from the store: the page tells it at once, by its label, and the alert is not raised twice.
     from agent.store import Store
 
-    sims = harness.start_boards(tmp_path, 1, micropython)
-    dev = sims[0].device_id
-    try:
-        _register(tmp_path / "data", tmp_path / "log", sims, "Salon")
-        cfg = agent_config.load(harness.write_config(tmp_path, sims, "", extra=(
-            '\n[[alert]]\nname = "board_silent"\nsignal = "silence_s"\nhigh = 3\nmin_duration_s = 0\n')))
+    hub = make_hub(1, label="Salon", settings=(
+        '\n[[alert]]\nname = "board_silent"\nsignal = "silence_s"\nhigh = 3\nmin_duration_s = 0\n'))
+    sims, cfg, dev = hub.sims, hub.cfg, hub.board.device_id
 
-        def alerts(agent: Agent) -> list[tuple[str, str]]:
-            reader = agent.store.reader()
-            try:
-                return [(d["alert"], d["state"]) for d in Store.recent_alerts(reader, 100)]
-            finally:
-                reader.close()
+    def alerts(agent: Agent) -> list[tuple[str, str]]:
+        reader = agent.store.reader()
+        try:
+            return [(d["alert"], d["state"]) for d in Store.recent_alerts(reader, 100)]
+        finally:
+            reader.close()
 
-        async def first_run() -> list[tuple[str, str]]:
-            agent = Agent(cfg)
-            stop = asyncio.Event()
-            task = asyncio.create_task(agent.run(stop))
+    async def first_run() -> list[tuple[str, str]]:
+        async with harness.running(Agent(cfg)) as agent:
             await async_wait_for(lambda: agent.vitals.last_seen.get(dev), 90, "a frame of the board stored",
                                  lambda: agent.snapshot()["boards"])
             await asyncio.to_thread(sims[0].stop)  # the sensor falls silent, and stays so
@@ -486,14 +464,10 @@ def test_a_silent_sensor_is_still_told_after_a_hub_restart(micropython: str, tmp
                                  "the silence alert raised", lambda: agent.vitals.alerts.active())
             await async_wait_for(lambda: ("board_silent", "raised") in alerts(agent), 30, "the alert stored",
                                  lambda: alerts(agent))
-            stop.set()
-            await task
-            return alerts(agent)
+        return alerts(agent)
 
-        async def after_restart() -> dict[str, Any]:
-            agent = Agent(cfg)
-            stop = asyncio.Event()
-            task = asyncio.create_task(agent.run(stop))
+    async def after_restart() -> dict[str, Any]:
+        async with harness.running(Agent(cfg)) as agent:
             await async_wait_for(lambda: agent.tasks, 30, "the agent's tasks started")
             seen: dict[str, Any] = {"view": view(agent.snapshot())}
             turns = agent.vitals_runner.turns
@@ -501,19 +475,14 @@ def test_a_silent_sensor_is_still_told_after_a_hub_restart(micropython: str, tmp
             await async_wait_for(lambda: agent.vitals_runner.turns >= turns + 2, 60, "a silence check")
             seen["alerts"] = alerts(agent)
             seen["active"] = agent.vitals.alerts.active()
-            stop.set()
-            await task
-            return seen
+        return seen
 
-        before = asyncio.run(first_run())
-        assert before.count(("board_silent", "raised")) == 1, before
-        seen = asyncio.run(after_restart())
-        v = seen["view"]
-        assert v["level"] == "alert", v
-        assert v["notices"][0]["key"] == "alert_board_silent" and v["notices"][0]["args"]["label"] == "Salon", v
-        assert v["sensors"][0]["state"] == "silent" and v["sensors"][0]["heard_at"] is not None, v
-        assert seen["active"] == [(dev, "board_silent")], seen
-        assert seen["alerts"] == before, seen  # not raised a second time
-    finally:
-        for s in sims:
-            s.stop()
+    before = asyncio.run(first_run())
+    assert before.count(("board_silent", "raised")) == 1, before
+    seen = asyncio.run(after_restart())
+    v = seen["view"]
+    assert v["level"] == "alert", v
+    assert v["notices"][0]["key"] == "alert_board_silent" and v["notices"][0]["args"]["label"] == "Salon", v
+    assert v["sensors"][0]["state"] == "silent" and v["sensors"][0]["heard_at"] is not None, v
+    assert seen["active"] == [(dev, "board_silent")], seen
+    assert seen["alerts"] == before, seen  # not raised a second time

@@ -188,31 +188,27 @@ def test_many_connections_from_one_client_leave_the_owner_and_pulsebridge_status
     cfg = agent_config.load(config)
 
     async def scenario() -> dict[str, Any]:
-        agent = Agent(cfg)
-        stop = asyncio.Event()
-        task = asyncio.create_task(agent.run(stop))
-        await async_wait_for(lambda: agent.status.page_port and agent.status.page is not None, 30, "the page up")
-        assert agent.status.page is not None
-        held = []
-        for _ in range(300):
-            with contextlib.suppress(OSError):
-                held.append(await _half_sent(port, "127.0.0.1", b"GET / HTTP/1.1\r\nHo"))
-        limits = agent.status.page.limits
-        await async_wait_for(lambda: limits.refused >= 300 - MAX_CONNECTIONS_PER_CLIENT, 30,
-                             "the excess refused", lambda: agent.status.page.stats() if agent.status.page else None)
-        seen: dict[str, Any] = {"open_at_most": limits.total}
-        async with _session("127.0.0.2") as owner:
-            async with owner.get("http://127.0.0.1:%d/api/status" % port, headers=_auth(PASSWORD)) as r:
-                seen["owner"] = r.status
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            seen["cli"] = await asyncio.to_thread(cli.main, ["status", "--config", str(config)])
-        seen["cli_text"] = out.getvalue()
-        seen["stats"] = agent.status.page.stats()
-        for _, w in held:
-            w.close()
-        stop.set()
-        await task
+        async with harness.running(Agent(cfg)) as agent:
+            await async_wait_for(lambda: agent.status.page_port and agent.status.page is not None, 30, "the page up")
+            assert agent.status.page is not None
+            held = []
+            for _ in range(300):
+                with contextlib.suppress(OSError):
+                    held.append(await _half_sent(port, "127.0.0.1", b"GET / HTTP/1.1\r\nHo"))
+            limits = agent.status.page.limits
+            await async_wait_for(lambda: limits.refused >= 300 - MAX_CONNECTIONS_PER_CLIENT, 30,
+                                 "the excess refused", lambda: agent.status.page.stats() if agent.status.page else None)
+            seen: dict[str, Any] = {"open_at_most": limits.total}
+            async with _session("127.0.0.2") as owner:
+                async with owner.get("http://127.0.0.1:%d/api/status" % port, headers=_auth(PASSWORD)) as r:
+                    seen["owner"] = r.status
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                seen["cli"] = await asyncio.to_thread(cli.main, ["status", "--config", str(config)])
+            seen["cli_text"] = out.getvalue()
+            seen["stats"] = agent.status.page.stats()
+            for _, w in held:
+                w.close()
         return seen
 
     seen = asyncio.run(scenario())

@@ -7,7 +7,7 @@ import os
 import secrets
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -223,28 +223,19 @@ def test_uint64_edge_frame_among_other_boards_frames(tmp_path: Path) -> None:
 
 @pytest.mark.micropython
 @pytest.mark.slow
-def test_disk_full_with_the_real_agent_and_boards(micropython: str, tmp_path: Path) -> None:
+def test_disk_full_with_the_real_agent_and_boards(make_hub: Callable[..., Any], tmp_path: Path) -> None:
     # The agent's data directory on a 24 MB tmpfs, two simulated boards, an
     # HTTPS backend. The card fills up (another writer), then space returns.
-    from agent import config as agent_config
     from agent.supervisor import Agent
     from tests.agent import harness
-    from tests.agent.test_links import _drain, _figures, _until
+    from tests.agent.test_links import _figures, _until
 
     with small_filesystem(tmp_path / "card", 24 * 1024) as card:
-        sims = harness.start_boards(tmp_path, 2, micropython)
-        pki = harness.pki_for(tmp_path)
-        backend = harness.ThreadedBackend(tmp_path, {s.device_id: s.spec.key for s in sims}, pki)
-        try:
-            harness.register(card, tmp_path / "log", sims)
-            path = harness.write_config(tmp_path, sims, harness.webhook(pki, backend.port))
-            path.write_text(path.read_text().replace('data_dir = "%s"' % (tmp_path / "data"), 'data_dir = "%s"' % card))
-            cfg = agent_config.load(path)
+        hub = make_hub(2, webhook=True, data_dir=card)
+        sims = hub.sims
 
-            async def scenario() -> dict[str, Any]:
-                agent = Agent(cfg)
-                stop = asyncio.Event()
-                task = asyncio.create_task(agent.run(stop))
+        async def scenario() -> dict[str, Any]:
+            async with harness.running(Agent(hub.cfg)) as agent:
                 await _until(lambda: all(len(harness.acked(s)) >= 3 for s in sims), 60,
                              lambda: agent.snapshot()["boards"])
                 await asyncio.to_thread(fill, card / "filler")
@@ -258,27 +249,20 @@ def test_disk_full_with_the_real_agent_and_boards(micropython: str, tmp_path: Pa
                 await _until(lambda: agent.snapshot()["store"]["state"] == "ok"
                              and all(len(harness.acked(s)) > n + 3 for s, n in zip(sims, stuck)), 60,
                              lambda: (agent.snapshot()["store"], agent.snapshot()["boards"]))
-                await asyncio.to_thread(lambda: [s.stop() for s in sims])
-                await _drain(agent, 60)
-                stop.set()
-                await task
-                return {"during": during, "held": held_acks, "stuck": stuck}
+                await harness.finish(agent, sims, 60)
+            return {"during": during, "held": held_acks, "stuck": stuck}
 
-            seen = asyncio.run(scenario())
-            acked, delivered, lost = _figures(sims, backend)
-            print("disk full then space back: acknowledged %d, delivered %d, lost %d; acks while full %s -> %s" % (
-                acked, delivered, lost, seen["held"], seen["stuck"]))
-            assert "full" in seen["during"]["fault"]
-            assert lost == 0 and acked > 0
-        finally:
-            backend.close()
-            for s in sims:
-                s.stop()
+        seen = asyncio.run(scenario())
+        acked, delivered, lost = _figures(hub)
+        print("disk full then space back: acknowledged %d, delivered %d, lost %d; acks while full %s -> %s" % (
+            acked, delivered, lost, seen["held"], seen["stuck"]))
+        assert "full" in seen["during"]["fault"]
+        assert lost == 0 and acked > 0
 
 
 @pytest.mark.micropython
 @pytest.mark.slow
-def test_status_page_and_cli_tell_a_full_disk(micropython: str, tmp_path: Path) -> None:
+def test_status_page_and_cli_tell_a_full_disk(make_hub: Callable[..., Any], tmp_path: Path) -> None:
     # The truth in both places while the card is full: the page (French and English) and `pulsebridge status`.
     import contextlib
     import io
@@ -286,31 +270,23 @@ def test_status_page_and_cli_tell_a_full_disk(micropython: str, tmp_path: Path) 
     from playwright.async_api import async_playwright
 
     from agent import cli
-    from agent import config as agent_config
     from agent.registry import write_private
     from agent.supervisor import Agent
     from tests.agent import harness
     from tests.agent.test_links import _until
-    from tests.agent.test_status_page import _chromium
+    from tests.agent.test_status_page import LAUNCH_ARGS, _chromium
 
     chromium = _chromium()
     with small_filesystem(tmp_path / "card", 24 * 1024) as card:
-        sims = harness.start_boards(tmp_path, 1, micropython)
         pw_file = tmp_path / "status.password"
         write_private(pw_file, b"correct horse battery\n")
-        try:
-            harness.register(card, tmp_path / "log", sims)
-            port = harness.free_port()
-            config = harness.write_config(tmp_path, sims, "", extra=(
-                'status_page_listen = "127.0.0.1:%d"\nstatus_page_password_file = "%s"\n' % (port, pw_file)))
-            config.write_text(config.read_text().replace('data_dir = "%s"' % (tmp_path / "data"),
-                                                         'data_dir = "%s"' % card))
-            cfg = agent_config.load(config)
+        port = harness.free_port()
+        hub = make_hub(1, data_dir=card, settings=(
+            'status_page_listen = "127.0.0.1:%d"\nstatus_page_password_file = "%s"\n' % (port, pw_file)))
+        sims, config = hub.sims, hub.config_path
 
-            async def scenario() -> dict[str, str]:
-                agent = Agent(cfg)
-                stop = asyncio.Event()
-                task = asyncio.create_task(agent.run(stop))
+        async def scenario() -> dict[str, str]:
+            async with harness.running(Agent(hub.cfg)) as agent:
                 await _until(lambda: len(harness.acked(sims[0])) >= 2, 60, lambda: agent.snapshot()["boards"])
                 await asyncio.to_thread(fill, card / "filler")
                 await _until(lambda: agent.snapshot()["store"]["state"] == "fault", 60,
@@ -321,9 +297,7 @@ def test_status_page_and_cli_tell_a_full_disk(micropython: str, tmp_path: Path) 
                     assert await asyncio.to_thread(cli.main, ["status", "--config", str(config)]) == 0
                 found["cli"] = out.getvalue()
                 async with async_playwright() as p:
-                    browser = await p.chromium.launch(executable_path=chromium, args=[
-                        "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                        "--disable-component-update", "--disable-sync", "--no-first-run"])
+                    browser = await p.chromium.launch(executable_path=chromium, args=LAUNCH_ARGS)
                     for locale in ("fr-FR", "en-GB"):
                         ctx = await browser.new_context(locale=locale, http_credentials={
                             "username": "hub", "password": "correct horse battery"})
@@ -338,14 +312,9 @@ def test_status_page_and_cli_tell_a_full_disk(micropython: str, tmp_path: Path) 
                     await browser.close()
                 (card / "filler").unlink()
                 await _until(lambda: agent.snapshot()["store"]["state"] == "ok", 60, lambda: agent.snapshot()["store"])
-                stop.set()
-                await task
-                return found
+            return found
 
-            found = asyncio.run(scenario())
-            assert "carte pleine" in found["fr-FR"], found["fr-FR"]
-            assert "card full" in found["en-GB"], found["en-GB"]
-            assert "store FAULT for" in found["cli"] and "disk is full" in found["cli"], found["cli"]
-        finally:
-            for s in sims:
-                s.stop()
+        found = asyncio.run(scenario())
+        assert "carte pleine" in found["fr-FR"], found["fr-FR"]
+        assert "card full" in found["en-GB"], found["en-GB"]
+        assert "store FAULT for" in found["cli"] and "disk is full" in found["cli"], found["cli"]

@@ -61,27 +61,26 @@ def test_watchdog_only_while_the_loops_make_progress(tmp_path: Path, monkeypatch
                 return apply(db, batch)
 
             agent.store._apply = stuck  # type: ignore[method-assign]
-            stop = asyncio.Event()
-            task = asyncio.create_task(agent.run(stop))
-            msgs = systemd.poll
-            await async_wait_for(lambda: sum("WATCHDOG" in m for m in msgs()) >= 3, 20, "three watchdog pings", msgs)
-            assert msgs()[0]["READY"] == "1" and msgs()[0]["MAINPID"]
-            hang.set()
-            agent.store.submit_reject("test", "test", None, b"x")  # a write: the writer takes it, and hangs
-            await async_wait_for(lambda: any(m.get("STATUS", "").startswith("stuck") for m in msgs()), 20,
-                                 "a 'stuck' status", msgs)
-            stuck_at = next(i for i, m in enumerate(msgs()) if m.get("STATUS", "").startswith("stuck"))
-            await async_wait_for(lambda: len(msgs()) >= stuck_at + 4, 20, "three more checks, still stuck", msgs)
-            assert not any("WATCHDOG" in m for m in msgs()[stuck_at:]), msgs()[stuck_at:]
-            snap = agent.snapshot()
-            assert snap["systemd"]["alive"] is False and "store" in snap["systemd"]["reason"]
-            go_on.set()
-            hang.clear()
-            n = len(msgs())
-            await async_wait_for(lambda: any("WATCHDOG" in m for m in msgs()[n:]), 20, "a watchdog ping again", msgs)
-            assert agent.snapshot()["systemd"]["alive"] is True
-            stop.set()
-            await task
+            async with harness.running(agent):
+                msgs = systemd.poll
+                await async_wait_for(lambda: sum("WATCHDOG" in m for m in msgs()) >= 3, 20, "three watchdog pings",
+                                     msgs)
+                assert msgs()[0]["READY"] == "1" and msgs()[0]["MAINPID"]
+                hang.set()
+                agent.store.submit_reject("test", "test", None, b"x")  # a write: the writer takes it, and hangs
+                await async_wait_for(lambda: any(m.get("STATUS", "").startswith("stuck") for m in msgs()), 20,
+                                     "a 'stuck' status", msgs)
+                stuck_at = next(i for i, m in enumerate(msgs()) if m.get("STATUS", "").startswith("stuck"))
+                await async_wait_for(lambda: len(msgs()) >= stuck_at + 4, 20, "three more checks, still stuck", msgs)
+                assert not any("WATCHDOG" in m for m in msgs()[stuck_at:]), msgs()[stuck_at:]
+                snap = agent.snapshot()
+                assert snap["systemd"]["alive"] is False and "store" in snap["systemd"]["reason"]
+                go_on.set()
+                hang.clear()
+                n = len(msgs())
+                await async_wait_for(lambda: any("WATCHDOG" in m for m in msgs()[n:]), 20, "a watchdog ping again",
+                                     msgs)
+                assert agent.snapshot()["systemd"]["alive"] is True
             assert msgs()[-1] == {"STOPPING": "1"}
             return snap
 
