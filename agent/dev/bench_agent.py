@@ -23,7 +23,6 @@ import cProfile
 import dataclasses
 import getpass
 import json
-import logging
 import os
 import pstats
 import resource
@@ -369,8 +368,7 @@ AREAS = (
     ("numpy", "sample decoding (numpy)"),
     ("agent/store", "store (SQLite, this thread)"),
     ("sqlite3", "store (SQLite, this thread)"),
-    ("aiomqtt", "MQTT client (aiomqtt, paho)"),
-    ("paho", "MQTT client (aiomqtt, paho)"),
+    ("paho", "MQTT client (paho)"),
     ("ssl", "TLS"),
     ("json", "documents (JSON, CBOR, record)"),
     ("cbor2", "documents (JSON, CBOR, record)"),
@@ -527,8 +525,6 @@ def card_writes(seconds: float) -> dict[str, float]:
 
 def run(frames: int = 20000, baseline_frames: int = 3000, seconds: float = 20.0,
         backlog_frames: int = BACKLOG_FRAMES) -> dict[str, Any]:
-    # aiomqtt warns for every publish queued behind the first 500: noise in a benchmark.
-    logging.getLogger("mqtt").setLevel(logging.ERROR)
     os.environ.setdefault("PYTHONHASHSEED", "0")
     r: dict[str, Any] = {}
     r["realistic_load"] = realistic(seconds)  # first: RSS before the bulk runs grow the heap

@@ -1,4 +1,4 @@
-"""MQTT 3.1.1 / 5 over TLS, QoS 1: a row leaves the outbox on PUBACK.
+"""MQTT 3.1.1 over TLS, QoS 1: a row leaves the outbox on PUBACK.
 
 Topics: <topic_prefix>/<hub_id>/<device_id>/<stream> for sample frames
 (stream: ecg, ecg-ad8232, ppg), and .../<device_id>/vitals, .../alerts
@@ -10,33 +10,49 @@ QoS 1 allows. payload = "cbor" sends the same document in CBOR (RFC 8949)
 instead, for consumers that want it binary: each channel's samples as an
 RFC 8746 typed array (tag 78: int32, little-endian), the COSE frame as a
 byte string; hub-made records are the same maps as in JSON.
+
+The client is paho-mqtt, driven on the agent's event loop through paho's
+external-loop API (its socket callbacks; loop_read, loop_write, and
+loop_misc once a second for keepalive), with no thread of its own. A batch
+of rows is published at once, all of it in paho's in-flight window, and
+awaited as one: a single future, resolved by the batch's last PUBACK. A
+connection that drops fails the batch at once; a batch with no PUBACK for
+timeout_s fails and its connection is closed. Either way none of its rows
+is marked forwarded: they are published again on a new connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 from urllib.parse import urlparse
 
-import aiomqtt
 import cbor2
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import BackendConfig, Table
 from agent.forwarders.base import DeliveryError, Forwarder, document, read_secret, tls_context
 from agent.record import SAMPLE_DTYPE
 from agent.store import Row
 
+log = logging.getLogger(__name__)
+
 PAYLOADS = ("json", "cbor")
 # RFC 8746: a typed array of signed 32-bit integers, little-endian.
 TAG_INT32_LE = 78
-# Publishes in flight at once (sent, PUBACK awaited): plenty to keep the link
-# busy, few enough that aiomqtt's bookkeeping, which scans every pending call
-# at each publish, stays cheap (with a whole batch of 500 pending it cost
-# more than all the rest of forwarding: quadratic in the batch).
-MAX_IN_FLIGHT = 64
+# How long a closing connection may take to send its DISCONNECT before its socket is closed.
+CLOSE_TIMEOUT_S = 2.0
+# loop_misc's period: keepalive pings, and the keepalive's own timeout.
+MISC_PERIOD_S = 1.0
+KEEPALIVE_S = 30
 
 
 @dataclass
@@ -67,45 +83,235 @@ def topic(prefix: str, hub_id: str, doc: dict[str, object]) -> str:
     return "%s/%s/%s/%s" % (prefix, hub_id, doc["device_id"], leaf)
 
 
+class Connection:
+    """One connection to the broker: a paho client on the running event loop.
+
+    open() connects (TCP and TLS on a thread: paho's connect blocks) and awaits
+    the CONNACK; publish() sends a batch and returns once every message of it
+    is PUBACKed, raising DeliveryError (.backend) when the connection drops, the
+    broker refuses one, or no PUBACK comes for timeout_s; close() ends it. A
+    connection that failed is not used again (`usable` is False)."""
+
+    def __init__(self, backend: str, client: paho.Client, timeout_s: float) -> None:
+        self.backend = backend
+        self.client = client
+        self.timeout_s = timeout_s
+        self.loop = asyncio.get_running_loop()
+        self.down_reason = ""  # why the connection ended ("": it has not)
+        self._connack: asyncio.Future[ReasonCode] = self.loop.create_future()
+        self._down = asyncio.Event()
+        self._closing = False
+        self._fd = -1  # the socket's descriptor, as registered with the loop
+        self._misc: asyncio.Task[None] | None = None
+        self._awaited: set[int] = set()  # the mids of the batch in flight without their PUBACK
+        self._acked: asyncio.Future[None] | None = None  # the batch's: set at its last PUBACK
+        self._progress_at = 0.0  # loop time of the last PUBACK
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+
+    @property
+    def usable(self) -> bool:
+        return self._connack.done() and not self._down.is_set() and not self._closing
+
+    def _error(self, what: str) -> DeliveryError:
+        return DeliveryError("MQTT: %s" % what, backend=self.backend)
+
+    async def open(self, host: str, port: int) -> None:
+        try:
+            rc = await asyncio.to_thread(self.client.connect, host, port, KEEPALIVE_S)
+        except (OSError, ssl.SSLError, ssl.CertificateError) as e:
+            raise self._error("cannot connect to %s:%d: %s" % (host, port, e)) from e
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise self._error("cannot connect to %s:%d: %s" % (host, port, paho.error_string(rc)))
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                code = await self._connack
+        except TimeoutError:
+            raise self._error("no CONNACK from %s:%d in %.1f s" % (host, port, self.timeout_s)) from None
+        if code.is_failure:
+            raise self._error("%s:%d refused the connection: %s" % (host, port, code))
+
+    async def publish(self, messages: list[tuple[str, bytes]]) -> None:
+        if not self.usable:
+            raise self._error("not connected: %s" % (self.down_reason or "closing"))
+        acked: asyncio.Future[None] = self.loop.create_future()
+        awaited: set[int] = set()
+        self._awaited, self._acked = awaited, acked
+        self._progress_at = self.loop.time()
+        try:
+            for name, payload in messages:
+                info = self.client.publish(name, payload, qos=1)
+                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    raise self._error("publish failed: %s" % paho.error_string(info.rc))
+                awaited.add(info.mid)
+            while awaited and not acked.done():
+                await asyncio.wait([acked], timeout=self.timeout_s)
+                if not acked.done() and self.loop.time() - self._progress_at >= self.timeout_s:
+                    raise self._error("no PUBACK for %.1f s (%d of %d awaited)"
+                                      % (self.timeout_s, len(awaited), len(messages)))
+            if acked.done():
+                acked.result()  # raises what ended the batch
+        finally:
+            self._awaited, self._acked = set(), None
+            if not acked.done():
+                acked.cancel()
+
+    async def close(self) -> None:
+        """Sends DISCONNECT (bounded by CLOSE_TIMEOUT_S) and closes the socket."""
+        if self._closing:
+            return
+        self._closing = True
+        if not self._down.is_set() and self.client.disconnect() == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await self._down.wait()
+            except TimeoutError:
+                pass
+        self._drop()
+
+    def _drop(self) -> None:
+        """Forgets the socket: off the loop, closed (paho's own client is discarded with this)."""
+        if self._misc is not None:
+            self._misc.cancel()
+        if self._fd >= 0:
+            self.loop.remove_reader(self._fd)
+            self.loop.remove_writer(self._fd)
+            self._fd = -1
+        sock = self.client.socket()
+        if sock is not None:
+            sock.close()
+        self._ended("closed")
+
+    def _ended(self, reason: str) -> None:
+        if not self.down_reason:
+            self.down_reason = reason
+        self._down.set()
+        if self._acked is not None and not self._acked.done():
+            self._acked.set_exception(self._error("connection lost with %d PUBACKs awaited: %s"
+                                                  % (len(self._awaited), self.down_reason)))
+
+    # ---- paho's callbacks (on the loop, except the socket's opening: on connect's thread) ----
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, code: ReasonCode, props: Any) -> None:
+        if not self._connack.done():
+            self._connack.set_result(code)
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, code: ReasonCode, props: Any) -> None:
+        self._ended("disconnected (%s)" % code)
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, code: ReasonCode, props: Any) -> None:
+        acked = self._acked
+        if acked is None or acked.done() or mid not in self._awaited:
+            return  # a PUBACK for a batch already given up
+        if code.is_failure:
+            acked.set_exception(self._error("the broker refused a publish: %s" % code))
+            return
+        self._awaited.discard(mid)
+        self._progress_at = self.loop.time()
+        if not self._awaited:
+            acked.set_result(None)
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self.loop.call_soon_threadsafe(self._watch, sock)
+
+    def _watch(self, sock: socket.socket) -> None:
+        if self._closing:
+            sock.close()  # opened after close() (a connect given up on)
+            return
+        self._fd = sock.fileno()
+        self.loop.add_reader(self._fd, self._readable)
+        self._misc = self.loop.create_task(self._keepalive(), name="mqtt-keepalive-%s" % self.backend)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self._fd >= 0:
+            self.loop.remove_reader(self._fd)
+            self.loop.remove_writer(self._fd)
+            self._fd = -1
+        self._ended("socket closed")
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self.loop.call_soon_threadsafe(self._want_write)
+
+    def _want_write(self) -> None:
+        if self._fd >= 0:
+            self.loop.add_writer(self._fd, self._writable)
+
+    def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self._fd >= 0:
+            self.loop.remove_writer(self._fd)
+
+    def _readable(self) -> None:
+        try:
+            while True:
+                rc = self.client.loop_read()
+                sock = self.client.socket()
+                # TLS may hold decrypted bytes the socket no longer signals (paho issue 131).
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or not isinstance(sock, ssl.SSLSocket) or not sock.pending():
+                    break
+        except Exception as e:  # the connection broke under paho
+            self._ended("read failed: %s" % e)
+            self._drop()
+
+    def _writable(self) -> None:
+        try:
+            self.client.loop_write()
+        except Exception as e:
+            self._ended("write failed: %s" % e)
+            self._drop()
+
+    async def _keepalive(self) -> None:
+        while self.client.loop_misc() == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            await asyncio.sleep(MISC_PERIOD_S)
+
+
 class MqttForwarder(Forwarder):
     cfg: MqttConfig
-    _client: aiomqtt.Client | None = None
+    _connection: Connection | None = None
 
     def secret_files(self) -> list[tuple[Path, str]]:
         return [(self.cfg.password_file, "MQTT password")] if self.cfg.password_file else []
 
-    async def _connect(self) -> aiomqtt.Client:
+    async def _connect(self) -> Connection:
         u = urlparse(self.cfg.url)
         ctx = tls_context(self.cfg)
-        password = read_secret(self.cfg.password_file, "MQTT password") if self.cfg.password_file else None
-        client = aiomqtt.Client(
-            hostname=u.hostname or "localhost", port=u.port or (8883 if ctx is not None else 1883),
-            username=self.cfg.username, password=password, identifier="pulsebridge-%s-%s" % (self.hub_id, self.name),
-            tls_context=ctx, protocol=aiomqtt.ProtocolVersion.V311, keepalive=30, timeout=self.cfg.timeout_s,
-            clean_session=False, max_inflight_messages=MAX_IN_FLIGHT)
-        # MAX_IN_FLIGHT publishes are pending together by design (deliver()):
-        # aiomqtt's warning is for more than that, not for every publish
-        # beyond its default of 10 (0.8 lines a frame in a backlog).
-        client.pending_calls_threshold = max(MAX_IN_FLIGHT, client.pending_calls_threshold)
-        await client.__aenter__()
-        return client
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id="pulsebridge-%s-%s" % (self.hub_id, self.name),
+                             clean_session=False, protocol=paho.MQTTv311, reconnect_on_failure=False)
+        client.enable_logger(log)
+        client.connect_timeout = self.cfg.timeout_s
+        # No in-flight window of paho's own (0): a whole batch goes out in one round trip, and
+        # the batch bounds what is in flight (config.py: backend.batch <= 1000). With a window,
+        # paho would scan every message in flight at each PUBACK (quadratic in the batch).
+        client.max_inflight_messages_set(0)
+        if ctx is not None:
+            client.tls_set_context(ctx)
+            # The context checks the host name (it is off only with insecure = true).
+            client.tls_insecure_set(not ctx.check_hostname)
+        if self.cfg.username:
+            password = read_secret(self.cfg.password_file, "MQTT password") if self.cfg.password_file else None
+            client.username_pw_set(self.cfg.username, password)
+        connection = Connection(self.name, client, self.cfg.timeout_s)
+        try:
+            await connection.open(u.hostname or "localhost", u.port or (8883 if ctx is not None else 1883))
+        except BaseException:
+            await connection.close()
+            raise
+        return connection
 
     async def deliver(self, rows: list[Row]) -> None:
-        try:
-            if self._client is None:
-                self._client = await self._connect()
-            client = self._client
-            messages = [self.message(r) for r in rows]  # all of them first: one undecodable, none sent
-            window = asyncio.Semaphore(MAX_IN_FLIGHT)
-
-            async def publish(name: str, payload: bytes) -> None:
-                async with window:
-                    await client.publish(name, payload=payload, qos=1)
-
-            await asyncio.gather(*(publish(name, payload) for name, payload in messages))
-        except aiomqtt.MqttError as e:
+        messages = [self.message(r) for r in rows]  # all of them first: one undecodable, none sent
+        if self._connection is None or not self._connection.usable:
             await self.close()
-            raise DeliveryError("MQTT: %s" % e, backend=self.name) from e
+            self._connection = await self._connect()
+        try:
+            await self._connection.publish(messages)
+        except BaseException:
+            await self.close()  # its PUBACKs are given up: the rows go again on a new connection
+            raise
 
     def message(self, row: Row) -> tuple[str, bytes]:
         """A row's topic and payload (JSON, or CBOR with typed arrays: cfg.payload)."""
@@ -121,12 +327,9 @@ class MqttForwarder(Forwarder):
         return name, cbor2.dumps(doc)
 
     async def close(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            try:
-                await client.__aexit__(None, None, None)
-            except Exception:  # the connection is gone already
-                pass
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            await connection.close()
 
 
 CONFIG = MqttConfig
