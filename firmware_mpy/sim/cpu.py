@@ -1,19 +1,28 @@
-# The CPU time this MicroPython process has really used, in microseconds,
-# robust to a busy machine: wall time (ticks_us) less the time the kernel
-# kept this thread waiting to run (run_delay in /proc/thread-self/schedstat,
-# which the scheduler accounts in nanoseconds each time the thread gets a
-# CPU back). Between two samples taken while the thread never sleeps
-# voluntarily, the difference is the CPU time it ran. (The unix port has no
-# ffi for clock_gettime(CLOCK_THREAD_CPUTIME_ID), and its time.clock() has
-# millisecond steps.) Preemption between reading the wall clock and the
-# file is caught by reading the file on both sides: if run_delay moved, the
-# sample is taken again. Reading allocates nothing.
+# The CPU time this MicroPython thread has really run, in microseconds: the
+# kernel's own count (sum_exec_runtime, the first field of
+# /proc/thread-self/schedstat, in ns). It leaves out what wall time less
+# run-queue waits still held: the virtual CPU itself being descheduled by
+# the hypervisor (steal time: this machine is a VM; with
+# CONFIG_PARAVIRT_TIME_ACCOUNTING the scheduler's task clock excludes it),
+# and any sleep inside a call. Measured on this machine, a 10 us span read
+# by wall time less run_delay showed up to 1.1 ms (a 2-core VM with two CPU
+# hogs beside it), by this meter at most 0.1 ms.
+# The kernel brings that count up to date only at scheduler events (a tick,
+# a switch), so it is read just after reading /proc/self/stat: for the
+# whole process the kernel sums its threads' times and first updates the
+# calling thread's (thread_group_cputime() calls task_sched_runtime() on
+# current; kernel/sched/cputime.c), so the count is exact at that moment.
+# (The unix port has no ffi for clock_gettime(CLOCK_THREAD_CPUTIME_ID), and
+# its time.clock() has millisecond steps and allocates a float.) Reading
+# allocates nothing.
 import time
 
 from micropython import const
 
-_PATH = "/proc/thread-self/schedstat"
-_RETRIES = const(8)
+_SCHEDSTAT = "/proc/thread-self/schedstat"
+_STAT = "/proc/self/stat"
+_STAT_BYTES = const(512)  # /proc/self/stat is ~300 bytes; only reading it matters
+_PROBE_US = const(2000)
 
 
 def _field(buf, k):
@@ -36,72 +45,48 @@ def _field(buf, k):
 class ThreadCpu:
     def __init__(self):
         try:
-            self._f = open(_PATH, "rb")
+            self._f = open(_SCHEDSTAT, "rb")
+            self._g = open(_STAT, "rb")
         except OSError:
-            raise OSError("no %s: the board speed modes need Linux scheduler statistics" % _PATH) from None
+            raise OSError("no %s: the board speed modes need Linux scheduler statistics" % _SCHEDSTAT) from None
         self._a = bytearray(96)
-        self._b = bytearray(96)
-        self.retries = 0
-        self._last = time.ticks_us()
-        self._wall = 0  # ticks_us unwrapped (it wraps every 2**30 us on the unix port)
+        self._s = bytearray(_STAT_BYTES)
+        self._check()
 
-    def _wall_us(self):
-        t = time.ticks_us()
-        self._wall += time.ticks_diff(t, self._last)
-        self._last = t
-        return self._wall
+    def _check(self):
+        # The count must move with the CPU this thread runs, not only at the
+        # kernel's ticks (4 ms at HZ=250): spin 2 ms of wall time, and each
+        # reading along the way must have moved from the one before in most
+        # of the steps (a tick-stale count would stand still in nearly all).
+        t0 = time.ticks_us()
+        last = self.now_us()
+        steps = 0
+        still = 0
+        while time.ticks_diff(time.ticks_us(), t0) < _PROBE_US:
+            now = self.now_us()
+            steps += 1
+            if now == last:
+                still += 1
+            last = now
+        if still * 2 > steps:
+            raise OSError("%s does not follow this thread's CPU time between scheduler ticks "
+                          "(%d of %d readings stood still): the board speed modes cannot meter it"
+                          % (_SCHEDSTAT, still, steps))
 
     def now_us(self):
-        # A reading on its own (as good as start_us and stop_us, not as cheap).
+        g = self._g
+        g.seek(0)
+        g.readinto(self._s)  # brings this thread's count up to date
         f = self._f
-        a = self._a
-        b = self._b
-        for _ in range(_RETRIES):
-            f.seek(0)
-            f.readinto(a)
-            w = self._wall_us()
-            f.seek(0)
-            f.readinto(b)
-            d = _field(a, 1)
-            if d == _field(b, 1):
-                return w - d // 1000
-            self.retries += 1
-        return w - _field(b, 1) // 1000
+        f.seek(0)
+        f.readinto(self._a)
+        return _field(self._a, 0) // 1000
 
-    # A measured span opens with start_us() and closes with stop_us(): the
-    # wall clock is read last in one and first in the other, so little of
-    # the meter's own work falls inside the span (what does is the same every
-    # time: the clock takes it off as its tare). A preemption between the
-    # wall clock and the file shows as run_delay moving across the second
-    # reading of the file: the reading is taken again.
+    # A measured span opens with start_us() and closes with stop_us(); the
+    # meter's own work inside the span is the same every time: the clock
+    # takes it off as its tare.
     def start_us(self):
-        f = self._f
-        a = self._a
-        b = self._b
-        for _ in range(_RETRIES):
-            f.seek(0)
-            f.readinto(a)
-            d = _field(a, 1)
-            w = self._wall_us()
-            f.seek(0)
-            f.readinto(b)
-            if _field(b, 1) == d:
-                return w - d // 1000
-            self.retries += 1
-        return w - d // 1000
+        return self.now_us()
 
     def stop_us(self):
-        f = self._f
-        a = self._a
-        b = self._b
-        for _ in range(_RETRIES):
-            f.seek(0)
-            f.readinto(a)
-            w = self._wall_us()
-            f.seek(0)
-            f.readinto(b)
-            d = _field(b, 1)
-            if _field(a, 1) == d:
-                return w - d // 1000
-            self.retries += 1
-        return w - d // 1000
+        return self.now_us()
