@@ -55,6 +55,7 @@ _CNFG_GEN_VTH_300MV = const(0 << 6)  # VTH = 00: lead-off threshold VMID +/- 300
 # Without it (and no third electrode) the inputs float out of their
 # common-mode range and the channel rails.
 _CNFG_GEN_RBIAS = const((1 << 4) | (1 << 2) | (1 << 1) | 1)
+_CNFG_GEN = const(_CNFG_GEN_DCLOFF | _CNFG_GEN_IMAG_10NA | _CNFG_GEN_VTH_300MV | _CNFG_GEN_RBIAS)
 _CNFG_ECG_DLPF_40HZ = const(1 << 12)
 _EFIT = const(16)  # samples per burst: EINT is set while at least this many are unread
 _MNGR_INT_EFIT = const((_EFIT - 1) << 19)  # EFIT field holds the threshold minus one
@@ -121,8 +122,9 @@ class MAX30003:
         if info & _INFO_REV_MASK != _INFO_REV:
             raise SensorError("MAX30003 not found: INFO is 0x%06x" % info)
         self.write_reg(_REG_SW_RST, 0)
-        self.write_reg(_REG_CNFG_GEN, _CNFG_GEN_EN_ECG | _CNFG_GEN_DCLOFF | _CNFG_GEN_IMAG_10NA
-                       | _CNFG_GEN_VTH_300MV | _CNFG_GEN_RBIAS)
+        # The ECG channel stays off (EN_ECG 0) until start(): no samples, no
+        # FIFO interrupt while the firmware is still starting up.
+        self.write_reg(_REG_CNFG_GEN, _CNFG_GEN)
         self.write_reg(_REG_CNFG_EMUX, 0)  # inputs connected, no calibration
         self.write_reg(_REG_CNFG_ECG, (RATES_HZ.index(rate_hz) << 22) | (GAINS.index(gain) << 16)
                        | _CNFG_ECG_DLPF_40HZ)
@@ -152,6 +154,7 @@ class MAX30003:
         self.start()
 
     def start(self):
+        self.write_reg(_REG_CNFG_GEN, self.read_reg(_REG_CNFG_GEN) | _CNFG_GEN_EN_ECG)
         self.write_reg(_REG_FIFO_RST, 0)
         self.write_reg(_REG_SYNCH, 0)  # restart the sampling clock: sample 0 is now
 
