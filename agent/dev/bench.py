@@ -277,8 +277,10 @@ def chip_report(r: dict[str, Any]) -> list[str]:
     c = r["chip"]
     lost = sum(s["lost"] for s in r["streams"].values()) + c["timer_dropped"]
     shortest = min(f["fill_ms"] for f in c["fifos"].values()) if c["fifos"] else 0.0
-    lines = ["  at %s speed: factor %.0f chip us per host CPU us (calibration programs: %s)" % (
-        c["speed"], c["factor"], ", ".join("%.0f" % f for f in c["factors"]))]
+    lines = ["  at %s speed: factor %.0f chip us per host CPU us (calibration programs: %s); "
+             "%.0f-%.0f as this machine's speed changed (%d probes)" % (
+                 c["speed"], c["factor"], ", ".join("%.0f" % f for f in c["factors"]), c["factor_range"][0],
+                 c["factor_range"][1], c["probes"])]
     lines.append("  CPU %.1f %% (computing %.1f %%, waiting on buses and console %.1f %%)" % (
         c["cpu_pct"], 100 * c["compute_us"] / max(1, c["chip_us"]), 100 * c["io_us"] / max(1, c["chip_us"])))
     worst = max([f["irq_latency_us"] for f in c["fifos"].values()] or [-1])
@@ -291,21 +293,24 @@ def chip_report(r: dict[str, Any]) -> list[str]:
                      "(half: %.1f ms)" % (c["worst_step_us"] / 1000, shortest, shortest / 2))
     for name, f in sorted(c["fifos"].items()):
         lines.append("    %s FIFO: %d deep, fills in %.1f ms; fullest seen by the firmware %d; samples it overflowed "
-                     "%d; interrupts %d, worst served after %.1f ms" % (
+                     "%d; interrupts %d, worst served after %.1f ms (at %.3f s)" % (
                          name, f["depth"], f["fill_ms"], f["worst_level"], f["overflowed"], f["irqs"],
-                         f["irq_latency_us"] / 1000))
+                         f["irq_latency_us"] / 1000, f["worst_latency_at_us"] / 1e6))
     lines.append("  samples lost %d (timer ticks dropped %d, soft IRQs dropped %d); console blocked %.1f s" % (
         lost, c["timer_dropped"], c["sched_dropped"], c["console_blocked_us"] / 1e6))
     s = c.get("stretches")
     if s:
         lines.append("  stretches between two ECG FIFO reads: %d over half its fill time, %d over all of it; "
-                     "the longest, with the work in them (name, nesting, ms from the stretch's start, ms):" % (
+                     "the longest (ms computing/blocked on I/O/idle; the longest single span of code charged), "
+                     "with the work in them (name, nesting, ms from the stretch's start, ms):" % (
                          s["over_half_fill"], s["over_fill"]))
         lines.append("    each traced piece (calls, ms in all, longest ms; the tracer's %d us a call taken off): %s" % (
             s["tare_us"], "; ".join("%s %d %.0f %.1f" % (k, v[0], v[1] / 1000, v[2] / 1000)
                                     for k, v in sorted(s["by_label"].items()))))
         for st in s["longest"]:
-            lines.append("    %.1f ms at %.3f s: %s" % (st["us"] / 1000, st["at_us"] / 1e6, "; ".join(
+            lines.append("    %.1f ms at %.3f s (%.1f/%.1f/%.1f; span %.1f): %s" % (
+                st["us"] / 1000, st["at_us"] / 1e6, st["compute_us"] / 1000, st["io_us"] / 1000,
+                st["idle_us"] / 1000, st["longest_span_us"] / 1000, "; ".join(
                 "%s%s +%.1f %.1f" % ("  " * p[1], p[0], p[2] / 1000, p[3] / 1000) for p in st["pieces"])))
     return lines
 

@@ -274,7 +274,8 @@ def run(minutes, speed, link_kind, up_fd, down_fd, stretches=False):
             timer_dropped += t.dropped
         chip_us, compute_us, io_us = busy_end
         chip = {
-            "speed": speed, "factor": clock.factor_milli / 1000, "factors": [f / 1000 for f in board.speed_each],
+            "speed": speed, "factor": clock.calibrated_milli / 1000, "factors": [f / 1000 for f in board.speed_each],
+            "factor_range": [clock.factor_lo_milli / 1000, clock.factor_hi_milli / 1000], "probes": clock.probes,
             "chip_us": chip_us, "compute_us": compute_us, "io_us": io_us,
             "cpu_pct": 100 * (compute_us + io_us) / max(1, chip_us),
             "worst_step_us": worst_step_us, "fifos": fifos, "sched_dropped": clock.sched_dropped,

@@ -39,7 +39,7 @@ def chip_clock(speed, real_time):
     meter = ThreadCpu()
     factor, each = speedbench.calibrate(speed, meter)
     gc.collect()  # what the calibration programs left is not the firmware's
-    return ChipClock(factor, meter, real_time), each
+    return ChipClock(factor, meter, real_time, speedbench.Probe()), each
 
 
 class WatchdogReset(BaseException):

@@ -28,6 +28,13 @@ SCHED_DEPTH = const(8)
 mem_total = micropython.mem_total  # type: ignore[attr-defined]
 mem_current = micropython.mem_current  # type: ignore[attr-defined]
 _TARE_SAMPLES = const(1000)
+# How fast this machine runs now (a shared machine's cores slow down when
+# their neighbours get busy: caches, a sibling hyperthread; the CPU figures
+# of a 10-minute run moved from 29 % to 47 % with the load): a fixed probe
+# run every second of chip time, the median of the last few against the
+# fastest run at calibration scales the factor.
+_PROBE_EVERY_US = const(1000000)
+_PROBES = const(9)
 
 
 class _Plain:
@@ -99,11 +106,25 @@ class ChipClock:
     # sim.speedbench.calibrate). meter: a CPU time source (sim.cpu.ThreadCpu).
     # real_time: sleep on the host too, so the board keeps pace with the
     # wall clock (a live simulated board); else time only moves (benchmarks).
+    # probe: a fixed piece of work (sim.speedbench.Probe) that keeps the
+    # factor true to this machine's speed of the moment: taken right after
+    # the calibration, its fastest run stands for the speed the factor was
+    # calibrated at; run again every second of chip time while the board
+    # sleeps, the median of its last runs against that scales the factor.
     chip = True
 
-    def __init__(self, factor_milli, meter, real_time=False):
+    def __init__(self, factor_milli, meter, real_time=False, probe=None):
         self.t_us = 0
         self.factor_milli = factor_milli
+        self.calibrated_milli = factor_milli
+        self.factor_lo_milli = factor_milli  # the range the factor took
+        self.factor_hi_milli = factor_milli
+        self.probes = 0
+        self._probe = probe
+        self._probe_us = [0] * _PROBES  # the last runs' host us, a ring
+        self._probe_sorted = [0] * _PROBES
+        self._probe_fastest = 0
+        self._next_probe_us = _PROBE_EVERY_US
         self._meter = meter
         self._depth = 0
         self._frac = 0
@@ -121,6 +142,7 @@ class ChipClock:
         # chip's time, and shows here.
         self.longest_span_us = 0
         self.longest_span_at_us = 0
+        self.stretch_span_us = 0  # the same since sim.stretches last reset it
         self.sim_alloc = 0  # bytes the simulation allocated (not the firmware's)
         self.sim_garbage = 0  # of those, the ones left to the GC
         self._alloc_mark = 0
@@ -131,6 +153,11 @@ class ChipClock:
         self._wall0 = time.ticks_ms()
         self._wall = 0
         self._measure_tare()
+        if probe is not None:
+            for i in range(_PROBES):
+                self._probe_us[i] = self._run_probe()
+            self._probe_fastest = min(self._probe_us)
+            self._rescale()
         self._mark = meter.start_us()
         self.sim_alloc = 0
         self.sim_garbage = 0
@@ -161,6 +188,38 @@ class ChipClock:
         self.t_us = 0
         self._frac = 0
         self.longest_span_us = 0
+
+    def _run_probe(self):
+        m = self._meter
+        t0 = m.now_us()
+        self._probe.run()
+        return m.now_us() - t0
+
+    def _rescale(self):
+        # The factor at this machine's speed of the last _PROBES probes (their
+        # median, sorted in place: nothing allocated).
+        a = self._probe_sorted
+        for i in range(_PROBES):
+            v = self._probe_us[i]
+            j = i
+            while j > 0 and a[j - 1] > v:
+                a[j] = a[j - 1]
+                j -= 1
+            a[j] = v
+        f = self.calibrated_milli * self._probe_fastest // max(1, a[_PROBES // 2])
+        self.factor_milli = f
+        if f < self.factor_lo_milli:
+            self.factor_lo_milli = f
+        if f > self.factor_hi_milli:
+            self.factor_hi_milli = f
+
+    def _maybe_probe(self):
+        # (Between enter() and leave(): the probe's time is the simulation's.)
+        if self._probe is not None and self.t_us >= self._next_probe_us:
+            self._next_probe_us = self.t_us + _PROBE_EVERY_US
+            self._probe_us[self.probes % _PROBES] = self._run_probe()
+            self.probes += 1
+            self._rescale()
 
     # ---- the firmware enters and leaves the simulation ---------------------
     def enter(self):
@@ -193,6 +252,8 @@ class ChipClock:
         if d > self.longest_span_us:
             self.longest_span_us = d
             self.longest_span_at_us = self.t_us + d
+        if d > self.stretch_span_us:
+            self.stretch_span_us = d
         self.compute_us += d
         if self._irq:
             self.t_us += d  # a callback's own time: no callback interrupts it
@@ -218,6 +279,7 @@ class ChipClock:
         self.enter()
         self.idle_us += ms * 1000
         self._advance(ms * 1000, False, False)
+        self._maybe_probe()
         if self.real_time:
             self._pace()
         self.leave()
@@ -241,6 +303,7 @@ class ChipClock:
                 if woken():
                     break
         self.idle_us += self.t_us - start
+        self._maybe_probe()
         if self.real_time:
             self._pace()
         self.leave()

@@ -23,7 +23,13 @@ class Stretches:
         self._n = 0
         self.depth = 0
         self.last_service_us = -1
-        self.top = []  # (length us, start us, [(label, depth, start offset us, us)])
+        self.top = []  # (length us, start us, [(label, depth, start offset us, us)], split)
+        # The clock's counters at the last service: a stretch is split into
+        # firmware computing, blocked in I/O, idle, and its longest single
+        # span of firmware code charged at once (a host stall shows as one).
+        self._compute0 = 0
+        self._io0 = 0
+        self._idle0 = 0
         self.over_half = 0  # stretches longer than half the FIFO's fill time
         self.over_fill = 0
         self.fill_us = 62500
@@ -97,6 +103,12 @@ class Stretches:
         # The FIFO was read at t_us (called by the chip model, inside the simulation).
         last = self.last_service_us
         self.last_service_us = t_us
+        c = self._clock
+        split = (c.compute_us - self._compute0, c.io_us - self._io0, c.idle_us - self._idle0, c.stretch_span_us)
+        self._compute0 = c.compute_us
+        self._io0 = c.io_us
+        self._idle0 = c.idle_us
+        c.stretch_span_us = 0
         if last < 0:
             return
         d = t_us - last
@@ -114,14 +126,15 @@ class Stretches:
             if self._t1[i] - self._t0[i] >= 500 or self._depth[i] == 0:
                 pieces.append((self._label[i], self._depth[i], self._t0[i] - last, self._t1[i] - self._t0[i]))
         pieces.reverse()
-        self.top.append((d, last, pieces[-_PIECES:]))
+        self.top.append((d, last, pieces[-_PIECES:], split))
         self.top.sort(key=lambda s: -s[0])
         del self.top[_TOP:]
 
     def report(self):
         return {"over_half_fill": self.over_half, "over_fill": self.over_fill, "tare_us": self.tare_us,
                 "by_label": self.by_label,
-                "longest": [{"us": d, "at_us": t, "pieces": [list(p) for p in ps]} for d, t, ps in self.top]}
+                "longest": [{"us": d, "at_us": t, "pieces": [list(p) for p in ps], "compute_us": sp[0], "io_us": sp[1],
+                             "idle_us": sp[2], "longest_span_us": sp[3]} for d, t, ps, sp in self.top]}
 
 
 def install(app, board, clock):
@@ -135,7 +148,11 @@ def install(app, board, clock):
     transfer = model.transfer
 
     def transfer_traced(tx, rx):
-        if tx[0] & 1 and (tx[0] >> 1) in (0x20, 0x21):
+        reg = tx[0] >> 1
+        if tx[0] & 1 and reg in (0x20, 0x21):
+            s.serviced(clock.t_us)
+        elif not tx[0] & 1 and reg == 0x09:  # SYNCH: the sampling (re)starts, the first stretch with it
+            s.last_service_us = -1
             s.serviced(clock.t_us)
         return transfer(tx, rx)
 

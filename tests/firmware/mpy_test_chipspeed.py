@@ -137,6 +137,50 @@ def test_busy_loop_takes_factor_times_its_cpu():
     assert expected // 2 < chip < expected * 2, (host, chip)
 
 
+class _Slowed:
+    # This machine's meter as if, from slow(k) on, every instruction took k
+    # times as long (a machine whose neighbours got busy).
+    def __init__(self, meter):
+        self._m = meter
+        self._k = 1
+        self._base = 0
+        self._off = 0
+
+    def slow(self, k):
+        raw = self._m.now_us()
+        self._off = self._value(raw)
+        self._base = raw
+        self._k = k
+
+    def _value(self, raw):
+        return self._off + (raw - self._base) * self._k
+
+    def now_us(self):
+        return self._value(self._m.now_us())
+
+    def start_us(self):
+        return self.now_us()
+
+    def stop_us(self):
+        return self.now_us()
+
+
+def test_factor_follows_this_machines_speed():
+    # Calibrated, then this machine runs twice as slow: after a few seconds
+    # of chip time (a probe each), a busy loop takes the chip time it took
+    # before, not twice as much.
+    meter = _Slowed(ThreadCpu())
+    clock = ChipClock(_FACTOR_MILLI, meter, probe=speedbench.Probe())
+    before = _median([_chip_us(clock, lambda: _busy(20000)) for _ in range(5)])
+    meter.slow(2)
+    for _ in range(12):
+        clock.sleep_ms(1000)
+    after = _median([_chip_us(clock, lambda: _busy(20000)) for _ in range(5)])
+    assert before * 2 // 3 < after < before * 3 // 2, (before, after)
+    assert clock.factor_lo_milli < clock.calibrated_milli * 2 // 3, (clock.factor_lo_milli, clock.calibrated_milli)
+    assert clock.probes == 12
+
+
 def test_simulation_time_is_not_charged_but_io_is():
     # The loop in 50 pieces, a slow chip model between them that burns ten
     # times the loop's CPU and charges 100 us of bus time each.
