@@ -1,14 +1,19 @@
-# The downlink message a hub sends most, an ack (one per frame, two a
-# second), read in place: no dict, list, tuple or bytes copy is built. The
-# shared decoder (protocols.cose.parse, messages.decode_payload) builds
-# about 3 kB of objects per ack, which the board's GC then spends tens of
-# milliseconds collecting while a sensor FIFO fills.
+# The downlink messages a hub sends all the time, acks (one per frame, two
+# a second) and time requests (one a minute), read in place: no dict, list,
+# tuple or bytes copy is built. The shared decoder (protocols.cose.parse,
+# messages.decode_payload) builds about 3 kB of objects per ack, which the
+# board's GC then spends tens of milliseconds collecting while a sensor
+# FIFO fills; and its code (protocols/decode.py) stays out of the board's
+# RAM until a rarer message comes.
 #
 # Only the one deterministic form the hub writes is read here:
 #   17([h'A2 01 05 04 <kid>' (our own protected header), {}, payload, tag])
 #   payload = {0: 2, 1: VERSION, 2: epoch, 3: [[first, last], ...]}
+#          or {0: 3, 1: VERSION, 2: nonce, 3: utc_ms}
 # with every head in its shortest form, 1 to MAX_ACK_RANGES ranges, first <=
-# last, integers below 2^30 (small ints on a 32-bit port). Anything else
+# last, integers below 2^30 (small ints on a 32-bit port) but utc_ms, which
+# is only checked to be an unsigned integer (the board has no use for the
+# hub's clock; a 64-bit one on a 32-bit port would be a heap int). Anything else
 # (another message type, extension keys, other key orders, larger
 # integers) is declined and goes to the shared decoder, which accepts a
 # superset and refuses what is wrong: this reader never accepts what that
@@ -20,7 +25,8 @@ from protocols import messages
 
 DECLINED = const(0)  # not an ack in the form above: the shared decoder decides
 ACKED = const(1)  # an authentic ack: ranges in first/last[:count]
-FORGED = const(2)  # an ack in the form above whose MAC does not verify
+FORGED = const(2)  # a message in the form above whose MAC does not verify
+TIME_REQUEST = const(3)  # an authentic time request: its nonce in nonce
 
 
 
@@ -32,6 +38,7 @@ class AckReader:
         self._protected = p
         self.epoch = 0
         self.count = 0
+        self.nonce = 0
         self.first = [0] * messages.MAX_ACK_RANGES
         self.last = [0] * messages.MAX_ACK_RANGES
         self._buf = b""
@@ -78,10 +85,33 @@ class AckReader:
             return v
         return -1
 
+    def _skip_uint(self):
+        # Past an unsigned integer's head in shortest form, of any size up to
+        # 2^64 - 1, its value never built; False (and _pos unspecified) if
+        # there is none.
+        buf = self._buf
+        p = self._pos
+        if p >= self._end:
+            return False
+        ib = buf[p]
+        if ib >> 5 != 0 or (ib & 0x1F) < 26:
+            return self._head(0) >= 0
+        if ib == 0x1A:  # 4 bytes: at least 2^16
+            if p + 5 > self._end or not (buf[p + 1] | buf[p + 2]):
+                return False
+            self._pos = p + 5
+            return True
+        if ib != 0x1B or p + 9 > self._end:
+            return False
+        if not (buf[p + 1] | buf[p + 2] | buf[p + 3] | buf[p + 4]):
+            return False  # 8 bytes: at least 2^32
+        self._pos = p + 9
+        return True
+
     def read(self, data, n=-1):
         # data[:n] (n < 0: all of it): one downlink message, not yet
         # authenticated. Returns DECLINED, ACKED (epoch, count, first, last
-        # hold the ack) or FORGED.
+        # hold the ack), TIME_REQUEST (nonce holds its nonce) or FORGED.
         self._buf = data
         self._pos = 0
         self._end = len(data) if n < 0 else n
@@ -109,9 +139,21 @@ class AckReader:
         if pend + 34 != end or data[pend] != 0x58 or data[pend + 1] != 32:
             return DECLINED
         self._end = pend
-        if (self._head(5) != 4 or self._head(0) != 0 or self._head(0) != messages.T_ACK or self._head(0) != 1
-                or self._head(0) != messages.VERSION or self._head(0) != 2):
+        if self._head(5) != 4 or self._head(0) != 0:
             return DECLINED
+        kind = self._head(0)
+        if kind != messages.T_ACK and kind != messages.T_TIME_REQUEST:
+            return DECLINED
+        if self._head(0) != 1 or self._head(0) != messages.VERSION or self._head(0) != 2:
+            return DECLINED
+        if kind == messages.T_TIME_REQUEST:
+            nonce = self._head(0)
+            if nonce < 0 or self._head(0) != 3 or not self._skip_uint() or self._pos != pend:
+                return DECLINED
+            if not self._key.verify_at(data, pstart, plen, pend + 2):
+                return FORGED
+            self.nonce = nonce
+            return TIME_REQUEST
         epoch = self._head(0)
         if epoch < 0 or self._head(0) != 3:
             return DECLINED

@@ -7,6 +7,7 @@
 # with no key or no configuration refuses to stream and says why on its
 # console.
 import gc
+import sys
 
 from micropython import const
 
@@ -40,6 +41,9 @@ _FRAME_OVERHEAD = const(200)
 # A loop iteration that has not ended after this long is stalled: the
 # watchdog restarts the board (a healthy one takes milliseconds).
 WATCHDOG_MS = const(5000)
+# What a firmware update loads (app/ota.py, imported when one starts or on
+# a trial boot), dropped once it is over: a streaming board keeps none of it.
+_UPDATE_MODULES = (("app", "ota"), ("protocols", "bundle"), ("protocols", "ed25519"), ("protocols", "_sha512"))
 _CHIPS = {messages.STREAM_ECG_MAX30003: "MAX30003", messages.STREAM_ECG_AD8232: "AD8232",
           messages.STREAM_PPG_MAX30102: "MAX30102"}
 
@@ -244,6 +248,9 @@ class App:
                     self.outbox.ack_range(a.first[i], a.last[i])
                 self.acked_ms = self.board.ticks_ms()
             return
+        if r == acks.TIME_REQUEST:
+            self._send_small(messages.TimeResponse(self.epoch, self._seq(), self.acks.nonce, self.board.uptime_ms()))
+            return
         if r == acks.FORGED:
             self.downlink_rejected += 1
             return
@@ -256,6 +263,8 @@ class App:
         except ProtocolError:
             self.downlink_rejected += 1  # never acted upon: a forged ack frees nothing
             return
+        finally:
+            forget("protocols", "decode")  # its code stays out of RAM until the next rare message
         if isinstance(m, messages.Ack):
             self.outbox.ack(m, self.epoch)
         elif isinstance(m, messages.EpochResync):
@@ -282,75 +291,22 @@ class App:
                 self.update = ota.Updater(self, now)
             self.update.chunk(m, now)
 
+    # An epoch resync (app/resync.py, imported only when the hub sends one:
+    # a board whose epoch file is sound never loads it).
     def _resync(self, m):
-        # The hub refused this boot's epoch (our epoch file was lost or rolled
-        # back): move past the newest epoch it has seen, durably first, and
-        # send what it never acknowledged again as new frames (SPEC.md, Epoch
-        # resync). Only for our current epoch, and only ever forward: a
-        # replayed resync does nothing more.
-        old = self.epoch
-        if m.refused_epoch != old or m.newest_epoch < old:
-            return
-        if m.newest_epoch >= messages.MAX_EPOCH:
-            self.reports.add(faults.ERR_EPOCH_RESYNC, "epoch %d refused, none left above %d: provision again"
-                             % (old, m.newest_epoch))
-            return
-        epoch = m.newest_epoch + 1
-        try:
-            config.save_epoch(epoch)
-        except OSError as e:  # not durable, not used: the next refusal tries again
-            self.reports.add(faults.ERR_EPOCH_RESYNC, "epoch %d refused; saving %d failed: %s" % (old, epoch, e))
-            return
-        self.epoch = epoch
-        self.seq = 0
-        self.reseal_due = True  # the outbox's frames, one a loop (step())
-        if self.origin is not None:
-            self.origin.forget()  # each is listed again as it is re-sealed
-        self._reseal_oom = False
-        self.board.console("pulsebridge: boot epoch %d refused by the hub (newest %d): now %d" % (old, m.newest_epoch,
-                                                                                              epoch))
-        self.reports.add(faults.ERR_EPOCH_RESYNC, "epoch %d refused (hub has %d; epoch file lost?): now %d, "
-                         "resending %d frames" % (old, m.newest_epoch, epoch, self.outbox.depth()))
-        self.hello()
+        from app import resync
+
+        resync.resync(self, m)
 
     def _reseal_step(self):
-        # One outbox frame of the old epoch under the new one (a few ms on a
-        # chip: the sensors are drained between two); the outbox sends again
-        # once none is left.
-        try:
-            if not self.outbox.reseal_oldest(self._reseal):
-                self.reseal_due = False
-        except MemoryError:  # the frame stays; tried again next loop
-            gc.collect()
-            if not self._reseal_oom:
-                self._reseal_oom = True
-                self.reports.add(faults.ERR_EPOCH_RESYNC, "no memory to re-seal the outbox: again next loop")
+        from app import resync
+
+        resync.reseal_step(self)
 
     def _reseal(self, sealed):
-        # A sample frame of the outbox under this epoch and a new seq: its
-        # sample bytes (encoded, not decoded) decrypted and encrypted again
-        # under this boot's key with the new counter blocks, the MAC made
-        # again. Allocates (a rare path).
-        f = messages.decode_payload(cose.parse(sealed).payload, (messages.T_SAMPLES, messages.T_ORIGIN),
-                                    decode_samples=False, opener=self.sealer)
-        if isinstance(f, messages.OriginCheckpoint):  # the same checkpoint in a message of this epoch
-            if f.epoch == self.epoch:
-                return None  # re-sealed already
-            f.epoch = self.epoch
-            f.seq = self._seq()
-            return f.seq, self.up.seal(messages.encoded(f, len(f.checkpoint) + 32))
-        if not isinstance(f, messages.SampleFrame):  # the outbox holds sample frames and checkpoints only
-            raise ValueError("outbox frame of type %d" % f.kind)
-        if f.epoch == self.epoch:
-            return None  # re-sealed already
-        self._drain()  # half of the work done: the sensors' FIFOs go first
-        f.epoch = self.epoch
-        f.seq = self._seq()
-        w = cbor.Writer(bytearray(len(sealed) + 16))  # the same samples: its header's integers may grow
-        messages.encode(w, f, self.sealer)
-        if self.origin is not None:
-            self.origin.add(f.seq, w.buf, 0, w.pos)
-        return f.seq, self.up.seal(memoryview(w.buf)[:w.pos])
+        from app import resync
+
+        return resync.reseal(self, sealed)
 
     def _any_ready(self):
         for st in self.streams:
@@ -420,6 +376,8 @@ class App:
             self._drain()
         if self.update is not None and not self.update.step(now):  # one piece of an update per loop
             self.update = None
+            for package, name in _UPDATE_MODULES:  # the update's code leaves RAM with it
+                forget(package, name)
 
     def _checkpoint(self, log, now):
         # The frames listed since the last one, MACed under the origin key,
@@ -581,6 +539,16 @@ class App:
                     self.wdt.feed()  # only a loop that works keeps the board up
         finally:
             self.stop()
+
+
+def forget(package, name):
+    # Drops a module imported for a rare task (package.name) from RAM: once
+    # sys.modules and its package no longer hold it, the GC frees its code.
+    # The next import loads it again.
+    sys.modules.pop(package + "." + name, None)
+    pkg = sys.modules.get(package)
+    if pkg is not None and hasattr(pkg, name):
+        delattr(pkg, name)
 
 
 def run(board, until_ms=None):

@@ -44,6 +44,9 @@ def _check_against_shared(r, data):
     if got == acks.ACKED:
         assert isinstance(want, messages.Ack), (data, want)
         assert want.epoch == r.epoch and want.ranges == _ranges(r), (data, want, _ranges(r))
+    elif got == acks.TIME_REQUEST:
+        assert isinstance(want, messages.TimeRequest), (data, want)
+        assert want.nonce == r.nonce, (data, want, r.nonce)
     elif got == acks.FORGED:
         assert isinstance(want, ProtocolError), (data, want)
     else:
@@ -75,7 +78,10 @@ def test_other_messages_and_other_forms_are_declined():
     key = cose.MacKey(_KEY, _KID, cose.AAD_DOWNLINK)
     declined = [
         h.command(_KID.decode(), 3, 1, "status"),
-        h.time_request(_KID.decode(), 1000)[1],
+        # a time request with a nonce past 2^30, a utc_ms not in shortest form, an extension key
+        key.seal(cbor.encoded({0: 3, 1: messages.VERSION, 2: 1 << 30, 3: 1000})),
+        key.seal(bytes([0xA4, 0, 3, 1, messages.VERSION, 2, 1, 3, 0x1B, 0, 0, 0, 0, 0, 0, 0x10, 0])),
+        key.seal(cbor.encoded({0: 3, 1: messages.VERSION, 2: 1, 3: 1000, 64: 0})),
         # an ack with an extension key, keys out of order, an epoch beyond 2^30
         key.seal(cbor.encoded({0: 2, 1: messages.VERSION, 2: 3, 3: [[1, 2]], 64: 0})),
         key.seal(bytes([0xA4, 0, 2, 1, messages.VERSION, 3, 0x81, 0x82, 1, 2, 2, 3])),
@@ -94,13 +100,43 @@ def test_other_messages_and_other_forms_are_declined():
     assert _check_against_shared(r, uplink) == acks.FORGED
 
 
+def test_hub_time_requests_are_read_as_the_shared_decoder_reads_them():
+    # Time requests (one a minute) are read in place too, whatever the hub's
+    # clock: utc_ms is checked, not kept (64 bits: a heap int on the chip).
+    h = _hub()
+    r = _reader()
+    for utc_ms in (0, 23, 24, 255, 65536, (1 << 32) - 1, 1 << 32, 1764547200000, (1 << 64) - 1):
+        nonce, data = h.time_request(_KID.decode(), utc_ms)
+        assert _check_against_shared(r, data) == acks.TIME_REQUEST, utc_ms
+        assert r.nonce == nonce
+    key = cose.MacKey(_KEY, _KID, cose.AAD_DOWNLINK)
+    for nonce in (0, 24, 0x3FFFFFFF):
+        data = key.seal(cbor.encoded({0: 3, 1: messages.VERSION, 2: nonce, 3: 1764547200000}))
+        assert _check_against_shared(r, data) == acks.TIME_REQUEST and r.nonce == nonce, nonce
+    forged = cose.MacKey(bytes(32), _KID, cose.AAD_DOWNLINK).seal(
+        cbor.encoded({0: 3, 1: messages.VERSION, 2: 1, 3: 1764547200000}))
+    assert _check_against_shared(r, forged) == acks.FORGED
+
+
 def test_fuzzed_acks_never_accepted_where_the_shared_decoder_refuses():
     h = _hub()
     r = _reader()
     rng = Rng(SEED + 1)
     print("seed", SEED + 1)
     base = h.ack(_KID.decode(), 5, [1, 2, 3, 7, 300, 70000])[0]
-    counts = {acks.ACKED: 0, acks.FORGED: 0, acks.DECLINED: 0}
+    _fuzz(r, rng, base)
+
+
+def test_fuzzed_time_requests_never_accepted_where_the_shared_decoder_refuses():
+    h = _hub()
+    r = _reader()
+    rng = Rng(SEED + 2)
+    print("seed", SEED + 2)
+    _fuzz(r, rng, h.time_request(_KID.decode(), 1764547200000)[1])
+
+
+def _fuzz(r, rng, base):
+    counts = {acks.ACKED: 0, acks.FORGED: 0, acks.DECLINED: 0, acks.TIME_REQUEST: 0}
     for _ in range(3000):
         data = bytes(base)
         for _ in range(1 + rng.below(3)):
