@@ -24,6 +24,7 @@ import termios
 import threading
 import time
 import tty
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.dev.sim import boards
@@ -44,6 +45,36 @@ POWER_ON = "sim/power_on.py"
 # ESP32 leaves, is what `bench firmware` measures (README, board speed).
 DEFAULT_HEAP_KB = 288
 _CONSOLE_TAIL = 8192
+# A stop waits for the board's answer, not for a fixed time: on a loaded machine a board may get
+# no CPU for seconds (then its stop summary came after the kill). A board that neither answers nor
+# waits for input within this bound is killed.
+STOP_BOUND_S = 60.0
+# A board blocked on its console's input this long, using no CPU, with no signal pending, has done
+# what it will do with the keys it was given (a raw REPL answers Ctrl-C with nothing).
+_WAITING_FOR_INPUT_S = 1.0
+# What a board prints once it has handled a Ctrl-C: a REPL prompt (the firmware's stop summary before it).
+_ANSWERS = (b">>> ",)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProcessState:
+    blocked: bool  # asleep in the kernel (waiting for input, a timer): not runnable, not stopped
+    signal_pending: bool
+    cpu_ticks: int  # user + system time, in clock ticks
+
+
+def _process_state(pid: int) -> _ProcessState:
+    """A process's state from /proc (Linux, where the simulator runs); all false once it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/%d/status" % pid) as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+    except (OSError, IndexError):
+        return _ProcessState(False, False, 0)
+    pending = any(int(status.get(k, "0").strip() or "0", 16) for k in ("SigPnd", "ShdPnd"))
+    # fields[0] is the state (field 3 of stat), [11] and [12] utime and stime (fields 14, 15).
+    return _ProcessState(fields[0] == "S", pending, int(fields[11]) + int(fields[12]))
 
 
 def find_micropython() -> str:
@@ -106,6 +137,7 @@ class SimulatedBoard:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._tail = bytearray()
+        self._heard = 0  # bytes the board has written to its console, in all
         self._tail_lock = threading.Lock()
 
     @property
@@ -206,6 +238,7 @@ class SimulatedBoard:
                         continue
                     return
                 with self._tail_lock:
+                    self._heard += len(data)
                     self._tail.extend(data)
                     del self._tail[:-_CONSOLE_TAIL]
                     if self.record:
@@ -272,31 +305,34 @@ class SimulatedBoard:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout_s: float = 5.0) -> int | None:
-        """Ctrl-C (as a technician would), then leave the REPL; kill if stuck."""
+    def stop(self, bound_s: float = STOP_BOUND_S) -> int | None:
+        """Ctrl-C (as a technician would); once the board has answered it (its stop summary, a
+        prompt) or waits for input, Ctrl-D to leave the REPL; once it has exited or waits, done,
+        else killed. Each wait is on the board, not the clock: a board that gets no CPU (a loaded
+        machine) is waited for, up to bound_s each. Returns the process's exit status."""
         if self.proc is None:
             return None
         self._stopping = True
+        proc = self.proc
         if self.alive():
             try:
+                heard = self._heard
                 self.interrupt()
-                time.sleep(0.3)
+                self._await_board(lambda: self._answered_since(heard), bound_s)
                 self.type(b"\x04")  # Ctrl-D at the REPL: exit
             except OSError:
                 pass
+            if not self._await_board(lambda: False, bound_s):  # it waits (the Ctrl-D eaten), or is stuck
+                os.killpg(proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout_s)
+                proc.wait(2)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(2)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait()
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         if self._thread is not None:
             # The relay ends by itself once it has read the board's last output (its stop summary
             # included): stopped before, under load (in tmux, 4 runs in 5), the summary was lost.
-            self._thread.join(2)
+            self._thread.join(10)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(2)
@@ -308,6 +344,36 @@ class SimulatedBoard:
                     pass
         self._ma = self._mb = self._sb = -1
         return self.proc.returncode
+
+    def _answered_since(self, heard: int) -> bool:
+        with self._tail_lock:
+            new = self._heard - heard
+            said = bytes(self._tail[-new:]) if new > 0 else b""
+        return any(a in said for a in _ANSWERS)
+
+    def _await_board(self, answered: Callable[[], bool], bound_s: float) -> bool:
+        """Polls until `answered()`, or the board's process has ended (True), or it has been
+        waiting for input for _WAITING_FOR_INPUT_S, or bound_s passed (False)."""
+        assert self.proc is not None
+        end = time.monotonic() + bound_s
+        waiting_since: float | None = None
+        last = _process_state(self.proc.pid)
+        while self.alive():
+            if answered():
+                return True
+            now = time.monotonic()
+            if now >= end:
+                return False
+            time.sleep(0.02)
+            state = _process_state(self.proc.pid)
+            if state.blocked and not state.signal_pending and state.cpu_ticks == last.cpu_ticks:
+                waiting_since = now if waiting_since is None else waiting_since
+                if now - waiting_since >= _WAITING_FOR_INPUT_S:
+                    return False
+            else:
+                waiting_since = None
+            last = state
+        return True
 
     def kill(self) -> None:
         """Power cut: the process dies at once, wherever it is."""
