@@ -112,10 +112,11 @@ class Ingestor(Processor):
         self.store = store
         self.registry = registry
         # One decoder: the strict one of protocols/ (SPEC.md's deterministic
-        # encoding, bounded fields). Samples are decrypted there and decoded
-        # here by the numpy decoder, which refuses exactly what the reference
+        # encoding, bounded fields), its CBOR through cbor2 when the input is
+        # in that form (fastdecode.cbor). Samples are decrypted there and decoded
+        # here by the numpy decoder. Both refuse exactly what their reference
         # refuses: what is acknowledged, every forwarder can forward.
-        self.hub = hub.Hub(decode_samples=False)
+        self.hub = hub.Hub(decode_samples=False, cbor_decode=fastdecode.cbor)
         self.revoked: set[str] = set()
         self.rejects: Counter[str] = Counter()
         self._log = _RateLimitedLog(REJECT_LOG_PER_MIN)

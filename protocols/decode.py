@@ -51,6 +51,7 @@ from protocols.messages import (
 
 TYPE_CHECKING = False  # type checkers take this as true; MicroPython has no typing module
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import NoReturn
 
 _UINT64_MAX = const(0xFFFFFFFFFFFFFFFF)
@@ -120,7 +121,8 @@ def _check_keys(m: "dict[object, object]", allowed: int, optional: "tuple[int, .
 
 def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tuple[int, ...]" = (),
                    decode_samples: bool = True, opener: "cipher.SampleCipher | None" = None,
-                   versions: "tuple[int, ...]" = (VERSION,)) -> Message:
+                   versions: "tuple[int, ...]" = (VERSION,),
+                   cbor_decode: "Callable[[bytes | bytearray | memoryview], object] | None" = None) -> Message:
     # decode_samples=False checks everything but leaves each channel's sample
     # bytes undecoded (SampleFrame.channels then holds bytes): for a hub that
     # stores frames fast and decodes them when it forwards them.
@@ -131,8 +133,10 @@ def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tu
     # VERSION; a hub re-reading its store takes STORED_VERSIONS (a version 1
     # sample frame has no key 15 and is never decrypted here: its samples
     # were stored decrypted, so opener must then be None).
+    # cbor_decode: cbor.decode (None), or a decoder that answers exactly as it
+    # does, value or error, for any input (the hub's: agent/fastdecode.py).
     # One decoder for every path, board and hub alike: the strict one (SPEC.md's deterministic encoding).
-    d = cbor.decode(payload)
+    d = cbor.decode(payload) if cbor_decode is None else cbor_decode(payload)
     if not isinstance(d, dict):
         raise RemoteProtocolError("payload must be a CBOR map", "schema")
     kind = _uint(d, 0, "type", 255)

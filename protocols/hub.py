@@ -14,6 +14,10 @@
 from protocols import cbor, cipher, cose, messages, replay
 from protocols.errors import AuthenticationError, ProtocolError, RemoteProtocolError
 
+TYPE_CHECKING = False  # type checkers take this as true; MicroPython has no typing module
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 # Verdicts of receive().
 ACCEPTED = "accepted"  # authentic and new: store it, then commit and ack
 DUPLICATE = "duplicate"  # authentic, seen before: ack again, store nothing
@@ -60,8 +64,11 @@ class Hub:
     # Sample frames come out decrypted (protocols/cipher.py), once their MAC
     # has verified. decode_samples=False: their channels stay undecoded
     # bytes (checked for size): the store needs the header, not the samples.
-    def __init__(self, decode_samples: bool = True) -> None:
+    # cbor_decode: the payloads' CBOR decoder (messages.decode_payload).
+    def __init__(self, decode_samples: bool = True,
+                 cbor_decode: "Callable[[bytes | bytearray | memoryview], object] | None" = None) -> None:
         self.decode_samples = decode_samples
+        self.cbor_decode = cbor_decode
         self._ackbuf = bytearray(512)
         self._devices: "dict[bytes, _Device]" = {}
         self.rejects: "dict[str, int]" = {}
@@ -126,7 +133,7 @@ class Hub:
             return self._reject(raw, "bad_mac", device_id)
         try:
             m = messages.decode_payload(msg.payload, messages.UPLINK_TYPES, self.decode_samples,
-                                        dev.ciphers[dev.active])
+                                        dev.ciphers[dev.active], cbor_decode=self.cbor_decode)
         except RemoteProtocolError as e:
             return self._reject(raw, "malformed:" + e.reason, device_id)
         epoch, seq = m.epoch, m.seq  # type: ignore[attr-defined]

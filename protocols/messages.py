@@ -422,11 +422,12 @@ def encoded(msg: Message, size: int = 4096, sealer: "cipher.SampleCipher | None"
 
 def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tuple[int, ...]" = (),
                    decode_samples: bool = True, opener: "cipher.SampleCipher | None" = None,
-                   versions: "tuple[int, ...]" = (VERSION,)) -> Message:
+                   versions: "tuple[int, ...]" = (VERSION,),
+                   cbor_decode: "Callable[[bytes | bytearray | memoryview], object] | None" = None) -> Message:
     # Any payload to one typed message, or RemoteProtocolError naming the
     # field that was wrong (protocols/decode.py, which says what the options
     # do). The decoder is imported at its first use: a board needs it only
     # for its rarer downlink messages, and drops it after each (app/main.py).
     from protocols import decode
 
-    return decode.decode_payload(payload, allowed_kinds, decode_samples, opener, versions)
+    return decode.decode_payload(payload, allowed_kinds, decode_samples, opener, versions, cbor_decode)

@@ -1,0 +1,233 @@
+# The hub's fast CBOR decoder (agent/fastdecode.py cbor: cbor2's C decoder
+# under checks) against the strict codec of protocols/ (the board's, and the
+# reference): on any input, both refuse (with the strict codec's error) or
+# both decode to the same value, types included. Inputs: random bytes,
+# mutations of a real frame's payload, and trees encoded with every choice
+# the strict codec refuses (longer heads, indefinite lengths, duplicate keys,
+# floats, tags, simple values, bad UTF-8, trailing or missing bytes, too deep,
+# too many items) as well as the forms it takes.
+from typing import Any
+
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent import fastdecode
+from protocols import cbor, messages
+from protocols.errors import RemoteProtocolError
+from tests.protocols.test_fuzz import mutated
+from tests.shared.test_vectors import FRAME_PAYLOAD
+
+
+def _same(a: Any, b: Any) -> bool:
+    # Equal values of the same types all the way down (True == 1 in Python; not here).
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(type(k) is type(j) for k, j in zip(a, b)) \
+            and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def _check(data: bytes) -> str:
+    """Both decoders give the same answer for data; returns which ("fast", "strict", "refused")."""
+    try:
+        expected = cbor.decode(data)
+    except RemoteProtocolError as e:
+        assert fastdecode.fast_cbor(data) is fastdecode.MISS, data.hex()
+        with pytest.raises(RemoteProtocolError) as got:
+            fastdecode.cbor(data)
+        assert got.value.reason == e.reason
+        return "refused"
+    fast = fastdecode.fast_cbor(data)
+    assert fast is fastdecode.MISS or _same(fast, expected), data.hex()
+    assert _same(fastdecode.cbor(data), expected), data.hex()
+    return "strict" if fast is fastdecode.MISS else "fast"
+
+
+def _head(major: int, value: int, width: int) -> bytes:
+    # width 0: the value in the initial byte (value < 24); else 1, 2, 4 or 8 bytes after it.
+    if width == 0:
+        return bytes([(major << 5) | value])
+    ai = {1: 24, 2: 25, 4: 26, 8: 27}[width]
+    return bytes([(major << 5) | ai]) + value.to_bytes(width, "big")
+
+
+def _widths(value: int) -> list[int]:
+    return [w for w in (0, 1, 2, 4, 8) if (w == 0 and value < 24) or (w and value < 1 << (8 * w))]
+
+
+_INTS = st.one_of(st.integers(0, 30), st.integers(-30, -1), st.integers(-(2**64), 2**64 - 1),
+                  st.sampled_from([23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1, -(2**64), -24, -25]))
+
+
+def _int(v: int, width: int | None = None) -> bytes:
+    major, arg = (0, v) if v >= 0 else (1, -1 - v)
+    return _head(major, arg, _widths(arg)[0] if width is None else width)
+
+
+def _text(t: bytes) -> bytes:
+    return _head(3, len(t), _widths(len(t))[0]) + t
+
+
+@st.composite
+def _item(draw: st.DrawFn, depth: int = 0, plan: list[int] | None = None) -> bytes:
+    # A tree of items in the form the strict codec takes, but for one node (the
+    # plan[0]-th made, if the tree has that many) with one thing it refuses (one
+    # of the defects below): alone in the input, so the check behind each is
+    # what decides.
+    if plan is None:
+        plan = [-1]
+    plan[0] -= 1
+    if plan[0] == -1:
+        return draw(_defect(depth))
+    leaf = depth >= 10 or draw(st.integers(0, 3)) == 3  # (hypothesis draws 0 more often than the rest)
+    kind = draw(st.sampled_from(([] if leaf else ["map", "array"] * 2) + ["int", "bytes", "text", "simple"]))
+    if kind == "int":
+        return _int(draw(_INTS))
+    if kind == "bytes":
+        b = draw(st.binary(max_size=40))
+        return _head(2, len(b), _widths(len(b))[0]) + b
+    if kind == "text":
+        return _text(draw(st.text(max_size=20)).encode("utf-8", "surrogatepass"))  # a surrogate: not UTF-8
+    if kind == "simple":  # false, true, null, and empty containers
+        return draw(st.sampled_from([b"\xf4", b"\xf5", b"\xf6", b"\x80", b"\xa0"]))
+    if kind == "array":
+        n = draw(st.integers(1, 5))
+        return _head(4, n, _widths(n)[0]) + b"".join(draw(_item(depth + 1, plan)) for _ in range(n))
+    keys = draw(st.lists(st.one_of(st.integers(-(2**64), 2**64 - 1), st.text(max_size=4)), min_size=1, max_size=5,
+                         unique_by=lambda k: (type(k), k)))
+    entries = [(_int(k) if isinstance(k, int) else _text(k.encode())) + draw(_item(depth + 1, plan)) for k in keys]
+    return _head(5, len(entries), _widths(len(entries))[0]) + b"".join(entries)
+
+
+@st.composite
+def _defect(draw: st.DrawFn, depth: int) -> bytes:
+    kind = draw(st.sampled_from(["long_head", "simple", "float", "bad", "key", "duplicate", "tag", "bignum",
+                                 "indefinite", "deep", "items"]))
+    if kind == "long_head":  # an integer, or a string's length, in more bytes than it needs
+        v = draw(st.integers(0, 2**32 - 1))
+        width = draw(st.sampled_from([w for w in (1, 2, 4, 8) if w > _widths(v)[0]]))
+        return _int(v, width) if draw(st.booleans()) else _head(2, 1, width) + b"x"
+    if kind == "simple":
+        return draw(st.sampled_from([b"\xf7", b"\xf8\x14", b"\xf8\x20", b"\xe0", b"\xf3"]))
+    if kind == "float":
+        n = draw(st.sampled_from([2, 4, 8]))
+        return {2: b"\xf9", 4: b"\xfa", 8: b"\xfb"}[n] + draw(st.binary(min_size=n, max_size=n))
+    if kind == "bad":  # reserved heads, a lone break, a head cut short
+        return draw(st.sampled_from([b"\x1c", b"\x5d", b"\xff", b"\x19\x01", b"\x9b\x00"]))
+    if kind == "key":  # a map key neither an integer nor text
+        key = draw(st.sampled_from([b"\xf4", b"\xf5", b"\xf6", b"\x40", b"\x80", b"\xa0"]))
+        return b"\xa2" + key + draw(_item(depth + 1)) + b"\x18\x63\x00"  # and key 99
+    if kind == "duplicate":
+        k = draw(st.sampled_from([b"\x01", b"\x61a", b"\x38\x63"]))
+        return b"\xa2" + k + draw(_item(depth + 1)) + k + draw(_item(depth + 1))
+    if kind == "tag":
+        tag = draw(st.sampled_from([0, 1, 2, 3, 17, 24, 25, 28, 29, 256, 258, 55799]))
+        return _head(6, tag, _widths(tag)[0]) + draw(_item(depth + 1))
+    if kind == "bignum":  # tag 2 or 3 around the 64-bit bound
+        n = draw(st.sampled_from([8, 9]))
+        return draw(st.sampled_from([b"\xc2", b"\xc3"])) + bytes([0x40 + n]) + draw(st.binary(min_size=n, max_size=n))
+    if kind == "indefinite":
+        which = draw(st.integers(0, 3))
+        if which == 0:
+            return b"\x5f" + b"".join(b"\x41x" for _ in range(draw(st.integers(0, 2)))) + b"\xff"
+        if which == 1:
+            return b"\x7f\x61y\xff"
+        if which == 2:
+            return b"\x9f" + b"".join(draw(_item(depth + 1)) for _ in range(draw(st.integers(0, 3)))) + b"\xff"
+        return b"\xbf\x01" + draw(_item(depth + 1)) + b"\xff"
+    if kind == "deep":  # arrays nested to the depth bound or past it, ending in a small int or something else
+        n = max(0, cbor.MAX_DEPTH - depth + draw(st.integers(0, 2)))
+        return b"\x81" * n + draw(st.sampled_from([b"\xa1\x61k\x00", b"\x80", b"\x17", b"\xa1\x00\x18\x18",
+                                                   b"\x18\x18", b"\xa1\x18\x18\x00", b"\x40", b"\x20"]))
+    n = draw(st.sampled_from([255, 256, 257]))  # an array or a map at the item bound or past it
+    if draw(st.booleans()):
+        return _head(4, n, 2) + b"\x00" * n
+    return _head(5, n, 2) + b"".join(_int(i) + b"\x00" for i in range(n))
+
+
+@st.composite
+def _encodings(draw: st.DrawFn) -> bytes:
+    data = draw(_item(0, [draw(st.integers(0, 8))]))
+    edit = draw(st.integers(0, 9))
+    if edit == 9 and data:
+        return data[:draw(st.integers(0, len(data) - 1))]  # cut short
+    if edit == 8:
+        return data + draw(st.binary(min_size=1, max_size=3))  # trailing bytes
+    return data
+
+
+@pytest.mark.slow
+@settings(max_examples=1500)
+@given(st.one_of(_encodings(), st.binary(max_size=64), mutated(FRAME_PAYLOAD)))
+def test_the_fast_decoder_answers_as_the_strict_codec(data: bytes) -> None:
+    _check(data)
+
+
+# Values the strict codec takes, as a board or the hub encodes them (deterministic form).
+_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), _INTS, st.binary(max_size=30), st.text(max_size=10)),
+    lambda inner: st.one_of(st.lists(inner, max_size=5),
+                            st.dictionaries(st.one_of(st.integers(-(2**64), 2**64 - 1), st.text(max_size=5)), inner,
+                                            max_size=5)),
+    max_leaves=30)
+
+
+@settings(max_examples=500)
+@given(_values)
+def test_what_the_strict_codec_encodes_is_taken_by_the_fast_path(value: Any) -> None:
+    data = cbor.encoded(value, 65536)
+    if len(data) <= fastdecode.FAST_CBOR_MAX_BYTES:
+        assert _check(data) == "fast"
+
+
+@pytest.mark.parametrize("data, answer", [
+    (FRAME_PAYLOAD, "fast"),
+    (bytes.fromhex("a2020101f5"), "fast"),  # keys in any order, as the strict codec takes them
+    (bytes.fromhex("a201f50201"), "fast"),
+    (bytes.fromhex("a201010101"), "refused"),  # a duplicate key
+    (bytes.fromhex("1817"), "refused"),  # 23 in two bytes
+    (bytes.fromhex("1b0000000100000000"), "fast"),  # 2**32 needs 8 bytes
+    (bytes.fromhex("1a00010000"), "fast"),  # 65536 needs 4 bytes
+    (bytes.fromhex("1a0000ffff"), "refused"),  # 65535 does not
+    (bytes.fromhex("c249010000000000000000"), "refused"),  # a bignum (tag 2): 2**64
+    (bytes.fromhex("3bffffffffffffffff"), "fast"),  # -2**64, the lowest integer
+    (bytes.fromhex("f90000"), "refused"),  # a half float
+    (bytes.fromhex("f7"), "refused"),  # undefined
+    (bytes.fromhex("d9d9f701"), "refused"),  # the self-described CBOR tag, which cbor2 drops
+    (bytes.fromhex("a1f501"), "refused"),  # a boolean key
+    (bytes.fromhex("a2f50101f5"), "refused"),  # keys true and 1: one in a Python dict
+    (bytes.fromhex("62c328"), "refused"),  # not UTF-8
+    (bytes(b"\x81" * 8 + b"\x17"), "fast"),  # a small int as deep as it can go
+    (bytes(b"\x81" * 9 + b"\x17"), "fast"),  # a small int past the bound: taken as the strict codec takes it
+    (bytes(b"\x81" * 9 + b"\x18\x18"), "refused"),  # any other item past it: refused
+    (bytes(b"\x81" * 9 + b"\x80"), "refused"),
+    (bytes(b"\x81" * 8 + b"\xa1\x00\x17"), "fast"),  # a map as deep as it can go, small ints in it
+    (bytes(b"\x81" * 8 + b"\xa1\x61k\x00"), "refused"),  # a text key in it: past the bound
+    (b"\x99\x01\x00" + b"\x00" * 256, "fast"),  # 256 items
+    (b"\x99\x01\x01" + b"\x00" * 257, "refused"),  # 257
+    (b"", "refused"),
+])
+def test_edges(data: bytes, answer: str) -> None:
+    assert _check(data) == answer
+
+
+@pytest.mark.parametrize("nest", [b"\x81", b"\xa1\x00", b"\xa1\x61k"])
+@pytest.mark.parametrize("n", range(6, 11))
+@pytest.mark.parametrize("end", [b"\x17", b"\x18\x18", b"\x20", b"\x40", b"\x80", b"\xf5", b"\xa1\x00\x17",
+                                 b"\xa1\x61k\x00", b"\xa1\x00\x18\x18", b"\xa1\x18\x18\x00"])
+def test_items_at_the_depth_bound(nest: bytes, n: int, end: bytes) -> None:
+    # Arrays or maps nested n deep around each kind of item: taken or refused as the strict codec does.
+    _check(nest * n + end)
+
+
+def test_a_boards_frame_payload_takes_the_fast_path() -> None:
+    # The fast path must be what runs for a board's real payload.
+    assert fastdecode.fast_cbor(FRAME_PAYLOAD) is not fastdecode.MISS
+    assert cbor2.dumps(cbor.decode(FRAME_PAYLOAD)) == FRAME_PAYLOAD
+    assert isinstance(messages.decode_payload(FRAME_PAYLOAD, decode_samples=False, cbor_decode=fastdecode.cbor),
+                      messages.SampleFrame)
