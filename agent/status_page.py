@@ -70,6 +70,11 @@ LOCKOUT_BASE_S = 2.0
 LOCKOUT_CAP_S = 900.0
 # Clients remembered for their failures; the oldest unlocked ones are forgotten beyond this.
 MAX_CLIENTS_TRACKED = 4096
+# An IPv6 host chooses its own addresses in its network's /64 (privacy extensions make new ones at
+# will): for the limits above, an IPv6 client is its /64, as an IPv4 client is its address. Hosts
+# sharing a /64 (a home network's, or link-local fe80::/64) share one count: one of them guessing
+# makes the others wait too, for the same lockout (IPv4 is not affected).
+CLIENT_PREFIX_V6 = 64
 # Connections refused or cut are logged at most this often, as a count (a flood must not flood the log).
 LIMITS_LOG_EVERY_S = 60.0
 
@@ -86,6 +91,21 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
     "Server": "pulsebridge",  # no version banner
 }
+
+
+def client_of(address: str) -> str:
+    """The client an address counts as for the page's limits: an IPv4 address itself (also when
+    mapped into IPv6: "::ffff:192.0.2.7" is "192.0.2.7"); an IPv6 address, its /64
+    ("2001:db8:1:2::/64"), without a zone index; what is not an IP address, as it is."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, CLIENT_PREFIX_V6), strict=False))
+    return str(ip)
 
 
 def _local(addr: str | None) -> bool:
@@ -141,8 +161,9 @@ class _Client:
 
 @dataclass
 class PasswordGuard:
-    """Wrong passwords per client address: FREE_FAILURES free, then a lockout doubling from
-    LOCKOUT_BASE_S up to LOCKOUT_CAP_S (the right password too is refused while it lasts).
+    """Wrong passwords per client (client_of: an IPv4 address, an IPv6 /64): FREE_FAILURES free,
+    then a lockout doubling from LOCKOUT_BASE_S up to LOCKOUT_CAP_S (the right password too is
+    refused while it lasts).
     A success forgets the client's failures. Counted for the status: failures, lockouts."""
 
     clock: Clock = time.monotonic
@@ -192,7 +213,8 @@ class PasswordGuard:
 
 @dataclass
 class ConnectionLimits:
-    """Open connections per client address and in all, and how many were refused or cut."""
+    """Open connections per client (client_of: an IPv4 address, an IPv6 /64) and in all, and how many
+    were refused or cut."""
 
     max_total: int = MAX_CONNECTIONS
     max_per_client: int = MAX_CONNECTIONS_PER_CLIENT
@@ -249,7 +271,7 @@ class _Guarded(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         peer = transport.get_extra_info("peername")
-        self.client = str(peer[0]) if peer else ""
+        self.client = client_of(str(peer[0])) if peer else ""
         if not self.limits.admit(self.client):
             transport.abort()
             return
@@ -468,9 +490,9 @@ class StatusPage:
 
     @web.middleware
     async def guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        client = request.remote or ""
-        if not _local(client):
+        if not _local(request.remote):
             return web.Response(status=403, text="local network only")
+        client = client_of(request.remote or "")
         wait_s = self.passwords.wait_s(client)
         if wait_s > 0:
             self.passwords.refused_locked += 1

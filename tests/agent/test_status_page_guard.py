@@ -120,6 +120,81 @@ def test_lockouts_double_up_to_their_cap() -> None:
     assert waits[-1] == LOCKOUT_CAP_S and max(waits) == LOCKOUT_CAP_S
 
 
+class FakePeer(asyncio.Transport):
+    """A connection's transport as far as the page looks at it: the address at the other end, and
+    whether it was aborted. A fake at the network's boundary: this machine gives a test one IPv6
+    address (::1), not many of one /64 as a host with privacy extensions has."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self.address = address
+        self.aborted = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return (self.address, 50000, 0, 0) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_client_of_is_the_ipv4_address_or_the_ipv6_64() -> None:
+    from agent.status_page import client_of
+
+    assert client_of("192.168.1.20") == client_of("::ffff:192.168.1.20") == "192.168.1.20"
+    assert client_of("2001:db8:1:2::1") == client_of("2001:db8:1:2:a:b:c:d") == "2001:db8:1:2::/64"
+    assert client_of("2001:db8:1:3::1") == "2001:db8:1:3::/64"
+    assert client_of("fe80::1%eth0") == client_of("fe80::2") == "fe80::/64"
+    assert client_of("") == "" and client_of("not an address") == "not an address"
+
+
+def test_an_ipv6_client_rotating_its_address_in_its_64_gets_no_fresh_tries(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Before: the lockout was per exact address, so an IPv6 host taking a new address in its /64 for
+    # each guess (privacy extensions make them at will) was never locked out; the connection cap was
+    # per address too.
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from agent.status_page import _Guarded
+
+    clock = FakeClock()
+    page = StatusPage(_facts, lambda d, s: {"values": []}, PASSWORD, clock=clock)
+
+    async def served(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="the page")
+
+    async def ask(address: str, password: str) -> int:
+        request = make_mocked_request("GET", "/api/status", headers=_auth(password), transport=FakePeer(address))
+        return (await page.guard(request, served)).status
+
+    async def scenario() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        seen["guesses"] = [await ask("2001:db8:1:2::%x" % (i + 1), "guess%d" % i) for i in range(FREE_FAILURES + 1)]
+        seen["right_from_a_new_address"] = await ask("2001:db8:1:2:a:b:c:d", PASSWORD)
+        seen["another_64"] = await ask("2001:db8:1:3::1", PASSWORD)
+        seen["mapped"] = [await ask("::ffff:192.168.1.20", "guess") for _ in range(FREE_FAILURES + 1)]
+        seen["same_v4"] = await ask("192.168.1.20", PASSWORD)
+        limits = ConnectionLimits(max_per_client=2)
+        peers = [FakePeer("2001:db8:1:2::%x" % (100 + i)) for i in range(3)] + [FakePeer("2001:db8:1:3::100")]
+        for peer in peers:
+            _Guarded(limits, asyncio.Protocol()).connection_made(peer)
+        seen["aborted"] = [peer.aborted for peer in peers]
+        return seen
+
+    with caplog.at_level(logging.WARNING, logger="agent.status_page"):
+        seen = asyncio.run(scenario())
+    assert seen["guesses"] == [401] * (FREE_FAILURES + 1), seen
+    assert seen["right_from_a_new_address"] == 429, seen  # the same /64: still locked out
+    assert seen["another_64"] == 200, seen
+    assert seen["mapped"][-1] == 401 and seen["same_v4"] == 429, seen  # ::ffff:a.b.c.d is a.b.c.d
+    assert seen["aborted"] == [False, False, True, False], seen  # two connections for the /64, then refused
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "%d wrong passwords from 2001:db8:1:2::/64" % (FREE_FAILURES + 1) in logged, logged
+
+
 async def _half_sent(port: int, source: str, data: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     writer.write(data)
