@@ -24,15 +24,20 @@ from tests.agent import harness
 from tests.waiting import async_wait_for, wait_for
 
 
-def _start_broker(exe: str, tmp: Path, pki: harness.Pki) -> tuple[subprocess.Popen[bytes], int]:
-    port = harness.free_port()
+def _start_broker(exe: str, tmp: Path, pki: harness.Pki, port: int = 0,
+                  persistent: bool = False) -> tuple[subprocess.Popen[bytes], int]:
+    """Mosquitto on loopback (port 0: a free one), TLS with client certificates;
+    persistent: its sessions and queued messages kept in tmp across a restart."""
+    port = port or harness.free_port()
     conf = tmp / "mosquitto.conf"
     conf.write_text(
         "listener %d 127.0.0.1\ncafile %s\ncertfile %s\nkeyfile %s\nrequire_certificate true\n"
-        "use_identity_as_username true\nallow_anonymous false\npersistence false\n"
+        "use_identity_as_username true\nallow_anonymous false\n%s\n"
         # Started as root, mosquitto would switch to its own user, who cannot
         # read our 0600 key: it stays who we are.
-        "user %s\n" % (port, pki.ca_cert, pki.server_cert, pki.server_key, getpass.getuser()))
+        "user %s\n" % (port, pki.ca_cert, pki.server_cert, pki.server_key,
+                       "persistence true\npersistence_location %s/" % tmp if persistent else "persistence false",
+                       getpass.getuser()))
     proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for(lambda: _listening(port), 30, "mosquitto listening")
     return proc, port
@@ -43,6 +48,35 @@ def _stop_broker(broker: subprocess.Popen[bytes]) -> None:
     broker.wait(10)
     if broker.stderr:
         broker.stderr.close()
+
+
+def _store_frames(store: Store, device_id: str, seqs: range) -> None:
+    """Small ECG frames (4 samples) of one board in the store, as ingest stores them, committed together."""
+    key = bytes(range(32))
+    up = cose.MacKey(key, device_id.encode(), cose.AAD_UPLINK)
+    sealer, opener = cipher.SampleCipher(key, bytes(16)), cipher.SampleCipher(key)
+
+    async def store_all() -> None:
+        stored = []
+        for s in seqs:
+            raw = up.seal(messages.encoded(messages.SampleFrame(
+                1, s, 1, s, s * 4, 512, 4, (1, 1), None, (0, 0, 0, 0), [[1, 2, 3, s]]), sealer=sealer))
+            m = messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES, decode_samples=False,
+                                        opener=opener)
+            assert isinstance(m, messages.SampleFrame)
+            f = record_of(device_id, m, m.channels, raw, None)  # type: ignore[arg-type]
+            stored.append(store.submit_ingest(Ingest.frame(f, (1, s, 1, None))))
+        await asyncio.gather(*stored)
+
+    asyncio.run(store_all())
+
+
+def _outbox(store: Store, backend: str) -> int:
+    db = store.reader()
+    try:
+        return int(Store.backlog(db).get(backend, 0))
+    finally:
+        db.close()
 
 
 def _stored(cfg: agent_config.AgentConfig) -> set[str]:
@@ -142,26 +176,15 @@ def test_draining_a_backlog_logs_no_warning_per_frame(mosquitto: str, tmp_path: 
     # publish beyond its 10 pending: 0.8 lines per frame).
     pki = harness.pki_for(tmp_path)
     broker, port = _start_broker(mosquitto, tmp_path, pki)
-    key = bytes(range(32))
-    up = cose.MacKey(key, b"pb-m1", cose.AAD_UPLINK)
-    sealer, opener = cipher.SampleCipher(key, bytes(16)), cipher.SampleCipher(key)
     store = Store(tmp_path / "store.db", ["broker"])
     store.start()
     cfg = MqttConfig(name="broker", type="mqtt", url="mqtts://localhost:%d" % port, ca_file=pki.ca_cert,
                         client_cert=pki.client_cert, client_key=pki.client_key, batch=50, linger_s=0)
     n = 200
     try:
+        _store_frames(store, "pb-m1", range(n))  # the backlog: committed together
+
         async def scenario() -> MqttForwarder:
-            stored = []
-            for s in range(n):
-                raw = up.seal(messages.encoded(messages.SampleFrame(
-                    1, s, 1, s, s * 4, 512, 4, (1, 1), None, (0, 0, 0, 0), [[1, 2, 3, 4]]), sealer=sealer))
-                m = messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES, decode_samples=False,
-                                            opener=opener)
-                assert isinstance(m, messages.SampleFrame)
-                f = record_of("pb-m1", m, m.channels, raw, None)  # type: ignore[arg-type]
-                stored.append(store.submit_ingest(Ingest.frame(f, (1, s, 1, None))))
-            await asyncio.gather(*stored)  # the backlog: committed together
             fw = MqttForwarder(cfg, store, "test-hub", asyncio.Event())
             task = asyncio.create_task(fw.run())
             try:
@@ -251,3 +274,261 @@ def test_the_cbor_payload_carries_the_json_document_with_typed_arrays(mosquitto:
         assert channels == as_json["channels"] == {"red": ppg[0], "ir": ppg[1]}
         assert as_cbor.pop("cose") == base64.b64decode(str(as_json["cose"]))
         assert as_cbor == {f: v for f, v in as_json.items() if f not in ("channels", "cose")}
+
+
+class Relay:
+    """A TCP relay between the forwarder and the broker, where the network's faults
+    are injected: the bytes pass unchanged (TLS end to end). hold(): what the broker
+    sends (its PUBACKs) is kept back until flow(); lose(): it is thrown away, on the
+    connections open now. up_bytes counts what the client sent."""
+
+    def __init__(self, broker_port: int) -> None:
+        self.broker_port = broker_port
+        self.port = 0
+        self.up_bytes = 0
+        self.connections = 0
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._losing: set[int] = set()  # connections whose broker bytes are lost
+        self._open: set[int] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def hold(self) -> None:
+        self._flowing.clear()
+
+    def flow(self) -> None:
+        self._flowing.set()
+
+    def lose(self) -> None:
+        self._losing |= self._open
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        me = self.connections
+        try:
+            broker_r, broker_w = await asyncio.open_connection("127.0.0.1", self.broker_port)
+        except OSError:
+            client_w.close()
+            return
+        self._open.add(me)
+
+        async def up() -> None:
+            while data := await client_r.read(65536):
+                self.up_bytes += len(data)
+                broker_w.write(data)
+                await broker_w.drain()
+
+        async def down() -> None:
+            while data := await broker_r.read(65536):
+                await self._flowing.wait()
+                if me in self._losing:
+                    continue
+                client_w.write(data)
+                await client_w.drain()
+
+        tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            self._open.discard(me)
+            for t in tasks:
+                t.cancel()
+            for w in (client_w, broker_w):
+                w.close()
+
+
+def _via(relay: Relay, pki: harness.Pki, batch: int, timeout_s: float) -> MqttConfig:
+    return MqttConfig(name="broker", type="mqtt", url="mqtts://localhost:%d" % relay.port, ca_file=pki.ca_cert,
+                      client_cert=pki.client_cert, client_key=pki.client_key, linger_s=0, batch=batch,
+                      timeout_s=timeout_s)
+
+
+async def _stop(fw: MqttForwarder, task: "asyncio.Task[None]") -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await fw.close()
+
+
+def test_a_batch_goes_out_whole_before_its_pubacks(mosquitto: str, tmp_path: Path) -> None:
+    # One round trip per batch: with the broker's PUBACKs held back, every message of
+    # the batch of 300 reaches the wire (aiomqtt sent 64, then waited for PUBACKs),
+    # and none of its rows leaves the outbox before its PUBACK.
+    pki = harness.pki_for(tmp_path)
+    broker, port = _start_broker(mosquitto, tmp_path, pki)
+    store = Store(tmp_path / "store.db", ["broker"])
+    store.start()
+    n = 300
+    try:
+        _store_frames(store, "pb-r1", range(1))
+
+        async def scenario() -> None:
+            relay = Relay(port)
+            await relay.start()
+            fw = MqttForwarder(_via(relay, pki, batch=n, timeout_s=60), store, "test-hub", asyncio.Event())
+            task = asyncio.create_task(fw.run())
+            try:
+                await async_wait_for(lambda: fw.forwarded == 1, 60, "the first frame forwarded (connected)",
+                                     lambda: (fw.forwarded, fw.last_error))
+                relay.hold()
+                before = relay.up_bytes
+                await asyncio.to_thread(_store_frames, store, "pb-r1", range(1, n + 1))
+                db = store.reader()
+                try:
+                    payloads = sum(len(fw.message(r)[1]) for r in Store.fetch_outbox(db, "broker", n))
+                finally:
+                    db.close()
+                await async_wait_for(lambda: relay.up_bytes - before >= payloads, 60,
+                                     "the %d payloads' %d bytes on the wire before any PUBACK" % (n, payloads),
+                                     lambda: relay.up_bytes - before)
+                assert fw.forwarded == 1 and await asyncio.to_thread(_outbox, store, "broker") == n
+                relay.flow()
+                await async_wait_for(lambda: fw.forwarded == n + 1, 60, "the batch forwarded once PUBACKed",
+                                     lambda: (fw.forwarded, fw.last_error))
+                assert fw.failures == 0, fw.last_error
+                assert relay.connections == 1
+            finally:
+                await _stop(fw, task)
+                await relay.close()
+
+        asyncio.run(scenario())
+        assert _outbox(store, "broker") == 0
+    finally:
+        store.close()
+        _stop_broker(broker)
+
+
+def test_lost_pubacks_leave_the_rows_to_be_sent_again(mosquitto: str, tmp_path: Path) -> None:
+    # The broker's answers are lost on the way (the broker has the messages): with no
+    # PUBACK for timeout_s the batch fails, none of its rows is marked forwarded, and
+    # they are published again on a new connection, where they are PUBACKed.
+    pki = harness.pki_for(tmp_path)
+    broker, port = _start_broker(mosquitto, tmp_path, pki)
+    store = Store(tmp_path / "store.db", ["broker"])
+    store.start()
+    n = 40
+    received: set[str] = set()
+    try:
+        _store_frames(store, "pb-r2", range(1))
+
+        async def scenario() -> None:
+            relay = Relay(port)
+            await relay.start()
+            fw = MqttForwarder(_via(relay, pki, batch=n, timeout_s=1), store, "test-hub", asyncio.Event())
+            tls = tls_context(fw.cfg)
+            async with aiomqtt.Client("localhost", port, tls_context=tls, identifier="sub") as sub:
+                await sub.subscribe("pulsebridge/#", qos=1)
+
+                async def collect() -> None:
+                    async for msg in sub.messages:
+                        received.add(json.loads(bytes(msg.payload))["idempotency_key"])
+
+                collector = asyncio.create_task(collect())
+                task = asyncio.create_task(fw.run())
+                try:
+                    await async_wait_for(lambda: fw.forwarded == 1, 60, "the first frame forwarded (connected)",
+                                         lambda: (fw.forwarded, fw.last_error))
+                    relay.lose()
+                    await asyncio.to_thread(_store_frames, store, "pb-r2", range(1, n + 1))
+                    await async_wait_for(lambda: fw.failures >= 1, 60, "the batch given up for want of PUBACKs",
+                                         lambda: (fw.forwarded, fw.last_error))
+                    assert "no PUBACK" in fw.last_error, fw.last_error
+                    # The broker had them all; the hub marked none of them forwarded.
+                    await async_wait_for(lambda: len(received) == n + 1, 60, "the subscriber got the batch",
+                                         lambda: len(received))
+                    assert fw.forwarded == 1 and await asyncio.to_thread(_outbox, store, "broker") == n
+                    await async_wait_for(lambda: fw.forwarded == n + 1, 60, "the batch sent again and PUBACKed",
+                                         lambda: (fw.forwarded, fw.failures, fw.last_error))
+                    assert relay.connections >= 2
+                finally:
+                    await _stop(fw, task)
+                    await relay.close()
+                    collector.cancel()
+
+        asyncio.run(scenario())
+        assert _outbox(store, "broker") == 0
+    finally:
+        store.close()
+        _stop_broker(broker)
+
+
+@pytest.mark.slow
+def test_a_broker_restart_mid_batch_loses_nothing(mosquitto: str, tmp_path: Path) -> None:
+    # A batch is on the broker, its PUBACKs on their way, when the broker restarts: the
+    # batch fails at once (the connection is gone), the forwarder reconnects once the
+    # broker is back, and the whole backlog arrives (the subscriber's persistent session
+    # keeps what the broker took; what the broker took twice comes twice, same key).
+    pki = harness.pki_for(tmp_path)
+    broker, port = _start_broker(mosquitto, tmp_path, pki, persistent=True)
+    store = Store(tmp_path / "store.db", ["broker"])
+    store.start()
+    n = 600
+    received: list[str] = []
+    try:
+        _store_frames(store, "pb-r3", range(1))
+
+        async def scenario() -> None:
+            nonlocal broker
+            relay = Relay(port)
+            await relay.start()
+            fw = MqttForwarder(_via(relay, pki, batch=200, timeout_s=30), store, "test-hub", asyncio.Event())
+            fw.backoff.cap_s = 1.0
+            tls = tls_context(fw.cfg)
+            subscribed = asyncio.Event()
+
+            async def collect() -> None:  # reconnects across the restart, its session kept by the broker
+                while True:
+                    try:
+                        async with aiomqtt.Client("localhost", port, tls_context=tls, identifier="sub",
+                                                  clean_session=False) as sub:
+                            await sub.subscribe("pulsebridge/#", qos=1)
+                            subscribed.set()
+                            async for msg in sub.messages:
+                                received.append(json.loads(bytes(msg.payload))["idempotency_key"])
+                    except aiomqtt.MqttError:
+                        await asyncio.sleep(0.2)
+
+            collector = asyncio.create_task(collect())
+            await asyncio.wait_for(subscribed.wait(), 30)
+            task = asyncio.create_task(fw.run())
+            try:
+                await async_wait_for(lambda: fw.forwarded == 1, 60, "the first frame forwarded (connected)",
+                                     lambda: (fw.forwarded, fw.last_error))
+                relay.hold()
+                await asyncio.to_thread(_store_frames, store, "pb-r3", range(1, n))
+                # The first batch is on the broker (the subscriber has it), its PUBACKs held back.
+                await async_wait_for(lambda: len(set(received)) >= 1 + 200, 60, "the first batch at the subscriber",
+                                     lambda: len(set(received)))
+                assert fw.forwarded == 1
+                relay.lose()  # the PUBACKs the broker sent go with it
+                await asyncio.to_thread(_stop_broker, broker)
+                relay.flow()
+                await async_wait_for(lambda: fw.failures >= 1, 30, "the batch failed with its connection",
+                                     lambda: (fw.forwarded, fw.last_error))
+                assert fw.forwarded == 1 and await asyncio.to_thread(_outbox, store, "broker") == n - 1
+                broker, _ = await asyncio.to_thread(_start_broker, mosquitto, tmp_path, pki, port, True)
+                await async_wait_for(lambda: fw.forwarded == n, 60, "the backlog forwarded after the restart",
+                                     lambda: (fw.forwarded, fw.failures, fw.last_error))
+                keys = {"pb-r3:1:%d" % s for s in range(n)}
+                await async_wait_for(lambda: set(received) == keys, 60, "every frame at the subscriber",
+                                     lambda: sorted(keys - set(received))[:5])
+            finally:
+                await _stop(fw, task)
+                await relay.close()
+                collector.cancel()
+
+        asyncio.run(scenario())
+        assert _outbox(store, "broker") == 0
+    finally:
+        store.close()
+        _stop_broker(broker)
