@@ -20,7 +20,16 @@ from typing import Any, cast
 from agent import fastdecode
 from agent.record import FrameRecord
 from agent.registry import Device, Registry
-from agent.store import KIND_FRAME, KIND_ORIGIN, PRIORITY_GAP, QUARANTINED, Ingest, Store, StoreError, Window
+from agent.store import (
+    KIND_FRAME,
+    KIND_ORIGIN,
+    MAX_BATCH,
+    PRIORITY_GAP,
+    QUARANTINED,
+    Ingest,
+    Store,
+    Window,
+)
 from protocols import hub, messages, replay
 from protocols.errors import RemoteProtocolError
 
@@ -37,7 +46,9 @@ REJECT_LOG_PER_MIN = 10
 class Outcome:
     """A message judged. replies go back at once (an epoch resync); once `stored` is
     done (None: at once), the frame ack_for names (device, epoch, seq) is acknowledged:
-    a session seals one ack for a run of such frames (Hub.ack), `acks` one for this one."""
+    a session seals one ack for a run of such frames (Hub.ack), `acks` one for this one.
+    `stored` is shared by the messages staged in one turn of the event loop (one store
+    job): done once all are committed and their replay windows moved."""
 
     received: hub.Received
     replies: list[bytes]
@@ -52,6 +63,26 @@ class Outcome:
             return self.replies
         dev, epoch, seq = self.ack_for
         return self.replies + self.acker.ack(dev, epoch, [seq])
+
+
+# Called once a staged message's batch is settled: (the error that failed it, or
+# None; its result: None, or QUARANTINED).
+_OnStored = Callable[["BaseException | None", Any], None]
+
+
+class _Group:
+    """The messages staged in one turn of the event loop: one store job, one future
+    (done once all are committed and their replay windows moved)."""
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self.future = future
+        self.items: list[Ingest] = []
+        self.on_stored: list[_OnStored | None] = []
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # a session gone meanwhile awaits it no more: no "never retrieved" noise
 
 
 @dataclass(frozen=True)
@@ -122,6 +153,7 @@ class Ingestor(Processor):
         self._log = _RateLimitedLog(REJECT_LOG_PER_MIN)
         # Called with each new frame's record once it is stored.
         self.on_stored: Callable[[FrameRecord], None] | None = None
+        self._group: _Group | None = None
         self.reload_devices()
         self.upgraded = upgrade_legacy(store)
 
@@ -200,15 +232,55 @@ class Ingestor(Processor):
             return Outcome(r, [])
         if r.verdict == hub.DUPLICATE:  # stored (or on its way): acknowledged again once its batch is
             item = Ingest(dev, m.epoch, m.seq, KIND_FRAME, raw, None, duplicate=True)
-            return Outcome(r, [], self.store.submit_ingest(item), (dev, m.epoch, m.seq), self.hub)
+            return Outcome(r, [], self._stage(item), (dev, m.epoch, m.seq), self.hub)
         try:
             f = record_of(dev, m, cast("list[bytes]", m.channels), raw, to_utc)  # decrypted, not decoded
         except RemoteProtocolError as e:
             return self._reject(hub.Received(hub.REJECTED, dev, None, raw, "malformed:" + e.reason), link)
         item = Ingest.frame(f, self.hub.accept(dev, m.epoch, m.seq, m.boot_salt))
-        stored = self.store.submit_ingest(item)
-        stored.add_done_callback(lambda fut: self._on_stored(fut, f, m.boot_salt))
+        salt = m.boot_salt
+        stored = self._stage(item, lambda exc, result: self._on_stored(exc, result, f, salt))
         return Outcome(r, [], stored, (dev, m.epoch, m.seq), self.hub)
+
+    def _stage(self, item: Ingest, on_stored: _OnStored | None = None) -> asyncio.Future[Any]:
+        # The message joins this turn's group (flushed to the store at the end of
+        # the turn, or once MAX_BATCH): one store job and one future for them all.
+        g = self._group
+        if g is None:
+            loop = asyncio.get_running_loop()
+            g = self._group = _Group(loop.create_future())
+            g.future.add_done_callback(_retrieved)
+            loop.call_soon(self._flush)
+        g.items.append(item)
+        g.on_stored.append(on_stored)
+        if len(g.items) >= MAX_BATCH:
+            self._flush()
+        return g.future
+
+    def _flush(self) -> None:
+        g, self._group = self._group, None
+        if g is not None:
+            self.store.submit_ingests(g.items).add_done_callback(lambda fut: self._settle(g, fut))
+
+    def _settle(self, g: _Group, fut: asyncio.Future[list[Any]]) -> None:
+        # The group's batch is committed (or failed): each message's window moves
+        # (or is abandoned), then the group's future is done: its acks may go.
+        if fut.cancelled():
+            exc: BaseException | None = asyncio.CancelledError()
+        else:
+            exc = fut.exception()
+        results = fut.result() if exc is None else [None] * len(g.items)
+        for on_stored, result in zip(g.on_stored, results):
+            if on_stored is not None:
+                on_stored(exc, result)
+        if g.future.done():
+            return
+        if isinstance(exc, asyncio.CancelledError):
+            g.future.cancel()
+        elif exc is not None:
+            g.future.set_exception(exc)
+        else:
+            g.future.set_result(results)
 
     def _checkpoint(self, r: hub.Received, m: messages.OriginCheckpoint, dev: str, raw: bytes) -> Outcome:
         # A board's origin checkpoint: stored as it came and forwarded
@@ -218,28 +290,26 @@ class Ingestor(Processor):
         ack_for = (dev, m.epoch, m.seq)
         if r.verdict == hub.DUPLICATE:
             item = Ingest(dev, m.epoch, m.seq, KIND_ORIGIN, raw, None, duplicate=True)
-            return Outcome(r, [], self.store.submit_ingest(item), ack_for, self.hub)
+            return Outcome(r, [], self._stage(item), ack_for, self.hub)
         item = Ingest(dev, m.epoch, m.seq, KIND_ORIGIN, raw, self.hub.accept(dev, m.epoch, m.seq),
                       priority=PRIORITY_GAP)
-        stored = self.store.submit_ingest(item)
 
-        def done(fut: asyncio.Future[Any]) -> None:
-            if fut.cancelled() or isinstance(fut.exception(), StoreError):
+        def done(exc: BaseException | None, result: Any) -> None:
+            if exc is not None:
                 self.hub.abandon(dev)
             elif self.hub.has_device(dev):
                 self.hub.commit(dev, m.epoch, m.seq)
 
-        stored.add_done_callback(done)
-        return Outcome(r, [], stored, ack_for, self.hub)
+        return Outcome(r, [], self._stage(item, done), ack_for, self.hub)
 
-    def _on_stored(self, fut: asyncio.Future[Any], f: FrameRecord, salt: bytes | None) -> None:
-        if fut.cancelled() or isinstance(fut.exception(), StoreError):
+    def _on_stored(self, exc: BaseException | None, result: Any, f: FrameRecord, salt: bytes | None) -> None:
+        if exc is not None:
             self.hub.abandon(f.device_id)  # not stored: only what is committed counts
             return
         if not self.hub.has_device(f.device_id):
             return  # revoked or erased meanwhile
         self.hub.commit(f.device_id, f.epoch, f.seq, salt)  # stored (or quarantined whole): the window moves
-        if fut.result() == QUARANTINED:
+        if result == QUARANTINED:
             self.rejects["store_refused"] += 1
         elif self.on_stored is not None:
             self.on_stored(f)

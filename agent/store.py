@@ -225,6 +225,23 @@ class _Job:
 
 
 @dataclass
+class _Unit:
+    """One write of a job, as the writer commits it: a job's one message, or one
+    of an ingest group's (index: its place in the group)."""
+
+    job: _Job
+    kind: str
+    args: Any
+    index: int = 0
+
+
+def _units(job: _Job) -> list[_Unit]:
+    if job.kind == "ingests":
+        return [_Unit(job, "ingest", it, i) for i, it in enumerate(job.args)]
+    return [_Unit(job, job.kind, job.args)]
+
+
+@dataclass
 class StoreStats:
     commits: int = 0
     ingested: int = 0
@@ -549,8 +566,15 @@ class Store:
         await self._submit("ingest", item)
 
     def submit_ingest(self, item: Ingest) -> asyncio.Future[Any]:
-        """Queues the message; the future is done once it is committed."""
+        """Queues the message; the future is done once it is committed (its result:
+        None, or QUARANTINED)."""
         return self._submit("ingest", item)
+
+    def submit_ingests(self, items: list[Ingest]) -> asyncio.Future[list[Any]]:
+        """Queues messages (at most MAX_BATCH) as one job: one future, done once all
+        are committed, in one transaction unless one is refused (then quarantined
+        alone); its result has one entry per message, in order: None, or QUARANTINED."""
+        return self._submit("ingests", items)
 
     def submit_reject(self, reason: str, link: str, device_id: str | None, raw: bytes) -> None:
         fut = self._submit("reject", (reason, link, device_id, raw))
@@ -578,10 +602,11 @@ class Store:
             if job is None:
                 return
             batch = [job]
+            units = _units(job)
             # Only a board's frame waits for company: hub-made records and the rest commit at once.
-            board_frame = job.kind == "ingest" and job.args.window is not None
+            board_frame = any(u.kind == "ingest" and u.args.window is not None for u in units)
             linger_until = time.monotonic() + (self.commit_linger_s if board_frame else 0.0)
-            while len(batch) < MAX_BATCH:
+            while len(units) < MAX_BATCH:
                 try:
                     nxt = self._q.get(timeout=max(0.0, linger_until - time.monotonic()))
                 except queue.Empty:
@@ -590,20 +615,21 @@ class Store:
                     self._q.put(None)
                     break
                 batch.append(nxt)
-            writes = [j for j in batch if j.kind != "call"]
+                units += _units(nxt)
+            writes = [u for u in units if u.kind != "call"]
             settled = self._commit(db, writes) if writes else []
             if writes:
                 self._housekeep(db)
-            for j in batch:
-                if j.kind == "call":
+            for u in units:
+                if u.kind == "call":
                     try:
-                        settled.append((j, None, j.args(db)))
+                        settled.append((u, None, u.args(db)))
                     except Exception as e:
                         _rollback(db)
-                        settled.append((j, e, None))
+                        settled.append((u, e, None))
             # One wake-up of each event loop per batch, not one per frame.
             by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
-            for j, exc, result in settled:
+            for j, exc, result in _by_job(settled):
                 by_loop.setdefault(j.loop, []).append((j.future, exc, result))
             for loop, items in by_loop.items():
                 try:
@@ -625,8 +651,8 @@ class Store:
             _rollback(db)
             log.error("store: quota or stream check failed: %s", e)
 
-    def _commit(self, db: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[_Job, BaseException | None, Any]]:
-        """Commits jobs in one transaction, whatever it takes.
+    def _commit(self, db: sqlite3.Connection, jobs: list[_Unit]) -> list[tuple[_Unit, BaseException | None, Any]]:
+        """Commits units of jobs in one transaction, whatever it takes.
 
         A storage fault (disk full, I/O error, locked) holds the batch and
         retries it with capped backoff until it is stored or the store
@@ -655,7 +681,8 @@ class Store:
             self._storage_recovered()
             return [(j, None, r) for j, r in zip(jobs, results)]
 
-    def _refuse(self, db: sqlite3.Connection, job: _Job, e: Exception) -> list[tuple[_Job, BaseException | None, Any]]:
+    def _refuse(self, db: sqlite3.Connection, job: _Unit,
+                e: Exception) -> list[tuple[_Unit, BaseException | None, Any]]:
         if job.kind != "ingest":
             log.error("store: %s refused: %s", job.kind, e)
             return [(job, StoreError("%s refused by the store: %s" % (job.kind, e)), None)]
@@ -663,8 +690,8 @@ class Store:
         log.error("store: frame %s:%d:%d refused (%s: %s); quarantined on its own, the rest of its batch stored",
                   it.device_id, it.epoch, it.seq, type(e).__name__, e)
         self.stats.refused += 1
-        return self._commit(db, [_Job("quarantine", (it, "store_refused:%s" % type(e).__name__), job.loop,
-                                      job.future)])
+        return self._commit(db, [_Unit(job.job, "quarantine", (it, "store_refused:%s" % type(e).__name__),
+                                       job.index)])
 
     def _storage_failed(self, e: Exception, held: int) -> None:
         self.stats.commit_failures += 1
@@ -682,7 +709,7 @@ class Store:
             self.stats.faults_recovered += 1
             self.fault, self.fault_since = None, None
 
-    def _apply(self, db: sqlite3.Connection, batch: list[_Job]) -> list[Any]:
+    def _apply(self, db: sqlite3.Connection, batch: list[_Unit]) -> list[Any]:
         now = time.time()
         results: list[Any] = []
         db.execute("BEGIN IMMEDIATE")
@@ -1072,6 +1099,28 @@ _SALVAGED = {
 # id recovery probes for more (ids are dense: far beyond, nothing is left).
 _SALVAGE_CHUNK = 256
 _SALVAGE_PROBES = 48
+
+
+def _by_job(settled: list[tuple[_Unit, BaseException | None, Any]]) -> list[tuple[_Job, BaseException | None, Any]]:
+    # Each job's outcome from its units', in the order of their first unit: a one-unit
+    # job's own; an ingest group's, the list of its units' results in order (or the
+    # first error, which fails it whole).
+    out: list[tuple[_Job, BaseException | None, Any]] = []
+    groups: dict[int, tuple[int, list[BaseException], list[Any]]] = {}
+    for u, exc, result in settled:
+        if u.job.kind != "ingests":
+            out.append((u.job, exc, result))
+            continue
+        g = groups.get(id(u.job))
+        if g is None:
+            g = groups[id(u.job)] = (len(out), [], [None] * len(u.job.args))
+            out.append((u.job, None, None))
+        if exc is not None:
+            g[1].append(exc)
+        g[2][u.index] = result
+    for at, errors, results in groups.values():
+        out[at] = (out[at][0], errors[0] if errors else None, None if errors else results)
+    return out
 
 
 def _has_column(db: sqlite3.Connection, table: str, column: str) -> bool:

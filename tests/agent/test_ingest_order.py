@@ -156,3 +156,30 @@ def _open(key: cose.MacKey, raw: bytes) -> messages.Message:
     msg = cose.parse(raw)
     key.verify(msg)
     return messages.decode_payload(msg.payload, messages.DOWNLINK_TYPES)
+
+
+def test_frames_judged_in_one_turn_share_one_store_job_done_once_their_windows_moved(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
+    reg.add(DEV, key=KEY, actor="test")
+    store = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    store.start()
+
+    async def scenario() -> None:
+        ing = Ingestor(store, reg)
+        outs = [ing.submit(_frame(s), "test") for s in range(10)]  # one turn of the loop
+        futures = {id(o.stored) for o in outs}
+        assert len(futures) == 1 and all(o.received.verdict == hub.ACCEPTED for o in outs)
+        stored = outs[0].stored
+        assert stored is not None
+        windows: list[tuple[int, int, int, bytes | None]] = []
+        stored.add_done_callback(lambda _: windows.append(ing.hub.window(DEV).state()))
+        async with asyncio.timeout(30):
+            await stored
+        assert windows[0][:2] == (1, 9)  # every window moved before anyone is told (acks follow)
+
+    try:
+        asyncio.run(scenario())
+        assert store.stats.commits == 1
+    finally:
+        store.close()
+        reg.close()
