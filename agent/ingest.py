@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -55,6 +56,9 @@ class Outcome:
     stored: asyncio.Future[Any] | None = None
     ack_for: tuple[str, int, int] | None = None
     acker: hub.Hub | None = None
+    # Not judged yet: the store must be read first (off the event loop). The
+    # session awaits it before its next message and takes its outcome instead.
+    judging: asyncio.Future[Outcome] | None = None
 
     @property
     def acks(self) -> list[bytes]:
@@ -214,12 +218,26 @@ class Ingestor(Processor):
         m = r.message
         if r.verdict == hub.REJECTED and r.reason == "replay:" + replay.TOO_OLD and r.device_id \
                 and isinstance(m, messages.SampleFrame):
-            # Below the window: a retransmission of a frame we hold is a duplicate. The very
-            # frame: a resend is the same bytes; other bytes under that (epoch, seq) come from
-            # another boot (SPEC.md, Replay protection).
-            held = self.store.held_raw(r.device_id, m.epoch, m.seq)
-            if held is not None and (held == b"" or held == raw):
-                r = hub.Received(hub.DUPLICATE, r.device_id, m, raw)
+            # Below the window: a retransmission of a frame we hold is a duplicate. Which
+            # the store says, read on a thread: a slow card must not stall every board.
+            return Outcome(r, [], judging=asyncio.ensure_future(self._below_window(r, m, raw, link)))
+        return self._judged(r, m, raw, link, to_utc)
+
+    async def _below_window(self, r: hub.Received, m: messages.SampleFrame, raw: bytes, link: str) -> Outcome:
+        # The very frame: a resend is the same bytes; other bytes under that (epoch, seq)
+        # come from another boot (SPEC.md, Replay protection).
+        dev = r.device_id or ""
+        try:
+            held = await asyncio.to_thread(self.store.held_raw, dev, m.epoch, m.seq)
+        except sqlite3.Error as e:  # unreadable now: refused as too old (the board resends it)
+            log.warning("store: cannot look up %s:%d:%d below its window (%s)", dev, m.epoch, m.seq, e)
+            held = None
+        if held is not None and (held == b"" or held == raw):
+            r = hub.Received(hub.DUPLICATE, dev, m, raw)
+        return self._judged(r, m, raw, link, None)
+
+    def _judged(self, r: hub.Received, m: messages.Message | None, raw: bytes, link: str,
+                to_utc: ToUtc | None) -> Outcome:
         if r.verdict == hub.REJECTED:
             return self._reject(r, link)
         dev = r.device_id or ""

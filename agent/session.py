@@ -270,7 +270,7 @@ class BoardSession:
         try:
             while True:
                 raw = await self.transport.receive()
-                out = self._judge(raw)
+                out = await self._judge(raw)
                 if out is not None:
                     if self._acks_waiting_since is None:
                         self._acks_waiting_since = time.monotonic()
@@ -382,12 +382,14 @@ class BoardSession:
         if self.on_progress is not None:
             self.on_progress()
 
-    def _judge(self, raw: bytes) -> Outcome | None:
+    async def _judge(self, raw: bytes) -> Outcome | None:
         st = self.stats
         st.messages += 1
         if self.recorder is not None:
             self.recorder(raw)
         out = self.processor.submit(raw, self.transport.name, self.timemap.to_utc_ms)
+        if out.judging is not None:  # the store is read first (a frame below the window), off the loop
+            out = await out.judging
         r = out.received
         if r.verdict == hub.REJECTED:
             st.rejects[r.reason] += 1

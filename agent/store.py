@@ -291,7 +291,8 @@ class Store:
         self.fault: str | None = None
         self.fault_since: float | None = None
         self.on_commit: Callable[[], None] | None = None
-        self._held_reader: sqlite3.Connection | None = None  # held_raw()'s, on the caller's thread
+        self._held_reader: sqlite3.Connection | None = None  # held_raw()'s, on any thread, one at a time
+        self._held_lock = threading.Lock()
 
     # ---- opening -------------------------------------------------------------
 
@@ -471,11 +472,14 @@ class Store:
 
     def held_raw(self, device_id: str, epoch: int, seq: int) -> bytes | None:
         """The COSE bytes of the frame held under (device_id, epoch, seq); None: none held.
-        A frame held without its bytes (none such is stored today) answers b""."""
-        if self._held_reader is None:
-            self._held_reader = self.reader()
-        row = self._held_reader.execute("SELECT raw FROM frames WHERE device_id=? AND epoch=? AND seq=? AND kind=?",
-                                        (device_id, epoch, seq, KIND_FRAME)).fetchone()
+        A frame held without its bytes (none such is stored today) answers b"".
+        Blocking (SQLite): call it off the event loop (any thread; one at a time)."""
+        with self._held_lock:
+            if self._held_reader is None:
+                self._held_reader = self.reader()
+            row = self._held_reader.execute(
+                "SELECT raw FROM frames WHERE device_id=? AND epoch=? AND seq=? AND kind=?",
+                (device_id, epoch, seq, KIND_FRAME)).fetchone()
         return None if row is None else bytes(row[0] or b"")
 
     def legacy_frames(self, after_id: int, limit: int) -> list[tuple[int, bytes, bytes | None]]:
@@ -541,9 +545,10 @@ class Store:
         if self._db is not None:
             self._db.close()
             self._db = None
-        if self._held_reader is not None:
-            self._held_reader.close()
-            self._held_reader = None
+        with self._held_lock:
+            if self._held_reader is not None:
+                self._held_reader.close()
+                self._held_reader = None
 
     def _submit(self, kind: str, args: Any) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()

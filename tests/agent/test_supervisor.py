@@ -219,3 +219,104 @@ def test_the_status_names_a_device_added_beside_the_running_agent_and_outlives_i
     agent = asyncio.run(scenario())
     sensors = agent.snapshot()["sensors"]
     assert [(s["device_id"], s["label"]) for s in sensors] == [("pb-new01", "chambre 3")]
+
+
+class _QueuedLink:
+    """A fake link at the boundary: plays what the test puts in `uplink`, records what the hub sends."""
+
+    name = "fake:queued"
+
+    def __init__(self) -> None:
+        self.uplink: asyncio.Queue[bytes] = asyncio.Queue()
+        self.sent: list[bytes] = []
+        self.discarded: dict[str, int] = {}
+
+    async def open(self) -> None:
+        pass
+
+    async def receive(self) -> bytes:
+        return await self.uplink.get()
+
+    async def send(self, message: bytes) -> None:
+        self.sent.append(message)
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_resent_frame_below_the_window_is_looked_up_off_the_event_loop(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    # A board resends a frame the hub committed long ago (below its 64-frame replay window): the
+    # store says whether it holds those very bytes (a duplicate, acknowledged again). On a slow
+    # disk (fault injected: the lookup blocks until released) the loop that serves every board
+    # keeps turning; the resend is acknowledged once the lookup is done. (Before: read on the loop.)
+    from agent.audit import AuditLog
+    from agent.ingest import Ingestor
+    from agent.registry import Registry
+    from agent.session import BoardSession, BoardStats
+    from agent.store import Store
+    from protocols import cipher, cose, messages
+
+    dev, key = "pb-old01", bytes(range(32))
+    sealer = cipher.SampleCipher(key, bytes(16))
+    up, down = (cose.MacKey(key, dev.encode(), aad) for aad in (cose.AAD_UPLINK, cose.AAD_DOWNLINK))
+
+    def frame(seq: int) -> bytes:
+        f = messages.SampleFrame(1, seq, 1, seq * 10, seq * 4, 512, 4, (1, 1), None, (0, 0, 0, 0), [[1, 2, 3, 4]])
+        return up.seal(messages.encoded(f, sealer=sealer))
+
+    def acked(sent: list[bytes]) -> list[int]:
+        out = []
+        for a in sent:
+            msg = cose.parse(a)
+            down.verify(msg)
+            ack = messages.decode_payload(msg.payload, messages.DOWNLINK_TYPES)
+            assert isinstance(ack, messages.Ack)
+            out += [s for first, last in ack.ranges for s in range(first, last + 1)]
+        return out
+
+    reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
+    reg.add(dev, key=key, actor="test")
+    store = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    store.start()
+    entered, release = threading.Event(), threading.Event()
+    on_loop: list[bool] = []
+    slow_held_raw = _held_until_released(Store.held_raw, entered, release, on_loop)
+
+    async def scenario() -> BoardStats:
+        link = _QueuedLink()
+        session = BoardSession(link, Ingestor(store, reg), BoardStats("", link.name))  # type: ignore[arg-type]
+        task = asyncio.create_task(session.run())
+        try:
+            for seq in range(70):
+                link.uplink.put_nowait(frame(seq))
+            await async_wait_for(lambda: sorted(acked(link.sent)) == list(range(70)), 30, "70 frames acknowledged",
+                                 lambda: len(acked(link.sent)))
+            monkeypatch.setattr(Store, "held_raw", slow_held_raw)
+            link.uplink.put_nowait(frame(0))  # its ack was lost: the board sends it again
+            await async_wait_for(entered.is_set, 30, "the store looked up for the resent frame")
+            turns = [0]
+
+            async def beat() -> None:
+                while True:
+                    turns[0] += 1
+                    await asyncio.sleep(0.01)
+
+            beating = asyncio.create_task(beat())
+            await async_wait_for(lambda: turns[0] >= 3, 30, "the loop turning while the store is slow")
+            beating.cancel()
+            assert acked(link.sent).count(0) == 1  # not before the store has answered
+            release.set()
+            await async_wait_for(lambda: acked(link.sent).count(0) == 2, 30, "the resend acknowledged again")
+            return session.stats
+        finally:
+            release.set()
+            task.cancel()
+
+    try:
+        stats = asyncio.run(scenario())
+    finally:
+        store.close()
+        reg.close()
+    assert on_loop == [False]
+    assert stats.duplicates == 1 and not stats.rejects
