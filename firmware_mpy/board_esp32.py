@@ -8,9 +8,6 @@ import time
 
 from machine import ADC, I2C, SPI, Pin, Timer
 
-from drivers.ad8232 import AD8232
-from drivers.max30003 import MAX30003
-from drivers.max30102 import MAX30102
 from protocols import messages
 
 PINS = {
@@ -80,7 +77,10 @@ class Esp32Board:
         pins.update(cfg.get("pins", {}))
         out: list = []
         ecg = cfg.get("ecg")
+        # Each driver imported only for a chip the board has: its code is RAM.
         if ecg and ecg["chip"] == "max30003":
+            from drivers.max30003 import MAX30003
+
             cs = Pin(pins["ecg_cs"], Pin.OUT, value=1)
             spi = SPI(2, baudrate=pins["spi_hz"], polarity=0, phase=0, sck=Pin(pins["spi_sck"]),
                       mosi=Pin(pins["spi_mosi"]), miso=Pin(pins["spi_miso"]))
@@ -91,12 +91,16 @@ class Esp32Board:
                 self._irq_pins[messages.STREAM_ECG_MAX30003] = Pin(pins["ecg_intb"], Pin.IN, Pin.PULL_UP)
             out.append((messages.STREAM_ECG_MAX30003, ecg_chip, ecg_chip.lead_off))
         elif ecg and ecg["chip"] == "ad8232":
+            from drivers.ad8232 import AD8232
+
             adc = ADC(Pin(pins["ad8232_out"]), atten=ADC.ATTN_11DB)
             front = AD8232(adc, Pin(pins["ad8232_lo_plus"], Pin.IN), Pin(pins["ad8232_lo_minus"], Pin.IN),
                            Timer(0), ecg["rate_hz"])
             out.append((messages.STREAM_ECG_AD8232, front, front.lead_off))
         ppg = cfg.get("ppg")
         if ppg:
+            from drivers.max30102 import MAX30102
+
             i2c = I2C(0, scl=Pin(pins["i2c_scl"]), sda=Pin(pins["i2c_sda"]), freq=pins["i2c_hz"])
             oxi = MAX30102(i2c, time.sleep_ms)
             oxi.configure(ppg["rate_hz"], ppg["pulse_width_us"], ppg["adc_range_na"], ppg["led_red_ua"],

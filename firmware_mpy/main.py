@@ -4,9 +4,17 @@
 import sys
 
 # The outbox's ring first, while the heap is in one piece (app/outbox.py).
-from app import config, outbox
+from app import outbox
 
-outbox.preallocate(config.ring_bytes())
+
+def _ring_bytes():
+    # (app.config is not held here: the app drops it once started)
+    from app import config
+
+    return config.ring_bytes()
+
+
+outbox.preallocate(_ring_bytes())
 from app import main  # noqa: E402
 
 try:
@@ -14,7 +22,7 @@ try:
         from sim.board_sim import SimBoard, run_forever
 
         # A watchdog reset boots it again (its heap as a reset chip's: the ring first).
-        run_forever(SimBoard.from_file("sim.json"), main.run, boot=lambda: outbox.preallocate(config.ring_bytes()))
+        run_forever(SimBoard.from_file("sim.json"), main.run, boot=lambda: outbox.preallocate(_ring_bytes()))
     else:
         from board_esp32 import Esp32Board
 

@@ -44,7 +44,15 @@ except ImportError:  # CPython, or a port without the viper emitter: hashlib
 def protected_header(kid: bytes) -> bytes:
     if not 1 <= len(kid) <= MAX_KID:
         raise LocalProtocolError("kid must be 1 to %d bytes" % MAX_KID, "kid")
-    return cbor.encoded({1: ALG_HMAC_256_256, 4: bytes(kid)}, 32)
+    # {1: alg, 4: kid}, keys in ascending order: the deterministic encoding,
+    # written field by field (the generic encoder stays out of a board's RAM).
+    w = cbor.Writer(bytearray(2 + 2 + 1 + cbor.BSTR_HEAD_MAX + MAX_KID))
+    w.map(2)
+    w.uint(1)
+    w.uint(ALG_HMAC_256_256)
+    w.uint(4)
+    w.bstr(kid)
+    return bytes(w.buf[:w.pos])
 
 
 _PROTECTED_CACHE: "dict[bytes, bytes]" = {}

@@ -11,7 +11,7 @@ import sys
 
 from micropython import const
 
-from app import acks, config, faults, origin, ticks
+from app import acks, faults, origin, ticks
 from app.outbox import Outbox
 from app.sampler import Stream
 from protocols import cbor, cipher, cose, messages
@@ -43,13 +43,25 @@ _FRAME_OVERHEAD = const(200)
 WATCHDOG_MS = const(5000)
 # What a firmware update loads (app/ota.py, imported when one starts or on
 # a trial boot), dropped once it is over: a streaming board keeps none of it.
-_UPDATE_MODULES = (("app", "ota"), ("protocols", "bundle"), ("protocols", "ed25519"), ("protocols", "_sha512"))
+_UPDATE_MODULES = (("app", "ota"), ("protocols", "bundle"), ("protocols", "ed25519"), ("protocols", "_sha512"),
+                   ("protocols", "cbor_items"))
 _CHIPS = {messages.STREAM_ECG_MAX30003: "MAX30003", messages.STREAM_ECG_AD8232: "AD8232",
           messages.STREAM_PPG_MAX30102: "MAX30102"}
 
 
 class App:
-    def __init__(self, board, cfg, key, epoch):
+    def __init__(self, board, cfg, key, epoch, forget_config=False):
+        # forget_config: drop app.config from RAM before the rest is built
+        # (run() does: the configuration is read at boot only; tests keep it).
+        from app import config
+
+        config_error = config.ConfigError
+        self._on_trial = config.on_trial()
+        self._epoch_unreadable = config.epoch_unreadable  # (reported at start)
+        config.epoch_unreadable = None
+        del config
+        if forget_config:
+            forget("app", "config")
         self.board = board
         self.cfg = cfg
         self.epoch = epoch
@@ -65,7 +77,7 @@ class App:
         for stream_id, sensor, lead_off in board.sensors(cfg):
             window = sensor.rate_hz * cfg["window_ms"] // 1000
             if not 0 < window <= messages.MAX_SAMPLES:
-                raise config.ConfigError("window_ms gives %d samples per frame, outside 1..%d"
+                raise config_error("window_ms gives %d samples per frame, outside 1..%d"
                                          % (window, messages.MAX_SAMPLES))
             st = Stream(sensor, stream_id, window, board.uptime_ms(), lead_off)
             st.uptime_ms = board.uptime_ms
@@ -109,7 +121,7 @@ class App:
         # or this boot's version on trial. acked_ms: when an ack last came.
         self.acked_ms = None
         self.update = None
-        if config.on_trial():
+        if self._on_trial:
             from app import ota
 
             self.update = ota.Updater(self, now)
@@ -264,7 +276,7 @@ class App:
             self.downlink_rejected += 1  # never acted upon: a forged ack frees nothing
             return
         finally:
-            forget("protocols", "decode")  # its code stays out of RAM until the next rare message
+            forget_decoding()  # its code stays out of RAM until the next rare message
         if isinstance(m, messages.Ack):
             self.outbox.ack(m, self.epoch)
         elif isinstance(m, messages.EpochResync):
@@ -483,10 +495,10 @@ class App:
     def start(self):
         if self.board.reset_cause_watchdog():
             self.reports.add(faults.ERR_WATCHDOG_RESET, "restarted by the watchdog: the loop had stalled")
-        if config.epoch_unreadable is not None:
+        if self._epoch_unreadable is not None:
             self.reports.add(faults.ERR_EPOCH_RESYNC, "epoch file held %r: started over at %d"
-                             % (config.epoch_unreadable, self.epoch))
-            config.epoch_unreadable = None
+                             % (self._epoch_unreadable, self.epoch))
+            self._epoch_unreadable = None
         self.hello()  # before the sensors start: from then on their FIFOs fill
         for k in range(len(self.streams)):
             st = self.streams[k]
@@ -551,9 +563,18 @@ def forget(package, name):
         delattr(pkg, name)
 
 
+def forget_decoding():
+    # What decoding a rarer downlink message loads (cose.parse, the message
+    # decoder), dropped once it is handled.
+    forget("protocols", "decode")
+    forget("protocols", "cbor_items")
+
+
 def run(board, until_ms=None):
     # Entry point: returns when streaming stops (Ctrl-C, a stop command, or
     # until_ms on the board clock); the caller then drops to the REPL.
+    from app import config
+
     try:
         cfg = config.load()
         key = config.load_key()
@@ -561,8 +582,9 @@ def run(board, until_ms=None):
     except config.ConfigError as e:
         print("pulsebridge: not streaming:", e)
         return None
+    del config  # read at boot only: the app drops its code from RAM (an epoch resync loads it again)
     try:
-        app = App(board, cfg, key, epoch)
+        app = App(board, cfg, key, epoch, True)
     except Exception as e:  # a sensor missing or misconfigured: say which
         print("pulsebridge: not streaming: sensor set-up failed:", e)
         return None

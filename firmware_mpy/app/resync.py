@@ -7,7 +7,7 @@
 import gc
 
 from app import config, faults
-from app.main import forget
+from app.main import forget, forget_decoding
 from protocols import cbor, cose, messages
 
 
@@ -50,7 +50,7 @@ def reseal_step(app):
     try:
         if not app.outbox.reseal_oldest(app._reseal):
             app.reseal_due = False
-            forget("protocols", "decode")  # the resync is over: its code leaves RAM
+            forget_decoding()  # the resync is over: its code leaves RAM
             forget("app", "resync")
     except MemoryError:  # the frame stays; tried again next loop
         gc.collect()

@@ -28,6 +28,7 @@ _LINK = sys.argv[3] if len(sys.argv) > 3 else "serial"
 from app import config, outbox  # noqa: E402  (as the board's main.py: the ring first)
 
 outbox.preallocate(config.ring_bytes())
+del config  # (as main.py, not held: the app drops it once started)
 gc.collect()
 _MR = gc.mem_alloc()  # the ring is the firmware's data, not code
 from app import main  # noqa: E402
@@ -37,6 +38,10 @@ if _LINK == "ble":
     from app import bonds, link_ble, vitals_lite  # noqa: E402,F401
 else:
     from app import link_serial  # noqa: E402,F401
+# The drivers of this board's chips are firmware code too (the board
+# imports each when it asks for its sensors).
+from drivers import max30003, max30102  # noqa: E402,F401
+
 gc.collect()
 _M1 = gc.mem_alloc()
 import json  # noqa: E402
@@ -116,6 +121,8 @@ def _fifo_level(name, model):
 
 
 def run(minutes, speed, link_kind, up_fd, down_fd, stretches=False):
+    from app import config
+
     with open("sim.json") as f:
         sim = json.load(f)
     sim["board_speed"] = speed
@@ -151,7 +158,9 @@ def run(minutes, speed, link_kind, up_fd, down_fd, stretches=False):
         return out
 
     board.sensors = measured_sensors
-    app = main.App(board, cfg, key, config.next_epoch())
+    epoch = config.next_epoch()
+    del config  # as main.run(): the app drops it from RAM
+    app = main.App(board, cfg, key, epoch, True)
     sim_heap += models_heap[0]
     radio = board.radio
     if radio is not None:

@@ -16,9 +16,6 @@ import os
 import sys
 
 from app import ticks
-from drivers.ad8232 import AD8232
-from drivers.max30003 import MAX30003
-from drivers.max30102 import MAX30102
 from protocols import messages
 from sim import models
 from sim.clock import ChipClock, RealClock, VirtualClock
@@ -231,7 +228,10 @@ class SimBoard:
         seed = self.sim.get("seed", 1)
         lead_off = [tuple(x) for x in self.sim.get("lead_off", ())]
         ecg = cfg.get("ecg")
+        # Each driver imported only for a chip the board has, as board_esp32 does.
         if ecg and ecg["chip"] == "max30003":
+            from drivers.max30003 import MAX30003
+
             model = models.MAX30003Model(self.clock, self._wave("ecg", 1), ppm.get("max30003", 0), seed, lead_off)
             cs = models.SimPin(1)
             self.models["max30003"] = model
@@ -244,6 +244,8 @@ class SimBoard:
                 self._irq_list.append(self._irq_pins[messages.STREAM_ECG_MAX30003])
             out.append((messages.STREAM_ECG_MAX30003, chip, chip.lead_off))
         elif ecg and ecg["chip"] == "ad8232":
+            from drivers.ad8232 import AD8232
+
             front_model = models.AD8232Model(self.clock, self._wave("ecg", 1), seed, lead_off)
             self.models["ad8232"] = front_model
             timer = models.SimTimer(self.clock)
@@ -255,6 +257,8 @@ class SimBoard:
             raise ValueError("unknown ECG chip %r" % ecg["chip"])
         ppg = cfg.get("ppg")
         if ppg:
+            from drivers.max30102 import MAX30102
+
             finger_off = [tuple(x) for x in self.sim.get("finger_off", ())]
             oxi_model = models.MAX30102Model(self.clock, self._wave("ppg", 2), ppm.get("max30102", 0), seed,
                                              finger_off)

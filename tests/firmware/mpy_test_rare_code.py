@@ -1,8 +1,9 @@
 # Code a streaming board does not use stays out of its RAM (issue 11: the
 # BLE board's heap is nearly full, and every kB of code loaded as .mpy is a
 # kB less to collect garbage in). A BLE board streams, is acknowledged and
-# answers the hub's time requests without loading the message decoder
-# (protocols/decode.py), the epoch resync (app/resync.py) or the firmware
+# answers the hub's time requests with its configuration's code dropped
+# once started and without loading the message decoder
+# (protocols/decode.py, protocols/cbor_items.py), the epoch resync (app/resync.py) or the firmware
 # update (app/ota.py, protocols/bundle.py, ed25519); a rarer message loads
 # the decoder and drops it once handled; an update loads its code and drops
 # it when it is over. The hub's side here only encodes and seals (it never
@@ -16,7 +17,8 @@ from protocols import hub, hub_link, link, messages
 from sim.board_sim import SimBoard
 from sim.clock import VirtualClock
 
-_RARE = ("protocols.decode", "app.resync", "app.ota", "protocols.bundle", "protocols.ed25519", "protocols._sha512")
+_RARE = ("protocols.decode", "protocols.cbor_items", "app.resync", "app.ota", "protocols.bundle", "protocols.ed25519",
+         "protocols._sha512")
 
 
 def _loaded():
@@ -80,7 +82,8 @@ def test_a_streaming_board_loads_no_rare_code_and_drops_what_a_rare_message_load
     cfg = config.load()
     cfg["link"] = "ble"
     key = config.load_key()
-    app = main.App(board, cfg, key, config.next_epoch())
+    app = main.App(board, cfg, key, config.next_epoch(), True)  # as main.run(): the configuration is read at boot only
+    assert "app.config" not in sys.modules
     central = _Central(board, app, cfg["device_id"], key)
     app.start()
     board.radio.connect(247)
