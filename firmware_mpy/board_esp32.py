@@ -8,6 +8,7 @@ import time
 
 from machine import ADC, I2C, SPI, Pin, Timer
 
+from app import ticks
 from protocols import messages
 
 PINS = {
@@ -29,7 +30,7 @@ class Esp32Board:
         self._wdt_ms = 0
         self._battery_adc = None
         self._last_ms = time.ticks_ms()
-        self._ms = 0
+        self.uptime = ticks.Uptime()
         self._irq_pins = {}
 
     def ticks_ms(self):
@@ -43,15 +44,19 @@ class Esp32Board:
     def ticks_diff(self, a, b):
         return time.ticks_diff(a, b)
 
-    def uptime_ms(self):
+    def refresh_uptime(self):
         # ms since boot, never wrapping: the time base on the wire (t0_ms,
-        # tick_ms). Accumulated from the wrapping ticks, so it must be read
-        # more often than every 6 days (the app does, every status period);
-        # past 2^30 ms it is a big int, read a few times a minute.
+        # tick_ms), in halves (app.ticks.Uptime: small ints for any uptime).
+        # Accumulated from the wrapping ticks, so it must be read more often
+        # than every 6 days (the app does, every status period).
         raw = time.ticks_ms()
-        self._ms += time.ticks_diff(raw, self._last_ms)
+        self.uptime.advance(time.ticks_diff(raw, self._last_ms))
         self._last_ms = raw
-        return self._ms
+        return self.uptime
+
+    def uptime_ms(self):
+        # The same as one int (a big int past 2^30 ms: for the rarer uses).
+        return self.refresh_uptime().ms()
 
     def sleep_ms(self, ms):
         time.sleep_ms(ms)

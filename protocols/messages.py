@@ -396,22 +396,40 @@ def encode_ack(w: "cbor.Writer", epoch: int, ranges: "list[tuple[int, int]]") ->
 
 
 def encode_status(w: "cbor.Writer", epoch: int, seq: int, tick_ms: int, outbox_depth: int, frames_dropped: int,
-                  free_heap: int) -> None:
+                  free_heap: int, tick_ms_hi: int = 0) -> None:
     # The same bytes as encode(w, Status(...)), without the generic walk: a
     # board sends one every status period and allocates nothing for it.
+    # tick_ms_hi: the time in two halves, tick_ms_hi * 2**30 + tick_ms
+    # (tick_ms < 2**30 then: small ints on a 32-bit port for any uptime).
     _start(w, T_STATUS, 8)
     w.uint(2)
     w.uint(epoch)
     w.uint(3)
     w.uint(seq)
     w.uint(4)
-    w.uint(tick_ms)
+    w.uint_halves(tick_ms_hi, tick_ms)  # (hi 0: uint(tick_ms))
     w.uint(5)
     w.uint(outbox_depth)
     w.uint(6)
     w.uint(frames_dropped)
     w.uint(7)
     w.uint(free_heap)
+
+
+def encode_time_response(w: "cbor.Writer", epoch: int, seq: int, nonce: int, tick_ms: int,
+                         tick_ms_hi: int = 0) -> None:
+    # The same bytes as encode(w, TimeResponse(...)), without the generic
+    # walk: a board answers the hub's time request (one a minute) with
+    # nothing allocated. tick_ms_hi: as encode_status's.
+    _start(w, T_TIME_RESPONSE, 6)
+    w.uint(2)
+    w.uint(epoch)
+    w.uint(3)
+    w.uint(seq)
+    w.uint(4)
+    w.uint(nonce)
+    w.uint(5)
+    w.uint_halves(tick_ms_hi, tick_ms)  # (hi 0: uint(tick_ms))
 
 
 def encoded(msg: Message, size: int = 4096, sealer: "cipher.SampleCipher | None" = None) -> bytes:

@@ -117,6 +117,7 @@ class App:
                     self.hr = HeartRate(st.rate_hz)
         self.frames_built = 0
         self.downlink_rejected = 0
+        self._time_nonce = -1  # a time request read in place, not answered yet
         # A firmware update (app/ota.py, imported only then): installing one,
         # or this boot's version on trial. acked_ms: when an ack last came.
         self.acked_ms = None
@@ -166,14 +167,26 @@ class App:
         self._send_small(messages.Hello(self.epoch, self._seq(), FIRMWARE, self.board.uptime_ms(),
                                         [(s.stream_id, s.rate_hz) for s in self.streams]))
 
-    def status(self, up=None):
-        # Times on the wire (tick_ms, t0_ms) are ms since boot, never wrapping.
-        if up is None:
-            up = self.board.uptime_ms()
-        # Field-wise, every status period: nothing allocated.
-        messages.encode_status(self._small(), self.epoch, self._seq(), up, self.outbox.depth(),
-                               self.outbox.dropped, gc.mem_free())
+    def status(self):
+        # Times on the wire (tick_ms, t0_ms) are ms since boot, never wrapping,
+        # in halves (app.ticks.Uptime). Field-wise, every status period:
+        # nothing allocated, for any uptime.
+        up = self.board.refresh_uptime()
+        messages.encode_status(self._small(), self.epoch, self._seq(), up.lo, self.outbox.depth(),
+                               self.outbox.dropped, gc.mem_free(), up.hi)
         self._seal_small()
+
+    def _answer_time(self):
+        # The answer to the hub's time request (one a minute), as status():
+        # nothing allocated. Sent once the link takes it (it may be busy with
+        # a frame's fragments): the time in it is when it goes.
+        if not self.link.connected:
+            return
+        up = self.board.refresh_uptime()
+        messages.encode_time_response(self._small(), self.epoch, self.seq, self._time_nonce, up.lo, up.hi)
+        if self._seal_small():
+            self.seq += 1
+            self._time_nonce = -1
 
     def build_frame(self, k, st, count):
         sensor = st.sensor
@@ -261,7 +274,8 @@ class App:
                 self.acked_ms = self.board.ticks_ms()
             return
         if r == acks.TIME_REQUEST:
-            self._send_small(messages.TimeResponse(self.epoch, self._seq(), self.acks.nonce, self.board.uptime_ms()))
+            self._time_nonce = self.acks.nonce  # answered by step(), at once if the link is free
+            self._answer_time()
             return
         if r == acks.FORGED:
             self.downlink_rejected += 1
@@ -281,7 +295,7 @@ class App:
             self.outbox.ack(m, self.epoch)
         elif isinstance(m, messages.EpochResync):
             self._resync(m)
-        elif isinstance(m, messages.TimeRequest):
+        elif isinstance(m, messages.TimeRequest):  # (one the in-place reader declined: a large nonce)
             self._send_small(messages.TimeResponse(self.epoch, self._seq(), m.nonce, self.board.uptime_ms()))
         elif isinstance(m, messages.Command):
             if m.epoch != self.epoch or m.nonce <= self.last_command:
@@ -378,10 +392,12 @@ class App:
                                  self.board.battery_pct(self.cfg))
         if ticks.diff(now, self.next_status_ms) >= 0:
             self.next_status_ms = ticks.add(now, self.cfg["status_every_ms"])
-            up = self.board.uptime_ms()  # also keeps an uptime built from wrapping ticks counting
+            self.board.refresh_uptime()  # also keeps an uptime built from wrapping ticks counting
             if self.link.connected:
-                self.status(up)
+                self.status()
                 now = self._drain()  # (a status and a checkpoint, both due every 10 s, take ~30 ms on a chip)
+        if self._time_nonce >= 0:
+            self._answer_time()
         self._report_faults()
         if self.origin is not None and self.origin.due(now):
             self._checkpoint(self.origin, now)

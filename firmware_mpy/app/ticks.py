@@ -19,6 +19,28 @@ _HALF = const(1 << 29)
 
 
 
+class Uptime:
+    # Milliseconds since boot, never wrapping, as two small ints: hi * 2**30
+    # + lo, lo < 2**30. One int would be a heap int on a 32-bit port past
+    # 2**30 ms (12.4 days up), and every status message would then allocate
+    # (the CBOR writer takes the halves: Writer.uint_halves).
+    def __init__(self):
+        self.hi = 0
+        self.lo = 0
+
+    def advance(self, d):
+        # d >= 0 ms later (a small int); no intermediate leaves the small ints.
+        room = _MASK - self.lo
+        if d > room:
+            self.hi += 1
+            self.lo = d - room - 1
+        else:
+            self.lo += d
+
+    def ms(self):
+        return (self.hi << 30) + self.lo  # (one int: a heap int past 2**30 on a 32-bit port)
+
+
 def _diff(a, b):
     # a - b, wrapped into -2^29 .. 2^29-1.
     return ((a - b + _HALF) & _MASK) - _HALF

@@ -122,6 +122,8 @@ class SimBoard:
         self.link_override = None  # a fake link object for in-process runs
         self.buses = {}  # "spi", "i2c": the simulated buses, where faults are injected
         self._tick0_ms = sim.get("ticks_start_ms", 0)
+        self._uptime0_ms = sim.get("uptime_start_ms", 0)
+        self.uptime = ticks.Uptime()
         self.wdt = None
         self.watchdog_resets = 0  # resets the SimWatchdog caused, across firmware restarts
         self._reset_by_wdt = False
@@ -133,7 +135,8 @@ class SimBoard:
 
     # The ESP32's wrapping ticks (period 2^30, app.ticks), from the board's
     # clock plus sim.json's "ticks_start_ms" (default 0): a test starts them
-    # just before the wrap. uptime_ms() is the clock itself.
+    # just before the wrap. uptime_ms() is the clock plus "uptime_start_ms"
+    # (default 0: a test starts it just before 2^30 ms, 12.4 days up).
     def ticks_ms(self):
         if self.wdt is not None:
             self.wdt.check()
@@ -146,7 +149,15 @@ class SimBoard:
         return ticks.diff(a, b)
 
     def uptime_ms(self):
-        return self.clock.now_us() // 1000
+        return self.clock.now_us() // 1000 + self._uptime0_ms
+
+    def refresh_uptime(self):
+        # uptime_ms() in halves (app.ticks.Uptime), as board_esp32 keeps it.
+        ms = self.uptime_ms()
+        u = self.uptime
+        u.hi = ms >> 30
+        u.lo = ms & (ticks.PERIOD - 1)
+        return u
 
     def sleep_ms(self, ms):
         if self.wdt is not None:

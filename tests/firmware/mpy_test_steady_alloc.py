@@ -11,7 +11,9 @@
 # and its sample indices 25 days along (past 2**30 at 512 Hz). The unix
 # port's small ints have 63 bits, an ESP32's 31: every integer the frame
 # writer is given is checked to be under 2**30 (_SmallIntWriter), so what
-# would be a heap int on the chip fails here too.
+# would be a heap int on the chip fails here too. A fourth starts the
+# board's uptime just before 2**30 ms (12.4 days), with the status message
+# and the answer to a time request under the lock and counted as well.
 import gc
 import json
 import sys
@@ -64,6 +66,8 @@ class _Hub:
         self.next_index = {}
         self.gaps = 0
         self.frames = []  # (stream, t0_ms, first_index) of each sample frame accepted
+        self.times = []  # (nonce, tick_ms) of each time response
+        self.statuses = []  # tick_ms of each status
 
     def write(self, buf, off, n):  # the serial console's far end (inside SimConsole.write)
         self.source.feed(bytes(memoryview(buf)[off:off + n]))
@@ -86,6 +90,10 @@ class _Hub:
                 self.rejected += 1
                 continue
             self.accepted += 1
+            if isinstance(m, messages.TimeResponse):
+                self.times.append((m.nonce, m.tick_ms))
+            if isinstance(m, messages.Status):
+                self.statuses.append(m.tick_ms)
             if isinstance(m, messages.SampleFrame):
                 if self.next_index.get(m.stream, m.first_index) != m.first_index:
                     self.gaps += 1
@@ -110,10 +118,12 @@ class _HeapLooks:
         gc.collect()
 
 
-def _run(kind, ticks_start_ms=0, days_streamed=0, ecg=None):
+def _run(kind, ticks_start_ms=0, days_streamed=0, ecg=None, uptime_start_ms=0, time_request_ms=-1):
+    # time_request_ms: when (board uptime) the hub sends a time request (-1: never).
     sim = _load("sim.json")
     sim["virtual_clock"] = True
     sim["ticks_start_ms"] = ticks_start_ms
+    sim["uptime_start_ms"] = uptime_start_ms
     if kind == "ble":
         sim["ble"] = {}
     cfg = config.load()
@@ -135,6 +145,8 @@ def _run(kind, ticks_start_ms=0, days_streamed=0, ecg=None):
         st.first_index_hi, st.first_index = index >> 30, index & _SMALL_INT_MAX
     w = app._frame_writer
     app._frame_writer = _SmallIntWriter(w.buf, w.pos, w.end)
+    w = app._small_w  # status messages, time responses
+    app._small_w = _SmallIntWriter(w.buf, w.pos, w.end)
     _SmallIntWriter.big = 0
     radio = board.radio
     if radio is not None:
@@ -165,11 +177,12 @@ def _run(kind, ticks_start_ms=0, days_streamed=0, ecg=None):
     looks = 0
     checkpoints = 0
     locked = False
-    end_ms = _START_MS + _STEADY_MS
+    end_ms = uptime_start_ms + _START_MS + _STEADY_MS
+    nonce = -1
     try:
         while True:
             now_ms = board.uptime_ms()
-            if not locked and now_ms >= _START_MS:
+            if not locked and now_ms >= uptime_start_ms + _START_MS:
                 built = app.frames_built
                 checkpoints = app.origin.index
                 gc.collect()
@@ -181,6 +194,9 @@ def _run(kind, ticks_start_ms=0, days_streamed=0, ecg=None):
             app.step()
             clock.unlock_heap()  # the hub's turn
             down = far.answer()
+            if nonce < 0 <= time_request_ms <= now_ms:
+                nonce, request = far.hub.time_request(far.device_id, 1764547200000)
+                down += hub_link.downlink_line(request)
             if down:
                 if radio is not None:
                     radio.write(down)
@@ -218,7 +234,12 @@ def _run(kind, ticks_start_ms=0, days_streamed=0, ecg=None):
         assert t0_ms == start_ms + first_index * 1000 // rate_hz, (kind, stream, t0_ms, first_index)
     assert app.loop_restarts == 0 and app.downlink_rejected == 0, (kind, app.loop_restarts, app.downlink_rejected)
     if radio is not None:  # at most one control read per ack written (two frames a second, each checkpoint)
-        assert 0 < reads[0] <= 2 * (_STEADY_MS // 1000) + 2 + app.origin.index - checkpoints, reads[0]
+        assert 0 < reads[0] <= 2 * (_STEADY_MS // 1000) + 2 + app.origin.index - checkpoints + (nonce >= 0), reads[0]
+    if nonce >= 0:  # answered under the lock, with the board's uptime
+        assert len(far.times) == 1 and far.times[0][0] == nonce, far.times
+        assert time_request_ms <= far.times[0][1] <= time_request_ms + 1000, (far.times, time_request_ms)
+    if uptime_start_ms:  # a status after 2**30 ms, exact (each says the uptime it was sent at)
+        assert [t for t in far.statuses if t >= 1 << 30], far.statuses
     return app
 
 
@@ -239,6 +260,15 @@ def test_steady_state_allocates_nothing_across_the_ticks_wrap():
     assert app.board.ticks_ms() < 10000
     ecg = app.streams[0]
     assert ecg.rate_hz == 512 and ecg.first_index_hi == 1, (ecg.rate_hz, ecg.first_index_hi)
+
+
+def test_steady_state_allocates_nothing_past_12_days_up():
+    # The board's uptime passes 2**30 ms 3 s into the locked run: the status
+    # message (every 10 s) and the answer to a time request after it carry
+    # it in halves, and nothing allocates.
+    start = (1 << 30) - _START_MS - 3000
+    app = _run("ble", uptime_start_ms=start, time_request_ms=start + _START_MS + 5000)
+    assert app.board.uptime_ms() > 1 << 30
 
 
 def test_frame_times_stay_exact_with_no_int_past_small_ints():

@@ -191,6 +191,19 @@ def test_status_encoder_matches_the_generic_one() -> None:
         assert bytes(w.buf[:w.pos]) == messages.encoded(messages.Status(*args))
 
 
+def test_status_and_time_response_encoders_take_the_time_in_halves() -> None:
+    # A board past 2**30 ms up gives its time as hi * 2**30 + lo (small ints
+    # on a 32-bit port): the same bytes as the one int.
+    for tick_ms in (5, (1 << 30) - 1, 1 << 30, (3 << 30) + 12345, (5 << 30) + 7, (1 << 40) + 99):
+        hi, lo = tick_ms >> 30, tick_ms & ((1 << 30) - 1)
+        w = cbor.Writer(bytearray(128))
+        messages.encode_status(w, 1, 2, lo, 4, 5, 6, hi)
+        assert bytes(w.buf[:w.pos]) == messages.encoded(messages.Status(1, 2, tick_ms, 4, 5, 6))
+        w = cbor.Writer(bytearray(128))
+        messages.encode_time_response(w, 7, 8, 9, lo, hi)
+        assert bytes(w.buf[:w.pos]) == messages.encoded(messages.TimeResponse(7, 8, 9, tick_ms))
+
+
 def test_downlink_line_vector() -> None:
     line = hub_link.downlink_line(b"\x03\x00ack")
     assert line == b"~AwBhY2turCdc\n"
