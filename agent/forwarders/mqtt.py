@@ -24,7 +24,6 @@ is marked forwarded: they are published again on a new connection.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import ssl
@@ -39,7 +38,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import BackendConfig, Table
-from agent.forwarders.base import DeliveryError, Forwarder, document, read_secret, tls_context
+from agent.forwarders.base import DeliveryError, Forwarder, encode_json, read_secret, tls_context
 from agent.record import SAMPLE_DTYPE
 from agent.store import Row
 
@@ -315,12 +314,11 @@ class MqttForwarder(Forwarder):
 
     def message(self, row: Row) -> tuple[str, bytes]:
         """A row's topic and payload (JSON, or CBOR with typed arrays: cfg.payload)."""
-        subject = self.subjects.of(row.device_id, row.received_at) if self.subjects is not None else None
         binary = self.cfg.payload == "cbor"
-        doc = document(row, self.hub_id, subject, binary=binary)
+        doc = self.document(row, binary=binary, arrays=True)
         name = topic(self.cfg.topic_prefix, self.hub_id, doc)
         if not binary:
-            return name, json.dumps(doc).encode()
+            return name, encode_json(doc)
         if doc["type"] == "samples":
             doc["channels"] = {k: cbor2.CBORTag(TAG_INT32_LE, v.astype(SAMPLE_DTYPE, copy=False).tobytes())
                                for k, v in doc["channels"].items()}

@@ -6,12 +6,12 @@ as delivered on any 2xx answer.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import cbor2
 
 from agent.config import Table
+from agent.forwarders.base import encode_json
 from agent.forwarders.http import HttpConfig, HttpForwarder
 from agent.store import Row
 
@@ -33,11 +33,10 @@ class WebhookForwarder(HttpForwarder):
     cfg: WebhookConfig
 
     async def deliver(self, rows: list[Row]) -> None:
-        docs = [self.document(r) for r in rows]
         if self.cfg.format == "cbor":
-            body, ctype = cbor2.dumps(docs), "application/cbor"
+            body, ctype = cbor2.dumps([self.document(r) for r in rows]), "application/cbor"
         else:
-            body, ctype = json.dumps(docs).encode(), "application/json"
+            body, ctype = encode_json([self.document(r, arrays=True) for r in rows]), "application/json"
         await self.post(self.cfg.url, body, {"Content-Type": ctype})
 
 
