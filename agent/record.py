@@ -2,15 +2,15 @@
 
 Ingest verifies a board's COSE message, decrypts and decodes its samples and
 makes one FrameRecord of it; the store keeps that record (its header fields
-and its samples as little-endian int32, beside the COSE bytes exactly as the
-board sent them, for a later proof of origin), and the vitals engine and
+and its samples packed: FrameRecord.stored(), beside the COSE bytes exactly as
+the board sent them, for a later proof of origin), and the vitals engine and
 every forwarder read the record, never the wire format (which lives in
 protocols/ and agent/ingest.py only).
 """
 
 from __future__ import annotations
 
-import json
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,9 +28,22 @@ UNITS = {messages.STREAM_ECG_MAX30003: "uV", messages.STREAM_ECG_AD8232: "uV", m
 SAMPLE_DTYPE = np.dtype("<i4")
 
 Samples = npt.NDArray[np.int32]
-# Stored steps between samples, when every one fits: little-endian int16.
-_STEP_DTYPE = np.dtype("<i2")
-_STEP_MIN, _STEP_MAX = -(2**15), 2**15 - 1
+
+# The stored form (stored(); from_stored() reads it, and the JSON header of
+# records stored before it). Little-endian throughout:
+#   format (1), channels, step width (1 or 2: each channel's first sample as
+#   int32, then its count - 1 steps as int8 or int16; 4: each channel's count
+#   samples as int32), 1 if ppg_drive follows, rate_hz, scale_num, scale_den,
+#   flags, fifo_lost_samples, frames_dropped_by_board, jitter_us (u64: the
+#   decoder bounds them to 2^53), [ppg_drive, 4 x u64], then the samples.
+_PACKED = struct.Struct("<BBBBIIIQQQQ")
+_DRIVE = struct.Struct("<QQQQ")
+_PACKED_FORMAT = 1
+# Step widths, narrowest first: most ECG and pleth steps fit a byte.
+_STEP_DTYPES: tuple[tuple[int, np.dtype[Any]], ...] = ((1, np.dtype("<i1")), (2, np.dtype("<i2")))
+_WIDTH_DTYPES: dict[int, np.dtype[Any]] = dict(_STEP_DTYPES)
+# Records of the JSON header's time: steps as int16 ("samples": "steps16"), or int32 values.
+_STEP16_DTYPE = np.dtype("<i2")
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # arrays in it: == would be ambiguous
@@ -93,42 +106,79 @@ class FrameRecord:
 
     # ---- the stored form (agent/store.py keeps these two columns) --------------------
 
-    def stored(self) -> tuple[str, bytes]:
-        """The header fields the store has no column for (JSON) and the samples
-        (bytes). Samples whose steps all fit 16 bits (most ECG and pleth) are
-        kept as each channel's first sample (in the header) and its steps,
-        int16 little-endian: half the bytes of int32 values, which the card
-        would otherwise take at every frame; others as int32 values."""
-        header: dict[str, Any] = {
-            "rate_hz": self.rate_hz, "scale": [self.scale_num, self.scale_den], "ppg_drive": self.ppg_drive,
-            "flags": self.flags, "fifo_lost_samples": self.fifo_lost_samples,
-            "frames_dropped_by_board": self.frames_dropped_by_board, "jitter_us": self.jitter_us,
-            "channels": len(self.channels)}
-        values = np.stack(self.channels) if self.channels else np.zeros((0, self.count), dtype=np.int32)
-        steps = np.diff(values.astype(np.int64), axis=1)
-        if self.count and (not steps.size or (steps.min() >= _STEP_MIN and steps.max() <= _STEP_MAX)):
-            header["samples"] = "steps16"
-            header["first"] = values[:, 0].tolist()
-            blob = steps.astype(_STEP_DTYPE).tobytes()
-        else:
-            blob = values.astype(SAMPLE_DTYPE, copy=False).tobytes()
-        return json.dumps(header, separators=(",", ":")), blob
+    def stored(self) -> bytes:
+        """The record's samples and the header fields the store has no column for,
+        packed (the format above). Samples whose steps all fit 8 or 16 bits (most
+        ECG and pleth: a byte each) are kept as each channel's first sample and
+        its steps; others as int32 values."""
+        n, count = len(self.channels), self.count
+        drive = self.ppg_drive
+        head = _PACKED.pack(_PACKED_FORMAT, n, 4, drive is not None, self.rate_hz, self.scale_num, self.scale_den,
+                            self.flags, self.fifo_lost_samples, self.frames_dropped_by_board, self.jitter_us)
+        if drive is not None:
+            head += _DRIVE.pack(*drive)
+        if not n or not count:
+            return head
+        values = np.stack(self.channels).astype(np.int64) if n > 1 else self.channels[0].astype(np.int64)[None]
+        steps = np.diff(values, axis=1)
+        lo, hi = (int(steps.min()), int(steps.max())) if steps.size else (0, 0)
+        for width, dtype in _STEP_DTYPES:
+            bound = 1 << (8 * width - 1)
+            if -bound <= lo and hi < bound:
+                return (head[:2] + bytes([width]) + head[3:] + values[:, 0].astype(SAMPLE_DTYPE).tobytes()
+                        + steps.astype(dtype).tobytes())
+        return head + values.astype(SAMPLE_DTYPE).tobytes()
 
     @classmethod
     def from_stored(cls, device_id: str, epoch: int, seq: int, stream: int, t0_ms: int, t0_utc_ms: int | None,
-                    first_index: int, count: int, received_at: float, raw: bytes, header: dict[str, Any],
+                    first_index: int, count: int, received_at: float, raw: bytes, header: dict[str, Any] | None,
                     samples: bytes) -> FrameRecord:
-        """The record a store row holds (header and samples: stored(), the header parsed).
-        Raises ValueError when the samples do not fill the header's channels of count samples."""
+        """The record a store row holds: samples is stored() (header None), or, for a
+        record stored before it, the samples with their JSON header parsed. Raises
+        ValueError when they do not read as channels of count samples."""
+        if header is not None:
+            return cls._from_json_header(device_id, epoch, seq, stream, t0_ms, t0_utc_ms, first_index, count,
+                                         received_at, raw, header, samples)
+        if len(samples) < _PACKED.size:
+            raise ValueError("a stored record of %d bytes has no header" % len(samples))
+        (fmt, n, width, has_drive, rate_hz, scale_num, scale_den, flags, fifo_lost, dropped,
+         jitter_us) = _PACKED.unpack_from(samples)
+        if fmt != _PACKED_FORMAT:
+            raise ValueError("stored record format %d is not %d" % (fmt, _PACKED_FORMAT))
+        at = _PACKED.size
+        drive: tuple[int, int, int, int] | None = None
+        if has_drive:
+            d = _DRIVE.unpack_from(samples, at)
+            drive = (d[0], d[1], d[2], d[3])
+            at += _DRIVE.size
+        body = bytes(samples[at:])
+        if width == 4:
+            flat = np.frombuffer(body, dtype=SAMPLE_DTYPE)
+            if len(flat) != n * count:
+                raise ValueError("%d stored samples are not %d channels of %d" % (len(flat), n, count))
+            channels = tuple(flat.reshape(n, count)) if n else ()
+        elif width in _WIDTH_DTYPES:
+            if count < 1 or len(body) != n * (4 + width * (count - 1)):
+                raise ValueError("%d stored bytes are not %d channels of %d samples" % (len(body), n, count))
+            first = np.frombuffer(body[:4 * n], dtype=SAMPLE_DTYPE)
+            steps = np.frombuffer(body[4 * n:], dtype=_WIDTH_DTYPES[width]).reshape(n, count - 1)
+            channels = _cumulated(first, steps, count)
+        else:
+            raise ValueError("stored step width %d is not 1, 2 or 4" % width)
+        return cls(device_id, epoch, seq, stream, rate_hz, t0_ms, first_index, count, scale_num, scale_den,
+                   drive, flags, fifo_lost, dropped, jitter_us, channels, t0_utc_ms, received_at, raw)
+
+    @classmethod
+    def _from_json_header(cls, device_id: str, epoch: int, seq: int, stream: int, t0_ms: int, t0_utc_ms: int | None,
+                          first_index: int, count: int, received_at: float, raw: bytes, header: dict[str, Any],
+                          samples: bytes) -> FrameRecord:
+        # A record stored by agents of schema 3 (JSON header, int16 steps or int32 values).
         if header.get("samples") == "steps16":
-            first = [int(v) for v in header["first"]]
-            steps = np.frombuffer(samples, dtype=_STEP_DTYPE)
+            first = np.array([int(v) for v in header["first"]], dtype=np.int64)
+            steps = np.frombuffer(samples, dtype=_STEP16_DTYPE)
             if count < 1 or len(steps) != len(first) * (count - 1):
                 raise ValueError("%d stored steps are not %d channels of %d samples" % (len(steps), len(first), count))
-            values = np.empty((len(first), count), dtype=np.int64)
-            values[:, 0] = first
-            values[:, 1:] = steps.reshape(len(first), count - 1)
-            channels = tuple(np.cumsum(values, axis=1).astype(np.int32))
+            channels = _cumulated(first, steps.reshape(len(first), count - 1), count)
         else:
             flat = np.frombuffer(samples, dtype=SAMPLE_DTYPE)
             n = int(header.get("channels", len(flat) // count if count > 0 else 0))
@@ -141,6 +191,26 @@ class FrameRecord:
                    None if drive is None else (int(drive[0]), int(drive[1]), int(drive[2]), int(drive[3])),
                    int(header["flags"]), int(header["fifo_lost_samples"]), int(header["frames_dropped_by_board"]),
                    int(header["jitter_us"]), channels, t0_utc_ms, received_at, raw)
+
+
+def stored_fifo_lost(header: dict[str, Any] | None, samples: bytes | None) -> int:
+    """The samples a stored frame says its sensor's FIFO lost (0 if it cannot be read)."""
+    try:
+        if header is not None:
+            return int(header["fifo_lost_samples"])
+        if samples is not None and len(samples) >= _PACKED.size and samples[0] == _PACKED_FORMAT:
+            return int(_PACKED.unpack_from(samples)[8])
+    except (KeyError, TypeError, ValueError):
+        pass
+    return 0
+
+
+def _cumulated(first: npt.NDArray[Any], steps: npt.NDArray[Any], count: int) -> tuple[Samples, ...]:
+    # Each channel's samples from its first sample and its steps.
+    values = np.empty((len(first), count), dtype=np.int64)
+    values[:, 0] = first
+    values[:, 1:] = steps
+    return tuple(np.cumsum(values, axis=1).astype(np.int32))
 
 
 def iso_ms(t: float) -> str:

@@ -32,11 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import PulsebridgeError
-from agent.record import FrameRecord
+from agent.record import FrameRecord, stored_fifo_lost
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3  # 3: sample frames stored decoded (header in info, samples as int32)
+# 3: sample frames stored decoded (header in info, JSON; samples as int16 steps or int32);
+# 4: their header and samples packed in samples (agent/record.py), info NULL (3's rows still read).
+SCHEMA_VERSION = 4
 
 # Priorities: higher is forwarded first and deleted last.
 PRIORITY_RAW = 0
@@ -167,20 +169,18 @@ class Ingest:
     priority: int = PRIORITY_RAW
     duplicate: bool = False
     t0_utc_ms: int | None = None  # the first sample's time, from the board clock's mapping to UTC
-    # Hub-made records (vitals, alerts): their content; sample frames: their header
-    # (FrameRecord.stored(), already JSON when a str).
+    # Hub-made records (vitals, alerts): their content (already JSON when a str).
     info: dict[str, Any] | str | None = None
-    # Sample frames: their samples decoded (FrameRecord.stored()), kept beside
-    # the frame as it came (encrypted, MACed): forwarding needs neither a key nor the codec.
+    # Sample frames: their record's header and samples decoded (FrameRecord.stored()), kept
+    # beside the frame as it came (encrypted, MACed): forwarding needs neither a key nor the codec.
     samples: bytes | None = None
     received_at: float | None = None  # UTC s when it arrived (None: when committed)
 
     @classmethod
     def frame(cls, f: FrameRecord, window: Window | None, duplicate: bool = False) -> Ingest:
         """A board's sample frame, decoded, with its device's replay window once it is stored."""
-        header, samples = (None, None) if duplicate else f.stored()
         return cls(f.device_id, f.epoch, f.seq, KIND_FRAME, f.raw, window, f.stream, f.t0_ms, f.first_index,
-                   f.count, duplicate=duplicate, t0_utc_ms=f.t0_utc_ms, info=header, samples=samples,
+                   f.count, duplicate=duplicate, t0_utc_ms=f.t0_utc_ms, samples=None if duplicate else f.stored(),
                    received_at=f.received_at)
 
 
@@ -206,7 +206,7 @@ class Row:
     def frame(self) -> FrameRecord | None:
         """The sample frame this row holds, decoded at ingest (None: not a sample
         frame, or one stored without its samples, which cannot be forwarded)."""
-        if self.kind != KIND_FRAME or self.raw is None or self.samples is None or self.info is None:
+        if self.kind != KIND_FRAME or self.raw is None or self.samples is None:
             return None
         try:
             return FrameRecord.from_stored(self.device_id, self.epoch, self.seq, self.stream or 0, self.t0_ms or 0,
@@ -342,6 +342,10 @@ class Store:
             # encoded): the agent decodes them once more at start (agent/ingest.py, upgrade_legacy).
             if not _has_column(db, "frames", "samples"):
                 db.execute("ALTER TABLE frames ADD COLUMN samples BLOB")
+            db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+        elif int(row[0]) == 3:
+            # Schema 3's records (JSON header) read as they are; new ones are packed. An agent
+            # of schema 3 would not read the new ones: it refuses the store.
             db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
         elif int(row[0]) != SCHEMA_VERSION:
             db.close()
@@ -498,8 +502,8 @@ class Store:
         db = self._connect()
         try:
             db.execute("BEGIN IMMEDIATE")
-            db.executemany("UPDATE frames SET info=?, samples=?, plain=NULL WHERE id=?",
-                           [(*f.stored(), fid) for fid, f in decoded])
+            db.executemany("UPDATE frames SET info=NULL, samples=?, plain=NULL WHERE id=?",
+                           [(f.stored(), fid) for fid, f in decoded])
             db.execute("COMMIT")
         finally:
             db.close()
@@ -962,11 +966,12 @@ class Store:
                     resume = min(resume, min(it[4] for it in items[i:]) - 1)
                     break
                 if first > expected:
+                    info, samples = db.execute("SELECT info, samples FROM frames WHERE id=?", (fid,)).fetchone()
                     try:
-                        info = db.execute("SELECT info FROM frames WHERE id=?", (fid,)).fetchone()[0]  # holes only
-                        fifo_lost = int(json.loads(info)["fifo_lost_samples"]) if info else 0
-                    except (ValueError, KeyError, TypeError):
-                        fifo_lost = 0
+                        header = json.loads(info) if info else None
+                    except ValueError:
+                        header = None
+                    fifo_lost = stored_fifo_lost(header, samples)
                     lost = first - fifo_lost - expected
                     if lost > 0:
                         found += 1
@@ -1096,7 +1101,7 @@ _SALVAGED = {
     "replay": "device_id, epoch, top, bitmap",
     "counters": "name, value",
     "frames": "id, device_id, epoch, seq, kind, stream, priority, received_at, t0_ms, t0_utc_ms, first_index, "
-              "count, raw, info, plain",  # + samples when the damaged store has them (schema 3)
+              "count, raw, info, plain",  # + samples when the damaged store has them (schema 3 and later)
     "quarantine": "id, at, link, device_id, reason, raw",
     "stream_marks": "device_id, epoch, stream, next_index, last_seq",
 }

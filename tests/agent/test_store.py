@@ -203,3 +203,47 @@ def test_what_the_status_page_reads_back(tmp_path: Path) -> None:
         assert Store.last_received(db, "pb-a") == last_a  # the hub's own records are not the board's frames
     finally:
         s.close()
+
+
+def test_a_store_of_schema_3_is_taken_on_its_frames_read_as_stored(tmp_path: Path) -> None:
+    # Schema 3 kept a frame's header as JSON (info) and its samples as int16 steps: such rows are
+    # forwarded as they are, new ones are packed (schema 4), and an agent of schema 3 is refused the store.
+    import json
+    import struct
+
+    import numpy as np
+
+    from agent.record import FrameRecord
+
+    path = tmp_path / "store.db"
+    s = Store(path, ["b"], commit_linger_s=0)
+    s.open()
+    s.close()
+    db = sqlite3.connect(path)
+    header = {"rate_hz": 512, "scale": [1, 2], "ppg_drive": None, "flags": 0, "fifo_lost_samples": 0,
+              "frames_dropped_by_board": 0, "jitter_us": 5, "channels": 1, "samples": "steps16", "first": [1000]}
+    db.execute("INSERT INTO frames(id, device_id, epoch, seq, kind, stream, priority, received_at, t0_ms, t0_utc_ms, "
+               "first_index, count, raw, info, samples) VALUES(1, 'pb-a', 1, 0, 1, 1, 0, 1.0, 0, NULL, 0, 4, "
+               "x'd1', ?, ?)", (json.dumps(header), struct.pack("<3h", 1, -2, 3)))
+    db.execute("INSERT INTO outbox VALUES('b', 1, 0)")
+    db.execute("UPDATE meta SET value='3' WHERE key='schema'")
+    db.commit()
+    db.close()
+    s = Store(path, ["b"], commit_linger_s=0)
+    s.start()
+    try:
+        f = FrameRecord("pb-a", 1, 1, 1, 512, 1000, 4, 4, 1, 2, None, 0, 0, 0, 5,
+                        (np.array([7, 8, 9, 10], dtype=np.int32),), None, 2.0, b"\xd2")
+        asyncio.run(s.ingest(Ingest.frame(f, (1, 1, 3, None))))
+        db = s.reader()
+        try:
+            rows = Store.fetch_outbox(db, "b", 10)
+            schema = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
+        finally:
+            db.close()
+    finally:
+        s.close()
+    assert schema == str(store_mod.SCHEMA_VERSION) == "4"
+    frames = [r.frame for r in rows]
+    assert [fr.channels[0].tolist() for fr in frames if fr is not None] == [[1000, 1001, 999, 1002], [7, 8, 9, 10]]
+    assert rows[1].info is None  # packed: header and samples in one column
