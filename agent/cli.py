@@ -313,6 +313,8 @@ def _board_line(b: dict[str, Any]) -> str:
         line += "; sessions ended: " + ", ".join("%s %d" % kv for kv in sorted(ends.items()))
     if b["state"] != "connected" and b.get("last_error"):
         line += "; last: " + b["last_error"]
+    if b.get("identity"):
+        line += "; FAULT: " + b["identity"]
     reported = b.get("board_errors") or {}
     if reported:
         line += "; the board reported: %s (last: %s)" % (", ".join("%s %d" % kv for kv in sorted(reported.items())),

@@ -105,6 +105,10 @@ class Processor(abc.ABC):
         """Judges a message now, in arrival order (the replay window needs it);
         storing it may finish later. to_utc maps the board's ticks to UTC ms."""
 
+    def registered_unique_id(self, device_id: str) -> bytes:
+        """The chip id recorded for the device at provisioning; b"" if none is known."""
+        return b""
+
 
 class _RateLimitedLog:
     def __init__(self, per_min: int) -> None:
@@ -153,6 +157,7 @@ class Ingestor(Processor):
         # refuses: what is acknowledged, every forwarder can forward.
         self.hub = hub.Hub(decode_samples=False, cbor_decode=fastdecode.cbor)
         self.revoked: set[str] = set()
+        self.unique_ids: dict[str, bytes] = {}  # the registry's chip ids (provisioning read them)
         self.rejects: Counter[str] = Counter()
         self._log = _RateLimitedLog(REJECT_LOG_PER_MIN)
         # Called with each new frame's record once it is stored.
@@ -178,6 +183,7 @@ class Ingestor(Processor):
         longer in the registry at all (erased), now refused."""
         windows = read.windows
         seen = set()
+        self.unique_ids = {dev.device_id: dev.unique_id for dev in read.devices if dev.unique_id}
         for dev in read.devices:
             seen.add(dev.device_id)
             if dev.state == "active":
@@ -200,6 +206,9 @@ class Ingestor(Processor):
         for dev_id in erased:
             self.hub.remove_device(dev_id)
         return erased
+
+    def registered_unique_id(self, device_id: str) -> bytes:
+        return self.unique_ids.get(device_id, b"")
 
     def _reject(self, r: hub.Received, link: str) -> Outcome:
         reason = r.reason

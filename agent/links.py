@@ -120,6 +120,7 @@ class Link:
     last_seen: float = 0.0
     last_frame_at: float | None = None  # the last frame of an earlier session (UTC s): kept for the status
     firmware: str = ""  # as the board's last hello in an earlier session said: kept for the status
+    identity_fault: str = ""  # as the board's last status in an earlier session said (BoardStats.identity_fault)
     task: asyncio.Task[None] | None = None
     usb: str = ""  # "vid:pid serial" as listed, for the status
     device: str = ""  # the device node the port resolves to: a change is a re-enumeration
@@ -173,6 +174,8 @@ class LinkManager:
             link.last_frame_at = link.stats.last_frame_at  # a board silent since reads "last frame N s ago", not never
         if link.stats is not None and link.stats.firmware:
             link.firmware = link.stats.firmware
+        if link.stats is not None and link.stats.unique_id:
+            link.identity_fault = link.stats.identity_fault
         stats = BoardStats("", transport.name)  # whose it is, the board says (nothing is written to it before)
         link.stats = stats
         if link.state is not LinkState.STALLED:
@@ -289,6 +292,8 @@ class LinkManager:
                 "not_registered": sorted(st.rejected_ids) if st else [],
                 "board_errors": dict(st.board_errors) if st else {},
                 "last_board_error": st.last_board_error if st else "",
+                # The chip's id is not the one provisioned ("" when it is, or is not known).
+                "identity": st.identity_fault if st and st.unique_id else link.identity_fault,
                 "clock_drift_ppm": st.clock_drift_ppm if st else None, "clock_jumps": st.clock_jumps if st else 0,
                 "mtu": getattr(tr, "mtu", None) if tr is not None else None,
                 "discarded": dict(tr.discarded) if tr is not None else {},

@@ -18,6 +18,7 @@ from pathlib import Path
 from agent.audit import AuditLog
 from agent.errors import PulsebridgeError
 from agent.store import StoreError, check_private
+from protocols.messages import MAX_UNIQUE_ID
 
 KEY_BYTES = 32
 DEVICE_ID = re.compile(r"[a-z0-9-]{1,16}")
@@ -32,7 +33,7 @@ CREATE TABLE IF NOT EXISTS devices(
     device_id TEXT PRIMARY KEY, key BLOB NOT NULL, state TEXT NOT NULL CHECK(state IN ('active', 'revoked')),
     label TEXT NOT NULL DEFAULT '', patient_ref TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL, key_changed_at REAL NOT NULL, revoked_at REAL, revoke_reason TEXT,
-    next_key BLOB);
+    next_key BLOB, unique_id BLOB);
 """
 
 
@@ -64,6 +65,9 @@ class Device:
     revoked_at: float | None
     revoke_reason: str | None
     next_key: bytes | None = None  # during a key rotation: accepted alongside key
+    # The chip's unique id read at provisioning (machine.unique_id()); None: not known (added by hand,
+    # or provisioned before it was recorded). A status from another chip is shown as a fault.
+    unique_id: bytes | None = None
 
     def __repr__(self) -> str:  # never print a key
         return "Device(%s, %s, %r)" % (self.device_id, self.state, self.label)
@@ -87,6 +91,8 @@ class Registry:
         cols = {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}
         if "next_key" not in cols:  # a registry from before key rotation existed
             self._db.execute("ALTER TABLE devices ADD COLUMN next_key BLOB")
+        if "unique_id" not in cols:  # a registry from before chip ids were recorded
+            self._db.execute("ALTER TABLE devices ADD COLUMN unique_id BLOB")
 
     def close(self) -> None:
         self._db.close()
@@ -94,11 +100,12 @@ class Registry:
     def _row(self, r: tuple[object, ...]) -> Device:
         return Device(str(r[0]), bytes(r[1]), str(r[2]), str(r[3]), str(r[4]), float(r[5]),  # type: ignore
                       None if r[6] is None else float(r[6]), None if r[7] is None else str(r[7]),  # type: ignore
-                      None if r[8] is None else bytes(r[8]))  # type: ignore
+                      None if r[8] is None else bytes(r[8]), None if r[9] is None else bytes(r[9]))  # type: ignore
 
     def get(self, device_id: str) -> Device | None:
         r = self._db.execute("SELECT device_id, key, state, label, patient_ref, created_at, revoked_at, "
-                             "revoke_reason, next_key FROM devices WHERE device_id=?", (device_id,)).fetchone()
+                             "revoke_reason, next_key, unique_id FROM devices WHERE device_id=?",
+                             (device_id,)).fetchone()
         return self._row(r) if r else None
 
     def all(self) -> list[Device]:
@@ -117,11 +124,13 @@ class Registry:
 
     def _all(self, db: sqlite3.Connection) -> list[Device]:
         return [self._row(r) for r in db.execute(
-            "SELECT device_id, key, state, label, patient_ref, created_at, revoked_at, revoke_reason, next_key "
-            "FROM devices ORDER BY device_id")]
+            "SELECT device_id, key, state, label, patient_ref, created_at, revoked_at, revoke_reason, next_key, "
+            "unique_id FROM devices ORDER BY device_id")]
 
     def add(self, device_id: str, label: str = "", patient_ref: str = "", key: bytes | None = None,
-            actor: str | None = None) -> Device:
+            actor: str | None = None, unique_id: bytes | None = None) -> Device:
+        """Registers an active device (key: made here if None; unique_id: its chip's, as provisioning
+        read it). Raises RegistryError for a malformed id or key, or an id already registered."""
         if not valid_device_id(device_id):
             raise RegistryError("device id must be 1 to 16 of a-z, 0-9, '-': %r" % device_id, device_id)
         if self.get(device_id) is not None:
@@ -130,10 +139,14 @@ class Registry:
             key = secrets.token_bytes(KEY_BYTES)
         if len(key) != KEY_BYTES:
             raise RegistryError("a device key is %d bytes" % KEY_BYTES, device_id)
+        if unique_id is not None and not 0 < len(unique_id) <= MAX_UNIQUE_ID:
+            raise RegistryError("a chip's unique id is 1 to %d bytes" % MAX_UNIQUE_ID, device_id)
         now = time.time()
-        self._db.execute("INSERT INTO devices(device_id, key, state, label, patient_ref, created_at, key_changed_at) "
-                         "VALUES(?,?,?,?,?,?,?)", (device_id, key, "active", label, patient_ref, now, now))
-        self.audit.record("device.add", device_id, actor, label=label)
+        self._db.execute("INSERT INTO devices(device_id, key, state, label, patient_ref, created_at, key_changed_at, "
+                         "unique_id) VALUES(?,?,?,?,?,?,?,?)",
+                         (device_id, key, "active", label, patient_ref, now, now, unique_id))
+        self.audit.record("device.add", device_id, actor, label=label,
+                          **({"unique_id": unique_id.hex()} if unique_id else {}))
         dev = self.get(device_id)
         assert dev is not None
         return dev

@@ -94,6 +94,8 @@ class BoardStats:
     board_errors: Counter[str] = field(default_factory=Counter)  # error reports (type 7) by code name
     last_board_error: str = ""
     update: str = ""  # the board's last firmware update state (agent/ota.py), "" if none
+    unique_id: str = ""  # the chip's id its status gave (hex), "" if none yet
+    identity_fault: str = ""  # the status's chip id is not the one provisioned: what the hub's status says
 
     def samples_received(self) -> dict[str, int]:
         return {name: s.covered for name, s in self.samples.items()}
@@ -382,6 +384,21 @@ class BoardSession:
         if self.on_progress is not None:
             self.on_progress()
 
+    def _check_identity(self, st: BoardStats, unique_id: bytes) -> None:
+        # The key was made for the chip provisioning read: a status from another chip means the
+        # key (and the flash it sits on) was copied or moved. Its frames are authentic and kept;
+        # the board is shown as faulty until a status comes from the right chip.
+        st.unique_id = unique_id.hex()
+        registered = self.processor.registered_unique_id(st.device_id)
+        fault = ""
+        if registered and unique_id != registered:
+            fault = ("its key is on chip %s, not on chip %s it was provisioned on: copied or moved to another "
+                     "board? Provision this board again (pulsebridge provision) if it is meant to be %s"
+                     % (unique_id.hex(), registered.hex(), st.device_id))
+            if fault != st.identity_fault:
+                log.warning("%s: %s", st.device_id, fault)
+        st.identity_fault = fault
+
     async def _judge(self, raw: bytes) -> Outcome | None:
         st = self.stats
         st.messages += 1
@@ -406,6 +423,8 @@ class BoardSession:
             self._epoch = epoch
         if isinstance(m, messages.Hello):
             st.firmware = m.firmware
+        elif isinstance(m, messages.Status) and m.unique_id:
+            self._check_identity(st, m.unique_id)
         elif isinstance(m, messages.TimeResponse):
             self._on_time(m)
         elif isinstance(m, messages.ErrorReport) and r.verdict == hub.ACCEPTED:

@@ -393,6 +393,8 @@ def view(snapshot: dict[str, Any]) -> dict[str, Any]:
         elif state == "waiting":
             notices.append({"level": "attention", "key": "sensor_waiting", "args": {"label": label,
                                                                                    "link": link_state}})
+        if link.get("identity"):  # its key is on another chip than the one provisioned
+            notices.append({"level": "attention", "key": "sensor_not_the_one_set_up", "args": {"label": label}})
     for dev, rule in sorted(active):
         if rule == "board_silent":
             continue
@@ -582,6 +584,8 @@ TEXT = {
         "alert_other": "{label} : alerte ({rule}).",
         "sensor_silent": "{label} : aucune mesure depuis {age}.", "sensor_waiting": "{label} : en attente de sa "
                                                                                      "première mesure.",
+        "sensor_not_the_one_set_up": "{label} : ce capteur n'est pas celui qui a été installé (sa clé a été "
+                                     "copiée sur un autre). Faites-le vérifier par le technicien.",
         "hint_stalled": "Il est branché, mais rien ne passe : la passerelle réessaie.",
         "hint_searching": "Il ne semble pas branché.", "hint_backoff": "La passerelle s'y reconnecte.",
         "hint_connecting": "La passerelle s'y connecte.",
@@ -636,6 +640,8 @@ TEXT = {
         "alert_other": "{label}: alert ({rule}).",
         "sensor_silent": "{label}: no reading for {age}.", "sensor_waiting": "{label}: waiting for its first "
                                                                             "reading.",
+        "sensor_not_the_one_set_up": "{label}: this is not the sensor that was set up (its key was copied onto "
+                                     "another one). Have the technician check it.",
         "hint_stalled": "It is plugged in, but nothing comes through: the hub keeps trying.",
         "hint_searching": "It does not seem to be plugged in.", "hint_backoff": "The hub is reconnecting to it.",
         "hint_connecting": "The hub is connecting to it.",

@@ -136,6 +136,12 @@ class Esp32Board:
         self._wdt_ms = timeout_ms
         return self._wdt
 
+    def unique_id(self):
+        # The chip's own id (its base MAC): the hub checks it against the one recorded at provisioning.
+        import machine
+
+        return machine.unique_id()
+
     def watchdog_idle(self):
         # Streaming stopped on purpose (Ctrl-C, a stop command): a timer
         # feeds the watchdog from now on, so the REPL (a technician,

@@ -17,6 +17,7 @@ from protocols.messages import (
     MAX_SEQ,
     MAX_STREAMS,
     MAX_TEXT,
+    MAX_UNIQUE_ID,
     MAX_UPDATE_CHUNK,
     MAX_UPLINK_INT,
     STREAM_CHANNELS,
@@ -166,10 +167,14 @@ def decode_payload(payload: "bytes | bytearray | memoryview", allowed_kinds: "tu
         return Hello(_uint(d, 2, "epoch", MAX_EPOCH), _uint(d, 3, "seq", MAX_SEQ), _text(d, 4, "firmware"),
                      _uint(d, 5, "tick_ms", MAX_UPLINK_INT), _pairs(d, 6, "streams", MAX_STREAMS, MAX_UPLINK_INT))
     if kind == T_STATUS:
-        _check_keys(d, 8)
+        _check_keys(d, 8, (8,))
+        uid = d.get(8, b"")
+        if not isinstance(uid, bytes) or (8 in d and not 0 < len(uid) <= MAX_UNIQUE_ID):
+            _fail("field unique_id (key 8) must be 1 to %d bytes" % MAX_UNIQUE_ID)
         return Status(_uint(d, 2, "epoch", MAX_EPOCH), _uint(d, 3, "seq", MAX_SEQ),
                       _uint(d, 4, "tick_ms", MAX_UPLINK_INT), _uint(d, 5, "outbox_depth", MAX_UPLINK_INT),
-                      _uint(d, 6, "frames_dropped", MAX_UPLINK_INT), _uint(d, 7, "free_heap", MAX_UPLINK_INT))
+                      _uint(d, 6, "frames_dropped", MAX_UPLINK_INT), _uint(d, 7, "free_heap", MAX_UPLINK_INT),
+                      uid)
     if kind == T_ERROR:
         _check_keys(d, 6)
         return ErrorReport(_uint(d, 2, "epoch", MAX_EPOCH), _uint(d, 3, "seq", MAX_SEQ),

@@ -78,11 +78,16 @@ MAX_ORIGIN_CHECKPOINT = const(1024)
 # the 256-byte downlink bound (SPEC.md, Firmware updates).
 MAX_UPDATE_CHUNK = const(160)
 MAX_BUNDLE = const(2097152)  # 2 MB: a MicroPython image, or a slot of .mpy files with room to spare
+# A board's unique chip id (machine.unique_id()): 6 bytes on an ESP32 (its base MAC), 8 on an
+# RP2040, 12 on an STM32; 16 holds any port's.
+MAX_UNIQUE_ID = const(16)
 
 
 class Message:
     kind = 0
     _fields: "tuple[str, ...]" = ()
+    # Trailing fields that may be absent on the wire: left out when empty.
+    _optional: "tuple[str, ...]" = ()
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and all(getattr(self, f) == getattr(other, f) for f in self._fields)
@@ -167,16 +172,18 @@ class Hello(Message):
 
 class Status(Message):
     kind = T_STATUS
-    _fields = ("epoch", "seq", "tick_ms", "outbox_depth", "frames_dropped", "free_heap")
+    _fields = ("epoch", "seq", "tick_ms", "outbox_depth", "frames_dropped", "free_heap", "unique_id")
+    _optional = ("unique_id",)
 
     def __init__(self, epoch: int, seq: int, tick_ms: int, outbox_depth: int, frames_dropped: int,
-                 free_heap: int) -> None:
+                 free_heap: int, unique_id: bytes = b"") -> None:
         self.epoch = epoch
         self.seq = seq
         self.tick_ms = tick_ms
         self.outbox_depth = outbox_depth
         self.frames_dropped = frames_dropped
         self.free_heap = free_heap
+        self.unique_id = unique_id  # the chip's (machine.unique_id()); b"" where the board has none
 
 
 class ErrorReport(Message):
@@ -361,7 +368,11 @@ def encode(w: "cbor.Writer", msg: Message, sealer: "cipher.SampleCipher | None" 
                             sealer)
         return
     values = [getattr(msg, f) for f in msg._fields]
-    _start(w, k, 2 + len(values))
+    n = len(values)
+    while n and msg._fields[n - 1] in msg._optional and not values[n - 1]:
+        n -= 1  # an empty optional field is left out
+    values = values[:n]
+    _start(w, k, 2 + n)
     key = 2
     for v in values:
         w.uint(key)
@@ -396,12 +407,13 @@ def encode_ack(w: "cbor.Writer", epoch: int, ranges: "list[tuple[int, int]]") ->
 
 
 def encode_status(w: "cbor.Writer", epoch: int, seq: int, tick_ms: int, outbox_depth: int, frames_dropped: int,
-                  free_heap: int, tick_ms_hi: int = 0) -> None:
+                  free_heap: int, tick_ms_hi: int = 0, unique_id: bytes = b"") -> None:
     # The same bytes as encode(w, Status(...)), without the generic walk: a
     # board sends one every status period and allocates nothing for it.
     # tick_ms_hi: the time in two halves, tick_ms_hi * 2**30 + tick_ms
     # (tick_ms < 2**30 then: small ints on a 32-bit port for any uptime).
-    _start(w, T_STATUS, 8)
+    # unique_id: the chip's, read once at start; b"": left out.
+    _start(w, T_STATUS, 9 if unique_id else 8)
     w.uint(2)
     w.uint(epoch)
     w.uint(3)
@@ -414,6 +426,9 @@ def encode_status(w: "cbor.Writer", epoch: int, seq: int, tick_ms: int, outbox_d
     w.uint(frames_dropped)
     w.uint(7)
     w.uint(free_heap)
+    if unique_id:
+        w.uint(8)
+        w.bstr(unique_id)
 
 
 def encode_time_response(w: "cbor.Writer", epoch: int, seq: int, nonce: int, tick_ms: int,

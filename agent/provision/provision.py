@@ -48,6 +48,7 @@ from agent.provision.build import default_cache
 from agent.provision.rawrepl import RawRepl, ReplError
 from agent.registry import Registry, RegistryError, valid_device_id, write_private
 from agent.session import verify_for
+from protocols.messages import MAX_UNIQUE_ID
 
 STEPS = ["identify", "install firmware", "make key", "write key and configuration", "register", "self-test"]
 
@@ -100,7 +101,11 @@ try:
     import machine, binascii
     uid = binascii.hexlify(machine.unique_id()).decode()
 except Exception:
-    uid = ''
+    try:  # a simulated board: its chip's id is in sim.json (hex)
+        import json
+        uid = json.load(open('sim.json')).get('unique_id', '')
+    except Exception:
+        uid = ''
 try:
     chip = os.uname().machine
 except Exception:
@@ -319,6 +324,12 @@ class Provisioner:
             raise ProvisionError(self._at, "the board's answer is not (platform, version, chip, unique id, device "
                                  "id): %s" % _shown(reply))
         platform, version, chip, uid, existing = value
+        try:
+            if len(bytes.fromhex(uid)) > MAX_UNIQUE_ID:
+                raise ValueError
+        except ValueError:
+            raise ProvisionError(self._at, "the board's unique id is not 0 to %d bytes in hex: %s"
+                                 % (MAX_UNIQUE_ID, _shown(uid))) from None
         return BoardInfo(platform, version, chip, uid, existing or None)
 
     def _run(self, repl: RawRepl, res: Result, undo: _Undo, device_id: str | None, label: str, patient: str,
@@ -377,7 +388,8 @@ class Provisioner:
             if undo.registry_row is not None:
                 registry.remove(device_id)
                 registry.audit.record("device.rekey", device_id)
-            registry.add(device_id, label=label, patient_ref=patient, key=key)
+            registry.add(device_id, label=label, patient_ref=patient, key=key,
+                         unique_id=bytes.fromhex(board.unique_id) or None)
             undo.board_committed = True
             repl.exec(_BOARD_COMMIT)
             registry.audit.record("device.provision", device_id, platform=board.platform, chip=board.chip)

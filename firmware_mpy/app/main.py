@@ -69,6 +69,7 @@ class App:
         self.up = cose.MacKey(key, kid, cose.AAD_UPLINK)
         self.down = cose.MacKey(key, kid, cose.AAD_DOWNLINK)
         self.acks = acks.AckReader(self.down)
+        self.unique_id = board.unique_id()  # the chip's, sent in each status
         self.seq = 0
         self.last_command = -1
         self.running = True
@@ -173,7 +174,7 @@ class App:
         # nothing allocated, for any uptime.
         up = self.board.refresh_uptime()
         messages.encode_status(self._small(), self.epoch, self._seq(), up.lo, self.outbox.depth(),
-                               self.outbox.dropped, gc.mem_free(), up.hi)
+                               self.outbox.dropped, gc.mem_free(), up.hi, self.unique_id)
         self._seal_small()
 
     def _answer_time(self):

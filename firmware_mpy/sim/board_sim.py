@@ -188,6 +188,12 @@ class SimBoard:
         w._fed_ms = self.clock.now_us() // 1000
         return w
 
+    def unique_id(self):
+        # The simulated chip's id (sim.json, hex): what machine.unique_id() gives on an ESP32.
+        import binascii
+
+        return binascii.unhexlify(self.sim.get("unique_id", ""))
+
     def watchdog_idle(self):
         if self.wdt is not None:
             self.wdt.armed = False  # the ESP32 board feeds it from a timer at the REPL

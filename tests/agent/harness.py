@@ -146,10 +146,11 @@ class Hub:
     def start(self, boards: int, *, webhook: bool = False, backends: str = "", settings: str = "", listed: bool = True,
               label: str = "test board", patients: Sequence[str] = (), data_dir: Path | None = None,
               **spec_kw: Any) -> Hub:
-        """Starts `boards` boards (spec_kw: BoardSpec fields), the backend if `webhook`, registers the boards
-        (with `label`; board i with patients[i] where given) and writes the configuration: the boards' ports
-        as [[serial]] sections unless not `listed`, the webhook then `backends` (TOML text), `settings`
-        (TOML text) in [agent]; `data_dir` replaces tmp/data."""
+        """Starts `boards` boards (spec_kw: BoardSpec fields), the backend if `webhook`, registers the
+        boards as provisioning does (with `label` and their chips' ids; board i with patients[i] where
+        given) and writes the configuration: the boards' ports as [[serial]] sections unless not
+        `listed`, the webhook then `backends` (TOML text), `settings` (TOML text) in [agent];
+        `data_dir` replaces tmp/data."""
         self.sims = start_boards(self.tmp, boards, self.micropython, **spec_kw)
         self.defer(lambda: [s.stop() for s in self.sims])
         if webhook:
@@ -159,7 +160,7 @@ class Hub:
         try:
             for i, sim in enumerate(self.sims):
                 reg.add(sim.device_id, label=label, patient_ref=patients[i] if i < len(patients) else "",
-                        key=sim.spec.key, actor="test")
+                        key=sim.spec.key, actor="test", unique_id=sim.spec.unique_id)
         finally:
             reg.close()
         self.configure((webhook_section(self.pki, self._backend.port) if self._backend else "") + backends,

@@ -1,5 +1,6 @@
 # Hypothesis property tests of the codec (CPython). On failure Hypothesis
 # prints the example and a @reproduce_failure blob (print_blob, conftest).
+import cbor2
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -125,3 +126,32 @@ def test_uplink_integers_are_bounded_as_the_hub_stores_them() -> None:
             assert e.reason == "range", e
         else:
             raise AssertionError("%r accepted" % (msg,))
+
+
+def test_a_status_carries_the_chips_unique_id_or_leaves_it_out() -> None:
+    # SPEC.md, Hello, status: key 8, 1 to 16 bytes, absent where the board has no id; the
+    # board's allocation-free encoder writes the generic encoder's bytes.
+    from protocols import cbor
+    from tests.protocols import cddl
+
+    key = cose.MacKey(bytes(32), b"pb-h01", cose.AAD_UPLINK)
+    chip = bytes.fromhex("a4cf12e0b3c8")
+    with_id = messages.Status(3, 1, 5, 0, 0, 70000, chip)
+    without = messages.Status(3, 1, 5, 0, 0, 70000)
+    for msg in (with_id, without):
+        payload = messages.encoded(msg)
+        assert messages.decode_payload(payload, messages.UPLINK_TYPES) == msg
+        cddl.validate_message(key.seal(payload), "up")
+        w = cbor.Writer(bytearray(128))
+        messages.encode_status(w, 3, 1, 5, 0, 0, 70000, unique_id=msg.unique_id)
+        assert bytes(w.buf[:w.pos]) == payload
+    assert 8 not in cbor2.loads(messages.encoded(without))  # left out, not empty
+    assert cbor2.loads(messages.encoded(with_id))[8] == chip
+    base = cbor2.loads(messages.encoded(without))
+    for bad in (b"", bytes(messages.MAX_UNIQUE_ID + 1), "a4cf12e0b3c8", 7):
+        try:
+            messages.decode_payload(cbor2.dumps({**base, 8: bad}, canonical=True), messages.UPLINK_TYPES)
+        except RemoteProtocolError as e:
+            assert e.reason == "schema", e
+        else:
+            raise AssertionError("unique id %r accepted" % (bad,))

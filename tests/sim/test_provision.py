@@ -53,6 +53,8 @@ def test_provision_a_blank_board_then_refuse_to_rekey_silently(micropython: str,
         reg = Registry(tmp_path / "data" / "registry.db", AuditLog(tmp_path / "log" / "audit.log"))
         dev = reg.get("pb-prov01")
         assert dev is not None and dev.label == "chambre 3"
+        assert dev.unique_id == board.spec.unique_id  # the chip's id, read over the raw REPL
+        assert "id %s" % board.spec.unique_id.hex() in r.stdout
         assert (flash / "device.key").read_bytes() == dev.key  # the same fresh key on both sides
         assert not (flash / "device.key.new").exists()
         # The origin key: on the board and in the operator's file (0600), nowhere in the hub's data.

@@ -41,6 +41,8 @@ class BoardSpec:
     seed: int = 1
     provisioned: bool = True  # config.json and device.key written
     key_on_board: bool = True  # False: configured, but the key is missing
+    # The chip's unique id (machine.unique_id(); an ESP32's is its 6-byte base MAC): one per board.
+    unique_id: bytes = field(default_factory=lambda: secrets.token_bytes(6))
     extra: dict[str, object] = field(default_factory=dict)
 
     def board_config(self) -> dict[str, object]:
@@ -78,6 +80,7 @@ def prepare(spec: BoardSpec, directory: Path, cache: Path) -> Path:
     sim: dict[str, object] = {
         "ppm": spec.ppm, "lead_off": spec.lead_off, "finger_off": spec.finger_off,
         "virtual_clock": spec.virtual_clock, "seed": spec.seed, "board_speed": spec.board_speed,
+        "unique_id": spec.unique_id.hex(),
         "truth": {"spo2_pct": spec.spo2_pct, "ratio": waveforms.ratio_for_spo2(spec.spo2_pct)},
     }
     if spec.link == "ble":
