@@ -274,7 +274,7 @@ def test_status_page_and_cli_tell_a_full_disk(make_hub: Callable[..., Any], tmp_
     from agent.supervisor import Agent
     from tests.agent import harness
     from tests.agent.test_links import _until
-    from tests.agent.test_status_page import LAUNCH_ARGS, _chromium
+    from tests.agent.test_status_page import LAUNCH_ARGS, _chromium, _has_class, _until_page
 
     chromium = _chromium()
     with small_filesystem(tmp_path / "card", 24 * 1024) as card:
@@ -303,10 +303,8 @@ def test_status_page_and_cli_tell_a_full_disk(make_hub: Callable[..., Any], tmp_
                             "username": "hub", "password": "correct horse battery"})
                         page = await ctx.new_page()
                         await page.goto("http://127.0.0.1:%d/" % port)
-                        for _ in range(100):
-                            if "level-attention" in ((await page.get_attribute("#status", "class")) or ""):
-                                break
-                            await page.wait_for_timeout(100)
+                        await _until_page(page, lambda pg: _has_class(pg, "level-attention"), 30,
+                                          "the page telling the full card")
                         found[locale] = (await page.text_content("#status")) or ""
                         await ctx.close()
                     await browser.close()
