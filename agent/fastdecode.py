@@ -1,9 +1,12 @@
 """The hub's fast decoders: each refuses exactly what its reference in
 protocols/ refuses, and decodes the rest to the same values, faster.
 
-cbor(): the strict CBOR codec's decode (protocols/cbor.py, which the board
-runs too) through cbor2's C decoder, under a check that the input was in the
-strict codec's form (below). decode(): the samples, vectorised with numpy.
+payload(): protocols.messages.decode_payload for the hub (a board's sample
+frame read in one pass when it has the form boards write, anything else by
+the reference, with cbor() for its CBOR). cbor(): the strict CBOR codec's
+decode (protocols/cbor.py, which the board runs too) through cbor2's C
+decoder, under a check that the input was in the strict codec's form
+(below). decode(): the samples, vectorised with numpy.
 
 Samples: the same encoding as protocols/samples.py (delta, zigzag, LEB128 varint),
 whose pure-Python decoder is the reference (the board's, and the golden
@@ -24,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from protocols import cbor as strict_cbor
-from protocols import cose
+from protocols import cipher, cose, messages, samples
 from protocols.errors import RemoteProtocolError
 
 # Inputs longer than this go to the strict decoder alone: the fast path is for
@@ -43,6 +46,91 @@ _INT32_MIN = -(2**31)
 _INT32_MAX = 2**31 - 1
 # The delta each one-byte varint (0..127) stands for, zigzag undone.
 _UNZIGZAG_1BYTE = np.array([(z >> 1) ^ -(z & 1) for z in range(128)], dtype=np.int32)
+
+
+# A version 2 sample frame's keys as boards write them: ECG streams, and PPG (key 10, the LED drive).
+_FRAME_KEYS = frozenset(range(16)) - {10}
+_PPG_FRAME_KEYS = frozenset(range(16))
+_MAX_SAMPLE_BYTES = samples.WORST_BYTES_PER_SAMPLE
+_U32_MAX = 0xFFFFFFFF
+
+
+def payload(data: bytes | bytearray | memoryview, allowed_kinds: tuple[int, ...] = (),
+            decode_samples: bool = True, opener: cipher.SampleCipher | None = None,
+            versions: tuple[int, ...] = (messages.VERSION,)) -> messages.Message:
+    """messages.decode_payload(data, ...) (protocols/decode.py), the same message
+    or the same RemoteProtocolError for any input: a version 2 sample frame that
+    a hub decrypts and leaves encoded (decode_samples=False, an opener) is read in
+    one pass when it has exactly the fields boards write, each of the right type
+    within its bounds, and cbor2 encodes it back to exactly data; anything else
+    (an error, an extension key, another message) is the reference's to answer,
+    its CBOR through cbor(). tests/agent/test_fast_cbor.py holds them to it."""
+    if opener is not None and not decode_samples and versions == (messages.VERSION,) \
+            and (not allowed_kinds or messages.T_SAMPLES in allowed_kinds) and len(data) <= FAST_CBOR_MAX_BYTES:
+        frame = _sample_frame(data, opener)
+        if frame is not None:
+            return frame
+    return messages.decode_payload(data, allowed_kinds, decode_samples, opener, versions, cbor_decode=cbor)
+
+
+def _sample_frame(data: bytes | bytearray | memoryview, opener: cipher.SampleCipher) -> messages.SampleFrame | None:
+    # The frame, or None: not in the form boards write (the reference decides).
+    try:
+        d = cbor2.loads(data)
+    except Exception:
+        return None
+    if type(d) is not dict:
+        return None
+    stream = d.get(4)
+    keys = _PPG_FRAME_KEYS if stream == messages.STREAM_PPG_MAX30102 else _FRAME_KEYS
+    if d.keys() != keys or any(type(k) is not int for k in d):  # (True == 1 as a key)
+        return None
+    kind, version, epoch, seq, t0_ms, first_index, rate, count, encoding, alg = (
+        d[0], d[1], d[2], d[3], d[5], d[6], d[7], d[8], d[12], d[14])
+    for v in (kind, version, epoch, seq, stream, t0_ms, first_index, rate, count, encoding, alg):
+        if type(v) is not int:
+            return None
+    if not (kind == messages.T_SAMPLES and version == messages.VERSION and 0 <= epoch <= messages.MAX_EPOCH
+            and 0 <= seq <= messages.MAX_SEQ and stream in messages.STREAM_CHANNELS
+            and 0 <= t0_ms <= messages.MAX_UPLINK_INT and 0 <= first_index <= messages.MAX_UPLINK_INT
+            and 1 <= rate <= 100000 and 1 <= count <= messages.MAX_SAMPLES
+            and encoding == samples.ENCODING_DELTA_ZIGZAG_VARINT and alg == cipher.ALG_A256CTR):
+        return None
+    scale, status, chans, salt = d[9], d[11], d[13], d[15]
+    drive = d.get(10)
+    if not (_uints_within(scale, 2, _U32_MAX) and scale[1] != 0 and _uints_within(status, 4, messages.MAX_UPLINK_INT)
+            and (drive is None or _uints_within(drive, 4, messages.MAX_UPLINK_INT))
+            and type(salt) is bytes and len(salt) == cipher.BOOT_SALT_SIZE
+            and type(chans) is list and len(chans) == messages.STREAM_CHANNELS[stream]):
+        return None
+    for ch in chans:
+        if type(ch) is not bytes or not count <= len(ch) <= count * _MAX_SAMPLE_BYTES:
+            return None
+    if cbor2.dumps(d) != data:
+        return None
+    clear_channels: list[bytes] = []
+    offset = 0
+    for ch in chans:
+        clear = bytearray(ch)
+        opener.apply(clear, 0, len(clear), epoch, seq, offset, salt)
+        offset += len(clear)
+        clear_channels.append(bytes(clear))
+    frame = messages.SampleFrame(epoch, seq, stream, t0_ms, first_index, rate, count, (scale[0], scale[1]),
+                                 None if drive is None else (drive[0], drive[1], drive[2], drive[3]),
+                                 (status[0], status[1], status[2], status[3]),
+                                 clear_channels)  # type: ignore[arg-type]  # encoded: decode_samples=False
+    frame.boot_salt = salt
+    return frame
+
+
+def _uints_within(v: Any, n: int, limit: int) -> bool:
+    # An array of n unsigned integers, none above limit.
+    if type(v) is not list or len(v) != n:
+        return False
+    for x in v:
+        if type(x) is not int or not 0 <= x <= limit:
+            return False
+    return True
 
 
 def cbor(data: bytes | bytearray | memoryview) -> object:

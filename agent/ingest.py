@@ -151,11 +151,12 @@ class Ingestor(Processor):
         self.store = store
         self.registry = registry
         # One decoder: the strict one of protocols/ (SPEC.md's deterministic
-        # encoding, bounded fields), its CBOR through cbor2 when the input is
-        # in that form (fastdecode.cbor). Samples are decrypted there and decoded
-        # here by the numpy decoder. Both refuse exactly what their reference
-        # refuses: what is acknowledged, every forwarder can forward.
-        self.hub = hub.Hub(decode_samples=False, cbor_decode=fastdecode.cbor)
+        # encoding, bounded fields), a board's frame read in one pass with cbor2
+        # when it is in the form boards write (fastdecode.payload). Samples are
+        # decrypted there and decoded here by the numpy decoder. Both refuse
+        # exactly what their reference refuses: what is acknowledged, every
+        # forwarder can forward.
+        self.hub = hub.Hub(decode_samples=False, decode_payload=fastdecode.payload)
         self.revoked: set[str] = set()
         self.unique_ids: dict[str, bytes] = {}  # the registry's chip ids (provisioning read them)
         self.rejects: Counter[str] = Counter()

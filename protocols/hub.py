@@ -64,11 +64,12 @@ class Hub:
     # Sample frames come out decrypted (protocols/cipher.py), once their MAC
     # has verified. decode_samples=False: their channels stay undecoded
     # bytes (checked for size): the store needs the header, not the samples.
-    # cbor_decode: the payloads' CBOR decoder (messages.decode_payload).
+    # decode_payload: messages.decode_payload (None), or a decoder that answers
+    # as it does, message or error, for any input (the hub's: agent/fastdecode.py).
     def __init__(self, decode_samples: bool = True,
-                 cbor_decode: "Callable[[bytes | bytearray | memoryview], object] | None" = None) -> None:
+                 decode_payload: "Callable[..., messages.Message] | None" = None) -> None:
         self.decode_samples = decode_samples
-        self.cbor_decode = cbor_decode
+        self.decode_payload = messages.decode_payload if decode_payload is None else decode_payload
         self._ackbuf = bytearray(512)
         self._devices: "dict[bytes, _Device]" = {}
         self.rejects: "dict[str, int]" = {}
@@ -132,8 +133,7 @@ class Hub:
         else:
             return self._reject(raw, "bad_mac", device_id)
         try:
-            m = messages.decode_payload(msg.payload, messages.UPLINK_TYPES, self.decode_samples,
-                                        dev.ciphers[dev.active], cbor_decode=self.cbor_decode)
+            m = self.decode_payload(msg.payload, messages.UPLINK_TYPES, self.decode_samples, dev.ciphers[dev.active])
         except RemoteProtocolError as e:
             return self._reject(raw, "malformed:" + e.reason, device_id)
         epoch, seq = m.epoch, m.seq  # type: ignore[attr-defined]

@@ -1,7 +1,8 @@
-# The hub's fast CBOR decoder (agent/fastdecode.py cbor: cbor2's C decoder
-# under checks) against the strict codec of protocols/ (the board's, and the
-# reference): on any input, both refuse (with the strict codec's error) or
-# both decode to the same value, types included. Inputs: random bytes,
+# The hub's fast decoders (agent/fastdecode.py: cbor, cbor2's C decoder under
+# checks; payload, a board's sample frame in one pass) against the strict
+# codec of protocols/ (the board's, and the reference): on any input, both
+# refuse (with the reference's error) or both decode to the same value,
+# types included. Inputs: random bytes,
 # mutations of a real frame's payload, and trees encoded with every choice
 # the strict codec refuses (longer heads, indefinite lengths, duplicate keys,
 # floats, tags, simple values, bad UTF-8, trailing or missing bytes, too deep,
@@ -14,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import fastdecode
-from protocols import cbor, messages
+from protocols import cbor, cipher, messages
 from protocols.errors import RemoteProtocolError
+from tests.protocols.strategies import frames
 from tests.protocols.test_fuzz import mutated
 from tests.shared.test_vectors import FRAME_PAYLOAD
 
@@ -231,3 +233,98 @@ def test_a_boards_frame_payload_takes_the_fast_path() -> None:
     assert cbor2.dumps(cbor.decode(FRAME_PAYLOAD)) == FRAME_PAYLOAD
     assert isinstance(messages.decode_payload(FRAME_PAYLOAD, decode_samples=False, cbor_decode=fastdecode.cbor),
                       messages.SampleFrame)
+
+
+# ---- payload(): a board's sample frame in one pass --------------------------------
+
+_KEY = bytes(range(32))
+_OPENER = cipher.SampleCipher(_KEY)
+# What a field mutation puts in: values on each field's bounds or of another type.
+_U53 = 2**53 - 1
+_FIELD_VALUES: dict[int, list[Any]] = {
+    0: [2, 1, True, -1], 1: [1, 3, 2, True], 2: [2**32, 2**32 - 1, -1, 0], 3: [2**32, 2**32 - 1, -1, 0],
+    4: [4, 0, 2, 3, 1, _U53 + 1, True], 5: [_U53 + 1, _U53, -1], 6: [_U53 + 1, _U53, -1],
+    7: [100001, 0, 100000, 1, -1], 8: [0, 1025, 1024, 1, True],
+    9: [[1, 0], [2**32, 1], [2**32 - 1, 2**32 - 1], [1], [1, 1, 1], [True, 1], [0, 1], 7],
+    10: [[_U53 + 1, 0, 0, 0], [_U53] * 4, [1, 2, 3], [0, 0, 0, 0, 0], [-1, 0, 0, 0], None],
+    11: [[_U53 + 1, 0, 0, 0], [_U53] * 4, [1, 2, 3], [0, 0, 0, 0, 0], [0, 0, False, 0]],
+    12: [2, 0, 1, True], 13: [[], [b""], [b"\x01"], [b"\x01" * 5121], [b"\x00" * 4, b"\x00" * 4], [7]],
+    14: [-65533, 65532, -65532, 1.5], 15: [b"\x00" * 17, b"\x00" * 15, b"\x00" * 16, "x" * 16, None],
+    16: [0], 63: [0], 64: [1.5, 0, b"", [1]], 99: [None, "x"]}
+
+
+@st.composite
+def _frame_payloads(draw: st.DrawFn) -> bytes:
+    f = draw(frames())
+    p = messages.encoded(f, sealer=cipher.SampleCipher(_KEY, draw(st.binary(min_size=16, max_size=16))))
+    edits = draw(st.sampled_from([1, 2, 0]))  # (hypothesis favours the first)
+    if not edits:
+        return p
+    d: dict[Any, Any] = cbor.decode(p)  # type: ignore[assignment]
+    for _ in range(edits):
+        op = draw(st.sampled_from(["set", "drop", "resize", "true_key"]))
+        key = draw(st.sampled_from(list(_FIELD_VALUES)))
+        if op == "set":
+            d[key] = draw(st.sampled_from(_FIELD_VALUES[key]))
+        elif op == "drop":
+            d.pop(key, None)
+        elif op == "resize" and key in d and isinstance(d[key], list) and d[key]:
+            d[key] = d[key][:-1] if draw(st.booleans()) else d[key] + d[key][-1:]
+        elif op == "true_key":
+            d = {**{k: v for k, v in d.items() if k != 1}, True: 2}  # key true for key 1 (equal in Python)
+    return bytes(cbor2.dumps(d))
+
+
+def _same_message(data: bytes) -> str:
+    """payload() and the reference give the same answer for data; returns which ("fast", "reference", "refused")."""
+    args = (messages.UPLINK_TYPES, False, _OPENER)
+    try:
+        expected = messages.decode_payload(data, *args)
+    except RemoteProtocolError as e:
+        with pytest.raises(RemoteProtocolError) as got:
+            fastdecode.payload(data, *args)
+        assert got.value.reason == e.reason, data.hex()
+        assert fastdecode._sample_frame(data, _OPENER) is None
+        return "refused"
+    m = fastdecode.payload(data, *args)
+    assert type(m) is type(expected) and m == expected, data.hex()
+    assert getattr(m, "boot_salt", None) == getattr(expected, "boot_salt", None)
+    return "fast" if fastdecode._sample_frame(data, _OPENER) is not None else "reference"
+
+
+@pytest.mark.slow
+@settings(max_examples=600)
+@given(st.one_of(_frame_payloads(), mutated(FRAME_PAYLOAD)))
+def test_the_fast_frame_decoder_answers_as_the_reference(data: bytes) -> None:
+    _same_message(data)
+
+
+_ECG = messages.SampleFrame(1, 2, messages.STREAM_ECG_MAX30003, 10, 4, 512, 4, (1, 1), None, (0, 0, 0, 0),
+                            [[1, 2, 3, 4]])
+_PPG = messages.SampleFrame(1, 3, messages.STREAM_PPG_MAX30102, 10, 4, 100, 2, (1, 1), (1, 2, 3, 4), (0, 0, 0, 0),
+                            [[1, 2], [3, 4]])
+
+
+@pytest.mark.parametrize("frame", [_ECG, _PPG], ids=["ecg", "ppg"])
+@pytest.mark.parametrize("key, value", [(k, v) for k, vs in _FIELD_VALUES.items() for v in vs])
+def test_each_field_on_its_bounds(frame: messages.SampleFrame, key: int, value: Any) -> None:
+    # Every field set to each value on its bounds or of another type (None: the field left out).
+    d: dict[Any, Any] = cbor.decode(messages.encoded(frame, sealer=cipher.SampleCipher(_KEY, bytes(16))))  # type: ignore[assignment]
+    if value is None:
+        d.pop(key, None)
+    else:
+        d[key] = value
+    _same_message(bytes(cbor2.dumps(d)))
+
+
+@pytest.mark.parametrize("count, answer", [(1024, "fast"), (1025, "refused")])
+def test_the_count_bound_with_bytes_enough(count: int, answer: str) -> None:
+    d: dict[Any, Any] = cbor.decode(messages.encoded(_ECG, sealer=cipher.SampleCipher(_KEY, bytes(16))))  # type: ignore[assignment]
+    d[8], d[13] = count, [b"\x00" * count]
+    assert _same_message(bytes(cbor2.dumps(d))) == answer
+
+
+@settings(max_examples=100)
+@given(frames(), st.binary(min_size=16, max_size=16))
+def test_a_boards_frames_take_the_fast_path(f: messages.SampleFrame, salt: bytes) -> None:
+    assert _same_message(messages.encoded(f, sealer=cipher.SampleCipher(_KEY, salt))) == "fast"
