@@ -61,6 +61,13 @@ MAX_BATCH = 512
 # each (`pulsebridge bench agent` prints the figure). Boards resend after
 # 3 s without an ack: far longer.
 COMMIT_LINGER_S = 0.5
+# Frames inserted by one statement (the rest of a batch one by one): 14 values a row
+# stay below the 999 variables an older SQLite allows a statement.
+INSERT_ROWS = 64
+_INSERT_FRAMES = ("INSERT OR IGNORE INTO frames(device_id, epoch, seq, kind, stream, priority, received_at, t0_ms, "
+                  "t0_utc_ms, first_index, count, raw, info, samples) VALUES ")
+_INSERT_FRAMES_MANY = _INSERT_FRAMES + ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?,?)"] * INSERT_ROWS)
+_INSERT_FRAMES += "(?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 # Pages of a new store: a commit writes every page it touches whole, and
 # most of ours touch a few bytes of an index or outbox page.
 PAGE_SIZE = 1024
@@ -776,9 +783,13 @@ class Store:
             return 0
         before = db.execute("SELECT COALESCE(MAX(id), 0) FROM frames").fetchone()[0]
         changes = db.total_changes
-        db.executemany(
-            "INSERT OR IGNORE INTO frames(device_id, epoch, seq, kind, stream, priority, received_at, t0_ms, "
-            "t0_utc_ms, first_index, count, raw, info, samples) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        # INSERT_ROWS rows a statement: sqlite3 lets go of the GIL and takes it back at each
+        # statement step, and at each the event loop's thread had to hand it over.
+        whole = len(rows) - len(rows) % INSERT_ROWS
+        for i in range(0, whole, INSERT_ROWS):
+            db.execute(_INSERT_FRAMES_MANY, [v for row in rows[i:i + INSERT_ROWS] for v in row])
+        if whole < len(rows):
+            db.executemany(_INSERT_FRAMES, rows[whole:])
         inserted = db.total_changes - changes
         for backend in self.backends:
             db.execute("INSERT INTO outbox(backend, frame_id, priority) SELECT ?, id, priority FROM frames "
