@@ -287,6 +287,11 @@ class Forwarder(abc.ABC):
         self.batch_limit = self.cfg.batch
         log.error("backend %s refused %s for good: %s; quarantined, not retried", self.name, idempotency_key(row), e)
 
+    def deliver_timeout_s(self) -> float | None:
+        """The bound on one deliver(): timeout_s three times over (the connection, the request,
+        its answer); None: deliver() bounds each of its own waits."""
+        return self.cfg.timeout_s * 3
+
     @abc.abstractmethod
     async def deliver(self, rows: list[Row]) -> None:
         """Delivers rows; returns only once the backend has acknowledged all of them."""
@@ -315,7 +320,7 @@ class Forwarder(abc.ABC):
                 try:
                     if self.subjects is not None:  # the documents' subjects, read off the loop
                         await self.subjects.refresh()
-                    async with asyncio.timeout(self.cfg.timeout_s * 3):
+                    async with asyncio.timeout(self.deliver_timeout_s()):
                         await self.deliver(rows)
                 except ProtocolError:
                     bad = self._undecodable(rows)

@@ -61,6 +61,10 @@ class MqttConfig(BackendConfig):
 
     SCHEMES: ClassVar[tuple[str, str]] = ("mqtts", "mqtt")
 
+    # Each message is a PUBLISH of its own, so a batch bounds only what is in flight and what
+    # a failure sends again; per batch go one round trip and one commit (the rows marked
+    # forwarded). A backlog drained 5x faster with 500 than with 50 (`bench agent`).
+    batch: int = 500
     username: str | None = None
     password_file: Path | None = None
     topic_prefix: str = "pulsebridge"
@@ -274,6 +278,11 @@ class MqttForwarder(Forwarder):
 
     def secret_files(self) -> list[tuple[Path, str]]:
         return [(self.cfg.password_file, "MQTT password")] if self.cfg.password_file else []
+
+    def deliver_timeout_s(self) -> None:
+        """None: every wait of deliver() has its own bound (connect, CONNACK; PUBACKs by progress,
+        timeout_s without any), so a large batch on a slow uplink is not given up while it moves."""
+        return None
 
     async def _connect(self) -> Connection:
         u = urlparse(self.cfg.url)

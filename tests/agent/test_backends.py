@@ -59,6 +59,14 @@ def test_each_backend_reads_its_own_settings_only() -> None:
     assert e.value.field == "backend[0].topic_prefix"
 
 
+def test_an_mqtt_backend_sends_500_frames_per_round_trip_unless_told() -> None:
+    # A PUBLISH per frame: the batch bounds only what is in flight; with the webhooks' 50,
+    # a backlog drained 5x slower (a round trip and a commit per 50 frames).
+    cfg = config.parse(tomllib.loads('[[backend]]\nname = "m"\ntype = "mqtt"\nurl = "mqtts://h"\n'
+                                     '[[backend]]\nname = "w"\ntype = "webhook"\nurl = "https://h"\n'))
+    assert [b.batch for b in cfg.backends] == [500, 50]
+
+
 def test_a_new_backend_is_one_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "kafka.py").write_text(KAFKA)
     monkeypatch.setattr(forwarders, "__path__", [*forwarders.__path__, str(tmp_path)])

@@ -280,12 +280,14 @@ class Relay:
     """A TCP relay between the forwarder and the broker, where the network's faults
     are injected: the bytes pass unchanged (TLS end to end). hold(): what the broker
     sends (its PUBACKs) is kept back until flow(); lose(): it is thrown away, on the
-    connections open now. up_bytes counts what the client sent."""
+    connections open now; up_rate_bps: a slow uplink (bytes/s, 0: as fast as it goes).
+    up_bytes counts what the client sent."""
 
     def __init__(self, broker_port: int) -> None:
         self.broker_port = broker_port
         self.port = 0
         self.up_bytes = 0
+        self.up_rate_bps = 0
         self.connections = 0
         self._flowing = asyncio.Event()
         self._flowing.set()
@@ -322,9 +324,14 @@ class Relay:
 
         async def up() -> None:
             while data := await client_r.read(65536):
-                self.up_bytes += len(data)
-                broker_w.write(data)
-                await broker_w.drain()
+                # Slow: 1 kB at a time, at the rate's pace (what was read before the rate was set too).
+                for at in range(0, len(data), 1024 if self.up_rate_bps else len(data)):
+                    piece = data[at:at + 1024] if self.up_rate_bps else data
+                    self.up_bytes += len(piece)
+                    broker_w.write(piece)
+                    await broker_w.drain()
+                    if self.up_rate_bps:
+                        await asyncio.sleep(len(piece) / self.up_rate_bps)
 
         async def down() -> None:
             while data := await broker_r.read(65536):
@@ -529,6 +536,48 @@ def test_a_broker_restart_mid_batch_loses_nothing(mosquitto: str, tmp_path: Path
 
         asyncio.run(scenario())
         assert _outbox(store, "broker") == 0
+    finally:
+        store.close()
+        _stop_broker(broker)
+
+
+def test_a_batch_on_a_slow_uplink_is_not_given_up_while_it_moves(mosquitto: str, tmp_path: Path) -> None:
+    # A batch that takes longer than 3 x timeout_s to cross a slow uplink, its PUBACKs
+    # coming all along: it is delivered at the first try (a bound on the whole delivery
+    # gave it up again and again, and a backlog never drained).
+    pki = harness.pki_for(tmp_path)
+    broker, port = _start_broker(mosquitto, tmp_path, pki)
+    store = Store(tmp_path / "store.db", ["broker"])
+    store.start()
+    n = 200
+    try:
+        _store_frames(store, "pb-r4", range(1))
+
+        async def scenario() -> None:
+            relay = Relay(port)
+            await relay.start()
+            fw = MqttForwarder(_via(relay, pki, batch=n, timeout_s=1.0), store, "test-hub", asyncio.Event())
+            task = asyncio.create_task(fw.run())
+            try:
+                await async_wait_for(lambda: fw.forwarded == 1, 60, "the first frame forwarded (connected)",
+                                     lambda: (fw.forwarded, fw.last_error))
+                await asyncio.to_thread(_store_frames, store, "pb-r4", range(1, n + 1))
+                db = store.reader()
+                try:
+                    payloads = sum(len(fw.message(r)[1]) for r in Store.fetch_outbox(db, "broker", n))
+                finally:
+                    db.close()
+                relay.up_rate_bps = payloads // 5  # the batch takes 5 s or more: 5 x timeout_s
+                before = relay.connections
+                await async_wait_for(lambda: fw.forwarded == n + 1 or fw.failures, 120,
+                                     "the batch delivered, or given up", lambda: (fw.forwarded, fw.last_error))
+                assert fw.failures == 0 and fw.forwarded == n + 1, fw.last_error
+                assert relay.connections == before
+            finally:
+                await _stop(fw, task)
+                await relay.close()
+
+        asyncio.run(scenario())
     finally:
         store.close()
         _stop_broker(broker)
