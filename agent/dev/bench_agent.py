@@ -6,8 +6,8 @@ From one run on one machine:
 - the same plus forwarding to a local Mosquitto over TLS (QoS 1), with the
   JSON payload and with the binary (CBOR) one;
 - the drain of a one-hour backlog of 20 boards (144,000 frames) to Mosquitto;
-- a profile (CPU time, this process's main thread) of verify+commit+forward:
-  where the remaining time goes, by area and by function;
+- a profile (CPU time, this process's main thread) of verify+commit+forward,
+  and one of a drain: where the remaining time goes, by area and by function;
 - a baseline in the same run: pycose verification, decryption of the samples
   (cryptography) and one commit per frame
   (pycose runs in its own environment, it needs cbor2 < 6);
@@ -325,9 +325,10 @@ def _backlog(store: Store, fleet: Fleet, n: int) -> None:
     asyncio.run(go())
 
 
-def drain(n: int = BACKLOG_FRAMES, payload: str = "json") -> dict[str, float]:
+def drain(n: int = BACKLOG_FRAMES, payload: str = "json", profile: cProfile.Profile | None = None) -> dict[str, float]:
     """The time to forward a backlog of n frames (one hour of 20 boards) to
-    Mosquitto over TLS, QoS 1, every one PUBACKed and its outbox row deleted."""
+    Mosquitto over TLS, QoS 1, every one PUBACKed and its outbox row deleted
+    (profile: enabled while it drains)."""
     fleet = Fleet()
     with tempfile.TemporaryDirectory(dir=os.environ.get("PULSEBRIDGE_BENCH_DIR")) as tmp_s:
         tmp = Path(tmp_s)
@@ -342,11 +343,15 @@ def drain(n: int = BACKLOG_FRAMES, payload: str = "json") -> dict[str, float]:
                 cfg = broker.backend()
                 cfg.payload = payload
                 fw = MqttForwarder(cfg, store, "bench-hub", asyncio.Event())
+                if profile is not None:
+                    profile.enable()
                 t, c = time.perf_counter(), time.process_time()
                 task = asyncio.create_task(fw.run())
                 while fw.forwarded < held:
                     await asyncio.sleep(0.05)
                 wall, cpu = time.perf_counter() - t, time.process_time() - c
+                if profile is not None:
+                    profile.disable()
                 task.cancel()
                 try:
                     await task
@@ -369,6 +374,7 @@ AREAS = (
     ("agent/store", "store (SQLite, this thread)"),
     ("sqlite3", "store (SQLite, this thread)"),
     ("paho", "MQTT client (paho)"),
+    ("agent/forwarders/mqtt", "MQTT client (paho)"),
     ("ssl", "TLS"),
     ("json", "documents (JSON, CBOR, record)"),
     ("cbor2", "documents (JSON, CBOR, record)"),
@@ -379,12 +385,13 @@ AREAS = (
 )
 
 
-def profile_summary(n: int, payload: str = "json", top: int = 12) -> dict[str, Any]:
-    """verify+commit+forward of n frames under cProfile, timed in this thread's
-    CPU time (the store's writer thread is not in it): total per area, and the
-    functions that take most of it (own time)."""
+def profile_summary(n: int, payload: str = "json", top: int = 12, what: str = "forward") -> dict[str, Any]:
+    """verify+commit+forward of n frames (what="forward"), or the drain of a
+    backlog of n (what="drain"), under cProfile, timed in this thread's CPU time
+    (the store's threads are not in it): total per area, and the functions that
+    take most of it (own time)."""
     prof = cProfile.Profile(time.thread_time)
-    r = verify_commit_forward(n, payload, profile=prof)
+    r = verify_commit_forward(n, payload, profile=prof) if what == "forward" else drain(n, payload, profile=prof)
     st = pstats.Stats(prof)
     entries = st.stats  # type: ignore[attr-defined]
     total = sum(v[2] for v in entries.values()) or 1.0
@@ -404,7 +411,8 @@ def profile_summary(n: int, payload: str = "json", top: int = 12) -> dict[str, A
         where = "/".join(file.split("/")[-2:])
         functions.append((own, "%s:%d %s" % (where, line, name) if file != "~" else name))
     functions.sort(reverse=True)
-    return {"frames": n, "payload": payload, "profiled_cpu_s": total, "frames_per_s_under_profile": r["frames_per_s"],
+    return {"what": what, "frames": n, "payload": payload, "profiled_cpu_s": total,
+            "frames_per_s_under_profile": r["frames_per_s"],
             "areas": {a: round(100 * t / total, 1) for a, t in sorted(areas.items(), key=lambda kv: -kv[1])},
             "top_functions": [(round(100 * own / total, 1), f) for own, f in functions[:top]]}
 
@@ -535,6 +543,7 @@ def run(frames: int = 20000, baseline_frames: int = 3000, seconds: float = 20.0,
     r["verify_commit_forward_mqtt_cbor"] = verify_commit_forward(frames, "cbor")
     r["drain_backlog_mqtt"] = drain(backlog_frames)
     r["profile"] = profile_summary(min(frames, 10000))
+    r["profile_drain"] = profile_summary(min(backlog_frames, 20000), what="drain")
     r["speedup_vs_baseline_per_core"] = (r["verify_commit"]["frames_per_cpu_s"]
                                          / r["baseline_pycose_commit_per_frame"]["frames_per_cpu_s"])
     r["speedup_vs_baseline_wall"] = (r["verify_commit"]["frames_per_s"]
@@ -574,12 +583,14 @@ def report(r: dict[str, Any]) -> list[str]:
             r["card_writes"]["frames"], r["card_writes"]["frame_bytes"] / r["card_writes"]["frames"],
             r["card_writes"]["commits"]),
         *profile_lines(r["profile"]),
+        *profile_lines(r["profile_drain"]),
     ]
 
 
 def profile_lines(p: dict[str, Any]) -> list[str]:
-    out = ["  where the time goes (verify+commit+forward, %d frames, %s; CPU time of the main thread, %.1f s "
-           "under the profiler):" % (p["frames"], p["payload"], p["profiled_cpu_s"])]
+    what = "drain of a backlog of" if p.get("what") == "drain" else "verify+commit+forward,"
+    out = ["  where the time goes (%s %d frames, %s; CPU time of the main thread, %.1f s "
+           "under the profiler):" % (what, p["frames"], p["payload"], p["profiled_cpu_s"])]
     out += ["    %5.1f %%  %s" % (pct, area) for area, pct in p["areas"].items()]
     out.append("    the functions that take most (own time):")
     out += ["    %5.1f %%  %s" % (pct, f) for pct, f in p["top_functions"]]
