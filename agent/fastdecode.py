@@ -1,7 +1,8 @@
 """The hub's fast decoders: each refuses exactly what its reference in
 protocols/ refuses, and decodes the rest to the same values, faster.
 
-payload(): protocols.messages.decode_payload for the hub (a board's sample
+mac0(): protocols.cose.parse for the COSE_Mac0 envelope every board writes,
+read by its byte layout. payload(): protocols.messages.decode_payload for the hub (a board's sample
 frame read in one pass when it has the form boards write, anything else by
 the reference, with cbor() for its CBOR). cbor(): the strict CBOR codec's
 decode (protocols/cbor.py, which the board runs too) through cbor2's C
@@ -46,6 +47,50 @@ _INT32_MIN = -(2**31)
 _INT32_MAX = 2**31 - 1
 # The delta each one-byte varint (0..127) stands for, zigzag undone.
 _UNZIGZAG_1BYTE = np.array([(z >> 1) ^ -(z & 1) for z in range(128)], dtype=np.int32)
+
+
+# A COSE_Mac0 as boards write it: tag 17, an array of 4, the protected header
+# {1: 5, 4: kid} (kid 1 to 16 bytes: its head one byte), an empty unprotected
+# map, the payload (a head of 1, 2 or 3 bytes), the 32-byte tag.
+_MAC0_START = b"\xd1\x84"
+_PROTECTED_START = b"\xa2\x01\x05\x04"
+_TAG_HEAD = b"\x58\x20"
+
+
+def mac0(data: bytes) -> cose.Mac0:
+    """cose.parse(data): the same Mac0 (kid, payload, tag) or the same RemoteProtocolError
+    for any input; the envelope boards write is read by its layout, anything else by cose.parse."""
+    m = _mac0(data)
+    return m if m is not None else cose.parse(data)
+
+
+def _mac0(data: bytes) -> cose.Mac0 | None:
+    n = len(data)
+    if n < 45 or data[:2] != _MAC0_START:  # 2 + 7 + 1 + 1 + 34: the shortest there is
+        return None
+    kid_len = data[2] - 0x40 - 5  # the protected header's bstr head: 0x40 + its length
+    p_end = 3 + 5 + kid_len
+    if not 1 <= kid_len <= cose.MAX_KID or data[3:7] != _PROTECTED_START or data[7] != 0x40 + kid_len \
+            or data[p_end] != 0xA0:
+        return None
+    q = p_end + 1
+    head = data[q]
+    if 0x40 <= head < 0x58:
+        size, q = head - 0x40, q + 1
+    elif head == 0x58:
+        size, q = data[q + 1], q + 2
+        if size < 24:
+            return None
+    elif head == 0x59:
+        size, q = (data[q + 1] << 8) | data[q + 2], q + 3
+        if not 256 <= size <= cose.MAX_PAYLOAD:
+            return None
+    else:
+        return None
+    t = q + size
+    if n != t + 2 + cose.TAG_SIZE or data[t:t + 2] != _TAG_HEAD:
+        return None
+    return cose.Mac0(bytes(data[8:p_end]), bytes(data[q:t]), bytes(data[t + 2:]))
 
 
 # A version 2 sample frame's keys as boards write them: ECG streams, and PPG (key 10, the LED drive).

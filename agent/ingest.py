@@ -152,11 +152,11 @@ class Ingestor(Processor):
         self.registry = registry
         # One decoder: the strict one of protocols/ (SPEC.md's deterministic
         # encoding, bounded fields), a board's frame read in one pass with cbor2
-        # when it is in the form boards write (fastdecode.payload). Samples are
+        # when it is in the form boards write (fastdecode.mac0, payload). Samples are
         # decrypted there and decoded here by the numpy decoder. Both refuse
         # exactly what their reference refuses: what is acknowledged, every
         # forwarder can forward.
-        self.hub = hub.Hub(decode_samples=False, decode_payload=fastdecode.payload)
+        self.hub = hub.Hub(decode_samples=False, decode_payload=fastdecode.payload, parse=fastdecode.mac0)
         self.revoked: set[str] = set()
         self.unique_ids: dict[str, bytes] = {}  # the registry's chip ids (provisioning read them)
         self.rejects: Counter[str] = Counter()

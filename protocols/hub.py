@@ -64,12 +64,15 @@ class Hub:
     # Sample frames come out decrypted (protocols/cipher.py), once their MAC
     # has verified. decode_samples=False: their channels stay undecoded
     # bytes (checked for size): the store needs the header, not the samples.
-    # decode_payload: messages.decode_payload (None), or a decoder that answers
-    # as it does, message or error, for any input (the hub's: agent/fastdecode.py).
+    # decode_payload, parse: messages.decode_payload and cose.parse (None), or
+    # decoders that answer as they do, value or error, for any input (the
+    # hub's: agent/fastdecode.py).
     def __init__(self, decode_samples: bool = True,
-                 decode_payload: "Callable[..., messages.Message] | None" = None) -> None:
+                 decode_payload: "Callable[..., messages.Message] | None" = None,
+                 parse: "Callable[[bytes], cose.Mac0] | None" = None) -> None:
         self.decode_samples = decode_samples
         self.decode_payload = messages.decode_payload if decode_payload is None else decode_payload
+        self.parse = cose.parse if parse is None else parse
         self._ackbuf = bytearray(512)
         self._devices: "dict[bytes, _Device]" = {}
         self.rejects: "dict[str, int]" = {}
@@ -116,7 +119,7 @@ class Hub:
         # commit=False leaves the replay window alone: the caller commits
         # after storing (see commit()).
         try:
-            msg = cose.parse(raw)
+            msg = self.parse(raw)
         except RemoteProtocolError as e:
             return self._reject(raw, "malformed:" + e.reason)
         dev = self._devices.get(msg.kid)

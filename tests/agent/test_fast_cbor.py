@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import fastdecode
-from protocols import cbor, cipher, messages
+from protocols import cbor, cipher, cose, messages
 from protocols.errors import RemoteProtocolError
 from tests.protocols.strategies import frames
 from tests.protocols.test_fuzz import mutated
-from tests.shared.test_vectors import FRAME_PAYLOAD
+from tests.shared.test_vectors import ACK, FRAME, FRAME_PAYLOAD
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -328,3 +328,78 @@ def test_the_count_bound_with_bytes_enough(count: int, answer: str) -> None:
 @given(frames(), st.binary(min_size=16, max_size=16))
 def test_a_boards_frames_take_the_fast_path(f: messages.SampleFrame, salt: bytes) -> None:
     assert _same_message(messages.encoded(f, sealer=cipher.SampleCipher(_KEY, salt))) == "fast"
+
+
+# ---- mac0(): the COSE_Mac0 envelope by its layout -----------------------------------
+
+def _same_mac0(data: bytes) -> str:
+    """mac0() and cose.parse give the same answer for data; returns which ("fast", "reference", "refused")."""
+    try:
+        expected = cose.parse(data)
+    except RemoteProtocolError as e:
+        with pytest.raises(RemoteProtocolError) as got:
+            fastdecode.mac0(data)
+        assert got.value.reason == e.reason, data.hex()
+        assert fastdecode._mac0(data) is None
+        return "refused"
+    m = fastdecode.mac0(data)
+    assert (type(m.kid), type(m.payload), type(m.tag)) == (bytes, bytes, bytes)
+    assert (m.kid, m.payload, m.tag) == (expected.kid, expected.payload, expected.tag), data.hex()
+    return "fast" if fastdecode._mac0(data) is not None else "reference"
+
+
+@st.composite
+def _envelopes(draw: st.DrawFn) -> bytes:
+    # COSE_Mac0 messages as boards write them, with at most one thing off at a bound of the
+    # layout: the kid's length, the protected header's form, the unprotected map, the payload's
+    # length and head, the tag's length, bytes cut or added.
+    defect = draw(st.sampled_from(["none", "kid", "protected", "unprotected", "payload_head", "payload_size",
+                                   "tag", "cut", "extra"]))
+    kid = draw(st.binary(min_size=1, max_size=16))
+    if defect == "kid":
+        kid = draw(st.sampled_from([b"", b"k" * 17, b"k" * 23, b"k" * 24]))
+    protected = b"\xa2\x01\x05\x04" + _head(2, len(kid), _widths(len(kid))[0]) + kid
+    if defect == "protected":
+        protected = draw(st.sampled_from([
+            b"\xa2\x04" + _head(2, len(kid), 0) + kid + b"\x01\x05",  # keys the other way
+            b"\xa2\x01\x05\x04" + _head(2, len(kid), 1) + kid,  # the kid's length in a longer head
+            b"\xa2\x01\x06\x04" + _head(2, len(kid), 0) + kid,  # another algorithm
+            b"\xa2\x01\x05\x05" + _head(2, len(kid), 0) + kid,  # another label
+            b"\xa1\x01\x05", b"\xa3\x01\x05\x04\x41k\x05\x00"]))
+    size = draw(st.sampled_from([0, 1, 23, 24, 255, 256, 300, 4096]))
+    if defect == "payload_size":
+        size = 4097
+    payload = draw(st.binary(min_size=size, max_size=size))
+    width = draw(st.sampled_from(_widths(size)[1:] or [8])) if defect == "payload_head" else _widths(size)[0]
+    tag = draw(st.binary(min_size=32, max_size=32))
+    if defect == "tag":
+        tag = draw(st.sampled_from([b"", b"t" * 31, b"t" * 33]))
+    data = (b"\xd1\x84" + _head(2, len(protected), _widths(len(protected))[0]) + protected
+            + (draw(st.sampled_from([b"\xa1\x01\x05", b"\x80", b"\xb8\x00"])) if defect == "unprotected" else b"\xa0")
+            + _head(2, size, width) + payload + _head(2, len(tag), _widths(len(tag))[0]) + tag)
+    if defect == "cut":
+        return data[:draw(st.integers(0, len(data) - 1))]
+    if defect == "extra":
+        return data + draw(st.binary(min_size=1, max_size=3))
+    return data
+
+
+@pytest.mark.slow
+@settings(max_examples=1000)
+@given(_envelopes())
+def test_the_envelope_reader_answers_as_cose_parse(data: bytes) -> None:
+    _same_mac0(data)
+
+
+@settings(max_examples=300)
+@given(st.one_of(mutated(FRAME), mutated(ACK), st.binary(max_size=80)))
+def test_the_envelope_reader_answers_as_cose_parse_on_mutated_and_random_bytes(data: bytes) -> None:
+    _same_mac0(data)
+
+
+@pytest.mark.parametrize("kid_len", [1, 16])
+@pytest.mark.parametrize("size", [0, 23, 24, 255, 256, 4096])
+def test_a_boards_envelopes_take_the_fast_path(kid_len: int, size: int) -> None:
+    key = cose.MacKey(_KEY, b"k" * kid_len, cose.AAD_UPLINK)
+    assert _same_mac0(key.seal(bytes(size))) == "fast"
+    assert _same_mac0(FRAME) == "fast"
