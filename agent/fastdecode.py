@@ -128,8 +128,11 @@ def _sample_frame(data: bytes | bytearray | memoryview, opener: cipher.SampleCip
         return None
     stream = d.get(4)
     keys = _PPG_FRAME_KEYS if stream == messages.STREAM_PPG_MAX30102 else _FRAME_KEYS
-    if d.keys() != keys or any(type(k) is not int for k in d):  # (True == 1 as a key)
+    if d.keys() != keys:
         return None
+    for k in d:
+        if type(k) is not int:  # a key true or false (equal to 1 or 0 in Python)
+            return None
     kind, version, epoch, seq, t0_ms, first_index, rate, count, encoding, alg = (
         d[0], d[1], d[2], d[3], d[5], d[6], d[7], d[8], d[12], d[14])
     for v in (kind, version, epoch, seq, stream, t0_ms, first_index, rate, count, encoding, alg):

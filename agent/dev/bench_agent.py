@@ -30,6 +30,7 @@ import secrets
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -172,18 +173,34 @@ async def _ingest_all(ing: Ingestor, raws: list[bytes]) -> int:
     return sealed
 
 
-def verify_commit(n: int) -> dict[str, float]:
+def _thread_cpu_s(thread: threading.Thread | None) -> float:
+    # A running thread's CPU time so far (Linux: its own clock).
+    if thread is None or thread.ident is None:
+        return float("nan")
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+
+
+def verify_commit(n: int, profile: cProfile.Profile | None = None) -> dict[str, float]:
+    """n frames through the Ingestor and the store; CPU time in all, and that of the
+    event loop's thread (verify, decode, records, acks) and of the store's writer."""
     fleet = Fleet()
     raws = fleet.batch(n)
     with tempfile.TemporaryDirectory() as tmp:
         store, ing = _setup(Path(tmp), fleet, ["none"])
-        t, c = time.perf_counter(), time.process_time()
+        writer = store._thread
+        w0 = _thread_cpu_s(writer)
+        if profile is not None:
+            profile.enable()
+        t, c, m = time.perf_counter(), time.process_time(), time.thread_time()
         asyncio.run(_ingest_all(ing, raws))
-        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        wall, cpu, loop_cpu = time.perf_counter() - t, time.process_time() - c, time.thread_time() - m
+        if profile is not None:
+            profile.disable()
+        writer_cpu = _thread_cpu_s(writer) - w0
         commits = store.stats.commits
         store.close()
     return {"frames": n, "wall_s": wall, "cpu_s": cpu, "frames_per_s": n / wall, "frames_per_cpu_s": n / cpu,
-            "commits": commits}
+            "commits": commits, "loop_thread_cpu_s": loop_cpu, "store_writer_cpu_s": writer_cpu}
 
 
 def baseline(n: int) -> dict[str, float]:
@@ -367,10 +384,14 @@ def drain(n: int = BACKLOG_FRAMES, payload: str = "json", profile: cProfile.Prof
 
 
 # Where the time goes: a function's file tells its area.
+_VERIFY = "verify and decode (protocols/ and its fast paths: COSE, CBOR, AES-CTR, replay)"
+_SAMPLES = "samples (numpy: decoding them, packing and unpacking records)"
+# agent/fastdecode.py holds the fast wire decoders and the sample decoder: told apart by function.
+_SAMPLE_DECODERS = ("decode", "_one_byte_deltas")
 AREAS = (
-    ("protocols/", "verify and decode (protocols/: COSE, CBOR, AES-CTR, replay)"),
-    ("agent/fastdecode", "sample decoding (numpy)"),
-    ("numpy", "sample decoding (numpy)"),
+    ("protocols/", _VERIFY),
+    ("agent/fastdecode", _VERIFY),
+    ("numpy", _SAMPLES),
     ("agent/store", "store (SQLite, this thread)"),
     ("sqlite3", "store (SQLite, this thread)"),
     ("paho", "MQTT client (paho)"),
@@ -386,28 +407,33 @@ AREAS = (
 
 
 def profile_summary(n: int, payload: str = "json", top: int = 12, what: str = "forward") -> dict[str, Any]:
-    """verify+commit+forward of n frames (what="forward"), or the drain of a
-    backlog of n (what="drain"), under cProfile, timed in this thread's CPU time
-    (the store's threads are not in it): total per area, and the functions that
-    take most of it (own time)."""
+    """verify+commit+forward of n frames (what="forward"), verify+commit alone
+    (what="commit"), or the drain of a backlog of n (what="drain"), under cProfile,
+    timed in this thread's CPU time (the store's threads are not in it): total per
+    area, and the functions that take most of it (own time)."""
     prof = cProfile.Profile(time.thread_time)
-    r = verify_commit_forward(n, payload, profile=prof) if what == "forward" else drain(n, payload, profile=prof)
+    if what == "commit":
+        r = verify_commit(n, profile=prof)
+    else:
+        r = verify_commit_forward(n, payload, profile=prof) if what == "forward" else drain(n, payload, profile=prof)
     st = pstats.Stats(prof)
     entries = st.stats  # type: ignore[attr-defined]
     total = sum(v[2] for v in entries.values()) or 1.0
     areas: dict[str, float] = {}
     functions = []
 
-    def area_of(file: str) -> str:
+    def area_of(file: str, name: str) -> str:
+        if "agent/fastdecode" in file and name in _SAMPLE_DECODERS:
+            return _SAMPLES
         return next((a for key, a in AREAS if key in file), "other Python")
 
     for (file, line, name), (_cc, _nc, own, _cum, callers) in entries.items():
         if file == "~" and callers:  # a builtin: its time goes to its callers' areas, as they spent it
             spent = sum(c[2] for c in callers.values()) or 1.0
-            for (cfile, _l, _n), c in callers.items():
-                areas[area_of(cfile)] = areas.get(area_of(cfile), 0.0) + own * c[2] / spent
+            for (cfile, _l, cname), c in callers.items():
+                areas[area_of(cfile, cname)] = areas.get(area_of(cfile, cname), 0.0) + own * c[2] / spent
         else:
-            areas[area_of(file)] = areas.get(area_of(file), 0.0) + own
+            areas[area_of(file, name)] = areas.get(area_of(file, name), 0.0) + own
         where = "/".join(file.split("/")[-2:])
         functions.append((own, "%s:%d %s" % (where, line, name) if file != "~" else name))
     functions.sort(reverse=True)
@@ -542,6 +568,7 @@ def run(frames: int = 20000, baseline_frames: int = 3000, seconds: float = 20.0,
     r["verify_commit_forward_mqtt"] = verify_commit_forward(frames)
     r["verify_commit_forward_mqtt_cbor"] = verify_commit_forward(frames, "cbor")
     r["drain_backlog_mqtt"] = drain(backlog_frames)
+    r["profile_commit"] = profile_summary(min(frames, 10000), what="commit")
     r["profile"] = profile_summary(min(frames, 10000))
     r["profile_drain"] = profile_summary(min(backlog_frames, 20000), what="drain")
     r["speedup_vs_baseline_per_core"] = (r["verify_commit"]["frames_per_cpu_s"]
@@ -560,6 +587,9 @@ def report(r: dict[str, Any]) -> list[str]:
         "  verify+commit:           %7.0f frames/s, %7.0f frames per CPU-second (%d frames, %d commits; "
         "goal >= 20000 per CPU-second)" % (
             vc["frames_per_s"], vc["frames_per_cpu_s"], vc["frames"], vc["commits"]),
+        "    CPU per frame: %.0f us on the event loop's thread (verify, decode, records, acks), %.0f us in the "
+        "store's writer" % (1e6 * vc["loop_thread_cpu_s"] / vc["frames"],
+                            1e6 * vc["store_writer_cpu_s"] / vc["frames"]),
         "  baseline (pycose, one commit per frame): %7.0f frames/s, %7.0f per CPU-second (%d frames)" % (
             b["frames_per_s"], b["frames_per_cpu_s"], b["frames"]),
         "  ratio to baseline:       %.1fx per CPU-second, %.1fx wall (goal >= 5x per CPU-second)" % (
@@ -582,13 +612,15 @@ def report(r: dict[str, Any]) -> list[str]:
             r["card_writes"]["written_per_frame"], r["card_writes"]["written_per_frame_byte"],
             r["card_writes"]["frames"], r["card_writes"]["frame_bytes"] / r["card_writes"]["frames"],
             r["card_writes"]["commits"]),
+        *profile_lines(r["profile_commit"]),
         *profile_lines(r["profile"]),
         *profile_lines(r["profile_drain"]),
     ]
 
 
 def profile_lines(p: dict[str, Any]) -> list[str]:
-    what = "drain of a backlog of" if p.get("what") == "drain" else "verify+commit+forward,"
+    what = {"drain": "drain of a backlog of", "commit": "verify+commit,"}.get(p.get("what", ""),
+                                                                          "verify+commit+forward,")
     out = ["  where the time goes (%s %d frames, %s; CPU time of the main thread, %.1f s "
            "under the profiler):" % (what, p["frames"], p["payload"], p["profiled_cpu_s"])]
     out += ["    %5.1f %%  %s" % (pct, area) for area, pct in p["areas"].items()]
