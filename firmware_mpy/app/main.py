@@ -353,18 +353,24 @@ class App:
             st = self.streams[k]
             if every or st.wants() or st.n >= st.window:  # (a window filled by _read_fifos: framed now)
                 self._poll_stream(k, now, poll_ms)
-        return self.board.ticks_ms()
-
-    def step(self):
-        self.board.service()
-        now = self._drain(True)
+        now = self.board.ticks_ms()
+        # The collection's moment: right after the fastest FIFO was emptied
+        # (its whole depth is the collection's time), wherever in the loop
+        # that was. Looked for only once a loop (in step()), a busy BLE board
+        # found it a few times a minute, and most collections came from an
+        # allocation that found the heap full, in the middle of a frame.
         if (ticks.diff(now, self._fastest.drained_ms) <= _GC_AFTER_DRAIN_MS
                 and ticks.diff(now, self._gc_checked_ms) >= _GC_CHECK_MS):
             self._gc_checked_ms = now
             if gc.mem_free() < self._gc_below:
-                gc.collect()  # the fastest FIFO was just emptied: its whole depth is the collection's time
+                gc.collect()
                 self._gc_below = min(_GC_HEADROOM, gc.mem_free() // 2)
                 now = self._drain()
+        return now
+
+    def step(self):
+        self.board.service()
+        now = self._drain(True)
         if self.reseal_due:
             self._reseal_step()
             now = self._drain()

@@ -22,7 +22,16 @@ from micropython import const
 from app import ticks
 from protocols import messages
 
-_SPARE = const(32)  # a full sensor FIFO: one drain always fits
+# Room after a window for what the FIFO gives while that window waits to
+# be framed and while its frame is built (the FIFOs are read between a
+# frame's pieces into this room): at least a full sensor FIFO (one drain
+# always fits), and 3 FIFOs' worth at 512 Hz (188 ms): at an ESP32's speed
+# a BLE board's ECG frame with its heart-rate feed takes 50-110 ms, and a
+# PPG frame or a collection may come first; with 32 the room filled, the
+# FIFO went unread and overflowed (bench firmware --stretches). 256 bytes
+# more for the ECG; the PPG's 32 already last 320 ms at 100 Hz.
+_SPARE_FIFO = const(32)
+_SPARE_MS = const(188)
 _LO_MAX = const((1 << 30) - 1)  # the low half's largest value (2**30 itself is a heap int on an ESP32)
 _RATE_MAX_HZ = const(1023)  # the halves' arithmetic needs rate_hz * 2**20 under 2**30
 
@@ -43,7 +52,7 @@ class Stream:
         self._wrap_s = q
         self._wrap_rem = r
         self.window = window
-        self.capacity = window + _SPARE
+        self.capacity = window + max(_SPARE_FIFO, rate * _SPARE_MS // 1000)
         nch = messages.STREAM_CHANNELS[stream_id]
         self.chans = tuple(array.array("i", bytes(4 * self.capacity)) for _ in range(nch))
         self.n = 0  # samples held in chans
@@ -135,8 +144,11 @@ class Stream:
     def poll(self, now_ms):
         # Drains the sensor; returns how many samples to put in a frame now.
         # A window already full is drained on into the spare room: the app
-        # reads the FIFOs while it builds another stream's frame.
-        if not self.split and self.n < self.capacity:
+        # reads the FIFOs while it builds another stream's frame. So is a
+        # stream cut before a gap (split): what follows the gap goes after
+        # it (at an ESP32's speed the cut frame takes tens of ms, and a FIFO
+        # left unread meanwhile overflowed again, a gap after every gap).
+        if self.n < self.capacity:
             got = self.sensor.read_into(self.chans, self.n, self.capacity - self.n)
             if got:
                 self.drained_ms = now_ms  # its FIFO just went below the chip's threshold
@@ -176,7 +188,15 @@ class Stream:
         # the gap (if any is held), skip the gap in the indices, and let the
         # next frame report it.
         self.lost_total += lost
-        if self.n:
+        if self.split:
+            # A second gap before the first one is framed: the samples read
+            # between the two are given up to the first (a frame holds one
+            # run of samples and the stream one gap), counted as lost.
+            between = self.n - self.split
+            self.lost_total += between
+            self.gap += between + lost
+            self.n = self.split
+        elif self.n:
             self.split = self.n
             self.gap = lost
         else:

@@ -152,6 +152,32 @@ def test_a_gap_found_while_a_window_is_framed_stays_after_the_samples_before_it(
     assert (st.t0_ms_hi, st.t0_ms_lo) == (0, 480)  # the first sample after the gap, on the sensor clock
 
 
+def test_a_stream_cut_before_a_gap_reads_on_and_a_second_gap_joins_the_first():
+    # While the frame before a gap is being made (tens of ms on a chip), the
+    # FIFO is read on, after the gap; were it left unread it would overflow
+    # again. A second overflow before that frame is made gives up the
+    # samples between the two gaps (one gap per stream), counted as lost.
+    clock = VirtualClock()
+    chip, model = _ppg_chip(clock)
+    chip.configure(rate_hz=100)
+    chip.start()
+    st = Stream(chip, messages.STREAM_PPG_MAX30102, 100, 0)
+    clock.sleep_ms(300)
+    st.poll(clock.now_us() // 1000)
+    clock.sleep_ms(500)  # 50 more into a 32-deep FIFO: 18 lost after the first 30
+    assert st.poll(clock.now_us() // 1000) == 30 and st.n == 62
+    clock.sleep_ms(200)  # the cut frame is being made: 20 more
+    assert st.poll(clock.now_us() // 1000) == 30 and st.n == 82, st.n
+    clock.sleep_ms(500)  # 50 into the FIFO again: 18 more lost
+    assert st.poll(clock.now_us() // 1000) == 30 and st.n == 62, st.n
+    assert st.lost_total == 18 + 52 + 18, st.lost_total  # the 52 between the gaps given up
+    st.advance(30)
+    assert st.first_index == 30 + 88 and st.pending_lost == 88 and st.n == 32
+    assert st.first_index + st.n == model.index == 150  # 1.5 s at 100 Hz, every sample accounted for
+    st.frame_time()
+    assert (st.t0_ms_hi, st.t0_ms_lo) == (0, 1180)
+
+
 def test_per_sample_path_does_not_allocate():
     clock = VirtualClock()
     ecg, _ = _ecg_chip(clock)
