@@ -121,7 +121,7 @@ class Stretches:
         pieces = []
         for k in range(min(self._n, _RING)):
             i = (self._n - 1 - k) % _RING
-            if self._t1[i] < last:
+            if self._t1[i] <= last:  # (one that ended as the FIFO was read belongs to the stretch before)
                 break
             if self._t1[i] - self._t0[i] >= 500 or self._depth[i] == 0:
                 pieces.append((self._label[i], self._depth[i], self._t0[i] - last, self._t1[i] - self._t0[i]))
