@@ -176,9 +176,9 @@ def cmd_verify_origin(args: argparse.Namespace) -> int:
         rep = verify_origin.verify(args.inputs, args.key)
     except verify_origin.InputError as e:
         print("pulsebridge verify-origin: %s" % e, file=sys.stderr)
-        return 2
+        return verify_origin.EXIT_INPUT_ERROR
     print(json.dumps(rep.as_dict(), indent=1) if args.json else verify_origin.text(rep))
-    return 0 if rep.ok else 1
+    return verify_origin.EXIT_STATUS[rep.status]
 
 
 def cmd_ota_push(args: argparse.Namespace) -> int:

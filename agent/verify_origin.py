@@ -19,6 +19,7 @@ import base64
 import binascii
 import io
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,13 +66,29 @@ def load_keys(paths: list[Path]) -> dict[str, bytes]:
     return keys
 
 
-def _raw_messages(data: bytes, where: str) -> Iterator[tuple[bytes, list[list[int]] | None, str]]:
+Message = tuple[bytes, list[list[int]] | None, str]  # (raw COSE, samples a document claims or None, where)
+
+
+class _Cut:
+    # Inside one input: its last record starts at at_byte and is incomplete.
+    def __init__(self, at_byte: int, reason: str) -> None:
+        self.at_byte = at_byte
+        self.reason = reason
+        self.input_bytes = 0  # the input's size, set by _read_input
+
+
+def _raw_messages(data: bytes, where: str) -> Iterator[Message | _Cut]:
     pos = 0
     n = 0
     while pos < len(data):
         try:
             _item, end = cbor.decode_prefix(data, pos, (17,))
         except ProtocolError as e:
+            if e.reason == "truncated":  # a CBOR item is prefix-free: only a cut leaves one incomplete at the end
+                cut = _Cut(pos, "the file ends inside COSE message %d (%s)" % (n + 1, e))
+                cut.input_bytes = len(data)
+                yield cut
+                return
             raise InputError("%s: not CBOR at byte %d (%s)" % (where, pos, e)) from None
         n += 1
         yield data[pos:end], None, "%s#%d" % (where, n)
@@ -91,7 +108,7 @@ def _ints(text: Any) -> list[int]:
     return [int(v) for v in str(text).split()]
 
 
-def _from_json(obj: Any, where: str) -> Iterator[tuple[bytes, list[list[int]] | None, str]]:
+def _from_json(obj: Any, where: str) -> Iterator[Message]:
     if isinstance(obj, list):
         for i, o in enumerate(obj):
             yield from _from_json(o, "%s[%d]" % (where, i))
@@ -139,43 +156,129 @@ def _channel(v: Any, where: str) -> list[int]:
     return list(v)
 
 
-def _cbor_documents(data: bytes, where: str) -> list[Any] | None:
-    # The CBOR documents in data (each a map with a "type", or an array of them), or
-    # None if it is not such a file (a raw COSE capture: tagged COSE_Mac0 items).
-    dec = cbor2.CBORDecoder(io.BytesIO(data))
+def _cbor_documents(data: bytes, where: str) -> tuple[list[Any], _Cut | None] | None:
+    # The CBOR documents in data (each a map with a "type", or an array of
+    # them) and, if the file ends inside one, where; or None if it is not
+    # such a file (a raw COSE capture: tagged COSE_Mac0 items).
+    fp = io.BytesIO(data)
+    dec = cbor2.CBORDecoder(fp)
     out: list[Any] = []
     n = 0
+    start = 0
     try:
-        while dec.fp.tell() < len(data):
+        while start < len(data):
             item = dec.decode()
             n += 1
             docs = item if isinstance(item, list) else [item]
             if not all(isinstance(d, dict) and "type" in d for d in docs):
                 return None if n == 1 else _fail(where, n)
             out.extend(docs)
+            start = fp.tell()
+    except cbor2.CBORDecodeEOF as e:  # whether a document or a COSE message: cut short
+        return out, _Cut(start, "the file ends inside CBOR item %d (%s)" % (n + 1, e))
     except cbor2.CBORDecodeError:
         return None if n == 0 else _fail(where, n + 1)
-    return out
+    return out, None
 
 
-def _fail(where: str, n: int) -> list[Any]:
+def _fail(where: str, n: int) -> Any:
     raise InputError("%s: CBOR item %d is not a pulsebridge document" % (where, n))
 
 
-def read_inputs(paths: list[Path]) -> Iterator[tuple[bytes, list[list[int]] | None, str]]:
-    """(raw COSE, decoded samples a document claims or None, where it came from) for each message.
-    Raises InputError for a file that cannot be read or parsed, or that holds no message at all (an
-    empty capture must not read as "OK: 0 frames")."""
+# A JSON string, a string running to the end of the text, or a bracket.
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|"|[\[\]{}]', re.S)
+
+
+def _json_cut(data: bytes) -> tuple[bytes, int] | None:
+    # For one JSON text that ends inside a string or an open array or object
+    # (its brackets matching until then): (its whole records, the open
+    # brackets closed again after them, b"" if none; the byte where the
+    # records not whole start). Records are the elements of the top-level
+    # array and of a FHIR Bundle's "entry": an Observation is never closed
+    # early (a component cut off would read as altered samples). None if
+    # data is not a JSON text cut short.
+    stack: list[tuple[bytes, bool]] = []  # closing bracket, whether its elements are records
+    last_string = b""
+    keep_at = 0
+    keep_closers = b""
+    for m in _JSON_TOKEN.finditer(data):
+        t = m.group()
+        if t[:1] == b'"':
+            if len(t) == 1:
+                break  # a string the cut ended
+            last_string = t
+        elif t in (b"[", b"{"):
+            stack.append((b"]", not stack or last_string == b'"entry"') if t == b"[" else (b"}", False))
+        elif not stack or stack.pop()[0] != t:
+            return None  # brackets that do not match: malformed, not cut
+        elif not stack:
+            return None  # the document ended: not cut
+        elif stack[-1][1]:
+            keep_at = m.end()
+            keep_closers = b"".join(c for c, _ in reversed(stack))
+    if not stack:
+        return None
+    return (data[:keep_at] + keep_closers if keep_at else b""), keep_at
+
+
+def _json_documents(data: bytes, where: str) -> tuple[list[Any], _Cut | None]:
+    # One JSON document, or JSON Lines; either may end cut short.
+    try:
+        return [json.loads(data)], None
+    except ValueError:
+        pass
+    whole = _json_cut(data)
+    if whole is not None:
+        return _salvaged(whole, 0, where)
+    docs: list[Any] = []
+    pos = 0
+    for line in data.split(b"\n"):
+        at = pos
+        pos += len(line) + 1
+        if not line.strip():
+            continue
+        try:
+            docs.append(json.loads(line))
+            continue
+        except ValueError as e:
+            err = e
+        cut = _json_cut(line) if not data[pos:].strip() else None  # only the last record can be cut short
+        if cut is None:
+            raise InputError("%s: neither JSON nor JSON Lines (line at byte %d: %s)" % (where, at, err)) from None
+        more, tail = _salvaged(cut, at, where)
+        return docs + more, tail
+    return docs, None
+
+
+def _salvaged(cut: tuple[bytes, int], base: int, where: str) -> tuple[list[Any], _Cut]:
+    text, keep_at = cut
+    try:
+        docs = [json.loads(text)] if text else []
+    except ValueError as e:
+        raise InputError("%s: not JSON before it was cut short at byte %d (%s)" % (where, base + keep_at, e)) from None
+    return docs, _Cut(base + keep_at, "the file ends inside a JSON record")
+
+
+def read_inputs(paths: list[Path]) -> Iterator[Message | origin.Truncated]:
+    """(raw COSE, decoded samples a document claims or None, where it came from) for each message, and an
+    origin_verify.Truncated after the last whole record of an input that ends inside one (a capture cut mid-record).
+    Raises InputError for a file that cannot be read or parsed, or that holds nothing at all (an empty capture must
+    not read as "OK: 0 frames")."""
     for p in paths:
         n = 0
-        for message in _read_input(p):
+        cut = False
+        for item in _read_input(p):
+            if isinstance(item, _Cut):
+                cut = True
+                yield origin.Truncated(str(p), item.at_byte, item.input_bytes - item.at_byte, n, item.reason)
+                continue
             n += 1
-            yield message
-        if not n:
+            yield item
+        if not n and not cut:
             raise InputError("%s: no frame or document in it: nothing to verify (an empty or wrong file?)" % p)
 
 
-def _read_input(p: Path) -> Iterator[tuple[bytes, list[list[int]] | None, str]]:
+def _read_input(p: Path) -> Iterator[Message | _Cut]:
     try:
         if p.stat().st_size > MAX_INPUT_BYTES:
             raise InputError("%s: larger than %d bytes" % (p, MAX_INPUT_BYTES))
@@ -184,34 +287,42 @@ def _read_input(p: Path) -> Iterator[tuple[bytes, list[list[int]] | None, str]]:
         raise InputError("%s: %s" % (p, e.strerror or e)) from None
     head = data.lstrip()[:1]
     if head in (b"{", b"["):
-        try:
-            docs = [json.loads(data)]
-        except ValueError:
-            try:  # JSON Lines
-                docs = [json.loads(line) for line in data.splitlines() if line.strip()]
-            except ValueError as e:
-                raise InputError("%s: neither JSON nor JSON Lines (%s)" % (p, e)) from None
+        docs, cut = _json_documents(data, p.name)
         for d in docs:
             yield from _from_json(d, p.name)
     else:
-        cbor_docs = _cbor_documents(data, p.name)
-        if cbor_docs is None:
+        found = _cbor_documents(data, p.name)
+        if found is None:
             yield from _raw_messages(data, p.name)
-        else:
-            for i, d in enumerate(cbor_docs):
-                yield from _from_json(d, "%s[%d]" % (p.name, i))
+            return
+        cbor_docs, cut = found
+        for i, d in enumerate(cbor_docs):
+            yield from _from_json(d, "%s[%d]" % (p.name, i))
+    if cut is not None:
+        cut.input_bytes = len(data)
+        yield cut
 
 
 def verify(inputs: list[Path], key_files: list[Path]) -> origin.Report:
     v = origin.Verifier(load_keys(key_files))
-    for raw, claimed, where in read_inputs(inputs):
-        v.add(raw, claimed, where)
+    for item in read_inputs(inputs):
+        if isinstance(item, origin.Truncated):
+            v.add_truncated(item)
+        else:
+            v.add(*item)
     return v.report()
+
+
+_HEADLINE = {origin.VERIFIED: "OK", origin.NOT_PROVEN: "NOT PROVEN",
+             origin.TRUNCATED: "TRUNCATED (all before the cut holds)"}
+# Exit statuses of `pulsebridge verify-origin`.
+EXIT_STATUS = {origin.VERIFIED: 0, origin.NOT_PROVEN: 1, origin.TRUNCATED: 3}
+EXIT_INPUT_ERROR = 2
 
 
 def text(rep: origin.Report) -> str:
     lines = ["%s: %d frames, %d proven, %d waiting for a checkpoint, %d altered, %d unproven"
-             % ("OK" if rep.ok else "NOT PROVEN", len(rep.frames), rep.count(origin.PROVEN), rep.count(origin.PENDING),
+             % (_HEADLINE[rep.status], len(rep.frames), rep.count(origin.PROVEN), rep.count(origin.PENDING),
                 rep.count(origin.ALTERED), rep.count(origin.UNPROVEN))]
     for f in rep.frames:
         if f.verdict in (origin.ALTERED, origin.UNPROVEN):
@@ -226,4 +337,7 @@ def text(rep: origin.Report) -> str:
         lines.append("  PROBLEM " + p)
     if rep.problems_not_listed:
         lines.append("  ... and %d more problems, not listed" % rep.problems_not_listed)
+    for t in rep.truncated:
+        lines.append("  TRUNCATED %s: %d bytes from byte %d not checked (%s); the %d records before were checked"
+                     % (t.where, t.bytes_not_checked, t.at_byte, t.reason, t.records_checked))
     return "\n".join(lines)

@@ -127,7 +127,9 @@ def _item(data: "bytes | bytearray | memoryview", pos: int, end: int, tags: "tup
             raise RemoteProtocolError("CBOR text at byte %d is not UTF-8" % start, "utf8") from None
     if major == _MAJOR_ARRAY:
         if value > MAX_ITEMS or value > end - pos:
-            raise RemoteProtocolError("CBOR array of %d items at byte %d is too long" % (value, start), "too_long")
+            # (more items than bytes left: the input ends inside the array)
+            raise RemoteProtocolError("CBOR array of %d items at byte %d is too long" % (value, start),
+                                      "too_long" if value > MAX_ITEMS else "truncated")
         items: "list[object]" = []
         for _ in range(value):
             item, pos = _item(data, pos, end, tags, depth + 1)
@@ -135,7 +137,8 @@ def _item(data: "bytes | bytearray | memoryview", pos: int, end: int, tags: "tup
         return items, pos
     if major == _MAJOR_MAP:
         if value > MAX_ITEMS or 2 * value > end - pos:
-            raise RemoteProtocolError("CBOR map of %d entries at byte %d is too long" % (value, start), "too_long")
+            raise RemoteProtocolError("CBOR map of %d entries at byte %d is too long" % (value, start),
+                                      "too_long" if value > MAX_ITEMS else "truncated")
         out: "dict[object, object]" = {}
         for _ in range(value):
             key, pos = _item(data, pos, end, tags, depth + 1)

@@ -44,6 +44,28 @@ class _Frame:
 
 MAX_PROBLEMS = 1000  # problems listed in a report; more are counted (problems_not_listed)
 
+# What a report says as a whole (Report.status).
+VERIFIED = "verified"  # every frame given proven (or pending), nothing missing, no input cut short
+NOT_PROVEN = "not proven"  # a frame altered or unproven, a frame or checkpoint missing, an input unreadable
+TRUNCATED = "truncated"  # all that was complete holds, but an input ends inside a record: its tail unchecked
+
+
+class Truncated:
+    # An input whose last record is cut short (a recorder killed mid-write,
+    # a copy cut off): every complete record before at_byte was checked; the
+    # bytes_not_checked from at_byte on were not. records_checked: complete
+    # records read before it; reason: why the tail is not a whole record.
+    def __init__(self, where: str, at_byte: int, bytes_not_checked: int, records_checked: int, reason: str) -> None:
+        self.where = where
+        self.at_byte = at_byte
+        self.bytes_not_checked = bytes_not_checked
+        self.records_checked = records_checked
+        self.reason = reason
+
+    def as_dict(self) -> "dict[str, object]":
+        return {"input": self.where, "at_byte": self.at_byte, "bytes_not_checked": self.bytes_not_checked,
+                "records_checked": self.records_checked, "reason": self.reason}
+
 
 class Verifier:
     # Feed it what a backend received, in any order (add): the raw COSE of
@@ -56,12 +78,17 @@ class Verifier:
         self._ckpts: "dict[tuple[str, bytes], dict[int, Checkpoint]]" = {}
         self.problems: "list[str]" = []  # inputs that could not be read or did not verify
         self.problems_not_listed = 0  # past MAX_PROBLEMS: counted, not kept (a file of junk stays bounded)
+        self.truncated: "list[Truncated]" = []
 
     def _problem(self, text: str) -> None:
         if len(self.problems) < MAX_PROBLEMS:
             self.problems.append(text)
         else:
             self.problems_not_listed += 1
+
+    def add_truncated(self, t: Truncated) -> None:
+        # An input's incomplete last record (its complete ones were add()ed).
+        self.truncated.append(t)
 
     def add(self, raw: "bytes | bytearray", claimed: "list[list[int]] | None" = None, where: str = "") -> None:
         # raw: one uplink COSE_Mac0 as the board sent it. claimed: the
@@ -102,6 +129,7 @@ class Verifier:
         rep = Report()
         rep.problems = list(self.problems)
         rep.problems_not_listed = self.problems_not_listed
+        rep.truncated = list(self.truncated)
         covered: "dict[tuple[str, bytes], tuple[dict[int, tuple[bytes, Checkpoint]], int]]" = {}
         for (dev, salt), by_index in self._ckpts.items():
             entries: "dict[int, tuple[bytes, Checkpoint]]" = {}
@@ -184,16 +212,29 @@ class Report:
         self.missing_checkpoints: "list[tuple[str, int, int]]" = []
         self.problems: "list[str]" = []
         self.problems_not_listed = 0  # problems past the first MAX_PROBLEMS, counted only
+        self.truncated: "list[Truncated]" = []  # inputs whose last record was cut short
 
     def count(self, verdict: str) -> int:
         return sum(1 for f in self.frames if f.verdict == verdict)
 
     @property
-    def ok(self) -> bool:
-        # Every frame proven or pending, none missing, no checkpoint missing or forged.
+    def complete_part_holds(self) -> bool:
+        # Every frame given proven or pending, none missing, no checkpoint missing or forged.
         return (not self.missing and not self.missing_checkpoints and not self.problems
                 and not self.problems_not_listed
                 and all(f.verdict in (PROVEN, PENDING) for f in self.frames))
+
+    @property
+    def ok(self) -> bool:
+        # All holds and no input was cut short.
+        return self.complete_part_holds and not self.truncated
+
+    @property
+    def status(self) -> str:
+        # VERIFIED, NOT_PROVEN (whatever was cut short too), or TRUNCATED.
+        if not self.complete_part_holds:
+            return NOT_PROVEN
+        return TRUNCATED if self.truncated else VERIFIED
 
     def gaps(self) -> "list[dict[str, object]]":
         # The missing frames as ranges of seq per device and epoch.
@@ -206,6 +247,7 @@ class Report:
     def as_dict(self) -> "dict[str, object]":
         return {
             "ok": self.ok,
+            "status": self.status,
             "frames": len(self.frames),
             "proven": self.count(PROVEN),
             "pending": self.count(PENDING),
@@ -215,4 +257,5 @@ class Report:
             "missing_checkpoints": [{"device_id": d, "epoch": e, "index": i} for d, e, i in self.missing_checkpoints],
             "problems": self.problems,
             "problems_not_listed": self.problems_not_listed,
+            "truncated": [t.as_dict() for t in self.truncated],
         }
