@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -7,6 +8,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# The tests that press Ctrl-C on a command or a board (SIGINT) need the
+# default disposition in what they start. A runner that starts the suite in
+# the background of a script hands it SIGINT ignored, and an ignored signal
+# stays ignored across exec: those commands would then never see the Ctrl-C.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def require_tool(name: str) -> str:
