@@ -313,6 +313,24 @@ def verify(inputs: list[Path], key_files: list[Path]) -> origin.Report:
     return v.report()
 
 
+def _when(span: dict[str, Any]) -> str:
+    # Where a gap lies on the board's clock, from the frames received around it.
+    after, before = span["after"], span["before"]
+    if after is None and before is None:
+        return ": no frame of this boot received around it"
+    parts = []
+    if after is not None:
+        parts.append("after seq %d (board time %.3f-%.3f s)" % (after["seq"], after["board_t0_ms"] / 1000,
+                                                                 after["board_end_ms"] / 1000))
+    if before is not None:
+        parts.append("before seq %d (board time %.3f-%.3f s)" % (before["seq"], before["board_t0_ms"] / 1000,
+                                                                  before["board_end_ms"] / 1000))
+    text = ": " + ", ".join(parts)
+    if span["span_ms"] is not None:
+        text += ", about %.3f s of board time" % (max(0, span["span_ms"]) / 1000)
+    return text
+
+
 _HEADLINE = {origin.VERIFIED: "OK", origin.NOT_PROVEN: "NOT PROVEN",
              origin.TRUNCATED: "TRUNCATED (all before the cut holds)"}
 # Exit statuses of `pulsebridge verify-origin`.
@@ -328,9 +346,10 @@ def text(rep: origin.Report) -> str:
         if f.verdict in (origin.ALTERED, origin.UNPROVEN):
             lines.append("  %s %s epoch %d seq %d: %s" % (f.verdict.upper(), f.device_id, f.epoch, f.seq, f.why))
     for g in rep.gaps():
-        ranges = ", ".join(str(a) if a == b else "%d-%d" % (a, b) for a, b in g["seq_ranges"])  # type: ignore[attr-defined]
-        lines.append("  MISSING %s epoch %s seq %s (listed by the board, not received)" % (g["device_id"], g["epoch"],
-                                                                                          ranges))
+        for span in g["spans"]:  # type: ignore[attr-defined]
+            a, b = span["seqs"]
+            lines.append("  MISSING %s epoch %s seq %s (listed by the board, not received)%s"
+                         % (g["device_id"], g["epoch"], str(a) if a == b else "%d-%d" % (a, b), _when(span)))
     for dev, epoch, index in rep.missing_checkpoints:
         lines.append("  MISSING CHECKPOINT %s epoch %d index %d" % (dev, epoch, index))
     for p in rep.problems:

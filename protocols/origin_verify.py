@@ -31,7 +31,9 @@ class FrameResult:
 
 class _Frame:
     def __init__(self, device_id: str, epoch: int, seq: int, salt: bytes, digest: bytes, payload: bytes,
-                 claimed: "list[list[int]] | None", where: str) -> None:
+                 claimed: "list[list[int]] | None", where: str, t0_ms: int = 0, end_ms: int = 0) -> None:
+        self.t0_ms = t0_ms  # board clock (ms since boot): its first sample
+        self.end_ms = end_ms  # and the end of its window
         self.device_id = device_id
         self.epoch = epoch
         self.seq = seq
@@ -122,8 +124,10 @@ class Verifier:
             return
         if not isinstance(m, messages.SampleFrame) or m.boot_salt is None:
             return  # hello, status...: not covered by the proof
+        end_ms = m.t0_ms + (m.count * 1000 // m.rate_hz if m.rate_hz else 0)
         self._frames[(device_id, m.boot_salt, m.seq)] = _Frame(
-            device_id, m.epoch, m.seq, m.boot_salt, frame_digest(msg.payload), bytes(msg.payload), claimed, where)
+            device_id, m.epoch, m.seq, m.boot_salt, frame_digest(msg.payload), bytes(msg.payload), claimed, where,
+            m.t0_ms, end_ms)
 
     def report(self) -> "Report":
         rep = Report()
@@ -173,6 +177,8 @@ class Verifier:
             for s, (_dg, c) in sorted(entries.items()):
                 if (dev, salt, s) not in self._frames:
                     rep.missing.append((dev, c.epoch, s))
+        for f in self._frames.values():
+            rep.received_times.setdefault((f.device_id, f.epoch), {})[f.seq] = (f.t0_ms, f.end_ms)
         return rep
 
 
@@ -190,6 +196,23 @@ def _samples_differ(f: _Frame, c: Checkpoint) -> str:
             first = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
             return "channel %d differs from the board's samples from sample %d on" % (k, first)
     return ""
+
+
+def _bisect(xs: "list[int]", x: int) -> int:
+    # The index of the first item of sorted xs above or at x (bisect_left; MicroPython has no bisect).
+    lo, hi = 0, len(xs)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if xs[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _near(seq: int, times: "dict[int, tuple[int, int]]") -> "dict[str, int]":
+    t0, end = times[seq]
+    return {"seq": seq, "board_t0_ms": t0, "board_end_ms": end}
 
 
 def _ranges(seqs: "list[int]") -> "list[tuple[int, int]]":
@@ -213,6 +236,8 @@ class Report:
         self.problems: "list[str]" = []
         self.problems_not_listed = 0  # problems past the first MAX_PROBLEMS, counted only
         self.truncated: "list[Truncated]" = []  # inputs whose last record was cut short
+        # (device, epoch) -> seq -> (board t0 ms, board end ms) of each sample frame given
+        self.received_times: "dict[tuple[str, int], dict[int, tuple[int, int]]]" = {}
 
     def count(self, verdict: str) -> int:
         return sum(1 for f in self.frames if f.verdict == verdict)
@@ -237,12 +262,31 @@ class Report:
         return TRUNCATED if self.truncated else VERIFIED
 
     def gaps(self) -> "list[dict[str, object]]":
-        # The missing frames as ranges of seq per device and epoch.
+        # The missing frames as ranges of seq per device and epoch, each with
+        # the frames received around it (spans: seqs [first, last], after and
+        # before: {"seq", "board_t0_ms", "board_end_ms"} of the nearest frame
+        # received on either side, None if there is none; span_ms: board time
+        # from the end of the one after which to the start of the one before
+        # which it lies, None without both: for one stream, the missing frames'
+        # own duration).
         by: "dict[tuple[str, int], list[int]]" = {}
         for dev, epoch, seq in self.missing:
             by.setdefault((dev, epoch), []).append(seq)
-        return [{"device_id": dev, "epoch": epoch, "seq_ranges": [list(r) for r in _ranges(seqs)]}
-                for (dev, epoch), seqs in sorted(by.items())]
+        out: "list[dict[str, object]]" = []
+        for (dev, epoch), seqs in sorted(by.items()):
+            times = self.received_times.get((dev, epoch), {})
+            got = sorted(times)
+            spans: "list[dict[str, object]]" = []
+            for a, b in _ranges(seqs):
+                i = _bisect(got, a)
+                after = _near(got[i - 1], times) if i > 0 else None
+                before = _near(got[i], times) if i < len(got) else None
+                span = (before["board_t0_ms"] - after["board_end_ms"]
+                        if after is not None and before is not None else None)
+                spans.append({"seqs": [a, b], "after": after, "before": before, "span_ms": span})
+            out.append({"device_id": dev, "epoch": epoch, "seq_ranges": [list(r) for r in _ranges(seqs)],
+                        "spans": spans})
+        return out
 
     def as_dict(self) -> "dict[str, object]":
         return {

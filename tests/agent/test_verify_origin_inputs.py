@@ -40,3 +40,24 @@ def test_a_file_of_junk_gives_a_bounded_report(tmp_path: Path) -> None:
     lines = p.stdout.splitlines()
     assert p.returncode == 1 and len(lines) == 1 + origin_verify.MAX_PROBLEMS + 1, p.stderr
     assert lines[-1] == "  ... and 500 more problems, not listed"
+
+
+def test_a_gap_is_named_by_its_seqs_and_board_time_in_text_and_json(tmp_path: Path) -> None:
+    from tests.agent.test_verify_origin_truncated import board_messages
+    from tests.protocols.test_origin import KID, ORIGIN_KEY
+
+    key = tmp_path / "origin_keys.json"
+    key.write_text(json.dumps({KID.decode(): ORIGIN_KEY.hex()}))
+    msgs = board_messages(8, 4)  # frames 1-4, checkpoint 5, frames 6-9, checkpoint 10
+    capture = tmp_path / "capture.cbor"
+    capture.write_bytes(b"".join(m for i, m in enumerate(msgs) if i not in (1, 2)))  # seqs 2 and 3 dropped
+    p = subprocess.run([sys.executable, "-m", "agent.cli", "verify-origin", "--key", str(key), str(capture)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    # frame(seq) starts at board time seq * 125 ms, 125 ms long
+    assert p.returncode == 1 and ("  MISSING %s epoch 3 seq 2-3 (listed by the board, not received): after seq 1 "
+                                  "(board time 0.125-0.250 s), before seq 4 (board time 0.500-0.625 s), about 0.250 s "
+                                  "of board time" % KID.decode()) in p.stdout.splitlines(), p.stdout
+    rep = verify_origin.verify([capture], [key]).as_dict()
+    assert rep["missing"] == [{"device_id": KID.decode(), "epoch": 3, "seq_ranges": [[2, 3]], "spans": [
+        {"seqs": [2, 3], "after": {"seq": 1, "board_t0_ms": 125, "board_end_ms": 250},
+         "before": {"seq": 4, "board_t0_ms": 500, "board_end_ms": 625}, "span_ms": 250}]}]

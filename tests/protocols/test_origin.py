@@ -241,8 +241,21 @@ def test_hub_dropping_a_frame_is_listed_as_a_gap() -> None:
     frames, ckpts = stream(8, 4)
     rep = verify(frames[:1] + frames[3:], ckpts)  # seqs 2 and 3 never forwarded
     assert not rep.ok
-    assert rep.gaps() == [{"device_id": KID.decode(), "epoch": EPOCH, "seq_ranges": [[2, 3]]}]
+    # frame(seq) starts at board time seq * 125 ms and holds 64 samples at 512 Hz (125 ms): the gap
+    # lies between seq 1 (125-250 ms) and seq 4 (500-625 ms), 250 ms of board time (seqs 2 and 3)
+    assert rep.gaps() == [{"device_id": KID.decode(), "epoch": EPOCH, "seq_ranges": [[2, 3]], "spans": [
+        {"seqs": [2, 3], "after": {"seq": 1, "board_t0_ms": 125, "board_end_ms": 250},
+         "before": {"seq": 4, "board_t0_ms": 500, "board_end_ms": 625}, "span_ms": 250}]}]
     assert rep.count(origin_verify.PROVEN) == 6
+
+
+def test_gaps_at_both_ends_of_what_was_received_say_which_side_is_unknown() -> None:
+    frames, ckpts = stream(8, 4)
+    rep = verify(frames[2:6], ckpts)  # frames are seqs 1-4 and 6-9 (checkpoints 5, 10): 1, 2 and 8, 9 dropped
+    spans = [s for g in rep.gaps() for s in g["spans"]]  # type: ignore[attr-defined]
+    assert [s["seqs"] for s in spans] == [[1, 2], [8, 9]]
+    assert spans[0]["after"] is None and spans[0]["before"]["seq"] == 3 and spans[0]["span_ms"] is None
+    assert spans[1]["after"]["seq"] == 7 and spans[1]["before"] is None and spans[1]["span_ms"] is None
 
 
 def test_hub_inserting_a_frame_is_caught() -> None:
