@@ -40,7 +40,8 @@ class StatusServer:
         self.snapshot = snapshot
         self.waveform = waveform
         self.page_port = 0  # where the page listens, once it does
-        self.page_state = "on" if cfg.status_page_password_file else "off: no status_page_password_file"
+        # "on" only once it listens: the agent's start line, written before, says "starting".
+        self.page_state = "starting" if cfg.status_page_password_file else "off: no status_page_password_file"
         self.password_recheck_s = PASSWORD_RECHECK_S
         self.page: StatusPage | None = None  # once it serves
 
@@ -93,6 +94,7 @@ class StatusServer:
         try:
             self.page_port = await page.start(host or "0.0.0.0", int(port))
             self.page_state = "on"
+            log.info("status page on http://%s:%d/ (user hub)", host or "0.0.0.0", self.page_port)
         except OSError as e:  # the address is taken or not ours: no page, boards served all the same
             self.page_state = "off: cannot listen on %s: %s" % (self.cfg.status_page_listen, e)
             log.error("status page %s", self.page_state)

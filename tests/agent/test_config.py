@@ -206,3 +206,41 @@ def test_a_status_page_password_file_fixed_while_the_agent_runs_brings_the_page_
                     assert r.status == 401
 
     asyncio.run(scenario())
+
+
+def test_the_start_line_says_the_page_is_on_only_once_it_listens(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """An operator reads the start line: with an unsafe password file it said 'status page on' (then an error
+    said off); it says 'starting' until the page listens, and the page's address is logged when it does."""
+    import asyncio
+    import logging
+
+    from agent.registry import write_private
+    from agent.supervisor import Agent
+    from tests.agent import harness
+
+    pw = tmp_path / "status.password"
+    write_private(pw, b"correct horse battery staple\n")
+    pw.chmod(0o644)
+    port = harness.free_port()
+    cfg = config.load(harness.write_config(tmp_path, [], "", extra=(
+        'status_page_listen = "127.0.0.1:%d"\nstatus_page_password_file = "%s"\n' % (port, pw))))
+    caplog.set_level(logging.INFO)
+
+    async def scenario() -> None:
+        agent = Agent(cfg)
+        agent.status.password_recheck_s = 0.2
+
+        def page() -> str:
+            return str(agent.snapshot()["status_page"])
+
+        async with harness.running(agent):
+            await async_wait_for(lambda: "readable by others" in page(), 30, "readable by others", page)
+            pw.chmod(0o600)
+            await async_wait_for(lambda: page() == "on", 30, "the page on", page)
+
+    asyncio.run(scenario())
+    start = [r.getMessage() for r in caplog.records if " starting (config " in r.getMessage()]
+    assert len(start) == 1 and "status page starting" in start[0] and "status page on" not in start[0], start
+    assert any("status page on http://127.0.0.1:%d/" % port in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
