@@ -56,7 +56,18 @@ def cmd_agent(args: argparse.Namespace) -> int:
     except PulsebridgeError as e:  # the store, the registry or the instance lock refused to start
         print("pulsebridge: the agent will not start: %s" % e, file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.filename is None:
+            raise
+        print("pulsebridge: the agent will not start: %s" % _path_error(e, args.config), file=sys.stderr)
+        return 2
     return 0
+
+
+def _path_error(e: OSError, config: Path) -> str:
+    """A file or directory a command could not make or open (a data_dir under a file, a card not mounted),
+    named with what is wrong: its traceback told an operator nothing more."""
+    return "cannot use %s: %s (a path set in %s, or under one?)" % (e.filename, e.strerror, config)
 
 
 def _registry(cfg: AgentConfig) -> Registry:
@@ -416,6 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `pulsebridge status | head`: the reader left, as a SIGPIPE'd command would end
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 141
+    except OSError as e:  # a path the configuration names that cannot be made or opened
+        if e.filename is None or not hasattr(args, "config"):
+            raise
+        print("pulsebridge: %s" % _path_error(e, args.config), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C before a command could handle it (provision handles its own)
         print("\npulsebridge: interrupted (Ctrl-C)", file=sys.stderr)
         return 130

@@ -79,6 +79,21 @@ def test_agent_refuses_to_start_with_a_readable_registry(tmp_path: Path, hub_con
     assert r.returncode == 2 and "readable by others" in r.stderr and "chmod 600" in r.stderr
 
 
+def test_a_data_dir_that_cannot_be_made_is_named_not_a_traceback(tmp_path: Path, hub_config: AgentConfig) -> None:
+    # data_dir under a regular file (a typo, a card not mounted): `agent` and `devices list` ended in a
+    # NotADirectoryError traceback; each now names the path and what is wrong with it
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    text = hub_config.source.read_text()
+    assert str(hub_config.data_dir) in text
+    cfg = tmp_path / "typo.toml"
+    cfg.write_text(text.replace(str(hub_config.data_dir), str(blocker / "data")))
+    for args, status in ((("agent",), 2), (("devices", "list"), 1), (("erase", "--device", "pb-x"), 1)):
+        r = _cli(*args, "--config", str(cfg))
+        assert r.returncode == status and "Traceback" not in r.stderr, (args, r.stderr)
+        assert str(blocker) in r.stderr and "Not a directory" in r.stderr, (args, r.stderr)
+
+
 def test_status_reads_the_running_agent(hub_config: AgentConfig) -> None:
     cfg = hub_config
 
