@@ -32,7 +32,7 @@ def _sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ppg", action="store_true", help="boards without the MAX30102 pulse oximeter")
     p.add_argument("--spo2", type=float, default=97.0, help="SpO2 %% the simulated finger has (default 97)")
     p.add_argument("--seconds", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
-    p.add_argument("--dir", type=Path, default=None, help="keep the boards' flash directories here")
+    p.add_argument("--dir", type=Path, default=None, help="sim: keep the boards' flash directories here")
     p.add_argument("--json", action="store_true", help="print a final machine-readable summary only")
     p.add_argument("--link", choices=["serial", "ble"], default="serial",
                    help="serial (ptys, as USB) or ble (the software radio, through bleak); default serial")
@@ -46,6 +46,9 @@ def _sim_args(p: argparse.ArgumentParser) -> None:
 
 
 BOARD_SPEEDS = ["host", "esp32", "esp32-240", "esp32s3"]
+# The lowest --spo2: pulse oximeters are specified from 70 % (ISO 80601-2-61); below, and above 100, the
+# calibration curve's red/IR ratio leaves what a finger gives (over 110 %: negative).
+SPO2_MIN_PCT = 70
 
 
 def _speed_arg(p: argparse.ArgumentParser) -> None:
@@ -63,6 +66,14 @@ def _options(args: argparse.Namespace, **kw: object):  # type: ignore[no-untyped
         raise SystemExit("pulsebridge-dev: --fragment-loss must be in [0, 1) and --disconnect-every >= 0")
     if args.link != "ble" and (args.fragment_loss or args.disconnect_every or args.air_capture):
         raise SystemExit("pulsebridge-dev: --fragment-loss, --disconnect-every and --air-capture need --link ble")
+    if not SPO2_MIN_PCT <= args.spo2 <= 100:
+        raise SystemExit("pulsebridge-dev: --spo2 must be %d to 100 (%%), not %g" % (SPO2_MIN_PCT, args.spo2))
+    if args.seconds is not None and not args.seconds > 0:
+        raise SystemExit("pulsebridge-dev: --seconds must be more than 0 (or left out: until Ctrl-C), not %g"
+                         % args.seconds)
+    if args.air_capture is not None and not args.air_capture.absolute().parent.is_dir():
+        raise SystemExit("pulsebridge-dev: --air-capture %s: its directory %s does not exist"
+                         % (args.air_capture, args.air_capture.absolute().parent))
     return SimOptions(boards=args.boards, ecg=None if args.ecg == "none" else args.ecg, ppg=not args.no_ppg,
                       seconds=args.seconds, directory=args.dir, spo2_pct=args.spo2, json=args.json,
                       link=args.link, fragment_loss=args.fragment_loss, disconnect_every_s=args.disconnect_every,
@@ -86,6 +97,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.dev import demo
 
+    if args.dir is not None:  # the demo keeps its whole run (boards, hub, backend) in a temporary directory
+        raise SystemExit("pulsebridge-dev: --dir is for sim (pulsebridge-dev sim --dir DIR); the demo's boards "
+                         "live in a temporary directory, removed at its end")
     opts = _options(args, live=True)
     try:
         result = demo.main(opts)
