@@ -230,6 +230,10 @@ def cmd_ota_push(args: argparse.Namespace) -> int:
         if state.startswith("refused"):
             print("pulsebridge: the board refused the bundle: %s" % state, file=sys.stderr)
             return 1
+        if state == "rolled_back":
+            print("pulsebridge: the new version did not stream with acknowledgements on trial: the board went "
+                  "back to its previous version", file=sys.stderr)
+            return 1
         time.sleep(0.5)
     print("pulsebridge: not confirmed within %.0f s (last: %s); the agent goes on sending it, a board that does "
           "not confirm a new version returns to its previous one" % (args.wait_s, said or "no answer"),
@@ -309,6 +313,12 @@ _STATE_WORDS = {
 }
 
 
+def _ota_describe(update: Any) -> str:
+    from agent import ota
+
+    return ota.describe(update)
+
+
 def _board_line(b: dict[str, Any]) -> str:
     import time
 
@@ -319,6 +329,9 @@ def _board_line(b: dict[str, Any]) -> str:
     line = "board %-12s %s, on %s, last frame %s" % (b["device_id"] or "?", state, b.get("port") or b["link"], last)
     if b.get("firmware"):
         line += ", firmware %s" % b["firmware"]
+    update = _ota_describe(b.get("update"))
+    if update:
+        line += "; " + update
     ends = b.get("ends") or {}
     if ends:
         line += "; sessions ended: " + ", ".join("%s %d" % kv for kv in sorted(ends.items()))

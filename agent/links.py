@@ -121,6 +121,7 @@ class Link:
     last_frame_at: float | None = None  # the last frame of an earlier session (UTC s): kept for the status
     firmware: str = ""  # as the board's last hello in an earlier session said: kept for the status
     identity_fault: str = ""  # as the board's last status in an earlier session said (BoardStats.identity_fault)
+    update: dict[str, Any] | None = None  # its firmware update's last state in an earlier session (the same)
     task: asyncio.Task[None] | None = None
     usb: str = ""  # "vid:pid serial" as listed, for the status
     device: str = ""  # the device node the port resolves to: a change is a re-enumeration
@@ -176,6 +177,8 @@ class LinkManager:
             link.firmware = link.stats.firmware
         if link.stats is not None and link.stats.unique_id:
             link.identity_fault = link.stats.identity_fault
+        if link.stats is not None and link.stats.update is not None:
+            link.update = link.stats.update
         stats = BoardStats("", transport.name)  # whose it is, the board says (nothing is written to it before)
         link.stats = stats
         if link.state is not LinkState.STALLED:
@@ -283,6 +286,7 @@ class LinkManager:
                 "state": state.value, "connects": link.connects,
                 "device_id": link.device_id or (st.device_id if st else ""),
                 "firmware": st.firmware if st and st.firmware else link.firmware,  # as its last hello said
+                "update": st.update if st and st.update else link.update,  # agent/ota.py
                 "frames": st.frames if st else 0,
                 "last_frame_at": st.last_frame_at if st and st.last_frame_at else link.last_frame_at,
                 "last_error": link.last_error, "ends": dict(link.ends),

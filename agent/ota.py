@@ -3,12 +3,18 @@
 `pulsebridge ota push --device ID BUNDLE` checks the bundle's form (the hub
 cannot check its signature for the board: only the board holds the keys it
 trusts) and spools it as RUN_DIR/ota/<device>.bin (0600). The running
-agent's session with that board, whatever its link, sends it in chunks: a
-window of WINDOW_CHUNKS from the first byte the board says it still needs,
-again after STATE_WAIT_S without an answer. A cut link, a restarted agent
-or a rebooted board resume where the board stands. Each state the board
-reports is written to RUN_DIR/ota/<device>.json, which the push command
-follows; the spooled bundle is removed once the board confirmed or refused it.
+agent's session with that board, whatever its link, sends it in chunks,
+paced by the board: at most WINDOW_CHUNKS beyond the first byte the board
+last said it needs (it says so every 4 chunks), so a board at a chip's
+speed, which takes ~0.1 s to read and write one, gets them as fast as it
+takes them and its acks are never queued behind more than a window. Chunks
+the board does not answer within a retransmission timeout (measured from
+its answers, as TCP does: RFC 6298) go again from where it stood, the
+timeout doubled each time up to RTO_MAX_S. A cut link, a restarted agent or
+a rebooted board resume where the board stands. Each state the board
+reports is written to RUN_DIR/ota/<device>.json, which the push command and
+the status follow; the spooled bundle is removed once the board confirmed,
+refused or rolled it back.
 """
 
 from __future__ import annotations
@@ -19,17 +25,24 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from agent.errors import PulsebridgeError
 from protocols import bundle, hub, messages
 
-# Chunks sent before the board's answer is awaited (it answers every 8): 2.6 kB
-# on a serial line, under the 4 kB a pty or USB CDC buffers; at 16, a board at
-# ESP32 speed read them too slowly and the hub's writes timed out.
+# Chunks in flight beyond what the board has said it holds: 2.6 kB on a
+# serial line, under the 4 kB a pty or USB CDC buffers (at 16, a board at
+# ESP32 speed read them too slowly and the hub's writes timed out), and at
+# most ~1 s of the board's reading at an ESP32's speed ahead of its acks.
 WINDOW_CHUNKS = 8
-STATE_WAIT_S = 1.0  # an answer not heard by then: the window goes again from where the board stood
+RTO_MIN_S = 1.0  # retransmission timeout: the least, and the first before any answer is measured
+RTO_MAX_S = 30.0  # ... and the most, after doublings (a board busy checking, a slow link)
+VERIFY_POLL_S = 5.0  # a board checking or installing is asked where it stands this often (one chunk)
 IDLE_POLL_S = 1.0  # how often a session looks for a spooled bundle for its board
-FINAL = ("confirmed",)
+# States after which the board takes no more chunks of this bundle.
+FINAL = ("confirmed", "rolled_back")
+# The board rebooted into it: only its own report (confirmed, rolled back) is awaited.
+ON_TRIAL = ("installed", "on_trial")
 
 
 def spool_dir(run_dir: Path) -> Path:
@@ -71,6 +84,51 @@ def read_state(run_dir: Path, device_id: str) -> dict[str, object] | None:
     return value if isinstance(value, dict) else None
 
 
+def progress(update: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A board's update state (the status's "update") as the operator sees it:
+    {"phase": receiving|verifying|installed|confirmed|refused|rolled_back,
+    "pct": bytes received in % (receiving), "version": the bundle's name,
+    "reason": the refusal's}; None if there is none to show."""
+    if not update or not update.get("state"):
+        return None
+    state = str(update["state"])
+    phase, _, reason = state.partition(":")
+    if phase == "on_trial":
+        phase = "installed"
+    out: dict[str, Any] = {"phase": phase, "pct": None, "version": update.get("version") or "", "reason": reason}
+    total = update.get("total")
+    if phase == "receiving" and total:
+        out["pct"] = min(99, int(100 * int(update.get("offset") or 0) / int(total)))
+    return out
+
+
+def describe(update: dict[str, Any] | None) -> str:
+    """The update's state in a few English words (`pulsebridge status`); "" if none."""
+    p = progress(update)
+    if p is None:
+        return ""
+    version = " " + p["version"] if p["version"] else ""
+    phase = p["phase"]
+    if phase == "receiving":
+        return "updating%s: %s received" % (version, "?" if p["pct"] is None else "%d %%" % p["pct"])
+    if phase == "verifying":
+        return "updating%s: checking the signature and installing" % version
+    if phase == "installed":
+        return "update%s installed, on trial until it has streamed for a minute" % version
+    if phase == "confirmed":
+        return "update%s installed and confirmed" % version
+    if phase == "refused":
+        return "update%s refused by the board (%s): it runs its previous version" % (version, p["reason"])
+    if phase == "rolled_back":
+        return "update%s rolled back: the board runs its previous version" % version
+    return "update%s: %s" % (version, update["state"] if update else "")
+
+
+def final(state: str) -> bool:
+    """True for a state after which the board takes no more of this bundle."""
+    return state in FINAL or state.startswith("refused") or state.startswith("rolled_back")
+
+
 class Pusher:
     """One session's side of an update: run() until the session ends."""
 
@@ -80,18 +138,33 @@ class Pusher:
         self.send = send
         self.board = board  # (device id, boot epoch) as the session knows them
         self.hub = hub_
-        self.offset = 0
+        self.offset = 0  # the first byte the board last said it needs
+        self.next_offset = 0  # the next chunk to send
         self.state = ""
         self.heard = asyncio.Event()
+        self.srtt_s: float | None = None  # smoothed round trip, chunk sent -> the board's answer covering it
+        self.rttvar_s = 0.0
+        self.rto_s = RTO_MIN_S
+        self.sent_at: dict[int, float] = {}  # chunk offset -> when sent
+        self.timed_from = 0  # chunks below this went more than once: not timed (Karn)
+        self.total: int | None = None  # the spooled bundle's size
+        self.name = ""  # its version's name (manifest)
 
     def on_state(self, device_id: str, m: messages.UpdateState) -> None:
-        self.offset, self.state = m.offset, m.state
+        state = m.state
+        if state == "refused:on_trial" and self.state in ("verifying",) + ON_TRIAL:
+            state = "on_trial"  # this bundle, installed and rebooted into before its "installed" was heard
+        self._measure(m.offset)
+        self.offset, self.state = m.offset, state
+        if self.next_offset < m.offset:
+            self.next_offset = m.offset  # it holds more (from before a cut): on from there
         self.heard.set()
         d = self.dir
-        record = {"device_id": device_id, "offset": m.offset, "state": m.state, "epoch": m.epoch,
+        record = {"device_id": device_id, "offset": m.offset, "state": state, "epoch": m.epoch,
                   "at": time.time()}
         try:
-            if m.state in FINAL or m.state.startswith("refused"):
+            record["total"] = self.total
+            if final(state):
                 (d / (device_id + ".bin")).unlink(missing_ok=True)
             tmp = d / (device_id + ".json.tmp")
             tmp.write_text(json.dumps(record))
@@ -99,9 +172,34 @@ class Pusher:
         except OSError:
             pass  # the spool is gone: the push command is told nothing more
 
+    def _measure(self, offset: int) -> None:
+        # RFC 6298 on the newest chunk this answer covers that went once only.
+        covered = [o for o in self.sent_at if o < offset]
+        if not covered:
+            return
+        rtt = time.monotonic() - self.sent_at[max(covered)]
+        for o in covered:
+            del self.sent_at[o]
+        if self.srtt_s is None:
+            self.srtt_s, self.rttvar_s = rtt, rtt / 2
+        else:
+            self.rttvar_s = 0.75 * self.rttvar_s + 0.25 * abs(self.srtt_s - rtt)
+            self.srtt_s = 0.875 * self.srtt_s + 0.125 * rtt
+        self.rto_s = min(RTO_MAX_S, max(RTO_MIN_S, self.srtt_s + 4 * self.rttvar_s))
+
+    async def _wait(self, timeout_s: float) -> bool:
+        self.heard.clear()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.heard.wait()
+            return True
+        except TimeoutError:
+            return False
+
     async def run(self) -> None:
         data: bytes | None = None
         mtime = 0.0
+        chunk = messages.MAX_UPDATE_CHUNK
         while True:
             dev, epoch = self.board()
             path = self.dir / ("%s.bin" % dev)
@@ -109,7 +207,7 @@ class Pusher:
                 st = path.stat() if dev else None
             except OSError:
                 st = None
-            if st is None or epoch is None:
+            if st is None or epoch is None or dev is None:
                 data = None
                 await asyncio.sleep(IDLE_POLL_S)
                 continue
@@ -120,25 +218,33 @@ class Pusher:
                     data = None
                     await asyncio.sleep(IDLE_POLL_S)
                     continue
-                self.offset, self.state = 0, ""  # the board says where it stands at the first chunk
-            if self.state in ("verifying", "installed") or self.offset >= len(data):
-                self.heard.clear()  # the board checks, installs, reboots: its next state is awaited
+                # The board says where it stands at the first chunk.
+                self.offset = self.next_offset = self.timed_from = 0
+                self.state = ""
+                self.sent_at.clear()
+                self.total = len(data)
                 try:
-                    async with asyncio.timeout(STATE_WAIT_S * 5):
-                        await self.heard.wait()
-                    continue
-                except TimeoutError:
-                    self.offset = min(self.offset, len(data) - 1)  # ask again where it stands
-            off = self.offset
-            self.heard.clear()
-            for _ in range(WINDOW_CHUNKS):
-                if off >= len(data):
-                    break
-                assert dev is not None
+                    self.name = bundle.parse_manifest(bundle.read_header(data)[0]).name
+                except bundle.BundleError:
+                    self.name = ""  # (spool() checked it: only a file changed under us)
+            if self.state in ON_TRIAL or final(self.state):
+                await self._wait(VERIFY_POLL_S)  # it reports confirmed or rolled back by itself
+                continue
+            if self.state == "verifying" or self.offset >= len(data):
+                if not await self._wait(VERIFY_POLL_S):  # checking, installing, rebooting: asked again
+                    await self.send(self.hub.update_chunk(dev, epoch, (len(data) - 1) // chunk * chunk, data))
+                continue
+            while self.next_offset < len(data) and self.next_offset < self.offset + WINDOW_CHUNKS * chunk:
+                off = self.next_offset
+                if off >= self.timed_from:
+                    self.sent_at[off] = time.monotonic()
                 await self.send(self.hub.update_chunk(dev, epoch, off, data))
-                off += messages.MAX_UPDATE_CHUNK
-            try:
-                async with asyncio.timeout(STATE_WAIT_S):
-                    await self.heard.wait()
-            except TimeoutError:
-                pass
+                self.next_offset = off + chunk
+            if await self._wait(self.rto_s):
+                continue
+            # Nothing heard within the timeout: again from where the board stood, the timeout
+            # doubled; what goes again is not timed (Karn).
+            self.timed_from = self.next_offset
+            self.next_offset = self.offset
+            self.sent_at.clear()
+            self.rto_s = min(RTO_MAX_S, 2 * self.rto_s)

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agent import ota
 from agent.ingest import Outcome, Processor
@@ -93,7 +94,9 @@ class BoardStats:
     rejected_ids: set[str] = field(default_factory=set)  # devices heard but not served (a few, for the status)
     board_errors: Counter[str] = field(default_factory=Counter)  # error reports (type 7) by code name
     last_board_error: str = ""
-    update: str = ""  # the board's last firmware update state (agent/ota.py), "" if none
+    # The board's last firmware update state (agent/ota.py): {"state", "offset" (bytes it holds),
+    # "total" (the bundle's bytes, if this hub sent it), "version" (the bundle's name)}; None if none.
+    update: dict[str, Any] | None = None
     unique_id: str = ""  # the chip's id its status gave (hex), "" if none yet
     identity_fault: str = ""  # the status's chip id is not the one provisioned: what the hub's status says
 
@@ -433,10 +436,13 @@ class BoardSession:
             st.last_board_error = "%s: %s" % (name, m.text)
             log.warning("%s reports %s", st.device_id, st.last_board_error)
         elif isinstance(m, messages.UpdateState) and r.verdict == hub.ACCEPTED:
-            st.update = m.state
-            log.info("%s firmware update: %s (byte %d)", st.device_id, m.state, m.offset)
+            state, total, name = m.state, None, ""
             if self.pusher is not None and r.device_id:
                 self.pusher.on_state(r.device_id, m)
+                state, total, name = self.pusher.state, self.pusher.total, self.pusher.name
+            if st.update is None or st.update["state"] != state:
+                log.info("%s firmware update: %s (byte %d)", st.device_id, state, m.offset)
+            st.update = {"state": state, "offset": m.offset, "total": total, "version": name}
         if isinstance(m, messages.SampleFrame):
             if r.verdict == hub.DUPLICATE:
                 st.duplicates += 1

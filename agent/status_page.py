@@ -38,6 +38,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.errors import PulsebridgeError
+from agent.ota import progress as ota_progress
 from agent.store import StoreError, check_private
 
 log = logging.getLogger(__name__)
@@ -450,6 +451,7 @@ def _details(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"key": "d_link", "args": {"where": b.get("port") or b.get("link") or "", "state": b["state"],
                                               "device_id": b.get("device_id") or "",
                                               "firmware": b.get("firmware") or "",
+                                              "update": ota_progress(b.get("update")),
                                               "retry_in_s": b.get("retry_in_s"),
                                               "set_aside": (b.get("discarded") or {}).get("overflow", 0)}})
     for f in snapshot.get("backends", []):
@@ -613,6 +615,12 @@ TEXT = {
         "details": "Détails pour un technicien",
         "d_link": "{where} : {state}", "d_device": "capteur {device}", "d_retry": "nouvel essai dans {n} s",
         "d_firmware": "micrologiciel {firmware}",
+        "d_up_receiving": "Mise à jour en cours : {pct} %",
+        "d_up_verifying": "Mise à jour en cours : vérification et installation",
+        "d_up_installed": "Mise à jour {version} installée, à l'essai pendant une minute",
+        "d_up_confirmed": "Mise à jour {version} installée",
+        "d_up_refused": "Mise à jour {version} refusée par le capteur ({reason}) : il garde sa version",
+        "d_up_rolled_back": "Mise à jour {version} annulée : le capteur est revenu à sa version précédente",
         "d_set_aside": "{n} messages mis de côté (le capteur les renverra)",
         "d_backend": "Envoi vers « {name} » : {waiting} en attente, {sent} envoyées",
         "d_refused": "{n} messages refusés (pas d'un capteur enregistré, ou abîmés)",
@@ -667,6 +675,12 @@ TEXT = {
         "details": "Details for a technician",
         "d_link": "{where}: {state}", "d_device": "sensor {device}", "d_retry": "next try in {n} s",
         "d_firmware": "firmware {firmware}",
+        "d_up_receiving": "Updating: {pct} %",
+        "d_up_verifying": "Updating: checking and installing",
+        "d_up_installed": "Update {version} installed, on trial for a minute",
+        "d_up_confirmed": "Update {version} installed",
+        "d_up_refused": "Update {version} refused by the sensor ({reason}): it keeps its version",
+        "d_up_rolled_back": "Update {version} undone: the sensor went back to its previous version",
         "d_set_aside": "{n} messages set aside (the sensor sends them again)",
         "d_backend": "Sending to “{name}”: {waiting} waiting, {sent} sent",
         "d_refused": "{n} messages refused (not from a registered sensor, or damaged)",

@@ -6,7 +6,8 @@
 # pulsebridge/boot.ok (a if none), or once, on trial, the one in
 # pulsebridge/boot.next, which is removed before it runs: whatever the new
 # version then does (crash, hang, never acknowledged), the next reset runs
-# boot.ok again unless it confirmed itself (app/ota.py). A board flashed
+# boot.ok again unless it confirmed itself (app/ota.py), and leaves
+# pulsebridge/boot.rolled_back for the hub to hear of. A board flashed
 # before slots (app/ at the root) runs as it is.
 import os
 import sys
@@ -14,6 +15,7 @@ import sys
 _OK = "pulsebridge/boot.ok"
 _NEXT = "pulsebridge/boot.next"
 _TRIAL = "pulsebridge/boot.trial"
+_ROLLED_BACK = "pulsebridge/boot.rolled_back"
 _TRIAL_WATCHDOG_MS = 5000  # a trial version that hangs before its loop feeds the watchdog is reset
 
 
@@ -32,6 +34,13 @@ def _remove(path):
         pass
 
 
+def _write(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, path)
+
+
 def _has_firmware(slot):
     try:
         os.stat(slot + "/app")
@@ -47,11 +56,13 @@ def choose():
     if nxt is not None:
         _remove(_NEXT)  # once only
     if nxt in ("a", "b") and nxt != ok and _has_firmware(nxt):
-        tmp = _TRIAL + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(nxt)
-        os.rename(tmp, _TRIAL)
+        _write(_TRIAL, nxt)
         return nxt, True
+    trial = _read(_TRIAL)
+    if trial is not None and trial != ok:
+        # The version on trial was reset before it confirmed itself: back to
+        # boot.ok, and the hub is told (app/ota.py reports it, then removes this).
+        _write(_ROLLED_BACK, trial)
     _remove(_TRIAL)
     return ok, False
 

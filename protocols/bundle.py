@@ -74,7 +74,9 @@ def read_header(data: "bytes | bytearray | memoryview") -> "tuple[bytes, bytes, 
     if len(data) < 1:
         raise BundleError("an empty bundle", "truncated")
     try:
-        item, end = cbor.decode_prefix(data[:MAX_HEADER], 0)
+        item, end = cbor.decode_prefix(data if len(data) <= MAX_HEADER else memoryview(data)[:MAX_HEADER], 0)
+    except MemoryError:
+        raise  # the board's, not the bundle's: it tries again (app/ota.py)
     except Exception:  # the decoder raises RemoteProtocolError; a cut header is one too
         raise BundleError("the bundle's header is cut or not CBOR", "truncated") from None
     if not isinstance(item, dict) or set(item) != {0, 1, 2} or item[0] != FORMAT:
@@ -90,6 +92,8 @@ def read_header(data: "bytes | bytearray | memoryview") -> "tuple[bytes, bytes, 
 def parse_manifest(manifest: bytes) -> Manifest:
     try:
         m = cbor.decode(manifest)
+    except MemoryError:
+        raise
     except Exception:
         raise BundleError("the manifest is not CBOR", "malformed") from None
     if not isinstance(m, dict) or m.get(0) != FORMAT:

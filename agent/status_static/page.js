@@ -154,6 +154,11 @@ function renderDetails() {
       let s = t("d_link", {where: a.where, state: t("st_" + a.state)});
       if (a.device_id) s += " — " + t("d_device", {device: a.device_id});
       if (a.firmware) s += " — " + t("d_firmware", {firmware: a.firmware});
+      const up = a.update;
+      if (up && TEXT[lang]["d_up_" + up.phase]) {
+        s += " — " + t("d_up_" + up.phase, {pct: up.pct === null ? "…" : num(up.pct), version: up.version,
+                                              reason: up.reason});
+      }
       if (a.retry_in_s !== null && a.retry_in_s !== undefined && a.state !== "searching") {
         s += " — " + t("d_retry", {n: Math.round(a.retry_in_s)});
       }

@@ -47,6 +47,28 @@ def on_trial():
     return _exists(DIR + "/boot.trial")
 
 
+def rolled_back():
+    # boot.py left a version on trial that never confirmed itself: the hub is told (app/ota.py).
+    return _exists(DIR + "/boot.rolled_back")
+
+
+def release_name(default):
+    # The running slot's release name (app/ota.py writes <slot>/.release:
+    # "version floor name"), or default: the firmware it was provisioned with.
+    for path in (DIR + "/boot.trial", DIR + "/boot.ok"):
+        try:
+            with open(path) as f:
+                slot = f.read().strip()
+            break
+        except OSError:
+            slot = "a"
+    try:
+        with open(slot + "/.release") as f:
+            return f.read(160).split(" ", 2)[2].strip() or default
+    except (OSError, IndexError):
+        return default
+
+
 def load():
     if not _exists(CONFIG):
         raise ConfigError("no %s on this board: provision it first" % CONFIG)

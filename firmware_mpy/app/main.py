@@ -62,7 +62,9 @@ class App:
         from app import config
 
         config_error = config.ConfigError
-        self._on_trial = config.on_trial()
+        # The update's code is loaded for a trial boot, and for one that follows a rollback (to report it).
+        self._on_trial = config.on_trial() or config.rolled_back()
+        firmware = config.release_name(FIRMWARE)  # the hello's: the release an update installed, if any
         self._epoch_unreadable = config.epoch_unreadable  # (reported at start)
         config.epoch_unreadable = None
         del config
@@ -125,6 +127,7 @@ class App:
         self.frames_built = 0
         self.downlink_rejected = 0
         self._time_nonce = -1  # a time request read in place, not answered yet
+        self.firmware = firmware
         # A firmware update (app/ota.py, imported only then): installing one,
         # or this boot's version on trial. acked_ms: when an ack last came.
         self.acked_ms = None
@@ -171,7 +174,7 @@ class App:
         return self._seal_small()
 
     def hello(self):
-        self._send_small(messages.Hello(self.epoch, self._seq(), FIRMWARE, self.board.uptime_ms(),
+        self._send_small(messages.Hello(self.epoch, self._seq(), self.firmware, self.board.uptime_ms(),
                                         [(s.stream_id, s.rate_hz) for s in self.streams]))
 
     def status(self):

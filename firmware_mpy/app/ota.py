@@ -7,6 +7,7 @@
 # (temporary file, then renamed):
 #   boot.ok     the confirmed slot          boot.next  the slot to try once
 #   boot.trial  the slot on trial now (boot.py writes it as it consumes boot.next)
+#   boot.rolled_back  a slot that was on trial and reset unconfirmed (boot.py), until reported
 #   floor       the anti-rollback floor     vendor.keys  the vendor keys (32 B each)
 # In the spare slot: .part (the bundle as received: its size is where a cut
 # resumes), .total, then the bundle's files, .release ("version floor name")
@@ -18,6 +19,7 @@
 # outbox is acknowledged (bounded), reboot. Trial: confirmed (boot.ok) after
 # _CONFIRM_MS of acknowledged streaming; not confirmed within _TRIAL_MAX_MS
 # -> reboot, and boot.py goes back to boot.ok.
+import gc
 import hashlib
 import os
 
@@ -30,6 +32,7 @@ DIR = "pulsebridge/"
 OK = DIR + "boot.ok"
 NEXT = DIR + "boot.next"
 TRIAL = DIR + "boot.trial"
+ROLLED_BACK = DIR + "boot.rolled_back"
 FLOOR = DIR + "floor"
 KEYS = DIR + "vendor.keys"
 PART = ".part"
@@ -41,8 +44,11 @@ _COPY = const(512)  # bytes of a file copied (and hashed) per loop iteration
 _CONFIRM_MS = const(60000)  # acknowledged streaming before a new version is kept
 _ACK_FRESH_MS = const(10000)  # ...with an ack at most this old
 _TRIAL_MAX_MS = const(180000)  # a trial not confirmed by then is rolled back (a reboot)
+_OOM_TRIES = const(20)  # pieces of an update that may find no memory (each retried) before it is given up
 _DRAIN_MAX_MS = const(10000)  # waiting for the outbox's acks before the reboot, at most
-_STATE_EVERY = const(8)  # chunks between two progress reports
+# Chunks between two progress reports: half the hub's window (agent/ota.py),
+# so the next chunks are on their way while the board writes these.
+_STATE_EVERY = const(4)
 
 RECEIVING = const(0)
 HEADER = const(1)
@@ -143,13 +149,34 @@ class Updater:
         self.files = None
         self.gen = None
         self.buf = bytearray(0)
+        self.pending = None  # (offset, state) not yet taken by the link
+        self.oom = 0  # pieces that found no memory
         if slot_text(TRIAL) == self.slot:
             self.state = TRIAL_RUN
             self.first_ack_ms = None
+        back = slot_text(ROLLED_BACK)
+        if back is not None:  # (boot.py) the version in slot `back` never confirmed itself
+            app.board.console("pulsebridge: the update in slot %s was rolled back" % back)
+            self.pending = (0, "rolled_back")  # sent from the loop (step())
 
     def report(self, offset, text):
+        # The latest state only is kept until the link takes it: a state the
+        # link had no room for (busy with a frame) goes at a later loop, so
+        # the hub is never left waiting on one that was dropped.
+        self.pending = (offset, text)
+        self.flush()
+
+    def flush(self):
+        # The pending state, if the link takes it now (the seq used only then).
+        p = self.pending
+        if p is None:
+            return
         a = self.app
-        a._send_small(messages.UpdateState(a.epoch, a._seq(), offset, text))
+        if a.link.connected and a._send_small(messages.UpdateState(a.epoch, a.seq, p[0], p[1])):
+            a.seq += 1
+            self.pending = None
+            if p[1] == "rolled_back":
+                remove(ROLLED_BACK)  # said (the hub's session logs it; a lost one: the hello's version shows)
 
     # ---- receiving (a chunk from the hub, authenticated by the downlink key) ----
     def chunk(self, m, now):
@@ -174,7 +201,8 @@ class Updater:
             have = 0
         self.state = RECEIVING
         self.total = m.total
-        if m.offset == have and have < m.total:
+        taken = m.offset == have and have < m.total
+        if taken:
             with open(part, "ab") as f:
                 f.write(m.data)
             have += len(m.data)
@@ -182,22 +210,21 @@ class Updater:
         if have >= m.total:  # (also a whole bundle received before a reset: checked again from its header)
             self.state = HEADER
             self.report(have, "verifying")
-        elif m.offset != have:
-            self.report(have, "receiving")  # the hub resumes from what this board holds
-        elif self.chunks % _STATE_EVERY == 0:
-            self.report(have, "receiving")
+        elif not taken or self.chunks % _STATE_EVERY == 0:
+            self.report(have, "receiving")  # (not taken: the hub resumes from what this board holds)
 
     def _state_text(self):
         return "verifying" if self.state < REBOOT else "installed"
 
-    def _refuse(self, reason):
+    def _refuse(self, reason, why=""):
         rmtree(self.spare)  # nothing of the refused bundle stays; the running version streams on
         self.state = IDLE
-        self.app.board.console("pulsebridge: update refused (%s)" % reason)
+        self.app.board.console("pulsebridge: update refused (%s): %s" % (reason, why))
         self.report(0, "refused:" + reason)
 
     # ---- one piece per loop iteration; False once nothing is left to do ----
     def step(self, now):
+        self.flush()
         s = self.state
         try:
             if s == HEADER:
@@ -224,10 +251,19 @@ class Updater:
             elif s == TRIAL_RUN:
                 return self._trial(now)
         except bundle.BundleError as e:
-            self._refuse(e.reason)
-        return self.state != IDLE
+            self._refuse(e.reason, str(e))
+        except MemoryError:
+            # The header (up to 8 kB) or the signature's numbers found no
+            # room: the same piece again next loop after a collection; a
+            # heap that never has room ends the update, saying so.
+            gc.collect()
+            self.oom += 1
+            if self.oom > _OOM_TRIES:
+                self._refuse("no_memory", "no room for the update's work %d times" % self.oom)
+        return self.state != IDLE or self.pending is not None
 
     def _header(self):
+        gc.collect()  # its 8 kB in one piece
         with open(self.spare + "/" + PART, "rb") as f:
             head = f.read(bundle.MAX_HEADER)
         manifest, signature, self.data_at = bundle.read_header(head)
@@ -294,7 +330,7 @@ class Updater:
             self.app.board.console("pulsebridge: update in slot %s confirmed" % self.slot)
             self.report(0, "confirmed")
             self.state = IDLE
-            return False
+            return self.pending is not None
         if ticks.diff(now, self.since_ms) >= _TRIAL_MAX_MS:
             self.app.board.console("pulsebridge: slot %s streamed without acks: rolling back" % self.slot)
             reboot(self.app.board)  # boot.trial is not boot.ok: boot.py goes back

@@ -173,6 +173,33 @@ def test_each_boards_firmware_version_is_told_to_the_technician() -> None:
     assert "firmware" not in _board_line(dict(board, firmware=""))  # not known yet: nothing said
 
 
+def test_a_firmware_update_is_told_as_it_goes_and_how_it_ended() -> None:
+    # The board's update state as the agent keeps it (agent/ota.py): a percentage while it is received,
+    # then what became of it, in both languages on the page and in pulsebridge status.
+    from agent.cli import _board_line
+
+    board = {"link": "serial:/dev/ttyACM0", "port": "/dev/ttyACM0", "state": "connected", "device_id": "pb-t01",
+             "firmware": "pulsebridge-fw 0.1.0", "last_frame_at": None, "retry_in_s": None}
+    name = "pulsebridge-fw 200"
+    cases = [("receiving", 47520, "Updating: 45 %", "Mise à jour en cours : 45 %",
+              "updating %s: 45 %% received" % name),
+             ("verifying", 105600, "checking", "vérification", "checking the signature"),
+             ("installed", 105600, "installed, on trial", "à l'essai", "on trial"),
+             ("confirmed", 0, "Update %s installed" % name, "Mise à jour %s installée" % name, "confirmed"),
+             ("refused:bad_signature", 0, "refused by the sensor (bad_signature)", "refusée par le capteur",
+              "refused by the board (bad_signature)"),
+             ("rolled_back", 0, "went back to its previous version", "revenu à sa version précédente", "rolled back")]
+    for state, offset, en, fr, line in cases:
+        update = {"state": state, "offset": offset, "total": 105600, "version": name}
+        args = _details({"boards": [dict(board, update=update)]})[0]["args"]["update"]
+        fields = {k: "" if v is None else v for k, v in args.items()}
+        texts = {lang: TEXT[lang]["d_up_" + args["phase"]].format(**fields) for lang in ("en", "fr")}
+        assert en in texts["en"] and fr in texts["fr"], (state, texts)
+        assert line in _board_line(dict(board, update=update)), state
+    assert _details({"boards": [board]})[0]["args"]["update"] is None  # no update: nothing said
+    assert "updat" not in _board_line(board)
+
+
 def test_every_text_exists_in_both_languages_without_jargon() -> None:
     assert set(TEXT["fr"]) == set(TEXT["en"])
     words = " ".join(list(TEXT["fr"].values()) + list(TEXT["en"].values())).lower()

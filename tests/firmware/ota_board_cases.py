@@ -20,7 +20,7 @@ def _read(path):
 
 
 def _clean():
-    for p in (ota.OK, ota.NEXT, ota.TRIAL, ota.FLOOR):
+    for p in (ota.OK, ota.NEXT, ota.TRIAL, ota.FLOOR, ota.ROLLED_BACK):
         ota.remove(p)
     for slot in ("a", "b"):
         ota.rmtree(slot)
@@ -195,6 +195,7 @@ def _trial_board(floor=120):
 def test_a_trial_is_confirmed_after_a_minute_of_acknowledged_streaming():
     b, app, link = _trial_board()
     assert isinstance(app.update, ota.Updater)
+    assert app.firmware == "pulsebridge-fw 200"  # its hello names the release on trial
     while app.update is not None and b.ticks_ms() < 90000:
         app.step()
         b.sleep_ms(app.cfg["poll_ms"])
@@ -217,3 +218,71 @@ def test_a_trial_never_acknowledged_is_rolled_back_within_its_bound():
     assert 180000 <= b.ticks_ms() < 190000
     assert boot.choose() == ("a", False)  # the reboot's boot.py: the previous version
     assert ota.size(ota.FLOOR) < 0  # its floor never taken
+
+
+def test_a_state_the_busy_link_did_not_take_goes_at_a_later_loop():
+    # A serial link sending a frame takes no other message meanwhile: the
+    # board's progress must reach the hub anyway, or the hub waits on it
+    # (at an ESP32's speed, the link is busy most of the time).
+    _clean()
+    data = _read("bundles/good.bin")
+    b, app, link = _app()
+    real_send = link.send
+    busy = [True]
+
+    def send(buf, n, off=0):  # fault injected: the link busy with a frame
+        return False if busy[0] else real_send(buf, n, off)
+
+    link.send = send
+    every = 4  # app/ota.py _STATE_EVERY: chunks between two progress reports
+    for k in range(every):
+        link.inbox.append(link.hub.update_chunk(app.cfg["device_id"], app.epoch, k * messages.MAX_UPDATE_CHUNK, data))
+    for _ in range(3):
+        app.step()
+    assert not _states(link)
+    busy[0] = False
+    app.step()
+    s = _states(link)[-1]
+    assert (s.state, s.offset) == ("receiving", every * messages.MAX_UPDATE_CHUNK)
+
+
+def test_no_memory_for_the_header_is_tried_again_not_a_refusal():
+    # The 8 kB header finding no room on a fragmented heap is the board's
+    # shortage, not a bad bundle: it was refused as "truncated".
+    from protocols import cbor
+
+    _clean()
+    data = _read("bundles/good.bin")
+    b, app, link = _app()
+    real = cbor.decode_prefix
+    failures = [2]
+
+    def decode_prefix(*args):  # fault injected: MemoryError, twice, as the bundle's header is read
+        if failures[0] and bytes(args[0][:16]) == data[:16]:
+            failures[0] -= 1
+            raise MemoryError("memory allocation failed, allocating 8192 bytes")
+        return real(*args)
+
+    cbor.decode_prefix = decode_prefix
+    try:
+        _push(b, app, link, data, lambda s: s.state.startswith("refused"))
+        raise AssertionError("refused: %r" % _states(link)[-1].state)
+    except Reboot:
+        pass
+    finally:
+        cbor.decode_prefix = real
+    assert failures[0] == 0 and _read(ota.NEXT) == b"b"
+
+
+def test_a_rolled_back_version_is_reported_once_to_the_hub():
+    b, app, link = _trial_board()
+    assert boot.choose() == ("a", False)  # reset before it confirmed itself
+    assert _read(ota.ROLLED_BACK) == b"b"
+    b, app, link = _app()
+    assert app.update is not None
+    app.step()
+    assert [s.state for s in _states(link)] == ["rolled_back"]
+    assert ota.size(ota.ROLLED_BACK) < 0 and app.update is None
+    assert app.firmware == main.FIRMWARE  # its hello names the version it runs again
+    b, app, link = _app()
+    assert app.update is None  # said once
