@@ -4,8 +4,8 @@
 cannot check its signature for the board: only the board holds the keys it
 trusts) and spools it as RUN_DIR/ota/<device>.bin (0600). The running
 agent's session with that board, whatever its link, sends it in chunks,
-paced by the board: at most WINDOW_CHUNKS beyond the first byte the board
-last said it needs (it says so every 4 chunks), so a board at a chip's
+paced by the board: a window beyond the first byte the board last said it
+needs (it says so at every chunk), so a board at a chip's
 speed, which takes ~0.1 s to read and write one, gets them as fast as it
 takes them and its acks are never queued behind more than a window. Chunks
 the board does not answer within a retransmission timeout (measured from
@@ -28,13 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import PulsebridgeError
-from protocols import bundle, hub, messages
+from protocols import bundle, hub, hub_link, messages
 
-# Chunks in flight beyond what the board has said it holds: 2.6 kB on a
-# serial line, under the 4 kB a pty or USB CDC buffers (at 16, a board at
-# ESP32 speed read them too slowly and the hub's writes timed out), and at
-# most ~1 s of the board's reading at an ESP32's speed ahead of its acks.
+# Chunks in flight beyond what the board has said it holds: as many as the
+# link's downlink buffer takes with room left for acks (ACK_ROOM_BYTES), at
+# most WINDOW_CHUNKS: 8 on a serial line (2.6 kB of its 4 kB: at 16, a board
+# at ESP32 speed read them too slowly and the hub's writes timed out; 8 is
+# ~1 s of the board's reading at an ESP32's speed ahead of its acks), 1 over
+# BLE (the board's control characteristic holds 512 bytes between two reads:
+# a window of 8 was cut to its first chunk, and the push crawled on timeouts).
 WINDOW_CHUNKS = 8
+ACK_ROOM_BYTES = 160  # an ack line (~130 characters) written meanwhile
 RTO_MIN_S = 1.0  # retransmission timeout: the least, and the first before any answer is measured
 RTO_MAX_S = 30.0  # ... and the most, after doublings (a board busy checking, a slow link)
 VERIFY_POLL_S = 5.0  # a board checking or installing is asked where it stands this often (one chunk)
@@ -133,8 +137,12 @@ class Pusher:
     """One session's side of an update: run() until the session ends."""
 
     def __init__(self, run_dir: Path, send: Callable[[bytes], Awaitable[None]],
-                 board: Callable[[], tuple[str | None, int | None]], hub_: hub.Hub) -> None:
+                 board: Callable[[], tuple[str | None, int | None]], hub_: hub.Hub,
+                 downlink_buffer_bytes: int = 4096) -> None:
+        # downlink_buffer_bytes: what the link holds ahead of the board's reading (Transport's).
         self.dir = spool_dir(run_dir)
+        self.downlink_buffer_bytes = downlink_buffer_bytes
+        self.window = 1  # chunks in flight, set from the first chunk's size on the line
         self.send = send
         self.board = board  # (device id, boot epoch) as the session knows them
         self.hub = hub_
@@ -152,19 +160,46 @@ class Pusher:
 
     def on_state(self, device_id: str, m: messages.UpdateState) -> None:
         state = m.state
-        if state == "refused:on_trial" and self.state in ("verifying",) + ON_TRIAL:
+        prev = read_state(self.dir.parent, device_id) or {}  # (this session may not have loaded the bundle yet)
+        if state == "refused:on_trial" and (self.state or prev.get("state")) in ("verifying",) + ON_TRIAL:
             state = "on_trial"  # this bundle, installed and rebooted into before its "installed" was heard
         self._measure(m.offset)
         self.offset, self.state = m.offset, state
         if self.next_offset < m.offset:
             self.next_offset = m.offset  # it holds more (from before a cut): on from there
         self.heard.set()
+        total = self.total if self.total is not None else prev.get("total")
+        self._record(device_id, {"device_id": device_id, "offset": m.offset, "state": state, "epoch": m.epoch,
+                                 "at": time.time(), "total": total,
+                                 "version": self.name or prev.get("version"),
+                                 "trial_seen": bool(prev.get("trial_seen")) and state in ON_TRIAL})
+
+    def on_hello(self, device_id: str, firmware: str) -> str | None:
+        """A boot's hello (the release it runs). A board that runs the new version is on trial with it
+        (its own "installed" may have been lost); once it has, a boot that runs another was rolled
+        back, whether or not its own report of it reached the hub (a report sent while no session read
+        the link is lost: frames are sent again, reports not). Returns the state it concludes, if any."""
+        prev = read_state(self.dir.parent, device_id) or {}
+        state, name = str(prev.get("state", "")), str(prev.get("version") or "")
+        if state not in ("verifying",) + ON_TRIAL or not name:
+            return None
+        if firmware == name:
+            if prev.get("trial_seen"):
+                return None
+            prev.update(state="on_trial" if state == "verifying" else state, trial_seen=True)
+        elif prev.get("trial_seen"):
+            prev.update(state="rolled_back", trial_seen=False, at=time.time())
+        else:
+            return None
+        if self.total == prev.get("total"):
+            self.state = str(prev["state"])
+        self._record(device_id, prev)
+        return str(prev["state"])
+
+    def _record(self, device_id: str, record: dict[str, object]) -> None:
         d = self.dir
-        record = {"device_id": device_id, "offset": m.offset, "state": state, "epoch": m.epoch,
-                  "at": time.time()}
         try:
-            record["total"] = self.total
-            if final(state):
+            if final(str(record.get("state", ""))):
                 (d / (device_id + ".bin")).unlink(missing_ok=True)
             tmp = d / (device_id + ".json.tmp")
             tmp.write_text(json.dumps(record))
@@ -218,11 +253,17 @@ class Pusher:
                     data = None
                     await asyncio.sleep(IDLE_POLL_S)
                     continue
-                # The board says where it stands at the first chunk.
+                # The board says where it stands at the first chunk; a state this bundle reached in an
+                # earlier session (checking, installed: the board may be on trial with it) is kept.
                 self.offset = self.next_offset = self.timed_from = 0
-                self.state = ""
+                prev = read_state(self.dir.parent, dev) or {}
+                self.state = str(prev.get("state", "")) if prev.get("total") == len(data) else ""
+                if self.state not in ("verifying",) + ON_TRIAL:
+                    self.state = ""
                 self.sent_at.clear()
                 self.total = len(data)
+                line = len(hub_link.downlink_line(self.hub.update_chunk(dev, epoch, 0, data)))
+                self.window = max(1, min(WINDOW_CHUNKS, (self.downlink_buffer_bytes - ACK_ROOM_BYTES) // line))
                 try:
                     self.name = bundle.parse_manifest(bundle.read_header(data)[0]).name
                 except bundle.BundleError:
@@ -234,7 +275,7 @@ class Pusher:
                 if not await self._wait(VERIFY_POLL_S):  # checking, installing, rebooting: asked again
                     await self.send(self.hub.update_chunk(dev, epoch, (len(data) - 1) // chunk * chunk, data))
                 continue
-            while self.next_offset < len(data) and self.next_offset < self.offset + WINDOW_CHUNKS * chunk:
+            while self.next_offset < len(data) and self.next_offset < self.offset + self.window * chunk:
                 off = self.next_offset
                 if off >= self.timed_from:
                     self.sent_at[off] = time.monotonic()

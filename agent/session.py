@@ -210,7 +210,8 @@ class BoardSession:
         self._pending: asyncio.Queue[Outcome | None] = asyncio.Queue(PIPELINE_DEPTH)
         # Firmware updates spooled for this board (agent/ota.py), if the agent has a run directory.
         self.pusher = None if ota_run_dir is None else ota.Pusher(
-            ota_run_dir, self._send, lambda: (self.stats.device_id, self._epoch), processor.hub)
+            ota_run_dir, self._send, lambda: (self.stats.device_id, self._epoch), processor.hub,
+            transport.downlink_buffer_bytes)
 
     async def run(self) -> SessionEnd:
         # Tasks: one reads and judges messages in arrival order and queues
@@ -426,6 +427,12 @@ class BoardSession:
             self._epoch = epoch
         if isinstance(m, messages.Hello):
             st.firmware = m.firmware
+            if self.pusher is not None and r.device_id and r.verdict == hub.ACCEPTED:
+                concluded = self.pusher.on_hello(r.device_id, m.firmware)
+                if concluded is not None:
+                    log.info("%s firmware update: %s (its hello: %s)", st.device_id, concluded, m.firmware)
+                    st.update = {"state": concluded, "offset": 0, "total": self.pusher.total,
+                                 "version": self.pusher.name}
         elif isinstance(m, messages.Status) and m.unique_id:
             self._check_identity(st, m.unique_id)
         elif isinstance(m, messages.TimeResponse):

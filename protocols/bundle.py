@@ -68,6 +68,22 @@ class Manifest:
         return sum(f[1] for f in self.files)
 
 
+def header_size(prefix: "bytes | bytearray | memoryview") -> int:
+    # The header's size from its first 7 bytes, as the release tool writes it
+    # ({0: 1, 1: manifest, 2: signature}, in that order, shortest lengths),
+    # so a board reads no more than it (its manifest: ~60 bytes a file);
+    # MAX_HEADER for any other form (read_header then decides).
+    if len(prefix) >= 7 and prefix[0] == 0xA3 and prefix[1] == 0 and prefix[2] == 1 and prefix[3] == 1:
+        if prefix[4] == 0x58:
+            n = 6 + prefix[5]
+        elif prefix[4] == 0x59:
+            n = 7 + (prefix[5] << 8 | prefix[6])
+        else:
+            return MAX_HEADER
+        return min(MAX_HEADER, n + 3 + ed25519.SIGNATURE_SIZE)  # 02 58 40 + the signature
+    return MAX_HEADER
+
+
 def read_header(data: "bytes | bytearray | memoryview") -> "tuple[bytes, bytes, int]":
     # (manifest bytes, signature, where the files start) from a bundle's first
     # bytes (at least the whole header). Raises BundleError.

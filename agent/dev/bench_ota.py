@@ -1,6 +1,11 @@
 """`pulsebridge-dev bench ota`: a firmware bundle's signature check on the
 board at a chip's speed (firmware_mpy/sim/bench_ota.py under MicroPython),
-on a bundle of the current firmware signed by a throwaway vendor key."""
+on a bundle of the current firmware signed by a throwaway vendor key.
+
+`pulsebridge-dev bench ota-push [--board-speed esp32] [--link ble]`: a
+whole update of a simulated board through the running agent (the push, the
+board's receipt, checks, switch and trial boot), with the update's time,
+the pause in streaming and what the streams lost, read from the hub's store."""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.audit import AuditLog
+from agent.config import AgentConfig, BleConfig, SerialConfig
 from agent.dev import release
 from agent.dev.sim import boards
 from agent.dev.sim.runner import find_micropython
@@ -84,3 +91,99 @@ def stream_report(store_path: Path, device_id: str) -> dict[str, Any]:
         if epochs[a]["end_utc_ms"] is not None and epochs[b]["first_utc_ms"] is not None:
             pause = max(pause, epochs[b]["first_utc_ms"] - epochs[a]["end_utc_ms"])
     return {"epochs": epochs, "pause_ms": pause}
+
+
+def run_push(speed: str = "esp32", link: str = "serial", timeout_s: float = 1200.0) -> dict[str, Any]:
+    """One board at `speed` over `link` takes a signed bundle of the current firmware through the agent,
+    until it streams acknowledged on the new version (or timeout_s). Times in s of wall clock (the board
+    keeps pace with it at any speed)."""
+    import asyncio
+    import shutil
+    import time
+
+    from agent import ota
+    from agent.dev.sim.air import Air
+    from agent.dev.sim.runner import SimulatedBoard
+    from agent.registry import Registry
+    from agent.supervisor import Agent
+
+    key = Ed25519PrivateKey.generate()
+    cache = build.default_cache()
+    files = {p: s.read_bytes() for p, s in build.slot_files(build.compile_firmware(cache)).items()}
+    data = release.make_bundle(files, 2, "pulsebridge-fw bench", 0, "esp32", key)
+    tmp = Path(tempfile.mkdtemp(prefix="pulsebridge-bench-ota-"))
+    air = Air(tmp / "air") if link == "ble" else None
+    if air is not None:
+        air.start()
+    spec = boards.BoardSpec("pb-otabench", link=link, air=str(air.board_path) if air else "", board_speed=speed)
+    board = SimulatedBoard(spec, tmp / "board", cache)
+    out: dict[str, Any] = {"board_speed": speed, "link": link, "bundle_bytes": len(data), "result": "timeout"}
+    try:
+        boards.prepare(spec, board.directory, cache)
+        (board.directory / "pulsebridge" / "vendor.keys").write_bytes(release.public_key(key))
+        board.start()
+        cfg = AgentConfig(hub_id="bench", data_dir=tmp / "data", log_dir=tmp / "log", run_dir=tmp / "run",
+                          serial=[] if air else [SerialConfig(port=str(board.link_path))],
+                          ble=BleConfig(air=str(air.central_path)) if air else None)
+        reg = Registry(cfg.registry_path, AuditLog(cfg.audit_path))
+        reg.add(spec.device_id, label="bench", key=spec.key, actor="bench")
+        reg.close()
+
+        async def scenario() -> None:
+            agent = Agent(cfg)
+            stop = asyncio.Event()
+            task = asyncio.create_task(agent.run(stop))
+
+            def frames() -> int:
+                b = agent.snapshot()["boards"]
+                return int(b[0]["frames"]) if b else 0
+
+            try:
+                end = time.monotonic() + timeout_s
+                while frames() < 5 and time.monotonic() < end:
+                    await asyncio.sleep(0.2)
+                t0 = time.monotonic()
+                ota.spool(cfg.run_dir, spec.device_id, data)
+                states: dict[str, float] = {}
+                while time.monotonic() < end:
+                    st = str((ota.read_state(cfg.run_dir, spec.device_id) or {}).get("state", ""))
+                    if st and st not in states:
+                        states[st] = round(time.monotonic() - t0, 1)
+                    if st.startswith("refused") or st == "rolled_back":
+                        out["result"] = st
+                        break
+                    b = agent.snapshot()["boards"]
+                    if board.resets and b and b[0]["firmware"] == "pulsebridge-fw bench":
+                        epochs = stream_report(cfg.store_path, spec.device_id)["epochs"]
+                        if len(epochs) >= 2 and epochs[max(epochs)]["samples"] >= 1000:  # ~2 s stored
+                            out["result"] = "installed"
+                            states["new version's frames stored"] = round(time.monotonic() - t0, 1)
+                            break
+                    await asyncio.sleep(0.2)
+                out["states_s"] = states
+            finally:
+                stop.set()
+                await task
+
+        asyncio.run(scenario())
+        board.stop()
+        out.update(stream_report(cfg.store_path, spec.device_id))
+        out["epochs"] = {str(k): v for k, v in out["epochs"].items()}
+    finally:
+        board.stop()
+        if air is not None:
+            air.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def report_push(r: dict[str, Any]) -> list[str]:
+    lines = ["firmware update of a %d-byte bundle over %s at %s speed: %s" % (
+        r["bundle_bytes"], r["link"], r["board_speed"], r["result"])]
+    for state, t in (r.get("states_s") or {}).items():
+        lines.append("  %-30s at %6.1f s after the push" % (state, t))
+    lines.append("  pause in streaming (one boot's last sample to the next's first): %.1f s" % (r["pause_ms"] / 1000))
+    for epoch, e in sorted(r["epochs"].items()):
+        lines.append("  boot %s: %d samples stored, %d lost by the sensors' FIFOs, %d missing, %d frames dropped"
+                     % (epoch, e["samples"], e["fifo_lost"], e["missing"], e["dropped"]))
+    return lines

@@ -133,6 +133,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rt = bench_ota.run("esp32" if args.board_speed == "host" else args.board_speed)
         print(json.dumps(rt, indent=1) if args.json else "\n".join(bench_ota.report(rt)))
         return 0
+    if args.what == "ota-push":
+        from agent.dev import bench_ota
+
+        rp = bench_ota.run_push(args.board_speed, args.link)
+        print(json.dumps(rp, indent=1) if args.json else "\n".join(bench_ota.report_push(rp)))
+        return 0 if rp["result"] == "installed" else 1
     if args.what == "agent":
         from agent.dev import bench_agent
 
@@ -186,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks that print figures")
-    p.add_argument("what", choices=["firmware", "encoding", "agent", "vitals", "origin", "ota"], help="which benchmark")
+    p.add_argument("what", choices=["firmware", "encoding", "agent", "vitals", "origin", "ota", "ota-push"],
+                   help="which benchmark")
     p.add_argument("--minutes", type=float, default=10.0, help="simulated minutes (firmware benchmark)")
     p.add_argument("--link", choices=["serial", "ble"], default="serial", help="firmware benchmark: the board's link")
     p.add_argument("--heap", type=int, default=None,

@@ -72,6 +72,16 @@ def board_files(compiled: Path) -> dict[str, Path]:
     return files
 
 
+# What stays at the flash root: boot.py chooses the slot the rest runs from (SPEC.md, Firmware updates).
+ROOT_FILES = ("boot.py", "main.py")
+
+
+def slot_files(compiled: Path) -> dict[str, Path]:
+    """The firmware's files in a slot (path in the slot -> file here): all a
+    board holds but boot.py and main.py, which stay at its flash root."""
+    return {p: f for p, f in board_files(compiled).items() if p not in ROOT_FILES}
+
+
 def sim_rom(cache: Path) -> Path:
     """The simulated board's hardware (chip models, clock, fake radio) alone:
     what a blank simulated board can import before it holds any firmware."""

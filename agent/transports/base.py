@@ -27,6 +27,10 @@ class TransportClosed(TransportError):
 
 class Transport(abc.ABC):
     name: str  # e.g. "serial:/dev/ttyACM0"
+    # Downlink bytes the board's side holds until the board reads them: what
+    # the hub may write ahead of it (a firmware push paces itself by it,
+    # agent/ota.py). The least of our links unless a transport says more.
+    downlink_buffer_bytes: int = 512
 
     @abc.abstractmethod
     async def open(self) -> None: ...

@@ -37,6 +37,10 @@ WRITE_TIMEOUT_S = 5.0
 
 
 class BleTransport(Transport):
+    # The board's control characteristic buffers 512 bytes of writes between
+    # two reads (firmware_mpy/app/link_ble.py _CONTROL_BUFFER); beyond, the stack drops them.
+    downlink_buffer_bytes = 512
+
     def __init__(self, device: BLEDevice | str, backend: type[BaseBleakClient] | None = None,
                  timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         self.device = device

@@ -57,6 +57,9 @@ def open_port(port: str, baudrate: int, timeout_s: float | None, write_timeout_s
 
 
 class SerialTransport(Transport):
+    # A pty's or a USB CDC port's buffer (the host's side and the board's): 4 kB.
+    downlink_buffer_bytes = 4096
+
     def __init__(self, port: str, baudrate: int = 115200) -> None:
         self.port = port
         self.baudrate = baudrate

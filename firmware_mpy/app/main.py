@@ -50,7 +50,7 @@ _NEVER_MS = const(0x1FFFFFFF)  # a retransmit delay no tick difference reaches: 
 # What a firmware update loads (app/ota.py, imported when one starts or on
 # a trial boot), dropped once it is over: a streaming board keeps none of it.
 _UPDATE_MODULES = (("app", "ota"), ("protocols", "bundle"), ("protocols", "ed25519"), ("protocols", "_sha512"),
-                   ("protocols", "cbor_items"))
+                   ("protocols", "cbor_items"), ("protocols", "decode"))
 _CHIPS = {messages.STREAM_ECG_MAX30003: "MAX30003", messages.STREAM_ECG_AD8232: "AD8232",
           messages.STREAM_PPG_MAX30102: "MAX30102"}
 
@@ -300,7 +300,8 @@ class App:
             self.downlink_rejected += 1  # never acted upon: a forged ack frees nothing
             return
         finally:
-            forget_decoding()  # its code stays out of RAM until the next rare message
+            if self.update is None:  # (an update's chunks come several a second: kept meanwhile)
+                forget_decoding()  # its code stays out of RAM until the next rare message
         if isinstance(m, messages.Ack):
             self.outbox.ack(m, self.epoch)
         elif isinstance(m, messages.EpochResync):

@@ -45,10 +45,9 @@ _CONFIRM_MS = const(60000)  # acknowledged streaming before a new version is kep
 _ACK_FRESH_MS = const(10000)  # ...with an ack at most this old
 _TRIAL_MAX_MS = const(180000)  # a trial not confirmed by then is rolled back (a reboot)
 _OOM_TRIES = const(20)  # pieces of an update that may find no memory (each retried) before it is given up
+_REPEAT_MS = const(10000)  # an outcome's report said again this often...
+_REPEATS = const(6)  # ...this many times in all (a minute: the hub's port reopened meanwhile)
 _DRAIN_MAX_MS = const(10000)  # waiting for the outbox's acks before the reboot, at most
-# Chunks between two progress reports: half the hub's window (agent/ota.py),
-# so the next chunks are on their way while the board writes these.
-_STATE_EVERY = const(4)
 
 RECEIVING = const(0)
 HEADER = const(1)
@@ -144,12 +143,14 @@ class Updater:
         self.spare = "b" if self.slot == "a" else "a"
         self.state = IDLE
         self.since_ms = now
-        self.chunks = 0
         self.total = 0
         self.files = None
         self.gen = None
         self.buf = bytearray(0)
         self.pending = None  # (offset, state) not yet taken by the link
+        self.final = None  # an outcome (confirmed, rolled back) to say again at final_at
+        self.final_at = 0
+        self.repeats = 0
         self.oom = 0  # pieces that found no memory
         if slot_text(TRIAL) == self.slot:
             self.state = TRIAL_RUN
@@ -175,8 +176,18 @@ class Updater:
         if a.link.connected and a._send_small(messages.UpdateState(a.epoch, a.seq, p[0], p[1])):
             a.seq += 1
             self.pending = None
-            if p[1] == "rolled_back":
-                remove(ROLLED_BACK)  # said (the hub's session logs it; a lost one: the hello's version shows)
+            if p[1] in ("confirmed", "rolled_back"):
+                # An outcome is said again every _REPEAT_MS, _REPEATS times: a report
+                # is not resent as frames are, and one sent while no hub session read
+                # the link (a serial port reopened after the boot) is lost.
+                self.repeats += 1
+                if self.repeats < _REPEATS:
+                    self.final = p
+                    self.final_at = ticks.add(a.board.ticks_ms(), _REPEAT_MS)
+                else:
+                    self.final = None
+                    if p[1] == "rolled_back":
+                        remove(ROLLED_BACK)  # said
 
     # ---- receiving (a chunk from the hub, authenticated by the downlink key) ----
     def chunk(self, m, now):
@@ -206,12 +217,15 @@ class Updater:
             with open(part, "ab") as f:
                 f.write(m.data)
             have += len(m.data)
-            self.chunks += 1
         if have >= m.total:  # (also a whole bundle received before a reset: checked again from its header)
             self.state = HEADER
             self.report(have, "verifying")
-        elif not taken or self.chunks % _STATE_EVERY == 0:
-            self.report(have, "receiving")  # (not taken: the hub resumes from what this board holds)
+        else:
+            # At every chunk: a hub that may have one only in flight (BLE: the
+            # control characteristic's 512 bytes) sends the next at once; while
+            # the link is busy the reports coalesce (report()). Not taken: the
+            # hub resumes from what this board holds.
+            self.report(have, "receiving")
 
     def _state_text(self):
         return "verifying" if self.state < REBOOT else "installed"
@@ -224,6 +238,8 @@ class Updater:
 
     # ---- one piece per loop iteration; False once nothing is left to do ----
     def step(self, now):
+        if self.final is not None and self.pending is None and ticks.diff(now, self.final_at) >= 0:
+            self.pending = self.final
         self.flush()
         s = self.state
         try:
@@ -253,19 +269,21 @@ class Updater:
         except bundle.BundleError as e:
             self._refuse(e.reason, str(e))
         except MemoryError:
-            # The header (up to 8 kB) or the signature's numbers found no
+            # The header (a few kB) or the signature's numbers found no
             # room: the same piece again next loop after a collection; a
             # heap that never has room ends the update, saying so.
             gc.collect()
             self.oom += 1
             if self.oom > _OOM_TRIES:
                 self._refuse("no_memory", "no room for the update's work %d times" % self.oom)
-        return self.state != IDLE or self.pending is not None
+        return self.state != IDLE or self.pending is not None or self.final is not None
 
     def _header(self):
-        gc.collect()  # its 8 kB in one piece
+        gc.collect()  # the header (a few kB) in one piece
         with open(self.spare + "/" + PART, "rb") as f:
-            head = f.read(bundle.MAX_HEADER)
+            head = f.read(7)
+            f.seek(0)
+            head = f.read(bundle.header_size(head))
         manifest, signature, self.data_at = bundle.read_header(head)
         head = None
         m = bundle.parse_manifest(manifest)
@@ -330,7 +348,7 @@ class Updater:
             self.app.board.console("pulsebridge: update in slot %s confirmed" % self.slot)
             self.report(0, "confirmed")
             self.state = IDLE
-            return self.pending is not None
+            return True  # (its report said again: step())
         if ticks.diff(now, self.since_ms) >= _TRIAL_MAX_MS:
             self.app.board.console("pulsebridge: slot %s streamed without acks: rolling back" % self.slot)
             reboot(self.app.board)  # boot.trial is not boot.ok: boot.py goes back

@@ -41,7 +41,7 @@ def test_a_signed_update_over_serial_through_the_agent(make_hub: Callable[..., h
     board, cfg_path, cfg = hub.board, hub.config_path, hub.cfg
     dev = board.device_id
     (board.directory / "pulsebridge" / "vendor.keys").write_bytes(release.public_key(VENDOR))
-    files = {p: f.read_bytes() for p, f in boards.slot_files(build.compile_firmware(tmp_path / "cache")).items()}
+    files = {p: f.read_bytes() for p, f in build.slot_files(build.compile_firmware(tmp_path / "cache")).items()}
     good = release.make_bundle(files, 200, "pulsebridge-fw 200", 100, "esp32", VENDOR)
     (tmp_path / "good.bin").write_bytes(good)
     tampered = bytearray(good)
@@ -144,7 +144,7 @@ def test_at_esp32_speed_a_broken_release_is_received_checked_installed_and_rolle
     assert ota.read_state(cfg.run_dir, dev)["state"] == "rolled_back"  # type: ignore[index]
     assert not (cfg.run_dir / "ota" / (dev + ".bin")).exists()  # the push is over
     flash = board.directory / "pulsebridge"
-    assert not (flash / "boot.trial").exists() and not (flash / "boot.rolled_back").exists()
+    assert not (flash / "boot.trial").exists() and not (flash / "boot.ok").exists()  # back on slot a
     # Every acknowledged frame stored; within each boot, no sample missing, no frame dropped.
     db = Store(cfg.store_path, []).reader()
     try:
@@ -159,3 +159,166 @@ def test_at_esp32_speed_a_broken_release_is_received_checked_installed_and_rolle
     report = stream_report(cfg.store_path, dev)
     for epoch, e in report["epochs"].items():
         assert (e["missing"], e["dropped"]) == (0, 0), (epoch, e)
+
+
+@pytest.mark.slow
+@pytest.mark.micropython
+def test_a_signed_update_over_ble_through_the_agent(micropython: str, tmp_path: Path) -> None:
+    # The same push over the software radio (a lossy one: fragments lost,
+    # the link's retransmissions and the push's resumption at work): a
+    # tampered bundle is refused and the board streams on; the good one
+    # installs and the board reboots into it, streaming; every frame
+    # acknowledged over the air is in the hub's store.
+    from agent.config import AgentConfig, BleConfig
+    from agent.dev.sim.air import Air, Faults
+    from agent.dev.sim.runner import SimulatedBoard
+    from agent.registry import Registry
+    from tests.agent.test_ble import acked_over_air, capture_records
+
+    capture = tmp_path / "air.jsonl"
+    air = Air(tmp_path / "air", Faults(fragment_loss=0.02, seed=5), capture=capture)
+    air.start()
+    spec = boards.BoardSpec("pb-bleota1", seed=1, link="ble", air=str(air.board_path))
+    board = SimulatedBoard(spec, tmp_path / "boards" / spec.device_id, tmp_path / "cache", micropython)
+    dev = spec.device_id
+    cfg = AgentConfig(hub_id="test-hub", data_dir=tmp_path / "data", log_dir=tmp_path / "log",
+                      run_dir=tmp_path / "run", ble=BleConfig(air=str(air.central_path), connect_timeout_s=5.0))
+    reg = Registry(cfg.registry_path, AuditLog(cfg.audit_path))
+    reg.add(dev, label="test board", key=spec.key, actor="test")
+    reg.close()
+    cfg_path = tmp_path / "agent.toml"
+    cfg_path.write_text('[agent]\nhub_id = "test-hub"\ndata_dir = "%s"\nlog_dir = "%s"\nrun_dir = "%s"\n\n[ble]\n'
+                        'air = "%s"\n' % (cfg.data_dir, cfg.log_dir, cfg.run_dir, air.central_path))
+    files = {p: f.read_bytes() for p, f in build.slot_files(build.compile_firmware(tmp_path / "cache")).items()}
+    good = release.make_bundle(files, 200, "pulsebridge-fw 200", 100, "esp32", VENDOR)
+    (tmp_path / "good.bin").write_bytes(good)
+    tampered = bytearray(good)
+    tampered[-100] ^= 1
+    (tmp_path / "tampered.bin").write_bytes(bytes(tampered))
+    addresses = {boards.ble_address(dev): dev}
+
+    def acked() -> set[tuple[str, int, int]]:
+        return acked_over_air(capture_records(capture), {dev: spec.key}, addresses)
+
+    def state() -> str:
+        return str((ota.read_state(cfg.run_dir, dev) or {}).get("state", ""))
+
+    try:
+        boards.prepare(spec, board.directory, tmp_path / "cache")
+        (board.directory / "pulsebridge" / "vendor.keys").write_bytes(release.public_key(VENDOR))
+        board.start()
+
+        async def scenario() -> None:
+            agent = Agent(cfg)
+            async with harness.running(agent):
+                await async_wait_for(lambda: len(acked()) >= 3, 90, "the board streaming over the air",
+                                     board.console_tail)
+                p = await asyncio.to_thread(_push, cfg_path, dev, tmp_path / "tampered.bin")
+                assert p.returncode == 0, p.stderr
+                await async_wait_for(lambda: state().startswith("refused"), 300, "the tampered bundle refused",
+                                     lambda: (state(), board.console_tail()[-300:]))
+                assert state() == "refused:hash_mismatch"
+                n = len(acked())
+                await async_wait_for(lambda: len(acked()) >= n + 3, 60, "streaming on")
+                p = await asyncio.to_thread(_push, cfg_path, dev, tmp_path / "good.bin")
+                assert p.returncode == 0, p.stderr
+                await async_wait_for(lambda: board.resets == 1, 600, "the board installed it and rebooted",
+                                     lambda: (state(), board.console_tail()[-300:]))
+                epochs = {e for _, e, _ in acked()}
+                await async_wait_for(lambda: len({e for _, e, _ in acked()} - epochs) == 1, 90,
+                                     "the new version streaming and acknowledged",
+                                     lambda: board.console_tail()[-300:])
+                await async_wait_for(lambda: agent.snapshot()["boards"][0]["firmware"] == "pulsebridge-fw 200", 30,
+                                     "its hello naming the release it runs", lambda: agent.snapshot()["boards"])
+
+        asyncio.run(scenario())
+        assert (board.directory / "pulsebridge" / "boot.trial").read_text() == "b"
+        db = Store(cfg.store_path, []).reader()
+        try:
+            stored = {r for r in db.execute("SELECT device_id, epoch, seq FROM frames WHERE kind IN (?, ?)",
+                                            (KIND_FRAME, KIND_ORIGIN))}
+        finally:
+            db.close()
+        got = acked()
+        assert got and not got - stored, sorted(got - stored)[:5]
+    finally:
+        board.stop()
+        air.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.micropython
+def test_a_power_cut_at_each_step_of_an_update_leaves_a_board_that_boots_and_streams(
+        make_hub: Callable[..., harness.Hub], tmp_path: Path) -> None:
+    # The board's process killed (SIGKILL: a power cut, wherever it is) while
+    # it writes the chunks, while it checks the signature, once it has
+    # switched (boot.next written, not yet rebooted) and while the new version
+    # is on trial: after each it boots, streams again and the update goes on
+    # from where it stood; the trial cut before its confirmation is rolled
+    # back by the board, which says so. Every acknowledged frame is stored.
+    hub = make_hub(1)
+    board, cfg_path, cfg = hub.board, hub.config_path, hub.cfg
+    dev = board.device_id
+    flash = board.directory / "pulsebridge"
+    spare = board.directory / "b"
+    (flash / "vendor.keys").write_bytes(release.public_key(VENDOR))
+    files = {p: f.read_bytes() for p, f in build.slot_files(build.compile_firmware(tmp_path / "cache")).items()}
+    good = release.make_bundle(files, 200, "pulsebridge-fw 200", 100, "esp32", VENDOR)
+    (tmp_path / "good.bin").write_bytes(good)
+
+    def part() -> int:
+        try:
+            return (spare / ".part").stat().st_size
+        except OSError:
+            return -1
+
+    def state() -> str:
+        return str((ota.read_state(cfg.run_dir, dev) or {}).get("state", ""))
+
+    def epochs() -> set[int]:
+        return {e for _, e, _ in harness.acked(board)}
+
+    async def power_cut_and_on(step: str) -> None:
+        await asyncio.to_thread(board.kill)
+        await asyncio.to_thread(board.stop)
+        board.cable_connected = True
+        before = epochs()
+        await asyncio.to_thread(board.start)
+        await async_wait_for(lambda: epochs() - before, 90, "the board streaming again after a cut " + step,
+                             lambda: board.console_tail()[-400:])
+
+    async def scenario() -> None:
+        async with harness.running(Agent(cfg)):
+            await async_wait_for(lambda: len(harness.acked(board)) >= 3, 60, "the board streaming",
+                                 board.console_tail)
+            p = await asyncio.to_thread(_push, cfg_path, dev, tmp_path / "good.bin")
+            assert p.returncode == 0, p.stderr
+            await async_wait_for(lambda: 0 < part() < len(good) // 2, 300, "chunks being written",
+                                 lambda: (part(), state()))
+            await power_cut_and_on("while chunks were written")
+            # The checks: the whole bundle received, no file of it copied yet.
+            await async_wait_for(lambda: part() == len(good) and not (spare / "app").exists(), 300,
+                                 "the bundle received, its signature being checked", lambda: (part(), state()))
+            await power_cut_and_on("during the signature check")  # (what it received is kept: not sent again)
+            # The switch: the cable cut once the files are being copied, so the board, which reboots
+            # once its frames are acknowledged, waits (10 s at most) with boot.next written.
+            await async_wait_for(lambda: (spare / "app").exists(), 300, "the files being copied",
+                                 lambda: (part(), state()))
+            board.cable_connected = False
+            await async_wait_for(lambda: (flash / "boot.next").exists(), 60, "boot.next written")
+            assert board.resets == 0
+            await power_cut_and_on("at the switch")
+            assert (flash / "boot.trial").read_text() == "b"  # it booted the new version on trial
+            await power_cut_and_on("on trial, before the confirmation")
+            assert not (flash / "boot.trial").exists() and not (flash / "boot.ok").exists()  # back on slot a
+            await async_wait_for(lambda: state() == "rolled_back", 60, "the hub told of the rollback", state)
+
+    asyncio.run(scenario())
+    db = Store(cfg.store_path, []).reader()
+    try:
+        stored = {r for r in db.execute("SELECT device_id, epoch, seq FROM frames WHERE kind IN (?, ?)",
+                                        (KIND_FRAME, KIND_ORIGIN))}
+    finally:
+        db.close()
+    acked = harness.acked(board)
+    assert acked and not acked - stored, sorted(acked - stored)[:5]

@@ -97,14 +97,6 @@ def prepare(spec: BoardSpec, directory: Path, cache: Path) -> Path:
     return directory
 
 
-def slot_files(compiled: Path) -> dict[str, Path]:
-    """The firmware's files in a slot (path in the slot -> file here): all
-    a board holds but boot.py and main.py, which stay at its flash root."""
-    from agent.provision import build
-
-    return {p: f for p, f in build.board_files(compiled).items() if p not in ("boot.py", "main.py")}
-
-
 def install_firmware(directory: Path, compiled: Path) -> None:
     """The board's flash as it left the factory: boot.py and main.py at its
     root, the firmware in slot a (SPEC.md, Firmware updates). A board that
@@ -112,7 +104,7 @@ def install_firmware(directory: Path, compiled: Path) -> None:
     one that never has runs this tree's build (slot a marked with it)."""
     from agent.provision import build
 
-    for name in ("boot.py", "main.py"):
+    for name in build.ROOT_FILES:
         shutil.copy(build.FIRMWARE_DIR / name, directory / name)
     flash = directory / "pulsebridge"
     if any((flash / n).exists() for n in ("boot.ok", "boot.next", "boot.trial")):
@@ -123,7 +115,7 @@ def install_firmware(directory: Path, compiled: Path) -> None:
         return
     tmp = directory / "a.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    for path, src in slot_files(compiled).items():
+    for path, src in build.slot_files(compiled).items():
         dest = tmp / path
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, dest)
