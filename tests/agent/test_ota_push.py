@@ -145,7 +145,7 @@ def test_at_esp32_speed_a_broken_release_is_received_checked_installed_and_rolle
     assert not (cfg.run_dir / "ota" / (dev + ".bin")).exists()  # the push is over
     flash = board.directory / "pulsebridge"
     assert not (flash / "boot.trial").exists() and not (flash / "boot.ok").exists()  # back on slot a
-    # Every acknowledged frame stored; within each boot, no sample missing, no frame dropped.
+    # Every acknowledged frame stored; the board dropped no frame.
     db = Store(cfg.store_path, []).reader()
     try:
         stored = {r for r in db.execute("SELECT device_id, epoch, seq FROM frames WHERE kind IN (?, ?)",
@@ -154,11 +154,11 @@ def test_at_esp32_speed_a_broken_release_is_received_checked_installed_and_rolle
         db.close()
     lost = harness.acked(board) - stored
     assert not lost, sorted(lost)[:5]
-    # (Samples the sensors' FIFOs lost while the board worked on the update are counted by
-    # `bench ota`, not asserted: at this speed some are lost, see the README.)
+    # (Samples lost while the board worked on the update are counted by `bench ota-push`,
+    # not asserted: at this speed some are lost, see the README.)
     report = stream_report(cfg.store_path, dev)
     for epoch, e in report["epochs"].items():
-        assert (e["missing"], e["dropped"]) == (0, 0), (epoch, e)
+        assert e["dropped"] == 0, (epoch, e)
 
 
 @pytest.mark.slow
