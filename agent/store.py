@@ -2,11 +2,8 @@
 
 A frame is acknowledged to its board only once it is committed here, with
 the device's replay window updated in the same transaction. Many frames
-share a commit (group commit, as databases do it): an idle writer commits a
-frame as soon as it arrives, with no timer; the frames that arrive while a
-commit (its fsync) is under way make up the next one, so under load batches
-grow by themselves and the card's writes stay grouped. The writer then wakes
-every waiter. Each backend has its own
+share a commit (group commit): the writer takes everything queued, writes it
+in one transaction, then wakes every waiter. Each backend has its own
 outbox; a row leaves it only when that backend has acknowledged the frame.
 
 Disk quota policy (explicit, per priority): when the database passes its
@@ -58,6 +55,12 @@ KIND_ALERT = 102  # an alert raised or cleared on the hub
 # Transactions hold at most this many ingests: bounds the time a commit
 # takes and so the latency of the acks waiting for it.
 MAX_BATCH = 512
+# A commit waits this long after its first board frame for others to share it:
+# each commit rewrites the pages it touches (indexes, outbox, replay window)
+# whole, so frames arriving one by one would cost the SD card some 30 kB
+# each (`pulsebridge bench agent` prints the figure). Boards resend after
+# 3 s without an ack: far longer.
+COMMIT_LINGER_S = 0.5
 # Frames inserted by one statement (the rest of a batch one by one): 14 values a row
 # stay below the 999 variables an older SQLite allows a statement.
 INSERT_ROWS = 64
@@ -272,11 +275,13 @@ def check_private(path: Path, what: str) -> None:
 
 class Store:
     def __init__(self, path: Path, backends: list[str], quota_bytes: int = 0,
-                 min_free_bytes: int = MIN_FREE_BYTES, wal_limit_bytes: int = WAL_LIMIT_BYTES) -> None:
+                 min_free_bytes: int = MIN_FREE_BYTES, wal_limit_bytes: int = WAL_LIMIT_BYTES,
+                 commit_linger_s: float = COMMIT_LINGER_S) -> None:
         self.path = path
         self.backends = list(backends)
         self.quota_bytes = quota_bytes  # 0: no quota
         self.min_free_bytes = min_free_bytes  # 0: the file system's free space is not watched
+        self.commit_linger_s = commit_linger_s
         # A small quota gets a WAL to match (an eighth of it), checkpointed as often.
         self.wal_limit_bytes = min(wal_limit_bytes, quota_bytes // 8) if quota_bytes else wal_limit_bytes
         self.stats = StoreStats()
@@ -612,8 +617,21 @@ class Store:
                 continue
             if job is None:
                 return
-            first = _units(job)
-            units = first + self._take_queued(MAX_BATCH - len(first))
+            batch = [job]
+            units = _units(job)
+            # Only a board's frame waits for company: hub-made records and the rest commit at once.
+            board_frame = any(u.kind == "ingest" and u.args.window is not None for u in units)
+            linger_until = time.monotonic() + (self.commit_linger_s if board_frame else 0.0)
+            while len(units) < MAX_BATCH:
+                try:
+                    nxt = self._q.get(timeout=max(0.0, linger_until - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._q.put(None)
+                    break
+                batch.append(nxt)
+                units += _units(nxt)
             writes = [u for u in units if u.kind != "call"]
             settled = self._commit(db, writes) if writes else []
             if writes:
@@ -636,22 +654,6 @@ class Store:
                     pass
             if self.on_commit is not None:
                 self.on_commit()
-
-    def _take_queued(self, room: int) -> list[_Unit]:
-        """What is already queued, up to about room units, without waiting: the
-        group commit's next batch is what arrived during the last commit. A close
-        (None) is put back for the writer's loop to see."""
-        units: list[_Unit] = []
-        while len(units) < room:
-            try:
-                nxt = self._q.get_nowait()
-            except queue.Empty:
-                break
-            if nxt is None:
-                self._q.put(None)
-                break
-            units += _units(nxt)
-        return units
 
     def _housekeep(self, db: sqlite3.Connection) -> None:
         # After commits (and when idle): the quota, the WAL's size, holes in the streams.

@@ -3,7 +3,6 @@
 # waits (a storage fault), a copy of it is a duplicate in flight, stored
 # once and acknowledged only after the original is stored.
 import asyncio
-import queue
 import sqlite3
 import threading
 from pathlib import Path
@@ -30,7 +29,7 @@ def _frame(seq: int, epoch: int = 1) -> bytes:
 def test_the_window_moves_only_once_the_store_commits(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
     reg.add(DEV, key=KEY, actor="test")
-    store = Store(tmp_path / "store.db", ["b"])
+    store = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
     store.start()
     released = threading.Event()
     apply = Store._apply
@@ -80,7 +79,7 @@ def test_a_reboot_while_a_frame_is_in_flight_keeps_the_newer_epoch(tmp_path: Pat
     # for its commit: the window ends at epoch 2 whatever order they settle in.
     reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
     reg.add(DEV, key=KEY, actor="test")
-    store = Store(tmp_path / "store.db", ["b"])
+    store = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
     store.start()
 
     async def scenario() -> Ingestor:
@@ -108,7 +107,7 @@ def test_a_session_acks_a_run_of_stored_frames_in_one_message_never_before_they_
 
     reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
     reg.add(DEV, key=KEY, actor="test")
-    store = Store(tmp_path / "store.db", ["b"])
+    store = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
     store.start()
     released = threading.Event()
     holding = threading.Event()
@@ -162,7 +161,7 @@ def _open(key: cose.MacKey, raw: bytes) -> messages.Message:
 def test_frames_judged_in_one_turn_share_one_store_job_done_once_their_windows_moved(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
     reg.add(DEV, key=KEY, actor="test")
-    store = Store(tmp_path / "store.db", ["b"])
+    store = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
     store.start()
 
     async def scenario() -> None:
@@ -181,85 +180,6 @@ def test_frames_judged_in_one_turn_share_one_store_job_done_once_their_windows_m
     try:
         asyncio.run(scenario())
         assert store.stats.commits == 1
-    finally:
-        store.close()
-        reg.close()
-
-
-class _RecordingQueue(queue.Queue[Any]):
-    """The writer's queue, noting each attempt to take (whether it may wait) and each take."""
-
-    def __init__(self, log: list[tuple[str, bool]]) -> None:
-        super().__init__()
-        self.log = log
-
-    def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        self.log.append(("get", block))
-        item = super().get(block, timeout)
-        self.log.append(("took", block))
-        return item
-
-
-def test_an_idle_writer_commits_a_lone_frame_without_waiting_for_company(tmp_path: Path) -> None:
-    # Group commit: once the writer has taken a frame, it only takes what is
-    # already queued (never waits on a timer for more) before committing it.
-    reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
-    reg.add(DEV, key=KEY, actor="test")
-    store = Store(tmp_path / "store.db", ["b"])
-    log: list[tuple[str, bool]] = []
-    store._q = _RecordingQueue(log)
-    store.on_commit = lambda: log.append(("commit", False))
-    store.start()
-    try:
-        async def scenario() -> None:
-            out = Ingestor(store, reg).submit(_frame(0), "test")
-            assert out.received.verdict == hub.ACCEPTED and out.stored is not None
-            async with asyncio.timeout(30):
-                await out.stored
-
-        asyncio.run(scenario())
-        commit = log.index(("commit", False))
-        took_frame = max(i for i in range(commit) if log[i] == ("took", True))  # the idle wait that found it
-        waits_before_commit = [e for e in log[took_frame + 1:commit] if e == ("get", True)]
-        assert waits_before_commit == [], log
-        assert store.stats.commits == 1
-    finally:
-        store.close()
-        reg.close()
-
-
-def test_frames_arriving_during_a_commit_make_up_the_next_one(tmp_path: Path) -> None:
-    reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
-    reg.add(DEV, key=KEY, actor="test")
-    store = Store(tmp_path / "store.db", ["b"])
-    store.start()
-    in_commit = threading.Event()
-    released = threading.Event()
-    batches: list[int] = []
-    apply = Store._apply
-
-    def held_commit(self: Store, db: sqlite3.Connection, batch: list[Any]) -> list[Any]:
-        batches.append(len(batch))
-        in_commit.set()
-        released.wait(30)  # the first commit's fsync, held while more frames arrive
-        return apply(self, db, batch)
-
-    try:
-        async def scenario() -> None:
-            ing = Ingestor(store, reg)
-            with mock.patch.object(Store, "_apply", held_commit):
-                first = ing.submit(_frame(0), "test")
-                await async_wait_for(in_commit.is_set, 30, "the first frame's commit")
-                later = [ing.submit(_frame(seq), "test") for seq in (1, 2, 3)]
-                assert not first.stored.done()  # type: ignore[union-attr]
-                released.set()
-                async with asyncio.timeout(30):
-                    await asyncio.gather(first.stored, *(o.stored for o in later))  # type: ignore[arg-type]
-
-        asyncio.run(scenario())
-        assert batches == [1, 3]  # the lone frame alone, then the three that queued behind it, together
-        assert store.stats.commits == 2
-        assert store.load_windows()[DEV][:3] == (1, 3, 0b1111)
     finally:
         store.close()
         reg.close()
