@@ -123,6 +123,9 @@ def test_ctrl_c_stops_streaming_and_leaves_a_repl(micropython: str, tmp_path: Pa
         port.close()
     finally:
         b.stop()
+    # Its pseudo-terminal's number is free for the next one opened on the machine: like udev's name
+    # for an unplugged board, the board's port name is gone, not left pointing at what may be a stranger's.
+    assert not b.link_path.is_symlink()
 
 
 @pytest.mark.micropython

@@ -349,7 +349,20 @@ class SimulatedBoard:
                 except OSError:
                     pass
         self._ma = self._mb = self._sb = -1
+        self._unplug_link()
         return self.proc.returncode
+
+    def _unplug_link(self) -> None:
+        # The pseudo-terminal is closed: its number goes back to the kernel,
+        # which gives it to the next one opened on this machine (another
+        # board's). As udev does for a board unplugged, its stable name goes
+        # too, so that a hub retrying the name finds nothing rather than a
+        # stranger's port.
+        try:
+            if os.readlink(self.link_path) == self.port:
+                self.link_path.unlink()
+        except OSError:
+            pass
 
     def _answered_since(self, heard: int) -> bool:
         with self._tail_lock:
