@@ -295,9 +295,12 @@ class Agent:
     def store_figures(self) -> dict[str, Any]:
         """What the status reads from the store: per backend its backlog and when its oldest waiting
         frame was received, and the store's counters. A read connection of its own, so callable from
-        any thread (the status servers call it on one, off the event loop)."""
+        any thread (the status servers call it on one, off the event loop); one read transaction, so
+        the figures agree with each other (a row that left a backlog for the quarantine is counted
+        refused in the same figures, never in neither nor in both)."""
         reader = self.store.reader()
         try:
+            reader.execute("BEGIN")
             return {"backlog": Store.backlog(reader),
                     "oldest": Store.oldest_waiting(reader, [f.name for f in self.forwarders]),
                     "counters": Store.counters(reader)}
@@ -321,7 +324,8 @@ class Agent:
             "ble_adapter": ({"state": self.ble.adapter, "error": self.ble.adapter_error,
                              "losses": self.ble.adapter_losses} if self.ble is not None else None),
             "backends": [{"name": f.name, "type": f.cfg.type, "state": f.state.value, "backlog": backlog.get(f.name, 0),
-                          "forwarded": f.forwarded, "failures": f.failures, "refused": f.refused,
+                          "forwarded": f.forwarded, "failures": f.failures,
+                          "refused": counters.get("refused:" + f.name, 0),
                           "last_error": f.last_error, "last_delivered_at": f.last_delivered_at,
                           "failing_since": f.failing_since, "oldest_waiting_at": oldest.get(f.name)}
                          for f in self.forwarders],

@@ -232,7 +232,6 @@ class Forwarder(abc.ABC):
         self.forwarded = 0
         self.failures = 0
         self.undeliverable = 0
-        self.refused = 0  # frames this backend refused for good (quarantined)
         # Rows per request: cfg.batch, halved while the backend refuses whole batches, until
         # a batch passes (a server's size limit) or one row alone is refused (quarantined).
         self.batch_limit = cfg.batch
@@ -282,8 +281,8 @@ class Forwarder(abc.ABC):
             return
         row = rows[0]
         reason = "refused by backend %s: %s" % (self.name, e)
+        # Counted in the same transaction (refused:<backend>), which is what the status shows.
         await self.store.run(lambda db: Store.refuse_delivery(db, self.name, row.id, row.device_id, reason[:500]))
-        self.refused += 1
         self.batch_limit = self.cfg.batch
         log.error("backend %s refused %s for good: %s; quarantined, not retried", self.name, idempotency_key(row), e)
 

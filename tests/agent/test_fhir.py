@@ -141,6 +141,7 @@ def test_outage_then_recovery_against_an_independent_server(make_hub: Callable[.
             await asyncio.to_thread(server.up)
             await asyncio.to_thread(sims[0].stop)
             await harness.drained(agent, 180)
+            figures["refused"] = agent.snapshot()["backends"][0]["refused"]
         return agent
 
     agent = asyncio.run(scenario())
@@ -159,7 +160,7 @@ def test_outage_then_recovery_against_an_independent_server(make_hub: Callable[.
                        len(acked - frames)))
     assert len(keys) == len(set(keys))  # each once
     assert acked and acked <= stored and frames == stored  # every acknowledged frame delivered, nothing lost
-    assert figures["backlog_at_recovery"] > 0 and agent.forwarders[0].refused == 0
+    assert figures["backlog_at_recovery"] > 0 and figures["refused"] == 0
     assert vitals and agent.forwarders[0].failures >= 2
     for v in vitals:  # nothing dangling: each source frame is on the server
         sources = {d["identifier"]["value"] for d in v["derivedFrom"]}
@@ -188,7 +189,8 @@ def test_a_permanent_refusal_is_quarantined_not_retried_forever(make_hub: Callab
     async def scenario() -> tuple[Agent, dict[str, Any]]:
         async with harness.running(Agent(cfg)) as agent:
             fw = agent.forwarders[0]
-            await async_wait_for(lambda: fw.forwarded >= 5 and fw.refused >= 5, 120, "deliveries and refusals")
+            await async_wait_for(lambda: fw.forwarded >= 5 and agent.snapshot()["backends"][0]["refused"] >= 5, 120,
+                                 "deliveries and refusals")
             await asyncio.gather(*(asyncio.to_thread(s.stop) for s in sims))
             await harness.drained(agent, 180)
             snap = agent.snapshot()["backends"][0]  # what status tells, while the agent runs
@@ -205,14 +207,16 @@ def test_a_permanent_refusal_is_quarantined_not_retried_forever(make_hub: Callab
     refused = Store.counters(db).get("refused:ehr", 0)
     left = db.execute("SELECT COUNT(*) FROM frames WHERE device_id=?", (sims[1].device_id,)).fetchone()[0]
     db.close()
-    fw = agent.forwarders[0]
     print("FHIR refusal: board 1 %d frames delivered, board 2 %d frames + vitals refused and quarantined"
-          % (len(good), fw.refused))
-    assert fw.refused == refused == len(quarantined) >= len(bad)  # its vitals and alerts too
+          % (len(good), refused))
+    assert refused == len(quarantined) >= len(bad)  # its vitals and alerts too
     assert {d for d, _ in quarantined} == {sims[1].device_id}
     assert all("Patient/not-on-this-server" in r and "HTTP 400" in r for _, r in quarantined), quarantined[:2]
     assert left >= len(bad)  # refused frames stay in the store (retention), only the outbox let go
-    assert snap["refused"] == fw.refused
+    # What status told once the backlog had drained: every refusal until then (the count is read in
+    # the same transaction as the backlog). A vital the runner made from the boards' last frames may
+    # still have come, and been refused, before the agent stopped.
+    assert len(bad) <= snap["refused"] <= refused
 
 
 def test_subject_forms_and_documents_carry_it(tmp_path: Path) -> None:
@@ -264,7 +268,12 @@ def test_later_is_retried_never_is_quarantined(tmp_path: Path) -> None:
         fw = fhir.FhirForwarder(cfg, store, "hub", asyncio.Event())
         fw.backoff.base_s = fw.backoff.cap_s = 0.05
         task = asyncio.create_task(fw.run())
-        await async_wait_for(lambda: fw.forwarded + fw.refused == 8, 60, "every vital delivered or refused")
+        reader = store.reader()
+        try:
+            await async_wait_for(lambda: fw.forwarded == 7 and not Store.backlog(reader), 60,
+                                 "every vital delivered or refused")
+        finally:
+            reader.close()
         task.cancel()
         try:
             await task
@@ -275,7 +284,7 @@ def test_later_is_retried_never_is_quarantined(tmp_path: Path) -> None:
 
     try:
         fw = asyncio.run(scenario())
-        assert fw.failures == 4 and fw.refused == 1 and fw.forwarded == 7
+        assert fw.failures == 4 and fw.forwarded == 7
         assert fw.batch_limit == 8  # back to full batches once the refused vital was found
         delivered = {k.split("|", 1)[1] for k in server.resources["Observation"]}
         assert delivered == {"vital:pb-v1:%d" % s for s in range(1, 9)} - {"vital:pb-v1:5"}

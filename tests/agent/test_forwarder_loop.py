@@ -6,7 +6,7 @@ from unittest import mock
 
 import pytest
 
-from agent.forwarders.base import DeliveryError, Forwarder, document
+from agent.forwarders.base import DeliveryError, Forwarder, RefusedError, document
 from agent.forwarders.webhook import WebhookConfig
 from agent.ingest import record_of
 from agent.store import Ingest, Row, Store
@@ -164,3 +164,59 @@ def test_a_missing_or_unsafe_secret_file_is_told_at_start(tmp_path: Path, caplog
     told = [r.getMessage() for r in caplog.records if "cannot be used" in r.getMessage()]
     assert any("backend hook" in m for m in told) and any("backend broker" in m for m in told), told
     assert not any("not-a-secret-anymore" in r.getMessage() for r in caplog.records)  # never the secret itself
+
+
+class RefusingBackend(Forwarder):
+    """A test double at the backend boundary: it refuses every row for good (a permanent 4xx),
+    and says when it did."""
+
+    refusing: asyncio.Event
+
+    async def deliver(self, rows: list[Row]) -> None:
+        self.refusing.set()
+        raise RefusedError(400, "no such patient")
+
+
+def test_the_status_counts_a_refusal_when_the_store_commits_it(tmp_path: Path) -> None:
+    # A refusal leaves the outbox and is counted in one transaction; the status reads its count there,
+    # with the backlog. Before, it showed the forwarder's own counter, bumped only once the forwarder's
+    # task ran again after the commit: in between, the status said backlog 0 and one refusal fewer
+    # than the quarantine held, and an agent stopped then (a CI run: 6 against 7) never counted it.
+    from agent import config as agent_config
+    from agent.store import KIND_VITAL, PRIORITY_VITALS
+    from agent.supervisor import Agent
+    from tests.agent import harness
+    from tests.waiting import wait_for
+
+    path = tmp_path / "agent.toml"
+    path.write_text('[agent]\nhub_id = "test-hub"\ndata_dir = "%s"\nlog_dir = "%s"\nrun_dir = "%s"\n'
+                    '[[backend]]\nname = "ehr"\ntype = "webhook"\nurl = "https://127.0.0.1:9/none"\nlinger_s = 0\n'
+                    % (tmp_path / "data", tmp_path / "log", tmp_path / "run"))
+    cfg = agent_config.load(path)
+    agent = Agent(cfg)
+    fw = RefusingBackend(cfg.backends[0], agent.store, "test-hub", agent.wake)
+    fw.refusing = asyncio.Event()
+    agent.forwarders = [fw]
+
+    def quarantined() -> int:
+        db = agent.store.reader()
+        try:
+            return int(db.execute("SELECT COUNT(*) FROM quarantine WHERE link='backend:ehr'").fetchone()[0])
+        finally:
+            db.close()
+
+    async def scenario() -> list[dict[str, object]]:
+        async with harness.running(agent):
+            await agent.store.ingest(Ingest("pb-v1", -2, 1, KIND_VITAL, b"", None, priority=PRIORITY_VITALS, info={
+                "type": "vital", "kind": "heart_rate", "device_id": "pb-v1", "value": 71.0, "unit": "/min",
+                "at": "2026-11-30T10:00:01.000Z", "quality": 0.9, "source_frames": ["pb-v1:1:1"]}))
+            await asyncio.wait_for(fw.refusing.wait(), 60)
+            # The forwarder has handed the refusal to the store. The loop is held here (no await) until
+            # the store has committed it, so the forwarder's task cannot run meanwhile; the status then.
+            wait_for(quarantined, 60, "the refusal committed")
+            during = agent.snapshot()["backends"]
+            # The agent stops before the forwarder's task ran again, as in the CI run.
+        return during  # type: ignore[no-any-return]
+
+    during = asyncio.run(scenario())
+    assert during[0]["backlog"] == 0 and during[0]["refused"] == 1 == quarantined()
