@@ -242,6 +242,8 @@ class SimulatedBoard:
                 if not data:  # the board process is gone
                     if self._rebooted():
                         continue
+                    if not self._stopping:
+                        self._power_lost()
                     return
                 with self._tail_lock:
                     self._heard += len(data)
@@ -265,6 +267,21 @@ class SimulatedBoard:
                         with self._tail_lock:
                             self.tap_downlink.extend(data)
                     os.write(ma, data)
+
+    def _power_lost(self) -> None:
+        # The board died without a reset (kill -9: a power cut). A USB board's
+        # port disappears with its power: the port's pty is hung up (a hub
+        # reading it gets EOF/EIO at once, as from an unplugged board) and
+        # its stable name goes, as udev's does. A stop() closes it instead,
+        # once the board's last output has been relayed.
+        with self._tail_lock:
+            mb, self._mb = self._mb, -1
+        if mb >= 0:
+            try:
+                os.close(mb)
+            except OSError:
+                pass
+        self._unplug_link()
 
     def _to_port(self, data: bytes) -> None:
         try:
