@@ -3,7 +3,8 @@
 - R-peak detection accuracy on MIT-BIH record 100 (below).
 - SpO2 on PPG synthesised through the calibration curve (spo2_error), and on real
   desaturations (desaturation: the spo2-camera set beside the repository, leave one subject
-  out: a sensor type's calibration made on five subjects, scored on the sixth).
+  out: a sensor type's calibration made on five subjects, scored on the sixth), with other
+  transparent estimators compared on it (bench_spo2_methods).
 - Pulse rate on real PPG (the camera set against its oximeters; a103l against its ECG) with
   the share of harmonic errors (a third, half, twice or three times the true rate).
 - The vitals engine's CPU time per board-second.
@@ -130,6 +131,10 @@ def _report_real(r: dict[str, Any]) -> list[str]:
                    and (c["below_90_sensitivity"] or 0) >= 0.81 and (c["below_90_specificity"] or 0) >= 0.79)
             lines.append("  %-20s  goals (Arms <= 5 %% with <= 20 %% withheld; < 90 %%: sensitivity >= 81 %%, "
                          "specificity >= 79 %%): %s" % ("", "met" if met else "NOT met"))
+        if "estimators" in d:
+            from agent.dev import bench_spo2_methods
+
+            lines += bench_spo2_methods.report(d["estimators"])
         p = d["pulse_rate"]
         lines.append("Pulse rate on real PPG, spo2-camera vs the oximeters: %.1f %% shown, MAE %s /min, RMS %s /min, "
                      "harmonic errors %d (share %.2f %%)" % (100 * p["shown_fraction"], p["mean_abs_error_bpm"],
@@ -228,11 +233,13 @@ def _camera_recordings(folder: Path) -> list[tuple[str, str, np.ndarray, np.ndar
 def _camera_windows(folder: Path) -> dict[str, Any]:
     """The product's estimator on each recording, one 1 s frame at a time, for each channel
     pair: per estimate (once the 8 s window is full, one a second) its ratio, quality, pulse
-    rate and the references over the same window."""
+    rate and the references over the same window, and the window's mean light per channel (dc,
+    R, G, B: what the estimators compared in bench_spo2_methods read besides the ratios)."""
     from agent.vitals.spo2 import WINDOW_S, OximetryEstimator
 
     win = int(WINDOW_S)
-    cols: dict[str, list[Any]] = {"subject": [], "recording": [], "second": [], "ref_spo2": [], "ref_pulse": []}
+    cols: dict[str, list[Any]] = {"subject": [], "recording": [], "second": [], "ref_spo2": [], "ref_pulse": [],
+                                  "dc": []}
     per_pair: dict[str, dict[str, list[float]]] = {p: {"ratio": [], "quality": []} for p in CAMERA_PAIRS}
     pulse: dict[str, list[float]] = {"rate": [], "quality": []}
     for subject, hand, rgb, spo2, ref_pulse in _camera_recordings(folder):
@@ -247,6 +254,7 @@ def _camera_windows(folder: Path) -> dict[str, Any]:
             cols["subject"].append(subject)
             cols["recording"].append(subject + " " + hand)
             cols["second"].append(k + 1)
+            cols["dc"].append(rgb[(k + 1 - win) * CAMERA_FS:(k + 1) * CAMERA_FS].mean(axis=0))  # light: R, G, B
             cols["ref_spo2"].append(float(np.nanmean(spo2[k + 1 - win:k + 1])))
             cols["ref_pulse"].append(float(np.nanmedian(ref_pulse[k + 1 - win:k + 1]))
                                      if not np.all(np.isnan(ref_pulse[k + 1 - win:k + 1])) else np.nan)
@@ -259,7 +267,7 @@ def _camera_windows(folder: Path) -> dict[str, Any]:
                     pulse["quality"].append(r.pulse_quality)
     return {"subject": np.array(cols["subject"]), "recording": np.array(cols["recording"]),
             "second": np.array(cols["second"]), "ref_spo2": np.array(cols["ref_spo2"]),
-            "ref_pulse": np.array(cols["ref_pulse"]),
+            "ref_pulse": np.array(cols["ref_pulse"]), "dc": np.array(cols["dc"]).reshape(-1, 3),
             "pairs": {p: {k: np.array(v) for k, v in d.items()} for p, d in per_pair.items()},
             "pulse": {k: np.array(v) for k, v in pulse.items()}}
 
@@ -334,6 +342,10 @@ def desaturation(pairs: tuple[str, ...] | None = None) -> dict[str, Any]:
         return {"missing": str(folder)}
     w = _camera_windows(folder)
     out = score_desaturation(w, pairs or tuple(CAMERA_PAIRS))
+    # Transparent estimators that address the offset between people and the drift, compared.
+    from agent.dev import bench_spo2_methods
+
+    out["estimators"] = bench_spo2_methods.compare(w)
     # Pulse rate on the same real PPG (red/blue), against the oximeters' pulse rate.
     out["pulse_rate"] = _pulse_scores(w["pulse"]["rate"], w["ref_pulse"])
     return out

@@ -1,0 +1,268 @@
+"""SpO2 estimators compared on the desaturation set (issue 15 §3), each scored leave one subject out.
+
+The product's estimator (agent/vitals/spo2.py: an absolute ratio of ratios on a sensor type's
+line) reads the camera set with Arms ~9 %, and most of that is an offset between people: a
+line fitted per recording still leaves ~6 %. The estimators here are transparent (a least-
+squares line on one to three features, nothing else fitted) and try what could remove the
+offset and the drift:
+
+- relative: each feature as its change from the first BASELINE_S of the placement (the
+  patient at rest), so the person's own level drops out; SpO2 = A - sum(b_i * change_i), A the
+  training subjects' SpO2 at rest. Those first seconds are withheld (counted as withheld);
+- several wavelengths (log R of two pairs) in one line;
+- the light itself (DC): log of the window's mean light per channel and of the ratio of two
+  channels' lights: deoxygenated haemoglobin absorbs red more, and the perfusion changes;
+- quality: the product's (the lower of the pulse correlation and R's consistency over 2 s
+  stretches), of the pair used or of red/blue, and R's stability over the last SMOOTH_S
+  (1 - the standard deviation of log R across the last windows);
+- controls that are not estimators: the elapsed time since the start as the only feature (the
+  protocol desaturates steadily, so a clock "predicts" SpO2: a method must beat it), and a
+  line fitted on each recording itself (what one feature can do at best: not deployable).
+
+Every feature is the causal median of the last SMOOTH_S one-second windows (what a deployed
+estimator could show at that second). Each fold fits on five subjects and scores the sixth:
+the line, and the quality gate (withholding WITHHELD_GOAL of the training windows, the
+baseline included). "chosen per fold" picks among the estimators (not the controls) by a
+leave-one-subject-out inside the five: the figure that pays for having tried them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from agent.dev.bench_vitals import CAMERA_PAIRS, WITHHELD_GOAL, _arms, _sens_spec
+
+BASELINE_S = 60  # a relative estimate's reference: the placement's first minute, at rest
+SMOOTH_S = 30  # features are the median of the last 30 one-second windows (causal)
+CHANNELS = {"red": 0, "green": 1, "blue": 2}
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    features: tuple[str, ...]  # "logR:<pair>", "logDC:<channel>", "logDCratio:<pair>", "t" (elapsed s)
+    quality: str  # "product:<pair>" or "stability:<pair>"
+    relative: bool = False
+    smooth: bool = True
+    control: bool = False  # not an estimator: shown for comparison, never chosen
+
+
+METHODS = (
+    Method("today: red/blue ratio, absolute, per window", ("logR:red/blue",), "product:red/blue", smooth=False),
+    Method("green/blue ratio, absolute", ("logR:green/blue",), "product:green/blue"),
+    Method("two ratios (R/B, G/B), absolute", ("logR:red/blue", "logR:green/blue"), "product:green/blue"),
+    Method("G/B ratio + R/B light, absolute", ("logR:green/blue", "logDCratio:red/blue"), "product:green/blue"),
+    Method("red/blue ratio, relative", ("logR:red/blue",), "product:red/blue", relative=True),
+    Method("green/blue ratio, relative", ("logR:green/blue",), "product:red/blue", relative=True),
+    Method("two ratios (R/B, G/B), relative", ("logR:red/blue", "logR:green/blue"), "product:red/blue", relative=True),
+    Method("G/B light + G light, relative", ("logDCratio:green/blue", "logDC:green"), "product:red/blue",
+           relative=True),
+    Method("G/B light + G light, relative, G/B quality", ("logDCratio:green/blue", "logDC:green"),
+           "product:green/blue", relative=True),
+    Method("G/B light + G light, relative, R/B stability", ("logDCratio:green/blue", "logDC:green"),
+           "stability:red/blue", relative=True),
+    Method("G/B ratio + G/B light + G light, relative", ("logR:green/blue", "logDCratio:green/blue", "logDC:green"),
+           "product:red/blue", relative=True),
+    Method("R/B ratio + G/B light + G light, relative", ("logR:red/blue", "logDCratio:green/blue", "logDC:green"),
+           "product:red/blue", relative=True),
+    Method("control: elapsed time, relative", ("t",), "product:red/blue", relative=True, control=True),
+)
+
+
+def _causal(v: np.ndarray, n: int, stat: str) -> np.ndarray:
+    # The median (or standard deviation) of each value and the n - 1 before it, NaNs ignored;
+    # NaN where all n are NaN.
+    pad = np.concatenate([np.full(n - 1, np.nan), v])
+    win = np.lib.stride_tricks.sliding_window_view(pad, n)
+    out = np.full(len(v), np.nan)
+    ok = np.isfinite(win).any(axis=1)
+    if ok.any():
+        rows = win[ok]
+        out[ok] = np.nanmedian(rows, axis=1) if stat == "median" else np.nanstd(rows, axis=1)
+    return out
+
+
+def _recordings(w: dict[str, Any]) -> list[np.ndarray]:
+    """Each recording's window indices in time order."""
+    out = []
+    for r in sorted(set(w["recording"].tolist())):
+        idx = np.flatnonzero(w["recording"] == r)
+        out.append(idx[np.argsort(w["second"][idx])])
+    return out
+
+
+def _raw_feature(w: dict[str, Any], name: str) -> np.ndarray:
+    kind, _, arg = name.partition(":")
+    if kind == "t":
+        return np.asarray(w["second"], dtype=float)
+    if kind == "logR":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.asarray(np.log(np.asarray(w["pairs"][arg]["ratio"], dtype=float)))
+    if kind == "logDC":
+        return np.asarray(np.log(np.asarray(w["dc"], dtype=float)[:, CHANNELS[arg]]))
+    if kind == "logDCratio":
+        a, b = CAMERA_PAIRS[arg]
+        dc = np.asarray(w["dc"], dtype=float)
+        return np.asarray(np.log(dc[:, a] / dc[:, b]))
+    raise ValueError("unknown feature %r" % name)
+
+
+def features(w: dict[str, Any], m: Method) -> np.ndarray:
+    """The method's features per window, (n, k): smoothed (causal median over SMOOTH_S) and,
+    for a relative method, less their median over each recording's first BASELINE_S."""
+    recs = _recordings(w)
+    cols = []
+    for name in m.features:
+        v = _raw_feature(w, name)
+        out = np.full(len(v), np.nan)
+        for idx in recs:
+            x = _causal(v[idx], SMOOTH_S, "median") if m.smooth else v[idx]
+            if m.relative:
+                base = x[(w["second"][idx] <= BASELINE_S) & np.isfinite(x)]
+                x = x - np.median(base) if len(base) else np.full(len(x), np.nan)
+            out[idx] = x
+        cols.append(out)
+    return np.column_stack(cols)
+
+
+def quality(w: dict[str, Any], m: Method) -> np.ndarray:
+    kind, _, pair = m.quality.partition(":")
+    if kind == "product":
+        return np.asarray(w["pairs"][pair]["quality"], dtype=float)
+    v = _raw_feature(w, "logR:" + pair)
+    out = np.zeros(len(v))
+    for idx in _recordings(w):
+        sd = _causal(v[idx], SMOOTH_S, "std")
+        out[idx] = np.where(np.isfinite(sd), 1.0 - sd, 0.0)
+    return out
+
+
+def _fit_fold(x: np.ndarray, q: np.ndarray, ref: np.ndarray, base: np.ndarray, train: np.ndarray
+              ) -> tuple[np.ndarray, float]:
+    """The line (coefficients, intercept first) and the quality gate from the training windows:
+    the gate withholds WITHHELD_GOAL of them, the baseline windows (always withheld) counted."""
+    ok = train & np.isfinite(x).all(axis=1) & ~base
+    f_base = float(base[train].mean())
+    share = max(0.0, (WITHHELD_GOAL - f_base) / (1.0 - f_base))
+    gate = float(np.quantile(q[ok], share))
+    fit = ok & (q >= gate)
+    design = np.column_stack([np.ones(int(fit.sum())), x[fit]])
+    beta, *_ = np.linalg.lstsq(design, ref[fit], rcond=None)
+    return beta, gate
+
+
+def _predict(x: np.ndarray, q: np.ndarray, base: np.ndarray, beta: np.ndarray, gate: float
+             ) -> tuple[np.ndarray, np.ndarray]:
+    ok = np.isfinite(x).all(axis=1)
+    est = np.full(len(x), np.nan)
+    est[ok] = np.clip(beta[0] + x[ok] @ beta[1:], 0.0, 100.0)
+    return est, ok & ~base & (q >= gate)
+
+
+def _loso(x: np.ndarray, q: np.ndarray, ref: np.ndarray, base: np.ndarray, subject: np.ndarray,
+          among: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Leave one subject out among the windows `among`: each subject's estimates from a fit on
+    the others. Returns (estimate, shown) per window (NaN / False outside among)."""
+    est, shown = np.full(len(ref), np.nan), np.zeros(len(ref), dtype=bool)
+    for s in sorted(set(subject[among].tolist())):
+        test = among & (subject == s)
+        beta, gate = _fit_fold(x, q, ref, base, among & ~test)
+        e, sh = _predict(x, q, base, beta, gate)
+        est[test], shown[test] = e[test], sh[test]
+    return est, shown
+
+
+def _inputs(w: dict[str, Any], m: Method) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    base = (w["second"] <= BASELINE_S) if m.relative else np.zeros(len(w["second"]), dtype=bool)
+    return features(w, m), quality(w, m), base
+
+
+def _scores(w: dict[str, Any], est: np.ndarray, shown: np.ndarray, q: np.ndarray) -> dict[str, Any]:
+    ref = w["ref_spo2"]
+    err = est - ref
+    e, qq = err[shown], q[shown]
+    best = qq >= np.median(qq) if len(qq) else qq.astype(bool)
+    sens, spec = _sens_spec(est < 90.0, ref < 90.0, shown)
+    return {"arms_shown_pct": _arms(e), "mean_abs_error_shown_pct": round(float(np.mean(np.abs(e))), 2) if len(e)
+            else None, "withheld_fraction": round(1.0 - float(shown.mean()), 3),
+            "arms_best_quality_half_pct": _arms(e[best]), "arms_worst_quality_half_pct": _arms(e[~best]),
+            "below_90_sensitivity": sens, "below_90_specificity": spec,
+            "bias_by_subject_pct": {s: (round(float(np.mean(err[shown & (w["subject"] == s)])), 1)
+                                        if np.any(shown & (w["subject"] == s)) else None)
+                                    for s in sorted(set(w["subject"].tolist()))}}
+
+
+def _inner_arms(inp: tuple[np.ndarray, np.ndarray, np.ndarray], ref: np.ndarray, subject: np.ndarray,
+                others: np.ndarray) -> float:
+    # Arms on what a leave-one-subject-out among `others` shows (the inner loop of the choice).
+    x, q, base = inp
+    e, sh = _loso(x, q, ref, base, subject, others)
+    return float(np.sqrt(np.mean((e - ref)[sh] ** 2))) if sh.any() else float("inf")
+
+
+def compare(w: dict[str, Any], methods: tuple[Method, ...] = METHODS) -> dict[str, Any]:
+    """Each method scored leave one subject out, the estimator chosen per fold by an inner
+    leave one subject out, and the per-recording line (the oracle control).
+    w: the windows of bench_vitals._camera_windows (subject, recording, second, ref_spo2, dc,
+    pairs). Returns {"methods": [{label, relative, control, scores...}], "chosen_per_fold": ...,
+    "line_per_recording": ...}."""
+    ref, subject = w["ref_spo2"], w["subject"]
+    everyone = np.ones(len(ref), dtype=bool)
+    inputs = {m.label: _inputs(w, m) for m in methods}
+    out: dict[str, Any] = {"baseline_s": BASELINE_S, "smooth_s": SMOOTH_S, "methods": []}
+    for m in methods:
+        x, q, base = inputs[m.label]
+        est, shown = _loso(x, q, ref, base, subject, everyone)
+        out["methods"].append(dict(label=m.label, relative=m.relative, control=m.control, features=list(m.features),
+                                   quality=m.quality, **_scores(w, est, shown, q)))
+    # Chosen per fold: the inner leave-one-subject-out's Arms on what it shows, among the others.
+    est, shown, q_used = np.full(len(ref), np.nan), np.zeros(len(ref), dtype=bool), np.zeros(len(ref))
+    chosen = {}
+    for s in sorted(set(subject.tolist())):
+        test, others = subject == s, subject != s
+        pick = min((m for m in methods if not m.control), key=lambda m: _inner_arms(inputs[m.label], ref, subject,
+                                                                                    others))
+        chosen[s] = pick.label
+        x, q, base = inputs[pick.label]
+        beta, gate = _fit_fold(x, q, ref, base, others)
+        e, sh = _predict(x, q, base, beta, gate)
+        est[test], shown[test], q_used[test] = e[test], sh[test], q[test]
+    out["chosen_per_fold"] = dict(chosen=chosen, **_scores(w, est, shown, q_used))
+    # The oracle control: the best line of each pair's ratio (per window, as today's) on each
+    # recording itself.
+    out["line_per_recording_arms_pct"] = {}
+    for pair in CAMERA_PAIRS:
+        r = _raw_feature(w, "logR:" + pair)
+        errs = []
+        for idx in _recordings(w):
+            ok = idx[np.isfinite(r[idx])]
+            p = np.polyfit(r[ok], ref[ok], 1)
+            errs.append(np.polyval(p, r[ok]) - ref[ok])
+        out["line_per_recording_arms_pct"][pair] = _arms(np.concatenate(errs))
+    return out
+
+
+def report(c: dict[str, Any]) -> list[str]:
+    lines = ["SpO2 estimators compared on the desaturation set, each leave one subject out (features: median of the "
+             "last %d s; relative: change from the placement's first %d s, withheld then; gate: %d %% of the "
+             "training windows withheld)" % (c["smooth_s"], c["baseline_s"], 100 * WITHHELD_GOAL),
+             "  %-48s %7s %6s %9s %11s %11s %6s %6s" % ("method", "Arms %", "MAE %", "withheld", "best half",
+                                                        "worst half", "sens", "spec")]
+
+    def row(label: str, s: dict[str, Any]) -> str:
+        return "  %-48s %7s %6s %8.1f%% %11s %11s %5.1f%% %5.1f%%" % (
+            label[:48], s["arms_shown_pct"], s["mean_abs_error_shown_pct"], 100 * s["withheld_fraction"],
+            s["arms_best_quality_half_pct"], s["arms_worst_quality_half_pct"], 100 * (s["below_90_sensitivity"] or 0),
+            100 * (s["below_90_specificity"] or 0))
+
+    for m in c["methods"]:
+        lines.append(row(m["label"], m))
+    ch = c["chosen_per_fold"]
+    lines.append(row("chosen per fold (inner leave one subject out)", ch))
+    lines.append("  %-48s picks: %s" % ("", "; ".join("%s %s" % kv for kv in ch["chosen"].items())))
+    lines.append("  %-48s Arms %s  (not deployable: each pair's ratio, a line fitted on each recording itself)" % (
+        "control: line per recording", ", ".join("%s %s %%" % kv for kv in c["line_per_recording_arms_pct"].items())))
+    return lines

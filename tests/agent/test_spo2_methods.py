@@ -1,0 +1,81 @@
+# The desaturation bench's estimators compared (agent/dev/bench_spo2_methods.py), on windows
+# made up here: a relative estimate removes an offset between people that no absolute line can,
+# its baseline minute is withheld, and no subject's own reference takes part in its estimates.
+from typing import Any
+
+import numpy as np
+
+from agent.dev import bench_spo2_methods as bm
+
+SECONDS = 400
+
+
+def _reference() -> np.ndarray:
+    # At rest (97 %) for the first 90 s, then down to 70 % and back, as the study does.
+    t = np.arange(1, SECONDS + 1, dtype=float)
+    return np.where(t <= 90, 97.0, 97.0 - 27.0 * np.sin(np.pi * np.clip((t - 90) / (SECONDS - 90), 0, 1)))
+
+
+def _windows(offsets: dict[str, float]) -> dict[str, Any]:
+    # One recording per subject, one window a second; log R on the line SpO2 = 110 - 25 R
+    # plus the subject's own offset (a person's skin, a finger's pressure); quality at random.
+    ref = _reference()
+    rng = np.random.default_rng(7)
+    subjects = sorted(offsets)
+    n = len(ref)
+    ratio = np.concatenate([np.exp((110.0 - ref) / 25.0 + offsets[s]) for s in subjects])
+    pair = {"ratio": ratio, "quality": rng.random(n * len(subjects))}
+    return {"subject": np.repeat(subjects, n), "recording": np.repeat(subjects, n),
+            "second": np.tile(np.arange(1, n + 1), len(subjects)), "ref_spo2": np.tile(ref, len(subjects)),
+            "dc": np.full((n * len(subjects), 3), 50.0), "pairs": {p: dict(pair) for p in bm.CAMERA_PAIRS}}
+
+
+# Not smoothed: the made-up SpO2 falls faster than a real one, and a 30 s median would lag it.
+ABSOLUTE = bm.Method("absolute", ("logR:green/blue",), "product:green/blue", smooth=False)
+RELATIVE = bm.Method("relative", ("logR:green/blue",), "product:green/blue", relative=True, smooth=False)
+SMOOTHED = bm.Method("relative", ("logR:green/blue",), "product:green/blue", relative=True)
+
+
+def test_a_relative_estimate_removes_an_offset_between_people() -> None:
+    w = _windows({"A": -0.2, "B": 0.0, "C": 0.25, "D": 0.1})
+    c = bm.compare(w, (ABSOLUTE, RELATIVE))
+    absolute, relative = c["methods"]
+    assert absolute["arms_shown_pct"] > 4.0, absolute
+    assert relative["arms_shown_pct"] < 0.5, relative
+    assert all(abs(b) < 0.5 for b in relative["bias_by_subject_pct"].values()), relative
+
+
+def test_the_baseline_minute_is_withheld_and_counted() -> None:
+    w = _windows({"A": 0.0, "B": 0.1, "C": -0.1})
+    x, q, base = bm._inputs(w, RELATIVE)
+    est, shown = bm._loso(x, q, w["ref_spo2"], base, w["subject"], np.ones(len(q), dtype=bool))
+    assert not shown[w["second"] <= bm.BASELINE_S].any()
+    # The gate withholds 20 % of the training windows in all, the baseline (60 of 400 s) among them.
+    assert abs((1.0 - shown.mean()) - bm.WITHHELD_GOAL) < 0.02
+
+
+def test_no_subject_s_own_reference_takes_part_in_its_estimates() -> None:
+    w = _windows({"A": 0.0, "B": 0.1, "C": -0.1})
+    for m in (ABSOLUTE, RELATIVE):
+        x, q, base = bm._inputs(w, m)
+        every = np.ones(len(q), dtype=bool)
+        est, _ = bm._loso(x, q, w["ref_spo2"], base, w["subject"], every)
+        moved = w["ref_spo2"].copy()
+        in_c = w["subject"] == "C"
+        moved[in_c] = 60.0  # C's reference, were it used, would pull C's own line down
+        est2, _ = bm._loso(x, q, moved, base, w["subject"], every)
+        assert np.allclose(est[in_c], est2[in_c]), m.label
+        assert not np.allclose(est[~in_c], est2[~in_c]), m.label  # the others' fits did use it
+
+
+def test_features_are_causal() -> None:
+    # A feature at second k depends on the windows up to k only: changing what comes after
+    # leaves it as it was.
+    w = _windows({"A": 0.0, "B": 0.1})
+    x1 = bm.features(w, SMOOTHED)
+    w["pairs"]["green/blue"]["ratio"] = w["pairs"]["green/blue"]["ratio"].copy()
+    later = (w["subject"] == "A") & (w["second"] > 200)
+    w["pairs"]["green/blue"]["ratio"][later] *= 3.0
+    x2 = bm.features(w, SMOOTHED)
+    early = (w["subject"] == "A") & (w["second"] <= 200)
+    assert np.allclose(x1[early], x2[early]) and not np.allclose(x1[later], x2[later])
