@@ -45,8 +45,10 @@ _SMALL_UINT = 24  # 0..23: one byte, which the strict codec takes at any depth
 _MAX_VARINT_BYTES = 5
 _INT32_MIN = -(2**31)
 _INT32_MAX = 2**31 - 1
-# The delta each one-byte varint (0..127) stands for, zigzag undone.
-_UNZIGZAG_1BYTE = np.array([(z >> 1) ^ -(z & 1) for z in range(128)], dtype=np.int32)
+# The delta each one-byte varint (0..127) stands for, zigzag undone (-64..63), as an int8
+# byte: a bytes.translate table (bytes 0x80 and above never reach it).
+_UNZIGZAG_1BYTE_I8 = bytes(((z >> 1) ^ -(z & 1)) & 0xFF for z in range(128)) + bytes(128)
+_INT8, _INT32 = np.dtype(np.int8), np.dtype(np.int32)
 
 
 # A COSE_Mac0 as boards write it: tag 17, an array of 4, the protected header
@@ -156,13 +158,16 @@ def _sample_frame(data: bytes | bytearray | memoryview, opener: cipher.SampleCip
             return None
     if cbor2.dumps(d) != data:
         return None
-    clear_channels: list[bytes] = []
-    offset = 0
-    for ch in chans:
-        clear = bytearray(ch)
-        opener.apply(clear, 0, len(clear), epoch, seq, offset, salt)
-        offset += len(clear)
-        clear_channels.append(bytes(clear))
+    # The channels are one keystream, in order: decrypted in one call.
+    clear = bytearray(b"".join(chans)) if len(chans) > 1 else bytearray(chans[0])
+    opener.apply(clear, 0, len(clear), epoch, seq, 0, salt)
+    if len(chans) == 1:
+        clear_channels = [bytes(clear)]
+    else:
+        clear_channels, offset = [], 0
+        for ch in chans:
+            clear_channels.append(bytes(clear[offset:offset + len(ch)]))
+            offset += len(ch)
     frame = messages.SampleFrame(epoch, seq, stream, t0_ms, first_index, rate, count, (scale[0], scale[1]),
                                  None if drive is None else (drive[0], drive[1], drive[2], drive[3]),
                                  (status[0], status[1], status[2], status[3]),
@@ -270,14 +275,26 @@ def _int_ok(v: int, depth: int) -> bool:
 def decode(data: bytes | bytearray | memoryview, count: int) -> npt.NDArray[np.int32]:
     """Decodes exactly `count` samples spanning all of `data` into an int32 array of shape (count,);
     raises RemoteProtocolError otherwise."""
-    a = np.frombuffer(data, dtype=np.uint8)
+    return decode_with_steps(data, count)[0]
+
+
+def decode_with_steps(data: bytes | bytearray | memoryview,
+                      count: int) -> tuple[npt.NDArray[np.int32], tuple[int, bytes] | None]:
+    """decode(data, count), and, when every delta after the first sample took one byte on
+    the wire (most frames), that first sample and the count - 1 steps after it, each an
+    int8 byte (agent/record.py stores them so); else None."""
     if count == 0:
-        if len(a):
-            raise RemoteProtocolError("%d bytes left after 0 samples" % len(a), "trailing")
-        return np.zeros(0, dtype=np.int32)
-    fast = _one_byte_deltas(a, count)
-    if fast is not None:
-        return fast
+        if len(data):
+            raise RemoteProtocolError("%d bytes left after 0 samples" % len(data), "trailing")
+        return np.zeros(0, dtype=np.int32), None
+    data = data if type(data) is bytes else bytes(data)
+    steps = _one_byte_steps(data, count)
+    if steps is not None:
+        out = np.empty(count, dtype=_INT32)
+        out[0] = steps[0]
+        out[1:] = np.frombuffer(steps[1], dtype=_INT8)
+        return np.add.accumulate(out, out=out), steps  # no overflow: _one_byte_steps bounds the sum
+    a = np.frombuffer(data, dtype=np.uint8)
     ends = np.flatnonzero(a < 0x80)
     if len(ends) != count or ends[-1] != len(a) - 1:
         raise RemoteProtocolError("sample data does not hold exactly %d varints" % count, "sample_count")
@@ -296,29 +313,27 @@ def decode(data: bytes | bytearray | memoryview, count: int) -> npt.NDArray[np.i
     values = np.cumsum(d)  # at most 1024 terms below 2^35: no int64 overflow
     if values.min() < _INT32_MIN or values.max() > _INT32_MAX:
         raise RemoteProtocolError("a sample outside the signed 32-bit range", "range")
-    return values.astype(np.int32)
+    return values.astype(np.int32), None
 
 
-def _one_byte_deltas(a: npt.NDArray[np.uint8], count: int) -> npt.NDArray[np.int32] | None:
-    # The common case, in a few numpy calls: the first sample (a delta from 0,
-    # so as large as the signal's baseline) in up to 5 bytes, every other delta
-    # within +-64 in one byte. None: not that case (the general path decides).
-    k = len(a) - count + 1  # the bytes the first varint takes if each other takes one
+def _one_byte_steps(data: bytes, count: int) -> tuple[int, bytes] | None:
+    # The common case, without numpy: the first sample (a delta from 0, so as
+    # large as the signal's baseline) in up to 5 bytes, every other delta
+    # within +-64 in one byte (a byte below 0x80), each turned into its step as
+    # an int8 byte by one bytes.translate. None: not that case (the general path decides).
+    k = len(data) - count + 1  # the bytes the first varint takes if each other takes one
     if not 1 <= k <= _MAX_VARINT_BYTES:
         return None
-    head = a[:k].tolist()
-    if head[-1] >= 0x80 or (k > 1 and (head[-1] == 0 or min(head[:-1]) < 0x80)):
+    last = data[k - 1]
+    if last >= 0x80 or (k > 1 and (last == 0 or min(data[:k - 1]) < 0x80)):
         return None  # the first varint is not exactly k bytes in shortest form
-    rest = a[k:]
-    if len(rest) and rest.max() >= 0x80:
+    rest = data[k:]
+    if not rest.isascii():
         return None
     z = 0
-    for i, byte in enumerate(head):
-        z |= (byte & 0x7F) << (7 * i)
+    for i in range(k):
+        z |= (data[i] & 0x7F) << (7 * i)
     first = (z >> 1) ^ -(z & 1)
     if abs(first) + 64 * count > _INT32_MAX:
         return None  # near the int32 bounds: the general path checks each sample
-    out = np.empty(count, dtype=np.int32)
-    out[0] = first
-    out[1:] = _UNZIGZAG_1BYTE[rest]
-    return np.cumsum(out, out=out)
+    return first, rest.translate(_UNZIGZAG_1BYTE_I8)

@@ -74,6 +74,11 @@ class FrameRecord:
     t0_utc_ms: int | None
     received_at: float
     raw: bytes
+    # The samples part of stored() with steps of one byte, when ingest read
+    # them so from the wire (each channel's first sample as int32, then its
+    # count - 1 steps as int8: agent/fastdecode.py); None: stored() works it
+    # out from channels. Made only from the same samples as channels.
+    steps_i8: bytes | None = None
 
     @property
     def key(self) -> str:
@@ -112,22 +117,26 @@ class FrameRecord:
         ECG and pleth: a byte each) are kept as each channel's first sample and
         its steps; others as int32 values."""
         n, count = len(self.channels), self.count
-        drive = self.ppg_drive
-        head = _PACKED.pack(_PACKED_FORMAT, n, 4, drive is not None, self.rate_hz, self.scale_num, self.scale_den,
-                            self.flags, self.fifo_lost_samples, self.frames_dropped_by_board, self.jitter_us)
-        if drive is not None:
-            head += _DRIVE.pack(*drive)
+        if self.steps_i8 is not None and n and count:
+            return self._head(n, 1) + self.steps_i8
         if not n or not count:
-            return head
+            return self._head(n, 4)
         values = np.stack(self.channels).astype(np.int64) if n > 1 else self.channels[0].astype(np.int64)[None]
         steps = np.diff(values, axis=1)
         lo, hi = (int(steps.min()), int(steps.max())) if steps.size else (0, 0)
         for width, dtype in _STEP_DTYPES:
             bound = 1 << (8 * width - 1)
             if -bound <= lo and hi < bound:
-                return (head[:2] + bytes([width]) + head[3:] + values[:, 0].astype(SAMPLE_DTYPE).tobytes()
+                return (self._head(n, width) + values[:, 0].astype(SAMPLE_DTYPE).tobytes()
                         + steps.astype(dtype).tobytes())
-        return head + values.astype(SAMPLE_DTYPE).tobytes()
+        return self._head(n, 4) + values.astype(SAMPLE_DTYPE).tobytes()
+
+    def _head(self, n: int, width: int) -> bytes:
+        drive = self.ppg_drive
+        head = _PACKED.pack(_PACKED_FORMAT, n, width, drive is not None, self.rate_hz, self.scale_num,
+                            self.scale_den, self.flags, self.fifo_lost_samples, self.frames_dropped_by_board,
+                            self.jitter_us)
+        return head if drive is None else head + _DRIVE.pack(*drive)
 
     @classmethod
     def from_stored(cls, device_id: str, epoch: int, seq: int, stream: int, t0_ms: int, t0_utc_ms: int | None,
@@ -191,6 +200,12 @@ class FrameRecord:
                    None if drive is None else (int(drive[0]), int(drive[1]), int(drive[2]), int(drive[3])),
                    int(header["flags"]), int(header["fifo_lost_samples"]), int(header["frames_dropped_by_board"]),
                    int(header["jitter_us"]), channels, t0_utc_ms, received_at, raw)
+
+
+def packed_steps_i8(channels: list[tuple[int, bytes]]) -> bytes:
+    """FrameRecord.steps_i8 of channels given as (first sample, count - 1 steps as int8 bytes)."""
+    return struct.pack("<%di" % len(channels), *[first for first, _ in channels]) + b"".join(
+        [steps for _, steps in channels])
 
 
 def stored_fifo_lost(header: dict[str, Any] | None, samples: bytes | None) -> int:

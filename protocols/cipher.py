@@ -79,8 +79,8 @@ def derive_key(device_key: bytes, boot_salt: bytes) -> bytes:
     return _hmac_sha256(prk, KEY_INFO + b"\x01")
 
 
-# CPython: the block counters of any frame (4096 bytes at most: 256 blocks), made at first use.
-_COUNTERS: "list[bytes]" = []
+# CPython: cryptography's Cipher, AES and CTR, imported at first use.
+_CPYTHON: "list[Any]" = []
 
 
 class SampleCipher:
@@ -99,7 +99,7 @@ class SampleCipher:
         self._ctr = bytearray(_BLOCK)
         self._ks = bytearray(_BLOCK)
         self._aes: "Any" = None
-        self._ecb_cpython: "Any" = None
+        self._aes_cpython: "Any" = None
         if self.boot_salt is not None:
             self._use(self.boot_salt)
 
@@ -126,7 +126,7 @@ class SampleCipher:
         key = derive_key(self._device_key, salt)
         self._key = key
         self._aes = _ecb(key)
-        self._ecb_cpython = None
+        self._aes_cpython = None
         self._salt = bytes(salt)
 
     def _block(self, epoch: int, seq: int, counter: int) -> None:
@@ -176,23 +176,23 @@ class SampleCipher:
 
     def _apply_cpython(self, buf: "bytearray | memoryview", start: int, end: int, epoch: int, seq: int,
                        offset: int) -> None:
-        # The keystream of all the blocks in one call of a cached ECB encryptor.
-        if self._ecb_cpython is None:
-            from cryptography.hazmat.primitives.ciphers import (  # type: ignore[import-not-found, unused-ignore]
-                Cipher,
-                algorithms,
-                modes,
-            )
+        # One AES-CTR context of `cryptography` from the counter block of
+        # offset's block: its 128-bit increment is the block counter's, which
+        # a frame (256 blocks at most) never carries past. The key's AES
+        # object is made once.
+        if self._aes_cpython is None:
+            if not _CPYTHON:
+                from cryptography.hazmat.primitives.ciphers import (  # type: ignore[import-not-found, unused-ignore]
+                    Cipher,
+                    algorithms,
+                    modes,
+                )
 
-            self._ecb_cpython = Cipher(algorithms.AES(self._key), modes.ECB()).encryptor()
-            if not _COUNTERS:
-                _COUNTERS.extend(b.to_bytes(4, "big") for b in range(256))
-        first, skip = offset >> 4, offset & 15
-        n = end - start
-        last = (offset + n - 1) >> 4
-        prefix = epoch.to_bytes(4, "big") + seq.to_bytes(4, "big") + bytes(4)
-        blocks = b"".join([prefix + _COUNTERS[b] for b in range(first, last + 1)]) if last < 256 else \
-            b"".join([prefix + b.to_bytes(4, "big") for b in range(first, last + 1)])
-        stream = self._ecb_cpython.update(blocks)[skip:skip + n]
-        data = int.from_bytes(bytes(buf[start:end]), "big") ^ int.from_bytes(stream, "big")
-        buf[start:end] = data.to_bytes(n, "big")
+                _CPYTHON.extend((Cipher, algorithms.AES, modes.CTR))
+            self._aes_cpython = _CPYTHON[1](self._key)
+        block, skip = offset >> 4, offset & 15
+        ctr = _CPYTHON[0](self._aes_cpython, _CPYTHON[2](
+            epoch.to_bytes(4, "big") + seq.to_bytes(4, "big") + block.to_bytes(8, "big"))).encryptor()
+        if skip:
+            ctr.update(bytes(skip))
+        buf[start:end] = ctr.update(bytes(buf[start:end]))
