@@ -46,7 +46,7 @@ STREAM_CHANNELS = {STREAM_ECG_MAX30003: 1, STREAM_ECG_AD8232: 1, STREAM_PPG_MAX3
 
 # Error report codes (type 7; SPEC.md says what the board then does).
 ERROR_CODES = {1: "sensor_setup", 2: "sensor_fault", 3: "link_fault", 4: "loop_restarted", 5: "watchdog_reset",
-               6: "epoch_resync"}
+               6: "epoch_resync", 7: "no_memory"}
 
 # Sensor status flags (bit numbers in status[0]).
 FLAG_LEAD_OFF = const(1)

@@ -24,6 +24,7 @@ ERR_LINK_FAULT = const(3)  # the link failed (radio error, host not reading)
 ERR_LOOP_RESTARTED = const(4)  # an unexpected exception ended a loop iteration
 ERR_WATCHDOG_RESET = const(5)  # the board restarted because its loop stalled
 ERR_EPOCH_RESYNC = const(6)  # the hub refused this boot's epoch: moved past the hub's newest (SPEC.md)
+ERR_NO_MEMORY = const(7)  # the heap had no block for the whole outbox ring at boot: a smaller one
 
 OK = const(0)
 RETRY = const(1)

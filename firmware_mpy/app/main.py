@@ -92,7 +92,8 @@ class App:
         self.worst = [s.window * len(s.chans) * _WORST_BYTES_PER_SAMPLE + _FRAME_OVERHEAD for s in self.streams]
         biggest = max(self.worst)
         gc.collect()  # the outbox is the one big block: make room for it in one piece
-        self.outbox = Outbox(max(cfg["outbox_bytes"], 2 * biggest), cfg["outbox_frames"])
+        ring_bytes = max(cfg["outbox_bytes"], 2 * biggest)
+        self.outbox = Outbox(ring_bytes, cfg["outbox_frames"], 2 * biggest)  # (a smaller ring from boot: reported)
         self._frame_writer = cbor.Writer(self.outbox.buf)  # build_frame bounds it to a region
         # hello/status/time/error messages, sealed in place (as frames are).
         self._small_w = cbor.Writer(bytearray(_SMALL + 96))
@@ -134,6 +135,10 @@ class App:
         self._reseal_oom = False
         self.guard = faults.SensorGuard([_CHIPS[st.stream_id] for st in self.streams], now)
         self.reports = faults.Reports()
+        if len(self.outbox.buf) < ring_bytes:  # streams on, with less room for frames awaiting their ack
+            text = "outbox ring %d bytes, not %d: no larger block at boot" % (len(self.outbox.buf), ring_bytes)
+            self.reports.add(faults.ERR_NO_MEMORY, text)
+            board.console("pulsebridge: " + text)
         self.loop_restarts = 0
         self._link_fault = getattr(self.link, "take_fault", None)  # a fake link may have none
         self.wdt = None
@@ -415,8 +420,7 @@ class App:
             self._drain()
         if self.update is not None and not self.update.step(now):  # one piece of an update per loop
             self.update = None
-            for package, name in _UPDATE_MODULES:  # the update's code leaves RAM with it
-                forget(package, name)
+            forget_update()  # the update's code leaves RAM with it
 
     def _checkpoint(self, log, now):
         # The frames listed since the last one, MACed under the origin key,
@@ -590,6 +594,12 @@ def forget(package, name):
         delattr(pkg, name)
 
 
+def forget_update():
+    # What an update loads (_UPDATE_MODULES), dropped from RAM.
+    for package, name in _UPDATE_MODULES:
+        forget(package, name)
+
+
 def forget_decoding():
     # What decoding a rarer downlink message loads (cose.parse, the message
     # decoder), dropped once it is handled.
@@ -612,6 +622,8 @@ def run(board, until_ms=None):
     del config  # read at boot only: the app drops its code from RAM (an epoch resync loads it again)
     try:
         app = App(board, cfg, key, epoch, True)
+    except MemoryError:
+        raise  # not the sensors' fault: the entry point (main.py) resets the board
     except Exception as e:  # a sensor missing or misconfigured: say which
         print("pulsebridge: not streaming: sensor set-up failed:", e)
         return None

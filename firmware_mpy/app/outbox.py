@@ -15,14 +15,39 @@ from app import ticks
 # The ring is the firmware's one big block (24 kB by default). Allocated once
 # the modules are loaded, it may find no hole that large: their code (in RAM
 # when installed as .mpy files) splits the heap. So the entry point asks for
-# it first, at boot (preallocate), and the Outbox takes that one.
+# it first, at boot (preallocate), and the Outbox takes that one. This module
+# keeps it for the board's life: a simulated board's watchdog reset starts
+# the firmware again in the same heap (sim/board_sim.py, run_forever), where
+# a chip's starts in an empty one; asked for again, the ring is the same
+# block, not a new one sought in a heap the last run left in pieces (an
+# update's code loaded there left no 24 kB hole, and the board ended at its
+# REPL).
+_MIN_RING_BYTES = const(4096)  # a smaller ring than asked for, down to this: two ECG frames of 1 s at 512 Hz
 _ring = None
+_ring_free = False  # preallocated, and no Outbox holds it
 
 
 def preallocate(nbytes):
-    global _ring
-    gc.collect()
-    _ring = bytearray(nbytes)
+    # At boot, nothing of an earlier run in use: the ring, nbytes if the
+    # heap has a block that large, else the largest power-of-two fraction
+    # of it that fits, down to _MIN_RING_BYTES (the app reports the
+    # shortfall). Returns its size, 0 if not even that fits.
+    global _ring, _ring_free
+    ring = _ring
+    if ring is None or len(ring) != nbytes:
+        _ring = ring = None
+        n = nbytes
+        while n >= _MIN_RING_BYTES:
+            gc.collect()
+            try:
+                ring = bytearray(n)
+                break
+            except MemoryError:
+                n //= 2
+        _ring = ring
+    _ring_free = ring is not None
+    return 0 if ring is None else len(ring)
+
 
 _FREE = const(0)  # record unused, or acknowledged
 _UNSENT = const(1)
@@ -30,15 +55,21 @@ _SENT = const(2)
 
 
 class Outbox:
-    def __init__(self, capacity_bytes, max_frames):
-        global _ring
+    def __init__(self, capacity_bytes, max_frames, min_bytes=None):
+        # The preallocated ring if it is free and of capacity_bytes (or, given
+        # min_bytes, down to that: all the heap had at boot); else a new one.
+        global _ring, _ring_free
         ring = _ring
-        _ring = None
-        if ring is not None and len(ring) == capacity_bytes:
-            self.buf = ring
+        if min_bytes is None:
+            min_bytes = capacity_bytes
+        if ring is not None and _ring_free and min_bytes <= len(ring) <= capacity_bytes:
+            _ring_free = False
         else:
-            ring = None
-            self.buf = bytearray(capacity_bytes)
+            if _ring_free:  # not of a size this outbox can take: its block goes back to the heap
+                _ring = None
+                _ring_free = False
+            ring = bytearray(capacity_bytes)
+        self.buf = ring
         self.mv = memoryview(self.buf)
         # The records' table as typed arrays (a list takes a word per entry):
         # off in the ring, length (a message is at most 4224 bytes: 16 bits),
