@@ -5,14 +5,23 @@ webhook batches (JSON or CBOR), checks every sample frame end to end (the
 COSE tag under the device's key, and that the decoded fields the hub sent
 match the signed ones), and stores each once by its idempotency key,
 answering 200 only after its own commit. GET /summary tells what it holds.
+
+A batch it cannot store (its disk full, an I/O error) is rolled back
+whole and answered 503 ("later": the hub keeps it and sends it again), so
+nothing the hub was told is stored is lost; the failure is one log line
+(again at most every LOG_EVERY_S while it lasts, and once when storing
+works again), counted, and shown in its summary (store_failures,
+store_failing, last_store_error).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import sqlite3
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +29,11 @@ import cbor2
 from aiohttp import web
 
 from protocols import cipher, cose, messages
+
+log = logging.getLogger(__name__)
+
+# While its storage keeps failing, the backend says so again at most this often.
+LOG_EVERY_S = 10.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS received(
@@ -50,6 +64,10 @@ class LocalBackend:
         self.runner: web.AppRunner | None = None
         self.port = 0
         self.fail_next = 0  # tests: answer 503 to this many batches
+        self.store_failures = 0  # batches it could not store (answered 503), since start
+        self.last_store_error = ""
+        self.store_failing = False  # the last batch could not be stored
+        self._logged_at = 0.0
 
     def _bump(self, name: str, n: int = 1) -> None:
         self.db.execute("INSERT INTO stats VALUES(?,?) ON CONFLICT(name) DO UPDATE SET value=value+excluded.value",
@@ -89,18 +107,40 @@ class LocalBackend:
         docs = cbor2.loads(body) if request.content_type == "application/cbor" else json.loads(body)
         if not isinstance(docs, list):
             return web.Response(status=400, text="expected an array")
-        self.db.execute("BEGIN")
-        for doc in docs:
-            problem = self._check(doc)
-            if problem:
-                self._bump("invalid")
-                continue
-            cur = self.db.execute("INSERT OR IGNORE INTO received VALUES(?,?,?,?,?,?,?)", (
-                doc["idempotency_key"], doc["type"], doc.get("device_id"), doc.get("stream"),
-                doc.get("first_index"), doc.get("count"), json.dumps(doc)))
-            self._bump("stored" if cur.rowcount else "duplicates")
-        self.db.execute("COMMIT")
+        try:
+            self.db.execute("BEGIN")
+            for doc in docs:
+                problem = self._check(doc)
+                if problem:
+                    self._bump("invalid")
+                    continue
+                cur = self.db.execute("INSERT OR IGNORE INTO received VALUES(?,?,?,?,?,?,?)", (
+                    doc["idempotency_key"], doc["type"], doc.get("device_id"), doc.get("stream"),
+                    doc.get("first_index"), doc.get("count"), json.dumps(doc)))
+                self._bump("stored" if cur.rowcount else "duplicates")
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:  # its disk full, an I/O error: nothing of the batch kept, the hub resends it
+            return self._cannot_store(len(docs), e)
+        if self.store_failing:
+            log.warning("local backend: storing again, after %d batches it could not store", self.store_failures)
+            self.store_failing = False
         return web.json_response({"ok": True})
+
+    def _cannot_store(self, n: int, e: sqlite3.Error) -> web.Response:
+        if self.db.in_transaction:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:  # SQLite may have rolled it back itself
+                pass
+        self.store_failures += 1
+        self.last_store_error = "%s: %s" % (type(e).__name__, e)
+        now = time.monotonic()
+        if not self.store_failing or now - self._logged_at >= LOG_EVERY_S:
+            log.error("local backend: cannot store a batch of %d documents (%s); answered 503, the hub keeps it and "
+                      "sends it again (%d batches refused so far)", n, self.last_store_error, self.store_failures)
+            self._logged_at = now
+        self.store_failing = True
+        return web.Response(status=503, text="cannot store: %s" % self.last_store_error)
 
     def summary(self) -> dict[str, Any]:
         stats = {k: v for k, v in self.db.execute("SELECT name, value FROM stats")}
@@ -119,7 +159,8 @@ class LocalBackend:
                 "by_device": per,
                 "gap_records": gaps, "duplicates": stats.get("duplicates", 0), "invalid": stats.get("invalid", 0),
                 "vitals": {k: {"n": len(v), "median": sorted(v)[len(v) // 2]} for k, v in vitals.items()},
-                "alerts": alerts}
+                "alerts": alerts, "store_failures": self.store_failures, "store_failing": self.store_failing,
+                "last_store_error": self.last_store_error}
 
     def keys_received(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT key FROM received")}
