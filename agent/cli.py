@@ -245,6 +245,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     import asyncio
     import time
 
+    from agent import status_text
     from agent.status_server import read_status
 
     cfg = _load_config(args.config)
@@ -258,7 +259,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print("hub %s, up %.0f s" % (snap["hub_id"], snap["uptime_s"]))
     for b in snap["boards"]:
-        print("  " + _board_line(b))
+        print("  " + _board_line(b, snap.get("store")))
     for name, t in sorted(snap.get("tasks", {}).items()):
         if t["restarts"]:
             print("  task %s restarted %d times%s (last: %s)" % (
@@ -276,17 +277,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     alerts = snap.get("vitals", {}).get("active_alerts", [])
     print("  alerts: " + (", ".join("%s %s" % (d, a) for d, a in alerts) if alerts else "none"))
     st = snap.get("store", {})
-    if st.get("state") == "fault":
-        print("  store FAULT for %.0f s: %s; nothing new is acknowledged until it is stored (retrying)" % (
-            time.time() - st["fault_since"], st["fault"]))
-    else:
-        print("  store ok: %d frames stored, %d refused and quarantined, %d storage faults recovered, %d holes in "
-              "the boards' streams sent as gap records" % (st.get("ingested", 0), st.get("refused", 0),
-                                                            st.get("faults_recovered", 0), st.get("gaps_found", 0)))
-    if st.get("short_of_space"):
-        print("  store SHORT OF SPACE (%s): %d frames deleted before every backend had them, the last %.0f s ago "
-              "(gap records sent); free some space or raise disk_quota_mb" % (
-                  st["short_of_space"], st["dropped_undelivered"], time.time() - st["last_drop_at"]))
+    for line in status_text.store_lines(st, time.time()):
+        print("  " + line)
     rec = st.get("recovery")
     if rec:
         print("  store recovered at %s from a damaged store (%s; kept as %s): %s rows recovered, %d ranges "
@@ -305,25 +297,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-# What each link state means, in the words `pulsebridge status` prints.
-_STATE_WORDS = {
-    "searching": "not plugged in", "connecting": "connecting", "connected": "connected",
-    "stalled": "stalled: nothing received", "backoff": "reconnecting", "out_of_range": "out of range",
-    "released": "not a registered board: port left alone",
-}
-
-
 def _ota_describe(update: Any) -> str:
     from agent import ota
 
     return ota.describe(update)
 
 
-def _board_line(b: dict[str, Any]) -> str:
+def _board_line(b: dict[str, Any], store: dict[str, Any] | None = None) -> str:
+    """A board's line in `pulsebridge status`; store: the snapshot's store state (a store fault holds
+    a connected board's frames)."""
     import time
 
+    from agent import status_text
+
     last = "never" if not b["last_frame_at"] else "%.0f s ago" % (time.time() - b["last_frame_at"])
-    state = _STATE_WORDS.get(b["state"], b["state"])
+    state = status_text.board_state(b, store or {})
     if b.get("retry_in_s") is not None and b["state"] != "searching":
         state += " (next try in %.0f s)" % b["retry_in_s"]
     line = "board %-12s %s, on %s, last frame %s" % (b["device_id"] or "?", state, b.get("port") or b["link"], last)

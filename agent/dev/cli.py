@@ -110,7 +110,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         print("\n".join(demo.summary_lines(result)))
     ok = (result["frames_lost"] == 0 and result["store_integrity"] == "ok" and not result["backend_invalid"]
-          and not result["boards_without_stop_summary"])
+          and not result["boards_without_stop_summary"] and result["store_at_stop"]["state"] == "ok")
     return 0 if ok else 1
 
 

@@ -137,12 +137,13 @@ async def _run_demo(opts: SimOptions, out: IO[str], tmp: Path, air: Air | None,
                 break
             await asyncio.sleep(0.2)
         snap = agent.snapshot()
+        stored_by_board = dict(agent.frames_stored)
         stop.set()
         await task
         summary = backend.summary()
         await backend.stop()
     integrity = agent.store.integrity_check()
-    result = _result(specs, consoles, snap, summary, integrity, time.monotonic() - t0)
+    result = _result(specs, consoles, snap, summary, integrity, time.monotonic() - t0, stored_by_board)
     result["link"] = opts.link
     if air is not None:
         result["air"] = _air_figures(air, agent, summary, time.monotonic() - t0)
@@ -202,61 +203,125 @@ def _live(out: IO[str], tty: bool) -> Any:
 
 
 def _result(specs: list[Any], consoles: list[str], snap: dict[str, Any], backend: dict[str, Any], integrity: str,
-            elapsed: float) -> dict[str, Any]:
-    generated = unacked = dropped = 0
+            elapsed: float, stored_by_board: dict[str, int]) -> dict[str, Any]:
+    """The run's figures. stored_by_board: the sample frames the hub stored from each board (Agent.frames_stored).
+    A frame a board built is either stored by the hub, still in the board's outbox at the stop (kept
+    and sent again), or dropped by the board (its outbox full, nothing acknowledged it): each
+    board's built = stored + still on the board + dropped, the last two from what it built and the
+    hub stored, the board's own dropped count bounding the third."""
+    generated = unacked = dropped = on_boards = 0
     boards = []
     missing: list[str] = []
+    stored_known = 0  # by the boards that gave their count
     for spec, console in zip(specs, consoles):
         built = _frames_built(console)
+        stored = stored_by_board.get(spec.device_id, 0)
         if built is None:
             missing.append(spec.device_id)
             print("board %s gave no stop summary; the last text on its console: %s"
                   % (spec.device_id, demo_view.console_text(console)), file=sys.stderr)
-            built = (0, 0, 0)
+            boards.append({"device_id": spec.device_id, "frames_built": None, "awaiting_ack_at_stop": None,
+                           "dropped_by_board": None, "frames_stored_by_hub": stored, "frames_still_on_board": None})
+            continue
+        not_stored = max(0, built[0] - stored)
+        board_dropped = min(built[2], not_stored)
         generated += built[0]
         unacked += built[1]
         dropped += built[2]
+        on_boards += not_stored - board_dropped
+        stored_known += stored
         boards.append({"device_id": spec.device_id, "frames_built": built[0], "awaiting_ack_at_stop": built[1],
-                       "dropped_by_board": built[2]})
+                       "dropped_by_board": built[2], "frames_stored_by_hub": stored,
+                       "frames_still_on_board": not_stored - board_dropped})
     acknowledged = snap["store"]["ingested"]
     forwarded = backend["frames"]
+    st = snap["store"]
     return {
         "seconds": round(elapsed, 1),
         "boards": boards,
         "frames_generated": generated,
         "frames_acknowledged": acknowledged,
+        # Of frames_generated (the boards that gave their count): stored by the hub, still on the
+        # boards at the stop, dropped by the boards. They add up to it.
+        "frames_stored_of_generated": stored_known,
+        "frames_still_on_boards": on_boards,
+        "frames_dropped_by_boards": generated - stored_known - on_boards,
         "frames_forwarded": forwarded,
         # Acknowledged to a board but absent from the backend, plus frames a
         # board dropped unacknowledged: both count as lost.
         "frames_lost": max(0, acknowledged - forwarded) + dropped,
+        # The boards' own count: messages in their outboxes at the stop (frames not stored, frames
+        # stored whose ack was on its way, origin checkpoints).
         "frames_unacked_at_stop": unacked,
         "backlog": {b["name"]: b["backlog"] for b in snap["backends"]},
         "rejects": snap["rejects"],
         "backend_invalid": backend["invalid"],
         "vitals_at_backend": backend.get("vitals", {}),
         "alerts_at_backend": backend.get("alerts", 0),
+        # Batches the local backend could not store (its disk full), answered 503 and sent again.
+        "backend_store_failures": backend.get("store_failures", 0),
+        "backend_last_store_error": backend.get("last_store_error", ""),
         "store_integrity": integrity,
+        # The store at the stop (Store.status()): "fault" while its commits failed (a full disk).
+        "store_at_stop": {"state": st.get("state", "ok"), "fault": st.get("fault"),
+                          "fault_for_s": (round(snap["now"] - st["fault_since"], 1)
+                                          if st.get("fault_since") is not None else None),
+                          "short_of_space": st.get("short_of_space"),
+                          "dropped_undelivered": st.get("dropped_undelivered", 0),
+                          "commit_failures": st.get("commit_failures", 0),
+                          "faults_recovered": st.get("faults_recovered", 0)},
         # Boards whose console gave no stop summary: frames_generated does not count theirs.
         "boards_without_stop_summary": missing,
     }
 
 
 def summary_lines(r: dict[str, Any]) -> list[str]:
-    """The demo's result for a person: each count with what it means."""
+    """The demo's result for a person: each count with what it means, and the sums that hold
+    between them written out."""
     vitals = sum(v["n"] for v in r["vitals_at_backend"].values())
+    stored, forwarded = r["frames_acknowledged"], r["frames_forwarded"]
     lines = ["Summary after %.0f s with %d boards:" % (r["seconds"], len(r["boards"])),
-             "  %6d frames built by the boards" % r["frames_generated"],
-             "  %6d stored and acknowledged by the hub (verified, written to its disk, acknowledged to the board)"
-             % r["frames_acknowledged"],
-             "  %6d at the backend, checked end to end (the hub's %d vitals and %d alerts went too)"
-             % (r["frames_forwarded"], vitals, r["alerts_at_backend"]),
-             "  %6d awaiting their ack on the boards at the stop (kept and sent again; the hub may have them)"
-             % r["frames_unacked_at_stop"],
-             "  %6d lost, %d refused; the hub's store: %s" % (r["frames_lost"], sum(r["rejects"].values()),
-                                                             r["store_integrity"])]
+             "  %6d frames built by the boards = %d stored by the hub + %d still on the boards + %d dropped by "
+             "the boards" % (r["frames_generated"], r["frames_stored_of_generated"], r["frames_still_on_boards"],
+                             r["frames_dropped_by_boards"]),
+             "           stored: verified, written to the hub's disk, acknowledged to the board (it may forget them)",
+             "           still on the boards: not stored by the stop; each board keeps them and sends them again",
+             "           dropped: a board's outbox was full and nothing had acknowledged them: lost",
+             "  %6d stored by the hub = %d at the backend, checked end to end + %d not delivered" % (
+                 stored, min(stored, forwarded), max(0, stored - forwarded)),
+             "           (the hub's %d vitals and %d alerts went to the backend too)"
+             % (vitals, r["alerts_at_backend"]),
+             "  %6d lost (dropped by the boards, or stored and not delivered), %d refused (not authentic or damaged)"
+             % (r["frames_lost"], sum(r["rejects"].values()))]
     if r["boards_without_stop_summary"]:
         lines.append("  frames built unknown for %s: no stop summary on its console"
                      % ", ".join(r["boards_without_stop_summary"]))
+    if r.get("backend_store_failures"):
+        lines.append("  the backend could not store %d batches (last: %s); the hub kept them and sent them again"
+                     % (r["backend_store_failures"], r["backend_last_store_error"]))
+    air = r.get("air")
+    if air:  # over BLE: what crossed the software radio (as the JSON summary's "air")
+        rc = air["hub_reconnect_s"]
+        lines += ["  over the air: %.2f frames/s at the backend; %d notifications (%d bytes), %d lost on air; "
+                  "%d connections, %d forced disconnects, %d adapter losses" % (
+                      air["frames_per_s"], air["notifications"], air["notification_bytes"], air["lost"],
+                      air["connects"], air["forced_disconnects"], air["adapter_losses"]),
+                  "           bytes per sample value delivered: %s as ATT values, %s with ATT and L2CAP headers "
+                  "(every overhead included)" % (air["att_bytes_per_sample_value"],
+                                                 air["l2cap_bytes_per_sample_value"]),
+                  "           the hub's reconnections: %d%s" % (
+                      rc["n"], ", median %.2f s, longest %.2f s" % (rc["median"], rc["max"]) if rc["n"] else "")]
+    st = r.get("store_at_stop") or {"state": "ok"}
+    if st["state"] == "fault":
+        lines.append("  the hub's store: FAULT at the stop, for %.0f s: %s; it stored nothing new and acknowledged "
+                     "nothing since (its file: %s)" % (st.get("fault_for_s") or 0, st.get("fault"),
+                                                       r["store_integrity"]))
+    else:
+        recovered = st.get("faults_recovered", 0)
+        lines.append("  the hub's store: %s, its file: %s%s" % (
+            "ok" if not st.get("short_of_space") else "SHORT OF SPACE (%s): %d frames deleted before delivery" % (
+                st["short_of_space"], st.get("dropped_undelivered", 0)),
+            r["store_integrity"], "; %d storage faults during the run, recovered" % recovered if recovered else ""))
     return lines
 
 

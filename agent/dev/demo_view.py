@@ -18,6 +18,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from agent import status_text
+
 # Eight heights of a block: an ECG trace in one line of text.
 _BLOCKS = "▁▂▃▄▅▆▇█"
 TRACE_WIDTH = 72
@@ -73,9 +75,10 @@ def live_view(snap: dict[str, Any], backend: dict[str, Any], waves: dict[str, li
                    title_justify="left", expand=False)
     for col in ("board", "state", "heart rate", "SpO2", "pulse", "frames stored", "last frame"):
         boards.add_column(col, justify="right" if col in ("heart rate", "SpO2", "pulse", "frames stored") else "left")
+    store = snap.get("store", {})
     for b in snap["boards"]:
         dev = b["device_id"] or b["port"]
-        state = Text(b["state"], style="green" if b["state"] == "connected" else "yellow")
+        state = Text(status_text.board_state(b, store), style="green" if status_text.streaming(b, store) else "yellow")
         boards.add_row(dev, state, _vital(snap, dev, "heart_rate", "/min"), _vital(snap, dev, "spo2", "%"),
                        _vital(snap, dev, "pulse_rate", "/min"), str(b["frames"]), _age(b["last_frame_at"], now))
     traces = Table.grid(padding=(0, 1))
@@ -85,18 +88,45 @@ def live_view(snap: dict[str, Any], backend: dict[str, Any], waves: dict[str, li
     numbers = Table.grid(padding=(0, 2))
     for name, value, meaning in counts(snap, backend):
         numbers.add_row(Text(name, style="bold"), Text(str(value), justify="right"), Text(meaning, style="dim"))
-    return Group(boards, Panel(traces, title="ECG, last 4 s", title_align="left"),
-                 Panel(numbers, title="frames", title_align="left"), Text(footer))
+    parts: list[RenderableType] = [boards]
+    trouble = status_text.store_brief(store, snap.get("now", now))
+    if trouble:  # above everything else: nothing new is kept while it lasts
+        parts.append(Text(trouble, style="bold red"))
+    if backend.get("store_failing"):
+        parts.append(Text(backend_trouble(backend), style="bold red"))
+    parts += [Panel(traces, title="ECG, last 4 s", title_align="left"),
+              Panel(numbers, title="frames", title_align="left"), Text(footer)]
+    return Group(*parts)
 
 
 def plain_line(snap: dict[str, Any], backend: dict[str, Any], elapsed_s: float) -> str:
-    """One short line (under 100 characters with up to a few boards) for a pipe or a log."""
-    streaming = sum(1 for b in snap["boards"] if b["state"] == "connected" and b["frames"])
+    """One short line (under 100 characters with up to a few boards, all well) for a pipe or a log;
+    longer when something is wrong, which it says: the store's trouble (a board whose frames it
+    cannot store is not streaming), or the boards that are not streaming and why."""
+    store = snap.get("store", {})
+    streaming = [b for b in snap["boards"] if status_text.streaming(b, store)]
     c = {name: value for name, value, _ in counts(snap, backend)}
     hr = " ".join(_vital(snap, b["device_id"], "heart_rate", "/min").replace(" ", "")
                   for b in snap["boards"] if b["device_id"])
-    return "[%4.0fs] boards %d/%d streaming | stored+acked %d | forwarded %d | backlog %d | HR %s" % (
-        elapsed_s, streaming, len(snap["boards"]), c["stored and acknowledged"], c["forwarded"], c["backlog"], hr)
+    line = "[%4.0fs] boards %d/%d streaming | stored+acked %d | forwarded %d | backlog %d | HR %s" % (
+        elapsed_s, len(streaming), len(snap["boards"]), c["stored and acknowledged"], c["forwarded"], c["backlog"],
+        hr)
+    trouble = status_text.store_brief(store, snap.get("now", time.time()))
+    if trouble:
+        return line + " | " + trouble + backend_trouble(backend, " | ")
+    if backend.get("store_failing"):
+        return line + backend_trouble(backend, " | ")
+    idle = ["%s %s" % (b["device_id"] or b["port"], status_text.board_state(b, store))
+            for b in snap["boards"] if b not in streaming and b["state"] != "connected"]
+    return line + (" | not streaming: " + ", ".join(idle) if idle else "")
+
+
+def backend_trouble(backend: dict[str, Any], lead: str = "") -> str:
+    """The local backend's storage failing (its disk full), in a few words after lead; "" when it stores."""
+    if not backend.get("store_failing"):
+        return ""
+    return "%sBACKEND CANNOT STORE (%d batches refused, the hub sends them again): %s" % (
+        lead, backend.get("store_failures", 0), backend.get("last_store_error", ""))
 
 
 def console_text(tail: str, runs: int = 6) -> str:

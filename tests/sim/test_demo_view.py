@@ -6,10 +6,12 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import time
 from pathlib import Path
@@ -47,7 +49,7 @@ def test_live_view_shows_each_board_its_vitals_trace_and_what_each_count_means()
     assert "pulsebridge demo: 2 simulated boards, 12 s" in text
     row = next(line for line in text.splitlines() if "pb-sim01" in line and "connected" in line)
     assert re.search(r"72 /min.*97 %.*73 /min.*40.*1 s ago", row), row
-    assert "/dev/pts/9" in text and "searching" in text and "never" in text
+    assert "/dev/pts/9" in text and "not plugged in" in text and "never" in text
     assert re.search(r"stored and acknowledged +80 +verified, on the hub's disk, acknowledged", text), text
     assert re.search(r"forwarded +91 +confirmed by the backend: frames plus the hub's vitals and alerts", text)
     assert re.search(r"at the backend +76 +frames checked end to end there; with 15 vitals, 1 alerts", text)
@@ -58,9 +60,58 @@ def test_live_view_shows_each_board_its_vitals_trace_and_what_each_count_means()
 
 
 def test_plain_line_is_short_and_says_the_counts() -> None:
-    line = demo_view.plain_line(_snapshot(time.time()), BACKEND, 7.0)
-    assert line == "[   7s] boards 1/2 streaming | stored+acked 80 | forwarded 91 | backlog 4 | HR 72/min", line
+    snap = _snapshot(time.time())
+    line = demo_view.plain_line(snap, BACKEND, 7.0)
+    assert line == ("[   7s] boards 1/2 streaming | stored+acked 80 | forwarded 91 | backlog 4 | HR 72/min"
+                    " | not streaming: /dev/pts/9 not plugged in"), line
+    snap["boards"][1].update(device_id="pb-sim02", state="connected", frames=3)
+    line = demo_view.plain_line(snap, BACKEND, 7.0)
+    assert line == "[   7s] boards 2/2 streaming | stored+acked 80 | forwarded 91 | backlog 4 | HR 72/min -", line
     assert len(line) < 100
+
+
+def _full_disk(now: float) -> dict[str, Any]:
+    snap = _snapshot(now)
+    snap["boards"][1].update(device_id="pb-sim02", state="connected", frames=38, last_frame_at=now - 1)
+    snap["now"] = now
+    snap["store"] = {"state": "fault", "fault": "OperationalError: database or disk is full", "fault_since": now - 12,
+                     "ingested": 80, "short_of_space": None}
+    return snap
+
+
+def test_a_full_disk_is_told_and_no_board_is_streaming_while_it_lasts() -> None:
+    # Before: "boards 2/2 streaming" and nothing of the store while every commit failed (the
+    # boards' links still up, their frames held unacknowledged).
+    now = time.time()
+    line = demo_view.plain_line(_full_disk(now), BACKEND, 30.0)
+    assert line.startswith("[  30s] boards 0/2 streaming | stored+acked 80 |"), line
+    assert line.endswith("| STORE FAULT 12 s: OperationalError: database or disk is full: nothing new stored or "
+                         "acknowledged"), line
+    console = Console(file=io.StringIO(), width=130, color_system=None)
+    console.print(demo_view.live_view(_full_disk(now), BACKEND, {}, 30.0, "Ctrl-C stops."))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "STORE FAULT 12 s: OperationalError: database or disk is full" in text, text
+    rows = [line for line in text.splitlines() if "pb-sim0" in line]
+    assert len(rows) == 2 and all("its frames held: the store cannot write" in r for r in rows), text
+    failing = dict(BACKEND, store_failing=True, store_failures=3,
+                   last_store_error="OperationalError: database or disk is full")
+    line = demo_view.plain_line(_full_disk(now), failing, 30.0)
+    assert line.endswith("acknowledged | BACKEND CANNOT STORE (3 batches refused, the hub sends them again): "
+                         "OperationalError: database or disk is full"), line
+    short = dict(_snapshot(now), now=now, store={"state": "ok", "short_of_space": "disk_free", "ingested": 80,
+                                                  "dropped_undelivered": 7})
+    assert demo_view.plain_line(short, BACKEND, 3.0).endswith(
+        "| STORE SHORT OF SPACE (disk_free): 7 frames deleted undelivered")
+
+
+def test_cli_board_line_says_its_frames_are_held_on_a_store_fault() -> None:
+    from agent.cli import _board_line
+
+    snap = _full_disk(time.time())
+    b = dict(snap["boards"][0], link="serial:pb-sim01", ends={}, last_error="")
+    assert "board pb-sim01     connected, its frames held: the store cannot write, on /dev/pts/7" in _board_line(
+        b, snap["store"])
+    assert "board pb-sim01     connected, on /dev/pts/7" in _board_line(b, {"state": "ok"})
 
 
 def test_trace_is_bounded_and_keeps_its_peaks() -> None:
@@ -84,22 +135,27 @@ def _demo(stdout: Any) -> subprocess.Popen[bytes]:
 
 def _summary(text: str) -> dict[str, int]:
     counts = {}
-    for key, pattern in (("built", r"(\d+) frames built by the boards"),
-                         ("acked", r"(\d+) stored and acknowledged by the hub"),
-                         ("backend", r"(\d+) at the backend, checked end to end"),
-                         ("unacked", r"(\d+) awaiting their ack on the boards at the stop"),
-                         ("lost", r"(\d+) lost, \d+ refused; the hub's store: ok")):
-        m = re.search(pattern, text)
-        assert m, (key, text[-3000:])
-        counts[key] = int(m.group(1))
+    m = re.search(r"(\d+) frames built by the boards = (\d+) stored by the hub \+ (\d+) still on the boards \+ "
+                  r"(\d+) dropped by the boards", text)
+    assert m, text[-3000:]
+    counts.update(built=int(m.group(1)), stored_of_built=int(m.group(2)), on_boards=int(m.group(3)),
+                  dropped=int(m.group(4)))
+    m = re.search(r"(\d+) stored by the hub = (\d+) at the backend, checked end to end \+ (\d+) not delivered", text)
+    assert m, text[-3000:]
+    counts.update(acked=int(m.group(1)), backend=int(m.group(2)), undelivered=int(m.group(3)))
+    m = re.search(r"(\d+) lost \(dropped by the boards, or stored and not delivered\)", text)
+    assert m, text[-3000:]
+    counts["lost"] = int(m.group(1))
+    counts["store_ok"] = int("the hub's store: ok, its file: ok" in text)
     return counts
 
 
 def _check_counts(c: dict[str, int]) -> None:
-    # Right counts: nothing lost, every acknowledged frame at the backend, and what the boards built
-    # but the hub did not acknowledge is what they still held at the stop.
-    assert c["lost"] == 0 and c["acked"] > 0 and c["backend"] == c["acked"], c
-    assert 0 <= c["built"] - c["acked"] <= c["unacked"], c
+    # Right counts that add up as printed: nothing lost, every stored frame at the backend, every
+    # frame built stored or still on its board.
+    assert c["lost"] == 0 and c["acked"] > 0 and c["backend"] == c["acked"] and c["undelivered"] == 0, c
+    assert c["built"] == c["stored_of_built"] + c["on_boards"] + c["dropped"] and c["dropped"] == 0, c
+    assert c["stored_of_built"] == c["acked"] and c["store_ok"], c
 
 
 @pytest.mark.micropython
@@ -171,18 +227,110 @@ def test_demo_in_a_terminal_draws_the_live_view_and_ctrl_c_gives_the_summary(mic
     assert not re.search(r"[\x00-\x08\x0b-\x0c\x0e-\x1a\x1c-\x1f\x7f]", text), "binary on the screen"
 
 
-def test_summary_lines_say_what_each_count_means() -> None:
+def _result(**kw: Any) -> dict[str, Any]:
+    r: dict[str, Any] = {
+        "seconds": 30.2, "boards": [{}, {}], "frames_generated": 61, "frames_stored_of_generated": 60,
+        "frames_still_on_boards": 1, "frames_dropped_by_boards": 0, "frames_acknowledged": 60,
+        "frames_forwarded": 60, "frames_unacked_at_stop": 1, "frames_lost": 0, "rejects": {},
+        "store_integrity": "ok", "vitals_at_backend": {"spo2": {"n": 3}}, "alerts_at_backend": 0,
+        "boards_without_stop_summary": [],
+        "store_at_stop": {"state": "ok", "fault": None, "fault_for_s": None, "short_of_space": None,
+                          "dropped_undelivered": 0, "commit_failures": 0, "faults_recovered": 0}}
+    r.update(kw)
+    return r
+
+
+@pytest.mark.micropython
+@pytest.mark.slow
+def test_demo_on_a_full_disk_says_so_live_and_in_its_summary(micropython: str) -> None:
+    # The demo's whole run (hub, backend, boards' flash) on a 24 MB file system that fills up while
+    # it runs. Before: "boards 2/2 streaming" every second while no commit succeeded, tracebacks from
+    # the local backend, and "the hub's store: ok" in the summary, exit status 0.
+    from tests.agent.test_store_faults import fill, small_filesystem
+
+    # A short path: the hub's status socket lives under it (a Unix socket's path holds 107 bytes).
+    short = Path(tempfile.mkdtemp(prefix="pb-", dir="/tmp"))
+    with small_filesystem(short / "card", 24 * 1024) as card:
+        proc = subprocess.Popen([sys.executable, "-m", "agent.dev.cli", "demo"], cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, TMPDIR=str(card)))
+        assert proc.stdout is not None
+        out = b""
+
+        def seen(pattern: bytes) -> bool:
+            nonlocal out
+            if select.select([proc.stdout], [], [], 0.2)[0]:
+                out += os.read(proc.stdout.fileno(), 65536)
+            return re.search(pattern, out) is not None
+        try:
+            wait_for(lambda: seen(rb"stored\+acked [1-9]\d* \|"), 120, "frames stored", lambda: out[-2000:])
+            fill(card / "filler")
+            wait_for(lambda: seen(rb"STORE FAULT \d+ s: [^\n]*disk is full"), 60, "the live line telling the fault",
+                     lambda: out[-2000:])
+            proc.send_signal(signal.SIGINT)
+            rest, _ = proc.communicate(timeout=180)
+            out += rest
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    shutil.rmtree(short)
+    text = out.decode("utf-8")
+    told = [line for line in text.splitlines() if "STORE FAULT" in line]
+    assert told and all("boards 0/2 streaming" in line for line in told), told
+    assert "Traceback" not in text, text[-3000:]
+    assert "the hub's store: FAULT at the stop" in text and "store: ok" not in text, text[-3000:]
+    c = _summary(text)
+    assert c["built"] == c["stored_of_built"] + c["on_boards"] + c["dropped"] and c["on_boards"] > 0, c
+    assert proc.returncode == 1, text[-3000:]  # the hub could not store: not a success
+
+
+def test_summary_lines_say_what_each_count_means_and_how_they_add_up() -> None:
     from agent.dev import demo
 
-    lines = demo.summary_lines({"seconds": 30.2, "boards": [{}, {}], "frames_generated": 61,
-                                "frames_acknowledged": 60, "frames_forwarded": 60, "frames_unacked_at_stop": 1,
-                                "frames_lost": 0, "rejects": {}, "store_integrity": "ok",
-                                "vitals_at_backend": {"spo2": {"n": 3}}, "alerts_at_backend": 0,
-                                "boards_without_stop_summary": []})
-    assert lines[0] == "Summary after 30 s with 2 boards:" and "60 at the backend" in lines[3], lines
-    assert "(the hub's 3 vitals and 0 alerts went too)" in lines[3] and len(lines) == 6, lines
-    unknown = demo.summary_lines({**dict(seconds=1, boards=[{}], frames_generated=0, frames_acknowledged=5,
-                                         frames_forwarded=5, frames_unacked_at_stop=0, frames_lost=0, rejects={},
-                                         store_integrity="ok", vitals_at_backend={}, alerts_at_backend=0),
-                                  "boards_without_stop_summary": ["pb-sim01"]})
-    assert unknown[-1] == "  frames built unknown for pb-sim01: no stop summary on its console", unknown
+    lines = demo.summary_lines(_result())
+    assert lines[0] == "Summary after 30 s with 2 boards:", lines
+    text = "\n".join(lines)
+    # Before: "61 built", "60 stored and acknowledged", "1 awaiting their ack", each on its own
+    # line: how they relate was left to the reader.
+    assert "61 frames built by the boards = 60 stored by the hub + 1 still on the boards + 0 dropped" in text, text
+    assert "60 stored by the hub = 60 at the backend, checked end to end + 0 not delivered" in text, text
+    assert "(the hub's 3 vitals and 0 alerts went to the backend too)" in text, text
+    assert lines[-1] == "  the hub's store: ok, its file: ok", lines
+    unknown = demo.summary_lines(_result(boards=[{}], boards_without_stop_summary=["pb-sim01"]))
+    assert "  frames built unknown for pb-sim01: no stop summary on its console" in unknown, unknown
+
+
+def test_summary_tells_a_store_fault_at_the_stop() -> None:
+    # Before: "the hub's store: ok" (its file's integrity) while every commit was failing.
+    from agent.dev import demo
+
+    full = _result(frames_generated=180, frames_stored_of_generated=72, frames_still_on_boards=86,
+                   frames_dropped_by_boards=22, frames_acknowledged=72, frames_forwarded=68, frames_lost=26,
+                   store_at_stop={"state": "fault", "fault": "OperationalError: database or disk is full",
+                                  "fault_for_s": 31.4, "short_of_space": None, "dropped_undelivered": 0,
+                                  "commit_failures": 16, "faults_recovered": 0})
+    text = "\n".join(demo.summary_lines(full))
+    assert "180 frames built by the boards = 72 stored by the hub + 86 still on the boards + 22 dropped" in text
+    assert "72 stored by the hub = 68 at the backend, checked end to end + 4 not delivered" in text, text
+    assert ("the hub's store: FAULT at the stop, for 31 s: OperationalError: database or disk is full; it stored "
+            "nothing new and acknowledged nothing since (its file: ok)") in text, text
+    assert "store: ok" not in text
+    refused = "\n".join(demo.summary_lines(dict(full, backend_store_failures=4,
+                                                 backend_last_store_error="OperationalError: disk I/O error")))
+    assert ("the backend could not store 4 batches (last: OperationalError: disk I/O error); the hub kept them and "
+            "sent them again") in refused, refused
+
+
+def test_ble_summary_carries_the_air_figures() -> None:
+    from agent.dev import demo
+
+    air = {"frames_per_s": 3.9, "notifications": 5210, "notification_bytes": 1030000, "lost": 212, "connects": 14,
+           "forced_disconnects": 11, "adapter_losses": 0, "att_bytes_per_sample_value": 1.412,
+           "l2cap_bytes_per_sample_value": 1.46, "hub_reconnect_s": {"n": 11, "median": 0.61, "max": 2.3}}
+    text = "\n".join(demo.summary_lines(_result(air=air, link="ble")))
+    assert ("over the air: 3.90 frames/s at the backend; 5210 notifications (1030000 bytes), 212 lost on air; "
+            "14 connections, 11 forced disconnects, 0 adapter losses") in text, text
+    assert "1.412 as ATT values, 1.46 with ATT and L2CAP headers" in text, text
+    assert "the hub's reconnections: 11, median 0.61 s, longest 2.30 s" in text, text
+    assert "over the air" not in "\n".join(demo.summary_lines(_result()))
