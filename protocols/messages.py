@@ -431,6 +431,30 @@ def encode_status(w: "cbor.Writer", epoch: int, seq: int, tick_ms: int, outbox_d
         w.bstr(unique_id)
 
 
+def encode_hello(w: "cbor.Writer", epoch: int, seq: int, firmware: str, tick_ms: int,
+                 streams: "list[tuple[int, int]] | tuple[tuple[int, int], ...]", tick_ms_hi: int = 0) -> None:
+    # The same bytes as encode(w, Hello(...)), the board's uptime in two
+    # halves as encode_status's (tick_ms_hi * 2**30 + tick_ms): after 12.4
+    # days up one int would be a heap int on a 32-bit port.
+    if len(firmware) > MAX_TEXT:
+        raise LocalProtocolError("text field longer than %d" % MAX_TEXT, "too_long")
+    _start(w, T_HELLO, 7)
+    w.uint(2)
+    w.uint(epoch)
+    w.uint(3)
+    w.uint(seq)
+    w.uint(4)
+    w.text(firmware)
+    w.uint(5)
+    w.uint_halves(tick_ms_hi, tick_ms)
+    w.uint(6)
+    w.array(len(streams))
+    for stream, rate_hz in streams:
+        w.array(2)
+        w.uint(stream)
+        w.uint(rate_hz)
+
+
 def encode_time_response(w: "cbor.Writer", epoch: int, seq: int, nonce: int, tick_ms: int,
                          tick_ms_hi: int = 0) -> None:
     # The same bytes as encode(w, TimeResponse(...)), without the generic

@@ -173,8 +173,12 @@ class App:
         return self._seal_small()
 
     def hello(self):
-        self._send_small(messages.Hello(self.epoch, self._seq(), self.firmware, self.board.uptime_ms(),
-                                        [(s.stream_id, s.rate_hz) for s in self.streams]))
+        # The uptime in halves, as status() sends it: one int past 2**30 ms
+        # (12.4 days up) would be a heap int on the chip.
+        up = self.board.refresh_uptime()
+        messages.encode_hello(self._small(), self.epoch, self._seq(), self.firmware, up.lo,
+                              [(s.stream_id, s.rate_hz) for s in self.streams], up.hi)
+        self._seal_small()
 
     def status(self):
         # Times on the wire (tick_ms, t0_ms) are ms since boot, never wrapping,

@@ -68,6 +68,7 @@ class _Hub:
         self.frames = []  # (stream, t0_ms, first_index) of each sample frame accepted
         self.times = []  # (nonce, tick_ms) of each time response
         self.statuses = []  # tick_ms of each status
+        self.hellos = []  # tick_ms of each hello
 
     def write(self, buf, off, n):  # the serial console's far end (inside SimConsole.write)
         self.source.feed(bytes(memoryview(buf)[off:off + n]))
@@ -94,6 +95,8 @@ class _Hub:
                 self.times.append((m.nonce, m.tick_ms))
             if isinstance(m, messages.Status):
                 self.statuses.append(m.tick_ms)
+            if isinstance(m, messages.Hello):
+                self.hellos.append(m.tick_ms)
             if isinstance(m, messages.SampleFrame):
                 if self.next_index.get(m.stream, m.first_index) != m.first_index:
                     self.gaps += 1
@@ -240,6 +243,7 @@ def _run(kind, ticks_start_ms=0, days_streamed=0, ecg=None, uptime_start_ms=0, t
         assert time_request_ms <= far.times[0][1] <= time_request_ms + 1000, (far.times, time_request_ms)
     if uptime_start_ms:  # a status after 2**30 ms, exact (each says the uptime it was sent at)
         assert [t for t in far.statuses if t >= 1 << 30], far.statuses
+    app.far = far
     return app
 
 
@@ -269,6 +273,16 @@ def test_steady_state_allocates_nothing_past_12_days_up():
     start = (1 << 30) - _START_MS - 3000
     app = _run("ble", uptime_start_ms=start, time_request_ms=start + _START_MS + 5000)
     assert app.board.uptime_ms() > 1 << 30
+
+
+def test_the_hello_after_12_days_up_carries_the_uptime_in_halves():
+    # The hub connects past 2**30 ms of uptime: the hello says it exactly,
+    # written as two small ints (_SmallIntWriter counts any larger int
+    # the hello's writer is given: the run asserts none).
+    start = (1 << 30) + 1000
+    app = _run("ble", uptime_start_ms=start)
+    hellos = app.far.hellos
+    assert len(hellos) == 1 and start <= hellos[0] <= start + 1000, hellos
 
 
 def test_frame_times_stay_exact_with_no_int_past_small_ints():

@@ -191,7 +191,7 @@ def test_status_encoder_matches_the_generic_one() -> None:
         assert bytes(w.buf[:w.pos]) == messages.encoded(messages.Status(*args))
 
 
-def test_status_and_time_response_encoders_take_the_time_in_halves() -> None:
+def test_status_time_response_and_hello_encoders_take_the_time_in_halves() -> None:
     # A board past 2**30 ms up gives its time as hi * 2**30 + lo (small ints
     # on a 32-bit port): the same bytes as the one int.
     for tick_ms in (5, (1 << 30) - 1, 1 << 30, (3 << 30) + 12345, (5 << 30) + 7, (1 << 40) + 99):
@@ -202,6 +202,11 @@ def test_status_and_time_response_encoders_take_the_time_in_halves() -> None:
         w = cbor.Writer(bytearray(128))
         messages.encode_time_response(w, 7, 8, 9, lo, hi)
         assert bytes(w.buf[:w.pos]) == messages.encoded(messages.TimeResponse(7, 8, 9, tick_ms))
+        for streams in ([], [(1, 512), (3, 100)]):
+            w = cbor.Writer(bytearray(128))
+            messages.encode_hello(w, 7, 8, "pulsebridge-fw 1.2", lo, streams, hi)
+            assert bytes(w.buf[:w.pos]) == messages.encoded(messages.Hello(7, 8, "pulsebridge-fw 1.2", tick_ms,
+                                                                           streams))
 
 
 def test_downlink_line_vector() -> None:
