@@ -85,14 +85,7 @@ async def _run_demo(opts: SimOptions, out: IO[str], tmp: Path, air: Air | None,
         await asyncio.to_thread(sim.start)
     password = secrets.token_urlsafe(12)  # 16 characters, for this run only
     write_private(tmp / "status.password", (password + "\n").encode())
-    cfg = AgentConfig(hub_id="demo-hub", data_dir=tmp / "hub" / "data", log_dir=tmp / "hub" / "log",
-                      run_dir=tmp / "hub" / "run",
-                      serial=[] if air else [SerialConfig(port=s.port) for s in sims],
-                      ble=BleConfig(air=str(air.central_path)) if air else None,
-                      backends=[WebhookConfig(name="local", type="webhook",
-                                              url="https://127.0.0.1:%d/ingest" % port, ca_file=pki.ca_cert)],
-                      status_page_listen="127.0.0.1:0",
-                      status_page_password_file=None if opts.json else tmp / "status.password")
+    cfg = agent_config(tmp, sims, air, port, pki.ca_cert, None if opts.json else tmp / "status.password")
     registry = Registry(cfg.registry_path, AuditLog(cfg.audit_path))
     for spec in specs:
         registry.add(spec.device_id, label="simulated board %s" % spec.device_id[-2:], key=spec.key, actor="demo")
@@ -148,6 +141,22 @@ async def _run_demo(opts: SimOptions, out: IO[str], tmp: Path, air: Air | None,
     if air is not None:
         result["air"] = _air_figures(air, agent, summary, time.monotonic() - t0)
     return result
+
+
+def agent_config(tmp: Path, sims: list[SimulatedBoard], air: Air | None, backend_port: int, ca_file: Path,
+                 password_file: Path | None) -> AgentConfig:
+    """The demo hub's configuration, under tmp: the boards' serial ports (or the air), the local
+    backend on backend_port, the status page on loopback (with password_file). Each port is named
+    by the board's stable name (SimulatedBoard.link_path), which goes with its board, as udev's
+    does: its /dev/pts number, once freed, is the next pseudo-terminal opened on the machine,
+    another program's."""
+    return AgentConfig(hub_id="demo-hub", data_dir=tmp / "hub" / "data", log_dir=tmp / "hub" / "log",
+                       run_dir=tmp / "hub" / "run",
+                       serial=[] if air else [SerialConfig(port=str(s.link_path)) for s in sims],
+                       ble=BleConfig(air=str(air.central_path)) if air else None,
+                       backends=[WebhookConfig(name="local", type="webhook",
+                                               url="https://127.0.0.1:%d/ingest" % backend_port, ca_file=ca_file)],
+                       status_page_listen="127.0.0.1:0", status_page_password_file=password_file)
 
 
 def _air_figures(air: Air, agent: Agent, backend: dict[str, Any], elapsed: float) -> dict[str, Any]:

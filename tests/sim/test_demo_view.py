@@ -285,6 +285,34 @@ def test_demo_on_a_full_disk_says_so_live_and_in_its_summary(micropython: str) -
     assert proc.returncode == 1, text[-3000:]  # the hub could not store: not a success
 
 
+@pytest.mark.micropython
+def test_the_demo_hub_names_each_port_by_a_name_that_goes_with_its_board(micropython: str, tmp_path: Path) -> None:
+    # Seen in a demo run: its boards stopped, the hub retried their /dev/pts paths while draining,
+    # and found another program's pseudo-terminal under a freed number ("Could not exclusively lock
+    # port /dev/pts/2"). A board's stable name goes with it, as udev's does.
+    from agent.dev import demo
+    from agent.dev.sim import boards
+    from agent.dev.sim.runner import SimulatedBoard
+
+    sim = SimulatedBoard(boards.BoardSpec("pb-sim01"), tmp_path / "boards" / "pb-sim01", tmp_path / "cache",
+                         micropython)
+    sim.start()
+    try:
+        cfg = demo.agent_config(tmp_path, [sim], None, 1, tmp_path / "ca.pem", None)
+        port = cfg.serial[0].port
+        assert port is not None and os.path.realpath(port) == os.path.realpath(sim.port)
+        freed = sim.port
+    finally:
+        sim.stop()
+    master, slave = pty.openpty()  # the next pseudo-terminal opened: often under the number just freed
+    try:
+        assert not os.path.exists(port), "the hub's port %s is now %s (freed %s)" % (
+            port, os.path.realpath(port), freed)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 def test_summary_lines_say_what_each_count_means_and_how_they_add_up() -> None:
     from agent.dev import demo
 
