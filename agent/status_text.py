@@ -19,6 +19,9 @@ STATE_WORDS = {
 }
 # A connected board whose frames the store cannot write: heard, but nothing of it is kept.
 HELD_WORDS = "connected, its frames held: the store cannot write"
+# A stalled board while the store cannot write: the stall may be the store's (a frame waited that
+# long for its commit), not the board's; its last error says which.
+STALLED_HELD_WORDS = "stalled: nothing delivered while the store cannot write"
 
 
 def store_fault(store: dict[str, Any]) -> bool:
@@ -36,6 +39,8 @@ def board_state(board: dict[str, Any], store: dict[str, Any]) -> str:
     """A board's state in words: its link's, unless its frames are held by a store fault."""
     if board.get("state") == "connected" and store_fault(store):
         return HELD_WORDS
+    if board.get("state") == "stalled" and store_fault(store):
+        return STALLED_HELD_WORDS
     state = str(board.get("state", ""))
     return STATE_WORDS.get(state, state)
 

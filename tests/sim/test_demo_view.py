@@ -112,6 +112,12 @@ def test_cli_board_line_says_its_frames_are_held_on_a_store_fault() -> None:
     assert "board pb-sim01     connected, its frames held: the store cannot write, on /dev/pts/7" in _board_line(
         b, snap["store"])
     assert "board pb-sim01     connected, on /dev/pts/7" in _board_line(b, {"state": "ok"})
+    # Closed as stalled (a frame waited 20 s for its commit): not "nothing received", which the board's
+    # frames belie.
+    stalled = dict(b, state="stalled", last_error="a frame waited 21 s to be stored and acknowledged")
+    assert ("stalled: nothing delivered while the store cannot write, on /dev/pts/7" in _board_line(
+        stalled, snap["store"])), _board_line(stalled, snap["store"])
+    assert "last: a frame waited 21 s to be stored and acknowledged" in _board_line(stalled, snap["store"])
 
 
 def test_trace_is_bounded_and_keeps_its_peaks() -> None:
