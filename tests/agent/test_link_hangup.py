@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pty
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from agent.dev.sim.air import Air
 from agent.dev.sim.runner import SimulatedBoard
 from agent.registry import Registry
 from agent.supervisor import Agent
+from agent.transports.base import TransportClosed
+from agent.transports.serial import SerialTransport
 from tests.agent import harness
 from tests.waiting import async_wait_for
 
@@ -38,6 +42,31 @@ async def _killed_board_leaves_connected(agent: Agent, sim: SimulatedBoard) -> d
     await async_wait_for(lambda: b().get("state") != "connected", HANGUP_SEEN_S,
                          "the dead board's link to leave 'connected'", b)
     return b()
+
+
+def test_a_port_hung_up_ends_the_serial_transport_at_once() -> None:
+    # The boundary the tests below rely on: the other end of a port going away (a USB board
+    # unplugged or without power; here the pty's master closed) ends a waiting receive() with
+    # TransportClosed at once, with nothing sent before it.
+    async def go() -> float:
+        master, slave = pty.openpty()
+        name = os.ttyname(slave)
+        os.close(slave)
+        t = SerialTransport(name)
+        await t.open()
+        try:
+            waiting = asyncio.create_task(t.receive())
+            await asyncio.sleep(0)  # it waits on the port
+            hung_up = time.monotonic()
+            os.close(master)
+            with pytest.raises(TransportClosed, match="closed"):
+                async with asyncio.timeout(HANGUP_SEEN_S):
+                    await waiting
+            return time.monotonic() - hung_up
+        finally:
+            await t.close()
+
+    print("hangup seen after %.3f s" % asyncio.run(go()))
 
 
 @pytest.mark.micropython
