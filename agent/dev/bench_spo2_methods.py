@@ -13,8 +13,9 @@ offset and the drift:
 - the light itself (DC): log of the window's mean light per channel and of the ratio of two
   channels' lights: deoxygenated haemoglobin absorbs red more, and the perfusion changes;
 - quality: the product's (the lower of the pulse correlation and R's consistency over 2 s
-  stretches), of the pair used or of red/blue, and R's stability over the last SMOOTH_S
-  (1 - the standard deviation of log R across the last windows);
+  stretches) of a pair, a feature's stability over the last SMOOTH_S (1 - its standard
+  deviation across the last windows), the pulse's periodicity, or none;
+- the level at rest read by the sensor type's absolute line (anchor) instead of assumed;
 - controls that are not estimators: the elapsed time since the start as the only feature (the
   protocol desaturates steadily, so a clock "predicts" SpO2: a method must beat it), and a
   line fitted on each recording itself (what one feature can do at best: not deployable).
@@ -22,12 +23,14 @@ offset and the drift:
 Every feature is the causal median of the last SMOOTH_S one-second windows (what a deployed
 estimator could show at that second). Each fold fits on five subjects and scores the sixth:
 the line, and the quality gate (withholding WITHHELD_GOAL of the training windows, the
-baseline included). "chosen per fold" picks among the estimators (not the controls) by a
-leave-one-subject-out inside the five: the figure that pays for having tried them all.
+baseline included). "chosen per fold" picks among the estimators (not the controls nor the
+anchored one) and the SEARCH behind the table by a leave-one-subject-out inside the five:
+the figure that pays for having tried them all.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,10 +47,11 @@ CHANNELS = {"red": 0, "green": 1, "blue": 2}
 class Method:
     label: str
     features: tuple[str, ...]  # "logR:<pair>", "logDC:<channel>", "logDCratio:<pair>", "t" (elapsed s)
-    quality: str  # "product:<pair>" or "stability:<pair>"
+    quality: str  # "product:<pair>", "stability:<feature>", "pulse" or "none" (quality())
     relative: bool = False
     smooth: bool = True
     control: bool = False  # not an estimator: shown for comparison, never chosen
+    anchor: str | None = None  # relative, at rest read by this pair's absolute estimate (not the population's)
 
 
 METHODS = (
@@ -63,13 +67,36 @@ METHODS = (
     Method("G/B light + G light, relative, G/B quality", ("logDCratio:green/blue", "logDC:green"),
            "product:green/blue", relative=True),
     Method("G/B light + G light, relative, R/B stability", ("logDCratio:green/blue", "logDC:green"),
-           "stability:red/blue", relative=True),
+           "stability:logR:red/blue", relative=True),
     Method("G/B ratio + G/B light + G light, relative", ("logR:green/blue", "logDCratio:green/blue", "logDC:green"),
            "product:red/blue", relative=True),
     Method("R/B ratio + G/B light + G light, relative", ("logR:red/blue", "logDCratio:green/blue", "logDC:green"),
            "product:red/blue", relative=True),
+    Method("red light, relative", ("logDC:red",), "product:red/blue", relative=True),
+    Method("red light, relative, no gate", ("logDC:red",), "none", relative=True),
+    Method("red light, relative, red light stability", ("logDC:red",), "stability:logDC:red", relative=True),
+    Method("R/B ratio + red light, relative", ("logR:red/blue", "logDC:red"), "product:red/blue", relative=True),
+    Method("R/B ratio + red light, relative, no gate", ("logR:red/blue", "logDC:red"), "none", relative=True),
+    Method("R/B ratio + red light, relative, R/B stability", ("logR:red/blue", "logDC:red"),
+           "stability:logR:red/blue", relative=True),
+    Method("R/B ratio + red light, rel., red light stability", ("logR:red/blue", "logDC:red"),
+           "stability:logDC:red", relative=True),
+    Method("R/B ratio + red light, relative, pulse quality", ("logR:red/blue", "logDC:red"), "pulse", relative=True),
+    Method("red light, relative, rest read by the R/B line", ("logDC:red",), "product:red/blue", relative=True,
+           anchor="red/blue"),
     Method("control: elapsed time, relative", ("t",), "product:red/blue", relative=True, control=True),
 )
+# The search behind the table (each a relative line on one or two of these features with each
+# of these qualities, or on three with the product's red/blue quality): the estimator chosen per
+# fold picks among them too, so that its figure pays for the whole search.
+SEARCHED_FEATURES = ("logR:red/blue", "logR:green/blue", "logR:red/green", "logDC:red", "logDC:green", "logDC:blue",
+                     "logDCratio:red/blue", "logDCratio:green/blue", "logDCratio:red/green")
+SEARCHED_QUALITIES = ("product:red/blue", "product:green/blue", "product:red/green", "stability:logR:red/blue",
+                      "stability:logDC:red", "pulse", "none")
+SEARCH = tuple(Method("searched: %s; %s" % (" + ".join(f), q), f, q, relative=True)
+               for k in (1, 2) for f in itertools.combinations(SEARCHED_FEATURES, k) for q in SEARCHED_QUALITIES
+               ) + tuple(Method("searched: %s; product:red/blue" % " + ".join(f), f, "product:red/blue", relative=True)
+                         for f in itertools.combinations(SEARCHED_FEATURES, 3))
 
 
 def _causal(v: np.ndarray, n: int, stat: str) -> np.ndarray:
@@ -110,29 +137,49 @@ def _raw_feature(w: dict[str, Any], name: str) -> np.ndarray:
     raise ValueError("unknown feature %r" % name)
 
 
-def features(w: dict[str, Any], m: Method) -> np.ndarray:
+Cache = dict[tuple[str, bool, bool], np.ndarray]
+
+
+def features(w: dict[str, Any], m: Method, cache: Cache | None = None) -> np.ndarray:
     """The method's features per window, (n, k): smoothed (causal median over SMOOTH_S) and,
-    for a relative method, less their median over each recording's first BASELINE_S."""
-    recs = _recordings(w)
+    for a relative method, less their median over each recording's first BASELINE_S.
+    cache: each feature so computed, kept between methods."""
+    cache = {} if cache is None else cache
     cols = []
     for name in m.features:
-        v = _raw_feature(w, name)
-        out = np.full(len(v), np.nan)
-        for idx in recs:
-            x = _causal(v[idx], SMOOTH_S, "median") if m.smooth else v[idx]
-            if m.relative:
-                base = x[(w["second"][idx] <= BASELINE_S) & np.isfinite(x)]
-                x = x - np.median(base) if len(base) else np.full(len(x), np.nan)
-            out[idx] = x
-        cols.append(out)
+        key = (name, m.smooth, m.relative)
+        if key not in cache:
+            cache[key] = _feature(w, name, m.smooth, m.relative)
+        cols.append(cache[key])
     return np.column_stack(cols)
 
 
+def _feature(w: dict[str, Any], name: str, smooth: bool, relative: bool) -> np.ndarray:
+    v = _raw_feature(w, name)
+    out = np.full(len(v), np.nan)
+    for idx in _recordings(w):
+        x = _causal(v[idx], SMOOTH_S, "median") if smooth else v[idx]
+        if relative:
+            base = x[(w["second"][idx] <= BASELINE_S) & np.isfinite(x)]
+            x = x - np.median(base) if len(base) else np.full(len(x), np.nan)
+        out[idx] = x
+    return out
+
+
 def quality(w: dict[str, Any], m: Method) -> np.ndarray:
-    kind, _, pair = m.quality.partition(":")
+    """Per window, 0..1 (higher: better): "product:<pair>" the product's quality of that pair;
+    "stability:<feature>" 1 - the standard deviation of the feature over the last SMOOTH_S;
+    "pulse" the pulse rate's quality (red/blue); "none" 1 (nothing withheld but the baseline)."""
+    kind, _, arg = m.quality.partition(":")
     if kind == "product":
-        return np.asarray(w["pairs"][pair]["quality"], dtype=float)
-    v = _raw_feature(w, "logR:" + pair)
+        return np.asarray(w["pairs"][arg]["quality"], dtype=float)
+    if kind == "pulse":
+        return np.asarray(w["pulse"]["quality"], dtype=float)
+    if kind == "none":
+        return np.ones(len(w["second"]))
+    if kind != "stability":
+        raise ValueError("unknown quality %r" % m.quality)
+    v = _raw_feature(w, arg)
     out = np.zeros(len(v))
     for idx in _recordings(w):
         sd = _causal(v[idx], SMOOTH_S, "std")
@@ -144,7 +191,7 @@ def _fit_fold(x: np.ndarray, q: np.ndarray, ref: np.ndarray, base: np.ndarray, t
               ) -> tuple[np.ndarray, float]:
     """The line (coefficients, intercept first) and the quality gate from the training windows:
     the gate withholds WITHHELD_GOAL of them, the baseline windows (always withheld) counted."""
-    ok = train & np.isfinite(x).all(axis=1) & ~base
+    ok = train & np.isfinite(x).all(axis=1) & np.isfinite(ref) & ~base
     f_base = float(base[train].mean())
     share = max(0.0, (WITHHELD_GOAL - f_base) / (1.0 - f_base))
     gate = float(np.quantile(q[ok], share))
@@ -158,7 +205,7 @@ def _predict(x: np.ndarray, q: np.ndarray, base: np.ndarray, beta: np.ndarray, g
              ) -> tuple[np.ndarray, np.ndarray]:
     ok = np.isfinite(x).all(axis=1)
     est = np.full(len(x), np.nan)
-    est[ok] = np.clip(beta[0] + x[ok] @ beta[1:], 0.0, 100.0)
+    est[ok] = beta[0] + x[ok] @ beta[1:]
     return est, ok & ~base & (q >= gate)
 
 
@@ -171,13 +218,53 @@ def _loso(x: np.ndarray, q: np.ndarray, ref: np.ndarray, base: np.ndarray, subje
         test = among & (subject == s)
         beta, gate = _fit_fold(x, q, ref, base, among & ~test)
         e, sh = _predict(x, q, base, beta, gate)
-        est[test], shown[test] = e[test], sh[test]
+        est[test], shown[test] = np.clip(e[test], 0.0, 100.0), sh[test]
     return est, shown
 
 
-def _inputs(w: dict[str, Any], m: Method) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _rest_reading(w: dict[str, Any], x_abs: np.ndarray, q_abs: np.ndarray, train: np.ndarray, test: np.ndarray
+                  ) -> np.ndarray:
+    # The absolute line fitted on `train` read on `test`'s recordings at rest: per window, the
+    # median of its recording's estimates over the first BASELINE_S (NaN elsewhere).
+    none = np.zeros(len(x_abs), dtype=bool)
+    beta, _ = _fit_fold(x_abs, q_abs, w["ref_spo2"], none, train)
+    est, _ = _predict(x_abs, q_abs, none, beta, -np.inf)
+    out = np.full(len(x_abs), np.nan)
+    for idx in _recordings(w):
+        if test[idx[0]]:
+            rest = est[idx][(w["second"][idx] <= BASELINE_S) & np.isfinite(est[idx])]
+            out[idx] = np.median(rest) if len(rest) else np.nan
+    return out
+
+
+def _loso_anchored(w: dict[str, Any], m: Method, x: np.ndarray, q: np.ndarray, base: np.ndarray,
+                   cache: Cache) -> tuple[np.ndarray, np.ndarray]:
+    """A relative line whose level at rest is the absolute estimate of m.anchor's pair at rest
+    (per recording) instead of one fitted constant. In each fold the anchors are read by lines
+    fitted without the subject scored: its own from the other subjects, each training
+    subject's from the others but itself and the subject scored."""
+    assert m.anchor is not None
+    ref, subject = w["ref_spo2"], w["subject"]
+    a = Method("", ("logR:" + m.anchor,), "product:" + m.anchor)
+    x_abs, q_abs = features(w, a, cache), quality(w, a)
+    est, shown = np.full(len(ref), np.nan), np.zeros(len(ref), dtype=bool)
+    for s in sorted(set(subject.tolist())):
+        test, train = subject == s, subject != s
+        anchor = _rest_reading(w, x_abs, q_abs, train, test)
+        for s2 in sorted(set(subject[train].tolist())):
+            inner = subject == s2
+            anchor[inner] = _rest_reading(w, x_abs, q_abs, train & ~inner, inner)[inner]
+        # SpO2 - its reading at rest = the line through the origin's slopes; an intercept too
+        # (ideally ~0) costs one parameter.
+        beta, gate = _fit_fold(x, q, ref - anchor, base, train)
+        e, sh = _predict(x, q, base, beta, gate)
+        est[test], shown[test] = np.clip((e + anchor)[test], 0.0, 100.0), (sh & np.isfinite(anchor))[test]
+    return est, shown
+
+
+def _inputs(w: dict[str, Any], m: Method, cache: Cache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     base = (w["second"] <= BASELINE_S) if m.relative else np.zeros(len(w["second"]), dtype=bool)
-    return features(w, m), quality(w, m), base
+    return features(w, m, cache), quality(w, m), base
 
 
 def _scores(w: dict[str, Any], est: np.ndarray, shown: np.ndarray, q: np.ndarray) -> dict[str, Any]:
@@ -186,8 +273,9 @@ def _scores(w: dict[str, Any], est: np.ndarray, shown: np.ndarray, q: np.ndarray
     e, qq = err[shown], q[shown]
     best = qq >= np.median(qq) if len(qq) else qq.astype(bool)
     sens, spec = _sens_spec(est < 90.0, ref < 90.0, shown)
-    return {"arms_shown_pct": _arms(e), "mean_abs_error_shown_pct": round(float(np.mean(np.abs(e))), 2) if len(e)
-            else None, "withheld_fraction": round(1.0 - float(shown.mean()), 3),
+    return {"arms_shown_pct": _arms(e), "arms_shown_70_100_pct": _arms(err[shown & (ref >= 70.0)]),
+            "mean_abs_error_shown_pct": round(float(np.mean(np.abs(e))), 2) if len(e) else None,
+            "withheld_fraction": round(1.0 - float(shown.mean()), 3),
             "arms_best_quality_half_pct": _arms(e[best]), "arms_worst_quality_half_pct": _arms(e[~best]),
             "below_90_sensitivity": sens, "below_90_specificity": spec,
             "bias_by_subject_pct": {s: (round(float(np.mean(err[shown & (w["subject"] == s)])), 1)
@@ -203,34 +291,38 @@ def _inner_arms(inp: tuple[np.ndarray, np.ndarray, np.ndarray], ref: np.ndarray,
     return float(np.sqrt(np.mean((e - ref)[sh] ** 2))) if sh.any() else float("inf")
 
 
-def compare(w: dict[str, Any], methods: tuple[Method, ...] = METHODS) -> dict[str, Any]:
-    """Each method scored leave one subject out, the estimator chosen per fold by an inner
-    leave one subject out, and the per-recording line (the oracle control).
+def compare(w: dict[str, Any], methods: tuple[Method, ...] = METHODS, search: tuple[Method, ...] = SEARCH
+            ) -> dict[str, Any]:
+    """Each method scored leave one subject out, the estimator chosen per fold (among the
+    methods that are neither controls nor anchored, and the search) by an inner leave one
+    subject out, and the per-recording line (the oracle control).
     w: the windows of bench_vitals._camera_windows (subject, recording, second, ref_spo2, dc,
-    pairs). Returns {"methods": [{label, relative, control, scores...}], "chosen_per_fold": ...,
-    "line_per_recording": ...}."""
+    pairs). Returns {"methods": [{label, relative, control, scores...}], "chosen_per_fold": {chosen,
+    candidates, scores...}, "line_per_recording_arms_pct": {pair: Arms}}."""
     ref, subject = w["ref_spo2"], w["subject"]
     everyone = np.ones(len(ref), dtype=bool)
-    inputs = {m.label: _inputs(w, m) for m in methods}
+    cache: Cache = {}
     out: dict[str, Any] = {"baseline_s": BASELINE_S, "smooth_s": SMOOTH_S, "methods": []}
     for m in methods:
-        x, q, base = inputs[m.label]
-        est, shown = _loso(x, q, ref, base, subject, everyone)
+        x, q, base = _inputs(w, m, cache)
+        est, shown = (_loso_anchored(w, m, x, q, base, cache) if m.anchor
+                      else _loso(x, q, ref, base, subject, everyone))
         out["methods"].append(dict(label=m.label, relative=m.relative, control=m.control, features=list(m.features),
-                                   quality=m.quality, **_scores(w, est, shown, q)))
+                                   quality=m.quality, anchor=m.anchor, **_scores(w, est, shown, q)))
     # Chosen per fold: the inner leave-one-subject-out's Arms on what it shows, among the others.
+    candidates = [m for m in methods if not m.control and not m.anchor] + list(search)
+    inputs = {m.label: _inputs(w, m, cache) for m in candidates}
     est, shown, q_used = np.full(len(ref), np.nan), np.zeros(len(ref), dtype=bool), np.zeros(len(ref))
     chosen = {}
     for s in sorted(set(subject.tolist())):
         test, others = subject == s, subject != s
-        pick = min((m for m in methods if not m.control), key=lambda m: _inner_arms(inputs[m.label], ref, subject,
-                                                                                    others))
+        pick = min(candidates, key=lambda m: _inner_arms(inputs[m.label], ref, subject, others))
         chosen[s] = pick.label
         x, q, base = inputs[pick.label]
         beta, gate = _fit_fold(x, q, ref, base, others)
         e, sh = _predict(x, q, base, beta, gate)
-        est[test], shown[test], q_used[test] = e[test], sh[test], q[test]
-    out["chosen_per_fold"] = dict(chosen=chosen, **_scores(w, est, shown, q_used))
+        est[test], shown[test], q_used[test] = np.clip(e[test], 0.0, 100.0), sh[test], q[test]
+    out["chosen_per_fold"] = dict(chosen=chosen, candidates=len(candidates), **_scores(w, est, shown, q_used))
     # The oracle control: the best line of each pair's ratio (per window, as today's) on each
     # recording itself.
     out["line_per_recording_arms_pct"] = {}
@@ -248,20 +340,21 @@ def compare(w: dict[str, Any], methods: tuple[Method, ...] = METHODS) -> dict[st
 def report(c: dict[str, Any]) -> list[str]:
     lines = ["SpO2 estimators compared on the desaturation set, each leave one subject out (features: median of the "
              "last %d s; relative: change from the placement's first %d s, withheld then; gate: %d %% of the "
-             "training windows withheld)" % (c["smooth_s"], c["baseline_s"], 100 * WITHHELD_GOAL),
-             "  %-48s %7s %6s %9s %11s %11s %6s %6s" % ("method", "Arms %", "MAE %", "withheld", "best half",
-                                                        "worst half", "sens", "spec")]
+             "training windows withheld; < 90 %%: the shown estimate, per window)" % (
+                 c["smooth_s"], c["baseline_s"], 100 * WITHHELD_GOAL),
+             "  %-48s %7s %8s %6s %9s %10s %10s %6s %6s" % ("method", "Arms %", "70-100 %", "MAE %", "withheld",
+                                                           "best half", "worst half", "sens", "spec")]
 
     def row(label: str, s: dict[str, Any]) -> str:
-        return "  %-48s %7s %6s %8.1f%% %11s %11s %5.1f%% %5.1f%%" % (
-            label[:48], s["arms_shown_pct"], s["mean_abs_error_shown_pct"], 100 * s["withheld_fraction"],
-            s["arms_best_quality_half_pct"], s["arms_worst_quality_half_pct"], 100 * (s["below_90_sensitivity"] or 0),
-            100 * (s["below_90_specificity"] or 0))
+        return "  %-48s %7s %8s %6s %8.1f%% %10s %10s %5.1f%% %5.1f%%" % (
+            label[:48], s["arms_shown_pct"], s["arms_shown_70_100_pct"], s["mean_abs_error_shown_pct"],
+            100 * s["withheld_fraction"], s["arms_best_quality_half_pct"], s["arms_worst_quality_half_pct"],
+            100 * (s["below_90_sensitivity"] or 0), 100 * (s["below_90_specificity"] or 0))
 
     for m in c["methods"]:
         lines.append(row(m["label"], m))
     ch = c["chosen_per_fold"]
-    lines.append(row("chosen per fold (inner leave one subject out)", ch))
+    lines.append(row("chosen per fold among %d (inner LOSO)" % ch["candidates"], ch))
     lines.append("  %-48s picks: %s" % ("", "; ".join("%s %s" % kv for kv in ch["chosen"].items())))
     lines.append("  %-48s Arms %s  (not deployable: each pair's ratio, a line fitted on each recording itself)" % (
         "control: line per recording", ", ".join("%s %s %%" % kv for kv in c["line_per_recording_arms_pct"].items())))

@@ -38,7 +38,7 @@ SMOOTHED = bm.Method("relative", ("logR:green/blue",), "product:green/blue", rel
 
 def test_a_relative_estimate_removes_an_offset_between_people() -> None:
     w = _windows({"A": -0.2, "B": 0.0, "C": 0.25, "D": 0.1})
-    c = bm.compare(w, (ABSOLUTE, RELATIVE))
+    c = bm.compare(w, (ABSOLUTE, RELATIVE), search=())
     absolute, relative = c["methods"]
     assert absolute["arms_shown_pct"] > 4.0, absolute
     assert relative["arms_shown_pct"] < 0.5, relative
@@ -47,7 +47,7 @@ def test_a_relative_estimate_removes_an_offset_between_people() -> None:
 
 def test_the_baseline_minute_is_withheld_and_counted() -> None:
     w = _windows({"A": 0.0, "B": 0.1, "C": -0.1})
-    x, q, base = bm._inputs(w, RELATIVE)
+    x, q, base = bm._inputs(w, RELATIVE, {})
     est, shown = bm._loso(x, q, w["ref_spo2"], base, w["subject"], np.ones(len(q), dtype=bool))
     assert not shown[w["second"] <= bm.BASELINE_S].any()
     # The gate withholds 20 % of the training windows in all, the baseline (60 of 400 s) among them.
@@ -57,7 +57,7 @@ def test_the_baseline_minute_is_withheld_and_counted() -> None:
 def test_no_subject_s_own_reference_takes_part_in_its_estimates() -> None:
     w = _windows({"A": 0.0, "B": 0.1, "C": -0.1})
     for m in (ABSOLUTE, RELATIVE):
-        x, q, base = bm._inputs(w, m)
+        x, q, base = bm._inputs(w, m, {})
         every = np.ones(len(q), dtype=bool)
         est, _ = bm._loso(x, q, w["ref_spo2"], base, w["subject"], every)
         moved = w["ref_spo2"].copy()
@@ -79,3 +79,19 @@ def test_features_are_causal() -> None:
     x2 = bm.features(w, SMOOTHED)
     early = (w["subject"] == "A") & (w["second"] <= 200)
     assert np.allclose(x1[early], x2[early]) and not np.allclose(x1[later], x2[later])
+
+
+def test_an_anchored_estimate_reads_no_subject_s_own_reference_either() -> None:
+    # The rest level read by the absolute line: in C's fold neither C's line nor the other
+    # subjects' anchors may have seen C's reference.
+    m = bm.Method("anchored", ("logR:green/blue",), "product:green/blue", relative=True, smooth=False,
+                  anchor="green/blue")
+    w = _windows({"A": 0.0, "B": 0.1, "C": -0.1, "D": 0.05})
+    x, q, base = bm._inputs(w, m, {})
+    est, shown = bm._loso_anchored(w, m, x, q, base, {})
+    assert shown.any() and np.isfinite(est[shown]).all()
+    in_c = w["subject"] == "C"
+    w2 = dict(w, ref_spo2=np.where(in_c, 60.0, w["ref_spo2"]))
+    est2, _ = bm._loso_anchored(w2, m, x, q, base, {})
+    assert np.allclose(est[in_c], est2[in_c])
+    assert not np.allclose(est[~in_c], est2[~in_c])
