@@ -357,6 +357,7 @@ def view(snapshot: dict[str, Any]) -> dict[str, Any]:
     no alert is active, and each backend delivers (or none is configured, said as an info notice)."""
     now = float(snapshot["now"])
     rules = _rules(snapshot)
+    store_fault = (snapshot.get("store") or {}).get("state") == "fault"
     links = {b["device_id"]: b for b in snapshot.get("boards", []) if b.get("device_id")}
     last_vitals = snapshot.get("last_vitals", {})
     active = {(a[0], a[1]) for a in snapshot.get("vitals", {}).get("active_alerts", [])}
@@ -369,8 +370,10 @@ def view(snapshot: dict[str, Any]) -> dict[str, Any]:
         labels[dev] = label
         link = links.get(dev, {})
         link_state = link.get("state")
+        if link_state in ("connected", "stalled") and store_fault:
+            link_state = "held"  # its frames arrive, or would, but the store cannot write them
         # Not live either when its link says nothing comes through (stalled, unplugged, reconnecting,
-        # out of range), however recent its last frame.
+        # out of range), or its frames cannot be stored, however recent its last frame.
         receiving = link_state in (None, "connected", "connecting")
         live = now - heard <= FRESH_S and receiving and (dev, "board_silent") not in active if heard else False
         state = "waiting" if heard is None else "live" if live else "silent"
@@ -447,8 +450,10 @@ def _details(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
     """Facts for a technician, as text keys with arguments: each link, each backend, refused
     messages, restarted tasks."""
     out: list[dict[str, Any]] = []
+    store_fault = (snapshot.get("store") or {}).get("state") == "fault"
     for b in snapshot.get("boards", []):
-        out.append({"key": "d_link", "args": {"where": b.get("port") or b.get("link") or "", "state": b["state"],
+        state = "held" if store_fault and b["state"] in ("connected", "stalled") else b["state"]
+        out.append({"key": "d_link", "args": {"where": b.get("port") or b.get("link") or "", "state": state,
                                               "device_id": b.get("device_id") or "",
                                               "firmware": b.get("firmware") or "",
                                               "update": ota_progress(b.get("update")),
@@ -591,6 +596,7 @@ TEXT = {
         "hint_stalled": "Il est branché, mais rien ne passe : la passerelle réessaie.",
         "hint_searching": "Il ne semble pas branché.", "hint_backoff": "La passerelle s'y reconnecte.",
         "hint_connecting": "La passerelle s'y connecte.",
+        "hint_held": "La passerelle ne peut pas enregistrer ses mesures.",
         "hint_out_of_range": "Il est trop loin : rapprochez-le de la passerelle.",
         "no_sensor": "Aucun capteur n'est encore installé sur cette passerelle.",
         "delivery_failing": "Les mesures ne parviennent plus au service « {name} » depuis {time} (il y a {age}). "
@@ -626,6 +632,7 @@ TEXT = {
         "d_refused": "{n} messages refusés (pas d'un capteur enregistré, ou abîmés)",
         "d_task": "Tâche interne {name} redémarrée {n} fois",
         "st_connected": "connecté", "st_searching": "rien de branché", "st_stalled": "branché, rien ne passe",
+        "st_held": "connecté, ses mesures attendent : la passerelle ne peut pas les enregistrer",
         "st_backoff": "reconnexion", "st_connecting": "connexion en cours", "st_out_of_range": "hors de portée",
         "st_released": "appareil qui n'est pas un capteur enregistré : laissé libre",
         "u_s": "{n}\u00a0s", "u_min": "{n}\u00a0min", "u_h": "{n}\u00a0h {m}\u00a0min", "u_d": "{n}\u00a0jours",
@@ -653,6 +660,7 @@ TEXT = {
         "hint_stalled": "It is plugged in, but nothing comes through: the hub keeps trying.",
         "hint_searching": "It does not seem to be plugged in.", "hint_backoff": "The hub is reconnecting to it.",
         "hint_connecting": "The hub is connecting to it.",
+        "hint_held": "The hub cannot store its readings.",
         "hint_out_of_range": "It is out of range: bring it closer to the hub.",
         "no_sensor": "No sensor is set up on this hub yet.",
         "delivery_failing": "Readings have not reached “{name}” since {time} ({age} ago). {waiting} are waiting "
@@ -687,6 +695,7 @@ TEXT = {
         "d_task": "Internal task {name} restarted {n} times",
         "st_connected": "connected", "st_searching": "nothing plugged in", "st_stalled": "plugged in, nothing comes "
                                                                                         "through",
+        "st_held": "connected, its readings wait: the hub cannot store them",
         "st_backoff": "reconnecting", "st_connecting": "connecting", "st_out_of_range": "out of range",
         "st_released": "a device that is not a registered sensor: left alone",
         "u_s": "{n}\u00a0s", "u_min": "{n}\u00a0min", "u_h": "{n}\u00a0h {m}\u00a0min", "u_d": "{n}\u00a0days",

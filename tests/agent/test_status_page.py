@@ -200,6 +200,25 @@ def test_a_firmware_update_is_told_as_it_goes_and_how_it_ended() -> None:
     assert "updat" not in _board_line(board)
 
 
+def test_a_store_fault_shows_no_sensor_live_and_says_its_readings_wait() -> None:
+    # Before: each sensor "Live" (its last frame, stored before the disk filled, under 30 s old) and
+    # its link "connected" beneath the notice that the hub cannot store readings.
+    now = 1_800_000_000.0
+    snap = _snapshot(now, heard_at=now - 2, backends=[_delivering(now)])
+    snap["store"] = {"state": "fault", "fault": "OperationalError: database or disk is full", "fault_since": now - 5}
+    v = view(snap)
+    assert v["level"] == "attention" and v["sensors"][0]["state"] == "silent", v
+    assert v["sensors"][0]["link"] == "held"
+    assert {"level": "attention", "key": "store_fault", "args": {"since_at": now - 5}} in v["notices"], v["notices"]
+    assert {"level": "attention", "key": "sensor_silent",
+            "args": {"label": "Chambre", "since_at": now - 2, "link": "held"}} in v["notices"], v["notices"]
+    assert [d["args"]["state"] for d in v["details"] if d["key"] == "d_link"] == ["held"]
+    assert TEXT["en"]["hint_held"] == "The hub cannot store its readings."
+    assert TEXT["fr"]["st_held"].startswith("connecté, ses mesures attendent")
+    snap["store"] = {"state": "ok"}
+    assert view(snap)["sensors"][0]["state"] == "live"
+
+
 def test_every_text_exists_in_both_languages_without_jargon() -> None:
     assert set(TEXT["fr"]) == set(TEXT["en"])
     words = " ".join(list(TEXT["fr"].values()) + list(TEXT["en"].values())).lower()
