@@ -290,8 +290,10 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
     vitals = sum(v["n"] for v in r["vitals_at_backend"].values())
     stored, forwarded = r["frames_acknowledged"], r["frames_forwarded"]
     lines = ["Summary after %.0f s with %d boards:" % (r["seconds"], len(r["boards"])),
-             "  %6d frames built by the boards = %d stored by the hub + %d still on the boards + %d dropped by "
-             "the boards" % (r["frames_generated"], r["frames_stored_of_generated"], r["frames_still_on_boards"],
+             "  %6d frames built by the boards%s = %d stored by the hub + %d still on the boards + %d dropped by "
+             "the boards" % (r["frames_generated"],
+                             " that gave their count" if r["boards_without_stop_summary"] else "",
+                             r["frames_stored_of_generated"], r["frames_still_on_boards"],
                              r["frames_dropped_by_boards"]),
              "           stored: verified, written to the hub's disk, acknowledged to the board (it may forget them)",
              "           still on the boards: not stored by the stop; each board keeps them and sends them again",

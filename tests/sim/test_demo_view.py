@@ -331,8 +331,12 @@ def test_summary_lines_say_what_each_count_means_and_how_they_add_up() -> None:
     assert "60 stored by the hub = 60 at the backend, checked end to end + 0 not delivered" in text, text
     assert "(the hub's 3 vitals and 0 alerts went to the backend too)" in text, text
     assert lines[-1] == "  the hub's store: ok, its file: ok", lines
-    unknown = demo.summary_lines(_result(boards=[{}], boards_without_stop_summary=["pb-sim01"]))
+    unknown = demo.summary_lines(_result(boards=[{}, {}], boards_without_stop_summary=["pb-sim01"],
+                                         frames_acknowledged=90))
     assert "  frames built unknown for pb-sim01: no stop summary on its console" in unknown, unknown
+    # Its frames are in what the hub stored, not in what the others built: said so.
+    assert ("61 frames built by the boards that gave their count = 60 stored by the hub + 1 still on the boards"
+            in unknown[1]), unknown
 
 
 def test_summary_tells_a_store_fault_at_the_stop() -> None:
