@@ -79,8 +79,10 @@ def derive_key(device_key: bytes, boot_salt: bytes) -> bytes:
     return _hmac_sha256(prk, KEY_INFO + b"\x01")
 
 
-# CPython: cryptography's Cipher, AES and CTR, imported at first use.
-_CPYTHON: "list[Any]" = []
+# CPython: the counter blocks of any frame (4096 bytes at most: 256 blocks) with zeros
+# before each counter, made at first use.
+_COUNTER_BLOCKS = const(256)
+_COUNTERS: "list[bytes]" = []
 
 
 class SampleCipher:
@@ -176,23 +178,29 @@ class SampleCipher:
 
     def _apply_cpython(self, buf: "bytearray | memoryview", start: int, end: int, epoch: int, seq: int,
                        offset: int) -> None:
-        # One AES-CTR context of `cryptography` from the counter block of
-        # offset's block: its 128-bit increment is the block counter's, which
-        # a frame (256 blocks at most) never carries past. The key's AES
-        # object is made once.
+        # The keystream of all the blocks in one call of the key's ECB encryptor
+        # (made once: a CTR context of `cryptography` a frame cost more in
+        # Python than the AES), the counter blocks and the XOR as integers.
         if self._aes_cpython is None:
-            if not _CPYTHON:
-                from cryptography.hazmat.primitives.ciphers import (  # type: ignore[import-not-found, unused-ignore]
-                    Cipher,
-                    algorithms,
-                    modes,
-                )
+            from cryptography.hazmat.primitives.ciphers import (  # type: ignore[import-not-found, unused-ignore]
+                Cipher,
+                algorithms,
+                modes,
+            )
 
-                _CPYTHON.extend((Cipher, algorithms.AES, modes.CTR))
-            self._aes_cpython = _CPYTHON[1](self._key)
-        block, skip = offset >> 4, offset & 15
-        ctr = _CPYTHON[0](self._aes_cpython, _CPYTHON[2](
-            epoch.to_bytes(4, "big") + seq.to_bytes(4, "big") + block.to_bytes(8, "big"))).encryptor()
-        if skip:
-            ctr.update(bytes(skip))
-        buf[start:end] = ctr.update(bytes(buf[start:end]))
+            self._aes_cpython = Cipher(algorithms.AES(self._key), modes.ECB()).encryptor()
+            if not _COUNTERS:
+                _COUNTERS.append(b"".join([bytes(12) + b.to_bytes(4, "big") for b in range(_COUNTER_BLOCKS)]))
+        first, skip = offset >> 4, offset & 15
+        n = end - start
+        blocks = ((offset + n - 1) >> 4) - first + 1
+        size = 16 * blocks
+        prefix = epoch.to_bytes(4, "big") + seq.to_bytes(4, "big")
+        if first + blocks <= _COUNTER_BLOCKS:  # the counters (bytes 12-15) from the table, the rest ORed in
+            ctr = (int.from_bytes(_COUNTERS[0][16 * first:16 * first + size], "big")
+                   | int.from_bytes((prefix + bytes(8)) * blocks, "big")).to_bytes(size, "big")
+        else:
+            ctr = b"".join([prefix + bytes(4) + b.to_bytes(4, "big") for b in range(first, first + blocks)])
+        stream = self._aes_cpython.update(ctr)[skip:skip + n]
+        data = int.from_bytes(bytes(buf[start:end]), "big") ^ int.from_bytes(stream, "big")
+        buf[start:end] = data.to_bytes(n, "big")

@@ -103,6 +103,14 @@ def test_sample_key_and_keystream_match_vector() -> None:
     c.apply(parts, 0, 13, 7, 42)
     c.apply(parts, 13, 40, 7, 42, 13)
     assert parts == whole
+    # Past a frame's 256 blocks too (the hub's CPython path builds those counters apart).
+    short = whole
+    whole = bytearray(4200)
+    cipher.SampleCipher(KEY, BOOT_SALT).apply(whole, 0, 4200, 7, 42)
+    parts = bytearray(4200)
+    c.apply(parts, 0, 4090, 7, 42)
+    c.apply(parts, 4090, 4200, 7, 42, 4090)
+    assert parts == whole and whole[:40] == short
 
 
 def test_another_boot_salt_gives_another_keystream_for_the_same_epoch_and_seq() -> None:
