@@ -25,10 +25,16 @@ if not hasattr(hashlib, "sha512"):  # MicroPython: ours, imported now rather tha
 
 P = 2**255 - 19
 L = 2**252 + 27742317777372353535851937790883648493
-_D = (-121665 * pow(121666, P - 2, P)) % P
-_D2 = (2 * _D) % P
-_SQRT_M1 = pow(2, (P - 1) // 4, P)
-_BY = (4 * pow(5, P - 2, P)) % P
+# The curve's constants as RFC 8032 (5.1) gives them, written out: derived
+# here (d = -121665/121666, sqrt(-1) = 2^((p-1)/4), the base point's y =
+# 4/5 and its x) they took seven 255-bit modular powers at import, 0.56 s of
+# an ESP32's time in one piece while a sensor FIFO that lasts 62 ms filled
+# (tests/shared/test_ed25519.py derives them again).
+_D = 37095705934669439343138083508754565189542113879843219016388785533085940283555
+_D2 = 16295367250680780974490674513165176452449235426866156013048779062215315747161
+_SQRT_M1 = 19681161376707505956807079304988542015446066515923890162744021073123829784752
+_BX = 15112221349535400772501151409588531511454012693041857206046113283949847762202
+_BY = 46316835694926478169428394003475163141307993866256225615783033603165251855960
 KEY_SIZE = const(32)
 SIGNATURE_SIZE = const(64)
 _SQUARINGS_PER_STEP = const(8)  # of a modular power, per slice
@@ -62,7 +68,7 @@ def _pow_steps(b: int, e: int) -> "Generator[None, None, int]":
 
 
 def _recover_x_steps(y: int, sign: int) -> "Generator[None, None, int | None]":
-    # As _recover_x, in slices (yield from): returns x or None.
+    # x from y and x's sign bit (RFC 8032, 5.1.3), in slices (yield from): x or None.
     if y >= P:
         return None
     inv = yield from _pow_steps((_D * y * y + 1) % P, P - 2)
@@ -88,22 +94,6 @@ def _decode_steps(b: bytes) -> "Generator[None, None, tuple[int, int, int, int] 
     if x is None:
         return None
     return (x, y, 1, x * y % P)
-
-
-def _recover_x(y: int, sign: int) -> "int | None":
-    if y >= P:
-        return None
-    x2 = (y * y - 1) * pow(_D * y * y + 1, P - 2, P) % P
-    if x2 == 0:
-        return None if sign else 0
-    x = pow(x2, (P + 3) // 8, P)
-    if (x * x - x2) % P:
-        x = x * _SQRT_M1 % P
-    if (x * x - x2) % P:
-        return None
-    if (x & 1) != sign:
-        x = P - x
-    return x
 
 
 def _add(p: "tuple[int, int, int, int]", q: "tuple[int, int, int, int]") -> "tuple[int, int, int, int]":
@@ -133,7 +123,7 @@ def _double(p: "tuple[int, int, int, int]") -> "tuple[int, int, int, int]":
     return (e * f % P, g * h % P, f * g % P, e * h % P)
 
 
-_BASE = (_recover_x(_BY, 0) or 0, _BY, 1, (_recover_x(_BY, 0) or 0) * _BY % P)
+_BASE = (_BX, _BY, 1, _BX * _BY % P)
 _ZERO = (0, 1, 1, 0)
 
 

@@ -122,3 +122,26 @@ def test_the_board_interpreter_checks_and_refuses_the_same(micropython: str, tmp
                        capture_output=True, text=True, timeout=300)
     assert p.stdout.split("\n")[:4] == ["good ok 200", "bad refused unknown_key", "tampered refused hash_mismatch",
                                         "forged refused bad_signature"], p.stdout + p.stderr
+
+
+def test_importing_the_signature_check_computes_no_modular_power(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A board imports protocols/ed25519.py when an update starts, in one piece between two sensor
+    # drains: its curve constants are literals. Derived at import they were seven 255-bit modular
+    # powers, 0.56 s of an ESP32's time (the ECG FIFO lasts 62 ms). A fresh copy of the module is
+    # loaded with pow() counted; the one the rest of the suite uses is left alone.
+    import builtins
+    import importlib.util
+
+    powers = []
+    real_pow = builtins.pow
+
+    def counted(*args: int) -> int:
+        if len(args) == 3:
+            powers.append(args)
+        return real_pow(*args)
+
+    monkeypatch.setattr(builtins, "pow", counted)
+    spec = importlib.util.spec_from_file_location("ed25519_fresh", ROOT / "protocols" / "ed25519.py")
+    assert spec is not None and spec.loader is not None
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert powers == []

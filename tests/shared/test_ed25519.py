@@ -54,3 +54,19 @@ def test_the_check_runs_in_small_slices() -> None:
     for _ in g:  # type: ignore[attr-defined]
         n += 1
     assert n > 300, n  # one ladder bit, 8 squarings or 2 SHA-512 rounds a slice
+
+
+def test_the_written_out_constants_are_rfc8032s() -> None:
+    # Derived again here as RFC 8032 (5.1) defines them; the module takes them as literals
+    # (computing them at import took seven modular powers: 0.56 s of an ESP32's time).
+    p = 2**255 - 19
+    assert ed25519.P == p
+    d = -121665 * pow(121666, p - 2, p) % p
+    assert ed25519._D == d and ed25519._D2 == 2 * d % p
+    assert ed25519._SQRT_M1 == pow(2, (p - 1) // 4, p)
+    y = 4 * pow(5, p - 2, p) % p
+    x = 15112221349535400772501151409588531511454012693041857206046113283949847762202
+    assert ed25519._BY == y and ed25519._BX == x
+    assert (-x * x + y * y - 1 - d * x * x * y * y) % p == 0  # on the curve: -x^2 + y^2 = 1 + d x^2 y^2
+    assert x & 1 == 0  # B's x is the even root (RFC 8032: "the unique point whose x is positive")
+    assert ed25519._BASE == (x, y, 1, x * y % p)
