@@ -455,23 +455,38 @@ def pulse_rate_a103l() -> dict[str, Any]:
     return _pulse_scores(np.array(rates), np.array(truth))
 
 
-def vitals_cpu(seconds: int = 120) -> dict[str, Any]:
-    """CPU time of the vitals engine per board-second: one board's ECG (512 Hz) and PPG
-    (100 Hz) in 1 s frames, as the hub gets them (process time, this machine)."""
-    import wfdb
+# A MAX30102's IR reading at a fingertip, in counts of its 18-bit ADC (of 262143).
+PPG_IR_DC_COUNTS = 140000
 
-    from agent.record import FrameRecord
-    from agent.vitals.engine import VitalsEngine
-    from protocols import messages
+
+def recorded_signals(seconds: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PhysioNet record a103l as a board's sensors give it: ECG lead II at 512 Hz in
+    MAX30003 counts (scale 1000000/2621440 uV), red and IR at 100 Hz (a PPG
+    synthesised from its pleth for SpO2 97 %, in 18-bit MAX30102 counts, IR's DC at
+    PPG_IR_DC_COUNTS); whole seconds, at most `seconds` (None: the whole record)."""
+    import wfdb
 
     rec = wfdb.rdrecord(str(waveforms.data_dir() / waveforms.PPG_RECORD))
     fs = float(rec.fs)
     t = np.arange(rec.sig_len) / fs
-    n = min(seconds, int(t[-1]) - 1)
+    n = int(t[-1]) - 1 if seconds is None else min(seconds, int(t[-1]) - 1)
     ecg = np.round(np.interp(np.arange(0, n, 1 / 512), t, rec.p_signal[:, rec.sig_name.index("II")])
-                   * 2621440).astype(np.int32)
+                   * 1000 * 2621440 / 1000000).astype(np.int32)
     both = waveforms.synthesise_ppg(rec.p_signal[:, rec.sig_name.index("PLETH")], 97.0)
-    red, ir = (np.round(np.interp(np.arange(0, n, 1 / 100), t, both[:, c]) * 112).astype(np.int32) for c in (0, 1))
+    both *= PPG_IR_DC_COUNTS / float(np.mean(both[:, 1]))  # one factor for both: R is unchanged
+    red, ir = (np.round(np.interp(np.arange(0, n, 1 / 100), t, both[:, c])).astype(np.int32) for c in (0, 1))
+    return ecg, red, ir
+
+
+def vitals_cpu(seconds: int = 120) -> dict[str, Any]:
+    """CPU time of the vitals engine per board-second: one board's ECG (512 Hz) and PPG
+    (100 Hz) in 1 s frames, as the hub gets them (process time, this machine)."""
+    from agent.record import FrameRecord
+    from agent.vitals.engine import VitalsEngine
+    from protocols import messages
+
+    ecg, red, ir = recorded_signals(seconds)
+    n = len(ecg) // 512
     frames = []
     for i in range(n):
         frames.append(FrameRecord("pb-bench", 1, 2 * i, messages.STREAM_ECG_MAX30003, 512, i * 1000, i * 512, 512,
