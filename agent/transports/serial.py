@@ -71,6 +71,7 @@ class SerialTransport(Transport):
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_DEPTH + 1)  # + the end-of-link marker
         self._write_lock = asyncio.Lock()  # one line at a time: two writers' lines never interleave
         self._closed = False
+        self._why = ""  # why the port closed under us, for the session's end
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def open(self) -> None:
@@ -85,12 +86,14 @@ class SerialTransport(Transport):
         assert self._ser is not None
         try:
             data = os.read(self._ser.fileno(), _READ_CHUNK)
-        except OSError as e:
+        except OSError as e:  # EIO: the port hung up under us
             log.info("%s: read failed (%s): link closed", self.name, e)
+            self._why = "hung up (%s): unplugged, or the board lost power" % (e.strerror or e)
             data = b""
         if not data:
             self._stop_reading()
             self._closed = True
+            self._why = self._why or "hung up (end of file): unplugged, or the board lost power"
             self._queue.put_nowait(None)  # its place is kept
             return
         self._deframer.feed(data)
@@ -119,10 +122,10 @@ class SerialTransport(Transport):
         if self._ser is None:
             raise TransportClosed("not open", self.name)
         if self._closed and self._queue.empty():
-            raise TransportClosed("%s closed" % self.port, self.name)
+            raise TransportClosed("%s closed: %s" % (self.port, self._why), self.name)
         msg = await self._queue.get()
         if msg is None:
-            raise TransportClosed("%s closed" % self.port, self.name)
+            raise TransportClosed("%s closed: %s" % (self.port, self._why), self.name)
         return msg
 
     async def send(self, message: bytes) -> None:
