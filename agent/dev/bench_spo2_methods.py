@@ -14,7 +14,8 @@ offset and the drift:
   channels' lights: deoxygenated haemoglobin absorbs red more, and the perfusion changes;
 - quality: the product's (the lower of the pulse correlation and R's consistency over 2 s
   stretches) of a pair, a feature's stability over the last SMOOTH_S (1 - its standard
-  deviation across the last windows), the pulse's periodicity, or none;
+  deviation across the last windows), R's spread beat by beat (1 s stretches), the channels'
+  SNR at the pulse's frequency, the pulse's periodicity, or none;
 - the level at rest read by the sensor type's absolute line (anchor) instead of assumed;
 - controls that are not estimators: the elapsed time since the start as the only feature (the
   protocol desaturates steadily, so a clock "predicts" SpO2: a method must beat it), and a
@@ -41,13 +42,14 @@ from agent.dev.bench_vitals import CAMERA_PAIRS, WITHHELD_GOAL, _arms, _sens_spe
 BASELINE_S = 60  # a relative estimate's reference: the placement's first minute, at rest
 SMOOTH_S = 30  # features are the median of the last 30 one-second windows (causal)
 CHANNELS = {"red": 0, "green": 1, "blue": 2}
+SNR_HALF_WIDTH_HZ = 0.2  # the pulse's peak in an 8 s window's spectrum (resolution 0.125 Hz) and its drift
 
 
 @dataclass(frozen=True)
 class Method:
     label: str
     features: tuple[str, ...]  # "logR:<pair>", "logDC:<channel>", "logDCratio:<pair>", "t" (elapsed s)
-    quality: str  # "product:<pair>", "stability:<feature>", "pulse" or "none" (quality())
+    quality: str  # "product:<pair>", "stability:<feature>", "beat_spread:<pair>", "snr:<pair>", "pulse", "none"
     relative: bool = False
     smooth: bool = True
     control: bool = False  # not an estimator: shown for comparison, never chosen
@@ -82,6 +84,9 @@ METHODS = (
     Method("R/B ratio + red light, rel., red light stability", ("logR:red/blue", "logDC:red"),
            "stability:logDC:red", relative=True),
     Method("R/B ratio + red light, relative, pulse quality", ("logR:red/blue", "logDC:red"), "pulse", relative=True),
+    Method("R/B ratio + red light, relative, R/B beat spread", ("logR:red/blue", "logDC:red"), "beat_spread:red/blue",
+           relative=True),
+    Method("R/B ratio + red light, relative, R/B SNR", ("logR:red/blue", "logDC:red"), "snr:red/blue", relative=True),
     Method("red light, relative, rest read by the R/B line", ("logDC:red",), "product:red/blue", relative=True,
            anchor="red/blue"),
     Method("control: elapsed time, relative", ("t",), "product:red/blue", relative=True, control=True),
@@ -92,11 +97,56 @@ METHODS = (
 SEARCHED_FEATURES = ("logR:red/blue", "logR:green/blue", "logR:red/green", "logDC:red", "logDC:green", "logDC:blue",
                      "logDCratio:red/blue", "logDCratio:green/blue", "logDCratio:red/green")
 SEARCHED_QUALITIES = ("product:red/blue", "product:green/blue", "product:red/green", "stability:logR:red/blue",
-                      "stability:logDC:red", "pulse", "none")
+                      "stability:logDC:red", "beat_spread:red/blue", "snr:red/blue", "pulse", "none")
 SEARCH = tuple(Method("searched: %s; %s" % (" + ".join(f), q), f, q, relative=True)
                for k in (1, 2) for f in itertools.combinations(SEARCHED_FEATURES, k) for q in SEARCHED_QUALITIES
                ) + tuple(Method("searched: %s; product:red/blue" % " + ".join(f), f, "product:red/blue", relative=True)
                          for f in itertools.combinations(SEARCHED_FEATURES, 3))
+
+
+class SignalIndices:
+    """Two more signal quality indices of a window of light (n samples x channels R, G, B),
+    on the product's band (agent/vitals/spo2.py: AC/DC sample by sample):
+    - each channel's SNR: the share of its power in the band (0.5-5 Hz) that lies within
+      SNR_HALF_WIDTH_HZ of the pulse's frequency or its first harmonic (the pulse's period from
+      the product's pulse_period on red and blue); 0 when no period is found;
+    - each pair's spread of R beat by beat: the standard deviation of log R across 1 s stretches
+      (one beat or so)."""
+
+    def __init__(self, rate_hz: float) -> None:
+        from agent.vitals.spo2 import OximetryEstimator
+
+        self.fs = float(rate_hz)
+        self._band = OximetryEstimator(rate_hz)._band  # the product's band-pass, reused as is
+
+    def __call__(self, window: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        from agent.vitals.spo2 import pulse_period
+
+        light = np.asarray(window, dtype=float).T
+        if float(light.min()) <= 0:
+            return np.zeros(3), {p: np.nan for p in CAMERA_PAIRS}
+        ac = self._band(np.log(light))
+        rms = np.sqrt(np.mean(ac ** 2, axis=1))
+        if float(rms.min()) <= 0:
+            return np.zeros(3), {p: np.nan for p in CAMERA_PAIRS}
+        period_s, _ = pulse_period(ac[0] / rms[0] + ac[2] / rms[2], self.fs)
+        n_fft = 4 * ac.shape[1]
+        power = np.abs(np.fft.rfft(ac * np.hanning(ac.shape[1]), n_fft, axis=1)) ** 2
+        f = np.fft.rfftfreq(n_fft, 1.0 / self.fs)
+        band = (f >= 0.5) & (f <= 5.0)
+        snr = np.zeros(3)
+        if period_s is not None:
+            f0 = 1.0 / period_s
+            at_pulse = band & ((np.abs(f - f0) <= SNR_HALF_WIDTH_HZ) | (np.abs(f - 2 * f0) <= SNR_HALF_WIDTH_HZ))
+            snr = power[:, at_pulse].sum(axis=1) / power[:, band].sum(axis=1)
+        m = int(self.fs)
+        k = ac.shape[1] // m
+        energy = np.einsum("ijk,ijk->ij", ac[:, :k * m].reshape(3, k, m), ac[:, :k * m].reshape(3, k, m))
+        spread = {}
+        for p, (a, b) in CAMERA_PAIRS.items():
+            ok = bool(energy[a].min() > 0 and energy[b].min() > 0)
+            spread[p] = float(np.std(0.5 * np.log(energy[a] / energy[b]))) if ok else np.nan
+        return snr, spread
 
 
 def _causal(v: np.ndarray, n: int, stat: str) -> np.ndarray:
@@ -169,7 +219,9 @@ def _feature(w: dict[str, Any], name: str, smooth: bool, relative: bool) -> np.n
 def quality(w: dict[str, Any], m: Method) -> np.ndarray:
     """Per window, 0..1 (higher: better): "product:<pair>" the product's quality of that pair;
     "stability:<feature>" 1 - the standard deviation of the feature over the last SMOOTH_S;
-    "pulse" the pulse rate's quality (red/blue); "none" 1 (nothing withheld but the baseline)."""
+    "beat_spread:<pair>" 1 - the spread of R across 1 s stretches; "snr:<pair>" the lower of
+    its channels' SNR (SignalIndices); "pulse" the pulse rate's quality (red/blue); "none" 1
+    (nothing withheld but the baseline)."""
     kind, _, arg = m.quality.partition(":")
     if kind == "product":
         return np.asarray(w["pairs"][arg]["quality"], dtype=float)
@@ -177,6 +229,12 @@ def quality(w: dict[str, Any], m: Method) -> np.ndarray:
         return np.asarray(w["pulse"]["quality"], dtype=float)
     if kind == "none":
         return np.ones(len(w["second"]))
+    if kind == "snr":  # the lower SNR of the pair's two channels
+        a, b = CAMERA_PAIRS[arg]
+        return np.asarray(np.minimum(w["snr"][:, a], w["snr"][:, b]), dtype=float)
+    if kind == "beat_spread":
+        spread = np.asarray(w["beat_spread"][arg], dtype=float)
+        return np.where(np.isfinite(spread), 1.0 - spread, 0.0)
     if kind != "stability":
         raise ValueError("unknown quality %r" % m.quality)
     v = _raw_feature(w, arg)
@@ -267,14 +325,28 @@ def _inputs(w: dict[str, Any], m: Method, cache: Cache) -> tuple[np.ndarray, np.
     return features(w, m, cache), quality(w, m), base
 
 
+RECOVERY_AFTER_S = 30  # the recovery: from this long after a recording's lowest reference SpO2 to its end
+
+
+def _recovery(w: dict[str, Any]) -> np.ndarray:
+    # The windows of each recording's recovery, where SpO2 rises back as time goes on: a
+    # feature that follows time and not SpO2 fails there.
+    out = np.zeros(len(w["second"]), dtype=bool)
+    for idx in _recordings(w):
+        out[idx[int(np.nanargmin(w["ref_spo2"][idx])) + RECOVERY_AFTER_S:]] = True
+    return out
+
+
 def _scores(w: dict[str, Any], est: np.ndarray, shown: np.ndarray, q: np.ndarray) -> dict[str, Any]:
     ref = w["ref_spo2"]
     err = est - ref
+    recovery = shown & _recovery(w)
     e, qq = err[shown], q[shown]
     best = qq >= np.median(qq) if len(qq) else qq.astype(bool)
     sens, spec = _sens_spec(est < 90.0, ref < 90.0, shown)
     return {"arms_shown_pct": _arms(e), "arms_shown_70_100_pct": _arms(err[shown & (ref >= 70.0)]),
             "mean_abs_error_shown_pct": round(float(np.mean(np.abs(e))), 2) if len(e) else None,
+            "arms_recovery_pct": _arms(err[recovery]),
             "withheld_fraction": round(1.0 - float(shown.mean()), 3),
             "arms_best_quality_half_pct": _arms(e[best]), "arms_worst_quality_half_pct": _arms(e[~best]),
             "below_90_sensitivity": sens, "below_90_specificity": spec,
@@ -340,16 +412,19 @@ def compare(w: dict[str, Any], methods: tuple[Method, ...] = METHODS, search: tu
 def report(c: dict[str, Any]) -> list[str]:
     lines = ["SpO2 estimators compared on the desaturation set, each leave one subject out (features: median of the "
              "last %d s; relative: change from the placement's first %d s, withheld then; gate: %d %% of the "
-             "training windows withheld; < 90 %%: the shown estimate, per window)" % (
-                 c["smooth_s"], c["baseline_s"], 100 * WITHHELD_GOAL),
-             "  %-48s %7s %8s %6s %9s %10s %10s %6s %6s" % ("method", "Arms %", "70-100 %", "MAE %", "withheld",
-                                                           "best half", "worst half", "sens", "spec")]
+             "training windows withheld; recovery: Arms from %d s after each run's lowest SpO2, where a clock "
+             "fails; < 90 %%: the shown estimate, per window)" % (
+                 c["smooth_s"], c["baseline_s"], 100 * WITHHELD_GOAL, RECOVERY_AFTER_S),
+             "  %-48s %7s %8s %6s %8s %9s %10s %10s %6s %6s" % (
+                 "method", "Arms %", "70-100 %", "MAE %", "recovery", "withheld", "best half", "worst half", "sens",
+                 "spec")]
 
     def row(label: str, s: dict[str, Any]) -> str:
-        return "  %-48s %7s %8s %6s %8.1f%% %10s %10s %5.1f%% %5.1f%%" % (
+        return "  %-48s %7s %8s %6s %8s %8.1f%% %10s %10s %5.1f%% %5.1f%%" % (
             label[:48], s["arms_shown_pct"], s["arms_shown_70_100_pct"], s["mean_abs_error_shown_pct"],
-            100 * s["withheld_fraction"], s["arms_best_quality_half_pct"], s["arms_worst_quality_half_pct"],
-            100 * (s["below_90_sensitivity"] or 0), 100 * (s["below_90_specificity"] or 0))
+            s["arms_recovery_pct"], 100 * s["withheld_fraction"], s["arms_best_quality_half_pct"],
+            s["arms_worst_quality_half_pct"], 100 * (s["below_90_sensitivity"] or 0),
+            100 * (s["below_90_specificity"] or 0))
 
     for m in c["methods"]:
         lines.append(row(m["label"], m))

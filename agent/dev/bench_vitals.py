@@ -233,13 +233,16 @@ def _camera_recordings(folder: Path) -> list[tuple[str, str, np.ndarray, np.ndar
 def _camera_windows(folder: Path) -> dict[str, Any]:
     """The product's estimator on each recording, one 1 s frame at a time, for each channel
     pair: per estimate (once the 8 s window is full, one a second) its ratio, quality, pulse
-    rate and the references over the same window, and the window's mean light per channel (dc,
-    R, G, B: what the estimators compared in bench_spo2_methods read besides the ratios)."""
+    rate and the references over the same window; and what the estimators compared in
+    bench_spo2_methods read besides the ratios: the window's mean light per channel (dc, R, G,
+    B), each channel's SNR and each pair's spread of R across 1 s stretches (SignalIndices)."""
+    from agent.dev.bench_spo2_methods import SignalIndices
     from agent.vitals.spo2 import WINDOW_S, OximetryEstimator
 
     win = int(WINDOW_S)
+    indices = SignalIndices(CAMERA_FS)
     cols: dict[str, list[Any]] = {"subject": [], "recording": [], "second": [], "ref_spo2": [], "ref_pulse": [],
-                                  "dc": []}
+                                  "dc": [], "snr": [], "beat_spread": []}
     per_pair: dict[str, dict[str, list[float]]] = {p: {"ratio": [], "quality": []} for p in CAMERA_PAIRS}
     pulse: dict[str, list[float]] = {"rate": [], "quality": []}
     for subject, hand, rgb, spo2, ref_pulse in _camera_recordings(folder):
@@ -254,7 +257,11 @@ def _camera_windows(folder: Path) -> dict[str, Any]:
             cols["subject"].append(subject)
             cols["recording"].append(subject + " " + hand)
             cols["second"].append(k + 1)
-            cols["dc"].append(rgb[(k + 1 - win) * CAMERA_FS:(k + 1) * CAMERA_FS].mean(axis=0))  # light: R, G, B
+            window = rgb[(k + 1 - win) * CAMERA_FS:(k + 1) * CAMERA_FS]
+            cols["dc"].append(window.mean(axis=0))  # light: R, G, B
+            snr, spread = indices(window)
+            cols["snr"].append(snr)
+            cols["beat_spread"].append(spread)
             cols["ref_spo2"].append(float(np.nanmean(spo2[k + 1 - win:k + 1])))
             cols["ref_pulse"].append(float(np.nanmedian(ref_pulse[k + 1 - win:k + 1]))
                                      if not np.all(np.isnan(ref_pulse[k + 1 - win:k + 1])) else np.nan)
@@ -268,6 +275,8 @@ def _camera_windows(folder: Path) -> dict[str, Any]:
     return {"subject": np.array(cols["subject"]), "recording": np.array(cols["recording"]),
             "second": np.array(cols["second"]), "ref_spo2": np.array(cols["ref_spo2"]),
             "ref_pulse": np.array(cols["ref_pulse"]), "dc": np.array(cols["dc"]).reshape(-1, 3),
+            "snr": np.array(cols["snr"]).reshape(-1, 3),
+            "beat_spread": {p: np.array([d[p] for d in cols["beat_spread"]]) for p in CAMERA_PAIRS},
             "pairs": {p: {k: np.array(v) for k, v in d.items()} for p, d in per_pair.items()},
             "pulse": {k: np.array(v) for k, v in pulse.items()}}
 

@@ -95,3 +95,23 @@ def test_an_anchored_estimate_reads_no_subject_s_own_reference_either() -> None:
     est2, _ = bm._loso_anchored(w2, m, x, q, base, {})
     assert np.allclose(est[in_c], est2[in_c])
     assert not np.allclose(est[~in_c], est2[~in_c])
+
+
+def _light(red_pulse: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
+    # 8 s of camera light at 30 frames/s (R, G, B), a 72 /min pulse in each, plus white noise.
+    t = np.arange(240) / 30.0
+    pulse = np.sin(2 * np.pi * 1.2 * t) + 0.3 * np.sin(2 * np.pi * 2.4 * t)
+    out = np.column_stack([100 * (1 + red_pulse * pulse), 80 * (1 + 0.01 * pulse), 60 * (1 + 0.008 * pulse)])
+    return out * (1 + noise * rng.standard_normal(out.shape))
+
+
+def test_signal_indices_tell_a_clean_pulse_from_noise_and_a_steady_ratio_from_a_moving_one() -> None:
+    rng = np.random.default_rng(3)
+    indices = bm.SignalIndices(30)
+    snr_clean, spread_clean = indices(_light(np.full(240, 0.01), 0.0, rng))
+    snr_noisy, _ = indices(_light(np.full(240, 0.01), 0.03, rng))
+    assert snr_clean.min() > 0.9 and snr_noisy.max() < 0.5, (snr_clean, snr_noisy)
+    assert spread_clean["red/blue"] < 0.02, spread_clean
+    # The red pulse doubles halfway: R is no longer one number across the beats.
+    _, spread_moving = indices(_light(np.where(np.arange(240) < 120, 0.01, 0.02), 0.0, rng))
+    assert spread_moving["red/blue"] > 0.2 and spread_moving["green/blue"] < 0.02, spread_moving
