@@ -23,17 +23,18 @@ _MAX_SENDS_PER_LOOP = const(4)
 _VITALS_CHUNK = const(128)  # samples fed to the board's vitals between two FIFO reads
 _RX_CHUNKS_PER_LOOP = const(16)  # downlink read per loop at most: messages, or the links' chunks (32 bytes)
 _IDLE_MAX_MS = const(100)
-# Garbage is collected when the loop chooses: right after the sensors were
-# drained, once less than this is free (or half what the last collection
-# freed, if that was less), rather than wherever an allocation finds the
-# heap full (in the middle of a frame, with a FIFO filling). After start-up
-# the loop makes next to no garbage (README, Memory on the board), so the
-# free heap is looked at only every _GC_CHECK_MS: gc.mem_free() walks the
-# whole allocation table, 18 us on a PC for a 230 kB heap, about 100 times
-# that at an ESP32's speed; once a loop it cost more than a frame did.
+# Garbage is collected when the loop chooses: right after the fastest FIFO
+# was drained (wherever that was: a collection takes 25-45 ms at an ESP32's
+# speed, and from a drain the FIFO has its whole fill time, 62.5 ms at 512
+# Hz), once less than this is free (or half what the last collection freed,
+# if that was less), rather than wherever an allocation finds the heap full
+# (in the middle of a frame, with a FIFO filling). After start-up the loop
+# makes next to no garbage (README, Memory on the board), so the free heap
+# is looked at only every _GC_CHECK_MS: gc.mem_free() walks the whole
+# allocation table, 18 us on a PC for a 230 kB heap, 2-4 ms at an ESP32's
+# speed; once a loop it cost more than a frame did.
 _GC_HEADROOM = const(16384)
-_GC_AFTER_DRAIN_MS = const(2)  # the longest sleep: downlink (acks, commands) is read at least this often
-_GC_CHECK_MS = const(100)
+_GC_CHECK_MS = const(250)
 # Our sensors give at most 18-bit samples: a delta-zigzag varint of one
 # takes at most 3 bytes. Headers and the COSE envelope take under 200.
 _WORST_BYTES_PER_SAMPLE = const(3)
@@ -273,6 +274,22 @@ class App:
                     st.poll(now)
                 except OSError:
                     st.ready = True
+                self._drained(st, now)
+
+    def _drained(self, st, now):
+        # After st's FIFO was read: if it was the fastest one's, just emptied,
+        # it is the collection's moment, if the heap is low (_GC_HEADROOM);
+        # the FIFOs that asked during it are read at once. Looked for only at
+        # the end of _drain, a drain followed by a frame (50 ms at esp32
+        # speed) never found it: the heap ran out and an allocation collected
+        # in the middle of the next frame instead.
+        if st is not self._fastest or st.drained_ms != now or ticks.diff(now, self._gc_checked_ms) < _GC_CHECK_MS:
+            return
+        self._gc_checked_ms = now
+        if gc.mem_free() < self._gc_below:
+            gc.collect()
+            self._read_fifos()  # (before the free heap's walk: the FIFOs have waited the collection out)
+            self._gc_below = min(_GC_HEADROOM, gc.mem_free() // 2)
 
     def on_downlink(self, data, n=-1):
         # data[:n] (n < 0: all of it): one downlink message, not yet authenticated.
@@ -366,20 +383,7 @@ class App:
             st = self.streams[k]
             if every or st.wants() or st.n >= st.window:  # (a window filled by _read_fifos: framed now)
                 self._poll_stream(k, now, poll_ms)
-        now = self.board.ticks_ms()
-        # The collection's moment: right after the fastest FIFO was emptied
-        # (its whole depth is the collection's time), wherever in the loop
-        # that was. Looked for only once a loop (in step()), a busy BLE board
-        # found it a few times a minute, and most collections came from an
-        # allocation that found the heap full, in the middle of a frame.
-        if (ticks.diff(now, self._fastest.drained_ms) <= _GC_AFTER_DRAIN_MS
-                and ticks.diff(now, self._gc_checked_ms) >= _GC_CHECK_MS):
-            self._gc_checked_ms = now
-            if gc.mem_free() < self._gc_below:
-                gc.collect()
-                self._gc_below = min(_GC_HEADROOM, gc.mem_free() // 2)
-                now = self._drain()
-        return now
+        return self.board.ticks_ms()
 
     def step(self):
         self.board.service()
@@ -453,6 +457,7 @@ class App:
         except OSError as e:
             self._sensor_error(k, now, e)
             return
+        self._drained(st, now)  # (before a frame: a collection after it would find the FIFO half full)
         if g.read_ok(k):
             self.reports.add(faults.ERR_SENSOR_FAULT, "%s answers again" % g.names[k])
         if count:
