@@ -9,7 +9,7 @@ import time
 from machine import ADC, I2C, SPI, Pin, Timer
 
 from app import ticks
-from protocols import messages
+from protocols import fields
 
 PINS = {
     "i2c_scl": 22, "i2c_sda": 21, "i2c_hz": 400000,
@@ -93,15 +93,15 @@ class Esp32Board:
             ecg_chip.configure(ecg["rate_hz"], ecg["gain"])
             if pins.get("ecg_intb") is not None:
                 ecg_chip.enable_fifo_irq()
-                self._irq_pins[messages.STREAM_ECG_MAX30003] = Pin(pins["ecg_intb"], Pin.IN, Pin.PULL_UP)
-            out.append((messages.STREAM_ECG_MAX30003, ecg_chip, ecg_chip.lead_off))
+                self._irq_pins[fields.STREAM_ECG_MAX30003] = Pin(pins["ecg_intb"], Pin.IN, Pin.PULL_UP)
+            out.append((fields.STREAM_ECG_MAX30003, ecg_chip, ecg_chip.lead_off))
         elif ecg and ecg["chip"] == "ad8232":
             from drivers.ad8232 import AD8232
 
             adc = ADC(Pin(pins["ad8232_out"]), atten=ADC.ATTN_11DB)
             front = AD8232(adc, Pin(pins["ad8232_lo_plus"], Pin.IN), Pin(pins["ad8232_lo_minus"], Pin.IN),
                            Timer(0), ecg["rate_hz"])
-            out.append((messages.STREAM_ECG_AD8232, front, front.lead_off))
+            out.append((fields.STREAM_ECG_AD8232, front, front.lead_off))
         ppg = cfg.get("ppg")
         if ppg:
             from drivers.max30102 import MAX30102
@@ -112,8 +112,8 @@ class Esp32Board:
                           ppg["led_ir_ua"])
             if pins.get("ppg_int") is not None:
                 oxi.enable_fifo_irq()
-                self._irq_pins[messages.STREAM_PPG_MAX30102] = Pin(pins["ppg_int"], Pin.IN, Pin.PULL_UP)
-            out.append((messages.STREAM_PPG_MAX30102, oxi, None))
+                self._irq_pins[fields.STREAM_PPG_MAX30102] = Pin(pins["ppg_int"], Pin.IN, Pin.PULL_UP)
+            out.append((fields.STREAM_PPG_MAX30102, oxi, None))
         return out
 
     def link(self, cfg, max_message):

@@ -3,77 +3,76 @@
 # map with small integer keys written in ascending order (deterministic
 # CBOR), key 0 the message type and key 1 the protocol version.
 #
-# Encoders write field by field into a caller-owned buffer (the board calls
-# them once per frame). decode_payload() turns any bytes into one typed
-# message or raises RemoteProtocolError naming the field that was wrong
-# (protocols/decode.py).
+# The protocol's numbers and the field-wise encoders (each writes one
+# message field by field into a caller-owned buffer: the board's steady
+# state) live in protocols/fields.py, re-exported here; a board imports that
+# module alone. Here: the typed messages, encode() for any of them, and
+# decode_payload(), which turns any bytes into one typed message or raises
+# RemoteProtocolError naming the field that was wrong (protocols/decode.py).
 
-from protocols import cbor, cipher, samples
+from protocols import cbor, cipher
 from protocols._compat import const
 from protocols.errors import LocalProtocolError
+from protocols.fields import (  # noqa: F401  (re-exported: pyproject.toml, implicit_reexport)
+    FLAG_FIFO_OVERFLOW,
+    FLAG_LEAD_OFF,
+    FLAG_SATURATED,
+    FLAG_SENSOR_FAULT,
+    MAX_ACK_RANGES,
+    MAX_EPOCH,
+    MAX_ORIGIN_CHECKPOINT,
+    MAX_SAMPLES,
+    MAX_SEQ,
+    MAX_TEXT,
+    MAX_UPLINK_INT,
+    STREAM_CHANNELS,
+    STREAM_ECG_AD8232,
+    STREAM_ECG_MAX30003,
+    STREAM_PPG_MAX30102,
+    T_ACK,
+    T_COMMAND,
+    T_EPOCH_RESYNC,
+    T_ERROR,
+    T_HELLO,
+    T_ORIGIN,
+    T_SAMPLES,
+    T_STATUS,
+    T_TIME_REQUEST,
+    T_TIME_RESPONSE,
+    T_UPDATE_CHUNK,
+    T_UPDATE_STATE,
+    VERSION,
+    _start,
+    encode_ack,
+    encode_error_report,
+    encode_hello,
+    encode_sample_frame,
+    encode_status,
+    encode_time_response,
+)
 
 TYPE_CHECKING = False  # type checkers take this as true; MicroPython has no typing module
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-VERSION = const(2)  # 2: sample frames carry the boot salt of their key (key 15)
 # What a hub re-reads from its store: frames stored before an upgrade keep
 # their version. Version 1: sample frames without key 15 (one sample key per
 # device). Boards must speak VERSION (SPEC.md, "Evolving the format").
 STORED_VERSIONS = (1, 2)
 
-T_SAMPLES = const(1)
-T_ACK = const(2)
-T_TIME_REQUEST = const(3)
-T_TIME_RESPONSE = const(4)
-T_HELLO = const(5)
-T_STATUS = const(6)
-T_ERROR = const(7)
-T_COMMAND = const(8)
-T_EPOCH_RESYNC = const(9)
-T_ORIGIN = const(10)
-T_UPDATE_CHUNK = const(11)
-T_UPDATE_STATE = const(12)
-
 UPLINK_TYPES = (T_SAMPLES, T_TIME_RESPONSE, T_HELLO, T_STATUS, T_ERROR, T_ORIGIN, T_UPDATE_STATE)
 DOWNLINK_TYPES = (T_ACK, T_TIME_REQUEST, T_COMMAND, T_EPOCH_RESYNC, T_UPDATE_CHUNK)
 
-STREAM_ECG_MAX30003 = const(1)
-STREAM_ECG_AD8232 = const(2)
-STREAM_PPG_MAX30102 = const(3)
 STREAM_NAMES = {STREAM_ECG_MAX30003: "ecg", STREAM_ECG_AD8232: "ecg-ad8232", STREAM_PPG_MAX30102: "ppg"}
-STREAM_CHANNELS = {STREAM_ECG_MAX30003: 1, STREAM_ECG_AD8232: 1, STREAM_PPG_MAX30102: 2}
 
 # Error report codes (type 7; SPEC.md says what the board then does).
 ERROR_CODES = {1: "sensor_setup", 2: "sensor_fault", 3: "link_fault", 4: "loop_restarted", 5: "watchdog_reset",
                6: "epoch_resync", 7: "no_memory"}
 
-# Sensor status flags (bit numbers in status[0]).
-FLAG_LEAD_OFF = const(1)
-FLAG_SATURATED = const(2)
-FLAG_FIFO_OVERFLOW = const(4)
-FLAG_SENSOR_FAULT = const(8)
-
 # Keys at or above this are extensions: a decoder ignores those it does not
 # know. Any other unknown key is an error (see "Evolving the format" in SPEC.md).
 EXTENSION_KEYS = const(64)
-# One frame holds at most this many samples per channel: a 1 s window of the
-# fastest stream (512 Hz) with room for 4 s windows at 100 Hz or 2 s at 512 Hz.
-MAX_SAMPLES = const(1024)
-MAX_ACK_RANGES = const(16)
-MAX_TEXT = const(96)
 MAX_STREAMS = const(4)
-# Every integer a board sends is bounded as the hub stores and forwards it:
-# at most 2^53 - 1, exact in the IEEE doubles that JSON consumers read
-# numbers as, and well inside SQLite's signed 64-bit integers. Epoch and seq
-# go into the sample cipher's counter block: 32 bits (and so every uplink
-# message's, since one seq counts them all).
-MAX_UPLINK_INT = const(0x1FFFFFFFFFFFFF)
-MAX_EPOCH = const(0xFFFFFFFF)
-MAX_SEQ = const(0xFFFFFFFF)
-# An origin checkpoint (type 10) lists at most 32 frames: 16-byte digests and
-# their seqs, with its header and MAC, stay well under this.
-MAX_ORIGIN_CHECKPOINT = const(1024)
 # Bytes of a bundle in one update chunk: with its envelope it stays under
 # the 256-byte downlink bound (SPEC.md, Firmware updates).
 MAX_UPDATE_CHUNK = const(160)
@@ -262,98 +261,6 @@ class UpdateState(Message):
 
 # ---- encoding ---------------------------------------------------------------
 
-def _start(w: "cbor.Writer", kind: int, nfields: int) -> None:
-    w.map(nfields)
-    w.uint(0)
-    w.uint(kind)
-    w.uint(1)
-    w.uint(VERSION)
-
-
-def encode_sample_frame(w: "cbor.Writer", epoch: int, seq: int, stream: int, t0_ms: int,
-                        first_index: int, rate_hz: int, count: int, scale_num: int, scale_den: int,
-                        ppg_drive: "tuple[int, int, int, int] | None", flags: int, fifo_overflows: int,
-                        frames_dropped: int, jitter_us: int, channels: "tuple[list[int] | bytes, ...]",
-                        sealer: "cipher.SampleCipher", between: "Callable[[], object] | None" = None,
-                        t0_ms_hi: int = 0, first_index_hi: int = 0) -> None:
-    # channels: one sample sequence per channel (array('i') on the board),
-    # or each channel's samples already encoded (bytes, as decode_payload
-    # gives them with decode_samples=False: re-sealing a frame);
-    # Each channel's samples are encoded and encrypted in place in w's
-    # buffer (no scratch buffer: on the board that would be 1.5 kB of heap).
-    # sealer: the device's sample cipher for this boot (samples are always
-    # encrypted); its boot salt goes in the frame (key 15).
-    # between: called after the header and after each channel (a board
-    # reads its sensors' FIFOs there: a frame takes tens of ms on a chip);
-    # it must leave w alone.
-    # t0_ms_hi, first_index_hi: a board's high halves (the values are then
-    # t0_ms_hi * 2**30 + t0_ms, and likewise first_index; each low half under
-    # 2**30): on a 32-bit port larger ints are heap ints (cbor.uint_halves).
-    if not 0 < count <= MAX_SAMPLES:
-        raise LocalProtocolError("a frame holds 1 to %d samples, not %d" % (MAX_SAMPLES, count), "sample_count")
-    if len(channels) != STREAM_CHANNELS.get(stream, 0):
-        raise LocalProtocolError("stream %d takes %d channels" % (stream, STREAM_CHANNELS.get(stream, 0)), "channels")
-    salt = sealer.boot_salt
-    if salt is None:
-        raise LocalProtocolError("sealing sample frames needs a cipher with this boot's salt", "salt")
-    _start(w, T_SAMPLES, 16 if ppg_drive is not None else 15)
-    w.uint(2)
-    w.uint(epoch)
-    w.uint(3)
-    w.uint(seq)
-    w.uint(4)
-    w.uint(stream)
-    w.uint(5)
-    w.uint_halves(t0_ms_hi, t0_ms)
-    w.uint(6)
-    w.uint_halves(first_index_hi, first_index)
-    w.uint(7)
-    w.uint(rate_hz)
-    w.uint(8)
-    w.uint(count)
-    w.uint(9)
-    w.array(2)
-    w.uint(scale_num)
-    w.uint(scale_den)
-    if ppg_drive is not None:
-        w.uint(10)
-        w.array(4)
-        for v in ppg_drive:
-            w.uint(v)
-    w.uint(11)
-    w.array(4)
-    w.uint(flags)
-    w.uint(fifo_overflows)
-    w.uint(frames_dropped)
-    w.uint(jitter_us)
-    w.uint(12)
-    w.uint(samples.ENCODING_DELTA_ZIGZAG_VARINT)
-    w.uint(13)
-    w.array(len(channels))
-    offset = 0
-    buf = w.buf
-    for ch in channels:
-        if between is not None:
-            between()
-        start = w.pos + cbor.BSTR_HEAD_MAX  # room for the head, written once the length is known
-        if isinstance(ch, bytes):  # one type, no tuple built per frame: the board's path allocates nothing
-            n = len(ch)
-            if start + n > w.end:
-                raise LocalProtocolError("CBOR output buffer full (%d bytes)" % w.end, "buffer_full")
-            buf[start:start + n] = ch
-        else:
-            n = samples.encode_into(ch, count, buf, start, w.end) - start
-        sealer.apply(buf, start, start + n, epoch, seq, offset)
-        offset += n
-        w.bstr_written(start, n)
-    if between is not None:
-        between()
-    w.uint(14)
-    w.sint(cipher.ALG_A256CTR)
-    w.uint(15)
-    w.bstr(salt)
-
-
 def encode(w: "cbor.Writer", msg: Message, sealer: "cipher.SampleCipher | None" = None) -> None:
     # Encodes any message object (the board uses the field-wise encoder for
     # sample frames; this is for the rarer messages and for the hub). A
@@ -391,84 +298,6 @@ def encode(w: "cbor.Writer", msg: Message, sealer: "cipher.SampleCipher | None" 
                 w.array(2)
                 w.uint(a)
                 w.uint(b)
-
-
-def encode_ack(w: "cbor.Writer", epoch: int, ranges: "list[tuple[int, int]]") -> None:
-    # The same bytes as encode(w, Ack(epoch, ranges)), without the generic walk.
-    _start(w, T_ACK, 4)
-    w.uint(2)
-    w.uint(epoch)
-    w.uint(3)
-    w.array(len(ranges))
-    for a, b in ranges:
-        w.array(2)
-        w.uint(a)
-        w.uint(b)
-
-
-def encode_status(w: "cbor.Writer", epoch: int, seq: int, tick_ms: int, outbox_depth: int, frames_dropped: int,
-                  free_heap: int, tick_ms_hi: int = 0, unique_id: bytes = b"") -> None:
-    # The same bytes as encode(w, Status(...)), without the generic walk: a
-    # board sends one every status period and allocates nothing for it.
-    # tick_ms_hi: the time in two halves, tick_ms_hi * 2**30 + tick_ms
-    # (tick_ms < 2**30 then: small ints on a 32-bit port for any uptime).
-    # unique_id: the chip's, read once at start; b"": left out.
-    _start(w, T_STATUS, 9 if unique_id else 8)
-    w.uint(2)
-    w.uint(epoch)
-    w.uint(3)
-    w.uint(seq)
-    w.uint(4)
-    w.uint_halves(tick_ms_hi, tick_ms)  # (hi 0: uint(tick_ms))
-    w.uint(5)
-    w.uint(outbox_depth)
-    w.uint(6)
-    w.uint(frames_dropped)
-    w.uint(7)
-    w.uint(free_heap)
-    if unique_id:
-        w.uint(8)
-        w.bstr(unique_id)
-
-
-def encode_hello(w: "cbor.Writer", epoch: int, seq: int, firmware: str, tick_ms: int,
-                 streams: "list[tuple[int, int]] | tuple[tuple[int, int], ...]", tick_ms_hi: int = 0) -> None:
-    # The same bytes as encode(w, Hello(...)), the board's uptime in two
-    # halves as encode_status's (tick_ms_hi * 2**30 + tick_ms): after 12.4
-    # days up one int would be a heap int on a 32-bit port.
-    if len(firmware) > MAX_TEXT:
-        raise LocalProtocolError("text field longer than %d" % MAX_TEXT, "too_long")
-    _start(w, T_HELLO, 7)
-    w.uint(2)
-    w.uint(epoch)
-    w.uint(3)
-    w.uint(seq)
-    w.uint(4)
-    w.text(firmware)
-    w.uint(5)
-    w.uint_halves(tick_ms_hi, tick_ms)
-    w.uint(6)
-    w.array(len(streams))
-    for stream, rate_hz in streams:
-        w.array(2)
-        w.uint(stream)
-        w.uint(rate_hz)
-
-
-def encode_time_response(w: "cbor.Writer", epoch: int, seq: int, nonce: int, tick_ms: int,
-                         tick_ms_hi: int = 0) -> None:
-    # The same bytes as encode(w, TimeResponse(...)), without the generic
-    # walk: a board answers the hub's time request (one a minute) with
-    # nothing allocated. tick_ms_hi: as encode_status's.
-    _start(w, T_TIME_RESPONSE, 6)
-    w.uint(2)
-    w.uint(epoch)
-    w.uint(3)
-    w.uint(seq)
-    w.uint(4)
-    w.uint(nonce)
-    w.uint(5)
-    w.uint_halves(tick_ms_hi, tick_ms)  # (hi 0: uint(tick_ms))
 
 
 def encoded(msg: Message, size: int = 4096, sealer: "cipher.SampleCipher | None" = None) -> bytes:

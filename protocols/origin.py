@@ -26,7 +26,7 @@
 
 import hashlib
 
-from protocols import cbor, cipher, cose, messages
+from protocols import cbor, cipher, cose, fields
 from protocols._compat import const
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 
@@ -35,7 +35,7 @@ WRAP_INFO = b"pulsebridge/1 origin key-wrap"
 FORMAT = const(1)
 DIGEST_SIZE = const(16)  # 128 bits: finding a second frame with the same digest costs 2^128 hashes
 # Frames one checkpoint lists: 16 s of one ECG and one PPG stream at 1 s
-# windows; it keeps a checkpoint under 1 kB (messages.MAX_ORIGIN_CHECKPOINT).
+# windows; it keeps a checkpoint under 1 kB (fields.MAX_ORIGIN_CHECKPOINT).
 MAX_ENTRIES = const(32)
 KEY_SIZE = const(32)
 
@@ -123,8 +123,8 @@ def open_checkpoint(data: "bytes | bytearray | memoryview", origin_key: bytes) -
     if d[0] != FORMAT:
         raise RemoteProtocolError("checkpoint format %r is not %d" % (d[0], FORMAT), "version")
     epoch, index, salt, wrapped, seqs, digests = d[1], d[2], d[3], d[4], d[5], d[6]
-    if not (isinstance(epoch, int) and 0 <= epoch <= messages.MAX_EPOCH and isinstance(index, int)
-            and 0 <= index <= messages.MAX_UPLINK_INT):
+    if not (isinstance(epoch, int) and 0 <= epoch <= fields.MAX_EPOCH and isinstance(index, int)
+            and 0 <= index <= fields.MAX_UPLINK_INT):
         raise RemoteProtocolError("checkpoint epoch or index out of range", "range")
     if not (isinstance(salt, bytes) and len(salt) == cipher.BOOT_SALT_SIZE and isinstance(wrapped, bytes)
             and len(wrapped) == KEY_SIZE):
@@ -135,7 +135,7 @@ def open_checkpoint(data: "bytes | bytearray | memoryview", origin_key: bytes) -
     entries: "dict[int, bytes]" = {}
     last = -1
     for i, s in enumerate(seqs):
-        if not isinstance(s, int) or not last < s <= messages.MAX_SEQ:
+        if not isinstance(s, int) or not last < s <= fields.MAX_SEQ:
             raise RemoteProtocolError("checkpoint seqs must rise strictly", "schema")
         last = s
         entries[s] = digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]

@@ -21,7 +21,7 @@
 # each other). Nothing is acted upon before the MAC verifies.
 from micropython import const
 
-from protocols import messages
+from protocols import fields
 
 DECLINED = const(0)  # not an ack in the form above: the shared decoder decides
 ACKED = const(1)  # an authentic ack: ranges in first/last[:count]
@@ -39,8 +39,8 @@ class AckReader:
         self.epoch = 0
         self.count = 0
         self.nonce = 0
-        self.first = [0] * messages.MAX_ACK_RANGES
-        self.last = [0] * messages.MAX_ACK_RANGES
+        self.first = [0] * fields.MAX_ACK_RANGES
+        self.last = [0] * fields.MAX_ACK_RANGES
         self._buf = b""
         self._pos = 0
         self._end = 0
@@ -142,11 +142,11 @@ class AckReader:
         if self._head(5) != 4 or self._head(0) != 0:
             return DECLINED
         kind = self._head(0)
-        if kind != messages.T_ACK and kind != messages.T_TIME_REQUEST:
+        if kind != fields.T_ACK and kind != fields.T_TIME_REQUEST:
             return DECLINED
-        if self._head(0) != 1 or self._head(0) != messages.VERSION or self._head(0) != 2:
+        if self._head(0) != 1 or self._head(0) != fields.VERSION or self._head(0) != 2:
             return DECLINED
-        if kind == messages.T_TIME_REQUEST:
+        if kind == fields.T_TIME_REQUEST:
             nonce = self._head(0)
             if nonce < 0 or self._head(0) != 3 or not self._skip_uint() or self._pos != pend:
                 return DECLINED
@@ -158,7 +158,7 @@ class AckReader:
         if epoch < 0 or self._head(0) != 3:
             return DECLINED
         count = self._head(4)
-        if not 0 < count <= messages.MAX_ACK_RANGES:
+        if not 0 < count <= fields.MAX_ACK_RANGES:
             return DECLINED
         first = self.first
         last = self.last

@@ -14,7 +14,7 @@ from micropython import const
 from app import acks, faults, origin, ticks
 from app.outbox import Outbox
 from app.sampler import Stream
-from protocols import cbor, cipher, cose, messages
+from protocols import cbor, cipher, cose, fields
 from protocols.errors import ProtocolError
 
 FIRMWARE = "pulsebridge-fw 0.1.0"
@@ -46,8 +46,8 @@ WATCHDOG_MS = const(5000)
 # a trial boot), dropped once it is over: a streaming board keeps none of it.
 _UPDATE_MODULES = (("app", "ota"), ("protocols", "bundle"), ("protocols", "ed25519"), ("protocols", "_sha512"),
                    ("protocols", "cbor_items"), ("protocols", "decode"))
-_CHIPS = {messages.STREAM_ECG_MAX30003: "MAX30003", messages.STREAM_ECG_AD8232: "AD8232",
-          messages.STREAM_PPG_MAX30102: "MAX30102"}
+_CHIPS = {fields.STREAM_ECG_MAX30003: "MAX30003", fields.STREAM_ECG_AD8232: "AD8232",
+          fields.STREAM_PPG_MAX30102: "MAX30102"}
 
 
 class App:
@@ -80,9 +80,9 @@ class App:
         now = board.ticks_ms()  # a tick (app.ticks): wraps; only ticks.diff/add on it
         for stream_id, sensor, lead_off in board.sensors(cfg):
             window = sensor.rate_hz * cfg["window_ms"] // 1000
-            if not 0 < window <= messages.MAX_SAMPLES:
+            if not 0 < window <= fields.MAX_SAMPLES:
                 raise config_error("window_ms gives %d samples per frame, outside 1..%d"
-                                         % (window, messages.MAX_SAMPLES))
+                                         % (window, fields.MAX_SAMPLES))
             st = Stream(sensor, stream_id, window, board.uptime_ms(), lead_off)
             st.uptime_ms = board.uptime_ms
             st.next_poll_ms = now
@@ -116,7 +116,7 @@ class App:
             from app.vitals_lite import HeartRate, PulseOx
 
             for st in self.streams:
-                if st.stream_id == messages.STREAM_PPG_MAX30102:
+                if st.stream_id == fields.STREAM_PPG_MAX30102:
                     self.ox = PulseOx(st.rate_hz)
                 else:
                     self.hr = HeartRate(st.rate_hz)
@@ -170,6 +170,10 @@ class App:
         return self.link.send(w.buf, w.pos)
 
     def _send_small(self, msg):
+        # A rarer message object (an update's state), by the generic encoder
+        # (protocols.messages: loaded with the first rarer message, not before).
+        from protocols import messages
+
         messages.encode(self._small(), msg)
         return self._seal_small()
 
@@ -177,7 +181,7 @@ class App:
         # The uptime in halves, as status() sends it: one int past 2**30 ms
         # (12.4 days up) would be a heap int on the chip.
         up = self.board.refresh_uptime()
-        messages.encode_hello(self._small(), self.epoch, self._seq(), self.firmware, up.lo,
+        fields.encode_hello(self._small(), self.epoch, self._seq(), self.firmware, up.lo,
                               [(s.stream_id, s.rate_hz) for s in self.streams], up.hi)
         self._seal_small()
 
@@ -186,7 +190,7 @@ class App:
         # in halves (app.ticks.Uptime). Field-wise, every status period:
         # nothing allocated, for any uptime.
         up = self.board.refresh_uptime()
-        messages.encode_status(self._small(), self.epoch, self._seq(), up.lo, self.outbox.depth(),
+        fields.encode_status(self._small(), self.epoch, self._seq(), up.lo, self.outbox.depth(),
                                self.outbox.dropped, gc.mem_free(), up.hi, self.unique_id)
         self._seal_small()
 
@@ -197,7 +201,7 @@ class App:
         if not self.link.connected:
             return
         up = self.board.refresh_uptime()
-        messages.encode_time_response(self._small(), self.epoch, self.seq, self._time_nonce, up.lo, up.hi)
+        fields.encode_time_response(self._small(), self.epoch, self.seq, self._time_nonce, up.lo, up.hi)
         if self._seal_small():
             self.seq += 1
             self._time_nonce = -1
@@ -206,18 +210,18 @@ class App:
         sensor = st.sensor
         flags = 0
         if self._lead_off(st):
-            flags |= messages.FLAG_LEAD_OFF
+            flags |= fields.FLAG_LEAD_OFF
         if st.fault:
-            flags |= messages.FLAG_SENSOR_FAULT
+            flags |= fields.FLAG_SENSOR_FAULT
         if st.saturated:
-            flags |= messages.FLAG_SATURATED
+            flags |= fields.FLAG_SATURATED
         pending_lost = st.pending_lost
         if pending_lost:
-            flags |= messages.FLAG_FIFO_OVERFLOW
+            flags |= fields.FLAG_FIFO_OVERFLOW
         st.framing()  # what this frame says of the stream is taken: what its FIFO says meanwhile is the next's
         num, den = sensor.scale()
-        drive = sensor.drive() if st.stream_id == messages.STREAM_PPG_MAX30102 else None
-        jitter = sensor.take_jitter_us() if st.stream_id == messages.STREAM_ECG_AD8232 else 0
+        drive = sensor.drive() if st.stream_id == fields.STREAM_PPG_MAX30102 else None
+        jitter = sensor.take_jitter_us() if st.stream_id == fields.STREAM_ECG_AD8232 else 0
         seq = self._seq()
         # The frame is made where it will stay: the payload encoded (and its
         # samples encrypted) in its outbox region, then sealed around it.
@@ -229,7 +233,7 @@ class App:
         w.end = base + need
         w.pos = start = base + self.up.payload_offset
         st.frame_time()
-        messages.encode_sample_frame(w, self.epoch, seq, st.stream_id, st.t0_ms_lo, st.first_index,
+        fields.encode_sample_frame(w, self.epoch, seq, st.stream_id, st.t0_ms_lo, st.first_index,
                                      st.rate_hz, count, num, den, drive, flags, pending_lost,
                                      self.outbox.dropped, jitter, st.chans, self.sealer, self._read_fifos_cb,
                                      st.t0_ms_hi, st.first_index_hi)
@@ -241,16 +245,16 @@ class App:
         self._read_fifos()
         # The board's own vitals (BLE): a few ms per 100 samples on a chip,
         # fed in chunks with the FIFOs read between.
-        if st.stream_id == messages.STREAM_PPG_MAX30102:
+        if st.stream_id == fields.STREAM_PPG_MAX30102:
             if self.ox is not None:
-                if flags & messages.FLAG_LEAD_OFF or pending_lost:
+                if flags & fields.FLAG_LEAD_OFF or pending_lost:
                     self.ox.reset()
                 else:
                     for i in range(0, count, _VITALS_CHUNK):
                         self.ox.feed(st.chans[0], st.chans[1], min(count, i + _VITALS_CHUNK), i)
                         self._read_fifos()
         elif self.hr is not None:
-            if flags & messages.FLAG_LEAD_OFF or pending_lost:
+            if flags & fields.FLAG_LEAD_OFF or pending_lost:
                 self.hr.reset()
             else:
                 for i in range(0, count, _VITALS_CHUNK):
@@ -312,6 +316,8 @@ class App:
             return
         if n != len(data):
             data = memoryview(data)[:n]  # (allocates: a rarer message)
+        from protocols import messages  # (loaded with the first rarer message, not before)
+
         try:
             msg = cose.parse(data)
             self.down.verify(msg)
@@ -327,7 +333,9 @@ class App:
         elif isinstance(m, messages.EpochResync):
             self._resync(m)
         elif isinstance(m, messages.TimeRequest):  # (one the in-place reader declined: a large nonce)
-            self._send_small(messages.TimeResponse(self.epoch, self._seq(), m.nonce, self.board.uptime_ms()))
+            up = self.board.refresh_uptime()
+            fields.encode_time_response(self._small(), self.epoch, self._seq(), m.nonce, up.lo, up.hi)
+            self._seal_small()
         elif isinstance(m, messages.Command):
             if m.epoch != self.epoch or m.nonce <= self.last_command:
                 self.downlink_rejected += 1  # replayed or meant for another boot
@@ -517,7 +525,8 @@ class App:
                 self.reports.add(faults.ERR_LINK_FAULT, why)
         while self.link.connected and self.reports.pending:
             code, text = self.reports.first()
-            if not self._send_small(messages.ErrorReport(self.epoch, self.seq, code, text)):
+            fields.encode_error_report(self._small(), self.epoch, self.seq, code, text)
+            if not self._seal_small():
                 return  # the link is busy or stalled: the report waits (its seq unused)
             self.seq += 1
             self.reports.done()
@@ -611,7 +620,9 @@ def forget_update():
 
 def forget_decoding():
     # What decoding a rarer downlink message loads (cose.parse, the message
-    # decoder), dropped once it is handled.
+    # decoder), dropped once it is handled. (protocols.messages, which such a
+    # message loads too, stays: objects of its classes outlive it, and a
+    # second copy's classes would not be theirs.)
     forget("protocols", "decode")
     forget("protocols", "cbor_items")
 

@@ -11,7 +11,7 @@ import array
 from micropython import const
 
 from app import ticks
-from protocols import _sha256, cbor, cipher, cose, messages, origin
+from protocols import _sha256, cbor, cipher, cose, fields, origin
 
 PATH = "pulsebridge/origin.key"  # 32 raw bytes, written at provisioning
 _N = const(32)  # origin.MAX_ENTRIES
@@ -89,9 +89,9 @@ class OriginLog:
         w.pos = ostart = base + up.payload_offset
         w.map(5)
         w.uint(0)
-        w.uint(messages.T_ORIGIN)
+        w.uint(fields.T_ORIGIN)
         w.uint(1)
-        w.uint(messages.VERSION)
+        w.uint(fields.VERSION)
         w.uint(2)
         w.uint(epoch)
         w.uint(3)

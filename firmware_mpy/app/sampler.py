@@ -20,7 +20,7 @@ import array
 from micropython import const
 
 from app import ticks
-from protocols import messages
+from protocols import fields
 
 # Room after a window for what the FIFO gives while that window waits to
 # be framed and while its frame is built (the FIFOs are read between a
@@ -53,7 +53,7 @@ class Stream:
         self._wrap_rem = r
         self.window = window
         self.capacity = window + max(_SPARE_FIFO, rate * _SPARE_MS // 1000)
-        nch = messages.STREAM_CHANNELS[stream_id]
+        nch = fields.STREAM_CHANNELS[stream_id]
         self.chans = tuple(array.array("i", bytes(4 * self.capacity)) for _ in range(nch))
         self.n = 0  # samples held in chans
         self.first_index = 0  # sensor index of chans[*][0]: its low half, under 2**30

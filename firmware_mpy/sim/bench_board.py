@@ -32,7 +32,7 @@ del config  # (as main.py, not held: the app drops it once started)
 gc.collect()
 _MR = gc.mem_alloc()  # the ring is the firmware's data, not code
 from app import main  # noqa: E402
-from protocols import messages  # noqa: E402
+from protocols import fields  # noqa: E402
 
 if _LINK == "ble":
     from app import bonds, link_ble, vitals_lite  # noqa: E402,F401
@@ -255,9 +255,12 @@ def run(minutes, speed, link_kind, up_fd, down_fd, stretches=False):
     heap_total = gc.mem_alloc() + gc.mem_free()
     app.outbox = None
     app._frame_writer = None  # (it writes into the ring: holds it too)
+    outbox._ring = None  # (app/outbox.py keeps it for a reboot)
     gc.collect()
+    from protocols import messages  # (the report's stream names: not the firmware's)
+
     streams = {}
-    chips = {messages.STREAM_ECG_MAX30003: "max30003", messages.STREAM_PPG_MAX30102: "max30102"}
+    chips = {fields.STREAM_ECG_MAX30003: "max30003", fields.STREAM_PPG_MAX30102: "max30102"}
     for st in app.streams:
         name = chips[st.stream_id]
         nch = len(st.chans)

@@ -16,7 +16,7 @@ import os
 import sys
 
 from app import ticks
-from protocols import messages
+from protocols import fields
 from sim import models
 from sim.clock import ChipClock, RealClock, VirtualClock
 from sim.reset import reset_process
@@ -257,9 +257,9 @@ class SimBoard:
             chip.configure(ecg["rate_hz"], ecg["gain"])
             if self.sim.get("irq_pins", True):
                 chip.enable_fifo_irq()
-                self._irq_pins[messages.STREAM_ECG_MAX30003] = models.SimIrqPin(self.clock, model)
-                self._irq_list.append(self._irq_pins[messages.STREAM_ECG_MAX30003])
-            out.append((messages.STREAM_ECG_MAX30003, chip, chip.lead_off))
+                self._irq_pins[fields.STREAM_ECG_MAX30003] = models.SimIrqPin(self.clock, model)
+                self._irq_list.append(self._irq_pins[fields.STREAM_ECG_MAX30003])
+            out.append((fields.STREAM_ECG_MAX30003, chip, chip.lead_off))
         elif ecg and ecg["chip"] == "ad8232":
             from drivers.ad8232 import AD8232
 
@@ -269,7 +269,7 @@ class SimBoard:
             self._timers.append(timer)
             front = AD8232(front_model, models.LeadPin(front_model), models.LeadPin(front_model), timer,
                            ecg["rate_hz"], self.ticks_us, self.ticks_diff)
-            out.append((messages.STREAM_ECG_AD8232, front, front.lead_off))
+            out.append((fields.STREAM_ECG_AD8232, front, front.lead_off))
         elif ecg:
             raise ValueError("unknown ECG chip %r" % ecg["chip"])
         ppg = cfg.get("ppg")
@@ -286,9 +286,9 @@ class SimBoard:
                           ppg["led_ir_ua"])
             if self.sim.get("irq_pins", True):
                 oxi.enable_fifo_irq()
-                self._irq_pins[messages.STREAM_PPG_MAX30102] = models.SimIrqPin(self.clock, oxi_model)
-                self._irq_list.append(self._irq_pins[messages.STREAM_PPG_MAX30102])
-            out.append((messages.STREAM_PPG_MAX30102, oxi, None))
+                self._irq_pins[fields.STREAM_PPG_MAX30102] = models.SimIrqPin(self.clock, oxi_model)
+                self._irq_list.append(self._irq_pins[fields.STREAM_PPG_MAX30102])
+            out.append((fields.STREAM_PPG_MAX30102, oxi, None))
         return out
 
     def link(self, cfg, max_message):

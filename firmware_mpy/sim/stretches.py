@@ -140,7 +140,7 @@ class Stretches:
 def install(app, board, clock):
     # Names the app's pieces of work and hooks the MAX30003 model's FIFO reads.
     from app import main
-    from protocols import messages, samples
+    from protocols import fields, samples
 
     s = Stretches(clock)
     model = board.models["max30003"]
@@ -161,7 +161,7 @@ def install(app, board, clock):
     # wrapper costs the firmware's clock its tare every call.
     for name in ("build_frame", "on_downlink", "_send_small", "_reseal_step"):
         s.wrap(app, name)
-    s.wrap(messages, "encode_sample_frame")
+    s.wrap(fields, "encode_sample_frame")
     s.wrap(samples, "encode_into")
     s.wrap(app.sealer, "apply", "aes_ctr")
     s.wrap(app.up, "seal_written", "mac")
