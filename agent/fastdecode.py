@@ -48,7 +48,9 @@ _INT32_MAX = 2**31 - 1
 # The delta each one-byte varint (0..127) stands for, zigzag undone (-64..63), as an int8
 # byte: a bytes.translate table (bytes 0x80 and above never reach it).
 _UNZIGZAG_1BYTE_I8 = bytes(((z >> 1) ^ -(z & 1)) & 0xFF for z in range(128)) + bytes(128)
-_INT8, _INT32 = np.dtype(np.int8), np.dtype(np.int32)
+_INT8, _INT16_LE, _INT32 = np.dtype(np.int8), np.dtype("<i2"), np.dtype(np.int32)
+# The delta each zigzagged value of one or two varint bytes (0..16383) stands for.
+_UNZIGZAG_2BYTES = np.array([(z >> 1) ^ -(z & 1) for z in range(1 << 14)], dtype=_INT16_LE)
 
 
 # A COSE_Mac0 as boards write it: tag 17, an array of 4, the protected header
@@ -279,21 +281,23 @@ def decode(data: bytes | bytearray | memoryview, count: int) -> npt.NDArray[np.i
 
 
 def decode_with_steps(data: bytes | bytearray | memoryview,
-                      count: int) -> tuple[npt.NDArray[np.int32], tuple[int, bytes] | None]:
-    """decode(data, count), and, when every delta after the first sample took one byte on
-    the wire (most frames), that first sample and the count - 1 steps after it, each an
-    int8 byte (agent/record.py stores them so); else None."""
+                      count: int) -> tuple[npt.NDArray[np.int32], tuple[int, int, bytes] | None]:
+    """decode(data, count), and, when every delta after the first sample took one or two
+    bytes on the wire (most frames: ECG's QRS steps take two), the steps as agent/record.py
+    stores them: (first sample, width, the count - 1 steps as signed little-endian integers
+    of width bytes: 1 when they all fit int8, else 2); else None."""
     if count == 0:
         if len(data):
             raise RemoteProtocolError("%d bytes left after 0 samples" % len(data), "trailing")
         return np.zeros(0, dtype=np.int32), None
     data = data if type(data) is bytes else bytes(data)
-    steps = _one_byte_steps(data, count)
+    steps = _short_steps(data, count)
     if steps is not None:
+        first, width, body = steps
         out = np.empty(count, dtype=_INT32)
-        out[0] = steps[0]
-        out[1:] = np.frombuffer(steps[1], dtype=_INT8)
-        return np.add.accumulate(out, out=out), steps  # no overflow: _one_byte_steps bounds the sum
+        out[0] = first
+        out[1:] = np.frombuffer(body, dtype=_INT8 if width == 1 else _INT16_LE)
+        return np.add.accumulate(out, out=out), steps  # no overflow: _short_steps bounds the sum
     a = np.frombuffer(data, dtype=np.uint8)
     ends = np.flatnonzero(a < 0x80)
     if len(ends) != count or ends[-1] != len(a) - 1:
@@ -316,24 +320,37 @@ def decode_with_steps(data: bytes | bytearray | memoryview,
     return values.astype(np.int32), None
 
 
-def _one_byte_steps(data: bytes, count: int) -> tuple[int, bytes] | None:
-    # The common case, without numpy: the first sample (a delta from 0, so as
-    # large as the signal's baseline) in up to 5 bytes, every other delta
-    # within +-64 in one byte (a byte below 0x80), each turned into its step as
-    # an int8 byte by one bytes.translate. None: not that case (the general path decides).
-    k = len(data) - count + 1  # the bytes the first varint takes if each other takes one
-    if not 1 <= k <= _MAX_VARINT_BYTES:
-        return None
-    last = data[k - 1]
-    if last >= 0x80 or (k > 1 and (last == 0 or min(data[:k - 1]) < 0x80)):
-        return None  # the first varint is not exactly k bytes in shortest form
-    rest = data[k:]
-    if not rest.isascii():
-        return None
+def _short_steps(data: bytes, count: int) -> tuple[int, int, bytes] | None:
+    # The common cases, in a few calls: the first sample (a delta from 0, so as
+    # large as the signal's baseline) in up to 5 bytes, every other delta in one
+    # byte (-64..63: bytes.translate turns each into its int8 step), or in one or
+    # two (-8192..8191: numpy). None: not those cases, or not in shortest form,
+    # or near the int32 bounds (the general path decides, and raises what the
+    # reference raises).
+    k = 0
+    while k < _MAX_VARINT_BYTES and k < len(data) and data[k] >= 0x80:
+        k += 1
+    if k == _MAX_VARINT_BYTES or k == len(data) or (k and data[k] == 0):
+        return None  # the first varint is longer than 5 bytes, cut, or not in shortest form
     z = 0
-    for i in range(k):
+    for i in range(k + 1):
         z |= (data[i] & 0x7F) << (7 * i)
     first = (z >> 1) ^ -(z & 1)
-    if abs(first) + 64 * count > _INT32_MAX:
-        return None  # near the int32 bounds: the general path checks each sample
-    return first, rest.translate(_UNZIGZAG_1BYTE_I8)
+    rest = data[k + 1:]
+    if rest.isascii():  # every delta in one byte
+        if len(rest) != count - 1 or abs(first) + 64 * count > _INT32_MAX:
+            return None
+        return first, 1, rest.translate(_UNZIGZAG_1BYTE_I8)
+    a = np.frombuffer(rest, dtype=np.uint8)
+    cont = a >= 0x80  # a varint's first byte of two
+    if cont[-1] or len(a) - int(np.count_nonzero(cont)) != count - 1 or abs(first) + 8192 * count > _INT32_MAX:
+        return None
+    if np.any(cont[:-1] & (cont[1:] | (a[1:] == 0))):
+        return None  # a varint of three bytes or more, or of two not in shortest form
+    z7 = (a & 0x7F).astype(_INT32)
+    at = np.flatnonzero(cont)
+    z7[at + 1] = (z7[at + 1] << 7) | z7[at]
+    zz = z7[~cont]  # each delta zigzagged: 0..16383
+    if int(zz.max()) < 256:  # every step within int8
+        return first, 1, _UNZIGZAG_2BYTES[zz].astype(_INT8).tobytes()
+    return first, 2, _UNZIGZAG_2BYTES[zz].tobytes()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from agent import fastdecode
-from agent.record import FrameRecord, packed_steps_i8
+from agent.record import FrameRecord, pack_steps
 from agent.registry import Device, Registry
 from agent.store import (
     KIND_FRAME,
@@ -354,13 +354,13 @@ def record_of(device_id: str, m: messages.SampleFrame, sample_bytes: list[bytes]
         t0_utc = None  # a clock map gone wild is not a time: placed by arrival instead
     decoded = [fastdecode.decode_with_steps(ch, m.count) for ch in sample_bytes]
     channels = tuple(values for values, _ in decoded)
-    # Every channel's steps of one byte each on the wire (most frames): stored as they came.
+    # Every channel's steps of one or two bytes each on the wire (most frames): stored as read.
     steps = [s for _, s in decoded if s is not None]
-    steps_i8 = packed_steps_i8(steps) if steps and len(steps) == len(decoded) else None
+    packed = pack_steps(steps) if steps and len(steps) == len(decoded) else None
     flags, fifo_lost, dropped, jitter_us = m.status
     return FrameRecord(device_id, m.epoch, m.seq, m.stream, m.rate_hz, m.t0_ms, m.first_index, m.count,
                        m.scale[0], m.scale[1], m.ppg_drive, flags, fifo_lost, dropped, jitter_us, channels,
-                       None if t0_utc is None else int(t0_utc), time.time(), raw, steps_i8)
+                       None if t0_utc is None else int(t0_utc), time.time(), raw, packed)
 
 
 # Legacy frames decoded at a time when a store of schema 2 is upgraded.

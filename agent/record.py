@@ -74,11 +74,11 @@ class FrameRecord:
     t0_utc_ms: int | None
     received_at: float
     raw: bytes
-    # The samples part of stored() with steps of one byte, when ingest read
-    # them so from the wire (each channel's first sample as int32, then its
-    # count - 1 steps as int8: agent/fastdecode.py); None: stored() works it
-    # out from channels. Made only from the same samples as channels.
-    steps_i8: bytes | None = None
+    # (step width, the samples part of stored()) when ingest had the steps
+    # from the wire (agent/fastdecode.py; pack_steps()): stored() then packs
+    # them as they are; None: it works them out from channels. Made only from
+    # the same samples as channels.
+    packed_steps: tuple[int, bytes] | None = None
 
     @property
     def key(self) -> str:
@@ -117,8 +117,8 @@ class FrameRecord:
         ECG and pleth: a byte each) are kept as each channel's first sample and
         its steps; others as int32 values."""
         n, count = len(self.channels), self.count
-        if self.steps_i8 is not None and n and count:
-            return self._head(n, 1) + self.steps_i8
+        if self.packed_steps is not None and n and count:
+            return self._head(n, self.packed_steps[0]) + self.packed_steps[1]
         if not n or not count:
             return self._head(n, 4)
         values = np.stack(self.channels).astype(np.int64) if n > 1 else self.channels[0].astype(np.int64)[None]
@@ -202,10 +202,14 @@ class FrameRecord:
                    int(header["jitter_us"]), channels, t0_utc_ms, received_at, raw)
 
 
-def packed_steps_i8(channels: list[tuple[int, bytes]]) -> bytes:
-    """FrameRecord.steps_i8 of channels given as (first sample, count - 1 steps as int8 bytes)."""
-    return struct.pack("<%di" % len(channels), *[first for first, _ in channels]) + b"".join(
-        [steps for _, steps in channels])
+def pack_steps(channels: list[tuple[int, int, bytes]]) -> tuple[int, bytes]:
+    """FrameRecord.packed_steps of channels given as (first sample, width, count - 1 steps
+    as signed little-endian integers of width bytes, 1 or 2): each channel's steps in the
+    widest width among them, as stored() would choose from the samples."""
+    width = max(w for _, w, _ in channels)
+    bodies = [steps if w == width else np.frombuffer(steps, dtype=_WIDTH_DTYPES[w]).astype(_WIDTH_DTYPES[width])
+              .tobytes() for _, w, steps in channels]
+    return width, struct.pack("<%di" % len(channels), *[first for first, _, _ in channels]) + b"".join(bodies)
 
 
 def stored_fifo_lost(header: dict[str, Any] | None, samples: bytes | None) -> int:

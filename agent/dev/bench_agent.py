@@ -430,7 +430,7 @@ def drain(n: int = BACKLOG_FRAMES, payload: str = "json", profile: cProfile.Prof
 _VERIFY = "verify and decode (protocols/ and its fast paths: COSE, CBOR, AES-CTR, replay)"
 _SAMPLES = "samples (numpy: decoding them, packing and unpacking records)"
 # agent/fastdecode.py holds the fast wire decoders and the sample decoder: told apart by function.
-_SAMPLE_DECODERS = ("decode", "decode_with_steps", "_one_byte_steps")
+_SAMPLE_DECODERS = ("decode", "decode_with_steps", "_short_steps")
 AREAS = (
     ("protocols/", _VERIFY),
     ("agent/fastdecode", _VERIFY),

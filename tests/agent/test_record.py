@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent import fastdecode
-from agent.record import FrameRecord, packed_steps_i8, stored_fifo_lost
+from agent.record import FrameRecord, pack_steps, stored_fifo_lost
 from protocols import samples
 
 INT32 = st.integers(-(2**31), 2**31 - 1)
@@ -102,14 +102,14 @@ def test_the_fifo_loss_is_read_from_a_packed_record() -> None:
     assert stored_fifo_lost(None, b"\x01junk") == 0 and stored_fifo_lost(None, None) == 0
 
 
-@given(st.integers(1, 2), st.integers(1, 600), INT32, st.data())
-def test_steps_read_from_the_wire_store_as_the_samples_would(n_channels: int, count: int, first: int,
+@given(st.integers(1, 2), st.integers(1, 600), INT32, st.sampled_from([64, 128, 8192]), st.data())
+def test_steps_read_from_the_wire_store_as_the_samples_would(n_channels: int, count: int, first: int, step: int,
                                                              data: st.DataObject) -> None:
-    # Ingest stores a board's one-byte deltas as they came (steps_i8): the same bytes as
-    # stored() makes from the decoded samples, which read back as those samples.
+    # Ingest stores a board's deltas of one or two bytes as it read them (packed_steps): the
+    # same bytes as stored() makes from the decoded samples, which read back as those samples.
     wire = []
     for _ in range(n_channels):
-        steps = data.draw(st.lists(st.integers(-64, 63), min_size=count - 1, max_size=count - 1))
+        steps = data.draw(st.lists(st.integers(-step, step - 1), min_size=count - 1, max_size=count - 1))
         values = [int(v) for v in np.cumsum([first, *steps])]
         if not all(-(2**31) <= v < 2**31 for v in values):
             return  # a sample the wire cannot carry
@@ -118,9 +118,9 @@ def test_steps_read_from_the_wire_store_as_the_samples_would(n_channels: int, co
     decoded = [fastdecode.decode_with_steps(w, count) for w in wire]
     f = _record([values.tolist() for values, _ in decoded])
     if any(steps is None for _, steps in decoded):  # near the int32 bounds: the general decoder's
-        assert abs(first) + 64 * count > 2**31 - 1
+        assert abs(first) + 8192 * count > 2**31 - 1
         return
-    fast = dataclasses.replace(f, steps_i8=packed_steps_i8([s for _, s in decoded if s is not None]))
+    fast = dataclasses.replace(f, packed_steps=pack_steps([s for _, s in decoded if s is not None]))
     assert fast.stored() == f.stored()
     back, _ = _round_trip(fast)
     _same_record(back, f)
