@@ -5,7 +5,10 @@ counters) on a thread of their own: a large backlog costs its COUNT on that
 thread, never on the event loop that serves the boards.
 
 The status socket is a Unix socket, mode 0600 (the service user's alone):
-a client connects and reads one JSON line. The status page runs only with a
+a client connects and reads one JSON line. A socket's address holds 107
+bytes (sun_path); a run_dir deeper than that is reached through its
+directory's descriptor (/proc/self/fd/N/status.sock, Linux), so the socket
+works wherever run_dir is. The status page runs only with a
 password file (agent/status_page.py); one missing or unsafe is looked at
 again every PASSWORD_RECHECK_S, so making or fixing it brings the page up
 with no restart, and the boards are served all the same meanwhile.
@@ -14,10 +17,11 @@ with no restart, and the boards are served all the same meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,9 @@ log = logging.getLogger(__name__)
 # A status page password file missing or unsafe is looked at again this often:
 # made or fixed, the page starts with no restart.
 PASSWORD_RECHECK_S = 10.0
+
+# The longest path a Unix socket's address holds (sockaddr_un.sun_path, less its NUL).
+SUN_PATH_BYTES = 107
 
 Snapshot = Callable[[], Awaitable[dict[str, Any]]]
 Waveform = Callable[[str, str], dict[str, Any]]
@@ -60,7 +67,8 @@ class StatusServer:
 
         old = os.umask(0o077)
         try:
-            server = await asyncio.start_unix_server(serve, path=str(path))
+            with socket_address(path) as address:
+                server = await asyncio.start_unix_server(serve, path=address)
         finally:
             os.umask(old)
         try:
@@ -106,10 +114,26 @@ class StatusServer:
             await page.stop()
 
 
+@contextlib.contextmanager
+def socket_address(path: Path) -> Iterator[str]:
+    """The address to bind or connect a Unix socket at path: path itself when it fits
+    SUN_PATH_BYTES, else the same file through a descriptor of its directory (Linux's
+    /proc/self/fd/N/name), valid inside the block. OSError if the directory cannot be opened."""
+    if len(os.fsencode(str(path))) <= SUN_PATH_BYTES:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield "/proc/self/fd/%d/%s" % (fd, path.name)
+    finally:
+        os.close(fd)
+
+
 async def read_status(socket_path: Path, timeout_s: float = 5.0) -> dict[str, Any]:
     """The running agent's snapshot, through its status socket; OSError or TimeoutError when it does not answer."""
     async with asyncio.timeout(timeout_s):
-        reader, writer = await asyncio.open_unix_connection(str(socket_path))
+        with socket_address(socket_path) as address:
+            reader, writer = await asyncio.open_unix_connection(address)
         data = await reader.read()
         writer.close()
     result: dict[str, Any] = json.loads(data)
