@@ -185,7 +185,10 @@ def run(opts: SimOptions, out: IO[str] = sys.stdout) -> dict[str, Any]:
                     print("blank board (bare MicroPython, no firmware, no key): port %s; provision it "
                           "(pulsebridge provision --port %s): it streams from PASS on" % (sim.port, sim.port), file=out)
                 elif not opts.json:
-                    print("%s: firmware running under micropython, port %s" % (sim.device_id, sim.port), file=out)
+                    # The stable name for an agent's [[serial]] port: it goes with the board, as udev's
+                    # does; a /dev/pts number, once freed, is the next pseudo-terminal's, another program's.
+                    print("%s: firmware running under micropython, port %s (in an agent's [[serial]]: port = "
+                          "\"%s\", which goes with the board)" % (sim.device_id, sim.port, sim.link_path), file=out)
                 out.flush()
             if opts.capture:
                 write_keys(opts.capture, specs)
