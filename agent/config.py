@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 from agent.errors import PulsebridgeError
+from agent.store import COMMIT_INTERVAL_S
 
 DEFAULT_CONFIG = Path("/etc/pulsebridge/agent.toml")
 
@@ -129,6 +130,9 @@ class AgentConfig:
     run_dir: Path = Path("/run/pulsebridge")
     retention_days: float = 7.0
     disk_quota_mb: float = 512.0
+    # Commits of board frames begin at most this often: the ack's latency against the card's
+    # writes (agent/store.py, COMMIT_INTERVAL_S, says what each costs).
+    commit_interval_ms: float = COMMIT_INTERVAL_S * 1000
     log_format: str = "text"
     time_sync_every_s: float = 60.0
     # The status page: served only with a password file (no default credentials).
@@ -166,6 +170,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "agent.retention_days": (0, 3650),  # 0: purge as soon as every backend has a frame
     # Down to 10 kB: the quota tests fill a tiny store in seconds; 0 would drop every frame.
     "agent.disk_quota_mb": (0.01, 1_000_000),
+    # Boards resend what is not acknowledged within 3 s: a frame's commit must come well before.
+    "agent.commit_interval_ms": (0, 1000),
     "agent.time_sync_every_s": (1, 86400),
     "serial.baudrate": (300, 4_000_000),
     "serial.usb_vid": (0, 0xFFFF),
@@ -268,6 +274,7 @@ def _parse(data: dict[str, Any], source: Path | None) -> AgentConfig:
             setattr(cfg, name, Path(v))
     cfg.retention_days = _number(agent, "retention_days", "agent", cfg.retention_days)
     cfg.disk_quota_mb = _number(agent, "disk_quota_mb", "agent", cfg.disk_quota_mb)
+    cfg.commit_interval_ms = _number(agent, "commit_interval_ms", "agent", cfg.commit_interval_ms)
     cfg.time_sync_every_s = _number(agent, "time_sync_every_s", "agent", cfg.time_sync_every_s)
     cfg.log_format = _enum(agent, "log_format", "agent", LOG_FORMATS, cfg.log_format)
     cfg.status_page_listen = _take(agent, "status_page_listen", str, "agent", cfg.status_page_listen)

@@ -2,8 +2,14 @@
 
 A frame is acknowledged to its board only once it is committed here, with
 the device's replay window updated in the same transaction. Many frames
-share a commit (group commit): the writer takes everything queued, writes it
-in one transaction, then wakes every waiter. Each backend has its own
+share a commit (group commit, as databases do it): an idle writer commits a
+frame as soon as it arrives; the frames that arrive while a commit (its
+fsync) is under way make up the next one, so under load batches grow by
+themselves. A board frame that comes less than commit_interval_s after the
+previous commit began waits out the rest of it, with whatever else comes:
+commits are capped at 1/commit_interval_s a second whatever the load, which
+bounds what the card is written per second. The writer then wakes every
+waiter. Each backend has its own
 outbox; a row leaves it only when that backend has acknowledged the frame.
 
 Disk quota policy (explicit, per priority): when the database passes its
@@ -55,12 +61,17 @@ KIND_ALERT = 102  # an alert raised or cleared on the hub
 # Transactions hold at most this many ingests: bounds the time a commit
 # takes and so the latency of the acks waiting for it.
 MAX_BATCH = 512
-# A commit waits this long after its first board frame for others to share it:
-# each commit rewrites the pages it touches (indexes, outbox, replay window)
-# whole, so frames arriving one by one would cost the SD card some 30 kB
-# each (`pulsebridge bench agent` prints the figure). Boards resend after
-# 3 s without an ack: far longer.
-COMMIT_LINGER_S = 0.5
+# Commits of board frames begin at most this often (a frame that comes sooner after
+# the previous commit waits out the rest, with whatever else comes meanwhile). Each
+# commit rewrites the pages it touches (indexes, outbox, replay window) whole, some
+# 11 kB on the card whatever it holds, plus some 2.6 kB per frame (`./run bench
+# agent` prints the figures): frames committed one by one cost the card 4.4x what 20
+# a commit do. 15 ms: at 20 boards x 2 streams (frames 25 ms apart) no frame waits
+# for the interval, so an ack waits for its own commit only (issue 13: p99 20 ms);
+# under heavier load it caps commits at some 66 a second (100 boards: half the bytes
+# of no cap). A card's life over latency: raise it (agent.toml commit_interval_ms;
+# 500 ms: 2 commits/s, 3.2 kB a frame, acks after 0.25-0.5 s). README, Benchmarks.
+COMMIT_INTERVAL_S = 0.015
 # Frames inserted by one statement (the rest of a batch one by one): 14 values a row
 # stay below the 999 variables an older SQLite allows a statement.
 INSERT_ROWS = 64
@@ -248,6 +259,11 @@ def _units(job: _Job) -> list[_Unit]:
     return [_Unit(job, job.kind, job.args)]
 
 
+def _has_board_frame(units: list[_Unit]) -> bool:
+    # A board's frame comes with its device's replay window; hub-made records and the rest do not.
+    return any(u.kind == "ingest" and u.args.window is not None for u in units)
+
+
 @dataclass
 class StoreStats:
     commits: int = 0
@@ -276,12 +292,13 @@ def check_private(path: Path, what: str) -> None:
 class Store:
     def __init__(self, path: Path, backends: list[str], quota_bytes: int = 0,
                  min_free_bytes: int = MIN_FREE_BYTES, wal_limit_bytes: int = WAL_LIMIT_BYTES,
-                 commit_linger_s: float = COMMIT_LINGER_S) -> None:
+                 commit_interval_s: float = COMMIT_INTERVAL_S) -> None:
         self.path = path
         self.backends = list(backends)
         self.quota_bytes = quota_bytes  # 0: no quota
         self.min_free_bytes = min_free_bytes  # 0: the file system's free space is not watched
-        self.commit_linger_s = commit_linger_s
+        self.commit_interval_s = commit_interval_s  # 0: board frames never wait for the previous commit
+        self._last_commit_at = float("-inf")  # time.monotonic() when the last commit began
         # A small quota gets a WAL to match (an eighth of it), checkpointed as often.
         self.wal_limit_bytes = min(wal_limit_bytes, quota_bytes // 8) if quota_bytes else wal_limit_bytes
         self.stats = StoreStats()
@@ -617,22 +634,10 @@ class Store:
                 continue
             if job is None:
                 return
-            batch = [job]
-            units = _units(job)
-            # Only a board's frame waits for company: hub-made records and the rest commit at once.
-            board_frame = any(u.kind == "ingest" and u.args.window is not None for u in units)
-            linger_until = time.monotonic() + (self.commit_linger_s if board_frame else 0.0)
-            while len(units) < MAX_BATCH:
-                try:
-                    nxt = self._q.get(timeout=max(0.0, linger_until - time.monotonic()))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._q.put(None)
-                    break
-                batch.append(nxt)
-                units += _units(nxt)
+            units = self._batch(job)
             writes = [u for u in units if u.kind != "call"]
+            if writes:
+                self._last_commit_at = time.monotonic()
             settled = self._commit(db, writes) if writes else []
             if writes:
                 self._housekeep(db)
@@ -654,6 +659,28 @@ class Store:
                     pass
             if self.on_commit is not None:
                 self.on_commit()
+
+    def _batch(self, job: _Job) -> list[_Unit]:
+        """The next commit's units: job's, what queued behind it (what arrived during
+        the last commit), and, if a board frame is among them and the last commit began
+        less than commit_interval_s ago, what comes until then; at most about MAX_BATCH.
+        A close (None) is put back for the writer's loop to see."""
+        units = _units(job)
+        until = self._last_commit_at + self.commit_interval_s
+        board_frame = _has_board_frame(units)
+        while len(units) < MAX_BATCH:
+            wait_s = until - time.monotonic() if board_frame else 0.0
+            try:
+                nxt = self._q.get(timeout=wait_s) if wait_s > 0 else self._q.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                self._q.put(None)
+                break
+            more = _units(nxt)
+            board_frame = board_frame or _has_board_frame(more)
+            units += more
+        return units
 
     def _housekeep(self, db: sqlite3.Connection) -> None:
         # After commits (and when idle): the quota, the WAL's size, holes in the streams.

@@ -110,7 +110,8 @@ class Agent:
         self._lock_fd = instance_lock(cfg.data_dir)  # before the store is opened (and maybe recovered)
         try:
             self.registry = Registry(cfg.registry_path, self.audit)
-            self.store = Store(cfg.store_path, [b.name for b in cfg.backends], int(cfg.disk_quota_mb * 1024 * 1024))
+            self.store = Store(cfg.store_path, [b.name for b in cfg.backends], int(cfg.disk_quota_mb * 1024 * 1024),
+                               commit_interval_s=cfg.commit_interval_ms / 1000)
             self.store.open()
         except BaseException:
             os.close(self._lock_fd)

@@ -46,7 +46,7 @@ from agent.ingest import Ingestor, Outcome, record_of
 from agent.record import FrameRecord
 from agent.registry import Registry
 from agent.session import coalesced_acks
-from agent.store import Ingest, Store
+from agent.store import COMMIT_INTERVAL_S, Ingest, Store
 from agent.vitals.alerts import AlertEngine
 from agent.vitals.engine import VitalsEngine
 from agent.vitals.runner import VitalsRunner
@@ -173,11 +173,12 @@ class Fleet:
         return out
 
 
-def _setup(tmp: Path, fleet: Fleet, backends: list[str]) -> tuple[Store, Ingestor]:
+def _setup(tmp: Path, fleet: Fleet, backends: list[str],
+           commit_interval_s: float = COMMIT_INTERVAL_S) -> tuple[Store, Ingestor]:
     reg = Registry(tmp / "registry.db", AuditLog(tmp / "audit.log"))
     for dev, key in fleet.keys.items():
         reg.add(dev, key=key, actor="bench")
-    store = Store(tmp / "store.db", backends)
+    store = Store(tmp / "store.db", backends, commit_interval_s=commit_interval_s)
     store.start()
     return store, Ingestor(store, reg)
 
@@ -486,17 +487,18 @@ def profile_summary(n: int, payload: str = "json", top: int = 12, what: str = "f
             "top_functions": [(round(100 * own / total, 1), f) for own, f in functions[:top]]}
 
 
-def realistic(seconds: float, vitals: bool = True) -> dict[str, float]:
+def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = COMMIT_INTERVAL_S) -> dict[str, float]:
     """20 boards x 2 streams x 1 frame/s of a real recording (Fleet(recorded=True)) through
-    ingest, the store and forwarding to Mosquitto, with the vitals engine on (as the agent
-    wires it: each stored frame offered to the vitals runner, its vitals and alerts stored
-    and forwarded) unless vitals=False."""
+    ingest, the store (commits of board frames at most every commit_interval_s) and
+    forwarding to Mosquitto, with the vitals engine on (as the agent wires it: each stored
+    frame offered to the vitals runner, its vitals and alerts stored and forwarded) unless
+    vitals=False."""
     fleet = Fleet(recorded=True)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         broker = Broker(tmp)
         try:
-            store, ing = _setup(tmp, fleet, ["mqtt"])
+            store, ing = _setup(tmp, fleet, ["mqtt"], commit_interval_s)
             latencies: list[float] = []
             runner = VitalsRunner(store, VitalsEngine(AlertEngine()), ing.hub.has_device) if vitals else None
             if runner is not None:
@@ -548,13 +550,15 @@ def realistic(seconds: float, vitals: bool = True) -> dict[str, float]:
                 return wall, cpu, rss
 
             wall, cpu, rss = asyncio.run(go())
+            commits = store.stats.commits
             store.close()
         finally:
             broker.close()
     lat = np.array(latencies) * 1000
     return {"frames": len(latencies), "seconds": wall, "latency_p50_ms": float(np.percentile(lat, 50)),
             "latency_p99_ms": float(np.percentile(lat, 99)), "cpu_percent_of_one_core": 100 * cpu / wall,
-            "rss_mb": rss, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "commits_per_s": commits / wall, "commit_interval_s": commit_interval_s, "rss_mb": rss,
+            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "vitals_made": runner.made if runner is not None else 0}
 
 
@@ -568,15 +572,15 @@ def _write_bytes() -> int:
     raise RuntimeError("no write_bytes in /proc/self/io")
 
 
-def card_writes(seconds: float) -> dict[str, float]:
+def card_writes(seconds: float, commit_interval_s: float = COMMIT_INTERVAL_S, boards: int = BOARDS) -> dict[str, float]:
     """Bytes written to the card per frame stored, under the realistic load
     (20 boards x 2 streams x 1 frame/s), with a backend taking every frame
     within a second (outbox deletes are writes too) and the store closed at
     the end (its last checkpoint counted)."""
-    fleet = Fleet()
+    fleet = Fleet(boards)
     with tempfile.TemporaryDirectory(dir=os.environ.get("PULSEBRIDGE_BENCH_DIR")) as tmp_s:
         tmp = Path(tmp_s)
-        store, ing = _setup(tmp, fleet, ["backend"])
+        store, ing = _setup(tmp, fleet, ["backend"], commit_interval_s)
         devs = list(fleet.keys)
         slot = 1.0 / (2 * len(devs))
         frames = [fleet.frame(devs[(i // 2) % len(devs)], messages.STREAM_ECG_MAX30003 if i % 2 == 0
@@ -600,15 +604,41 @@ def card_writes(seconds: float) -> dict[str, float]:
             rows = await asyncio.to_thread(Store.fetch_outbox, reader, "backend", 100000)
             await store.delivered("backend", [r.id for r in rows])
 
-        before = _write_bytes()
+        before, t0 = _write_bytes(), time.perf_counter()
         asyncio.run(go())
+        wall = time.perf_counter() - t0
         reader.close()
         commits = store.stats.commits
         store.close()
         written = _write_bytes() - before
     frame_bytes = sum(len(f) for f in frames)
-    return {"frames": len(frames), "commits": commits, "frame_bytes": frame_bytes, "written_bytes": written,
+    return {"frames": len(frames), "commits": commits, "commits_per_s": commits / wall,
+            "commit_interval_s": commit_interval_s, "frame_bytes": frame_bytes, "written_bytes": written,
             "written_per_frame": written / len(frames), "written_per_frame_byte": written / frame_bytes}
+
+
+# Commit intervals compared beside the agent's own (COMMIT_INTERVAL_S), at the realistic load:
+# 50 ms, and 500 ms, which commits as the former 0.5 s linger did (2 a second).
+COMPARED_INTERVALS_S = (0.05, 0.5)
+# A heavier load (boards), where the interval's cap on commits a second takes hold; it is
+# compared with no cap (0: every commit at once).
+HEAVY_BOARDS = 100
+
+
+def commit_intervals(seconds: float) -> list[dict[str, Any]]:
+    """The ack's latency against the card's writes, by commit interval: at the realistic
+    load (20 boards) for each of COMPARED_INTERVALS_S (the agent's own is realistic_load
+    and card_writes), then the card's writes at HEAVY_BOARDS boards with the agent's
+    interval and with none."""
+    rows: list[dict[str, Any]] = []
+    for interval_s in COMPARED_INTERVALS_S:
+        rows.append({"boards": BOARDS, "commit_interval_s": interval_s,
+                     "latency": realistic(seconds, commit_interval_s=interval_s),
+                     "card": card_writes(seconds, interval_s)})
+    for interval_s in (COMMIT_INTERVAL_S, 0.0):
+        rows.append({"boards": HEAVY_BOARDS, "commit_interval_s": interval_s, "latency": None,
+                     "card": card_writes(seconds / 2, interval_s, HEAVY_BOARDS)})
+    return rows
 
 
 def run(frames: int = 20000, baseline_frames: int = 3000, seconds: float = 20.0,
@@ -618,6 +648,7 @@ def run(frames: int = 20000, baseline_frames: int = 3000, seconds: float = 20.0,
     r["realistic_load"] = realistic(seconds)  # first: RSS before the bulk runs grow the heap
     r["realistic_load_no_vitals"] = realistic(seconds, vitals=False)
     r["card_writes"] = card_writes(seconds)
+    r["commit_intervals"] = commit_intervals(seconds)
     r["verify_commit"] = verify_commit(frames)
     r["baseline_pycose_commit_per_frame"] = baseline(baseline_frames)
     r["verify_commit_forward_mqtt"] = verify_commit_forward(frames)
@@ -670,10 +701,26 @@ def report(r: dict[str, Any]) -> list[str]:
             r["card_writes"]["written_per_frame"], r["card_writes"]["written_per_frame_byte"],
             r["card_writes"]["frames"], r["card_writes"]["frame_bytes"] / r["card_writes"]["frames"],
             r["card_writes"]["commits"]),
+        *commit_interval_lines(r),
         *profile_lines(r["profile_commit"]),
         *profile_lines(r["profile"]),
         *profile_lines(r["profile_drain"]),
     ]
+
+
+def commit_interval_lines(r: dict[str, Any]) -> list[str]:
+    """The ack's latency against the card's writes, one line per commit interval, the agent's first."""
+    own = {"boards": BOARDS, "commit_interval_s": COMMIT_INTERVAL_S, "latency": r["realistic_load"],
+           "card": r["card_writes"]}
+    out = ["  commits of board frames at most every N ms (agent.toml commit_interval_ms; the agent's: %.0f ms):"
+           % (1000 * COMMIT_INTERVAL_S)]
+    for row in [own, *r["commit_intervals"]]:
+        lat, card = row["latency"], row["card"]
+        p50, p99 = ("%6.1f ms" % lat["latency_p50_ms"], "%6.1f ms" % lat["latency_p99_ms"]) if lat else ("-",) * 2
+        out.append("    %3d boards, %3.0f ms: ack p50 %9s, p99 %9s; %5.1f commits/s; %5.0f bytes to the card "
+                   "per frame" % (row["boards"], 1000 * row["commit_interval_s"], p50, p99, card["commits_per_s"],
+                                  card["written_per_frame"]))
+    return out
 
 
 def profile_lines(p: dict[str, Any]) -> list[str]:

@@ -158,7 +158,7 @@ def test_a_new_backend_does_not_recreate_the_store(tmp_path: Path) -> None:
 
 def test_an_agent_on_a_damaged_store_starts_serves_and_says_so(hub_config: AgentConfig) -> None:
     cfg = hub_config
-    s = Store(cfg.store_path, ["a"], commit_linger_s=0)
+    s = Store(cfg.store_path, ["a"], commit_interval_s=0)
     s.start()
     asyncio.run(s.ingest(Ingest("pb-x", 1, 0, 1, b"f0", (1, 0, 1))))
     s.close()

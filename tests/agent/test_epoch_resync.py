@@ -189,7 +189,7 @@ def test_a_recovered_store_keeps_the_windows_salt(tmp_path: Path) -> None:
     # boot salts come with them, so a rolled-back boot is still told apart.
     path = tmp_path / "store.db"
     salt = secrets.token_bytes(16)
-    s = Store(path, ["b"], commit_linger_s=0)
+    s = Store(path, ["b"], commit_interval_s=0)
     s.start()
 
     async def go() -> None:
@@ -203,7 +203,7 @@ def test_a_recovered_store_keeps_the_windows_salt(tmp_path: Path) -> None:
     with open(path, "r+b") as f:
         f.seek((path.stat().st_size // page) * 2 // 5 * page)  # a page among the frames
         f.write(secrets.token_bytes(page))
-    s = Store(path, ["b"], commit_linger_s=0)
+    s = Store(path, ["b"], commit_interval_s=0)
     s.start()
     try:
         assert s.recovery is not None

@@ -3,6 +3,8 @@
 # waits (a storage fault), a copy of it is a duplicate in flight, stored
 # once and acknowledged only after the original is stored.
 import asyncio
+import functools
+import queue
 import sqlite3
 import threading
 from pathlib import Path
@@ -29,7 +31,7 @@ def _frame(seq: int, epoch: int = 1) -> bytes:
 def test_the_window_moves_only_once_the_store_commits(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
     reg.add(DEV, key=KEY, actor="test")
-    store = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    store = Store(tmp_path / "store.db", ["b"])
     store.start()
     released = threading.Event()
     apply = Store._apply
@@ -79,7 +81,7 @@ def test_a_reboot_while_a_frame_is_in_flight_keeps_the_newer_epoch(tmp_path: Pat
     # for its commit: the window ends at epoch 2 whatever order they settle in.
     reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
     reg.add(DEV, key=KEY, actor="test")
-    store = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    store = Store(tmp_path / "store.db", ["b"])
     store.start()
 
     async def scenario() -> Ingestor:
@@ -107,7 +109,7 @@ def test_a_session_acks_a_run_of_stored_frames_in_one_message_never_before_they_
 
     reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
     reg.add(DEV, key=KEY, actor="test")
-    store = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    store = Store(tmp_path / "store.db", ["b"])
     store.start()
     released = threading.Event()
     holding = threading.Event()
@@ -161,7 +163,7 @@ def _open(key: cose.MacKey, raw: bytes) -> messages.Message:
 def test_frames_judged_in_one_turn_share_one_store_job_done_once_their_windows_moved(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
     reg.add(DEV, key=KEY, actor="test")
-    store = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    store = Store(tmp_path / "store.db", ["b"])
     store.start()
 
     async def scenario() -> None:
@@ -180,6 +182,141 @@ def test_frames_judged_in_one_turn_share_one_store_job_done_once_their_windows_m
     try:
         asyncio.run(scenario())
         assert store.stats.commits == 1
+    finally:
+        store.close()
+        reg.close()
+
+
+class _TimedQueue(queue.Queue[Any]):
+    """The writer's queue, noting each wait (how long it may last) and each take."""
+
+    def __init__(self, log: list[tuple[str, float]]) -> None:
+        super().__init__()
+        self.log = log
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if block:
+            self.log.append(("wait", timeout if timeout is not None else float("inf")))
+        item = super().get(block, timeout)
+        self.log.append(("took", 0.0))
+        return item
+
+
+def test_an_idle_writer_commits_a_lone_frame_without_waiting_for_company(tmp_path: Path) -> None:
+    # Group commit: a writer that has not committed within the interval takes a frame and
+    # only what is already queued (never waits on a timer for more) before committing it.
+    reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
+    reg.add(DEV, key=KEY, actor="test")
+    store = Store(tmp_path / "store.db", ["b"])
+    log: list[tuple[str, float]] = []
+    store._q = _TimedQueue(log)
+    store.on_commit = lambda: log.append(("commit", 0.0))
+    store.start()
+    try:
+        async def scenario() -> None:
+            out = Ingestor(store, reg).submit(_frame(0), "test")
+            assert out.received.verdict == hub.ACCEPTED and out.stored is not None
+            async with asyncio.timeout(30):
+                await out.stored
+
+        asyncio.run(scenario())
+        commit = log.index(("commit", 0.0))
+        took_frame = max(i for i in range(commit) if log[i][0] == "took")  # what the idle wait found
+        waits_before_commit = [e for e in log[took_frame + 1:commit] if e[0] == "wait"]
+        assert waits_before_commit == [], log
+        assert store.stats.commits == 1
+    finally:
+        store.close()
+        reg.close()
+
+
+def test_frames_arriving_during_a_commit_make_up_the_next_one(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
+    reg.add(DEV, key=KEY, actor="test")
+    store = Store(tmp_path / "store.db", ["b"])
+    store.start()
+    in_commit = threading.Event()
+    released = threading.Event()
+    batches: list[int] = []
+    apply = Store._apply
+
+    def held_commit(self: Store, db: sqlite3.Connection, batch: list[Any]) -> list[Any]:
+        batches.append(len(batch))
+        in_commit.set()
+        released.wait(30)  # the first commit's fsync, held while more frames arrive
+        return apply(self, db, batch)
+
+    try:
+        async def scenario() -> None:
+            ing = Ingestor(store, reg)
+            with mock.patch.object(Store, "_apply", held_commit):
+                first = ing.submit(_frame(0), "test")
+                await async_wait_for(in_commit.is_set, 30, "the first frame's commit")
+                later = [ing.submit(_frame(seq), "test") for seq in (1, 2, 3)]
+                assert not first.stored.done()  # type: ignore[union-attr]
+                released.set()
+                async with asyncio.timeout(30):
+                    await asyncio.gather(first.stored, *(o.stored for o in later))  # type: ignore[arg-type]
+
+        asyncio.run(scenario())
+        assert batches == [1, 3]  # the lone frame alone, then the three that queued behind it, together
+        assert store.stats.commits == 2
+        assert store.load_windows()[DEV][:3] == (1, 3, 0b1111)
+    finally:
+        store.close()
+        reg.close()
+
+
+def test_frames_within_the_commit_interval_wait_for_it_and_share_one_commit(tmp_path: Path) -> None:
+    # Commits of board frames begin at most every commit_interval_s: a frame that comes sooner after
+    # the previous commit waits out the rest of it, and what comes meanwhile shares its commit. A
+    # hub-made record (a vital) does not wait. The interval is long here (60 s): only the store's close
+    # ends the wait (what is held is then committed, never dropped).
+    from agent.store import KIND_VITAL, PRIORITY_VITALS, Ingest
+
+    reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
+    reg.add(DEV, key=KEY, actor="test")
+    store = Store(tmp_path / "store.db", ["b"], commit_interval_s=60)
+    log: list[tuple[str, float]] = []
+    store._q = _TimedQueue(log)
+    batches: list[int] = []
+    apply = Store._apply
+
+    def recording(self: Store, db: sqlite3.Connection, batch: list[Any]) -> list[Any]:
+        batches.append(len(batch))
+        return apply(self, db, batch)
+
+    def took() -> int:
+        return sum(1 for e in log if e[0] == "took")
+
+    def holding(after: int) -> bool:  # the writer took one more job and waits out the interval (not 30 s idle)
+        return took() > after and log[-1][0] == "wait" and 30.5 < log[-1][1] <= 60
+
+    store.start()
+    try:
+        async def scenario() -> tuple[bool, list[int]]:
+            ing = Ingestor(store, reg)
+            with mock.patch.object(Store, "_apply", recording):
+                first = ing.submit(_frame(0), "test")
+                async with asyncio.timeout(30):  # an idle writer: at once, not after the interval
+                    await first.stored  # type: ignore[misc]
+                    await store.ingest(Ingest("pb-v1", -2, 1, KIND_VITAL, b"", None, priority=PRIORITY_VITALS,
+                                              info={"type": "vital"}))
+                later = []
+                for seq in (1, 2, 3):  # one by one, each once the writer holds what came before
+                    taken = took()
+                    later.append(ing.submit(_frame(seq), "test"))
+                    await async_wait_for(functools.partial(holding, taken), 30,
+                                         "the writer holding frame %d for the interval" % seq, lambda: log[-3:])
+                held = not any(o.stored.done() for o in later)  # type: ignore[union-attr]
+                await asyncio.to_thread(store.close)
+                async with asyncio.timeout(30):
+                    await asyncio.gather(*(o.stored for o in later))  # type: ignore[arg-type]
+            return held, batches
+
+        held, batches = asyncio.run(scenario())
+        assert held and batches == [1, 1, 3]  # the frame, the vital, then the three frames in one commit
+        assert store.load_windows()[DEV][:3] == (1, 3, 0b1111)
     finally:
         store.close()
         reg.close()

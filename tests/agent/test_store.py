@@ -22,7 +22,7 @@ async def _ingest_all(s: Store, items: list[Ingest]) -> None:
 
 
 def test_group_commit_outbox_per_backend_and_delivery(tmp_path: Path) -> None:
-    s = Store(tmp_path / "store.db", ["mqtt", "fhir"], commit_linger_s=0)
+    s = Store(tmp_path / "store.db", ["mqtt", "fhir"], commit_interval_s=0)
     s.start()
     try:
         asyncio.run(_ingest_all(s, [_item(i) for i in range(300)]))
@@ -45,13 +45,13 @@ def test_group_commit_outbox_per_backend_and_delivery(tmp_path: Path) -> None:
 
 
 def test_replay_window_is_stored_with_the_frame(tmp_path: Path) -> None:
-    s = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    s = Store(tmp_path / "store.db", ["b"], commit_interval_s=0)
     s.start()
     try:
         asyncio.run(s.ingest(Ingest("pb-a", 3, 17, 1, b"x", (3, 17, (1 << 64) - 1))))
     finally:
         s.close()
-    s2 = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    s2 = Store(tmp_path / "store.db", ["b"], commit_interval_s=0)
     s2.open()
     w = s2.load_windows()["pb-a"]
     assert (w[0], w[1], store_mod.unsigned64(w[2])) == (3, 17, (1 << 64) - 1)
@@ -59,7 +59,7 @@ def test_replay_window_is_stored_with_the_frame(tmp_path: Path) -> None:
 
 
 def test_quota_drops_oldest_raw_first_and_queues_gap_records(tmp_path: Path) -> None:
-    s = Store(tmp_path / "store.db", ["b1"], quota_bytes=300_000, commit_linger_s=0)
+    s = Store(tmp_path / "store.db", ["b1"], quota_bytes=300_000, commit_interval_s=0)
     s.start()
     try:
         vitals = Ingest("pb-a", 1, 100000, 1, b"v" * 100, (1, 0, 0), priority=store_mod.PRIORITY_VITALS)
@@ -90,7 +90,7 @@ def test_quota_drops_what_every_backend_has_before_what_is_still_on_its_way(tmp_
     # Vitals travel ahead of a waveform backlog: delivered, they are kept
     # only for retention. Over the quota they make way before any waveform
     # still waiting for its backend is lost.
-    s = Store(tmp_path / "store.db", ["b1"], quota_bytes=300_000, commit_linger_s=0)
+    s = Store(tmp_path / "store.db", ["b1"], quota_bytes=300_000, commit_interval_s=0)
     s.start()
     try:
         vitals = [Ingest("pb-a", 1, 100000 + i, 1, os.urandom(2000), (1, 0, 0), priority=store_mod.PRIORITY_VITALS)
@@ -115,7 +115,7 @@ def test_quota_drops_what_every_backend_has_before_what_is_still_on_its_way(tmp_
 
 
 def test_purge_only_delivered_and_old(tmp_path: Path) -> None:
-    s = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    s = Store(tmp_path / "store.db", ["b"], commit_interval_s=0)
     s.start()
     try:
         asyncio.run(_ingest_all(s, [_item(i) for i in range(10)]))
@@ -131,7 +131,7 @@ def test_purge_only_delivered_and_old(tmp_path: Path) -> None:
 
 
 def test_erase_removes_every_trace(tmp_path: Path) -> None:
-    s = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    s = Store(tmp_path / "store.db", ["b"], commit_interval_s=0)
     s.start()
     try:
         asyncio.run(_ingest_all(s, [_item(i, "pb-a") for i in range(5)] + [_item(i, "pb-b") for i in range(3)]))
@@ -152,7 +152,7 @@ def test_store_and_registry_refuse_files_others_can_read(tmp_path: Path) -> None
     sqlite3.connect(p).close()
     os.chmod(p, 0o644)
     with pytest.raises(StoreError, match="readable by others"):
-        Store(p, [], commit_linger_s=0).open()
+        Store(p, [], commit_interval_s=0).open()
     r = tmp_path / "registry.db"
     sqlite3.connect(r).close()
     os.chmod(r, 0o640)
@@ -182,7 +182,7 @@ def test_registry_audit_and_no_secrets(tmp_path: Path) -> None:
 def test_what_the_status_page_reads_back(tmp_path: Path) -> None:
     # Each backend's oldest waiting frame, each device's last frame, and the alerts raised and cleared:
     # what the status page tells and what a restarted agent recalls.
-    s = Store(tmp_path / "store.db", ["mqtt", "fhir"], commit_linger_s=0)
+    s = Store(tmp_path / "store.db", ["mqtt", "fhir"], commit_interval_s=0)
     s.start()
     try:
         asyncio.run(_ingest_all(s, [_item(i) for i in range(10)] + [_item(i, dev="pb-b") for i in range(3)]))
@@ -216,7 +216,7 @@ def test_a_store_of_schema_3_is_taken_on_its_frames_read_as_stored(tmp_path: Pat
     from agent.record import FrameRecord
 
     path = tmp_path / "store.db"
-    s = Store(path, ["b"], commit_linger_s=0)
+    s = Store(path, ["b"], commit_interval_s=0)
     s.open()
     s.close()
     db = sqlite3.connect(path)
@@ -229,7 +229,7 @@ def test_a_store_of_schema_3_is_taken_on_its_frames_read_as_stored(tmp_path: Pat
     db.execute("UPDATE meta SET value='3' WHERE key='schema'")
     db.commit()
     db.close()
-    s = Store(path, ["b"], commit_linger_s=0)
+    s = Store(path, ["b"], commit_interval_s=0)
     s.start()
     try:
         f = FrameRecord("pb-a", 1, 1, 1, 512, 1000, 4, 4, 1, 2, None, 0, 0, 0, 5,

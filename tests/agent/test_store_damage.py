@@ -56,7 +56,7 @@ def _seqs_in(gaps: list[dict[str, Any]]) -> set[int]:
 
 def test_a_damaged_page_is_recovered_counted_and_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "store.db"
-    s = Store(path, ["b1", "b2"], commit_linger_s=0)
+    s = Store(path, ["b1", "b2"], commit_interval_s=0)
     s.start()
     _ingest(s, range(600))
     s.close()  # checkpointed: everything is in store.db
@@ -67,7 +67,7 @@ def test_a_damaged_page_is_recovered_counted_and_reported(tmp_path: Path, caplog
         f.seek(victim * page)
         f.write(os.urandom(page))
     with caplog.at_level(logging.CRITICAL, logger="agent.store"):
-        s = Store(path, ["b1", "b2"], commit_linger_s=0)
+        s = Store(path, ["b1", "b2"], commit_interval_s=0)
         s.gap_settle_s = 0
         s.start()  # no exception: the agent starts and serves boards
     try:
@@ -105,13 +105,13 @@ def test_a_damaged_page_is_recovered_counted_and_reported(tmp_path: Path, caplog
 
 def test_a_store_whose_header_is_damaged_starts_empty_and_says_so(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
-    s = Store(path, ["b"], commit_linger_s=0)
+    s = Store(path, ["b"], commit_interval_s=0)
     s.start()
     _ingest(s, range(50))
     s.close()
     with open(path, "r+b") as f:
         f.write(os.urandom(100))  # the header and the schema's first bytes
-    s = Store(path, ["b"], commit_linger_s=0)
+    s = Store(path, ["b"], commit_interval_s=0)
     s.start()
     try:
         assert s.recovery is not None and s.integrity_check() == "ok"
@@ -126,7 +126,7 @@ def test_a_truncated_or_damaged_wal_becomes_a_gap_record(tmp_path: Path, damage:
     live = tmp_path / "live"
     live.mkdir()
     # No checkpoint: every commit stays in the WAL.
-    s = Store(live / "store.db", ["b1", "b2"], wal_limit_bytes=256 << 20, commit_linger_s=0)
+    s = Store(live / "store.db", ["b1", "b2"], wal_limit_bytes=256 << 20, commit_interval_s=0)
     s.start()
     try:
         _ingest(s, range(300))
@@ -145,7 +145,7 @@ def test_a_truncated_or_damaged_wal_becomes_a_gap_record(tmp_path: Path, damage:
         else:
             f.seek(size // 2)
             f.write(os.urandom(64))
-    s = Store(card / "store.db", ["b1", "b2"], commit_linger_s=0)
+    s = Store(card / "store.db", ["b1", "b2"], commit_interval_s=0)
     s.gap_settle_s = 0
     s.start()
     try:
@@ -174,7 +174,7 @@ def test_a_backlog_resent_out_of_order_is_not_a_gap(tmp_path: Path) -> None:
     # seconds: seq 5 arrives (a later id) 3 s after seq 6 and 7. Scanned when
     # seq 6 had settled and seq 5 not yet, the stream showed a hole (512
     # samples "not held", a gap record to every backend) for a frame the hub held.
-    s = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    s = Store(tmp_path / "store.db", ["b"], commit_interval_s=0)
     s.start()
     try:
         for seq in (0, 1, 2, 3, 4, 6, 7, 5):
@@ -204,7 +204,7 @@ def test_fifo_overflow_is_not_a_hub_gap(tmp_path: Path) -> None:
 
     from agent.record import FrameRecord
 
-    s = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    s = Store(tmp_path / "store.db", ["b"], commit_interval_s=0)
     s.gap_settle_s = 0
     s.start()
     try:
@@ -227,11 +227,11 @@ def test_fifo_overflow_is_not_a_hub_gap(tmp_path: Path) -> None:
 
 
 def test_integrity_check_is_bounded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    s = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    s = Store(tmp_path / "store.db", ["b"], commit_interval_s=0)
     s.start()
     _ingest(s, range(100))
     s.close()
-    s = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    s = Store(tmp_path / "store.db", ["b"], commit_interval_s=0)
     s.integrity_check_s = 0  # a card too slow to check in time: opened unchecked, and the log says so
     with caplog.at_level(logging.WARNING, logger="agent.store"):
         s.open()

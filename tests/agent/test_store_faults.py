@@ -61,7 +61,7 @@ def fill(path: Path) -> None:
 def test_disk_full_holds_acks_then_ingest_resumes_by_itself(tmp_path: Path) -> None:
     with small_filesystem(tmp_path / "card", 4096) as card:
         # Only the fault here, not the free-space policy.
-        s = Store(card / "store.db", ["b"], min_free_bytes=0, commit_linger_s=0)
+        s = Store(card / "store.db", ["b"], min_free_bytes=0, commit_interval_s=0)
         s.start()
 
         async def go() -> None:
@@ -96,7 +96,7 @@ def test_store_makes_room_before_the_file_system_is_full(tmp_path: Path) -> None
     # No quota to speak of: only the file system's free space (statvfs) limits the store.
     with small_filesystem(tmp_path / "card", 6144) as card:
         s = Store(card / "store.db", ["b"], quota_bytes=1 << 30, min_free_bytes=1 << 20, wal_limit_bytes=512 << 10,
-                  commit_linger_s=0)
+                  commit_interval_s=0)
         s.start()
         try:
             async def go() -> None:
@@ -125,7 +125,7 @@ def test_a_card_short_of_space_loses_nothing_a_live_backend_takes(tmp_path: Path
     # (4 MB). A backend one batch behind, as a live one is. Before: every frame
     # was deleted before delivery (1000 of 1000), with "store ok" in the status.
     with small_filesystem(tmp_path / "card", 12288) as card:
-        s = Store(card / "store.db", ["b"], commit_linger_s=0)
+        s = Store(card / "store.db", ["b"], commit_interval_s=0)
         s.start()
         db = s.reader()
         try:
@@ -150,7 +150,7 @@ async def _ingest_all(s: Store, items: list[Ingest]) -> None:
 
 
 def test_a_frame_the_store_refuses_is_quarantined_alone(tmp_path: Path) -> None:
-    s = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    s = Store(tmp_path / "store.db", ["b"], commit_interval_s=0)
     s.start()
     gate = threading.Event()
     try:
@@ -186,7 +186,7 @@ def test_uint64_edge_frame_among_other_boards_frames(tmp_path: Path) -> None:
     keys = {d: secrets.token_bytes(32) for d in ("pb-a", "pb-b", "pb-x")}
     for d, k in keys.items():
         reg.add(d, key=k, actor="test")
-    s = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    s = Store(tmp_path / "store.db", ["b"], commit_interval_s=0)
     s.start()
     try:
         def frame(dev: str, seq: int, t0_ms: int) -> bytes:

@@ -277,7 +277,7 @@ def test_a_resent_frame_below_the_window_is_looked_up_off_the_event_loop(monkeyp
 
     reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
     reg.add(dev, key=key, actor="test")
-    store = Store(tmp_path / "store.db", ["b"], commit_linger_s=0)
+    store = Store(tmp_path / "store.db", ["b"], commit_interval_s=0)
     store.start()
     entered, release = threading.Event(), threading.Event()
     on_loop: list[bool] = []
