@@ -139,6 +139,32 @@ def _demo(stdout: Any) -> subprocess.Popen[bytes]:
                             stdout=stdout, stderr=subprocess.STDOUT)
 
 
+class _Output:
+    """A running demo's stdout (a pipe), read as it comes."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        self.proc = proc
+        self.stdout = proc.stdout
+        self.data = b""
+
+    def ctrl_c(self, timeout_s: float) -> str:
+        """Ctrl-C, then all it prints until it ends (within timeout_s): the whole output as text."""
+        self.proc.send_signal(signal.SIGINT)
+        rest, _ = self.proc.communicate(timeout=timeout_s)
+        self.data += rest
+        return self.data.decode("utf-8")
+
+    def seen(self, pattern: bytes) -> bool:
+        """Reads what is there (waiting 0.2 s at most); True once pattern is in all read so far."""
+        if select.select([self.stdout], [], [], 0.2)[0]:
+            self.data += os.read(self.stdout.fileno(), 65536)
+        return re.search(pattern, self.data) is not None
+
+    def tail(self) -> bytes:
+        return self.data[-2000:]
+
+
 def _summary(text: str) -> dict[str, int]:
     counts = {}
     m = re.search(r"(\d+) frames built by the boards = (\d+) stored by the hub \+ (\d+) still on the boards \+ "
@@ -169,22 +195,13 @@ def _check_counts(c: dict[str, int]) -> None:
 def test_demo_without_a_terminal_prints_plain_lines_and_ctrl_c_gives_the_summary(micropython: str) -> None:
     # Before: Ctrl-C printed no summary (exit 130).
     proc = _demo(subprocess.PIPE)
-    assert proc.stdout is not None
-    out = b""
+    out = _Output(proc)
     try:
-        def streaming() -> bool:
-            nonlocal out
-            if select.select([proc.stdout], [], [], 0.2)[0]:
-                out += os.read(proc.stdout.fileno(), 65536)
-            return re.search(rb"stored\+acked [1-9]\d* \|", out) is not None
-        wait_for(streaming, 120, "frames stored", lambda: out[-2000:])
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=120)
-        out += rest
+        wait_for(lambda: out.seen(rb"stored\+acked [1-9]\d* \|"), 120, "frames stored", out.tail)
+        text = out.ctrl_c(120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    text = out.decode("utf-8")
     assert proc.returncode == 0, text[-3000:]
     assert "Status page: http://127.0.0.1:" in text and "(user hub, password " in text
     assert "Stopping: the boards, then what the hub still holds is forwarded" in text
@@ -260,28 +277,18 @@ def test_demo_on_a_full_disk_says_so_live_and_in_its_summary(micropython: str) -
         proc = subprocess.Popen([sys.executable, "-m", "agent.dev.cli", "demo"], cwd=ROOT, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, TMPDIR=str(card)))
-        assert proc.stdout is not None
-        out = b""
-
-        def seen(pattern: bytes) -> bool:
-            nonlocal out
-            if select.select([proc.stdout], [], [], 0.2)[0]:
-                out += os.read(proc.stdout.fileno(), 65536)
-            return re.search(pattern, out) is not None
+        out = _Output(proc)
         try:
-            wait_for(lambda: seen(rb"stored\+acked [1-9]\d* \|"), 120, "frames stored", lambda: out[-2000:])
+            wait_for(lambda: out.seen(rb"stored\+acked [1-9]\d* \|"), 120, "frames stored", out.tail)
             fill(card / "filler")
-            wait_for(lambda: seen(rb"STORE FAULT \d+ s: [^\n]*disk is full"), 60, "the live line telling the fault",
-                     lambda: out[-2000:])
-            proc.send_signal(signal.SIGINT)
-            rest, _ = proc.communicate(timeout=180)
-            out += rest
+            wait_for(lambda: out.seen(rb"STORE FAULT \d+ s: [^\n]*disk is full"), 60,
+                     "the live line telling the fault", out.tail)
+            text = out.ctrl_c(180)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
     shutil.rmtree(short)
-    text = out.decode("utf-8")
     told = [line for line in text.splitlines() if "STORE FAULT" in line]
     assert told and all("boards 0/2 streaming" in line for line in told), told
     assert "Traceback" not in text, text[-3000:]
