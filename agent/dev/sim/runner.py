@@ -273,7 +273,9 @@ class SimulatedBoard:
         # port disappears with its power: the port's pty is hung up (a hub
         # reading it gets EOF/EIO at once, as from an unplugged board) and
         # its stable name goes, as udev's does. A stop() closes it instead,
-        # once the board's last output has been relayed.
+        # once the board's last output has been relayed. The name goes first: a hub
+        # that looks for the port again after the hangup finds nothing.
+        self._unplug_link()
         with self._tail_lock:
             mb, self._mb = self._mb, -1
         if mb >= 0:
@@ -281,7 +283,6 @@ class SimulatedBoard:
                 os.close(mb)
             except OSError:
                 pass
-        self._unplug_link()
 
     def _to_port(self, data: bytes) -> None:
         try:
