@@ -378,6 +378,9 @@ class BoardSession:
                     raise
                 except Exception as e:  # nothing of this frame is acked; the board keeps it and resends
                     raise _Ended(END_STORE_ERROR, str(e)) from e
+            linger_s = self.transport.ack_linger_s
+            if linger_s > 0 and out.ack_for is not None and not out.replies:
+                await asyncio.sleep(linger_s)  # the frames stored meanwhile join this ack (Transport.ack_linger_s)
             for ack in coalesced_acks(out, pending, carried, self.processor.hub):
                 await self._send(ack)
                 self.stats.acks_sent += 1

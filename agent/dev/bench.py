@@ -31,6 +31,7 @@ from agent.dev.sim import boards
 from agent.dev.sim.runner import find_micropython
 from agent.provision import build
 from agent.provision.build import default_cache
+from agent.transports.ble import BleTransport
 from protocols import hub, hub_link, link, messages
 
 # The heap a classic ESP32 leaves the firmware, its .mpy code included (as
@@ -70,6 +71,12 @@ class _HubEnd:
         self.other_wire = 0
         self.fifo_lost = 0
         self._frag_bytes = 0
+        # Over BLE the agent's acks linger (BleTransport.ack_linger_s) to cover
+        # the frames that follow: modelled on the board's clock.
+        self.ack_linger_ms = int(BleTransport.ack_linger_s * 1000) if kind == "ble" else 0
+        self._to_ack: dict[int, list[int]] = {}  # epoch -> seqs stored, not yet acked
+        self._to_ack_since_ms = 0
+        self.acks = 0
 
     def feed(self, kind: int, data: bytes) -> None:
         if kind == 0x55:
@@ -78,12 +85,18 @@ class _HubEnd:
             self._frag_bytes += len(data)
             self.reassembler.feed(data)
 
-    def answer(self) -> bytes:
+    def answer(self, board_ms: int = 0) -> bytes:
         out = bytearray()
         source = self.deframer if self.kind == "serial" else self.reassembler
         while True:
             ev = source.next_event()
             if ev is None:
+                if self._to_ack and board_ms - self._to_ack_since_ms >= self.ack_linger_ms:
+                    for epoch, seqs in self._to_ack.items():
+                        for msg in self.hub.ack(self.device_id, epoch, seqs):
+                            out += hub_link.downlink_line(msg)
+                            self.acks += 1
+                    self._to_ack = {}
                 return bytes(out)
             if not isinstance(ev, link.Frame):
                 self.discarded += 1
@@ -104,8 +117,9 @@ class _HubEnd:
                 self._count(m, wire)
             if r.verdict in (hub.ACCEPTED, hub.DUPLICATE) and isinstance(m, (messages.SampleFrame,
                                                                            messages.OriginCheckpoint)):
-                for msg in self.hub.ack(self.device_id, m.epoch, [m.seq]):
-                    out += hub_link.downlink_line(msg)
+                if not self._to_ack:
+                    self._to_ack_since_ms = board_ms
+                self._to_ack.setdefault(m.epoch, []).append(m.seq)
 
     def _count(self, m: Any, wire: int) -> None:
         if m.kind != messages.T_SAMPLES:
@@ -148,7 +162,7 @@ def _serve(end: _HubEnd, up: IO[bytes], down: IO[bytes], console: IO[bytes]) -> 
         n = int.from_bytes(h[1:], "big")
         data = _read_exact(up, n) if n else b""
         if h[0] == 0x53:  # S: answer what came before
-            ans = end.answer()
+            ans = end.answer(int.from_bytes(data, "big"))
             if end.kind == "serial" and ans:
                 console.write(ans)
                 console.flush()
@@ -196,6 +210,7 @@ def _run_board(directory: Path, compiled: Path, heap_kb: int, minutes: float, sp
     r["gaps"] = end.gaps
     r["rejected"] = end.rejected
     r["duplicates"] = end.duplicates
+    r["hub_acks"] = end.acks
     r["discarded"] = end.discarded
     r["fifo_lost"] = end.fifo_lost
     r["other_wire_bytes"] = end.other_wire
@@ -263,6 +278,9 @@ def firmware_report(r: dict[str, Any]) -> list[str]:
         total_wire / max(1, total_samples)))
     lines.append("  gaps %d, rejected %d, duplicates %d, FIFO overflows reported %d, frames dropped %d" % (
         r["gaps"], r["rejected"], r["duplicates"], r["fifo_lost"], r["frames_dropped"]))
+    if r.get("hub_acks"):
+        lines.append("  the hub's acks over BLE: %d messages (each lingers %.1f s to cover the frames that follow)"
+                     % (r["hub_acks"], BleTransport.ack_linger_s))
     lines.append("  allocations in the steady state: %.0f bytes/s left to the GC, %.0f bytes/s of call frames "
                  "(freed on return); the simulation's own garbage %.0f bytes/s" % (
                      r["garbage_bytes_per_s"], r["frame_bytes_per_s"], r["sim_garbage_bytes_per_s"]))

@@ -31,6 +31,10 @@ class Transport(abc.ABC):
     # the hub may write ahead of it (a firmware push paces itself by it,
     # agent/ota.py). The least of our links unless a transport says more.
     downlink_buffer_bytes: int = 512
+    # How long an ack may wait, once its first frame is stored, for later
+    # frames to cover in the same message: each downlink write costs the
+    # board a wake-up and, over BLE, a new object in its heap. 0: at once.
+    ack_linger_s: float = 0.0
 
     @abc.abstractmethod
     async def open(self) -> None: ...

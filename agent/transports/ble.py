@@ -40,6 +40,13 @@ class BleTransport(Transport):
     # The board's control characteristic buffers 512 bytes of writes between
     # two reads (firmware_mpy/app/link_ble.py _CONTROL_BUFFER); beyond, the stack drops them.
     downlink_buffer_bytes = 512
+    # A MicroPython board reads each write to its control characteristic as a
+    # new bytes object (gatts_read has no read-into): ~140 bytes of garbage
+    # per ack in a heap with a few kB to spare. Acks wait up to 1 s to cover
+    # the next frames too (a board builds two or three a second): about half
+    # the writes. Well under the board's 3 s resend (retransmit_ms), with the
+    # store's commit before it.
+    ack_linger_s = 1.0
 
     def __init__(self, device: BLEDevice | str, backend: type[BaseBleakClient] | None = None,
                  timeout_s: float = CONNECT_TIMEOUT_S) -> None:

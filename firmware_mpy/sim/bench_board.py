@@ -11,7 +11,7 @@
 #   and what the firmware did in them (sim.stretches; a chip speed only).
 # Pipe records, a kind byte then a 4-byte big-endian length then data:
 #   board to hub: U serial bytes, N a notification, S sync (the board is
-#   about to sleep); hub to board, once per S: K the downlink bytes the hub
+#   about to sleep; its clock's ms, 4 bytes); hub to board, once per S: K the downlink bytes the hub
 #   answered with (ack lines) for the radio, or nothing when it wrote them
 #   to the board's console (stdin) already. The hub thus answers before the
 #   board's next loop, whatever the machine's load, and its time is not the
@@ -63,6 +63,7 @@ class HubPipe:
         self.up = open("/dev/fd/%d" % up_fd, "wb")
         self.down = open("/dev/fd/%d" % down_fd, "rb")
         self._hdr = bytearray(5)
+        self._ms = bytearray(4)  # the board's time in each sync (the hub's acks linger on it over BLE)
         self._answer = bytearray(_ANSWER_BYTES)  # read into, cut to each answer in place (no object per sync)
         self._full = memoryview(bytearray(_ANSWER_BYTES))
         self.pending = False
@@ -99,7 +100,13 @@ class HubPipe:
         c.enter()
         try:
             self.pending = False
-            self._put(0x53, b"")
+            ms = c.now_us() // 1000
+            t = self._ms
+            t[0] = (ms >> 24) & 0xFF
+            t[1] = (ms >> 16) & 0xFF
+            t[2] = (ms >> 8) & 0xFF
+            t[3] = ms & 0xFF
+            self._put(0x53, t)
             h = self._hdr
             self.down.readinto(h)
             n = (h[1] << 24) | (h[2] << 16) | (h[3] << 8) | h[4]

@@ -320,3 +320,47 @@ def test_frames_within_the_commit_interval_wait_for_it_and_share_one_commit(tmp_
     finally:
         store.close()
         reg.close()
+def test_over_a_link_whose_acks_linger_frames_stored_meanwhile_share_one_ack(tmp_path: Path) -> None:
+    # BLE (Transport.ack_linger_s): a board reads each downlink write as a new
+    # object in its heap. Frames stored one by one within the linger after the
+    # first are acknowledged in one message; without it the first frame's ack
+    # went at once, alone.
+    from agent.session import BoardSession, BoardStats
+    from tests.agent.test_wire_v1 import FakeTransport
+
+    class LingeringTransport(FakeTransport):
+        ack_linger_s = 3.0
+
+        def __init__(self) -> None:
+            super().__init__([])
+            self.more = asyncio.Queue[bytes]()
+
+        async def receive(self) -> bytes:
+            return await self.more.get()
+
+    reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
+    reg.add(DEV, key=KEY, actor="test")
+    store = Store(tmp_path / "store.db", ["b"], commit_interval_s=0)
+    store.start()
+    down = cose.MacKey(KEY, DEV.encode(), cose.AAD_DOWNLINK)
+
+    async def scenario() -> list[messages.Message]:
+        tr = LingeringTransport()
+        session = BoardSession(tr, Ingestor(store, reg), BoardStats("", tr.name))
+        task = asyncio.create_task(session.run())
+        try:
+            for seq in range(3):  # each stored on its own before the next comes
+                tr.more.put_nowait(_frame(seq))
+                await async_wait_for(lambda n=seq + 1: store.stats.commits == n, 30, "frame %d stored" % seq)
+            await async_wait_for(lambda: tr.sent, 30, "an ack")
+        finally:
+            task.cancel()
+        return [_open(down, a) for a in tr.sent]
+
+    try:
+        acks = asyncio.run(scenario())
+    finally:
+        store.close()
+        reg.close()
+    assert len(acks) == 1 and isinstance(acks[0], messages.Ack), acks
+    assert acks[0].ranges == [(0, 2)], acks[0].ranges
