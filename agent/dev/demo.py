@@ -201,7 +201,7 @@ def _live(out: IO[str], tty: bool) -> Any:
     try:
         with Live(console=console, auto_refresh=False, redirect_stderr=False) as live:
             def show(agent: Agent, backend: dict[str, Any], t: float, footer: str) -> None:
-                snap = agent.snapshot()
+                snap = dict(agent.snapshot(), frames_stored=dict(agent.frames_stored))
                 wave = agent.vitals_runner.waveform
                 waves = {b["device_id"]: [float(x) for x in wave(b["device_id"], "ecg")["values"]]
                          for b in snap["boards"] if b["device_id"]}

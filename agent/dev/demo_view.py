@@ -69,18 +69,23 @@ def counts(snap: dict[str, Any], backend: dict[str, Any]) -> list[tuple[str, int
 
 def live_view(snap: dict[str, Any], backend: dict[str, Any], waves: dict[str, list[float]], elapsed_s: float,
               footer: str) -> RenderableType:
-    """The live view: a table of boards, their ECG traces, the counts; footer under them."""
+    """The live view: a table of boards, their ECG traces, the counts; footer under them. snap: the
+    agent's snapshot, with "frames_stored" {device id: sample frames stored} (Agent.frames_stored)."""
     now = time.time()
     boards = Table(title="pulsebridge demo: %d simulated boards, %.0f s" % (len(snap["boards"]), elapsed_s),
                    title_justify="left", expand=False)
     for col in ("board", "state", "heart rate", "SpO2", "pulse", "frames stored", "last frame"):
         boards.add_column(col, justify="right" if col in ("heart rate", "SpO2", "pulse", "frames stored") else "left")
     store = snap.get("store", {})
+    # Stored, not merely received: a board's link counts what it verified (b["frames"]), which goes on
+    # while the store cannot write.
+    stored = snap.get("frames_stored", {})
     for b in snap["boards"]:
         dev = b["device_id"] or b["port"]
         state = Text(status_text.board_state(b, store), style="green" if status_text.streaming(b, store) else "yellow")
         boards.add_row(dev, state, _vital(snap, dev, "heart_rate", "/min"), _vital(snap, dev, "spo2", "%"),
-                       _vital(snap, dev, "pulse_rate", "/min"), str(b["frames"]), _age(b["last_frame_at"], now))
+                       _vital(snap, dev, "pulse_rate", "/min"), str(stored.get(b["device_id"], 0)),
+                       _age(b["last_frame_at"], now))
     traces = Table.grid(padding=(0, 1))
     for dev, values in waves.items():
         line = trace(values)

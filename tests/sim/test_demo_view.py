@@ -33,7 +33,7 @@ def _snapshot(now: float) -> dict[str, Any]:
                         "last_frame_at": None}],
             "last_vitals": {"pb-sim01": {"heart_rate": {"value": 72.4}, "spo2": {"value": 96.6},
                                          "pulse_rate": {"value": 73.0}}},
-            "store": {"ingested": 80}, "rejects": {"bad_mac": 2},
+            "store": {"ingested": 80}, "rejects": {"bad_mac": 2}, "frames_stored": {"pb-sim01": 40},
             "backends": [{"forwarded": 91, "backlog": 4}]}
 
 
@@ -73,6 +73,8 @@ def test_plain_line_is_short_and_says_the_counts() -> None:
 def _full_disk(now: float) -> dict[str, Any]:
     snap = _snapshot(now)
     snap["boards"][1].update(device_id="pb-sim02", state="connected", frames=38, last_frame_at=now - 1)
+    snap["boards"][0]["frames"] = 52  # received and verified: 12 more than stored
+    snap["frames_stored"] = {"pb-sim01": 40, "pb-sim02": 26}
     snap["now"] = now
     snap["store"] = {"state": "fault", "fault": "OperationalError: database or disk is full", "fault_since": now - 12,
                      "ingested": 80, "short_of_space": None}
@@ -93,6 +95,8 @@ def test_a_full_disk_is_told_and_no_board_is_streaming_while_it_lasts() -> None:
     assert "STORE FAULT 12 s: OperationalError: database or disk is full" in text, text
     rows = [line for line in text.splitlines() if "pb-sim0" in line]
     assert len(rows) == 2 and all("its frames held: the store cannot write" in r for r in rows), text
+    # The "frames stored" column counts what the store holds, not what the link received.
+    assert re.search(r"pb-sim01 .* 40 +│ 1 s ago", rows[0]) and re.search(r"pb-sim02 .* 26 +│ 1 s ago", rows[1]), rows
     failing = dict(BACKEND, store_failing=True, store_failures=3,
                    last_store_error="OperationalError: database or disk is full")
     line = demo_view.plain_line(_full_disk(now), failing, 30.0)
