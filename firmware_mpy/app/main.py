@@ -107,6 +107,7 @@ class App:
         self.sealer = cipher.SampleCipher(key, board.random_bytes(cipher.BOOT_SALT_SIZE))
         # Origin proof (app/origin.py): only with an origin key from provisioning.
         okey = origin.load_key()
+        gc.collect()  # (what reading the keys and building the link left: the log's buffers in one piece)
         self.origin = None if okey is None else origin.OriginLog(okey, kid, key, self.sealer.boot_salt,
                                                                  cfg["origin_every_ms"], now)
         # The board's own rough vitals, for the standard BLE services only.
@@ -282,18 +283,24 @@ class App:
 
     def _drained(self, st, now):
         # After st's FIFO was read: if it was the fastest one's, just emptied,
-        # it is the collection's moment, if the heap is low (_GC_HEADROOM);
-        # the FIFOs that asked during it are read at once. Looked for only at
-        # the end of _drain, a drain followed by a frame (50 ms at esp32
-        # speed) never found it: the heap ran out and an allocation collected
-        # in the middle of the next frame instead.
-        if st is not self._fastest or st.drained_ms != now or ticks.diff(now, self._gc_checked_ms) < _GC_CHECK_MS:
+        # it is the collection's moment, if the last look at the heap found it
+        # low (_GC_HEADROOM): the whole FIFO's fill time is the collection's,
+        # the look's walk (3.5 ms at esp32 speed) was taken at an earlier
+        # drain, and the FIFOs that asked meanwhile are read at once. Looked
+        # for only at the end of _drain, a drain followed by a frame (50 ms at
+        # esp32 speed) never found it: the heap ran out and an allocation
+        # collected in the middle of the next frame instead.
+        if st is not self._fastest or st.drained_ms != now:
             return
-        self._gc_checked_ms = now
-        if gc.mem_free() < self._gc_below:
+        if self._gc_below < 0:  # due
+            self._gc_below = _GC_HEADROOM  # (first: the FIFOs read after the collection come back here)
             gc.collect()
-            self._read_fifos()  # (before the free heap's walk: the FIFOs have waited the collection out)
+            self._read_fifos()
             self._gc_below = min(_GC_HEADROOM, gc.mem_free() // 2)
+        elif ticks.diff(now, self._gc_checked_ms) >= _GC_CHECK_MS:
+            self._gc_checked_ms = now
+            if gc.mem_free() < self._gc_below:
+                self._gc_below = -1  # (no attribute more: a BLE board's App has no room for its dict to grow)
 
     def on_downlink(self, data, n=-1):
         # data[:n] (n < 0: all of it): one downlink message, not yet authenticated.

@@ -428,23 +428,23 @@ def test_the_fifos_are_read_after_a_status_message():
 
 def test_garbage_is_collected_right_after_the_ecg_fifo_is_drained_not_after_the_frames_that_follow():
     # A collection takes 25-45 ms on a chip: its moment is right after the
-    # fastest FIFO (the ECG's, 62.5 ms deep) was emptied. Here the drain that
-    # empties it completes the windows of both streams, whose frames follow
-    # (each channel 20 ms of the board's clock): the collection (30 ms here,
-    # through a stand-in for main's gc with the heap low) comes between the
-    # ECG drain and the frames, and the ECG FIFO, which asked during it, is
-    # read right after.
+    # fastest FIFO (the ECG's, 62.5 ms deep) was emptied, and it has that
+    # FIFO's time to itself: the look at the heap (a walk of it, 3.5 ms on a
+    # chip) is taken at an earlier drain. Here (a stand-in for main's gc,
+    # the heap low; a collection 30 ms of the board's clock) the look comes
+    # at one ECG drain, the collection at the next, which completes the
+    # windows of both streams: before their frames (each channel 20 ms),
+    # and the ECG FIFO, which asked during it, is read right after.
     b, app, link = _board_with({}, {})
-    _run_until(b, app, 990)
+    _run_until(b, app, 960)
     k_ppg, ppg = _stream(app, messages.STREAM_PPG_MAX30102)
     _, ecg = _stream(app, messages.STREAM_ECG_MAX30003)
     model = b.models["max30003"]
-    b.sleep_ms(35)  # both windows are full by now, the ECG FIFO asks
-    b.service()
     events = []
 
     class _LowHeap:
         def mem_free(self):
+            events.append(("look", ecg.n))
             return 0
 
         def collect(self):
@@ -464,16 +464,23 @@ def test_garbage_is_collected_right_after_the_ecg_fifo_is_drained_not_after_the_
     main.gc = _LowHeap()
     app.sealer.apply = slow_apply
     app._gc_checked_ms = b.ticks_ms() - 1000  # a look at the heap is due
-    ppg.ready = True
     frames = app.frames_built
     try:
+        b.sleep_ms(32)  # the ECG FIFO asks (16.4 samples more, 31.4 at most); neither window is full yet
+        b.service()
+        app._drain()
+        first = list(events)
+        b.sleep_ms(32)  # both windows are full by now, the ECG FIFO asks
+        b.service()
+        ppg.ready = True
         app._drain(True)
     finally:
         main.gc = real_gc
         app.sealer.apply = apply
+    assert [e[0] for e in first] == ["look"], events  # the look only: the FIFO's time is not the collection's
     assert app.frames_built > frames, "no frame built"
     kinds = [e[0] for e in events]
     assert "collect" in kinds and kinds.index("collect") < kinds.index("apply"), events
     held = events[kinds.index("collect")][1]
-    assert held > 0 and events[kinds.index("collect") + 1][1] > held, events  # read right after the collection
-    assert model.lost == 0, model.lost
+    assert held > first[0][1] and events[kinds.index("collect") + 1][1] > held, events  # read right after it
+    assert model.lost == 0, (model.lost, events)
