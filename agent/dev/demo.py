@@ -120,7 +120,10 @@ async def _run_demo(opts: SimOptions, out: IO[str], tmp: Path, air: Air | None,
             print("Stopping: the boards, then what the hub still holds is forwarded (up to %.0f s)..."
                   % DRAIN_TIMEOUT_S, file=out)
         consoles = []
+        ended: dict[str, int | None] = {}  # boards whose process had ended before the stop: exit status
         for sim in sims:
+            if not sim.alive():
+                ended[sim.device_id] = sim.proc.returncode if sim.proc is not None else None
             await asyncio.to_thread(sim.stop)
             consoles.append(sim.console_tail())
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
@@ -136,7 +139,7 @@ async def _run_demo(opts: SimOptions, out: IO[str], tmp: Path, air: Air | None,
         summary = backend.summary()
         await backend.stop()
     integrity = agent.store.integrity_check()
-    result = _result(specs, consoles, snap, summary, integrity, time.monotonic() - t0, stored_by_board)
+    result = _result(specs, consoles, snap, summary, integrity, time.monotonic() - t0, stored_by_board, ended)
     result["link"] = opts.link
     if air is not None:
         result["air"] = _air_figures(air, agent, summary, time.monotonic() - t0)
@@ -212,12 +215,15 @@ def _live(out: IO[str], tty: bool) -> Any:
 
 
 def _result(specs: list[Any], consoles: list[str], snap: dict[str, Any], backend: dict[str, Any], integrity: str,
-            elapsed: float, stored_by_board: dict[str, int]) -> dict[str, Any]:
-    """The run's figures. stored_by_board: the sample frames the hub stored from each board (Agent.frames_stored).
+            elapsed: float, stored_by_board: dict[str, int],
+            ended: dict[str, int | None] | None = None) -> dict[str, Any]:
+    """The run's figures. stored_by_board: the sample frames the hub stored from each board (Agent.frames_stored);
+    ended: the boards whose process had ended before the stop, with its exit status (-N: signal N).
     A frame a board built is either stored by the hub, still in the board's outbox at the stop (kept
     and sent again), or dropped by the board (its outbox full, nothing acknowledged it): each
     board's built = stored + still on the board + dropped, the last two from what it built and the
     hub stored, the board's own dropped count bounding the third."""
+    ended = ended or {}
     generated = unacked = dropped = on_boards = 0
     boards = []
     missing: list[str] = []
@@ -227,8 +233,12 @@ def _result(specs: list[Any], consoles: list[str], snap: dict[str, Any], backend
         stored = stored_by_board.get(spec.device_id, 0)
         if built is None:
             missing.append(spec.device_id)
-            print("board %s gave no stop summary; the last text on its console: %s"
-                  % (spec.device_id, demo_view.console_text(console)), file=sys.stderr)
+            if spec.device_id in ended:
+                print("board %s gave no stop summary: %s" % (spec.device_id, _ended_words(ended[spec.device_id])),
+                      file=sys.stderr)
+            else:
+                print("board %s gave no stop summary; the last text on its console: %s"
+                      % (spec.device_id, demo_view.console_text(console)), file=sys.stderr)
             boards.append({"device_id": spec.device_id, "frames_built": None, "awaiting_ack_at_stop": None,
                            "dropped_by_board": None, "frames_stored_by_hub": stored, "frames_still_on_board": None})
             continue
@@ -281,7 +291,15 @@ def _result(specs: list[Any], consoles: list[str], snap: dict[str, Any], backend
                           "faults_recovered": st.get("faults_recovered", 0)},
         # Boards whose console gave no stop summary: frames_generated does not count theirs.
         "boards_without_stop_summary": missing,
+        # Boards whose process had ended before the stop (killed: a power cut), with their exit status.
+        "boards_ended_before_stop": dict(ended),
     }
+
+
+def _ended_words(status: int | None) -> str:
+    how = ("killed by signal %d" % -status if status is not None and status < 0 else
+           "exit status %s" % status)
+    return "its process had ended before the stop (%s: for a board, a power cut)" % how
 
 
 def summary_lines(r: dict[str, Any]) -> list[str]:
@@ -304,9 +322,10 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
              % (vitals, r["alerts_at_backend"]),
              "  %6d lost (dropped by the boards, or stored and not delivered), %d refused (not authentic or damaged)"
              % (r["frames_lost"], sum(r["rejects"].values()))]
-    if r["boards_without_stop_summary"]:
-        lines.append("  frames built unknown for %s: no stop summary on its console"
-                     % ", ".join(r["boards_without_stop_summary"]))
+    ended = r.get("boards_ended_before_stop") or {}
+    for dev in r["boards_without_stop_summary"]:
+        lines.append("  frames built unknown for %s: %s" % (
+            dev, _ended_words(ended[dev]) if dev in ended else "no stop summary on its console"))
     if r.get("backend_store_failures"):
         lines.append("  the backend could not store %d batches (last: %s); the hub kept them and sent them again"
                      % (r["backend_store_failures"], r["backend_last_store_error"]))

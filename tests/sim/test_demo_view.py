@@ -345,6 +345,10 @@ def test_summary_lines_say_what_each_count_means_and_how_they_add_up() -> None:
     unknown = demo.summary_lines(_result(boards=[{}, {}], boards_without_stop_summary=["pb-sim01"],
                                          frames_acknowledged=90))
     assert "  frames built unknown for pb-sim01: no stop summary on its console" in unknown, unknown
+    killed = demo.summary_lines(_result(boards=[{}, {}], boards_without_stop_summary=["pb-sim01"],
+                                        boards_ended_before_stop={"pb-sim01": -9}))
+    assert ("  frames built unknown for pb-sim01: its process had ended before the stop (killed by signal 9: "
+            "for a board, a power cut)") in killed, killed
     # Its frames are in what the hub stored, not in what the others built: said so.
     assert ("61 frames built by the boards that gave their count = 60 stored by the hub + 1 still on the boards"
             in unknown[1]), unknown
