@@ -626,12 +626,13 @@ def forget_update():
 
 
 def forget_decoding():
-    # What decoding a rarer downlink message loads (cose.parse, the message
-    # decoder), dropped once it is handled. (protocols.messages, which such a
+    # What decoding a rarer downlink message loads (cose.parse's
+    # protocols/mac0.py, the message decoder), dropped once it is handled. (protocols.messages, which such a
     # message loads too, stays: objects of its classes outlive it, and a
     # second copy's classes would not be theirs.)
     forget("protocols", "decode")
     forget("protocols", "cbor_items")
+    forget("protocols", "mac0")
 
 
 def run(board, until_ms=None):

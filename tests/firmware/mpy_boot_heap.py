@@ -20,10 +20,11 @@ from sim import board_sim  # noqa: E402  (the simulated hardware; it imports app
 mode = sys.argv[1]
 _held = []
 if mode in ("fragmented", "shattered"):
-    # Blocks of 12 kB (3 kB) until the heap is full, every other one then
-    # freed: half the heap free, in holes smaller than the ring (smaller
-    # than any ring the board would take).
-    size = 12000 if mode == "fragmented" else 3000
+    # Blocks until the heap is full, then some freed: two in three of 8 kB
+    # (holes of 16 kB, smaller than the ring: two thirds of the heap free),
+    # or every other one of 3 kB (holes smaller than any ring the board
+    # would take).
+    size, kept = (8000, 3) if mode == "fragmented" else (3000, 2)
     if mode == "shattered":  # what main.py imports first, loaded while there is room to load code
         from app import config, outbox  # noqa: F401
     try:
@@ -31,8 +32,9 @@ if mode in ("fragmented", "shattered"):
             _held.append(bytearray(size))
     except MemoryError:
         pass
-    for i in range(0, len(_held), 2):
-        _held[i] = None
+    for i in range(len(_held)):
+        if i % kept:
+            _held[i] = None
     gc.collect()
 
 _state = {"boots": 0, "stall_at_ms": 3000 if mode == "update_then_stall" else None, "stop_at_ms": None}

@@ -3,7 +3,8 @@
 # kB less to collect garbage in). A BLE board streams, is acknowledged and
 # answers the hub's time requests with its configuration's code dropped
 # once started and without loading the message decoder
-# (protocols/decode.py, protocols/cbor_items.py), the epoch resync (app/resync.py) or the firmware
+# (protocols/decode.py, protocols/cbor_items.py, cose.parse's
+# protocols/mac0.py), the epoch resync (app/resync.py) or the firmware
 # update (app/ota.py, protocols/bundle.py, ed25519); a rarer message loads
 # the decoder and drops it once handled; an update loads its code and drops
 # it when it is over. The hub's side here only encodes and seals (it never
@@ -17,8 +18,8 @@ from protocols import hub, hub_link, link, messages
 from sim.board_sim import SimBoard
 from sim.clock import VirtualClock
 
-_RARE = ("protocols.decode", "protocols.cbor_items", "app.resync", "app.ota", "protocols.bundle", "protocols.ed25519",
-         "protocols._sha512")
+_RARE = ("protocols.decode", "protocols.cbor_items", "protocols.mac0", "app.resync", "app.ota", "protocols.bundle",
+         "protocols.ed25519", "protocols._sha512")
 
 
 def _loaded():
