@@ -6,12 +6,10 @@ import os
 import pty
 import re
 import select
-import shutil
 import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import termios
 import time
 from pathlib import Path
@@ -269,15 +267,13 @@ def _result(**kw: Any) -> dict[str, Any]:
 
 @pytest.mark.micropython
 @pytest.mark.slow
-def test_demo_on_a_full_disk_says_so_live_and_in_its_summary(micropython: str) -> None:
+def test_demo_on_a_full_disk_says_so_live_and_in_its_summary(micropython: str, tmp_path: Path) -> None:
     # The demo's whole run (hub, backend, boards' flash) on a 24 MB file system that fills up while
     # it runs. Before: "boards 2/2 streaming" every second while no commit succeeded, tracebacks from
     # the local backend, and "the hub's store: ok" in the summary, exit status 0.
     from tests.agent.test_store_faults import fill, small_filesystem
 
-    # A short path: the hub's status socket lives under it (a Unix socket's path holds 107 bytes).
-    short = Path(tempfile.mkdtemp(prefix="pb-", dir="/tmp"))
-    with small_filesystem(short / "card", 24 * 1024) as card:
+    with small_filesystem(tmp_path / "card", 24 * 1024) as card:
         proc = subprocess.Popen([sys.executable, "-m", "agent.dev.cli", "demo"], cwd=ROOT, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, TMPDIR=str(card)))
@@ -292,7 +288,6 @@ def test_demo_on_a_full_disk_says_so_live_and_in_its_summary(micropython: str) -
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    shutil.rmtree(short)
     told = [line for line in text.splitlines() if "STORE FAULT" in line]
     assert told and all("boards 0/2 streaming" in line for line in told), told
     assert "Traceback" not in text, text[-3000:]
