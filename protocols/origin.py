@@ -28,6 +28,11 @@ import hashlib
 
 from protocols import cbor, cipher, cose, fields
 from protocols._compat import const
+
+try:
+    from protocols import _viper  # MicroPython: the digests copied by native code
+except ImportError:  # CPython, or a port without the viper emitter
+    _viper = None  # type: ignore[assignment]
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 
 AAD_ORIGIN = b"pulsebridge/1 origin"
@@ -88,8 +93,11 @@ def encode_checkpoint(w: "cbor.Writer", epoch: int, index: int, boot_salt: bytes
     if end > w.end:
         raise LocalProtocolError("CBOR output buffer full (%d bytes)" % len(w.buf), "buffer_full")
     buf = w.buf
-    for i in range(n * DIGEST_SIZE):
-        buf[p + i] = digests[i]
+    if _viper is not None:  # (a byte loop: 20 digests took ~7 ms at an ESP32's speed)
+        _viper.copy_into(buf, p, digests, 0, n * DIGEST_SIZE)
+    else:
+        for i in range(n * DIGEST_SIZE):
+            buf[p + i] = digests[i]
     w.pos = end
 
 

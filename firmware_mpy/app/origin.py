@@ -80,12 +80,14 @@ class OriginLog:
         # seqs (each added again as it is re-sealed).
         self.n = 0
 
-    def checkpoint_into(self, w, base, up, epoch, seq, now_ms):
+    def checkpoint_into(self, w, base, up, epoch, seq, now_ms, between=None):
         # Writes the type 10 message, sealed under the device key (up), at
         # w.buf[base:] (an outbox region of WORST_BYTES, w.end its end): the
         # checkpoint COSE_Mac0 is made where it stays, inside the outer
         # payload (no copy, no view, nothing allocated). The list then
-        # starts again.
+        # starts again. between: called after the list and after its MAC
+        # (the board reads its FIFOs there: 15-25 ms at an ESP32's speed in
+        # all); it must leave w alone.
         w.pos = ostart = base + up.payload_offset
         w.map(5)
         w.uint(0)
@@ -101,7 +103,11 @@ class OriginLog:
         pstart = ibase + self.mac.payload_offset
         w.pos = pstart
         origin.encode_checkpoint(w, epoch, self.index, self.salt, self.wrapped, self.seqs, self.digests, self.n)
+        if between is not None:
+            between()
         self.mac.seal_written(w, pstart, ibase)
+        if between is not None:
+            between()
         inner = w.pos - ibase
         w.pos = ibase - cbor.BSTR_HEAD_MAX
         w.bstr_written(ibase, inner)

@@ -484,3 +484,78 @@ def test_garbage_is_collected_right_after_the_ecg_fifo_is_drained_not_after_the_
     held = events[kinds.index("collect")][1]
     assert held > first[0][1] and events[kinds.index("collect") + 1][1] > held, events  # read right after it
     assert model.lost == 0, (model.lost, events)
+
+
+def test_the_fifos_are_read_between_an_origin_checkpoints_pieces():
+    # An origin checkpoint (every 10 s, as the status) takes 15-25 ms on a
+    # chip: its list, its MAC under the origin key and the outer MAC. Here
+    # each piece takes 32 ms of the board's clock (16.4 ECG samples): the
+    # ECG FIFO (32 deep, asking at 16) is read between them, else the three
+    # (96 ms) overflow it.
+    from app import origin as app_origin
+
+    b, app, link = _board_with({}, {})
+    _run_until(b, app, 1500)
+    log = app.origin
+    assert log is not None and log.n > 0
+    _, ecg = _stream(app, messages.STREAM_ECG_MAX30003)
+    model = b.models["max30003"]
+    ecg.ready = True
+    app._read_fifos()
+    held = []
+
+    def slow(fn):
+        def run(*args):
+            held.append(ecg.n)
+            b.clock.t_us += 32000
+            b.service()
+            return fn(*args)
+        return run
+
+    wire = app_origin.origin
+    encode, inner, outer = wire.encode_checkpoint, log.mac.seal_written, app.up.seal_written
+    wire.encode_checkpoint = slow(encode)
+    log.mac.seal_written = slow(inner)
+    app.up.seal_written = slow(outer)
+    try:
+        app._checkpoint(log, b.ticks_ms())
+    finally:
+        wire.encode_checkpoint = encode
+        del log.mac.seal_written
+        del app.up.seal_written
+    assert len(held) == 3 and held[0] < held[1] < held[2], held
+    assert model.lost == 0, model.lost
+    _run_until(b, app, 2500)
+    assert any(r.message.kind == messages.T_ORIGIN for r in link.received if r.verdict == hub.ACCEPTED)
+
+
+def test_the_fifos_are_read_between_a_status_messages_encoding_and_its_seal():
+    # A status walks the free heap and is encoded, then MACed and framed:
+    # each about 6 ms on a chip. Here each takes 32 ms of the board's clock:
+    # the ECG FIFO is read between them.
+    b, app, link = _board_with({}, {})
+    _run_until(b, app, 500)
+    _, ecg = _stream(app, messages.STREAM_ECG_MAX30003)
+    model = b.models["max30003"]
+    ecg.ready = True
+    app._read_fifos()
+    held = []
+
+    def slow(fn):
+        def run(*args):
+            held.append(ecg.n)
+            b.clock.t_us += 32000
+            b.service()
+            return fn(*args)
+        return run
+
+    encode, seal = main.fields.encode_status, app.up.seal_written
+    main.fields.encode_status = slow(encode)
+    app.up.seal_written = slow(seal)
+    try:
+        app.status()
+    finally:
+        main.fields.encode_status = encode
+        del app.up.seal_written
+    assert len(held) == 2 and held[0] < held[1], held
+    assert model.lost == 0, model.lost
