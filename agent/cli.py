@@ -423,8 +423,13 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup("text", logging.DEBUG if args.verbose else logging.WARNING)
     if args.command == "agent":
         return int(args.func(args))
+    from agent.errors import PulsebridgeError
+
     try:
         return int(args.func(args))
+    except PulsebridgeError as e:  # the registry or the store refused (a file readable by others, damaged)
+        print("pulsebridge: %s" % e, file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `pulsebridge status | head`: the reader left, as a SIGPIPE'd command would end
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 141

@@ -85,9 +85,14 @@ class Registry:
         except StoreError as e:
             raise RegistryError(str(e)) from None
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as e:  # a bad copy, a damaged card: its traceback named no file
+            self._db.close()
+            raise RegistryError("device registry %s cannot be used (%s): restore it from a backup, or move it "
+                                "aside and add or provision the boards again" % (self.path, e)) from None
         cols = {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}
         if "next_key" not in cols:  # a registry from before key rotation existed
             self._db.execute("ALTER TABLE devices ADD COLUMN next_key BLOB")

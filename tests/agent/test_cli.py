@@ -79,6 +79,31 @@ def test_agent_refuses_to_start_with_a_readable_registry(tmp_path: Path, hub_con
     assert r.returncode == 2 and "readable by others" in r.stderr and "chmod 600" in r.stderr
 
 
+
+def test_an_unsafe_or_damaged_registry_is_named_by_every_command_not_a_traceback(
+        tmp_path: Path, hub_config: AgentConfig) -> None:
+    # a registry readable by others stopped the agent with a clear line, but `devices list`, `ota push` and
+    # `erase` ended in a RegistryError traceback; a registry that is not a database (a bad copy, a card's
+    # damage) ended every command, the agent too, in sqlite3.DatabaseError's traceback
+    cfg = str(hub_config.source)
+    assert _cli("devices", "--config", cfg, "add", "pb-cli03").returncode == 0
+    registry = tmp_path / "data" / "registry.db"
+    bundle = tmp_path / "fw.bundle"
+    bundle.write_bytes(b"not a bundle")
+    commands = (("devices", "list"), ("ota", "push", "--device", "pb-cli03", str(bundle)),
+                ("erase", "--device", "pb-cli03"), ("agent",))
+    os.chmod(registry, 0o644)
+    for args in commands:
+        r = _cli(*args, "--config", cfg)
+        assert r.returncode in (1, 2) and "Traceback" not in r.stderr, (args, r.stderr)
+        assert "readable by others" in r.stderr and "chmod 600" in r.stderr, (args, r.stderr)
+    registry.write_bytes(b"this is no SQLite database, only a file of that name" * 100)
+    os.chmod(registry, 0o600)
+    for args in commands:
+        r = _cli(*args, "--config", cfg)
+        assert r.returncode in (1, 2) and "Traceback" not in r.stderr, (args, r.stderr)
+        assert str(registry) in r.stderr and "not a database" in r.stderr, (args, r.stderr)
+
 def test_a_data_dir_that_cannot_be_made_is_named_not_a_traceback(tmp_path: Path, hub_config: AgentConfig) -> None:
     # data_dir under a regular file (a typo, a card not mounted): `agent` and `devices list` ended in a
     # NotADirectoryError traceback; each now names the path and what is wrong with it
