@@ -220,6 +220,7 @@ def test_an_idle_writer_commits_a_lone_frame_without_waiting_for_company(tmp_pat
                 await out.stored
 
         asyncio.run(scenario())
+        store.close()  # the writer's thread ended: its on_commit (after the acks were handed over) has run
         commit = log.index(("commit", 0.0))
         took_frame = max(i for i in range(commit) if log[i][0] == "took")  # what the idle wait found
         waits_before_commit = [e for e in log[took_frame + 1:commit] if e[0] == "wait"]
