@@ -311,9 +311,11 @@ def chip_report(r: dict[str, Any]) -> list[str]:
                      "(half: %.1f ms)" % (c["worst_step_us"] / 1000, shortest, shortest / 2))
     for name, f in sorted(c["fifos"].items()):
         lines.append("    %s FIFO: %d deep, fills in %.1f ms; fullest seen by the firmware %d; samples it overflowed "
-                     "%d; interrupts %d, worst served after %.1f ms (at %.3f s)" % (
+                     "%d; interrupts %d, worst served after %.1f ms (at %.3f s), 99 %% within %d ms, 99.9 %% within "
+                     "%d ms" % (
                          name, f["depth"], f["fill_ms"], f["worst_level"], f["overflowed"], f["irqs"],
-                         f["irq_latency_us"] / 1000, f["worst_latency_at_us"] / 1e6))
+                         f["irq_latency_us"] / 1000, f["worst_latency_at_us"] / 1e6, f["latency_p99_ms"],
+                         f["latency_p999_ms"]))
     lines.append("  samples lost %d (timer ticks dropped %d, soft IRQs dropped %d); console blocked %.1f s" % (
         lost, c["timer_dropped"], c["sched_dropped"], c["console_blocked_us"] / 1e6))
     s = c.get("stretches")

@@ -545,6 +545,21 @@ class SimPin:
         return self.value(v)
 
 
+_LATENCY_BUCKETS = const(200)  # ms
+
+
+def latency_percentile_ms(buckets, fraction):
+    # The latency (whole ms, rounded up) that fraction of the services met.
+    total = sum(buckets)
+    need = total * fraction
+    seen = 0
+    for ms in range(len(buckets)):
+        seen += buckets[ms]
+        if seen >= need:
+            return ms + 1
+    return len(buckets)
+
+
 class SimIrqPin:
     # An input pin wired to a chip's interrupt output (active low), with
     # machine.Pin's irq(handler, trigger): the handler is a soft IRQ on a
@@ -564,6 +579,11 @@ class SimIrqPin:
         self._fell_at = -1
         self.worst_latency_us = 0
         self.worst_at_us = 0  # when the line fell, for the worst latency
+        # Every service's latency, in whole ms (the last bucket: that or
+        # more): the worst is one event, and on a shared machine one host
+        # stall sets it; the distribution's tail shows the firmware's own
+        # long pieces of work.
+        self.latency_ms = [0] * (_LATENCY_BUCKETS + 1)
         self.edges = 0
         clock.add_source(self)
         chip.irq_pins.append(self)
@@ -590,6 +610,7 @@ class SimIrqPin:
             if d > self.worst_latency_us:
                 self.worst_latency_us = d
                 self.worst_at_us = self._fell_at
+            self.latency_ms[min(d // 1000, _LATENCY_BUCKETS)] += 1
             self._fell_at = -1
         self._low = False
 

@@ -274,6 +274,10 @@ def test_sensors_sample_only_once_started():
     out = [array.array("i", bytes(4 * 64)), array.array("i", bytes(4 * 64))]
     n = max30003.read_into(out, 0, 64)
     assert n == 16 and max30003.lost == 0, (n, max30003.lost)  # 20 or a few more converted, read in bursts of 16
+    # Its service latency: the line fell at 16 samples (31.25 ms), read at
+    # 40 ms (and what the read itself took): the worst, in its ms bucket.
+    p = models.latency_percentile_ms(ecg_pin.latency_ms, 1.0)
+    assert 9 <= p <= 40 and p == ecg_pin.worst_latency_us // 1000 + 1, (p, ecg_pin.worst_latency_us)
     n = max30102.read_into(out, 0, 64)
     assert 4 <= n <= 6 and max30102.lost == 0, (n, max30102.lost)
 
