@@ -225,6 +225,7 @@ class _QueuedLink:
     """A fake link at the boundary: plays what the test puts in `uplink`, records what the hub sends."""
 
     name = "fake:queued"
+    ack_linger_s = 0.0  # Transport's: acks at once, as a serial link's
 
     def __init__(self) -> None:
         self.uplink: asyncio.Queue[bytes] = asyncio.Queue()
