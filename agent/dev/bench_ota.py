@@ -25,6 +25,8 @@ from agent.dev.sim import boards
 from agent.dev.sim.runner import find_micropython
 from agent.provision import build
 from agent.provision.build import FIRMWARE_DIR
+from agent.record import FrameRecord
+from protocols import messages
 
 
 def run(target: str = "esp32") -> dict[str, Any]:
@@ -59,38 +61,66 @@ def stream_report(store_path: Path, device_id: str) -> dict[str, Any]:
     per boot epoch, samples stored, samples missing between its frames (a
     hole the board did not report), samples its sensors reported lost (FIFO
     overflow), frames it reported dropping unacknowledged, and the UTC span
-    (ms) its frames cover; `pause_ms`: the longest gap between one boot's last
-    sample and the next boot's first (the reboots: nothing is sampled then)."""
+    (ms) its frames cover (None before the boot's clock was mapped).
+    `pause_ms`: the longest stretch of time no stored sample of a stream
+    covers, with `pause_where` saying where: inside a boot, by the sensor's
+    own clock (its frames' t0 and rate: a FIFO overflow, a hole); across a
+    reboot, from one boot's last sample to the next boot's first, in UTC if
+    both boots' clocks were mapped, else from when their frames arrived (the
+    last frame of the old boot as its last sample's time, the first of the
+    new one less its window's length as its first's)."""
     db = sqlite3.connect("file:%s?mode=ro" % store_path, uri=True)
     try:
-        rows = db.execute("SELECT epoch, stream, first_index, count, t0_utc_ms, info FROM frames WHERE device_id=? "
-                          "AND kind=1 ORDER BY epoch, stream, first_index", (device_id,)).fetchall()
+        rows = db.execute("SELECT epoch, seq, stream, t0_ms, t0_utc_ms, first_index, count, received_at, raw, "
+                          "info, samples FROM frames WHERE device_id=? AND kind=1 ORDER BY epoch, stream, "
+                          "first_index", (device_id,)).fetchall()
     finally:
         db.close()
     epochs: dict[int, dict[str, Any]] = {}
     expected: dict[tuple[int, int], int] = {}
-    for epoch, stream, first, count, t0_utc_ms, info in rows:
-        h = json.loads(info) if info else {}
-        e = epochs.setdefault(epoch, {"samples": 0, "missing": 0, "fifo_lost": 0, "dropped": 0,
-                                      "first_utc_ms": None, "end_utc_ms": None})
-        lost = int(h.get("fifo_lost_samples", 0))
-        at = expected.get((epoch, stream), 0)
-        if first > at:
-            e["missing"] += max(0, first - at - lost)
-        expected[(epoch, stream)] = max(at, first + count)
-        e["samples"] += count
-        e["fifo_lost"] += lost
-        e["dropped"] = max(e["dropped"], int(h.get("frames_dropped_by_board", 0)))
-        if t0_utc_ms is not None:
-            end = t0_utc_ms + count * 1000 // max(1, int(h.get("rate_hz", 1)))
-            e["first_utc_ms"] = t0_utc_ms if e["first_utc_ms"] is None else min(e["first_utc_ms"], t0_utc_ms)
-            e["end_utc_ms"] = end if e["end_utc_ms"] is None else max(e["end_utc_ms"], end)
-    pause = 0
-    order = sorted(epochs)
-    for a, b in zip(order, order[1:]):
-        if epochs[a]["end_utc_ms"] is not None and epochs[b]["first_utc_ms"] is not None:
-            pause = max(pause, epochs[b]["first_utc_ms"] - epochs[a]["end_utc_ms"])
-    return {"epochs": epochs, "pause_ms": pause}
+    # Per stream, the last frame seen: (epoch, end on the board clock in ms, end in UTC ms or None,
+    # received_at in ms).
+    last: dict[int, tuple[int, float, float | None, float]] = {}
+    pause = 0.0
+    where = ""
+    by_stream: dict[int, list[tuple[int, int, int, int | None, int, int, float, FrameRecord]]] = {}
+    for epoch, seq, stream, t0_ms, t0_utc_ms, first, count, received_at, raw, info, samples in rows:
+        f = FrameRecord.from_stored(device_id, epoch, seq, stream, t0_ms, t0_utc_ms, first, count, received_at, raw,
+                                    json.loads(info) if info else None, samples)
+        by_stream.setdefault(stream, []).append((epoch, first, t0_ms, t0_utc_ms, count, f.rate_hz, received_at, f))
+    for stream, frames in by_stream.items():
+        for epoch, first, t0_ms, t0_utc_ms, count, rate_hz, received_at, f in frames:
+            e = epochs.setdefault(epoch, {"samples": 0, "missing": 0, "fifo_lost": 0, "dropped": 0,
+                                          "first_utc_ms": None, "end_utc_ms": None})
+            lost = f.fifo_lost_samples
+            at = expected.get((epoch, stream), 0)
+            if first > at:
+                e["missing"] += max(0, first - at - lost)
+            expected[(epoch, stream)] = max(at, first + count)
+            e["samples"] += count
+            e["fifo_lost"] += lost
+            e["dropped"] = max(e["dropped"], f.frames_dropped_by_board)
+            window_ms = count * 1000 / rate_hz
+            end_utc = None if t0_utc_ms is None else t0_utc_ms + window_ms
+            if t0_utc_ms is not None:
+                e["first_utc_ms"] = t0_utc_ms if e["first_utc_ms"] is None else min(e["first_utc_ms"], t0_utc_ms)
+                e["end_utc_ms"] = end_utc if e["end_utc_ms"] is None else max(e["end_utc_ms"], end_utc)
+            prev = last.get(stream)
+            if prev is not None:
+                p_epoch, p_end_ms, p_end_utc, p_received_ms = prev
+                name = messages.STREAM_NAMES.get(stream, str(stream))
+                if p_epoch == epoch:
+                    gap, how = t0_ms - p_end_ms, "%s, boot %d, on the sensor's clock" % (name, epoch)
+                elif p_end_utc is not None and t0_utc_ms is not None:
+                    gap, how = t0_utc_ms - p_end_utc, "%s, across the reboot %d -> %d, in UTC" % (name, p_epoch,
+                                                                                                   epoch)
+                else:
+                    gap = received_at * 1000 - window_ms - p_received_ms
+                    how = "%s, across the reboot %d -> %d, from the frames' arrival" % (name, p_epoch, epoch)
+                if gap > pause:
+                    pause, where = gap, how
+            last[stream] = (epoch, t0_ms + window_ms, end_utc, received_at * 1000)
+    return {"epochs": epochs, "pause_ms": round(pause), "pause_where": where}
 
 
 def run_push(speed: str = "esp32", link: str = "serial", timeout_s: float = 1200.0) -> dict[str, Any]:
@@ -182,7 +212,8 @@ def report_push(r: dict[str, Any]) -> list[str]:
         r["bundle_bytes"], r["link"], r["board_speed"], r["result"])]
     for state, t in (r.get("states_s") or {}).items():
         lines.append("  %-30s at %6.1f s after the push" % (state, t))
-    lines.append("  pause in streaming (one boot's last sample to the next's first): %.1f s" % (r["pause_ms"] / 1000))
+    lines.append("  longest pause in streaming (no stored sample covers it): %.2f s (%s)"
+                 % (r["pause_ms"] / 1000, r.get("pause_where") or "none"))
     for epoch, e in sorted(r["epochs"].items()):
         lines.append("  boot %s: %d samples stored, %d lost by the sensors' FIFOs, %d missing, %d frames dropped"
                      % (epoch, e["samples"], e["fifo_lost"], e["missing"], e["dropped"]))
