@@ -21,7 +21,7 @@ from protocols import cbor, ed25519
 from protocols._compat import TYPE_CHECKING, const
 
 if TYPE_CHECKING:
-    from collections.abc import Generator
+    from collections.abc import Callable, Generator
 
 FORMAT = const(1)
 SIGNING_CONTEXT = b"pulsebridge/1 firmware bundle"
@@ -30,6 +30,7 @@ MAX_FILES = const(64)
 MAX_PATH = const(64)
 MAX_FILE = const(262144)  # the largest module a board's flash directory holds
 KEY_ID_SIZE = const(8)
+_FILES_BETWEEN = const(8)  # file entries checked between two calls of parse_manifest's `between`
 _PATH_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_./"
 # What a bundle may never write: the board's keys, configuration and epoch.
 _PROTECTED = "pulsebridge/"
@@ -105,7 +106,10 @@ def read_header(data: "bytes | bytearray | memoryview") -> "tuple[bytes, bytes, 
     return manifest, signature, end
 
 
-def parse_manifest(manifest: bytes) -> Manifest:
+def parse_manifest(manifest: bytes, between: "Callable[[], None] | None" = None) -> Manifest:
+    # between: called after the decode and every _FILES_BETWEEN file entries
+    # (a board reads its sensors' FIFOs there: the whole takes ~70 ms of an
+    # ESP32's time, more than its fastest FIFO lasts).
     try:
         m = cbor.decode(manifest)
     except MemoryError:
@@ -126,8 +130,12 @@ def parse_manifest(manifest: bytes) -> Manifest:
         raise BundleError("key_id is %d bytes" % KEY_ID_SIZE, "malformed")
     if not isinstance(files, list) or not 0 < len(files) <= MAX_FILES:
         raise BundleError("1 to %d files" % MAX_FILES, "malformed")
-    out = []
+    out: "list[tuple[str, int, bytes]]" = []
+    if between is not None:
+        between()
     for f in files:
+        if between is not None and len(out) % _FILES_BETWEEN == _FILES_BETWEEN - 1:
+            between()
         if not (isinstance(f, list) and len(f) == 3):
             raise BundleError("a file entry is [path, size, sha256]", "malformed")
         path, size, digest = f

@@ -46,6 +46,10 @@ FLAG_SENSOR_FAULT = const(8)
 # fastest stream (512 Hz) with room for 4 s windows at 100 Hz or 2 s at 512 Hz.
 MAX_SAMPLES = const(1024)
 MAX_ACK_RANGES = const(16)
+# Bytes of a bundle in one update chunk: with its envelope it stays under
+# the 256-byte downlink bound (SPEC.md, Firmware updates).
+MAX_UPDATE_CHUNK = const(160)
+MAX_BUNDLE = const(2097152)  # 2 MB: a MicroPython image, or a slot of .mpy files with room to spare
 MAX_TEXT = const(96)
 # Every integer a board sends is bounded as the hub stores and forwards it:
 # at most 2^53 - 1, exact in the IEEE doubles that JSON consumers read

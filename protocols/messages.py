@@ -19,11 +19,13 @@ from protocols.fields import (  # noqa: F401  (re-exported: pyproject.toml, impl
     FLAG_SATURATED,
     FLAG_SENSOR_FAULT,
     MAX_ACK_RANGES,
+    MAX_BUNDLE,
     MAX_EPOCH,
     MAX_ORIGIN_CHECKPOINT,
     MAX_SAMPLES,
     MAX_SEQ,
     MAX_TEXT,
+    MAX_UPDATE_CHUNK,
     MAX_UPLINK_INT,
     STREAM_CHANNELS,
     STREAM_ECG_AD8232,
@@ -73,10 +75,6 @@ ERROR_CODES = {1: "sensor_setup", 2: "sensor_fault", 3: "link_fault", 4: "loop_r
 # know. Any other unknown key is an error (see "Evolving the format" in SPEC.md).
 EXTENSION_KEYS = const(64)
 MAX_STREAMS = const(4)
-# Bytes of a bundle in one update chunk: with its envelope it stays under
-# the 256-byte downlink bound (SPEC.md, Firmware updates).
-MAX_UPDATE_CHUNK = const(160)
-MAX_BUNDLE = const(2097152)  # 2 MB: a MicroPython image, or a slot of .mpy files with room to spare
 # A board's unique chip id (machine.unique_id()): 6 bytes on an ESP32 (its base MAC), 8 on an
 # RP2040, 12 on an STM32; 16 holds any port's.
 MAX_UNIQUE_ID = const(16)

@@ -1,5 +1,6 @@
 # The downlink messages a hub sends all the time, acks (one per frame, two
-# a second) and time requests (one a minute), read in place: no dict, list,
+# a second) and time requests (one a minute), and a firmware update's
+# chunks (several a second while one is sent), read in place: no dict, list,
 # tuple or bytes copy is built. The shared decoder (protocols.cose.parse,
 # messages.decode_payload) builds about 3 kB of objects per ack, which the
 # board's GC then spends tens of milliseconds collecting while a sensor
@@ -10,6 +11,9 @@
 #   17([h'A2 01 05 04 <kid>' (our own protected header), {}, payload, tag])
 #   payload = {0: 2, 1: VERSION, 2: epoch, 3: [[first, last], ...]}
 #          or {0: 3, 1: VERSION, 2: nonce, 3: utc_ms}
+#          or {0: 11, 1: VERSION, 2: epoch, 3: offset, 4: total, 5: data}
+#             (data: 1 to MAX_UPDATE_CHUNK bytes, offset + len(data) <= total
+#             <= MAX_BUNDLE; read where it lies in the message)
 # with every head in its shortest form, 1 to MAX_ACK_RANGES ranges, first <=
 # last, integers below 2^30 (small ints on a 32-bit port) but utc_ms, which
 # is only checked to be an unsigned integer (the board has no use for the
@@ -27,6 +31,7 @@ DECLINED = const(0)  # not an ack in the form above: the shared decoder decides
 ACKED = const(1)  # an authentic ack: ranges in first/last[:count]
 FORGED = const(2)  # a message in the form above whose MAC does not verify
 TIME_REQUEST = const(3)  # an authentic time request: its nonce in nonce
+UPDATE_CHUNK = const(4)  # an authentic update chunk: epoch, offset, total; its data at data[data_at:data_at + data_len]
 
 
 
@@ -39,6 +44,10 @@ class AckReader:
         self.epoch = 0
         self.count = 0
         self.nonce = 0
+        self.offset = 0
+        self.total = 0
+        self.data_at = 0
+        self.data_len = 0
         self.first = [0] * fields.MAX_ACK_RANGES
         self.last = [0] * fields.MAX_ACK_RANGES
         self._buf = b""
@@ -111,7 +120,8 @@ class AckReader:
     def read(self, data, n=-1):
         # data[:n] (n < 0: all of it): one downlink message, not yet
         # authenticated. Returns DECLINED, ACKED (epoch, count, first, last
-        # hold the ack), TIME_REQUEST (nonce holds its nonce) or FORGED.
+        # hold the ack), TIME_REQUEST (nonce holds its nonce), UPDATE_CHUNK
+        # (epoch, offset, total, data_at, data_len) or FORGED.
         self._buf = data
         self._pos = 0
         self._end = len(data) if n < 0 else n
@@ -139,10 +149,13 @@ class AckReader:
         if pend + 34 != end or data[pend] != 0x58 or data[pend + 1] != 32:
             return DECLINED
         self._end = pend
-        if self._head(5) != 4 or self._head(0) != 0:
+        nfields = self._head(5)
+        if self._head(0) != 0:
             return DECLINED
         kind = self._head(0)
-        if kind != fields.T_ACK and kind != fields.T_TIME_REQUEST:
+        if nfields != (6 if kind == fields.T_UPDATE_CHUNK else 4):
+            return DECLINED
+        if kind != fields.T_ACK and kind != fields.T_TIME_REQUEST and kind != fields.T_UPDATE_CHUNK:
             return DECLINED
         if self._head(0) != 1 or self._head(0) != fields.VERSION or self._head(0) != 2:
             return DECLINED
@@ -154,6 +167,8 @@ class AckReader:
                 return FORGED
             self.nonce = nonce
             return TIME_REQUEST
+        if kind == fields.T_UPDATE_CHUNK:
+            return self._chunk(data, pstart, plen, pend)
         epoch = self._head(0)
         if epoch < 0 or self._head(0) != 3:
             return DECLINED
@@ -178,3 +193,27 @@ class AckReader:
         self.epoch = epoch
         self.count = count
         return ACKED
+
+    def _chunk(self, data, pstart, plen, pend):
+        # The rest of an update chunk's payload, from its epoch on.
+        epoch = self._head(0)
+        if epoch < 0 or self._head(0) != 3:
+            return DECLINED
+        offset = self._head(0)
+        if offset < 0 or self._head(0) != 4:
+            return DECLINED
+        total = self._head(0)
+        if not 0 <= total <= fields.MAX_BUNDLE or self._head(0) != 5:
+            return DECLINED
+        n = self._head(2)
+        at = self._pos
+        if not 0 < n <= fields.MAX_UPDATE_CHUNK or at + n != pend or offset + n > total:
+            return DECLINED
+        if not self._key.verify_at(data, pstart, plen, pend + 2):
+            return FORGED
+        self.epoch = epoch
+        self.offset = offset
+        self.total = total
+        self.data_at = at
+        self.data_len = n
+        return UPDATE_CHUNK

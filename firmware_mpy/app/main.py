@@ -45,7 +45,7 @@ WATCHDOG_MS = const(5000)
 # What a firmware update loads (app/ota.py, imported when one starts or on
 # a trial boot), dropped once it is over: a streaming board keeps none of it.
 _UPDATE_MODULES = (("app", "ota"), ("protocols", "bundle"), ("protocols", "ed25519"), ("protocols", "_sha512"),
-                   ("protocols", "cbor_items"), ("protocols", "decode"))
+                   ("protocols", "cbor_items"))
 _CHIPS = {fields.STREAM_ECG_MAX30003: "MAX30003", fields.STREAM_ECG_AD8232: "AD8232",
           fields.STREAM_PPG_MAX30102: "MAX30102"}
 
@@ -319,6 +319,10 @@ class App:
             self._time_nonce = self.acks.nonce  # answered by step(), at once if the link is free
             self._answer_time()
             return
+        if r == acks.UPDATE_CHUNK:
+            a = self.acks
+            self._update_chunk(a.epoch, a.offset, a.total, data, a.data_at, a.data_len)
+            return
         if r == acks.FORGED:
             self.downlink_rejected += 1
             return
@@ -334,8 +338,7 @@ class App:
             self.downlink_rejected += 1  # never acted upon: a forged ack frees nothing
             return
         finally:
-            if self.update is None:  # (an update's chunks come several a second: kept meanwhile)
-                forget_decoding()  # its code stays out of RAM until the next rare message
+            forget_decoding()  # its code stays out of RAM until the next rare message
         if isinstance(m, messages.Ack):
             self.outbox.ack(m, self.epoch)
         elif isinstance(m, messages.EpochResync):
@@ -353,16 +356,19 @@ class App:
                 self.running = False
             elif m.name == "status":
                 self.status()
-        elif isinstance(m, messages.UpdateChunk):
-            if m.epoch != self.epoch:
-                self.downlink_rejected += 1  # meant for another boot
-                return
-            now = self.board.ticks_ms()
-            if self.update is None:
-                from app import ota
+        elif isinstance(m, messages.UpdateChunk):  # (one the in-place reader declined)
+            self._update_chunk(m.epoch, m.offset, m.total, m.data, 0, len(m.data))
 
-                self.update = ota.Updater(self, now)
-            self.update.chunk(m, now)
+    def _update_chunk(self, epoch, offset, total, buf, at, n):
+        # A firmware update's chunk, authenticated: its bytes at buf[at:at + n].
+        if epoch != self.epoch:
+            self.downlink_rejected += 1  # meant for another boot
+            return
+        if self.update is None:
+            from app import ota
+
+            self.update = ota.Updater(self, self.board.ticks_ms())
+        self.update.chunk(offset, total, buf, at, n)
 
     # An epoch resync (app/resync.py, imported only when the hub sends one:
     # a board whose epoch file is sound never loads it).
@@ -442,9 +448,21 @@ class App:
         if self.origin is not None and self.origin.due(now):
             self._checkpoint(self.origin, now)
             self._drain()
-        if self.update is not None and not self.update.step(now):  # one piece of an update per loop
+        # One piece of an update per loop, each FIFO emptied first (read
+        # whether or not its chip asked): a piece gets the whole time the
+        # fastest one takes to fill (62 ms on an ESP32 at 512 Hz), which a
+        # signature slice with a collection in it (its big numbers leave ~5
+        # kB of garbage each) or a file's creation on flash needs.
+        if self.update is not None and not self.update.step(self._empty_fifos()):
             self.update = None
             forget_update()  # the update's code leaves RAM with it
+
+    def _empty_fifos(self):
+        # Drains every stream's FIFO as if its chip had asked, before a long
+        # piece of work; returns the time after.
+        for st in self.streams:
+            st.ready = True
+        return self._drain()
 
     def _checkpoint(self, log, now):
         # The frames listed since the last one, MACed under the origin key,

@@ -14,19 +14,24 @@
 # and .next_keys.
 #
 # Install, one piece per loop iteration (step()): receive chunks in order
-# -> read and check the header -> signature in slices (protocols/ed25519.py)
-# -> copy each file out of .part, hashing it -> boot.next -> once the
-# outbox is acknowledged (bounded), reboot. Trial: confirmed (boot.ok) after
+# (read in place: app/acks.py; .part kept open while they come) -> load the
+# check's code, a module per iteration -> read and check the header, in
+# pieces -> signature in slices (protocols/ed25519.py) -> copy each file out
+# of .part, hashing it -> boot.next -> once the outbox is acknowledged
+# (bounded), reboot. Each piece stays well inside the time the fastest
+# sensor FIFO takes to fill (62 ms at 512 Hz on an ESP32): at that speed
+# the check's code loaded in one piece at the first chunk took 0.65 s. Trial: confirmed (boot.ok) after
 # _CONFIRM_MS of acknowledged streaming; not confirmed within _TRIAL_MAX_MS
 # -> reboot, and boot.py goes back to boot.ok.
 import gc
 import hashlib
 import os
+import sys
 
 from micropython import const
 
 from app import ticks
-from protocols import bundle, messages
+from protocols import messages
 
 DIR = "pulsebridge/"
 OK = DIR + "boot.ok"
@@ -49,13 +54,32 @@ _REPEAT_MS = const(10000)  # an outcome's report said again this often...
 _REPEATS = const(6)  # ...this many times in all (a minute: the hub's port reopened meanwhile)
 _DRAIN_MAX_MS = const(10000)  # waiting for the outbox's acks before the reboot, at most
 
-RECEIVING = const(0)
-HEADER = const(1)
-SIGNATURE = const(2)
-FILES = const(3)
-REBOOT = const(4)
-TRIAL_RUN = const(5)
-IDLE = const(6)
+RECEIVING = const(0)  # (an install's states in their order)
+LOADING = const(1)
+HEADER = const(2)
+SIGNATURE = const(3)
+FILES = const(4)
+REBOOT = const(5)
+TRIAL_RUN = const(6)
+IDLE = const(7)
+# The check's code, loaded one module per loop iteration once the bundle is
+# in (ed25519 brings our SHA-512 where hashlib has none; the header is read
+# with cbor_items, which cbor.decode would load in the middle of that
+# piece otherwise): a chip that keeps
+# them frozen in flash loads each in microseconds; from a file system
+# (the simulation, a board running .mpy files) each takes 20-40 ms.
+_LOAD = ("protocols.cbor_items", "protocols.ed25519", "protocols.bundle")
+# The header's pieces (_header()), one per loop iteration.
+_H_COLLECT = const(0)
+_H_READ = const(1)
+_H_SPLIT = const(2)
+_H_MANIFEST = const(3)
+_H_CHECK = const(4)
+
+
+class _NotLoaded(Exception):
+    # Stands for bundle.BundleError until protocols/bundle.py is loaded.
+    reason = ""
 
 
 def read(path, default=None):
@@ -101,7 +125,8 @@ def rmtree(path):
             os.remove(p)
 
 
-def makedirs(path):
+def makedirs(path, between=None):
+    # The directories of path (a file's); between(): called after each.
     at = 0
     while True:
         at = path.find("/", at + 1)
@@ -111,6 +136,8 @@ def makedirs(path):
             os.mkdir(path[:at])
         except OSError:
             pass
+        if between is not None:
+            between()
 
 
 def slot_text(path):
@@ -152,6 +179,11 @@ class Updater:
         self.final_at = 0
         self.repeats = 0
         self.oom = 0  # pieces that found no memory
+        self.part = None  # the spare slot's .part, open for appending while chunks come
+        self.have = 0  # bytes in it
+        self.loaded = 0  # modules of _LOAD loaded
+        self.bundle_error = _NotLoaded
+        self.head_piece = _H_COLLECT
         if slot_text(TRIAL) == self.slot:
             self.state = TRIAL_RUN
             self.first_ack_ms = None
@@ -190,35 +222,27 @@ class Updater:
                         remove(ROLLED_BACK)  # said
 
     # ---- receiving (a chunk from the hub, authenticated by the downlink key) ----
-    def chunk(self, m, now):
+    def chunk(self, offset, total, buf, at, n):
+        # Bytes [offset, offset + n) of a bundle of `total` bytes, at buf[at:at + n].
         if self.state == TRIAL_RUN:
             self.report(0, "refused:on_trial")  # one update at a time: this one is confirmed first
             return
         if self.state not in (IDLE, RECEIVING):
-            self.report(m.total, self._state_text())  # still checking or installing what it has
+            self.report(total, self._state_text())  # still checking or installing what it has
             return
-        part = self.spare + "/" + PART
-        have = size(part)
-        if have < 0 or read(self.spare + "/" + TOTAL) != b"%d" % m.total:
-            # A new bundle: the spare slot is cleared of whatever it held.
-            rmtree(self.spare)
-            try:
-                os.mkdir(self.spare)
-            except OSError:
-                pass
-            write(self.spare + "/" + TOTAL, b"%d" % m.total)
-            with open(part, "wb"):
-                pass
-            have = 0
+        part = self.part
+        if part is None or total != self.total:
+            part = self._open_part(total)
         self.state = RECEIVING
-        self.total = m.total
-        taken = m.offset == have and have < m.total
-        if taken:
-            with open(part, "ab") as f:
-                f.write(m.data)
-            have += len(m.data)
-        if have >= m.total:  # (also a whole bundle received before a reset: checked again from its header)
-            self.state = HEADER
+        self.total = total
+        have = self.have
+        if offset == have and have < total:
+            part.write(memoryview(buf)[at:at + n])
+            have += n
+            self.have = have
+        if have >= total:  # (also a whole bundle received before a reset: checked again from its header)
+            self._close_part()
+            self.state = LOADING
             self.report(have, "verifying")
         else:
             # At every chunk: a hub that may have one only in flight (BLE: the
@@ -227,10 +251,44 @@ class Updater:
             # hub resumes from what this board holds.
             self.report(have, "receiving")
 
+    def _open_part(self, total):
+        # The spare slot's .part, opened for appending: what an earlier boot
+        # received of this bundle (its size says how much), or a new one.
+        # The FIFOs that ask are read between the file operations (tens of
+        # ms each on a chip's flash).
+        self._close_part()
+        part = self.spare + "/" + PART
+        have = size(part)
+        if have < 0 or read(self.spare + "/" + TOTAL) != b"%d" % total:
+            # A new bundle: the spare slot is cleared of whatever it held.
+            fifos = self.app._read_fifos
+            fifos()
+            rmtree(self.spare)
+            fifos()
+            try:
+                os.mkdir(self.spare)
+            except OSError:
+                pass
+            fifos()
+            write(self.spare + "/" + TOTAL, b"%d" % total)  # (.part is made after it: a cut between leaves none)
+            fifos()
+            self.part = f = open(part, "wb")
+            self.have = 0
+            return f
+        self.part = f = open(part, "ab")
+        self.have = have
+        return f
+
+    def _close_part(self):
+        if self.part is not None:
+            self.part.close()
+            self.part = None
+
     def _state_text(self):
-        return "verifying" if self.state < REBOOT else "installed"
+        return "installed" if self.state == REBOOT else "verifying"
 
     def _refuse(self, reason, why=""):
+        self._close_part()
         rmtree(self.spare)  # nothing of the refused bundle stays; the running version streams on
         self.state = IDLE
         self.app.board.console("pulsebridge: update refused (%s): %s" % (reason, why))
@@ -243,7 +301,9 @@ class Updater:
         self.flush()
         s = self.state
         try:
-            if s == HEADER:
+            if s == LOADING:
+                self._load()
+            elif s == HEADER:
                 self._header()
             elif s == SIGNATURE and self.gen is not None:
                 gen = self.gen
@@ -253,10 +313,9 @@ class Updater:
                     self.gen = None
                     self.state = FILES
                     self.files_at = 0
-                    self.src = open(self.spare + "/" + PART, "rb")
-                    self.src.seek(self.data_at)
-                    self.buf = bytearray(_COPY)
-                    self._open_file()
+                    self.src = None
+                    self.dst = None
+                    self.finish = 0
             elif s == FILES:
                 self._copy()
             elif s == REBOOT:
@@ -266,7 +325,7 @@ class Updater:
                     reboot(self.app.board)
             elif s == TRIAL_RUN:
                 return self._trial(now)
-        except bundle.BundleError as e:
+        except self.bundle_error as e:
             self._refuse(e.reason, str(e))
         except MemoryError:
             # The header (a few kB) or the signature's numbers found no
@@ -278,63 +337,111 @@ class Updater:
                 self._refuse("no_memory", "no room for the update's work %d times" % self.oom)
         return self.state != IDLE or self.pending is not None or self.final is not None
 
-    def _header(self):
-        gc.collect()  # the header (a few kB) in one piece
-        with open(self.spare + "/" + PART, "rb") as f:
-            head = f.read(7)
-            f.seek(0)
-            head = f.read(bundle.header_size(head))
-        manifest, signature, self.data_at = bundle.read_header(head)
-        head = None
-        m = bundle.parse_manifest(manifest)
-        version, _, _ = release(self.slot)
-        floor = read(FLOOR)
-        key = bundle.check_manifest(m, vendor_keys(), version, int(floor) if floor else 0,
-                                    self.app.cfg.get("target", TARGET))
-        if self.data_at + m.size() != self.total:
-            raise bundle.BundleError("the bundle's size is not its header's and files'", "truncated")
-        self.manifest = m
-        self.gen = bundle.signature_steps(manifest, signature, key)
-        self.state = SIGNATURE
+    def _load(self):
+        # The next module of the check's code.
+        name = _LOAD[self.loaded]
+        __import__(name)
+        self.loaded += 1
+        if self.loaded == len(_LOAD):
+            self.bundle_error = sys.modules[name].BundleError
+            self.state = HEADER
+            self.head_piece = _H_COLLECT
 
-    def _open_file(self):
-        path, n, digest = self.manifest.files[self.files_at]
-        full = self.spare + "/" + path
-        makedirs(full)
-        self.dst = open(full, "wb")
-        self.left = n
-        self.hash = hashlib.sha256()
+    def _header(self):
+        # The header (a few kB), read and checked in pieces.
+        bundle = sys.modules["protocols.bundle"]  # (_load)
+        piece = self.head_piece
+        if piece == _H_COLLECT:
+            gc.collect()  # the header in one block
+        elif piece == _H_READ:
+            with open(self.spare + "/" + PART, "rb") as f:
+                head = f.read(7)
+                f.seek(0)
+                self.head = f.read(bundle.header_size(head))
+        elif piece == _H_SPLIT:
+            self.head = bundle.read_header(self.head)  # (manifest, signature, data_at)
+        elif piece == _H_MANIFEST:
+            manifest = self.head[0]
+            self.manifest = bundle.parse_manifest(manifest, self.app._read_fifos)
+        else:
+            manifest, signature, self.data_at = self.head
+            self.head = None
+            m = self.manifest
+            version, _, _ = release(self.slot)
+            floor = read(FLOOR)
+            key = bundle.check_manifest(m, vendor_keys(), version, int(floor) if floor else 0,
+                                        self.app.cfg.get("target", TARGET))
+            if self.data_at + m.size() != self.total:
+                raise self.bundle_error("the bundle's size is not its header's and files'", "truncated")
+            self.gen = bundle.signature_steps(manifest, signature, key)
+            self.state = SIGNATURE
+        self.head_piece = piece + 1
 
     def _copy(self):
+        # One file operation: open the bundle, open the next file, copy and
+        # hash a piece of it (closing and checking it at its end), or one of
+        # the closing writes. On a chip a file's creation or a flash write can
+        # take tens of ms (an erase): two in one loop iteration would let the
+        # fastest sensor FIFO fill.
+        if self.src is None:
+            self.src = open(self.spare + "/" + PART, "rb")
+            self.src.seek(self.data_at)
+            self.buf = bytearray(_COPY)
+            return
+        files = self.manifest.files
+        if self.dst is None:
+            if self.files_at < len(files):
+                path, n, _ = files[self.files_at]
+                full = self.spare + "/" + path
+                fifos = self.app._read_fifos
+                fifos()
+                makedirs(full, fifos)
+                fifos()
+                self.dst = open(full, "wb")
+                self.left = n
+                self.hash = hashlib.sha256()
+            else:
+                self._finish()
+            return
         n = min(self.left, _COPY)
         mv = memoryview(self.buf)[:n]
         if self.src.readinto(mv) != n:
-            raise bundle.BundleError("the bundle ends inside a file", "truncated")
+            raise self.bundle_error("the bundle ends inside a file", "truncated")
         self.dst.write(mv)
         self.hash.update(mv)
         self.left -= n
         if self.left:
             return
         self.dst.close()
-        path, _, digest = self.manifest.files[self.files_at]
+        self.dst = None
+        path, _, digest = files[self.files_at]
         if self.hash.digest() != digest:
             self.src.close()
-            raise bundle.BundleError("%s does not match the manifest" % path, "hash_mismatch")
+            raise self.bundle_error("%s does not match the manifest" % path, "hash_mismatch")
         self.files_at += 1
-        if self.files_at < len(self.manifest.files):
-            self._open_file()
-            return
-        self.src.close()
+
+    def _finish(self):
+        # The files are in: the closing writes, one per call, boot.next last.
         m = self.manifest
-        remove(self.spare + "/" + PART)
-        remove(self.spare + "/" + TOTAL)
-        write(self.spare + "/" + RELEASE, ("%d %d %s" % (m.version, m.min_version, m.name)).encode())
-        if m.next_keys:
-            write(self.spare + "/" + NEXT_KEYS, b"".join(m.next_keys))
-        write(NEXT, self.spare.encode())
-        self.state = REBOOT
-        self.since_ms = self.app.board.ticks_ms()
-        self.report(self.total, "installed")
+        k = self.finish
+        self.finish = k + 1
+        if k == 0:
+            src = self.src
+            if src is not None:
+                src.close()
+            remove(self.spare + "/" + PART)
+        elif k == 1:
+            remove(self.spare + "/" + TOTAL)
+        elif k == 2:
+            write(self.spare + "/" + RELEASE, ("%d %d %s" % (m.version, m.min_version, m.name)).encode())
+        elif k == 3:
+            if m.next_keys:
+                write(self.spare + "/" + NEXT_KEYS, b"".join(m.next_keys))
+        else:
+            write(NEXT, self.spare.encode())
+            self.state = REBOOT
+            self.since_ms = self.app.board.ticks_ms()
+            self.report(self.total, "installed")
 
     # ---- a trial boot ----
     def _trial(self, now):

@@ -47,6 +47,10 @@ def _check_against_shared(r, data):
     elif got == acks.TIME_REQUEST:
         assert isinstance(want, messages.TimeRequest), (data, want)
         assert want.nonce == r.nonce, (data, want, r.nonce)
+    elif got == acks.UPDATE_CHUNK:
+        assert isinstance(want, messages.UpdateChunk), (data, want)
+        assert (want.epoch, want.offset, want.total, want.data) == (
+            r.epoch, r.offset, r.total, bytes(data[r.data_at:r.data_at + r.data_len])), (data, want)
     elif got == acks.FORGED:
         assert isinstance(want, ProtocolError), (data, want)
     else:
@@ -135,8 +139,44 @@ def test_fuzzed_time_requests_never_accepted_where_the_shared_decoder_refuses():
     _fuzz(r, rng, h.time_request(_KID.decode(), 1764547200000)[1])
 
 
+def test_hub_update_chunks_are_read_in_place_as_the_shared_decoder_reads_them():
+    # A firmware update's chunks come several a second: read in place, the
+    # shared decoder's objects (a GC of tens of ms on a chip, with a sensor
+    # FIFO filling) are not made for each. Their data is left where it lies.
+    h = _hub()
+    r = _reader()
+    bundle = bytes(i * 7 & 0xFF for i in range(1000))
+    for epoch, offset, size in ((1, 0, 160), (0x3FFFFFFF, 840, 160), (300, 999, 1), (23, 24, 23), (24, 500, 24)):
+        data = h.update_chunk(_KID.decode(), epoch, offset, bundle, size)
+        assert _check_against_shared(r, data) == acks.UPDATE_CHUNK, (epoch, offset, size)
+        assert bytes(data[r.data_at:r.data_at + r.data_len]) == bundle[offset:offset + size]
+        assert r.read(data + b"\x00\xff", len(data)) == acks.UPDATE_CHUNK  # in the first n bytes of a link's buffer
+    key = cose.MacKey(_KEY, _KID, cose.AAD_DOWNLINK)
+    declined = [
+        # past the bundle's end, empty, too long, an extension key, a total above MAX_BUNDLE
+        key.seal(cbor.encoded({0: 11, 1: messages.VERSION, 2: 1, 3: 990, 4: 1000, 5: bytes(20)})),
+        key.seal(cbor.encoded({0: 11, 1: messages.VERSION, 2: 1, 3: 0, 4: 1000, 5: b""})),
+        key.seal(cbor.encoded({0: 11, 1: messages.VERSION, 2: 1, 3: 0, 4: 1000, 5: bytes(161)})),
+        key.seal(cbor.encoded({0: 11, 1: messages.VERSION, 2: 1, 3: 0, 4: 1000, 5: bytes(10), 64: 0})),
+        key.seal(cbor.encoded({0: 11, 1: messages.VERSION, 2: 1, 3: 0, 4: messages.MAX_BUNDLE + 1, 5: bytes(10)})),
+    ]
+    for data in declined:
+        assert _check_against_shared(r, data) == acks.DECLINED, data
+    forged = cose.MacKey(bytes(32), _KID, cose.AAD_DOWNLINK).seal(
+        cbor.encoded({0: 11, 1: messages.VERSION, 2: 1, 3: 0, 4: 1000, 5: bytes(10)}))
+    assert _check_against_shared(r, forged) == acks.FORGED
+
+
+def test_fuzzed_update_chunks_never_accepted_where_the_shared_decoder_refuses():
+    h = _hub()
+    r = _reader()
+    rng = Rng(SEED + 3)
+    print("seed", SEED + 3)
+    _fuzz(r, rng, h.update_chunk(_KID.decode(), 5, 320, bytes(range(256)) * 4, 100))
+
+
 def _fuzz(r, rng, base):
-    counts = {acks.ACKED: 0, acks.FORGED: 0, acks.DECLINED: 0, acks.TIME_REQUEST: 0}
+    counts = {acks.ACKED: 0, acks.FORGED: 0, acks.DECLINED: 0, acks.TIME_REQUEST: 0, acks.UPDATE_CHUNK: 0}
     for _ in range(3000):
         data = bytes(base)
         for _ in range(1 + rng.below(3)):

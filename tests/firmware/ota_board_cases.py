@@ -7,7 +7,7 @@ import os
 
 import boot
 
-from app import config, main, ota
+from app import acks, config, main, ota
 from protocols import hub, messages
 from sim.board_sim import Reboot, SimBoard
 from sim.clock import VirtualClock
@@ -100,6 +100,44 @@ def test_a_signed_bundle_installs_beside_the_running_one_while_streaming():
     # frames streamed and were acknowledged throughout (about 20 s of chunks and checks on this clock)
     assert _acked_frames(link) - before >= 2 * b.ticks_ms() // 1000 - 4, (_acked_frames(link), b.ticks_ms())
     assert app.outbox.depth() == 0  # rebooted once what was sent was acknowledged
+
+
+def test_chunks_are_read_in_place_and_the_checks_code_is_loaded_a_module_per_loop_once_they_are_in():
+    # At an ESP32's speed the shared decoder's objects for every chunk (a
+    # collection of ~45 ms, with the chunk's work, in one piece) and the
+    # check's code loaded at the first chunk (0.65 s) let the ECG FIFO
+    # overflow all through an update.
+    import sys
+
+    _clean()
+    data = _read("bundles/good.bin")
+    b, app, link = _app()
+    for name in ("bundle", "ed25519", "_sha512", "cbor_items"):
+        main.forget("protocols", name)
+    reads = []
+    read = app.acks.read
+
+    def counted(data_, n=-1):
+        r = read(data_, n)
+        reads.append(r)
+        return r
+
+    app.acks.read = counted
+    assert _push(b, app, link, data, lambda s: False, cut_at=len(data) // 2) is None, "cut"
+    have = app.update.have
+    assert have >= len(data) // 2 and reads.count(acks.UPDATE_CHUNK) * messages.MAX_UPDATE_CHUNK >= have, reads
+    assert acks.DECLINED not in reads  # nothing went to the shared decoder
+    # (cbor_items, the third, is loaded here by the hub in this interpreter)
+    check_code = ("protocols.ed25519", "protocols.bundle")
+    assert not [m for m in check_code if m in sys.modules], [m for m in check_code if m in sys.modules]
+    _push(b, app, link, data, lambda s: s.state == "verifying", start=have)
+    loaded = 0
+    while app.update.state <= ota.LOADING:
+        app.step()
+        now = len([m for m in check_code if m in sys.modules])
+        assert now - loaded <= 1, (loaded, now)
+        loaded = now
+    assert loaded == len(check_code) and app.update.state == ota.HEADER, (loaded, app.update.state)
 
 
 def test_a_cut_resumes_where_the_board_stands_even_across_a_reboot():
