@@ -12,6 +12,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def _options(args: argparse.Namespace, **kw: object):  # type: ignore[no-untyped
 
     if args.boards < 1 or args.boards > 32:
         raise SystemExit("pulsebridge-dev: --boards must be 1 to 32")
-    if not 0 <= args.fragment_loss < 1 or args.disconnect_every < 0:
+    if not 0 <= args.fragment_loss < 1 or not args.disconnect_every >= 0:  # NaN too
         raise SystemExit("pulsebridge-dev: --fragment-loss must be in [0, 1) and --disconnect-every >= 0")
     if args.link != "ble" and (args.fragment_loss or args.disconnect_every or args.air_capture):
         raise SystemExit("pulsebridge-dev: --fragment-loss, --disconnect-every and --air-capture need --link ble")
@@ -80,11 +81,24 @@ def _options(args: argparse.Namespace, **kw: object):  # type: ignore[no-untyped
                       air_capture=args.air_capture, board_speed=args.board_speed, **kw)  # type: ignore[arg-type]
 
 
+def _directory(option: str, path: Path | None) -> None:
+    """Makes the directory an option names, or stops naming the option and what is wrong with the path."""
+    if path is None:
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, a parent that is a file, no right to write there
+        raise SystemExit("pulsebridge-dev: %s %s: cannot make that directory (%s: %s)"
+                         % (option, path, e.filename, e.strerror)) from None
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     from agent.dev import simrun
 
     if args.blank and args.capture:
         raise SystemExit("pulsebridge-dev: a blank board has nothing to capture (provision it first)")
+    _directory("--capture", args.capture)
+    _directory("--dir", args.dir)
     opts = _options(args, capture=args.capture, attach_hub=args.capture is not None, live=False, blank=args.blank)
     if opts.capture is None and opts.seconds is None and not opts.json:
         print("Open the ports above with the agent (pulsebridge agent), or any serial tool. Ctrl-C stops.")
@@ -147,6 +161,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from agent.dev import bench
 
+    if not 0 < args.minutes < math.inf:  # NaN too: the firmware ran none and the bench read no report
+        raise SystemExit("pulsebridge-dev: --minutes must be more than 0, not %g" % args.minutes)
+    if args.heap is not None and args.heap <= 0:
+        raise SystemExit("pulsebridge-dev: --heap must be more than 0 bytes, not %d" % args.heap)
     heap = bench.ESP32_HEAP_BLE_ON if args.heap is None else args.heap
     return bench.main(args.what, args.minutes, args.json, args.board_speed, args.link, heap, args.stretches)
 
@@ -155,18 +173,32 @@ def cmd_release(args: argparse.Namespace) -> int:
     from agent.dev import release
 
     if args.action == "keygen":
+        if args.out.exists():  # the vendor's key: boards provisioned with its public key install only its bundles
+            raise SystemExit("pulsebridge-dev release keygen: --out %s already exists: a vendor key is never "
+                             "overwritten (boards trust its public key); choose another file" % args.out)
+        if not args.out.absolute().parent.is_dir():
+            raise SystemExit("pulsebridge-dev release keygen: --out %s: its directory %s does not exist"
+                             % (args.out, args.out.absolute().parent))
         pub = release.keygen(args.out)
         print("vendor key written to %s (mode 0600): keep it off every hub; public key %s" % (args.out, pub.hex()))
         return 0
     if args.key is None or args.version is None:
         print("pulsebridge-dev release sign: --key and --version are needed", file=sys.stderr)
         return 2
+    try:
+        key = release.load_key(args.key)
+    except (OSError, ValueError) as e:  # missing, unreadable, not PEM, not Ed25519
+        raise SystemExit("pulsebridge-dev release sign: --key %s: not a readable Ed25519 private key (PEM): %s"
+                         % (args.key, getattr(e, "strerror", None) or e)) from None
+    if not args.out.absolute().parent.is_dir():
+        raise SystemExit("pulsebridge-dev release sign: --out %s: its directory %s does not exist"
+                         % (args.out, args.out.absolute().parent))
     from agent.provision import build
 
     files = {path: src.read_bytes() for path, src in build.board_files(
         build.compile_firmware(build.default_cache())).items()}
     data = release.make_bundle(files, args.version, args.name or "pulsebridge-fw %d" % args.version,
-                               args.min_version, args.target, release.load_key(args.key))
+                               args.min_version, args.target, key)
     args.out.write_bytes(data)
     print("%s: %d files, %d bytes, version %d (minimum %d), target %s" % (args.out, len(files), len(data),
                                                                         args.version, args.min_version, args.target))

@@ -14,6 +14,19 @@ CASES = [
     (["demo", "--seconds", "1", "--dir", "somewhere"], "--dir"),  # ignored: the boards' flash in a temp dir
     (["demo", "--seconds", "1", "--link", "ble", "--air-capture", "/nonexistent-dir/air.jsonl"],
      "--air-capture"),  # a FileNotFoundError traceback
+    # NaN passed the range check: the boards were disconnected at once and for ever, the demo read
+    # "reconnecting" until it was stopped
+    (["demo", "--seconds", "1", "--link", "ble", "--disconnect-every", "nan"], "--disconnect-every"),
+    # the benchmark started and ended in a JSONDecodeError traceback (the firmware said nothing)
+    (["bench", "firmware", "--minutes", "-1"], "--minutes"),
+    (["bench", "firmware", "--minutes", "nan"], "--minutes"),
+    (["bench", "firmware", "--minutes", "0.1", "--heap", "-5"], "--heap"),
+    # tracebacks: FileExistsError, NotADirectoryError, FileNotFoundError, cryptography's ValueError
+    (["sim", "--seconds", "1", "--capture", "a-file"], "--capture"),
+    (["sim", "--seconds", "1", "--dir", "a-file/boards"], "--dir"),
+    (["release", "keygen", "--out", "no-such-dir/vendor.pem"], "--out"),
+    (["release", "sign", "--out", "fw.bundle", "--key", "no-such-key.pem", "--version", "1"], "--key"),
+    (["release", "sign", "--out", "fw.bundle", "--key", "a-file", "--version", "1"], "--key"),
 ]
 
 
@@ -22,7 +35,20 @@ def test_a_bad_option_is_named_before_anything_starts(args: list[str], says: str
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a directory, not a key")
     with pytest.raises(SystemExit) as e:
         cli.main(args)
     assert isinstance(e.value.code, str) and says in e.value.code, e.value.code
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_release_keygen_never_overwrites_a_vendor_key(tmp_path: Path) -> None:
+    # keygen over an existing file replaced the vendor's private key: every board provisioned with its
+    # public key could no longer be updated
+    key = tmp_path / "vendor.pem"
+    assert cli.main(["release", "keygen", "--out", str(key)]) == 0
+    before = key.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["release", "keygen", "--out", str(key)])
+    assert isinstance(e.value.code, str) and "--out" in e.value.code and "already" in e.value.code, e.value.code
+    assert key.read_bytes() == before
