@@ -380,11 +380,12 @@ def view(snapshot: dict[str, Any]) -> dict[str, Any]:
         vitals = {}
         for kind, v in last_vitals.get(dev, {}).items():
             r = rules.get(kind, {})
-            value = round(v["value"])  # as shown: 130.4 is not "130, above 130"
+            # as shown: 130.4 is not "130, above 130"; a perfusion index (%) is mostly under 5, so a tenth
+            value = round(v["value"], 1) if kind == "perfusion_index" else round(v["value"])
             out = ("low" if r.get("low") is not None and value < r["low"] else
                    "high" if r.get("high") is not None and value > r["high"] else None)
-            vitals[kind] = {"value": value, "unit": "%" if kind == "spo2" else "/min", "at": v.get("at"),
-                            "quality": v.get("quality"), "disagrees": bool(v.get("disagrees")),
+            vitals[kind] = {"value": value, "unit": "%" if kind in ("spo2", "perfusion_index") else "/min",
+                            "at": v.get("at"), "quality": v.get("quality"), "disagrees": bool(v.get("disagrees")),
                             "low": r.get("low"), "high": r.get("high"), "out": out}
         sensors.append({"device_id": dev, "label": label, "state": state, "heard_at": heard, "link": link_state,
                         "vitals": vitals})

@@ -108,6 +108,17 @@ def test_no_backend_is_said_plainly_and_still_green() -> None:
     assert [n["key"] for n in v["notices"]] == ["no_backend"] and v["notices"][0]["level"] == "info"
 
 
+def test_each_vital_has_its_own_unit() -> None:
+    # the perfusion index went out as "1 /min" (a percentage, rounded to a whole one: 0.4 % read 0)
+    now = 1_800_000_000.0
+    snap = _snapshot(now, heard_at=now - 2)
+    snap["last_vitals"]["pb-t01"].update({"pulse_rate": {"value": 71.6, "quality": 0.9, "at": "x"},
+                                          "perfusion_index": {"value": 0.43, "quality": 0.9, "at": "x"}})
+    vitals = view(snap)["sensors"][0]["vitals"]
+    assert {k: (v["value"], v["unit"]) for k, v in vitals.items()} == {
+        "spo2": (97, "%"), "heart_rate": (72, "/min"), "pulse_rate": (72, "/min"), "perfusion_index": (0.4, "%")}
+
+
 def test_nothing_flowing_is_not_green_and_names_the_sensor_by_its_label() -> None:
     # Before: a hub with nothing arriving and no backend said "Everything is working" in green.
     now = 1_800_000_000.0
