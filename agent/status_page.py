@@ -576,8 +576,8 @@ class StatusPage:
 TEXT = {
     "fr": {
         "title": "Passerelle de télésurveillance", "lang": "English",
-        "head_ok_sent": "Tout fonctionne : les mesures arrivent et partent vers l'équipe soignante.",
-        "head_ok_kept": "Tout fonctionne : les mesures arrivent et sont gardées sur la passerelle.",
+        "head_ok_sent": "Tout fonctionne : les mesures arrivent et partent vers l'équipe soignante",
+        "head_ok_kept": "Tout fonctionne : les mesures arrivent et sont gardées sur la passerelle",
         "head_attention": "Quelque chose est à vérifier", "head_alert": "Une alerte demande votre attention",
         "head_hub_lost": "La passerelle ne répond pas",
         "hub_lost": "Pas de réponse de la passerelle depuis {time} (il y a {age}). Les valeurs affichées ne sont "
@@ -640,8 +640,8 @@ TEXT = {
     },
     "en": {
         "title": "Home monitoring hub", "lang": "Français",
-        "head_ok_sent": "Everything is working: readings arrive and reach the care team.",
-        "head_ok_kept": "Everything is working: readings arrive and are kept on this hub.",
+        "head_ok_sent": "Everything is working: readings arrive and reach the care team",
+        "head_ok_kept": "Everything is working: readings arrive and are kept on this hub",
         "head_attention": "Something needs a look", "head_alert": "An alert needs your attention",
         "head_hub_lost": "The hub is not answering",
         "hub_lost": "No answer from the hub since {time} ({age} ago). The values shown are not live. Check that "
