@@ -10,9 +10,9 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import numpy as np
@@ -26,6 +26,8 @@ from protocols import messages  # flags: constants, not the codec
 from protocols.errors import ProtocolError, RemoteProtocolError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class DeliveryError(PulsebridgeError):
@@ -218,6 +220,20 @@ def tls_context(cfg: BackendConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+async def _finished(call: Awaitable[T]) -> T:
+    """Awaits a call running on a thread (asyncio.to_thread); cancelled meanwhile, still
+    waits for the call to return before the cancellation goes on: the read connection it
+    uses is closed after it, and closing a SQLite connection while another thread runs a
+    statement on it crashes the process (a segfault in libsqlite3, seen at a forwarder's
+    stop). A read waits for a lock at most the store's busy timeout."""
+    fut = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait([fut])
+        raise
+
+
 class Forwarder(abc.ABC):
     def __init__(self, cfg: BackendConfig, store: Store, hub_id: str, wake: asyncio.Event,
                  subjects: Subjects | None = None) -> None:
@@ -303,7 +319,7 @@ class Forwarder(abc.ABC):
         reader = self.store.reader()
         try:
             while True:
-                rows = await asyncio.to_thread(Store.fetch_outbox, reader, self.name, self.batch_limit)
+                rows = await _finished(asyncio.to_thread(Store.fetch_outbox, reader, self.name, self.batch_limit))
                 if not rows:
                     self.state = State.IDLE
                     self.wake.clear()

@@ -1,6 +1,8 @@
 # The outbox loop every forwarder shares: retry with backoff, and a stored
 # frame that cannot be decoded does not block the ones behind it.
 import asyncio
+import sqlite3
+import threading
 from pathlib import Path
 from unittest import mock
 
@@ -220,3 +222,47 @@ def test_the_status_counts_a_refusal_when_the_store_commits_it(tmp_path: Path) -
 
     during = asyncio.run(scenario())
     assert during[0]["backlog"] == 0 and during[0]["refused"] == 1 == quarantined()
+
+
+def test_a_forwarder_stopped_during_a_read_closes_its_connection_only_after_it(tmp_path: Path) -> None:
+    # The outbox is read on a thread through the forwarder's own connection. Stopped (cancelled)
+    # during that read, the forwarder closed the connection at once while the thread still used
+    # it: in SQLite's C code that is a segfault (seen at the end of bench runs). A slow read
+    # (injected) must now end on an open connection, and the stop wait for it.
+    store = Store(tmp_path / "store.db", ["rec"])
+    store.start()
+    reading = threading.Event()
+    release = threading.Event()
+    outcome: list[str] = []
+    real_fetch = Store.fetch_outbox
+
+    def slow_fetch(db: sqlite3.Connection, backend: str, limit: int) -> list[Row]:
+        reading.set()
+        release.wait(30)
+        try:
+            return real_fetch(db, backend, limit)
+        except sqlite3.ProgrammingError as e:  # "Cannot operate on a closed database."
+            outcome.append("closed under the read: %s" % e)
+            raise
+        finally:
+            outcome.append("read ended")
+
+    async def scenario() -> None:
+        fw = RecordingBackend(WebhookConfig(name="rec", type="webhook", url="https://x", batch=10, linger_s=0),
+                              store, "hub", asyncio.Event())
+        fw.docs = []
+        with mock.patch.object(Store, "fetch_outbox", staticmethod(slow_fetch)):
+            task = asyncio.create_task(fw.run())
+            await async_wait_for(reading.is_set, 30, "the forwarder's read to start")
+            task.cancel()
+            await asyncio.sleep(0)  # the cancellation is delivered; the read still runs
+            threading.Timer(0.2, release.set).start()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        store.close()
+    assert outcome == ["read ended"]
