@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,7 +62,18 @@ def cmd_agent(args: argparse.Namespace) -> int:
             raise
         print("pulsebridge: the agent will not start: %s" % _path_error(e, args.config), file=sys.stderr)
         return 2
+    except sqlite3.OperationalError as e:  # the store cannot be opened: a full or failing card
+        print("pulsebridge: the agent will not start: %s" % _data_error(e, cfg), file=sys.stderr)
+        return 2
     return 0
+
+
+def _data_error(e: sqlite3.OperationalError, cfg: AgentConfig) -> str:
+    """SQLite could not open or write the hub's data (a full card, a failing one), in words naming where."""
+    from agent.registry import disk_full_hint
+
+    return "the hub's data in %s cannot be written (%s)%s" % (
+        cfg.data_dir, e, disk_full_hint(cfg.data_dir) or ": is its disk failing?")
 
 
 def _path_error(e: OSError, config: Path) -> str:
@@ -429,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except PulsebridgeError as e:  # the registry or the store refused (a file readable by others, damaged)
         print("pulsebridge: %s" % e, file=sys.stderr)
+        return 1
+    except sqlite3.OperationalError as e:  # the store cannot be opened or written (erase on a full card)
+        if not hasattr(args, "config"):
+            raise
+        print("pulsebridge: %s" % _data_error(e, _load_config(args.config)), file=sys.stderr)
         return 1
     except BrokenPipeError:  # `pulsebridge status | head`: the reader left, as a SIGPIPE'd command would end
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit

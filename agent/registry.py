@@ -73,6 +73,23 @@ class Device:
         return "Device(%s, %s, %r)" % (self.device_id, self.state, self.label)
 
 
+# Less free than this on the data directory's disk: what SQLite calls "disk I/O error" or "database or
+# disk is full" is most likely a full card (a WAL's first page and its index take some 40 kB).
+_LOW_FREE_BYTES = 1 << 20
+
+
+def disk_full_hint(directory: Path) -> str:
+    """'': the disk holding directory has room (or cannot be asked); else words saying it is full."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return ""
+    free = st.f_bavail * st.f_frsize
+    if free >= _LOW_FREE_BYTES:
+        return ""
+    return ": its disk is full (%d kB free on %s): free some space and try again" % (free // 1024, directory)
+
+
 class Registry:
     def __init__(self, path: Path, audit: AuditLog) -> None:
         self.path = path
@@ -89,6 +106,10 @@ class Registry:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+        except sqlite3.OperationalError as e:  # a full or failing card: the registry itself may be sound
+            self._db.close()
+            raise RegistryError("device registry %s cannot be opened (%s)%s" % (
+                self.path, e, disk_full_hint(self.path.parent) or ": is its disk failing?")) from None
         except sqlite3.DatabaseError as e:  # a bad copy, a damaged card: its traceback named no file
             self._db.close()
             raise RegistryError("device registry %s cannot be used (%s): restore it from a backup, or move it "

@@ -98,8 +98,11 @@ def instance_lock(data_dir: Path) -> int:
         os.close(fd)
         raise StoreError("another pulsebridge agent (pid %s) is running on %s: stop it first (systemctl stop "
                          "pulsebridge-agent)" % (holder, data_dir)) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, b"%d\n" % os.getpid())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, b"%d\n" % os.getpid())
+    except OSError:  # a full card: the lock holds all the same (a second agent names no pid); the store says why
+        pass
     return fd
 
 

@@ -16,6 +16,7 @@ from agent.status_server import read_status
 from agent.store import Ingest, Store
 from agent.supervisor import Agent
 from tests.agent import harness
+from tests.agent.test_store_faults import fill, small_filesystem
 from tests.conftest import ROOT
 from tests.waiting import async_wait_for
 
@@ -103,6 +104,26 @@ def test_an_unsafe_or_damaged_registry_is_named_by_every_command_not_a_traceback
         r = _cli(*args, "--config", cfg)
         assert r.returncode in (1, 2) and "Traceback" not in r.stderr, (args, r.stderr)
         assert str(registry) in r.stderr and "not a database" in r.stderr, (args, r.stderr)
+
+def test_a_full_data_disk_is_said_by_every_command_and_nothing_is_lost(tmp_path: Path) -> None:
+    # the data directory on a card with no byte left: `devices add`, `erase` and the agent ended in
+    # tracebacks (sqlite3.OperationalError: database or disk is full; OSError ENOSPC writing the
+    # agent's lock), and the registry's first error told the operator to move a sound registry aside
+    with small_filesystem(tmp_path / "card", 256) as card:
+        cfg = tmp_path / "agent.toml"
+        cfg.write_text('[agent]\nhub_id = "test-hub"\ndata_dir = "%s"\nlog_dir = "%s"\nrun_dir = "%s"\n' % (
+            card, tmp_path / "log", tmp_path / "run"))
+        assert _cli("devices", "--config", str(cfg), "add", "pb-full1").returncode == 0
+        fill(card / "filler")
+        for args, status in ((("devices", "add", "pb-full2"), 1), (("erase", "--device", "pb-full1"), 1),
+                             (("agent",), 2)):
+            r = _cli(*args, "--config", str(cfg))
+            assert r.returncode == status and "Traceback" not in r.stderr, (args, r.stderr)
+            assert "full" in r.stderr and str(card) in r.stderr and "aside" not in r.stderr, (args, r.stderr)
+        (card / "filler").unlink()
+        listed = _cli("devices", "--config", str(cfg), "list")
+        assert listed.returncode == 0 and "pb-full1" in listed.stdout, listed.stdout + listed.stderr
+
 
 def test_a_data_dir_that_cannot_be_made_is_named_not_a_traceback(tmp_path: Path, hub_config: AgentConfig) -> None:
     # data_dir under a regular file (a typo, a card not mounted): `agent` and `devices list` ended in a
