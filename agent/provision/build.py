@@ -82,6 +82,16 @@ def slot_files(compiled: Path) -> dict[str, Path]:
     return {p: f for p, f in board_files(compiled).items() if p not in ROOT_FILES}
 
 
+def provisioned_files(compiled: Path) -> dict[str, Path]:
+    """What provisioning writes to a board's flash (path on the board -> file
+    here): boot.py and main.py at its root, the rest in slot a, where the
+    update path expects the running version (SPEC.md, Firmware updates)."""
+    files = board_files(compiled)
+    out = {p: files[p] for p in ROOT_FILES}
+    out.update({"a/" + p: f for p, f in slot_files(compiled).items()})
+    return out
+
+
 def sim_rom(cache: Path) -> Path:
     """The simulated board's hardware (chip models, clock, fake radio) alone:
     what a blank simulated board can import before it holds any firmware."""

@@ -138,6 +138,36 @@ _SENSORS_ESP32 = _SENSORS.replace("from sim.board_sim import SimBoard\nb = SimBo
 
 
 # Leftovers of a run that ended before it could tidy up (temporary names).
+# Before the firmware is written into slot a (SPEC.md, Firmware updates):
+# the slot is emptied, so no module of an earlier build stays beside the new
+# ones, and the slot state goes (boot.ok, boot.next, a trial, a rollback not
+# yet reported), so the board boots slot a; an earlier build's firmware at
+# the flash root (boards provisioned before slots) goes too. The floor and
+# the vendor keys stay.
+_SLOT_A_FRESH = """
+import os
+def _rm(p):
+    try:
+        st = os.stat(p)
+    except OSError:
+        return
+    if st[0] & 0x4000:
+        for e in os.listdir(p):
+            _rm(p + '/' + e)
+        os.rmdir(p)
+    else:
+        os.remove(p)
+for p in %r:
+    _rm(p)
+os.mkdir('a')
+""" % (("a", "app", "drivers", "protocols", "board_esp32.mpy", "pulsebridge/boot.ok", "pulsebridge/boot.next",
+        "pulsebridge/boot.trial", "pulsebridge/boot.rolled_back"),)
+# The firmware's modules are in slot a: boot.py puts it on sys.path at a
+# reset. A simulated board's interpreter, started again at a soft reset,
+# runs no boot.py: the REPL commands that import the firmware run it first
+# (once: on a chip it ran at the reset, and choosing again would take a
+# version on trial for one that failed). One line, for the friendly REPL too.
+_SLOT_PATH = "import boot, sys; [p for p in sys.path if p.strip('/') in ('a', 'b')] or boot.start()\n"
 _BOARD_START = """
 import os
 for n in ('pulsebridge/config.json.new', 'pulsebridge/device.key.new', 'pulsebridge/origin.key.new'):
@@ -346,9 +376,10 @@ class Provisioner:
             device_id = self._choose_id(registry, board.device_id, device_id)
             res.device_id = undo.device_id = device_id
             # 2. install
-            files = build.board_files(build.compile_firmware(default_cache()))
+            files = build.provisioned_files(build.compile_firmware(default_cache()))
             self._step(1, "%d files" % len(files))
             repl.soft_reset()  # the heap as a reset leaves it, whatever ran before
+            repl.exec(_SLOT_A_FRESH)
             for n, (path, src) in enumerate(files.items(), 1):
                 repl.put(path, src.read_bytes())
                 if n % 10 == 0 or n == len(files):
@@ -399,7 +430,7 @@ class Provisioner:
         # 6. self-test
         self._step(5)
         repl.soft_reset()
-        reply = repl.exec(_SENSORS if board.platform == "linux" else _SENSORS_ESP32)
+        reply = repl.exec(_SLOT_PATH + (_SENSORS if board.platform == "linux" else _SENSORS_ESP32))
         for line in _sensor_lines(self._at, reply):
             self.out("      " + line)
         res.frames_verified = self._stream_test(repl, device_id, key, self_test_s)
@@ -493,6 +524,7 @@ class Provisioner:
     def _start_firmware(self, repl: RawRepl) -> None:
         if repl.in_raw:
             repl.leave()
+        repl.port.write(_SLOT_PATH.strip().encode() + b"\r")
         repl.port.write(b"exec(open('main.py').read())\r")  # again after a rotation: not a cached import
         repl.port.flush()
         repl.port.close()

@@ -67,7 +67,13 @@ def test_provision_a_blank_board_then_refuse_to_rekey_silently(micropython: str,
         for f in (tmp_path / "data").rglob("*"):
             if f.is_file():
                 assert origin_key not in f.read_bytes() and origin_key.hex().encode() not in f.read_bytes(), f
-        assert (tmp_path / "board" / "app" / "main.mpy").exists()
+        # The firmware in slot a, where an update expects the running version; boot.py and main.py at the
+        # flash root (boot.py chooses the slot); the board streamed from it (the self-test verified frames).
+        root = tmp_path / "board"
+        assert (root / "a" / "app" / "main.mpy").exists() and (root / "a" / "protocols" / "cose.mpy").exists()
+        assert (root / "boot.py").exists() and (root / "main.py").exists()
+        assert not (root / "app").exists() and not (root / "a" / "main.py").exists()
+        assert not (flash / "boot.ok").exists()  # slot a, the factory one, by default
         key_before = dev.key
         reg.close()
 

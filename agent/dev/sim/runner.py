@@ -162,8 +162,9 @@ class SimulatedBoard:
             argv = [self.micropython, "-X", "heapsize=%dK" % self.heap_kb]
             # Provisioned since (firmware and key on its flash): at power-up it
             # runs main.py, as a chip does, and streams; Ctrl-C gives the REPL.
+            # boot.py, then main.py, as a chip's power-up runs them (sim/power_on.py).
             if (self.directory / "main.py").exists() and (self.directory / "pulsebridge" / "device.key").exists():
-                boot_argv = argv + ["-i", "main.py"]
+                boot_argv = argv + ["-i", str(build.sim_rom(self.cache) / POWER_ON)]
         else:
             # Its flash: the firmware in slot a or b, which boot.py chooses
             # (SPEC.md, Firmware updates); the chip models are its ROM.
