@@ -159,6 +159,10 @@ def cmd_erase(args: argparse.Namespace) -> int:
 def cmd_provision(args: argparse.Namespace) -> int:
     from agent.provision.provision import Provisioner
 
+    if not args.origin_key_out.is_dir():  # found at the key step, after the firmware's install
+        print("pulsebridge provision: --origin-key-out %s is not a directory: make it first (the board's origin "
+              "key for the backend goes there)" % args.origin_key_out, file=sys.stderr)
+        return 2
     cfg = _load_config(args.config)
 
     def confirm(question: str) -> bool:
@@ -349,6 +353,14 @@ def _board_line(b: dict[str, Any], store: dict[str, Any] | None = None) -> str:
     return line
 
 
+def _address(text: str) -> int:
+    """A flash address as written: 0x1000 or 4096."""
+    return int(text, 0)
+
+
+_address.__name__ = "address"  # argparse: "invalid address value: 'zz'", not "invalid <lambda> value"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pulsebridge", description="Home telemonitoring gateway.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -389,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patient", default="", help="a reference to the patient in the care team's records (no name)")
     p.add_argument("--link", choices=["serial", "ble"], default="serial")
     p.add_argument("--flash", type=Path, help="write this MicroPython image with esptool first")
-    p.add_argument("--flash-offset", type=lambda v: int(v, 0), default=0x1000,
+    p.add_argument("--flash-offset", type=_address, default=0x1000,
                    help="where the image goes: 0x1000 on an ESP32 (default), 0x0 on an ESP32-S3 or C3")
     p.add_argument("--dry-run", action="store_true", help="show the steps, change nothing")
     p.add_argument("--yes", action="store_true", help="re-key an already provisioned board without asking")

@@ -105,6 +105,17 @@ def test_an_unsafe_or_damaged_registry_is_named_by_every_command_not_a_traceback
         assert r.returncode in (1, 2) and "Traceback" not in r.stderr, (args, r.stderr)
         assert str(registry) in r.stderr and "not a database" in r.stderr, (args, r.stderr)
 
+def test_provision_refuses_bad_options_before_touching_the_board(tmp_path: Path, hub_config: AgentConfig) -> None:
+    # --origin-key-out in a directory that does not exist failed at the key step, after the firmware's
+    # install (15 s on a simulated board); --flash-offset zz said "invalid <lambda> value"
+    cfg = str(hub_config.source)
+    missing = tmp_path / "no-such-dir"
+    r = _cli("provision", "--config", cfg, "--port", str(tmp_path / "no-such-port"), "--origin-key-out", str(missing))
+    assert r.returncode == 2 and "--origin-key-out %s is not a directory" % missing in r.stderr, r.stderr
+    r = _cli("provision", "--config", cfg, "--port", str(tmp_path / "no-such-port"), "--flash-offset", "zz")
+    assert r.returncode == 2 and "invalid address value: 'zz'" in r.stderr, r.stderr
+
+
 def test_a_full_data_disk_is_said_by_every_command_and_nothing_is_lost(tmp_path: Path) -> None:
     # the data directory on a card with no byte left: `devices add`, `erase` and the agent ended in
     # tracebacks (sqlite3.OperationalError: database or disk is full; OSError ENOSPC writing the
