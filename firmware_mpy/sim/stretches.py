@@ -159,7 +159,7 @@ def install(app, board, clock):
     model.transfer = transfer_traced
     # Only pieces called a few times a second, or once a loop at most: a
     # wrapper costs the firmware's clock its tare every call.
-    for name in ("build_frame", "on_downlink", "_send_small", "_reseal_step"):
+    for name in ("build_frame", "on_downlink", "_send_small", "_reseal_step", "status", "_checkpoint", "hello"):
         s.wrap(app, name)
     s.wrap(fields, "encode_sample_frame")
     s.wrap(samples, "encode_into")
@@ -183,6 +183,7 @@ def install(app, board, clock):
 
     g = _Gc(main.gc)
     s.wrap(g, "collect", "gc.collect")
+    s.wrap(g, "mem_free", "gc.mem_free")  # (the look before a collection walks the heap: ms on a chip)
     main.gc = g
     s.measure_tare()
     return s
