@@ -52,3 +52,19 @@ def test_release_keygen_never_overwrites_a_vendor_key(tmp_path: Path) -> None:
         cli.main(["release", "keygen", "--out", str(key)])
     assert isinstance(e.value.code, str) and "--out" in e.value.code and "already" in e.value.code, e.value.code
     assert key.read_bytes() == before
+
+
+def test_ctrl_c_before_the_demo_starts_is_no_traceback(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # Ctrl-C in the demo's first second (its imports) ended in a KeyboardInterrupt traceback; the fault
+    # is injected where that second is spent, before the demo's own handler
+    def ctrl_c(*args: object, **kw: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_options", ctrl_c)
+    try:
+        status = cli.main(["demo"])
+    except KeyboardInterrupt:  # not let through to pytest, which would stop the whole run
+        pytest.fail("Ctrl-C went through pulsebridge-dev as a KeyboardInterrupt")
+    assert status == 130
+    assert "interrupted (Ctrl-C)" in capsys.readouterr().err
