@@ -280,11 +280,14 @@ def read_inputs(paths: list[Path]) -> Iterator[Message | origin.Truncated]:
 
 def _read_input(p: Path) -> Iterator[Message | _Cut]:
     try:
-        if p.stat().st_size > MAX_INPUT_BYTES:
+        if p.stat().st_size > MAX_INPUT_BYTES:  # a file too large, refused unread
             raise InputError("%s: larger than %d bytes" % (p, MAX_INPUT_BYTES))
-        data = p.read_bytes()
+        with p.open("rb") as f:  # a pipe or a device has no size to check first: read up to the bound
+            data = f.read(MAX_INPUT_BYTES + 1)
     except OSError as e:
         raise InputError("%s: %s" % (p, e.strerror or e)) from None
+    if len(data) > MAX_INPUT_BYTES:
+        raise InputError("%s: larger than %d bytes" % (p, MAX_INPUT_BYTES))
     head = data.lstrip()[:1]
     if head in (b"{", b"["):
         docs, cut = _json_documents(data, p.name)

@@ -1,7 +1,10 @@
 # `pulsebridge verify-origin` on input files that hold nothing to verify.
+import contextlib
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,27 @@ def test_an_input_with_no_frame_is_an_error_not_ok(tmp_path: Path, content: byte
     p = subprocess.run([sys.executable, "-m", "agent.cli", "verify-origin", "--key", str(key), str(empty)],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "no frame" in p.stderr and "OK" not in p.stdout, p.stdout + p.stderr
+
+
+def test_a_pipe_is_read_no_further_than_the_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a FIFO, or a device such as /dev/zero, has no size to check first: the whole stream was read
+    # (/dev/zero: a MemoryError traceback once memory ran out)
+    monkeypatch.setattr(verify_origin, "MAX_INPUT_BYTES", 1 << 20)
+    key = tmp_path / "origin_keys.json"
+    key.write_text(json.dumps({"pb-sim01": "11" * 32}))
+    fifo = tmp_path / "capture.cbor"
+    os.mkfifo(fifo)
+
+    def feed() -> None:  # 3 MB, more than the limit: the reader stops early, so a broken pipe is expected
+        with contextlib.suppress(BrokenPipeError), open(fifo, "wb") as f:
+            for _ in range(48):
+                f.write(bytes(65536))
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    with pytest.raises(verify_origin.InputError, match="capture.cbor: larger than 1048576 bytes"):
+        verify_origin.verify([fifo], [key])
+    writer.join(timeout=30)
 
 
 def test_a_file_of_junk_gives_a_bounded_report(tmp_path: Path) -> None:
