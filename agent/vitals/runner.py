@@ -20,7 +20,7 @@ from typing import Any
 
 from agent.record import FrameRecord
 from agent.registry import Registry
-from agent.store import KIND_ALERT, KIND_VITAL, PRIORITY_ALERT, PRIORITY_VITALS, Ingest, Store
+from agent.store import KIND_ALERT, KIND_VITAL, MAX_BATCH, PRIORITY_ALERT, PRIORITY_VITALS, Ingest, Store
 from agent.vitals.engine import VitalsEngine
 from protocols import messages
 
@@ -100,35 +100,51 @@ class VitalsRunner:
         next_silence = time.monotonic() + SILENCE_CHECK_S
         while True:
             self.turns += 1
-            f: FrameRecord | None
-            try:
-                async with asyncio.timeout(SILENCE_CHECK_S):
-                    f = await self.queue.get()
-            except TimeoutError:
-                f = None
+            frames = self._waiting()
+            if not frames:
+                try:
+                    async with asyncio.timeout(SILENCE_CHECK_S):
+                        frames = [await self.queue.get()]
+                except TimeoutError:
+                    pass
+                frames += self._waiting()
             docs: list[dict[str, Any]] = []
-            if f is not None and self.known(f.device_id):  # its samples decoded once, at ingest
-                docs = self.engine.frame(f, f.device_id, f.start_utc_s()[0], f.key)
-                name = "ppg" if f.stream == messages.STREAM_PPG_MAX30102 else "ecg"
-                wave = self.waves.setdefault((f.device_id, name), deque(maxlen=WAVE_S * f.rate_hz))
-                wave.extend(f.channels[-1].tolist())  # ECG, or the IR pleth
+            for f in frames:
+                if self.known(f.device_id):  # its samples decoded once, at ingest
+                    docs += self.engine.frame(f, f.device_id, f.start_utc_s()[0], f.key)
+                    name = "ppg" if f.stream == messages.STREAM_PPG_MAX30102 else "ecg"
+                    wave = self.waves.setdefault((f.device_id, name), deque(maxlen=WAVE_S * f.rate_hz))
+                    wave.extend(f.channels[-1].tolist())  # ECG, or the IR pleth
             if time.monotonic() >= next_silence:
                 next_silence = time.monotonic() + SILENCE_CHECK_S
                 docs += self.engine.silence(time.time())
-            for doc in docs:
-                await self._store(doc)
+            if docs:
+                await self._store(docs)
 
-    async def _store(self, doc: dict[str, Any]) -> None:
-        alert = doc["type"] == "alert"
-        if not alert:
-            check = doc.get("cross_check")
-            self.last_vitals.setdefault(doc["device_id"], {})[doc["kind"]] = {
-                "value": doc["value"], "quality": doc["quality"], "at": doc["at"],
-                "disagrees": bool(check and not check.get("agrees", True))}
-        self._derived_seq += 1
-        self.made += 1
-        await self.store.ingest(Ingest(doc["device_id"], _EPOCH_ALERT if alert else _EPOCH_VITAL, self._derived_seq,
-                                       KIND_ALERT if alert else KIND_VITAL, b"", None,
-                                       priority=PRIORITY_ALERT if alert else PRIORITY_VITALS, info=doc))
-        if alert:
-            log.warning("alert %s %s for %s", doc["alert"], doc["state"], doc["device_id"])
+    def _waiting(self) -> list[FrameRecord]:
+        # The frames already queued (at most MAX_BATCH), taken in one turn: their vitals and
+        # alerts go to the store as one job (one commit, one wake-up of the forwarders).
+        frames: list[FrameRecord] = []
+        while len(frames) < MAX_BATCH and not self.queue.empty():
+            frames.append(self.queue.get_nowait())
+        return frames
+
+    async def _store(self, docs: list[dict[str, Any]]) -> None:
+        items: list[Ingest] = []
+        for doc in docs:
+            alert = doc["type"] == "alert"
+            if not alert:
+                check = doc.get("cross_check")
+                self.last_vitals.setdefault(doc["device_id"], {})[doc["kind"]] = {
+                    "value": doc["value"], "quality": doc["quality"], "at": doc["at"],
+                    "disagrees": bool(check and not check.get("agrees", True))}
+            self._derived_seq += 1
+            items.append(Ingest(doc["device_id"], _EPOCH_ALERT if alert else _EPOCH_VITAL, self._derived_seq,
+                                KIND_ALERT if alert else KIND_VITAL, b"", None,
+                                priority=PRIORITY_ALERT if alert else PRIORITY_VITALS, info=doc))
+        for at in range(0, len(items), MAX_BATCH):  # each job within the store's bound
+            await self.store.submit_ingests(items[at:at + MAX_BATCH])
+        self.made += len(items)
+        for doc in docs:
+            if doc["type"] == "alert":
+                log.warning("alert %s %s for %s", doc["alert"], doc["state"], doc["device_id"])

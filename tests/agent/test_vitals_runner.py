@@ -8,16 +8,17 @@ import numpy as np
 
 from agent.record import FrameRecord
 from agent.store import Store
+from agent.vitals.alerts import AlertEngine, Rule
 from agent.vitals.engine import VitalsEngine
 from agent.vitals.runner import VitalsRunner
 from protocols import messages
 from tests.waiting import async_wait_for
 
 
-def _ecg(device_id: str, seq: int, rate_hz: int = 512) -> FrameRecord:
+def _ecg(device_id: str, seq: int, rate_hz: int = 512, flags: int = 0) -> FrameRecord:
     samples = np.zeros(rate_hz, dtype=np.int32)
     return FrameRecord(device_id, 1, seq, messages.STREAM_ECG_MAX30003, rate_hz, seq * 1000, seq * rate_hz, rate_hz,
-                       1000000, 2621440, None, 0, 0, 0, 0, (samples,), None, 0.0, b"")
+                       1000000, 2621440, None, flags, 0, 0, 0, (samples,), None, 0.0, b"")
 
 
 def test_frames_of_a_device_erased_while_they_waited_leave_nothing(tmp_path: Path) -> None:
@@ -48,3 +49,40 @@ def test_frames_of_a_device_erased_while_they_waited_leave_nothing(tmp_path: Pat
     assert [k for k in runner.waves if k[0] == "pb-gone"] == []
     assert "pb-gone" not in runner.engine.last_seen and "pb-stays" in runner.engine.last_seen
     assert runner.waveform("pb-stays", "ecg")["values"]
+
+
+def test_frames_waiting_together_have_their_alerts_stored_in_one_commit(tmp_path: Path) -> None:
+    # Frames that queued up while the runner was busy are taken in one turn and what they
+    # make goes to the store as one job: one commit and one wake-up of the forwarders, not
+    # one commit (and one wait for it) per vital or alert.
+    devices = ["pb-%d" % i for i in range(5)]
+
+    async def scenario() -> tuple[list[dict[str, object]], int]:
+        store = Store(tmp_path / "store.db", ["b"])
+        store.open()
+        store.start()
+        # lead_off at once: each board's first frame with its lead off raises an alert.
+        rules = (Rule("lead_off", "lead_off", high=0.5, min_duration_s=0.0),)
+        runner = VitalsRunner(store, VitalsEngine(AlertEngine(rules)), lambda _: True)
+        for dev in devices:
+            runner.offer(_ecg(dev, 0, flags=messages.FLAG_LEAD_OFF))
+        before = store.stats.commits
+        task = asyncio.create_task(runner.run())
+        try:
+            await async_wait_for(lambda: runner.made == len(devices), 30, "an alert per board stored",
+                                 lambda: runner.made)
+            commits = store.stats.commits - before
+            reader = store.reader()
+            try:
+                rows = Store.recent_alerts(reader, 100)
+            finally:
+                reader.close()
+        finally:
+            task.cancel()
+            store.close()
+        return rows, commits
+
+    rows, commits = asyncio.run(scenario())
+    assert commits == 1
+    stored = sorted((d["device_id"], d["alert"], d["state"]) for d in rows)
+    assert stored == [(d, "lead_off", "raised") for d in devices]
