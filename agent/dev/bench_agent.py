@@ -103,6 +103,33 @@ def _rss_mb() -> float:
     return float("nan")
 
 
+# What a fresh interpreter holds after importing the hub agent's modules without the
+# vitals engine, then after the vitals engine (scipy.signal: its package imports
+# scipy.stats, optimize, interpolate, spatial, sparse, linalg and special with it).
+_FOOTPRINT = """
+import importlib, json, sys
+def mem():
+    with open("/proc/self/smaps_rollup") as f:
+        d = {l.split()[0].rstrip(":"): int(l.split()[1]) / 1024 for l in f if len(l.split()) == 3}
+    return {"rss_mb": d["Rss"], "anonymous_mb": d["Anonymous"], "pss_mb": d["Pss"], "modules": len(sys.modules)}
+out = {"python": mem()}
+for m in ("agent.ingest", "agent.store", "agent.forwarders.mqtt", "agent.session", "agent.status_server"):
+    importlib.import_module(m)
+out["agent_without_vitals"] = mem()
+importlib.import_module("agent.vitals.engine")
+out["agent_with_vitals"] = mem()
+print(json.dumps(out))
+"""
+
+
+def import_footprint() -> dict[str, dict[str, float]]:
+    """Memory (MB, /proc/self/smaps_rollup) of a fresh interpreter: bare, after the agent's
+    modules without the vitals engine, and after the vitals engine too."""
+    done = subprocess.run([sys.executable, "-c", _FOOTPRINT], check=True, timeout=600, capture_output=True, text=True)
+    out: dict[str, dict[str, float]] = json.loads(done.stdout)
+    return out
+
+
 def _recording() -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.int32]]:
     # bench_vitals.recorded_signals(), read by another process: wfdb and pandas, which read
     # the record, stay out of this one (its RSS is a figure).
@@ -648,6 +675,7 @@ def run(frames: int = 20000, baseline_frames: int = 3000, seconds: float = 20.0,
     r: dict[str, Any] = {}
     r["realistic_load"] = realistic(seconds)  # first: RSS before the bulk runs grow the heap
     r["realistic_load_no_vitals"] = realistic(seconds, vitals=False)
+    r["import_footprint"] = import_footprint()
     r["card_writes"] = card_writes(seconds)
     r["commit_intervals"] = commit_intervals(seconds)
     r["verify_commit"] = verify_commit(frames)
@@ -702,6 +730,7 @@ def report(r: dict[str, Any]) -> list[str]:
         "    CPU %.2f %% of one core (goal <= 2 %%); RSS %.1f MB" % (rl["cpu_percent_of_one_core"], rl["rss_mb"]),
         "    the same without the vitals engine: CPU %.2f %% of one core, latency p99 %.2f ms" % (
             r["realistic_load_no_vitals"]["cpu_percent_of_one_core"], r["realistic_load_no_vitals"]["latency_p99_ms"]),
+        *footprint_lines(r["import_footprint"]),
         "  written to the card, same load, every frame forwarded (/proc/self/io write_bytes):",
         "    %.0f bytes per frame stored, %.1fx the frame's size (%d frames of %.0f B on average, %d commits)" % (
             r["card_writes"]["written_per_frame"], r["card_writes"]["written_per_frame_byte"],
@@ -712,6 +741,17 @@ def report(r: dict[str, Any]) -> list[str]:
         *profile_lines(r["profile"]),
         *profile_lines(r["profile_drain"]),
     ]
+
+
+def footprint_lines(fp: dict[str, dict[str, float]]) -> list[str]:
+    """Where the RSS goes: the imports, in a fresh interpreter."""
+    base, without, with_ = fp["python"], fp["agent_without_vitals"], fp["agent_with_vitals"]
+    return ["    RSS of the imports alone (fresh interpreter; RSS, of it anonymous, PSS): python %.0f MB; the agent's "
+            "modules without the vitals engine %.0f MB (%.0f anonymous, PSS %.0f, %d modules); with it %.0f MB "
+            "(%.0f, PSS %.0f, %d modules): the vitals engine's import (scipy.signal and what it imports) %+.0f MB" % (
+                base["rss_mb"], without["rss_mb"], without["anonymous_mb"], without["pss_mb"], without["modules"],
+                with_["rss_mb"], with_["anonymous_mb"], with_["pss_mb"], with_["modules"],
+                with_["rss_mb"] - without["rss_mb"])]
 
 
 def commit_interval_lines(r: dict[str, Any]) -> list[str]:
