@@ -231,6 +231,9 @@ def cmd_ota_push(args: argparse.Namespace) -> int:
                                     sha256=hashlib.sha256(data).hexdigest())
     print("%s: %s (version %d, %d bytes) spooled; the agent sends it over the board's link"
           % (args.device, m.name, m.version, len(data)))
+    if not _agent_answers(cfg):
+        print("pulsebridge: no agent is running on %s (nothing answers on %s): the update is sent once it runs "
+              "(systemctl start pulsebridge-agent)" % (args.config, cfg.status_socket), file=sys.stderr)
     if args.wait_s <= 0:
         return 0
     end = time.monotonic() + args.wait_s
@@ -251,10 +254,27 @@ def cmd_ota_push(args: argparse.Namespace) -> int:
                   "back to its previous version", file=sys.stderr)
             return 1
         time.sleep(0.5)
+    if not said and not _agent_answers(cfg):
+        print("pulsebridge: not sent within %.0f s: no agent is running; the update waits in %s until one runs"
+              % (args.wait_s, cfg.run_dir / "ota"), file=sys.stderr)
+        return 1
     print("pulsebridge: not confirmed within %.0f s (last: %s); the agent goes on sending it, a board that does "
           "not confirm a new version returns to its previous one" % (args.wait_s, said or "no answer"),
           file=sys.stderr)
     return 1
+
+
+def _agent_answers(cfg: AgentConfig) -> bool:
+    """Whether an agent answers on the configuration's status socket."""
+    import asyncio
+
+    from agent.status_server import read_status
+
+    try:
+        asyncio.run(read_status(cfg.status_socket))
+    except (OSError, TimeoutError, ValueError):
+        return False
+    return True
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -116,6 +116,23 @@ def test_provision_refuses_bad_options_before_touching_the_board(tmp_path: Path,
     assert r.returncode == 2 and "invalid address value: 'zz'" in r.stderr, r.stderr
 
 
+def test_ota_push_with_no_agent_running_says_so(tmp_path: Path, hub_config: AgentConfig) -> None:
+    # with no agent running, the push was spooled, followed for --wait-s, then said "the agent goes on
+    # sending it": there was no agent, and nothing was sent
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.dev import release
+
+    cfg = str(hub_config.source)
+    assert _cli("devices", "--config", cfg, "add", "pb-ota01").returncode == 0
+    bundle = tmp_path / "fw.bundle"
+    bundle.write_bytes(release.make_bundle({"main.py": b"pass\n"}, 2, "pulsebridge-fw 2", 0, "esp32",
+                                           Ed25519PrivateKey.generate()))
+    r = _cli("ota", "push", "--config", cfg, "--device", "pb-ota01", str(bundle), "--wait-s", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "no agent is running" in r.stderr and "goes on sending" not in r.stderr, r.stderr
+
+
 def test_a_full_data_disk_is_said_by_every_command_and_nothing_is_lost(tmp_path: Path) -> None:
     # the data directory on a card with no byte left: `devices add`, `erase` and the agent ended in
     # tracebacks (sqlite3.OperationalError: database or disk is full; OSError ENOSPC writing the
