@@ -101,7 +101,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
     _directory("--dir", args.dir)
     opts = _options(args, capture=args.capture, attach_hub=args.capture is not None, live=False, blank=args.blank)
     if opts.capture is None and opts.seconds is None and not opts.json:
-        print("Open the ports above with the agent (pulsebridge agent), or any serial tool. Ctrl-C stops.")
+        print("Each board's port is printed as it starts: %s. Ctrl-C stops." % (
+            "provision it (pulsebridge provision)" if args.blank else
+            "open it with the agent (pulsebridge agent), or any serial tool"))
     result = simrun.run(opts)
     if args.json or args.capture:
         print(json.dumps(result, indent=1) if args.json else "capture written to %s" % args.capture)

@@ -182,8 +182,10 @@ def run(opts: SimOptions, out: IO[str] = sys.stdout) -> dict[str, Any]:
             for sim in sims:
                 sim.start()
                 if opts.blank:
+                    # Its stable name (below) again: provisioning, then an agent, keep the port they are given.
                     print("blank board (bare MicroPython, no firmware, no key): port %s; provision it "
-                          "(pulsebridge provision --port %s): it streams from PASS on" % (sim.port, sim.port), file=out)
+                          "(pulsebridge provision --port %s, a name that goes with the board; the same in an "
+                          "agent's [[serial]] port): it streams from PASS on" % (sim.port, sim.link_path), file=out)
                 elif not opts.json:
                     # The stable name for an agent's [[serial]] port: it goes with the board, as udev's
                     # does; a /dev/pts number, once freed, is the next pseudo-terminal's, another program's.

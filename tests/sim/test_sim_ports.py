@@ -20,3 +20,13 @@ def test_sim_prints_the_name_to_give_an_agent(micropython: str, tmp_path: Path) 
     stable = tmp_path / "pb-sim01" / "port"
     assert ('in an agent\'s [[serial]]: port = "%s", which goes with the board' % stable) in text, text
     assert not stable.exists()  # gone with the board, once it stopped
+
+
+@pytest.mark.micropython
+def test_a_blank_board_is_provisioned_by_its_stable_name(micropython: str, tmp_path: Path) -> None:
+    # a blank board printed only its /dev/pts number, which provisioning then handed on to the agent
+    # ("the hub agent takes it from /dev/pts/N"): once the board stopped, another program's terminal
+    out = io.StringIO()
+    simrun.run(simrun.SimOptions(boards=1, seconds=0.5, attach_hub=False, directory=tmp_path, blank=True), out)
+    stable = tmp_path / "pb-sim01" / "port"
+    assert "pulsebridge provision --port %s," % stable in out.getvalue(), out.getvalue()
