@@ -156,6 +156,8 @@ async def _run(opts: SimOptions, sims: list[SimulatedBoard], out: IO[str], air: 
                     dead = [sim.device_id for sim in sims if not sim.alive()]
                     print("board process ended: %s" % ", ".join(dead), file=sys.stderr)
                     break
+            if ble is None:
+                await _stop_serial_boards(sims, [s.transport for s in sessions])
             for t in tasks:
                 t.cancel()
     finally:
@@ -164,6 +166,30 @@ async def _run(opts: SimOptions, sims: list[SimulatedBoard], out: IO[str], air: 
     if ble is not None:  # every connection's stats, not only the last
         stats = [st for lk in ble.links.values() for st in lk.history]
     return stats
+
+
+# How long stopped boards' last messages (their last origin checkpoint) are
+# awaited at the hub: a board stopped by Ctrl-C sends what it never sent
+# within a second of its own clock; under load its process may wait longer.
+_STOP_HEARD_S = 30.0
+
+
+async def _stop_serial_boards(sims: list[SimulatedBoard], transports: list[Any]) -> None:
+    """Ctrl-C on each board's console while the hub still reads it, then waits (at most
+    _STOP_HEARD_S) until the hub has read each board's stop summary and handed on every
+    message before it: the last origin checkpoint is recorded (a capture then proves the
+    board's last frames). The boards are shut down afterwards (SimulatedBoard.stop)."""
+    for sim in sims:
+        if sim.alive():
+            sim.interrupt()
+    deadline = time.monotonic() + _STOP_HEARD_S
+
+    def heard(t: Any) -> bool:
+        return any("stopped after" in line for line in t.console) and t.queued() == 0
+
+    while time.monotonic() < deadline and not all(heard(t) for t, sim in zip(transports, sims) if sim.alive()):
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # a message just taken from a queue is recorded before this task runs again
 
 
 def run(opts: SimOptions, out: IO[str] = sys.stdout) -> dict[str, Any]:

@@ -118,6 +118,10 @@ class SerialTransport(Transport):
         if self._loop is not None and self._ser is not None:
             self._loop.remove_reader(self._ser.fileno())
 
+    def queued(self) -> int:
+        """Messages read from the port that receive() has not handed on yet."""
+        return self._queue.qsize()
+
     async def receive(self) -> bytes:
         if self._ser is None:
             raise TransportClosed("not open", self.name)

@@ -42,6 +42,12 @@ _FRAME_OVERHEAD = const(200)
 # A loop iteration that has not ended after this long is stalled: the
 # watchdog restarts the board (a healthy one takes milliseconds).
 WATCHDOG_MS = const(5000)
+# At a clean stop (Ctrl-C, a stop command) what the outbox never sent, the
+# last origin checkpoint with it, goes out for at most this long: a second
+# at the chip's speed carries ~11 kB over serial, more than an outbox holds
+# unsent, and stays far below the watchdog's WATCHDOG_MS.
+_STOP_FLUSH_MS = const(1000)
+_NEVER_MS = const(0x1FFFFFFF)  # a retransmit delay no tick difference reaches: only unsent frames go
 # What a firmware update loads (app/ota.py, imported when one starts or on
 # a trial boot), dropped once it is over: a streaming board keeps none of it.
 _UPDATE_MODULES = (("app", "ota"), ("protocols", "bundle"), ("protocols", "ed25519"), ("protocols", "_sha512"),
@@ -464,6 +470,36 @@ class App:
             st.ready = True
         return self._drain()
 
+    def checkpoint_now(self):
+        # The frames listed since the last checkpoint get theirs at once: the
+        # board stops streaming (run's end, an update's reboot), and frames
+        # no checkpoint lists would stay unprovable.
+        log = self.origin
+        if log is not None and log.n:
+            self._checkpoint(log, self.board.ticks_ms())
+
+    def flush(self, budget_ms):
+        # Sends what the outbox never sent, oldest first, and waits for the
+        # link to pass it on, for at most budget_ms. True if all went out.
+        board = self.board
+        link = self.link
+        ob = self.outbox
+        end = ticks.add(board.ticks_ms(), budget_ms)
+        while link.connected and not self.reseal_due:  # (old-epoch frames would only be refused)
+            now = board.ticks_ms()
+            if ticks.diff(end, now) <= 0:
+                return False
+            link.service()
+            if not link.busy():
+                i = ob.next_to_send(now, _NEVER_MS)
+                if i < 0:
+                    return True
+                if link.send(ob.buf, ob.lens[i], ob.off[i]):
+                    ob.mark_sent(i, now)
+                    continue
+            board.sleep_ms(1)
+        return False
+
     def _checkpoint(self, log, now):
         # The frames listed since the last one, MACed under the origin key,
         # into the outbox like a frame: resent until the hub acknowledges it.
@@ -625,7 +661,17 @@ class App:
                 else:
                     self.wdt.feed()  # only a loop that works keeps the board up
         finally:
-            self.stop()
+            # The loop has returned: the watchdog is fed from now on (the REPL
+            # follows), before the stop's own work. Armed, a board that got no
+            # CPU for longer than WATCHDOG_MS just as it was stopped (a loaded
+            # machine) was reset by it at that work's first call to its clock:
+            # the firmware started over, streaming, its Ctrl-C lost.
+            self.board.watchdog_idle()
+            try:  # a clean stop: the last frames' checkpoint leaves the board (a power cut leaves them pending)
+                self.checkpoint_now()
+                self.flush(_STOP_FLUSH_MS)
+            finally:
+                self.stop()
 
 
 def forget(package, name):

@@ -441,6 +441,7 @@ class Updater:
             write(NEXT, self.spare.encode())
             self.state = REBOOT
             self.since_ms = self.app.board.ticks_ms()
+            self.app.checkpoint_now()  # the frames since the last checkpoint: provable, drained with the rest
             self.report(self.total, "installed")
 
     # ---- a trial boot ----

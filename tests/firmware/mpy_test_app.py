@@ -264,7 +264,8 @@ def test_full_outbox_drops_oldest_and_says_so():
     frames = [r.message for r in link.received if r.message and r.message.kind == messages.T_SAMPLES]
     assert app.outbox.dropped > 0, app.outbox.dropped
     newest = max(frames, key=lambda f: f.seq)
-    assert newest.status[2] == app.outbox.dropped, newest.status  # the loss is in the newest frame's status
+    # the loss is in the newest frame's status; the last checkpoint, made at the stop, may drop one more
+    assert 0 < newest.status[2] <= app.outbox.dropped <= newest.status[2] + 1, (newest.status, app.outbox.dropped)
     assert app.outbox.depth() == app.outbox.count  # nothing acked, all held
 
 

@@ -74,6 +74,19 @@ def test_app_checkpoints_prove_every_frame():
     assert rep.ok, rep.as_dict()
     frames = [r for r in accepted if r.message.kind == messages.T_SAMPLES]
     assert rep.count(origin_verify.PROVEN) + rep.count(origin_verify.PENDING) == len(frames)
+    # A clean stop (until_ms here, as Ctrl-C or a stop command) sent a last
+    # checkpoint: no frame waits for one (before, up to 10 s of them did).
+    assert rep.count(origin_verify.PENDING) == 0 and rep.count(origin_verify.PROVEN) == len(frames)
     last = ckpts[-1].message.seq
-    for f in rep.frames:  # only the frames made after the last checkpoint wait for the next one
-        assert f.verdict == (origin_verify.PROVEN if f.seq < last else origin_verify.PENDING), (f.as_dict(), last)
+    assert last > max(r.message.seq for r in frames)
+    # A board that loses power sends no last checkpoint: its last frames wait
+    # for one ("pending"), never read as forged or missing.
+    v = origin_verify.Verifier({dev: _read(origin.PATH)})
+    for r in accepted:
+        if r.message.seq != last:
+            v.add(r.raw)
+    rep = v.report()
+    assert rep.ok and rep.count(origin_verify.PENDING) > 0, rep.as_dict()
+    prev = ckpts[-2].message.seq
+    for f in rep.frames:  # only the frames made after the previous checkpoint wait
+        assert f.verdict == (origin_verify.PROVEN if f.seq < prev else origin_verify.PENDING), (f.as_dict(), prev)

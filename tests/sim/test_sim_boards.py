@@ -79,6 +79,14 @@ def test_sim_capture_verifies_with_pycose_and_cddl(micropython: str, pycose_pyth
                     assert m.status[0] & messages.FLAG_FIFO_OVERFLOW and m.status[1] > 0, (dev, m.stream, m.status)
                 nxt[m.stream] = m.first_index + m.count
         assert set(nxt) == {messages.STREAM_ECG_MAX30003, messages.STREAM_PPG_MAX30102}
+    # 4. the boards stopped cleanly (Ctrl-C) sent a last origin checkpoint, recorded: every
+    # frame is proven, none waits for a checkpoint (before, up to its last 10 s did)
+    captures = [str(cap / (dev + ".cbor")) for dev in keys]
+    p = subprocess.run([sys.executable, "-m", "agent.cli", "verify-origin", "--json", "--key",
+                        str(cap / "origin_keys.json"), *captures], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    rep = json.loads(p.stdout)
+    assert p.returncode == 0 and rep["pending"] == 0 and rep["proven"] == rep["frames"] >= 20, (p.stderr, rep)
 
 
 def _read_until(port: serial.Serial, marker: bytes, timeout_s: float) -> bytes:
