@@ -30,14 +30,27 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
 import numpy as np
+import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import signal
 
 LEARN_S = 2.0  # Pan-Tompkins learning phase 1: levels from the first 2 s
 HISTORY_S = 0.6  # filtered samples kept across frames (R location, slopes)
 RR_KEPT = 8  # the running RR average's length
+
+
+@lru_cache(maxsize=8)
+def _band_pass(rate_hz: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    # The 5-15 Hz band-pass at rate_hz (second-order sections, and their steady state
+    # for a unit step), designed once per rate: every board's detector shares them
+    # (a design costs more than a frame's filtering). Each user takes copies.
+    sos = np.vstack([signal.butter(2, 5.0, "highpass", fs=rate_hz, output="sos"),
+                     signal.butter(2, 15.0, "lowpass", fs=rate_hz, output="sos")])
+    zi = signal.sosfilt_zi(sos)
+    return sos, zi
 
 
 class RPeakDetector:
@@ -48,8 +61,7 @@ class RPeakDetector:
     def __init__(self, rate_hz: float) -> None:
         fs = float(rate_hz)
         self.fs = fs
-        self._sos = np.vstack([signal.butter(2, 5.0, "highpass", fs=fs, output="sos"),
-                               signal.butter(2, 15.0, "lowpass", fs=fs, output="sos")])
+        self._sos, self._sos_zi_unit = (a.copy() for a in _band_pass(fs))
         self._sos_zi: np.ndarray | None = None  # set from the first sample (steady state)
         self._der_b = np.array([2.0, 1.0, 0.0, -1.0, -2.0]) * fs / 8.0
         self._der_in = np.zeros(len(self._der_b) - 1)  # the band-passed samples before this frame
@@ -88,7 +100,7 @@ class RPeakDetector:
         if not a.size:
             return []
         if self._sos_zi is None:
-            self._sos_zi = signal.sosfilt_zi(self._sos) * a[0]
+            self._sos_zi = self._sos_zi_unit * a[0]
         bp, self._sos_zi = signal.sosfilt(self._sos, a, zi=self._sos_zi)
         # The FIR stages (derivative, integrator) as convolutions over the frame and the
         # inputs before it: lfilter with its state carried, in a quarter of the time here.

@@ -58,8 +58,10 @@ no state carried between windows but the samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
+import numpy.typing as npt
 from scipy import signal
 
 # Calibration curves per sensor type (A, B in SpO2 = A - B * R). The
@@ -136,6 +138,16 @@ def pulse_period(ac: np.ndarray, fs: float, expected_period_s: float | None = No
     return float((k + shift) / fs), quality
 
 
+@lru_cache(maxsize=8)
+def _band_pass(rate_hz: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    # The pulse band's Butterworth band-pass at rate_hz (second-order sections, and their
+    # steady state for a unit step), designed once per rate: every board's estimator shares
+    # them. Each user takes copies.
+    sos = signal.butter(4, [BAND_HZ[0], min(BAND_HZ[1], 0.45 * rate_hz)], "bandpass", fs=rate_hz, output="sos")
+    zi = signal.sosfilt_zi(sos)
+    return sos, zi
+
+
 class OximetryEstimator:
     def __init__(self, rate_hz: float, sensor: str = "max30102", window_s: float = WINDOW_S) -> None:
         self.fs = float(rate_hz)
@@ -143,9 +155,8 @@ class OximetryEstimator:
         self._n = int(window_s * self.fs)
         self.red = np.zeros(0)
         self.ir = np.zeros(0)
-        self._sos = signal.butter(4, [BAND_HZ[0], min(BAND_HZ[1], 0.45 * self.fs)], "bandpass", fs=self.fs,
-                                  output="sos")
-        self._sos_zi = signal.sosfilt_zi(self._sos)  # steady state for a unit step, computed once
+        # _sos_zi: the steady state for a unit step
+        self._sos, self._sos_zi = (a.copy() for a in _band_pass(self.fs))
         self._pad = min(self._n - 1, 3 * 2 * len(self._sos))  # odd extension at each end, as filtfilt's
         t = np.arange(self._n) - (self._n - 1) / 2.0
         self._t = t / float(np.dot(t, t))  # the linear trend's slope is dot(x, _t)
