@@ -158,7 +158,13 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 def cmd_provision(args: argparse.Namespace) -> int:
     from agent.provision.provision import Provisioner
+    from agent.registry import MAX_LABEL_CHARS, MAX_PATIENT_REF_CHARS, text_problem
 
+    for problem in (text_problem("--label", args.label, MAX_LABEL_CHARS),
+                    text_problem("--patient", args.patient, MAX_PATIENT_REF_CHARS)):
+        if problem:  # the registry refuses it at its step, after the firmware's install
+            print("pulsebridge provision: %s" % problem, file=sys.stderr)
+            return 2
     if not args.origin_key_out.is_dir():  # found at the key step, after the firmware's install
         print("pulsebridge provision: --origin-key-out %s is not a directory: make it first (the board's origin "
               "key for the backend goes there)" % args.origin_key_out, file=sys.stderr)

@@ -12,6 +12,7 @@ import re
 import secrets
 import sqlite3
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,23 @@ DEVICE_ID = re.compile(r"[a-z0-9-]{1,16}")
 def valid_device_id(device_id: str) -> bool:
     """1 to 16 of a-z, 0-9, '-', matched whole (a trailing newline is not allowed)."""
     return DEVICE_ID.fullmatch(device_id) is not None
+
+# A label names a sensor on the status page's card and in `devices list`; a patient reference is an
+# id in the care team's records (FHIR: Patient/123, system|value). Longer is a paste gone wrong.
+MAX_LABEL_CHARS = 64
+MAX_PATIENT_REF_CHARS = 256
+
+
+def text_problem(what: str, text: str, max_chars: int) -> str | None:
+    """What is wrong with a label or a patient reference, or None: at most max_chars characters, no
+    control character (a newline forged a line of `devices list`, an escape sequence drove its terminal)."""
+    if len(text) > max_chars:
+        return "%s must be at most %d characters (it has %d)" % (what, max_chars, len(text))
+    bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+    if bad is not None:
+        return "%s must hold no control character (it has %r)" % (what, bad)
+    return None
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices(
@@ -159,6 +177,11 @@ class Registry:
         read it). Raises RegistryError for a malformed id or key, or an id already registered."""
         if not valid_device_id(device_id):
             raise RegistryError("device id must be 1 to 16 of a-z, 0-9, '-': %r" % device_id, device_id)
+        for what, text, limit in (("a label", label, MAX_LABEL_CHARS),
+                                   ("a patient reference", patient_ref, MAX_PATIENT_REF_CHARS)):
+            problem = text_problem(what, text, limit)
+            if problem:
+                raise RegistryError(problem, device_id)
         if self.get(device_id) is not None:
             raise RegistryError("device %s is already registered" % device_id, device_id)
         if key is None:

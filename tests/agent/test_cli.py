@@ -133,6 +133,25 @@ def test_ota_push_with_no_agent_running_says_so(tmp_path: Path, hub_config: Agen
     assert "no agent is running" in r.stderr and "goes on sending" not in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize(("option", "value", "says"), [
+    ("--label", "Chambre 2\npb-evil           active   forged", "control character"),
+    ("--label", "\x1b[2J", "control character"),  # an escape sequence: it cleared the operator's terminal
+    ("--label", "x" * 100_000, "at most 64 characters"),
+    ("--patient", "Patient/1\r\n", "control character")])
+def test_a_label_or_patient_that_would_forge_or_flood_a_listing_is_refused(
+        tmp_path: Path, hub_config: AgentConfig, option: str, value: str, says: str) -> None:
+    # `devices add` and `provision` took any text: a newline forged a line of `devices list`, an escape
+    # drove the terminal, 100 kB went to every card of the status page; provision refused nothing early
+    cfg = str(hub_config.source)
+    r = _cli("devices", "--config", cfg, "add", "pb-lab01", option, value)
+    assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert _cli("devices", "--config", cfg, "list").stdout == ""
+    r = _cli("provision", "--config", cfg, "--port", str(tmp_path / "no-such-port"), option, value)
+    assert r.returncode == 2 and says in r.stderr and option in r.stderr, r.stderr
+    ok = _cli("devices", "--config", cfg, "add", "pb-lab02", "--label", "Chambre de Zoé 🛏", "--patient", "Patient/7")
+    assert ok.returncode == 0, ok.stderr
+
+
 def test_a_full_data_disk_is_said_by_every_command_and_nothing_is_lost(tmp_path: Path) -> None:
     # the data directory on a card with no byte left: `devices add`, `erase` and the agent ended in
     # tracebacks (sqlite3.OperationalError: database or disk is full; OSError ENOSPC writing the
