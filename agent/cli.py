@@ -95,6 +95,13 @@ def cmd_devices(args: argparse.Namespace) -> int:
     if args.action in ("add", "revoke") and not args.device_id:
         raise SystemExit("pulsebridge: devices %s needs a device id (pulsebridge devices %s ID)"
                          % (args.action, args.action))
+    for option, out in (("--key-out", args.key_out), ("--out", args.out)):
+        # A key file that cannot be written is found before the key is made: after, the board was
+        # registered under a key nobody had, and running it again said "already registered"
+        if out and (Path(out).is_dir() or not Path(out).absolute().parent.is_dir()):
+            raise SystemExit("pulsebridge: devices %s: %s %s: %s" % (
+                args.action, option, out, "is a directory, give a file" if Path(out).is_dir() else
+                "its directory %s does not exist" % Path(out).absolute().parent))
     cfg = _load_config(args.config)
     reg = _registry(cfg)
     try:

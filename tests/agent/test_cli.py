@@ -152,6 +152,22 @@ def test_a_label_or_patient_that_would_forge_or_flood_a_listing_is_refused(
     assert ok.returncode == 0, ok.stderr
 
 
+def test_a_key_file_that_cannot_be_written_registers_nothing(tmp_path: Path, hub_config: AgentConfig) -> None:
+    # `devices add ID --key-out` into a missing directory registered the board, then failed to write its
+    # key: a board registered under a key nobody had ("already registered" when run again); the error
+    # blamed "a path set in agent.toml"
+    cfg = str(hub_config.source)
+    missing = tmp_path / "no-such-dir" / "pb-key01.key"
+    r = _cli("devices", "--config", cfg, "add", "pb-key01", "--key-out", str(missing))
+    assert r.returncode == 1 and "--key-out %s" % missing in r.stderr and "does not exist" in r.stderr, r.stderr
+    assert "agent.toml" not in r.stderr and _cli("devices", "--config", cfg, "list").stdout == ""
+    r = _cli("devices", "--config", cfg, "export", "--out", str(tmp_path))
+    assert r.returncode == 1 and "--out %s: is a directory" % tmp_path in r.stderr, r.stderr
+    key_file = tmp_path / "pb-key01.key"
+    assert _cli("devices", "--config", cfg, "add", "pb-key01", "--key-out", str(key_file)).returncode == 0
+    assert len(bytes.fromhex(key_file.read_text().strip())) == 32
+
+
 def test_a_full_data_disk_is_said_by_every_command_and_nothing_is_lost(tmp_path: Path) -> None:
     # the data directory on a card with no byte left: `devices add`, `erase` and the agent ended in
     # tracebacks (sqlite3.OperationalError: database or disk is full; OSError ENOSPC writing the
