@@ -151,6 +151,7 @@ class App:
         self._link_fault = getattr(self.link, "take_fault", None)  # a fake link may have none
         self.wdt = None
         self.next_status_ms = ticks.add(now, cfg["status_every_ms"])
+        self.status_due = False  # a status to send as soon as the link takes it
         self._woken = self._any_ready  # bound once: the idle loop calls it often
         self._gc_below = _GC_HEADROOM
         self._gc_checked_ms = now
@@ -196,11 +197,18 @@ class App:
         # Times on the wire (tick_ms, t0_ms) are ms since boot, never wrapping,
         # in halves (app.ticks.Uptime). Field-wise, every status period:
         # nothing allocated, for any uptime.
+        # True once the link took it; its seq is spent only then. A link
+        # still busy with a frame is not tried (step() tries again next turn).
+        if self.link.busy():
+            return False
         up = self.board.refresh_uptime()
-        fields.encode_status(self._small(), self.epoch, self._seq(), up.lo, self.outbox.depth(),
+        fields.encode_status(self._small(), self.epoch, self.seq, up.lo, self.outbox.depth(),
                                self.outbox.dropped, gc.mem_free(), up.hi, self.unique_id)
         self._read_fifos()  # (the free heap's walk and the encoding: 6 ms at esp32 speed, the seal as long)
-        self._seal_small()
+        if not self._seal_small():
+            return False
+        self.seq += 1
+        return True
 
     def _answer_time(self):
         # The answer to the hub's time request (one a minute), as status():
@@ -361,7 +369,7 @@ class App:
             if m.name == "stop":
                 self.running = False
             elif m.name == "status":
-                self.status()
+                self.status_due = True  # sent by step(), once the link takes it
         elif isinstance(m, messages.UpdateChunk):  # (one the in-place reader declined)
             self._update_chunk(m.epoch, m.offset, m.total, m.data, 0, len(m.data))
 
@@ -445,9 +453,13 @@ class App:
         if ticks.diff(now, self.next_status_ms) >= 0:
             self.next_status_ms = ticks.add(now, self.cfg["status_every_ms"])
             self.board.refresh_uptime()  # also keeps an uptime built from wrapping ticks counting
-            if self.link.connected:
-                self.status()
-                now = self._drain()  # (a status and a checkpoint, both due every 10 s, take ~30 ms on a chip)
+            self.status_due = True
+        # Due until the link takes it: a status due as a frame goes out (both
+        # paced by the sensor's clock, so at the same moment run after run)
+        # was dropped every time, and the hub never heard the chip's id.
+        if self.status_due and self.link.connected and self.status():
+            self.status_due = False
+            now = self._drain()  # (a status and a checkpoint, both due every 10 s, take ~30 ms on a chip)
         if self._time_nonce >= 0:
             self._answer_time()
         self._report_faults()

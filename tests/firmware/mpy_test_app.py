@@ -427,6 +427,35 @@ def test_the_fifos_are_read_after_a_status_message():
     assert model.lost == 0, model.lost
 
 
+def test_a_status_due_while_the_link_is_busy_goes_once_the_link_takes_it():
+    # Frames and the status are both paced by the sensor's clock: a status
+    # falling due while a frame is still on the wire was dropped, at the same
+    # moment run after run, and the hub never heard the chip's id.
+    b, app, link = _board_with({}, {})
+    _run_until(b, app, 500)
+    sent = []
+    busy = [True]
+    send = link.send
+
+    def counted(buf, n, off=0):
+        if busy[0]:
+            return False
+        ok = send(buf, n, off)
+        sent.append(link.received[-1].message.kind)
+        return ok
+
+    link.send = counted
+    link.busy = lambda: busy[0]
+    app.next_status_ms = b.ticks_ms()
+    app.step()
+    busy[0] = False
+    seq = app.seq
+    _run_until(b, app, b.ticks_ms() + 50)
+    assert messages.T_STATUS in sent, sent
+    status = [r for r in link.received if r.message.kind == messages.T_STATUS]
+    assert status and status[-1].verdict == hub.ACCEPTED and status[-1].message.seq >= seq, status
+
+
 def test_garbage_is_collected_right_after_the_ecg_fifo_is_drained_not_after_the_frames_that_follow():
     # A collection takes 25-45 ms on a chip: its moment is right after the
     # fastest FIFO (the ECG's, 62.5 ms deep) was emptied, and it has that
