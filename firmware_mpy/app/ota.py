@@ -173,6 +173,9 @@ class Updater:
         self.total = 0
         self.files = None
         self.gen = None
+        self.signed = (b"", b"", b"")  # (manifest, signature, vendor key) while the signature is checked
+        self.src = None  # while the files are copied: the bundle's .part, and the file being written
+        self.dst = None
         self.buf = bytearray(0)
         self.pending = None  # (offset, state) not yet taken by the link
         self.final = None  # an outcome (confirmed, rolled back) to say again at final_at
@@ -289,6 +292,10 @@ class Updater:
 
     def _refuse(self, reason, why=""):
         self._close_part()
+        for f in (self.src, self.dst):
+            if f is not None:
+                f.close()
+        self.src = self.dst = None
         rmtree(self.spare)  # nothing of the refused bundle stays; the running version streams on
         self.state = IDLE
         self.app.board.console("pulsebridge: update refused (%s): %s" % (reason, why))
@@ -305,11 +312,16 @@ class Updater:
                 self._load()
             elif s == HEADER:
                 self._header()
-            elif s == SIGNATURE and self.gen is not None:
+            elif s == SIGNATURE:
                 gen = self.gen
+                if gen is None:  # (after a MemoryError: the check starts over)
+                    manifest, signature, key = self.signed
+                    self.gen = sys.modules["protocols.bundle"].signature_steps(manifest, signature, key)
+                    return True
                 try:
                     next(gen)
                 except StopIteration:
+                    self.signed = (b"", b"", b"")
                     self.gen = None
                     self.state = FILES
                     self.files_at = 0
@@ -330,11 +342,19 @@ class Updater:
         except MemoryError:
             # The header (a few kB) or the signature's numbers found no
             # room: the same piece again next loop after a collection; a
-            # heap that never has room ends the update, saying so.
+            # heap that never has room for a piece (_OOM_TRIES failures in
+            # a row: an update has hundreds of pieces, and a busy heap may
+            # fail any one now and then) ends the update, saying so. A
+            # generator that raised is over, its next() ending as if the
+            # signature held: the signature's check starts over.
+            if s == SIGNATURE:
+                self.gen = None
             gc.collect()
             self.oom += 1
             if self.oom > _OOM_TRIES:
-                self._refuse("no_memory", "no room for the update's work %d times" % self.oom)
+                self._refuse("no_memory", "no room for the update's work %d times in a row" % self.oom)
+            return True
+        self.oom = 0
         return self.state != IDLE or self.pending is not None or self.final is not None
 
     def _load(self):
@@ -365,7 +385,6 @@ class Updater:
             self.manifest = bundle.parse_manifest(manifest, self.app._read_fifos)
         else:
             manifest, signature, self.data_at = self.head
-            self.head = None
             m = self.manifest
             version, _, _ = release(self.slot)
             floor = read(FLOOR)
@@ -373,7 +392,9 @@ class Updater:
                                         self.app.cfg.get("target", TARGET))
             if self.data_at + m.size() != self.total:
                 raise self.bundle_error("the bundle's size is not its header's and files'", "truncated")
+            self.signed = (manifest, signature, key)
             self.gen = bundle.signature_steps(manifest, signature, key)
+            self.head = None  # (kept until here: a MemoryError above runs this piece again)
             self.state = SIGNATURE
         self.head_piece = piece + 1
 
@@ -397,9 +418,9 @@ class Updater:
                 fifos()
                 makedirs(full, fifos)
                 fifos()
+                self.hash = hashlib.sha256()  # (before the file: a MemoryError here leaves dst None, this piece again)
                 self.dst = open(full, "wb")
                 self.left = n
-                self.hash = hashlib.sha256()
             else:
                 self._finish()
             return
@@ -416,7 +437,6 @@ class Updater:
         self.dst = None
         path, _, digest = files[self.files_at]
         if self.hash.digest() != digest:
-            self.src.close()
             raise self.bundle_error("%s does not match the manifest" % path, "hash_mismatch")
         self.files_at += 1
 
@@ -428,7 +448,7 @@ class Updater:
         if k == 0:
             src = self.src
             if src is not None:
-                src.close()
+                src.close()  # (closed, kept: _copy comes here while src is set)
             remove(self.spare + "/" + PART)
         elif k == 1:
             remove(self.spare + "/" + TOTAL)

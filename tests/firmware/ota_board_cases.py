@@ -318,6 +318,34 @@ def test_no_memory_for_the_header_is_tried_again_not_a_refusal():
     assert failures[0] == 0 and _read(ota.NEXT) == b"b"
 
 
+def test_memory_short_now_and_then_during_the_signature_check_neither_skips_it_nor_ends_the_update():
+    # A signature check that met a MemoryError went on to the files as if
+    # the signature held (a generator that raised ends: its next() stops),
+    # and an update's MemoryErrors were counted over all its pieces, so a
+    # board short now and then refused a bundle as no_memory instead of
+    # for what was wrong with it.
+    from protocols import bundle
+
+    real = bundle.signature_steps
+    shortages = [25]  # more than _OOM_TRIES, each after a step that went through
+
+    def signature_steps(*args):  # fault injected: MemoryError in a check's second step
+        gen = real(*args)
+        next(gen)
+        yield
+        if shortages[0]:
+            shortages[0] -= 1
+            raise MemoryError("memory allocation failed, allocating 64 bytes")
+        yield from gen
+
+    bundle.signature_steps = signature_steps
+    try:
+        assert _refused("forged.bin") == "refused:bad_signature"
+    finally:
+        bundle.signature_steps = real
+    assert shortages[0] == 0
+
+
 def test_a_rolled_back_version_is_reported_to_the_hub_for_a_minute():
     # Said again every 10 s, 6 times: a report sent while no hub session read the link is lost.
     b, app, link = _trial_board()
