@@ -152,6 +152,7 @@ class App:
         self.wdt = None
         self.next_status_ms = ticks.add(now, cfg["status_every_ms"])
         self.status_due = False  # a status to send as soon as the link takes it
+        self.hello_due = False  # a hello (after a reconnection) likewise
         self._woken = self._any_ready  # bound once: the idle loop calls it often
         self._gc_below = _GC_HEADROOM
         self._gc_checked_ms = now
@@ -188,10 +189,16 @@ class App:
     def hello(self):
         # The uptime in halves, as status() sends it: one int past 2**30 ms
         # (12.4 days up) would be a heap int on the chip.
+        # True once the link took it (its seq spent only then), as status().
+        if self.link.busy():
+            return False
         up = self.board.refresh_uptime()
-        fields.encode_hello(self._small(), self.epoch, self._seq(), self.firmware, up.lo,
+        fields.encode_hello(self._small(), self.epoch, self.seq, self.firmware, up.lo,
                               [(s.stream_id, s.rate_hz) for s in self.streams], up.hi)
-        self._seal_small()
+        if not self._seal_small():
+            return False
+        self.seq += 1
+        return True
 
     def status(self):
         # Times on the wire (tick_ms, t0_ms) are ms since boot, never wrapping,
@@ -429,7 +436,9 @@ class App:
             now = self._drain()
         if self.link.service():
             self.outbox.resend_all()  # reconnected: resend what was in flight
-            self.hello()
+            self.hello_due = True
+        if self.hello_due and self.link.connected and self.hello():  # due until the link takes it
+            self.hello_due = False
             now = self._drain()
         if self.link.connected and not self.reseal_due:  # the old epoch's frames would only be refused
             ob = self.outbox
@@ -622,7 +631,7 @@ class App:
             self.reports.add(faults.ERR_EPOCH_RESYNC, "epoch file held %r: started over at %d"
                              % (self._epoch_unreadable, self.epoch))
             self._epoch_unreadable = None
-        self.hello()  # before the sensors start: from then on their FIFOs fill
+        self.hello_due = not self.hello()  # before the sensors start: from then on their FIFOs fill
         for k in range(len(self.streams)):
             st = self.streams[k]
             try:

@@ -40,7 +40,7 @@ def resync(app, m):
                       % (old, m.newest_epoch, epoch))
     app.reports.add(faults.ERR_EPOCH_RESYNC, "epoch %d refused (hub has %d; epoch file lost?): now %d, "
                     "resending %d frames" % (old, m.newest_epoch, epoch, app.outbox.depth()))
-    app.hello()
+    app.hello_due = not app.hello()
 
 
 def reseal_step(app):

@@ -456,6 +456,31 @@ def test_a_status_due_while_the_link_is_busy_goes_once_the_link_takes_it():
     assert status and status[-1].verdict == hub.ACCEPTED and status[-1].message.seq >= seq, status
 
 
+def test_a_hello_after_a_reconnection_waits_for_a_busy_link_instead_of_being_dropped():
+    b, app, link = _board_with({}, {})
+    _run_until(b, app, 500)
+    busy = [True]
+    send = link.send
+    link.send = lambda buf, n, off=0: False if busy[0] else send(buf, n, off)
+    link.busy = lambda: busy[0]
+    reconnected = [True]
+
+    def service():
+        r, reconnected[0] = reconnected[0], False
+        return r
+
+    link.service = service
+    app.step()  # reconnected while the link is busy: nothing sent yet
+    busy[0] = False
+    before = len(link.received)
+    end = b.ticks_ms() + 50
+    while b.ticks_ms() < end:  # (not _run_until: its start() says hello itself)
+        app.step()
+        b.sleep_ms(app.cfg["poll_ms"])
+    hellos = [r for r in link.received[before:] if r.message.kind == messages.T_HELLO]
+    assert hellos and hellos[0].verdict == hub.ACCEPTED, [r.message.kind for r in link.received[before:]]
+
+
 def test_garbage_is_collected_right_after_the_ecg_fifo_is_drained_not_after_the_frames_that_follow():
     # A collection takes 25-45 ms on a chip: its moment is right after the
     # fastest FIFO (the ECG's, 62.5 ms deep) was emptied, and it has that
