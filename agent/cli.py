@@ -89,6 +89,16 @@ def _registry(cfg: AgentConfig) -> Registry:
     return Registry(cfg.registry_path, AuditLog(cfg.audit_path))
 
 
+# `pulsebridge devices ACTION`: each action and what it does, for both --help texts (the operator's
+# `pulsebridge --help` said "list, add or revoke boards", leaving export out).
+DEVICE_ACTIONS = {
+    "list": "the registered boards, one a line: id, state, label",
+    "add": "register board ID under a new key (--key-out FILE writes it)",
+    "revoke": "refuse board ID's frames from now on (--reason)",
+    "export": "write the active boards' keys to --out FILE (end-to-end checks)",
+}
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     from agent.registry import RegistryError, write_private
 
@@ -405,9 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=default_cfg)
     p.set_defaults(func=cmd_agent)
 
-    p = sub.add_parser("devices", help="list, add or revoke boards")
+    p = sub.add_parser("devices", help="the device registry: %s" % ", ".join(DEVICE_ACTIONS),
+                       description="The device registry: what each action does.\n\n" + "\n".join(
+                           "  %-8s%s" % kv for kv in DEVICE_ACTIONS.items()),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=default_cfg)
-    p.add_argument("action", choices=["list", "add", "revoke", "export"])
+    p.add_argument("action", choices=list(DEVICE_ACTIONS), help="one of the actions above")
     p.add_argument("device_id", nargs="?")
     p.add_argument("--label")
     p.add_argument("--patient", help="a reference to the patient in the care team's records (no name)")

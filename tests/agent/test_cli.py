@@ -2,6 +2,7 @@
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -70,6 +71,22 @@ def test_devices_add_and_revoke_without_an_id_say_so(hub_config: AgentConfig) ->
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         assert "devices %s needs a device id" % action in r.stderr and "None" not in r.stderr, r.stderr
     assert _cli("devices", "--config", cfg, "list").stdout == ""
+
+
+def test_the_help_of_devices_names_and_describes_every_action() -> None:
+    # `pulsebridge --help` said "list, add or revoke boards" and `devices --help` only listed the
+    # choices' names: export was nowhere described. The actions are read from the usage's choices.
+    own = _cli("devices", "--help")
+    assert own.returncode == 0, own.stderr
+    choices = re.search(r"\{([a-z,-]+)\}", own.stdout)
+    assert choices is not None, own.stdout
+    actions = choices.group(1).split(",")
+    assert "export" in actions, actions
+    for action in actions:  # a line of its own saying what it does, not just its name among the choices
+        assert re.search(r"^ +%s +\w" % action, own.stdout, re.M), (action, own.stdout)
+    top = _cli("--help")
+    line = next(ln for ln in top.stdout.splitlines() if ln.strip().startswith("devices "))
+    assert all(re.search(r"\b%s\b" % a, line) for a in actions), line
 
 
 def test_agent_refuses_to_start_with_a_readable_registry(tmp_path: Path, hub_config: AgentConfig) -> None:
