@@ -55,6 +55,8 @@ class AD8232:
         self._wr = self._rd = 0
         self._ticks = self._due = self._counted = 0
         self._phase_us = 0
+        # The timer's ticks fall k periods from here: nothing runs between
+        # this reading and its start but the call (microseconds).
         self._last_us = self._check_us = self._ticks_us()
         self._timer.init(freq=self.rate_hz, callback=self._cb)
 
@@ -96,22 +98,30 @@ class AD8232:
         return j
 
     def _missed(self):
-        # Ticks due by now that no callback delivered; one may still be on
-        # its way (due, not yet run), so it is not counted.
+        # Ticks due by now that no callback delivered. The last one due may
+        # be on its way: a soft IRQ waits in the scheduler's queue only while
+        # a C call runs, and none runs here, so a tick is on its way only
+        # just after its time. It counts as come if a callback ran since its
+        # time, as on its way if not and less than half a period has passed,
+        # as lost otherwise (and if it comes after all, the next read counts
+        # it in the ticks come: nothing is counted twice).
         now = self._ticks_us()
         acc = self._phase_us + self._ticks_diff(now, self._check_us)
         self._check_us = now
         due = acc // self._period_us
-        self._phase_us = acc - due * self._period_us
+        phase = acc - due * self._period_us  # since the last tick's time
+        self._phase_us = phase
         self._due = (self._due + due) & _TICK_MASK
+        last_us = self._last_us  # (read before _ticks: a tick coming in between is then never taken for lost)
         behind = (self._due - self._ticks - self._counted) & _TICK_MASK
         if behind >= _TICK_HALF:
             behind -= _TICK_MASK + 1
-        missed = behind - 1
-        if missed <= 0:
+        if phase < self._period_us // 2 and self._ticks_diff(now, last_us) > phase:
+            behind -= 1  # on its way
+        if behind <= 0:
             return 0
-        self._counted = (self._counted + missed) & _TICK_MASK
-        return missed
+        self._counted = (self._counted + behind) & _TICK_MASK
+        return behind
 
     def read_into(self, chans, pos, room):
         out = chans[0]
