@@ -104,8 +104,9 @@ def _rss_mb() -> float:
 
 
 # What a fresh interpreter holds after importing the hub agent's modules without the
-# vitals engine, then after the vitals engine (scipy.signal: its package imports
-# scipy.stats, optimize, interpolate, spatial, sparse, linalg and special with it).
+# vitals engine, then after the vitals engine (its filters on numpy alone: scipy.signal's
+# package imported scipy.stats, optimize, interpolate, spatial, sparse, linalg and special
+# with it, +74 MB), then the whole agent (the supervisor and the operator's CLI).
 _FOOTPRINT = """
 import importlib, json, sys
 def mem():
@@ -118,13 +119,16 @@ for m in ("agent.ingest", "agent.store", "agent.forwarders.mqtt", "agent.session
 out["agent_without_vitals"] = mem()
 importlib.import_module("agent.vitals.engine")
 out["agent_with_vitals"] = mem()
+importlib.import_module("agent.cli")
+out["agent_cli"] = mem()
 print(json.dumps(out))
 """
 
 
 def import_footprint() -> dict[str, dict[str, float]]:
     """Memory (MB, /proc/self/smaps_rollup) of a fresh interpreter: bare, after the agent's
-    modules without the vitals engine, and after the vitals engine too."""
+    modules without the vitals engine, after the vitals engine too, and after the whole
+    agent (agent.cli, which imports the supervisor and every module it runs)."""
     done = subprocess.run([sys.executable, "-c", _FOOTPRINT], check=True, timeout=600, capture_output=True, text=True)
     out: dict[str, dict[str, float]] = json.loads(done.stdout)
     return out
@@ -770,12 +774,15 @@ def report(r: dict[str, Any]) -> list[str]:
 def footprint_lines(fp: dict[str, dict[str, float]]) -> list[str]:
     """Where the RSS goes: the imports, in a fresh interpreter."""
     base, without, with_ = fp["python"], fp["agent_without_vitals"], fp["agent_with_vitals"]
+    whole = fp["agent_cli"]
     return ["    RSS of the imports alone (fresh interpreter; RSS, of it anonymous, PSS): python %.0f MB; the agent's "
             "modules without the vitals engine %.0f MB (%.0f anonymous, PSS %.0f, %d modules); with it %.0f MB "
-            "(%.0f, PSS %.0f, %d modules): the vitals engine's import (scipy.signal and what it imports) %+.0f MB" % (
+            "(%.0f, PSS %.0f, %d modules): the vitals engine's import %+.0f MB; the whole agent (agent.cli) "
+            "%.0f MB (%.0f, PSS %.0f, %d modules)" % (
                 base["rss_mb"], without["rss_mb"], without["anonymous_mb"], without["pss_mb"], without["modules"],
                 with_["rss_mb"], with_["anonymous_mb"], with_["pss_mb"], with_["modules"],
-                with_["rss_mb"] - without["rss_mb"])]
+                with_["rss_mb"] - without["rss_mb"], whole["rss_mb"], whole["anonymous_mb"], whole["pss_mb"],
+                whole["modules"])]
 
 
 def commit_interval_lines(r: dict[str, Any]) -> list[str]:

@@ -2,7 +2,7 @@
 
 Per frame, on arrays, filter state carried from one frame to the next:
 band-pass 5-15 Hz (second-order Butterworth high-pass and low-pass,
-scipy.signal), five-point derivative, squaring, 150 ms moving-window
+agent.vitals.iir), five-point derivative, squaring, 150 ms moving-window
 integration (numpy convolutions over the frame and the inputs before it),
 and each candidate's slope and R location. Python only runs per candidate (a
 local maximum of the integrator, some twenty a second on a real recording):
@@ -35,7 +35,8 @@ from functools import lru_cache
 import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
-from scipy import signal
+
+from agent.vitals.iir import SosCascade, butter_sos
 
 LEARN_S = 2.0  # Pan-Tompkins learning phase 1: levels from the first 2 s
 HISTORY_S = 0.6  # filtered samples kept across frames (R location, slopes)
@@ -43,14 +44,10 @@ RR_KEPT = 8  # the running RR average's length
 
 
 @lru_cache(maxsize=8)
-def _band_pass(rate_hz: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    # The 5-15 Hz band-pass at rate_hz (second-order sections, and their steady state
-    # for a unit step), designed once per rate: every board's detector shares them
-    # (a design costs more than a frame's filtering). Each user takes copies.
-    sos = np.vstack([signal.butter(2, 5.0, "highpass", fs=rate_hz, output="sos"),
-                     signal.butter(2, 15.0, "lowpass", fs=rate_hz, output="sos")])
-    zi = signal.sosfilt_zi(sos)
-    return sos, zi
+def _band_pass(rate_hz: float) -> SosCascade:
+    # The 5-15 Hz band-pass at rate_hz, designed once per rate and shared by every board's
+    # detector (a design costs more than a frame's filtering); each carries its own state.
+    return SosCascade(np.vstack([butter_sos(2, 5.0, "highpass", rate_hz), butter_sos(2, 15.0, "lowpass", rate_hz)]))
 
 
 class RPeakDetector:
@@ -61,8 +58,8 @@ class RPeakDetector:
     def __init__(self, rate_hz: float) -> None:
         fs = float(rate_hz)
         self.fs = fs
-        self._sos, self._sos_zi_unit = (a.copy() for a in _band_pass(fs))
-        self._sos_zi: np.ndarray | None = None  # set from the first sample (steady state)
+        self._band = _band_pass(fs)
+        self._band_state: npt.NDArray[np.float64] | None = None  # set from the first sample (steady state)
         self._der_b = np.array([2.0, 1.0, 0.0, -1.0, -2.0]) * fs / 8.0
         self._der_in = np.zeros(len(self._der_b) - 1)  # the band-passed samples before this frame
         self._win = max(1, int(0.15 * fs))
@@ -99,9 +96,9 @@ class RPeakDetector:
         a = np.asarray(x, dtype=float)
         if not a.size:
             return []
-        if self._sos_zi is None:
-            self._sos_zi = self._sos_zi_unit * a[0]
-        bp, self._sos_zi = signal.sosfilt(self._sos, a, zi=self._sos_zi)
+        if self._band_state is None:
+            self._band_state = self._band.unit_step_state * a[0]
+        bp, self._band_state = self._band.filter(a, self._band_state)
         # The FIR stages (derivative, integrator) as convolutions over the frame and the
         # inputs before it: lfilter with its state carried, in a quarter of the time here.
         bp_in = np.concatenate([self._der_in, bp])

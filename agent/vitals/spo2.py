@@ -12,7 +12,7 @@ instead of its own: on the camera set the light moves by 7-38 % within
 red light falling by 30 % within the window read 1.6 % low that way
 (tests/agent/test_spo2.py). The band is
 taken from the window with its linear trend removed first, by a zero-phase
-Butterworth band-pass (scipy.signal, run forward and backward).
+Butterworth band-pass (agent.vitals.iir, run forward and backward).
 R = RMS(AC/DC)red / RMS(AC/DC)IR, mapped to SpO2 by the sensor type's
 calibration curve SpO2 = A - B*R. Perfusion index: the IR pulse's
 peak-to-peak (5th to 95th percentile of its AC/DC), in %.
@@ -61,8 +61,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import numpy.typing as npt
-from scipy import signal
+
+from agent.vitals.iir import SosCascade, butter_sos
 
 # Calibration curves per sensor type (A, B in SpO2 = A - B * R). The
 # MAX30102 entry is the textbook linear fit for 660/880 nm emitters; a
@@ -139,13 +139,10 @@ def pulse_period(ac: np.ndarray, fs: float, expected_period_s: float | None = No
 
 
 @lru_cache(maxsize=8)
-def _band_pass(rate_hz: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    # The pulse band's Butterworth band-pass at rate_hz (second-order sections, and their
-    # steady state for a unit step), designed once per rate: every board's estimator shares
-    # them. Each user takes copies.
-    sos = signal.butter(4, [BAND_HZ[0], min(BAND_HZ[1], 0.45 * rate_hz)], "bandpass", fs=rate_hz, output="sos")
-    zi = signal.sosfilt_zi(sos)
-    return sos, zi
+def _band_pass(rate_hz: float) -> SosCascade:
+    # The pulse band's Butterworth band-pass at rate_hz, designed once per rate: every
+    # board's estimator shares it (it keeps no signal's state).
+    return SosCascade(butter_sos(4, (BAND_HZ[0], min(BAND_HZ[1], 0.45 * rate_hz)), "bandpass", rate_hz))
 
 
 class OximetryEstimator:
@@ -155,9 +152,8 @@ class OximetryEstimator:
         self._n = int(window_s * self.fs)
         self.red = np.zeros(0)
         self.ir = np.zeros(0)
-        # _sos_zi: the steady state for a unit step
-        self._sos, self._sos_zi = (a.copy() for a in _band_pass(self.fs))
-        self._pad = min(self._n - 1, 3 * 2 * len(self._sos))  # odd extension at each end, as filtfilt's
+        self._band_pass = _band_pass(self.fs)
+        self._pad = min(self._n - 1, 3 * self._band_pass.order)  # odd extension at each end, as filtfilt's
         t = np.arange(self._n) - (self._n - 1) / 2.0
         self._t = t / float(np.dot(t, t))  # the linear trend's slope is dot(x, _t)
         self._t_centred = t
@@ -165,14 +161,15 @@ class OximetryEstimator:
 
     def _band(self, x: np.ndarray) -> np.ndarray:
         # Each row (channel): linear trend off, then the band-pass forward and backward (zero
-        # phase): scipy's detrend and sosfiltfilt, with what does not change between windows
+        # phase), as scipy's detrend and sosfiltfilt do (odd extension, each pass starting in
+        # the steady state of its first sample), with what does not change between windows
         # computed once and both channels in one call.
         y = x - x.mean(axis=1, keepdims=True) - np.outer(x @ self._t, self._t_centred)
         p = self._pad
         ext = np.concatenate([2 * y[:, :1] - y[:, p:0:-1], y, 2 * y[:, -1:] - y[:, -2:-p - 2:-1]], axis=1)
-        zi = self._sos_zi[:, None, :]
-        fwd, _ = signal.sosfilt(self._sos, ext, axis=1, zi=zi * ext[None, :, :1])
-        back, _ = signal.sosfilt(self._sos, fwd[:, ::-1], axis=1, zi=zi * fwd[None, :, -1:])
+        unit = self._band_pass.unit_step_state
+        fwd, _ = self._band_pass.filter(ext, ext[:, :1] * unit)
+        back, _ = self._band_pass.filter(fwd[:, ::-1], fwd[:, -1:] * unit)
         return np.asarray(back[:, ::-1][:, p:p + x.shape[1]])
 
     def push(self, red: list[int] | np.ndarray, ir: list[int] | np.ndarray) -> None:

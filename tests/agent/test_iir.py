@@ -1,0 +1,102 @@
+"""The vitals' filters on numpy (agent/vitals/iir.py) against scipy.signal, their reference:
+the same designs (frequency response), the same output and state frame by frame."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import signal
+
+from agent.vitals.iir import SUB_BLOCK, SosCascade, butter_sos
+
+# (order, cutoff(s) in Hz, type, rate in Hz): the vitals' own designs, at their sensors'
+# rates and others a board may be set to, and a few beyond.
+DESIGNS = [
+    (2, 5.0, "highpass", 512.0), (2, 15.0, "lowpass", 512.0),  # R peaks (rpeak.py)
+    (2, 5.0, "highpass", 250.0), (2, 15.0, "lowpass", 128.0),
+    (4, (0.5, 5.0), "bandpass", 100.0), (4, (0.5, 11.25), "bandpass", 25.0),  # the pulse (spo2.py)
+    (6, 40.0, "lowpass", 1000.0), (4, (1.0, 40.0), "bandpass", 360.0), (8, 0.7, "highpass", 100.0),
+]
+
+
+def _response(sos: np.ndarray, w: np.ndarray) -> np.ndarray:
+    # H(e^jw) of a cascade of sections, evaluated directly (no scipy).
+    zinv = np.exp(-1j * w)
+    h = np.ones_like(zinv)
+    for b0, b1, b2, _, a1, a2 in sos:
+        h *= (b0 + b1 * zinv + b2 * zinv ** 2) / (1 + a1 * zinv + a2 * zinv ** 2)
+    return h
+
+
+@pytest.mark.parametrize("order,cutoff,btype,rate_hz", DESIGNS)
+def test_a_design_is_scipys_butterworth(order: int, cutoff: float | tuple[float, float], btype: str,
+                                        rate_hz: float) -> None:
+    ours = butter_sos(order, cutoff, btype, rate_hz)
+    ref = signal.butter(order, cutoff, btype, fs=rate_hz, output="sos")
+    assert ours.shape == ref.shape
+    w = np.linspace(0, np.pi, 4001)
+    np.testing.assert_allclose(_response(ours, w), _response(ref, w), rtol=0, atol=1e-9)
+    # The same poles (the sections may pair them otherwise).
+    poles = np.sort_complex(np.concatenate([np.roots(s[3:]) for s in ours]))
+    np.testing.assert_allclose(poles, np.sort_complex(np.concatenate([np.roots(s[3:]) for s in ref])), atol=1e-9)
+
+
+def test_a_cascade_filters_frame_by_frame_as_sosfilt_with_its_state() -> None:
+    rng = np.random.default_rng(20261201)
+    sos = np.vstack([signal.butter(2, 5.0, "highpass", fs=512, output="sos"),
+                     signal.butter(2, 15.0, "lowpass", fs=512, output="sos")])
+    cascade = SosCascade(sos)
+    # An ECG-like input: a large offset, a random walk, spikes; frames of every kind of length
+    # (empty, one sample, the sensor's 512, one past a block, several blocks).
+    x = 50000 + np.cumsum(rng.normal(0, 30, 20000)) + 2000 * (rng.random(20000) < 0.002)
+    lengths = [512, 0, 1, 7, 512, 512, SUB_BLOCK + 1, 3 * SUB_BLOCK, 40 * SUB_BLOCK + 5, 100, 512]
+    zi = signal.sosfilt_zi(sos)
+    np.testing.assert_allclose(cascade.unit_step_state, zi.ravel(), rtol=1e-12, atol=1e-12)
+    ref_state = zi * x[0]
+    state = cascade.unit_step_state * x[0]
+    at = 0
+    for n in lengths:
+        frame = x[at:at + n]
+        at += n
+        if n == 0:  # scipy refuses an empty input; nothing changes
+            ours, after = cascade.filter(frame, state)
+            assert ours.shape == (0,) and np.array_equal(after, state)
+            continue
+        ref, ref_state = signal.sosfilt(sos, frame, zi=ref_state)
+        ours, state = cascade.filter(frame, state)
+        assert ours.shape == frame.shape
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-7)  # the output is ~1e3 here
+        np.testing.assert_allclose(state, ref_state.ravel(), rtol=1e-9, atol=1e-7)
+
+
+def test_rows_are_filtered_each_with_its_own_state() -> None:
+    rng = np.random.default_rng(7)
+    sos = signal.butter(4, (0.5, 5.0), "bandpass", fs=100, output="sos")
+    cascade = SosCascade(sos)
+    x = rng.normal(size=(2, 848)) + np.array([[9e4], [1.4e5]])
+    states = x[:, :1] * cascade.unit_step_state
+    ours, after = cascade.filter(x, states)
+    for row in range(2):
+        ref, zf = signal.sosfilt(sos, x[row], zi=signal.sosfilt_zi(sos) * x[row, 0])
+        np.testing.assert_allclose(ours[row], ref, rtol=0, atol=1e-8)
+        np.testing.assert_allclose(after[row], zf.ravel(), rtol=1e-9, atol=1e-8)
+
+
+@pytest.mark.parametrize("args,words", [
+    ((3, 5.0, "lowpass", 100.0), "even"),
+    ((2, 60.0, "lowpass", 100.0), "Nyquist"),
+    ((2, 0.0, "highpass", 100.0), "Nyquist"),
+    ((4, (5.0, 0.5), "bandpass", 100.0), "rise"),
+    ((4, 5.0, "bandpass", 100.0), "bandpass two"),
+    ((2, 5.0, "notch", 100.0), "notch"),
+])
+def test_a_design_that_cannot_be_made_is_refused_saying_why(args: tuple, words: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ValueError, match=words):
+        butter_sos(*args)
+
+
+def test_sections_not_in_the_normal_form_are_refused() -> None:
+    with pytest.raises(ValueError, match="rows"):
+        SosCascade(np.ones((2, 5)))
+    with pytest.raises(ValueError, match="rows"):
+        SosCascade([[1.0, 0.0, 0.0, 2.0, 0.0, 0.0]])
