@@ -70,7 +70,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 def _data_error(e: sqlite3.OperationalError, cfg: AgentConfig) -> str:
     """SQLite could not open or write the hub's data (a full card, a failing one), in words naming where."""
-    from agent.registry import disk_full_hint
+    from agent.store import disk_full_hint
 
     return "the hub's data in %s cannot be written (%s)%s" % (
         cfg.data_dir, e, disk_full_hint(cfg.data_dir) or ": is its disk failing?")

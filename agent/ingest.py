@@ -109,6 +109,11 @@ class Processor(abc.ABC):
         """The chip id recorded for the device at provisioning; b"" if none is known."""
         return b""
 
+    def store_fault(self) -> bool:
+        """True while what is submitted cannot be stored (a full card): nothing is acknowledged, and
+        a link that delivers authentic messages is all the progress there can be."""
+        return False
+
 
 class _RateLimitedLog:
     def __init__(self, per_min: int) -> None:
@@ -210,6 +215,9 @@ class Ingestor(Processor):
 
     def registered_unique_id(self, device_id: str) -> bytes:
         return self.unique_ids.get(device_id, b"")
+
+    def store_fault(self) -> bool:
+        return self.store.fault is not None
 
     def _reject(self, r: hub.Received, link: str) -> Outcome:
         reason = r.reason
@@ -374,6 +382,10 @@ def upgrade_legacy(store: Store) -> int:
     decode is left as it is (its forwarders count it undeliverable)."""
     from protocols import cbor, cose
 
+    if store.read_only is not None:  # nothing can be written: a start that can is the one to decode them
+        log.warning("store upgrade: frames stored before schema 3, if any are left, are decoded at a start "
+                    "that can write the store (%s)", store.read_only)
+        return 0
     done, after = 0, 0
     while True:
         legacy = store.legacy_frames(after, _UPGRADE_CHUNK)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from agent.audit import AuditLog
 from agent.errors import PulsebridgeError
-from agent.store import StoreError, check_private
+from agent.store import StoreError, check_private, disk_full_hint, read_as_it_stands, wal_holds_commits
 from protocols.messages import MAX_UNIQUE_ID
 
 KEY_BYTES = 32
@@ -91,27 +91,15 @@ class Device:
         return "Device(%s, %s, %r)" % (self.device_id, self.state, self.label)
 
 
-# Less free than this on the data directory's disk: what SQLite calls "disk I/O error" or "database or
-# disk is full" is most likely a full card (a WAL's first page and its index take some 40 kB).
-_LOW_FREE_BYTES = 1 << 20
-
-
-def disk_full_hint(directory: Path) -> str:
-    """'': the disk holding directory has room (or cannot be asked); else words saying it is full."""
-    try:
-        st = os.statvfs(directory)
-    except OSError:
-        return ""
-    free = st.f_bavail * st.f_frsize
-    if free >= _LOW_FREE_BYTES:
-        return ""
-    return ": its disk is full (%d kB free on %s): free some space and try again" % (free // 1024, directory)
-
-
 class Registry:
-    def __init__(self, path: Path, audit: AuditLog) -> None:
+    """read_only_if_unwritable: a registry that cannot be opened because its card cannot be written
+    (full, failing) is opened for reading only, as it stands (the agent's start: a hub must come back
+    after a power cut on a full card), `read_only` saying why; otherwise that raises RegistryError."""
+
+    def __init__(self, path: Path, audit: AuditLog, read_only_if_unwritable: bool = False) -> None:
         self.path = path
         self.audit = audit
+        self.read_only: str | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
@@ -126,6 +114,9 @@ class Registry:
             self._db.executescript(_SCHEMA)
         except sqlite3.OperationalError as e:  # a full or failing card: the registry itself may be sound
             self._db.close()
+            if read_only_if_unwritable and not wal_holds_commits(self.path):
+                self._db = self._read_as_it_stands(e)
+                return
             raise RegistryError("device registry %s cannot be opened (%s)%s" % (
                 self.path, e, disk_full_hint(self.path.parent) or ": is its disk failing?")) from None
         except sqlite3.DatabaseError as e:  # a bad copy, a damaged card: its traceback named no file
@@ -137,6 +128,17 @@ class Registry:
             self._db.execute("ALTER TABLE devices ADD COLUMN next_key BLOB")
         if "unique_id" not in cols:  # a registry from before chip ids were recorded
             self._db.execute("ALTER TABLE devices ADD COLUMN unique_id BLOB")
+
+    def _read_as_it_stands(self, e: sqlite3.OperationalError) -> sqlite3.Connection:
+        try:
+            db = read_as_it_stands(self.path)
+            self._all(db)  # every column read there (a registry older than them is upgraded only by a write)
+        except sqlite3.DatabaseError as e2:
+            raise RegistryError("device registry %s cannot be opened (%s), nor read as it stands (%s)" % (
+                self.path, e, e2)) from None
+        self.read_only = "device registry %s opened for reading only (%s)%s" % (
+            self.path, e, disk_full_hint(self.path.parent) or ": is its disk failing?")
+        return db
 
     def close(self) -> None:
         self._db.close()
@@ -162,6 +164,14 @@ class Registry:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA query_only=ON")
+            return self._all(db)
+        except sqlite3.OperationalError:  # a card too full to make the -shm file a WAL reader maps
+            if wal_holds_commits(self.path):
+                raise
+        finally:
+            db.close()
+        db = read_as_it_stands(self.path)
+        try:
             return self._all(db)
         finally:
             db.close()

@@ -421,6 +421,8 @@ class BoardSession:
                 st.rejected_ids.add(r.device_id)
             return out if out.acks else None  # an epoch resync to send back (ingest.py)
         self.heard_at = time.monotonic()
+        if self.processor.store_fault():  # nothing can be acknowledged: being heard is the link's progress
+            self._progress()
         m = r.message
         if r.device_id and st.device_id != r.device_id:
             st.device_id = r.device_id

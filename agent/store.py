@@ -32,6 +32,7 @@ import sqlite3
 import stat
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,6 +290,44 @@ def check_private(path: Path, what: str) -> None:
             what, path, st.st_uid, os.geteuid()))
 
 
+# Less free than this on the data directory's disk: what SQLite calls "disk I/O error" or "database or
+# disk is full" is most likely a full card (a WAL's first page and its index take some 40 kB).
+_LOW_FREE_BYTES = 1 << 20
+
+
+def disk_full_hint(directory: Path) -> str:
+    """'': the disk holding directory has room (or cannot be asked); else words saying it is full."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return ""
+    free = st.f_bavail * st.f_frsize
+    if free >= _LOW_FREE_BYTES:
+        return ""
+    return ": its disk is full (%d kB free on %s): free some space and try again" % (free // 1024, directory)
+
+
+def wal_holds_commits(path: Path) -> bool:
+    """True if the SQLite file at path has a -wal file that is not empty: commits that only a
+    connection able to write the -shm file (the WAL's index) can read."""
+    try:
+        return os.path.getsize(str(path) + "-wal") > 0
+    except FileNotFoundError:
+        return False
+
+
+def read_as_it_stands(path: Path) -> sqlite3.Connection:
+    """A query-only connection to the SQLite file at path (WAL mode) that writes nothing, not even
+    the -shm file every WAL reader maps: on a full card, making that file fails ("disk I/O error")
+    and no ordinary connection can read. It reads the main file as it stands (SQLite's immutable=1):
+    right only while the -wal file holds no commit (wal_holds_commits) and nobody checkpoints into
+    the file, so only while nobody can write it."""
+    db = sqlite3.connect("file:%s?mode=ro&immutable=1" % urllib.parse.quote(str(path)), uri=True,
+                         isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA query_only=ON")
+    return db
+
+
 class Store:
     def __init__(self, path: Path, backends: list[str], quota_bytes: int = 0,
                  min_free_bytes: int = MIN_FREE_BYTES, wal_limit_bytes: int = WAL_LIMIT_BYTES,
@@ -314,6 +353,9 @@ class Store:
         # The storage fault commits are waiting on (None: none), and since when (UTC seconds).
         self.fault: str | None = None
         self.fault_since: float | None = None
+        # Why the store is open for reading only (None: it is not): it could not be written at
+        # start (open(read_only_if_unwritable=True)); the writer opens it for writing once it can.
+        self.read_only: str | None = None
         self.on_commit: Callable[[], None] | None = None
         self._held_reader: sqlite3.Connection | None = None  # held_raw()'s, on any thread, one at a time
         self._held_lock = threading.Lock()
@@ -322,6 +364,13 @@ class Store:
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            return self._set_up(db)
+        except BaseException:
+            db.close()
+            raise
+
+    def _set_up(self, db: sqlite3.Connection) -> sqlite3.Connection:
         db.execute("PRAGMA page_size=%d" % PAGE_SIZE)  # takes effect only on a new, empty store
         db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk (WAL fsynced) before anyone is told.
@@ -334,23 +383,75 @@ class Store:
         db.execute("PRAGMA journal_size_limit=%d" % self.wal_limit_bytes)
         return db
 
-    def open(self) -> None:
+    def open(self, read_only_if_unwritable: bool = False) -> None:
         """Opens the store, creating it (mode 0600) if need be. An existing
         store is checked first (PRAGMA quick_check, within INTEGRITY_CHECK_S);
         a damaged one is set aside and what can be read of it recovered into a
         fresh one (see _recover). Raises StoreError for a store that is not
-        this service's to open (permissions, schema)."""
+        this service's to open (permissions, schema).
+
+        read_only_if_unwritable: an existing store that cannot be opened
+        because its card cannot be written (full: no room for the WAL's -shm
+        file; failing) is opened for reading only if it can be read as it
+        stands (its WAL empty, sound, of this schema): `read_only` and `fault`
+        say why, readers read it, and once started the writer opens it for
+        writing as soon as it can, holding every job until then (nothing is
+        acknowledged that is not stored). Otherwise that raises, as it does
+        without this."""
         new = not self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if new:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.close(fd)
         check_private(self.path, "store")
-        problem = None if new else self._check()
+        try:
+            self._open_writable(new)
+        except (StoreError, sqlite3.OperationalError, OSError) as e:
+            cause = e.__cause__ if isinstance(e, StoreError) and e.__cause__ is not None else e
+            if new or not read_only_if_unwritable or not _storage_fault(cause) or not self._readable_as_it_stands():
+                raise
+            self.read_only = self.fault = "cannot be opened for writing (%s: %s)%s" % (
+                type(cause).__name__, cause, disk_full_hint(self.path.parent) or ": is its disk failing?")
+            self.fault_since = time.time()
+            log.error("store %s: %s; opened for reading only, nothing new is stored nor acknowledged until it "
+                      "can be written (retrying)", self.path, self.read_only)
+
+    def _readable_as_it_stands(self) -> bool:
+        # The store can be read with nothing written (read_as_it_stands): its WAL empty, the file
+        # sound and of this schema (an older one is upgraded only by writing it).
+        if wal_holds_commits(self.path):
+            return False
+        deadline = time.monotonic() + self.integrity_check_s
+        try:
+            db = read_as_it_stands(self.path)
+            try:
+                db.set_progress_handler(lambda: int(time.monotonic() > deadline), 1000)
+                try:
+                    if [str(r[0]) for r in db.execute("PRAGMA quick_check(1)")] != ["ok"]:
+                        return False
+                except sqlite3.OperationalError as e:  # not checked in time: opened unchecked, as _check does
+                    if "interrupted" not in str(e):
+                        raise
+                db.set_progress_handler(None, 0)
+                row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+                return row is not None and row[0] == str(SCHEMA_VERSION) and _has_column(db, "replay", "salt")
+            finally:
+                db.close()
+        except sqlite3.Error:
+            return False
+
+    def _open_writable(self, new: bool, check: bool = True) -> None:
+        # check: False for a store checked already (read as it stood, _readable_as_it_stands).
+        problem = None if new or not check else self._check()
         if problem is not None:
             self._db = self._recover(problem)
         else:
-            self._db = self._init(self._connect())
+            db = self._connect()
+            try:
+                self._db = self._init(db)
+            except BaseException:
+                db.close()
+                raise
         for suffix in ("-wal", "-shm"):
             p = Path(str(self.path) + suffix)
             if p.exists():
@@ -492,8 +593,17 @@ class Store:
                 "commit_failures": self.stats.commit_failures, "faults_recovered": self.stats.faults_recovered,
                 "refused": self.stats.refused, "gaps_found": self.stats.gaps_found, "recovery": self.recovery}
 
+    @property
+    def writable(self) -> bool:
+        """False while the store is open for reading only (read_only says why)."""
+        return self.read_only is None
+
     def reader(self) -> sqlite3.Connection:
-        """A read connection for another thread (WAL: readers never block the writer)."""
+        """A read connection for another thread (WAL: readers never block the writer). While the
+        store is open for reading only, one that reads it as it stands: let it go soon (the
+        writer may open the store for writing at any time)."""
+        if self.read_only is not None:
+            return read_as_it_stands(self.path)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
         db.execute("PRAGMA query_only=ON")
         return db
@@ -558,7 +668,7 @@ class Store:
     # ---- the writer thread -------------------------------------------------------
 
     def start(self) -> None:
-        if self._db is None:
+        if self._db is None and self.read_only is None:
             self.open()
         self._closing.clear()
         self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
@@ -624,8 +734,10 @@ class Store:
         return await self._submit("call", fn)
 
     def _writer(self) -> None:
-        db = self._db
-        assert db is not None
+        db = self._db if self._db is not None else self._open_once_writable()
+        if db is None:  # closed before it could be written: whoever still waits is told
+            self._fail_waiting(StoreError("store closed before it could be written: %s" % self.fault))
+            return
         while True:
             try:
                 job = self._q.get(timeout=GAP_SCAN_EVERY_S)
@@ -659,6 +771,50 @@ class Store:
                     pass
             if self.on_commit is not None:
                 self.on_commit()
+
+    def _open_once_writable(self) -> sqlite3.Connection | None:
+        # Open for reading only (open()): tried again with the commits' capped backoff until it can
+        # be written, every job held meanwhile; None if the store is closed first.
+        delay_s = COMMIT_RETRY_FIRST_S
+        attempts = 0
+        while not self._closing.wait(delay_s):
+            delay_s = min(COMMIT_RETRY_CAP_S, delay_s * 2)
+            attempts += 1
+            try:
+                self._open_writable(False, check=False)
+            except (StoreError, sqlite3.Error, OSError) as e:
+                cause = e.__cause__ if isinstance(e, StoreError) and e.__cause__ is not None else e
+                self.fault = "cannot be opened for writing (%s: %s)%s" % (
+                    type(cause).__name__, cause, disk_full_hint(self.path.parent) or ": is its disk failing?")
+                if attempts & (attempts - 1) == 0:  # 1, 2, 4, 8...: a bounded log
+                    log.error("store %s: still %s after %d attempts; %d jobs held", self.path, self.fault, attempts,
+                              self._q.qsize())
+                continue
+            with self._held_lock:  # the look-ups' reader read the file as it stood: a live one from now on
+                if self._held_reader is not None:
+                    self._held_reader.close()
+                    self._held_reader = None
+            log.warning("store %s: opened for writing after %.1f s open for reading only (%s)", self.path,
+                        time.time() - (self.fault_since or 0), self.read_only)
+            self.read_only = None
+            self._storage_recovered()
+            if self.on_commit is not None:  # the forwarders wait for it
+                self.on_commit()
+            return self._db
+        return None
+
+    def _fail_waiting(self, err: BaseException) -> None:
+        while True:
+            try:
+                job = self._q.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                failed: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = [(job.future, err, None)]
+                try:
+                    job.loop.call_soon_threadsafe(self._settle, failed)
+                except RuntimeError:  # that loop is closed: nobody waits any more
+                    pass
 
     def _batch(self, job: _Job) -> list[_Unit]:
         """The next commit's units: job's, what queued behind it (what arrived during

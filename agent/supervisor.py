@@ -112,10 +112,15 @@ class Agent:
         self.audit = AuditLog(cfg.audit_path)
         self._lock_fd = instance_lock(cfg.data_dir)  # before the store is opened (and maybe recovered)
         try:
-            self.registry = Registry(cfg.registry_path, self.audit)
+            # A card too full to write at start (a power cut on a full card): the registry and the store
+            # are opened for reading only, the status says so, and the store's writer opens it for
+            # writing once it can; the boards' frames wait on them meanwhile, none acknowledged.
+            self.registry = Registry(cfg.registry_path, self.audit, read_only_if_unwritable=True)
+            if self.registry.read_only:
+                log.error("%s: registry changes are seen once they can be written", self.registry.read_only)
             self.store = Store(cfg.store_path, [b.name for b in cfg.backends], int(cfg.disk_quota_mb * 1024 * 1024),
                                commit_interval_s=cfg.commit_interval_ms / 1000)
-            self.store.open()
+            self.store.open(read_only_if_unwritable=True)
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -159,8 +164,11 @@ class Agent:
         self.store.on_commit = self._on_commit
         self.store.start()
         self.vitals_runner.recall(self.registry)
-        self.audit.record("agent.start", self.cfg.hub_id, config=str(self.cfg.source or ""),
-                          backends=[b.name for b in self.cfg.backends], version=version())
+        try:
+            self.audit.record("agent.start", self.cfg.hub_id, config=str(self.cfg.source or ""),
+                              backends=[b.name for b in self.cfg.backends], version=version())
+        except OSError as e:  # a full card: the boards come before the record of this start
+            log.error("audit log %s cannot be written (%s): this start is not recorded in it", self.audit.path, e)
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._supervised(name, factory), name=name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import base64
+import contextlib
 import enum
 import logging
 import random
@@ -316,6 +317,11 @@ class Forwarder(abc.ABC):
 
     async def run(self) -> None:
         await asyncio.to_thread(self.check_secrets)
+        while not self.store.writable:  # open for reading only (a full card at start): nothing could be
+            self.wake.clear()           # marked delivered, and its readers read the file as it stood
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self.wake.wait()  # set once the store opens for writing
         reader = self.store.reader()
         try:
             while True:

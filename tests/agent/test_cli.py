@@ -19,7 +19,7 @@ from agent.supervisor import Agent
 from tests.agent import harness
 from tests.agent.test_store_faults import fill, small_filesystem
 from tests.conftest import ROOT
-from tests.waiting import async_wait_for
+from tests.waiting import async_wait_for, wait_for
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -186,20 +186,44 @@ def test_a_key_file_that_cannot_be_written_registers_nothing(tmp_path: Path, hub
 
 
 def test_a_full_data_disk_is_said_by_every_command_and_nothing_is_lost(tmp_path: Path) -> None:
-    # the data directory on a card with no byte left: `devices add`, `erase` and the agent ended in
-    # tracebacks (sqlite3.OperationalError: database or disk is full; OSError ENOSPC writing the
-    # agent's lock), and the registry's first error told the operator to move a sound registry aside
+    # the data directory (and the logs) on a card with no byte left: `devices add`, `erase` and the
+    # agent ended in tracebacks (sqlite3.OperationalError: database or disk is full; OSError ENOSPC
+    # writing the agent's lock), and the registry's first error told the operator to move a sound
+    # registry aside. The agent then would not start at all ("cannot be opened (disk I/O error)"):
+    # it now serves, and `pulsebridge status` says why nothing is stored.
     with small_filesystem(tmp_path / "card", 256) as card:
         cfg = tmp_path / "agent.toml"
         cfg.write_text('[agent]\nhub_id = "test-hub"\ndata_dir = "%s"\nlog_dir = "%s"\nrun_dir = "%s"\n' % (
-            card, tmp_path / "log", tmp_path / "run"))
+            card, card / "log", tmp_path / "run"))
         assert _cli("devices", "--config", str(cfg), "add", "pb-full1").returncode == 0
+
+        def agent_run(on_the_way: Callable[[], None]) -> str:
+            agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "--config", str(cfg)], cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            try:
+                wait_for(lambda: (tmp_path / "run" / "status.sock").exists() or agent.poll() is not None,
+                         harness.AGENT_START_S, "the agent serving its status socket")
+                assert agent.poll() is None, agent.communicate()[1]
+                on_the_way()
+            finally:
+                agent.terminate()
+                err = agent.communicate(timeout=60)[1]
+            assert agent.returncode == 0 and "Traceback" not in err, err
+            return err
+
+        agent_run(lambda: None)  # the hub has run: its store is made
         fill(card / "filler")
-        for args, status in ((("devices", "add", "pb-full2"), 1), (("erase", "--device", "pb-full1"), 1),
-                             (("agent",), 2)):
+        for args in (("devices", "add", "pb-full2"), ("erase", "--device", "pb-full1")):
             r = _cli(*args, "--config", str(cfg))
-            assert r.returncode == status and "Traceback" not in r.stderr, (args, r.stderr)
+            assert r.returncode == 1 and "Traceback" not in r.stderr, (args, r.stderr)
             assert "full" in r.stderr and str(card) in r.stderr and "aside" not in r.stderr, (args, r.stderr)
+
+        def status_says_why() -> None:
+            shown = _cli("status", "--config", str(cfg))
+            assert shown.returncode == 0 and "store FAULT for" in shown.stdout, shown.stdout + shown.stderr
+            assert "disk is full" in shown.stdout, shown.stdout
+
+        agent_run(status_says_why)
         (card / "filler").unlink()
         listed = _cli("devices", "--config", str(cfg), "list")
         assert listed.returncode == 0 and "pb-full1" in listed.stdout, listed.stdout + listed.stderr

@@ -7,6 +7,7 @@ import os
 import secrets
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from agent import store as store_mod
 from agent.audit import AuditLog
 from agent.ingest import Ingestor
 from agent.registry import Registry
+from agent.status_server import read_status
 from agent.store import Ingest, Store
 from protocols import cipher, cose, messages
 from tests.conftest import IN_CI
@@ -316,3 +318,53 @@ def test_status_page_and_cli_tell_a_full_disk(make_hub: Callable[..., Any], tmp_
         assert "carte pleine" in found["fr-FR"], found["fr-FR"]
         assert "card full" in found["en-GB"], found["en-GB"]
         assert "store FAULT for" in found["cli"] and "disk is full" in found["cli"], found["cli"]
+
+
+@pytest.mark.micropython
+@pytest.mark.slow
+def test_an_agent_restarted_on_a_full_card_serves_says_so_and_resumes_by_itself(
+        make_hub: Callable[..., Any], tmp_path: Path) -> None:
+    # A clean stop (the WAL and its -shm file removed), then the card fills and the agent starts
+    # again, as after a power cut on a full card. Before: it could not open its registry (no room
+    # for the -shm file every WAL reader maps: "disk I/O error") and did not run at all.
+    from agent import status_text
+    from agent.supervisor import Agent
+    from tests.agent import harness
+    from tests.agent.test_links import _figures, _until
+
+    with small_filesystem(tmp_path / "card", 8 * 1024) as card:
+        hub = make_hub(1, webhook=True, data_dir=card)
+        sim = hub.board
+
+        async def first_run() -> None:
+            async with harness.running(Agent(hub.cfg)) as agent:
+                await _until(lambda: len(harness.acked(sim)) >= 3, 60, lambda: agent.snapshot()["boards"])
+
+        asyncio.run(first_run())
+        assert not any(Path(str(card / name) + "-shm").exists() for name in ("store.db", "registry.db"))
+        fill(card / "filler")
+
+        async def on_the_full_card() -> dict[str, Any]:
+            async with harness.running(Agent(hub.cfg)) as agent:
+                snap = await read_status(hub.cfg.status_socket)  # what `pulsebridge status` prints from
+                assert agent.store.read_only and snap["store"]["state"] == "fault", snap["store"]
+                held = len(harness.acked(sim))
+                # the board is read (its frames verified and held) while nothing is acknowledged
+                await _until(lambda: harness.board_state(agent, sim.device_id).get("frames", 0) >= 3, 60,
+                             lambda: agent.snapshot()["boards"])
+                board = harness.board_state(agent, sim.device_id)
+                words = status_text.board_state(board, snap["store"])
+                assert len(harness.acked(sim)) == held
+                (card / "filler").unlink()  # space is back: no one's help needed
+                await _until(lambda: agent.store.writable and agent.snapshot()["store"]["state"] == "ok"
+                             and len(harness.acked(sim)) > held + 3, 60,
+                             lambda: (agent.snapshot()["store"], agent.snapshot()["boards"]))
+                await harness.finish(agent, hub.sims, 60)
+            return {"store": snap["store"], "words": words}
+
+        seen = asyncio.run(on_the_full_card())
+        lines = status_text.store_lines(seen["store"], time.time())
+        assert "store FAULT for" in lines[0] and "disk is full" in lines[0], lines
+        assert seen["words"] == status_text.HELD_WORDS, seen["words"]
+        acked, delivered, lost = _figures(hub)
+        assert lost == 0 and acked > 0, (acked, delivered, lost)
