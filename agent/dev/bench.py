@@ -202,6 +202,9 @@ def _run_board(directory: Path, compiled: Path, heap_kb: int, minutes: float, sp
     proc.wait(timeout=3600)
     for t in threads:
         t.join()
+    for f in (proc.stdout, proc.stderr):
+        if f is not None:
+            f.close()
     text = out.get("stdout", b"").decode(errors="replace")
     if proc.returncode != 0:
         raise RuntimeError("firmware benchmark failed: %s" % (out.get("stderr", b"").decode(errors="replace").strip()

@@ -302,7 +302,7 @@ class SimBoard:
                 self.radio = fake_bluetooth.radio_from(self.sim.get("ble", {}), self.clock)
             return BleLink(fake_bluetooth, cfg["device_id"], max_message, FIRMWARE, "pulsebridge simulated board")
         from app.link_serial import SerialLink
-        if not self.clock.chip and self.console_in is sys.stdin.buffer:
+        if not self.clock.chip and self.console_in is sys.stdin.buffer and self.console_out is sys.stdout.buffer:
             return SerialLink(sys.stdin.buffer, sys.stdout.buffer, max_message, self.ticks_us, self.ticks_diff,
                               CONSOLE_BAUD)
         from sim.console import SimConsole
