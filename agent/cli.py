@@ -232,11 +232,9 @@ def cmd_verify_origin(args: argparse.Namespace) -> int:
 
 
 def cmd_ota_push(args: argparse.Namespace) -> int:
-    import hashlib
     import time
 
     from agent import ota
-    from agent.audit import AuditLog
 
     cfg = _load_config(args.config)
     reg = _registry(cfg)
@@ -246,12 +244,10 @@ def cmd_ota_push(args: argparse.Namespace) -> int:
         return 2
     try:
         data = args.bundle.read_bytes()
-        m = ota.spool(cfg.run_dir, args.device, data)
+        m = ota.push(cfg.run_dir, cfg.audit_path, args.device, data)
     except (OSError, ota.PushError) as e:
         print("pulsebridge: %s: %s" % (args.bundle, e), file=sys.stderr)
         return 2
-    AuditLog(cfg.audit_path).record("firmware.push", args.device, version=m.version, name=m.name,
-                                    sha256=hashlib.sha256(data).hexdigest())
     print("%s: %s (version %d, %d bytes) spooled; the agent sends it over the board's link"
           % (args.device, m.name, m.version, len(data)))
     if not _agent_answers(cfg):

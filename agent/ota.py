@@ -20,6 +20,7 @@ refused or rolled it back.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import time
@@ -27,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from agent.audit import AuditLog
 from agent.errors import PulsebridgeError
 from protocols import bundle, hub, hub_link, messages
 
@@ -77,6 +79,15 @@ def spool(run_dir: Path, device_id: str, data: bytes) -> bundle.Manifest:
         f.write(data)
     (d / (device_id + ".json")).unlink(missing_ok=True)
     tmp.replace(d / (device_id + ".bin"))
+    return m
+
+
+def push(run_dir: Path, audit_path: Path, device_id: str, data: bytes, actor: str | None = None) -> bundle.Manifest:
+    """`pulsebridge ota push`: spools the bundle (spool()) for the running agent to send and records
+    the push in the audit log (who pushed what: its version, name and SHA-256). Raises PushError."""
+    m = spool(run_dir, device_id, data)
+    AuditLog(audit_path).record("firmware.push", device_id, actor=actor, version=m.version, name=m.name,
+                                sha256=hashlib.sha256(data).hexdigest())
     return m
 
 

@@ -145,6 +145,7 @@ class Agent:
         self.vitals_runner = VitalsRunner(self.store, self.vitals, self.ingestor.hub.has_device)
         self.ingestor.on_stored = self._stored
         self.frames_stored: Counter[str] = Counter()  # since start, per registered board (metrics)
+        self.frames_stored_by_epoch: Counter[tuple[str, int]] = Counter()  # ... per (board, boot epoch)
         self.metrics_port = 0
         self.maintenance = StoreMaintenance(self.store, cfg.retention_days)
         self.registry_watch = RegistryWatcher(self.registry, self.ingestor, self.store, self.links,
@@ -207,6 +208,7 @@ class Agent:
 
     def _stored(self, frame: FrameRecord) -> None:
         self.frames_stored[frame.device_id] += 1
+        self.frames_stored_by_epoch[(frame.device_id, frame.epoch)] += 1
         self.vitals_runner.offer(frame)
 
     async def _metrics(self) -> None:

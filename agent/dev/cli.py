@@ -26,7 +26,7 @@ def missing_dev_packages() -> list[str]:
     return [pkg for mod, pkg in _DEV_MODULES.items() if importlib.util.find_spec(mod) is None]
 
 
-def _sim_args(p: argparse.ArgumentParser) -> None:
+def _sim_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--boards", type=int, default=2, help="number of simulated boards (default 2)")
     p.add_argument("--ecg", choices=["max30003", "ad8232", "none"], default="max30003",
                    help="ECG front end of each board (default max30003)")
@@ -35,8 +35,19 @@ def _sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     p.add_argument("--dir", type=Path, default=None, help="sim: keep the boards' flash directories here")
     p.add_argument("--json", action="store_true", help="print a final machine-readable summary only")
-    p.add_argument("--link", choices=["serial", "ble"], default="serial",
-                   help="serial (ptys, as USB) or ble (the software radio, through bleak); default serial")
+    if demo:
+        p.add_argument("--link", choices=["mixed", "serial", "ble"], default="mixed",
+                       help="mixed (the first board on serial, the second on BLE, and so on; the default), serial "
+                            "(ptys, as USB) or ble (the software radio, through bleak)")
+        p.add_argument("--no-updates", dest="updates", action="store_false",
+                       help="push no firmware update (by default the first board takes a broken release, which it "
+                            "rolls back, then a good one; the second board takes the good one)")
+        p.add_argument("--stop-after-updates", action="store_true",
+                       help="stop once the updates have ended (each installed and streaming, or rolled back and "
+                            "streaming again, or refused), or after --seconds")
+    else:
+        p.add_argument("--link", choices=["serial", "ble"], default="serial",
+                       help="serial (ptys, as USB) or ble (the software radio, through bleak); default serial")
     p.add_argument("--fragment-loss", type=float, default=0.0,
                    help="ble: probability that a notification is lost on air (default 0)")
     p.add_argument("--disconnect-every", type=float, default=0.0,
@@ -65,8 +76,9 @@ def _options(args: argparse.Namespace, **kw: object):  # type: ignore[no-untyped
         raise SystemExit("pulsebridge-dev: --boards must be 1 to 32")
     if not 0 <= args.fragment_loss < 1 or not args.disconnect_every >= 0:  # NaN too
         raise SystemExit("pulsebridge-dev: --fragment-loss must be in [0, 1) and --disconnect-every >= 0")
-    if args.link != "ble" and (args.fragment_loss or args.disconnect_every or args.air_capture):
-        raise SystemExit("pulsebridge-dev: --fragment-loss, --disconnect-every and --air-capture need --link ble")
+    if args.link == "serial" and (args.fragment_loss or args.disconnect_every or args.air_capture):
+        raise SystemExit("pulsebridge-dev: --fragment-loss, --disconnect-every and --air-capture need --link ble "
+                         "(or the demo's mixed)")
     if not SPO2_MIN_PCT <= args.spo2 <= 100:
         raise SystemExit("pulsebridge-dev: --spo2 must be %d to 100 (%%), not %g" % (SPO2_MIN_PCT, args.spo2))
     if args.seconds is not None and not args.seconds > 0:
@@ -116,7 +128,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.dir is not None:  # the demo keeps its whole run (boards, hub, backend) in a temporary directory
         raise SystemExit("pulsebridge-dev: --dir is for sim (pulsebridge-dev sim --dir DIR); the demo's boards "
                          "live in a temporary directory, removed at its end")
-    opts = _options(args, live=True)
+    if args.stop_after_updates and not args.updates:
+        raise SystemExit("pulsebridge-dev: --stop-after-updates needs the updates (not --no-updates)")
+    opts = _options(args, live=True, updates=args.updates, stop_after_updates=args.stop_after_updates)
     try:
         result = demo.main(opts)
     except KeyboardInterrupt:
@@ -222,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_sim)
 
     p = sub.add_parser("demo", help="simulated boards streaming to the hub, verified and summarised live")
-    _sim_args(p)
+    _sim_args(p, demo=True)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks that print figures")

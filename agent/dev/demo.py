@@ -19,38 +19,48 @@ import logging
 import re
 import secrets
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
 
 from agent.audit import AuditLog
 from agent.config import AgentConfig, BleConfig, SerialConfig
-from agent.dev import demo_view
+from agent.dev import demo_ota, demo_view, release
+from agent.dev.bench_ota import stream_report
 from agent.dev.local_backend import LocalBackend
 from agent.dev.sim.air import Air
 from agent.dev.sim.runner import SimulatedBoard
 from agent.dev.simrun import SimOptions, board_specs, start_air
 from agent.dev.tlsgen import make_pki
 from agent.forwarders.webhook import WebhookConfig
+from agent.provision import build
 from agent.provision.build import default_cache
 from agent.registry import Registry, write_private
 from agent.supervisor import Agent
 
-_BUILT = re.compile(r"stopped after (\d+) frames built, (\d+) awaiting an ack, (\d+) dropped")
+# A boot's stop summary (firmware_mpy/app/main.py): at a Ctrl-C, and in the simulation at the reset an
+# update's switch or rollback makes.
+_BUILT = re.compile(r"stopped after (\d+) frames built, (\d+) awaiting an ack, (\d+) dropped(?:, boot epoch (\d+))?")
 DRAIN_TIMEOUT_S = 30.0
 # The status page's port, once the agent has it open, is awaited this long.
 PAGE_UP_S = 10.0
 
 
-def _frames_built(console: str) -> tuple[int, int, int] | None:
+def _frames_built(console: str) -> tuple[int, int, int, int | None] | None:
+    """The last stop summary on a console: (frames built, awaiting an ack, dropped, boot epoch or None)."""
     found = _BUILT.findall(console)
-    return tuple(int(x) for x in found[-1]) if found else None  # type: ignore[return-value]
+    if not found:
+        return None
+    built, awaiting, dropped, epoch = found[-1]
+    return int(built), int(awaiting), int(dropped), int(epoch) if epoch else None
 
 
 async def run_demo(opts: SimOptions, out: IO[str]) -> dict[str, Any]:
@@ -77,6 +87,13 @@ async def run_demo(opts: SimOptions, out: IO[str]) -> dict[str, Any]:
 async def _run_demo(opts: SimOptions, out: IO[str], tmp: Path, air: Air | None,
                     interrupted: asyncio.Event) -> dict[str, Any]:
     specs = board_specs(opts, air)
+    vendor: Ed25519PrivateKey | None = None
+    if opts.updates:
+        # The vendor key for this run's releases: made now, in this process's memory only (never a
+        # key shipped with the project); the boards hold its public key, as provisioning writes it.
+        vendor = Ed25519PrivateKey.generate()
+        for spec in specs:
+            spec.vendor_keys = release.public_key(vendor)
     pki = make_pki(tmp / "pki")
     backend = LocalBackend(tmp / "backend.db", {s.device_id: s.key for s in specs})
     port = await backend.start("127.0.0.1", 0, pki.server_cert, pki.server_key)
@@ -91,6 +108,10 @@ async def _run_demo(opts: SimOptions, out: IO[str], tmp: Path, air: Air | None,
         registry.add(spec.device_id, label="simulated board %s" % spec.device_id[-2:], key=spec.key, actor="demo")
     registry.close()
     agent = Agent(cfg)
+    plan: demo_ota.UpdatePlan | None = None
+    if vendor is not None:
+        good, broken = demo_ota.make_releases(vendor, build.compile_firmware(default_cache()))
+        plan = demo_ota.UpdatePlan(agent, sims, good, broken)
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop), name="agent")
     t0 = time.monotonic()
@@ -113,6 +134,10 @@ async def _run_demo(opts: SimOptions, out: IO[str], tmp: Path, air: Air | None,
                         await interrupted.wait()
                 if task.done() or interrupted.is_set():
                     break
+                if plan is not None:
+                    plan.step()
+                    if opts.stop_after_updates and plan.done():
+                        break
                 if not opts.json:
                     show(agent, backend.summary(), time.monotonic() - t0, footer)
     finally:
@@ -134,16 +159,38 @@ async def _run_demo(opts: SimOptions, out: IO[str], tmp: Path, air: Air | None,
             await asyncio.sleep(0.2)
         snap = agent.snapshot()
         stored_by_board = dict(agent.frames_stored)
+        stored_by_epoch = dict(agent.frames_stored_by_epoch)
         stop.set()
         await task
         summary = backend.summary()
         await backend.stop()
     integrity = agent.store.integrity_check()
-    result = _result(specs, consoles, snap, summary, integrity, time.monotonic() - t0, stored_by_board, ended)
+    result = _result(specs, consoles, snap, summary, integrity, time.monotonic() - t0, stored_by_board, ended,
+                     [sim.ended_boots for sim in sims], stored_by_epoch)
     result["link"] = opts.link
+    if plan is not None and vendor is not None:
+        result["updates"] = await _update_figures(plan, vendor, cfg.store_path)
     if air is not None:
-        result["air"] = _air_figures(air, agent, summary, time.monotonic() - t0)
+        result["air"] = _air_figures(air, agent, summary, time.monotonic() - t0,
+                                     {s.device_id for s in specs if s.link == "ble"})
     return result
+
+
+async def _update_figures(plan: demo_ota.UpdatePlan, vendor: Ed25519PrivateKey, store_path: Path) -> dict[str, Any]:
+    """The updates' figures for the summary: each push (demo_ota.Push) with its board's longest pause
+    in streaming (from the hub's store), and the board's signature check at an ESP32's speed."""
+    pauses: dict[str, dict[str, Any]] = {}
+    for dev in plan.queues:
+        r = await asyncio.to_thread(stream_report, store_path, dev)
+        pauses[dev] = {"pause_ms": r["pause_ms"], "pause_where": r["pause_where"]}
+    good = next(p.release for p in plan.pushes if not p.release.broken)
+    sig: dict[str, Any]
+    try:
+        sig = await asyncio.to_thread(demo_ota.signature_check_at_chip_speed, good, release.public_key(vendor))
+    except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as e:
+        sig = {"target": "esp32", "error": str(e)[-300:]}
+    return {"vendor_key": "Ed25519, made for this run; its private key in the demo's memory only",
+            "pushes": plan.results(pauses), "signature_check": sig}
 
 
 def agent_config(tmp: Path, sims: list[SimulatedBoard], air: Air | None, backend_port: int, ca_file: Path,
@@ -155,24 +202,30 @@ def agent_config(tmp: Path, sims: list[SimulatedBoard], air: Air | None, backend
     another program's."""
     return AgentConfig(hub_id="demo-hub", data_dir=tmp / "hub" / "data", log_dir=tmp / "hub" / "log",
                        run_dir=tmp / "hub" / "run",
-                       serial=[] if air else [SerialConfig(port=str(s.link_path)) for s in sims],
+                       serial=[SerialConfig(port=str(s.link_path)) for s in sims if s.spec.link == "serial"],
                        ble=BleConfig(air=str(air.central_path)) if air else None,
                        backends=[WebhookConfig(name="local", type="webhook",
                                                url="https://127.0.0.1:%d/ingest" % backend_port, ca_file=ca_file)],
                        status_page_listen="127.0.0.1:0", status_page_password_file=password_file)
 
 
-def _air_figures(air: Air, agent: Agent, backend: dict[str, Any], elapsed: float) -> dict[str, Any]:
-    """What went over the software radio, per second and per sample delivered."""
+def _air_figures(air: Air, agent: Agent, backend: dict[str, Any], elapsed: float,
+                 ble_devices: set[str]) -> dict[str, Any]:
+    """What went over the software radio (from ble_devices, the boards on it), per second and per
+    sample delivered."""
     snap = air.snapshot()
     samples = {"ecg": 0, "ppg": 0}
-    for streams in backend["by_device"].values():
+    frames = 0
+    for dev, streams in backend["by_device"].items():
+        if dev not in ble_devices:
+            continue
         for name, v in streams.items():
             samples["ppg" if "ppg" in name else "ecg"] += v["samples"] or 0
+            frames += v.get("frames", 0)
     values = samples["ecg"] + 2 * samples["ppg"]  # a PPG sample is a red and an IR value
     reconnects = sorted(t for lk in (agent.ble.links.values() if agent.ble else ()) for t in lk.reconnect_s)
     snap.update({
-        "frames_per_s": round(backend["frames"] / elapsed, 2) if elapsed else 0.0,
+        "frames_per_s": round(frames / elapsed, 2) if elapsed else 0.0,
         "samples_at_backend": samples,
         # Notification payloads (ATT values) over sample values delivered,
         # all overhead included (fragment headers, hello, status, resends).
@@ -216,21 +269,28 @@ def _live(out: IO[str], tty: bool) -> Any:
 
 def _result(specs: list[Any], consoles: list[str], snap: dict[str, Any], backend: dict[str, Any], integrity: str,
             elapsed: float, stored_by_board: dict[str, int],
-            ended: dict[str, int | None] | None = None) -> dict[str, Any]:
+            ended: dict[str, int | None] | None = None, ended_boots: list[list[str]] | None = None,
+            stored_by_epoch: dict[tuple[str, int], int] | None = None) -> dict[str, Any]:
     """The run's figures. stored_by_board: the sample frames the hub stored from each board (Agent.frames_stored);
-    ended: the boards whose process had ended before the stop, with its exit status (-N: signal N).
+    ended: the boards whose process had ended before the stop, with its exit status (-N: signal N);
+    ended_boots: per board (as specs), the console's last text of each boot its firmware ended by a
+    reset (an update's switch or rollback: SimulatedBoard.ended_boots); stored_by_epoch: the frames
+    stored per (board, boot epoch) (Agent.frames_stored_by_epoch).
     A frame a board built is either stored by the hub, still in the board's outbox at the stop (kept
-    and sent again), or dropped by the board (its outbox full, nothing acknowledged it): each
-    board's built = stored + still on the board + dropped, the last two from what it built and the
-    hub stored, the board's own dropped count bounding the third."""
+    and sent again), dropped by the board (its outbox full, nothing acknowledged it), or, built in
+    a boot that a reset ended, lost with that boot's RAM: each board's built = stored + still on the
+    board + dropped + lost at its resets, summed over its boots (each boot's stop summary gives
+    what it built and its epoch; the frames stored from an epoch count to the first boot whose
+    epoch is not below it: an epoch resync moves a boot to a later one)."""
     ended = ended or {}
-    generated = unacked = dropped = on_boards = 0
+    generated = unacked = dropped = on_boards = lost_at_resets = 0
     boards = []
     missing: list[str] = []
     stored_known = 0  # by the boards that gave their count
-    for spec, console in zip(specs, consoles):
+    for i, (spec, console) in enumerate(zip(specs, consoles)):
         built = _frames_built(console)
         stored = stored_by_board.get(spec.device_id, 0)
+        earlier = [_frames_built(t) or (0, 0, 0, None) for t in (ended_boots[i] if ended_boots else [])]
         if built is None:
             missing.append(spec.device_id)
             if spec.device_id in ended:
@@ -242,16 +302,38 @@ def _result(specs: list[Any], consoles: list[str], snap: dict[str, Any], backend
             boards.append({"device_id": spec.device_id, "frames_built": None, "awaiting_ack_at_stop": None,
                            "dropped_by_board": None, "frames_stored_by_hub": stored, "frames_still_on_board": None})
             continue
-        not_stored = max(0, built[0] - stored)
-        board_dropped = min(built[2], not_stored)
-        generated += built[0]
+        # Each boot's frames stored; the last boot (the running one) takes what no ended boot does.
+        boots = earlier + [built]
+        stored_in = [0] * len(boots)
+        by_epoch = {e: n for (d, e), n in (stored_by_epoch or {}).items() if d == spec.device_id}
+        if not earlier:
+            stored_in[-1] = stored
+        else:
+            for epoch, n in by_epoch.items():
+                k = next((k for k, b in enumerate(earlier) if b[3] is not None and b[3] >= epoch), len(boots) - 1)
+                stored_in[k] += n
+            stored_in[-1] += stored - sum(by_epoch.values())  # (none: both count the same frames)
+        board_built = board_drop = board_lost = 0
+        on_board = 0
+        for k, (b, n) in enumerate(zip(boots, stored_in)):
+            not_stored = max(0, b[0] - n)
+            b_dropped = min(b[2], not_stored)
+            board_built += b[0]
+            board_drop += b[2]
+            if k == len(boots) - 1:
+                on_board = not_stored - b_dropped
+            else:
+                board_lost += not_stored - b_dropped
+        generated += board_built
         unacked += built[1]
-        dropped += built[2]
-        on_boards += not_stored - board_dropped
+        dropped += board_drop
+        on_boards += on_board
+        lost_at_resets += board_lost
         stored_known += stored
-        boards.append({"device_id": spec.device_id, "frames_built": built[0], "awaiting_ack_at_stop": built[1],
-                       "dropped_by_board": built[2], "frames_stored_by_hub": stored,
-                       "frames_still_on_board": not_stored - board_dropped})
+        boards.append({"device_id": spec.device_id, "link": spec.link, "frames_built": board_built,
+                       "awaiting_ack_at_stop": built[1], "dropped_by_board": board_drop,
+                       "frames_stored_by_hub": stored, "frames_still_on_board": on_board,
+                       "boots": len(boots), "frames_lost_at_resets": board_lost})
     acknowledged = snap["store"]["ingested"]
     forwarded = backend["frames"]
     st = snap["store"]
@@ -261,14 +343,16 @@ def _result(specs: list[Any], consoles: list[str], snap: dict[str, Any], backend
         "frames_generated": generated,
         "frames_acknowledged": acknowledged,
         # Of frames_generated (the boards that gave their count): stored by the hub, still on the
-        # boards at the stop, dropped by the boards. They add up to it.
+        # boards at the stop, lost with the RAM of a boot a reset ended (an update's switch or
+        # rollback), dropped by the boards. They add up to it.
         "frames_stored_of_generated": stored_known,
         "frames_still_on_boards": on_boards,
-        "frames_dropped_by_boards": generated - stored_known - on_boards,
+        "frames_lost_at_resets": lost_at_resets,
+        "frames_dropped_by_boards": generated - stored_known - on_boards - lost_at_resets,
         "frames_forwarded": forwarded,
         # Acknowledged to a board but absent from the backend, plus frames a
-        # board dropped unacknowledged: both count as lost.
-        "frames_lost": max(0, acknowledged - forwarded) + dropped,
+        # board dropped unacknowledged or lost at a reset unstored: all count as lost.
+        "frames_lost": max(0, acknowledged - forwarded) + dropped + lost_at_resets,
         # The boards' own count: messages in their outboxes at the stop (frames not stored, frames
         # stored whose ack was on its way, origin checkpoints).
         "frames_unacked_at_stop": unacked,
@@ -309,19 +393,26 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
     stored, forwarded = r["frames_acknowledged"], r["frames_forwarded"]
     lines = ["Summary after %.0f s with %d boards:" % (r["seconds"], len(r["boards"])),
              "  %6d frames built by the boards%s = %d stored by the hub + %d still on the boards + %d dropped by "
-             "the boards" % (r["frames_generated"],
-                             " that gave their count" if r["boards_without_stop_summary"] else "",
-                             r["frames_stored_of_generated"], r["frames_still_on_boards"],
-                             r["frames_dropped_by_boards"]),
+             "the boards%s" % (r["frames_generated"],
+                               " that gave their count" if r["boards_without_stop_summary"] else "",
+                               r["frames_stored_of_generated"], r["frames_still_on_boards"],
+                               r["frames_dropped_by_boards"],
+                               " + %d lost at their resets" % r.get("frames_lost_at_resets", 0)
+                               if any(b.get("boots", 1) > 1 for b in r["boards"]) else ""),
              "           stored: verified, written to the hub's disk, acknowledged to the board (it may forget them)",
              "           still on the boards: not stored by the stop; each board keeps them and sends them again",
              "           dropped: a board's outbox was full and nothing had acknowledged them: lost",
+             *(["           lost at their resets: built in a boot an update's switch or rollback ended (the "
+                "board waits for its acks first), never stored"]
+               if any(b.get("boots", 1) > 1 for b in r["boards"]) else []),
              "  %6d stored by the hub = %d at the backend, checked end to end + %d not delivered" % (
                  stored, min(stored, forwarded), max(0, stored - forwarded)),
              "           (the hub's %d vitals and %d alerts went to the backend too)"
              % (vitals, r["alerts_at_backend"]),
              "  %6d lost (dropped by the boards, or stored and not delivered), %d refused (not authentic or damaged)"
              % (r["frames_lost"], sum(r["rejects"].values()))]
+    if r.get("updates"):
+        lines += demo_ota.summary_lines(r["updates"])
     ended = r.get("boards_ended_before_stop") or {}
     for dev in r["boards_without_stop_summary"]:
         lines.append("  frames built unknown for %s: %s" % (

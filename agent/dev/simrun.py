@@ -44,23 +44,33 @@ class SimOptions:
     live: bool = True
     json: bool = False
     blank: bool = False
-    link: str = "serial"  # serial | ble (through the software radio)
+    link: str = "serial"  # serial | ble (through the software radio) | mixed (the demo's: serial and BLE in turn)
     fragment_loss: float = 0.0  # ble: probability that a notification is lost on air
     disconnect_every_s: float = 0.0  # ble: mean time between forced disconnects
     air_capture: Path | None = None  # ble: what a sniffer would record, as JSON lines
     board_speed: str = "host"  # host, or a chip the firmware runs at the speed of (esp32, esp32-240, esp32s3)
+    updates: bool = False  # the demo: signed firmware updates pushed to the boards (agent/dev/demo_ota.py)
+    stop_after_updates: bool = False  # the demo: stop once they have ended (at most `seconds`)
 
 
 def board_specs(opts: SimOptions, air: Air | None = None) -> list[boards.BoardSpec]:
     return [boards.BoardSpec("pb-sim%02d" % (i + 1), ecg=opts.ecg, ppg=opts.ppg, spo2_pct=opts.spo2_pct,
                              seed=i + 1, ppm={"max30003": 15 * (i + 1), "max30102": -20 * (i + 1)},
-                             link=opts.link, air=str(air.board_path) if air else "", board_speed=opts.board_speed)
+                             link=_link(opts.link, i), air=str(air.board_path) if air else "",
+                             board_speed=opts.board_speed)
             for i in range(opts.boards)]
 
 
+def _link(link: str, i: int) -> str:
+    """Board i's link: mixed puts the first board on serial, the second on BLE, and so on."""
+    if link == "mixed":
+        return "serial" if i % 2 == 0 else "ble"
+    return link
+
+
 def start_air(opts: SimOptions, directory: Path) -> Air | None:
-    """The software radio for --link ble, with the faults asked for."""
-    if opts.link != "ble":
+    """The software radio for --link ble or mixed, with the faults asked for."""
+    if opts.link not in ("ble", "mixed"):
         return None
     air = Air(directory, Faults(opts.fragment_loss, opts.disconnect_every_s, seed=1), capture=opts.air_capture)
     air.start()

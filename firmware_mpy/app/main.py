@@ -750,6 +750,7 @@ def run(board, until_ms=None):
         # that follows must not be reset by the watchdog.
         board.watchdog_idle()
         # For the technician (and the simulator's accounting), whatever stopped us.
-        board.console("\r\npulsebridge: stopped after %d frames built, %d awaiting an ack, %d dropped"
-                      % (app.frames_built, app.outbox.depth(), app.outbox.dropped))
+        # (Its boot epoch: a simulated board's boots, ended by an update's reboot, are told apart by it.)
+        board.console("\r\npulsebridge: stopped after %d frames built, %d awaiting an ack, %d dropped, boot epoch %d"
+                      % (app.frames_built, app.outbox.depth(), app.outbox.dropped, app.epoch))
     return app

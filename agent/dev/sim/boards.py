@@ -44,6 +44,9 @@ class BoardSpec:
     # The chip's unique id (machine.unique_id(); an ESP32's is its 6-byte base MAC): one per board.
     unique_id: bytes = field(default_factory=lambda: secrets.token_bytes(6))
     extra: dict[str, object] = field(default_factory=dict)
+    # The vendor's public keys (32 bytes each) the board installs updates signed by (pulsebridge/vendor.keys,
+    # as provisioning's --vendor-key writes them); empty: none written (it installs no update).
+    vendor_keys: bytes = b""
 
     def board_config(self) -> dict[str, object]:
         cfg: dict[str, object] = {"device_id": self.device_id, "link": self.link, "window_ms": self.window_ms,
@@ -77,6 +80,8 @@ def prepare(spec: BoardSpec, directory: Path, cache: Path) -> Path:
             write_private(flash / "device.key", spec.key)
         if spec.origin_key is not None:
             write_private(flash / "origin.key", spec.origin_key)
+        if spec.vendor_keys:  # public
+            (flash / "vendor.keys").write_bytes(spec.vendor_keys)
     sim: dict[str, object] = {
         "ppm": spec.ppm, "lead_off": spec.lead_off, "finger_off": spec.finger_off,
         "virtual_clock": spec.virtual_clock, "seed": spec.seed, "board_speed": spec.board_speed,

@@ -51,6 +51,7 @@ POWER_ON = "sim/power_on.py"
 # 2.4 kB header, and refused every bundle (no_memory).
 DEFAULT_HEAP_KB = 328
 _CONSOLE_TAIL = 8192
+_BOOT_TAIL = 1024  # of each boot ended by a reset, kept in SimulatedBoard.ended_boots
 # A stop waits for the board's answer, not for a fixed time: on a loaded machine a board may get
 # no CPU for seconds (then its stop summary came after the kill). A board that neither answers nor
 # waits for input within this bound is killed.
@@ -131,6 +132,10 @@ class SimulatedBoard:
         self._stopping = False
         self.dropped_bytes = 0  # board output lost while no one read the port
         self.resets = 0  # times its firmware reset the chip (an update's switch or rollback)
+        # The console's last text of each boot its firmware ended by a reset (up to _BOOT_TAIL bytes
+        # each): what the boot said last (its stop summary, why it reset), in order.
+        self.ended_boots: list[str] = []
+        self._boot_heard = 0  # _heard when the running boot's process started
         self.cable_connected = True  # False: the USB cable is cut, bytes go nowhere
         # False: the board stops reading its USB input (a firmware stuck with
         # USB still up): what the hub writes fills the OS buffers, then its
@@ -197,6 +202,8 @@ class SimulatedBoard:
 
     def _spawn(self, argv: list[str] | None = None) -> None:
         # argv: a power-up's, if not the soft reset's (self._argv).
+        with self._tail_lock:
+            self._boot_heard = self._heard
         self._ma, sa = pty.openpty()
         _board_tty(sa)
         self.proc = subprocess.Popen(
@@ -220,6 +227,11 @@ class SimulatedBoard:
         if not reset and not (self.blank and self.proc.returncode == 0):
             return False  # a crash or a kill stays dead, as a power cut does
         self.resets += int(reset)
+        if reset:
+            with self._tail_lock:
+                said = self._heard - self._boot_heard
+                self.ended_boots.append(bytes(self._tail[-min(said, _BOOT_TAIL):] if said > 0 else b"")
+                                        .decode("ascii", "replace"))
         try:
             os.close(self._ma)
         except OSError:
