@@ -20,7 +20,8 @@ format's own errors stay `protocols.errors.ProtocolError` (Local/Remote):
     ├── TransportError       agent/transports/base.py  .link
     │   └── TransportClosed
     ├── DeliveryError        agent/forwarders/base.py
-    │   └── RefusedError     .reason
+    │   ├── RefusedError     .reason
+    │   └── BrokerProtocolError  agent/forwarders/mqtt_codec.py
     ├── PasswordFileError    agent/status_page.py  .missing
     ├── ProvisionError       agent/provision/provision.py  .step
     ├── ReplError            agent/provision/rawrepl.py  .port, .output
