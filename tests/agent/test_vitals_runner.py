@@ -86,3 +86,81 @@ def test_frames_waiting_together_have_their_alerts_stored_in_one_commit(tmp_path
     assert commits == 1
     stored = sorted((d["device_id"], d["alert"], d["state"]) for d in rows)
     assert stored == [(d, "lead_off", "raised") for d in devices]
+
+
+def test_frames_that_come_while_the_runner_gathers_join_its_turn(tmp_path: Path) -> None:
+    # At 20 boards frames come 25 ms apart: the runner waits gather_s after a frame and feeds
+    # the engine the frames that came meanwhile in one turn (its work is cheaper in bursts),
+    # their alerts stored in one commit. Before, each frame was its own turn and commit.
+    devices = ["pb-%d" % i for i in range(5)]
+
+    async def scenario() -> tuple[list[dict[str, object]], int, int]:
+        store = Store(tmp_path / "store.db", ["b"])
+        store.open()
+        store.start()
+        rules = (Rule("lead_off", "lead_off", high=0.5, min_duration_s=0.0),)
+        runner = VitalsRunner(store, VitalsEngine(AlertEngine(rules)), lambda _: True, gather_s=3.0)
+        before = store.stats.commits
+        task = asyncio.create_task(runner.run())
+        try:
+            runner.offer(_ecg(devices[0], 0, flags=messages.FLAG_LEAD_OFF))
+            await async_wait_for(runner.queue.empty, 30, "the runner taking the first frame")
+            turns = runner.turns
+            for dev in devices[1:]:
+                runner.offer(_ecg(dev, 0, flags=messages.FLAG_LEAD_OFF))
+            await async_wait_for(lambda: runner.made == len(devices), 30, "an alert per board stored",
+                                 lambda: runner.made)
+            commits = store.stats.commits - before
+            reader = store.reader()
+            try:
+                rows = Store.recent_alerts(reader, 100)
+            finally:
+                reader.close()
+        finally:
+            task.cancel()
+            store.close()
+        return rows, commits, runner.turns - turns
+
+    rows, commits, turns = asyncio.run(scenario())
+    assert commits == 1 and turns <= 1
+    assert sorted(d["device_id"] for d in rows) == devices
+
+
+def test_a_device_erased_between_two_frames_of_a_turn_leaves_nothing(tmp_path: Path) -> None:
+    # The loop runs other work between the frames of a turn, `pulsebridge erase` too: what the
+    # erased board's earlier frames of that turn made (an alert here) must not be stored after
+    # forget. The erase is made to happen just as the runner comes to the second frame.
+    async def scenario() -> tuple[list[dict[str, object]], VitalsRunner]:
+        store = Store(tmp_path / "store.db", ["b"])
+        store.open()
+        store.start()
+        rules = (Rule("lead_off", "lead_off", high=0.5, min_duration_s=0.0),)
+        known = {"pb-gone", "pb-stays"}
+
+        def registered(dev: str) -> bool:
+            if dev == "pb-stays" and "pb-gone" in known:  # erased between the two frames
+                known.discard("pb-gone")
+                runner.forget("pb-gone")
+            return dev in known
+
+        runner = VitalsRunner(store, VitalsEngine(AlertEngine(rules)), registered, gather_s=0.0)
+        runner.offer(_ecg("pb-gone", 0, flags=messages.FLAG_LEAD_OFF))
+        runner.offer(_ecg("pb-stays", 0, flags=messages.FLAG_LEAD_OFF))
+        task = asyncio.create_task(runner.run())
+        try:
+            await async_wait_for(lambda: runner.made >= 1, 30, "the remaining board's alert stored",
+                                 lambda: runner.made)
+            reader = store.reader()
+            try:
+                rows = Store.recent_alerts(reader, 100)
+            finally:
+                reader.close()
+        finally:
+            task.cancel()
+            store.close()
+        return rows, runner
+
+    rows, runner = asyncio.run(scenario())
+    assert [(d["device_id"], d["alert"]) for d in rows] == [("pb-stays", "lead_off")]
+    assert runner.made == 1 and "pb-gone" not in runner.last_vitals
+    assert not [k for k in runner.waves if k[0] == "pb-gone"] and "pb-gone" not in runner.engine.last_seen
