@@ -139,6 +139,13 @@ def describe(update: dict[str, Any] | None) -> str:
     return "update%s: %s" % (version, update["state"] if update else "")
 
 
+def _seen(record: dict[str, Any], state: str) -> dict[str, float]:
+    """The record's "seen" ({state: when first heard, Unix time}) with state added."""
+    seen = dict(record.get("seen") or {})
+    seen.setdefault(state, time.time())
+    return seen
+
+
 def final(state: str) -> bool:
     """True for a state after which the board takes no more of this bundle."""
     return state in FINAL or state.startswith("refused") or state.startswith("rolled_back")
@@ -169,11 +176,18 @@ class Pusher:
         self.total: int | None = None  # the spooled bundle's size
         self.name = ""  # its version's name (manifest)
 
-    def on_state(self, device_id: str, m: messages.UpdateState) -> None:
+    def on_state(self, device_id: str, m: messages.UpdateState) -> bool:
+        """The board's report of where its update stands. Returns False for one that is not of the
+        spooled bundle (ignored): an outcome (confirmed, rolled back) heard before this bundle was
+        checked and installed is the board saying again that of an earlier update (it does for a
+        minute); taken for this one, it ended the push (the bundle unspooled) as it began."""
         state = m.state
         prev = read_state(self.dir.parent, device_id) or {}  # (this session may not have loaded the bundle yet)
-        if state == "refused:on_trial" and (self.state or prev.get("state")) in ("verifying",) + ON_TRIAL:
+        stood = self.state or str(prev.get("state", ""))
+        if state == "refused:on_trial" and stood in ("verifying",) + ON_TRIAL:
             state = "on_trial"  # this bundle, installed and rebooted into before its "installed" was heard
+        if state in FINAL and stood not in ("verifying",) + ON_TRIAL + FINAL:
+            return False
         self._measure(m.offset)
         self.offset, self.state = m.offset, state
         if self.next_offset < m.offset:
@@ -183,7 +197,9 @@ class Pusher:
         self._record(device_id, {"device_id": device_id, "offset": m.offset, "state": state, "epoch": m.epoch,
                                  "at": time.time(), "total": total,
                                  "version": self.name or prev.get("version"),
-                                 "trial_seen": bool(prev.get("trial_seen")) and state in ON_TRIAL})
+                                 "trial_seen": bool(prev.get("trial_seen")) and state in ON_TRIAL,
+                                 "seen": _seen(prev, state)})
+        return True
 
     def on_hello(self, device_id: str, firmware: str) -> str | None:
         """A boot's hello (the release it runs). A board that runs the new version is on trial with it
@@ -202,6 +218,7 @@ class Pusher:
             prev.update(state="rolled_back", trial_seen=False, at=time.time())
         else:
             return None
+        prev["seen"] = _seen(prev, str(prev["state"]))
         if self.total == prev.get("total"):
             self.state = str(prev["state"])
         self._record(device_id, prev)

@@ -450,7 +450,10 @@ class BoardSession:
         elif isinstance(m, messages.UpdateState) and r.verdict == hub.ACCEPTED:
             state, total, name = m.state, None, ""
             if self.pusher is not None and r.device_id:
-                self.pusher.on_state(r.device_id, m)
+                if not self.pusher.on_state(r.device_id, m):
+                    log.info("%s firmware update: the board says again %s, of an earlier update", st.device_id,
+                             m.state)
+                    return out  # (acknowledged as any message; not this update's state)
                 state, total, name = self.pusher.state, self.pusher.total, self.pusher.name
             if st.update is None or st.update["state"] != state:
                 log.info("%s firmware update: %s (byte %d)", st.device_id, state, m.offset)

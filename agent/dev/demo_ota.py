@@ -82,6 +82,7 @@ class Push:
     link: str
     release: Release
     pushed_at: float | None = None  # time.monotonic()
+    pushed_wall: float = 0.0  # time.time() then
     epoch_at_push: int = 0  # the board's newest boot epoch (with frames stored) when pushed
     # The firmware its hello named when pushed ("": none heard; a serial board's boot hello goes before
     # the hub opens its port, and is lost)
@@ -147,12 +148,14 @@ class UpdatePlan:
             except (OSError, ota.PushError) as e:
                 p.outcome, p.ended_s = "failed:%s" % e, 0.0
                 return
-            p.pushed_at, p.epoch_at_push, p.before = now, newest, self._firmware(dev)
+            p.pushed_at, p.pushed_wall, p.epoch_at_push, p.before = now, time.time(), newest, self._firmware(dev)
             return
         t = round(now - p.pushed_at, 1)
-        state = str((ota.read_state(self.agent.cfg.run_dir, dev) or {}).get("state", ""))
-        if state and state not in p.states_s:
-            p.states_s[state] = t
+        record = ota.read_state(self.agent.cfg.run_dir, dev) or {}
+        state = str(record.get("state", ""))
+        seen = record.get("seen")
+        if isinstance(seen, dict):  # each state the hub heard of this bundle, when first heard
+            p.states_s = {str(k): round(max(0.0, float(v) - p.pushed_wall), 1) for k, v in seen.items()}
         later = {e: n for e, n in boots.items() if e > p.epoch_at_push}
         if later and p.new_boot_s is None:
             p.new_boot_s = t

@@ -263,7 +263,14 @@ class Updater:
         part = self.spare + "/" + PART
         have = size(part)
         if have < 0 or read(self.spare + "/" + TOTAL) != b"%d" % total:
-            # A new bundle: the spare slot is cleared of whatever it held.
+            # A new bundle: the spare slot is cleared of whatever it held,
+            # and the last update's outcome is said no more: said during
+            # this one, the hub took it for this one's (and a trial boot of
+            # this one said boot.rolled_back's again).
+            self.final = None
+            if self.pending is not None and self.pending[1] in ("confirmed", "rolled_back"):
+                self.pending = None
+            remove(ROLLED_BACK)
             fifos = self.app._read_fifos
             fifos()
             rmtree(self.spare)

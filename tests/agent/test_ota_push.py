@@ -21,6 +21,7 @@ from agent.dev.sim import boards
 from agent.provision import build
 from agent.store import KIND_FRAME, KIND_ORIGIN, Store
 from agent.supervisor import Agent
+from protocols import messages
 from tests.agent import harness
 from tests.conftest import ROOT
 from tests.waiting import async_wait_for
@@ -327,3 +328,25 @@ def test_a_power_cut_at_each_step_of_an_update_leaves_a_board_that_boots_and_str
         db.close()
     acked = harness.acked(board)
     assert acked and not acked - stored, sorted(acked - stored)[:5]
+
+
+def test_an_earlier_updates_outcome_said_again_does_not_end_the_next_push(tmp_path: Path) -> None:
+    # A board says an update's outcome (rolled back, confirmed) again every 10 s for a minute. A
+    # bundle pushed meanwhile (the demo's good release after its broken one) heard it as its own:
+    # the push ended at once ("rolled_back"), its bundle unspooled while the board was receiving it.
+    data = release.make_bundle({"app/main.py": b"# 200\n" * 50}, 200, "pulsebridge-fw 200", 0, "esp32", VENDOR)
+    run_dir, dev = tmp_path / "run", "pb-t01"
+    ota.spool(run_dir, dev, data)
+    pusher = ota.Pusher(run_dir, send=None, board=lambda: (dev, 1), hub_=None)  # type: ignore[arg-type]
+    pusher.total = len(data)
+    assert pusher.on_state(dev, messages.UpdateState(1, 5, 256, "receiving"))
+    assert not pusher.on_state(dev, messages.UpdateState(1, 6, 0, "rolled_back"))  # the earlier update's
+    assert ota.read_state(run_dir, dev)["state"] == "receiving"  # type: ignore[index]
+    assert (run_dir / "ota" / (dev + ".bin")).exists()
+    # This bundle's own outcome, once it was checked and installed, ends the push.
+    for state in ("verifying", "installed", "rolled_back"):
+        assert pusher.on_state(dev, messages.UpdateState(2, 7, len(data) if state != "rolled_back" else 0, state))
+    record = ota.read_state(run_dir, dev)
+    assert record is not None and record["state"] == "rolled_back"
+    assert list(record["seen"]) == ["receiving", "verifying", "installed", "rolled_back"]  # type: ignore[call-overload]
+    assert not (run_dir / "ota" / (dev + ".bin")).exists()

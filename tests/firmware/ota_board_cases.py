@@ -363,3 +363,23 @@ def test_a_rolled_back_version_is_reported_to_the_hub_for_a_minute():
     assert ota.size(ota.ROLLED_BACK) < 0 and app.update is None and b.ticks_ms() < 70000
     b, app, link = _app()
     assert app.update is None  # said, then no more
+
+
+def test_a_new_update_ends_the_reports_of_the_last_ones_outcome():
+    # The demo pushed its good release seconds after its broken one rolled back: the board said
+    # "rolled_back" again during the new push (the hub took it for the new bundle's outcome and
+    # ended the push), and boot.rolled_back, still there, made the new version's trial boot say
+    # it again.
+    b, app, link = _trial_board()
+    assert boot.choose() == ("a", False)  # reset before it confirmed itself
+    b, app, link = _app()
+    app.step()
+    assert [s.state for s in _states(link)] == ["rolled_back"]
+    try:
+        _push(b, app, link, _read("bundles/good.bin"), lambda s: s.state.startswith("refused"))
+        raise AssertionError("not installed: %r" % _states(link)[-2:])
+    except Reboot:
+        pass
+    states = [s.state for s in _states(link)]
+    assert states.count("rolled_back") == 1 and states[-1] == "installed", states
+    assert ota.size(ota.ROLLED_BACK) < 0  # its trial boot will not say it again
