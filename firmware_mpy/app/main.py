@@ -54,6 +54,16 @@ _UPDATE_MODULES = (("app", "ota"), ("protocols", "bundle"), ("protocols", "ed255
                    ("protocols", "cbor_items"))
 _CHIPS = {fields.STREAM_ECG_MAX30003: "MAX30003", fields.STREAM_ECG_AD8232: "AD8232",
           fields.STREAM_PPG_MAX30102: "MAX30102"}
+# The small messages that must not be lost to a link busy with a frame (the
+# hello, the time answer, the status): each a bit of App.due, set until the
+# link takes it (_send_due, in this order; the error reports after them, from
+# their own bounded list). Each is built only then, with the seq it spends:
+# a bounded set, nothing allocated, nothing sent twice, no seq skipped.
+_DUE_HELLO = const(1)
+_DUE_TIME = const(2)
+_DUE_STATUS = const(4)
+_DUE_REPORTS = const(8)  # (not in App.due: faults.Reports holds them)
+_DUE_ALL = const(15)
 
 
 class App:
@@ -129,7 +139,7 @@ class App:
                     self.hr = HeartRate(st.rate_hz)
         self.frames_built = 0
         self.downlink_rejected = 0
-        self._time_nonce = -1  # a time request read in place, not answered yet
+        self._time_nonce = 0  # the time request's, answered when _DUE_TIME goes
         self.firmware = firmware
         # A firmware update (app/ota.py, imported only then): installing one,
         # or this boot's version on trial. acked_ms: when an ack last came.
@@ -151,8 +161,7 @@ class App:
         self._link_fault = getattr(self.link, "take_fault", None)  # a fake link may have none
         self.wdt = None
         self.next_status_ms = ticks.add(now, cfg["status_every_ms"])
-        self.status_due = False  # a status to send as soon as the link takes it
-        self.hello_due = False  # a hello (after a reconnection) likewise
+        self.due = 0  # the small messages waiting for the link (_DUE_*)
         self._woken = self._any_ready  # bound once: the idle loop calls it often
         self._gc_below = _GC_HEADROOM
         self._gc_checked_ms = now
@@ -186,48 +195,61 @@ class App:
         messages.encode(self._small(), msg)
         return self._seal_small()
 
+    def _send_due(self, now, which):
+        # Sends the small messages due among which (_DUE_*), the error
+        # reports last, while the link takes them: each is built just before,
+        # with the seq it spends once the link took it. A link busy with a
+        # frame is not tried: they go at a later turn. The FIFOs are drained
+        # after each (a status and a checkpoint, both due every 10 s, take
+        # ~30 ms on a chip). Returns the time after (now if nothing went).
+        link = self.link
+        reports = self.reports
+        while link.connected and not link.busy():
+            due = self.due & which
+            bit = due & -due  # the lowest bit set: hello, time answer, status in turn
+            if bit == _DUE_HELLO:
+                self.hello()
+            elif bit == _DUE_TIME:
+                self.time_answer()
+            elif bit == _DUE_STATUS:
+                self.status()
+            elif which & _DUE_REPORTS and reports.pending:
+                code, text = reports.first()
+                fields.encode_error_report(self._small(), self.epoch, self.seq, code, text)
+            else:
+                break
+            if not self._seal_small():
+                break  # (stalled: it stays due, its seq unused)
+            self.seq += 1
+            if bit:
+                self.due &= ~bit
+            else:
+                reports.done()
+            now = self._drain()
+        return now
+
+    # The small messages' payloads, built into _small() at self.seq.
     def hello(self):
         # The uptime in halves, as status() sends it: one int past 2**30 ms
         # (12.4 days up) would be a heap int on the chip.
-        # True once the link took it (its seq spent only then), as status().
-        if self.link.busy():
-            return False
         up = self.board.refresh_uptime()
         fields.encode_hello(self._small(), self.epoch, self.seq, self.firmware, up.lo,
                               [(s.stream_id, s.rate_hz) for s in self.streams], up.hi)
-        if not self._seal_small():
-            return False
-        self.seq += 1
-        return True
 
     def status(self):
         # Times on the wire (tick_ms, t0_ms) are ms since boot, never wrapping,
         # in halves (app.ticks.Uptime). Field-wise, every status period:
         # nothing allocated, for any uptime.
-        # True once the link took it; its seq is spent only then. A link
-        # still busy with a frame is not tried (step() tries again next turn).
-        if self.link.busy():
-            return False
         up = self.board.refresh_uptime()
         fields.encode_status(self._small(), self.epoch, self.seq, up.lo, self.outbox.depth(),
                                self.outbox.dropped, gc.mem_free(), up.hi, self.unique_id)
         self._read_fifos()  # (the free heap's walk and the encoding: 6 ms at esp32 speed, the seal as long)
-        if not self._seal_small():
-            return False
-        self.seq += 1
-        return True
 
-    def _answer_time(self):
-        # The answer to the hub's time request (one a minute), as status():
-        # nothing allocated. Sent once the link takes it (it may be busy with
-        # a frame's fragments): the time in it is when it goes.
-        if not self.link.connected:
-            return
+    def time_answer(self):
+        # The answer to the hub's time request (one a minute): nothing
+        # allocated. The time in it is when it goes.
         up = self.board.refresh_uptime()
         fields.encode_time_response(self._small(), self.epoch, self.seq, self._time_nonce, up.lo, up.hi)
-        if self._seal_small():
-            self.seq += 1
-            self._time_nonce = -1
 
     def build_frame(self, k, st, count):
         sensor = st.sensor
@@ -337,8 +359,9 @@ class App:
                 self.acked_ms = self.board.ticks_ms()
             return
         if r == acks.TIME_REQUEST:
-            self._time_nonce = self.acks.nonce  # answered by step(), at once if the link is free
-            self._answer_time()
+            self._time_nonce = self.acks.nonce
+            self.due |= _DUE_TIME
+            self._send_due(0, _DUE_TIME)  # at once if the link is free
             return
         if r == acks.UPDATE_CHUNK:
             a = self.acks
@@ -365,9 +388,9 @@ class App:
         elif isinstance(m, messages.EpochResync):
             self._resync(m)
         elif isinstance(m, messages.TimeRequest):  # (one the in-place reader declined: a large nonce)
-            up = self.board.refresh_uptime()
-            fields.encode_time_response(self._small(), self.epoch, self._seq(), m.nonce, up.lo, up.hi)
-            self._seal_small()
+            self._time_nonce = m.nonce
+            self.due |= _DUE_TIME
+            self._send_due(0, _DUE_TIME)
         elif isinstance(m, messages.Command):
             if m.epoch != self.epoch or m.nonce <= self.last_command:
                 self.downlink_rejected += 1  # replayed or meant for another boot
@@ -376,7 +399,7 @@ class App:
             if m.name == "stop":
                 self.running = False
             elif m.name == "status":
-                self.status_due = True  # sent by step(), once the link takes it
+                self.due |= _DUE_STATUS  # sent by step(), once the link takes it
         elif isinstance(m, messages.UpdateChunk):  # (one the in-place reader declined)
             self._update_chunk(m.epoch, m.offset, m.total, m.data, 0, len(m.data))
 
@@ -396,7 +419,8 @@ class App:
     def _resync(self, m):
         from app import resync
 
-        resync.resync(self, m)
+        if resync.resync(self, m):
+            self.due |= _DUE_HELLO  # under the new epoch
 
     def _reseal_step(self):
         from app import resync
@@ -436,10 +460,9 @@ class App:
             now = self._drain()
         if self.link.service():
             self.outbox.resend_all()  # reconnected: resend what was in flight
-            self.hello_due = True
-        if self.hello_due and self.link.connected and self.hello():  # due until the link takes it
-            self.hello_due = False
-            now = self._drain()
+            self.due |= _DUE_HELLO
+        if self.due & _DUE_HELLO:  # before the frames: after a reconnection they would take the link first
+            now = self._send_due(now, _DUE_HELLO)
         if self.link.connected and not self.reseal_due:  # the old epoch's frames would only be refused
             ob = self.outbox
             for _ in range(_MAX_SENDS_PER_LOOP):
@@ -462,16 +485,13 @@ class App:
         if ticks.diff(now, self.next_status_ms) >= 0:
             self.next_status_ms = ticks.add(now, self.cfg["status_every_ms"])
             self.board.refresh_uptime()  # also keeps an uptime built from wrapping ticks counting
-            self.status_due = True
-        # Due until the link takes it: a status due as a frame goes out (both
-        # paced by the sensor's clock, so at the same moment run after run)
-        # was dropped every time, and the hub never heard the chip's id.
-        if self.status_due and self.link.connected and self.status():
-            self.status_due = False
-            now = self._drain()  # (a status and a checkpoint, both due every 10 s, take ~30 ms on a chip)
-        if self._time_nonce >= 0:
-            self._answer_time()
+            # Due until the link takes it: a status due as a frame goes out
+            # (both paced by the sensor's clock, so at the same moment run
+            # after run) was dropped every time, and the hub never heard the
+            # chip's id.
+            self.due |= _DUE_STATUS
         self._report_faults()
+        now = self._send_due(now, _DUE_ALL)  # (after the downlink: an epoch resync comes before the reports)
         if self.origin is not None and self.origin.due(now):
             self._checkpoint(self.origin, now)
             self._drain()
@@ -602,17 +622,11 @@ class App:
                          % (g.names[k], ticks.diff(now, g.down_since_ms[k]), lost))
 
     def _report_faults(self):
+        # The link's fault, if any, among the reports (_send_due sends them).
         if self._link_fault is not None:
             why = self._link_fault()
             if why:
                 self.reports.add(faults.ERR_LINK_FAULT, why)
-        while self.link.connected and self.reports.pending:
-            code, text = self.reports.first()
-            fields.encode_error_report(self._small(), self.epoch, self.seq, code, text)
-            if not self._seal_small():
-                return  # the link is busy or stalled: the report waits (its seq unused)
-            self.seq += 1
-            self.reports.done()
 
     def _loop_failed(self, e):
         # An exception nothing else caught ended this iteration: the loop
@@ -631,7 +645,7 @@ class App:
             self.reports.add(faults.ERR_EPOCH_RESYNC, "epoch file held %r: started over at %d"
                              % (self._epoch_unreadable, self.epoch))
             self._epoch_unreadable = None
-        self.hello_due = not self.hello()  # before the sensors start: from then on their FIFOs fill
+        self.due |= _DUE_HELLO  # the first step says it
         for k in range(len(self.streams)):
             st = self.streams[k]
             try:

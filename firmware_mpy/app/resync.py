@@ -16,7 +16,7 @@ def resync(app, m):
     # back): move past the newest epoch it has seen, durably first, and
     # send what it never acknowledged again as new frames (SPEC.md, Epoch
     # resync). Only for our current epoch, and only ever forward: a
-    # replayed resync does nothing more.
+    # replayed resync does nothing more. True if it moved (a hello is due).
     old = app.epoch
     if m.refused_epoch != old or m.newest_epoch < old:
         return
@@ -40,7 +40,7 @@ def resync(app, m):
                       % (old, m.newest_epoch, epoch))
     app.reports.add(faults.ERR_EPOCH_RESYNC, "epoch %d refused (hub has %d; epoch file lost?): now %d, "
                     "resending %d frames" % (old, m.newest_epoch, epoch, app.outbox.depth()))
-    app.hello_due = not app.hello()
+    return True
 
 
 def reseal_step(app):

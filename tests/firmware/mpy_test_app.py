@@ -401,14 +401,15 @@ def test_the_ecg_fifo_is_read_while_a_ppg_frame_is_built():
 def test_the_fifos_are_read_after_a_status_message():
     # A status message (and an origin checkpoint, due as often) takes ~15 ms
     # each on a chip; here the status takes 40 ms of the board's clock and
-    # the fault reports after it 40 ms more: the ECG FIFO is read between.
+    # the fault report after it 40 ms more: the ECG FIFO is read between.
     b, app, link = _board_with({}, {})
     _run_until(b, app, 500)
     _, ecg = _stream(app, messages.STREAM_ECG_MAX30003)
     model = b.models["max30003"]
     ecg.ready = True
     app._read_fifos()
-    status, report = app.status, app._report_faults
+    app.reports.add(main.faults.ERR_SENSOR_FAULT, "a report to send")
+    status, report = app.status, main.fields.encode_error_report
     held = []
 
     def slow(fn):
@@ -420,9 +421,12 @@ def test_the_fifos_are_read_after_a_status_message():
         return run
 
     app.status = slow(status)
-    app._report_faults = slow(report)
+    main.fields.encode_error_report = slow(report)
     app.next_status_ms = b.ticks_ms()
-    app.step()
+    try:
+        app.step()
+    finally:
+        main.fields.encode_error_report = report
     assert len(held) == 2 and held[1] > held[0], held
     assert model.lost == 0, model.lost
 
@@ -454,6 +458,31 @@ def test_a_status_due_while_the_link_is_busy_goes_once_the_link_takes_it():
     assert messages.T_STATUS in sent, sent
     status = [r for r in link.received if r.message.kind == messages.T_STATUS]
     assert status and status[-1].verdict == hub.ACCEPTED and status[-1].message.seq >= seq, status
+
+
+def test_a_time_request_with_a_large_nonce_is_answered_once_a_busy_link_takes_it():
+    # A nonce past 2^30 is declined by the in-place reader and decoded: that
+    # path answered at once whatever the link said, spending the seq of an
+    # answer a busy link never took (lost, and a gap in the seqs).
+    b, app, link = _board_with({}, {})
+    _run_until(b, app, 500)
+    busy = [True]
+    send = link.send
+    link.send = lambda buf, n, off=0: False if busy[0] else send(buf, n, off)
+    link.busy = lambda: busy[0]
+    link.hub._nonce = 1 << 40
+    nonce, req = link.hub.time_request(link.device_id, 0)
+    seq = app.seq
+    app.on_downlink(req)
+    assert app.seq == seq  # nothing went: no seq spent
+    busy[0] = False
+    end = b.ticks_ms() + 50
+    while b.ticks_ms() < end:
+        app.step()
+        b.sleep_ms(app.cfg["poll_ms"])
+    answers = [r for r in link.received if r.message.kind == messages.T_TIME_RESPONSE]
+    assert answers and answers[0].message.nonce == nonce and answers[0].verdict == hub.ACCEPTED, answers
+    assert answers[0].message.seq == seq, (answers[0].message.seq, seq)
 
 
 def test_a_hello_after_a_reconnection_waits_for_a_busy_link_instead_of_being_dropped():
@@ -608,7 +637,8 @@ def test_the_fifos_are_read_between_a_status_messages_encoding_and_its_seal():
     main.fields.encode_status = slow(encode)
     app.up.seal_written = slow(seal)
     try:
-        app.status()
+        app.on_downlink(link.hub.command(link.device_id, app.epoch, 1, "status"))  # due: sent by the next step
+        app._send_due(b.ticks_ms(), 4)  # (main._DUE_STATUS)
     finally:
         main.fields.encode_status = encode
         del app.up.seal_written
