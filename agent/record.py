@@ -10,6 +10,8 @@ protocols/ and agent/ingest.py only).
 
 from __future__ import annotations
 
+import functools
+import math
 import struct
 import time
 from dataclasses import dataclass
@@ -91,7 +93,8 @@ class FrameRecord:
 
     @property
     def channel_names(self) -> tuple[str, ...]:
-        return CHANNEL_NAMES.get(self.stream, tuple("ch%d" % i for i in range(len(self.channels))))
+        names = CHANNEL_NAMES.get(self.stream)
+        return names if names is not None else tuple("ch%d" % i for i in range(len(self.channels)))
 
     @property
     def unit(self) -> str:
@@ -225,13 +228,27 @@ def stored_fifo_lost(header: dict[str, Any] | None, samples: bytes | None) -> in
 
 
 def _cumulated(first: npt.NDArray[Any], steps: npt.NDArray[Any], count: int) -> tuple[Samples, ...]:
-    # Each channel's samples from its first sample and its steps.
-    values = np.empty((len(first), count), dtype=np.int64)
+    # Each channel's samples from its first sample and its steps, summed in place in int32:
+    # wrapping sums are exact modulo 2^32, so every sample that fits int32 (SPEC.md bounds
+    # them all to it) comes out right without an int64 pass and its copy.
+    values = np.empty((len(first), count), dtype=np.int32)
     values[:, 0] = first
     values[:, 1:] = steps
-    return tuple(np.cumsum(values, axis=1).astype(np.int32))
+    np.cumsum(values, axis=1, out=values)
+    return tuple(values)
 
 
 def iso_ms(t: float) -> str:
     """UTC seconds as ISO 8601 with milliseconds: 2026-01-02T03:04:05.678Z."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % int(t * 1000 % 1000)
+    return _utc_second(math.floor(t)) + ".%03dZ" % int(t * 1000 % 1000)
+
+
+def iso_s(t: float) -> str:
+    """UTC seconds as ISO 8601 to the second: 2026-01-02T03:04:05Z."""
+    return _utc_second(math.floor(t)) + "Z"
+
+
+@functools.lru_cache(maxsize=1024)
+def _utc_second(s: int) -> str:
+    # Formatted once a second of time, not once a document (a backlog's frames share their seconds).
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s))

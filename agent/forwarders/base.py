@@ -21,7 +21,7 @@ import orjson
 
 from agent.config import BackendConfig
 from agent.errors import PulsebridgeError
-from agent.record import FrameRecord, iso_ms
+from agent.record import FrameRecord, iso_ms, iso_s
 from agent.store import KIND_ALERT, KIND_GAP, KIND_ORIGIN, KIND_VITAL, Row, Store, StoreError, check_private
 from protocols import messages  # flags: constants, not the codec
 from protocols.errors import ProtocolError, RemoteProtocolError
@@ -118,7 +118,7 @@ def document(row: Row, hub_id: str, subject: str | None = None, binary: bool = F
     """The decoded form of a stored frame, with the original COSE bytes; subject is the
     patient reference given at provisioning (None: none known for this frame); binary,
     arrays: as frame_document() says."""
-    received = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row.received_at))
+    received = iso_s(row.received_at)
     if row.kind == KIND_GAP:
         doc: dict[str, Any] = {"type": "gap", "idempotency_key": idempotency_key(row), "hub_id": hub_id,
                                "received_at": received}
@@ -177,7 +177,7 @@ def frame_document(f: FrameRecord, hub_id: str, subject: str | None, received_at
         "channels": dict(zip(f.channel_names, f.channels if binary else (
             # orjson writes native-order, contiguous int32 arrays itself (as stored, no copy made).
             np.ascontiguousarray(ch, dtype=np.int32) if arrays else ch.tolist() for ch in f.channels))),
-        "received_at": received_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(f.received_at)),
+        "received_at": received_at or iso_s(f.received_at),
         "cose": f.raw if binary else base64.b64encode(f.raw).decode(),
     }
 
