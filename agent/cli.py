@@ -389,6 +389,12 @@ def _board_line(b: dict[str, Any], store: dict[str, Any] | None = None) -> str:
     dropped = (b.get("discarded") or {}).get("overflow", 0)
     if dropped:
         line += "; %d messages dropped (hub busy, the board resends them)" % dropped
+    if b.get("held_back"):
+        line += "; %d frames left on the board while the store could take no more (it sends them again)" % (
+            b["held_back"])
+    if b.get("board_dropped"):
+        line += "; %d frames dropped by the board unacknowledged (its outbox full: the oldest go)" % (
+            b["board_dropped"])
     return line
 
 

@@ -59,6 +59,9 @@ class Outcome:
     # Not judged yet: the store must be read first (off the event loop). The
     # session awaits it before its next message and takes its outcome instead.
     judging: asyncio.Future[Outcome] | None = None
+    # An authentic frame not taken (submit's hold_frames): nothing staged, nothing to send; the
+    # board keeps it, unacknowledged, and sends it again.
+    held: bool = False
 
     @property
     def acks(self) -> list[bytes]:
@@ -101,9 +104,12 @@ class Processor(abc.ABC):
     hub: hub.Hub
 
     @abc.abstractmethod
-    def submit(self, raw: bytes, link: str, to_utc: ToUtc | None = None) -> Outcome:
+    def submit(self, raw: bytes, link: str, to_utc: ToUtc | None = None, hold_frames: bool = False) -> Outcome:
         """Judges a message now, in arrival order (the replay window needs it);
-        storing it may finish later. to_utc maps the board's ticks to UTC ms."""
+        storing it may finish later. to_utc maps the board's ticks to UTC ms.
+        hold_frames: the session can take no more frames now (a store fault
+        filled its pipeline): an authentic frame or checkpoint is verified,
+        and neither staged nor acknowledged (Outcome.held)."""
 
     def registered_unique_id(self, device_id: str) -> bytes:
         """The chip id recorded for the device at provisioning; b"" if none is known."""
@@ -139,7 +145,7 @@ class Volatile(Processor):
     def __init__(self, hub_: hub.Hub) -> None:
         self.hub = hub_
 
-    def submit(self, raw: bytes, link: str, to_utc: ToUtc | None = None) -> Outcome:
+    def submit(self, raw: bytes, link: str, to_utc: ToUtc | None = None, hold_frames: bool = False) -> Outcome:
         r = self.hub.receive(raw)
         if r.verdict != hub.REJECTED and isinstance(r.message, (messages.SampleFrame, messages.OriginCheckpoint)):
             return Outcome(r, [], None, (r.device_id or "", r.message.epoch, r.message.seq), self.hub)
@@ -231,9 +237,13 @@ class Ingestor(Processor):
         # goes back at once, so the board moves its epoch on (SPEC.md).
         return Outcome(r, [r.reply] if r.reply is not None else [])
 
-    def submit(self, raw: bytes, link: str, to_utc: ToUtc | None = None) -> Outcome:
+    def submit(self, raw: bytes, link: str, to_utc: ToUtc | None = None, hold_frames: bool = False) -> Outcome:
         r = self.hub.receive(raw, commit=False)  # the window moves once the frame is stored
         m = r.message
+        if hold_frames and isinstance(m, (messages.SampleFrame, messages.OriginCheckpoint)) and (
+                r.verdict != hub.REJECTED or r.reason == "replay:" + replay.TOO_OLD):
+            # Authentic (new, in flight, or below the window): the board keeps it and sends it again.
+            return Outcome(r, [], held=True)
         if r.verdict == hub.REJECTED and r.reason == "replay:" + replay.TOO_OLD and r.device_id \
                 and isinstance(m, messages.SampleFrame):
             # Below the window: a retransmission of a frame we hold is a duplicate. Which

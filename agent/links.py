@@ -14,7 +14,8 @@ What happens to a link once found is the same for both, and lives here:
                     (capped, jittered; reset after STABLE_LINK_S up)
     CONNECTED ──nothing delivered for stall_s──> STALLED (the session is
     closed and reopened like any other failure; the link reads STALLED until
-    it delivers again)
+    it delivers again). A store fault is no stall: frames waiting on the
+    store do not count, and a board heard meanwhile is delivering all it can
 
     A port whose first identify_s bring no authentic message from an active
     registered board is let go and tried again only after RELEASE_RETRY_S
@@ -288,6 +289,10 @@ class LinkManager:
                 "firmware": st.firmware if st and st.firmware else link.firmware,  # as its last hello said
                 "update": st.update if st and st.update else link.update,  # agent/ota.py
                 "frames": st.frames if st else 0,
+                # frames heard but not taken while a store fault held the session's pipeline full
+                "held_back": st.held_back if st else 0,
+                # frames the board dropped unacknowledged (its outbox full: the oldest go first)
+                "board_dropped": st.board_dropped if st else 0,
                 "last_frame_at": st.last_frame_at if st and st.last_frame_at else link.last_frame_at,
                 "last_error": link.last_error, "ends": dict(link.ends),
                 "retry_in_s": round(max(0.0, link.next_try - now), 1) if state in (

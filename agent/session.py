@@ -86,6 +86,9 @@ class BoardStats:
     samples: dict[str, IntervalSet] = field(default_factory=dict)
     fifo_lost: int = 0  # samples the board's sensors reported lost
     board_dropped: int = 0  # frames the board reported dropping unacknowledged
+    # Authentic frames read while a store fault filled the pipeline: not taken, nothing acknowledged;
+    # the board keeps them and sends them again.
+    held_back: int = 0
     firmware: str = ""
     clock_drift_ppm: float | None = None
     clock_drift_uncertainty_ppm: float | None = None
@@ -179,7 +182,9 @@ class BoardSession:
     Watchdogs (None: off): identify_s, the longest wait after opening for a
     first authentic message; stall_s, the longest the session may deliver
     nothing: no authentic message heard, or the oldest frame waiting for its
-    ack (in the store, or on the wire) for that long.
+    ack (in the store, or on the wire) for that long; not while the store is
+    at fault (Processor.store_fault): the frames then wait on the store, and
+    the session reads on (_read).
 
     on_open and on_progress (called at each delivery: an ack written, or an
     authentic message other than a frame) let a link manager show the truth.
@@ -276,8 +281,13 @@ class BoardSession:
         try:
             while True:
                 raw = await self.transport.receive()
-                out = await self._judge(raw)
-                if out is not None:
+                # A store fault filled the pipeline: messages are still read and verified (the link
+                # stays alive, the board is never left writing to a hub that does not read), but
+                # frames are not taken and nothing new is queued; the board keeps its frames,
+                # unacknowledged, in its bounded outbox and sends them again once acks flow.
+                hold = self._pending.full() and self.processor.store_fault()
+                out = await self._judge(raw, hold)
+                if out is not None and not hold:
                     if self._acks_waiting_since is None:
                         self._acks_waiting_since = time.monotonic()
                     await self._pending.put(out)
@@ -320,6 +330,10 @@ class BoardSession:
             if now - self.heard_at > self.stall_s:
                 raise _Ended(END_STALLED, "nothing received for %.0f s" % (now - self.heard_at))
             waiting = self._acks_waiting_since
+            if waiting is not None and self.processor.store_fault():
+                # The frames wait on the store, not on the link (heard_at says whether the board
+                # is heard): their wait counts from when the store can write again.
+                self._acks_waiting_since = waiting = now
             if waiting is not None and now - waiting > self.stall_s:
                 raise _Ended(END_STALLED, "a frame waited %.0f s to be stored and acknowledged" % (now - waiting))
 
@@ -406,15 +420,22 @@ class BoardSession:
                 log.warning("%s: %s", st.device_id, fault)
         st.identity_fault = fault
 
-    async def _judge(self, raw: bytes) -> Outcome | None:
+    async def _judge(self, raw: bytes, hold: bool = False) -> Outcome | None:
         st = self.stats
         st.messages += 1
         if self.recorder is not None:
             self.recorder(raw)
-        out = self.processor.submit(raw, self.transport.name, self.timemap.to_utc_ms)
+        out = self.processor.submit(raw, self.transport.name, self.timemap.to_utc_ms, hold_frames=hold)
         if out.judging is not None:  # the store is read first (a frame below the window), off the loop
             out = await out.judging
         r = out.received
+        if out.held:  # authentic, heard; not taken (a store fault): the board sends it again
+            st.held_back += 1
+            if isinstance(r.message, messages.SampleFrame):  # what its outbox dropped meanwhile, shown now
+                st.board_dropped = max(st.board_dropped, r.message.status[2])
+            self.heard_at = time.monotonic()
+            self._progress()
+            return None
         if r.verdict == hub.REJECTED:
             st.rejects[r.reason] += 1
             if r.reason in _NOT_OURS and r.device_id and len(st.rejected_ids) < 8:

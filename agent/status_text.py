@@ -19,8 +19,8 @@ STATE_WORDS = {
 }
 # A connected board whose frames the store cannot write: heard, but nothing of it is kept.
 HELD_WORDS = "connected, its frames held: the store cannot write"
-# A stalled board while the store cannot write: the stall may be the store's (a frame waited that
-# long for its commit), not the board's; its last error says which.
+# A stalled board while the store cannot write: nothing heard from it (a frame waiting on the store
+# is not a stall); its last error says what.
 STALLED_HELD_WORDS = "stalled: nothing delivered while the store cannot write"
 
 

@@ -103,7 +103,12 @@ async def _async(fn: Any) -> Any:
 
 def board_state(agent: Agent, device_id: str) -> dict[str, Any]:
     """The agent's snapshot of one board's link ({} while it has none)."""
-    for b in agent.snapshot()["boards"]:
+    return board_state_in(agent.snapshot(), device_id)
+
+
+def board_state_in(snapshot: dict[str, Any], device_id: str) -> dict[str, Any]:
+    """One board's link in an agent's snapshot ({} if it has none)."""
+    for b in snapshot["boards"]:
         if b["device_id"] == device_id:
             return b  # type: ignore[no-any-return]
     return {}

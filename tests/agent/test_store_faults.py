@@ -368,3 +368,92 @@ def test_an_agent_restarted_on_a_full_card_serves_says_so_and_resumes_by_itself(
         assert seen["words"] == status_text.HELD_WORDS, seen["words"]
         acked, delivered, lost = _figures(hub)
         assert lost == 0 and acked > 0, (acked, delivered, lost)
+
+
+@pytest.mark.micropython
+@pytest.mark.slow
+def test_a_store_fault_keeps_the_boards_sessions_open_and_reading(
+        make_hub: Callable[..., Any], tmp_path: Path) -> None:
+    # A store fault is not a stalled board. Before: the session ended "stalled" ("a frame waited
+    # N s to be stored and acknowledged") every stall_s and was reopened, and while its pipeline
+    # was full the hub stopped reading the board's port. Now the session stays open and reads on,
+    # frames beyond the pipeline heard but left on the board, and it resumes once space is back.
+    from agent import status_text
+    from agent.cli import _board_line
+    from agent.supervisor import Agent
+    from tests.agent import harness
+    from tests.agent.test_links import _figures, _until
+
+    stall_s = 2.0  # the watchdog's bound, short for the test (20 s in service)
+    with small_filesystem(tmp_path / "card", 24 * 1024) as card:
+        hub = make_hub(1, webhook=True, data_dir=card)
+        sim = hub.board
+
+        async def scenario() -> dict[str, Any]:
+            agent = Agent(hub.cfg)
+            agent.links.stall_s = stall_s
+            async with harness.running(agent):
+                await _until(lambda: len(harness.acked(sim)) >= 3, 60, lambda: agent.snapshot()["boards"])
+                before = harness.board_state(agent, sim.device_id)
+                await asyncio.to_thread(fill, card / "filler")
+                await _until(lambda: agent.snapshot()["store"]["state"] == "fault", 60,
+                             lambda: agent.snapshot()["store"])
+                held = len(harness.acked(sim))
+                # past a full pipeline the port is still read; the fault outlasts the stall bound 4 times
+                await _until(lambda: harness.board_state(agent, sim.device_id).get("held_back", 0) >= 5
+                             and time.time() - (agent.snapshot()["store"]["fault_since"] or 0) > 4 * stall_s, 120,
+                             lambda: (agent.snapshot()["store"], agent.snapshot()["boards"]))
+                snap = agent.snapshot()
+                during = harness.board_state(agent, sim.device_id)
+                acked_during = len(harness.acked(sim))
+                (card / "filler").unlink()  # space is back
+                await _until(lambda: agent.snapshot()["store"]["state"] == "ok"
+                             and len(harness.acked(sim)) > held + 3, 60,
+                             lambda: (agent.snapshot()["store"], agent.snapshot()["boards"]))
+                await harness.finish(agent, hub.sims, 60)
+            return {"before": before, "during": during, "store": snap["store"], "held": held,
+                    "acked_during": acked_during, "link_ends": snap["link_ends"]}
+
+        seen = asyncio.run(scenario())
+        during = seen["during"]
+        assert "stalled" not in seen["link_ends"] and during["connects"] == seen["before"]["connects"], seen
+        assert status_text.board_state(during, seen["store"]) == status_text.HELD_WORDS, during
+        assert "frames left on the board while the store could take no more" in _board_line(during, seen["store"])
+        assert seen["acked_during"] == seen["held"], seen  # nothing acknowledged that was not stored
+        acked, delivered, lost = _figures(hub)
+        assert lost == 0 and acked > 0, (acked, delivered, lost)
+
+
+@pytest.mark.micropython
+@pytest.mark.slow
+def test_a_board_whose_outbox_overflows_during_a_store_fault_is_shown_dropping(
+        make_hub: Callable[..., Any], tmp_path: Path) -> None:
+    # The board's outbox is bounded (its RAM): a store fault that outlasts it makes the board drop
+    # its oldest frames, counted in every frame it sends. The hub shows the count while the fault
+    # lasts (frames heard, not taken, still carry it); before, it was in no status at all.
+    from agent.cli import _board_line
+    from agent.supervisor import Agent
+    from tests.agent import harness
+    from tests.agent.test_links import _until
+
+    with small_filesystem(tmp_path / "card", 24 * 1024) as card:
+        # a ring of 8 kB, a few seconds of frames: it overflows soon once nothing is acknowledged
+        hub = make_hub(1, webhook=True, data_dir=card, extra={"outbox_bytes": 8192})
+        sim = hub.board
+
+        async def scenario() -> dict[str, Any]:
+            async with harness.running(Agent(hub.cfg)) as agent:
+                await _until(lambda: len(harness.acked(sim)) >= 3, 60, lambda: agent.snapshot()["boards"])
+                await asyncio.to_thread(fill, card / "filler")
+                await _until(lambda: harness.board_state(agent, sim.device_id).get("board_dropped", 0) > 0, 120,
+                             lambda: (agent.snapshot()["store"], agent.snapshot()["boards"]))
+                snap = agent.snapshot()
+                (card / "filler").unlink()
+                await _until(lambda: agent.snapshot()["store"]["state"] == "ok", 60, lambda: agent.snapshot()["store"])
+                await harness.finish(agent, hub.sims, 60)
+            return snap
+
+        snap = asyncio.run(scenario())
+        assert snap["store"]["state"] == "fault", snap["store"]
+        board = harness.board_state_in(snap, sim.device_id)
+        assert "frames dropped by the board unacknowledged" in _board_line(board, snap["store"]), board
