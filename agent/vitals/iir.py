@@ -35,6 +35,10 @@ Array = npt.NDArray[np.float64]
 # Samples a block (above): larger blocks mean fewer Python steps a frame and larger
 # (L x L) products; 128 keeps both small for the sensors' 100- to 512-sample frames.
 SUB_BLOCK = 128
+# Frames of at most this many blocks (4096 samples) get each block's starting state from
+# two matrix products (maps made once per number of blocks, at most 2 x (32 x S)^2 values);
+# longer inputs (a whole recording) carry it block by block.
+CHAINED_BLOCKS = 32
 
 
 def butter_sos(order: int, cutoff_hz: float | tuple[float, float], btype: str, rate_hz: float) -> Array:
@@ -128,6 +132,7 @@ class SosCascade:
         self._zero_input_t = zero_input.T
         self._state_from_input_t = state_from_input.T
         self._powers_t = powers.transpose(0, 2, 1)  # (A^r).T
+        self._chains: dict[int, tuple[Array, Array]] = {}  # by blocks a frame (_chain)
 
     def _step(self, s: Array, x: float) -> tuple[Array, float]:
         # One sample through the sections (transposed direct form II): (state after, output).
@@ -139,6 +144,23 @@ class SosCascade:
             out[2 * i + 1] = b2 * u - a2 * v
             u = v
         return out, float(u)
+
+    def _chain(self, blocks: int) -> tuple[Array, Array]:
+        # For a frame of `blocks` blocks: the maps from the state before it (S x blocks*S) and
+        # from what each block adds (blocks*S x blocks*S) to each block's starting state.
+        made = self._chains.get(blocks)
+        if made is None:
+            s = self.order
+            decay = [np.eye(s)]
+            for _ in range(blocks):
+                decay.append(decay[-1] @ self._powers_t[SUB_BLOCK])  # (A^(jL)).T
+            from_state = np.hstack(decay[:blocks])
+            from_added = np.zeros((blocks * s, blocks * s))
+            for i in range(blocks):
+                for j in range(i + 1, blocks):
+                    from_added[i * s:(i + 1) * s, j * s:(j + 1) * s] = decay[j - 1 - i]
+            made = self._chains[blocks] = (from_state, from_added)
+        return made
 
     def filter(self, x: npt.ArrayLike, state: npt.ArrayLike) -> tuple[Array, Array]:
         """x: samples, shape (n,) or (rows, n); state: the state before them, (S,) or
@@ -159,12 +181,18 @@ class SosCascade:
         padded[..., :n] = dev
         parts = padded.reshape(a.shape[:-1] + (blocks, SUB_BLOCK))
         added = parts @ self._state_from_input_t  # (..., blocks, S): what each block adds to the state
-        states = np.empty(a.shape[:-1] + (blocks, self.order))
         e = s - level
-        decay_t = self._powers_t[SUB_BLOCK]
-        for j in range(blocks):
-            states[..., j, :] = e
-            e = e @ decay_t + added[..., j, :]
+        if blocks <= CHAINED_BLOCKS:
+            # Each block's starting state at once: A^(jL) e + the blocks before it, decayed.
+            from_state, from_added = self._chain(blocks)
+            states = (e @ from_state + added.reshape(a.shape[:-1] + (blocks * self.order,)) @ from_added
+                      ).reshape(a.shape[:-1] + (blocks, self.order))
+        else:  # a whole recording: block by block
+            states = np.empty(a.shape[:-1] + (blocks, self.order))
+            decay_t = self._powers_t[SUB_BLOCK]
+            for j in range(blocks):
+                states[..., j, :] = e
+                e = e @ decay_t + added[..., j, :]
         y = (parts @ self._toeplitz_t + states @ self._zero_input_t).reshape(padded.shape)[..., :n]
         y += c * self.dc_gain
         # The state after the last block's `last` samples (its padding is no input).

@@ -28,13 +28,13 @@ about 0.4 s after it happened, as a sample index on the sensor's clock.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
-from numpy.lib.stride_tricks import sliding_window_view
 
 from agent.vitals.iir import SosCascade, butter_sos
 
@@ -72,6 +72,8 @@ class RPeakDetector:
         self._mwi_tail = np.zeros(2)  # the integrator's last two values (local maxima across frames)
         self._slope_span = max(1, int(0.1 * fs))
         self._r_span = int(0.12 * fs) + self._win
+        self._slope_offsets = np.arange(self._slope_span)  # a window's samples, from its start
+        self._r_offsets = np.arange(self._r_span)
         self.n = 0  # samples seen
         self.spki = 0.0
         self.npki = 0.0
@@ -82,6 +84,10 @@ class RPeakDetector:
         self.last_beat = -10 ** 9
         self.last_slope = 0.0
         self.rr: deque[int] = deque(maxlen=RR_KEPT)
+        # Samples after the last beat past which the search back looks (1.66 RR averages);
+        # infinite until two RR intervals are known. Set at each beat (rr and last_beat change
+        # only there): the check runs for every candidate.
+        self._search_after = math.inf
         self._refractory = int(0.2 * fs)
         self._t_wave = int(0.36 * fs)
         self._cands: deque[tuple[int, float, int, float]] = deque(maxlen=64)  # since last beat: (n, mwi, r, slope)
@@ -121,9 +127,9 @@ class RPeakDetector:
             # Windows cut by the arrays' start are padded with values that never win.
             nows = (self.n - base) + peaks
             span, r_span = self._slope_span, self._r_span
-            slopes = sliding_window_view(np.concatenate([np.zeros(span - 1), slope_all]), span)[nows].max(axis=1)
-            rs = base + nows + 1 - r_span + sliding_window_view(
-                np.concatenate([np.full(r_span - 1, -1.0), np.abs(bp_all)]), r_span)[nows].argmax(axis=1)
+            slopes = np.concatenate([np.zeros(span - 1), slope_all])[nows[:, None] + self._slope_offsets].max(axis=1)
+            rs = base + nows + 1 - r_span + np.concatenate([np.full(r_span - 1, -1.0), np.abs(bp_all)])[
+                nows[:, None] + self._r_offsets].argmax(axis=1)
             for j, slope, r in zip(peaks.tolist(), slopes.tolist(), rs.tolist()):
                 k = self.n - 1 + j  # the integrator's maximum; decided at sample k + 1
                 self._search_back(k + 1, out)
@@ -172,21 +178,21 @@ class RPeakDetector:
         self.last_slope = slope
         self._cands.clear()
         out.append(r)
+        if len(self.rr) >= 2 and n >= 0:
+            self._search_after = 1.66 * (sum(self.rr) / len(self.rr))
 
     def _search_back(self, now: int, out: list[int]) -> None:
         # As of sample `now`: no beat for 1.66 RR averages, so the best candidate under the
         # threshold (over half of it) was a beat.
-        if len(self.rr) < 2 or self.last_beat < 0 or not self._cands:
+        if not self._cands or now - self.last_beat <= self._search_after:
             return
-        avg = sum(self.rr) / len(self.rr)
-        if now - self.last_beat > 1.66 * avg:
-            half = 0.5 * self.threshold
-            best = max((c for c in self._cands if c[1] > half and c[0] - self.last_beat >= self._refractory),
-                       key=lambda c: c[1], default=None)
-            if best is not None:
-                self._beat(best[0], best[2], best[1], best[3], out, 0.25)
-            else:
-                self._cands.clear()
+        half = 0.5 * self.threshold
+        best = max((c for c in self._cands if c[1] > half and c[0] - self.last_beat >= self._refractory),
+                   key=lambda c: c[1], default=None)
+        if best is not None:
+            self._beat(best[0], best[2], best[1], best[3], out, 0.25)
+        else:
+            self._cands.clear()
 
 
 def detect(samples: Iterable[float], rate_hz: float) -> list[int]:
