@@ -784,19 +784,20 @@ class Store:
                 self._open_writable(False, check=False)
             except (StoreError, sqlite3.Error, OSError) as e:
                 cause = e.__cause__ if isinstance(e, StoreError) and e.__cause__ is not None else e
+                self.stats.commit_failures += 1  # nothing can be committed: every job waits
                 self.fault = "cannot be opened for writing (%s: %s)%s" % (
                     type(cause).__name__, cause, disk_full_hint(self.path.parent) or ": is its disk failing?")
                 if attempts & (attempts - 1) == 0:  # 1, 2, 4, 8...: a bounded log
                     log.error("store %s: still %s after %d attempts; %d jobs held", self.path, self.fault, attempts,
                               self._q.qsize())
                 continue
+            was, self.read_only = self.read_only, None  # readers made from now on are live ones
             with self._held_lock:  # the look-ups' reader read the file as it stood: a live one from now on
                 if self._held_reader is not None:
                     self._held_reader.close()
                     self._held_reader = None
             log.warning("store %s: opened for writing after %.1f s open for reading only (%s)", self.path,
-                        time.time() - (self.fault_since or 0), self.read_only)
-            self.read_only = None
+                        time.time() - (self.fault_since or 0), was)
             self._storage_recovered()
             if self.on_commit is not None:  # the forwarders wait for it
                 self.on_commit()

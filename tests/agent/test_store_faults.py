@@ -5,6 +5,7 @@ import contextlib
 import errno
 import os
 import secrets
+import sqlite3
 import subprocess
 import threading
 import time
@@ -19,7 +20,7 @@ from agent.audit import AuditLog
 from agent.ingest import Ingestor
 from agent.registry import Registry
 from agent.status_server import read_status
-from agent.store import Ingest, Store
+from agent.store import Ingest, Store, StoreError
 from protocols import cipher, cose, messages
 from tests.conftest import IN_CI
 
@@ -90,6 +91,47 @@ def test_disk_full_holds_acks_then_ingest_resumes_by_itself(tmp_path: Path) -> N
             assert db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 420  # every acked frame stored
             db.close()
             assert s.integrity_check() == "ok"
+        finally:
+            s.close()
+
+
+def test_a_store_on_a_full_card_is_read_as_it_stands_holds_every_write_and_opens_by_itself(tmp_path: Path) -> None:
+    # A store closed cleanly (no WAL left), then the card full: it could not be opened at all
+    # ("disk I/O error": no room for the -shm file). Now it is read as it stands, every write is held
+    # (nothing acknowledged), and the writer opens it for writing once there is room; the look-ups'
+    # reader then sees what is committed after.
+    with small_filesystem(tmp_path / "card", 2048) as card:
+        s = Store(card / "store.db", ["b"], min_free_bytes=0, commit_interval_s=0)
+        s.start()
+        asyncio.run(s.ingest(_item(0)))
+        s.close()
+        fill(card / "filler")
+        with pytest.raises((StoreError, sqlite3.OperationalError)):
+            Store(card / "store.db", ["b"]).open()  # as every command but the agent opens it: refused
+        s = Store(card / "store.db", ["b"], min_free_bytes=0, commit_interval_s=0)
+        s.open(read_only_if_unwritable=True)
+        try:
+            assert s.read_only and s.fault and "disk is full" in s.fault and s.status()["state"] == "fault"
+            assert s.held_raw("pb-a", 1, 0) is not None and s.load_windows() == {"pb-a": (1, 0, 1, None)}
+            s.start()
+
+            async def go() -> None:
+                fut = s.submit_ingest(_item(1, raw_size=100))
+                tried = s.stats.commit_failures
+                async with asyncio.timeout(30):  # the writer tries again with its job waiting
+                    while s.stats.commit_failures < tried + 2:
+                        await asyncio.sleep(0.02)
+                assert not fut.done() and s.read_only  # held, not failed, while the card is full
+                (card / "filler").unlink()
+                async with asyncio.timeout(60):
+                    await fut
+
+            asyncio.run(go())
+            assert s.writable and s.fault is None and s.stats.faults_recovered == 1
+            assert s.held_raw("pb-a", 1, 1) is not None  # a live reader now, not the file as it stood
+            db = s.reader()
+            assert db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 2
+            db.close()
         finally:
             s.close()
 
