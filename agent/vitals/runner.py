@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from agent.record import FrameRecord
 from agent.registry import Registry
@@ -50,6 +51,35 @@ _SEQ_PER_MS = 16
 _EPOCH_VITAL, _EPOCH_ALERT = -2, -3
 
 
+class Trace:
+    """The last `size` samples of one stream (the status page's waveform), in a ring of
+    int32: a board's 4 s of ECG take 8 kB, where a deque of Python ints took ~74 kB, and a
+    frame is two slice copies, not a list of its samples."""
+
+    def __init__(self, size: int) -> None:
+        self._ring = np.zeros(max(1, size), dtype=np.int32)
+        self._written = 0  # samples written since the start
+
+    def extend(self, samples: np.ndarray) -> None:
+        size = len(self._ring)
+        x = samples[-size:]
+        at = self._written % size
+        first = min(len(x), size - at)
+        self._ring[at:at + first] = x[:first]
+        self._ring[:len(x) - first] = x[first:]
+        self._written += len(x)
+
+    def values(self) -> list[int]:
+        """The samples held, oldest first."""
+        size = len(self._ring)
+        if self._written <= size:
+            held: list[int] = self._ring[:self._written].tolist()
+            return held
+        at = self._written % size
+        ordered: list[int] = np.concatenate([self._ring[at:], self._ring[:at]]).tolist()
+        return ordered
+
+
 class VitalsRunner:
     def __init__(self, store: Store, engine: VitalsEngine, known: Callable[[str], bool],
                  gather_s: float = GATHER_S) -> None:
@@ -65,7 +95,7 @@ class VitalsRunner:
         self.made = 0  # vital signs and alerts stored
         self.turns = 0  # the loop's heartbeat, for the liveness check
         self.last_vitals: dict[str, dict[str, dict[str, Any]]] = {}
-        self.waves: dict[tuple[str, str], deque[int]] = {}
+        self.waves: dict[tuple[str, str], Trace] = {}
         self._derived_seq = int(time.time() * 1000) * _SEQ_PER_MS
 
     def offer(self, frame: FrameRecord) -> None:
@@ -102,7 +132,8 @@ class VitalsRunner:
 
     def waveform(self, device_id: str, stream: str) -> dict[str, Any]:
         """The last WAVE_S of a device's "ecg" or "ppg" (IR), at most WAVE_POINTS values."""
-        values = list(self.waves.get((device_id, stream), ()))
+        trace = self.waves.get((device_id, stream))
+        values = trace.values() if trace is not None else []
         step = max(1, len(values) // WAVE_POINTS)
         return {"device_id": device_id, "stream": stream, "values": values[::step]}
 
@@ -127,8 +158,10 @@ class VitalsRunner:
                 if self.known(f.device_id):  # its samples decoded once, at ingest
                     docs += self.engine.frame(f, f.device_id, f.start_utc_s()[0], f.key)
                     name = "ppg" if f.stream == messages.STREAM_PPG_MAX30102 else "ecg"
-                    wave = self.waves.setdefault((f.device_id, name), deque(maxlen=WAVE_S * f.rate_hz))
-                    wave.extend(f.channels[-1].tolist())  # ECG, or the IR pleth
+                    trace = self.waves.get((f.device_id, name))
+                    if trace is None:
+                        trace = self.waves[(f.device_id, name)] = Trace(WAVE_S * f.rate_hz)
+                    trace.extend(f.channels[-1])  # ECG, or the IR pleth
             # A device erased while this turn's frames were fed (between them): none of what
             # its frames made is kept.
             docs = [d for d in docs if self.known(d["device_id"])]

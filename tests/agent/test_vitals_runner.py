@@ -10,7 +10,7 @@ from agent.record import FrameRecord
 from agent.store import Store
 from agent.vitals.alerts import AlertEngine, Rule
 from agent.vitals.engine import VitalsEngine
-from agent.vitals.runner import VitalsRunner
+from agent.vitals.runner import Trace, VitalsRunner
 from protocols import messages
 from tests.waiting import async_wait_for
 
@@ -164,3 +164,16 @@ def test_a_device_erased_between_two_frames_of_a_turn_leaves_nothing(tmp_path: P
     assert [(d["device_id"], d["alert"]) for d in rows] == [("pb-stays", "lead_off")]
     assert runner.made == 1 and "pb-gone" not in runner.last_vitals
     assert not [k for k in runner.waves if k[0] == "pb-gone"] and "pb-gone" not in runner.engine.last_seen
+
+
+def test_a_trace_holds_the_last_samples_oldest_first() -> None:
+    # The status page's waveform: frames of any length, fewer or more than it holds, wrapping
+    # its ring at every place; what it gives is always the stream's last samples, in order.
+    rng = np.random.default_rng(13)
+    trace, stream = Trace(100), np.zeros(0, dtype=np.int32)
+    assert trace.values() == []
+    for n in [30, 30, 1, 39, 0, 57, 100, 250, 7, 99, 3]:
+        frame = rng.integers(-2 ** 31, 2 ** 31, n, dtype=np.int64).astype(np.int32)
+        trace.extend(frame)
+        stream = np.concatenate([stream, frame])
+        assert trace.values() == stream[-100:].tolist(), n
