@@ -33,7 +33,7 @@ import stat
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,10 @@ KIND_ALERT = 102  # an alert raised or cleared on the hub
 # Transactions hold at most this many ingests: bounds the time a commit
 # takes and so the latency of the acks waiting for it.
 MAX_BATCH = 512
+# Frame ids an outbox read may leave out: a forwarder's batch in flight and the one whose
+# delivery is being committed, each at most config's backend.batch bound (1000); well under
+# SQLite's bound on a statement's parameters (32766).
+MAX_EXCLUDED = 2000
 # Commits of board frames begin at most this often (a frame that comes sooner after
 # the previous commit waits out the rest, with whatever else comes meanwhile). Each
 # commit rewrites the pages it touches (indexes, outbox, replay window) whole, some
@@ -1235,12 +1239,18 @@ class Store:
     # ---- reads (any thread, own connection) ----------------------------------------
 
     @staticmethod
-    def fetch_outbox(db: sqlite3.Connection, backend: str, limit: int) -> list[Row]:
+    def fetch_outbox(db: sqlite3.Connection, backend: str, limit: int, exclude: Sequence[int] = ()) -> list[Row]:
+        """The next rows (at most limit) waiting for backend, highest priority first, then oldest;
+        exclude: frame ids to leave out (a batch in flight, or one whose delivery is being committed)."""
+        if len(exclude) > MAX_EXCLUDED:
+            raise ValueError("at most %d frame ids can be left out, not %d" % (MAX_EXCLUDED, len(exclude)))
         rows = db.execute(
             "SELECT f.id, f.device_id, f.epoch, f.seq, f.kind, f.stream, f.priority, f.received_at, f.raw, f.info, "
             "f.t0_utc_ms, f.samples, f.t0_ms, f.first_index, f.count "
-            "FROM outbox o JOIN frames f ON f.id = o.frame_id WHERE o.backend=? "
-            "ORDER BY o.priority DESC, o.frame_id LIMIT ?", (backend, limit)).fetchall()
+            "FROM outbox o JOIN frames f ON f.id = o.frame_id WHERE o.backend=? %s"
+            "ORDER BY o.priority DESC, o.frame_id LIMIT ?" % (
+                "AND o.frame_id NOT IN (%s) " % ",".join("?" * len(exclude)) if exclude else ""),
+            (backend, *exclude, limit)).fetchall()
         return [Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], json.loads(r[9]) if r[9] else None, r[10],
                     r[11], r[12], r[13], r[14]) for r in rows]
 

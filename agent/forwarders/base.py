@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import enum
+import functools
 import logging
 import random
 import ssl
@@ -323,10 +324,44 @@ class Forwarder(abc.ABC):
                 async with asyncio.timeout(1.0):
                     await self.wake.wait()  # set once the store opens for writing
         reader = self.store.reader()
+        # Batches overlap: the next one is read while this one is delivered, and a delivered
+        # batch's rows leave the outbox (its commit) while the next one is delivered. A read
+        # ahead leaves out the rows in flight and those being marked; it is dropped if the
+        # delivery fails (its rows are read again). Rows are counted forwarded once marked.
+        ahead: asyncio.Future[list[Row]] | None = None
+        marking: asyncio.Future[None] | None = None
+        marking_ids: list[int] = []
+
+        def read(exclude: list[int]) -> asyncio.Future[list[Row]]:
+            if exclude:
+                call = asyncio.to_thread(Store.fetch_outbox, reader, self.name, self.batch_limit, exclude)
+            else:
+                call = asyncio.to_thread(Store.fetch_outbox, reader, self.name, self.batch_limit)
+            return asyncio.ensure_future(_finished(call))
+
+        async def drop_ahead() -> None:
+            nonlocal ahead
+            if ahead is not None:
+                await asyncio.wait([ahead])  # its thread done with the reader; its rows not taken
+                if not ahead.cancelled():
+                    ahead.exception()
+                ahead = None
+
+        def marked(n: int, fut: asyncio.Future[None]) -> None:
+            if not fut.cancelled() and fut.exception() is None:
+                self.forwarded += n
+
         try:
             while True:
-                rows = await _finished(asyncio.to_thread(Store.fetch_outbox, reader, self.name, self.batch_limit))
+                if ahead is not None:
+                    rows, ahead = await ahead, None
+                else:
+                    rows = await read(marking_ids)
                 if not rows:
+                    if marking is not None:  # what was delivered is marked before the forwarder idles
+                        await marking
+                        marking, marking_ids = None, []
+                        continue
                     self.state = State.IDLE
                     self.wake.clear()
                     try:
@@ -338,6 +373,8 @@ class Forwarder(abc.ABC):
                         pass
                     continue
                 self.state = State.SENDING
+                ids = [r.id for r in rows]
+                ahead = read(marking_ids + ids)
                 try:
                     if self.subjects is not None:  # the documents' subjects, read off the loop
                         await self.subjects.refresh()
@@ -351,9 +388,11 @@ class Forwarder(abc.ABC):
                     self.undeliverable += len(bad)
                     log.error("backend %s: %d stored frames cannot be decoded (%s); skipped",
                               self.name, len(bad), ", ".join(idempotency_key(r) for r in bad[:3]))
+                    await drop_ahead()
                     continue
                 except RefusedError as e:
-                    await self._refused(rows, e)
+                    await self._refused(rows, e)  # handed to the store before anything else is awaited
+                    await drop_ahead()
                     continue
                 except Exception as e:
                     # Expected: the backend away or refusing, the network, TLS, a secret file that is
@@ -367,12 +406,23 @@ class Forwarder(abc.ABC):
                     delay = self.backoff.next_delay()
                     log.warning("backend %s: %s; retry in %.1f s", self.name, self.last_error, delay)
                     self.state = State.BACKOFF
+                    await drop_ahead()
                     await asyncio.sleep(delay)
                     continue
-                await self.store.delivered(self.name, [r.id for r in rows])
-                self.forwarded += len(rows)
+                if marking is not None:
+                    await marking  # one batch being marked at a time
+                marking, marking_ids = asyncio.ensure_future(self.store.delivered(self.name, ids)), ids
+                marking.add_done_callback(functools.partial(marked, len(rows)))
                 self.last_delivered_at, self.failing_since = time.time(), None
                 self.backoff.reset()
         finally:
+            # Stopped (or failed): what was delivered is still marked (the writer's job goes on;
+            # awaited so the stop does not leave it behind), and the read ahead ends before its
+            # connection is closed (a connection closed under a running statement crashes SQLite).
+            if marking is not None:
+                await asyncio.wait([marking])
+                if not marking.cancelled():
+                    marking.exception()
+            await drop_ahead()
             reader.close()
             await self.close()

@@ -266,3 +266,80 @@ def test_a_forwarder_stopped_during_a_read_closes_its_connection_only_after_it(t
         release.set()
         store.close()
     assert outcome == ["read ended"]
+
+
+class HoldingBackend(Forwarder):
+    """A test double at the backend boundary: each delivery waits for `go` (cleared
+    again once taken), the delivery numbered `fail_at` fails; what it took is recorded."""
+
+    fail_at = 2
+    taken: list[list[int]]
+    go: asyncio.Event
+    inside: bool = False
+
+    async def deliver(self, rows: list[Row]) -> None:
+        self.inside = True
+        try:
+            await self.go.wait()
+            self.go.clear()
+            if len(self.taken) + 1 == self.fail_at:
+                self.fail_at = 0
+                raise DeliveryError("backend down")
+            self.taken.append([r.seq for r in rows])
+        finally:
+            self.inside = False
+
+
+def test_the_next_batch_is_read_while_one_is_delivered_and_each_row_goes_once(tmp_path: Path) -> None:
+    # Batches overlap (the next one read while one is delivered, a delivered one marked while
+    # the next goes): the read ahead leaves out the rows in flight and those being marked, so
+    # each row is delivered once, in order; a failed delivery drops the read ahead, and its rows
+    # go again. forwarded counts rows once marked (their outbox rows gone).
+    key = bytes(range(32))
+    up = cose.MacKey(key, b"pb-f2", cose.AAD_UPLINK)
+    sealer, opener = cipher.SampleCipher(key, bytes(16)), cipher.SampleCipher(key)
+    n = 25
+    store = Store(tmp_path / "store.db", ["rec"])
+    store.start()
+    reads_during_delivery = 0
+    real_fetch = Store.fetch_outbox
+
+    async def scenario() -> HoldingBackend:
+        nonlocal reads_during_delivery
+        for s in range(n):
+            raw = up.seal(messages.encoded(messages.SampleFrame(1, s, 1, s, s * 4, 512, 4, (1, 1), None,
+                                                                (0, 0, 0, 0), [[1, 2, 3, s]]), sealer=sealer))
+            m = messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES, decode_samples=False,
+                                        opener=opener)
+            await store.ingest(Ingest.frame(record_of("pb-f2", m, m.channels, raw, None),  # type: ignore[arg-type]
+                                            (1, s, 1, None)))
+        fw = HoldingBackend(WebhookConfig(name="rec", type="webhook", url="https://x", batch=10, linger_s=0),
+                            store, "hub", asyncio.Event())
+        fw.backoff.base_s = 0.01
+        fw.taken, fw.go = [], asyncio.Event()
+
+        def spying_fetch(*args: object) -> list[Row]:  # counts the reads made while a delivery is held
+            nonlocal reads_during_delivery
+            reads_during_delivery += fw.inside
+            return real_fetch(*args)  # type: ignore[arg-type]
+
+        with mock.patch.object(Store, "fetch_outbox", staticmethod(spying_fetch)):
+            task = asyncio.create_task(fw.run())
+            try:
+                for _ in range(4):  # 10 delivered, 10 failed, then those 10 and the last 5
+                    await async_wait_for(lambda: fw.inside and not fw.go.is_set(), 30, "a delivery waiting")
+                    fw.go.set()
+                await async_wait_for(lambda: fw.forwarded == n, 30, "every row marked forwarded",
+                                     lambda: (fw.forwarded, fw.taken))
+            finally:
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+        return fw
+
+    fw = asyncio.run(scenario())
+    store.close()
+    assert fw.failures == 1
+    assert [s for batch in fw.taken for s in batch] == list(range(n)), fw.taken
+    assert reads_during_delivery >= 1
+    assert Store.backlog(Store(tmp_path / "store.db", ["rec"]).reader()) == {}
