@@ -637,6 +637,63 @@ def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = CO
             "vitals_cpu_percent_of_one_core": 100 * sum(engine.cpu_s.values()) / wall}
 
 
+def vitals_profile(seconds: int = 30, top: int = 10) -> dict[str, Any]:
+    """The vitals engine alone, fed as the realistic load feeds it (BOARDS boards, each its
+    ECG and PPG frame a second of a103l from its own place) for `seconds`: its CPU per
+    board-second (this thread, run warm, best of 3), then where it goes under cProfile
+    (own time of the functions that take most)."""
+    ecg, red, ir = _recording()
+    frames = []
+    span = len(ecg) // 512
+    for k in range(seconds):
+        for b in range(BOARDS):
+            i, dev = (b * 7 + k) % span, "pb-bench%02d" % b
+            frames.append(FrameRecord(dev, 1, 2 * k, messages.STREAM_ECG_MAX30003, 512, k * 1000, k * 512, 512,
+                                      1000000, 2621440, None, 0, 0, 0, 0, (ecg[i * 512:(i + 1) * 512],), None,
+                                      0.0, b""))
+            frames.append(FrameRecord(dev, 1, 2 * k + 1, messages.STREAM_PPG_MAX30102, 100, k * 1000, k * 100,
+                                      100, 1, 1, (7, 7, 0, 0), 0, 0, 0, 0,
+                                      (red[i * 100:(i + 1) * 100], ir[i * 100:(i + 1) * 100]), None, 0.0, b""))
+
+    def feed(engine: VitalsEngine) -> None:
+        for f in frames:
+            engine.frame(f, f.device_id, 1_800_000_000.0 + f.first_index / f.rate_hz, f.key)
+
+    best = float("inf")
+    for _ in range(3):
+        engine = VitalsEngine()
+        c0 = time.thread_time()
+        feed(engine)
+        best = min(best, time.thread_time() - c0)
+    prof = cProfile.Profile(time.thread_time)
+    prof.runcall(feed, VitalsEngine())
+    entries = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    total = sum(v[2] for v in entries.values()) or 1.0
+    functions = sorted(((own, "/".join(file.split("/")[-2:]) + ":%d %s" % (line, name) if file != "~" else name)
+                        for (file, line, name), (_cc, _nc, own, _cum, _callers) in entries.items()), reverse=True)
+    parts = {}  # cumulative time of the engine's main steps
+    for (file, _line, name), (_cc, _nc, _own, cum, _callers) in entries.items():
+        where = "/".join(file.split("/")[-2:]) + " " + name
+        if where in _VITALS_PARTS:
+            parts[_VITALS_PARTS[where]] = round(100 * cum / total, 1)
+    parts = {part: parts[part] for part in _VITALS_PARTS.values() if part in parts}  # in the table's order
+    return {"board_seconds": BOARDS * seconds, "cpu_ms_per_board_second": 1000 * best / (BOARDS * seconds),
+            "cpu_percent_of_one_core": 100 * best / seconds, "profiled_cpu_s": total, "parts": parts,
+            "top_functions": [(round(100 * own / total, 1), f) for own, f in functions[:top]]}
+
+
+# The vitals engine's main steps, by function (file, name): their cumulative share is printed.
+_VITALS_PARTS = {
+    "vitals/rpeak.py push_frame": "R peaks (an ECG frame)",
+    "vitals/spo2.py estimate": "SpO2, pulse rate, perfusion (a PPG frame's 8 s window)",
+    "vitals/spo2.py _band": "  of it the window's zero-phase band-pass",
+    "vitals/spo2.py pulse_period": "  of it the pulse's period (autocorrelation)",
+    "vitals/spo2.py _consistency": "  of it R's consistency across stretches",
+    "vitals/iir.py filter": "the Butterworth filters (R peaks' band-pass and the window's)",
+    "vitals/alerts.py observe": "alert rules",
+}
+
+
 def _write_bytes() -> int:
     # Bytes this process caused to be written to storage (Linux /proc/self/io):
     # what an SD card would have to take, checkpoints included.
@@ -722,6 +779,7 @@ def run(frames: int = 20000, baseline_frames: int = 3000, seconds: float = 20.0,
     r: dict[str, Any] = {}
     r["realistic_load"] = realistic(seconds)  # first: RSS before the bulk runs grow the heap
     r["realistic_load_no_vitals"] = realistic(seconds, vitals=False)
+    r["vitals_profile"] = vitals_profile()
     r["import_footprint"] = import_footprint()
     r["card_writes"] = card_writes(seconds)
     r["commit_intervals"] = commit_intervals(seconds)
@@ -783,6 +841,7 @@ def report(r: dict[str, Any]) -> list[str]:
                                                rl["vitals_cpu_us_per_ecg_frame"], rl["vitals_cpu_us_per_ppg_frame"]),
         "    the same without the vitals engine: CPU %.2f %% of one core, latency p99 %.2f ms" % (
             r["realistic_load_no_vitals"]["cpu_percent_of_one_core"], r["realistic_load_no_vitals"]["latency_p99_ms"]),
+        *vitals_profile_lines(r["vitals_profile"]),
         *footprint_lines(r["import_footprint"]),
         "  written to the card, same load, every frame forwarded (/proc/self/io write_bytes):",
         "    %.0f bytes per frame stored, %.1fx the frame's size (%d frames of %.0f B on average, %d commits)" % (
@@ -809,6 +868,18 @@ def wall_lines(what: str, p: dict[str, float]) -> list[str]:
     if "ingested_s" in p:
         out.append("      (the %d frames ingested and acknowledged after %.2f s, all forwarded after %.2f s)"
                    % (p["frames"], p["ingested_s"], p["wall_s"]))
+    return out
+
+
+def vitals_profile_lines(p: dict[str, Any]) -> list[str]:
+    """The vitals engine alone: its CPU, and where it goes."""
+    out = ["    the vitals engine alone, the same frames fed in a row (%d board-seconds, warm): %.3f ms a "
+           "board-second, %.2f %% of one core for %d boards; where it goes (under the profiler, each step "
+           "with what it calls):" % (
+               p["board_seconds"], p["cpu_ms_per_board_second"], p["cpu_percent_of_one_core"], BOARDS)]
+    out += ["    %5.1f %%  %s" % (pct, part) for part, pct in p["parts"].items()]
+    out.append("    the functions that take most (own time):")
+    out += ["    %5.1f %%  %s" % (pct, f) for pct, f in p["top_functions"]]
     return out
 
 
