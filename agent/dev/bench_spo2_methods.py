@@ -111,7 +111,11 @@ class SignalIndices:
       SNR_HALF_WIDTH_HZ of the pulse's frequency or its first harmonic (the pulse's period from
       the product's pulse_period on red and blue); 0 when no period is found;
     - each pair's spread of R beat by beat: the standard deviation of log R across 1 s stretches
-      (one beat or so)."""
+      (one beat or so);
+    - each channel's perfusion: the RMS of its AC/DC;
+    - each channel's light motion: the standard deviation, within the window, of the log of its
+      light less the pulse's band (the slow part: a finger moving or pressing, the light drifting).
+    Returns (snr (3,), spread {pair: float}, perfusion (3,), motion (3,))."""
 
     def __init__(self, rate_hz: float) -> None:
         from agent.vitals.spo2 import OximetryEstimator
@@ -119,16 +123,19 @@ class SignalIndices:
         self.fs = float(rate_hz)
         self._band = OximetryEstimator(rate_hz)._band  # the product's band-pass, reused as is
 
-    def __call__(self, window: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+    def __call__(self, window: np.ndarray) -> tuple[np.ndarray, dict[str, float], np.ndarray, np.ndarray]:
         from agent.vitals.spo2 import pulse_period
 
         light = np.asarray(window, dtype=float).T
+        nothing = np.full(3, np.nan)
         if float(light.min()) <= 0:
-            return np.zeros(3), {p: np.nan for p in CAMERA_PAIRS}
-        ac = self._band(np.log(light))
+            return np.zeros(3), {p: np.nan for p in CAMERA_PAIRS}, nothing, nothing
+        log_light = np.log(light)
+        ac = self._band(log_light)
         rms = np.sqrt(np.mean(ac ** 2, axis=1))
+        motion = np.std(log_light - ac, axis=1)
         if float(rms.min()) <= 0:
-            return np.zeros(3), {p: np.nan for p in CAMERA_PAIRS}
+            return np.zeros(3), {p: np.nan for p in CAMERA_PAIRS}, rms, motion
         period_s, _ = pulse_period(ac[0] / rms[0] + ac[2] / rms[2], self.fs)
         n_fft = 4 * ac.shape[1]
         power = np.abs(np.fft.rfft(ac * np.hanning(ac.shape[1]), n_fft, axis=1)) ** 2
@@ -146,7 +153,7 @@ class SignalIndices:
         for p, (a, b) in CAMERA_PAIRS.items():
             ok = bool(energy[a].min() > 0 and energy[b].min() > 0)
             spread[p] = float(np.std(0.5 * np.log(energy[a] / energy[b]))) if ok else np.nan
-        return snr, spread
+        return snr, spread, rms, motion
 
 
 def _causal(v: np.ndarray, n: int, stat: str) -> np.ndarray:
@@ -320,9 +327,13 @@ def _loso_anchored(w: dict[str, Any], m: Method, x: np.ndarray, q: np.ndarray, b
     return est, shown
 
 
+def _baseline(w: dict[str, Any], m: Method) -> np.ndarray:
+    # The windows a relative method withholds: its reference, the placement's first BASELINE_S.
+    return (w["second"] <= BASELINE_S) if m.relative else np.zeros(len(w["second"]), dtype=bool)
+
+
 def _inputs(w: dict[str, Any], m: Method, cache: Cache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    base = (w["second"] <= BASELINE_S) if m.relative else np.zeros(len(w["second"]), dtype=bool)
-    return features(w, m, cache), quality(w, m), base
+    return features(w, m, cache), quality(w, m), _baseline(w, m)
 
 
 RECOVERY_AFTER_S = 30  # the recovery: from this long after a recording's lowest reference SpO2 to its end
@@ -353,6 +364,110 @@ def _scores(w: dict[str, Any], est: np.ndarray, shown: np.ndarray, q: np.ndarray
             "bias_by_subject_pct": {s: (round(float(np.mean(err[shown & (w["subject"] == s)])), 1)
                                         if np.any(shown & (w["subject"] == s)) else None)
                                     for s in sorted(set(w["subject"].tolist()))}}
+
+
+# --- A quality index that predicts error (issue 15 §3), fitted inside each fold ---
+
+# What each window's signal says about itself, declared once here and never chosen on the
+# results: the pulse's perfusion (log RMS of AC/DC) and the light's slow motion within the window
+# (log; SignalIndices) of red and blue, the stability over the last SMOOTH_S of log R (red/blue)
+# and of the red light (their standard deviations), R's spread beat by beat, the product's quality
+# (red/blue correlation and R's consistency), the lower SNR of red and blue, the pulse's
+# periodicity. For a relative method, besides: how far each of its features has moved from rest
+# (DISTANCE), since lines fitted on different people meet at rest and part as the feature moves:
+# the error between people grows with that distance.
+ERROR_FEATURES = ("log_perfusion:red", "log_perfusion:blue", "log_motion:red", "log_motion:blue",
+                  "stability:logR:red/blue", "stability:logDC:red", "beat_spread:red/blue", "product:red/blue",
+                  "snr:red/blue", "pulse")
+SIGNAL, DISTANCE = "signal", "distance"  # the signal's own figures; the features' distance from rest
+_RB_RED = ("logR:red/blue", "logDC:red")
+ERROR_MODEL_METHODS = (  # (method, what its error is regressed on)
+    (Method("today: R/B, absolute, per window", ("logR:red/blue",), "error_model", smooth=False), (SIGNAL,)),
+    (Method("R/B + red light, relative", _RB_RED, "error_model", relative=True), (SIGNAL,)),
+    (Method("R/B + red light, relative", _RB_RED, "error_model", relative=True), (DISTANCE,)),
+    (Method("R/B + red light, relative", _RB_RED, "error_model", relative=True), (SIGNAL, DISTANCE)),
+    (Method("red light, relative", ("logDC:red",), "error_model", relative=True), (SIGNAL, DISTANCE)),
+)
+QUALITY_BANDS = 4  # Arms by quarter of the predicted error, every window past the baseline (shown or not)
+
+
+def signal_indices(w: dict[str, Any], m: Method, cache: Cache, kinds: tuple[str, ...] = (SIGNAL, DISTANCE)
+                   ) -> np.ndarray:
+    """Per window, (n, k): ERROR_FEATURES (SIGNAL in kinds) and, for a relative method, each
+    of its features' distance from rest (DISTANCE in kinds). NaN where a figure cannot be had."""
+    cols = []
+    for name in ERROR_FEATURES if SIGNAL in kinds else ():
+        kind, _, arg = name.partition(":")
+        if kind in ("log_perfusion", "log_motion"):
+            v = np.asarray(w["perfusion" if kind == "log_perfusion" else "light_motion"], dtype=float)[:, CHANNELS[arg]]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                cols.append(np.log(np.where(v > 0, v, np.nan)))
+        else:
+            cols.append(quality(w, Method("", (), name)))
+    if m.relative and DISTANCE in kinds:
+        cols += list(np.abs(features(w, m, cache)).T)
+    return np.column_stack(cols) if cols else np.zeros((len(w["second"]), 0))
+
+
+def _loso_error_model(w: dict[str, Any], m: Method, cache: Cache, kinds: tuple[str, ...] = (SIGNAL, DISTANCE)
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The method with a quality learnt from the signal: in each fold the training subjects'
+    errors, each from a line fitted without that subject (an inner leave one subject out), are
+    regressed (least squares, standardised) on signal_indices of kinds; the line of the fold and the gate
+    (withholding WITHHELD_GOAL of the training windows, the baseline counted) then use the
+    predicted error, and so does the subject scored, whose reference takes no part. Returns
+    (estimate, shown, predicted error) per window (the error NaN where a figure is missing)."""
+    ref, subject = w["ref_spo2"], w["subject"]
+    x, base = features(w, m, cache), _baseline(w, m)
+    design = np.column_stack([signal_indices(w, m, cache, kinds), np.ones(len(ref))])
+    usable = np.isfinite(design).all(axis=1) & np.isfinite(x).all(axis=1) & np.isfinite(ref) & ~base
+    est, shown, predicted = np.full(len(ref), np.nan), np.zeros(len(ref), dtype=bool), np.full(len(ref), np.nan)
+
+    def line(fit: np.ndarray) -> np.ndarray:
+        beta, *_ = np.linalg.lstsq(np.column_stack([np.ones(int(fit.sum())), x[fit]]), ref[fit], rcond=None)
+        return np.asarray(beta)
+
+    for s in sorted(set(subject.tolist())):
+        test, train = subject == s, (subject != s) & usable
+        inner_error = np.full(len(ref), np.nan)
+        for s2 in sorted(set(subject[train].tolist())):
+            inner = train & (subject == s2)
+            beta = line(train & ~inner)
+            inner_error[inner] = beta[0] + x[inner] @ beta[1:] - ref[inner]
+        mu, sd = design[train].mean(axis=0), design[train].std(axis=0)
+        mu[-1], sd[-1] = 0.0, 1.0
+        sd[sd == 0] = 1.0
+        z = (design - mu) / sd
+        coef, *_ = np.linalg.lstsq(z[train], np.abs(inner_error[train]), rcond=None)
+        pred = np.where(usable | base, z @ coef, np.nan)
+        f_base = float(base[subject != s].mean())
+        share = max(0.0, (WITHHELD_GOAL - f_base) / (1.0 - f_base))
+        ceiling = float(np.quantile(pred[train], 1.0 - share))
+        beta = line(train & (pred <= ceiling))
+        e = beta[0] + x @ beta[1:]
+        est[test] = np.clip(e[test], 0.0, 100.0)
+        predicted[test] = pred[test]
+        shown[test] = (usable & (pred <= ceiling))[test]
+    return est, shown, predicted
+
+
+def error_model(w: dict[str, Any], methods: tuple[tuple[Method, tuple[str, ...]], ...] = ERROR_MODEL_METHODS
+                ) -> dict[str, Any]:
+    """Each (method, kinds) with its learnt quality (_loso_error_model): the usual scores (the
+    quality halves of what is shown, the quality being minus the predicted error) and Arms by
+    quarter of the predicted error over every window past the baseline, shown or withheld."""
+    cache: Cache = {}
+    out: dict[str, Any] = {"features": list(ERROR_FEATURES), "methods": []}
+    for m, kinds in methods:
+        est, shown, predicted = _loso_error_model(w, m, cache, kinds)
+        err = est - w["ref_spo2"]
+        ok = np.isfinite(predicted) & np.isfinite(err) & ~_baseline(w, m)
+        edges = np.quantile(predicted[ok], np.linspace(0, 1, QUALITY_BANDS + 1)[1:-1])
+        band = np.digitize(predicted, edges)
+        out["methods"].append(dict(label=m.label, error_from=list(kinds),
+                                   **_scores(w, est, shown, -np.nan_to_num(predicted, nan=np.inf)),
+                                   arms_by_band_pct=[_arms(err[ok & (band == k)]) for k in range(QUALITY_BANDS)]))
+    return out
 
 
 def _inner_arms(inp: tuple[np.ndarray, np.ndarray, np.ndarray], ref: np.ndarray, subject: np.ndarray,
@@ -395,6 +510,7 @@ def compare(w: dict[str, Any], methods: tuple[Method, ...] = METHODS, search: tu
         e, sh = _predict(x, q, base, beta, gate)
         est[test], shown[test], q_used[test] = np.clip(e[test], 0.0, 100.0), sh[test], q[test]
     out["chosen_per_fold"] = dict(chosen=chosen, candidates=len(candidates), **_scores(w, est, shown, q_used))
+    out["error_model"] = error_model(w) if "perfusion" in w else None
     # The oracle control: the best line of each pair's ratio (per window, as today's) on each
     # recording itself.
     out["line_per_recording_arms_pct"] = {}
@@ -433,4 +549,14 @@ def report(c: dict[str, Any]) -> list[str]:
     lines.append("  %-48s picks: %s" % ("", "; ".join("%s %s" % kv for kv in ch["chosen"].items())))
     lines.append("  %-48s Arms %s  (not deployable: each pair's ratio, a line fitted on each recording itself)" % (
         "control: line per recording", ", ".join("%s %s %%" % kv for kv in c["line_per_recording_arms_pct"].items())))
+    em = c.get("error_model")
+    if em:
+        lines.append("A quality index that predicts error: |error| regressed on the signal's own figures (%s; and, "
+                     "relative, each feature's distance from rest), fitted in each fold on the training subjects' "
+                     "inner leave-one-subject-out errors; the gate withholds %d %% of the training windows by it" % (
+                         ", ".join(em["features"]), 100 * WITHHELD_GOAL))
+        for m in em["methods"]:
+            lines.append(row("%s; q: %s" % (m["label"], " + ".join(m["error_from"])), m))
+            lines.append("  %-48s Arms by quarter of predicted error, best to worst (every window past the "
+                         "baseline, shown or not): %s" % ("", " / ".join(str(a) for a in m["arms_by_band_pct"])))
     return lines

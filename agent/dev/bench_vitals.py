@@ -235,14 +235,15 @@ def _camera_windows(folder: Path) -> dict[str, Any]:
     pair: per estimate (once the 8 s window is full, one a second) its ratio, quality, pulse
     rate and the references over the same window; and what the estimators compared in
     bench_spo2_methods read besides the ratios: the window's mean light per channel (dc, R, G,
-    B), each channel's SNR and each pair's spread of R across 1 s stretches (SignalIndices)."""
+    B), each channel's SNR, perfusion and light motion, and each pair's spread of R across 1 s
+    stretches (SignalIndices)."""
     from agent.dev.bench_spo2_methods import SignalIndices
     from agent.vitals.spo2 import WINDOW_S, OximetryEstimator
 
     win = int(WINDOW_S)
     indices = SignalIndices(CAMERA_FS)
     cols: dict[str, list[Any]] = {"subject": [], "recording": [], "second": [], "ref_spo2": [], "ref_pulse": [],
-                                  "dc": [], "snr": [], "beat_spread": []}
+                                  "dc": [], "snr": [], "beat_spread": [], "perfusion": [], "light_motion": []}
     per_pair: dict[str, dict[str, list[float]]] = {p: {"ratio": [], "quality": []} for p in CAMERA_PAIRS}
     pulse: dict[str, list[float]] = {"rate": [], "quality": []}
     for subject, hand, rgb, spo2, ref_pulse in _camera_recordings(folder):
@@ -259,9 +260,11 @@ def _camera_windows(folder: Path) -> dict[str, Any]:
             cols["second"].append(k + 1)
             window = rgb[(k + 1 - win) * CAMERA_FS:(k + 1) * CAMERA_FS]
             cols["dc"].append(window.mean(axis=0))  # light: R, G, B
-            snr, spread = indices(window)
+            snr, spread, perfusion, motion = indices(window)
             cols["snr"].append(snr)
             cols["beat_spread"].append(spread)
+            cols["perfusion"].append(perfusion)
+            cols["light_motion"].append(motion)
             cols["ref_spo2"].append(float(np.nanmean(spo2[k + 1 - win:k + 1])))
             cols["ref_pulse"].append(float(np.nanmedian(ref_pulse[k + 1 - win:k + 1]))
                                      if not np.all(np.isnan(ref_pulse[k + 1 - win:k + 1])) else np.nan)
@@ -275,7 +278,8 @@ def _camera_windows(folder: Path) -> dict[str, Any]:
     return {"subject": np.array(cols["subject"]), "recording": np.array(cols["recording"]),
             "second": np.array(cols["second"]), "ref_spo2": np.array(cols["ref_spo2"]),
             "ref_pulse": np.array(cols["ref_pulse"]), "dc": np.array(cols["dc"]).reshape(-1, 3),
-            "snr": np.array(cols["snr"]).reshape(-1, 3),
+            "snr": np.array(cols["snr"]).reshape(-1, 3), "perfusion": np.array(cols["perfusion"]).reshape(-1, 3),
+            "light_motion": np.array(cols["light_motion"]).reshape(-1, 3),
             "beat_spread": {p: np.array([d[p] for d in cols["beat_spread"]]) for p in CAMERA_PAIRS},
             "pairs": {p: {k: np.array(v) for k, v in d.items()} for p, d in per_pair.items()},
             "pulse": {k: np.array(v) for k, v in pulse.items()}}

@@ -34,6 +34,7 @@ def _windows(offsets: dict[str, float]) -> dict[str, Any]:
 ABSOLUTE = bm.Method("absolute", ("logR:green/blue",), "product:green/blue", smooth=False)
 RELATIVE = bm.Method("relative", ("logR:green/blue",), "product:green/blue", relative=True, smooth=False)
 SMOOTHED = bm.Method("relative", ("logR:green/blue",), "product:green/blue", relative=True)
+ABSOLUTE_RB = bm.Method("absolute", ("logR:red/blue",), "error_model", smooth=False)
 
 
 def test_a_relative_estimate_removes_an_offset_between_people() -> None:
@@ -108,10 +109,47 @@ def _light(red_pulse: np.ndarray, noise: float, rng: np.random.Generator) -> np.
 def test_signal_indices_tell_a_clean_pulse_from_noise_and_a_steady_ratio_from_a_moving_one() -> None:
     rng = np.random.default_rng(3)
     indices = bm.SignalIndices(30)
-    snr_clean, spread_clean = indices(_light(np.full(240, 0.01), 0.0, rng))
-    snr_noisy, _ = indices(_light(np.full(240, 0.01), 0.03, rng))
+    snr_clean, spread_clean, _, _ = indices(_light(np.full(240, 0.01), 0.0, rng))
+    snr_noisy, _, _, _ = indices(_light(np.full(240, 0.01), 0.03, rng))
     assert snr_clean.min() > 0.9 and snr_noisy.max() < 0.5, (snr_clean, snr_noisy)
     assert spread_clean["red/blue"] < 0.02, spread_clean
     # The red pulse doubles halfway: R is no longer one number across the beats.
-    _, spread_moving = indices(_light(np.where(np.arange(240) < 120, 0.01, 0.02), 0.0, rng))
+    _, spread_moving, _, _ = indices(_light(np.where(np.arange(240) < 120, 0.01, 0.02), 0.0, rng))
     assert spread_moving["red/blue"] > 0.2 and spread_moving["green/blue"] < 0.02, spread_moving
+
+
+def _noisy_windows() -> tuple[dict[str, Any], np.ndarray]:
+    # The made-up windows with the signal figures the learnt quality reads; in a random third of
+    # them the light moves (log_motion high) and R is off by noise: those are the wrong ones.
+    w = _windows({"A": 0.0, "B": 0.05, "C": -0.05, "D": 0.02})
+    n = len(w["ref_spo2"])
+    rng = np.random.default_rng(5)
+    moving = rng.random(n) < 1 / 3
+    w["pairs"]["red/blue"] = {"ratio": w["pairs"]["red/blue"]["ratio"] * np.exp(np.where(moving, 0.3, 0.0)
+                                                                              * rng.standard_normal(n)),
+                              "quality": np.ones(n)}
+    w["perfusion"] = np.full((n, 3), 0.01)
+    w["light_motion"] = np.where(moving, 0.05, 0.005)[:, None] * np.ones((1, 3))
+    w["snr"], w["beat_spread"] = np.ones((n, 3)), {p: np.zeros(n) for p in bm.CAMERA_PAIRS}
+    w["pulse"] = {"quality": np.ones(n), "rate": np.full(n, 70.0)}
+    return w, moving
+
+
+def test_the_learnt_quality_predicts_error_and_withholds_the_wrong_windows() -> None:
+    w, moving = _noisy_windows()
+    est, shown, predicted = bm._loso_error_model(w, ABSOLUTE_RB, {}, (bm.SIGNAL,))
+    err = np.abs(est - w["ref_spo2"])
+    assert np.median(predicted[moving]) > 2 * np.median(predicted[~moving])
+    assert np.sqrt(np.mean(err[shown] ** 2)) < 0.5 * np.sqrt(np.mean(err[~shown] ** 2))
+    assert abs((1.0 - shown.mean()) - bm.WITHHELD_GOAL) < 0.05
+
+
+def test_the_learnt_quality_reads_no_subject_s_own_reference() -> None:
+    w, _ = _noisy_windows()
+    est, shown, predicted = bm._loso_error_model(w, ABSOLUTE_RB, {}, (bm.SIGNAL,))
+    in_c = w["subject"] == "C"
+    w2 = dict(w, ref_spo2=np.where(in_c, 60.0, w["ref_spo2"]))
+    est2, shown2, predicted2 = bm._loso_error_model(w2, ABSOLUTE_RB, {}, (bm.SIGNAL,))
+    assert np.allclose(est[in_c], est2[in_c]) and np.allclose(predicted[in_c], predicted2[in_c])
+    assert (shown[in_c] == shown2[in_c]).all()
+    assert not np.allclose(predicted[~in_c], predicted2[~in_c])  # the others' error models did use it
