@@ -409,14 +409,15 @@ def signal_indices(w: dict[str, Any], m: Method, cache: Cache, kinds: tuple[str,
     return np.column_stack(cols) if cols else np.zeros((len(w["second"]), 0))
 
 
-def _loso_error_model(w: dict[str, Any], m: Method, cache: Cache, kinds: tuple[str, ...] = (SIGNAL, DISTANCE)
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _loso_error_model(w: dict[str, Any], m: Method, cache: Cache, kinds: tuple[str, ...] = (SIGNAL, DISTANCE),
+                      among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The method with a quality learnt from the signal: in each fold the training subjects'
     errors, each from a line fitted without that subject (an inner leave one subject out), are
     regressed (least squares, standardised) on signal_indices of kinds; the line of the fold and the gate
     (withholding WITHHELD_GOAL of the training windows, the baseline counted) then use the
-    predicted error, and so does the subject scored, whose reference takes no part. Returns
-    (estimate, shown, predicted error) per window (the error NaN where a figure is missing)."""
+    predicted error, and so does the subject scored, whose reference takes no part. among: the
+    windows of the subjects taking part (default: all). Returns (estimate, shown, predicted
+    error) per window (NaN / False / NaN outside among, the error NaN where a figure is missing)."""
     ref, subject = w["ref_spo2"], w["subject"]
     x, base = features(w, m, cache), _baseline(w, m)
     design = np.column_stack([signal_indices(w, m, cache, kinds), np.ones(len(ref))])
@@ -427,8 +428,9 @@ def _loso_error_model(w: dict[str, Any], m: Method, cache: Cache, kinds: tuple[s
         beta, *_ = np.linalg.lstsq(np.column_stack([np.ones(int(fit.sum())), x[fit]]), ref[fit], rcond=None)
         return np.asarray(beta)
 
-    for s in sorted(set(subject.tolist())):
-        test, train = subject == s, (subject != s) & usable
+    among = np.ones(len(ref), dtype=bool) if among is None else among
+    for s in sorted(set(subject[among].tolist())):
+        test, train = among & (subject == s), among & (subject != s) & usable
         inner_error = np.full(len(ref), np.nan)
         for s2 in sorted(set(subject[train].tolist())):
             inner = train & (subject == s2)
@@ -440,7 +442,7 @@ def _loso_error_model(w: dict[str, Any], m: Method, cache: Cache, kinds: tuple[s
         z = (design - mu) / sd
         coef, *_ = np.linalg.lstsq(z[train], np.abs(inner_error[train]), rcond=None)
         pred = np.where(usable | base, z @ coef, np.nan)
-        f_base = float(base[subject != s].mean())
+        f_base = float(base[among & (subject != s)].mean())
         share = max(0.0, (WITHHELD_GOAL - f_base) / (1.0 - f_base))
         ceiling = float(np.quantile(pred[train], 1.0 - share))
         beta = line(train & (pred <= ceiling))
@@ -462,12 +464,72 @@ def error_model(w: dict[str, Any], methods: tuple[tuple[Method, tuple[str, ...]]
         est, shown, predicted = _loso_error_model(w, m, cache, kinds)
         err = est - w["ref_spo2"]
         ok = np.isfinite(predicted) & np.isfinite(err) & ~_baseline(w, m)
-        edges = np.quantile(predicted[ok], np.linspace(0, 1, QUALITY_BANDS + 1)[1:-1])
-        band = np.digitize(predicted, edges)
         out["methods"].append(dict(label=m.label, error_from=list(kinds),
                                    **_scores(w, est, shown, -np.nan_to_num(predicted, nan=np.inf)),
-                                   arms_by_band_pct=[_arms(err[ok & (band == k)]) for k in range(QUALITY_BANDS)]))
+                                   arms_by_band_pct=_arms_by_band(err, predicted, ok)))
+    out["chosen_per_fold"] = chosen_with_learnt_quality(w, learnt_candidates())
     return out
+
+
+def learnt_candidates(methods: tuple[Method, ...] = METHODS) -> tuple[tuple[Method, tuple[str, ...]], ...]:
+    """Each estimator of the table (neither control nor anchored; one per set of features) with
+    a learnt quality from the signal alone and, when relative, from the signal and the distance
+    from rest: what chosen_with_learnt_quality picks among."""
+    out: list[tuple[Method, tuple[str, ...]]] = []
+    seen = set()
+    for m in methods:
+        if m.control or m.anchor or (m.features, m.relative, m.smooth) in seen:
+            continue
+        seen.add((m.features, m.relative, m.smooth))
+        learnt = Method(m.label.split(", relative")[0].split(", absolute")[0], m.features, "error_model",
+                        relative=m.relative, smooth=m.smooth)
+        out += [(learnt, (SIGNAL,))] + ([(learnt, (SIGNAL, DISTANCE))] if m.relative else [])
+    return tuple(out)
+
+
+def chosen_with_learnt_quality(w: dict[str, Any], candidates: tuple[tuple[Method, tuple[str, ...]], ...]
+                               ) -> dict[str, Any]:
+    """The estimator with a learnt quality chosen in each fold (_choose_learnt), scored as the
+    others, with Arms by quarter of the predicted error past each placement's first minute."""
+    est, shown, predicted, chosen = _choose_learnt(w, candidates)
+    err = est - w["ref_spo2"]
+    ok = np.isfinite(predicted) & np.isfinite(err) & ~(w["second"] <= BASELINE_S)
+    return dict(chosen=chosen, candidates=len(candidates),
+                **_scores(w, est, shown, -np.nan_to_num(predicted, nan=np.inf)),
+                arms_by_band_pct=_arms_by_band(err, predicted, ok))
+
+
+def _choose_learnt(w: dict[str, Any], candidates: tuple[tuple[Method, tuple[str, ...]], ...]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, str]]:
+    """In each fold, by a leave-one-subject-out among the other subjects (_loso_error_model over
+    them alone), the candidate with the lowest Arms on what it shows among those that withhold at
+    most WITHHELD_GOAL there (among all, if none does). The subject scored takes no part in the
+    choice, the line, the error model or the gate. Returns (estimate, shown, predicted error) per
+    window and each subject's pick."""
+    ref, subject = w["ref_spo2"], w["subject"]
+    cache: Cache = {}
+    est, shown, predicted = np.full(len(ref), np.nan), np.zeros(len(ref), dtype=bool), np.full(len(ref), np.nan)
+    chosen = {}
+    for s in sorted(set(subject.tolist())):
+        test, others = subject == s, subject != s
+        inner = []
+        for i, (m, kinds) in enumerate(candidates):
+            e, sh, _ = _loso_error_model(w, m, cache, kinds, others)
+            arms = float(np.sqrt(np.mean((e - ref)[sh] ** 2))) if sh.any() else float("inf")
+            inner.append((1.0 - float(sh[others].mean()) > WITHHELD_GOAL, arms, i))
+        _, _, pick = min(inner)
+        m, kinds = candidates[pick]
+        chosen[s] = "%s; q: %s" % (m.label, " + ".join(kinds))
+        e, sh, p = _loso_error_model(w, m, cache, kinds)
+        est[test], shown[test], predicted[test] = e[test], sh[test], p[test]
+    return est, shown, predicted, chosen
+
+
+def _arms_by_band(err: np.ndarray, predicted: np.ndarray, ok: np.ndarray) -> list[float | None]:
+    # Arms by quarter (QUALITY_BANDS) of the predicted error among the windows `ok`, best first.
+    edges = np.quantile(predicted[ok], np.linspace(0, 1, QUALITY_BANDS + 1)[1:-1])
+    band = np.digitize(predicted, edges)
+    return [_arms(err[ok & (band == k)]) for k in range(QUALITY_BANDS)]
 
 
 def _inner_arms(inp: tuple[np.ndarray, np.ndarray, np.ndarray], ref: np.ndarray, subject: np.ndarray,
@@ -559,4 +621,10 @@ def report(c: dict[str, Any]) -> list[str]:
             lines.append(row("%s; q: %s" % (m["label"], " + ".join(m["error_from"])), m))
             lines.append("  %-48s Arms by quarter of predicted error, best to worst (every window past the "
                          "baseline, shown or not): %s" % ("", " / ".join(str(a) for a in m["arms_by_band_pct"])))
+        ch = em["chosen_per_fold"]
+        lines.append(row("chosen per fold among %d (inner LOSO)" % ch["candidates"], ch))
+        lines.append("  %-48s Arms by quarter of predicted error: %s; picks (the lowest inner Arms withholding "
+                     "<= %d %% there): %s" % ("", " / ".join(str(a) for a in ch["arms_by_band_pct"]),
+                                             100 * WITHHELD_GOAL,
+                                             "; ".join("%s %s" % kv for kv in ch["chosen"].items())))
     return lines

@@ -153,3 +153,17 @@ def test_the_learnt_quality_reads_no_subject_s_own_reference() -> None:
     assert np.allclose(est[in_c], est2[in_c]) and np.allclose(predicted[in_c], predicted2[in_c])
     assert (shown[in_c] == shown2[in_c]).all()
     assert not np.allclose(predicted[~in_c], predicted2[~in_c])  # the others' error models did use it
+
+
+def test_the_estimator_chosen_with_a_learnt_quality_reads_no_subject_s_own_reference() -> None:
+    w, _ = _noisy_windows()
+    relative = bm.Method("relative", ("logR:red/blue",), "error_model", relative=True, smooth=False)
+    candidates = ((ABSOLUTE_RB, (bm.SIGNAL,)), (relative, (bm.SIGNAL,)), (relative, (bm.SIGNAL, bm.DISTANCE)))
+    est, shown, predicted, chosen = bm._choose_learnt(w, candidates)
+    in_c = w["subject"] == "C"
+    w2 = dict(w, ref_spo2=np.where(in_c, 60.0, w["ref_spo2"]))
+    est2, shown2, predicted2, chosen2 = bm._choose_learnt(w2, candidates)
+    assert chosen["C"] == chosen2["C"]
+    assert np.allclose(est[in_c], est2[in_c]) and np.allclose(predicted[in_c], predicted2[in_c])
+    assert (shown[in_c] == shown2[in_c]).all() and shown[in_c].any()
+    assert not np.allclose(est[~in_c], est2[~in_c])  # the others' lines did use it
