@@ -175,28 +175,34 @@ class Pusher:
         self.timed_from = 0  # chunks below this went more than once: not timed (Karn)
         self.total: int | None = None  # the spooled bundle's size
         self.name = ""  # its version's name (manifest)
+        self.version = 0  # ... and number
 
     def on_state(self, device_id: str, m: messages.UpdateState) -> bool:
         """The board's report of where its update stands. Returns False for one that is not of the
-        spooled bundle (ignored): an outcome (confirmed, rolled back) heard before this bundle was
-        checked and installed is the board saying again that of an earlier update (it does for a
-        minute); taken for this one, it ended the push (the bundle unspooled) as it began."""
+        spooled bundle (ignored): an outcome (confirmed, rolled back) whose offset, the version of
+        the release it is about (0 from a board that does not say), is not the bundle's is the board
+        saying again that of an earlier update (it does for a minute); taken for this one, it ended
+        the push (the bundle unspooled) as it began."""
         state = m.state
         prev = read_state(self.dir.parent, device_id) or {}  # (this session may not have loaded the bundle yet)
-        stood = self.state or str(prev.get("state", ""))
-        if state == "refused:on_trial" and stood in ("verifying",) + ON_TRIAL:
+        if state == "refused:on_trial" and (self.state or prev.get("state")) in ("verifying",) + ON_TRIAL:
             state = "on_trial"  # this bundle, installed and rebooted into before its "installed" was heard
-        if state in FINAL and stood not in ("verifying",) + ON_TRIAL + FINAL:
-            return False
-        self._measure(m.offset)
-        self.offset, self.state = m.offset, state
-        if self.next_offset < m.offset:
-            self.next_offset = m.offset  # it holds more (from before a cut): on from there
+        if state in FINAL:
+            version = self.version or int(str(prev.get("release_version") or 0)) or self._spooled_version(device_id)
+            if m.offset and version and m.offset != version:
+                return False
+        else:
+            self._measure(m.offset)
+            self.offset = m.offset
+            if self.next_offset < m.offset:
+                self.next_offset = m.offset  # it holds more (from before a cut): on from there
+        self.state = state
         self.heard.set()
         total = self.total if self.total is not None else prev.get("total")
         self._record(device_id, {"device_id": device_id, "offset": m.offset, "state": state, "epoch": m.epoch,
                                  "at": time.time(), "total": total,
                                  "version": self.name or prev.get("version"),
+                                 "release_version": self.version or prev.get("release_version"),
                                  "trial_seen": bool(prev.get("trial_seen")) and state in ON_TRIAL,
                                  "seen": _seen(prev, state)})
         return True
@@ -223,6 +229,15 @@ class Pusher:
             self.state = str(prev["state"])
         self._record(device_id, prev)
         return str(prev["state"])
+
+    def _spooled_version(self, device_id: str) -> int:
+        """The spooled bundle's version (its manifest's), 0 if there is none to read."""
+        try:
+            with open(self.dir / ("%s.bin" % device_id), "rb") as f:
+                head = f.read(bundle.MAX_HEADER)
+            return bundle.parse_manifest(bundle.read_header(head)[0]).version
+        except (OSError, bundle.BundleError):
+            return 0
 
     def _record(self, device_id: str, record: dict[str, object]) -> None:
         d = self.dir
@@ -293,9 +308,10 @@ class Pusher:
                 line = len(hub_link.downlink_line(self.hub.update_chunk(dev, epoch, 0, data)))
                 self.window = max(1, min(WINDOW_CHUNKS, (self.downlink_buffer_bytes - ACK_ROOM_BYTES) // line))
                 try:
-                    self.name = bundle.parse_manifest(bundle.read_header(data)[0]).name
+                    m = bundle.parse_manifest(bundle.read_header(data)[0])
+                    self.name, self.version = m.name, m.version
                 except bundle.BundleError:
-                    self.name = ""  # (spool() checked it: only a file changed under us)
+                    self.name, self.version = "", 0  # (spool() checked it: only a file changed under us)
             if self.state in ON_TRIAL or final(self.state):
                 await self._wait(VERIFY_POLL_S)  # it reports confirmed or rolled back by itself
                 continue

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import secrets
 import signal
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,6 +46,7 @@ from agent.forwarders.webhook import WebhookConfig
 from agent.provision import build
 from agent.provision.build import default_cache
 from agent.registry import Registry, write_private
+from agent.status_server import SUN_PATH_BYTES
 from agent.supervisor import Agent
 
 # A boot's stop summary (firmware_mpy/app/main.py): at a Ctrl-C, and in the simulation at the reset an
@@ -71,9 +74,9 @@ async def run_demo(opts: SimOptions, out: IO[str]) -> dict[str, Any]:
     with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread: no Ctrl-C handling
         loop.add_signal_handler(signal.SIGINT, interrupted.set)
     try:
-        with tempfile.TemporaryDirectory(prefix="pulsebridge-demo-") as tmp_s:
+        with tempfile.TemporaryDirectory(prefix="pulsebridge-demo-") as tmp_s, _air_directory(Path(tmp_s)) as air_dir:
             tmp = Path(tmp_s)
-            air = start_air(opts, tmp / "air")
+            air = start_air(opts, air_dir)
             try:
                 return await _run_demo(opts, out, tmp, air, interrupted)
             finally:
@@ -82,6 +85,17 @@ async def run_demo(opts: SimOptions, out: IO[str]) -> dict[str, Any]:
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _air_directory(tmp: Path) -> Iterator[Path]:
+    """Where the software radio's sockets go: tmp/air, or, when their addresses would not fit a Unix
+    socket's (SUN_PATH_BYTES: a deep TMPDIR), a directory of its own under /tmp, removed after."""
+    if len(os.fsencode(str(tmp / "air" / "boards.sock"))) <= SUN_PATH_BYTES:
+        yield tmp / "air"
+        return
+    with tempfile.TemporaryDirectory(prefix="pb-air-", dir="/tmp") as short:
+        yield Path(short)
 
 
 async def _run_demo(opts: SimOptions, out: IO[str], tmp: Path, air: Air | None,

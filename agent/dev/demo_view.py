@@ -18,7 +18,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from agent import status_text
+from agent import ota, status_text
 
 # Eight heights of a block: an ECG trace in one line of text.
 _BLOCKS = "▁▂▃▄▅▆▇█"
@@ -94,6 +94,9 @@ def live_view(snap: dict[str, Any], backend: dict[str, Any], waves: dict[str, li
     for name, value, meaning in counts(snap, backend):
         numbers.add_row(Text(name, style="bold"), Text(str(value), justify="right"), Text(meaning, style="dim"))
     parts: list[RenderableType] = [boards]
+    for b in snap["boards"]:  # firmware updates: each board's, as the hub last heard of it
+        if b.get("update") and b["device_id"]:
+            parts.append(Text("%s: %s" % (b["device_id"], firmware(b)), style="cyan"))
     trouble = status_text.store_brief(store, snap.get("now", now))
     if trouble:  # above everything else: nothing new is kept while it lasts
         parts.append(Text(trouble, style="bold red"))
@@ -102,6 +105,12 @@ def live_view(snap: dict[str, Any], backend: dict[str, Any], waves: dict[str, li
     parts += [Panel(traces, title="ECG, last 4 s", title_align="left"),
               Panel(numbers, title="frames", title_align="left"), Text(footer)]
     return Group(*parts)
+
+
+def firmware(board: dict[str, Any]) -> str:
+    """The firmware a board's hello named, and its update's state if it has one (agent/ota.py)."""
+    update = ota.describe(board.get("update"))
+    return "%s%s" % (board.get("firmware") or "not heard yet", "; " + update if update else "")
 
 
 def plain_line(snap: dict[str, Any], backend: dict[str, Any], elapsed_s: float) -> str:
@@ -123,7 +132,11 @@ def plain_line(snap: dict[str, Any], backend: dict[str, Any], elapsed_s: float) 
         return line + backend_trouble(backend, " | ")
     idle = ["%s %s" % (b["device_id"] or b["port"], status_text.board_state(b, store))
             for b in snap["boards"] if b not in streaming and b["state"] != "connected"]
-    return line + (" | not streaming: " + ", ".join(idle) if idle else "")
+    # Updates under way (an outcome shows in the live view's table and in the summary).
+    updates = ["%s %s" % (b["device_id"], ota.describe(b["update"])) for b in snap["boards"]
+               if b.get("update") and b["device_id"] and not ota.final(str(b["update"].get("state", "")))]
+    return line + (" | not streaming: " + ", ".join(idle) if idle else "") + (
+        " | " + ", ".join(updates) if updates else "")
 
 
 def backend_trouble(backend: dict[str, Any], lead: str = "") -> str:

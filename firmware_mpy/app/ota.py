@@ -193,7 +193,9 @@ class Updater:
         back = slot_text(ROLLED_BACK)
         if back is not None:  # (boot.py) the version in slot `back` never confirmed itself
             app.board.console("pulsebridge: the update in slot %s was rolled back" % back)
-            self.pending = (0, "rolled_back")  # sent from the loop (step())
+            # Sent from the loop (step()); an outcome's offset is its release's version (the
+            # hub tells an earlier update's, said again, from its push's).
+            self.pending = (release(back)[0], "rolled_back")
 
     def report(self, offset, text):
         # The latest state only is kept until the link takes it: a state the
@@ -227,6 +229,14 @@ class Updater:
     # ---- receiving (a chunk from the hub, authenticated by the downlink key) ----
     def chunk(self, offset, total, buf, at, n):
         # Bytes [offset, offset + n) of a bundle of `total` bytes, at buf[at:at + n].
+        p = self.pending
+        if p is not None and p[1] in ("confirmed", "rolled_back"):
+            # An outcome not said yet (a rollback found at boot) answers the
+            # hub's chunks until the link takes it: this may be the rolled
+            # back bundle's last chunk, sent again by a hub that never heard
+            # it installed (not a new bundle to receive).
+            self.flush()
+            return
         if self.state == TRIAL_RUN:
             self.report(0, "refused:on_trial")  # one update at a time: this one is confirmed first
             return
@@ -264,12 +274,9 @@ class Updater:
         have = size(part)
         if have < 0 or read(self.spare + "/" + TOTAL) != b"%d" % total:
             # A new bundle: the spare slot is cleared of whatever it held,
-            # and the last update's outcome is said no more: said during
-            # this one, the hub took it for this one's (and a trial boot of
-            # this one said boot.rolled_back's again).
-            self.final = None
-            if self.pending is not None and self.pending[1] in ("confirmed", "rolled_back"):
-                self.pending = None
+            # boot.rolled_back with it (said once already: chunk()), or this
+            # bundle's trial boot would say that rollback again, as its own.
+            # (The repeats in RAM go on: their version is the earlier one's.)
             remove(ROLLED_BACK)
             fifos = self.app._read_fifos
             fifos()
@@ -480,7 +487,7 @@ class Updater:
                 and ticks.diff(now, acked) <= _ACK_FRESH_MS):
             confirm(self.slot)
             self.app.board.console("pulsebridge: update in slot %s confirmed" % self.slot)
-            self.report(0, "confirmed")
+            self.report(release(self.slot)[0], "confirmed")
             self.state = IDLE
             return True  # (its report said again: step())
         if ticks.diff(now, self.since_ms) >= _TRIAL_MAX_MS:

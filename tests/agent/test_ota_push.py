@@ -317,7 +317,8 @@ def test_a_power_cut_at_each_step_of_an_update_leaves_a_board_that_boots_and_str
             assert (flash / "boot.trial").read_text() == "b"  # it booted the new version on trial
             await power_cut_and_on("on trial, before the confirmation")
             assert not (flash / "boot.trial").exists() and not (flash / "boot.ok").exists()  # back on slot a
-            await async_wait_for(lambda: state() == "rolled_back", 60, "the hub told of the rollback", state)
+            await async_wait_for(lambda: state() == "rolled_back", 60, "the hub told of the rollback",
+                                 lambda: (state(), board.console_tail()[-1500:]))
 
     asyncio.run(scenario())
     db = Store(cfg.store_path, []).reader()
@@ -334,19 +335,25 @@ def test_an_earlier_updates_outcome_said_again_does_not_end_the_next_push(tmp_pa
     # A board says an update's outcome (rolled back, confirmed) again every 10 s for a minute. A
     # bundle pushed meanwhile (the demo's good release after its broken one) heard it as its own:
     # the push ended at once ("rolled_back"), its bundle unspooled while the board was receiving it.
+    # An outcome's offset is the version of the release it is about.
     data = release.make_bundle({"app/main.py": b"# 200\n" * 50}, 200, "pulsebridge-fw 200", 0, "esp32", VENDOR)
     run_dir, dev = tmp_path / "run", "pb-t01"
     ota.spool(run_dir, dev, data)
     pusher = ota.Pusher(run_dir, send=None, board=lambda: (dev, 1), hub_=None)  # type: ignore[arg-type]
-    pusher.total = len(data)
     assert pusher.on_state(dev, messages.UpdateState(1, 5, 256, "receiving"))
-    assert not pusher.on_state(dev, messages.UpdateState(1, 6, 0, "rolled_back"))  # the earlier update's
+    assert not pusher.on_state(dev, messages.UpdateState(1, 6, 300, "rolled_back"))  # release 300's, said again
     assert ota.read_state(run_dir, dev)["state"] == "receiving"  # type: ignore[index]
     assert (run_dir / "ota" / (dev + ".bin")).exists()
-    # This bundle's own outcome, once it was checked and installed, ends the push.
-    for state in ("verifying", "installed", "rolled_back"):
-        assert pusher.on_state(dev, messages.UpdateState(2, 7, len(data) if state != "rolled_back" else 0, state))
+    # This bundle's own outcome ends the push.
+    for state in ("verifying", "installed"):
+        assert pusher.on_state(dev, messages.UpdateState(1, 7, len(data), state))
+    assert pusher.on_state(dev, messages.UpdateState(2, 1, 200, "rolled_back"))
     record = ota.read_state(run_dir, dev)
     assert record is not None and record["state"] == "rolled_back"
     assert list(record["seen"]) == ["receiving", "verifying", "installed", "rolled_back"]  # type: ignore[call-overload]
     assert not (run_dir / "ota" / (dev + ".bin")).exists()
+    # A board that does not say which release (offset 0) is taken at its word, as before.
+    ota.spool(run_dir, dev, data)
+    pusher = ota.Pusher(run_dir, send=None, board=lambda: (dev, 1), hub_=None)  # type: ignore[arg-type]
+    assert pusher.on_state(dev, messages.UpdateState(1, 8, 0, "rolled_back"))
+    assert ota.read_state(run_dir, dev)["state"] == "rolled_back"  # type: ignore[index]

@@ -367,19 +367,41 @@ def test_a_rolled_back_version_is_reported_to_the_hub_for_a_minute():
 
 def test_a_new_update_ends_the_reports_of_the_last_ones_outcome():
     # The demo pushed its good release seconds after its broken one rolled back: the board said
-    # "rolled_back" again during the new push (the hub took it for the new bundle's outcome and
-    # ended the push), and boot.rolled_back, still there, made the new version's trial boot say
-    # it again.
+    # "rolled_back" again during the new push, which the hub took for the new bundle's outcome
+    # (each outcome now names its release's version in its offset), and boot.rolled_back, still
+    # there, made the new version's trial boot say it again, as its own.
     b, app, link = _trial_board()
     assert boot.choose() == ("a", False)  # reset before it confirmed itself
+    ota.write("b/" + ota.RELEASE, b"150 120 pulsebridge-fw 150")  # the release that was rolled back
     b, app, link = _app()
     app.step()
-    assert [s.state for s in _states(link)] == ["rolled_back"]
+    assert [(s.state, s.offset) for s in _states(link)] == [("rolled_back", 150)]
     try:
         _push(b, app, link, _read("bundles/good.bin"), lambda s: s.state.startswith("refused"))
         raise AssertionError("not installed: %r" % _states(link)[-2:])
     except Reboot:
         pass
-    states = [s.state for s in _states(link)]
-    assert states.count("rolled_back") == 1 and states[-1] == "installed", states
+    states = _states(link)
+    assert states[-1].state == "installed", [s.state for s in states]
+    assert all(s.offset == 150 for s in states if s.state == "rolled_back")  # release 150's
     assert ota.size(ota.ROLLED_BACK) < 0  # its trial boot will not say it again
+
+
+def test_a_rollback_found_at_boot_answers_the_hubs_chunks_until_it_is_said():
+    # A hub that never heard the bundle installed (the board's link cut at the switch, its trial
+    # boot's hello lost) polls with its last chunk: answered with the rollback, not taken for a
+    # new bundle to receive.
+    data = _read("bundles/good.bin")
+    b, app, link = _trial_board()
+    assert boot.choose() == ("a", False)  # reset before it confirmed itself
+    b, app, link = _app()
+    last = (len(data) - 1) // messages.MAX_UPDATE_CHUNK * messages.MAX_UPDATE_CHUNK
+    link.inbox.append(link.hub.update_chunk(app.cfg["device_id"], app.epoch, last, data))
+    app.step()
+    assert [(s.state, s.offset) for s in _states(link)] == [("rolled_back", 200)]  # _trial_board's release
+    assert ota.size("b/" + ota.PART) < 0 and _read(ota.ROLLED_BACK) == b"b"  # nothing received
+    # Once said, a chunk is a new bundle's: received, and boot.rolled_back goes.
+    link.inbox.append(link.hub.update_chunk(app.cfg["device_id"], app.epoch, 0, data))
+    app.step()
+    assert [s.state for s in _states(link)] == ["rolled_back", "receiving"]
+    assert ota.size(ota.ROLLED_BACK) < 0

@@ -382,3 +382,19 @@ def test_ble_summary_carries_the_air_figures() -> None:
     assert "1.412 as ATT values, 1.46 with ATT and L2CAP headers" in text, text
     assert "the hub's reconnections: 11, median 0.61 s, longest 2.30 s" in text, text
     assert "over the air" not in "\n".join(demo.summary_lines(_result()))
+
+
+def test_the_view_and_the_line_show_each_boards_firmware_and_its_update() -> None:
+    now = time.time()
+    snap = _snapshot(now)
+    snap["boards"][0].update(firmware="pulsebridge-fw 0.1.0", update={
+        "state": "receiving", "offset": 500, "total": 1000, "version": "pulsebridge-fw 0.2.0"})
+    console = Console(file=io.StringIO(), width=220, color_system=None)
+    console.print(demo_view.live_view(snap, BACKEND, {}, 12.0, "Ctrl-C stops."))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "pb-sim01: pulsebridge-fw 0.1.0; updating pulsebridge-fw 0.2.0: 50 % received" in text, text
+    assert "/dev/pts/9:" not in text  # no update, no line
+    line = demo_view.plain_line(snap, BACKEND, 12.0)
+    assert line.endswith("| pb-sim01 updating pulsebridge-fw 0.2.0: 50 % received"), line
+    snap["boards"][0]["update"] = {"state": "rolled_back", "version": "pulsebridge-fw 0.3.0"}
+    assert "rolled" not in demo_view.plain_line(snap, BACKEND, 12.0)  # an outcome: in the table and the summary
