@@ -409,13 +409,39 @@ def signal_indices(w: dict[str, Any], m: Method, cache: Cache, kinds: tuple[str,
     return np.column_stack(cols) if cols else np.zeros((len(w["second"]), 0))
 
 
+def _error_model(x: np.ndarray, design: np.ndarray, ref: np.ndarray, subject: np.ndarray, train: np.ndarray
+                 ) -> np.ndarray:
+    """The predicted |error| of every window (design: its figures, a constant last) by a model
+    fitted on `train` alone: each training subject's errors from a line fitted on the other
+    training subjects, regressed (least squares, figures standardised) on the design."""
+    inner_error = np.full(len(ref), np.nan)
+    for s in sorted(set(subject[train].tolist())):
+        inner = train & (subject == s)
+        beta = _line(x, ref, train & ~inner)
+        inner_error[inner] = beta[0] + x[inner] @ beta[1:] - ref[inner]
+    mu, sd = design[train].mean(axis=0), design[train].std(axis=0)
+    mu[-1], sd[-1] = 0.0, 1.0
+    sd[sd == 0] = 1.0
+    z = (design - mu) / sd
+    coef, *_ = np.linalg.lstsq(z[train], np.abs(inner_error[train]), rcond=None)
+    return np.asarray(z @ coef)
+
+
+def _line(x: np.ndarray, ref: np.ndarray, fit: np.ndarray) -> np.ndarray:
+    # SpO2 = beta[0] + x @ beta[1:], least squares on the windows `fit`.
+    beta, *_ = np.linalg.lstsq(np.column_stack([np.ones(int(fit.sum())), x[fit]]), ref[fit], rcond=None)
+    return np.asarray(beta)
+
+
 def _loso_error_model(w: dict[str, Any], m: Method, cache: Cache, kinds: tuple[str, ...] = (SIGNAL, DISTANCE),
                       among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The method with a quality learnt from the signal: in each fold the training subjects'
-    errors, each from a line fitted without that subject (an inner leave one subject out), are
-    regressed (least squares, standardised) on signal_indices of kinds; the line of the fold and the gate
-    (withholding WITHHELD_GOAL of the training windows, the baseline counted) then use the
-    predicted error, and so does the subject scored, whose reference takes no part. among: the
+    """The method with a quality learnt from the signal (_error_model on signal_indices of
+    kinds), leave one subject out: in each fold the error model is fitted on the training
+    subjects, and the gate is set as it will be used, on errors predicted for subjects the
+    model has not seen: each training subject's, by a model fitted on the other training
+    subjects; the ceiling withholds WITHHELD_GOAL of those windows (the baseline counted), and
+    the fold's line is fitted on the windows under it. The subject scored, whose reference takes
+    no part, is shown where the fold's model predicts an error under the ceiling. among: the
     windows of the subjects taking part (default: all). Returns (estimate, shown, predicted
     error) per window (NaN / False / NaN outside among, the error NaN where a figure is missing)."""
     ref, subject = w["ref_spo2"], w["subject"]
@@ -423,29 +449,18 @@ def _loso_error_model(w: dict[str, Any], m: Method, cache: Cache, kinds: tuple[s
     design = np.column_stack([signal_indices(w, m, cache, kinds), np.ones(len(ref))])
     usable = np.isfinite(design).all(axis=1) & np.isfinite(x).all(axis=1) & np.isfinite(ref) & ~base
     est, shown, predicted = np.full(len(ref), np.nan), np.zeros(len(ref), dtype=bool), np.full(len(ref), np.nan)
-
-    def line(fit: np.ndarray) -> np.ndarray:
-        beta, *_ = np.linalg.lstsq(np.column_stack([np.ones(int(fit.sum())), x[fit]]), ref[fit], rcond=None)
-        return np.asarray(beta)
-
     among = np.ones(len(ref), dtype=bool) if among is None else among
     for s in sorted(set(subject[among].tolist())):
         test, train = among & (subject == s), among & (subject != s) & usable
-        inner_error = np.full(len(ref), np.nan)
+        unseen = np.full(len(ref), np.nan)  # each training subject's predicted error, by a model blind to it
         for s2 in sorted(set(subject[train].tolist())):
             inner = train & (subject == s2)
-            beta = line(train & ~inner)
-            inner_error[inner] = beta[0] + x[inner] @ beta[1:] - ref[inner]
-        mu, sd = design[train].mean(axis=0), design[train].std(axis=0)
-        mu[-1], sd[-1] = 0.0, 1.0
-        sd[sd == 0] = 1.0
-        z = (design - mu) / sd
-        coef, *_ = np.linalg.lstsq(z[train], np.abs(inner_error[train]), rcond=None)
-        pred = np.where(usable | base, z @ coef, np.nan)
+            unseen[inner] = _error_model(x, design, ref, subject, train & ~inner)[inner]
         f_base = float(base[among & (subject != s)].mean())
         share = max(0.0, (WITHHELD_GOAL - f_base) / (1.0 - f_base))
-        ceiling = float(np.quantile(pred[train], 1.0 - share))
-        beta = line(train & (pred <= ceiling))
+        ceiling = float(np.quantile(unseen[train], 1.0 - share))
+        beta = _line(x, ref, train & (unseen <= ceiling))
+        pred = np.where(usable | base, _error_model(x, design, ref, subject, train), np.nan)
         e = beta[0] + x @ beta[1:]
         est[test] = np.clip(e[test], 0.0, 100.0)
         predicted[test] = pred[test]
@@ -615,7 +630,8 @@ def report(c: dict[str, Any]) -> list[str]:
     if em:
         lines.append("A quality index that predicts error: |error| regressed on the signal's own figures (%s; and, "
                      "relative, each feature's distance from rest), fitted in each fold on the training subjects' "
-                     "inner leave-one-subject-out errors; the gate withholds %d %% of the training windows by it" % (
+                     "inner leave-one-subject-out errors; the gate withholds %d %% of the training windows by the "
+                     "error predicted for each by a model blind to its subject" % (
                          ", ".join(em["features"]), 100 * WITHHELD_GOAL))
         for m in em["methods"]:
             lines.append(row("%s; q: %s" % (m["label"], " + ".join(m["error_from"])), m))
