@@ -728,7 +728,12 @@ class Store:
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
 
     async def delivered(self, backend: str, frame_ids: list[int]) -> None:
-        await self._submit("delivered", (backend, frame_ids))
+        await self.submit_delivered(backend, frame_ids)
+
+    def submit_delivered(self, backend: str, frame_ids: list[int]) -> asyncio.Future[Any]:
+        """Queues the rows' leaving backend's outbox (queued at once, whatever becomes of the
+        future); the future is done once that is committed."""
+        return self._submit("delivered", (backend, frame_ids))
 
     async def reject(self, reason: str, link: str, device_id: str | None, raw: bytes) -> None:
         await self._submit("reject", (reason, link, device_id, raw))

@@ -12,9 +12,9 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -29,7 +29,6 @@ from protocols.errors import ProtocolError, RemoteProtocolError
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 
 class DeliveryError(PulsebridgeError):
@@ -222,20 +221,6 @@ def tls_context(cfg: BackendConfig) -> ssl.SSLContext | None:
     return ctx
 
 
-async def _finished(call: Awaitable[T]) -> T:
-    """Awaits a call running on a thread (asyncio.to_thread); cancelled meanwhile, still
-    waits for the call to return before the cancellation goes on: the read connection it
-    uses is closed after it, and closing a SQLite connection while another thread runs a
-    statement on it crashes the process (a segfault in libsqlite3, seen at a forwarder's
-    stop). A read waits for a lock at most the store's busy timeout."""
-    fut = asyncio.ensure_future(call)
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        await asyncio.wait([fut])
-        raise
-
-
 class Forwarder(abc.ABC):
     def __init__(self, cfg: BackendConfig, store: Store, hub_id: str, wake: asyncio.Event,
                  subjects: Subjects | None = None) -> None:
@@ -333,11 +318,15 @@ class Forwarder(abc.ABC):
         marking_ids: list[int] = []
 
         def read(exclude: list[int]) -> asyncio.Future[list[Row]]:
+            # On a thread at once, and never cancelled (awaited through shield): a stop waits for it
+            # (drop_ahead) before the reader is closed, for closing a SQLite connection while another
+            # thread runs a statement on it crashes the process (a segfault in libsqlite3, seen at a
+            # forwarder's stop). A read waits for a lock at most the store's busy timeout.
             if exclude:
-                call = asyncio.to_thread(Store.fetch_outbox, reader, self.name, self.batch_limit, exclude)
+                call = functools.partial(Store.fetch_outbox, reader, self.name, self.batch_limit, exclude)
             else:
-                call = asyncio.to_thread(Store.fetch_outbox, reader, self.name, self.batch_limit)
-            return asyncio.ensure_future(_finished(call))
+                call = functools.partial(Store.fetch_outbox, reader, self.name, self.batch_limit)
+            return asyncio.get_running_loop().run_in_executor(None, call)
 
         async def drop_ahead() -> None:
             nonlocal ahead
@@ -353,13 +342,13 @@ class Forwarder(abc.ABC):
 
         try:
             while True:
-                if ahead is not None:
-                    rows, ahead = await ahead, None
-                else:
-                    rows = await read(marking_ids)
+                if ahead is None:
+                    ahead = read(marking_ids)
+                rows = await asyncio.shield(ahead)
+                ahead = None
                 if not rows:
                     if marking is not None:  # what was delivered is marked before the forwarder idles
-                        await marking
+                        await asyncio.shield(marking)
                         marking, marking_ids = None, []
                         continue
                     self.state = State.IDLE
@@ -410,8 +399,8 @@ class Forwarder(abc.ABC):
                     await asyncio.sleep(delay)
                     continue
                 if marking is not None:
-                    await marking  # one batch being marked at a time
-                marking, marking_ids = asyncio.ensure_future(self.store.delivered(self.name, ids)), ids
+                    await asyncio.shield(marking)  # one batch being marked at a time
+                marking, marking_ids = self.store.submit_delivered(self.name, ids), ids
                 marking.add_done_callback(functools.partial(marked, len(rows)))
                 self.last_delivered_at, self.failing_since = time.time(), None
                 self.backoff.reset()
