@@ -233,9 +233,20 @@ class Radio:
 # (handle, data), R read response (handle, data), D disconnect by the
 # board. Air to board: C central connected (conn handle), M MTU exchanged,
 # W write (handle, data), Q read (handle), X central gone.
-_AIR_MAX = const(1024)
 _AF_UNIX = const(1)  # the unix port's socket.AF_UNIX (Linux); the ESP32 stubs do not know it
 _RETRY_MS = const(1000)
+# The longest record the air sends a board: a write (handle, then at most
+# MTU 517 - 3 bytes). Records are read into fixed buffers, header then body,
+# so the air's traffic makes no garbage in the firmware's heap (a radio's
+# buffers are the stack's, never the firmware's): with a copy per record and
+# per notification, an update pushed over the air left ~5 kB of garbage a
+# second there, and the board's update ran out of memory (refused:no_memory).
+_BODY_MAX = const(2 + _MAX_NOTIFY)
+_RECORDS_PER_SERVICE = const(8)  # a service() reads at most this many: the rest waits in the socket
+# Records for the air, kept while its socket takes them; past this many
+# bytes the stack's notifications stay in its slots (ENOMEM for the
+# firmware), as a radio's stay queued while the air is busy.
+_TX_MAX = const(4096)
 
 
 class AirRadio(Radio):
@@ -245,10 +256,14 @@ class AirRadio(Radio):
         self.address = address
         self.sock = None
         self._poll = select.poll()
-        self._rx = bytearray()
-        self._tx = bytearray()
+        self._head = bytearray(3)  # a record's type and length
+        self._body = bytearray(_BODY_MAX)
+        self._got = 0  # bytes of the current record read, header included
+        self._tx = bytearray(_TX_MAX + 3 + _BODY_MAX)
+        self._tx[:] = b""  # (its capacity kept)
         self._retry_at = 0
         self.air_connects = 0
+        self.records_in = 0  # records taken from the air (tests)
 
     def _open(self):
         now = self.clock.now_us() // 1000
@@ -264,8 +279,8 @@ class AirRadio(Radio):
         s.setblocking(False)
         self.sock = s
         self._poll.register(s, select.POLLIN)
-        self._rx = bytearray()
-        self._tx = bytearray()
+        self._got = 0
+        self._tx[:] = b""
         self.air_connects += 1
         self._put(b"H", self.address.encode())
         self.services_changed()
@@ -279,9 +294,16 @@ class AirRadio(Radio):
             self.sock = None
         self.disconnect()  # the air is gone: so is any central
 
+    def _put_head(self, kind, n):
+        tx = self._tx
+        tx.append(kind)
+        tx.append(n >> 8)
+        tx.append(n & 0xFF)
+
     def _put(self, kind, payload):
         if self.sock is not None:
-            self._tx += kind + struct.pack(">H", len(payload)) + payload
+            self._put_head(kind[0], len(payload))
+            self._tx.extend(payload)
 
     def advertise_changed(self):
         adv = self.advertising
@@ -292,7 +314,12 @@ class AirRadio(Radio):
             self._put(b"S", json.dumps(self.services).encode())
 
     def _deliver(self, handle, data):
-        self._put(b"N", struct.pack(">H", handle) + bytes(data))
+        if self.sock is not None:
+            self._put_head(0x4E, 2 + len(data))  # N
+            tx = self._tx
+            tx.append(handle >> 8)
+            tx.append(handle & 0xFF)
+            tx.extend(data)
 
     def peripheral_disconnect(self):
         if self.connected:
@@ -306,55 +333,92 @@ class AirRadio(Radio):
         if sock is None:
             return
         try:
-            while self._poll.poll(0):
-                chunk = sock.recv(_AIR_MAX)
-                if not chunk:
-                    raise OSError(errno.ECONNRESET)
-                self._rx += chunk
-            self._handle_rx()
-            super().service()  # notifications leave the stack at the air's pace
-            while self._tx:
-                n = sock.send(self._tx)
-                self._tx = self._tx[n:]
+            for _ in range(_RECORDS_PER_SERVICE):
+                if not self._readable():
+                    break
+                n = self._read_record(sock)
+                if n < 0:
+                    break
+                self._handle(n)
+                if self.sock is None:
+                    return
+            if len(self._tx) < _TX_MAX:
+                super().service()  # notifications leave the stack at the air's pace, while the air takes them
+            tx = self._tx
+            while tx:
+                n = sock.send(tx)
+                tx[:n] = b""  # (in place: its capacity kept)
         except OSError as e:
             if e.args and e.args[0] == errno.EAGAIN:
                 return
             self._close()
 
-    def _handle_rx(self):
-        rx = self._rx
-        while len(rx) >= 3:
-            n = (rx[1] << 8) | rx[2]
-            if len(rx) < 3 + n:
-                break
-            kind = rx[0]
-            body = bytes(rx[3:3 + n])
-            rx = rx[3 + n:]
-            if kind == 0x43:  # C
-                if self.advertising is None or self.connected:
-                    self._put(b"D", b"")  # not connectable now: the central's attempt fails
-                else:
-                    self.connect()
-            elif kind == 0x4D:  # M
-                mtu = (body[0] << 8) | body[1]
-                self.mtu = mtu
-                self._ble()._event(_IRQ_MTU_EXCHANGED, (self.conn_handle, mtu))
-            elif kind == 0x57 and self.connected:  # W
-                self.write(body[2:], (body[0] << 8) | body[1])
-            elif kind == 0x51:  # Q
-                self._put(b"R", body[:2] + self.read((body[0] << 8) | body[1]))
-            elif kind == 0x58:  # X
-                self.disconnect()
-        self._rx = rx
+    def _readable(self):
+        for _ in self._poll.ipoll(0):  # (ipoll: its tuple is the poll object's, poll() makes a list)
+            return True
+        return False
 
-    def write(self, data, handle=None, n=-1):
-        # From the air, one write is one ATT write: already at most MTU-3.
-        if handle is None:
-            super().write(data, None, n)
-            return
-        ble = self._ble()
-        ble._remote_write(handle, data, 0, len(data) if n < 0 else n)
-        ble._event(_IRQ_GATTS_WRITE, (self.conn_handle, handle))
+    def _read_record(self, sock):
+        # The body's length once a whole record is in _head/_body; -1 while
+        # part of it is still to come. A read that ends mid-record (rare:
+        # the air writes records whole) goes on through a view (an object).
+        got = self._got
+        if got < 3:
+            k = sock.readinto(self._head if got == 0 else memoryview(self._head)[got:], 3 - got)
+            if k is None:
+                return -1
+            if k == 0:
+                raise OSError(errno.ECONNRESET)
+            got += k
+            self._got = got
+            if got < 3:
+                return -1
+        head = self._head
+        n = (head[1] << 8) | head[2]
+        if n > _BODY_MAX:
+            raise OSError(errno.EINVAL)  # not the air's: the connection is dropped
+        at = got - 3
+        if at < n:
+            if not self._readable():
+                return -1
+            k = sock.readinto(self._body if at == 0 else memoryview(self._body)[at:], n - at)
+            if k is None:
+                return -1
+            if k == 0:
+                raise OSError(errno.ECONNRESET)
+            got += k
+            self._got = got
+            if got - 3 < n:
+                return -1
+        self._got = 0
+        return n
+
+    def _handle(self, n):
+        self.records_in += 1
+        kind = self._head[0]
+        body = self._body
+        if kind == 0x43:  # C
+            if self.advertising is None or self.connected:
+                self._put(b"D", b"")  # not connectable now: the central's attempt fails
+            else:
+                self.connect()
+        elif kind == 0x4D:  # M
+            mtu = (body[0] << 8) | body[1]
+            self.mtu = mtu
+            self._ble()._event(_IRQ_MTU_EXCHANGED, (self.conn_handle, mtu))
+        elif kind == 0x57 and self.connected:  # W
+            # From the air, one write is one ATT write: already at most MTU-3.
+            ble = self._ble()
+            h = (body[0] << 8) | body[1]
+            ble._remote_write(h, body, 2, n)
+            ev = self._write_event
+            ev[0] = self.conn_handle
+            ev[1] = h
+            ble._event(_IRQ_GATTS_WRITE, ev)
+        elif kind == 0x51:  # Q
+            self._put(b"R", bytes(body[:2]) + self.read((body[0] << 8) | body[1]))
+        elif kind == 0x58:  # X
+            self.disconnect()
 
 
 _radio = None

@@ -74,3 +74,114 @@ def test_notifications_queued_and_delivered_allocate_nothing():
     finally:
         micropython.heap_unlock()
     assert seen == [3, 600], seen
+
+
+def _air_board(path):
+    # A board on the air (AirRadio): the test holds the air's end of its socket.
+    import socket
+    import struct
+
+    srv = socket.socket(1, socket.SOCK_STREAM)  # AF_UNIX
+    srv.bind(struct.pack("H", 1) + path.encode() + b"\0")
+    srv.listen(1)
+    with open("sim.json") as f:
+        sim = json.load(f)
+    sim["virtual_clock"] = True
+    sim["ble"] = {"air": path, "address": "F6:98:37:4A:3B:40"}
+    board = SimBoard(sim, VirtualClock())
+    cfg = config.load()
+    cfg["link"] = "ble"
+    app = main.App(board, cfg, config.load_key(), config.next_epoch())
+    board.radio.service()  # connects to the air
+    air, _ = srv.accept()
+    srv.close()
+    return board, app, air
+
+
+def _record(kind, body):
+    return bytes((kind, len(body) >> 8, len(body) & 0xFF)) + body
+
+
+def test_the_air_s_records_are_read_a_few_at_a_time_into_fixed_buffers():
+    # An update pushed over the air queues hundreds of writes in the board's
+    # socket: a service() takes at most a few (the rest wait there, as a
+    # radio's link layer holds the central back), each read into the
+    # radio's own buffers, allocating nothing. Before, every record was read
+    # at once and copied (recv, +=, slices): ~5 kB of garbage a second while
+    # an update came in, and the update ran out of memory (refused:no_memory).
+    import os
+
+    path = "air-heap.sock"  # (in the test's own directory)
+    board, app, air = _air_board(path)
+    try:
+        app.start()
+        radio = board.radio
+        radio.service()
+        air.send(_record(0x43, b"\x00\x05"))  # C: a central connects
+        air.send(_record(0x4D, b"\x00\xf7"))  # M: MTU 247
+        while radio.records_in < 2:
+            radio.service()
+        assert radio.connected
+        ble = app.link._ble
+        h = ble.control_handle
+        n = 100
+        write = _record(0x57, bytes((h >> 8, h & 0xFF)) + b"~" + b"A" * 150)
+        for _ in range(n):
+            air.send(write)
+        micropython.heap_lock()
+        try:
+            radio.service()
+            first = radio.records_in - 2
+            for _ in range(4 * n):
+                if radio.records_in - 2 == n:
+                    break
+                radio.service()
+        finally:
+            micropython.heap_unlock()
+        assert first == 8, first
+        assert radio.records_in - 2 == n, radio.records_in
+        got = ble.gatts_read(ble.control_handle)
+        assert got.startswith(b"~AAAA"), got[:20]
+    finally:
+        air.close()
+        os.remove(path)
+
+
+def test_notifications_go_on_the_air_without_allocating():
+    import os
+
+    path = "air-notify.sock"
+    board, app, air = _air_board(path)
+    try:
+        radio = board.radio
+        air.send(_record(0x43, b"\x00\x05"))
+        air.send(_record(0x4D, b"\x00\xf7"))
+        while radio.records_in < 2:
+            radio.service()
+        ble = app.link._ble
+        fragment = bytearray(range(200))
+        micropython.heap_lock()
+        try:
+            for _ in range(3):
+                ble.gatts_notify(radio.conn_handle, ble.data_handle, fragment)
+            board.sleep_ms(radio.interval_ms)  # one connection interval: the air carries them
+            radio.service()
+        finally:
+            micropython.heap_unlock()
+        data = b""
+        want = 3 * (3 + 2 + 200)
+        while len(data) < want:
+            chunk = air.recv(4096)
+            assert chunk, "the air's socket closed"
+            data += chunk
+        i = 0
+        notes = []
+        while i + 3 <= len(data):
+            k = (data[i + 1] << 8) | data[i + 2]
+            if data[i] == 0x4E:
+                notes.append(data[i + 5:i + 3 + k])
+            i += 3 + k
+        assert notes[-3:] == [bytes(fragment)] * 3, notes
+    finally:
+        air.close()
+        os.remove(path)
