@@ -353,7 +353,7 @@ class Updater:
                 return self._trial(now)
         except self.bundle_error as e:
             self._refuse(e.reason, str(e))
-        except MemoryError:
+        except MemoryError as e:
             # The header (a few kB) or the signature's numbers found no
             # room: the same piece again next loop after a collection; a
             # heap that never has room for a piece (_OOM_TRIES failures in
@@ -366,7 +366,11 @@ class Updater:
             gc.collect()
             self.oom += 1
             if self.oom > _OOM_TRIES:
-                self._refuse("no_memory", "no room for the update's work %d times in a row" % self.oom)
+                import micropython
+
+                micropython.mem_info()  # (the console: the heap's state, for the technician)
+                self._refuse("no_memory", "no room for the update's work %d times in a row (in state %d: %s)"
+                             % (self.oom, s, e))
             return True
         self.oom = 0
         return self.state != IDLE or self.pending is not None or self.final is not None

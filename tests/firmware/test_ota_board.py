@@ -39,6 +39,9 @@ def _bundles(out: Path) -> None:
         cbor2.dumps({0: 1, 1: header[1], 2: OTHER.sign(bundle.signed_digest(header[1]))}) + good[end:])
     (out / "other_key.bin").write_bytes(make(OTHER))
     (out / "wrong_target.bin").write_bytes(make(target="esp32s3"))
+    # A release's worth of files (the firmware has ~40): a manifest of ~2.7 kB.
+    many = {"app/m%02d.py" % i: b"x = %d\n" % i for i in range(60)}
+    (out / "many_files.bin").write_bytes(release.make_bundle(many, 200, "pulsebridge-fw 200", 100, "esp32", VENDOR))
 
 
 @pytest.mark.micropython
@@ -54,4 +57,4 @@ def test_ota_on_the_board(micropython: str, tmp_path: Path) -> None:
                           text=True, timeout=600)
     print(proc.stdout, proc.stderr)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "FAIL" not in proc.stdout and "14 passed" in proc.stdout
+    assert "FAIL" not in proc.stdout and "15 passed" in proc.stdout
