@@ -154,6 +154,51 @@ def test_a_board_starved_of_cpu_when_stopped_still_gives_its_stop_summary(microp
         b.stop()
 
 
+def _console_input_queued(pid: int) -> int:
+    """Bytes typed on a board's console that its process has not read yet (the kernel's input queue)."""
+    import fcntl
+    import termios
+
+    fd = os.open(os.readlink("/proc/%d/fd/0" % pid), os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.micropython
+@pytest.mark.slow
+def test_a_board_stopped_before_it_read_its_last_command_still_stops(micropython: str, tmp_path: Path) -> None:
+    # The provisioning tool starts a board's firmware by typing its start at the REPL, then lets the port
+    # go; hil_tests' provisioning case stopped the board at once. A board that had not read that line yet
+    # (no CPU: a loaded machine) got the Ctrl-C behind it, as a character (its REPL reads lines in raw
+    # mode): the firmware the line started read it, and the Ctrl-D after it, as link data, and stop()
+    # waited out its bound, then killed the board (CI: that case's teardown took 60 s, run after run).
+    # stop() now lets the board read what was typed first.
+    b = SimulatedBoard(boards.BoardSpec("pb-late01"), tmp_path / "b", tmp_path / "cache", micropython)
+    b.start()
+    try:
+        wait_for(lambda: "streaming over" in b.console_tail(), 30, "the board streaming", b.console_tail)
+        b.interrupt()
+        wait_for(lambda: b.console_tail().endswith(">>> "), 30, "the REPL", lambda: b.console_tail()[-300:])
+        assert b.proc is not None
+        pid = b.proc.pid
+        os.killpg(pid, signal.SIGSTOP)  # no CPU for the board from here
+        start = b"exec(open('main.py').read())\r"  # as Provisioner._start_firmware types it
+        b.type(start)
+        stopping = threading.Thread(target=b.stop, args=(20.0,))
+        stopping.start()
+        time.sleep(1)  # the scenario's shape: the board has no CPU for a while as it is stopped
+        assert _console_input_queued(pid) >= len(start)  # the line still unread
+        os.killpg(pid, signal.SIGCONT)
+        stopping.join(90)
+        assert not stopping.is_alive()
+        assert b.proc.returncode == 0, b.proc.returncode  # left the REPL on a Ctrl-D, not killed
+        assert "streaming stopped (Ctrl-C)" in b.console_tail()[-500:], b.console_tail()[-500:]
+    finally:
+        b.stop()
+
+
 @pytest.mark.micropython
 def test_board_without_key_refuses_to_stream_and_says_why(micropython: str, tmp_path: Path) -> None:
     cases = [(boards.BoardSpec("pb-nokey01", key_on_board=False), b"no device key"),

@@ -20,6 +20,7 @@ import pty
 import select
 import signal
 import subprocess
+import sys
 import termios
 import threading
 import time
@@ -145,6 +146,7 @@ class SimulatedBoard:
         self.tap_downlink = bytearray()  # what the hub sent the board
         self.record = False
         self._ma = self._mb = self._sb = -1
+        self._console_name = ""  # the slave side of pty A, the board's console
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._tail = bytearray()
@@ -205,6 +207,7 @@ class SimulatedBoard:
         with self._tail_lock:
             self._boot_heard = self._heard
         self._ma, sa = pty.openpty()
+        self._console_name = os.ttyname(sa)
         _board_tty(sa)
         self.proc = subprocess.Popen(
             argv or self._argv, stdin=sa, stdout=sa, stderr=sa, cwd=self.directory, env=self._env,
@@ -343,16 +346,22 @@ class SimulatedBoard:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, bound_s: float = STOP_BOUND_S) -> int | None:
-        """Ctrl-C (as a technician would); once the board has answered it (its stop summary, a
-        prompt) or waits for input, Ctrl-D to leave the REPL; once it has exited or waits, done,
-        else killed. Each wait is on the board, not the clock: a board that gets no CPU (a loaded
-        machine) is waited for, up to bound_s each. Returns the process's exit status."""
+        """Once the board has read what was typed before, Ctrl-C (as a technician would); once it
+        has answered it (its stop summary, a prompt) or waits for input, Ctrl-D to leave the REPL;
+        once it has exited or waits, done, else killed. Each wait is on the board, not the clock: a
+        board that gets no CPU (a loaded machine) is waited for, up to bound_s each. Returns the
+        process's exit status."""
         if self.proc is None:
             return None
         self._stopping = True
         proc = self.proc
         if self.alive():
             try:
+                # What was typed before it read first (the line that starts the firmware, typed by the
+                # provisioning tool just before): a Ctrl-C typed while a REPL reads a line is a mere
+                # character behind it, which the program the line starts reads as link data, and the
+                # Ctrl-D after it. The key then goes to whatever runs.
+                self._await_board(lambda: self._console_unread() == 0, bound_s)
                 heard = self._heard
                 self.interrupt()
                 self._await_board(lambda: self._answered_since(heard), bound_s)
@@ -394,6 +403,19 @@ class SimulatedBoard:
                 self.link_path.unlink()
         except OSError:
             pass
+
+    def _console_unread(self) -> int:
+        """Bytes typed on the board's console that it has not read yet (0 if that cannot be told)."""
+        try:
+            fd = os.open(self._console_name, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+        except OSError:
+            return 0
+        try:
+            return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
+        except OSError:
+            return 0
+        finally:
+            os.close(fd)
 
     def _answered_since(self, heard: int) -> bool:
         with self._tail_lock:
