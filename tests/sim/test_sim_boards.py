@@ -154,6 +154,12 @@ def test_a_board_starved_of_cpu_when_stopped_still_gives_its_stop_summary(microp
         b.stop()
 
 
+def _process_letter(pid: int) -> str:
+    """The process's state as /proc gives it: S sleeping, R running, T stopped."""
+    with open("/proc/%d/stat" % pid) as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def _console_input_queued(pid: int) -> int:
     """Bytes typed on a board's console that its process has not read yet (the kernel's input queue)."""
     import fcntl
@@ -184,6 +190,7 @@ def test_a_board_stopped_before_it_read_its_last_command_still_stops(micropython
         assert b.proc is not None
         pid = b.proc.pid
         os.killpg(pid, signal.SIGSTOP)  # no CPU for the board from here
+        wait_for(lambda: _process_letter(pid) == "T", 30, "the board stopped", lambda: _process_letter(pid))
         start = b"exec(open('main.py').read())\r"  # as Provisioner._start_firmware types it
         b.type(start)
         stopping = threading.Thread(target=b.stop, args=(20.0,))
@@ -196,6 +203,8 @@ def test_a_board_stopped_before_it_read_its_last_command_still_stops(micropython
         assert b.proc.returncode == 0, b.proc.returncode  # left the REPL on a Ctrl-D, not killed
         assert "streaming stopped (Ctrl-C)" in b.console_tail()[-500:], b.console_tail()[-500:]
     finally:
+        if b.alive():
+            os.killpg(b.proc.pid, signal.SIGCONT)  # (a failure above left it stopped)
         b.stop()
 
 
