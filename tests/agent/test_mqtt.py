@@ -581,3 +581,47 @@ def test_a_batch_on_a_slow_uplink_is_not_given_up_while_it_moves(mosquitto: str,
     finally:
         store.close()
         _stop_broker(broker)
+
+
+def test_an_idle_connection_is_kept_alive_by_pings(mosquitto: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # The broker drops a client it hears nothing from for 1.5 x its keepalive: an idle
+    # forwarder sends PINGREQs (here keepalive 1 s, looked at every 0.2 s), so the
+    # connection it opened is the one its next batch goes on.
+    from agent.forwarders import mqtt
+
+    monkeypatch.setattr(mqtt, "KEEPALIVE_S", 1)
+    monkeypatch.setattr(mqtt, "MISC_PERIOD_S", 0.2)
+    pki = harness.pki_for(tmp_path)
+    broker, port = _start_broker(mosquitto, tmp_path, pki)
+    store = Store(tmp_path / "store.db", ["broker"])
+    store.start()
+    try:
+        _store_frames(store, "pb-k1", range(1))
+
+        async def scenario() -> None:
+            relay = Relay(port)
+            await relay.start()
+            fw = MqttForwarder(_via(relay, pki, batch=10, timeout_s=10), store, "test-hub", asyncio.Event())
+            task = asyncio.create_task(fw.run())
+            try:
+                await async_wait_for(lambda: fw.forwarded == 1, 60, "the first frame forwarded (connected)",
+                                     lambda: (fw.forwarded, fw.last_error))
+                connection = fw._connection
+                before = relay.up_bytes
+                # Each PINGREQ is a TLS record of its own (2 bytes of MQTT, some 20 of TLS): 4 of them
+                # span well over the broker's 1.5 s allowance.
+                await async_wait_for(lambda: relay.up_bytes - before >= 4 * 20, 30, "PINGREQs on the idle link",
+                                     lambda: relay.up_bytes - before)
+                await asyncio.to_thread(_store_frames, store, "pb-k1", range(1, 3))
+                await async_wait_for(lambda: fw.forwarded == 3, 60, "the next frames forwarded",
+                                     lambda: (fw.forwarded, fw.last_error))
+                assert fw._connection is connection and relay.connections == 1 and fw.failures == 0, fw.last_error
+            finally:
+                await _stop(fw, task)
+                await relay.close()
+
+        asyncio.run(scenario())
+    finally:
+        store.close()
+        _stop_broker(broker)
