@@ -625,3 +625,47 @@ def test_an_idle_connection_is_kept_alive_by_pings(mosquitto: str, tmp_path: Pat
     finally:
         store.close()
         _stop_broker(broker)
+
+
+def test_a_link_that_stops_answering_pings_is_closed_and_reopened(mosquitto: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # An idle link whose broker no longer answers (its bytes lost on the way) must not look
+    # alive: with no PINGRESP for the keepalive the connection is closed, and the next batch
+    # goes on a new one.
+    from agent.forwarders import mqtt
+
+    monkeypatch.setattr(mqtt, "KEEPALIVE_S", 1)
+    monkeypatch.setattr(mqtt, "MISC_PERIOD_S", 0.2)
+    pki = harness.pki_for(tmp_path)
+    broker, port = _start_broker(mosquitto, tmp_path, pki)
+    store = Store(tmp_path / "store.db", ["broker"])
+    store.start()
+    try:
+        _store_frames(store, "pb-k2", range(1))
+
+        async def scenario() -> None:
+            relay = Relay(port)
+            await relay.start()
+            fw = MqttForwarder(_via(relay, pki, batch=10, timeout_s=10), store, "test-hub", asyncio.Event())
+            task = asyncio.create_task(fw.run())
+            try:
+                await async_wait_for(lambda: fw.forwarded == 1, 60, "the first frame forwarded (connected)",
+                                     lambda: (fw.forwarded, fw.last_error))
+                connection = fw._connection
+                assert connection is not None
+                relay.lose()
+                await async_wait_for(lambda: not connection.usable, 30, "the silent link closed",
+                                     lambda: connection.down_reason)
+                assert "no PINGRESP" in connection.down_reason, connection.down_reason
+                await asyncio.to_thread(_store_frames, store, "pb-k2", range(1, 3))
+                await async_wait_for(lambda: fw.forwarded == 3, 60, "the next frames forwarded on a new connection",
+                                     lambda: (fw.forwarded, fw.last_error))
+                assert relay.connections == 2
+            finally:
+                await _stop(fw, task)
+                await relay.close()
+
+        asyncio.run(scenario())
+    finally:
+        store.close()
+        _stop_broker(broker)
