@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -121,7 +119,6 @@ class Connection(asyncio.Protocol):
         self._sent_at = 0.0  # loop time of the last write (keepalive: a PINGREQ after KEEPALIVE_S idle)
         self._ping_at: float | None = None  # loop time of the PINGREQ awaiting its PINGRESP
         self._topics: dict[str, bytes] = {}  # topics as PUBLISH carries them (a few per board)
-        self._quickack: Callable[[], None] | None = None
 
     @property
     def usable(self) -> bool:
@@ -247,14 +244,6 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        # ACK what the broker sends at once (Linux: TCP_QUICKACK, which the kernel clears by
-        # itself, so it is set again at each read). A broker that sends its PUBACKs under Nagle's
-        # algorithm (Mosquitto's default: set_tcp_nodelay false) holds all but the first of a
-        # batch's PUBACKs until that first is ACKed, which Linux delays up to 40 ms: a stall a
-        # round of PUBACKs, most of a backlog drain's time (bench agent).
-        sock = transport.get_extra_info("socket")
-        if sock is not None and hasattr(socket, "TCP_QUICKACK"):
-            self._quickack = lambda: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         if self._closing:  # opened after close() (a connect given up on)
             transport.abort()
 
@@ -262,8 +251,6 @@ class Connection(asyncio.Protocol):
         self._ended("closed" if self._closing else "connection lost: %s" % (exc or "closed by the broker"))
 
     def data_received(self, data: bytes) -> None:
-        if self._quickack is not None:
-            self._quickack()
         try:
             answers = self._answers.feed(data)
         except codec.BrokerProtocolError as e:
