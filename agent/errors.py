@@ -20,8 +20,7 @@ format's own errors stay `protocols.errors.ProtocolError` (Local/Remote):
     ├── TransportError       agent/transports/base.py  .link
     │   └── TransportClosed
     ├── DeliveryError        agent/forwarders/base.py
-    │   ├── RefusedError     .reason
-    │   └── BrokerProtocolError  agent/forwarders/mqtt_codec.py
+    │   └── RefusedError     .reason
     ├── PasswordFileError    agent/status_page.py  .missing
     ├── ProvisionError       agent/provision/provision.py  .step
     ├── ReplError            agent/provision/rawrepl.py  .port, .output

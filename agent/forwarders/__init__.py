@@ -20,7 +20,7 @@ from agent.forwarders.base import Forwarder, Subjects
 from agent.store import Store
 
 # Modules of this package that are not backends.
-SHARED = frozenset({"base", "http", "mqtt_codec"})
+SHARED = frozenset({"base", "http"})
 
 
 def types() -> list[str]:

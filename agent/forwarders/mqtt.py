@@ -11,34 +11,33 @@ instead, for consumers that want it binary: each channel's samples as an
 RFC 8746 typed array (tag 78: int32, little-endian), the COSE frame as a
 byte string; hub-made records are the same maps as in JSON.
 
-The client is the agent's own (agent/forwarders/mqtt_codec.py: MQTT 3.1.1's
-packets of a QoS 1 publisher, sans I/O) on an asyncio protocol over TLS, on
-the agent's event loop. A batch of rows is published at once, its PUBLISH
-packets written together (one write of the transport, the payloads not
-copied into a buffer of ours), and awaited as one: a single future, resolved
-by the batch's last PUBACK. A connection that drops fails the batch at once;
-a batch with no PUBACK for timeout_s fails and its connection is closed.
-Either way none of its rows is marked forwarded: they are published again
-on a new connection. (paho-mqtt, used before, made a message object, a
-message-info object with its threading.Condition, and at each PUBACK a
-Properties and a ReasonCode object, and sent each PUBLISH in a TLS record
-and a system call of its own: some 60 % of a backlog's drain.)
+The client is paho-mqtt, driven on the agent's event loop through paho's
+external-loop API (its socket callbacks; loop_read, loop_write, and
+loop_misc once a second for keepalive), with no thread of its own. A batch
+of rows is published at once, all of it in paho's in-flight window, and
+awaited as one: a single future, resolved by the batch's last PUBACK. A
+connection that drops fails the batch at once; a batch with no PUBACK for
+timeout_s fails and its connection is closed. Either way none of its rows
+is marked forwarded: they are published again on a new connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 import cbor2
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import BackendConfig, Table
-from agent.forwarders import mqtt_codec as codec
 from agent.forwarders.base import DeliveryError, Forwarder, encode_json, read_secret, tls_context
 from agent.record import SAMPLE_DTYPE
 from agent.store import Row
@@ -50,13 +49,9 @@ PAYLOADS = ("json", "cbor")
 TAG_INT32_LE = 78
 # How long a closing connection may take to send its DISCONNECT before its socket is closed.
 CLOSE_TIMEOUT_S = 2.0
-# How often the keepalive looks at the connection; the keepalive (s) told the broker in CONNECT.
+# loop_misc's period: keepalive pings, and the keepalive's own timeout.
 MISC_PERIOD_S = 1.0
 KEEPALIVE_S = 30
-# Packet ids are 16 bits: a batch in flight at most this many messages (config.py bounds batch lower).
-MAX_IN_FLIGHT = 0xFFFF
-# Encoded topics a connection keeps (a few per board), cleared past this many.
-MAX_TOPICS_KEPT = 4096
 
 
 @dataclass
@@ -91,89 +86,72 @@ def topic(prefix: str, hub_id: str, doc: dict[str, object]) -> str:
     return "%s/%s/%s/%s" % (prefix, hub_id, doc["device_id"], leaf)
 
 
-class Connection(asyncio.Protocol):
-    """One connection to the broker: an asyncio protocol on the running event loop.
+class Connection:
+    """One connection to the broker: a paho client on the running event loop.
 
-    open() connects (TCP, TLS, CONNECT) and awaits the CONNACK; publish() sends a
-    batch and returns once every message of it is PUBACKed, raising DeliveryError
-    (.backend) when the connection drops, the broker breaks the protocol, or no
-    PUBACK comes for timeout_s; close() ends it. A connection that failed is not
-    used again (`usable` is False)."""
+    open() connects (TCP and TLS on a thread: paho's connect blocks) and awaits
+    the CONNACK; publish() sends a batch and returns once every message of it
+    is PUBACKed, raising DeliveryError (.backend) when the connection drops, the
+    broker refuses one, or no PUBACK comes for timeout_s; close() ends it. A
+    connection that failed is not used again (`usable` is False)."""
 
-    def __init__(self, backend: str, timeout_s: float) -> None:
+    def __init__(self, backend: str, client: paho.Client, timeout_s: float) -> None:
         self.backend = backend
+        self.client = client
         self.timeout_s = timeout_s
         self.loop = asyncio.get_running_loop()
         self.down_reason = ""  # why the connection ended ("": it has not)
-        self._transport: asyncio.Transport | None = None
-        self._answers = codec.Answers()
-        self._connack: asyncio.Future[int] = self.loop.create_future()  # its return code
-        self._connack.add_done_callback(lambda f: f.cancelled() or f.exception())  # lost before it: retrieved
+        self._connack: asyncio.Future[ReasonCode] = self.loop.create_future()
         self._down = asyncio.Event()
         self._closing = False
-        self._keepalive_task: asyncio.Task[None] | None = None
-        self._awaited: set[int] = set()  # the packet ids of the batch in flight without their PUBACK
+        self._fd = -1  # the socket's descriptor, as registered with the loop
+        self._misc: asyncio.Task[None] | None = None
+        self._awaited: set[int] = set()  # the mids of the batch in flight without their PUBACK
         self._acked: asyncio.Future[None] | None = None  # the batch's: set at its last PUBACK
         self._progress_at = 0.0  # loop time of the last PUBACK
-        self._last_id = 0  # the last packet id given (1-65535, then round again)
-        self._sent_at = 0.0  # loop time of the last write (keepalive: a PINGREQ after KEEPALIVE_S idle)
-        self._ping_at: float | None = None  # loop time of the PINGREQ awaiting its PINGRESP
-        self._topics: dict[str, bytes] = {}  # topics as PUBLISH carries them (a few per board)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
 
     @property
     def usable(self) -> bool:
-        return (self._connack.done() and not self._connack.exception() and not self._down.is_set()
-                and not self._closing)
+        return self._connack.done() and not self._down.is_set() and not self._closing
 
     def _error(self, what: str) -> DeliveryError:
         return DeliveryError("MQTT: %s" % what, backend=self.backend)
 
-    async def open(self, host: str, port: int, ctx: ssl.SSLContext | None, connect: bytes) -> None:
-        """Connects (TLS with ctx; None: plaintext), sends connect (a CONNECT packet) and awaits its CONNACK."""
+    async def open(self, host: str, port: int) -> None:
         try:
-            async with asyncio.timeout(self.timeout_s):
-                await self.loop.create_connection(lambda: self, host, port, ssl=ctx,
-                                                  server_hostname=host if ctx is not None else None)
-        except TimeoutError:
-            raise self._error("cannot connect to %s:%d in %.1f s" % (host, port, self.timeout_s)) from None
-        except (OSError, ssl.SSLError) as e:
+            rc = await asyncio.to_thread(self.client.connect, host, port, KEEPALIVE_S)
+        except (OSError, ssl.SSLError, ssl.CertificateError) as e:
             raise self._error("cannot connect to %s:%d: %s" % (host, port, e)) from e
-        self._write(connect)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise self._error("cannot connect to %s:%d: %s" % (host, port, paho.error_string(rc)))
         try:
             async with asyncio.timeout(self.timeout_s):
-                code = await asyncio.shield(self._connack)
+                code = await self._connack
         except TimeoutError:
             raise self._error("no CONNACK from %s:%d in %.1f s" % (host, port, self.timeout_s)) from None
-        if code != 0:
-            raise self._error("%s:%d refused the connection: %s" % (
-                host, port, codec.CONNACK_REFUSALS.get(code, "return code %d" % code)))
-        self._keepalive_task = self.loop.create_task(self._keepalive(), name="mqtt-keepalive-%s" % self.backend)
+        if code.is_failure:
+            raise self._error("%s:%d refused the connection: %s" % (host, port, code))
 
     async def publish(self, messages: list[tuple[str, bytes]]) -> None:
-        if not self.usable or self._transport is None:
+        if not self.usable:
             raise self._error("not connected: %s" % (self.down_reason or "closing"))
-        if len(messages) > MAX_IN_FLIGHT:
-            raise ValueError("a batch of %d MQTT messages: at most %d" % (len(messages), MAX_IN_FLIGHT))
         acked: asyncio.Future[None] = self.loop.create_future()
         awaited: set[int] = set()
         self._awaited, self._acked = awaited, acked
         self._progress_at = self.loop.time()
         try:
-            parts = []
-            topics, last_id = self._topics, self._last_id
             for name, payload in messages:
-                topic_bytes = topics.get(name)
-                if topic_bytes is None:
-                    if len(topics) >= MAX_TOPICS_KEPT:
-                        topics.clear()
-                    topic_bytes = topics[name] = codec.check_topic(name)
-                last_id = last_id % 0xFFFF + 1
-                awaited.add(last_id)
-                parts.append(codec.publish_head(topic_bytes, last_id, len(payload)))
-                parts.append(payload)
-            self._last_id = last_id
-            # One write: the batch goes to TLS in full records, not one record a packet.
-            self._write(b"".join(parts))
+                info = self.client.publish(name, payload, qos=1)
+                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    raise self._error("publish failed: %s" % paho.error_string(info.rc))
+                awaited.add(info.mid)
             while awaited and not acked.done():
                 await asyncio.wait([acked], timeout=self.timeout_s)
                 if not acked.done() and self.loop.time() - self._progress_at >= self.timeout_s:
@@ -187,90 +165,111 @@ class Connection(asyncio.Protocol):
                 acked.cancel()
 
     async def close(self) -> None:
-        """Sends DISCONNECT and closes the connection (its TLS closed cleanly within
-        CLOSE_TIMEOUT_S, else cut)."""
+        """Sends DISCONNECT (bounded by CLOSE_TIMEOUT_S) and closes the socket."""
         if self._closing:
             return
         self._closing = True
-        if self._keepalive_task is not None:
-            self._keepalive_task.cancel()
-        transport = self._transport
-        if transport is not None and not self._down.is_set():
-            if self._connack.done() and not self._connack.exception():
-                transport.write(codec.DISCONNECT_PACKET)
-            transport.close()
+        if not self._down.is_set() and self.client.disconnect() == MQTTErrorCode.MQTT_ERR_SUCCESS:
             try:
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
                     await self._down.wait()
             except TimeoutError:
-                transport.abort()
+                pass
+        self._drop()
+
+    def _drop(self) -> None:
+        """Forgets the socket: off the loop, closed (paho's own client is discarded with this)."""
+        if self._misc is not None:
+            self._misc.cancel()
+        if self._fd >= 0:
+            self.loop.remove_reader(self._fd)
+            self.loop.remove_writer(self._fd)
+            self._fd = -1
+        sock = self.client.socket()
+        if sock is not None:
+            sock.close()
         self._ended("closed")
-
-    def _write(self, data: bytes) -> None:
-        assert self._transport is not None
-        self._transport.write(data)
-        self._sent_at = self.loop.time()
-
-    def _fail(self, reason: str) -> None:
-        # The connection cannot go on (the broker broke the protocol, or stopped answering).
-        self._ended(reason)
-        if self._transport is not None:
-            self._transport.abort()
 
     def _ended(self, reason: str) -> None:
         if not self.down_reason:
             self.down_reason = reason
         self._down.set()
-        if not self._connack.done():
-            self._connack.set_exception(self._error("connection lost before its CONNACK: %s" % self.down_reason))
         if self._acked is not None and not self._acked.done():
             self._acked.set_exception(self._error("connection lost with %d PUBACKs awaited: %s"
                                                   % (len(self._awaited), self.down_reason)))
 
-    async def _keepalive(self) -> None:
-        # A PINGREQ once nothing was sent for KEEPALIVE_S (MQTT 3.1.2.10); no PINGRESP
-        # within KEEPALIVE_S after it: the link is dead, the connection closed.
-        while not self._down.is_set():
-            await asyncio.sleep(MISC_PERIOD_S)
-            now = self.loop.time()
-            if self._ping_at is not None and now - self._ping_at >= KEEPALIVE_S:
-                self._fail("no PINGRESP for %d s" % KEEPALIVE_S)
-            elif self._ping_at is None and now - self._sent_at >= KEEPALIVE_S and self._transport is not None:
-                self._write(codec.PINGREQ_PACKET)
-                self._ping_at = now
+    # ---- paho's callbacks (on the loop, except the socket's opening: on connect's thread) ----
 
-    # ---- asyncio.Protocol ----
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, code: ReasonCode, props: Any) -> None:
+        if not self._connack.done():
+            self._connack.set_result(code)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        if self._closing:  # opened after close() (a connect given up on)
-            transport.abort()
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, code: ReasonCode, props: Any) -> None:
+        self._ended("disconnected (%s)" % code)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._ended("closed" if self._closing else "connection lost: %s" % (exc or "closed by the broker"))
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            answers = self._answers.feed(data)
-        except codec.BrokerProtocolError as e:
-            self._fail(str(e))
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, code: ReasonCode, props: Any) -> None:
+        acked = self._acked
+        if acked is None or acked.done() or mid not in self._awaited:
+            return  # a PUBACK for a batch already given up
+        if code.is_failure:
+            acked.set_exception(self._error("the broker refused a publish: %s" % code))
             return
-        awaited, acked = self._awaited, self._acked
-        for kind, value in answers:
-            if kind == "puback":
-                awaited.discard(value)  # a PUBACK of a batch given up: not awaited, nothing to do
-            elif kind == "pingresp":
-                self._ping_at = None
-            elif self._connack.done():
-                self._fail("MQTT: a second CONNACK")
-                return
-            else:
-                self._connack.set_result(value)
-        if acked is not None and not acked.done():
-            self._progress_at = self.loop.time()
-            if not awaited:
-                acked.set_result(None)
+        self._awaited.discard(mid)
+        self._progress_at = self.loop.time()
+        if not self._awaited:
+            acked.set_result(None)
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self.loop.call_soon_threadsafe(self._watch, sock)
+
+    def _watch(self, sock: socket.socket) -> None:
+        if self._closing:
+            sock.close()  # opened after close() (a connect given up on)
+            return
+        self._fd = sock.fileno()
+        self.loop.add_reader(self._fd, self._readable)
+        self._misc = self.loop.create_task(self._keepalive(), name="mqtt-keepalive-%s" % self.backend)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self._fd >= 0:
+            self.loop.remove_reader(self._fd)
+            self.loop.remove_writer(self._fd)
+            self._fd = -1
+        self._ended("socket closed")
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self.loop.call_soon_threadsafe(self._want_write)
+
+    def _want_write(self) -> None:
+        if self._fd >= 0:
+            self.loop.add_writer(self._fd, self._writable)
+
+    def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self._fd >= 0:
+            self.loop.remove_writer(self._fd)
+
+    def _readable(self) -> None:
+        try:
+            while True:
+                rc = self.client.loop_read()
+                sock = self.client.socket()
+                # TLS may hold decrypted bytes the socket no longer signals (paho issue 131).
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or not isinstance(sock, ssl.SSLSocket) or not sock.pending():
+                    break
+        except Exception as e:  # the connection broke under paho
+            self._ended("read failed: %s" % e)
+            self._drop()
+
+    def _writable(self) -> None:
+        try:
+            self.client.loop_write()
+        except Exception as e:
+            self._ended("write failed: %s" % e)
+            self._drop()
+
+    async def _keepalive(self) -> None:
+        while self.client.loop_misc() == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            await asyncio.sleep(MISC_PERIOD_S)
 
 
 class MqttForwarder(Forwarder):
@@ -287,18 +286,25 @@ class MqttForwarder(Forwarder):
 
     async def _connect(self) -> Connection:
         u = urlparse(self.cfg.url)
-        ctx = tls_context(self.cfg)  # verifying (host name included) unless insecure = true
-        password = None
-        if self.cfg.username and self.cfg.password_file:
-            password = read_secret(self.cfg.password_file, "MQTT password")
-        # A clean session: the hub only publishes, so the broker keeps nothing for it (no
-        # subscription, nothing to send it); what was not PUBACKed is in the outbox still.
-        connect = codec.connect_packet("pulsebridge-%s-%s" % (self.hub_id, self.name), KEEPALIVE_S,
-                                       clean_session=True, username=self.cfg.username or None, password=password)
-        connection = Connection(self.name, self.cfg.timeout_s)
+        ctx = tls_context(self.cfg)
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id="pulsebridge-%s-%s" % (self.hub_id, self.name),
+                             clean_session=False, protocol=paho.MQTTv311, reconnect_on_failure=False)
+        client.enable_logger(log)
+        client.connect_timeout = self.cfg.timeout_s
+        # No in-flight window of paho's own (0): a whole batch goes out in one round trip, and
+        # the batch bounds what is in flight (config.py: backend.batch <= 1000). With a window,
+        # paho would scan every message in flight at each PUBACK (quadratic in the batch).
+        client.max_inflight_messages_set(0)
+        if ctx is not None:
+            client.tls_set_context(ctx)
+            # The context checks the host name (it is off only with insecure = true).
+            client.tls_insecure_set(not ctx.check_hostname)
+        if self.cfg.username:
+            password = read_secret(self.cfg.password_file, "MQTT password") if self.cfg.password_file else None
+            client.username_pw_set(self.cfg.username, password)
+        connection = Connection(self.name, client, self.cfg.timeout_s)
         try:
-            await connection.open(u.hostname or "localhost", u.port or (8883 if ctx is not None else 1883), ctx,
-                                  connect)
+            await connection.open(u.hostname or "localhost", u.port or (8883 if ctx is not None else 1883))
         except BaseException:
             await connection.close()
             raise
