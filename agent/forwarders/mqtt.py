@@ -27,6 +27,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -105,6 +106,7 @@ class Connection:
         self._down = asyncio.Event()
         self._closing = False
         self._fd = -1  # the socket's descriptor, as registered with the loop
+        self._quickack: Callable[[], None] | None = None  # TCP_QUICKACK set again (Linux), once connected
         self._misc: asyncio.Task[None] | None = None
         self._awaited: set[int] = set()  # the mids of the batch in flight without their PUBACK
         self._acked: asyncio.Future[None] | None = None  # the batch's: set at its last PUBACK
@@ -227,6 +229,13 @@ class Connection:
             sock.close()  # opened after close() (a connect given up on)
             return
         self._fd = sock.fileno()
+        # ACK what the broker sends at once (Linux: TCP_QUICKACK, which the kernel clears by
+        # itself, so it is set again after each read). A broker that sends its PUBACKs under
+        # Nagle's algorithm (Mosquitto's default: set_tcp_nodelay false) holds all but the first
+        # of a batch's PUBACKs until that first is ACKed, which Linux delays up to 40 ms: a
+        # stall each round of PUBACKs, most of a backlog drain's time (bench agent).
+        if hasattr(socket, "TCP_QUICKACK"):
+            self._quickack = lambda: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         self.loop.add_reader(self._fd, self._readable)
         self._misc = self.loop.create_task(self._keepalive(), name="mqtt-keepalive-%s" % self.backend)
 
@@ -256,6 +265,8 @@ class Connection:
                 # TLS may hold decrypted bytes the socket no longer signals (paho issue 131).
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or not isinstance(sock, ssl.SSLSocket) or not sock.pending():
                     break
+            if self._quickack is not None and self._fd >= 0:
+                self._quickack()
         except Exception as e:  # the connection broke under paho
             self._ended("read failed: %s" % e)
             self._drop()
