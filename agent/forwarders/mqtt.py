@@ -207,7 +207,10 @@ class Connection:
             self._connack.set_result(code)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, code: ReasonCode, props: Any) -> None:
-        self._ended("disconnected (%s)" % code)
+        why = str(code)
+        if why == "Keep alive timeout":  # paho's words for no PINGRESP within the keepalive
+            why = "no PINGRESP within the keepalive (%s s)" % KEEPALIVE_S
+        self._ended("disconnected (%s)" % why)
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, code: ReasonCode, props: Any) -> None:
         acked = self._acked
@@ -244,7 +247,9 @@ class Connection:
             self.loop.remove_reader(self._fd)
             self.loop.remove_writer(self._fd)
             self._fd = -1
-        self._ended("socket closed")
+        # paho closes the socket first, then says why (on_disconnect, in the same call): the
+        # reason it gives is the one kept.
+        self.loop.call_soon(self._ended, "socket closed")
 
     def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         self.loop.call_soon_threadsafe(self._want_write)
