@@ -86,6 +86,12 @@ class StreamDeframer:
     def buffered(self) -> int:
         return len(self._buf)
 
+    def held(self) -> bytes:
+        # The bytes held until a 0x00 ends them: a frame still arriving, or
+        # the console text a board printed after its last frame (a stopped
+        # board's summary, a REPL prompt), which no 0x00 may ever follow.
+        return bytes(self._buf)
+
 
 def _noise_or(chunk: bytes, reason: str) -> str:
     # Console text (a board's print, a REPL banner) is noise, not corruption.

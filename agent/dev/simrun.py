@@ -195,7 +195,9 @@ async def _stop_serial_boards(sims: list[SimulatedBoard], transports: list[Any])
     deadline = time.monotonic() + _STOP_HEARD_S
 
     def heard(t: Any) -> bool:
-        return any("stopped after" in line for line in t.console) and t.queued() == 0
+        # The summary, the board's last words, is held by the deframer (no 0x00 follows it).
+        said = "stopped after" in t.console_last() or any("stopped after" in line for line in t.console)
+        return said and t.queued() == 0
 
     while time.monotonic() < deadline and not all(heard(t) for t, sim in zip(transports, sims) if sim.alive()):
         await asyncio.sleep(0.05)

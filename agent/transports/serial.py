@@ -118,6 +118,12 @@ class SerialTransport(Transport):
         if self._loop is not None and self._ser is not None:
             self._loop.remove_reader(self._ser.fileno())
 
+    def console_last(self) -> str:
+        """The console text the board printed since its last frame, or so much of it as the
+        deframer holds (up to MAX_COBS_BODY bytes): no 0x00 has ended it, so it is not in
+        `console` yet, and after a board's last words (its stop summary) may never be."""
+        return self._deframer.held().decode("ascii", "replace")
+
     def queued(self) -> int:
         """Messages read from the port that receive() has not handed on yet."""
         return self._queue.qsize()

@@ -54,6 +54,35 @@ def test_the_port_is_read_even_when_nobody_takes_the_messages() -> None:
     assert t.discarded["overflow"] >= total - serial_transport.QUEUE_DEPTH - 100
 
 
+def test_a_boards_last_words_after_its_last_frame_are_told() -> None:
+    # A board stopped by Ctrl-C prints its stop summary after its last frame, then its REPL's prompt:
+    # no 0x00 follows, so the deframer holds that text, and `console` (lines ended by a 0x00) never had
+    # it. `pulsebridge-dev sim` waits for the summary before it stops the boards (its last origin
+    # checkpoint recorded): it waited out its 30 s bound each time (test_sim_capture_verifies_... 42 s).
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    frame = link.StreamFramer().frame(b"the last frame")
+    summary = b"\r\npulsebridge: stopped after 8 frames built, 0 awaiting an ack, 0 dropped, boot epoch 1\n>>> "
+
+    async def run() -> tuple[bytes, str]:
+        t = SerialTransport(os.ttyname(slave))
+        await t.open()
+        os.write(master, frame + summary)
+        got = await asyncio.wait_for(t.receive(), 30)
+        await async_wait_for(lambda: "stopped after 8 frames" in t.console_last(), 30, "the summary told",
+                             t.console_last)
+        await t.close()
+        return got, t.console_last()
+
+    try:
+        got, last = asyncio.run(run())
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert got == b"the last frame"
+    assert last == summary.decode()
+
+
 def _port(device: str, vid: int | None, pid: int | None, serial_number: str | None) -> ListPortInfo:
     p = ListPortInfo(device, skip_link_detection=True)
     p.vid, p.pid, p.serial_number = vid, pid, serial_number
