@@ -361,10 +361,11 @@ class SimulatedBoard:
                 # provisioning tool just before): a Ctrl-C typed while a REPL reads a line is a mere
                 # character behind it, which the program the line starts reads as link data, and the
                 # Ctrl-D after it. The key then goes to whatever runs.
+                typed_read_by = time.monotonic() + bound_s  # this wait and the answer's share the bound
                 self._await_board(lambda: self._console_unread() == 0, bound_s)
                 heard = self._heard
                 self.interrupt()
-                self._await_board(lambda: self._answered_since(heard), bound_s)
+                self._await_board(lambda: self._answered_since(heard), typed_read_by - time.monotonic())
                 self.type(b"\x04")  # Ctrl-D at the REPL: exit
             except OSError:
                 pass
