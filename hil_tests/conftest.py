@@ -75,8 +75,15 @@ def _key(path: str, device_id: str) -> bytes:
     return bytes.fromhex(text)
 
 
+@pytest.fixture(scope="session")
+def sim_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Simulated boards' compiled firmware and waveforms, shared by the session's cases (each
+    named by its content): a cache per case compiled the firmware again for each."""
+    return tmp_path_factory.mktemp("sim-cache")
+
+
 @pytest.fixture
-def board(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BoardUnderTest]:
+def board(request: pytest.FixtureRequest, tmp_path: Path, sim_cache: Path) -> Iterator[BoardUnderTest]:
     port = request.config.getoption("--port")
     if port:
         dev = request.config.getoption("--device-id")
@@ -87,7 +94,7 @@ def board(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BoardUnder
         yield BoardUnderTest("hardware", port, dev, _key(key_file, dev))
         return
     spec = boards.BoardSpec("pb-hil01", ppm={"max30003": 40, "max30102": -25})
-    sim = SimulatedBoard(spec, tmp_path / "board", tmp_path / "cache")
+    sim = SimulatedBoard(spec, tmp_path / "board", sim_cache)
     sim.start()
     _BOARDS[spec.device_id] = "simulated (firmware under micropython %s)" % platform.machine()
     try:
@@ -100,14 +107,15 @@ def board(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BoardUnder
 
 
 @pytest.fixture
-def blank_board(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, SimulatedBoard | None]]:
+def blank_board(request: pytest.FixtureRequest, tmp_path: Path,
+                sim_cache: Path) -> Iterator[tuple[str, SimulatedBoard | None]]:
     port = request.config.getoption("--blank-port")
     if port:
         yield port, None
         return
     if request.config.getoption("--port"):
         pytest.skip("provisioning a real board needs --blank-port PORT (it re-keys the board)")
-    sim = SimulatedBoard(boards.BoardSpec("blank"), tmp_path / "blank", tmp_path / "cache", blank=True)
+    sim = SimulatedBoard(boards.BoardSpec("blank"), tmp_path / "blank", sim_cache, blank=True)
     sim.start()
     try:
         yield sim.port, sim
@@ -128,7 +136,7 @@ class BleBench:
 
 
 @pytest.fixture
-def ble_bench(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BleBench]:
+def ble_bench(request: pytest.FixtureRequest, tmp_path: Path, sim_cache: Path) -> Iterator[BleBench]:
     addresses = request.config.getoption("--ble")
     if addresses:
         key_file = request.config.getoption("--key-file")
@@ -149,7 +157,7 @@ def ble_bench(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BleBen
     air.start()
     specs = [boards.BoardSpec("pb-hilble%d" % (i + 1), seed=i + 1, link="ble", air=str(air.board_path))
              for i in range(3)]
-    sims = [SimulatedBoard(s, tmp_path / s.device_id, tmp_path / "cache") for s in specs]
+    sims = [SimulatedBoard(s, tmp_path / s.device_id, sim_cache) for s in specs]
     client_cls, scanner_cls = softradio.backends(str(air.central_path))
     try:
         for sim in sims:

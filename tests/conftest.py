@@ -31,6 +31,14 @@ def require_tool(name: str) -> str:
 
 
 @pytest.fixture(scope="session")
+def sim_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where simulated boards' compiled firmware and waveforms go (build.compile_firmware,
+    sim.waveforms), shared by the session's tests: each is named by its content, so no test sees
+    another's state. A cache per test compiled the firmware again for each (about 2 s of mpy-cross)."""
+    return tmp_path_factory.mktemp("sim-cache")
+
+
+@pytest.fixture(scope="session")
 def micropython() -> str:
     return require_tool("micropython")
 

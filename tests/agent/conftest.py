@@ -29,13 +29,14 @@ def pki(tmp_path: Path) -> harness.Pki:
 
 
 @pytest.fixture
-def make_hub(tmp_path: Path, micropython: str, pki: harness.Pki) -> Iterator[Callable[..., harness.Hub]]:
+def make_hub(tmp_path: Path, micropython: str, pki: harness.Pki,
+             sim_cache: Path) -> Iterator[Callable[..., harness.Hub]]:
     """make_hub(boards, **options) -> harness.Hub under tmp_path (options: Hub.start's); every hub
     made is closed after the test (boards stopped, backend closed, what it deferred)."""
     hubs: list[harness.Hub] = []
 
     def make(boards: int = 1, **options: Any) -> harness.Hub:
-        hub = harness.Hub(tmp_path, micropython, pki)
+        hub = harness.Hub(tmp_path, micropython, pki, sim_cache)
         hubs.append(hub)  # closed even if it fails half-started
         return hub.start(boards, **options)
 

@@ -138,8 +138,9 @@ class Hub:
     ("local", a webhook) that checks every frame it gets. `close` stops everything it started, and
     whatever the test handed to `defer`. Made through the `make_hub` fixture, which closes it."""
 
-    def __init__(self, tmp: Path, micropython: str, pki: Pki) -> None:
+    def __init__(self, tmp: Path, micropython: str, pki: Pki, cache: Path | None = None) -> None:
         self.tmp = tmp
+        self.cache = cache or tmp / "cache"  # the boards' compiled firmware and waveforms
         self.micropython = micropython
         self.pki = pki  # the test's CA, server and client certificates
         self.sims: list[SimulatedBoard] = []
@@ -156,7 +157,7 @@ class Hub:
         given) and writes the configuration: the boards' ports as [[serial]] sections unless not
         `listed`, the webhook then `backends` (TOML text), `settings` (TOML text) in [agent];
         `data_dir` replaces tmp/data."""
-        self.sims = start_boards(self.tmp, boards, self.micropython, **spec_kw)
+        self.sims = start_boards(self.tmp, boards, self.micropython, cache=self.cache, **spec_kw)
         self.defer(lambda: [s.stop() for s in self.sims])
         if webhook:
             self._backend = ThreadedBackend(self.tmp, {s.device_id: s.spec.key for s in self.sims}, self.pki)
@@ -216,11 +217,12 @@ class Hub:
             self._closers.pop()()
 
 
-def start_boards(tmp: Path, n: int, micropython: str, **spec_kw: Any) -> list[SimulatedBoard]:
+def start_boards(tmp: Path, n: int, micropython: str, cache: Path | None = None,
+                 **spec_kw: Any) -> list[SimulatedBoard]:
     sims = []
     for i in range(n):
         spec = boards.BoardSpec("pb-t%02d" % (i + 1), seed=i + 1, **spec_kw)
-        sim = SimulatedBoard(spec, tmp / "boards" / spec.device_id, tmp / "cache", micropython)
+        sim = SimulatedBoard(spec, tmp / "boards" / spec.device_id, cache or tmp / "cache", micropython)
         sim.record = True
         sim.start()
         sims.append(sim)

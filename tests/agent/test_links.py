@@ -130,7 +130,7 @@ def _usb_port(device: str, serial_number: str, vid: int = 0x303A, pid: int = 0x1
 
 def _blank(hub: harness.Hub) -> SimulatedBoard:
     # A board fresh from the factory, waiting at its REPL to be provisioned: not ours (yet).
-    sim = SimulatedBoard(boards.BoardSpec("blank", seed=99), hub.tmp / "boards" / "blank", hub.tmp / "cache",
+    sim = SimulatedBoard(boards.BoardSpec("blank", seed=99), hub.tmp / "boards" / "blank", hub.cache,
                          hub.micropython, blank=True)
     hub.defer(sim.stop)
     sim.record = True
