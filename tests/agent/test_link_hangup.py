@@ -96,11 +96,11 @@ def test_a_serial_board_killed_leaves_streaming_at_once(make_hub: Callable[..., 
 
 
 @pytest.mark.micropython
-def test_a_ble_board_killed_leaves_streaming_at_once(micropython: str, tmp_path: Path) -> None:
+def test_a_ble_board_killed_leaves_streaming_at_once(micropython: str, sim_cache: Path, tmp_path: Path) -> None:
     air = Air(tmp_path / "air")
     air.start()
     spec = boards.BoardSpec("pb-ble01", link="ble", air=str(air.board_path))
-    sim = SimulatedBoard(spec, tmp_path / "boards" / spec.device_id, tmp_path / "cache", micropython)
+    sim = SimulatedBoard(spec, tmp_path / "boards" / spec.device_id, sim_cache, micropython)
     cfg = AgentConfig(hub_id="test-hub", data_dir=tmp_path / "data", log_dir=tmp_path / "log",
                       run_dir=tmp_path / "run", ble=BleConfig(air=str(air.central_path), connect_timeout_s=5.0))
     reg = Registry(cfg.registry_path, AuditLog(cfg.audit_path))

@@ -298,7 +298,8 @@ def test_demo_on_a_full_disk_says_so_live_and_in_its_summary(micropython: str, t
 
 
 @pytest.mark.micropython
-def test_the_demo_hub_names_each_port_by_a_name_that_goes_with_its_board(micropython: str, tmp_path: Path) -> None:
+def test_the_demo_hub_names_each_port_by_a_name_that_goes_with_its_board(micropython: str, sim_cache: Path,
+                                                                         tmp_path: Path) -> None:
     # Seen in a demo run: its boards stopped, the hub retried their /dev/pts paths while draining,
     # and found another program's pseudo-terminal under a freed number ("Could not exclusively lock
     # port /dev/pts/2"). A board's stable name goes with it, as udev's does.
@@ -306,7 +307,7 @@ def test_the_demo_hub_names_each_port_by_a_name_that_goes_with_its_board(micropy
     from agent.dev.sim import boards
     from agent.dev.sim.runner import SimulatedBoard
 
-    sim = SimulatedBoard(boards.BoardSpec("pb-sim01"), tmp_path / "boards" / "pb-sim01", tmp_path / "cache",
+    sim = SimulatedBoard(boards.BoardSpec("pb-sim01"), tmp_path / "boards" / "pb-sim01", sim_cache,
                          micropython)
     sim.start()
     try:

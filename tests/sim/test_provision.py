@@ -19,19 +19,20 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=240, stdin=subprocess.DEVNULL)
 
 
-def _hub_and_blank_board(tmp_path: Path, micropython: str) -> tuple[Path, SimulatedBoard]:
+def _hub_and_blank_board(tmp_path: Path, micropython: str, cache: Path) -> tuple[Path, SimulatedBoard]:
     cfg = tmp_path / "agent.toml"
     cfg.write_text('[agent]\nhub_id = "hub-p"\ndata_dir = "%s"\nlog_dir = "%s"\nrun_dir = "%s"\n' % (
         tmp_path / "data", tmp_path / "log", tmp_path / "run"))
-    board = SimulatedBoard(boards.BoardSpec("unused"), tmp_path / "board", tmp_path / "cache", micropython,
+    board = SimulatedBoard(boards.BoardSpec("unused"), tmp_path / "board", cache, micropython,
                            blank=True)
     board.start()
     return cfg, board
 
 
 @pytest.mark.micropython
-def test_provision_a_blank_board_then_refuse_to_rekey_silently(micropython: str, tmp_path: Path) -> None:
-    cfg, board = _hub_and_blank_board(tmp_path, micropython)
+def test_provision_a_blank_board_then_refuse_to_rekey_silently(micropython: str, sim_cache: Path,
+                                                               tmp_path: Path) -> None:
+    cfg, board = _hub_and_blank_board(tmp_path, micropython, sim_cache)
     try:
         dry = _cli("provision", "--config", str(cfg), "--port", board.port, "--dry-run")
         assert dry.returncode == 0 and "nothing is written" in dry.stdout
@@ -107,10 +108,10 @@ def test_wrong_port_is_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.micropython
-def test_key_rotation_leaves_no_window(micropython: str, tmp_path: Path) -> None:
+def test_key_rotation_leaves_no_window(micropython: str, sim_cache: Path, tmp_path: Path) -> None:
     from protocols import cipher, cose, hub, messages
 
-    cfg, board = _hub_and_blank_board(tmp_path, micropython)
+    cfg, board = _hub_and_blank_board(tmp_path, micropython, sim_cache)
     try:
         assert _cli("provision", "--config", str(cfg), "--port", board.port, "--device-id", "pb-rot01",
                     "--self-test-seconds", "4", "--origin-key-out", str(tmp_path)).returncode == 0

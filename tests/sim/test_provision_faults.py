@@ -33,8 +33,8 @@ def _cfg(tmp_path: Path) -> Path:
     return cfg
 
 
-def _blank_board(tmp_path: Path, micropython: str) -> SimulatedBoard:
-    board = SimulatedBoard(boards.BoardSpec("unused"), tmp_path / "board", tmp_path / "cache", micropython,
+def _blank_board(tmp_path: Path, micropython: str, cache: Path) -> SimulatedBoard:
+    board = SimulatedBoard(boards.BoardSpec("unused"), tmp_path / "board", cache, micropython,
                            blank=True)
     board.start()
     return board
@@ -94,10 +94,10 @@ def _state(tmp_path: Path, device_id: str) -> tuple[object, ...]:
 
 @pytest.mark.micropython
 @pytest.mark.slow
-def test_ctrl_c_at_any_step_puts_everything_back(micropython: str, tmp_path: Path) -> None:
+def test_ctrl_c_at_any_step_puts_everything_back(micropython: str, sim_cache: Path, tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
     (tmp_path / "handed").mkdir()
-    board = _blank_board(tmp_path, micropython)
+    board = _blank_board(tmp_path, micropython, sim_cache)
     try:
         base = ["provision", "--config", str(cfg), "--port", board.port, "--self-test-seconds", "4",
                 "--origin-key-out", str(tmp_path / "handed")]
@@ -165,9 +165,10 @@ def _provision(tmp_path: Path, port: str, monkeypatch: pytest.MonkeyPatch, marke
 @pytest.mark.micropython
 @pytest.mark.parametrize("answer", ["", "Traceback (most recent call last)", "('linux', '1.2')", "[" * 200,
                                     "('a', 'b', 'c', 'd', 5)", "\x00\xff" * 50])
-def test_a_malformed_identity_is_a_clear_error(micropython: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_a_malformed_identity_is_a_clear_error(micropython: str, sim_cache: Path,
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                answer: str) -> None:
-    board = _blank_board(tmp_path, micropython)
+    board = _blank_board(tmp_path, micropython, sim_cache)
     try:
         res, said = _provision(tmp_path, board.port, monkeypatch, "sys.implementation.version", answer, "pb-mal01")
         assert not res.ok
@@ -180,8 +181,8 @@ def test_a_malformed_identity_is_a_clear_error(micropython: str, tmp_path: Path,
 @pytest.mark.micropython
 @pytest.mark.slow
 def test_a_malformed_sensor_answer_or_a_failed_self_test_rolls_back(
-        micropython: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    board = _blank_board(tmp_path, micropython)
+        micropython: str, sim_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    board = _blank_board(tmp_path, micropython, sim_cache)
     try:
         res, said = _provision(tmp_path, board.port, monkeypatch, "b.sensors(cfg)", "[(1, 2)]", "pb-mal02")
         assert not res.ok and any(s.startswith("FAILED at self-test: the board's answer is not [(stream id")
@@ -227,10 +228,11 @@ def test_the_label_is_also_a_qr_code() -> None:
 
 @pytest.mark.micropython
 @pytest.mark.slow
-def test_ctrl_c_during_a_key_rotation_then_the_next_one_passes(micropython: str, tmp_path: Path) -> None:
+def test_ctrl_c_during_a_key_rotation_then_the_next_one_passes(micropython: str, sim_cache: Path,
+                                                               tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
     (tmp_path / "handed").mkdir()
-    board = _blank_board(tmp_path, micropython)
+    board = _blank_board(tmp_path, micropython, sim_cache)
     try:
         r = _cli("provision", "--config", str(cfg), "--port", board.port, "--device-id", "pb-rot02",
                  "--self-test-seconds", "4", "--origin-key-out", str(tmp_path / "handed"))

@@ -98,9 +98,9 @@ def _read_until(port: serial.Serial, marker: bytes, timeout_s: float) -> bytes:
 
 
 @pytest.mark.micropython
-def test_ctrl_c_stops_streaming_and_leaves_a_repl(micropython: str, tmp_path: Path) -> None:
+def test_ctrl_c_stops_streaming_and_leaves_a_repl(micropython: str, sim_cache: Path, tmp_path: Path) -> None:
     spec = boards.BoardSpec("pb-repl01")
-    b = SimulatedBoard(spec, tmp_path / "b", tmp_path / "cache", micropython)
+    b = SimulatedBoard(spec, tmp_path / "b", sim_cache, micropython)
     b.start()
     try:
         port = serial.Serial(b.port, timeout=0.2)
@@ -130,12 +130,13 @@ def test_ctrl_c_stops_streaming_and_leaves_a_repl(micropython: str, tmp_path: Pa
 
 @pytest.mark.micropython
 @pytest.mark.slow
-def test_a_board_starved_of_cpu_when_stopped_still_gives_its_stop_summary(micropython: str, tmp_path: Path) -> None:
+def test_a_board_starved_of_cpu_when_stopped_still_gives_its_stop_summary(micropython: str, sim_cache: Path,
+                                                                          tmp_path: Path) -> None:
     # On a loaded machine a board may get no CPU for seconds just when it is stopped: the demo
     # missed a board's stop summary once in ~15 loaded runs. stop() waited 0.3 s, typed Ctrl-D,
     # gave the board 5 s and then killed it, with its Ctrl-C still unhandled. Here the board gets
     # no CPU (SIGSTOP) for longer than that; its summary must still come, and the REPL exit it.
-    b = SimulatedBoard(boards.BoardSpec("pb-slow01"), tmp_path / "b", tmp_path / "cache", micropython)
+    b = SimulatedBoard(boards.BoardSpec("pb-slow01"), tmp_path / "b", sim_cache, micropython)
     b.start()
     try:
         wait_for(lambda: "streaming over" in b.console_tail(), 30, "the board streaming", b.console_tail)
@@ -174,14 +175,15 @@ def _console_input_queued(pid: int) -> int:
 
 @pytest.mark.micropython
 @pytest.mark.slow
-def test_a_board_stopped_before_it_read_its_last_command_still_stops(micropython: str, tmp_path: Path) -> None:
+def test_a_board_stopped_before_it_read_its_last_command_still_stops(micropython: str, sim_cache: Path,
+                                                                     tmp_path: Path) -> None:
     # The provisioning tool starts a board's firmware by typing its start at the REPL, then lets the port
     # go; hil_tests' provisioning case stopped the board at once. A board that had not read that line yet
     # (no CPU: a loaded machine) got the Ctrl-C behind it, as a character (its REPL reads lines in raw
     # mode): the firmware the line started read it, and the Ctrl-D after it, as link data, and stop()
     # waited out its bound, then killed the board (CI: that case's teardown took 60 s, run after run).
     # stop() now lets the board read what was typed first.
-    b = SimulatedBoard(boards.BoardSpec("pb-late01"), tmp_path / "b", tmp_path / "cache", micropython)
+    b = SimulatedBoard(boards.BoardSpec("pb-late01"), tmp_path / "b", sim_cache, micropython)
     b.start()
     try:
         wait_for(lambda: "streaming over" in b.console_tail(), 30, "the board streaming", b.console_tail)
@@ -209,11 +211,11 @@ def test_a_board_stopped_before_it_read_its_last_command_still_stops(micropython
 
 
 @pytest.mark.micropython
-def test_board_without_key_refuses_to_stream_and_says_why(micropython: str, tmp_path: Path) -> None:
+def test_board_without_key_refuses_to_stream_and_says_why(micropython: str, sim_cache: Path, tmp_path: Path) -> None:
     cases = [(boards.BoardSpec("pb-nokey01", key_on_board=False), b"no device key"),
              (boards.BoardSpec("pb-nokey02", provisioned=False), b"provision it first")]
     for spec, why in cases:
-        b = SimulatedBoard(spec, tmp_path / spec.device_id, tmp_path / "cache", micropython)
+        b = SimulatedBoard(spec, tmp_path / spec.device_id, sim_cache, micropython)
         b.start()
         try:
             port = serial.Serial(b.port, timeout=0.2)
@@ -226,10 +228,10 @@ def test_board_without_key_refuses_to_stream_and_says_why(micropython: str, tmp_
 
 
 @pytest.mark.micropython
-def test_blank_board_speaks_the_raw_repl(micropython: str, tmp_path: Path) -> None:
+def test_blank_board_speaks_the_raw_repl(micropython: str, sim_cache: Path, tmp_path: Path) -> None:
     # What provisioning (and mpremote) relies on: Ctrl-A enters the raw REPL,
     # code ends with Ctrl-D, the board answers OK, the output, 0x04, errors, 0x04.
-    b = SimulatedBoard(boards.BoardSpec("pb-blank01"), tmp_path / "blank", tmp_path / "cache", micropython,
+    b = SimulatedBoard(boards.BoardSpec("pb-blank01"), tmp_path / "blank", sim_cache, micropython,
                        blank=True)
     b.start()
     try:
