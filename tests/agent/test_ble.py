@@ -147,7 +147,8 @@ def _frames(agent: Agent, device_id: str) -> int:
     return sum(st.frames for st in lk.history) + live
 
 
-def test_three_boards_over_a_lossy_radio_lose_nothing_acknowledged(micropython: str, tmp_path: Path) -> None:
+def test_three_boards_over_a_lossy_radio_lose_nothing_acknowledged(micropython: str, sim_cache: Path,
+                                                                   tmp_path: Path) -> None:
     capture = tmp_path / "air.jsonl"
     air = Air(tmp_path / "air", Faults(fragment_loss=0.04, disconnect_every_s=3.0, seed=3), capture=capture)
     air.start()
@@ -157,7 +158,7 @@ def test_three_boards_over_a_lossy_radio_lose_nothing_acknowledged(micropython: 
     keys = {s.device_id: s.key for s in specs}
     keys["pb-bad"] = bytes(range(32))
     backend = ThreadedBackend(tmp_path, keys, pki)
-    sims = [SimulatedBoard(s, tmp_path / "boards" / s.device_id, tmp_path / "cache", micropython) for s in specs]
+    sims = [SimulatedBoard(s, tmp_path / "boards" / s.device_id, sim_cache, micropython) for s in specs]
     cfg = AgentConfig(hub_id="test-hub", data_dir=tmp_path / "data", log_dir=tmp_path / "log",
                       run_dir=tmp_path / "run", time_sync_every_s=5.0,
                       ble=BleConfig(air=str(air.central_path), connect_timeout_s=5.0),
@@ -251,12 +252,13 @@ def test_advertisement_parsing_matches_the_firmware_advert() -> None:
 
 
 @pytest.mark.parametrize("mtu", [23, 185, 517])
-def test_mtu_is_negotiated_down_to_what_the_air_allows(micropython: str, tmp_path: Path, mtu: int) -> None:
+def test_mtu_is_negotiated_down_to_what_the_air_allows(micropython: str, sim_cache: Path,
+                                                       tmp_path: Path, mtu: int) -> None:
     capture = tmp_path / "air.jsonl"
     air = Air(tmp_path / "air", mtu=mtu, capture=capture)
     air.start()
     spec = boards.BoardSpec("pb-mtu", link="ble", air=str(air.board_path), ppg=False)
-    sim = SimulatedBoard(spec, tmp_path / "b", tmp_path / "cache", micropython)
+    sim = SimulatedBoard(spec, tmp_path / "b", sim_cache, micropython)
     sim.start()
     try:
         async def run() -> tuple[int, int]:
@@ -297,12 +299,12 @@ def _entropy_bits(data: bytes) -> float:
     return -sum(c / n * math.log2(c / n) for c in Counter(data).values())
 
 
-def test_a_sniffer_capture_holds_no_readable_sample(micropython: str, tmp_path: Path) -> None:
+def test_a_sniffer_capture_holds_no_readable_sample(micropython: str, sim_cache: Path, tmp_path: Path) -> None:
     capture = tmp_path / "air.jsonl"
     air = Air(tmp_path / "air", capture=capture)
     air.start()
     spec = boards.BoardSpec("pb-sniff", link="ble", air=str(air.board_path))
-    sim = SimulatedBoard(spec, tmp_path / "b", tmp_path / "cache", micropython)
+    sim = SimulatedBoard(spec, tmp_path / "b", sim_cache, micropython)
     sim.start()
     try:
         async def listen() -> None:

@@ -12,19 +12,19 @@ from agent.provision import build
 from tests.waiting import wait_for
 
 
-def _flash(tmp_path: Path) -> tuple[boards.BoardSpec, Path]:
+def _flash(tmp_path: Path, cache: Path) -> tuple[boards.BoardSpec, Path]:
     spec = boards.BoardSpec("pb-slots01")
     d = tmp_path / "board"
-    boards.prepare(spec, d, tmp_path / "cache")
-    boards.install_firmware(d, build.compile_firmware(tmp_path / "cache"))
+    boards.prepare(spec, d, cache)
+    boards.install_firmware(d, build.compile_firmware(cache))
     return spec, d
 
 
 @pytest.mark.micropython
-def test_the_board_streams_from_slot_a_of_its_flash(micropython: str, tmp_path: Path) -> None:
-    spec, d = _flash(tmp_path)
+def test_the_board_streams_from_slot_a_of_its_flash(micropython: str, sim_cache: Path, tmp_path: Path) -> None:
+    spec, d = _flash(tmp_path, sim_cache)
     (d / "a" / "app" / "main.mpy").unlink()  # its flash, not the build: without the slot's app it cannot stream
-    b = SimulatedBoard(spec, d, tmp_path / "cache", micropython)
+    b = SimulatedBoard(spec, d, sim_cache, micropython)
     b.start()
     try:
         wait_for(lambda: "main.mpy" in b.console_tail() or "ImportError" in b.console_tail(), 30,
@@ -33,7 +33,7 @@ def test_the_board_streams_from_slot_a_of_its_flash(micropython: str, tmp_path: 
     finally:
         b.stop()
     shutil.rmtree(d / "a")  # a factory board again
-    b = SimulatedBoard(spec, d, tmp_path / "cache", micropython)
+    b = SimulatedBoard(spec, d, sim_cache, micropython)
     b.start()
     try:
         wait_for(lambda: "streaming over" in b.console_tail(), 30, "the board to stream", b.console_tail)
@@ -42,13 +42,14 @@ def test_the_board_streams_from_slot_a_of_its_flash(micropython: str, tmp_path: 
 
 
 @pytest.mark.micropython
-def test_a_version_that_crashes_at_start_is_rolled_back_by_the_next_reset(micropython: str, tmp_path: Path) -> None:
-    spec, d = _flash(tmp_path)
+def test_a_version_that_crashes_at_start_is_rolled_back_by_the_next_reset(micropython: str, sim_cache: Path,
+                                                                          tmp_path: Path) -> None:
+    spec, d = _flash(tmp_path, sim_cache)
     shutil.copytree(d / "a", d / "b")
     (d / "b" / "app" / "__init__.mpy").unlink(missing_ok=True)
     (d / "b" / "app" / "__init__.py").write_text("raise RuntimeError('broken release')\n")
     (d / "pulsebridge" / "boot.next").write_text("b")
-    b = SimulatedBoard(spec, d, tmp_path / "cache", micropython)
+    b = SimulatedBoard(spec, d, sim_cache, micropython)
     b.start()
     try:
         wait_for(lambda: "streaming over" in b.console_tail(), 60, "the board to stream again", b.console_tail)
