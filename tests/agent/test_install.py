@@ -67,7 +67,7 @@ def edit_config(text: str, prefix: Path, port: str, backend: str, page_port: int
 
 @pytest.mark.slow
 @pytest.mark.micropython
-def test_readme_install_steps_give_a_running_agent(micropython: str, tmp_path: Path) -> None:
+def test_readme_install_steps_give_a_running_agent(micropython: str, sim_cache: Path, tmp_path: Path) -> None:
     prefix = tmp_path / "root"
     readme = (ROOT / "README.md").read_text()
     script = localise(first_block(readme, "### Installing the agent on a hub"), prefix)
@@ -108,7 +108,7 @@ def test_readme_install_steps_give_a_running_agent(micropython: str, tmp_path: P
                        timeout=60)
         spec = boards.BoardSpec("pb-i01", key=bytes.fromhex(key_file.read_text().strip()), seed=7)
         backend = harness.ThreadedBackend(tmp_path, {spec.device_id: spec.key}, pki)
-        sim = SimulatedBoard(spec, tmp_path / "boards" / spec.device_id, tmp_path / "cache", micropython)
+        sim = SimulatedBoard(spec, tmp_path / "boards" / spec.device_id, sim_cache, micropython)
         sim.start()
         config.write_text(config.read_text().replace("BOARD-PORT", str(sim.link_path))
                           .replace("127.0.0.1:1/", "127.0.0.1:%d/" % backend.port))
@@ -147,7 +147,7 @@ def test_readme_install_steps_give_a_running_agent(micropython: str, tmp_path: P
 
         # A technician provisions a blank board as the README says (the provision extra first), with the
         # command the install put on the PATH: firmware compiled and installed, key, registry, self-test.
-        blank = SimulatedBoard(boards.BoardSpec("unused"), tmp_path / "blank", tmp_path / "cache", micropython,
+        blank = SimulatedBoard(boards.BoardSpec("unused"), tmp_path / "blank", sim_cache, micropython,
                                blank=True)
         boards_started.append(blank)
         blank.start()
