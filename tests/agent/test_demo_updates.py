@@ -46,8 +46,6 @@ def test_the_demo_updates_a_serial_and_a_ble_board_and_rolls_a_broken_release_ba
     serial_board = r["boards"][0]
     assert serial_board["boots"] >= 3  # the first, the broken release's trial (failed at start), the rollback's...
     good_ble = pushes[(ble_dev, demo_ota.GOOD_NAME)]
-    if good_ble["outcome"] == "refused:no_memory":
-        pytest.xfail("known, open (issue 16): the simulated BLE board ran out of memory for the update's work")
     assert good_ble["outcome"] == "installed" and good_ble["firmware_after"] == demo_ota.GOOD_NAME, good_ble
     assert r["boards"][1]["boots"] >= 2
 
