@@ -235,6 +235,7 @@ def cmd_ota_push(args: argparse.Namespace) -> int:
     import time
 
     from agent import ota
+    from protocols import messages
 
     cfg = _load_config(args.config)
     reg = _registry(cfg)
@@ -243,7 +244,7 @@ def cmd_ota_push(args: argparse.Namespace) -> int:
         print("pulsebridge: %s is not an active board in the registry" % args.device, file=sys.stderr)
         return 2
     try:
-        data = args.bundle.read_bytes()
+        data = _read_bounded(args.bundle, messages.MAX_BUNDLE)
         m = ota.push(cfg.run_dir, cfg.audit_path, args.device, data)
     except (OSError, ota.PushError) as e:
         print("pulsebridge: %s: %s" % (args.bundle, e), file=sys.stderr)
@@ -281,6 +282,18 @@ def cmd_ota_push(args: argparse.Namespace) -> int:
           "not confirm a new version returns to its previous one" % (args.wait_s, said or "no answer"),
           file=sys.stderr)
     return 1
+
+
+def _read_bounded(path: Path, limit_bytes: int) -> bytes:
+    """The file's bytes, reading at most limit_bytes + 1 of them (a huge file, /dev/zero or a pipe
+    is not read whole into memory). Raises OSError; ota.PushError above limit_bytes."""
+    from agent import ota
+
+    with path.open("rb") as f:
+        data = f.read(limit_bytes + 1)
+    if len(data) > limit_bytes:
+        raise ota.PushError("the file is larger than the %d bytes a board takes: not a bundle" % limit_bytes)
+    return data
 
 
 def _agent_answers(cfg: AgentConfig) -> bool:

@@ -357,3 +357,32 @@ def test_erase_while_the_agent_serves_the_board(make_hub: Callable[..., harness.
             assert not [k for k in agent.vitals_runner.waves if k[0] == dev]
 
     asyncio.run(scenario())
+
+
+def test_ota_push_reads_no_more_than_a_bundle_can_be(tmp_path: Path, hub_config: AgentConfig) -> None:
+    # `ota push` read the whole file before looking at its size: /dev/zero, a pipe that does not end or a
+    # multi-GB file given by mistake filled the hub's memory (or hung). Here a pipe that sends 1 MB more than
+    # a bundle may be, then stays open: the command must refuse it without waiting for its end.
+    from protocols import messages
+
+    cfg = str(hub_config.source)
+    assert _cli("devices", "--config", cfg, "add", "pb-ota02").returncode == 0
+    p = subprocess.Popen([sys.executable, "-m", "agent.cli", "ota", "push", "--config", cfg, "--device", "pb-ota02",
+                          "/dev/stdin", "--wait-s", "0"], cwd=ROOT, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=False)
+    assert p.stdin is not None
+    try:
+        try:
+            p.stdin.write(b"\0" * (messages.MAX_BUNDLE + 1_000_000))
+            p.stdin.flush()
+        except BrokenPipeError:
+            pass  # it stopped reading once it had more than a bundle: what is wanted
+        wait_for(lambda: p.poll() is not None, timeout_s=30.0, what="ota push to end")
+        out, err = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 2, err.decode()
+    assert b"larger than the %d bytes a board takes" % messages.MAX_BUNDLE in err and b"Traceback" not in err, err
+    assert not (tmp_path / "run" / "ota" / "pb-ota02.bin").exists()
