@@ -284,6 +284,19 @@ def cmd_ota_push(args: argparse.Namespace) -> int:
     return 1
 
 
+def _wait_seconds(text: str) -> float:
+    """--wait-s: a finite number of seconds, 0 or more (nan or inf followed nothing, or for ever)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text) from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError("%r: give a finite number of seconds, 0 or more" % text)
+    return value
+
+
 def _read_bounded(path: Path, limit_bytes: int) -> bytes:
     """The file's bytes, reading at most limit_bytes + 1 of them (a huge file, /dev/zero or a pipe
     is not read whole into memory). Raises OSError; ota.PushError above limit_bytes."""
@@ -488,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=default_cfg)
     p.add_argument("--device", required=True)
     p.add_argument("bundle", type=Path)
-    p.add_argument("--wait-s", type=float, default=600.0,
+    p.add_argument("--wait-s", type=_wait_seconds, default=600.0,
                    help="how long to follow the update until the board confirms it (default 600 s; 0: "
                         "spool it and return)")
     p.set_defaults(func=cmd_ota_push)

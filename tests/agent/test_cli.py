@@ -386,3 +386,21 @@ def test_ota_push_reads_no_more_than_a_bundle_can_be(tmp_path: Path, hub_config:
     assert p.returncode == 2, err.decode()
     assert b"larger than the %d bytes a board takes" % messages.MAX_BUNDLE in err and b"Traceback" not in err, err
     assert not (tmp_path / "run" / "ota" / "pb-ota02.bin").exists()
+
+
+@pytest.mark.parametrize("wait_s", ["nan", "inf", "-1"])
+def test_ota_push_refuses_a_wait_that_is_not_a_finite_duration(
+        tmp_path: Path, hub_config: AgentConfig, wait_s: str) -> None:
+    # --wait-s nan followed nothing and then said "not confirmed within nan s"; inf followed for ever
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.dev import release
+
+    cfg = str(hub_config.source)
+    assert _cli("devices", "--config", cfg, "add", "pb-ota03").returncode == 0
+    bundle = tmp_path / "fw.bundle"
+    bundle.write_bytes(release.make_bundle({"main.py": b"pass\n"}, 2, "pulsebridge-fw 2", 0, "esp32",
+                                           Ed25519PrivateKey.generate()))
+    r = _cli("ota", "push", "--config", cfg, "--device", "pb-ota03", str(bundle), "--wait-s", wait_s)
+    assert r.returncode == 2 and "--wait-s" in r.stderr and "finite number of seconds" in r.stderr, r.stderr
+    assert not (tmp_path / "run" / "ota" / "pb-ota03.bin").exists()
