@@ -235,8 +235,12 @@ def cmd_ota_push(args: argparse.Namespace) -> int:
     import time
 
     from agent import ota
+    from agent.registry import valid_device_id
     from protocols import messages
 
+    if not valid_device_id(args.device):  # an escape or a newline would drive or forge the operator's terminal
+        print("pulsebridge: device id must be 1 to 16 of a-z, 0-9, '-': %r" % args.device, file=sys.stderr)
+        return 2
     cfg = _load_config(args.config)
     reg = _registry(cfg)
     dev = reg.get(args.device)

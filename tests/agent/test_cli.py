@@ -404,3 +404,15 @@ def test_ota_push_refuses_a_wait_that_is_not_a_finite_duration(
     r = _cli("ota", "push", "--config", cfg, "--device", "pb-ota03", str(bundle), "--wait-s", wait_s)
     assert r.returncode == 2 and "--wait-s" in r.stderr and "finite number of seconds" in r.stderr, r.stderr
     assert not (tmp_path / "run" / "ota" / "pb-ota03.bin").exists()
+
+
+def test_ota_push_names_a_device_id_with_control_characters_without_printing_them(
+        tmp_path: Path, hub_config: AgentConfig) -> None:
+    # `ota push --device` echoed the id raw in its refusal: an escape sequence drove the operator's
+    # terminal, a newline forged a line of its output (erase already refused such ids)
+    bundle = tmp_path / "fw.bundle"
+    bundle.write_bytes(b"not a bundle")
+    for device in ("\x1b[2J", "pb-x\npulsebridge: pb-x spooled"):
+        r = _cli("ota", "push", "--config", str(hub_config.source), "--device", device, str(bundle))
+        assert r.returncode == 2 and "device id must be" in r.stderr, r.stderr
+        assert "\x1b" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
