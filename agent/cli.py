@@ -100,11 +100,13 @@ DEVICE_ACTIONS = {
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from agent.registry import RegistryError, write_private
+    from agent.registry import RegistryError, valid_device_id, write_private
 
     if args.action in ("add", "revoke") and not args.device_id:
         raise SystemExit("pulsebridge: devices %s needs a device id (pulsebridge devices %s ID)"
                          % (args.action, args.action))
+    if args.device_id and not valid_device_id(args.device_id):  # an escape or a newline would drive the terminal
+        raise SystemExit("pulsebridge: device id must be 1 to 16 of a-z, 0-9, '-': %r" % args.device_id)
     for option, out in (("--key-out", args.key_out), ("--out", args.out)):
         # A key file that cannot be written is found before the key is made: after, the board was
         # registered under a key nobody had, and running it again said "already registered"

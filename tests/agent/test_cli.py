@@ -416,3 +416,13 @@ def test_ota_push_names_a_device_id_with_control_characters_without_printing_the
         r = _cli("ota", "push", "--config", str(hub_config.source), "--device", device, str(bundle))
         assert r.returncode == 2 and "device id must be" in r.stderr, r.stderr
         assert "\x1b" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_devices_names_a_device_id_with_control_characters_without_printing_them(hub_config: AgentConfig) -> None:
+    # `devices revoke` printed the registry's "no device <id>" with the id raw (the attacker pass of
+    # the fifth session): an escape sequence drove the operator's terminal, a newline forged a line
+    for action in ("revoke", "add", "export"):
+        for device in ("\x1b[2J", "pb-x\npb-x revoked: its frames are refused from now on"):
+            r = _cli("devices", action, device, "--config", str(hub_config.source))
+            assert r.returncode == 1 and "device id must be" in r.stderr, (action, r.stderr)
+            assert "\x1b" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
