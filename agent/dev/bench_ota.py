@@ -111,10 +111,12 @@ def stream_report(store_path: Path, device_id: str) -> dict[str, Any]:
                 name = messages.STREAM_NAMES.get(stream, str(stream))
                 if p_epoch == epoch:
                     gap, how = t0_ms - p_end_ms, "%s, boot %d, on the sensor's clock" % (name, epoch)
-                elif p_end_utc is not None and t0_utc_ms is not None:
+                elif p_end_utc is not None and t0_utc_ms is not None and t0_utc_ms >= p_end_utc:
                     gap, how = t0_utc_ms - p_end_utc, "%s, across the reboot %d -> %d, in UTC" % (name, p_epoch,
                                                                                                    epoch)
                 else:
+                    # (Also when the new boot's first sample maps to a UTC before the old boot's last:
+                    # two mappings, each as good as its time answer's round trip, that disagree.)
                     gap = received_at * 1000 - window_ms - p_received_ms
                     how = "%s, across the reboot %d -> %d, from the frames' arrival" % (name, p_epoch, epoch)
                 if gap > pause:

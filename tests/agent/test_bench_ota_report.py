@@ -59,3 +59,13 @@ def test_the_reboot_is_timed_in_utc_when_both_clocks_are_mapped_else_by_arrival(
     (tmp_path / "store.db").unlink()
     r = stream_report(_store(tmp_path, [old, _frame(2, 0, 0, 500, 0, 14.7)]), DEV)
     assert r["pause_ms"] == 2500 and "arrival" in r["pause_where"]
+
+
+def test_a_reboot_whose_two_utc_mappings_disagree_is_timed_by_arrival(tmp_path: Path) -> None:
+    # The new boot's first sample mapped to UTC 10,500, before the old boot's last one ended (11,000):
+    # impossible, each mapping being as good as its time answer's round trip (over BLE, hundreds of
+    # ms). The pause was taken as that negative gap, ignored, and the demo printed "0.00 s (none)"
+    # for a BLE board that had rebooted; it is timed from the frames' arrival instead (2.5 s).
+    old = _frame(1, 0, 0, 500, 60000, 11.2, t0_utc_ms=10000)
+    r = stream_report(_store(tmp_path, [old, _frame(2, 0, 0, 500, 0, 14.7, t0_utc_ms=10500)]), DEV)
+    assert r["pause_ms"] == 2500 and "arrival" in r["pause_where"], r
