@@ -158,8 +158,10 @@ def install(app, board, clock):
 
     model.transfer = transfer_traced
     # Only pieces called a few times a second, or once a loop at most: a
-    # wrapper costs the firmware's clock its tare every call.
-    for name in ("build_frame", "on_downlink", "_send_small", "_reseal_step", "status", "_checkpoint", "hello"):
+    # wrapper costs the firmware's clock its tare every call (link.service and _report_faults run once a
+    # loop, _send_due twice; on BLE each took up to 15-30 ms at esp32 speed, untraced before).
+    for name in ("build_frame", "on_downlink", "_send_small", "_reseal_step", "status", "_checkpoint", "hello",
+                 "_report_faults", "_send_due"):
         s.wrap(app, name)
     s.wrap(fields, "encode_sample_frame")
     s.wrap(samples, "encode_into")
@@ -169,7 +171,7 @@ def install(app, board, clock):
         if vit is not None:
             s.wrap(vit, "feed", label)
     link = app.link
-    for name in ("send", "receive", "set_vitals"):
+    for name in ("send", "receive", "set_vitals", "service"):
         if hasattr(link, name):
             s.wrap(link, name, "link." + name)
     if hasattr(link, "_framer"):
