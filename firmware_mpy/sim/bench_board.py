@@ -69,9 +69,12 @@ class HubPipe:
         self._full = memoryview(bytearray(_ANSWER_BYTES))
         self.pending = False
 
-    def _put(self, kind, data):
+    def _put(self, kind, data, off=0, n=-1):
+        # A record: kind, 4-byte length, data[off:off + n] (written in place
+        # with the stream's write(buf, off, n): no slice object per record).
         h = self._hdr
-        n = len(data)
+        if n < 0:
+            n = len(data) - off
         h[0] = kind
         h[1] = n >> 24
         h[2] = (n >> 16) & 0xFF
@@ -79,10 +82,10 @@ class HubPipe:
         h[4] = n & 0xFF
         self.up.write(h)
         if n:
-            self.up.write(data)
+            self.up.write(data, off, n)
 
     def write(self, buf, off, n):  # the console UART's far end (inside SimConsole.write)
-        self._put(0x55, memoryview(buf)[off:off + n])
+        self._put(0x55, buf, off, n)
         self.pending = True
         return n
 
@@ -322,5 +325,6 @@ def run(minutes, speed, link_kind, up_fd, down_fd, stretches=False):
     }))
 
 
-run(float(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]),
-    len(sys.argv) > 6 and sys.argv[6] == "stretches")
+if __name__ == "__main__":  # (micropython -m; imported, as by tests, it only defines)
+    run(float(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]),
+        len(sys.argv) > 6 and sys.argv[6] == "stretches")

@@ -185,3 +185,30 @@ def test_notifications_go_on_the_air_without_allocating():
     finally:
         air.close()
         os.remove(path)
+
+
+def test_the_console_s_bytes_go_to_the_hub_s_pipe_without_allocating():
+    # The serial link's path to the bench's hub (SimConsole.write, then
+    # HubPipe.write): each frame's bytes, header and all, into a file.
+    from sim.bench_board import HubPipe
+    from sim.console import SimConsole
+
+    path = "/tmp/mpy_test_sim_heap_console.bin"
+    clock = VirtualClock()
+    with open(path, "wb") as up, open("/dev/null", "rb") as down:
+        pipe = HubPipe(clock, up.fileno(), down.fileno())
+        console = SimConsole(clock, None, pipe, 115200)
+        line = bytearray(b"~" + b"B" * 200 + b"\n")
+        micropython.heap_lock()
+        try:
+            for _ in range(50):
+                console.write(line)
+                console.write(line, 1, 100)
+        finally:
+            micropython.heap_unlock()
+        pipe.up.flush()
+    with open(path, "rb") as f:
+        got = f.read()
+    one = b"\x55\x00\x00\x00\xca" + bytes(line) + b"\x55\x00\x00\x00\x64" + bytes(line[1:101])
+    assert got == one * 50, (len(got), got[:20])
+    assert console.bytes_out == 50 * (202 + 100), console.bytes_out
