@@ -360,38 +360,31 @@ class AirRadio(Radio):
 
     def _read_record(self, sock):
         # The body's length once a whole record is in _head/_body; -1 while
-        # part of it is still to come. A read that ends mid-record (rare:
-        # the air writes records whole) goes on through a view (an object).
-        got = self._got
-        if got < 3:
-            k = sock.readinto(self._head if got == 0 else memoryview(self._head)[got:], 3 - got)
-            if k is None:
-                return -1
-            if k == 0:
-                raise OSError(errno.ECONNRESET)
-            got += k
-            self._got = got
-            if got < 3:
-                return -1
+        # part of it is still to come.
+        if self._got < 3 and not self._fill(sock, self._head, 0, 3):
+            return -1
         head = self._head
         n = (head[1] << 8) | head[2]
         if n > _BODY_MAX:
             raise OSError(errno.EINVAL)  # not the air's: the connection is dropped
-        at = got - 3
-        if at < n:
-            if not self._readable():
-                return -1
-            k = sock.readinto(self._body if at == 0 else memoryview(self._body)[at:], n - at)
-            if k is None:
-                return -1
-            if k == 0:
-                raise OSError(errno.ECONNRESET)
-            got += k
-            self._got = got
-            if got - 3 < n:
-                return -1
+        if self._got - 3 < n and not (self._readable() and self._fill(sock, self._body, 3, n)):
+            return -1
         self._got = 0
         return n
+
+    def _fill(self, sock, buf, base, n):
+        # Reads into buf the rest of its n bytes (the record's bytes from
+        # `base` on); True once buf holds them. A read that ends mid-record
+        # (rare: the air writes records whole) goes on through a view (an
+        # object).
+        at = self._got - base
+        k = sock.readinto(buf if at == 0 else memoryview(buf)[at:], n - at)
+        if k is None:
+            return False
+        if k == 0:
+            raise OSError(errno.ECONNRESET)
+        self._got += k
+        return self._got - base == n
 
     def _handle(self, n):
         self.records_in += 1
