@@ -197,7 +197,7 @@ def test_a_board_stopped_before_it_read_its_last_command_still_stops(micropython
         b.type(start)
         stopping = threading.Thread(target=b.stop, args=(20.0,))
         stopping.start()
-        time.sleep(1)  # the scenario's shape: the board has no CPU for a while as it is stopped
+        wait_for(lambda: b._stopping, 30, "stop() under way")  # while the board has no CPU
         assert _console_input_queued(pid) >= len(start)  # the line still unread
         os.killpg(pid, signal.SIGCONT)
         stopping.join(90)
