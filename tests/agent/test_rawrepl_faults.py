@@ -29,13 +29,16 @@ class FakeMisbehavingBoard:
         self.thread.start()
 
     def _serve(self) -> None:
+        try:
+            self._answer_until_closed()
+        except OSError:  # the test closed the pty while the fake was still answering
+            pass
+
+    def _answer_until_closed(self) -> None:
         buf = b""
         raw = False
         while not self.stop.is_set():
-            try:
-                data = os.read(self.controller, 4096)
-            except OSError:
-                return
+            data = os.read(self.controller, 4096)
             for byte in data:
                 c = bytes([byte])
                 if c in (b"\x03", b"\x02"):
@@ -60,9 +63,13 @@ class FakeMisbehavingBoard:
                     buf += c
 
     def close(self) -> None:
+        # The device side first: the fake's blocked read then ends (EIO) and
+        # its thread returns before the controller's descriptor is closed
+        # under it (a closed number can be reused by another test's file).
         self.stop.set()
-        os.close(self.controller)
         os.close(self.device)
+        self.thread.join(timeout=10)
+        os.close(self.controller)
 
 
 @pytest.fixture
