@@ -501,7 +501,13 @@ AREAS = (
     ("agent/forwarders", "documents (JSON, CBOR, record)"),
     ("agent/record", "documents (JSON, CBOR, record)"),
     ("agent/ingest", "ingest (records, outcomes)"),
-    ("asyncio", "asyncio (tasks, futures, callbacks)"),
+    ("agent/vitals", "vitals (engine, runner)"),
+    ("agent/dev", "the bench's own loop (the boards' timing, the latencies)"),
+    ("asyncio", "asyncio (tasks, futures, callbacks, the loop's wake-ups)"),
+    ("selectors", "asyncio (tasks, futures, callbacks, the loop's wake-ups)"),
+    ("threading", "threads (executor hand-overs, locks)"),
+    ("concurrent/futures", "threads (executor hand-overs, locks)"),
+    ("queue.py", "threads (executor hand-overs, locks)"),
 )
 
 
@@ -515,6 +521,13 @@ def profile_summary(n: int, payload: str = "json", top: int = 12, what: str = "f
         r = verify_commit(n, profile=prof)
     else:
         r = verify_commit_forward(n, payload, profile=prof) if what == "forward" else drain(n, payload, profile=prof)
+    return {"what": what, "frames": n, "payload": payload, "frames_per_s_under_profile": r["frames_per_s"],
+            **_by_area(prof, top)}
+
+
+def _by_area(prof: cProfile.Profile, top: int) -> dict[str, Any]:
+    # A profile's own time by area (AREAS; a builtin's goes to its callers' areas) and the
+    # functions that take most.
     st = pstats.Stats(prof)
     entries = st.stats  # type: ignore[attr-defined]
     total = sum(v[2] for v in entries.values()) or 1.0
@@ -536,10 +549,18 @@ def profile_summary(n: int, payload: str = "json", top: int = 12, what: str = "f
         where = "/".join(file.split("/")[-2:])
         functions.append((own, "%s:%d %s" % (where, line, name) if file != "~" else name))
     functions.sort(reverse=True)
-    return {"what": what, "frames": n, "payload": payload, "profiled_cpu_s": total,
-            "frames_per_s_under_profile": r["frames_per_s"],
+    return {"profiled_cpu_s": total,
             "areas": {a: round(100 * t / total, 1) for a, t in sorted(areas.items(), key=lambda kv: -kv[1])},
             "top_functions": [(round(100 * own / total, 1), f) for own, f in functions[:top]]}
+
+
+def profile_realistic(seconds: float, top: int = 14) -> dict[str, Any]:
+    """The realistic load (vitals on) under cProfile, the event loop's thread in its CPU time
+    (the store's writer is not in it: realistic() gives its CPU apart): by area, and the
+    functions that take most (own time)."""
+    prof = cProfile.Profile(time.thread_time)
+    r = realistic(seconds, profile=prof)
+    return {"what": "realistic", "frames": r["frames"], "payload": "json", **_by_area(prof, top)}
 
 
 class _TimedVitalsEngine(VitalsEngine):
@@ -559,12 +580,31 @@ class _TimedVitalsEngine(VitalsEngine):
         return out
 
 
-def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = COMMIT_INTERVAL_S) -> dict[str, float]:
+class _CountingSelector:
+    """An event loop's selector, its select() calls that returned counted: the loop's
+    wake-ups (each one a turn of the loop: an epoll_wait, the ready callbacks run)."""
+
+    def __init__(self, selector: Any) -> None:
+        self._selector = selector
+        self.wakeups = 0
+
+    def select(self, timeout: float | None = None) -> Any:
+        ready = self._selector.select(timeout)
+        self.wakeups += 1
+        return ready
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._selector, name)
+
+
+def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = COMMIT_INTERVAL_S,
+              profile: cProfile.Profile | None = None) -> dict[str, float]:
     """20 boards x 2 streams x 1 frame/s of a real recording (Fleet(recorded=True)) through
     ingest, the store (commits of board frames at most every commit_interval_s) and
     forwarding to Mosquitto, with the vitals engine on (as the agent wires it: each stored
     frame offered to the vitals runner, its vitals and alerts stored and forwarded) unless
-    vitals=False."""
+    vitals=False. Besides the process's CPU: the event loop's thread's and the store
+    writer's, and the loop's wake-ups (profile: enabled on the loop's thread while it runs)."""
     fleet = Fleet(recorded=True)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -578,9 +618,11 @@ def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = CO
                 ing.on_stored = runner.offer
 
             async def go() -> tuple[float, float, float]:
+                loop = asyncio.get_running_loop()
+                loop_selector = loop._selector  # type: ignore[attr-defined]
+                selector = loop._selector = _CountingSelector(loop_selector)  # type: ignore[attr-defined]
                 wake = asyncio.Event()
                 fw = MqttForwarder(broker.backend(), store, "bench-hub", wake)
-                loop = asyncio.get_running_loop()
                 store.on_commit = lambda: _wake(loop, wake)
                 task = asyncio.create_task(fw.run())
                 vitals_task = asyncio.create_task(runner.run()) if runner is not None else None
@@ -601,6 +643,9 @@ def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = CO
 
                 t0 = time.perf_counter()
                 c0 = time.process_time()
+                m0, w0, s0 = time.thread_time(), _thread_cpu_s(store._thread), selector.wakeups
+                if profile is not None:
+                    profile.enable()
                 for raw in frames:
                     due = t0 + k * slot
                     await asyncio.sleep(max(0.0, due - time.perf_counter()))
@@ -612,6 +657,11 @@ def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = CO
                     k += 1
                 await asyncio.gather(*pending)
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                if profile is not None:
+                    profile.disable()
+                threads.update(loop_thread_cpu_s=time.thread_time() - m0,
+                               store_writer_cpu_s=_thread_cpu_s(store._thread) - w0,
+                               loop_wakeups=selector.wakeups - s0)
                 rss = _rss_mb()
                 for t in (task, vitals_task):
                     if t is not None:
@@ -620,8 +670,10 @@ def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = CO
                             await t
                         except asyncio.CancelledError:
                             pass
+                loop._selector = loop_selector  # type: ignore[attr-defined]
                 return wall, cpu, rss
 
+            threads: dict[str, float] = {}
             wall, cpu, rss = asyncio.run(go())
             commits = store.stats.commits
             store.close()
@@ -635,7 +687,11 @@ def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = CO
             "vitals_made": runner.made if runner is not None else 0,
             "vitals_cpu_us_per_ecg_frame": 1e6 * engine.cpu_s["ecg"] / max(1, engine.frames["ecg"]),
             "vitals_cpu_us_per_ppg_frame": 1e6 * engine.cpu_s["ppg"] / max(1, engine.frames["ppg"]),
-            "vitals_cpu_percent_of_one_core": 100 * sum(engine.cpu_s.values()) / wall}
+            "vitals_cpu_percent_of_one_core": 100 * sum(engine.cpu_s.values()) / wall,
+            "cpu_ms_per_frame": 1000 * cpu / len(latencies),
+            "loop_thread_cpu_percent_of_one_core": 100 * threads["loop_thread_cpu_s"] / wall,
+            "store_writer_cpu_percent_of_one_core": 100 * threads["store_writer_cpu_s"] / wall,
+            "loop_wakeups_per_frame": threads["loop_wakeups"] / len(latencies)}
 
 
 def vitals_profile(seconds: int = 30, top: int = 10) -> dict[str, Any]:
@@ -774,12 +830,18 @@ def commit_intervals(seconds: float) -> list[dict[str, Any]]:
     return rows
 
 
+def run_realistic(seconds: float = 20.0) -> dict[str, Any]:
+    """The realistic load alone (20 boards x 2 streams x 1 frame/s): with the vitals engine,
+    without it, and under the profiler."""
+    return {"realistic_load": realistic(seconds),  # first: RSS before other runs grow the heap
+            "realistic_load_no_vitals": realistic(seconds, vitals=False),
+            "profile_realistic": profile_realistic(seconds)}
+
+
 def run(frames: int = 20000, baseline_frames: int = 3000, seconds: float = 20.0,
         backlog_frames: int = BACKLOG_FRAMES) -> dict[str, Any]:
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    r: dict[str, Any] = {}
-    r["realistic_load"] = realistic(seconds)  # first: RSS before the bulk runs grow the heap
-    r["realistic_load_no_vitals"] = realistic(seconds, vitals=False)
+    r: dict[str, Any] = run_realistic(seconds)
     r["vitals_profile"] = vitals_profile()
     r["import_footprint"] = import_footprint()
     r["card_writes"] = card_writes(seconds)
@@ -801,8 +863,7 @@ def run(frames: int = 20000, baseline_frames: int = 3000, seconds: float = 20.0,
 
 
 def report(r: dict[str, Any]) -> list[str]:
-    vc, b, vf, rl = (r["verify_commit"], r["baseline_pycose_commit_per_frame"], r["verify_commit_forward_mqtt"],
-                     r["realistic_load"])
+    vc, b, vf = r["verify_commit"], r["baseline_pycose_commit_per_frame"], r["verify_commit_forward_mqtt"]
     vfc = r["verify_commit_forward_mqtt_cbor"]
     return [
         "agent benchmark (one run, this machine; ECG 512-sample and PPG 100-sample frames, 20 boards)",
@@ -831,17 +892,7 @@ def report(r: dict[str, Any]) -> list[str]:
             BOARDS, r["drain_backlog_mqtt"]["frames"], r["drain_backlog_mqtt"]["wall_s"],
             r["drain_backlog_mqtt"]["frames_per_s"], r["drain_backlog_mqtt"]["frames_per_cpu_s"]),
         *wall_lines("drain", r["drain_backlog_mqtt"]),
-        "  realistic load (20 boards x 2 streams x 1 frame/s of a recording, %.0f s, forwarding to Mosquitto, "
-        "vitals engine on: %d vitals and alerts made):" % (rl["seconds"], rl["vitals_made"]),
-        "    added latency (frame in -> ack ready) p50 %.2f ms, p99 %.2f ms" % (
-            rl["latency_p50_ms"], rl["latency_p99_ms"]),
-        "    CPU %.2f %% of one core (goal <= 2 %%); RSS %.1f MB (goal <= 80 MB; this process, the bench's own "
-        "modules too)" % (rl["cpu_percent_of_one_core"], rl["rss_mb"]),
-        "    of it the vitals engine's own work: %.2f %% of one core (%.0f us an ECG frame: R peaks; %.0f us a PPG "
-        "frame: its SpO2 window's estimate)" % (rl["vitals_cpu_percent_of_one_core"],
-                                               rl["vitals_cpu_us_per_ecg_frame"], rl["vitals_cpu_us_per_ppg_frame"]),
-        "    the same without the vitals engine: CPU %.2f %% of one core, latency p99 %.2f ms" % (
-            r["realistic_load_no_vitals"]["cpu_percent_of_one_core"], r["realistic_load_no_vitals"]["latency_p99_ms"]),
+        *realistic_lines(r),
         *vitals_profile_lines(r["vitals_profile"]),
         *footprint_lines(r["import_footprint"]),
         "  written to the card, same load, every frame forwarded (/proc/self/io write_bytes):",
@@ -850,10 +901,42 @@ def report(r: dict[str, Any]) -> list[str]:
             r["card_writes"]["frames"], r["card_writes"]["frame_bytes"] / r["card_writes"]["frames"],
             r["card_writes"]["commits"]),
         *commit_interval_lines(r),
+        *profile_lines(r["profile_realistic"]),
         *profile_lines(r["profile_commit"]),
         *profile_lines(r["profile"]),
         *profile_lines(r["profile_drain"]),
     ]
+
+
+def realistic_lines(r: dict[str, Any]) -> list[str]:
+    """The realistic load's figures (run_realistic's, or run's)."""
+    rl, nv = r["realistic_load"], r["realistic_load_no_vitals"]
+    return [
+        "  realistic load (20 boards x 2 streams x 1 frame/s of a recording, %.0f s, forwarding to Mosquitto, "
+        "vitals engine on: %d vitals and alerts made):" % (rl["seconds"], rl["vitals_made"]),
+        "    added latency (frame in -> ack ready) p50 %.2f ms, p99 %.2f ms" % (
+            rl["latency_p50_ms"], rl["latency_p99_ms"]),
+        "    CPU %.2f %% of one core (goal <= 2 %%), %.2f ms a frame; RSS %.1f MB (goal <= 80 MB; this process, "
+        "the bench's own modules too)" % (rl["cpu_percent_of_one_core"], rl["cpu_ms_per_frame"], rl["rss_mb"]),
+        "    of it: the event loop's thread %.2f %%, the store's writer %.2f %% (%.1f commits/s), other threads "
+        "%.2f %% (outbox reads); %.1f wake-ups of the event loop a frame" % (
+            rl["loop_thread_cpu_percent_of_one_core"], rl["store_writer_cpu_percent_of_one_core"],
+            rl["commits_per_s"], rl["cpu_percent_of_one_core"] - rl["loop_thread_cpu_percent_of_one_core"]
+            - rl["store_writer_cpu_percent_of_one_core"], rl["loop_wakeups_per_frame"]),
+        "    of it the vitals engine's own work: %.2f %% of one core (%.0f us an ECG frame: R peaks; %.0f us a PPG "
+        "frame: its SpO2 window's estimate)" % (rl["vitals_cpu_percent_of_one_core"],
+                                               rl["vitals_cpu_us_per_ecg_frame"], rl["vitals_cpu_us_per_ppg_frame"]),
+        "    the same without the vitals engine: CPU %.2f %% of one core (the event loop's thread %.2f %%, the "
+        "store's writer %.2f %%, %.1f commits/s), latency p99 %.2f ms" % (
+            nv["cpu_percent_of_one_core"], nv["loop_thread_cpu_percent_of_one_core"],
+            nv["store_writer_cpu_percent_of_one_core"], nv["commits_per_s"], nv["latency_p99_ms"]),
+    ]
+
+
+def report_realistic(r: dict[str, Any]) -> list[str]:
+    """run_realistic's figures and profile."""
+    return ["agent benchmark, the realistic load alone (this machine)", *realistic_lines(r),
+            *profile_lines(r["profile_realistic"])]
 
 
 def wall_lines(what: str, p: dict[str, float]) -> list[str]:
@@ -914,8 +997,8 @@ def commit_interval_lines(r: dict[str, Any]) -> list[str]:
 
 
 def profile_lines(p: dict[str, Any]) -> list[str]:
-    what = {"drain": "drain of a backlog of", "commit": "verify+commit,"}.get(p.get("what", ""),
-                                                                          "verify+commit+forward,")
+    what = {"drain": "drain of a backlog of", "commit": "verify+commit,",
+            "realistic": "the realistic load, vitals on,"}.get(p.get("what", ""), "verify+commit+forward,")
     out = ["  where the time goes (%s %d frames, %s; CPU time of the main thread, %.1f s "
            "under the profiler):" % (what, p["frames"], p["payload"], p["profiled_cpu_s"])]
     out += ["    %5.1f %%  %s" % (pct, area) for area, pct in p["areas"].items()]
