@@ -45,7 +45,7 @@ from agent.forwarders.mqtt import MqttConfig, MqttForwarder
 from agent.ingest import Ingestor, Outcome, record_of
 from agent.record import FrameRecord
 from agent.registry import Registry
-from agent.session import coalesced_acks
+from agent.session import PIPELINE_DEPTH, coalesced_acks
 from agent.store import COMMIT_INTERVAL_S, Ingest, Store
 from agent.vitals.alerts import AlertEngine
 from agent.vitals.engine import VitalsEngine
@@ -216,8 +216,9 @@ def _setup(tmp: Path, fleet: Fleet, backends: list[str],
 
 async def _ingest_all(ing: Ingestor, raws: list[bytes]) -> int:
     """Submits raws in order and acknowledges each once stored, as each board's
-    session does (its outcomes in a queue of its own, one sealed ack for a run of
-    stored frames: agent.session.coalesced_acks). Returns the acks sealed."""
+    session does (its outcomes in a queue of its own, at most PIPELINE_DEPTH judged
+    and not yet acknowledged, one sealed ack for a run of stored frames:
+    agent.session.coalesced_acks). Returns the acks sealed."""
     queues: dict[str, asyncio.Queue[Outcome | None]] = {}
     tasks = []
     sealed = 0
@@ -239,11 +240,11 @@ async def _ingest_all(ing: Ingestor, raws: list[bytes]) -> int:
             raise RuntimeError("frame not accepted: %s" % out.received.reason)
         dev = out.received.device_id or ""
         if dev not in queues:
-            queues[dev] = asyncio.Queue()
+            queues[dev] = asyncio.Queue(PIPELINE_DEPTH)
             tasks.append(asyncio.create_task(acker(queues[dev])))
-        queues[dev].put_nowait(out)
+        await queues[dev].put(out)  # a board's session reads no further while its pipeline is full
     for q in queues.values():
-        q.put_nowait(None)
+        await q.put(None)
     await asyncio.gather(*tasks)
     return sealed
 
@@ -846,27 +847,37 @@ def run(frames: int = 20000, baseline_frames: int = 3000, seconds: float = 20.0,
     r["import_footprint"] = import_footprint()
     r["card_writes"] = card_writes(seconds)
     r["commit_intervals"] = commit_intervals(seconds)
-    r["verify_commit"] = verify_commit(frames)
-    r["verify_commit_recorded"] = verify_commit(frames, recorded=True)
-    r["baseline_pycose_commit_per_frame"] = baseline(baseline_frames)
+    r.update(run_verify_commit(frames, baseline_frames, profile=False))
     r["verify_commit_forward_mqtt"] = verify_commit_forward(frames)
     r["verify_commit_forward_mqtt_cbor"] = verify_commit_forward(frames, "cbor")
     r["drain_backlog_mqtt"] = drain(backlog_frames)
     r["profile_commit"] = profile_summary(min(frames, 10000), what="commit")
     r["profile"] = profile_summary(min(frames, 10000))
     r["profile_drain"] = profile_summary(min(backlog_frames, 20000), what="drain")
+    return r
+
+
+def run_verify_commit(frames: int = 20000, baseline_frames: int = 3000, profile: bool = True) -> dict[str, Any]:
+    """verify+commit alone (`bench agent --part verify-commit`; run() includes it): the agent's
+    ingest of frames (random walk, then a real recording), the pycose baseline beside it, their
+    ratios, and (profile) where verify+commit's time goes."""
+    r: dict[str, Any] = {}
+    r["verify_commit"] = verify_commit(frames)
+    r["verify_commit_recorded"] = verify_commit(frames, recorded=True)
+    r["baseline_pycose_commit_per_frame"] = baseline(baseline_frames)
     r["speedup_vs_baseline_per_core"] = (r["verify_commit"]["frames_per_cpu_s"]
                                          / r["baseline_pycose_commit_per_frame"]["frames_per_cpu_s"])
     r["speedup_vs_baseline_wall"] = (r["verify_commit"]["frames_per_s"]
                                      / r["baseline_pycose_commit_per_frame"]["frames_per_s"])
+    if profile:
+        r["profile_commit"] = profile_summary(min(frames, 10000), what="commit")
     return r
 
 
-def report(r: dict[str, Any]) -> list[str]:
-    vc, b, vf = r["verify_commit"], r["baseline_pycose_commit_per_frame"], r["verify_commit_forward_mqtt"]
-    vfc = r["verify_commit_forward_mqtt_cbor"]
+def verify_commit_lines(r: dict[str, Any]) -> list[str]:
+    """verify+commit's figures, the baseline's and their ratios (and the profile when r has it)."""
+    vc, b = r["verify_commit"], r["baseline_pycose_commit_per_frame"]
     return [
-        "agent benchmark (one run, this machine; ECG 512-sample and PPG 100-sample frames, 20 boards)",
         "  verify+commit:           %7.0f frames/s, %7.0f frames per CPU-second (%d frames, %d commits; "
         "goal >= 20000 per CPU-second)" % (
             vc["frames_per_s"], vc["frames_per_cpu_s"], vc["frames"], vc["commits"]),
@@ -881,6 +892,20 @@ def report(r: dict[str, Any]) -> list[str]:
             b["frames_per_s"], b["frames_per_cpu_s"], b["frames"]),
         "  ratio to baseline:       %.1fx per CPU-second, %.1fx wall (goal >= 5x per CPU-second)" % (
             r["speedup_vs_baseline_per_core"], r["speedup_vs_baseline_wall"]),
+    ]
+
+
+def report_verify_commit(r: dict[str, Any]) -> list[str]:
+    """run_verify_commit()'s report."""
+    return ["agent benchmark, verify+commit alone (this machine; ECG 512-sample and PPG 100-sample frames, "
+            "20 boards)", *verify_commit_lines(r), *profile_lines(r["profile_commit"])]
+
+
+def report(r: dict[str, Any]) -> list[str]:
+    vf, vfc = r["verify_commit_forward_mqtt"], r["verify_commit_forward_mqtt_cbor"]
+    return [
+        "agent benchmark (one run, this machine; ECG 512-sample and PPG 100-sample frames, 20 boards)",
+        *verify_commit_lines(r),
         "  verify+commit+forward (Mosquitto, TLS, QoS 1), JSON: %7.0f frames/s, %7.0f per CPU-second "
         "(goal >= 10000 frames/s)" % (
             vf["frames_per_s"], vf["frames_per_cpu_s"]),
