@@ -251,9 +251,19 @@ def cmd_ota_push(args: argparse.Namespace) -> int:
         return 2
     try:
         data = _read_bounded(args.bundle, messages.MAX_BUNDLE)
+    except OSError as e:
+        print("pulsebridge: ota push: bundle %s: %s" % (args.bundle, _unreadable(e)), file=sys.stderr)
+        return 2
+    except ota.PushError as e:
+        print("pulsebridge: ota push: bundle %s: %s" % (args.bundle, e), file=sys.stderr)
+        return 2
+    try:
         m = ota.push(cfg.run_dir, cfg.audit_path, args.device, data)
-    except (OSError, ota.PushError) as e:
-        print("pulsebridge: %s: %s" % (args.bundle, e), file=sys.stderr)
+    except ota.PushError as e:
+        print("pulsebridge: ota push: bundle %s: %s" % (args.bundle, e), file=sys.stderr)
+        return 2
+    except OSError as e:  # the spool or the audit log (under run_dir, log_dir) cannot be written
+        print("pulsebridge: ota push: %s" % _path_error(e, args.config), file=sys.stderr)
         return 2
     print("%s: %s (version %d, %d bytes) spooled; the agent sends it over the board's link"
           % (args.device, m.name, m.version, len(data)))
@@ -301,6 +311,18 @@ def _wait_seconds(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError("%r: give a finite number of seconds, 0 or more" % text)
     return value
+
+
+def _unreadable(e: OSError) -> str:
+    """Why a file given on the command line cannot be read, in words (Python's own, "[Errno 2] No such
+    file or directory: '<path>'", gave the path twice and an errno the operator has no use for)."""
+    import errno
+
+    if e.errno == errno.ENOENT:
+        return "no such file"
+    if e.errno == errno.EISDIR:
+        return "is a directory, not a file"
+    return "cannot be read: %s" % (e.strerror.lower() if e.strerror else e)
 
 
 def _read_bounded(path: Path, limit_bytes: int) -> bytes:

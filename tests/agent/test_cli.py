@@ -426,3 +426,24 @@ def test_devices_names_a_device_id_with_control_characters_without_printing_them
             r = _cli("devices", action, device, "--config", str(hub_config.source))
             assert r.returncode == 1 and "device id must be" in r.stderr, (action, r.stderr)
             assert "\x1b" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize("problem", ["missing", "directory", "under_a_file"])
+def test_ota_push_names_a_bundle_it_cannot_read_in_plain_words(
+        tmp_path: Path, hub_config: AgentConfig, problem: str) -> None:
+    # a bundle path that was not there printed Python's raw "[Errno 2] No such file or directory: '...'",
+    # the path given twice: the operator's words are the path and what is wrong with it
+    cfg = str(hub_config.source)
+    assert _cli("devices", "--config", cfg, "add", "pb-ota04").returncode == 0
+    bundle = tmp_path / "fw.bundle"
+    if problem == "directory":
+        bundle.mkdir()
+    elif problem == "under_a_file":
+        (tmp_path / "fw").write_bytes(b"x")
+        bundle = tmp_path / "fw" / "fw.bundle"
+    r = _cli("ota", "push", "--config", cfg, "--device", "pb-ota04", str(bundle))
+    says = {"missing": "no such file", "directory": "is a directory, not a file",
+            "under_a_file": "cannot be read: not a directory"}[problem]
+    assert r.returncode == 2 and "Errno" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr == "pulsebridge: ota push: bundle %s: %s\n" % (bundle, says), r.stderr
+    assert not (tmp_path / "run" / "ota" / "pb-ota04.bin").exists()
