@@ -126,18 +126,32 @@ class Connection:
     def _error(self, what: str) -> DeliveryError:
         return DeliveryError("MQTT: %s" % what, backend=self.backend)
 
-    async def open(self, host: str, port: int) -> None:
+    async def open(self, host: str, port: int, tls: bool = True) -> None:
+        """tls: whether the client was given a TLS context; over plaintext (mqtt://), a connection
+        that ends or stays silent before its CONNACK is said to be what a TLS port does."""
         try:
             rc = await asyncio.to_thread(self.client.connect, host, port, KEEPALIVE_S)
         except (OSError, ssl.SSLError, ssl.CertificateError) as e:
-            raise self._error("cannot connect to %s:%d: %s" % (host, port, e)) from e
+            # A reset once TCP is up, or a reply that is no TLS record, is a handshake a plaintext port refused
+            plain = tls and (isinstance(e, ConnectionResetError) or "WRONG_VERSION_NUMBER" in str(e))
+            raise self._error("cannot connect to %s:%d: %s%s" % (
+                host, port, e, ": the TLS handshake failed: is it a plaintext MQTT port (1883)? the broker "
+                "must offer TLS (8883)" if plain else "")) from e
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise self._error("cannot connect to %s:%d: %s" % (host, port, paho.error_string(rc)))
+        down: asyncio.Future[Any] = asyncio.ensure_future(self._down.wait())
         try:
-            async with asyncio.timeout(self.timeout_s):
-                code = await self._connack
-        except TimeoutError:
-            raise self._error("no CONNACK from %s:%d in %.1f s" % (host, port, self.timeout_s)) from None
+            await asyncio.wait([self._connack, down], timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            down.cancel()
+        # A broker that expects TLS reads a plaintext CONNECT as a broken handshake: it resets the
+        # connection (Mosquitto) or waits for more; either way no CONNACK, which told nobody why.
+        hint = "" if tls else ": if it expects TLS (MQTT's TLS port is 8883), use mqtts://"
+        if not self._connack.done():
+            if self._down.is_set():  # paho's reason ("Unspecified error") would tell nothing more
+                raise self._error("%s:%d closed the connection without a CONNACK%s" % (host, port, hint))
+            raise self._error("no CONNACK from %s:%d in %.1f s%s" % (host, port, self.timeout_s, hint))
+        code = self._connack.result()
         if code.is_failure:
             raise self._error("%s:%d refused the connection: %s" % (host, port, code))
 
@@ -288,6 +302,18 @@ class Connection:
             await asyncio.sleep(MISC_PERIOD_S)
 
 
+class _ClosedOnFailedHandshake(ssl.SSLSocket):
+    """paho's connect leaves the TLS socket of a failed handshake open (client.py, _ssl_wrap_socket):
+    its descriptor then waits for the garbage collector at every retry. This one closes itself."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
 class MqttForwarder(Forwarder):
     cfg: MqttConfig
     _connection: Connection | None = None
@@ -312,6 +338,7 @@ class MqttForwarder(Forwarder):
         # paho would scan every message in flight at each PUBACK (quadratic in the batch).
         client.max_inflight_messages_set(0)
         if ctx is not None:
+            ctx.sslsocket_class = _ClosedOnFailedHandshake
             client.tls_set_context(ctx)
             # The context checks the host name (it is off only with insecure = true).
             client.tls_insecure_set(not ctx.check_hostname)
@@ -320,7 +347,8 @@ class MqttForwarder(Forwarder):
             client.username_pw_set(self.cfg.username, password)
         connection = Connection(self.name, client, self.cfg.timeout_s)
         try:
-            await connection.open(u.hostname or "localhost", u.port or (8883 if ctx is not None else 1883))
+            await connection.open(u.hostname or "localhost", u.port or (8883 if ctx is not None else 1883),
+                                  tls=ctx is not None)
         except BaseException:
             await connection.close()
             raise

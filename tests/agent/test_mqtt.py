@@ -669,3 +669,90 @@ def test_a_link_that_stops_answering_pings_is_closed_and_reopened(mosquitto: str
     finally:
         store.close()
         _stop_broker(broker)
+
+
+def _first_error(cfg: MqttConfig, store: Store) -> str:
+    """The forwarder's first delivery error (the scenario's own bound: 30 s)."""
+
+    async def scenario() -> str:
+        fw = MqttForwarder(cfg, store, "test-hub", asyncio.Event())
+        task = asyncio.create_task(fw.run())
+        try:
+            await async_wait_for(lambda: fw.last_error != "", 30, "a delivery error", lambda: fw.forwarded)
+            return fw.last_error
+        finally:
+            await _stop(fw, task)
+
+    return asyncio.run(scenario())
+
+
+def test_plaintext_mqtt_to_a_tls_port_says_the_broker_expects_tls(mosquitto: str, tmp_path: Path) -> None:
+    # mqtt:// on a broker's TLS port (8883) said only "no CONNACK ... in 10.0 s" (the broker had reset
+    # the connection at once): nothing pointed at mqtts://
+    pki = harness.pki_for(tmp_path)
+    broker, port = _start_broker(mosquitto, tmp_path, pki)
+    store = Store(tmp_path / "store.db", ["broker"])
+    store.start()
+    try:
+        _store_frames(store, "pb-t1", range(1))
+        error = _first_error(MqttConfig(name="broker", type="mqtt", url="mqtt://localhost:%d" % port, insecure=True,
+                                        linger_s=0, timeout_s=30), store)
+        assert "localhost:%d closed the connection without a CONNACK" % port in error, error
+        assert "if it expects TLS (MQTT's TLS port is 8883), use mqtts://" in error, error
+    finally:
+        store.close()
+        _stop_broker(broker)
+
+
+def test_plaintext_mqtt_to_a_silent_port_names_tls_as_a_likely_cause(tmp_path: Path) -> None:
+    # a TLS server that waits for the rest of what it takes for a handshake never answers a CONNECT
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # reads, answers nothing, until the client goes
+        writer.close()
+
+    store = Store(tmp_path / "store.db", ["broker"])
+    store.start()
+    try:
+        _store_frames(store, "pb-t2", range(1))
+
+        async def scenario() -> str:
+            server = await asyncio.start_server(silent, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            try:
+                cfg = MqttConfig(name="broker", type="mqtt", url="mqtt://127.0.0.1:%d" % port, insecure=True,
+                                 linger_s=0, timeout_s=0.5)
+                fw = MqttForwarder(cfg, store, "test-hub", asyncio.Event())
+                task = asyncio.create_task(fw.run())
+                try:
+                    await async_wait_for(lambda: fw.last_error != "", 30, "a delivery error", lambda: fw.forwarded)
+                    return fw.last_error
+                finally:
+                    await _stop(fw, task)
+            finally:
+                server.close()
+
+        error = asyncio.run(scenario())
+        assert "no CONNACK from 127.0.0.1:" in error and "use mqtts://" in error, error
+    finally:
+        store.close()
+
+
+def test_mqtts_to_a_plaintext_port_says_the_handshake_failed_there(mosquitto: str, tmp_path: Path) -> None:
+    # the reverse: mqtts:// on a plaintext listener (1883) said only "Connection reset by peer"
+    pki = harness.pki_for(tmp_path)
+    port = harness.free_port()
+    conf = tmp_path / "plain.conf"
+    conf.write_text("listener %d 127.0.0.1\nallow_anonymous true\nuser %s\n" % (port, getpass.getuser()))
+    broker = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(lambda: _listening(port), 30, "mosquitto listening")
+    store = Store(tmp_path / "store.db", ["broker"])
+    store.start()
+    try:
+        _store_frames(store, "pb-t3", range(1))
+        error = _first_error(MqttConfig(name="broker", type="mqtt", url="mqtts://localhost:%d" % port,
+                                        ca_file=pki.ca_cert, linger_s=0, timeout_s=30), store)
+        assert "cannot connect to localhost:%d" % port in error, error
+        assert "the TLS handshake failed: is it a plaintext MQTT port (1883)?" in error, error
+    finally:
+        store.close()
+        _stop_broker(broker)
