@@ -198,7 +198,8 @@ def _take(table: dict[str, Any], name: str, kind: type | tuple[type, ...], where
         return default
     v = table.pop(name)
     if not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)):
-        raise ConfigError("%s.%s must be %s, not %r" % (where, name, _kind_name(kind), v), "%s.%s" % (where, name))
+        full = "%s.%s" % (where, name) if where else name
+        raise ConfigError("%s must be %s, not %r" % (full, _kind_name(kind, name), v), full)
     return v
 
 
@@ -226,10 +227,12 @@ def _enum(table: dict[str, Any], name: str, where: str, values: tuple[str, ...],
     return str(v)
 
 
-def _kind_name(kind: type | tuple[type, ...]) -> str:
+def _kind_name(kind: type | tuple[type, ...], name: str) -> str:
+    """The kind of value a setting takes, in TOML's words (Python's "dict", "int or float" are not the file's)."""
     if isinstance(kind, tuple):
-        return " or ".join(k.__name__ for k in kind)
-    return kind.__name__
+        return "a number"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            dict: "a table ([%s])" % name, list: "an array of tables ([[%s]])" % name}.get(kind, kind.__name__)
 
 
 def _path(v: str | None) -> Path | None:
@@ -360,6 +363,11 @@ def _parse(data: dict[str, Any], source: Path | None) -> AgentConfig:
 
 def _check_url(bc: BackendConfig, where: str) -> None:
     u = urlparse(bc.url)
+    # Checked first, as the messages below quote the URL: a backend's errors name its URL, so a
+    # password in it would be logged and shown by `pulsebridge status`.
+    if "@" in u.netloc:
+        raise ConfigError("%s.url must not carry credentials (user:password@): put secrets in files "
+                          "(bearer_token_file; MQTT: username and password_file)" % where, where + ".url")
     try:
         _ = u.port  # raises ValueError on a port out of 0..65535
     except ValueError:
@@ -377,7 +385,11 @@ def load(path: Path) -> AgentConfig:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError("no configuration file at %s" % path) from None
-    except (OSError, UnicodeDecodeError) as e:
+    except IsADirectoryError:
+        raise ConfigError("cannot read the configuration: it is a directory, not a file", path=path) from None
+    except OSError as e:
+        raise ConfigError("cannot read the configuration: %s" % (e.strerror or e), path=path) from None
+    except UnicodeDecodeError as e:
         raise ConfigError("cannot read the configuration: %s" % e, path=path) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("not valid TOML: %s" % e, path=path) from None

@@ -244,3 +244,35 @@ def test_the_start_line_says_the_page_is_on_only_once_it_listens(tmp_path: Path,
     assert len(start) == 1 and "status page starting" in start[0] and "status page on" not in start[0], start
     assert any("status page on http://127.0.0.1:%d/" % port in r.getMessage() for r in caplog.records), \
         [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("toml, says", [
+    # the kinds were Python's ("must be dict", "int or float"), and a top-level table read ".agent"
+    ("agent = [1]", "agent must be a table ([agent]), not [1]"),
+    ('[backend]\nname = "x"', "backend must be an array of tables ([[backend]]), not {'name': 'x'}"),
+    ('[agent]\nretention_days = "7"', "agent.retention_days must be a number, not '7'"),
+    ("[[serial]]\nusb_vid = 1.5", "serial[0].usb_vid must be an integer, not 1.5"),
+    ('[agent]\nhub_id = 7', "agent.hub_id must be a string, not 7"),
+    (FHIR + 'insecure = "yes"', "backend[0].insecure must be true or false, not 'yes'"),
+])
+def test_a_setting_of_the_wrong_kind_is_named_in_toml_s_words(toml: str, says: str) -> None:
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(tomllib.loads(toml))
+    assert str(e.value) == says
+
+
+@pytest.mark.parametrize("url", ["https://user:s3cret@h/f", "https://s3cret@h/f", "mqtts://u:s3cret@broker:8883"])
+def test_credentials_in_a_backend_url_are_refused_without_echoing_them(url: str) -> None:
+    # a URL's user:password was taken, and the URL is in the backend's errors ("HTTP 503 from <url>"),
+    # logged and shown by `pulsebridge status`: the password with them
+    kind = "mqtt" if url.startswith("mqtt") else "fhir"
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(tomllib.loads('[[backend]]\nname = "a"\ntype = "%s"\nurl = "%s"\n' % (kind, url)))
+    assert e.value.field == "backend[0].url" and "credentials" in str(e.value), str(e.value)
+    assert "s3cret" not in str(e.value)
+
+
+def test_a_directory_given_as_the_configuration_is_named_in_words(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError) as e:
+        config.load(tmp_path)
+    assert str(e.value) == "%s: cannot read the configuration: it is a directory, not a file" % tmp_path
