@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.dev.bench_vitals import CAMERA_PAIRS, WITHHELD_GOAL, _arms, _sens_spec
+from agent.dev.bench_vitals import CAMERA_PAIRS, DECADES, WITHHELD_GOAL, _arms, _sens_spec
 
 BASELINE_S = 60  # a relative estimate's reference: the placement's first minute, at rest
 SMOOTH_S = 30  # features are the median of the last 30 one-second windows (causal)
@@ -483,7 +483,70 @@ def error_model(w: dict[str, Any], methods: tuple[tuple[Method, tuple[str, ...]]
                                    **_scores(w, est, shown, -np.nan_to_num(predicted, nan=np.inf)),
                                    arms_by_band_pct=_arms_by_band(err, predicted, ok)))
     out["chosen_per_fold"] = chosen_with_learnt_quality(w, learnt_candidates())
+    out["two_wavelength"] = two_wavelength(w)
     return out
+
+
+# The estimator a two-wavelength sensor gets (the camera's red and blue playing a MAX30102's red
+# and IR), declared before it was scored and chosen on nothing: a relative line on every feature
+# such a sensor gives of itself (the ratio of ratios, the red light, the IR light), its quality
+# learnt from the signal and the distance from rest. Every line the bench picks among (the chosen
+# per fold above) brings its own overfit on six people; a choice among the table's lines made in
+# each fold by five subjects picks, for the sixth, the one that suits the five (subject 100001:
+# the red light alone, +6 % on it); this one has nothing to pick.
+TWO_WAVELENGTH = (Method("two wavelengths: R/B ratio, red and blue light, relative",
+                         ("logR:red/blue", "logDC:red", "logDC:blue"), "error_model", relative=True),
+                  (SIGNAL, DISTANCE))
+DECISION_GRID_PCT = np.arange(80.0, 95.001, 0.1)  # where a fold's < 90 % threshold is looked for
+
+
+def decision_thresholds(w: dict[str, Any], m: Method, cache: Cache | None = None) -> np.ndarray:
+    """Per window, its fold's threshold for the SpO2 < 90 % decision (estimate < threshold):
+    the equal-error point (sensitivity = specificity) of the training subjects' own held-out
+    estimates (each from m's line fitted on the other training subjects, every window past the
+    baseline). A least-squares line pulls estimates towards the mean (high SpO2 reads low, low
+    reads high), so "estimate < 90" is not the decision that best tells SpO2 < 90; the threshold
+    that does is part of a sensor type's calibration, fitted like the line without the subject
+    scored. Returns an array of thresholds (%), one per window (NaN where no fold holds it)."""
+    cache = {} if cache is None else cache
+    ref, subject = w["ref_spo2"], w["subject"]
+    x = features(w, m, cache)
+    usable = np.isfinite(x).all(axis=1) & np.isfinite(ref) & ~_baseline(w, m)
+    out = np.full(len(ref), np.nan)
+    for s in sorted(set(subject.tolist())):
+        train = usable & (subject != s)
+        held_out = np.full(len(ref), np.nan)
+        for s2 in sorted(set(subject[train].tolist())):
+            inner = train & (subject == s2)
+            beta = _line(x, ref, train & ~inner)
+            held_out[inner] = beta[0] + x[inner] @ beta[1:]
+        e, low = held_out[train], ref[train] < 90.0
+        sens = (e[low][None, :] < DECISION_GRID_PCT[:, None]).mean(axis=1)
+        spec = (e[~low][None, :] >= DECISION_GRID_PCT[:, None]).mean(axis=1)
+        out[subject == s] = DECISION_GRID_PCT[int(np.argmin(np.abs(sens - spec)))]
+    return out
+
+
+def two_wavelength(w: dict[str, Any], method: tuple[Method, tuple[str, ...]] = TWO_WAVELENGTH) -> dict[str, Any]:
+    """The declared two-wavelength estimator (TWO_WAVELENGTH), leave one subject out with its
+    learnt quality (_loso_error_model): the usual scores, Arms by quarter of predicted error, per
+    decade, and the < 90 % decision at each fold's threshold (decision_thresholds) beside the one at
+    90 %."""
+    m, kinds = method
+    cache: Cache = {}
+    est, shown, predicted = _loso_error_model(w, m, cache, kinds)
+    ref = w["ref_spo2"]
+    err = est - ref
+    ok = np.isfinite(predicted) & np.isfinite(err) & ~_baseline(w, m)
+    threshold = decision_thresholds(w, m, cache)
+    sens, spec = _sens_spec(est < threshold, ref < 90.0, shown)
+    return dict(label=m.label, error_from=list(kinds),
+                **_scores(w, est, shown, -np.nan_to_num(predicted, nan=np.inf)),
+                arms_by_band_pct=_arms_by_band(err, predicted, ok),
+                arms_by_decade_pct={"%d-%d" % (lo, min(hi, 100)): _arms(err[shown & (ref >= lo) & (ref < hi)])
+                                    for lo, hi in DECADES},
+                decision_threshold_pct=sorted({round(float(t), 1) for t in threshold[np.isfinite(threshold)]}),
+                below_90_at_threshold_sensitivity=sens, below_90_at_threshold_specificity=spec)
 
 
 def learnt_candidates(methods: tuple[Method, ...] = METHODS) -> tuple[tuple[Method, tuple[str, ...]], ...]:
@@ -643,4 +706,38 @@ def report(c: dict[str, Any]) -> list[str]:
                      "<= %d %% there): %s" % ("", " / ".join(str(a) for a in ch["arms_by_band_pct"]),
                                              100 * WITHHELD_GOAL,
                                              "; ".join("%s %s" % kv for kv in ch["chosen"].items())))
+        if em.get("two_wavelength"):
+            lines += report_two_wavelength(em["two_wavelength"])
     return lines
+
+
+def report_two_wavelength(t: dict[str, Any]) -> list[str]:
+    """The declared two-wavelength estimator's lines, with whether the issue's goals are met."""
+    met = dict(arms=t["arms_shown_pct"] is not None and t["arms_shown_pct"] <= 5.0,
+               arms_70_100=t["arms_shown_70_100_pct"] is not None and t["arms_shown_70_100_pct"] <= 5.0,
+               withheld=t["withheld_fraction"] <= WITHHELD_GOAL,
+               decision=((t["below_90_at_threshold_sensitivity"] or 0) >= 0.81
+                         and (t["below_90_at_threshold_specificity"] or 0) >= 0.79),
+               quality=(t["arms_best_quality_half_pct"] is not None and t["arms_worst_quality_half_pct"] is not None
+                        and t["arms_best_quality_half_pct"] <= t["arms_worst_quality_half_pct"] - 0.5))
+    return [
+        "Declared before scoring, nothing chosen among lines (the estimator a red/IR sensor gets): %s; q: %s" % (
+            t["label"], " + ".join(t["error_from"])),
+        "  Arms %s %% shown (%s %% over 70-100; per decade %s), MAE %s %%, %.1f %% withheld; best / worst quality "
+        "half %s / %s %%; by quarter of predicted error %s %%" % (
+            t["arms_shown_pct"], t["arms_shown_70_100_pct"],
+            ", ".join("%s %s" % kv for kv in t["arms_by_decade_pct"].items()), t["mean_abs_error_shown_pct"],
+            100 * t["withheld_fraction"], t["arms_best_quality_half_pct"], t["arms_worst_quality_half_pct"],
+            " / ".join(str(a) for a in t["arms_by_band_pct"])),
+        "  SpO2 < 90 %%: estimate < 90: sensitivity %.1f %%, specificity %.1f %%; estimate < the fold's threshold "
+        "(equal-error point of the training subjects' held-out estimates: %s %%): sensitivity %.1f %%, "
+        "specificity %.1f %%" % (
+            100 * (t["below_90_sensitivity"] or 0), 100 * (t["below_90_specificity"] or 0),
+            ", ".join(str(v) for v in t["decision_threshold_pct"]),
+            100 * (t["below_90_at_threshold_sensitivity"] or 0), 100 * (t["below_90_at_threshold_specificity"] or 0)),
+        "  mean error per left-out subject: %s" % ", ".join(
+            "%s %s" % (k, "all withheld" if v is None else "%+.1f" % v) for k, v in t["bias_by_subject_pct"].items()),
+        "  goals: Arms <= 5 %% shown %s (over 70-100: %s); <= 20 %% withheld %s; < 90 %% >= 81 / 79 %% %s; "
+        "best quality half clearly (0.5 point) below the worst %s" % tuple(
+            "met" if met[k] else "NOT met" for k in ("arms", "arms_70_100", "withheld", "decision", "quality")),
+    ]

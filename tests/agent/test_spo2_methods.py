@@ -167,3 +167,34 @@ def test_the_estimator_chosen_with_a_learnt_quality_reads_no_subject_s_own_refer
     assert np.allclose(est[in_c], est2[in_c]) and np.allclose(predicted[in_c], predicted2[in_c])
     assert (shown[in_c] == shown2[in_c]).all() and shown[in_c].any()
     assert not np.allclose(est[~in_c], est2[~in_c])  # the others' lines did use it
+
+
+def test_the_fold_s_below_90_threshold_undoes_the_pull_to_the_mean_without_reading_the_subject_scored() -> None:
+    # With R noisy in a third of the windows, a least-squares line reads high SpO2 low and low SpO2
+    # high (towards the mean): "estimate < 90" then calls too many windows low. The fold's
+    # threshold, from the training subjects' held-out estimates, sits under 90 and balances the
+    # decision; moving subject C's reference leaves C's threshold where it was.
+    w, _ = _noisy_windows()
+    relative = bm.Method("relative", ("logR:red/blue",), "error_model", relative=True, smooth=False)
+    threshold = bm.decision_thresholds(w, relative)
+    assert np.isfinite(threshold).all() and (threshold < 90.0).all(), sorted(set(threshold.tolist()))
+    est, shown, _ = bm._loso_error_model(w, relative, {}, (bm.SIGNAL,))
+    low = w["ref_spo2"] < 90.0
+    sens_90, spec_90 = bm._sens_spec(est < 90.0, low, shown)
+    sens_t, spec_t = bm._sens_spec(est < threshold, low, shown)
+    assert sens_90 is not None and spec_90 is not None and sens_t is not None and spec_t is not None
+    assert abs(sens_t - spec_t) < abs(sens_90 - spec_90), (sens_90, spec_90, sens_t, spec_t)
+    in_c = w["subject"] == "C"
+    w2 = dict(w, ref_spo2=np.where(in_c, 60.0, w["ref_spo2"]))
+    threshold2 = bm.decision_thresholds(w2, relative)
+    assert np.allclose(threshold[in_c], threshold2[in_c])
+    assert not np.allclose(threshold[~in_c], threshold2[~in_c])  # the others' folds did use it
+
+
+def test_the_two_wavelength_estimator_is_scored_with_every_goal_named() -> None:
+    w, _ = _noisy_windows()
+    t = bm.two_wavelength(w, (bm.Method("relative", ("logR:red/blue", "logDC:red", "logDC:blue"), "error_model",
+                                        relative=True, smooth=False), (bm.SIGNAL,)))
+    assert t["arms_shown_pct"] is not None and 0.0 < t["withheld_fraction"] < 1.0
+    lines = bm.report_two_wavelength(t)
+    assert "goals:" in lines[-1] and lines[-1].count("met") == 5, lines[-1]
