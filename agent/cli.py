@@ -398,11 +398,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if snap.get("status_page", "on") != "on":
         print("  status page " + snap["status_page"])
     page = snap.get("status_page_clients") or {}
-    if page.get("wrong_passwords") or page.get("connections_refused") or page.get("connections_timed_out"):
+    if any(page.get(k) for k in ("wrong_passwords", "connections_refused", "connections_timed_out",
+                                 "malformed_requests")):
         print("  status page: %d wrong passwords, %d lockouts (%d clients locked now), %d connections refused "
-              "over the limits, %d cut for half-sent requests" % (
+              "over the limits, %d cut for half-sent requests, %d malformed requests answered 400" % (
                   page["wrong_passwords"], page["lockouts"], page["locked_clients"], page["connections_refused"],
-                  page["connections_timed_out"]))
+                  page["connections_timed_out"], page.get("malformed_requests", 0)))
     return 0
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.errors import PulsebridgeError
 from agent.ota import progress as ota_progress
@@ -225,8 +226,9 @@ class ConnectionLimits:
     total: int = 0
     refused: int = 0
     timed_out: int = 0
+    malformed: int = 0  # requests the HTTP parser refused (answered 400)
     clock: Clock = time.monotonic
-    _logged: tuple[float, int, int] | None = None  # when, refused, timed_out at the last log line
+    _logged: tuple[float, int, int, int] | None = None  # when, refused, timed_out, malformed at the last log line
 
     def admit(self, client: str) -> bool:
         if self.total >= self.max_total or self.open.get(client, 0) >= self.max_per_client:
@@ -238,21 +240,51 @@ class ConnectionLimits:
         return True
 
     def tell(self, client: str) -> None:
-        """Logs the connections refused and cut since the last line, at most every LIMITS_LOG_EVERY_S."""
+        """Logs the connections refused and cut and the malformed requests since the last line, at most
+        every LIMITS_LOG_EVERY_S."""
         now = self.clock()
-        at, refused, timed_out = self._logged or (now - LIMITS_LOG_EVERY_S, 0, 0)
+        at, refused, timed_out, malformed = self._logged or (now - LIMITS_LOG_EVERY_S, 0, 0, 0)
         if now - at < LIMITS_LOG_EVERY_S:
             return
-        self._logged = (now, self.refused, self.timed_out)
-        log.warning("status page: %d connections refused over the limits (%d per address, %d in all) and %d cut "
-                    "for half-sent requests since the last report; the latest from %s", self.refused - refused,
-                    self.max_per_client, self.max_total, self.timed_out - timed_out, client)
+        self._logged = (now, self.refused, self.timed_out, self.malformed)
+        log.warning("status page: %d connections refused over the limits (%d per address, %d in all), %d cut "
+                    "for half-sent requests and %d malformed requests answered 400 since the last report; the "
+                    "latest from %s", self.refused - refused, self.max_per_client, self.max_total,
+                    self.timed_out - timed_out, self.malformed - malformed, client)
 
     def release(self, client: str) -> None:
         self.total -= 1
         n = self.open.pop(client, 1) - 1
         if n:
             self.open[client] = n
+
+
+class _CountMalformed(logging.Filter):
+    """On the page's aiohttp server logger: a request its parser refused (a header line over 8190
+    bytes, a control character in a header: answered 400) is counted in the limits and told with
+    them, not logged at ERROR with its traceback (anyone on the network could fill the log so).
+    Any other error (a handler's bug: a 500) is logged as aiohttp logs it."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        super().__init__()
+        self.limits = limits
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError) or exc.code != 400:
+            return True
+        self.limits.malformed += 1
+        self.limits.tell(client_of(str(record.args[0])) if isinstance(record.args, tuple) and record.args else "")
+        return False
+
+
+def _server_logger(limits: ConnectionLimits) -> logging.Logger:
+    """aiohttp's server logger for one page: a child of this module's log, with _CountMalformed (a
+    logger of its own, not the shared "aiohttp.server", so each page counts into its own limits)."""
+    logger = logging.Logger(log.name + ".http")
+    logger.parent = log
+    logger.addFilter(_CountMalformed(limits))
+    return logger
 
 
 class _Guarded(asyncio.Protocol):
@@ -496,7 +528,7 @@ class StatusPage:
         return {"wrong_passwords": self.passwords.failures, "lockouts": self.passwords.lockouts,
                 "locked_clients": self.passwords.locked_now(), "refused_while_locked": self.passwords.refused_locked,
                 "connections": self.limits.total, "connections_refused": self.limits.refused,
-                "connections_timed_out": self.limits.timed_out}
+                "connections_timed_out": self.limits.timed_out, "malformed_requests": self.limits.malformed}
 
     @web.middleware
     async def guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -556,7 +588,8 @@ class StatusPage:
         app.router.add_get("/api/text", self.api_text)
         app.router.add_get("/api/status", self.api_status)
         app.router.add_get("/api/wave", self.api_wave)
-        self.runner = web.AppRunner(app, access_log=None, keepalive_timeout=self.limits.idle_timeout_s)
+        self.runner = web.AppRunner(app, access_log=None, keepalive_timeout=self.limits.idle_timeout_s,
+                                    logger=_server_logger(self.limits))
         await self.runner.setup()
         inner = self.runner.server
         assert inner is not None

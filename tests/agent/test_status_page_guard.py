@@ -368,3 +368,40 @@ def test_responses_allow_no_inline_script_and_show_no_version() -> None:
     assert "<style" not in html and " style=" not in html and "onclick" not in html
     assert seen["static/page.js"][1]["Content-Type"].startswith("application/javascript")
     assert seen["escape"] == 404
+
+
+def test_malformed_requests_are_counted_not_logged_with_a_traceback_each(caplog: pytest.LogCaptureFixture) -> None:
+    # Before: each request the HTTP parser refused (a header line over 8190 bytes, a header name with a
+    # control character) logged "Error handling request" at ERROR with a 10-line traceback: anyone on
+    # the local network, without the password, could write the hub's log at will.
+    bad = [b"GET / HTTP/1.1\r\nHost: hub\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+           b"GET /api/" + b"%1b" * 3000 + b" HTTP/1.1\r\nHost: hub\r\n\r\n",
+           b"GET / HTTP/1.1\r\nHo\x01st: hub\r\n\r\n"] * 10
+
+    async def scenario() -> dict[str, Any]:
+        limits = ConnectionLimits()
+        page = StatusPage(_facts, lambda d, s: {"values": []}, PASSWORD, limits=limits)
+        port = await page.start("127.0.0.1", 0)
+        try:
+            answers = []
+            for request in bad:
+                reader, writer = await _half_sent(port, "127.0.0.1", request)
+                async with asyncio.timeout(30):
+                    answers.append((await reader.read()).split(b"\r\n")[0])
+                writer.close()
+            async with _session("127.0.0.2") as owner:
+                async with owner.get("http://127.0.0.1:%d/api/status" % port, headers=_auth(PASSWORD)) as r:
+                    owner_status = r.status
+            return {"answers": answers, "owner": owner_status, "stats": page.stats()}
+        finally:
+            await page.stop()
+
+    with caplog.at_level(logging.DEBUG):
+        seen = asyncio.run(scenario())
+    assert [a.split(b" ", 1)[1] for a in seen["answers"]] == [b"400 Bad Request"] * len(bad), seen
+    assert seen["owner"] == 200, seen
+    assert seen["stats"]["malformed_requests"] == len(bad), seen
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [r for r in loud if r.exc_info], [r.getMessage() for r in loud]
+    assert len(loud) == 1 and "1 malformed requests answered 400" in loud[0].getMessage(), \
+        [r.getMessage() for r in loud]
