@@ -368,8 +368,9 @@ def _pair_table() -> npt.NDArray[np.int64]:
     z = np.where(before >= 0x80, (before & 0x7F) | (byte << 7), byte)
     delta = (z >> 1) ^ -(z & 1)
     wide = (delta < -128) | (delta > 127)
-    return ((delta & 0xFFFF) | (two.astype(np.int64) << _PAIR_TWO_BYTES_BIT)
-            | (wide.astype(np.int64) << _PAIR_WIDE_BIT)).astype(np.int64)
+    table: npt.NDArray[np.int64] = ((delta & 0xFFFF) | (two.astype(np.int64) << _PAIR_TWO_BYTES_BIT)
+                                    | (wide.astype(np.int64) << _PAIR_WIDE_BIT)).astype(np.int64)
+    return table
 
 
 _PAIR_TWO_BYTES_BIT = 28
