@@ -487,65 +487,100 @@ def error_model(w: dict[str, Any], methods: tuple[tuple[Method, tuple[str, ...]]
     return out
 
 
-# The estimator a two-wavelength sensor gets (the camera's red and blue playing a MAX30102's red
-# and IR), declared before it was scored and chosen on nothing: a relative line on every feature
-# such a sensor gives of itself (the ratio of ratios, the red light, the IR light), its quality
-# learnt from the signal and the distance from rest. Every line the bench picks among (the chosen
-# per fold above) brings its own overfit on six people; a choice among the table's lines made in
-# each fold by five subjects picks, for the sixth, the one that suits the five (subject 100001:
-# the red light alone, +6 % on it); this one has nothing to pick.
-TWO_WAVELENGTH = (Method("two wavelengths: R/B ratio, red and blue light, relative",
-                         ("logR:red/blue", "logDC:red", "logDC:blue"), "error_model", relative=True),
-                  (SIGNAL, DISTANCE))
+# The estimator a two-wavelength sensor gets, the agent's own (agent/vitals/spo2_relative.py; the
+# camera's red and blue playing a MAX30102's red and IR): a relative line on every feature such a
+# sensor gives of itself (the ratio of ratios, the red light, the IR light), its quality learnt
+# from the signal and the distance from rest. Fixed before it was scored here (its family, the
+# relative light, came from the table above): nothing is picked among lines. Each line the bench
+# picks among (chosen per fold above) brings its own overfit on six people: a choice made in each
+# fold by five subjects picks, for the sixth, what suits the five (subject 100001: the red light
+# alone, +6 % on it); this one has nothing to pick.
+TWO_WAVELENGTH_LABEL = "the agent's relative estimator (R/B ratio, red and blue light; quality learnt)"
 DECISION_GRID_PCT = np.arange(80.0, 95.001, 0.1)  # where a fold's < 90 % threshold is looked for
 
 
-def decision_thresholds(w: dict[str, Any], m: Method, cache: Cache | None = None) -> np.ndarray:
-    """Per window, its fold's threshold for the SpO2 < 90 % decision (estimate < threshold):
-    the equal-error point (sensitivity = specificity) of the training subjects' own held-out
-    estimates (each from m's line fitted on the other training subjects, every window past the
-    baseline). A least-squares line pulls estimates towards the mean (high SpO2 reads low, low
-    reads high), so "estimate < 90" is not the decision that best tells SpO2 < 90; the threshold
-    that does is part of a sensor type's calibration, fitted like the line without the subject
-    scored. Returns an array of thresholds (%), one per window (NaN where no fold holds it)."""
-    cache = {} if cache is None else cache
-    ref, subject = w["ref_spo2"], w["subject"]
-    x = features(w, m, cache)
-    usable = np.isfinite(x).all(axis=1) & np.isfinite(ref) & ~_baseline(w, m)
-    out = np.full(len(ref), np.nan)
+def fit_relative_calibration(figures: np.ndarray, ref: np.ndarray, subject: np.ndarray, train: np.ndarray
+                             ) -> Any:
+    """A sensor type's RelativeCalibration (agent.vitals.spo2_relative) from the windows `train`
+    (rows of its FIGURES, NaN while a placement's reference is taken), as _loso_error_model fits:
+    the expected-error model on each training subject's errors from a line fitted without it; the
+    ceiling withholding WITHHELD_GOAL of the training windows (the reference minute counted) by the
+    errors predicted for each subject by a model fitted without it; the line on the windows under
+    the ceiling; the < 90 % threshold at the equal-error point (sensitivity = specificity) of the
+    training subjects' own held-out estimates (a least-squares line reads low SpO2 high and high
+    SpO2 low, so "estimate < 90" is not the decision that best tells SpO2 < 90)."""
+    from agent.vitals.spo2_relative import FEATURES, RelativeCalibration
+
+    k = len(FEATURES)
+    x, q = figures[:, :k], figures[:, k:]
+    usable = np.isfinite(figures).all(axis=1) & np.isfinite(ref)
+    fit = train & usable
+
+    def held_out(among: np.ndarray) -> np.ndarray:
+        # Each subject's estimates among `among` from a line fitted on the others there.
+        out = np.full(len(ref), np.nan)
+        for s in sorted(set(subject[among].tolist())):
+            inner = among & (subject == s)
+            beta = _line(x, ref, among & ~inner)
+            out[inner] = beta[0] + x[inner] @ beta[1:]
+        return out
+
+    def error_model(among: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        e = np.abs(held_out(among) - ref)
+        mu, sd = q[among].mean(axis=0), q[among].std(axis=0)
+        sd[sd == 0] = 1.0
+        z = np.column_stack([(np.nan_to_num(q) - mu) / sd, np.ones(len(ref))])
+        coef, *_ = np.linalg.lstsq(z[among], e[among], rcond=None)
+        return mu, sd, coef
+
+    def predict(model: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+        mu, sd, coef = model
+        return np.asarray(((np.nan_to_num(q) - mu) / sd) @ coef[:-1] + coef[-1])
+
+    unseen = np.full(len(ref), np.nan)
+    for s in sorted(set(subject[fit].tolist())):
+        inner = fit & (subject == s)
+        unseen[inner] = predict(error_model(fit & ~inner))[inner]
+    f_reference = 1.0 - float(usable[train].mean())
+    share = max(0.0, (WITHHELD_GOAL - f_reference) / (1.0 - f_reference))
+    ceiling = float(np.quantile(unseen[fit], 1.0 - share))
+    beta = _line(x, ref, fit & (unseen <= ceiling))
+    mu, sd, coef = error_model(fit)
+    e, low = held_out(fit)[fit], ref[fit] < 90.0
+    sens = (e[low][None, :] < DECISION_GRID_PCT[:, None]).mean(axis=1)
+    spec = (e[~low][None, :] >= DECISION_GRID_PCT[:, None]).mean(axis=1)
+    threshold = float(DECISION_GRID_PCT[int(np.argmin(np.abs(sens - spec)))])
+    return RelativeCalibration(float(beta[0]), tuple(float(b) for b in beta[1:]), tuple(float(v) for v in mu),
+                               tuple(float(v) for v in sd), tuple(float(v) for v in coef), ceiling,
+                               round(threshold, 1))
+
+
+def two_wavelength(w: dict[str, Any]) -> dict[str, Any]:
+    """The agent's relative estimator, leave one subject out: each fold's RelativeCalibration
+    fitted on the other subjects (fit_relative_calibration), the subject scored estimated by the
+    agent's own spo2_relative.estimate on its rows of FIGURES (w["relative_figures"], made by the
+    agent's PlacementFigures as _camera_windows ran each recording). The usual scores, Arms by
+    quarter of expected error and per decade, and the < 90 % decision at each fold's threshold
+    beside the one at 90 %."""
+    from agent.vitals.spo2_relative import estimate
+
+    ref, subject, figures = w["ref_spo2"], w["subject"], w["relative_figures"]
+    est, expected = np.full(len(ref), np.nan), np.full(len(ref), np.nan)
+    shown, threshold = np.zeros(len(ref), dtype=bool), np.full(len(ref), np.nan)
     for s in sorted(set(subject.tolist())):
-        train = usable & (subject != s)
-        held_out = np.full(len(ref), np.nan)
-        for s2 in sorted(set(subject[train].tolist())):
-            inner = train & (subject == s2)
-            beta = _line(x, ref, train & ~inner)
-            held_out[inner] = beta[0] + x[inner] @ beta[1:]
-        e, low = held_out[train], ref[train] < 90.0
-        sens = (e[low][None, :] < DECISION_GRID_PCT[:, None]).mean(axis=1)
-        spec = (e[~low][None, :] >= DECISION_GRID_PCT[:, None]).mean(axis=1)
-        out[subject == s] = DECISION_GRID_PCT[int(np.argmin(np.abs(sens - spec)))]
-    return out
-
-
-def two_wavelength(w: dict[str, Any], method: tuple[Method, tuple[str, ...]] = TWO_WAVELENGTH) -> dict[str, Any]:
-    """The declared two-wavelength estimator (TWO_WAVELENGTH), leave one subject out with its
-    learnt quality (_loso_error_model): the usual scores, Arms by quarter of predicted error, per
-    decade, and the < 90 % decision at each fold's threshold (decision_thresholds) beside the one at
-    90 %."""
-    m, kinds = method
-    cache: Cache = {}
-    est, shown, predicted = _loso_error_model(w, m, cache, kinds)
-    ref = w["ref_spo2"]
+        test = subject == s
+        cal = fit_relative_calibration(figures, ref, subject, ~test)
+        e, x, sh = estimate(cal, figures[test])
+        est[test], expected[test], shown[test], threshold[test] = e, x, sh, cal.below_90_threshold_pct
     err = est - ref
-    ok = np.isfinite(predicted) & np.isfinite(err) & ~_baseline(w, m)
-    threshold = decision_thresholds(w, m, cache)
+    ok = np.isfinite(expected) & np.isfinite(err)
     sens, spec = _sens_spec(est < threshold, ref < 90.0, shown)
-    return dict(label=m.label, error_from=list(kinds),
-                **_scores(w, est, shown, -np.nan_to_num(predicted, nan=np.inf)),
-                arms_by_band_pct=_arms_by_band(err, predicted, ok),
+    return dict(label=TWO_WAVELENGTH_LABEL, **_scores(w, est, shown, -np.nan_to_num(expected, nan=np.inf)),
+                arms_by_band_pct=_arms_by_band(err, expected, ok),
                 arms_by_decade_pct={"%d-%d" % (lo, min(hi, 100)): _arms(err[shown & (ref >= lo) & (ref < hi)])
                                     for lo, hi in DECADES},
-                decision_threshold_pct=sorted({round(float(t), 1) for t in threshold[np.isfinite(threshold)]}),
+                withheld_below_80=round(1.0 - float(shown[ok & (ref < 80.0)].mean()), 3),
+                decision_threshold_pct=sorted({float(t) for t in threshold[np.isfinite(threshold)]}),
                 below_90_at_threshold_sensitivity=sens, below_90_at_threshold_specificity=spec)
 
 
@@ -721,14 +756,14 @@ def report_two_wavelength(t: dict[str, Any]) -> list[str]:
                quality=(t["arms_best_quality_half_pct"] is not None and t["arms_worst_quality_half_pct"] is not None
                         and t["arms_best_quality_half_pct"] <= t["arms_worst_quality_half_pct"] - 0.5))
     return [
-        "Declared before scoring, nothing chosen among lines (the estimator a red/IR sensor gets): %s; q: %s" % (
-            t["label"], " + ".join(t["error_from"])),
-        "  Arms %s %% shown (%s %% over 70-100; per decade %s), MAE %s %%, %.1f %% withheld; best / worst quality "
-        "half %s / %s %%; by quarter of predicted error %s %%" % (
+        "Nothing chosen among lines (the estimator a red/IR sensor gets, fixed before it was scored): %s, leave "
+        "one subject out, scored by the agent's own code (agent/vitals/spo2_relative.py)" % t["label"],
+        "  Arms %s %% shown (%s %% over 70-100; per decade %s), MAE %s %%, %.1f %% withheld (%.1f %% of the windows "
+        "under 80 %%); best / worst quality half %s / %s %%; by quarter of expected error %s %%" % (
             t["arms_shown_pct"], t["arms_shown_70_100_pct"],
             ", ".join("%s %s" % kv for kv in t["arms_by_decade_pct"].items()), t["mean_abs_error_shown_pct"],
-            100 * t["withheld_fraction"], t["arms_best_quality_half_pct"], t["arms_worst_quality_half_pct"],
-            " / ".join(str(a) for a in t["arms_by_band_pct"])),
+            100 * t["withheld_fraction"], 100 * t["withheld_below_80"], t["arms_best_quality_half_pct"],
+            t["arms_worst_quality_half_pct"], " / ".join(str(a) for a in t["arms_by_band_pct"])),
         "  SpO2 < 90 %%: estimate < 90: sensitivity %.1f %%, specificity %.1f %%; estimate < the fold's threshold "
         "(equal-error point of the training subjects' held-out estimates: %s %%): sensitivity %.1f %%, "
         "specificity %.1f %%" % (

@@ -239,6 +239,7 @@ def _camera_windows(folder: Path) -> dict[str, Any]:
     stretches (SignalIndices)."""
     from agent.dev.bench_spo2_methods import SignalIndices
     from agent.vitals.spo2 import WINDOW_S, OximetryEstimator
+    from agent.vitals.spo2_relative import FIGURES, PlacementFigures
 
     win = int(WINDOW_S)
     indices = SignalIndices(CAMERA_FS)
@@ -246,15 +247,22 @@ def _camera_windows(folder: Path) -> dict[str, Any]:
                                   "dc": [], "snr": [], "beat_spread": [], "perfusion": [], "light_motion": []}
     per_pair: dict[str, dict[str, list[float]]] = {p: {"ratio": [], "quality": []} for p in CAMERA_PAIRS}
     pulse: dict[str, list[float]] = {"rate": [], "quality": []}
+    relative: list[np.ndarray] = []
     for subject, hand, rgb, spo2, ref_pulse in _camera_recordings(folder):
         seconds = min(len(spo2), len(rgb) // CAMERA_FS)
         ests = {p: OximetryEstimator(CAMERA_FS) for p in CAMERA_PAIRS}
+        placement = PlacementFigures()  # the agent's relative estimator's figures, red/blue, as the agent runs it
         for k in range(seconds):
             frame = rgb[k * CAMERA_FS:(k + 1) * CAMERA_FS]
             for p, (a, b) in CAMERA_PAIRS.items():
                 ests[p].push(frame[:, a], frame[:, b])
-            if k + 1 < win or np.all(np.isnan(spo2[k + 1 - win:k + 1])):
+            if k + 1 < win:
                 continue
+            rb = ests["red/blue"].estimate()
+            figures = placement.observe(rb, float(k + 1))
+            if np.all(np.isnan(spo2[k + 1 - win:k + 1])):
+                continue
+            relative.append(figures)
             cols["subject"].append(subject)
             cols["recording"].append(subject + " " + hand)
             cols["second"].append(k + 1)
@@ -269,7 +277,7 @@ def _camera_windows(folder: Path) -> dict[str, Any]:
             cols["ref_pulse"].append(float(np.nanmedian(ref_pulse[k + 1 - win:k + 1]))
                                      if not np.all(np.isnan(ref_pulse[k + 1 - win:k + 1])) else np.nan)
             for p in CAMERA_PAIRS:
-                r = ests[p].estimate()
+                r = rb if p == "red/blue" else ests[p].estimate()
                 per_pair[p]["ratio"].append(r.ratio if r.ratio is not None else np.nan)
                 per_pair[p]["quality"].append(r.quality)
                 if p == "red/blue":
@@ -282,7 +290,8 @@ def _camera_windows(folder: Path) -> dict[str, Any]:
             "light_motion": np.array(cols["light_motion"]).reshape(-1, 3),
             "beat_spread": {p: np.array([d[p] for d in cols["beat_spread"]]) for p in CAMERA_PAIRS},
             "pairs": {p: {k: np.array(v) for k, v in d.items()} for p, d in per_pair.items()},
-            "pulse": {k: np.array(v) for k, v in pulse.items()}}
+            "pulse": {k: np.array(v) for k, v in pulse.items()},
+            "relative_figures": np.array(relative).reshape(-1, len(FIGURES))}
 
 
 def _fit(ratio: np.ndarray, ref: np.ndarray) -> tuple[float, float]:

@@ -87,6 +87,11 @@ class Oximetry:
     quality: float  # 0..1: the lower of the red/IR pulse correlation and R's consistency (module docstring)
     ratio: float | None
     pulse_quality: float = 0.0  # 0..1: how clearly the pulse repeats at the period taken (the rate's quality)
+    # The window's own figures (red, IR), for a relative estimate and its learnt quality
+    # (agent.vitals.spo2_relative); None before a full window or without light:
+    light: tuple[float, float] | None = None  # mean light over the window (the sensor's units)
+    perfusion: tuple[float, float] | None = None  # RMS of AC/DC (the band of the log of the light)
+    light_motion: tuple[float, float] | None = None  # SD of the log of the light less its pulse band
 
 
 def _local_maxima(x: np.ndarray) -> np.ndarray:
@@ -190,6 +195,8 @@ class OximetryEstimator:
         if sq_r == 0 or sq_i == 0:
             return Oximetry(None, None, None, 0.0, None)
         rms_r, rms_i = np.sqrt(sq_r / len(ac_r)), np.sqrt(sq_i / len(ac_i))
+        figures = dict(light=(float(self.red.mean()), float(self.ir.mean())), perfusion=(float(rms_r), float(rms_i)),
+                       light_motion=(float(np.std(np.log(self.red) - ac_r)), float(np.std(np.log(self.ir) - ac_i))))
         corr = max(0.0, float(np.dot(ac_r, ac_i) / np.sqrt(sq_r * sq_i)))
         period_s, pulse_q = pulse_period(ac_r / rms_r + ac_i / rms_i, self.fs, expected_period_s)
         rate = round(60.0 / float(period_s), 1) if period_s is not None and pulse_q >= MIN_PERIODICITY else None
@@ -199,9 +206,9 @@ class OximetryEstimator:
         p5, p95 = np.partition(ac_i, [k, len(ac_i) - 1 - k])[[k, len(ac_i) - 1 - k]]
         pi = round(100.0 * float(p95 - p5), 2)
         if quality < MIN_QUALITY:
-            return Oximetry(None, rate, pi, quality, ratio, pulse_q)
+            return Oximetry(None, rate, pi, quality, ratio, pulse_q, **figures)
         spo2 = max(0.0, min(100.0, self.cal[0] - self.cal[1] * ratio))
-        return Oximetry(round(spo2, 1), rate, pi, quality, ratio, pulse_q)
+        return Oximetry(round(spo2, 1), rate, pi, quality, ratio, pulse_q, **figures)
 
     def _consistency(self, ac_r: np.ndarray, ac_i: np.ndarray) -> float:
         # 1 - the standard deviation of log R over the window's SEGMENT_S stretches (0 when a

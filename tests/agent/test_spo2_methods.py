@@ -169,32 +169,45 @@ def test_the_estimator_chosen_with_a_learnt_quality_reads_no_subject_s_own_refer
     assert not np.allclose(est[~in_c], est2[~in_c])  # the others' lines did use it
 
 
-def test_the_fold_s_below_90_threshold_undoes_the_pull_to_the_mean_without_reading_the_subject_scored() -> None:
-    # With R noisy in a third of the windows, a least-squares line reads high SpO2 low and low SpO2
-    # high (towards the mean): "estimate < 90" then calls too many windows low. The fold's
-    # threshold, from the training subjects' held-out estimates, sits under 90 and balances the
-    # decision; moving subject C's reference leaves C's threshold where it was.
-    w, _ = _noisy_windows()
-    relative = bm.Method("relative", ("logR:red/blue",), "error_model", relative=True, smooth=False)
-    threshold = bm.decision_thresholds(w, relative)
-    assert np.isfinite(threshold).all() and (threshold < 90.0).all(), sorted(set(threshold.tolist()))
-    est, shown, _ = bm._loso_error_model(w, relative, {}, (bm.SIGNAL,))
-    low = w["ref_spo2"] < 90.0
-    sens_90, spec_90 = bm._sens_spec(est < 90.0, low, shown)
-    sens_t, spec_t = bm._sens_spec(est < threshold, low, shown)
-    assert sens_90 is not None and spec_90 is not None and sens_t is not None and spec_t is not None
-    assert abs(sens_t - spec_t) < abs(sens_90 - spec_90), (sens_90, spec_90, sens_t, spec_t)
+def _relative_figures(w: dict[str, Any], moving: np.ndarray) -> np.ndarray:
+    # Rows of the agent's FIGURES for the made-up windows: log R from rest as the relative
+    # feature (the lights steady), the quality figures saying which windows move.
+    from agent.vitals.spo2_relative import FIGURES
+
+    rows = np.zeros((len(w["ref_spo2"]), len(FIGURES)))
+    log_r = np.log(w["pairs"]["red/blue"]["ratio"])
+    for s in set(w["subject"].tolist()):
+        mine = w["subject"] == s
+        rows[mine, 0] = log_r[mine] - np.median(log_r[mine & (w["second"] <= bm.BASELINE_S)])
+    rows[:, FIGURES.index("log_motion_red")] = np.where(moving, np.log(0.05), np.log(0.005))
+    rows[:, FIGURES.index("distance_log_ratio")] = np.abs(rows[:, 0])
+    rows[w["second"] <= bm.BASELINE_S] = np.nan  # the reference minute: nothing to show
+    return rows
+
+
+def test_the_relative_calibration_s_fold_reads_no_subject_s_own_reference() -> None:
+    w, moving = _noisy_windows()
+    w["relative_figures"] = _relative_figures(w, moving)
     in_c = w["subject"] == "C"
+    cal = bm.fit_relative_calibration(w["relative_figures"], w["ref_spo2"], w["subject"], ~in_c)
     w2 = dict(w, ref_spo2=np.where(in_c, 60.0, w["ref_spo2"]))
-    threshold2 = bm.decision_thresholds(w2, relative)
-    assert np.allclose(threshold[in_c], threshold2[in_c])
-    assert not np.allclose(threshold[~in_c], threshold2[~in_c])  # the others' folds did use it
+    assert cal == bm.fit_relative_calibration(w2["relative_figures"], w2["ref_spo2"], w2["subject"], ~in_c)
+    assert cal != bm.fit_relative_calibration(w2["relative_figures"], w2["ref_spo2"], w2["subject"], ~(
+        w["subject"] == "A"))  # a fold that trains on C does read it
 
 
-def test_the_two_wavelength_estimator_is_scored_with_every_goal_named() -> None:
-    w, _ = _noisy_windows()
-    t = bm.two_wavelength(w, (bm.Method("relative", ("logR:red/blue", "logDC:red", "logDC:blue"), "error_model",
-                                        relative=True, smooth=False), (bm.SIGNAL,)))
-    assert t["arms_shown_pct"] is not None and 0.0 < t["withheld_fraction"] < 1.0
+def test_the_relative_estimator_withholds_the_moving_windows_and_its_threshold_undoes_the_pull_to_the_mean() -> None:
+    # With R noisy in a third of the windows (the light moving), a least-squares line reads high
+    # SpO2 low and low SpO2 high (towards the mean): "estimate < 90" calls too many windows low.
+    # The fold's threshold, from the training subjects' held-out estimates, sits under 90 and
+    # balances the decision; the expected error withholds the moving windows.
+    w, moving = _noisy_windows()
+    w["relative_figures"] = _relative_figures(w, moving)
+    t = bm.two_wavelength(w)
+    assert all(v < 90.0 for v in t["decision_threshold_pct"]), t["decision_threshold_pct"]
+    assert abs(t["below_90_at_threshold_sensitivity"] - t["below_90_at_threshold_specificity"]) < abs(
+        t["below_90_sensitivity"] - t["below_90_specificity"]), t
+    assert t["arms_best_quality_half_pct"] < 0.5 * t["arms_worst_quality_half_pct"], t
+    assert abs(t["withheld_fraction"] - bm.WITHHELD_GOAL) < 0.05, t
     lines = bm.report_two_wavelength(t)
     assert "goals:" in lines[-1] and lines[-1].count("met") == 5, lines[-1]
