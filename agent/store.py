@@ -133,6 +133,18 @@ INTEGRITY_CHECK_S = 20.0
 GAP_SETTLE_S = 120.0
 # How often the writer looks for holes in the boards' streams.
 GAP_SCAN_EVERY_S = 30.0
+# The quota, the file system's free space and the WAL's size are checked after a commit
+# (some 5 PRAGMAs, a statvfs and 2 stats: a fifth of a lone frame's commit) once this long
+# has passed since the last check, or at once if what was committed since might have used
+# up the room that check left (ROOM_* bound it). Whoever else fills the card is seen within it.
+HOUSEKEEP_EVERY_S = 1.0
+# A bound on what a commit can add to the store's pages, and as much again to its WAL:
+# each row's content twice over (overflow pages half used, a page split copying it), a
+# page a row and a page for each backend's outbox entry (the indexes' leaves, split at
+# worst), and 32 pages for the interior pages of the trees it touches.
+ROOM_CONTENT_FACTOR = 2
+ROOM_ROW_BYTES = PAGE_SIZE
+ROOM_COMMIT_BYTES = 32 * PAGE_SIZE
 # What a stored job's future holds when the store refused the frame and kept
 # it in quarantine instead: it is acknowledged (durably kept, counted,
 # reported) so that it cannot stall its board; it is not forwarded.
@@ -352,6 +364,10 @@ class Store:
         self.integrity_check_s = INTEGRITY_CHECK_S
         self.gap_settle_s = GAP_SETTLE_S
         self._gap_scan_at = 0.0
+        # What the last check of the quota, free space and WAL left to the commits after it
+        # (bytes; <= 0: check after the next commit), and when it was made (time.monotonic()).
+        self._room_bytes = 0
+        self._checked_at = float("-inf")
         # What the last start found and recovered, if the store was damaged (status, JSON-ready).
         self.recovery: dict[str, Any] | None = None
         # The storage fault commits are waiting on (None: none), and since when (UTC seconds).
@@ -760,7 +776,7 @@ class Store:
             if writes:
                 self._last_commit_at = time.monotonic()
             settled = self._commit(db, writes) if writes else []
-            if writes:
+            if writes and (self._room_bytes <= 0 or time.monotonic() - self._checked_at >= HOUSEKEEP_EVERY_S):
                 self._housekeep(db)
             for u in units:
                 if u.kind == "call":
@@ -849,10 +865,13 @@ class Store:
         return units
 
     def _housekeep(self, db: sqlite3.Connection) -> None:
-        # After commits (and when idle): the quota, the WAL's size, holes in the streams.
+        # After commits (HOUSEKEEP_EVERY_S, or once their room may be used up) and when idle:
+        # the quota, the WAL's size, holes in the streams.
         try:
+            self._room_bytes = 0  # a failed check is made again after the next commit
             self.enforce_quota(db)
             self._bound_wal(db)
+            self._room_bytes, self._checked_at = self._room(db), time.monotonic()
             if time.monotonic() >= self._gap_scan_at:
                 self._gap_scan_at = time.monotonic() + GAP_SCAN_EVERY_S
                 self.scan_gaps(db)
@@ -924,6 +943,9 @@ class Store:
         db.execute("BEGIN IMMEDIATE")
         windows: dict[str, Window | tuple[int, int, int]] = {}
         rows = []
+        quarantined = False
+        # What this commit may add to the pages (ROOM_*): the checks' room shrinks by it.
+        bound = ROOM_COMMIT_BYTES
         for job in batch:
             if job.kind == "ingest":
                 it: Ingest = job.args
@@ -934,6 +956,8 @@ class Store:
                     rows.append((it.device_id, it.epoch, it.seq, it.kind, it.stream, it.priority,
                                  now if it.received_at is None else it.received_at, it.t0_ms, it.t0_utc_ms,
                                  it.first_index, it.count, it.raw, info, it.samples))
+                    bound += ROOM_CONTENT_FACTOR * (len(it.raw) + len(info or "") + len(it.samples or b"")) \
+                        + ROOM_ROW_BYTES * (1 + len(self.backends))
                 results.append(None)
             elif job.kind == "quarantine":  # a frame the store refused, kept whole and acknowledged
                 it, reason = job.args
@@ -942,16 +966,21 @@ class Store:
                 db.execute("INSERT INTO quarantine(at, link, device_id, reason, raw) VALUES(?,?,?,?,?)",
                            (now, "store", it.device_id, reason, it.raw[:QUARANTINE_RAW_BYTES]))
                 _count(db, reason)
+                quarantined = True
+                bound += ROOM_CONTENT_FACTOR * QUARANTINE_RAW_BYTES + 2 * ROOM_ROW_BYTES
                 results.append(QUARANTINED)
             elif job.kind == "delivered":
                 backend, ids = job.args
                 db.executemany("DELETE FROM outbox WHERE backend=? AND frame_id=?", [(backend, i) for i in ids])
+                bound += ROOM_ROW_BYTES * len(ids)  # frees pages; writes them to the WAL
                 results.append(None)
             elif job.kind == "reject":
                 reason, link, device_id, raw = job.args
                 db.execute("INSERT INTO quarantine(at, link, device_id, reason, raw) VALUES(?,?,?,?,?)",
                            (now, link, device_id, reason, raw[:QUARANTINE_RAW_BYTES]))
                 _count(db, "reject:" + reason)
+                quarantined = True
+                bound += ROOM_CONTENT_FACTOR * QUARANTINE_RAW_BYTES + 2 * ROOM_ROW_BYTES
                 results.append(None)
             else:
                 raise AssertionError(job.kind)
@@ -963,7 +992,9 @@ class Store:
                        "ON CONFLICT(device_id) DO UPDATE SET "
                        "epoch=excluded.epoch, top=excluded.top, bitmap=excluded.bitmap, salt=excluded.salt",
                        (dev, w[0], w[1], _signed64(w[2]), salt))
-        db.execute("DELETE FROM quarantine WHERE id <= (SELECT MAX(id) FROM quarantine) - ?", (QUARANTINE_ROWS,))
+        if quarantined:
+            _trim_quarantine(db)
+        self._room_bytes -= bound
         db.execute("COMMIT")
         self.stats.commits += 1
         self.stats.ingested += ingested
@@ -1044,6 +1075,19 @@ class Store:
                 target = logical - min(FREE_SPACE_ROOM_BYTES, logical // 4)
                 budgets.append((max(target, self._live_bytes(db) - FREE_SPACE_STEP_BYTES), "disk_free"))
         return min(budgets) if budgets else None
+
+    def _room(self, db: sqlite3.Connection) -> int:
+        # Bytes commits may add (to the pages, and as much again to the WAL) before the quota,
+        # the free space kept or the WAL's bound is reached: the least of the three.
+        wal = self._wal_bytes()
+        room = 2 * self.wal_limit_bytes - wal  # _bound_wal's threshold
+        if self.quota_bytes:
+            room = min(room, self.quota_bytes - max(wal, self.wal_limit_bytes) - self._live_bytes(db))
+        if self.min_free_bytes:
+            pages, size = (db.execute("PRAGMA %s" % p).fetchone()[0] for p in ("page_count", "page_size"))
+            growth = max(0, pages * size - self.path.stat().st_size) + max(0, self.wal_limit_bytes - wal)
+            room = min(room, self.free_bytes() - growth - self.min_free_bytes)
+        return room // 2
 
     def enforce_quota(self, db: sqlite3.Connection) -> int:
         """Deletes the lowest-priority, oldest frames until the store fits the
@@ -1238,6 +1282,7 @@ class Store:
         db.execute("DELETE FROM outbox WHERE backend=? AND frame_id=?", (backend, frame_id))
         db.execute("INSERT INTO quarantine(at, link, device_id, reason, raw) VALUES(?,?,?,?,NULL)",
                    (time.time(), "backend:" + backend, device_id, reason))
+        _trim_quarantine(db)
         _count(db, "refused:" + backend)
         db.execute("COMMIT")
 
@@ -1396,6 +1441,11 @@ def _storage_fault(e: BaseException) -> bool:
                       sqlite3.DataError)):
         return False
     return isinstance(e, (sqlite3.DatabaseError, OSError, MemoryError))
+
+
+def _trim_quarantine(db: sqlite3.Connection) -> None:
+    # After a quarantine row is added: the oldest go once QUARANTINE_ROWS are kept.
+    db.execute("DELETE FROM quarantine WHERE id <= (SELECT MAX(id) FROM quarantine) - ?", (QUARANTINE_ROWS,))
 
 
 def _count(db: sqlite3.Connection, name: str, n: int = 1) -> None:

@@ -86,6 +86,53 @@ def test_quota_drops_oldest_raw_first_and_queues_gap_records(tmp_path: Path) -> 
         s.close()
 
 
+def _one_by_one(tmp: Path, quota: int, frames: int, raw_size: int) -> tuple[int, list[int]]:
+    # Frames committed one by one (as at a low rate): how many checks of the quota, free
+    # space and WAL followed a commit, and db_bytes - quota after each commit.
+    s = Store(tmp / "store.db", ["b1", "b2"], quota_bytes=quota, commit_interval_s=0)
+    checks = []
+    room = s._room
+    s._room = lambda db: checks.append(1) or room(db)  # type: ignore[method-assign]
+    s.start()
+    try:
+        db = s.reader()
+        over = []
+        for i in range(frames):
+            asyncio.run(s.ingest(_item(i, raw_size=raw_size)))
+            over.append(s.db_bytes(db) - quota)
+        assert s.stats.commits == frames
+        return len(checks), over
+    finally:
+        s.close()
+
+
+def test_commits_with_room_left_skip_the_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The quota, free space and WAL are checked after a commit only once what was committed
+    # since the last check might have used the room it left, or HOUSEKEEP_EVERY_S after it
+    # (made too long to matter here).
+    monkeypatch.setattr(store_mod, "HOUSEKEEP_EVERY_S", 3600.0)
+    checks, over = _one_by_one(tmp_path, 50_000_000, 200, 1500)
+    assert 0 < checks < 10, checks
+    assert max(over) < 0
+
+
+def test_the_quota_holds_between_checks_as_when_every_commit_is_checked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Near a small quota the room is small: checks come often, and what commits add between
+    # two is bounded (store.ROOM_*). The store stays within its quota, WAL counted, after each
+    # commit as well as it does when every commit is checked (the WAL may pass its limit by
+    # a transaction before SQLite starts it over: that overshoot is the same either way).
+    for every_s, where in ((0.0, "each"), (3600.0, "room")):
+        monkeypatch.setattr(store_mod, "HOUSEKEEP_EVERY_S", every_s)
+        (tmp_path / where).mkdir()
+        checks, over = _one_by_one(tmp_path / where, 1_000_000, 700, 1500)
+        if where == "each":
+            assert checks == 700
+            worst = max(over)
+        else:
+            assert checks < 700 and max(over) <= max(worst, 0), (checks, max(over), worst)
+
+
 def test_quota_drops_what_every_backend_has_before_what_is_still_on_its_way(tmp_path: Path) -> None:
     # Vitals travel ahead of a waveform backlog: delivered, they are kept
     # only for retention. Over the quota they make way before any waveform
