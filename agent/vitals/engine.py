@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from agent.record import FrameRecord
 from agent.vitals.alerts import AlertEngine, AlertEvent
 from agent.vitals.rpeak import RPeakDetector
 from agent.vitals.spo2 import OximetryEstimator
+from agent.vitals.spo2_relative import RELATIVE_CALIBRATION, RelativeCalibration, RelativeEstimate, RelativeOximetry
 from protocols import messages
 
 RR_BEATS = 8  # heart rate over the last 8 beats
@@ -30,11 +32,15 @@ AGREE_BPM = 10.0
 AGREE_FRACTION = 0.10
 CROSS_CHECK_AGE_S = 10.0
 DISAGREE_QUALITY_FACTOR = 0.5  # both qualities are halved while the two disagree
+PPG_SENSOR_TYPES = {messages.STREAM_PPG_MAX30102: "max30102"}  # a PPG stream's sensor type (its calibration)
 # What each vital is computed by (every forwarded vital names its method).
 METHODS = {
     "heart_rate": "ECG R-R intervals, streaming Pan-Tompkins detector, mean of the last %d beats" % RR_BEATS,
     "spo2": "PPG ratio of ratios, AC/DC sample by sample (band-passed log of the light), 8 s window, "
             "calibration curve of the sensor type; quality: red/IR pulse correlation and R's beat-to-beat consistency",
+    "spo2_relative": "PPG ratio of ratios and red and IR light, each the median of the last 30 s less its median over "
+                     "the placement's first 60 s, line of the sensor type; quality: the error expected from the "
+                     "signal's own figures (agent/vitals/spo2_relative.py)",
     "pulse_rate": "PPG autocorrelation period, checked against its multiples and sub-multiples, 8 s window",
     "pulse_rate_ecg": "PPG autocorrelation period, checked against its multiples and sub-multiples and "
                       "chosen nearest the same board's ECG R-R interval, 8 s window",
@@ -59,6 +65,12 @@ class _Ppg:
     epoch: int
     sources: deque[str] = field(default_factory=lambda: deque(maxlen=10))
     pulse_rate: tuple[float, float] | None = None  # (bpm, at UTC s): the last one estimated
+    # SpO2 relative to the placement, when the sensor type has a relative calibration: a stream that
+    # restarts is a new placement (the hub cannot tell a reconnect from the sensor put on again).
+    relative: RelativeOximetry | None = None
+    first_index: int = 0  # the placement's first sample
+    relative_s: int = 0  # the last whole second of the placement observed
+    relative_estimate: RelativeEstimate | None = None
 
 
 def _continues(st: _Ecg | _Ppg, f: FrameRecord) -> bool:
@@ -82,8 +94,12 @@ def _iso(t: float) -> str:
 
 
 class VitalsEngine:
-    def __init__(self, alerts: AlertEngine | None = None) -> None:
+    def __init__(self, alerts: AlertEngine | None = None,
+                 relative_calibration: Mapping[str, RelativeCalibration] | None = None) -> None:
+        """relative_calibration: sensor type -> its relative SpO2 calibration (default
+        spo2_relative.RELATIVE_CALIBRATION); a sensor type without one keeps its absolute line."""
         self.alerts = alerts or AlertEngine()
+        self._relative_calibration = RELATIVE_CALIBRATION if relative_calibration is None else relative_calibration
         self._ecg: dict[str, _Ecg] = {}
         self._ppg: dict[str, _Ppg] = {}
         self.last_seen: dict[str, float] = {}
@@ -162,7 +178,9 @@ class VitalsEngine:
     def _ppg_frame(self, f: FrameRecord, dev: str, end: float, key: str) -> list[dict[str, Any]]:
         st = self._ppg.get(dev)
         if st is None or not _continues(st, f):
-            st = _Ppg(OximetryEstimator(f.rate_hz), f.first_index, f.epoch)
+            st = _Ppg(OximetryEstimator(f.rate_hz), f.first_index, f.epoch, first_index=f.first_index)
+            cal = self._relative_calibration.get(PPG_SENSOR_TYPES[f.stream])
+            st.relative = RelativeOximetry(cal) if cal is not None else None
             self._ppg[dev] = st
         st.sources.append(key)
         st.est.push(f.channels[0], f.channels[1])
@@ -184,12 +202,23 @@ class VitalsEngine:
                             method=METHODS["pulse_rate_ecg" if heart else "pulse_rate"])
             if check:
                 rate_doc["cross_check"] = check
-        if r.spo2_pct is None:
+        spo2: dict[str, Any] = dict(base, kind="spo2", value=r.spo2_pct, unit="%", method=METHODS["spo2"])
+        if st.relative is not None:
+            # One observation a second of the placement (its figures are per second).
+            elapsed_s = (st.next_index - st.first_index) / f.rate_hz
+            if int(elapsed_s) > st.relative_s:
+                st.relative_s = int(elapsed_s)
+                st.relative_estimate = st.relative.observe(r, elapsed_s)
+            rel = st.relative_estimate
+            spo2 = dict(base, kind="spo2", value=rel.spo2_pct if rel else None, unit="%",
+                        quality=round(rel.quality, 2) if rel else 0.0, method=METHODS["spo2_relative"],
+                        expected_error_pct=rel.expected_error_pct if rel else None)
+        if spo2["value"] is None:
             return out
-        out += self._alerts(self.alerts.observe(dev, "spo2", r.spo2_pct, end))
+        out += self._alerts(self.alerts.observe(dev, "spo2", spo2["value"], end))
         if not self._due(dev, "ppg", end):
             return out
-        out.append(dict(base, kind="spo2", value=r.spo2_pct, unit="%", method=METHODS["spo2"]))
+        out.append(spo2)
         if rate_doc is not None:
             out.append(rate_doc)
         if r.perfusion_index_pct is not None:

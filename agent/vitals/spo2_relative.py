@@ -90,6 +90,12 @@ def estimate(cal: RelativeCalibration, figures: np.ndarray) -> tuple[np.ndarray,
     return spo2, err, ok & (err <= cal.error_ceiling_pct)
 
 
+# Sensor types with a relative calibration (the engine uses it instead of the absolute line).
+# None yet: the only one fitted is the camera set's (red and blue of a phone camera, bench
+# vitals), and a MAX30102 needs a desaturation study of its own (README).
+RELATIVE_CALIBRATION: dict[str, RelativeCalibration] = {}
+
+
 class PlacementFigures:
     """FIGURES for each second of one placement, from the SpO2 estimator's Oximetry of the
     window ending then. A new placement (the sensor put on again, a stream restarted) needs a

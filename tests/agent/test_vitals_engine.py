@@ -1,6 +1,7 @@
 # The vitals engine on frames as boards send them: real ECG and PPG, in windows.
 import dataclasses
 import json
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -108,3 +109,25 @@ def test_sensors_that_disagree_lower_both_qualities_without_an_alert() -> None:
     q_alone = max(d["quality"] for d in alone if d["kind"] == "pulse_rate")
     assert max(d["quality"] for d in pr) <= 0.5 * q_alone + 0.01
     assert not [d for d in docs if d["type"] == "alert"]
+
+
+def test_a_sensor_type_with_a_relative_calibration_shows_the_change_from_its_placement() -> None:
+    # SpO2 = 97 % at the placement's reference + 40 x the red light's change; expected error 2 %.
+    # Nothing for the placement's first minute, then the relative estimate with its expected
+    # error and method; a stream that restarts (samples lost) is a new placement: a minute again.
+    from agent.vitals.spo2_relative import BASELINE_S, QUALITY_FIGURES, RelativeCalibration
+
+    n = len(QUALITY_FIGURES)
+    cal = RelativeCalibration(97.0, (0.0, 40.0, 0.0), (0.0,) * n, (1.0,) * n, (0.0,) * n + (2.0,), 4.0, 88.0)
+    _, ppg = _a103l_frames(190)
+    eng = VitalsEngine(relative_calibration={"max30102": cal})
+    first, second = ppg[:90], ppg[95:]  # 5 s lost: the stream restarts at 95 s
+    docs = _stream(eng, "pb-r1", [], first) + _stream(eng, "pb-r1", [], second)
+    spo2 = [d for d in docs if d["type"] == "vital" and d["kind"] == "spo2"]
+    seconds = [datetime.fromisoformat(d["at"]).timestamp() - 1_800_000_000.0 for d in spo2]  # since the stream began
+    assert spo2 and all(d["method"].startswith("PPG ratio of ratios and red and IR light") for d in spo2)
+    assert all(abs(d["value"] - 97.0) < 1.0 and d["expected_error_pct"] == 2.0 and d["quality"] == 0.75
+               for d in spo2), [(d["value"], d["expected_error_pct"]) for d in spo2]
+    assert seconds and min(seconds) > BASELINE_S, seconds
+    assert any(s < 90 for s in seconds) and not [s for s in seconds if 90 <= s <= 95 + BASELINE_S], seconds
+    assert any(s > 95 + BASELINE_S for s in seconds), seconds
