@@ -120,6 +120,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
         if args.action == "list":
             for d in reg.all():
                 print("%-16s %-8s %s" % (d.device_id, d.state, d.label))
+            for problem in reg.damaged:  # rows edited by hand: named, each, and the listing's exit status says so
+                print("pulsebridge: %s" % problem, file=sys.stderr)
+            if reg.damaged:
+                return 1
         elif args.action == "add":
             dev = reg.add(args.device_id, label=args.label or "", patient_ref=args.patient or "")
             if args.key_out:
@@ -137,6 +141,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
                 raise RegistryError("export needs --out FILE (keys are never printed)")
             keys = {d.device_id: d.key.hex() for d in reg.all() if d.state == "active"
                     and (not args.device_id or d.device_id == args.device_id)}
+            for problem in reg.damaged:
+                print("pulsebridge: not exported: %s" % problem, file=sys.stderr)
             write_private(Path(args.out), json.dumps(keys, indent=1).encode())
             reg.audit.record("device.export_keys", args.device_id or "*", count=len(keys))
             print("%d device keys written to %s (mode 0600)" % (len(keys), args.out))
@@ -160,7 +166,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
     n = store.erase_now(args.device)
     store.close()
     reg = _registry(cfg)
-    existed = reg.get(args.device) is not None
+    existed = reg.row(args.device) is not None  # its row as stored: one edited by hand is erased too
     if existed:
         reg.remove(args.device)
     reg.close()
@@ -369,6 +375,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("hub %s, up %.0f s" % (snap["hub_id"], snap["uptime_s"]))
     for b in snap["boards"]:
         print("  " + _board_line(b, snap.get("store")))
+    for problem in snap.get("registry_damaged", []):
+        print("  " + problem)
     for name, t in sorted(snap.get("tasks", {}).items()):
         if t["restarts"]:
             print("  task %s restarted %d times%s (last: %s)" % (

@@ -55,6 +55,32 @@ CREATE TABLE IF NOT EXISTS devices(
 """
 
 
+def row_problem(r: tuple[object, ...]) -> str | None:
+    """What makes a row of devices (device_id, key, state, label, patient_ref, created_at, revoked_at,
+    revoke_reason, next_key, unique_id) hold no device, or None. Only a hand edit makes one: SQLite
+    keeps what it is given whatever a column's type (a key typed as hex text, an id with an escape)."""
+    device_id, key, state, label, patient_ref, created_at, revoked_at, reason, next_key, unique_id = r
+    if not isinstance(device_id, str) or not valid_device_id(device_id):
+        return "its device id is not 1 to 16 of a-z, 0-9, '-'"
+    for what, v, optional in (("key", key, False), ("next_key", next_key, True)):
+        if not (isinstance(v, bytes) and len(v) == KEY_BYTES) and not (optional and v is None):
+            return "its %s is not %d bytes (%s)" % (what, KEY_BYTES, "text" if isinstance(v, str) else
+                                                    "%d bytes" % len(v) if isinstance(v, bytes) else type(v).__name__)
+    if unique_id is not None and not (isinstance(unique_id, bytes) and 0 < len(unique_id) <= MAX_UNIQUE_ID):
+        return "its unique_id is not 1 to %d bytes" % MAX_UNIQUE_ID
+    if state not in ("active", "revoked"):
+        return "its state is not active or revoked"
+    for what, v, limit in (("label", label, MAX_LABEL_CHARS), ("patient_ref", patient_ref, MAX_PATIENT_REF_CHARS)):
+        if not isinstance(v, str) or text_problem(what, v, limit):
+            return "its %s is not text of at most %d characters without control characters" % (what, limit)
+    if reason is not None and not isinstance(reason, str):
+        return "its revoke_reason is not text"
+    for what, v in (("created_at", created_at), ("revoked_at", revoked_at)):
+        if not isinstance(v, (int, float)) and not (what == "revoked_at" and v is None):
+            return "its %s is not a time in seconds" % what
+    return None
+
+
 class RegistryError(PulsebridgeError):
     """The registry refused a change or cannot be used; .device_id the board concerned, if one."""
 
@@ -100,6 +126,7 @@ class Registry:
         self.path = path
         self.audit = audit
         self.read_only: str | None = None
+        self.damaged: list[str] = []  # rows the last all() or read_all() could not use, each said why
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
@@ -144,6 +171,14 @@ class Registry:
         self._db.close()
 
     def _row(self, r: tuple[object, ...]) -> Device:
+        """The row's Device; RegistryError naming the row (its id quoted) for one that holds none."""
+        problem = row_problem(r)
+        if problem is not None:
+            named = r[0] if isinstance(r[0], str) and valid_device_id(r[0]) else ""
+            raise RegistryError("device registry %s: the row of %r cannot be used (%s; edited by hand?): its "
+                                "board's frames are refused; %s, then provision the board again" % (
+                                    self.path, r[0], problem, "pulsebridge erase --device %s removes it" % named
+                                    if named else "delete that row with sqlite3"), named)
         return Device(str(r[0]), bytes(r[1]), str(r[2]), str(r[3]), str(r[4]), float(r[5]),  # type: ignore
                       None if r[6] is None else float(r[6]), None if r[7] is None else str(r[7]),  # type: ignore
                       None if r[8] is None else bytes(r[8]), None if r[9] is None else bytes(r[9]))  # type: ignore
@@ -177,9 +212,17 @@ class Registry:
             db.close()
 
     def _all(self, db: sqlite3.Connection) -> list[Device]:
-        return [self._row(r) for r in db.execute(
-            "SELECT device_id, key, state, label, patient_ref, created_at, revoked_at, revoke_reason, next_key, "
-            "unique_id FROM devices ORDER BY device_id")]
+        """The devices of the rows that hold one; the others' RegistryError messages go to self.damaged
+        (a row edited by hand must not stop the agent from reading the rest, nor any command)."""
+        devices, damaged = [], []
+        for r in db.execute("SELECT device_id, key, state, label, patient_ref, created_at, revoked_at, "
+                            "revoke_reason, next_key, unique_id FROM devices ORDER BY device_id"):
+            try:
+                devices.append(self._row(r))
+            except RegistryError as e:
+                damaged.append(str(e))
+        self.damaged = damaged
+        return devices
 
     def add(self, device_id: str, label: str = "", patient_ref: str = "", key: bytes | None = None,
             actor: str | None = None, unique_id: bytes | None = None) -> Device:

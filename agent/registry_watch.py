@@ -47,6 +47,8 @@ class RegistryWatcher:
         self.registry = registry
         self.path = registry.path
         self.active: list[Device] = self._active()
+        self.damaged: list[str] = []  # rows of the registry that hold no device (edited by hand), said why
+        self._tell_damaged()
         self.ingestor = ingestor
         self.store = store
         self.links = links
@@ -76,6 +78,15 @@ class RegistryWatcher:
         self.active = [d for d in read.devices if d.state == "active"]
         self.links.registry_changed()
         log.info("registry changed: devices reloaded")
+        self._tell_damaged()
+
+    def _tell_damaged(self) -> None:
+        """Logs the registry's unusable rows when they change (their boards are refused meanwhile)."""
+        damaged = list(self.registry.damaged)
+        for problem in damaged:
+            if problem not in self.damaged:
+                log.error("%s", problem)
+        self.damaged = damaged
 
     def _active(self) -> list[Device]:
         return [d for d in self.registry.all() if d.state == "active"]

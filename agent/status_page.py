@@ -443,7 +443,9 @@ def view(snapshot: dict[str, Any]) -> dict[str, Any]:
             args.update(low=r.get("low"), high=r.get("high"),
                         value=last_vitals.get(dev, {}).get(kind, {}).get("value"))
         notices.append({"level": "alert", "key": "alert_" + rule, "args": args})
-    if not snapshot.get("sensors"):
+    if snapshot.get("registry_damaged"):  # a sensor set up on this hub whose entry cannot be read: refused
+        notices.append({"level": "attention", "key": "sensor_unusable", "args": {}})
+    elif not snapshot.get("sensors"):
         notices.append({"level": "attention", "key": "no_sensor", "args": {}})
     delivery = "none" if not snapshot.get("backends") else "ok"
     for b in snapshot.get("backends", []):
@@ -633,6 +635,8 @@ TEXT = {
         "hint_held": "La passerelle ne peut pas enregistrer ses mesures.",
         "hint_out_of_range": "Il est trop loin : rapprochez-le de la passerelle.",
         "no_sensor": "Aucun capteur n'est encore installé sur cette passerelle.",
+        "sensor_unusable": "Un capteur installé sur cette passerelle ne peut pas être utilisé : ses mesures ne "
+                           "sont pas reçues. Faites vérifier la passerelle par le technicien.",
         "delivery_failing": "Les mesures ne parviennent plus au service « {name} » depuis {time} (il y a {age}). "
                             "{waiting} attendent sur la passerelle, gardées en sécurité jusqu'à ce qu'il réponde.",
         "no_backend": "Les mesures restent sur la passerelle : aucun envoi vers une équipe soignante n'est prévu.",
@@ -697,6 +701,8 @@ TEXT = {
         "hint_held": "The hub cannot store its readings.",
         "hint_out_of_range": "It is out of range: bring it closer to the hub.",
         "no_sensor": "No sensor is set up on this hub yet.",
+        "sensor_unusable": "A sensor set up on this hub cannot be used: its readings are not received. Have the "
+                           "technician check the hub.",
         "delivery_failing": "Readings have not reached “{name}” since {time} ({age} ago). {waiting} are waiting "
                             "on the hub, kept safely until it answers.",
         "no_backend": "Readings stay on this hub: sending them to a care team is not set up.",

@@ -346,6 +346,7 @@ class Agent:
             "rejects": dict(self.ingestor.rejects), "store": self.store.status(),
             "sensors": [{"device_id": d.device_id, "label": d.label, "heard_at": last_seen.get(d.device_id)}
                         for d in self.registry_watch.active],
+            "registry_damaged": self.registry_watch.damaged,
             "alert_rules": [{"name": r.name, "signal": r.signal, "low": r.low, "high": r.high}
                             for r in self.vitals.alerts.rules],
             "last_vitals": self.vitals_runner.last_vitals, "status_page": self.status.page_state,

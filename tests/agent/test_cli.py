@@ -447,3 +447,75 @@ def test_ota_push_names_a_bundle_it_cannot_read_in_plain_words(
     assert r.returncode == 2 and "Errno" not in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert r.stderr == "pulsebridge: ota push: bundle %s: %s\n" % (bundle, says), r.stderr
     assert not (tmp_path / "run" / "ota" / "pb-ota04.bin").exists()
+
+
+def _edit_registry_by_hand(registry: Path, device_id: str, key: object, label: object = "") -> None:
+    """A row as sqlite3 on the command line would write it: SQLite keeps any value in any column."""
+    import sqlite3
+    import time
+
+    db = sqlite3.connect(registry)
+    with db:
+        db.execute("INSERT INTO devices(device_id, key, state, label, created_at, key_changed_at) "
+                   "VALUES(?,?,'active',?,?,?)", (device_id, key, label, time.time(), time.time()))
+    db.close()
+
+
+def test_a_registry_row_edited_by_hand_is_named_and_can_be_erased(tmp_path: Path, hub_config: AgentConfig) -> None:
+    # a key typed as hex text (`UPDATE devices SET key='00ab...'`) ended `devices list`, `erase` and every
+    # command reading the registry in "TypeError: string argument without an encoding"; erase could not
+    # remove the row it choked on; a label with an escape sequence drove the operator's terminal
+    cfg = str(hub_config.source)
+    assert _cli("devices", "--config", cfg, "add", "pb-good").returncode == 0
+    registry = tmp_path / "data" / "registry.db"
+    _edit_registry_by_hand(registry, "pb-hex", "00" * 32)
+    _edit_registry_by_hand(registry, "pb-short", b"\x01" * 16)
+    _edit_registry_by_hand(registry, "pb-esc", b"\x02" * 32, label="\x1b[2J")
+    r = _cli("devices", "--config", cfg, "list")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "\x1b" not in r.stdout + r.stderr, r
+    assert r.stdout.split() == ["pb-good", "active"], r.stdout
+    for device, why in (("pb-hex", "its key is not 32 bytes (text)"), ("pb-short", "its key is not 32 bytes (16 "
+                                                                                    "bytes)"),
+                        ("pb-esc", "its label is not text of at most 64 characters without control characters")):
+        assert "the row of '%s' cannot be used (%s; edited by hand?)" % (device, why) in r.stderr, r.stderr
+    assert "pulsebridge erase --device %s" % "pb-hex" in r.stderr, r.stderr
+    for device in ("pb-hex", "pb-short", "pb-esc"):
+        e = _cli("erase", "--config", cfg, "--device", device)
+        assert e.returncode == 0 and "every record of %s" % device in e.stdout, e
+    r = _cli("devices", "--config", cfg, "list")
+    assert r.returncode == 0 and r.stdout.split() == ["pb-good", "active"] and not r.stderr, r
+
+
+def test_an_agent_with_a_registry_row_edited_by_hand_serves_the_rest_and_says_so(
+        tmp_path: Path, hub_config: AgentConfig) -> None:
+    # the agent did not start ("TypeError: string argument without an encoding"); one started before the
+    # edit crashed its registry task at every reload, so a revocation made after it never took effect
+    from agent.status_page import view
+
+    cfg = hub_config
+    assert _cli("devices", "--config", str(cfg.source), "add", "pb-good").returncode == 0
+    assert _cli("devices", "--config", str(cfg.source), "add", "pb-next").returncode == 0
+    _edit_registry_by_hand(tmp_path / "data" / "registry.db", "pb-hex", "00" * 32)
+
+    async def scenario() -> dict[str, Any]:
+        async with harness.running(Agent(cfg)) as agent:
+            seen: dict[str, Any] = {"start": await read_status(cfg.status_socket)}
+            revoked = await asyncio.to_thread(_cli, "devices", "--config", str(cfg.source), "revoke", "pb-next")
+            assert revoked.returncode == 0, revoked
+            await async_wait_for(lambda: [d.device_id for d in agent.registry_watch.active] == ["pb-good"], 30,
+                                 "the revocation applied", lambda: agent.registry_watch.active)
+            assert not agent.ingestor.hub.has_device("pb-hex") and not agent.ingestor.hub.has_device("pb-next")
+            seen["after"] = await read_status(cfg.status_socket)
+            seen["cli"] = await asyncio.to_thread(_cli, "status", "--config", str(cfg.source))
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert [s["device_id"] for s in seen["start"]["sensors"]] == ["pb-good", "pb-next"], seen["start"]
+    for snap in (seen["start"], seen["after"]):
+        assert len(snap["registry_damaged"]) == 1 and "the row of 'pb-hex' cannot be used" in \
+            snap["registry_damaged"][0], snap["registry_damaged"]
+        assert not any(t["restarts"] for t in snap["tasks"].values()), snap["tasks"]
+        page = view(snap)
+        assert page["level"] == "attention" and {"level": "attention", "key": "sensor_unusable", "args": {}} in \
+            page["notices"], page["notices"]
+    assert seen["cli"].returncode == 0 and "the row of 'pb-hex' cannot be used" in seen["cli"].stdout, seen["cli"]
