@@ -75,6 +75,7 @@ class Stream:
         self.ready = False  # set by the interrupt handler, cleared by the app
         self.drained_ms = start_ms  # when a read last took samples from its FIFO
         self.next_poll_ms = start_ms  # a tick (app.ticks); the app sets it from its clock
+        self._rest = hasattr(sensor, "read_rest_into")  # a chip whose FIFO can be emptied below its threshold
 
     def use_irq(self, pin):
         self.irq_pin = pin
@@ -163,6 +164,16 @@ class Stream:
                 self._lose(lost)
             self.n += got
         return self.to_frame()
+
+    def drain_rest(self):
+        # Before a pause of the loop longer than its threshold leaves (a
+        # collection), what the chip holds below it is read too (the
+        # MAX30003: up to 15 samples, 29 ms of its 62.5): the pause then has
+        # the FIFO's whole fill time. After a poll() that read samples.
+        if self._rest and self.n < self.capacity:
+            self.n += self.sensor.read_rest_into(self.chans, self.n, self.capacity - self.n)
+            if self.sensor.saturated:
+                self.saturated = True
 
     def to_frame(self):
         # How many samples to put in a frame now.

@@ -28,6 +28,7 @@ _REG_CNFG_GEN = const(0x10)
 _REG_CNFG_EMUX = const(0x14)
 _REG_CNFG_ECG = const(0x15)
 _REG_ECG_FIFO_BURST = const(0x20)
+_REG_ECG_FIFO = const(0x21)  # one sample a read
 
 # ETAG 0/1: valid (normal/fast mode), 2/3: valid and last in the FIFO.
 _ETAG_EMPTY = const(6)
@@ -84,6 +85,7 @@ class MAX30003:
         self._scale = (_VREF_UV, (1 << 17) * 20)  # scale(), made when configured: a frame allocates no tuple
         self.lost = 0
         self.saturated = False
+        self._more = False  # the last word read was a valid one not marked last (ETAG 0/1): samples follow it
         self._irq = False  # FIFO interrupt enabled (kept across a restart)
         cs.value(1)
 
@@ -156,6 +158,7 @@ class MAX30003:
     def start(self):
         self.write_reg(_REG_CNFG_GEN, self.read_reg(_REG_CNFG_GEN) | _CNFG_GEN_EN_ECG)
         self.write_reg(_REG_FIFO_RST, 0)
+        self._more = False
         self.write_reg(_REG_SYNCH, 0)  # restart the sampling clock: sample 0 is now
 
     def stop(self):
@@ -186,6 +189,7 @@ class MAX30003:
             if status & _STATUS_EOVF:
                 # Samples were lost: reset the FIFO and start clean.
                 self.write_reg(_REG_FIFO_RST, 0)
+                self._more = False
                 overflow = -1
                 break
             if not status & _STATUS_EINT:
@@ -197,6 +201,9 @@ class MAX30003:
                 self._cs.value(1)
             got = _native.max30003_words(rx, _EFIT, out, pos + n)
             n += got & 0xFFFF
+            # The burst's last word (its ETAG in the low byte): valid and not
+            # the FIFO's last, samples remain under the threshold (read_rest_into).
+            self._more = (got & 0x6FFFF) == _EFIT and (rx[3 * _EFIT] >> 3) & 7 < 2
             if got & 0x10000:
                 sat = True
             if got & 0x20000:
@@ -208,4 +215,32 @@ class MAX30003:
                 break
         self.saturated = sat
         self.lost = overflow
+        return n
+
+    def read_rest_into(self, chans, pos, room):
+        # What read_into left (fewer than _EFIT samples, EINT clear), one
+        # sample a read until the chip marks one the last (ETAG 2/3), so the
+        # FIFO is empty after it, before a pause longer than the 31 ms a
+        # burst's threshold leaves (a collection: the FIFO's whole fill time,
+        # 62.5 ms at 512 Hz, is then its own). Only as far as the last word
+        # read said more follow: no word is clocked out of an empty FIFO. An
+        # overflow tag stops it (read_into's next burst finds EOVF and
+        # resets). Returns the samples read; saturated is set if one was at
+        # full scale.
+        out = chans[0]
+        n = 0
+        while self._more and n < room:
+            word = self.read_reg(_REG_ECG_FIFO)
+            etag = (word >> 3) & 7
+            if etag > 3:  # empty or overflow: nothing more to take here
+                self._more = False
+                break
+            v = word >> 6
+            if v & 0x20000:
+                v -= 0x40000
+            if v >= _FULL_SCALE_CODE or v <= -_FULL_SCALE_CODE:
+                self.saturated = True
+            out[pos + n] = v
+            n += 1
+            self._more = etag < 2
         return n

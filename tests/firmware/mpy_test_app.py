@@ -515,7 +515,8 @@ def test_garbage_is_collected_right_after_the_ecg_fifo_is_drained_not_after_the_
     # fastest FIFO (the ECG's, 62.5 ms deep) was emptied, and it has that
     # FIFO's time to itself: the look at the heap (a walk of it, 3.5 ms on a
     # chip) is taken at an earlier drain. Here (a stand-in for main's gc,
-    # the heap low; a collection 30 ms of the board's clock) the look comes
+    # the heap low; a collection 40 ms of the board's clock, past the 31 ms
+    # the emptied FIFO takes to ask again) the look comes
     # at one ECG drain, the collection at the next, which completes the
     # windows of both streams: before their frames (each channel 20 ms),
     # and the ECG FIFO, which asked during it, is read right after.
@@ -533,7 +534,7 @@ def test_garbage_is_collected_right_after_the_ecg_fifo_is_drained_not_after_the_
 
         def collect(self):
             events.append(("collect", ecg.n))
-            b.clock.t_us += 30000
+            b.clock.t_us += 40000
             b.service()
 
     apply = app.sealer.apply
@@ -568,6 +569,55 @@ def test_garbage_is_collected_right_after_the_ecg_fifo_is_drained_not_after_the_
     held = events[kinds.index("collect")][1]
     assert held > first[0][1] and events[kinds.index("collect") + 1][1] > held, events  # read right after it
     assert model.lost == 0, (model.lost, events)
+
+
+def test_a_collection_starts_with_the_ecg_fifo_empty_and_has_its_whole_fill_time():
+    # The collection comes right after the ECG FIFO was drained; a drain
+    # reads whole bursts of 16 (EINT's threshold) and may leave up to 15
+    # samples, 29 ms of the FIFO's 62.5. Those are read too before it (one
+    # at a time, to the one the chip marks last), so a collection of 56 ms
+    # of the board's clock starts with the FIFO empty and nothing overflows
+    # meanwhile; the samples stay in order, none lost.
+    b, app, link = _board_with({}, {})
+    _run_until(b, app, 960)
+    _, ecg = _stream(app, messages.STREAM_ECG_MAX30003)
+    model = b.models["max30003"]
+    b.service()
+    app._drain(True)  # (the ECG asked or not: what its FIFO holds now is under 16)
+    model._advance()
+    left = model.count
+    b.sleep_ms((26 - left) * 1000 // 512 + 1)  # 26-27 unread: the next drain takes 16, leaves 10-11
+    at_collect = []
+
+    class _LowHeap:
+        def mem_free(self):
+            return 1 << 20
+
+        def collect(self):
+            model._advance()
+            at_collect.append(model.count)
+            b.clock.t_us += 56000  # 28.7 samples at 512 Hz
+            b.service()
+
+    real_gc = main.gc
+    main.gc = _LowHeap()
+    app._gc_below = -1  # a collection is due
+    try:
+        b.service()
+        app._drain()
+    finally:
+        main.gc = real_gc
+    assert at_collect == [0], (at_collect, left)
+    assert model.lost == 0 and ecg.lost_total == 0, (model.lost, ecg.lost_total)
+    end = b.ticks_ms() + 3000
+    while b.ticks_ms() < end:
+        app.step()
+        b.sleep_ms(app.cfg["poll_ms"])
+    frames = _frames(link, messages.STREAM_ECG_MAX30003)
+    assert len(frames) >= 4, len(frames)
+    for a, c in zip(frames, frames[1:]):
+        assert c.first_index == a.first_index + a.count, (a.first_index, a.count, c.first_index)
+    assert model.lost == 0 and model.empty_words_clocked == 0, (model.lost, model.empty_words_clocked)
 
 
 def test_the_fifos_are_read_between_an_origin_checkpoints_pieces():

@@ -81,6 +81,41 @@ def test_max30003_bursts_take_what_the_fifo_holds_never_past_it():
     assert model.count < 16 and got > 1100  # 2.34 s at 512 Hz: 1198 converted
 
 
+def test_max30003_rest_under_the_threshold_is_read_to_the_last_sample_never_past_it():
+    # After a burst read (whole bursts of 16), what is left under the
+    # threshold is read one sample at a time up to the one the chip marks
+    # last: the FIFO is then empty, no word was clocked out of an empty
+    # FIFO, and every sample the chip converted was read exactly once.
+    clock = VirtualClock()
+    chip, model = _ecg(clock)
+    chip.configure(512, 20)
+    chip.start()
+    out = array.array("i", bytes(4 * 2048))
+    n = 0
+    bursts = 0
+    steps = (3, 40, 7, 30, 1, 12, 28, 5, 20, 2, 9, 45)  # ms
+    for k in range(48):
+        clock.sleep_ms(steps[k % len(steps)])
+        got = chip.read_into((out,), n, len(out) - n)
+        n += got
+        model._advance()
+        left = model.count
+        rest = chip.read_rest_into((out,), n, len(out) - n)
+        n += rest
+        # After a burst, all the rest; with none read (under 16 unread), as
+        # far as the last word read said more follow: never past the last.
+        assert left < 16 and (rest == left if got else rest in (0, left)), (k, got, rest, left)
+        if got:
+            bursts += 1
+            model._advance()
+            assert model.count == 0, model.count
+        rest = chip.read_rest_into((out,), n, len(out) - n)  # nothing more: the last one read said so
+        assert rest == 0, rest
+        assert chip.lost == 0 and model.lost == 0
+    assert model.empty_words_clocked == 0, model.empty_words_clocked
+    assert bursts >= 20 and n + model.count == model.index, (bursts, n, model.count, model.index)
+
+
 def test_max30102_exactly_full_fifo_is_read_as_full():
     clock = VirtualClock()
     chip, model = _ppg(clock)
