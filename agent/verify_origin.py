@@ -36,6 +36,9 @@ from protocols.errors import ProtocolError
 
 # A capture or document file larger than this is refused (read whole into memory).
 MAX_INPUT_BYTES = 1 << 30
+# A key file larger than this is refused: an origin key is ~100 bytes of JSON, a simulator's
+# origin_keys.json one line per board (a slip such as --key /dev/zero must not read on without end).
+MAX_KEY_FILE_BYTES = 1 << 20
 KEY_BYTES = 32
 
 
@@ -49,8 +52,15 @@ def load_keys(paths: list[Path]) -> dict[str, bytes]:
     keys: dict[str, bytes] = {}
     for p in paths:
         try:
-            data = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
+            with p.open("rb") as f:
+                text = f.read(MAX_KEY_FILE_BYTES + 1)
+        except OSError as e:
+            raise InputError("%s: not a readable key file: %s" % (p, e.strerror or e)) from None
+        if len(text) > MAX_KEY_FILE_BYTES:
+            raise InputError("%s: larger than %d bytes: not a key file" % (p, MAX_KEY_FILE_BYTES))
+        try:
+            data = json.loads(text)
+        except ValueError as e:
             raise InputError("%s: not a readable JSON key file (%s)" % (p, e)) from None
         if not isinstance(data, dict):
             raise InputError("%s: a key file holds a JSON object" % p)

@@ -85,3 +85,18 @@ def test_a_gap_is_named_by_its_seqs_and_board_time_in_text_and_json(tmp_path: Pa
     assert rep["missing"] == [{"device_id": KID.decode(), "epoch": 3, "seq_ranges": [[2, 3]], "spans": [
         {"seqs": [2, 3], "after": {"seq": 1, "board_t0_ms": 125, "board_end_ms": 250},
          "before": {"seq": 4, "board_t0_ms": 500, "board_end_ms": 625}, "span_ms": 250}]}]
+
+
+def test_a_key_file_that_cannot_be_read_is_named_in_words_and_read_no_further_than_a_bound(tmp_path: Path) -> None:
+    # --key x said "x: not a readable JSON key file ([Errno 2] No such file or directory: 'x')"; --key
+    # /dev/zero (a slip for another path) read until memory ran out: a key file was read whole
+    capture = tmp_path / "capture.cbor"
+    capture.write_bytes(b"\x00")
+    missing = tmp_path / "nowhere.origin.json"
+    for key, says in ((missing, "%s: not a readable key file: No such file or directory" % missing),
+                      (tmp_path, "%s: not a readable key file: Is a directory" % tmp_path),
+                      (Path("/dev/zero"), "/dev/zero: larger than %d bytes: not a key file"
+                       % verify_origin.MAX_KEY_FILE_BYTES)):
+        p = subprocess.run([sys.executable, "-m", "agent.cli", "verify-origin", "--key", str(key), str(capture)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and p.stderr == "pulsebridge verify-origin: %s\n" % says, p.stderr
