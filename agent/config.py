@@ -384,7 +384,8 @@ def load(path: Path) -> AgentConfig:
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError("no configuration file at %s" % path) from None
+        raise ConfigError("no configuration file at %s (--config FILE names another; agent/deploy/agent.toml "
+                          "is an example to install there: README, Installing the agent)" % path) from None
     except IsADirectoryError:
         raise ConfigError("cannot read the configuration: it is a directory, not a file", path=path) from None
     except OSError as e:

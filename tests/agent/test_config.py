@@ -276,3 +276,13 @@ def test_a_directory_given_as_the_configuration_is_named_in_words(tmp_path: Path
     with pytest.raises(config.ConfigError) as e:
         config.load(tmp_path)
     assert str(e.value) == "%s: cannot read the configuration: it is a directory, not a file" % tmp_path
+
+
+def test_a_missing_configuration_says_how_to_name_or_make_one(tmp_path: Path) -> None:
+    # a new user running `pulsebridge devices list` read only "no configuration file at
+    # /etc/pulsebridge/agent.toml": nothing said --config exists, nor where an example is
+    with pytest.raises(config.ConfigError) as e:
+        config.load(tmp_path / "agent.toml")
+    assert str(e.value).startswith("no configuration file at %s (--config FILE names another; " % (
+        tmp_path / "agent.toml")) and "agent/deploy/agent.toml" in str(e.value), str(e.value)
+    assert (ROOT / "agent" / "deploy" / "agent.toml").is_file()
