@@ -159,14 +159,13 @@ def _sample_frame(data: bytes | bytearray | memoryview, opener: cipher.SampleCip
     if cbor2.dumps(d) != data:
         return None
     # The channels are one keystream, in order: decrypted in one call.
-    clear = bytearray(b"".join(chans)) if len(chans) > 1 else bytearray(chans[0])
-    opener.apply(clear, 0, len(clear), epoch, seq, 0, salt)
     if len(chans) == 1:
-        clear_channels = [bytes(clear)]
+        clear_channels = [opener.opened(chans[0], epoch, seq, salt)]
     else:
+        clear = opener.opened(b"".join(chans), epoch, seq, salt)
         clear_channels, offset = [], 0
         for ch in chans:
-            clear_channels.append(bytes(clear[offset:offset + len(ch)]))
+            clear_channels.append(clear[offset:offset + len(ch)])
             offset += len(ch)
     frame = messages.SampleFrame(epoch, seq, stream, t0_ms, first_index, rate, count, (scale[0], scale[1]),
                                  None if drive is None else (drive[0], drive[1], drive[2], drive[3]),

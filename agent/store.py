@@ -35,6 +35,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -1011,7 +1012,7 @@ class Store:
         # statement step, and at each the event loop's thread had to hand it over.
         whole = len(rows) - len(rows) % INSERT_ROWS
         for i in range(0, whole, INSERT_ROWS):
-            db.execute(_INSERT_FRAMES_MANY, [v for row in rows[i:i + INSERT_ROWS] for v in row])
+            db.execute(_INSERT_FRAMES_MANY, list(chain.from_iterable(rows[i:i + INSERT_ROWS])))
         if whole < len(rows):
             db.executemany(_INSERT_FRAMES, rows[whole:])
         inserted = db.total_changes - changes

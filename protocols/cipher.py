@@ -83,6 +83,9 @@ def derive_key(device_key: bytes, boot_salt: bytes) -> bytes:
 # before each counter, made at first use.
 _COUNTER_BLOCKS = const(256)
 _COUNTERS: "list[bytes]" = []
+# CPython: by number of blocks from a frame's start, (their counters as an integer, 1 at
+# bit 64 of every block: times (epoch << 32 | seq), every block's top 64 bits).
+_FROM_START: "dict[int, tuple[int, int]]" = {}
 
 
 class SampleCipher:
@@ -176,11 +179,36 @@ class SampleCipher:
             buf[i] ^= ks[k]
             k += 1
 
+    def opened(self, data: "bytes", epoch: int, seq: int, boot_salt: "bytes | None" = None) -> bytes:
+        # data XORed with the keystream of (epoch, seq) from its first byte, as new
+        # bytes (a hub opening a frame's channels, in order, in one call); the
+        # same checks as apply().
+        if self._aes is None and 0 <= epoch <= 0xFFFFFFFF and 0 <= seq <= 0xFFFFFFFF \
+                and (boot_salt is not None or self.boot_salt is not None):  # CPython, arguments apply() takes
+            self._use(self.boot_salt if boot_salt is None else boot_salt)  # type: ignore[arg-type]
+            if self._aes is None:
+                n = len(data)
+                if not n:
+                    return b""
+                stream = self._keystream_cpython(epoch, seq, 0, n)
+                return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+        buf = bytearray(data)
+        self.apply(buf, 0, len(buf), epoch, seq, 0, boot_salt)
+        return bytes(buf)
+
     def _apply_cpython(self, buf: "bytearray | memoryview", start: int, end: int, epoch: int, seq: int,
                        offset: int) -> None:
-        # The keystream of all the blocks in one call of the key's ECB encryptor
-        # (made once: a CTR context of `cryptography` a frame cost more in
-        # Python than the AES), the counter blocks and the XOR as integers.
+        n = end - start
+        stream = self._keystream_cpython(epoch, seq, offset, n)
+        data = int.from_bytes(bytes(buf[start:end]), "big") ^ int.from_bytes(stream, "big")
+        buf[start:end] = data.to_bytes(n, "big")
+
+    def _keystream_cpython(self, epoch: int, seq: int, offset: int, n: int) -> bytes:
+        # n bytes of the keystream of (epoch, seq) from byte offset, all the blocks in one
+        # call of the key's ECB encryptor (made once: a CTR context of `cryptography` a
+        # frame cost more in Python than the AES). The counter blocks of a frame from its
+        # start are made as one integer: (epoch, seq) in every block's top 64 bits (a
+        # product with 1 every 128 bits) ORed with the blocks' counters (made once a size).
         if self._aes_cpython is None:
             from cryptography.hazmat.primitives.ciphers import (  # type: ignore[import-not-found, unused-ignore]
                 Cipher,
@@ -192,15 +220,20 @@ class SampleCipher:
             if not _COUNTERS:
                 _COUNTERS.append(b"".join([bytes(12) + b.to_bytes(4, "big") for b in range(_COUNTER_BLOCKS)]))
         first, skip = offset >> 4, offset & 15
-        n = end - start
         blocks = ((offset + n - 1) >> 4) - first + 1
         size = 16 * blocks
-        prefix = epoch.to_bytes(4, "big") + seq.to_bytes(4, "big")
-        if first + blocks <= _COUNTER_BLOCKS:  # the counters (bytes 12-15) from the table, the rest ORed in
+        if first == 0 and blocks <= _COUNTER_BLOCKS:
+            made = _FROM_START.get(blocks)
+            if made is None:
+                made = _FROM_START[blocks] = (int.from_bytes(_COUNTERS[0][:size], "big"),
+                                              sum(1 << (128 * i + 64) for i in range(blocks)))
+            ctr = (((epoch << 32) | seq) * made[1] | made[0]).to_bytes(size, "big")
+        elif first + blocks <= _COUNTER_BLOCKS:  # the counters (bytes 12-15) from the table, the rest ORed in
+            prefix = epoch.to_bytes(4, "big") + seq.to_bytes(4, "big")
             ctr = (int.from_bytes(_COUNTERS[0][16 * first:16 * first + size], "big")
                    | int.from_bytes((prefix + bytes(8)) * blocks, "big")).to_bytes(size, "big")
         else:
+            prefix = epoch.to_bytes(4, "big") + seq.to_bytes(4, "big")
             ctr = b"".join([prefix + bytes(4) + b.to_bytes(4, "big") for b in range(first, first + blocks)])
-        stream = self._aes_cpython.update(ctr)[skip:skip + n]
-        data = int.from_bytes(bytes(buf[start:end]), "big") ^ int.from_bytes(stream, "big")
-        buf[start:end] = data.to_bytes(n, "big")
+        stream: bytes = self._aes_cpython.update(ctr)
+        return stream[skip:skip + n] if skip or len(stream) != n else stream

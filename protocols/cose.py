@@ -14,7 +14,7 @@ import array
 import hashlib
 
 from protocols import cbor
-from protocols._compat import const, equal_ct
+from protocols._compat import TYPE_CHECKING, const, equal_ct
 from protocols.errors import AuthenticationError, LocalProtocolError
 
 COSE_MAC0_TAG = const(17)
@@ -33,6 +33,9 @@ AAD_UPLINK = b"pulsebridge/1 board-to-hub"
 AAD_DOWNLINK = b"pulsebridge/1 hub-to-board"
 
 _BLOCK = const(64)
+
+if TYPE_CHECKING:
+    from typing import Any
 
 try:
     from protocols import _sha256 as _viper  # MicroPython: SHA-256 into preallocated state, no garbage
@@ -102,6 +105,17 @@ class MacKey:
         # The payload's bstr head, written for each tag (a board tags 4 messages a second).
         self._head = cbor.Writer(bytearray(9))
         self._head_view = memoryview(self._head.buf)
+        # CPython: HMAC's inner state after the padded key and the prefix, and its outer
+        # state after the padded key, hashed once; each tag copies them (hashlib's copy()).
+        # MicroPython's hashlib has no copy(): None, each tag hashes the pads again.
+        self._inner: "Any" = None
+        self._outer: "Any" = None
+        if _viper is None:
+            inner = hashlib.sha256(self._ipad)
+            if hasattr(inner, "copy"):
+                inner.update(self._prefix)
+                self._inner = inner
+                self._outer = hashlib.sha256(self._opad)
         if _viper is not None:
             # HMAC's inner and outer states after the padded key's block,
             # computed once; each tag then hashes into _st and _blk.
@@ -143,11 +157,19 @@ class MacKey:
     def tag(self, payload: "bytes | bytearray | memoryview") -> bytes:
         if _viper is not None:
             return bytes(self._tag_into(payload))
-        h = hashlib.sha256(self._ipad)
-        h.update(self._prefix)
         w = self._head
         w.pos = 0
         w.head(2, len(payload))
+        inner = self._inner
+        if inner is not None:
+            h = inner.copy()
+            h.update(self._head_view[:w.pos])
+            h.update(payload)
+            o = self._outer.copy()
+            o.update(h.digest())
+            return o.digest()
+        h = hashlib.sha256(self._ipad)
+        h.update(self._prefix)
         h.update(self._head_view[:w.pos])
         h.update(payload)
         o = hashlib.sha256(self._opad)
@@ -200,7 +222,7 @@ class MacKey:
         if msg.kid != self.kid:
             raise AuthenticationError("message kid does not match the key's", "kid_mismatch",
                                       device_id=_kid_text(msg.kid))
-        if not equal_ct(bytes(self._tag_into(msg.payload)), msg.tag):
+        if not equal_ct(self.tag(msg.payload), msg.tag):
             raise AuthenticationError("COSE_Mac0 tag does not verify", "bad_mac", device_id=_kid_text(msg.kid))
 
 
