@@ -202,16 +202,24 @@ def read_secret(path: Any, what: str) -> str:
     return str(path.read_text().strip())
 
 
-def tls_context(cfg: BackendConfig) -> ssl.SSLContext | None:
-    """None for an explicitly insecure plaintext URL; otherwise a verifying context."""
+def warn_if_insecure(cfg: BackendConfig) -> None:
+    """Logs what insecure = true gives up (plaintext, or TLS without verification): once per start, by
+    the forwarder, not at each connection (an MQTT backend down for an hour said it at every retry)."""
     scheme = urlparse(cfg.url).scheme
     if scheme in ("http", "mqtt"):
         log.warning("backend %s uses plaintext %s:// (insecure = true): health data crosses the network "
                     "unencrypted", cfg.name, scheme)
+    elif cfg.insecure:
+        log.warning("backend %s: TLS certificate verification is OFF (insecure = true)", cfg.name)
+
+
+def tls_context(cfg: BackendConfig) -> ssl.SSLContext | None:
+    """None for an explicitly insecure plaintext URL; otherwise a verifying context (warn_if_insecure
+    says what insecure = true gives up)."""
+    if urlparse(cfg.url).scheme in ("http", "mqtt"):
         return None
     ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
     if cfg.insecure:
-        log.warning("backend %s: TLS certificate verification is OFF (insecure = true)", cfg.name)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     if cfg.client_cert:
@@ -243,6 +251,7 @@ class Forwarder(abc.ABC):
         # been failing (UTC s; None: it is not failing).
         self.last_delivered_at: float | None = None
         self.failing_since: float | None = None
+        warn_if_insecure(cfg)
 
     def secret_files(self) -> list[tuple[Path, str]]:
         """The secret files this backend reads when it delivers, as (path, what it holds)."""

@@ -756,3 +756,31 @@ def test_mqtts_to_a_plaintext_port_says_the_handshake_failed_there(mosquitto: st
     finally:
         store.close()
         _stop_broker(broker)
+
+
+def test_the_plaintext_warning_is_logged_once_not_at_every_reconnect(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    # with insecure = true, each connection attempt logged "uses plaintext mqtt://" again, a second line
+    # beside each retry's: a broker down for an hour filled the log with the same warning
+    store = Store(tmp_path / "store.db", ["broker"])
+    store.start()
+    try:
+        _store_frames(store, "pb-t4", range(1))
+
+        async def scenario() -> int:
+            cfg = MqttConfig(name="broker", type="mqtt", url="mqtt://127.0.0.1:%d" % harness.free_port(),
+                             insecure=True, linger_s=0, timeout_s=1)
+            fw = MqttForwarder(cfg, store, "test-hub", asyncio.Event())
+            task = asyncio.create_task(fw.run())
+            try:
+                await async_wait_for(lambda: fw.failures >= 3, 30, "three failed connections", lambda: fw.last_error)
+                return fw.failures
+            finally:
+                await _stop(fw, task)
+
+        with caplog.at_level(logging.WARNING, logger="agent.forwarders"):
+            failures = asyncio.run(scenario())
+    finally:
+        store.close()
+    said = [r.getMessage() for r in caplog.records if "uses plaintext mqtt://" in r.getMessage()]
+    assert failures >= 3 and len(said) == 1, said
