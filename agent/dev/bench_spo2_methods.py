@@ -575,7 +575,12 @@ def two_wavelength(w: dict[str, Any]) -> dict[str, Any]:
     err = est - ref
     ok = np.isfinite(expected) & np.isfinite(err)
     sens, spec = _sens_spec(est < threshold, ref < 90.0, shown)
+    # What the sensor type would store (README, step 3): the calibration fitted on every subject.
+    stored = fit_relative_calibration(figures, ref, subject, np.ones(len(ref), dtype=bool))
     return dict(label=TWO_WAVELENGTH_LABEL, **_scores(w, est, shown, -np.nan_to_num(expected, nan=np.inf)),
+                stored=dict(rest_spo2_pct=round(stored.rest_spo2_pct, 2), slopes=[round(v, 2) for v in stored.slopes],
+                            error_ceiling_pct=round(stored.error_ceiling_pct, 2),
+                            below_90_threshold_pct=stored.below_90_threshold_pct),
                 arms_by_band_pct=_arms_by_band(err, expected, ok),
                 arms_by_decade_pct={"%d-%d" % (lo, min(hi, 100)): _arms(err[shown & (ref >= lo) & (ref < hi)])
                                     for lo, hi in DECADES},
@@ -772,6 +777,10 @@ def report_two_wavelength(t: dict[str, Any]) -> list[str]:
             100 * (t["below_90_at_threshold_sensitivity"] or 0), 100 * (t["below_90_at_threshold_specificity"] or 0)),
         "  mean error per left-out subject: %s" % ", ".join(
             "%s %s" % (k, "all withheld" if v is None else "%+.1f" % v) for k, v in t["bias_by_subject_pct"].items()),
+        "  fitted on every subject (what this sensor type would store): SpO2 at rest %s %%, slopes %s %% per unit "
+        "of log R, log red, log blue change; expected-error ceiling %s %%; < 90 %% below %s %%" % (
+            t["stored"]["rest_spo2_pct"], " / ".join(str(v) for v in t["stored"]["slopes"]),
+            t["stored"]["error_ceiling_pct"], t["stored"]["below_90_threshold_pct"]),
         "  goals: Arms <= 5 %% shown %s (over 70-100: %s); <= 20 %% withheld %s; < 90 %% >= 81 / 79 %% %s; "
         "best quality half clearly (0.5 point) below the worst %s" % tuple(
             "met" if met[k] else "NOT met" for k in ("arms", "arms_70_100", "withheld", "decision", "quality")),

@@ -190,13 +190,14 @@ class OximetryEstimator:
         if float(self.red.min()) <= 0 or float(self.ir.min()) <= 0:  # no light: probe off
             return Oximetry(None, None, None, 0.0, None)
         # AC/DC sample by sample: the band of the log of the light (module docstring).
-        ac_r, ac_i = self._band(np.log(np.vstack([self.red, self.ir])))
+        log_light = np.log(np.vstack([self.red, self.ir]))
+        ac_r, ac_i = self._band(log_light)
         sq_r, sq_i = float(np.dot(ac_r, ac_r)), float(np.dot(ac_i, ac_i))
         if sq_r == 0 or sq_i == 0:
             return Oximetry(None, None, None, 0.0, None)
         rms_r, rms_i = np.sqrt(sq_r / len(ac_r)), np.sqrt(sq_i / len(ac_i))
         figures = dict(light=(float(self.red.mean()), float(self.ir.mean())), perfusion=(float(rms_r), float(rms_i)),
-                       light_motion=(float(np.std(np.log(self.red) - ac_r)), float(np.std(np.log(self.ir) - ac_i))))
+                       light_motion=(float(np.std(log_light[0] - ac_r)), float(np.std(log_light[1] - ac_i))))
         corr = max(0.0, float(np.dot(ac_r, ac_i) / np.sqrt(sq_r * sq_i)))
         period_s, pulse_q = pulse_period(ac_r / rms_r + ac_i / rms_i, self.fs, expected_period_s)
         rate = round(60.0 / float(period_s), 1) if period_s is not None and pulse_q >= MIN_PERIODICITY else None
