@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.dev.bench_vitals import CAMERA_PAIRS, DECADES, WITHHELD_GOAL, _arms, _sens_spec
+from agent.dev.bench_vitals import CAMERA_PAIRS, DECADES, WITHHELD_GOAL, _alert_active, _arms, _sens_spec
 
 BASELINE_S = 60  # a relative estimate's reference: the placement's first minute, at rest
 SMOOTH_S = 30  # features are the median of the last 30 one-second windows (causal)
@@ -575,6 +575,11 @@ def two_wavelength(w: dict[str, Any]) -> dict[str, Any]:
     err = est - ref
     ok = np.isfinite(expected) & np.isfinite(err)
     sens, spec = _sens_spec(est < threshold, ref < 90.0, shown)
+    every = np.ones(len(ref), dtype=bool)
+    alert_sens, alert_spec = _sens_spec(_alert_active(w, est, shown), ref < 90.0, every)
+    # The same rule set at the calibration's threshold (and clearing 2 % over it): the estimate
+    # moved by 90 - threshold against the default rule.
+    at_sens, at_spec = _sens_spec(_alert_active(w, est + (90.0 - threshold), shown), ref < 90.0, every)
     # What the sensor type would store (README, step 3): the calibration fitted on every subject.
     stored = fit_relative_calibration(figures, ref, subject, np.ones(len(ref), dtype=bool))
     return dict(label=TWO_WAVELENGTH_LABEL, **_scores(w, est, shown, -np.nan_to_num(expected, nan=np.inf)),
@@ -586,7 +591,9 @@ def two_wavelength(w: dict[str, Any]) -> dict[str, Any]:
                                     for lo, hi in DECADES},
                 withheld_below_80=round(1.0 - float(shown[ok & (ref < 80.0)].mean()), 3),
                 decision_threshold_pct=sorted({float(t) for t in threshold[np.isfinite(threshold)]}),
-                below_90_at_threshold_sensitivity=sens, below_90_at_threshold_specificity=spec)
+                below_90_at_threshold_sensitivity=sens, below_90_at_threshold_specificity=spec,
+                alert_rule_sensitivity=alert_sens, alert_rule_specificity=alert_spec,
+                alert_rule_at_threshold_sensitivity=at_sens, alert_rule_at_threshold_specificity=at_spec)
 
 
 def learnt_candidates(methods: tuple[Method, ...] = METHODS) -> tuple[tuple[Method, tuple[str, ...]], ...]:
@@ -775,6 +782,11 @@ def report_two_wavelength(t: dict[str, Any]) -> list[str]:
             100 * (t["below_90_sensitivity"] or 0), 100 * (t["below_90_specificity"] or 0),
             ", ".join(str(v) for v in t["decision_threshold_pct"]),
             100 * (t["below_90_at_threshold_sensitivity"] or 0), 100 * (t["below_90_at_threshold_specificity"] or 0)),
+        "  the alert rule (< 90 %% for 30 s, clears at >= 92 %%) on what is shown, every window: sensitivity %.1f %%, "
+        "specificity %.1f %%; set at the calibration's threshold (clearing 2 %% over it): %.1f %%, %.1f %%" % (
+            100 * (t["alert_rule_sensitivity"] or 0), 100 * (t["alert_rule_specificity"] or 0),
+            100 * (t["alert_rule_at_threshold_sensitivity"] or 0),
+            100 * (t["alert_rule_at_threshold_specificity"] or 0)),
         "  mean error per left-out subject: %s" % ", ".join(
             "%s %s" % (k, "all withheld" if v is None else "%+.1f" % v) for k, v in t["bias_by_subject_pct"].items()),
         "  fitted on every subject (what this sensor type would store): SpO2 at rest %s %%, slopes %s %% per unit "
