@@ -287,8 +287,7 @@ def decode_with_steps(data: bytes | bytearray | memoryview,
         if len(data):
             raise RemoteProtocolError("%d bytes left after 0 samples" % len(data), "trailing")
         return np.zeros(0, dtype=np.int32), None
-    data = data if type(data) is bytes else bytes(data)
-    steps = _short_steps(data, count)
+    steps = short_steps(data, count)
     if steps is not None:
         first, width, body = steps
         out = np.empty(count, dtype=_INT32)
@@ -317,6 +316,14 @@ def decode_with_steps(data: bytes | bytearray | memoryview,
     return values.astype(np.int32), None
 
 
+def short_steps(data: bytes | bytearray | memoryview, count: int) -> tuple[int, int, bytes] | None:
+    """decode_with_steps(data, count)'s steps (count >= 1) without the samples: (first sample,
+    width, the steps), or None when they are not all of one or two bytes on the wire (or
+    not valid: decode() then says what is wrong). Its answer stands for the check decode()
+    makes: the samples summed from these steps are decode()'s."""
+    return _short_steps(data if type(data) is bytes else bytes(data), count)
+
+
 def _short_steps(data: bytes, count: int) -> tuple[int, int, bytes] | None:
     # The common cases, in a few calls: the first sample (a delta from 0, so as
     # large as the signal's baseline) in up to 5 bytes, every other delta in one
@@ -324,10 +331,10 @@ def _short_steps(data: bytes, count: int) -> tuple[int, int, bytes] | None:
     # two (-8192..8191: numpy). None: not those cases, or not in shortest form,
     # or near the int32 bounds (the general path decides, and raises what the
     # reference raises).
-    k = 0
-    while k < _MAX_VARINT_BYTES and k < len(data) and data[k] >= 0x80:
+    k, n = 0, len(data)
+    while k < _MAX_VARINT_BYTES and k < n and data[k] >= 0x80:
         k += 1
-    if k == _MAX_VARINT_BYTES or k == len(data) or (k and data[k] == 0):
+    if k == _MAX_VARINT_BYTES or k == n or (k and data[k] == 0):
         return None  # the first varint is longer than 5 bytes, cut, or not in shortest form
     z = 0
     for i in range(k + 1):

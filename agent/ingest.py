@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from agent import fastdecode
-from agent.record import FrameRecord, pack_steps
+from agent.record import FrameRecord, pack_steps, unpacked_steps
 from agent.registry import Device, Registry
 from agent.store import (
     KIND_FRAME,
@@ -370,11 +370,16 @@ def record_of(device_id: str, m: messages.SampleFrame, sample_bytes: list[bytes]
     t0_utc = to_utc(m.t0_ms) if to_utc is not None else None
     if t0_utc is not None and not 0 <= t0_utc <= messages.MAX_UPLINK_INT:
         t0_utc = None  # a clock map gone wild is not a time: placed by arrival instead
-    decoded = [fastdecode.decode_with_steps(ch, m.count) for ch in sample_bytes]
-    channels = tuple(values for values, _ in decoded)
-    # Every channel's steps of one or two bytes each on the wire (most frames): stored as read.
-    steps = [s for _, s in decoded if s is not None]
-    packed = pack_steps(steps) if steps and len(steps) == len(decoded) else None
+    count = m.count
+    # Every channel's steps of one or two bytes each on the wire (most frames): stored as read,
+    # the samples summed from them; else (or no samples) each channel decoded in full.
+    steps = [fastdecode.short_steps(ch, count) for ch in sample_bytes] if count else []
+    packed: tuple[int, bytes] | None = None
+    if steps and None not in steps:
+        packed = pack_steps(cast("list[tuple[int, int, bytes]]", steps))
+        channels = unpacked_steps(packed[0], packed[1], len(steps), count)
+    else:
+        channels = tuple(fastdecode.decode(ch, count) for ch in sample_bytes)
     flags, fifo_lost, dropped, jitter_us = m.status
     return FrameRecord(device_id, m.epoch, m.seq, m.stream, m.rate_hz, m.t0_ms, m.first_index, m.count,
                        m.scale[0], m.scale[1], m.ppg_drive, flags, fifo_lost, dropped, jitter_us, channels,

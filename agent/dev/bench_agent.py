@@ -487,7 +487,9 @@ def drain(n: int = BACKLOG_FRAMES, payload: str = "json", profile: cProfile.Prof
 _VERIFY = "verify and decode (protocols/ and its fast paths: COSE, CBOR, AES-CTR, replay)"
 _SAMPLES = "samples (numpy: decoding them, packing and unpacking records)"
 # agent/fastdecode.py holds the fast wire decoders and the sample decoder: told apart by function.
-_SAMPLE_DECODERS = ("decode", "decode_with_steps", "_short_steps")
+# agent/record.py packs a record's steps and sums its samples from them: samples too.
+_SAMPLE_DECODERS = ("decode", "decode_with_steps", "short_steps", "_short_steps", "pack_steps", "unpacked_steps",
+                    "_cumulated")
 AREAS = (
     ("protocols/", _VERIFY),
     ("agent/fastdecode", _VERIFY),
@@ -536,7 +538,7 @@ def _by_area(prof: cProfile.Profile, top: int) -> dict[str, Any]:
     functions = []
 
     def area_of(file: str, name: str) -> str:
-        if "agent/fastdecode" in file and name in _SAMPLE_DECODERS:
+        if ("agent/fastdecode" in file or "agent/record" in file) and name in _SAMPLE_DECODERS:
             return _SAMPLES
         return next((a for key, a in AREAS if key in file), "other Python")
 

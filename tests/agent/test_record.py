@@ -124,3 +124,31 @@ def test_steps_read_from_the_wire_store_as_the_samples_would(n_channels: int, co
     assert fast.stored() == f.stored()
     back, _ = _round_trip(fast)
     _same_record(back, f)
+
+
+@given(st.integers(1, 3), st.integers(1, 300), INT32, st.lists(st.sampled_from([1, 64, 128, 8192, 2**20]),
+                                                             min_size=3, max_size=3), st.data())
+def test_a_records_samples_are_the_reference_decoders(n_channels: int, count: int, first: int, steps_within: list[int],
+                                                     data: st.DataObject) -> None:
+    # record_of reads each channel's steps (fastdecode.short_steps), packs them and sums the
+    # samples from the packed steps once for all channels (unpacked_steps), or decodes every
+    # channel in full when one is not of one- or two-byte steps: the samples are the reference
+    # decoder's (protocols/samples.py) either way, channels of different step widths too.
+    from agent.ingest import record_of
+    from protocols import messages
+
+    wire, expected = [], []
+    for step in steps_within[:n_channels]:
+        steps = data.draw(st.lists(st.integers(-step, step - 1), min_size=count - 1, max_size=count - 1))
+        values = [int(v) for v in np.cumsum([first, *steps])]
+        if not all(-(2**31) <= v < 2**31 for v in values):
+            return  # a sample the wire cannot carry
+        buf = bytearray(5 * count + 8)
+        wire.append(bytes(buf[:samples.encode_into(values, count, buf, 0)]))
+        expected.append(samples.decode(wire[-1], count))
+    m = messages.SampleFrame(1, 2, 3, 4, 5, 100, count, (1, 1), None, (0, 0, 0, 0), wire)  # type: ignore[arg-type]
+    f = record_of("pb-r", m, wire, b"cose", None)
+    assert [ch.tolist() for ch in f.channels] == expected
+    assert all(ch.dtype == np.int32 and ch.shape == (count,) for ch in f.channels)
+    back, _ = _round_trip(f)
+    _same_record(back, f)
