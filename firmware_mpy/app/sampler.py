@@ -153,16 +153,12 @@ class Stream:
             got = self.sensor.read_into(self.chans, self.n, self.capacity - self.n)
             if got:
                 self.drained_ms = now_ms  # its FIFO just went below the chip's threshold
-            lost = self.sensor.lost
             if self.sensor.saturated:
                 self.saturated = True
-            if lost:
-                if lost < 0:  # the chip does not count: estimate from the board clock
-                    lost = self._behind(now_ms, got)
-                    if lost < 1:
-                        lost = 1
-                self._lose(lost)
-            self.n += got
+            if self.sensor.lost:
+                self._lost(now_ms, got)
+            else:
+                self.n += got
         return self.to_frame()
 
     def drain_rest(self):
@@ -174,6 +170,21 @@ class Stream:
             self.n += self.sensor.read_rest_into(self.chans, self.n, self.capacity - self.n)
             if self.sensor.saturated:
                 self.saturated = True
+
+    def _lost(self, now_ms, got):
+        # The sensor lost samples around the got it just read: before them
+        # (lost_after False: a FIFO that overwrites its oldest), or after
+        # them (True: one that keeps what it stored before overflowing).
+        lost = self.sensor.lost
+        if self.sensor.lost_after:
+            self.n += got
+            got = 0
+        if lost < 0:  # the chip does not count: estimate from the board clock
+            lost = self._behind(now_ms, got)
+            if lost < 1:
+                lost = 1
+        self._lose(lost)
+        self.n += got
 
     def to_frame(self):
         # How many samples to put in a frame now.

@@ -50,6 +50,7 @@ class AD8232:
         self._cb = self._on_tick  # bound once: no allocation when the timer fires
         self.saturated = False
         self.lost = 0
+        self.lost_after = False  # the ticks it never got came before the samples read
 
     def start(self):
         self._wr = self._rd = 0

@@ -84,24 +84,38 @@ class MAX30003:
         self.gain = 20
         self._scale = (_VREF_UV, (1 << 17) * 20)  # scale(), made when configured: a frame allocates no tuple
         self.lost = 0
+        self.lost_after = True  # its FIFO keeps what it stored before an overflow: the loss follows the samples read
         self.saturated = False
         self._more = False  # the last word read was a valid one not marked last (ETAG 0/1): samples follow it
         self._irq = False  # FIFO interrupt enabled (kept across a restart)
         cs.value(1)
 
+    # (Each method here that runs per sample burst keeps to 11 words of
+    # locals and stack, so MicroPython gives its call frame on the C stack,
+    # not from the heap: README, "call frames".)
     def _xfer(self, reg, value, read):
         tx = self._tx
         tx[0] = (reg << 1) | (1 if read else 0)
         tx[1] = (value >> 16) & 0xFF
         tx[2] = (value >> 8) & 0xFF
         tx[3] = value & 0xFF
-        self._cs.value(0)
-        try:
-            self._spi.write_readinto(tx, self._rx)
-        finally:
-            self._cs.value(1)
+        self._transfer()
         rx = self._rx
         return (rx[1] << 16) | (rx[2] << 8) | rx[3]
+
+    def _transfer(self):
+        self._cs.value(0)
+        try:
+            self._spi.write_readinto(self._tx, self._rx)
+        finally:
+            self._cs.value(1)
+
+    def _transfer_burst(self):
+        self._cs.value(0)
+        try:
+            self._spi.write_readinto(self._btx, self._brx)
+        finally:
+            self._cs.value(1)
 
     def read_reg(self, reg):
         return self._xfer(reg, 0, True)
@@ -176,45 +190,23 @@ class MAX30003:
         # while STATUS says that many are unread and room holds them (callers
         # give 32 spare); fewer wait for the next call, at most _EFIT / rate
         # (31 ms at 512 Hz, half the FIFO's fill time). Returns the samples
-        # read; self.lost is then -1 if the FIFO overflowed before them (this
+        # read; self.lost is then -1 if the FIFO overflowed after them (this
         # chip counts no lost samples: the caller estimates them), else 0.
+        # After an overflow (EOVF) the FIFO still holds the samples it stored
+        # before it: those are read first (their tags say valid), up to the
+        # overflow's tag, as Maxim's MAX30003WING examples read them; only
+        # then is the FIFO reset (FIFO_RST), which ends the overflow.
         # Nothing here allocates, not even a result tuple.
-        out = chans[0]
-        rx = self._brx
         n = 0
-        overflow = 0
-        sat = False
+        self.lost = 0
+        self.saturated = False
         while room - n >= _EFIT:
-            status = self.status()
-            if status & _STATUS_EOVF:
-                # Samples were lost: reset the FIFO and start clean.
-                self.write_reg(_REG_FIFO_RST, 0)
-                self._more = False
-                overflow = -1
-                break
-            if not status & _STATUS_EINT:
-                break
-            self._cs.value(0)
-            try:
-                self._spi.write_readinto(self._btx, rx)
-            finally:
-                self._cs.value(1)
-            got = _native.max30003_words(rx, _EFIT, out, pos + n)
+            got = self._burst(chans[0], pos + n)
             n += got & 0xFFFF
-            # The burst's last word (its ETAG in the low byte): valid and not
-            # the FIFO's last, samples remain under the threshold (read_rest_into).
-            self._more = (got & 0x6FFFF) == _EFIT and (rx[3 * _EFIT] >> 3) & 7 < 2
             if got & 0x10000:
-                sat = True
-            if got & 0x20000:
-                self.write_reg(_REG_FIFO_RST, 0)
-                overflow = -1
-            elif got & 0x40000:
-                break  # EINT said otherwise: a glitch; the next call reads on
-            if overflow:
-                break
-        self.saturated = sat
-        self.lost = overflow
+                self.saturated = True
+            if got & 0x60000:
+                break  # the FIFO overflowed (and was reset), or holds fewer than a burst
         return n
 
     def read_rest_into(self, chans, pos, room):
@@ -244,3 +236,28 @@ class MAX30003:
             n += 1
             self._more = etag < 2
         return n
+
+    def _burst(self, out, at):
+        # One burst of _EFIT samples into out[at:] if the FIFO holds that
+        # many (EINT): _native.max30003_words's count and flags. With fewer
+        # and an overflow (EOVF): the samples before it were read, the FIFO
+        # is reset (0x20000); fewer and no overflow: 0x40000.
+        status = self.status()
+        if not status & _STATUS_EINT:
+            if status & _STATUS_EOVF:
+                self._overflowed()
+                return 0x20000
+            return 0x40000
+        self._transfer_burst()
+        got = _native.max30003_words(self._brx, _EFIT, out, at)
+        # The burst's last word (its ETAG in the low byte): valid and not
+        # the FIFO's last, samples remain under the threshold (read_rest_into).
+        self._more = (got & 0x6FFFF) == _EFIT and (self._brx[3 * _EFIT] >> 3) & 7 < 2
+        if got & 0x20000:  # the overflow's tag, after the samples stored before it
+            self._overflowed()
+        return got
+
+    def _overflowed(self):
+        self.write_reg(_REG_FIFO_RST, 0)
+        self._more = False
+        self.lost = -1

@@ -68,6 +68,7 @@ class MAX30102:
         self.saturated = False
         self._irq = False  # FIFO interrupt enabled (kept across a restart)
         self.lost = 0
+        self.lost_after = False  # its FIFO rolls over, the oldest overwritten: the loss precedes the samples read
 
     def _write(self, reg, value):
         self._one[0] = value

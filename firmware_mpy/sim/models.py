@@ -433,7 +433,9 @@ class MAX30003Model:
                     code = 0x1FFFF
                 if code < -0x1FFFF:
                     code = -0x1FFFF
-            if self.count == 32:
+            if self.count == 32 or self.overflow:
+                # Full, or overflowed and not reset yet (EOVF: "the data
+                # record has been corrupted" until FIFO_RST or SYNCH): lost.
                 self.overflow = True
                 self.lost += 1
                 continue
@@ -470,16 +472,21 @@ class MAX30003Model:
         return s
 
     def _pop_word(self):
+        # After an overflow the samples stored before it are still read, in
+        # order, as valid (Maxim's MAX30003WING examples read the FIFO up to
+        # the overflow's tag and keep what came before); then the overflow's
+        # tag (ETAG 7) until a FIFO_RST or SYNCH. The samples converted
+        # while the FIFO was full are lost (self.lost).
         self.words_clocked += 1
-        if self.overflow:
-            return _ETAG_OVF_WORD
         if not self.count:
+            if self.overflow:
+                return _ETAG_OVF_WORD
             self.empty_words_clocked += 1
             return _ETAG_EMPTY_WORD
         code = self.fifo[self.head]
         self.head = (self.head + 1) & 31
         self.count -= 1
-        etag = 2 if self.count == 0 else 0  # valid, or valid end of FIFO
+        etag = 2 if self.count == 0 and not self.overflow else 0  # valid, or valid end of FIFO
         return ((code & 0x3FFFF) << 6) | (etag << 3)
 
     def transfer(self, tx, rx):

@@ -106,7 +106,8 @@ def test_max30003_identity_burst_and_overflow():
     n = chip.read_into((out,), 0, 64)
     assert (n, chip.lost, model.count) == (16, 0, 4), (n, chip.lost, model.count)
     clock.sleep_ms(100)  # 51 samples into 32 words: overflow
-    chip.read_into((out,), 0, 64)
+    n = chip.read_into((out,), 0, 64)
+    assert n == 32  # what it stored before the overflow
     assert chip.lost == -1 and model.lost > 0 and not model.overflow  # FIFO reset after overflow
     assert chip.scale() == (1000000, 131072 * 20)
 
@@ -125,6 +126,42 @@ def test_stream_reports_fifo_loss_and_keeps_sample_clock():
     assert st.first_index == 48 and st.pending_lost == 18 and st.n == 32
     st.frame_time()
     assert (st.t0_ms_hi, st.t0_ms_lo) == (0, 480)  # the first sample after the gap, on the sensor clock
+
+
+def test_an_ecg_fifo_overflow_keeps_what_it_held_and_counts_what_it_lost():
+    # The MAX30003 keeps the samples it stored before an overflow (their
+    # tags say valid; the overflow's tag comes after them): the stream keeps
+    # them, in order, and the gap follows them, as long as the samples the
+    # chip dropped while full (no drift here: the board's clock is the
+    # chip's). Before, the FIFO was reset unread: 32 good samples more lost.
+    clock = VirtualClock()
+    chip, model = _ecg_chip(clock)
+    chip.configure(rate_hz=512, gain=20)
+    chip.start()
+    st = Stream(chip, messages.STREAM_ECG_MAX30003, 512, 0)
+    clock.sleep_ms(40)  # 20 converted: a burst of 16 read, 4 left
+    st.poll(clock.now_us() // 1000)
+    assert st.n == 16, st.n
+    clock.sleep_ms(200)  # 102 more: the FIFO is full after 28 of them, the rest lost
+    st.poll(clock.now_us() // 1000)
+    assert model.lost == model.index - 48 == 74, (model.index, model.lost)
+    assert st.n == 48 and st.split == 48, (st.n, st.split)  # the 32 held kept, before the gap
+    assert st.gap == model.lost and st.lost_total == model.lost, (st.gap, st.lost_total, model.lost)
+    assert not model.overflow and model.count == 0  # reset once read
+    # The samples kept are the chip's first 48, as an identical chip read
+    # often enough gives them.
+    ref_clock = VirtualClock()
+    ref, _ = _ecg_chip(ref_clock)
+    ref.configure(rate_hz=512, gain=20)
+    ref.start()
+    want = array.array("i", bytes(4 * 64))
+    got = 0
+    while got < 48:
+        ref_clock.sleep_ms(32)
+        got += ref.read_into((want,), got, 64 - got)
+    assert list(st.chans[0][:48]) == list(want[:48])
+    st.advance(48)
+    assert st.first_index == 48 + 74 and st.pending_lost == 74, (st.first_index, st.pending_lost)
 
 
 def test_a_gap_found_while_a_window_is_framed_stays_after_the_samples_before_it():
