@@ -89,13 +89,19 @@ class Writer:
             buf[p + 2] = (value >> 16) & 0xFF
             buf[p + 3] = (value >> 8) & 0xFF
             buf[p + 4] = value & 0xFF
-        elif value < 0x10000000000000000:
-            p = self._room(9)
-            buf[p] = mt | 27
-            for i in range(8):
-                buf[p + 1 + i] = (value >> (56 - 8 * i)) & 0xFF
         else:
+            self._head64(mt, value)
+
+    def _head64(self, mt: int, value: int) -> None:
+        # (Apart from head: its loop would make head's call frame too big for
+        # MicroPython's C stack, a heap allocation at every call.)
+        if value >= 0x10000000000000000:
             raise LocalProtocolError("integer does not fit in 64 bits", "range")
+        buf = self.buf
+        p = self._room(9)
+        buf[p] = mt | 27
+        for i in range(8):
+            buf[p + 1 + i] = (value >> (56 - 8 * i)) & 0xFF
 
     def uint(self, value: int) -> None:
         if value < 0:

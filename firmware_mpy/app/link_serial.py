@@ -75,7 +75,8 @@ class SerialLink:
     def service(self):
         # True once the line works again after a stall: like a reconnection,
         # the app then resends whatever was in flight.
-        self._pump()
+        if self._pending:
+            self._pump()
         if self._recovered:
             self._recovered = False
             return True
@@ -93,25 +94,34 @@ class SerialLink:
         self._pump()
         return True
 
+    # _pump runs every loop while a frame goes out, so it keeps to 11 words
+    # of locals and stack (its call frame on the C stack, not the heap:
+    # README, "call frames"); the write, with its try, is _write.
     def _pump(self):
-        n = self._pending
-        if not n:
+        if self._ticks_us is None:
+            self._write(self._pending, 0)
             return
-        now = 0
-        if self._ticks_us is not None:
-            now = self._ticks_us()
-            if self._stalled and self._ticks_diff(self._resume_at, now) > 0:
-                return  # the host was not reading: wait the backoff out
-            queued_us = self._ticks_diff(self._empty_at, now)
-            if queued_us < 0:
-                queued_us = 0
-                self._empty_at = now
-            room = self._tx_fifo - (queued_us + self._byte_us - 1) // self._byte_us
-            if room <= 0:
-                return
-            if n > room:
-                n = room
-            self._empty_at = ticks.add(self._empty_at, n * self._byte_us)
+        now = self._ticks_us()
+        if self._stalled and self._ticks_diff(self._resume_at, now) > 0:
+            return  # the host was not reading: wait the backoff out
+        n = self._room(now)
+        if n <= 0:
+            return
+        self._empty_at = ticks.add(self._empty_at, n * self._byte_us)
+        self._write(n, now)
+
+    def _room(self, now):
+        # How many of the pending bytes the UART's FIFO takes at now.
+        queued_us = self._ticks_diff(self._empty_at, now)
+        if queued_us < 0:
+            queued_us = 0
+            self._empty_at = now
+        room = self._tx_fifo - (queued_us + self._byte_us - 1) // self._byte_us
+        return room if room < self._pending else self._pending
+
+    def _write(self, n, now):
+        # Writes the next n pending bytes (now: when the pump started, on the
+        # board's clock; 0 without one).
         try:
             w = self._out.write(self._tx, self._off, n)  # (buf, offset, length): no slice to allocate
         except OSError as e:

@@ -21,6 +21,8 @@ FIRMWARE = "pulsebridge-fw 0.1.0"
 _SMALL = const(160)  # buffer for hello/status/time messages
 _MAX_SENDS_PER_LOOP = const(4)
 _VITALS_CHUNK = const(128)  # samples fed to the board's vitals between two FIFO reads
+_READ = const(1)  # _read_sensor: read the chip's FIFO
+_CHECK = const(2)  # _read_sensor: check the chip still answers
 _RX_CHUNKS_PER_LOOP = const(16)  # downlink read per loop at most: messages, or the links' chunks (32 bytes)
 _IDLE_MAX_MS = const(100)
 # Garbage is collected when the loop chooses: right after the fastest FIFO
@@ -202,31 +204,37 @@ class App:
         # frame is not tried: they go at a later turn. The FIFOs are drained
         # after each (a status and a checkpoint, both due every 10 s, take
         # ~30 ms on a chip). Returns the time after (now if nothing went).
-        link = self.link
-        reports = self.reports
-        while link.connected and not link.busy():
-            due = self.due & which
-            bit = due & -due  # the lowest bit set: hello, time answer, status in turn
-            if bit == _DUE_HELLO:
-                self.hello()
-            elif bit == _DUE_TIME:
-                self.time_answer()
-            elif bit == _DUE_STATUS:
-                self.status()
-            elif which & _DUE_REPORTS and reports.pending:
-                code, text = reports.first()
-                fields.encode_error_report(self._small(), self.epoch, self.seq, code, text)
-            else:
-                break
-            if not self._seal_small():
-                break  # (stalled: it stays due, its seq unused)
-            self.seq += 1
-            if bit:
-                self.due &= ~bit
-            else:
-                reports.done()
+        while self.link.connected and not self.link.busy() and self._send_first_due(which):
             now = self._drain()
         return now
+
+    def _send_first_due(self, which):
+        # The first small message due among which, built and sealed: whether
+        # the link took it.
+        bit = self.due & which
+        bit &= -bit  # the lowest bit set: hello, time answer, status in turn
+        if bit == _DUE_HELLO:
+            self.hello()
+        elif bit == _DUE_TIME:
+            self.time_answer()
+        elif bit == _DUE_STATUS:
+            self.status()
+        elif which & _DUE_REPORTS and self.reports.pending:
+            self._error_report()
+        else:
+            return False
+        if not self._seal_small():
+            return False  # (stalled: it stays due, its seq unused)
+        self.seq += 1
+        if bit:
+            self.due &= ~bit
+        else:
+            self.reports.done()
+        return True
+
+    def _error_report(self):
+        code, text = self.reports.first()
+        fields.encode_error_report(self._small(), self.epoch, self.seq, code, text)
 
     # The small messages' payloads, built into _small() at self.seq.
     def hello(self):
@@ -449,13 +457,17 @@ class App:
         # takes milliseconds on a chip, and a FIFO that asked meanwhile goes
         # first (latency: the longest one piece).
         now = self.board.ticks_ms()
-        poll_ms = self.cfg["poll_ms"]
         for k in range(len(self.streams)):
             st = self.streams[k]
             if every or st.wants() or st.n >= st.window:  # (a window filled by _read_fifos: framed now)
-                self._poll_stream(k, now, poll_ms)
+                self._poll_stream(k, now)
         return self.board.ticks_ms()
 
+    # The loop's pieces are methods of at most 11 words of locals and stack:
+    # a bytecode function needing more gets its frame from the heap at every
+    # call (py/objfun.c, VM_MAX_STATE_ON_STACK), and with no garbage about
+    # each such allocation searches the heap from its lowest hole (README,
+    # "call frames"): at esp32 speed a sixth of the CPU went there.
     def step(self):
         self.board.service()
         now = self._drain(True)
@@ -468,24 +480,10 @@ class App:
         if self.due & _DUE_HELLO:  # before the frames: after a reconnection they would take the link first
             now = self._send_due(now, _DUE_HELLO)
         if self.link.connected and not self.reseal_due:  # the old epoch's frames would only be refused
-            ob = self.outbox
-            for _ in range(_MAX_SENDS_PER_LOOP):
-                i = ob.next_to_send(now, self.cfg["retransmit_ms"])
-                if i < 0 or not self.link.send(ob.buf, ob.lens[i], ob.off[i]):
-                    break
-                ob.mark_sent(i, now)
-                now = self._drain()
-        for _ in range(_RX_CHUNKS_PER_LOOP):  # (a chunk takes a few ms on a chip: the sensors go between)
-            n = self.link.receive()
-            if n:
-                self.on_downlink(self.link.message, n)
-            elif not self.link.rx_more:
-                break
-            now = self._drain()
+            now = self._send_frames(now)
+        now = self._receive(now)
         if self.hr is not None or self.ox is not None:
-            hr, ox = self.hr, self.ox
-            self.link.set_vitals(now, hr.bpm_x10 if hr else 0, ox.spo2_x10 if ox else 0, ox.pr_x10 if ox else 0,
-                                 self.board.battery_pct(self.cfg))
+            self._set_vitals(now)
         if ticks.diff(now, self.next_status_ms) >= 0:
             self.next_status_ms = ticks.add(now, self.cfg["status_every_ms"])
             self.board.refresh_uptime()  # also keeps an uptime built from wrapping ticks counting
@@ -507,6 +505,34 @@ class App:
         if self.update is not None and not self.update.step(self._empty_fifos()):
             self.update = None
             forget_update()  # the update's code leaves RAM with it
+
+    def _send_frames(self, now):
+        # The outbox's frames due, while the link takes them; the FIFOs
+        # drained after each. Returns the time after.
+        for _ in range(_MAX_SENDS_PER_LOOP):
+            i = self.outbox.next_to_send(now, self.cfg["retransmit_ms"])
+            if i < 0 or not self.link.send(self.outbox.buf, self.outbox.lens[i], self.outbox.off[i]):
+                break
+            self.outbox.mark_sent(i, now)
+            now = self._drain()
+        return now
+
+    def _receive(self, now):
+        # The downlink, a chunk at a time with the FIFOs drained between (a
+        # chunk takes a few ms on a chip). Returns the time after.
+        link = self.link
+        for _ in range(_RX_CHUNKS_PER_LOOP):
+            n = link.receive()
+            if n:
+                self.on_downlink(link.message, n)
+            elif not link.rx_more:
+                break
+            now = self._drain()
+        return now
+
+    def _set_vitals(self, now):
+        self.link.set_vitals(now, self.hr.bpm_x10 if self.hr else 0, self.ox.spo2_x10 if self.ox else 0,
+                             self.ox.pr_x10 if self.ox else 0, self.board.battery_pct(self.cfg))
 
     def _empty_fifos(self):
         # Drains every stream's FIFO as if its chip had asked, before a long
@@ -556,27 +582,48 @@ class App:
         self.outbox.commit(seq, w.pos - base)
 
     # ---- faults (app/faults.py): each handled here, reported, never fatal ----
-    def _poll_stream(self, k, now, poll_ms):
-        st = self.streams[k]
-        g = self.guard
-        if not g.ready(k):
-            if g.restart_due(k, now):
+    def _poll_stream(self, k, now):
+        if not self.guard.ready(k):
+            if self.guard.restart_due(k, now):
                 self._restart_sensor(k, now)
             return
-        try:
-            count = st.poll(now) if st.due(now, poll_ms) else st.to_frame()
-            # Checked whether or not the chip asked: a dead one raises no interrupt.
-            if g.check_due(k, now) and not st.sensor.alive():
-                self._sensor_down(k, now, "no longer identifies")
+        st = self.streams[k]
+        # Read when the chip asked (or, unwired, its poll is due); checked
+        # when its check is due, whether or not it asked: a dead one raises
+        # no interrupt.
+        how = _READ if st.due(now, self.cfg["poll_ms"]) else 0
+        if self.guard.check_due(k, now):
+            how |= _CHECK
+        if how:
+            count = self._read_sensor(k, now, how)
+            if count < 0:
                 return
-        except OSError as e:
-            self._sensor_error(k, now, e)
-            return
+        else:
+            count = st.to_frame()
         self._drained(st, now)  # (before a frame: a collection after it would find the FIFO half full)
-        if g.read_ok(k):
-            self.reports.add(faults.ERR_SENSOR_FAULT, "%s answers again" % g.names[k])
+        if self.guard.read_ok(k):
+            self._sensor_back(k)
         if count:
             self.build_frame(k, st, count)
+
+    def _read_sensor(self, k, now, how):
+        # Stream k's chip read (_READ) and/or checked (_CHECK): how many
+        # samples to frame now, or -1 after a fault (handled here). (The
+        # only piece of the drain with a try: its call frame is too big for
+        # the C stack, so it is called only when the chip is to be read.)
+        st = self.streams[k]
+        try:
+            count = st.poll(now) if how & _READ else st.to_frame()
+            if how & _CHECK and not st.sensor.alive():
+                self._sensor_down(k, now, "no longer identifies")
+                return -1
+        except OSError as e:
+            self._sensor_error(k, now, e)
+            return -1
+        return count
+
+    def _sensor_back(self, k):
+        self.reports.add(faults.ERR_SENSOR_FAULT, "%s answers again" % self.guard.names[k])
 
     def _lead_off(self, st):
         try:
@@ -672,12 +719,7 @@ class App:
         if self.reseal_due or self.link.rx_more:
             return  # more of the outbox to re-seal, or of the downlink to read: no sleep
         now = self.board.ticks_ms()
-        t = _IDLE_MAX_MS
-        for st in self.streams:
-            if st.irq_pin is None:
-                d = ticks.diff(st.next_poll_ms, now)
-                if d < t:
-                    t = d
+        t = self._next_poll_in_ms(now)
         if self.link.busy() and self.link.pump_ms < t:
             t = self.link.pump_ms
         d = ticks.diff(self.next_status_ms, now)
@@ -685,6 +727,17 @@ class App:
             t = d
         if t > 0 and not self._any_ready():
             self.board.idle_ms(t, self._woken)
+
+    def _next_poll_in_ms(self, now):
+        # ms until the first stream without an interrupt line is due to be
+        # polled, _IDLE_MAX_MS at most.
+        t = _IDLE_MAX_MS
+        for k in range(len(self.streams)):
+            if self.streams[k].irq_pin is None:
+                d = ticks.diff(self.streams[k].next_poll_ms, now)
+                if d < t:
+                    t = d
+        return t
 
     def run(self, until_ms=None):
         self.start()

@@ -167,18 +167,34 @@ class Outbox:
         o = self.off[i]
         return self.mv[o:o + self.lens[i]]
 
+    # next_to_send runs every loop: it and its helpers keep to 11 words of
+    # locals and stack, so their call frames go on the C stack, not the heap
+    # (README, "call frames"; a range() loop takes two words more than this
+    # while).
     def next_to_send(self, now_ms, retransmit_ms):
         # The oldest frame never sent, else the oldest whose ack is overdue.
-        due = -1
-        n = len(self.off)
-        for k in range(self.count):
-            i = (self.head + k) % n
-            st = self.state[i]
-            if st == _UNSENT:
+        i = self._oldest_unsent()
+        if i < 0:
+            i = self._oldest_overdue(now_ms, retransmit_ms)
+        return i
+
+    def _oldest_unsent(self):
+        k = 0
+        while k < self.count:
+            i = (self.head + k) % len(self.off)
+            if self.state[i] == _UNSENT:
                 return i
-            if st == _SENT and due < 0 and ticks.diff(now_ms, self.sent_ms[i]) >= retransmit_ms:
-                due = i
-        return due
+            k += 1
+        return -1
+
+    def _oldest_overdue(self, now_ms, retransmit_ms):
+        k = 0
+        while k < self.count:
+            i = (self.head + k) % len(self.off)
+            if self.state[i] == _SENT and ticks.diff(now_ms, self.sent_ms[i]) >= retransmit_ms:
+                return i
+            k += 1
+        return -1
 
     def mark_sent(self, i, now_ms):
         self.state[i] = _SENT

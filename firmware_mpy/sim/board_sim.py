@@ -215,17 +215,23 @@ class SimBoard:
         self._timers = []
 
     def service(self):
+        # (Runs every loop, as the firmware's board: its call frame fits the
+        # C stack, 11 words at most, or the heap would give it one each
+        # time, which board_esp32's does not cost.)
         for t in self._timers:
             t.fire_due()
         for p in self._irq_list:  # (a list: dict.values() would allocate a view each loop)
             p.poll()
         if self.radio is not None:
-            c = self.clock
-            c.enter()
-            try:
-                self.radio.service()
-            finally:
-                c.leave()
+            self._radio_service(self.radio)
+
+    def _radio_service(self, radio):
+        c = self.clock
+        c.enter()
+        try:
+            radio.service()
+        finally:
+            c.leave()
 
     def console(self, text):
         c = self.clock

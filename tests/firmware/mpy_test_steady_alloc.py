@@ -18,6 +18,8 @@ import gc
 import json
 import sys
 
+import micropython
+
 from app import config, main, outbox
 from protocols import cbor, hub, hub_link, link, messages
 from sim.board_sim import SimBoard
@@ -315,3 +317,75 @@ def test_frame_times_stay_exact_with_no_int_past_small_ints():
 def test_timer_paced_ad8232_steady_state_allocates_nothing():
     # The AD8232 front end sampled by a timer callback (a soft IRQ), 250 Hz.
     _run("serial", ecg={"chip": "ad8232", "rate_hz": 250})
+
+
+class _SimAllocClock(VirtualClock):
+    # A virtual clock that counts what the simulation allocates between its
+    # enter() and leave() (the chip models, the console, the hub's end), so
+    # a test can tell the firmware's own allocations from them.
+    def __init__(self):
+        super().__init__()
+        self.sim_bytes = 0
+        self._mark = 0
+        self._nest = 0
+
+    def enter(self):
+        self._nest += 1
+        if self._nest == 1:
+            self._mark = micropython.mem_total()  # type: ignore[attr-defined]
+
+    def leave(self):
+        self._nest -= 1
+        if self._nest == 0:
+            self.sim_bytes += micropython.mem_total() - self._mark  # type: ignore[attr-defined]
+
+
+def test_a_loop_with_nothing_to_do_allocates_no_call_frame():
+    # The tests above run under micropython.heap_lock(), where a function
+    # whose call frame needs more than 11 words (locals and stack: py/objfun.c
+    # VM_MAX_STATE_ON_STACK) falls back to the C stack: they cannot see those
+    # frames. Unlocked, each such call allocates its frame on the heap, and
+    # in a heap with no garbage that allocation searches from the lowest
+    # hole (README, "call frames": a sixth of the CPU at esp32 speed). So the
+    # loop's pieces that run every iteration keep to 11 words: a step that
+    # finds no FIFO asking, no frame to send and no downlink allocates
+    # nothing at all, frames included (mem_total counts every allocation).
+    sim = _load("sim.json")
+    sim["virtual_clock"] = True
+    cfg = config.load()
+    cfg["link"] = "serial"
+    key = config.load_key()
+    clock = _SimAllocClock()
+    board = SimBoard(sim, clock)
+    far = _Hub(cfg["device_id"], key, "serial")
+    board.console_in = None
+    board.console_out = far
+    outbox.preallocate(config.ring_bytes())
+    app = main.App(board, cfg, key, config.next_epoch())
+    app.start()
+    quiet = 0
+    allocated = []
+    while board.uptime_ms() < _START_MS + 3000:
+        app.step()
+        down = far.answer()
+        if down:
+            board.console_port.feed(down)
+        app.wait()
+        if board.uptime_ms() < _START_MS:
+            continue
+        # Right after a step the loop has nothing to do until the clock moves:
+        # the next step, at the same time, is a quiet one if the link has no
+        # frame going out, no FIFO asks and no downlink waits.
+        app.step()
+        if app.link.busy() or app._any_ready() or board.console_port.any() or app.due:
+            continue
+        gc.collect()
+        sim0 = clock.sim_bytes
+        before = micropython.mem_total()  # type: ignore[attr-defined]
+        app.step()
+        firmware = micropython.mem_total() - before - (clock.sim_bytes - sim0)  # type: ignore[attr-defined]
+        quiet += 1
+        if firmware:
+            allocated.append(firmware)
+    assert quiet >= 10, quiet  # (the check above found quiet steps to look at)
+    assert not allocated, (quiet, allocated)
