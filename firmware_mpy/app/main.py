@@ -345,18 +345,23 @@ class App:
         if st is not self._fastest or st.drained_ms != now:
             return
         if self._gc_below < 0:  # due
-            self._gc_below = _GC_HEADROOM  # (first: the FIFOs read after the collection come back here)
-            try:
-                st.drain_rest()  # (what a burst left: the collection gets the FIFO's whole fill time, not 33-62 ms)
-            except OSError:
-                pass  # (the bus failed: the next poll reads it, and handles the fault)
-            gc.collect()
-            self._read_fifos()
-            self._gc_below = min(_GC_HEADROOM, gc.mem_free() // 2)
+            self._collect(st)
         elif ticks.diff(now, self._gc_checked_ms) >= _GC_CHECK_MS:
             self._gc_checked_ms = now
             if gc.mem_free() < self._gc_below:
                 self._gc_below = -1  # (no attribute more: a BLE board's App has no room for its dict to grow)
+
+    def _collect(self, st):
+        # (Apart from _drained, which runs at every poll: with this try in it
+        # its call frame would pass 11 words and come from the heap each time.)
+        self._gc_below = _GC_HEADROOM  # (first: the FIFOs read after the collection come back here)
+        try:
+            st.drain_rest()  # (what a burst left: the collection gets the FIFO's whole fill time, not 33-62 ms)
+        except OSError:
+            pass  # (the bus failed: the next poll reads it, and handles the fault)
+        gc.collect()
+        self._read_fifos()
+        self._gc_below = min(_GC_HEADROOM, gc.mem_free() // 2)
 
     def on_downlink(self, data, n=-1):
         # data[:n] (n < 0: all of it): one downlink message, not yet authenticated.
