@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 from agent import fastdecode
 from agent.record import FrameRecord, pack_steps, unpacked_steps
@@ -75,6 +75,10 @@ class Outcome:
 # Called once a staged message's batch is settled: (the error that failed it, or
 # None; its result: None, or QUARANTINED).
 _OnStored = Callable[["BaseException | None", Any], None]
+# What _settle does for a staged message: nothing (None), call back, or, for a new sample
+# frame, move its window and hand its record on (_on_stored): a tuple, not a closure, 4 fewer
+# objects a frame for the garbage collector.
+_Settle: TypeAlias = "_OnStored | tuple[FrameRecord, bytes | None] | None"
 
 
 class _Group:
@@ -84,7 +88,7 @@ class _Group:
     def __init__(self, future: asyncio.Future[Any]) -> None:
         self.future = future
         self.items: list[Ingest] = []
-        self.on_stored: list[_OnStored | None] = []
+        self.on_stored: list[_Settle] = []
 
 
 def _retrieved(fut: asyncio.Future[Any]) -> None:
@@ -285,10 +289,10 @@ class Ingestor(Processor):
             return self._reject(hub.Received(hub.REJECTED, dev, None, raw, "malformed:" + e.reason), link)
         item = Ingest.frame(f, self.hub.accept(dev, m.epoch, m.seq, m.boot_salt))
         salt = m.boot_salt
-        stored = self._stage(item, lambda exc, result: self._on_stored(exc, result, f, salt))
+        stored = self._stage(item, (f, salt))
         return Outcome(r, [], stored, (dev, m.epoch, m.seq), self.hub)
 
-    def _stage(self, item: Ingest, on_stored: _OnStored | None = None) -> asyncio.Future[Any]:
+    def _stage(self, item: Ingest, on_stored: _Settle = None) -> asyncio.Future[Any]:
         # The message joins this turn's group (flushed to the store at the end of
         # the turn, or once MAX_BATCH): one store job and one future for them all.
         g = self._group
@@ -317,7 +321,9 @@ class Ingestor(Processor):
             exc = fut.exception()
         results = fut.result() if exc is None else [None] * len(g.items)
         for on_stored, result in zip(g.on_stored, results):
-            if on_stored is not None:
+            if isinstance(on_stored, tuple):
+                self._on_stored(exc, result, *on_stored)
+            elif on_stored is not None:
                 on_stored(exc, result)
         if g.future.done():
             return
