@@ -987,12 +987,12 @@ class Store:
                 raise AssertionError(job.kind)
         self._insert_many(db, rows)
         ingested = sum(1 for r in rows if r[3] == KIND_FRAME)  # board frames (type 1), not hub-made records
-        for dev, w in windows.items():
-            salt = w[3] if len(w) == 4 else None
-            db.execute("INSERT INTO replay(device_id, epoch, top, bitmap, salt) VALUES(?,?,?,?,?) "
+        # Each device's replay window as it stands after the batch: one statement for them all.
+        db.executemany("INSERT INTO replay(device_id, epoch, top, bitmap, salt) VALUES(?,?,?,?,?) "
                        "ON CONFLICT(device_id) DO UPDATE SET "
                        "epoch=excluded.epoch, top=excluded.top, bitmap=excluded.bitmap, salt=excluded.salt",
-                       (dev, w[0], w[1], _signed64(w[2]), salt))
+                       [(dev, w[0], w[1], _signed64(w[2]), w[3] if len(w) == 4 else None)
+                        for dev, w in windows.items()])
         if quarantined:
             _trim_quarantine(db)
         self._room_bytes -= bound

@@ -58,6 +58,10 @@ def protected_header(kid: bytes) -> bytes:
     return bytes(w.buf[:w.pos])
 
 
+# CPython (MacKey.tag with hashlib's copy()): the payload's bstr head by its length, made
+# once a length (at most MAX_PAYLOAD + 1 of them, a few bytes each).
+_BSTR_HEADS: "dict[int, bytes]" = {}
+
 _PROTECTED_CACHE: "dict[bytes, bytes]" = {}
 _PROTECTED_CACHE_MAX = const(64)  # known kids; a flood of new ones only misses the cache
 
@@ -157,17 +161,26 @@ class MacKey:
     def tag(self, payload: "bytes | bytearray | memoryview") -> bytes:
         if _viper is not None:
             return bytes(self._tag_into(payload))
-        w = self._head
-        w.pos = 0
-        w.head(2, len(payload))
         inner = self._inner
         if inner is not None:
             h = inner.copy()
-            h.update(self._head_view[:w.pos])
+            n = len(payload)
+            head = _BSTR_HEADS.get(n)
+            if head is None:
+                w = self._head
+                w.pos = 0
+                w.head(2, n)
+                head = bytes(self._head_view[:w.pos])
+                if n <= MAX_PAYLOAD:
+                    _BSTR_HEADS[n] = head
+            h.update(head)
             h.update(payload)
             o = self._outer.copy()
             o.update(h.digest())
             return o.digest()
+        w = self._head
+        w.pos = 0
+        w.head(2, len(payload))
         h = hashlib.sha256(self._ipad)
         h.update(self._prefix)
         h.update(self._head_view[:w.pos])
