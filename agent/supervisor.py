@@ -125,10 +125,14 @@ class Agent:
             os.close(self._lock_fd)
             raise
         self.ingestor = Ingestor(self.store, self.registry)
-        self.wake = asyncio.Event()
+        # One wake-up event a forwarder (each clears its own before it reads the outbox), set at
+        # each commit.
+        self.wakes: list[asyncio.Event] = []
         subjects = Subjects(self.registry)
-        self.forwarders: list[Forwarder] = [forwarders.make(b, self.store, cfg.hub_id, self.wake, subjects)
-                                            for b in cfg.backends]
+        self.forwarders: list[Forwarder] = []
+        for b in cfg.backends:
+            self.wakes.append(asyncio.Event())
+            self.forwarders.append(forwarders.make(b, self.store, cfg.hub_id, self.wakes[-1], subjects))
         self.links = LinkManager(self.ingestor, time_sync_s=cfg.time_sync_every_s)
         self.links.ota_run_dir = cfg.run_dir
         self.serial = SerialDiscovery(self.links, [SerialWant(sc.port, sc.usb_vid, sc.usb_pid, sc.baudrate)
@@ -156,7 +160,11 @@ class Agent:
 
     def _on_commit(self) -> None:
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self.wake.set)
+            self._loop.call_soon_threadsafe(self._wake_forwarders)
+
+    def _wake_forwarders(self) -> None:
+        for wake in self.wakes:
+            wake.set()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         self._loop = asyncio.get_running_loop()

@@ -349,9 +349,21 @@ class Forwarder(abc.ABC):
             if not fut.cancelled() and fut.exception() is None:
                 self.forwarded += n
 
+        async def idle() -> None:
+            # Until a commit since the last read (wake: cleared before each read) or 1 s, then
+            # linger_s more: the frames that come meanwhile go in one request, one commit.
+            self.state = State.IDLE
+            try:
+                async with asyncio.timeout(1.0):
+                    await self.wake.wait()
+                await asyncio.sleep(self.cfg.linger_s)
+            except TimeoutError:
+                pass
+
         try:
             while True:
                 if ahead is None:
+                    self.wake.clear()  # a commit after it sets it again: nothing it holds is missed
                     ahead = read(marking_ids)
                 rows = await asyncio.shield(ahead)
                 ahead = None
@@ -359,20 +371,17 @@ class Forwarder(abc.ABC):
                     if marking is not None:  # what was delivered is marked before the forwarder idles
                         await asyncio.shield(marking)
                         marking, marking_ids = None, []
-                        continue
-                    self.state = State.IDLE
-                    self.wake.clear()
-                    try:
-                        async with asyncio.timeout(1.0):
-                            await self.wake.wait()
-                        # Let a few more frames gather: one request, one commit for them all.
-                        await asyncio.sleep(self.cfg.linger_s)
-                    except TimeoutError:
-                        pass
+                    await idle()
                     continue
                 self.state = State.SENDING
                 ids = [r.id for r in rows]
-                ahead = read(marking_ids + ids)
+                # Fewer rows than asked for: the outbox held no more when read, so nothing is read
+                # ahead; once delivered, the forwarder idles until a commit (at a low rate, one
+                # request and one read a linger_s, not a read and a request for each commit).
+                short = len(rows) < self.batch_limit
+                if not short:
+                    self.wake.clear()
+                    ahead = read(marking_ids + ids)
                 try:
                     if self.subjects is not None:  # the documents' subjects, read off the loop
                         await self.subjects.refresh()
@@ -413,6 +422,8 @@ class Forwarder(abc.ABC):
                 marking.add_done_callback(functools.partial(marked, len(rows)))
                 self.last_delivered_at, self.failing_since = time.time(), None
                 self.backoff.reset()
+                if short:
+                    await idle()
         finally:
             # Stopped (or failed): what was delivered is still marked (the writer's job goes on;
             # awaited so the stop does not leave it behind), and the read ahead ends before its

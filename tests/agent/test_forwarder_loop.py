@@ -196,7 +196,7 @@ def test_the_status_counts_a_refusal_when_the_store_commits_it(tmp_path: Path) -
                     % (tmp_path / "data", tmp_path / "log", tmp_path / "run"))
     cfg = agent_config.load(path)
     agent = Agent(cfg)
-    fw = RefusingBackend(cfg.backends[0], agent.store, "test-hub", agent.wake)
+    fw = RefusingBackend(cfg.backends[0], agent.store, "test-hub", agent.wakes[0])
     fw.refusing = asyncio.Event()
     agent.forwarders = [fw]
 
@@ -343,6 +343,57 @@ def test_the_next_batch_is_read_while_one_is_delivered_and_each_row_goes_once(tm
     assert [s for batch in fw.taken for s in batch] == list(range(n)), fw.taken
     assert reads_during_delivery >= 1
     assert Store.backlog(Store(tmp_path / "store.db", ["rec"]).reader()) == {}
+
+
+def test_at_a_low_rate_a_forwarder_reads_the_outbox_once_a_batch(tmp_path: Path) -> None:
+    # Frames committed one at a time, each forwarded before the next comes: a batch short of the
+    # batch size is the whole outbox, so nothing is read ahead, and the forwarder waits for the
+    # next commit (its wake-up, cleared before each read) instead of reading the outbox again.
+    # Before: a read, a read ahead and a read after the marking, for each frame.
+    key = bytes(range(32))
+    up = cose.MacKey(key, b"pb-f3", cose.AAD_UPLINK)
+    sealer, opener = cipher.SampleCipher(key, bytes(16)), cipher.SampleCipher(key)
+    n = 12
+    store = Store(tmp_path / "store.db", ["rec"])
+    store.start()
+    reads = 0
+    real_fetch = Store.fetch_outbox
+
+    def counting_fetch(*args: object) -> list[Row]:
+        nonlocal reads
+        reads += 1
+        return real_fetch(*args)  # type: ignore[arg-type]
+
+    async def scenario() -> RecordingBackend:
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        store.on_commit = lambda: loop.call_soon_threadsafe(wake.set)
+        fw = RecordingBackend(WebhookConfig(name="rec", type="webhook", url="https://x", batch=10, linger_s=0),
+                              store, "hub", wake)
+        fw.fail, fw.docs = 0, []
+        with mock.patch.object(Store, "fetch_outbox", staticmethod(counting_fetch)):
+            task = asyncio.create_task(fw.run())
+            try:
+                for s in range(n):
+                    raw = up.seal(messages.encoded(messages.SampleFrame(1, s, 1, s, s * 4, 512, 4, (1, 1), None,
+                                                                        (0, 0, 0, 0), [[1, 2, 3, s]]), sealer=sealer))
+                    m = messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES,
+                                                decode_samples=False, opener=opener)
+                    await store.ingest(Ingest.frame(record_of("pb-f3", m, m.channels, raw, None),  # type: ignore[arg-type]
+                                                    (1, s, 1, None)))
+                    await async_wait_for(lambda s=s: fw.forwarded == s + 1, 30, "frame %d forwarded" % s)  # type: ignore[misc]
+            finally:
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                store.on_commit = None
+        return fw
+
+    fw = asyncio.run(scenario())
+    store.close()
+    assert [d["seq"] for d in fw.docs] == list(range(n))
+    # One read a frame, and one more after each marking's own commit (its wake-up) at most.
+    assert reads <= 2 * n + 2, reads
 
 
 class StoppedWhileDelivering(Forwarder):

@@ -271,7 +271,8 @@ def test_frames_arriving_during_a_commit_make_up_the_next_one(tmp_path: Path) ->
 def test_frames_within_the_commit_interval_wait_for_it_and_share_one_commit(tmp_path: Path) -> None:
     # Commits of board frames begin at most every commit_interval_s: a frame that comes sooner after
     # the previous commit waits out the rest of it, and what comes meanwhile shares its commit. A
-    # hub-made record (a vital) does not wait. The interval is long here (60 s): only the store's close
+    # hub-made record (a vital) does not wait for the interval (for a board frame to ride with, at
+    # most JOIN_WAIT_S: none comes here). The interval is long here (60 s): only the store's close
     # ends the wait (what is held is then committed, never dropped).
     from agent.store import KIND_VITAL, PRIORITY_VITALS, Ingest
 
@@ -321,6 +322,57 @@ def test_frames_within_the_commit_interval_wait_for_it_and_share_one_commit(tmp_
     finally:
         store.close()
         reg.close()
+def test_a_forwarder_s_mark_rides_with_the_next_board_frame_s_commit_while_frames_come(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    # While board frames come, a small write nobody waits on to answer a board (a forwarder's mark of
+    # what its backend took) waits for the next board frame and shares its commit: one fsync, not
+    # two. JOIN_WAIT_S is long here (60 s): only the frame ends the wait. A large mark (a drain's)
+    # does not wait. Before: the mark was committed alone, at once.
+    from agent import store as store_mod
+
+    monkeypatch.setattr(store_mod, "JOIN_WAIT_S", 60.0)
+    monkeypatch.setattr(store_mod, "BOARDS_FLOWING_S", 60.0)
+    reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
+    reg.add(DEV, key=KEY, actor="test")
+    store = Store(tmp_path / "store.db", ["b"], commit_interval_s=0)
+    log: list[tuple[str, float]] = []
+    store._q = _TimedQueue(log)
+    batches: list[list[str]] = []
+    apply = Store._apply
+
+    def recording(self: Store, db: sqlite3.Connection, batch: list[Any]) -> list[Any]:
+        batches.append([u.kind for u in batch])
+        return apply(self, db, batch)
+
+    store.start()
+    try:
+        async def scenario() -> bool:
+            ing = Ingestor(store, reg)
+            with mock.patch.object(Store, "_apply", recording):
+                first = ing.submit(_frame(0), "test")
+                async with asyncio.timeout(30):
+                    await first.stored  # type: ignore[misc]
+                taken = sum(1 for e in log if e[0] == "took")
+                mark = store.submit_delivered("b", [1])
+                await async_wait_for(lambda: sum(1 for e in log if e[0] == "took") > taken and log[-1][0] == "wait"
+                                     and 30.5 < log[-1][1] <= 60, 30, "the writer holding the mark", lambda: log[-3:])
+                held = not mark.done()
+                second = ing.submit(_frame(1), "test")
+                async with asyncio.timeout(30):
+                    await asyncio.gather(mark, second.stored)  # type: ignore[arg-type]
+                    await store.submit_delivered("b", list(range(100, 100 + store_mod.JOIN_ROWS + 1)))
+            return held
+
+        held = asyncio.run(scenario())
+        assert held
+        assert batches == [["ingest"], ["delivered", "ingest"], ["delivered"]], batches
+        assert store.stats.commits == 3
+        assert store.load_windows()[DEV][:3] == (1, 1, 0b11)
+    finally:
+        store.close()
+        reg.close()
+
+
 def test_over_a_link_whose_acks_linger_frames_stored_meanwhile_share_one_ack(tmp_path: Path) -> None:
     # BLE (Transport.ack_linger_s): a board reads each downlink write as a new
     # object in its heap. Frames stored one by one within the linger after the
