@@ -180,6 +180,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             r = bench_agent.run_verify_commit()
             print(json.dumps(r, indent=1) if args.json else "\n".join(bench_agent.report_verify_commit(r)))
             return 0
+        if args.part == "forward":
+            r = bench_agent.run_forward()
+            print(json.dumps(r, indent=1) if args.json else "\n".join(bench_agent.report_forward(r)))
+            return 0
         r = bench_agent.run()
         print(json.dumps(r, indent=1) if args.json else "\n".join(bench_agent.report(r)))
         return 0
@@ -258,10 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stretches", action="store_true",
                    help="firmware benchmark at a chip's speed: also the longest stretches between two ECG FIFO "
                         "reads and the firmware's work in each")
-    p.add_argument("--part", choices=["all", "realistic", "verify-commit"], default="all",
+    p.add_argument("--part", choices=["all", "realistic", "verify-commit", "forward"], default="all",
                    help="agent benchmark: every figure (all), the realistic load alone (20 boards x 2 streams "
                         "x 1 frame/s: its CPU, latency, RSS and profile), or verify+commit, its pycose baseline "
-                        "and its profile alone")
+                        "and its profile alone (verify-commit), or verify+commit+forward to Mosquitto (JSON, "
+                        "CBOR), the backlog's drain and their profiles (forward)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

@@ -303,6 +303,13 @@ class Forwarder(abc.ABC):
         its answer); None: deliver() bounds each of its own waits."""
         return self.cfg.timeout_s * 3
 
+    def prepare(self, rows: list[Row]) -> None:
+        """Called on the read's thread once a batch is read, before deliver(rows): a backend may
+        make its documents there, off the event loop and while the batch before is delivered
+        (it keeps them for deliver). It must not raise (a failure is deliver's to tell).
+        Nothing by default."""
+        return None
+
     @abc.abstractmethod
     async def deliver(self, rows: list[Row]) -> None:
         """Delivers rows; returns only once the backend has acknowledged all of them."""
@@ -326,16 +333,19 @@ class Forwarder(abc.ABC):
         marking: asyncio.Future[None] | None = None
         marking_ids: list[int] = []
 
+        def fetch(limit: int, exclude: list[int]) -> list[Row]:
+            rows = Store.fetch_outbox(reader, self.name, limit, exclude) if exclude else \
+                Store.fetch_outbox(reader, self.name, limit)
+            if rows:
+                self.prepare(rows)
+            return rows
+
         def read(exclude: list[int]) -> asyncio.Future[list[Row]]:
             # On a thread at once, and never cancelled (awaited through shield): a stop waits for it
             # (drop_ahead) before the reader is closed, for closing a SQLite connection while another
             # thread runs a statement on it crashes the process (a segfault in libsqlite3, seen at a
             # forwarder's stop). A read waits for a lock at most the store's busy timeout.
-            if exclude:
-                call = functools.partial(Store.fetch_outbox, reader, self.name, self.batch_limit, exclude)
-            else:
-                call = functools.partial(Store.fetch_outbox, reader, self.name, self.batch_limit)
-            return asyncio.get_running_loop().run_in_executor(None, call)
+            return asyncio.get_running_loop().run_in_executor(None, fetch, self.batch_limit, exclude)
 
         async def drop_ahead() -> None:
             nonlocal ahead

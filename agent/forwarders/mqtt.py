@@ -11,33 +11,36 @@ instead, for consumers that want it binary: each channel's samples as an
 RFC 8746 typed array (tag 78: int32, little-endian), the COSE frame as a
 byte string; hub-made records are the same maps as in JSON.
 
-The client is paho-mqtt, driven on the agent's event loop through paho's
-external-loop API (its socket callbacks; loop_read, loop_write, and
-loop_misc once a second for keepalive), with no thread of its own. A batch
-of rows is published at once, all of it in paho's in-flight window, and
-awaited as one: a single future, resolved by the batch's last PUBACK. A
-connection that drops fails the batch at once; a batch with no PUBACK for
-timeout_s fails and its connection is closed. Either way none of its rows
-is marked forwarded: they are published again on a new connection.
+The client is paho-mqtt, in a process of its own per connection
+(agent/mqtt_process.py, which says how it is driven), so that its work and
+TLS's run beside the agent's event loop rather than on it; the documents are
+made here and handed to it a batch at a time (agent/mqtt_link.py). A batch of
+rows is published at once, all of it in flight, and is acknowledged to the
+forwarder only once every message of it is PUBACKed. A connection that drops
+fails the batch at once; a batch with no PUBACK for timeout_s fails and its
+connection is closed; so does one whose process ends or falls silent. Either
+way none of its rows is marked forwarded: they are published again on a new
+connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
-import socket
-import ssl
-from collections.abc import Callable
+import os
+import subprocess
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 import cbor2
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.reasoncodes import ReasonCode
 
+from agent import mqtt_link
 from agent.config import BackendConfig, Table
 from agent.forwarders.base import DeliveryError, Forwarder, encode_json, read_secret, tls_context
 from agent.record import SAMPLE_DTYPE
@@ -49,7 +52,11 @@ PAYLOADS = ("json", "cbor")
 # RFC 8746: a typed array of signed 32-bit integers, little-endian.
 TAG_INT32_LE = 78
 # How long a closing connection may take to send its DISCONNECT before its socket is closed.
-CLOSE_TIMEOUT_S = 2.0
+CLOSE_TIMEOUT_S = mqtt_link.CLOSE_TIMEOUT_S
+# The MQTT client's process's start, at most (a fresh interpreter's imports, on a loaded Pi).
+START_BOUND_S = 20.0
+# Prepared batches kept at most: the one read ahead, and one whose read ahead was dropped.
+PREPARED_KEPT = 2
 # loop_misc's period: keepalive pings, and the keepalive's own timeout.
 MISC_PERIOD_S = 1.0
 KEEPALIVE_S = 30
@@ -88,235 +95,176 @@ def topic(prefix: str, hub_id: str, doc: dict[str, object]) -> str:
 
 
 class Connection:
-    """One connection to the broker: a paho client on the running event loop.
+    """One connection to the broker, held by the MQTT client's process (agent/mqtt_process.py,
+    one per connection), so that paho's work and TLS run beside the event loop, not on it.
 
-    open() connects (TCP and TLS on a thread: paho's connect blocks) and awaits
-    the CONNACK; publish() sends a batch and returns once every message of it
-    is PUBACKed, raising DeliveryError (.backend) when the connection drops, the
-    broker refuses one, or no PUBACK comes for timeout_s; close() ends it. A
+    open() starts the process and awaits its word that the broker accepted the connection;
+    publish() hands it a batch and returns once every message of it is PUBACKed, raising
+    DeliveryError (.backend) when the connection drops, the broker refuses one, no PUBACK
+    comes for timeout_s, or the process ends or falls silent; close() ends it (DISCONNECT,
+    then the process; killed if it does not end in time, or if close() is cancelled). A
     connection that failed is not used again (`usable` is False)."""
 
-    def __init__(self, backend: str, client: paho.Client, timeout_s: float) -> None:
+    def __init__(self, backend: str, timeout_s: float) -> None:
         self.backend = backend
-        self.client = client
         self.timeout_s = timeout_s
         self.loop = asyncio.get_running_loop()
         self.down_reason = ""  # why the connection ended ("": it has not)
-        self._connack: asyncio.Future[ReasonCode] = self.loop.create_future()
-        self._down = asyncio.Event()
+        self.pid: int | None = None  # the process's, once started
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._stdin: asyncio.WriteTransport | None = None
+        self._received = bytearray()  # the process's output not yet read as records
+        self._connected: asyncio.Future[None] = self.loop.create_future()
+        self._exited: asyncio.Future[None] = self.loop.create_future()
+        self._acked: asyncio.Future[None] | None = None  # the batch in flight's: set when it is PUBACKed
+        self._heard_at = 0.0  # loop time of the process's last record
         self._closing = False
-        self._fd = -1  # the socket's descriptor, as registered with the loop
-        self._quickack: Callable[[], None] | None = None  # TCP_QUICKACK set again (Linux), once connected
-        self._misc: asyncio.Task[None] | None = None
-        self._awaited: set[int] = set()  # the mids of the batch in flight without their PUBACK
-        self._acked: asyncio.Future[None] | None = None  # the batch's: set at its last PUBACK
-        self._progress_at = 0.0  # loop time of the last PUBACK
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        client.on_socket_open = self._on_socket_open
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_socket_register_write
-        client.on_socket_unregister_write = self._on_socket_unregister_write
 
     @property
     def usable(self) -> bool:
-        return self._connack.done() and not self._down.is_set() and not self._closing
+        return self._connected.done() and not self.down_reason and not self._closing
 
     def _error(self, what: str) -> DeliveryError:
         return DeliveryError("MQTT: %s" % what, backend=self.backend)
 
-    async def open(self, host: str, port: int, tls: bool = True) -> None:
-        """tls: whether the client was given a TLS context; over plaintext (mqtt://), a connection
-        that ends or stays silent before its CONNACK is said to be what a TLS port does."""
+    async def open(self, settings: dict[str, Any]) -> None:
+        """settings: agent/mqtt_process.py's OPEN (host, port, client_id, tls...)."""
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p))
         try:
-            rc = await asyncio.to_thread(self.client.connect, host, port, KEEPALIVE_S)
-        except (OSError, ssl.SSLError, ssl.CertificateError) as e:
-            # A reset once TCP is up, or a reply that is no TLS record, is a handshake a plaintext port refused
-            plain = tls and (isinstance(e, ConnectionResetError) or "WRONG_VERSION_NUMBER" in str(e))
-            raise self._error("cannot connect to %s:%d: %s%s" % (
-                host, port, e, ": the TLS handshake failed: is it a plaintext MQTT port (1883)? the broker "
-                "must offer TLS (8883)" if plain else "")) from e
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            raise self._error("cannot connect to %s:%d: %s" % (host, port, paho.error_string(rc)))
-        down: asyncio.Future[Any] = asyncio.ensure_future(self._down.wait())
+            transport, _ = await self.loop.subprocess_exec(
+                lambda: _ProcessProtocol(self), sys.executable, "-m", "agent.mqtt_process",
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=env)
+        except OSError as e:
+            raise self._error("cannot start the MQTT client's process: %s" % e) from e
+        self._transport, self.pid = transport, transport.get_pid()
+        stdin = transport.get_pipe_transport(0)
+        assert isinstance(stdin, asyncio.WriteTransport)
+        self._stdin = stdin
+        self._heard_at = self.loop.time()
+        self._send(mqtt_link.OPEN, json.dumps(settings).encode())
+        bound_s = START_BOUND_S + 2 * self.timeout_s
         try:
-            await asyncio.wait([self._connack, down], timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            down.cancel()
-        # A broker that expects TLS reads a plaintext CONNECT as a broken handshake: it resets the
-        # connection (Mosquitto) or waits for more; either way no CONNACK, which told nobody why.
-        hint = "" if tls else ": if it expects TLS (MQTT's TLS port is 8883), use mqtts://"
-        if not self._connack.done():
-            if self._down.is_set():  # paho's reason ("Unspecified error") would tell nothing more
-                raise self._error("%s:%d closed the connection without a CONNACK%s" % (host, port, hint))
-            raise self._error("no CONNACK from %s:%d in %.1f s%s" % (host, port, self.timeout_s, hint))
-        code = self._connack.result()
-        if code.is_failure:
-            raise self._error("%s:%d refused the connection: %s" % (host, port, code))
+            # The process's start (its imports), the TCP and TLS connection, the CONNACK: each bounded.
+            async with asyncio.timeout(bound_s):
+                await asyncio.shield(self._connected)
+        except TimeoutError:
+            self._ended("no CONNACK from %s:%d in %.1f s" % (settings["host"], settings["port"], bound_s))
+        if self.down_reason:  # the process's reason names the broker; the process's end is told as it is
+            raise self._error(self.down_reason)
 
     async def publish(self, messages: list[tuple[str, bytes]]) -> None:
         if not self.usable:
             raise self._error("not connected: %s" % (self.down_reason or "closing"))
         acked: asyncio.Future[None] = self.loop.create_future()
-        awaited: set[int] = set()
-        self._awaited, self._acked = awaited, acked
-        self._progress_at = self.loop.time()
+        self._acked = acked
+        self._heard_at = self.loop.time()
         try:
-            for name, payload in messages:
-                info = self.client.publish(name, payload, qos=1)
-                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    raise self._error("publish failed: %s" % paho.error_string(info.rc))
-                awaited.add(info.mid)
-            while awaited and not acked.done():
+            self._send(mqtt_link.BATCH, mqtt_link.batch_body(messages))
+            # The process gives the batch up after timeout_s without a PUBACK, and says PROGRESS
+            # while PUBACKs come: a process silent for twice that is stuck.
+            while not acked.done():
                 await asyncio.wait([acked], timeout=self.timeout_s)
-                if not acked.done() and self.loop.time() - self._progress_at >= self.timeout_s:
-                    raise self._error("no PUBACK for %.1f s (%d of %d awaited)"
-                                      % (self.timeout_s, len(awaited), len(messages)))
-            if acked.done():
-                acked.result()  # raises what ended the batch
+                if not acked.done() and self.loop.time() - self._heard_at >= 2 * self.timeout_s:
+                    self._ended("the MQTT client's process is silent with %d messages awaiting PUBACKs"
+                                % len(messages))
+            acked.result()  # raises what ended the batch
         finally:
-            self._awaited, self._acked = set(), None
+            self._acked = None
             if not acked.done():
                 acked.cancel()
 
     async def close(self) -> None:
-        """Sends DISCONNECT (bounded by CLOSE_TIMEOUT_S) and closes the socket."""
+        """Asks the process to DISCONNECT and end (bounded by CLOSE_TIMEOUT_S), then ends it."""
         if self._closing:
             return
         self._closing = True
-        if not self._down.is_set() and self.client.disconnect() == MQTTErrorCode.MQTT_ERR_SUCCESS:
-            try:
-                async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                    await self._down.wait()
-            except TimeoutError:
-                pass
-        self._drop()
+        try:
+            if self._transport is not None and not self._exited.done():
+                self._send(mqtt_link.CLOSE)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CLOSE_TIMEOUT_S + 1.0):
+                        await asyncio.shield(self._exited)
+        finally:
+            if self._transport is not None:
+                self._transport.close()  # kills the process if it is still there, closes its pipes
+            self._ended("closed")
 
-    def _drop(self) -> None:
-        """Forgets the socket: off the loop, closed (paho's own client is discarded with this)."""
-        if self._misc is not None:
-            self._misc.cancel()
-        if self._fd >= 0:
-            self.loop.remove_reader(self._fd)
-            self.loop.remove_writer(self._fd)
-            self._fd = -1
-        sock = self.client.socket()
-        if sock is not None:
-            sock.close()
-        self._ended("closed")
+    def _send(self, kind: bytes, body: bytes = b"") -> None:
+        if self._stdin is None or self._stdin.is_closing() or self._exited.done():
+            self._ended("the MQTT client's process has ended")
+            return
+        self._stdin.write(mqtt_link.record(kind, body))
 
     def _ended(self, reason: str) -> None:
         if not self.down_reason:
             self.down_reason = reason
-        self._down.set()
+        if not self._connected.done():
+            self._connected.set_result(None)
         if self._acked is not None and not self._acked.done():
-            self._acked.set_exception(self._error("connection lost with %d PUBACKs awaited: %s"
-                                                  % (len(self._awaited), self.down_reason)))
+            self._acked.set_exception(self._error("connection lost with a batch awaiting its PUBACKs: %s"
+                                                  % self.down_reason))
+        if self._transport is not None and not self._closing and not self._exited.done():
+            self._transport.kill()  # a connection that failed is not used again: its process ends with it
 
-    # ---- paho's callbacks (on the loop, except the socket's opening: on connect's thread) ----
+    # ---- the process's output and end (_ProcessProtocol's calls) ----
 
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, code: ReasonCode, props: Any) -> None:
-        if not self._connack.done():
-            self._connack.set_result(code)
+    def _output(self, data: bytes) -> None:
+        self._received += data
+        head = mqtt_link.HEAD.size
+        while len(self._received) >= head:
+            kind, n = mqtt_link.HEAD.unpack_from(self._received)
+            if len(self._received) < head + n:
+                return
+            body = bytes(self._received[head:head + n])
+            del self._received[:head + n]
+            self._record(kind, body)
 
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, code: ReasonCode, props: Any) -> None:
-        why = str(code)
-        if why == "Keep alive timeout":  # paho's words for no PINGRESP within the keepalive
-            why = "no PINGRESP within the keepalive (%s s)" % KEEPALIVE_S
-        self._ended("disconnected (%s)" % why)
+    def _record(self, kind: bytes, body: bytes) -> None:
+        self._heard_at = self.loop.time()
+        if kind == mqtt_link.ACKED:
+            if self._acked is not None and not self._acked.done():
+                self._acked.set_result(None)
+        elif kind == mqtt_link.CONNECTED:
+            if not self._connected.done():
+                self._connected.set_result(None)
+        elif kind == mqtt_link.FAILED:
+            self._ended(body.decode(errors="replace"))
+        elif kind == mqtt_link.LOG:
+            rec = json.loads(body)
+            logging.getLogger(str(rec["logger"])).log(int(rec["level"]), "%s", rec["message"])
 
-    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, code: ReasonCode, props: Any) -> None:
-        acked = self._acked
-        if acked is None or acked.done() or mid not in self._awaited:
-            return  # a PUBACK for a batch already given up
-        if code.is_failure:
-            acked.set_exception(self._error("the broker refused a publish: %s" % code))
-            return
-        self._awaited.discard(mid)
-        self._progress_at = self.loop.time()
-        if not self._awaited:
-            acked.set_result(None)
-
-    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self.loop.call_soon_threadsafe(self._watch, sock)
-
-    def _watch(self, sock: socket.socket) -> None:
-        if self._closing:
-            sock.close()  # opened after close() (a connect given up on)
-            return
-        self._fd = sock.fileno()
-        # ACK what the broker sends at once (Linux: TCP_QUICKACK, which the kernel clears by
-        # itself, so it is set again after each read). A broker that sends its PUBACKs under
-        # Nagle's algorithm (Mosquitto's default: set_tcp_nodelay false) holds all but the first
-        # of a batch's PUBACKs until that first is ACKed, which Linux delays up to 40 ms: a
-        # stall each round of PUBACKs, most of a backlog drain's time (bench agent).
-        if hasattr(socket, "TCP_QUICKACK"):
-            self._quickack = lambda: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        self.loop.add_reader(self._fd, self._readable)
-        self._misc = self.loop.create_task(self._keepalive(), name="mqtt-keepalive-%s" % self.backend)
-
-    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        if self._fd >= 0:
-            self.loop.remove_reader(self._fd)
-            self.loop.remove_writer(self._fd)
-            self._fd = -1
-        # paho closes the socket first, then says why (on_disconnect, in the same call): the
-        # reason it gives is the one kept.
-        self.loop.call_soon(self._ended, "socket closed")
-
-    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self.loop.call_soon_threadsafe(self._want_write)
-
-    def _want_write(self) -> None:
-        if self._fd >= 0:
-            self.loop.add_writer(self._fd, self._writable)
-
-    def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        if self._fd >= 0:
-            self.loop.remove_writer(self._fd)
-
-    def _readable(self) -> None:
-        try:
-            while True:
-                rc = self.client.loop_read()
-                sock = self.client.socket()
-                # TLS may hold decrypted bytes the socket no longer signals (paho issue 131).
-                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or not isinstance(sock, ssl.SSLSocket) or not sock.pending():
-                    break
-            if self._quickack is not None and self._fd >= 0:
-                self._quickack()
-        except Exception as e:  # the connection broke under paho
-            self._ended("read failed: %s" % e)
-            self._drop()
-
-    def _writable(self) -> None:
-        try:
-            self.client.loop_write()
-        except Exception as e:
-            self._ended("write failed: %s" % e)
-            self._drop()
-
-    async def _keepalive(self) -> None:
-        while self.client.loop_misc() == MQTTErrorCode.MQTT_ERR_SUCCESS:
-            await asyncio.sleep(MISC_PERIOD_S)
+    def _process_exited(self) -> None:
+        status = self._transport.get_returncode() if self._transport is not None else None
+        if not self._exited.done():
+            self._exited.set_result(None)
+        self._ended("the MQTT client's process ended (exit status %s)" % status)
 
 
-class _ClosedOnFailedHandshake(ssl.SSLSocket):
-    """paho's connect leaves the TLS socket of a failed handshake open (client.py, _ssl_wrap_socket):
-    its descriptor then waits for the garbage collector at every retry. This one closes itself."""
+class _ProcessProtocol(asyncio.SubprocessProtocol):
+    # The MQTT client's process, as the loop sees it: its stdout's bytes and its end, to the connection.
 
-    def do_handshake(self, block: bool = False) -> None:
-        try:
-            super().do_handshake(block)
-        except BaseException:
-            self.close()
-            raise
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            self.connection._output(data)
+
+    def process_exited(self) -> None:
+        self.connection._process_exited()
 
 
 class MqttForwarder(Forwarder):
     cfg: MqttConfig
     _connection: Connection | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Batches' messages made by prepare(), by their rows' ids, until deliver takes them.
+        self._prepared: dict[tuple[int, ...], list[tuple[str, bytes]] | Exception] = {}
+        self._prepared_lock = threading.Lock()
 
     def secret_files(self) -> list[tuple[Path, str]]:
         return [(self.cfg.password_file, "MQTT password")] if self.cfg.password_file else []
@@ -328,34 +276,48 @@ class MqttForwarder(Forwarder):
 
     async def _connect(self) -> Connection:
         u = urlparse(self.cfg.url)
-        ctx = tls_context(self.cfg)
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id="pulsebridge-%s-%s" % (self.hub_id, self.name),
-                             clean_session=False, protocol=paho.MQTTv311, reconnect_on_failure=False)
-        client.enable_logger(log)
-        client.connect_timeout = self.cfg.timeout_s
-        # No in-flight window of paho's own (0): a whole batch goes out in one round trip, and
-        # the batch bounds what is in flight (config.py: backend.batch <= 1000). With a window,
-        # paho would scan every message in flight at each PUBACK (quadratic in the batch).
-        client.max_inflight_messages_set(0)
-        if ctx is not None:
-            ctx.sslsocket_class = _ClosedOnFailedHandshake
-            client.tls_set_context(ctx)
-            # The context checks the host name (it is off only with insecure = true).
-            client.tls_insecure_set(not ctx.check_hostname)
-        if self.cfg.username:
-            password = read_secret(self.cfg.password_file, "MQTT password") if self.cfg.password_file else None
-            client.username_pw_set(self.cfg.username, password)
-        connection = Connection(self.name, client, self.cfg.timeout_s)
+        ctx = tls_context(self.cfg)  # checks the files, says what is insecure; the process makes its own alike
+        host, port = u.hostname or "localhost", u.port or (8883 if ctx is not None else 1883)
+        settings = {
+            "host": host, "port": port, "client_id": "pulsebridge-%s-%s" % (self.hub_id, self.name),
+            "timeout_s": self.cfg.timeout_s, "keepalive_s": KEEPALIVE_S, "misc_period_s": MISC_PERIOD_S,
+            "log_level": log.getEffectiveLevel(),
+            "tls": None if ctx is None else {
+                "ca_file": str(self.cfg.ca_file) if self.cfg.ca_file else None, "verify": ctx.check_hostname,
+                "client_cert": str(self.cfg.client_cert) if self.cfg.client_cert else None,
+                "client_key": str(self.cfg.client_key) if self.cfg.client_key else None},
+            "username": self.cfg.username,
+            # Over the process's stdin, never its command line or environment.
+            "password": read_secret(self.cfg.password_file, "MQTT password") if self.cfg.password_file else None,
+        }
+        connection = Connection(self.name, self.cfg.timeout_s)
         try:
-            await connection.open(u.hostname or "localhost", u.port or (8883 if ctx is not None else 1883),
-                                  tls=ctx is not None)
+            await connection.open(settings)
         except BaseException:
             await connection.close()
             raise
         return connection
 
+    def prepare(self, rows: list[Row]) -> None:
+        """The batch's messages, made on the read's thread (Forwarder.prepare) and kept for
+        deliver by the rows' ids; what failed is kept to be raised there."""
+        built: list[tuple[str, bytes]] | Exception
+        try:
+            built = [self.message(r) for r in rows]
+        except Exception as e:
+            built = e
+        with self._prepared_lock:
+            self._prepared[tuple(r.id for r in rows)] = built
+            while len(self._prepared) > PREPARED_KEPT:  # a read ahead dropped: its batch is read again
+                del self._prepared[next(iter(self._prepared))]
+
     async def deliver(self, rows: list[Row]) -> None:
-        messages = [self.message(r) for r in rows]  # all of them first: one undecodable, none sent
+        with self._prepared_lock:
+            built = self._prepared.pop(tuple(r.id for r in rows), None)
+        if isinstance(built, Exception):
+            raise built
+        # All of them first: one undecodable, none sent.
+        messages = built if built is not None else [self.message(r) for r in rows]
         if self._connection is None or not self._connection.usable:
             await self.close()
             self._connection = await self._connect()
