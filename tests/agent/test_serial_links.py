@@ -8,6 +8,7 @@ import threading
 import tty
 from pathlib import Path
 
+import pytest
 from serial.tools.list_ports_common import ListPortInfo
 
 from agent.links import LinkManager, SerialDiscovery, SerialWant
@@ -116,3 +117,36 @@ def test_discovery_picks_ports_by_identity(tmp_path: Path) -> None:
     # A bridge without a serial number (CH340): its name is all there is.
     ch340 = [_port(str(c), 0x1A86, 0x7523, None)]
     assert set(SerialDiscovery(manager, [], lambda: ch340).candidates()) == {"port:" + str(c)}
+
+
+def test_discovery_lists_the_ports_again_only_once_dev_has_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A USB listing reads sysfs for every port (0.1-0.3 ms each, with seven globs of /dev): taken
+    # again only when /dev has changed (a port plugged or unplugged), or LISTING_MAX_AGE_S after the
+    # last. Before: at every poll, twice a second.
+    from agent import links as links_mod
+
+    listed = [_port("/dev/ttyACM0", 0x303A, 0x1001, "S3-A")]
+    calls = []
+    stamp = [1]
+
+    def list_ports() -> list[ListPortInfo]:
+        calls.append(1)
+        return list(listed)
+
+    discovery = SerialDiscovery(LinkManager(processor=None), [], list_ports,  # type: ignore[arg-type]
+                                dev_stamp=lambda: stamp[0])
+    for _ in range(5):
+        assert set(discovery.candidates()) == {"usb:303a:1001:S3-A"}
+    assert len(calls) == 1
+    listed.append(_port("/dev/ttyACM1", 0x303A, 0x1001, "S3-B"))  # plugged in: /dev changes
+    stamp[0] = 2
+    assert set(discovery.candidates()) == {"usb:303a:1001:S3-A", "usb:303a:1001:S3-B"}
+    assert len(calls) == 2 and discovery.listings == 2
+    monkeypatch.setattr(links_mod, "LISTING_MAX_AGE_S", 0.0)  # the listing's age alone: listed again
+    discovery.candidates()
+    assert len(calls) == 3
+    # A lister given without a stamp (a test's, a tool's) is called at every poll, as before.
+    plain = SerialDiscovery(LinkManager(processor=None), [], list_ports)  # type: ignore[arg-type]
+    plain.candidates()
+    plain.candidates()
+    assert len(calls) == 5
