@@ -24,7 +24,6 @@ agent gone), so it never outlives the agent.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 
 OPEN, BATCH, CLOSE = b"O", b"B", b"X"
 CONNECTED, ACKED, PROGRESS, FAILED, LOG = b"C", b"A", b"P", b"E", b"L"
@@ -33,8 +32,7 @@ CONNECTED, ACKED, PROGRESS, FAILED, LOG = b"C", b"A", b"P", b"E", b"L"
 CLOSE_TIMEOUT_S = 2.0
 
 HEAD = struct.Struct(">cI")  # type, body length
-_TOPIC = struct.Struct(">H")
-_PAYLOAD = struct.Struct(">I")
+_COUNT = struct.Struct(">I")
 # A record's body at most: a batch of MAX_BATCH (config.py) messages of an MQTT
 # packet's largest payload would not fit, but a batch of frames' documents
 # (a few kB each) does many times over; a longer one is a peer's error.
@@ -47,35 +45,48 @@ class LinkError(Exception):
 
 
 def record(kind: bytes, body: bytes = b"") -> bytes:
-    """One record: kind (one of the constants above), then body."""
-    return HEAD.pack(kind, len(body)) + body
+    """One record: kind (one of the constants above), then body (head() alone for a large
+    body, written after it: no copy of it made)."""
+    return head(kind, body) + body
+
+
+def head(kind: bytes, body: bytes) -> bytes:
+    """A record's head: its kind and its body's length."""
+    return HEAD.pack(kind, len(body))
 
 
 def batch_body(messages: list[tuple[str, bytes]]) -> bytes:
-    """A BATCH record's body: each message as its topic (2-byte length, UTF-8)
-    then its payload (4-byte length)."""
-    parts: list[bytes] = []
-    for name, payload in messages:
-        t = name.encode()
-        parts += (_TOPIC.pack(len(t)), t, _PAYLOAD.pack(len(payload)), payload)
-    return b"".join(parts)
+    """A BATCH record's body: the count of messages (4 bytes), their topics' lengths (2 bytes
+    each), their payloads' lengths (4 bytes each), the topics (UTF-8), then the payloads: made
+    with a few C calls a batch, not a few per message."""
+    topics = [name.encode() for name, _ in messages]
+    payloads = [payload for _, payload in messages]
+    n = len(messages)
+    return b"".join((_COUNT.pack(n), struct.pack(">%dH" % n, *map(len, topics)),
+                     struct.pack(">%dI" % n, *map(len, payloads)), *topics, *payloads))
 
 
-def batch_messages(body: bytes) -> Iterator[tuple[str, bytes]]:
+def batch_messages(body: bytes) -> list[tuple[str, bytes]]:
     """batch_body's messages back, in order; LinkError if body is not one."""
-    at, end = 0, len(body)
-    while at < end:
-        if at + _TOPIC.size > end:
-            raise LinkError("a batch's message is cut short")
-        (n,) = _TOPIC.unpack_from(body, at)
-        at += _TOPIC.size
-        if at + n + _PAYLOAD.size > end:
-            raise LinkError("a batch's topic is cut short")
-        name = body[at:at + n].decode()
-        at += n
-        (m,) = _PAYLOAD.unpack_from(body, at)
-        at += _PAYLOAD.size
-        if at + m > end:
-            raise LinkError("a batch's payload is cut short")
-        yield name, body[at:at + m]
-        at += m
+    if len(body) < _COUNT.size:
+        raise LinkError("a batch of %d bytes has no count" % len(body))
+    (n,) = _COUNT.unpack_from(body)
+    at = _COUNT.size + 6 * n
+    if len(body) < at:
+        raise LinkError("a batch of %d messages has %d bytes" % (n, len(body)))
+    topic_lengths = struct.unpack_from(">%dH" % n, body, _COUNT.size)
+    payload_lengths = struct.unpack_from(">%dI" % n, body, _COUNT.size + 2 * n)
+    if at + sum(topic_lengths) + sum(payload_lengths) != len(body):
+        raise LinkError("a batch's lengths do not add up to its %d bytes" % len(body))
+    topics = []
+    for k in topic_lengths:
+        try:
+            topics.append(body[at:at + k].decode())
+        except UnicodeDecodeError:
+            raise LinkError("a batch's topic is not UTF-8") from None
+        at += k
+    out = []
+    for name, k in zip(topics, payload_lengths):
+        out.append((name, body[at:at + k]))
+        at += k
+    return out

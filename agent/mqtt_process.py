@@ -352,7 +352,7 @@ async def serve(stdin: asyncio.StreamReader, send: Callable[[bytes, bytes], None
             if got[0] != mqtt_link.BATCH:
                 raise LinkError("a record of type %r where a batch was expected" % got[0])
             try:
-                await _publish(connection, list(mqtt_link.batch_messages(got[1])), send)
+                await _publish(connection, mqtt_link.batch_messages(got[1]), send)
             except LinkError as e:
                 send(mqtt_link.FAILED, str(e).encode())
                 return

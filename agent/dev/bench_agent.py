@@ -42,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.audit import AuditLog
+from agent.forwarders import mqtt
 from agent.forwarders.mqtt import MqttConfig, MqttForwarder
 from agent.ingest import Ingestor, Outcome, record_of
 from agent.record import FrameRecord
@@ -561,7 +562,8 @@ AREAS = (
     ("agent/store", "store (SQLite, this thread)"),
     ("sqlite3", "store (SQLite, this thread)"),
     ("paho", "MQTT client (paho)"),
-    ("agent/mqtt_link", "batches handed to the MQTT client's process"),
+    ("agent/mqtt_link", "batches handed to (or read by) the MQTT client's process"),
+    ("agent/mqtt_process", "the MQTT client's process: its own code (batches, PUBACK bookkeeping)"),
     ("ssl", "TLS"),
     ("json", "documents (JSON, CBOR, record)"),
     ("cbor2", "documents (JSON, CBOR, record)"),
@@ -586,17 +588,31 @@ def profile_summary(n: int, payload: str = "json", top: int = 12, what: str = "f
     prof = cProfile.Profile(time.thread_time)
     if what == "commit":
         r = verify_commit(n, profile=prof)
-    else:
-        r = verify_commit_forward(n, payload, profile=prof) if what == "forward" else drain(n, payload, profile=prof)
+        return {"what": what, "frames": n, "payload": payload, "frames_per_s_under_profile": r["frames_per_s"],
+                **_by_area(prof, top)}
+    # The MQTT client's process under cProfile too (python -m cProfile, its stats written at its end).
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = str(Path(tmp) / "client.pstats")
+        args, mqtt.PROCESS_ARGS = mqtt.PROCESS_ARGS, ("-m", "cProfile", "-o", stats, *mqtt.PROCESS_ARGS)
+        try:
+            r = verify_commit_forward(n, payload, profile=prof) if what == "forward" else \
+                drain(n, payload, profile=prof)
+        finally:
+            mqtt.PROCESS_ARGS = args
+        client = _by_area(stats, top, idle=_IDLE) if Path(stats).exists() else None
     return {"what": what, "frames": n, "payload": payload, "frames_per_s_under_profile": r["frames_per_s"],
-            **_by_area(prof, top)}
+            **_by_area(prof, top), "client_process": client}
 
 
-def _by_area(prof: cProfile.Profile, top: int) -> dict[str, Any]:
+# The MQTT client process's wait for its socket or its stdin: wall time (cProfile's clock there), not work.
+_IDLE = ("<method 'poll' of 'select.epoll' objects>",)
+
+
+def _by_area(prof: cProfile.Profile | str, top: int, idle: tuple[str, ...] = ()) -> dict[str, Any]:
     # A profile's own time by area (AREAS; a builtin's goes to its callers' areas) and the
-    # functions that take most.
+    # functions that take most; idle: functions (as named in the profile) left out.
     st = pstats.Stats(prof)
-    entries = st.stats  # type: ignore[attr-defined]
+    entries = {k: v for k, v in st.stats.items() if k[2] not in idle}  # type: ignore[attr-defined]
     total = sum(v[2] for v in entries.values()) or 1.0
     areas: dict[str, float] = {}
     functions = []
@@ -1144,4 +1160,11 @@ def profile_lines(p: dict[str, Any]) -> list[str]:
     out += ["    %5.1f %%  %s" % (pct, area) for area, pct in p["areas"].items()]
     out.append("    the functions that take most (own time):")
     out += ["    %5.1f %%  %s" % (pct, f) for pct, f in p["top_functions"]]
+    client = p.get("client_process")
+    if client is not None:
+        out.append("    and in the MQTT client's process (its time in functions, waiting for its socket and stdin left "
+                   "out: %.1f s under the profiler):" % client["profiled_cpu_s"])
+        out += ["    %5.1f %%  %s" % (pct, area) for area, pct in client["areas"].items()]
+        out.append("    the functions that take most there (own time):")
+        out += ["    %5.1f %%  %s" % (pct, f) for pct, f in client["top_functions"]]
     return out
