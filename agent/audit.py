@@ -7,12 +7,15 @@ ids, actions, actors, reasons and counts only.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+from agent.errors import PulsebridgeError
 
 FORBIDDEN_FIELDS = {"key", "raw", "samples", "payload", "token", "password"}
 
@@ -22,6 +25,14 @@ def current_actor() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "uid:%d" % os.geteuid()
+
+
+class AuditError(PulsebridgeError):
+    """A record could not be written (a full or failing log disk); .path the audit log."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class AuditLog:
@@ -35,11 +46,24 @@ class AuditLog:
         entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "actor": actor or current_actor(),
                  "action": action, "target": target}
         entry.update(details)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        line = (json.dumps(entry, sort_keys=True) + "\n").encode()
         try:
-            os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
-            os.fsync(fd)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as e:
+            raise AuditError("audit log %s cannot be written (%s)" % (self.path, e.strerror or e), self.path) from None
+        try:
+            written = 0
+            try:
+                while written < len(line):  # a disk with room for part of it: the next write says why
+                    written += os.write(fd, line[written:])
+                os.fsync(fd)
+            except OSError as e:
+                if written:  # no half record left: it would make the log unreadable from there
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR) - written)
+                raise AuditError("audit log %s cannot be written (%s)" % (self.path, e.strerror or e),
+                                 self.path) from None
         finally:
             os.close(fd)
 

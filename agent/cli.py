@@ -143,8 +143,9 @@ def cmd_devices(args: argparse.Namespace) -> int:
                     and (not args.device_id or d.device_id == args.device_id)}
             for problem in reg.damaged:
                 print("pulsebridge: not exported: %s" % problem, file=sys.stderr)
-            write_private(Path(args.out), json.dumps(keys, indent=1).encode())
+            # recorded first: keys leave the hub only once the record of it is written
             reg.audit.record("device.export_keys", args.device_id or "*", count=len(keys))
+            write_private(Path(args.out), json.dumps(keys, indent=1).encode())
             print("%d device keys written to %s (mode 0600)" % (len(keys), args.out))
     except RegistryError as e:
         print("pulsebridge: %s" % e, file=sys.stderr)
@@ -167,12 +168,18 @@ def cmd_erase(args: argparse.Namespace) -> int:
     store.close()
     reg = _registry(cfg)
     existed = reg.row(args.device) is not None  # its row as stored: one edited by hand is erased too
-    if existed:
-        reg.remove(args.device)
-    reg.close()
-    from agent.audit import AuditLog
+    from agent.audit import AuditError, AuditLog
 
-    AuditLog(cfg.audit_path).record("device.erase", args.device, frames_erased=n, registry_entry_removed=existed)
+    try:
+        if existed:
+            reg.remove(args.device)  # with its audit record, or not at all
+        AuditLog(cfg.audit_path).record("device.erase", args.device, frames_erased=n, registry_entry_removed=existed)
+    except AuditError as e:
+        print("pulsebridge: %s: %d frames of %s erased, but not its registry entry nor the record of the erasure: "
+              "free some space there and run this again" % (e, n, args.device), file=sys.stderr)
+        return 1
+    finally:
+        reg.close()
     if not n and not existed:  # the request is audited, but a mistyped id must not read as done
         print("pulsebridge: this hub holds nothing of %s (not registered, no frames): nothing erased; check the id"
               % args.device, file=sys.stderr)

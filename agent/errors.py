@@ -25,7 +25,8 @@ format's own errors stay `protocols.errors.ProtocolError` (Local/Remote):
     ├── ProvisionError       agent/provision/provision.py  .step
     ├── ReplError            agent/provision/rawrepl.py  .port, .output
     ├── BuildError           agent/provision/build.py
-    └── InputError           agent/verify_origin.py
+    ├── InputError           agent/verify_origin.py
+    └── AuditError           agent/audit.py        .path
 """
 
 from __future__ import annotations

@@ -59,9 +59,9 @@ class PushError(PulsebridgeError):
     """The bundle cannot be pushed (named reason)."""
 
 
-def spool(run_dir: Path, device_id: str, data: bytes) -> bundle.Manifest:
-    """Spools a bundle for the agent to send: checks its form (header, manifest,
-    size), not its signature. Raises PushError."""
+def check(data: bytes) -> bundle.Manifest:
+    """A bundle's manifest, once its form (header, manifest, size) is checked, not its signature.
+    Raises PushError."""
     if len(data) > messages.MAX_BUNDLE:
         raise PushError("the bundle is %d bytes, above the %d a board takes" % (len(data), messages.MAX_BUNDLE))
     try:
@@ -71,6 +71,12 @@ def spool(run_dir: Path, device_id: str, data: bytes) -> bundle.Manifest:
         raise PushError("not a signed bundle (%s): %s" % (e.reason, e)) from None
     if at + m.size() != len(data):
         raise PushError("the bundle is %d bytes, its header and files say %d" % (len(data), at + m.size()))
+    return m
+
+
+def spool(run_dir: Path, device_id: str, data: bytes) -> bundle.Manifest:
+    """Spools a bundle for the agent to send, once check() passes it. Raises PushError."""
+    m = check(data)
     d = spool_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = d / (device_id + ".bin.tmp")
@@ -84,11 +90,12 @@ def spool(run_dir: Path, device_id: str, data: bytes) -> bundle.Manifest:
 
 def push(run_dir: Path, audit_path: Path, device_id: str, data: bytes, actor: str | None = None) -> bundle.Manifest:
     """`pulsebridge ota push`: spools the bundle (spool()) for the running agent to send and records
-    the push in the audit log (who pushed what: its version, name and SHA-256). Raises PushError."""
-    m = spool(run_dir, device_id, data)
+    the push in the audit log (who pushed what: its version, name and SHA-256), that first: a bundle
+    is spooled only once its push is recorded. Raises PushError, AuditError (nothing spooled)."""
+    m = check(data)
     AuditLog(audit_path).record("firmware.push", device_id, actor=actor, version=m.version, name=m.name,
                                 sha256=hashlib.sha256(data).hexdigest())
-    return m
+    return spool(run_dir, device_id, data)
 
 
 def read_state(run_dir: Path, device_id: str) -> dict[str, object] | None:

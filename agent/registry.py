@@ -7,12 +7,14 @@ Every change is written to the audit log.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
 import sqlite3
 import time
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,6 +172,19 @@ class Registry:
     def close(self) -> None:
         self._db.close()
 
+    @contextlib.contextmanager
+    def _change(self) -> Iterator[None]:
+        """One change and its audit record, in one transaction: the change is committed only once its
+        record is written (a full log disk changed the registry with no record of who did it, and the
+        command said it had failed). Raises AuditError (nothing changed) if the record cannot be."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
     def _row(self, r: tuple[object, ...]) -> Device:
         """The row's Device; RegistryError naming the row (its id quoted) for one that holds none."""
         problem = row_problem(r)
@@ -244,11 +259,12 @@ class Registry:
         if unique_id is not None and not 0 < len(unique_id) <= MAX_UNIQUE_ID:
             raise RegistryError("a chip's unique id is 1 to %d bytes" % MAX_UNIQUE_ID, device_id)
         now = time.time()
-        self._db.execute("INSERT INTO devices(device_id, key, state, label, patient_ref, created_at, key_changed_at, "
-                         "unique_id) VALUES(?,?,?,?,?,?,?,?)",
-                         (device_id, key, "active", label, patient_ref, now, now, unique_id))
-        self.audit.record("device.add", device_id, actor, label=label,
-                          **({"unique_id": unique_id.hex()} if unique_id else {}))
+        with self._change():
+            self._db.execute("INSERT INTO devices(device_id, key, state, label, patient_ref, created_at, "
+                             "key_changed_at, unique_id) VALUES(?,?,?,?,?,?,?,?)",
+                             (device_id, key, "active", label, patient_ref, now, now, unique_id))
+            self.audit.record("device.add", device_id, actor, label=label,
+                              **({"unique_id": unique_id.hex()} if unique_id else {}))
         dev = self.get(device_id)
         assert dev is not None
         return dev
@@ -259,9 +275,10 @@ class Registry:
             raise RegistryError("no device %s" % device_id, device_id)
         if dev.state == "revoked":
             raise RegistryError("device %s is already revoked" % device_id, device_id)
-        self._db.execute("UPDATE devices SET state='revoked', revoked_at=?, revoke_reason=? WHERE device_id=?",
-                         (time.time(), reason, device_id))
-        self.audit.record("device.revoke", device_id, actor, reason=reason)
+        with self._change():
+            self._db.execute("UPDATE devices SET state='revoked', revoked_at=?, revoke_reason=? WHERE device_id=?",
+                             (time.time(), reason, device_id))
+            self.audit.record("device.revoke", device_id, actor, reason=reason)
 
     def begin_rotation(self, device_id: str, actor: str | None = None) -> bytes:
         """A new key, accepted alongside the current one until complete_rotation():
@@ -270,21 +287,24 @@ class Registry:
         if dev is None or dev.state != "active":
             raise RegistryError("no active device %s" % device_id, device_id)
         key = secrets.token_bytes(KEY_BYTES)
-        self._db.execute("UPDATE devices SET next_key=? WHERE device_id=?", (key, device_id))
-        self.audit.record("key.rotate.begin", device_id, actor)
+        with self._change():
+            self._db.execute("UPDATE devices SET next_key=? WHERE device_id=?", (key, device_id))
+            self.audit.record("key.rotate.begin", device_id, actor)
         return key
 
     def complete_rotation(self, device_id: str, actor: str | None = None) -> None:
         dev = self.get(device_id)
         if dev is None or dev.next_key is None:
             raise RegistryError("no key rotation under way for %s" % device_id, device_id)
-        self._db.execute("UPDATE devices SET key=next_key, next_key=NULL, key_changed_at=? WHERE device_id=?",
-                         (time.time(), device_id))
-        self.audit.record("key.rotate.complete", device_id, actor)
+        with self._change():
+            self._db.execute("UPDATE devices SET key=next_key, next_key=NULL, key_changed_at=? WHERE device_id=?",
+                             (time.time(), device_id))
+            self.audit.record("key.rotate.complete", device_id, actor)
 
     def abort_rotation(self, device_id: str, actor: str | None = None) -> None:
-        self._db.execute("UPDATE devices SET next_key=NULL WHERE device_id=?", (device_id,))
-        self.audit.record("key.rotate.abort", device_id, actor)
+        with self._change():
+            self._db.execute("UPDATE devices SET next_key=NULL WHERE device_id=?", (device_id,))
+            self.audit.record("key.rotate.abort", device_id, actor)
 
     def row(self, device_id: str) -> tuple[object, ...] | None:
         """The device's whole row as stored (key included), for restore_row()."""
@@ -304,5 +324,6 @@ class Registry:
         self._db.execute("COMMIT")
 
     def remove(self, device_id: str, actor: str | None = None) -> None:
-        self._db.execute("DELETE FROM devices WHERE device_id=?", (device_id,))
-        self.audit.record("device.remove", device_id, actor)
+        with self._change():
+            self._db.execute("DELETE FROM devices WHERE device_id=?", (device_id,))
+            self.audit.record("device.remove", device_id, actor)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import forwarders
-from agent.audit import AuditLog
+from agent.audit import AuditError, AuditLog
 from agent.ble_links import OUT_OF_RANGE_S, BleManager
 from agent.config import AgentConfig
 from agent.forwarders.base import Backoff, Forwarder, Subjects
@@ -176,8 +176,8 @@ class Agent:
         try:
             self.audit.record("agent.start", self.cfg.hub_id, config=str(self.cfg.source or ""),
                               backends=[b.name for b in self.cfg.backends], version=version())
-        except OSError as e:  # a full card: the boards come before the record of this start
-            log.error("audit log %s cannot be written (%s): this start is not recorded in it", self.audit.path, e)
+        except AuditError as e:  # a full card: the boards come before the record of this start
+            log.error("%s: this start is not recorded in it", e)
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._supervised(name, factory), name=name)

@@ -40,7 +40,7 @@ from typing import Any
 
 import serial
 
-from agent.audit import AuditLog
+from agent.audit import AuditError, AuditLog
 from agent.config import AgentConfig
 from agent.errors import PulsebridgeError
 from agent.provision import build
@@ -298,7 +298,7 @@ class Provisioner:
             if self._undo(repl, undo):
                 self.out("the board and the registry are as before: run provision again to provision it")
             return res
-        except (ReplError, ProvisionError, RegistryError) as e:
+        except (ReplError, ProvisionError, RegistryError, AuditError) as e:  # AuditError: a full log disk
             step, why = (e.step, e.reason) if isinstance(e, ProvisionError) else (self._at, str(e))
             self.out("FAILED at %s: %s" % (step, why))
             res.steps.append((step, why))
@@ -318,7 +318,7 @@ class Provisioner:
                 try:
                     registry.restore_row(undo.device_id, undo.registry_row)
                     registry.audit.record("device.provision.undone", undo.device_id)
-                except RegistryError as e:
+                except (RegistryError, AuditError) as e:
                     self.out("could not put the registry back: %s" % e)
                     ok = False
                 finally:
@@ -506,7 +506,7 @@ class Provisioner:
         except KeyboardInterrupt:
             res.interrupted = True
             self.out("\ninterrupted (Ctrl-C): the hub accepts the board's old and new keys until a rotation ends")
-        except (ReplError, ProvisionError, RegistryError) as e:
+        except (ReplError, ProvisionError, RegistryError, AuditError) as e:  # AuditError: a full log disk
             self.out("FAILED: %s" % e)
         finally:
             registry.close()

@@ -1,5 +1,6 @@
 # The operator's commands, run as an operator runs them.
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -519,3 +520,49 @@ def test_an_agent_with_a_registry_row_edited_by_hand_serves_the_rest_and_says_so
         assert page["level"] == "attention" and {"level": "attention", "key": "sensor_unusable", "args": {}} in \
             page["notices"], page["notices"]
     assert seen["cli"].returncode == 0 and "the row of 'pb-hex' cannot be used" in seen["cli"].stdout, seen["cli"]
+
+
+def test_a_full_log_disk_changes_nothing_unrecorded_and_says_so(tmp_path: Path, hub_config: AgentConfig) -> None:
+    # the audit log on a card of its own (/var/log) with no byte left: `devices add`, `revoke` and `erase`
+    # made their change, then ended in "OSError: [Errno 28]"'s traceback, so the registry changed with no
+    # record of who did it (and a second try said "already registered"); `devices export` wrote the keys
+    # with no record of it, `ota push` spooled a bundle the agent then sent unrecorded
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.dev import release
+
+    data_cfg = hub_config.source
+    assert data_cfg is not None
+    bundle = tmp_path / "fw.bundle"
+    bundle.write_bytes(release.make_bundle({"main.py": b"pass\n"}, 2, "pulsebridge-fw 2", 0, "esp32",
+                                           Ed25519PrivateKey.generate()))
+    with small_filesystem(tmp_path / "logcard", 64) as card:
+        cfg = tmp_path / "agent-logcard.toml"
+        cfg.write_text(data_cfg.read_text().replace(str(tmp_path / "log"), str(card / "log")))
+        assert _cli("devices", "--config", str(cfg), "add", "pb-kept").returncode == 0
+        assert _cli("devices", "--config", str(cfg), "add", "pb-gone").returncode == 0
+        audit = card / "log" / "audit.log"
+        fill(card / "filler")
+        fd = os.open(audit, os.O_WRONLY | os.O_APPEND)  # the audit log's own last block too
+        try:
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\n"):
+                    pass
+        finally:
+            os.close(fd)
+        before = audit.read_bytes()
+        listed = _cli("devices", "--config", str(cfg), "list").stdout
+        for args in (("devices", "add", "pb-new"), ("devices", "revoke", "pb-kept"),
+                     ("devices", "export", "--out", str(tmp_path / "keys.json")),
+                     ("erase", "--device", "pb-gone"),
+                     ("ota", "push", "--device", "pb-kept", str(bundle), "--wait-s", "0")):
+            r = _cli(*args, "--config", str(cfg))
+            assert r.returncode in (1, 2) and "Traceback" not in r.stderr, (args, r.stderr)
+            assert "audit log %s cannot be written (No space left on device)" % audit in r.stderr, (args, r.stderr)
+        assert _cli("devices", "--config", str(cfg), "list").stdout == listed
+        assert not (tmp_path / "keys.json").exists() and not (tmp_path / "run" / "ota" / "pb-kept.bin").exists()
+        assert audit.read_bytes() == before  # no half record either
+        (card / "filler").unlink()
+        r = _cli("erase", "--device", "pb-gone", "--config", str(cfg))
+        assert r.returncode == 0, r.stderr
+        assert [e["action"] for e in AuditLog(audit).entries()][-2:] == ["device.remove", "device.erase"]

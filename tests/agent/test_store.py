@@ -294,3 +294,31 @@ def test_a_store_of_schema_3_is_taken_on_its_frames_read_as_stored(tmp_path: Pat
     frames = [r.frame for r in rows]
     assert [fr.channels[0].tolist() for fr in frames if fr is not None] == [[1000, 1001, 999, 1002], [7, 8, 9, 10]]
     assert rows[1].info is None  # packed: header and samples in one column
+
+
+def test_an_audit_record_the_disk_cuts_short_leaves_no_half_line(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # a disk with room for part of a record: os.write wrote what fitted and returned its count, unchecked,
+    # so half a JSON line stayed in the log (entries() then failed on it, and on every record after it)
+    import errno
+
+    from agent import audit as audit_module
+    from agent.audit import AuditError
+
+    audit = AuditLog(tmp_path / "audit.log")
+    audit.record("device.add", "pb-0001")
+    before = (tmp_path / "audit.log").read_bytes()
+    real_write = os.write
+
+    def room_for_20_bytes(fd: int, data: bytes) -> int:  # the fault: what a nearly full disk does
+        if len(data) <= 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data[:20])
+
+    monkeypatch.setattr(audit_module.os, "write", room_for_20_bytes)
+    with pytest.raises(AuditError, match=r"audit log .* cannot be written \(No space left on device\)"):
+        audit.record("device.revoke", "pb-0001", reason="board lost")
+    monkeypatch.undo()
+    assert (tmp_path / "audit.log").read_bytes() == before
+    audit.record("device.revoke", "pb-0001", reason="board lost")
+    assert [e["action"] for e in audit.entries()] == ["device.add", "device.revoke"]
