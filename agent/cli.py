@@ -373,6 +373,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config)
     try:
         snap = asyncio.run(read_status(cfg.status_socket))
+    except (FileNotFoundError, ConnectionRefusedError):  # none made, or one a killed agent left
+        print("pulsebridge: no agent is running on %s (no status socket at %s): systemctl start pulsebridge-agent"
+              % (args.config, cfg.status_socket), file=sys.stderr)
+        return 1
     except (OSError, TimeoutError) as e:
         print("pulsebridge: the agent is not answering on %s (%s)" % (cfg.status_socket, e), file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ MicroPython unix port (tests/sim/test_provision.py).
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import struct
 import time
@@ -68,6 +69,19 @@ def _busy(e: Exception) -> bool:
     return isinstance(e, serial.SerialException) and "exclusively lock" in str(e)
 
 
+def _open_failure(e: Exception) -> str:
+    """Why a port did not open, in a technician's words (pyserial's named the port three times, with
+    two errnos: "[Errno 2] could not open port P: [Errno 2] No such file or directory: 'P'")."""
+    if _busy(e):
+        return "%s (another program holds it: is the hub agent using this board?)" % e
+    code = getattr(e, "errno", None)
+    if code == errno.ENOENT:
+        return "no such port (is the board plugged in? ls /dev/serial/by-id/ names the boards plugged in)"
+    if code in (errno.EACCES, errno.EPERM):
+        return "permission denied (is this user in the dialout group?)"
+    return str(e)
+
+
 class RawRepl:
     """Raises ReplError naming the port if it cannot be opened: it does not
     exist, or another process still holds it after busy_wait_s
@@ -90,8 +104,7 @@ class RawRepl:
                 return open_port(self.port_name, self.baudrate, timeout_s=0.05)
             except (serial.SerialException, OSError) as e:
                 if not _busy(e) or time.monotonic() >= deadline:
-                    why = " (another program holds it: is the hub agent using this board?)" if _busy(e) else ""
-                    raise ReplError("cannot open %s: %s%s" % (self.port_name, e, why), self.port_name) from e
+                    raise ReplError("cannot open %s: %s" % (self.port_name, _open_failure(e)), self.port_name) from e
                 if on_busy is not None:
                     on_busy("%s is in use by another program; waiting up to %.0f s for it" % (
                         self.port_name, busy_wait_s))

@@ -266,7 +266,7 @@ def test_status_reads_the_running_agent(hub_config: AgentConfig) -> None:
     # a stopped agent leaves no socket behind ("Connection refused" read as a hung agent)
     assert not cfg.status_socket.exists()
     gone = _cli("status", "--config", str(cfg.source))
-    assert gone.returncode == 1 and "No such file" in gone.stderr, gone.stderr
+    assert gone.returncode == 1 and "no agent is running" in gone.stderr, gone.stderr
     json.dumps(snap)
 
 
@@ -566,3 +566,23 @@ def test_a_full_log_disk_changes_nothing_unrecorded_and_says_so(tmp_path: Path, 
         r = _cli("erase", "--device", "pb-gone", "--config", str(cfg))
         assert r.returncode == 0, r.stderr
         assert [e["action"] for e in AuditLog(audit).entries()][-2:] == ["device.remove", "device.erase"]
+
+
+def test_a_port_that_is_not_there_is_said_in_words(tmp_path: Path, hub_config: AgentConfig) -> None:
+    # provision and rotate-key said "cannot open P: [Errno 2] could not open port P: [Errno 2] No such file
+    # or directory: 'P'" (the port three times, two errnos): a technician wants to know it is not there
+    port = tmp_path / "ttyACM9"
+    for args in (("provision", "--origin-key-out", str(tmp_path)), ("rotate-key",)):
+        r = _cli(*args, "--port", str(port), "--config", str(hub_config.source))
+        assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr, r
+        assert "cannot open %s: no such port (is the board plugged in? ls /dev/serial/by-id/ names the boards " \
+               "plugged in)" % port in r.stdout, r.stdout
+        assert "Errno" not in r.stdout, r.stdout
+
+
+def test_status_with_no_agent_running_says_so_in_words(hub_config: AgentConfig) -> None:
+    # "the agent is not answering on ...status.sock ([Errno 2] No such file or directory)"
+    r = _cli("status", "--config", str(hub_config.source))
+    assert r.returncode == 1 and r.stderr == (
+        "pulsebridge: no agent is running on %s (no status socket at %s): systemctl start pulsebridge-agent\n"
+        % (hub_config.source, hub_config.status_socket)), r.stderr
