@@ -14,6 +14,8 @@ and report.md, one page: what ran, on which board and firmware, the figures.
 
 from __future__ import annotations
 
+import argparse
+import math
 import platform
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -38,11 +40,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--device-id", default=None, help="the board's device id")
     g.addoption("--key-file", default=None, help="JSON from `pulsebridge devices export`, or 64 hex digits")
     g.addoption("--blank-port", default=None, help="serial port of a board the suite may (re)provision")
-    g.addoption("--stream-seconds", type=float, default=20.0, help="length of the streaming case")
+    g.addoption("--stream-seconds", type=_seconds, default=20.0, help="length of the streaming case")
     g.addoption("--hil-report", default="hil-results", help="directory for junit.xml and report.md")
     g.addoption("--ble", action="append", default=[], metavar="ADDRESS",
                 help="a provisioned board over BLE (repeat for several); keys from --key-file (JSON)")
     g.addoption("--ble-adapter", default="hci0", help="BlueZ adapter for --ble (default hci0)")
+
+
+def _seconds(text: str) -> float:
+    """--stream-seconds: a finite number above 0 (-5 or nan set a case up, then failed it for no samples)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError("a number of seconds above 0, not %r" % text)
+    return value
 
 
 def pytest_configure(config: pytest.Config) -> None:

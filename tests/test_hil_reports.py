@@ -47,3 +47,14 @@ def test_the_drift_case_reports_its_figures_in_junit(tmp_path: Path) -> None:
         assert skipped is None and case.find("failure") is None, ET.tostring(case)
     report = (out / "report.md").read_text()
     assert "board clock drift ppm = " + m.group(0) in report
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "nan", "inf", "ten"])
+def test_a_stream_length_that_is_no_duration_is_refused_before_anything_runs(tmp_path: Path, value: str) -> None:
+    # --stream-seconds -5 (or nan) streamed the case's set-up, then failed it with "no samples received",
+    # 40 s later, a bench's verdict on a typo
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "hil_tests", "--collect-only",
+                        "--hil-report", str(tmp_path / "hil"), "--stream-seconds", value],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 4, r.stdout + r.stderr  # pytest's usage error
+    assert "--stream-seconds: a number of seconds above 0, not %r" % value in r.stderr, r.stderr
