@@ -7,9 +7,12 @@ import sys
 import time
 
 from machine import ADC, I2C, SPI, Pin, Timer
+from micropython import const
 
 from app import ticks
 from protocols import fields
+
+_BATTERY_EVERY_MS = const(10000)  # a cell's level moves over minutes: its ADC read this often at most
 
 PINS = {
     "i2c_scl": 22, "i2c_sda": 21, "i2c_hz": 400000,
@@ -29,6 +32,8 @@ class Esp32Board:
         self._wdt = None
         self._wdt_ms = 0
         self._battery_adc = None
+        self._battery_pct = -1  # the last reading (-1: none yet), taken at _battery_at_ms
+        self._battery_at_ms = time.ticks_ms()
         self._last_ms = time.ticks_ms()
         self.uptime = ticks.Uptime()
         self._irq_pins = {}
@@ -170,11 +175,22 @@ class Esp32Board:
     def battery_pct(self, cfg):
         # A LiPo cell on an ADC pin through a divider ("pins": {"battery_adc":
         # 33, "battery_divider": 2}); without one the board is on USB power.
-        pins = cfg.get("pins", {})
-        pin = pins.get("battery_adc")
+        # A BLE board's app asks on every loop iteration: the ADC (slow on
+        # the chip) is read once per _BATTERY_EVERY_MS, and nothing is
+        # allocated in between (a default {} for "pins" was a new dict on
+        # every call).
+        now = time.ticks_ms()
+        if self._battery_pct >= 0 and time.ticks_diff(now, self._battery_at_ms) < _BATTERY_EVERY_MS:
+            return self._battery_pct
+        self._battery_at_ms = now
+        pins = cfg.get("pins")
+        pin = pins.get("battery_adc") if pins else None
         if pin is None:
-            return 100
-        if self._battery_adc is None:
-            self._battery_adc = ADC(Pin(pin), atten=ADC.ATTN_11DB)
-        mv = self._battery_adc.read_uv() // 1000 * pins.get("battery_divider", 2)
-        return max(0, min(100, (mv - 3300) // 9))  # 3.3 V empty .. 4.2 V full
+            pct = 100
+        else:
+            if self._battery_adc is None:
+                self._battery_adc = ADC(Pin(pin), atten=ADC.ATTN_11DB)
+            mv = self._battery_adc.read_uv() // 1000 * pins.get("battery_divider", 2)
+            pct = max(0, min(100, (mv - 3300) // 9))  # 3.3 V empty .. 4.2 V full
+        self._battery_pct = pct
+        return pct
