@@ -8,10 +8,12 @@ Every change is written to the audit log.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
 import sqlite3
+import stat
 import time
 import unicodedata
 from collections.abc import Iterator
@@ -91,13 +93,32 @@ class RegistryError(PulsebridgeError):
 
 
 def write_private(path: Path, data: bytes) -> None:
-    # Secrets are readable by their owner only, from the moment they exist.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Writes a secret to path, readable by its writer only from the moment it exists: into a new file
+    (mode 0600, made here) renamed over path, never into a file already there (another user's, made
+    beforehand, would have got the key and stayed theirs; a mode 0644 one held it until a chmod).
+    Raises OSError, also for a path that is there and no regular file (a link, a device: /dev/stdout
+    would have been replaced); nothing is left behind then."""
     try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.chmod(path, 0o600)
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EEXIST, "not a regular file (a secret goes to a file of its own)", str(path))
+    tmp = path.with_name(".%s.%s.tmp" % (path.name, secrets.token_hex(4)))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from agent import store as store_mod
 from agent.audit import AuditLog
 from agent.registry import Registry, RegistryError
 from agent.store import Ingest, Store, StoreError
+from tests.conftest import IN_CI
 
 
 def _item(seq: int, dev: str = "pb-a", raw_size: int = 200, duplicate: bool = False) -> Ingest:
@@ -322,3 +323,33 @@ def test_an_audit_record_the_disk_cuts_short_leaves_no_half_line(tmp_path: Path,
     assert (tmp_path / "audit.log").read_bytes() == before
     audit.record("device.revoke", "pb-0001", reason="board lost")
     assert [e["action"] for e in audit.entries()] == ["device.add", "device.revoke"]
+
+
+def test_a_key_file_made_beforehand_by_someone_else_is_replaced_not_written_into(tmp_path: Path) -> None:
+    # write_private opened an existing file with O_TRUNC and wrote the key into it: a file another user
+    # had made there beforehand (mode 0666, theirs) got the key, and stayed theirs to read or chmod back
+    # (the key was also in a file readable by others between the write and the chmod)
+    from agent.registry import write_private
+
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("making a file another user owns needs root; CI runs as root")
+        pytest.skip("making a file another user owns needs root")
+    path = tmp_path / "pb-0001.key"
+    path.write_bytes(b"")
+    os.chown(path, 65534, 65534)  # nobody's
+    os.chmod(path, 0o666)
+    other_name = tmp_path / "their-link"
+    os.link(path, other_name)  # what its owner keeps a hold of
+    write_private(path, b"00" * 32 + b"\n")
+    st = path.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (os.geteuid(), 0o600), st
+    assert path.read_bytes() == b"00" * 32 + b"\n" and other_name.read_bytes() == b""
+    write_private(path, b"11" * 32 + b"\n")  # and again, over its own file
+    assert path.read_bytes() == b"11" * 32 + b"\n" and path.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pb-0001.key", "their-link"]  # no temporary left
+    fifo = tmp_path / "a-pipe"
+    os.mkfifo(fifo)  # as /dev/stdout would be: not replaced by a file, not written to
+    with pytest.raises(OSError, match="not a regular file"):
+        write_private(fifo, b"22" * 32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-pipe", "pb-0001.key", "their-link"]
