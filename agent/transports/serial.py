@@ -144,8 +144,19 @@ class SerialTransport(Transport):
         line = hub_link.downlink_line(message)
         try:
             async with self._write_lock:
-                # pyserial's write_timeout bounds a write the board does not read.
-                await asyncio.to_thread(self._ser.write, line)
+                # The port is non-blocking (pyserial opens it so): a line the port's buffer takes
+                # whole (an ack, ~100 bytes) is written here, on the loop, without a thread's
+                # round trip for each; what it does not take goes through pyserial's write on a
+                # thread, whose write_timeout bounds a board that does not read.
+                ser = self._ser
+                if ser is None:
+                    raise TransportClosed("%s closed" % self.port, self.name)
+                try:
+                    written = os.write(ser.fileno(), line)
+                except BlockingIOError:
+                    written = 0
+                if written < len(line):
+                    await asyncio.to_thread(ser.write, line[written:])
         except (serial.SerialException, OSError, ValueError) as e:  # ValueError: closed meanwhile
             raise TransportClosed("write to %s failed: %s" % (self.port, e), self.name) from e
 

@@ -150,3 +150,61 @@ def test_discovery_lists_the_ports_again_only_once_dev_has_changed(monkeypatch: 
     plain.candidates()
     plain.candidates()
     assert len(calls) == 5
+
+
+def test_downlink_lines_go_whole_and_in_order_without_a_thread_while_the_port_takes_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A line the port's buffer takes is written on the loop (an ack: no thread's round trip for
+    # each); once the buffer is full (a board that stopped reading), the rest of a line goes through
+    # pyserial's bounded write on a thread. Every line arrives whole and in order either way.
+    # Before: every line through a thread.
+    from agent.transports.base import TransportClosed
+    from protocols import hub_link
+
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    threaded: list[int] = []
+    to_thread = asyncio.to_thread
+
+    async def counting_to_thread(fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        threaded.append(1)  # counted, then run as it was
+        return await to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(serial_transport.asyncio, "to_thread", counting_to_thread)
+    messages = [bytes([i % 256]) * 60 for i in range(300)]  # ~25 kB of lines: several pty buffers
+    got = bytearray()
+    reading = threading.Event()
+
+    def board() -> None:  # reads once told to: until then the port's buffer fills up
+        reading.wait(60)
+        want = sum(len(hub_link.downlink_line(m)) for m in messages)
+        while len(got) < want:
+            got.extend(os.read(master, 65536))
+
+    async def run() -> None:
+        t = SerialTransport(os.ttyname(slave))
+        await t.open()
+        try:
+            for m in messages[:5]:  # the buffer takes them: no thread
+                await t.send(m)
+            assert threaded == []
+            reader = threading.Thread(target=board, daemon=True)
+            reader.start()
+            sending = asyncio.ensure_future(asyncio.gather(*(t.send(m) for m in messages[5:])))
+            await async_wait_for(lambda: threaded, 30, "a line waiting for the board on a thread")
+            reading.set()
+            async with asyncio.timeout(60):
+                await sending
+            await asyncio.to_thread(reader.join, 60)
+        except TransportClosed as e:  # pyserial's write_timeout passed before the reader ran
+            raise AssertionError("the board read too late for the write timeout: %s" % e) from e
+        finally:
+            await t.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert bytes(got) == b"".join(hub_link.downlink_line(m) for m in messages)
+    assert 0 < len(threaded) < len(messages) - 5
