@@ -124,6 +124,31 @@ def progress(update: dict[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
+# Why a board refused an update (SPEC.md, "What a board refuses"), and what a technician does about it.
+REFUSALS = {
+    "truncated": "the bundle reached it cut short: push it again",
+    "malformed": "not a bundle it can read (a bad manifest, or a path outside the firmware): sign it again "
+                 "with pulsebridge-dev release sign",
+    "bad_signature": "its signature does not verify (unsigned, or altered after signing): sign it again",
+    "unknown_key": "signed by a key the board does not hold: a board takes only the vendor keys it was "
+                   "provisioned with (provision --vendor-key HEX; without one it takes no update)",
+    "wrong_target": "made for another board type (pulsebridge-dev release sign --target)",
+    "downgrade": "its version is not above the one the board runs (a release number only rises)",
+    "below_floor": "its version is below the lowest this board may run now (an earlier release's "
+                   "--min-version)",
+    "hash_mismatch": "a file's SHA-256 is not its manifest's (altered after signing): sign it again",
+    "no_memory": "the board had no room in its heap to check it; it streams on: push it again later",
+    "on_trial": "the board runs a version on trial, and takes no other before that one is confirmed (a "
+                "minute of acknowledged streaming): push it again then",
+}
+
+
+def refusal(state: str) -> str:
+    """A "refused:REASON" state in a technician's words (the reason alone if it is not known here)."""
+    reason = state.partition(":")[2]
+    return "%s: %s" % (reason, REFUSALS[reason]) if reason in REFUSALS else reason
+
+
 def describe(update: dict[str, Any] | None) -> str:
     """The update's state in a few English words (`pulsebridge status`); "" if none."""
     p = progress(update)

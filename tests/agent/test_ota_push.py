@@ -353,3 +353,20 @@ def test_an_earlier_updates_outcome_said_again_does_not_end_the_next_push(tmp_pa
     pusher = ota.Pusher(run_dir, send=None, board=lambda: (dev, 1), hub_=None)  # type: ignore[arg-type]
     assert pusher.on_state(dev, messages.UpdateState(1, 8, 0, "rolled_back"))
     assert ota.read_state(run_dir, dev)["state"] == "rolled_back"  # type: ignore[index]
+
+
+def test_every_refusal_the_spec_names_is_said_in_a_technicians_words() -> None:
+    # `ota push` ended with "the board refused the bundle: refused:unknown_key", which told a technician
+    # neither what was wrong nor what to do (here: the board was provisioned without the vendor's key)
+    import re
+
+    from agent import ota
+    from tests.conftest import ROOT
+
+    spec = (ROOT / "protocols" / "SPEC.md").read_text()
+    refuses = spec.split("**What a board refuses**")[1].split("**Cost on the board.**")[0]
+    reasons = set(re.findall(r"\(`([a-z_]+)`", refuses)) | set(re.findall(r"`(no_memory|on_trial)`", spec))
+    assert {"unknown_key", "bad_signature", "downgrade", "no_memory", "on_trial"} <= reasons, reasons
+    assert set(ota.REFUSALS) == reasons
+    assert ota.refusal("refused:unknown_key").startswith("unknown_key: signed by a key the board does not hold")
+    assert ota.refusal("refused:something_new") == "something_new"
