@@ -402,7 +402,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             (", refused %d (quarantined)" % f["refused"]) if f.get("refused") else "",
             (", " + f["last_error"]) if f["last_error"] else ""))
     for dev, vitals in sorted(snap.get("last_vitals", {}).items()):
-        print("  vitals %-12s " % dev + ", ".join("%s %s" % (k, v["value"]) for k, v in sorted(vitals.items())))
+        print("  " + _vitals_line(dev, vitals, time.time()))
     alerts = snap.get("vitals", {}).get("active_alerts", [])
     print("  alerts: " + (", ".join("%s %s" % (d, a) for d, a in alerts) if alerts else "none"))
     st = snap.get("store", {})
@@ -431,6 +431,16 @@ def _ota_describe(update: Any) -> str:
     from agent import ota
 
     return ota.describe(update)
+
+
+def _vitals_line(device_id: str, vitals: dict[str, Any], now: float) -> str:
+    """A board's last vitals and how old they are (a board unplugged a minute ago kept showing its last
+    heart rate as if live). vitals: {kind: {"value", "at": ISO 8601 UTC}}; now: UTC seconds."""
+    from datetime import datetime
+
+    line = "vitals %-12s %s" % (device_id, ", ".join("%s %s" % (k, v["value"]) for k, v in sorted(vitals.items())))
+    times = [datetime.fromisoformat(v["at"]).timestamp() for v in vitals.values() if v.get("at")]
+    return line + (" (%.0f s ago)" % max(0.0, now - max(times)) if times else "")
 
 
 def _board_line(b: dict[str, Any], store: dict[str, Any] | None = None) -> str:

@@ -586,3 +586,17 @@ def test_status_with_no_agent_running_says_so_in_words(hub_config: AgentConfig) 
     assert r.returncode == 1 and r.stderr == (
         "pulsebridge: no agent is running on %s (no status socket at %s): systemctl start pulsebridge-agent\n"
         % (hub_config.source, hub_config.status_socket)), r.stderr
+
+
+def test_status_says_how_old_a_board_s_last_vitals_are() -> None:
+    # `pulsebridge status` printed "vitals pb-x heart_rate 127.8, ..." a minute after the board was unplugged,
+    # as it did while it streamed: nothing told a technician the figures were not live
+    from datetime import datetime
+
+    from agent.cli import _vitals_line
+
+    at = datetime.fromisoformat("2026-12-01T11:39:53.282Z").timestamp()
+    vitals = {"heart_rate": {"value": 127.8, "at": "2026-12-01T11:39:19.928Z"},
+              "spo2": {"value": 97.1, "at": "2026-12-01T11:39:53.282Z"}}
+    assert _vitals_line("pb-x", vitals, at + 37.2) == "vitals pb-x         heart_rate 127.8, spo2 97.1 (37 s ago)"
+    assert _vitals_line("pb-x", {"spo2": {"value": 97.1}}, at) == "vitals pb-x         spo2 97.1"
