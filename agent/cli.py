@@ -188,6 +188,65 @@ def cmd_erase(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_data(args: argparse.Namespace) -> int:
+    """`pulsebridge export-data`: everything the hub holds of a device, as JSON Lines (GDPR art. 15, 20)."""
+    from collections.abc import Iterator
+
+    from agent.audit import AuditLog
+    from agent.errors import PulsebridgeError
+    from agent.forwarders.base import Subjects, document, encode_json
+    from agent.registry import valid_device_id, write_private
+    from agent.store import Store
+
+    if not valid_device_id(args.device):  # a typo, or a newline that would forge a line of the printout
+        raise SystemExit("pulsebridge: device id must be 1 to 16 of a-z, 0-9, '-': %r" % args.device)
+    if args.out.is_dir() or not args.out.absolute().parent.is_dir():
+        raise SystemExit("pulsebridge: export-data: --out %s: %s" % (args.out, "is a directory, give a file" if
+                         args.out.is_dir() else "its directory %s does not exist" % args.out.absolute().parent))
+    cfg = _load_config(args.config)
+    reg = _registry(cfg)
+    store = Store(cfg.store_path, [b.name for b in cfg.backends])
+    db = store.reader()  # beside a running agent too (WAL)
+    counts = {"records": 0, "undecodable": 0}
+    try:
+        dev = reg.get(args.device)
+        first = db.execute("SELECT 1 FROM frames WHERE device_id=? LIMIT 1", (args.device,)).fetchone()
+        if dev is None and first is None:  # the request is not recorded: nothing of anyone's leaves the hub
+            print("pulsebridge: this hub holds nothing of %s (not registered, no frames): nothing written; check the "
+                  "id" % args.device, file=sys.stderr)
+            return 1
+        # Recorded first: health data leaves the hub only once the record of it is written.
+        AuditLog(cfg.audit_path).record("device.export_data", args.device, out=str(args.out.absolute()))
+        subjects = Subjects(reg)
+
+        def lines() -> Iterator[bytes]:
+            if dev is not None:  # its registration, never its keys
+                counts["records"] += 1
+                yield encode_json({"type": "device", "device_id": dev.device_id, "state": dev.state, "label": dev.label,
+                                   "patient_ref": dev.patient_ref, "registered_at": dev.created_at,
+                                   "revoked_at": dev.revoked_at}) + b"\n"
+            for row in Store.device_rows(db, args.device):
+                try:
+                    doc = document(row, cfg.hub_id, subjects.of(row.device_id, row.received_at))
+                except PulsebridgeError as e:  # a row stored without what a document needs: said, not skipped
+                    counts["undecodable"] += 1
+                    doc = {"type": "undecodable", "device_id": row.device_id, "epoch": row.epoch, "seq": row.seq,
+                           "error": str(e)}
+                counts["records"] += 1
+                yield encode_json(doc) + b"\n"
+
+        write_private(args.out, lines())
+    finally:
+        db.close()
+        reg.close()
+    print("%d records of %s written to %s (mode 0600), JSON Lines: its registration, its frames, the hub's vitals, "
+          "alerts and gap records about it, as the backends receive them%s" % (
+              counts["records"], args.device, args.out,
+              "; %d stored without their samples (type undecodable)" % counts["undecodable"]
+              if counts["undecodable"] else ""))
+    return 0
+
+
 def cmd_provision(args: argparse.Namespace) -> int:
     from agent.provision.provision import Provisioner
     from agent.registry import MAX_LABEL_CHARS, MAX_PATIENT_REF_CHARS, text_problem
@@ -520,6 +579,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=default_cfg)
     p.add_argument("--device", required=True)
     p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("export-data", help="everything the hub holds of a device, to a file (GDPR art. 15 and "
+                                           "20: access, portability)")
+    p.add_argument("--config", type=Path, default=default_cfg)
+    p.add_argument("--device", required=True)
+    p.add_argument("--out", type=Path, required=True, help="the file to write (JSON Lines, mode 0600)")
+    p.set_defaults(func=cmd_export_data)
 
     p = sub.add_parser("status", help="boards, backends and rejects, from the running agent")
     p.add_argument("--config", type=Path, default=default_cfg)

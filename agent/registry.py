@@ -16,7 +16,7 @@ import sqlite3
 import stat
 import time
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,12 +92,13 @@ class RegistryError(PulsebridgeError):
         super().__init__(message, device_id=device_id)
 
 
-def write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes | Iterable[bytes]) -> None:
     """Writes a secret to path, readable by its writer only from the moment it exists: into a new file
     (mode 0600, made here) renamed over path, never into a file already there (another user's, made
     beforehand, would have got the key and stayed theirs; a mode 0644 one held it until a chmod).
-    Raises OSError, also for a path that is there and no regular file (a link, a device: /dev/stdout
-    would have been replaced); nothing is left behind then."""
+    data: the bytes, or chunks of them (written as they come: an export of weeks of frames is not held
+    in memory). Raises OSError, also for a path that is there and no regular file (a link, a device:
+    /dev/stdout would have been replaced), or what iterating data raises; nothing is left behind then."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -109,9 +110,10 @@ def write_private(path: Path, data: bytes) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            for chunk in [data] if isinstance(data, bytes) else data:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)

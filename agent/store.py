@@ -35,7 +35,7 @@ import stat
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -229,6 +229,16 @@ class Ingest:
         return cls(f.device_id, f.epoch, f.seq, KIND_FRAME, f.raw, window, f.stream, f.t0_ms, f.first_index,
                    f.count, duplicate=duplicate, t0_utc_ms=f.t0_utc_ms, samples=None if duplicate else f.stored(),
                    received_at=f.received_at)
+
+
+_ROW_COLUMNS = ("f.id, f.device_id, f.epoch, f.seq, f.kind, f.stream, f.priority, f.received_at, f.raw, f.info, "
+                "f.t0_utc_ms, f.samples, f.t0_ms, f.first_index, f.count")
+
+
+def _row(r: Sequence[Any]) -> Row:
+    """A Row from a SELECT of _ROW_COLUMNS."""
+    return Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], json.loads(r[9]) if r[9] else None, r[10],
+               r[11], r[12], r[13], r[14])
 
 
 @dataclass
@@ -1337,14 +1347,26 @@ class Store:
         if len(exclude) > MAX_EXCLUDED:
             raise ValueError("at most %d frame ids can be left out, not %d" % (MAX_EXCLUDED, len(exclude)))
         rows = db.execute(
-            "SELECT f.id, f.device_id, f.epoch, f.seq, f.kind, f.stream, f.priority, f.received_at, f.raw, f.info, "
-            "f.t0_utc_ms, f.samples, f.t0_ms, f.first_index, f.count "
-            "FROM outbox o JOIN frames f ON f.id = o.frame_id WHERE o.backend=? %s"
-            "ORDER BY o.priority DESC, o.frame_id LIMIT ?" % (
+            "SELECT %s FROM outbox o JOIN frames f ON f.id = o.frame_id WHERE o.backend=? %s"
+            "ORDER BY o.priority DESC, o.frame_id LIMIT ?" % (_ROW_COLUMNS,
                 "AND o.frame_id NOT IN (%s) " % ",".join("?" * len(exclude)) if exclude else ""),
             (backend, *exclude, limit)).fetchall()
-        return [Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], json.loads(r[9]) if r[9] else None, r[10],
-                    r[11], r[12], r[13], r[14]) for r in rows]
+        return [_row(r) for r in rows]
+
+    @staticmethod
+    def device_rows(db: sqlite3.Connection, device_id: str, batch: int = 500) -> Iterator[Row]:
+        """Every row stored for the device (its frames and origin checkpoints, the hub's vitals, alerts
+        and gap records about it), by epoch then seq (the hub's own records first: negative epochs),
+        read batch rows at a time along the (device_id, epoch, seq) index: memory stays bounded."""
+        after = (-(1 << 62), 0)
+        while True:
+            rows = [_row(r) for r in db.execute(
+                "SELECT %s FROM frames f WHERE f.device_id=? AND (f.epoch, f.seq) > (?, ?) ORDER BY f.epoch, f.seq "
+                "LIMIT ?" % _ROW_COLUMNS, (device_id, *after, batch))]
+            yield from rows
+            if len(rows) < batch:
+                return
+            after = (rows[-1].epoch, rows[-1].seq)
 
     @staticmethod
     def backlog(db: sqlite3.Connection) -> dict[str, int]:

@@ -600,3 +600,39 @@ def test_status_says_how_old_a_board_s_last_vitals_are() -> None:
               "spo2": {"value": 97.1, "at": "2026-12-01T11:39:53.282Z"}}
     assert _vitals_line("pb-x", vitals, at + 37.2) == "vitals pb-x         heart_rate 127.8, spo2 97.1 (37 s ago)"
     assert _vitals_line("pb-x", {"spo2": {"value": 97.1}}, at) == "vitals pb-x         spo2 97.1"
+
+
+def test_export_data_gives_everything_the_hub_holds_of_one_device_and_nothing_else(
+        tmp_path: Path, hub_config: AgentConfig) -> None:
+    # GDPR art. 15 and 20 (access, portability): the hub could erase a device's data (art. 17) but had no
+    # way to hand it over; a technician had to read SQLite by hand
+    from tests.agent.test_mqtt import _store_frames
+
+    cfg = str(hub_config.source)
+    assert _cli("devices", "--config", cfg, "add", "pb-e1", "--label", "Chambre 2", "--patient",
+                "Patient/7").returncode == 0
+    store = Store(hub_config.store_path, [])
+    store.start()
+    try:
+        _store_frames(store, "pb-e1", range(3))
+        _store_frames(store, "pb-e2", range(2))  # another patient's
+    finally:
+        store.close()
+    out = tmp_path / "pb-e1.jsonl"
+    r = _cli("export-data", "--config", cfg, "--device", "pb-e1", "--out", str(out))
+    assert r.returncode == 0 and "4 records of pb-e1 written to %s (mode 0600)" % out in r.stdout, r
+    assert out.stat().st_mode & 0o777 == 0o600
+    docs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert docs[0] == {"type": "device", "device_id": "pb-e1", "state": "active", "label": "Chambre 2",
+                       "patient_ref": "Patient/7", "registered_at": docs[0]["registered_at"], "revoked_at": None}
+    assert [d["idempotency_key"] for d in docs[1:]] == ["pb-e1:1:0", "pb-e1:1:1", "pb-e1:1:2"]
+    assert {d["device_id"] for d in docs} == {"pb-e1"} and all(d["subject"] == "Patient/7" for d in docs[1:])
+    assert "key" not in json.dumps(docs[0]) and b"pb-e2" not in out.read_bytes()
+    assert [(e["action"], e["target"]) for e in AuditLog(hub_config.audit_path).entries()][-1] == (
+        "device.export_data", "pb-e1")
+    # a mistyped id writes nothing and says so; an id that would drive the terminal is refused
+    nothing = tmp_path / "pb-zz.jsonl"
+    r = _cli("export-data", "--config", cfg, "--device", "pb-zz", "--out", str(nothing))
+    assert r.returncode == 1 and "holds nothing of pb-zz" in r.stderr and not nothing.exists(), r
+    r = _cli("export-data", "--config", cfg, "--device", "\x1b[2J", "--out", str(nothing))
+    assert r.returncode == 1 and "device id must be" in r.stderr and "\x1b" not in r.stderr, r
