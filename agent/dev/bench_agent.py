@@ -19,6 +19,7 @@ Figures only; nothing here asserts a timing.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import cProfile
 import dataclasses
 import gc
@@ -26,14 +27,17 @@ import getpass
 import json
 import os
 import pstats
+import pty
 import resource
 import secrets
+import select
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import tty
 import types
 from pathlib import Path
 from typing import Any
@@ -45,14 +49,16 @@ from agent.audit import AuditLog
 from agent.forwarders import mqtt
 from agent.forwarders.mqtt import MqttConfig, MqttForwarder
 from agent.ingest import Ingestor, Outcome, record_of
+from agent.links import LinkManager
 from agent.record import FrameRecord
 from agent.registry import Registry
 from agent.session import PIPELINE_DEPTH, coalesced_acks
 from agent.store import COMMIT_INTERVAL_S, Ingest, Store
+from agent.transports.serial import SerialTransport
 from agent.vitals.alerts import AlertEngine
 from agent.vitals.engine import VitalsEngine
 from agent.vitals.runner import VitalsRunner
-from protocols import cipher, cose, hub, messages
+from protocols import cipher, cose, hub, link, messages
 
 BOARDS = 20
 PYCOSE_VENV = Path(__file__).resolve().parents[2] / ".venv-pycose"
@@ -680,14 +686,83 @@ class _CountingSelector:
         return getattr(self._selector, name)
 
 
+class _PtyBoards:
+    """The boards' side of the realistic load over serial links: a pty a board, its
+    controller written by a thread of this process as a board writes its port (each frame
+    framed for the link at its time), the acks read back and matched to the frames they
+    cover (the round trip a board sees). The thread's own CPU (cpu_s) is told apart."""
+
+    def __init__(self, n: int) -> None:
+        self.ptys = [pty.openpty() for _ in range(n)]
+        for _, device in self.ptys:
+            tty.setraw(device)
+        self.paths = [os.ttyname(device) for _, device in self.ptys]
+        self.round_trips: list[float] = []
+        self.unacked = 0
+        self.cpu_s = 0.0
+
+    @staticmethod
+    def acked(line: bytes) -> tuple[int, list[tuple[int, int]]] | None:
+        # A downlink line (protocols.hub_link.downlink_line): the ack's epoch and seq ranges, if an ack.
+        if not line.startswith(b"~"):
+            return None
+        body = binascii.a2b_base64(line[1:])[:-4]  # the CRC is the link's business
+        m = messages.decode_payload(cose.parse(body).payload, messages.DOWNLINK_TYPES)
+        return (m.epoch, m.ranges) if isinstance(m, messages.Ack) else None
+
+    def run(self, schedule: list[tuple[float, int, int, bytes]], t0: float, bound_s: float) -> None:
+        """schedule: (s after t0, board, seq, frame), in time order. Until every frame is
+        acknowledged or bound_s after the last is due."""
+        c0 = time.thread_time()
+        framer = link.StreamFramer()
+        controllers = [c for c, _ in self.ptys]
+        board_of = {c: b for b, c in enumerate(controllers)}
+        lines = [bytearray() for _ in controllers]
+        sent: dict[tuple[int, int], float] = {}
+        i = 0
+        end = t0 + (schedule[-1][0] if schedule else 0.0) + bound_s
+        while (i < len(schedule) or sent) and time.perf_counter() < end:
+            wait_s = t0 + schedule[i][0] - time.perf_counter() if i < len(schedule) else 0.5
+            ready, _, _ = select.select(controllers, [], [], max(0.0, wait_s))
+            for c in ready:
+                buf = lines[board_of[c]]
+                buf += os.read(c, 65536)
+                while (nl := buf.find(b"\n")) >= 0:
+                    ack = self.acked(bytes(buf[:nl]))
+                    del buf[:nl + 1]
+                    if ack is None:
+                        continue
+                    now = time.perf_counter()
+                    for first, last in ack[1]:
+                        for seq in range(first, last + 1):
+                            at = sent.pop((board_of[c], seq), None)
+                            if at is not None:
+                                self.round_trips.append(now - at)
+            while i < len(schedule) and time.perf_counter() >= t0 + schedule[i][0]:
+                _, b, seq, raw = schedule[i]
+                os.write(controllers[b], framer.frame(raw))
+                sent[(b, seq)] = time.perf_counter()
+                i += 1
+        self.unacked = len(sent) + len(schedule) - i
+        self.cpu_s = time.thread_time() - c0
+
+    def close(self) -> None:
+        for c, device in self.ptys:
+            os.close(c)
+            os.close(device)
+
+
 def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = COMMIT_INTERVAL_S,
-              profile: cProfile.Profile | None = None) -> dict[str, float]:
+              profile: cProfile.Profile | None = None, links: bool = False) -> dict[str, float]:
     """20 boards x 2 streams x 1 frame/s of a real recording (Fleet(recorded=True)) through
     ingest, the store (commits of board frames at most every commit_interval_s) and
     forwarding to Mosquitto, with the vitals engine on (as the agent wires it: each stored
     frame offered to the vitals runner, its vitals and alerts stored and forwarded) unless
     vitals=False. Besides the process's CPU: the event loop's thread's and the store
-    writer's, and the loop's wake-ups (profile: enabled on the loop's thread while it runs)."""
+    writer's, and the loop's wake-ups (profile: enabled on the loop's thread while it runs).
+    links: the frames come over serial links (a pty a board, _PtyBoards: the boards' thread's
+    CPU left out), each read, judged and acknowledged by the agent's link manager and board
+    sessions, as the agent serves USB boards; the latency is then the ack's round trip at the board."""
     fleet = Fleet(recorded=True)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -714,8 +789,21 @@ def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = CO
                 slot = 1.0 / (2 * len(devs))
                 total = int(seconds / slot)
                 # Made beforehand: sealing frames is the boards' work, not the agent's.
-                frames = [fleet.frame(devs[(i // 2) % len(devs)], messages.STREAM_ECG_MAX30003 if i % 2 == 0
-                                      else messages.STREAM_PPG_MAX30102) for i in range(total)]
+                frames, schedule = [], []
+                for i in range(total):
+                    b = (i // 2) % len(devs)
+                    seq = fleet.seq[devs[b]]
+                    frames.append(fleet.frame(devs[b], messages.STREAM_ECG_MAX30003 if i % 2 == 0
+                                              else messages.STREAM_PPG_MAX30102))
+                    schedule.append((i * slot, b, seq, frames[-1]))
+                sessions: list[asyncio.Task[Any]] = []
+                if boards is not None:  # the agent's link manager, a session on each board's port
+                    manager = LinkManager(ing)
+                    for path in boards.paths:
+                        sessions.append(asyncio.create_task(manager.attempt(
+                            manager.link("serial", "port:" + path), SerialTransport(path), identify=False)))
+                    await _until(lambda: all(lk.stats is not None and lk.stats.connected
+                                             for lk in manager.links.values()) and len(manager.links) == len(devs))
                 t0 = time.perf_counter()
                 c0 = time.process_time()
                 k = 0
@@ -729,7 +817,18 @@ def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = CO
                 m0, w0, s0 = time.thread_time(), _thread_cpu_s(store._thread), selector.wakeups
                 if profile is not None:
                     profile.enable()
-                for raw in frames:
+                if boards is not None:
+                    finished = asyncio.Event()
+
+                    def play(boards: _PtyBoards) -> None:
+                        boards.run(schedule, t0, 30.0)
+                        loop.call_soon_threadsafe(finished.set)
+
+                    player = threading.Thread(target=play, args=(boards,), name="boards", daemon=True)
+                    player.start()
+                    await finished.wait()
+                    latencies.extend(boards.round_trips)
+                for raw in frames if boards is None else []:
                     due = t0 + k * slot
                     await asyncio.sleep(max(0.0, due - time.perf_counter()))
                     start = time.perf_counter()
@@ -740,6 +839,8 @@ def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = CO
                     k += 1
                 await asyncio.gather(*pending)
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                if boards is not None:
+                    cpu -= boards.cpu_s  # the boards' work, not the agent's
                 if profile is not None:
                     profile.disable()
                 threads.update(loop_thread_cpu_s=time.thread_time() - m0,
@@ -750,7 +851,7 @@ def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = CO
                                client_process_rss_mb=_client_process_rss_mb(fw))
                 cpu += threads["client_process_cpu_s"]
                 rss = _rss_mb()
-                for t in (task, vitals_task):
+                for t in (task, vitals_task, *sessions):
                     if t is not None:
                         t.cancel()
                         try:
@@ -761,11 +862,18 @@ def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = CO
                 return wall, cpu, rss
 
             threads: dict[str, float] = {}
-            wall, cpu, rss = asyncio.run(go())
+            boards = _PtyBoards(len(fleet.keys)) if links else None
+            try:
+                wall, cpu, rss = asyncio.run(go())
+            finally:
+                if boards is not None:
+                    boards.close()
             commits = store.stats.commits
             store.close()
         finally:
             broker.close()
+        if boards is not None and boards.unacked:
+            raise RuntimeError("%d frames not acknowledged over the links" % boards.unacked)
     lat = np.array(latencies) * 1000
     return {"frames": len(latencies), "seconds": wall, "latency_p50_ms": float(np.percentile(lat, 50)),
             "latency_p99_ms": float(np.percentile(lat, 99)), "cpu_percent_of_one_core": 100 * cpu / wall,
@@ -780,7 +888,14 @@ def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = CO
             "store_writer_cpu_percent_of_one_core": 100 * threads["store_writer_cpu_s"] / wall,
             "loop_wakeups_per_frame": threads["loop_wakeups"] / len(latencies),
             "client_process_cpu_percent_of_one_core": 100 * threads["client_process_cpu_s"] / wall,
-            "client_process_rss_mb": threads["client_process_rss_mb"]}
+            "client_process_rss_mb": threads["client_process_rss_mb"], "links": links}
+
+
+async def _until(done: Any, bound_s: float = 60.0) -> None:
+    # Waits for done() (polled) at most bound_s.
+    async with asyncio.timeout(bound_s):
+        while not done():
+            await asyncio.sleep(0.05)
 
 
 def vitals_profile(seconds: int = 30, top: int = 10) -> dict[str, Any]:
@@ -921,9 +1036,10 @@ def commit_intervals(seconds: float) -> list[dict[str, Any]]:
 
 def run_realistic(seconds: float = 20.0) -> dict[str, Any]:
     """The realistic load alone (20 boards x 2 streams x 1 frame/s): with the vitals engine,
-    without it, and under the profiler."""
+    without it, over serial links (a pty a board, the agent's sessions), and under the profiler."""
     return {"realistic_load": realistic(seconds),  # first: RSS before other runs grow the heap
             "realistic_load_no_vitals": realistic(seconds, vitals=False),
+            "realistic_load_links": realistic(seconds, links=True),
             "profile_realistic": profile_realistic(seconds)}
 
 
@@ -1025,7 +1141,7 @@ def report(r: dict[str, Any]) -> list[str]:
 
 def realistic_lines(r: dict[str, Any]) -> list[str]:
     """The realistic load's figures (run_realistic's, or run's)."""
-    rl, nv = r["realistic_load"], r["realistic_load_no_vitals"]
+    rl, nv, li = r["realistic_load"], r["realistic_load_no_vitals"], r["realistic_load_links"]
     return [
         "  realistic load (20 boards x 2 streams x 1 frame/s of a recording, %.0f s, forwarding to Mosquitto, "
         "vitals engine on: %d vitals and alerts made):" % (rl["seconds"], rl["vitals_made"]),
@@ -1049,6 +1165,13 @@ def realistic_lines(r: dict[str, Any]) -> list[str]:
         "store's writer %.2f %%, %.1f commits/s), latency p99 %.2f ms" % (
             nv["cpu_percent_of_one_core"], nv["loop_thread_cpu_percent_of_one_core"],
             nv["store_writer_cpu_percent_of_one_core"], nv["commits_per_s"], nv["latency_p99_ms"]),
+        "    the same over serial links (a pty a board; the agent's link manager and board sessions read, judge "
+        "and acknowledge each frame; the boards' thread left out): CPU %.2f %% of one core (the event loop's "
+        "thread %.2f %%, the store's writer %.2f %%), %.1f wake-ups of the event loop a frame; the ack's round "
+        "trip at the board p50 %.2f ms, p99 %.2f ms" % (
+            li["cpu_percent_of_one_core"], li["loop_thread_cpu_percent_of_one_core"],
+            li["store_writer_cpu_percent_of_one_core"], li["loop_wakeups_per_frame"], li["latency_p50_ms"],
+            li["latency_p99_ms"]),
     ]
 
 
