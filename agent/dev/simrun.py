@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -237,7 +238,7 @@ def run(opts: SimOptions, out: IO[str] = sys.stdout) -> dict[str, Any]:
                 stats = asyncio.run(_run(opts, sims, out, air))
             else:
                 stats = []
-                _wait_plain(opts, sims)
+                _wait_plain(opts, sims, out)
             elapsed = time.monotonic() - t0
         finally:
             for sim in sims:
@@ -251,12 +252,31 @@ def run(opts: SimOptions, out: IO[str] = sys.stdout) -> dict[str, Any]:
     return result
 
 
-def _wait_plain(opts: SimOptions, sims: list[SimulatedBoard]) -> None:
+def _wait_plain(opts: SimOptions, sims: list[SimulatedBoard], out: IO[str]) -> None:
+    """Until Ctrl-C, --seconds, or no board is left. A board whose process dies (kill -9: a power cut;
+    a crash) is told of, with how it ended, and the others go on: the whole simulator ended silently,
+    the other boards with it, so an agent could not be shown one board's power cut beside the others."""
     t0 = time.monotonic()
+    told: set[str] = set()
     try:
         while opts.seconds is None or time.monotonic() - t0 < opts.seconds:
             time.sleep(0.5)
-            if any(not s.alive() for s in sims):
+            for s in sims:
+                if s.power_lost and s.device_id not in told:  # not a reset: it comes back from one
+                    told.add(s.device_id)
+                    code = s.proc.returncode if s.proc is not None else None
+                    if code is not None and code < 0:
+                        try:
+                            name = signal.Signals(-code).name
+                        except ValueError:  # a real-time signal has no name
+                            name = "signal %d" % -code
+                        how = "killed by %s: as a power cut" % name
+                    else:
+                        how = "exit status %s: see its console" % code
+                    print("%s: its process ended (%s); its port is gone; %s" % (
+                        s.device_id, how, "no board is left" if len(told) == len(sims) else "the other boards go on"),
+                        file=out, flush=True)
+            if len(told) == len(sims):
                 break
     except KeyboardInterrupt:
         pass

@@ -133,6 +133,7 @@ class SimulatedBoard:
         self._stopping = False
         self.dropped_bytes = 0  # board output lost while no one read the port
         self.resets = 0  # times its firmware reset the chip (an update's switch or rollback)
+        self.power_lost = False  # its process died for good (a kill, a crash): not a reset, nor a stop
         # The console's last text of each boot its firmware ended by a reset (up to _BOOT_TAIL bytes
         # each): what the boot said last (its stop summary, why it reset), in order.
         self.ended_boots: list[str] = []
@@ -291,6 +292,7 @@ class SimulatedBoard:
         # its stable name goes, as udev's does. A stop() closes it instead,
         # once the board's last output has been relayed. The name goes first: a hub
         # that looks for the port again after the hangup finds nothing.
+        self.power_lost = True
         self._unplug_link()
         with self._tail_lock:
             mb, self._mb = self._mb, -1
