@@ -455,7 +455,12 @@ def view(snapshot: dict[str, Any]) -> dict[str, Any]:
             since = failing_since
         if oldest is not None and now - oldest > DELIVERY_LATE_S:
             since = oldest if since is None else min(since, oldest)
-        if since is not None:
+        refused_since = b.get("refused_since")
+        if refused_since is not None and now - refused_since > DELIVERY_FAILING_S:
+            delivery = "failing"  # it answers, and refuses: nothing waits for it, and nothing reaches it
+            notices.append({"level": "attention", "key": "delivery_refused",
+                            "args": {"name": b["name"], "since_at": refused_since}})
+        elif since is not None:
             delivery = "failing"
             notices.append({"level": "attention", "key": "delivery_failing",
                             "args": {"name": b["name"], "since_at": since, "waiting": b.get("backlog", 0),
@@ -639,6 +644,8 @@ TEXT = {
                            "sont pas reçues. Faites vérifier la passerelle par le technicien.",
         "delivery_failing": "Les mesures ne parviennent plus au service « {name} » depuis {time} (il y a {age}). "
                             "{waiting} attendent sur la passerelle, gardées en sécurité jusqu'à ce qu'il réponde.",
+        "delivery_refused": "Le service « {name} » refuse les mesures depuis {time} (il y a {age}) : elles ne lui "
+                            "parviennent pas. Faites vérifier la passerelle par le technicien.",
         "no_backend": "Les mesures restent sur la passerelle : aucun envoi vers une équipe soignante n'est prévu.",
         "bt_down": "Le Bluetooth de la passerelle ne répond pas : débranchez-la puis rebranchez-la.",
         "stuck": "La passerelle ne répond plus bien : elle va redémarrer d'elle-même.",
@@ -705,6 +712,8 @@ TEXT = {
                            "technician check the hub.",
         "delivery_failing": "Readings have not reached “{name}” since {time} ({age} ago). {waiting} are waiting "
                             "on the hub, kept safely until it answers.",
+        "delivery_refused": "“{name}” has refused the readings since {time} ({age} ago): they do not reach it. "
+                            "Have the technician check the hub.",
         "no_backend": "Readings stay on this hub: sending them to a care team is not set up.",
         "bt_down": "The hub's Bluetooth is not answering: unplug the hub, then plug it back in.",
         "stuck": "The hub is not responding well: it will restart by itself.",

@@ -349,7 +349,8 @@ class Agent:
                           "forwarded": f.forwarded, "failures": f.failures,
                           "refused": counters.get("refused:" + f.name, 0),
                           "last_error": f.last_error, "last_delivered_at": f.last_delivered_at,
-                          "failing_since": f.failing_since, "oldest_waiting_at": oldest.get(f.name)}
+                          "failing_since": f.failing_since, "refused_since": f.refused_since,
+                          "oldest_waiting_at": oldest.get(f.name)}
                          for f in self.forwarders],
             "rejects": dict(self.ingestor.rejects), "store": self.store.status(),
             "sensors": [{"device_id": d.device_id, "label": d.label, "heard_at": last_seen.get(d.device_id)}

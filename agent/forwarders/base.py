@@ -251,6 +251,10 @@ class Forwarder(abc.ABC):
         # been failing (UTC s; None: it is not failing).
         self.last_delivered_at: float | None = None
         self.failing_since: float | None = None
+        # Since when it has refused what it was sent with no delivery between (UTC s; None: it
+        # delivered since its last refusal). A refusal is no failure (nothing is retried), so a
+        # backend refusing every frame never had a failing_since while nothing reached it.
+        self.refused_since: float | None = None
         warn_if_insecure(cfg)
 
     def secret_files(self) -> list[tuple[Path, str]]:
@@ -286,6 +290,8 @@ class Forwarder(abc.ABC):
         """A permanent refusal: halve the batch to find the row it is about; a row refused on
         its own leaves this backend's outbox for the quarantine, with the reason, counted."""
         self.last_error = "refused: %s" % e
+        if self.refused_since is None:
+            self.refused_since = time.time()
         if len(rows) > 1:
             self.batch_limit = max(1, len(rows) // 2)
             log.warning("backend %s refused a batch of %d (%s); sending %d at a time to find what it refuses",
@@ -430,7 +436,7 @@ class Forwarder(abc.ABC):
                     await asyncio.shield(marking)  # one batch being marked at a time
                 marking, marking_ids = self.store.submit_delivered(self.name, ids), ids
                 marking.add_done_callback(functools.partial(marked, len(rows)))
-                self.last_delivered_at, self.failing_since = time.time(), None
+                self.last_delivered_at, self.failing_since, self.refused_since = time.time(), None, None
                 self.backoff.reset()
                 if short:
                     await idle()
