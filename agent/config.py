@@ -281,10 +281,11 @@ def _parse(data: dict[str, Any], source: Path | None) -> AgentConfig:
     cfg.time_sync_every_s = _number(agent, "time_sync_every_s", "agent", cfg.time_sync_every_s)
     cfg.log_format = _enum(agent, "log_format", "agent", LOG_FORMATS, cfg.log_format)
     cfg.status_page_listen = _take(agent, "status_page_listen", str, "agent", cfg.status_page_listen)
-    host, sep, port = cfg.status_page_listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError("agent.status_page_listen must be HOST:PORT (port 0 to 65535), not %r"
-                          % cfg.status_page_listen, "agent.status_page_listen")
+    try:
+        listen_address(cfg.status_page_listen)
+    except ValueError:
+        raise ConfigError("agent.status_page_listen must be HOST:PORT ([ADDRESS]:PORT for IPv6; port 0 to 65535), "
+                          "not %r" % cfg.status_page_listen, "agent.status_page_listen") from None
     spf = _take(agent, "status_page_password_file", str, "agent")
     cfg.status_page_password_file = Path(spf) if spf else None
     _leftovers(agent, "agent")
@@ -302,10 +303,13 @@ def _parse(data: dict[str, Any], source: Path | None) -> AgentConfig:
     if metrics is not None:
         metrics = dict(metrics)
         cfg.metrics_listen = _take(metrics, "listen", str, "metrics", "127.0.0.1:9464")
-        host, sep, port = cfg.metrics_listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ConfigError("metrics.listen must be HOST:PORT (port 0 to 65535), not %r" % cfg.metrics_listen,
-                              "metrics.listen")
+        try:
+            host, _ = listen_address(cfg.metrics_listen)
+        except ValueError:
+            host = ""
+        if not host:
+            raise ConfigError("metrics.listen must be HOST:PORT ([ADDRESS]:PORT for IPv6; port 0 to 65535), not %r"
+                              % cfg.metrics_listen, "metrics.listen")
         _leftovers(metrics, "metrics")
     ble = _take(data, "ble", dict, "")
     if ble is not None:
@@ -359,6 +363,22 @@ def _parse(data: dict[str, Any], source: Path | None) -> AgentConfig:
         cfg.alert_rules.append(rule)
     _leftovers(data, "")
     return cfg
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """"HOST:PORT" or "[IPV6]:PORT" as (host, port): host without brackets ("" for any address), port
+    0 to 65535. Raises ValueError ("[::]:8080" was split at its last colon, and "[::]" named no host)."""
+    import ipaddress
+
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("not HOST:PORT: %r" % text)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)  # ValueError if not one
+    elif ":" in host or "[" in host or "]" in host:  # an IPv6 address without its brackets, or a stray one
+        raise ValueError("an IPv6 address goes in brackets: %r" % text)
+    return host, int(port)
 
 
 def _check_url(bc: BackendConfig, where: str) -> None:

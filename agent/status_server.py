@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, listen_address
 from agent.status_page import PasswordFileError, StatusPage, read_password
 
 log = logging.getLogger(__name__)
@@ -97,12 +97,13 @@ class StatusServer:
             await asyncio.sleep(self.password_recheck_s)
         if said:
             log.info("status page password file %s is fine now: the page starts", self.cfg.status_page_password_file)
-        host, _, port = self.cfg.status_page_listen.rpartition(":")
+        host, port = listen_address(self.cfg.status_page_listen)  # checked when the configuration was read
         page = self.page = StatusPage(self.snapshot, self.waveform, password)
         try:
-            self.page_port = await page.start(host or "0.0.0.0", int(port))
+            self.page_port = await page.start(host or "0.0.0.0", port)
             self.page_state = "on"
-            log.info("status page on http://%s:%d/ (user hub)", host or "0.0.0.0", self.page_port)
+            log.info("status page on http://%s:%d/ (user hub)", "[%s]" % host if ":" in host else host or "0.0.0.0",
+                     self.page_port)
         except OSError as e:  # the address is taken or not ours: no page, boards served all the same
             self.page_state = "off: cannot listen on %s: %s" % (self.cfg.status_page_listen, e)
             log.error("status page %s", self.page_state)

@@ -35,7 +35,7 @@ from typing import Any
 from agent import forwarders
 from agent.audit import AuditError, AuditLog
 from agent.ble_links import OUT_OF_RANGE_S, BleManager
-from agent.config import AgentConfig
+from agent.config import AgentConfig, listen_address
 from agent.forwarders.base import Backoff, Forwarder, Subjects
 from agent.ingest import Ingestor
 from agent.links import LinkManager, SerialDiscovery, SerialWant
@@ -223,14 +223,14 @@ class Agent:
         from agent.metrics import MetricsServer
 
         assert self.cfg.metrics_listen is not None
-        host, _, port = self.cfg.metrics_listen.rpartition(":")
+        host, port = listen_address(self.cfg.metrics_listen)  # checked when the configuration was read
 
         async def snapshot() -> dict[str, Any]:
             return dict(await self.status_snapshot(), frames_stored=dict(self.frames_stored))
 
         server = MetricsServer(snapshot)
         try:
-            self.metrics_port = await server.start(host, int(port))
+            self.metrics_port = await server.start(host, port)
             log.info("metrics for Prometheus on http://%s:%d/metrics", host, self.metrics_port)
             await asyncio.Event().wait()  # serves until cancelled
         finally:

@@ -286,3 +286,46 @@ def test_a_missing_configuration_says_how_to_name_or_make_one(tmp_path: Path) ->
     assert str(e.value).startswith("no configuration file at %s (--config FILE names another; " % (
         tmp_path / "agent.toml")) and "agent/deploy/agent.toml" in str(e.value), str(e.value)
     assert (ROOT / "agent" / "deploy" / "agent.toml").is_file()
+
+
+@pytest.mark.parametrize(("listen", "host", "port"), [
+    ("[::]:8080", "::", 8080), ("[::1]:9464", "::1", 9464), ("0.0.0.0:8080", "0.0.0.0", 8080),
+    (":8080", "", 8080), ("hub.local:80", "hub.local", 80)])
+def test_a_listen_address_splits_into_its_host_and_port(listen: str, host: str, port: int) -> None:
+    # status_page_listen = "[::]:8080" (the usual way to write an IPv6 address and port) was accepted, then
+    # the page did not start: "cannot listen on [::]:8080: [Errno -2] Name or service not known"
+    assert config.listen_address(listen) == (host, port)
+    cfg = config.parse(tomllib.loads('[agent]\nstatus_page_listen = "%s"\n' % listen))
+    assert cfg.status_page_listen == listen
+
+
+@pytest.mark.parametrize("listen", ["::1:8080", "[::1]8080", "[::1]:", "[nope]:80", "host:99999", "8080"])
+def test_a_listen_address_that_is_not_one_is_refused_by_name(listen: str) -> None:
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(tomllib.loads('[agent]\nstatus_page_listen = "%s"\n' % listen))
+    assert e.value.field == "agent.status_page_listen" and "HOST:PORT" in str(e.value), str(e.value)
+
+
+def test_the_status_page_listens_on_an_ipv6_address(tmp_path: Path) -> None:
+    import asyncio
+
+    from agent.registry import write_private
+    from agent.supervisor import Agent
+    from tests.agent import harness
+
+    pw = tmp_path / "status.password"
+    write_private(pw, b"correct horse battery\n")
+    path = tmp_path / "agent.toml"
+    path.write_text('[agent]\nhub_id = "test-hub"\ndata_dir = "%s"\nlog_dir = "%s"\nrun_dir = "%s"\n'
+                    'status_page_listen = "[::1]:0"\nstatus_page_password_file = "%s"\n' % (
+                        tmp_path / "data", tmp_path / "log", tmp_path / "run", pw))
+    cfg = config.load(path)
+
+    async def scenario() -> tuple[str, int]:
+        async with harness.running(Agent(cfg)) as agent:
+            await async_wait_for(lambda: agent.status.page_state != "starting", 30, "the page started or not",
+                                 lambda: agent.status.page_state)
+            return agent.status.page_state, agent.status.page_port
+
+    state, port = asyncio.run(scenario())
+    assert state == "on" and port > 0, state
