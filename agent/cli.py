@@ -79,6 +79,10 @@ def _data_error(e: sqlite3.OperationalError, cfg: AgentConfig) -> str:
 def _path_error(e: OSError, config: Path) -> str:
     """A file or directory a command could not make or open (a data_dir under a file, a card not mounted),
     named with what is wrong: its traceback told an operator nothing more."""
+    import errno
+
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the path is fine: its disk is not
+        return "cannot use %s: %s (its disk is full)" % (e.filename, e.strerror)
     return "cannot use %s: %s (a path set in %s, or under one?)" % (e.filename, e.strerror, config)
 
 

@@ -74,15 +74,27 @@ def check(data: bytes) -> bundle.Manifest:
     return m
 
 
-def spool(run_dir: Path, device_id: str, data: bytes) -> bundle.Manifest:
-    """Spools a bundle for the agent to send, once check() passes it. Raises PushError."""
+def spool(run_dir: Path, device_id: str, data: bytes,
+          record: Callable[[bundle.Manifest], None] | None = None) -> bundle.Manifest:
+    """Spools a bundle for the agent to send, once check() passes it: written under a temporary name,
+    then record(manifest) (the push's audit record), then put in place; if any of it fails nothing is
+    left (a partial bundle on a full /run took what room was left). Raises PushError, OSError, and
+    what record raises."""
     m = check(data)
     d = spool_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = d / (device_id + ".bin.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if record is not None:
+            record(m)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a write's error names no file: this one
+            e.filename = str(tmp)
+        raise
     (d / (device_id + ".json")).unlink(missing_ok=True)
     tmp.replace(d / (device_id + ".bin"))
     return m
@@ -90,12 +102,12 @@ def spool(run_dir: Path, device_id: str, data: bytes) -> bundle.Manifest:
 
 def push(run_dir: Path, audit_path: Path, device_id: str, data: bytes, actor: str | None = None) -> bundle.Manifest:
     """`pulsebridge ota push`: spools the bundle (spool()) for the running agent to send and records
-    the push in the audit log (who pushed what: its version, name and SHA-256), that first: a bundle
-    is spooled only once its push is recorded. Raises PushError, AuditError (nothing spooled)."""
-    m = check(data)
-    AuditLog(audit_path).record("firmware.push", device_id, actor=actor, version=m.version, name=m.name,
-                                sha256=hashlib.sha256(data).hexdigest())
-    return spool(run_dir, device_id, data)
+    the push in the audit log (who pushed what: its version, name and SHA-256): the bundle is put in
+    place only once its push is recorded, and recorded only once it is written. Raises PushError,
+    OSError, AuditError (nothing spooled)."""
+    return spool(run_dir, device_id, data, lambda m: AuditLog(audit_path).record(
+        "firmware.push", device_id, actor=actor, version=m.version, name=m.name,
+        sha256=hashlib.sha256(data).hexdigest()))
 
 
 def read_state(run_dir: Path, device_id: str) -> dict[str, object] | None:

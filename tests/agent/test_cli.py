@@ -636,3 +636,26 @@ def test_export_data_gives_everything_the_hub_holds_of_one_device_and_nothing_el
     assert r.returncode == 1 and "holds nothing of pb-zz" in r.stderr and not nothing.exists(), r
     r = _cli("export-data", "--config", cfg, "--device", "\x1b[2J", "--out", str(nothing))
     assert r.returncode == 1 and "device id must be" in r.stderr and "\x1b" not in r.stderr, r
+
+
+def test_ota_push_on_a_full_run_disk_leaves_no_partial_bundle_and_no_record(tmp_path: Path) -> None:
+    # run_dir (a small tmpfs, /run) with room for part of a bundle: ota push left the partial
+    # <device>.bin.tmp behind, taking what room was left, and its push was in the audit log all the same
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.dev import release
+
+    bundle = tmp_path / "fw.bundle"
+    bundle.write_bytes(release.make_bundle({"main.py": os.urandom(200_000)}, 2, "pulsebridge-fw 2", 0, "esp32",
+                                           Ed25519PrivateKey.generate()))
+    with small_filesystem(tmp_path / "runcard", 128) as run:
+        cfg = tmp_path / "agent.toml"
+        cfg.write_text('[agent]\nhub_id = "test-hub"\ndata_dir = "%s"\nlog_dir = "%s"\nrun_dir = "%s"\n' % (
+            tmp_path / "data", tmp_path / "log", run))
+        assert _cli("devices", "--config", str(cfg), "add", "pb-ota05").returncode == 0
+        r = _cli("ota", "push", "--config", str(cfg), "--device", "pb-ota05", str(bundle), "--wait-s", "0")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith("pulsebridge: ota push: cannot use %s/ota/pb-ota05.bin.tmp: No space left on "
+                                   "device (its disk is full)" % run), r.stderr
+        assert not list((run / "ota").glob("*")), list((run / "ota").glob("*"))
+        assert "firmware.push" not in [e["action"] for e in AuditLog(tmp_path / "log" / "audit.log").entries()]
