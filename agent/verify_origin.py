@@ -46,6 +46,15 @@ class InputError(PulsebridgeError):
     """An input or key file that cannot be read; says which and why."""
 
 
+def _json(text: bytes | str) -> Any:
+    """json.loads, whose RecursionError (a document nested tens of thousands deep) is a ValueError like
+    any other malformed input's (it was a traceback)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def load_keys(paths: list[Path]) -> dict[str, bytes]:
     """Origin keys from files: {"<device id>": "<hex>", ...} (a simulator's origin_keys.json) or
     {"device_id": ..., "origin_key": "<hex>"} (what provisioning hands the operator)."""
@@ -59,7 +68,7 @@ def load_keys(paths: list[Path]) -> dict[str, bytes]:
         if len(text) > MAX_KEY_FILE_BYTES:
             raise InputError("%s: larger than %d bytes: not a key file" % (p, MAX_KEY_FILE_BYTES))
         try:
-            data = json.loads(text)
+            data = _json(text)
         except ValueError as e:
             raise InputError("%s: not a readable JSON key file (%s)" % (p, e)) from None
         if not isinstance(data, dict):
@@ -234,7 +243,7 @@ def _json_cut(data: bytes) -> tuple[bytes, int] | None:
 def _json_documents(data: bytes, where: str) -> tuple[list[Any], _Cut | None]:
     # One JSON document, or JSON Lines; either may end cut short.
     try:
-        return [json.loads(data)], None
+        return [_json(data)], None
     except ValueError:
         pass
     whole = _json_cut(data)
@@ -248,7 +257,7 @@ def _json_documents(data: bytes, where: str) -> tuple[list[Any], _Cut | None]:
         if not line.strip():
             continue
         try:
-            docs.append(json.loads(line))
+            docs.append(_json(line))
             continue
         except ValueError as e:
             err = e
@@ -263,7 +272,7 @@ def _json_documents(data: bytes, where: str) -> tuple[list[Any], _Cut | None]:
 def _salvaged(cut: tuple[bytes, int], base: int, where: str) -> tuple[list[Any], _Cut]:
     text, keep_at = cut
     try:
-        docs = [json.loads(text)] if text else []
+        docs = [_json(text)] if text else []
     except ValueError as e:
         raise InputError("%s: not JSON before it was cut short at byte %d (%s)" % (where, base + keep_at, e)) from None
     return docs, _Cut(base + keep_at, "the file ends inside a JSON record")

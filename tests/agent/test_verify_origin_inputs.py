@@ -100,3 +100,20 @@ def test_a_key_file_that_cannot_be_read_is_named_in_words_and_read_no_further_th
         p = subprocess.run([sys.executable, "-m", "agent.cli", "verify-origin", "--key", str(key), str(capture)],
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert p.returncode == 2 and p.stderr == "pulsebridge verify-origin: %s\n" % says, p.stderr
+
+
+@pytest.mark.parametrize(("what", "text"), [
+    ("input", "[" * 200_000 + "]" * 200_000), ("input", '{"a":' * 100_000 + "1" + "}" * 100_000),
+    ("input", "[" * 200_000 + "]" * 200_000 + "\n[]\n"), ("key", '{"a":' * 100_000 + "1" + "}" * 100_000)])
+def test_json_nested_without_end_is_an_input_error_not_a_traceback(tmp_path: Path, what: str, text: str) -> None:
+    # a document (or a key file) nested 100,000 deep ended in "RecursionError: maximum recursion depth
+    # exceeded while decoding a JSON array", a traceback where a bad input is exit status 2 and a line
+    key = tmp_path / "origin_keys.json"
+    key.write_text(json.dumps({"pb-sim01": "11" * 32}))
+    bad = tmp_path / "deep.json"
+    bad.write_text(text)
+    args = ["--key", str(bad if what == "key" else key), str(key if what == "key" else bad)]
+    p = subprocess.run([sys.executable, "-m", "agent.cli", "verify-origin", *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "deep.json" in p.stderr and "nested too deeply" in p.stderr, p.stderr
