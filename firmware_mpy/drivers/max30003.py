@@ -87,6 +87,7 @@ class MAX30003:
         self.lost_after = True  # its FIFO keeps what it stored before an overflow: the loss follows the samples read
         self.saturated = False
         self._more = False  # the last word read was a valid one not marked last (ETAG 0/1): samples follow it
+        self.emptied = False  # read_rest_into stopped at the sample the chip marked last: the FIFO was empty then
         self._irq = False  # FIFO interrupt enabled (kept across a restart)
         cs.value(1)
 
@@ -221,6 +222,7 @@ class MAX30003:
         # full scale.
         out = chans[0]
         n = 0
+        self.emptied = False
         while self._more and n < room:
             word = self.read_reg(_REG_ECG_FIFO)
             etag = (word >> 3) & 7
@@ -235,6 +237,7 @@ class MAX30003:
             out[pos + n] = v
             n += 1
             self._more = etag < 2
+            self.emptied = not self._more
         return n
 
     def _burst(self, out, at):
