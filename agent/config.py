@@ -414,4 +414,6 @@ def load(path: Path) -> AgentConfig:
         raise ConfigError("cannot read the configuration: %s" % e, path=path) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("not valid TOML: %s" % e, path=path) from None
+    except RecursionError:  # tomllib's answer to arrays or tables nested thousands deep: a traceback
+        raise ConfigError("not valid TOML: nested too deeply", path=path) from None
     return parse(data, path)

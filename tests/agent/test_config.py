@@ -113,6 +113,11 @@ def test_unreadable_and_invalid_files_are_named(tmp_path: Path) -> None:
     path.write_bytes(b"\xff\xfe[agent]")
     with pytest.raises(config.ConfigError, match="^%s: cannot read" % path):
         config.load(path)
+    # arrays or inline tables nested thousands deep: tomllib's RecursionError was a traceback
+    for deep in ("x = " + "[" * 100_000 + "]" * 100_000, "x = " + "{a=" * 5000 + "1" + "}" * 5000):
+        path.write_text(deep + "\n")
+        with pytest.raises(config.ConfigError, match="^%s: not valid TOML: nested too deeply" % path):
+            config.load(path)
 
 
 def test_cli_refuses_a_bad_config_without_a_traceback(tmp_path: Path) -> None:
