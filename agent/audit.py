@@ -27,6 +27,16 @@ def current_actor() -> str:
         return "uid:%d" % os.geteuid()
 
 
+def _sudo() -> dict[str, Any]:
+    """Who ran the command through sudo, as sudo says (SUDO_USER, SUDO_UID): the README's commands run
+    as the service user (sudo -u pulsebridge ...), so the actor alone named the service, never the
+    technician. Empty outside sudo."""
+    user, uid = os.environ.get("SUDO_USER", ""), os.environ.get("SUDO_UID", "")
+    if not user:
+        return {}
+    return {"sudo_user": user[:64], **({"sudo_uid": int(uid)} if uid.isdigit() else {})}
+
+
 class AuditError(PulsebridgeError):
     """A record could not be written (a full or failing log disk); .path the audit log."""
 
@@ -46,6 +56,7 @@ class AuditLog:
         entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "actor": actor or current_actor(),
                  "action": action, "target": target}
         entry.update(details)
+        entry.update(_sudo())
         line = (json.dumps(entry, sort_keys=True) + "\n").encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -659,3 +659,17 @@ def test_ota_push_on_a_full_run_disk_leaves_no_partial_bundle_and_no_record(tmp_
                                    "device (its disk is full)" % run), r.stderr
         assert not list((run / "ota").glob("*")), list((run / "ota").glob("*"))
         assert "firmware.push" not in [e["action"] for e in AuditLog(tmp_path / "log" / "audit.log").entries()]
+
+
+def test_the_audit_log_names_the_technician_behind_sudo(hub_config: AgentConfig) -> None:
+    # the README's commands run as the service user (sudo -u pulsebridge pulsebridge devices revoke ...): every
+    # record's actor was "pulsebridge", so the audit log could not say which technician added, revoked or erased
+    env = dict(os.environ, SUDO_USER="alice", SUDO_UID="1001")
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "devices", "add", "pb-sudo1", "--config",
+                        str(hub_config.source)], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    entry = AuditLog(hub_config.audit_path).entries()[-1]
+    assert entry["action"] == "device.add" and entry["sudo_user"] == "alice" and entry["sudo_uid"] == 1001, entry
+    assert _cli("devices", "revoke", "pb-sudo1", "--config", str(hub_config.source)).returncode == 0
+    if "SUDO_USER" not in os.environ:  # not run under sudo itself: no sudo user to record
+        assert "sudo_user" not in AuditLog(hub_config.audit_path).entries()[-1]
