@@ -218,15 +218,33 @@ def tls_context(cfg: BackendConfig) -> ssl.SSLContext | None:
     says what insecure = true gives up)."""
     if urlparse(cfg.url).scheme in ("http", "mqtt"):
         return None
-    ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+    try:
+        ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+    except (OSError, ssl.SSLError) as e:  # which file, and what is wrong with it ("[Errno 2]" named none)
+        raise StoreError("ca_file %s: %s" % (cfg.ca_file, _tls_file_problem(e, "no CA certificate in it (PEM)"))
+                         ) from None
     if cfg.insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     if cfg.client_cert:
         if cfg.client_key:
             check_private(cfg.client_key, "client key")
-        ctx.load_cert_chain(str(cfg.client_cert), str(cfg.client_key) if cfg.client_key else None)
+        try:
+            ctx.load_cert_chain(str(cfg.client_cert), str(cfg.client_key) if cfg.client_key else None)
+        except (OSError, ssl.SSLError) as e:  # "[SSL] PEM lib (_ssl.c:3905)" said nothing of which file
+            raise StoreError("client_cert %s%s cannot be loaded with its key (%s)" % (
+                cfg.client_cert, " (client_key %s)" % cfg.client_key if cfg.client_key else "",
+                _tls_file_problem(e, "PEM certificate and private key?"))) from None
     return ctx
+
+
+def _tls_file_problem(e: Exception, not_pem: str) -> str:
+    """What is wrong with a TLS file, in words: missing, unreadable, or not what it should hold."""
+    if isinstance(e, FileNotFoundError):
+        return "no such file"
+    if isinstance(e, ssl.SSLError):
+        return not_pem
+    return e.strerror or str(e) if isinstance(e, OSError) else str(e)
 
 
 class Forwarder(abc.ABC):
@@ -271,6 +289,11 @@ class Forwarder(abc.ABC):
                 self.last_error = "%s: %s" % (what, e)
                 log.warning("backend %s: its %s cannot be used (%s): nothing will be delivered to it until this "
                             "is fixed", self.name, what, e)
+        try:  # its TLS files (CA, client certificate and key) too
+            tls_context(self.cfg)
+        except StoreError as e:
+            self.last_error = "StoreError: %s" % e
+            log.warning("backend %s: %s: nothing will be delivered to it until this is fixed", self.name, e)
 
     def document(self, row: Row, binary: bool = False, arrays: bool = False) -> dict[str, Any]:
         """A row's document with its subject (document() says what binary and arrays do)."""

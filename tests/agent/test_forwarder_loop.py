@@ -448,3 +448,38 @@ def test_a_stop_during_a_delivery_ends_the_read_ahead_and_marks_what_was_deliver
             db.close()
     finally:
         store.close()
+
+
+def test_a_missing_or_unreadable_tls_file_is_named_at_start(tmp_path: Path) -> None:
+    # a ca_file or client certificate that is missing said "FileNotFoundError: [Errno 2] No such file or
+    # directory" (which of the three files?), one that is no PEM "SSLError: [SSL] PEM lib (_ssl.c:3905)",
+    # and only once a reading was to be sent
+    from agent.forwarders.mqtt import MqttConfig, MqttForwarder
+
+    notpem = tmp_path / "hub.pem"
+    notpem.write_text("not a certificate\n")
+    store = Store(tmp_path / "store.db", ["a", "b", "c"])
+    store.start()
+    cases = {"a": (dict(ca_file=tmp_path / "ca.pem"), "ca_file %s: no such file" % (tmp_path / "ca.pem")),
+             "b": (dict(ca_file=notpem), "ca_file %s: no CA certificate in it (PEM)" % notpem),
+             "c": (dict(client_cert=notpem), "client_cert %s cannot be loaded with its key (PEM certificate and "
+                                              "private key?)" % notpem)}
+
+    async def scenario() -> dict[str, str]:
+        fws = {name: MqttForwarder(MqttConfig(name=name, type="mqtt", url="mqtts://x", **kw), store, "hub",
+                                   asyncio.Event()) for name, (kw, _) in cases.items()}
+        tasks = [asyncio.create_task(fw.run()) for fw in fws.values()]
+        await async_wait_for(lambda: all(fw.last_error for fw in fws.values()), 30, "each telling its TLS file",
+                             lambda: [fw.last_error for fw in fws.values()])
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return {name: fw.last_error for name, fw in fws.items()}
+
+    try:
+        errors = asyncio.run(scenario())
+    finally:
+        store.close()
+    for name, (_, says) in cases.items():
+        assert says in errors[name], errors[name]
+        assert "Errno" not in errors[name] and "_ssl.c" not in errors[name], errors[name]
