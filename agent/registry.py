@@ -273,8 +273,12 @@ class Registry:
             problem = text_problem(what, text, limit)
             if problem:
                 raise RegistryError(problem, device_id)
-        if self.get(device_id) is not None:
-            raise RegistryError("device %s is already registered" % device_id, device_id)
+        dev = self.get(device_id)
+        if dev is not None:
+            raise RegistryError("device %s is already registered (%s)%s" % (
+                device_id, dev.state, ": to use the id again, provision a board with --device-id %s (a new key), or "
+                "run pulsebridge erase --device %s first (what the hub holds of it goes too)" % (device_id, device_id)
+                if dev.state == "revoked" else ""), device_id)
         if key is None:
             key = secrets.token_bytes(KEY_BYTES)
         if len(key) != KEY_BYTES:

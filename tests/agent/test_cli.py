@@ -673,3 +673,17 @@ def test_the_audit_log_names_the_technician_behind_sudo(hub_config: AgentConfig)
     assert _cli("devices", "revoke", "pb-sudo1", "--config", str(hub_config.source)).returncode == 0
     if "SUDO_USER" not in os.environ:  # not run under sudo itself: no sudo user to record
         assert "sudo_user" not in AuditLog(hub_config.audit_path).entries()[-1]
+
+
+def test_adding_a_revoked_id_again_says_how(hub_config: AgentConfig) -> None:
+    # `devices add` of a revoked id said only "device pb-rev1 is already registered", as for an active one
+    cfg = str(hub_config.source)
+    assert _cli("devices", "add", "pb-rev1", "--config", cfg).returncode == 0
+    r = _cli("devices", "add", "pb-rev1", "--config", cfg)
+    assert r.returncode == 1 and r.stderr == "pulsebridge: device pb-rev1 is already registered (active)\n", r.stderr
+    assert _cli("devices", "revoke", "pb-rev1", "--config", cfg).returncode == 0
+    r = _cli("devices", "add", "pb-rev1", "--config", cfg)
+    assert r.returncode == 1 and r.stderr == (
+        "pulsebridge: device pb-rev1 is already registered (revoked): to use the id again, provision a board with "
+        "--device-id pb-rev1 (a new key), or run pulsebridge erase --device pb-rev1 first (what the hub holds of it "
+        "goes too)\n"), r.stderr
