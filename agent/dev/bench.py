@@ -284,9 +284,13 @@ def firmware_report(r: dict[str, Any]) -> list[str]:
     if r.get("hub_acks"):
         lines.append("  the hub's acks over BLE: %d messages (each lingers %.1f s to cover the frames that follow)"
                      % (r["hub_acks"], BleTransport.ack_linger_s))
-    lines.append("  allocations in the steady state: %.0f bytes/s left to the GC, %.0f bytes/s of call frames "
-                 "(freed on return); the simulation's own garbage %.0f bytes/s" % (
-                     r["garbage_bytes_per_s"], r["frame_bytes_per_s"], r["sim_garbage_bytes_per_s"]))
+    lines.append("  allocations in the steady state: %.0f bytes/s from the firmware's heap (%.0f bytes/s left to "
+                 "the GC, %.0f bytes/s of call frames freed on return); the simulation's own garbage %.0f bytes/s" % (
+                     r["alloc_bytes_per_s"], r["garbage_bytes_per_s"], r["frame_bytes_per_s"],
+                     r["sim_garbage_bytes_per_s"]))
+    if r["link"] == "ble":
+        lines.append("  BLE notifications refused by the stack (ENOMEM, an exception object each): %d in %.0f s" % (
+            r["ble_enomem"], r["data_seconds"]))
     lines.append("  heap low-water mark %d bytes free; largest block %d bytes" % (
         r["heap_low_free"], r["largest_block"]))
     if r.get("chip"):

@@ -312,15 +312,20 @@ def run(minutes, speed, link_kind, up_fd, down_fd, stretches=False):
             chip["stretches"] = tracer.report()
     print(json.dumps({
         "minutes": minutes, "board_speed": speed, "link": link_kind, "chip": chip,
-        # Garbage: bytes allocated and left to the GC; frames: call frames
-        # allocated on the heap and freed on return (no GC, but allocator time).
+        # Allocations: every byte the firmware took from its heap (a chip's
+        # gc_alloc calls), of them garbage: left to the GC; frames: call
+        # frames allocated on the heap and freed on return (no GC, but
+        # allocator time).
+        "alloc_bytes_per_s": steady_alloc / max(1e-9, steady_s),
         "garbage_bytes_per_s": steady_garbage / max(1e-9, steady_s),
         "frame_bytes_per_s": (steady_alloc - steady_garbage) / max(1e-9, steady_s),
         "sim_garbage_bytes_per_s": steady_sim / max(1e-9, steady_s), "heap_low_free": low_free,
         "largest_block": largest_block,
         "heap_total": heap_total, "code_heap": code_heap, "sim_heap": sim_heap,
         "heap_after_start": heap_after_start - sim_heap, "heap_by_minute": heap_by_minute,
-        "memory_errors": memory_errors, "outbox_depth_end": outbox_depth,
+        "memory_errors": memory_errors,
+        # Each ENOMEM of gatts_notify made an OSError in the firmware's heap.
+        "ble_enomem": app.link.enomem if link_kind == "ble" else 0, "outbox_depth_end": outbox_depth,
         "frames_dropped": frames_dropped, "data_seconds": t_end / 1000, "streams": streams,
     }))
 

@@ -510,7 +510,14 @@ class BLE:
         buf = self._written[handle] = bytearray(length)
         buf[:] = b""
 
-    # The stack's calls are the simulation's time, not the firmware's.
+    # The stack's calls are the simulation's time, not the firmware's; what
+    # the real module allocates in the firmware's heap (gatts_read's bytes,
+    # an OSError's exception object) is made outside enter()/leave(), so it
+    # counts as the firmware's. The methods the firmware calls in its data
+    # path keep their call frames within the VM's 11 words (no try: nothing
+    # in them raises inside the bracket): the real ones are C functions, a
+    # Python frame allocated on the heap here would be charged to the
+    # firmware.
     def gatts_read(self, handle):
         c = self._radio.clock
         c.enter()
@@ -520,11 +527,9 @@ class BLE:
         # firmware's heap (its bluetooth module has no readinto): that
         # allocation is the firmware's, not the simulation's.
         v = bytes(buf) if buf is not None else self._values.get(handle, b"")
-        c.enter()
-        try:
-            if buf is not None and self._append.get(handle):
-                buf[:] = b""
-        finally:
+        if buf is not None and self._append.get(handle):
+            c.enter()
+            buf[:] = b""
             c.leave()
         return v
 
@@ -543,24 +548,28 @@ class BLE:
     def gatts_notify(self, conn_handle, value_handle, data=None):
         c = self._radio.clock
         c.enter()
-        try:
-            self._notify(conn_handle, value_handle, data)
-        finally:
-            c.leave()
+        err = self._notify(conn_handle, value_handle, data)
+        c.leave()
+        if err > 0:  # (as the chip's mp_raise_OSError: the exception object is the firmware's)
+            raise OSError(err)
+        if err < 0:
+            raise ValueError("notification of %d bytes exceeds MTU %d - 3" % (len(data), self._radio.mtu))
 
     def _notify(self, conn_handle, value_handle, data):
+        # 0 when queued, else the errno gatts_notify raises (-1: too long).
         r = self._radio
         if not r.connected or conn_handle != r.conn_handle:
-            raise OSError(errno.ENOTCONN)
+            return errno.ENOTCONN
         if r.notify_errors:
             r.notify_errors -= 1
-            raise OSError(r.notify_errno)
+            return r.notify_errno
         if data is not None and len(data) > r.mtu - 3:
-            raise ValueError("notification of %d bytes exceeds MTU %d - 3" % (len(data), r.mtu))
+            return -1
         if r.queued >= r.buffers:
             r.enomem += 1
-            raise OSError(errno.ENOMEM)
+            return errno.ENOMEM
         r._enqueue(value_handle, data if data is not None else self._values.get(value_handle, b""))
+        return 0
 
     def gap_advertise(self, interval_us, adv_data=None, resp_data=None, connectable=True):
         if adv_data is not None and len(adv_data) > _MAX_ADV or resp_data is not None and len(resp_data) > _MAX_ADV:
