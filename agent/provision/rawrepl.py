@@ -22,7 +22,6 @@ MicroPython unix port (tests/sim/test_provision.py).
 from __future__ import annotations
 
 import base64
-import errno
 import hashlib
 import struct
 import time
@@ -31,7 +30,7 @@ from collections.abc import Callable
 import serial
 
 from agent.errors import PulsebridgeError
-from agent.transports.serial import open_port
+from agent.transports.serial import open_failure, open_port, port_busy
 
 CTRL_A, CTRL_B, CTRL_C, CTRL_D, CTRL_E = b"\x01", b"\x02", b"\x03", b"\x04", b"\x05"
 RAW_BANNER = b"raw REPL; CTRL-B to exit\r\n>"
@@ -65,21 +64,9 @@ ASK_AGAIN_S = 2.0
 BUSY_RETRY_S = 0.5
 
 
-def _busy(e: Exception) -> bool:
-    return isinstance(e, serial.SerialException) and "exclusively lock" in str(e)
-
-
 def _open_failure(e: Exception) -> str:
-    """Why a port did not open, in a technician's words (pyserial's named the port three times, with
-    two errnos: "[Errno 2] could not open port P: [Errno 2] No such file or directory: 'P'")."""
-    if _busy(e):
-        return "%s (another program holds it: is the hub agent using this board?)" % e
-    code = getattr(e, "errno", None)
-    if code == errno.ENOENT:
-        return "no such port (is the board plugged in? ls /dev/serial/by-id/ names the boards plugged in)"
-    if code in (errno.EACCES, errno.EPERM):
-        return "permission denied (is this user in the dialout group?)"
-    return str(e)
+    """open_failure's words, and who likely holds a busy port: the hub agent."""
+    return open_failure(e) + (": is the hub agent using this board?" if port_busy(e) else "")
 
 
 class RawRepl:
@@ -103,7 +90,7 @@ class RawRepl:
             try:
                 return open_port(self.port_name, self.baudrate, timeout_s=0.05)
             except (serial.SerialException, OSError) as e:
-                if not _busy(e) or time.monotonic() >= deadline:
+                if not port_busy(e) or time.monotonic() >= deadline:
                     raise ReplError("cannot open %s: %s" % (self.port_name, _open_failure(e)), self.port_name) from e
                 if on_busy is not None:
                     on_busy("%s is in use by another program; waiting up to %.0f s for it" % (

@@ -10,6 +10,7 @@ lines (protocols.hub_link.downlink_line).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 
@@ -56,6 +57,27 @@ def open_port(port: str, baudrate: int, timeout_s: float | None, write_timeout_s
     return ser
 
 
+def port_busy(e: Exception) -> bool:
+    """Whether open_port failed because another program holds the port (its exclusive lock)."""
+    return isinstance(e, serial.SerialException) and "exclusively lock" in str(e)
+
+
+def open_failure(e: Exception) -> str:
+    """Why open_port failed, in an operator's words: pyserial's named the port three times with two
+    errnos ("[Errno 2] could not open port P: [Errno 2] No such file or directory: 'P'"), or told a file
+    that is no serial port as "Could not configure port: (25, 'Inappropriate ioctl for device')"."""
+    if port_busy(e):
+        return "another program holds it"
+    code = getattr(e, "errno", None)
+    if code == errno.ENOENT:
+        return "no such port (is the board plugged in? ls /dev/serial/by-id/ names the boards plugged in)"
+    if code in (errno.EACCES, errno.EPERM):
+        return "permission denied (is this user in the dialout group?)"
+    if code == errno.ENOTTY or "Inappropriate ioctl for device" in str(e):
+        return "not a serial port (a board's port is a device: /dev/ttyACM0, /dev/serial/by-id/...)"
+    return str(e)
+
+
 class SerialTransport(Transport):
     # A pty's or a USB CDC port's buffer (the host's side and the board's): 4 kB.
     downlink_buffer_bytes = 4096
@@ -78,7 +100,7 @@ class SerialTransport(Transport):
         try:
             self._ser = open_port(self.port, self.baudrate, timeout_s=0, write_timeout_s=2)
         except (serial.SerialException, OSError) as e:
-            raise TransportError("cannot open %s: %s" % (self.port, e), self.name) from e
+            raise TransportError("cannot open %s: %s" % (self.port, open_failure(e)), self.name) from e
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._ser.fileno(), self._on_readable)
 

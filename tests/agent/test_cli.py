@@ -687,3 +687,20 @@ def test_adding_a_revoked_id_again_says_how(hub_config: AgentConfig) -> None:
         "pulsebridge: device pb-rev1 is already registered (revoked): to use the id again, provision a board with "
         "--device-id pb-rev1 (a new key), or run pulsebridge erase --device pb-rev1 first (what the hub holds of it "
         "goes too)\n"), r.stderr
+
+
+def test_a_file_that_is_no_serial_port_is_said_so(tmp_path: Path, hub_config: AgentConfig) -> None:
+    # a [[serial]] port (or --port) naming a regular file: "Could not configure port: (25, 'Inappropriate ioctl
+    # for device')", in the agent's status and in rotate-key's answer
+    from agent.transports.base import TransportError
+    from agent.transports.serial import SerialTransport
+
+    regular = tmp_path / "ttyACM0.txt"
+    regular.write_text("not a port\n")
+    says = "cannot open %s: not a serial port (a board's port is a device: /dev/ttyACM0, /dev/serial/by-id/...)" \
+        % regular
+    with pytest.raises(TransportError) as e:
+        asyncio.run(SerialTransport(str(regular)).open())
+    assert str(e.value) == says
+    r = _cli("rotate-key", "--port", str(regular), "--config", str(hub_config.source))
+    assert r.returncode == 1 and says in r.stdout and "ioctl" not in r.stdout, r.stdout
