@@ -390,6 +390,26 @@ def _wait_seconds(text: str) -> float:
     return value
 
 
+# --self-test-seconds: a board sends about a frame a second and 2 must verify; a longer test is a stream.
+SELF_TEST_S = (3.0, 600.0)
+
+
+def _self_test_seconds(text: str) -> float:
+    """--self-test-seconds: finite, within SELF_TEST_S (-3 or 0.5 failed every board's self-test after its
+    key was written and registered, all then put back; nan was taken)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    low, high = SELF_TEST_S
+    if not (math.isfinite(value) and low <= value <= high):
+        raise argparse.ArgumentTypeError("%r: give %g to %g seconds (a board sends about a frame a second, and 2 "
+                                         "must verify)" % (text, low, high))
+    return value
+
+
 def _unreadable(e: OSError) -> str:
     """Why a file given on the command line cannot be read, in words (Python's own, "[Errno 2] No such
     file or directory: '<path>'", gave the path twice and an errno the operator has no use for)."""
@@ -608,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the image goes: 0x1000 on an ESP32 (default), 0x0 on an ESP32-S3 or C3")
     p.add_argument("--dry-run", action="store_true", help="show the steps, change nothing")
     p.add_argument("--yes", action="store_true", help="re-key an already provisioned board without asking")
-    p.add_argument("--self-test-seconds", type=float, default=6.0)
+    p.add_argument("--self-test-seconds", type=_self_test_seconds, default=6.0)
     p.add_argument("--vendor-key", action="append",
                    help="the firmware vendor's Ed25519 public key (hex), whose signed updates the board will "
                         "install; up to twice (the current key and the next)")
@@ -620,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("rotate-key", help="give the board on PORT a new key, with no gap in accepted frames")
     p.add_argument("--config", type=Path, default=default_cfg)
     p.add_argument("--port", required=True)
-    p.add_argument("--self-test-seconds", type=float, default=6.0)
+    p.add_argument("--self-test-seconds", type=_self_test_seconds, default=6.0)
     p.set_defaults(func=cmd_rotate)
 
     p = sub.add_parser("ota", help="firmware updates (signed bundles, pulsebridge-dev release)")

@@ -704,3 +704,16 @@ def test_a_file_that_is_no_serial_port_is_said_so(tmp_path: Path, hub_config: Ag
     assert str(e.value) == says
     r = _cli("rotate-key", "--port", str(regular), "--config", str(hub_config.source))
     assert r.returncode == 1 and says in r.stdout and "ioctl" not in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("seconds", ["-3", "0.5", "nan", "inf", "1e9", "six"])
+def test_a_self_test_length_that_cannot_pass_is_refused_before_the_board_is_touched(
+        tmp_path: Path, hub_config: AgentConfig, seconds: str) -> None:
+    # --self-test-seconds -3 or 0.5 was taken: the board got its firmware, key and registration, then failed
+    # its self-test (fewer than 2 frames in so short a time) and all of it was put back; nan was taken too
+    for command in (("provision", "--origin-key-out", str(tmp_path)), ("rotate-key",)):
+        r = _cli(*command, "--port", str(tmp_path / "ttyACM0"), "--self-test-seconds", seconds, "--config",
+                 str(hub_config.source))
+        assert r.returncode == 2 and "argument --self-test-seconds: %r: give 3 to 600 seconds" % seconds in r.stderr, \
+            r.stderr
+        assert "cannot open" not in r.stdout + r.stderr  # refused before the port was looked at
