@@ -117,3 +117,28 @@ def test_json_nested_without_end_is_an_input_error_not_a_traceback(tmp_path: Pat
                        text=True, timeout=60)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert "deep.json" in p.stderr and "nested too deeply" in p.stderr, p.stderr
+
+
+def test_what_the_input_names_cannot_drive_or_forge_the_operators_terminal(tmp_path: Path) -> None:
+    # verify-origin exists for input made by a hub that may be compromised: a frame whose kid (its device id)
+    # held "\x1b[2J" cleared the operator's terminal, and a "\n" in it forged a line of the report
+    from protocols import cipher, cose, messages
+
+    key = bytes(range(32))
+    up = cose.MacKey(key, "\x1b[2J\nOK: all\u202e".encode(), cose.AAD_UPLINK)
+    raw = up.seal(messages.encoded(messages.SampleFrame(1, 0, 1, 0, 0, 512, 4, (1, 1), None, (0, 0, 0, 0),
+                                                        [[1, 2, 3, 4]]), sealer=cipher.SampleCipher(key, bytes(16))))
+    capture = tmp_path / "evil.cbor"
+    capture.write_bytes(raw)
+    keys = tmp_path / "origin_keys.json"
+    keys.write_text(json.dumps({"pb-sim01": "11" * 32}))
+    p = subprocess.run([sys.executable, "-m", "agent.cli", "verify-origin", "--key", str(keys), str(capture)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "\x1b" not in p.stdout and "\u202e" not in p.stdout, repr(p.stdout)
+    lines = p.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("NOT PROVEN: 1 frames"), lines
+    assert lines[1] == ("  UNPROVEN \\x1b[2J\\nOK: all\ufffd\ufffd\ufffd epoch 1 seq 0: no origin key for this "
+                        "device"), lines
+    # a kid is read as ASCII (other bytes: U+FFFD); what else a report quotes is escaped alike
+    assert verify_origin._escaped("a\u202eb\x85c") == "a\\u202eb\\x85c"
