@@ -467,43 +467,48 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(snap, indent=1))
         return 0
-    print("hub %s, up %.0f s" % (snap["hub_id"], snap["uptime_s"]))
+    from agent.logs import escape
+
+    def say(line: str) -> None:  # a backend's error body, a board's words: never a terminal's commands
+        print(escape(line))
+
+    say("hub %s, up %.0f s" % (snap["hub_id"], snap["uptime_s"]))
     for b in snap["boards"]:
-        print("  " + _board_line(b, snap.get("store")))
+        say("  " + _board_line(b, snap.get("store")))
     for problem in snap.get("registry_damaged", []):
-        print("  " + problem)
+        say("  " + problem)
     for name, t in sorted(snap.get("tasks", {}).items()):
         if t["restarts"]:
-            print("  task %s restarted %d times%s (last: %s)" % (
+            say("  task %s restarted %d times%s (last: %s)" % (
                 name, t["restarts"], ", restarting now" if t["restarting"] else "", t["last_error"]))
     sd = snap.get("systemd", {})
     if sd and not sd.get("alive", True):
-        print("  the agent's loops are stuck (%s): systemd will restart it" % sd.get("reason", ""))
+        say("  the agent's loops are stuck (%s): systemd will restart it" % sd.get("reason", ""))
     for f in snap["backends"]:
-        print("  backend %-12s %-8s backlog %d, forwarded %d%s%s" % (
+        say("  backend %-12s %-8s backlog %d, forwarded %d%s%s" % (
             f["name"], f["state"], f["backlog"], f["forwarded"],
             (", refused %d (quarantined)" % f["refused"]) if f.get("refused") else "",
             (", " + f["last_error"]) if f["last_error"] else ""))
     for dev, vitals in sorted(snap.get("last_vitals", {}).items()):
-        print("  " + _vitals_line(dev, vitals, time.time()))
+        say("  " + _vitals_line(dev, vitals, time.time()))
     alerts = snap.get("vitals", {}).get("active_alerts", [])
-    print("  alerts: " + (", ".join("%s %s" % (d, a) for d, a in alerts) if alerts else "none"))
+    say("  alerts: " + (", ".join("%s %s" % (d, a) for d, a in alerts) if alerts else "none"))
     st = snap.get("store", {})
     for line in status_text.store_lines(st, time.time()):
-        print("  " + line)
+        say("  " + line)
     rec = st.get("recovery")
     if rec:
-        print("  store recovered at %s from a damaged store (%s; kept as %s): %s rows recovered, %d ranges "
+        say("  store recovered at %s from a damaged store (%s; kept as %s): %s rows recovered, %d ranges "
               "unreadable" % (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec["at"])), rec["problem"],
                               rec["kept"], sum(rec["rows_recovered"].values()), rec["unreadable_ranges"]))
     if snap["rejects"]:
-        print("  rejected: " + ", ".join("%s %d" % kv for kv in sorted(snap["rejects"].items())))
+        say("  rejected: " + ", ".join("%s %d" % kv for kv in sorted(snap["rejects"].items())))
     if snap.get("status_page", "on") != "on":
-        print("  status page " + snap["status_page"])
+        say("  status page " + snap["status_page"])
     page = snap.get("status_page_clients") or {}
     if any(page.get(k) for k in ("wrong_passwords", "connections_refused", "connections_timed_out",
                                  "malformed_requests")):
-        print("  status page: %d wrong passwords, %d lockouts (%d clients locked now), %d connections refused "
+        say("  status page: %d wrong passwords, %d lockouts (%d clients locked now), %d connections refused "
               "over the limits, %d cut for half-sent requests, %d malformed requests answered 400" % (
                   page["wrong_passwords"], page["lockouts"], page["locked_clients"], page["connections_refused"],
                   page["connections_timed_out"], page.get("malformed_requests", 0)))

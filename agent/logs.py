@@ -23,13 +23,22 @@ SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, loggin
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
-# Control characters in a message, escaped (DEL too); others are kept.
-_ESCAPES = {c: "\\x%02x" % c for c in [*range(0x20), 0x7F]} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+# The common escapes by name; any other character that is not printable is shown as \xNN, \uNNNN or \UNNNNNNNN.
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def escape(text: str) -> str:
-    """text with its control characters (newline, CR, ESC, ...) as visible escapes."""
-    return text.translate(_ESCAPES)
+    """text with what is not printable as visible escapes: controls (newline, CR, ESC, DEL, and the C1
+    ones such as the 8-bit CSI, U+009B), formatting characters (a bidirectional override, U+202E, shows
+    text in another order) and separators other than the space. A peer's text (a forged device id, a
+    backend's error body) must not drive a terminal nor forge a line."""
+    if text.isprintable():  # the usual case: one pass in C
+        return text
+    return "".join(c if c.isprintable() else _NAMED.get(c) or _code(ord(c)) for c in text)
+
+
+def _code(n: int) -> str:
+    return "\\x%02x" % n if n < 0x100 else "\\u%04x" % n if n < 0x10000 else "\\U%08x" % n
 
 
 def under_journald(stream: TextIO) -> bool:

@@ -21,7 +21,6 @@ import io
 import json
 import re
 import sys
-import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import cbor2
 from agent.errors import PulsebridgeError
 from agent.forwarders.fhir import COSE_EXTENSION
 from agent.forwarders.mqtt import TAG_INT32_LE
+from agent.logs import escape
 from protocols import cbor
 from protocols import origin_verify as origin
 from protocols.errors import ProtocolError
@@ -382,16 +382,7 @@ def text(rep: origin.Report) -> str:
     for t in rep.truncated:
         lines.append("  TRUNCATED %s: %d bytes from byte %d not checked (%s); the %d records before were checked"
                      % (t.where, t.bytes_not_checked, t.at_byte, t.reason, t.records_checked))
-    return "\n".join(_escaped(line) for line in lines)
+    # What the input names (a device id is a frame's kid, made by a hub that may be compromised) must
+    # not drive the operator's terminal nor forge a line of the report, an "OK" one least of all.
+    return "\n".join(escape(line) for line in lines)
 
-
-def _escaped(line: str) -> str:
-    """The line with its control and formatting characters escaped (\\x1b, \\n, \\u202e): what the
-    input names (a device id is a frame's kid, made by a hub that may be compromised) must not drive the
-    operator's terminal nor forge a line of the report, an "OK" one least of all."""
-    return "".join(c if unicodedata.category(c) not in _UNSHOWN else
-                   c.encode("unicode_escape").decode("ascii") for c in line)
-
-
-# Unicode categories escaped in the text report: controls, formats (bidirectional overrides), separators.
-_UNSHOWN = frozenset({"Cc", "Cf", "Zl", "Zp"})
