@@ -37,6 +37,8 @@ _COUNT = struct.Struct(">I")
 # packet's largest payload would not fit, but a batch of frames' documents
 # (a few kB each) does many times over; a longer one is a peer's error.
 MAX_BODY = 256 << 20
+# A record from the process at most: a failure's reason or a log record (paho's lines are short).
+MAX_REPLY = 1 << 20
 
 
 class LinkError(Exception):

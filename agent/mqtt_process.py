@@ -35,6 +35,8 @@ from agent.mqtt_link import CLOSE_TIMEOUT_S, LinkError
 # The agent's logger for its MQTT client: this process's records are logged under it there.
 log = logging.getLogger("agent.forwarders.mqtt")
 
+# A log record's message at most, as sent to the agent (within mqtt_link.MAX_REPLY, JSON's escapes too).
+LOG_CHARS = 16384
 # loop_misc's period: keepalive pings, and the keepalive's own timeout (the agent's OPEN sets both).
 MISC_PERIOD_S = 1.0
 KEEPALIVE_S = 30
@@ -276,7 +278,7 @@ class _ToAgent(logging.Handler):
     def emit(self, rec: logging.LogRecord) -> None:
         try:
             self.send(mqtt_link.LOG, json.dumps({"logger": rec.name, "level": rec.levelno,
-                                                 "message": rec.getMessage()}).encode())
+                                                 "message": rec.getMessage()[:LOG_CHARS]}).encode())
         except Exception:  # the agent gone: nothing to tell it
             self.handleError(rec)
 
@@ -381,7 +383,11 @@ async def _publish(connection: Connection, messages: list[tuple[str, bytes]],
 
 
 def main() -> int:
-    out = sys.stdout.buffer.fileno()
+    # The records go out on a descriptor of their own; what anything prints goes to stderr, never
+    # into the records' stream.
+    sys.stdout.flush()
+    out = os.dup(1)
+    os.dup2(2, 1)
 
     def send(kind: bytes, body: bytes) -> None:
         data = memoryview(mqtt_link.record(kind, body))

@@ -226,6 +226,10 @@ class Connection:
         head = mqtt_link.HEAD.size
         while len(self._received) >= head:
             kind, n = mqtt_link.HEAD.unpack_from(self._received)
+            if n > mqtt_link.MAX_REPLY:  # none of the process's records is near this: it is broken
+                self._received.clear()
+                self._ended("the MQTT client's process wrote a record of %d bytes" % n)
+                return
             if len(self._received) < head + n:
                 return
             body = bytes(self._received[head:head + n])

@@ -956,3 +956,65 @@ def test_documents_are_made_off_the_event_loop_and_an_undecodable_frame_is_skipp
     finally:
         store.close()
         _stop_broker(broker)
+
+
+@pytest.mark.parametrize("program, reason", [
+    # A head announcing 4 GB: no record of the process's is near that.
+    ("import sys, time; sys.stdout.buffer.write(b'Z\\xff\\xff\\xff\\xff'); sys.stdout.flush(); time.sleep(60)",
+     "wrote a record of 4294967295 bytes"),
+    # Started, never a word.
+    ("import time; time.sleep(60)", "no CONNACK from 127.0.0.1:"),
+    # Gone at once.
+    ("pass", "process ended (exit status 0)"),
+])
+def test_a_client_process_that_breaks_its_word_is_ended_and_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  program: str, reason: str) -> None:
+    # Stand-ins for the MQTT client's process (the interpreter given another program): whatever
+    # it does, the delivery fails with a reason that says what, within the bounds, and the
+    # process is not left behind.
+    from agent.forwarders import mqtt
+
+    monkeypatch.setattr(mqtt, "PROCESS_ARGS", ("-c", program))
+    monkeypatch.setattr(mqtt, "START_BOUND_S", 1.0)
+    store = Store(tmp_path / "store.db", ["broker"])
+    store.start()
+    try:
+        _store_frames(store, "pb-w1", range(1))
+
+        async def scenario() -> tuple[str, list[int]]:
+            cfg = MqttConfig(name="broker", type="mqtt", url="mqtt://127.0.0.1:%d" % harness.free_port(),
+                             insecure=True, linger_s=0, timeout_s=1)
+            fw = MqttForwarder(cfg, store, "test-hub", asyncio.Event())
+            pids: list[int] = []
+            opened = mqtt.Connection.open
+
+            async def open_(self: mqtt.Connection, settings: dict[str, object]) -> None:
+                try:
+                    await opened(self, settings)
+                finally:
+                    if self.pid is not None:
+                        pids.append(self.pid)
+
+            monkeypatch.setattr(mqtt.Connection, "open", open_)
+            task = asyncio.create_task(fw.run())
+            try:
+                await async_wait_for(lambda: fw.failures >= 1, 30, "a failed delivery", lambda: fw.last_error)
+                return fw.last_error, pids
+            finally:
+                await _stop(fw, task)
+
+        error, pids = asyncio.run(scenario())
+        assert reason in error, error
+        assert _outbox(store, "broker") == 1  # nothing marked forwarded
+        assert pids and not any(_running(p) for p in pids), pids
+    finally:
+        store.close()
+
+
+def _running(pid: int) -> bool:
+    # A process that exists and is not a zombie (its parent reaped it, or it is gone).
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
