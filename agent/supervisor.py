@@ -32,7 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from agent import forwarders
+from agent import forwarders, gc_tuning
 from agent.audit import AuditError, AuditLog
 from agent.ble_links import OUT_OF_RANGE_S, BleManager
 from agent.config import AgentConfig, listen_address
@@ -178,6 +178,7 @@ class Agent:
                               backends=[b.name for b in self.cfg.backends], version=version())
         except AuditError as e:  # a full card: the boards come before the record of this start
             log.error("%s: this start is not recorded in it", e)
+        restore_gc = gc_tuning.tune()  # start-up done: its objects frozen, a larger young generation
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._supervised(name, factory), name=name)
@@ -190,6 +191,7 @@ class Agent:
                     for t in tasks:
                         t.cancel()
         finally:
+            restore_gc()
             self.notifier.close()
             self.store.close()
             self.registry.close()

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from agent import gc_tuning
 from agent.audit import AuditLog
 from agent.forwarders import mqtt
 from agent.forwarders.mqtt import MqttConfig, MqttForwarder
@@ -219,7 +220,9 @@ def _setup(tmp: Path, fleet: Fleet, backends: list[str],
         reg.add(dev, key=key, actor="bench")
     store = Store(tmp / "store.db", backends, commit_interval_s=commit_interval_s)
     store.start()
-    return store, Ingestor(store, reg)
+    ing = Ingestor(store, reg)
+    gc_tuning.tune()  # as the agent does once it has built its parts (the bench's process stays so)
+    return store, ing
 
 
 async def _ingest_all(ing: Ingestor, raws: list[bytes]) -> int:
@@ -518,6 +521,7 @@ def drain(n: int = BACKLOG_FRAMES, payload: str = "json", profile: cProfile.Prof
         try:
             store = Store(tmp / "store.db", ["mqtt"])
             store.start()
+            gc_tuning.tune()  # as _setup does
             _backlog(store, fleet, n)
             held = store.stats.ingested
 

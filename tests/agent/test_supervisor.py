@@ -2,6 +2,7 @@
 # and its store make progress, STOPPING at the end; over a real Unix
 # datagram socket, as systemd's $NOTIFY_SOCKET is.
 import asyncio
+import gc
 import logging
 import socket
 import sqlite3
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from agent import config as agent_config
+from agent import gc_tuning
 from agent.sdnotify import Notifier
 from agent.supervisor import Agent
 from tests.agent import harness
@@ -321,3 +323,23 @@ def test_a_resent_frame_below_the_window_is_looked_up_off_the_event_loop(monkeyp
         reg.close()
     assert on_loop == [False]
     assert stats.duplicates == 1 and not stats.rejects
+
+
+def test_the_running_agent_freezes_its_start_up_and_widens_the_young_generation(
+        hub_config: agent_config.AgentConfig) -> None:
+    # agent/gc_tuning.py's settings hold while the agent runs: what start-up built (the agent itself)
+    # frozen out of the collector's generations, the young generation YOUNG_THRESHOLD; an agent run
+    # inside a longer process (this one) leaves the collector as it found it.
+    before = gc.get_threshold(), gc.get_freeze_count()
+    assert before[0][0] != gc_tuning.YOUNG_THRESHOLD
+
+    async def scenario() -> dict[str, Any]:
+        async with harness.running(Agent(hub_config)) as agent:
+            return {"threshold": gc.get_threshold(), "frozen": gc.get_freeze_count(),
+                    "agent_collectable": any(o is agent for o in gc.get_objects())}
+
+    seen = asyncio.run(scenario())
+    assert seen["threshold"] == (gc_tuning.YOUNG_THRESHOLD, *before[0][1:])
+    assert seen["frozen"] > before[1]
+    assert seen["agent_collectable"] is False  # frozen: no collection walks it again
+    assert (gc.get_threshold(), gc.get_freeze_count()) == before
