@@ -127,7 +127,8 @@ class Esp32Board:
 
             from app.link_ble import BleLink
             from app.main import FIRMWARE
-            return BleLink(bluetooth, cfg["device_id"], max_message, FIRMWARE, "pulsebridge ESP32 " + sys.platform)
+            return BleLink(bluetooth, cfg["device_id"], max_message, FIRMWARE, "pulsebridge ESP32 " + sys.platform,
+                           ticks_ms=time.ticks_ms)
         from app.link_serial import SerialLink
         return SerialLink(sys.stdin.buffer, sys.stdout.buffer, max_message, time.ticks_us, time.ticks_diff)
 

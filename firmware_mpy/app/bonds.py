@@ -130,8 +130,12 @@ class BondStore:
         # the IRQ handler. A power cut leaves the old file or the new one.
         # A full or failing flash costs the bonds, never the stream: the
         # next change tries again.
-        if not self.dirty:
-            return
+        # (The write apart: flush runs at every loop, and its try and with
+        # would put its call frame past the VM's 11 words, on the heap.)
+        if self.dirty:
+            self._write()
+
+    def _write(self):
         self.dirty = False
         tmp = self.path + ".new"
         try:

@@ -14,8 +14,18 @@
 # Bonds with paired phones are kept in flash (app.bonds), so a phone paired
 # once reads the board again after it restarts.
 # The IRQ handler only records what happened; service(), called from the
-# app's loop, does the work. Notifications are paced: when the stack is out
-# of buffers (ENOMEM) the link backs off and retries the same fragment.
+# app's loop, does the work. Notifications are paced by a window: at most
+# so many handed to the stack per connection interval, what its buffers
+# were seen to take. MicroPython reports no notification sent (its
+# _IRQ_GATTS_INDICATE_DONE is for indications), so an ENOMEM is the one
+# sign the buffers are full; on the chip each makes an exception object in
+# the heap. After one the window shrinks to what the stack took in that
+# interval and nothing more goes until the next. A window sent whole for
+# _PROBE_START intervals is known good; up to the largest known good one
+# it grows by one after as many, past it only after _probe_after, which
+# doubles at each probe that met ENOMEM (a good size that fails is good no
+# longer). So a busy link meets ENOMEM rarely, not at every burst (15 a
+# second at MTU 23 before).
 # Never stuck: a central that connects and leaves before the loop sees it
 # leaves no link behind; any other radio error (ENOTCONN when the central
 # vanished mid-notify, an error of the stack) ends the connection on our
@@ -55,9 +65,12 @@ _ADV_INTERVAL_US = const(250000)
 # Bytes the stack keeps for control writes between two reads: acks are
 # about 130 characters as lines, a few per second.
 _CONTROL_BUFFER = const(512)
-_FRAGMENTS_PER_SERVICE = const(8)  # notifications tried per loop
+_WINDOW_START = const(4)  # notifications per connection interval on a new connection (NimBLE's ESP32 default
+# connection event carries 4 or more packets; the window learns the rest)
+_WINDOW_MAX = const(8)  # and at most: notifications tried per loop
+_PROBE_START = const(16)  # intervals with the window sent whole before it grows by one (0.24 s at 15 ms)
+_PROBE_MAX = const(1024)  # and at most, after repeated failed probes (15 s at 15 ms)
 _RX_CHUNK = const(32)  # bytes deframed per receive() at most: the app reads the sensors between two
-_BACKOFF_MAX = const(32)  # loops skipped at most after repeated ENOMEM
 _PREFERRED_MTU = const(517)
 _PUMP_MS = const(15)  # a typical connection interval: notifications leave the stack at that pace
 _STD_EVERY_MS = const(1000)  # standard measurements notified once a second
@@ -103,8 +116,14 @@ def _adv_payload(uuid_bytes, name):
 class BleLink:
     name = "ble"
 
-    def __init__(self, bluetooth, device_id, max_message, firmware="", model="", bonds_path=BONDS):
+    def __init__(self, bluetooth, device_id, max_message, firmware="", model="", bonds_path=BONDS, ticks_ms=None):
+        # ticks_ms: the board's clock (time.ticks_ms), for the window's pace.
         self._bt = bluetooth
+        if ticks_ms is None:
+            import time
+
+            ticks_ms = time.ticks_ms  # type: ignore[attr-defined]
+        self._ticks_ms = ticks_ms
         self.bonds = BondStore(bonds_path)
         if self.bonds.error:
             print("BLE: %s; paired phones must pair again" % self.bonds.error)
@@ -170,8 +189,16 @@ class BleLink:
         self.connected = False
         self.pump_ms = _PUMP_MS
         self.mtu = link.MIN_MTU
-        self._backoff = 0
-        self._skip = 0
+        # The notification window (see the top): its size, the largest
+        # known good, what was handed to the stack in the current interval
+        # and when that began, the intervals sent whole since the last
+        # change, and how many make it grow past the known good size.
+        self._window = _WINDOW_START
+        self._good = 0
+        self._sent = 0
+        self._interval_t0 = 0
+        self._whole = 0
+        self._probe_after = _PROBE_START
         self.enomem = 0
         self.reconnects = 0
         self.radio_errors = 0
@@ -247,6 +274,10 @@ class BleLink:
             self.mtu = link.MIN_MTU
             self._frag.set_mtu(link.MIN_MTU)
             self._frag_len = 0
+            self._window = _WINDOW_START  # (another central, another connection interval)
+            self._good = 0
+            self._probe_after = _PROBE_START
+            self._whole = 0
             self.reconnects += 1
             fresh = True
         if self._irq_mtu:
@@ -269,64 +300,110 @@ class BleLink:
 
     def set_vitals(self, now_ms, hr_x10, spo2_x10, pr_x10, battery_pct):
         # The board's latest figures (0: none), for the standard services.
+        # (Runs at every loop: the work apart keeps its frame in 11 words.)
         self.hr_x10 = hr_x10
         self.spo2_x10 = spo2_x10
         self.pr_x10 = pr_x10
         if battery_pct != self.battery_pct:
-            self.battery_pct = battery_pct
-            try:
-                self._ble.gatts_write(self._h_battery, bytes((battery_pct,)))
-            except OSError as e:
-                self._radio_error("battery write", e)
-        if not (self.connected and self.encrypted) or self._frag_len or (
-                self._std_due >= 0 and ticks.diff(now_ms, self._std_due) < 0):
-            return
-        self._std_due = ticks.add(now_ms, _STD_EVERY_MS)
+            self._write_battery(battery_pct)
+        if self.connected and self.encrypted and not self._frag_len and (
+                self._std_due < 0 or ticks.diff(now_ms, self._std_due) >= 0):
+            self._std_due = ticks.add(now_ms, _STD_EVERY_MS)
+            self._notify_std()
+
+    def _write_battery(self, battery_pct):
+        self.battery_pct = battery_pct
+        try:
+            self._ble.gatts_write(self._h_battery, bytes((battery_pct,)))
+        except OSError as e:
+            self._radio_error("battery write", e)
+
+    def _notify_std(self):
         s = self._std
         try:
-            if hr_x10:
+            if self.hr_x10:
                 s[0] = 0  # flags: heart rate as uint8
-                s[1] = min(255, (hr_x10 + 5) // 10)
+                s[1] = min(255, (self.hr_x10 + 5) // 10)
                 self._ble.gatts_notify(self._conn, self._h_hr, self._std_hr)
+                self._sent += 1  # (the stack's buffers are the same)
                 self.std_sent += 1
-            if spo2_x10:
-                struct.pack_into("<BHH", s, 0, 0, _sfloat(spo2_x10), _sfloat(pr_x10))
+            if self.spo2_x10:
+                struct.pack_into("<BHH", s, 0, 0, _sfloat(self.spo2_x10), _sfloat(self.pr_x10))
                 self._ble.gatts_notify(self._conn, self._h_plx, s)
+                self._sent += 1
                 self.std_sent += 1
         except OSError:
             pass  # out of buffers: the next second's values will do
 
+    # _pump and its helpers keep to the VM's 11 words of frame (README,
+    # "call frames"): _pump runs at every loop while connected.
     def _pump(self):
-        if self._skip:
-            self._skip -= 1
-            return
-        fb = self._fragbuf
-        for _ in range(_FRAGMENTS_PER_SERVICE):
-            if not self._frag_len:
-                if len(fb) < self._frag.fragment_size:
-                    fb[:] = self._tx_head  # back to MAX_MTU bytes, in its own capacity
-                n = self._frag.next_into(fb)
-                if not n:
-                    return
-                if n < len(fb):
-                    fb[n:] = b""  # cut to the fragment, in place
-                self._frag_len = n
-            try:
-                self._ble.gatts_notify(self._conn, self._h_data, fb)
-            except OSError as e:
-                if e.args and e.args[0] == errno.ENOMEM:
-                    # The stack is out of buffers: keep the fragment, back off.
-                    self.enomem += 1
-                    self._backoff = min(_BACKOFF_MAX, self._backoff * 2 or 1)
-                    self._skip = self._backoff
-                    return
-                # ENOTCONN (the central vanished before its disconnect event)
-                # or any other error of the stack: this connection is over.
-                self._radio_error("notify", e)
-                self._close_failed()
+        self._next_interval()
+        while self._sent < self._window:
+            if not self._frag_len and not (self._frag.busy and self._next_fragment()):
                 return
-            self._frag_len = 0
-            self._backoff = 0
+            if not self._notify():
+                return
+
+    def _next_interval(self):
+        # A connection interval has passed since the window's last one
+        # began: the stack has sent some; the window starts over.
+        now = self._ticks_ms()
+        if ticks.diff(now, self._interval_t0) < self.pump_ms:
+            return
+        self._interval_t0 = now
+        w = self._window
+        if self._sent >= w:  # the whole window went without ENOMEM
+            self._whole += 1
+            if self._whole >= _PROBE_START and w > self._good:
+                self._good = w
+            if w < _WINDOW_MAX and self._whole >= (_PROBE_START if w < self._good else self._probe_after):
+                self._window = w + 1
+                self._whole = 0
+        self._sent = 0
+
+    def _next_fragment(self):
+        # Builds the next fragment in _fragbuf; False when none is left.
+        fb = self._fragbuf
+        if len(fb) < self._frag.fragment_size:
+            fb[:] = self._tx_head  # back to MAX_MTU bytes, in its own capacity
+        n = self._frag.next_into(fb)
+        if not n:
+            return False
+        if n < len(fb):
+            fb[n:] = b""  # cut to the fragment, in place
+        self._frag_len = n
+        return True
+
+    def _notify(self):
+        # Hands the fragment to the stack; False if it did not take it.
+        try:
+            self._ble.gatts_notify(self._conn, self._h_data, self._fragbuf)
+        except OSError as e:
+            self._refused(e)
+            return False
+        self._frag_len = 0
+        self._sent += 1
+        return True
+
+    def _refused(self, e):
+        if e.args and e.args[0] == errno.ENOMEM:
+            # The stack's buffers are full: keep the fragment, shrink the
+            # window to what they took this interval, wait for the next;
+            # the next probe past it waits twice as long.
+            self.enomem += 1
+            if self._window > self._good:  # a probe past the known good size
+                self._probe_after = min(_PROBE_MAX, 2 * self._probe_after)
+            else:
+                self._good = self._window - 1
+            self._window = max(1, self._sent)
+            self._sent = self._window
+            self._whole = 0
+            return
+        # ENOTCONN (the central vanished before its disconnect event) or
+        # any other error of the stack: this connection is over.
+        self._radio_error("notify", e)
+        self._close_failed()
 
     def busy(self):
         # A message is still being notified, fragment by fragment.
@@ -362,14 +439,7 @@ class BleLink:
         # read whole and deframed a message at a time.
         data = self._written
         if self._written_pos >= len(data) and self._irq_write:
-            self._irq_write = False
-            try:
-                data = self._ble.gatts_read(self._h_ctrl)
-            except OSError as e:
-                data = b""
-                self._radio_error("control read", e)  # the hub writes it again if it matters
-            self._written = data
-            self._written_pos = 0
+            data = self._read_control()
         rx = self._rx
         i = self._written_pos
         end = len(data)
@@ -385,3 +455,16 @@ class BleLink:
                 return n
         self._written_pos = i
         return 0
+
+    def _read_control(self):
+        # (Apart from receive(): its try would put receive's frame, at
+        # every loop, past the VM's 11 words.)
+        self._irq_write = False
+        try:
+            data = self._ble.gatts_read(self._h_ctrl)
+        except OSError as e:
+            data = b""
+            self._radio_error("control read", e)  # the hub writes it again if it matters
+        self._written = data
+        self._written_pos = 0
+        return data

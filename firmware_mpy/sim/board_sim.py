@@ -306,7 +306,8 @@ class SimBoard:
             from sim import fake_bluetooth
             if self.radio is None or self.radio.ble is not None:  # (a radio made ahead: prepare_radio)
                 self.radio = fake_bluetooth.radio_from(self.sim.get("ble", {}), self.clock)
-            return BleLink(fake_bluetooth, cfg["device_id"], max_message, FIRMWARE, "pulsebridge simulated board")
+            return BleLink(fake_bluetooth, cfg["device_id"], max_message, FIRMWARE, "pulsebridge simulated board",
+                           ticks_ms=self.ticks_ms)
         from app.link_serial import SerialLink
         if not self.clock.chip and self.console_in is sys.stdin.buffer and self.console_out is sys.stdout.buffer:
             return SerialLink(sys.stdin.buffer, sys.stdout.buffer, max_message, self.ticks_us, self.ticks_diff,

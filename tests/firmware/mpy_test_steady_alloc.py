@@ -340,7 +340,7 @@ class _SimAllocClock(VirtualClock):
             self.sim_bytes += micropython.mem_total() - self._mark  # type: ignore[attr-defined]
 
 
-def test_a_loop_with_nothing_to_do_allocates_no_call_frame():
+def _quiet_steps(kind):
     # The tests above run under micropython.heap_lock(), where a function
     # whose call frame needs more than 11 words (locals and stack: py/objfun.c
     # VM_MAX_STATE_ON_STACK) falls back to the C stack: they cannot see those
@@ -350,26 +350,37 @@ def test_a_loop_with_nothing_to_do_allocates_no_call_frame():
     # loop's pieces that run every iteration keep to 11 words: a step that
     # finds no FIFO asking, no frame to send and no downlink allocates
     # nothing at all, frames included (mem_total counts every allocation).
+    # Returns (quiet steps looked at, what each that allocated allocated).
     sim = _load("sim.json")
     sim["virtual_clock"] = True
+    if kind == "ble":
+        sim["ble"] = {}
     cfg = config.load()
-    cfg["link"] = "serial"
+    cfg["link"] = kind
     key = config.load_key()
     clock = _SimAllocClock()
     board = SimBoard(sim, clock)
-    far = _Hub(cfg["device_id"], key, "serial")
+    far = _Hub(cfg["device_id"], key, kind)
     board.console_in = None
     board.console_out = far
     outbox.preallocate(config.ring_bytes())
     app = main.App(board, cfg, key, config.next_epoch())
+    radio = board.radio
+    if radio is not None:
+        radio.on_notify = far.notify
     app.start()
+    if radio is not None:
+        radio.connect(_BLE_MTU)
     quiet = 0
     allocated = []
     while board.uptime_ms() < _START_MS + 3000:
         app.step()
         down = far.answer()
         if down:
-            board.console_port.feed(down)
+            if radio is not None:
+                radio.write(down)
+            else:
+                board.console_port.feed(down)
         app.wait()
         if board.uptime_ms() < _START_MS:
             continue
@@ -377,7 +388,8 @@ def test_a_loop_with_nothing_to_do_allocates_no_call_frame():
         # the next step, at the same time, is a quiet one if the link has no
         # frame going out, no FIFO asks and no downlink waits.
         app.step()
-        if app.link.busy() or app._any_ready() or board.console_port.any() or app.due:
+        if app.link.busy() or app._any_ready() or app.due or (
+                board.console_port.any() if radio is None else app.link.rx_more or app.link._irq_write):
             continue
         gc.collect()
         sim0 = clock.sim_bytes
@@ -387,5 +399,19 @@ def test_a_loop_with_nothing_to_do_allocates_no_call_frame():
         quiet += 1
         if firmware:
             allocated.append(firmware)
+    return quiet, allocated
+
+
+def test_a_loop_with_nothing_to_do_allocates_no_call_frame():
+    quiet, allocated = _quiet_steps("serial")
     assert quiet >= 10, quiet  # (the check above found quiet steps to look at)
+    assert not allocated, (quiet, allocated)
+
+
+def test_a_ble_loop_with_nothing_to_do_allocates_no_call_frame():
+    # Over BLE, before: the link's service (its notify loop, the bonds'
+    # flush), receive and set_vitals each took a heap frame at every step,
+    # 920 bytes a quiet step.
+    quiet, allocated = _quiet_steps("ble")
+    assert quiet >= 10, quiet
     assert not allocated, (quiet, allocated)
