@@ -43,6 +43,7 @@ import serial
 from agent.audit import AuditError, AuditLog
 from agent.config import AgentConfig
 from agent.errors import PulsebridgeError
+from agent.logs import escape
 from agent.provision import build
 from agent.provision.build import default_cache
 from agent.provision.rawrepl import RawRepl, ReplError
@@ -253,7 +254,11 @@ class Provisioner:
                  confirm: Callable[[str], bool] | None = None) -> None:
         self.cfg = cfg
         self.port = port
-        self.out = out
+        # What a board answers (it is not authenticated yet) reaches the technician's terminal through
+        # out: escaped, so it neither drives the terminal nor forges a line; the QR code alone, drawn
+        # here, goes out as its lines.
+        self._out_as_is = out
+        self.out: Callable[[str], None] = lambda text: out(escape(text))
         self.confirm = confirm or (lambda q: False)
         self.flash_offset = 0x1000
         # Where the board's origin key goes for the backend (never the hub's data): a file per board.
@@ -294,7 +299,8 @@ class Provisioner:
         except KeyboardInterrupt:
             res.interrupted = True
             res.steps.append((self._at, "interrupted"))
-            self.out("\ninterrupted at %s (Ctrl-C): putting the board and the registry back as they were" % self._at)
+            self._out_as_is("")  # after the ^C the terminal shows
+            self.out("interrupted at %s (Ctrl-C): putting the board and the registry back as they were" % self._at)
             if self._undo(repl, undo):
                 self.out("the board and the registry are as before: run provision again to provision it")
             return res
@@ -442,7 +448,7 @@ class Provisioner:
         res.ok = True
         res.label = label_line(device_id, key)
         self.out("PASS %s  label: %s" % (device_id, res.label))
-        self.out(qr_text(res.label))
+        self._out_as_is(qr_text(res.label))
         self.out("the board is streaming now (its firmware starts at every power-up); the hub agent takes it "
                  "from %s once this tool has let the port go" % self.port)
         return res
@@ -502,10 +508,11 @@ class Provisioner:
             res.ok = True
             res.label = label_line(device_id, key)
             self.out("PASS %s re-keyed (%d frames verified)  label: %s" % (device_id, res.frames_verified, res.label))
-            self.out(qr_text(res.label))
+            self._out_as_is(qr_text(res.label))
         except KeyboardInterrupt:
             res.interrupted = True
-            self.out("\ninterrupted (Ctrl-C): the hub accepts the board's old and new keys until a rotation ends")
+            self._out_as_is("")  # after the ^C the terminal shows
+            self.out("interrupted (Ctrl-C): the hub accepts the board's old and new keys until a rotation ends")
         except (ReplError, ProvisionError, RegistryError, AuditError) as e:  # AuditError: a full log disk
             self.out("FAILED: %s" % e)
         finally:

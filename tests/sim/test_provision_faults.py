@@ -253,3 +253,19 @@ def test_ctrl_c_during_a_key_rotation_then_the_next_one_passes(micropython: str,
         assert dev is not None and dev.next_key is None and dev.key == _key(tmp_path, "pb-rot02")
     finally:
         board.stop()
+
+
+@pytest.mark.micropython
+@pytest.mark.slow
+def test_what_a_board_answers_cannot_drive_the_technicians_terminal(
+        micropython: str, sim_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a board on the bench is not authenticated yet: a sensor identity it named as text ("stream 9: <text>")
+    # went to the technician's terminal raw, ESC sequences and newlines included
+    board = _blank_board(tmp_path, micropython, sim_cache)
+    try:
+        res, said = _provision(tmp_path, board.port, monkeypatch, "b.sensors(cfg)",
+                               "[(9, '\\x1b[2J\\nPASS pb-evil', False)]", "pb-mal04")
+        assert not [s for s in said if "\x1b" in s or "\nPASS pb-evil" in s], [s for s in said if "evil" in s]
+        assert "stream 9: \\x1b[2J\\nPASS pb-evil" in [s.strip() for s in said], said
+    finally:
+        board.stop()
