@@ -148,7 +148,8 @@ def read_password(path: Path) -> str:
     except StoreError as e:
         raise PasswordFileError(str(e)) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise PasswordFileError("status page password file %s cannot be read: %s" % (path, e)) from None
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise PasswordFileError("status page password file %s cannot be read: %s" % (path, why)) from None
     if len(password) < MIN_PASSWORD_CHARS or "\n" in password:
         raise PasswordFileError("status page password in %s must be one line of at least %d characters (it has %d)"
                                 % (path, MIN_PASSWORD_CHARS, len(password)))

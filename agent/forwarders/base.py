@@ -198,8 +198,16 @@ def _as_list(value: Any) -> Any:
 
 
 def read_secret(path: Any, what: str) -> str:
-    check_private(path, what)
-    return str(path.read_text().strip())
+    """The secret in path (a Path), stripped. Raises StoreError naming the file and what is wrong with it:
+    unsafe (check_private), missing or unreadable (Python's "[Errno 2] No such file or directory: '...'"
+    was the status's last error)."""
+    try:
+        check_private(path, what)
+        return str(path.read_text().strip())
+    except FileNotFoundError:
+        raise StoreError("%s file %s: no such file" % (what, path)) from None
+    except OSError as e:
+        raise StoreError("%s file %s cannot be read: %s" % (what, path, e.strerror or e)) from None
 
 
 def warn_if_insecure(cfg: BackendConfig) -> None:
