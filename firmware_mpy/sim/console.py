@@ -43,9 +43,20 @@ class SimConsole(io.IOBase):
         self.bytes_out = 0
 
     def write(self, buf, off=0, n=-1):
-        # As a MicroPython stream: write(buf[, off, n]).
+        # As a MicroPython stream: write(buf[, off, n]). (The firmware's
+        # entry, a C function on the chip: its frame kept within the VM's
+        # 11 words, or it would be charged to the firmware; the work runs in
+        # the simulation's time and hands back what it raised.)
         c = self._clock
         c.enter()
+        r = self._write(buf, off, n)
+        c.leave()
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+    def _write(self, buf, off, n):
+        c = self._clock
         try:
             if n < 0:
                 n = len(buf) - off
@@ -61,8 +72,8 @@ class SimConsole(io.IOBase):
             self.bytes_out += n
             self._out.write(buf, off, n)
             return n
-        finally:
-            c.leave()
+        except Exception as e:
+            return e
 
     def feed(self, data):
         for b in data:
@@ -75,9 +86,16 @@ class SimConsole(io.IOBase):
 
     def _fill(self):
         # What the host has for us, moved into the RX ring: the UART's
-        # hardware FIFO, whose filling is not the chip's CPU.
+        # hardware FIFO, whose filling is not the chip's CPU. (Called from
+        # any(), in the firmware's time: a frame within 11 words, as write.)
         c = self._clock
         c.enter()
+        e = self._fill_ring()
+        c.leave()
+        if e is not None:
+            raise e
+
+    def _fill_ring(self):
         try:
             while self._rx_n - self._rx_pos < _RX_RING:
                 ready = False
@@ -86,8 +104,9 @@ class SimConsole(io.IOBase):
                 if not ready or self._in.readinto(self._byte) != 1:
                     break
                 self._put(self._byte[0])
-        finally:
-            c.leave()
+        except Exception as e:
+            return e
+        return None
 
     def any(self):
         # As machine.UART.any(): how many bytes wait. Served from the ring as

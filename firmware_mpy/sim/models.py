@@ -312,31 +312,40 @@ class SimI2C:
     def _cost_us(self, nbytes):
         return I2C_TRANSACTION_US + (nbytes + 3) * 9 * 1000000 // self._freq_hz
 
+    # The firmware's entries (C functions on the chip) keep their call
+    # frames within the VM's 11 words: a Python frame allocated on the heap
+    # before enter() would be charged to the firmware. Their work runs in
+    # the simulation's time and hands back what it raised.
     def readfrom_mem_into(self, addr, memaddr, buf):
-        c = self._clock
-        c.enter()
-        try:
-            c.charge_io_us(self._cost_us(len(buf)))
-            self.faults.check(c)
-            dev = self._dev(addr)
-            dev.read_into(memaddr, buf)
-            for p in dev.irq_pins:
-                p.refresh()
-        finally:
-            c.leave()
+        self._clock.enter()
+        e = self._transfer(addr, memaddr, buf, False)
+        self._clock.leave()
+        if e is not None:
+            raise e
 
     def writeto_mem(self, addr, memaddr, buf):
+        self._clock.enter()
+        e = self._transfer(addr, memaddr, buf, True)
+        self._clock.leave()
+        if e is not None:
+            raise e
+
+    def _transfer(self, addr, memaddr, buf, write):
+        # None, or the exception the call raises (once out of the simulation).
         c = self._clock
-        c.enter()
         try:
             c.charge_io_us(self._cost_us(len(buf)))
             self.faults.check(c)
             dev = self._dev(addr)
-            dev.write(memaddr, buf)
+            if write:
+                dev.write(memaddr, buf)
+            else:
+                dev.read_into(memaddr, buf)
             for p in dev.irq_pins:
                 p.refresh()
-        finally:
-            c.leave()
+        except Exception as e:
+            return e
+        return None
 
     def scan(self):
         return [d.ADDRESS for d in self._devices]
@@ -682,8 +691,16 @@ class SimSPI:
         self.unplugged = []
 
     def write_readinto(self, tx, rx):
+        # (The firmware's entry: as SimI2C's, a frame within 11 words.)
         c = self._clock
         c.enter()
+        e = self._transfer(tx, rx)
+        c.leave()
+        if e is not None:
+            raise e
+
+    def _transfer(self, tx, rx):
+        c = self._clock
         try:
             c.charge_io_us(SPI_TRANSACTION_US + len(tx) * 8 * 1000000 // self._baud_hz)
             self.faults.check(c)
@@ -692,11 +709,12 @@ class SimSPI:
                     dev.transfer(tx, rx)
                     for p in dev.irq_pins:
                         p.refresh()
-                    return
+                    return None
             for i in range(len(rx)):
                 rx[i] = 0xFF  # nobody selected: MISO pulled up
-        finally:
-            c.leave()
+        except Exception as e:
+            return e
+        return None
 
 
 # ---- AD8232 (analog) -------------------------------------------------------
