@@ -690,11 +690,16 @@ class _CountingSelector:
         return getattr(self._selector, name)
 
 
+# The boards' process is given this long to start before its first frame is due.
+BOARDS_START_S = 3.0
+
+
 class _PtyBoards:
     """The boards' side of the realistic load over serial links: a pty a board, its
-    controller written by a thread of this process as a board writes its port (each frame
-    framed for the link at its time), the acks read back and matched to the frames they
-    cover (the round trip a board sees). The thread's own CPU (cpu_s) is told apart."""
+    controller written by another process (play_boards) as a board writes its port (each
+    frame framed for the link at its time, in chunk_bytes pieces if given), the acks read
+    back and matched to the frames they cover (the round trip a board sees). Its CPU and
+    the interpreter lock it takes stay out of the agent's process."""
 
     def __init__(self, n: int) -> None:
         self.ptys = [pty.openpty() for _ in range(n)]
@@ -703,52 +708,24 @@ class _PtyBoards:
         self.paths = [os.ttyname(device) for _, device in self.ptys]
         self.round_trips: list[float] = []
         self.unacked = 0
-        self.cpu_s = 0.0
 
-    @staticmethod
-    def acked(line: bytes) -> tuple[int, list[tuple[int, int]]] | None:
-        # A downlink line (protocols.hub_link.downlink_line): the ack's epoch and seq ranges, if an ack.
-        if not line.startswith(b"~"):
-            return None
-        body = binascii.a2b_base64(line[1:])[:-4]  # the CRC is the link's business
-        m = messages.decode_payload(cose.parse(body).payload, messages.DOWNLINK_TYPES)
-        return (m.epoch, m.ranges) if isinstance(m, messages.Ack) else None
-
-    def run(self, schedule: list[tuple[float, int, int, bytes]], t0: float, bound_s: float) -> None:
-        """schedule: (s after t0, board, seq, frame), in time order. Until every frame is
-        acknowledged or bound_s after the last is due."""
-        c0 = time.thread_time()
-        framer = link.StreamFramer()
+    async def run(self, schedule: list[tuple[float, int, int, bytes]], t0: float, bound_s: float,
+                  chunk_bytes: int = 0) -> None:
+        """schedule: (s after t0, board, seq, frame), in time order (t0: time.perf_counter(),
+        the system's monotonic clock, which the other process reads too)."""
         controllers = [c for c, _ in self.ptys]
-        board_of = {c: b for b, c in enumerate(controllers)}
-        lines = [bytearray() for _ in controllers]
-        sent: dict[tuple[int, int], float] = {}
-        i = 0
-        end = t0 + (schedule[-1][0] if schedule else 0.0) + bound_s
-        while (i < len(schedule) or sent) and time.perf_counter() < end:
-            wait_s = t0 + schedule[i][0] - time.perf_counter() if i < len(schedule) else 0.5
-            ready, _, _ = select.select(controllers, [], [], max(0.0, wait_s))
-            for c in ready:
-                buf = lines[board_of[c]]
-                buf += os.read(c, 65536)
-                while (nl := buf.find(b"\n")) >= 0:
-                    ack = self.acked(bytes(buf[:nl]))
-                    del buf[:nl + 1]
-                    if ack is None:
-                        continue
-                    now = time.perf_counter()
-                    for first, last in ack[1]:
-                        for seq in range(first, last + 1):
-                            at = sent.pop((board_of[c], seq), None)
-                            if at is not None:
-                                self.round_trips.append(now - at)
-            while i < len(schedule) and time.perf_counter() >= t0 + schedule[i][0]:
-                _, b, seq, raw = schedule[i]
-                os.write(controllers[b], framer.frame(raw))
-                sent[(b, seq)] = time.perf_counter()
-                i += 1
-        self.unacked = len(sent) + len(schedule) - i
-        self.cpu_s = time.thread_time() - c0
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            f.write(json.dumps([(at, b, seq, raw.hex()) for at, b, seq, raw in schedule]).encode())
+            f.flush()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", "import sys; from agent.dev.bench_agent import _play_main; _play_main()",
+                f.name, json.dumps(controllers), repr(t0), repr(bound_s), str(chunk_bytes),
+                pass_fds=controllers, stdout=asyncio.subprocess.PIPE)
+            out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError("the boards' process failed (exit %s)" % proc.returncode)
+        done = json.loads(out)
+        self.round_trips, self.unacked = done["round_trips"], done["unacked"]
 
     def close(self) -> None:
         for c, device in self.ptys:
@@ -756,17 +733,79 @@ class _PtyBoards:
             os.close(device)
 
 
+def _acked(line: bytes) -> tuple[int, list[tuple[int, int]]] | None:
+    # A downlink line (protocols.hub_link.downlink_line): the ack's epoch and seq ranges, if an ack.
+    if not line.startswith(b"~"):
+        return None
+    body = binascii.a2b_base64(line[1:])[:-4]  # the CRC is the link's business
+    m = messages.decode_payload(cose.parse(body).payload, messages.DOWNLINK_TYPES)
+    return (m.epoch, m.ranges) if isinstance(m, messages.Ack) else None
+
+
+def play_boards(controllers: list[int], schedule: list[tuple[float, int, int, bytes]], t0: float, bound_s: float,
+                chunk_bytes: int = 0) -> tuple[list[float], int]:
+    """The boards: each frame of schedule written to its board's pty controller at its time
+    (in chunk_bytes pieces, as a USB link delivers them, if not 0), acks read back. Until
+    every frame is acknowledged or bound_s after the last is due. Returns the acks' round
+    trips (s) and how many frames were not acknowledged."""
+    framer = link.StreamFramer()
+    board_of = {c: b for b, c in enumerate(controllers)}
+    lines = [bytearray() for _ in controllers]
+    sent: dict[tuple[int, int], float] = {}
+    round_trips: list[float] = []
+    i = 0
+    end = t0 + (schedule[-1][0] if schedule else 0.0) + bound_s
+    while (i < len(schedule) or sent) and time.perf_counter() < end:
+        wait_s = t0 + schedule[i][0] - time.perf_counter() if i < len(schedule) else 0.5
+        ready, _, _ = select.select(controllers, [], [], max(0.0, wait_s))
+        for c in ready:
+            buf = lines[board_of[c]]
+            buf += os.read(c, 65536)
+            while (nl := buf.find(b"\n")) >= 0:
+                ack = _acked(bytes(buf[:nl]))
+                del buf[:nl + 1]
+                if ack is None:
+                    continue
+                now = time.perf_counter()
+                for first, last in ack[1]:
+                    for seq in range(first, last + 1):
+                        at = sent.pop((board_of[c], seq), None)
+                        if at is not None:
+                            round_trips.append(now - at)
+        while i < len(schedule) and time.perf_counter() >= t0 + schedule[i][0]:
+            _, b, seq, raw = schedule[i]
+            framed = framer.frame(raw)
+            step = chunk_bytes or len(framed)
+            for at in range(0, len(framed), step):
+                os.write(controllers[b], framed[at:at + step])
+                if chunk_bytes:
+                    time.sleep(0.0002)  # a full-speed USB packet's pace, about
+            sent[(b, seq)] = time.perf_counter()
+            i += 1
+    return round_trips, len(sent) + len(schedule) - i
+
+
+def _play_main() -> None:
+    # The boards' process: argv = schedule file, controllers (JSON), t0, bound_s, chunk_bytes.
+    path, controllers, t0, bound_s, chunk = sys.argv[1:6]
+    with open(path) as f:
+        schedule = [(at, b, seq, bytes.fromhex(raw)) for at, b, seq, raw in json.load(f)]
+    round_trips, unacked = play_boards(json.loads(controllers), schedule, float(t0), float(bound_s), int(chunk))
+    print(json.dumps({"round_trips": round_trips, "unacked": unacked}))
+
+
 def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = COMMIT_INTERVAL_S,
-              profile: cProfile.Profile | None = None, links: bool = False) -> dict[str, float]:
+              profile: cProfile.Profile | None = None, links: bool = False, chunk_bytes: int = 0) -> dict[str, float]:
     """20 boards x 2 streams x 1 frame/s of a real recording (Fleet(recorded=True)) through
     ingest, the store (commits of board frames at most every commit_interval_s) and
     forwarding to Mosquitto, with the vitals engine on (as the agent wires it: each stored
     frame offered to the vitals runner, its vitals and alerts stored and forwarded) unless
     vitals=False. Besides the process's CPU: the event loop's thread's and the store
     writer's, and the loop's wake-ups (profile: enabled on the loop's thread while it runs).
-    links: the frames come over serial links (a pty a board, _PtyBoards: the boards' thread's
-    CPU left out), each read, judged and acknowledged by the agent's link manager and board
-    sessions, as the agent serves USB boards; the latency is then the ack's round trip at the board."""
+    links: the frames come over serial links (a pty a board, _PtyBoards: the boards in another
+    process), each read, judged and acknowledged by the agent's link manager and board
+    sessions, as the agent serves USB boards; the latency is then the ack's round trip at the
+    board (chunk_bytes: each frame written in pieces of that many bytes, as USB delivers them)."""
     fleet = Fleet(recorded=True)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -808,8 +847,10 @@ def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = CO
                             manager.link("serial", "port:" + path), SerialTransport(path), identify=False)))
                     await _until(lambda: all(lk.stats is not None and lk.stats.connected
                                              for lk in manager.links.values()) and len(manager.links) == len(devs))
-                t0 = time.perf_counter()
-                c0 = time.process_time()
+                    # The boards' process starts (its imports) before the first frame is due.
+                    playing = asyncio.ensure_future(boards.run(schedule, time.perf_counter() + BOARDS_START_S,
+                                                               30.0, chunk_bytes))
+                    await asyncio.sleep(BOARDS_START_S)
                 k = 0
                 pending: list[asyncio.Future[Any]] = []
 
@@ -822,15 +863,7 @@ def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = CO
                 if profile is not None:
                     profile.enable()
                 if boards is not None:
-                    finished = asyncio.Event()
-
-                    def play(boards: _PtyBoards) -> None:
-                        boards.run(schedule, t0, 30.0)
-                        loop.call_soon_threadsafe(finished.set)
-
-                    player = threading.Thread(target=play, args=(boards,), name="boards", daemon=True)
-                    player.start()
-                    await finished.wait()
+                    await playing
                     latencies.extend(boards.round_trips)
                 for raw in frames if boards is None else []:
                     due = t0 + k * slot
@@ -843,8 +876,6 @@ def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = CO
                     k += 1
                 await asyncio.gather(*pending)
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                if boards is not None:
-                    cpu -= boards.cpu_s  # the boards' work, not the agent's
                 if profile is not None:
                     profile.disable()
                 threads.update(loop_thread_cpu_s=time.thread_time() - m0,
@@ -1170,7 +1201,7 @@ def realistic_lines(r: dict[str, Any]) -> list[str]:
             nv["cpu_percent_of_one_core"], nv["loop_thread_cpu_percent_of_one_core"],
             nv["store_writer_cpu_percent_of_one_core"], nv["commits_per_s"], nv["latency_p99_ms"]),
         "    the same over serial links (a pty a board; the agent's link manager and board sessions read, judge "
-        "and acknowledge each frame; the boards' thread left out): CPU %.2f %% of one core (the event loop's "
+        "and acknowledge each frame; the boards in another process): CPU %.2f %% of one core (the event loop's "
         "thread %.2f %%, the store's writer %.2f %%), %.1f wake-ups of the event loop a frame; the ack's round "
         "trip at the board p50 %.2f ms, p99 %.2f ms" % (
             li["cpu_percent_of_one_core"], li["loop_thread_cpu_percent_of_one_core"],
