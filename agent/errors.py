@@ -26,7 +26,8 @@ format's own errors stay `protocols.errors.ProtocolError` (Local/Remote):
     ├── ReplError            agent/provision/rawrepl.py  .port, .output
     ├── BuildError           agent/provision/build.py
     ├── InputError           agent/verify_origin.py
-    └── AuditError           agent/audit.py        .path
+    ├── AuditError           agent/audit.py        .path
+    └── LinkError            agent/mqtt_link.py    (the MQTT client process's records)
 """
 
 from __future__ import annotations

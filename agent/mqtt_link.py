@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import struct
 
+from agent.errors import PulsebridgeError
+
 OPEN, BATCH, CLOSE = b"O", b"B", b"X"
 CONNECTED, ACKED, PROGRESS, FAILED, LOG = b"C", b"A", b"P", b"E", b"L"
 
@@ -41,7 +43,7 @@ MAX_BODY = 256 << 20
 MAX_REPLY = 1 << 20
 
 
-class LinkError(Exception):
+class LinkError(PulsebridgeError):
     """The MQTT connection failed (the reason as the message); or a record
     broke this module's format."""
 
