@@ -37,6 +37,31 @@ _CHECK_EVERY_MS = const(1000)  # is the chip still there? one register read a se
 _MAX_REPORTS = const(4)  # error reports held while the link is down; older ones are counted, not kept
 
 
+class Caught:
+    # A with-block that ends at an OSError and keeps it for the caller
+    # (take()), for the bus and console calls made many times a second. A
+    # try that names its exception needs at least 14 of the VM's 11 words
+    # of call frame, so each call took its frame from the heap (README,
+    # "call frames"); a with-block needs 5, and hands __exit__ the error.
+    def __init__(self):
+        self.error = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if isinstance(value, OSError):
+            self.error = value
+            return True
+        return False
+
+    def take(self):
+        # The OSError that ended the last block, or None; forgets it.
+        e = self.error
+        self.error = None
+        return e
+
+
 class Reports:
     # Error reports waiting for the link: the newest _MAX_REPORTS, and how
     # many older ones were dropped (that count goes in the next report).

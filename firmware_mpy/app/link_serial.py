@@ -25,6 +25,7 @@ import select
 from micropython import const
 
 from app import ticks
+from app.faults import Caught
 from protocols import link
 
 # Bytes read per receive() at most: byte by byte they take ~0.2 ms each on
@@ -59,6 +60,8 @@ class SerialLink:
         self._backoff_ms = _BACKOFF_MIN_MS
         self._fault = None
         self._recovered = False
+        self._write_errors = Caught()
+        self._chunk = 0  # the bytes _write_chunk writes
         self._any = getattr(stream_in, "any", None)  # machine.UART (and the simulated console) have it
         self._poll = select.poll()
         if self._any is None:
@@ -121,14 +124,14 @@ class SerialLink:
 
     def _write(self, n, now):
         # Writes the next n pending bytes (now: when the pump started, on the
-        # board's clock; 0 without one).
-        try:
-            w = self._out.write(self._tx, self._off, n)  # (buf, offset, length): no slice to allocate
-        except OSError as e:
-            self._stall("console write failed (OSError %s)" % e)
-            return
+        # board's clock; 0 without one). Several times a second, so within
+        # the VM's 11 words of frame (README, "call frames"): the write and
+        # its errors are _write_chunk's.
+        self._chunk = n
+        w = self._write_chunk()
         if w is not None and w < n:
-            self._stall("host not reading: %d of %d bytes written" % (w, n))
+            if w >= 0:
+                self._stall("host not reading: %d of %d bytes written" % (w, n))
             return
         self._off += n
         self._pending -= n
@@ -141,6 +144,14 @@ class SerialLink:
             self._stalled = False
             self._recovered = True
             self._backoff_ms = _BACKOFF_MIN_MS
+
+    def _write_chunk(self):
+        # Writes _chunk bytes from _off; how many went (None: all, as some
+        # streams say), or -1 after an error (the line stalled).
+        with self._write_errors:
+            return self._out.write(self._tx, self._off, self._chunk)  # (buf, offset, length): no slice
+        self._stall("console write failed (OSError %s)" % self._write_errors.take())
+        return -1
 
     def _stall(self, why):
         # The frame being written is abandoned (the outbox sends it again)

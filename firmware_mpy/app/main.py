@@ -168,6 +168,11 @@ class App:
         self._gc_below = _GC_HEADROOM
         self._gc_checked_ms = now
         self._read_fifos_cb = self._read_fifos  # bound once: build_frame passes it on every frame
+        # A chip read's bus errors, and the read's time and kind for the
+        # pieces of _read_sensor and _read_fifos (frames within 11 words).
+        self._bus_errors = faults.Caught()
+        self._read_now = 0
+        self._read_how = 0
         self._fastest = self.streams[0]
         for st in self.streams:
             if st.rate_hz > self._fastest.rate_hz:
@@ -327,11 +332,15 @@ class App:
         for k in range(len(streams)):
             st = streams[k]
             if st.irq_pin is not None and self.guard.ready(k) and st.due(now, 0):
-                try:
-                    st.poll(now)
-                except OSError:
-                    st.ready = True
-                self._drained(st, now)
+                self._read_now = now
+                self._read_fifo(st)
+
+    def _read_fifo(self, st):
+        with self._bus_errors:
+            st.poll(self._read_now)
+        if self._bus_errors.take() is not None:
+            st.ready = True
+        self._drained(st, self._read_now)
 
     def _drained(self, st, now):
         # After st's FIFO was read: if it was the fastest one's, just emptied,
@@ -625,17 +634,27 @@ class App:
 
     def _read_sensor(self, k, now, how):
         # Stream k's chip read (_READ) and/or checked (_CHECK): how many
-        # samples to frame now, or -1 after a fault (handled here). (The
-        # only piece of the drain with a try: its call frame is too big for
-        # the C stack, so it is called only when the chip is to be read.)
+        # samples to frame now, or -1 after a fault (handled here). At every
+        # chip read (~40 a second), so in pieces of at most 11 words of
+        # frame (README, "call frames"): the bus errors are caught by a
+        # with-block (faults.Caught), whose frame has room for k alone; the
+        # read's time and kind wait in _read_now and _read_how.
+        self._read_now = now
+        self._read_how = how
+        return self._read_caught(k)
+
+    def _read_caught(self, k):
+        with self._bus_errors:
+            return self._read_or_check(k)
+        self._sensor_error(k, self._read_now, self._bus_errors.take())
+        return -1
+
+    def _read_or_check(self, k):
+        now = self._read_now
         st = self.streams[k]
-        try:
-            count = st.poll(now) if how & _READ else st.to_frame()
-            if how & _CHECK and not st.sensor.alive():
-                self._sensor_down(k, now, "no longer identifies")
-                return -1
-        except OSError as e:
-            self._sensor_error(k, now, e)
+        count = st.poll(now) if self._read_how & _READ else st.to_frame()
+        if self._read_how & _CHECK and not st.sensor.alive():
+            self._sensor_down(k, now, "no longer identifies")
             return -1
         return count
 

@@ -14,6 +14,7 @@
 # would be a heap int on the chip fails here too. A fourth starts the
 # board's uptime just before 2**30 ms (12.4 days), with the status message
 # and the answer to a time request under the lock and counted as well.
+import errno
 import gc
 import json
 import sys
@@ -415,3 +416,54 @@ def test_a_ble_loop_with_nothing_to_do_allocates_no_call_frame():
     quiet, allocated = _quiet_steps("ble")
     assert quiet >= 10, quiet
     assert not allocated, (quiet, allocated)
+
+
+class _Sink:
+    # The console's far end: takes the bytes, keeps nothing.
+    def write(self, buf, off, n):
+        return n
+
+
+def test_a_chip_read_and_a_console_write_allocate_no_call_frame():
+    # A chip read (~40 a second) and a console write (~10) each named the
+    # OSError it caught (the fault report quotes it): a try so needs at
+    # least 14 words of frame, past the VM's 11, and every call took its
+    # frame from the heap (~200 bytes each here). With-blocks
+    # (faults.Caught) keep the error and their frames on the C stack; a
+    # bus error is still reported with its errno.
+    sim = _load("sim.json")
+    sim["virtual_clock"] = True
+    cfg = config.load()
+    cfg["link"] = "serial"
+    clock = _SimAllocClock()
+    board = SimBoard(sim, clock)
+    board.console_in = None
+    board.console_out = _Sink()
+    outbox.preallocate(config.ring_bytes())
+    app = main.App(board, cfg, config.load_key(), config.next_epoch())
+    app.start()
+    while board.uptime_ms() < _START_MS:
+        app.step()
+        app.wait()
+
+    def firmware_bytes(call):
+        gc.collect()
+        sim0 = clock.sim_bytes
+        before = micropython.mem_total()  # type: ignore[attr-defined]
+        r = call()
+        return micropython.mem_total() - before - (clock.sim_bytes - sim0), r  # type: ignore[attr-defined]
+
+    st = app.streams[0]
+    board.sleep_ms(40)  # the ECG's FIFO fills past its threshold
+    n0 = st.n
+    got = firmware_bytes(lambda: app._read_sensor(0, board.ticks_ms(), 1))  # 1: _READ
+    assert got[0] == 0 and got[1] >= 0 and st.n > n0, (got, st.n, n0)
+    line = app.link
+    line._pending = 8
+    line._off = 0
+    got = firmware_bytes(lambda: line._write(8, board.ticks_us()))
+    assert got[0] == 0 and line._pending == 0, (got, line._pending)
+    board.buses["spi"].faults.inject(1, errno.EIO)
+    board.sleep_ms(40)
+    assert app._read_sensor(0, board.ticks_ms(), 1) == -1
+    assert [t for c, t in app.reports.pending if "[Errno %d]" % errno.EIO in t], app.reports.pending
