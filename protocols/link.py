@@ -93,13 +93,16 @@ def _crc_nibbles() -> "array.array[int]":
     return t
 
 
-def copy_into(dst: "bytearray | memoryview", dpos: int, src: "bytes | bytearray | memoryview", spos: int,
-              n: int) -> None:
-    # dst[dpos:dpos+n] = src[spos:spos+n]; on a board with no slice made.
-    if _viper is not None:
-        _viper.copy_into(dst, dpos, src, spos, n)
-    else:
-        dst[dpos:dpos + n] = memoryview(src)[spos:spos + n]
+def _copy_into(dst: "bytearray | memoryview", dpos: int, src: "bytes | bytearray | memoryview", spos: int,
+               n: int) -> None:
+    dst[dpos:dpos + n] = memoryview(src)[spos:spos + n]
+
+
+# copy_into(dst, dpos, src, spos, n): dst[dpos:dpos+n] = src[spos:spos+n].
+# On a board the viper function itself, with no slice made and no bytecode
+# call frame between (a wrapper's took 12 words: past the VM's 11, on the
+# heap at each BLE fragment).
+copy_into = _viper.copy_into if _viper is not None else _copy_into
 
 
 # ---- uplink byte stream: COBS + CRC-32 --------------------------------------
@@ -268,10 +271,10 @@ class Fragmenter:
 
     def next_into(self, out: bytearray) -> int:
         # Returns the fragment length written to out (0: message done).
+        # (Its locals kept within the VM's 11 words of frame: one a fragment.)
         off = self._off
         if not 0 <= off < self._len:
             return 0
-        room = self.fragment_size
         if off == 0:
             out[0] = FIRST_FRAGMENT | self.counter
             out[1] = self._len >> 8
@@ -280,7 +283,7 @@ class Fragmenter:
         else:
             out[0] = self.counter
             hdr = 1
-        take = min(room - hdr, self._len - off)
+        take = min(self.fragment_size - hdr, self._len - off)
         copy_into(out, hdr, self._msg, self._base + off, take)
         self._off = off + take
         if off + take >= self._len:

@@ -39,6 +39,7 @@ from micropython import const
 
 from app import ticks
 from app.bonds import BondStore
+from app.faults import Caught
 from protocols import link
 
 BONDS = "pulsebridge/bonds.bin"
@@ -200,6 +201,7 @@ class BleLink:
         self._whole = 0
         self._probe_after = _PROBE_START
         self.enomem = 0
+        self._notify_errors = Caught()
         self.reconnects = 0
         self.radio_errors = 0
         self._fault = None  # what went wrong, for take_fault()
@@ -376,15 +378,15 @@ class BleLink:
         return True
 
     def _notify(self):
-        # Hands the fragment to the stack; False if it did not take it.
-        try:
+        # Hands the fragment to the stack; False if it did not take it. (A
+        # with-block, faults.Caught: a try naming its error needs 14 words.)
+        with self._notify_errors:
             self._ble.gatts_notify(self._conn, self._h_data, self._fragbuf)
-        except OSError as e:
-            self._refused(e)
-            return False
-        self._frag_len = 0
-        self._sent += 1
-        return True
+            self._frag_len = 0
+            self._sent += 1
+            return True
+        self._refused(self._notify_errors.take())
+        return False
 
     def _refused(self, e):
         if e.args and e.args[0] == errno.ENOMEM:

@@ -168,20 +168,27 @@ class MAX30102:
         # slots free, and since the previous read of this status only writes
         # happened after our drain, so the FIFO cannot be empty again. Status
         # and pointers come in one transaction (registers 0x00..0x06).
+        # (In pieces of at most 11 words of call frame, or each read would
+        # take its frame from the heap: README, "call frames".)
+        n = self._level(room)
+        if n == 0:
+            return 0
+        return self._read_burst(chans, pos, n)
+
+    def _level(self, room):
+        # Samples to read (room at most); sets self.lost.
         regs = self._ptrs
         self._i2c.readfrom_mem_into(self._addr, _REG_INT_STATUS_1, regs)
         lost = regs[5]
         if lost == _OVF_SATURATED:
             lost = -1  # 31 or more: the count saturated, the caller estimates
+        self.lost = lost
         n = (regs[4] - regs[6]) & (_FIFO_DEPTH - 1)
         if n == 0 and (lost or regs[0] & _INT_A_FULL):
             n = _FIFO_DEPTH
-        if n > room:
-            n = room
-        self.lost = lost
-        if n == 0:
-            return 0
+        return n if n < room else room
+
+    def _read_burst(self, chans, pos, n):
         self._i2c.readfrom_mem_into(self._addr, _REG_FIFO_DATA, self._views[n])
-        sat = _native.max30102_samples(self._burst, n, chans[0], chans[1], pos)
-        self.saturated = bool(sat)
+        self.saturated = _native.max30102_samples(self._burst, n, chans[0], chans[1], pos) != 0
         return n

@@ -463,7 +463,46 @@ def test_a_chip_read_and_a_console_write_allocate_no_call_frame():
     line._off = 0
     got = firmware_bytes(lambda: line._write(8, board.ticks_us()))
     assert got[0] == 0 and line._pending == 0, (got, line._pending)
+    ppg = app.streams[1]
+    board.sleep_ms(400)  # the PPG's FIFO too (I2C: the MAX30102's status, then its burst)
+    n0 = ppg.n
+    got = firmware_bytes(lambda: app._read_sensor(1, board.ticks_ms(), 1))
+    assert got[0] == 0 and ppg.n > n0, (got, ppg.n, n0)
     board.buses["spi"].faults.inject(1, errno.EIO)
     board.sleep_ms(40)
     assert app._read_sensor(0, board.ticks_ms(), 1) == -1
     assert [t for c, t in app.reports.pending if "[Errno %d]" % errno.EIO in t], app.reports.pending
+
+
+def test_a_ble_fragment_notified_allocates_no_call_frame():
+    # Each BLE fragment was cut through link.copy_into, a wrapper of 12
+    # words around the viper copy, and notified under a try naming its
+    # error (14): two heap frames a fragment. Now the viper function itself
+    # and a with-block (faults.Caught).
+    sim = _load("sim.json")
+    sim["virtual_clock"] = True
+    sim["ble"] = {}
+    cfg = config.load()
+    cfg["link"] = "ble"
+    clock = _SimAllocClock()
+    board = SimBoard(sim, clock)
+    outbox.preallocate(config.ring_bytes())
+    app = main.App(board, cfg, config.load_key(), config.next_epoch())
+    radio = board.radio
+    radio.on_notify = lambda data: None
+    app.start()
+    radio.connect(_BLE_MTU)
+    ble = app.link
+    while board.uptime_ms() < _START_MS or ble.busy():
+        app.step()
+        app.wait()
+    message = bytearray(200)  # one fragment at MTU 247
+    board.sleep_ms(ble.pump_ms)  # a new connection interval: the window has room
+    sent0 = radio.queued
+    gc.collect()
+    sim0 = clock.sim_bytes
+    before = micropython.mem_total()  # type: ignore[attr-defined]
+    assert ble.send(message, len(message))
+    firmware = micropython.mem_total() - before - (clock.sim_bytes - sim0)  # type: ignore[attr-defined]
+    assert radio.queued == sent0 + 1 and not ble.busy(), (radio.queued, sent0)
+    assert firmware == 0, firmware
