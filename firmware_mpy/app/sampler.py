@@ -36,6 +36,14 @@ _LO_MAX = const((1 << 30) - 1)  # the low half's largest value (2**30 itself is 
 _RATE_MAX_HZ = const(1023)  # the halves' arithmetic needs rate_hz * 2**20 under 2**30
 
 
+
+def _shift(ch, count, rest):
+    # ch[0:rest] = ch[count:count + rest], in place (a slice would allocate;
+    # apart from Stream.advance, whose frame it would take past 11 words).
+    for i in range(rest):
+        ch[i] = ch[count + i]
+
+
 class Stream:
     def __init__(self, sensor, stream_id, window, start_ms, lead_off_fn=None):
         self.sensor = sensor
@@ -260,9 +268,9 @@ class Stream:
         # gap found after them (split, while the frame was being made) stays
         # ahead, after the samples before it.
         rest = self.n - count
-        for ch in self.chans:
-            for i in range(rest):
-                ch[i] = ch[count + i]
+        chans = self.chans
+        for k in range(len(chans)):
+            _shift(chans[k], count, rest)
         self.n = rest
         self._skip(count)
         self.pending_lost = 0

@@ -468,6 +468,12 @@ def test_a_chip_read_and_a_console_write_allocate_no_call_frame():
     n0 = ppg.n
     got = firmware_bytes(lambda: app._read_sensor(1, board.ticks_ms(), 1))
     assert got[0] == 0 and ppg.n > n0, (got, ppg.n, n0)
+    # A frame's samples moved on (each frame) and an ack's range freed
+    # (each ack): 14 and 12 words before.
+    got = firmware_bytes(lambda: st.advance(0))
+    assert got[0] == 0, got
+    got = firmware_bytes(lambda: app.outbox.ack_range(-2, -1))
+    assert got == (0, 0), got
     board.buses["spi"].faults.inject(1, errno.EIO)
     board.sleep_ms(40)
     assert app._read_sensor(0, board.ticks_ms(), 1) == -1
