@@ -376,26 +376,35 @@ class App:
         # data[:n] (n < 0: all of it): one downlink message, not yet authenticated.
         if n < 0:
             n = len(data)
+        # (An ack arrives about twice a second: this frame and the ack's keep
+        # within the VM's 11 words, README "call frames"; the rest apart.)
         r = self.acks.read(data, n)  # the common case, read in place (app/acks.py)
         if r == acks.ACKED:
-            a = self.acks
-            if a.epoch == self.epoch:
-                for i in range(a.count):
-                    self.outbox.ack_range(a.first[i], a.last[i])
-                self.acked_ms = self.board.ticks_ms()
-            return
-        if r == acks.TIME_REQUEST:
+            self._acked()
+        elif r == acks.TIME_REQUEST:
             self._time_nonce = self.acks.nonce
             self.due |= _DUE_TIME
             self._send_due(0, _DUE_TIME)  # at once if the link is free
-            return
-        if r == acks.UPDATE_CHUNK:
-            a = self.acks
-            self._update_chunk(a.epoch, a.offset, a.total, data, a.data_at, a.data_len)
-            return
-        if r == acks.FORGED:
+        elif r == acks.UPDATE_CHUNK:
+            self._update_chunk_read(data)
+        elif r == acks.FORGED:
             self.downlink_rejected += 1
-            return
+        else:
+            self._on_rare_downlink(data, n)
+
+    def _acked(self):
+        a = self.acks
+        if a.epoch == self.epoch:
+            for i in range(a.count):
+                self.outbox.ack_range(a.first[i], a.last[i])
+            self.acked_ms = self.board.ticks_ms()
+
+    def _update_chunk_read(self, data):
+        a = self.acks
+        self._update_chunk(a.epoch, a.offset, a.total, data, a.data_at, a.data_len)
+
+    def _on_rare_downlink(self, data, n):
+        # A downlink message the in-place reader left to the full decoder.
         if n != len(data):
             data = memoryview(data)[:n]  # (allocates: a rarer message)
         from protocols import messages  # (loaded with the first rarer message, not before)

@@ -474,6 +474,14 @@ def test_a_chip_read_and_a_console_write_allocate_no_call_frame():
     assert got[0] == 0, got
     got = firmware_bytes(lambda: app.outbox.ack_range(-2, -1))
     assert got == (0, 0), got
+    # An ack, about twice a second: on_downlink (24 words before) takes no
+    # frame beyond the in-place reader's own (the parser, 27 words: left).
+    far = hub.Hub()
+    far.add_device(cfg["device_id"], config.load_key())
+    ack = far.ack(cfg["device_id"], app.epoch, [1 << 20])[0]
+    reader = firmware_bytes(lambda: app.acks.read(bytearray(ack), len(ack)))
+    got = firmware_bytes(lambda: app.on_downlink(bytearray(ack), len(ack)))
+    assert reader[1] == 1 and got[0] == reader[0] and app.downlink_rejected == 0, (reader, got)  # 1: acks.ACKED
     board.buses["spi"].faults.inject(1, errno.EIO)
     board.sleep_ms(40)
     assert app._read_sensor(0, board.ticks_ms(), 1) == -1
