@@ -92,6 +92,12 @@ QUALITY_CODE = {"text": "signal quality (0-1)"}
 # PPG-derived values: the pulsatile quality of ISO/IEEE 11073-10101 (MDC_SAT_O2_QUAL).
 PPG_QUALITY_CODE = {"coding": [{"system": MDC, "code": "150320", "display": "MDC_SAT_O2_QUAL"}],
                     "text": "signal quality (0-1)"}
+# The most of a transaction-response the hub reads: a base for an OperationOutcome, plus per entry
+# its response (status, location, etag, lastModified, and the outcome some servers add, under
+# 1 KiB each); asked with "Prefer: return=minimal" (R4 http.html#ops), so no server has reason to
+# send the resources back. 64 KiB + 4 KiB an entry: 264 KiB for the default batch of 50.
+ANSWER_BASE_BYTES = 64 * 1024
+ANSWER_ENTRY_BYTES = 4 * 1024
 _NS = uuid.UUID("6f1e4c52-6b5e-4f57-9a0d-3f8f1b7a2c11")
 
 
@@ -259,7 +265,9 @@ class FhirForwarder(HttpForwarder):
     async def deliver(self, rows: list[Row]) -> None:
         body = bundle([(self.document(r), r.frame) for r in rows], self.hub_id)
         text = await self.post(self.cfg.url.rstrip("/"), json.dumps(body).encode(),
-                               {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})
+                               {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json",
+                                "Prefer": "return=minimal"},
+                               answer_max_bytes=ANSWER_BASE_BYTES + ANSWER_ENTRY_BYTES * len(body["entry"]))
         reply = json.loads(text)
         # A transaction is all or nothing (R4 http.html#transaction): a 2xx answer with an entry
         # that failed is a server at odds with the rules; that batch is not taken as delivered.
