@@ -78,6 +78,7 @@ VITAL_CODES = {
 # - the method (Observation.method, text: how the hub computed it);
 # - the signal quality, 0-1, as a component (its own code and value, so a reader can filter on
 #   it; a note, as before, is free text no query reaches);
+# - a relative SpO2's expected error (%), as a component too (EXPECTED_ERROR_CODE);
 # - a value in doubt (quality under QUESTIONABLE_BELOW, or the board's ECG heart rate and PPG
 #   pulse rate disagreeing) is flagged in Observation.interpretation with the measurement-status
 #   code "questionable" (ISO/IEEE 11073-10201's measurement status, which those IGs carry in
@@ -92,6 +93,12 @@ QUALITY_CODE = {"text": "signal quality (0-1)"}
 # PPG-derived values: the pulsatile quality of ISO/IEEE 11073-10101 (MDC_SAT_O2_QUAL).
 PPG_QUALITY_CODE = {"coding": [{"system": MDC, "code": "150320", "display": "MDC_SAT_O2_QUAL"}],
                     "text": "signal quality (0-1)"}
+# A relative SpO2's expected error (agent/vitals/spo2_relative.py: the |error| its calibration
+# expects, %), as a component beside the quality, in UCUM "%". Not the core uncertainty extension
+# (http://hl7.org/fhir/StructureDefinition/iso21090-uncertainty on valueQuantity): that one is a
+# standard deviation, and an expected |error| is one only under an assumed error distribution;
+# no LOINC or MDC code names this figure, so the code is text, as QUALITY_CODE's.
+EXPECTED_ERROR_CODE = {"text": "expected absolute error (%)"}
 # The most of a transaction-response the hub reads: a base for an OperationOutcome, plus per entry
 # its response (status, location, etag, lastModified, and the outcome some servers add, under
 # 1 KiB each); asked with "Prefer: return=minimal" (R4 http.html#ops), so no server has reason to
@@ -110,6 +117,10 @@ def _doubt(doc: dict[str, Any]) -> dict[str, Any]:
     quality = float(doc["quality"])
     code = QUALITY_CODE if doc["kind"] == "heart_rate" else PPG_QUALITY_CODE
     components = [{"code": code, "valueQuantity": {"value": quality, "unit": "1", "system": UCUM, "code": "1"}}]
+    if doc.get("expected_error_pct") is not None:
+        error_pct = float(doc["expected_error_pct"])
+        components.append({"code": EXPECTED_ERROR_CODE,
+                           "valueQuantity": {"value": error_pct, "unit": "%", "system": UCUM, "code": "%"}})
     why = []
     check = doc.get("cross_check")
     if isinstance(check, dict):

@@ -53,3 +53,26 @@ def test_sensors_that_disagree_are_flagged_questionable_with_the_other_rate() ->
         assert "disagrees" in o["interpretation"][0]["text"]
         other = [c for c in o["component"] if "other sensor" in c["code"]["text"]]
         assert other and other[0]["valueQuantity"]["value"] == d["cross_check"]["other_value"]
+
+
+def test_a_relative_spo2_carries_its_expected_error_as_in_the_mqtt_and_webhook_documents() -> None:
+    # SpO2 relative to the placement (expected error 2 %, as in test_vitals_engine): each of its
+    # Observations carries the document's expected_error_pct as a component in UCUM %; an absolute
+    # SpO2 (no such figure) carries none.
+    from agent.vitals.spo2_relative import QUALITY_FIGURES, RelativeCalibration
+
+    n = len(QUALITY_FIGURES)
+    cal = RelativeCalibration(97.0, (0.0, 40.0, 0.0), (0.0,) * n, (1.0,) * n, (0.0,) * n + (2.0,), 4.0, 88.0)
+    _, ppg = _a103l_frames(75)
+    docs = _forwarded(_stream(VitalsEngine(relative_calibration={"max30102": cal}), "pb-f3", [], ppg))
+    pairs = [(o, d) for o, d in zip(_observations(docs), docs) if d["kind"] == "spo2"]
+    assert pairs
+    for o, d in pairs:
+        [err] = [c for c in o["component"] if c["code"] == fhir.EXPECTED_ERROR_CODE]
+        assert d["expected_error_pct"] == 2.0
+        assert err["valueQuantity"] == {"value": 2.0, "unit": "%", "system": fhir.UCUM, "code": "%"}
+    _, ppg = _a103l_frames(20)
+    absolute = [d for d in _forwarded(_stream(VitalsEngine(), "pb-f4", [], ppg)) if d["kind"] == "spo2"]
+    assert absolute and all(d.get("expected_error_pct") is None for d in absolute)
+    for o in _observations(absolute):
+        assert [c["code"] for c in o["component"]] == [fhir.PPG_QUALITY_CODE]
