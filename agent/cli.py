@@ -25,12 +25,50 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+# The command line as the operator typed it (main sets it): what a "run it as ..." hint repeats.
+_argv: list[str] = []
+
+# Who runs the commands when the hub's files are not the caller's: the service user (README,
+# "Installing the agent"), unless the file's directory says another owns them.
+SERVICE_USER = "pulsebridge"
+
+
+def _run_as_owner(path: Path) -> str:
+    """This command, as the user who owns the hub's files at path: the owner of the nearest of path
+    and its directories this user can see (its own directory, 0700, cannot be looked into), or
+    SERVICE_USER when that is root or unknown."""
+    import pwd
+    import shlex
+
+    user = SERVICE_USER
+    for p in (path, *path.parents):
+        try:
+            uid = p.stat().st_uid
+        except OSError:
+            continue
+        if uid not in (0, os.geteuid()):
+            try:
+                user = pwd.getpwuid(uid).pw_name
+            except KeyError:  # a uid with no name on this system
+                pass
+        break
+    return "sudo -u %s %s" % (user, shlex.join(["pulsebridge", *_argv]))
+
+
+def _permission_error(path: Path | str) -> str:
+    """A file of the hub this user may not read or open, named, with how to run the command instead."""
+    return ("cannot open %s: permission denied (the hub's files are its service user's, not yours): run %s"
+            % (path, _run_as_owner(Path(path))))
+
+
 def _load_config(path: Path) -> AgentConfig:
     from agent.config import ConfigError, load
 
     try:
         return load(path)
     except ConfigError as e:
+        if isinstance(e.__cause__, PermissionError):
+            raise SystemExit("pulsebridge: configuration error: %s" % _permission_error(path)) from None
         raise SystemExit("pulsebridge: configuration error: %s" % e) from None
 
 
@@ -461,6 +499,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("pulsebridge: no agent is running on %s (no status socket at %s): systemctl start pulsebridge-agent"
               % (args.config, cfg.status_socket), file=sys.stderr)
         return 1
+    except PermissionError as e:  # the socket, or its directory, is the agent's user's
+        print("pulsebridge: %s" % _permission_error(e.filename or cfg.status_socket), file=sys.stderr)
+        return 1
     except (OSError, TimeoutError) as e:
         print("pulsebridge: the agent is not answering on %s (%s)" % (cfg.status_socket, e), file=sys.stderr)
         return 1
@@ -670,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_verify_origin)
 
     args = parser.parse_args(argv)
+    _argv[:] = sys.argv[1:] if argv is None else argv
     from agent import logs
 
     logs.setup("text", logging.DEBUG if args.verbose else logging.WARNING)
@@ -693,6 +735,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path the configuration names that cannot be made or opened
         if e.filename is None or not hasattr(args, "config"):
             raise
+        if isinstance(e, PermissionError):  # the hub's files, run as another user than the hub's
+            print("pulsebridge: %s" % _permission_error(e.filename), file=sys.stderr)
+            return 1
         print("pulsebridge: %s" % _path_error(e, args.config), file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C before a command could handle it (provision handles its own)

@@ -408,6 +408,8 @@ def load(path: Path) -> AgentConfig:
                           "is an example to install there: README, Installing the agent)" % path) from None
     except IsADirectoryError:
         raise ConfigError("cannot read the configuration: it is a directory, not a file", path=path) from None
+    except PermissionError as e:  # the cause kept: the command line says which user can read it
+        raise ConfigError("cannot read the configuration: permission denied", path=path) from e
     except OSError as e:
         raise ConfigError("cannot read the configuration: %s" % (e.strerror or e), path=path) from None
     except UnicodeDecodeError as e:

@@ -763,3 +763,59 @@ def test_status_shows_a_backends_error_text_escaped(tmp_path: Path) -> None:
     assert shown.returncode == 0, shown
     assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout and "\x9b" not in shown.stdout, repr(shown.stdout)
     assert "refused: HTTP 400: bad\\x1b[2J\\x1b]0;owned\\x07 \\x9b31m" in shown.stdout, shown.stdout
+
+
+def test_a_user_who_cannot_read_the_hubs_files_is_told_which_file_and_to_run_as_its_user(
+        tmp_path: Path, hub_config: AgentConfig, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # `pulsebridge status` and `devices` run as a user who may not read the hub's files said
+    # "[Errno 13] Permission denied" (status) or "a path set in agent.toml, or under one?" (devices):
+    # now the file and `sudo -u pulsebridge pulsebridge <the same command>`. The PermissionError is
+    # injected at the open (the suite runs as root, whom chmod does not stop): the status socket's
+    # connect, the registry's stat, the configuration's read.
+    import errno
+    import pathlib
+
+    from agent.cli import main
+
+    cfg = str(hub_config.source)
+    assert main(["devices", "--config", cfg, "add", "pb-perm1"]) == 0
+    capsys.readouterr()
+    denied: set[Path] = set()
+
+    def denying(real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(self: Path, *args: Any, **kwargs: Any) -> Any:
+            if self in denied:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real(self, *args, **kwargs)
+        return call
+
+    async def connect_denied(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(errno.EACCES, "Permission denied")  # as connect(2) raises it: no file name
+
+    monkeypatch.setattr(pathlib.Path, "stat", denying(pathlib.Path.stat))
+    monkeypatch.setattr(pathlib.Path, "read_text", denying(pathlib.Path.read_text))
+    monkeypatch.setattr(asyncio, "open_unix_connection", connect_denied)
+
+    def said(argv: list[str]) -> str:
+        try:
+            assert main(argv) == 1
+        except SystemExit as e:  # the configuration: read before anything else
+            return str(e.code)
+        return capsys.readouterr().err
+
+    status, devices = ["status", "--config", cfg], ["devices", "--config", cfg]
+    for argv, path in ((status, hub_config.status_socket), (devices + ["list"], hub_config.registry_path),
+                       (devices + ["revoke", "pb-perm1"], hub_config.registry_path), (status, hub_config.source)):
+        if path != hub_config.status_socket:
+            denied.add(path)
+        err = said(argv)
+        assert "Errno" not in err and "cannot open %s: permission denied" % path in err, err
+        assert "run sudo -u pulsebridge pulsebridge %s" % " ".join(argv) in err, err
+    if os.geteuid() == 0:  # the hub's files owned by another user than the service's: that user is named
+        import pwd
+
+        denied.discard(hub_config.source)
+        os.chown(hub_config.registry_path.parent, 65534, -1)
+        err = said(devices + ["list"])
+        assert "run sudo -u %s pulsebridge devices" % pwd.getpwuid(65534).pw_name in err, err
