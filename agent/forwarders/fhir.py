@@ -101,10 +101,12 @@ PPG_QUALITY_CODE = {"coding": [{"system": MDC, "code": "150320", "display": "MDC
 EXPECTED_ERROR_CODE = {"text": "expected absolute error (%)"}
 # The most of a transaction-response the hub reads: a base for an OperationOutcome, plus per entry
 # its response (status, location, etag, lastModified, and the outcome some servers add, under
-# 1 KiB each); asked with "Prefer: return=minimal" (R4 http.html#ops), so no server has reason to
-# send the resources back. 64 KiB + 4 KiB an entry: 264 KiB for the default batch of 50.
+# 1 KiB each), plus twice the Bundle sent: the hub asks for "Prefer: return=minimal" (R4
+# http.html#ops), but a server may send each resource back as stored (Medplum does), with its
+# meta. 64 KiB + 4 KiB an entry + 2 x the request: for the default batch of 50 vitals, some 400 KiB.
 ANSWER_BASE_BYTES = 64 * 1024
 ANSWER_ENTRY_BYTES = 4 * 1024
+ANSWER_PER_SENT_BYTE = 2
 _NS = uuid.UUID("6f1e4c52-6b5e-4f57-9a0d-3f8f1b7a2c11")
 
 
@@ -268,6 +270,11 @@ def bundle(items: list[tuple[dict[str, Any], FrameRecord | None]], hub_id: str) 
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
+def answer_max_bytes(entries: int, sent_bytes: int) -> int:
+    """The most of the answer to a transaction Bundle of entries, sent_bytes long, the hub reads."""
+    return ANSWER_BASE_BYTES + ANSWER_ENTRY_BYTES * entries + ANSWER_PER_SENT_BYTE * sent_bytes
+
+
 class FhirConfig(HttpConfig):
     """A FHIR R4 server's settings: those of every HTTPS backend."""
 
@@ -275,10 +282,11 @@ class FhirConfig(HttpConfig):
 class FhirForwarder(HttpForwarder):
     async def deliver(self, rows: list[Row]) -> None:
         body = bundle([(self.document(r), r.frame) for r in rows], self.hub_id)
-        text = await self.post(self.cfg.url.rstrip("/"), json.dumps(body).encode(),
+        sent = json.dumps(body).encode()
+        text = await self.post(self.cfg.url.rstrip("/"), sent,
                                {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json",
                                 "Prefer": "return=minimal"},
-                               answer_max_bytes=ANSWER_BASE_BYTES + ANSWER_ENTRY_BYTES * len(body["entry"]))
+                               answer_max_bytes=answer_max_bytes(len(body["entry"]), len(sent)))
         reply = json.loads(text)
         # A transaction is all or nothing (R4 http.html#transaction): a 2xx answer with an entry
         # that failed is a server at odds with the rules; that batch is not taken as delivered.

@@ -29,11 +29,13 @@ class HostileServer:
     def __init__(self, endless: int, declared: int) -> None:
         self.endless, self.declared = endless, declared
         self.requests = 0
+        self.sent_bytes = 0  # the last request's body
         self.forwarder: HttpForwarder | None = None
         self.seen: list[tuple[int, str, int]] = []  # the forwarder's failures, last_error, forwarded at each request
 
     async def answer(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
+        self.sent_bytes = len(await request.read())
         if self.forwarder is not None:
             fw = self.forwarder
             self.seen.append((fw.failures, fw.last_error, fw.forwarded))
@@ -105,8 +107,8 @@ def test_an_endless_or_oversized_answer_is_a_delivery_failure_then_retried(tmp_p
 
     try:
         fw = asyncio.run(scenario())
-        limit = (fhir.ANSWER_BASE_BYTES + 3 * fhir.ANSWER_ENTRY_BYTES if kind == "fhir"
-                 else http.ANSWER_MAX_BYTES)  # a FHIR Bundle: the hub's Device, the board's, the vital
+        # A FHIR Bundle: the hub's Device, the board's, the vital.
+        limit = fhir.answer_max_bytes(3, server.sent_bytes) if kind == "fhir" else http.ANSWER_MAX_BYTES
         # Each request after a failure: the failure counted, in words, and nothing taken as delivered.
         assert [(f, d) for f, _, d in server.seen] == [(0, 0), (1, 0), (2, 0)], server.seen
         for _, e, _ in server.seen[1:]:
