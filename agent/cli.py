@@ -505,6 +505,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     except (OSError, TimeoutError) as e:
         print("pulsebridge: the agent is not answering on %s (%s)" % (cfg.status_socket, e), file=sys.stderr)
         return 1
+    except ValueError as e:  # oversized, cut or not JSON: not the agent's snapshot
+        print("pulsebridge: what answers on %s is not the agent's status (%s)" % (cfg.status_socket, e),
+              file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(snap, indent=1))
         return 0

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 # A status page password file missing or unsafe is looked at again this often:
 # made or fixed, the page starts with no restart.
 PASSWORD_RECHECK_S = 10.0
+# The most `pulsebridge status` reads from the status socket: a snapshot of a
+# few hundred boards is tens of kB; whatever answers there is read no further.
+STATUS_MAX_BYTES = 4 << 20
 
 # The longest path a Unix socket's address holds (sockaddr_un.sun_path, less its NUL).
 SUN_PATH_BYTES = 107
@@ -131,11 +134,23 @@ def socket_address(path: Path) -> Iterator[str]:
 
 
 async def read_status(socket_path: Path, timeout_s: float = 5.0) -> dict[str, Any]:
-    """The running agent's snapshot, through its status socket; OSError or TimeoutError when it does not answer."""
+    """The running agent's snapshot, through its status socket.
+
+    OSError or TimeoutError when it does not answer; ValueError when its answer
+    is over STATUS_MAX_BYTES or is not a JSON object (what answers there is not
+    the agent, or not whole)."""
+    data = bytearray()
     async with asyncio.timeout(timeout_s):
         with socket_address(socket_path) as address:
             reader, writer = await asyncio.open_unix_connection(address)
-        data = await reader.read()
-        writer.close()
-    result: dict[str, Any] = json.loads(data)
+        try:
+            while chunk := await reader.read(65536):
+                data += chunk
+                if len(data) > STATUS_MAX_BYTES:
+                    raise ValueError("its answer is over %d bytes, the most read from it" % STATUS_MAX_BYTES)
+        finally:
+            writer.close()
+    result = json.loads(data)
+    if not isinstance(result, dict):
+        raise ValueError("its answer is JSON but not an object")
     return result

@@ -588,6 +588,41 @@ def test_status_with_no_agent_running_says_so_in_words(hub_config: AgentConfig) 
         % (hub_config.source, hub_config.status_socket)), r.stderr
 
 
+@pytest.mark.parametrize("answer", [b"{" + b" " * (9 << 20), b"[1, 2]", b"\x1b[2Jnot json"],
+                         ids=["endless", "not-an-object", "garbage"])
+def test_status_reads_a_bounded_answer_and_names_a_wrong_one(hub_config: AgentConfig, answer: bytes) -> None:
+    # read_status read its socket to the end: whatever answers there (not the agent, a cut answer) could make
+    # `pulsebridge status` read without bound, or end in a json traceback
+    import socket
+    import threading
+
+    hub_config.status_socket.parent.mkdir(parents=True, exist_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(hub_config.status_socket))
+    server.listen(1)
+    sent: list[int] = []
+
+    def answer_once() -> None:
+        conn, _ = server.accept()
+        with conn:
+            with contextlib.suppress(OSError):  # the reader hangs up once it has read its bound
+                for i in range(0, len(answer), 1 << 16):
+                    sent.append(conn.send(answer[i:i + (1 << 16)]))
+
+    t = threading.Thread(target=answer_once, daemon=True)
+    t.start()
+    try:
+        r = _cli("status", "--config", str(hub_config.source))
+    finally:
+        t.join(timeout=60)
+        server.close()
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("pulsebridge: what answers on %s is not the agent's status (" %
+                               hub_config.status_socket), r.stderr
+    if len(answer) > (4 << 20):
+        assert "over 4194304 bytes" in r.stderr and sum(sent) < len(answer), (r.stderr, sum(sent))
+
+
 def test_status_says_how_old_a_board_s_last_vitals_are() -> None:
     # `pulsebridge status` printed "vitals pb-x heart_rate 127.8, ..." a minute after the board was unplugged,
     # as it did while it streamed: nothing told a technician the figures were not live
