@@ -97,6 +97,47 @@ async def running(agent: Agent) -> AsyncIterator[Agent]:
         await task
 
 
+@contextlib.asynccontextmanager
+async def refused_by_a_webhook(tmp_path: Path, reason: str, frames: int,
+                               backend_toml: str = "") -> AsyncIterator[tuple[Path, Agent]]:
+    """A running agent whose one backend (webhook "hopital", on a local aiohttp server) answers
+    every batch 400 with `reason` as its body, once `frames` frames of pb-t01 were stored for it;
+    yields (the configuration's path, the agent). backend_toml adds settings to its table."""
+    from aiohttp import web
+
+    from agent.store import Store
+    from tests.agent.test_mqtt import _store_frames
+
+    async def refuse(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=400, text=reason)
+
+    app = web.Application()
+    app.router.add_post("/ingest", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        path = tmp_path / "agent.toml"
+        path.write_text('[agent]\nhub_id = "test-hub"\ndata_dir = "%s"\nlog_dir = "%s"\nrun_dir = "%s"\n'
+                        '[[backend]]\nname = "hopital"\ntype = "webhook"\nurl = "http://127.0.0.1:%d/ingest"\n'
+                        'insecure = true\nlinger_s = 0\n%s' % (tmp_path / "data", tmp_path / "log",
+                                                               tmp_path / "run", port, backend_toml))
+        cfg = agent_config.load(path)
+        store = Store(cfg.store_path, ["hopital"])
+        store.start()
+        try:
+            await asyncio.to_thread(_store_frames, store, "pb-t01", range(frames))
+        finally:
+            store.close()
+        async with running(Agent(cfg)) as agent:
+            yield path, agent
+    finally:
+        await runner.cleanup()
+
+
 async def _async(fn: Any) -> Any:
     return fn()
 

@@ -757,42 +757,11 @@ def test_a_self_test_length_that_cannot_pass_is_refused_before_the_board_is_touc
 def test_status_shows_a_backends_error_text_escaped(tmp_path: Path) -> None:
     # a backend's refusal reason (its answer's body, whitespace collapsed) went to `pulsebridge status`
     # raw: an ESC sequence in it drove the operator's terminal
-    from aiohttp import web
-
-    from agent import config as agent_config
-    from tests.agent.test_mqtt import _store_frames
-
-    async def refuse(request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(status=400, text="bad\x1b[2J\x1b]0;owned\x07 \x9b31m")
-
     async def scenario() -> subprocess.CompletedProcess[str]:
-        app = web.Application()
-        app.router.add_post("/ingest", refuse)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        try:
-            path = tmp_path / "agent.toml"
-            path.write_text('[agent]\nhub_id = "test-hub"\ndata_dir = "%s"\nlog_dir = "%s"\nrun_dir = "%s"\n'
-                            '[[backend]]\nname = "hopital"\ntype = "webhook"\nurl = "http://127.0.0.1:%d/ingest"\n'
-                            'insecure = true\nlinger_s = 0\n' % (tmp_path / "data", tmp_path / "log",
-                                                                 tmp_path / "run", port))
-            cfg = agent_config.load(path)
-            store = Store(cfg.store_path, ["hopital"])
-            store.start()
-            try:
-                await asyncio.to_thread(_store_frames, store, "pb-t01", range(1))
-            finally:
-                store.close()
-            async with harness.running(Agent(cfg)) as agent:
-                await async_wait_for(lambda: agent.snapshot()["backends"][0]["refused"] == 1, 60, "the frame refused",
-                                     lambda: agent.snapshot()["backends"])
-                return await asyncio.to_thread(_cli, "status", "--config", str(path))
-        finally:
-            await runner.cleanup()
+        async with harness.refused_by_a_webhook(tmp_path, "bad\x1b[2J\x1b]0;owned\x07 \x9b31m", 1) as (path, agent):
+            await async_wait_for(lambda: agent.snapshot()["backends"][0]["refused"] == 1, 60, "the frame refused",
+                                 lambda: agent.snapshot()["backends"])
+            return await asyncio.to_thread(_cli, "status", "--config", str(path))
 
     shown = asyncio.run(scenario())
     assert shown.returncode == 0, shown

@@ -559,45 +559,14 @@ def test_a_backend_that_refuses_every_reading_is_not_everything_working(tmp_path
     # was narrowed down, quarantined and counted, the outbox drained, no failure was counted (a refusal is
     # not "later"), and the patient's page said "Everything is working: readings arrive and reach the care
     # team" while none reached it.
-    from aiohttp import web
-
-    from agent import config as agent_config
-    from agent.store import Store
-    from agent.supervisor import Agent
-    from tests.agent.test_mqtt import _store_frames
     from tests.waiting import async_wait_for
 
-    async def refuse(request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(status=400, text="Observation.subject: unknown Patient")
-
     async def scenario() -> dict[str, Any]:
-        app = web.Application()
-        app.router.add_post("/ingest", refuse)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        try:
-            path = tmp_path / "agent.toml"
-            path.write_text('[agent]\nhub_id = "test-hub"\ndata_dir = "%s"\nlog_dir = "%s"\nrun_dir = "%s"\n'
-                            '[[backend]]\nname = "hopital"\ntype = "webhook"\nurl = "http://127.0.0.1:%d/ingest"\n'
-                            'insecure = true\nbatch = 4\nlinger_s = 0\n' % (tmp_path / "data", tmp_path / "log",
-                                                                          tmp_path / "run", port))
-            cfg = agent_config.load(path)
-            store = Store(cfg.store_path, ["hopital"])
-            store.start()
-            try:
-                await asyncio.to_thread(_store_frames, store, "pb-t01", range(6))
-            finally:
-                store.close()
-            async with harness.running(Agent(cfg)) as agent:
-                await async_wait_for(lambda: agent.snapshot()["backends"][0]["refused"] == 6, 60,
-                                     "every frame refused", lambda: agent.snapshot()["backends"])
-                return agent.snapshot()
-        finally:
-            await runner.cleanup()
+        async with harness.refused_by_a_webhook(tmp_path, "Observation.subject: unknown Patient", 6,
+                                                "batch = 4\n") as (_, agent):
+            await async_wait_for(lambda: agent.snapshot()["backends"][0]["refused"] == 6, 60,
+                                 "every frame refused", lambda: agent.snapshot()["backends"])
+            return agent.snapshot()
 
     snap = asyncio.run(scenario())
     b = snap["backends"][0]
