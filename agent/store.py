@@ -394,7 +394,10 @@ class Store:
         # A small quota gets a WAL to match (an eighth of it), checkpointed as often.
         self.wal_limit_bytes = min(wal_limit_bytes, quota_bytes // 8) if quota_bytes else wal_limit_bytes
         self.stats = StoreStats()
-        self._q: queue.Queue[_Job | None] = queue.Queue()
+        # The writer's jobs. A SimpleQueue (C, no Condition in Python): at a low rate each put and
+        # each wake-up of the writer runs with cold caches, and Queue's Python locking cost some
+        # 45 us of CPU a hand-off more (put 40 us, get 30 us, against 13 and 16).
+        self._q: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
         self._closing = threading.Event()
