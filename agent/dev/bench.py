@@ -325,6 +325,7 @@ def chip_report(r: dict[str, Any]) -> list[str]:
                          f["latency_p999_ms"]))
     lines.append("  samples lost %d (timer ticks dropped %d, soft IRQs dropped %d); console blocked %.1f s" % (
         lost, c["timer_dropped"], c["sched_dropped"], c["console_blocked_us"] / 1e6))
+    lines += host_report(c)
     s = c.get("stretches")
     if s:
         lines.append("  stretches between two ECG FIFO reads: %d over half its fill time, %d over all of it; "
@@ -334,12 +335,42 @@ def chip_report(r: dict[str, Any]) -> list[str]:
         lines.append("    each traced piece (calls, ms in all, longest ms; the tracer's %d us a call taken off): %s" % (
             s["tare_us"], "; ".join("%s %d %.0f %.1f" % (k, v[0], v[1] / 1000, v[2] / 1000)
                                     for k, v in sorted(s["by_label"].items()))))
-        for st in s["longest"]:
-            lines.append("    %.1f ms at %.3f s (%.1f/%.1f/%.1f; span %.1f): %s" % (
+        for st in s["longest"] + [None] + s.get("longest_clean", []):
+            if st is None:
+                lines.append("    the longest the host was not seen in:")
+                continue
+            lines.append("    %.1f ms at %.3f s (%.1f/%.1f/%.1f; span %.1f%s): %s" % (
                 st["us"] / 1000, st["at_us"] / 1e6, st["compute_us"] / 1000, st["io_us"] / 1000,
-                st["idle_us"] / 1000, st["longest_span_us"] / 1000, "; ".join(
+                st["idle_us"] / 1000, st["longest_span_us"] / 1000,
+                ", the host in %d" % st["host_spans"] if st["host_spans"] > 0 else "", "; ".join(
                 "%s%s +%.1f %.1f" % ("  " * p[1], p[0], p[2] / 1000, p[3] / 1000) for p in st["pieces"])))
     return lines
+
+
+def host_report(c: dict[str, Any]) -> list[str]:
+    # This machine's own work in the firmware's time (firmware_mpy/sim/cpu.py, clock.py): CPU time the kernel
+    # charged while the meter read its count, not charged; interrupts and page faults in a span, which the meter
+    # cannot take off: the spans they reached, and the FIFO services that waited on one, apart from the rest.
+    # Every figure above counts them all.
+    lines = ["  CPU time counted while the meter read it, not charged (a span's code cannot run longer than its wall "
+             "time): %.1f ms of this machine's in %d spans, the most %.2f ms" % (
+                 c["outside_us"] / 1000, c["outside_spans"], c["outside_max_us"] / 1000)]
+    if c["host_spans"] < 0:
+        return lines + ["  the host in the firmware's time: not seen here (no /proc/softirqs)"]
+    lines.append("  the host in the firmware's time (a softirq run on its CPU, or a page fault, in a span of %.0f ms "
+                 "or more): %d spans (%d with a page fault), %.1f ms in all, the longest %.1f ms; the longest span "
+                 "without %.1f ms" % (
+                     HOST_LOOK_MS, c["host_spans"], c["host_fault_spans"], c["host_span_us"] / 1000,
+                     c["longest_host_span_us"] / 1000, c["longest_clean_span_us"] / 1000))
+    for name, f in sorted(c["fifos"].items()):
+        lines.append("    %s FIFO: %d services waited on such a span, %d samples overflowed before them; "
+                     "the others' worst latency %.1f ms (half the fill time %.1f ms), %d samples overflowed" % (
+                         name, f["host_services"], f["host_lost"], f["clean_latency_us"] / 1000, f["fill_ms"] / 2,
+                         f["overflowed"] - f["host_lost"]))
+    return lines
+
+
+HOST_LOOK_MS = 5  # firmware_mpy/sim/clock.py _HOST_LOOK_US
 
 
 # ---- sample encodings ---------------------------------------------------------

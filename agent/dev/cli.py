@@ -148,9 +148,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "vitals":
         from agent.dev import bench_vitals
 
-        if args.part not in ("all", "desaturation"):
-            raise SystemExit("pulsebridge-dev: bench vitals --part is all or desaturation, not %s" % args.part)
-        rv = bench_vitals.run(args.part)
+        rv = bench_vitals.run()
         print(json.dumps(rv, indent=1) if args.json else "\n".join(bench_vitals.report(rv)))
         return 0
     if args.what == "origin":
@@ -174,8 +172,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "agent":
         from agent.dev import bench_agent
 
-        if args.part == "desaturation":
-            raise SystemExit("pulsebridge-dev: --part desaturation is the vitals benchmark's (bench vitals)")
         if args.part == "realistic":
             r = bench_agent.run_realistic()
             print(json.dumps(r, indent=1) if args.json else "\n".join(bench_agent.report_realistic(r)))
@@ -203,7 +199,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_release(args: argparse.Namespace) -> int:
     from agent.dev import release
-    from protocols import bundle
 
     if args.action == "keygen":
         if args.out.exists():  # the vendor's key: boards provisioned with its public key install only its bundles
@@ -213,9 +208,7 @@ def cmd_release(args: argparse.Namespace) -> int:
             raise SystemExit("pulsebridge-dev release keygen: --out %s: its directory %s does not exist"
                              % (args.out, args.out.absolute().parent))
         pub = release.keygen(args.out)
-        print("vendor key written to %s (mode 0600): keep it off every hub; public key %s (key id %s: boards "
-              "provisioned with --vendor-key %s take its bundles)" % (args.out, pub.hex(), bundle.key_id(pub).hex(),
-                                                                      pub.hex()))
+        print("vendor key written to %s (mode 0600): keep it off every hub; public key %s" % (args.out, pub.hex()))
         return 0
     if args.key is None or args.version is None:
         print("pulsebridge-dev release sign: --key and --version are needed", file=sys.stderr)
@@ -269,13 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stretches", action="store_true",
                    help="firmware benchmark at a chip's speed: also the longest stretches between two ECG FIFO "
                         "reads and the firmware's work in each")
-    p.add_argument("--part", choices=["all", "realistic", "verify-commit", "forward", "desaturation"], default="all",
+    p.add_argument("--part", choices=["all", "realistic", "verify-commit", "forward"], default="all",
                    help="agent benchmark: every figure (all), the realistic load alone (20 boards x 2 streams "
                         "x 1 frame/s: its CPU, latency, RSS and profile), or verify+commit, its pycose baseline "
                         "and its profile alone (verify-commit), or verify+commit+forward to Mosquitto (JSON, "
-                        "CBOR), the backlog's drain and their profiles (forward); vitals benchmark: every figure "
-                        "(all) or the desaturation set's alone (desaturation: the agent's relative estimator, the "
-                        "absolute line and the camera set's pulse rate, without the estimators compared)")
+                        "CBOR), the backlog's drain and their profiles (forward)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

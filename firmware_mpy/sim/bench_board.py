@@ -292,6 +292,9 @@ def run(minutes, speed, link_kind, up_fd, down_fd, stretches=False):
                 buckets = m.irq_pins[0].latency_ms if m.irq_pins else [0]  # (one line per chip: no list made)
                 fifos[name] = {"depth": 32, "fill_ms": 32000 / m.rate_hz(), "worst_level": m.max_level,
                                "overflowed": m.lost, "irq_latency_us": lat, "worst_latency_at_us": lat_at,
+                               "clean_latency_us": max([p.worst_clean_latency_us for p in m.irq_pins] or [-1]),
+                               "host_services": sum(p.host_services for p in m.irq_pins),
+                               "host_lost": sum(p.host_lost for p in m.irq_pins),
                                "irqs": edges, "latency_p99_ms": models.latency_percentile_ms(buckets, 0.99),
                                "latency_p999_ms": models.latency_percentile_ms(buckets, 0.999)}
         timer_dropped = 0
@@ -306,6 +309,11 @@ def run(minutes, speed, link_kind, up_fd, down_fd, stretches=False):
             "worst_step_us": worst_step_us, "fifos": fifos, "sched_dropped": clock.sched_dropped,
             "timer_dropped": timer_dropped, "tare_us": clock.tare_us,
             "longest_span_us": clock.longest_span_us, "longest_span_at_us": clock.longest_span_at_us,
+            "host_spans": clock.host_spans, "host_span_us": clock.host_span_us,
+            "host_fault_spans": clock.host_fault_spans,
+            "outside_us": clock.outside_us, "outside_spans": clock.outside_spans,
+            "outside_max_us": clock.outside_max_us, "tare_wall_us": clock.wall_tare_milli / 1000,
+            "longest_host_span_us": clock.longest_host_span_us, "longest_clean_span_us": clock.longest_clean_span_us,
             "console_blocked_us": board.console_port.blocked_us if board.console_port else 0,
         }
         if tracer is not None:

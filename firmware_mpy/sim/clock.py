@@ -35,6 +35,17 @@ _TARE_SAMPLES = const(1000)
 # fastest run at calibration scales the factor.
 _PROBE_EVERY_US = const(1000000)
 _PROBES = const(9)
+# Spans of firmware code at least this long (chip us) are asked whether the
+# host reached them (sim.cpu: the kernel charges an interrupt's softirqs to
+# the thread it interrupted; a page fault): 5 ms at a chip's speed are ~40
+# us here, and a shorter span cannot cost a FIFO its samples whatever ran
+# in it.
+_HOST_LOOK_US = const(5000)
+# A span's CPU count may pass its wall time by this much (host us) before
+# the excess is taken for what it is, CPU time the kernel charged while the
+# meter read its count (sim.cpu): the two clocks' rounding and their tares'
+# spread stay far below it.
+_OUTSIDE_SLACK_US = const(20)
 
 
 class _Plain:
@@ -44,6 +55,7 @@ class _Plain:
     chip = False
     sim_alloc = 0
     sim_garbage = 0
+    host_spans = 0
     heap_locked = False
     _depth = 0
 
@@ -77,6 +89,14 @@ class _Plain:
 
     def add_source(self, src):
         pass
+
+
+def _middle_mean_milli(d):
+    # The mean of the middle 80 % of d (sorted in place), in thousandths.
+    d.sort()
+    lo = len(d) // 10
+    mid = d[lo:len(d) - lo]
+    return sum(mid) * 1000 // len(mid)
 
 
 class RealClock(_Plain):
@@ -137,12 +157,36 @@ class ChipClock:
         self.idle_us = 0  # chip time it slept
         self.sched_dropped = 0  # soft IRQs lost: the scheduler queue was full
         # The longest span of firmware code charged at once (chip us), and
-        # when it ended: one stall of this machine (measured: 1.1-1.4 ms
-        # a few times a minute, a 20 us loop's reading) is 100-200 ms of a
-        # chip's time, and shows here.
+        # when it ended: one interrupt of this machine's charged to it
+        # (0.2-1 ms, sim.cpu) is 20-200 ms of a chip's time, and shows here.
         self.longest_span_us = 0
         self.longest_span_at_us = 0
         self.stretch_span_us = 0  # the same since sim.stretches last reset it
+        # Spans the host reached (a softirq ran on this thread's CPU
+        # meanwhile, or a page fault: charged to it, sim.cpu), of
+        # _HOST_LOOK_US or more: how many, the chip time charged in them,
+        # the longest; and the longest span the host was not seen in. A
+        # FIFO's service whose wait held such a span says so
+        # (sim.models.SimIrqPin). host_spans is -1 where the meter cannot
+        # tell (no /proc/softirqs).
+        sees = getattr(meter, "sees_host", False)
+        self._host_events = meter.host_events if sees else None
+        self.host_spans = 0 if sees else -1
+        self.host_span_us = 0
+        self.host_fault_spans = 0  # of host_spans, those with a page fault
+        self.longest_host_span_us = 0
+        self.longest_clean_span_us = 0
+        # A span's CPU time is held to its wall time (the meter's
+        # span_wall_us, where it has one): what the count moved beyond it
+        # moved while the meter read it, and is not charged; here how much
+        # (host us), in how many spans past _OUTSIDE_SLACK_US, the most.
+        self._span_wall = getattr(meter, "span_wall_us", None)
+        self.wall_tare_milli = 0
+        self.outside_us = 0
+        self.outside_spans = 0
+        self.outside_max_us = 0
+        self._span_host_us = 0  # the last span's readings, raw (the tares are measured on them)
+        self._span_wall_us = 0
         self.sim_alloc = 0  # bytes the simulation allocated (not the firmware's)
         self.sim_garbage = 0  # of those, the ones left to the GC
         self._alloc_mark = 0
@@ -168,26 +212,32 @@ class ChipClock:
         # mean of many (the middle 80 %: a preemption or a tick is not the
         # meter's), in thousandths of a host us: a span is read in whole us,
         # and its fraction, times the chip's factor, would add up otherwise.
+        # The wall time between the readings likewise (wall_tare_milli).
         m = self._meter
-        factor = self.factor_milli
-        self.factor_milli = 1000  # chip us = host us while measuring
         d = [0] * _TARE_SAMPLES
+        w = [0] * _TARE_SAMPLES
         self._mark = m.start_us()
         for i in range(_TARE_SAMPLES):
-            c0 = self.compute_us
             self.enter()
             self.leave()
-            d[i] = self.compute_us - c0
-        d.sort()
-        lo = _TARE_SAMPLES // 10
-        mid = d[lo:_TARE_SAMPLES - lo]
-        self.tare_milli = sum(mid) * 1000 // len(mid)
+            d[i] = self._span_host_us
+            w[i] = self._span_wall_us
+        self.tare_milli = _middle_mean_milli(d)
         self.tare_us = self.tare_milli // 1000
-        self.factor_milli = factor
+        self.wall_tare_milli = _middle_mean_milli(w)
         self.compute_us = 0
         self.t_us = 0
         self._frac = 0
         self.longest_span_us = 0
+        self.longest_clean_span_us = 0
+        if self.host_spans > 0:
+            self.host_spans = 0
+        self.host_span_us = 0
+        self.host_fault_spans = 0
+        self.longest_host_span_us = 0
+        self.outside_us = 0
+        self.outside_spans = 0
+        self.outside_max_us = 0
 
     def _run_probe(self):
         m = self._meter
@@ -238,9 +288,19 @@ class ChipClock:
             self.sim_garbage += mem_current() - self._garbage_mark
             self._mark = self._meter.start_us()
 
-    def _chip_us(self, host_us):
-        # Chip us for a span of host_us, its tare off; the remainder carries.
+    def _chip_us(self, host_us, wall_us):
+        # Chip us for a span of host_us CPU in wall_us (-1: not known), its
+        # tare off; the remainder carries.
         x = host_us * 1000 - self.tare_milli
+        if wall_us >= 0:
+            y = wall_us * 1000 - self.wall_tare_milli
+            if x - y > _OUTSIDE_SLACK_US * 1000:  # counted while the meter read it: not the span's
+                e = (x - y) // 1000
+                self.outside_us += e
+                self.outside_spans += 1
+                if e > self.outside_max_us:
+                    self.outside_max_us = e
+                x = y
         if x <= 0:
             return 0
         x = x * self.factor_milli + self._frac
@@ -248,10 +308,25 @@ class ChipClock:
         return x // 1000000
 
     def _charge_cpu(self):
-        d = self._chip_us(self._meter.stop_us() - self._mark)
+        m = self._meter
+        h = m.stop_us() - self._mark
+        w = self._span_wall() if self._span_wall is not None else -1
+        self._span_host_us = h
+        self._span_wall_us = w
+        d = self._chip_us(h, w)
         if d > self.longest_span_us:
             self.longest_span_us = d
             self.longest_span_at_us = self.t_us + d
+        events = self._host_events
+        host = d >= _HOST_LOOK_US and events is not None and events() > 0
+        if host:
+            if self._meter.faults:
+                self.host_fault_spans += 1
+            self.host_span_us += d
+            if d > self.longest_host_span_us:
+                self.longest_host_span_us = d
+        elif d > self.longest_clean_span_us:
+            self.longest_clean_span_us = d
         if d > self.stretch_span_us:
             self.stretch_span_us = d
         self.compute_us += d
@@ -259,6 +334,8 @@ class ChipClock:
             self.t_us += d  # a callback's own time: no callback interrupts it
         else:
             self._advance(d, False, True)
+        if host:  # (after the span: an interrupt line that fell in it was waiting on it)
+            self.host_spans += 1
 
     # ---- what the simulation asks of time ----------------------------------
     def now_us(self):

@@ -601,6 +601,14 @@ class SimIrqPin:
         # long pieces of work.
         self.latency_ms = [0] * (_LATENCY_BUCKETS + 1)
         self.edges = 0
+        # Services whose wait held a span the host reached (the
+        # clock's host_spans moved: sim.clock, sim.cpu), the samples the
+        # chip overflowed before them, and the worst latency of the others.
+        self._host0 = 0
+        self._lost0 = 0
+        self.host_services = 0
+        self.host_lost = 0
+        self.worst_clean_latency_us = 0
         clock.add_source(self)
         chip.irq_pins.append(self)
 
@@ -611,8 +619,10 @@ class SimIrqPin:
         return 0 if self._low else 1
 
     def restart(self):
-        # Sampling (re)starts: what the line did before is no service latency.
+        # Sampling (re)starts: what the line did before is no service latency
+        # (the chip counts its losses from 0 again).
         self._fell_at = -1
+        self._lost0 = 0
 
     def refresh(self):
         # After each transfer to the chip. A line the firmware's reads have
@@ -622,11 +632,20 @@ class SimIrqPin:
         if self._chip.irq_asserted():
             return
         if self._fell_at >= 0:
-            d = self._clock.t_us - self._fell_at
+            c = self._clock
+            d = c.t_us - self._fell_at
             if d > self.worst_latency_us:
                 self.worst_latency_us = d
                 self.worst_at_us = self._fell_at
             self.latency_ms[min(d // 1000, _LATENCY_BUCKETS)] += 1
+            lost = self._chip.lost
+            if c.host_spans != self._host0:
+                self.host_services += 1
+                if lost > self._lost0:
+                    self.host_lost += lost - self._lost0
+            elif d > self.worst_clean_latency_us:
+                self.worst_clean_latency_us = d
+            self._lost0 = lost
             self._fell_at = -1
         self._low = False
 
@@ -657,6 +676,7 @@ class SimIrqPin:
             self.edges += 1
             if self._fell_at < 0:
                 self._fell_at = self._clock.t_us
+                self._host0 = self._clock.host_spans
         return edge and self._handler is not None
 
     def run(self):

@@ -25,12 +25,14 @@ class Stretches:
         self.depth = 0
         self.last_service_us = -1
         self.top = []  # (length us, start us, [(label, depth, start offset us, us)], split)
+        self.top_clean = []  # the same, of stretches the host was not seen in
         # The clock's counters at the last service: a stretch is split into
         # firmware computing, blocked in I/O, idle, and its longest single
         # span of firmware code charged at once (a host stall shows as one).
         self._compute0 = 0
         self._io0 = 0
         self._idle0 = 0
+        self._host0 = 0  # the clock's host_spans: spans the host reached (sim.clock)
         self.over_half = 0  # stretches longer than half the FIFO's fill time
         self.over_fill = 0
         self.fill_us = 62500
@@ -126,6 +128,8 @@ class Stretches:
         io_us = c.io_us - self._io0
         idle_us = c.idle_us - self._idle0
         span_us = c.stretch_span_us
+        host = c.host_spans - self._host0
+        self._host0 = c.host_spans
         self._compute0 = c.compute_us
         self._io0 = c.io_us
         self._idle0 = c.idle_us
@@ -137,9 +141,20 @@ class Stretches:
             self.over_half += 1
         if d > self.fill_us:
             self.over_fill += 1
-        if len(self.top) == _TOP and d <= self.top[-1][0]:
+        # The longest of all, and the longest the host was not seen in
+        # (sim.clock: host_spans), which are the firmware's own.
+        top = self.top if host else self.top_clean
+        if len(top) == _TOP and d <= top[-1][0]:
             return  # (before anything is made: the simulation's garbage shares the firmware's heap)
-        split = (compute_us, io_us, idle_us, span_us)
+        if host:
+            self._keep(self.top, d, last, (compute_us, io_us, idle_us, span_us, host))
+            return
+        self._keep(self.top_clean, d, last, (compute_us, io_us, idle_us, span_us, host))
+        self._keep(self.top, d, last, (compute_us, io_us, idle_us, span_us, host))
+
+    def _keep(self, top, d, last, split):
+        if len(top) == _TOP and d <= top[-1][0]:
+            return
         pieces = []
         for k in range(min(self._n, _RING)):
             i = (self._n - 1 - k) % _RING
@@ -148,15 +163,20 @@ class Stretches:
             if self._t1[i] - self._t0[i] >= 500 or self._depth[i] == 0:
                 pieces.append((self._label[i], self._depth[i], self._t0[i] - last, self._t1[i] - self._t0[i]))
         pieces.reverse()
-        self.top.append((d, last, pieces[-_PIECES:], split))
-        self.top.sort(key=lambda s: -s[0])
-        del self.top[_TOP:]
+        top.append((d, last, pieces[-_PIECES:], split))
+        top.sort(key=lambda s: -s[0])
+        del top[_TOP:]
 
     def report(self):
         return {"over_half_fill": self.over_half, "over_fill": self.over_fill, "tare_us": self.tare_us,
                 "by_label": self.by_label,
-                "longest": [{"us": d, "at_us": t, "pieces": [list(p) for p in ps], "compute_us": sp[0], "io_us": sp[1],
-                             "idle_us": sp[2], "longest_span_us": sp[3]} for d, t, ps, sp in self.top]}
+                "longest": [_stretch(s) for s in self.top], "longest_clean": [_stretch(s) for s in self.top_clean]}
+
+
+def _stretch(s):
+    d, t, ps, sp = s
+    return {"us": d, "at_us": t, "pieces": [list(p) for p in ps], "compute_us": sp[0], "io_us": sp[1],
+            "idle_us": sp[2], "longest_span_us": sp[3], "host_spans": sp[4]}
 
 
 def install(app, board, clock):
