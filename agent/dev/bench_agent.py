@@ -4,8 +4,10 @@ From one run on one machine:
 - verify+commit: frames/s, and frames per CPU-second (per core), through the
   agent's Ingestor and store (SQLite WAL, synchronous=FULL, group commit);
 - the same plus forwarding to a local Mosquitto over TLS (QoS 1), with the
-  JSON payload and with the binary (CBOR) one;
-- the drain of a one-hour backlog of 20 boards (144,000 frames) to Mosquitto;
+  JSON payload and with the binary (CBOR) one, with 25 documents a message,
+  and with the MQTT client in its own process (client = "process");
+- the drain of a one-hour backlog of 20 boards (144,000 frames) to Mosquitto
+  (--part forward: also with 25 documents a message, and with the client's process);
 - a profile (CPU time, this process's main thread) of verify+commit+forward,
   and one of a drain: where the remaining time goes, by area and by function;
 - a baseline in the same run: pycose verification, decryption of the samples
@@ -573,7 +575,7 @@ AREAS = (
     ("sqlite3", "store (SQLite, this thread)"),
     ("paho", "MQTT client (paho)"),
     ("agent/mqtt_link", "batches handed to (or read by) the MQTT client's process"),
-    ("agent/mqtt_process", "the MQTT client's process: its own code (batches, PUBACK bookkeeping)"),
+    ("agent/mqtt_process", "the MQTT connection's own code (batches, PUBACK bookkeeping)"),
     ("ssl", "TLS"),
     ("json", "documents (JSON, CBOR, record)"),
     ("cbor2", "documents (JSON, CBOR, record)"),
@@ -1087,8 +1089,7 @@ def run(frames: int = 20000, baseline_frames: int = 3000, seconds: float = 20.0,
     r["card_writes"] = card_writes(seconds)
     r["commit_intervals"] = commit_intervals(seconds)
     r.update(run_verify_commit(frames, baseline_frames, profile=False))
-    r["verify_commit_forward_mqtt"] = verify_commit_forward(frames)
-    r["verify_commit_forward_mqtt_cbor"] = verify_commit_forward(frames, "cbor")
+    r.update(forward_variants(frames))
     r["drain_backlog_mqtt"] = drain(backlog_frames)
     r["profile_commit"] = profile_summary(min(frames, 10000), what="commit")
     r["profile"] = profile_summary(min(frames, 10000))
@@ -1143,16 +1144,10 @@ def report_verify_commit(r: dict[str, Any]) -> list[str]:
 
 
 def report(r: dict[str, Any]) -> list[str]:
-    vf, vfc = r["verify_commit_forward_mqtt"], r["verify_commit_forward_mqtt_cbor"]
     return [
         "agent benchmark (one run, this machine; ECG 512-sample and PPG 100-sample frames, 20 boards)",
         *verify_commit_lines(r),
-        "  verify+commit+forward (Mosquitto, TLS, QoS 1), JSON: %7.0f frames/s, %7.0f per CPU-second "
-        "(goal >= 10000 frames/s)" % (
-            vf["frames_per_s"], vf["frames_per_cpu_s"]),
-        "  verify+commit+forward (Mosquitto, TLS, QoS 1), CBOR: %7.0f frames/s, %7.0f per CPU-second" % (
-            vfc["frames_per_s"], vfc["frames_per_cpu_s"]),
-        *wall_lines("verify+commit+forward, JSON", vf),
+        *forward_lines(r),
         "  drain of a one-hour backlog of %d boards (%d frames) to Mosquitto (TLS, QoS 1, JSON): %.1f s "
         "(%.0f frames/s, %.0f per CPU-second; goal <= 30 s)" % (
             BOARDS, r["drain_backlog_mqtt"]["frames"], r["drain_backlog_mqtt"]["wall_s"],
@@ -1216,53 +1211,86 @@ def report_realistic(r: dict[str, Any]) -> list[str]:
             *profile_lines(r["profile_realistic"])]
 
 
+# documents_per_message of the batched runs: 25 of a topic's documents a PUBLISH (~100 kB of ECG JSON).
+BENCH_DOCUMENTS_PER_MESSAGE = 25
+
+
+def forward_variants(frames: int) -> dict[str, dict[str, float]]:
+    """verify+commit+forward as configured by default (JSON, the MQTT client on the agent's loop,
+    a document a message), then with CBOR, with BENCH_DOCUMENTS_PER_MESSAGE documents a message,
+    and with the client in its own process (client = "process")."""
+    return {"verify_commit_forward_mqtt": verify_commit_forward(frames),
+            "verify_commit_forward_mqtt_cbor": verify_commit_forward(frames, "cbor"),
+            "verify_commit_forward_mqtt_batched": verify_commit_forward(
+                frames, documents_per_message=BENCH_DOCUMENTS_PER_MESSAGE),
+            "verify_commit_forward_mqtt_process": verify_commit_forward(frames, client="process")}
+
+
+def forward_lines(r: dict[str, Any]) -> list[str]:
+    """forward_variants()' figures, with where their wall time went."""
+    variants = (("verify_commit_forward_mqtt", "JSON"), ("verify_commit_forward_mqtt_cbor", "CBOR"),
+                ("verify_commit_forward_mqtt_batched", "JSON, %d documents a message" % BENCH_DOCUMENTS_PER_MESSAGE),
+                ("verify_commit_forward_mqtt_process", "JSON, the client in its own process"))
+    out = []
+    for key, what in variants:
+        if key in r:
+            out.append("  verify+commit+forward (Mosquitto, TLS, QoS 1), %s: %7.0f frames/s, %7.0f per CPU-second%s" % (
+                what, r[key]["frames_per_s"], r[key]["frames_per_cpu_s"],
+                " (goal >= 10000 frames/s)" if key == "verify_commit_forward_mqtt" else ""))
+    for key, what in variants:
+        if key in r:
+            out += wall_lines("verify+commit+forward, %s" % what, r[key])
+    return out
+
+
 def run_forward(frames: int = 20000, backlog_frames: int = BACKLOG_FRAMES) -> dict[str, Any]:
     """verify+commit+forward to Mosquitto alone (JSON, then CBOR), with verify+commit beside
     it (what forwarding adds), the backlog's drain, and the profiles of the forward and the drain."""
     os.environ.setdefault("PYTHONHASHSEED", "0")
     return {"verify_commit": verify_commit(frames),
-            "verify_commit_forward_mqtt": verify_commit_forward(frames),
-            "verify_commit_forward_mqtt_cbor": verify_commit_forward(frames, "cbor"),
+            **forward_variants(frames),
             "drain_backlog_mqtt": drain(backlog_frames),
+            "drain_backlog_mqtt_batched": drain(backlog_frames, documents_per_message=BENCH_DOCUMENTS_PER_MESSAGE),
+            "drain_backlog_mqtt_process": drain(backlog_frames, client="process"),
             "profile": profile_summary(min(frames, 10000)),
             "profile_drain": profile_summary(min(backlog_frames, 20000), what="drain")}
 
 
 def report_forward(r: dict[str, Any]) -> list[str]:
     """run_forward()'s figures: its lines of report(), in the same words."""
-    vc, vf, vfc, d = (r["verify_commit"], r["verify_commit_forward_mqtt"], r["verify_commit_forward_mqtt_cbor"],
-                      r["drain_backlog_mqtt"])
-    return [
+    vc = r["verify_commit"]
+    out = [
         "agent benchmark, forwarding (one run, this machine; ECG 512-sample and PPG 100-sample frames, 20 boards)",
         "  verify+commit:           %7.0f frames/s, %7.0f frames per CPU-second (%d frames)" % (
             vc["frames_per_s"], vc["frames_per_cpu_s"], vc["frames"]),
-        "  verify+commit+forward (Mosquitto, TLS, QoS 1), JSON: %7.0f frames/s, %7.0f per CPU-second "
-        "(goal >= 10000 frames/s)" % (vf["frames_per_s"], vf["frames_per_cpu_s"]),
-        "  verify+commit+forward (Mosquitto, TLS, QoS 1), CBOR: %7.0f frames/s, %7.0f per CPU-second" % (
-            vfc["frames_per_s"], vfc["frames_per_cpu_s"]),
-        *wall_lines("verify+commit+forward, JSON", vf),
-        *wall_lines("verify+commit+forward, CBOR", vfc),
-        "  drain of a backlog of %d frames to Mosquitto (TLS, QoS 1, JSON): %.1f s (%.0f frames/s, %.0f per "
-        "CPU-second; goal <= 30 s for 144000)" % (d["frames"], d["wall_s"], d["frames_per_s"], d["frames_per_cpu_s"]),
-        *wall_lines("drain", d),
-        *profile_lines(r["profile"]),
-        *profile_lines(r["profile_drain"]),
+        *forward_lines(r),
     ]
+    for key, what in (("drain_backlog_mqtt", "JSON"),
+                      ("drain_backlog_mqtt_batched", "JSON, %d documents a message" % BENCH_DOCUMENTS_PER_MESSAGE),
+                      ("drain_backlog_mqtt_process", "JSON, the client in its own process")):
+        d = r[key]
+        out.append("  drain of a backlog of %d frames to Mosquitto (TLS, QoS 1, %s): %.1f s (%.0f frames/s, %.0f per "
+                   "CPU-second%s)" % (d["frames"], what, d["wall_s"], d["frames_per_s"], d["frames_per_cpu_s"],
+                                      "; goal <= 30 s for 144000" if key == "drain_backlog_mqtt" else ""))
+        out += wall_lines("drain, %s" % what, d)
+    return [*out, *profile_lines(r["profile"]), *profile_lines(r["profile_drain"])]
 
 
 def wall_lines(what: str, p: dict[str, float]) -> list[str]:
-    """Where a phase's wall time went, in CPU time: the event loop's thread (verify, decode),
-    the agent's other threads (the store's writer, outbox reads, documents), its MQTT client's
-    process (paho, TLS), the broker; the rest is neither (waiting: the card's fsyncs, the network,
-    other jobs on this machine; negative when the agent's parts ran at once, on two cores)."""
+    """Where a phase's wall time went, in CPU time: the event loop's thread (verify, decode; paho
+    and TLS when the MQTT client runs on it), the agent's other threads (the store's writer,
+    outbox reads, documents), its MQTT client's process when it has one (paho, TLS), the broker;
+    the rest is neither (waiting: the card's fsyncs, the network, other jobs on this machine;
+    negative when the agent's parts ran at once, on two cores)."""
     client = p.get("client_process_cpu_s", 0.0)
     other = p["cpu_s"] - p["loop_thread_cpu_s"] - client
     waiting = p["wall_s"] - p["cpu_s"] - p["broker_cpu_s"]
+    process = " its MQTT client's process %.2f s (%.0f us a frame)," % (client, 1e6 * client / p["frames"]) \
+        if client else ""
     out = ["    %s: %.2f s wall, of it CPU: the event loop's thread %.2f s (%.0f us a frame), the agent's other "
-           "threads %.2f s (store writer, outbox reads, documents), its MQTT client's process %.2f s (%.0f us a "
-           "frame), Mosquitto %.2f s; neither: %.2f s" % (
+           "threads %.2f s (store writer, outbox reads, documents),%s Mosquitto %.2f s; neither: %.2f s" % (
                what, p["wall_s"], p["loop_thread_cpu_s"], 1e6 * p["loop_thread_cpu_s"] / p["frames"], other,
-               client, 1e6 * client / p["frames"], p["broker_cpu_s"], waiting)]
+               process, p["broker_cpu_s"], waiting)]
     if "ingested_s" in p:
         out.append("      (the %d frames ingested and acknowledged after %.2f s, all forwarded after %.2f s)"
                    % (p["frames"], p["ingested_s"], p["wall_s"]))
