@@ -117,6 +117,13 @@ class Table:
     def choice(self, name: str, values: tuple[str, ...], default: str) -> str:
         return _enum(self.data, name, self.where, values, default)
 
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        """An integer setting between low and high (both included)."""
+        v = _take(self.data, name, int, self.where, default)
+        if not low <= v <= high:
+            raise self.error(name, "must be between %d and %d, not %r" % (low, high, v))
+        return int(v)
+
     def error(self, name: str, message: str) -> ConfigError:
         """A ConfigError for setting name: "<where>.<name> <message>"."""
         return ConfigError("%s.%s %s" % (self.where, name, message), "%s.%s" % (self.where, name))

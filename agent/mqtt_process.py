@@ -51,9 +51,12 @@ class Connection:
     one, or no PUBACK comes for timeout_s; close() ends it. A connection that
     failed is not used again (`usable` is False)."""
 
-    def __init__(self, client: paho.Client, timeout_s: float) -> None:
+    def __init__(self, client: paho.Client, timeout_s: float, keepalive_s: float = KEEPALIVE_S,
+                 misc_period_s: float = MISC_PERIOD_S) -> None:
         self.client = client
         self.timeout_s = timeout_s
+        self.keepalive_s = keepalive_s
+        self.misc_period_s = misc_period_s
         self.loop = asyncio.get_running_loop()
         self.down_reason = ""  # why the connection ended ("": it has not)
         self._connack: asyncio.Future[ReasonCode] = self.loop.create_future()
@@ -73,6 +76,29 @@ class Connection:
         client.on_socket_register_write = self._on_socket_register_write
         client.on_socket_unregister_write = self._on_socket_unregister_write
 
+    @classmethod
+    def of(cls, settings: dict[str, Any]) -> Connection:
+        """A connection not yet open, with its paho client made from settings (the forwarder's:
+        host, port, client_id, timeout_s, keepalive_s, misc_period_s, tls, username, password)."""
+        timeout_s = float(settings["timeout_s"])
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=settings["client_id"], clean_session=False,
+                             protocol=paho.MQTTv311, reconnect_on_failure=False)
+        client.enable_logger(log)
+        client.connect_timeout = timeout_s
+        # No in-flight window of paho's own (0): a whole batch goes out in one round trip, and
+        # the batch bounds what is in flight (config.py: backend.batch <= 1000). With a window,
+        # paho would scan every message in flight at each PUBACK (quadratic in the batch).
+        client.max_inflight_messages_set(0)
+        if settings["tls"] is not None:
+            ctx = client_context(settings["tls"])
+            ctx.sslsocket_class = _ClosedOnFailedHandshake
+            client.tls_set_context(ctx)
+            # The context checks the host name (it is off only with insecure = true).
+            client.tls_insecure_set(not ctx.check_hostname)
+        if settings["username"] is not None:
+            client.username_pw_set(settings["username"], settings["password"])
+        return cls(client, timeout_s, settings["keepalive_s"], settings["misc_period_s"])
+
     @property
     def usable(self) -> bool:
         return self._connack.done() and not self._down.is_set() and not self._closing
@@ -84,7 +110,7 @@ class Connection:
         """tls: whether the client was given a TLS context; over plaintext (mqtt://), a connection
         that ends or stays silent before its CONNACK is said to be what a TLS port does."""
         try:
-            rc = await asyncio.to_thread(self.client.connect, host, port, KEEPALIVE_S)
+            rc = await asyncio.to_thread(self.client.connect, host, port, round(self.keepalive_s))
         except (OSError, ssl.SSLError, ssl.CertificateError) as e:
             # A reset once TCP is up, or a reply that is no TLS record, is a handshake a plaintext port refused
             plain = tls and (isinstance(e, ConnectionResetError) or "WRONG_VERSION_NUMBER" in str(e))
@@ -177,7 +203,7 @@ class Connection:
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, code: ReasonCode, props: Any) -> None:
         why = str(code)
         if why == "Keep alive timeout":  # paho's words for no PINGRESP within the keepalive
-            why = "no PINGRESP within the keepalive (%s s)" % KEEPALIVE_S
+            why = "no PINGRESP within the keepalive (%s s)" % self.keepalive_s
         self._ended("disconnected (%s)" % why)
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, code: ReasonCode, props: Any) -> None:
@@ -253,7 +279,7 @@ class Connection:
 
     async def _keepalive(self) -> None:
         while self.client.loop_misc() == MQTTErrorCode.MQTT_ERR_SUCCESS:
-            await asyncio.sleep(MISC_PERIOD_S)
+            await asyncio.sleep(self.misc_period_s)
 
 
 class _ClosedOnFailedHandshake(ssl.SSLSocket):
@@ -314,26 +340,7 @@ async def serve(stdin: asyncio.StreamReader, send: Callable[[bytes, bytes], None
         raise LinkError("the first record is not OPEN")
     settings = json.loads(first[1])
     logging.getLogger().setLevel(settings["log_level"])  # the agent's level for its MQTT logger
-    global KEEPALIVE_S, MISC_PERIOD_S
-    KEEPALIVE_S, MISC_PERIOD_S = settings["keepalive_s"], settings["misc_period_s"]
-    timeout_s = float(settings["timeout_s"])
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=settings["client_id"], clean_session=False,
-                         protocol=paho.MQTTv311, reconnect_on_failure=False)
-    client.enable_logger(log)
-    client.connect_timeout = timeout_s
-    # No in-flight window of paho's own (0): a whole batch goes out in one round trip, and
-    # the batch bounds what is in flight (config.py: backend.batch <= 1000). With a window,
-    # paho would scan every message in flight at each PUBACK (quadratic in the batch).
-    client.max_inflight_messages_set(0)
-    if settings["tls"] is not None:
-        ctx = client_context(settings["tls"])
-        ctx.sslsocket_class = _ClosedOnFailedHandshake
-        client.tls_set_context(ctx)
-        # The context checks the host name (it is off only with insecure = true).
-        client.tls_insecure_set(not ctx.check_hostname)
-    if settings["username"] is not None:
-        client.username_pw_set(settings["username"], settings["password"])
-    connection = Connection(client, timeout_s)
+    connection = Connection.of(settings)
     try:
         try:
             await connection.open(settings["host"], settings["port"], tls=settings["tls"] is not None)

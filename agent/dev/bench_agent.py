@@ -413,9 +413,11 @@ class Broker:
             time.sleep(0.1)
         raise RuntimeError("mosquitto did not start")
 
-    def backend(self) -> MqttConfig:
+    def backend(self, payload: str = "json", client: str = MqttConfig.client,
+                documents_per_message: int = 1) -> MqttConfig:
         return MqttConfig(name="mqtt", type="mqtt", url="mqtts://localhost:%d" % self.port,
-                             ca_file=self.pki.ca_cert, batch=500)
+                          ca_file=self.pki.ca_cert, batch=500, payload=payload, client=client,
+                          documents_per_message=documents_per_message)
 
     def cpu_s(self) -> float:
         """The broker's CPU time so far (user + system; Linux /proc)."""
@@ -426,8 +428,10 @@ class Broker:
         self.proc.wait(10)
 
 
-def verify_commit_forward(n: int, payload: str = "json",
-                          profile: cProfile.Profile | None = None) -> dict[str, float]:
+def verify_commit_forward(n: int, payload: str = "json", profile: cProfile.Profile | None = None,
+                          client: str = MqttConfig.client, documents_per_message: int = 1) -> dict[str, float]:
+    """Frames verified, committed and forwarded to Mosquitto (client: where the MQTT client runs,
+    documents_per_message: as the backend's settings)."""
     fleet = Fleet()
     raws = fleet.batch(n)
     with tempfile.TemporaryDirectory() as tmp_s:
@@ -438,9 +442,7 @@ def verify_commit_forward(n: int, payload: str = "json",
 
             async def go() -> tuple[float, float]:
                 wake = asyncio.Event()
-                cfg = broker.backend()
-                cfg.payload = payload
-                fw = MqttForwarder(cfg, store, "bench-hub", wake)
+                fw = MqttForwarder(broker.backend(payload, client, documents_per_message), store, "bench-hub", wake)
                 loop = asyncio.get_running_loop()
                 store.on_commit = lambda: _wake(loop, wake)
                 task = asyncio.create_task(fw.run())
@@ -512,10 +514,11 @@ def _backlog(store: Store, fleet: Fleet, n: int) -> None:
     asyncio.run(go())
 
 
-def drain(n: int = BACKLOG_FRAMES, payload: str = "json", profile: cProfile.Profile | None = None) -> dict[str, float]:
+def drain(n: int = BACKLOG_FRAMES, payload: str = "json", profile: cProfile.Profile | None = None,
+          client: str = MqttConfig.client, documents_per_message: int = 1) -> dict[str, float]:
     """The time to forward a backlog of n frames (one hour of 20 boards) to
     Mosquitto over TLS, QoS 1, every one PUBACKed and its outbox row deleted
-    (profile: enabled while it drains)."""
+    (profile: enabled while it drains; client, documents_per_message: as the backend's settings)."""
     fleet = Fleet()
     with tempfile.TemporaryDirectory(dir=os.environ.get("PULSEBRIDGE_BENCH_DIR")) as tmp_s:
         tmp = Path(tmp_s)
@@ -528,9 +531,8 @@ def drain(n: int = BACKLOG_FRAMES, payload: str = "json", profile: cProfile.Prof
             held = store.stats.ingested
 
             async def go() -> tuple[float, float]:
-                cfg = broker.backend()
-                cfg.payload = payload
-                fw = MqttForwarder(cfg, store, "bench-hub", asyncio.Event())
+                fw = MqttForwarder(broker.backend(payload, client, documents_per_message), store, "bench-hub",
+                                   asyncio.Event())
                 if profile is not None:
                     profile.enable()
                 t, c, m, b = time.perf_counter(), time.process_time(), time.thread_time(), broker.cpu_s()

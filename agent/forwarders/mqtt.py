@@ -11,16 +11,20 @@ instead, for consumers that want it binary: each channel's samples as an
 RFC 8746 typed array (tag 78: int32, little-endian), the COSE frame as a
 byte string; hub-made records are the same maps as in JSON.
 
-The client is paho-mqtt, in a process of its own per connection
-(agent/mqtt_process.py, which says how it is driven), so that its work and
-TLS's run beside the agent's event loop rather than on it; the documents are
-made here and handed to it a batch at a time (agent/mqtt_link.py). A batch of
-rows is published at once, all of it in flight, and is acknowledged to the
-forwarder only once every message of it is PUBACKed. A connection that drops
-fails the batch at once; a batch with no PUBACK for timeout_s fails and its
-connection is closed; so does one whose process ends or falls silent. Either
-way none of its rows is marked forwarded: they are published again on a new
-connection.
+documents_per_message = N > 1 puts up to N documents of a topic in one
+message, as an array (JSON or CBOR), in the order stored.
+
+The client is paho-mqtt, driven on the agent's event loop (client =
+"in-process", InProcessConnection) or in a process of its own per connection
+(client = "process", Connection: agent/mqtt_process.py, which says how paho is
+driven in either case); the documents are made on the outbox read's thread
+and handed to the client a batch at a time (to the process over its stdin,
+agent/mqtt_link.py). A batch of rows is published at once, all of it in
+flight, and is acknowledged to the forwarder only once every message of it is
+PUBACKed. A connection that drops fails the batch at once; a batch with no
+PUBACK for timeout_s fails and its connection is closed; so does one whose
+process ends or falls silent. Either way none of its rows is marked
+forwarded: they are published again on a new connection.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import fcntl
 import json
 import logging
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -41,7 +46,7 @@ from urllib.parse import urlparse
 
 import cbor2
 
-from agent import mqtt_link
+from agent import mqtt_link, mqtt_process
 from agent.config import BackendConfig, Table
 from agent.forwarders.base import DeliveryError, Forwarder, encode_json, read_secret, tls_context
 from agent.record import SAMPLE_DTYPE
@@ -50,6 +55,11 @@ from agent.store import Row
 log = logging.getLogger(__name__)
 
 PAYLOADS = ("json", "cbor")
+# Documents in one PUBLISH at most (documents_per_message): a message of 100 ECG frames' JSON
+# documents is ~400 kB, well under what brokers take by default (Mosquitto: 256 MB).
+MAX_DOCUMENTS_PER_MESSAGE = 100
+# Where the MQTT client (paho) runs: on the agent's event loop, or in a process of its own per connection.
+CLIENTS = ("in-process", "process")
 # RFC 8746: a typed array of signed 32-bit integers, little-endian.
 TAG_INT32_LE = 78
 # How long a closing connection may take to send its DISCONNECT before its socket is closed.
@@ -82,9 +92,16 @@ class MqttConfig(BackendConfig):
     password_file: Path | None = None
     topic_prefix: str = "pulsebridge"
     payload: str = "json"  # json | cbor
+    client: str = "in-process"  # in-process | process
+    # 1: a document a message. N > 1: each message's payload an array of up to N documents of
+    # its topic, in the order stored (fewer PUBLISHes and PUBACKs: the client's cost is per message).
+    documents_per_message: int = 1
 
     def take_own(self, table: Table) -> None:
         self.payload = table.choice("payload", PAYLOADS, self.payload)
+        self.client = table.choice("client", CLIENTS, self.client)
+        self.documents_per_message = table.integer("documents_per_message", self.documents_per_message, 1,
+                                                   MAX_DOCUMENTS_PER_MESSAGE)
         self.username = table.text("username")
         self.password_file = table.path("password_file")
         self.topic_prefix = table.text("topic_prefix", self.topic_prefix) or ""
@@ -257,6 +274,49 @@ class Connection:
         self._ended("the MQTT client's process ended (exit status %s)" % status)
 
 
+class InProcessConnection:
+    """One connection to the broker, its paho client driven on the agent's own event loop
+    (agent/mqtt_process.py's Connection, which says how). The same interface as Connection;
+    its failures are DeliveryError (.backend) alike."""
+
+    pid = None  # no process of its own
+
+    def __init__(self, backend: str, timeout_s: float) -> None:
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self._connection: mqtt_process.Connection | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self._connection is not None and self._connection.usable
+
+    @property
+    def down_reason(self) -> str:
+        return self._connection.down_reason if self._connection is not None else ""
+
+    def _error(self, e: Exception) -> DeliveryError:
+        return DeliveryError("MQTT: %s" % e, backend=self.backend)
+
+    async def open(self, settings: dict[str, Any]) -> None:
+        self._connection = mqtt_process.Connection.of(settings)
+        try:
+            await self._connection.open(settings["host"], settings["port"], tls=settings["tls"] is not None)
+        except (mqtt_link.LinkError, ssl.SSLError, OSError) as e:
+            raise self._error(e) from e
+
+    async def publish(self, messages: list[tuple[str, bytes]]) -> None:
+        if self._connection is None:
+            raise self._error(mqtt_link.LinkError("not connected"))
+        try:
+            await self._connection.publish(messages)
+        except mqtt_link.LinkError as e:
+            raise self._error(e) from e
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+
 class _ProcessProtocol(asyncio.SubprocessProtocol):
     # The MQTT client's process, as the loop sees it: its stdout's bytes and its end, to the connection.
 
@@ -273,7 +333,7 @@ class _ProcessProtocol(asyncio.SubprocessProtocol):
 
 class MqttForwarder(Forwarder):
     cfg: MqttConfig
-    _connection: Connection | None = None
+    _connection: Connection | InProcessConnection | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -289,7 +349,7 @@ class MqttForwarder(Forwarder):
         timeout_s without any), so a large batch on a slow uplink is not given up while it moves."""
         return None
 
-    async def _connect(self) -> Connection:
+    async def _connect(self) -> Connection | InProcessConnection:
         u = urlparse(self.cfg.url)
         ctx = tls_context(self.cfg)  # checks the files, says what is insecure; the process makes its own alike
         host, port = u.hostname or "localhost", u.port or (8883 if ctx is not None else 1883)
@@ -305,7 +365,8 @@ class MqttForwarder(Forwarder):
             # Over the process's stdin, never its command line or environment.
             "password": read_secret(self.cfg.password_file, "MQTT password") if self.cfg.password_file else None,
         }
-        connection = Connection(self.name, self.cfg.timeout_s)
+        connection: Connection | InProcessConnection = (
+            Connection if self.cfg.client == "process" else InProcessConnection)(self.name, self.cfg.timeout_s)
         try:
             await connection.open(settings)
         except BaseException:
@@ -318,7 +379,7 @@ class MqttForwarder(Forwarder):
         deliver by the rows' ids; what failed is kept to be raised there."""
         built: list[tuple[str, bytes]] | Exception
         try:
-            built = [self.message(r) for r in rows]
+            built = self.messages(rows)
         except Exception as e:
             built = e
         with self._prepared_lock:
@@ -332,7 +393,7 @@ class MqttForwarder(Forwarder):
         if isinstance(built, Exception):
             raise built
         # All of them first: one undecodable, none sent.
-        messages = built if built is not None else [self.message(r) for r in rows]
+        messages = built if built is not None else self.messages(rows)
         if self._connection is None or not self._connection.usable:
             await self.close()
             self._connection = await self._connect()
@@ -342,17 +403,38 @@ class MqttForwarder(Forwarder):
             await self.close()  # its PUBACKs are given up: the rows go again on a new connection
             raise
 
+    def messages(self, rows: list[Row]) -> list[tuple[str, bytes]]:
+        """The rows' messages, (topic, payload): a row's document each, or with
+        documents_per_message = N > 1, each topic's documents in arrays of up to N, in the
+        rows' order."""
+        n = self.cfg.documents_per_message
+        if n == 1:
+            return [self.message(r) for r in rows]
+        by_topic: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            name, doc = self._document(r)
+            by_topic.setdefault(name, []).append(doc)
+        return [(name, self._payload(docs[i:i + n])) for name, docs in by_topic.items()
+                for i in range(0, len(docs), n)]
+
     def message(self, row: Row) -> tuple[str, bytes]:
         """A row's topic and payload (JSON, or CBOR with typed arrays: cfg.payload)."""
+        name, doc = self._document(row)
+        return name, self._payload(doc)
+
+    def _document(self, row: Row) -> tuple[str, dict[str, Any]]:
+        # A row's topic and document, ready for _payload (for CBOR: its channels tagged typed arrays).
         binary = self.cfg.payload == "cbor"
         doc = self.document(row, binary=binary, arrays=True)
         name = topic(self.cfg.topic_prefix, self.hub_id, doc)
-        if not binary:
-            return name, encode_json(doc)
-        if doc["type"] == "samples":
+        if binary and doc["type"] == "samples":
             doc["channels"] = {k: cbor2.CBORTag(TAG_INT32_LE, v.astype(SAMPLE_DTYPE, copy=False).tobytes())
                                for k, v in doc["channels"].items()}
-        return name, cbor2.dumps(doc)
+        return name, doc
+
+    def _payload(self, doc: dict[str, Any] | list[dict[str, Any]]) -> bytes:
+        # A document, or an array of them, in cfg.payload's encoding.
+        return cbor2.dumps(doc) if self.cfg.payload == "cbor" else encode_json(doc)
 
     async def close(self) -> None:
         if self._connection is not None:

@@ -49,9 +49,11 @@ def test_the_backends_are_the_modules_of_the_package() -> None:
 
 def test_each_backend_reads_its_own_settings_only() -> None:
     cfg = config.parse(tomllib.loads('[[backend]]\nname = "a"\ntype = "mqtt"\nurl = "mqtts://h"\nusername = "u"\n'
-                                     'topic_prefix = "site/1"\nbatch = 20'))
+                                     'topic_prefix = "site/1"\nbatch = 20\ndocuments_per_message = 25\n'
+                                     'client = "process"'))
     (b,) = cfg.backends
-    assert isinstance(b, MqttConfig) and (b.username, b.topic_prefix, b.batch) == ("u", "site/1", 20)
+    assert isinstance(b, MqttConfig) and (b.username, b.topic_prefix, b.batch, b.documents_per_message, b.client) == (
+        "u", "site/1", 20, 25, "process")
     assert isinstance(forwarders.make(b, None, "hub", asyncio.Event()), MqttForwarder)  # type: ignore[arg-type]
     with pytest.raises(config.ConfigError) as e:  # an MQTT setting on a webhook is no setting of it
         config.parse(tomllib.loads('[[backend]]\nname = "a"\ntype = "webhook"\nurl = "https://h"\n'

@@ -279,6 +279,64 @@ def test_the_cbor_payload_carries_the_json_document_with_typed_arrays(mosquitto:
         assert as_cbor == {f: v for f, v in as_json.items() if f not in ("channels", "cose")}
 
 
+def test_documents_per_message_sends_a_topics_documents_in_arrays_in_stored_order(mosquitto: str,
+                                                                                   tmp_path: Path) -> None:
+    # documents_per_message = 3: each PUBLISH's payload is an array (JSON, or CBOR) of up to 3
+    # documents of its topic; a topic's arrays, read in order, are its frames in stored order.
+    pki = harness.pki_for(tmp_path)
+    broker, port = _start_broker(mosquitto, tmp_path, pki)
+    store = Store(tmp_path / "store.db", ["j", "c"])
+    store.start()
+    common = dict(url="mqtts://localhost:%d" % port, ca_file=pki.ca_cert, client_cert=pki.client_cert,
+                  client_key=pki.client_key, batch=50, linger_s=0, documents_per_message=3)
+    cfgs = [MqttConfig(name="j", type="mqtt", topic_prefix="j", **common),  # type: ignore[arg-type]
+            MqttConfig(name="c", type="mqtt", topic_prefix="c", payload="cbor", **common)]  # type: ignore[arg-type]
+    received: list[tuple[str, object]] = []
+    try:
+        _store_frames(store, "pb-a1", range(7))
+        _store_frames(store, "pb-a2", range(2))
+
+        async def scenario() -> None:
+            async with aiomqtt.Client("localhost", port, tls_context=tls_context(cfgs[0]), identifier="sub") as c:
+                await c.subscribe("#", qos=1)
+                fws = [MqttForwarder(cfg, store, "test-hub", asyncio.Event()) for cfg in cfgs]
+                tasks = [asyncio.create_task(fw.run()) for fw in fws]
+
+                async def collect() -> None:
+                    async for msg in c.messages:
+                        payload = bytes(msg.payload)  # type: ignore[arg-type]
+                        name = str(msg.topic)
+                        received.append((name, json.loads(payload) if name.startswith("j/") else cbor2.loads(payload)))
+
+                collector = asyncio.create_task(collect())
+                try:
+                    await async_wait_for(lambda: all(fw.forwarded == 9 for fw in fws), 60, "9 frames each",
+                                         lambda: [(fw.forwarded, fw.last_error) for fw in fws])
+                    await async_wait_for(lambda: len(received) == 8, 30, "4 messages each", lambda: received)
+                finally:
+                    for t in [*tasks, collector]:
+                        t.cancel()
+                    await asyncio.gather(*tasks, collector, return_exceptions=True)
+                    for fw in fws:
+                        await fw.close()
+
+        asyncio.run(scenario())
+    finally:
+        store.close()
+        _stop_broker(broker)
+    by_topic: dict[str, list[list[str]]] = {}
+    for name, payload in received:
+        assert isinstance(payload, list), (name, payload)
+        by_topic.setdefault(name, []).append([d["idempotency_key"] for d in payload])
+        assert all(d["device_id"] == name.split("/")[2] for d in payload)
+    for prefix in ("j", "c"):
+        assert by_topic["%s/test-hub/pb-a1/ecg" % prefix] == [["pb-a1:1:%d" % s for s in seqs]
+                                                             for seqs in ((0, 1, 2), (3, 4, 5), (6,))]
+        assert by_topic["%s/test-hub/pb-a2/ecg" % prefix] == [["pb-a2:1:0", "pb-a2:1:1"]]
+    (cbor_doc, *_), = [p for n, p in received if n == "c/test-hub/pb-a2/ecg"]
+    assert isinstance(cbor_doc["channels"]["ecg"], cbor2.CBORTag)  # the typed arrays, as one document's
+
+
 class Relay:
     """A TCP relay between the forwarder and the broker, where the network's faults
     are injected: the bytes pass unchanged (TLS end to end). hold(): what the broker
@@ -876,7 +934,9 @@ def test_the_client_process_ending_mid_batch_loses_nothing(mosquitto: str, tmp_p
         async def scenario() -> None:
             relay = Relay(port)
             await relay.start()
-            fw = MqttForwarder(_via(relay, pki, batch=n, timeout_s=60), store, "test-hub", asyncio.Event())
+            cfg = _via(relay, pki, batch=n, timeout_s=60)
+            cfg.client = "process"
+            fw = MqttForwarder(cfg, store, "test-hub", asyncio.Event())
             fw.backoff.cap_s = 1.0
             task = asyncio.create_task(fw.run())
             try:
@@ -983,7 +1043,7 @@ def test_a_client_process_that_breaks_its_word_is_ended_and_named(tmp_path: Path
 
         async def scenario() -> tuple[str, list[int]]:
             cfg = MqttConfig(name="broker", type="mqtt", url="mqtt://127.0.0.1:%d" % harness.free_port(),
-                             insecure=True, linger_s=0, timeout_s=1)
+                             insecure=True, linger_s=0, timeout_s=1, client="process")
             fw = MqttForwarder(cfg, store, "test-hub", asyncio.Event())
             pids: list[int] = []
             opened = mqtt.Connection.open
