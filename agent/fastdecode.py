@@ -3,7 +3,7 @@ protocols/ refuses, and decodes the rest to the same values, faster.
 
 mac0(): protocols.cose.parse for the COSE_Mac0 envelope every board writes,
 read by its byte layout. payload(): protocols.messages.decode_payload for the hub (a board's sample
-frame read in one pass when it has the form boards write, anything else by
+frame read by its byte layout when it has the form boards write, anything else by
 the reference, with cbor() for its CBOR). cbor(): the strict CBOR codec's
 decode (protocols/cbor.py, which the board runs too) through cbor2's C
 decoder, under a check that the input was in the strict codec's form
@@ -95,9 +95,6 @@ def _mac0(data: bytes) -> cose.Mac0 | None:
     return cose.Mac0(bytes(data[8:p_end]), bytes(data[q:t]), bytes(data[t + 2:]))
 
 
-# A version 2 sample frame's keys as boards write them: ECG streams, and PPG (key 10, the LED drive).
-_FRAME_KEYS = frozenset(range(16)) - {10}
-_PPG_FRAME_KEYS = frozenset(range(16))
 _MAX_SAMPLE_BYTES = samples.WORST_BYTES_PER_SAMPLE
 _U32_MAX = 0xFFFFFFFF
 
@@ -108,10 +105,11 @@ def payload(data: bytes | bytearray | memoryview, allowed_kinds: tuple[int, ...]
     """messages.decode_payload(data, ...) (protocols/decode.py), the same message
     or the same RemoteProtocolError for any input: a version 2 sample frame that
     a hub decrypts and leaves encoded (decode_samples=False, an opener) is read in
-    one pass when it has exactly the fields boards write, each of the right type
-    within its bounds, and cbor2 encodes it back to exactly data; anything else
-    (an error, an extension key, another message) is the reference's to answer,
-    its CBOR through cbor(). tests/agent/test_fast_cbor.py holds them to it."""
+    one pass by its byte layout when it has exactly the fields boards write, in
+    their order and in the strict codec's shortest form, each of the right type
+    within its bounds; anything else (an error, an extension key, keys in another
+    order, another message) is the reference's to answer, its CBOR through cbor().
+    tests/agent/test_fast_cbor.py holds them to it."""
     if opener is not None and not decode_samples and versions == (messages.VERSION,) \
             and (not allowed_kinds or messages.T_SAMPLES in allowed_kinds) and len(data) <= FAST_CBOR_MAX_BYTES:
         frame = _sample_frame(data, opener)
@@ -121,68 +119,149 @@ def payload(data: bytes | bytearray | memoryview, allowed_kinds: tuple[int, ...]
 
 
 def _sample_frame(data: bytes | bytearray | memoryview, opener: cipher.SampleCipher) -> messages.SampleFrame | None:
-    # The frame, or None: not in the form boards write (the reference decides).
+    # The frame, or None: not in the form boards write (the reference decides). Read by its
+    # byte layout (protocols/fields.py encode_sample_frame): the map of 15 fields (16 for PPG,
+    # key 10 its LED drive) in ascending key order, each integer's head in shortest form, as
+    # the strict codec wants it, each field within its bounds.
+    if type(data) is not bytes:
+        data = bytes(data)
     try:
-        d = cbor2.loads(data)
-    except Exception:
+        return _frame_at(data, opener)
+    except IndexError:  # cut short: the reference says where
         return None
-    if type(d) is not dict:
+
+
+def _uint_at(data: bytes, i: int) -> tuple[int, int]:
+    # The unsigned integer whose head is at data[i], in shortest form, and where the next item
+    # starts; -1 for anything else (another major type, a longer head than needed). IndexError
+    # past the end (a slice past it is caught by the next read: a frame ends with its salt).
+    b = data[i]
+    if b < 24:
+        return b, i + 1
+    if b == 24:
+        v = data[i + 1]
+        return (v if v >= 24 else -1), i + 2
+    if b == 25:
+        v = (data[i + 1] << 8) | data[i + 2]
+        return (v if v >= 0x100 else -1), i + 3
+    if b == 26:
+        v = int.from_bytes(data[i + 1:i + 5], "big")
+        return (v if v >= 0x10000 else -1), i + 5
+    if b == 27:
+        v = int.from_bytes(data[i + 1:i + 9], "big")
+        return (v if v >= 0x100000000 else -1), i + 9
+    return -1, i
+
+
+# The fixed bytes of a frame as boards write it: its start (map head, then keys 0 and 1 with
+# T_SAMPLES and VERSION, then key 2), and its end (key 14: A256CTR, -65532, a negative
+# integer's two-byte head; key 15: the 16-byte boot salt's head).
+_FRAME_START = b"\x00\x01\x01\x02\x02"
+_FRAME_END = b"\x0e\x39\xff\xfb\x0f\x50"
+_MAP_ECG, _MAP_PPG = 0xA0 + 15, 0xA0 + 16
+_ARRAY_2, _ARRAY_4 = 0x82, 0x84
+_ENCODING_SAMPLES = bytes((12, samples.ENCODING_DELTA_ZIGZAG_VARINT, 13))  # key 12, its value, key 13
+
+
+def _frame_at(data: bytes, opener: cipher.SampleCipher) -> messages.SampleFrame | None:
+    uint = _uint_at
+    head = data[0]
+    if (head != _MAP_ECG and head != _MAP_PPG) or data[1:6] != _FRAME_START:
         return None
-    stream = d.get(4)
-    keys = _PPG_FRAME_KEYS if stream == messages.STREAM_PPG_MAX30102 else _FRAME_KEYS
-    if d.keys() != keys:
+    epoch, i = uint(data, 6)
+    if data[i] != 3:
         return None
-    for k in d:
-        if type(k) is not int:  # a key true or false (equal to 1 or 0 in Python)
-            return None
-    kind, version, epoch, seq, t0_ms, first_index, rate, count, encoding, alg = (
-        d[0], d[1], d[2], d[3], d[5], d[6], d[7], d[8], d[12], d[14])
-    for v in (kind, version, epoch, seq, stream, t0_ms, first_index, rate, count, encoding, alg):
-        if type(v) is not int:
-            return None
-    if not (kind == messages.T_SAMPLES and version == messages.VERSION and 0 <= epoch <= messages.MAX_EPOCH
-            and 0 <= seq <= messages.MAX_SEQ and stream in messages.STREAM_CHANNELS
+    seq, i = uint(data, i + 1)
+    if data[i] != 4:
+        return None
+    stream, i = uint(data, i + 1)
+    if data[i] != 5:
+        return None
+    t0_ms, i = uint(data, i + 1)
+    if data[i] != 6:
+        return None
+    first_index, i = uint(data, i + 1)
+    if data[i] != 7:
+        return None
+    rate, i = uint(data, i + 1)
+    if data[i] != 8:
+        return None
+    count, i = uint(data, i + 1)
+    if data[i] != 9 or data[i + 1] != _ARRAY_2:
+        return None
+    scale_num, i = uint(data, i + 2)
+    scale_den, i = uint(data, i)
+    nch = messages.STREAM_CHANNELS.get(stream, 0)
+    if not (0 <= epoch <= messages.MAX_EPOCH and 0 <= seq <= messages.MAX_SEQ and nch
             and 0 <= t0_ms <= messages.MAX_UPLINK_INT and 0 <= first_index <= messages.MAX_UPLINK_INT
             and 1 <= rate <= 100000 and 1 <= count <= messages.MAX_SAMPLES
-            and encoding == samples.ENCODING_DELTA_ZIGZAG_VARINT and alg == cipher.ALG_A256CTR):
+            and 0 <= scale_num <= _U32_MAX and 1 <= scale_den <= _U32_MAX):
         return None
-    scale, status, chans, salt = d[9], d[11], d[13], d[15]
-    drive = d.get(10)
-    if not (_uints_within(scale, 2, _U32_MAX) and scale[1] != 0 and _uints_within(status, 4, messages.MAX_UPLINK_INT)
-            and (drive is None or _uints_within(drive, 4, messages.MAX_UPLINK_INT))
-            and type(salt) is bytes and len(salt) == cipher.BOOT_SALT_SIZE
-            and type(chans) is list and len(chans) == messages.STREAM_CHANNELS[stream]):
-        return None
-    for ch in chans:
-        if type(ch) is not bytes or not count <= len(ch) <= count * _MAX_SAMPLE_BYTES:
+    drive: tuple[int, int, int, int] | None = None
+    if stream == messages.STREAM_PPG_MAX30102:
+        if head != _MAP_PPG or data[i] != 10 or data[i + 1] != _ARRAY_4:
             return None
-    if cbor2.dumps(d) != data:
+        d0, i = uint(data, i + 2)
+        d1, i = uint(data, i)
+        d2, i = uint(data, i)
+        d3, i = uint(data, i)
+        if not (0 <= d0 <= messages.MAX_UPLINK_INT and 0 <= d1 <= messages.MAX_UPLINK_INT
+                and 0 <= d2 <= messages.MAX_UPLINK_INT and 0 <= d3 <= messages.MAX_UPLINK_INT):
+            return None
+        drive = (d0, d1, d2, d3)
+    elif head != _MAP_ECG:
         return None
+    if data[i] != 11 or data[i + 1] != _ARRAY_4:
+        return None
+    flags, i = uint(data, i + 2)
+    fifo_lost, i = uint(data, i)
+    dropped, i = uint(data, i)
+    jitter_us, i = uint(data, i)
+    if not (0 <= flags <= messages.MAX_UPLINK_INT and 0 <= fifo_lost <= messages.MAX_UPLINK_INT
+            and 0 <= dropped <= messages.MAX_UPLINK_INT and 0 <= jitter_us <= messages.MAX_UPLINK_INT):
+        return None
+    if data[i:i + 3] != _ENCODING_SAMPLES or data[i + 3] != 0x80 + nch:
+        return None
+    i += 4
+    # Each channel's bytes (a head of 1, 2 or 3 bytes: at most count * _MAX_SAMPLE_BYTES, 5120).
+    bounds = []
+    most = count * _MAX_SAMPLE_BYTES
+    for _ in range(nch):
+        b = data[i]
+        if 0x40 <= b < 0x58:
+            size, i = b - 0x40, i + 1
+        elif b == 0x58:
+            size, i = data[i + 1], i + 2
+            if size < 24:
+                return None
+        elif b == 0x59:
+            size, i = (data[i + 1] << 8) | data[i + 2], i + 3
+            if size < 0x100:
+                return None
+        else:
+            return None
+        if not count <= size <= most:
+            return None
+        bounds.append((i, i + size))
+        i += size
+    if data[i:i + 6] != _FRAME_END or len(data) != i + 6 + cipher.BOOT_SALT_SIZE:
+        return None
+    salt = data[i + 6:]
     # The channels are one keystream, in order: decrypted in one call.
-    if len(chans) == 1:
-        clear_channels = [opener.opened(chans[0], epoch, seq, salt)]
+    if nch == 1:
+        a, z = bounds[0]
+        clear_channels = [opener.opened(data[a:z], epoch, seq, salt)]
     else:
-        clear = opener.opened(b"".join(chans), epoch, seq, salt)
+        clear = opener.opened(b"".join([data[a:z] for a, z in bounds]), epoch, seq, salt)
         clear_channels, offset = [], 0
-        for ch in chans:
-            clear_channels.append(clear[offset:offset + len(ch)])
-            offset += len(ch)
-    frame = messages.SampleFrame(epoch, seq, stream, t0_ms, first_index, rate, count, (scale[0], scale[1]),
-                                 None if drive is None else (drive[0], drive[1], drive[2], drive[3]),
-                                 (status[0], status[1], status[2], status[3]),
+        for a, z in bounds:
+            clear_channels.append(clear[offset:offset + z - a])
+            offset += z - a
+    frame = messages.SampleFrame(epoch, seq, stream, t0_ms, first_index, rate, count, (scale_num, scale_den), drive,
+                                 (flags, fifo_lost, dropped, jitter_us),
                                  clear_channels)  # type: ignore[arg-type]  # encoded: decode_samples=False
     frame.boot_salt = salt
     return frame
-
-
-def _uints_within(v: Any, n: int, limit: int) -> bool:
-    # An array of n unsigned integers, none above limit.
-    if type(v) is not list or len(v) != n:
-        return False
-    for x in v:
-        if type(x) is not int or not 0 <= x <= limit:
-            return False
-    return True
 
 
 def cbor(data: bytes | bytearray | memoryview) -> object:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 
 from agent import fastdecode
-from agent.record import FrameRecord, pack_steps, unpacked_steps
+from agent.record import FrameRecord, Samples, pack_steps
 from agent.registry import Device, Registry
 from agent.store import (
     KIND_FRAME,
@@ -378,12 +378,13 @@ def record_of(device_id: str, m: messages.SampleFrame, sample_bytes: list[bytes]
         t0_utc = None  # a clock map gone wild is not a time: placed by arrival instead
     count = m.count
     # Every channel's steps of one or two bytes each on the wire (most frames): stored as read,
-    # the samples summed from them; else (or no samples) each channel decoded in full.
+    # the samples summed from them when the record's channels are first read (the vitals
+    # engine, a forwarder); else (or no samples) each channel decoded in full now.
     steps = [fastdecode.short_steps(ch, count) for ch in sample_bytes] if count else []
     packed: tuple[int, bytes] | None = None
+    channels: tuple[Samples, ...] | None = None
     if steps and None not in steps:
         packed = pack_steps(cast("list[tuple[int, int, bytes]]", steps))
-        channels = unpacked_steps(packed[0], packed[1], len(steps), count)
     else:
         channels = tuple(fastdecode.decode(ch, count) for ch in sample_bytes)
     flags, fifo_lost, dropped, jitter_us = m.status

@@ -55,7 +55,9 @@ _STEP16_DTYPE = np.dtype("<i2")
 class FrameRecord:
     """One verified sample frame. channels: one int32 array of `count` samples
     per channel (ECG: ecg; PPG: red, ir), in units of scale_num/scale_den
-    `unit` per count. t0_ms is the board's clock (ms) at the first sample,
+    `unit` per count (made with them, or summed once from packed_steps at the
+    first read: ingest stores a frame without reading its samples as arrays,
+    and the vitals engine and forwarders read them). t0_ms is the board's clock (ms) at the first sample,
     t0_utc_ms that instant in UTC ms when the board's clock was mapped (None
     before the first time sync); received_at is the hub's UTC time (s) when
     the frame arrived. raw: the COSE message as the board sealed it."""
@@ -75,15 +77,26 @@ class FrameRecord:
     fifo_lost_samples: int
     frames_dropped_by_board: int
     jitter_us: int
-    channels: tuple[Samples, ...]
+    _channels: tuple[Samples, ...] | None  # None: summed from packed_steps at the first read of channels
     t0_utc_ms: int | None
     received_at: float
     raw: bytes
     # (step width, the samples part of stored()) when ingest had the steps
     # from the wire (agent/fastdecode.py; pack_steps()): stored() then packs
-    # them as they are; None: it works them out from channels. Made only from
-    # the same samples as channels.
+    # them as they are, and channels are summed from them; None: stored() works
+    # them out from channels. Made only from the same samples as channels.
     packed_steps: tuple[int, bytes] | None = None
+
+    @property
+    def channels(self) -> tuple[Samples, ...]:
+        channels = self._channels
+        if channels is None:
+            if self.packed_steps is None:
+                raise ValueError("a record made with neither channels nor packed steps")
+            width, body = self.packed_steps
+            channels = self._channels = unpacked_steps(width, body, _packed_count(width, body, self.count),
+                                                       self.count)
+        return channels
 
     @property
     def key(self) -> str:
@@ -122,9 +135,11 @@ class FrameRecord:
         packed (the format above). Samples whose steps all fit 8 or 16 bits (most
         ECG and pleth: a byte each) are kept as each channel's first sample and
         its steps; others as int32 values."""
-        n, count = len(self.channels), self.count
-        if self.packed_steps is not None and n and count:
-            return self._head(n, self.packed_steps[0]) + self.packed_steps[1]
+        count = self.count
+        if self.packed_steps is not None and count:
+            width, body = self.packed_steps
+            return self._head(_packed_count(width, body, count), width) + body
+        n = len(self.channels)
         if not n or not count:
             return self._head(n, 4)
         values = np.stack(self.channels).astype(np.int64) if n > 1 else self.channels[0].astype(np.int64)[None]
@@ -220,6 +235,11 @@ def pack_steps(channels: list[tuple[int, int, bytes]]) -> tuple[int, bytes]:
 
 
 _FIRST = struct.Struct("<i")
+
+
+def _packed_count(width: int, body: bytes, count: int) -> int:
+    # The channels in pack_steps()'s body: each its first sample (4 bytes) and count - 1 steps.
+    return len(body) // (4 + width * (count - 1))
 
 
 def unpacked_steps(width: int, body: bytes, n: int, count: int) -> tuple[Samples, ...]:

@@ -330,6 +330,42 @@ def test_a_boards_frames_take_the_fast_path(f: messages.SampleFrame, salt: bytes
     assert _same_message(messages.encoded(f, sealer=cipher.SampleCipher(_KEY, salt))) == "fast"
 
 
+def _heads(data: bytes) -> list[tuple[int, int, int, int]]:
+    """Every CBOR head in data (a payload in the strict codec's form): (where it starts, where
+    it ends, major type, argument), a byte string's content skipped."""
+    out, pos = [], 0
+    while pos < len(data):
+        major, value, end = cbor.read_head(data, pos, len(data))
+        out.append((pos, end, major, value))
+        pos = end + value if major in (2, 3) else end
+    return out
+
+
+# Frames whose integers take every head width: 1 byte (below 24), 2, 3, 5 and 9 bytes.
+_WIDE_ECG = messages.SampleFrame(2**32 - 1, 70000, messages.STREAM_ECG_MAX30003, 2**53 - 1, 300, 512, 30,
+                                 (2**32 - 1, 24), None, (0, 255, 65536, 2**40), [list(range(0, 3000, 100))])
+_WIDE_PPG = messages.SampleFrame(24, 255, messages.STREAM_PPG_MAX30102, 2**33, 2**16, 100000, 60, (1, 1),
+                                 (23, 24, 2**32, 2**53 - 1), (8, 0, 0, 1), [list(range(60)), [9] * 60])
+
+
+@pytest.mark.parametrize("frame", [_ECG, _PPG, _WIDE_ECG, _WIDE_PPG], ids=["ecg", "ppg", "wide-ecg", "wide-ppg"])
+def test_every_head_widened_or_cut_is_answered_as_the_reference(frame: messages.SampleFrame) -> None:
+    # The layout reader takes each head in its shortest form only, as the strict codec does:
+    # each head of a board's frame written one width longer or more is refused as the reference
+    # refuses it; so is the frame cut at every byte.
+    data = messages.encoded(frame, sealer=cipher.SampleCipher(_KEY, bytes(range(16))))
+    assert _same_message(data) == "fast"
+    widened = 0
+    for start, end, major, value in _heads(data):
+        if major in (0, 1, 2, 4, 5):
+            for width in _widths(value)[1:]:
+                assert _same_message(data[:start] + _head(major, value, width) + data[end:]) == "refused"
+                widened += 1
+    assert widened > 40
+    for cut in range(len(data)):
+        assert _same_message(data[:cut]) == "refused"
+
+
 # ---- mac0(): the COSE_Mac0 envelope by its layout -----------------------------------
 
 def _same_mac0(data: bytes) -> str:

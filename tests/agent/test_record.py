@@ -148,7 +148,10 @@ def test_a_records_samples_are_the_reference_decoders(n_channels: int, count: in
         expected.append(samples.decode(wire[-1], count))
     m = messages.SampleFrame(1, 2, 3, 4, 5, 100, count, (1, 1), None, (0, 0, 0, 0), wire)  # type: ignore[arg-type]
     f = record_of("pb-r", m, wire, b"cose", None)
+    stored = f.stored()  # before its channels are read: from the steps as read (most frames)
     assert [ch.tolist() for ch in f.channels] == expected
     assert all(ch.dtype == np.int32 and ch.shape == (count,) for ch in f.channels)
+    assert f.channels is f.channels  # summed once, whoever reads them
+    assert f.stored() == stored
     back, _ = _round_trip(f)
     _same_record(back, f)
