@@ -155,6 +155,50 @@ def test_a_board_starved_of_cpu_when_stopped_still_gives_its_stop_summary(microp
         b.stop()
 
 
+@pytest.mark.micropython
+@pytest.mark.slow
+def test_a_board_stopped_before_the_relay_passed_on_its_last_command_still_stops(micropython: str, sim_cache: Path,
+                                                                                tmp_path: Path) -> None:
+    # The provisioning tool types the firmware's start on the board's port; the relay (a thread, the
+    # USB cable) passes it to the console. stop() waited only until the console's queue was empty: a
+    # relay late (a loaded machine) had not passed the line on yet, the Ctrl-C came ahead of it, the
+    # REPL then ran the line, the firmware read the Ctrl-D as link data, and stop() waited out its
+    # bound, then killed the board (CI at 273674e: test_provisioning_round_trip's teardown, 60.02 s).
+    # Nor may the Ctrl-C come while the REPL, the line read, still has its console raw (the key is then
+    # a character the firmware reads as link data) or SIGINT's default action (the key ends the board).
+    b = SimulatedBoard(boards.BoardSpec("pb-late02"), tmp_path / "b", sim_cache, micropython)
+    b.start()
+    port = None
+    relay_held = False
+    try:
+        wait_for(lambda: "streaming over" in b.console_tail(), 30, "the board streaming", b.console_tail)
+        b.interrupt()
+        wait_for(lambda: b.console_tail().endswith(">>> "), 30, "the REPL", lambda: b.console_tail()[-300:])
+        port = serial.Serial(b.port, timeout=0.2)
+        b._relay_lock.acquire()  # fault injected: the relay gets no CPU from here (it waits on its lock)
+        relay_held = True
+        start = b"exec(open('main.py').read())\r"  # as Provisioner._start_firmware types it, on the port
+        port.write(start)
+        port.flush()
+        wait_for(lambda: SimulatedBoard._queued(b._mb) >= len(start), 30, "the line on the port, not relayed")
+        stopping = threading.Thread(target=b.stop, args=(20.0,))
+        stopping.start()
+        wait_for(lambda: b._stopping, 30, "stop() under way")  # while the line is still on the port
+        b._relay_lock.release()
+        relay_held = False
+        stopping.join(90)
+        assert not stopping.is_alive()
+        assert b.proc is not None, "never started"
+        assert b.proc.returncode == 0, b.proc.returncode  # left the REPL on a Ctrl-D, not killed
+        assert "streaming stopped (Ctrl-C)" in b.console_tail()[-500:], b.console_tail()[-500:]  # the line ran
+    finally:
+        if relay_held:
+            b._relay_lock.release()
+        if port is not None:
+            port.close()
+        b.stop()
+
+
 def _process_letter(pid: int) -> str:
     """The process's state as /proc gives it: S sleeping, R running, T stopped."""
     with open("/proc/%d/stat" % pid) as f:

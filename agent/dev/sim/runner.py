@@ -62,6 +62,8 @@ STOP_BOUND_S = 60.0
 _WAITING_FOR_INPUT_S = 1.0
 # What a board prints once it has handled a Ctrl-C: a REPL prompt (the firmware's stop summary before it).
 _ANSWERS = (b">>> ",)
+# What a board's REPL ends its output with while it waits for a line: the friendly prompt, the raw one.
+_PROMPTS = (b">>> ", b">")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +71,7 @@ class _ProcessState:
     blocked: bool  # asleep in the kernel (waiting for input, a timer): not runnable, not stopped
     signal_pending: bool
     cpu_ticks: int  # user + system time, in clock ticks
+    catches_sigint: bool = False  # a handler is set for SIGINT (not its default action, which ends the process)
 
 
 def _process_state(pid: int) -> _ProcessState:
@@ -81,8 +84,9 @@ def _process_state(pid: int) -> _ProcessState:
     except (OSError, IndexError):
         return _ProcessState(False, False, 0)
     pending = any(int(status.get(k, "0").strip() or "0", 16) for k in ("SigPnd", "ShdPnd"))
+    caught = int(status.get("SigCgt", "0").strip() or "0", 16) >> (signal.SIGINT - 1) & 1 == 1
     # fields[0] is the state (field 3 of stat), [11] and [12] utime and stime (fields 14, 15).
-    return _ProcessState(fields[0] == "S", pending, int(fields[11]) + int(fields[12]))
+    return _ProcessState(fields[0] == "S", pending, int(fields[11]) + int(fields[12]), caught)
 
 
 def find_micropython() -> str:
@@ -153,6 +157,10 @@ class SimulatedBoard:
         self._tail = bytearray()
         self._heard = 0  # bytes the board has written to its console, in all
         self._tail_lock = threading.Lock()
+        # Held by the relay from its read of the port to its write to the console: bytes typed on the
+        # port are always in one of the two queues (or both) for typed_unread() to count.
+        self._relay_lock = threading.Lock()
+        self._sent_since_heard = 0  # bytes sent to the console since the board last printed (under _tail_lock)
 
     @property
     def device_id(self) -> str:
@@ -252,10 +260,11 @@ class SimulatedBoard:
             except (OSError, ValueError):
                 return
             if ma in readable:
-                try:
-                    data = os.read(ma, 65536)
-                except OSError:
-                    data = b""
+                with self._tail_lock:  # (read under the lock: what the board printed is queued or in the tail)
+                    try:
+                        data = os.read(ma, 65536)
+                    except OSError:
+                        data = b""
                 if not data:  # the board process is gone
                     if self._rebooted():
                         continue
@@ -264,6 +273,7 @@ class SimulatedBoard:
                     return
                 with self._tail_lock:
                     self._heard += len(data)
+                    self._sent_since_heard = 0
                     self._tail.extend(data)
                     del self._tail[:-_CONSOLE_TAIL]
                     if self.record:
@@ -273,17 +283,18 @@ class SimulatedBoard:
                     else:
                         self.dropped_bytes += len(data)
             if mb in readable:
-                try:
-                    data = os.read(mb, 65536)
-                except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EIO):
-                        raise
-                    data = b""
-                if data and self.cable_connected:
-                    if self.record:
-                        with self._tail_lock:
-                            self.tap_downlink.extend(data)
-                    os.write(ma, data)
+                with self._relay_lock:
+                    try:
+                        data = os.read(mb, 65536)
+                    except OSError as e:
+                        if e.errno not in (errno.EAGAIN, errno.EIO):
+                            raise
+                        data = b""
+                    if data and self.cable_connected:
+                        if self.record:
+                            with self._tail_lock:
+                                self.tap_downlink.extend(data)
+                        self._to_console(data)
 
     def _power_lost(self) -> None:
         # The board died without a reset (kill -9: a power cut). A USB board's
@@ -339,6 +350,11 @@ class SimulatedBoard:
 
     def type(self, data: bytes) -> None:
         """Keystrokes on the board's console, as a USB host would send them."""
+        self._to_console(data)
+
+    def _to_console(self, data: bytes) -> None:
+        with self._tail_lock:
+            self._sent_since_heard += len(data)
         os.write(self._ma, data)
 
     def interrupt(self) -> None:
@@ -362,9 +378,12 @@ class SimulatedBoard:
                 # What was typed before it read first (the line that starts the firmware, typed by the
                 # provisioning tool just before): a Ctrl-C typed while a REPL reads a line is a mere
                 # character behind it, which the program the line starts reads as link data, and the
-                # Ctrl-D after it. The key then goes to whatever runs.
-                typed_read_by = time.monotonic() + bound_s  # this wait and the answer's share the bound
-                self._await_board(lambda: self._console_unread() == 0, bound_s)
+                # Ctrl-D after it. The key then goes to whatever runs. What was typed on the port
+                # counts too: the relay (another thread, on a loaded machine late) may not have passed
+                # it on yet, and a Ctrl-C typed before it lands ahead of the line.
+                typed_read_by = time.monotonic() + bound_s  # these waits and the answer's share the bound
+                self._await_board(lambda: self.typed_unread() == 0, bound_s)
+                self._await_board(self._takes_ctrl_c, typed_read_by - time.monotonic())
                 heard = self._heard
                 self.interrupt()
                 self._await_board(lambda: self._answered_since(heard), typed_read_by - time.monotonic())
@@ -407,6 +426,47 @@ class SimulatedBoard:
         except OSError:
             pass
 
+    def typed_unread(self) -> int:
+        """Bytes typed for the board that it has not read yet: on its console, and on its port while
+        the relay has not passed them on (none there while the board does not read its port, or its
+        cable is cut: those never reach it)."""
+        with self._relay_lock:
+            on_port = self._queued(self._mb) if self.reading and self.cable_connected else 0
+            return on_port + self._console_unread()
+
+    def _takes_ctrl_c(self) -> bool:
+        """Whether a Ctrl-C typed now is taken as one: the board runs code with its SIGINT handler set
+        (its console's ISIG on: KeyboardInterrupt), or its REPL waits at its prompt with all it printed
+        relayed (the console raw: the REPL reads the key). Between reading a line and running it, the
+        REPL has the console raw still (the key would be a character for the code the line starts: a
+        firmware reads it as link data) or SIGINT's default action (the key would end the board)."""
+        assert self.proc is not None
+        try:
+            fd = os.open(self._console_name, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+        except OSError:
+            return True  # (not to be told: typed as before)
+        try:
+            lflag = termios.tcgetattr(fd)[3]
+        except termios.error:
+            return True
+        finally:
+            os.close(fd)
+        if lflag & termios.ISIG:
+            return _process_state(self.proc.pid).catches_sigint
+        with self._tail_lock:  # (bytes written to a pty reach its other side a moment later: counted here)
+            return (self._sent_since_heard == 0 and self._queued(self._ma) == 0
+                    and bytes(self._tail[-4:]).endswith(_PROMPTS))
+
+    @staticmethod
+    def _queued(fd: int) -> int:
+        """Bytes waiting to be read on a pty's side fd (0 if that cannot be told)."""
+        if fd < 0:
+            return 0
+        try:
+            return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
+        except OSError:
+            return 0
+
     def _console_unread(self) -> int:
         """Bytes typed on the board's console that it has not read yet (0 if that cannot be told)."""
         try:
@@ -414,9 +474,7 @@ class SimulatedBoard:
         except OSError:
             return 0
         try:
-            return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
-        except OSError:
-            return 0
+            return self._queued(fd)
         finally:
             os.close(fd)
 
