@@ -398,7 +398,7 @@ def cmd_ota_push(args: argparse.Namespace) -> int:
             return 0
         if state.startswith("refused"):
             print("pulsebridge: the board refused the bundle (%s); it runs its previous version"
-                  % ota.refusal(state), file=sys.stderr)
+                  % ota.refusal(state, m.key_id.hex()), file=sys.stderr)
             return 1
         if state == "rolled_back":
             print("pulsebridge: the new version did not stream with acknowledgements on trial: the board went "

@@ -122,14 +122,16 @@ def progress(update: dict[str, Any] | None) -> dict[str, Any] | None:
     """A board's update state (the status's "update") as the operator sees it:
     {"phase": receiving|verifying|installed|confirmed|refused|rolled_back,
     "pct": bytes received in % (receiving), "version": the bundle's name,
-    "reason": the refusal's}; None if there is none to show."""
+    "reason": the refusal's, "key_id": the bundle's signing key id (16 hex digits, "" if not known)};
+    None if there is none to show."""
     if not update or not update.get("state"):
         return None
     state = str(update["state"])
     phase, _, reason = state.partition(":")
     if phase == "on_trial":
         phase = "installed"
-    out: dict[str, Any] = {"phase": phase, "pct": None, "version": update.get("version") or "", "reason": reason}
+    out: dict[str, Any] = {"phase": phase, "pct": None, "version": update.get("version") or "", "reason": reason,
+                           "key_id": str(update.get("key_id") or "")}
     total = update.get("total")
     if phase == "receiving" and total:
         out["pct"] = min(99, int(100 * int(update.get("offset") or 0) / int(total)))
@@ -155,9 +157,15 @@ REFUSALS = {
 }
 
 
-def refusal(state: str) -> str:
-    """A "refused:REASON" state in a technician's words (the reason alone if it is not known here)."""
+def refusal(state: str, key_id: str = "") -> str:
+    """A "refused:REASON" state in a technician's words (the reason alone if it is not known here);
+    key_id: the bundle's signing key id (hex), named for an unknown key with what to do about it."""
     reason = state.partition(":")[2]
+    if reason == "unknown_key" and key_id:
+        return ("unknown_key: signed by a key the board does not hold (key id %s): a board takes only the "
+                "vendor keys it was provisioned with. Sign the release with one of those (pulsebridge-dev release "
+                "sign --key), or provision the board again with this key's public half (provision --vendor-key "
+                "HEX, as pulsebridge-dev release keygen printed it, key id %s)" % (key_id, key_id))
     return "%s: %s" % (reason, REFUSALS[reason]) if reason in REFUSALS else reason
 
 
@@ -177,7 +185,10 @@ def describe(update: dict[str, Any] | None) -> str:
     if phase == "confirmed":
         return "update%s installed and confirmed" % version
     if phase == "refused":
-        return "update%s refused by the board (%s): it runs its previous version" % (version, p["reason"])
+        reason = p["reason"]
+        if reason == "unknown_key" and p["key_id"]:
+            reason += ": it does not hold the key %s that signed it" % p["key_id"]
+        return "update%s refused by the board (%s): it runs its previous version" % (version, reason)
     if phase == "rolled_back":
         return "update%s rolled back: the board runs its previous version" % version
     return "update%s: %s" % (version, update["state"] if update else "")
@@ -220,6 +231,7 @@ class Pusher:
         self.total: int | None = None  # the spooled bundle's size
         self.name = ""  # its version's name (manifest)
         self.version = 0  # ... and number
+        self.key_id = ""  # ... and the id of the key that signed it (hex)
 
     def on_state(self, device_id: str, m: messages.UpdateState) -> bool:
         """The board's report of where its update stands. Returns False for one that is not of the
@@ -229,6 +241,11 @@ class Pusher:
         the push (the bundle unspooled) as it began."""
         state = m.state
         prev = read_state(self.dir.parent, device_id) or {}  # (this session may not have loaded the bundle yet)
+        if not final(state) and final(str(prev.get("state", ""))) and not (self.dir / (device_id + ".bin")).exists():
+            # An answer to a chunk sent before the board's refusal (or outcome) was heard, e.g. a board
+            # that refused a bundle from its header alone while the rest of a window came: no push is on,
+            # and the refusal the push command and the status show stays.
+            return False
         if state == "refused:on_trial" and (self.state or prev.get("state")) in ("verifying",) + ON_TRIAL:
             state = "on_trial"  # this bundle, installed and rebooted into before its "installed" was heard
         if state in FINAL:
@@ -243,10 +260,15 @@ class Pusher:
         self.state = state
         self.heard.set()
         total = self.total if self.total is not None else prev.get("total")
+        key_id = self.key_id or str(prev.get("key_id") or "")
+        if not key_id and state.startswith("refused"):  # (named to the technician: "unknown_key")
+            spooled = self._spooled(device_id)
+            key_id = spooled.key_id.hex() if spooled is not None else ""
         self._record(device_id, {"device_id": device_id, "offset": m.offset, "state": state, "epoch": m.epoch,
                                  "at": time.time(), "total": total,
                                  "version": self.name or prev.get("version"),
                                  "release_version": self.version or prev.get("release_version"),
+                                 "key_id": key_id,
                                  "trial_seen": bool(prev.get("trial_seen")) and state in ON_TRIAL,
                                  "seen": _seen(prev, state)})
         return True
@@ -276,12 +298,17 @@ class Pusher:
 
     def _spooled_version(self, device_id: str) -> int:
         """The spooled bundle's version (its manifest's), 0 if there is none to read."""
+        m = self._spooled(device_id)
+        return m.version if m is not None else 0
+
+    def _spooled(self, device_id: str) -> bundle.Manifest | None:
+        """The spooled bundle's manifest, None if there is none to read."""
         try:
             with open(self.dir / ("%s.bin" % device_id), "rb") as f:
                 head = f.read(bundle.MAX_HEADER)
-            return bundle.parse_manifest(bundle.read_header(head)[0]).version
+            return bundle.parse_manifest(bundle.read_header(head)[0])
         except (OSError, bundle.BundleError):
-            return 0
+            return None
 
     def _record(self, device_id: str, record: dict[str, object]) -> None:
         d = self.dir
@@ -353,9 +380,9 @@ class Pusher:
                 self.window = max(1, min(WINDOW_CHUNKS, (self.downlink_buffer_bytes - ACK_ROOM_BYTES) // line))
                 try:
                     m = bundle.parse_manifest(bundle.read_header(data)[0])
-                    self.name, self.version = m.name, m.version
+                    self.name, self.version, self.key_id = m.name, m.version, m.key_id.hex()
                 except bundle.BundleError:
-                    self.name, self.version = "", 0  # (spool() checked it: only a file changed under us)
+                    self.name, self.version, self.key_id = "", 0, ""  # (spool() checked it: only a file changed)
             if self.state in ON_TRIAL or final(self.state):
                 await self._wait(VERIFY_POLL_S)  # it reports confirmed or rolled back by itself
                 continue

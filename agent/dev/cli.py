@@ -199,6 +199,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_release(args: argparse.Namespace) -> int:
     from agent.dev import release
+    from protocols import bundle
 
     if args.action == "keygen":
         if args.out.exists():  # the vendor's key: boards provisioned with its public key install only its bundles
@@ -208,7 +209,9 @@ def cmd_release(args: argparse.Namespace) -> int:
             raise SystemExit("pulsebridge-dev release keygen: --out %s: its directory %s does not exist"
                              % (args.out, args.out.absolute().parent))
         pub = release.keygen(args.out)
-        print("vendor key written to %s (mode 0600): keep it off every hub; public key %s" % (args.out, pub.hex()))
+        print("vendor key written to %s (mode 0600): keep it off every hub; public key %s (key id %s: boards "
+              "provisioned with --vendor-key %s take its bundles)" % (args.out, pub.hex(), bundle.key_id(pub).hex(),
+                                                                      pub.hex()))
         return 0
     if args.key is None or args.version is None:
         print("pulsebridge-dev release sign: --key and --version are needed", file=sys.stderr)

@@ -14,11 +14,13 @@
 # and .next_keys.
 #
 # Install, one piece per loop iteration (step()): receive chunks in order
-# (read in place: app/acks.py; .part kept open while they come) -> load the
-# check's code, a module per iteration -> read and check the header, in
-# pieces -> signature in slices (protocols/ed25519.py) -> copy each file out
-# of .part, hashing it -> boot.next -> once the outbox is acknowledged
-# (bounded), reboot. Each piece stays well inside the time the fastest
+# (read in place: app/acks.py; .part kept open while they come) and, while
+# they come, load the check's code, a module per iteration, then read and
+# check the header, in pieces, as soon as it is in (a bundle this board
+# refuses from its header alone, an unknown key say, is refused then, not
+# after the whole bundle came) -> signature in slices (protocols/ed25519.py)
+# -> copy each file out of .part, hashing it -> boot.next -> once the outbox
+# is acknowledged (bounded), reboot. Each piece stays well inside the time the fastest
 # sensor FIFO takes to fill (62 ms at 512 Hz on an ESP32): at that speed
 # the check's code loaded in one piece at the first chunk took 0.65 s. Trial: confirmed (boot.ok) after
 # _CONFIRM_MS of acknowledged streaming; not confirmed within _TRIAL_MAX_MS
@@ -70,11 +72,13 @@ IDLE = const(7)
 # (the simulation, a board running .mpy files) each takes 20-40 ms.
 _LOAD = ("protocols.cbor_items", "protocols.ed25519", "protocols.bundle")
 # The header's pieces (_header()), one per loop iteration.
-_H_COLLECT = const(0)
-_H_READ = const(1)
-_H_SPLIT = const(2)
-_H_MANIFEST = const(3)
-_H_CHECK = const(4)
+_H_SIZE = const(0)  # its size from its first bytes, then (once it is all in) what was received flushed
+_H_COLLECT = const(1)
+_H_READ = const(2)
+_H_SPLIT = const(3)
+_H_MANIFEST = const(4)
+_H_CHECK = const(5)
+_PREFIX = const(7)  # the bytes that give the header's size (bundle.header_size)
 
 
 class _NotLoaded(Exception):
@@ -186,7 +190,11 @@ class Updater:
         self.have = 0  # bytes in it
         self.loaded = 0  # modules of _LOAD loaded
         self.bundle_error = _NotLoaded
-        self.head_piece = _H_COLLECT
+        self.head_piece = _H_SIZE
+        self.prefix = None  # the bundle's first _PREFIX bytes, kept from its first chunk
+        self.head_need = 0  # the header's size in bytes, once its first bytes are read
+        self.head_ok = False  # the header is checked (while receiving, or after)
+        self.refused = None  # (total, state) of the bundle last refused: its late chunks are answered so
         if slot_text(TRIAL) == self.slot:
             self.state = TRIAL_RUN
             self.first_ack_ms = None
@@ -243,19 +251,33 @@ class Updater:
         if self.state not in (IDLE, RECEIVING):
             self.report(total, self._state_text())  # still checking or installing what it has
             return
+        r = self.refused
+        if r is not None and offset and total == r[0]:
+            # The chunks the hub sent before it heard the refusal (its window):
+            # the refusal again, not a new bundle begun, nor the refusal
+            # replaced by a "receiving" before the link took it.
+            self.report(0, r[1])
+            return
+        self.refused = None
         part = self.part
         if part is None or total != self.total:
-            part = self._open_part(total)
+            part = self._open_part(total, offset)
+            if part is None:  # a chunk past the start of a bundle this board holds nothing of: from the start
+                self.report(0, "receiving")
+                return
         self.state = RECEIVING
         self.total = total
         have = self.have
         if offset == have and have < total:
+            if have == 0:
+                self.prefix = bytes(buf[at:at + min(n, _PREFIX)])  # (else read back from .part)
             part.write(memoryview(buf)[at:at + n])
             have += n
             self.have = have
         if have >= total:  # (also a whole bundle received before a reset: checked again from its header)
             self._close_part()
-            self.state = LOADING
+            # What of the header's check is left (most often none: it ran while the chunks came).
+            self.state = SIGNATURE if self.head_ok else HEADER if self.loaded == len(_LOAD) else LOADING
             self.report(have, "verifying")
         else:
             # At every chunk: a hub that may have one only in flight (BLE: the
@@ -264,15 +286,18 @@ class Updater:
             # hub resumes from what this board holds.
             self.report(have, "receiving")
 
-    def _open_part(self, total):
+    def _open_part(self, total, offset):
         # The spare slot's .part, opened for appending: what an earlier boot
-        # received of this bundle (its size says how much), or a new one.
+        # received of this bundle (its size says how much), or a new one if
+        # the chunk is its first (offset 0; else None, nothing made).
         # The FIFOs that ask are read between the file operations (tens of
         # ms each on a chip's flash).
         self._close_part()
         part = self.spare + "/" + PART
         have = size(part)
         if have < 0 or read(self.spare + "/" + TOTAL) != b"%d" % total:
+            if offset:
+                return None
             # A new bundle: the spare slot is cleared of whatever it held,
             # boot.rolled_back with it (said once already: chunk()), or this
             # bundle's trial boot would say that rollback again, as its own.
@@ -312,6 +337,11 @@ class Updater:
         self.src = self.dst = None
         rmtree(self.spare)  # nothing of the refused bundle stays; the running version streams on
         self.state = IDLE
+        self.head_ok = False
+        self.prefix = None
+        self.head_need = 0
+        self.head_piece = _H_SIZE
+        self.refused = (self.total, "refused:" + reason)
         self.app.board.console("pulsebridge: update refused (%s): %s" % (reason, why))
         self.report(0, "refused:" + reason)
 
@@ -322,13 +352,19 @@ class Updater:
         self.flush()
         s = self.state
         try:
-            if s == LOADING:
+            if s == RECEIVING:
+                if not self.head_ok:  # the header's check, a piece per loop while chunks come
+                    if self.loaded < len(_LOAD):
+                        self._load()
+                    else:
+                        self._header()
+            elif s == LOADING:
                 self._load()
             elif s == HEADER:
                 self._header()
             elif s == SIGNATURE:
                 gen = self.gen
-                if gen is None:  # (after a MemoryError: the check starts over)
+                if gen is None:  # (its first slice; after a MemoryError: the check starts over)
                     manifest, signature, key = self.signed
                     self.gen = sys.modules["protocols.bundle"].signature_steps(manifest, signature, key)
                     return True
@@ -382,20 +418,34 @@ class Updater:
         self.loaded += 1
         if self.loaded == len(_LOAD):
             self.bundle_error = sys.modules[name].BundleError
-            self.state = HEADER
-            self.head_piece = _H_COLLECT
+            self.head_piece = _H_SIZE
+            if self.state == LOADING:  # (while receiving, the state stays)
+                self.state = HEADER
 
     def _header(self):
-        # The header (a few kB), read and checked in pieces.
+        # The header (a few kB), read and checked in pieces; while chunks
+        # come, once it is all in.
         bundle = sys.modules["protocols.bundle"]  # (_load)
         piece = self.head_piece
-        if piece == _H_COLLECT:
+        if piece == _H_SIZE:
+            if self.head_need == 0:
+                if self.have < min(_PREFIX, self.total):
+                    return
+                prefix = self.prefix
+                if prefix is None:  # (received before a reboot)
+                    with open(self.spare + "/" + PART, "rb") as f:
+                        prefix = f.read(_PREFIX)
+                self.head_need = min(bundle.header_size(prefix), self.total)
+                return
+            if self.have < self.head_need:
+                return  # not all in yet
+            if self.part is not None:
+                self.part.flush()  # what came so far, readable through another file object (a chip's file system)
+        elif piece == _H_COLLECT:
             gc.collect()  # the header in one block
         elif piece == _H_READ:
             with open(self.spare + "/" + PART, "rb") as f:
-                head = f.read(7)
-                f.seek(0)
-                self.head = f.read(bundle.header_size(head))
+                self.head = f.read(self.head_need)
         elif piece == _H_SPLIT:
             self.head = bundle.read_header(self.head)  # (manifest, signature, data_at)
         elif piece == _H_MANIFEST:
@@ -411,9 +461,10 @@ class Updater:
             if self.data_at + m.size() != self.total:
                 raise self.bundle_error("the bundle's size is not its header's and files'", "truncated")
             self.signed = (manifest, signature, key)
-            self.gen = bundle.signature_steps(manifest, signature, key)
             self.head = None  # (kept until here: a MemoryError above runs this piece again)
-            self.state = SIGNATURE
+            self.head_ok = True
+            if self.state == HEADER:  # (while receiving, the state stays until the last chunk)
+                self.state = SIGNATURE  # (its generator made at the next step)
         self.head_piece = piece + 1
 
     def _copy(self):

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import ota
 from agent.audit import AuditLog
+from agent.config import AgentConfig
 from agent.dev import release
 from agent.dev.bench_ota import stream_report
 from agent.dev.sim import boards
@@ -24,7 +25,7 @@ from agent.supervisor import Agent
 from protocols import messages
 from tests.agent import harness
 from tests.conftest import ROOT
-from tests.waiting import async_wait_for
+from tests.waiting import async_wait_for, wait_for
 
 VENDOR = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 
@@ -370,3 +371,46 @@ def test_every_refusal_the_spec_names_is_said_in_a_technicians_words() -> None:
     assert set(ota.REFUSALS) == reasons
     assert ota.refusal("refused:unknown_key").startswith("unknown_key: signed by a key the board does not hold")
     assert ota.refusal("refused:something_new") == "something_new"
+
+
+def test_a_bundle_refused_for_its_key_names_the_key_and_what_to_do(tmp_path: Path, hub_config: AgentConfig) -> None:
+    # A board refuses an unknown key from the header, while the rest of the hub's window still comes:
+    # its answers to those chunks ("receiving", from the start) overwrote the refusal the push command
+    # follows, and the refusal named no key ("signed by a key the board does not hold").
+    import hashlib
+
+    cfg, dev = hub_config, "pb-key01"
+    other = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+    kid = hashlib.sha256(release.public_key(other)).digest()[:8].hex()  # SPEC.md: the manifest's key_id
+    data = release.make_bundle({"app/main.py": b"# 200\n" * 500}, 200, "pulsebridge-fw 200", 0, "esp32", other)
+    (tmp_path / "fw.bin").write_bytes(data)
+    cli = [sys.executable, "-m", "agent.cli"]
+    assert subprocess.run(cli + ["devices", "--config", str(cfg.source), "add", dev], cwd=ROOT).returncode == 0
+    push = subprocess.Popen(cli + ["ota", "push", "--config", str(cfg.source), "--device", dev, "--wait-s", "60",
+                                   str(tmp_path / "fw.bin")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        spooled = cfg.run_dir / "ota" / (dev + ".bin")
+        wait_for(lambda: spooled.exists(), 30, "the bundle spooled", lambda: push.poll())
+        # The agent's side, as the board answers: a chunk taken, the refusal, then the window's late chunks.
+        pusher = ota.Pusher(cfg.run_dir, send=None, board=lambda: (dev, 1), hub_=None)  # type: ignore[arg-type]
+        assert pusher.on_state(dev, messages.UpdateState(1, 5, 160, "receiving"))
+        assert pusher.on_state(dev, messages.UpdateState(1, 6, 0, "refused:unknown_key"))
+        assert not spooled.exists()
+        for seq in (7, 8):
+            assert not pusher.on_state(dev, messages.UpdateState(1, seq, 0, "receiving"))
+        record = ota.read_state(cfg.run_dir, dev)
+        assert record is not None and record["state"] == "refused:unknown_key" and record["key_id"] == kid, record
+        out, err = push.communicate(timeout=60)
+    finally:
+        if push.poll() is None:
+            push.kill()
+            push.communicate()
+    assert push.returncode == 1, (out, err)
+    said = err.splitlines()[-1]
+    assert said.startswith("pulsebridge: the board refused the bundle (unknown_key: signed by a key the board "
+                           "does not hold (key id %s)" % kid), said
+    assert "pulsebridge-dev release sign --key" in said and "--vendor-key" in said, said
+    # `pulsebridge status` says the same in brief.
+    assert ("refused by the board (unknown_key: it does not hold the key %s that signed it)" % kid
+            in ota.describe(record)), ota.describe(record)

@@ -38,6 +38,10 @@ def _bundles(out: Path) -> None:
     (out / "forged.bin").write_bytes(
         cbor2.dumps({0: 1, 1: header[1], 2: OTHER.sign(bundle.signed_digest(header[1]))}) + good[end:])
     (out / "other_key.bin").write_bytes(make(OTHER))
+    # ~100 kB (some 640 chunks), as a release is: refused from its header, long before its end.
+    large = dict(files, **{"app/big.py": b"# padding\n" * 10000})
+    (out / "other_key_large.bin").write_bytes(release.make_bundle(large, 200, "pulsebridge-fw 200", 100, "esp32",
+                                                                  OTHER))
     (out / "wrong_target.bin").write_bytes(make(target="esp32s3"))
     # A release's worth of files (the firmware has ~40): a manifest of ~2.7 kB.
     many = {"app/m%02d.py" % i: b"x = %d\n" % i for i in range(60)}
@@ -57,4 +61,4 @@ def test_ota_on_the_board(micropython: str, tmp_path: Path) -> None:
                           text=True, timeout=600)
     print(proc.stdout, proc.stderr)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "FAIL" not in proc.stdout and "15 passed" in proc.stdout
+    assert "FAIL" not in proc.stdout and "16 passed" in proc.stdout

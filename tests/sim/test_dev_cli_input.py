@@ -42,11 +42,18 @@ def test_a_bad_option_is_named_before_anything_starts(args: list[str], says: str
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_release_keygen_never_overwrites_a_vendor_key(tmp_path: Path) -> None:
+def test_release_keygen_never_overwrites_a_vendor_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # keygen over an existing file replaced the vendor's private key: every board provisioned with its
     # public key could no longer be updated
+    import hashlib
+
     key = tmp_path / "vendor.pem"
     assert cli.main(["release", "keygen", "--out", str(key)]) == 0
+    # It names the key id a board's refusal (unknown_key) names, and the public key provisioning takes.
+    said = capsys.readouterr().out
+    pub = said.split("public key ")[1].split()[0]
+    assert "key id %s" % hashlib.sha256(bytes.fromhex(pub)).digest()[:8].hex() in said, said
+    assert "--vendor-key %s" % pub in said, said
     before = key.read_bytes()
     with pytest.raises(SystemExit) as e:
         cli.main(["release", "keygen", "--out", str(key)])
