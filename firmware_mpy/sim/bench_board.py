@@ -98,33 +98,44 @@ class HubPipe:
         # buffer valid until the next sync (empty: none). Reads into buffers
         # made once: what the simulation allocates here would be garbage in
         # the firmware's heap, which a board never sees.
+        # (Called in the firmware's time, before enter(): its frame and its
+        # pieces' keep within the VM's 11 words, else each sync's frame,
+        # from the heap, would be counted as the firmware's: README, "call
+        # frames".)
         if not self.pending:
             return b""
         c = self.clock
         c.enter()
         try:
             self.pending = False
-            ms = c.now_us() // 1000
-            t = self._ms
-            t[0] = (ms >> 24) & 0xFF
-            t[1] = (ms >> 16) & 0xFF
-            t[2] = (ms >> 8) & 0xFF
-            t[3] = ms & 0xFF
-            self._put(0x53, t)
-            h = self._hdr
-            self.down.readinto(h)
-            n = (h[1] << 24) | (h[2] << 16) | (h[3] << 8) | h[4]
-            a = self._answer
-            if n > len(self._full):  # (a long answer, rare: the buffers grow once)
-                self._full = memoryview(bytearray(n))
-                a = self._answer = bytearray(n)
-            a[:] = self._full  # its whole capacity back, then cut to n: in place
-            a[n:] = b""
-            if n:
-                self.down.readinto(a)
-            return a
+            self._send_time(c)
+            return self._answer_read()
         finally:
             c.leave()
+
+    def _send_time(self, c):
+        # The board's time in ms (clock c) to the hub.
+        ms = c.now_us() // 1000
+        t = self._ms
+        t[0] = (ms >> 24) & 0xFF
+        t[1] = (ms >> 16) & 0xFF
+        t[2] = (ms >> 8) & 0xFF
+        t[3] = ms & 0xFF
+        self._put(0x53, t)
+
+    def _answer_read(self):
+        h = self._hdr
+        self.down.readinto(h)
+        n = (h[1] << 24) | (h[2] << 16) | (h[3] << 8) | h[4]
+        a = self._answer
+        if n > len(self._full):  # (a long answer, rare: the buffers grow once)
+            self._full = memoryview(bytearray(n))
+            a = self._answer = bytearray(n)
+        a[:] = self._full  # its whole capacity back, then cut to n: in place
+        a[n:] = b""
+        if n:
+            self.down.readinto(a)
+        return a
 
 
 def _fifo_level(name, model):
