@@ -11,7 +11,11 @@
 # holds this and protocols/_viper.py in RAM at once.
 #
 # st: array("I") of 8 words, the chaining state; blk: a 64-byte bytearray
-# holding `used` bytes of the block not yet hashed. On a 64-bit port the words are
+# holding `used` bytes of the block not yet hashed. sha256_into and
+# hmac_into take the object holding their buffers (h: its _st, _blk, _out;
+# an HMAC key's also _ist, _ost, _prefix, _hbuf) in place of them: a
+# caller's bytecode frame then keeps within the VM's 11 words, so it is
+# not taken from the heap at every call (README, "call frames"). On a 64-bit port the words are
 # masked to 32 bits (m); on a 32-bit one the mask is all ones and uint
 # arithmetic wraps by itself.
 import array
@@ -168,3 +172,70 @@ def sha256_final(st, blk, used: int, total: int, out):
         o[4 * i + 2] = (v >> 8) & 0xFF
         o[4 * i + 3] = v & 0xFF
         i += 1
+
+
+@micropython.viper
+def sha256_into(h, data, start: int, n: int):
+    # The SHA-256 of data[start:start+n] into h._out (32 bytes), hashed in
+    # h._st and h._blk.
+    st = h._st
+    blk = h._blk
+    sha256_start(st)
+    used = int(sha256_update(st, blk, 0, data, start, start + n))
+    sha256_final(st, blk, used, n, h._out)
+
+
+@micropython.viper
+def hmac_into(k, data, start: int, n: int):
+    # The COSE_Mac0 tag of the payload data[start:start+n] into k._out (32
+    # bytes): HMAC-SHA256 (RFC 2104) over k._prefix, the payload's bstr head
+    # (written to k._hbuf) and the payload, from the key's inner and outer
+    # states k._ist and k._ost (each after its padded key's block).
+    st = k._st
+    blk = k._blk
+    out = k._out
+    p = k._prefix
+    np = int(len(p))
+    h = ptr8(k._hbuf)
+    if n < 24:  # the CBOR head of a byte string of n bytes (RFC 8949, 3.1)
+        h[0] = 0x40 | n
+        nh = 1
+    elif n < 0x100:
+        h[0] = 0x58
+        h[1] = n
+        nh = 2
+    elif n < 0x10000:
+        h[0] = 0x59
+        h[1] = (n >> 8) & 0xFF
+        h[2] = n & 0xFF
+        nh = 3
+    else:
+        h[0] = 0x5A
+        h[1] = (n >> 24) & 0xFF
+        h[2] = (n >> 16) & 0xFF
+        h[3] = (n >> 8) & 0xFF
+        h[4] = n & 0xFF
+        nh = 5
+    sha256_copy(st, k._ist)
+    used = int(sha256_update(st, blk, 0, p, 0, np))
+    used = int(sha256_update(st, blk, used, k._hbuf, 0, nh))
+    used = int(sha256_update(st, blk, used, data, start, start + n))
+    sha256_final(st, blk, used, 64 + np + nh + n, out)
+    sha256_copy(st, k._ost)
+    used = int(sha256_update(st, blk, 0, out, 0, 32))
+    sha256_final(st, blk, used, 96, out)
+
+
+@micropython.viper
+def equal_at(a, b, at: int, n: int) -> int:
+    # Whether a[0:n] equals b[at:at+n], in constant time (no early exit).
+    x = ptr8(a)
+    y = ptr8(b)
+    diff = 0
+    i = 0
+    while i < n:
+        diff = diff | (x[i] ^ y[at + i])
+        i += 1
+    if diff:
+        return 0
+    return 1

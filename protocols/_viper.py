@@ -52,20 +52,39 @@ def cobs_into(msg, start: int, n: int, crc, out, pos: int) -> int:
 
 
 @micropython.viper
-def ctr_xor(buf, start: int, end: int, aes, ctr, ks, block: int, k: int):
-    # XORs buf[start:end] with the AES-CTR keystream: ks holds block `block`
-    # encrypted, k bytes of it used; the next blocks change only the counter
-    # (bytes 13-15 of ctr) and come from aes.encrypt(ctr, ks).
+def cobs_frame(f, msg, start: int, n: int) -> int:
+    # A link.StreamFramer's frame of msg[start:start+n] (its CRC-32 into
+    # f._crc, by the table f._nibbles) at f.out[0:]; returns the end.
+    crc32_into(msg, start, n, f._nibbles, f._crc)
+    return int(cobs_into(msg, start, n, f._crc, f.out, 0))
+
+
+@micropython.viper
+def ctr_xor(buf, start: int, end: int, offset: int, c):
+    # XORs buf[start:end] with the AES-CTR keystream of cipher c (a
+    # cipher.SampleCipher) from byte `offset` of its message on: c._ctr
+    # holds the message's counter block (bytes 12-15, the block counter,
+    # set here), c._ks each block's keystream from c._aes.encrypt.
+    ctr = c._ctr
+    ks = c._ks
+    aes = c._aes
     b = ptr8(buf)
-    c = ptr8(ctr)
+    cb = ptr8(ctr)
     s = ptr8(ks)
+    block = offset >> 4
+    k = offset & 15
+    cb[15] = block & 0xFF
+    cb[14] = (block >> 8) & 0xFF
+    cb[13] = (block >> 16) & 0xFF
+    cb[12] = (block >> 24) & 0xFF
+    aes.encrypt(ctr, ks)
     i = start
     while i < end:
         if k == 16:
             block += 1
-            c[15] = block & 0xFF
-            c[14] = (block >> 8) & 0xFF
-            c[13] = (block >> 16) & 0xFF
+            cb[15] = block & 0xFF
+            cb[14] = (block >> 8) & 0xFF
+            cb[13] = (block >> 16) & 0xFF
             aes.encrypt(ctr, ks)
             k = 0
         b[i] = b[i] ^ s[k]
@@ -74,41 +93,48 @@ def ctr_xor(buf, start: int, end: int, aes, ctr, ks, block: int, k: int):
 
 
 @micropython.viper
-def varint_into(src, count: int, out, pos: int, end: int) -> int:
-    # Delta-zigzag-varint of src[0:count] (an array("i")) at out[pos:];
-    # returns the end; -1 - i if out had no room for sample i (pos > end);
-    # -1 - count - i if sample i differs from the one before by 2**29 or
-    # more, which a 32-bit viper int cannot zigzag: the caller then encodes
-    # in Python (our sensors give 18-bit samples: it never happens).
+def varint_into(src, count: int, out, pos: int, limit: int) -> int:
+    # Delta-zigzag-varint of src[0:count] (an array("i")) at out[pos:limit]
+    # (limit < 0: to its end); returns the end, or -1 - i if out had no
+    # room for sample i (5 bytes, the most one takes). Two int32 samples
+    # differ by up to 33 bits, past a 32-bit viper int: the difference is
+    # taken as its magnitude less its sign (u, 32 bits unsigned) and the
+    # sign s, whose zigzag (u << 1) | s is written 6 bits first, then 7 a
+    # byte from u >> 6.
     s = ptr32(src)
     o = ptr8(out)
+    if limit < 0:
+        limit = int(len(out))
+    end = limit - 5
     # Shifted at run time, not folded by the compiler into constants too
-    # big for a 32-bit port's small ints: bit 31, and the upper half of a
-    # word (0 on a 32-bit port, where no sign needs extending).
+    # big for a 32-bit port's small ints: bit 31, the upper half of a word
+    # (0 on a 32-bit port, where no sign needs extending), the low 32 bits.
     one = 1
-    sign = (one << 15) << 16
+    sign_bit = (one << 15) << 16
     hi = ((0 - one) << 16) << 16
+    mask = uint(((one << 16) << 16) - one)
     prev = 0
     i = 0
     while i < count:
-        v = s[i]
-        if v & sign:
-            v = v | hi
-        d = v - prev
-        prev = v
-        if d >= 0x20000000 or d <= -0x20000000:
-            return -1 - count - i
-        if d >= 0:
-            z = d << 1
-        else:
-            z = ((0 - d) << 1) - 1
         if pos > end:
             return -1 - i
-        while z >= 0x80:
-            o[pos] = (z & 0x7F) | 0x80
-            z = z >> 7
+        v = s[i]
+        if v & sign_bit:
+            v = v | hi
+        if v >= prev:
+            u = (uint(v) - uint(prev)) & mask
+            b = (u & 0x3F) << 1
+        else:
+            u = (uint(prev) - uint(v) - uint(1)) & mask
+            b = ((u & 0x3F) << 1) | 1
+        prev = v
+        u = u >> 6
+        while u:
+            o[pos] = b | 0x80
             pos += 1
-        o[pos] = z
+            b = u & 0x7F
+            u = u >> 7
+        o[pos] = b
         pos += 1
         i += 1
     return pos

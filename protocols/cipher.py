@@ -34,6 +34,9 @@ try:
     from protocols import _viper  # MicroPython: the XOR loop as native code
 except ImportError:  # CPython, or a port without the viper emitter
     _viper = None  # type: ignore[assignment]
+# The viper XOR itself, called with no module attribute between (one word
+# less of its caller's frame: SampleCipher.xor keeps within the VM's 11).
+_ctr_xor = None if _viper is None else _viper.ctr_xor
 
 if TYPE_CHECKING:
     from typing import Any
@@ -105,6 +108,8 @@ class SampleCipher:
         self._ks = bytearray(_BLOCK)
         self._aes: "Any" = None
         self._aes_cpython: "Any" = None
+        self._epoch = 0  # the message begun (begin())
+        self._seq = 0
         if self.boot_salt is not None:
             self._use(self.boot_salt)
 
@@ -142,32 +147,44 @@ class SampleCipher:
             c[8 + i] = 0
             c[15 - i] = (counter >> (8 * i)) & 0xFF
 
-    def apply(self, buf: "bytearray | memoryview", start: int, end: int, epoch: int, seq: int,
-              offset: int = 0, boot_salt: "bytes | None" = None) -> None:
-        # XORs buf[start:end] with the keystream of (epoch, seq) from byte
-        # `offset` on (the channels of a frame follow one another), under
-        # the key of boot_salt (default: this cipher's own).
+    # A board seals each frame's channels with begin() then xor() per
+    # channel: each keeps within the VM's 11 words of frame (locals and
+    # stack), so neither takes its frame from the heap (README, "call
+    # frames"); apply() does both at once.
+    def begin(self, epoch: int, seq: int, boot_salt: "bytes | None" = None) -> None:
+        # Starts the keystream of message (epoch, seq) under the key of
+        # boot_salt (default: this cipher's own), for xor().
         if not (0 <= epoch <= 0xFFFFFFFF and 0 <= seq <= 0xFFFFFFFF):
             raise LocalProtocolError("epoch and seq must fit 32 bits for the counter block", "range")
         salt = self.boot_salt if boot_salt is None else boot_salt
         if salt is None:
             raise LocalProtocolError("this cipher only opens frames: a boot salt is needed", "salt")
         self._use(salt)
-        if end <= start:
-            return
+        self._epoch = epoch
+        self._seq = seq
+        if self._aes is not None:
+            self._block(epoch, seq, 0)
+
+    def xor(self, buf: "bytearray | memoryview", start: int, end: int, offset: int) -> None:
+        # XORs buf[start:end] with the keystream of the message begun, from
+        # its byte `offset` on (the channels of a frame follow one another).
         if self._aes is None:
-            self._apply_cpython(buf, start, end, epoch, seq, offset)
-            return
+            self._apply_cpython(buf, start, end, offset)
+        elif _ctr_xor is not None:
+            _ctr_xor(buf, start, end, offset, self)
+        else:
+            self._xor_plain(buf, start, end, offset)
+
+    def _xor_plain(self, buf: "bytearray | memoryview", start: int, end: int, offset: int) -> None:
+        # xor() with AES-ECB blocks, where no viper emitter is (its loop as _viper.ctr_xor's).
         aes = self._aes
         ks = self._ks
         ctr = self._ctr
         block = offset >> 4
         k = offset & 15
-        self._block(epoch, seq, block)
+        for i in range(4):
+            ctr[15 - i] = (block >> (8 * i)) & 0xFF
         aes.encrypt(ctr, ks)
-        if _viper is not None:
-            _viper.ctr_xor(buf, start, end, aes, ctr, ks, block, k)
-            return
         for i in range(start, end):
             if k == _BLOCK:
                 block += 1  # only the block counter (bytes 12-15) changes
@@ -178,6 +195,14 @@ class SampleCipher:
                 k = 0
             buf[i] ^= ks[k]
             k += 1
+
+    def apply(self, buf: "bytearray | memoryview", start: int, end: int, epoch: int, seq: int,
+              offset: int = 0, boot_salt: "bytes | None" = None) -> None:
+        # XORs buf[start:end] with the keystream of (epoch, seq) from byte
+        # `offset` on, under the key of boot_salt (default: this cipher's own).
+        self.begin(epoch, seq, boot_salt)
+        if end > start:
+            self.xor(buf, start, end, offset)
 
     def opened(self, data: "bytes", epoch: int, seq: int, boot_salt: "bytes | None" = None) -> bytes:
         # data XORed with the keystream of (epoch, seq) from its first byte, as new
@@ -196,10 +221,11 @@ class SampleCipher:
         self.apply(buf, 0, len(buf), epoch, seq, 0, boot_salt)
         return bytes(buf)
 
-    def _apply_cpython(self, buf: "bytearray | memoryview", start: int, end: int, epoch: int, seq: int,
-                       offset: int) -> None:
+    def _apply_cpython(self, buf: "bytearray | memoryview", start: int, end: int, offset: int) -> None:
         n = end - start
-        stream = self._keystream_cpython(epoch, seq, offset, n)
+        if n <= 0:
+            return
+        stream = self._keystream_cpython(self._epoch, self._seq, offset, n)
         data = int.from_bytes(bytes(buf[start:end]), "big") ^ int.from_bytes(stream, "big")
         buf[start:end] = data.to_bytes(n, "big")
 

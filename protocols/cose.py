@@ -126,12 +126,18 @@ class MacKey:
             self._st = array.array("I", bytes(32))
             self._blk = bytearray(_BLOCK)
             self._out = bytearray(TAG_SIZE)
+            self._hbuf = bytearray(9)  # the payload's bstr head (_sha256.hmac_into)
             self._ist = array.array("I", bytes(32))
             self._ost = array.array("I", bytes(32))
             for st, pad in ((self._ist, self._ipad), (self._ost, self._opad)):
                 _viper.sha256_start(st)
                 _viper.sha256_update(st, self._blk, 0, pad, 0, _BLOCK)
 
+    # A board tags four messages a second and checks two acks: _tag_into,
+    # verify_at and seal_written (with _seal_tag) keep within the VM's 11
+    # words of frame (locals and stack), so their frames are not taken from
+    # the heap at every call (README, "call frames"); the hashing is
+    # _sha256.hmac_into's, on this key's buffers.
     def _tag_into(self, payload: "bytes | bytearray | memoryview", start: int = 0,
                   n: int = -1) -> "bytes | bytearray":
         # The tag of payload[start:start+n] (n < 0: to its end), in a buffer
@@ -141,22 +147,8 @@ class MacKey:
             n = len(payload) - start
         if _viper is None:
             return self.tag(memoryview(payload)[start:start + n])
-        st = self._st
-        blk = self._blk
-        out = self._out
-        w = self._head
-        w.pos = 0
-        w.head(2, n)
-        p = self._prefix
-        _viper.sha256_copy(st, self._ist)
-        used = _viper.sha256_update(st, blk, 0, p, 0, len(p))
-        used = _viper.sha256_update(st, blk, used, w.buf, 0, w.pos)
-        used = _viper.sha256_update(st, blk, used, payload, start, start + n)
-        _viper.sha256_final(st, blk, used, _BLOCK + len(p) + w.pos + n, out)
-        _viper.sha256_copy(st, self._ost)
-        used = _viper.sha256_update(st, blk, 0, out, 0, TAG_SIZE)
-        _viper.sha256_final(st, blk, used, _BLOCK + TAG_SIZE, out)
-        return out
+        _viper.hmac_into(self, payload, start, n)
+        return self._out
 
     def tag(self, payload: "bytes | bytearray | memoryview") -> bytes:
         if _viper is not None:
@@ -192,11 +184,10 @@ class MacKey:
     def verify_at(self, data: "bytes | bytearray | memoryview", start: int, n: int, tag_at: int) -> bool:
         # Whether data[tag_at:tag_at+32] is the tag of the payload data[start:start+n]
         # (a board reading an ack in place; compared in constant time).
-        t = self._tag_into(data, start, n)
-        diff = 0
-        for i in range(TAG_SIZE):
-            diff |= t[i] ^ data[tag_at + i]
-        return diff == 0
+        if _viper is None:
+            return _equal_at(self._tag_into(data, start, n), data, tag_at)
+        self._tag_into(data, start, n)
+        return _viper.equal_at(self._out, data, tag_at, TAG_SIZE) == 1  # type: ignore[no-any-return]
 
     def seal_into(self, w: "cbor.Writer", payload: "bytes | bytearray | memoryview") -> None:
         # Writes the tagged COSE_Mac0 carrying payload at w.
@@ -224,6 +215,10 @@ class MacKey:
         w.bstr(self.protected)
         w.map(0)
         w.bstr_written(start, n)
+        self._seal_tag(w, n)
+
+    def _seal_tag(self, w: "cbor.Writer", n: int) -> None:
+        # The tag of the n payload bytes just before w.pos, written after them.
         w.bstr(self._tag_into(w.buf, w.pos - n, n))
 
     def seal(self, payload: "bytes | bytearray | memoryview") -> bytes:
@@ -237,6 +232,11 @@ class MacKey:
                                       device_id=_kid_text(msg.kid))
         if not equal_ct(self.tag(msg.payload), msg.tag):
             raise AuthenticationError("COSE_Mac0 tag does not verify", "bad_mac", device_id=_kid_text(msg.kid))
+
+
+def _equal_at(tag: "bytes | bytearray", data: "bytes | bytearray | memoryview", at: int) -> bool:
+    # Whether data[at:at+32] is tag, compared in constant time.
+    return equal_ct(bytes(tag), bytes(memoryview(data)[at:at + TAG_SIZE]))
 
 
 class Mac0:

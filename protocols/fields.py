@@ -72,17 +72,19 @@ def _start(w: "cbor.Writer", kind: int, nfields: int) -> None:
     w.uint(VERSION)
 
 
-def encode_sample_frame(w: "cbor.Writer", epoch: int, seq: int, stream: int, t0_ms: int,
-                        first_index: int, rate_hz: int, count: int, scale_num: int, scale_den: int,
-                        ppg_drive: "tuple[int, int, int, int] | None", flags: int, fifo_overflows: int,
-                        frames_dropped: int, jitter_us: int, channels: "tuple[list[int] | bytes, ...]",
-                        sealer: "cipher.SampleCipher", between: "Callable[[], object] | None" = None,
-                        t0_ms_hi: int = 0, first_index_hi: int = 0) -> None:
+class SampleFrameFields:
+    # A sample frame's fields, written by encode() field by field into a
+    # caller-owned writer (encode_sample_frame's arguments, as attributes).
+    # A board keeps one and sets its fields for each frame: a call with
+    # the 19 values as arguments needs a frame of over 20 words, past the
+    # VM's 11, so the frame would be taken from the heap at every call (and
+    # the caller's with it; README, "call frames"). Each method here keeps
+    # within 11 words.
     # channels: one sample sequence per channel (array('i') on the board),
     # or each channel's samples already encoded (bytes, as decode_payload
-    # gives them with decode_samples=False: re-sealing a frame);
-    # Each channel's samples are encoded and encrypted in place in w's
-    # buffer (no scratch buffer: on the board that would be 1.5 kB of heap).
+    # gives them with decode_samples=False: re-sealing a frame). Each
+    # channel's samples are encoded and encrypted in place in w's buffer
+    # (no scratch buffer: on the board that would be 1.5 kB of heap).
     # sealer: the device's sample cipher for this boot (samples are always
     # encrypted); its boot salt goes in the frame (key 15).
     # between: called after the header and after each channel (a board
@@ -91,69 +93,146 @@ def encode_sample_frame(w: "cbor.Writer", epoch: int, seq: int, stream: int, t0_
     # t0_ms_hi, first_index_hi: a board's high halves (the values are then
     # t0_ms_hi * 2**30 + t0_ms, and likewise first_index; each low half under
     # 2**30): on a 32-bit port larger ints are heap ints (cbor.uint_halves).
-    if not 0 < count <= MAX_SAMPLES:
-        raise LocalProtocolError("a frame holds 1 to %d samples, not %d" % (MAX_SAMPLES, count), "sample_count")
-    if len(channels) != STREAM_CHANNELS.get(stream, 0):
-        raise LocalProtocolError("stream %d takes %d channels" % (stream, STREAM_CHANNELS.get(stream, 0)), "channels")
-    salt = sealer.boot_salt
-    if salt is None:
-        raise LocalProtocolError("sealing sample frames needs a cipher with this boot's salt", "salt")
-    _start(w, T_SAMPLES, 16 if ppg_drive is not None else 15)
-    w.uint(2)
-    w.uint(epoch)
-    w.uint(3)
-    w.uint(seq)
-    w.uint(4)
-    w.uint(stream)
-    w.uint(5)
-    w.uint_halves(t0_ms_hi, t0_ms)
-    w.uint(6)
-    w.uint_halves(first_index_hi, first_index)
-    w.uint(7)
-    w.uint(rate_hz)
-    w.uint(8)
-    w.uint(count)
-    w.uint(9)
-    w.array(2)
-    w.uint(scale_num)
-    w.uint(scale_den)
-    if ppg_drive is not None:
-        w.uint(10)
+    def __init__(self, sealer: "cipher.SampleCipher") -> None:
+        self.sealer = sealer
+        self.epoch = 0
+        self.seq = 0
+        self.stream = 0
+        self.t0_ms = 0
+        self.t0_ms_hi = 0
+        self.first_index = 0
+        self.first_index_hi = 0
+        self.rate_hz = 0
+        self.count = 0
+        self.scale_num = 1
+        self.scale_den = 1
+        self.ppg_drive: "tuple[int, int, int, int] | None" = None
+        self.flags = 0
+        self.fifo_overflows = 0
+        self.frames_dropped = 0
+        self.jitter_us = 0
+        self.channels: "tuple[list[int] | bytes, ...]" = ()
+        self.between: "Callable[[], object] | None" = None
+        self._offset = 0  # (encode: the keystream's offset at the channel being written)
+
+    def encode(self, w: "cbor.Writer") -> None:
+        self._check()
+        _start(w, T_SAMPLES, 16 if self.ppg_drive is not None else 15)
+        self._header(w)
+        self._status(w)
+        self.sealer.begin(self.epoch, self.seq)
+        self._offset = 0
+        for k in range(len(self.channels)):
+            if self.between is not None:
+                self.between()
+            self._channel(w, k)
+        if self.between is not None:
+            self.between()
+        w.uint(14)
+        w.sint(cipher.ALG_A256CTR)
+        w.uint(15)
+        w.bstr(self.sealer.boot_salt)  # type: ignore[arg-type]  # (_check: not None)
+
+    def _check(self) -> None:
+        if not 0 < self.count <= MAX_SAMPLES:
+            raise LocalProtocolError("a frame holds 1 to %d samples, not %d" % (MAX_SAMPLES, self.count),
+                                     "sample_count")
+        if len(self.channels) != STREAM_CHANNELS.get(self.stream, 0):
+            raise LocalProtocolError("stream %d takes %d channels" % (self.stream,
+                                                                      STREAM_CHANNELS.get(self.stream, 0)), "channels")
+        if self.sealer.boot_salt is None:
+            raise LocalProtocolError("sealing sample frames needs a cipher with this boot's salt", "salt")
+
+    def _header(self, w: "cbor.Writer") -> None:
+        w.uint(2)
+        w.uint(self.epoch)
+        w.uint(3)
+        w.uint(self.seq)
+        w.uint(4)
+        w.uint(self.stream)
+        w.uint(5)
+        w.uint_halves(self.t0_ms_hi, self.t0_ms)
+        w.uint(6)
+        w.uint_halves(self.first_index_hi, self.first_index)
+        w.uint(7)
+        w.uint(self.rate_hz)
+        w.uint(8)
+        w.uint(self.count)
+        w.uint(9)
+        w.array(2)
+        w.uint(self.scale_num)
+        w.uint(self.scale_den)
+
+    def _status(self, w: "cbor.Writer") -> None:
+        drive = self.ppg_drive
+        if drive is not None:
+            w.uint(10)
+            w.array(4)
+            for i in range(4):
+                w.uint(drive[i])
+        w.uint(11)
         w.array(4)
-        for v in ppg_drive:
-            w.uint(v)
-    w.uint(11)
-    w.array(4)
-    w.uint(flags)
-    w.uint(fifo_overflows)
-    w.uint(frames_dropped)
-    w.uint(jitter_us)
-    w.uint(12)
-    w.uint(samples.ENCODING_DELTA_ZIGZAG_VARINT)
-    w.uint(13)
-    w.array(len(channels))
-    offset = 0
-    buf = w.buf
-    for ch in channels:
-        if between is not None:
-            between()
+        w.uint(self.flags)
+        w.uint(self.fifo_overflows)
+        w.uint(self.frames_dropped)
+        w.uint(self.jitter_us)
+        w.uint(12)
+        w.uint(samples.ENCODING_DELTA_ZIGZAG_VARINT)
+        w.uint(13)
+        w.array(len(self.channels))
+
+    def _channel(self, w: "cbor.Writer", k: int) -> None:
+        # Channel k's samples encoded (or copied) and encrypted where its
+        # byte string goes, then its head before them.
         start = w.pos + cbor.BSTR_HEAD_MAX  # room for the head, written once the length is known
-        if isinstance(ch, bytes):  # one type, no tuple built per frame: the board's path allocates nothing
-            n = len(ch)
-            if start + n > w.end:
-                raise LocalProtocolError("CBOR output buffer full (%d bytes)" % w.end, "buffer_full")
-            buf[start:start + n] = ch
-        else:
-            n = samples.encode_into(ch, count, buf, start, w.end) - start
-        sealer.apply(buf, start, start + n, epoch, seq, offset)
-        offset += n
+        n = self._samples_into(w, k, start) - start
+        self.sealer.xor(w.buf, start, start + n, self._offset)
+        self._offset += n
         w.bstr_written(start, n)
-    if between is not None:
-        between()
-    w.uint(14)
-    w.sint(cipher.ALG_A256CTR)
-    w.uint(15)
-    w.bstr(salt)
+
+    def _samples_into(self, w: "cbor.Writer", k: int, start: int) -> int:
+        # (One type: no tuple built per frame, the board's path allocates nothing.)
+        if isinstance(self.channels[k], bytes):
+            return _copy_encoded(w, self.channels[k], start)  # type: ignore[arg-type]
+        return samples.encode_into(self.channels[k], self.count, w.buf, start, w.end)  # type: ignore[arg-type]
+
+
+def _copy_encoded(w: "cbor.Writer", ch: bytes, start: int) -> int:
+    n = len(ch)
+    if start + n > w.end:
+        raise LocalProtocolError("CBOR output buffer full (%d bytes)" % w.end, "buffer_full")
+    w.buf[start:start + n] = ch
+    return start + n
+
+
+def encode_sample_frame(w: "cbor.Writer", epoch: int, seq: int, stream: int, t0_ms: int,
+                        first_index: int, rate_hz: int, count: int, scale_num: int, scale_den: int,
+                        ppg_drive: "tuple[int, int, int, int] | None", flags: int, fifo_overflows: int,
+                        frames_dropped: int, jitter_us: int, channels: "tuple[list[int] | bytes, ...]",
+                        sealer: "cipher.SampleCipher", between: "Callable[[], object] | None" = None,
+                        t0_ms_hi: int = 0, first_index_hi: int = 0) -> None:
+    # A sample frame's payload at w, from these fields (SampleFrameFields
+    # says what each is; a board keeps one of those instead).
+    f = SampleFrameFields(sealer)
+    f.epoch = epoch
+    f.seq = seq
+    f.stream = stream
+    f.t0_ms = t0_ms
+    f.t0_ms_hi = t0_ms_hi
+    f.first_index = first_index
+    f.first_index_hi = first_index_hi
+    f.rate_hz = rate_hz
+    f.count = count
+    f.scale_num = scale_num
+    f.scale_den = scale_den
+    f.ppg_drive = ppg_drive
+    f.flags = flags
+    f.fifo_overflows = fifo_overflows
+    f.frames_dropped = frames_dropped
+    f.jitter_us = jitter_us
+    f.channels = channels
+    f.between = between
+    f.encode(w)
 
 
 def encode_ack(w: "cbor.Writer", epoch: int, ranges: "list[tuple[int, int]]") -> None:
@@ -175,7 +254,16 @@ def encode_status(w: "cbor.Writer", epoch: int, seq: int, tick_ms: int, outbox_d
     # board sends one every status period and allocates nothing for it.
     # tick_ms_hi: the time in two halves, tick_ms_hi * 2**30 + tick_ms
     # (tick_ms < 2**30 then: small ints on a 32-bit port for any uptime).
-    # unique_id: the chip's, read once at start; b"": left out.
+    # unique_id: the chip's, read once at start; b"": left out. A board
+    # writes it in its two pieces, each call within the VM's 11 words of
+    # frame (README, "call frames").
+    encode_status_start(w, epoch, seq, tick_ms, tick_ms_hi, unique_id)
+    encode_status_end(w, outbox_depth, frames_dropped, free_heap, unique_id)
+
+
+def encode_status_start(w: "cbor.Writer", epoch: int, seq: int, tick_ms: int, tick_ms_hi: int,
+                        unique_id: bytes) -> None:
+    # A status up to its time (keys 0 to 4).
     _start(w, T_STATUS, 9 if unique_id else 8)
     w.uint(2)
     w.uint(epoch)
@@ -183,6 +271,11 @@ def encode_status(w: "cbor.Writer", epoch: int, seq: int, tick_ms: int, outbox_d
     w.uint(seq)
     w.uint(4)
     w.uint_halves(tick_ms_hi, tick_ms)  # (hi 0: uint(tick_ms))
+
+
+def encode_status_end(w: "cbor.Writer", outbox_depth: int, frames_dropped: int, free_heap: int,
+                      unique_id: bytes) -> None:
+    # The rest, after encode_status_start (keys 5 to 8).
     w.uint(5)
     w.uint(outbox_depth)
     w.uint(6)

@@ -68,7 +68,16 @@ def xor32(a: "bytes | bytearray", b: "bytes | bytearray") -> bytes:
 def encode_checkpoint(w: "cbor.Writer", epoch: int, index: int, boot_salt: bytes, wrapped_key: bytes,
                       seqs: "list[int] | object", digests: "bytes | bytearray", n: int) -> None:
     # The checkpoint's payload at w: seqs[:n] and digests[:n * DIGEST_SIZE]
-    # (the board passes its preallocated array and bytearray: nothing allocated).
+    # (the board passes its preallocated array and bytearray: nothing
+    # allocated). A board writes it in its two pieces, each call within the
+    # VM's 11 words of frame (README, "call frames").
+    encode_checkpoint_head(w, epoch, index, boot_salt, wrapped_key, n)
+    encode_checkpoint_list(w, seqs, digests, n)
+
+
+def encode_checkpoint_head(w: "cbor.Writer", epoch: int, index: int, boot_salt: bytes, wrapped_key: bytes,
+                           n: int) -> None:
+    # The checkpoint's payload up to its list of n frames (keys 0 to 4).
     if not 0 < n <= MAX_ENTRIES:
         raise LocalProtocolError("a checkpoint lists 1 to %d frames, not %d" % (MAX_ENTRIES, n), "range")
     w.map(7)
@@ -82,23 +91,29 @@ def encode_checkpoint(w: "cbor.Writer", epoch: int, index: int, boot_salt: bytes
     w.bstr(boot_salt)
     w.uint(4)
     w.bstr(wrapped_key)
+
+
+def encode_checkpoint_list(w: "cbor.Writer", seqs: "list[int] | object", digests: "bytes | bytearray",
+                           n: int) -> None:
+    # The rest, after encode_checkpoint_head: seqs[:n] and digests[:n * DIGEST_SIZE] (keys 5 and 6).
     w.uint(5)
     w.array(n)
     for i in range(n):
         w.uint(seqs[i])  # type: ignore[index]
     w.uint(6)
     w.head(2, n * DIGEST_SIZE)
-    p = w.pos
-    end = p + n * DIGEST_SIZE
-    if end > w.end:
+    if w.pos + n * DIGEST_SIZE > w.end:
         raise LocalProtocolError("CBOR output buffer full (%d bytes)" % len(w.buf), "buffer_full")
-    buf = w.buf
+    _copy_digests(w, digests, n * DIGEST_SIZE)
+    w.pos += n * DIGEST_SIZE
+
+
+def _copy_digests(w: "cbor.Writer", digests: "bytes | bytearray", n: int) -> None:
+    # digests[:n] at w.pos.
     if _viper is not None:  # (a byte loop: 20 digests took ~7 ms at an ESP32's speed)
-        _viper.copy_into(buf, p, digests, 0, n * DIGEST_SIZE)
-    else:
-        for i in range(n * DIGEST_SIZE):
-            buf[p + i] = digests[i]
-    w.pos = end
+        _viper.copy_into(w.buf, w.pos, digests, 0, n)
+        return
+    w.buf[w.pos:w.pos + n] = digests[:n]
 
 
 class Checkpoint:

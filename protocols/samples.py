@@ -16,6 +16,9 @@ try:
     from protocols import _viper  # MicroPython: the loop as native code
 except ImportError:  # CPython, or a port without the viper emitter
     _viper = None  # type: ignore[assignment]
+# The viper loop itself, called with no module attribute between (a word
+# less of encode_into's frame, which keeps within the VM's 11).
+_varint_into = None if _viper is None else _viper.varint_into
 
 ENCODING_DELTA_ZIGZAG_VARINT = const(1)
 # Samples are signed 32-bit at most (the sensors give 18 bits): a varint of
@@ -29,14 +32,23 @@ WORST_BYTES_PER_SAMPLE = const(5)
 
 def encode_into(src: "list[int]", count: int, out: "bytearray | memoryview", pos: int, limit: int = -1) -> int:
     # Writes src[0:count] at out[pos:limit] (limit < 0: to its end); returns
-    # the position after it.
+    # the position after it. (A board encodes three channels a second: this
+    # frame keeps within the VM's 11 words, so it is not taken from the
+    # heap, README "call frames"; the result reuses count.)
+    if _varint_into is not None and not isinstance(src, list):  # an array("i"), as the board holds samples
+        count = _varint_into(src, count, out, pos, limit)
+        if count < 0:
+            _buffer_full(-1 - count)
+        return count
+    return _encode_plain(src, count, out, pos, limit)
+
+
+def _buffer_full(i: int) -> None:
+    raise LocalProtocolError("sample buffer full after %d samples" % i, "buffer_full")
+
+
+def _encode_plain(src: "list[int]", count: int, out: "bytearray | memoryview", pos: int, limit: int) -> int:
     end = (len(out) if limit < 0 else limit) - _MAX_VARINT_BYTES
-    if _viper is not None and not isinstance(src, list):  # an array("i"), as the board holds samples
-        r = _viper.varint_into(src, count, out, pos, end)
-        if r >= 0:
-            return r
-        if r >= -count:
-            raise LocalProtocolError("sample buffer full after %d samples" % (-1 - r), "buffer_full")
     prev = 0
     for i in range(count):
         v = src[i]
@@ -44,7 +56,7 @@ def encode_into(src: "list[int]", count: int, out: "bytearray | memoryview", pos
         prev = v
         z = (d << 1) if d >= 0 else ((-d << 1) - 1)
         if pos > end:
-            raise LocalProtocolError("sample buffer full after %d samples" % i, "buffer_full")
+            _buffer_full(i)
         while z >= 0x80:
             out[pos] = (z & 0x7F) | 0x80
             z >>= 7

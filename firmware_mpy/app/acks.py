@@ -53,6 +53,8 @@ class AckReader:
         self._buf = b""
         self._pos = 0
         self._end = 0
+        self._pstart = 0
+        self._plen = 0
 
     def _head(self, major):
         # The value of a head of this major type at _pos in shortest form
@@ -117,6 +119,10 @@ class AckReader:
         self._pos = p + 9
         return True
 
+    # An ack comes twice a second: read() and its pieces keep within the
+    # VM's 11 words of frame (locals and stack), so none takes its frame
+    # from the heap (README, "call frames"); what they share is kept here
+    # (_buf, _pos, _end; the payload's _pstart and _plen).
     def read(self, data, n=-1):
         # data[:n] (n < 0: all of it): one downlink message, not yet
         # authenticated. Returns DECLINED, ACKED (epoch, count, first, last
@@ -125,76 +131,108 @@ class AckReader:
         self._buf = data
         self._pos = 0
         self._end = len(data) if n < 0 else n
+        if not self._envelope():
+            return DECLINED
+        kind = self._kind()
+        if kind == fields.T_ACK:
+            return self._ack()
+        if kind == fields.T_TIME_REQUEST:
+            return self._time_request()
+        if kind == fields.T_UPDATE_CHUNK:
+            return self._chunk()
+        return DECLINED
+
+    def _envelope(self):
+        # The COSE_Mac0 around the payload, as the hub writes it: then the
+        # payload at _pstart (_plen bytes, _end: its end) followed by the tag.
         if self._head(6) != 17 or self._head(4) != 4:
-            return DECLINED
-        prot = self._protected
-        k = len(prot)
-        if self._head(2) != k:
-            return DECLINED
-        p = self._pos
-        if p + k > self._end:
-            return DECLINED
-        for i in range(k):
-            if data[p + i] != prot[i]:
-                return DECLINED
-        self._pos = p + k
+            return False
+        if self._head(2) != len(self._protected) or not self._protected_read():
+            return False
         if self._head(5) != 0:
-            return DECLINED
+            return False
         plen = self._head(2)
         if plen < 0:
-            return DECLINED
-        pstart = self._pos
-        pend = pstart + plen
-        end = self._end
-        if pend + 34 != end or data[pend] != 0x58 or data[pend + 1] != 32:
-            return DECLINED
+            return False
+        pend = self._pos + plen
+        if pend + 34 != self._end or self._buf[pend] != 0x58 or self._buf[pend + 1] != 32:
+            return False
+        self._pstart = self._pos
+        self._plen = plen
         self._end = pend
+        return True
+
+    def _protected_read(self):
+        # Our own protected header's bytes at _pos, moving past them.
+        prot = self._protected
+        p = self._pos
+        k = len(prot)
+        if p + k > self._end:
+            return False
+        buf = self._buf
+        for i in range(k):
+            if buf[p + i] != prot[i]:
+                return False
+        self._pos = p + k
+        return True
+
+    def _kind(self):
+        # The payload's message type after its map head and type key, the
+        # version key and value and key 2 (-1 if any is not as the hub writes it).
         nfields = self._head(5)
         if self._head(0) != 0:
-            return DECLINED
+            return -1
         kind = self._head(0)
         if nfields != (6 if kind == fields.T_UPDATE_CHUNK else 4):
-            return DECLINED
-        if kind != fields.T_ACK and kind != fields.T_TIME_REQUEST and kind != fields.T_UPDATE_CHUNK:
-            return DECLINED
+            return -1
         if self._head(0) != 1 or self._head(0) != fields.VERSION or self._head(0) != 2:
-            return DECLINED
-        if kind == fields.T_TIME_REQUEST:
-            nonce = self._head(0)
-            if nonce < 0 or self._head(0) != 3 or not self._skip_uint() or self._pos != pend:
-                return DECLINED
-            if not self._key.verify_at(data, pstart, plen, pend + 2):
-                return FORGED
-            self.nonce = nonce
-            return TIME_REQUEST
-        if kind == fields.T_UPDATE_CHUNK:
-            return self._chunk(data, pstart, plen, pend)
+            return -1
+        return kind
+
+    def _verified(self):
+        # Whether the tag after the payload is its MAC.
+        return self._key.verify_at(self._buf, self._pstart, self._plen, self._end + 2)
+
+    def _ack(self):
         epoch = self._head(0)
         if epoch < 0 or self._head(0) != 3:
             return DECLINED
         count = self._head(4)
         if not 0 < count <= fields.MAX_ACK_RANGES:
             return DECLINED
-        first = self.first
-        last = self.last
         for i in range(count):
-            if self._head(4) != 2:
+            if not self._range(i):
                 return DECLINED
-            a = self._head(0)
-            b = self._head(0)
-            if a < 0 or b < a:
-                return DECLINED
-            first[i] = a
-            last[i] = b
-        if self._pos != pend:
+        if self._pos != self._end:
             return DECLINED
-        if not self._key.verify_at(data, pstart, plen, pend + 2):
+        if not self._verified():
             return FORGED
         self.epoch = epoch
         self.count = count
         return ACKED
 
-    def _chunk(self, data, pstart, plen, pend):
+    def _range(self, i):
+        # Range i of an ack, [first, last], into first[i] and last[i].
+        if self._head(4) != 2:
+            return False
+        a = self._head(0)
+        b = self._head(0)
+        if a < 0 or b < a:
+            return False
+        self.first[i] = a
+        self.last[i] = b
+        return True
+
+    def _time_request(self):
+        nonce = self._head(0)
+        if nonce < 0 or self._head(0) != 3 or not self._skip_uint() or self._pos != self._end:
+            return DECLINED
+        if not self._verified():
+            return FORGED
+        self.nonce = nonce
+        return TIME_REQUEST
+
+    def _chunk(self):
         # The rest of an update chunk's payload, from its epoch on.
         epoch = self._head(0)
         if epoch < 0 or self._head(0) != 3:
@@ -206,14 +244,13 @@ class AckReader:
         if not 0 <= total <= fields.MAX_BUNDLE or self._head(0) != 5:
             return DECLINED
         n = self._head(2)
-        at = self._pos
-        if not 0 < n <= fields.MAX_UPDATE_CHUNK or at + n != pend or offset + n > total:
+        if not 0 < n <= fields.MAX_UPDATE_CHUNK or self._pos + n != self._end or offset + n > total:
             return DECLINED
-        if not self._key.verify_at(data, pstart, plen, pend + 2):
+        if not self._verified():
             return FORGED
         self.epoch = epoch
         self.offset = offset
         self.total = total
-        self.data_at = at
+        self.data_at = self._pos
         self.data_len = n
         return UPDATE_CHUNK

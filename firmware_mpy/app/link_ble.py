@@ -320,22 +320,30 @@ class BleLink:
         except OSError as e:
             self._radio_error("battery write", e)
 
+    # (Every second with a subscribed phone: within the VM's 11 words of
+    # frame, the errors caught by a with-block, faults.Caught.)
     def _notify_std(self):
-        s = self._std
-        try:
+        with self._notify_errors:
             if self.hr_x10:
-                s[0] = 0  # flags: heart rate as uint8
-                s[1] = min(255, (self.hr_x10 + 5) // 10)
-                self._ble.gatts_notify(self._conn, self._h_hr, self._std_hr)
-                self._sent += 1  # (the stack's buffers are the same)
-                self.std_sent += 1
+                self._notify_hr()
             if self.spo2_x10:
-                struct.pack_into("<BHH", s, 0, 0, _sfloat(self.spo2_x10), _sfloat(self.pr_x10))
-                self._ble.gatts_notify(self._conn, self._h_plx, s)
-                self._sent += 1
-                self.std_sent += 1
-        except OSError:
-            pass  # out of buffers: the next second's values will do
+                self._notify_plx()
+        self._notify_errors.take()  # out of buffers: the next second's values will do
+
+    def _notify_hr(self):
+        s = self._std
+        s[0] = 0  # flags: heart rate as uint8
+        s[1] = min(255, (self.hr_x10 + 5) // 10)
+        self._ble.gatts_notify(self._conn, self._h_hr, self._std_hr)
+        self._sent += 1  # (the stack's buffers are the same)
+        self.std_sent += 1
+
+    def _notify_plx(self):
+        s = self._std
+        struct.pack_into("<BHH", s, 0, 0, _sfloat(self.spo2_x10), _sfloat(self.pr_x10))
+        self._ble.gatts_notify(self._conn, self._h_plx, s)
+        self._sent += 1
+        self.std_sent += 1
 
     # _pump and its helpers keep to the VM's 11 words of frame (README,
     # "call frames"): _pump runs at every loop while connected.
@@ -459,14 +467,15 @@ class BleLink:
         return 0
 
     def _read_control(self):
-        # (Apart from receive(): its try would put receive's frame, at
-        # every loop, past the VM's 11 words.)
+        # (Apart from receive(), which runs at every loop; twice a second,
+        # at each ack, within the VM's 11 words too: a with-block,
+        # faults.Caught, as _notify's; a try naming its error needs 14.)
         self._irq_write = False
-        try:
-            data = self._ble.gatts_read(self._h_ctrl)
-        except OSError as e:
-            data = b""
+        self._written = b""
+        with self._notify_errors:
+            self._written = self._ble.gatts_read(self._h_ctrl)
+        e = self._notify_errors.take()
+        if e is not None:
             self._radio_error("control read", e)  # the hub writes it again if it matters
-        self._written = data
         self._written_pos = 0
-        return data
+        return self._written

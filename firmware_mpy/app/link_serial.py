@@ -68,7 +68,7 @@ class SerialLink:
             self._poll.register(stream_in, select.POLLIN)
         self._tx = bytearray(max_message + max_message // 254 + 8)
         self._txv = memoryview(self._tx)
-        self._framer = link.StreamFramer()
+        self._framer = link.StreamFramer(self._tx)
         self._rx = link.LineDeframer()
         self.message = self._rx.message  # receive()'s message: decoded in place there
         self._byte = bytearray(1)
@@ -92,7 +92,7 @@ class SerialLink:
         # Takes a whole message, buf[off:off+n], if the previous one has gone out.
         if self._pending:
             return False
-        self._pending = self._framer.frame_into(buf, n, self._tx, 0, off)
+        self._pending = self._framer.frame_from(buf, off, n)
         self._off = 0
         self._pump()
         return True

@@ -127,7 +127,7 @@ class App:
         okey = origin.load_key()
         gc.collect()  # (what reading the keys and building the link left: the log's buffers in one piece)
         self.origin = None if okey is None else origin.OriginLog(okey, kid, key, self.sealer.boot_salt,
-                                                                 cfg["origin_every_ms"], now)
+                                                                 cfg["origin_every_ms"], now, self.up)
         # The board's own rough vitals, for the standard BLE services only.
         self.hr = None
         self.ox = None
@@ -136,9 +136,9 @@ class App:
 
             for st in self.streams:
                 if st.stream_id == fields.STREAM_PPG_MAX30102:
-                    self.ox = PulseOx(st.rate_hz)
+                    self.ox = PulseOx(st.rate_hz, st.chans[0], st.chans[1])
                 else:
-                    self.hr = HeartRate(st.rate_hz)
+                    self.hr = HeartRate(st.rate_hz, st.chans[0])
         self.frames_built = 0
         self.downlink_rejected = 0
         self._time_nonce = 0  # the time request's, answered when _DUE_TIME goes
@@ -167,7 +167,13 @@ class App:
         self._woken = self._any_ready  # bound once: the idle loop calls it often
         self._gc_below = _GC_HEADROOM
         self._gc_checked_ms = now
-        self._read_fifos_cb = self._read_fifos  # bound once: build_frame passes it on every frame
+        # A sample frame's fields, set for each frame (build_frame); between
+        # its pieces the FIFOs are read (_read_fifos, bound once).
+        self._read_fifos_cb = self._read_fifos  # (bound once: checkpoints pass it on too)
+        self._fields = fields.SampleFrameFields(self.sealer)
+        self._fields.between = self._read_fifos_cb
+        if self.origin is not None:  # (the FIFOs read between a checkpoint's pieces)
+            self.origin.between = self._read_fifos_cb
         # A chip read's bus errors, and the read's time and kind for the
         # pieces of _read_sensor and _read_fifos (frames within 11 words).
         self._bus_errors = faults.Caught()
@@ -253,9 +259,12 @@ class App:
         # Times on the wire (tick_ms, t0_ms) are ms since boot, never wrapping,
         # in halves (app.ticks.Uptime). Field-wise, every status period:
         # nothing allocated, for any uptime.
+        # (In two pieces: one call with its nine fields would need a frame
+        # past the VM's 11 words, README "call frames".)
         up = self.board.refresh_uptime()
-        fields.encode_status(self._small(), self.epoch, self.seq, up.lo, self.outbox.depth(),
-                               self.outbox.dropped, gc.mem_free(), up.hi, self.unique_id)
+        fields.encode_status_start(self._small(), self.epoch, self.seq, up.lo, up.hi, self.unique_id)
+        fields.encode_status_end(self._small_w, self.outbox.depth(), self.outbox.dropped, gc.mem_free(),
+                                 self.unique_id)
         self._read_fifos()  # (the free heap's walk and the encoding: 6 ms at esp32 speed, the seal as long)
 
     def time_answer(self):
@@ -264,8 +273,33 @@ class App:
         up = self.board.refresh_uptime()
         fields.encode_time_response(self._small(), self.epoch, self.seq, self._time_nonce, up.lo, up.hi)
 
+    # A frame is built twice a second: build_frame and its pieces keep
+    # within the VM's 11 words of frame (locals and stack), so none takes
+    # its frame from the heap (README, "call frames"); the frame's fields
+    # go through self._fields (fields.SampleFrameFields), not as arguments.
     def build_frame(self, k, st, count):
-        sensor = st.sensor
+        f = self._fields
+        f.count = count
+        self._frame_status(f, st)
+        self._frame_header(f, st)
+        # The frame is made where it will stay: the payload encoded (and its
+        # samples encrypted) in its outbox region, then sealed around it.
+        # A frame takes tens of ms on a chip: the other streams' FIFOs that
+        # ask meanwhile are read between its pieces (f.between: _read_fifos).
+        w = self._frame_writer
+        base = self.outbox.reserve(self.worst[k])  # may drop the oldest frames: this one then says so
+        w.end = base + self.worst[k]
+        w.pos = base + self.up.payload_offset
+        f.frames_dropped = self.outbox.dropped
+        f.encode(w)
+        self._seal_frame(w, base)
+        self._read_fifos()
+        if self.ox is not None or self.hr is not None:
+            self._frame_vitals(st)
+        st.advance(count)
+        self.frames_built += 1
+
+    def _frame_status(self, f, st):
         flags = 0
         if self._lead_off(st):
             flags |= fields.FLAG_LEAD_OFF
@@ -273,53 +307,53 @@ class App:
             flags |= fields.FLAG_SENSOR_FAULT
         if st.saturated:
             flags |= fields.FLAG_SATURATED
-        pending_lost = st.pending_lost
-        if pending_lost:
+        if st.pending_lost:
             flags |= fields.FLAG_FIFO_OVERFLOW
+        f.flags = flags
+        f.fifo_overflows = st.pending_lost
         st.framing()  # what this frame says of the stream is taken: what its FIFO says meanwhile is the next's
-        num, den = sensor.scale()
-        drive = sensor.drive() if st.stream_id == fields.STREAM_PPG_MAX30102 else None
-        jitter = sensor.take_jitter_us() if st.stream_id == fields.STREAM_ECG_AD8232 else 0
-        seq = self._seq()
-        # The frame is made where it will stay: the payload encoded (and its
-        # samples encrypted) in its outbox region, then sealed around it.
-        # A frame takes tens of ms on a chip: the other streams' FIFOs that
-        # ask meanwhile are read between its pieces (_read_fifos).
-        w = self._frame_writer
-        need = self.worst[k]
-        base = self.outbox.reserve(need)  # may drop the oldest frames: this one then says so
-        w.end = base + need
-        w.pos = start = base + self.up.payload_offset
+
+    def _frame_header(self, f, st):
+        sensor = st.sensor
+        f.scale_num, f.scale_den = sensor.scale()
+        f.ppg_drive = sensor.drive() if st.stream_id == fields.STREAM_PPG_MAX30102 else None
+        f.jitter_us = sensor.take_jitter_us() if st.stream_id == fields.STREAM_ECG_AD8232 else 0
+        f.epoch = self.epoch
+        f.seq = self._seq()
         st.frame_time()
-        fields.encode_sample_frame(w, self.epoch, seq, st.stream_id, st.t0_ms_lo, st.first_index,
-                                     st.rate_hz, count, num, den, drive, flags, pending_lost,
-                                     self.outbox.dropped, jitter, st.chans, self.sealer, self._read_fifos_cb,
-                                     st.t0_ms_hi, st.first_index_hi)
+        f.stream = st.stream_id
+        f.t0_ms = st.t0_ms_lo
+        f.t0_ms_hi = st.t0_ms_hi
+        f.first_index = st.first_index
+        f.first_index_hi = st.first_index_hi
+        f.rate_hz = st.rate_hz
+        f.channels = st.chans
+
+    def _seal_frame(self, w, base):
+        # Seals the payload written from base + payload_offset, lists it for
+        # the origin proof and commits it to the outbox.
+        start = base + self.up.payload_offset
         n = w.pos - start
         self.up.seal_written(w, start, base)
         if self.origin is not None:  # the payload ends where the tag's bstr (2 + 32 bytes) begins
-            self.origin.add(seq, w.buf, w.pos - cose.TAG_SIZE - 2 - n, n)
-        self.outbox.commit(seq, w.pos - base)
-        self._read_fifos()
-        # The board's own vitals (BLE): a few ms per 100 samples on a chip,
-        # fed in chunks with the FIFOs read between.
-        if st.stream_id == fields.STREAM_PPG_MAX30102:
-            if self.ox is not None:
-                if flags & fields.FLAG_LEAD_OFF or pending_lost:
-                    self.ox.reset()
-                else:
-                    for i in range(0, count, _VITALS_CHUNK):
-                        self.ox.feed(st.chans[0], st.chans[1], min(count, i + _VITALS_CHUNK), i)
-                        self._read_fifos()
-        elif self.hr is not None:
-            if flags & fields.FLAG_LEAD_OFF or pending_lost:
-                self.hr.reset()
-            else:
-                for i in range(0, count, _VITALS_CHUNK):
-                    self.hr.feed(st.chans[0], min(count, i + _VITALS_CHUNK), i)
-                    self._read_fifos()
-        st.advance(count)
-        self.frames_built += 1
+            self.origin.add(self._fields.seq, w.buf, w.pos - cose.TAG_SIZE - 2 - n, n)
+        self.outbox.commit(self._fields.seq, w.pos - base)
+
+    def _frame_vitals(self, st):
+        # The board's own vitals (BLE), from the frame's samples: a few ms
+        # per 100 samples on a chip, fed in chunks with the FIFOs read between.
+        v = self.ox if st.stream_id == fields.STREAM_PPG_MAX30102 else self.hr
+        if v is None:
+            return
+        if self._fields.flags & (fields.FLAG_LEAD_OFF | fields.FLAG_FIFO_OVERFLOW):
+            v.reset()
+        else:
+            self._feed_vitals(v)
+
+    def _feed_vitals(self, v):
+        for i in range(0, self._fields.count, _VITALS_CHUNK):
+            v.feed(min(self._fields.count, i + _VITALS_CHUNK), i)
+            self._read_fifos()
 
     def _read_fifos(self):
         # Reads the FIFOs of the streams whose chip asks into the streams'
@@ -536,10 +570,14 @@ class App:
         # (Stream.drain_rest; the MAX30003 counts no lost samples).
         for k in range(len(self.streams)):
             if self.guard.ready(k):
-                try:
-                    self.streams[k].drain_rest()
-                except OSError:
-                    pass  # (the next poll reads it, and handles the fault)
+                self._drain_rest(k)
+
+    def _drain_rest(self, k):
+        # (A with-block, faults.Caught: _measure_drift's try took its frame
+        # past the VM's 11 words, README "call frames".)
+        with self._bus_errors:
+            self.streams[k].drain_rest()
+        self._bus_errors.take()  # (the next poll reads it, and handles the fault)
 
     def _send_frames(self, now):
         # The outbox's frames due, while the link takes them; the FIFOs
@@ -609,12 +647,13 @@ class App:
     def _checkpoint(self, log, now):
         # The frames listed since the last one, MACed under the origin key,
         # into the outbox like a frame: resent until the hub acknowledges it.
+        # (Within the VM's 11 words of frame, README "call frames".)
         seq = self._seq()
-        w = self._frame_writer
         base = self.outbox.reserve(origin.WORST_BYTES)
-        w.end = base + origin.WORST_BYTES
-        log.checkpoint_into(w, base, self.up, self.epoch, seq, now, self._read_fifos_cb)
-        self.outbox.commit(seq, w.pos - base)
+        self._frame_writer.end = base + origin.WORST_BYTES
+        self._frame_writer.pos = base
+        log.checkpoint_into(self._frame_writer, self.epoch, seq, now)
+        self.outbox.commit(seq, self._frame_writer.pos - base)
 
     # ---- faults (app/faults.py): each handled here, reported, never fatal ----
     def _poll_stream(self, k, now):

@@ -11,7 +11,7 @@ import array
 from micropython import const
 
 from app import ticks
-from protocols import _sha256, cbor, cipher, cose, fields, origin
+from protocols import _sha256, cbor, cipher, cose, fields, link, origin
 
 PATH = "pulsebridge/origin.key"  # 32 raw bytes, written at provisioning
 _N = const(32)  # origin.MAX_ENTRIES
@@ -35,7 +35,8 @@ def load_key():
 
 
 class OriginLog:
-    def __init__(self, origin_key, kid, device_key, boot_salt, every_ms, now_ms):
+    def __init__(self, origin_key, kid, device_key, boot_salt, every_ms, now_ms, up):
+        # up: the device's uplink cose.MacKey, which seals each checkpoint.
         self.mac = cose.MacKey(origin_key, kid, origin.AAD_ORIGIN)
         boot_key = cipher.derive_key(device_key, boot_salt)
         self.salt = bytes(boot_salt)
@@ -50,23 +51,24 @@ class OriginLog:
         self._st = array.array("I", bytes(32))
         self._blk = bytearray(64)
         self._out = bytearray(32)
+        self.up = up
+        self.between = None  # called between a checkpoint's pieces (the app reads its FIFOs)
+        self._base = 0  # (checkpoint_into: where the message starts)
 
+    # add() runs at every frame: it and _list keep within the VM's 11 words
+    # of frame, so neither takes its frame from the heap (README, "call frames").
     def add(self, seq, buf, start, n):
         # A sample frame sealed with payload buf[start:start+n].
-        k = self.n
-        if k >= _N:  # not expected (due() leaves _HEADROOM): the frame shows as unproven
+        if self.n >= _N:  # not expected (due() leaves _HEADROOM): the frame shows as unproven
             self.unlisted += 1
             return
-        st = self._st
-        blk = self._blk
-        _sha256.sha256_start(st)
-        used = _sha256.sha256_update(st, blk, 0, buf, start, start + n)
-        _sha256.sha256_final(st, blk, used, n, self._out)
-        out = self._out
-        dg = self.digests
-        o = k * _DIGEST
-        for i in range(_DIGEST):
-            dg[o + i] = out[i]
+        _sha256.sha256_into(self, buf, start, n)  # into self._out, hashed in self._st and self._blk
+        self._list(seq)
+
+    def _list(self, seq):
+        # The digest just made (its first _DIGEST bytes), with its seq.
+        k = self.n
+        link.copy_into(self.digests, k * _DIGEST, self._out, 0, _DIGEST)
         self.seqs[k] = seq
         self.n = k + 1
 
@@ -80,15 +82,27 @@ class OriginLog:
         # seqs (each added again as it is re-sealed).
         self.n = 0
 
-    def checkpoint_into(self, w, base, up, epoch, seq, now_ms, between=None):
-        # Writes the type 10 message, sealed under the device key (up), at
-        # w.buf[base:] (an outbox region of WORST_BYTES, w.end its end): the
-        # checkpoint COSE_Mac0 is made where it stays, inside the outer
-        # payload (no copy, no view, nothing allocated). The list then
-        # starts again. between: called after the list and after its MAC
-        # (the board reads its FIFOs there: 15-25 ms at an ESP32's speed in
-        # all); it must leave w alone.
-        w.pos = ostart = base + up.payload_offset
+    # A checkpoint is made every every_ms: checkpoint_into and its pieces
+    # keep within the VM's 11 words of frame, so none takes its frame from
+    # the heap (README, "call frames"); up and between are attributes.
+    def checkpoint_into(self, w, epoch, seq, now_ms):
+        # Writes the type 10 message, sealed under the device key (self.up,
+        # the app's uplink cose.MacKey), at w.buf[w.pos:] (an outbox region
+        # of WORST_BYTES, w.end its end): the checkpoint COSE_Mac0 is made
+        # where it stays, inside the outer payload (no copy, no view, nothing
+        # allocated). The list then starts again. self.between: called after
+        # the list and after its MAC (the board reads its FIFOs there: 15-25
+        # ms at an ESP32's speed in all); it must leave w alone.
+        self._base = w.pos
+        self._outer_head(w, epoch, seq)
+        self._inner_into(w, epoch)
+        self.up.seal_written(w, self._base + self.up.payload_offset, self._base)
+        self.n = 0
+        self.index += 1
+        self.due_ms = ticks.add(now_ms, self.every_ms)
+
+    def _outer_head(self, w, epoch, seq):
+        w.pos = self._base + self.up.payload_offset
         w.map(5)
         w.uint(0)
         w.uint(fields.T_ORIGIN)
@@ -99,19 +113,25 @@ class OriginLog:
         w.uint(3)
         w.uint(seq)
         w.uint(4)
-        ibase = w.pos + cbor.BSTR_HEAD_MAX  # the checkpoint, as the byte string's content
-        pstart = ibase + self.mac.payload_offset
-        w.pos = pstart
-        origin.encode_checkpoint(w, epoch, self.index, self.salt, self.wrapped, self.seqs, self.digests, self.n)
-        if between is not None:
-            between()
-        self.mac.seal_written(w, pstart, ibase)
-        if between is not None:
-            between()
-        inner = w.pos - ibase
+
+    def _inner_into(self, w, epoch):
+        # The checkpoint, sealed under the origin key, as the byte string's content.
+        ibase = w.pos + cbor.BSTR_HEAD_MAX
+        w.pos = ibase + self.mac.payload_offset
+        self._payload(w, epoch)
+        if self.between is not None:
+            self.between()
+        self.mac.seal_written(w, ibase + self.mac.payload_offset, ibase)
+        if self.between is not None:
+            self.between()
+        self._inner_head(w, ibase)
+
+    def _payload(self, w, epoch):
+        origin.encode_checkpoint_head(w, epoch, self.index, self.salt, self.wrapped, self.n)
+        origin.encode_checkpoint_list(w, self.seqs, self.digests, self.n)
+
+    def _inner_head(self, w, ibase):
+        # The byte string's head before the checkpoint at ibase, which ends at w.pos.
+        n = w.pos - ibase
         w.pos = ibase - cbor.BSTR_HEAD_MAX
-        w.bstr_written(ibase, inner)
-        up.seal_written(w, ostart, base)
-        self.n = 0
-        self.index += 1
-        self.due_ms = ticks.add(now_ms, self.every_ms)
+        w.bstr_written(ibase, n)

@@ -14,11 +14,16 @@ _CAL_A_X1000 = const(110000)
 _CAL_B = const(25)
 
 
+# Each feed keeps within the VM's 11 words of frame (locals and stack):
+# called at every frame, it then takes no frame from the heap (README,
+# "call frames"); the rarer steps are methods of their own.
 class HeartRate:
     # R waves from the ECG's slope: a beat when the slope passes half the
     # largest slope of the last seconds, at least 250 ms after the last one.
-    def __init__(self, rate_hz):
+    # ecg: the stream's sample buffer (array), fed from by index.
+    def __init__(self, rate_hz, ecg):
         self.rate = rate_hz
+        self.ecg = ecg
         self.refractory = rate_hz // 4
         self.prev = 0
         self.peak = 0
@@ -33,13 +38,11 @@ class HeartRate:
         self.nrr = 0
         self.bpm_x10 = 0
 
-    def feed(self, buf, n, start=0):
-        # Samples buf[start:n], following the ones fed before.
-        rate = self.rate
+    def feed(self, n, start=0):
+        # Samples ecg[start:n], following the ones fed before.
         for i in range(start, n):
-            x = buf[i]
-            d = x - self.prev
-            self.prev = x
+            d = self.ecg[i] - self.prev
+            self.prev += d
             if d < 0:
                 d = -d
             self.peak -= self.peak >> self.decay_shift
@@ -48,24 +51,33 @@ class HeartRate:
             if self.since >= 0:
                 self.since += 1
             if d * 2 > self.peak and self.peak > 0 and (self.since < 0 or self.since > self.refractory):
-                if self.since > 0 and rate * 3 // 10 <= self.since <= rate * 2:
-                    self.rr[self.nrr % _RR_KEPT] = self.since
-                    self.nrr += 1
-                self.since = 0
+                self._beat()
+        if self.nrr >= 2:
+            self._rate()
+
+    def _beat(self):
+        if self.since > 0 and self.rate * 3 // 10 <= self.since <= self.rate * 2:
+            self.rr[self.nrr % _RR_KEPT] = self.since
+            self.nrr += 1
+        self.since = 0
+
+    def _rate(self):
         k = self.nrr if self.nrr < _RR_KEPT else _RR_KEPT
-        if k >= 2:
-            total = 0
-            for j in range(k):
-                total += self.rr[j]
-            self.bpm_x10 = 600 * rate * k // total
+        total = 0
+        for j in range(k):
+            total += self.rr[j]
+        self.bpm_x10 = 600 * self.rate * k // total
 
 
 class PulseOx:
     # Ratio of ratios over 4 s windows of red and IR; pulse rate from the
     # IR's upward crossings of its mean (the previous window's), with a
     # hysteresis of a sixteenth of its swing, so a dicrotic notch is no beat.
-    def __init__(self, rate_hz):
+    # red, ir: the stream's two sample buffers (arrays), fed from by index.
+    def __init__(self, rate_hz, red, ir):
         self.rate = rate_hz
+        self.red = red
+        self.ir = ir
         self.want = rate_hz * _OX_SECONDS
         self.spo2_x10 = 0  # 0: no estimate yet
         self.pr_x10 = 0
@@ -90,51 +102,60 @@ class PulseOx:
         self.spo2_x10 = 0
         self.pr_x10 = 0
 
-    def feed(self, red, ir, n, start=0):
+    def feed(self, n, start=0):
         # Samples [start:n] of red and IR, following the ones fed before.
         for i in range(start, n):
-            r = red[i]
-            x = ir[i]
+            r = self.red[i]
             self.sum_r += r
-            self.sum_ir += x
             if r < self.min_r:
                 self.min_r = r
             if r > self.max_r:
                 self.max_r = r
-            if x < self.min_ir:
-                self.min_ir = x
-            if x > self.max_ir:
-                self.max_ir = x
-            if self.ref:
-                if not self.above and x > self.ref + self.hyst:
-                    self.above = True
-                    if self.first_cross < 0:
-                        self.first_cross = self.n
-                    else:
-                        self.crossings += 1
-                    self.last_cross = self.n
-                elif self.above and x < self.ref - self.hyst:
-                    self.above = False
-            self.n += 1
-            if self.n >= self.want:
-                self._estimate()
+            self._ir(self.ir[i])
+
+    def _ir(self, x):
+        self.sum_ir += x
+        if x < self.min_ir:
+            self.min_ir = x
+        if x > self.max_ir:
+            self.max_ir = x
+        if self.ref:
+            if not self.above and x > self.ref + self.hyst:
+                self._crossed()
+            elif self.above and x < self.ref - self.hyst:
+                self.above = False
+        self.n += 1
+        if self.n >= self.want:
+            self._estimate()
+
+    def _crossed(self):
+        self.above = True
+        if self.first_cross < 0:
+            self.first_cross = self.n
+        else:
+            self.crossings += 1
+        self.last_cross = self.n
 
     def _estimate(self):
         n = self.n
         dc_r = self.sum_r // n
         dc_ir = self.sum_ir // n
+        self.spo2_x10 = self._spo2(dc_r, dc_ir)
+        if self.crossings >= 2 and self.last_cross > self.first_cross:
+            self.pr_x10 = 600 * self.rate * self.crossings // (self.last_cross - self.first_cross)
+        self.ref = dc_ir
+        self.hyst = (self.max_ir - self.min_ir) >> 4
+        self._clear()
+
+    def _spo2(self, dc_r, dc_ir):
         ac_r = self.max_r - self.min_r
         ac_ir = self.max_ir - self.min_ir
         if dc_r > 0 and dc_ir > 0 and ac_r > 0 and ac_ir > 0:
             # ac_r * dc_ir * 1000 // (dc_r * ac_ir) in steps whose values stay
             # under 2**30 (18-bit samples: a heap int on a 32-bit port).
-            ratio_x1000 = ac_r * 1000 // ac_ir * dc_ir // dc_r
-            spo2_x1000 = _CAL_A_X1000 - _CAL_B * ratio_x1000
-            self.spo2_x10 = max(0, min(1000, spo2_x1000 // 100))
-        else:
-            self.spo2_x10 = 0
-        if self.crossings >= 2 and self.last_cross > self.first_cross:
-            self.pr_x10 = 600 * self.rate * self.crossings // (self.last_cross - self.first_cross)
-        self.ref = dc_ir
-        self.hyst = ac_ir >> 4
-        self._clear()
+            return _spo2_x10(ac_r * 1000 // ac_ir * dc_ir // dc_r)
+        return 0
+
+
+def _spo2_x10(ratio_x1000):
+    return max(0, min(1000, (_CAL_A_X1000 - _CAL_B * ratio_x1000) // 100))

@@ -106,13 +106,11 @@ class AD8232:
         # time, as on its way if not and less than half a period has passed,
         # as lost otherwise (and if it comes after all, the next read counts
         # it in the ticks come: nothing is counted twice).
+        # (At every read: this, _advance and read_into keep within the VM's
+        # 11 words of frame, so none takes its frame from the heap, README
+        # "call frames".)
         now = self._ticks_us()
-        acc = self._phase_us + self._ticks_diff(now, self._check_us)
-        self._check_us = now
-        due = acc // self._period_us
-        phase = acc - due * self._period_us  # since the last tick's time
-        self._phase_us = phase
-        self._due = (self._due + due) & _TICK_MASK
+        phase = self._advance(now)
         last_us = self._last_us  # (read before _ticks: a tick coming in between is then never taken for lost)
         behind = (self._due - self._ticks - self._counted) & _TICK_MASK
         if behind >= _TICK_HALF:
@@ -124,18 +122,27 @@ class AD8232:
         self._counted = (self._counted + behind) & _TICK_MASK
         return behind
 
+    def _advance(self, now):
+        # The ticks due since the last look added to _due; returns the time
+        # since the last tick's (its phase).
+        acc = self._phase_us + self._ticks_diff(now, self._check_us)
+        self._check_us = now
+        due = acc // self._period_us
+        self._phase_us = acc - due * self._period_us
+        self._due = (self._due + due) & _TICK_MASK
+        return self._phase_us
+
     def read_into(self, chans, pos, room):
-        out = chans[0]
         self.lost = self._lost + self._missed()
         self._lost = 0
+        self.saturated = False
+        out = chans[0]
         n = 0
-        sat = False
         while n < room and self._rd != self._wr:
             v = self._ring[self._rd % _RING] - _MID
             if v >= 32767 or v <= -32768:
-                sat = True
+                self.saturated = True
             out[pos + n] = v
             self._rd += 1
             n += 1
-        self.saturated = sat
         return n

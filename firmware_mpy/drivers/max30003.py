@@ -219,26 +219,31 @@ class MAX30003:
         # read said more follow: no word is clocked out of an empty FIFO. An
         # overflow tag stops it (read_into's next burst finds EOVF and
         # resets). Returns the samples read; saturated is set if one was at
-        # full scale.
-        out = chans[0]
+        # full scale. (Every status period and before each collection: this
+        # and _rest_word keep within the VM's 11 words of frame, so neither
+        # takes its frame from the heap, README "call frames".)
         n = 0
         self.emptied = False
-        while self._more and n < room:
-            word = self.read_reg(_REG_ECG_FIFO)
-            etag = (word >> 3) & 7
-            if etag > 3:  # empty or overflow: nothing more to take here
-                self._more = False
-                break
-            v = word >> 6
-            if v & 0x20000:
-                v -= 0x40000
-            if v >= _FULL_SCALE_CODE or v <= -_FULL_SCALE_CODE:
-                self.saturated = True
-            out[pos + n] = v
+        while self._more and n < room and self._rest_word(chans[0], pos + n):
             n += 1
-            self._more = etag < 2
-            self.emptied = not self._more
         return n
+
+    def _rest_word(self, out, at):
+        # One word of the FIFO into out[at]; False if it held no sample.
+        word = self.read_reg(_REG_ECG_FIFO)
+        etag = (word >> 3) & 7
+        if etag > 3:  # empty or overflow: nothing more to take here
+            self._more = False
+            return False
+        v = word >> 6
+        if v & 0x20000:
+            v -= 0x40000
+        if v >= _FULL_SCALE_CODE or v <= -_FULL_SCALE_CODE:
+            self.saturated = True
+        out[at] = v
+        self._more = etag < 2
+        self.emptied = not self._more
+        return True
 
     def _burst(self, out, at):
         # One burst of _EFIT samples into out[at:] if the FIFO holds that

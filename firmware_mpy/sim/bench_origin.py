@@ -27,10 +27,10 @@ def _best(meter, fn):
 def main(target, ecg_bytes, ppg_bytes):
     meter = ThreadCpu()
     factor, _each = speedbench.calibrate(target, meter)
-    log = origin.OriginLog(bytes(range(32)), b"pb-bench01", bytes(32), bytes(16), 10000, 0)
+    up = cose.MacKey(bytes(32), b"pb-bench01", cose.AAD_UPLINK)
+    log = origin.OriginLog(bytes(range(32)), b"pb-bench01", bytes(32), bytes(16), 10000, 0, up)
     ecg = bytearray(ecg_bytes)
     ppg = bytearray(ppg_bytes)
-    up = cose.MacKey(bytes(32), b"pb-bench01", cose.AAD_UPLINK)
     buf = bytearray(origin.WORST_BYTES)
     w = cbor.Writer(buf)
 
@@ -44,7 +44,8 @@ def main(target, ecg_bytes, ppg_bytes):
 
     def checkpoint():
         log.n = 20  # 10 s of ECG + PPG at 1 s windows
-        log.checkpoint_into(w, 0, up, 1, 21, 0)
+        w.pos = 0
+        log.checkpoint_into(w, 1, 21, 0)
 
     def mac_ecg():  # what the board already does per frame, for scale
         up._tag_into(ecg, 0, len(ecg))

@@ -427,7 +427,7 @@ def test_the_ecg_fifo_is_read_while_a_ppg_frame_is_built():
     ecg.ready = True
     app._read_fifos()
     assert ppg.n > 0 and model.lost == 0 and model.count < 16
-    apply = app.sealer.apply
+    apply = app.sealer.xor
     held = []
 
     def slow_apply(*args):
@@ -436,10 +436,10 @@ def test_the_ecg_fifo_is_read_while_a_ppg_frame_is_built():
         b.service()
         return apply(*args)
 
-    app.sealer.apply = slow_apply
+    app.sealer.xor = slow_apply
     before = ecg.n
     app.build_frame(k_ppg, ppg, ppg.n)
-    app.sealer.apply = apply
+    app.sealer.xor = apply
     assert len(held) == 2 and held[1] > held[0] >= before, (before, held)  # read between the two channels
     assert ecg.n > held[1]  # and after the last
     assert model.lost == 0, model.lost
@@ -449,9 +449,9 @@ def test_the_ecg_fifo_is_read_while_a_ppg_frame_is_built():
     ecg.ready = True
     app._read_fifos()
     count = ecg.n
-    app.sealer.apply = slow_apply
+    app.sealer.xor = slow_apply
     app.build_frame(k_ecg, ecg, count)
-    app.sealer.apply = apply
+    app.sealer.xor = apply
     assert ecg.n >= 16 and ecg.first_index == count and model.lost == 0, (ecg.n, ecg.first_index, count)
     _run_until(b, app, 4000)
     ecg_frames = _frames(link, messages.STREAM_ECG_MAX30003)
@@ -602,7 +602,7 @@ def test_garbage_is_collected_right_after_the_ecg_fifo_is_drained_not_after_the_
             b.clock.t_us += 40000
             b.service()
 
-    apply = app.sealer.apply
+    apply = app.sealer.xor
 
     def slow_apply(*args):
         events.append(("apply", ecg.n))
@@ -612,7 +612,7 @@ def test_garbage_is_collected_right_after_the_ecg_fifo_is_drained_not_after_the_
 
     real_gc = main.gc
     main.gc = _LowHeap()
-    app.sealer.apply = slow_apply
+    app.sealer.xor = slow_apply
     app._gc_checked_ms = b.ticks_ms() - 1000  # a look at the heap is due
     frames = app.frames_built
     try:
@@ -626,7 +626,7 @@ def test_garbage_is_collected_right_after_the_ecg_fifo_is_drained_not_after_the_
         app._drain(True)
     finally:
         main.gc = real_gc
-        app.sealer.apply = apply
+        app.sealer.xor = apply
     assert [e[0] for e in first] == ["look"], events  # the look only: the FIFO's time is not the collection's
     assert app.frames_built > frames, "no frame built"
     kinds = [e[0] for e in events]
@@ -712,14 +712,14 @@ def test_the_fifos_are_read_between_an_origin_checkpoints_pieces():
         return run
 
     wire = app_origin.origin
-    encode, inner, outer = wire.encode_checkpoint, log.mac.seal_written, app.up.seal_written
-    wire.encode_checkpoint = slow(encode)
+    encode, inner, outer = wire.encode_checkpoint_list, log.mac.seal_written, app.up.seal_written
+    wire.encode_checkpoint_list = slow(encode)
     log.mac.seal_written = slow(inner)
     app.up.seal_written = slow(outer)
     try:
         app._checkpoint(log, b.ticks_ms())
     finally:
-        wire.encode_checkpoint = encode
+        wire.encode_checkpoint_list = encode
         del log.mac.seal_written
         del app.up.seal_written
     assert len(held) == 3 and held[0] < held[1] < held[2], held
@@ -748,14 +748,14 @@ def test_the_fifos_are_read_between_a_status_messages_encoding_and_its_seal():
             return fn(*args)
         return run
 
-    encode, seal = main.fields.encode_status, app.up.seal_written
-    main.fields.encode_status = slow(encode)
+    encode, seal = main.fields.encode_status_end, app.up.seal_written
+    main.fields.encode_status_end = slow(encode)
     app.up.seal_written = slow(seal)
     try:
         app.on_downlink(link.hub.command(link.device_id, app.epoch, 1, "status"))  # due: sent by the next step
         app._send_due(b.ticks_ms(), 4)  # (main._DUE_STATUS)
     finally:
-        main.fields.encode_status = encode
+        main.fields.encode_status_end = encode
         del app.up.seal_written
     assert len(held) == 2 and held[0] < held[1], held
     assert model.lost == 0, model.lost

@@ -34,9 +34,9 @@ def _board():
 
 def test_frame_digest_and_checkpoint_allocate_nothing():
     okey = bytes(range(32))
-    log = origin.OriginLog(okey, b"pb-test01", bytes(32), bytes(16), 10000, 0)
-    payload = bytearray(b"\xa5" * 700)
     up = cose.MacKey(bytes(32), b"pb-test01", cose.AAD_UPLINK)
+    log = origin.OriginLog(okey, b"pb-test01", bytes(32), bytes(16), 10000, 0, up)
+    payload = bytearray(b"\xa5" * 700)
     out = bytearray(origin.WORST_BYTES)
     w = cbor.Writer(out)
     gc.collect()
@@ -46,7 +46,7 @@ def test_frame_digest_and_checkpoint_allocate_nothing():
             payload[3] = seq
             log.add(seq, payload, 0, len(payload))
         assert log.due(0)
-        log.checkpoint_into(w, 0, up, 7, 24, 0)
+        log.checkpoint_into(w, 7, 24, 0)
     finally:
         micropython.heap_unlock()
     assert log.n == 0 and log.index == 1

@@ -1,7 +1,9 @@
 # Golden vectors: literal bytes, computed once with cbor2, the standard
 # library's hmac and `cryptography`'s HKDF-Expand and AES-CTR (not with this
 # package), so the wire format is pinned independently of the code under test.
-from protocols import cbor, cipher, cose, hub_link, link, messages, samples
+import array
+
+from protocols import cbor, cipher, cose, fields, hub_link, link, messages, samples
 from protocols.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
 from tests.shared.check import raises, unhex
 
@@ -12,6 +14,11 @@ KID = b"pb-0a1b2c3d"
 # -> zigzag [200, 6, 9, 205, 262152] -> LEB128 varints:
 SAMPLES = [100, 103, 98, -5, 131071]
 SAMPLES_WIRE = unhex("c801 06 09 cd01 888010")
+
+# Samples at the int32 extremes, whose differences take 33 bits: past a
+# 32-bit port's viper words, which a board's encoder (an array("i")) uses.
+EXTREME_SAMPLES = [2147483647, -2147483648, 0, -1, 1073741824, -536870913, 5]
+EXTREME_WIRE = unhex("feffffff0f fdffffff1f 8080808010 01 8280808008 818080800c 8c80808004")
 
 # An ECG frame: epoch 7, seq 42, stream 1 (MAX30003), t0 123456 ms, first
 # sample 61440, 512 Hz, 5 samples, 1e6/2621440 uV per LSB (gain 20), lead off,
@@ -45,6 +52,20 @@ def test_sample_encoding_matches_vector() -> None:
     assert samples.decode(SAMPLES_WIRE, 5) == SAMPLES
 
 
+def test_sample_encoding_of_an_int32_array_matches_vectors() -> None:
+    # As a board holds its samples (MicroPython: the viper loop), from an offset.
+    for values, wire in ((SAMPLES, SAMPLES_WIRE), (EXTREME_SAMPLES, EXTREME_WIRE)):
+        out = bytearray(64)
+        n = samples.encode_into(array.array("i", values), len(values), out, 3)
+        assert bytes(out[3:n]) == wire
+        assert samples.decode(wire, len(values)) == values
+    # Room for a sample's worst case checked before each: no byte written
+    # past the sample that had none (the third: 5 bytes each, limit 12).
+    out = bytearray(64)
+    raises(LocalProtocolError, samples.encode_into, array.array("i", EXTREME_SAMPLES), 7, out, 0, 12)
+    assert out[10:] == bytearray(54)
+
+
 def test_frame_encoder_matches_vector() -> None:
     w = cbor.Writer(bytearray(512))
     messages.encode_sample_frame(w, 7, 42, messages.STREAM_ECG_MAX30003, 123456, 61440, 512, 5,
@@ -72,6 +93,31 @@ def test_frame_built_with_work_between_its_pieces_matches_vector() -> None:
                                  cipher.SampleCipher(KEY, BOOT_SALT), between)
     assert bytes(w.buf[:w.pos]) == FRAME_PAYLOAD
     assert len(calls) == 2 and calls[0] < calls[1] < w.pos  # after the header, after the one channel
+
+
+def test_frame_fields_kept_and_set_again_give_the_vector() -> None:
+    # A board keeps one SampleFrameFields and sets it for each frame: the
+    # frame after another stream's (two channels, LED drive, flags) is the
+    # vector, byte for byte.
+    f = fields.SampleFrameFields(cipher.SampleCipher(KEY, BOOT_SALT))
+    w = cbor.Writer(bytearray(512))
+    f.epoch, f.seq, f.stream, f.t0_ms, f.first_index, f.rate_hz = 7, 41, messages.STREAM_PPG_MAX30102, 5, 6, 100
+    f.count, f.scale_num, f.scale_den, f.ppg_drive, f.flags = 3, 1, 1, (1, 2, 3, 4), messages.FLAG_SATURATED
+    f.fifo_overflows, f.frames_dropped, f.jitter_us = 2, 1, 9
+    f.channels = (array.array("i", [5, 6, 7]), array.array("i", [1, -1, 1]))
+    f.encode(w)
+    ppg = messages.decode_payload(bytes(w.buf[:w.pos]), messages.UPLINK_TYPES,
+                                  opener=cipher.SampleCipher(KEY))
+    assert isinstance(ppg, messages.SampleFrame) and ppg.channels == [[5, 6, 7], [1, -1, 1]]
+    assert ppg.ppg_drive == (1, 2, 3, 4) and ppg.status == (messages.FLAG_SATURATED, 2, 1, 9)
+    f.seq, f.stream, f.t0_ms, f.first_index = 42, messages.STREAM_ECG_MAX30003, 123456, 61440
+    f.rate_hz, f.count = 512, 5
+    f.scale_num, f.scale_den, f.ppg_drive, f.flags = 1000000, 2621440, None, messages.FLAG_LEAD_OFF
+    f.fifo_overflows = f.frames_dropped = f.jitter_us = 0
+    f.channels = (array.array("i", SAMPLES),)
+    w.pos = 0
+    f.encode(w)
+    assert bytes(w.buf[:w.pos]) == FRAME_PAYLOAD
 
 
 def test_frame_vector_verifies_and_decodes() -> None:
@@ -111,6 +157,12 @@ def test_sample_key_and_keystream_match_vector() -> None:
     c.apply(parts, 0, 4090, 7, 42)
     c.apply(parts, 4090, 4200, 7, 42, 4090)
     assert parts == whole and whole[:40] == short
+    # A board's way: the message begun once, each channel XORed from its offset.
+    c.begin(7, 42)
+    parts = bytearray(40)
+    c.xor(parts, 0, 13, 0)
+    c.xor(parts, 13, 40, 13)
+    assert parts == short
 
 
 def test_another_boot_salt_gives_another_keystream_for_the_same_epoch_and_seq() -> None:
@@ -182,6 +234,14 @@ def test_serial_framing_from_an_offset_and_long_messages() -> None:
     out = bytearray(len(body) + 16)
     n = f.frame_into(ring, len(body), out, 0, 7)
     assert bytes(out[:n]) == f.frame(body)
+    # Into the framer's own buffer (a board's transmit buffer), likewise; a
+    # buffer too small is refused before anything is written.
+    own = link.StreamFramer(bytearray(len(body) + 16))
+    n = own.frame_from(ring, 7, len(body))
+    assert own.out is not None and bytes(own.out[:n]) == f.frame(body)
+    small = link.StreamFramer(bytearray(len(body)))
+    raises(LocalProtocolError, small.frame_from, ring, 7, len(body))
+    assert small.out == bytearray(len(body))
     msgs = (body, b"ab\x00c", b"\x00" * 300)
     assert any(link.crc32(m) >= 1 << 30 for m in msgs)
     for msg in msgs:
