@@ -45,8 +45,7 @@ class Stretches:
         # (positional, at most 6) reach the wrapper as defaults, not as
         # *args: a tuple made on every call was garbage in the firmware's
         # heap (4 kB a second), so its collector ran every few seconds in a
-        # run with the tracer, every few minutes without. (The frame
-        # encoder's 19 have a wrapper of their own: install.)
+        # run with the tracer, every few minutes without.
         f = getattr(obj, name)
         label = label or name
         clock = self._clock
@@ -182,7 +181,7 @@ def _stretch(s):
 def install(app, board, clock):
     # Names the app's pieces of work and hooks the MAX30003 model's FIFO reads.
     from app import main
-    from protocols import fields, samples
+    from protocols import samples
 
     s = Stretches(clock)
     model = board.models["max30003"]
@@ -205,26 +204,9 @@ def install(app, board, clock):
     for name in ("build_frame", "on_downlink", "_send_small", "_reseal_step", "status", "_checkpoint", "hello",
                  "_report_faults", "_send_due"):
         s.wrap(app, name)
-    encode = fields.encode_sample_frame
-
-    def encode_traced(w, epoch, seq, stream, t0, first, rate, count, num, den, drive, flags, overflows, dropped,
-                      jitter, chans, sealer, between, t0_hi, first_hi):
-        clock.enter()
-        s.depth += 1
-        t0_us = clock.t_us
-        clock.leave()
-        try:
-            return encode(w, epoch, seq, stream, t0, first, rate, count, num, den, drive, flags, overflows,
-                          dropped, jitter, chans, sealer, between, t0_hi, first_hi)
-        finally:
-            clock.enter()
-            s.depth -= 1
-            s._piece("encode_sample_frame", s.depth, t0_us, clock.t_us)
-            clock.leave()
-
-    fields.encode_sample_frame = encode_traced
+    s.wrap(app._fields, "encode", "encode_sample_frame")
     s.wrap(samples, "encode_into")
-    s.wrap(app.sealer, "apply", "aes_ctr")
+    s.wrap(app.sealer, "xor", "aes_ctr")
     s.wrap(app.up, "seal_written", "mac")
     for vit, label in ((app.hr, "heart_rate.feed"), (app.ox, "pulse_ox.feed")):
         if vit is not None:
@@ -234,7 +216,7 @@ def install(app, board, clock):
         if hasattr(link, name):
             s.wrap(link, name, "link." + name)
     if hasattr(link, "_framer"):
-        s.wrap(link._framer, "frame_into", "cobs")
+        s.wrap(link._framer, "frame_from", "cobs")
 
     class _Gc:
         # main's gc, its collect() named
