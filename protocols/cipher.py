@@ -23,13 +23,28 @@
 #
 # MicroPython's cryptolib has AES-ECB on every port (CTR only on ports that
 # enable it), so the board builds CTR from ECB blocks, with buffers made
-# once: encrypting a frame allocates nothing. CPython uses `cryptography`.
+# once: encrypting a frame allocates nothing. CPython uses `cryptography`
+# (protocols/_ctr_cpython.py, which a board never loads).
 
 import hashlib
 
 from protocols._compat import TYPE_CHECKING, const
 from protocols.errors import LocalProtocolError
 
+if TYPE_CHECKING:
+    from typing import Any
+
+    from protocols import _ctr_cpython as _host
+
+    cryptolib: Any = None
+else:
+    try:
+        import cryptolib  # MicroPython: AES-ECB
+
+        _host = None
+    except ImportError:  # CPython
+        cryptolib = None
+        from protocols import _ctr_cpython as _host
 try:
     from protocols import _viper  # MicroPython: the XOR loop as native code
 except ImportError:  # CPython, or a port without the viper emitter
@@ -37,9 +52,6 @@ except ImportError:  # CPython, or a port without the viper emitter
 # The viper XOR itself, called with no module attribute between (one word
 # less of its caller's frame: SampleCipher.xor keeps within the VM's 11).
 _ctr_xor = None if _viper is None else _viper.ctr_xor
-
-if TYPE_CHECKING:
-    from typing import Any
 
 ALG_A256CTR = const(-65532)
 KEY_INFO = b"pulsebridge/1 A256CTR samples"
@@ -49,9 +61,7 @@ _BLOCK = const(16)
 
 def _ecb(key: bytes) -> "Any":
     # MicroPython: an AES-ECB object. CPython: None (`cryptography` is used).
-    try:
-        import cryptolib  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
+    if cryptolib is None:
         return None
     return cryptolib.aes(key, 1)  # mode 1: ECB
 
@@ -80,15 +90,6 @@ def derive_key(device_key: bytes, boot_salt: bytes) -> bytes:
         raise LocalProtocolError("a boot salt is %d bytes, got %d" % (BOOT_SALT_SIZE, len(boot_salt)), "salt_size")
     prk = _hmac_sha256(bytes(boot_salt), bytes(device_key))
     return _hmac_sha256(prk, KEY_INFO + b"\x01")
-
-
-# CPython: the counter blocks of any frame (4096 bytes at most: 256 blocks) with zeros
-# before each counter, made at first use.
-_COUNTER_BLOCKS = const(256)
-_COUNTERS: "list[bytes]" = []
-# CPython: by number of blocks from a frame's start, (their counters as an integer, 1 at
-# bit 64 of every block: times (epoch << 32 | seq), every block's top 64 bits).
-_FROM_START: "dict[int, tuple[int, int]]" = {}
 
 
 class SampleCipher:
@@ -208,58 +209,19 @@ class SampleCipher:
         # data XORed with the keystream of (epoch, seq) from its first byte, as new
         # bytes (a hub opening a frame's channels, in order, in one call); the
         # same checks as apply().
-        if self._aes is None and 0 <= epoch <= 0xFFFFFFFF and 0 <= seq <= 0xFFFFFFFF \
+        if _host is not None and 0 <= epoch <= 0xFFFFFFFF and 0 <= seq <= 0xFFFFFFFF \
                 and (boot_salt is not None or self.boot_salt is not None):  # CPython, arguments apply() takes
             self._use(self.boot_salt if boot_salt is None else boot_salt)  # type: ignore[arg-type]
-            if self._aes is None:
-                n = len(data)
-                if not n:
-                    return b""
-                stream = self._keystream_cpython(epoch, seq, 0, n)
-                return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+            return _host.opened(self._ecb_cpython(), data, epoch, seq)
         buf = bytearray(data)
         self.apply(buf, 0, len(buf), epoch, seq, 0, boot_salt)
         return bytes(buf)
 
     def _apply_cpython(self, buf: "bytearray | memoryview", start: int, end: int, offset: int) -> None:
-        n = end - start
-        if n <= 0:
-            return
-        stream = self._keystream_cpython(self._epoch, self._seq, offset, n)
-        data = int.from_bytes(bytes(buf[start:end]), "big") ^ int.from_bytes(stream, "big")
-        buf[start:end] = data.to_bytes(n, "big")
+        _host.xor_into(self._ecb_cpython(), buf, start, end, self._epoch, self._seq, offset)
 
-    def _keystream_cpython(self, epoch: int, seq: int, offset: int, n: int) -> bytes:
-        # n bytes of the keystream of (epoch, seq) from byte offset, all the blocks in one
-        # call of the key's ECB encryptor (made once: a CTR context of `cryptography` a
-        # frame cost more in Python than the AES). The counter blocks of a frame from its
-        # start are made as one integer: (epoch, seq) in every block's top 64 bits (a
-        # product with 1 every 128 bits) ORed with the blocks' counters (made once a size).
+    def _ecb_cpython(self) -> "Any":
+        # The key's ECB encryptor of `cryptography`, made once a key.
         if self._aes_cpython is None:
-            from cryptography.hazmat.primitives.ciphers import (  # type: ignore[import-not-found, unused-ignore]
-                Cipher,
-                algorithms,
-                modes,
-            )
-
-            self._aes_cpython = Cipher(algorithms.AES(self._key), modes.ECB()).encryptor()
-            if not _COUNTERS:
-                _COUNTERS.append(b"".join([bytes(12) + b.to_bytes(4, "big") for b in range(_COUNTER_BLOCKS)]))
-        first, skip = offset >> 4, offset & 15
-        blocks = ((offset + n - 1) >> 4) - first + 1
-        size = 16 * blocks
-        if first == 0 and blocks <= _COUNTER_BLOCKS:
-            made = _FROM_START.get(blocks)
-            if made is None:
-                made = _FROM_START[blocks] = (int.from_bytes(_COUNTERS[0][:size], "big"),
-                                              sum(1 << (128 * i + 64) for i in range(blocks)))
-            ctr = (((epoch << 32) | seq) * made[1] | made[0]).to_bytes(size, "big")
-        elif first + blocks <= _COUNTER_BLOCKS:  # the counters (bytes 12-15) from the table, the rest ORed in
-            prefix = epoch.to_bytes(4, "big") + seq.to_bytes(4, "big")
-            ctr = (int.from_bytes(_COUNTERS[0][16 * first:16 * first + size], "big")
-                   | int.from_bytes((prefix + bytes(8)) * blocks, "big")).to_bytes(size, "big")
-        else:
-            prefix = epoch.to_bytes(4, "big") + seq.to_bytes(4, "big")
-            ctr = b"".join([prefix + bytes(4) + b.to_bytes(4, "big") for b in range(first, first + blocks)])
-        stream: bytes = self._aes_cpython.update(ctr)
-        return stream[skip:skip + n] if skip or len(stream) != n else stream
+            self._aes_cpython = _host.encryptor(self._key)
+        return self._aes_cpython

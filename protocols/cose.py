@@ -75,6 +75,17 @@ def _protected_for(kid: bytes) -> bytes:
     return p
 
 
+_SCRATCH: "list[Any]" = []
+
+
+def _scratch() -> "tuple[Any, bytearray]":
+    # (A board) the SHA-256 state and block buffer every MacKey hashes in, made once.
+    if not _SCRATCH:
+        _SCRATCH.append(array.array("I", bytes(32)))
+        _SCRATCH.append(bytearray(_BLOCK))
+    return _SCRATCH[0], _SCRATCH[1]
+
+
 class MacKey:
     # An HMAC-SHA256 key with its pads precomputed; computes COSE_Mac0 tags
     # for one kid and one direction (external_aad).
@@ -106,32 +117,34 @@ class MacKey:
         w.bstr(self.protected)
         w.map(0)
         self.payload_offset = w.pos + cbor.BSTR_HEAD_MAX
-        # The payload's bstr head, written for each tag (a board tags 4 messages a second).
-        self._head = cbor.Writer(bytearray(9))
-        self._head_view = memoryview(self._head.buf)
         # CPython: HMAC's inner state after the padded key and the prefix, and its outer
         # state after the padded key, hashed once; each tag copies them (hashlib's copy()).
         # MicroPython's hashlib has no copy(): None, each tag hashes the pads again.
         self._inner: "Any" = None
         self._outer: "Any" = None
         if _viper is None:
+            # The payload's bstr head, written for each tag.
+            self._head = cbor.Writer(bytearray(9))
+            self._head_view = memoryview(self._head.buf)
             inner = hashlib.sha256(self._ipad)
             if hasattr(inner, "copy"):
                 inner.update(self._prefix)
                 self._inner = inner
                 self._outer = hashlib.sha256(self._opad)
-        if _viper is not None:
-            # HMAC's inner and outer states after the padded key's block,
-            # computed once; each tag then hashes into _st and _blk.
-            self._st = array.array("I", bytes(32))
-            self._blk = bytearray(_BLOCK)
-            self._out = bytearray(TAG_SIZE)
-            self._hbuf = bytearray(9)  # the payload's bstr head (_sha256.hmac_into)
-            self._ist = array.array("I", bytes(32))
-            self._ost = array.array("I", bytes(32))
-            for st, pad in ((self._ist, self._ipad), (self._ost, self._opad)):
-                _viper.sha256_start(st)
-                _viper.sha256_update(st, self._blk, 0, pad, 0, _BLOCK)
+            return
+        # A board: HMAC's inner and outer states after the padded key's
+        # block, computed once (the pads are then dropped); each tag then
+        # hashes into _st and _blk, which every key shares (a board hashes
+        # one message at a time), its bstr head in _hbuf, the tag into _out.
+        self._st, self._blk = _scratch()
+        self._out = bytearray(TAG_SIZE)
+        self._hbuf = bytearray(9)
+        self._ist = array.array("I", bytes(32))
+        self._ost = array.array("I", bytes(32))
+        for st, pad in ((self._ist, self._ipad), (self._ost, self._opad)):
+            _viper.sha256_start(st)
+            _viper.sha256_update(st, self._blk, 0, pad, 0, _BLOCK)
+        self._ipad = self._opad = b""
 
     # A board tags four messages a second and checks two acks: _tag_into,
     # verify_at and seal_written (with _seal_tag) keep within the VM's 11

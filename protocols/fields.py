@@ -1,9 +1,11 @@
 # What a board writes and reads in its steady state, apart from the rest of
 # the message layer (protocols/messages.py, which re-exports all of it):
 # the protocol's numbers (version, message types, streams, status flags,
-# bounds) and the field-wise encoders, which write a message field by
-# field into a caller-owned buffer, the same bytes as messages.encode's
-# generic walk without building a message object. A board imports this
+# bounds) and the field-wise encoders a board uses, which write a message
+# field by field into a caller-owned buffer, the same bytes as
+# messages.encode's generic walk without building a message object (their
+# forms with every field as an argument, and the hub's ack, are in
+# messages.py). A board imports this
 # alone; the message classes, the generic encoder and the decoder (about
 # 14 kB of its heap as .mpy code) load only for a rarer message and leave
 # again (app/main.py).
@@ -203,62 +205,6 @@ def _copy_encoded(w: "cbor.Writer", ch: bytes, start: int) -> int:
         raise LocalProtocolError("CBOR output buffer full (%d bytes)" % w.end, "buffer_full")
     w.buf[start:start + n] = ch
     return start + n
-
-
-def encode_sample_frame(w: "cbor.Writer", epoch: int, seq: int, stream: int, t0_ms: int,
-                        first_index: int, rate_hz: int, count: int, scale_num: int, scale_den: int,
-                        ppg_drive: "tuple[int, int, int, int] | None", flags: int, fifo_overflows: int,
-                        frames_dropped: int, jitter_us: int, channels: "tuple[list[int] | bytes, ...]",
-                        sealer: "cipher.SampleCipher", between: "Callable[[], object] | None" = None,
-                        t0_ms_hi: int = 0, first_index_hi: int = 0) -> None:
-    # A sample frame's payload at w, from these fields (SampleFrameFields
-    # says what each is; a board keeps one of those instead).
-    f = SampleFrameFields(sealer)
-    f.epoch = epoch
-    f.seq = seq
-    f.stream = stream
-    f.t0_ms = t0_ms
-    f.t0_ms_hi = t0_ms_hi
-    f.first_index = first_index
-    f.first_index_hi = first_index_hi
-    f.rate_hz = rate_hz
-    f.count = count
-    f.scale_num = scale_num
-    f.scale_den = scale_den
-    f.ppg_drive = ppg_drive
-    f.flags = flags
-    f.fifo_overflows = fifo_overflows
-    f.frames_dropped = frames_dropped
-    f.jitter_us = jitter_us
-    f.channels = channels
-    f.between = between
-    f.encode(w)
-
-
-def encode_ack(w: "cbor.Writer", epoch: int, ranges: "list[tuple[int, int]]") -> None:
-    # The same bytes as encode(w, Ack(epoch, ranges)), without the generic walk.
-    _start(w, T_ACK, 4)
-    w.uint(2)
-    w.uint(epoch)
-    w.uint(3)
-    w.array(len(ranges))
-    for a, b in ranges:
-        w.array(2)
-        w.uint(a)
-        w.uint(b)
-
-
-def encode_status(w: "cbor.Writer", epoch: int, seq: int, tick_ms: int, outbox_depth: int, frames_dropped: int,
-                  free_heap: int, tick_ms_hi: int = 0, unique_id: bytes = b"") -> None:
-    # The same bytes as encode(w, Status(...)), without the generic walk: a
-    # board sends one every status period and allocates nothing for it.
-    # tick_ms_hi: the time in two halves, tick_ms_hi * 2**30 + tick_ms
-    # (tick_ms < 2**30 then: small ints on a 32-bit port for any uptime).
-    # unique_id: the chip's, read once at start; b"": left out. A board
-    # writes it in its two pieces, each call within the VM's 11 words of
-    # frame (README, "call frames").
-    encode_status_start(w, epoch, seq, tick_ms, tick_ms_hi, unique_id)
-    encode_status_end(w, outbox_depth, frames_dropped, free_heap, unique_id)
 
 
 def encode_status_start(w: "cbor.Writer", epoch: int, seq: int, tick_ms: int, tick_ms_hi: int,

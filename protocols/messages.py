@@ -44,18 +44,75 @@ from protocols.fields import (  # noqa: F401  (re-exported: pyproject.toml, impl
     T_UPDATE_CHUNK,
     T_UPDATE_STATE,
     VERSION,
+    SampleFrameFields,
     _start,
-    encode_ack,
     encode_error_report,
     encode_hello,
-    encode_sample_frame,
-    encode_status,
+    encode_status_end,
+    encode_status_start,
     encode_time_response,
 )
 
 TYPE_CHECKING = False  # type checkers take this as true; MicroPython has no typing module
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+
+def encode_sample_frame(w: "cbor.Writer", epoch: int, seq: int, stream: int, t0_ms: int,
+                        first_index: int, rate_hz: int, count: int, scale_num: int, scale_den: int,
+                        ppg_drive: "tuple[int, int, int, int] | None", flags: int, fifo_overflows: int,
+                        frames_dropped: int, jitter_us: int, channels: "tuple[list[int] | bytes, ...]",
+                        sealer: "cipher.SampleCipher", between: "Callable[[], object] | None" = None,
+                        t0_ms_hi: int = 0, first_index_hi: int = 0) -> None:
+    # A sample frame's payload at w, from these fields (fields.SampleFrameFields
+    # says what each is; a board keeps one of those instead).
+    f = SampleFrameFields(sealer)
+    f.epoch = epoch
+    f.seq = seq
+    f.stream = stream
+    f.t0_ms = t0_ms
+    f.t0_ms_hi = t0_ms_hi
+    f.first_index = first_index
+    f.first_index_hi = first_index_hi
+    f.rate_hz = rate_hz
+    f.count = count
+    f.scale_num = scale_num
+    f.scale_den = scale_den
+    f.ppg_drive = ppg_drive
+    f.flags = flags
+    f.fifo_overflows = fifo_overflows
+    f.frames_dropped = frames_dropped
+    f.jitter_us = jitter_us
+    f.channels = channels
+    f.between = between
+    f.encode(w)
+
+
+def encode_ack(w: "cbor.Writer", epoch: int, ranges: "list[tuple[int, int]]") -> None:
+    # The same bytes as encode(w, Ack(epoch, ranges)), without the generic walk.
+    _start(w, T_ACK, 4)
+    w.uint(2)
+    w.uint(epoch)
+    w.uint(3)
+    w.array(len(ranges))
+    for a, b in ranges:
+        w.array(2)
+        w.uint(a)
+        w.uint(b)
+
+
+def encode_status(w: "cbor.Writer", epoch: int, seq: int, tick_ms: int, outbox_depth: int, frames_dropped: int,
+                  free_heap: int, tick_ms_hi: int = 0, unique_id: bytes = b"") -> None:
+    # The same bytes as encode(w, Status(...)), without the generic walk: a
+    # board sends one every status period and allocates nothing for it.
+    # tick_ms_hi: the time in two halves, tick_ms_hi * 2**30 + tick_ms
+    # (tick_ms < 2**30 then: small ints on a 32-bit port for any uptime).
+    # unique_id: the chip's, read once at start; b"": left out. A board
+    # writes it in its two pieces (fields.encode_status_start and _end),
+    # each call within the VM's 11 words of frame (README, "call frames").
+    encode_status_start(w, epoch, seq, tick_ms, tick_ms_hi, unique_id)
+    encode_status_end(w, outbox_depth, frames_dropped, free_heap, unique_id)
+
 
 # What a hub re-reads from its store: frames stored before an upgrade keep
 # their version. Version 1: sample frames without key 15 (one sample key per

@@ -23,17 +23,18 @@
 # The boot sample key lets the backend decrypt the frames' samples itself
 # and compare them with the decoded values a hub's document claims (the hub
 # holds that key anyway; the device key stays with the hub alone).
+#
+# This module is what a board needs (its checkpoints' encoding); opening a
+# checkpoint and the frames' digests are the backend's (protocols/origin_verify.py).
 
-import hashlib
-
-from protocols import cbor, cipher, cose, fields
+from protocols import cbor, cipher
 from protocols._compat import const
 
 try:
     from protocols import _viper  # MicroPython: the digests copied by native code
 except ImportError:  # CPython, or a port without the viper emitter
     _viper = None  # type: ignore[assignment]
-from protocols.errors import LocalProtocolError, RemoteProtocolError
+from protocols.errors import LocalProtocolError
 
 AAD_ORIGIN = b"pulsebridge/1 origin"
 WRAP_INFO = b"pulsebridge/1 origin key-wrap"
@@ -43,12 +44,6 @@ DIGEST_SIZE = const(16)  # 128 bits: finding a second frame with the same digest
 # windows; it keeps a checkpoint under 1 kB (fields.MAX_ORIGIN_CHECKPOINT).
 MAX_ENTRIES = const(32)
 KEY_SIZE = const(32)
-
-
-def frame_digest(payload: "bytes | bytearray | memoryview") -> bytes:
-    # The digest a checkpoint lists for a sample frame: its COSE payload's
-    # SHA-256, first DIGEST_SIZE bytes.
-    return hashlib.sha256(bytes(payload)).digest()[:DIGEST_SIZE]
 
 
 def key_pad(origin_key: bytes, boot_salt: bytes) -> bytes:
@@ -114,58 +109,3 @@ def _copy_digests(w: "cbor.Writer", digests: "bytes | bytearray", n: int) -> Non
         _viper.copy_into(w.buf, w.pos, digests, 0, n)
         return
     w.buf[w.pos:w.pos + n] = digests[:n]
-
-
-class Checkpoint:
-    # An origin checkpoint whose MAC verified under the origin key.
-    def __init__(self, device_id: str, epoch: int, index: int, boot_salt: bytes, boot_key: bytes,
-                 entries: "dict[int, bytes]") -> None:
-        self.device_id = device_id
-        self.epoch = epoch
-        self.index = index
-        self.boot_salt = boot_salt
-        self.boot_key = boot_key  # the boot's sample key, unwrapped
-        self.entries = entries  # seq -> digest
-
-
-def open_checkpoint(data: "bytes | bytearray | memoryview", origin_key: bytes) -> Checkpoint:
-    # data: the checkpoint COSE_Mac0 (OriginCheckpoint.checkpoint). Raises
-    # AuthenticationError if its MAC does not verify under origin_key,
-    # RemoteProtocolError if it is malformed, nothing else.
-    msg = cose.parse(data)
-    kid = msg.kid
-    cose.MacKey(origin_key, kid, AAD_ORIGIN).verify(msg)
-    try:
-        d = cbor.decode(msg.payload)
-    except RemoteProtocolError:
-        raise
-    except Exception as e:  # the decoder's contract is RemoteProtocolError; belt and braces
-        raise RemoteProtocolError("checkpoint payload: %s" % e, "malformed") from None
-    if not isinstance(d, dict) or sorted(k for k in d if isinstance(k, int)) != list(range(7)) or len(d) != 7:
-        raise RemoteProtocolError("checkpoint payload must be a map of keys 0..6", "schema")
-    if d[0] != FORMAT:
-        raise RemoteProtocolError("checkpoint format %r is not %d" % (d[0], FORMAT), "version")
-    epoch, index, salt, wrapped, seqs, digests = d[1], d[2], d[3], d[4], d[5], d[6]
-    if not (isinstance(epoch, int) and 0 <= epoch <= fields.MAX_EPOCH and isinstance(index, int)
-            and 0 <= index <= fields.MAX_UPLINK_INT):
-        raise RemoteProtocolError("checkpoint epoch or index out of range", "range")
-    if not (isinstance(salt, bytes) and len(salt) == cipher.BOOT_SALT_SIZE and isinstance(wrapped, bytes)
-            and len(wrapped) == KEY_SIZE):
-        raise RemoteProtocolError("checkpoint boot salt or wrapped key of the wrong size", "schema")
-    if not (isinstance(seqs, list) and 0 < len(seqs) <= MAX_ENTRIES and isinstance(digests, bytes)
-            and len(digests) == DIGEST_SIZE * len(seqs)):
-        raise RemoteProtocolError("checkpoint lists must be 1..%d seqs and as many digests" % MAX_ENTRIES, "schema")
-    entries: "dict[int, bytes]" = {}
-    last = -1
-    for i, s in enumerate(seqs):
-        if not isinstance(s, int) or not last < s <= fields.MAX_SEQ:
-            raise RemoteProtocolError("checkpoint seqs must rise strictly", "schema")
-        last = s
-        entries[s] = digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]
-    device_id = str(kid, "ascii", "replace")
-    return Checkpoint(device_id, epoch, index, salt, xor32(wrapped, key_pad(origin_key, salt)), entries)
-
-
-def boot_cipher(boot_key: bytes, boot_salt: bytes) -> "cipher.SampleCipher":
-    # A cipher that opens one boot's frames with its sample key alone.
-    return cipher.SampleCipher.for_boot_key(boot_key, boot_salt)

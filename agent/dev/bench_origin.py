@@ -48,7 +48,7 @@ def _verifier() -> dict[str, Any]:
         raw = seal.seal(messages.encoded(f, sealer=sealer))
         frames.append((raw, chans))
         seqs.append(seq * 2)
-        digests += origin.frame_digest(cose.parse(raw).payload)
+        digests += origin_verify.frame_digest(cose.parse(raw).payload)
         if len(seqs) == 20:
             w = cbor.Writer(bytearray(1024))
             origin.encode_checkpoint(w, 1, len(ckpts), salt, wrapped, seqs, digests, len(seqs))

@@ -1,6 +1,6 @@
 # Frames over BLE: a GATT peripheral on MicroPython's `bluetooth` module.
 #
-# Service (UUIDs in protocols/SPEC.md):
+# Service (UUIDs in protocols/SPEC.md; the GATT table in app/ble_gatt.py):
 #   data characteristic (notify): uplink messages cut into fragments of at
 #     most MTU-3 bytes (protocols.link.Fragmenter);
 #   control characteristic (write): downlink messages as "~" base64 lines,
@@ -31,7 +31,6 @@
 # vanished mid-notify, an error of the stack) ends the connection on our
 # side, the app resends what was unacknowledged on the next one, and
 # take_fault() says what happened.
-import binascii
 import errno
 import struct
 
@@ -53,19 +52,8 @@ _IRQ_GET_SECRET = const(29)
 _IRQ_SET_SECRET = const(30)
 _IO_NO_INPUT_OUTPUT = const(3)
 
-_FLAG_READ = const(0x0002)
-_FLAG_WRITE_NO_RESPONSE = const(0x0004)
-_FLAG_WRITE = const(0x0008)
-_FLAG_NOTIFY = const(0x0010)
-
-SERVICE_UUID = "7b3e0001-6c1a-4f5e-9d35-2f0e5a1c9b10"
-DATA_UUID = "7b3e0002-6c1a-4f5e-9d35-2f0e5a1c9b10"
-CONTROL_UUID = "7b3e0003-6c1a-4f5e-9d35-2f0e5a1c9b10"
 
 _ADV_INTERVAL_US = const(250000)
-# Bytes the stack keeps for control writes between two reads: acks are
-# about 130 characters as lines, a few per second.
-_CONTROL_BUFFER = const(512)
 _WINDOW_START = const(4)  # notifications per connection interval on a new connection (NimBLE's ESP32 default
 # connection event carries 4 or more packets; the window learns the rest)
 _WINDOW_MAX = const(8)  # and at most: notifications tried per loop
@@ -78,10 +66,6 @@ _STD_EVERY_MS = const(1000)  # standard measurements notified once a second
 _SFLOAT_NAN = const(0x07FF)
 _SFLOAT_TENTHS = const(0xF000)  # exponent -1
 
-_UUID_DIS = const(0x180A)
-_UUID_BATTERY = const(0x180F)
-_UUID_PLX = const(0x1822)
-_UUID_HRS = const(0x180D)
 
 
 def _sfloat(x10):
@@ -94,28 +78,15 @@ def _sfloat(x10):
     return (x10 + 5) // 10  # exponent 0: whole units
 
 
-def _uuid128_le(text):
-    # A 128-bit UUID as advertised: its 16 bytes, least significant first.
-    raw = binascii.unhexlify(text.replace("-", ""))
-    out = bytearray(16)
-    for i in range(16):
-        out[i] = raw[15 - i]
-    return bytes(out)
-
-
-def _adv_payload(uuid_bytes, name):
-    # Flags (LE general discoverable, BR/EDR not supported), the 128-bit
-    # service UUID and the 16-bit PLX and HRS ones (27 of the 31 bytes); the
-    # name goes in the scan response.
-    adv = bytearray(b"\x02\x01\x06")
-    adv += bytes((len(uuid_bytes) + 1, 0x07)) + uuid_bytes
-    adv += b"\x05\x03" + struct.pack("<HH", _UUID_PLX, _UUID_HRS)
-    resp = bytes((len(name) + 1, 0x09)) + name
-    return bytes(adv), resp
-
-
 class BleLink:
     name = "ble"
+    # The characteristics' handles, set by app/ble_gatt.py (bare
+    # annotations, for the board's type check: no code, no RAM).
+    _h_data: int
+    _h_ctrl: int
+    _h_battery: int
+    _h_plx: int
+    _h_hr: int
 
     def __init__(self, bluetooth, device_id, max_message, firmware="", model="", bonds_path=BONDS, ticks_ms=None):
         # ticks_ms: the board's clock (time.ticks_ms), for the window's pace.
@@ -136,23 +107,13 @@ class BleLink:
         # board has no display nor keys).
         ble.config(bond=True, le_secure=True, mitm=False, io=_IO_NO_INPUT_OUTPUT)
         ble.irq(self._irq)
-        u = bluetooth.UUID
-        service = (u(SERVICE_UUID), (
-            (u(DATA_UUID), _FLAG_READ | _FLAG_NOTIFY),
-            (u(CONTROL_UUID), _FLAG_WRITE | _FLAG_WRITE_NO_RESPONSE),
-        ))
-        dis = (u(_UUID_DIS), ((u(0x2A29), _FLAG_READ), (u(0x2A24), _FLAG_READ), (u(0x2A25), _FLAG_READ),
-                              (u(0x2A26), _FLAG_READ)))
-        battery = (u(_UUID_BATTERY), ((u(0x2A19), _FLAG_READ | _FLAG_NOTIFY),))
-        plx = (u(_UUID_PLX), ((u(0x2A5F), _FLAG_NOTIFY), (u(0x2A60), _FLAG_READ)))
-        hrs = (u(_UUID_HRS), ((u(0x2A37), _FLAG_NOTIFY), (u(0x2A38), _FLAG_READ)))
-        ((self._h_data, self._h_ctrl), h_dis, (self._h_battery,), (self._h_plx, h_plx_features),
-         (self._h_hr, h_hr_location)) = ble.gatts_register_services((service, dis, battery, plx, hrs))
-        ble.gatts_set_buffer(self._h_ctrl, _CONTROL_BUFFER, True)
-        for h, value in zip(h_dis, (b"pulsebridge", model.encode(), device_id.encode(), firmware.encode())):
-            ble.gatts_write(h, value)
-        ble.gatts_write(h_plx_features, b"\x00\x00")  # no optional PLX features
-        ble.gatts_write(h_hr_location, b"\x01")  # chest
+        # The GATT table and the advertising data (app/ble_gatt.py: made
+        # once, its code leaves RAM after).
+        from app import ble_gatt
+        from app.main import forget
+
+        self._adv = ble_gatt.register(self, bluetooth, device_id, model, firmware)
+        forget("app", "ble_gatt")
         self._std = bytearray(5)
         self._std_hr = memoryview(self._std)[:2]  # the heart rate's 2 bytes, a view made once
         self._std_due = -1  # a tick (app.ticks) once the first measurement went out
@@ -162,7 +123,6 @@ class BleLink:
         self.pr_x10 = 0
         self.battery_pct = -1
         self.std_sent = 0
-        self._adv = _adv_payload(_uuid128_le(SERVICE_UUID), device_id.encode())
         # Messages up to MAX_MTU bytes (hello, status, the other small ones,
         # built in a buffer the app reuses at once) are copied here; longer
         # ones (frames, in the app's outbox ring) are fragmented where they

@@ -12,13 +12,18 @@ import sys
 from micropython import const
 
 from app import acks, faults, origin, ticks
-from app.outbox import Outbox
-from app.sampler import Stream
-from protocols import cbor, cipher, cose, fields
+from protocols import cose, fields
 from protocols.errors import ProtocolError
 
+TYPE_CHECKING = False  # type checkers take this as true; MicroPython has no typing module
+if TYPE_CHECKING:
+    from typing import Any
+
+    from app.outbox import Outbox
+    from app.sampler import Stream
+    from protocols import cbor
+
 FIRMWARE = "pulsebridge-fw 0.1.0"
-_SMALL = const(160)  # buffer for hello/status/time messages
 _MAX_SENDS_PER_LOOP = const(4)
 _VITALS_CHUNK = const(128)  # samples fed to the board's vitals between two FIFO reads
 _READ = const(1)  # _read_sensor: read the chip's FIFO
@@ -37,10 +42,6 @@ _IDLE_MAX_MS = const(100)
 # speed; once a loop it cost more than a frame did.
 _GC_HEADROOM = const(16384)
 _GC_CHECK_MS = const(250)
-# Our sensors give at most 18-bit samples: a delta-zigzag varint of one
-# takes at most 3 bytes. Headers and the COSE envelope take under 200.
-_WORST_BYTES_PER_SAMPLE = const(3)
-_FRAME_OVERHEAD = const(200)
 # A loop iteration that has not ended after this long is stalled: the
 # watchdog restarts the board (a healthy one takes milliseconds).
 WATCHDOG_MS = const(5000)
@@ -54,8 +55,6 @@ _NEVER_MS = const(0x1FFFFFFF)  # a retransmit delay no tick difference reaches: 
 # a trial boot), dropped once it is over: a streaming board keeps none of it.
 _UPDATE_MODULES = (("app", "ota"), ("protocols", "bundle"), ("protocols", "ed25519"), ("protocols", "_sha512"),
                    ("protocols", "cbor_items"))
-_CHIPS = {fields.STREAM_ECG_MAX30003: "MAX30003", fields.STREAM_ECG_AD8232: "AD8232",
-          fields.STREAM_PPG_MAX30102: "MAX30102"}
 # The small messages that must not be lost to a link busy with a frame (the
 # hello, the time answer, the status): each a bit of App.due, set until the
 # link takes it (_send_due, in this order; the error reports after them, from
@@ -69,120 +68,53 @@ _DUE_ALL = const(15)
 
 
 class App:
+    # Set by app/setup.py, named here for the board's type check (bare
+    # annotations: no code, no RAM).
+    board: "Any"
+    cfg: "dict[str, Any]"
+    epoch: int
+    up: "cose.MacKey"
+    down: "cose.MacKey"
+    acks: "Any"  # (app.acks.AckReader)
+    unique_id: bytes
+    streams: "list[Stream]"
+    worst: "list[int]"
+    outbox: "Outbox"
+    _frame_writer: "cbor.Writer"
+    _small_w: "cbor.Writer"
+    link: "Any"
+    origin: "Any"  # (app.origin.OriginLog, or None)
+    hr: "Any"
+    ox: "Any"
+    frames_built: int
+    downlink_rejected: int
+    firmware: str
+    reseal_due: bool
+    guard: "faults.SensorGuard"
+    reports: "faults.Reports"
+    loop_restarts: int
+    _link_fault: "Any"
+    due: int
+    _woken: "Any"
+    _fields: "fields.SampleFrameFields"
+    _bus_errors: "faults.Caught"
+    _fastest: "Stream"
+    seq: int
+    last_command: int
+    update: "Any"  # (app.ota.Updater, or None)
+    next_status_ms: int
+    _gc_checked_ms: int
+    _epoch_unreadable: "Any"
+
     def __init__(self, board, cfg, key, epoch, forget_config=False):
         # forget_config: drop app.config from RAM before the rest is built
         # (run() does: the configuration is read at boot only; tests keep it).
-        from app import config
+        # Built by app/setup.py, run once: its code leaves RAM after.
+        from app import setup
 
-        config_error = config.ConfigError
-        # The update's code is loaded for a trial boot, and for one that follows a rollback (to report it).
-        self._on_trial = config.on_trial() or config.rolled_back()
-        firmware = config.release_name(FIRMWARE)  # the hello's: the release an update installed, if any
-        self._epoch_unreadable = config.epoch_unreadable  # (reported at start)
-        config.epoch_unreadable = None
-        del config
-        if forget_config:
-            forget("app", "config")
-        self.board = board
-        self.cfg = cfg
-        self.epoch = epoch
-        kid = cfg["device_id"].encode()
-        self.up = cose.MacKey(key, kid, cose.AAD_UPLINK)
-        self.down = cose.MacKey(key, kid, cose.AAD_DOWNLINK)
-        self.acks = acks.AckReader(self.down)
-        self.unique_id = board.unique_id()  # the chip's, sent in each status
-        self.seq = 0
-        self.last_command = -1
-        self.running = True
-        self.streams = []
-        now = board.ticks_ms()  # a tick (app.ticks): wraps; only ticks.diff/add on it
-        for stream_id, sensor, lead_off in board.sensors(cfg):
-            window = sensor.rate_hz * cfg["window_ms"] // 1000
-            if not 0 < window <= fields.MAX_SAMPLES:
-                raise config_error("window_ms gives %d samples per frame, outside 1..%d"
-                                         % (window, fields.MAX_SAMPLES))
-            st = Stream(sensor, stream_id, window, board.uptime_ms(), lead_off)
-            st.uptime_ms = board.uptime_ms
-            st.next_poll_ms = now
-            pin = board.irq_pin(stream_id)
-            if pin is not None:
-                st.use_irq(pin)
-            self.streams.append(st)
-        self.worst = [s.window * len(s.chans) * _WORST_BYTES_PER_SAMPLE + _FRAME_OVERHEAD for s in self.streams]
-        biggest = max(self.worst)
-        gc.collect()  # the outbox is the one big block: make room for it in one piece
-        ring_bytes = max(cfg["outbox_bytes"], 2 * biggest)
-        self.outbox = Outbox(ring_bytes, cfg["outbox_frames"], 2 * biggest)  # (a smaller ring from boot: reported)
-        self._frame_writer = cbor.Writer(self.outbox.buf)  # build_frame bounds it to a region
-        # hello/status/time/error messages, sealed in place (as frames are).
-        self._small_w = cbor.Writer(bytearray(_SMALL + 96))
-        self.link = board.link(cfg, biggest)
-        self.outbox.release = getattr(self.link, "release", None)  # BLE: its frames are sent from the ring
-        # Samples are encrypted, then MACed, under a key of this boot: its
-        # salt is drawn now (a BLE board's radio is on by now) and never
-        # stored, so a lost or restored epoch file cannot bring a counter
-        # block back (protocols/cipher.py).
-        self.sealer = cipher.SampleCipher(key, board.random_bytes(cipher.BOOT_SALT_SIZE))
-        # Origin proof (app/origin.py): only with an origin key from provisioning.
-        okey = origin.load_key()
-        gc.collect()  # (what reading the keys and building the link left: the log's buffers in one piece)
-        self.origin = None if okey is None else origin.OriginLog(okey, kid, key, self.sealer.boot_salt,
-                                                                 cfg["origin_every_ms"], now, self.up)
-        # The board's own rough vitals, for the standard BLE services only.
-        self.hr = None
-        self.ox = None
-        if hasattr(self.link, "set_vitals"):  # BLE only: a serial board never loads them
-            from app.vitals_lite import HeartRate, PulseOx
-
-            for st in self.streams:
-                if st.stream_id == fields.STREAM_PPG_MAX30102:
-                    self.ox = PulseOx(st.rate_hz, st.chans[0], st.chans[1])
-                else:
-                    self.hr = HeartRate(st.rate_hz, st.chans[0])
-        self.frames_built = 0
-        self.downlink_rejected = 0
-        self._time_nonce = 0  # the time request's, answered when _DUE_TIME goes
-        self.firmware = firmware
-        # A firmware update (app/ota.py, imported only then): installing one,
-        # or this boot's version on trial. acked_ms: when an ack last came.
-        self.acked_ms = None
-        self.update = None
-        if self._on_trial:
-            from app import ota
-
-            self.update = ota.Updater(self, now)
-        self.reseal_due = False  # an epoch resync left frames of the old epoch in the outbox
-        self._reseal_oom = False
-        self.guard = faults.SensorGuard([_CHIPS[st.stream_id] for st in self.streams], now)
-        self.reports = faults.Reports()
-        if len(self.outbox.buf) < ring_bytes:  # streams on, with less room for frames awaiting their ack
-            text = "outbox ring %d bytes, not %d: no larger block at boot" % (len(self.outbox.buf), ring_bytes)
-            self.reports.add(faults.ERR_NO_MEMORY, text)
-            board.console("pulsebridge: " + text)
-        self.loop_restarts = 0
-        self._link_fault = getattr(self.link, "take_fault", None)  # a fake link may have none
-        self.wdt = None
-        self.next_status_ms = ticks.add(now, cfg["status_every_ms"])
-        self.due = 0  # the small messages waiting for the link (_DUE_*)
-        self._woken = self._any_ready  # bound once: the idle loop calls it often
+        setup.build(self, board, cfg, key, epoch, forget_config)
+        forget("app", "setup")
         self._gc_below = _GC_HEADROOM
-        self._gc_checked_ms = now
-        # A sample frame's fields, set for each frame (build_frame); between
-        # its pieces the FIFOs are read (_read_fifos, bound once).
-        self._read_fifos_cb = self._read_fifos  # (bound once: checkpoints pass it on too)
-        self._fields = fields.SampleFrameFields(self.sealer)
-        self._fields.between = self._read_fifos_cb
-        if self.origin is not None:  # (the FIFOs read between a checkpoint's pieces)
-            self.origin.between = self._read_fifos_cb
-        # A chip read's bus errors, and the read's time and kind for the
-        # pieces of _read_sensor and _read_fifos (frames within 11 words).
-        self._bus_errors = faults.Caught()
-        self._read_now = 0
-        self._read_how = 0
-        self._fastest = self.streams[0]
-        for st in self.streams:
-            if st.rate_hz > self._fastest.rate_hz:
-                self._fastest = st
 
     def _seq(self):
         s = self.seq

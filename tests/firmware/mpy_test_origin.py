@@ -7,7 +7,6 @@ import micropython
 
 from app import config, main, origin
 from protocols import cbor, cose, hub, messages, origin_verify
-from protocols import origin as wire
 from sim.board_sim import SimBoard
 from sim.clock import VirtualClock
 from sim.loopback import LoopbackLink
@@ -52,10 +51,10 @@ def test_frame_digest_and_checkpoint_allocate_nothing():
     assert log.n == 0 and log.index == 1
     m = messages.decode_payload(cose.parse(bytes(out[:w.pos])).payload, messages.UPLINK_TYPES)
     assert isinstance(m, messages.OriginCheckpoint) and (m.epoch, m.seq) == (7, 24)
-    c = wire.open_checkpoint(m.checkpoint, okey)
+    c = origin_verify.open_checkpoint(m.checkpoint, okey)
     assert c.epoch == 7 and c.index == 0 and sorted(c.entries) == list(range(24))
     payload[3] = 5
-    assert c.entries[5] == wire.frame_digest(payload)
+    assert c.entries[5] == origin_verify.frame_digest(payload)
 
 
 def test_app_checkpoints_prove_every_frame():

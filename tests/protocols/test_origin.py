@@ -138,7 +138,7 @@ def test_golden_checkpoint_is_what_both_implementations_make() -> None:
     ours = cose.MacKey(ORIGIN_KEY, KID, origin.AAD_ORIGIN).seal(bytes(w.buf[:w.pos]))
     assert ours == independent
     assert ours == GOLDEN_CHECKPOINT, ours.hex()
-    c = origin.open_checkpoint(GOLDEN_CHECKPOINT, ORIGIN_KEY)
+    c = origin_verify.open_checkpoint(GOLDEN_CHECKPOINT, ORIGIN_KEY)
     assert (c.device_id, c.epoch, c.index, c.boot_salt) == (KID.decode(), EPOCH, 0, SALT)
     assert c.entries == dict(entries)
     assert c.boot_key == ind_boot_key(DEVICE_KEY, SALT)
@@ -146,11 +146,11 @@ def test_golden_checkpoint_is_what_both_implementations_make() -> None:
 
 def test_library_wrap_and_digest_match_the_independent_ones() -> None:
     f = frame(5)
-    assert origin.frame_digest(cose.parse(f).payload) == ind_digest(f)
+    assert origin_verify.frame_digest(cose.parse(f).payload) == ind_digest(f)
     pad = origin.key_pad(ORIGIN_KEY, SALT)
     assert origin.xor32(cipher.derive_key(DEVICE_KEY, SALT), pad) == ind_wrapped(ORIGIN_KEY, DEVICE_KEY, SALT)
     # the boot key a checkpoint carries opens the board's samples, with no device key
-    opener = origin.boot_cipher(ind_boot_key(DEVICE_KEY, SALT), SALT)
+    opener = origin_verify.boot_cipher(ind_boot_key(DEVICE_KEY, SALT), SALT)
     m = messages.decode_payload(cose.parse(f).payload, messages.UPLINK_TYPES, opener=opener)
     assert isinstance(m, messages.SampleFrame) and m.channels == channels(f)
     clear = ind_samples(f, ind_boot_key(DEVICE_KEY, SALT))
@@ -168,14 +168,14 @@ def test_checkpoint_message_is_type_10_and_decodes() -> None:
 
 def test_wrong_origin_key_and_tampered_checkpoint_are_refused() -> None:
     with pytest.raises(AuthenticationError):
-        origin.open_checkpoint(GOLDEN_CHECKPOINT, bytes(32))
+        origin_verify.open_checkpoint(GOLDEN_CHECKPOINT, bytes(32))
     t = cbor2.loads(GOLDEN_CHECKPOINT)
     p = cbor2.loads(t.value[2])
     p[5] = [1, 3]  # the hub renumbers a listed frame
     v = list(t.value)
     v[2] = cbor2.dumps(p)
     with pytest.raises(AuthenticationError):
-        origin.open_checkpoint(cbor2.dumps(cbor2.CBORTag(17, v)), ORIGIN_KEY)
+        origin_verify.open_checkpoint(cbor2.dumps(cbor2.CBORTag(17, v)), ORIGIN_KEY)
 
 
 def test_open_checkpoint_raises_only_protocol_errors_on_mutations() -> None:
@@ -189,7 +189,7 @@ def test_open_checkpoint_raises_only_protocol_errors_on_mutations() -> None:
         if rng.random() < 0.2:
             data = data[:rng.randrange(len(data))]
         try:
-            origin.open_checkpoint(bytes(data), ORIGIN_KEY)
+            origin_verify.open_checkpoint(bytes(data), ORIGIN_KEY)
         except ProtocolError:
             pass
     # and a well-MACed checkpoint with a bad body is a RemoteProtocolError, not a crash
@@ -197,7 +197,7 @@ def test_open_checkpoint_raises_only_protocol_errors_on_mutations() -> None:
                  {0: 1, 1: 0, 2: 0, 3: SALT, 4: bytes(32), 5: [2, 1], 6: bytes(32)},
                  {0: 1, 1: 0, 2: 0, 3: SALT, 4: bytes(32), 5: [1], 6: bytes(15)}, [1, 2]):
         with pytest.raises(RemoteProtocolError):
-            origin.open_checkpoint(ind_mac0(ORIGIN_KEY, b"pulsebridge/1 origin", cbor2.dumps(body)), ORIGIN_KEY)
+            origin_verify.open_checkpoint(ind_mac0(ORIGIN_KEY, b"pulsebridge/1 origin", cbor2.dumps(body)), ORIGIN_KEY)
 
 
 # ---- the verifier and the attacks ----------------------------------------
