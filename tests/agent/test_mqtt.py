@@ -279,6 +279,47 @@ def test_the_cbor_payload_carries_the_json_document_with_typed_arrays(mosquitto:
         assert as_cbor == {f: v for f, v in as_json.items() if f not in ("channels", "cose")}
 
 
+def _children() -> set[int]:
+    """The pids of this process's children (Linux /proc)."""
+    out: set[int] = set()
+    for task in os.listdir("/proc/self/task"):
+        with open("/proc/self/task/%s/children" % task) as f:
+            out.update(int(p) for p in f.read().split())
+    return out
+
+
+def test_by_default_the_mqtt_client_runs_in_the_agent_and_starts_no_process(mosquitto: str, tmp_path: Path) -> None:
+    # client = "in-process" by default: paho on the agent's loop, no process of its own
+    # (~27 MB of RSS on a hub whose goal is 80 MB); "process" starts one per connection.
+    pki = harness.pki_for(tmp_path)
+    broker, port = _start_broker(mosquitto, tmp_path, pki)
+    store = Store(tmp_path / "store.db", ["a", "b"])
+    store.start()
+    common = dict(url="mqtts://localhost:%d" % port, ca_file=pki.ca_cert, client_cert=pki.client_cert,
+                  client_key=pki.client_key, linger_s=0)
+    try:
+        _store_frames(store, "pb-d1", range(3))
+
+        async def scenario(cfg: MqttConfig) -> set[int]:
+            fw = MqttForwarder(cfg, store, "test-hub", asyncio.Event())
+            task = asyncio.create_task(fw.run())
+            try:
+                await async_wait_for(lambda: fw.forwarded == 3, 60, "3 frames forwarded",
+                                     lambda: (fw.forwarded, fw.last_error))
+                return _children() - {broker.pid}
+            finally:
+                await _stop(fw, task)
+
+        default = MqttConfig(name="a", type="mqtt", **common)  # type: ignore[arg-type]
+        assert default.client == "in-process"
+        assert asyncio.run(scenario(default)) == set()
+        assert len(asyncio.run(scenario(MqttConfig(name="b", type="mqtt", client="process",
+                                                   **common)))) == 1  # type: ignore[arg-type]
+    finally:
+        store.close()
+        _stop_broker(broker)
+
+
 def test_documents_per_message_sends_a_topics_documents_in_arrays_in_stored_order(mosquitto: str,
                                                                                    tmp_path: Path) -> None:
     # documents_per_message = 3: each PUBLISH's payload is an array (JSON, or CBOR) of up to 3
