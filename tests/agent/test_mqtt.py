@@ -456,10 +456,11 @@ class Relay:
                 w.close()
 
 
-def _via(relay: Relay, pki: harness.Pki, batch: int, timeout_s: float) -> MqttConfig:
+def _via(relay: Relay, pki: harness.Pki, batch: int, timeout_s: float, client: str = MqttConfig.client,
+         documents_per_message: int = 1) -> MqttConfig:
     return MqttConfig(name="broker", type="mqtt", url="mqtts://localhost:%d" % relay.port, ca_file=pki.ca_cert,
                       client_cert=pki.client_cert, client_key=pki.client_key, linger_s=0, batch=batch,
-                      timeout_s=timeout_s)
+                      timeout_s=timeout_s, client=client, documents_per_message=documents_per_message)
 
 
 async def _stop(fw: MqttForwarder, task: "asyncio.Task[None]") -> None:
@@ -517,10 +518,13 @@ def test_a_batch_goes_out_whole_before_its_pubacks(mosquitto: str, tmp_path: Pat
         _stop_broker(broker)
 
 
-def test_lost_pubacks_leave_the_rows_to_be_sent_again(mosquitto: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("client, documents_per_message", [("in-process", 1), ("process", 1), ("in-process", 5)])
+def test_lost_pubacks_leave_the_rows_to_be_sent_again(mosquitto: str, tmp_path: Path, client: str,
+                                                      documents_per_message: int) -> None:
     # The broker's answers are lost on the way (the broker has the messages): with no
     # PUBACK for timeout_s the batch fails, none of its rows is marked forwarded, and
-    # they are published again on a new connection, where they are PUBACKed.
+    # they are published again on a new connection, where they are PUBACKed. Whether the
+    # client runs on the agent's loop or in its own process, a document a message or several.
     pki = harness.pki_for(tmp_path)
     broker, port = _start_broker(mosquitto, tmp_path, pki)
     store = Store(tmp_path / "store.db", ["broker"])
@@ -533,14 +537,16 @@ def test_lost_pubacks_leave_the_rows_to_be_sent_again(mosquitto: str, tmp_path: 
         async def scenario() -> None:
             relay = Relay(port)
             await relay.start()
-            fw = MqttForwarder(_via(relay, pki, batch=n, timeout_s=1), store, "test-hub", asyncio.Event())
+            fw = MqttForwarder(_via(relay, pki, batch=n, timeout_s=1, client=client,
+                                    documents_per_message=documents_per_message), store, "test-hub", asyncio.Event())
             tls = tls_context(fw.cfg)
             async with aiomqtt.Client("localhost", port, tls_context=tls, identifier="sub") as sub:
                 await sub.subscribe("pulsebridge/#", qos=1)
 
                 async def collect() -> None:
                     async for msg in sub.messages:
-                        received.add(json.loads(bytes(msg.payload))["idempotency_key"])
+                        doc = json.loads(bytes(msg.payload))  # type: ignore[arg-type]
+                        received.update(d["idempotency_key"] for d in (doc if documents_per_message > 1 else [doc]))
 
                 collector = asyncio.create_task(collect())
                 task = asyncio.create_task(fw.run())
