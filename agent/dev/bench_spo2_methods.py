@@ -483,7 +483,6 @@ def error_model(w: dict[str, Any], methods: tuple[tuple[Method, tuple[str, ...]]
                                    **_scores(w, est, shown, -np.nan_to_num(predicted, nan=np.inf)),
                                    arms_by_band_pct=_arms_by_band(err, predicted, ok)))
     out["chosen_per_fold"] = chosen_with_learnt_quality(w, learnt_candidates())
-    out["two_wavelength"] = two_wavelength(w)
     return out
 
 
@@ -753,8 +752,6 @@ def report(c: dict[str, Any]) -> list[str]:
                      "<= %d %% there): %s" % ("", " / ".join(str(a) for a in ch["arms_by_band_pct"]),
                                              100 * WITHHELD_GOAL,
                                              "; ".join("%s %s" % kv for kv in ch["chosen"].items())))
-        if em.get("two_wavelength"):
-            lines += report_two_wavelength(em["two_wavelength"])
     return lines
 
 

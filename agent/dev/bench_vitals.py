@@ -42,7 +42,12 @@ def _score(ref: np.ndarray, test: np.ndarray, fs: float, sig: np.ndarray) -> dic
             "tp": int(c.tp), "fp": int(c.fp), "fn": int(c.fn)}
 
 
-def run() -> dict[str, Any]:
+def run(part: str = "all") -> dict[str, Any]:
+    """Every figure (part "all"), or the desaturation set's alone (part "desaturation": the
+    agent's relative estimator and the absolute line, leave one subject out, and the pulse rate
+    on the camera set; without the comparison of estimators, to iterate fast)."""
+    if part == "desaturation":
+        return {"desaturation": desaturation(compare=False)}
     import wfdb
     import wfdb.processing as wp
 
@@ -78,6 +83,8 @@ def run() -> dict[str, Any]:
 
 
 def report(r: dict[str, Any]) -> list[str]:
+    if "record" not in r:  # the desaturation set alone
+        return _report_real(r)
     lines = ["R-peak detection, %s, %d reference beats, %.0f ms matching window" % (
         r["record"], r["reference_beats"], r["match_window_ms"])]
     for k in ("pulsebridge_360hz", "wfdb_xqrs_360hz", "pulsebridge_512hz", "wfdb_xqrs_512hz"):
@@ -131,10 +138,11 @@ def _report_real(r: dict[str, Any]) -> list[str]:
                    and (c["below_90_sensitivity"] or 0) >= 0.81 and (c["below_90_specificity"] or 0) >= 0.79)
             lines.append("  %-20s  goals (Arms <= 5 %% with <= 20 %% withheld; < 90 %%: sensitivity >= 81 %%, "
                          "specificity >= 79 %%): %s" % ("", "met" if met else "NOT met"))
-        if "estimators" in d:
-            from agent.dev import bench_spo2_methods
+        from agent.dev import bench_spo2_methods
 
+        if "estimators" in d:
             lines += bench_spo2_methods.report(d["estimators"])
+        lines += bench_spo2_methods.report_two_wavelength(d["relative"])
         p = d["pulse_rate"]
         lines.append("Pulse rate on real PPG, spo2-camera vs the oximeters: %.1f %% shown, MAE %s /min, RMS %s /min, "
                      "harmonic errors %d (share %.2f %%)" % (100 * p["shown_fraction"], p["mean_abs_error_bpm"],
@@ -355,19 +363,21 @@ def _sens_spec(decided_low: np.ndarray, truly_low: np.ndarray, among: np.ndarray
     return (round(tp / (tp + fn), 3) if tp + fn else None), (round(tn / (tn + fp), 3) if tn + fp else None)
 
 
-def desaturation(pairs: tuple[str, ...] | None = None) -> dict[str, Any]:
+def desaturation(pairs: tuple[str, ...] | None = None, compare: bool = True) -> dict[str, Any]:
     """The desaturation set's figures (leave_one_subject_out on the product's estimator, run
-    on each recording) and the pulse rate against the oximeters'. pairs: the channel pairs a
-    calibration may choose from (default: all)."""
+    on each recording; the agent's relative estimator, bench_spo2_methods.two_wavelength) and
+    the pulse rate against the oximeters'. pairs: the channel pairs a calibration may choose
+    from (default: all); compare: the other transparent estimators compared too (slow)."""
     folder = camera_dir()
     if not (folder / "gt").is_dir():
         return {"missing": str(folder)}
     w = _camera_windows(folder)
     out = score_desaturation(w, pairs or tuple(CAMERA_PAIRS))
-    # Transparent estimators that address the offset between people and the drift, compared.
     from agent.dev import bench_spo2_methods
 
-    out["estimators"] = bench_spo2_methods.compare(w)
+    out["relative"] = bench_spo2_methods.two_wavelength(w)
+    if compare:  # transparent estimators that address the offset between people and the drift
+        out["estimators"] = bench_spo2_methods.compare(w)
     # Pulse rate on the same real PPG (red/blue), against the oximeters' pulse rate.
     out["pulse_rate"] = _pulse_scores(w["pulse"]["rate"], w["ref_pulse"])
     return out

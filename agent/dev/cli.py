@@ -148,7 +148,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "vitals":
         from agent.dev import bench_vitals
 
-        rv = bench_vitals.run()
+        if args.part not in ("all", "desaturation"):
+            raise SystemExit("pulsebridge-dev: bench vitals --part is all or desaturation, not %s" % args.part)
+        rv = bench_vitals.run(args.part)
         print(json.dumps(rv, indent=1) if args.json else "\n".join(bench_vitals.report(rv)))
         return 0
     if args.what == "origin":
@@ -172,6 +174,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "agent":
         from agent.dev import bench_agent
 
+        if args.part == "desaturation":
+            raise SystemExit("pulsebridge-dev: --part desaturation is the vitals benchmark's (bench vitals)")
         if args.part == "realistic":
             r = bench_agent.run_realistic()
             print(json.dumps(r, indent=1) if args.json else "\n".join(bench_agent.report_realistic(r)))
@@ -265,11 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stretches", action="store_true",
                    help="firmware benchmark at a chip's speed: also the longest stretches between two ECG FIFO "
                         "reads and the firmware's work in each")
-    p.add_argument("--part", choices=["all", "realistic", "verify-commit", "forward"], default="all",
+    p.add_argument("--part", choices=["all", "realistic", "verify-commit", "forward", "desaturation"], default="all",
                    help="agent benchmark: every figure (all), the realistic load alone (20 boards x 2 streams "
                         "x 1 frame/s: its CPU, latency, RSS and profile), or verify+commit, its pycose baseline "
                         "and its profile alone (verify-commit), or verify+commit+forward to Mosquitto (JSON, "
-                        "CBOR), the backlog's drain and their profiles (forward)")
+                        "CBOR), the backlog's drain and their profiles (forward); vitals benchmark: every figure "
+                        "(all) or the desaturation set's alone (desaturation: the agent's relative estimator, the "
+                        "absolute line and the camera set's pulse rate, without the estimators compared)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
