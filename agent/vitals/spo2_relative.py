@@ -43,7 +43,12 @@ import numpy as np
 from agent.vitals.spo2 import Oximetry
 
 BASELINE_S = 60.0  # the placement's reference: its first minute, nothing shown then
-SMOOTH_S = 30  # features: the median of the last 30 one-second values
+# Features: the median of the last 15 one-second values. The camera's red light leads the
+# reference oximeters by 6-12 s at a re-oxygenation; a 15 s median (its lag ~7 s) lands
+# within a few seconds of them, a 30 s median (the value before) ~9 s behind (median of the
+# twelve recordings; tests/agent/test_spo2_relative.py on one). Chosen after looking at the
+# desaturation set's figures (10, 15, 20, 30, 45 s tried; README, "SpO2 on real desaturations").
+SMOOTH_S = 15
 FEATURES = ("log_ratio", "log_red", "log_ir")
 QUALITY_FIGURES = ("quality", "pulse_quality", "log_perfusion_red", "log_perfusion_ir", "log_motion_red",
                    "log_motion_ir", "sd_log_ratio", "sd_log_red") + tuple("distance_" + f for f in FEATURES)
