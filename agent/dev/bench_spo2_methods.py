@@ -504,6 +504,26 @@ CHOSEN_AFTER_LOOKING = (
     "re-oxygenation is the reference oximeters')",
 )
 DECISION_GRID_PCT = np.arange(80.0, 95.001, 0.1)  # where a fold's < 90 % threshold is looked for
+BOOTSTRAP_DRAWS = 2000  # resamples of the subjects for Arms' interval (its percentiles move < 0.1 point with the seed)
+BOOTSTRAP_SEED = 15  # fixed: the same interval at every run
+
+
+def subject_bootstrap_arms(err: np.ndarray, shown: np.ndarray, subject: np.ndarray,
+                           draws: int = BOOTSTRAP_DRAWS, seed: int = BOOTSTRAP_SEED) -> tuple[float, float] | None:
+    """How far Arms on what is shown could be from another six people's: the 5th and 95th
+    percentiles (%) of Arms over `draws` resamples of the subjects with replacement (each
+    subject's shown windows whole, as a new cohort of as many people would bring them). The
+    error is mostly each person's offset, so the windows are not independent and only the
+    subjects are resampled. None when nothing is shown."""
+    subjects = sorted(set(subject[shown].tolist()))
+    if not subjects:
+        return None
+    sq = np.array([float(np.sum(err[shown & (subject == s)] ** 2)) for s in subjects])
+    n = np.array([int(np.sum(shown & (subject == s))) for s in subjects])
+    pick = np.random.default_rng(seed).integers(0, len(subjects), size=(draws, len(subjects)))
+    arms = np.sqrt(sq[pick].sum(axis=1) / n[pick].sum(axis=1))
+    lo, hi = np.percentile(arms, [5.0, 95.0])
+    return round(float(lo), 2), round(float(hi), 2)
 
 
 def fit_relative_calibration(figures: np.ndarray, ref: np.ndarray, subject: np.ndarray, train: np.ndarray
@@ -594,6 +614,7 @@ def two_wavelength(w: dict[str, Any]) -> dict[str, Any]:
                             error_ceiling_pct=round(stored.error_ceiling_pct, 2),
                             below_90_threshold_pct=stored.below_90_threshold_pct),
                 arms_by_band_pct=_arms_by_band(err, expected, ok),
+                arms_shown_subject_bootstrap_pct=subject_bootstrap_arms(err, shown, subject),
                 arms_by_decade_pct={"%d-%d" % (lo, min(hi, 100)): _arms(err[shown & (ref >= lo) & (ref < hi)])
                                     for lo, hi in DECADES},
                 withheld_below_80=round(1.0 - float(shown[ok & (ref < 80.0)].mean()), 3),
@@ -776,9 +797,11 @@ def report_two_wavelength(t: dict[str, Any]) -> list[str]:
         "Nothing chosen among lines in a fold (the estimator a red/IR sensor gets): %s, leave one subject out, "
         "scored by the agent's own code (agent/vitals/spo2_relative.py)" % t["label"],
         "  chosen after looking at this set's figures: %s" % "; ".join(CHOSEN_AFTER_LOOKING),
-        "  Arms %s %% shown (%s %% over 70-100; per decade %s), MAE %s %%, %.1f %% withheld (%.1f %% of the windows "
-        "under 80 %%); best / worst quality half %s / %s %%; by quarter of expected error %s %%" % (
-            t["arms_shown_pct"], t["arms_shown_70_100_pct"],
+        "  Arms %s %% shown (%s; %s %% over 70-100; per decade %s), MAE %s %%, %.1f %% withheld (%.1f %% of the "
+        "windows under 80 %%); best / worst quality half %s / %s %%; by quarter of expected error %s %%" % (
+            t["arms_shown_pct"], "the subjects resampled %d times: %s-%s %% (5th-95th percentile)" % (
+                BOOTSTRAP_DRAWS, *t["arms_shown_subject_bootstrap_pct"]) if t.get("arms_shown_subject_bootstrap_pct")
+            else "no interval", t["arms_shown_70_100_pct"],
             ", ".join("%s %s" % kv for kv in t["arms_by_decade_pct"].items()), t["mean_abs_error_shown_pct"],
             100 * t["withheld_fraction"], 100 * t["withheld_below_80"], t["arms_best_quality_half_pct"],
             t["arms_worst_quality_half_pct"], " / ".join(str(a) for a in t["arms_by_band_pct"])),

@@ -211,3 +211,19 @@ def test_the_relative_estimator_withholds_the_moving_windows_and_its_threshold_u
     assert abs(t["withheld_fraction"] - bm.WITHHELD_GOAL) < 0.05, t
     lines = bm.report_two_wavelength(t)
     assert "goals:" in lines[-1] and lines[-1].count("met") == 5, lines[-1]
+
+
+def test_arms_interval_resamples_people_not_windows() -> None:
+    # Four subjects of 300 shown windows each, errors of +-2 % in every window: whichever
+    # people are drawn, Arms is 2 %. One reading 8 % high instead: Arms over all is sqrt(19) =
+    # 4.36 %, and a new cohort of four may hold no such person (2 %) or two and more (over 5 %).
+    subject = np.repeat(["A", "B", "C", "D"], 300)
+    err = np.where(np.arange(1200) % 2 == 0, 2.0, -2.0)
+    shown = np.ones(1200, dtype=bool)
+    assert bm.subject_bootstrap_arms(err, shown, subject) == (2.0, 2.0)
+    offset = err + np.where(subject == "D", 8.0, 0.0) - np.where(subject == "D", err, 0.0)
+    interval = bm.subject_bootstrap_arms(offset, shown, subject)
+    assert interval is not None and interval[0] == 2.0 and interval[1] > 5.0, interval
+    # The windows withheld take no part; nothing shown, no interval.
+    assert bm.subject_bootstrap_arms(offset, shown & (subject != "D"), subject) == (2.0, 2.0)
+    assert bm.subject_bootstrap_arms(err, np.zeros(1200, dtype=bool), subject) is None
