@@ -19,7 +19,14 @@ from agent.record import FrameRecord
 from agent.vitals.alerts import AlertEngine, AlertEvent
 from agent.vitals.rpeak import RPeakDetector
 from agent.vitals.spo2 import OximetryEstimator
-from agent.vitals.spo2_relative import RELATIVE_CALIBRATION, RelativeCalibration, RelativeEstimate, RelativeOximetry
+from agent.vitals.spo2_relative import (
+    BASELINE_S,
+    RELATIVE_CALIBRATION,
+    SMOOTH_S,
+    RelativeCalibration,
+    RelativeEstimate,
+    RelativeOximetry,
+)
 from protocols import messages
 
 RR_BEATS = 8  # heart rate over the last 8 beats
@@ -38,9 +45,9 @@ METHODS = {
     "heart_rate": "ECG R-R intervals, streaming Pan-Tompkins detector, mean of the last %d beats" % RR_BEATS,
     "spo2": "PPG ratio of ratios, AC/DC sample by sample (band-passed log of the light), 8 s window, "
             "calibration curve of the sensor type; quality: red/IR pulse correlation and R's beat-to-beat consistency",
-    "spo2_relative": "PPG ratio of ratios and red and IR light, each the median of the last 30 s less its median over "
-                     "the placement's first 60 s, line of the sensor type; quality: the error expected from the "
-                     "signal's own figures (agent/vitals/spo2_relative.py)",
+    "spo2_relative": "PPG ratio of ratios and red and IR light, each the median of the last %d s less its median over "
+                     "the placement's first %d s, line of the sensor type; quality: the error expected from the "
+                     "signal's own figures (agent/vitals/spo2_relative.py)" % (SMOOTH_S, BASELINE_S),
     "pulse_rate": "PPG autocorrelation period, checked against its multiples and sub-multiples, 8 s window",
     "pulse_rate_ecg": "PPG autocorrelation period, checked against its multiples and sub-multiples and "
                       "chosen nearest the same board's ECG R-R interval, 8 s window",

@@ -115,7 +115,7 @@ def test_a_sensor_type_with_a_relative_calibration_shows_the_change_from_its_pla
     # SpO2 = 97 % at the placement's reference + 40 x the red light's change; expected error 2 %.
     # Nothing for the placement's first minute, then the relative estimate with its expected
     # error and method; a stream that restarts (samples lost) is a new placement: a minute again.
-    from agent.vitals.spo2_relative import BASELINE_S, QUALITY_FIGURES, RelativeCalibration
+    from agent.vitals.spo2_relative import BASELINE_S, QUALITY_FIGURES, SMOOTH_S, RelativeCalibration
 
     n = len(QUALITY_FIGURES)
     cal = RelativeCalibration(97.0, (0.0, 40.0, 0.0), (0.0,) * n, (1.0,) * n, (0.0,) * n + (2.0,), 4.0, 88.0)
@@ -126,6 +126,9 @@ def test_a_sensor_type_with_a_relative_calibration_shows_the_change_from_its_pla
     spo2 = [d for d in docs if d["type"] == "vital" and d["kind"] == "spo2"]
     seconds = [datetime.fromisoformat(d["at"]).timestamp() - 1_800_000_000.0 for d in spo2]  # since the stream began
     assert spo2 and all(d["method"].startswith("PPG ratio of ratios and red and IR light") for d in spo2)
+    # The method names the smoothing and the reference the estimator uses.
+    assert all("median of the last %d s less its median over the placement's first %d s" % (SMOOTH_S, BASELINE_S)
+               in d["method"] for d in spo2), spo2[0]["method"]
     assert all(abs(d["value"] - 97.0) < 1.0 and d["expected_error_pct"] == 2.0 and d["quality"] == 0.75
                for d in spo2), [(d["value"], d["expected_error_pct"]) for d in spo2]
     assert seconds and min(seconds) > BASELINE_S, seconds
