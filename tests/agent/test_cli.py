@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -823,3 +824,106 @@ def test_a_user_who_cannot_read_the_hubs_files_is_told_which_file_and_to_run_as_
         os.chown(hub_config.registry_path.parent, 65534, -1)
         err = said(devices + ["list"])
         assert "run sudo -u %s pulsebridge devices" % pwd.getpwuid(65534).pw_name in err, err
+
+
+def _as_user(uid: int, argv: list[str]) -> tuple[int, str]:
+    """`pulsebridge ARGV` (agent.cli.main) in a child process that has become uid (its group, no
+    others): a real user's permissions, none injected. The command is run once as root first, which
+    imports what it needs: the interpreter's own files may be out of that user's reach (a pyenv under
+    /root). Returns its exit status and standard error."""
+    import io
+    import pwd
+    import traceback
+
+    gid = pwd.getpwuid(uid).pw_gid
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(r)
+            from agent.cli import main
+
+            def run() -> tuple[int, str]:
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                    try:
+                        code = main(argv)
+                    except SystemExit as e:  # the configuration's errors
+                        code, _ = 1, err.write(str(e.code))
+                return code, err.getvalue()
+
+            run()
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            code, said = run()
+            os.write(w, ("%d\n%s" % (code, said)).encode())
+        except BaseException:
+            os.write(w, ("99\n%s" % traceback.format_exc()).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    import select
+    import signal
+
+    out, end = b"", time.monotonic() + 60  # (a child that hangs is killed, the test failed)
+    try:
+        while time.monotonic() < end and select.select([r], [], [], max(0.0, end - time.monotonic()))[0]:
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            out += chunk
+        else:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    code, _, said = out.decode().partition("\n")
+    assert code, "the command as another user said nothing within 60 s"
+    return int(code), said
+
+
+def test_a_real_user_who_cannot_read_the_hubs_files_is_told_which_file_and_whom_to_run_as() -> None:
+    # The case above injects its PermissionErrors (the suite runs as root, whom chmod does not stop).
+    # Here the commands run as a real user (nobody) whom the kernel refuses, on files of another
+    # (a system user, daemon on Debian, standing for the service user): the socket's directory, the
+    # data directory, the configuration, 0700 and 0600.
+    import pwd
+    import shlex
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("becoming another user (os.setuid) needs root; CI runs the suite as root")
+    caller = pwd.getpwnam("nobody").pw_uid
+    owner = min((u for u in pwd.getpwall() if u.pw_uid not in (0, caller)), key=lambda u: u.pw_uid)
+    hub = Path(tempfile.mkdtemp(prefix="pb-perm-"))  # (tmp_path is 0700: the caller could not reach anything)
+    try:
+        hub.chmod(0o755)
+        cfg_path = hub / "agent.toml"
+        cfg_path.write_text('[agent]\nhub_id = "test-hub"\ndata_dir = "%s"\nlog_dir = "%s"\nrun_dir = "%s"\n' % (
+            hub / "data", hub / "log", hub / "run"))
+        cfg_path.chmod(0o644)
+        from agent.cli import main
+        from agent.config import load
+
+        assert main(["devices", "--config", str(cfg_path), "add", "pb-perm2"]) == 0
+        cfg = load(cfg_path)
+        for d in (cfg.data_dir, cfg.run_dir):
+            d.mkdir(exist_ok=True)
+            os.chown(d, owner.pw_uid, owner.pw_gid)
+            d.chmod(0o700)
+        status, devices = ["status", "--config", str(cfg_path)], ["devices", "--config", str(cfg_path), "list"]
+        for argv, path in ((status, cfg.status_socket), (devices, cfg.registry_path)):
+            code, err = _as_user(caller, argv)
+            assert code == 1 and "Errno" not in err and "Traceback" not in err, (code, err)
+            assert "cannot open %s: permission denied" % path in err, err
+            assert "run sudo -u %s %s" % (owner.pw_name, shlex.join(["pulsebridge", *argv])) in err, err
+        os.chown(cfg_path, owner.pw_uid, owner.pw_gid)
+        cfg_path.chmod(0o600)
+        code, err = _as_user(caller, status)
+        assert code == 1 and "configuration error: cannot open %s: permission denied" % cfg_path in err, err
+        assert "run sudo -u %s %s" % (owner.pw_name, shlex.join(["pulsebridge", *status])) in err, err
+    finally:
+        import shutil
+
+        shutil.rmtree(hub)
