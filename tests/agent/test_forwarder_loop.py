@@ -10,7 +10,7 @@ import pytest
 
 from agent.forwarders.base import DeliveryError, Forwarder, RefusedError, document
 from agent.forwarders.webhook import WebhookConfig
-from agent.ingest import record_of
+from agent.ingest import FrameRecord, record_of
 from agent.store import Ingest, Row, Store
 from protocols import cipher, cose, messages
 from tests.waiting import async_wait_for
@@ -31,16 +31,20 @@ class RecordingBackend(Forwarder):
         self.docs.extend(docs)
 
 
-def test_retries_then_skips_an_undecodable_frame(tmp_path: Path) -> None:
+def _record(device_id: str, seq: int, channel: list[int]) -> FrameRecord:
+    """A board's sample frame `seq` (epoch 1, one channel of 4 samples), sealed and MACed under a
+    test key as the board sends it, then read as ingest reads it: its record."""
     key = bytes(range(32))
-    up = cose.MacKey(key, b"pb-f1", cose.AAD_UPLINK)
-    good = [up.seal(messages.encoded(messages.SampleFrame(1, s, 1, s, s * 4, 512, 4, (1, 1), None, (0, 0, 0, 0),
-                                                          [[1, 2, 3, 4]]), sealer=cipher.SampleCipher(key, bytes(16))))
-            for s in range(3)]
-    opener = cipher.SampleCipher(key)
-    decoded = [messages.decode_payload(cose.parse(g).payload, messages.UPLINK_TYPES, decode_samples=False,
-                                       opener=opener) for g in good]
-    records = [record_of("pb-f1", m, m.channels, g, None) for m, g in zip(decoded, good)]  # type: ignore[arg-type]
+    raw = cose.MacKey(key, device_id.encode(), cose.AAD_UPLINK).seal(messages.encoded(
+        messages.SampleFrame(1, seq, 1, seq, seq * 4, 512, 4, (1, 1), None, (0, 0, 0, 0), [channel]),
+        sealer=cipher.SampleCipher(key, bytes(16))))
+    m = messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES, decode_samples=False,
+                                opener=cipher.SampleCipher(key))
+    return record_of(device_id, m, m.channels, raw, None)  # type: ignore[arg-type]
+
+
+def test_retries_then_skips_an_undecodable_frame(tmp_path: Path) -> None:
+    records = [_record("pb-f1", s, [1, 2, 3, 4]) for s in range(3)]
     store = Store(tmp_path / "store.db", ["rec"])
     store.start()
 
@@ -82,12 +86,7 @@ def test_the_documents_subjects_are_read_off_the_event_loop(tmp_path: Path) -> N
     key = bytes(range(32))
     reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
     reg.add("pb-s1", patient_ref="Patient/7", key=key, actor="test")
-    frame = messages.SampleFrame(1, 0, 1, 0, 0, 512, 4, (1, 1), None, (0, 0, 0, 0), [[1, 2, 3, 4]])
-    raw = cose.MacKey(key, b"pb-s1", cose.AAD_UPLINK).seal(
-        messages.encoded(frame, sealer=cipher.SampleCipher(key, bytes(16))))
-    m = messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES, decode_samples=False,
-                                opener=cipher.SampleCipher(key))
-    record = record_of("pb-s1", m, m.channels, raw, None)  # type: ignore[arg-type]
+    record = _record("pb-s1", 0, [1, 2, 3, 4])
     store = Store(tmp_path / "store.db", ["rec"])
     store.start()
     read_on_loop: list[bool] = []
@@ -296,9 +295,6 @@ def test_the_next_batch_is_read_while_one_is_delivered_and_each_row_goes_once(tm
     # the next goes): the read ahead leaves out the rows in flight and those being marked, so
     # each row is delivered once, in order; a failed delivery drops the read ahead, and its rows
     # go again. forwarded counts rows once marked (their outbox rows gone).
-    key = bytes(range(32))
-    up = cose.MacKey(key, b"pb-f2", cose.AAD_UPLINK)
-    sealer, opener = cipher.SampleCipher(key, bytes(16)), cipher.SampleCipher(key)
     n = 25
     store = Store(tmp_path / "store.db", ["rec"])
     store.start()
@@ -308,12 +304,7 @@ def test_the_next_batch_is_read_while_one_is_delivered_and_each_row_goes_once(tm
     async def scenario() -> HoldingBackend:
         nonlocal reads_during_delivery
         for s in range(n):
-            raw = up.seal(messages.encoded(messages.SampleFrame(1, s, 1, s, s * 4, 512, 4, (1, 1), None,
-                                                                (0, 0, 0, 0), [[1, 2, 3, s]]), sealer=sealer))
-            m = messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES, decode_samples=False,
-                                        opener=opener)
-            await store.ingest(Ingest.frame(record_of("pb-f2", m, m.channels, raw, None),  # type: ignore[arg-type]
-                                            (1, s, 1, None)))
+            await store.ingest(Ingest.frame(_record("pb-f2", s, [1, 2, 3, s]), (1, s, 1, None)))
         fw = HoldingBackend(WebhookConfig(name="rec", type="webhook", url="https://x", batch=10, linger_s=0),
                             store, "hub", asyncio.Event())
         fw.backoff.base_s = 0.01
@@ -351,9 +342,6 @@ def test_at_a_low_rate_a_forwarder_reads_the_outbox_once_a_batch(tmp_path: Path)
     # batch size is the whole outbox, so nothing is read ahead, and the forwarder waits for the
     # next commit (its wake-up, cleared before each read) instead of reading the outbox again.
     # Before: a read, a read ahead and a read after the marking, for each frame.
-    key = bytes(range(32))
-    up = cose.MacKey(key, b"pb-f3", cose.AAD_UPLINK)
-    sealer, opener = cipher.SampleCipher(key, bytes(16)), cipher.SampleCipher(key)
     n = 12
     store = Store(tmp_path / "store.db", ["rec"])
     store.start()
@@ -376,12 +364,7 @@ def test_at_a_low_rate_a_forwarder_reads_the_outbox_once_a_batch(tmp_path: Path)
             task = asyncio.create_task(fw.run())
             try:
                 for s in range(n):
-                    raw = up.seal(messages.encoded(messages.SampleFrame(1, s, 1, s, s * 4, 512, 4, (1, 1), None,
-                                                                        (0, 0, 0, 0), [[1, 2, 3, s]]), sealer=sealer))
-                    m = messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES,
-                                                decode_samples=False, opener=opener)
-                    await store.ingest(Ingest.frame(record_of("pb-f3", m, m.channels, raw, None),  # type: ignore[arg-type]
-                                                    (1, s, 1, None)))
+                    await store.ingest(Ingest.frame(_record("pb-f3", s, [1, 2, 3, s]), (1, s, 1, None)))
                     await async_wait_for(lambda s=s: fw.forwarded == s + 1, 30, "frame %d forwarded" % s)  # type: ignore[misc]
             finally:
                 task.cancel()
@@ -416,18 +399,10 @@ def test_a_stop_during_a_delivery_ends_the_read_ahead_and_marks_what_was_deliver
     # coroutine was never awaited (a RuntimeWarning, an error here; seen once under load).
     store = Store(tmp_path / "store.db", ["rec"])
     store.start()
-    key = bytes(range(32))
-    up = cose.MacKey(key, b"pb-f3", cose.AAD_UPLINK)
-    sealer, opener = cipher.SampleCipher(key, bytes(16)), cipher.SampleCipher(key)
 
     async def scenario() -> StoppedWhileDelivering:
         for s in range(15):
-            raw = up.seal(messages.encoded(messages.SampleFrame(1, s, 1, s, s * 4, 512, 4, (1, 1), None,
-                                                                (0, 0, 0, 0), [[1, 2, 3, s]]), sealer=sealer))
-            m = messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES, decode_samples=False,
-                                        opener=opener)
-            await store.ingest(Ingest.frame(record_of("pb-f3", m, m.channels, raw, None),  # type: ignore[arg-type]
-                                            (1, s, 1, None)))
+            await store.ingest(Ingest.frame(_record("pb-f3", s, [1, 2, 3, s]), (1, s, 1, None)))
         fw = StoppedWhileDelivering(WebhookConfig(name="rec", type="webhook", url="https://x", batch=10,
                                                   linger_s=0), store, "hub", asyncio.Event())
         fw.delivered = []
