@@ -4,11 +4,10 @@
 import array
 
 from drivers.max30003 import MAX30003
-from drivers.max30102 import MAX30102
 from sim import models
 from sim.clock import VirtualClock
 from sim.waveform import Waveform
-from tests.firmware.mpy_test_app import _sim
+from tests.firmware.mpy_test_app import _ppg_chip, _sim
 
 
 def _sync(model):
@@ -23,10 +22,20 @@ def _ecg(clock):
     return MAX30003(models.SimSPI([(cs, model)]), cs), model
 
 
-def _ppg(clock):
-    sim = _sim()
-    model = models.MAX30102Model(clock, Waveform(sim["ppg"]["file"], sim["ppg"]["rate_hz"], 2))
-    return MAX30102(models.SimI2C([model]), clock.sleep_ms), model
+def _ecg_streaming(clock):
+    # The ECG chip configured at 512 Hz (lead-off at 20) and started.
+    chip, model = _ecg(clock)
+    chip.configure(512, 20)
+    chip.start()
+    return chip, model
+
+
+def _ppg_streaming(clock):
+    # The PPG chip configured at 100 Hz and started, with a red and an IR buffer of 64 samples.
+    chip, model = _ppg_chip(clock)
+    chip.configure(rate_hz=100)
+    chip.start()
+    return chip, model, array.array("i", bytes(4 * 64)), array.array("i", bytes(4 * 64))
 
 
 def test_max30003_lead_bias_and_lead_off_threshold_as_the_reference_sets_them():
@@ -66,9 +75,7 @@ def test_max30003_bursts_take_what_the_fifo_holds_never_past_it():
     # loses none and never clocks a word out of an empty FIFO (a fixed-size
     # burst would, and would pop any sample arriving meanwhile).
     clock = VirtualClock()
-    chip, model = _ecg(clock)
-    chip.configure(512, 20)
-    chip.start()
+    chip, model = _ecg_streaming(clock)
     out = array.array("i", bytes(4 * 64))
     got = 0
     steps = (3, 7, 30, 1, 12, 28, 5, 20, 2, 9)  # ms; 15 left + 30 ms of samples still fit 32
@@ -87,9 +94,7 @@ def test_max30003_rest_under_the_threshold_is_read_to_the_last_sample_never_past
     # last: the FIFO is then empty, no word was clocked out of an empty
     # FIFO, and every sample the chip converted was read exactly once.
     clock = VirtualClock()
-    chip, model = _ecg(clock)
-    chip.configure(512, 20)
-    chip.start()
+    chip, model = _ecg_streaming(clock)
     out = array.array("i", bytes(4 * 2048))
     n = 0
     bursts = 0
@@ -118,11 +123,7 @@ def test_max30003_rest_under_the_threshold_is_read_to_the_last_sample_never_past
 
 def test_max30102_exactly_full_fifo_is_read_as_full():
     clock = VirtualClock()
-    chip, model = _ppg(clock)
-    chip.configure(rate_hz=100)
-    chip.start()
-    red = array.array("i", bytes(4 * 64))
-    ir = array.array("i", bytes(4 * 64))
+    chip, model, red, ir = _ppg_streaming(clock)
     clock.sleep_ms(320)  # exactly 32 samples at 100 Hz: WR_PTR == RD_PTR, nothing lost yet
     _sync(model)
     assert model.unread() == 32 and model.regs[0x05] == 0
@@ -139,11 +140,7 @@ def test_max30102_exactly_full_fifo_is_read_as_full():
 def test_max30102_full_then_partly_drained_stays_counted():
     # A drain cut short by the room left still leaves the pointers right.
     clock = VirtualClock()
-    chip, model = _ppg(clock)
-    chip.configure(rate_hz=100)
-    chip.start()
-    red = array.array("i", bytes(4 * 64))
-    ir = array.array("i", bytes(4 * 64))
+    chip, model, red, ir = _ppg_streaming(clock)
     clock.sleep_ms(320)
     assert chip.read_into((red, ir), 0, 20) == 20
     clock.sleep_ms(200)  # 12 left + 20 new: full again, by A_FULL
