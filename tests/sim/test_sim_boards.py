@@ -171,9 +171,7 @@ def test_a_board_stopped_before_the_relay_passed_on_its_last_command_still_stops
     port = None
     relay_held = False
     try:
-        wait_for(lambda: "streaming over" in b.console_tail(), 30, "the board streaming", b.console_tail)
-        b.interrupt()
-        wait_for(lambda: b.console_tail().endswith(">>> "), 30, "the REPL", lambda: b.console_tail()[-300:])
+        _streaming_then_at_its_repl(b)
         port = serial.Serial(b.port, timeout=0.2)
         b._relay_lock.acquire()  # fault injected: the relay gets no CPU from here (it waits on its lock)
         relay_held = True
@@ -217,6 +215,13 @@ def _console_input_queued(pid: int) -> int:
         os.close(fd)
 
 
+def _streaming_then_at_its_repl(b: SimulatedBoard) -> None:
+    """Once the board streams, Ctrl-C: it waits at its REPL's prompt."""
+    wait_for(lambda: "streaming over" in b.console_tail(), 30, "the board streaming", b.console_tail)
+    b.interrupt()
+    wait_for(lambda: b.console_tail().endswith(">>> "), 30, "the REPL", lambda: b.console_tail()[-300:])
+
+
 @pytest.mark.micropython
 @pytest.mark.slow
 def test_a_board_stopped_before_it_read_its_last_command_still_stops(micropython: str, sim_cache: Path,
@@ -230,9 +235,7 @@ def test_a_board_stopped_before_it_read_its_last_command_still_stops(micropython
     b = SimulatedBoard(boards.BoardSpec("pb-late01"), tmp_path / "b", sim_cache, micropython)
     b.start()
     try:
-        wait_for(lambda: "streaming over" in b.console_tail(), 30, "the board streaming", b.console_tail)
-        b.interrupt()
-        wait_for(lambda: b.console_tail().endswith(">>> "), 30, "the REPL", lambda: b.console_tail()[-300:])
+        _streaming_then_at_its_repl(b)
         assert b.proc is not None
         pid = b.proc.pid
         os.killpg(pid, signal.SIGSTOP)  # no CPU for the board from here
