@@ -416,7 +416,10 @@ class Store:
         # Why the store is open for reading only (None: it is not): it could not be written at
         # start (open(read_only_if_unwritable=True)); the writer opens it for writing once it can.
         self.read_only: str | None = None
+        # Called on the event loop once a commit's waiters are settled, in the same hand-off to the
+        # loop (one wake-up of it a commit, not two); also once the store opens for writing after a fault.
         self.on_commit: Callable[[], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop that submitted last (on_commit's)
         self._held_reader: sqlite3.Connection | None = None  # held_raw()'s, on any thread, one at a time
         self._held_lock = threading.Lock()
 
@@ -731,6 +734,10 @@ class Store:
         if self._db is None and self.read_only is None:
             self.open()
         self._closing.clear()
+        try:  # started on the loop that will use it: on_commit's until a job says otherwise
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            pass
         self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
         self._thread.start()
 
@@ -749,13 +756,15 @@ class Store:
                 self._held_reader = None
 
     def _submit(self, kind: str, args: Any) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._q.put(_Job(kind, args, loop, fut))
         return fut
 
     @staticmethod
-    def _settle(settled: list[tuple[asyncio.Future[Any], BaseException | None, Any]]) -> None:
+    def _settle(settled: list[tuple[asyncio.Future[Any], BaseException | None, Any]],
+                on_commit: Callable[[], None] | None = None) -> None:
+        # On the loop: a commit's futures settled, then on_commit (one hand-off for both).
         for fut, exc, result in settled:
             if fut.done():
                 continue
@@ -763,6 +772,8 @@ class Store:
                 fut.set_exception(exc)
             else:
                 fut.set_result(result)
+        if on_commit is not None:
+            on_commit()
 
     async def ingest(self, item: Ingest) -> None:
         """Returns once the message is durably stored (or, duplicate, once the batch is)."""
@@ -827,17 +838,18 @@ class Store:
                     except Exception as e:
                         _rollback(db)
                         settled.append((u, e, None))
-            # One wake-up of each event loop per batch, not one per frame.
+            # One wake-up of each event loop per batch, not one per frame; on_commit rides with
+            # the first (a second call_soon_threadsafe woke the loop a second time, now and then).
             by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
             for j, exc, result in _by_job(settled):
                 by_loop.setdefault(j.loop, []).append((j.future, exc, result))
+            on_commit = self.on_commit
             for loop, items in by_loop.items():
                 try:
-                    loop.call_soon_threadsafe(self._settle, items)
+                    loop.call_soon_threadsafe(self._settle, items, on_commit)
                 except RuntimeError:  # that loop is closed: nobody waits any more
-                    pass
-            if self.on_commit is not None:
-                self.on_commit()
+                    continue
+                on_commit = None
 
     def _open_once_writable(self) -> sqlite3.Connection | None:
         # Open for reading only (open()): tried again with the commits' capped backoff until it can
@@ -866,8 +878,12 @@ class Store:
             log.warning("store %s: opened for writing after %.1f s open for reading only (%s)", self.path,
                         time.time() - (self.fault_since or 0), was)
             self._storage_recovered()
-            if self.on_commit is not None:  # the forwarders wait for it
-                self.on_commit()
+            loop, on_commit = self._loop, self.on_commit
+            if loop is not None and on_commit is not None:  # the forwarders wait for it
+                try:
+                    loop.call_soon_threadsafe(on_commit)
+                except RuntimeError:  # that loop is closed: nobody waits any more
+                    pass
             return self._db
         return None
 

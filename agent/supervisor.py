@@ -156,21 +156,15 @@ class Agent:
                                               on_erased=self.vitals_runner.forget)
         self.status = StatusServer(cfg, self.status_snapshot, self.vitals_runner.waveform)
         self.started_at = time.time()
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def _on_commit(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._wake_forwarders)
 
     def _wake_forwarders(self) -> None:
         for wake in self.wakes:
             wake.set()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
         log.info("pulsebridge agent %s starting (config %s, hub %s): %s", version(), self.cfg.source or "-",
                  self.cfg.hub_id, self.found())
-        self.store.on_commit = self._on_commit
+        self.store.on_commit = self._wake_forwarders  # on this loop, after each commit
         self.store.start()
         self.vitals_runner.recall(self.registry)
         try:

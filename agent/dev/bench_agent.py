@@ -99,13 +99,6 @@ print(json.dumps({"frames": len(frames), "wall_s": time.perf_counter() - t, "cpu
 '''
 
 
-def _wake(loop: asyncio.AbstractEventLoop, ev: asyncio.Event) -> None:
-    try:
-        loop.call_soon_threadsafe(ev.set)
-    except RuntimeError:  # a commit after the run's loop closed (its last deletes): nobody to wake
-        pass
-
-
 def _rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -443,8 +436,7 @@ def verify_commit_forward(n: int, payload: str = "json", profile: cProfile.Profi
             async def go() -> tuple[float, float]:
                 wake = asyncio.Event()
                 fw = MqttForwarder(broker.backend(payload, client, documents_per_message), store, "bench-hub", wake)
-                loop = asyncio.get_running_loop()
-                store.on_commit = lambda: _wake(loop, wake)
+                store.on_commit = wake.set  # on the loop, after each commit
                 task = asyncio.create_task(fw.run())
                 if profile is not None:
                     profile.enable()
@@ -828,7 +820,7 @@ def realistic(seconds: float, vitals: bool = True, commit_interval_s: float = CO
                 selector = loop._selector = _CountingSelector(loop_selector)  # type: ignore[attr-defined]
                 wake = asyncio.Event()
                 fw = MqttForwarder(broker.backend(), store, "bench-hub", wake)
-                store.on_commit = lambda: _wake(loop, wake)
+                store.on_commit = wake.set  # on the loop, after each commit
                 task = asyncio.create_task(fw.run())
                 vitals_task = asyncio.create_task(runner.run()) if runner is not None else None
                 devs = list(fleet.keys)

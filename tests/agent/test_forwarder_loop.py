@@ -354,9 +354,8 @@ def test_at_a_low_rate_a_forwarder_reads_the_outbox_once_a_batch(tmp_path: Path)
         return real_fetch(*args)  # type: ignore[arg-type]
 
     async def scenario() -> RecordingBackend:
-        loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        store.on_commit = lambda: loop.call_soon_threadsafe(wake.set)
+        store.on_commit = wake.set
         fw = RecordingBackend(WebhookConfig(name="rec", type="webhook", url="https://x", batch=10, linger_s=0),
                               store, "hub", wake)
         fw.fail, fw.docs = 0, []

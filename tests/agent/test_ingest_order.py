@@ -213,7 +213,13 @@ def test_an_idle_writer_commits_a_lone_frame_without_waiting_for_company(tmp_pat
     store = Store(tmp_path / "store.db", ["b"])
     log: list[tuple[str, float]] = []
     store._q = _TimedQueue(log)
-    store.on_commit = lambda: log.append(("commit", 0.0))
+    apply = Store._apply
+
+    def committing(self: Store, db: sqlite3.Connection, batch: list[Any]) -> list[Any]:
+        results = apply(self, db, batch)
+        log.append(("commit", 0.0))  # on the writer's thread, in order with its waits
+        return results
+
     store.start()
     try:
         async def scenario() -> None:
@@ -222,8 +228,9 @@ def test_an_idle_writer_commits_a_lone_frame_without_waiting_for_company(tmp_pat
             async with asyncio.timeout(30):
                 await out.stored
 
-        asyncio.run(scenario())
-        store.close()  # the writer's thread ended: its on_commit (after the acks were handed over) has run
+        with mock.patch.object(Store, "_apply", committing):
+            asyncio.run(scenario())
+        store.close()
         commit = log.index(("commit", 0.0))
         took_frame = max(i for i in range(commit) if log[i][0] == "took")  # what the idle wait found
         waits_before_commit = [e for e in log[took_frame + 1:commit] if e[0] == "wait"]

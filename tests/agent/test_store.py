@@ -45,6 +45,32 @@ def test_group_commit_outbox_per_backend_and_delivery(tmp_path: Path) -> None:
     assert (tmp_path / "store.db").stat().st_mode & 0o077 == 0
 
 
+def test_on_commit_runs_on_the_loop_once_the_commits_waiters_are_settled(tmp_path: Path) -> None:
+    # One hand-off to the event loop a commit: the frames' futures settled, then on_commit (it wakes
+    # the forwarders), on the loop's own thread; not on the writer's thread, which took a second
+    # call_soon_threadsafe to reach the loop. Once a commit.
+    import threading
+
+    s = Store(tmp_path / "store.db", ["b"], commit_interval_s=0)
+    futures: list[asyncio.Future[object]] = []
+    calls: list[tuple[bool, bool]] = []  # (on the loop's thread, every future submitted done then)
+
+    async def scenario() -> None:
+        loop_thread = threading.get_ident()
+        s.on_commit = lambda: calls.append((threading.get_ident() == loop_thread, all(f.done() for f in futures)))
+        s.start()
+        for seq in range(2):
+            futures.append(s.submit_ingest(_item(seq)))
+            await futures[-1]
+            await asyncio.sleep(0)  # what was handed over with the settles has run
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        s.close()
+    assert calls == [(True, True), (True, True)], calls
+
+
 def test_replay_window_is_stored_with_the_frame(tmp_path: Path) -> None:
     s = Store(tmp_path / "store.db", ["b"], commit_interval_s=0)
     s.start()
