@@ -8,8 +8,9 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import cbor2
@@ -470,26 +471,51 @@ async def _stop(fw: MqttForwarder, task: "asyncio.Task[None]") -> None:
     await fw.close()
 
 
-def test_a_batch_goes_out_whole_before_its_pubacks(mosquitto: str, tmp_path: Path) -> None:
-    # One round trip per batch: with the broker's PUBACKs held back, every message of
-    # the batch of 300 reaches the wire (aiomqtt sent 64, then waited for PUBACKs),
-    # and none of its rows leaves the outbox before its PUBACK.
+@contextlib.contextmanager
+def _broker_with_a_store(mosquitto: str, tmp_path: Path, device_id: str) -> Iterator[tuple[harness.Pki, int, Store]]:
+    """A broker (TLS, the test's PKI, on the port yielded) and a store whose outbox holds one frame
+    of device_id for it ("broker"); both closed at the end."""
     pki = harness.pki_for(tmp_path)
     broker, port = _start_broker(mosquitto, tmp_path, pki)
     store = Store(tmp_path / "store.db", ["broker"])
     store.start()
-    n = 300
     try:
-        _store_frames(store, "pb-r1", range(1))
+        _store_frames(store, device_id, range(1))
+        yield pki, port, store
+    finally:
+        store.close()
+        _stop_broker(broker)
+
+
+@contextlib.asynccontextmanager
+async def _connected_through_a_relay(port: int, pki: harness.Pki, store: Store, backoff_cap_s: float | None = None,
+                                     **via: Any) -> AsyncIterator[tuple[MqttForwarder, Relay]]:
+    """A forwarder to the broker at port through a Relay (where faults are injected), _via(**via),
+    once it has forwarded the store's first frame (connected); it and the relay stopped at the end."""
+    relay = Relay(port)
+    await relay.start()
+    fw = MqttForwarder(_via(relay, pki, **via), store, "test-hub", asyncio.Event())
+    if backoff_cap_s is not None:
+        fw.backoff.cap_s = backoff_cap_s
+    task = asyncio.create_task(fw.run())
+    try:
+        await async_wait_for(lambda: fw.forwarded == 1, 60, "the first frame forwarded (connected)",
+                             lambda: (fw.forwarded, fw.last_error))
+        yield fw, relay
+    finally:
+        await _stop(fw, task)
+        await relay.close()
+
+
+def test_a_batch_goes_out_whole_before_its_pubacks(mosquitto: str, tmp_path: Path) -> None:
+    # One round trip per batch: with the broker's PUBACKs held back, every message of
+    # the batch of 300 reaches the wire (aiomqtt sent 64, then waited for PUBACKs),
+    # and none of its rows leaves the outbox before its PUBACK.
+    n = 300
+    with _broker_with_a_store(mosquitto, tmp_path, "pb-r1") as (pki, port, store):
 
         async def scenario() -> None:
-            relay = Relay(port)
-            await relay.start()
-            fw = MqttForwarder(_via(relay, pki, batch=n, timeout_s=60), store, "test-hub", asyncio.Event())
-            task = asyncio.create_task(fw.run())
-            try:
-                await async_wait_for(lambda: fw.forwarded == 1, 60, "the first frame forwarded (connected)",
-                                     lambda: (fw.forwarded, fw.last_error))
+            async with _connected_through_a_relay(port, pki, store, batch=n, timeout_s=60) as (fw, relay):
                 relay.hold()
                 before = relay.up_bytes
                 await asyncio.to_thread(_store_frames, store, "pb-r1", range(1, n + 1))
@@ -507,15 +533,9 @@ def test_a_batch_goes_out_whole_before_its_pubacks(mosquitto: str, tmp_path: Pat
                                      lambda: (fw.forwarded, fw.last_error))
                 assert fw.failures == 0, fw.last_error
                 assert relay.connections == 1
-            finally:
-                await _stop(fw, task)
-                await relay.close()
 
         asyncio.run(scenario())
         assert _outbox(store, "broker") == 0
-    finally:
-        store.close()
-        _stop_broker(broker)
 
 
 @pytest.mark.parametrize("client, documents_per_message", [("in-process", 1), ("process", 1), ("in-process", 5)])
@@ -654,22 +674,11 @@ def test_a_batch_on_a_slow_uplink_is_not_given_up_while_it_moves(mosquitto: str,
     # A batch that takes longer than 3 x timeout_s to cross a slow uplink, its PUBACKs
     # coming all along: it is delivered at the first try (a bound on the whole delivery
     # gave it up again and again, and a backlog never drained).
-    pki = harness.pki_for(tmp_path)
-    broker, port = _start_broker(mosquitto, tmp_path, pki)
-    store = Store(tmp_path / "store.db", ["broker"])
-    store.start()
     n = 200
-    try:
-        _store_frames(store, "pb-r4", range(1))
+    with _broker_with_a_store(mosquitto, tmp_path, "pb-r4") as (pki, port, store):
 
         async def scenario() -> None:
-            relay = Relay(port)
-            await relay.start()
-            fw = MqttForwarder(_via(relay, pki, batch=n, timeout_s=1.0), store, "test-hub", asyncio.Event())
-            task = asyncio.create_task(fw.run())
-            try:
-                await async_wait_for(lambda: fw.forwarded == 1, 60, "the first frame forwarded (connected)",
-                                     lambda: (fw.forwarded, fw.last_error))
+            async with _connected_through_a_relay(port, pki, store, batch=n, timeout_s=1.0) as (fw, relay):
                 await asyncio.to_thread(_store_frames, store, "pb-r4", range(1, n + 1))
                 db = store.reader()
                 try:
@@ -682,14 +691,8 @@ def test_a_batch_on_a_slow_uplink_is_not_given_up_while_it_moves(mosquitto: str,
                                      "the batch delivered, or given up", lambda: (fw.forwarded, fw.last_error))
                 assert fw.failures == 0 and fw.forwarded == n + 1, fw.last_error
                 assert relay.connections == before
-            finally:
-                await _stop(fw, task)
-                await relay.close()
 
         asyncio.run(scenario())
-    finally:
-        store.close()
-        _stop_broker(broker)
 
 
 def test_an_idle_connection_is_kept_alive_by_pings(mosquitto: str, tmp_path: Path,
@@ -701,21 +704,10 @@ def test_an_idle_connection_is_kept_alive_by_pings(mosquitto: str, tmp_path: Pat
 
     monkeypatch.setattr(mqtt, "KEEPALIVE_S", 1)
     monkeypatch.setattr(mqtt, "MISC_PERIOD_S", 0.2)
-    pki = harness.pki_for(tmp_path)
-    broker, port = _start_broker(mosquitto, tmp_path, pki)
-    store = Store(tmp_path / "store.db", ["broker"])
-    store.start()
-    try:
-        _store_frames(store, "pb-k1", range(1))
+    with _broker_with_a_store(mosquitto, tmp_path, "pb-k1") as (pki, port, store):
 
         async def scenario() -> None:
-            relay = Relay(port)
-            await relay.start()
-            fw = MqttForwarder(_via(relay, pki, batch=10, timeout_s=10), store, "test-hub", asyncio.Event())
-            task = asyncio.create_task(fw.run())
-            try:
-                await async_wait_for(lambda: fw.forwarded == 1, 60, "the first frame forwarded (connected)",
-                                     lambda: (fw.forwarded, fw.last_error))
+            async with _connected_through_a_relay(port, pki, store, batch=10, timeout_s=10) as (fw, relay):
                 connection = fw._connection
                 before = relay.up_bytes
                 # Each PINGREQ is a TLS record of its own (2 bytes of MQTT, some 20 of TLS): 4 of them
@@ -726,14 +718,8 @@ def test_an_idle_connection_is_kept_alive_by_pings(mosquitto: str, tmp_path: Pat
                 await async_wait_for(lambda: fw.forwarded == 3, 60, "the next frames forwarded",
                                      lambda: (fw.forwarded, fw.last_error))
                 assert fw._connection is connection and relay.connections == 1 and fw.failures == 0, fw.last_error
-            finally:
-                await _stop(fw, task)
-                await relay.close()
 
         asyncio.run(scenario())
-    finally:
-        store.close()
-        _stop_broker(broker)
 
 
 def test_a_link_that_stops_answering_pings_is_closed_and_reopened(mosquitto: str, tmp_path: Path,
@@ -745,21 +731,10 @@ def test_a_link_that_stops_answering_pings_is_closed_and_reopened(mosquitto: str
 
     monkeypatch.setattr(mqtt, "KEEPALIVE_S", 1)
     monkeypatch.setattr(mqtt, "MISC_PERIOD_S", 0.2)
-    pki = harness.pki_for(tmp_path)
-    broker, port = _start_broker(mosquitto, tmp_path, pki)
-    store = Store(tmp_path / "store.db", ["broker"])
-    store.start()
-    try:
-        _store_frames(store, "pb-k2", range(1))
+    with _broker_with_a_store(mosquitto, tmp_path, "pb-k2") as (pki, port, store):
 
         async def scenario() -> None:
-            relay = Relay(port)
-            await relay.start()
-            fw = MqttForwarder(_via(relay, pki, batch=10, timeout_s=10), store, "test-hub", asyncio.Event())
-            task = asyncio.create_task(fw.run())
-            try:
-                await async_wait_for(lambda: fw.forwarded == 1, 60, "the first frame forwarded (connected)",
-                                     lambda: (fw.forwarded, fw.last_error))
+            async with _connected_through_a_relay(port, pki, store, batch=10, timeout_s=10) as (fw, relay):
                 connection = fw._connection
                 assert connection is not None
                 relay.lose()
@@ -770,14 +745,8 @@ def test_a_link_that_stops_answering_pings_is_closed_and_reopened(mosquitto: str
                 await async_wait_for(lambda: fw.forwarded == 3, 60, "the next frames forwarded on a new connection",
                                      lambda: (fw.forwarded, fw.last_error))
                 assert relay.connections == 2
-            finally:
-                await _stop(fw, task)
-                await relay.close()
 
         asyncio.run(scenario())
-    finally:
-        store.close()
-        _stop_broker(broker)
 
 
 def _first_error(cfg: MqttConfig, store: Store) -> str:
@@ -970,25 +939,12 @@ def test_the_client_process_ending_mid_batch_loses_nothing(mosquitto: str, tmp_p
     # The MQTT client's process is killed while a batch awaits its PUBACKs: the batch fails
     # at once, none of its rows is marked forwarded, and a new connection (a new process)
     # delivers them all.
-    pki = harness.pki_for(tmp_path)
-    broker, port = _start_broker(mosquitto, tmp_path, pki)
-    store = Store(tmp_path / "store.db", ["broker"])
-    store.start()
     n = 50
-    try:
-        _store_frames(store, "pb-t3", range(1))
+    with _broker_with_a_store(mosquitto, tmp_path, "pb-t3") as (pki, port, store):
 
         async def scenario() -> None:
-            relay = Relay(port)
-            await relay.start()
-            cfg = _via(relay, pki, batch=n, timeout_s=60)
-            cfg.client = "process"
-            fw = MqttForwarder(cfg, store, "test-hub", asyncio.Event())
-            fw.backoff.cap_s = 1.0
-            task = asyncio.create_task(fw.run())
-            try:
-                await async_wait_for(lambda: fw.forwarded == 1, 60, "the first frame forwarded (connected)",
-                                     lambda: (fw.forwarded, fw.last_error))
+            async with _connected_through_a_relay(port, pki, store, batch=n, timeout_s=60, client="process",
+                                                  backoff_cap_s=1.0) as (fw, relay):
                 connection = fw._connection
                 assert connection is not None and connection.pid is not None
                 relay.hold()
@@ -1005,15 +961,9 @@ def test_the_client_process_ending_mid_batch_loses_nothing(mosquitto: str, tmp_p
                 await async_wait_for(lambda: fw.forwarded == n + 1, 60, "the batch sent again on a new connection",
                                      lambda: (fw.forwarded, fw.last_error))
                 assert fw._connection is not connection and relay.connections >= 2
-            finally:
-                await _stop(fw, task)
-                await relay.close()
 
         asyncio.run(scenario())
         assert _outbox(store, "broker") == 0
-    finally:
-        store.close()
-        _stop_broker(broker)
 
 
 def test_documents_are_made_off_the_event_loop_and_an_undecodable_frame_is_skipped(mosquitto: str,
