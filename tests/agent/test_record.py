@@ -102,6 +102,17 @@ def test_the_fifo_loss_is_read_from_a_packed_record() -> None:
     assert stored_fifo_lost(None, b"\x01junk") == 0 and stored_fifo_lost(None, None) == 0
 
 
+def _on_the_wire(data: st.DataObject, count: int, first: int, step: int) -> bytes | None:
+    """A channel of `count` samples from `first`, each step drawn from [-step, step), as a board
+    encodes it (protocols/samples.py); None if a sample leaves int32 (the wire cannot carry it)."""
+    steps = data.draw(st.lists(st.integers(-step, step - 1), min_size=count - 1, max_size=count - 1))
+    values = [int(v) for v in np.cumsum([first, *steps])]
+    if not all(-(2**31) <= v < 2**31 for v in values):
+        return None
+    buf = bytearray(5 * count + 8)
+    return bytes(buf[:samples.encode_into(values, count, buf, 0)])
+
+
 @given(st.integers(1, 2), st.integers(1, 600), INT32, st.sampled_from([64, 128, 8192]), st.data())
 def test_steps_read_from_the_wire_store_as_the_samples_would(n_channels: int, count: int, first: int, step: int,
                                                              data: st.DataObject) -> None:
@@ -109,12 +120,10 @@ def test_steps_read_from_the_wire_store_as_the_samples_would(n_channels: int, co
     # same bytes as stored() makes from the decoded samples, which read back as those samples.
     wire = []
     for _ in range(n_channels):
-        steps = data.draw(st.lists(st.integers(-step, step - 1), min_size=count - 1, max_size=count - 1))
-        values = [int(v) for v in np.cumsum([first, *steps])]
-        if not all(-(2**31) <= v < 2**31 for v in values):
+        channel = _on_the_wire(data, count, first, step)
+        if channel is None:
             return  # a sample the wire cannot carry
-        buf = bytearray(5 * count + 8)
-        wire.append(bytes(buf[:samples.encode_into(values, count, buf, 0)]))
+        wire.append(channel)
     decoded = [fastdecode.decode_with_steps(w, count) for w in wire]
     f = _record([values.tolist() for values, _ in decoded])
     if any(steps is None for _, steps in decoded):  # near the int32 bounds: the general decoder's
@@ -139,12 +148,10 @@ def test_a_records_samples_are_the_reference_decoders(n_channels: int, count: in
 
     wire, expected = [], []
     for step in steps_within[:n_channels]:
-        steps = data.draw(st.lists(st.integers(-step, step - 1), min_size=count - 1, max_size=count - 1))
-        values = [int(v) for v in np.cumsum([first, *steps])]
-        if not all(-(2**31) <= v < 2**31 for v in values):
+        channel = _on_the_wire(data, count, first, step)
+        if channel is None:
             return  # a sample the wire cannot carry
-        buf = bytearray(5 * count + 8)
-        wire.append(bytes(buf[:samples.encode_into(values, count, buf, 0)]))
+        wire.append(channel)
         expected.append(samples.decode(wire[-1], count))
     m = messages.SampleFrame(1, 2, 3, 4, 5, 100, count, (1, 1), None, (0, 0, 0, 0), wire)  # type: ignore[arg-type]
     f = record_of("pb-r", m, wire, b"cose", None)
