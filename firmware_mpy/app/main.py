@@ -15,8 +15,11 @@ from app import acks, faults, origin, ticks
 from protocols import cose, fields
 from protocols.errors import ProtocolError
 
-TYPE_CHECKING = False  # type checkers take this as true; MicroPython has no typing module
-if TYPE_CHECKING:
+# For the board's type check (App's annotations): mypy reads this block,
+# MicroPython's compiler drops it (a const false: no code, no names
+# interned, each of which costs heap: README, "qstr pools").
+_TYPE_CHECKING = const(0)
+if _TYPE_CHECKING:
     from typing import Any
 
     from app.outbox import Outbox

@@ -7,7 +7,10 @@
 # protocols/mac0.py), the epoch resync (app/resync.py) or the firmware
 # update (app/ota.py, protocols/bundle.py, ed25519); a rarer message loads
 # the decoder and drops it once handled; an update loads its code and drops
-# it when it is over. The hub's side here only encodes and seals (it never
+# it when it is over. The app's construction (app/setup.py) and the GATT
+# table (app/ble_gatt.py) are dropped once made; CPython's keystream code
+# (protocols/_ctr_cpython.py) and the backend's origin verifier are never
+# loaded. The hub's side here only encodes and seals (it never
 # decodes: that would load the decoder in this interpreter), and what the
 # board sent is decoded only at the end.
 import json
@@ -19,7 +22,10 @@ from sim.board_sim import SimBoard
 from sim.clock import VirtualClock
 
 _RARE = ("protocols.decode", "protocols.cbor_items", "protocols.mac0", "app.resync", "app.ota", "protocols.bundle",
-         "protocols.ed25519", "protocols._sha512")
+         "protocols.ed25519", "protocols._sha512",
+         # The app's construction and the GATT table, dropped once made; the
+         # hub's and the backend's side of the cipher and the origin proof.
+         "app.setup", "app.ble_gatt", "protocols._ctr_cpython", "protocols.origin_verify")
 
 
 def _loaded():
