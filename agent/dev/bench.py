@@ -293,6 +293,13 @@ def firmware_report(r: dict[str, Any]) -> list[str]:
             r["ble_enomem"], r["data_seconds"]))
     lines.append("  heap low-water mark %d bytes free; largest block %d bytes" % (
         r["heap_low_free"], r["largest_block"]))
+    if r["heap_by_minute"]:
+        # The low-water counts garbage not yet collected (the app collects
+        # when the free heap falls below about half of what its last
+        # collection left): a MemoryError comes only when a collection
+        # cannot free enough, so the margin is what is free after one.
+        lines.append("  free right after a collection (each minute's): %d bytes at the least" % (
+            r["heap_total"] - max(r["heap_by_minute"])))
     if r.get("chip"):
         lines += chip_report(r)
     return lines
