@@ -120,7 +120,7 @@ def payload(data: bytes | bytearray | memoryview, allowed_kinds: tuple[int, ...]
 
 def _sample_frame(data: bytes | bytearray | memoryview, opener: cipher.SampleCipher) -> messages.SampleFrame | None:
     # The frame, or None: not in the form boards write (the reference decides). Read by its
-    # byte layout (protocols/fields.py encode_sample_frame): the map of 15 fields (16 for PPG,
+    # byte layout (protocols/fields.py SampleFrameFields): the map of 15 fields (16 for PPG,
     # key 10 its LED drive) in ascending key order, each integer's head in shortest form, as
     # the strict codec wants it, each field within its bounds.
     if type(data) is not bytes:

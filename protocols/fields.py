@@ -76,7 +76,7 @@ def _start(w: "cbor.Writer", kind: int, nfields: int) -> None:
 
 class SampleFrameFields:
     # A sample frame's fields, written by encode() field by field into a
-    # caller-owned writer (encode_sample_frame's arguments, as attributes).
+    # caller-owned writer (messages.encode_sample_frame's arguments, as attributes).
     # A board keeps one and sets its fields for each frame: a call with
     # the 19 values as arguments needs a frame of over 20 words, past the
     # VM's 11, so the frame would be taken from the heap at every call (and
