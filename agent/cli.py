@@ -430,6 +430,7 @@ def _wait_seconds(text: str) -> float:
 
 # --self-test-seconds: a board sends about a frame a second and 2 must verify; a longer test is a stream.
 SELF_TEST_S = (3.0, 600.0)
+_SELF_TEST_HELP = "how long the board streams to the hub to prove its key (%g to %g s, default 6)" % SELF_TEST_S
 
 
 def _self_test_seconds(text: str) -> float:
@@ -624,61 +625,75 @@ def _address(text: str) -> int:
 _address.__name__ = "address"  # argparse: "invalid address value: 'zz'", not "invalid <lambda> value"
 
 
-def main(argv: list[str] | None = None) -> int:
+# The agent's configuration file unless --config names another (agent/deploy/agent.toml is an example).
+DEFAULT_CONFIG = Path("/etc/pulsebridge/agent.toml")
+_CONFIG_HELP = "the agent's configuration file (default: %s)" % DEFAULT_CONFIG
+_DEVICE_HELP = "the board's device id, as `pulsebridge devices list` shows it"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `pulsebridge` command line: every command and option, each with its help."""
     parser = argparse.ArgumentParser(prog="pulsebridge", description="Home telemonitoring gateway.")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log in detail (debug) on stderr")
     parser.add_argument("--version", action="version", version="pulsebridge %s" % _version())
     sub = parser.add_subparsers(dest="command", required=True)
 
-    default_cfg = Path("/etc/pulsebridge/agent.toml")
-    p = sub.add_parser("agent", help="run the hub agent")
-    p.add_argument("--config", type=Path, default=default_cfg)
+    default_cfg = DEFAULT_CONFIG
+    p = sub.add_parser("agent", help="run the hub agent",
+                       description="Run the hub agent in the foreground (systemd runs it as pulsebridge-agent): "
+                                   "it opens the boards' links, verifies and stores their frames, and forwards them "
+                                   "to the configured backends. SIGTERM or Ctrl-C stops it.")
+    p.add_argument("--config", type=Path, default=default_cfg, help=_CONFIG_HELP)
     p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("devices", help="the device registry: %s" % ", ".join(DEVICE_ACTIONS),
                        description="The device registry: what each action does.\n\n" + "\n".join(
                            "  %-8s%s" % kv for kv in DEVICE_ACTIONS.items()),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=default_cfg)
+    p.add_argument("--config", type=Path, default=default_cfg, help=_CONFIG_HELP)
     p.add_argument("action", choices=list(DEVICE_ACTIONS), help="one of the actions above")
-    p.add_argument("device_id", nargs="?")
-    p.add_argument("--label")
+    p.add_argument("device_id", nargs="?", help="add, revoke: the board's device id (1 to 16 of a-z, 0-9, '-')")
+    p.add_argument("--label", help="add: where the board is, as the status page shows it (e.g. \"bedroom\")")
     p.add_argument("--patient", help="a reference to the patient in the care team's records (no name)")
     p.add_argument("--key-out", help="add: write the new key (hex) to this file, mode 0600")
     p.add_argument("--reason", help="revoke: why")
     p.add_argument("--out", help="export: write {device id: key hex} of active devices to this file, mode 0600")
     p.set_defaults(func=cmd_devices)
 
-    p = sub.add_parser("erase", help="erase everything the hub holds for a device (GDPR erasure)")
-    p.add_argument("--config", type=Path, default=default_cfg)
-    p.add_argument("--device", required=True)
+    p = sub.add_parser("erase", help="erase everything the hub holds for a device (GDPR erasure)",
+                       description="Erase now, without asking, every frame this hub holds of a device and its registry "
+                                   "entry (the audit log keeps a record of the erasure). It cannot be undone: run "
+                                   "export-data first if the patient asked for a copy.")
+    p.add_argument("--config", type=Path, default=default_cfg, help=_CONFIG_HELP)
+    p.add_argument("--device", required=True, help=_DEVICE_HELP)
     p.set_defaults(func=cmd_erase)
 
     p = sub.add_parser("export-data", help="everything the hub holds of a device, to a file (GDPR art. 15 and "
                                            "20: access, portability)")
-    p.add_argument("--config", type=Path, default=default_cfg)
-    p.add_argument("--device", required=True)
+    p.add_argument("--config", type=Path, default=default_cfg, help=_CONFIG_HELP)
+    p.add_argument("--device", required=True, help=_DEVICE_HELP)
     p.add_argument("--out", type=Path, required=True, help="the file to write (JSON Lines, mode 0600)")
     p.set_defaults(func=cmd_export_data)
 
     p = sub.add_parser("status", help="boards, backends and rejects, from the running agent")
-    p.add_argument("--config", type=Path, default=default_cfg)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--config", type=Path, default=default_cfg, help=_CONFIG_HELP)
+    p.add_argument("--json", action="store_true", help="the agent's whole status as JSON")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("provision", help="provision a board over USB serial: firmware, key, registry, self-test")
-    p.add_argument("--config", type=Path, default=default_cfg)
+    p.add_argument("--config", type=Path, default=default_cfg, help=_CONFIG_HELP)
     p.add_argument("--port", required=True, help="the board's serial port")
     p.add_argument("--device-id", help="default: pb- and 8 random hex digits")
-    p.add_argument("--label", default="")
+    p.add_argument("--label", default="", help="where the board is, as the status page shows it (e.g. \"bedroom\")")
     p.add_argument("--patient", default="", help="a reference to the patient in the care team's records (no name)")
-    p.add_argument("--link", choices=["serial", "ble"], default="serial")
+    p.add_argument("--link", choices=["serial", "ble"], default="serial",
+                   help="how the board reaches the hub: USB serial (default) or Bluetooth Low Energy")
     p.add_argument("--flash", type=Path, help="write this MicroPython image with esptool first")
     p.add_argument("--flash-offset", type=_address, default=0x1000,
                    help="where the image goes: 0x1000 on an ESP32 (default), 0x0 on an ESP32-S3 or C3")
     p.add_argument("--dry-run", action="store_true", help="show the steps, change nothing")
     p.add_argument("--yes", action="store_true", help="re-key an already provisioned board without asking")
-    p.add_argument("--self-test-seconds", type=_self_test_seconds, default=6.0)
+    p.add_argument("--self-test-seconds", type=_self_test_seconds, default=6.0, help=_SELF_TEST_HELP)
     p.add_argument("--vendor-key", action="append",
                    help="the firmware vendor's Ed25519 public key (hex), whose signed updates the board will "
                         "install; up to twice (the current key and the next)")
@@ -688,18 +703,18 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_provision)
 
     p = sub.add_parser("rotate-key", help="give the board on PORT a new key, with no gap in accepted frames")
-    p.add_argument("--config", type=Path, default=default_cfg)
-    p.add_argument("--port", required=True)
-    p.add_argument("--self-test-seconds", type=_self_test_seconds, default=6.0)
+    p.add_argument("--config", type=Path, default=default_cfg, help=_CONFIG_HELP)
+    p.add_argument("--port", required=True, help="the board's serial port")
+    p.add_argument("--self-test-seconds", type=_self_test_seconds, default=6.0, help=_SELF_TEST_HELP)
     p.set_defaults(func=cmd_rotate)
 
     p = sub.add_parser("ota", help="firmware updates (signed bundles, pulsebridge-dev release)")
     ota_sub = p.add_subparsers(dest="ota_command", required=True)
     p = ota_sub.add_parser("push", help="send a signed bundle to a board over its current link, through the "
                                         "running agent; resumes after a cut")
-    p.add_argument("--config", type=Path, default=default_cfg)
-    p.add_argument("--device", required=True)
-    p.add_argument("bundle", type=Path)
+    p.add_argument("--config", type=Path, default=default_cfg, help=_CONFIG_HELP)
+    p.add_argument("--device", required=True, help=_DEVICE_HELP)
+    p.add_argument("bundle", type=Path, help="the signed bundle file (pulsebridge-dev release sign --out)")
     p.add_argument("--wait-s", type=_wait_seconds, default=600.0,
                    help="how long to follow the update until the board confirms it (default 600 s; 0: "
                         "spool it and return)")
@@ -713,8 +728,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="an origin key file (from provisioning, or a simulator's origin_keys.json); repeatable")
     p.add_argument("--json", action="store_true", help="the report as JSON")
     p.set_defaults(func=cmd_verify_origin)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     _argv[:] = sys.argv[1:] if argv is None else argv
     from agent import logs
 

@@ -1,4 +1,5 @@
 # The operator's commands, run as an operator runs them.
+import argparse
 import asyncio
 import contextlib
 import json
@@ -7,13 +8,14 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.audit import AuditLog
+from agent.cli import build_parser
 from agent.config import AgentConfig
 from agent.status_server import read_status
 from agent.store import Ingest, Store
@@ -927,3 +929,31 @@ def test_a_real_user_who_cannot_read_the_hubs_files_is_told_which_file_and_whom_
         import shutil
 
         shutil.rmtree(hub)
+
+
+def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...],
+                                                                                              argparse.ArgumentParser]]:
+    """Every command of parser (its sub-commands' too, ota push...): (its words, its parser)."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, path + (name,))
+
+
+def test_every_option_of_every_operator_command_says_what_it_is() -> None:
+    # `--help` listed --config, --device, --port, --json, a bundle... bare: where the configuration is
+    # read from unless named (/etc/pulsebridge/agent.toml) was in no help, nor what --device takes.
+    commands = list(_commands(build_parser()))
+    assert {" ".join(words) for words, _ in commands} >= {"agent", "devices", "erase", "export-data", "status",
+                                                         "provision", "rotate-key", "ota push", "verify-origin"}
+    bare = ["%s %s" % (" ".join(words), "/".join(a.option_strings) or a.dest)
+            for words, parser in commands for a in parser._actions
+            if not isinstance(a, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction))
+            and not (a.help or "").strip()]
+    assert not bare, bare
+    for words, parser in commands:
+        if any(a.dest == "config" for a in parser._actions):
+            assert "(default: /etc/pulsebridge/agent.toml)" in " ".join(parser.format_help().split()), words
+    erase = " ".join(dict(commands)[("erase",)].format_help().split())  # (its lines as wrapped, joined)
+    assert "without asking" in erase and "cannot be undone" in erase, erase
