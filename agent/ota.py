@@ -232,6 +232,9 @@ class Pusher:
         self.name = ""  # its version's name (manifest)
         self.version = 0  # ... and number
         self.key_id = ""  # ... and the id of the key that signed it (hex)
+        # The update as last recorded for the board (its state, and the bundle's name and size as the
+        # session that pushed it read them: one opened after the board rebooted has not read the bundle).
+        self.recorded: dict[str, object] = {}
 
     def on_state(self, device_id: str, m: messages.UpdateState) -> bool:
         """The board's report of where its update stands. Returns False for one that is not of the
@@ -310,7 +313,15 @@ class Pusher:
         except (OSError, bundle.BundleError):
             return None
 
+    def shown(self, offset: int) -> dict[str, object]:
+        """The board's update as the status shows it (BoardStats.update): {"state", "offset", "total",
+        "version": the bundle's name, "" if not known}, from the last record of it."""
+        r = self.recorded
+        return {"state": self.state or r.get("state"), "offset": offset, "total": self.total or r.get("total"),
+                "version": self.name or str(r.get("version") or "")}
+
     def _record(self, device_id: str, record: dict[str, object]) -> None:
+        self.recorded = record
         d = self.dir
         try:
             if final(str(record.get("state", ""))):

@@ -457,8 +457,7 @@ class BoardSession:
                 concluded = self.pusher.on_hello(r.device_id, m.firmware)
                 if concluded is not None:
                     log.info("%s firmware update: %s (its hello: %s)", st.device_id, concluded, m.firmware)
-                    st.update = {"state": concluded, "offset": 0, "total": self.pusher.total,
-                                 "version": self.pusher.name}
+                    st.update = self.pusher.shown(0) | {"state": concluded}
         elif isinstance(m, messages.Status) and m.unique_id:
             self._check_identity(st, m.unique_id)
         elif isinstance(m, messages.TimeResponse):
@@ -469,16 +468,16 @@ class BoardSession:
             st.last_board_error = "%s: %s" % (name, m.text)
             log.warning("%s reports %s", st.device_id, st.last_board_error)
         elif isinstance(m, messages.UpdateState) and r.verdict == hub.ACCEPTED:
-            state, total, name = m.state, None, ""
+            update: dict[str, Any] = {"state": m.state, "offset": m.offset, "total": None, "version": ""}
             if self.pusher is not None and r.device_id:
                 if not self.pusher.on_state(r.device_id, m):
                     log.info("%s firmware update: the board says again %s, of an earlier update", st.device_id,
                              m.state)
                     return out  # (acknowledged as any message; not this update's state)
-                state, total, name = self.pusher.state, self.pusher.total, self.pusher.name
-            if st.update is None or st.update["state"] != state:
-                log.info("%s firmware update: %s (byte %d)", st.device_id, state, m.offset)
-            st.update = {"state": state, "offset": m.offset, "total": total, "version": name}
+                update = self.pusher.shown(m.offset)
+            if st.update is None or st.update["state"] != update["state"]:
+                log.info("%s firmware update: %s (byte %d)", st.device_id, update["state"], m.offset)
+            st.update = update
         if isinstance(m, messages.SampleFrame):
             if r.verdict == hub.DUPLICATE:
                 st.duplicates += 1

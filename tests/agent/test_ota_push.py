@@ -356,6 +356,60 @@ def test_an_earlier_updates_outcome_said_again_does_not_end_the_next_push(tmp_pa
     assert ota.read_state(run_dir, dev)["state"] == "rolled_back"  # type: ignore[index]
 
 
+def test_a_session_opened_after_the_boards_reboot_names_the_update_it_is_on_trial_with(tmp_path: Path) -> None:
+    # The session that pushed a bundle heard "installed" and the board rebooted into it: the link's
+    # next session (a BLE reconnection, a serial port reopened) had not read the bundle, and the
+    # update it showed had no name ("pb-sim02 update installed, on trial..." in the demo for the
+    # minute of the trial, on the status page too) though the hub's record of the push names it.
+    import secrets
+
+    from agent.ingest import Ingestor
+    from agent.registry import Registry
+    from agent.session import BoardSession, BoardStats
+    from protocols import cose
+    from tests.agent.test_wire_v1 import FakeTransport
+
+    data = release.make_bundle({"app/main.py": b"# 200\n" * 50}, 200, "pulsebridge-fw 200", 0, "esp32", VENDOR)
+    run_dir, dev, key = tmp_path / "run", "pb-t02", secrets.token_bytes(32)
+    ota.spool(run_dir, dev, data)
+    before = ota.Pusher(run_dir, send=None, board=lambda: (dev, 1), hub_=None)  # type: ignore[arg-type]
+    m = ota.check(data)
+    before.name, before.version, before.total = m.name, m.version, len(data)  # as its run() read them
+    for state in ("receiving", "verifying", "installed"):  # heard by the session that pushed it
+        assert before.on_state(dev, messages.UpdateState(1, 7, len(data), state))
+    reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
+    reg.add(dev, key=key, actor="test")
+    store = Store(tmp_path / "store.db", ["b"])
+    store.start()
+    up = cose.MacKey(key, dev.encode(), cose.AAD_UPLINK)
+    # The new boot says which release it runs; then, a minute on, that it kept it.
+    hello = up.seal(messages.encoded(messages.Hello(2, 0, "pulsebridge-fw 200", 5, [(1, 512)])))
+    confirmed = up.seal(messages.encoded(messages.UpdateState(2, 1, 200, "confirmed")))
+    try:
+        async def go(uplink: list[bytes], state: str) -> dict[str, object] | None:
+            tr = FakeTransport(uplink)
+            stats = BoardStats("", tr.name)
+            session = BoardSession(tr, Ingestor(store, reg), stats, ota_run_dir=run_dir)
+            task = asyncio.create_task(session.run())
+            try:
+                await async_wait_for(lambda: (stats.update or {}).get("state") == state, 30,
+                                     "the update %s" % state, lambda: stats.update)
+            finally:
+                task.cancel()
+            return stats.update
+
+        on_trial = asyncio.run(go([hello], "installed"))
+        assert on_trial is not None, on_trial
+        assert on_trial["version"] == "pulsebridge-fw 200" and on_trial["total"] == len(data), on_trial
+        assert ota.describe(on_trial) == "update pulsebridge-fw 200 installed, on trial until it has streamed for " \
+                                         "a minute"
+        kept = asyncio.run(go([confirmed], "confirmed"))
+        assert kept == {"state": "confirmed", "offset": 200, "total": len(data), "version": "pulsebridge-fw 200"}
+    finally:
+        store.close()
+        reg.close()
+
+
 def test_every_refusal_the_spec_names_is_said_in_a_technicians_words() -> None:
     # `ota push` ended with "the board refused the bundle: refused:unknown_key", which told a technician
     # neither what was wrong nor what to do (here: the board was provisioned without the vendor's key)
