@@ -1,16 +1,19 @@
-"""The agent's MQTT client, in a process of its own: `python -m agent.mqtt_process`.
+"""The agent's MQTT client: paho-mqtt driven on an asyncio event loop (Connection),
+on the agent's own loop (client = "in-process", the default) or in a process of
+its own (client = "process"): `python -m agent.mqtt_process`.
 
-agent/forwarders/mqtt.py starts one per connection to a broker and speaks to it
-in agent/mqtt_link.py's records over its stdin and stdout. Here paho-mqtt is
-driven on this process's event loop through paho's external-loop API (its
-socket callbacks; loop_read, loop_write, and loop_misc every MISC_PERIOD_S for
-keepalive), with no thread of its own. A batch of messages is published at
-once, all of it in paho's in-flight window, and awaited as one: a single
-future, resolved by the batch's last PUBACK. A connection that drops fails the
-batch at once; a batch with no PUBACK for timeout_s fails and its connection is
-closed. Either way the agent hears FAILED, and this process ends.
+paho is driven through its external-loop API (its socket callbacks; loop_read,
+loop_write, and loop_misc every MISC_PERIOD_S for keepalive), with no thread
+of its own. A batch of messages is published at once, all of it in paho's
+in-flight window, PACKETS_PER_TURN at a time (the loop's other work runs
+between), and awaited as one: a single future, resolved by the batch's last
+PUBACK. A connection that drops fails the batch at once; a batch with no
+PUBACK for timeout_s fails and its connection is closed.
 
-This module imports paho, ssl and asyncio only: the process stays small.
+As a process, agent/forwarders/mqtt.py starts one per connection to a broker
+and speaks to it in agent/mqtt_link.py's records over its stdin and stdout
+(serve); a failed connection is told as FAILED, and the process ends. This
+module imports paho, ssl and asyncio only: the process stays small.
 """
 
 from __future__ import annotations
