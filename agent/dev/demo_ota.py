@@ -135,6 +135,8 @@ class UpdatePlan:
             p = next((p for p in queue if not p.outcome), None)
             if p is not None:
                 self._follow(dev, p)
+            elif queue and queue[-1].outcome == "installed":
+                self._heard(dev, queue[-1])  # the end of its trial (confirmed) comes a minute on
 
     def _follow(self, dev: str, p: Push) -> None:
         boots = self._boots(dev)
@@ -151,11 +153,7 @@ class UpdatePlan:
             p.pushed_at, p.pushed_wall, p.epoch_at_push, p.before = now, time.time(), newest, self._firmware(dev)
             return
         t = round(now - p.pushed_at, 1)
-        record = ota.read_state(self.agent.cfg.run_dir, dev) or {}
-        state = str(record.get("state", ""))
-        seen = record.get("seen")
-        if isinstance(seen, dict):  # each state the hub heard of this bundle, when first heard
-            p.states_s = {str(k): round(max(0.0, float(v) - p.pushed_wall), 1) for k, v in seen.items()}
+        state = self._heard(dev, p)
         later = {e: n for e, n in boots.items() if e > p.epoch_at_push}
         if later and p.new_boot_s is None:
             p.new_boot_s = t
@@ -169,6 +167,15 @@ class UpdatePlan:
             p.outcome = "rolled_back"
         if p.outcome:
             p.after, p.ended_s = firmware, t
+
+    def _heard(self, dev: str, p: Push) -> str:
+        """The state the hub last recorded of the board's update (p's), and each it heard in
+        p.states_s (seconds after the push, when first heard)."""
+        record = ota.read_state(self.agent.cfg.run_dir, dev) or {}
+        seen = record.get("seen")
+        if isinstance(seen, dict):
+            p.states_s = {str(k): round(max(0.0, float(v) - p.pushed_wall), 1) for k, v in seen.items()}
+        return str(record.get("state", ""))
 
     def results(self, pauses: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         """Each push's figures (Push.as_dict), with the board's longest pause in streaming over the run
@@ -213,9 +220,11 @@ def summary_lines(updates: dict[str, Any]) -> list[str]:
         outcome = u["outcome"]
         if outcome == "installed":
             end = ("installed: runs %s, first frame of its boot stored %.0f s after the push, streaming on it at "
-                   "%.0f s (on trial: kept after 60 s of acknowledged streaming%s)"
-                   % (u["firmware_after"], u["first_frame_of_new_boot_s"] or 0, u["ended_s"],
-                      ", confirmed" if "confirmed" in st else ""))
+                   "%.0f s (%s)" % (u["firmware_after"], u["first_frame_of_new_boot_s"] or 0, u["ended_s"],
+                                    "kept: confirmed by the board after a minute of acknowledged streaming"
+                                    if "confirmed" in st else "rolled back by the board on trial"
+                                    if "rolled_back" in st else "still on trial at the stop: a board keeps a new "
+                                    "version after a minute of acknowledged streaming"))
         elif outcome == "rolled_back":
             end = ("ROLLED BACK by the board itself: back on %s, streaming again %.0f s after the push"
                    % (u["firmware_after"], u["ended_s"]))

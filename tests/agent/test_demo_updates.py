@@ -7,10 +7,17 @@
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.dev import demo, demo_ota
+from agent import ota
+from agent.config import AgentConfig
+from agent.dev import demo, demo_ota, release
+from agent.supervisor import Agent
+from protocols import messages
 from tests.conftest import ROOT
 
 # The demo stops by itself once the updates have ended; this bounds it (the BLE board takes
@@ -78,3 +85,35 @@ def test_frames_built_in_a_boot_a_reset_ended_and_never_stored_count_as_lost() -
     assert "16 frames built by the boards = 13 stored by the hub + 1 still on the boards + 0 dropped by the " \
            "boards + 2 lost at their resets" in text, text
     assert "2 lost (dropped by the boards" in text
+
+
+def test_the_summary_says_a_board_kept_its_update_once_it_confirmed_it(tmp_path: Path) -> None:
+    # The demo stopped following a push once the board streamed on the new version, a minute before
+    # the board confirms it: a 5-minute run's summary said "on trial" of updates kept minutes before,
+    # and the states heard ended at "installed".
+    cfg = AgentConfig(hub_id="test-hub", data_dir=tmp_path / "data", log_dir=tmp_path / "log",
+                      run_dir=tmp_path / "run")
+    dev = "pb-kept1"
+    data = release.make_bundle({"app/main.py": b"# 200\n" * 50}, demo_ota.GOOD_VERSION, demo_ota.GOOD_NAME, 0,
+                               demo_ota.TARGET, Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+    good = demo_ota.Release(demo_ota.GOOD_NAME, demo_ota.GOOD_VERSION, data, False)
+    plan = demo_ota.UpdatePlan(Agent(cfg), [], good, good)
+    # Pushed, and ended as the demo ends one: the board streams on the new version, on trial.
+    ota.push(cfg.run_dir, cfg.audit_path, dev, data, actor=demo_ota.ACTOR)
+    p = demo_ota.Push(dev, "serial", good, pushed_at=0.0, pushed_wall=time.time(), before="pulsebridge-fw 0.1.0")
+    plan.queues, plan.pushes = {dev: [p]}, [p]
+    session = ota.Pusher(cfg.run_dir, send=None, board=lambda: (dev, 1), hub_=None)  # type: ignore[arg-type]
+    session.name, session.version, session.total = good.name, good.version, len(data)  # as its run() read them
+    for state in ("receiving", "verifying", "installed"):
+        assert session.on_state(dev, messages.UpdateState(1, 1, len(data), state))
+    plan.step()
+    p.outcome, p.after, p.ended_s, p.new_boot_s = "installed", good.name, 30.0, 29.0
+    on_trial = " ".join(demo_ota.summary_lines({"pushes": plan.results({})}))
+    assert "still on trial at the stop" in on_trial, on_trial
+    # A minute on, the board says it keeps it.
+    assert session.on_state(dev, messages.UpdateState(2, 5, demo_ota.GOOD_VERSION, "confirmed"))
+    plan.step()
+    assert list(p.states_s) == ["receiving", "verifying", "installed", "confirmed"], p.states_s
+    kept = " ".join(demo_ota.summary_lines({"pushes": plan.results({})}))
+    assert "kept: confirmed by the board after a minute of acknowledged streaming" in kept, kept
+    assert "on trial" not in kept, kept
