@@ -977,8 +977,9 @@ def vitals_profile(seconds: int = 30, top: int = 10) -> dict[str, Any]:
 # The vitals engine's main steps, by function (file, name): their cumulative share is printed.
 _VITALS_PARTS = {
     "vitals/rpeak.py push_frame": "R peaks (an ECG frame)",
+    "vitals/spo2.py push": "a PPG frame's samples (the band-pass's carried state over them)",
     "vitals/spo2.py estimate": "SpO2, pulse rate, perfusion (a PPG frame's 8 s window)",
-    "vitals/spo2.py _band": "  of it the window's zero-phase band-pass",
+    "vitals/iir.py window_and_band": "  of it the window's zero-phase band (its ends and trend)",
     "vitals/spo2.py pulse_period": "  of it the pulse's period (autocorrelation)",
     "vitals/spo2.py _consistency": "  of it R's consistency across stretches",
     "vitals/iir.py filter": "the Butterworth filters (R peaks' band-pass and the window's)",

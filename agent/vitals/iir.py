@@ -39,6 +39,12 @@ SUB_BLOCK = 128
 # two matrix products (maps made once per number of blocks, at most 2 x (32 x S)^2 values);
 # longer inputs (a whole recording) carry it block by block.
 CHAINED_BLOCKS = 32
+# A sliding zero-phase window's frames of at most this many samples go through one product
+# made once per frame length ((n + S) x (n + 2S) values: 0.1 MB for a 100-sample frame), for at
+# most FRAME_MAPS lengths (a board sets its frame's length: the maps a design holds are bounded);
+# other frames go through the cascade twice.
+FRAME_MAP_MAX = 256
+FRAME_MAPS = 4
 
 
 def butter_sos(order: int, cutoff_hz: float | tuple[float, float], btype: str, rate_hz: float) -> Array:
@@ -199,3 +205,166 @@ class SosCascade:
         after = (states[..., -1, :] @ self._powers_t[last]
                  + parts[..., -1, :last] @ self._state_from_input_t[SUB_BLOCK - last:])
         return y, level + after
+
+
+
+class ZeroPhaseWindow:
+    """A sliding window's zero-phase band: the linear trend off, then the cascade forward and
+    backward over the window with filtfilt's odd extension of `pad` samples at each end, each
+    pass starting in the steady state of its first sample (scipy's detrend, then sosfiltfilt).
+    `reference` computes it for a whole window; `SlidingZeroPhase` keeps it for a stream's
+    last `window` samples, frame by frame, from the matrices made here once per design and
+    window (they hold no signal's state: every stream of a rate shares them).
+
+    Why the band can follow a stream: every step is linear, so it splits into parts that each
+    follow the stream cheaply. With F the cascade from zero state, R the same backward (from
+    the window's end), Z the cascade's output from each unit state with no input (S x window),
+    s the stream through the cascade, carried from the stream's start, sigma(w0) that
+    carried state at the window's first sample, a and b the window's mean and slope:
+        band = R(s over the window) + (sigma0 - sigma(w0)) @ R(Z) - a R(F(1)) - b R(F(t))
+               + reversed(tau @ Z),
+    sigma0 the forward state after the front extension and tau the backward state after
+    the end's (each from the p + 1 samples at that end). R(s over the window) is kept: a
+    frame adds its samples' backward response and, to the samples already there, that
+    response's state decaying back through them (one (rows x S) @ (S x window) product).
+    The rest are matrices made here. A frame then costs its own samples through the cascade
+    twice, the ends' few samples and a few (S x window) products, where the whole window took
+    two passes over window + 2 pad samples.
+    """
+
+    def __init__(self, cascade: SosCascade, window: int, pad: int) -> None:
+        """Raises ValueError unless 0 < pad < window."""
+        if not 0 < pad < window:
+            raise ValueError("pad %d must be within (0, window %d)" % (pad, window))
+        self.cascade, self.window, self.pad = cascade, window, pad
+        t: Array = np.arange(window, dtype=float) - (window - 1) / 2.0
+        self.t_centred = t
+        self.slope_weights = t / float(np.dot(t, t))  # the linear trend's slope is dot(x, this)
+        s = cascade.order
+        unit = cascade.unit_step_state
+        zi, self.decay = cascade.filter(np.zeros((s, window)), np.eye(s))  # Z, and A^window (row form)
+        self.zi_rev: Array = np.ascontiguousarray(zi[:, ::-1])
+        f1, self.end_1 = cascade.filter(np.ones(window), np.zeros(s))
+        ft, self.end_t = cascade.filter(t, np.zeros(s))
+        # The band's terms past R(s) as one product: [sigma0 - sigma(w0), a, b, tau] @ this.
+        self.terms: Array = np.vstack([self.backward(zi), -self.backward(f1), -self.backward(ft), self.zi_rev])
+        # The ends' extensions, as maps of the p + 1 detrended samples at each end (and of the
+        # forward state after the window): sigma0 = head @ front, tau = tail @ end + sigma_end @ end_state.
+        ends = np.eye(pad + 1)
+        ext = 2 * ends[:, :1] - ends[:, pad:0:-1]
+        _, self.front = cascade.filter(ext, ext[:, :1] * unit)
+        ext = 2 * ends[:, -1:] - ends[:, -2::-1]
+        fwd, _ = cascade.filter(ext, np.zeros((pad + 1, s)))
+        _, self.end = cascade.filter(fwd[:, ::-1], fwd[:, -1:] * unit)
+        fwd, _ = cascade.filter(np.zeros((s, pad)), np.eye(s))
+        _, self.end_state = cascade.filter(fwd[:, ::-1], fwd[:, -1:] * unit)
+        self._frame_maps: dict[int, Array] = {}
+
+    def frame_step(self, x: Array, state: Array) -> tuple[Array, Array, Array]:
+        """A stream's next frame x (rows, n) from the carried forward state (rows, S): (R of the
+        frame's forward output, (rows, n); the backward pass's state after it, its decay
+        back through the samples before; the forward state after the frame)."""
+        n, s = x.shape[1], self.cascade.order
+        made = self._frame_maps.get(n)
+        if made is None and n <= FRAME_MAP_MAX and len(self._frame_maps) < FRAME_MAPS:
+            # The three as one linear map of [x, state], read off the unit inputs and states, and
+            # below it their values for a constant 1 from its steady state (exact: the filter's).
+            unit = self.cascade.unit_step_state
+            eye = np.eye(n + s)
+            steady = np.hstack(self._frame_step(np.ones((1, n)), unit[None, :]))
+            made = self._frame_maps[n] = np.vstack([np.hstack(self._frame_step(eye[:, :n], eye[:, n:])), steady])
+        if made is None:
+            return self._frame_step(x, state)
+        # About the frame's first sample c, as SosCascade.filter: the deviations through the map
+        # (a large level would cost precision), the level's steady response added.
+        c = x[:, :1]
+        out = (x - c) @ made[:n] + (state - c * self.cascade.unit_step_state) @ made[n:n + s] + c * made[n + s]
+        return out[:, :n], out[:, n:n + s], out[:, n + s:]
+
+    def _frame_step(self, x: Array, state: Array) -> tuple[Array, Array, Array]:
+        fwd, after = self.cascade.filter(x, state)
+        back, rho = self.cascade.filter(fwd[:, ::-1], np.zeros_like(state))
+        return back[:, ::-1], rho, after
+
+    def backward(self, y: Array) -> Array:
+        """The cascade run backward over y's last axis from zero state (R above)."""
+        out, _ = self.cascade.filter(y[..., ::-1], np.zeros(y.shape[:-1] + (self.cascade.order,)))
+        return np.asarray(out[..., ::-1])
+
+    def reference(self, x: Array) -> Array:
+        """The band of a whole window x, shape (rows, window), computed directly."""
+        y = x - x.mean(axis=1, keepdims=True) - np.outer(x @ self.slope_weights, self.t_centred)
+        p = self.pad
+        ext = np.concatenate([2 * y[:, :1] - y[:, p:0:-1], y, 2 * y[:, -1:] - y[:, -2:-p - 2:-1]], axis=1)
+        unit = self.cascade.unit_step_state
+        fwd, _ = self.cascade.filter(ext, ext[:, :1] * unit)
+        back, _ = self.cascade.filter(fwd[:, ::-1], fwd[:, -1:] * unit)
+        return np.asarray(back[:, ::-1][:, p:p + x.shape[1]])
+
+
+class SlidingZeroPhase:
+    """A stream's last `design.window` samples and their zero-phase band (ZeroPhaseWindow),
+    kept frame by frame: the band equals `design.reference` of those samples up to
+    floating-point rounding. Rows are signals filtered alike (frames of shape (rows, n)).
+    Memory: the window's samples (and the frame the window starts in), its kept backward
+    response and the cascade's state."""
+
+    def __init__(self, design: ZeroPhaseWindow) -> None:
+        self.design = design
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets the stream: the next frame starts it anew."""
+        self._frames: list[tuple[int, Array, Array]] = []  # (first index, carried state before, samples)
+        self._state: Array | None = None  # the carried forward state after the last sample
+        self._r_s: Array | None = None  # R(s) over the last samples (up to a window), backward from the last
+        self.count = 0  # samples since the stream (re)started
+
+    def push(self, x: Array) -> None:
+        """The stream's next samples, shape (rows, n), finite."""
+        n = x.shape[1]
+        if n == 0:
+            return
+        w = self.design.window
+        if self._state is None:
+            self._state = x[:, :1] * self.design.cascade.unit_step_state
+        self._frames.append((self.count, self._state, x))
+        # The forward pass carried; its backward response from the frame's end. (A frame
+        # longer than the window: only its last window's samples stay in R(s).)
+        r_new, rho, self._state = self.design.frame_step(x, self._state)
+        self.count += n
+        if self._r_s is None or n >= w:
+            r_s = r_new[:, -w:]
+        else:
+            # The samples already there get what the new ones add, decaying back through them.
+            kept = self._r_s.shape[1]
+            old = self._r_s + (rho @ self.design.zi_rev)[:, w - kept:]
+            r_s = np.concatenate([old[:, max(0, kept + n - w):], r_new], axis=1)
+        self._r_s = r_s
+        w0 = self.count - w
+        while len(self._frames) > 1 and self._frames[1][0] <= w0:
+            del self._frames[0]
+
+    def window_and_band(self) -> tuple[Array, Array] | None:
+        """The last window's samples and their band, each (rows, window); None while fewer
+        than a window's samples came since the stream (re)started."""
+        d = self.design
+        w, p, cascade = d.window, d.pad, d.cascade
+        if self.count < w or self._r_s is None or self._state is None:
+            return None
+        w0 = self.count - w
+        first, state, _ = self._frames[0]
+        x = np.concatenate([f[2] for f in self._frames], axis=1)
+        if first < w0:  # the window starts within its first frame: the carried state there
+            _, state = cascade.filter(x[:, :w0 - first], state)
+            x = x[:, w0 - first:]
+        a = x.mean(axis=1, keepdims=True)
+        b = (x @ d.slope_weights)[:, None]
+        t = d.t_centred
+        sigma0 = (x[:, :p + 1] - a - b * t[:p + 1]) @ d.front
+        # The forward pass's state after the window, then the backward pass's as it enters it
+        # (after the end's extension).
+        sigma_end = self._state + (sigma0 - state) @ d.decay - a * d.end_1 - b * d.end_t
+        tau = (x[:, -p - 1:] - a - b * t[-p - 1:]) @ d.end + sigma_end @ d.end_state
+        band = self._r_s + np.hstack([sigma0 - state, a, b, tau]) @ d.terms
+        return x, np.asarray(band)

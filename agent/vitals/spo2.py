@@ -12,7 +12,10 @@ instead of its own: on the camera set the light moves by 7-38 % within
 red light falling by 30 % within the window read 1.6 % low that way
 (tests/agent/test_spo2.py). The band is
 taken from the window with its linear trend removed first, by a zero-phase
-Butterworth band-pass (agent.vitals.iir, run forward and backward).
+Butterworth band-pass (agent.vitals.iir, run forward and backward), kept
+frame by frame: each frame filters its own samples and updates the window's
+band (iir.SlidingZeroPhase: the same band as the whole window's, computed
+from carried state).
 R = RMS(AC/DC)red / RMS(AC/DC)IR, mapped to SpO2 by the sensor type's
 calibration curve SpO2 = A - B*R. Perfusion index: the IR pulse's
 peak-to-peak (5th to 95th percentile of its AC/DC), in %.
@@ -51,8 +54,8 @@ made inside the fold), and the gate's threshold set so that the shown Arms
 meets the claim; the curve is stored per sensor type in CALIBRATION, never
 fitted per patient.
 
-Memory: one window of samples per channel, whatever the stream's length;
-no state carried between windows but the samples.
+Memory: one window of samples per channel (raw, and the log with its band),
+whatever the stream's length, and the band-pass's carried state.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from agent.vitals.iir import SosCascade, butter_sos
+from agent.vitals.iir import SlidingZeroPhase, SosCascade, ZeroPhaseWindow, butter_sos
 
 # Calibration curves per sensor type (A, B in SpO2 = A - B * R). The
 # MAX30102 entry is the textbook linear fit for 660/880 nm emitters; a
@@ -92,6 +95,13 @@ class Oximetry:
     light: tuple[float, float] | None = None  # mean light over the window (the sensor's units)
     perfusion: tuple[float, float] | None = None  # RMS of AC/DC (the band of the log of the light)
     light_motion: tuple[float, float] | None = None  # SD of the log of the light less its pulse band
+
+
+def _row_std(x: np.ndarray) -> np.ndarray:
+    # The standard deviation along the last axis, as np.std computes it (the mean off, the
+    # mean square's root), without its generic wrapper's cost (~10 us a call).
+    d = x - x.sum(axis=-1, keepdims=True) / x.shape[-1]
+    return np.asarray(np.sqrt(np.einsum("...i,...i->...", d, d) / x.shape[-1]))
 
 
 def _local_maxima(x: np.ndarray) -> np.ndarray:
@@ -144,10 +154,12 @@ def pulse_period(ac: np.ndarray, fs: float, expected_period_s: float | None = No
 
 
 @lru_cache(maxsize=8)
-def _band_pass(rate_hz: float) -> SosCascade:
-    # The pulse band's Butterworth band-pass at rate_hz, designed once per rate: every
-    # board's estimator shares it (it keeps no signal's state).
-    return SosCascade(butter_sos(4, (BAND_HZ[0], min(BAND_HZ[1], 0.45 * rate_hz)), "bandpass", rate_hz))
+def _band_window(rate_hz: float, window: int) -> ZeroPhaseWindow:
+    # The pulse band's Butterworth band-pass at rate_hz over a window, with filtfilt's odd
+    # extension at each end, designed once per rate and window: every board's estimator
+    # shares it (it keeps no signal's state).
+    cascade = SosCascade(butter_sos(4, (BAND_HZ[0], min(BAND_HZ[1], 0.45 * rate_hz)), "bandpass", rate_hz))
+    return ZeroPhaseWindow(cascade, window, min(window - 1, 3 * cascade.order))
 
 
 class OximetryEstimator:
@@ -155,49 +167,65 @@ class OximetryEstimator:
         self.fs = float(rate_hz)
         self.cal = CALIBRATION[sensor]
         self._n = int(window_s * self.fs)
-        self.red = np.zeros(0)
-        self.ir = np.zeros(0)
-        self._band_pass = _band_pass(self.fs)
-        self._pad = min(self._n - 1, 3 * self._band_pass.order)  # odd extension at each end, as filtfilt's
-        t = np.arange(self._n) - (self._n - 1) / 2.0
-        self._t = t / float(np.dot(t, t))  # the linear trend's slope is dot(x, _t)
-        self._t_centred = t
+        self._light = np.zeros((2, 0))  # the window's red and IR light, as pushed
+        self._design = _band_window(self.fs, self._n)
+        # The log of the light and its band, kept frame by frame (agent.vitals.iir.SlidingZeroPhase)
+        # from the last sample without light on.
+        self._log_band = SlidingZeroPhase(self._design)
         self._seg = max(1, int(SEGMENT_S * self.fs))
 
     def _band(self, x: np.ndarray) -> np.ndarray:
-        # Each row (channel): linear trend off, then the band-pass forward and backward (zero
-        # phase), as scipy's detrend and sosfiltfilt do (odd extension, each pass starting in
-        # the steady state of its first sample), with what does not change between windows
-        # computed once and both channels in one call.
-        y = x - x.mean(axis=1, keepdims=True) - np.outer(x @ self._t, self._t_centred)
-        p = self._pad
-        ext = np.concatenate([2 * y[:, :1] - y[:, p:0:-1], y, 2 * y[:, -1:] - y[:, -2:-p - 2:-1]], axis=1)
-        unit = self._band_pass.unit_step_state
-        fwd, _ = self._band_pass.filter(ext, ext[:, :1] * unit)
-        back, _ = self._band_pass.filter(fwd[:, ::-1], fwd[:, -1:] * unit)
-        return np.asarray(back[:, ::-1][:, p:p + x.shape[1]])
+        # Each row (channel) of a whole window: linear trend off, then the band-pass forward and
+        # backward (zero phase), as scipy's detrend and sosfiltfilt do. What estimate() keeps
+        # frame by frame; the other methods of bench_spo2_methods call it on their windows.
+        return self._design.reference(x)
 
     def push(self, red: list[int] | np.ndarray, ir: list[int] | np.ndarray) -> None:
         """A frame of both channels (equal lengths, any units proportional to light)."""
-        self.red = np.concatenate([self.red, np.asarray(red, dtype=float)])[-self._n:]
-        self.ir = np.concatenate([self.ir, np.asarray(ir, dtype=float)])[-self._n:]
+        both = np.vstack([np.asarray(red, dtype=float), np.asarray(ir, dtype=float)])
+        self._light = np.concatenate([self._light, both], axis=1)[:, -self._n:]
+        dark = np.flatnonzero((both <= 0).any(axis=0))
+        if dark.size:  # no light (probe off): its log and band start again after it
+            self._log_band.reset()
+            both = both[:, int(dark[-1]) + 1:]
+        self._log_band.push(np.log(both))
 
     def estimate(self, expected_period_s: float | None = None) -> Oximetry:
         """The window's estimate; expected_period_s: the heart's period from an ECG on the
         same board, if any (it settles which repeating period is the pulse's)."""
-        if len(self.ir) < self._n or len(self.red) < self._n:
+        # AC/DC sample by sample: the band of the log of the light (module docstring); none
+        # before a full window, nor while one of its samples had no light (probe off).
+        kept = self._log_band.window_and_band()
+        if kept is None:
             return Oximetry(None, None, None, 0.0, None)
-        if float(self.red.min()) <= 0 or float(self.ir.min()) <= 0:  # no light: probe off
+        log_light, ac = kept
+        return self._figures(self._light, log_light, ac, expected_period_s)
+
+    def estimate_window(self, red: np.ndarray, ir: np.ndarray, expected_period_s: float | None = None) -> Oximetry:
+        """The estimate of one whole window of samples (each of the window's length), computed
+        directly, the estimator's state neither read nor changed: what estimate() gives once
+        that window has been pushed, frame by frame or at once (up to floating-point
+        rounding). Raises ValueError for another length."""
+        light = np.vstack([np.asarray(red, dtype=float), np.asarray(ir, dtype=float)])
+        if light.shape[1] != self._n:
+            raise ValueError("a window is %d samples, not %d" % (self._n, light.shape[1]))
+        if float(light.min()) <= 0:  # no light: probe off
             return Oximetry(None, None, None, 0.0, None)
-        # AC/DC sample by sample: the band of the log of the light (module docstring).
-        log_light = np.log(np.vstack([self.red, self.ir]))
-        ac_r, ac_i = self._band(log_light)
+        log_light = np.log(light)
+        return self._figures(light, log_light, self._design.reference(log_light), expected_period_s)
+
+    def _figures(self, light_window: np.ndarray, log_light: np.ndarray, ac: np.ndarray,
+                 expected_period_s: float | None) -> Oximetry:
+        # The estimate from a window's light, its log and the log's band (each (2, window)).
+        ac_r, ac_i = ac
         sq_r, sq_i = float(np.dot(ac_r, ac_r)), float(np.dot(ac_i, ac_i))
         if sq_r == 0 or sq_i == 0:
             return Oximetry(None, None, None, 0.0, None)
         rms_r, rms_i = np.sqrt(sq_r / len(ac_r)), np.sqrt(sq_i / len(ac_i))
-        figures = dict(light=(float(self.red.mean()), float(self.ir.mean())), perfusion=(float(rms_r), float(rms_i)),
-                       light_motion=(float(np.std(log_light[0] - ac_r)), float(np.std(log_light[1] - ac_i))))
+        light = light_window.mean(axis=1)
+        motion = _row_std(log_light - ac)
+        figures = dict(light=(float(light[0]), float(light[1])), perfusion=(float(rms_r), float(rms_i)),
+                       light_motion=(float(motion[0]), float(motion[1])))
         corr = max(0.0, float(np.dot(ac_r, ac_i) / np.sqrt(sq_r * sq_i)))
         period_s, pulse_q = pulse_period(ac_r / rms_r + ac_i / rms_i, self.fs, expected_period_s)
         rate = round(60.0 / float(period_s), 1) if period_s is not None and pulse_q >= MIN_PERIODICITY else None
@@ -222,4 +250,4 @@ class OximetryEstimator:
         e_r, e_i = np.einsum("ij,ij->i", seg_r, seg_r), np.einsum("ij,ij->i", seg_i, seg_i)
         if float(e_r.min()) <= 0 or float(e_i.min()) <= 0:
             return 0.0
-        return max(0.0, 1.0 - float(np.std(0.5 * np.log(e_r / e_i))))
+        return max(0.0, 1.0 - float(_row_std(0.5 * np.log(e_r / e_i))))

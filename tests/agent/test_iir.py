@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import signal
 
-from agent.vitals.iir import SUB_BLOCK, SosCascade, butter_sos
+from agent.vitals.iir import SUB_BLOCK, SlidingZeroPhase, SosCascade, ZeroPhaseWindow, butter_sos
 
 # (order, cutoff(s) in Hz, type, rate in Hz): the vitals' own designs, at their sensors'
 # rates and others a board may be set to, and a few beyond.
@@ -117,3 +117,58 @@ def test_sections_not_in_the_normal_form_are_refused() -> None:
         SosCascade(np.ones((2, 5)))
     with pytest.raises(ValueError, match="rows"):
         SosCascade([[1.0, 0.0, 0.0, 2.0, 0.0, 0.0]])
+
+
+def test_a_sliding_window_keeps_the_zero_phase_band_of_scipys_detrend_and_sosfiltfilt() -> None:
+    # The band of the last window (linear trend off, sosfiltfilt with odd extension) kept frame
+    # by frame from carried state: at every frame, scipy's whole-window computation of the
+    # same samples. Frames of every kind of length: a 100 Hz sensor's 100, one sample, odd
+    # ones, one longer than the window; two signals (rows) at a PPG's levels.
+    rng = np.random.default_rng(20261202)
+    sos = butter_sos(4, (0.5, 5.0), "bandpass", 100.0)
+    window, pad = 800, 24
+    design = ZeroPhaseWindow(SosCascade(sos), window, pad)
+    sliding = SlidingZeroPhase(design)
+    n = 6000
+    t_s = np.arange(n) / 100
+    x = np.log(np.vstack([9e4 * (1 + 0.01 * np.sin(2 * np.pi * 1.3 * t_s)), 1.4e5 * (1 + 0.02 * np.sin(
+        2 * np.pi * 1.3 * t_s + 0.2))]) + np.cumsum(rng.normal(0, 20, (2, n)), axis=1))
+    at, checked = 0, 0
+    for length in [100] * 12 + [1, 37, 0, 999, 100, 100, 213] + [100] * 10:
+        sliding.push(x[:, at:at + length])
+        at += length
+        kept = sliding.window_and_band()
+        if at < window:
+            assert kept is None
+            continue
+        assert kept is not None
+        samples, band = kept
+        np.testing.assert_array_equal(samples, x[:, at - window:at])
+        ref = signal.sosfiltfilt(sos, signal.detrend(samples, axis=1), axis=1, padlen=pad)
+        np.testing.assert_allclose(band, ref, rtol=0, atol=1e-10 * float(np.abs(ref).max()))
+        np.testing.assert_allclose(band, design.reference(samples), rtol=0, atol=1e-10 * float(np.abs(ref).max()))
+        checked += 1
+    assert checked >= 20
+    sliding.reset()  # a new stream: no band until a window of it came
+    sliding.push(x[:, :window - 1])
+    assert sliding.window_and_band() is None
+    sliding.push(x[:, window - 1:window])
+    kept = sliding.window_and_band()
+    assert kept is not None
+    np.testing.assert_allclose(kept[1], design.reference(x[:, :window]), rtol=0, atol=1e-12)
+
+
+def test_a_sliding_window_holds_few_frame_maps_whatever_lengths_it_is_sent() -> None:
+    # A board sets its frames' length: the per-length maps a design makes are bounded, and
+    # frames past them still filter right (through the cascade).
+    design = ZeroPhaseWindow(SosCascade(butter_sos(4, (0.5, 5.0), "bandpass", 100.0)), 300, 24)
+    sliding = SlidingZeroPhase(design)
+    x = np.random.default_rng(5).normal(0, 1, (1, 2000)) + 11.0
+    at = 0
+    for length in range(1, 40):
+        sliding.push(x[:, at:at + length])
+        at += length
+    assert len(design._frame_maps) <= 4
+    kept = sliding.window_and_band()
+    assert kept is not None
+    np.testing.assert_allclose(kept[1], design.reference(x[:, at - 300:at]), rtol=0, atol=1e-11)

@@ -1,10 +1,14 @@
 # SpO2 by ratio of ratios on PPG synthesised for a known SpO2; noise makes
 # the estimator withhold rather than guess.
+from pathlib import Path
+
 import numpy as np
 import wfdb
 
 from agent.dev.sim import waveforms
-from agent.vitals.spo2 import OximetryEstimator
+from agent.vitals.spo2 import Oximetry, OximetryEstimator
+
+DATA = Path(__file__).parent / "data"
 
 
 def _codes(spo2: float, noise_pct: float, seconds: int = 20) -> tuple[np.ndarray, np.ndarray]:
@@ -80,3 +84,42 @@ def test_a_ratio_that_changes_within_the_window_lowers_the_quality() -> None:
     est = OximetryEstimator(100)
     est.push(red[:1000], ir[:1000])
     assert est.estimate().quality > 0.95
+
+
+def _same(a: Oximetry, b: Oximetry) -> None:
+    # The same estimate up to floating-point rounding: the shown figures (rounded) equal.
+    assert (a.spo2_pct, a.pulse_rate_bpm, a.perfusion_index_pct) == (b.spo2_pct, b.pulse_rate_bpm,
+                                                                      b.perfusion_index_pct), (a, b)
+    for x, y in ((a.quality, b.quality), (a.pulse_quality, b.pulse_quality), (a.ratio, b.ratio)):
+        assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-9), (a, b)
+    for u, v in ((a.light, b.light), (a.perfusion, b.perfusion), (a.light_motion, b.light_motion)):
+        assert (u is None) == (v is None), (a, b)
+        if u is not None and v is not None:
+            np.testing.assert_allclose(u, v, rtol=1e-9)
+
+
+def test_frame_by_frame_the_estimate_is_the_whole_windows_on_a_real_recording() -> None:
+    # A camera PPG through a real desaturation and recovery (red and blue pixels, 30 frames/s;
+    # tests/agent/data/README.md): the estimate kept frame by frame from the filters' carried
+    # state is, every second, the one computed from that 8 s window alone, as a whole. Some
+    # seconds see the ECG's period, and a stretch without light (probe off) restarts the band.
+    rows = np.genfromtxt(DATA / "spo2-camera-100005-right-recovery.csv", delimiter=",", skip_header=1)
+    red, blue = rows[:, 0].copy(), rows[:, 2].copy()
+    red[3000:3040] = 0.0
+    est = OximetryEstimator(30)
+    window = 240
+    shown = withheld_for_no_light = 0
+    for k in range(len(red) // 30):
+        est.push(red[k * 30:(k + 1) * 30], blue[k * 30:(k + 1) * 30])
+        end = (k + 1) * 30
+        expected = 1.0 if k % 3 == 0 else None
+        got = est.estimate(expected)
+        if end < window:
+            assert got.ratio is None
+            continue
+        ref = est.estimate_window(red[end - window:end], blue[end - window:end], expected)
+        _same(got, ref)
+        shown += got.spo2_pct is not None
+        withheld_for_no_light += 3000 - window < end <= 3040 + window - 1 and got.ratio is None
+    assert shown > 50  # the comparison saw shown estimates, not only withheld ones
+    assert withheld_for_no_light >= 8
