@@ -366,14 +366,16 @@ def host_report(c: dict[str, Any]) -> list[str]:
         return lines + ["  the host in the firmware's time: not seen here (no /proc/softirqs)"]
     lines.append("  the host in the firmware's time (a softirq run on its CPU, or a page fault, in a span of %.0f ms "
                  "or more): %d spans (%d with a page fault), %.1f ms in all, the longest %.1f ms; the longest span "
-                 "without %.1f ms" % (
+                 "without %.1f ms (at %.3f s)" % (
                      HOST_LOOK_MS, c["host_spans"], c["host_fault_spans"], c["host_span_us"] / 1000,
-                     c["longest_host_span_us"] / 1000, c["longest_clean_span_us"] / 1000))
+                     c["longest_host_span_us"] / 1000, c["longest_clean_span_us"] / 1000,
+                     c["longest_clean_span_at_us"] / 1e6))
     for name, f in sorted(c["fifos"].items()):
         lines.append("    %s FIFO: %d services waited on such a span, %d samples overflowed before them; "
-                     "the others' worst latency %.1f ms (half the fill time %.1f ms), %d samples overflowed" % (
-                         name, f["host_services"], f["host_lost"], f["clean_latency_us"] / 1000, f["fill_ms"] / 2,
-                         f["overflowed"] - f["host_lost"]))
+                     "the others' worst latency %.1f ms (at %.3f s; half the fill time %.1f ms), %d samples "
+                     "overflowed" % (
+                         name, f["host_services"], f["host_lost"], f["clean_latency_us"] / 1000,
+                         f["clean_latency_at_us"] / 1e6, f["fill_ms"] / 2, f["overflowed"] - f["host_lost"]))
     return lines
 
 

@@ -176,6 +176,7 @@ class ChipClock:
         self.host_fault_spans = 0  # of host_spans, those with a page fault
         self.longest_host_span_us = 0
         self.longest_clean_span_us = 0
+        self.longest_clean_span_at_us = 0  # (when it ended)
         # A span's CPU time is held to its wall time (the meter's
         # span_wall_us, where it has one): what the count moved beyond it
         # moved while the meter read it, and is not charged; here how much
@@ -185,6 +186,7 @@ class ChipClock:
         self.outside_us = 0
         self.outside_spans = 0
         self.outside_max_us = 0
+        self._stop_us = 0  # the meter's reading at the last span's end
         self._span_host_us = 0  # the last span's readings, raw (the tares are measured on them)
         self._span_wall_us = 0
         self.sim_alloc = 0  # bytes the simulation allocated (not the firmware's)
@@ -275,8 +277,12 @@ class ChipClock:
     def enter(self):
         self._depth += 1
         if self._depth == 1:  # (the simulation's own calls to the clock nest)
-            # From here on what is allocated is the simulation's, the clock's
-            # own work included (callbacks it runs are the firmware's again).
+            # The firmware's span ends with the meter's reading, before
+            # anything else: _charge_cpu's own call frame (over 11 words,
+            # from the heap) is the simulation's. From here on what is
+            # allocated is the simulation's, the clock's own work included
+            # (callbacks it runs are the firmware's again).
+            self._stop_us = self._meter.stop_us()
             self._alloc_mark = mem_total()
             self._garbage_mark = mem_current()
             self._charge_cpu()
@@ -308,8 +314,7 @@ class ChipClock:
         return x // 1000000
 
     def _charge_cpu(self):
-        m = self._meter
-        h = m.stop_us() - self._mark
+        h = self._stop_us - self._mark
         w = self._span_wall() if self._span_wall is not None else -1
         self._span_host_us = h
         self._span_wall_us = w
@@ -327,6 +332,7 @@ class ChipClock:
                 self.longest_host_span_us = d
         elif d > self.longest_clean_span_us:
             self.longest_clean_span_us = d
+            self.longest_clean_span_at_us = self.t_us + d
         if d > self.stretch_span_us:
             self.stretch_span_us = d
         self.compute_us += d
@@ -454,10 +460,12 @@ class ChipClock:
         try:
             src.run()
         finally:
-            # The marks first: what _charge_cpu allocates (its call frames
-            # and its callees', over the VM's 11 words: ~5 kB/s at esp32
-            # speed, ~38 callbacks a second) is the clock's, not the
-            # callback's.
+            # The meter's reading first (as in enter()), then the marks:
+            # _charge_cpu's own call frame (over 11 words, from the heap)
+            # and what it and its callees allocate are the clock's, not the
+            # callback's, in CPU time and in bytes (~5 kB/s at esp32 speed,
+            # ~38 callbacks a second).
+            self._stop_us = self._meter.stop_us()
             self._alloc_mark = mem_total()
             self._garbage_mark = mem_current()
             self._charge_cpu()

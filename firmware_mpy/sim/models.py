@@ -609,6 +609,7 @@ class SimIrqPin:
         self.host_services = 0
         self.host_lost = 0
         self.worst_clean_latency_us = 0
+        self.worst_clean_at_us = 0  # (when the line fell)
         clock.add_source(self)
         chip.irq_pins.append(self)
 
@@ -645,6 +646,7 @@ class SimIrqPin:
                     self.host_lost += lost - self._lost0
             elif d > self.worst_clean_latency_us:
                 self.worst_clean_latency_us = d
+                self.worst_clean_at_us = self._fell_at
             self._lost0 = lost
             self._fell_at = -1
         self._low = False
