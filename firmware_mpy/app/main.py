@@ -36,8 +36,9 @@ _IDLE_MAX_MS = const(100)
 # Garbage is collected when the loop chooses: right after the fastest FIFO
 # was drained (wherever that was: a collection takes 25-45 ms at an ESP32's
 # speed, and from a drain the FIFO has its whole fill time, 62.5 ms at 512
-# Hz), once less than this is free (or half what the last collection freed,
-# if that was less), rather than wherever an allocation finds the heap full
+# Hz), once less than this is free (or, if that was less, what the last
+# collection left free less _GC_GARBAGE, and never less than half of it),
+# rather than wherever an allocation finds the heap full
 # (in the middle of a frame, with a FIFO filling). After start-up the loop
 # makes next to no garbage (README, Memory on the board), so the free heap
 # is looked at only every _GC_CHECK_MS: gc.mem_free() walks the whole
@@ -45,6 +46,13 @@ _IDLE_MAX_MS = const(100)
 # speed; once a loop it cost more than a frame did.
 _GC_HEADROOM = const(16384)
 _GC_CHECK_MS = const(250)
+# The garbage a board with less free than that lets build: 25 s of a BLE
+# board's control reads (gatts_read, ~82 bytes/s), a collection every 25 s
+# (25-45 ms at esp32 speed: 0.1-0.2 % of its CPU), where half its free heap
+# (4.7 kB of 9.3) let it build for a minute and left its low-water at 4.5
+# kB: the room a rarer message's decoding or a fault's report has without
+# a collection in the middle of a frame.
+_GC_GARBAGE = const(2048)
 # A loop iteration that has not ended after this long is stalled: the
 # watchdog restarts the board (a healthy one takes milliseconds).
 WATCHDOG_MS = const(5000)
@@ -339,7 +347,7 @@ class App:
             pass  # (the bus failed: the next poll reads it, and handles the fault)
         gc.collect()
         self._read_fifos()
-        self._gc_below = min(_GC_HEADROOM, gc.mem_free() // 2)
+        self._gc_below = _gc_threshold(gc.mem_free())
 
     def on_downlink(self, data, n=-1):
         # data[:n] (n < 0: all of it): one downlink message, not yet authenticated.
@@ -783,6 +791,11 @@ class App:
                 self.flush(_STOP_FLUSH_MS)
             finally:
                 self.stop()
+
+
+def _gc_threshold(free):
+    # The free heap below which the next collection is due, after one left free bytes.
+    return min(_GC_HEADROOM, max(free // 2, free - _GC_GARBAGE))
 
 
 def forget(package, name):

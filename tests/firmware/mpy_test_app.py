@@ -759,3 +759,15 @@ def test_the_fifos_are_read_between_a_status_messages_encoding_and_its_seal():
         del app.up.seal_written
     assert len(held) == 2 and held[0] < held[1], held
     assert model.lost == 0, model.lost
+
+
+def test_garbage_is_collected_before_it_takes_2_kb_of_a_small_free_heap():
+    # The next collection is due below what the last one left free less
+    # 2 kB (main._GC_GARBAGE), not half of it: a BLE board (9.3 kB free
+    # after one at esp32 speed) let its control reads' garbage build for a
+    # minute, to a 4.5 kB low-water (7.0 kB now, a collection every ~25 s).
+    # Plenty free: _GC_HEADROOM, as before; a tight heap: half of it, never
+    # a collection at every look.
+    assert main._gc_threshold(9300) == 9300 - 2048
+    assert main._gc_threshold(40000) == 16384
+    assert main._gc_threshold(3000) == 1500
