@@ -458,8 +458,10 @@ class Updater:
             floor = read(FLOOR)
             key = bundle.check_manifest(m, vendor_keys(), version, int(floor) if floor else 0,
                                         self.app.cfg.get("target", TARGET))
-            if self.data_at + m.size() != self.total:
-                raise self.bundle_error("the bundle's size is not its header's and files'", "truncated")
+            if self.data_at + m.size() != self.total:  # shorter: cut; longer: bytes after its files
+                raise self.bundle_error("the bundle is %d bytes, its header and files %d" % (
+                    self.total, self.data_at + m.size()), "truncated" if self.total < self.data_at + m.size()
+                    else "malformed")
             self.signed = (manifest, signature, key)
             self.head = None  # (kept until here: a MemoryError above runs this piece again)
             self.head_ok = True

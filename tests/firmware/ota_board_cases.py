@@ -215,6 +215,13 @@ def test_tampered_unsigned_foreign_and_downgraded_bundles_are_refused():
     assert _refused("wrong_target.bin") == "refused:wrong_target"
 
 
+def test_a_bundle_longer_than_its_files_is_malformed_and_a_shorter_one_cut():
+    # A bundle with bytes after its files was refused as "truncated", which the hub tells the
+    # technician as "the bundle reached it cut short: push it again" (bundle.check says "malformed").
+    assert _refused("trailing.bin") == "refused:malformed"
+    assert _refused("cut.bin") == "refused:truncated"
+
+
 def test_a_bundle_signed_by_a_key_the_board_does_not_hold_is_refused_once_its_header_is_in():
     # The key id is in the header, yet a board took the whole bundle (minutes over
     # BLE at a chip's speed) before it refused it as unknown_key.

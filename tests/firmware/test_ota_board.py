@@ -43,6 +43,9 @@ def _bundles(out: Path) -> None:
     (out / "other_key_large.bin").write_bytes(release.make_bundle(large, 200, "pulsebridge-fw 200", 100, "esp32",
                                                                   OTHER))
     (out / "wrong_target.bin").write_bytes(make(target="esp32s3"))
+    # Its size not its header's and files': bytes after its files, or its last file cut.
+    (out / "trailing.bin").write_bytes(good + b"\x00" * 40)
+    (out / "cut.bin").write_bytes(good[:-40])
     # A release's worth of files (the firmware has ~40): a manifest of ~2.7 kB.
     many = {"app/m%02d.py" % i: b"x = %d\n" % i for i in range(60)}
     (out / "many_files.bin").write_bytes(release.make_bundle(many, 200, "pulsebridge-fw 200", 100, "esp32", VENDOR))
@@ -61,4 +64,4 @@ def test_ota_on_the_board(micropython: str, tmp_path: Path) -> None:
                           text=True, timeout=600)
     print(proc.stdout, proc.stderr)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "FAIL" not in proc.stdout and "16 passed" in proc.stdout
+    assert "FAIL" not in proc.stdout and "17 passed" in proc.stdout
