@@ -170,6 +170,9 @@ class VitalsEngine:
         if quality < 0.75:
             return []  # withheld: too many implausible intervals
         st.heart_rate = (hr, at)
+        alerts = self._alerts(self.alerts.observe(dev, "heart_rate", hr, at))
+        if not self._due(dev, "heart_rate", at):
+            return alerts  # (the document is made only when it goes out)
         ppg = self._ppg.get(dev)
         check = _cross_check(hr, ppg.pulse_rate if ppg else None, at, "pulse_rate")
         if check and not check["agrees"]:
@@ -179,8 +182,7 @@ class VitalsEngine:
                "method": METHODS["heart_rate"], "source_frames": list(st.sources)}
         if check:
             doc["cross_check"] = check
-        alerts = self._alerts(self.alerts.observe(dev, "heart_rate", hr, at))
-        return ([doc] if self._due(dev, "heart_rate", at) else []) + alerts
+        return [doc] + alerts
 
     def _ppg_frame(self, f: FrameRecord, dev: str, end: float, key: str) -> list[dict[str, Any]]:
         st = self._ppg.get(dev)
@@ -197,19 +199,9 @@ class VitalsEngine:
         if heart is not None and abs(end - heart[1]) > CROSS_CHECK_AGE_S:
             heart = None
         r = st.est.estimate(expected_period_s=60.0 / heart[0] if heart else None)
-        out: list[dict[str, Any]] = []
-        base: dict[str, Any] = {"type": "vital", "device_id": dev, "at": _iso(end), "source_frames": list(st.sources),
-                                "quality": round(r.quality, 2)}
-        rate_doc: dict[str, Any] | None = None
         if r.pulse_rate_bpm is not None:
             st.pulse_rate = (r.pulse_rate_bpm, end)
-            check = _cross_check(r.pulse_rate_bpm, heart, end, "heart_rate")
-            q = r.pulse_quality * (DISAGREE_QUALITY_FACTOR if check and not check["agrees"] else 1.0)
-            rate_doc = dict(base, kind="pulse_rate", value=r.pulse_rate_bpm, unit="/min", quality=round(q, 2),
-                            method=METHODS["pulse_rate_ecg" if heart else "pulse_rate"])
-            if check:
-                rate_doc["cross_check"] = check
-        spo2: dict[str, Any] = dict(base, kind="spo2", value=r.spo2_pct, unit="%", method=METHODS["spo2"])
+        rel: RelativeEstimate | None = None
         if st.relative is not None:
             # One observation a second of the placement (its figures are per second).
             elapsed_s = (st.next_index - st.first_index) / f.rate_hz
@@ -217,16 +209,27 @@ class VitalsEngine:
                 st.relative_s = int(elapsed_s)
                 st.relative_estimate = st.relative.observe(r, elapsed_s)
             rel = st.relative_estimate
-            spo2 = dict(base, kind="spo2", value=rel.spo2_pct if rel else None, unit="%",
-                        quality=round(rel.quality, 2) if rel else 0.0, method=METHODS["spo2_relative"],
-                        expected_error_pct=rel.expected_error_pct if rel else None)
-        if spo2["value"] is None:
-            return out
-        out += self._alerts(self.alerts.observe(dev, "spo2", spo2["value"], end))
+        spo2_pct = r.spo2_pct if st.relative is None else rel.spo2_pct if rel else None
+        if spo2_pct is None:
+            return []
+        out = self._alerts(self.alerts.observe(dev, "spo2", spo2_pct, end))
         if not self._due(dev, "ppg", end):
-            return out
-        out.append(spo2)
-        if rate_doc is not None:
+            return out  # (the documents are made only when they go out)
+        base: dict[str, Any] = {"type": "vital", "device_id": dev, "at": _iso(end), "source_frames": list(st.sources),
+                                "quality": round(r.quality, 2)}
+        if st.relative is None:
+            out.append(dict(base, kind="spo2", value=spo2_pct, unit="%", method=METHODS["spo2"]))
+        else:
+            out.append(dict(base, kind="spo2", value=spo2_pct, unit="%",
+                            quality=round(rel.quality, 2) if rel else 0.0, method=METHODS["spo2_relative"],
+                            expected_error_pct=rel.expected_error_pct if rel else None))
+        if r.pulse_rate_bpm is not None:
+            check = _cross_check(r.pulse_rate_bpm, heart, end, "heart_rate")
+            q = r.pulse_quality * (DISAGREE_QUALITY_FACTOR if check and not check["agrees"] else 1.0)
+            rate_doc = dict(base, kind="pulse_rate", value=r.pulse_rate_bpm, unit="/min", quality=round(q, 2),
+                            method=METHODS["pulse_rate_ecg" if heart else "pulse_rate"])
+            if check:
+                rate_doc["cross_check"] = check
             out.append(rate_doc)
         if r.perfusion_index_pct is not None:
             out.append(dict(base, kind="perfusion_index", value=r.perfusion_index_pct, unit="%",

@@ -358,7 +358,7 @@ class SlidingZeroPhase:
         if first < w0:  # the window starts within its first frame: the carried state there
             _, state = cascade.filter(x[:, :w0 - first], state)
             x = x[:, w0 - first:]
-        a = x.mean(axis=1, keepdims=True)
+        a = x.sum(axis=1, keepdims=True) / w  # the mean
         b = (x @ d.slope_weights)[:, None]
         t = d.t_centred
         sigma0 = (x[:, :p + 1] - a - b * t[:p + 1]) @ d.front

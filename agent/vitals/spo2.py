@@ -113,7 +113,7 @@ def pulse_period(ac: np.ndarray, fs: float, expected_period_s: float | None = No
     (or the sum of several, normalised), checked against sub-multiples and multiples
     (module docstring). expected_period_s: the heart's period from an ECG, if known.
     (None, quality) when nothing repeats."""
-    x = ac - ac.mean()
+    x = ac - ac.sum() / len(ac)  # the mean (np.mean's arithmetic, without its wrapper)
     n = len(x)
     spec = np.fft.rfft(x, 2 * n)
     full = np.fft.irfft(spec.real ** 2 + spec.imag ** 2, 2 * n)[:n]  # the autocorrelation, lags 0..n-1
@@ -184,10 +184,9 @@ class OximetryEstimator:
         """A frame of both channels (equal lengths, any units proportional to light)."""
         both = np.vstack([np.asarray(red, dtype=float), np.asarray(ir, dtype=float)])
         self._light = np.concatenate([self._light, both], axis=1)[:, -self._n:]
-        dark = np.flatnonzero((both <= 0).any(axis=0))
-        if dark.size:  # no light (probe off): its log and band start again after it
+        if both.size and float(both.min()) <= 0:  # no light (probe off): its log and band start again after it
             self._log_band.reset()
-            both = both[:, int(dark[-1]) + 1:]
+            both = both[:, int(np.flatnonzero((both <= 0).any(axis=0))[-1]) + 1:]
         self._log_band.push(np.log(both))
 
     def estimate(self, expected_period_s: float | None = None) -> Oximetry:
@@ -222,7 +221,7 @@ class OximetryEstimator:
         if sq_r == 0 or sq_i == 0:
             return Oximetry(None, None, None, 0.0, None)
         rms_r, rms_i = np.sqrt(sq_r / len(ac_r)), np.sqrt(sq_i / len(ac_i))
-        light = light_window.mean(axis=1)
+        light = light_window.sum(axis=1) / light_window.shape[1]  # the means
         motion = _row_std(log_light - ac)
         figures = dict(light=(float(light[0]), float(light[1])), perfusion=(float(rms_r), float(rms_i)),
                        light_motion=(float(motion[0]), float(motion[1])))
