@@ -122,7 +122,7 @@ class Link:
     history: list[BoardStats] = field(default_factory=list)
     lost_at: float | None = None
     reconnect_s: list[float] = field(default_factory=list)
-    last_seen: float = 0.0
+    last_seen: float = 0.0  # monotonic: the board last heard (its port listed, its advertisement, a message)
     last_frame_at: float | None = None  # the last frame of an earlier session (UTC s): kept for the status
     firmware: str = ""  # as the board's last hello in an earlier session said: kept for the status
     identity_fault: str = ""  # as the board's last status in an earlier session said (BoardStats.identity_fault)
@@ -220,6 +220,8 @@ class LinkManager:
             link.transport = None
             link.history.append(stats)
             del link.history[:-HISTORY]
+            if session.heard_at is not None:  # heard over the link (a connected BLE board does not advertise)
+                link.last_seen = max(link.last_seen, session.heard_at)
         self.ended(link, end, opened)
         return end
 

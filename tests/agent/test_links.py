@@ -317,3 +317,49 @@ def test_a_hung_board_is_stalled_then_served_again(make_hub: Callable[..., harne
     print("hung board, then a bug: acknowledged %d, delivered %d, lost %d; ends %s" % (
         acked, delivered, lost, _board(agent, board.device_id)["ends"]))
     assert lost == 0 and acked > 0
+
+
+def test_a_ble_board_heard_until_its_link_dropped_reads_reconnecting_not_out_of_range(tmp_path: Any) -> None:
+    # A connected BLE board does not advertise: when it was last seen stayed at its scan, so a link
+    # that dropped after more than OUT_OF_RANGE_S connected (the board rebooting into an update, a
+    # moment's interference) read "out of range" at once, and the status page told the patient "It
+    # is out of range: bring it closer to the hub" (the demo's BLE board at its update's reboot).
+    import secrets
+
+    from agent.audit import AuditLog
+    from agent.ble_links import OUT_OF_RANGE_S
+    from agent.ingest import Ingestor
+    from agent.links import LinkManager
+    from agent.registry import Registry
+    from agent.store import Store
+    from agent.transports.base import TransportClosed
+    from tests.agent.test_epoch_resync import DEV, _frame
+    from tests.agent.test_wire_v1 import FakeTransport
+
+    class Dropping(FakeTransport):
+        name = "ble:" + DEV
+
+        async def receive(self) -> bytes:
+            if self.uplink:
+                return self.uplink.pop(0)
+            raise TransportClosed("disconnected", self.name, DEV)
+
+    key, salt = secrets.token_bytes(32), secrets.token_bytes(16)
+    reg = Registry(tmp_path / "registry.db", AuditLog(tmp_path / "audit.log"))
+    reg.add(DEV, key=key, actor="test")
+    store = Store(tmp_path / "store.db", ["b"])
+    store.start()
+    try:
+        manager = LinkManager(Ingestor(store, reg))
+        link = manager.link("ble", "ble:" + DEV)
+        link.device_id = DEV
+        link.last_seen = time.monotonic() - 2 * OUT_OF_RANGE_S  # its advertisement, then connected since
+        asyncio.run(manager.attempt(link, Dropping([_frame(key, 1, seq, salt) for seq in range(3)]), False))
+        assert link.stats is not None and link.stats.frames == 3
+        board, = manager.snapshot(OUT_OF_RANGE_S)
+        assert board["state"] == "backoff", board["state"]
+        board, = manager.snapshot(0.0)  # not heard since, for longer than the bound: out of range
+        assert board["state"] == "out_of_range", board["state"]
+    finally:
+        store.close()
+        reg.close()
