@@ -281,9 +281,11 @@ def firmware_report(r: dict[str, Any]) -> list[str]:
         total_wire / max(1, total_samples)))
     lines.append("  gaps %d, rejected %d, duplicates %d, FIFO overflows reported %d, frames dropped %d" % (
         r["gaps"], r["rejected"], r["duplicates"], r["fifo_lost"], r["frames_dropped"]))
-    if r.get("hub_acks"):
+    if r["link"] == "ble":
         lines.append("  the hub's acks over BLE: %d messages (each lingers %.1f s to cover the frames that follow)"
                      % (r["hub_acks"], BleTransport.ack_linger_s))
+    else:
+        lines.append("  the hub's acks over serial: %d messages" % r["hub_acks"])
     lines.append("  allocations in the steady state: %.0f bytes/s from the firmware's heap (%.0f bytes/s left to "
                  "the GC, %.0f bytes/s of call frames freed on return); the simulation's own garbage %.0f bytes/s" % (
                      r["alloc_bytes_per_s"], r["garbage_bytes_per_s"], r["frame_bytes_per_s"],

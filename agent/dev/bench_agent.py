@@ -1173,13 +1173,17 @@ def realistic_lines(r: dict[str, Any]) -> list[str]:
         "    added latency (frame in -> ack ready) p50 %.2f ms, p99 %.2f ms" % (
             rl["latency_p50_ms"], rl["latency_p99_ms"]),
         "    CPU %.2f %% of one core (goal <= 2 %%), %.2f ms a frame; RSS %.1f MB (goal <= 80 MB; this process, "
-        "the bench's own modules too; the MQTT client's process apart: %.1f MB)" % (
-            rl["cpu_percent_of_one_core"], rl["cpu_ms_per_frame"], rl["rss_mb"], rl["client_process_rss_mb"]),
-        "    of it: the event loop's thread %.2f %%, the store's writer %.2f %% (%.1f commits/s), the MQTT client's "
-        "process %.2f %%, other threads %.2f %% (outbox reads, documents); %.1f wake-ups of the event loop a "
-        "frame" % (
+        "the bench's own modules too%s)" % (
+            rl["cpu_percent_of_one_core"], rl["cpu_ms_per_frame"], rl["rss_mb"],
+            "; the MQTT client's process apart: %.1f MB" % rl["client_process_rss_mb"]
+            if rl["client_process_rss_mb"] else "; the MQTT client runs in it"),
+        "    of it: the event loop's thread %.2f %% (the MQTT client's work too, unless it has its own process), "
+        "the store's writer %.2f %% (%.1f commits/s),%s other threads %.2f %% (outbox reads, documents); %.1f "
+        "wake-ups of the event loop a frame" % (
             rl["loop_thread_cpu_percent_of_one_core"], rl["store_writer_cpu_percent_of_one_core"],
-            rl["commits_per_s"], rl["client_process_cpu_percent_of_one_core"],
+            rl["commits_per_s"],
+            " the MQTT client's process %.2f %%," % rl["client_process_cpu_percent_of_one_core"]
+            if rl["client_process_rss_mb"] else "",
             rl["cpu_percent_of_one_core"] - rl["loop_thread_cpu_percent_of_one_core"]
             - rl["store_writer_cpu_percent_of_one_core"] - rl["client_process_cpu_percent_of_one_core"],
             rl["loop_wakeups_per_frame"]),
