@@ -58,6 +58,9 @@ PAYLOADS = ("json", "cbor")
 # Documents in one PUBLISH at most (documents_per_message): a message of 100 ECG frames' JSON
 # documents is ~400 kB, well under what brokers take by default (Mosquitto: 256 MB).
 MAX_DOCUMENTS_PER_MESSAGE = 100
+# Messages above this may be more than a broker takes (AWS IoT Core: 128 kB a message); such a
+# broker closes the connection, and a batch that fails so says its largest message and the setting.
+LARGE_MESSAGE_BYTES = 128 * 1024
 # Where the MQTT client (paho) runs: on the agent's event loop, or in a process of its own per connection.
 CLIENTS = ("in-process", "process")
 # RFC 8746: a typed array of signed 32-bit integers, little-endian.
@@ -399,8 +402,15 @@ class MqttForwarder(Forwarder):
             self._connection = await self._connect()
         try:
             await self._connection.publish(messages)
-        except BaseException:
+        except BaseException as e:
             await self.close()  # its PUBACKs are given up: the rows go again on a new connection
+            largest = max((len(payload) for _, payload in messages), default=0)
+            if isinstance(e, DeliveryError) and self.cfg.documents_per_message > 1 and largest > LARGE_MESSAGE_BYTES:
+                # (the same batch fails the same way at every retry: the operator must hear why it may)
+                raise DeliveryError("%s; its largest message was %d kB (documents_per_message = %d): a broker "
+                                    "that takes smaller messages closes the connection, lower documents_per_message"
+                                    % (e, largest // 1024, self.cfg.documents_per_message),
+                                    backend=self.name) from e
             raise
 
     def messages(self, rows: list[Row]) -> list[tuple[str, bytes]]:

@@ -28,9 +28,10 @@ from tests.waiting import async_wait_for, wait_for
 
 
 def _start_broker(exe: str, tmp: Path, pki: harness.Pki, port: int = 0,
-                  persistent: bool = False) -> tuple[subprocess.Popen[bytes], int]:
+                  persistent: bool = False, extra: str = "") -> tuple[subprocess.Popen[bytes], int]:
     """Mosquitto on loopback (port 0: a free one), TLS with client certificates;
-    persistent: its sessions and queued messages kept in tmp across a restart."""
+    persistent: its sessions and queued messages kept in tmp across a restart; extra: more of its
+    configuration's lines."""
     port = port or harness.free_port()
     conf = tmp / "mosquitto.conf"
     conf.write_text(
@@ -38,9 +39,9 @@ def _start_broker(exe: str, tmp: Path, pki: harness.Pki, port: int = 0,
         "use_identity_as_username true\nallow_anonymous false\n%s\n"
         # Started as root, mosquitto would switch to its own user, who cannot
         # read our 0600 key: it stays who we are.
-        "user %s\n" % (port, pki.ca_cert, pki.server_cert, pki.server_key,
-                       "persistence true\npersistence_location %s/" % tmp if persistent else "persistence false",
-                       getpass.getuser()))
+        "user %s\n%s" % (port, pki.ca_cert, pki.server_cert, pki.server_key,
+                         "persistence true\npersistence_location %s/" % tmp if persistent else "persistence false",
+                         getpass.getuser(), extra))
     proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for(lambda: _listening(port), 30, "mosquitto listening")
     return proc, port
@@ -53,8 +54,8 @@ def _stop_broker(broker: subprocess.Popen[bytes]) -> None:
         broker.stderr.close()
 
 
-def _store_frames(store: Store, device_id: str, seqs: range) -> None:
-    """Small ECG frames (4 samples) of one board in the store, as ingest stores them, committed together."""
+def _store_frames(store: Store, device_id: str, seqs: range, samples: int = 4) -> None:
+    """ECG frames (4 samples unless said) of one board in the store, as ingest stores them, committed together."""
     key = bytes(range(32))
     up = cose.MacKey(key, device_id.encode(), cose.AAD_UPLINK)
     sealer, opener = cipher.SampleCipher(key, bytes(16)), cipher.SampleCipher(key)
@@ -62,8 +63,9 @@ def _store_frames(store: Store, device_id: str, seqs: range) -> None:
     async def store_all() -> None:
         stored = []
         for s in seqs:
+            values = [1, 2, 3, s] if samples == 4 else [(s * 7919 + 104729 * i) % 6001 - 3000 for i in range(samples)]
             raw = up.seal(messages.encoded(messages.SampleFrame(
-                1, s, 1, s, s * 4, 512, 4, (1, 1), None, (0, 0, 0, 0), [[1, 2, 3, s]]), sealer=sealer))
+                1, s, 1, s, s * samples, 512, samples, (1, 1), None, (0, 0, 0, 0), [values]), sealer=sealer))
             m = messages.decode_payload(cose.parse(raw).payload, messages.UPLINK_TYPES, decode_samples=False,
                                         opener=opener)
             assert isinstance(m, messages.SampleFrame)
@@ -1136,3 +1138,37 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_broker_that_takes_smaller_messages_than_a_batch_makes_is_named_with_the_setting(mosquitto: str,
+                                                                                         tmp_path: Path) -> None:
+    # documents_per_message = 50 makes messages of ~200 kB of ECG JSON; a broker that takes less (here
+    # 128 kB, as AWS IoT Core) closes the connection at the first of them, at every retry: nothing was
+    # ever forwarded, and the error said only "connection lost ...: disconnected (Unspecified error)".
+    pki = harness.pki_for(tmp_path)
+    broker, port = _start_broker(mosquitto, tmp_path, pki, extra="max_packet_size 131072\n")
+    store = Store(tmp_path / "store.db", ["broker"])
+    store.start()
+    try:
+        _store_frames(store, "pb-big1", range(60), samples=512)
+
+        async def scenario() -> None:
+            cfg = MqttConfig(name="broker", type="mqtt", url="mqtts://localhost:%d" % port, ca_file=pki.ca_cert,
+                             client_cert=pki.client_cert, client_key=pki.client_key, linger_s=0, batch=60,
+                             timeout_s=5.0, documents_per_message=50)
+            fw = MqttForwarder(cfg, store, "test-hub", asyncio.Event())
+            fw.backoff.cap_s = 0.5
+            task = asyncio.create_task(fw.run())
+            try:
+                await async_wait_for(lambda: fw.failures >= 2, 60, "the batch failed twice", lambda: fw.last_error)
+                assert fw.forwarded == 0
+                assert "largest message was" in fw.last_error and "documents_per_message = 50" in fw.last_error, \
+                    fw.last_error
+            finally:
+                await _stop(fw, task)
+
+        asyncio.run(scenario())
+        assert _outbox(store, "broker") == 60  # nothing lost: every row waits
+    finally:
+        store.close()
+        _stop_broker(broker)
