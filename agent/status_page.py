@@ -650,11 +650,12 @@ TEXT = {
         "no_backend": "Les mesures restent sur la passerelle : aucun envoi vers une équipe soignante n'est prévu.",
         "bt_down": "Le Bluetooth de la passerelle ne répond pas : débranchez-la puis rebranchez-la.",
         "stuck": "La passerelle ne répond plus bien : elle va redémarrer d'elle-même.",
-        "store_fault": "La passerelle ne peut plus enregistrer (carte pleine ?) : les mesures attendent sur les "
-                       "capteurs ; libérez de la place.",
+        "store_fault": "La passerelle ne peut pas enregistrer les mesures pour l'instant (sa carte mémoire est "
+                       "peut-être pleine) : elles attendent sur les capteurs. Faites vérifier la passerelle par le "
+                       "technicien.",
         "store_recovered": "Le stockage de la passerelle était endommagé ; il a été reconstruit.",
-        "store_short": "La passerelle manque de place : elle efface des mesures pas encore envoyées ; libérez de "
-                       "la place.",
+        "store_short": "La passerelle manque de place : elle doit effacer les plus anciennes mesures pas encore "
+                       "envoyées. Faites vérifier la passerelle par le technicien.",
         "live": "En direct — dernière mesure il y a {age}", "silent": "Aucune mesure depuis {time} (il y a {age})",
         "waiting": "En attente de sa première mesure", "not_live": "Valeurs de {time}, pas en direct",
         "hr": "Rythme cardiaque", "spo2": "Oxygène dans le sang", "pr": "Pouls", "per_min": "par min",
@@ -718,9 +719,11 @@ TEXT = {
         "no_backend": "Readings stay on this hub: sending them to a care team is not set up.",
         "bt_down": "The hub's Bluetooth is not answering: unplug the hub, then plug it back in.",
         "stuck": "The hub is not responding well: it will restart by itself.",
-        "store_fault": "The hub cannot store readings (card full?): they wait on the sensors; free some space.",
+        "store_fault": "The hub cannot store readings right now (its memory card may be full): they wait on the "
+                       "sensors. Have the technician check the hub.",
         "store_recovered": "The hub's storage was damaged; it has been rebuilt.",
-        "store_short": "The hub is short of space: it deletes readings not yet sent; free some space.",
+        "store_short": "The hub is running out of space: it has to delete the oldest readings not yet sent. Have "
+                       "the technician check the hub.",
         "live": "Live — last reading {age} ago", "silent": "No reading since {time} ({age} ago)",
         "waiting": "Waiting for its first reading", "not_live": "Values from {time}, not live",
         "hr": "Heart rate", "spo2": "Oxygen in the blood", "pr": "Pulse", "per_min": "per min",

@@ -237,6 +237,17 @@ def test_every_text_exists_in_both_languages_without_jargon() -> None:
         assert jargon not in words, jargon
 
 
+def test_a_full_card_is_the_technicians_to_fix_not_the_patients() -> None:
+    # The page told a patient "free some space" ("libérez de la place") of a hub's memory card, which
+    # no patient can do (a shell on the Raspberry Pi): the other notices of that kind send them to the
+    # technician, these now too.
+    for lang, technician in (("en", "technician"), ("fr", "technicien")):
+        words = " ".join(TEXT[lang].values()).lower()
+        assert "free some space" not in words and "libérez" not in words, lang
+        for key in ("store_fault", "store_short"):
+            assert technician in TEXT[lang][key], (lang, key, TEXT[lang][key])
+
+
 def test_headlines_end_without_a_period_as_the_announcement_adds_one() -> None:
     # page.js announces "<headline>. <notices>": the green headlines ended with a period of their own,
     # so a screen reader was given "... kept on this hub.." (the other headlines had none)
