@@ -357,8 +357,8 @@ def test_status_page_and_cli_tell_a_full_disk(make_hub: Callable[..., Any], tmp_
             return found
 
         found = asyncio.run(scenario())
-        assert "carte pleine" in found["fr-FR"], found["fr-FR"]
-        assert "card full" in found["en-GB"], found["en-GB"]
+        assert "carte mémoire est peut-être pleine" in found["fr-FR"], found["fr-FR"]
+        assert "memory card may be full" in found["en-GB"], found["en-GB"]
         assert "store FAULT for" in found["cli"] and "disk is full" in found["cli"], found["cli"]
 
 
