@@ -4,28 +4,14 @@
 # chip by the calibrated factor (sim/speedbench.py). Prints one JSON line.
 # Each slice is a span of its own between two readings of the meter: what
 # the meter's own reading costs inside a span (its tare, ~6 us here: a
-# quarter of a 25 us slice) is measured on empty spans and taken off each,
+# quarter of a 25 us slice; sim.tare) is measured on empty
+# spans and taken off each,
 # or the 467 slices' sum would count it 467 times, the whole check once.
 import json
 import sys
 
 from protocols import bundle
-
-_TARE_SPANS = 1000
-
-
-def tare_milli(meter):
-    # What an empty span between two readings of the meter shows, in
-    # thousandths of a us: the mean of the middle 80 % of _TARE_SPANS (a
-    # preemption or a tick is not the meter's).
-    d = [0] * _TARE_SPANS
-    for i in range(_TARE_SPANS):
-        t0 = meter.now_us()
-        d[i] = meter.now_us() - t0
-    d.sort()
-    lo = _TARE_SPANS // 10
-    mid = d[lo:_TARE_SPANS - lo]
-    return sum(mid) * 1000 // len(mid)
+from sim.tare import tare_milli
 
 
 def sliced(meter, steps, tare):
