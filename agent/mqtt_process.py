@@ -25,8 +25,9 @@ import os
 import socket
 import ssl
 import sys
+import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -118,7 +119,7 @@ class Connection:
         """tls: whether the client was given a TLS context; over plaintext (mqtt://), a connection
         that ends or stays silent before its CONNACK is said to be what a TLS port does."""
         try:
-            rc = await asyncio.to_thread(self.client.connect, host, port, round(self.keepalive_s))
+            rc = await in_daemon_thread(self.client.connect, host, port, round(self.keepalive_s))
         except (OSError, ssl.SSLError, ssl.CertificateError) as e:
             # A reset once TCP is up, or a reply that is no TLS record, is a handshake a plaintext port refused
             plain = tls and (isinstance(e, ConnectionResetError) or "WRONG_VERSION_NUMBER" in str(e))
@@ -300,6 +301,40 @@ class Connection:
     async def _keepalive(self) -> None:
         while self.client.loop_misc() == MQTTErrorCode.MQTT_ERR_SUCCESS:
             await asyncio.sleep(self.misc_period_s)
+
+
+_T = TypeVar("_T")
+
+
+async def in_daemon_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """fn(*args) run on a daemon thread of its own, and awaited. paho's connect blocks (the name's
+    lookup, TCP, the TLS handshake: each up to timeout_s); on the loop's default executor, an agent
+    stopped while a broker stalled its handshake waited it out (asyncio.run joins that executor's
+    threads: up to timeout_s, 600 s at most, past systemd's stop timeout). Awaiting this may be
+    cancelled at once: the thread ends by itself, its result dropped (a socket it opened late is
+    closed by _watch, or with the process)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[_T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not fut.done():
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+    def run() -> None:
+        try:
+            outcome: tuple[bool, Any] = (True, fn(*args))
+        except BaseException as e:  # handed to the awaiting task, which decides
+            outcome = (False, e)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:
+            pass  # the loop is closed: nobody awaits it
+
+    threading.Thread(target=run, name="mqtt-connect", daemon=True).start()
+    return await fut
 
 
 class _ClosedOnFailedHandshake(ssl.SSLSocket):

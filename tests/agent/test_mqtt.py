@@ -1172,3 +1172,50 @@ def test_a_broker_that_takes_smaller_messages_than_a_batch_makes_is_named_with_t
     finally:
         store.close()
         _stop_broker(broker)
+
+
+@pytest.mark.parametrize("client", ["in-process", "process"])
+def test_an_agent_stopped_while_a_broker_holds_its_tls_handshake_stops_at_once(tmp_path: Path, client: str) -> None:
+    # paho's connect blocks (TCP, then the TLS handshake, each up to timeout_s) and ran on the loop's
+    # default executor: an agent stopped while a broker held the handshake (took the connection, said
+    # nothing) waited it out, as asyncio.run joins that executor's threads: 30 s here, up to 600 s with
+    # timeout_s at its bound, past systemd's stop timeout.
+    import socket
+    import threading
+    import time
+
+    pki = harness.pki_for(tmp_path)
+    held: list[socket.socket] = []
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(60)
+    accepted = threading.Event()
+
+    def hold() -> None:  # takes the connection and answers nothing
+        held.append(server.accept()[0])
+        accepted.set()
+
+    threading.Thread(target=hold, daemon=True).start()
+    store = Store(tmp_path / "store.db", ["broker"])
+    store.start()
+    try:
+        _store_frames(store, "pb-t5", range(1))
+        cfg = MqttConfig(name="broker", type="mqtt", url="mqtts://127.0.0.1:%d" % server.getsockname()[1],
+                         ca_file=pki.ca_cert, client_cert=pki.client_cert, client_key=pki.client_key, linger_s=0,
+                         timeout_s=30.0, client=client)
+
+        async def scenario() -> float:
+            fw = MqttForwarder(cfg, store, "test-hub", asyncio.Event())
+            task = asyncio.create_task(fw.run())
+            await async_wait_for(accepted.is_set, 60, "the forwarder's connection taken, its handshake held")
+            stop_at = time.monotonic()
+            await _stop(fw, task)
+            return stop_at
+
+        stop_at = asyncio.run(scenario())  # returns as an agent's run ends, once its loop is shut down
+        # Well within the handshake's 30 s (a bound for a loaded machine; it took 0.0 s here).
+        assert time.monotonic() - stop_at < 10.0
+    finally:
+        store.close()
+        server.close()
+        for s in held:
+            s.close()
