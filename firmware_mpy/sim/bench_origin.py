@@ -2,7 +2,7 @@
 # per-frame digest (app/origin.py OriginLog.add) over payloads of the sizes a
 # board sends, and one checkpoint, in CPU time here and scaled to a chip by
 # the calibrated factor (sim/speedbench.py). Prints one JSON line. Each
-# run is timed less the meter's own reading inside its span (sim/tare.py
+# run is timed less the meter's own reading inside its span (sim/tare.py:
 # ~6 us here, against a frame's digest of tens of us).
 import json
 import sys
