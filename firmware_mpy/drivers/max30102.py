@@ -69,6 +69,7 @@ class MAX30102:
         self._irq = False  # FIFO interrupt enabled (kept across a restart)
         self.lost = 0
         self.lost_after = False  # its FIFO rolls over, the oldest overwritten: the loss precedes the samples read
+        self._rd_ptr = 0  # FIFO_RD_PTR as the last drain found it, before its burst
 
     def _write(self, reg, value):
         self._one[0] = value
@@ -165,15 +166,17 @@ class MAX30102:
         # WR_PTR == RD_PTR means empty or full (32 unread). It is full if
         # samples overflowed (OVF_COUNTER > 0) or if A_FULL was set since we
         # last read INT_STATUS_1: A_FULL needs a write that leaves FIFO_A_FULL
-        # slots free, and since the previous read of this status only writes
-        # happened after our drain, so the FIFO cannot be empty again. Status
-        # and pointers come in one transaction (registers 0x00..0x06).
+        # slots free, and the status is read again after each burst, so the
+        # FIFO cannot be empty again (see _after_burst). Status and pointers
+        # come in one transaction (registers 0x00..0x06).
         # (In pieces of at most 11 words of call frame, or each read would
         # take its frame from the heap: README, "call frames".)
         n = self._level(room)
         if n == 0:
             return 0
-        return self._read_burst(chans, pos, n)
+        self._read_burst(chans, pos, n)
+        self._after_burst(n)
+        return n
 
     def _level(self, room):
         # Samples to read (room at most); sets self.lost.
@@ -183,6 +186,7 @@ class MAX30102:
         if lost == _OVF_SATURATED:
             lost = -1  # 31 or more: the count saturated, the caller estimates
         self.lost = lost
+        self._rd_ptr = regs[6]
         n = (regs[4] - regs[6]) & (_FIFO_DEPTH - 1)
         if n == 0 and (lost or regs[0] & _INT_A_FULL):
             n = _FIFO_DEPTH
@@ -191,4 +195,18 @@ class MAX30102:
     def _read_burst(self, chans, pos, n):
         self._i2c.readfrom_mem_into(self._addr, _REG_FIFO_DATA, self._views[n])
         self.saturated = _native.max30102_samples(self._burst, n, chans[0], chans[1], pos) != 0
-        return n
+
+    def _after_burst(self, n):
+        # Samples that arrive between the pointer read and the burst's first
+        # pop, in a full FIFO, overwrite its oldest (RD_PTR moves on with
+        # WR_PTR) and count in OVF_COUNTER, which the pop clears: lost before
+        # the samples read, counted by nobody (at 400 kHz a whole FIFO's
+        # burst takes 4.4 ms, 0.44 of a sample at 100 Hz). RD_PTR tells: it
+        # moved by the n pops, the overwrites and those after the last pop
+        # (OVF_COUNTER now; the next drain counts them). Their writes also
+        # set A_FULL after our status read: read again with the pointers,
+        # it no longer makes an emptied FIFO's equal pointers read as full.
+        regs = self._ptrs
+        self._i2c.readfrom_mem_into(self._addr, _REG_INT_STATUS_1, regs)
+        if self.lost >= 0:
+            self.lost += (regs[6] - self._rd_ptr - n - regs[5]) & (_FIFO_DEPTH - 1)

@@ -45,11 +45,13 @@ def _board():
     return b, link
 
 
-def _ppg_chip(clock, ppm=0):
+def _ppg_chip(clock, ppm=0, bus_hz=0):
+    # bus_hz: the I2C bus takes its bits' time on clock at this rate (0: none).
     sim = _sim()
     w = Waveform(sim["ppg"]["file"], sim["ppg"]["rate_hz"], 2)
     model = models.MAX30102Model(clock, w, ppm)
-    return MAX30102(models.SimI2C([model]), clock.sleep_ms), model
+    bus = models.SimI2C([model], clock, bus_hz) if bus_hz else models.SimI2C([model])
+    return MAX30102(bus, clock.sleep_ms), model
 
 
 def _ecg_chip(clock, ppm=0):
