@@ -240,10 +240,11 @@ def cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `pulsebridge-dev` command line: every command and option, each with its help."""
     parser = argparse.ArgumentParser(
         prog="pulsebridge-dev", description="pulsebridge development tools: simulated boards, demo, benchmarks.")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log in detail (debug) on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sim", help="run simulated boards (firmware under micropython) on pseudo-terminals")
@@ -276,11 +277,13 @@ def main(argv: list[str] | None = None) -> int:
                         "CBOR), the backlog's drain and their profiles (forward); vitals benchmark: every figure "
                         "(all) or the desaturation set's alone (desaturation: the agent's relative estimator, the "
                         "absolute line and the camera set's pulse rate, without the estimators compared)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the figures as JSON")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("release", help="the vendor's release tool: a vendor key, signed firmware bundles")
-    p.add_argument("action", choices=["keygen", "sign"])
+    p.add_argument("action", choices=["keygen", "sign"],
+                   help="keygen: a new vendor key pair (prints the public key and its key id); sign: a bundle of "
+                        "this tree's firmware, signed with --key")
     p.add_argument("--out", type=Path, required=True, help="keygen: the private key file; sign: the bundle")
     p.add_argument("--key", type=Path, help="sign: the vendor's private key (PEM)")
     p.add_argument("--version", type=int, help="sign: the release number, strictly rising")
@@ -289,8 +292,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="sign: once installed, the board refuses any version below this")
     p.add_argument("--target", default="esp32", help="sign: the board type (default esp32)")
     p.set_defaults(func=cmd_release)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     missing = missing_dev_packages()
     if missing:
         print("pulsebridge-dev: the development tools need %s: pip install -e '.[dev]' (from the checkout)"

@@ -943,12 +943,18 @@ def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> It
 
 def test_every_option_of_every_operator_command_says_what_it_is() -> None:
     # `--help` listed --config, --device, --port, --json, a bundle... bare: where the configuration is
-    # read from unless named (/etc/pulsebridge/agent.toml) was in no help, nor what --device takes.
+    # read from unless named (/etc/pulsebridge/agent.toml) was in no help, nor what --device takes;
+    # pulsebridge-dev's bench --json and release's keygen|sign neither.
+    from agent.dev.cli import build_parser as build_dev_parser
+
     commands = list(_commands(build_parser()))
     assert {" ".join(words) for words, _ in commands} >= {"agent", "devices", "erase", "export-data", "status",
                                                          "provision", "rotate-key", "ota push", "verify-origin"}
+    dev = list(_commands(build_dev_parser(), ("pulsebridge-dev",)))
+    assert {" ".join(words) for words, _ in dev} >= {"pulsebridge-dev sim", "pulsebridge-dev demo",
+                                                    "pulsebridge-dev bench", "pulsebridge-dev release"}
     bare = ["%s %s" % (" ".join(words), "/".join(a.option_strings) or a.dest)
-            for words, parser in commands for a in parser._actions
+            for words, parser in commands + dev for a in parser._actions
             if not isinstance(a, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction))
             and not (a.help or "").strip()]
     assert not bare, bare
