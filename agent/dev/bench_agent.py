@@ -324,7 +324,7 @@ def baseline(n: int) -> dict[str, float]:
 
     py = PYCOSE_VENV / "bin" / "python"
     if not py.exists():
-        raise FileNotFoundError("%s is missing: ./run tests creates it" % PYCOSE_VENV)
+        raise FileNotFoundError("%s is missing: ./run bench (or ./run tests) creates it" % PYCOSE_VENV)
     fleet = Fleet()
     raws = fleet.batch(n)
     with tempfile.TemporaryDirectory() as tmp:
