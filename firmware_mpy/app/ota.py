@@ -194,6 +194,7 @@ class Updater:
         self.prefix = None  # the bundle's first _PREFIX bytes, kept from its first chunk
         self.head_need = 0  # the header's size in bytes, once its first bytes are read
         self.head_ok = False  # the header is checked (while receiving, or after)
+        self.head_later = False  # no room for its check while chunks came: it runs after the last
         self.refused = None  # (total, state) of the bundle last refused: its late chunks are answered so
         if slot_text(TRIAL) == self.slot:
             self.state = TRIAL_RUN
@@ -338,6 +339,9 @@ class Updater:
         rmtree(self.spare)  # nothing of the refused bundle stays; the running version streams on
         self.state = IDLE
         self.head_ok = False
+        self.head_later = False
+        self.signed = (b"", b"", b"")  # nothing of the refused bundle's check kept
+        self.gen = None
         self.prefix = None
         self.head_need = 0
         self.head_piece = _H_SIZE
@@ -353,7 +357,7 @@ class Updater:
         s = self.state
         try:
             if s == RECEIVING:
-                if not self.head_ok:  # the header's check, a piece per loop while chunks come
+                if not (self.head_ok or self.head_later):  # the header's check, a piece per loop while chunks come
                     if self.loaded < len(_LOAD):
                         self._load()
                     else:
@@ -400,6 +404,13 @@ class Updater:
             if s == SIGNATURE:
                 self.gen = None
             gc.collect()
+            if s == RECEIVING:
+                # The header's early check (its modules, its one 8 kB block)
+                # found no room while chunks come: it is only there to refuse
+                # a bundle sooner, so it waits for the last chunk and runs
+                # then, as the whole check did before, never a refusal here.
+                self.head_later = True
+                return True
             self.oom += 1
             if self.oom > _OOM_TRIES:
                 import micropython

@@ -366,6 +366,38 @@ def test_no_memory_for_the_header_is_tried_again_not_a_refusal():
     assert failures[0] == 0 and _read(ota.NEXT) == b"b"
 
 
+def test_no_memory_for_the_headers_early_check_while_chunks_come_waits_for_the_last_chunk():
+    # The header is checked while the chunks still come, to refuse a bad
+    # bundle sooner. A heap with no room for that check then (each try
+    # after a collection, a loop apart) ran out its _OOM_TRIES and refused
+    # a good bundle as no_memory (seen in CI: a serial board's second push).
+    # It now runs once the last chunk is in, as the whole check did before.
+    from protocols import cbor
+
+    _clean()
+    data = _read("bundles/good_large.bin")  # (~100 kB: the header in long before the last chunk)
+    b, app, link = _app()
+    real = cbor.decode_prefix
+    failed = [0]
+
+    def decode_prefix(*args):  # fault injected: no room for the header's check while chunks come
+        u = app.update
+        if u is not None and u.state == ota.RECEIVING and bytes(args[0][:16]) == data[:16]:
+            failed[0] += 1
+            raise MemoryError("memory allocation failed, allocating 8192 bytes")
+        return real(*args)
+
+    cbor.decode_prefix = decode_prefix
+    try:
+        _push(b, app, link, data, lambda s: s.state.startswith("refused"))
+        raise AssertionError("refused: %r" % _states(link)[-1].state)
+    except Reboot:
+        pass
+    finally:
+        cbor.decode_prefix = real
+    assert failed[0] >= 1 and _read(ota.NEXT) == b"b"
+
+
 def test_memory_short_now_and_then_during_the_signature_check_neither_skips_it_nor_ends_the_update():
     # A signature check that met a MemoryError went on to the files as if
     # the signature held (a generator that raised ends: its next() stops),

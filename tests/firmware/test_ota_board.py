@@ -42,6 +42,7 @@ def _bundles(out: Path) -> None:
     large = dict(files, **{"app/big.py": b"# padding\n" * 10000})
     (out / "other_key_large.bin").write_bytes(release.make_bundle(large, 200, "pulsebridge-fw 200", 100, "esp32",
                                                                   OTHER))
+    (out / "good_large.bin").write_bytes(release.make_bundle(large, 200, "pulsebridge-fw 200", 100, "esp32", VENDOR))
     (out / "wrong_target.bin").write_bytes(make(target="esp32s3"))
     # Its size not its header's and files': bytes after its files, or its last file cut.
     (out / "trailing.bin").write_bytes(good + b"\x00" * 40)
@@ -64,4 +65,4 @@ def test_ota_on_the_board(micropython: str, tmp_path: Path) -> None:
                           text=True, timeout=600)
     print(proc.stdout, proc.stderr)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "FAIL" not in proc.stdout and "17 passed" in proc.stdout
+    assert "FAIL" not in proc.stdout and "18 passed" in proc.stdout
