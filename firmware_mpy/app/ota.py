@@ -52,6 +52,7 @@ _CONFIRM_MS = const(60000)  # acknowledged streaming before a new version is kep
 _ACK_FRESH_MS = const(10000)  # ...with an ack at most this old
 _TRIAL_MAX_MS = const(180000)  # a trial not confirmed by then is rolled back (a reboot)
 _OOM_TRIES = const(20)  # pieces of an update that may find no memory (each retried) before it is given up
+_OOM_MS = const(10000)  # ... and for at least this long: right after the last chunk a busy heap recovers in time
 _REPEAT_MS = const(10000)  # an outcome's report said again this often...
 _REPEATS = const(6)  # ...this many times in all (a minute: the hub's port reopened meanwhile)
 _DRAIN_MAX_MS = const(10000)  # waiting for the outbox's acks before the reboot, at most
@@ -186,6 +187,7 @@ class Updater:
         self.final_at = 0
         self.repeats = 0
         self.oom = 0  # pieces that found no memory
+        self.oom_since = 0  # when the first of them did (board ms)
         self.part = None  # the spare slot's .part, open for appending while chunks come
         self.have = 0  # bytes in it
         self.loaded = 0  # modules of _LOAD loaded
@@ -397,8 +399,9 @@ class Updater:
             # The header (a few kB) or the signature's numbers found no
             # room: the same piece again next loop after a collection; a
             # heap that never has room for a piece (_OOM_TRIES failures in
-            # a row: an update has hundreds of pieces, and a busy heap may
-            # fail any one now and then) ends the update, saying so. A
+            # a row over at least _OOM_MS: an update has hundreds of pieces,
+            # and a busy heap may fail any one now and then, or several for
+            # a moment) ends the update, saying so. A
             # generator that raised is over, its next() ending as if the
             # signature held: the signature's check starts over.
             if s == SIGNATURE:
@@ -411,8 +414,10 @@ class Updater:
                 # then, as the whole check did before, never a refusal here.
                 self.head_later = True
                 return True
+            if self.oom == 0:
+                self.oom_since = now
             self.oom += 1
-            if self.oom > _OOM_TRIES:
+            if self.oom > _OOM_TRIES and ticks.diff(now, self.oom_since) >= _OOM_MS:
                 import micropython
 
                 micropython.mem_info()  # (the console: the heap's state, for the technician)

@@ -426,6 +426,31 @@ def test_memory_short_now_and_then_during_the_signature_check_neither_skips_it_n
     assert shortages[0] == 0
 
 
+def test_memory_short_for_a_moment_after_the_last_chunk_is_waited_out_not_a_refusal():
+    # An update's pieces that found no memory 20 times in a row ended it as
+    # no_memory, however short the shortage: 20 loops, a fraction of a
+    # second (CI: a serial board refused a good bundle 0.6 s after its last
+    # chunk). A shortage now ends the update only once it has lasted
+    # _OOM_MS too.
+    from protocols import bundle
+
+    real = bundle.signature_steps
+    shortages = [25]  # more than _OOM_TRIES in a row, each try after a collection
+
+    def signature_steps(*args):  # fault injected: MemoryError at each try of the check, 25 times
+        if shortages[0]:
+            shortages[0] -= 1
+            raise MemoryError("memory allocation failed, allocating 64 bytes")
+        return real(*args)
+
+    bundle.signature_steps = signature_steps
+    try:
+        assert _refused("forged.bin") == "refused:bad_signature"
+    finally:
+        bundle.signature_steps = real
+    assert shortages[0] == 0
+
+
 def _fill_leaving_holes(size):
     # The heap filled, then every other block of `size` bytes freed: what a
     # board's heap looks like after hours of streaming and an earlier

@@ -65,4 +65,4 @@ def test_ota_on_the_board(micropython: str, tmp_path: Path) -> None:
                           text=True, timeout=600)
     print(proc.stdout, proc.stderr)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "FAIL" not in proc.stdout and "18 passed" in proc.stdout
+    assert "FAIL" not in proc.stdout and "19 passed" in proc.stdout
