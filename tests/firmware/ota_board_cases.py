@@ -370,7 +370,8 @@ def test_no_memory_for_the_headers_early_check_while_chunks_come_waits_for_the_l
     # The header is checked while the chunks still come, to refuse a bad
     # bundle sooner. A heap with no room for that check then (each try
     # after a collection, a loop apart) ran out its _OOM_TRIES and refused
-    # a good bundle as no_memory (seen in CI: a serial board's second push).
+    # a good bundle as no_memory. (Found while chasing a CI failure, a serial
+    # board's second push; that one ran short after the last chunk instead.)
     # It now runs once the last chunk is in, as the whole check did before.
     from protocols import cbor
 
